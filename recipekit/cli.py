@@ -1,0 +1,161 @@
+"""The `recipekit` command: validate, plan and run recipes.
+
+Only this module prints. Every `RecipekitError` is rendered like a compiler message and mapped
+to its exit code (2: the recipe or its inputs, 1: reading/writing tensor data); anything else is
+an internal error, shown with a traceback only under ``--debug``. torch is imported only when a
+command computes tensors, so `validate`, `plan` and ``--help`` answer at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from recipekit import __version__
+from recipekit.errors import RecipekitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Compile merge/grow/shrink/adapt recipes into a tensor plan and stream it to disk.",
+)
+
+T = TypeVar("T")
+
+RecipeArg = Annotated[Path, typer.Argument(help="The recipe file (YAML or JSON).",
+                                           show_default=False)]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+OutputOpt = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="Output directory (overrides the recipe's output.path).",
+    show_default=False)]
+
+
+def _guard(debug: bool, body: Callable[[], T]) -> T:
+    """Run a command body, rendering errors as one paragraph with the right exit code."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s: %(message)s", force=True)
+    try:
+        return body()
+    except RecipekitError as e:
+        if debug:
+            raise
+        typer.echo(e.render(), err=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; finished shards are kept and a rerun resumes", err=True)
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as e:
+        if debug:
+            raise
+        typer.echo(f"internal error: {type(e).__name__}: {e}\n"
+                   "rerun with --debug for the traceback, and please report it", err=True)
+        raise typer.Exit(1) from None
+
+
+def _compile(recipe_path: Path, output: Path | None):
+    from recipekit.plan import compile_plan
+    from recipekit.recipe import load_recipe
+    from recipekit.sources import resolve_sources
+
+    recipe = load_recipe(recipe_path)
+    if output is not None:
+        recipe = dataclasses.replace(
+            recipe, output=dataclasses.replace(recipe.output, path=output.resolve()))
+    return compile_plan(recipe, resolve_sources(recipe))
+
+
+@app.command()
+def validate(recipe: RecipeArg, debug: DebugOpt = False) -> None:
+    """Check a recipe and its inputs (headers only) without writing anything."""
+
+    def body() -> None:
+        plan = _compile(recipe, None)
+        typer.echo(f"{recipe}: ok ({len(plan.recipe.steps)} step(s); output "
+                   f"'{plan.recipe.output.model}': {plan.model.stack.num_layers} layers, "
+                   f"{plan.num_tensors} tensors)")
+
+    _guard(debug, body)
+
+
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    output: OutputOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="List every tensor and its source.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show what a run would read and write: tensors, bytes, shards, memory and disk."""
+
+    def body() -> None:
+        from recipekit.plan import render_text
+        from recipekit.sources import iter_donor_files
+
+        p = _compile(recipe, output)
+        extra = sum((p.donor.path / f).stat().st_size for f in iter_donor_files(p.donor.path))
+        typer.echo(render_text(p, disk_extra=extra, verbose=verbose))
+
+    _guard(debug, body)
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    output: OutputOpt = None,
+    device: Annotated[str, typer.Option(
+        "--device", help="Where to compute: cpu, cuda, cuda:N, mps or auto.")] = "cpu",
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an output written by a different plan (deletes only files "
+        "recipekit wrote there).")] = False,
+    no_fsync: Annotated[bool, typer.Option(
+        "--no-fsync", help="Skip fsync of finished files (faster, less crash-safe).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Build the recipe's output checkpoint."""
+
+    def body() -> None:
+        from recipekit.execute import resolve_device, run_plan
+        from recipekit.progress import byte_progress
+        from recipekit.units import format_size
+
+        resolve_device(device)  # fail before planning output on a bad device
+        p = _compile(recipe, output)
+        start = time.perf_counter()
+        with byte_progress(p.bytes_written, disable=quiet) as tick:
+            result = run_plan(p, device=device, fsync=not no_fsync, force=force, progress=tick)
+        secs = time.perf_counter() - start
+        where = result.output
+        if result.already_complete:
+            typer.echo(f"{where}: already complete (same recipe and inputs); nothing to do")
+            return
+        rate = format_size(result.bytes_written / secs) + "/s" if secs > 0 else ""
+        resumed = f", {result.shards_resumed} resumed" if result.shards_resumed else ""
+        typer.echo(f"wrote {where}: {p.model.stack.num_layers} layers, {len(p.shards)} shard(s)"
+                   f"{resumed}, {format_size(result.bytes_written)} in {secs:.1f} s ({rate})")
+
+    _guard(debug, body)
+
+
+@app.command()
+def version() -> None:
+    """Print the recipekit version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app(prog_name="recipekit")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""One typed error hierarchy for everything a user can get wrong.
+
+Every error carries where it happened (recipe file, line, column, key path, or a checkpoint file)
+and an exit code: 2 for anything `recipekit validate` can find (the recipe, its names, its layer
+ranges against the sources' headers, refused inputs), 1 for failures while reading or writing
+tensor data. The CLI renders them like a compiler; library users catch `RecipekitError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+KeyPath = tuple[str | int, ...]
+
+
+def format_key_path(path: Sequence[str | int]) -> str:
+    """Render ``("steps", 0, "alpha")`` as ``steps[0].alpha``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a recipe problem sits: file, 1-based line and column, and the line's own text."""
+
+    file: str
+    line: int | None = None
+    column: int | None = None
+    text: str | None = None
+
+    def prefix(self) -> str:
+        if self.line is None:
+            return self.file
+        return f"{self.file}:{self.line}:{self.column or 1}"
+
+
+class RecipekitError(Exception):
+    """Base of every error recipekit raises for a user's mistake or a bad input.
+
+    Rendered as ``<where>: <key path>: <message>; <hint>`` followed, for recipe errors, by the
+    user's own line and a caret.
+    """
+
+    exit_code = 1
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key_path: KeyPath | None = None,
+        file: str | None = None,
+        hint: str | None = None,
+        location: Location | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key_path = key_path
+        self.file = file
+        self.hint = hint
+        self.location = location
+
+    def render(self) -> str:
+        head = []
+        if self.location is not None:
+            head.append(self.location.prefix())
+        elif self.file:
+            head.append(self.file)
+        if self.key_path:
+            head.append(format_key_path(self.key_path))
+        text = self.message
+        if self.hint:
+            text = f"{text}; {self.hint}" if not text.endswith(".") else f"{text} {self.hint}"
+        line = ": ".join([*head, text])
+        loc = self.location
+        if loc is not None and loc.text is not None and loc.line is not None:
+            caret = " " * max((loc.column or 1) - 1, 0) + "^"
+            line += f"\n    {loc.text}\n    {caret}"
+        return line
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+class UsageError(RecipekitError):
+    """A mistake `recipekit validate` can find: exit code 2."""
+
+    exit_code = 2
+
+
+class RecipeError(UsageError, ValueError):
+    """A problem in the recipe document, located at a key.
+
+    Example: ``recipe.yaml:9:5: steps[0].alhpa: unknown key in step 'up' (op: layers); did you
+    mean 'alpha'?``
+    """
+
+
+class RecipeErrors(UsageError):
+    """Several recipe problems, collected and reported together, sorted by line."""
+
+    def __init__(self, errors: Iterable[RecipekitError]) -> None:
+        self.errors = sorted(errors, key=_sort_key)
+        super().__init__(f"{len(self.errors)} problem(s)")
+
+    def render(self) -> str:
+        parts = [e.render() for e in self.errors]
+        n = len(self.errors)
+        if n > 1:
+            parts.append(f"{n} errors found; nothing was written.")
+        return "\n".join(parts)
+
+
+def _sort_key(err: RecipekitError) -> tuple:
+    loc = err.location
+    return (loc.file if loc else err.file or "", loc.line if loc and loc.line else 0,
+            loc.column if loc and loc.column else 0)
+
+
+class SourceNotFoundError(UsageError, FileNotFoundError):
+    """A model directory or file named by the recipe does not exist."""
+
+
+class UnsupportedCheckpointError(UsageError):
+    """A checkpoint outside version 1's scope (pickle, quantized, several layer stacks, ...)."""
+
+
+class ShapeMismatchError(UsageError, ValueError):
+    """Inputs that must agree in shape do not (a frankenmerge layer from a wider model, ...)."""
+
+
+class TensorNotFoundError(UsageError, KeyError):
+    """A tensor the index or the plan names is not in the checkpoint."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.render()
+
+
+class CorruptCheckpointError(RecipekitError):
+    """A safetensors file whose header or data is damaged: exit code 1."""
+
+
+class OutputError(RecipekitError, OSError):
+    """The output cannot be written (disk full, permissions, ...): exit code 1."""
+
+
+class OutputPathError(UsageError):
+    """The output path is unusable as given (a file, a non-recipekit directory, ...)."""
+
+
+class DeviceError(UsageError):
+    """The requested compute device does not exist on this machine."""

@@ -1,0 +1,203 @@
+"""Execute a plan: stream every output tensor into its place in its shard, then finish the
+output directory.
+
+Tensors that are only moved (a `Load` written in its own dtype) are copied in fixed-size chunks
+through one reusable buffer, never becoming torch tensors; computed tensors are evaluated on the
+chosen device, brought back, written and freed. Peak memory is therefore a few tensors (or one
+chunk buffer), whatever the model or shard size. This is the only module that moves tensors
+between devices.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recipekit.dtypes import torch_dtype
+from recipekit.errors import DeviceError
+from recipekit.io.output import INDEX, MANIFEST, OutputDir, dumps
+from recipekit.io.reader import FileReader
+from recipekit.io.writer import ShardWriter
+from recipekit.manifest import build_manifest, build_model_card
+from recipekit.model import Cast, Load, Node
+from recipekit.plan import COPY_CHUNK, Plan, Shard
+from recipekit.sources import iter_donor_files
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    output: Path
+    already_complete: bool
+    shards_written: int
+    shards_resumed: int
+    bytes_written: int
+
+
+def resolve_device(spec: str) -> Any:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` -> a torch.device that exists here.
+
+    Raises:
+        DeviceError: the device is not available (exit code 2).
+    """
+    import torch
+
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"unknown device {spec!r}",
+                          hint="use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {spec}: CUDA is not available on this machine",
+                              hint="use --device cpu (the default) or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {spec}: only {torch.cuda.device_count()} CUDA "
+                              "device(s)", hint="use cuda:0 .. cuda:N-1")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DeviceError(f"--device {spec}: MPS is not available on this machine",
+                              hint="use --device cpu")
+    elif dev.type != "cpu":
+        raise DeviceError(f"unsupported device {spec!r}", hint="use cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def output_files(plan: Plan) -> list[str]:
+    """Every file a run of this plan writes, relative to the output directory."""
+    files = [s.filename for s in plan.shards]
+    if len(plan.shards) > 1:
+        files.append(INDEX)
+    files += ["config.json", "README.md"]
+    files += [str(p) for p in iter_donor_files(plan.donor.path)]
+    files.append(MANIFEST)
+    return files
+
+
+def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool = False,
+             progress: Progress | None = None) -> RunResult:
+    """Write the plan's output directory (resuming finished shards of the same plan).
+
+    Raises:
+        OutputPathError: the output is a file, holds foreign files, or another plan's output.
+        OutputError: disk full, another run holds the lock, I/O failure.
+        CorruptCheckpointError: an input changed or broke while being read.
+    """
+    dev = resolve_device(device)
+    tick = progress or (lambda n: None)
+    out_path = plan.recipe.output.path
+    donor_files = iter_donor_files(plan.donor.path)
+    with OutputDir(out_path, plan_hash=plan.plan_hash(), files=output_files(plan), force=force,
+                   fsync=fsync) as out, FileReader() as reader:
+        if out.already_complete:
+            return RunResult(out_path, True, 0, len(plan.shards), 0)
+        todo = [s for s in plan.shards if not out.is_finished(s.filename)]
+        extra = sum((plan.donor.path / p).stat().st_size for p in donor_files) + (1 << 20)
+        out.begin(sum(s.size for s in todo) + extra)
+        for shard in plan.shards:
+            if out.is_finished(shard.filename):
+                tick(shard.size)
+                continue
+            sha = write_shard(plan, shard, out_path, reader, dev, fsync=fsync, progress=tick)
+            out.mark_finished(shard.filename, sha, shard.size)
+        if len(plan.shards) > 1:
+            weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
+            total = sum(t.nbytes for s in plan.shards for t in s.tensors)
+            out.write_file(INDEX, dumps({"metadata": {"total_size": total},
+                                         "weight_map": weight_map}))
+        out.write_file("config.json", dumps(plan.config))
+        for rel in donor_files:
+            out.copy_file(plan.donor.path / rel, str(rel))
+        out.write_file("README.md", build_model_card(plan).encode())
+        out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished)))
+        out.complete()
+    return RunResult(out_path, False, len(todo), len(plan.shards) - len(todo),
+                     sum(s.size for s in todo))
+
+
+def write_shard(plan: Plan, shard: Shard, out_dir: Path, reader: FileReader, device: Any, *,
+                fsync: bool, progress: Progress) -> str:
+    """Stream one shard to disk and return its sha256."""
+    writer = ShardWriter(out_dir / shard.filename, shard.header, shard.size, fsync=fsync)
+    progress(len(shard.header))
+    chunk: bytearray | None = None
+    try:
+        for t in shard.tensors:
+            node = t.node
+            if isinstance(node, Load):
+                info = plan.sources[node.source].tensors[node.name]
+                if chunk is None:
+                    chunk = bytearray(min(COPY_CHUNK, max(info.nbytes, 1)))
+                elif len(chunk) < min(COPY_CHUNK, info.nbytes):
+                    chunk = bytearray(min(COPY_CHUNK, info.nbytes))
+                view = memoryview(chunk)
+                done = 0
+                while done < info.nbytes:
+                    n = min(len(view), info.nbytes - done)
+                    reader.read_into(info.file, info.offset + done, view[:n])
+                    writer.write(view[:n])
+                    done += n
+                    progress(n)
+            else:
+                tensor = evaluate(node, plan, reader, device)
+                _write_tensor(writer, tensor)
+                progress(t.nbytes)
+                del tensor
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _write_tensor(writer: ShardWriter, tensor: Any) -> None:
+    """Write a CPU tensor's bytes without copying them into a Python object."""
+    tensor = tensor.contiguous()
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return
+    buf = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
+    writer.write(memoryview(buf))
+
+
+def evaluate(node: Node, plan: Plan, reader: FileReader, device: Any) -> Any:
+    """Compute one output tensor's expression and return it on the CPU."""
+    memo: dict[Node, Any] = {}
+
+    def value(n: Node) -> Any:
+        if n in memo:
+            return memo[n]
+        if isinstance(n, Load):
+            result = read_tensor(n, plan, reader)
+        elif isinstance(n, Cast):
+            result = value(n.input).to(device).to(torch_dtype(n.dtype))
+        else:  # pragma: no cover - every node type the planner makes is handled above
+            raise TypeError(f"no evaluator for {type(n).__name__}")
+        memo[n] = result
+        return result
+
+    return value(node).cpu()
+
+
+def read_tensor(node: Load, plan: Plan, reader: FileReader) -> Any:
+    """A stored tensor as a CPU torch tensor over a freshly read buffer."""
+    import torch
+
+    info = plan.sources[node.source].tensors[node.name]
+    dtype = torch_dtype(info.dtype)
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    buf = reader.read_tensor(info)
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)

@@ -1,0 +1,1 @@
+"""Everything that opens files: safetensors headers, tensor reads, shard and output writes."""

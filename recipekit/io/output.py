@@ -1,0 +1,214 @@
+"""The output directory: lock, state file, resume, donor files, index, config and manifest.
+
+A run takes an ``flock`` on ``.recipekit.lock`` (the kernel drops it if the process dies, so a
+second concurrent run fails clearly and a crashed one never blocks), then writes
+``.recipekit-state.json`` naming the plan hash and every file it will write. Finished shards are
+recorded there after their rename, so a rerun of the same plan resumes; a different plan is
+refused unless ``--force``, which deletes only files a recipekit state file listed. recipekit
+never deletes a file it did not write. The manifest ``recipekit.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recipekit.errors import OutputError, OutputPathError
+from recipekit.io.header import display_path
+from recipekit.io.writer import fsync_dir, partial_path, write_file_atomic
+
+STATE = ".recipekit-state.json"
+LOCK = ".recipekit.lock"
+MANIFEST = "recipekit.json"
+INDEX = "model.safetensors.index.json"
+
+
+def dumps(data: Any) -> bytes:
+    """JSON as transformers writes it: sorted keys, 2-space indent, trailing newline."""
+    return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+@dataclass
+class State:
+    plan_hash: str
+    files: list[str]
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)
+    complete: bool = False
+
+    def to_json(self) -> bytes:
+        return dumps({"plan_hash": self.plan_hash, "files": self.files,
+                      "finished": self.finished, "complete": self.complete})
+
+
+class OutputDir:
+    """Owns one output directory for the duration of a run (use as a context manager)."""
+
+    def __init__(self, path: Path, *, plan_hash: str, files: list[str], force: bool = False,
+                 fsync: bool = True) -> None:
+        self.path = path
+        self.plan_hash = plan_hash
+        self.files = files
+        self.force = force
+        self.fsync = fsync
+        self._lock_fd = -1
+        self.state = State(plan_hash, files)
+        self.already_complete = False
+
+    # -- opening -------------------------------------------------------------------------------
+    def __enter__(self) -> OutputDir:
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise OutputPathError(f"output path {display_path(path)} is a file",
+                                  hint="set `output.path` (or --output) to a directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the output directory: {e.strerror or e}",
+                              file=display_path(path)) from e
+        self._lock()
+        try:
+            self._adopt_existing()
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._unlock()
+
+    def _lock(self) -> None:
+        try:
+            self._lock_fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot create a lock file: {e.strerror or e}",
+                              file=display_path(self.path)) from e
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise OutputError(f"another recipekit run is writing to {display_path(self.path)}",
+                              hint="wait for it to finish or choose another output path") from None
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+    def _adopt_existing(self) -> None:
+        state_path = self.path / STATE
+        entries = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+        if state_path.is_file():
+            try:
+                raw = json.loads(state_path.read_text())
+                old = State(raw["plan_hash"], list(raw["files"]), dict(raw["finished"]),
+                            bool(raw.get("complete")))
+            except (OSError, ValueError, KeyError, TypeError):
+                raise OutputPathError(
+                    f"{display_path(state_path)} is damaged",
+                    hint="delete the output directory yourself and run again") from None
+            if old.plan_hash == self.plan_hash:
+                self.state.finished = {k: v for k, v in old.finished.items()
+                                       if self._still_there(k, v)}
+                self.already_complete = old.complete and (self.path / MANIFEST).is_file()
+                return
+            if not self.force:
+                raise OutputPathError(
+                    f"{display_path(self.path)} holds the output of a different plan (the recipe "
+                    "or its inputs changed)",
+                    hint="rerun with --force to replace it (deletes only files recipekit wrote "
+                    "there), or choose another output path")
+            self._delete_listed(old.files)
+            entries = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+        foreign = [e for e in entries if e != STATE]
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+            raise OutputPathError(
+                f"output directory {display_path(self.path)} holds files recipekit did not "
+                f"write ({shown})",
+                hint="choose a new or empty output path; recipekit never deletes files it did "
+                "not write")
+
+    def _still_there(self, name: str, info: dict[str, Any]) -> bool:
+        p = self.path / name
+        return p.is_file() and p.stat().st_size == info.get("size")
+
+    def _delete_listed(self, files: list[str]) -> None:
+        dirs: set[Path] = set()
+        for rel in [*files, STATE, MANIFEST]:
+            target = self.path / rel
+            if not _inside(target, self.path):
+                continue
+            for p in (target, partial_path(target)):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            dirs.update(q for q in target.parents if _inside(q, self.path) and q != self.path)
+        for d in sorted(dirs, key=lambda q: len(q.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty
+
+    # -- writing -------------------------------------------------------------------------------
+    def begin(self, bytes_needed: int) -> None:
+        """Record the plan in the state file after checking free disk space."""
+        free = shutil.disk_usage(self.path).free
+        if bytes_needed > free:
+            from recipekit.units import format_size
+
+            raise OutputError(
+                f"not enough free disk: the output needs {format_size(bytes_needed)} more, "
+                f"{format_size(free)} is free", file=display_path(self.path),
+                hint="free space or choose another output path")
+        self.save_state()
+
+    def save_state(self) -> None:
+        write_file_atomic(self.path / STATE, self.state.to_json(), fsync=self.fsync)
+
+    def is_finished(self, shard: str) -> bool:
+        return shard in self.state.finished
+
+    def mark_finished(self, shard: str, sha256: str, size: int) -> None:
+        self.state.finished[shard] = {"sha256": sha256, "size": size}
+        if self.fsync:
+            fsync_dir(self.path)
+        self.save_state()
+
+    def write_file(self, rel: str, data: bytes) -> None:
+        target = self.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(target, data, fsync=self.fsync)
+
+    def copy_file(self, src: Path, rel: str) -> None:
+        target = self.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = partial_path(target)
+        try:
+            shutil.copyfile(src, temp)
+            if self.fsync:
+                with open(temp, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(temp, target)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise OutputError(f"cannot copy {display_path(src)}: {e.strerror or e}",
+                              file=display_path(target)) from e
+
+    def complete(self) -> None:
+        self.state.complete = True
+        if self.fsync:
+            fsync_dir(self.path)
+        self.save_state()
+
+
+def _inside(p: Path, root: Path) -> bool:
+    try:
+        p.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,121 @@
+"""Stream one output shard to disk: header first, then each tensor in place, hashed on the way.
+
+A shard is written under a temporary name in the output directory, fsynced and renamed when every
+byte is there, so a file under a final name is never partial. The sha256 is computed while
+streaming (the manifest records it) instead of re-reading the file afterwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+from recipekit.errors import OutputError
+from recipekit.io.header import display_path
+
+PARTIAL_SUFFIX = ".recipekit-partial"
+
+
+def partial_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
+
+
+def _write_error(e: OSError, path: Path) -> OutputError:
+    if e.errno == errno.ENOSPC:
+        return OutputError("disk full while writing", file=display_path(path),
+                           hint="free space (see `recipekit plan` for the bytes needed) and run "
+                           "again; finished shards are kept and reused")
+    return OutputError(f"cannot write: {e.strerror or e}", file=display_path(path))
+
+
+class ShardWriter:
+    """Writes exactly ``size`` bytes to a temp file; `finish` renames it to ``final``."""
+
+    def __init__(self, final: Path, header: bytes, size: int, *, fsync: bool = True) -> None:
+        self.final = final
+        self.temp = partial_path(final)
+        self.size = size
+        self.fsync = fsync
+        self.written = 0
+        self._sha = hashlib.sha256()
+        try:
+            self._fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise _write_error(e, self.temp) from e
+        self.write(header)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        if self.written + len(mv) > self.size:
+            raise OutputError(f"internal error: shard overflow ({self.written + len(mv)} > "
+                              f"{self.size} bytes)", file=display_path(self.final))
+        self._sha.update(mv)
+        done = 0
+        try:
+            while done < len(mv):
+                done += os.write(self._fd, mv[done:])
+        except OSError as e:
+            self.abort()
+            raise _write_error(e, self.temp) from e
+        self.written += len(mv)
+
+    def finish(self) -> str:
+        """Check the size, fsync, rename into place; return the shard's sha256 (hex)."""
+        if self.written != self.size:
+            self.abort()
+            raise OutputError(f"internal error: wrote {self.written} of {self.size} bytes",
+                              file=display_path(self.final))
+        try:
+            if self.fsync:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self.temp, self.final)
+        except OSError as e:
+            self.abort()
+            raise _write_error(e, self.final) from e
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        """Close and remove the temp file (ours); never touches the final name."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            os.unlink(self.temp)
+        except FileNotFoundError:
+            pass
+
+
+def write_file_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write a small file under a temp name and rename it into place."""
+    temp = partial_path(path)
+    try:
+        with open(temp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(temp, path)
+    except OSError as e:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise _write_error(e, path) from e
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

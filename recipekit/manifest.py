@@ -1,0 +1,42 @@
+"""What an output says about itself: the manifest (`recipekit.json`) and the model card.
+
+The manifest records the recipe, the resolved inputs (path, size and mtime of each file read),
+the donor, the tool version and each shard's sha256, so a reader can tell what produced a
+checkpoint and check it. No token or credential is ever recorded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from recipekit import __version__
+from recipekit.plan import Plan
+
+
+def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    r = plan.recipe
+    return {
+        "recipekit_version": __version__,
+        "recipe_file": str(r.file),
+        "recipe": r.canonical(),
+        "plan_hash": plan.plan_hash(),
+        "inputs": {name: ckpt.identity() for name, ckpt in sorted(plan.sources.items())},
+        "donor": plan.donor.name,
+        "output_model": r.output.model,
+        "shards": {name: shards[name] for name in sorted(shards)},
+    }
+
+
+def build_model_card(plan: Plan) -> str:
+    r = plan.recipe
+    title = r.name or r.file.stem
+    inputs = "\n".join(f"- `{name}`: {ref.written}" for name, ref in r.models.items())
+    text = "\n".join(r.document.lines)
+    lang = "json" if r.file.suffix.lower() == ".json" else "yaml"
+    return (
+        f"---\nlibrary_name: transformers\ntags:\n- recipekit\n---\n\n# {title}\n\n"
+        + (f"{r.description}\n\n" if r.description else "")
+        + f"Built with recipekit {__version__} from the recipe below "
+        f"({plan.model.stack.num_layers} layers, config from `{plan.donor.name}`).\n\n"
+        f"## Inputs\n\n{inputs}\n\n## Recipe\n\n```{lang}\n{text}\n```\n"
+    )

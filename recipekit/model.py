@@ -1,0 +1,147 @@
+"""Plan nodes and virtual models: what a recipe compiles to, with no tensor computed.
+
+A node is a frozen value that knows its shape and dtype. Equal nodes are one node: `intern`
+hash-conses them, so a tensor that two output layers read (SOLAR-style overlaps) is one `Load`
+in the plan, and equality checks between deep expressions stop at the first shared child.
+A `VirtualModel` is a config plus an ordered map from tensor name to node; every model input
+and every step is one. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+from recipekit.arch import ConfigKey, LayerStack
+from recipekit.dtypes import itemsize
+
+N = TypeVar("N", bound="Node")
+
+
+class Node:
+    """Base of plan nodes. Subclasses are ``@dataclass(frozen=True, eq=False)``.
+
+    Equality and hashing are structural over the dataclass fields and cached, so a DAG of
+    interned nodes hashes in O(1) per node.
+    """
+
+    __slots__ = ("__weakref__", "__dict__")
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def _key(self) -> tuple[Any, ...]:
+        return (type(self),) + tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if type(other) is not type(self):
+            return NotImplemented
+        return hash(self) == hash(other) and self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(self._key())
+            self.__dict__["_hash"] = h
+        return h
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return tuple(v for f in fields(self) if isinstance(v := getattr(self, f.name), Node))  # type: ignore[arg-type]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * itemsize(self.dtype)
+
+
+_interned: weakref.WeakValueDictionary[Node, Node] = weakref.WeakValueDictionary()
+
+
+def intern(node: N) -> N:
+    """Return the canonical instance equal to ``node`` (hash-consing)."""
+    existing = _interned.get(node)
+    if existing is not None:
+        return existing  # type: ignore[return-value]
+    _interned[node] = node
+    return node
+
+
+@dataclass(frozen=True, eq=False)
+class Load(Node):
+    """A stored tensor of a model input, read when first needed."""
+
+    source: str  # the recipe's model name
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True, eq=False)
+class Cast(Node):
+    """``input`` converted to ``dtype`` (round to nearest even, as torch's ``.to``)."""
+
+    input: Node
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.input.shape
+
+
+def load(source: str, name: str, shape: tuple[int, ...], dtype: str) -> Load:
+    return intern(Load(source, name, tuple(shape), dtype))
+
+
+def cast(node: Node, dtype: str) -> Node:
+    """``node`` as ``dtype``; the node itself when it already is."""
+    if node.dtype == dtype:
+        return node
+    if isinstance(node, Cast):
+        node = node.input if node.input.dtype == dtype else node
+        if node.dtype == dtype:
+            return node
+    return intern(Cast(node, dtype))
+
+
+@dataclass(frozen=True)
+class VirtualModel:
+    """A model that exists only as a plan: config, named nodes, layer stack and file donor.
+
+    ``changed`` lists the config keys steps rewrote (layer count, per-layer lists, ...): the
+    output's config.json is the donor's with exactly these keys taken from here.
+    """
+
+    name: str
+    config: Mapping[str, Any]
+    tensors: Mapping[str, Node]
+    stack: LayerStack
+    donor: str  # the model input whose config and non-weight files this model inherits
+    changed: frozenset[ConfigKey] = field(default_factory=frozenset)
+
+    def layer_tensors(self) -> dict[int, dict[str, Node]]:
+        """``{layer index: {name within the layer: node}}``."""
+        out: dict[int, dict[str, Node]] = {i: {} for i in range(self.stack.num_layers)}
+        for name, node in self.tensors.items():
+            hit = self.stack.split(name)
+            if hit is not None:
+                out[hit[0]][hit[1]] = node
+        return out
+
+
+def with_config(config: Mapping[str, Any], updates: Mapping[ConfigKey, Any]) -> dict[str, Any]:
+    """A deep copy of ``config`` with each (possibly nested) key set to its new value."""
+    out = copy.deepcopy(dict(config))
+    for key, value in updates.items():
+        cur = out
+        for part in key[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[key[-1]] = copy.deepcopy(value)
+    return out

@@ -1,0 +1,253 @@
+"""Compile a recipe into a plan, schedule it into shards, and render it.
+
+``compile_plan`` turns models into virtual models, runs each step's builder in dependency
+order, applies the output dtype, and lays the output tensors into shards whose safetensors
+headers are fixed before any byte is read. Everything here is shapes and dtypes: no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from recipekit import __version__
+from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
+from recipekit.errors import RecipeErrors, RecipekitError
+from recipekit.io.header import build_header
+from recipekit.model import Cast, Load, Node, VirtualModel, cast, load, with_config
+from recipekit.recipe import Recipe, step_references
+from recipekit.sources import Checkpoint
+from recipekit.steps import BUILDERS
+from recipekit.units import format_size
+
+#: Bytes the executor moves per read when a tensor is copied without compute.
+COPY_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    node: Node
+    offset: int  # within the shard's data section
+
+    @property
+    def nbytes(self) -> int:
+        return self.node.nbytes
+
+
+@dataclass(frozen=True)
+class Shard:
+    filename: str
+    header: bytes
+    tensors: tuple[PlannedTensor, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the executor needs, and everything `recipekit plan` shows."""
+
+    recipe: Recipe
+    sources: Mapping[str, Checkpoint]
+    model: VirtualModel
+    donor: Checkpoint
+    config: dict[str, Any]
+    shards: tuple[Shard, ...]
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(s.tensors) for s in self.shards)
+
+    def loads(self) -> set[Load]:
+        out: set[Load] = set()
+        for node in self.iter_nodes():
+            if isinstance(node, Load):
+                out.add(node)
+        return out
+
+    def iter_nodes(self) -> list[Node]:
+        """Every distinct node reachable from the output, each once."""
+        seen: dict[Node, None] = {}
+        stack = [t.node for s in self.shards for t in s.tensors]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen[node] = None
+            stack.extend(node.inputs)
+        return list(seen)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(n.nbytes for n in self.loads())
+
+    def peak_memory_estimate(self) -> int:
+        """Working set above an idle process: the largest computed tensor's expression, or the
+        copy buffers, whichever is larger."""
+        worst = 2 * COPY_CHUNK
+        for s in self.shards:
+            for t in s.tensors:
+                if isinstance(t.node, Load):
+                    continue
+                worst = max(worst, _expression_bytes(t.node))
+        return worst
+
+    def plan_hash(self) -> str:
+        """Identity of what this plan writes: canonical recipe, input identities, tool version."""
+        doc = {
+            "recipe": self.recipe.canonical(),
+            "inputs": {n: c.identity() for n, c in sorted(self.sources.items())},
+            "version": __version__,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _expression_bytes(node: Node) -> int:
+    seen: set[Node] = set()
+    total = 0
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        total += n.nbytes
+        stack.extend(n.inputs)
+    return total
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> VirtualModel:
+    tensors = {name: load(ckpt.name, name, info.shape, info.dtype)
+               for name, info in ckpt.tensors.items()}
+    return VirtualModel(ckpt.name, ckpt.config, tensors, ckpt.stack, ckpt.name)
+
+
+def compile_plan(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> Plan:
+    """Build every step, then the output: cast, order, shard, header.
+
+    Raises:
+        RecipeErrors: every step problem found (steps whose inputs failed are skipped).
+    """
+    models: dict[str, VirtualModel] = {n: model_from_checkpoint(c) for n, c in sources.items()}
+    errors: list[RecipekitError] = []
+    failed: set[str] = set()
+    for step in recipe.steps.values():
+        if any(ref in failed for ref, _ in step_references(step.spec)):
+            failed.add(step.name)
+            continue
+        try:
+            models[step.name] = BUILDERS[step.op](step, models, recipe)
+        except RecipeErrors as e:
+            errors.extend(e.errors)
+            failed.add(step.name)
+        except RecipekitError as e:
+            errors.append(e)
+            failed.add(step.name)
+    if errors:
+        raise RecipeErrors(errors)
+
+    model = models[recipe.output.model]
+    out_code = NAME_TO_CODE[recipe.output.dtype] if recipe.output.dtype else None
+    tensors: dict[str, Node] = {}
+    for name, node in model.tensors.items():
+        tensors[name] = cast(node, out_code) if out_code and is_floating(node.dtype) else node
+
+    donor_name = recipe.output.config or model.donor
+    if donor_name not in sources:
+        donor_name = models[donor_name].donor
+    donor = sources[donor_name]
+    config = output_config(donor.config, model, tensors, recipe.output.dtype)
+    shards = schedule_shards(tensors, recipe.output.shard_size)
+    final = VirtualModel(model.name, model.config, tensors, model.stack, donor_name, model.changed)
+    return Plan(recipe, dict(sources), final, donor, config, shards)
+
+
+def output_config(donor: Mapping[str, Any], model: VirtualModel, tensors: Mapping[str, Node],
+                  dtype: str | None) -> dict[str, Any]:
+    """The donor's config with the keys the steps changed, and both `dtype` and `torch_dtype`
+    naming what was written (transformers 5 reads `dtype`, older versions `torch_dtype`)."""
+    from recipekit.arch import config_get
+
+    config = with_config(donor, {k: config_get(model.config, k) for k in model.changed})
+    if dtype is None:
+        floats = {n.dtype for n in tensors.values() if is_floating(n.dtype)}
+        dtype = CODE_TO_NAME.get(next(iter(floats))) if len(floats) == 1 else None
+    if dtype is None:
+        dtype = donor.get("dtype") or donor.get("torch_dtype")
+    if dtype is not None:
+        config["dtype"] = dtype
+        config["torch_dtype"] = dtype
+    return config
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sort ``layers.2`` before ``layers.10``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def schedule_shards(tensors: Mapping[str, Node], shard_size: int) -> tuple[Shard, ...]:
+    """Lay tensors out in natural name order, starting a new shard before one would exceed
+    ``shard_size`` (a single larger tensor gets a shard of its own)."""
+    groups: list[list[tuple[str, Node]]] = [[]]
+    size = 0
+    for name in sorted(tensors, key=natural_key):
+        node = tensors[name]
+        if groups[-1] and size + node.nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, node))
+        size += node.nbytes
+    n = len(groups)
+    shards = []
+    for k, group in enumerate(groups, 1):
+        header, offsets = build_header([(name, node.dtype, node.shape) for name, node in group])
+        filename = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+        shards.append(Shard(filename, header, tuple(
+            PlannedTensor(name, node, off) for (name, node), off in zip(group, offsets))))
+    return tuple(shards)
+
+
+def describe_node(node: Node) -> str:
+    if isinstance(node, Load):
+        return f"{node.source}:{node.name}"
+    if isinstance(node, Cast):
+        return f"cast({describe_node(node.input)}, {node.dtype})"
+    return type(node).__name__.lower()
+
+
+def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> str:
+    """The human summary `recipekit plan` prints."""
+    r = plan.recipe
+    lines = [
+        f"recipe:      {r.document.file}" + (f" ({r.name})" if r.name else ""),
+        f"output:      {r.output.path}  (model '{r.output.model}', config from "
+        f"'{plan.donor.name}')",
+        f"layers:      {plan.model.stack.num_layers}  "
+        f"(`{plan.model.stack.prefix}<i>`, config key {'.'.join(plan.model.stack.count_key)})",
+        f"tensors:     {plan.num_tensors} written, {len(plan.loads())} distinct inputs read",
+        f"bytes read:  {format_size(plan.bytes_read)}",
+        f"bytes written: {format_size(plan.bytes_written)} in {len(plan.shards)} shard(s)",
+        f"peak memory: ~{format_size(plan.peak_memory_estimate())} working set (estimate, above "
+        "an idle process)",
+        f"disk needed: {format_size(plan.bytes_written + disk_extra)}",
+        "",
+        "shards:",
+    ]
+    for s in plan.shards:
+        lines.append(f"  {s.filename}  {len(s.tensors)} tensors, {format_size(s.size)}")
+        if verbose:
+            for t in s.tensors:
+                lines.append(f"    {t.name}  {t.node.dtype}{list(t.node.shape)}  <- "
+                             f"{describe_node(t.node)}")
+    return "\n".join(lines)

@@ -1,0 +1,713 @@
+"""Load a YAML or JSON recipe, validate it, and return a typed `Recipe`.
+
+Validation happens in three layers, each collecting every problem before raising: YAML/JSON
+syntax (with duplicate keys named on both lines), the published JSON Schema
+(`schemas/recipe.schema.json`), and semantic checks that need no checkpoint (names resolve, no
+cycles, layer-range grammar). Checks against the sources' headers happen at compile time.
+Every message is located at the user's own line, like a compiler.
+
+This module must not import torch: `recipekit validate` answers before torch could load.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from recipekit.errors import KeyPath, Location, RecipeError, RecipeErrors, format_key_path
+from recipekit.units import parse_size
+
+FORMAT_VERSION = 1
+DEFAULT_SHARD_SIZE = "5GB"
+
+# ---------------------------------------------------------------------------------------------
+# YAML with YAML 1.2 floats, positions for every key and value, and duplicate-key errors.
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose float rule accepts ``1e-3`` (YAML 1.2); PyYAML 1.1 reads it as a string."""
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [r for r in rules if r[0] != _FLOAT_TAG]
+    for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+            |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+            |[-+]?\.(?:inf|Inf|INF)
+            |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+@dataclass
+class Document:
+    """A parsed recipe document with the position of every key and value."""
+
+    file: str  # as the user named it, for messages
+    data: Any
+    lines: list[str]
+    key_marks: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
+    value_marks: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
+    raw_scalars: dict[KeyPath, str] = field(default_factory=dict)
+
+    def locate(self, path: KeyPath, *, key: bool = False) -> Location:
+        """Return where ``path`` sits: its key's position if ``key`` or it has no value mark.
+
+        Falls back to the nearest enclosing path that has a position.
+        """
+        p = tuple(path)
+        while True:
+            marks = (self.key_marks, self.value_marks) if key else (
+                self.value_marks, self.key_marks)
+            for m in marks:
+                if p in m:
+                    line, col = m[p]
+                    text = self.lines[line - 1] if 0 < line <= len(self.lines) else None
+                    return Location(self.file, line, col, text)
+            if not p:
+                return Location(self.file)
+            p = p[:-1]
+
+    def error(self, path: KeyPath, message: str, *, hint: str | None = None,
+              key: bool = False) -> RecipeError:
+        return RecipeError(message, key_path=path, hint=hint, location=self.locate(path, key=key))
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _compose(text: str, doc: Document, errors: list[RecipeError]) -> Any:
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+    finally:
+        loader.dispose()
+    if root is None:
+        return None
+
+    def convert(node: yaml.Node, path: KeyPath) -> Any:
+        doc.value_marks[path] = _mark(node)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            seen: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    errors.append(RecipeError(
+                        "mapping keys must be plain strings",
+                        key_path=path, location=_loc(doc, key_node)))
+                    continue
+                key = str(key_node.value)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    errors.append(RecipeError(
+                        f"duplicate key `{key}` (first defined on line {seen[key]})",
+                        key_path=path + (key,), location=_loc(doc, key_node),
+                        hint="remove one of them; YAML would silently keep only the last"))
+                    continue
+                seen[key] = line
+                doc.key_marks[path + (key,)] = _mark(key_node)
+                out[key] = convert(value_node, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [convert(item, path + (i,)) for i, item in enumerate(node.value)]
+        value = loader.construct_object(node, deep=True)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            doc.raw_scalars[path] = str(node.value)
+        return value
+
+    loader = _Loader(text)  # a fresh constructor for scalars
+    try:
+        return convert(root, ())
+    finally:
+        loader.dispose()
+
+
+def _loc(doc: Document, node: yaml.Node) -> Location:
+    line, col = _mark(node)
+    return Location(doc.file, line, col, doc.lines[line - 1] if line <= len(doc.lines) else None)
+
+
+def _reject_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key `{k}`")
+        out[k] = v
+    return out
+
+
+def load_document(path: str | Path) -> Document:
+    """Parse a recipe file (YAML, or JSON by extension) into a located `Document`.
+
+    Raises:
+        RecipeErrors: syntax errors and duplicate keys, located.
+        SourceNotFoundError: the file does not exist.
+    """
+    from recipekit.errors import SourceNotFoundError
+
+    display = str(path)
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SourceNotFoundError(
+            "recipe file not found", file=display,
+            hint="check the path; recipes are YAML (.yaml/.yml) or JSON (.json)") from None
+    except IsADirectoryError:
+        raise SourceNotFoundError("is a directory, not a recipe file", file=display) from None
+    except UnicodeDecodeError as e:
+        raise RecipeErrors([RecipeError(f"not UTF-8 text ({e.reason})", file=display)]) from None
+    doc = Document(display, None, text.splitlines())
+    errors: list[RecipeError] = []
+    if p.suffix.lower() == ".json":
+        try:
+            json.loads(text, object_pairs_hook=_reject_duplicate_json_keys)
+        except json.JSONDecodeError as e:
+            raise RecipeErrors([RecipeError(
+                f"invalid JSON: {e.msg}",
+                location=Location(display, e.lineno, e.colno, _line(doc, e.lineno)))]) from None
+        except ValueError:
+            pass  # duplicate keys: reported with both lines by the YAML pass below
+    try:
+        doc.data = _compose(text, doc, errors)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        loc = (Location(display, mark.line + 1, mark.column + 1, _line(doc, mark.line + 1))
+               if mark else Location(display))
+        problem = e.problem or e.context or "invalid YAML"
+        raise RecipeErrors([RecipeError(f"invalid YAML: {problem}", location=loc)]) from None
+    except yaml.YAMLError as e:
+        raise RecipeErrors([RecipeError(f"invalid YAML: {e}", file=display)]) from None
+    if errors:
+        raise RecipeErrors(errors)
+    return doc
+
+
+def _line(doc: Document, line: int) -> str | None:
+    return doc.lines[line - 1] if 0 < line <= len(doc.lines) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+
+
+@cache
+def load_schema() -> dict[str, Any]:
+    """The published recipe schema (shipped in the wheel; read from the checkout when editable)."""
+    try:
+        text = (resources.files("recipekit") / "_schemas" / "recipe.schema.json").read_text()
+    except (FileNotFoundError, OSError):
+        text = (Path(__file__).resolve().parent.parent / "schemas" / "recipe.schema.json"
+                ).read_text()
+    return json.loads(text)
+
+
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(load_schema())
+
+
+def _iter_leaf_errors(err: jsonschema.ValidationError) -> Iterator[jsonschema.ValidationError]:
+    yield err
+    for sub in err.context or ():
+        yield from _iter_leaf_errors(sub)
+
+
+def _coerce_numeric_strings(doc: Document) -> None:
+    """Turn unquoted numbers into their text where the schema wants a string.
+
+    A revision ``1234567`` or a step named ``2024`` is a string to the user; YAML reads a number.
+    """
+    for _ in range(4):
+        changed = False
+        for err in _validator().iter_errors(doc.data):
+            for leaf in _iter_leaf_errors(err):
+                want = leaf.validator_value
+                if leaf.validator != "type" or "string" not in (
+                        want if isinstance(want, list) else [want]):
+                    continue
+                path = tuple(leaf.absolute_path)
+                if path in doc.raw_scalars and _set_at(doc.data, path, doc.raw_scalars[path]):
+                    changed = True
+        if not changed:
+            return
+
+
+def _set_at(data: Any, path: KeyPath, value: Any) -> bool:
+    for part in path[:-1]:
+        data = data[part]
+    if isinstance(data[path[-1]], str):
+        return False
+    data[path[-1]] = value
+    return True
+
+
+def _known_keys(doc: Document, path: KeyPath) -> list[str]:
+    schema = load_schema()
+    defs = schema["$defs"]
+    if not path:
+        return list(schema["properties"])
+    if path == ("output",):
+        return list(defs["output"]["properties"])
+    if len(path) == 2 and path[0] == "steps":
+        step = _get(doc.data, path)
+        op = step.get("op") if isinstance(step, dict) else None
+        fragment = defs.get(f"{op}_step") if isinstance(op, str) else None
+        return list(fragment["properties"]) if fragment else ["name", "op"]
+    if len(path) == 2 and path[0] == "models":
+        return list(defs["model_source"]["oneOf"][1]["properties"])
+    if len(path) == 4 and path[0] == "steps" and path[2] == "layers":
+        return ["from", "range", "layers"]
+    return []
+
+
+def _get(data: Any, path: KeyPath) -> Any:
+    for part in path:
+        data = data[part]
+    return data
+
+
+def _describe_at(doc: Document, path: KeyPath) -> str:
+    if len(path) >= 2 and path[0] == "steps" and isinstance(path[1], int):
+        step = _get(doc.data, path[:2])
+        if isinstance(step, dict):
+            return f"in step '{step.get('name', '?')}' (op: {step.get('op', '?')})"
+    if path and path[0] == "models" and len(path) == 2:
+        return f"in model '{path[1]}'"
+    return "in " + (format_key_path(path) or "the recipe")
+
+
+def _schema_errors(doc: Document) -> list[RecipeError]:
+    out: list[RecipeError] = []
+    seen: set[tuple[KeyPath, str]] = set()
+    for err in _validator().iter_errors(doc.data):
+        for e in _render_schema_error(doc, err):
+            k = (e.key_path or (), e.message)
+            if k not in seen:
+                seen.add(k)
+                out.append(e)
+    return out
+
+
+def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list[RecipeError]:
+    path: KeyPath = tuple(err.absolute_path)
+    v = err.validator
+    if v == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = _known_keys(doc, path)
+        extra = [k for k in err.instance if k not in allowed]
+        errs = []
+        for k in extra:
+            close = difflib.get_close_matches(k, allowed, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else (
+                "allowed keys: " + ", ".join(allowed) if allowed else None)
+            errs.append(doc.error(path + (k,), f"unknown key {_describe_at(doc, path)}",
+                                  hint=hint, key=True))
+        return errs
+    if v in ("oneOf", "anyOf"):
+        best = jsonschema.exceptions.best_match(err.context or [])
+        if best is not None and best is not err:
+            # Prefer the branch whose type matches what the user wrote.
+            branches = _matching_type_branches(err)
+            if branches:
+                return _render_schema_error(doc, jsonschema.exceptions.best_match(branches))
+            return _render_schema_error(doc, best)
+        return [doc.error(path, f"{_show(err.instance)} is not a valid value here")]
+    if v == "enum":
+        options = [str(o) for o in err.validator_value]
+        close = difflib.get_close_matches(
+            _DTYPE_ALIASES.get(str(err.instance), str(err.instance)), options, n=1)
+        what = "op" if path[-1:] == ("op",) else "value"
+        hint = (f"did you mean '{close[0]}'?" if close else "") + (
+            " " if close else "") + "allowed: " + ", ".join(options)
+        return [doc.error(path, f"unknown {what} {_show(err.instance)}", hint=hint)]
+    if v == "required":
+        missing = re.findall(r"'([^']+)' is a required property", err.message)
+        key = missing[0] if missing else "?"
+        return [doc.error(path, f"missing required key `{key}` {_describe_at(doc, path)}",
+                          key=True)]
+    if v == "const" and path == ("recipekit",):
+        return [doc.error(path, f"unsupported recipe format version {_show(err.instance)}",
+                          hint=f"this recipekit reads `recipekit: {FORMAT_VERSION}`")]
+    if v == "type":
+        want = err.validator_value
+        want = " or ".join(want) if isinstance(want, list) else want
+        return [doc.error(path, f"expected {_article(want)}, got {_show(err.instance)}")]
+    if v == "pattern" and path and path[-1] == "shard_size":
+        return [doc.error(path, f"{_show(err.instance)} is not a size",
+                          hint="write a number of bytes or e.g. '500MB', '5GB', '2GiB'")]
+    if v == "pattern" and path == ("models",):  # propertyNames: the key itself
+        return [doc.error(path + (str(err.instance),), f"{_show(err.instance)} is not a valid "
+                          "model name", hint=_NAME_RULE, key=True)]
+    if v == "pattern" and path[-1:] in (("name",), ("from",), ("model",), ("config",)):
+        return [doc.error(path, f"{_show(err.instance)} is not a valid name", hint=_NAME_RULE)]
+    if v == "pattern" and "range" in str(err.validator_value):
+        return [doc.error(path, f"{_show(err.instance)} is not a layer index or range",
+                          hint='write an integer, "range(start, stop)" or '
+                          '"range(start, stop, step)"')]
+    if v == "minItems":
+        return [doc.error(path, "must not be empty" if err.validator_value == 1 else
+                          f"needs at least {err.validator_value} items")]
+    if v == "maxItems":
+        return [doc.error(path, f"takes at most {err.validator_value} items")]
+    if v == "minimum":
+        return [doc.error(path, f"{_show(err.instance)} is below the minimum "
+                          f"{err.validator_value}")]
+    if v == "minProperties":
+        return [doc.error(path, "must name at least one entry")]
+    return [doc.error(path, err.message)]
+
+
+_NAME_RULE = "names contain only letters, digits, '_', '.' and '-', and do not start with '.' or '-'"
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                  "float": "float32", "fp64": "float64", "double": "float64"}
+
+
+def _matching_type_branches(err: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
+    """Errors from the oneOf branches whose declared type matches the instance's type."""
+    inst = err.instance
+    kind = ("object" if isinstance(inst, dict) else "array" if isinstance(inst, list)
+            else "string" if isinstance(inst, str) else "integer"
+            if isinstance(inst, int) and not isinstance(inst, bool) else None)
+    out = []
+    for sub in err.context or ():
+        if sub.validator == "type":
+            continue
+        branch = err.validator_value[sub.schema_path[0]] if sub.schema_path else {}
+        branch = _resolve_ref(branch)
+        if branch.get("type") == kind:
+            out.append(sub)
+    return out
+
+
+def _resolve_ref(fragment: dict[str, Any]) -> dict[str, Any]:
+    ref = fragment.get("$ref") if isinstance(fragment, dict) else None
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        return _resolve_ref(load_schema()["$defs"][ref.split("/")[-1]])
+    return fragment if isinstance(fragment, dict) else {}
+
+
+def _article(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-range grammar (never eval)
+
+_RANGE = re.compile(r"^\s*range\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*(?:,\s*(-?\d+)\s*)?\)\s*$")
+
+
+def parse_layer_range(text: str) -> range:
+    """Parse ``"range(a,b)"`` / ``"range(a,b,step)"`` into a non-empty `range`.
+
+    Python's half-open semantics; indices are non-negative; the range must not be empty.
+
+    Example:
+        >>> parse_layer_range("range(8, 32)")
+        range(8, 32)
+
+    Raises:
+        ValueError: with a message that echoes what was written.
+    """
+    m = _RANGE.match(text)
+    if not m:
+        raise ValueError(
+            f"{text!r} is not a layer range; write \"range(start, stop)\" or "
+            "\"range(start, stop, step)\" with integers")
+    start, stop = int(m.group(1)), int(m.group(2))
+    step = int(m.group(3)) if m.group(3) is not None else 1
+    if start < 0 or stop < 0:
+        raise ValueError(f"{text!r}: layer indices must not be negative")
+    if step == 0:
+        raise ValueError(f"{text!r}: step must not be 0")
+    r = range(start, stop, step)
+    if len(r) == 0:
+        if start == stop:
+            raise ValueError(f"{text!r} is empty (start equals stop); ranges are half-open, "
+                             f"so range({start},{stop + 1}) selects layer {start}")
+        raise ValueError(f"{text!r} is empty (start {start} is past stop {stop}); "
+                         f"did you mean range({stop},{start})?")
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed recipe
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A named checkpoint input."""
+
+    name: str
+    path: Path  # resolved against the recipe's directory
+    written: str  # as the user wrote it, for messages
+    layer_prefix: str | None
+    key_path: KeyPath
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the recipe: a name, an op and its (schema-checked) parameters."""
+
+    name: str
+    op: str
+    spec: Mapping[str, Any]
+    index: int
+
+    @property
+    def key_path(self) -> KeyPath:
+        return ("steps", self.index)
+
+
+@dataclass(frozen=True)
+class Output:
+    path: Path
+    model: str
+    dtype: str | None
+    shard_size: int
+    config: str | None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe: models, steps in dependency order, output, and its located document."""
+
+    file: Path
+    document: Document
+    name: str | None
+    description: str | None
+    models: Mapping[str, ModelRef]
+    steps: Mapping[str, Step]  # topologically ordered
+    output: Output
+
+    def error(self, path: KeyPath, message: str, *, hint: str | None = None,
+              key: bool = False) -> RecipeError:
+        """A `RecipeError` located at ``path`` in the user's file."""
+        return self.document.error(path, message, hint=hint, key=key)
+
+    def canonical(self) -> dict[str, Any]:
+        """The document with defaults filled in: what the manifest records and the plan hashes."""
+        data = json.loads(json.dumps(self.document.data))
+        data.setdefault("steps", [])
+        out = data.setdefault("output", {})
+        out["model"] = self.output.model
+        out["shard_size"] = self.output.shard_size
+        return data
+
+
+def step_references(step: Mapping[str, Any]) -> Iterator[tuple[str, KeyPath]]:
+    """Names a step refers to, with their key paths relative to the step.
+
+    Generic over ops: ``from`` (a name or a list of names / {model: name} mappings), ``base``,
+    and ``from`` inside ``layers`` entries.
+    """
+    src = step.get("from")
+    if isinstance(src, str):
+        yield src, ("from",)
+    elif isinstance(src, list):
+        for i, item in enumerate(src):
+            if isinstance(item, str):
+                yield item, ("from", i)
+            elif isinstance(item, dict) and isinstance(item.get("model"), str):
+                yield item["model"], ("from", i, "model")
+    if isinstance(step.get("base"), str):
+        yield step["base"], ("base",)
+    for i, entry in enumerate(step.get("layers") or []):
+        if isinstance(entry, dict) and isinstance(entry.get("from"), str):
+            yield entry["from"], ("layers", i, "from")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load, validate and type a recipe file. Needs no checkpoint and no torch.
+
+    Schema problems and semantic problems (unknown names, cycles, empty ranges) are collected
+    together, so one run of `recipekit validate` lists everything.
+
+    Raises:
+        RecipeErrors: every problem found, located, sorted by line.
+    """
+    doc = load_document(path)
+    if not isinstance(doc.data, dict):
+        raise RecipeErrors([doc.error((), "a recipe is a mapping with keys `recipekit`, "
+                                      "`models`, `steps` and `output`")])
+    _coerce_numeric_strings(doc)
+    errors = _schema_errors(doc)
+    recipe = _build(doc, Path(path), errors)
+    if errors:
+        raise RecipeErrors(_dedupe(errors))
+    return recipe
+
+
+def _dedupe(errors: list[RecipeError]) -> list[RecipeError]:
+    seen: set[str] = set()
+    out = []
+    for e in errors:
+        if e.render() not in seen:
+            seen.add(e.render())
+            out.append(e)
+    return out
+
+
+def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
+    """Semantic checks and typing. Defensive: runs even when the schema found problems."""
+    data = doc.data
+    base_dir = file.resolve().parent
+
+    models: dict[str, ModelRef] = {}
+    raw_models = data.get("models") if isinstance(data.get("models"), dict) else {}
+    for name, entry in raw_models.items():
+        written = entry if isinstance(entry, str) else (
+            entry.get("path") if isinstance(entry, dict) else None)
+        if not isinstance(written, str):
+            continue
+        prefix = entry.get("layer_prefix") if isinstance(entry, dict) else None
+        models[name] = ModelRef(name, (base_dir / Path(written).expanduser()), written,
+                                prefix if isinstance(prefix, str) else None, ("models", name))
+
+    raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
+    steps_list = [(i, s) for i, s in enumerate(raw_steps)
+                  if isinstance(s, dict) and isinstance(s.get("name"), str)]
+    by_name: dict[str, tuple[int, dict[str, Any]]] = {}
+    for i, step in steps_list:
+        name = step["name"]
+        if name in raw_models:
+            errors.append(doc.error(("steps", i, "name"),
+                                    f"step name '{name}' is already a model name",
+                                    hint="give the step its own name"))
+        elif name in by_name:
+            first = doc.locate(("steps", by_name[name][0], "name")).line
+            errors.append(doc.error(("steps", i, "name"),
+                                    f"duplicate step name '{name}' (first used on line {first})",
+                                    hint="give each step its own name"))
+        else:
+            by_name[name] = (i, step)
+    known = sorted(set(raw_models) | set(by_name))
+
+    def check_ref(ref: str, path: KeyPath) -> None:
+        if ref not in raw_models and ref not in by_name:
+            close = difflib.get_close_matches(ref, known, n=1)
+            hint = (f"did you mean '{close[0]}'? " if close else "") + (
+                "known models and steps: " + ", ".join(known))
+            errors.append(doc.error(path, f"unknown model or step '{ref}'", hint=hint))
+
+    deps: dict[str, list[str]] = {}
+    for i, step in steps_list:
+        refs = []
+        for ref, rel in step_references(step):
+            if ref == step["name"]:
+                errors.append(doc.error(("steps", i) + rel, f"step '{ref}' refers to itself",
+                                        hint="a step can only use models and other steps"))
+                continue
+            check_ref(ref, ("steps", i) + rel)
+            refs.append(ref)
+        deps.setdefault(step["name"], refs)
+        layers = step.get("layers")
+        for j, entry in enumerate(layers if isinstance(layers, list) else []):
+            _check_layer_entry(doc, ("steps", i, "layers", j), entry, errors)
+
+    order = _topological_order(doc, by_name, deps, errors)
+
+    out = data.get("output") if isinstance(data.get("output"), dict) else {}
+    out_model = out.get("model")
+    if isinstance(out_model, str):
+        check_ref(out_model, ("output", "model"))
+    elif steps_list:
+        out_model = steps_list[-1][1]["name"]
+    else:
+        out_model = ""
+        errors.append(doc.error(("output",), "no steps and no `output.model`",
+                                hint="add `output: {model: <name>}` or a step", key=True))
+    if isinstance(out.get("config"), str):
+        check_ref(out["config"], ("output", "config"))
+    shard_size = 1
+    try:
+        shard_size = parse_size(out.get("shard_size", DEFAULT_SHARD_SIZE))
+    except ValueError:
+        pass  # the schema reported it
+    out_path = base_dir / Path(out["path"]).expanduser() if isinstance(
+        out.get("path"), str) else base_dir / "out" / file.stem
+
+    steps = {name: Step(name, str(by_name[name][1].get("op")), by_name[name][1],
+                        by_name[name][0]) for name in order}
+    return Recipe(
+        file=file, document=doc, name=data.get("name"), description=data.get("description"),
+        models=models, steps=steps,
+        output=Output(out_path, out_model, out.get("dtype"), shard_size, out.get("config")),
+    )
+
+
+def _check_layer_entry(doc: Document, path: KeyPath, entry: Any,
+                       errors: list[RecipeError]) -> None:
+    if isinstance(entry, str):
+        try:
+            parse_layer_range(entry)
+        except ValueError as e:
+            errors.append(doc.error(path, str(e)))
+    elif isinstance(entry, dict):
+        rng = entry.get("range")
+        if isinstance(rng, list) and len(rng) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in rng):
+            a, b = rng
+            if b <= a:
+                errors.append(doc.error(path + ("range",), f"range [{a}, {b}] is empty" + (
+                    "" if a == b else f"; did you mean [{b}, {a}]?"),
+                    hint="ranges are half-open: [start, stop) with start < stop"))
+        sub_layers = entry.get("layers")
+        for j, sub in enumerate(sub_layers if isinstance(sub_layers, list) else []):
+            _check_layer_entry(doc, path + ("layers", j), sub, errors)
+
+
+def _topological_order(doc: Document, by_name: dict[str, tuple[int, dict[str, Any]]],
+                       deps: dict[str, list[str]], errors: list[RecipeError]) -> list[str]:
+    """Steps in dependency order (recipe order where free); a cycle is reported once."""
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+    reported: set[frozenset[str]] = set()
+
+    def visit(name: str, stack: list[str]) -> None:
+        if state.get(name) == 2 or name not in by_name:
+            return
+        if state.get(name) == 1:
+            cycle = stack[stack.index(name):] + [name]
+            key = frozenset(cycle)
+            if key not in reported:
+                reported.add(key)
+                first = min(cycle[:-1], key=lambda n: by_name[n][0])
+                errors.append(doc.error(
+                    ("steps", by_name[first][0], "name"),
+                    "steps form a cycle: " + " -> ".join(cycle),
+                    hint="a step can only use models and steps that do not depend on it"))
+            return
+        state[name] = 1
+        for dep in deps.get(name, []):
+            if dep != name:
+                visit(dep, stack + [name])
+        state[name] = 2
+        order.append(name)
+
+    for name in by_name:
+        visit(name, [])
+    return order
