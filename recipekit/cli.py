@@ -126,16 +126,18 @@ def run(
 
     def body() -> None:
         from recipekit.execute import resolve_device, run_plan
+        from recipekit.io.header import display_path
         from recipekit.progress import byte_progress
         from recipekit.units import format_size
 
-        resolve_device(device)  # fail before planning output on a bad device
+        if device != "cpu":
+            resolve_device(device)  # fail before reading anything on a bad device
         p = _compile(recipe, output)
         start = time.perf_counter()
         with byte_progress(p.bytes_written, disable=quiet) as tick:
             result = run_plan(p, device=device, fsync=not no_fsync, force=force, progress=tick)
         secs = time.perf_counter() - start
-        where = result.output
+        where = display_path(result.output)
         if result.already_complete:
             typer.echo(f"{where}: already complete (same recipe and inputs); nothing to do")
             return

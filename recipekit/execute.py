@@ -96,7 +96,9 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
         OutputError: disk full, another run holds the lock, I/O failure.
         CorruptCheckpointError: an input changed or broke while being read.
     """
-    dev = resolve_device(device)
+    # A plan that only moves bytes never needs torch: skip its import (about a second).
+    computes = any(not isinstance(t.node, Load) for s in plan.shards for t in s.tensors)
+    dev = resolve_device(device) if computes or device != "cpu" else None
     tick = progress or (lambda n: None)
     out_path = plan.recipe.output.path
     donor_files = iter_donor_files(plan.donor.path)

@@ -17,7 +17,7 @@ from typing import Any
 from recipekit import __version__
 from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
-from recipekit.io.header import build_header
+from recipekit.io.header import build_header, display_path
 from recipekit.model import Cast, Load, Node, VirtualModel, cast, load, with_config
 from recipekit.recipe import Recipe, step_references
 from recipekit.sources import Checkpoint
@@ -213,8 +213,9 @@ def schedule_shards(tensors: Mapping[str, Node], shard_size: int) -> tuple[Shard
     for k, group in enumerate(groups, 1):
         header, offsets = build_header([(name, node.dtype, node.shape) for name, node in group])
         filename = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
-        shards.append(Shard(filename, header, tuple(
-            PlannedTensor(name, node, off) for (name, node), off in zip(group, offsets))))
+        placed = tuple(PlannedTensor(name, node, off)
+                       for (name, node), off in zip(group, offsets, strict=True))
+        shards.append(Shard(filename, header, placed))
     return tuple(shards)
 
 
@@ -231,7 +232,7 @@ def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> st
     r = plan.recipe
     lines = [
         f"recipe:      {r.document.file}" + (f" ({r.name})" if r.name else ""),
-        f"output:      {r.output.path}  (model '{r.output.model}', config from "
+        f"output:      {display_path(r.output.path)}  (model '{r.output.model}', config from "
         f"'{plan.donor.name}')",
         f"layers:      {plan.model.stack.num_layers}  "
         f"(`{plan.model.stack.prefix}<i>`, config key {'.'.join(plan.model.stack.count_key)})",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -376,7 +377,8 @@ def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list
     return [doc.error(path, err.message)]
 
 
-_NAME_RULE = "names contain only letters, digits, '_', '.' and '-', and do not start with '.' or '-'"
+_NAME_RULE = ("names contain only letters, digits, '_', '.' and '-', and do not start with "
+              "'.' or '-'")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                   "float": "float32", "fp64": "float64", "double": "float64"}
 
@@ -584,8 +586,9 @@ def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
         if not isinstance(written, str):
             continue
         prefix = entry.get("layer_prefix") if isinstance(entry, dict) else None
-        models[name] = ModelRef(name, (base_dir / Path(written).expanduser()), written,
-                                prefix if isinstance(prefix, str) else None, ("models", name))
+        path = Path(os.path.normpath(base_dir / Path(written).expanduser()))
+        models[name] = ModelRef(name, path, written, prefix if isinstance(prefix, str) else None,
+                                ("models", name))
 
     raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
     steps_list = [(i, s) for i, s in enumerate(raw_steps)
@@ -642,12 +645,11 @@ def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
                                 hint="add `output: {model: <name>}` or a step", key=True))
     if isinstance(out.get("config"), str):
         check_ref(out["config"], ("output", "config"))
-    shard_size = 1
     try:
         shard_size = parse_size(out.get("shard_size", DEFAULT_SHARD_SIZE))
     except ValueError:
-        pass  # the schema reported it
-    out_path = base_dir / Path(out["path"]).expanduser() if isinstance(
+        shard_size = 1  # the schema reported it
+    out_path = Path(os.path.normpath(base_dir / Path(out["path"]).expanduser())) if isinstance(
         out.get("path"), str) else base_dir / "out" / file.stem
 
     steps = {name: Step(name, str(by_name[name][1].get("op")), by_name[name][1],

@@ -57,7 +57,8 @@ class FileReader:
             if n == 0:
                 raise CorruptCheckpointError(
                     f"file ended at byte {offset + done} while reading {want} bytes",
-                    file=display_path(path), hint="the file changed or was truncated during the run")
+                    file=display_path(path),
+                    hint="the file changed or was truncated during the run")
             done += n
 
     def read_tensor(self, info: TensorInfo) -> bytearray:

@@ -7,6 +7,7 @@ streaming (the manifest records it) instead of re-reading the file afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -83,10 +84,8 @@ class ShardWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.temp)
-        except FileNotFoundError:
-            pass
 
 
 def write_file_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
@@ -100,10 +99,8 @@ def write_file_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
                 os.fsync(f.fileno())
         os.replace(temp, path)
     except OSError as e:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temp)
-        except OSError:
-            pass
         raise _write_error(e, path) from e
 
 
