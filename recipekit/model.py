@@ -104,10 +104,6 @@ def cast(node: Node, dtype: str) -> Node:
     """``node`` as ``dtype``; the node itself when it already is."""
     if node.dtype == dtype:
         return node
-    if isinstance(node, Cast):
-        node = node.input if node.input.dtype == dtype else node
-        if node.dtype == dtype:
-            return node
     return intern(Cast(node, dtype))
 
 

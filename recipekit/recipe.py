@@ -58,6 +58,10 @@ _Loader.add_implicit_resolver(
 )
 
 
+_ALLOWED_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in
+                          ("str", "int", "float", "bool", "null", "map", "seq"))
+
+
 @dataclass
 class Document:
     """A parsed recipe document with the position of every key and value."""
@@ -107,6 +111,9 @@ def _compose(text: str, doc: Document, errors: list[RecipeError]) -> Any:
 
     def convert(node: yaml.Node, path: KeyPath) -> Any:
         doc.value_marks[path] = _mark(node)
+        if node.tag not in _ALLOWED_TAGS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"tag {node.tag!r} is not allowed in a recipe", node.start_mark)
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             seen: dict[str, int] = {}

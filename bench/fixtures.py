@@ -1,0 +1,326 @@
+"""Synthetic Llama checkpoints for the benchmarks, written straight to safetensors.
+
+Why not ``LlamaForCausalLM(config).save_pretrained(...)``: that materialises the whole model in
+RAM (and spends minutes on random init), while these files only need the right names, shapes,
+dtype and layout. Here each tensor is generated in fixed-size chunks from a generator seeded by
+(seed, tensor name) and written as it is made, so a 2 GiB or 14 GiB fixture costs ~32 MiB of
+memory and the bytes are reproducible whatever the chunk size or shard split.
+
+The layout is what ``save_pretrained`` writes: ``model-0000k-of-0000n.safetensors`` shards cut
+in state-dict order at ``max_shard_size`` (huggingface_hub's rule: a tensor that would overflow
+the current shard starts a new one), tensors inside a shard sorted by name as the safetensors
+serializer does, header metadata ``{"format": "pt"}``, ``model.safetensors.index.json`` with
+``total_parameters``/``total_size``, plus ``config.json``, ``generation_config.json`` and a
+word-level tokenizer with the model's vocab size.
+
+Fixtures are cached under ``bench/.fixtures/<name>-seed<seed>/``; a ``.complete`` stamp holding
+the spec is written last, so an interrupted build is redone and a changed spec is rebuilt.
+
+Usage::
+
+    python bench/fixtures.py                 # build the fixtures the benchmarks need now
+    python bench/fixtures.py tinyllama mistral-8l --seeds 0,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import struct
+import sys
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+FIXTURES_DIR = Path(__file__).resolve().parent / ".fixtures"
+STAMP = ".complete"
+INDEX = "model.safetensors.index.json"
+# Elements generated per step: 8M bf16 values = 16 MiB out, 32 MiB of float32 scratch.
+CHUNK_ELEMS = 8 * 1024 * 1024
+# Keep this much disk free after building a fixture (outputs of the benchmarks need room too).
+DISK_MARGIN = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The dimensions of a (synthetic) LlamaForCausalLM checkpoint."""
+
+    name: str
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+TINYLLAMA = LlamaShape("tinyllama", num_layers=22, hidden=2048, heads=32, kv_heads=4,
+                       intermediate=5632, vocab=32000, rms_norm_eps=1e-5)
+MISTRAL_8L = LlamaShape("mistral-8l", num_layers=8, hidden=4096, heads=32, kv_heads=8,
+                        intermediate=14336, vocab=32000, max_position_embeddings=32768,
+                        rms_norm_eps=1e-5, rope_theta=1e6)
+MISTRAL_32L = LlamaShape("mistral-32l", num_layers=32, hidden=4096, heads=32, kv_heads=8,
+                         intermediate=14336, vocab=32000, max_position_embeddings=32768,
+                         rms_norm_eps=1e-5, rope_theta=1e6)
+SHAPES = {s.name: s for s in (TINYLLAMA, MISTRAL_8L, MISTRAL_32L)}
+
+BF16_BYTES = 2
+
+
+class InsufficientDisk(RuntimeError):
+    """Raised instead of filling the disk; callers report the fixture as skipped."""
+
+
+def iter_tensor_specs(shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor, in LlamaForCausalLM's state-dict order."""
+    h, kv = shape.hidden, shape.kv_heads * shape.head_dim
+    yield "model.embed_tokens.weight", (shape.vocab, h)
+    for i in range(shape.num_layers):
+        p = f"model.layers.{i}"
+        yield f"{p}.self_attn.q_proj.weight", (h, h)
+        yield f"{p}.self_attn.k_proj.weight", (kv, h)
+        yield f"{p}.self_attn.v_proj.weight", (kv, h)
+        yield f"{p}.self_attn.o_proj.weight", (h, h)
+        yield f"{p}.mlp.gate_proj.weight", (shape.intermediate, h)
+        yield f"{p}.mlp.up_proj.weight", (shape.intermediate, h)
+        yield f"{p}.mlp.down_proj.weight", (h, shape.intermediate)
+        yield f"{p}.input_layernorm.weight", (h,)
+        yield f"{p}.post_attention_layernorm.weight", (h,)
+    yield "model.norm.weight", (h,)
+    if not shape.tie_embeddings:
+        yield "lm_head.weight", (shape.vocab, h)
+
+
+def numel(dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def checkpoint_bytes(shape: LlamaShape) -> int:
+    """Tensor bytes of the checkpoint (headers and JSON files excluded)."""
+    return sum(numel(d) for _, d in iter_tensor_specs(shape)) * BF16_BYTES
+
+
+def split_shards(specs: list[tuple[str, tuple[int, ...]]],
+                 max_shard_size: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Cut the state dict into shards the way huggingface_hub's splitter does."""
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, dims in specs:
+        nbytes = numel(dims) * BF16_BYTES
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dims))
+        size += nbytes
+    return shards
+
+
+def safetensors_header(tensors: list[tuple[str, tuple[int, ...]]]) -> bytes:
+    """The 8-byte length plus the JSON header (space-padded to 8 bytes), as safetensors writes.
+
+    ``tensors`` must already be in file order (sorted by name for a single dtype).
+    """
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dims in tensors:
+        nbytes = numel(dims) * BF16_BYTES
+        header[name] = {"dtype": "BF16", "shape": list(dims),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A stable per-tensor seed, so a tensor's bytes do not depend on what else is built."""
+    return (seed << 32) ^ zlib.crc32(name.encode())
+
+
+def iter_bf16_chunks(name: str, dims: tuple[int, ...], seed: int) -> Iterator[bytes]:
+    """Random bf16 values for one tensor, ``CHUNK_ELEMS`` at a time.
+
+    Projections and embeddings are N(0, 0.02) like Llama's init; norms are 1 + N(0, 0.02) so
+    they look trained (not all ones, which would make merges of two seeds trivially equal).
+    bf16 is the top half of float32, rounded to nearest even, computed in numpy on a chunk.
+    """
+    rng = np.random.Generator(np.random.PCG64(tensor_seed(seed, name)))
+    is_norm = name.endswith("norm.weight")
+    left = numel(dims)
+    while left:
+        n = min(left, CHUNK_ELEMS)
+        x = rng.standard_normal(n, dtype=np.float32)
+        x *= 0.02
+        if is_norm:
+            x += 1.0
+        bits = x.view(np.uint32)
+        bits += 0x7FFF + ((bits >> 16) & 1)  # round to nearest even (no NaNs here)
+        yield (bits >> 16).astype(np.uint16).tobytes()
+        left -= n
+
+
+def config_json(shape: LlamaShape, num_layers: int | None = None) -> dict[str, object]:
+    """What transformers 5 writes for a LlamaConfig (non-default fields), for ``shape``."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "dtype": "bfloat16",
+        "eos_token_id": 2,
+        "head_dim": shape.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": shape.hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": shape.intermediate,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": shape.heads,
+        "num_hidden_layers": shape.num_layers if num_layers is None else num_layers,
+        "num_key_value_heads": shape.kv_heads,
+        "pad_token_id": None,
+        "pretraining_tp": 1,
+        "rms_norm_eps": shape.rms_norm_eps,
+        "rope_parameters": {"rope_theta": shape.rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": shape.tie_embeddings,
+        "transformers_version": "5.23.0",
+        "use_cache": True,
+        "vocab_size": shape.vocab,
+    }
+
+
+def tokenizer_files(vocab_size: int) -> dict[str, object]:
+    """A word-level fast tokenizer with ``vocab_size`` entries (tokenizer.json + config).
+
+    Why ship one: real checkpoints have a tokenizer, and both tools copy it (mergekit loads and
+    re-saves it through transformers, logging an ERROR traceback when there is none), so
+    leaving it out would skip work a real run does.
+    """
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, tok in enumerate(specials)]
+    tokenizer = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+                 "normalizer": None, "pre_tokenizer": {"type": "Whitespace"},
+                 "post_processor": None, "decoder": None,
+                 "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+              "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 2048}
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": config}
+
+
+def _dump(path: Path, data: object) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def fixture_path(shape: LlamaShape, seed: int = 0, root: Path = FIXTURES_DIR) -> Path:
+    return root / f"{shape.name}-seed{seed}"
+
+
+def make_llama_checkpoint(shape: LlamaShape, seed: int = 0, *, root: Path = FIXTURES_DIR,
+                          max_shard_size: int = 1_000_000_000, log: bool = True) -> Path:
+    """Build (or reuse) a synthetic sharded LlamaForCausalLM checkpoint; return its directory.
+
+    Raises:
+        InsufficientDisk: building it would leave less than ``DISK_MARGIN`` free.
+    """
+    out = fixture_path(shape, seed, root)
+    spec = {"shape": asdict(shape), "seed": seed, "max_shard_size": max_shard_size,
+            "format": 2}
+    stamp = out / STAMP
+    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+        return out
+    specs = list(iter_tensor_specs(shape))
+    total = checkpoint_bytes(shape)
+    root.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        shutil.rmtree(out)  # stale or partial: ours to replace
+    free = shutil.disk_usage(root).free
+    if total + DISK_MARGIN > free:
+        raise InsufficientDisk(f"{out.name} needs {total / 2**30:.1f} GiB (+{DISK_MARGIN >> 30} "
+                               f"GiB margin), {free / 2**30:.1f} GiB free")
+    out.mkdir()
+    shards = split_shards(specs, max_shard_size)
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    if log:
+        print(f"building {out} ({total / 2**30:.2f} GiB, {n} shard(s))", file=sys.stderr)
+    for k, tensors in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+        in_file = sorted(tensors)  # the safetensors serializer orders one dtype by name
+        with open(out / fname, "wb") as f:
+            f.write(safetensors_header(in_file))
+            for name, dims in in_file:
+                for chunk in iter_bf16_chunks(name, dims, seed):
+                    f.write(chunk)
+                weight_map[name] = fname
+    if n > 1:
+        params = sum(numel(d) for _, d in specs)
+        _dump(out / INDEX, {"metadata": {"total_parameters": params, "total_size": total},
+                            "weight_map": dict(sorted(weight_map.items()))})
+    _dump(out / "config.json", config_json(shape))
+    _dump(out / "generation_config.json",
+          {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2,
+           "transformers_version": "5.23.0"})
+    for fname, data in tokenizer_files(shape.vocab).items():
+        _dump(out / fname, data)
+    _dump(stamp, spec)
+    return out
+
+
+def make_tinyllama(seed: int = 0) -> Path:
+    """TinyLlama-1.1B shape (22 layers, 2048 wide, 32/4 heads), ~2 GiB bf16, 3 shards."""
+    return make_llama_checkpoint(TINYLLAMA, seed)
+
+
+def make_mistral_8l(seed: int = 0) -> Path:
+    """Mistral-7B width (4096, 32/8 heads, 14336 MLP) at 8 layers, ~3.6 GiB bf16."""
+    return make_llama_checkpoint(MISTRAL_8L, seed)
+
+
+def make_mistral_32l(seed: int = 0) -> Path:
+    """Mistral-7B width at the full 32 layers, ~13.5 GiB bf16 (only when disk allows)."""
+    return make_llama_checkpoint(MISTRAL_32L, seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("shapes", nargs="*", default=["tinyllama"],
+                        help=f"shapes to build, of {', '.join(SHAPES)} (default: tinyllama)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.shapes if s not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    status = 0
+    for name in args.shapes:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            try:
+                path = make_llama_checkpoint(SHAPES[name], seed)
+            except InsufficientDisk as e:
+                print(f"skipped {name} seed {seed}: {e}", file=sys.stderr)
+                status = 1
+                continue
+            print(path)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The copy floor: read the inputs once, write the output's bytes, sync.
+
+Why it exists: a tool that only moves tensors cannot beat the cost of reading its inputs and
+writing its output through the page cache and onto the disk. Timing that on the same machine,
+in the same benchmark run, turns "recipekit took 12 s" into "recipekit took 1.3x what moving
+the bytes costs", which stays comparable across machines and disks.
+
+What it does, as a separate process (so its start-up counts like every tool's): reads every
+input file once, front to back, in 16 MiB ``readinto`` chunks (recipekit's copy chunk), writes
+each chunk to one output file, and keeps writing the last chunk read until the file holds
+``--bytes`` bytes (an upscale writes more than it reads, a merge less); then ``fsync`` of the
+file and a global ``sync()``, as the benchmark's method asks.
+
+Usage::
+
+    python bench/floor.py --out OUT_FILE --bytes N INPUT [INPUT ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+CHUNK = 16 * 1024 * 1024
+
+
+def copy_floor(inputs: list[str], out: str, nbytes: int) -> int:
+    """Read ``inputs`` once and write ``nbytes`` bytes to ``out``; return the bytes read."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    read = written = 0
+    last = view[:0]
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for path in inputs:
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(view):
+                    read += n
+                    last = view[:n]
+                    written += _write(fd, last[:max(0, nbytes - written)])
+        while written < nbytes:
+            if not last:
+                last = view  # no input at all: write zeros
+            written += _write(fd, last[:nbytes - written])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.sync()
+    return read
+
+
+def _write(fd: int, data: memoryview) -> int:
+    done = 0
+    while done < len(data):
+        done += os.write(fd, data[done:])
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Copy-floor reference for bench/run.py.")
+    parser.add_argument("--out", required=True, help="output file to write")
+    parser.add_argument("--bytes", type=int, required=True, help="bytes to write")
+    parser.add_argument("inputs", nargs="+", help="input files, each read once")
+    args = parser.parse_args(argv)
+    copy_floor(args.inputs, args.out, args.bytes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,459 @@
+"""Benchmark recipekit against mergekit 0.1.5 and the copy floor (DESIGN.md section 7).
+
+    python bench/run.py [--runs N] [--cases solar,...]
+
+Method, the same for every tool so the numbers compare:
+
+* inputs are read once before every run, so the page cache is warm for all tools alike;
+* each tool runs as its own process and its wall time includes start-up (imports, parsing);
+* peak memory is the maximum over time of the process tree's VmRSS (and RssAnon), sampled
+  every 20 ms from /proc (see ``measure.py``);
+* runs alternate (recipekit, ..., mergekit, copy floor, recipekit, ...) and each variant
+  reports the median of ``--runs`` (>= 2) runs;
+* before each run the previous output is deleted and ``sync`` flushes other dirty pages, so no
+  tool pays for another's writeback; outputs go to the disk the inputs are on;
+* the first round checks every tool's output tensor by tensor against the bytes it must hold.
+
+recipekit fsyncs every shard by default and mergekit never does, so recipekit is also run
+with ``--no-fsync``; the copy floor ends with a sync, as DESIGN asks.
+
+Tables and raw JSON go to ``bench/results/`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fixtures  # noqa: E402 - bench/ is a folder of scripts, not a package
+from measure import run_measured  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+MERGEKIT_VENV = BENCH / ".venv-mergekit"
+RESULTS = BENCH / "results"
+MERGEKIT = "mergekit"
+FLOOR = "copy floor"
+READ_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One command to time: a tool with its flags."""
+
+    tool: str  # "recipekit", MERGEKIT or FLOOR: what the ratios are taken against
+    label: str  # the table's "tool" column
+    argv: Callable[[Path], list[str]]  # the command, given a fresh output directory
+    env: dict[str, str] | None = None
+    verify: bool = True  # check its output's tensors (the floor writes filler)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One piece of work, done by every variant."""
+
+    name: str
+    description: str
+    inputs: list[Path]  # files to warm into the page cache before each run
+    variants: list[Variant]
+    expected: dict[str, tuple[Path, str]]  # output tensor -> (input file, input tensor)
+    expected_config: dict[str, object]  # config.json fields the output must have
+    targets: dict[str, float]  # e.g. {"wall_vs_mk": 0.5}; checked for plain "recipekit"
+
+
+@dataclass
+class Record:
+    """All runs of one variant."""
+
+    variant: str
+    tool: str
+    runs: list[dict[str, object]] = field(default_factory=list)
+    verified: str = "not checked"
+
+    def ok_runs(self) -> list[dict[str, object]]:
+        return [r for r in self.runs if r["returncode"] == 0]
+
+    def median(self, key: str) -> float | None:
+        values = [float(r[key]) for r in self.ok_runs()]  # type: ignore[arg-type]
+        return statistics.median(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading safetensors headers (for verification and the floor's output size).
+
+
+def read_header(path: Path) -> tuple[int, dict[str, dict[str, object]]]:
+    """(data start offset, tensor entries) of one safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+Location = tuple[Path, int, int, str, list[int]]  # file, start, end, dtype, shape
+
+
+def iter_tensor_locations(model_dir: Path) -> dict[str, Location]:
+    """tensor name -> (file, start, end, dtype, shape) over every shard in ``model_dir``."""
+    where: dict[str, Location] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        start, header = read_header(path)
+        for name, info in header.items():
+            a, b = info["data_offsets"]  # type: ignore[misc]
+            where[name] = (path, start + a, start + b, info["dtype"], info["shape"])
+    return where
+
+
+def digest_range(path: Path, start: int, end: int) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        left = end - start
+        while left:
+            data = f.read(min(left, READ_CHUNK))
+            if not data:
+                raise OSError(f"{path} ended early")
+            h.update(data)
+            left -= len(data)
+    return h.hexdigest()
+
+
+def verify_output(out: Path, case: Case, source_digests: dict[tuple[Path, str], str]) -> str:
+    """"ok" if ``out`` holds exactly the expected tensors and config fields, else the problem."""
+    have = iter_tensor_locations(out)
+    if set(have) != set(case.expected):
+        missing = sorted(set(case.expected) - set(have))[:3]
+        extra = sorted(set(have) - set(case.expected))[:3]
+        return f"tensor names differ (missing {missing}, unexpected {extra})"
+    for name, (src_file, src_name) in sorted(case.expected.items()):
+        path, a, b, dtype, shape = have[name]
+        if digest_range(path, a, b) != source_digests[(src_file, src_name)]:
+            return f"{name}: bytes differ from {src_file.name}:{src_name} ({dtype} {shape})"
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"config.json unreadable: {e}"
+    for key, value in case.expected_config.items():
+        if config.get(key) != value:
+            return f"config.json {key} = {config.get(key)!r}, expected {value!r}"
+    return "ok"
+
+
+def source_locations(expected: dict[str, tuple[Path, str]]) -> dict[str, Location]:
+    """input tensor name -> location, for every input checkpoint the case reads."""
+    locations: dict[str, Location] = {}
+    for model_dir in sorted({src_file.parent for src_file, _ in expected.values()}):
+        locations.update({f"{model_dir}::{k}": v
+                          for k, v in iter_tensor_locations(model_dir).items()})
+    return locations
+
+
+def digest_sources(case: Case) -> dict[tuple[Path, str], str]:
+    """sha1 of every input tensor an output tensor must equal (read once per benchmark)."""
+    locs = source_locations(case.expected)
+    digests = {}
+    for src_file, src_name in set(case.expected.values()):
+        path, a, b, _, _ = locs[f"{src_file.parent}::{src_name}"]
+        digests[(src_file, src_name)] = digest_range(path, a, b)
+    return digests
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases.
+
+
+def recipekit_argv(recipe: Path, *flags: str) -> Callable[[Path], list[str]]:
+    exe = Path(sys.executable).with_name("recipekit")
+    cmd = str(exe) if exe.exists() else (shutil.which("recipekit") or "recipekit")
+    return lambda out: [cmd, "run", str(recipe), "--output", str(out), "-q", *flags]
+
+
+def mergekit_argv(config: Path) -> Callable[[Path], list[str]]:
+    return lambda out: [str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(config), str(out)]
+
+
+def mergekit_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def floor_argv(inputs: list[Path], nbytes: int) -> Callable[[Path], list[str]]:
+    script = BENCH / "floor.py"
+
+    def argv(out: Path) -> list[str]:
+        out.mkdir(parents=True, exist_ok=True)
+        return [sys.executable, str(script), "--out", str(out / "model.safetensors"),
+                "--bytes", str(nbytes), *map(str, inputs)]
+    return argv
+
+
+def single_shard_size(expected: dict[str, tuple[Path, str]]) -> int:
+    """Bytes of the output written as one safetensors file (header included)."""
+    locs = source_locations(expected)
+    tensors = [(name, tuple(locs[f"{src_file.parent}::{src_name}"][4]))
+               for name, (src_file, src_name) in sorted(expected.items())]
+    return len(fixtures.safetensors_header(tensors)) + sum(
+        fixtures.numel(dims) * fixtures.BF16_BYTES for _, dims in tensors)
+
+
+def solar_case(work: Path) -> Case:
+    """SOLAR-style depth up-scale of the TinyLlama fixture: layers 0-15 then 6-21 (32 layers)."""
+    src = fixtures.make_tinyllama(0)
+    ranges = [(0, 16), (6, 22)]
+    out_layers = [i for a, b in ranges for i in range(a, b)]
+    weight_map = json.loads((src / fixtures.INDEX).read_text())["weight_map"]
+    expected: dict[str, tuple[Path, str]] = {}
+    for name, fname in weight_map.items():
+        if not name.startswith("model.layers."):
+            expected[name] = (src / fname, name)
+            continue
+        layer, rest = name[len("model.layers."):].split(".", 1)
+        for j, i in enumerate(out_layers):
+            if i == int(layer):
+                expected[f"model.layers.{j}.{rest}"] = (src / fname, name)
+
+    layers = ", ".join(f'"range({a},{b})"' for a, b in ranges)
+
+    def recipe(shard_size: str | None) -> Path:
+        path = work / f"solar-{shard_size or 'default'}.yaml"
+        output = f"\noutput:\n  shard_size: {shard_size}\n" if shard_size else "\n"
+        path.write_text(
+            "recipekit: 1\nname: solar-tinyllama\n"
+            f"models:\n  tiny: {src}\n"
+            f"steps:\n  - name: upscaled\n    op: layers\n    from: tiny\n"
+            f"    layers: [{layers}]\n" + output)
+        return path
+
+    mk_config = work / "solar-mergekit.yml"
+    mk_config.write_text(
+        "slices:\n" + "".join(
+            f"  - sources:\n      - model: {src}\n        layer_range: [{a}, {b}]\n"
+            for a, b in ranges) + "merge_method: passthrough\ndtype: bfloat16\n")
+    shards = sorted(src.glob("*.safetensors"))
+    default = recipe(None)
+    variants = [
+        Variant("recipekit", "recipekit", recipekit_argv(default)),
+        Variant("recipekit", "recipekit --no-fsync", recipekit_argv(default, "--no-fsync")),
+        Variant(MERGEKIT, "mergekit 0.1.5", mergekit_argv(mk_config), env=mergekit_env()),
+        Variant(FLOOR, FLOOR, floor_argv(shards, single_shard_size(expected)), verify=False),
+        Variant("recipekit", "recipekit shard_size 1GB", recipekit_argv(recipe("1GB"))),
+        Variant("recipekit", "recipekit shard_size 10GB", recipekit_argv(recipe("10GB"))),
+    ]
+    return Case(
+        name="solar",
+        description=f"SOLAR-style upscale of {src.name}: layers {ranges} -> 32 layers",
+        inputs=sorted(p for p in src.iterdir() if p.is_file()),
+        variants=variants,
+        expected=expected,
+        expected_config={"num_hidden_layers": len(out_layers), "hidden_size": 2048},
+        targets={"wall_vs_mk": 0.5, "rss_vs_mk": 0.25},
+    )
+
+
+CASES: dict[str, Callable[[Path], Case]] = {"solar": solar_case}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running.
+
+
+def warm(paths: list[Path]) -> None:
+    """Read every input once so the page cache holds it (same start for every tool)."""
+    buf = bytearray(READ_CHUNK)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def run_case(case: Case, runs: int, scratch: Path, interval: float, verify: bool) -> list[Record]:
+    records = {v.label: Record(v.label, v.tool) for v in case.variants}
+    digests = digest_sources(case) if verify else {}
+    for r in range(runs):
+        for v in case.variants:
+            out = scratch / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            warm(case.inputs)
+            log = scratch / f"{case.name}-{len(records[v.label].runs)}-{slug(v.label)}.log"
+            m = run_measured(v.argv(out), env=v.env, log=log, interval=interval)
+            row = {**asdict(m), "round": r, "output_bytes": dir_bytes(out), "log": str(log)}
+            records[v.label].runs.append(row)
+            status = f"{m.wall_s:7.2f} s  rss {mib(m.peak_rss):>6}  anon {mib(m.peak_rss_anon):>6}"
+            if m.returncode != 0:
+                tail = log.read_text(errors="replace")[-2000:]
+                status += f"  FAILED (exit {m.returncode}); log tail:\n{tail}"
+            elif r == 0 and verify and v.verify:
+                records[v.label].verified = verify_output(out, case, digests)
+                status += f"  output check: {records[v.label].verified}"
+            print(f"[{case.name} {r + 1}/{runs}] {v.label:<28} {status}", file=sys.stderr)
+            shutil.rmtree(out, ignore_errors=True)
+    return list(records.values())
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+
+
+def mib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or not b else f"{a / b:.2f}×"
+
+
+def render_table(results: list[tuple[Case, list[Record]]]) -> str:
+    lines = ["| case | tool | wall s (min–max) | peak RSS | peak RssAnon | wall ÷ mk "
+             "| RSS ÷ mk | wall ÷ floor | output check |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for case, records in results:
+        mk = next((r for r in records if r.tool == MERGEKIT), None)
+        floor = next((r for r in records if r.tool == FLOOR), None)
+        mk_wall = mk.median("wall_s") if mk else None
+        mk_rss = mk.median("peak_rss") if mk else None
+        floor_wall = floor.median("wall_s") if floor else None
+        for rec in records:
+            walls = [float(r["wall_s"]) for r in rec.ok_runs()]  # type: ignore[arg-type]
+            wall = rec.median("wall_s")
+            span = f"{wall:.2f} ({min(walls):.2f}–{max(walls):.2f})" if walls else "failed"
+            failed = len(rec.runs) - len(walls)
+            if failed:
+                span += f", {failed} failed"
+            lines.append(
+                f"| {case.name} | {rec.variant} | {span} | {mib(rec.median('peak_rss'))} "
+                f"| {mib(rec.median('peak_rss_anon'))} "
+                f"| {ratio(wall, mk_wall) if rec is not mk else '1.00×'} "
+                f"| {ratio(rec.median('peak_rss'), mk_rss) if rec is not mk else '1.00×'} "
+                f"| {ratio(wall, floor_wall)} | {rec.verified} |")
+        main = next((r for r in records if r.variant == "recipekit"), None)
+        if main and mk_wall and mk_rss:
+            w = (main.median("wall_s") or 0) / mk_wall
+            m = (main.median("peak_rss") or 0) / mk_rss
+            tw, tm = case.targets.get("wall_vs_mk"), case.targets.get("rss_vs_mk")
+            notes.append(
+                f"* {case.name}: recipekit (default flags) is {w:.2f}× mergekit wall "
+                f"(target ≤ {tw}: {'met' if tw is None or w <= tw else 'MISSED'}) and "
+                f"{m:.3f}× mergekit peak RSS (target ≤ {tm}: "
+                f"{'met' if tm is None or m <= tm else 'MISSED'}).")
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def environment() -> dict[str, object]:
+    """Versions and machine facts, so a result file says what produced it."""
+    def out(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                                  check=False).stdout.strip()
+        except OSError:
+            return "unavailable"
+    mem = next((ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
+                if ln.startswith("MemTotal:")), "0")
+    mk_py = MERGEKIT_VENV / "bin" / "python"
+    return {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "mem_total_gib": round(int(mem) / 2**20, 1),
+        "python": platform.python_version(),
+        "recipekit": out([recipekit_argv(Path("x"))(Path("x"))[0], "version"]),
+        "mergekit": out([str(mk_py), "-c", "from importlib.metadata import version as v; "
+                         "import torch; print(v('mergekit'), 'torch', torch.__version__, "
+                         "'transformers', v('transformers'))"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="alternated runs per variant "
+                        "(median reported; DESIGN asks >= 2; default 3)")
+    parser.add_argument("--cases", default="solar",
+                        help=f"comma-separated cases, of: {', '.join(CASES)} (default: solar)")
+    parser.add_argument("--interval", type=float, default=0.02,
+                        help="memory sampling interval in seconds (<= 0.05; default 0.02)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip checking each tool's output tensors in the first round")
+    args = parser.parse_args(argv)
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if args.runs < 1 or not 0 < args.interval <= 0.05:
+        parser.error("--runs must be >= 1 and --interval in (0, 0.05]")
+    if args.runs < 2:
+        print("warning: DESIGN.md asks for the median of >= 2 runs", file=sys.stderr)
+    if not (MERGEKIT_VENV / "bin" / "mergekit-yaml").exists():
+        print(f"no mergekit at {MERGEKIT_VENV}: run `bash bench/setup_mergekit.sh` first",
+              file=sys.stderr)
+        return 2
+
+    fixtures.FIXTURES_DIR.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    print(f"recipekit {env['recipekit']}; mergekit {env['mergekit']}; {env['cpus']} CPUs, "
+          f"{env['mem_total_gib']} GiB", file=sys.stderr)
+    results: list[tuple[Case, list[Record]]] = []
+    skipped: dict[str, str] = {}
+    # Outputs go next to the fixtures: same disk for every tool, and never /tmp on tmpfs.
+    with tempfile.TemporaryDirectory(prefix="run-", dir=fixtures.FIXTURES_DIR) as tmp:
+        scratch = Path(tmp)
+        for name in names:
+            try:
+                case = CASES[name](scratch)
+            except fixtures.InsufficientDisk as e:
+                skipped[name] = str(e)
+                print(f"skipped case {name}: {e}", file=sys.stderr)
+                continue
+            results.append((case, run_case(case, args.runs, scratch, args.interval,
+                                           not args.no_verify)))
+            # Keep the logs of failed runs; the scratch folder itself is removed.
+            for rec in results[-1][1]:
+                for run in rec.runs:
+                    if run["returncode"] != 0:
+                        RESULTS.mkdir(exist_ok=True)
+                        kept = RESULTS / Path(str(run["log"])).name
+                        shutil.copyfile(str(run["log"]), kept)
+                        run["log"] = str(kept)
+
+    table = render_table(results)
+    header = (f"Benchmark {env['date_utc']}: recipekit {env['recipekit']}, mergekit "
+              f"{env['mergekit']}; {env['cpus']} CPUs, {env['mem_total_gib']} GiB RAM, "
+              f"kernel {env['kernel']}; median of {args.runs} alternated runs.\n\n")
+    if skipped:
+        header += "".join(f"Skipped {k}: {v}\n" for k, v in skipped.items()) + "\n"
+    print(header + table)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = env["date_utc"].replace(":", "").replace("-", "")  # type: ignore[union-attr]
+    (RESULTS / f"{stamp}.md").write_text(header + table)
+    raw = {"environment": env, "runs_per_variant": args.runs, "interval_s": args.interval,
+           "skipped": skipped,
+           "cases": [{"name": c.name, "description": c.description, "targets": c.targets,
+                      "variants": [asdict(r) for r in recs]} for c, recs in results]}
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(raw, indent=2) + "\n")
+    shutil.copyfile(RESULTS / f"{stamp}.md", RESULTS / "latest.md")
+    print(f"saved {RESULTS / stamp}.md and .json", file=sys.stderr)
+    failed = any(r["returncode"] != 0 for _, recs in results for rec in recs for r in rec.runs)
+    bad = any(rec.verified not in ("ok", "not checked") for _, recs in results for rec in recs)
+    return 1 if failed or bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny checkpoints built on the fly, recipe writing, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from builders import make_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8-layer fp32 Llama (hidden 32, GQA, untied lm_head)."""
+    return make_model("llama", tmp_path_factory.mktemp("llama") / "model", layers=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second Llama of the same shapes, different weights."""
+    return make_model("llama", tmp_path_factory.mktemp("llama_b") / "model", layers=8, seed=1)
+
+
+@pytest.fixture
+def model_copy(tmp_path: Path, tiny_llama: Path) -> Path:
+    """A private copy of the tiny Llama that a test may damage."""
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_llama, dst)
+    return dst
+
+
+def write_recipe(directory: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+@pytest.fixture
+def cli():
+    """Invoke the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from recipekit.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke

@@ -1,0 +1,285 @@
+"""Every user mistake: a located one-paragraph message, the right exit code, no traceback.
+
+Oracle: the exact message text (file:line:col, key path, what to do), pinned here so a change
+to a message is a deliberate change to this file.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from conftest import write_recipe
+
+SOLAR = """
+    recipekit: 1
+    models:
+      tiny: ./model
+    steps:
+      - name: up
+        op: layers
+        from: tiny
+        layers: {layers}
+    output:
+      path: ./out
+"""
+
+
+def run_fails(cli, recipe: Path, code: int, *extra: str) -> str:
+    result = cli("run", recipe, "-q", *extra)
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    return result.stderr
+
+
+def first_line(text: str) -> str:
+    return text.splitlines()[0]
+
+
+@pytest.fixture
+def recipe_dir(tmp_path: Path, model_copy: Path) -> Path:
+    return tmp_path
+
+
+def solar(recipe_dir: Path, layers: str = '["range(0,6)", "range(2,8)"]') -> Path:
+    return write_recipe(recipe_dir, SOLAR.format(layers=layers))
+
+
+class TestRecipeMistakes:
+    """Exit code 2, located at the user's own line with a caret."""
+
+    def test_unknown_key(self, cli, recipe_dir):
+        r = write_recipe(recipe_dir, """
+            recipekit: 1
+            models:
+              tiny: ./model
+            steps:
+              - name: up
+                op: layers
+                from: tiny
+                layerz: [0, 1]
+        """)
+        err = run_fails(cli, r, 2)
+        assert err.splitlines()[0] == (
+            f"{r}:5:5: steps[0]: missing required key `layers` in step 'up' (op: layers)")
+        assert f"{r}:8:5: steps[0].layerz: unknown key in step 'up' (op: layers); did you mean " \
+               "'layers'?" in err
+        assert "        layerz: [0, 1]\n        ^" in err
+
+    def test_misspelled_op(self, cli, recipe_dir):
+        r = write_recipe(recipe_dir, SOLAR.format(layers="[0]").replace("op: layers",
+                                                                          "op: layres"))
+        err = run_fails(cli, r, 2)
+        assert first_line(err) == (f"{r}:6:9: steps[0].op: unknown op 'layres'; did you mean "
+                                   "'layers'? allowed: layers")
+
+    def test_duplicate_key(self, cli, recipe_dir):
+        r = write_recipe(recipe_dir, SOLAR.format(layers="[0]") + "      path: ./elsewhere\n")
+        err = run_fails(cli, r, 2)
+        assert first_line(err) == (f"{r}:11:3: output.path: duplicate key `path` (first defined "
+                                   "on line 10); remove one of them; YAML would silently keep "
+                                   "only the last")
+
+    def test_reversed_range(self, cli, recipe_dir):
+        r = solar(recipe_dir, '["range(3,1)"]')
+        assert first_line(run_fails(cli, r, 2)) == (
+            f"{r}:8:14: steps[0].layers[0]: 'range(3,1)' is empty (start 3 is past stop 1); did "
+            "you mean range(1,3)?")
+
+    def test_empty_range(self, cli, recipe_dir):
+        r = solar(recipe_dir, '["range(0,0)"]')
+        assert first_line(run_fails(cli, r, 2)) == (
+            f"{r}:8:14: steps[0].layers[0]: 'range(0,0)' is empty (start equals stop); ranges are "
+            "half-open, so range(0,1) selects layer 0")
+
+    def test_layer_beyond_model(self, cli, recipe_dir):
+        r = solar(recipe_dir, '["range(0,6)", "range(4,9)"]')
+        assert first_line(run_fails(cli, r, 2)) == (
+            f"{r}:8:28: steps[0].layers[1]: range(4,9) reaches layer 8, but model 'tiny' has 8 "
+            "layers (0-7); use indices below 8")
+
+    def test_single_layer_beyond_model(self, cli, recipe_dir):
+        r = solar(recipe_dir, "[0, 12]")
+        assert first_line(run_fails(cli, r, 2)) == (
+            f"{r}:8:17: steps[0].layers[1]: layer 12, but model 'tiny' has 8 layers (0-7); use "
+            "indices below 8")
+
+    def test_unknown_step_name(self, cli, recipe_dir):
+        r = write_recipe(recipe_dir, SOLAR.format(layers="[0]") + "      model: upp\n")
+        assert first_line(run_fails(cli, r, 2)) == (
+            f"{r}:11:10: output.model: unknown model or step 'upp'; did you mean 'up'? known "
+            "models and steps: tiny, up")
+
+    def test_cycle(self, cli, recipe_dir):
+        r = write_recipe(recipe_dir, """
+            recipekit: 1
+            models:
+              tiny: ./model
+            steps:
+              - name: a
+                op: layers
+                from: b
+                layers: [0]
+              - name: b
+                op: layers
+                from: a
+                layers: [0]
+        """)
+        assert first_line(run_fails(cli, r, 2)) == (
+            f"{r}:5:11: steps[0].name: steps form a cycle: a -> b -> a; a step can only use "
+            "models and steps that do not depend on it")
+
+    def test_problems_are_collected(self, cli, recipe_dir):
+        r = write_recipe(recipe_dir, """
+            recipekit: 1
+            models:
+              tiny: ./model
+            steps:
+              - name: up
+                op: layers
+                from: tiny
+                alpha: 0.5
+                layers: ["range(2,2)", {from: tyny, range: [0, 2]}]
+            output:
+              dtype: bf16
+        """)
+        err = run_fails(cli, r, 2)
+        lines = [ln for ln in err.splitlines() if ln.startswith(str(r))]
+        assert [ln.split(": ")[1] for ln in lines] == [
+            "steps[0].alpha", "steps[0].layers[0]", "steps[0].layers[1].from", "output.dtype"]
+        assert "output.dtype: unknown value 'bf16'; did you mean 'bfloat16'?" in err
+        assert err.splitlines()[-1] == "4 errors found; nothing was written."
+
+    def test_wrong_version(self, cli, recipe_dir):
+        r = write_recipe(recipe_dir, SOLAR.format(layers="[0]").replace("recipekit: 1",
+                                                                         "recipekit: 2"))
+        assert first_line(run_fails(cli, r, 2)) == (
+            f"{r}:1:12: recipekit: unsupported recipe format version 2; this recipekit reads "
+            "`recipekit: 1`")
+
+    def test_invalid_yaml(self, cli, recipe_dir):
+        r = write_recipe(recipe_dir, "recipekit: 1\nmodels: [\n")
+        assert first_line(run_fails(cli, r, 2)).startswith(f"{r}:3:1: invalid YAML: ")
+
+    def test_missing_recipe_file(self, cli, tmp_path):
+        err = run_fails(cli, tmp_path / "nope.yaml", 2)
+        assert first_line(err) == (f"{tmp_path / 'nope.yaml'}: recipe file not found; check the "
+                                   "path; recipes are YAML (.yaml/.yml) or JSON (.json)")
+
+
+class TestInputMistakes:
+    """Problems with the checkpoints a recipe names."""
+
+    def test_missing_model_dir(self, cli, tmp_path):
+        r = write_recipe(tmp_path, SOLAR.format(layers="[0]").replace("./model", "./missing"))
+        err = run_fails(cli, r, 2)
+        assert first_line(err).startswith(
+            f"{r}:3:9: models.tiny: model directory './missing' does not exist (")
+        assert first_line(err).endswith("; check the path (relative paths are relative to the "
+                                        "recipe file)")
+
+    def test_hub_looking_name_gets_a_hint(self, cli, tmp_path):
+        r = write_recipe(tmp_path, SOLAR.format(layers="[0]").replace("./model", "org/name"))
+        assert "if 'org/name' is a Hugging Face Hub repo" in run_fails(cli, r, 2)
+
+    def test_tensor_missing_from_shard(self, cli, recipe_dir, model_copy):
+        _shard(model_copy)
+        index = json.loads((model_copy / "model.safetensors.index.json").read_text())
+        index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00001-of-00001." \
+            "safetensors"
+        (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+        err = run_fails(cli, solar(recipe_dir), 2)
+        assert first_line(err).endswith(
+            ": tensor `model.layers.9.mlp.up_proj.weight` is listed in "
+            "model.safetensors.index.json for model-00001-of-00001.safetensors but that file does "
+            "not contain it; the index is stale or the shard is from another checkpoint")
+
+    def test_truncated_safetensors(self, cli, recipe_dir, model_copy):
+        f = model_copy / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-100])
+        err = run_fails(cli, solar(recipe_dir), 1)
+        assert "model/model.safetensors: file is truncated: tensor `" in first_line(err)
+        assert first_line(err).endswith("; download or convert the checkpoint again")
+
+    def test_header_length_beyond_file(self, cli, recipe_dir, model_copy):
+        f = model_copy / "model.safetensors"
+        data = bytearray(f.read_bytes())
+        data[:8] = struct.pack("<Q", len(data) * 2)
+        f.write_bytes(bytes(data))
+        err = run_fails(cli, solar(recipe_dir), 1)
+        assert first_line(err).endswith(
+            f"model/model.safetensors: header length {len(data) * 2} runs beyond the end of the "
+            f"file ({len(data)} bytes); the file is truncated or not safetensors; download or "
+            "convert it again")
+
+    def test_unknown_dtype(self, cli, recipe_dir, model_copy):
+        f = model_copy / "model.safetensors"
+        data = f.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        header = data[8:8 + n].replace(b'"F32"', b'"Q32"', 1)
+        f.write_bytes(data[:8] + header + data[8 + n:])
+        err = run_fails(cli, solar(recipe_dir), 2)
+        assert "has unknown dtype 'Q32'; supported: BOOL, U8, I8" in first_line(err)
+
+    def test_fp8_is_refused(self, cli, recipe_dir, model_copy):
+        f = model_copy / "model.safetensors"
+        data = f.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["dtype"] = "F8_E4M3"
+        header[name]["data_offsets"][1] = header[name]["data_offsets"][0] + (
+            (header[name]["data_offsets"][1] - header[name]["data_offsets"][0]) // 4)
+        # Keep the file consistent apart from the dtype: shrink only the header's claim.
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+        err = run_fails(cli, solar(recipe_dir), 2)
+        assert "fp8 checkpoints are not supported in version 1" in first_line(err)
+
+    def test_quantized_is_refused(self, cli, recipe_dir, model_copy):
+        cfg = json.loads((model_copy / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "bitsandbytes"}
+        (model_copy / "config.json").write_text(json.dumps(cfg))
+        err = run_fails(cli, solar(recipe_dir), 2)
+        assert "is a quantized checkpoint (quantization_config, quant_method 'bitsandbytes')" in err
+
+    def test_pickle_only_is_refused(self, cli, recipe_dir, model_copy):
+        (model_copy / "model.safetensors").unlink()
+        (model_copy / "pytorch_model.bin").write_bytes(b"not loaded")
+        err = run_fails(cli, solar(recipe_dir), 2)
+        assert "holds only pickle weights (pytorch_model.bin); recipekit does not load pickles" \
+            in err
+
+    def test_output_path_is_a_file(self, cli, recipe_dir):
+        (recipe_dir / "out").write_text("not a directory")
+        err = run_fails(cli, solar(recipe_dir), 2)
+        assert first_line(err) == ("output path " + str(recipe_dir / "out") + " is a file; set "
+                                   "`output.path` (or --output) to a directory")
+        assert (recipe_dir / "out").read_text() == "not a directory"
+
+    def test_bad_device(self, cli, recipe_dir):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        err = run_fails(cli, solar(recipe_dir), 2, "--device", "cuda")
+        assert first_line(err) == ("--device cuda: CUDA is not available on this machine; use "
+                                   "--device cpu (the default) or auto")
+        assert not (recipe_dir / "out").exists()
+
+
+def _shard(model: Path) -> None:
+    """Turn a single-file checkpoint into a one-shard indexed checkpoint."""
+    from recipekit.io.header import read_header
+
+    f = model / "model.safetensors"
+    names = list(read_header(f))
+    shard = "model-00001-of-00001.safetensors"
+    f.rename(model / shard)
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: shard for n in names}}))

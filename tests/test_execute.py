@@ -1,0 +1,278 @@
+"""execute.py + io/output.py end to end: what a run writes, byte for byte, and how it behaves
+when run again, interrupted, raced or short of disk.
+
+Oracles: the source tensors (bit-exact data movement), torch's own `.to()` for casts, hashlib
+over the written files, and transformers logits of a deep-copied reference model.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import write_recipe
+
+SOLAR = """
+recipekit: 1
+models:
+  tiny: {model}
+steps:
+  - name: up
+    op: layers
+    from: tiny
+    layers: ["range(0,6)", "range(2,8)"]
+output:
+  path: ./out
+  shard_size: {shard}
+"""
+ORDER = list(range(0, 6)) + list(range(2, 8))
+
+
+def solar(tmp_path: Path, model: Path, shard: str = "100KB", extra: str = "") -> Path:
+    return write_recipe(tmp_path, SOLAR.format(model=model, shard=shard) + extra)
+
+
+def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                out[k] = st.get_tensor(k)
+    return out
+
+
+def ok(cli, *args):
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+class TestSolarUpscale:
+    """Oracle: source tensors (bit-exact) and a deep-copied transformers reference (logits)."""
+
+    def test_sharded_output_is_bit_identical_and_loads(self, cli, tmp_path, tiny_llama):
+        import transformers as tf
+
+        ok(cli, "run", solar(tmp_path, tiny_llama), "-q")
+        out = tmp_path / "out"
+        shards = sorted(out.glob("model-*.safetensors"))
+        assert len(shards) > 1
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"].values()) == {s.name for s in shards}
+        src, dst = tensors_of(tiny_llama), tensors_of(out)
+        for name, t in dst.items():
+            if ".layers." in name:
+                i = int(name.split(".")[2])
+                name_src = name.replace(f".layers.{i}.", f".layers.{ORDER[i]}.")
+            else:
+                name_src = name
+            assert t.dtype == src[name_src].dtype and torch.equal(t, src[name_src]), name
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                      for t in dst.values())
+        for s in shards:
+            with safe_open(s, "pt") as f:
+                assert f.metadata() == {"format": "pt"}
+
+        model = tf.LlamaForCausalLM.from_pretrained(out)
+        source = tf.LlamaForCausalLM.from_pretrained(tiny_llama)
+        ref = copy.deepcopy(source)
+        ref.model.layers = torch.nn.ModuleList(copy.deepcopy(source.model.layers[i])
+                                               for i in ORDER)
+        for i, layer in enumerate(ref.model.layers):
+            layer.self_attn.layer_idx = i
+        ref.config.num_hidden_layers = 12
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+    def test_output_files(self, cli, tmp_path, tiny_llama):
+        ok(cli, "run", solar(tmp_path, tiny_llama), "-q")
+        out = tmp_path / "out"
+        assert (out / "generation_config.json").read_bytes() == (
+            tiny_llama / "generation_config.json").read_bytes()
+        assert (out / "README.md").read_text().startswith("---\nlibrary_name: transformers")
+        config = json.loads((out / "config.json").read_text())
+        source = json.loads((tiny_llama / "config.json").read_text())
+        assert config == dict(source, num_hidden_layers=12, torch_dtype="float32")
+        manifest = json.loads((out / "recipekit.json").read_text())
+        for name, info in manifest["shards"].items():
+            data = (out / name).read_bytes()
+            assert info == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        assert manifest["donor"] == "tiny" and "token" not in json.dumps(manifest).lower()
+        assert not list(out.glob(".*partial"))
+
+    def test_cast_matches_torch(self, cli, tmp_path, tiny_llama):
+        ok(cli, "run", solar(tmp_path, tiny_llama, extra="  dtype: bfloat16\n"), "-q")
+        src, dst = tensors_of(tiny_llama), tensors_of(tmp_path / "out")
+        assert torch.equal(dst["lm_head.weight"], src["lm_head.weight"].to(torch.bfloat16))
+        config = json.loads((tmp_path / "out" / "config.json").read_text())
+        assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+
+
+class TestDeterminism:
+    """Oracle: the bytes of a first run."""
+
+    def test_json_twin_and_second_run_are_byte_identical(self, cli, tmp_path, tiny_llama):
+        import yaml
+
+        a = solar(tmp_path / "a", tiny_llama) if (tmp_path / "a").mkdir() is None else None
+        ok(cli, "run", a, "-q")
+        b_dir = tmp_path / "b"
+        b_dir.mkdir()
+        twin = write_recipe(b_dir, json.dumps(yaml.safe_load(a.read_text()), indent=2),
+                            "recipe.json")
+        ok(cli, "run", twin, "-q")
+        ok(cli, "run", a, "-q", "--output", tmp_path / "c")
+        names = sorted(p.name for p in (tmp_path / "a" / "out").iterdir()
+                       if p.suffix in (".safetensors", ".json") and p.name != "recipekit.json")
+        assert "model.safetensors.index.json" in names and "config.json" in names
+        for name in names:
+            first = (tmp_path / "a" / "out" / name).read_bytes()
+            assert (b_dir / "out" / name).read_bytes() == first, name
+            assert (tmp_path / "c" / name).read_bytes() == first, name
+
+
+class TestRerun:
+    def test_same_plan_is_already_complete(self, cli, tmp_path, tiny_llama):
+        r = solar(tmp_path, tiny_llama)
+        ok(cli, "run", r, "-q")
+        result = ok(cli, "run", r, "-q")
+        assert "already complete" in result.stdout
+
+    def test_interrupted_run_resumes_finished_shards(self, cli, tmp_path, tiny_llama,
+                                                     monkeypatch):
+        import recipekit.execute as ex
+
+        r = solar(tmp_path, tiny_llama)
+        real = ex.write_shard
+        calls = []
+
+        def failing(plan, shard, *a, **k):
+            calls.append(shard.filename)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real(plan, shard, *a, **k)
+
+        monkeypatch.setattr(ex, "write_shard", failing)
+        result = cli("run", r, "-q")
+        assert result.exit_code == 130
+        out = tmp_path / "out"
+        finished = sorted(p.name for p in out.glob("model-*.safetensors"))
+        assert finished == calls[:2]
+        assert not (out / "recipekit.json").exists()
+        assert not list(out.glob(".*partial"))
+        monkeypatch.setattr(ex, "write_shard", real)
+        result = ok(cli, "run", r, "-q")
+        assert ", 2 resumed" in result.stdout
+        fresh = tmp_path / "fresh"
+        ok(cli, "run", r, "-q", "-o", fresh)
+        for p in out.glob("model*"):
+            assert p.read_bytes() == (fresh / p.name).read_bytes()
+
+    def test_different_plan_needs_force(self, cli, tmp_path, tiny_llama):
+        r = solar(tmp_path, tiny_llama)
+        ok(cli, "run", r, "-q")
+        r2 = write_recipe(tmp_path, r.read_text().replace('"range(2,8)"', '"range(3,8)"'))
+        result = cli("run", r2, "-q")
+        assert result.exit_code == 2
+        assert "holds the output of a different plan" in result.stderr
+        assert "rerun with --force" in result.stderr
+        ok(cli, "run", r2, "-q", "--force")
+        config = json.loads((tmp_path / "out" / "config.json").read_text())
+        assert config["num_hidden_layers"] == 11
+
+    def test_force_never_deletes_foreign_files(self, cli, tmp_path, tiny_llama):
+        r = solar(tmp_path, tiny_llama)
+        ok(cli, "run", r, "-q")
+        (tmp_path / "out" / "notes.txt").write_text("mine")
+        r2 = write_recipe(tmp_path, r.read_text().replace('"range(2,8)"', '"range(3,8)"'))
+        result = cli("run", r2, "-q", "--force")
+        assert result.exit_code == 2
+        assert "holds files recipekit did not write (notes.txt)" in result.stderr
+        assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+    def test_foreign_directory_is_refused(self, cli, tmp_path, tiny_llama):
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "important.bin").write_bytes(b"x")
+        result = cli("run", solar(tmp_path, tiny_llama), "-q", "--force")
+        assert result.exit_code == 2
+        assert "holds files recipekit did not write (important.bin)" in result.stderr
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+            ".recipekit.lock", "important.bin"]
+
+    def test_concurrent_run_fails_clearly(self, cli, tmp_path, tiny_llama):
+        out = tmp_path / "out"
+        out.mkdir()
+        with open(out / ".recipekit.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            result = cli("run", solar(tmp_path, tiny_llama), "-q")
+        assert result.exit_code == 1
+        assert "another recipekit run is writing to" in result.stderr
+        assert not list(out.glob("*.safetensors"))
+
+    def test_disk_full_is_checked_before_writing(self, cli, tmp_path, tiny_llama, monkeypatch):
+        import shutil
+
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 10))
+        result = cli("run", solar(tmp_path, tiny_llama), "-q")
+        assert result.exit_code == 1
+        assert "not enough free disk: the output needs" in result.stderr
+        assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+# VmHWM belongs to this address space; ru_maxrss would inherit the forking parent's peak.
+PEAK = textwrap.dedent("""
+    import re, sys
+    from recipekit.cli import app
+    try:
+        app(sys.argv[1:], prog_name="recipekit")
+    except SystemExit as e:
+        assert not e.code, e.code
+    status = open("/proc/self/status").read()
+    print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024)
+""")
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_shard_size(tmp_path):
+    """256 MiB of weights: peak RSS stays far below the output size, shard size 10 MB or 10 GB.
+
+    Oracle: the kernel's high-water RSS (VmHWM) of a fresh process per run.
+    """
+    from safetensors.torch import save_file
+
+    src = tmp_path / "big"
+    src.mkdir()
+    layers = 4
+    tensors = {"model.embed_tokens.weight": torch.zeros(1024, 1024)}
+    for i in range(layers):
+        tensors[f"model.layers.{i}.mlp.up_proj.weight"] = torch.ones(4096, 4096)  # 64 MiB
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                 "num_hidden_layers": layers}))
+    del tensors
+    peaks = {}
+    for shard in ("10MB", "10GB"):
+        d = tmp_path / shard
+        d.mkdir()
+        r = write_recipe(d, SOLAR.format(model=src, shard=shard).replace(
+            '["range(0,6)", "range(2,8)"]', '["range(0,4)", "range(0,4)"]'))
+        proc = subprocess.run([sys.executable, "-c", PEAK, "run", str(r), "-q", "--no-fsync"],
+                              capture_output=True, text=True, check=True,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent)))
+        peaks[shard] = int(proc.stdout.split()[-1])
+    output_bytes = 8 * 64 * 2**20
+    for shard, peak in peaks.items():
+        assert peak < 200 * 2**20, (shard, peak)  # interpreter + one 16 MiB copy buffer
+        assert peak < output_bytes / 2, (shard, peak)
+    assert abs(peaks["10MB"] - peaks["10GB"]) < 32 * 2**20, peaks

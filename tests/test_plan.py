@@ -1,0 +1,99 @@
+"""plan.py: node sharing, output order, shard layout and estimates (no tensor is read).
+
+Oracles: the safetensors layout rules (contiguous offsets, 8-byte aligned header) and
+arithmetic over the fixture's known sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import write_recipe
+from recipekit.model import Load, cast, load
+from recipekit.plan import compile_plan, natural_key, schedule_shards
+from recipekit.recipe import load_recipe
+from recipekit.sources import resolve_sources
+
+SOLAR = """
+recipekit: 1
+models:
+  tiny: {model}
+steps:
+  - name: up
+    op: layers
+    from: tiny
+    layers: ["range(0,6)", "range(2,8)"]
+output:
+  shard_size: {shard}
+"""
+
+
+def plan_for(tmp_path, model, shard="5GB", extra=""):
+    r = load_recipe(write_recipe(tmp_path, SOLAR.format(model=model, shard=shard) + extra))
+    return compile_plan(r, resolve_sources(r))
+
+
+def test_nodes_are_hash_consed():
+    a = load("m", "x", (2, 3), "F32")
+    assert load("m", "x", (2, 3), "F32") is a
+    assert cast(a, "BF16") is cast(load("m", "x", (2, 3), "F32"), "BF16")
+    assert cast(a, "F32") is a
+    assert cast(cast(a, "BF16"), "F32") is not a  # a real round trip is kept: it rounds
+
+
+def test_overlapping_layers_share_their_loads(tmp_path, tiny_llama):
+    plan = plan_for(tmp_path, tiny_llama)
+    layer_tensors = 9  # llama: q k v o gate up down + 2 norms
+    assert plan.num_tensors == 3 + 12 * layer_tensors
+    assert len(plan.loads()) == 3 + 8 * layer_tensors
+    nodes = {t.name: t.node for s in plan.shards for t in s.tensors}
+    assert nodes["model.layers.2.mlp.up_proj.weight"] is nodes["model.layers.6.mlp.up_proj.weight"]
+    assert nodes["model.layers.6.mlp.up_proj.weight"] == Load(
+        "tiny", "model.layers.2.mlp.up_proj.weight", (64, 32), "F32")
+
+
+def test_config_follows_the_layers(tmp_path, tiny_llama):
+    plan = plan_for(tmp_path, tiny_llama)
+    assert plan.config["num_hidden_layers"] == 12
+    assert plan.config["dtype"] == plan.config["torch_dtype"] == "float32"
+
+
+def test_output_dtype_casts_floating_tensors_only(tmp_path, tiny_llama):
+    plan = plan_for(tmp_path, tiny_llama, extra="  dtype: bfloat16\n")
+    assert {t.node.dtype for s in plan.shards for t in s.tensors} == {"BF16"}
+    assert plan.config["dtype"] == "bfloat16"
+
+
+def test_natural_order():
+    names = ["model.layers.10.a", "lm_head.weight", "model.layers.2.a", "model.embed_tokens.weight"]
+    assert sorted(names, key=natural_key) == [
+        "lm_head.weight", "model.embed_tokens.weight", "model.layers.2.a", "model.layers.10.a"]
+
+
+@pytest.mark.parametrize("shard_size", [1, 5000, 20000, 10**9])
+def test_shards_respect_the_size_and_stay_contiguous(shard_size):
+    tensors = {f"t{i}": load("m", f"t{i}", (100 * (i % 7 + 1),), "F32") for i in range(30)}
+    shards = schedule_shards(tensors, shard_size)
+    seen = []
+    for s in shards:
+        pos = 0
+        assert len(s.header) % 8 == 0
+        data = sum(t.nbytes for t in s.tensors)
+        assert data <= shard_size or len(s.tensors) == 1
+        for t in s.tensors:
+            assert t.offset == pos
+            pos += t.nbytes
+            seen.append(t.name)
+    assert sorted(seen, key=natural_key) == seen == sorted(tensors, key=natural_key)
+    if len(shards) > 1:
+        assert shards[0].filename == f"model-00001-of-{len(shards):05d}.safetensors"
+    else:
+        assert shards[0].filename == "model.safetensors"
+
+
+def test_estimates(tmp_path, tiny_llama):
+    plan = plan_for(tmp_path, tiny_llama)
+    assert plan.bytes_read == sum(i.nbytes for i in plan.sources["tiny"].tensors.values())
+    assert plan.bytes_written == sum(s.size for s in plan.shards)
+    assert plan.peak_memory_estimate() >= 0
+    assert len(plan.plan_hash()) == 64
