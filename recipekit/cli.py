@@ -38,10 +38,24 @@ OutputOpt = Annotated[Path | None, typer.Option(
     show_default=False)]
 
 
+class _EchoHandler(logging.Handler):
+    """Prints recipekit's log records to the current stderr as ``warning: ...``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
+def _configure_logging(debug: bool) -> None:
+    """One handler on the `recipekit` logger; the root logger is left alone."""
+    logger = logging.getLogger("recipekit")
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
+
+
 def _guard(debug: bool, body: Callable[[], T]) -> T:
     """Run a command body, rendering errors as one paragraph with the right exit code."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(levelname)s: %(message)s", force=True)
+    _configure_logging(debug)
     try:
         return body()
     except RecipekitError as e:

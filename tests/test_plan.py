@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import write_recipe
 from recipekit.model import Load, cast, load
 from recipekit.plan import compile_plan, natural_key, schedule_shards
 from recipekit.recipe import load_recipe
 from recipekit.sources import resolve_sources
+
+from conftest import write_recipe
 
 SOLAR = """
 recipekit: 1

@@ -14,7 +14,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import ROOT, write_recipe
 from recipekit.errors import RecipeErrors
 from recipekit.recipe import (
     DEFAULT_SHARD_SIZE,
@@ -23,6 +22,8 @@ from recipekit.recipe import (
     load_schema,
     parse_layer_range,
 )
+
+from conftest import ROOT, write_recipe
 
 BASE = """
 recipekit: 1

@@ -227,18 +227,24 @@ def find_layer_stack(config: Mapping[str, Any], names: Iterable[str], *,
                 break
         else:
             arch = None
-    count_key = None
+    matches: list[ConfigKey] = []
     for key in _count_key_candidates(config, arch):
         value = _get(config, key)
         if isinstance(value, int) and not isinstance(value, bool):
             if value == n:
-                count_key = key
-                break
-            if arch is not None and key == (arch.config["num_layers"],):
+                matches.append(key)
+            elif arch is not None and key == (arch.config["num_layers"],):
                 raise LayerStackError(
                     f"config.json says {key[-1]} = {value} but the checkpoint has {n} layers "
                     f"under `{prefix.rstrip('.')}`", hint="the config and weights do not belong "
                     "together; fix config.json or use the matching weights")
+    top = [k for k in matches if len(k) == 1]
+    if len(top) > 1 or (not top and len(matches) > 1):
+        raise LayerStackError(
+            f"several config.json keys hold the layer count {n} of `{prefix.rstrip('.')}` ("
+            + ", ".join(".".join(k) for k in matches) + "); recipekit cannot tell which one "
+            "counts these layers", hint="this checkpoint layout is not supported in version 1")
+    count_key = (top or matches or [None])[0]
     if count_key is None:
         raise LayerStackError(f"no key in config.json holds the layer count {n} of "
                               f"`{prefix.rstrip('.')}`",

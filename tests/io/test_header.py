@@ -17,8 +17,9 @@ from recipekit.io.header import build_header, read_header
 
 def test_golden_bytes():
     header, offsets = build_header([("b", "F32", (2,)), ("a", "I64", (1, 1))])
-    body = b'{"__metadata__":{"format":"pt"},"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},' \
-        b'"a":{"dtype":"I64","shape":[1,1],"data_offsets":[8,16]}}'
+    body = (b'{"__metadata__":{"format":"pt"},'
+            b'"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+            b'"a":{"dtype":"I64","shape":[1,1],"data_offsets":[8,16]}}')
     body += b" " * (-len(body) % 8)
     assert header == struct.pack("<Q", len(body)) + body
     assert len(header) % 8 == 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -74,15 +73,9 @@ def write_recipe(directory: Path, models: dict[str, Path], layers: Sequence[obje
 
 
 def run_recipe(recipe: Path) -> Result:
-    """`recipekit run` in-process; the CLI reconfigures root logging, which is put back after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        with offline():
-            result = CliRunner().invoke(app, ["run", str(recipe), "--no-fsync", "--quiet"])
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
+    """`recipekit run` in-process."""
+    with offline():
+        result = CliRunner().invoke(app, ["run", str(recipe), "--no-fsync", "--quiet"])
     assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}"
     return result
 
@@ -369,5 +362,5 @@ class TestGPT2LayerIndexFlag:
         result = run_recipe(write_recipe(root, {"source": source}, ["range(0,4)", "range(2,4)"],
                                          "source"))
         assert result.stderr.splitlines() == [
-            "WARNING: step 'grown': config `scale_attn_by_inverse_layer_idx` is true, so a moved "
+            "warning: step 'grown': config `scale_attn_by_inverse_layer_idx` is true, so a moved "
             "layer computes differently at its new index"]
