@@ -207,15 +207,17 @@ class TestRerun:
         result = cli("run", solar(tmp_path, tiny_llama), "-q", "--force")
         assert result.exit_code == 2
         assert "holds files recipekit did not write (important.bin)" in result.stderr
-        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-            ".recipekit.lock", "important.bin"]
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["important.bin"]
 
     def test_concurrent_run_fails_clearly(self, cli, tmp_path, tiny_llama):
         out = tmp_path / "out"
         out.mkdir()
-        with open(out / ".recipekit.lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # what a running recipekit holds
             result = cli("run", solar(tmp_path, tiny_llama), "-q")
+        finally:
+            os.close(fd)
         assert result.exit_code == 1
         assert "another recipekit run is writing to" in result.stderr
         assert not list(out.glob("*.safetensors"))

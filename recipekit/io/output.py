@@ -1,7 +1,8 @@
 """The output directory: lock, state file, resume, donor files, index, config and manifest.
 
-A run takes an ``flock`` on ``.recipekit.lock`` (the kernel drops it if the process dies, so a
-second concurrent run fails clearly and a crashed one never blocks), then writes
+A run takes an ``flock`` on the output directory itself (the kernel drops it if the process
+dies, so a second concurrent run fails clearly and a crashed one never blocks, and no lock file
+is left behind), then writes
 ``.recipekit-state.json`` naming the plan hash and every file it will write. Finished shards are
 recorded there after their rename, so a rerun of the same plan resumes; a different plan is
 refused unless ``--force``, which deletes only files a recipekit state file listed. recipekit
@@ -24,7 +25,6 @@ from recipekit.io.header import display_path
 from recipekit.io.writer import fsync_dir, partial_path, write_file_atomic
 
 STATE = ".recipekit-state.json"
-LOCK = ".recipekit.lock"
 MANIFEST = "recipekit.json"
 INDEX = "model.safetensors.index.json"
 
@@ -66,6 +66,8 @@ class OutputDir:
         if path.exists() and not path.is_dir():
             raise OutputPathError(f"output path {display_path(path)} is a file",
                                   hint="set `output.path` (or --output) to a directory")
+        if path.is_dir() and not (path / STATE).exists():
+            self._refuse_foreign()  # before touching anything in someone else's directory
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -84,9 +86,9 @@ class OutputDir:
 
     def _lock(self) -> None:
         try:
-            self._lock_fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
-            raise OutputError(f"cannot create a lock file: {e.strerror or e}",
+            raise OutputError(f"cannot open the output directory: {e.strerror or e}",
                               file=display_path(self.path)) from e
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -103,7 +105,6 @@ class OutputDir:
 
     def _adopt_existing(self) -> None:
         state_path = self.path / STATE
-        entries = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
         if state_path.is_file():
             try:
                 raw = json.loads(state_path.read_text())
@@ -125,8 +126,10 @@ class OutputDir:
                     hint="rerun with --force to replace it (deletes only files recipekit wrote "
                     "there), or choose another output path")
             self._delete_listed(old.files)
-            entries = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
-        foreign = [e for e in entries if e != STATE]
+        self._refuse_foreign()
+
+    def _refuse_foreign(self) -> None:
+        foreign = sorted(p.name for p in self.path.iterdir() if p.name != STATE)
         if foreign:
             shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
             raise OutputPathError(
