@@ -376,6 +376,8 @@ def environment() -> dict[str, object]:
         "mem_total_gib": round(int(mem) / 2**20, 1),
         "python": platform.python_version(),
         "recipekit": out([recipekit_argv(Path("x"))(Path("x"))[0], "version"]),
+        # The checkout under test: others may commit while a benchmark runs.
+        "git": out(["git", "-C", str(BENCH.parent), "describe", "--always", "--dirty"]),
         "mergekit": out([str(mk_py), "-c", "from importlib.metadata import version as v; "
                          "import torch; print(v('mergekit'), 'torch', torch.__version__, "
                          "'transformers', v('transformers'))"]),
@@ -434,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                         run["log"] = str(kept)
 
     table = render_table(results)
-    header = (f"Benchmark {env['date_utc']}: recipekit {env['recipekit']}, mergekit "
+    header = (f"Benchmark {env['date_utc']}: recipekit {env['recipekit']} ({env['git']}), "
+              f"mergekit "
               f"{env['mergekit']}; {env['cpus']} CPUs, {env['mem_total_gib']} GiB RAM, "
               f"kernel {env['kernel']}; median of {args.runs} alternated runs.\n\n")
     if skipped:

@@ -19,8 +19,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check)
 
-# 1. torch first, CPU build only. The local index/find-links serve torch-2.13.0+cpu; refuse
-#    anything else so a CUDA wheel can never sneak in.
+# 1. torch first, CPU build only. The local find-links serve torch-2.13.0+cpu, and a local
+#    version label sorts above the bare 2.13.0 of the index, so pip takes it; anything else is
+#    refused below so a CUDA build never stays in the venv.
 "${pip[@]}" "torch==2.13.0"
 torch_version=$("$venv/bin/python" -c 'import torch; print(torch.__version__)')
 case "$torch_version" in
