@@ -108,7 +108,7 @@ def read_header(path: Path) -> tuple[int, dict[str, dict[str, object]]]:
 Location = tuple[Path, int, int, str, list[int]]  # file, start, end, dtype, shape
 
 
-def iter_tensor_locations(model_dir: Path) -> dict[str, Location]:
+def tensor_locations(model_dir: Path) -> dict[str, Location]:
     """tensor name -> (file, start, end, dtype, shape) over every shard in ``model_dir``."""
     where: dict[str, Location] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
@@ -117,6 +117,12 @@ def iter_tensor_locations(model_dir: Path) -> dict[str, Location]:
             a, b = info["data_offsets"]  # type: ignore[misc]
             where[name] = (path, start + a, start + b, info["dtype"], info["shape"])
     return where
+
+
+def digest_tensor(loc: Location) -> str:
+    """dtype, shape and sha1 of one stored tensor: equal strings mean equal tensors."""
+    path, start, end, dtype, shape = loc
+    return f"{dtype}{shape}:{digest_range(path, start, end)}"
 
 
 def digest_range(path: Path, start: int, end: int) -> str:
@@ -135,15 +141,15 @@ def digest_range(path: Path, start: int, end: int) -> str:
 
 def verify_output(out: Path, case: Case, source_digests: dict[tuple[Path, str], str]) -> str:
     """"ok" if ``out`` holds exactly the expected tensors and config fields, else the problem."""
-    have = iter_tensor_locations(out)
+    have = tensor_locations(out)
     if set(have) != set(case.expected):
         missing = sorted(set(case.expected) - set(have))[:3]
         extra = sorted(set(have) - set(case.expected))[:3]
         return f"tensor names differ (missing {missing}, unexpected {extra})"
     for name, (src_file, src_name) in sorted(case.expected.items()):
-        path, a, b, dtype, shape = have[name]
-        if digest_range(path, a, b) != source_digests[(src_file, src_name)]:
-            return f"{name}: bytes differ from {src_file.name}:{src_name} ({dtype} {shape})"
+        got, want = digest_tensor(have[name]), source_digests[(src_file, src_name)]
+        if got != want:
+            return f"{name} differs from {src_file.name}:{src_name} ({got} vs {want})"
     try:
         config = json.loads((out / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -159,17 +165,16 @@ def source_locations(expected: dict[str, tuple[Path, str]]) -> dict[str, Locatio
     locations: dict[str, Location] = {}
     for model_dir in sorted({src_file.parent for src_file, _ in expected.values()}):
         locations.update({f"{model_dir}::{k}": v
-                          for k, v in iter_tensor_locations(model_dir).items()})
+                          for k, v in tensor_locations(model_dir).items()})
     return locations
 
 
 def digest_sources(case: Case) -> dict[tuple[Path, str], str]:
-    """sha1 of every input tensor an output tensor must equal (read once per benchmark)."""
+    """Digest of every input tensor an output tensor must equal (read once per benchmark)."""
     locs = source_locations(case.expected)
     digests = {}
     for src_file, src_name in set(case.expected.values()):
-        path, a, b, _, _ = locs[f"{src_file.parent}::{src_name}"]
-        digests[(src_file, src_name)] = digest_range(path, a, b)
+        digests[(src_file, src_name)] = digest_tensor(locs[f"{src_file.parent}::{src_name}"])
     return digests
 
 
