@@ -291,7 +291,7 @@ def make_tinyllama(seed: int = 0) -> Path:
 
 
 def make_mistral_8l(seed: int = 0) -> Path:
-    """Mistral-7B width (4096, 32/8 heads, 14336 MLP) at 8 layers, ~3.6 GiB bf16."""
+    """Mistral-7B width (4096, 32/8 heads, 14336 MLP) at 8 layers, ~3.74 GiB bf16."""
     return make_llama_checkpoint(MISTRAL_8L, seed)
 
 
