@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import queue
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from recipekit.io.reader import FileReader
 from recipekit.io.writer import ShardWriter
 from recipekit.manifest import build_manifest, build_model_card
 from recipekit.model import Cast, Load, Node
-from recipekit.plan import COPY_CHUNK, Plan, Shard
+from recipekit.plan import COPY_BUFFERS, COPY_CHUNK, Plan, Shard
 from recipekit.sources import iter_donor_files
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,14 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
         todo = [s for s in plan.shards if not out.is_finished(s.filename)]
         extra = sum((plan.donor.path / p).stat().st_size for p in donor_files) + (1 << 20)
         out.begin(sum(s.size for s in todo) + extra)
+        largest = max((t.nbytes for s in todo for t in s.tensors), default=1)
+        pool = BufferPool(COPY_BUFFERS, max(1, min(COPY_CHUNK, largest)))
         for shard in plan.shards:
             if out.is_finished(shard.filename):
                 tick(shard.size)
                 continue
-            sha = write_shard(plan, shard, out_path, reader, dev, fsync=fsync, progress=tick)
+            sha = write_shard(plan, shard, out_path, reader, dev, fsync=fsync, progress=tick,
+                              pool=pool)
             out.mark_finished(shard.filename, sha, shard.size)
         if len(plan.shards) > 1:
             weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
@@ -130,32 +134,45 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
                      sum(s.size for s in todo))
 
 
+class BufferPool:
+    """A few reusable copy buffers: a buffer goes back once the writer has hashed its bytes."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(count):
+            self._free.put(bytearray(size))
+
+    def get(self) -> bytearray:
+        return self._free.get()
+
+    def put(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+
 def write_shard(plan: Plan, shard: Shard, out_dir: Path, reader: FileReader, device: Any, *,
-                fsync: bool, progress: Progress) -> str:
+                fsync: bool, progress: Progress, pool: BufferPool) -> str:
     """Stream one shard to disk and return its sha256."""
     writer = ShardWriter(out_dir / shard.filename, shard.header, shard.size, fsync=fsync)
     progress(len(shard.header))
-    chunk: bytearray | None = None
     try:
         for t in shard.tensors:
             node = t.node
             if isinstance(node, Load):
                 info = plan.sources[node.source].tensors[node.name]
-                if chunk is None:
-                    chunk = bytearray(min(COPY_CHUNK, max(info.nbytes, 1)))
-                elif len(chunk) < min(COPY_CHUNK, info.nbytes):
-                    chunk = bytearray(min(COPY_CHUNK, info.nbytes))
-                view = memoryview(chunk)
                 done = 0
                 while done < info.nbytes:
-                    n = min(len(view), info.nbytes - done)
-                    reader.read_into(info.file, info.offset + done, view[:n])
-                    writer.write(view[:n])
+                    buf = pool.get()
+                    n = min(pool.size, info.nbytes - done)
+                    view = memoryview(buf)[:n]
+                    reader.read_into(info.file, info.offset + done, view)
+                    writer.write(view, done=lambda b=buf: pool.put(b))
                     done += n
                     progress(n)
             else:
-                tensor = evaluate(node, plan, reader, device)
-                _write_tensor(writer, tensor)
+                tensor = evaluate(node, plan, reader, device).contiguous()
+                # The writer hashes after this returns; the closure keeps the tensor alive.
+                writer.write(_tensor_bytes(tensor), done=lambda t=tensor: None)
                 progress(t.nbytes)
                 del tensor
         return writer.finish()
@@ -164,14 +181,12 @@ def write_shard(plan: Plan, shard: Shard, out_dir: Path, reader: FileReader, dev
         raise
 
 
-def _write_tensor(writer: ShardWriter, tensor: Any) -> None:
-    """Write a CPU tensor's bytes without copying them into a Python object."""
-    tensor = tensor.contiguous()
+def _tensor_bytes(tensor: Any) -> memoryview:
+    """A contiguous CPU tensor's bytes, without copying them into a Python object."""
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes == 0:
-        return
-    buf = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
-    writer.write(memoryview(buf))
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr()))
 
 
 def evaluate(node: Node, plan: Plan, reader: FileReader, device: Any) -> Any:

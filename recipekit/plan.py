@@ -24,8 +24,10 @@ from recipekit.sources import Checkpoint
 from recipekit.steps import BUILDERS
 from recipekit.units import format_size
 
-#: Bytes the executor moves per read when a tensor is copied without compute.
-COPY_CHUNK = 16 * 1024 * 1024
+#: Bytes the executor moves per read when a tensor is copied without compute, and how many such
+#: buffers circulate between reading/writing and the hashing worker.
+COPY_CHUNK = 8 * 1024 * 1024
+COPY_BUFFERS = 4
 
 
 @dataclass(frozen=True)
@@ -93,15 +95,17 @@ class Plan:
         return sum(n.nbytes for n in self.loads())
 
     def peak_memory_estimate(self) -> int:
-        """Working set above an idle process: the largest computed tensor's expression, or the
-        copy buffers, whichever is larger."""
-        worst = 2 * COPY_CHUNK
+        """Working set above an idle process: the copy buffers plus the largest computed
+        tensor's expression (a few of which may wait for the hashing worker)."""
+        largest = max((t.nbytes for s in self.shards for t in s.tensors), default=0)
+        buffers = COPY_BUFFERS * min(COPY_CHUNK, largest)
+        worst = 0
         for s in self.shards:
             for t in s.tensors:
                 if isinstance(t.node, Load):
                     continue
                 worst = max(worst, _expression_bytes(t.node))
-        return worst
+        return buffers + worst
 
     def plan_hash(self) -> str:
         """Identity of what this plan writes: canonical recipe, input identities, tool version."""
