@@ -92,7 +92,17 @@ class Plan:
 
     @property
     def bytes_read(self) -> int:
+        """Distinct input bytes the plan reads."""
         return sum(n.nbytes for n in self.loads())
+
+    @property
+    def bytes_read_total(self) -> int:
+        """Input bytes read including re-reads (a layer used twice is read twice)."""
+        total = 0
+        for s in self.shards:
+            for t in s.tensors:
+                total += sum(n.nbytes for n in _expression_nodes(t.node) if isinstance(n, Load))
+        return total
 
     def peak_memory_estimate(self) -> int:
         """Working set above an idle process: the copy buffers plus the largest computed
@@ -117,18 +127,19 @@ class Plan:
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _expression_bytes(node: Node) -> int:
+def _expression_nodes(node: Node) -> set[Node]:
     seen: set[Node] = set()
-    total = 0
     stack = [node]
     while stack:
         n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        total += n.nbytes
-        stack.extend(n.inputs)
-    return total
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.inputs)
+    return seen
+
+
+def _expression_bytes(node: Node) -> int:
+    return sum(n.nbytes for n in _expression_nodes(node))
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> VirtualModel:
@@ -241,7 +252,9 @@ def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> st
         f"layers:      {plan.model.stack.num_layers}  "
         f"(`{plan.model.stack.prefix}<i>`, config key {'.'.join(plan.model.stack.count_key)})",
         f"tensors:     {plan.num_tensors} written, {len(plan.loads())} distinct inputs read",
-        f"bytes read:  {format_size(plan.bytes_read)}",
+        f"bytes read:  {format_size(plan.bytes_read)} distinct"
+        + (f" ({format_size(plan.bytes_read_total)} with re-reads)"
+           if plan.bytes_read_total != plan.bytes_read else ""),
         f"bytes written: {format_size(plan.bytes_written)} in {len(plan.shards)} shard(s)",
         f"peak memory: ~{format_size(plan.peak_memory_estimate())} working set (estimate, above "
         "an idle process)",

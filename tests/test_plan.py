@@ -95,6 +95,9 @@ def test_shards_respect_the_size_and_stay_contiguous(shard_size):
 def test_estimates(tmp_path, tiny_llama):
     plan = plan_for(tmp_path, tiny_llama)
     assert plan.bytes_read == sum(i.nbytes for i in plan.sources["tiny"].tensors.values())
+    reread = sum(i.nbytes for n, i in plan.sources["tiny"].tensors.items()
+                 if any(f".layers.{k}." in n for k in range(2, 6)))
+    assert plan.bytes_read_total == plan.bytes_read + reread
     assert plan.bytes_written == sum(s.size for s in plan.shards)
     assert plan.peak_memory_estimate() >= 0
     assert len(plan.plan_hash()) == 64
