@@ -12,20 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_recipe
-
-SOLAR = """
-    recipekit: 1
-    models:
-      tiny: ./model
-    steps:
-      - name: up
-        op: layers
-        from: tiny
-        layers: {layers}
-    output:
-      path: ./out
-"""
+from conftest import solar_recipe, write_recipe
 
 
 def run_fails(cli, recipe: Path, code: int, *extra: str) -> str:
@@ -46,7 +33,7 @@ def recipe_dir(tmp_path: Path, model_copy: Path) -> Path:
 
 
 def solar(recipe_dir: Path, layers: str = '["range(0,6)", "range(2,8)"]') -> Path:
-    return write_recipe(recipe_dir, SOLAR.format(layers=layers))
+    return write_recipe(recipe_dir, solar_recipe(layers=layers))
 
 
 class TestRecipeMistakes:
@@ -71,14 +58,14 @@ class TestRecipeMistakes:
         assert "        layerz: [0, 1]\n        ^" in err
 
     def test_misspelled_op(self, cli, recipe_dir):
-        r = write_recipe(recipe_dir, SOLAR.format(layers="[0]").replace("op: layers",
+        r = write_recipe(recipe_dir, solar_recipe(layers="[0]").replace("op: layers",
                                                                           "op: layres"))
         err = run_fails(cli, r, 2)
         assert first_line(err) == (f"{r}:6:9: steps[0].op: unknown op 'layres'; did you mean "
                                    "'layers'? allowed: layers")
 
     def test_duplicate_key(self, cli, recipe_dir):
-        r = write_recipe(recipe_dir, SOLAR.format(layers="[0]") + "      path: ./elsewhere\n")
+        r = write_recipe(recipe_dir, solar_recipe(layers="[0]") + "  path: ./elsewhere\n")
         err = run_fails(cli, r, 2)
         assert first_line(err) == (f"{r}:11:3: output.path: duplicate key `path` (first defined "
                                    "on line 10); remove one of them; YAML would silently keep "
@@ -109,7 +96,7 @@ class TestRecipeMistakes:
             "indices below 8")
 
     def test_unknown_step_name(self, cli, recipe_dir):
-        r = write_recipe(recipe_dir, SOLAR.format(layers="[0]") + "      model: upp\n")
+        r = write_recipe(recipe_dir, solar_recipe(layers="[0]") + "  model: upp\n")
         assert first_line(run_fails(cli, r, 2)) == (
             f"{r}:11:10: output.model: unknown model or step 'upp'; did you mean 'up'? known "
             "models and steps: tiny, up")
@@ -155,7 +142,7 @@ class TestRecipeMistakes:
         assert err.splitlines()[-1] == "4 errors found; nothing was written."
 
     def test_wrong_version(self, cli, recipe_dir):
-        r = write_recipe(recipe_dir, SOLAR.format(layers="[0]").replace("recipekit: 1",
+        r = write_recipe(recipe_dir, solar_recipe(layers="[0]").replace("recipekit: 1",
                                                                          "recipekit: 2"))
         assert first_line(run_fails(cli, r, 2)) == (
             f"{r}:1:12: recipekit: unsupported recipe format version 2; this recipekit reads "
@@ -175,7 +162,7 @@ class TestInputMistakes:
     """Problems with the checkpoints a recipe names."""
 
     def test_missing_model_dir(self, cli, tmp_path):
-        r = write_recipe(tmp_path, SOLAR.format(layers="[0]").replace("./model", "./missing"))
+        r = write_recipe(tmp_path, solar_recipe(layers="[0]").replace("./model", "./missing"))
         err = run_fails(cli, r, 2)
         assert first_line(err).startswith(
             f"{r}:3:9: models.tiny: model directory './missing' does not exist (")
@@ -183,7 +170,7 @@ class TestInputMistakes:
                                         "recipe file)")
 
     def test_hub_looking_name_gets_a_hint(self, cli, tmp_path):
-        r = write_recipe(tmp_path, SOLAR.format(layers="[0]").replace("./model", "org/name"))
+        r = write_recipe(tmp_path, solar_recipe(layers="[0]").replace("./model", "org/name"))
         assert "if 'org/name' is a Hugging Face Hub repo" in run_fails(cli, r, 2)
 
     def test_tensor_missing_from_shard(self, cli, recipe_dir, model_copy):

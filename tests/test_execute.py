@@ -21,26 +21,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import write_recipe
+from conftest import solar_recipe, write_recipe
 
-SOLAR = """
-recipekit: 1
-models:
-  tiny: {model}
-steps:
-  - name: up
-    op: layers
-    from: tiny
-    layers: ["range(0,6)", "range(2,8)"]
-output:
-  path: ./out
-  shard_size: {shard}
-"""
 ORDER = list(range(0, 6)) + list(range(2, 8))
 
 
 def solar(tmp_path: Path, model: Path, shard: str = "100KB", extra: str = "") -> Path:
-    return write_recipe(tmp_path, SOLAR.format(model=model, shard=shard) + extra)
+    output = f"  path: ./out\n  shard_size: {shard}"
+    return write_recipe(tmp_path, solar_recipe(model, output=output) + extra)
 
 
 def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
@@ -267,8 +255,8 @@ def test_peak_memory_does_not_grow_with_shard_size(tmp_path):
     for shard in ("10MB", "10GB"):
         d = tmp_path / shard
         d.mkdir()
-        r = write_recipe(d, SOLAR.format(model=src, shard=shard).replace(
-            '["range(0,6)", "range(2,8)"]', '["range(0,4)", "range(0,4)"]'))
+        r = write_recipe(d, solar_recipe(src, '["range(0,4)", "range(0,4)"]',
+                                         f"  path: ./out\n  shard_size: {shard}"))
         proc = subprocess.run([sys.executable, "-c", PEAK, "run", str(r), "-q", "--no-fsync"],
                               capture_output=True, text=True, check=True,
                               env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent)))

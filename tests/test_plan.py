@@ -13,24 +13,12 @@ from recipekit.plan import compile_plan, natural_key, schedule_shards
 from recipekit.recipe import load_recipe
 from recipekit.sources import resolve_sources
 
-from conftest import write_recipe
-
-SOLAR = """
-recipekit: 1
-models:
-  tiny: {model}
-steps:
-  - name: up
-    op: layers
-    from: tiny
-    layers: ["range(0,6)", "range(2,8)"]
-output:
-  shard_size: {shard}
-"""
+from conftest import solar_recipe, write_recipe
 
 
 def plan_for(tmp_path, model, shard="5GB", extra=""):
-    r = load_recipe(write_recipe(tmp_path, SOLAR.format(model=model, shard=shard) + extra))
+    r = load_recipe(write_recipe(tmp_path, solar_recipe(model, output=f"  shard_size: {shard}")
+                                 + extra))
     return compile_plan(r, resolve_sources(r))
 
 

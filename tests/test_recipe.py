@@ -23,18 +23,9 @@ from recipekit.recipe import (
     parse_layer_range,
 )
 
-from conftest import ROOT, write_recipe
+from conftest import ROOT, solar_recipe, write_recipe
 
-BASE = """
-recipekit: 1
-models:
-  tiny: ./model
-steps:
-  - name: up
-    op: layers
-    from: tiny
-    layers: ["range(0,6)", "range(2,8)"]
-"""
+BASE = solar_recipe(output=None)
 
 
 class TestYamlRules:
