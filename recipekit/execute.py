@@ -77,14 +77,12 @@ def resolve_device(spec: str) -> Any:
     return dev
 
 
-def output_files(plan: Plan) -> list[str]:
+def output_files(plan: Plan, donor_files: list[Path]) -> list[str]:
     """Every file a run of this plan writes, relative to the output directory."""
     files = [s.filename for s in plan.shards]
     if len(plan.shards) > 1:
         files.append(INDEX)
-    files += ["config.json", "README.md"]
-    files += [str(p) for p in iter_donor_files(plan.donor.path)]
-    files.append(MANIFEST)
+    files += ["config.json", "README.md", *(str(p) for p in donor_files), MANIFEST]
     return files
 
 
@@ -103,8 +101,8 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
     tick = progress or (lambda n: None)
     out_path = plan.recipe.output.path
     donor_files = iter_donor_files(plan.donor.path)
-    with OutputDir(out_path, plan_hash=plan.plan_hash(), files=output_files(plan), force=force,
-                   fsync=fsync) as out, FileReader() as reader:
+    with OutputDir(out_path, plan_hash=plan.plan_hash(), files=output_files(plan, donor_files),
+                   force=force, fsync=fsync) as out, FileReader() as reader:
         if out.already_complete:
             return RunResult(out_path, True, 0, len(plan.shards), 0)
         todo = [s for s in plan.shards if not out.is_finished(s.filename)]
