@@ -30,6 +30,12 @@ def tiny_llama_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model("llama", tmp_path_factory.mktemp("llama_b") / "model", layers=8, seed=1)
 
 
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8-layer fp32 Mistral (GQA, sliding window, untied lm_head)."""
+    return make_model("mistral", tmp_path_factory.mktemp("mistral") / "model", layers=8, seed=2)
+
+
 @pytest.fixture
 def model_copy(tmp_path: Path, tiny_llama: Path) -> Path:
     """A private copy of the tiny Llama that a test may damage."""

@@ -49,16 +49,19 @@ def ok(cli, *args):
 class TestSolarUpscale:
     """Oracle: source tensors (bit-exact) and a deep-copied transformers reference (logits)."""
 
-    def test_sharded_output_is_bit_identical_and_loads(self, cli, tmp_path, tiny_llama):
+    @pytest.mark.parametrize("family", ["mistral", "llama"])
+    def test_sharded_output_is_bit_identical_and_loads(self, cli, tmp_path, family, request):
         import transformers as tf
 
-        ok(cli, "run", solar(tmp_path, tiny_llama), "-q")
+        source_dir = request.getfixturevalue(f"tiny_{family}")
+        ok(cli, "run", solar(tmp_path, source_dir), "-q")
         out = tmp_path / "out"
         shards = sorted(out.glob("model-*.safetensors"))
         assert len(shards) > 1
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert set(index["weight_map"].values()) == {s.name for s in shards}
-        src, dst = tensors_of(tiny_llama), tensors_of(out)
+        src, dst = tensors_of(source_dir), tensors_of(out)
+        assert len(dst) == 3 + 12 * 9
         for name, t in dst.items():
             if ".layers." in name:
                 i = int(name.split(".")[2])
@@ -72,15 +75,17 @@ class TestSolarUpscale:
             with safe_open(s, "pt") as f:
                 assert f.metadata() == {"format": "pt"}
 
-        model = tf.LlamaForCausalLM.from_pretrained(out)
-        source = tf.LlamaForCausalLM.from_pretrained(tiny_llama)
+        cls = tf.MistralForCausalLM if family == "mistral" else tf.LlamaForCausalLM
+        model = cls.from_pretrained(out)
+        assert model.config.num_hidden_layers == 12
+        source = cls.from_pretrained(source_dir)
         ref = copy.deepcopy(source)
         ref.model.layers = torch.nn.ModuleList(copy.deepcopy(source.model.layers[i])
                                                for i in ORDER)
         for i, layer in enumerate(ref.model.layers):
             layer.self_attn.layer_idx = i
         ref.config.num_hidden_layers = 12
-        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
     def test_output_files(self, cli, tmp_path, tiny_llama):
