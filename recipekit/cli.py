@@ -9,6 +9,7 @@ command computes tensors, so `validate`, `plan` and ``--help`` answer at once.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import sys
 import time
@@ -51,6 +52,12 @@ def _configure_logging(debug: bool) -> None:
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)
     if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
         logger.addHandler(_EchoHandler())
+
+
+class PlanFormat(str, enum.Enum):
+    text = "text"
+    json = "json"
+    dot = "dot"
 
 
 def _guard(debug: bool, body: Callable[[], T]) -> T:
@@ -107,17 +114,25 @@ def plan(
     output: OutputOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="List every tensor and its source.")] = False,
+    fmt: Annotated[PlanFormat, typer.Option(
+        "--format", "-f", help="text (a summary), json (the DAG and the schedule) or dot "
+        "(Graphviz).")] = PlanFormat.text,
     debug: DebugOpt = False,
 ) -> None:
     """Show what a run would read and write: tensors, bytes, shards, memory and disk."""
 
     def body() -> None:
-        from recipekit.plan import render_text
+        from recipekit.render import render_dot, render_json, render_text
         from recipekit.sources import iter_donor_files
 
         p = _compile(recipe, output)
         extra = sum((p.donor.path / f).stat().st_size for f in iter_donor_files(p.donor.path))
-        typer.echo(render_text(p, disk_extra=extra, verbose=verbose))
+        if fmt is PlanFormat.json:
+            typer.echo(render_json(p, disk_extra=extra))
+        elif fmt is PlanFormat.dot:
+            typer.echo(render_dot(p), nl=False)
+        else:
+            typer.echo(render_text(p, disk_extra=extra, verbose=verbose))
 
     _guard(debug, body)
 

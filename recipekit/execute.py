@@ -133,15 +133,18 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
 
 
 class BufferPool:
-    """A few reusable copy buffers: a buffer goes back once the writer has hashed its bytes."""
+    """Up to ``count`` reusable copy buffers, made on first use; a buffer goes back once the
+    writer has hashed its bytes."""
 
     def __init__(self, count: int, size: int) -> None:
         self.size = size
         self._free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(count):
-            self._free.put(bytearray(size))
+        self._left = count
 
     def get(self) -> bytearray:
+        if self._left and self._free.empty():
+            self._left -= 1
+            return bytearray(self.size)
         return self._free.get()
 
     def put(self, buf: bytearray) -> None:
@@ -188,22 +191,29 @@ def _tensor_bytes(tensor: Any) -> memoryview:
 
 
 def evaluate(node: Node, plan: Plan, reader: FileReader, device: Any) -> Any:
-    """Compute one output tensor's expression and return it on the CPU."""
+    """Compute one output tensor's expression and return it on the CPU.
+
+    The memo is an explicit dict cleared on return (not a recursive closure, whose reference
+    cycle would keep every intermediate alive until Python's cyclic GC ran).
+    """
     memo: dict[Node, Any] = {}
+    try:
+        return _value(node, memo, plan, reader, device).cpu()
+    finally:
+        memo.clear()
 
-    def value(n: Node) -> Any:
-        if n in memo:
-            return memo[n]
-        if isinstance(n, Load):
-            result = read_tensor(n, plan, reader)
-        elif isinstance(n, Cast):
-            result = value(n.input).to(device).to(torch_dtype(n.dtype))
-        else:  # pragma: no cover - every node type the planner makes is handled above
-            raise TypeError(f"no evaluator for {type(n).__name__}")
-        memo[n] = result
-        return result
 
-    return value(node).cpu()
+def _value(n: Node, memo: dict[Node, Any], plan: Plan, reader: FileReader, device: Any) -> Any:
+    if n in memo:
+        return memo[n]
+    if isinstance(n, Load):
+        result = read_tensor(n, plan, reader)
+    elif isinstance(n, Cast):
+        result = _value(n.input, memo, plan, reader, device).to(device).to(torch_dtype(n.dtype))
+    else:  # pragma: no cover - every node type the planner makes is handled above
+        raise TypeError(f"no evaluator for {type(n).__name__}")
+    memo[n] = result
+    return result
 
 
 def read_tensor(node: Load, plan: Plan, reader: FileReader) -> Any:

@@ -17,12 +17,11 @@ from typing import Any
 from recipekit import __version__
 from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
-from recipekit.io.header import build_header, display_path
-from recipekit.model import Cast, Load, Node, VirtualModel, cast, load, with_config
+from recipekit.io.header import build_header
+from recipekit.model import Load, Node, VirtualModel, cast, load, with_config
 from recipekit.recipe import Recipe, step_references
 from recipekit.sources import Checkpoint
 from recipekit.steps import BUILDERS
-from recipekit.units import format_size
 
 #: Bytes the executor moves per read when a tensor is copied without compute, and how many such
 #: buffers circulate between reading/writing and the hashing worker.
@@ -105,16 +104,13 @@ class Plan:
         return total
 
     def peak_memory_estimate(self) -> int:
-        """Working set above an idle process: the copy buffers plus the largest computed
-        tensor's expression (a few of which may wait for the hashing worker)."""
-        largest = max((t.nbytes for s in self.shards for t in s.tensors), default=0)
-        buffers = COPY_BUFFERS * min(COPY_CHUNK, largest)
-        worst = 0
-        for s in self.shards:
-            for t in s.tensors:
-                if isinstance(t.node, Load):
-                    continue
-                worst = max(worst, _expression_bytes(t.node))
+        """Working set above an idle process: the copy buffers if any tensor is copied as is,
+        plus the largest computed tensor's expression (its inputs, intermediates and result)
+        and one more result waiting for the hashing worker."""
+        copied = [t.nbytes for s in self.shards for t in s.tensors if isinstance(t.node, Load)]
+        buffers = COPY_BUFFERS * min(COPY_CHUNK, max(copied)) if copied else 0
+        worst = max((_expression_bytes(t.node) + t.nbytes for s in self.shards for t in s.tensors
+                     if not isinstance(t.node, Load)), default=0)
         return buffers + worst
 
     def plan_hash(self) -> str:
@@ -232,40 +228,3 @@ def schedule_shards(tensors: Mapping[str, Node], shard_size: int) -> tuple[Shard
                        for (name, node), off in zip(group, offsets, strict=True))
         shards.append(Shard(filename, header, placed))
     return tuple(shards)
-
-
-def describe_node(node: Node) -> str:
-    if isinstance(node, Load):
-        return f"{node.source}:{node.name}"
-    if isinstance(node, Cast):
-        return f"cast({describe_node(node.input)}, {node.dtype})"
-    return type(node).__name__.lower()
-
-
-def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> str:
-    """The human summary `recipekit plan` prints."""
-    r = plan.recipe
-    lines = [
-        f"recipe:      {r.document.file}" + (f" ({r.name})" if r.name else ""),
-        f"output:      {display_path(r.output.path)}  (model '{r.output.model}', config from "
-        f"'{plan.donor.name}')",
-        f"layers:      {plan.model.stack.num_layers}  "
-        f"(`{plan.model.stack.prefix}<i>`, config key {'.'.join(plan.model.stack.count_key)})",
-        f"tensors:     {plan.num_tensors} written, {len(plan.loads())} distinct inputs read",
-        f"bytes read:  {format_size(plan.bytes_read)} distinct"
-        + (f" ({format_size(plan.bytes_read_total)} with re-reads)"
-           if plan.bytes_read_total != plan.bytes_read else ""),
-        f"bytes written: {format_size(plan.bytes_written)} in {len(plan.shards)} shard(s)",
-        f"peak memory: ~{format_size(plan.peak_memory_estimate())} working set (estimate, above "
-        "an idle process)",
-        f"disk needed: {format_size(plan.bytes_written + disk_extra)}",
-        "",
-        "shards:",
-    ]
-    for s in plan.shards:
-        lines.append(f"  {s.filename}  {len(s.tensors)} tensors, {format_size(s.size)}")
-        if verbose:
-            for t in s.tensors:
-                lines.append(f"    {t.name}  {t.node.dtype}{list(t.node.shape)}  <- "
-                             f"{describe_node(t.node)}")
-    return "\n".join(lines)

@@ -271,3 +271,55 @@ def test_peak_memory_does_not_grow_with_shard_size(tmp_path):
         assert peak < 200 * 2**20, (shard, peak)  # interpreter + one 16 MiB copy buffer
         assert peak < output_bytes / 2, (shard, peak)
     assert abs(peaks["10MB"] - peaks["10GB"]) < 32 * 2**20, peaks
+
+
+ESTIMATE = textwrap.dedent("""
+    import gc, json, re, sys
+    def kb(key):
+        return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+    from recipekit.execute import run_plan
+    from recipekit.plan import compile_plan
+    from recipekit.recipe import load_recipe
+    from recipekit.sources import resolve_sources
+    recipe = load_recipe(sys.argv[1])
+    plan = compile_plan(recipe, resolve_sources(recipe))
+    import torch
+    torch.ones(4).to(torch.bfloat16)  # an idle process that has already used torch once
+    gc.collect()
+    idle = kb("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+    run_plan(plan, fsync=False)
+    print(json.dumps({"measured": (kb("VmHWM") - idle) * 1024,
+                      "estimate": plan.peak_memory_estimate()}))
+""")
+
+
+@pytest.mark.slow
+def test_peak_memory_estimate_matches_a_measurement(tmp_path):
+    """`recipekit plan`'s estimate is the working set above an idle process: within ±25% of the
+    measured high-water mark for a casting plan, and an upper bound for a pure copy.
+
+    Oracle: VmHWM of a fresh process, reset just before the run (Linux clear_refs).
+    """
+    from safetensors.torch import save_file
+
+    src = tmp_path / "big"
+    src.mkdir()
+    tensors = {"model.embed_tokens.weight": torch.zeros(1024, 1024)}
+    for i in range(4):
+        tensors[f"model.layers.{i}.mlp.up_proj.weight"] = torch.randn(4096, 4096)  # 64 MiB
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                 "num_hidden_layers": 4}))
+    del tensors
+    results = {}
+    for name, dtype in (("cast", "\n  dtype: bfloat16"), ("copy", "")):
+        r = write_recipe(tmp_path, solar_recipe(src, '["range(0,4)", "range(0,4)"]',
+                                                f"  path: ./{name}\n  shard_size: 100MB{dtype}"),
+                         f"{name}.yaml")
+        proc = subprocess.run([sys.executable, "-c", ESTIMATE, str(r)], capture_output=True,
+                              text=True, check=True)
+        results[name] = json.loads(proc.stdout)
+    cast = results["cast"]
+    assert 0.75 * cast["measured"] <= cast["estimate"] <= 1.25 * cast["measured"], results
+    assert results["copy"]["measured"] <= results["copy"]["estimate"], results

@@ -1,0 +1,149 @@
+"""Render a plan for people and tools: text (`recipekit plan`), JSON (the DAG and the schedule)
+and Graphviz DOT.
+
+Node ids are assigned in schedule order (shard by shard, tensor by tensor, inputs before the
+node that uses them), so two renderings of the same plan are identical.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from typing import Any
+
+from recipekit.io.header import display_path
+from recipekit.model import Load, Node
+from recipekit.plan import Plan
+from recipekit.units import format_size
+
+
+def node_label(node: Node) -> str:
+    """``source:tensor`` for loads, ``op(inputs..., params)`` for computed nodes."""
+    if isinstance(node, Load):
+        return f"{node.source}:{node.name}"
+    args = [node_label(i) for i in node.inputs]
+    args += [f"{k}={v}" for k, v in _params(node).items() if k not in ("shape",)]
+    return f"{_op(node)}({', '.join(args)})"
+
+
+def _op(node: Node) -> str:
+    return type(node).__name__.lower()
+
+
+def _params(node: Node) -> dict[str, Any]:
+    out = {}
+    for f in fields(node):  # type: ignore[arg-type]
+        value = getattr(node, f.name)
+        if not isinstance(value, Node):
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _number(plan: Plan) -> dict[Node, int]:
+    ids: dict[Node, int] = {}
+
+    def visit(node: Node) -> None:
+        if node in ids:
+            return
+        for i in node.inputs:
+            visit(i)
+        ids[node] = len(ids)
+
+    for s in plan.shards:
+        for t in s.tensors:
+            visit(t.node)
+    return ids
+
+
+def estimates(plan: Plan, disk_extra: int) -> dict[str, int]:
+    return {
+        "bytes_read": plan.bytes_read,
+        "bytes_read_total": plan.bytes_read_total,
+        "bytes_written": plan.bytes_written,
+        "peak_memory": plan.peak_memory_estimate(),
+        "disk": plan.bytes_written + disk_extra,
+    }
+
+
+def render_json(plan: Plan, *, disk_extra: int = 0) -> str:
+    """The DAG (every distinct node once) and the schedule (shards, tensors, offsets)."""
+    ids = _number(plan)
+    nodes = []
+    for node, i in ids.items():
+        entry: dict[str, Any] = {"id": i, "op": _op(node), **_params(node),
+                                 "shape": list(node.shape), "dtype": node.dtype,
+                                 "nbytes": node.nbytes}
+        if node.inputs:
+            entry["inputs"] = [ids[n] for n in node.inputs]
+        nodes.append(entry)
+    r = plan.recipe
+    doc = {
+        "recipe": str(r.document.file),
+        "plan_hash": plan.plan_hash(),
+        "output": {"path": str(r.output.path), "model": r.output.model,
+                   "donor": plan.donor.name, "num_layers": plan.model.stack.num_layers},
+        "config": plan.config,
+        "nodes": nodes,
+        "shards": [{"filename": s.filename, "size": s.size, "header_bytes": len(s.header),
+                    "tensors": [{"name": t.name, "node": ids[t.node], "offset": t.offset,
+                                 "nbytes": t.nbytes} for t in s.tensors]}
+                   for s in plan.shards],
+        "estimates": estimates(plan, disk_extra),
+    }
+    return json.dumps(doc, indent=2)
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_dot(plan: Plan) -> str:
+    """Graphviz: loads as boxes, ops as ellipses, one cluster of written tensors per shard."""
+    ids = _number(plan)
+    lines = ["digraph plan {", "  rankdir=LR;", "  node [fontname=monospace, fontsize=10];"]
+    for node, i in ids.items():
+        if isinstance(node, Load):
+            lines.append(f"  n{i} [shape=box, label={_quote(node_label(node))}];")
+        else:
+            extra = ", ".join(f"{k}={v}" for k, v in _params(node).items())
+            lines.append(f"  n{i} [shape=ellipse, label={_quote(f'{_op(node)} {extra}')}];")
+        lines += [f"  n{ids[inp]} -> n{i};" for inp in node.inputs]
+    for k, s in enumerate(plan.shards):
+        lines.append(f"  subgraph cluster_{k} {{")
+        lines.append(f"    label={_quote(s.filename)};")
+        for j, t in enumerate(s.tensors):
+            lines.append(f"    w{k}_{j} [shape=note, label={_quote(t.name)}];")
+        lines.append("  }")
+        lines += [f"  n{ids[t.node]} -> w{k}_{j};" for j, t in enumerate(s.tensors)]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> str:
+    """The human summary `recipekit plan` prints."""
+    r = plan.recipe
+    est = estimates(plan, disk_extra)
+    reread = (f" ({format_size(est['bytes_read_total'])} with re-reads)"
+              if est["bytes_read_total"] != est["bytes_read"] else "")
+    lines = [
+        f"recipe:        {r.document.file}" + (f" ({r.name})" if r.name else ""),
+        f"output:        {display_path(r.output.path)}  (model '{r.output.model}', config from "
+        f"'{plan.donor.name}')",
+        f"layers:        {plan.model.stack.num_layers}  (`{plan.model.stack.prefix}<i>`, "
+        f"config key {'.'.join(plan.model.stack.count_key)})",
+        f"tensors:       {plan.num_tensors} written, {len(plan.loads())} distinct inputs read",
+        f"bytes read:    {format_size(est['bytes_read'])} distinct{reread}",
+        f"bytes written: {format_size(est['bytes_written'])} in {len(plan.shards)} shard(s)",
+        f"peak memory:   ~{format_size(est['peak_memory'])} working set above an idle process "
+        "(estimate)",
+        f"disk needed:   {format_size(est['disk'])}",
+        "",
+        "shards:",
+    ]
+    for s in plan.shards:
+        lines.append(f"  {s.filename}  {len(s.tensors)} tensors, {format_size(s.size)}")
+        if verbose:
+            for t in s.tensors:
+                lines.append(f"    {t.name}  {t.node.dtype}{list(t.node.shape)}  <- "
+                             f"{node_label(t.node)}")
+    return "\n".join(lines)
