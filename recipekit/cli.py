@@ -179,6 +179,37 @@ def run(
 
 
 @app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Checkpoint directory with pytorch_model*.bin or "
+                                        "adapter_model.bin.", show_default=False)],
+    dst: Annotated[Path, typer.Argument(help="New directory for the safetensors checkpoint.",
+                                        show_default=False)],
+    allow_pickle: Annotated[bool, typer.Option(
+        "--allow-pickle", help="Required: unpickling can run code; recipekit loads with "
+        "torch.load(weights_only=True), which refuses anything but tensors.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert a pickle checkpoint or PEFT adapter to safetensors (which `run` reads)."""
+
+    def body() -> None:
+        from recipekit.errors import UsageError
+
+        if not allow_pickle:
+            raise UsageError(
+                "refusing to unpickle without --allow-pickle",
+                hint="pickle files can run arbitrary code when loaded; if you trust "
+                f"{src}, run `recipekit convert --allow-pickle {src} {dst}`")
+        from recipekit.convert import convert_checkpoint
+        from recipekit.units import format_size
+
+        result = convert_checkpoint(src, dst, progress=lambda m: typer.echo(m, err=True))
+        typer.echo(f"wrote {dst}: {result.tensors} tensors in {len(result.files)} file(s), "
+                   f"{format_size(result.bytes_written)}")
+
+    _guard(debug, body)
+
+
+@app.command()
 def version() -> None:
     """Print the recipekit version."""
     typer.echo(__version__)

@@ -159,10 +159,10 @@ def _read_tensors(path: Path, ref: ModelRef, located) -> tuple[dict[str, TensorI
     pickles = [n for n in PICKLE_NAMES if (path / n).is_file()]
     if pickles:
         raise located(UnsupportedCheckpointError,
-                      f"{ref.written!r} holds only pickle weights ({pickles[0]}); recipekit does "
+                      f"{ref.written!r} holds only pickle weights ({pickles[0]}); `run` does "
                       "not load pickles, which can run code",
-                      "convert it to safetensors first, e.g. with transformers: "
-                      "`model.save_pretrained(dir, safe_serialization=True)`")
+                      "if you trust it, convert it once with `recipekit convert --allow-pickle "
+                      f"{ref.written} <new dir>` and use the new directory")
     others = sorted(p.name for p in path.glob("*.safetensors"))
     raise located(SourceNotFoundError,
                   f"no {SINGLE} or {INDEX} in {ref.written!r}" + (
