@@ -11,6 +11,7 @@ between devices.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import queue
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.dtypes import torch_dtype
-from recipekit.errors import DeviceError
+from recipekit.errors import CorruptCheckpointError, DeviceError
+from recipekit.hub import download as hub_download
+from recipekit.io.header import display_path, read_header
 from recipekit.io.output import INDEX, MANIFEST, OutputDir, dumps
 from recipekit.io.reader import FileReader
 from recipekit.io.writer import ShardWriter
@@ -95,6 +98,7 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
         OutputError: disk full, another run holds the lock, I/O failure.
         CorruptCheckpointError: an input changed or broke while being read.
     """
+    plan = fetch_hub_shards(plan)
     # A plan that only moves bytes never needs torch: skip its import (about a second).
     computes = any(not isinstance(t.node, Load) for s in plan.shards for t in s.tensors)
     dev = resolve_device(device) if computes or device != "cpu" else None
@@ -130,6 +134,44 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
         out.complete()
     return RunResult(out_path, False, len(todo), len(plan.shards) - len(todo),
                      sum(s.size for s in todo))
+
+
+def fetch_hub_shards(plan: Plan) -> Plan:
+    """Download the hub shards this plan reads (only those) and read their local headers.
+
+    Planning used remote headers (offsets unknown); the downloaded files must agree with them.
+
+    Raises:
+        SourceNotFoundError: a download failed.
+        CorruptCheckpointError: a downloaded shard disagrees with the header planned from.
+    """
+    needed: dict[str, set[Path]] = {}
+    for node in plan.loads():
+        info = plan.sources[node.source].tensors[node.name]
+        if info.offset < 0:
+            needed.setdefault(node.source, set()).add(info.file)
+    if not needed:
+        return plan
+    sources = dict(plan.sources)
+    for name, files in sorted(needed.items()):
+        ckpt = sources[name]
+        assert ckpt.hub is not None
+        tensors = dict(ckpt.tensors)
+        for planned_file in sorted(files):
+            local = hub_download(ckpt.hub, planned_file.name)
+            header = read_header(local)
+            for tname, info in ckpt.tensors.items():
+                if info.file != planned_file:
+                    continue
+                got = header.get(tname)
+                if got is None or (got.dtype, got.shape) != (info.dtype, info.shape):
+                    raise CorruptCheckpointError(
+                        f"`{tname}` differs from the header planned from",
+                        file=display_path(local), hint="the download is damaged; delete it from "
+                        "the hub cache and run again")
+                tensors[tname] = got
+        sources[name] = dataclasses.replace(ckpt, tensors=tensors)
+    return dataclasses.replace(plan, sources=sources)
 
 
 class BufferPool:

@@ -20,7 +20,7 @@ def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]]) -> dict[str, A
         "recipe_file": str(r.file),
         "recipe": r.canonical(),
         "plan_hash": plan.plan_hash(),
-        "inputs": {name: ckpt.identity() for name, ckpt in sorted(plan.sources.items())},
+        "inputs": {name: ckpt.manifest_entry() for name, ckpt in sorted(plan.sources.items())},
         "donor": plan.donor.name,
         "output_model": r.output.model,
         "shards": {name: shards[name] for name in sorted(shards)},

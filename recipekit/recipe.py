@@ -30,6 +30,7 @@ from recipekit.units import parse_size
 
 FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = "5GB"
+DEFAULT_REVISION = "main"
 
 # ---------------------------------------------------------------------------------------------
 # YAML with YAML 1.2 floats, positions for every key and value, and duplicate-key errors.
@@ -282,7 +283,9 @@ def _known_keys(doc: Document, path: KeyPath) -> list[str]:
         fragment = defs.get(f"{op}_step") if isinstance(op, str) else None
         return list(fragment["properties"]) if fragment else ["name", "op"]
     if len(path) == 2 and path[0] == "models":
-        return list(defs["model_source"]["oneOf"][1]["properties"])
+        entry = _get(doc.data, path)
+        branch = 2 if isinstance(entry, dict) and "hub" in entry else 1
+        return list(defs["model_source"]["oneOf"][branch]["properties"])
     if len(path) == 4 and path[0] == "steps" and path[2] == "layers":
         return ["from", "range", "layers"]
     return []
@@ -468,13 +471,15 @@ def parse_layer_range(text: str) -> range:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A named checkpoint input."""
+    """A named checkpoint input: a local directory or a hub repo at a revision."""
 
     name: str
-    path: Path  # resolved against the recipe's directory
+    path: Path | None  # resolved against the recipe's directory; None for hub models
     written: str  # as the user wrote it, for messages
     layer_prefix: str | None
     key_path: KeyPath
+    hub: str | None = None
+    revision: str = DEFAULT_REVISION
 
 
 @dataclass(frozen=True)
@@ -588,14 +593,19 @@ def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
     models: dict[str, ModelRef] = {}
     raw_models = data.get("models") if isinstance(data.get("models"), dict) else {}
     for name, entry in raw_models.items():
+        prefix = entry.get("layer_prefix") if isinstance(entry, dict) else None
+        prefix = prefix if isinstance(prefix, str) else None
+        if isinstance(entry, dict) and isinstance(entry.get("hub"), str):
+            revision = entry.get("revision", DEFAULT_REVISION)
+            models[name] = ModelRef(name, None, f"{entry['hub']}@{revision}", prefix,
+                                    ("models", name), hub=entry["hub"], revision=str(revision))
+            continue
         written = entry if isinstance(entry, str) else (
             entry.get("path") if isinstance(entry, dict) else None)
         if not isinstance(written, str):
             continue
-        prefix = entry.get("layer_prefix") if isinstance(entry, dict) else None
         path = Path(os.path.normpath(base_dir / Path(written).expanduser()))
-        models[name] = ModelRef(name, path, written, prefix if isinstance(prefix, str) else None,
-                                ("models", name))
+        models[name] = ModelRef(name, path, written, prefix, ("models", name))
 
     raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
     steps_list = [(i, s) for i, s in enumerate(raw_steps)

@@ -21,6 +21,7 @@ from recipekit.errors import (
     TensorNotFoundError,
     UnsupportedCheckpointError,
 )
+from recipekit.hub import HubSnapshot, fetch_snapshot, remote_header, snapshot_identity
 from recipekit.io.header import TensorInfo, display_path, read_header
 from recipekit.recipe import ModelRef, Recipe
 
@@ -36,7 +37,11 @@ WEIGHT_DIRS = ("onnx", "openvino", "coreml", ".git", ".cache")
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A resolved model input: its config, every tensor's location, and its layer stack."""
+    """A resolved model input: its config, every tensor's location, and its layer stack.
+
+    ``path`` is the directory holding config.json (a hub model's cached snapshot); a hub
+    model's shards may not be there yet (their tensors' offsets are -1 until downloaded).
+    """
 
     name: str
     path: Path
@@ -44,14 +49,25 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     weight_files: tuple[Path, ...]
     stack: LayerStack
+    hub: HubSnapshot | None = None
 
     def identity(self) -> dict[str, Any]:
-        """What the manifest and plan hash record: path, and size + mtime of each file read."""
+        """What the plan hash records: a local directory's path and each file's size and mtime,
+        or a hub repo's pinned commit (which fixes every byte)."""
+        if self.hub is not None:
+            return {"hub": self.hub.repo, "commit": self.hub.commit}
         files = {}
         for p in (self.path / "config.json", *self.weight_files):
             st = p.stat()
             files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
         return {"path": str(self.path), "files": files}
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """What the manifest records: `identity`, plus each cached hub file's blob hash."""
+        if self.hub is not None:
+            return snapshot_identity(self.hub, ["config.json",
+                                                *(p.name for p in self.weight_files)])
+        return self.identity()
 
 
 def is_peft_adapter_dir(path: Path) -> bool:
@@ -67,19 +83,27 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
         UnsupportedCheckpointError: pickle-only, quantized, adapter directory, several stacks.
         CorruptCheckpointError, TensorNotFoundError: damaged or inconsistent files.
     """
-    path = ref.path
     where = ref.key_path
 
     def located(cls: type[RecipekitError], message: str, hint: str | None = None):
-        err = cls(message, key_path=where, hint=hint,
-                  location=recipe.document.locate(where))
-        return err
+        return cls(message, key_path=where, hint=hint, location=recipe.document.locate(where))
 
+    snap = None
+    if ref.hub is not None:
+        try:
+            snap = fetch_snapshot(ref.hub, ref.revision)
+        except SourceNotFoundError as e:
+            raise located(SourceNotFoundError, e.message, e.hint) from None
+        path = snap.path
+    else:
+        assert ref.path is not None
+        path = ref.path
     if not path.exists():
         hint = "check the path (relative paths are relative to the recipe file)"
         if "/" in ref.written and not ref.written.startswith((".", "/", "~")) and (
                 ref.written.count("/") == 1):
-            hint += f"; if {ref.written!r} is a Hugging Face Hub repo, it is not a local directory"
+            hint += (f"; if {ref.written!r} is a Hugging Face Hub repo, write "
+                     f"`{{hub: {ref.written}}}`")
         raise located(SourceNotFoundError, f"model directory {ref.written!r} does not exist "
                       f"({display_path(path)})", hint)
     if not path.is_dir():
@@ -110,7 +134,7 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
                       f"quant_method {method!r}); version 1 does not merge quantized weights",
                       "use the unquantized (bf16/fp16/fp32) checkpoint")
 
-    tensors, files = _read_tensors(path, ref, located)
+    tensors, files = _read_tensors(path, ref, located, snap)
     try:
         stack = find_layer_stack(config, tensors, layer_prefix=ref.layer_prefix)
     except LayerStackError as e:
@@ -118,15 +142,22 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
         raise located(cls, f"model {ref.name!r} ({ref.written}) {e.message}"
                       if e.message.startswith("has ") else f"model {ref.name!r}: {e.message}",
                       e.hint) from None
-    return Checkpoint(ref.name, path, config, tensors, files, stack)
+    return Checkpoint(ref.name, path, config, tensors, files, stack, snap)
 
 
-def _read_tensors(path: Path, ref: ModelRef, located) -> tuple[dict[str, TensorInfo],
-                                                               tuple[Path, ...]]:
+def _header(path: Path, snap: HubSnapshot | None) -> dict[str, TensorInfo]:
+    """A shard's tensors: from the file when present, else (hub) from its remote header."""
+    if path.is_file() or snap is None:
+        return read_header(path)
+    return remote_header(snap, path.name)
+
+
+def _read_tensors(path: Path, ref: ModelRef, located, snap: HubSnapshot | None
+                  ) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
     single = path / SINGLE
     index = path / INDEX
-    if single.is_file():
-        return read_header(single), (single,)
+    if single.is_file() or (snap is not None and not index.is_file()):
+        return _header(single, snap), (single,)
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -143,11 +174,11 @@ def _read_tensors(path: Path, ref: ModelRef, located) -> tuple[dict[str, TensorI
                                              file=display_path(index))
             if fname not in headers:
                 shard = path / fname
-                if not shard.is_file():
+                if not shard.is_file() and snap is None:
                     raise SourceNotFoundError(
                         f"shard {fname!r} listed in {INDEX} is missing",
                         file=display_path(shard), hint="the checkpoint download is incomplete")
-                headers[fname] = read_header(shard)
+                headers[fname] = _header(shard, snap)
             info = headers[fname].get(name)
             if info is None:
                 raise TensorNotFoundError(

@@ -239,7 +239,7 @@ class TestInputMistakes:
         (model_copy / "model.safetensors").unlink()
         (model_copy / "pytorch_model.bin").write_bytes(b"not loaded")
         err = run_fails(cli, solar(recipe_dir), 2)
-        assert "holds only pickle weights (pytorch_model.bin); recipekit does not load pickles" \
+        assert "holds only pickle weights (pytorch_model.bin); `run` does not load pickles" \
             in err
 
     def test_output_path_is_a_file(self, cli, recipe_dir):

@@ -32,7 +32,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     file: Path
-    offset: int  # absolute, in the file
+    offset: int  # absolute, in the file; -1 while the file is only known from a remote header
     nbytes: int
 
 
@@ -93,14 +93,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         except (KeyError, TypeError, ValueError):
             raise CorruptCheckpointError(f"header entry for `{name}` is malformed",
                                          file=shown) from None
-        if dtype in FP8_CODES:
-            raise UnsupportedCheckpointError(
-                f"tensor `{name}` is {dtype}: fp8 checkpoints are not supported in version 1",
-                file=shown, hint="use the unquantized (bf16/fp16/fp32) checkpoint")
-        if dtype not in DTYPES:
-            raise UnsupportedCheckpointError(
-                f"tensor `{name}` has unknown dtype {dtype!r}", file=shown,
-                hint="supported: " + ", ".join(DTYPES))
+        check_dtype(name, dtype, shown)
         if any(d < 0 for d in shape) or begin < 0 or end < begin:
             raise CorruptCheckpointError(f"tensor `{name}` has invalid shape or offsets",
                                          file=shown)
@@ -115,6 +108,18 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"has {size} bytes", file=shown, hint="download or convert the checkpoint again")
         out[name] = TensorInfo(name, dtype, shape, path, data_start + begin, nbytes)
     return out
+
+
+def check_dtype(name: str, dtype: str, shown: str) -> None:
+    """Refuse fp8 (out of scope, DESIGN.md §5) and dtypes recipekit does not know."""
+    if dtype in FP8_CODES:
+        raise UnsupportedCheckpointError(
+            f"tensor `{name}` is {dtype}: fp8 checkpoints are not supported in version 1",
+            file=shown, hint="use the unquantized (bf16/fp16/fp32) checkpoint")
+    if dtype not in DTYPES:
+        raise UnsupportedCheckpointError(
+            f"tensor `{name}` has unknown dtype {dtype!r}", file=shown,
+            hint="supported: " + ", ".join(DTYPES))
 
 
 def build_header(entries: Sequence[tuple[str, str, tuple[int, ...]]]) -> tuple[bytes, list[int]]:
