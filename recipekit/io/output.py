@@ -22,7 +22,7 @@ from typing import Any
 
 from recipekit.errors import OutputError, OutputPathError
 from recipekit.io.header import display_path
-from recipekit.io.writer import fsync_dir, partial_path, write_file_atomic
+from recipekit.io.writer import PARTIAL_SUFFIX, fsync_dir, partial_path, write_file_atomic
 
 STATE = ".recipekit-state.json"
 MANIFEST = "recipekit.json"
@@ -117,7 +117,8 @@ class OutputDir:
             if old.plan_hash == self.plan_hash:
                 self.state.finished = {k: v for k, v in old.finished.items()
                                        if self._still_there(k, v)}
-                self.already_complete = old.complete and (self.path / MANIFEST).is_file()
+                self.already_complete = (old.complete and (self.path / MANIFEST).is_file()
+                                         and len(self.state.finished) == len(old.finished))
                 return
             if not self.force:
                 raise OutputPathError(
@@ -125,11 +126,18 @@ class OutputDir:
                     "or its inputs changed)",
                     hint="rerun with --force to replace it (deletes only files recipekit wrote "
                     "there), or choose another output path")
+            # First say, durably, that nothing here is finished: a kill while deleting must not
+            # leave a state that calls a half-deleted output complete. The file list stays, so a
+            # rerun (with either plan) still knows what recipekit wrote.
+            write_file_atomic(state_path, State(old.plan_hash, old.files).to_json(),
+                              fsync=self.fsync)
             self._delete_listed(old.files)
         self._refuse_foreign()
 
     def _refuse_foreign(self) -> None:
-        foreign = sorted(p.name for p in self.path.iterdir() if p.name != STATE)
+        # Our own temp files (a run killed mid-write) are not foreign: a rerun overwrites them.
+        foreign = sorted(p.name for p in self.path.iterdir()
+                         if p.name != STATE and not p.name.endswith(PARTIAL_SUFFIX))
         if foreign:
             shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
             raise OutputPathError(
@@ -143,8 +151,9 @@ class OutputDir:
         return p.is_file() and p.stat().st_size == info.get("size")
 
     def _delete_listed(self, files: list[str]) -> None:
+        """Delete what a state file listed, manifest first; the state file itself stays."""
         dirs: set[Path] = set()
-        for rel in [*files, STATE, MANIFEST]:
+        for rel in [MANIFEST, *files]:
             target = self.path / rel
             if not _inside(target, self.path):
                 continue
