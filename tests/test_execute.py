@@ -142,6 +142,15 @@ class TestRerun:
         result = ok(cli, "run", r, "-q")
         assert "already complete" in result.stdout
 
+    def test_a_deleted_file_is_written_again(self, cli, tmp_path, tiny_llama):
+        r = solar(tmp_path, tiny_llama)
+        ok(cli, "run", r, "-q")
+        config = (tmp_path / "out" / "config.json").read_bytes()
+        (tmp_path / "out" / "config.json").unlink()
+        result = ok(cli, "run", r, "-q")
+        assert "already complete" not in result.stdout and "resumed" in result.stdout
+        assert (tmp_path / "out" / "config.json").read_bytes() == config
+
     def test_interrupted_run_resumes_finished_shards(self, cli, tmp_path, tiny_llama,
                                                      monkeypatch):
         import recipekit.execute as ex

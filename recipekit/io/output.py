@@ -117,8 +117,9 @@ class OutputDir:
             if old.plan_hash == self.plan_hash:
                 self.state.finished = {k: v for k, v in old.finished.items()
                                        if self._still_there(k, v)}
-                self.already_complete = (old.complete and (self.path / MANIFEST).is_file()
-                                         and len(self.state.finished) == len(old.finished))
+                self.already_complete = (
+                    old.complete and len(self.state.finished) == len(old.finished)
+                    and all((self.path / f).is_file() for f in [*old.files, MANIFEST]))
                 return
             if not self.force:
                 raise OutputPathError(
