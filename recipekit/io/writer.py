@@ -26,12 +26,25 @@ def partial_path(final: Path) -> Path:
     return final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
 
 
+_RESUME = "finished shards are kept, and running the same command again resumes"
+
+
 def _write_error(e: OSError, path: Path) -> OutputError:
-    if e.errno == errno.ENOSPC:
-        return OutputError("disk full while writing", file=display_path(path),
-                           hint="free space (see `recipekit plan` for the bytes needed) and run "
-                           "again; finished shards are kept and reused")
-    return OutputError(f"cannot write: {e.strerror or e}", file=display_path(path))
+    """One clear message per way a write can fail; the temp file is removed by the caller."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError("disk full while writing" if e.errno == errno.ENOSPC else
+                           "disk quota exceeded while writing", file=display_path(path),
+                           hint=f"free space (`recipekit plan` shows the bytes needed); {_RESUME}")
+    if e.errno == errno.EFBIG:
+        return OutputError("the file size limit was reached while writing (`ulimit -f`, or the "
+                           "file system's maximum file size)", file=display_path(path),
+                           hint=f"raise the limit or lower `output.shard_size`; {_RESUME}")
+    if e.errno == errno.EIO:
+        return OutputError("I/O error while writing: the disk or file system reported a "
+                           "failure", file=display_path(path),
+                           hint=f"check the disk (dmesg) before trusting it; {_RESUME}")
+    return OutputError(f"cannot write: {e.strerror or e}", file=display_path(path),
+                       hint=_RESUME)
 
 
 #: Written bytes between background flushes (when fsync is on): the final fsync then finds little
