@@ -148,6 +148,9 @@ def run(
         "recipekit wrote there).")] = False,
     no_fsync: Annotated[bool, typer.Option(
         "--no-fsync", help="Skip fsync of finished files (faster, less crash-safe).")] = False,
+    check_finite: Annotated[bool, typer.Option(
+        "--check-finite", help="Report NaN/Inf values in inputs and outputs, by tensor name "
+        "(imports torch; the output is written either way).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -164,7 +167,8 @@ def run(
         p = _compile(recipe, output)
         start = time.perf_counter()
         with byte_progress(p.bytes_written, disable=quiet) as tick:
-            result = run_plan(p, device=device, fsync=not no_fsync, force=force, progress=tick)
+            result = run_plan(p, device=device, fsync=not no_fsync, force=force, progress=tick,
+                              check_finite=check_finite)
         secs = time.perf_counter() - start
         where = display_path(result.output)
         if result.already_complete:
@@ -174,8 +178,22 @@ def run(
         resumed = f", {result.shards_resumed} resumed" if result.shards_resumed else ""
         typer.echo(f"wrote {where}: {p.model.stack.num_layers} layers, {len(p.shards)} shard(s)"
                    f"{resumed}, {format_size(result.bytes_written)} in {secs:.1f} s ({rate})")
+        if check_finite:
+            _report_finite(result.non_finite, resumed=result.shards_resumed)
 
     _guard(debug, body)
+
+
+def _report_finite(found: dict[str, tuple[int, int]], *, resumed: int) -> None:
+    skipped = f" ({resumed} resumed shard(s) were not re-read)" if resumed else ""
+    if not found:
+        typer.echo(f"check-finite: no NaN or Inf values{skipped}")
+        return
+    typer.echo(f"warning: non-finite values in {len(found)} tensor(s){skipped}:", err=True)
+    for label, (nan, inf) in sorted(found.items())[:50]:
+        typer.echo(f"  {label}: {nan} NaN, {inf} Inf", err=True)
+    if len(found) > 50:
+        typer.echo(f"  ... and {len(found) - 50} more", err=True)
 
 
 @app.command()

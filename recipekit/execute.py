@@ -43,6 +43,24 @@ class RunResult:
     shards_written: int
     shards_resumed: int
     bytes_written: int
+    non_finite: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+
+
+class FiniteCheck:
+    """Counts NaN and Inf values per tensor label (``--check-finite``)."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, tuple[int, int]] = {}
+
+    def check(self, label: str, tensor: Any) -> None:
+        import torch
+
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            return
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        if nan or inf:
+            old = self.found.get(label, (0, 0))
+            self.found[label] = (old[0] + nan, old[1] + inf)
 
 
 def resolve_device(spec: str) -> Any:
@@ -90,7 +108,7 @@ def output_files(plan: Plan, donor_files: list[Path]) -> list[str]:
 
 
 def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool = False,
-             progress: Progress | None = None) -> RunResult:
+             progress: Progress | None = None, check_finite: bool = False) -> RunResult:
     """Write the plan's output directory (resuming finished shards of the same plan).
 
     Raises:
@@ -101,7 +119,8 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
     plan = fetch_hub_shards(plan)
     # A plan that only moves bytes never needs torch: skip its import (about a second).
     computes = any(not isinstance(t.node, Load) for s in plan.shards for t in s.tensors)
-    dev = resolve_device(device) if computes or device != "cpu" else None
+    dev = resolve_device(device) if computes or device != "cpu" or check_finite else None
+    finite = FiniteCheck() if check_finite else None
     tick = progress or (lambda n: None)
     out_path = plan.recipe.output.path
     donor_files = iter_donor_files(plan.donor.path)
@@ -119,7 +138,7 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
                 tick(shard.size)
                 continue
             sha = write_shard(plan, shard, out_path, reader, dev, fsync=fsync, progress=tick,
-                              pool=pool)
+                              pool=pool, finite=finite)
             out.mark_finished(shard.filename, sha, shard.size)
         if len(plan.shards) > 1:
             weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
@@ -133,7 +152,7 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
         out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished)))
         out.complete()
     return RunResult(out_path, False, len(todo), len(plan.shards) - len(todo),
-                     sum(s.size for s in todo))
+                     sum(s.size for s in todo), finite.found if finite else {})
 
 
 def fetch_hub_shards(plan: Plan) -> Plan:
@@ -194,7 +213,8 @@ class BufferPool:
 
 
 def write_shard(plan: Plan, shard: Shard, out_dir: Path, reader: FileReader, device: Any, *,
-                fsync: bool, progress: Progress, pool: BufferPool) -> str:
+                fsync: bool, progress: Progress, pool: BufferPool,
+                finite: FiniteCheck | None = None) -> str:
     """Stream one shard to disk and return its sha256."""
     writer = ShardWriter(out_dir / shard.filename, shard.header, shard.size, fsync=fsync)
     progress(len(shard.header))
@@ -209,11 +229,16 @@ def write_shard(plan: Plan, shard: Shard, out_dir: Path, reader: FileReader, dev
                     n = min(pool.size, info.nbytes - done)
                     view = memoryview(buf)[:n]
                     reader.read_into(info.file, info.offset + done, view)
+                    if finite is not None:
+                        finite.check(f"{t.name} (from {node.source}:{node.name})",
+                                     _as_tensor(view, info.dtype))
                     writer.write(view, done=lambda b=buf: pool.put(b))
                     done += n
                     progress(n)
             else:
-                tensor = evaluate(node, plan, reader, device).contiguous()
+                tensor = evaluate(node, plan, reader, device, finite).contiguous()
+                if finite is not None:
+                    finite.check(t.name, tensor)
                 # The writer hashes after this returns; the closure keeps the tensor alive.
                 writer.write(_tensor_bytes(tensor), done=lambda t=tensor: None)
                 progress(t.nbytes)
@@ -232,7 +257,8 @@ def _tensor_bytes(tensor: Any) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr()))
 
 
-def evaluate(node: Node, plan: Plan, reader: FileReader, device: Any) -> Any:
+def evaluate(node: Node, plan: Plan, reader: FileReader, device: Any,
+             finite: FiniteCheck | None = None) -> Any:
     """Compute one output tensor's expression and return it on the CPU.
 
     The memo is an explicit dict cleared on return (not a recursive closure, whose reference
@@ -240,22 +266,33 @@ def evaluate(node: Node, plan: Plan, reader: FileReader, device: Any) -> Any:
     """
     memo: dict[Node, Any] = {}
     try:
-        return _value(node, memo, plan, reader, device).cpu()
+        return _value(node, memo, plan, reader, device, finite).cpu()
     finally:
         memo.clear()
 
 
-def _value(n: Node, memo: dict[Node, Any], plan: Plan, reader: FileReader, device: Any) -> Any:
+def _value(n: Node, memo: dict[Node, Any], plan: Plan, reader: FileReader, device: Any,
+           finite: FiniteCheck | None) -> Any:
     if n in memo:
         return memo[n]
     if isinstance(n, Load):
         result = read_tensor(n, plan, reader)
+        if finite is not None:
+            finite.check(f"input {n.source}:{n.name}", result)
     elif isinstance(n, Cast):
-        result = _value(n.input, memo, plan, reader, device).to(device).to(torch_dtype(n.dtype))
+        result = _value(n.input, memo, plan, reader, device, finite).to(device).to(
+            torch_dtype(n.dtype))
     else:  # pragma: no cover - every node type the planner makes is handled above
         raise TypeError(f"no evaluator for {type(n).__name__}")
     memo[n] = result
     return result
+
+
+def _as_tensor(view: memoryview, dtype: str) -> Any:
+    """A tensor over a chunk of raw bytes (chunks are multiples of every item size)."""
+    import torch
+
+    return torch.frombuffer(view, dtype=torch_dtype(dtype)) if len(view) else torch.empty(0)
 
 
 def read_tensor(node: Load, plan: Plan, reader: FileReader) -> Any:

@@ -332,3 +332,38 @@ def test_peak_memory_estimate_matches_a_measurement(tmp_path):
     cast = results["cast"]
     assert 0.75 * cast["measured"] <= cast["estimate"] <= 1.25 * cast["measured"], results
     assert results["copy"]["measured"] <= results["copy"]["estimate"], results
+
+
+class TestCheckFinite:
+    """Oracle: NaN/Inf planted at known positions of known tensors."""
+
+    def test_reports_by_tensor_name(self, cli, tmp_path):
+        from safetensors.torch import save_file
+
+        src = tmp_path / "m"
+        src.mkdir()
+        layer = torch.zeros(8, 4)
+        bad = layer.clone()
+        bad[0, 0], bad[1, 1], bad[2, 2] = float("nan"), float("inf"), -float("inf")
+        save_file({"model.layers.0.w": layer, "model.layers.1.w": bad,
+                   "model.embed.weight": torch.ones(2, 2), "ids": torch.arange(3)},
+                  src / "model.safetensors", metadata={"format": "pt"})
+        (src / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+        r = write_recipe(tmp_path, solar_recipe("./m", "[0, 1, 1]", "  path: ./out"))
+        result = ok(cli, "run", r, "-q", "--check-finite")
+        assert result.stderr.splitlines() == [
+            "warning: non-finite values in 2 tensor(s):",
+            "  model.layers.1.w (from tiny:model.layers.1.w): 1 NaN, 2 Inf",
+            "  model.layers.2.w (from tiny:model.layers.1.w): 1 NaN, 2 Inf"]
+        assert tensors_of(tmp_path / "out")["model.layers.2.w"].isnan().sum() == 1
+
+        cast = write_recipe(tmp_path, solar_recipe("./m", "[1]", "  path: ./cast\n"
+                                                   "  dtype: bfloat16"), "cast.yaml")
+        result = ok(cli, "run", cast, "-q", "--check-finite")
+        assert "  input tiny:model.layers.1.w: 1 NaN, 2 Inf" in result.stderr
+        assert "  model.layers.0.w: 1 NaN, 2 Inf" in result.stderr
+
+    def test_clean_model(self, cli, tmp_path, tiny_llama):
+        result = ok(cli, "run", solar(tmp_path, tiny_llama), "-q", "--check-finite")
+        assert result.stdout.splitlines()[-1] == "check-finite: no NaN or Inf values"
+        assert result.stderr == ""
