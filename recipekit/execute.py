@@ -27,7 +27,7 @@ from recipekit.io.output import INDEX, MANIFEST, OutputDir, dumps
 from recipekit.io.reader import FileReader
 from recipekit.io.writer import ShardWriter
 from recipekit.manifest import build_manifest, build_model_card
-from recipekit.model import Cast, Load, Node
+from recipekit.model import Cast, Lerp, Load, Node
 from recipekit.plan import COPY_BUFFERS, COPY_CHUNK, Plan, Shard
 from recipekit.sources import iter_donor_files
 
@@ -282,6 +282,12 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, reader: FileReader, devic
     elif isinstance(n, Cast):
         result = _value(n.input, memo, plan, reader, device, finite).to(device).to(
             torch_dtype(n.dtype))
+    elif isinstance(n, Lerp):
+        from recipekit.ops.merge import lerp
+
+        a = _value(n.a, memo, plan, reader, device, finite).to(device)
+        b = _value(n.b, memo, plan, reader, device, finite).to(device)
+        result = lerp(a, b, t=n.t).to(torch_dtype(n.dtype))
     else:  # pragma: no cover - every node type the planner makes is handled above
         raise TypeError(f"no evaluator for {type(n).__name__}")
     memo[n] = result

@@ -96,6 +96,20 @@ class Cast(Node):
         return self.input.shape
 
 
+@dataclass(frozen=True, eq=False)
+class Lerp(Node):
+    """``a + t·(b − a)`` computed in fp32 and rounded once to ``dtype`` (the `interpolate` op)."""
+
+    a: Node
+    b: Node
+    t: float
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.a.shape
+
+
 def load(source: str, name: str, shape: tuple[int, ...], dtype: str) -> Load:
     return intern(Load(source, name, tuple(shape), dtype))
 

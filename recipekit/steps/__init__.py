@@ -10,10 +10,12 @@ from collections.abc import Callable, Mapping
 
 from recipekit.model import VirtualModel
 from recipekit.recipe import Recipe, Step
+from recipekit.steps.interpolate import build_interpolate
 from recipekit.steps.layers import build_layers
 
 Builder = Callable[[Step, Mapping[str, VirtualModel], Recipe], VirtualModel]
 
 BUILDERS: dict[str, Builder] = {
     "layers": build_layers,
+    "interpolate": build_interpolate,
 }

