@@ -604,7 +604,7 @@ def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
             entry.get("path") if isinstance(entry, dict) else None)
         if not isinstance(written, str):
             continue
-        path = Path(os.path.normpath(base_dir / Path(written).expanduser()))
+        path = Path(os.path.normpath(base_dir / _expanduser(written)))
         models[name] = ModelRef(name, path, written, prefix, ("models", name))
 
     raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
@@ -666,7 +666,7 @@ def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
         shard_size = parse_size(out.get("shard_size", DEFAULT_SHARD_SIZE))
     except ValueError:
         shard_size = 1  # the schema reported it
-    out_path = Path(os.path.normpath(base_dir / Path(out["path"]).expanduser())) if isinstance(
+    out_path = Path(os.path.normpath(base_dir / _expanduser(out["path"]))) if isinstance(
         out.get("path"), str) else base_dir / "out" / file.stem
 
     steps = {name: Step(name, str(by_name[name][1].get("op")), by_name[name][1],
@@ -676,6 +676,12 @@ def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
         models=models, steps=steps,
         output=Output(out_path, out_model, out.get("dtype"), shard_size, out.get("config")),
     )
+
+
+def _expanduser(written: str) -> str:
+    """``~`` and ``~user`` expanded where they exist; otherwise the text as written (a relative
+    path then), where `Path.expanduser` would raise RuntimeError."""
+    return os.path.expanduser(written)
 
 
 def _check_layer_entry(doc: Document, path: KeyPath, entry: Any,
