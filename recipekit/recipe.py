@@ -662,10 +662,16 @@ def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
                                 hint="add `output: {model: <name>}` or a step", key=True))
     if isinstance(out.get("config"), str):
         check_ref(out["config"], ("output", "config"))
+    written_size = out.get("shard_size", DEFAULT_SHARD_SIZE)
     try:
-        shard_size = parse_size(out.get("shard_size", DEFAULT_SHARD_SIZE))
-    except ValueError:
-        shard_size = 1  # the schema reported it
+        shard_size = parse_size(written_size)
+    except (ValueError, TypeError, OverflowError):  # null, a list, "999...9" (infinity)
+        shard_size = 1
+        if not any(e.key_path == ("output", "shard_size") for e in errors):
+            errors.append(doc.error(("output", "shard_size"),
+                                    f"{_show(written_size)} is not a usable size",
+                                    hint="write a number of bytes or e.g. '500MB', '5GB', "
+                                    "'2GiB'"))
     out_path = Path(os.path.normpath(base_dir / _expanduser(out["path"]))) if isinstance(
         out.get("path"), str) else base_dir / "out" / file.stem
 

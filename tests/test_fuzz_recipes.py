@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from recipekit.errors import SourceNotFoundError
+from recipekit.errors import RecipeErrors, SourceNotFoundError
 from recipekit.recipe import load_recipe
 from recipekit.sources import resolve_sources
 
@@ -25,3 +25,14 @@ def test_tilde_of_an_unknown_user_is_a_missing_path_not_a_crash(tmp_path):
     assert r.output.path == tmp_path / "~nosuchuser" / "out"
     with pytest.raises(SourceNotFoundError, match="'~nosuchuser/model' does not exist"):
         resolve_sources(r)
+
+
+@pytest.mark.parametrize("size", ["null", "[1]", "{a: 1}", "'" + "9" * 400 + "'", ".inf"])
+def test_unusable_shard_sizes_are_recipe_errors(tmp_path, size):
+    # parse_size raised TypeError (null, list, mapping) or OverflowError ("999...9" is an
+    # infinite float), and a string the schema's pattern accepts was silently replaced by 1 byte
+    path = write_recipe(tmp_path, solar_recipe(output=f"  shard_size: {size}"))
+    with pytest.raises(RecipeErrors) as e:
+        load_recipe(path)
+    assert len(e.value.errors) == 1
+    assert e.value.errors[0].key_path == ("output", "shard_size")
