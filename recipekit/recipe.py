@@ -549,7 +549,8 @@ def step_references(step: Mapping[str, Any]) -> Iterator[tuple[str, KeyPath]]:
                 yield item["model"], ("from", i, "model")
     if isinstance(step.get("base"), str):
         yield step["base"], ("base",)
-    for i, entry in enumerate(step.get("layers") or []):
+    layers = step.get("layers")
+    for i, entry in enumerate(layers if isinstance(layers, list) else []):
         if isinstance(entry, dict) and isinstance(entry.get("from"), str):
             yield entry["from"], ("layers", i, "from")
 

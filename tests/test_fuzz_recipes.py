@@ -36,3 +36,11 @@ def test_unusable_shard_sizes_are_recipe_errors(tmp_path, size):
         load_recipe(path)
     assert len(e.value.errors) == 1
     assert e.value.errors[0].key_path == ("output", "shard_size")
+
+
+@pytest.mark.parametrize("layers", ["5", "true", "2.5", "{from: tiny, range: [0, 2]}"])
+def test_layers_that_is_not_a_list_is_a_recipe_error(tmp_path, layers):
+    # step_references iterated `layers` whatever it was: TypeError for an int, bool or float
+    with pytest.raises(RecipeErrors) as e:
+        load_recipe(write_recipe(tmp_path, solar_recipe(layers=layers)))
+    assert [x.key_path for x in e.value.errors] == [("steps", 0, "layers")]
