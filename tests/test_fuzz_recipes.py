@@ -44,3 +44,16 @@ def test_layers_that_is_not_a_list_is_a_recipe_error(tmp_path, layers):
     with pytest.raises(RecipeErrors) as e:
         load_recipe(write_recipe(tmp_path, solar_recipe(layers=layers)))
     assert [x.key_path for x in e.value.errors] == [("steps", 0, "layers")]
+
+
+@pytest.mark.parametrize("scalar", ["0b_", "0x_", "._", "-._", "9" * 5000, "0x" + "f" * 5000])
+def test_number_like_scalars_that_are_no_numbers_are_yaml_errors(tmp_path, scalar):
+    # PyYAML's int/float constructors raised ValueError for 0b_, 0x_ and ._ (which its
+    # resolvers take for numbers) and for more than 4300 decimal digits; a 5000-digit hex int
+    # loaded, and then crashed whatever printed it
+    text = solar_recipe(layers=f"[{scalar}]")
+    with pytest.raises(RecipeErrors) as e:
+        load_recipe(write_recipe(tmp_path, text))
+    (err,) = e.value.errors
+    assert "as a number (quote it to make it a string)" in err.message
+    assert (err.location.line, err.location.column) == (8, 14)
