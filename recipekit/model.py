@@ -55,11 +55,20 @@ class Node:
         return tuple(v for f in fields(self) if isinstance(v := getattr(self, f.name), Node))  # type: ignore[arg-type]
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
-        return n * itemsize(self.dtype)
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def workspace(self) -> int:
+        """Scratch bytes computing this node needs beyond its inputs and result (fp32 copies)."""
+        return 0
 
 
 _interned: weakref.WeakValueDictionary[Node, Node] = weakref.WeakValueDictionary()
@@ -108,6 +117,41 @@ class Lerp(Node):
     @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
         return self.a.shape
+
+    @property
+    def workspace(self) -> int:
+        return 3 * 4 * self.numel  # a, b and the result in fp32
+
+
+@dataclass(frozen=True, eq=False)
+class Merge(Node):
+    """One output tensor of a merge method (ops/merge.py), rounded once to ``dtype``.
+
+    ``params`` holds the values resolved for this tensor (shared: a number or bool; per-input:
+    a tuple aligned with ``operands``). ``tensor`` names the output tensor for random methods,
+    whose generator is seeded by (``seed``, ``tensor``); it is empty for deterministic ones so
+    that equal merges of equal inputs stay one node.
+    """
+
+    method: str
+    operands: tuple[Node, ...]
+    base: Node | None
+    params: tuple[tuple[str, Any], ...]
+    seed: int
+    tensor: str
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.operands[0].shape
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.operands + ((self.base,) if self.base is not None else ())
+
+    @property
+    def workspace(self) -> int:
+        return (len(self.inputs) + 2) * 4 * self.numel  # fp32 copies, deltas and the result
 
 
 def load(source: str, name: str, shape: tuple[int, ...], dtype: str) -> Load:

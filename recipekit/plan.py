@@ -135,7 +135,7 @@ def _expression_nodes(node: Node) -> set[Node]:
 
 
 def _expression_bytes(node: Node) -> int:
-    return sum(n.nbytes for n in _expression_nodes(node))
+    return sum(n.nbytes + n.workspace for n in _expression_nodes(node))
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> VirtualModel:

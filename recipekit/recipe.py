@@ -109,12 +109,35 @@ def _compose(text: str, doc: Document, errors: list[RecipeError]) -> Any:
         loader.dispose()
     if root is None:
         return None
+    visited: set[int] = set()  # nodes converted so far; one seen again came through an alias
+    inside: set[int] = set()  # the collections being converted, outermost first
+    repeated = 0
 
     def convert(node: yaml.Node, path: KeyPath) -> Any:
+        nonlocal repeated
         doc.value_marks[path] = _mark(node)
         if node.tag not in _ALLOWED_TAGS:
             raise yaml.constructor.ConstructorError(
                 None, None, f"tag {node.tag!r} is not allowed in a recipe", node.start_mark)
+        if id(node) in inside:
+            raise yaml.constructor.ConstructorError(
+                None, None, "an alias refers to a value that contains it", node.start_mark)
+        if id(node) in visited:
+            repeated += 1
+            if repeated > _MAX_ALIASED_VALUES:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"aliases repeat more than {_MAX_ALIASED_VALUES} values",
+                    node.start_mark)
+        visited.add(id(node))
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            inside.add(id(node))
+            try:
+                return convert_collection(node, path)
+            finally:
+                inside.discard(id(node))
+        return convert_scalar(node, path)
+
+    def convert_collection(node: yaml.Node, path: KeyPath) -> Any:
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             seen: dict[str, int] = {}
@@ -136,8 +159,9 @@ def _compose(text: str, doc: Document, errors: list[RecipeError]) -> Any:
                 doc.key_marks[path + (key,)] = _mark(key_node)
                 out[key] = convert(value_node, path + (key,))
             return out
-        if isinstance(node, yaml.SequenceNode):
-            return [convert(item, path + (i,)) for i, item in enumerate(node.value)]
+        return [convert(item, path + (i,)) for i, item in enumerate(node.value)]
+
+    def convert_scalar(node: yaml.Node, path: KeyPath) -> Any:
         try:
             value = loader.construct_object(node, deep=True)
             if isinstance(value, int):
@@ -155,6 +179,11 @@ def _compose(text: str, doc: Document, errors: list[RecipeError]) -> Any:
         return convert(root, ())
     finally:
         loader.dispose()
+
+
+#: Values an alias may repeat in all (a legitimate recipe repeats a few dozen): beyond it, a
+#: "billion laughs" document would take all memory.
+_MAX_ALIASED_VALUES = 10_000
 
 
 def _loc(doc: Document, node: yaml.Node) -> Location:
@@ -203,6 +232,9 @@ def load_document(path: str | Path) -> Document:
                 location=Location(display, e.lineno, e.colno, _line(doc, e.lineno)))]) from None
         except ValueError:
             pass  # duplicate keys: reported with both lines by the YAML pass below
+        except RecursionError:
+            raise RecipeErrors([RecipeError("invalid JSON: nested too deeply",
+                                            file=display)]) from None
     try:
         doc.data = _compose(text, doc, errors)
     except yaml.MarkedYAMLError as e:
@@ -213,6 +245,9 @@ def load_document(path: str | Path) -> Document:
         raise RecipeErrors([RecipeError(f"invalid YAML: {problem}", location=loc)]) from None
     except yaml.YAMLError as e:
         raise RecipeErrors([RecipeError(f"invalid YAML: {e}", file=display)]) from None
+    except RecursionError:
+        raise RecipeErrors([RecipeError("invalid YAML: nested too deeply",
+                                        file=display)]) from None
     if errors:
         raise RecipeErrors(errors)
     return doc

@@ -12,10 +12,12 @@ from recipekit.model import VirtualModel
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.interpolate import build_interpolate
 from recipekit.steps.layers import build_layers
+from recipekit.steps.merge import build_merge
 
 Builder = Callable[[Step, Mapping[str, VirtualModel], Recipe], VirtualModel]
 
 BUILDERS: dict[str, Builder] = {
     "layers": build_layers,
     "interpolate": build_interpolate,
+    "merge": build_merge,
 }

@@ -1,0 +1,196 @@
+"""The `merge` op: one of mergekit 0.1.5's merge methods, tensor by tensor.
+
+``from:`` lists the inputs (names, or ``{model: m, weight: w, density: d, ...}`` carrying
+per-input parameters), ``base:`` the base for methods that need one (never also in ``from``),
+``parameters:`` method-wide values (a per-input parameter given here applies to every input),
+``seed:`` the seed of random methods. Two-model methods (slerp, nearswap) take
+``from: [A, B]`` with t = 0 giving A, and no ``base:``. Every numeric parameter may be a number,
+a gradient or rules (params.py), resolved per output tensor. Methods, scopes and defaults come
+from `recipekit.ops.merge.METHODS` (mergekit 0.1.5's contract, reference/merge-methods.md).
+Oracle: tests/steps/test_merge.py runs recipes and compares with the kernels on the loaded
+tensors and with mergekit goldens.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+from recipekit.dtypes import is_floating, promote
+from recipekit.errors import KeyPath, RecipeError, RecipeErrors
+from recipekit.model import Merge, Node, VirtualModel, cast, intern
+from recipekit.params import ParamError, is_constant, resolve
+from recipekit.recipe import Recipe, Step
+from recipekit.steps.interpolate import check_aligned
+
+#: Methods whose `from: [A, B]` means base = A (t = 0 gives A), per DESIGN.md §2.
+PAIR_METHODS = ("slerp", "nearswap")
+
+
+def method_specs() -> Mapping[str, Any]:
+    """The merge-method registry (imports torch: the kernels live beside their contracts)."""
+    from recipekit.ops.merge import METHODS
+
+    return METHODS
+
+
+def _entries(step: Step) -> list[tuple[str, dict[str, Any], KeyPath]]:
+    out = []
+    for i, item in enumerate(step.spec["from"]):
+        path = step.key_path + ("from", i)
+        if isinstance(item, str):
+            out.append((item, {}, path))
+        else:
+            out.append((item["model"], {k: v for k, v in item.items() if k != "model"}, path))
+    return out
+
+
+def _check_value(spec: Any, value: Any, path: KeyPath, recipe: Recipe,
+                 errors: list[RecipeError]) -> None:
+    if spec.type == "bool":
+        if not isinstance(value, bool):
+            errors.append(recipe.error(path, f"`{spec.name}` is true or false, got {value!r}"))
+    elif spec.type == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            errors.append(recipe.error(path, f"`{spec.name}` is an integer, got {value!r}"))
+    elif value is None:
+        if not spec.nullable:
+            errors.append(recipe.error(path, f"`{spec.name}` needs a number"))
+    elif isinstance(value, (bool, str)):
+        errors.append(recipe.error(path, f"`{spec.name}` needs a number, a gradient or rules, "
+                                   f"got {value!r}"))
+
+
+def validate_merge(step: Step, recipe: Recipe) -> tuple[Any, str | None, list]:
+    """Check the step against the method's contract; return (spec, base name, inputs)."""
+    methods = method_specs()
+    method = step.spec["method"]
+    spec = methods[method]
+    errors: list[RecipeError] = []
+    entries = _entries(step)
+    base = step.spec.get("base")
+    if method in PAIR_METHODS:
+        if base is not None:
+            errors.append(recipe.error(step.key_path + ("base",), f"{method} takes `from: [A, B]` "
+                                       "(t = 0 gives A) and no `base:`", key=True))
+        if len(entries) != 2:
+            errors.append(recipe.error(step.key_path + ("from",),
+                                       f"{method} merges exactly two models: `from: [A, B]`"))
+        else:
+            base, entries = entries[0][0], entries[1:]
+    else:
+        if spec.base == "required" and base is None:
+            errors.append(recipe.error(step.key_path, f"method {method} needs `base:` (the "
+                                       "model the others are deltas from)", key=True))
+        if spec.base == "ignored" and base is not None:
+            errors.append(recipe.error(step.key_path + ("base",), f"method {method} takes no "
+                                       "base; list every model under `from`", key=True))
+        if base is not None and any(name == base for name, _, _ in entries):
+            errors.append(recipe.error(step.key_path + ("base",), f"'{base}' is the base and "
+                                       "must not also appear in `from`"))
+        n = len(entries)
+        lo, hi = spec.min_non_base, spec.max_non_base
+        if n < max(lo, 1) or (hi is not None and n > hi):
+            want = f"{lo}" if lo == hi else f"at least {max(lo, 1)}" if hi is None else (
+                f"{lo} to {hi}")
+            errors.append(recipe.error(step.key_path + ("from",), f"method {method} takes {want} "
+                                       f"model(s) in `from` (besides the base), got {n}"))
+    known = {p.name: p for p in spec.params}
+    per_input = {k for k, p in known.items() if p.scope != "shared"}
+    shared_given = step.spec.get("parameters", {})
+    for key, value in shared_given.items():
+        path = step.key_path + ("parameters", key)
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            errors.append(recipe.error(path, f"unknown parameter for method {method}",
+                                       hint=(f"did you mean '{close[0]}'? " if close else "")
+                                       + "parameters: " + ", ".join(known), key=True))
+        else:
+            _check_value(known[key], value, path, recipe, errors)
+    for _, params, path in entries:
+        for key, value in params.items():
+            if key not in per_input:
+                close = difflib.get_close_matches(key, sorted(per_input), n=1)
+                where = "a method-wide parameter: put it under `parameters`" if key in known \
+                    else "unknown parameter for method " + method
+                errors.append(recipe.error(path + (key,), where, key=True, hint=(
+                    f"did you mean '{close[0]}'? " if close and key not in known else "")
+                    + "per-input parameters: " + (", ".join(sorted(per_input)) or "none")))
+            else:
+                _check_value(known[key], value, path + (key,), recipe, errors)
+    for p in spec.params:
+        if not p.required:
+            continue
+        if p.scope == "shared" and p.name not in shared_given:
+            errors.append(recipe.error(step.key_path, f"method {method} needs "
+                                       f"`parameters: {{{p.name}: ...}}`", key=True))
+        elif p.scope != "shared" and p.name not in shared_given:
+            missing = [path for _, params, path in entries if p.name not in params]
+            errors += [recipe.error(path, f"method {method} needs a `{p.name}` for each input "
+                                    f"(`{{model: ..., {p.name}: ...}}`, or one value under "
+                                    "`parameters`)") for path in missing]
+    if errors:
+        raise RecipeErrors(errors)
+    return spec, base, entries
+
+
+def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) -> VirtualModel:
+    """Build the `merge` step's virtual model (see the module docstring).
+
+    Raises:
+        RecipeErrors: contract violations (base, inputs, parameters), misaligned inputs, rules
+            that miss a tensor.
+    """
+    spec, base_name, entries = validate_merge(step, recipe)
+    names = ([base_name] if base_name else []) + [name for name, _, _ in entries]
+    errors = check_aligned(step, names, models, recipe)
+    if errors:
+        raise RecipeErrors(errors)
+    first = models[names[0]]
+    shared = dict(step.spec.get("parameters", {}))
+    seed = int(step.spec.get("seed", 0))
+    tensors: dict[str, Node] = {}
+    for name, donor_node in first.tensors.items():
+        operands = tuple(models[m].tensors[name] for m, _, _ in entries)
+        base = models[base_name].tensors[name] if base_name else None
+        every = operands + ((base,) if base is not None else ())
+        if not all(is_floating(n.dtype) for n in every):
+            tensors[name] = donor_node  # integer buffers pass through from the donor
+            continue
+        dtype = promote([n.dtype for n in every])
+        try:
+            params = _resolve_for(spec, shared, entries, name, first)
+        except ParamError as e:
+            raise RecipeErrors([recipe.error(step.key_path, str(e))]) from None
+        if spec.name == "passthrough" and params.get("scale") in (None, (None,), (1.0,)):
+            tensors[name] = cast(operands[0], dtype)  # scale 1 is a copy
+            continue
+        tensors[name] = intern(Merge(spec.name, operands, base, tuple(sorted(params.items())),
+                                     seed if spec.random else 0,
+                                     name if spec.random else "", dtype))
+    return VirtualModel(step.name, first.config, tensors, first.stack, first.donor,
+                        first.changed)
+
+
+def _resolve_for(spec: Any, shared: Mapping[str, Any], entries: list, tensor: str,
+                 model: VirtualModel) -> dict[str, Any]:
+    """Parameter values for one tensor: numbers, bools and ints as given, numeric parameters
+    resolved (gradients, rules), per-input ones as a tuple aligned with the inputs."""
+    out: dict[str, Any] = {}
+
+    def value(p: Any, raw: Any) -> Any:
+        if p.type in ("bool", "int") or raw is None:
+            return raw
+        return resolve(raw, tensor, model.stack) if not is_constant(raw) else float(raw)
+
+    for p in spec.params:
+        if p.scope == "shared":
+            if p.name in shared:
+                out[p.name] = value(p, shared[p.name])
+            continue
+        raws = [params.get(p.name, shared.get(p.name)) for _, params, _ in entries]
+        if all(r is None for r in raws) and p.name not in shared:
+            continue  # the kernel's default
+        out[p.name] = tuple(value(p, r) if r is not None else p.default for r in raws)
+    return out

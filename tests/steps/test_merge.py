@@ -1,0 +1,182 @@
+"""steps/merge.py: `op: merge` end to end.
+
+Oracles: the kernels of ops/merge.py applied to the loaded tensors (the wiring: which inputs,
+base and per-tensor parameters reach each kernel), properties (a model merged with itself is
+itself; a seed reproduces), and — when the side venv exists — mergekit 0.1.5 itself on the same
+recipe (tests marked `mergekit`; the kernels' committed goldens cover CI).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from recipekit.ops.merge import apply_method
+
+from builders import make_model
+from conftest import ROOT, write_recipe
+
+MERGEKIT = ROOT / "bench" / ".venv-mergekit" / "bin" / "mergekit-yaml"
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
+    return out
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trio")
+    return [make_model("llama", d / n, layers=3, seed=s, dtype=torch.float32)
+            for n, s in (("base", 0), ("x", 1), ("y", 2))]
+
+
+def recipe_text(trio, step: str) -> str:
+    base, x, y = trio
+    return (f"recipekit: 1\nmodels:\n  base: {base}\n  x: {x}\n  y: {y}\nsteps:\n"
+            f"  - name: m\n    op: merge\n{step}output: {{path: ./out}}\n")
+
+
+def run(cli, tmp_path, trio, step: str) -> dict[str, torch.Tensor]:
+    r = write_recipe(tmp_path, recipe_text(trio, step))
+    result = cli("run", r, "-q")
+    assert result.exit_code == 0, result.output
+    return tensors(tmp_path / "out")
+
+
+CASES = {
+    "linear": ("    method: linear\n    from: [{model: x, weight: 0.3}, {model: y, weight: 0.7}]\n",
+               lambda b, x, y: apply_method("linear", [x, y], params={"weight": [0.3, 0.7]})),
+    "slerp": ("    method: slerp\n    from: [x, y]\n    parameters: {t: 0.3}\n",
+              lambda b, x, y: apply_method("slerp", [y], base=x, params={"t": 0.3})),
+    "task_arithmetic": (
+        "    method: task_arithmetic\n    base: base\n    from: [{model: x, weight: 0.5}, "
+        "{model: y, weight: 0.25}]\n",
+        lambda b, x, y: apply_method("task_arithmetic", [x, y], base=b,
+                                     params={"weight": [0.5, 0.25]})),
+    "ties": ("    method: ties\n    base: base\n    from: [{model: x, weight: 0.6, density: 0.5},"
+             " {model: y, weight: 0.4, density: 0.7}]\n",
+             lambda b, x, y: apply_method("ties", [x, y], base=b, params={
+                 "weight": [0.6, 0.4], "density": [0.5, 0.7]})),
+    "nearswap": ("    method: nearswap\n    from: [x, y]\n    parameters: {t: 0.001}\n",
+                 lambda b, x, y: apply_method("nearswap", [y], base=x, params={"t": 0.001})),
+    "model_stock": ("    method: model_stock\n    base: base\n    from: [x, y]\n",
+                    lambda b, x, y: apply_method("model_stock", [x, y], base=b)),
+}
+
+
+class TestWiring:
+    """Oracle: the method's kernel on the loaded tensors, rounded once to the input dtype."""
+
+    @pytest.mark.parametrize("method", list(CASES))
+    def test_each_tensor_is_the_kernel_of_its_inputs(self, cli, tmp_path, trio, method):
+        step, kernel = CASES[method]
+        out = run(cli, tmp_path, trio, step)
+        b, x, y = (tensors(p) for p in trio)
+        assert out.keys() == b.keys()
+        for name, t in out.items():
+            want = kernel(b[name], x[name], y[name]).to(torch.float32)
+            assert torch.equal(t, want), (method, name)
+
+    def test_gradient_parameter_per_layer(self, cli, tmp_path, trio):
+        out = run(cli, tmp_path, trio, "    method: slerp\n    from: [x, y]\n"
+                  "    parameters: {t: {gradient: [0, 1]}}\n")
+        x, y = tensors(trio[1]), tensors(trio[2])
+        name = "model.layers.1.mlp.up_proj.weight"
+        want = apply_method("slerp", [y[name]], base=x[name], params={"t": 0.5})
+        assert torch.equal(out[name], want)
+        assert torch.equal(out["model.embed_tokens.weight"], apply_method(
+            "slerp", [y["model.embed_tokens.weight"]], base=x["model.embed_tokens.weight"],
+            params={"t": 0.0}))
+
+
+class TestProperties:
+    def test_model_merged_with_itself_is_itself(self, cli, tmp_path, trio):
+        out = run(cli, tmp_path, trio, "    method: linear\n    from: [{model: x, weight: 1}, "
+                  "{model: x, weight: 3}]\n")
+        src = tensors(trio[1])
+        assert all(torch.equal(out[k], src[k]) for k in src)
+
+    def test_random_methods_reproduce_with_a_seed(self, cli, tmp_path, trio):
+        step = ("    method: dare_ties\n    base: base\n    from: [{model: x, weight: 1, "
+                "density: 0.5}, {model: y, weight: 1, density: 0.5}]\n    seed: SEED\n")
+
+        def merged(sub: str, seed: int) -> dict[str, torch.Tensor]:
+            (tmp_path / sub).mkdir()
+            return run(cli, tmp_path / sub, trio, step.replace("SEED", str(seed)))
+
+        first, again, other = merged("a", 7), merged("b", 7), merged("c", 8)
+        name = "model.layers.0.mlp.up_proj.weight"
+        assert all(torch.equal(first[k], again[k]) for k in first)
+        assert not torch.equal(first[name], other[name])
+
+
+class TestContract:
+    """Oracle: the method contracts of reference/merge-methods.md §1, as located messages."""
+
+    @pytest.mark.parametrize("step, message", [
+        ("    method: ties\n    from: [{model: x, weight: 1}]\n",
+         "steps[0]: method ties needs `base:` (the model the others are deltas from)"),
+        ("    method: ties\n    base: base\n    from: [base, {model: x, weight: 1}]\n",
+         "steps[0].base: 'base' is the base and must not also appear in `from`"),
+        ("    method: slerp\n    base: base\n    from: [x, y]\n    parameters: {t: 0.5}\n",
+         "steps[0].base: slerp takes `from: [A, B]` (t = 0 gives A) and no `base:`"),
+        ("    method: linear\n    from: [x, {model: y, weight: 1}]\n",
+         "steps[0].from[0]: method linear needs a `weight` for each input"),
+        ("    method: linear\n    base: base\n    from: [x]\n    parameters: {weight: 1}\n",
+         "steps[0].base: method linear takes no base; list every model under `from`"),
+        ("    method: slerp\n    from: [x, y]\n",
+         "steps[0]: method slerp needs `parameters: {t: ...}`"),
+        ("    method: ties\n    base: base\n    from: [x]\n    parameters: {weight: 1, "
+         "lamda: 2}\n",
+         "steps[0].parameters.lamda: unknown parameter for method ties; did you mean 'lambda'?"),
+        ("    method: ties\n    base: base\n    from: [x]\n    parameters: {weight: 1, "
+         "normalize: 1}\n",
+         "steps[0].parameters.normalize: expected a boolean, got 1"),
+        ("    method: model_stock\n    base: base\n    from: [x]\n",
+         "steps[0].from: method model_stock takes at least 2 model(s) in `from` (besides the "
+         "base), got 1"),
+    ])
+    def test_located_errors(self, cli, tmp_path, trio, step, message):
+        r = write_recipe(tmp_path, recipe_text(trio, step))
+        result = cli("validate", r)
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr, result.stderr
+
+
+@pytest.mark.mergekit
+@pytest.mark.skipif(not MERGEKIT.exists(), reason="no side venv: bash bench/setup_mergekit.sh")
+@pytest.mark.parametrize("method", ["linear", "ties", "task_arithmetic", "slerp"])
+def test_same_output_as_mergekit(cli, tmp_path, trio, method):
+    """Oracle: mergekit 0.1.5 on the same fp32 models (`dtype: float32`), within 1e-6."""
+    base, x, y = trio
+    configs = {
+        "linear": f"models:\n  - model: {x}\n    parameters: {{weight: 0.3}}\n"
+                  f"  - model: {y}\n    parameters: {{weight: 0.7}}\nmerge_method: linear\n",
+        "ties": f"base_model: {base}\nmodels:\n  - model: {x}\n    parameters: {{weight: 0.6, "
+                f"density: 0.5}}\n  - model: {y}\n    parameters: {{weight: 0.4, density: 0.7}}\n"
+                "merge_method: ties\n",
+        "task_arithmetic": f"base_model: {base}\nmodels:\n  - model: {x}\n    parameters: "
+                           f"{{weight: 0.5}}\n  - model: {y}\n    parameters: {{weight: 0.25}}\n"
+                           "merge_method: task_arithmetic\n",
+        "slerp": f"base_model: {x}\nmodels:\n  - model: {x}\n  - model: {y}\n"
+                 "merge_method: slerp\nparameters: {t: 0.3}\n",
+    }
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text(configs[method] + "dtype: float32\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    subprocess.run([str(MERGEKIT), str(cfg), str(tmp_path / "mk")], check=True, env=env,
+                   capture_output=True)
+    ours = run(cli, tmp_path, trio, CASES[method][0])
+    theirs = tensors(tmp_path / "mk")
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0), (method, k)
