@@ -57,3 +57,33 @@ def test_number_like_scalars_that_are_no_numbers_are_yaml_errors(tmp_path, scala
     (err,) = e.value.errors
     assert "as a number (quote it to make it a string)" in err.message
     assert (err.location.line, err.location.column) == (8, 14)
+
+
+def _alias_bomb(levels: int) -> str:
+    lines = ["recipekit: 1", "models: {tiny: ./model}", "l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    # a recursive alias and nesting past Python's recursion limit raised RecursionError
+    ("recipe.yaml", "recipekit: 1\nmodels: {tiny: ./model}\nsteps: &s [*s]\n",
+     "invalid YAML: an alias refers to a value that contains it"),
+    ("recipe.yaml", "recipekit: 1\nx: " + "[" * 500 + "]" * 500 + "\n",
+     "invalid YAML: nested too deeply"),
+    ("recipe.json", '{"recipekit": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "invalid JSON: nested too deeply"),
+    # "billion laughs": 9**9 values through aliases took all memory
+    ("recipe.yaml", _alias_bomb(10), "invalid YAML: aliases repeat more than 10000 values"),
+], ids=["recursive-alias", "deep-yaml", "deep-json", "alias-bomb"])
+def test_recursive_deep_and_exploding_documents_are_recipe_errors(tmp_path, name, text, message):
+    with pytest.raises(RecipeErrors) as e:
+        load_recipe(write_recipe(tmp_path, text, name=name))
+    assert [x.message for x in e.value.errors] == [message]
+
+
+def test_aliases_that_repeat_a_few_values_still_work(tmp_path):
+    text = solar_recipe(layers="&l [0, 1]", output=None) + (
+        "  - name: again\n    op: layers\n    from: up\n    layers: *l\n")
+    r = load_recipe(write_recipe(tmp_path, text))
+    assert r.steps["again"].spec["layers"] == [0, 1]
