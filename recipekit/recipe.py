@@ -330,6 +330,8 @@ def _known_keys(doc: Document, path: KeyPath) -> list[str]:
         return list(defs["model_source"]["oneOf"][branch]["properties"])
     if len(path) == 4 and path[0] == "steps" and path[2] == "layers":
         return ["from", "range", "layers"]
+    if len(path) == 4 and path[0] == "steps" and path[2] == "from" and "merge_input" in defs:
+        return list(defs["merge_input"]["oneOf"][1]["properties"])
     return []
 
 
@@ -761,27 +763,36 @@ def _topological_order(doc: Document, by_name: dict[str, tuple[int, dict[str, An
     state: dict[str, int] = {}  # 1 visiting, 2 done
     reported: set[frozenset[str]] = set()
 
-    def visit(name: str, stack: list[str]) -> None:
-        if state.get(name) == 2 or name not in by_name:
+    def visit(root: str) -> None:  # depth-first, with explicit stacks: chains may be long
+        if state.get(root) == 2:
             return
-        if state.get(name) == 1:
-            cycle = stack[stack.index(name):] + [name]
-            key = frozenset(cycle)
-            if key not in reported:
-                reported.add(key)
-                first = min(cycle[:-1], key=lambda n: by_name[n][0])
-                errors.append(doc.error(
-                    ("steps", by_name[first][0], "name"),
-                    "steps form a cycle: " + " -> ".join(cycle),
-                    hint="a step can only use models and steps that do not depend on it"))
-            return
-        state[name] = 1
-        for dep in deps.get(name, []):
-            if dep != name:
-                visit(dep, stack + [name])
-        state[name] = 2
-        order.append(name)
+        state[root] = 1
+        path = [root]  # the steps being visited, outermost first
+        todo = [iter(deps.get(root, []))]
+        while todo:
+            dep = next(todo[-1], None)
+            if dep is None:
+                done = path.pop()
+                todo.pop()
+                state[done] = 2
+                order.append(done)
+            elif dep == path[-1] or state.get(dep) == 2 or dep not in by_name:
+                continue
+            elif state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep]
+                key = frozenset(cycle)
+                if key not in reported:
+                    reported.add(key)
+                    first = min(cycle[:-1], key=lambda n: by_name[n][0])
+                    errors.append(doc.error(
+                        ("steps", by_name[first][0], "name"),
+                        "steps form a cycle: " + " -> ".join(cycle),
+                        hint="a step can only use models and steps that do not depend on it"))
+            else:
+                state[dep] = 1
+                path.append(dep)
+                todo.append(iter(deps.get(dep, [])))
 
     for name in by_name:
-        visit(name, [])
+        visit(name)
     return order

@@ -87,3 +87,26 @@ def test_aliases_that_repeat_a_few_values_still_work(tmp_path):
         "  - name: again\n    op: layers\n    from: up\n    layers: *l\n")
     r = load_recipe(write_recipe(tmp_path, text))
     assert r.steps["again"].spec["layers"] == [0, 1]
+
+
+@pytest.mark.parametrize("n", [3, 1500])
+def test_long_chains_of_steps_listed_last_first(tmp_path, n):
+    # _topological_order recursed once per step: a chain of 1500 steps listed from its end
+    # raised RecursionError
+    steps = "".join(f"  - {{name: s{i}, op: layers, from: {'tiny' if i == 0 else f's{i - 1}'}, "
+                    "layers: [0]}\n" for i in reversed(range(n)))
+    text = f"recipekit: 1\nmodels:\n  tiny: ./model\nsteps:\n{steps}output: {{model: s{n - 1}}}\n"
+    r = load_recipe(write_recipe(tmp_path, text))
+    assert list(r.steps) == [f"s{i}" for i in range(n)]
+
+
+def test_cycles_are_still_reported_once_each(tmp_path):
+    text = ("recipekit: 1\nmodels: {tiny: ./model}\nsteps:\n"
+            "  - {name: a, op: layers, from: c, layers: [0]}\n"
+            "  - {name: b, op: layers, from: a, layers: [{from: b2, range: [0, 1]}]}\n"
+            "  - {name: c, op: layers, from: b, layers: [0]}\n"
+            "  - {name: b2, op: layers, from: b, layers: [0]}\n")
+    with pytest.raises(RecipeErrors) as e:
+        load_recipe(write_recipe(tmp_path, text))
+    assert sorted(x.message for x in e.value.errors) == [
+        "steps form a cycle: a -> c -> b -> a", "steps form a cycle: b -> b2 -> b"]
