@@ -493,14 +493,17 @@ def parse_layer_range(text: str) -> range:
         raise ValueError(
             f"{text!r} is not a layer range; write \"range(start, stop)\" or "
             "\"range(start, stop, step)\" with integers")
-    start, stop = int(m.group(1)), int(m.group(2))
-    step = int(m.group(3)) if m.group(3) is not None else 1
+    try:
+        start, stop = int(m.group(1)), int(m.group(2))
+        step = int(m.group(3)) if m.group(3) is not None else 1
+    except ValueError:  # more than 4300 digits
+        raise ValueError(f"{_show(text)}: a number in it is far too large") from None
     if start < 0 or stop < 0:
         raise ValueError(f"{text!r}: layer indices must not be negative")
     if step == 0:
         raise ValueError(f"{text!r}: step must not be 0")
     r = range(start, stop, step)
-    if len(r) == 0:
+    if not r:  # len() overflows past sys.maxsize
         if start == stop:
             raise ValueError(f"{text!r} is empty (start equals stop); ranges are half-open, "
                              f"so range({start},{stop + 1}) selects layer {start}")

@@ -118,3 +118,34 @@ def test_cycles_are_still_reported_once_each(tmp_path):
         load_recipe(write_recipe(tmp_path, text))
     assert sorted(x.message for x in e.value.errors) == [
         "steps form a cycle: a -> c -> b -> a", "steps form a cycle: b -> b2 -> b"]
+
+
+@pytest.mark.parametrize(("layers", "message"), [
+    # len(range) overflowed past sys.maxsize in parse_layer_range (OverflowError) ...
+    ('["range(0,100000000000000000000000000000)"]',
+     "reaches layer 99999999999999999999999999999, but model 'tiny' has 8 layers (0-7)"),
+    # ... and the layers op made a list of every index before checking any (MemoryError)
+    ('["range(0,1000000000000)"]', "reaches layer 999999999999, but model 'tiny' has 8 layers"),
+    ("[{from: tiny, range: [0, 1000000000000]}]", "range [0, 1000000000000] reaches layer"),
+    ('["range(1000000000000,0,-1)"]', "reaches layer 1000000000000, but"),
+    ("[8]", "layer 8, but model 'tiny' has 8 layers (0-7)"),
+])
+def test_huge_layer_ranges_are_refused_without_being_listed(tmp_path, tiny_llama, layers,
+                                                            message):
+    from recipekit.plan import compile_plan
+
+    r = load_recipe(write_recipe(tmp_path, solar_recipe(tiny_llama, layers=layers)))
+    with pytest.raises(RecipeErrors) as e:
+        compile_plan(r, resolve_sources(r))
+    (err,) = e.value.errors
+    assert message in err.message
+    assert err.key_path == ("steps", 0, "layers", 0)
+
+
+def test_range_numbers_past_python_int_limit(tmp_path):
+    # int() of more than 4300 digits raised ValueError with Python's own advice as the message
+    with pytest.raises(RecipeErrors) as e:
+        load_recipe(write_recipe(tmp_path, solar_recipe(layers=f'["range(0,{"9" * 5000})"]')))
+    (err,) = e.value.errors
+    assert err.message.endswith(": a number in it is far too large")
+    assert "sys.set_int_max_str_digits" not in err.render()

@@ -23,26 +23,29 @@ log = logging.getLogger(__name__)
 Pick = tuple[str, int, KeyPath]  # (model name, layer index, key path of the recipe entry)
 
 
-def _expand(step: Step) -> list[tuple[str, list[int], KeyPath, str]]:
-    """Each entry as (model, indices, key path, how the user wrote it)."""
+def _expand(step: Step) -> list[tuple[str, range, KeyPath, str]]:
+    """Each entry as (model, indices, key path, how the user wrote it).
+
+    Indices stay ranges until they are checked against the model: "range(0, 10**12)" is one.
+    """
     out = []
     base = step.spec["from"]
     for j, entry in enumerate(step.spec["layers"]):
         path = step.key_path + ("layers", j)
         if isinstance(entry, int):
-            out.append((base, [entry], path, str(entry)))
+            out.append((base, range(entry, entry + 1), path, str(entry)))
         elif isinstance(entry, str):
-            out.append((base, list(parse_layer_range(entry)), path, entry))
+            out.append((base, parse_layer_range(entry), path, entry))
         elif "range" in entry:
             a, b = entry["range"]
-            out.append((entry["from"], list(range(a, b)), path, f"range [{a}, {b}]"))
+            out.append((entry["from"], range(a, b), path, f"range [{a}, {b}]"))
         else:
             for k, sub in enumerate(entry["layers"]):
                 sub_path = path + ("layers", k)
                 if isinstance(sub, int):
-                    out.append((entry["from"], [sub], sub_path, str(sub)))
+                    out.append((entry["from"], range(sub, sub + 1), sub_path, str(sub)))
                 else:
-                    out.append((entry["from"], list(parse_layer_range(sub)), sub_path, sub))
+                    out.append((entry["from"], parse_layer_range(sub), sub_path, sub))
     return out
 
 
@@ -77,9 +80,9 @@ def build_layers(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe)
     picks: list[Pick] = []
     for src, indices, path, written in _expand(step):
         n = models[src].stack.num_layers
-        bad = [i for i in indices if i >= n]
-        if bad:
-            what = f"layer {bad[0]}" if len(indices) == 1 else f"{written} reaches layer {max(bad)}"
+        top = max(indices[0], indices[-1])  # not max(indices): that would walk the range
+        if top >= n:
+            what = f"layer {top}" if not indices[1:] else f"{written} reaches layer {top}"
             errors.append(recipe.error(path, f"{what}, but model '{src}' has {n} layers "
                                        f"(0-{n - 1})", hint="use indices below " + str(n)))
             continue
