@@ -1,0 +1,12 @@
+"""Pure tensor math: merge kernels, pruning of task vectors, coalescing maps, LoRA math.
+
+Every function here is a typed function of tensors and numbers. None reads or writes files,
+knows about recipes, logs, or touches the global random number generator: random kernels take
+an explicit `torch.Generator`. Kernels compute in fp32 (fp64 when an input is fp64) and return
+that dtype; the caller rounds once to the output dtype (DESIGN.md §2 "Numerics").
+
+Modules:
+    merge: one kernel per merge formula of mergekit 0.1.5, and the `METHODS` registry.
+    sparsify: magnitude / Bernoulli / breadcrumbs / DELLA pruning, SCE's variance top-k and
+        TIES sign consensus.
+"""

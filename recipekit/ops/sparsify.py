@@ -1,0 +1,440 @@
+"""Pruning of task vectors (τ = θ − θ_base) and TIES sign consensus.
+
+These are the pruning steps of the task-arithmetic merge family (`merge.ties`, `merge.dare_*`,
+`merge.breadcrumbs*`, `merge.della*`, `merge.sce`), kept apart so adapter combination can reuse
+them. Each one selects entries of **one** task vector by its own magnitudes (or at random), and
+optionally rescales what it keeps so the L1 norm is unchanged. Formulas, thresholds and
+tie-breaking follow mergekit 0.1.5 as described in `reference/merge-methods.md` §2.6–2.7:
+
+* where mergekit sorts, we make the same non-stable torch call on an fp32 key, so tied
+  magnitudes fall the same way on the CPU;
+* random masks are ``torch.bernoulli(p, generator=g)`` over the whole tensor, one draw per task
+  vector, so a generator seeded like mergekit's global CPU generator gives its exact mask.
+
+All functions compute in fp32 (fp64 if the input is fp64) and return that dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "CONSENSUS_METHODS",
+    "SPARSIFIERS",
+    "apply_mask",
+    "bernoulli_prune",
+    "breadcrumbs_prune",
+    "compute_dtype",
+    "della_keep_probabilities",
+    "della_prune",
+    "elect_sign",
+    "magnitude_prune",
+    "sce_topk_mask",
+    "sign_consensus_mask",
+    "sparsify",
+]
+
+#: sparsifier names as mergekit 0.1.5 spells them (`SparsificationMethod`)
+SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
+#: sign-consensus rules (`ConsensusMethod`); only "sum" is used by a registered method
+CONSENSUS_METHODS = ("sum", "count")
+
+#: below this L1 norm (before or after masking) `apply_mask` does not rescale
+RESCALE_EPS = 1e-7
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype a kernel computes in: fp64 if any input is fp64, else fp32.
+
+    Example:
+        >>> compute_dtype(torch.zeros(2, dtype=torch.bfloat16))
+        torch.float32
+    """
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _work(tau: torch.Tensor) -> torch.Tensor:
+    return tau.to(compute_dtype(tau))
+
+
+def apply_mask(tau: torch.Tensor, mask: torch.Tensor, *, rescale: bool = False) -> torch.Tensor:
+    """Keep the masked entries of τ; with `rescale`, match the L1 norm of the original.
+
+    Formula: ``τ̃ = m⊙τ · ‖τ‖₁ / ‖m⊙τ‖₁`` (mergekit's L1 `rescaled_masked_tensor`), or
+    ``τ̃ = m⊙τ`` without rescale. If either L1 norm is below 1e-7 the mask is applied without
+    rescaling. This is neither DARE's 1/p nor DELLA's per-entry 1/p_ij: one factor per tensor.
+
+    Shapes: τ and m are the same shape (m is 0/1 in τ's dtype, or bool). Oracle: the formula
+    (tests/ops/test_sparsify.py::TestApplyMask).
+
+    Args:
+        tau: the task vector, already in the compute dtype.
+        mask: which entries to keep.
+        rescale: match ‖τ‖₁ after masking.
+
+    Returns:
+        The masked (and maybe rescaled) task vector, τ's dtype.
+
+    Example:
+        >>> apply_mask(torch.tensor([1.0, -2.0, 3.0]), torch.tensor([1.0, 0.0, 1.0]), rescale=True)
+        tensor([1.5000, -0.0000, 4.5000])
+    """
+    masked = tau * mask
+    if not rescale:
+        return masked
+    before = tau.abs().sum()
+    after = masked.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude_prune(tau: torch.Tensor, *, density: float, rescale: bool = False) -> torch.Tensor:
+    """Keep the ``max(1, ⌊d·n⌋)`` largest-magnitude entries of τ (TIES "trim").
+
+    Formula: k = max(1, ⌊d·n⌋) for n = numel(τ); keep the first k positions of the non-stable
+    descending ``argsort(|τ|)`` (fp32 key, as mergekit on the CPU), then `apply_mask`.
+    d ≥ 1 returns τ unchanged; d ≤ 0 or an empty τ gives zeros.
+
+    Paper: Yadav et al. 2023, "TIES-Merging", https://arxiv.org/abs/2306.01708.
+    Shapes: any; the selection is over the whole tensor. Oracle: the formula, and mergekit
+    0.1.5's `ties` goldens (tests/goldens/merge/ties.safetensors).
+
+    Args:
+        tau: the task vector.
+        density: the fraction of entries to keep.
+        rescale: L1 rescaling of what is kept (`apply_mask`).
+
+    Returns:
+        The pruned τ in the compute dtype.
+
+    Example:
+        >>> magnitude_prune(torch.tensor([0.1, -3.0, 2.0, 0.5]), density=0.5)
+        tensor([ 0., -3.,  2.,  0.])
+    """
+    x = _work(tau)
+    if density >= 1:
+        return x.clone()
+    n = x.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros_like(x)
+    k = max(1, int(density * n))
+    order = torch.argsort(x.abs().reshape(-1).float(), descending=True)
+    mask = torch.zeros(n, dtype=x.dtype, device=x.device)
+    mask[order[:k]] = 1
+    return apply_mask(x, mask.reshape(x.shape), rescale=rescale)
+
+
+def breadcrumbs_prune(tau: torch.Tensor, *, density: float, gamma: float = 0.01,
+                      rescale: bool = False) -> torch.Tensor:
+    """Drop the smallest entries and the largest outliers of τ, keeping ⌊d·n⌋ (breadcrumbs).
+
+    Formula: keep = ⌊d·n⌋ (may be 0), top = ⌊γ·n⌋, bot = max(0, n − keep − top). Sort |τ|
+    ascending (non-stable, fp32 key) and keep the positions [bot, bot + keep): the bottom `bot`
+    and the top n − bot − keep entries are dropped, so when d + γ > 1 density wins and fewer
+    than `top` outliers go. d ≥ 1 returns τ unchanged (no outlier removal); d ≤ 0 gives zeros.
+
+    Paper: Davari & Belilovsky 2023, "Model Breadcrumbs", https://arxiv.org/abs/2312.06795.
+    Shapes: any; selection over the whole tensor. Oracle: the formula, and mergekit 0.1.5's
+    `breadcrumbs` goldens.
+
+    Args:
+        tau: the task vector.
+        density: the fraction of entries to keep.
+        gamma: the fraction of largest-magnitude entries to drop.
+        rescale: L1 rescaling of what is kept.
+
+    Returns:
+        The pruned τ in the compute dtype.
+
+    Example:
+        >>> breadcrumbs_prune(torch.tensor([0.1, -3.0, 2.0, 0.5]), density=0.5, gamma=0.25)
+        tensor([0.0000, -0.0000, 2.0000, 0.5000])
+    """
+    x = _work(tau)
+    if density >= 1:
+        return x.clone()
+    if density <= 0:
+        return torch.zeros_like(x)
+    n = x.numel()
+    keep = int(density * n)
+    top = int(gamma * n)
+    bot = max(0, n - keep - top)
+    order = torch.sort(x.abs().reshape(-1).float(), descending=False).indices
+    mask = torch.zeros(n, dtype=x.dtype, device=x.device)
+    mask[order[bot:bot + keep]] = 1
+    return apply_mask(x, mask.reshape(x.shape), rescale=rescale)
+
+
+def _draw(p: torch.Tensor, generator: torch.Generator | None, what: str) -> torch.Tensor:
+    """Bernoulli(p) drawn on the generator's device, returned on p's device."""
+    if generator is None:
+        raise ValueError(f"{what} is random: pass a torch.Generator (seeded by the caller)")
+    return torch.bernoulli(p.to(generator.device), generator=generator).to(p.device)
+
+
+def bernoulli_prune(tau: torch.Tensor, *, density: float, rescale: bool = False,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """Keep each entry of τ independently with probability `density` (DARE's drop).
+
+    Formula: m ~ Bernoulli(d) i.i.d., one ``torch.bernoulli`` over the whole tensor from
+    `generator`, then `apply_mask` (L1 rescale, not 1/p). d ≥ 1 returns τ unchanged and draws
+    nothing; any d < 1 (0 included) consumes one draw per entry, as mergekit does.
+
+    Paper: Yu et al. 2023, "Language Models are Super Mario" (DARE),
+    https://arxiv.org/abs/2311.03099.
+    Shapes: any. Oracle: mergekit 0.1.5 drawing from ``torch.manual_seed(s)`` equals us drawing
+    from ``torch.Generator().manual_seed(s)`` (both CPU mt19937), and the kept fraction is d.
+
+    Args:
+        tau: the task vector.
+        density: the keep probability, in [0, 1].
+        rescale: L1 rescaling of what is kept.
+        generator: the source of randomness (the caller seeds it by seed and tensor name).
+
+    Returns:
+        The pruned τ in the compute dtype.
+
+    Raises:
+        ValueError: no generator, or density < 0.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> bernoulli_prune(torch.ones(6), density=0.5, generator=g)
+        tensor([1., 0., 1., 1., 1., 0.])
+    """
+    x = _work(tau)
+    if density >= 1:
+        return x.clone()
+    if density < 0:
+        raise ValueError(f"density must be in [0, 1] for random pruning, got {density}")
+    p = torch.full(x.shape, density, dtype=x.dtype, device=x.device)
+    mask = _draw(p, generator, "random (DARE) pruning")
+    return apply_mask(x, mask, rescale=rescale)
+
+
+def della_keep_probabilities(tau: torch.Tensor, *, density: float,
+                             epsilon: float) -> torch.Tensor:
+    """DELLA's keep probability per entry: linear in the entry's magnitude rank in its row.
+
+    Formula: for a row of length L, r is the 0-based ascending rank of |τ| (a double
+    non-stable argsort along dim 1) and ``p = (d − ε) + (r/(L−1))·2·ε``, so p runs from d − ε
+    (smallest) to d + ε (largest) with mean d. A 1-D τ is one row; an N-D τ is ranked along
+    dim 1 (not per tensor, not along the last axis).
+
+    Paper: Deep et al. 2024, "DELLA-Merging", https://arxiv.org/abs/2406.11617.
+    Shapes: τ [n] or [R, L, ...]; returns p of τ's shape. Oracle: the formula on small rows.
+
+    Args:
+        tau: the task vector.
+        density: the mean keep probability d.
+        epsilon: the half-width ε of the probability range.
+
+    Returns:
+        p in the compute dtype, τ's shape.
+
+    Raises:
+        ValueError: a row of length 1 (mergekit divides 0 by 0 and torch.bernoulli fails).
+
+    Example:
+        >>> della_keep_probabilities(torch.tensor([0.3, -0.1, 0.2]), density=0.5, epsilon=0.1)
+        tensor([0.6000, 0.4000, 0.5000])
+    """
+    x = _work(tau)
+    rows = x.reshape(1, -1) if x.dim() < 2 else x
+    length = rows.shape[1]
+    if length < 2:
+        raise ValueError(
+            f"DELLA ranks entries along dim 1, which has length {length} in a tensor of "
+            f"shape {list(tau.shape)}: it needs at least 2 (mergekit fails here too)")
+    order = torch.argsort(rows.abs(), dim=1)
+    rank = torch.argsort(order, dim=1).to(x.dtype)
+    p = (density - epsilon) + (rank / (length - 1)) * 2 * epsilon
+    return p.reshape(x.shape)
+
+
+def della_prune(tau: torch.Tensor, *, density: float, epsilon: float = 0.15,
+                rescale: bool = False, generator: torch.Generator | None) -> torch.Tensor:
+    """DELLA's MAGPRUNE: keep each entry with a probability that grows with its magnitude rank.
+
+    Formula: m ~ Bernoulli(p) with p from `della_keep_probabilities`, drawn in one
+    ``torch.bernoulli`` from `generator`, then `apply_mask` (L1 rescale over the whole tensor,
+    not DELLA's per-entry 1/p). d ≥ 1 returns τ unchanged; d ≤ 0 gives zeros (neither draws).
+
+    Paper: Deep et al. 2024, "DELLA-Merging", https://arxiv.org/abs/2406.11617.
+    Shapes: τ [n] or [R, L, ...] with L ≥ 2. Oracle: mergekit 0.1.5 goldens under the same
+    seed, and the kept rate per rank decile (tests/goldens/merge/random_stats.json).
+
+    Args:
+        tau: the task vector.
+        density: the mean keep probability d.
+        epsilon: the half-width ε; d − ε and d + ε must lie strictly inside (0, 1).
+        rescale: L1 rescaling of what is kept.
+        generator: the source of randomness.
+
+    Returns:
+        The pruned τ in the compute dtype.
+
+    Raises:
+        ValueError: d ± ε outside (0, 1), a dim-1 length of 1, or no generator.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> della_prune(torch.tensor([0.3, -0.1, 0.2, 0.4]), density=0.5, epsilon=0.1,
+        ...             generator=g)
+        tensor([0.3000, -0.0000, 0.2000, 0.4000])
+    """
+    x = _work(tau)
+    if density >= 1:
+        return x.clone()
+    if density <= 0:
+        return torch.zeros_like(x)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"DELLA needs density ± epsilon inside (0, 1); got density {density}, "
+            f"epsilon {epsilon}")
+    p = della_keep_probabilities(x, density=density, epsilon=epsilon)
+    mask = _draw(p, generator, "DELLA pruning")
+    return apply_mask(x, mask, rescale=rescale)
+
+
+def sparsify(tau: torch.Tensor, method: str, *, density: float, rescale: bool = False,
+             gamma: float = 0.01, epsilon: float = 0.15,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Prune one task vector with the sparsifier named as mergekit names it.
+
+    `method` is one of `SPARSIFIERS`: "magnitude" (`magnitude_prune`), "random"
+    (`bernoulli_prune`), "magnitude_outliers" (`breadcrumbs_prune`, uses `gamma`),
+    "della_magprune" (`della_prune`, uses `epsilon`). Oracle: the functions it calls.
+
+    Args:
+        tau: the task vector.
+        method: the sparsifier.
+        density: the fraction to keep.
+        rescale: L1 rescaling of what is kept.
+        gamma: breadcrumbs' outlier fraction.
+        epsilon: DELLA's probability half-width.
+        generator: for "random" and "della_magprune".
+
+    Returns:
+        The pruned τ in the compute dtype.
+
+    Raises:
+        ValueError: an unknown method, or the called function's errors.
+
+    Example:
+        >>> sparsify(torch.tensor([0.1, -3.0, 2.0, 0.5]), "magnitude", density=0.25)
+        tensor([ 0., -3.,  0.,  0.])
+    """
+    if method == "magnitude":
+        return magnitude_prune(tau, density=density, rescale=rescale)
+    if method == "random":
+        return bernoulli_prune(tau, density=density, rescale=rescale, generator=generator)
+    if method == "magnitude_outliers":
+        return breadcrumbs_prune(tau, density=density, gamma=gamma, rescale=rescale)
+    if method == "della_magprune":
+        return della_prune(tau, density=density, epsilon=epsilon, rescale=rescale,
+                           generator=generator)
+    raise ValueError(f"unknown sparsifier {method!r}; expected one of {', '.join(SPARSIFIERS)}")
+
+
+def elect_sign(deltas: torch.Tensor, *, method: str = "sum") -> torch.Tensor:
+    """TIES "elect": the majority sign per entry across the stacked task vectors.
+
+    Formula: "sum": s = sign(Σ_i δ_i) with s = +1 where the sum is ≥ 0 (so the election is
+    weighted by magnitude, and by the merge weights when δ_i = w_i·τ̃_i). "count":
+    s = sign(Σ_i sign δ_i), again +1 on ties. A NaN sum elects −1, as in mergekit.
+
+    Paper: Yadav et al. 2023, "TIES-Merging", https://arxiv.org/abs/2306.01708.
+    Shapes: deltas [M, ...] → s [...] of ±1 in deltas' dtype. Oracle: the formula.
+
+    Args:
+        deltas: the M task vectors, stacked on dim 0.
+        method: "sum" or "count".
+
+    Returns:
+        ±1 per entry.
+
+    Raises:
+        ValueError: an unknown method.
+
+    Example:
+        >>> elect_sign(torch.tensor([[1.0, -1.0, 0.0], [-3.0, 0.5, 0.0]]))
+        tensor([-1., -1.,  1.])
+    """
+    if method == "sum":
+        score = deltas.sum(dim=0)
+    elif method == "count":
+        score = torch.sign(deltas).sum(dim=0)
+    else:
+        raise ValueError(f"unknown sign consensus {method!r}; expected 'sum' or 'count'")
+    one = torch.ones((), dtype=deltas.dtype, device=deltas.device)
+    return torch.where(score >= 0, one, -one)
+
+
+def sign_consensus_mask(deltas: torch.Tensor, *, method: str = "sum",
+                        int8: bool = False) -> torch.Tensor:
+    """TIES "disjoint merge" mask: which entries agree with the elected sign.
+
+    Formula: m_i = [sign(δ_i) = s] with s from `elect_sign`. A zero entry has sign 0 and never
+    agrees, so it never counts in the divisor Σ m_i w_i.
+
+    Paper: Yadav et al. 2023, "TIES-Merging", https://arxiv.org/abs/2306.01708.
+    Shapes: deltas [M, ...] → bool mask [M, ...]. Oracle: the formula.
+
+    Args:
+        deltas: the M task vectors, stacked on dim 0.
+        method: "sum" or "count" (`elect_sign`).
+        int8: hold the per-entry signs as int8 while comparing (mergekit's `int8_mask`): less
+            memory, the same mask.
+
+    Returns:
+        A bool mask of deltas' shape.
+
+    Example:
+        >>> sign_consensus_mask(torch.tensor([[1.0, -1.0, 0.0], [-3.0, 0.5, 0.0]]))
+        tensor([[False,  True, False],
+                [ True, False, False]])
+    """
+    elected = elect_sign(deltas, method=method)
+    signs = torch.sign(deltas)
+    if int8:
+        return signs.to(torch.int8) == elected.to(torch.int8)
+    return signs == elected
+
+
+def sce_topk_mask(deltas: torch.Tensor, *, fraction: float) -> torch.Tensor:
+    """SCE "select": keep the entries whose values vary most across the task vectors.
+
+    Formula: v = Var_i(δ_i) (population variance, ÷M) per entry; k = ⌊nnz(v)·f⌋; one shared
+    mask keeps the k entries with the largest v (``torch.topk``; ties arbitrary). f ≥ 1 keeps
+    everything; f ≤ 0 or k = 0 keeps nothing.
+
+    Paper: Wan et al. 2024, "FuseChat" (SCE), https://arxiv.org/abs/2408.07990.
+    Shapes: deltas [M, ...] → mask [...] of 0/1 in deltas' dtype. Oracle: mergekit 0.1.5's
+    `sce` goldens with select_topk < 1.
+
+    Args:
+        deltas: the M task vectors, stacked on dim 0.
+        fraction: the fraction f of nonzero-variance entries to keep.
+
+    Returns:
+        The mask.
+
+    Example:
+        >>> sce_topk_mask(torch.tensor([[0.0, 1.0, 5.0], [0.0, -1.0, 5.1]]), fraction=0.5)
+        tensor([0., 1., 0.])
+    """
+    shape, dtype, device = deltas.shape[1:], deltas.dtype, deltas.device
+    if fraction <= 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if fraction >= 1:
+        return torch.ones(shape, dtype=dtype, device=device)
+    variance = torch.var(deltas, dim=0, correction=0)
+    k = int(torch.count_nonzero(variance) * fraction)
+    mask = torch.zeros(shape, dtype=dtype, device=device)
+    if k == 0:
+        return mask
+    keep = torch.topk(variance.abs().reshape(-1), k=k, largest=True).indices
+    mask.view(-1)[keep] = 1
+    return mask
