@@ -149,3 +149,19 @@ def test_range_numbers_past_python_int_limit(tmp_path):
     (err,) = e.value.errors
     assert err.message.endswith(": a number in it is far too large")
     assert "sys.set_int_max_str_digits" not in err.render()
+
+
+@pytest.mark.parametrize(("layers", "where"), [
+    # JSON Schema's `integer` admits 3.0 and 1e300, so the schema passed them; the layers op
+    # then failed on them with TypeError ('float' object is not iterable / cannot be a range)
+    ("[3.0]", ("steps", 0, "layers", 0)),
+    ("[1e300]", ("steps", 0, "layers", 0)),
+    ("[{from: tiny, range: [0.0, 4]}]", ("steps", 0, "layers", 0, "range", 0)),
+    ("[{from: tiny, layers: [1, 2.0]}]", ("steps", 0, "layers", 0, "layers", 1)),
+])
+def test_integral_floats_are_not_layer_indices(tmp_path, layers, where):
+    with pytest.raises(RecipeErrors) as e:
+        load_recipe(write_recipe(tmp_path, solar_recipe(layers=layers)))
+    (err,) = e.value.errors
+    assert err.key_path == where
+    assert err.message.startswith("expected an integer layer index, got ")
