@@ -223,9 +223,15 @@ def load_document(path: str | Path) -> Document:
         raise RecipeErrors([RecipeError(f"not UTF-8 text ({e.reason})", file=display)]) from None
     doc = Document(display, None, text.splitlines())
     errors: list[RecipeError] = []
+    yaml_text, json_data, json_ok = text, None, False
     if p.suffix.lower() == ".json":
+        # The YAML pass below then only locates the JSON parser's document. Tabs are JSON
+        # whitespace that YAML refuses in places; no JSON string holds a raw tab, so the YAML
+        # pass reads them as spaces (one column each, as before).
+        yaml_text = text.replace("\t", " ")
         try:
-            json.loads(text, object_pairs_hook=_reject_duplicate_json_keys)
+            json_data = json.loads(text, object_pairs_hook=_reject_duplicate_json_keys)
+            json_ok = True
         except json.JSONDecodeError as e:
             raise RecipeErrors([RecipeError(
                 f"invalid JSON: {e.msg}",
@@ -236,21 +242,30 @@ def load_document(path: str | Path) -> Document:
             raise RecipeErrors([RecipeError("invalid JSON: nested too deeply",
                                             file=display)]) from None
     try:
-        doc.data = _compose(text, doc, errors)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        loc = (Location(display, mark.line + 1, mark.column + 1, _line(doc, mark.line + 1))
-               if mark else Location(display))
-        problem = e.problem or e.context or "invalid YAML"
-        raise RecipeErrors([RecipeError(f"invalid YAML: {problem}", location=loc)]) from None
-    except yaml.YAMLError as e:
-        raise RecipeErrors([RecipeError(f"invalid YAML: {e}", file=display)]) from None
-    except RecursionError:
-        raise RecipeErrors([RecipeError("invalid YAML: nested too deeply",
-                                        file=display)]) from None
+        doc.data = _compose(yaml_text, doc, errors)
+    except (yaml.YAMLError, RecursionError) as e:
+        if not json_ok:
+            raise _syntax_error(doc, e) from None
+        # Valid JSON that YAML cannot read (a key over 1024 characters, a raw U+0080): the JSON
+        # parser's document, located as far as the YAML pass got.
+        doc.data, errors = json_data, []
+    if json_ok and doc.data != json_data:  # YAML folds a raw U+2028 or NEL in a string
+        doc.data = json_data
     if errors:
         raise RecipeErrors(errors)
     return doc
+
+
+def _syntax_error(doc: Document, e: yaml.YAMLError | RecursionError) -> RecipeErrors:
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        loc = (Location(doc.file, mark.line + 1, mark.column + 1, _line(doc, mark.line + 1))
+               if mark else Location(doc.file))
+        problem = e.problem or e.context or "invalid YAML"
+        return RecipeErrors([RecipeError(f"invalid YAML: {problem}", location=loc)])
+    if isinstance(e, RecursionError):
+        return RecipeErrors([RecipeError("invalid YAML: nested too deeply", file=doc.file)])
+    return RecipeErrors([RecipeError(f"invalid YAML: {e}", file=doc.file)])
 
 
 def _line(doc: Document, line: int) -> str | None:

@@ -6,6 +6,7 @@ The regression tests below pin each bug the fuzzer found.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -165,3 +166,33 @@ def test_integral_floats_are_not_layer_indices(tmp_path, layers, where):
     (err,) = e.value.errors
     assert err.key_path == where
     assert err.message.startswith("expected an integer layer index, got ")
+
+
+@pytest.mark.parametrize("variant", ["tabs", "long-key", "raw-c1", "line-separator"])
+def test_valid_json_is_read_as_json(tmp_path, variant):
+    # .json recipes went through the YAML parser for positions, which refused tab-indented JSON
+    # ("found character '\t' that cannot start any token"), keys over 1024 characters and raw
+    # U+0080..U+009F, and folded a raw U+2028 inside a string
+    doc = json.loads(solar_recipe_json())
+    if variant == "long-key":
+        doc["output"] = {"x" * 1100: 1}
+    elif variant == "raw-c1":
+        doc["description"] = "a\x80b"
+    elif variant == "line-separator":
+        doc["description"] = "a\u2028  b"
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(doc, indent="\t" if variant == "tabs" else 2, ensure_ascii=False))
+    if variant == "long-key":
+        with pytest.raises(RecipeErrors) as e:
+            load_recipe(path)
+        assert [x.key_path for x in e.value.errors] == [("output", "x" * 1100)]
+        return
+    r = load_recipe(path)
+    assert r.document.data == doc
+    if variant == "tabs":  # still located
+        assert r.document.locate(("steps", 0, "layers")).line == 11
+
+
+def solar_recipe_json() -> str:
+    return json.dumps({"recipekit": 1, "models": {"tiny": "./model"}, "steps": [
+        {"name": "up", "op": "layers", "from": "tiny", "layers": ["range(0,6)", "range(2,8)"]}]})
