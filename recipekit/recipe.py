@@ -37,12 +37,17 @@ DEFAULT_REVISION = "main"
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader whose float rule accepts ``1e-3`` (YAML 1.2); PyYAML 1.1 reads it as a string."""
+    """SafeLoader whose float rule accepts ``1e-3`` (YAML 1.2); PyYAML 1.1 reads it as a string.
+
+    As in YAML 1.2, ``2024-01-01`` is a string (YAML 1.1 reads a timestamp, which a recipe
+    refuses): a revision, tag or step name written that way is just a name.
+    """
 
 
 _FLOAT_TAG = "tag:yaml.org,2002:float"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _Loader.yaml_implicit_resolvers = {
-    first: [r for r in rules if r[0] != _FLOAT_TAG]
+    first: [r for r in rules if r[0] not in (_FLOAT_TAG, _TIMESTAMP_TAG)]
     for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(

@@ -196,3 +196,24 @@ def test_valid_json_is_read_as_json(tmp_path, variant):
 def solar_recipe_json() -> str:
     return json.dumps({"recipekit": 1, "models": {"tiny": "./model"}, "steps": [
         {"name": "up", "op": "layers", "from": "tiny", "layers": ["range(0,6)", "range(2,8)"]}]})
+
+
+def test_date_like_names_and_revisions_are_strings(tmp_path):
+    # PyYAML resolved 2024-01-01 to a timestamp, which the recipe loader refuses: an unquoted
+    # tag-like revision or a step named like a date was "invalid YAML: tag ... not allowed"
+    text = (solar_recipe(output=None).replace("name: up", "name: 2024-01-01")
+            + "  - {name: b, op: layers, from: 2024-01-01, layers: [0]}\n"
+            + "output: {model: 2001-12-14}\n")
+    text = text.replace("models:\n", "models:\n  h: {hub: org/name, revision: 2024-01-01}\n")
+    with pytest.raises(RecipeErrors) as e:  # only the unknown output model
+        load_recipe(write_recipe(tmp_path, text))
+    (err,) = e.value.errors
+    assert err.message == "unknown model or step '2001-12-14'"
+    r = load_recipe(write_recipe(tmp_path, text.replace("output: {model: 2001", "#")))
+    assert list(r.steps) == ["2024-01-01", "b"]
+    assert r.models["h"].revision == "2024-01-01"
+
+
+def test_explicit_timestamps_are_still_refused(tmp_path):
+    with pytest.raises(RecipeErrors, match="tag 'tag:yaml.org,2002:timestamp' is not allowed"):
+        load_recipe(write_recipe(tmp_path, solar_recipe(output="  path: !!timestamp 2024-01-01")))
