@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.errors import SourceNotFoundError
-from recipekit.io.header import TensorInfo, check_dtype
+from recipekit.io.header import TensorInfo, check_entry, check_layout
 
 #: What a snapshot fetch leaves out: weights (fetched per shard, on demand) and weight folders.
 WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack",
@@ -109,11 +109,15 @@ def remote_header(snap: HubSnapshot, filename: str) -> dict[str, TensorInfo]:
         raise SourceNotFoundError(f"cannot read the header of {shown}: {e}",
                                   hint="check your network connection") from None
     out = {}
+    spans = []
     for name, t in meta.tensors.items():
-        check_dtype(name, t.dtype, shown)
-        begin, end = t.data_offsets
-        out[name] = TensorInfo(name, t.dtype, tuple(t.shape), snap.path / filename, -1,
-                               end - begin)
+        # The same checks as a local header (the downloaded file is checked again in full).
+        dtype, shape, (begin, end), nbytes = check_entry(
+            name, {"dtype": t.dtype, "shape": list(t.shape),
+                   "data_offsets": list(t.data_offsets)}, shown)
+        spans.append((begin, end, name))
+        out[name] = TensorInfo(name, dtype, shape, snap.path / filename, -1, nbytes)
+    check_layout(spans, max((e for _, e, _ in spans), default=0), -1, shown)
     return out
 
 
