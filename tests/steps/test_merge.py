@@ -180,3 +180,32 @@ def test_same_output_as_mergekit(cli, tmp_path, trio, method):
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0), (method, k)
+
+
+@pytest.mark.mergekit
+@pytest.mark.skipif(not MERGEKIT.exists(), reason="no side venv: bash bench/setup_mergekit.sh")
+def test_gradients_and_filters_match_mergekit_with_explicit_rules(cli, tmp_path, trio):
+    """Oracle: mergekit 0.1.5. Its gradients use t = 0 for the tensors after the layers (final
+    norm, lm_head) and its filters are substrings; explicit rules reproduce both exactly, so the
+    semantics differ only where README documents it."""
+    _, x, y = trio
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text(
+        f"base_model: {x}\nmodels:\n  - model: {x}\n  - model: {y}\nmerge_method: slerp\n"
+        "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 1]\n"
+        "    - filter: mlp\n      value: [1, 0]\n    - value: [0.2, 0.8]\ndtype: float32\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    subprocess.run([str(MERGEKIT), str(cfg), str(tmp_path / "mk")], check=True, env=env,
+                   capture_output=True)
+    ours = run(cli, tmp_path, trio, (
+        "    method: slerp\n    from: [x, y]\n    parameters:\n      t:\n"
+        '        - {match: "*self_attn*", value: {gradient: [0, 0.5, 1]}}\n'
+        '        - {match: "*mlp*", value: {gradient: [1, 0]}}\n'
+        "        - {match: model.norm.weight, value: 0.2}\n"   # mergekit: t = 0 after layers
+        "        - {match: lm_head.weight, value: 0.2}\n"
+        "        - {value: {gradient: [0.2, 0.8]}}\n"))
+    theirs = tensors(tmp_path / "mk")
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0), k
+    # Without the two explicit rules, model.norm and lm_head would take t = 1 (0.8) here.
