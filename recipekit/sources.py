@@ -3,17 +3,23 @@
 A checkpoint is a directory with ``config.json`` and either ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``. Everything `validate` needs (tensor names, shapes, dtypes,
 layer counts) comes from headers, so resolving a 70B model reads kilobytes.
+
+Checkpoint directories are untrusted: every file read must resolve inside the model directory
+(for a huggingface_hub snapshot, inside the repo's cache folder, where its links point) and be a
+regular file; the index may only name shard files beside it; `config.json` must be a small JSON
+object whose layer counts are integers; donor files that fail these rules are not copied.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipekit.arch import LayerStack, LayerStackError, find_layer_stack
+from recipekit.arch import COUNT_KEYS, LayerStack, LayerStackError, find_layer_stack
 from recipekit.errors import (
     CorruptCheckpointError,
     RecipekitError,
@@ -22,8 +28,18 @@ from recipekit.errors import (
     UnsupportedCheckpointError,
 )
 from recipekit.hub import HubSnapshot, fetch_snapshot, remote_header, snapshot_identity
-from recipekit.io.header import TensorInfo, display_path, read_header
+from recipekit.io.header import (
+    MAX_HEADER,
+    TensorInfo,
+    display_path,
+    kind_of,
+    parse_json,
+    quote_name,
+    read_header,
+)
 from recipekit.recipe import ModelRef, Recipe
+
+log = logging.getLogger(__name__)
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -33,6 +49,11 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
                    ".onnx_data", ".gguf", ".ot", ".tflite", ".mlmodel", ".npz")
 WEIGHT_DIRS = ("onnx", "openvino", "coreml", ".git", ".cache")
+#: A model config is kilobytes (a few MB with a large label map); anything bigger is not one.
+MAX_CONFIG = 16 * 1024 * 1024
+#: Nesting deeper than this is not a model config (and would strain JSON writers).
+MAX_CONFIG_DEPTH = 64
+_DAMAGED = "the checkpoint is damaged; download or convert it again"
 
 
 @dataclass(frozen=True)
@@ -80,7 +101,8 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
 
     Raises:
         SourceNotFoundError: no such directory, or no config.json / weights in it.
-        UnsupportedCheckpointError: pickle-only, quantized, adapter directory, several stacks.
+        UnsupportedCheckpointError: pickle-only, quantized, adapter directory, several stacks,
+            files that are symlinks out of the model directory, unusable config values.
         CorruptCheckpointError, TensorNotFoundError: damaged or inconsistent files.
     """
     where = ref.key_path
@@ -109,32 +131,27 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
     if not path.is_dir():
         raise located(SourceNotFoundError, f"{ref.written!r} is a file, not a checkpoint "
                       "directory", "name the directory that holds config.json")
-    if is_peft_adapter_dir(path) and not (path / "config.json").is_file():
+    root = model_root(path)
+    config_path = path / "config.json"
+    if is_peft_adapter_dir(path) and not os.path.lexists(config_path):
         raise located(UnsupportedCheckpointError,
                       f"{ref.written!r} is a PEFT adapter directory (adapter_config.json), not a "
                       "model checkpoint", "`models:` entries need a full checkpoint "
                       "(config.json + *.safetensors)")
-    config_path = path / "config.json"
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         raise located(SourceNotFoundError, f"no config.json in {ref.written!r}",
                       "a checkpoint directory holds config.json and model*.safetensors")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"config.json is not valid JSON ({e})",
-                                     file=display_path(config_path)) from None
-    if not isinstance(config, dict):
-        raise CorruptCheckpointError("config.json is not a JSON object",
-                                     file=display_path(config_path))
+    config = read_config(config_path, root)
     if "quantization_config" in config:
         method = config["quantization_config"].get("quant_method", "?") if isinstance(
             config["quantization_config"], dict) else "?"
         raise located(UnsupportedCheckpointError,
                       f"{ref.written!r} is a quantized checkpoint (quantization_config, "
-                      f"quant_method {method!r}); version 1 does not merge quantized weights",
-                      "use the unquantized (bf16/fp16/fp32) checkpoint")
+                      f"quant_method {str(method)[:40]!r}); version 1 does not merge quantized "
+                      "weights", "use the unquantized (bf16/fp16/fp32) checkpoint")
+    _check_config_values(config, config_path)
 
-    tensors, files = _read_tensors(path, ref, located, snap)
+    tensors, files = _read_tensors(path, root, ref, located, snap)
     try:
         stack = find_layer_stack(config, tensors, layer_prefix=ref.layer_prefix)
     except LayerStackError as e:
@@ -142,48 +159,229 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
         raise located(cls, f"model {ref.name!r} ({ref.written}) {e.message}"
                       if e.message.startswith("has ") else f"model {ref.name!r}: {e.message}",
                       e.hint) from None
+    _check_layer_names(stack, tensors)
     return Checkpoint(ref.name, path, config, tensors, files, stack, snap)
 
 
-def _header(path: Path, snap: HubSnapshot | None) -> dict[str, TensorInfo]:
+def model_root(path: Path) -> Path:
+    """The directory a checkpoint's files may resolve into: the model directory itself, or, for
+    a huggingface_hub cache snapshot (``models--org--name/snapshots/<commit>``), the repo's cache
+    folder, whose ``blobs/`` the snapshot's links point to."""
+    real = path.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(
+            ("models--", "datasets--", "spaces--")):
+        return real.parent.parent
+    return real
+
+
+def _escape(p: Path, root: Path) -> str | None:
+    """Why reading ``p`` would leave ``root`` or is not a plain file read, or None if it is fine."""
+    try:
+        target = p.resolve(strict=False)
+    except (OSError, RuntimeError):
+        return "is a symlink loop"
+    try:
+        target.relative_to(root)
+    except ValueError:
+        return (f"is a symlink to {target}, outside the model directory "
+                f"{display_path(root)}")
+    try:
+        mode = os.stat(p).st_mode
+    except OSError:
+        return f"is a broken symlink (to {target})" if p.is_symlink() else "cannot be read"
+    if not stat.S_ISREG(mode):
+        return f"is {_file_kind(mode)}, not a regular file"
+    return None
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def check_confined(p: Path, root: Path) -> None:
+    """Refuse to read ``p`` when it resolves outside the model directory or is not a regular
+    file (a FIFO would block, a device would never end).
+
+    Raises:
+        UnsupportedCheckpointError: a symlink out of the model directory, a loop, a broken link
+            or a special file (exit code 2: the files may be fine, the layout is refused).
+    """
+    why = _escape(p, root)
+    if why is None:
+        return
+    if why.startswith("is a symlink to"):
+        hint = ("recipekit does not follow links out of a checkpoint directory; copy the file "
+                "into it, or name the directory that holds the real files")
+    else:
+        hint = "a checkpoint directory holds regular files (or hub cache links)"
+    raise UnsupportedCheckpointError(why, file=display_path(p), hint=hint)
+
+
+def _read_small(p: Path, limit: int, what: str) -> bytes:
+    """The bytes of a small JSON file, refusing files far larger than any real one."""
+    shown = display_path(p)
+    try:
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                from recipekit.units import format_size
+
+                raise CorruptCheckpointError(
+                    f"{what} is {format_size(size)}, larger than the {format_size(limit)} any "
+                    f"real {what} stays under", file=shown, hint="the file is damaged or not a "
+                    f"{what}; download the checkpoint again")
+            return f.read(limit + 1)
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot read: {e.strerror or e}", file=shown) from e
+
+
+def read_config(config_path: Path, root: Path) -> dict[str, Any]:
+    """config.json as transformers reads it (Python's json: NaN and duplicate keys pass, the
+    last key wins), but refusing what cannot be a config: huge files, non-UTF-8, non-objects,
+    deep nesting and lone surrogates (which could not be written back out).
+
+    Raises:
+        UnsupportedCheckpointError: a symlink out of the model directory or a special file.
+        CorruptCheckpointError: the file is not a model config.
+    """
+    check_confined(config_path, root)
+    shown = display_path(config_path)
+    raw = _read_small(config_path, MAX_CONFIG, "config.json")
+    config = parse_json(raw, shown, "config.json", strict=False, hint=_DAMAGED)
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(f"config.json is {kind_of(config)}, not a JSON "
+                                     "object", file=shown, hint=_DAMAGED)
+    todo: list[tuple[Any, int]] = [(config, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            raise CorruptCheckpointError(
+                f"config.json nests objects or lists more than {MAX_CONFIG_DEPTH} levels deep",
+                file=shown, hint=_DAMAGED)
+        if isinstance(value, dict):
+            todo.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            todo.extend((v, depth + 1) for v in value)
+    return config
+
+
+def _check_config_values(config: dict[str, Any], config_path: Path) -> None:
+    """The config values recipekit reads must have the types transformers gives them."""
+    shown = display_path(config_path)
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list)
+                                  and all(isinstance(a, str) for a in archs)):
+        raise UnsupportedCheckpointError(
+            f"`architectures` is {kind_of(archs)}, not a list of class names", file=shown,
+            hint="fix config.json (e.g. [\"LlamaForCausalLM\"])")
+    model_type = config.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise UnsupportedCheckpointError(
+            f"`model_type` is {kind_of(model_type)}, not a string", file=shown,
+            hint="fix config.json (e.g. \"llama\")")
+    subs = [(k, v) for k, v in config.items() if isinstance(v, dict)]
+    for prefix, cfg in [("", config), *((f"{k}.", v) for k, v in subs)]:
+        for key in COUNT_KEYS:
+            value = cfg.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 0):
+                raise UnsupportedCheckpointError(
+                    f"`{prefix}{key}` is {kind_of(value)}, not a layer count",
+                    file=shown, hint="write the number of layers as a JSON integer")
+
+
+def _check_layer_names(stack: LayerStack, tensors: dict[str, TensorInfo]) -> None:
+    """Refuse layer indices that are not plain decimal numbers (``03``, non-ASCII digits): they
+    would alias another layer's tensors or fail to renumber."""
+    for name in tensors:
+        if not name.startswith(stack.prefix):
+            continue
+        index, sep, _ = name[len(stack.prefix):].partition(".")
+        if sep and index.isdigit() and not (index.isascii() and str(int(index)) == index):
+            raise UnsupportedCheckpointError(
+                f"tensor {quote_name(name)} has the layer index {index!r}, which is not a plain "
+                "decimal number", file=display_path(tensors[name].file),
+                hint="layer indices are written 0, 1, 2, ... without leading zeros; rename the "
+                "tensors")
+
+
+def _header(path: Path, root: Path, snap: HubSnapshot | None) -> dict[str, TensorInfo]:
     """A shard's tensors: from the file when present, else (hub) from its remote header."""
-    if path.is_file() or snap is None:
+    if os.path.lexists(path) or snap is None:
+        check_confined(path, root)
         return read_header(path)
     return remote_header(snap, path.name)
 
 
-def _read_tensors(path: Path, ref: ModelRef, located, snap: HubSnapshot | None
+def _plain_file_name(name: str) -> bool:
+    """A name that stays in the model directory: no separators, no NUL, not '.' or '..'."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name \
+        and (os.altsep is None or os.altsep not in name)
+
+
+def read_index(index: Path, root: Path) -> dict[str, str]:
+    """The `weight_map` of a sharded checkpoint's index: tensor name -> shard file name.
+
+    Raises:
+        UnsupportedCheckpointError: the index is a symlink out of the model directory.
+        CorruptCheckpointError: not UTF-8 JSON, duplicate keys, no object `weight_map`, values
+            that are not plain file names beside the index (``../x``, ``/abs``, NUL).
+    """
+    check_confined(index, root)
+    shown = display_path(index)
+    doc = parse_json(_read_small(index, MAX_HEADER, INDEX), shown, INDEX, hint=_DAMAGED)
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"the index is {kind_of(doc)}, not a JSON object",
+                                     file=shown, hint=_DAMAGED)
+    if "weight_map" not in doc:
+        raise CorruptCheckpointError("the index has no `weight_map`", file=shown, hint=_DAMAGED)
+    weight_map = doc["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpointError(
+            f"`weight_map` is {kind_of(weight_map)}, not an object mapping tensor names "
+            "to shard files", file=shown, hint=_DAMAGED)
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str):
+            raise CorruptCheckpointError(
+                f"`weight_map` maps tensor {quote_name(name)} to {kind_of(fname)}, not a "
+                "file name", file=shown, hint=_DAMAGED)
+        if not _plain_file_name(fname):
+            raise CorruptCheckpointError(
+                f"`weight_map` maps tensor {quote_name(name)} to {quote_name(fname)}, which is "
+                "not a file beside the index", file=shown,
+                hint="shard names cannot contain '/' or NUL or be '.' or '..'; the index is "
+                "damaged or crafted")
+    return weight_map
+
+
+def _read_tensors(path: Path, root: Path, ref: ModelRef, located, snap: HubSnapshot | None
                   ) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
     single = path / SINGLE
     index = path / INDEX
-    if single.is_file() or (snap is not None and not index.is_file()):
-        return _header(single, snap), (single,)
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise CorruptCheckpointError(f"{INDEX} has no valid `weight_map`",
-                                         file=display_path(index)) from None
+    if os.path.lexists(single) or (snap is not None and not os.path.lexists(index)):
+        return _header(single, root, snap), (single,)
+    if os.path.lexists(index):
+        weight_map = read_index(index, root)
         headers: dict[str, dict[str, TensorInfo]] = {}
         tensors: dict[str, TensorInfo] = {}
         for name, fname in weight_map.items():
-            if not isinstance(fname, str) or "/" in fname or fname.startswith(".."):
-                raise CorruptCheckpointError(f"`{name}` maps to an invalid file name {fname!r}",
-                                             file=display_path(index))
             if fname not in headers:
                 shard = path / fname
-                if not shard.is_file() and snap is None:
+                if not os.path.lexists(shard) and snap is None:
                     raise SourceNotFoundError(
                         f"shard {fname!r} listed in {INDEX} is missing",
                         file=display_path(shard), hint="the checkpoint download is incomplete")
-                headers[fname] = _header(shard, snap)
+                headers[fname] = _header(shard, root, snap)
             info = headers[fname].get(name)
             if info is None:
                 raise TensorNotFoundError(
-                    f"tensor `{name}` is listed in {INDEX} for {fname} but that file does not "
-                    "contain it", file=display_path(path / fname),
+                    f"tensor {quote_name(name)} is listed in {INDEX} for {fname} but that file "
+                    "does not contain it", file=display_path(path / fname),
                     hint="the index is stale or the shard is from another checkpoint")
             tensors[name] = info
         return tensors, tuple(path / f for f in headers)
@@ -227,17 +425,39 @@ def iter_donor_files(path: Path) -> list[Path]:
     """Non-weight files of a checkpoint directory, relative, sorted: what the output inherits.
 
     Skips weights (and weight-only folders such as ``onnx/``), indexes, hidden files, the donor's
-    README.md (the output gets its own model card) and recipekit's own bookkeeping.
+    README.md (the output gets its own model card) and recipekit's own bookkeeping. Files that
+    are symlinks resolving outside the model directory (a hub cache snapshot's links into its own
+    ``blobs/`` are fine), broken links, special files and symlinked directories are skipped with
+    a warning: their content is not the donor's to hand on.
     """
+    root = model_root(path)
     out: list[Path] = []
-    for root, dirs, files in os.walk(path):
-        rel_root = Path(root).relative_to(path)
-        dirs[:] = sorted(d for d in dirs if d not in WEIGHT_DIRS and not d.startswith("."))
+    for dirpath, dirs, files in os.walk(path):
+        here = Path(dirpath)
+        rel_root = here.relative_to(path)
+        keep = []
+        for d in sorted(dirs):
+            if d in WEIGHT_DIRS or d.startswith("."):
+                continue
+            if (here / d).is_symlink():
+                _skip_warning(here / d, "is a symlinked directory (recipekit copies only the "
+                              "donor's own files)")
+                continue
+            keep.append(d)
+        dirs[:] = keep
         for f in sorted(files):
             rel = rel_root / f
             if f.startswith(".") or f.endswith(WEIGHT_SUFFIXES) or f.endswith(".index.json"):
                 continue
             if rel in (Path("README.md"), Path("recipekit.json"), Path("config.json")):
                 continue
+            why = _escape(here / f, root)
+            if why is not None:
+                _skip_warning(here / f, why)
+                continue
             out.append(rel)
     return out
+
+
+def _skip_warning(p: Path, why: str) -> None:
+    log.warning("%s: not copied to the output: it %s", display_path(p), why)

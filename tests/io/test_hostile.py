@@ -4,19 +4,25 @@ followed out of the model directory.
 
 Oracles: the reference safetensors library (`safe_open`), which must refuse every header we
 refuse (except where the table says we are deliberately stricter) and accept, with the same
-names and bytes, every one we accept; and the exact messages, pinned here.
+names and bytes, every one we accept; the exact messages, pinned here; and the files on disk
+(what a run may copy or create).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
+from pathlib import Path
 
 import pytest
 from safetensors import SafetensorError, safe_open
 
 from recipekit.errors import CorruptCheckpointError, RecipekitError, UnsupportedCheckpointError
 from recipekit.io.header import display_path, read_header
+
+from conftest import solar_recipe, write_recipe
 
 U64 = 1 << 64
 NOT_ST = "the file is damaged or not safetensors; download or convert it again"
@@ -255,3 +261,458 @@ def test_accepted_headers_agree_with_the_reference(tmp_path, blob):
             assert tuple(t.shape) == info.shape
             assert t.contiguous().view(-1).view(t.dtype).numpy().tobytes() == \
                 blob[info.offset:info.offset + info.nbytes]
+
+
+# -- through the CLI: a damaged tiny Llama ---------------------------------------------------
+
+def run_fails(cli, recipe: Path, code: int, command: str = "run") -> str:
+    result = cli(command, recipe, *(["-q"] if command == "run" else []))
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    assert "internal error" not in result.output
+    return result.stderr
+
+
+def first_line(text: str) -> str:
+    return text.splitlines()[0]
+
+
+def split_file(f: Path) -> tuple[list[tuple[str, dict]], bytes]:
+    """A safetensors file's header items (in file order) and data section."""
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return list(json.loads(raw[8:8 + n]).items()), raw[8 + n:]
+
+
+def tensors_by_offset(items: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    return sorted((kv for kv in items if kv[0] != "__metadata__"),
+                  key=lambda kv: kv[1]["data_offsets"])
+
+
+@pytest.fixture
+def recipe(tmp_path: Path, model_copy: Path) -> Path:
+    return write_recipe(tmp_path, solar_recipe())
+
+
+@pytest.fixture
+def weights(model_copy: Path) -> Path:
+    return model_copy / "model.safetensors"
+
+
+class TestDamagedCheckpoint:
+    """Exit code 1 (a corrupt data file), the file and the tensor named, nothing written."""
+
+    def test_duplicate_tensor_name(self, cli, recipe, weights):
+        items, data = split_file(weights)
+        name, entry = tensors_by_offset(items)[-1]
+        weights.write_bytes(st_bytes(raw=raw_entries(*items, (name, entry)), data=data))
+        assert first_line(run_fails(cli, recipe, 1)) == (
+            f"{display_path(weights)}: header lists tensor `{name}` twice; JSON readers would "
+            f"silently keep only the last; {NOT_ST}")
+        assert not (recipe.parent / "out").exists()
+
+    def test_overlapping_tensors(self, cli, recipe, weights):
+        items, data = split_file(weights)
+        (a, ea), (b, eb) = tensors_by_offset(items)[:2]
+        size = eb["data_offsets"][1] - eb["data_offsets"][0]
+        assert size <= ea["data_offsets"][1]
+        eb["data_offsets"] = [0, size]  # b now aliases the first bytes of a
+        weights.write_bytes(st_bytes(raw=raw_entries(*items), data=data))
+        first, second = sorted([(0, ea["data_offsets"][1], a), (0, size, b)])[:2]
+        assert first_line(run_fails(cli, recipe, 1)) == (
+            f"{display_path(weights)}: tensor `{second[2]}` (data bytes 0-{second[1]}) overlaps "
+            f"tensor `{first[2]}`, which ends at data byte {first[1]}; {CRAFTED}")
+
+    def test_data_appended(self, cli, recipe, weights):
+        size = weights.stat().st_size
+        with open(weights, "ab") as f:
+            f.write(b"\x00" * 24)
+        assert first_line(run_fails(cli, recipe, 1)) == (
+            f"{display_path(weights)}: the last 24 bytes of the file (from byte {size}) belong to "
+            "no tensor; the file is damaged or has data appended; the safetensors library "
+            "refuses it too")
+
+    def test_non_utf8_header(self, cli, recipe, weights):
+        raw = bytearray(weights.read_bytes())
+        at = raw.index(b"lm_head")
+        raw[at] = 0xFF
+        weights.write_bytes(bytes(raw))
+        assert first_line(run_fails(cli, recipe, 1, "validate")) == (
+            f"{display_path(weights)}: header is not valid UTF-8 (byte {at - 8}); {NOT_ST}")
+
+    def test_absurd_header_length(self, cli, recipe, weights):
+        raw = bytearray(weights.read_bytes())
+        raw[:8] = struct.pack("<Q", U64 - 1)
+        weights.write_bytes(bytes(raw))
+        assert first_line(run_fails(cli, recipe, 1, "plan")) == (
+            f"{display_path(weights)}: header length {U64 - 1} exceeds the safetensors limit of "
+            f"100000000 bytes; {NOT_ST}")
+
+    def test_metadata_not_a_string_map(self, cli, recipe, weights):
+        items, data = split_file(weights)
+        items = [(k, {"format": ["pt"]} if k == "__metadata__" else v) for k, v in items]
+        weights.write_bytes(st_bytes(raw=raw_entries(*items), data=data))
+        assert first_line(run_fails(cli, recipe, 1)) == (
+            f"{display_path(weights)}: header `__metadata__` maps `format` to a list, not a "
+            f"string; {NOT_ST}")
+
+    def test_shape_and_offsets_disagree(self, cli, recipe, weights):
+        items, data = split_file(weights)
+        name, entry = tensors_by_offset(items)[0]
+        entry["shape"] = [entry["shape"][0] + 1, *entry["shape"][1:]]
+        weights.write_bytes(st_bytes(raw=raw_entries(*items), data=data))
+        err = first_line(run_fails(cli, recipe, 1))
+        assert err.startswith(f"{display_path(weights)}: tensor `{name}` occupies ")
+        assert err.endswith("; the file is damaged")
+
+
+class TestHostileTensorNames:
+    """Names are opaque strings: never paths, written back byte for byte, shown escaped."""
+
+    NAMES = ["../../etc/passwd", "/abs/x", "a\x00b\nc", "", "model.layers.0/../../x"]
+
+    def test_path_like_names_pass_through_untouched(self, cli, tmp_path, tiny_llama):
+        from safetensors.torch import load_file, save_file
+
+        model = tmp_path / "model"
+        shutil.copytree(tiny_llama, model)
+        tensors = load_file(model / "model.safetensors")
+        for k, name in enumerate(self.NAMES):
+            tensors[name] = tensors["model.norm.weight"][:k + 1].clone()
+        save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+        r = write_recipe(tmp_path, solar_recipe(output="  path: ./out\n  shard_size: 20KB"))
+        result = cli("run", r, "-q")
+        assert result.exit_code == 0, result.output
+        out = tmp_path / "out"
+        index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        shards = sorted(set(index.values()))
+        assert all(s.startswith("model-") and s.endswith(".safetensors") for s in shards)
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            [*shards, "model.safetensors.index.json", "config.json", "README.md",
+             "generation_config.json", "recipekit.json", ".recipekit-state.json"])
+        created = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")}
+        assert not any("passwd" in str(p) or p.name in ("abs", "x") for p in created)
+        for k, name in enumerate(self.NAMES):
+            with safe_open(out / index[name], "pt") as f:
+                assert f.get_tensor(name).equal(tensors["model.norm.weight"][:k + 1])
+        manifest = json.loads((out / "recipekit.json").read_text())
+        assert sorted(manifest["shards"]) == shards
+
+    def test_names_in_messages_cannot_forge_lines(self, cli, tmp_path, model_copy):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(model_copy / "model.safetensors")
+        name = "model.layers.03.mlp.up_proj.weight\nok: all good"
+        tensors[name] = tensors["model.norm.weight"].clone()
+        save_file(tensors, model_copy / "model.safetensors")
+        err = run_fails(cli, write_recipe(tmp_path, solar_recipe()), 2, "validate")
+        assert err == (
+            f"{display_path(model_copy / 'model.safetensors')}: tensor "
+            "`model.layers.03.mlp.up_proj.weight\\nok: all good` has the layer index '03', "
+            "which is not a plain decimal number; layer indices are written 0, 1, 2, ... "
+            "without leading zeros; rename the tensors\n")
+
+    @pytest.mark.parametrize("index", ["٣", "²", "003"])
+    def test_layer_index_that_is_not_plain_decimal(self, cli, tmp_path, model_copy, index):
+        """`03` or non-ASCII digits would alias layer 3 (or fail to renumber)."""
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(model_copy / "model.safetensors")
+        tensors[f"model.layers.{index}.mlp.up_proj.weight"] = tensors["model.norm.weight"].clone()
+        save_file(tensors, model_copy / "model.safetensors")
+        err = first_line(run_fails(cli, write_recipe(tmp_path, solar_recipe()), 2, "validate"))
+        assert f"has the layer index {index!r}, which is not a plain decimal number" in err
+
+
+# -- sharded checkpoints: the index ---------------------------------------------------------
+
+SHARD = "model-00001-of-00001.safetensors"
+INDEX = "model.safetensors.index.json"
+DAMAGED = "the checkpoint is damaged; download or convert it again"
+
+
+@pytest.fixture
+def sharded(model_copy: Path) -> Path:
+    """The tiny Llama as a one-shard indexed checkpoint."""
+    names = list(read_header(model_copy / "model.safetensors"))
+    (model_copy / "model.safetensors").rename(model_copy / SHARD)
+    (model_copy / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": {
+        n: SHARD for n in names}}))
+    return model_copy
+
+
+def with_weight_map(model: Path, change) -> str:
+    doc = json.loads((model / INDEX).read_text())
+    name = sorted(doc["weight_map"])[0]
+    change(doc["weight_map"], name)
+    (model / INDEX).write_text(json.dumps(doc))
+    return name
+
+
+class TestIndex:
+    def test_sharded_copy_runs(self, cli, recipe, sharded):
+        result = cli("validate", recipe)
+        assert result.exit_code == 0, result.output
+
+    @pytest.mark.parametrize("target", ["../model.safetensors", "/etc/passwd", "sub/x",
+                                        "a\x00b", "..", ".", ""])
+    def test_shard_names_that_leave_the_directory(self, cli, recipe, sharded, target):
+        name = with_weight_map(sharded, lambda m, n: m.__setitem__(n, target))
+        shown = "`" + target.replace("\x00", "\\x00") + "`"
+        assert first_line(run_fails(cli, recipe, 1)) == (
+            f"{display_path(sharded / INDEX)}: `weight_map` maps tensor `{name}` to {shown}, "
+            "which is not a file beside the index; shard names cannot contain '/' or NUL or be "
+            "'.' or '..'; the index is damaged or crafted")
+
+    @pytest.mark.parametrize("doc,message", [
+        ([1], "the index is a list, not a JSON object"),
+        ({"metadata": {}}, "the index has no `weight_map`"),
+        ({"weight_map": [SHARD]}, "`weight_map` is a list, not an object mapping tensor names to "
+                                  "shard files"),
+        ({"weight_map": {"lm_head.weight": 1}}, "`weight_map` maps tensor `lm_head.weight` to "
+                                                "the number 1, not a file name"),
+        ({"weight_map": {"lm_head.weight": None}}, "`weight_map` maps tensor `lm_head.weight` to "
+                                                   "null, not a file name"),
+    ])
+    def test_malformed(self, cli, recipe, sharded, doc, message):
+        (sharded / INDEX).write_text(json.dumps(doc))
+        assert first_line(run_fails(cli, recipe, 1)) == (
+            f"{display_path(sharded / INDEX)}: {message}; {DAMAGED}")
+
+    def test_duplicate_tensor_in_weight_map(self, cli, recipe, sharded):
+        text = (sharded / INDEX).read_text()
+        (sharded / INDEX).write_text(text.replace('"lm_head.weight": ',
+                                                  '"lm_head.weight": "other.safetensors", '
+                                                  '"lm_head.weight": ', 1))
+        assert first_line(run_fails(cli, recipe, 1)) == (
+            f"{display_path(sharded / INDEX)}: {INDEX} has the key `lm_head.weight` twice in "
+            "the entry for `weight_map`; JSON readers would silently keep only the last; "
+            f"{DAMAGED}")
+
+    def test_not_utf8(self, cli, recipe, sharded):
+        (sharded / INDEX).write_bytes(b'{"weight_map": {"\xc3(": "x"}}')
+        assert first_line(run_fails(cli, recipe, 1)) == (
+            f"{display_path(sharded / INDEX)}: {INDEX} is not valid UTF-8 (byte 17); {DAMAGED}")
+
+    def test_huge_index(self, cli, recipe, sharded):
+        with open(sharded / INDEX, "r+b") as f:
+            f.truncate(100_000_001)  # sparse: refused from its size alone
+        assert first_line(run_fails(cli, recipe, 1)) == (
+            f"{display_path(sharded / INDEX)}: {INDEX} is 95.37 MiB, larger than the 95.37 MiB "
+            f"any real {INDEX} stays under; the file is damaged or not a {INDEX}; download the "
+            "checkpoint again")
+
+    def test_missing_shard(self, cli, recipe, sharded):
+        with_weight_map(sharded, lambda m, n: m.__setitem__(n, "model-00002-of-00002.safetensors"))
+        assert first_line(run_fails(cli, recipe, 2)) == (
+            f"{display_path(sharded / 'model-00002-of-00002.safetensors')}: shard "
+            f"'model-00002-of-00002.safetensors' listed in {INDEX} is missing; the checkpoint "
+            "download is incomplete")
+
+    def test_shard_that_is_a_directory(self, cli, recipe, sharded):
+        (sharded / "sub.safetensors").mkdir()
+        with_weight_map(sharded, lambda m, n: m.__setitem__(n, "sub.safetensors"))
+        assert first_line(run_fails(cli, recipe, 2)) == (
+            f"{display_path(sharded / 'sub.safetensors')}: is a directory, not a regular file; "
+            "a checkpoint directory holds regular files (or hub cache links)")
+
+    def test_shard_that_is_a_fifo(self, cli, recipe, sharded):
+        """A named pipe would block a reader forever: refused from its type, never opened."""
+        os.mkfifo(sharded / "pipe.safetensors")
+        with_weight_map(sharded, lambda m, n: m.__setitem__(n, "pipe.safetensors"))
+        assert first_line(run_fails(cli, recipe, 2)) == (
+            f"{display_path(sharded / 'pipe.safetensors')}: is a named pipe, not a regular file; "
+            "a checkpoint directory holds regular files (or hub cache links)")
+
+
+# -- config.json -----------------------------------------------------------------------------
+
+class TestConfig:
+    def config(self, model: Path) -> dict:
+        return json.loads((model / "config.json").read_text())
+
+    @pytest.mark.parametrize("raw,message", [
+        (b"[1, 2]", "config.json is a list, not a JSON object"),
+        (b'"llama"', "config.json is 'llama', not a JSON object"),
+        (b'{"model_type": "ll\xe9ma"}', "config.json is not valid UTF-8 (byte 18)"),
+        (b'{"model_type": "\\udc00"}', "config.json holds a lone UTF-16 surrogate escape "
+                                        "(\\ud800-\\udfff), which is not valid Unicode"),
+        (b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+         "config.json is nested too deeply to be JSON from a model checkpoint"),
+        (b'{"a":' + b"[" * 100 + b"]" * 100 + b"}",
+         "config.json nests objects or lists more than 64 levels deep"),
+        (b'{"model_type": ', "config.json is not valid JSON (Expecting value: line 1 column 16 "
+                             "(char 15))"),
+    ])
+    def test_not_a_config(self, cli, recipe, model_copy, raw, message):
+        (model_copy / "config.json").write_bytes(raw)
+        assert first_line(run_fails(cli, recipe, 1)) == (
+            f"{display_path(model_copy / 'config.json')}: {message}; {DAMAGED}")
+
+    def test_huge_config(self, cli, recipe, model_copy):
+        with open(model_copy / "config.json", "r+b") as f:
+            f.truncate(2 << 30)  # sparse 2 GiB: refused from its size, never read
+        assert first_line(run_fails(cli, recipe, 1)) == (
+            f"{display_path(model_copy / 'config.json')}: config.json is 2.00 GiB, larger than "
+            "the 16.00 MiB any real config.json stays under; the file is damaged or not a "
+            "config.json; download the checkpoint again")
+
+    @pytest.mark.parametrize("value,shown", [("8", "'8'"), (8.0, "the number 8.0"),
+                                             (True, "true"), (-8, "the number -8"),
+                                             ([8], "a list")])
+    def test_layer_count_not_an_integer(self, cli, recipe, model_copy, value, shown):
+        cfg = self.config(model_copy)
+        cfg["num_hidden_layers"] = value
+        (model_copy / "config.json").write_text(json.dumps(cfg))
+        assert first_line(run_fails(cli, recipe, 2)) == (
+            f"{display_path(model_copy / 'config.json')}: `num_hidden_layers` is {shown}, not a "
+            "layer count; write the number of layers as a JSON integer")
+
+    def test_nested_layer_count_not_an_integer(self, cli, recipe, model_copy):
+        cfg = self.config(model_copy)
+        cfg["text_config"] = {"n_layer": "8"}
+        (model_copy / "config.json").write_text(json.dumps(cfg))
+        assert "`text_config.n_layer` is '8', not a layer count" in run_fails(cli, recipe, 2)
+
+    @pytest.mark.parametrize("key,value,message", [
+        ("architectures", 5, "`architectures` is the number 5, not a list of class names; fix "
+                             'config.json (e.g. ["LlamaForCausalLM"])'),
+        ("architectures", [["LlamaForCausalLM"]], "`architectures` is a list, not a list of "
+                                                  'class names; fix config.json (e.g. '
+                                                  '["LlamaForCausalLM"])'),
+        ("model_type", ["llama"], '`model_type` is a list, not a string; fix config.json (e.g. '
+                                  '"llama")'),
+    ])
+    def test_config_values_of_the_wrong_type(self, cli, recipe, model_copy, key, value,
+                                             message):
+        cfg = self.config(model_copy)
+        cfg[key] = value
+        (model_copy / "config.json").write_text(json.dumps(cfg))
+        assert first_line(run_fails(cli, recipe, 2)) == (
+            f"{display_path(model_copy / 'config.json')}: {message}")
+
+    def test_duplicate_keys_and_nan_read_as_transformers_does(self, cli, recipe, model_copy):
+        text = (model_copy / "config.json").read_text().rstrip().rstrip("}")
+        (model_copy / "config.json").write_text(text + ', "x": NaN, "x": 1}')
+        result = cli("validate", recipe)
+        assert result.exit_code == 0, result.output
+
+
+# -- symlinks --------------------------------------------------------------------------------
+
+OUTSIDE_HINT = ("recipekit does not follow links out of a checkpoint directory; copy the file "
+                "into it, or name the directory that holds the real files")
+
+
+class TestSymlinks:
+    @pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+    def test_file_linking_out_of_a_local_model_is_refused(self, cli, tmp_path, recipe,
+                                                          model_copy, name):
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (model_copy / name).rename(elsewhere / name)
+        (model_copy / name).symlink_to(elsewhere / name)
+        assert first_line(run_fails(cli, recipe, 2)) == (
+            f"{display_path(model_copy / name)}: is a symlink to {elsewhere / name}, outside the "
+            f"model directory {model_copy}; {OUTSIDE_HINT}")
+        assert not (tmp_path / "out").exists()
+
+    def test_shard_linking_out_is_refused(self, cli, tmp_path, recipe, sharded):
+        (sharded / SHARD).rename(tmp_path / SHARD)
+        (sharded / SHARD).symlink_to(Path("..") / SHARD)
+        assert first_line(run_fails(cli, recipe, 2)) == (
+            f"{display_path(sharded / SHARD)}: is a symlink to {tmp_path / SHARD}, outside the "
+            f"model directory {sharded}; {OUTSIDE_HINT}")
+
+    def test_index_linking_out_is_refused(self, cli, tmp_path, recipe, sharded):
+        (sharded / INDEX).rename(tmp_path / INDEX)
+        (sharded / INDEX).symlink_to(tmp_path / INDEX)
+        assert f"{display_path(sharded / INDEX)}: is a symlink to {tmp_path / INDEX}, outside " \
+            in run_fails(cli, recipe, 2)
+
+    def test_broken_link_and_loop(self, cli, tmp_path, recipe, model_copy):
+        (model_copy / "model.safetensors").unlink()
+        (model_copy / "model.safetensors").symlink_to("gone.safetensors")
+        assert first_line(run_fails(cli, recipe, 2)) == (
+            f"{display_path(model_copy / 'model.safetensors')}: is a broken symlink (to "
+            f"{model_copy / 'gone.safetensors'}); a checkpoint directory holds regular files (or "
+            "hub cache links)")
+        (model_copy / "model.safetensors").unlink()
+        (model_copy / "model.safetensors").symlink_to("model.safetensors")
+        assert "model.safetensors: is a symlink loop;" in run_fails(cli, recipe, 2)
+
+    def test_links_inside_the_model_directory_work(self, cli, tmp_path, model_copy):
+        (model_copy / "real").mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (model_copy / name).rename(model_copy / "real" / name)
+            (model_copy / name).symlink_to(Path("real") / name)
+        (tmp_path / "link").symlink_to(model_copy)  # the model directory itself may be a link
+        r = write_recipe(tmp_path, solar_recipe("./link"))
+        result = cli("run", r, "-q")
+        assert result.exit_code == 0, result.output
+
+    def test_a_hub_cache_snapshot_named_as_a_local_path_works(self, cli, tmp_path, tiny_llama):
+        """Snapshots link to ../../blobs: inside the repo's cache folder, so allowed."""
+        from test_hub import add_to_cache
+
+        snap = add_to_cache(tmp_path / "cache", "org/tiny",
+                            {p.name: p for p in tiny_llama.iterdir()})
+        assert (snap / "config.json").is_symlink()
+        r = write_recipe(tmp_path, solar_recipe(snap))
+        result = cli("run", r, "-q")
+        assert result.exit_code == 0, result.output
+        assert result.stderr == ""
+        assert (tmp_path / "out" / "generation_config.json").read_bytes() == (
+            tiny_llama / "generation_config.json").read_bytes()
+
+    def test_hub_blob_linking_out_of_the_cache_is_refused(self, cli, tmp_path, tiny_llama,
+                                                          monkeypatch):
+        from test_hub import add_to_cache
+
+        cache = tmp_path / "cache"
+        snap = add_to_cache(cache, "org/tiny", {p.name: p for p in tiny_llama.iterdir()})
+        (snap / "config.json").unlink()
+        (snap / "config.json").symlink_to(tiny_llama / "config.json")
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        r = write_recipe(tmp_path, solar_recipe("{hub: org/tiny}"))
+        assert first_line(run_fails(cli, r, 2)) == (
+            f"{display_path(snap / 'config.json')}: is a symlink to {tiny_llama / 'config.json'}, "
+            f"outside the model directory {cache / 'models--org--tiny'}; {OUTSIDE_HINT}")
+
+
+class TestDonorFiles:
+    """Non-weight files of the donor that are not the donor's own are skipped with a warning."""
+
+    def test_unsafe_donor_files_are_skipped_with_a_warning(self, cli, tmp_path, recipe,
+                                                           model_copy):
+        secret = tmp_path / "secret.txt"
+        secret.write_text("not yours")
+        (tmp_path / "shared").mkdir()
+        (tmp_path / "shared" / "vocab.txt").write_text("shared")
+        (model_copy / "tokenizer.json").symlink_to(secret)
+        (model_copy / "merges.txt").symlink_to("missing.txt")
+        os.mkfifo(model_copy / "pipe.json")
+        (model_copy / "shared").symlink_to(tmp_path / "shared", target_is_directory=True)
+        (model_copy / "special_tokens_map.json").write_text("{}")
+        (model_copy / "alias.json").symlink_to("special_tokens_map.json")  # inside: copied
+        result = cli("run", recipe, "-q")
+        assert result.exit_code == 0, result.output
+        m = display_path(model_copy)
+        assert result.stderr.splitlines() == [
+            f"warning: {m}/shared: not copied to the output: it is a symlinked directory "
+            "(recipekit copies only the donor's own files)",
+            f"warning: {m}/merges.txt: not copied to the output: it is a broken symlink (to "
+            f"{model_copy / 'missing.txt'})",
+            f"warning: {m}/pipe.json: not copied to the output: it is a named pipe, not a "
+            "regular file",
+            f"warning: {m}/tokenizer.json: not copied to the output: it is a symlink to "
+            f"{secret}, outside the model directory {model_copy}",
+        ]
+        out = tmp_path / "out"
+        copied = sorted(p.name for p in out.iterdir())
+        assert "alias.json" in copied and "special_tokens_map.json" in copied
+        for name in ("tokenizer.json", "merges.txt", "pipe.json", "shared", "vocab.txt"):
+            assert name not in copied
+        assert not (out / "alias.json").is_symlink()
+        assert all("not yours" not in p.read_text(errors="replace") for p in out.iterdir()
+                   if p.is_file())
