@@ -375,7 +375,10 @@ def _schema_errors(doc: Document) -> list[RecipeError]:
     out: list[RecipeError] = []
     seen: set[tuple[KeyPath, str]] = set()
     for err in _validator().iter_errors(doc.data):
-        for e in _render_schema_error(doc, err):
+        # Never drop a schema error: a recipe the schema refuses must not load.
+        rendered = _render_schema_error(doc, err) or [doc.error(
+            tuple(err.absolute_path), f"{_show(err.instance)} is not a valid value here")]
+        for e in rendered:
             k = (e.key_path or (), e.message)
             if k not in seen:
                 seen.add(k)
@@ -465,12 +468,16 @@ def _matching_type_branches(err: jsonschema.ValidationError) -> list[jsonschema.
             if isinstance(inst, int) and not isinstance(inst, bool) else None)
     out = []
     for sub in err.context or ():
-        if sub.validator == "type":
+        if sub.validator == "type" and not sub.path:  # the branch's own type, not a value's
             continue
         branch = err.validator_value[sub.schema_path[0]] if sub.schema_path else {}
         branch = _resolve_ref(branch)
         if branch.get("type") == kind:
             out.append(sub)
+    if isinstance(inst, dict):  # of object branches, the one whose required keys are there
+        meant = [sub for sub in out if set(_resolve_ref(
+            err.validator_value[sub.schema_path[0]]).get("required", ())) <= set(inst)]
+        out = meant or out
     return out
 
 

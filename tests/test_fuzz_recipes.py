@@ -217,3 +217,23 @@ def test_date_like_names_and_revisions_are_strings(tmp_path):
 def test_explicit_timestamps_are_still_refused(tmp_path):
     with pytest.raises(RecipeErrors, match="tag 'tag:yaml.org,2002:timestamp' is not allowed"):
         load_recipe(write_recipe(tmp_path, solar_recipe(output="  path: !!timestamp 2024-01-01")))
+
+
+@pytest.mark.parametrize(("source", "where", "message"), [
+    # best_match chose an error of the other object branch ({hub} for a {path} entry and back),
+    # whose rendering found no unknown key and returned nothing: the schema error vanished, the
+    # recipe loaded without that model, and compiling raised KeyError
+    ("{path: [[], {}]}", ("models", "m", "path"), "expected a string, got [[], {}]"),
+    ("{path: ./model, layer_prefix: [3]}", ("models", "m", "layer_prefix"),
+     "expected a string, got [3]"),
+    ("{hub: [org/name]}", ("models", "m", "hub"), 'expected a string, got ["org/name"]'),
+    ("{hub: 5}", ("models", "m", "hub"), "'5' does not match"),  # 5 is read as a name
+    ("{hub: org/name, revision: []}", ("models", "m", "revision"), "expected a string, got []"),
+])
+def test_schema_errors_in_model_sources_are_reported(tmp_path, source, where, message):
+    text = solar_recipe().replace("models:\n", f"models:\n  m: {source}\n")
+    with pytest.raises(RecipeErrors) as e:
+        load_recipe(write_recipe(tmp_path, text))
+    (err,) = e.value.errors
+    assert err.key_path == where
+    assert err.message.startswith(message)
