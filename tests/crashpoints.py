@@ -19,6 +19,11 @@ starts after 256 MiB), so a plan's event sequence is deterministic.
 * ``--check REF``: before every event and at exit, compare OUT with REF (an uninterrupted run of
   the same plan) using `check_output`; each problem is printed at once to stderr as
   ``crashpoints: VIOLATION ...`` (so it survives a later SIGKILL) and recorded in the trace.
+  REF is that run's output directory, or a JSON file `write_digests` made of it (so a large
+  reference is hashed once, not by every wrapped process).
+
+Files are compared by size and sha256, read in chunks: no copy of a (large) output is kept in
+memory.
 """
 
 from __future__ import annotations
@@ -65,28 +70,52 @@ def _load_json(data: bytes) -> Any:
         return None
 
 
+_digests: dict[tuple[Any, ...], tuple[int, str]] = {}
+
+
+def digest(path: str | Path) -> tuple[int, str]:
+    """A file's size and sha256 (read in 1 MiB chunks), cached while its inode, size and mtime
+    stay the same."""
+    st = os.stat(path)
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        sha, size = hashlib.sha256(), 0
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 20):
+                sha.update(chunk)
+                size += len(chunk)
+        _digests[key] = (size, sha.hexdigest())
+    return _digests[key]
+
+
+def digests(ref: Path) -> dict[str, Any]:
+    """What `check_output` needs of a reference output directory: each file's [size, sha256],
+    its manifest's ``shards`` and its state file's ``finished``."""
+    files = {rel: list(digest(ref / rel)) for rel in listing(ref)}
+    return {"files": files,
+            "manifest_shards": json.loads((ref / MANIFEST).read_bytes())["shards"],
+            "finished": json.loads((ref / STATE).read_bytes())["finished"]}
+
+
+def write_digests(ref: Path, path: Path) -> dict[str, Any]:
+    """Write `digests` of ``ref`` to ``path`` (a file ``--check`` accepts as REF); return them."""
+    data = digests(ref)
+    path.write_text(json.dumps(data, indent=1))
+    return data
+
+
 class _Ref:
-    """What the reference run wrote (read once)."""
+    """What the reference run wrote (hashed once): a directory, or a `write_digests` file."""
 
     def __init__(self, ref: Path) -> None:
-        self.files = {rel: (ref / rel).read_bytes() for rel in listing(ref)}
+        data = json.loads(ref.read_text()) if ref.is_file() else digests(ref)
+        self.files = {rel: tuple(v) for rel, v in data["files"].items()}
         self.final = [rel for rel in self.files if not is_hidden(rel)]
-        self.manifest_shards = json.loads(self.files[MANIFEST])["shards"]
-        self.finished = json.loads(self.files[STATE])["finished"]
+        self.manifest_shards = data["manifest_shards"]
+        self.finished = data["finished"]
 
 
 _refs: dict[str, _Ref] = {}
-_reads: dict[tuple[Any, ...], tuple[bytes, str]] = {}
-
-
-def _read(path: str) -> tuple[bytes, str]:
-    """A file's bytes and sha256, cached while its inode, size and mtime stay the same."""
-    st = os.stat(path)
-    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _reads:
-        data = open(path, "rb").read()  # noqa: SIM115 - closed by refcounting at once
-        _reads[key] = (data, hashlib.sha256(data).hexdigest())
-    return _reads[key]
 
 
 def check_output(out: Path, ref: Path) -> list[str]:
@@ -113,14 +142,14 @@ def check_output(out: Path, ref: Path) -> list[str]:
         elif rel not in r.files:
             problems.append(f"unexpected file {rel}")
         elif rel == MANIFEST:
-            manifest = _load_json(_read(f"{out}/{rel}")[0])
+            manifest = _load_json(Path(f"{out}/{rel}").read_bytes())
             if not isinstance(manifest, dict) or manifest.get("shards") != r.manifest_shards:
                 problems.append(f"{rel} is partial or differs from the uninterrupted run")
-        elif _read(f"{out}/{rel}")[0] != r.files[rel]:
+        elif digest(f"{out}/{rel}") != r.files[rel]:
             problems.append(f"{rel} is partial or differs from the uninterrupted run")
     missing = [rel for rel in r.final if rel not in have]
     if STATE in have:
-        state = _load_json(_read(f"{out}/{STATE}")[0])
+        state = _load_json(Path(f"{out}/{STATE}").read_bytes())
         if not isinstance(state, dict):
             problems.append(f"{STATE} is not valid JSON")
         else:
@@ -128,8 +157,8 @@ def check_output(out: Path, ref: Path) -> list[str]:
                 if name not in have:
                     problems.append(f"state records {name} as finished but it is not there")
                     continue
-                data, sha = _read(f"{out}/{name}")
-                if info != {"size": len(data), "sha256": sha}:
+                size, sha = digest(f"{out}/{name}")
+                if info != {"size": size, "sha256": sha}:
                     problems.append(f"state records {name} as {info}, the file differs")
                 elif info != r.finished.get(name):
                     problems.append(f"state records {name} as {info}, the reference differs")
