@@ -11,7 +11,7 @@ import json
 from dataclasses import fields
 from typing import Any
 
-from recipekit.io.header import display_path
+from recipekit.io.header import display_path, printable
 from recipekit.model import Load, Node
 from recipekit.plan import Plan
 from recipekit.units import format_size
@@ -20,7 +20,7 @@ from recipekit.units import format_size
 def node_label(node: Node) -> str:
     """``source:tensor`` for loads, ``op(inputs..., params)`` for computed nodes."""
     if isinstance(node, Load):
-        return f"{node.source}:{node.name}"
+        return f"{node.source}:{printable(node.name)}"
     args = [node_label(i) for i in node.inputs]
     args += [f"{k}={v}" for k, v in _params(node).items() if k not in ("shape",)]
     return f"{_op(node)}({', '.join(args)})"
@@ -94,7 +94,7 @@ def render_json(plan: Plan, *, disk_extra: int = 0) -> str:
 
 
 def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + printable(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def render_dot(plan: Plan) -> str:
@@ -144,6 +144,6 @@ def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> st
         lines.append(f"  {s.filename}  {len(s.tensors)} tensors, {format_size(s.size)}")
         if verbose:
             for t in s.tensors:
-                lines.append(f"    {t.name}  {t.node.dtype}{list(t.node.shape)}  <- "
+                lines.append(f"    {printable(t.name)}  {t.node.dtype}{list(t.node.shape)}  <- "
                              f"{node_label(t.node)}")
     return "\n".join(lines)

@@ -57,3 +57,12 @@ def test_text(cli, tmp_path, tiny_llama):
     assert lines[3] == "tensors:       111 written, 75 distinct inputs read"
     assert "    model.layers.11.mlp.up_proj.weight  F32[64, 32]  <- " \
         "tiny:model.layers.7.mlp.up_proj.weight" in lines
+
+
+def test_hostile_tensor_names_cannot_forge_lines():
+    from recipekit.model import load
+    from recipekit.render import _quote, node_label
+
+    node = load("m", "evil\nwarning: forged\x00", (1,), "F32")
+    assert node_label(node) == "m:evil\\nwarning: forged\\x00"
+    assert "\n" not in _quote(node.name)

@@ -63,13 +63,18 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so an untrusted name cannot forge output lines."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def quote_name(name: str, limit: int = 160) -> str:
     """A tensor (or file) name for a message: backquoted, control characters escaped, long
     names cut, so a hostile name cannot forge lines of output."""
-    text = name if len(name) <= limit else name[:limit]
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                       for c in text)
+    text = printable(name if len(name) <= limit else name[:limit])
     return f"`{text}{'...' if len(name) > limit else ''}`"
 
 
