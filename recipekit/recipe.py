@@ -256,9 +256,34 @@ def load_document(path: str | Path) -> Document:
         doc.data, errors = json_data, []
     if json_ok and doc.data != json_data:  # YAML folds a raw U+2028 or NEL in a string
         doc.data = json_data
+    errors += _lone_surrogates(doc)
     if errors:
         raise RecipeErrors(errors)
     return doc
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogates(doc: Document) -> list[RecipeError]:
+    """Strings that are not text: "\\ud800" escapes a lone UTF-16 surrogate, valid in JSON and
+    YAML syntax but not encodable, so every later print or file write of it would fail."""
+    out = []
+    todo: list[tuple[KeyPath, Any]] = [((), doc.data)]
+    while todo:
+        path, value = todo.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
+            value, list) else ()
+        for k, v in items:
+            todo.append((path + (k,), v))
+            if isinstance(k, str) and _SURROGATE.search(k):
+                out.append(doc.error(path + (k,), f"key {_show(k)} is not valid text: it holds a "
+                                     "lone UTF-16 surrogate", key=True))
+        if isinstance(value, str) and _SURROGATE.search(value):
+            out.append(doc.error(path, f"{_show(value)} is not valid text: it holds a lone UTF-16 "
+                                 "surrogate", hint="write the character itself (or escape it as "
+                                 "\\U0001f600 in YAML, as a \\ud83d\\ude00 pair in JSON)"))
+    return out
 
 
 def _syntax_error(doc: Document, e: yaml.YAMLError | RecursionError) -> RecipeErrors:

@@ -237,3 +237,31 @@ def test_schema_errors_in_model_sources_are_reported(tmp_path, source, where, me
     (err,) = e.value.errors
     assert err.key_path == where
     assert err.message.startswith(message)
+
+
+@pytest.mark.parametrize(("name", "text", "where"), [
+    # "\ud800" (valid JSON and YAML escape syntax) loaded as a lone surrogate; `plan` and `run`
+    # then failed printing it or writing the model card: "internal error: UnicodeEncodeError"
+    ("recipe.json", '{"recipekit": 1, "name": "up\\ud800", "models": {"tiny": "./model"}, '
+     '"steps": [{"name": "up", "op": "layers", "from": "tiny", "layers": [0]}]}', ("name",)),
+    ("recipe.yaml", solar_recipe('"./model\\uDC80"'), ("models", "tiny")),
+    ("recipe.yaml", solar_recipe(output='  "\\uD83D\\uDE00": 1'), ("output", "\ud83d\ude00")),
+])
+def test_lone_surrogates_are_not_text(tmp_path, cli, name, text, where):
+    path = write_recipe(tmp_path, text, name=name)
+    with pytest.raises(RecipeErrors) as e:
+        load_recipe(path)
+    assert [x.key_path for x in e.value.errors] == [where]
+    assert "lone UTF-16 surrogate" in e.value.errors[0].message
+    result = cli("plan", path)
+    assert result.exit_code == 2
+    assert "internal error" not in result.output
+
+
+def test_escaped_characters_outside_the_bmp_are_text(tmp_path):
+    r = load_recipe(write_recipe(tmp_path, '{"recipekit": 1, "name": "\\ud83d\\ude00", '
+                                 '"models": {"tiny": "./model"}, "output": {"model": "tiny"}}',
+                                 name="recipe.json"))
+    assert r.name == "\U0001f600"
+    r = load_recipe(write_recipe(tmp_path, solar_recipe(output=None) + 'name: "\\U0001F600"\n'))
+    assert r.name == "\U0001f600"
