@@ -704,6 +704,8 @@ def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
             entry.get("path") if isinstance(entry, dict) else None)
         if not isinstance(written, str):
             continue
+        _check_path_text(doc, ("models", name) + (("path",) if isinstance(entry, dict) else ()),
+                         written, errors)
         path = Path(os.path.normpath(base_dir / _expanduser(written)))
         models[name] = ModelRef(name, path, written, prefix, ("models", name))
 
@@ -772,6 +774,8 @@ def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
                                     f"{_show(written_size)} is not a usable size",
                                     hint="write a number of bytes or e.g. '500MB', '5GB', "
                                     "'2GiB'"))
+    if isinstance(out.get("path"), str):
+        _check_path_text(doc, ("output", "path"), out["path"], errors)
     out_path = Path(os.path.normpath(base_dir / _expanduser(out["path"]))) if isinstance(
         out.get("path"), str) else base_dir / "out" / file.stem
 
@@ -782,6 +786,13 @@ def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
         models=models, steps=steps,
         output=Output(out_path, out_model, out.get("dtype"), shard_size, out.get("config")),
     )
+
+
+def _check_path_text(doc: Document, path: KeyPath, written: str,
+                     errors: list[RecipeError]) -> None:
+    if "\x00" in written:  # every file system call would raise ValueError
+        errors.append(doc.error(path, f"{_show(written)} is not a usable path: it holds a NUL "
+                                "character"))
 
 
 def _expanduser(written: str) -> str:

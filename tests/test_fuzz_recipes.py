@@ -265,3 +265,21 @@ def test_escaped_characters_outside_the_bmp_are_text(tmp_path):
     assert r.name == "\U0001f600"
     r = load_recipe(write_recipe(tmp_path, solar_recipe(output=None) + 'name: "\\U0001F600"\n'))
     assert r.name == "\U0001f600"
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    # output.path "out\0x" loaded, and `run` then failed creating it: "internal error:
+    # ValueError: embedded null byte"
+    (solar_recipe(output='  path: "out\\0x"'), ("output", "path")),
+    (solar_recipe('"./mo\\0del"'), ("models", "tiny")),
+    (solar_recipe('{path: "./mo\\0del"}'), ("models", "tiny", "path")),
+])
+def test_paths_holding_nul_are_recipe_errors(tmp_path, cli, text, where):
+    path = write_recipe(tmp_path, text)
+    with pytest.raises(RecipeErrors) as e:
+        load_recipe(path)
+    assert [x.key_path for x in e.value.errors] == [where]
+    assert "it holds a NUL character" in e.value.errors[0].message
+    result = cli("run", "-q", path)
+    assert result.exit_code == 2
+    assert "internal error" not in result.output
