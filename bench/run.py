@@ -269,7 +269,60 @@ def solar_case(work: Path) -> Case:
     )
 
 
-CASES: dict[str, Callable[[Path], Case]] = {"solar": solar_case}
+def merge_case(method: str) -> Callable[[Path], Case]:
+    """A merge of two TinyLlama fixtures (seeds 0 and 1) by ``method``, 0.5/0.5.
+
+    Outputs are not checked byte for byte (a merge equals no input tensor); the test suite checks
+    the numbers against the kernels and mergekit. Timing and memory are what this case is for.
+    """
+    steps = {
+        "linear": ("    method: linear\n    from: [{model: a, weight: 0.5}, "
+                   "{model: b, weight: 0.5}]\n",
+                   "models:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n"
+                   "  - model: {b}\n    parameters: {{weight: 0.5}}\nmerge_method: linear\n"),
+        "slerp": ("    method: slerp\n    from: [a, b]\n    parameters: {t: 0.5}\n",
+                  "base_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+                  "merge_method: slerp\nparameters: {{t: 0.5}}\n"),
+        "ties": ("    method: ties\n    base: a\n    from: [{model: b, weight: 0.5, "
+                 "density: 0.5}]\n",
+                 "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.5, "
+                 "density: 0.5}}\nmerge_method: ties\n"),
+    }
+
+    def case(work: Path) -> Case:
+        a, b = fixtures.make_tinyllama(0), fixtures.make_tinyllama(1)
+        step, mk = steps[method]
+        recipe = work / f"{method}.yaml"
+        recipe.write_text(f"recipekit: 1\nname: {method}-tinyllama\nmodels:\n  a: {a}\n"
+                          f"  b: {b}\nsteps:\n  - name: merged\n    op: merge\n{step}")
+        mk_config = work / f"{method}-mergekit.yml"
+        mk_config.write_text(mk.format(a=a, b=b) + "dtype: bfloat16\n")
+        shards = sorted(a.glob("*.safetensors")) + sorted(b.glob("*.safetensors"))
+        out_bytes = sum(p.stat().st_size for p in a.glob("*.safetensors"))
+        variants = [
+            Variant("recipekit", "recipekit", recipekit_argv(recipe), verify=False),
+            Variant("recipekit", "recipekit --no-fsync", recipekit_argv(recipe, "--no-fsync"),
+                    verify=False),
+            Variant(MERGEKIT, "mergekit 0.1.5", mergekit_argv(mk_config), env=mergekit_env(),
+                    verify=False),
+            Variant(FLOOR, FLOOR, floor_argv(shards, out_bytes), verify=False),
+        ]
+        return Case(
+            name=method,
+            description=f"{method} merge of two TinyLlama-shaped fixtures, 0.5/0.5",
+            inputs=sorted(p for d in (a, b) for p in d.iterdir() if p.is_file()),
+            variants=variants, expected={}, expected_config={},
+            targets={"wall_vs_mk": 0.2, "rss_vs_mk": 0.25} if method == "linear" else {},
+        )
+    return case
+
+
+CASES: dict[str, Callable[[Path], Case]] = {
+    "solar": solar_case,
+    "linear": merge_case("linear"),
+    "slerp": merge_case("slerp"),
+    "ties": merge_case("ties"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
