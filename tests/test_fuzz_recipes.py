@@ -1,21 +1,142 @@
 """Fuzzed recipes (hardening): the loader, the compiler and the CLI never fail with anything
 but a located `RecipekitError` and the right exit code, and whatever compiles is right.
 
-The regression tests below pin each bug the fuzzer found.
+Strategies and the oracle live in `recipe_strategies.py` (shared with `bench/fuzz_soak.py`,
+which runs thousands of cases). Here about 500 derandomized cases run at three levels:
+`load_recipe`; `resolve_sources` + `compile_plan` against the tiny 8-layer Llama, checked
+against a reference interpreter; and `recipekit validate` / `plan` / `run` in process. The
+regression tests at the end pin each bug the fuzzer found; bugs it found in modules this suite's
+session could not change are listed in `recipe_strategies.KNOWN_OPEN` (counted, not failed) and
+pinned by xfail tests.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
 
-from recipekit.errors import RecipeErrors, SourceNotFoundError
+from recipekit.errors import RecipeErrors, RecipekitError, SourceNotFoundError
 from recipekit.recipe import load_recipe
 from recipekit.sources import resolve_sources
 
 from conftest import solar_recipe, write_recipe
+from recipe_strategies import (
+    WHOLE_TEXTS,
+    RecipeFile,
+    check_case,
+    mutated_documents,
+    recipe_documents,
+    recipe_files,
+    seed_recipe_files,
+    serialized,
+)
+
+FUZZ = dict(deadline=None, derandomize=True, database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                   HealthCheck.filter_too_much, HealthCheck.large_base_example])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_llama):
+    """(parent of the case directories, the tiny model, its absolute paths as sources)."""
+    model = Path(tiny_llama).resolve()
+    return tmp_path_factory.mktemp("fuzz").resolve(), model, (str(model), str(model) + "/")
+
+
+@pytest.fixture(scope="module")
+def cli_app():
+    from recipekit.cli import app
+
+    return CliRunner(), app
+
+
+@settings(max_examples=180, **FUZZ)
+@given(data=st.data())
+def test_generated_recipes_load_and_compile(workspace, data):
+    """Schema-shaped documents, mutated, as YAML or JSON: load + compile + the reference."""
+    parent, model, abs_models = workspace
+    f = data.draw(serialized(data.draw(mutated_documents(abs_models))))
+    check_case(f, parent, model, abs_models=abs_models)
+
+
+@settings(max_examples=130, **FUZZ)
+@given(f=seed_recipe_files())
+def test_mutated_example_recipes_load_and_compile(workspace, f):
+    """recipes/*.yaml|json with lines deleted, duplicated, swapped, re-indented, tabs, YAML
+    specials, truncation and byte flips."""
+    parent, model, _ = workspace
+    check_case(f, parent, model)
+
+
+@settings(max_examples=100, **FUZZ)
+@given(data=st.data())
+def test_any_recipe_through_cli_validate(workspace, cli_app, data):
+    """Every kind of case through `recipekit validate`: the library's exit code, no traceback."""
+    parent, model, abs_models = workspace
+    f = data.draw(recipe_files(abs_models))
+    check_case(f, parent, model, abs_models=abs_models, cli=cli_app)
+
+
+@settings(max_examples=30, **FUZZ)
+@given(data=st.data())
+def test_sampled_recipes_run(workspace, cli_app, data):
+    """Mostly valid recipes through `plan` and `run`: the output holds the planned tensors."""
+    parent, model, abs_models = workspace
+    doc = data.draw(mutated_documents(abs_models, max_mutations=1))
+    check_case(data.draw(serialized(doc)), parent, model, abs_models=abs_models, cli=cli_app,
+               run=True)
+
+
+@settings(max_examples=40, **FUZZ)
+@given(doc=recipe_documents())
+def test_yaml_and_json_are_the_same_recipe(workspace, doc):
+    """DESIGN §2: a JSON recipe is the same document in JSON, however it is indented."""
+    parent, _, _ = workspace
+    outcomes = []
+    for name, text in [("r.yaml", yaml.safe_dump(doc, sort_keys=False)),
+                       ("r.json", json.dumps(doc)), ("r.json", json.dumps(doc, indent=2)),
+                       ("r.json", json.dumps(doc, indent="\t"))]:
+        d = parent / f"same-{len(outcomes)}"
+        d.mkdir(exist_ok=True)
+        path = d / name
+        path.write_text(text)
+        try:
+            outcomes.append(json.dumps(load_recipe(path).canonical(), sort_keys=True))
+        except RecipekitError as e:
+            outcomes.append(type(e).__name__ + ":" + "|".join(
+                x.message for x in getattr(e, "errors", [e])))
+    assert len(set(outcomes)) == 1, outcomes
+
+
+@pytest.mark.parametrize("text", WHOLE_TEXTS, ids=[f"text{i}" for i in range(len(WHOLE_TEXTS))])
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_whole_texts(workspace, cli_app, text, suffix):
+    """Alias bombs, recursive aliases, deep nesting, empty and multi-document files."""
+    parent, model, _ = workspace
+    check_case(RecipeFile("recipe" + suffix, text.encode(), "whole-text"), parent, model,
+               cli=cli_app, limit=20)
+
+
+# ---------------------------------------------------------------------------------------------
+# Open bugs the fuzzer found in modules this suite's session did not change (KNOWN_OPEN in
+# recipe_strategies.py counts them instead of failing); these turn XPASS once fixed there.
+
+
+@pytest.mark.xfail(reason="io/output.py: Path.exists() raises OSError ENAMETOOLONG for an "
+                   "output directory name over NAME_MAX; run shows 'internal error'", strict=False)
+def test_output_path_with_a_too_long_name_is_a_clear_error(tmp_path, tiny_llama, cli):
+    path = write_recipe(tmp_path, solar_recipe(tiny_llama, output="  path: " + "x" * 300))
+    result = cli("run", "-q", "--no-fsync", path)
+    assert "internal error" not in result.output
+    assert result.exit_code in (1, 2)
+
 
 # ---------------------------------------------------------------------------------------------
 # Regressions: one test per bug the fuzzer found

@@ -1,0 +1,123 @@
+"""Recipe fuzzing soak: thousands of fuzzed recipes through the loader, compiler and CLI.
+
+    python bench/fuzz_soak.py                      # 3000 cases, seed 0
+    python bench/fuzz_soak.py --cases 20000 --seed 7 --run-every 5
+
+The strategies and the oracle are tests/recipe_strategies.py's (the same as
+tests/test_fuzz_recipes.py, which runs ~500 cases in CI). Every case is loaded and, when it
+loads, compiled against the tiny 8-layer Llama in recipes/models and checked against the
+reference interpreter; every case also goes through `recipekit validate`, and a sample of those
+that compile through `recipekit run`. Prints counts; saves each violating recipe and its report
+under bench/results/fuzz-<time>/ (gitignored); exits 1 on any oracle violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub models in fuzzed recipes never go online
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from recipe_strategies import OracleViolation, check_case, recipe_files  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", type=int, default=3000, help="fuzzed recipes to check")
+    ap.add_argument("--seed", type=int, default=0, help="hypothesis seed (reproducible)")
+    ap.add_argument("--run-every", type=int, default=8,
+                    help="run about one in N of the cases that compile through `recipekit run`")
+    ap.add_argument("--no-cli", action="store_true", help="library levels only (faster)")
+    ap.add_argument("--limit", type=float, default=60.0, help="seconds before a case is a hang")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+
+    from typer.testing import CliRunner
+
+    from recipekit.cli import app
+
+    model = (ROOT / "recipes" / "models" / "tiny-llama").resolve()
+    abs_models = (str(model),)
+    cli = None if args.no_cli else (CliRunner(), app)
+    out_dir = args.results / time.strftime("fuzz-%Y%m%dT%H%M%SZ", time.gmtime())
+    counts: collections.Counter[str] = collections.Counter()
+    violations: list[str] = []
+    start = time.perf_counter()
+
+    with tempfile.TemporaryDirectory(prefix="recipekit-fuzz-") as tmp:
+        parent = Path(tmp)
+
+        @seed(args.seed)
+        @settings(max_examples=args.cases, deadline=None, database=None,
+                  phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+        @given(data=st.data())
+        def soak(data: st.DataObject) -> None:
+            f = data.draw(recipe_files(abs_models), label="recipe")
+            run = data.draw(st.integers(0, max(args.run_every - 1, 0)), label="run?") == 0
+            n = counts["cases"]
+            counts["cases"] += 1
+            counts["origin " + f.origin.split("/")[0]] += 1
+            try:
+                o = check_case(f, parent, model, abs_models=abs_models, cli=cli, run=run,
+                               limit=args.limit)
+            except OracleViolation as e:
+                _save(out_dir, n, f, f"oracle violation: {e}\n\n{traceback.format_exc()}")
+                violations.append(f"case {n} ({f.origin}): {str(e).splitlines()[0][:200]}")
+                return
+            except Exception as e:  # the harness itself: report, do not stop the soak
+                _save(out_dir, n, f, f"harness error: {e!r}\n\n{traceback.format_exc()}")
+                violations.append(f"case {n} ({f.origin}): harness error {e!r}"[:240])
+                return
+            if not o.loaded:
+                counts["load: RecipekitError"] += 1
+            elif o.compiled:
+                counts["compile: ok"] += 1
+                counts["compile: ok, checked against the reference"] += o.good_sources
+            else:
+                counts["compile: RecipekitError"] += 1
+            for line in o.cli:
+                counts["cli " + line] += 1
+            for k in o.known:
+                counts["known open bug: " + k] += 1
+            if counts["cases"] % 500 == 0:
+                print(f"  {counts['cases']} cases, {len(violations)} violation(s), "
+                      f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+        soak()
+
+    secs = time.perf_counter() - start
+    print(f"recipe fuzz soak: {counts['cases']} cases in {secs:.0f} s (seed {args.seed})")
+    for key in sorted(counts):
+        if key != "cases":
+            print(f"  {key:48} {counts[key]:7d}")
+    print(f"  {'oracle violations':48} {len(violations):7d}")
+    for v in violations[:50]:
+        print(f"    {v}")
+    if violations:
+        print(f"failing examples saved under {out_dir}")
+        return 1
+    return 0
+
+
+def _save(out_dir: Path, n: int, f, report: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / f"case{n:06d}-{f.origin.replace('/', '_')}"
+    Path(f"{base}--{f.name}").write_bytes(f.data)
+    Path(f"{base}.txt").write_text(report, errors="backslashreplace")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
