@@ -63,10 +63,16 @@ class OutputDir:
     # -- opening -------------------------------------------------------------------------------
     def __enter__(self) -> OutputDir:
         path = self.path
-        if path.exists() and not path.is_dir():
+        try:
+            exists, is_dir = path.exists(), path.is_dir()
+        except OSError as e:  # e.g. ENAMETOOLONG: the kernel refuses the name itself
+            raise OutputPathError(f"output path {display_path(path)} cannot be used: "
+                                  f"{e.strerror or e}", hint="choose a shorter or valid "
+                                  "`output.path` (or --output)") from None
+        if exists and not is_dir:
             raise OutputPathError(f"output path {display_path(path)} is a file",
                                   hint="set `output.path` (or --output) to a directory")
-        if path.is_dir() and not (path / STATE).exists():
+        if is_dir and not (path / STATE).exists():
             self._refuse_foreign()  # before touching anything in someone else's directory
         try:
             path.mkdir(parents=True, exist_ok=True)
