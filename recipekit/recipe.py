@@ -559,6 +559,9 @@ def parse_layer_range(text: str) -> range:
         if start == stop:
             raise ValueError(f"{text!r} is empty (start equals stop); ranges are half-open, "
                              f"so range({start},{stop + 1}) selects layer {start}")
+        if step < 0:
+            raise ValueError(f"{text!r} is empty (with a negative step, start {start} must be "
+                             f"above stop {stop})")
         raise ValueError(f"{text!r} is empty (start {start} is past stop {stop}); "
                          f"did you mean range({stop},{start})?")
     return r

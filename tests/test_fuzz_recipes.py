@@ -404,3 +404,12 @@ def test_paths_holding_nul_are_recipe_errors(tmp_path, cli, text, where):
     result = cli("run", "-q", path)
     assert result.exit_code == 2
     assert "internal error" not in result.output
+
+
+def test_empty_ranges_with_a_negative_step_are_explained_as_such(tmp_path):
+    # "range(0,5,-1)" was "empty (start 0 is past stop 5); did you mean range(5,0)?"
+    with pytest.raises(RecipeErrors) as e:
+        load_recipe(write_recipe(tmp_path, solar_recipe(layers='["range(0,5,-1)", "range(5,2)"]')))
+    assert [x.message for x in e.value.errors] == [
+        "'range(0,5,-1)' is empty (with a negative step, start 0 must be above stop 5)",
+        "'range(5,2)' is empty (start 5 is past stop 2); did you mean range(2,5)?"]
