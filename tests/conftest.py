@@ -56,6 +56,17 @@ def solar_recipe(model: str | Path = "./model", layers: str = '["range(0,6)", "r
     return text if output is None else text + f"output:\n{output}\n"
 
 
+def read_tensors(directory: Path) -> dict:
+    """Every tensor of a checkpoint directory (all its safetensors files), by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
+    return out
+
+
 def write_recipe(directory: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = directory / name
     path.write_text(textwrap.dedent(text).lstrip("\n"))

@@ -11,10 +11,9 @@ import pickle
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from builders import load_model, make_model
-from conftest import solar_recipe, write_recipe
+from conftest import read_tensors, solar_recipe, write_recipe
 
 
 def pickled(tmp_path, family="llama", shards=1):
@@ -39,13 +38,6 @@ def pickled(tmp_path, family="llama", shards=1):
     return model, path
 
 
-def converted_tensors(path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
-    return out
-
 
 def test_refuses_without_allow_pickle(cli, tmp_path):
     _, src = pickled(tmp_path)
@@ -65,7 +57,7 @@ def test_single_file_checkpoint(cli, tmp_path, family):
     result = cli("convert", "--allow-pickle", src, tmp_path / "out")
     assert result.exit_code == 0, result.output
     original = torch.load(src / "pytorch_model.bin", weights_only=True)
-    got = converted_tensors(tmp_path / "out")
+    got = read_tensors(tmp_path / "out")
     assert got.keys() == original.keys()
     assert (tmp_path / "out" / "config.json").is_file()
     for k, t in original.items():
@@ -85,7 +77,7 @@ def test_sharded_checkpoint_then_run(cli, tmp_path):
                                             "  path: ./grown"))
     result = cli("run", r, "-q")
     assert result.exit_code == 0, result.output
-    got = converted_tensors(tmp_path / "grown")
+    got = read_tensors(tmp_path / "grown")
     assert torch.equal(got["model.layers.4.mlp.up_proj.weight"],
                        model.state_dict()["model.layers.1.mlp.up_proj.weight"])
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import solar_recipe, write_recipe
+from conftest import read_tensors, solar_recipe, write_recipe
 
 ORDER = list(range(0, 6)) + list(range(2, 8))
 
@@ -30,14 +30,6 @@ def solar(tmp_path: Path, model: Path, shard: str = "100KB", extra: str = "") ->
     output = f"  path: ./out\n  shard_size: {shard}"
     return write_recipe(tmp_path, solar_recipe(model, output=output) + extra)
 
-
-def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            for k in st.keys():  # noqa: SIM118 - safe_open is not a mapping
-                out[k] = st.get_tensor(k)
-    return out
 
 
 def ok(cli, *args):
@@ -60,7 +52,7 @@ class TestSolarUpscale:
         assert len(shards) > 1
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert set(index["weight_map"].values()) == {s.name for s in shards}
-        src, dst = tensors_of(source_dir), tensors_of(out)
+        src, dst = read_tensors(source_dir), read_tensors(out)
         assert len(dst) == 3 + 12 * 9
         for name, t in dst.items():
             if ".layers." in name:
@@ -106,7 +98,7 @@ class TestSolarUpscale:
 
     def test_cast_matches_torch(self, cli, tmp_path, tiny_llama):
         ok(cli, "run", solar(tmp_path, tiny_llama, extra="  dtype: bfloat16\n"), "-q")
-        src, dst = tensors_of(tiny_llama), tensors_of(tmp_path / "out")
+        src, dst = read_tensors(tiny_llama), read_tensors(tmp_path / "out")
         assert torch.equal(dst["lm_head.weight"], src["lm_head.weight"].to(torch.bfloat16))
         config = json.loads((tmp_path / "out" / "config.json").read_text())
         assert config["dtype"] == config["torch_dtype"] == "bfloat16"
@@ -355,7 +347,7 @@ class TestCheckFinite:
             "warning: non-finite values in 2 tensor(s):",
             "  model.layers.1.w (from tiny:model.layers.1.w): 1 NaN, 2 Inf",
             "  model.layers.2.w (from tiny:model.layers.1.w): 1 NaN, 2 Inf"]
-        assert tensors_of(tmp_path / "out")["model.layers.2.w"].isnan().sum() == 1
+        assert read_tensors(tmp_path / "out")["model.layers.2.w"].isnan().sum() == 1
 
         cast = write_recipe(tmp_path, solar_recipe("./m", "[1]", "  path: ./cast\n"
                                                    "  dtype: bfloat16"), "cast.yaml")

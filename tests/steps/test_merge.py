@@ -10,26 +10,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from recipekit.ops.merge import apply_method
 
 from builders import make_model
-from conftest import ROOT, write_recipe
+from conftest import ROOT, read_tensors, write_recipe
 
 MERGEKIT = ROOT / "bench" / ".venv-mergekit" / "bin" / "mergekit-yaml"
 
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +40,7 @@ def run(cli, tmp_path, trio, step: str) -> dict[str, torch.Tensor]:
     r = write_recipe(tmp_path, recipe_text(trio, step))
     result = cli("run", r, "-q")
     assert result.exit_code == 0, result.output
-    return tensors(tmp_path / "out")
+    return read_tensors(tmp_path / "out")
 
 
 CASES = {
@@ -80,7 +71,7 @@ class TestWiring:
     def test_each_tensor_is_the_kernel_of_its_inputs(self, cli, tmp_path, trio, method):
         step, kernel = CASES[method]
         out = run(cli, tmp_path, trio, step)
-        b, x, y = (tensors(p) for p in trio)
+        b, x, y = (read_tensors(p) for p in trio)
         assert out.keys() == b.keys()
         for name, t in out.items():
             want = kernel(b[name], x[name], y[name]).to(torch.float32)
@@ -89,7 +80,7 @@ class TestWiring:
     def test_gradient_parameter_per_layer(self, cli, tmp_path, trio):
         out = run(cli, tmp_path, trio, "    method: slerp\n    from: [x, y]\n"
                   "    parameters: {t: {gradient: [0, 1]}}\n")
-        x, y = tensors(trio[1]), tensors(trio[2])
+        x, y = read_tensors(trio[1]), read_tensors(trio[2])
         name = "model.layers.1.mlp.up_proj.weight"
         want = apply_method("slerp", [y[name]], base=x[name], params={"t": 0.5})
         assert torch.equal(out[name], want)
@@ -102,7 +93,7 @@ class TestProperties:
     def test_model_merged_with_itself_is_itself(self, cli, tmp_path, trio):
         out = run(cli, tmp_path, trio, "    method: linear\n    from: [{model: x, weight: 1}, "
                   "{model: x, weight: 3}]\n")
-        src = tensors(trio[1])
+        src = read_tensors(trio[1])
         assert all(torch.equal(out[k], src[k]) for k in src)
 
     def test_random_methods_reproduce_with_a_seed(self, cli, tmp_path, trio):
@@ -176,7 +167,7 @@ def test_same_output_as_mergekit(cli, tmp_path, trio, method):
     subprocess.run([str(MERGEKIT), str(cfg), str(tmp_path / "mk")], check=True, env=env,
                    capture_output=True)
     ours = run(cli, tmp_path, trio, CASES[method][0])
-    theirs = tensors(tmp_path / "mk")
+    theirs = read_tensors(tmp_path / "mk")
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0), (method, k)
@@ -204,7 +195,7 @@ def test_gradients_and_filters_match_mergekit_with_explicit_rules(cli, tmp_path,
         "        - {match: model.norm.weight, value: 0.2}\n"   # mergekit: t = 0 after layers
         "        - {match: lm_head.weight, value: 0.2}\n"
         "        - {value: {gradient: [0.2, 0.8]}}\n"))
-    theirs = tensors(tmp_path / "mk")
+    theirs = read_tensors(tmp_path / "mk")
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0), k
