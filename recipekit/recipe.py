@@ -171,9 +171,10 @@ def _compose(text: str, doc: Document, errors: list[RecipeError]) -> Any:
             value = loader.construct_object(node, deep=True)
             if isinstance(value, int):
                 str(value)  # Python refuses to print an int of more than 4300 digits
-        except ValueError:  # a number-like scalar that is no number: 0b_, ._, 4301 digits
+        except (ValueError, IndexError, KeyError):  # 0b_, ._, 4301 digits; !!int '', !!bool x
+            kind = "a boolean" if node.tag.endswith(":bool") else "a number"
             raise yaml.constructor.ConstructorError(
-                None, None, f"cannot read {_show(node.value)} as a number (quote it to make it "
+                None, None, f"cannot read {_show(node.value)} as {kind} (quote it to make it "
                 "a string)", node.start_mark) from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             doc.raw_scalars[path] = str(node.value)

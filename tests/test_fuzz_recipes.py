@@ -413,3 +413,18 @@ def test_empty_ranges_with_a_negative_step_are_explained_as_such(tmp_path):
     assert [x.message for x in e.value.errors] == [
         "'range(0,5,-1)' is empty (with a negative step, start 0 must be above stop 5)",
         "'range(5,2)' is empty (start 5 is past stop 2); did you mean range(2,5)?"]
+
+
+@pytest.mark.parametrize(("scalar", "kind"), [
+    # explicit tags the loader allows, on values their constructors cannot read: IndexError for
+    # an empty !!float or !!int, KeyError for a !!bool that is no boolean
+    ("!!float ''", "a number"), ("!!int ''", "a number"), ("!!float abc", "a number"),
+    ("!!bool maybe", "a boolean"),
+])
+def test_explicitly_tagged_scalars_that_do_not_convert(tmp_path, scalar, kind):
+    with pytest.raises(RecipeErrors) as e:
+        load_recipe(write_recipe(tmp_path, solar_recipe(output=f"  dtype: {scalar}")))
+    (err,) = e.value.errors
+    assert err.message.startswith("invalid YAML: cannot read ")
+    assert f"as {kind} (quote it to make it a string)" in err.message
+    assert (err.location.line, err.location.column) == (10, 10)
