@@ -43,7 +43,15 @@ def main() -> int:
     ap.add_argument("--no-cli", action="store_true", help="library levels only (faster)")
     ap.add_argument("--limit", type=float, default=60.0, help="seconds before a case is a hang")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--max-memory-gib", type=float, default=6.0,
+                    help="address-space limit, so a blow-up is a MemoryError (a violation) "
+                    "rather than the OOM killer (0: none)")
     args = ap.parse_args()
+    if args.max_memory_gib > 0:
+        import resource
+
+        limit = int(args.max_memory_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     from typer.testing import CliRunner
 
@@ -76,6 +84,10 @@ def main() -> int:
             except OracleViolation as e:
                 _save(out_dir, n, f, f"oracle violation: {e}\n\n{traceback.format_exc()}")
                 violations.append(f"case {n} ({f.origin}): {str(e).splitlines()[0][:200]}")
+                return
+            except MemoryError as e:  # the recipe made recipekit take all memory
+                _save(out_dir, n, f, f"oracle violation: MemoryError\n\n{traceback.format_exc()}")
+                violations.append(f"case {n} ({f.origin}): MemoryError {e!r}"[:240])
                 return
             except Exception as e:  # the harness itself: report, do not stop the soak
                 _save(out_dir, n, f, f"harness error: {e!r}\n\n{traceback.format_exc()}")
