@@ -129,17 +129,29 @@ def test_whole_texts(workspace, cli_app, text, suffix):
 # recipe_strategies.py counts them instead of failing); these turn XPASS once fixed there.
 
 
-@pytest.mark.xfail(reason="io/output.py: Path.exists() raises OSError ENAMETOOLONG for an "
-                   "output directory name over NAME_MAX; run shows 'internal error'", strict=False)
-def test_output_path_with_a_too_long_name_is_a_clear_error(tmp_path, tiny_llama, cli):
-    path = write_recipe(tmp_path, solar_recipe(tiny_llama, output="  path: " + "x" * 300))
-    result = cli("run", "-q", "--no-fsync", path)
+@pytest.mark.xfail(reason="sources.py: Path.exists() raises OSError ENAMETOOLONG for a model "
+                   "directory name over NAME_MAX; compile_plan's caller gets OSError, the CLI an "
+                   "'internal error'", strict=False)
+def test_model_path_with_a_too_long_name_is_a_clear_error(tmp_path, cli):
+    path = write_recipe(tmp_path, solar_recipe("./" + "x" * 300))
+    with pytest.raises(SourceNotFoundError):
+        resolve_sources(load_recipe(path))
+    result = cli("validate", path)
     assert "internal error" not in result.output
-    assert result.exit_code in (1, 2)
+    assert result.exit_code == 2
 
 
 # ---------------------------------------------------------------------------------------------
 # Regressions: one test per bug the fuzzer found
+
+
+def test_output_path_with_a_too_long_name_is_a_clear_error(tmp_path, tiny_llama, cli):
+    # io/output.py: Path.exists() raised OSError ENAMETOOLONG for an output directory name over
+    # NAME_MAX, and run showed "internal error" (fixed there in a7c67b2)
+    path = write_recipe(tmp_path, solar_recipe(tiny_llama, output="  path: " + "x" * 300))
+    result = cli("run", "-q", "--no-fsync", path)
+    assert "internal error" not in result.output
+    assert result.exit_code == 2
 
 
 def test_tilde_of_an_unknown_user_is_a_missing_path_not_a_crash(tmp_path):
