@@ -120,7 +120,12 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
     else:
         assert ref.path is not None
         path = ref.path
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # e.g. ENAMETOOLONG: the kernel refuses the name itself
+        raise located(SourceNotFoundError, f"model path {ref.written[:80]!r} cannot be used: "
+                      f"{e.strerror or e}", "check the path") from None
+    if not exists:
         hint = "check the path (relative paths are relative to the recipe file)"
         if "/" in ref.written and not ref.written.startswith((".", "/", "~")) and (
                 ref.written.count("/") == 1):

@@ -750,10 +750,7 @@ def reference_layers(recipe: Any) -> tuple[dict[str, list[Pick] | None], dict[st
 #: Oracle violations found by this fuzzer in modules its session could not change, reported
 #: and awaiting a fix there: name -> (command, text of the failure). Counted, not failed; see
 #: the xfail tests in test_fuzz_recipes.py, which turn XPASS once they are fixed.
-KNOWN_OPEN: dict[str, tuple[tuple[str, ...], str]] = {
-    "sources.py: model path with a name longer than NAME_MAX": (
-        ("compile", "validate", "plan", "run"), "OSError: [Errno 36] File name too long"),
-}
+KNOWN_OPEN: dict[str, tuple[tuple[str, ...], str]] = {}
 
 
 def _known(stage: str, text: str) -> list[str]:

@@ -125,24 +125,18 @@ def test_whole_texts(workspace, cli_app, text, suffix):
 
 
 # ---------------------------------------------------------------------------------------------
-# Open bugs the fuzzer found in modules this suite's session did not change (KNOWN_OPEN in
-# recipe_strategies.py counts them instead of failing); these turn XPASS once fixed there.
+# Regressions: one test per bug the fuzzer found
 
 
-@pytest.mark.xfail(reason="sources.py: Path.exists() raises OSError ENAMETOOLONG for a model "
-                   "directory name over NAME_MAX; compile_plan's caller gets OSError, the CLI an "
-                   "'internal error'", strict=False)
 def test_model_path_with_a_too_long_name_is_a_clear_error(tmp_path, cli):
+    # sources.py: Path.exists() raised OSError ENAMETOOLONG for a model directory name over
+    # NAME_MAX, and validate showed "internal error"
     path = write_recipe(tmp_path, solar_recipe("./" + "x" * 300))
     with pytest.raises(SourceNotFoundError):
         resolve_sources(load_recipe(path))
     result = cli("validate", path)
     assert "internal error" not in result.output
     assert result.exit_code == 2
-
-
-# ---------------------------------------------------------------------------------------------
-# Regressions: one test per bug the fuzzer found
 
 
 def test_output_path_with_a_too_long_name_is_a_clear_error(tmp_path, tiny_llama, cli):
