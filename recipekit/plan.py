@@ -71,23 +71,9 @@ class Plan:
         return sum(len(s.tensors) for s in self.shards)
 
     def loads(self) -> set[Load]:
-        out: set[Load] = set()
-        for node in self.iter_nodes():
-            if isinstance(node, Load):
-                out.add(node)
-        return out
-
-    def iter_nodes(self) -> list[Node]:
-        """Every distinct node reachable from the output, each once."""
-        seen: dict[Node, None] = {}
-        stack = [t.node for s in self.shards for t in s.tensors]
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen[node] = None
-            stack.extend(node.inputs)
-        return list(seen)
+        """Every distinct stored tensor the plan reads."""
+        return {n for s in self.shards for t in s.tensors for n in _expression_nodes(t.node)
+                if isinstance(n, Load)}
 
     @property
     def bytes_read(self) -> int:
