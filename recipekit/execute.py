@@ -27,7 +27,7 @@ from recipekit.io.output import INDEX, MANIFEST, OutputDir, dumps
 from recipekit.io.reader import FileReader
 from recipekit.io.writer import ShardWriter
 from recipekit.manifest import build_manifest, build_model_card
-from recipekit.model import Cast, Lerp, Load, Merge, Node
+from recipekit.model import Load, Node
 from recipekit.plan import COPY_BUFFERS, COPY_CHUNK, Plan, Shard
 from recipekit.sources import iter_donor_files
 
@@ -279,39 +279,11 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, reader: FileReader, devic
         result = read_tensor(n, plan, reader)
         if finite is not None:
             finite.check(f"input {n.source}:{n.name}", result)
-    elif isinstance(n, Cast):
-        result = _value(n.input, memo, plan, reader, device, finite).to(device).to(
-            torch_dtype(n.dtype))
-    elif isinstance(n, Lerp):
-        from recipekit.ops.merge import lerp
-
-        a = _value(n.a, memo, plan, reader, device, finite).to(device)
-        b = _value(n.b, memo, plan, reader, device, finite).to(device)
-        result = lerp(a, b, t=n.t).to(torch_dtype(n.dtype))
-    elif isinstance(n, Merge):
-        from recipekit.ops.merge import apply_method
-
-        operands = [_value(x, memo, plan, reader, device, finite).to(device) for x in n.operands]
-        base = (_value(n.base, memo, plan, reader, device, finite).to(device)
-                if n.base is not None else None)
-        result = apply_method(n.method, operands, base=base, params=dict(n.params),
-                              generator=_generator(n.seed, n.tensor) if n.tensor else None
-                              ).to(torch_dtype(n.dtype))
-    else:  # pragma: no cover - every node type the planner makes is handled above
-        raise TypeError(f"no evaluator for {type(n).__name__}")
+    else:
+        args = tuple(_value(x, memo, plan, reader, device, finite).to(device) for x in n.inputs)
+        result = n.compute(args)
     memo[n] = result
     return result
-
-
-def _generator(seed: int, tensor: str) -> Any:
-    """The CPU generator of a random method for one tensor, seeded by (seed, tensor name), so a
-    tensor's draw does not depend on which other tensors the recipe merges (DESIGN.md §2)."""
-    import hashlib
-
-    import torch
-
-    digest = hashlib.sha256(f"{seed}\0{tensor}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def _as_tensor(view: memoryview, dtype: str) -> Any:

@@ -70,6 +70,12 @@ class Node:
         """Scratch bytes computing this node needs beyond its inputs and result (fp32 copies)."""
         return 0
 
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        """This node's tensor from its inputs' tensors (``args`` aligned with `inputs`, already
+        on the compute device). Subclasses import torch here, never at module level, so that
+        planning stays torch-free. The executor rounds nothing: the result has ``dtype``."""
+        raise NotImplementedError(type(self).__name__)
+
 
 _interned: weakref.WeakValueDictionary[Node, Node] = weakref.WeakValueDictionary()
 
@@ -104,6 +110,11 @@ class Cast(Node):
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
         return self.input.shape
 
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.dtypes import torch_dtype
+
+        return args[0].to(torch_dtype(self.dtype))
+
 
 @dataclass(frozen=True, eq=False)
 class Lerp(Node):
@@ -121,6 +132,12 @@ class Lerp(Node):
     @property
     def workspace(self) -> int:
         return 3 * 4 * self.numel  # a, b and the result in fp32
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.dtypes import torch_dtype
+        from recipekit.ops.merge import lerp
+
+        return lerp(args[0], args[1], t=self.t).to(torch_dtype(self.dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,6 +169,17 @@ class Merge(Node):
     @property
     def workspace(self) -> int:
         return (len(self.inputs) + 2) * 4 * self.numel  # fp32 copies, deltas and the result
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.dtypes import torch_dtype
+        from recipekit.ops.merge import apply_method
+        from recipekit.ops.rng import tensor_generator
+
+        n = len(self.operands)
+        base = args[n] if self.base is not None else None
+        generator = tensor_generator(self.seed, self.tensor) if self.tensor else None
+        return apply_method(self.method, list(args[:n]), base=base, params=dict(self.params),
+                            generator=generator).to(torch_dtype(self.dtype))
 
 
 def load(source: str, name: str, shape: tuple[int, ...], dtype: str) -> Load:
