@@ -20,6 +20,7 @@ Usage::
 
     python bench/fixtures.py                 # build the fixtures the benchmarks need now
     python bench/fixtures.py tinyllama mistral-8l --seeds 0,1
+    python bench/fixtures.py llama-70b       # sparse files: headers only, no disk used
 """
 
 from __future__ import annotations
@@ -74,7 +75,11 @@ MISTRAL_8L = LlamaShape("mistral-8l", num_layers=8, hidden=4096, heads=32, kv_he
 MISTRAL_32L = LlamaShape("mistral-32l", num_layers=32, hidden=4096, heads=32, kv_heads=8,
                          intermediate=14336, vocab=32000, max_position_embeddings=32768,
                          rms_norm_eps=1e-5, rope_theta=1e6)
+LLAMA_70B = LlamaShape("llama-70b", num_layers=80, hidden=8192, heads=64, kv_heads=8,
+                       intermediate=28672, vocab=128256, max_position_embeddings=131072,
+                       rms_norm_eps=1e-5, rope_theta=5e5)
 SHAPES = {s.name: s for s in (TINYLLAMA, MISTRAL_8L, MISTRAL_32L)}
+SPARSE_SHAPES = {s.name: s for s in (LLAMA_70B,)}
 
 BF16_BYTES = 2
 
@@ -285,6 +290,37 @@ def make_llama_checkpoint(shape: LlamaShape, seed: int = 0, *, root: Path = FIXT
     return out
 
 
+def make_sparse_checkpoint(shape: LlamaShape, *, root: Path = FIXTURES_DIR,
+                           max_shard_size: int = 5_000_000_000) -> Path:
+    """A checkpoint of full size whose tensor bytes are holes: real headers, index and
+    config, for timing what needs only headers (``recipekit plan``). Costs no disk."""
+    out = root / f"{shape.name}-sparse"
+    spec = {"shape": asdict(shape), "sparse": True, "max_shard_size": max_shard_size}
+    stamp = out / STAMP
+    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    specs = list(iter_tensor_specs(shape))
+    shards = split_shards(specs, max_shard_size)
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    for k, tensors in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{n:05d}.safetensors"
+        in_file = sorted(tensors)
+        header = safetensors_header(in_file)
+        with open(out / fname, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + sum(numel(d) for _, d in in_file) * BF16_BYTES)
+        weight_map.update((name, fname) for name, _ in in_file)
+    _dump(out / INDEX, {"metadata": {"total_size": checkpoint_bytes(shape)},
+                        "weight_map": dict(sorted(weight_map.items()))})
+    _dump(out / "config.json", config_json(shape))
+    _dump(stamp, spec)
+    return out
+
+
 def make_tinyllama(seed: int = 0) -> Path:
     """TinyLlama-1.1B shape (22 layers, 2048 wide, 32/4 heads), ~2 GiB bf16, 3 shards."""
     return make_llama_checkpoint(TINYLLAMA, seed)
@@ -306,11 +342,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"shapes to build, of {', '.join(SHAPES)} (default: tinyllama)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     args = parser.parse_args(argv)
-    unknown = [s for s in args.shapes if s not in SHAPES]
+    known = {**SHAPES, **SPARSE_SHAPES}
+    unknown = [s for s in args.shapes if s not in known]
     if unknown:
-        parser.error(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+        parser.error(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     status = 0
     for name in args.shapes:
+        if name in SPARSE_SHAPES:
+            print(make_sparse_checkpoint(SPARSE_SHAPES[name]))
+            continue
         for seed in (int(s) for s in args.seeds.split(",")):
             try:
                 path = make_llama_checkpoint(SHAPES[name], seed)

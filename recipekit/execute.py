@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import gc
 import logging
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipekit.dtypes import torch_dtype
+from recipekit.dtypes import itemsize, torch_dtype
 from recipekit.errors import CorruptCheckpointError, DeviceError
 from recipekit.hub import download as hub_download
 from recipekit.io.header import display_path, read_header
@@ -27,8 +29,8 @@ from recipekit.io.output import INDEX, MANIFEST, OutputDir, dumps
 from recipekit.io.reader import FileReader
 from recipekit.io.writer import ShardWriter
 from recipekit.manifest import build_manifest, build_model_card
-from recipekit.model import Load, Node
-from recipekit.plan import COPY_BUFFERS, COPY_CHUNK, Plan, Shard
+from recipekit.model import Load, Node, expression_nodes
+from recipekit.plan import CHUNK_ELEMS, COPY_BUFFERS, COPY_CHUNK, Plan, Shard, chunkable
 from recipekit.sources import iter_donor_files
 
 log = logging.getLogger(__name__)
@@ -120,25 +122,30 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
     # A plan that only moves bytes never needs torch: skip its import (about a second).
     computes = any(not isinstance(t.node, Load) for s in plan.shards for t in s.tensors)
     dev = resolve_device(device) if computes or device != "cpu" or check_finite else None
+    # The cyclic GC's full collections walk every object alive, and torch's import leaves about
+    # a million: move them out of its reach (they live as long as the process anyway). The run
+    # itself makes no reference cycles (see `evaluate`).
+    gc.freeze()
     finite = FiniteCheck() if check_finite else None
     tick = progress or (lambda n: None)
     out_path = plan.recipe.output.path
     donor_files = iter_donor_files(plan.donor.path)
     with OutputDir(out_path, plan_hash=plan.plan_hash(), files=output_files(plan, donor_files),
-                   force=force, fsync=fsync) as out, FileReader() as reader:
+                   force=force, fsync=fsync) as out, FileReader() as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="recipekit-read") as prefetch:
         if out.already_complete:
             return RunResult(out_path, True, 0, len(plan.shards), 0)
         todo = [s for s in plan.shards if not out.is_finished(s.filename)]
         extra = sum((plan.donor.path / p).stat().st_size for p in donor_files) + (1 << 20)
         out.begin(sum(s.size for s in todo) + extra)
         largest = max((t.nbytes for s in todo for t in s.tensors), default=1)
-        pool = BufferPool(COPY_BUFFERS, max(1, min(COPY_CHUNK, largest)))
+        rt = Runtime(reader, dev, BufferPool(COPY_BUFFERS, max(1, min(COPY_CHUNK, largest))),
+                     prefetch, finite)
         for shard in plan.shards:
             if out.is_finished(shard.filename):
                 tick(shard.size)
                 continue
-            sha = write_shard(plan, shard, out_path, reader, dev, fsync=fsync, progress=tick,
-                              pool=pool, finite=finite)
+            sha = write_shard(plan, shard, out_path, rt, fsync=fsync, progress=tick)
             out.mark_finished(shard.filename, sha, shard.size)
         if len(plan.shards) > 1:
             weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
@@ -193,6 +200,18 @@ def fetch_hub_shards(plan: Plan) -> Plan:
     return dataclasses.replace(plan, sources=sources)
 
 
+@dataclass
+class Runtime:
+    """What writing one shard uses besides the plan: the input reader, the compute device,
+    copy buffers, the read-ahead thread of chunked tensors, and the optional finite check."""
+
+    reader: FileReader
+    device: Any
+    pool: BufferPool
+    prefetch: ThreadPoolExecutor
+    finite: FiniteCheck | None = None
+
+
 class BufferPool:
     """Up to ``count`` reusable copy buffers, made on first use; a buffer goes back once the
     writer has hashed its bytes."""
@@ -212,10 +231,10 @@ class BufferPool:
         self._free.put(buf)
 
 
-def write_shard(plan: Plan, shard: Shard, out_dir: Path, reader: FileReader, device: Any, *,
-                fsync: bool, progress: Progress, pool: BufferPool,
-                finite: FiniteCheck | None = None) -> str:
+def write_shard(plan: Plan, shard: Shard, out_dir: Path, rt: Runtime, *, fsync: bool,
+                progress: Progress) -> str:
     """Stream one shard to disk and return its sha256."""
+    reader, pool, finite = rt.reader, rt.pool, rt.finite
     writer = ShardWriter(out_dir / shard.filename, shard.header, shard.size, fsync=fsync)
     progress(len(shard.header))
     try:
@@ -235,8 +254,15 @@ def write_shard(plan: Plan, shard: Shard, out_dir: Path, reader: FileReader, dev
                     writer.write(view, done=lambda b=buf: pool.put(b))
                     done += n
                     progress(n)
+            elif chunkable(node):
+                for piece in evaluate_chunks(node, plan, rt):
+                    if finite is not None:
+                        finite.check(t.name, piece)
+                    writer.write(_tensor_bytes(piece), done=lambda p=piece: None)
+                    progress(piece.numel() * piece.element_size())
+                    del piece
             else:
-                tensor = evaluate(node, plan, reader, device, finite).contiguous()
+                tensor = evaluate(node, plan, reader, rt.device, finite).contiguous()
                 if finite is not None:
                     finite.check(t.name, tensor)
                 # The writer hashes after this returns; the closure keeps the tensor alive.
@@ -269,6 +295,56 @@ def evaluate(node: Node, plan: Plan, reader: FileReader, device: Any,
         return _value(node, memo, plan, reader, device, finite).cpu()
     finally:
         memo.clear()
+
+
+def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
+    """Yield ``node``'s values as contiguous flat CPU pieces of `CHUNK_ELEMS` elements, in order.
+
+    Each stored input is read piece by piece straight from its file; the next piece's reads
+    run on the read-ahead thread while this one is computed. Pieces are computed with one
+    torch thread: a piece is too small for a parallel region to pay for its start, and the
+    second core is busy reading ahead and hashing. Elementwise results do not depend on the
+    thread count, so the bytes are those of the whole-tensor evaluation.
+    """
+    import torch
+
+    loads = sorted((n for n in expression_nodes(node) if isinstance(n, Load)),
+                   key=lambda n: (n.source, n.name))
+    bounds = [(lo, min(lo + CHUNK_ELEMS, node.numel)) for lo in range(0, node.numel, CHUNK_ELEMS)]
+
+    def read(lo: int, hi: int) -> dict[Node, Any]:
+        return {n: read_piece(n, plan, rt.reader, lo, hi) for n in loads}
+
+    threads = torch.get_num_threads()
+    ahead = rt.prefetch.submit(read, *bounds[0])
+    try:
+        for k in range(len(bounds)):
+            memo = ahead.result()
+            if k + 1 < len(bounds):
+                ahead = rt.prefetch.submit(read, *bounds[k + 1])
+            if rt.finite is not None:
+                for n, value in memo.items():
+                    rt.finite.check(f"input {n.source}:{n.name}", value)  # type: ignore[attr-defined]
+            torch.set_num_threads(1)
+            try:
+                piece = _value(node, memo, plan, rt.reader, rt.device, None).cpu().contiguous()
+            finally:
+                torch.set_num_threads(threads)
+                memo.clear()
+            yield piece
+    finally:
+        ahead.cancel()
+
+
+def read_piece(node: Load, plan: Plan, reader: FileReader, lo: int, hi: int) -> Any:
+    """Flat elements ``lo:hi`` of a stored tensor, as a CPU tensor over a fresh buffer."""
+    import torch
+
+    info = plan.sources[node.source].tensors[node.name]
+    size = itemsize(info.dtype)
+    piece = torch.empty((hi - lo) * size, dtype=torch.uint8)  # not zero-filled, unlike bytearray
+    reader.read_into(info.file, info.offset + lo * size, _tensor_bytes(piece))
+    return piece.view(torch_dtype(info.dtype))
 
 
 def _value(n: Node, memo: dict[Node, Any], plan: Plan, reader: FileReader, device: Any,

@@ -70,11 +70,34 @@ class Node:
         """Scratch bytes computing this node needs beyond its inputs and result (fp32 copies)."""
         return 0
 
+    @property
+    def elementwise(self) -> bool:
+        """Output element i depends only on element i of each input (same shapes), so the
+        executor may compute the node on matching flat chunks with a bit-identical result."""
+        return False
+
     def compute(self, args: tuple[Any, ...]) -> Any:
         """This node's tensor from its inputs' tensors (``args`` aligned with `inputs`, already
         on the compute device). Subclasses import torch here, never at module level, so that
         planning stays torch-free. The executor rounds nothing: the result has ``dtype``."""
         raise NotImplementedError(type(self).__name__)
+
+
+def fp32_copies(inputs: tuple[Node, ...]) -> int:
+    """Bytes of the fp32 copies a kernel makes of its inputs narrower than fp32."""
+    return sum(4 * n.numel for n in inputs if itemsize(n.dtype) < 4)
+
+
+def expression_nodes(node: Node) -> set[Node]:
+    """``node`` and every node it depends on, each once."""
+    seen: set[Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.inputs)
+    return seen
 
 
 _interned: weakref.WeakValueDictionary[Node, Node] = weakref.WeakValueDictionary()
@@ -110,6 +133,10 @@ class Cast(Node):
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
         return self.input.shape
 
+    @property
+    def elementwise(self) -> bool:
+        return True
+
     def compute(self, args: tuple[Any, ...]) -> Any:
         from recipekit.dtypes import torch_dtype
 
@@ -131,7 +158,11 @@ class Lerp(Node):
 
     @property
     def workspace(self) -> int:
-        return 3 * 4 * self.numel  # a, b and the result in fp32
+        return fp32_copies(self.inputs) + 4 * self.numel  # fp32 copies and the fp32 result
+
+    @property
+    def elementwise(self) -> bool:
+        return True
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         from recipekit.dtypes import torch_dtype
@@ -168,7 +199,15 @@ class Merge(Node):
 
     @property
     def workspace(self) -> int:
-        return (len(self.inputs) + 2) * 4 * self.numel  # fp32 copies, deltas and the result
+        # fp32 copies of narrower inputs, then about two more tensors: deltas or normalized
+        # copies, and the fp32 result (measured for slerp in tests/test_execute.py)
+        return fp32_copies(self.inputs) + 2 * 4 * self.numel
+
+    @property
+    def elementwise(self) -> bool:
+        from recipekit.methods import METHODS
+
+        return METHODS[self.method].elementwise
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         from recipekit.dtypes import torch_dtype

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from recipekit import __version__
-from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
+from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating, itemsize
 from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.io.header import build_header
-from recipekit.model import Load, Node, VirtualModel, cast, load, with_config
+from recipekit.model import Load, Node, VirtualModel, cast, expression_nodes, load, with_config
 from recipekit.recipe import Recipe, step_references
 from recipekit.sources import Checkpoint
 from recipekit.steps import BUILDERS
@@ -27,6 +27,10 @@ from recipekit.steps import BUILDERS
 #: buffers circulate between reading/writing and the hashing worker.
 COPY_CHUNK = 8 * 1024 * 1024
 COPY_BUFFERS = 4
+#: Elements per piece when a large elementwise expression (linear, task arithmetic, lerp, casts)
+#: is computed piecewise: 256Ki values, so each fp32 intermediate is 1 MiB whatever the tensor
+#: size, and a piece's passes (convert, multiply-add, round) stay in the CPU's L2 cache.
+CHUNK_ELEMS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class Plan:
 
     def loads(self) -> set[Load]:
         """Every distinct stored tensor the plan reads."""
-        return {n for s in self.shards for t in s.tensors for n in _expression_nodes(t.node)
+        return {n for s in self.shards for t in s.tensors for n in expression_nodes(t.node)
                 if isinstance(n, Load)}
 
     @property
@@ -86,18 +90,30 @@ class Plan:
         total = 0
         for s in self.shards:
             for t in s.tensors:
-                total += sum(n.nbytes for n in _expression_nodes(t.node) if isinstance(n, Load))
+                total += sum(n.nbytes for n in expression_nodes(t.node) if isinstance(n, Load))
         return total
 
     def peak_memory_estimate(self) -> int:
         """Working set above an idle process: the copy buffers if any tensor is copied as is,
-        plus the largest computed tensor's expression (its inputs, intermediates and result)
-        and one more result waiting for the hashing worker."""
+        plus the largest computed tensor's working set (`working_set`)."""
         copied = [t.nbytes for s in self.shards for t in s.tensors if isinstance(t.node, Load)]
         buffers = COPY_BUFFERS * min(COPY_CHUNK, max(copied)) if copied else 0
-        worst = max((_expression_bytes(t.node) + t.nbytes for s in self.shards for t in s.tensors
-                     if not isinstance(t.node, Load)), default=0)
-        return buffers + worst
+        return buffers + max((working_set(t.node) for s in self.shards for t in s.tensors
+                              if not isinstance(t.node, Load)), default=0)
+
+    def largest_whole_tensor_op(self) -> tuple[str, Node, int] | None:
+        """(tensor name, node, working set) of the computed tensor that needs the most memory
+        because its op reads the whole tensor at once (slerp norms, TIES thresholds, ...);
+        None when every computed tensor runs in chunks."""
+        worst = None
+        for s in self.shards:
+            for t in s.tensors:
+                if all_elementwise(t.node):
+                    continue
+                ws = working_set(t.node)
+                if worst is None or ws > worst[2]:
+                    worst = (t.name, t.node, ws)
+        return worst
 
     def plan_hash(self) -> str:
         """Identity of what this plan writes: canonical recipe, input identities, tool version."""
@@ -109,19 +125,35 @@ class Plan:
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _expression_nodes(node: Node) -> set[Node]:
-    seen: set[Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.inputs)
-    return seen
+def expression_bytes(node: Node) -> int:
+    return sum(n.nbytes + n.workspace for n in expression_nodes(node))
 
 
-def _expression_bytes(node: Node) -> int:
-    return sum(n.nbytes + n.workspace for n in _expression_nodes(node))
+def all_elementwise(node: Node) -> bool:
+    """Every node of ``node``'s expression is elementwise over stored tensors."""
+    return all(isinstance(n, Load) or n.elementwise for n in expression_nodes(node))
+
+
+def chunkable(node: Node) -> bool:
+    """Whether the executor computes ``node`` in `CHUNK_ELEMS` pieces: it is large and
+    `all_elementwise`, so the pieces are the whole tensor's bytes."""
+    return node.numel > CHUNK_ELEMS and all_elementwise(node)
+
+
+#: What chunked evaluation holds besides its pieces, measured (tests/test_execute.py): the
+#: read-ahead thread's malloc arena and the allocator's retained free pieces.
+CHUNKED_OVERHEAD = 16 * 1024 * 1024
+
+
+def working_set(node: Node) -> int:
+    """Bytes computing one output tensor holds: its expression (inputs, intermediates, fp32
+    scratch) and its result waiting for the hashing worker; for a chunked tensor that of two
+    pieces (one computed, one read ahead), the writer's queue of pieces and `CHUNKED_OVERHEAD`."""
+    whole = expression_bytes(node) + node.nbytes
+    if not chunkable(node):
+        return whole
+    piece = -(-whole * CHUNK_ELEMS // node.numel)
+    return 2 * piece + 4 * CHUNK_ELEMS * itemsize(node.dtype) + CHUNKED_OVERHEAD
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> VirtualModel:

@@ -30,12 +30,19 @@ def _op(node: Node) -> str:
     return type(node).__name__.lower()
 
 
+def _op_name(node: Node) -> str:
+    """A merge's method name, otherwise the node kind."""
+    return getattr(node, "method", None) or _op(node)
+
+
 def _params(node: Node) -> dict[str, Any]:
     out = {}
     for f in fields(node):  # type: ignore[arg-type]
         value = getattr(node, f.name)
-        if not isinstance(value, Node):
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+        if isinstance(value, Node) or (isinstance(value, tuple) and value
+                                       and all(isinstance(v, Node) for v in value)):
+            continue  # inputs are shown as inputs
+        out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 
 
@@ -65,6 +72,14 @@ def estimates(plan: Plan, disk_extra: int) -> dict[str, int]:
     }
 
 
+def whole_tensor_estimate(plan: Plan) -> dict[str, Any] | None:
+    whole = plan.largest_whole_tensor_op()
+    if whole is None:
+        return None
+    name, node, size = whole
+    return {"tensor": name, "op": _op_name(node), "bytes": size}
+
+
 def render_json(plan: Plan, *, disk_extra: int = 0) -> str:
     """The DAG (every distinct node once) and the schedule (shards, tensors, offsets)."""
     ids = _number(plan)
@@ -88,7 +103,7 @@ def render_json(plan: Plan, *, disk_extra: int = 0) -> str:
                     "tensors": [{"name": t.name, "node": ids[t.node], "offset": t.offset,
                                  "nbytes": t.nbytes} for t in s.tensors]}
                    for s in plan.shards],
-        "estimates": estimates(plan, disk_extra),
+        "estimates": {**estimates(plan, disk_extra), "whole_tensor": whole_tensor_estimate(plan)},
     }
     return json.dumps(doc, indent=2)
 
@@ -137,9 +152,13 @@ def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> st
         f"peak memory:   ~{format_size(est['peak_memory'])} working set above an idle process "
         "(estimate)",
         f"disk needed:   {format_size(est['disk'])}",
-        "",
-        "shards:",
     ]
+    whole = whole_tensor_estimate(plan)
+    if whole is not None:
+        lines.insert(-1, f"whole tensor:  {whole['op']} of `{printable(whole['tensor'])}` holds "
+                     f"~{format_size(whole['bytes'])} at once (the largest op that reads a whole "
+                     "tensor; elementwise ops run in chunks)")
+    lines += ["", "shards:"]
     for s in plan.shards:
         lines.append(f"  {s.filename}  {len(s.tensors)} tensors, {format_size(s.size)}")
         if verbose:

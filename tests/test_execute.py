@@ -298,7 +298,8 @@ ESTIMATE = textwrap.dedent("""
 @pytest.mark.slow
 def test_peak_memory_estimate_matches_a_measurement(tmp_path):
     """`recipekit plan`'s estimate is the working set above an idle process: within ±25% of the
-    measured high-water mark for a casting plan, and an upper bound for a pure copy.
+    measured high-water mark for a casting plan (chunked) and a slerp (whole tensors), and an
+    upper bound for a pure copy.
 
     Oracle: VmHWM of a fresh process, reset just before the run (Linux clear_refs).
     """
@@ -314,15 +315,19 @@ def test_peak_memory_estimate_matches_a_measurement(tmp_path):
                                                  "num_hidden_layers": 4}))
     del tensors
     results = {}
-    for name, dtype in (("cast", "\n  dtype: bfloat16"), ("copy", "")):
-        r = write_recipe(tmp_path, solar_recipe(src, '["range(0,4)", "range(0,4)"]',
-                                                f"  path: ./{name}\n  shard_size: 100MB{dtype}"),
-                         f"{name}.yaml")
+    slerp = (f"recipekit: 1\nmodels:\n  a: {src}\n  b: {src}\nsteps:\n  - name: m\n"
+             "    op: merge\n    method: slerp\n    from: [a, b]\n    parameters: {t: 0.3}\n"
+             "output:\n  path: ./slerp\n")
+    for name, dtype in (("cast", "\n  dtype: bfloat16"), ("copy", ""), ("slerp", None)):
+        text = slerp if dtype is None else solar_recipe(
+            src, '["range(0,4)", "range(0,4)"]', f"  path: ./{name}\n  shard_size: 100MB{dtype}")
+        r = write_recipe(tmp_path, text, f"{name}.yaml")
         proc = subprocess.run([sys.executable, "-c", ESTIMATE, str(r)], capture_output=True,
                               text=True, check=True)
         results[name] = json.loads(proc.stdout)
-    cast = results["cast"]
-    assert 0.75 * cast["measured"] <= cast["estimate"] <= 1.25 * cast["measured"], results
+    for name in ("cast", "slerp"):  # chunked; whole tensor
+        got = results[name]
+        assert 0.75 * got["measured"] <= got["estimate"] <= 1.25 * got["measured"], results
     assert results["copy"]["measured"] <= results["copy"]["estimate"], results
 
 
@@ -359,3 +364,77 @@ class TestCheckFinite:
         result = ok(cli, "run", solar(tmp_path, tiny_llama), "-q", "--check-finite")
         assert result.stdout.splitlines()[-1] == "check-finite: no NaN or Inf values"
         assert result.stderr == ""
+
+
+CHUNKED_STEPS = {
+    "linear": "op: merge\n    method: linear\n    from: [{model: a, weight: 0.7}, "
+              "{model: b, weight: 0.45}]",
+    "task_arithmetic": "op: merge\n    method: task_arithmetic\n    base: a\n"
+                       "    from: [{model: b, weight: {gradient: [0.2, 0.9]}}]",
+    "nearswap": "op: merge\n    method: nearswap\n    from: [a, b]\n"
+                "    parameters: {t: 0.01}",
+    "passthrough": "op: merge\n    method: passthrough\n    from: [{model: b, scale: 0.3}]",
+    "interpolate": "op: interpolate\n    from: [a, b]\n    alpha: 0.37",
+}
+
+
+class TestChunkedEvaluation:
+    """Large elementwise expressions are computed in flat pieces (DESIGN.md §1, issue 7).
+
+    Oracle: the same recipe evaluated whole, at one torch intra-op thread (the pieces use one),
+    written byte for byte the same; pieces of 100 elements make every tiny-model tensor span
+    several pieces and end in a partial one.
+    """
+
+    def run(self, cli, tmp_path, a, b, body, out, dtype=""):
+        text = (f"recipekit: 1\nmodels:\n  a: {a}\n  b: {b}\nsteps:\n  - name: m\n    {body}\n"
+                f"output:\n  path: ./{out}\n  shard_size: 200KB{dtype}\n")
+        ok(cli, "run", write_recipe(tmp_path, text, f"{out}.yaml"), "-q", "--no-fsync")
+        return {p.name: p.read_bytes() for p in sorted((tmp_path / out).glob("*.safetensors"))}
+
+    @pytest.mark.parametrize("name", list(CHUNKED_STEPS))
+    def test_pieces_equal_the_whole_tensor(self, cli, tmp_path, tiny_llama, tiny_llama_b, name,
+                                           monkeypatch):
+        import recipekit.execute as ex
+        import recipekit.plan as pl
+
+        calls = []
+        real = ex.evaluate_chunks
+        monkeypatch.setattr(ex, "evaluate_chunks",
+                            lambda *a: calls.append(a[0]) or real(*a))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            dtype = "\n  dtype: bfloat16" if name == "linear" else ""
+            whole = self.run(cli, tmp_path, tiny_llama, tiny_llama_b, CHUNKED_STEPS[name],
+                             "whole", dtype)
+            assert not calls
+            monkeypatch.setattr(pl, "CHUNK_ELEMS", 100)
+            monkeypatch.setattr(ex, "CHUNK_ELEMS", 100)
+            pieces = self.run(cli, tmp_path, tiny_llama, tiny_llama_b, CHUNKED_STEPS[name],
+                              "pieces", dtype)
+        finally:
+            torch.set_num_threads(threads)
+        assert len(calls) > 10
+        assert whole == pieces
+
+    def test_whole_tensor_ops_are_not_chunked_and_plan_says_so(self, cli, tmp_path, tiny_llama,
+                                                               tiny_llama_b, monkeypatch):
+        import recipekit.plan as pl
+
+        monkeypatch.setattr(pl, "CHUNK_ELEMS", 100)
+        body = ("op: merge\n    method: ties\n    base: a\n"
+                "    from: [{model: b, weight: 1, density: 0.5}]")
+        text = (f"recipekit: 1\nmodels:\n  a: {tiny_llama}\n  b: {tiny_llama_b}\nsteps:\n"
+                f"  - name: m\n    {body}\n")
+        r = write_recipe(tmp_path, text)
+        plan = json.loads(ok(cli, "plan", r, "--format", "json").stdout)
+        whole = plan["estimates"]["whole_tensor"]
+        assert whole["op"] == "ties"
+        assert whole["tensor"] in ("model.embed_tokens.weight", "lm_head.weight")
+        assert "whole tensor:  ties of `" in ok(cli, "plan", r).stdout
+        linear = text.replace(body, CHUNKED_STEPS["linear"])
+        r = write_recipe(tmp_path, linear, "linear.yaml")
+        assert json.loads(ok(cli, "plan", r, "--format", "json").stdout)[
+            "estimates"]["whole_tensor"] is None
+        assert "whole tensor" not in ok(cli, "plan", r).stdout

@@ -6,6 +6,9 @@ arithmetic over the fixture's known sizes.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from recipekit.model import Load, cast, load
@@ -89,3 +92,21 @@ def test_estimates(tmp_path, tiny_llama):
     assert plan.bytes_written == sum(s.size for s in plan.shards)
     assert plan.peak_memory_estimate() >= 0
     assert len(plan.plan_hash()) == 64
+
+
+def test_planning_imports_no_torch(tmp_path, tiny_llama, tiny_llama_b):
+    """`recipekit plan` of a merge (method contracts in recipekit.methods) and of a SOLAR
+    recipe starts no torch import: planning a 70B model takes well under a second (issue 7).
+
+    Oracle: sys.modules of a fresh interpreter after the CLI returned.
+    """
+    recipe = write_recipe(tmp_path, (
+        f"recipekit: 1\nmodels:\n  a: {tiny_llama}\n  b: {tiny_llama_b}\nsteps:\n"
+        "  - name: m\n    op: merge\n    method: dare_ties\n    base: a\n"
+        "    from: [{model: b, weight: 0.5, density: 0.5}]\n"))
+    code = ("import sys\nfrom recipekit.cli import main\nsys.argv = ['recipekit', 'plan', "
+            f"{str(recipe)!r}, '--format', 'json']\ntry:\n    main()\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\nassert 'torch' not in sys.modules, 'torch imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert '"method": "dare_ties"' in proc.stdout

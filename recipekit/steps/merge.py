@@ -6,7 +6,7 @@ per-input parameters), ``base:`` the base for methods that need one (never also 
 ``seed:`` the seed of random methods. Two-model methods (slerp, nearswap) take
 ``from: [A, B]`` with t = 0 giving A, and no ``base:``. Every numeric parameter may be a number,
 a gradient or rules (params.py), resolved per output tensor. Methods, scopes and defaults come
-from `recipekit.ops.merge.METHODS` (mergekit 0.1.5's contract, reference/merge-methods.md).
+from `recipekit.methods.METHODS` (mergekit 0.1.5's contract, reference/merge-methods.md).
 Oracle: tests/steps/test_merge.py runs recipes and compares with the kernels on the loaded
 tensors and with mergekit goldens.
 """
@@ -19,6 +19,7 @@ from typing import Any
 
 from recipekit.dtypes import is_floating, promote
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors
+from recipekit.methods import METHODS
 from recipekit.model import Merge, Node, VirtualModel, cast, intern
 from recipekit.params import ParamError, is_constant, resolve
 from recipekit.recipe import Recipe, Step
@@ -26,13 +27,6 @@ from recipekit.steps.interpolate import check_aligned
 
 #: Methods whose `from: [A, B]` means base = A (t = 0 gives A), per DESIGN.md §2.
 PAIR_METHODS = ("slerp", "nearswap")
-
-
-def method_specs() -> Mapping[str, Any]:
-    """The merge-method registry (imports torch: the kernels live beside their contracts)."""
-    from recipekit.ops.merge import METHODS
-
-    return METHODS
 
 
 def _entries(step: Step) -> list[tuple[str, dict[str, Any], KeyPath]]:
@@ -64,9 +58,8 @@ def _check_value(spec: Any, value: Any, path: KeyPath, recipe: Recipe,
 
 def validate_merge(step: Step, recipe: Recipe) -> tuple[Any, str | None, list]:
     """Check the step against the method's contract; return (spec, base name, inputs)."""
-    methods = method_specs()
     method = step.spec["method"]
-    spec = methods[method]
+    spec = METHODS[method]
     errors: list[RecipeError] = []
     entries = _entries(step)
     base = step.spec.get("base")

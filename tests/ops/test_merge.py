@@ -25,8 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from recipekit.methods import METHODS
 from recipekit.ops import merge as mg
-from recipekit.ops.merge import METHODS, apply_method
+from recipekit.ops.merge import KERNELS, apply_method
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 GOLDENS = ROOT / "tests" / "goldens" / "merge"
@@ -214,7 +215,7 @@ class TestRegistry:
         import inspect
 
         spec = METHODS[name]
-        accepted = inspect.signature(spec.kernel).parameters
+        accepted = inspect.signature(KERNELS[spec.kernel]).parameters
         for p in spec.params:
             if spec.call == "pair_weights" and p.kwarg == "weights":
                 assert {"weight_a", "weight_b"} <= set(accepted)
