@@ -18,7 +18,15 @@ from recipekit import __version__
 from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.io.header import build_header
-from recipekit.model import Load, Node, VirtualModel, cast, load, with_config
+from recipekit.model import (
+    Load,
+    Node,
+    VirtualModel,
+    cast,
+    load,
+    with_config,
+    without_config_keys,
+)
 from recipekit.recipe import Recipe, step_references
 from recipekit.sources import Checkpoint
 from recipekit.steps import BUILDERS
@@ -172,11 +180,14 @@ def compile_plan(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> Plan:
 
 def output_config(donor: Mapping[str, Any], model: VirtualModel, tensors: Mapping[str, Node],
                   dtype: str | None) -> dict[str, Any]:
-    """The donor's config with the keys the steps changed, and both `dtype` and `torch_dtype`
-    naming what was written (transformers 5 reads `dtype`, older versions `torch_dtype`)."""
-    from recipekit.arch import config_get
+    """The donor's config with the keys the steps changed (set, or removed where the model's
+    config lacks them), and both `dtype` and `torch_dtype` naming what was written
+    (transformers 5 reads `dtype`, older versions `torch_dtype`)."""
+    from recipekit.arch import config_get, config_has
 
-    config = with_config(donor, {k: config_get(model.config, k) for k in model.changed})
+    kept = [k for k in model.changed if config_has(model.config, k)]
+    config = with_config(donor, {k: config_get(model.config, k) for k in kept})
+    config = without_config_keys(config, [k for k in model.changed if k not in kept])
     if dtype is None:
         floats = {n.dtype for n in tensors.values() if is_floating(n.dtype)}
         dtype = CODE_TO_NAME.get(next(iter(floats))) if len(floats) == 1 else None
