@@ -221,6 +221,48 @@ class Merge(Node):
                             generator=generator).to(torch_dtype(self.dtype))
 
 
+@dataclass(frozen=True, eq=False)
+class Normal(Node):
+    """A fresh ``N(0, std²)`` tensor (ops/init.py), drawn chunk by chunk on the CPU from the
+    generator seeded by (``seed``, ``tensor``), so one tensor's draw does not depend on what
+    else a recipe touches or on the device; rounded once to ``dtype``."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    std: float
+    seed: int
+    tensor: str
+
+    @property
+    def workspace(self) -> int:
+        from recipekit.ops.init import CHUNK_ELEMENTS  # torch-free: the constant only
+
+        return 4 * min(self.numel, CHUNK_ELEMENTS + 16)  # one fp32 chunk
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.dtypes import torch_dtype
+        from recipekit.ops.init import normal
+        from recipekit.ops.rng import tensor_generator
+
+        return normal(self.shape, std=self.std, generator=tensor_generator(self.seed, self.tensor),
+                      dtype=torch_dtype(self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class Fill(Node):
+    """A tensor holding ``value`` everywhere (ones for norms, zeros for biases)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    value: float
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.dtypes import torch_dtype
+        from recipekit.ops.init import fill
+
+        return fill(self.shape, value=self.value, dtype=torch_dtype(self.dtype))
+
+
 def load(source: str, name: str, shape: tuple[int, ...], dtype: str) -> Load:
     return intern(Load(source, name, tuple(shape), dtype))
 
@@ -237,7 +279,8 @@ class VirtualModel:
     """A model that exists only as a plan: config, named nodes, layer stack and file donor.
 
     ``changed`` lists the config keys steps rewrote (layer count, per-layer lists, ...): the
-    output's config.json is the donor's with exactly these keys taken from here.
+    output's config.json is the donor's with exactly these keys taken from here, and removed
+    where this config lacks them (`without_config_keys`).
     """
 
     name: str
@@ -265,4 +308,16 @@ def with_config(config: Mapping[str, Any], updates: Mapping[ConfigKey, Any]) -> 
         for part in key[:-1]:
             cur = cur.setdefault(part, {})
         cur[key[-1]] = copy.deepcopy(value)
+    return out
+
+
+def without_config_keys(config: Mapping[str, Any], keys: list[ConfigKey]) -> dict[str, Any]:
+    """A deep copy of ``config`` without the (possibly nested) ``keys``; absent ones are fine."""
+    out = copy.deepcopy(dict(config))
+    for key in keys:
+        cur: Any = out
+        for part in key[:-1]:
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        if isinstance(cur, dict):
+            cur.pop(key[-1], None)
     return out

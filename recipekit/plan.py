@@ -18,7 +18,16 @@ from recipekit import __version__
 from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating, itemsize
 from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.io.header import build_header
-from recipekit.model import Load, Node, VirtualModel, cast, expression_nodes, load, with_config
+from recipekit.model import (
+    Load,
+    Node,
+    VirtualModel,
+    cast,
+    expression_nodes,
+    load,
+    with_config,
+    without_config_keys,
+)
 from recipekit.recipe import Recipe, step_references
 from recipekit.sources import Checkpoint
 from recipekit.steps import BUILDERS
@@ -108,7 +117,7 @@ class Plan:
         worst = None
         for s in self.shards:
             for t in s.tensors:
-                if all_elementwise(t.node):
+                if not reads_whole_tensor(t.node):
                     continue
                 ws = working_set(t.node)
                 if worst is None or ws > worst[2]:
@@ -129,15 +138,17 @@ def expression_bytes(node: Node) -> int:
     return sum(n.nbytes + n.workspace for n in expression_nodes(node))
 
 
-def all_elementwise(node: Node) -> bool:
-    """Every node of ``node``'s expression is elementwise over stored tensors."""
-    return all(isinstance(n, Load) or n.elementwise for n in expression_nodes(node))
+def reads_whole_tensor(node: Node) -> bool:
+    """Some op of ``node``'s expression needs whole input tensors at once (norms, quantiles)."""
+    return not all(not n.inputs or n.elementwise for n in expression_nodes(node))
 
 
 def chunkable(node: Node) -> bool:
-    """Whether the executor computes ``node`` in `CHUNK_ELEMS` pieces: it is large and
-    `all_elementwise`, so the pieces are the whole tensor's bytes."""
-    return node.numel > CHUNK_ELEMS and all_elementwise(node)
+    """Whether the executor computes ``node`` in `CHUNK_ELEMS` pieces: it is large and every
+    node of its expression is elementwise over stored tensors, so the pieces are the whole
+    tensor's bytes. (Generated tensors make their own chunks: ops/init.py.)"""
+    return node.numel > CHUNK_ELEMS and all(
+        isinstance(n, Load) or n.elementwise for n in expression_nodes(node))
 
 
 #: What chunked evaluation holds besides its pieces, measured (tests/test_execute.py): the
@@ -204,11 +215,14 @@ def compile_plan(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> Plan:
 
 def output_config(donor: Mapping[str, Any], model: VirtualModel, tensors: Mapping[str, Node],
                   dtype: str | None) -> dict[str, Any]:
-    """The donor's config with the keys the steps changed, and both `dtype` and `torch_dtype`
-    naming what was written (transformers 5 reads `dtype`, older versions `torch_dtype`)."""
-    from recipekit.arch import config_get
+    """The donor's config with the keys the steps changed (set, or removed where the model's
+    config lacks them), and both `dtype` and `torch_dtype` naming what was written
+    (transformers 5 reads `dtype`, older versions `torch_dtype`)."""
+    from recipekit.arch import config_get, config_has
 
-    config = with_config(donor, {k: config_get(model.config, k) for k in model.changed})
+    kept = [k for k in model.changed if config_has(model.config, k)]
+    config = with_config(donor, {k: config_get(model.config, k) for k in kept})
+    config = without_config_keys(config, [k for k in model.changed if k not in kept])
     if dtype is None:
         floats = {n.dtype for n in tensors.values() if is_floating(n.dtype)}
         dtype = CODE_TO_NAME.get(next(iter(floats))) if len(floats) == 1 else None

@@ -442,6 +442,8 @@ def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list
         what = "op" if path[-1:] == ("op",) else "value"
         hint = (f"did you mean '{close[0]}'?" if close else "") + (
             " " if close else "") + "allowed: " + ", ".join(options)
+        if isinstance(err.schema, dict) and isinstance(err.schema.get("x-recipekit-hint"), str):
+            hint += "; " + err.schema["x-recipekit-hint"]  # e.g. the object form of a oneOf
         return [doc.error(path, f"unknown {what} {_show(err.instance)}", hint=hint)]
     if v == "required":
         missing = re.findall(r"'([^']+)' is a required property", err.message)
@@ -639,7 +641,7 @@ def step_references(step: Mapping[str, Any]) -> Iterator[tuple[str, KeyPath]]:
     """Names a step refers to, with their key paths relative to the step.
 
     Generic over ops: ``from`` (a name or a list of names / {model: name} mappings), ``base``,
-    and ``from`` inside ``layers`` entries.
+    ``init: {from: name}`` (the head op) and ``from`` inside ``layers`` entries.
     """
     src = step.get("from")
     if isinstance(src, str):
@@ -652,6 +654,9 @@ def step_references(step: Mapping[str, Any]) -> Iterator[tuple[str, KeyPath]]:
                 yield item["model"], ("from", i, "model")
     if isinstance(step.get("base"), str):
         yield step["base"], ("base",)
+    init = step.get("init")
+    if isinstance(init, dict) and isinstance(init.get("from"), str):
+        yield init["from"], ("init", "from")
     layers = step.get("layers")
     for i, entry in enumerate(layers if isinstance(layers, list) else []):
         if isinstance(entry, dict) and isinstance(entry.get("from"), str):

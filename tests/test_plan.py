@@ -110,3 +110,19 @@ def test_planning_imports_no_torch(tmp_path, tiny_llama, tiny_llama_b):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert '"method": "dare_ties"' in proc.stdout
+
+
+def test_output_config_sets_changed_keys_and_removes_those_the_model_lacks():
+    """A step that drops a config key lists it in `changed` without keeping it (head drops a
+    donor's `problem_type`); keys nobody changed stay as the donor has them."""
+    from recipekit.arch import LayerStack
+    from recipekit.model import VirtualModel
+    from recipekit.plan import output_config
+
+    donor = {"a": 1, "problem_type": "regression", "text": {"pad_token_id": None, "b": 2}}
+    stack = LayerStack("layers.", 0, ("n",), (), None, "")
+    model = VirtualModel("m", {"a": 5, "text": {"pad_token_id": 0}}, {}, stack, "d",
+                         frozenset({("a",), ("problem_type",), ("text", "pad_token_id"),
+                                    ("text", "gone")}))
+    config = output_config(donor, model, {}, None)
+    assert config == {"a": 5, "text": {"pad_token_id": 0, "b": 2}}

@@ -21,7 +21,8 @@ RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*")
 
 def test_recipe_count():
     assert [p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES] == [
-        "frankenmerge.yaml", "layer-removal.yaml", "quickstart.json", "quickstart.yaml"]
+        "classifier.yaml", "frankenmerge.yaml", "layer-removal.yaml", "quickstart.json",
+        "quickstart.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,9 @@ def test_recipe_validates_runs_and_loads(cli, recipes_copy, recipe):
     out = out if out.is_absolute() else Path.cwd() / out
     assert out.is_relative_to(recipes_copy), out
     config = json.loads((out / "config.json").read_text())
-    model, info = tf.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    auto = (tf.AutoModelForSequenceClassification
+            if config["architectures"][0].endswith("ForSequenceClassification")
+            else tf.AutoModelForCausalLM)
+    model, info = auto.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
     assert model.config.num_hidden_layers == config["num_hidden_layers"]

@@ -10,6 +10,7 @@ names — and refuses checkpoints with more than one unless the recipe names ``l
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -41,7 +42,15 @@ class Architecture:
     weights: Mapping[str, tuple[str, ...]]
     optional: frozenset[str]
     tied: Mapping[str, str]
-    init: tuple[Mapping[str, str], ...]
+    init: tuple[Mapping[str, Any], ...]
+    classifier: Mapping[str, str] | None = None
+
+    def init_rule(self, name: str) -> Mapping[str, Any]:
+        """The first ``init`` rule whose pattern matches the full tensor ``name``."""
+        for rule in self.init:
+            if fnmatch.fnmatchcase(name, rule["match"]):
+                return rule
+        return {"match": "*", "init": "normal"}
 
     def expected_names(self, base: str, num_layers: int) -> tuple[set[str], set[str]]:
         """All (required, optional) tensor names for a checkpoint with this base prefix."""
@@ -88,6 +97,7 @@ def load_architectures() -> dict[str, Architecture]:
             optional=frozenset(data["optional"]),
             tied=data["tied"],
             init=tuple(data["init"]),
+            classifier=data.get("classifier"),
         )
     return out
 
@@ -261,3 +271,13 @@ def find_layer_stack(config: Mapping[str, Any], names: Iterable[str], *,
 def config_get(config: Mapping[str, Any], key: ConfigKey) -> Any:
     """Read a (possibly nested) config value; None when absent."""
     return _get(config, key)
+
+
+def config_has(config: Mapping[str, Any], key: ConfigKey) -> bool:
+    """Whether a (possibly nested) key is present, even holding null."""
+    cur: Any = config
+    for part in key:
+        if not isinstance(cur, Mapping) or part not in cur:
+            return False
+        cur = cur[part]
+    return True

@@ -6,6 +6,7 @@ an explicit `torch.Generator`. Kernels compute in fp32 (fp64 when an input is fp
 that dtype; the caller rounds once to the output dtype (DESIGN.md §2 "Numerics").
 
 Modules:
+    init: fresh weights for new and re-initialized tensors (chunked seeded normals, fills).
     merge: one kernel per merge formula of mergekit 0.1.5, and the `METHODS` registry.
     sparsify: magnitude / Bernoulli / breadcrumbs / DELLA pruning, SCE's variance top-k and
         TIES sign consensus.

@@ -10,9 +10,11 @@ from collections.abc import Callable, Mapping
 
 from recipekit.model import VirtualModel
 from recipekit.recipe import Recipe, Step
+from recipekit.steps.head import build_head
 from recipekit.steps.interpolate import build_interpolate
 from recipekit.steps.layers import build_layers
 from recipekit.steps.merge import build_merge
+from recipekit.steps.reinit import build_reinit
 
 Builder = Callable[[Step, Mapping[str, VirtualModel], Recipe], VirtualModel]
 
@@ -20,4 +22,6 @@ BUILDERS: dict[str, Builder] = {
     "layers": build_layers,
     "interpolate": build_interpolate,
     "merge": build_merge,
+    "head": build_head,
+    "reinit": build_reinit,
 }
