@@ -22,7 +22,8 @@ def node_label(node: Node) -> str:
     if isinstance(node, Load):
         return f"{node.source}:{printable(node.name)}"
     args = [node_label(i) for i in node.inputs]
-    args += [f"{k}={v}" for k, v in _params(node).items() if k not in ("shape",)]
+    args += [f"{k}={printable(v) if isinstance(v, str) else v}"
+             for k, v in _params(node).items() if k not in ("shape",)]
     return f"{_op(node)}({', '.join(args)})"
 
 

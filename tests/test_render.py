@@ -66,3 +66,16 @@ def test_hostile_tensor_names_cannot_forge_lines():
     node = load("m", "evil\nwarning: forged\x00", (1,), "F32")
     assert node_label(node) == "m:evil\\nwarning: forged\\x00"
     assert "\n" not in _quote(node.name)
+
+
+def test_labels_escape_tensor_names_in_parameters():
+    """A random merge names its tensor in a parameter; a hostile name must not reach the
+    terminal raw (the same rule as for loads). Oracle: the escaped text."""
+    from recipekit.model import Merge, load
+    from recipekit.render import node_label
+
+    name = "evil\x1b[2J.weight"
+    a, b = load("a", name, (2,), "F32"), load("b", name, (2,), "F32")
+    label = node_label(Merge("dare_ties", (b,), a, (("weight", (1.0,)),), 0, name, "F32"))
+    assert "\x1b" not in label
+    assert label.count("evil\\x1b[2J.weight") == 3  # both loads and the tensor parameter
