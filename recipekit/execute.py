@@ -211,6 +211,18 @@ class Runtime:
     prefetch: ThreadPoolExecutor
     finite: FiniteCheck | None = None
 
+    @property
+    def pin(self) -> bool:
+        """Read into page-locked memory, so host-to-GPU copies are asynchronous DMA."""
+        return self.device is not None and self.device.type == "cuda"
+
+    @property
+    def chunk_elems(self) -> int:
+        """Elements per piece: cache-sized on the CPU; on an accelerator large enough that
+        kernel launches and transfers are amortized (64 pieces' worth)."""
+        return CHUNK_ELEMS if self.device is None or self.device.type == "cpu" else (
+            64 * CHUNK_ELEMS)
+
 
 class BufferPool:
     """Up to ``count`` reusable copy buffers, made on first use; a buffer goes back once the
@@ -310,12 +322,14 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
 
     loads = sorted((n for n in expression_nodes(node) if isinstance(n, Load)),
                    key=lambda n: (n.source, n.name))
-    bounds = [(lo, min(lo + CHUNK_ELEMS, node.numel)) for lo in range(0, node.numel, CHUNK_ELEMS)]
+    step = rt.chunk_elems
+    bounds = [(lo, min(lo + step, node.numel)) for lo in range(0, node.numel, step)]
 
     def read(lo: int, hi: int) -> dict[Node, Any]:
-        return {n: read_piece(n, plan, rt.reader, lo, hi) for n in loads}
+        return {n: read_piece(n, plan, rt.reader, lo, hi, pin=rt.pin) for n in loads}
 
     threads = torch.get_num_threads()
+    one = 1 if rt.device is None or rt.device.type == "cpu" else threads
     ahead = rt.prefetch.submit(read, *bounds[0])
     try:
         for k in range(len(bounds)):
@@ -325,7 +339,7 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
             if rt.finite is not None:
                 for n, value in memo.items():
                     rt.finite.check(f"input {n.source}:{n.name}", value)  # type: ignore[attr-defined]
-            torch.set_num_threads(1)
+            torch.set_num_threads(one)
             try:
                 piece = _value(node, memo, plan, rt.reader, rt.device, None).cpu().contiguous()
             finally:
@@ -336,13 +350,16 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
         ahead.cancel()
 
 
-def read_piece(node: Load, plan: Plan, reader: FileReader, lo: int, hi: int) -> Any:
-    """Flat elements ``lo:hi`` of a stored tensor, as a CPU tensor over a fresh buffer."""
+def read_piece(node: Load, plan: Plan, reader: FileReader, lo: int, hi: int, *,
+               pin: bool = False) -> Any:
+    """Flat elements ``lo:hi`` of a stored tensor, as a CPU tensor over a fresh buffer
+    (page-locked with ``pin``)."""
     import torch
 
     info = plan.sources[node.source].tensors[node.name]
     size = itemsize(info.dtype)
-    piece = torch.empty((hi - lo) * size, dtype=torch.uint8)  # not zero-filled, unlike bytearray
+    # torch.empty is not zero-filled, unlike bytearray; pinned blocks come from torch's cache
+    piece = torch.empty((hi - lo) * size, dtype=torch.uint8, pin_memory=pin)
     reader.read_into(info.file, info.offset + lo * size, _tensor_bytes(piece))
     return piece.view(torch_dtype(info.dtype))
 
@@ -352,11 +369,13 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, reader: FileReader, devic
     if n in memo:
         return memo[n]
     if isinstance(n, Load):
-        result = read_tensor(n, plan, reader)
+        result = read_tensor(n, plan, reader,
+                             pin=device is not None and getattr(device, "type", "") == "cuda")
         if finite is not None:
             finite.check(f"input {n.source}:{n.name}", result)
     else:
-        args = tuple(_value(x, memo, plan, reader, device, finite).to(device) for x in n.inputs)
+        args = tuple(_value(x, memo, plan, reader, device, finite).to(device, non_blocking=True)
+                     for x in n.inputs)
         result = n.compute(args)
     memo[n] = result
     return result
@@ -369,13 +388,18 @@ def _as_tensor(view: memoryview, dtype: str) -> Any:
     return torch.frombuffer(view, dtype=torch_dtype(dtype)) if len(view) else torch.empty(0)
 
 
-def read_tensor(node: Load, plan: Plan, reader: FileReader) -> Any:
-    """A stored tensor as a CPU torch tensor over a freshly read buffer."""
+def read_tensor(node: Load, plan: Plan, reader: FileReader, *, pin: bool = False) -> Any:
+    """A stored tensor as a CPU torch tensor over a freshly read buffer (page-locked with
+    ``pin``, so that the copy to the GPU is asynchronous)."""
     import torch
 
     info = plan.sources[node.source].tensors[node.name]
     dtype = torch_dtype(info.dtype)
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
+    if pin:
+        raw = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=True)
+        reader.read_into(info.file, info.offset, _tensor_bytes(raw))
+        return raw.view(dtype).reshape(info.shape)
     buf = reader.read_tensor(info)
     return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
