@@ -161,3 +161,161 @@ def test_bf16_base_rounds_once(cli, tmp_path, adapters, bases, tmp_path_factory)
     # PEFT adds an fp32 delta into bf16 in place: one rounding, as recipekit.
     assert (out[name].float() - ref[name].float()).abs().max().item() <= 1e-2 * 2 ** -7
     assert torch.equal(out["model.norm.weight"], b["model.norm.weight"])
+
+
+def test_combine_sum_equals_peft_cat(cli, tmp_path, bases, adapters):
+    """`combine: sum` = PEFT add_weighted_adapter(combination_type="cat") merged (plain LoRA;
+    PEFT's cat copies rsLoRA/DoRA flags from the first adapter, a known bug)."""
+    from adapter_builders import peft_model
+
+    uses = [(adapters["plain"], 0.7), (adapters["all_linear_float_alpha"], -0.4)]
+    out = read_tensors(fold(cli, tmp_path, bases["llama"], uses, combine="sum"))
+    pm, names = peft_model("llama", bases["llama"], [(p, 1.0) for p, _ in uses])
+    pm.add_weighted_adapter(names, [w for _, w in uses], "cat", combination_type="cat")
+    pm.base_model.set_adapter("cat")
+    ref = pm.merge_and_unload(adapter_names=["cat"]).state_dict()
+    for name, tensor in out.items():
+        assert (tensor - ref[name]).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.parametrize("combine", ["ties", "dare_linear", "dare_ties", "magnitude_prune"])
+def test_pruning_combines_use_the_merge_kernels(cli, tmp_path, bases, adapters, combine):
+    """ties/DARE/magnitude_prune on full deltas: PEFT's per-adapter merged deltas combined by
+    the merge kernel (itself checked against mergekit), seeded per tensor name."""
+    from recipekit.ops.lora import combine_deltas
+    from recipekit.ops.rng import tensor_generator
+
+    uses = [(adapters["plain"], 0.7), (adapters["all_linear_float_alpha"], 0.5)]
+    out = read_tensors(fold(cli, tmp_path, bases["llama"], uses, combine=combine,
+                            extra="    density: 0.4\n    seed: 7"))
+    base = read_tensors(bases["llama"])
+    singles = [peft_merged("llama", bases["llama"], [(p, 1.0)])[0] for p, _ in uses]
+    for name, tensor in out.items():
+        deltas = [s[name] - base[name] for s in singles]
+        touched = [i for i, d in enumerate(deltas) if d.abs().max() > 0]
+        if not touched:
+            assert torch.equal(tensor, base[name])
+            continue
+        gen = tensor_generator(7, name) if combine.startswith("dare") else None
+        expect = base[name] + combine_deltas(combine, [deltas[i] for i in touched],
+                                             weights=[uses[i][1] for i in touched],
+                                             density=0.4, generator=gen)
+        assert (tensor - expect).abs().max().item() <= 1e-6, name
+
+
+def test_untouched_tensors_are_the_base_loads(tmp_path, bases, adapters):
+    """Streaming: only adapter-touched tensors are computed, each from its own base tensor and
+    its own adapter factors; everything else is the base's `Load` node (copied as bytes)."""
+    from recipekit.model import Load, LoraFold
+    from recipekit.plan import _expression_nodes, compile_plan
+    from recipekit.recipe import load_recipe
+    from recipekit.sources import resolve_sources
+
+    recipe = load_recipe(write_recipe(tmp_path, f"""
+        recipekit: 1
+        models: {{base: {bases['llama']}}}
+        adapters: {{a: {adapters['all_linear_float_alpha']}}}
+        steps:
+          - {{name: f, op: adapters, from: base, adapters: [a]}}
+        """))
+    plan = compile_plan(recipe, resolve_sources(recipe))
+    folded = 0
+    for t in plan.shards[0].tensors:
+        if t.name.endswith("_proj.weight"):
+            assert isinstance(t.node, LoraFold)
+            loads = {n for n in _expression_nodes(t.node) if isinstance(n, Load)}
+            assert len(loads) == 3 and {n.source for n in loads} == {"base", "a"}
+            folded += 1
+        else:
+            assert t.node == Load("base", t.name, t.node.shape, t.node.dtype)
+    assert folded == 14
+
+
+def _run_error(cli, tmp_path: Path, text: str) -> str:
+    result = cli("run", write_recipe(tmp_path, text), "-q")
+    assert result.exit_code == 2, result.output
+    return result.output
+
+
+def test_refusals_are_located(cli, tmp_path, bases, adapters, tmp_path_factory):
+    """Every refusal is an exit-2 error at the recipe line that caused it."""
+    import json
+    import shutil
+
+    plain = adapters["plain"]
+
+    def variant(name: str, **changes) -> Path:
+        d = tmp_path_factory.mktemp(name) / "ad"
+        shutil.copytree(plain, d)
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        cfg.update(changes)
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        return d
+
+    pickle = variant("pickle")
+    (pickle / "adapter_model.safetensors").rename(pickle / "adapter_model.bin")
+    cases = {
+        "pickle": (pickle, "holds only a pickle adapter (adapter_model.bin)",
+                   "recipekit convert --allow-pickle"),
+        "loha": (variant("loha", peft_type="LOHA"), "has peft_type 'LOHA', not LORA", None),
+        "pissa": (variant("pissa", init_lora_weights="pissa_niter_4"),
+                  "was initialised with 'pissa_niter_4'", "path_initial_model_for_weight"),
+        "olora": (variant("olora", init_lora_weights="olora"), "'olora'", None),
+        "replication": (variant("rep", layer_replication=[[0, 2], [1, 2]]),
+                        "layer_replication", None),
+        "rank": (variant("rank", r=8), "the config gives it rank 8", None),
+    }
+    for key, (path, message, hint) in cases.items():
+        out = _run_error(cli, tmp_path, f"""
+            recipekit: 1
+            models: {{base: {bases['llama']}}}
+            adapters:
+              a: {path}
+            steps:
+              - {{name: f, op: adapters, from: base, adapters: [a]}}
+            """)
+        assert "recipe.yaml:4:" in out and message in out, (key, out)
+        assert hint is None or hint in out, (key, out)
+
+
+def test_targets_missing_or_of_another_shape(cli, tmp_path, adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("other")
+    short = make_model("llama", root / "short", layers=1, seed=3)
+    narrow = make_model("llama", root / "narrow", layers=2, seed=3, intermediate_size=48)
+    text = """
+        recipekit: 1
+        models: {{base: {base}}}
+        adapters: {{a: {adapter}}}
+        steps:
+          - name: f
+            op: adapters
+            from: base
+            adapters: [a]
+        """
+    out = _run_error(cli, tmp_path, text.format(base=short, adapter=adapters["plain"]))
+    assert ("recipe.yaml:8:16:" in out and "adapter 'a' updates "
+            "`model.layers.1.self_attn.q_proj.weight`, which model 'base' does not have" in out)
+    out = _run_error(cli, tmp_path, text.format(base=narrow, adapter=adapters["dora"]))
+    assert "`model.layers.0.mlp.gate_proj.weight` as [64, 32], but it is [48, 32]" in out
+
+
+def test_step_level_refusals(cli, tmp_path, bases, adapters):
+    head = "recipekit: 1\nmodels: {{base: {b}}}\nadapters: {{a: {a}, d: {d}}}\nsteps:\n".format(
+        b=bases["llama"], a=adapters["embedding_modules_to_save"], d=adapters["dora"])
+    out = _run_error(cli, tmp_path, head + "  - {name: f, op: adapters, from: base, "
+                     "adapters: [{use: a, weight: 0.5}]}\n")
+    assert "recipe.yaml:5:" in out and "replaces `lm_head.weight` whole" in out
+    out = _run_error(cli, tmp_path, head + "  - {name: f, op: adapters, from: base, "
+                     "adapters: [d], combine: ties, density: 0.5}\n")
+    assert "'d' is a DoRA adapter, which only combines `sequential`" in out
+    out = _run_error(cli, tmp_path, head + "  - {name: f, op: adapters, from: base, "
+                     "adapters: [a], combine: ties}\n")
+    assert "combine: ties needs `density:`" in out
+    out = _run_error(cli, tmp_path, head + "  - {name: f, op: adapters, from: a, "
+                     "adapters: [a]}\n")
+    assert "'a' is an adapter set; `from:` names the model to fold into" in out
+    out = _run_error(cli, tmp_path, head + "  - {name: f, op: adapters, from: base, "
+                     "adapters: [base]}\n")
+    assert "'base' is a model, not an adapter set" in out
+    out = _run_error(cli, tmp_path, head + "  - {name: f, op: layers, from: a, layers: [0]}\n")
+    assert "'a' is an adapter set; op layers takes models here" in out
