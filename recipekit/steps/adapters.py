@@ -215,12 +215,7 @@ def build_combine_adapters(step: Step, models: Mapping[str, Value], recipe: Reci
     uses = adapter_uses(step, models, recipe)
     combine = step.spec.get("combine", "sum")
     check_combine(step, uses, combine, recipe)
-    errors: list[RecipeError] = []
-    for aset, _, path in uses:
-        if aset.has_dora:
-            errors.append(recipe.error(path, f"'{aset.name}' is a DoRA adapter; a combined "
-                                       "adapter cannot carry DoRA magnitudes", hint="fold it "
-                                       "into a model with `op: adapters` instead"))
+    errors: list[RecipeError] = []  # (DoRA adapters were refused by check_combine)
     grouped: dict[str, list[tuple[LoraTarget, float]]] = {}
     biases: dict[str, tuple[tuple[Node, float], ...]] = {}
     replacements: dict[str, Replacement] = {}
