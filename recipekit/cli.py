@@ -101,9 +101,9 @@ def validate(recipe: RecipeArg, debug: DebugOpt = False) -> None:
 
     def body() -> None:
         plan = _compile(recipe, None)
+        what = "PEFT adapter" if plan.adapter else f"{plan.model.stack.num_layers} layers"
         typer.echo(f"{recipe}: ok ({len(plan.recipe.steps)} step(s); output "
-                   f"'{plan.recipe.output.model}': {plan.model.stack.num_layers} layers, "
-                   f"{plan.num_tensors} tensors)")
+                   f"'{plan.recipe.output.model}': {what}, {plan.num_tensors} tensors)")
 
     _guard(debug, body)
 
@@ -126,7 +126,8 @@ def plan(
         from recipekit.sources import iter_donor_files
 
         p = _compile(recipe, output)
-        extra = sum((p.donor.path / f).stat().st_size for f in iter_donor_files(p.donor.path))
+        extra = sum((p.donor.path / f).stat().st_size
+                    for f in iter_donor_files(p.donor.path)) if p.donor is not None else 0
         if fmt is PlanFormat.json:
             typer.echo(render_json(p, disk_extra=extra))
         elif fmt is PlanFormat.dot:
@@ -176,7 +177,8 @@ def run(
             return
         rate = format_size(result.bytes_written / secs) + "/s" if secs > 0 else ""
         resumed = f", {result.shards_resumed} resumed" if result.shards_resumed else ""
-        typer.echo(f"wrote {where}: {p.model.stack.num_layers} layers, {len(p.shards)} shard(s)"
+        what = "a PEFT adapter" if p.adapter else f"{p.model.stack.num_layers} layers"
+        typer.echo(f"wrote {where}: {what}, {len(p.shards)} shard(s)"
                    f"{resumed}, {format_size(result.bytes_written)} in {secs:.1f} s ({rate})")
         if check_finite:
             _report_finite(result.non_finite, resumed=result.shards_resumed)

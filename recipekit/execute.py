@@ -103,6 +103,8 @@ def resolve_device(spec: str) -> Any:
 def output_files(plan: Plan, donor_files: list[Path]) -> list[str]:
     """Every file a run of this plan writes, relative to the output directory."""
     files = [s.filename for s in plan.shards]
+    if plan.adapter:
+        return [*files, "adapter_config.json", "README.md", MANIFEST]
     if len(plan.shards) > 1:
         files.append(INDEX)
     files += ["config.json", "README.md", *(str(p) for p in donor_files), MANIFEST]
@@ -129,14 +131,15 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
     finite = FiniteCheck() if check_finite else None
     tick = progress or (lambda n: None)
     out_path = plan.recipe.output.path
-    donor_files = iter_donor_files(plan.donor.path)
+    donor_files = iter_donor_files(plan.donor.path) if plan.donor is not None else []
     with OutputDir(out_path, plan_hash=plan.plan_hash(), files=output_files(plan, donor_files),
                    force=force, fsync=fsync) as out, FileReader() as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="recipekit-read") as prefetch:
         if out.already_complete:
             return RunResult(out_path, True, 0, len(plan.shards), 0)
         todo = [s for s in plan.shards if not out.is_finished(s.filename)]
-        extra = sum((plan.donor.path / p).stat().st_size for p in donor_files) + (1 << 20)
+        extra = sum((plan.donor.path / p).stat().st_size  # type: ignore[union-attr]
+                    for p in donor_files) + (1 << 20)
         out.begin(sum(s.size for s in todo) + extra)
         largest = max((t.nbytes for s in todo for t in s.tensors), default=1)
         rt = Runtime(reader, dev, BufferPool(COPY_BUFFERS, max(1, min(COPY_CHUNK, largest))),
@@ -152,9 +155,10 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
             total = sum(t.nbytes for s in plan.shards for t in s.tensors)
             out.write_file(INDEX, dumps({"metadata": {"total_size": total},
                                          "weight_map": weight_map}))
-        out.write_file("config.json", dumps(plan.config))
+        out.write_file("adapter_config.json" if plan.adapter else "config.json",
+                       dumps(plan.config))
         for rel in donor_files:
-            out.copy_file(plan.donor.path / rel, str(rel))
+            out.copy_file(plan.donor.path / rel, str(rel))  # type: ignore[union-attr]
         out.write_file("README.md", build_model_card(plan).encode())
         out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished)))
         out.complete()

@@ -21,7 +21,7 @@ def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]]) -> dict[str, A
         "recipe": r.canonical(),
         "plan_hash": plan.plan_hash(),
         "inputs": {name: ckpt.manifest_entry() for name, ckpt in sorted(plan.sources.items())},
-        "donor": plan.donor.name,
+        "donor": plan.donor.name if plan.donor is not None else None,
         "output_model": r.output.model,
         "shards": {name: shards[name] for name in sorted(shards)},
     }
@@ -30,13 +30,22 @@ def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]]) -> dict[str, A
 def build_model_card(plan: Plan) -> str:
     r = plan.recipe
     title = r.name or r.file.stem
-    inputs = "\n".join(f"- `{name}`: {ref.written}" for name, ref in r.models.items())
+    inputs = "\n".join(f"- `{name}`: {ref.written}"
+                       for name, ref in [*r.models.items(), *r.adapters.items()])
+    if plan.adapter:
+        about = (f"A PEFT LoRA adapter ({len(plan.model.tensors)} tensors) built with recipekit "
+                 f"{__version__} from the recipe below.")
+        library = "peft"
+    else:
+        about = (f"Built with recipekit {__version__} from the recipe below "
+                 f"({plan.model.stack.num_layers} layers, config from "
+                 f"`{plan.donor.name if plan.donor else '-'}`).")
+        library = "transformers"
     text = "\n".join(r.document.lines)
     lang = "json" if r.file.suffix.lower() == ".json" else "yaml"
     return (
-        f"---\nlibrary_name: transformers\ntags:\n- recipekit\n---\n\n# {title}\n\n"
+        f"---\nlibrary_name: {library}\ntags:\n- recipekit\n---\n\n# {title}\n\n"
         + (f"{r.description}\n\n" if r.description else "")
-        + f"Built with recipekit {__version__} from the recipe below "
-        f"({plan.model.stack.num_layers} layers, config from `{plan.donor.name}`).\n\n"
+        + f"{about}\n\n"
         f"## Inputs\n\n{inputs}\n\n## Recipe\n\n```{lang}\n{text}\n```\n"
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from recipekit import __version__
+from recipekit.arch import LayerStack
 from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating, itemsize
 from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.io.header import build_header
@@ -69,11 +70,12 @@ class Plan:
     """Everything the executor needs, and everything `recipekit plan` shows."""
 
     recipe: Recipe
-    sources: Mapping[str, Checkpoint]
+    sources: Mapping[str, Any]  # Checkpoint or AdapterCheckpoint, by recipe name
     model: VirtualModel
-    donor: Checkpoint
-    config: dict[str, Any]
+    donor: Checkpoint | None  # None for an adapter-set output
+    config: dict[str, Any]  # config.json, or adapter_config.json for an adapter output
     shards: tuple[Shard, ...]
+    adapter: bool = False  # the output is a PEFT adapter directory
 
     @property
     def bytes_written(self) -> int:
@@ -173,21 +175,40 @@ def model_from_checkpoint(ckpt: Checkpoint) -> VirtualModel:
     return VirtualModel(ckpt.name, ckpt.config, tensors, ckpt.stack, ckpt.name)
 
 
-def compile_plan(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> Plan:
+def compile_plan(recipe: Recipe, sources: Mapping[str, Any]) -> Plan:
     """Build every step, then the output: cast, order, shard, header.
 
     Raises:
         RecipeErrors: every step problem found (steps whose inputs failed are skipped).
     """
-    models: dict[str, VirtualModel] = {n: model_from_checkpoint(c) for n, c in sources.items()}
+    from recipekit.adapter_dirs import AdapterCheckpoint
+    from recipekit.adapterset import AdapterSet, read_adapter_set
+
+    models: dict[str, VirtualModel | AdapterSet] = {}
     errors: list[RecipekitError] = []
     failed: set[str] = set()
+    for n, c in sources.items():
+        try:
+            models[n] = (read_adapter_set(c, recipe) if isinstance(c, AdapterCheckpoint)
+                         else model_from_checkpoint(c))
+        except RecipeErrors as e:
+            errors.extend(e.errors)
+            failed.add(n)
     for step in recipe.steps.values():
         if any(ref in failed for ref, _ in step_references(step.spec)):
             failed.add(step.name)
             continue
+        wrong = [recipe.error(step.key_path + rel, f"'{ref}' is an adapter set; op "
+                              f"{step.op} takes models here", hint="fold adapters into a model "
+                              "first with `op: adapters`")
+                 for ref, rel in step_references(step.spec) if rel[0] != "adapters"
+                 and step.op != "adapters" and isinstance(models.get(ref), AdapterSet)]
+        if wrong:
+            errors.extend(wrong)
+            failed.add(step.name)
+            continue
         try:
-            models[step.name] = BUILDERS[step.op](step, models, recipe)
+            models[step.name] = BUILDERS[step.op](step, models, recipe)  # type: ignore[arg-type]
         except RecipeErrors as e:
             errors.extend(e.errors)
             failed.add(step.name)
@@ -197,7 +218,15 @@ def compile_plan(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> Plan:
     if errors:
         raise RecipeErrors(errors)
 
-    model = models[recipe.output.model]
+    value = models[recipe.output.model]
+    if isinstance(value, AdapterSet):
+        return _adapter_plan(recipe, sources, value)
+    if recipe.output.adapter is not None:
+        raise RecipeErrors([recipe.error(("output", "adapter"), f"output '{value.name}' is a "
+                                         "model, not an adapter set", key=True,
+                                         hint="`output.adapter` applies when `output.model` "
+                                         "names an adapter set")])
+    model = value
     out_code = NAME_TO_CODE[recipe.output.dtype] if recipe.output.dtype else None
     tensors: dict[str, Node] = {}
     for name, node in model.tensors.items():
@@ -205,12 +234,29 @@ def compile_plan(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> Plan:
 
     donor_name = recipe.output.config or model.donor
     if donor_name not in sources:
-        donor_name = models[donor_name].donor
+        donor_name = models[donor_name].donor  # type: ignore[union-attr]
     donor = sources[donor_name]
     config = output_config(donor.config, model, tensors, recipe.output.dtype)
     shards = schedule_shards(tensors, recipe.output.shard_size)
     final = VirtualModel(model.name, model.config, tensors, model.stack, donor_name, model.changed)
     return Plan(recipe, dict(sources), final, donor, config, shards)
+
+
+#: The layer stack of an adapter output (it has no layers of its own).
+NO_STACK = LayerStack("", 0, ("num_hidden_layers",), (), None, "")
+
+
+def _adapter_plan(recipe: Recipe, sources: Mapping[str, Any], aset: Any) -> Plan:
+    """A plan writing an adapter set as a PEFT adapter directory: one safetensors file."""
+    from recipekit.adapter_output import WEIGHTS, adapter_output
+
+    if recipe.output.config is not None:
+        raise RecipeErrors([recipe.error(("output", "config"), "an adapter output has no "
+                                         "config.json donor", key=True)])
+    tensors, config = adapter_output(aset, recipe)
+    shards = schedule_shards(tensors, 1 << 62, single=WEIGHTS)
+    model = VirtualModel(aset.name, {}, tensors, NO_STACK, "")
+    return Plan(recipe, dict(sources), model, None, config, shards, adapter=True)
 
 
 def output_config(donor: Mapping[str, Any], model: VirtualModel, tensors: Mapping[str, Node],
@@ -239,9 +285,11 @@ def natural_key(name: str) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
-def schedule_shards(tensors: Mapping[str, Node], shard_size: int) -> tuple[Shard, ...]:
+def schedule_shards(tensors: Mapping[str, Node], shard_size: int, *,
+                    single: str = "model.safetensors") -> tuple[Shard, ...]:
     """Lay tensors out in natural name order, starting a new shard before one would exceed
-    ``shard_size`` (a single larger tensor gets a shard of its own)."""
+    ``shard_size`` (a single larger tensor gets a shard of its own); one shard is named
+    ``single``."""
     groups: list[list[tuple[str, Node]]] = [[]]
     size = 0
     for name in sorted(tensors, key=natural_key):
@@ -255,7 +303,7 @@ def schedule_shards(tensors: Mapping[str, Node], shard_size: int) -> tuple[Shard
     shards = []
     for k, group in enumerate(groups, 1):
         header, offsets = build_header([(name, node.dtype, node.shape) for name, node in group])
-        filename = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+        filename = single if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
         placed = tuple(PlannedTensor(name, node, off)
                        for (name, node), off in zip(group, offsets, strict=True))
         shards.append(Shard(filename, header, placed))

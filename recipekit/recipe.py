@@ -370,10 +370,15 @@ def _known_keys(doc: Document, path: KeyPath) -> list[str]:
         op = step.get("op") if isinstance(step, dict) else None
         fragment = defs.get(f"{op}_step") if isinstance(op, str) else None
         return list(fragment["properties"]) if fragment else ["name", "op"]
-    if len(path) == 2 and path[0] == "models":
+    if len(path) == 2 and path[0] in ("models", "adapters"):
         entry = _get(doc.data, path)
         branch = 2 if isinstance(entry, dict) and "hub" in entry else 1
-        return list(defs["model_source"]["oneOf"][branch]["properties"])
+        kind = "model_source" if path[0] == "models" else "adapter_source"
+        return list(defs[kind]["oneOf"][branch]["properties"])
+    if path == ("output", "adapter"):
+        return list(defs["output"]["properties"]["adapter"]["properties"])
+    if len(path) == 4 and path[0] == "steps" and path[2] == "adapters":
+        return list(defs["adapter_use"]["oneOf"][1]["properties"])
     if len(path) == 4 and path[0] == "steps" and path[2] == "layers":
         return ["from", "range", "layers"]
     if len(path) == 4 and path[0] == "steps" and path[2] == "from" and "merge_input" in defs:
@@ -394,6 +399,8 @@ def _describe_at(doc: Document, path: KeyPath) -> str:
             return f"in step '{step.get('name', '?')}' (op: {step.get('op', '?')})"
     if path and path[0] == "models" and len(path) == 2:
         return f"in model '{path[1]}'"
+    if path and path[0] == "adapters" and len(path) == 2:
+        return f"in adapter '{path[1]}'"
     return "in " + (format_key_path(path) or "the recipe")
 
 
@@ -460,7 +467,7 @@ def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list
     if v == "pattern" and path and path[-1] == "shard_size":
         return [doc.error(path, f"{_show(err.instance)} is not a size",
                           hint="write a number of bytes or e.g. '500MB', '5GB', '2GiB'")]
-    if v == "pattern" and path == ("models",):  # propertyNames: the key itself
+    if v == "pattern" and path in (("models",), ("adapters",)):  # propertyNames: the key itself
         return [doc.error(path + (str(err.instance),), f"{_show(err.instance)} is not a valid "
                           "model name", hint=_NAME_RULE, key=True)]
     if v == "pattern" and path[-1:] in (("name",), ("from",), ("model",), ("config",)):
@@ -608,6 +615,7 @@ class Output:
     dtype: str | None
     shard_size: int
     config: str | None
+    adapter: Mapping[str, Any] | None = None  # how an adapter-set output is written
 
 
 @dataclass(frozen=True)
@@ -621,6 +629,7 @@ class Recipe:
     models: Mapping[str, ModelRef]
     steps: Mapping[str, Step]  # topologically ordered
     output: Output
+    adapters: Mapping[str, ModelRef] = field(default_factory=dict)  # PEFT adapter inputs
 
     def error(self, path: KeyPath, message: str, *, hint: str | None = None,
               key: bool = False) -> RecipeError:
@@ -641,7 +650,8 @@ def step_references(step: Mapping[str, Any]) -> Iterator[tuple[str, KeyPath]]:
     """Names a step refers to, with their key paths relative to the step.
 
     Generic over ops: ``from`` (a name or a list of names / {model: name} mappings), ``base``,
-    ``init: {from: name}`` (the head op) and ``from`` inside ``layers`` entries.
+    ``tuned``, ``adapters`` entries (names or {use: name}), ``init: {from: name}`` (the
+    head op) and ``from`` inside ``layers`` entries.
     """
     src = step.get("from")
     if isinstance(src, str):
@@ -652,8 +662,15 @@ def step_references(step: Mapping[str, Any]) -> Iterator[tuple[str, KeyPath]]:
                 yield item, ("from", i)
             elif isinstance(item, dict) and isinstance(item.get("model"), str):
                 yield item["model"], ("from", i, "model")
-    if isinstance(step.get("base"), str):
-        yield step["base"], ("base",)
+    for key in ("base", "tuned"):
+        if isinstance(step.get(key), str):
+            yield step[key], (key,)
+    uses = step.get("adapters")
+    for i, item in enumerate(uses if isinstance(uses, list) else []):
+        if isinstance(item, str):
+            yield item, ("adapters", i)
+        elif isinstance(item, dict) and isinstance(item.get("use"), str):
+            yield item["use"], ("adapters", i, "use")
     init = step.get("init")
     if isinstance(init, dict) and isinstance(init.get("from"), str):
         yield init["from"], ("init", "from")
@@ -717,6 +734,29 @@ def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
                          written, errors)
         path = Path(os.path.normpath(base_dir / _expanduser(written)))
         models[name] = ModelRef(name, path, written, prefix, ("models", name))
+
+    adapters: dict[str, ModelRef] = {}
+    raw_adapters = data.get("adapters") if isinstance(data.get("adapters"), dict) else {}
+    for name, entry in raw_adapters.items():
+        if name in raw_models:
+            errors.append(doc.error(("adapters", name), f"'{name}' is already a model name",
+                                    hint="give the adapter its own name", key=True))
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("hub"), str):
+            revision = entry.get("revision", DEFAULT_REVISION)
+            adapters[name] = ModelRef(name, None, f"{entry['hub']}@{revision}", None,
+                                      ("adapters", name), hub=entry["hub"],
+                                      revision=str(revision))
+            continue
+        written = entry if isinstance(entry, str) else (
+            entry.get("path") if isinstance(entry, dict) else None)
+        if not isinstance(written, str):
+            continue
+        _check_path_text(doc, ("adapters", name) + (("path",) if isinstance(entry, dict)
+                                                    else ()), written, errors)
+        path = Path(os.path.normpath(base_dir / _expanduser(written)))
+        adapters[name] = ModelRef(name, path, written, None, ("adapters", name))
+    raw_models = {**raw_adapters, **raw_models}  # names steps may refer to
 
     raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
     steps_list = [(i, s) for i, s in enumerate(raw_steps)
@@ -793,7 +833,9 @@ def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
     return Recipe(
         file=file, document=doc, name=data.get("name"), description=data.get("description"),
         models=models, steps=steps,
-        output=Output(out_path, out_model, out.get("dtype"), shard_size, out.get("config")),
+        output=Output(out_path, out_model, out.get("dtype"), shard_size, out.get("config"),
+                      out.get("adapter") if isinstance(out.get("adapter"), dict) else None),
+        adapters=adapters,
     )
 
 

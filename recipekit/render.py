@@ -97,7 +97,8 @@ def render_json(plan: Plan, *, disk_extra: int = 0) -> str:
         "recipe": str(r.document.file),
         "plan_hash": plan.plan_hash(),
         "output": {"path": str(r.output.path), "model": r.output.model,
-                   "donor": plan.donor.name, "num_layers": plan.model.stack.num_layers},
+                   "donor": plan.donor.name if plan.donor else None,
+                   "num_layers": plan.model.stack.num_layers, "adapter": plan.adapter},
         "config": plan.config,
         "nodes": nodes,
         "shards": [{"filename": s.filename, "size": s.size, "header_bytes": len(s.header),
@@ -143,10 +144,12 @@ def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> st
               if est["bytes_read_total"] != est["bytes_read"] else "")
     lines = [
         f"recipe:        {r.document.file}" + (f" ({r.name})" if r.name else ""),
-        f"output:        {display_path(r.output.path)}  (model '{r.output.model}', config from "
-        f"'{plan.donor.name}')",
-        f"layers:        {plan.model.stack.num_layers}  (`{plan.model.stack.prefix}<i>`, "
-        f"config key {'.'.join(plan.model.stack.count_key)})",
+        f"output:        {display_path(r.output.path)}  " + (
+            f"(adapter set '{r.output.model}': a PEFT adapter directory)" if plan.donor is None
+            else f"(model '{r.output.model}', config from '{plan.donor.name}')"),
+        *([] if plan.adapter else [
+            f"layers:        {plan.model.stack.num_layers}  (`{plan.model.stack.prefix}<i>`, "
+            f"config key {'.'.join(plan.model.stack.count_key)})"]),
         f"tensors:       {plan.num_tensors} written, {len(plan.loads())} distinct inputs read",
         f"bytes read:    {format_size(est['bytes_read'])} distinct{reread}",
         f"bytes written: {format_size(est['bytes_written'])} in {len(plan.shards)} shard(s)",

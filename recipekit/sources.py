@@ -404,17 +404,20 @@ def _read_tensors(path: Path, root: Path, ref: ModelRef, located, snap: HubSnaps
                   "a checkpoint directory holds model.safetensors or a sharded index")
 
 
-def resolve_sources(recipe: Recipe, names: list[str] | None = None) -> dict[str, Checkpoint]:
-    """Resolve the named models (default: all), collecting every problem before raising."""
+def resolve_sources(recipe: Recipe, names: list[str] | None = None) -> dict[str, Any]:
+    """Resolve the named models and adapters (default: all) into `Checkpoint`s and
+    `AdapterCheckpoint`s, collecting every problem before raising."""
+    from recipekit.adapter_dirs import resolve_adapter
     from recipekit.errors import RecipeErrors
 
-    out: dict[str, Checkpoint] = {}
+    out: dict[str, Any] = {}
     errors: list[RecipekitError] = []
-    for name, ref in recipe.models.items():
+    for name, ref in [*recipe.models.items(), *recipe.adapters.items()]:
         if names is not None and name not in names:
             continue
         try:
-            out[name] = resolve_model(ref, recipe)
+            out[name] = (resolve_model(ref, recipe) if ref.key_path[0] == "models"
+                         else resolve_adapter(ref, recipe))
         except RecipekitError as e:
             errors.append(e)
     if errors:

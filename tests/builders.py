@@ -3,11 +3,12 @@
 Each family turns on its non-default features (DESIGN.md §6): GQA everywhere it exists,
 Qwen2's q/k/v biases, Gemma2's extra norms and alternating `layer_types`, Phi3's fused
 projections, tied and untied embeddings. `python tests/builders.py` regenerates the committed
-quickstart model in recipes/models/tiny-llama.
+quickstart model in recipes/models/tiny-llama and the LoRA adapter in recipes/models/tiny-lora.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -73,3 +74,14 @@ if __name__ == "__main__":
     target = root / "recipes" / "models" / "tiny-llama"
     make_model("llama", target, layers=8, seed=0, dtype=torch.bfloat16)
     print(f"wrote {target}", file=sys.stderr)
+    from adapter_builders import make_adapter
+
+    lora = root / "recipes" / "models" / "tiny-lora"
+    make_adapter("llama", target, lora, seed=0, r=4, lora_alpha=8,
+                 target_modules=["q_proj", "v_proj"])
+    (lora / "README.md").unlink()  # PEFT's empty model card template
+    config_path = lora / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = "recipes/models/tiny-llama"  # not this machine's path
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {lora}", file=sys.stderr)

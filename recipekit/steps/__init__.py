@@ -1,6 +1,7 @@
 """One module per step kind. A step builder is a short function from virtual models to one.
 
-``BUILDERS[op](step, models, recipe)`` returns the step's `VirtualModel`; it raises
+``BUILDERS[op](step, models, recipe)`` returns the step's `VirtualModel` (or, for the ops that
+produce adapters, its `AdapterSet`); it raises
 `RecipeErrors` with every problem located at the step's keys. Builders only build nodes.
 """
 
@@ -10,6 +11,8 @@ from collections.abc import Callable, Mapping
 
 from recipekit.model import VirtualModel
 from recipekit.recipe import Recipe, Step
+from recipekit.steps.adapters import build_adapters, build_combine_adapters
+from recipekit.steps.extract_lora import build_extract_lora
 from recipekit.steps.head import build_head
 from recipekit.steps.interpolate import build_interpolate
 from recipekit.steps.layers import build_layers
@@ -24,4 +27,7 @@ BUILDERS: dict[str, Builder] = {
     "merge": build_merge,
     "head": build_head,
     "reinit": build_reinit,
+    "adapters": build_adapters,
+    "combine_adapters": build_combine_adapters,  # type: ignore[dict-item]  # an AdapterSet
+    "extract_lora": build_extract_lora,  # type: ignore[dict-item]
 }

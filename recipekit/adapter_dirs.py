@@ -1,0 +1,187 @@
+"""Resolve the recipe's `adapters:` into PEFT adapter directories: config and header only.
+
+A PEFT LoRA adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``
+(reference/adapters.md §1). Resolving one reads the config and the safetensors header, never a
+tensor, and refuses what recipekit cannot fold faithfully: pickle adapters (``adapter_model.bin``;
+`recipekit convert --allow-pickle` converts them), PEFT types other than LoRA, LoRA variants
+whose merge rule differs, initialisations that mutated the base during training (PiSSA, OLoRA,
+LoftQ, CorDA, LoRA-GA: the adapter is only right on top of the residual base), and
+`layer_replication` (its keys name layers the base lacks).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recipekit.errors import RecipekitError, SourceNotFoundError, UnsupportedCheckpointError
+from recipekit.hub import HubSnapshot, fetch_snapshot, snapshot_identity
+from recipekit.io.header import TensorInfo, display_path, kind_of, parse_json
+from recipekit.recipe import ModelRef, Recipe
+from recipekit.sources import _header, _read_small, check_confined, model_root
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PICKLE = "adapter_model.bin"
+MAX_ADAPTER_CONFIG = 4 * 1024 * 1024
+
+#: init_lora_weights values whose training subtracted the initial adapter from the base.
+MODIFIED_BASE_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
+#: Config fields of LoRA variants whose merge differs (or that cannot be merged statically).
+VARIANT_FIELDS = ("use_bdlora", "arrow_config", "kasa_config", "velora_config",
+                  "monteclora_config", "alora_invocation_tokens", "use_qalora", "target_parameters",
+                  "trainable_token_indices")
+
+
+@dataclass(frozen=True)
+class AdapterCheckpoint:
+    """A resolved adapter input: its adapter_config.json and its tensors' locations.
+
+    It answers the same `identity`/`manifest_entry`/`tensors` questions a model `Checkpoint`
+    does, so plan hashing, manifests and the executor's reads treat both alike.
+    """
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    weight_files: tuple[Path, ...]
+    hub: HubSnapshot | None = None
+
+    def identity(self) -> dict[str, Any]:
+        if self.hub is not None:
+            return {"hub": self.hub.repo, "commit": self.hub.commit}
+        files = {}
+        for p in (self.path / CONFIG, *self.weight_files):
+            st = p.stat()
+            files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return {"path": str(self.path), "files": files}
+
+    def manifest_entry(self) -> dict[str, Any]:
+        if self.hub is not None:
+            return snapshot_identity(self.hub, [CONFIG, *(p.name for p in self.weight_files)])
+        return self.identity()
+
+
+def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
+    """Read one adapter's config and header, refusing what cannot be folded.
+
+    Raises:
+        SourceNotFoundError: no such directory, no adapter_config.json or weights in it.
+        UnsupportedCheckpointError: pickle-only, not LoRA, a variant or modified-base init,
+            layer_replication.
+        CorruptCheckpointError: damaged config or header.
+    """
+    where = ref.key_path
+
+    def located(cls: type[RecipekitError], message: str, hint: str | None = None):
+        return cls(message, key_path=where, hint=hint, location=recipe.document.locate(where))
+
+    snap = None
+    if ref.hub is not None:
+        try:
+            snap = fetch_snapshot(ref.hub, ref.revision)
+        except SourceNotFoundError as e:
+            raise located(SourceNotFoundError, e.message, e.hint) from None
+        path = snap.path
+    else:
+        assert ref.path is not None
+        path = ref.path
+    try:
+        is_dir = path.is_dir()
+    except OSError as e:
+        raise located(SourceNotFoundError, f"adapter path {ref.written[:80]!r} cannot be used: "
+                      f"{e.strerror or e}", "check the path") from None
+    if not is_dir:
+        what = "is a file, not" if path.exists() else "does not exist; expected"
+        raise located(SourceNotFoundError, f"adapter {ref.written!r} {what} a PEFT adapter "
+                      f"directory ({display_path(path)})", "name the directory that holds "
+                      f"{CONFIG} (relative paths are relative to the recipe file)")
+    root = model_root(path)
+    config_path = path / CONFIG
+    if not os.path.lexists(config_path):
+        hint = ("this is a model checkpoint: list it under `models:`" if (
+            path / "config.json").is_file() else f"a PEFT adapter directory holds {CONFIG} and "
+            f"{WEIGHTS}")
+        raise located(SourceNotFoundError, f"no {CONFIG} in {ref.written!r}", hint)
+    check_confined(config_path, root)
+    shown = display_path(config_path)
+    config = parse_json(_read_small(config_path, MAX_ADAPTER_CONFIG, CONFIG), shown, CONFIG,
+                        strict=False, hint="the adapter is damaged; save or download it again")
+    if not isinstance(config, dict):
+        raise located(UnsupportedCheckpointError, f"{CONFIG} of {ref.written!r} is "
+                      f"{kind_of(config)}, not a JSON object")
+    _check_config(config, ref, located)
+    weights = path / WEIGHTS
+    if not os.path.lexists(weights) and snap is None:
+        if (path / PICKLE).is_file():
+            raise located(UnsupportedCheckpointError,
+                          f"{ref.written!r} holds only a pickle adapter ({PICKLE}); `run` does "
+                          "not load pickles, which can run code",
+                          "if you trust it, convert it once with `recipekit convert "
+                          f"--allow-pickle {ref.written} <new dir>` and use the new directory")
+        raise located(SourceNotFoundError, f"no {WEIGHTS} in {ref.written!r}",
+                      f"a PEFT adapter directory holds {CONFIG} and {WEIGHTS}")
+    tensors = _header(weights, root, snap)
+    return AdapterCheckpoint(ref.name, path, config, tensors, (weights,), snap)
+
+
+def _check_config(config: dict[str, Any], ref: ModelRef, located) -> None:
+    """Refuse PEFT types, variants and inits whose merge recipekit does not reproduce."""
+    name = ref.written
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        hint = ("X-LoRA gating is not implemented; fold its experts (the LoRA adapters in its "
+                "sub-folders) with `weight:` instead" if peft_type == "XLORA" else
+                "recipekit folds LoRA adapters (peft_type LORA, including DoRA)")
+        raise located(UnsupportedCheckpointError, f"adapter {name!r} has peft_type "
+                      f"{str(peft_type)[:40]!r}, not LORA", hint)
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(MODIFIED_BASE_INITS):
+        raise located(UnsupportedCheckpointError,
+                      f"adapter {name!r} was initialised with {init!r}, which moves part of the "
+                      "base weights into the adapter: it is only correct on top of the residual "
+                      "base its trainer saved, not on the original model",
+                      "fold it into that residual model, or convert it with PEFT's "
+                      "`save_pretrained(path_initial_model_for_weight_conversion=...)`, which "
+                      "writes an adapter for the original base")
+    if isinstance(init, str) and init.lower() == "mica":
+        raise located(UnsupportedCheckpointError, f"adapter {name!r} uses the MiCA variant "
+                      "(init_lora_weights 'mica'), whose merge recipekit does not implement")
+    if config.get("layer_replication"):
+        raise located(UnsupportedCheckpointError,
+                      f"adapter {name!r} was trained with layer_replication: its tensors name "
+                      "layers the base checkpoint does not have",
+                      "build the expanded model with a `layers` step first and fold an adapter "
+                      "trained on it, or fold with PEFT")
+    for key in VARIANT_FIELDS:
+        if config.get(key):
+            raise located(UnsupportedCheckpointError,
+                          f"adapter {name!r} sets `{key}`, a LoRA feature whose merge recipekit "
+                          "does not implement", "fold it with PEFT's merge_and_unload")
+    if config.get("use_dora") and config.get("lora_bias"):
+        raise located(UnsupportedCheckpointError, f"adapter {name!r} combines DoRA with "
+                      "lora_bias, which recipekit does not fold")
+    for key, ok in (("r", _is_pos_int), ("lora_alpha", _is_number),
+                    ("rank_pattern", _is_number_map), ("alpha_pattern", _is_number_map)):
+        if key in config and config[key] is not None and not ok(config[key]):
+            raise located(UnsupportedCheckpointError, f"adapter {name!r}: `{key}` in {CONFIG} "
+                          f"is {kind_of(config[key])}, which PEFT would not accept",
+                          "the adapter config is damaged")
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise located(UnsupportedCheckpointError, f"adapter {name!r}: `bias` is "
+                      f"{str(config.get('bias'))[:40]!r}; PEFT knows none, all and lora_only")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _is_number_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(_is_number(x) for x in v.values())

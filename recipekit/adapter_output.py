@@ -1,0 +1,126 @@
+"""An adapter-set output as a PEFT adapter directory: its tensors (plan nodes) and config.
+
+``output: {adapter: {method: cat}}`` (the default) writes each module's low-rank terms side by
+side: A' = [s_1·A_1; s_2·A_2; ...] (rows), B' = [B_1, B_2, ...] (columns), so B'A' = Σ s_i B_i A_i
+exactly, with rank Σ r_i (PEFT's `add_weighted_adapter(combination_type="cat")`).
+``{method: svd, rank: k}`` factors each module's combined fp32 delta by a truncated SVD
+(exact when k ≥ its rank). Either way every module's scaling is exactly 1: ``r = lora_alpha``
+= the largest rank, and ``rank_pattern = alpha_pattern`` name the others (mergekit's
+convention), with rsLoRA and DoRA off. Only adapter tensors are read: no base weights.
+Oracle: tests/steps/test_combine_adapters.py loads the directory in PEFT.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from recipekit.adapterset import PREFIX, AdapterSet
+from recipekit.dtypes import NAME_TO_CODE, promote
+from recipekit.errors import RecipeError, RecipeErrors
+from recipekit.io.header import quote_name
+from recipekit.model import F32, Concat, Node, ScaledSum, SvdFactor, cast, intern
+from recipekit.recipe import Recipe
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_output(aset: AdapterSet, recipe: Recipe) -> tuple[dict[str, Node], dict[str, Any]]:
+    """The tensors (by adapter key) and adapter_config.json of an adapter-set output.
+
+    Raises:
+        RecipeErrors: DoRA modules, full (pruned) deltas written with `cat`, `rank` given with
+            `cat` or missing with `svd`.
+    """
+    spec: Mapping[str, Any] = recipe.output.adapter or {}
+    method = spec.get("method", "cat")
+    where = ("output", "adapter")
+    errors: list[RecipeError] = []
+    if method == "svd" and "rank" not in spec:
+        errors.append(recipe.error(where, "method svd needs `rank:` (the rank of every module)",
+                                   key=True))
+    if method == "cat" and "rank" in spec:
+        errors.append(recipe.error(where + ("rank",), "method cat keeps every rank (the sum of "
+                                   "the combined ranks); `rank` is for method svd", key=True))
+    if recipe.output.dtype:
+        dtype = NAME_TO_CODE[recipe.output.dtype]
+    else:
+        factor_dtypes = [n.dtype for t in aset.targets.values() for term in t.terms
+                         for n in (term.a, term.b)]
+        dtype = promote(factor_dtypes) if factor_dtypes else F32
+    tensors: dict[str, Node] = {}
+    ranks: dict[str, int] = {}
+    kinds: dict[str, str] = {}
+    for name, t in aset.targets.items():
+        module = name[:-len(".weight")] if name.endswith(".weight") else name
+        if t.magnitude is not None:
+            errors.append(recipe.error(("output", "model"), f"'{aset.name}' has DoRA modules "
+                                       f"({quote_name(module)}), which recipekit does not write "
+                                       "as an adapter", hint="fold it into a model instead"))
+            break
+        a_key, b_key = ((f"{module}.lora_embedding_A", f"{module}.lora_embedding_B")
+                        if t.kind == "embedding" else
+                        (f"{module}.lora_A.weight", f"{module}.lora_B.weight"))
+        if method == "svd":
+            k = min(int(spec.get("rank", 1)), *t.shape)
+            delta = t.delta(1.0)
+            a: Node = intern(SvdFactor(delta, "A", k, t.transposed, 0.0, dtype))
+            b: Node = intern(SvdFactor(delta, "B", k, t.transposed, 0.0, dtype))
+        elif t.full is not None:
+            errors.append(recipe.error(("output", "model"), f"'{aset.name}' holds pruned (ties/"
+                                       "DARE) deltas, which are not low rank; write it with "
+                                       "`output: {adapter: {method: svd, rank: k}}`"))
+            break
+        elif len(t.terms) == 1 and t.terms[0].scale == 1.0:
+            a, b = cast(t.terms[0].a, dtype), cast(t.terms[0].b, dtype)
+        else:
+            a = intern(Concat(tuple(x.a for x in t.terms), tuple(x.scale for x in t.terms), 0,
+                              dtype))
+            b = intern(Concat(tuple(x.b for x in t.terms), (1.0,) * len(t.terms), 1, dtype))
+        tensors[PREFIX + a_key], tensors[PREFIX + b_key] = a, b
+        ranks[module], kinds[module] = a.shape[0], t.kind
+    for name, terms in aset.biases.items():
+        module = name[:-len(".bias")]
+        tensors[f"{PREFIX}{module}.lora_B.bias"] = intern(ScaledSum(
+            tuple(n for n, _ in terms), tuple(s for _, s in terms), dtype))
+    for rep in aset.replacements.values():
+        tensors[PREFIX + rep.key] = rep.node
+    if errors:
+        raise RecipeErrors(errors)
+    return tensors, adapter_config(aset, ranks, kinds)
+
+
+def adapter_config(aset: AdapterSet, ranks: Mapping[str, int],
+                   kinds: Mapping[str, str]) -> dict[str, Any]:
+    """adapter_config.json for modules of the given ranks, every scaling exactly 1."""
+    first = aset.config
+    top = max(ranks.values(), default=1)
+    pattern = {re.escape(m): k for m, k in ranks.items() if k != top}
+    linear_transposed = any(t.transposed and t.kind == "linear" for t in aset.targets.values())
+    saved = sorted({rep.key.rsplit(".", 1)[0] for rep in aset.replacements.values()
+                    if ".base_layer." not in rep.key})
+    trained_bias = any(rep.key.endswith(".bias") for rep in aset.replacements.values())
+    return {
+        "peft_type": "LORA",
+        "task_type": first.get("task_type"),
+        "base_model_name_or_path": first.get("base_model_name_or_path"),
+        "revision": first.get("revision"),
+        "inference_mode": True,
+        "r": top,
+        "lora_alpha": top,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": linear_transposed,
+        "bias": first.get("bias", "none") if trained_bias else "none",
+        "lora_bias": bool(aset.biases),
+        "target_modules": sorted(ranks),  # full paths: PEFT wraps exactly these modules
+        "modules_to_save": [m.rsplit(".", 1)[-1] for m in saved] or None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }

@@ -1,0 +1,266 @@
+"""The `adapters` op (fold PEFT LoRA adapters into a model) and `combine_adapters` (a new
+adapter set from several, reading no base weights).
+
+`adapters`: ``from: <model>``, ``adapters: [{use: <adapter set>, weight: w}, ...]``,
+``combine:``. Only the tensors an adapter touches get a new node (`LoraFold`: fp32, rounded
+once to the base tensor's dtype); every other tensor stays the very `Load` node of `from`, so it
+is copied byte for byte. ``weight`` multiplies each module's scaling s, as PEFT's `set_scale`
+(for DoRA it enters the norm too). Per tensor, in order (reference/adapters.md §6.6): whole-tensor
+replacements (modules_to_save, trained biases, saved embedding copies; weight 1 only), then the
+deltas, then `lora_bias` terms.
+
+``combine: sequential`` (default) is PEFT's multi-adapter merge in list order: a DoRA adapter
+rescales the deltas before it. ``sum`` adds w_i·ΔW_i; ``ties``, ``dare_linear``, ``dare_ties``
+and ``magnitude_prune`` combine the full fp32 deltas with the merge kernels
+(`ops.lora.combine_deltas`: mergekit's sign/divisor convention) and refuse DoRA adapters.
+Oracles: tests/steps/test_adapters.py against PEFT's merge_and_unload, unmerged forward,
+set_scale and add_weighted_adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from recipekit.adapterset import AdapterSet, LoraTarget, LoraTerm, Replacement
+from recipekit.errors import KeyPath, RecipeError, RecipeErrors, ShapeMismatchError
+from recipekit.io.header import quote_name
+from recipekit.model import (
+    F32,
+    DeltaCombine,
+    LoraFold,
+    Node,
+    ScaledSum,
+    VirtualModel,
+    cast,
+    intern,
+)
+from recipekit.recipe import Recipe, Step
+
+Value = VirtualModel | AdapterSet
+RANDOM = ("dare_linear", "dare_ties")
+PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+#: Embedding / output-head tensor names that tie_word_embeddings shares.
+TIED_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "lm_head.weight")
+
+
+def adapter_uses(step: Step, values: Mapping[str, Value], recipe: Recipe
+                 ) -> list[tuple[AdapterSet, float, KeyPath]]:
+    """The step's ``adapters:`` entries as (adapter set, weight, key path).
+
+    Raises:
+        RecipeErrors: an entry names a model instead of an adapter set.
+    """
+    out, errors = [], []
+    for i, item in enumerate(step.spec["adapters"]):
+        name, weight = (item, 1.0) if isinstance(item, str) else (
+            item["use"], float(item.get("weight", 1.0)))
+        path = step.key_path + ("adapters", i) + (() if isinstance(item, str) else ("use",))
+        value = values[name]
+        if not isinstance(value, AdapterSet):
+            errors.append(recipe.error(path, f"'{name}' is a model, not an adapter set",
+                                       hint="`use:` names an entry of `adapters:` or a "
+                                       "combine_adapters / extract_lora step"))
+            continue
+        out.append((value, weight, step.key_path + ("adapters", i)))
+    if errors:
+        raise RecipeErrors(errors)
+    return out
+
+
+def check_combine(step: Step, uses: list[tuple[AdapterSet, float, KeyPath]], combine: str,
+                  recipe: Recipe) -> None:
+    """DoRA only folds sequentially; pruning modes need `density`, the others refuse it."""
+    errors = []
+    if combine != "sequential":
+        for aset, _, path in uses:
+            if aset.has_dora:
+                errors.append(recipe.error(path, f"'{aset.name}' is a DoRA adapter, which only "
+                                           "combines `sequential` (its magnitude rescales the "
+                                           "whole weight)", hint="fold it with `op: adapters` "
+                                           "and `combine: sequential`"))
+    if combine in PRUNING and "density" not in step.spec:
+        errors.append(recipe.error(step.key_path, f"combine: {combine} needs `density:` (the "
+                                   "fraction of each delta kept)", key=True))
+    if combine not in PRUNING and "density" in step.spec:
+        errors.append(recipe.error(step.key_path + ("density",), f"`density` has no effect "
+                                   f"with combine: {combine}", hint="use it with ties, "
+                                   "dare_linear, dare_ties or magnitude_prune", key=True))
+    if "density" in step.spec and not 0 < step.spec["density"] <= 1:
+        errors.append(recipe.error(step.key_path + ("density",), "density must be in (0, 1]"))
+    if errors:
+        raise RecipeErrors(errors)
+
+
+def resolve_target(name: str, tensors: Mapping[str, Node]) -> list[str]:
+    """The model tensor(s) an adapter's module name denotes: the exact name, else the one
+    tensor whose name ends with it or that it ends with (an adapter trained on a bare backbone
+    folded into a ``...ForCausalLM`` checkpoint, or the reverse). More than one is ambiguous."""
+    if name in tensors:
+        return [name]
+    return [t for t in tensors if t.endswith("." + name) or name.endswith("." + t)]
+
+
+def _is_tied(model: VirtualModel) -> bool:
+    has_head = any(n.endswith("lm_head.weight") for n in model.tensors)
+    return bool(model.config.get("tie_word_embeddings", not has_head)) and not has_head
+
+
+def build_adapters(step: Step, models: Mapping[str, Value], recipe: Recipe) -> VirtualModel:
+    """Build the `adapters` step's virtual model (see the module docstring).
+
+    Raises:
+        RecipeErrors: `from` is not a model, `use` not an adapter set, adapter tensors missing
+            from or of another shape than `from`'s, weights ≠ 1 on replacements, conflicting
+            replacements, DoRA in a non-sequential mode, tied embeddings touched.
+    """
+    base_name = step.spec["from"]
+    base = models[base_name]
+    if not isinstance(base, VirtualModel):
+        raise RecipeErrors([recipe.error(step.key_path + ("from",), f"'{base_name}' is an "
+                                         "adapter set; `from:` names the model to fold into")])
+    uses = adapter_uses(step, models, recipe)
+    combine = step.spec.get("combine", "sequential")
+    check_combine(step, uses, combine, recipe)
+    errors: list[RecipeError] = []
+    tied = _is_tied(base)
+
+    def place(name: str, shape: tuple[int, ...], aset: AdapterSet, path: KeyPath,
+              what: str) -> str | None:
+        hits = resolve_target(name, base.tensors)
+        if len(hits) != 1:
+            errors.append(recipe.error(path, (
+                f"adapter '{aset.name}' {what} {quote_name(name)}, which model '{base_name}' "
+                "does not have" if not hits else f"adapter '{aset.name}' {what} "
+                f"{quote_name(name)}, which matches several tensors of '{base_name}' "
+                f"({', '.join(hits[:3])})"), hint="fold adapters into the model they were "
+                "trained on (same architecture and tensor names)"))
+            return None
+        target = hits[0]
+        if tuple(base.tensors[target].shape) != tuple(shape):
+            errors.append(ShapeMismatchError(
+                f"adapter '{aset.name}' {what} {quote_name(target)} as {list(shape)}, but it is "
+                f"{list(base.tensors[target].shape)} in '{base_name}'", key_path=path,
+                location=recipe.document.locate(path), hint="the adapter was trained on a model "
+                "of other dimensions (or vocabulary size)"))
+            return None
+        if tied and target.endswith(TIED_NAMES):
+            errors.append(recipe.error(path, f"adapter '{aset.name}' {what} {quote_name(target)},"
+                                       f" but '{base_name}' ties its input and output "
+                                       "embeddings", hint="folding would have to untie them; "
+                                       "version 1 refuses instead"))
+            return None
+        return target
+
+    deltas: dict[str, list[tuple[Node, Node | None, int, float, Node]]] = {}
+    replaced: dict[str, tuple[Node, str]] = {}
+    for aset, weight, path in uses:
+        for name, rep in aset.replacements.items():
+            target = place(name, rep.node.shape, aset, path, "replaces")
+            if target is None:
+                continue
+            if weight != 1.0:
+                errors.append(recipe.error(path, f"adapter '{aset.name}' replaces "
+                                           f"{quote_name(target)} whole (modules_to_save, a "
+                                           "trained bias or a saved embedding), which only "
+                                           f"folds at weight 1, not {weight}"))
+            elif target in replaced:
+                errors.append(recipe.error(path, f"adapters '{replaced[target][1]}' and "
+                                           f"'{aset.name}' both replace {quote_name(target)}",
+                                           hint="fold them in separate steps, or drop one"))
+            else:
+                replaced[target] = (rep.node, aset.name)
+        for name, t in aset.targets.items():
+            target = place(name, t.shape, aset, path, "updates")
+            if target is not None:
+                deltas.setdefault(target, []).append(
+                    (t.delta(weight), t.magnitude, t.norm_dim, weight, t.delta(1.0)))
+        for name, terms in aset.biases.items():
+            target = place(name, terms[0][0].shape, aset, path, "adds lora_bias to")
+            if target is not None:
+                nodes = tuple(n for n, _ in terms)
+                at_one = intern(ScaledSum(nodes, tuple(s for _, s in terms), F32))
+                delta = intern(ScaledSum(nodes, tuple(s * weight for _, s in terms), F32))
+                deltas.setdefault(target, []).append((delta, None, 0, weight, at_one))
+    if errors:
+        raise RecipeErrors(errors)
+
+    tensors: dict[str, Node] = dict(base.tensors)
+    for target, (node, _) in replaced.items():
+        tensors[target] = cast(node, base.tensors[target].dtype)
+    seed = int(step.spec.get("seed", 0))
+    for target, parts in deltas.items():
+        dtype = base.tensors[target].dtype
+        w0 = replaced[target][0] if target in replaced else base.tensors[target]
+        if combine in ("sequential", "sum"):
+            fold = LoraFold(w0, tuple(p[0] for p in parts), tuple(p[1] for p in parts),
+                            tuple(p[2] for p in parts), dtype)
+        else:
+            combined = intern(DeltaCombine(
+                combine, tuple(p[4] for p in parts), tuple(p[3] for p in parts),
+                float(step.spec["density"]), seed, target if combine in RANDOM else "", 1.0))
+            fold = LoraFold(w0, (combined,), (None,), (0,), dtype)
+        tensors[target] = intern(fold)
+    return VirtualModel(step.name, base.config, tensors, base.stack, base.donor, base.changed)
+
+
+def build_combine_adapters(step: Step, models: Mapping[str, Value], recipe: Recipe
+                           ) -> AdapterSet:
+    """Build the `combine_adapters` step's adapter set: ``sum`` keeps the low-rank terms
+    (w_i·s_i·B_i A_i, exact), the pruning modes hold one combined full delta per tensor.
+
+    Raises:
+        RecipeErrors: a `use` that is a model, DoRA adapters, modules of one name but different
+            shapes, replacements at weight ≠ 1 or in two adapters.
+    """
+    uses = adapter_uses(step, models, recipe)
+    combine = step.spec.get("combine", "sum")
+    check_combine(step, uses, combine, recipe)
+    errors: list[RecipeError] = []  # (DoRA adapters were refused by check_combine)
+    grouped: dict[str, list[tuple[LoraTarget, float]]] = {}
+    biases: dict[str, tuple[tuple[Node, float], ...]] = {}
+    replacements: dict[str, Replacement] = {}
+    owner: dict[str, str] = {}
+    for aset, weight, path in uses:
+        for name, t in aset.targets.items():
+            first = grouped.get(name, [(t, 0.0)])[0][0]
+            if (first.kind, first.shape, first.transposed) != (t.kind, t.shape, t.transposed):
+                errors.append(recipe.error(path, f"'{aset.name}' updates {quote_name(name)} as "
+                                           f"{t.kind} {list(t.shape)}, another adapter as "
+                                           f"{first.kind} {list(first.shape)}",
+                                           hint="combine adapters of one base model"))
+                continue
+            grouped.setdefault(name, []).append((t, weight))
+        for name, terms in aset.biases.items():
+            biases[name] = biases.get(name, ()) + tuple((n, s * weight) for n, s in terms)
+        for name, rep in aset.replacements.items():
+            if weight != 1.0:
+                errors.append(recipe.error(path, f"adapter '{aset.name}' replaces "
+                                           f"{quote_name(name)} whole, which only combines at "
+                                           f"weight 1, not {weight}"))
+            elif name in replacements:
+                errors.append(recipe.error(path, f"adapters '{owner[name]}' and '{aset.name}' "
+                                           f"both replace {quote_name(name)}"))
+            else:
+                replacements[name], owner[name] = rep, aset.name
+    if errors:
+        raise RecipeErrors(errors)
+    seed = int(step.spec.get("seed", 0))
+    targets: dict[str, LoraTarget] = {}
+    for name, items in grouped.items():
+        first = items[0][0]
+        if combine == "sum":
+            if any(t.full is not None for t, _ in items):  # a pruned set: no longer low rank
+                full = intern(DeltaCombine("sum", tuple(t.delta(1.0) for t, _ in items),
+                                           tuple(w for _, w in items), 1.0, 0, "", 1.0))
+                targets[name] = LoraTarget(first.kind, first.shape, first.transposed, (), full)
+                continue
+            terms = tuple(LoraTerm(term.a, term.b, term.scale * w)
+                          for t, w in items for term in t.terms)
+            targets[name] = LoraTarget(first.kind, first.shape, first.transposed, terms)
+        else:
+            full = intern(DeltaCombine(combine, tuple(t.delta(1.0) for t, _ in items),
+                                       tuple(w for _, w in items), float(step.spec["density"]),
+                                       seed, name if combine in RANDOM else "", 1.0))
+            targets[name] = LoraTarget(first.kind, first.shape, first.transposed, (), full)
+    config = uses[0][0].config
+    return AdapterSet(step.name, targets, biases, replacements, config)
