@@ -147,7 +147,10 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
                                          "weight_map": weight_map}))
         out.write_file("config.json", dumps(plan.config))
         for rel in donor_files:
-            out.copy_file(plan.donor.path / rel, str(rel))
+            if rel.as_posix() in plan.files:  # a dimension field rewritten (e.g. 1_Pooling)
+                out.write_file(str(rel), plan.files[rel.as_posix()])
+            else:
+                out.copy_file(plan.donor.path / rel, str(rel))
         out.write_file("README.md", build_model_card(plan).encode())
         out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished)))
         out.complete()

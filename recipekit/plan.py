@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from recipekit import __version__
@@ -20,7 +20,7 @@ from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.io.header import build_header
 from recipekit.model import Load, Node, VirtualModel, cast, load, with_config
 from recipekit.recipe import Recipe, step_references
-from recipekit.sources import Checkpoint
+from recipekit.sources import Checkpoint, rewrite_dimension_files
 from recipekit.steps import BUILDERS
 
 #: Bytes the executor moves per read when a tensor is copied without compute, and how many such
@@ -61,6 +61,11 @@ class Plan:
     donor: Checkpoint
     config: dict[str, Any]
     shards: tuple[Shard, ...]
+    #: Step name -> operator metadata (coalescing schemes, compensation), for the manifest.
+    operators: Mapping[str, Any] = field(default_factory=dict)
+    #: Donor files written with rewritten contents (relative path -> bytes), e.g. the
+    #: sentence-transformers pooling dimension after a width change.
+    files: Mapping[str, bytes] = field(default_factory=dict)
 
     @property
     def bytes_written(self) -> int:
@@ -106,6 +111,8 @@ class Plan:
             "inputs": {n: c.identity() for n, c in sorted(self.sources.items())},
             "version": __version__,
         }
+        if self.operators:  # a scheme read from a file is part of what is written
+            doc["operators"] = self.operators
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -167,7 +174,9 @@ def compile_plan(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> Plan:
     config = output_config(donor.config, model, tensors, recipe.output.dtype)
     shards = schedule_shards(tensors, recipe.output.shard_size)
     final = VirtualModel(model.name, model.config, tensors, model.stack, donor_name, model.changed)
-    return Plan(recipe, dict(sources), final, donor, config, shards)
+    operators = {name: dict(models[name].meta) for name in recipe.steps if models[name].meta}
+    files = rewrite_dimension_files(donor, config)
+    return Plan(recipe, dict(sources), final, donor, config, shards, operators, files)
 
 
 def output_config(donor: Mapping[str, Any], model: VirtualModel, tensors: Mapping[str, Node],

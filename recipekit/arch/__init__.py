@@ -42,6 +42,7 @@ class Architecture:
     optional: frozenset[str]
     tied: Mapping[str, str]
     init: tuple[Mapping[str, str], ...]
+    coalesce: Mapping[str, Any] | None = None  # tensor roles for coalesce/decoalesce (schema)
 
     def expected_names(self, base: str, num_layers: int) -> tuple[set[str], set[str]]:
         """All (required, optional) tensor names for a checkpoint with this base prefix."""
@@ -88,6 +89,7 @@ def load_architectures() -> dict[str, Architecture]:
             optional=frozenset(data["optional"]),
             tied=data["tied"],
             init=tuple(data["init"]),
+            coalesce=data.get("coalesce"),
         )
     return out
 

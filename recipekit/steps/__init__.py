@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 
 from recipekit.model import VirtualModel
 from recipekit.recipe import Recipe, Step
+from recipekit.steps.coalesce import build_coalesce, build_decoalesce
 from recipekit.steps.interpolate import build_interpolate
 from recipekit.steps.layers import build_layers
 from recipekit.steps.merge import build_merge
@@ -20,4 +21,6 @@ BUILDERS: dict[str, Builder] = {
     "layers": build_layers,
     "interpolate": build_interpolate,
     "merge": build_merge,
+    "coalesce": build_coalesce,
+    "decoalesce": build_decoalesce,
 }
