@@ -271,3 +271,21 @@ def test_unsupported_family_is_a_located_error(cli, tmp_path):
                                                                  width=[[0, 1], [2, 3]])]))
     assert result.exit_code == 2
     assert "does not support model 'g' (family gemma)" in result.output
+
+
+def test_uneven_groups_are_accepted_with_a_warning(cli, tmp_path, caplog):
+    """Documented behaviour: uneven groups are accepted; the round trip is exact up to the
+    rounding of 1/3, and RMSNorm is no longer exact (not function-preserving)."""
+    uneven = [[0, 1, 2], [3], [4, 5], [6, 7]]
+    small = make_model("llama", tmp_path / "small", layers=2, seed=6)
+    with caplog.at_level("WARNING"):
+        big = run(cli, write(tmp_path, {"small": small},
+                             [step("decoalesce", "small", width=uneven)], "big", "d.yaml"))
+    assert "unequal sizes" in caplog.text
+    assert json.loads((big / "config.json").read_text())["num_attention_heads"] == 8
+    assert rel_error(logits("llama", big), logits("llama", small)) > 1e-4
+    back = run(cli, write(tmp_path, {"big": big}, [step("coalesce", "big", width=uneven)],
+                          "back", "c.yaml"))
+    tb, ts = read_tensors(back), read_tensors(small)
+    for k in ts:
+        torch.testing.assert_close(tb[k], ts[k], rtol=1e-6, atol=1e-7)
