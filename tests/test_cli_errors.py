@@ -62,7 +62,8 @@ class TestRecipeMistakes:
                                                                           "op: layres"))
         err = run_fails(cli, r, 2)
         assert first_line(err) == (f"{r}:6:9: steps[0].op: unknown op 'layres'; did you mean "
-                                   "'layers'? allowed: layers, interpolate, merge")
+                                   "'layers'? allowed: layers, interpolate, merge, coalesce, "
+                                   "decoalesce")
 
     def test_duplicate_key(self, cli, recipe_dir):
         r = write_recipe(recipe_dir, solar_recipe(layers="[0]") + "  path: ./elsewhere\n")

@@ -21,7 +21,8 @@ RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*")
 
 def test_recipe_count():
     assert [p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES] == [
-        "frankenmerge.yaml", "layer-removal.yaml", "quickstart.json", "quickstart.yaml"]
+        "frankenmerge.yaml", "layer-removal.yaml", "quickstart.json", "quickstart.yaml",
+        "vcycle-1-coalesce.yaml", "vcycle-2-decoalesce-interpolate.yaml"]
 
 
 @pytest.fixture(scope="module")
