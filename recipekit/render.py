@@ -34,8 +34,10 @@ def _params(node: Node) -> dict[str, Any]:
     out = {}
     for f in fields(node):  # type: ignore[arg-type]
         value = getattr(node, f.name)
-        if not isinstance(value, Node):
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+        if isinstance(value, Node) or (isinstance(value, tuple) and value
+                                       and all(isinstance(v, Node) for v in value)):
+            continue  # inputs (Merge operands, Coalesce members) are edges, not parameters
+        out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 
 

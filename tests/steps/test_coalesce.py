@@ -289,3 +289,23 @@ def test_uneven_groups_are_accepted_with_a_warning(cli, tmp_path, caplog):
     tb, ts = read_tensors(back), read_tensors(small)
     for k in ts:
         torch.testing.assert_close(tb[k], ts[k], rtol=1e-6, atol=1e-7)
+
+
+def test_plan_renders_coalescing_nodes(cli, tmp_path, tiny_llama, tiny_llama_b):
+    """`plan -f json|dot|-v` show Coalesce members as edges (a tuple of input nodes — also
+    Merge's operands, whose JSON rendering this fixes)."""
+    recipe = write(tmp_path, {"big": tiny_llama, "b": tiny_llama_b}, [
+        step("coalesce", "big", width=[[0, 2], [1, 3]], depth=[[0, 1], [2, 3], [4, 5], [6, 7]]),
+        {"name": "merged", "op": "merge", "method": "linear", "from": [
+            {"model": "big", "weight": 0.5}, {"model": "b", "weight": 0.5}]}])
+    for model in ("coalesce", "merged"):
+        doc = yaml.safe_load(recipe.read_text())
+        doc["output"]["model"] = model
+        recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
+        result = cli("plan", recipe, "-f", "json")
+        assert result.exit_code == 0, result.output
+        nodes = json.loads(result.stdout)["nodes"]
+        computed = [n for n in nodes if n["op"] in ("coalesce", "merge")]
+        assert any(len(n["inputs"]) == 2 for n in computed)
+        assert cli("plan", recipe, "-f", "dot").exit_code == 0
+        assert cli("plan", recipe, "-v").exit_code == 0
