@@ -158,7 +158,10 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
         out.write_file("adapter_config.json" if plan.adapter else "config.json",
                        dumps(plan.config))
         for rel in donor_files:
-            out.copy_file(plan.donor.path / rel, str(rel))  # type: ignore[union-attr]
+            if rel.as_posix() in plan.files:  # a dimension field rewritten (e.g. 1_Pooling)
+                out.write_file(str(rel), plan.files[rel.as_posix()])
+            else:
+                out.copy_file(plan.donor.path / rel, str(rel))  # type: ignore[union-attr]
         out.write_file("README.md", build_model_card(plan).encode())
         out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished)))
         out.complete()

@@ -1,7 +1,8 @@
 """What an output says about itself: the manifest (`recipekit.json`) and the model card.
 
 The manifest records the recipe, the resolved inputs (path, size and mtime of each file read),
-the donor, the tool version and each shard's sha256, so a reader can tell what produced a
+the donor, operator metadata (coalescing schemes and compensation, by step), the tool
+version and each shard's sha256, so a reader can tell what produced a
 checkpoint and check it. No token or credential is ever recorded.
 """
 
@@ -23,6 +24,7 @@ def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]]) -> dict[str, A
         "inputs": {name: ckpt.manifest_entry() for name, ckpt in sorted(plan.sources.items())},
         "donor": plan.donor.name if plan.donor is not None else None,
         "output_model": r.output.model,
+        **({"operators": dict(plan.operators)} if plan.operators else {}),
         "shards": {name: shards[name] for name in sorted(shards)},
     }
 

@@ -261,6 +261,8 @@ class Fill(Node):
         from recipekit.ops.init import fill
 
         return fill(self.shape, value=self.value, dtype=torch_dtype(self.dtype))
+
+
 F32 = "F32"
 
 
@@ -467,6 +469,64 @@ class SvdFactor(Node):
         return (a if self.which == "A" else b).to(torch_dtype(self.dtype))
 
 
+#: An axis map of a coalescing node: ``(mode, ((groups, block), ...))`` (see ops/coalesce.py).
+AxisMap = tuple[str, tuple[tuple[tuple[tuple[int, ...], ...], int], ...]]
+
+
+@dataclass(frozen=True, eq=False)
+class Coalesce(Node):
+    """One small-model tensor of the `coalesce` op, rounded once to ``dtype``.
+
+    Each of ``members`` (the same tensor of every large layer in a depth group; one outside the
+    layers or without ``depth``) is width-coalesced along ``axes`` (group means on output axes,
+    group sums on input axes), the members are averaged, and the result is scaled by ``scale``.
+    """
+
+    members: tuple[Node, ...]
+    axes: tuple[AxisMap | None, ...]
+    scale: float
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.members
+
+    @property
+    def workspace(self) -> int:
+        big = max(m.numel for m in self.members)
+        return (2 * len(self.members) + 2) * 4 * big  # fp32 copies, gathers, stacked members
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.dtypes import torch_dtype
+        from recipekit.ops.coalesce import coalesce
+
+        return coalesce(args, self.axes, scale=self.scale).to(torch_dtype(self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class Decoalesce(Node):
+    """One large-model tensor of the `decoalesce` op, rounded once to ``dtype``: ``input``
+    copied along output axes, copied and divided by the group size along input axes, then
+    scaled by ``scale``. A depth group's large layers share one node per tensor."""
+
+    input: Node
+    axes: tuple[AxisMap | None, ...]
+    scale: float
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def workspace(self) -> int:
+        return 4 * (self.input.numel + 2 * self.numel)
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.dtypes import torch_dtype
+        from recipekit.ops.coalesce import decoalesce
+
+        return decoalesce(args[0], self.axes, scale=self.scale).to(torch_dtype(self.dtype))
+
+
 def load(source: str, name: str, shape: tuple[int, ...], dtype: str) -> Load:
     return intern(Load(source, name, tuple(shape), dtype))
 
@@ -493,6 +553,9 @@ class VirtualModel:
     stack: LayerStack
     donor: str  # the model input whose config and non-weight files this model inherits
     changed: frozenset[ConfigKey] = field(default_factory=frozenset)
+    #: Operator metadata later steps and readers may need (coalescing schemes, compensation),
+    #: recorded in the manifest under the step's name.
+    meta: Mapping[str, Any] = field(default_factory=dict)
 
     def layer_tensors(self) -> dict[int, dict[str, Node]]:
         """``{layer index: {name within the layer: node}}``."""

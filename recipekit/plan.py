@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from recipekit import __version__
@@ -30,7 +30,7 @@ from recipekit.model import (
     without_config_keys,
 )
 from recipekit.recipe import Recipe, step_references
-from recipekit.sources import Checkpoint
+from recipekit.sources import Checkpoint, rewrite_dimension_files
 from recipekit.steps import BUILDERS
 
 #: Bytes the executor moves per read when a tensor is copied without compute, and how many such
@@ -76,6 +76,11 @@ class Plan:
     config: dict[str, Any]  # config.json, or adapter_config.json for an adapter output
     shards: tuple[Shard, ...]
     adapter: bool = False  # the output is a PEFT adapter directory
+    #: Step name -> operator metadata (coalescing schemes, compensation), for the manifest.
+    operators: Mapping[str, Any] = field(default_factory=dict)
+    #: Donor files written with rewritten contents (relative path -> bytes), e.g. the
+    #: sentence-transformers pooling dimension after a width change.
+    files: Mapping[str, bytes] = field(default_factory=dict)
 
     @property
     def bytes_written(self) -> int:
@@ -133,6 +138,8 @@ class Plan:
             "inputs": {n: c.identity() for n, c in sorted(self.sources.items())},
             "version": __version__,
         }
+        if self.operators:  # a scheme read from a file is part of what is written
+            doc["operators"] = self.operators
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -239,7 +246,10 @@ def compile_plan(recipe: Recipe, sources: Mapping[str, Any]) -> Plan:
     config = output_config(donor.config, model, tensors, recipe.output.dtype)
     shards = schedule_shards(tensors, recipe.output.shard_size)
     final = VirtualModel(model.name, model.config, tensors, model.stack, donor_name, model.changed)
-    return Plan(recipe, dict(sources), final, donor, config, shards)
+    operators = {name: dict(models[name].meta) for name in recipe.steps if models[name].meta}
+    files = rewrite_dimension_files(donor, config)
+    return Plan(recipe, dict(sources), final, donor, config, shards, operators=operators,
+                files=files)
 
 
 #: The layer stack of an adapter output (it has no layers of its own).

@@ -433,6 +433,11 @@ def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list
             errs.append(doc.error(path + (k,), f"unknown key {_describe_at(doc, path)}",
                                   hint=hint, key=True))
         return errs
+    if v == "anyOf" and all(isinstance(b, dict) and set(b) == {"required"}
+                            for b in err.validator_value):
+        keys = " or ".join(f"`{b['required'][0]}:`" for b in err.validator_value)
+        return [doc.error(path, f"{_describe_at(doc, path)[3:]} needs {keys} (or both)",
+                          key=True)]
     if v in ("oneOf", "anyOf"):
         best = jsonschema.exceptions.best_match(err.context or [])
         if best is not None and best is not err:

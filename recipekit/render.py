@@ -42,7 +42,7 @@ def _params(node: Node) -> dict[str, Any]:
         value = getattr(node, f.name)
         if isinstance(value, Node) or (isinstance(value, tuple) and value
                                        and all(isinstance(v, Node) for v in value)):
-            continue  # inputs are shown as inputs
+            continue  # inputs (Merge operands, Coalesce members) are edges, not parameters
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 

@@ -469,3 +469,41 @@ def iter_donor_files(path: Path) -> list[Path]:
 
 def _skip_warning(p: Path, why: str) -> None:
     log.warning("%s: not copied to the output: it %s", display_path(p), why)
+
+
+#: config.json keys that hold the hidden size, tried in order (families spell it differently).
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
+
+
+def rewrite_dimension_files(donor: Checkpoint, config: dict[str, Any]) -> dict[str, bytes]:
+    """Donor files whose known dimension fields must follow a new hidden size, rewritten.
+
+    sentence-transformers keeps the embedding width in ``1_Pooling/config.json``
+    (``word_embedding_dimension``); a checkpoint whose ``config.json`` changed its hidden size
+    (coalesce/decoalesce) gets it rewritten. A ``Dense`` module (``in_features``) has weights of
+    its own that no op maps: it is copied unchanged with a warning naming it.
+    """
+    import json
+
+    old = next((donor.config[k] for k in HIDDEN_KEYS if isinstance(donor.config.get(k), int)),
+               None)
+    new = next((config[k] for k in HIDDEN_KEYS if isinstance(config.get(k), int)), None)
+    if old is None or new is None or old == new:
+        return {}
+    out: dict[str, bytes] = {}
+    for rel in iter_donor_files(donor.path):
+        if rel.name != "config.json" or rel.parent == Path("."):
+            continue
+        try:
+            data = json.loads((donor.path / rel).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        if data.get("word_embedding_dimension") == old:
+            data["word_embedding_dimension"] = new
+            out[rel.as_posix()] = json.dumps(data, indent=2).encode()
+        elif data.get("in_features") == old:
+            log.warning("%s: `in_features` is %d but the output's hidden size is %d; this module's "
+                        "own weights are not mapped", rel.as_posix(), old, new)
+    return out

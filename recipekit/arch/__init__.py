@@ -44,6 +44,7 @@ class Architecture:
     tied: Mapping[str, str]
     init: tuple[Mapping[str, Any], ...]
     classifier: Mapping[str, str] | None = None
+    coalesce: Mapping[str, Any] | None = None  # tensor roles for coalesce/decoalesce (schema)
 
     def init_rule(self, name: str) -> Mapping[str, Any]:
         """The first ``init`` rule whose pattern matches the full tensor ``name``."""
@@ -98,6 +99,7 @@ def load_architectures() -> dict[str, Architecture]:
             tied=data["tied"],
             init=tuple(data["init"]),
             classifier=data.get("classifier"),
+            coalesce=data.get("coalesce"),
         )
     return out
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from recipekit.model import VirtualModel
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.adapters import build_adapters, build_combine_adapters
+from recipekit.steps.coalesce import build_coalesce, build_decoalesce
 from recipekit.steps.extract_lora import build_extract_lora
 from recipekit.steps.head import build_head
 from recipekit.steps.interpolate import build_interpolate
@@ -30,4 +31,6 @@ BUILDERS: dict[str, Builder] = {
     "adapters": build_adapters,
     "combine_adapters": build_combine_adapters,  # type: ignore[dict-item]  # an AdapterSet
     "extract_lora": build_extract_lora,  # type: ignore[dict-item]
+    "coalesce": build_coalesce,
+    "decoalesce": build_decoalesce,
 }

@@ -1,0 +1,153 @@
+"""Coalescing maps as gathers and group reductions: no dense map matrices.
+
+MLTF (Zou et al., ICLR 2024; reference/coalescing.md §1.3) writes one rule per tensor,
+``W' = M_a · W · rownorm(M_b^T)``, with 0/1 grouping matrices F (average) and T (copy). Along
+one axis that is, for a partition of units of ``block`` features:
+
+* coalescing an output axis (``"mean"``): small unit i = mean of its group's large units;
+* coalescing an input axis (``"sum"``): small unit i = sum of its group's large units;
+* de-coalescing an output axis (``"copy"``): large unit j = small unit g(j);
+* de-coalescing an input axis (``"split"``): large unit j = small unit g(j) / |g(j)|.
+
+Within a block the feature offset is kept. Sums run as a pairwise tree over the group's members,
+so that summing 2^m identical copies (a de-coalesced tensor) is exact: coalesce ∘ decoalesce is
+bit-exact for groups of 1, 2, 4, ... (reference §4.3). Division, not multiplication by a
+reciprocal, so 1/3-groups are correctly rounded once. Everything runs in fp32 (fp64 for fp64
+inputs); the caller rounds once. Oracle: tests/ops/test_coalesce.py compares with MLTF's dense
+F/T matrices built in the test.
+
+An axis map is ``(mode, segments)``; a segment ``(groups, block)`` covers ``len(units) · block``
+consecutive features of the axis (fused tensors such as GPT-2's ``c_attn`` have three).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Groups = tuple[tuple[int, ...], ...]
+Segment = tuple[Groups, int]
+AxisMap = tuple[str, tuple[Segment, ...]]
+
+COALESCE_MODES = ("mean", "sum")
+DECOALESCE_MODES = ("copy", "split")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def pairwise_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over ``dim`` as a balanced pairwise tree (exact for 2^m identical values)."""
+    while x.shape[dim] > 1:
+        n = x.shape[dim]
+        half = n // 2
+        s = x.narrow(dim, 0, half) + x.narrow(dim, half, half)
+        x = torch.cat([s, x.narrow(dim, 2 * half, 1)], dim) if n % 2 else s
+    return x.squeeze(dim)
+
+
+def axis_length(axis: AxisMap, *, large: bool) -> int:
+    """Length of an axis the map applies to (``large``) or produces."""
+    total = 0
+    for groups, block in axis[1]:
+        units = sum(len(g) for g in groups) if large else len(groups)
+        total += units * block
+    return total
+
+
+def coalesce_axis(x: torch.Tensor, dim: int, axis: AxisMap) -> torch.Tensor:
+    """Large -> small along ``dim``: group mean (``"mean"``) or sum (``"sum"``) per segment."""
+    mode, segments = axis
+    if mode not in COALESCE_MODES:
+        raise ValueError(f"unknown coalescing mode {mode!r}")
+    parts = []
+    offset = 0
+    for groups, block in segments:
+        n_large = sum(len(g) for g in groups)
+        seg = x.narrow(dim, offset, n_large * block)
+        offset += n_large * block
+        parts.append(_coalesce_segment(seg, dim, groups, block, mode))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _coalesce_segment(x: torch.Tensor, dim: int, groups: Groups, block: int,
+                      mode: str) -> torch.Tensor:
+    moved = x.movedim(dim, 0)
+    rest = moved.shape[1:]
+    units = moved.reshape(-1, block, *rest)
+    out = units.new_empty((len(groups), block, *rest))
+    by_size: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_size.setdefault(len(g), []).append(i)
+    for size, idx in by_size.items():
+        members = torch.tensor([j for i in idx for j in groups[i]], dtype=torch.long)
+        gathered = units.index_select(0, members).view(len(idx), size, block, *rest)
+        reduced = pairwise_sum(gathered, 1)
+        if mode == "mean" and size > 1:
+            reduced = reduced / size
+        out.index_copy_(0, torch.tensor(idx, dtype=torch.long), reduced)
+    return out.reshape(len(groups) * block, *rest).movedim(0, dim)
+
+
+def decoalesce_axis(x: torch.Tensor, dim: int, axis: AxisMap) -> torch.Tensor:
+    """Small -> large along ``dim``: copy (``"copy"``) or copy ÷ group size (``"split"``)."""
+    mode, segments = axis
+    if mode not in DECOALESCE_MODES:
+        raise ValueError(f"unknown de-coalescing mode {mode!r}")
+    parts = []
+    offset = 0
+    for groups, block in segments:
+        seg = x.narrow(dim, offset, len(groups) * block)
+        offset += len(groups) * block
+        parts.append(_decoalesce_segment(seg, dim, groups, block, mode))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _decoalesce_segment(x: torch.Tensor, dim: int, groups: Groups, block: int,
+                        mode: str) -> torch.Tensor:
+    moved = x.movedim(dim, 0)
+    rest = moved.shape[1:]
+    units = moved.reshape(len(groups), block, *rest)
+    n_large = sum(len(g) for g in groups)
+    owner = [0] * n_large
+    for i, g in enumerate(groups):
+        for j in g:
+            owner[j] = i
+    out = units.index_select(0, torch.tensor(owner, dtype=torch.long))
+    if mode == "split" and any(len(g) > 1 for g in groups):
+        sizes = torch.tensor([float(len(groups[i])) for i in owner], dtype=out.dtype)
+        out = out / sizes.view(-1, *([1] * (out.dim() - 1)))
+    return out.reshape(n_large * block, *rest).movedim(0, dim)
+
+
+def coalesce(members: Sequence[torch.Tensor], axes: Sequence[AxisMap | None], *,
+             scale: float = 1.0) -> torch.Tensor:
+    """One small tensor from the same tensor of each large layer in a depth group.
+
+    Each member is width-coalesced along its mapped axes, then the members are averaged (a
+    pairwise tree, exact for 2^m identical members) and the result is multiplied by ``scale``
+    (MLTF's ×2 embedding compensation). Returns fp32 (fp64 for fp64 inputs).
+    """
+    mapped = []
+    for m in members:
+        y = m.to(_compute_dtype(m))
+        for dim, axis in enumerate(axes):
+            if axis is not None:
+                y = coalesce_axis(y, dim, axis)
+        mapped.append(y)
+    out = mapped[0] if len(mapped) == 1 else pairwise_sum(torch.stack(mapped), 0) / len(mapped)
+    return out * scale if scale != 1.0 else out
+
+
+def decoalesce(x: torch.Tensor, axes: Sequence[AxisMap | None], *,
+               scale: float = 1.0) -> torch.Tensor:
+    """One large tensor from a small one: copies along output axes, split copies along input
+    axes, then ``scale`` (MLTF's ×0.5). Returns fp32 (fp64 for fp64 inputs)."""
+    y = x.to(_compute_dtype(x))
+    for dim, axis in enumerate(axes):
+        if axis is not None:
+            y = decoalesce_axis(y, dim, axis)
+    return y * scale if scale != 1.0 else y
+

@@ -1,0 +1,413 @@
+"""The `coalesce` and `decoalesce` ops: MLTF's width/depth maps, tensor by tensor.
+
+`coalesce` makes a small model from a large one (Zou et al., "A Multi-Level Framework for
+Accelerating Training Transformer Models", ICLR 2024): every weight's output axis is averaged
+over the width groups and its input axis summed; layers of a depth group are averaged.
+`decoalesce` is the reverse map: output axes copied, input axes copied and divided by the group
+size, layers copied into each position of their group; for width it preserves the function of
+BERT, GPT-2, ViT/DeiT and Llama/Mistral/Qwen2 (equal groups). coalesce ∘ decoalesce is the
+identity (bit-exact for groups of 1, 2, 4, ...). The schemes, the roles of each tensor's axes
+(arch/*.json ``coalesce``) and the tied-head compensation turn into one `Coalesce` /
+`Decoalesce` node per tensor: gathers and group reductions, never a dense map matrix, never more
+than a depth group's tensors at once.
+
+Compensation (reference §4.2; issue 5): with a tied LM head a de-coalesced hidden state ``T h``
+gives logits ``Σ_i |g_i| h_i e_i``. ``auto`` maps the norm feeding the head (final norm; BERT's
+MLM transform LayerNorm) on its input side (split copies), which is exact for every partition;
+``mltf`` scales the embedding tables by 0.5 (×2 when coalescing) as MLTF does (exact for BERT,
+not for pre-norm models); ``none`` does nothing. Oracles: tests/steps/test_coalesce*.py run
+transformers forward passes and compare round trips bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from recipekit.arch import Architecture, ConfigKey, LayerStack, config_get, load_architectures
+from recipekit.dtypes import is_floating
+from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
+from recipekit.model import AxisMap, Coalesce, Decoalesce, Node, VirtualModel, intern, with_config
+from recipekit.recipe import Recipe, Step
+from recipekit.schemes import (
+    Partition,
+    SchemeError,
+    WidthMap,
+    check_partition,
+    derive_width,
+    read_scheme_file,
+)
+
+log = logging.getLogger(__name__)
+
+FILE_KEYS = {"width": "width_scheme", "depth": "depth_scheme"}
+
+
+def build_coalesce(step: Step, models: Mapping[str, VirtualModel],
+                   recipe: Recipe) -> VirtualModel:
+    """Build the `coalesce` step's virtual model (large -> small; see the module docstring).
+
+    Raises:
+        RecipeErrors: bad schemes (naming the group), unsupported families, tensors with no rule.
+    """
+    return _build(step, models, recipe, coalescing=True)
+
+
+def build_decoalesce(step: Step, models: Mapping[str, VirtualModel],
+                     recipe: Recipe) -> VirtualModel:
+    """Build the `decoalesce` step's virtual model (small -> large; see the module docstring).
+
+    Raises:
+        RecipeErrors: bad schemes (naming the group), unsupported families, tensors with no rule.
+    """
+    return _build(step, models, recipe, coalescing=False)
+
+
+class _Located(Exception):
+    def __init__(self, error: RecipeError) -> None:
+        self.error = error
+
+
+def _read_scheme(step: Step, recipe: Recipe, key: str) -> tuple[Any, str | None]:
+    """The scheme under ``key`` (inline, or read from ``{file: ...}``) and its file, if any."""
+    value = step.spec.get(key)
+    if not isinstance(value, dict):
+        return value, None
+    written = value["file"]
+    path = scheme_path(recipe, written)
+    try:
+        return read_scheme_file(path, FILE_KEYS[key]), written
+    except SchemeError as e:
+        raise _Located(recipe.error(step.key_path + (key, "file"), f"{written}: {e.message}",
+                                    hint=e.hint)) from None
+
+
+def _locate(step: Step, recipe: Recipe, e: SchemeError, files: Mapping[str, str | None]
+            ) -> RecipeError:
+    key = e.where[0] if e.where else None
+    file = files.get(key) if isinstance(key, str) else None
+    if file is not None:  # the group is in the file: point at `file:` and name it
+        return recipe.error(step.key_path + (key, "file"), f"{file}: {e.message}", hint=e.hint)
+    return recipe.error(step.key_path + e.where, e.message, hint=e.hint)
+
+
+def _dims(model: VirtualModel, arch: Architecture) -> dict[str, int]:
+    cfg, keys = model.config, arch.config
+    heads = config_get(cfg, (keys["num_heads"],))
+    hidden = config_get(cfg, (keys["hidden_size"],))
+    kv = config_get(cfg, (keys["num_kv_heads"],)) if "num_kv_heads" in keys else None
+    head_dim = config_get(cfg, (keys["head_dim"],)) if "head_dim" in keys else None
+    inter = config_get(cfg, (keys["intermediate_size"],))
+    if inter is None and arch.family == "gpt2":
+        inter = 4 * hidden  # n_inner: null means 4 * n_embd
+    return {"heads": heads, "hidden": hidden, "kv": kv or heads,
+            "head_dim": head_dim or (hidden // heads if heads else 0), "inter": inter}
+
+
+def _build(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe, *,
+           coalescing: bool) -> VirtualModel:
+    src_name = step.spec["from"]
+    src = models[src_name]
+    op = step.op
+    arch = load_architectures().get(src.stack.family) if src.stack.family else None
+    if arch is None or arch.coalesce is None:
+        supported = sorted(a.family for a in load_architectures().values() if a.coalesce)
+        raise RecipeErrors([recipe.error(
+            step.key_path + ("from",), f"`{op}` does not support model '{src_name}' (family "
+            f"{src.stack.family or 'unknown'})", hint="supported families: "
+            + ", ".join(supported))])
+    errors: list[RecipeError] = []
+    files: dict[str, str | None] = {}
+    schemes: dict[str, Any] = {}
+    for key in ("width", "depth"):
+        try:
+            schemes[key], files[key] = _read_scheme(step, recipe, key)
+        except _Located as e:
+            errors.append(e.error)
+            schemes[key] = None
+    if errors:
+        raise RecipeErrors(errors)
+    ffn = step.spec.get("ffn")
+    if ffn is not None and schemes["width"] is None:
+        raise RecipeErrors([recipe.error(step.key_path + ("ffn",), "`ffn:` needs a `width:` "
+                                         "scheme", hint="add `width:` or remove `ffn:`")])
+    dims = _dims(src, arch)
+    width: WidthMap | None = None
+    depth: Partition | None = None
+    what = f"model '{src_name}'"
+    if schemes["width"] is not None:
+        try:
+            width = derive_width(schemes["width"], ffn, coalescing=coalescing,
+                                 num_heads=dims["heads"], num_kv_heads=dims["kv"],
+                                 hidden_size=dims["hidden"], head_dim=dims["head_dim"],
+                                 intermediate_size=dims["inter"], model=what)
+        except SchemeError as e:
+            errors.append(_locate(step, recipe, e, files))
+    if schemes["depth"] is not None:
+        n = src.stack.num_layers
+        try:
+            depth = (check_partition(schemes["depth"], key="depth", unit="layer", n_large=n,
+                                     model=what) if coalescing else
+                     check_partition(schemes["depth"], key="depth", unit="layer", n_small=n,
+                                     model=what))
+        except SchemeError as e:
+            errors.append(_locate(step, recipe, e, files))
+    if errors:
+        raise RecipeErrors(errors)
+    if width is not None and not width.h.partition.is_uniform:
+        log.warning("step '%s': width groups of unequal sizes; LayerNorm/RMSNorm are exact under "
+                    "de-coalescing only for equal group sizes", step.name)
+
+    compensation = step.spec.get("compensation", "auto") if width is not None else "none"
+    tied = _has_tied_head(src, arch)
+    mapper = _TensorMapper(arch, src.stack, width, coalescing=coalescing,
+                           compensation=compensation, tied=tied)
+    tensors, shape_errors = _map_tensors(step, recipe, src, mapper, depth, coalescing)
+    if shape_errors:
+        raise RecipeErrors(shape_errors)
+
+    updates = _config_updates(step, recipe, src, arch, width, depth, coalescing, dims)
+    config = with_config(src.config, updates)
+    n_layers = src.stack.num_layers if depth is None else (
+        depth.n_small if coalescing else depth.n_large)
+    stack = LayerStack(src.stack.prefix, n_layers, src.stack.count_key, src.stack.per_layer_keys,
+                       src.stack.family, src.stack.base)
+    meta = {
+        "op": op, "from": src_name,
+        "width": width.q.partition.as_lists() if width else None,
+        "kv": width.kv.partition.as_lists() if width else None,
+        "ffn": width.ffn.partition.as_lists() if width else None,
+        "depth": depth.as_lists() if depth else None,
+        "compensation": compensation, "tied_head": tied,
+    }
+    return VirtualModel(step.name, config, tensors, stack, src.donor,
+                        src.changed | frozenset(updates), meta)
+
+
+def _has_tied_head(model: VirtualModel, arch: Architecture) -> bool:
+    """An LM head class whose output weight is the embedding table (tie_word_embeddings)."""
+    assert arch.coalesce is not None
+    classes = set(model.config.get("architectures") or ())
+    if not classes & set(arch.coalesce["lm_head_architectures"]):
+        return False
+    tie_key = arch.config.get("tie_word_embeddings")
+    tie = model.config.get(tie_key) if tie_key else None
+    if tie is None:  # not written: tied exactly when the head weight is not stored
+        return not any(h in model.tensors for h in arch.tied)
+    return bool(tie)
+
+
+class _TensorMapper:
+    """Axis maps and scale of one tensor from its role (arch/*.json ``coalesce.roles``)."""
+
+    def __init__(self, arch: Architecture, stack: LayerStack, width: WidthMap | None, *,
+                 coalescing: bool, compensation: str, tied: bool) -> None:
+        assert arch.coalesce is not None
+        self.arch = arch
+        self.roles: Mapping[str, Any] = arch.coalesce["roles"]
+        self.stack = stack
+        self.width = width
+        self.coalescing = coalescing
+        self.compensation = compensation
+        self.tied = tied
+        self.head_names = set(arch.weights["head"])
+
+    def relative(self, name: str) -> str:
+        hit = self.stack.split(name)
+        if hit is not None:
+            return hit[1]
+        if name in self.head_names:
+            return name
+        base = self.stack.base
+        return name[len(base):] if base and name.startswith(base) else name
+
+    def role(self, rel: str) -> tuple[Any, bool]:
+        """(role, is an embedding table) for a relative name; KeyError when unknown."""
+        if self.tied and rel in self.arch.tied:  # a stored copy of the tied head
+            rel = self.arch.tied[rel]
+        return self.roles[rel], rel in self.arch.coalesce["embeddings"]  # type: ignore[index]
+
+    def axes(self, rel: str, ndim: int) -> tuple[tuple[AxisMap | None, ...], float] | None:
+        """Axis maps and scale, or None when the tensor passes through unchanged."""
+        role, embedding = self.role(rel)
+        if role == "keep" or self.width is None:
+            return None
+        if len(role) != ndim:
+            raise ValueError(f"has {ndim} axes, but its rule names {len(role)}")
+        final_norm = self.tied and self.compensation == "auto" and (
+            rel in self.arch.coalesce["final_norm"])  # type: ignore[index]
+        axes: list[AxisMap | None] = []
+        for spec in role:
+            if spec == "-":
+                axes.append(None)
+                continue
+            side, spaces = spec.split(":")
+            if final_norm:
+                side = "in"
+            if self.coalescing:
+                mode = "mean" if side == "out" else "sum"
+            else:
+                mode = "copy" if side == "out" else "split"
+            segments = tuple((self.width.space(s).partition.groups, self.width.space(s).block)
+                             for s in spaces.split(","))
+            axes.append((mode, segments))
+        scale = 1.0
+        if embedding and self.compensation == "mltf":
+            scale = 2.0 if self.coalescing else 0.5
+        return tuple(axes), scale
+
+
+def _out_shape(shape: tuple[int, ...], axes: tuple[AxisMap | None, ...],
+               coalescing: bool) -> tuple[int, ...]:
+    from_large = coalescing
+    out = []
+    for n, axis in zip(shape, axes, strict=True):
+        if axis is None:
+            out.append(n)
+            continue
+        expected = _axis_length(axis, large=from_large)
+        if n != expected:
+            raise ValueError(f"axis of length {n} where the scheme expects {expected}")
+        out.append(_axis_length(axis, large=not from_large))
+    return tuple(out)
+
+
+def _axis_length(axis: AxisMap, *, large: bool) -> int:
+    return sum((sum(len(g) for g in groups) if large else len(groups)) * block
+               for groups, block in axis[1])
+
+
+def _map_tensors(step: Step, recipe: Recipe, src: VirtualModel, mapper: _TensorMapper,
+                 depth: Partition | None, coalescing: bool
+                 ) -> tuple[dict[str, Node], list[RecipeError]]:
+    errors: list[RecipeError] = []
+    where = step.key_path + ("from",)
+
+    def fail(name: str, message: str, hint: str | None = None,
+             cls: type[RecipeError] = RecipeError) -> None:
+        errors.append(cls(f"`{name}` of '{src.name}': {message}", key_path=where,
+                          location=recipe.document.locate(where), hint=hint))
+
+    def mapped(name: str, members: tuple[Node, ...]) -> Node | None:
+        node = members[0]
+        if not is_floating(node.dtype):
+            return node  # integer buffers (position_ids) pass through
+        rel = mapper.relative(name)
+        try:
+            got = mapper.axes(rel, len(node.shape))
+        except KeyError:
+            fail(name, f"`{step.op}` has no rule for this tensor",
+                 hint=f"it is not a known {mapper.arch.family} tensor; remove it or convert the "
+                 "checkpoint to the transformers layout")
+            return None
+        except ValueError as e:
+            fail(name, str(e), cls=ShapeMismatchError)
+            return None
+        if got is None:
+            return node  # a depth group's first layer stands for buffers kept as they are
+        axes, scale = got
+        try:
+            shape = _out_shape(node.shape, axes, coalescing)
+        except ValueError as e:
+            fail(name, f"{e} (config.json and the weights disagree?)", cls=ShapeMismatchError)
+            return None
+        if coalescing:
+            if all(a is None for a in axes) and scale == 1.0 and len(members) == 1:
+                return node
+            return intern(Coalesce(members, axes, scale, shape, node.dtype))
+        if all(a is None for a in axes) and scale == 1.0:
+            return node
+        return intern(Decoalesce(node, axes, scale, shape, node.dtype))
+
+    stack = src.stack
+    tensors: dict[str, Node] = {}
+    layers = src.layer_tensors()
+    for name, node in src.tensors.items():
+        if stack.split(name) is not None:
+            continue
+        out = mapped(name, (node,))
+        if out is not None:
+            tensors[name] = out
+    if depth is None:
+        for i, layer in layers.items():
+            for rel, node in layer.items():
+                out = mapped(stack.name(i, rel), (node,))
+                if out is not None:
+                    tensors[stack.name(i, rel)] = out
+    elif coalescing:
+        for i, group in enumerate(depth.groups):
+            for rel, node in layers[group[0]].items():
+                members = tuple(layers[j].get(rel) for j in group)
+                if any(m is None or m.shape != node.shape or m.dtype != node.dtype
+                       for m in members):
+                    errors.append(ShapeMismatchError(
+                        f"depth group {i} {list(group)} merges layers whose `{rel}` differ in "
+                        "presence, shape or dtype", key_path=step.key_path + ("depth", i),
+                        location=recipe.document.locate(step.key_path + ("depth", i))))
+                    continue
+                out = mapped(stack.name(group[0], rel), members)  # type: ignore[arg-type]
+                if out is not None:
+                    tensors[stack.name(i, rel)] = out
+    else:
+        owner = depth.group_of()
+        small: dict[tuple[int, str], Node | None] = {}
+        for j in range(depth.n_large):
+            for rel, node in layers[owner[j]].items():
+                key = (owner[j], rel)
+                if key not in small:
+                    small[key] = mapped(stack.name(owner[j], rel), (node,))
+                if small[key] is not None:
+                    tensors[stack.name(j, rel)] = small[key]  # type: ignore[assignment]
+    return tensors, errors
+
+
+def _config_updates(step: Step, recipe: Recipe, src: VirtualModel, arch: Architecture,
+                    width: WidthMap | None, depth: Partition | None, coalescing: bool,
+                    dims: Mapping[str, int]) -> dict[ConfigKey, Any]:
+    """hidden_size, heads, kv heads, intermediate_size, layer count and per-layer lists."""
+    updates: dict[ConfigKey, Any] = {}
+    keys = arch.config
+    cfg = src.config
+    if width is not None:
+        def size(space: Any) -> int:
+            return space.small if coalescing else space.large
+
+        heads = width.q.partition.n_small if coalescing else width.q.partition.n_large
+        kv = width.kv.partition.n_small if coalescing else width.kv.partition.n_large
+        hidden = size(width.h)
+        updates[(keys["hidden_size"],)] = hidden
+        updates[(keys["num_heads"],)] = heads
+        if "num_kv_heads" in keys and config_get(cfg, (keys["num_kv_heads"],)) is not None:
+            updates[(keys["num_kv_heads"],)] = kv
+        inter = size(width.ffn)
+        inter_key = (keys["intermediate_size"],)
+        if config_get(cfg, inter_key) is not None or inter != 4 * hidden:
+            updates[inter_key] = inter
+    if depth is not None:
+        n = depth.n_small if coalescing else depth.n_large
+        updates[src.stack.count_key] = n
+        for key in src.stack.per_layer_keys:
+            values = config_get(cfg, key)
+            if coalescing:
+                new = []
+                for i, group in enumerate(depth.groups):
+                    picked = {repr(values[j]) for j in group}
+                    if len(picked) > 1:
+                        raise RecipeErrors([recipe.error(
+                            step.key_path + ("depth", i), f"depth group {i} {list(group)} merges "
+                            f"layers with different `{key[-1]}` values "
+                            f"({', '.join(sorted(picked))})",
+                            hint="group layers of the same kind")])
+                    new.append(values[group[0]])
+            else:
+                owner = depth.group_of()
+                new = [values[owner[j]] for j in range(depth.n_large)]
+            updates[key] = new
+    return updates
+
+
+def scheme_path(recipe: Recipe, written: str) -> Path:
+    """Where a `{file: ...}` scheme lives: relative to the recipe file."""
+    return recipe.file.resolve().parent / written

@@ -1,0 +1,108 @@
+"""recipekit/ops/coalesce.py: gathers and group reductions against MLTF's dense map matrices.
+
+Oracle: reference/coalescing.md §1.2-1.3. MLTF builds a row-stochastic F (small×large) and its
+normalised transpose T = rownorm(Fᵀ) (large×small, 0/1) per feature space and maps a weight with
+``W' = M_a · W · rownorm(M_bᵀ)``. The dense matrices are built here, in fp64, and compared with
+the streaming ops (fp64 inputs, so the comparison is tight); the round trip must be bit-exact in
+fp32 and bf16 for groups of 2 and 4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recipekit.ops.coalesce import (
+    coalesce,
+    coalesce_axis,
+    decoalesce,
+    decoalesce_axis,
+    pairwise_sum,
+)
+
+PAIRS = ((0, 2), (1, 3))
+FOURS = ((0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15))
+UNEVEN = ((0, 1, 2), (3,), (4, 5))
+
+
+def dense_maps(groups, block):
+    """MLTF's F and T = rownorm(Fᵀ) for a partition of units of ``block`` features."""
+    n_small, n_large = len(groups), sum(len(g) for g in groups)
+    f = torch.zeros(n_small * block, n_large * block, dtype=torch.float64)
+    for i, g in enumerate(groups):
+        for j in g:
+            for d in range(block):
+                f[i * block + d, j * block + d] = 1.0 / len(g)
+    t = f.t().clone()
+    return f, t / t.sum(1, keepdim=True)
+
+
+def rownorm(m):
+    return m / m.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("groups", [PAIRS, FOURS, UNEVEN], ids=["pairs", "fours", "uneven"])
+@pytest.mark.parametrize("block", [1, 3])
+def test_weight_maps_match_dense_rule(groups, block):
+    f, t = dense_maps(groups, block)
+    n_large = f.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n_large, n_large, generator=gen, dtype=torch.float64)
+    out_axis = ("mean", ((groups, block),))
+    in_axis = ("sum", ((groups, block),))
+    small = coalesce([w], [out_axis, in_axis])
+    torch.testing.assert_close(small, f @ w @ rownorm(f.t()), rtol=1e-12, atol=1e-12)
+    s = torch.randn(f.shape[0], f.shape[0], generator=gen, dtype=torch.float64)
+    big = decoalesce(s, [("copy", ((groups, block),)), ("split", ((groups, block),))])
+    torch.testing.assert_close(big, t @ s @ rownorm(t.t()), rtol=1e-12, atol=1e-12)
+    # F T = I: the dense round trip, which the streaming one must reproduce
+    torch.testing.assert_close(coalesce([big], [out_axis, in_axis]), s, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_segments_map_each_part():
+    """GPT-2's c_attn output axis is [q | k | v], each with its own partition."""
+    q, kv = (PAIRS, 2), (((0, 1),), 2)
+    x = torch.randn(3, 8 + 4 + 4, dtype=torch.float64)
+    got = coalesce_axis(x, 1, ("mean", (q, kv, kv)))
+    fq, _ = dense_maps(*q)
+    fkv, _ = dense_maps(*kv)
+    want = torch.cat([x[:, :8] @ fq.t(), x[:, 8:12] @ fkv.t(), x[:, 12:] @ fkv.t()], 1)
+    torch.testing.assert_close(got, want)
+    back = decoalesce_axis(got, 1, ("copy", (q, kv, kv)))
+    assert back.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [PAIRS, FOURS], ids=["pairs", "fours"])
+def test_round_trip_is_bit_exact(groups, dtype):
+    """coalesce(decoalesce(W)) == W exactly: ×2^-m and pairwise sums of identical halves."""
+    n_small = len(groups)
+    s = torch.randn(5, n_small * 4, n_small * 4).to(dtype)
+    axes = [None, ("copy", ((groups, 4),)), ("split", ((groups, 4),))]
+    big = decoalesce(s, axes).to(dtype)
+    depth = [big] * len(groups[0])  # a depth group of identical copies
+    back = coalesce(depth, [None, ("mean", ((groups, 4),)), ("sum", ((groups, 4),))]).to(dtype)
+    assert torch.equal(back, s)
+
+
+def test_scale_is_exact_and_inverse():
+    s = torch.randn(7, 4)
+    axes = [None, ("copy", ((PAIRS, 2),))]
+    big = decoalesce(s, axes, scale=0.5)
+    assert torch.equal(big[:, :2], s[:, :2] * 0.5)
+    assert torch.equal(coalesce([big], [None, ("mean", ((PAIRS, 2),))], scale=2.0), s)
+
+
+def test_uneven_groups_round_trip_closely():
+    s = torch.randn(6, 3, dtype=torch.float32)
+    axes = [("split", ((UNEVEN, 2),)), None]
+    back = coalesce([decoalesce(s, axes)], [("sum", ((UNEVEN, 2),)), None])
+    torch.testing.assert_close(back, s, rtol=1e-6, atol=1e-7)
+
+
+def test_pairwise_sum_of_identical_powers_of_two_is_exact():
+    x = torch.randn(1000) * 1e3
+    for k in (2, 4, 8):
+        stacked = torch.stack([x / k] * k)
+        assert torch.equal(pairwise_sum(stacked, 0), x)
+    torch.testing.assert_close(pairwise_sum(torch.stack([x, 2 * x, 3 * x]), 0), 6 * x)
