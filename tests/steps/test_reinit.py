@@ -153,10 +153,8 @@ class TestReinit:
 
 
 class TestClassifierRecipe:
-    """`layers` (drop layers) + `reinit` + `head` in one recipe: loads, runs, reproduces.
-
-    (The issue's composition also folds LoRA `adapters`; that op is built on another branch.)
-    """
+    """`layers` (drop layers) + `reinit` + `head` in one recipe: loads, runs, reproduces; and
+    with a LoRA folded in by `adapters` (the issue's whole composition)."""
 
     STEPS = [
         {"name": "trimmed", "op": "layers", "from": "src", "layers": ["range(0,3)",
@@ -203,3 +201,42 @@ class TestClassifierRecipe:
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=(ids != 2).long()).logits
         assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+    def test_composed_with_adapters(self, cli, tmp_path):
+        """layers + reinit + adapters + head. Oracle: PEFT's merge_and_unload of the same
+        adapter into the `layers` + `reinit` output, then the head; the result loads as a
+        sequence classifier and runs."""
+        from adapter_builders import make_adapter, peft_merged
+
+        src = make_model("llama", tmp_path / "src", layers=6, seed=7)
+        body = [dict(s) for s in self.STEPS[:2]]
+        body[1]["seed"] = 3
+        fresh = tmp_path / "fresh" / "out"
+        run_ok(cli, write(tmp_path / "fresh", {"src": src}, body))
+        lora = make_adapter("llama", fresh, tmp_path / "lora", seed=4, r=4, lora_alpha=8,
+                            target_modules=["q_proj", "v_proj", "down_proj"])
+        reference, _ = peft_merged("llama", fresh, [(lora, 1.0)])
+
+        steps = body + [{"name": "tuned", "op": "adapters", "from": "fresh",
+                         "adapters": ["lora"]},
+                        {"name": "clf", "op": "head", "from": "tuned", "labels": ["a", "b"],
+                         "seed": 3}]
+        recipe = write(tmp_path / "all", {"src": src}, steps)
+        text = yaml.safe_load(recipe.read_text())
+        text["adapters"] = {"lora": str(lora)}
+        recipe.write_text(yaml.safe_dump(text, sort_keys=False))
+        out = run_ok(cli, recipe)
+
+        assert set(out) == (set(reference) - {"lm_head.weight"}) | {"score.weight"}
+        changed = 0
+        for name, t in out.items():
+            if name == "score.weight":
+                assert torch.equal(t, normal_like(t, 0.02, 3, name))
+                continue
+            assert (t - reference[name]).abs().max().item() <= 1e-6, name
+            changed += not torch.equal(t, read_tensors(fresh)[name])
+        assert changed == 5 * 3  # q, v and down of every layer
+        model = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "all/out")
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+        assert logits.shape == (1, 2) and torch.isfinite(logits).all()
