@@ -321,6 +321,48 @@ def make_sparse_checkpoint(shape: LlamaShape, *, root: Path = FIXTURES_DIR,
     return out
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_lora(shape: LlamaShape, rank: int = 64, seed: int = 2, *,
+              root: Path = FIXTURES_DIR) -> Path:
+    """A PEFT LoRA adapter directory for ``shape``: rank ``rank`` on every linear module of
+    every layer, lora_alpha = 2·rank, bf16 factors drawn N(0, 0.02²) (B non-zero, so the fold
+    changes every targeted weight), written as PEFT saves it."""
+    out = root / f"{shape.name}-lora-r{rank}-seed{seed}"
+    spec = {"shape": asdict(shape), "rank": rank, "seed": seed, "format": 1}
+    stamp = out / STAMP
+    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    dims = {name.rsplit(".", 2)[-2]: d for name, d in iter_tensor_specs(shape)
+            if name.startswith("model.layers.0.") and name.endswith("proj.weight")}
+    tensors = []
+    for i in range(shape.num_layers):
+        for module in LORA_TARGETS:
+            kind = "self_attn" if module[0] in "qkvo" else "mlp"
+            n_out, n_in = dims[module]
+            p = f"base_model.model.model.layers.{i}.{kind}.{module}"
+            tensors += [(f"{p}.lora_A.weight", (rank, n_in)), (f"{p}.lora_B.weight", (n_out, rank))]
+    in_file = sorted(tensors)
+    with open(out / "adapter_model.safetensors", "wb") as f:
+        f.write(safetensors_header(in_file))
+        for name, d in in_file:
+            for chunk in iter_bf16_chunks(name, d, seed):  # N(0, 0.02)
+                f.write(chunk)
+    _dump(out / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+        "target_modules": list(LORA_TARGETS), "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+        "base_model_name_or_path": None, "revision": None})
+    _dump(stamp, spec)
+    return out
+
+
 def make_tinyllama(seed: int = 0) -> Path:
     """TinyLlama-1.1B shape (22 layers, 2048 wide, 32/4 heads), ~2 GiB bf16, 3 shards."""
     return make_llama_checkpoint(TINYLLAMA, seed)

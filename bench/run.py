@@ -328,6 +328,73 @@ def merge_case(method: str, shape: str = "tinyllama") -> Callable[[Path], Case]:
     return case
 
 
+def lora_case(work: Path) -> Case:
+    """Fold a rank-64 LoRA on all linear modules into the TinyLlama fixture (weight 1).
+
+    mergekit merges `model+lora` by loading the whole model through transformers and PEFT into a
+    full copy under `--lora-merge-cache` (required), then passes it through; the cache is made
+    fresh for every run so that no run reuses another's merged copy.
+    """
+    base = fixtures.make_tinyllama(0)
+    lora = fixtures.make_lora(fixtures.TINYLLAMA, rank=64)
+    recipe = work / "lora.yaml"
+    recipe.write_text(f"recipekit: 1\nmodels:\n  base: {base}\nadapters:\n  lora: {lora}\n"
+                      "steps:\n  - name: folded\n    op: adapters\n    from: base\n"
+                      "    adapters: [lora]\n")
+    mk_config = work / "lora-mergekit.yml"
+    mk_config.write_text(f"models:\n  - model: {base}+{lora}\nmerge_method: passthrough\n"
+                         "dtype: bfloat16\n")
+
+    def mergekit(out: Path) -> list[str]:
+        cache = out.with_name("lora-merge-cache")
+        shutil.rmtree(cache, ignore_errors=True)
+        return [*mergekit_argv(mk_config)(out), "--lora-merge-cache", str(cache)]
+
+    shards = sorted(base.glob("*.safetensors"))
+    out_bytes = sum(p.stat().st_size for p in shards)
+    variants = [
+        Variant("recipekit", "recipekit", recipekit_argv(recipe), verify=False),
+        Variant("recipekit", "recipekit --no-fsync", recipekit_argv(recipe, "--no-fsync"),
+                verify=False),
+        Variant(MERGEKIT, "mergekit 0.1.5", mergekit, env=mergekit_env(), verify=False),
+        Variant(FLOOR, FLOOR, floor_argv([*shards, lora / "adapter_model.safetensors"],
+                                         out_bytes), verify=False),
+    ]
+    return Case(name="lora", description=f"fold {lora.name} (all linear modules) into "
+                f"{base.name}", inputs=[*shards, lora / "adapter_model.safetensors"],
+                variants=variants, expected={}, expected_config={},
+                targets={"wall_vs_mk": 0.2, "rss_vs_mk": 0.25})
+
+
+def coalesce_case(work: Path) -> Case:
+    """Coalesce the TinyLlama fixture to half width and half depth (32/4 heads -> 16/2, 22
+    layers -> 11): no peer streams this, so the comparison is the copy floor."""
+    src = fixtures.make_tinyllama(0)
+    heads, layers = fixtures.TINYLLAMA.heads, fixtures.TINYLLAMA.num_layers
+    width = [[i, i + heads // 2] for i in range(heads // 2)]
+    depth = [[i, i + layers // 2] for i in range(layers // 2)]
+    recipe = work / "coalesce.yaml"
+    recipe.write_text(f"recipekit: 1\nmodels:\n  large: {src}\nsteps:\n  - name: small\n"
+                      f"    op: coalesce\n    from: large\n    width: {width}\n"
+                      f"    depth: {depth}\n")
+    shards = sorted(src.glob("*.safetensors"))
+    # output bytes: each width axis halves (not the vocabulary), layers halve in number
+    def kept(name: str, dims: tuple[int, ...]) -> int:
+        width_axes = 1 if "embed" in name or "lm_head" in name else len(dims)
+        depth = 2 if name.startswith("model.layers.") else 1
+        return fixtures.numel(dims) // 2 ** width_axes // depth
+    out_bytes = 2 * sum(kept(n, d) for n, d in fixtures.iter_tensor_specs(fixtures.TINYLLAMA))
+    variants = [
+        Variant("recipekit", "recipekit", recipekit_argv(recipe), verify=False),
+        Variant("recipekit", "recipekit --no-fsync", recipekit_argv(recipe, "--no-fsync"),
+                verify=False),
+        Variant(FLOOR, FLOOR, floor_argv(shards, out_bytes), verify=False),
+    ]
+    return Case(name="coalesce", description=f"coalesce {src.name} to half width and depth",
+                inputs=shards, variants=variants, expected={}, expected_config={},
+                targets={})
+
+
 def plan_case(work: Path) -> Case:
     """`recipekit plan` of a SOLAR upscale and a TIES merge of a 70B-shaped checkpoint made of
     sparse files (headers only): planning must stay under 2 s, start-up included."""
@@ -357,11 +424,13 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "solar-mistral-8l": solar_case("mistral-8l"),
     "linear-mistral-8l": merge_case("linear", "mistral-8l"),
     "solar-mistral-32l": solar_case("mistral-32l"),
+    "lora": lora_case,
+    "coalesce": coalesce_case,
     "plan-70b": plan_case,
 }
 #: What `python bench/run.py` runs with no --cases: everything but the 13.5 GiB 32-layer case.
-DEFAULT_CASES = ("solar", "linear", "slerp", "ties", "solar-mistral-8l", "linear-mistral-8l",
-                 "plan-70b")
+DEFAULT_CASES = ("solar", "linear", "slerp", "ties", "lora", "coalesce", "solar-mistral-8l",
+                 "linear-mistral-8l", "plan-70b")
 
 
 # ---------------------------------------------------------------------------------------------
