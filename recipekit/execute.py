@@ -29,8 +29,16 @@ from recipekit.io.output import INDEX, MANIFEST, OutputDir, dumps
 from recipekit.io.reader import FileReader
 from recipekit.io.writer import ShardWriter
 from recipekit.manifest import build_manifest, build_model_card
-from recipekit.model import Load, Node, expression_nodes
-from recipekit.plan import CHUNK_ELEMS, COPY_BUFFERS, COPY_CHUNK, Plan, Shard, chunkable
+from recipekit.model import Load, Node
+from recipekit.plan import (
+    COPY_BUFFERS,
+    COPY_CHUNK,
+    Plan,
+    Shard,
+    chunkable,
+    row_sliced,
+    rows_per_piece,
+)
 from recipekit.sources import iter_donor_files
 
 log = logging.getLogger(__name__)
@@ -223,13 +231,6 @@ class Runtime:
         """Read into page-locked memory, so host-to-GPU copies are asynchronous DMA."""
         return self.device is not None and self.device.type == "cuda"
 
-    @property
-    def chunk_elems(self) -> int:
-        """Elements per piece: cache-sized on the CPU; on an accelerator large enough that
-        kernel launches and transfers are amortized (64 pieces' worth)."""
-        return CHUNK_ELEMS if self.device is None or self.device.type == "cpu" else (
-            64 * CHUNK_ELEMS)
-
 
 class BufferPool:
     """Up to ``count`` reusable copy buffers, made on first use; a buffer goes back once the
@@ -317,29 +318,36 @@ def evaluate(node: Node, plan: Plan, reader: FileReader, device: Any,
 
 
 def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
-    """Yield ``node``'s values as contiguous flat CPU pieces of `CHUNK_ELEMS` elements, in order.
+    """Yield ``node``'s values as contiguous CPU pieces of whole rows, in order.
 
-    Each stored input is read piece by piece straight from its file; the next piece's reads
-    run on the read-ahead thread while this one is computed. Pieces are computed with one
-    torch thread: a piece is too small for a parallel region to pay for its start, and the
-    second core is busy reading ahead and hashing. Elementwise results do not depend on the
-    thread count, so the bytes are those of the whole-tensor evaluation.
+    Stored inputs on the sliced paths (`plan.row_sliced`) are read piece by piece straight from
+    their files, the next piece's reads running on the read-ahead thread while this one is
+    computed; inputs a piece needs whole (a LoRA's A factor) are computed once per tensor.
+    Pieces are computed with one torch thread: a piece is too small for a parallel region to
+    pay for its start, and the second core is busy reading ahead and hashing. Every node's
+    `compute_rows` equals the rows of its whole result, so the bytes are those of the
+    whole-tensor evaluation (tests/test_execute.py::TestChunkedEvaluation).
     """
     import torch
 
-    loads = sorted((n for n in expression_nodes(node) if isinstance(n, Load)),
-                   key=lambda n: (n.source, n.name))
-    step = rt.chunk_elems
-    bounds = [(lo, min(lo + step, node.numel)) for lo in range(0, node.numel, step)]
+    parts = row_sliced(node)
+    assert parts is not None
+    loads = sorted((n for n in parts[0] if isinstance(n, Load)), key=lambda n: (n.source, n.name))
+    rows = rows_per_piece(node)
+    if rt.device is not None and rt.device.type != "cpu":
+        rows *= 64  # amortize kernel launches and transfers
+    n_rows = node.shape[0]
+    bounds = [(lo, min(lo + rows, n_rows)) for lo in range(0, n_rows, rows)]
+    whole: dict[Node, Any] = {}
 
     def read(lo: int, hi: int) -> dict[Node, Any]:
-        return {n: read_piece(n, plan, rt.reader, lo, hi, pin=rt.pin) for n in loads}
+        return {n: read_rows(n, plan, rt.reader, lo, hi, pin=rt.pin) for n in loads}
 
     threads = torch.get_num_threads()
     one = 1 if rt.device is None or rt.device.type == "cpu" else threads
     ahead = rt.prefetch.submit(read, *bounds[0])
     try:
-        for k in range(len(bounds)):
+        for k, (lo, hi) in enumerate(bounds):
             memo = ahead.result()
             if k + 1 < len(bounds):
                 ahead = rt.prefetch.submit(read, *bounds[k + 1])
@@ -348,27 +356,47 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
                     rt.finite.check(f"input {n.source}:{n.name}", value)  # type: ignore[attr-defined]
             torch.set_num_threads(one)
             try:
-                piece = _value(node, memo, plan, rt.reader, rt.device, None).cpu().contiguous()
+                piece = _piece(node, lo, hi, memo, whole, plan, rt).cpu().contiguous()
             finally:
                 torch.set_num_threads(threads)
                 memo.clear()
             yield piece
     finally:
         ahead.cancel()
+        whole.clear()
 
 
-def read_piece(node: Load, plan: Plan, reader: FileReader, lo: int, hi: int, *,
-               pin: bool = False) -> Any:
-    """Flat elements ``lo:hi`` of a stored tensor, as a CPU tensor over a fresh buffer
-    (page-locked with ``pin``)."""
+def _piece(n: Node, lo: int, hi: int, memo: dict[Node, Any], whole: dict[Node, Any],
+           plan: Plan, rt: Runtime) -> Any:
+    """Rows ``lo:hi`` of ``n`` (its stored inputs' rows are in ``memo`` already)."""
+    if n in memo:
+        return memo[n]
+    args = []
+    for x, by_rows in zip(n.inputs, n.row_inputs() or (), strict=True):
+        if by_rows:
+            value = _piece(x, lo, hi, memo, whole, plan, rt)
+        else:
+            if x not in whole:
+                whole[x] = _value(x, {}, plan, rt.reader, rt.device, rt.finite)
+            value = whole[x]
+        args.append(value.to(rt.device, non_blocking=True))
+    result = n.compute_rows(tuple(args), lo, hi)
+    memo[n] = result
+    return result
+
+
+def read_rows(node: Load, plan: Plan, reader: FileReader, lo: int, hi: int, *,
+              pin: bool = False) -> Any:
+    """Rows ``lo:hi`` of a stored tensor, as a CPU tensor over a fresh buffer (page-locked
+    with ``pin``)."""
     import torch
 
     info = plan.sources[node.source].tensors[node.name]
-    size = itemsize(info.dtype)
+    row = itemsize(info.dtype) * (info.nbytes // itemsize(info.dtype) // info.shape[0])
     # torch.empty is not zero-filled, unlike bytearray; pinned blocks come from torch's cache
-    piece = torch.empty((hi - lo) * size, dtype=torch.uint8, pin_memory=pin)
-    reader.read_into(info.file, info.offset + lo * size, _tensor_bytes(piece))
-    return piece.view(torch_dtype(info.dtype))
+    piece = torch.empty((hi - lo) * row, dtype=torch.uint8, pin_memory=pin)
+    reader.read_into(info.file, info.offset + lo * row, _tensor_bytes(piece))
+    return piece.view(torch_dtype(info.dtype)).reshape((hi - lo, *info.shape[1:]))
 
 
 def _value(n: Node, memo: dict[Node, Any], plan: Plan, reader: FileReader, device: Any,

@@ -13,7 +13,7 @@ import copy
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from recipekit.arch import ConfigKey, LayerStack
 from recipekit.dtypes import itemsize
@@ -32,6 +32,8 @@ class Node:
 
     shape: tuple[int, ...]
     dtype: str
+    #: Row-piece boundaries fall on multiples of this many rows (see `compute_rows`).
+    row_block: ClassVar[int] = 1
 
     def _key(self) -> tuple[Any, ...]:
         return (type(self),) + tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
@@ -72,9 +74,20 @@ class Node:
 
     @property
     def elementwise(self) -> bool:
-        """Output element i depends only on element i of each input (same shapes), so the
-        executor may compute the node on matching flat chunks with a bit-identical result."""
+        """Output element i depends only on element i of each input (same shapes)."""
         return False
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        """How rows ``lo:hi`` of this node depend on its inputs, for row-piece evaluation: per
+        input, True when only its rows ``lo:hi`` are needed, False when all of it is; None when
+        a piece needs more (norms across rows, quantiles), so the node is computed whole.
+        Elementwise nodes need the same rows of every input."""
+        return (True,) * len(self.inputs) if self.elementwise else None
+
+    def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
+        """Rows ``lo:hi`` of this node from its inputs as `row_inputs` says (sliced or
+        whole). The result must equal those rows of `compute` bit for bit."""
+        return self.compute(args)
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         """This node's tensor from its inputs' tensors (``args`` aligned with `inputs`, already
@@ -276,6 +289,8 @@ class LoraDelta(Node):
     transposed: bool
     shape: tuple[int, ...]
     dtype: str = F32
+    #: ΔW is computed in blocks of rows (ops/lora.py), whole or in pieces alike
+    row_block: ClassVar[int] = 64
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -289,7 +304,17 @@ class LoraDelta(Node):
         from recipekit.ops.lora import lora_delta
 
         pairs = [(args[i], args[i + 1]) for i in range(0, len(args), 2)]
-        return lora_delta(pairs, self.scales, transposed=self.transposed)
+        return lora_delta(pairs, self.scales, transposed=self.transposed, block=self.row_block)
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        # rows of B@A are rows of B (A whole); rows of (B@A)ᵀ are columns of A (both whole,
+        # and small: rank × width)
+        return (False, not self.transposed) * (len(self.factors) // 2)
+
+    def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
+        if not self.transposed:
+            return self.compute(args)
+        return self.compute(tuple(x[:, lo:hi] if i % 2 == 0 else x for i, x in enumerate(args)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -405,6 +430,13 @@ class LoraFold(Node):
     @property
     def workspace(self) -> int:
         return 3 * 4 * self.numel  # W₀ and the running result in fp32, one norm operand
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        # DoRA norms along a row (dim 1) stay within a row piece; norms down columns do not
+        if any(m is not None and d != 1 for m, d in zip(self.magnitudes, self.norm_dims,
+                                                         strict=True)):
+            return None
+        return (True,) * len(self.inputs)
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         from recipekit.dtypes import torch_dtype

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 from recipekit import __version__
 from recipekit.arch import LayerStack
-from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating, itemsize
+from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.io.header import build_header
 from recipekit.model import (
@@ -149,15 +150,54 @@ def expression_bytes(node: Node) -> int:
 
 def reads_whole_tensor(node: Node) -> bool:
     """Some op of ``node``'s expression needs whole input tensors at once (norms, quantiles)."""
-    return not all(not n.inputs or n.elementwise for n in expression_nodes(node))
+    return not all(not n.inputs or n.row_inputs() is not None
+                   for n in expression_nodes(node))
+
+
+def row_sliced(node: Node) -> tuple[set[Node], set[Node]] | None:
+    """For row-piece evaluation of ``node``: (the nodes evaluated piece by piece, the nodes
+    they read whole), or None when some node on a sliced path needs its whole inputs (or a
+    sliced input's rows do not line up with the output's)."""
+    sliced: set[Node] = set()
+    whole: set[Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in sliced:
+            continue
+        sliced.add(n)
+        if isinstance(n, Load):
+            continue
+        rows = n.row_inputs()
+        if rows is None:
+            return None
+        for x, by_rows in zip(n.inputs, rows, strict=True):
+            if not by_rows:
+                whole.add(x)
+            elif not x.shape or x.shape[0] != node.shape[0]:
+                return None
+            else:
+                stack.append(x)
+    return sliced, whole
+
+
+def rows_per_piece(node: Node) -> int:
+    """Rows of ``node`` per piece: about `CHUNK_ELEMS` values, a multiple of 64 values so that
+    every piece starts where the whole tensor's vectorized loops would, and of every sliced
+    node's `row_block` (bit-identical results; see `Node.compute_rows`)."""
+    row = node.numel // node.shape[0]
+    rows = max(1, CHUNK_ELEMS // row)
+    align = 64 // math.gcd(row, 64)
+    parts = row_sliced(node)
+    for n in parts[0] if parts else ():
+        align = math.lcm(align, n.row_block)
+    return -(-rows // align) * align
 
 
 def chunkable(node: Node) -> bool:
-    """Whether the executor computes ``node`` in `CHUNK_ELEMS` pieces: it is large and every
-    node of its expression is elementwise over stored tensors, so the pieces are the whole
-    tensor's bytes. (Generated tensors make their own chunks: ops/init.py.)"""
-    return node.numel > CHUNK_ELEMS and all(
-        isinstance(n, Load) or n.elementwise for n in expression_nodes(node))
+    """Whether the executor computes ``node`` in row pieces: it is larger than `CHUNK_ELEMS`
+    and `row_sliced`. (Generated tensors make their own chunks: ops/init.py.)"""
+    return bool(node.shape) and node.numel > CHUNK_ELEMS and row_sliced(node) is not None
 
 
 #: What chunked evaluation holds besides its pieces, measured (tests/test_execute.py): the
@@ -167,13 +207,18 @@ CHUNKED_OVERHEAD = 16 * 1024 * 1024
 
 def working_set(node: Node) -> int:
     """Bytes computing one output tensor holds: its expression (inputs, intermediates, fp32
-    scratch) and its result waiting for the hashing worker; for a chunked tensor that of two
-    pieces (one computed, one read ahead), the writer's queue of pieces and `CHUNKED_OVERHEAD`."""
+    scratch) and its result waiting for the hashing worker. For a chunked tensor: the inputs
+    it reads whole, plus two pieces of the rest (one computed, one read ahead), the writer's
+    queue of pieces and `CHUNKED_OVERHEAD`."""
     whole = expression_bytes(node) + node.nbytes
-    if not chunkable(node):
+    parts = row_sliced(node) if chunkable(node) else None
+    if parts is None:
         return whole
-    piece = -(-whole * CHUNK_ELEMS // node.numel)
-    return 2 * piece + 4 * CHUNK_ELEMS * itemsize(node.dtype) + CHUNKED_OVERHEAD
+    sliced, whole_inputs = parts
+    kept = sum(expression_bytes(x) for x in whole_inputs)
+    rows = min(rows_per_piece(node), node.shape[0])
+    per_piece = -(-sum(n.nbytes + n.workspace for n in sliced) * rows // node.shape[0])
+    return kept + 2 * per_piece + 4 * rows * (node.nbytes // node.shape[0]) + CHUNKED_OVERHEAD
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> VirtualModel:

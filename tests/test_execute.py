@@ -410,7 +410,6 @@ class TestChunkedEvaluation:
                              "whole", dtype)
             assert not calls
             monkeypatch.setattr(pl, "CHUNK_ELEMS", 100)
-            monkeypatch.setattr(ex, "CHUNK_ELEMS", 100)
             pieces = self.run(cli, tmp_path, tiny_llama, tiny_llama_b, CHUNKED_STEPS[name],
                               "pieces", dtype)
         finally:

@@ -18,12 +18,17 @@ def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def lora_delta(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], scales: Sequence[float], *,
-               transposed: bool) -> torch.Tensor:
+               transposed: bool, block: int = 64) -> torch.Tensor:
     """ΔW = Σ_j s_j · B_j @ A_j, transposed when the base stores (in, out).
 
     Linear: A (r, in), B (out, r) → ΔW (out, in). ``transposed`` for GPT-2 `Conv1D`
     (fan_in_fan_out, base (in, out)) and embeddings (A (r, V), B (D, r), base (V, D)): ΔW =
     (Σ s_j B_j A_j)ᵀ. Each product is scaled after the matmul (PEFT's order, reference §2.1).
+
+    Computed in blocks of ``block`` rows of ΔW (rows of B; columns of A when transposed): a
+    BLAS kernel may sum in another order for another row count, so fixed blocks make rows
+    ``lo:hi`` computed alone (``lo`` a multiple of ``block``) equal those of the whole ΔW bit
+    for bit, which is what lets the executor fold a large tensor in row pieces.
 
     Example:
         >>> a, b = torch.ones(1, 2), torch.ones(3, 1)
@@ -31,13 +36,20 @@ def lora_delta(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], scales: Seq
         torch.Size([3, 2])
     """
     dtype = _work_dtype(*(t for pair in factors for t in pair))
-    out: torch.Tensor | None = None
-    for (a, b), s in zip(factors, scales, strict=True):
-        term = b.to(dtype) @ a.to(dtype)
-        term.mul_(s)
-        out = term if out is None else out.add_(term)
-    assert out is not None
-    return out.T.contiguous() if transposed else out
+    pairs = [(a.to(dtype), b.to(dtype)) for a, b in factors]
+    a0, b0 = pairs[0]
+    rows = a0.shape[1] if transposed else b0.shape[0]
+    cols = b0.shape[0] if transposed else a0.shape[1]
+    out = torch.empty((rows, cols), dtype=dtype, device=a0.device)
+    for lo in range(0, rows, block):
+        acc: torch.Tensor | None = None
+        for (a, b), s in zip(pairs, scales, strict=True):
+            term = b @ a[:, lo:lo + block] if transposed else b[lo:lo + block] @ a
+            term.mul_(s)
+            acc = term if acc is None else acc.add_(term)
+        assert acc is not None
+        out[lo:lo + block] = acc.T if transposed else acc
+    return out
 
 
 def scaled_sum(vectors: Sequence[torch.Tensor], scales: Sequence[float]) -> torch.Tensor:

@@ -319,3 +319,35 @@ def test_step_level_refusals(cli, tmp_path, bases, adapters):
     assert "'base' is a model, not an adapter set" in out
     out = _run_error(cli, tmp_path, head + "  - {name: f, op: layers, from: a, layers: [0]}\n")
     assert "'a' is an adapter set; op layers takes models here" in out
+
+
+@pytest.mark.parametrize("case", ["all_linear_float_alpha", "dora", "embedding_modules_to_save",
+                                  "gpt2_fan_in_fan_out_lora_only", "gpt2_dora"])
+def test_row_pieces_equal_the_whole_fold(cli, tmp_path, bases, adapters, case, monkeypatch):
+    """Large folds are computed in row pieces (W and B by rows, A whole; (B·A)ᵀ layouts by
+    columns of A; DoRA's row norms within a piece; column norms whole). Oracle: the same fold
+    computed whole, at one torch thread, byte for byte (ΔW is made in fixed row blocks either
+    way, ops/lora.py)."""
+    import recipekit.execute as ex
+    import recipekit.plan as pl
+    from recipekit.model import LoraDelta
+
+    family = CASES[case][0]
+    uses = [(adapters[case], 1.0)]
+    monkeypatch.setattr(LoraDelta, "row_block", 4)  # several blocks per tiny tensor
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (tmp_path / "whole").mkdir()
+        (tmp_path / "pieces").mkdir()
+        whole = (fold(cli, tmp_path / "whole", bases[family], uses) / "model.safetensors")
+        calls = []
+        real = ex.evaluate_chunks
+        monkeypatch.setattr(ex, "evaluate_chunks", lambda *a: calls.append(a[0]) or real(*a))
+        monkeypatch.setattr(pl, "CHUNK_ELEMS", 100)
+        pieces = (fold(cli, tmp_path / "pieces", bases[family], uses) / "model.safetensors")
+    finally:
+        torch.set_num_threads(threads)
+    # GPT-2 DoRA norms run down the (in, out) columns: those folds need the whole tensor
+    assert any(type(n).__name__ == "LoraFold" for n in calls) == (case != "gpt2_dora")
+    assert whole.read_bytes() == pieces.read_bytes()
