@@ -529,6 +529,10 @@ class Coalesce(Node):
         big = max(m.numel for m in self.members)
         return (2 * len(self.members) + 2) * 4 * big  # fp32 copies, gathers, stacked members
 
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        # rows that no group maps (an embedding's vocabulary) are independent of each other
+        return (True,) * len(self.members) if self.axes[0] is None else None
+
     def compute(self, args: tuple[Any, ...]) -> Any:
         from recipekit.dtypes import torch_dtype
         from recipekit.ops.coalesce import coalesce
@@ -551,6 +555,9 @@ class Decoalesce(Node):
     @property
     def workspace(self) -> int:
         return 4 * (self.input.numel + 2 * self.numel)
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        return (True,) if self.axes[0] is None else None
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         from recipekit.dtypes import torch_dtype
