@@ -334,4 +334,20 @@ def test_dora_and_pruning_are_refused(cli, tmp_path, base, experts, tmp_path_fac
     dora = make_adapter("llama", base, tmp_path_factory.mktemp("dora") / "d", seed=5, r=2,
                         lora_alpha=4, use_dora=True, target_modules=["q_proj"])
     out = fold(cli, tmp_path, base, [experts[0], dora], "layers: [[1, 0], [0, 1]]", expect=2)
-    assert "'e1' is a DoRA adapter, which X-LoRA gating cannot fold" in out, out
+    assert "recipe.yaml:8:" in out and "'e1' is a DoRA adapter, which X-LoRA gating cannot " \
+        "fold" in out, out
+    result = cli("run", write_recipe(tmp_path, f"""
+        recipekit: 1
+        models: {{base: {base}}}
+        adapters: {{e0: {experts[0]}, e1: {experts[1]}}}
+        steps:
+          - name: f
+            op: adapters
+            from: base
+            adapters: [e0, e1]
+            combine: ties
+            density: 0.5
+            gating: {{layers: [[1, 0], [0, 1]]}}
+        """), "-q")
+    assert result.exit_code == 2 and "recipe.yaml:9:" in result.output
+    assert "gating sums the gated deltas; combine: ties does not apply" in result.output
