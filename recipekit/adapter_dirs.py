@@ -133,8 +133,9 @@ def _check_config(config: dict[str, Any], ref: ModelRef, located) -> None:
     name = ref.written
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        hint = ("X-LoRA gating is not implemented; fold its experts (the LoRA adapters in its "
-                "sub-folders) with `weight:` instead" if peft_type == "XLORA" else
+        hint = ("an X-LoRA directory is not one adapter: list its experts (the LoRA adapters "
+                "it names) under `adapters:` and fold them with `gating:`" if peft_type == "XLORA"
+                else
                 "recipekit folds LoRA adapters (peft_type LORA, including DoRA)")
         raise located(UnsupportedCheckpointError, f"adapter {name!r} has peft_type "
                       f"{str(peft_type)[:40]!r}, not LORA", hint)

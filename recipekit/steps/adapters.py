@@ -13,8 +13,10 @@ deltas, then `lora_bias` terms.
 rescales the deltas before it. ``sum`` adds w_i·ΔW_i; ``ties``, ``dare_linear``, ``dare_ties``
 and ``magnitude_prune`` combine the full fp32 deltas with the merge kernels
 (`ops.lora.combine_deltas`: mergekit's sign/divisor convention) and refuse DoRA adapters.
-Oracles: tests/steps/test_adapters.py against PEFT's merge_and_unload, unmerged forward,
-set_scale and add_weighted_adapter.
+``gating:`` folds the adapters as X-LoRA experts with static per-module gates
+(`steps.gating`). Oracles: tests/steps/test_adapters.py against PEFT's merge_and_unload,
+unmerged forward, set_scale and add_weighted_adapter; tests/steps/test_xlora.py against PEFT's
+XLoraModel.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from recipekit.model import (
     intern,
 )
 from recipekit.recipe import Recipe, Step
+from recipekit.steps.gating import resolve_gating
 
 Value = VirtualModel | AdapterSet
 RANDOM = ("dare_linear", "dare_ties")
@@ -153,7 +156,8 @@ def build_adapters(step: Step, models: Mapping[str, Value], recipe: Recipe) -> V
 
     deltas: dict[str, list[tuple[Node, Node | None, int, float, Node]]] = {}
     replaced: dict[str, tuple[Node, str]] = {}
-    for aset, weight, path in uses:
+    expert_targets: dict[str, list[tuple[int, LoraTarget, float]]] = {}  # for gating
+    for index, (aset, weight, path) in enumerate(uses):
         for name, rep in aset.replacements.items():
             target = place(name, rep.node.shape, aset, path, "replaces")
             if target is None:
@@ -174,6 +178,7 @@ def build_adapters(step: Step, models: Mapping[str, Value], recipe: Recipe) -> V
             if target is not None:
                 deltas.setdefault(target, []).append(
                     (t.delta(weight), t.magnitude, t.norm_dim, weight, t.delta(1.0)))
+                expert_targets.setdefault(target, []).append((index, t, weight))
         for name, terms in aset.biases.items():
             target = place(name, terms[0][0].shape, aset, path, "adds lora_bias to")
             if target is not None:
@@ -183,6 +188,8 @@ def build_adapters(step: Step, models: Mapping[str, Value], recipe: Recipe) -> V
                 deltas.setdefault(target, []).append((delta, None, 0, weight, at_one))
     if errors:
         raise RecipeErrors(errors)
+    if "gating" in step.spec:
+        return _build_gated(step, base, uses, expert_targets, recipe)
 
     tensors: dict[str, Node] = dict(base.tensors)
     for target, (node, _) in replaced.items():
@@ -201,6 +208,48 @@ def build_adapters(step: Step, models: Mapping[str, Value], recipe: Recipe) -> V
             fold = LoraFold(w0, (combined,), (None,), (0,), dtype)
         tensors[target] = intern(fold)
     return VirtualModel(step.name, base.config, tensors, base.stack, base.donor, base.changed)
+
+
+def check_gating(step: Step, uses: list[tuple[AdapterSet, float, KeyPath]], recipe: Recipe
+                 ) -> None:
+    """What X-LoRA's forward cannot express, refused: DoRA experts (PEFT raises), whole-tensor
+    replacements and `lora_bias` (not gated per token), pruning combinations."""
+    errors = []
+    combine = step.spec.get("combine", "sequential")
+    if combine not in ("sequential", "sum"):
+        errors.append(recipe.error(step.key_path + ("combine",), f"gating sums the gated "
+                                   f"deltas; combine: {combine} does not apply",
+                                   hint="leave out `combine:` (or use sequential / sum)"))
+    for aset, _, path in uses:
+        what = ("is a DoRA adapter" if aset.has_dora else "replaces tensors whole "
+                "(modules_to_save, trained biases)" if aset.replacements else
+                "has lora_bias terms" if aset.biases else None)
+        if what:
+            errors.append(recipe.error(path, f"'{aset.name}' {what}, which X-LoRA gating "
+                                       "cannot fold", hint="X-LoRA gates plain LoRA experts "
+                                       "(PEFT's XLoraModel refuses DoRA)"))
+    if errors:
+        raise RecipeErrors(errors)
+
+
+def _build_gated(step: Step, base: VirtualModel, uses: list[tuple[AdapterSet, float, KeyPath]],
+                 expert_targets: Mapping[str, list[tuple[int, LoraTarget, float]]],
+                 recipe: Recipe) -> VirtualModel:
+    """W_l' = W_l + Σ_i g[l, i]·w_i·s_i B_i A_i, one fp32 `LoraFold` per wrapped module (the
+    gates include global_scaling_weight; zero gates add nothing; see `steps.gating`)."""
+    check_gating(step, uses, recipe)
+    gating = resolve_gating(step, recipe, base, list(expert_targets),
+                            [aset.name for aset, _, _ in uses])
+    table = dict(zip(gating.modules, gating.gates, strict=True))
+    tensors: dict[str, Node] = dict(base.tensors)
+    for target, experts in expert_targets.items():
+        parts = [t.delta(w * g) for i, t, w in experts if (g := table[target][i]) != 0]
+        if parts:
+            tensors[target] = intern(LoraFold(base.tensors[target], tuple(parts),
+                                              (None,) * len(parts), (0,) * len(parts),
+                                              base.tensors[target].dtype))
+    return VirtualModel(step.name, base.config, tensors, base.stack, base.donor, base.changed,
+                        gating.meta)
 
 
 def build_combine_adapters(step: Step, models: Mapping[str, Value], recipe: Recipe
