@@ -96,14 +96,40 @@ def _compile(recipe_path: Path, output: Path | None):
 
 
 @app.command()
-def validate(recipe: RecipeArg, debug: DebugOpt = False) -> None:
-    """Check a recipe and its inputs (headers only) without writing anything."""
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files (YAML or JSON).",
+                                                  show_default=False)],
+    no_inputs: Annotated[bool, typer.Option(
+        "--no-inputs", help="Check the recipe documents only (schema, names, layer-range "
+        "grammar), without opening the models they name: for pre-commit and CI.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Check recipes and their inputs (headers only) without writing anything."""
 
-    def body() -> None:
+    def check(recipe: Path) -> None:
+        if no_inputs:
+            from recipekit.recipe import load_recipe
+
+            r = load_recipe(recipe)
+            typer.echo(f"{recipe}: ok ({len(r.steps)} step(s); inputs not checked)")
+            return
         plan = _compile(recipe, None)
         what = "PEFT adapter" if plan.adapter else f"{plan.model.stack.num_layers} layers"
         typer.echo(f"{recipe}: ok ({len(plan.recipe.steps)} step(s); output "
                    f"'{plan.recipe.output.model}': {what}, {plan.num_tensors} tensors)")
+
+    def body() -> None:
+        if len(recipes) == 1:
+            check(recipes[0])
+            return
+        code = 0
+        for recipe in recipes:  # every file is checked; the worst exit code wins
+            try:
+                _guard(debug, lambda r=recipe: check(r))
+            except typer.Exit as e:
+                code = max(code, e.exit_code)
+        if code:
+            raise typer.Exit(code)
 
     _guard(debug, body)
 
