@@ -26,7 +26,7 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
     Raises:
         CorruptCheckpointError: a file is shorter than its header says.
     """
-    from recipekit.io.chunks import CHUNK_ELEMENTS, iter_chunks
+    from recipekit.io import chunks
     from recipekit.io.reader import FileReader
     from recipekit.ops.stats import DiffStats
 
@@ -37,7 +37,7 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
     layers: dict[str, DiffStats] = {}
     total = DiffStats()
     index = LayerIndex(a.tensors)
-    buf_a, buf_b = bytearray(CHUNK_ELEMENTS * 8), bytearray(CHUNK_ELEMENTS * 8)
+    buf_a, buf_b = (bytearray(chunks.CHUNK_ELEMENTS * 8) for _ in range(2))
     with FileReader() as reader:
         for name, ia in a.tensors.items():
             ib = b.tensors.get(name)
@@ -47,8 +47,9 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
                 shape_mismatch.append({"name": name, "a": list(ia.shape), "b": list(ib.shape)})
                 continue
             acc = DiffStats()
-            for ca, cb in zip(iter_chunks(reader, ia, buf_a), iter_chunks(reader, ib, buf_b),
-                              strict=True):
+            pairs = zip(chunks.iter_chunks(reader, ia, buf_a),
+                        chunks.iter_chunks(reader, ib, buf_b), strict=True)
+            for ca, cb in pairs:
                 acc.update(ca, cb)
             if progress is not None:
                 progress(ia.nbytes + ib.nbytes)

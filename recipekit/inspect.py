@@ -116,18 +116,18 @@ def inspect_checkpoint(ckpt: OpenCheckpoint, *, stats: bool = True,
 
 def _add_stats(ckpt: OpenCheckpoint, rows: list[dict[str, Any]], index: LayerIndex,
                report: dict[str, Any], progress: Callable[[int], None] | None) -> None:
-    from recipekit.io.chunks import CHUNK_ELEMENTS, iter_chunks
+    from recipekit.io import chunks
     from recipekit.io.reader import FileReader
     from recipekit.ops.stats import TensorStats
 
     layers: dict[str, TensorStats] = {}
     total = TensorStats()
-    buffer = bytearray(CHUNK_ELEMENTS * 8)
+    buffer = bytearray(chunks.CHUNK_ELEMENTS * 8)
     with FileReader() as reader:
         for row in rows:
             info = ckpt.tensors[row["name"]]
             acc = TensorStats()
-            for chunk in iter_chunks(reader, info, buffer):
+            for chunk in chunks.iter_chunks(reader, info, buffer):
                 acc.update(chunk)
             row.update(acc.summary())
             if progress is not None:

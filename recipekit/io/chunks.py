@@ -20,16 +20,18 @@ CHUNK_ELEMENTS = 1 << 17
 
 
 def iter_chunks(reader: FileReader, info: TensorInfo, buffer: bytearray, *,
-                elements: int = CHUNK_ELEMENTS) -> Iterator[Any]:
+                elements: int | None = None) -> Iterator[Any]:
     """Yield ``info``'s values as 1-D torch tensors of at most ``elements`` values each.
 
-    ``buffer`` must hold ``elements`` values of the widest dtype read (8 bytes each covers all).
+    ``elements`` defaults to `CHUNK_ELEMENTS` (read at call time); ``buffer`` must hold that
+    many values of the widest dtype read (8 bytes each covers all).
 
     Raises:
         CorruptCheckpointError: the file is shorter than its header says (from the reader).
     """
     import torch
 
+    elements = elements or CHUNK_ELEMENTS
     size = itemsize(info.dtype)
     dtype = torch_dtype(info.dtype)
     total = info.nbytes // size
