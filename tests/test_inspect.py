@@ -64,7 +64,8 @@ class TestRealMiniLM:
         assert report["architectures"] == ["BertModel"]
         for i in range(6):
             assert report["per_layer"][f"encoder.layer.{i}"] == sum(
-                p.numel() for n, p in model.named_parameters() if n.startswith(f"encoder.layer.{i}."))
+                p.numel() for n, p in model.named_parameters()
+                if n.startswith(f"encoder.layer.{i}."))
         assert sum(report["per_module"].values()) == report["parameters"]
         assert report["per_module"]["encoder.layer.*.attention.self.query"] == 6 * (384 * 384 + 384)
         assert report["nonfinite"] == {}
@@ -102,7 +103,8 @@ class TestRandomModels:
         w = torch.randn(300, 70, generator=g).to(torch.bfloat16)
         w[5, 5] = w[299, 69] = float("nan")
         w[7, 0] = float("-inf")
-        tensors = {"model.layers.0.mlp.w.weight": w, "model.layers.1.mlp.w.weight": torch.ones_like(w),
+        tensors = {"model.layers.0.mlp.w.weight": w,
+                   "model.layers.1.mlp.w.weight": torch.ones_like(w),
                    "norm.weight": torch.tensor([float("inf"), 1.0, 2.0])}
         path = tmp_path / "x.safetensors"
         save_file(tensors, path, metadata={"format": "pt"})

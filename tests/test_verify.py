@@ -62,7 +62,8 @@ class TestManifest:
         shutil.copy(shard, sharded_out / "extra.safetensors")
         result = cli("verify", sharded_out)
         assert result.exit_code == 1
-        assert f"{shard.name}: size is " in result.stderr and "the manifest records" in result.stderr
+        assert f"{shard.name}: size is " in result.stderr
+        assert "the manifest records" in result.stderr
         assert "extra.safetensors: extra.safetensors is not listed in recipekit.json" in \
             result.stderr
 
@@ -151,6 +152,7 @@ def test_adapter_output_loads_with_peft(cli, tmp_path, tiny_llama):
     result = cli("verify", out, "--load", "--base", tiny_llama)
     assert result.exit_code == 0, result.stderr
     assert "ok: loaded PEFT adapter on LlamaForCausalLM" in result.stdout
-    flip_byte(out / "adapter_model.safetensors", (out / "adapter_model.safetensors").stat().st_size - 1)
+    weights = out / "adapter_model.safetensors"
+    flip_byte(weights, weights.stat().st_size - 1)
     result = cli("verify", out)
     assert result.exit_code == 1 and "adapter_model.safetensors: sha256" in result.stderr
