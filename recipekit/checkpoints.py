@@ -86,8 +86,8 @@ def open_checkpoint(spec: str, *, data: bool = True) -> OpenCheckpoint:
         if not path.name.endswith(".safetensors"):
             raise SourceNotFoundError(f"{spec!r} is not a .safetensors file",
                                       hint="name a checkpoint directory or a .safetensors file")
-        check_confined(path, path.resolve().parent)
-        return OpenCheckpoint(spec, path, "file", {}, _header(path, path.parent, None), (path,))
+        tensors = _header(path, path.resolve().parent, None)  # refuses FIFOs, devices
+        return OpenCheckpoint(spec, path, "file", {}, tensors, (path,))
     elif not path.is_dir():
         raise SourceNotFoundError(f"{spec!r} is not a file or directory")
     root = model_root(path)

@@ -98,7 +98,7 @@ class TestRandomModels:
         plain = inspect_json(cli, tiny_llama)
         assert plain["stats"] == pytest.approx(report["stats"], rel=1e-9)
 
-    def test_planted_nan_inf_in_a_file(self, cli, tmp_path):
+    def test_planted_nan_inf_in_a_file(self, cli, tmp_path, monkeypatch):
         g = torch.Generator().manual_seed(0)
         w = torch.randn(300, 70, generator=g).to(torch.bfloat16)
         w[5, 5] = w[299, 69] = float("nan")
@@ -108,7 +108,8 @@ class TestRandomModels:
                    "norm.weight": torch.tensor([float("inf"), 1.0, 2.0])}
         path = tmp_path / "x.safetensors"
         save_file(tensors, path, metadata={"format": "pt"})
-        report = inspect_json(cli, path)
+        monkeypatch.chdir(tmp_path)
+        report = inspect_json(cli, "x.safetensors")  # a relative path
         assert report["kind"] == "file"
         assert report["nonfinite"] == {"model.layers.0.mlp.w.weight": {"nan": 2, "inf": 1},
                                        "norm.weight": {"nan": 0, "inf": 1}}

@@ -42,21 +42,21 @@ class TensorStats:
     def update(self, chunk: torch.Tensor) -> None:
         """Add a flat chunk (any real dtype; computed in fp64)."""
         x = chunk.reshape(-1).to(torch.float64)
-        if x.numel() == 0:
+        n = x.numel()
+        if n == 0:
             return
-        finite = torch.isfinite(x)
-        n_finite = int(finite.sum())
-        if n_finite != x.numel():
+        if not math.isfinite(float(x.sum())):  # a finite sum means every value is finite
+            finite = torch.isfinite(x)
             self.nan += int(torch.isnan(x).sum())
             self.inf += int(torch.isinf(x).sum())
             x = x[finite]
-        if n_finite == 0:
-            return
-        mean = float(x.mean())
-        dev = x - mean
-        other = TensorStats(n_finite, mean, float(torch.dot(dev, dev)), float(torch.dot(x, x)),
-                            float(x.min()), float(x.max()))
-        self.merge(other)
+            n = x.numel()
+            if n == 0:
+                return
+        var, mean = torch.var_mean(x, correction=0)
+        lo, hi = torch.aminmax(x)
+        self.merge(TensorStats(n, float(mean), float(var) * n, float(torch.dot(x, x)),
+                               float(lo), float(hi)))
 
     def merge(self, other: TensorStats) -> None:
         """Combine with another accumulator (Chan's parallel update)."""
