@@ -96,14 +96,40 @@ def _compile(recipe_path: Path, output: Path | None):
 
 
 @app.command()
-def validate(recipe: RecipeArg, debug: DebugOpt = False) -> None:
-    """Check a recipe and its inputs (headers only) without writing anything."""
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files (YAML or JSON).",
+                                                  show_default=False)],
+    no_inputs: Annotated[bool, typer.Option(
+        "--no-inputs", help="Check the recipe documents only (schema, names, layer-range "
+        "grammar), without opening the models they name: for pre-commit and CI.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Check recipes and their inputs (headers only) without writing anything."""
 
-    def body() -> None:
+    def check(recipe: Path) -> None:
+        if no_inputs:
+            from recipekit.recipe import load_recipe
+
+            r = load_recipe(recipe)
+            typer.echo(f"{recipe}: ok ({len(r.steps)} step(s); inputs not checked)")
+            return
         plan = _compile(recipe, None)
         what = "PEFT adapter" if plan.adapter else f"{plan.model.stack.num_layers} layers"
         typer.echo(f"{recipe}: ok ({len(plan.recipe.steps)} step(s); output "
                    f"'{plan.recipe.output.model}': {what}, {plan.num_tensors} tensors)")
+
+    def body() -> None:
+        if len(recipes) == 1:
+            check(recipes[0])
+            return
+        code = 0
+        for recipe in recipes:  # every file is checked; the worst exit code wins
+            try:
+                _guard(debug, lambda r=recipe: check(r))
+            except typer.Exit as e:
+                code = max(code, e.exit_code)
+        if code:
+            raise typer.Exit(code)
 
     _guard(debug, body)
 
@@ -227,6 +253,126 @@ def convert(
                    f"{format_size(result.bytes_written)}")
 
     _guard(debug, body)
+
+
+ModelArg = Annotated[str, typer.Argument(
+    help="A checkpoint directory, a PEFT adapter directory, a .safetensors file, or a hub repo "
+    "(org/name or org/name@revision).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+@app.command()
+def inspect(
+    model: ModelArg,
+    as_json: JsonOpt = False,
+    headers_only: Annotated[bool, typer.Option(
+        "--headers-only", help="Names, shapes, dtypes and parameter counts from the headers "
+        "alone: read (and download) no tensor data.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="List every tensor.")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Parameter counts and per-tensor statistics (mean, std, min, max, norm, NaN/Inf)."""
+
+    def body() -> None:
+        import json
+
+        from recipekit.checkpoints import open_checkpoint
+        from recipekit.inspect import inspect_checkpoint, render_inspect
+        from recipekit.progress import byte_progress
+
+        ckpt = open_checkpoint(model, data=not headers_only)
+        total = sum(t.nbytes for t in ckpt.tensors.values())
+        with byte_progress(total, disable=quiet or headers_only, desc="reading") as tick:
+            report = inspect_checkpoint(ckpt, stats=not headers_only, progress=tick)
+        typer.echo(json.dumps(report, indent=2, allow_nan=False) if as_json
+                   else render_inspect(report, verbose=verbose))
+
+    _guard(debug, body)
+
+
+@app.command()
+def diff(
+    a: ModelArg,
+    b: ModelArg,
+    as_json: JsonOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="List every compared tensor.")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Per-tensor and per-layer max/mean |a-b|, relative norm difference and cosine."""
+
+    def body() -> None:
+        import json
+
+        from recipekit.checkpoints import open_checkpoint
+        from recipekit.diff import diff_checkpoints, render_diff
+        from recipekit.progress import byte_progress
+
+        ca, cb = open_checkpoint(a), open_checkpoint(b)
+        total = sum(t.nbytes + cb.tensors[n].nbytes for n, t in ca.tensors.items()
+                    if n in cb.tensors and cb.tensors[n].shape == t.shape)
+        with byte_progress(total, disable=quiet, desc="reading") as tick:
+            report = diff_checkpoints(ca, cb, progress=tick)
+        typer.echo(json.dumps(report, indent=2, allow_nan=False) if as_json
+                   else render_diff(report, verbose=verbose))
+
+    _guard(debug, body)
+
+
+@app.command()
+def verify(
+    out: Annotated[Path, typer.Argument(help="An output directory written by `recipekit run`.",
+                                        show_default=False)],
+    load: Annotated[bool, typer.Option(
+        "--load", help="Also load it with transformers (PEFT for an adapter output) and run a "
+        "forward pass (imports torch).")] = False,
+    base: Annotated[str | None, typer.Option(
+        "--base", help="For an adapter output with --load: the model directory it adapts.",
+        show_default=False)] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Check an output against its manifest: shard hashes and sizes, headers, index, recipe."""
+
+    def body() -> None:
+        from recipekit.errors import UsageError
+        from recipekit.io.header import display_path
+        from recipekit.verify import load_and_run, verify_output
+
+        if base is not None and not load:
+            raise UsageError("--base is used by --load", hint="add --load")
+        report = verify_output(out)
+        for line in report.passed:
+            typer.echo(f"ok: {line}")
+        for line in report.notes:
+            typer.echo(f"note: {line}")
+        if not report.problems and load:
+            typer.echo(f"ok: {load_and_run(out, adapter=report.adapter, base=base)}")
+        elif not report.problems and report.adapter:
+            typer.echo("note: a PEFT adapter output: `--load --base MODEL_DIR` loads it with PEFT "
+                       "on its base and runs a forward pass")
+        where = display_path(out)
+        if report.problems:
+            for p in report.problems:
+                typer.echo(p.render(), err=True)
+            typer.echo(f"{where}: {len(report.problems)} problem(s) found", err=True)
+            raise typer.Exit(report.exit_code)
+        typer.echo(f"{where}: verified")
+
+    _guard(debug, body)
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe JSON Schema (for editors: yaml-language-server, VS Code, ...)."""
+    import json
+
+    from recipekit.recipe import load_schema
+
+    typer.echo(json.dumps(load_schema(), indent=2, ensure_ascii=False))
 
 
 @app.command()

@@ -155,3 +155,12 @@ class OutputPathError(UsageError):
 
 class DeviceError(UsageError):
     """The requested compute device does not exist on this machine."""
+
+
+class VerifyError(RecipekitError):
+    """An output that fails a check of `recipekit verify` (a changed byte, a stale index, a
+    model transformers cannot load): exit code 1.
+
+    Example: ``out/model.safetensors: sha256 3f2a... differs from the manifest's 9b1c...; the
+    file's bytes changed after it was written; rerun `recipekit run --force```
+    """

@@ -8,10 +8,14 @@ checkpoint and check it. No token or credential is ever recorded.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from recipekit import __version__
 from recipekit.plan import Plan
+
+#: A Hub repo id (``org/name``): what `base_model` may hold.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -30,23 +34,41 @@ def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]]) -> dict[str, A
 
 
 def build_model_card(plan: Plan) -> str:
+    """The output's README.md, following the Hub's model card conventions: YAML front matter
+    with ``library_name``, ``base_model`` (the Hub inputs, by repo id; local directories have
+    no id the Hub can link, so they are listed in the body only) and ``tags: [recipekit,
+    merge]``, then the inputs (Hub inputs pinned to their commit), the tool version and the
+    recipe verbatim."""
     r = plan.recipe
     title = r.name or r.file.stem
-    inputs = "\n".join(f"- `{name}`: {ref.written}"
-                       for name, ref in [*r.models.items(), *r.adapters.items()])
+    lines = []
+    for name, ref in [*r.models.items(), *r.adapters.items()]:
+        src = plan.sources.get(name)
+        hub = getattr(src, "hub", None)
+        pinned = f" (commit `{hub.commit}`)" if hub is not None else ""
+        lines.append(f"- `{name}`: {ref.written}{pinned}")
+    inputs = "\n".join(lines)
+    base = [ref.hub for ref in r.models.values() if ref.hub is not None]
     if plan.adapter:
         about = (f"A PEFT LoRA adapter ({len(plan.model.tensors)} tensors) built with recipekit "
                  f"{__version__} from the recipe below.")
         library = "peft"
+        parent = plan.config.get("base_model_name_or_path")
+        if not base and isinstance(parent, str) and _HUB_ID.match(parent):
+            base = [parent]
     else:
         about = (f"Built with recipekit {__version__} from the recipe below "
                  f"({plan.model.stack.num_layers} layers, config from "
                  f"`{plan.donor.name if plan.donor else '-'}`).")
         library = "transformers"
+    front = [f"library_name: {library}"]
+    if base:
+        front += ["base_model:", *(f"- {b}" for b in dict.fromkeys(base))]
+    front += ["tags:", "- recipekit", "- merge"]
     text = "\n".join(r.document.lines)
     lang = "json" if r.file.suffix.lower() == ".json" else "yaml"
     return (
-        f"---\nlibrary_name: {library}\ntags:\n- recipekit\n---\n\n# {title}\n\n"
+        "---\n" + "\n".join(front) + f"\n---\n\n# {title}\n\n"
         + (f"{r.description}\n\n" if r.description else "")
         + f"{about}\n\n"
         f"## Inputs\n\n{inputs}\n\n## Recipe\n\n```{lang}\n{text}\n```\n"

@@ -9,8 +9,10 @@ from tqdm.auto import tqdm
 
 
 @contextmanager
-def byte_progress(total: int, *, disable: bool = False) -> Iterator[Callable[[int], None]]:
-    """Yield a callback that advances a bytes bar; silent when ``disable`` or not a TTY."""
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
+def byte_progress(total: int, *, disable: bool = False, desc: str = "writing"
+                  ) -> Iterator[Callable[[int], None]]:
+    """Yield a callback that advances a bytes bar (on stderr); silent when ``disable`` or not
+    a TTY."""
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
               disable=disable or None, dynamic_ncols=True, leave=False) as bar:
         yield bar.update

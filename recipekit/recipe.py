@@ -323,6 +323,14 @@ def _validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(load_schema())
 
 
+def schema_problems(data: Any) -> list[str]:
+    """Schema violations of a recipe given as data (e.g. the one a manifest records), as
+    ``key.path: message`` lines; empty when valid."""
+    return [f"{format_key_path(tuple(e.absolute_path)) or '(top level)'}: {e.message}"
+            for e in sorted(_validator().iter_errors(data), key=lambda e: list(e.absolute_path)
+                            .__repr__())]
+
+
 def _iter_leaf_errors(err: jsonschema.ValidationError) -> Iterator[jsonschema.ValidationError]:
     yield err
     for sub in err.context or ():

@@ -1,0 +1,175 @@
+"""Open a checkpoint named on the command line (`inspect`, `diff`): headers and config only.
+
+A command-line argument is a local model directory, a PEFT adapter directory, a single
+``.safetensors`` file, or a Hugging Face Hub repo written ``org/name`` or ``org/name@revision``
+(as `transformers.from_pretrained` reads a string that is not a local path). Unlike a recipe's
+``models:``, no architecture or layer stack is required: `inspect` must work on any
+safetensors checkpoint. The same hostile-input rules apply as for recipe inputs (sources.py):
+files must resolve inside the directory, headers are checked in full, pickles are never loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from recipekit.errors import CorruptCheckpointError, SourceNotFoundError, UnsupportedCheckpointError
+from recipekit.hub import HubSnapshot, download, fetch_snapshot
+from recipekit.io.header import (
+    MAX_HEADER,
+    TensorInfo,
+    display_path,
+    kind_of,
+    parse_json,
+    quote_name,
+)
+from recipekit.sources import (
+    INDEX,
+    PICKLE_NAMES,
+    SINGLE,
+    _header,
+    _read_small,
+    check_confined,
+    model_root,
+    read_config,
+    read_index,
+)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_HUB = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+@dataclass(frozen=True)
+class OpenCheckpoint:
+    """A checkpoint's config (config.json or adapter_config.json; {} when absent) and every
+    tensor's location, in file order."""
+
+    written: str
+    path: Path
+    kind: Literal["model", "adapter", "file"]
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    files: tuple[Path, ...]
+    hub: HubSnapshot | None = None
+
+
+def open_checkpoint(spec: str, *, data: bool = True) -> OpenCheckpoint:
+    """Resolve ``spec`` and read its headers.
+
+    ``data`` (the default) makes every tensor readable: hub shards are downloaded into the cache.
+    Without it a hub repo's headers come from ranged reads of the headers alone.
+
+    Raises:
+        SourceNotFoundError: no such path, not a checkpoint, an unknown or unreachable hub repo.
+        UnsupportedCheckpointError: pickle-only weights, links out of the directory, fp8 tensors.
+        CorruptCheckpointError: damaged headers, index or config.
+    """
+    path = Path(os.path.expanduser(spec))
+    try:
+        exists = path.exists()
+    except OSError as e:
+        raise SourceNotFoundError(f"{spec[:80]!r} cannot be used: {e.strerror or e}") from None
+    snap = None
+    if not exists:
+        if not _HUB.match(spec) or spec.startswith((".", "/", "~")):
+            raise SourceNotFoundError(f"{spec!r} does not exist",
+                                      hint="name a checkpoint directory, a .safetensors file or "
+                                      "a hub repo (org/name or org/name@revision)")
+        repo, _, revision = spec.partition("@")
+        snap = fetch_snapshot(repo, revision or "main")
+        path = snap.path
+    elif path.is_file():
+        if not path.name.endswith(".safetensors"):
+            raise SourceNotFoundError(f"{spec!r} is not a .safetensors file",
+                                      hint="name a checkpoint directory or a .safetensors file")
+        tensors = _header(path, path.resolve().parent, None)  # refuses FIFOs, devices
+        return OpenCheckpoint(spec, path, "file", {}, tensors, (path,))
+    elif not path.is_dir():
+        raise SourceNotFoundError(f"{spec!r} is not a file or directory")
+    root = model_root(path)
+    if os.path.lexists(path / ADAPTER_CONFIG):
+        return _open_adapter(spec, path, root, snap, data)
+    config = read_config(path / "config.json", root) if os.path.lexists(
+        path / "config.json") else {}
+    tensors, files = _read_model_tensors(spec, path, root, snap, data)
+    return OpenCheckpoint(spec, path, "model", config, tensors, files, snap)
+
+
+def _local(path: Path, root: Path, snap: HubSnapshot | None, data: bool) -> dict[str, TensorInfo]:
+    if snap is not None and data and not os.path.lexists(path):
+        download(snap, path.name)
+    return _header(path, root, snap)
+
+
+def _read_model_tensors(spec: str, path: Path, root: Path, snap: HubSnapshot | None, data: bool
+                        ) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
+    single, index = path / SINGLE, path / INDEX
+    if os.path.lexists(single) or (snap is not None and not os.path.lexists(index)):
+        return _local(single, root, snap, data), (single,)
+    if os.path.lexists(index):
+        weight_map = read_index(index, root)
+        headers: dict[str, dict[str, TensorInfo]] = {}
+        tensors: dict[str, TensorInfo] = {}
+        for fname in dict.fromkeys(weight_map.values()):
+            shard = path / fname
+            if not os.path.lexists(shard) and snap is None:
+                raise SourceNotFoundError(f"shard {fname!r} listed in {INDEX} is missing",
+                                          file=display_path(shard),
+                                          hint="the checkpoint download is incomplete")
+            headers[fname] = _local(shard, root, snap, data)
+        for fname, header in headers.items():
+            for name, info in header.items():
+                if weight_map.get(name) != fname:
+                    listed = (f"maps to {weight_map[name]}" if name in weight_map
+                              else "does not list")
+                    raise CorruptCheckpointError(
+                        f"{fname} holds tensor {quote_name(name)}, which {INDEX} {listed}",
+                        file=display_path(index), hint="the index is stale or the shard is "
+                        "from another checkpoint")
+                tensors[name] = info
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CorruptCheckpointError(
+                f"tensor {quote_name(missing[0])} is listed in {INDEX} for "
+                f"{weight_map[missing[0]]} but that file does not contain it",
+                file=display_path(index),
+                hint="the index is stale or the shard is from another checkpoint")
+        return tensors, tuple(path / f for f in headers)
+    pickles = [n for n in PICKLE_NAMES if (path / n).is_file()]
+    if pickles:
+        raise UnsupportedCheckpointError(
+            f"{spec!r} holds only pickle weights ({pickles[0]}), which recipekit never loads",
+            hint=f"convert it once with `recipekit convert --allow-pickle {spec} <new dir>`")
+    others = sorted(p.name for p in path.glob("*.safetensors"))
+    raise SourceNotFoundError(f"no {SINGLE} or {INDEX} in {spec!r}" + (
+        f" (found {', '.join(others[:3])}; name the file itself)" if others else ""),
+        hint="name a checkpoint directory, a PEFT adapter directory or a .safetensors file")
+
+
+def _open_adapter(spec: str, path: Path, root: Path, snap: HubSnapshot | None,
+                  data: bool) -> OpenCheckpoint:
+    config_path = path / ADAPTER_CONFIG
+    check_confined(config_path, root)
+    shown = display_path(config_path)
+    config = parse_json(_read_small(config_path, MAX_HEADER, ADAPTER_CONFIG), shown,
+                        ADAPTER_CONFIG, strict=False,
+                        hint="the adapter is damaged; save or download it again")
+    if not isinstance(config, dict):
+        raise CorruptCheckpointError(f"{ADAPTER_CONFIG} is {kind_of(config)}, not a JSON object",
+                                     file=shown, hint="the adapter is damaged")
+    weights = path / ADAPTER_WEIGHTS
+    if not os.path.lexists(weights) and snap is None:
+        if (path / "adapter_model.bin").is_file():
+            raise UnsupportedCheckpointError(
+                f"{spec!r} holds only a pickle adapter (adapter_model.bin), which recipekit "
+                "never loads",
+                hint=f"convert it once with `recipekit convert --allow-pickle {spec} <new dir>`")
+        raise SourceNotFoundError(f"no {ADAPTER_WEIGHTS} in {spec!r}",
+                                  hint=f"a PEFT adapter directory holds {ADAPTER_CONFIG} and "
+                                  f"{ADAPTER_WEIGHTS}")
+    return OpenCheckpoint(spec, path, "adapter", config, _local(weights, root, snap, data),
+                          (weights,), snap)

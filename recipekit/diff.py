@@ -1,0 +1,112 @@
+"""`recipekit diff A B`: how far two checkpoints are apart, tensor by tensor and layer by layer.
+
+Tensors are aligned by name. For each pair of equal shape: max and mean |a − b|, the relative
+norm difference ‖a − b‖ / ‖a‖ and the cosine similarity (`ops.stats.DiffStats`, fp64, read in
+fixed-size chunks, so memory stays a few MiB). Layer and model summaries are the same statistics
+of the concatenated values. Tensors only in one side, or whose shapes differ, are listed.
+Dtypes may differ (a bf16 output against its fp32 input): values are compared in fp64.
+Oracle: tests/test_diff.py (a model against itself and against a known perturbation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from recipekit.checkpoints import OpenCheckpoint
+from recipekit.dtypes import is_floating
+from recipekit.inspect import OUTSIDE, LayerIndex, fmt_number, layer_sort_key, table
+from recipekit.io.header import display_path
+
+
+def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
+                     progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The report `recipekit diff --json` prints.
+
+    Raises:
+        CorruptCheckpointError: a file is shorter than its header says.
+    """
+    from recipekit.io import chunks
+    from recipekit.io.reader import FileReader
+    from recipekit.ops.stats import DiffStats
+
+    only_a = [n for n in a.tensors if n not in b.tensors]
+    only_b = [n for n in b.tensors if n not in a.tensors]
+    shape_mismatch = []
+    rows: list[dict[str, Any]] = []
+    layers: dict[str, DiffStats] = {}
+    total = DiffStats()
+    index = LayerIndex(a.tensors)
+    buf_a, buf_b = (bytearray(chunks.CHUNK_ELEMENTS * 8) for _ in range(2))
+    with FileReader() as reader:
+        for name, ia in a.tensors.items():
+            ib = b.tensors.get(name)
+            if ib is None:
+                continue
+            if ia.shape != ib.shape:
+                shape_mismatch.append({"name": name, "a": list(ia.shape), "b": list(ib.shape)})
+                continue
+            acc = DiffStats()
+            pairs = zip(chunks.iter_chunks(reader, ia, buf_a),
+                        chunks.iter_chunks(reader, ib, buf_b), strict=True)
+            for ca, cb in pairs:
+                acc.update(ca, cb)
+            if progress is not None:
+                progress(ia.nbytes + ib.nbytes)
+            rows.append({"name": name, "dtype_a": ia.dtype, "dtype_b": ib.dtype,
+                         "shape": list(ia.shape), **acc.summary()})
+            if is_floating(ia.dtype) or is_floating(ib.dtype):
+                layers.setdefault(index.layer(name) or OUTSIDE, DiffStats()).merge(acc)
+                total.merge(acc)
+    differing = sum(1 for r in rows if r["max_abs"] != 0.0 or r["nonfinite"])
+    return {
+        "a": display_path(a.path),
+        "b": display_path(b.path),
+        "compared": len(rows),
+        "identical": len(rows) - differing,
+        "differing": differing,
+        "only_in_a": only_a,
+        "only_in_b": only_b,
+        "shape_mismatch": shape_mismatch,
+        "summary": total.summary(),
+        "layers": {k: layers[k].summary() for k in sorted(layers, key=layer_sort_key)},
+        "tensor_list": rows,
+    }
+
+
+def is_same(report: dict[str, Any]) -> bool:
+    """Whether the two checkpoints hold the same tensor names, shapes and values."""
+    return (not report["only_in_a"] and not report["only_in_b"] and not report["shape_mismatch"]
+            and report["differing"] == 0)
+
+
+def render_diff(report: dict[str, Any], *, verbose: bool = False) -> str:
+    """A compact human summary: totals, one row per layer, and the tensors that differ most
+    (every compared tensor with ``verbose``)."""
+    s = report["summary"]
+    lines = [f"a: {report['a']}", f"b: {report['b']}",
+             f"{report['compared']} tensors compared: {report['identical']} identical, "
+             f"{report['differing']} differ"]
+    for key, what in (("only_in_a", "only in a"), ("only_in_b", "only in b")):
+        if report[key]:
+            names = ", ".join(report[key][:5]) + (", ..." if len(report[key]) > 5 else "")
+            lines.append(f"{len(report[key])} tensors {what}: {names}")
+    for m in report["shape_mismatch"][:5]:
+        lines.append(f"shape differs: {m['name']}: {m['a']} vs {m['b']}")
+    lines.append(f"overall: max |a-b| {fmt_number(s['max_abs'])}, mean |a-b| "
+                 f"{fmt_number(s['mean_abs'])}, rel norm {fmt_number(s['rel_norm'])}, cosine "
+                 f"{s['cosine']:.6f}" + (f", {s['nonfinite']} non-finite pairs skipped"
+                                          if s["nonfinite"] else ""))
+    head = ("", "max|a-b|", "mean|a-b|", "rel norm", "cosine")
+    body = [(k, fmt_number(v["max_abs"]), fmt_number(v["mean_abs"]), fmt_number(v["rel_norm"]),
+             f"{v['cosine']:.6f}") for k, v in report["layers"].items()]
+    lines += ["", *table(("layer", *head[1:]), body)]
+    rows = report["tensor_list"] if verbose else sorted(
+        (r for r in report["tensor_list"] if r["max_abs"] or r["nonfinite"]),
+        key=lambda r: -(r["rel_norm"] if r["rel_norm"] is not None else float("inf")))[:10]
+    if rows:
+        title = "tensors" if verbose else "largest relative differences"
+        lines += ["", f"{title}:", *table(("tensor", *head[1:]), [
+            (r["name"], fmt_number(r["max_abs"]), fmt_number(r["mean_abs"]),
+             fmt_number(r["rel_norm"]), f"{r['cosine']:.6f}") for r in rows])]
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""Streaming tensor statistics: one tensor's summary, and the difference of two, chunk by chunk.
+
+`inspect` and `diff` read a tensor of any size in fixed-size chunks, so these accumulators take
+one flat chunk at a time and merge exactly: every sum is kept in fp64, and mean/variance use
+Chan et al.'s pairwise update ("Updating formulae and a pairwise algorithm for computing sample
+variances", 1979), which stays accurate where the textbook sum-of-squares formula cancels.
+Accumulators also merge with each other, so a layer's (or the model's) summary is the exact
+statistics of its concatenated values, not an average of averages.
+
+Conventions (oracle: tests/ops/test_stats.py compares with torch in fp64 on whole tensors):
+
+* Floating statistics are over the finite values; NaN and Inf are counted apart (a tensor with
+  one NaN still gets a useful mean). ``std`` uses Bessel's correction, as ``torch.std``.
+* ``norm`` is the Frobenius (L2) norm of the finite values.
+* A difference compares element pairs where both are finite; ``nonfinite`` counts the others.
+  ``rel_norm = ‖a − b‖ / ‖a‖`` (relative to the first input); ``cosine = a·b / (‖a‖‖b‖)``, with
+  two all-zero tensors counted as identical (1.0) and one all-zero tensor as orthogonal (0.0),
+  where ``torch.cosine_similarity`` would give 0 for both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TensorStats:
+    """Running count / mean / M2 / min / max / sum of squares / NaN / Inf of a value stream."""
+
+    count: int = 0  # finite values
+    mean: float = 0.0
+    m2: float = 0.0  # sum of squared deviations from the mean
+    sumsq: float = 0.0
+    min: float = math.inf
+    max: float = -math.inf
+    nan: int = 0
+    inf: int = 0
+
+    def update(self, chunk: torch.Tensor) -> None:
+        """Add a flat chunk (any real dtype; computed in fp64)."""
+        x = chunk.reshape(-1).to(torch.float64)
+        n = x.numel()
+        if n == 0:
+            return
+        if not math.isfinite(float(x.sum())):  # a finite sum means every value is finite
+            finite = torch.isfinite(x)
+            self.nan += int(torch.isnan(x).sum())
+            self.inf += int(torch.isinf(x).sum())
+            x = x[finite]
+            n = x.numel()
+            if n == 0:
+                return
+        var, mean = torch.var_mean(x, correction=0)
+        lo, hi = torch.aminmax(x)
+        self.merge(TensorStats(n, float(mean), float(var) * n, float(torch.dot(x, x)),
+                               float(lo), float(hi)))
+
+    def merge(self, other: TensorStats) -> None:
+        """Combine with another accumulator (Chan's parallel update)."""
+        self.nan += other.nan
+        self.inf += other.inf
+        if other.count == 0:
+            return
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean += delta * other.count / n
+        self.m2 += other.m2 + delta * delta * self.count * other.count / n
+        self.count = n
+        self.sumsq += other.sumsq
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (``torch.std``'s default, correction 1); NaN below 2."""
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else math.nan
+
+    @property
+    def norm(self) -> float:
+        return math.sqrt(self.sumsq)
+
+    def summary(self) -> dict[str, float | int | None]:
+        """JSON-ready values (None where undefined: no finite values, or std of one value)."""
+        empty = self.count == 0
+        return {
+            "mean": None if empty else self.mean,
+            "std": None if self.count < 2 else self.std,
+            "min": None if empty else self.min,
+            "max": None if empty else self.max,
+            "norm": self.norm,
+            "nan": self.nan,
+            "inf": self.inf,
+        }
+
+
+@dataclass
+class DiffStats:
+    """Running max/mean |a − b|, ‖a − b‖², ‖a‖², ‖b‖² and a·b of two aligned value streams."""
+
+    count: int = 0  # pairs where both values are finite
+    nonfinite: int = 0
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    diff_sq: float = 0.0
+    a_sq: float = 0.0
+    b_sq: float = 0.0
+    dot: float = 0.0
+
+    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Add two flat chunks of equal length (computed in fp64)."""
+        x = a.reshape(-1).to(torch.float64)
+        y = b.reshape(-1).to(torch.float64)
+        if x.numel() == 0:
+            return
+        both = torch.isfinite(x) & torch.isfinite(y)
+        n = int(both.sum())
+        if n != x.numel():
+            self.nonfinite += x.numel() - n
+            x, y = x[both], y[both]
+        if n == 0:
+            return
+        d = x - y
+        ad = d.abs()
+        self.merge(DiffStats(n, 0, float(ad.max()), float(ad.sum()), float(torch.dot(d, d)),
+                             float(torch.dot(x, x)), float(torch.dot(y, y)),
+                             float(torch.dot(x, y))))
+
+    def merge(self, other: DiffStats) -> None:
+        self.count += other.count
+        self.nonfinite += other.nonfinite
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.sum_abs += other.sum_abs
+        self.diff_sq += other.diff_sq
+        self.a_sq += other.a_sq
+        self.b_sq += other.b_sq
+        self.dot += other.dot
+
+    @property
+    def mean_abs(self) -> float:
+        return self.sum_abs / self.count if self.count else 0.0
+
+    @property
+    def rel_norm(self) -> float:
+        """‖a − b‖ / ‖a‖: 0 when equal, ∞ when a is all zero and b is not."""
+        if self.a_sq == 0.0:
+            return 0.0 if self.diff_sq == 0.0 else math.inf
+        return math.sqrt(self.diff_sq) / math.sqrt(self.a_sq)
+
+    @property
+    def cosine(self) -> float:
+        """a·b / (‖a‖‖b‖), clamped to [-1, 1]; exactly 1 for identical values (two zero
+        tensors included), 0 when only one is zero."""
+        if self.diff_sq == 0.0:
+            return 1.0  # identical (also when both are zero)
+        if self.a_sq == 0.0 or self.b_sq == 0.0:
+            return 0.0
+        return max(-1.0, min(1.0, self.dot / (math.sqrt(self.a_sq) * math.sqrt(self.b_sq))))
+
+    def summary(self) -> dict[str, float | int | None]:
+        """JSON-ready values (``rel_norm`` None where a is zero and b is not: JSON has no ∞)."""
+        rel = self.rel_norm
+        return {"max_abs": self.max_abs, "mean_abs": self.mean_abs,
+                "rel_norm": None if math.isinf(rel) else rel, "cosine": self.cosine,
+                "nonfinite": self.nonfinite}

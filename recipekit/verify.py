@@ -1,0 +1,390 @@
+"""`recipekit verify OUT`: check that an output directory is what its manifest says it is.
+
+The manifest (`recipekit.json`, written last by `run`) records each shard's size and sha256
+(computed while streaming) and the recipe. Verification re-hashes every shard, checks its size
+and its header as strictly as the safetensors library does (io/header.py: tiling, bounds, dtypes)
+with metadata ``{"format": "pt"}``, that no unlisted safetensors file sits beside them, that the
+index maps every tensor to the shard that holds it with the right ``total_size``, that the config
+reads, and that the recorded recipe is valid against the schema. Every problem is collected and
+reported, each naming its file. ``load_and_run`` (``--load``) then loads the output with
+transformers (the class its ``architectures`` names, never remote code) or PEFT and runs a
+forward pass. Oracle: tests/test_verify.py (tampered bytes, truncations, stale indexes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recipekit.errors import (
+    CorruptCheckpointError,
+    RecipekitError,
+    SourceNotFoundError,
+    UsageError,
+    VerifyError,
+)
+from recipekit.io.header import display_path, kind_of, parse_json, quote_name, read_header
+from recipekit.io.output import INDEX, MANIFEST, STATE
+from recipekit.sources import _read_small, check_confined, read_config
+
+ADAPTER_CONFIG = "adapter_config.json"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HASH_CHUNK = 1 << 20
+#: How to repair a file of a finished output: a rerun of the same plan rewrites missing files.
+REPAIR = "delete it and rerun `recipekit run` with the same recipe, which rewrites missing files"
+
+
+@dataclass
+class VerifyReport:
+    """What was checked (``passed``, one line each), what failed (``problems``) and remarks
+    that are not failures (``notes``)."""
+
+    path: Path
+    adapter: bool = False
+    passed: list[str] = field(default_factory=list)
+    problems: list[RecipekitError] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return max((p.exit_code for p in self.problems), default=0)
+
+
+def verify_output(out: Path) -> VerifyReport:
+    """Check the files of a finished recipekit output against its manifest.
+
+    Raises:
+        SourceNotFoundError: ``out`` is not a directory.
+        UsageError: the directory is not a recipekit output (no manifest, no state file).
+        CorruptCheckpointError: the manifest itself is unreadable (nothing else can be checked).
+    """
+    if not out.is_dir():
+        raise SourceNotFoundError(f"{display_path(out)} is not a directory",
+                                  hint="name the output directory of `recipekit run`")
+    manifest_path = out / MANIFEST
+    if not manifest_path.is_file():
+        if (out / STATE).is_file():
+            raise CorruptCheckpointError(
+                f"no {MANIFEST}: the run that writes this output did not finish",
+                file=display_path(out), hint="rerun `recipekit run` with the same recipe; it "
+                "resumes from the finished shards")
+        raise UsageError(f"{display_path(out)} is not a recipekit output (no {MANIFEST})",
+                         hint="name a directory written by `recipekit run`")
+    root = out.resolve()
+    check_confined(manifest_path, root)
+    shown = display_path(manifest_path)
+    manifest = parse_json(_read_small(manifest_path, 1 << 28, MANIFEST), shown, MANIFEST,
+                          hint=f"the manifest is damaged; {REPAIR}")
+    shards = _manifest_shards(manifest, shown)
+    report = VerifyReport(out, adapter=(out / ADAPTER_CONFIG).is_file())
+    tensors: dict[str, dict[str, str]] = {}
+    for name, entry in shards.items():
+        header = _check_shard(out, root, name, entry, report)
+        if header is not None:
+            tensors[name] = header
+    listed = set(shards)
+    for p in sorted(out.glob("*.safetensors")):
+        if p.name not in listed:
+            report.problems.append(VerifyError(
+                f"{p.name} is not listed in {MANIFEST}", file=display_path(p),
+                hint="recipekit did not write it; move it out of the output directory"))
+    if len(tensors) == len(shards):
+        _check_layout(out, root, shards, tensors, report)
+    _check_config(out, root, report)
+    _check_recipe(manifest, shown, report)
+    return report
+
+
+def _manifest_shards(manifest: Any, shown: str) -> dict[str, dict[str, Any]]:
+    """The manifest's ``shards`` map, checked: plain names, 64-hex sha256, integer sizes."""
+    hint = f"the manifest is damaged or was edited; {REPAIR}"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict):
+        raise CorruptCheckpointError(f"{MANIFEST} has no `shards` object", file=shown, hint=hint)
+    shards = manifest["shards"]
+    if not shards:
+        raise CorruptCheckpointError(f"{MANIFEST} lists no shards", file=shown, hint=hint)
+    for name, entry in shards.items():
+        if "/" in name or "\0" in name or name in (".", "..") or not name.endswith(
+                ".safetensors"):
+            raise CorruptCheckpointError(f"{MANIFEST} lists the shard {quote_name(name)}, which "
+                                         "is not a .safetensors file name", file=shown, hint=hint)
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and _SHA256.match(entry["sha256"]) and isinstance(entry.get("size"), int)
+                and not isinstance(entry.get("size"), bool) and entry["size"] >= 0):
+            raise CorruptCheckpointError(f"{MANIFEST} entry of {quote_name(name)} is "
+                                         f"{kind_of(entry)}, not {{sha256: <64 hex>, size: <int>}}",
+                                         file=shown, hint=hint)
+    return shards
+
+
+def _check_shard(out: Path, root: Path, name: str, entry: dict[str, Any],
+                 report: VerifyReport) -> dict[str, str] | None:
+    """Size, sha256 and header of one shard; its tensors' names -> shard, or None if broken."""
+    path = out / name
+    shown = display_path(path)
+    if not os.path.lexists(path):
+        report.problems.append(VerifyError(f"{name} is listed in {MANIFEST} but missing",
+                                           file=shown, hint="rerun `recipekit run`"))
+        return None
+    try:
+        check_confined(path, root)
+    except RecipekitError as e:
+        report.problems.append(e)
+        return None
+    size = path.stat().st_size
+    if size != entry["size"]:
+        report.problems.append(VerifyError(
+            f"size is {size} bytes, the manifest records {entry['size']}", file=shown,
+            hint=f"the file was truncated, extended or replaced; {REPAIR}"))
+        return None
+    digest = _sha256(path)
+    if digest != entry["sha256"]:
+        report.problems.append(VerifyError(
+            f"sha256 {digest} differs from the manifest's {entry['sha256']}", file=shown,
+            hint=f"the file's bytes changed after it was written; {REPAIR}"))
+        return None
+    try:
+        header = read_header(path)
+        _check_metadata(path)
+    except RecipekitError as e:
+        report.problems.append(e)
+        return None
+    report.passed.append(f"{name}: {size} bytes, sha256 matches, header sound "
+                         f"({len(header)} tensors)")
+    return dict.fromkeys(header, name)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot read: {e.strerror or e}",
+                                     file=display_path(path)) from e
+    return h.hexdigest()
+
+
+def _check_metadata(path: Path) -> None:
+    """``__metadata__`` must say ``format: pt``: transformers refuses other formats."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != "pt":
+        raise VerifyError(f"header metadata is {json.dumps(meta)[:80]}, without "
+                          '{"format": "pt"}', file=display_path(path),
+                          hint=f"transformers refuses to load it; {REPAIR}")
+
+
+def _check_layout(out: Path, root: Path, shards: dict[str, Any],
+                  tensors: dict[str, dict[str, str]], report: VerifyReport) -> None:
+    """A single shard under the name transformers looks for, or an index that maps every
+    tensor to the shard holding it."""
+    where: dict[str, str] = {}
+    for header in tensors.values():
+        for tname, shard in header.items():
+            if tname in where:
+                report.problems.append(VerifyError(
+                    f"tensor {quote_name(tname)} is in both {where[tname]} and {shard}",
+                    file=display_path(out / shard), hint=REPAIR))
+            where[tname] = shard
+    index = out / INDEX
+    if report.adapter or len(shards) == 1:
+        want = "adapter_model.safetensors" if report.adapter else "model.safetensors"
+        if list(shards) != [want]:
+            report.problems.append(VerifyError(
+                f"the output holds {', '.join(sorted(shards))}; "
+                + (f"an adapter output is one file, {want}" if report.adapter else
+                   f"one shard must be named {want}"), file=display_path(out)))
+            return
+        if not index.is_file():
+            return
+    if not index.is_file():
+        report.problems.append(VerifyError(f"{len(shards)} shards but no {INDEX}",
+                                           file=display_path(out),
+                                           hint="transformers cannot find the shards without it"))
+        return
+    from recipekit.sources import read_index
+
+    try:
+        weight_map = read_index(index, root)
+    except RecipekitError as e:
+        report.problems.append(e)
+        return
+    wrong = [t for t in where if weight_map.get(t) != where[t]]
+    extra = [t for t in weight_map if t not in where]
+    shown = display_path(index)
+    if wrong:
+        t = wrong[0]
+        report.problems.append(VerifyError(
+            f"maps tensor {quote_name(t)} to {weight_map.get(t, 'nothing')}, but it is in "
+            f"{where[t]}" + (f" ({len(wrong)} tensors disagree)" if len(wrong) > 1 else ""),
+            file=shown, hint=f"the index is stale; {REPAIR}"))
+    if extra:
+        report.problems.append(VerifyError(
+            f"lists tensor {quote_name(extra[0])}, which no shard holds"
+            + (f" ({len(extra)} such tensors)" if len(extra) > 1 else ""), file=shown,
+            hint=f"the index is stale; {REPAIR}"))
+    doc = json.loads(index.read_bytes())
+    total = (doc.get("metadata") or {}).get("total_size") if isinstance(doc, dict) else None
+    expected = sum(_data_bytes(out / s) for s in shards)
+    if total != expected:
+        report.problems.append(VerifyError(
+            f"metadata.total_size is {kind_of(total)}, the shards hold {expected} bytes of "
+            "tensor data", file=shown, hint=REPAIR))
+    if not wrong and not extra and total == expected:
+        report.passed.append(f"{INDEX}: maps all {len(where)} tensors to their shards")
+
+
+def _data_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - n
+
+
+def _check_config(out: Path, root: Path, report: VerifyReport) -> None:
+    name = ADAPTER_CONFIG if report.adapter else "config.json"
+    path = out / name
+    if not path.is_file():
+        report.problems.append(VerifyError(f"no {name}", file=display_path(out),
+                                           hint="rerun `recipekit run` with the same recipe"))
+        return
+    try:
+        if report.adapter:
+            config = parse_json(_read_small(path, 1 << 22, name), display_path(path), name,
+                                strict=False)
+            if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+                raise VerifyError("is not a LoRA adapter config", file=display_path(path))
+        else:
+            read_config(path, root)
+    except RecipekitError as e:
+        report.problems.append(e)
+        return
+    report.passed.append(f"{name}: reads")
+
+
+def _check_recipe(manifest: dict[str, Any], shown: str, report: VerifyReport) -> None:
+    """The recorded recipe is valid against the schema; say whether its file still matches."""
+    from recipekit.recipe import load_recipe, schema_problems
+
+    recipe = manifest.get("recipe")
+    if not isinstance(recipe, dict):
+        report.problems.append(VerifyError(f"{MANIFEST} records no recipe", file=shown))
+        return
+    problems = schema_problems(recipe)
+    if problems:
+        report.problems.append(VerifyError(f"the recorded recipe is not valid: {problems[0]}",
+                                           file=shown, hint="the manifest was edited"))
+        return
+    report.passed.append(f"{MANIFEST}: recipe valid (recipekit "
+                         f"{manifest.get('recipekit_version', '?')})")
+    file = manifest.get("recipe_file")
+    if isinstance(file, str) and Path(file).is_file():
+        try:
+            same = load_recipe(file).canonical() == recipe
+        except RecipekitError:
+            report.notes.append(f"the recipe file {file} no longer validates")
+            return
+        report.notes.append(f"the recipe file {file} " + (
+            "still matches the recorded recipe" if same else "has changed since this run"))
+
+
+def load_and_run(out: Path, *, adapter: bool, base: str | None) -> str:
+    """Load the output with transformers (or PEFT on ``base``) and run one forward pass.
+
+    Returns a one-line description of what was loaded and run.
+
+    Raises:
+        VerifyError: the class is not in transformers, weights are missing or the wrong shape,
+            the forward pass fails or gives non-finite values.
+        UsageError: an adapter output without ``base``, or ``base`` for a model output.
+    """
+    if adapter and base is None:
+        raise UsageError("this output is a PEFT adapter: `--load` needs the model it adapts",
+                         hint="pass `--base MODEL_DIR`")
+    if not adapter and base is not None:
+        raise UsageError("--base is for adapter outputs; this output is a full checkpoint")
+    import torch
+
+    model_dir = Path(base) if adapter else out
+    model, what = _load_transformers(model_dir)
+    if adapter:
+        import peft
+
+        try:
+            model = peft.PeftModel.from_pretrained(model, str(out))
+        except Exception as e:  # PEFT raises ValueError/KeyError/RuntimeError for bad adapters
+            raise VerifyError(f"PEFT cannot load the adapter: {type(e).__name__}: {e}",
+                              file=display_path(out)) from e
+        what = f"PEFT adapter on {what}"
+    model.eval()
+    inputs = _example_inputs(model)
+    try:
+        with torch.no_grad():
+            result = model(**inputs)
+    except Exception as e:  # a forward failure is the finding we report
+        raise VerifyError(f"the forward pass of {what} failed: {type(e).__name__}: {e}",
+                          file=display_path(out)) from e
+    outputs = [v for v in (result.values() if hasattr(result, "values") else [result])
+               if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    bad = [t for t in outputs if not torch.isfinite(t).all()]
+    if bad or not outputs:
+        raise VerifyError(f"the forward pass of {what} gave "
+                          + ("non-finite values" if bad else "no floating output"),
+                          file=display_path(out))
+    shape = "x".join(map(str, next(iter(inputs.values())).shape))
+    return f"loaded {what} and ran a forward pass on a {shape} `{next(iter(inputs))}`: finite"
+
+
+def _load_transformers(path: Path) -> tuple[Any, str]:
+    """The class ``architectures`` names (a transformers class, never remote code)."""
+    import transformers
+
+    config = read_config(path / "config.json", path.resolve()) if (
+        path / "config.json").is_file() else None
+    if config is None:
+        raise UsageError(f"{display_path(path)} has no config.json", hint="name a model directory")
+    archs = config.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else transformers.AutoModel
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+            or cls is transformers.AutoModel):
+        raise VerifyError(f"architecture {archs[0]!r} is not a transformers class; --load never "
+                          "runs remote code (trust_remote_code)", file=display_path(path))
+    try:
+        model, info = cls.from_pretrained(str(path), output_loading_info=True)
+    except Exception as e:  # transformers raises many types for unloadable checkpoints
+        raise VerifyError(f"transformers cannot load it: {type(e).__name__}: {e}",
+                          file=display_path(path)) from e
+    missing = list(info.get("missing_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        names = [str(m) for m in missing[:3]] + [str(m[0] if isinstance(m, tuple) else m)
+                                                 for m in mismatched[:3]]
+        raise VerifyError(f"transformers loads {type(model).__name__} with "
+                          f"{len(missing)} missing and {len(mismatched)} wrongly shaped weights "
+                          f"({', '.join(names)}), which it would initialise randomly",
+                          file=display_path(path))
+    return model, f"{type(model).__name__} ({model.num_parameters():,} parameters)"
+
+
+def _example_inputs(model: Any) -> dict[str, Any]:
+    """A fixed small input for the model's main input: token ids, or an image batch."""
+    import torch
+
+    config = model.config
+    name = getattr(model, "main_input_name", "input_ids")
+    g = torch.Generator().manual_seed(0)
+    if name == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        channels = getattr(config, "num_channels", 3)
+        return {name: torch.randn(1, channels, size, size, generator=g)}
+    vocab = getattr(config, "vocab_size", None) or getattr(
+        config.get_text_config(), "vocab_size", 100)
+    return {"input_ids": torch.randint(0, min(int(vocab), 1000), (1, 8), generator=g)}

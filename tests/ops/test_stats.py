@@ -1,0 +1,114 @@
+"""ops/stats.py: streaming statistics against torch on the whole tensor, in fp64.
+
+Oracle: torch's mean / std (correction 1) / amin / amax / vector_norm over the finite values,
+|a - b| and cosine_similarity; the accumulators are fed in uneven chunks so that merging is
+exercised at every boundary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from recipekit.ops.stats import DiffStats, TensorStats
+
+
+def chunks(t: torch.Tensor, sizes=(1, 7, 100, 3)):
+    flat, i, k = t.reshape(-1), 0, 0
+    while i < flat.numel():
+        n = sizes[k % len(sizes)]
+        yield flat[i:i + n]
+        i, k = i + n, k + 1
+
+
+class TestTensorStats:
+    """Oracle: torch in fp64 on the finite values of the whole tensor."""
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16,
+                                       torch.float64])
+    def test_equals_torch_with_planted_nan_inf(self, dtype):
+        g = torch.Generator().manual_seed(0)
+        t = (torch.randn(37, 29, generator=g) * 3 + 1000).to(dtype)  # large mean: no cancellation
+        t[3, 4], t[10, 0], t[36, 28] = float("nan"), float("inf"), float("-inf")
+        t[0, 0] = float("nan")
+        acc = TensorStats()
+        for c in chunks(t):
+            acc.update(c)
+        x = t.double().reshape(-1)
+        x = x[torch.isfinite(x)]
+        s = acc.summary()
+        assert (s["nan"], s["inf"]) == (2, 2)
+        assert s["mean"] == pytest.approx(float(x.mean()), rel=1e-12)
+        assert s["std"] == pytest.approx(float(x.std()), rel=1e-9)
+        assert (s["min"], s["max"]) == (float(x.min()), float(x.max()))
+        assert s["norm"] == pytest.approx(float(torch.linalg.vector_norm(x)), rel=1e-12)
+
+    def test_merge_equals_concatenation(self):
+        g = torch.Generator().manual_seed(1)
+        a, b = torch.randn(1000, generator=g), torch.randn(10, generator=g) + 5
+        left, right, whole = TensorStats(), TensorStats(), TensorStats()
+        left.update(a)
+        right.update(b)
+        whole.update(torch.cat([a, b]))
+        left.merge(right)
+        for key, value in whole.summary().items():
+            assert left.summary()[key] == pytest.approx(value, rel=1e-12), key
+
+    def test_integer_and_degenerate(self):
+        acc = TensorStats()
+        acc.update(torch.arange(512).reshape(1, 512))
+        assert acc.summary()["mean"] == 255.5
+        expected = float(torch.arange(512, dtype=torch.float64).std())
+        assert acc.summary()["std"] == pytest.approx(expected, rel=1e-12)
+        one = TensorStats()
+        one.update(torch.tensor([2.0]))
+        assert one.summary()["std"] is None and one.summary()["norm"] == 2.0
+        nothing = TensorStats()
+        nothing.update(torch.tensor([float("nan")]))
+        assert nothing.summary() == {"mean": None, "std": None, "min": None, "max": None,
+                                     "norm": 0.0, "nan": 1, "inf": 0}
+
+
+class TestDiffStats:
+    """Oracle: torch's formulas on the whole tensors, fp64."""
+
+    def test_equals_formulas(self):
+        g = torch.Generator().manual_seed(2)
+        a = torch.randn(64, 33, generator=g)
+        b = (a + 0.1 * torch.randn(64, 33, generator=g)).to(torch.bfloat16)
+        acc = DiffStats()
+        for ca, cb in zip(chunks(a), chunks(b), strict=True):
+            acc.update(ca, cb)
+        x, y = a.double().reshape(-1), b.double().reshape(-1)
+        d = (x - y).abs()
+        s = acc.summary()
+        assert s["max_abs"] == float(d.max())
+        assert s["mean_abs"] == pytest.approx(float(d.mean()), rel=1e-12)
+        assert s["rel_norm"] == pytest.approx(float((x - y).norm() / x.norm()), rel=1e-12)
+        assert s["cosine"] == pytest.approx(
+            float(torch.nn.functional.cosine_similarity(x, y, dim=0)), rel=1e-12)
+        assert s["nonfinite"] == 0
+
+    def test_identical_is_exactly_zero_and_one(self):
+        t = torch.randn(1000)
+        acc = DiffStats()
+        acc.update(t, t.clone())
+        assert acc.summary() == {"max_abs": 0.0, "mean_abs": 0.0, "rel_norm": 0.0,
+                                 "cosine": 1.0, "nonfinite": 0}
+        zeros = DiffStats()
+        zeros.update(torch.zeros(4), torch.zeros(4))
+        assert zeros.cosine == 1.0 and zeros.rel_norm == 0.0
+
+    def test_scaled_and_zero_and_nonfinite(self):
+        a = torch.tensor([1.0, -2.0, 3.0, float("nan")])
+        acc = DiffStats()
+        acc.update(a, 2 * a)
+        assert (acc.max_abs, acc.rel_norm, acc.nonfinite) == (3.0, 1.0, 1)
+        assert acc.cosine == pytest.approx(1.0, abs=1e-15)
+        assert acc.mean_abs == 2.0
+        one_zero = DiffStats()
+        one_zero.update(torch.zeros(3), torch.ones(3))
+        assert one_zero.cosine == 0.0 and math.isinf(one_zero.rel_norm)
+        assert one_zero.summary()["rel_norm"] is None
