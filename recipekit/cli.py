@@ -265,6 +265,31 @@ def convert(
     _guard(debug, body)
 
 
+@app.command("import-mergekit")
+def import_mergekit(
+    config: Annotated[Path, typer.Argument(help="A mergekit YAML config (models: or slices:).",
+                                           show_default=False)],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the recipe here (default: print it). Model paths are "
+        "written relative to this file's directory.", show_default=False)] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert a mergekit config into an equivalent recipe, or say what cannot be converted."""
+
+    def body() -> None:
+        from recipekit.mergekit_import import convert_file
+
+        text = convert_file(config, output)
+        if output is None:
+            typer.echo(text, nl=False)
+        else:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text)
+            typer.echo(f"wrote {output}", err=True)
+
+    _guard(debug, body)
+
+
 @app.command()
 def version() -> None:
     """Print the recipekit version."""
