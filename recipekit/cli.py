@@ -178,10 +178,13 @@ def run(
     check_finite: Annotated[bool, typer.Option(
         "--check-finite", help="Report NaN/Inf values in inputs and outputs, by tensor name "
         "(imports torch; the output is written either way).")] = False,
+    frozen: Annotated[bool, typer.Option(
+        "--frozen", help="Refuse to run unless recipe.lock.json (from `recipekit lock`) exists "
+        "and every input matches it, re-hashing every local input file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Build the recipe's output checkpoint."""
+    """Build the recipe's output checkpoint (checking recipe.lock.json when there is one)."""
 
     def body() -> None:
         from recipekit.execute import resolve_device, run_plan
@@ -192,6 +195,7 @@ def run(
         if device != "cpu":
             resolve_device(device)  # fail before reading anything on a bad device
         p = _compile(recipe, output)
+        _check_lock(recipe, p, frozen)
         start = time.perf_counter()
         with byte_progress(p.bytes_written, disable=quiet) as tick:
             result = run_plan(p, device=device, fsync=not no_fsync, force=force, progress=tick,
@@ -208,6 +212,38 @@ def run(
                    f"{resumed}, {format_size(result.bytes_written)} in {secs:.1f} s ({rate})")
         if check_finite:
             _report_finite(result.non_finite, resumed=result.shards_resumed)
+
+    _guard(debug, body)
+
+
+def _check_lock(recipe_file: Path, p, frozen: bool) -> None:
+    from recipekit.errors import UsageError
+    from recipekit.lock import check_lock, lock_path
+
+    path = lock_path(recipe_file)
+    if path.exists():
+        check_lock(p.recipe, dict(p.sources), path, full_hash=frozen)
+    elif frozen:
+        raise UsageError(f"--frozen: no lock file {path.name} beside the recipe",
+                         file=str(recipe_file),
+                         hint=f"create it with `recipekit lock {recipe_file}` and commit it")
+
+
+@app.command()
+def lock(recipe: RecipeArg, debug: DebugOpt = False) -> None:
+    """Write recipe.lock.json: hub inputs pinned to commits, every input file's size and hash."""
+
+    def body() -> None:
+        from recipekit.lock import build_lock, lock_path, write_lock
+        from recipekit.recipe import load_recipe
+        from recipekit.sources import resolve_sources
+
+        r = load_recipe(recipe)
+        doc = build_lock(r, resolve_sources(r))
+        path = lock_path(recipe)
+        write_lock(path, doc)
+        n = sum(len(e["files"]) for e in doc["inputs"].values())
+        typer.echo(f"wrote {path}: {len(doc['inputs'])} input(s), {n} file(s) pinned")
 
     _guard(debug, body)
 
@@ -289,6 +325,31 @@ def inspect(
             report = inspect_checkpoint(ckpt, stats=not headers_only, progress=tick)
         typer.echo(json.dumps(report, indent=2, allow_nan=False) if as_json
                    else render_inspect(report, verbose=verbose))
+
+    _guard(debug, body)
+
+
+@app.command("import-mergekit")
+def import_mergekit(
+    config: Annotated[Path, typer.Argument(help="A mergekit YAML config (models: or slices:).",
+                                           show_default=False)],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the recipe here (default: print it). Model paths are "
+        "written relative to this file's directory.", show_default=False)] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert a mergekit config into an equivalent recipe, or say what cannot be converted."""
+
+    def body() -> None:
+        from recipekit.mergekit_import import convert_file
+
+        text = convert_file(config, output)
+        if output is None:
+            typer.echo(text, nl=False)
+        else:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text)
+            typer.echo(f"wrote {output}", err=True)
 
     _guard(debug, body)
 

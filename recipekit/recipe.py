@@ -11,6 +11,7 @@ This module must not import torch: `recipekit validate` answers before torch cou
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
@@ -709,6 +710,23 @@ def load_recipe(path: str | Path) -> Recipe:
     _coerce_numeric_strings(doc)
     errors = _schema_errors(doc)
     recipe = _build(doc, Path(path), errors)
+    if errors:
+        raise RecipeErrors(_dedupe(errors))
+    return recipe
+
+
+def recipe_from_data(data: Mapping[str, Any], file: Path) -> Recipe:
+    """Validate and type a recipe held in memory as if it were written at ``file`` (paths are
+    relative to its directory; the file need not exist). For tools that generate recipes
+    (`recipekit import-mergekit`); errors are located by key path only.
+
+    Raises:
+        RecipeErrors: as `load_recipe`.
+    """
+    doc = Document(str(file), copy.deepcopy(dict(data)), [])
+    _coerce_numeric_strings(doc)
+    errors = _schema_errors(doc)
+    recipe = _build(doc, file, errors)
     if errors:
         raise RecipeErrors(_dedupe(errors))
     return recipe

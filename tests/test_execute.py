@@ -298,8 +298,9 @@ ESTIMATE = textwrap.dedent("""
 @pytest.mark.slow
 def test_peak_memory_estimate_matches_a_measurement(tmp_path):
     """`recipekit plan`'s estimate is the working set above an idle process: within ±25% of the
-    measured high-water mark for a casting plan (chunked) and a slerp (whole tensors), and an
-    upper bound (within 5%) for a pure copy.
+    measured high-water mark for a slerp (whole tensors), within 2x for a casting plan computed
+    in row pieces (whose small peak is mostly allocator overhead), and an upper bound (within 5%)
+    for a pure copy.
 
     Oracle: VmHWM of a fresh process, reset just before the run (Linux clear_refs).
     """
@@ -325,9 +326,13 @@ def test_peak_memory_estimate_matches_a_measurement(tmp_path):
         proc = subprocess.run([sys.executable, "-c", ESTIMATE, str(r)], capture_output=True,
                               text=True, check=True)
         results[name] = json.loads(proc.stdout)
-    for name in ("cast", "slerp"):  # chunked; whole tensor
-        got = results[name]
-        assert 0.75 * got["measured"] <= got["estimate"] <= 1.25 * got["measured"], results
+    slerp, cast = results["slerp"], results["cast"]
+    assert 0.75 * slerp["measured"] <= slerp["estimate"] <= 1.25 * slerp["measured"], results
+    # Chunked: a few MiB of pieces plus allocator and thread-arena overhead that varies from run
+    # to run (16-35 MiB measured); the estimate is within 2x, and both stay far below one
+    # 64 MiB input tensor.
+    assert cast["measured"] / 2 <= cast["estimate"] <= 2 * cast["measured"], results
+    assert cast["measured"] < 48 * 2**20, results
     # an upper bound for a pure copy, give or take a thread stack's touched pages
     assert results["copy"]["measured"] <= 1.05 * results["copy"]["estimate"], results
 

@@ -1,0 +1,211 @@
+"""Lockfiles: `recipe.lock.json` pins every input of a recipe, and `run` checks it.
+
+Why: a recipe names inputs by path or by hub branch, and both can change under it (a re-download,
+a new commit on `main`). The lock records what the recipe was run against so that a later run
+either reads the same bytes or says exactly which input changed:
+
+* a hub input is pinned to the commit its revision resolved to, and each of its files that the
+  cache holds to its size and the blob hash huggingface_hub's cache names it by (the sha256 for
+  LFS files, the git sha1 for small files) — read from the cache's link, never recomputed;
+* a local input's files (config.json, the index, every weight file; adapter_config.json for
+  adapters) to their size and sha256, plus the mtime the hash was taken at.
+
+`run` with a lock present checks sizes and, for a file whose mtime moved, its sha256; `--frozen`
+hashes every local file and refuses to run without a lock. Oracle: tests/test_lock.py changes
+one input byte and sees `run --frozen` refuse; hub pinning is tested offline on a fake cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from recipekit import __version__
+from recipekit.errors import UsageError
+from recipekit.hub import blob_id
+from recipekit.io.header import display_path
+from recipekit.recipe import ModelRef, Recipe
+
+LOCK_VERSION = 1
+INDEX = "model.safetensors.index.json"
+
+
+class LockError(UsageError):
+    """The lock does not match the recipe or its inputs (exit 2)."""
+
+
+def lock_path(recipe_file: Path) -> Path:
+    """``foo.yaml`` → ``foo.lock.json`` beside it."""
+    return recipe_file.with_name(recipe_file.stem + ".lock.json")
+
+
+def _source_spec(ref: ModelRef) -> dict[str, Any]:
+    """How the recipe names an input; a lock entry applies only while this is unchanged."""
+    if ref.hub is not None:
+        return {"hub": ref.hub, "revision": ref.revision}
+    return {"path": ref.written}
+
+
+def _files(source: Any) -> list[Path]:
+    """The files `run` reads from an input: its config, a sharded index, its weights."""
+    config = source.path / ("config.json" if hasattr(source, "stack") else "adapter_config.json")
+    index = source.path / INDEX
+    extra = [index] if index.exists() and index not in source.weight_files else []
+    return [config, *extra, *source.weight_files]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hub_file(path: Path) -> dict[str, Any] | None:
+    """A cached hub file's size and blob hash (the name of the blob its snapshot link points
+    to: a sha256 for LFS files, a git sha1 for small ones); None when not cached."""
+    if not path.exists():
+        return None
+    blob = blob_id(path)
+    key = "sha256" if len(blob) == 64 else "git_sha1"
+    return {"size": path.stat().st_size, key: blob}
+
+
+def _entry(ref: ModelRef, source: Any) -> dict[str, Any]:
+    entry = _source_spec(ref)
+    files: dict[str, Any] = {}
+    if source.hub is not None:
+        entry["commit"] = source.hub.commit
+        for p in _files(source):
+            info = _hub_file(p)
+            if info is not None:
+                files[p.name] = info
+    else:
+        for p in _files(source):
+            st = p.stat()
+            files[p.name] = {"size": st.st_size, "sha256": sha256_file(p),
+                             "mtime_ns": st.st_mtime_ns}
+    entry["files"] = files
+    return entry
+
+
+def _inputs(recipe: Recipe) -> dict[str, ModelRef]:
+    """Every input by its key in the recipe (``models.x``, ``adapters.y``)."""
+    out = {f"models.{n}": r for n, r in recipe.models.items()}
+    out.update({f"adapters.{n}": r for n, r in recipe.adapters.items()})
+    return out
+
+
+def build_lock(recipe: Recipe, sources: dict[str, Any]) -> dict[str, Any]:
+    """The lock document for a recipe whose inputs are resolved (`resolve_sources`)."""
+    inputs = {key: _entry(ref, sources[ref.name]) for key, ref in _inputs(recipe).items()}
+    return {"recipekit_lock": LOCK_VERSION, "recipekit": __version__,
+            "recipe": recipe.file.name, "inputs": inputs}
+
+
+def write_lock(path: Path, lock: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_lock(path: Path, recipe_file: Path) -> dict[str, Any]:
+    shown = display_path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LockError(f"cannot read the lock: {e}", file=shown,
+                        hint=_refresh_hint(recipe_file)) from None
+    if not (isinstance(doc, dict) and doc.get("recipekit_lock") == LOCK_VERSION
+            and isinstance(doc.get("inputs"), dict)):
+        raise LockError("not a recipekit lock (version 1)", file=shown,
+                        hint=_refresh_hint(recipe_file))
+    return doc
+
+
+def _refresh_hint(recipe_file: Path) -> str:
+    return ("if the change is intended, refresh the lock with "
+            f"`recipekit lock {display_path(recipe_file)}`")
+
+
+def check_lock(recipe: Recipe, sources: dict[str, Any], path: Path, *,
+               full_hash: bool) -> None:
+    """Check the resolved inputs against the lock at ``path``.
+
+    ``full_hash`` re-hashes every local file; otherwise a file whose size and mtime are the
+    locked ones is trusted and only files whose mtime moved are hashed.
+
+    Raises:
+        LockError: an input added, removed or renamed differently than locked; a hub revision
+            that now resolves to another commit; a file whose size or hash changed.
+    """
+    lock = read_lock(path, recipe.file)
+    shown = display_path(path)
+    hint = _refresh_hint(recipe.file) + " (or restore the locked inputs)"
+    problems: list[str] = []
+    current = _inputs(recipe)
+    locked = lock["inputs"]
+    for key in sorted(set(locked) - set(current)):
+        problems.append(f"{key} is locked but no longer in the recipe")
+    for key, ref in sorted(current.items()):
+        entry = locked.get(key)
+        if not isinstance(entry, dict):
+            problems.append(f"{key} ({ref.written}) is not in the lock")
+            continue
+        spec = _source_spec(ref)
+        if {k: entry.get(k) for k in spec} != spec or ("hub" in entry) != ("hub" in spec):
+            problems.append(f"{key} is now {_show(spec)} but the lock has {_show(entry)}")
+            continue
+        problems += _check_files(key, entry, sources[ref.name], full_hash)
+    if problems:
+        head = problems[0] if len(problems) == 1 else (
+            f"{len(problems)} inputs differ from the lock: " + "; ".join(problems))
+        raise LockError(head, file=shown, hint=hint)
+
+
+def _show(spec: dict[str, Any]) -> str:
+    if "hub" in spec:
+        return f"hub {spec.get('hub')}@{spec.get('revision')}"
+    return f"path {spec.get('path')!r}"
+
+
+def _check_files(key: str, entry: dict[str, Any], source: Any, full_hash: bool) -> list[str]:
+    problems = []
+    files = entry.get("files") if isinstance(entry.get("files"), dict) else {}
+    if source.hub is not None:
+        if entry.get("commit") != source.hub.commit:
+            return [f"{key}: {source.hub.repo}@{source.hub.revision} now resolves to commit "
+                    f"{source.hub.commit[:12]}, the lock pins {str(entry.get('commit'))[:12]} "
+                    f"(pin it with `revision: {entry.get('commit')}` to keep the locked one)"]
+        for p in _files(source):
+            now, want = _hub_file(p), files.get(p.name)
+            if now is not None and want is not None and now != want:
+                problems.append(f"{key}: {p.name} in the hub cache is blob "
+                                f"{_digest(now)[:12]}, the lock has {_digest(want)[:12]}")
+        return problems
+    current = {p.name: p for p in _files(source)}
+    for name in sorted(set(files) - set(current)):
+        problems.append(f"{key}: {name} is locked but the input no longer has it")
+    for name, p in current.items():
+        want = files.get(name)
+        if not isinstance(want, dict):
+            problems.append(f"{key}: {display_path(p)} is not in the lock")
+            continue
+        st = p.stat()
+        if st.st_size != want.get("size"):
+            problems.append(f"{key}: {display_path(p)} is {st.st_size} bytes, the lock has "
+                            f"{want.get('size')}")
+        elif full_hash or st.st_mtime_ns != want.get("mtime_ns"):
+            digest = sha256_file(p)
+            if digest != want.get("sha256"):
+                problems.append(f"{key}: {display_path(p)} has sha256 {digest[:12]}, the lock "
+                                f"has {str(want.get('sha256'))[:12]}")
+    return problems
+
+
+def _digest(info: dict[str, Any]) -> str:
+    return str(info.get("sha256") or info.get("git_sha1"))

@@ -1,0 +1,640 @@
+"""`recipekit import-mergekit`: a mergekit 0.1.5 config (`models:` or `slices:`) → a recipe.
+
+Why: people arrive with mergekit YAML. The conversion keeps mergekit's meaning, not its
+spelling, and refuses (exit 2, naming the key) whatever has no exact recipekit equivalent.
+mergekit semantics it must reproduce (reference/mergekit.md §1.4-1.5, read in mergekit's
+`config.py`, `parameter_resolver.py`, `plan.py`):
+
+* **Precedence and filters.** A parameter is looked up in the source's `parameters`, then the
+  slice's, then the top level; inside one level a list of `{filter, value}` is tried in order,
+  `filter` being a plain *substring* of the tensor name, and a level where nothing matches
+  falls through to the next. recipekit rules are first-match fnmatch globs on the full name, so
+  the levels are concatenated into one rule list and each filter becomes ``*<escaped>*``.
+* **Gradients.** mergekit evaluates t per *slice* (t = i/(n-1) for layer i of the slice, and
+  t = 1 when the slice has one layer) and at t = 0 for every tensor outside the layers —
+  embeddings *and* the final norm and lm_head. recipekit evaluates t per step with t = 1 after
+  the layers and t = 0 for a one-layer step. Each slice becomes its own `merge` step (so t runs
+  per slice, as in mergekit), and where the two disagree explicit rules are emitted: the
+  tensors after the layers get the gradient's value at t = 0, the layer of a one-layer slice its
+  value at t = 1.
+* **Slices.** Each source's `layer_range` becomes a `layers` step; the slices' results are
+  stacked by a final `layers` step. mergekit takes the tensors before the layers from the first
+  slice and those after them from the last; when those differ, an `interpolate` with α = 0/1
+  rules (exact copies) takes the final norm and head from the last slice.
+* **base_model** joins a `models:` merge as an extra input when it is not listed (mergekit
+  appends it); it becomes `base:` for methods that use a base, `from: [base, other]` for slerp
+  and nearswap, and the donor of config.json (`output.config`).
+* **dtype / out_dtype** become `output.dtype` (recipekit computes in fp32 and rounds once; mergekit
+  first casts the inputs to `dtype`).
+
+Oracle: tests/test_mergekit_import.py converts typical configs, runs the recipes and compares
+them with mergekit 0.1.5's outputs (goldens in tests/goldens/mergekit_import/, made by
+tests/goldens/make_mergekit_import_goldens.py; a live comparison runs under the `mergekit` marker).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recipekit.errors import KeyPath, RecipeErrors, RecipekitError
+from recipekit.methods import METHODS, MethodSpec
+from recipekit.params import evaluate_gradient, is_before_layers
+from recipekit.recipe import Document, load_document, recipe_from_data
+
+#: What recipekit converts, and what it refuses with a reason (the key is named in the error).
+TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype")
+REFUSED = {
+    "modules": "multi-module configs (VLMs, encoder-decoders) have no recipekit equivalent; "
+               "recipes take one layer stack (`layer_prefix:`)",
+    "tokenizer_source": "recipekit does not build or permute tokenizers: the output takes the "
+                        "donor's tokenizer files (`output.config`) unchanged",
+    "tokenizer": "recipekit does not build or permute tokenizers: the output takes the donor's "
+                 "tokenizer files (`output.config`) unchanged",
+    "chat_template": "recipekit copies the donor's chat template and does not write another",
+}
+SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+PAIR_METHODS = ("slerp", "nearswap")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConversionError(RecipeErrors):
+    """Something in the mergekit config that has no exact recipekit translation (exit 2)."""
+
+
+@dataclass
+class Source:
+    model: str  # recipekit model name
+    layers: tuple[int, int] | None  # None: the whole model (a `models:` config)
+    params: Mapping[str, Any] | None
+    path: KeyPath
+
+
+@dataclass
+class Slice:
+    sources: list[Source]
+    base: str | None
+    params: Mapping[str, Any] | None
+    path: KeyPath
+    length: int = 0
+
+
+@dataclass
+class _State:
+    doc: Document
+    cwd: Path
+    out_dir: Path
+    models: dict[str, Any] = field(default_factory=dict)  # recipe name -> model source
+    refs: dict[str, str] = field(default_factory=dict)  # mergekit reference -> recipe name
+    where: dict[str, KeyPath] = field(default_factory=dict)  # recipe name -> first mention
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checkpoints: dict[str, Any] = field(default_factory=dict)
+    translated: set[str] = field(default_factory=set)  # which semantic fixes were emitted
+
+    def fail(self, path: KeyPath, message: str, hint: str | None = None) -> ConversionError:
+        return ConversionError([self.doc.error(path, message, hint=hint, key=True)])
+
+
+def convert_file(config: Path, out_file: Path | None, cwd: Path | None = None) -> str:
+    """The recipe text for mergekit config ``config``, checked by recipekit's own validation.
+
+    Relative model paths are resolved as mergekit does (against ``cwd``, default the current
+    directory) and written relative to the recipe's directory (``out_file``'s, or ``cwd``).
+
+    Raises:
+        ConversionError: what cannot be converted, located in the mergekit config.
+        RecipekitError: models that cannot be read, as `recipekit validate` reports them.
+    """
+    doc = load_document(config)
+    cwd = (cwd or Path.cwd()).resolve()
+    out_dir = out_file.resolve().parent if out_file is not None else cwd
+    st = _State(doc, cwd, out_dir)
+    data = doc.data
+    if not isinstance(data, dict):
+        raise st.fail((), "a mergekit config is a mapping with `merge_method` and `models` or "
+                      "`slices`")
+    _check_top(st, data)
+    method = METHODS[data["merge_method"]]
+    slices = _read_slices(st, data, method)
+    _resolve_models(st)
+    _measure(st, slices)
+    final = _build_steps(st, data, method, slices)
+    recipe = _recipe(st, data, method, final, config)
+    text = _render(st, recipe, config)
+    _validate(recipe, (out_file or cwd / (config.stem + ".yaml")).resolve(), st)
+    return text
+
+
+# --- reading the config --------------------------------------------------------------------
+
+def _check_top(st: _State, data: dict[str, Any]) -> None:
+    errors = []
+    for key, value in data.items():
+        if key in REFUSED:
+            if value is not None:
+                errors.append(st.doc.error((key,), f"cannot convert `{key}`: {REFUSED[key]}",
+                                           key=True, hint="remove it to convert the rest"))
+        elif key not in TOP_KEYS:
+            close = difflib.get_close_matches(str(key), [*TOP_KEYS, *REFUSED], n=1)
+            errors.append(st.doc.error((key,), f"unknown mergekit key `{key}` (mergekit would "
+                                       "silently ignore it)", key=True,
+                                       hint=f"did you mean '{close[0]}'?" if close else None))
+    method = data.get("merge_method")
+    if method is None:
+        errors.append(st.doc.error((), "no `merge_method`"))
+    elif method not in METHODS:
+        errors.append(st.doc.error(("merge_method",), f"cannot convert merge method {method!r}: "
+                                   "recipekit has " + ", ".join(METHODS)))
+    if ("models" in data) == ("slices" in data):
+        errors.append(st.doc.error((), "a mergekit config has exactly one of `models` and "
+                                   "`slices`"))
+    for key in ("dtype", "out_dtype"):
+        value = data.get(key)
+        if value is not None and str(value).removeprefix("torch.") not in DTYPES:
+            errors.append(st.doc.error((key,), f"cannot convert {key} {value!r}: recipekit "
+                                       "writes " + ", ".join(DTYPES)))
+    if errors:
+        raise ConversionError(errors)
+
+
+def _model(st: _State, ref: Any, path: KeyPath) -> str:
+    """The recipe name of a mergekit model reference, registering its source."""
+    if isinstance(ref, dict):
+        extra = sorted(set(ref) - {"model"})
+        if extra:
+            raise st.fail(path + (extra[0],), f"cannot convert `{extra[0]}` of a model "
+                          "reference", hint="fold LoRA adapters with recipekit's `adapters` "
+                          "op; architecture overrides are not supported")
+        ref = ref.get("model")
+    if not isinstance(ref, str) or not ref:
+        raise st.fail(path, "a model reference is a path or a hub repo id")
+    if ref in st.refs:
+        return st.refs[ref]
+    if "+" in ref:
+        raise st.fail(path, f"cannot convert the LoRA reference {ref!r} (`model+lora`)",
+                      hint="add the adapter under `adapters:` and fold it with an "
+                      "`op: adapters` step, then merge that step")
+    name_part, _, revision = ref.partition("@")
+    local = (st.cwd / os.path.expanduser(name_part))
+    if local.is_dir():
+        if revision:
+            raise st.fail(path, f"{ref!r}: a local directory has no revision")
+        source: Any = os.path.relpath(local.resolve(), st.out_dir)
+        if source.startswith("../.."):
+            source = str(local.resolve())  # far away: an absolute path reads better
+        elif not source.startswith((".", "/")):
+            source = "./" + source
+    elif _HUB_ID.match(name_part):
+        source = {"hub": name_part, "revision": revision} if revision else {"hub": name_part}
+    else:
+        raise st.fail(path, f"model {ref!r} is neither a directory (relative to {st.cwd}) nor "
+                      "a hub repo id (org/name)")
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name_part).name or "model").lstrip(".-") or "m"
+    name, i = base, 2
+    while name in st.models:
+        name, i = f"{base}_{i}", i + 1
+    st.models[name] = source
+    st.refs[ref] = name
+    st.where[name] = path
+    return name
+
+
+def _params(st: _State, value: Any, path: KeyPath) -> Mapping[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise st.fail(path, "`parameters` is a mapping of parameter names to values")
+    return value
+
+
+def _read_slices(st: _State, data: dict[str, Any], method: MethodSpec) -> list[Slice]:
+    base = _model(st, data["base_model"], ("base_model",)) if data.get("base_model") else None
+    if "models" in data:
+        entries = data["models"]
+        if not isinstance(entries, list) or not entries:
+            raise st.fail(("models",), "`models` is a non-empty list of {model, parameters}")
+        sources = []
+        for i, entry in enumerate(entries):
+            path = ("models", i)
+            if not isinstance(entry, dict) or "model" not in entry:
+                raise st.fail(path, "each `models` entry is {model: ..., parameters: ...}")
+            extra = sorted(set(entry) - {"model", "parameters"})
+            if extra:
+                raise st.fail(path + (extra[0],), f"unknown key `{extra[0]}` in a `models` entry")
+            sources.append(Source(_model(st, entry["model"], path + ("model",)), None,
+                                  _params(st, entry.get("parameters"), path + ("parameters",)),
+                                  path))
+        if base is not None and all(s.model != base for s in sources):
+            sources.append(Source(base, None, None, ("base_model",)))  # mergekit appends it
+            st.notes.append(f"base_model '{base}' is not under `models:`; mergekit merges it "
+                            "as an extra input, and so does this recipe")
+        return [Slice(sources, base, None, ("models",))]
+    raw = data["slices"]
+    if not isinstance(raw, list) or not raw:
+        raise st.fail(("slices",), "`slices` is a non-empty list of {sources: [...]}")
+    out = []
+    for k, sl in enumerate(raw):
+        path = ("slices", k)
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or \
+                not sl["sources"]:
+            raise st.fail(path, "each slice has a non-empty `sources` list")
+        for key in sl:
+            if key not in SLICE_KEYS:
+                raise st.fail(path + (key,), f"unknown key `{key}` in a slice")
+        if sl.get("residual_weight") is not None:
+            st.notes.append(f"slices[{k}].residual_weight is ignored (mergekit ignores it too)")
+        sources = []
+        for j, src in enumerate(sl["sources"]):
+            spath = path + ("sources", j)
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+                raise st.fail(spath, "each source is {model, layer_range: [start, end]}")
+            for key in src:
+                if key not in SOURCE_KEYS:
+                    raise st.fail(spath + (key,), f"unknown key `{key}` in a slice source")
+            lr = src["layer_range"]
+            if not (isinstance(lr, list) and len(lr) == 2 and all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in lr)) \
+                    or lr[0] < 0 or lr[1] < lr[0]:
+                raise st.fail(spath + ("layer_range",), f"layer_range {lr!r} is not [start, end] "
+                              "with 0 <= start <= end")
+            sources.append(Source(_model(st, src["model"], spath + ("model",)), tuple(lr),
+                                  _params(st, src.get("parameters"), spath + ("parameters",)),
+                                  spath))
+        lengths = {s.layers[1] - s.layers[0] for s in sources if s.layers}
+        if len(lengths) > 1:
+            raise st.fail(path + ("sources",), "the sources of a slice must have the same number "
+                          f"of layers (got {sorted(lengths)})")
+        sbase = _model(st, sl["base_model"], path + ("base_model",)) if sl.get("base_model") \
+            else base
+        out.append(Slice(sources, sbase, _params(st, sl.get("parameters"), path + ("parameters",)),
+                         path, lengths.pop()))
+    if all(s.length == 0 for s in out):
+        raise st.fail(("slices",), "every slice is empty: the output would have no layers")
+    return out
+
+
+# --- the models ----------------------------------------------------------------------------
+
+def _resolve_models(st: _State) -> None:
+    """Read each model's config and headers (recipekit's own resolution) for layer counts and
+    the names of the tensors after the layers."""
+    from recipekit.sources import resolve_sources
+
+    first = next(iter(st.models))
+    probe = {"recipekit": 1, "models": st.models,
+             "steps": [{"name": "probe", "op": "layers", "from": first, "layers": [0]}]}
+    recipe = recipe_from_data(probe, st.out_dir / "import.yaml")
+    try:
+        st.checkpoints = resolve_sources(recipe)
+    except RecipeErrors as e:
+        raise _relocate(st, e.errors[0]) from None
+    except RecipekitError as e:
+        raise _relocate(st, e) from None
+
+
+def _relocate(st: _State, e: RecipekitError) -> RecipekitError:
+    """A source error located at the model's mention in the mergekit config."""
+    if e.key_path and e.key_path[0] == "models" and len(e.key_path) > 1:
+        name = e.key_path[1]
+        e.location = st.doc.locate(st.where.get(name, ()))
+        e.key_path = st.where.get(name)
+    return e
+
+
+def _measure(st: _State, slices: list[Slice]) -> None:
+    for sl in slices:
+        for s in sl.sources:
+            n = st.checkpoints[s.model].stack.num_layers
+            if s.layers is None:
+                sl.length = n
+            elif s.layers[1] > n:
+                raise st.fail(s.path + ("layer_range",), f"layer_range {list(s.layers)} reaches "
+                              f"layer {s.layers[1] - 1}, but '{s.model}' has {n} layers")
+        if sl.sources[0].layers is None:
+            lengths = {st.checkpoints[s.model].stack.num_layers for s in sl.sources}
+            if len(lengths) > 1:
+                raise st.fail(sl.path, f"the models have different layer counts {sorted(lengths)}")
+
+
+def _post_names(st: _State, model: str) -> list[str]:
+    """Tensors after the layers (final norm, lm_head): mergekit's t = 0, recipekit's t = 1."""
+    ck = st.checkpoints[model]
+    return [n for n in ck.tensors if ck.stack.split(n) is None
+            and not is_before_layers(n, ck.stack)]
+
+
+def _layer_names(st: _State, model: str, index: int) -> list[str]:
+    ck = st.checkpoints[model]
+    return [n for n in ck.tensors if (hit := ck.stack.split(n)) is not None and hit[0] == index]
+
+
+# --- parameters ----------------------------------------------------------------------------
+
+def _glob(text: str) -> str:
+    """fnmatch pattern for 'contains ``text``' (mergekit's filter), special characters escaped."""
+    return "*" + re.sub(r"([*?\[])", r"[\1]", text) + "*"
+
+
+def _exact(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _flatten(st: _State, chain: list[tuple[Any, KeyPath]], renumbered: bool
+             ) -> list[tuple[str | None, Any, KeyPath]]:
+    """mergekit's lookup over the levels as one first-match list of (filter, value)."""
+    rules: list[tuple[str | None, Any, KeyPath]] = []
+    for setting, path in chain:
+        items = setting if isinstance(setting, list) and setting and all(
+            isinstance(e, dict) for e in setting) else [setting]
+        if isinstance(setting, dict):
+            items = [setting]
+        for i, item in enumerate(items):
+            ipath = path + ((i,) if isinstance(setting, list) and isinstance(item, dict) else ())
+            if isinstance(item, dict):
+                extra = sorted(set(item) - {"filter", "value"})
+                if extra or "value" not in item:
+                    raise st.fail(ipath, "a conditional parameter is {filter: ..., value: ...}")
+                flt = item.get("filter")
+                if flt == "*":
+                    flt = None
+                if flt is not None and not isinstance(flt, str):
+                    raise st.fail(ipath + ("filter",), "a filter is a string")
+                if flt is not None and renumbered and re.search(r"\d", flt):
+                    raise st.fail(ipath + ("filter",), f"cannot convert filter {flt!r}: it names "
+                                  "a layer index, and recipekit's per-slice steps number their "
+                                  "layers from 0", hint="use a filter without digits")
+                rules.append((flt, item["value"], ipath + ("value",)))
+                if flt is None:
+                    return rules
+            else:
+                rules.append((None, item, ipath))
+                return rules
+    return rules
+
+
+def _param(st: _State, spec: Any, chain: list[tuple[Any, KeyPath]], sl: Slice, model: str
+           ) -> tuple[bool, Any]:
+    """(given, recipekit value) for one parameter of one merge input (or a shared one)."""
+    chain = [(v, p) for v, p in chain if v is not None]
+    if not chain:
+        return False, None
+    rules = _flatten(st, chain, renumbered=sl.sources[0].layers is not None)
+    if not rules:
+        return False, None
+    if spec.type in ("bool", "int"):
+        flt, value, path = rules[0]
+        if len(rules) > 1 or flt is not None or isinstance(value, list):
+            raise st.fail(path, f"cannot convert filters or gradients of the {spec.type} "
+                          f"parameter `{spec.name}`: recipekit takes one value per step")
+        return True, value
+    out: list[dict[str, Any]] = []
+    post = _post_names(st, model)
+    for flt, value, path in rules:
+        if isinstance(value, list):
+            if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                    for v in value):
+                raise st.fail(path, f"cannot convert the gradient {value!r}: recipekit "
+                              "gradients are lists of numbers")
+            if len(value) == 1:
+                value = value[0]
+        elif isinstance(value, (str, bool)) or (value is not None and
+                                                 not isinstance(value, (int, float))):
+            raise st.fail(path, f"cannot convert {value!r} for `{spec.name}`: it needs a number")
+        if isinstance(value, list):
+            at0 = evaluate_gradient(value, 0.0)
+            for n in post:  # mergekit: t = 0 after the layers; recipekit: t = 1
+                if flt is None or flt in n:
+                    out.append({"match": _exact(n), "value": at0})
+                    st.translated.add("post")
+            if sl.length == 1:  # mergekit: t = 1 in a one-layer slice; recipekit: t = 0
+                at1 = evaluate_gradient(value, 1.0)
+                st.translated.add("one_layer")
+                if flt is None:
+                    out.append({"match": _exact(st.checkpoints[model].stack.name(0, "")) + "*",
+                                "value": at1})
+                else:
+                    out += [{"match": _exact(n), "value": at1}
+                            for n in _layer_names(st, model, 0) if flt in n]
+            value = {"gradient": value}
+        if flt is not None:
+            st.translated.add("filter")
+        out.append({"value": value} if flt is None else {"match": _glob(flt), "value": value})
+    if out[-1].get("match") is not None and not spec.required:
+        out.append({"value": spec.default})  # mergekit falls back to the default
+    if len(out) == 1:
+        return True, out[0]["value"]
+    return True, out
+
+
+# --- steps ---------------------------------------------------------------------------------
+
+def _source_model(st: _State, s: Source, k: int, sl: Slice, used: set[str]) -> str:
+    """The merge input for one source: the model itself, or a `layers` step for its range."""
+    n = st.checkpoints[s.model].stack.num_layers
+    if s.layers is None or s.layers == (0, n) or sl.length == 0:
+        return s.model
+    name, i = f"slice{k}_{s.model}", 2
+    while name in used:
+        name, i = f"slice{k}_{s.model}_{i}", i + 1
+    used.add(name)
+    a, b = s.layers
+    st.steps.append({"name": name, "op": "layers", "from": s.model,
+                     "layers": [f"range({a},{b})"]})
+    return name
+
+
+def _merge_slice(st: _State, data: dict[str, Any], method: MethodSpec, sl: Slice, k: int,
+                 used: set[str], name: str) -> tuple[str, bool]:
+    """The step for one slice; returns (its name, whether it is a plain copy of one model's
+    layers, so that its non-layer tensors are that model's)."""
+    inputs = [(s, _source_model(st, s, k, sl, used)) for s in sl.sources]
+    top = data.get("parameters")
+    if top is not None and not isinstance(top, dict):
+        raise st.fail(("parameters",), "`parameters` is a mapping")
+    levels = [(sl.params, sl.path + ("parameters",)), (top, ("parameters",))]
+    known = {p.name for p in method.params}
+    for params, path in [*levels, *((s.params, s.path + ("parameters",)) for s in sl.sources)]:
+        for key in params or {}:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                raise st.fail(path + (key,), f"cannot convert parameter `{key}`: method "
+                              f"{method.name} has " + (", ".join(sorted(known)) or "none"),
+                              hint=f"did you mean '{close[0]}'?" if close else None)
+    model0 = sl.sources[0].model
+    shared: dict[str, Any] = {}
+    for p in method.params:
+        if p.scope == "shared":
+            given, value = _param(st, p, [(lv.get(p.name) if lv else None, path + (p.name,))
+                                          for lv, path in levels], sl, model0)
+            if given:
+                shared[p.name] = value
+
+    def per_input(s: Source, is_base: bool) -> dict[str, Any]:
+        out = {}
+        for p in method.params:
+            if p.scope == "shared" or (is_base and p.scope == "per_non_base"):
+                continue
+            chain = [((s.params or {}).get(p.name), s.path + ("parameters", p.name))]
+            chain += [(lv.get(p.name) if lv else None, path + (p.name,)) for lv, path in levels]
+            given, value = _param(st, p, chain, sl, s.model)
+            if given:
+                out[p.name] = value
+        return out
+
+    base_at = next((i for i, (s, _) in enumerate(inputs) if s.model == sl.base), None)
+    step: dict[str, Any] = {"name": name, "op": "merge", "method": method.name}
+    if method.name in PAIR_METHODS or method.base in ("required", "optional"):
+        if sl.base is None and method.base == "required":
+            raise st.fail(("base_model",) if sl.path == ("models",) else sl.path,
+                          f"method {method.name} needs a `base_model`")
+        if sl.base is not None and base_at is None:
+            raise st.fail(sl.path + ("sources",), f"base model '{sl.base}' is not among the "
+                          "slice's sources (mergekit needs it there)")
+    if method.name == "passthrough":
+        if len(inputs) != 1:
+            raise st.fail(sl.path, "passthrough takes exactly one source"
+                          + (" (a base_model adds a second)" if sl.base else ""))
+        s, model = inputs[0]
+        scale = per_input(s, False).get("scale")
+        if scale is None or scale == 1:
+            return model, True
+        step["from"] = [{"model": model, "scale": scale}]
+    elif method.name in PAIR_METHODS:
+        if len(inputs) != 2:
+            raise st.fail(sl.path, f"{method.name} merges exactly two models, the base and one "
+                          f"other (got {len(inputs)})")
+        other = inputs[1 - base_at]
+        step["from"] = [inputs[base_at][1], other[1]]
+    else:
+        entries = []
+        for i, (s, model) in enumerate(inputs):
+            if base_at == i and method.base != "ignored":
+                step["base"] = model
+                continue
+            params = per_input(s, False)
+            entries.append({"model": model, **params} if params else model)
+        step["from"] = entries
+    if shared:
+        step["parameters"] = shared
+    if method.random:
+        step["seed"] = 0
+    st.steps.append(step)
+    return name, False
+
+
+def _build_steps(st: _State, data: dict[str, Any], method: MethodSpec,
+                 slices: list[Slice]) -> str:
+    used: set[str] = set(st.models)
+    results = []
+    for k, sl in enumerate(slices):
+        name = "merged" if len(slices) == 1 else f"slice{k}"
+        used.add(name)
+        results.append(_merge_slice(st, data, method, sl, k, used, name))
+    if len(slices) == 1:
+        final, copy = results[0]
+        if copy:  # a passthrough of a whole model without scale: a copy of its layers
+            n = slices[0].length
+            st.steps.append({"name": "merged", "op": "layers", "from": final,
+                             "layers": [f"range(0,{n})"]})
+            final = "merged"
+        return final
+    stack = [{"from": r, "range": [0, sl.length]}
+             for (r, _), sl in zip(results, slices, strict=True) if sl.length > 0]
+    first, last = results[0], results[-1]
+    same_post = first[0] == last[0] or (first[1] and last[1] and
+                                        slices[0].sources[0].model == slices[-1].sources[0].model)
+    if same_post:
+        st.steps.append({"name": "merged", "op": "layers", "from": first[0], "layers": stack})
+        return "merged"
+    st.steps.append({"name": "stacked", "op": "layers", "from": first[0], "layers": stack})
+    st.steps.append({"name": "stacked_post", "op": "layers", "from": last[0], "layers": stack})
+    post = _post_names(st, slices[-1].sources[0].model)
+    st.steps.append({"name": "merged", "op": "interpolate", "from": ["stacked", "stacked_post"],
+                     "alpha": [*({"match": _exact(n), "value": 1} for n in post), {"value": 0}]})
+    st.notes.append("mergekit takes the embeddings from the first slice and the final norm and "
+                    "head from the last: step 'merged' copies them (alpha 0 or 1 is an exact "
+                    "copy)")
+    return "merged"
+
+
+# --- output --------------------------------------------------------------------------------
+
+def _recipe(st: _State, data: dict[str, Any], method: MethodSpec, final: str,
+            config: Path) -> dict[str, Any]:
+    output: dict[str, Any] = {"model": final}
+    dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype:
+        output["dtype"] = str(dtype).removeprefix("torch.")
+        if data.get("dtype") and data.get("dtype") != data.get("out_dtype") and \
+                output["dtype"] not in ("float32", "float64"):
+            st.notes.append(f"dtype {data['dtype']}: mergekit casts the inputs to it before "
+                            "merging; recipekit computes in float32 and rounds once to "
+                            f"{output['dtype']}, which can differ in the last bit")
+    base = st.refs.get(data["base_model"]) if isinstance(data.get("base_model"), str) else None
+    if base is not None:
+        output["config"] = base
+    else:
+        st.notes.append("no base_model: mergekit picks the config/tokenizer donor from an "
+                        "unordered set; this recipe takes the first model's")
+    if method.random:
+        st.notes.append(f"{method.name} is random: recipekit seeds each tensor from (seed, "
+                        "tensor name), so masks differ from mergekit's --random-seed stream")
+    if "filter" in st.translated:
+        st.notes.append("mergekit filters are substrings of tensor names, recipekit's `match` "
+                        "is a glob on the full name: each filter F became `*F*`")
+    if "post" in st.translated:
+        st.notes.append("mergekit evaluates gradients at t = 0 for the tensors after the layers "
+                        "(final norm, lm_head), recipekit at t = 1: explicit rules give them "
+                        "the gradient's first value")
+    if "one_layer" in st.translated:
+        st.notes.append("mergekit evaluates gradients at t = 1 in a one-layer slice, recipekit "
+                        "at t = 0: explicit rules give that layer the gradient's last value")
+    return {"recipekit": 1, "name": config.stem,
+            "description": f"converted from the mergekit config {config.name} "
+                           f"(merge_method: {method.name})",
+            "models": st.models, "steps": st.steps, "output": output}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, flow lists of scalars, no anchors/aliases (a recipe is read by people)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(isinstance(e, (int, float, str)) for e in data) or all(
+        isinstance(e, dict) and len(e) <= 2 and all(isinstance(v, (int, float, str))
+                                                     for v in e.values()) for e in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow and len(
+        data) <= 8 and all(not isinstance(e, dict) for e in data))
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def _render(st: _State, recipe: dict[str, Any], config: Path) -> str:
+    head = [f"# Converted by `recipekit import-mergekit {config.name}`: each output slice is a",
+            "# step (t of gradients runs per slice, as in mergekit), each layer_range a `layers`",
+            "# step. What was translated:"]
+    head += [f"#  - {n}" for n in st.notes] or ["#  - nothing needed translating beyond syntax"]
+    body = yaml.dump(recipe, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                     width=100, allow_unicode=True)
+    return "\n".join(head) + "\n" + body
+
+
+def _validate(recipe: dict[str, Any], file: Path, st: _State) -> None:
+    """recipekit's own checks on the result (schema, names, method contracts, shapes)."""
+    from recipekit.plan import compile_plan
+
+    compile_plan(recipe_from_data(recipe, file), st.checkpoints)
