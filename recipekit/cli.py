@@ -171,8 +171,8 @@ def run(
     device: Annotated[str, typer.Option(
         "--device", help="Where to compute: cpu, cuda, cuda:N, mps or auto.")] = "cpu",
     force: Annotated[bool, typer.Option(
-        "--force", help="Replace an output written by a different plan (deletes only files "
-        "recipekit wrote there).")] = False,
+        "--force", help="Write the output again even if it exists (from this or another plan); "
+        "deletes only files recipekit wrote there.")] = False,
     no_fsync: Annotated[bool, typer.Option(
         "--no-fsync", help="Skip fsync of finished files (faster, less crash-safe).")] = False,
     check_finite: Annotated[bool, typer.Option(

@@ -134,6 +134,20 @@ class TestRerun:
         result = ok(cli, "run", r, "-q")
         assert "already complete" in result.stdout
 
+    def test_force_repairs_a_damaged_output_of_the_same_plan(self, cli, tmp_path, tiny_llama):
+        """A flipped byte keeps the size, so a plain rerun calls the output complete; `--force`
+        writes every file again. Oracle: the first run's bytes, and `verify`."""
+        r = solar(tmp_path, tiny_llama)
+        ok(cli, "run", r, "-q")
+        shard = sorted((tmp_path / "out").glob("*.safetensors"))[0]
+        good = shard.read_bytes()
+        shard.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+        assert cli("verify", tmp_path / "out").exit_code == 1
+        assert "already complete" in ok(cli, "run", r, "-q").stdout
+        assert "already complete" not in ok(cli, "run", r, "-q", "--force").stdout
+        assert shard.read_bytes() == good
+        assert cli("verify", tmp_path / "out").exit_code == 0
+
     def test_a_deleted_file_is_written_again(self, cli, tmp_path, tiny_llama):
         r = solar(tmp_path, tiny_llama)
         ok(cli, "run", r, "-q")
@@ -297,10 +311,10 @@ ESTIMATE = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_peak_memory_estimate_matches_a_measurement(tmp_path):
-    """`recipekit plan`'s estimate is the working set above an idle process: within ±25% of the
-    measured high-water mark for a slerp (whole tensors), within 2x for a casting plan computed
-    in row pieces (whose small peak is mostly allocator overhead), and an upper bound (within 5%)
-    for a pure copy.
+    """`recipekit plan`'s estimate is the working set above an idle process: an upper bound
+    within 1.5x of the measured high-water mark for a slerp (whole tensors), within 2x for a
+    casting plan computed in row pieces (whose small peak is mostly allocator overhead), and an
+    upper bound (within 5%) for a pure copy.
 
     Oracle: VmHWM of a fresh process, reset just before the run (Linux clear_refs).
     """
@@ -327,7 +341,8 @@ def test_peak_memory_estimate_matches_a_measurement(tmp_path):
                               text=True, check=True)
         results[name] = json.loads(proc.stdout)
     slerp, cast = results["slerp"], results["cast"]
-    assert 0.75 * slerp["measured"] <= slerp["estimate"] <= 1.25 * slerp["measured"], results
+    # slerp's peak varies with allocator reuse (277-361 MiB measured): the estimate bounds it
+    assert slerp["measured"] <= slerp["estimate"] <= 1.5 * slerp["measured"], results
     # Chunked: a few MiB of pieces plus allocator and thread-arena overhead that varies from run
     # to run (16-35 MiB measured); the estimate is within 2x, and both stay far below one
     # 64 MiB input tensor.

