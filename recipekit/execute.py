@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipekit.dtypes import itemsize, torch_dtype
+from recipekit.dtypes import torch_dtype
 from recipekit.errors import CorruptCheckpointError, DeviceError
 from recipekit.hub import download as hub_download
 from recipekit.io.header import display_path, read_header
@@ -392,7 +392,7 @@ def read_rows(node: Load, plan: Plan, reader: FileReader, lo: int, hi: int, *,
     import torch
 
     info = plan.sources[node.source].tensors[node.name]
-    row = itemsize(info.dtype) * (info.nbytes // itemsize(info.dtype) // info.shape[0])
+    row = info.nbytes // info.shape[0]  # bytes per row
     # torch.empty is not zero-filled, unlike bytearray; pinned blocks come from torch's cache
     piece = torch.empty((hi - lo) * row, dtype=torch.uint8, pin_memory=pin)
     reader.read_into(info.file, info.offset + lo * row, _tensor_bytes(piece))
