@@ -68,27 +68,37 @@ def coalesce_axis(x: torch.Tensor, dim: int, axis: AxisMap) -> torch.Tensor:
         n_large = sum(len(g) for g in groups)
         seg = x.narrow(dim, offset, n_large * block)
         offset += n_large * block
-        parts.append(_coalesce_segment(seg, dim, groups, block, mode))
+        parts.append(_coalesce_segment(seg, dim, groups, block, mode, _compute_dtype(x)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _coalesce_segment(x: torch.Tensor, dim: int, groups: Groups, block: int,
-                      mode: str) -> torch.Tensor:
-    moved = x.movedim(dim, 0)
-    rest = moved.shape[1:]
-    units = moved.reshape(-1, block, *rest)
-    out = units.new_empty((len(groups), block, *rest))
+                      mode: str, dtype: torch.dtype) -> torch.Tensor:
+    """Group sums/means of the ``block``-sized units of ``x`` along ``dim``, in ``dtype``.
+
+    The units are gathered where they lie (``x`` viewed as (..., units, block, ...), no
+    transposed copy) and in ``x``'s own dtype (a gather is exact), then widened to ``dtype``
+    for the pairwise sums: the same additions in the same order as widening first.
+    """
+    pre, post = x.shape[:dim], x.shape[dim + 1:]
+    units = x.reshape(*pre, -1, block, *post)
+    out = torch.empty((*pre, len(groups), block, *post), dtype=dtype, device=x.device)
     by_size: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         by_size.setdefault(len(g), []).append(i)
     for size, idx in by_size.items():
-        members = torch.tensor([j for i in idx for j in groups[i]], dtype=torch.long)
-        gathered = units.index_select(0, members).view(len(idx), size, block, *rest)
-        reduced = pairwise_sum(gathered, 1)
+        members = torch.tensor([j for i in idx for j in groups[i]], dtype=torch.long,
+                               device=x.device)
+        gathered = units.index_select(dim, members).to(dtype)
+        gathered = gathered.view(*pre, len(idx), size, block, *post)
+        reduced = pairwise_sum(gathered, dim + 1)
         if mode == "mean" and size > 1:
             reduced = reduced / size
-        out.index_copy_(0, torch.tensor(idx, dtype=torch.long), reduced)
-    return out.reshape(len(groups) * block, *rest).movedim(0, dim)
+        if len(idx) == len(groups) and idx == list(range(len(groups))):
+            out = reduced
+        else:
+            out.index_copy_(dim, torch.tensor(idx, dtype=torch.long, device=x.device), reduced)
+    return out.reshape(*pre, len(groups) * block, *post)
 
 
 def decoalesce_axis(x: torch.Tensor, dim: int, axis: AxisMap) -> torch.Tensor:
@@ -132,11 +142,11 @@ def coalesce(members: Sequence[torch.Tensor], axes: Sequence[AxisMap | None], *,
     """
     mapped = []
     for m in members:
-        y = m.to(_compute_dtype(m))
+        y = m  # widened by the first gather (a gather is exact in any dtype)
         for dim, axis in enumerate(axes):
             if axis is not None:
                 y = coalesce_axis(y, dim, axis)
-        mapped.append(y)
+        mapped.append(y.to(_compute_dtype(m)))
     out = mapped[0] if len(mapped) == 1 else pairwise_sum(torch.stack(mapped), 0) / len(mapped)
     return out * scale if scale != 1.0 else out
 
