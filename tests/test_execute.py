@@ -381,6 +381,26 @@ class TestCheckFinite:
         assert "  input tiny:model.layers.1.w: 1 NaN, 2 Inf" in result.stderr
         assert "  model.layers.0.w: 1 NaN, 2 Inf" in result.stderr
 
+    def test_counts_add_up_over_row_pieces(self, cli, tmp_path, monkeypatch):
+        """A cast computed in row pieces (16 rows each) reports the whole tensor's counts once."""
+        from safetensors.torch import save_file
+
+        import recipekit.plan as pl
+
+        src = tmp_path / "m"
+        src.mkdir()
+        bad = torch.zeros(64, 4)
+        bad[0, 0], bad[30, 1], bad[63, 3] = float("nan"), float("inf"), -float("inf")
+        save_file({"model.layers.0.w": bad}, src / "model.safetensors",
+                  metadata={"format": "pt"})
+        (src / "config.json").write_text(json.dumps({"num_hidden_layers": 1}))
+        monkeypatch.setattr(pl, "CHUNK_ELEMS", 12)
+        cast = write_recipe(tmp_path, solar_recipe("./m", "[0]", "  path: ./cast\n"
+                                                   "  dtype: bfloat16"))
+        result = ok(cli, "run", cast, "-q", "--check-finite")
+        assert result.stderr.splitlines()[1:] == [
+            "  input tiny:model.layers.0.w: 1 NaN, 2 Inf", "  model.layers.0.w: 1 NaN, 2 Inf"]
+
     def test_clean_model(self, cli, tmp_path, tiny_llama):
         result = ok(cli, "run", solar(tmp_path, tiny_llama), "-q", "--check-finite")
         assert result.stdout.splitlines()[-1] == "check-finite: no NaN or Inf values"
