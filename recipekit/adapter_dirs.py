@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipekit.errors import RecipekitError, SourceNotFoundError, UnsupportedCheckpointError
-from recipekit.hub import HubSnapshot, fetch_snapshot, snapshot_identity
+from recipekit.errors import SourceNotFoundError, UnsupportedCheckpointError
+from recipekit.hub import HubSnapshot, snapshot_identity
 from recipekit.io.header import TensorInfo, display_path, kind_of, parse_json
 from recipekit.recipe import ModelRef, Recipe
-from recipekit.sources import _header, _read_small, check_confined, model_root
+from recipekit.sources import _header, _read_small, check_confined, locate_input, model_root
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -74,21 +74,7 @@ def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
             layer_replication.
         CorruptCheckpointError: damaged config or header.
     """
-    where = ref.key_path
-
-    def located(cls: type[RecipekitError], message: str, hint: str | None = None):
-        return cls(message, key_path=where, hint=hint, location=recipe.document.locate(where))
-
-    snap = None
-    if ref.hub is not None:
-        try:
-            snap = fetch_snapshot(ref.hub, ref.revision)
-        except SourceNotFoundError as e:
-            raise located(SourceNotFoundError, e.message, e.hint) from None
-        path = snap.path
-    else:
-        assert ref.path is not None
-        path = ref.path
+    located, path, snap = locate_input(ref, recipe)
     try:
         is_dir = path.is_dir()
     except OSError as e:

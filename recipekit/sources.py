@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,32 @@ def is_peft_adapter_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
+Located = Callable[..., RecipekitError]
+
+
+def locate_input(ref: ModelRef, recipe: Recipe) -> tuple[Located, Path, HubSnapshot | None]:
+    """For one model or adapter input: a factory of errors located at its recipe key, its
+    local directory, and its hub snapshot (non-weight files fetched; None for a local path).
+
+    Raises:
+        SourceNotFoundError: the hub repo or revision cannot be resolved (located).
+    """
+    where = ref.key_path
+
+    def located(cls: type[RecipekitError], message: str, hint: str | None = None
+                ) -> RecipekitError:
+        return cls(message, key_path=where, hint=hint, location=recipe.document.locate(where))
+
+    if ref.hub is None:
+        assert ref.path is not None
+        return located, ref.path, None
+    try:
+        snap = fetch_snapshot(ref.hub, ref.revision)
+    except SourceNotFoundError as e:
+        raise located(SourceNotFoundError, e.message, e.hint) from None
+    return located, snap.path, snap
+
+
 def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
     """Read one model's config and headers and find its layer stack.
 
@@ -105,21 +132,7 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
             files that are symlinks out of the model directory, unusable config values.
         CorruptCheckpointError, TensorNotFoundError: damaged or inconsistent files.
     """
-    where = ref.key_path
-
-    def located(cls: type[RecipekitError], message: str, hint: str | None = None):
-        return cls(message, key_path=where, hint=hint, location=recipe.document.locate(where))
-
-    snap = None
-    if ref.hub is not None:
-        try:
-            snap = fetch_snapshot(ref.hub, ref.revision)
-        except SourceNotFoundError as e:
-            raise located(SourceNotFoundError, e.message, e.hint) from None
-        path = snap.path
-    else:
-        assert ref.path is not None
-        path = ref.path
+    located, path, snap = locate_input(ref, recipe)
     try:
         exists = path.exists()
     except OSError as e:  # e.g. ENAMETOOLONG: the kernel refuses the name itself
