@@ -249,14 +249,11 @@ def make_llama_checkpoint(shape: LlamaShape, seed: int = 0, *, root: Path = FIXT
     out = fixture_path(shape, seed, root)
     spec = {"shape": asdict(shape), "seed": seed, "max_shard_size": max_shard_size,
             "format": 2}
-    stamp = out / STAMP
-    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+    if is_cached(out, spec):
         return out
     specs = list(iter_tensor_specs(shape))
     total = checkpoint_bytes(shape)
     root.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        shutil.rmtree(out)  # stale or partial: ours to replace
     free = shutil.disk_usage(root).free
     if total + DISK_MARGIN > free:
         raise InsufficientDisk(f"{out.name} needs {total / 2**30:.1f} GiB (+{DISK_MARGIN >> 30} "
@@ -286,8 +283,18 @@ def make_llama_checkpoint(shape: LlamaShape, seed: int = 0, *, root: Path = FIXT
            "transformers_version": "5.23.0"})
     for fname, data in tokenizer_files(shape.vocab).items():
         _dump(out / fname, data)
-    _dump(stamp, spec)
+    _dump(out / STAMP, spec)
     return out
+
+
+def is_cached(out: Path, spec: dict[str, object]) -> bool:
+    """Whether ``out`` holds a finished build of ``spec``; if not, clear what is there."""
+    stamp = out / STAMP
+    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+        return True
+    if out.exists():
+        shutil.rmtree(out)  # stale or partial: ours to replace
+    return False
 
 
 def make_sparse_checkpoint(shape: LlamaShape, *, root: Path = FIXTURES_DIR,
@@ -296,11 +303,8 @@ def make_sparse_checkpoint(shape: LlamaShape, *, root: Path = FIXTURES_DIR,
     config, for timing what needs only headers (``recipekit plan``). Costs no disk."""
     out = root / f"{shape.name}-sparse"
     spec = {"shape": asdict(shape), "sparse": True, "max_shard_size": max_shard_size}
-    stamp = out / STAMP
-    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+    if is_cached(out, spec):
         return out
-    if out.exists():
-        shutil.rmtree(out)
     out.mkdir(parents=True)
     specs = list(iter_tensor_specs(shape))
     shards = split_shards(specs, max_shard_size)
@@ -317,7 +321,7 @@ def make_sparse_checkpoint(shape: LlamaShape, *, root: Path = FIXTURES_DIR,
     _dump(out / INDEX, {"metadata": {"total_size": checkpoint_bytes(shape)},
                         "weight_map": dict(sorted(weight_map.items()))})
     _dump(out / "config.json", config_json(shape))
-    _dump(stamp, spec)
+    _dump(out / STAMP, spec)
     return out
 
 
@@ -331,11 +335,8 @@ def make_lora(shape: LlamaShape, rank: int = 64, seed: int = 2, *,
     changes every targeted weight), written as PEFT saves it."""
     out = root / f"{shape.name}-lora-r{rank}-seed{seed}"
     spec = {"shape": asdict(shape), "rank": rank, "seed": seed, "format": 1}
-    stamp = out / STAMP
-    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+    if is_cached(out, spec):
         return out
-    if out.exists():
-        shutil.rmtree(out)
     out.mkdir(parents=True)
     dims = {name.rsplit(".", 2)[-2]: d for name, d in iter_tensor_specs(shape)
             if name.startswith("model.layers.0.") and name.endswith("proj.weight")}
@@ -359,7 +360,7 @@ def make_lora(shape: LlamaShape, rank: int = 64, seed: int = 2, *,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
         "base_model_name_or_path": None, "revision": None})
-    _dump(stamp, spec)
+    _dump(out / STAMP, spec)
     return out
 
 
