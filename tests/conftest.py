@@ -84,3 +84,15 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture
+def hub_cache(tmp_path, tiny_llama, monkeypatch):
+    """An offline huggingface_hub cache holding `tiny_llama` as repo org/tiny (test_hub.py)."""
+    from test_hub import add_to_cache
+
+    cache = tmp_path / "hub-cache"
+    add_to_cache(cache, "org/tiny", {p.name: p for p in tiny_llama.iterdir()})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache

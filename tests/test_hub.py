@@ -43,15 +43,6 @@ def add_to_cache(cache: Path, repo: str, files: dict[str, Path], *, sha: str = S
     return snap
 
 
-@pytest.fixture
-def hub_cache(tmp_path, tiny_llama, monkeypatch):
-    cache = tmp_path / "hub-cache"
-    add_to_cache(cache, "org/tiny", {p.name: p for p in tiny_llama.iterdir()})
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 def outputs_equal(a: Path, b: Path) -> None:
     names = sorted(p.name for p in a.iterdir() if p.suffix in (".safetensors", ".json")
                    and p.name not in ("recipekit.json", ".recipekit-state.json"))

@@ -117,15 +117,6 @@ class TestLocal:
         assert "cannot read the lock" in result.stderr
 
 
-@pytest.fixture
-def hub_cache(tmp_path, tiny_llama, monkeypatch):
-    cache = tmp_path / "hub-cache"
-    add_to_cache(cache, "org/tiny", {p.name: p for p in tiny_llama.iterdir()})
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 class TestHub:
     def test_pins_the_commit_and_reuses_blob_hashes(self, cli, tmp_path, tiny_llama, hub_cache,
                                                     monkeypatch):
