@@ -18,18 +18,9 @@ import textwrap
 import yaml
 from test_hub import SHA, add_to_cache
 
-from conftest import ROOT, write_recipe
+from conftest import ROOT, solar_recipe, write_recipe
 
-GOOD = """\
-recipekit: 1
-models:
-  tiny: ./model
-steps:
-  - name: up
-    op: layers
-    from: tiny
-    layers: ["range(0,6)", "range(2,8)"]
-"""
+GOOD = solar_recipe("./model", output=None)
 BAD = GOOD.replace("op: layers", "op: layerz")
 
 
