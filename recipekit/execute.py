@@ -228,8 +228,7 @@ class Runtime:
 
     @property
     def pin(self) -> bool:
-        """Read into page-locked memory, so host-to-GPU copies are asynchronous DMA."""
-        return self.device is not None and self.device.type == "cuda"
+        return _pinned(self.device)
 
 
 class BufferPool:
@@ -385,6 +384,11 @@ def _piece(n: Node, lo: int, hi: int, memo: dict[Node, Any], whole: dict[Node, A
     return result
 
 
+def _pinned(device: Any) -> bool:
+    """Read into page-locked memory, so host-to-GPU copies are asynchronous DMA."""
+    return device is not None and device.type == "cuda"
+
+
 def read_rows(node: Load, plan: Plan, reader: FileReader, lo: int, hi: int, *,
               pin: bool = False) -> Any:
     """Rows ``lo:hi`` of a stored tensor, as a CPU tensor over a fresh buffer (page-locked
@@ -404,8 +408,7 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, reader: FileReader, devic
     if n in memo:
         return memo[n]
     if isinstance(n, Load):
-        result = read_tensor(n, plan, reader,
-                             pin=device is not None and getattr(device, "type", "") == "cuda")
+        result = read_tensor(n, plan, reader, pin=_pinned(device))
         if finite is not None:
             finite.check(f"input {n.source}:{n.name}", result)
     else:

@@ -166,11 +166,14 @@ def scan_layer_stacks(names: Iterable[str]) -> dict[str, set[int]]:
     return stacks
 
 
-def _get(config: Mapping[str, Any], key: ConfigKey) -> Any:
+_ABSENT = object()
+
+
+def _get(config: Mapping[str, Any], key: ConfigKey, default: Any = None) -> Any:
     cur: Any = config
     for part in key:
         if not isinstance(cur, Mapping) or part not in cur:
-            return None
+            return default
         cur = cur[part]
     return cur
 
@@ -277,9 +280,4 @@ def config_get(config: Mapping[str, Any], key: ConfigKey) -> Any:
 
 def config_has(config: Mapping[str, Any], key: ConfigKey) -> bool:
     """Whether a (possibly nested) key is present, even holding null."""
-    cur: Any = config
-    for part in key:
-        if not isinstance(cur, Mapping) or part not in cur:
-            return False
-        cur = cur[part]
-    return True
+    return _get(config, key, _ABSENT) is not _ABSENT
