@@ -23,6 +23,7 @@ Tables and raw JSON go to ``bench/results/`` (gitignored).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -60,6 +61,7 @@ class Variant:
     argv: Callable[[Path], list[str]]  # the command, given a fresh output directory
     env: dict[str, str] | None = None
     verify: bool = True  # check its output's tensors (the floor writes filler)
+    same_as: str | None = None  # label of a variant whose shards it must equal byte for byte
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class Record:
     tool: str
     runs: list[dict[str, object]] = field(default_factory=list)
     verified: str = "not checked"
+    shards: dict[str, str] | None = None  # shard -> sha256 from the first run's manifest
+    same: str = ""  # the byte comparison with `Variant.same_as`, once made
 
     def ok_runs(self) -> list[dict[str, object]]:
         return [r for r in self.runs if r["returncode"] == 0]
@@ -182,10 +186,17 @@ def digest_sources(case: Case) -> dict[tuple[Path, str], str]:
 # Cases.
 
 
-def recipekit_argv(recipe: Path, *flags: str) -> Callable[[Path], list[str]]:
+def recipekit_command() -> list[str]:
+    """The console script beside this Python, else on PATH, else ``python -m recipekit``
+    (a checkout on PYTHONPATH, as on a GPU machine with no install)."""
     exe = Path(sys.executable).with_name("recipekit")
-    cmd = str(exe) if exe.exists() else (shutil.which("recipekit") or "recipekit")
-    return lambda out: [cmd, "run", str(recipe), "--output", str(out), "-q", *flags]
+    found = str(exe) if exe.exists() else shutil.which("recipekit")
+    return [found] if found else [sys.executable, "-m", "recipekit"]
+
+
+def recipekit_argv(recipe: Path, *flags: str) -> Callable[[Path], list[str]]:
+    cmd = recipekit_command()
+    return lambda out: [*cmd, "run", str(recipe), "--output", str(out), "-q", *flags]
 
 
 def mergekit_argv(config: Path) -> Callable[[Path], list[str]]:
@@ -259,7 +270,8 @@ def _solar_case(work: Path, shape: fixtures.LlamaShape) -> Case:
     default = recipe(None)
     variants = [
         Variant("recipekit", "recipekit", recipekit_argv(default)),
-        Variant("recipekit", "recipekit --no-fsync", recipekit_argv(default, "--no-fsync")),
+        Variant("recipekit", "recipekit --no-fsync", recipekit_argv(default, "--no-fsync"),
+                same_as="recipekit"),
         Variant(MERGEKIT, "mergekit 0.1.5", mergekit_argv(mk_config), env=mergekit_env()),
         Variant(FLOOR, FLOOR, floor_argv(shards, single_shard_size(expected)), verify=False),
     ]
@@ -297,6 +309,10 @@ def merge_case(method: str, shape: str = "tinyllama") -> Callable[[Path], Case]:
                  "density: 0.5}]\n",
                  "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.5, "
                  "density: 0.5}}\nmerge_method: ties\n"),
+        "dare_ties": ("    method: dare_ties\n    base: a\n    from: [{model: b, weight: 0.5, "
+                      "density: 0.5}]\n",
+                      "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: "
+                      "0.5, density: 0.5}}\nmerge_method: dare_ties\n"),
     }
 
     def case(work: Path) -> Case:
@@ -312,7 +328,7 @@ def merge_case(method: str, shape: str = "tinyllama") -> Callable[[Path], Case]:
         variants = [
             Variant("recipekit", "recipekit", recipekit_argv(recipe), verify=False),
             Variant("recipekit", "recipekit --no-fsync", recipekit_argv(recipe, "--no-fsync"),
-                    verify=False),
+                    verify=False, same_as="recipekit"),
             Variant(MERGEKIT, "mergekit 0.1.5", mergekit_argv(mk_config), env=mergekit_env(),
                     verify=False),
             Variant(FLOOR, FLOOR, floor_argv(shards, out_bytes), verify=False),
@@ -355,7 +371,7 @@ def lora_case(work: Path) -> Case:
     variants = [
         Variant("recipekit", "recipekit", recipekit_argv(recipe), verify=False),
         Variant("recipekit", "recipekit --no-fsync", recipekit_argv(recipe, "--no-fsync"),
-                verify=False),
+                verify=False, same_as="recipekit"),
         Variant(MERGEKIT, "mergekit 0.1.5", mergekit, env=mergekit_env(), verify=False),
         Variant(FLOOR, FLOOR, floor_argv([*shards, lora / "adapter_model.safetensors"],
                                          out_bytes), verify=False),
@@ -387,12 +403,26 @@ def coalesce_case(work: Path) -> Case:
     variants = [
         Variant("recipekit", "recipekit", recipekit_argv(recipe), verify=False),
         Variant("recipekit", "recipekit --no-fsync", recipekit_argv(recipe, "--no-fsync"),
-                verify=False),
+                verify=False, same_as="recipekit"),
         Variant(FLOOR, FLOOR, floor_argv(shards, out_bytes), verify=False),
     ]
     return Case(name="coalesce", description=f"coalesce {src.name} to half width and depth",
                 inputs=shards, variants=variants, expected={}, expected_config={},
                 targets={})
+
+
+def extract_case(work: Path) -> Case:
+    """Extract a rank-64 LoRA from the difference of the two TinyLlama fixtures: one SVD per
+    linear module (154 of them), the SVD-heavy case for comparing devices."""
+    a, b = (fixtures.make_tinyllama(seed) for seed in (0, 1))
+    recipe = work / "extract.yaml"
+    recipe.write_text(f"recipekit: 1\nmodels:\n  base: {a}\n  tuned: {b}\nsteps:\n"
+                      "  - name: lora\n    op: extract_lora\n    base: base\n    tuned: tuned\n"
+                      "    rank: 64\n")
+    shards = sorted(a.glob("*.safetensors")) + sorted(b.glob("*.safetensors"))
+    variants = [Variant("recipekit", "recipekit", recipekit_argv(recipe), verify=False)]
+    return Case(name="extract", description=f"extract a rank-64 LoRA from {b.name} − {a.name}",
+                inputs=shards, variants=variants, expected={}, expected_config={}, targets={})
 
 
 def plan_case(work: Path) -> Case:
@@ -407,9 +437,9 @@ def plan_case(work: Path) -> Case:
     ties.write_text(f"recipekit: 1\nmodels:\n  a: {src}\n  b: {src}\nsteps:\n  - name: m\n"
                     "    op: merge\n    method: ties\n    base: a\n"
                     "    from: [{model: b, weight: 0.5, density: 0.5}]\n")
-    exe = recipekit_argv(solar)(work)[0]
+    cmd = recipekit_command()
     variants = [Variant("recipekit", f"recipekit plan ({r.stem.rsplit('-', 1)[-1]})",
-                        lambda out, r=r: [exe, "plan", str(r)], verify=False)
+                        lambda out, r=r: [*cmd, "plan", str(r)], verify=False)
                 for r in (solar, ties)]
     return Case(name="plan-70b", description=f"recipekit plan on {src.name} (sparse files)",
                 inputs=[src / "config.json"], variants=variants, expected={},
@@ -421,20 +451,36 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "linear": merge_case("linear"),
     "slerp": merge_case("slerp"),
     "ties": merge_case("ties"),
+    "dare": merge_case("dare_ties"),
     "solar-mistral-8l": solar_case("mistral-8l"),
     "linear-mistral-8l": merge_case("linear", "mistral-8l"),
     "solar-mistral-32l": solar_case("mistral-32l"),
     "lora": lora_case,
     "coalesce": coalesce_case,
+    "extract": extract_case,
     "plan-70b": plan_case,
 }
-#: What `python bench/run.py` runs with no --cases: everything but the 13.5 GiB 32-layer case.
+#: What `python bench/run.py` runs with no --cases: everything but the 13.5 GiB 32-layer case
+#: and the compute-bound `dare` and `extract` (minutes each on 2 cores; for `--device` runs).
 DEFAULT_CASES = ("solar", "linear", "slerp", "ties", "lora", "coalesce", "solar-mistral-8l",
                  "linear-mistral-8l", "plan-70b")
 
 
 # ---------------------------------------------------------------------------------------------
 # Running.
+
+
+def with_device(variants: list[Variant], device: str) -> list[Variant]:
+    """``variants`` plus, after plain "recipekit", the same run with ``--device``; its shards
+    are compared with the CPU run's (equal where DESIGN.md §3 promises it)."""
+    out = []
+    for v in variants:
+        out.append(v)
+        if v.label == "recipekit":
+            out.append(dataclasses.replace(
+                v, label=f"recipekit --device {device}",
+                argv=lambda o, f=v.argv: [*f(o), "--device", device], same_as=v.label))
+    return out
 
 
 def warm(paths: list[Path]) -> None:
@@ -470,9 +516,35 @@ def run_case(case: Case, runs: int, scratch: Path, interval: float, verify: bool
             elif r == 0 and verify and v.verify:
                 records[v.label].verified = verify_output(out, case, digests)
                 status += f"  output check: {records[v.label].verified}"
+            if r == 0 and m.returncode == 0 and v.tool == "recipekit":
+                records[v.label].shards = manifest_shards(out)
             print(f"[{case.name} {r + 1}/{runs}] {v.label:<28} {status}", file=sys.stderr)
             shutil.rmtree(out, ignore_errors=True)
+    for v in case.variants:
+        if v.same_as in records:
+            records[v.label].same = compare_shards(records[v.label], records[v.same_as])
+            print(f"[{case.name}] {v.label}: {records[v.label].same}", file=sys.stderr)
     return list(records.values())
+
+
+def manifest_shards(out: Path) -> dict[str, str] | None:
+    """Shard name -> sha256 as recipekit's manifest records it (None: no manifest)."""
+    try:
+        shards = json.loads((out / "recipekit.json").read_text())["shards"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return {name: entry["sha256"] for name, entry in shards.items()}
+
+
+def compare_shards(rec: Record, ref: Record) -> str:
+    """Whether two recipekit variants wrote the same shards (DESIGN.md §3: flags, worker
+    threads and devices change no byte of data movement or elementwise ops)."""
+    if rec.shards is None or ref.shards is None:
+        return "bytes not compared"
+    if rec.shards == ref.shards:
+        return f"same bytes as {ref.variant}"
+    differ = sum(rec.shards.get(k) != h for k, h in ref.shards.items())
+    return f"{differ} of {len(ref.shards)} shards differ from {ref.variant}"
 
 
 def slug(text: str) -> str:
@@ -502,6 +574,7 @@ def render_table(results: list[tuple[Case, list[Record]]]) -> str:
             walls = [float(r["wall_s"]) for r in rec.ok_runs()]  # type: ignore[arg-type]
             wall = rec.median("wall_s")
             span = f"{wall:.2f} ({min(walls):.2f}–{max(walls):.2f})" if walls else "failed"
+            check = "; ".join(filter(None, (rec.verified, rec.same)))
             failed = len(rec.runs) - len(walls)
             if failed:
                 span += f", {failed} failed"
@@ -510,7 +583,7 @@ def render_table(results: list[tuple[Case, list[Record]]]) -> str:
                 f"| {mib(rec.median('peak_rss_anon'))} "
                 f"| {ratio(wall, mk_wall) if rec is not mk else '1.00×'} "
                 f"| {ratio(rec.median('peak_rss'), mk_rss) if rec is not mk else '1.00×'} "
-                f"| {ratio(wall, floor_wall)} | {rec.verified} |")
+                f"| {ratio(wall, floor_wall)} | {check} |")
         main = next((r for r in records if r.variant.startswith("recipekit")), None)
         if main is None or main.median("wall_s") is None:
             continue
@@ -551,7 +624,7 @@ def environment() -> dict[str, object]:
         "cpus": os.cpu_count(),
         "mem_total_gib": round(int(mem) / 2**20, 1),
         "python": platform.python_version(),
-        "recipekit": out([recipekit_argv(Path("x"))(Path("x"))[0], "version"]),
+        "recipekit": out([*recipekit_command(), "version"]),
         # The checkout under test: others may commit while a benchmark runs.
         "git": out(["git", "-C", str(BENCH.parent), "describe", "--always", "--dirty"]),
         "mergekit": out([str(mk_py), "-c", "from importlib.metadata import version as v; "
@@ -571,6 +644,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="memory sampling interval in seconds (<= 0.05; default 0.02)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip checking each tool's output tensors in the first round")
+    parser.add_argument("--device", help="also run recipekit with --device DEVICE (e.g. cuda) "
+                        "and compare its shards with the default run's")
+    parser.add_argument("--skip-variants", default="",
+                        help="comma-separated variant labels to leave out, e.g. "
+                        "'recipekit --no-fsync,copy floor'")
     args = parser.parse_args(argv)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
@@ -580,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be >= 1 and --interval in (0, 0.05]")
     if args.runs < 2:
         print("warning: DESIGN.md asks for the median of >= 2 runs", file=sys.stderr)
+    skip = {s.strip() for s in args.skip_variants.split(",") if s.strip()}
     have_mergekit = (MERGEKIT_VENV / "bin" / "mergekit-yaml").exists()
     if not have_mergekit:
         print(f"no mergekit at {MERGEKIT_VENV} (`bash bench/setup_mergekit.sh` makes it): "
@@ -601,8 +680,10 @@ def main(argv: list[str] | None = None) -> int:
                 skipped[name] = str(e)
                 print(f"skipped case {name}: {e}", file=sys.stderr)
                 continue
-            if not have_mergekit:
-                case.variants[:] = [v for v in case.variants if v.tool != MERGEKIT]
+            if args.device:
+                case.variants[:] = with_device(case.variants, args.device)
+            case.variants[:] = [v for v in case.variants if v.label not in skip
+                                and (have_mergekit or v.tool != MERGEKIT)]
             results.append((case, run_case(case, args.runs, scratch, args.interval,
                                            not args.no_verify)))
             # Keep the logs of failed runs; the scratch folder itself is removed.

@@ -10,13 +10,16 @@ between devices.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import ctypes
 import dataclasses
 import gc
+import itertools
 import logging
 import queue
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from recipekit.plan import (
     Plan,
     Shard,
     chunkable,
+    piece_workers,
     row_sliced,
     rows_per_piece,
 )
@@ -120,8 +124,12 @@ def output_files(plan: Plan, donor_files: list[Path]) -> list[str]:
 
 
 def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool = False,
-             progress: Progress | None = None, check_finite: bool = False) -> RunResult:
+             progress: Progress | None = None, check_finite: bool = False,
+             workers: int | None = None) -> RunResult:
     """Write the plan's output directory (resuming finished shards of the same plan).
+
+    ``workers`` threads compute row pieces side by side on the CPU (default: `piece_workers`);
+    they change no byte of the output.
 
     Raises:
         OutputPathError: the output is a file, holds foreign files, or another plan's output.
@@ -142,7 +150,8 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
     donor_files = iter_donor_files(plan.donor.path) if plan.donor is not None else []
     with OutputDir(out_path, plan_hash=plan.plan_hash(), files=output_files(plan, donor_files),
                    force=force, fsync=fsync) as out, FileReader() as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="recipekit-read") as prefetch:
+            ThreadPoolExecutor(1, thread_name_prefix="recipekit-read") as prefetch, \
+            contextlib.ExitStack() as stack:
         if out.already_complete:
             return RunResult(out_path, True, 0, len(plan.shards), 0)
         todo = [s for s in plan.shards if not out.is_finished(s.filename)]
@@ -150,8 +159,11 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
                     for p in donor_files) + (1 << 20)
         out.begin(sum(s.size for s in todo) + extra)
         largest = max((t.nbytes for s in todo for t in s.tensors), default=1)
+        n = workers if workers is not None else piece_workers()
+        pool = (stack.enter_context(ThreadPoolExecutor(n, thread_name_prefix="recipekit-piece"))
+                if n > 1 and dev is not None and dev.type == "cpu" else None)
         rt = Runtime(reader, dev, BufferPool(COPY_BUFFERS, max(1, min(COPY_CHUNK, largest))),
-                     prefetch, finite)
+                     prefetch, finite, pool, n if pool else 1)
         for shard in plan.shards:
             if out.is_finished(shard.filename):
                 tick(shard.size)
@@ -218,13 +230,16 @@ def fetch_hub_shards(plan: Plan) -> Plan:
 @dataclass
 class Runtime:
     """What writing one shard uses besides the plan: the input reader, the compute device,
-    copy buffers, the read-ahead thread of chunked tensors, and the optional finite check."""
+    copy buffers, the read-ahead thread of chunked tensors, the optional finite check, and the
+    threads that compute row pieces side by side."""
 
     reader: FileReader
     device: Any
     pool: BufferPool
     prefetch: ThreadPoolExecutor
     finite: FiniteCheck | None = None
+    compute: ThreadPoolExecutor | None = None  # piece workers on the CPU; None: this thread
+    workers: int = 1  # the size of `compute`
 
     @property
     def pin(self) -> bool:
@@ -320,12 +335,13 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
     """Yield ``node``'s values as contiguous CPU pieces of whole rows, in order.
 
     Stored inputs on the sliced paths (`plan.row_sliced`) are read piece by piece straight from
-    their files, the next piece's reads running on the read-ahead thread while this one is
-    computed; inputs a piece needs whole (a LoRA's A factor) are computed once per tensor.
-    Pieces are computed with one torch thread: a piece is too small for a parallel region to
-    pay for its start, and the second core is busy reading ahead and hashing. Every node's
-    `compute_rows` equals the rows of its whole result, so the bytes are those of the
-    whole-tensor evaluation (tests/test_execute.py::TestChunkedEvaluation).
+    their files on the read-ahead thread; inputs a piece needs whole (a LoRA's A factor) are
+    computed first, once per tensor. Pieces are computed at one torch thread each, by
+    ``rt.compute``'s workers side by side (or by this thread): a piece is too small for a
+    parallel region to pay for its start, and independent pieces scale with cores instead.
+    Every node's `compute_rows` equals the rows of its whole result, so the bytes are those of
+    the whole-tensor evaluation, whichever thread computed a piece
+    (tests/test_execute.py::TestChunkedEvaluation).
     """
     import torch
 
@@ -333,51 +349,80 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
     assert parts is not None
     loads = sorted((n for n in parts[0] if isinstance(n, Load)), key=lambda n: (n.source, n.name))
     rows = rows_per_piece(node)
-    if rt.device is not None and rt.device.type != "cpu":
+    gpu = rt.device is not None and rt.device.type != "cpu"
+    if gpu:
         rows *= 64  # amortize kernel launches and transfers
     n_rows = node.shape[0]
     bounds = [(lo, min(lo + rows, n_rows)) for lo in range(0, n_rows, rows)]
-    whole: dict[Node, Any] = {}
+    whole = {x: _value(x, {}, plan, rt.reader, rt.device, rt.finite) for x in parts[1]}
+    workers = rt.compute if not gpu else None
+    threads = torch.get_num_threads()
 
     def read(lo: int, hi: int) -> dict[Node, Any]:
         return {n: read_rows(n, plan, rt.reader, lo, hi, pin=rt.pin) for n in loads}
 
-    threads = torch.get_num_threads()
-    one = 1 if rt.device is None or rt.device.type == "cpu" else threads
-    ahead = rt.prefetch.submit(read, *bounds[0])
+    def compute(ahead: Future[dict[Node, Any]], lo: int, hi: int) -> tuple[dict[Node, Any], Any]:
+        memo = ahead.result()
+        inputs = dict(memo) if rt.finite is not None else {}
+        if not gpu:
+            torch.set_num_threads(1)  # also per worker thread: OpenMP's setting is per thread
+        try:
+            return inputs, _piece(node, lo, hi, memo, whole, plan, rt).cpu().contiguous()
+        finally:
+            memo.clear()
+
+    # Each piece's read is queued on the read-ahead thread, and its computation on a worker;
+    # pieces are taken in order, with one more in flight than there are workers.
+    Job = tuple[Future[dict[Node, Any]], int, int, Future[tuple[dict[Node, Any], Any]] | None]
+    inflight: collections.deque[Job] = collections.deque()
+    upcoming = iter(bounds)
+
+    def start(lo: int, hi: int) -> None:
+        ahead = rt.prefetch.submit(read, lo, hi)
+        job = workers.submit(compute, ahead, lo, hi) if workers is not None else None
+        inflight.append((ahead, lo, hi, job))
+
     try:
-        for k, (lo, hi) in enumerate(bounds):
-            memo = ahead.result()
-            if k + 1 < len(bounds):
-                ahead = rt.prefetch.submit(read, *bounds[k + 1])
+        for lo, hi in itertools.islice(upcoming, 1 + (rt.workers if workers else 1)):
+            start(lo, hi)
+        while inflight:
+            ahead, lo, hi, job = inflight.popleft()
+            if job is None:
+                inputs, piece = compute(ahead, lo, hi)
+            else:
+                inputs, piece = job.result()
+            following = next(upcoming, None)
+            if following is not None:
+                start(*following)
             if rt.finite is not None:
-                for n, value in memo.items():
+                for n, value in inputs.items():
                     rt.finite.check(f"input {n.source}:{n.name}", value)  # type: ignore[attr-defined]
-            torch.set_num_threads(one)
-            try:
-                piece = _piece(node, lo, hi, memo, whole, plan, rt).cpu().contiguous()
-            finally:
-                torch.set_num_threads(threads)
-                memo.clear()
+            del inputs
             yield piece
+            del piece
     finally:
-        ahead.cancel()
+        for ahead, _, _, job in inflight:
+            ahead.cancel()
+            if job is not None:
+                job.cancel()
+        if workers is not None:  # a cancelled generator: let running pieces finish first
+            for _, _, _, job in inflight:
+                if job is not None and not job.cancelled():
+                    with contextlib.suppress(BaseException):
+                        job.result()
+        torch.set_num_threads(threads)
         whole.clear()
 
 
 def _piece(n: Node, lo: int, hi: int, memo: dict[Node, Any], whole: dict[Node, Any],
            plan: Plan, rt: Runtime) -> Any:
-    """Rows ``lo:hi`` of ``n`` (its stored inputs' rows are in ``memo`` already)."""
+    """Rows ``lo:hi`` of ``n`` (its stored inputs' rows are in ``memo``, the inputs it reads
+    whole in ``whole``)."""
     if n in memo:
         return memo[n]
     args = []
     for x, by_rows in zip(n.inputs, n.row_inputs() or (), strict=True):
-        if by_rows:
-            value = _piece(x, lo, hi, memo, whole, plan, rt)
-        else:
-            if x not in whole:
-                whole[x] = _value(x, {}, plan, rt.reader, rt.device, rt.finite)
-            value = whole[x]
+        value = _piece(x, lo, hi, memo, whole, plan, rt) if by_rows else whole[x]
         args.append(value.to(rt.device, non_blocking=True))
     result = n.compute_rows(tuple(args), lo, hi)
     memo[n] = result

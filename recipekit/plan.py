@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -112,11 +113,13 @@ class Plan:
 
     def peak_memory_estimate(self) -> int:
         """Working set above an idle process: the copy buffers if any tensor is copied as is,
-        plus the largest computed tensor's working set (`working_set`)."""
+        plus the largest computed tensor's working set (`working_set`, with this machine's
+        default `piece_workers`)."""
         copied = [t.nbytes for s in self.shards for t in s.tensors if isinstance(t.node, Load)]
         buffers = COPY_BUFFERS * min(COPY_CHUNK, max(copied)) if copied else 0
-        return buffers + max((working_set(t.node) for s in self.shards for t in s.tensors
-                              if not isinstance(t.node, Load)), default=0)
+        workers = piece_workers()
+        return buffers + max((working_set(t.node, workers) for s in self.shards
+                              for t in s.tensors if not isinstance(t.node, Load)), default=0)
 
     def largest_whole_tensor_op(self) -> tuple[str, Node, int] | None:
         """(tensor name, node, working set) of the computed tensor that needs the most memory
@@ -205,10 +208,21 @@ def chunkable(node: Node) -> bool:
 CHUNKED_OVERHEAD = 24 * 1024 * 1024
 
 
-def working_set(node: Node) -> int:
+def piece_workers() -> int:
+    """Threads that compute row pieces side by side on the CPU by default: half the usable
+    cores, at most 8. The other half reads ahead, hashes and writes; on 2 cores that leaves
+    one, which measured fastest there (bench/README.md)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // 2))
+
+
+def working_set(node: Node, workers: int = 1) -> int:
     """Bytes computing one output tensor holds: its expression (inputs, intermediates, fp32
     scratch) and its result waiting for the hashing worker. For a chunked tensor: the inputs
-    it reads whole, plus two pieces of the rest (one computed, one read ahead), the writer's
+    it reads whole, plus one piece per worker computing and one read ahead, the writer's
     queue of pieces and `CHUNKED_OVERHEAD`."""
     whole = expression_bytes(node) + node.nbytes
     parts = row_sliced(node) if chunkable(node) else None
@@ -218,7 +232,8 @@ def working_set(node: Node) -> int:
     kept = sum(expression_bytes(x) for x in whole_inputs)
     rows = min(rows_per_piece(node), node.shape[0])
     per_piece = -(-sum(n.nbytes + n.workspace for n in sliced) * rows // node.shape[0])
-    return kept + 2 * per_piece + 4 * rows * (node.nbytes // node.shape[0]) + CHUNKED_OVERHEAD
+    queued = 4 * rows * (node.nbytes // node.shape[0])
+    return kept + (workers + 1) * per_piece + queued + CHUNKED_OVERHEAD
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> VirtualModel:

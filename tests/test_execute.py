@@ -427,10 +427,10 @@ class TestChunkedEvaluation:
     several pieces and end in a partial one.
     """
 
-    def run(self, cli, tmp_path, a, b, body, out, dtype=""):
+    def run(self, cli, tmp_path, a, b, body, out, dtype="", *flags):
         text = (f"recipekit: 1\nmodels:\n  a: {a}\n  b: {b}\nsteps:\n  - name: m\n    {body}\n"
                 f"output:\n  path: ./{out}\n  shard_size: 200KB{dtype}\n")
-        ok(cli, "run", write_recipe(tmp_path, text, f"{out}.yaml"), "-q", "--no-fsync")
+        ok(cli, "run", write_recipe(tmp_path, text, f"{out}.yaml"), "-q", "--no-fsync", *flags)
         return {p.name: p.read_bytes() for p in sorted((tmp_path / out).glob("*.safetensors"))}
 
     @pytest.mark.parametrize("name", list(CHUNKED_STEPS))
@@ -452,11 +452,14 @@ class TestChunkedEvaluation:
             assert not calls
             monkeypatch.setattr(pl, "CHUNK_ELEMS", 100)
             pieces = self.run(cli, tmp_path, tiny_llama, tiny_llama_b, CHUNKED_STEPS[name],
-                              "pieces", dtype)
+                              "pieces", dtype, "--workers", "1")
+            side_by_side = self.run(cli, tmp_path, tiny_llama, tiny_llama_b,
+                                    CHUNKED_STEPS[name], "workers", dtype, "--workers", "3")
+            assert torch.get_num_threads() == 1  # restored after the workers' pieces
         finally:
             torch.set_num_threads(threads)
-        assert len(calls) > 10
-        assert whole == pieces
+        assert len(calls) > 20
+        assert whole == pieces == side_by_side
 
     def test_whole_tensor_ops_are_not_chunked_and_plan_says_so(self, cli, tmp_path, tiny_llama,
                                                                tiny_llama_b, monkeypatch):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapter_builders import make_adapter
 from safetensors.torch import save_file
 
+from adapter_builders import make_adapter
 from builders import load_model
 from conftest import read_tensors
 

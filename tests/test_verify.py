@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from adapter_builders import make_adapter
 from test_inspect import minilm
 
+from adapter_builders import make_adapter
 from conftest import solar_recipe, write_recipe
 
 

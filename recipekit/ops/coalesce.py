@@ -125,9 +125,10 @@ def _decoalesce_segment(x: torch.Tensor, dim: int, groups: Groups, block: int,
     for i, g in enumerate(groups):
         for j in g:
             owner[j] = i
-    out = units.index_select(0, torch.tensor(owner, dtype=torch.long))
+    out = units.index_select(0, torch.tensor(owner, dtype=torch.long, device=x.device))
     if mode == "split" and any(len(g) > 1 for g in groups):
-        sizes = torch.tensor([float(len(groups[i])) for i in owner], dtype=out.dtype)
+        sizes = torch.tensor([float(len(groups[i])) for i in owner], dtype=out.dtype,
+                             device=x.device)
         out = out / sizes.view(-1, *([1] * (out.dim() - 1)))
     return out.reshape(n_large * block, *rest).movedim(0, dim)
 

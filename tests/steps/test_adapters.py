@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapter_builders import make_adapter, peft_merged
 
+from adapter_builders import make_adapter, peft_merged
 from builders import load_model, make_model
 from conftest import read_tensors, write_recipe
 
@@ -327,7 +327,7 @@ def test_row_pieces_equal_the_whole_fold(cli, tmp_path, bases, adapters, case, m
     """Large folds are computed in row pieces (W and B by rows, A whole; (B·A)ᵀ layouts by
     columns of A; DoRA's row norms within a piece; column norms whole). Oracle: the same fold
     computed whole, at one torch thread, byte for byte (ΔW is made in fixed row blocks either
-    way, ops/lora.py)."""
+    way, ops/lora.py), with the pieces computed by three worker threads."""
     import recipekit.execute as ex
     import recipekit.plan as pl
     from recipekit.model import LoraDelta
@@ -345,6 +345,7 @@ def test_row_pieces_equal_the_whole_fold(cli, tmp_path, bases, adapters, case, m
         real = ex.evaluate_chunks
         monkeypatch.setattr(ex, "evaluate_chunks", lambda *a: calls.append(a[0]) or real(*a))
         monkeypatch.setattr(pl, "CHUNK_ELEMS", 100)
+        monkeypatch.setattr(ex, "piece_workers", lambda: 3)  # pieces on worker threads
         pieces = (fold(cli, tmp_path / "pieces", bases[family], uses) / "model.safetensors")
     finally:
         torch.set_num_threads(threads)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapter_builders import make_adapter
 
+from adapter_builders import make_adapter
 from builders import load_model, make_model
 from conftest import read_tensors, write_recipe
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from adapter_builders import make_adapter
 
+from adapter_builders import make_adapter
 from builders import FAMILIES, load_model, make_model
 from conftest import read_tensors, write_recipe
 
