@@ -335,10 +335,12 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
     """Yield ``node``'s values as contiguous CPU pieces of whole rows, in order.
 
     Stored inputs on the sliced paths (`plan.row_sliced`) are read piece by piece straight from
-    their files on the read-ahead thread; inputs a piece needs whole (a LoRA's A factor) are
-    computed first, once per tensor. Pieces are computed at one torch thread each, by
-    ``rt.compute``'s workers side by side (or by this thread): a piece is too small for a
-    parallel region to pay for its start, and independent pieces scale with cores instead.
+    their files on the read-ahead thread; inputs a piece needs whole (a LoRA's A factor,
+    slerp's coefficients) are computed first, once per tensor, and a stored input they read
+    whole anyway is then sliced in memory instead of read again. Pieces are computed at one
+    torch thread each, by ``rt.compute``'s workers side by side (or by this thread): a piece
+    is too small for a parallel region to pay for its start, and independent pieces scale with
+    cores instead.
     Every node's `compute_rows` equals the rows of its whole result, so the bytes are those of
     the whole-tensor evaluation, whichever thread computed a piece
     (tests/test_execute.py::TestChunkedEvaluation).
@@ -354,16 +356,24 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
         rows *= 64  # amortize kernel launches and transfers
     n_rows = node.shape[0]
     bounds = [(lo, min(lo + rows, n_rows)) for lo in range(0, n_rows, rows)]
-    whole = {x: _value(x, {}, plan, rt.reader, rt.device, rt.finite) for x in parts[1]}
+    whole: dict[Node, Any] = {}
+    held: dict[Node, Any] = {}  # sliced inputs the whole ones read anyway (slerp's a and b)
+    for x in parts[1]:
+        seen: dict[Node, Any] = {}
+        whole[x] = _value(x, seen, plan, rt.reader, rt.device, rt.finite)
+        held.update((n, seen[n]) for n in loads if n in seen)
+        seen.clear()
     workers = rt.compute if not gpu else None
     threads = torch.get_num_threads()
 
     def read(lo: int, hi: int) -> dict[Node, Any]:
-        return {n: read_rows(n, plan, rt.reader, lo, hi, pin=rt.pin) for n in loads}
+        return {n: held[n][lo:hi] if n in held else
+                read_rows(n, plan, rt.reader, lo, hi, pin=rt.pin) for n in loads}
 
     def compute(ahead: Future[dict[Node, Any]], lo: int, hi: int) -> tuple[dict[Node, Any], Any]:
         memo = ahead.result()
-        inputs = dict(memo) if rt.finite is not None else {}
+        # (held inputs were checked when read whole)
+        inputs = {n: v for n, v in memo.items() if n not in held} if rt.finite else {}
         if not gpu:
             torch.set_num_threads(1)  # also per worker thread: OpenMP's setting is per thread
         try:
@@ -412,6 +422,7 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
                         job.result()
         torch.set_num_threads(threads)
         whole.clear()
+        held.clear()
 
 
 def _piece(n: Node, lo: int, hi: int, memo: dict[Node, Any], whole: dict[Node, Any],

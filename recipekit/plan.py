@@ -203,9 +203,10 @@ def chunkable(node: Node) -> bool:
     return bool(node.shape) and node.numel > CHUNK_ELEMS and row_sliced(node) is not None
 
 
-#: What chunked evaluation holds besides its pieces, measured (tests/test_execute.py: 16-35 MiB
-#: from run to run): the read-ahead thread's malloc arena and the allocator's retained pieces.
-CHUNKED_OVERHEAD = 24 * 1024 * 1024
+#: What chunked evaluation holds besides its pieces and whole inputs, measured
+#: (tests/test_execute.py: 16-35 MiB from run to run, and up to 40 MiB above a slerp's inputs
+#: and chunk buffers): the worker threads' malloc arenas and the allocator's retained pieces.
+CHUNKED_OVERHEAD = 32 * 1024 * 1024
 
 
 def piece_workers() -> int:

@@ -184,35 +184,58 @@ def slerp(a: torch.Tensor, b: torch.Tensor, *, t: float, eps: float = 1e-8,
         tensor([0.7071, 0.7071])
     """
     _check_inputs("slerp", [a, b])
+    return slerp_apply(a, b, slerp_coefficients(a, b, t=t, eps=eps, dot_threshold=dot_threshold))
+
+
+def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, *, t: float, eps: float = 1e-8,
+                       dot_threshold: float = 0.9995) -> torch.Tensor:
+    """`slerp`'s two coefficients (c_a, c_b), a tensor of 2 in the compute dtype.
+
+    Why separate: the norms and the dot product need both whole tensors but give two numbers;
+    the output, c_a·a + c_b·b (`slerp_apply`), is elementwise, so the executor can compute it
+    in row pieces once the coefficients are known (`model.SlerpCoefficients`, `model.Slerp`).
+    Shapes: a, b [...] → [2]. Oracle: `slerp`, which is `slerp_apply` of these.
+    """
+    _check_inputs("slerp", [a, b])
     dtype = compute_dtype(a, b)
     x, y = a.reshape(-1), b.reshape(-1)
     n = x.numel()
     tt = torch.tensor(t, dtype=dtype, device=x.device)
     if n == 0:
-        return ((1 - tt) * x.to(dtype) + tt * y.to(dtype)).reshape(a.shape)
+        return torch.stack([1 - tt, tt])
     starts = range(0, n, SLERP_CHUNK)
+    # Two chunk buffers, reused: the same arithmetic as converting each chunk anew, without
+    # a stream of short-lived 4 MiB temporaries (which grew glibc's heap by ~70 MiB).
+    bx = torch.empty(min(n, SLERP_CHUNK), dtype=dtype, device=x.device)
+    by = torch.empty_like(bx)
+
+    def chunk(buf: torch.Tensor, v: torch.Tensor, s: int) -> torch.Tensor:
+        part = v[s:s + SLERP_CHUNK]
+        return buf[:part.numel()].copy_(part)
 
     def norm(v: torch.Tensor) -> torch.Tensor:
-        parts = [torch.linalg.vector_norm(v[s:s + SLERP_CHUNK].to(dtype)) for s in starts]
+        parts = [torch.linalg.vector_norm(chunk(bx, v, s)) for s in starts]
         total = torch.linalg.vector_norm(torch.stack(parts))
         return torch.where(total > eps, total, torch.ones_like(total))
 
     na, nb = norm(x), norm(y)
-    dots = [((x[s:s + SLERP_CHUNK].to(dtype) / na) * (y[s:s + SLERP_CHUNK].to(dtype) / nb)).sum()
-            for s in starts]
+    dots = [chunk(bx, x, s).div_(na).mul_(chunk(by, y, s).div_(nb)).sum() for s in starts]
     dot = torch.stack(dots).sum().clamp(-1, 1)
     if dot.abs() > dot_threshold:
-        coef_a, coef_b = 1 - tt, tt
-    else:
-        theta = torch.acos(dot)
-        sin_theta = torch.sin(theta)
-        coef_a = torch.sin((1 - tt) * theta) / sin_theta
-        coef_b = torch.sin(tt * theta) / sin_theta
-    out = torch.empty(n, dtype=dtype, device=x.device)
-    for s in starts:
-        out[s:s + SLERP_CHUNK] = (coef_a * x[s:s + SLERP_CHUNK].to(dtype)
-                                  + coef_b * y[s:s + SLERP_CHUNK].to(dtype))
-    return out.reshape(a.shape)
+        return torch.stack([1 - tt, tt])
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return torch.stack([torch.sin((1 - tt) * theta) / sin_theta, torch.sin(tt * theta) / sin_theta])
+
+
+def slerp_apply(a: torch.Tensor, b: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """c_a·a + c_b·b in the coefficients' dtype: elementwise, so any rows of a and b give
+    those rows of the result, bit for bit.
+
+    Shapes: a, b [...], coefficients [2] → [...]. Oracle: the formula.
+    """
+    dtype = coefficients.dtype
+    return coefficients[0] * a.to(dtype) + coefficients[1] * b.to(dtype)
 
 
 #: nuslerp: vectors whose 1 − cos² is at most this are collinear (mergekit: eps² with 1e-8)

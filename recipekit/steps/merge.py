@@ -20,7 +20,7 @@ from typing import Any
 from recipekit.dtypes import is_floating, promote
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors
 from recipekit.methods import METHODS
-from recipekit.model import Merge, Node, VirtualModel, cast, intern
+from recipekit.model import Merge, Node, Slerp, SlerpCoefficients, VirtualModel, cast, intern
 from recipekit.params import ParamError, is_constant, resolve
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.interpolate import check_aligned
@@ -158,6 +158,12 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
             raise RecipeErrors([recipe.error(step.key_path, str(e))]) from None
         if spec.name == "passthrough" and params.get("scale") in (None, (None,), (1.0,)):
             tensors[name] = cast(operands[0], dtype)  # scale 1 is a copy
+            continue
+        if spec.name == "slerp":  # coefficients whole, output by rows (model.Slerp)
+            a, b = base, operands[0]  # `from: [A, B]`: A is the base (t = 0)
+            assert a is not None
+            coefficients = intern(SlerpCoefficients(a, b, float(params["t"])))
+            tensors[name] = intern(Slerp(a, b, coefficients, dtype))
             continue
         tensors[name] = intern(Merge(spec.name, operands, base, tuple(sorted(params.items())),
                                      seed if spec.random else 0,
