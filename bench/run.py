@@ -451,7 +451,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "linear": merge_case("linear"),
     "slerp": merge_case("slerp"),
     "ties": merge_case("ties"),
-    "dare": merge_case("dare_ties"),
+    "dare_ties": merge_case("dare_ties"),
     "solar-mistral-8l": solar_case("mistral-8l"),
     "linear-mistral-8l": merge_case("linear", "mistral-8l"),
     "solar-mistral-32l": solar_case("mistral-32l"),
@@ -461,7 +461,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "plan-70b": plan_case,
 }
 #: What `python bench/run.py` runs with no --cases: everything but the 13.5 GiB 32-layer case
-#: and the compute-bound `dare` and `extract` (minutes each on 2 cores; for `--device` runs).
+#: and the compute-bound `dare_ties` and `extract` (minutes each on 2 cores; for `--device` runs).
 DEFAULT_CASES = ("solar", "linear", "slerp", "ties", "lora", "coalesce", "solar-mistral-8l",
                  "linear-mistral-8l", "plan-70b")
 

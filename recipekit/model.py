@@ -269,8 +269,9 @@ class SlerpCoefficients(Node):
 class Slerp(Node):
     """One output tensor of `slerp`: c_a·a + c_b·b (ops/merge.py `slerp_apply`), rounded once
     to ``dtype``. Elementwise in a and b once the coefficients are known, so large tensors run
-    in row pieces: a and b are read twice (for the coefficients, then by rows) instead of being
-    held in fp32 with an fp32 result. The bytes are those of `slerp` on the whole tensors."""
+    in row pieces sliced from the a and b the coefficients read (execute.evaluate_chunks)
+    instead of fp32 copies with an fp32 result. The bytes are those of `slerp` on the whole
+    tensors (tests/steps/test_merge.py, tests/test_execute.py::TestChunkedEvaluation)."""
 
     a: Node
     b: Node

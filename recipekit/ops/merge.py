@@ -183,7 +183,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, *, t: float, eps: float = 1e-8,
         >>> slerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), t=0.5)
         tensor([0.7071, 0.7071])
     """
-    _check_inputs("slerp", [a, b])
     return slerp_apply(a, b, slerp_coefficients(a, b, t=t, eps=eps, dot_threshold=dot_threshold))
 
 
