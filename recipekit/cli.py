@@ -84,9 +84,9 @@ def _guard(debug: bool, body: Callable[[], T]) -> T:
 
 
 def _compile(recipe_path: Path, output: Path | None):
+    from recipekit.inputs.models import resolve_sources
     from recipekit.plan import compile_plan
     from recipekit.recipe import load_recipe
-    from recipekit.sources import resolve_sources
 
     recipe = load_recipe(recipe_path)
     if output is not None:
@@ -148,8 +148,8 @@ def plan(
     """Show what a run would read and write: tensors, bytes, shards, memory and disk."""
 
     def body() -> None:
-        from recipekit.render import render_dot, render_json, render_text
-        from recipekit.sources import iter_donor_files
+        from recipekit.inputs.models import iter_donor_files
+        from recipekit.plan.render import render_dot, render_json, render_text
 
         p = _compile(recipe, output)
         extra = sum((p.donor.path / f).stat().st_size
@@ -190,9 +190,9 @@ def run(
     """Build the recipe's output checkpoint (checking recipe.lock.json when there is one)."""
 
     def body() -> None:
-        from recipekit.execute import resolve_device, run_plan
         from recipekit.io.header import display_path
         from recipekit.progress import byte_progress
+        from recipekit.run.execute import resolve_device, run_plan
         from recipekit.units import format_size
 
         if device != "cpu":
@@ -221,7 +221,7 @@ def run(
 
 def _check_lock(recipe_file: Path, p, frozen: bool) -> None:
     from recipekit.errors import UsageError
-    from recipekit.lock import check_lock, lock_path
+    from recipekit.tools.lock import check_lock, lock_path
 
     path = lock_path(recipe_file)
     if path.exists():
@@ -237,9 +237,9 @@ def lock(recipe: RecipeArg, debug: DebugOpt = False) -> None:
     """Write recipe.lock.json: hub inputs pinned to commits, every input file's size and hash."""
 
     def body() -> None:
-        from recipekit.lock import build_lock, lock_path, write_lock
+        from recipekit.inputs.models import resolve_sources
         from recipekit.recipe import load_recipe
-        from recipekit.sources import resolve_sources
+        from recipekit.tools.lock import build_lock, lock_path, write_lock
 
         r = load_recipe(recipe)
         doc = build_lock(r, resolve_sources(r))
@@ -284,7 +284,7 @@ def convert(
                 "refusing to unpickle without --allow-pickle",
                 hint="pickle files can run arbitrary code when loaded; if you trust "
                 f"{src}, run `recipekit convert --allow-pickle {src} {dst}`")
-        from recipekit.convert import convert_checkpoint
+        from recipekit.tools.convert import convert_checkpoint
         from recipekit.units import format_size
 
         result = convert_checkpoint(src, dst, progress=lambda m: typer.echo(m, err=True))
@@ -318,9 +318,9 @@ def inspect(
     def body() -> None:
         import json
 
-        from recipekit.checkpoints import open_checkpoint
-        from recipekit.inspect import inspect_checkpoint, render_inspect
+        from recipekit.inputs.checkpoints import open_checkpoint
         from recipekit.progress import byte_progress
+        from recipekit.tools.inspect import inspect_checkpoint, render_inspect
 
         ckpt = open_checkpoint(model, data=not headers_only)
         total = sum(t.nbytes for t in ckpt.tensors.values())
@@ -344,7 +344,7 @@ def import_mergekit(
     """Convert a mergekit config into an equivalent recipe, or say what cannot be converted."""
 
     def body() -> None:
-        from recipekit.mergekit_import import convert_file
+        from recipekit.tools.mergekit_import import convert_file
 
         text = convert_file(config, output)
         if output is None:
@@ -372,9 +372,9 @@ def diff(
     def body() -> None:
         import json
 
-        from recipekit.checkpoints import open_checkpoint
-        from recipekit.diff import diff_checkpoints, render_diff
+        from recipekit.inputs.checkpoints import open_checkpoint
         from recipekit.progress import byte_progress
+        from recipekit.tools.diff import diff_checkpoints, render_diff
 
         ca, cb = open_checkpoint(a), open_checkpoint(b)
         total = sum(t.nbytes + cb.tensors[n].nbytes for n, t in ca.tensors.items()
@@ -404,7 +404,7 @@ def verify(
     def body() -> None:
         from recipekit.errors import UsageError
         from recipekit.io.header import display_path
-        from recipekit.verify import load_and_run, verify_output
+        from recipekit.tools.verify import load_and_run, verify_output
 
         if base is not None and not load:
             raise UsageError("--base is used by --load", hint="add --load")

@@ -825,7 +825,7 @@ def _is_good(ref: Any, good: set[Path]) -> bool:
 
 
 def _unwrap(node: Any) -> Any:
-    from recipekit.model import Cast
+    from recipekit.graph import Cast
 
     while isinstance(node, Cast):
         node = node.input
@@ -835,8 +835,8 @@ def _unwrap(node: Any) -> Any:
 def check_plan(plan: Any, recipe: Any, expected: list[Pick], base_model: str) -> None:
     """The compiled plan against the reference interpreter."""
     from recipekit.dtypes import NAME_TO_CODE, is_floating
-    from recipekit.model import Load
-    from recipekit.render import render_dot, render_json, render_text
+    from recipekit.graph import Load
+    from recipekit.plan.render import render_dot, render_json, render_text
 
     def fail(msg: str) -> None:
         raise OracleViolation(f"plan: {msg}")
@@ -894,9 +894,9 @@ def check_library(path: Path, case: Path, abs_models: tuple[str, ...] = (),
                   outcome: Outcome | None = None) -> tuple[Outcome, Any]:
     """Levels (a) and (b). Returns the outcome and the plan (or None)."""
     from recipekit.errors import RecipekitError
+    from recipekit.inputs.models import resolve_sources
     from recipekit.plan import compile_plan
     from recipekit.recipe import load_recipe
-    from recipekit.sources import resolve_sources
 
     o = outcome or Outcome()
     try:

@@ -159,7 +159,7 @@ class TestRerun:
 
     def test_interrupted_run_resumes_finished_shards(self, cli, tmp_path, tiny_llama,
                                                      monkeypatch):
-        import recipekit.execute as ex
+        import recipekit.run.execute as ex
 
         r = solar(tmp_path, tiny_llama)
         real = ex.write_shard
@@ -292,10 +292,10 @@ ESTIMATE = textwrap.dedent("""
     import gc, json, re, sys
     def kb(key):
         return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-    from recipekit.execute import run_plan
+    from recipekit.run.execute import run_plan
     from recipekit.plan import compile_plan
     from recipekit.recipe import load_recipe
-    from recipekit.sources import resolve_sources
+    from recipekit.inputs.models import resolve_sources
     recipe = load_recipe(sys.argv[1])
     plan = compile_plan(recipe, resolve_sources(recipe))
     import torch
@@ -446,8 +446,8 @@ class TestChunkedEvaluation:
     @pytest.mark.parametrize("name", list(CHUNKED_STEPS))
     def test_pieces_equal_the_whole_tensor(self, cli, tmp_path, tiny_llama, tiny_llama_b, name,
                                            monkeypatch):
-        import recipekit.execute as ex
         import recipekit.plan as pl
+        import recipekit.run.execute as ex
 
         calls = []
         real = ex.evaluate_chunks

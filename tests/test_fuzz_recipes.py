@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from recipekit.errors import RecipeErrors, RecipekitError, SourceNotFoundError
+from recipekit.inputs.models import resolve_sources
 from recipekit.recipe import load_recipe
-from recipekit.sources import resolve_sources
 
 from conftest import solar_recipe, write_recipe
 from recipe_strategies import (

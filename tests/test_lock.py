@@ -122,10 +122,10 @@ class TestHub:
                                                     monkeypatch):
         r = write_recipe(tmp_path, solar_recipe("{hub: org/tiny}"))
         calls = []
-        import recipekit.lock
+        import recipekit.tools.lock
 
-        real = recipekit.lock.sha256_file
-        monkeypatch.setattr(recipekit.lock, "sha256_file",
+        real = recipekit.tools.lock.sha256_file
+        monkeypatch.setattr(recipekit.tools.lock, "sha256_file",
                             lambda p: calls.append(p) or real(p))
         result = cli("lock", r)
         assert result.exit_code == 0, result.output

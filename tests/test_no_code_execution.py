@@ -61,7 +61,7 @@ def test_no_eval_exec_pickle_or_remote_code():
                     (("yaml",), "UnsafeLoader"), (("yaml",), "FullLoader")}:
                 problems.append(f"{rel}:{node.lineno}: uses yaml.{node.attr}")
     assert not problems, "\n".join(problems)
-    assert [rel for rel, _ in torch_loads] == ["recipekit/convert.py"] * len(torch_loads)
+    assert [rel for rel, _ in torch_loads] == ["recipekit/tools/convert.py"] * len(torch_loads)
     assert torch_loads, "the converter is expected to use torch.load"
     for _, call in torch_loads:
         kw = {k.arg: k.value for k in call.keywords}

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from recipekit.model import Load, cast, load
+from recipekit.graph import Load, cast, load
+from recipekit.inputs.models import resolve_sources
 from recipekit.plan import compile_plan, natural_key, schedule_shards
 from recipekit.recipe import load_recipe
-from recipekit.sources import resolve_sources
 
 from conftest import solar_recipe, write_recipe
 
@@ -95,7 +95,7 @@ def test_estimates(tmp_path, tiny_llama):
 
 
 def test_planning_imports_no_torch(tmp_path, tiny_llama, tiny_llama_b):
-    """`recipekit plan` of a merge (method contracts in recipekit.methods) and of a SOLAR
+    """`recipekit plan` of a merge (method contracts in recipekit.merge) and of a SOLAR
     recipe starts no torch import: planning a 70B model takes well under a second (issue 7).
 
     Oracle: sys.modules of a fresh interpreter after the CLI returned.
@@ -116,7 +116,7 @@ def test_output_config_sets_changed_keys_and_removes_those_the_model_lacks():
     """A step that drops a config key lists it in `changed` without keeping it (head drops a
     donor's `problem_type`); keys nobody changed stay as the donor has them."""
     from recipekit.arch import LayerStack
-    from recipekit.model import VirtualModel
+    from recipekit.graph import VirtualModel
     from recipekit.plan import output_config
 
     donor = {"a": 1, "problem_type": "regression", "text": {"pad_token_id": None, "b": 2}}

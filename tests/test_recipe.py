@@ -108,7 +108,8 @@ output: {model: up}
         assert schema == load_schema()
 
     def test_recipe_module_does_not_import_torch(self):
-        code = ("import sys, recipekit.recipe, recipekit.cli, recipekit.plan, recipekit.sources; "
+        code = ("import sys, recipekit.recipe, recipekit.cli, recipekit.plan, "
+                "recipekit.inputs.models; "
                 "assert 'torch' not in sys.modules, 'torch imported'")
         subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -60,8 +60,8 @@ def test_text(cli, tmp_path, tiny_llama):
 
 
 def test_hostile_tensor_names_cannot_forge_lines():
-    from recipekit.model import load
-    from recipekit.render import _quote, node_label
+    from recipekit.graph import load
+    from recipekit.plan.render import _quote, node_label
 
     node = load("m", "evil\nwarning: forged\x00", (1,), "F32")
     assert node_label(node) == "m:evil\\nwarning: forged\\x00"
@@ -71,8 +71,8 @@ def test_hostile_tensor_names_cannot_forge_lines():
 def test_labels_escape_tensor_names_in_parameters():
     """A random merge names its tensor in a parameter; a hostile name must not reach the
     terminal raw (the same rule as for loads). Oracle: the escaped text."""
-    from recipekit.model import Merge, load
-    from recipekit.render import node_label
+    from recipekit.graph import Merge, load
+    from recipekit.plan.render import node_label
 
     name = "evil\x1b[2J.weight"
     a, b = load("a", name, (2,), "F32"), load("b", name, (2,), "F32")

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from recipekit.sources import iter_donor_files
+from recipekit.inputs.models import iter_donor_files
 
 from conftest import write_recipe
 

@@ -11,7 +11,7 @@ Inputs are tensors of one shape on one device; parameters are Python numbers (pe
 are sequences aligned with the inputs, or one number for all). Random kernels draw from an
 explicit `torch.Generator`, never the global one.
 
-`recipekit.methods.METHODS` describes each method as data (base policy, input counts,
+`recipekit.merge.METHODS` describes each method as data (base policy, input counts,
 parameters with scope, default and whether required) without importing torch; `KERNELS` maps
 its kernel names to the functions here, and `apply_method` calls a kernel from a method name
 and mergekit-style parameters.
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from recipekit.methods import METHODS, MethodSpec, ParamSpec, resolve_params
+from recipekit.merge import METHODS, MethodSpec, ParamSpec, resolve_params
 from recipekit.ops.sparsify import (
     CONSENSUS_METHODS,
     SPARSIFIERS,

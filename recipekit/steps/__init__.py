@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from recipekit.model import VirtualModel
+from recipekit.graph import VirtualModel
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.adapters import build_adapters, build_combine_adapters
 from recipekit.steps.coalesce import build_coalesce, build_decoalesce

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from recipekit.adapterset import AdapterSet, LoraTarget, LoraTerm, Replacement
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors, ShapeMismatchError
-from recipekit.io.header import quote_name
-from recipekit.model import (
+from recipekit.graph import (
     F32,
     DeltaCombine,
     LoraFold,
@@ -36,6 +34,8 @@ from recipekit.model import (
     cast,
     intern,
 )
+from recipekit.graph.adapterset import AdapterSet, LoraTarget, LoraTerm, Replacement
+from recipekit.io.header import quote_name
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.gating import resolve_gating
 

@@ -29,9 +29,8 @@ from typing import Any
 from recipekit.arch import Architecture, ConfigKey, LayerStack, config_get, load_architectures
 from recipekit.dtypes import is_floating
 from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
-from recipekit.model import AxisMap, Coalesce, Decoalesce, Node, VirtualModel, intern, with_config
-from recipekit.recipe import Recipe, Step
-from recipekit.schemes import (
+from recipekit.graph import AxisMap, Coalesce, Decoalesce, Node, VirtualModel, intern, with_config
+from recipekit.inputs.schemes import (
     Partition,
     SchemeError,
     WidthMap,
@@ -39,6 +38,7 @@ from recipekit.schemes import (
     derive_width,
     read_scheme_file,
 )
+from recipekit.recipe import Recipe, Step
 
 log = logging.getLogger(__name__)
 

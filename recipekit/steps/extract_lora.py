@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from recipekit.adapterset import AdapterSet, LoraTarget, LoraTerm
 from recipekit.dtypes import is_floating
 from recipekit.errors import RecipeErrors
-from recipekit.model import Difference, SvdFactor, VirtualModel, intern
+from recipekit.graph import Difference, SvdFactor, VirtualModel, intern
+from recipekit.graph.adapterset import AdapterSet, LoraTarget, LoraTerm
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.interpolate import check_aligned
 

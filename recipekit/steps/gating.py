@@ -28,10 +28,10 @@ from typing import Any
 
 from recipekit.arch import load_architectures
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors
+from recipekit.graph import VirtualModel
+from recipekit.inputs.scalings import ScalingsLogError, read_scalings_log
 from recipekit.io.header import quote_name
-from recipekit.model import VirtualModel
 from recipekit.recipe import Recipe, Step
-from recipekit.scalings_log import ScalingsLogError, read_scalings_log
 
 #: How many module names an error lists before "...".
 SHOW = 4

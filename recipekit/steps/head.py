@@ -28,7 +28,7 @@ from typing import Any
 from recipekit.arch import ConfigKey, LayerStack, config_get, config_has, load_architectures
 from recipekit.dtypes import is_floating
 from recipekit.errors import RecipeErrors, ShapeMismatchError
-from recipekit.model import (
+from recipekit.graph import (
     Fill,
     Node,
     Normal,

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 
 from recipekit.dtypes import is_floating, promote
 from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
-from recipekit.model import Lerp, Node, VirtualModel, cast, intern
-from recipekit.params import ParamError, resolve
+from recipekit.graph import Lerp, Node, VirtualModel, cast, intern
 from recipekit.recipe import Recipe, Step
+from recipekit.recipe.params import ParamError, resolve
 
 
 def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualModel],

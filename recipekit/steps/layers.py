@@ -15,7 +15,7 @@ from typing import Any
 
 from recipekit.arch import LayerStack, config_get, load_architectures
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors, ShapeMismatchError
-from recipekit.model import Node, VirtualModel, with_config
+from recipekit.graph import Node, VirtualModel, with_config
 from recipekit.recipe import Recipe, Step, parse_layer_range
 
 log = logging.getLogger(__name__)

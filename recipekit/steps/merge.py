@@ -6,7 +6,7 @@ per-input parameters), ``base:`` the base for methods that need one (never also 
 ``seed:`` the seed of random methods. Two-model methods (slerp, nearswap) take
 ``from: [A, B]`` with t = 0 giving A, and no ``base:``. Every numeric parameter may be a number,
 a gradient or rules (params.py), resolved per output tensor. Methods, scopes and defaults come
-from `recipekit.methods.METHODS` (mergekit 0.1.5's contract, reference/merge-methods.md).
+from `recipekit.merge.METHODS` (mergekit 0.1.5's contract, reference/merge-methods.md).
 Oracle: tests/steps/test_merge.py runs recipes and compares with the kernels on the loaded
 tensors and with mergekit goldens.
 """
@@ -19,10 +19,10 @@ from typing import Any
 
 from recipekit.dtypes import is_floating, promote
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors
-from recipekit.methods import METHODS
-from recipekit.model import Merge, Node, Slerp, SlerpCoefficients, VirtualModel, cast, intern
-from recipekit.params import ParamError, is_constant, resolve
+from recipekit.graph import Merge, Node, Slerp, SlerpCoefficients, VirtualModel, cast, intern
+from recipekit.merge import METHODS
 from recipekit.recipe import Recipe, Step
+from recipekit.recipe.params import ParamError, is_constant, resolve
 from recipekit.steps.interpolate import check_aligned
 
 #: Methods whose `from: [A, B]` means base = A (t = 0 gives A), per DESIGN.md §2.

@@ -20,7 +20,7 @@ from typing import Any
 from recipekit.arch import Architecture, LayerStack, config_get, load_architectures
 from recipekit.dtypes import is_floating
 from recipekit.errors import RecipeError, RecipeErrors
-from recipekit.model import Fill, Node, Normal, VirtualModel, intern
+from recipekit.graph import Fill, Node, Normal, VirtualModel, intern
 from recipekit.recipe import Recipe, Step, parse_layer_range
 
 #: transformers' fallback when a config has no (or a zero) `initializer_range`.

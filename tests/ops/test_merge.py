@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from recipekit.methods import METHODS
+from recipekit.merge import METHODS
 from recipekit.ops import merge as mg
 from recipekit.ops.merge import KERNELS, apply_method
 

@@ -206,10 +206,10 @@ def test_pruning_combines_use_the_merge_kernels(cli, tmp_path, bases, adapters, 
 def test_untouched_tensors_are_the_base_loads(tmp_path, bases, adapters):
     """Streaming: only adapter-touched tensors are computed, each from its own base tensor and
     its own adapter factors; everything else is the base's `Load` node (copied as bytes)."""
-    from recipekit.model import Load, LoraFold, expression_nodes
+    from recipekit.graph import Load, LoraFold, expression_nodes
+    from recipekit.inputs.models import resolve_sources
     from recipekit.plan import compile_plan
     from recipekit.recipe import load_recipe
-    from recipekit.sources import resolve_sources
 
     recipe = load_recipe(write_recipe(tmp_path, f"""
         recipekit: 1
@@ -328,9 +328,9 @@ def test_row_pieces_equal_the_whole_fold(cli, tmp_path, bases, adapters, case, m
     columns of A; DoRA's row norms within a piece; column norms whole). Oracle: the same fold
     computed whole, at one torch thread, byte for byte (ΔW is made in fixed row blocks either
     way, ops/lora.py), with the pieces computed by three worker threads."""
-    import recipekit.execute as ex
     import recipekit.plan as pl
-    from recipekit.model import LoraDelta
+    import recipekit.run.execute as ex
+    from recipekit.graph import LoraDelta
 
     family = CASES[case][0]
     uses = [(adapters[case], 1.0)]

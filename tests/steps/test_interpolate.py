@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from recipekit.params import ParamError, evaluate_gradient, resolve
+from recipekit.recipe.params import ParamError, evaluate_gradient, resolve
 
 from builders import make_model
 from conftest import ROOT, read_tensors, write_recipe
@@ -93,10 +93,10 @@ GRADIENT_RULES = '[{match: "*.mlp.*", value: {gradient: [0, 1]}}, {match: "*norm
 
 def test_gradient_and_rule_table_matches_the_readme(cli, tmp_path, pair):
     """Every tensor of a 4-layer Llama gets the documented alpha; the README shows this table."""
+    from recipekit.inputs.models import resolve_sources
     from recipekit.plan import compile_plan
+    from recipekit.plan.render import render_json
     from recipekit.recipe import load_recipe
-    from recipekit.render import render_json
-    from recipekit.sources import resolve_sources
 
     r = load_recipe(write_recipe(tmp_path, RECIPE.format(a=pair[0], b=pair[1],
                                                          alpha=GRADIENT_RULES)))

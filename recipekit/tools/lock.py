@@ -25,7 +25,7 @@ from typing import Any
 
 from recipekit import __version__
 from recipekit.errors import UsageError
-from recipekit.hub import blob_id
+from recipekit.inputs.hub import blob_id
 from recipekit.io.header import display_path
 from recipekit.recipe import ModelRef, Recipe
 

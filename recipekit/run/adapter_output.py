@@ -16,11 +16,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from recipekit.adapterset import PREFIX, AdapterSet
 from recipekit.dtypes import NAME_TO_CODE, promote
 from recipekit.errors import RecipeError, RecipeErrors
+from recipekit.graph import F32, Concat, Node, ScaledSum, SvdFactor, cast, intern
+from recipekit.graph.adapterset import PREFIX, AdapterSet
 from recipekit.io.header import quote_name
-from recipekit.model import F32, Concat, Node, ScaledSum, SvdFactor, cast, intern
 from recipekit.recipe import Recipe
 
 CONFIG = "adapter_config.json"

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.errors import SourceNotFoundError, UnsupportedCheckpointError
-from recipekit.hub import HubSnapshot, snapshot_identity
+from recipekit.inputs.hub import HubSnapshot, snapshot_identity
+from recipekit.inputs.models import _header, _read_small, check_confined, locate_input, model_root
 from recipekit.io.header import TensorInfo, display_path, kind_of, parse_json
 from recipekit.recipe import ModelRef, Recipe
-from recipekit.sources import _header, _read_small, check_confined, locate_input, model_root
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

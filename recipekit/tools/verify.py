@@ -28,9 +28,9 @@ from recipekit.errors import (
     UsageError,
     VerifyError,
 )
+from recipekit.inputs.models import _read_small, check_confined, read_config
 from recipekit.io.header import display_path, kind_of, parse_json, quote_name, read_header
 from recipekit.io.output import INDEX, MANIFEST, STATE
-from recipekit.sources import _read_small, check_confined, read_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -211,7 +211,7 @@ def _check_layout(out: Path, root: Path, shards: dict[str, Any],
                                            file=display_path(out),
                                            hint="transformers cannot find the shards without it"))
         return
-    from recipekit.sources import read_index
+    from recipekit.inputs.models import read_index
 
     try:
         weight_map = read_index(index, root)

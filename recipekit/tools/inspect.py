@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from recipekit.arch import scan_layer_stacks
-from recipekit.checkpoints import OpenCheckpoint
 from recipekit.dtypes import is_floating
+from recipekit.inputs.checkpoints import OpenCheckpoint
 from recipekit.io.header import TensorInfo, display_path, printable
 
 OUTSIDE = "(outside layers)"

@@ -26,13 +26,13 @@ from typing import Any
 
 from recipekit.dtypes import torch_dtype
 from recipekit.errors import CorruptCheckpointError, DeviceError
-from recipekit.hub import download as hub_download
+from recipekit.graph import Load, Node
+from recipekit.inputs.hub import download as hub_download
+from recipekit.inputs.models import iter_donor_files
 from recipekit.io.header import display_path, read_header
 from recipekit.io.output import INDEX, MANIFEST, OutputDir, dumps
 from recipekit.io.reader import FileReader
 from recipekit.io.writer import ShardWriter
-from recipekit.manifest import build_manifest, build_model_card
-from recipekit.model import Load, Node
 from recipekit.plan import (
     COPY_BUFFERS,
     COPY_CHUNK,
@@ -43,7 +43,7 @@ from recipekit.plan import (
     row_sliced,
     rows_per_piece,
 )
-from recipekit.sources import iter_donor_files
+from recipekit.run.manifest import build_manifest, build_model_card
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from recipekit.checkpoints import OpenCheckpoint
 from recipekit.dtypes import is_floating
-from recipekit.inspect import OUTSIDE, LayerIndex, fmt_number, layer_sort_key, table
+from recipekit.inputs.checkpoints import OpenCheckpoint
 from recipekit.io.header import display_path
+from recipekit.tools.inspect import OUTSIDE, LayerIndex, fmt_number, layer_sort_key, table
 
 
 def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,

@@ -20,11 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from recipekit.adapter_dirs import AdapterCheckpoint
 from recipekit.dtypes import is_floating
 from recipekit.errors import RecipeError, RecipeErrors
+from recipekit.graph import LoraDelta, Node, intern, load
+from recipekit.inputs.adapters import AdapterCheckpoint
 from recipekit.io.header import TensorInfo, quote_name
-from recipekit.model import LoraDelta, Node, intern, load
 from recipekit.recipe import Recipe
 
 log = logging.getLogger(__name__)

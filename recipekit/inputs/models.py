@@ -28,7 +28,7 @@ from recipekit.errors import (
     TensorNotFoundError,
     UnsupportedCheckpointError,
 )
-from recipekit.hub import HubSnapshot, fetch_snapshot, remote_header, snapshot_identity
+from recipekit.inputs.hub import HubSnapshot, fetch_snapshot, remote_header, snapshot_identity
 from recipekit.io.header import (
     MAX_HEADER,
     TensorInfo,
@@ -420,8 +420,8 @@ def _read_tensors(path: Path, root: Path, ref: ModelRef, located, snap: HubSnaps
 def resolve_sources(recipe: Recipe, names: list[str] | None = None) -> dict[str, Any]:
     """Resolve the named models and adapters (default: all) into `Checkpoint`s and
     `AdapterCheckpoint`s, collecting every problem before raising."""
-    from recipekit.adapter_dirs import resolve_adapter
     from recipekit.errors import RecipeErrors
+    from recipekit.inputs.adapters import resolve_adapter
 
     out: dict[str, Any] = {}
     errors: list[RecipekitError] = []

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.errors import CorruptCheckpointError, OutputPathError, SourceNotFoundError
+from recipekit.inputs.models import WEIGHT_DIRS
 from recipekit.io.header import build_header, display_path
 from recipekit.io.writer import ShardWriter
-from recipekit.sources import WEIGHT_DIRS
 
 #: pickle name -> safetensors name, for single-file checkpoints.
 SINGLE_NAMES = {"pytorch_model.bin": "model.safetensors",

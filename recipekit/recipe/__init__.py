@@ -314,7 +314,7 @@ def load_schema() -> dict[str, Any]:
     try:
         text = (resources.files("recipekit") / "_schemas" / "recipe.schema.json").read_text()
     except (FileNotFoundError, OSError):
-        text = (Path(__file__).resolve().parent.parent / "schemas" / "recipe.schema.json"
+        text = (Path(__file__).resolve().parents[2] / "schemas" / "recipe.schema.json"
                 ).read_text()
     return json.loads(text)
 

@@ -17,16 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from recipekit.errors import CorruptCheckpointError, SourceNotFoundError, UnsupportedCheckpointError
-from recipekit.hub import HubSnapshot, download, fetch_snapshot
-from recipekit.io.header import (
-    MAX_HEADER,
-    TensorInfo,
-    display_path,
-    kind_of,
-    parse_json,
-    quote_name,
-)
-from recipekit.sources import (
+from recipekit.inputs.hub import HubSnapshot, download, fetch_snapshot
+from recipekit.inputs.models import (
     INDEX,
     PICKLE_NAMES,
     SINGLE,
@@ -36,6 +28,14 @@ from recipekit.sources import (
     model_root,
     read_config,
     read_index,
+)
+from recipekit.io.header import (
+    MAX_HEADER,
+    TensorInfo,
+    display_path,
+    kind_of,
+    parse_json,
+    quote_name,
 )
 
 ADAPTER_CONFIG = "adapter_config.json"

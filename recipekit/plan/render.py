@@ -11,8 +11,8 @@ import json
 from dataclasses import fields
 from typing import Any
 
+from recipekit.graph import Load, Node
 from recipekit.io.header import display_path, printable
-from recipekit.model import Load, Node
 from recipekit.plan import Plan
 from recipekit.units import format_size
 

@@ -20,8 +20,7 @@ from recipekit import __version__
 from recipekit.arch import LayerStack
 from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
-from recipekit.io.header import build_header
-from recipekit.model import (
+from recipekit.graph import (
     Load,
     Node,
     VirtualModel,
@@ -31,8 +30,9 @@ from recipekit.model import (
     with_config,
     without_config_keys,
 )
+from recipekit.inputs.models import Checkpoint, rewrite_dimension_files
+from recipekit.io.header import build_header
 from recipekit.recipe import Recipe, step_references
-from recipekit.sources import Checkpoint, rewrite_dimension_files
 from recipekit.steps import BUILDERS
 
 #: Bytes the executor moves per read when a tensor is copied without compute, and how many such
@@ -249,8 +249,8 @@ def compile_plan(recipe: Recipe, sources: Mapping[str, Any]) -> Plan:
     Raises:
         RecipeErrors: every step problem found (steps whose inputs failed are skipped).
     """
-    from recipekit.adapter_dirs import AdapterCheckpoint
-    from recipekit.adapterset import AdapterSet, read_adapter_set
+    from recipekit.graph.adapterset import AdapterSet, read_adapter_set
+    from recipekit.inputs.adapters import AdapterCheckpoint
 
     models: dict[str, VirtualModel | AdapterSet] = {}
     errors: list[RecipekitError] = []
@@ -319,7 +319,7 @@ NO_STACK = LayerStack("", 0, ("num_hidden_layers",), (), None, "")
 
 def _adapter_plan(recipe: Recipe, sources: Mapping[str, Any], aset: Any) -> Plan:
     """A plan writing an adapter set as a PEFT adapter directory: one safetensors file."""
-    from recipekit.adapter_output import WEIGHTS, adapter_output
+    from recipekit.run.adapter_output import WEIGHTS, adapter_output
 
     if recipe.output.config is not None:
         raise RecipeErrors([recipe.error(("output", "config"), "an adapter output has no "

@@ -218,7 +218,7 @@ class Merge(Node):
 
     @property
     def elementwise(self) -> bool:
-        from recipekit.methods import METHODS
+        from recipekit.merge import METHODS
 
         return METHODS[self.method].elementwise
 

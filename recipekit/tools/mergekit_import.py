@@ -45,9 +45,9 @@ from typing import Any
 import yaml
 
 from recipekit.errors import KeyPath, RecipeErrors, RecipekitError
-from recipekit.methods import METHODS, MethodSpec
-from recipekit.params import evaluate_gradient, is_before_layers
+from recipekit.merge import METHODS, MethodSpec
 from recipekit.recipe import Document, load_document, recipe_from_data
+from recipekit.recipe.params import evaluate_gradient, is_before_layers
 
 #: What recipekit converts, and what it refuses with a reason (the key is named in the error).
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype")
@@ -288,7 +288,7 @@ def _read_slices(st: _State, data: dict[str, Any], method: MethodSpec) -> list[S
 def _resolve_models(st: _State) -> None:
     """Read each model's config and headers (recipekit's own resolution) for layer counts and
     the names of the tensors after the layers."""
-    from recipekit.sources import resolve_sources
+    from recipekit.inputs.models import resolve_sources
 
     first = next(iter(st.models))
     probe = {"recipekit": 1, "models": st.models,
