@@ -3,8 +3,8 @@
     python bench/fuzz_soak.py                      # 3000 cases, seed 0
     python bench/fuzz_soak.py --cases 20000 --seed 7 --run-every 5
 
-The strategies and the oracle are tests/recipe_strategies.py's (the same as
-tests/test_fuzz_recipes.py, which runs ~500 cases in CI). Every case is loaded and, when it
+The strategies and the oracle are tests/helpers/fuzz_*.py's (the same as
+tests/e2e/test_fuzz_recipes.py, which runs ~500 cases in CI). Every case is loaded and, when it
 loads, compiled against the tiny 8-layer Llama in recipes/models and checked against the
 reference interpreter; every case also goes through `recipekit validate`, and a sample of those
 that compile through `recipekit run`. Prints counts; saves each violating recipe and its report
@@ -26,12 +26,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub models in fuzzed recipes nev
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the `tests` package, for its helpers
 
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from recipe_strategies import OracleViolation, check_case, recipe_files  # noqa: E402
+from tests.helpers.fuzz_mutations import recipe_files  # noqa: E402
+from tests.helpers.fuzz_oracle import OracleViolation, check_case  # noqa: E402
 
 
 def main() -> int:

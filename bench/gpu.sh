@@ -25,7 +25,7 @@ status=0
 while [ $# -gt 0 ]; do
     case "$1" in
         tests)
-            python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+            python3 -m pytest -q -p no:cacheprovider tests/e2e/test_cuda.py 2>&1 \
                 | tee "$OUT/test_cuda.log" | tail -25 || status=1
             shift ;;
         startup)  # what every computed run pays before its first byte

@@ -4,13 +4,14 @@ and check that the output is byte for byte the one an uninterrupted run writes.
     python bench/kill_soak.py [--points N] [--seed S] [--fixture small|tinyllama] [--jobs J]
                               [--double F] [--no-fsync]
 
-This is tests/test_crash.py's idea at scale (DESIGN.md section 3, Durability and resume), run
-on a synthetic checkpoint from ``fixtures.py`` with a SOLAR-style upscale cut into many shards:
+This is tests/run/test_execute_crash.py's idea at scale (DESIGN.md section 3, Durability and
+resume), run on a synthetic checkpoint from ``fixtures.py`` with a SOLAR-style upscale cut
+into many shards:
 
 1. build (or reuse) the fixture; run one uninterrupted reference with the plain CLI and hash it
    (`crashpoints.write_digests`: the wrapped runs compare with the hashes, no bytes are kept);
-2. trace a second uninterrupted run with tests/crashpoints.py (imported, not copied): its event
-   list numbers every I/O call the writer makes on the output directory;
+2. trace a second uninterrupted run with tests/helpers/crashpoints.py (imported, not copied): its
+   event list numbers every I/O call the writer makes on the output directory;
 3. choose the kill points: every phase boundary (first event, first state save, the start of
    each shard, index, config, donor files, README, manifest, the final state save; and each of
    a shard's four commit windows once: written not fsynced, fsynced not renamed, renamed not
@@ -55,11 +56,11 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 TESTS = ROOT / "tests"
 sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(ROOT))  # the `tests` package, for its helpers
 
-import fixtures  # noqa: E402 - bench/ and tests/ are folders of scripts, not packages
+import fixtures  # noqa: E402 - bench/ is a folder of scripts, not a package
 
-from crashpoints import (  # noqa: E402
+from tests.helpers.crashpoints import (  # noqa: E402
     MANIFEST,
     STATE,
     check_output,
@@ -69,7 +70,7 @@ from crashpoints import (  # noqa: E402
     write_digests,
 )
 
-WRAPPER = TESTS / "crashpoints.py"
+WRAPPER = TESTS / "helpers" / "crashpoints.py"
 RESULTS = BENCH / "results"
 INDEX = "model.safetensors.index.json"
 TIMEOUT = 600

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import solar_recipe, write_recipe
+from tests.helpers.recipes import solar_recipe, write_recipe
 
 
 def run_fails(cli, recipe: Path, code: int, *extra: str) -> str:

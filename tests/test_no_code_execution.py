@@ -8,9 +8,10 @@ names do not count). Allowed: `torch.load` in convert.py only, which is the expl
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
-from conftest import ROOT
+from tests.helpers.recipes import ROOT
 
 PACKAGE = ROOT / "recipekit"
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "execfile"}
@@ -74,8 +75,8 @@ def test_the_scan_catches_what_it_looks_for(tmp_path, monkeypatch):
     for i in range(20):
         (bad / f"m{i}.py").write_text("x = 1\n")
     (bad / "evil.py").write_text("import pickle\neval('1')\nf(trust_remote_code=True)\n")
-    monkeypatch.setattr(__import__(__name__), "PACKAGE", bad)
-    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", bad)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     try:
         test_no_eval_exec_pickle_or_remote_code()
     except AssertionError as e:

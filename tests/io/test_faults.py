@@ -19,7 +19,7 @@ import pytest
 import recipekit.io.reader as reader_mod
 import recipekit.io.writer as writer_mod
 
-from conftest import solar_recipe, write_recipe
+from tests.helpers.recipes import solar_recipe, write_recipe
 
 OUTPUT = "  path: ./out\n  shard_size: 100KB"
 

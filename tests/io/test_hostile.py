@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from recipekit.errors import CorruptCheckpointError, RecipekitError, UnsupportedCheckpointError
 from recipekit.io.header import display_path, read_header
 
-from conftest import solar_recipe, write_recipe
+from tests.helpers.recipes import solar_recipe, write_recipe
 
 U64 = 1 << 64
 NOT_ST = "the file is damaged or not safetensors; download or convert it again"
@@ -653,7 +653,7 @@ class TestSymlinks:
 
     def test_a_hub_cache_snapshot_named_as_a_local_path_works(self, cli, tmp_path, tiny_llama):
         """Snapshots link to ../../blobs: inside the repo's cache folder, so allowed."""
-        from test_hub import add_to_cache
+        from tests.helpers.hub import add_to_cache
 
         snap = add_to_cache(tmp_path / "cache", "org/tiny",
                             {p.name: p for p in tiny_llama.iterdir()})
@@ -667,7 +667,7 @@ class TestSymlinks:
 
     def test_hub_blob_linking_out_of_the_cache_is_refused(self, cli, tmp_path, tiny_llama,
                                                           monkeypatch):
-        from test_hub import add_to_cache
+        from tests.helpers.hub import add_to_cache
 
         cache = tmp_path / "cache"
         snap = add_to_cache(cache, "org/tiny", {p.name: p for p in tiny_llama.iterdir()})

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter_builders import make_adapter, peft_merged
-from builders import load_model, make_model
-from conftest import read_tensors, write_recipe
+from tests.helpers.adapter_builders import make_adapter, peft_merged
+from tests.helpers.builders import load_model, make_model, read_tensors
+from tests.helpers.recipes import write_recipe
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -166,7 +166,7 @@ def test_bf16_base_rounds_once(cli, tmp_path, adapters, bases, tmp_path_factory)
 def test_combine_sum_equals_peft_cat(cli, tmp_path, bases, adapters):
     """`combine: sum` = PEFT add_weighted_adapter(combination_type="cat") merged (plain LoRA;
     PEFT's cat copies rsLoRA/DoRA flags from the first adapter, a known bug)."""
-    from adapter_builders import peft_model
+    from tests.helpers.adapter_builders import peft_model
 
     uses = [(adapters["plain"], 0.7), (adapters["all_linear_float_alpha"], -0.4)]
     out = read_tensors(fold(cli, tmp_path, bases["llama"], uses, combine="sum"))

@@ -13,16 +13,13 @@ Oracles (reference/coalescing.md §4, §8; issue 5):
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for `builders`
-from builders import FAMILIES, make_model  # noqa: E402
-from conftest import read_tensors  # noqa: E402
+from tests.helpers.builders import FAMILIES, make_model, read_tensors
 
 PAIRS = [[0, 4], [1, 5], [2, 6], [3, 7]]  # 4 small heads -> 8 large (h with h + 4)
 FOURS = [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]

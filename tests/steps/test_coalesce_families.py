@@ -13,16 +13,14 @@ Oracles (reference/coalescing.md §4.2, §8; issue 5):
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
-from steps.test_coalesce import assert_same_tensors, rel_error, run, step, write
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for `builders`
-from builders import FAMILIES, make_model  # noqa: E402
+from tests.helpers.builders import FAMILIES, make_model
+from tests.steps.test_coalesce import assert_same_tensors, rel_error, run, step, write
 
 PAIRS = [[0, 4], [1, 5], [2, 6], [3, 7]]
 

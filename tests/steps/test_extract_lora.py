@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from builders import load_model, make_model
-from conftest import read_tensors, write_recipe
+from tests.helpers.builders import load_model, make_model, read_tensors
+from tests.helpers.recipes import write_recipe
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

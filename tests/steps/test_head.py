@@ -21,8 +21,7 @@ import yaml
 from recipekit.arch import load_architectures
 from recipekit.ops.rng import tensor_generator
 
-from builders import make_model
-from conftest import read_tensors
+from tests.helpers.builders import make_model, read_tensors
 
 CLASSIFIER_FAMILIES = sorted(f for f, a in load_architectures().items() if a.classifier)
 

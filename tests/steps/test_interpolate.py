@@ -15,8 +15,8 @@ import torch
 
 from recipekit.recipe.params import ParamError, evaluate_gradient, resolve
 
-from builders import make_model
-from conftest import ROOT, read_tensors, write_recipe
+from tests.helpers.builders import make_model, read_tensors
+from tests.helpers.recipes import ROOT, write_recipe
 
 RECIPE = """
 recipekit: 1

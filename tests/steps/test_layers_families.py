@@ -1,6 +1,6 @@
 """The `layers` op on every supported family, checked against transformers.
 
-Each family's tiny random model (tests/builders.py, non-default features on) is upscaled
+Each family's tiny random model (tests/helpers/builders.py, non-default features on) is upscaled
 SOLAR-style through the `recipekit run` CLI. The output must hold bit-identical copies of its
 source tensors, say the new layer count and per-layer config lists in config.json, load with
 the family's transformers class without missing or unexpected keys, and compute exactly the
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,7 @@ from typer.testing import CliRunner, Result
 from recipekit.arch import load_architectures
 from recipekit.cli import app
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for `builders`
-from builders import FAMILIES, LAYER_KEY, make_model  # noqa: E402
+from tests.helpers.builders import FAMILIES, LAYER_KEY, make_model
 
 #: SOLAR-style upscale of 8 layers with an overlap of 3: 11 layers. The odd shift moves Gemma2's
 #: sliding/full layers off their alternating positions, so `layer_types` must follow the layers.

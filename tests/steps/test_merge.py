@@ -16,8 +16,8 @@ import torch
 
 from recipekit.ops.merge import apply_method
 
-from builders import make_model
-from conftest import ROOT, read_tensors, write_recipe
+from tests.helpers.builders import make_model, read_tensors
+from tests.helpers.recipes import ROOT, write_recipe
 
 MERGEKIT = ROOT / "bench" / ".venv-mergekit" / "bin" / "mergekit-yaml"
 

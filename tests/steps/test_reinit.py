@@ -18,8 +18,7 @@ import yaml
 
 from recipekit.ops.rng import tensor_generator
 
-from builders import make_model
-from conftest import read_tensors
+from tests.helpers.builders import make_model, read_tensors
 
 
 def write(directory: Path, models: dict[str, Path], steps: list[dict]) -> Path:
@@ -206,7 +205,7 @@ class TestClassifierRecipe:
         """layers + reinit + adapters + head. Oracle: PEFT's merge_and_unload of the same
         adapter into the `layers` + `reinit` output, then the head; the result loads as a
         sequence classifier and runs."""
-        from adapter_builders import make_adapter, peft_merged
+        from tests.helpers.adapter_builders import make_adapter, peft_merged
 
         src = make_model("llama", tmp_path / "src", layers=6, seed=7)
         body = [dict(s) for s in self.STEPS[:2]]

