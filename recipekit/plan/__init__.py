@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from recipekit import __version__
-from recipekit.arch import LayerStack
+from recipekit.arch import LayerStack, config_get, config_has, with_config, without_config_keys
 from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.graph import (
@@ -27,8 +27,6 @@ from recipekit.graph import (
     cast,
     expression_nodes,
     load,
-    with_config,
-    without_config_keys,
 )
 from recipekit.inputs.models import Checkpoint, rewrite_dimension_files
 from recipekit.io.header import build_header
@@ -335,8 +333,6 @@ def output_config(donor: Mapping[str, Any], model: VirtualModel, tensors: Mappin
     """The donor's config with the keys the steps changed (set, or removed where the model's
     config lacks them), and both `dtype` and `torch_dtype` naming what was written
     (transformers 5 reads `dtype`, older versions `torch_dtype`)."""
-    from recipekit.arch import config_get, config_has
-
     kept = [k for k in model.changed if config_has(model.config, k)]
     config = with_config(donor, {k: config_get(model.config, k) for k in kept})
     config = without_config_keys(config, [k for k in model.changed if k not in kept])
