@@ -192,7 +192,8 @@ def run(
     def body() -> None:
         from recipekit.io.header import display_path
         from recipekit.progress import byte_progress
-        from recipekit.run.execute import resolve_device, run_plan
+        from recipekit.run.device import resolve_device
+        from recipekit.run.local import run_plan
         from recipekit.units import format_size
 
         if device != "cpu":
