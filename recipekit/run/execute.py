@@ -226,51 +226,80 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
         rows *= 64  # amortize kernel launches and transfers
     n_rows = node.shape[0]
     bounds = [(lo, min(lo + rows, n_rows)) for lo in range(0, n_rows, rows)]
-    whole: dict[Node, Any] = {}
-    held: dict[Node, Any] = {}  # sliced inputs the whole ones read anyway (slerp's a and b)
-    for x in parts[1]:
-        seen: dict[Node, Any] = {}
-        whole[x] = _value(x, seen, plan, rt.reader, rt.device, rt.finite)
-        held.update((n, seen[n]) for n in loads if n in seen)
-        seen.clear()
-    workers = rt.compute if not gpu else None
+    job = _Pieces(node, plan, rt, loads, gpu)
     threads = torch.get_num_threads()
+    try:
+        job.read_whole(parts[1])
+        yield from _pipeline(job, bounds, rt.compute if not gpu else None, rt)
+    finally:
+        torch.set_num_threads(threads)
+        job.whole.clear()
+        job.held.clear()
 
-    def read(lo: int, hi: int) -> dict[Node, Any]:
-        return {n: held[n][lo:hi] if n in held else
-                read_rows(n, plan, rt.reader, lo, hi, pin=rt.pin) for n in loads}
 
-    def compute(ahead: Future[dict[Node, Any]], lo: int, hi: int) -> tuple[dict[Node, Any], Any]:
+@dataclass
+class _Pieces:
+    """What computing one chunked tensor's pieces shares: its inputs read whole, and how one
+    piece is read and computed."""
+
+    node: Node
+    plan: Plan
+    rt: Runtime
+    loads: list[Load]  # stored inputs on the sliced paths
+    gpu: bool
+    whole: dict[Node, Any] = dataclasses.field(default_factory=dict)
+    held: dict[Node, Any] = dataclasses.field(default_factory=dict)  # sliced inputs read whole
+
+    def read_whole(self, inputs: set[Node]) -> None:
+        """Compute the inputs a piece needs whole, keeping the sliced stored inputs they read
+        anyway (slerp's a and b)."""
+        for x in inputs:
+            seen: dict[Node, Any] = {}
+            self.whole[x] = _value(x, seen, self.plan, self.rt.reader, self.rt.device,
+                                   self.rt.finite)
+            self.held.update((n, seen[n]) for n in self.loads if n in seen)
+            seen.clear()
+
+    def read(self, lo: int, hi: int) -> dict[Node, Any]:
+        return {n: self.held[n][lo:hi] if n in self.held else
+                read_rows(n, self.plan, self.rt.reader, lo, hi, pin=self.rt.pin)
+                for n in self.loads}
+
+    def compute(self, ahead: Future[dict[Node, Any]], lo: int,
+                hi: int) -> tuple[dict[Node, Any], Any]:
+        import torch
+
         memo = ahead.result()
         # (held inputs were checked when read whole)
-        inputs = {n: v for n, v in memo.items() if n not in held} if rt.finite else {}
-        if not gpu:
+        inputs = {n: v for n, v in memo.items() if n not in self.held} if self.rt.finite else {}
+        if not self.gpu:
             torch.set_num_threads(1)  # also per worker thread: OpenMP's setting is per thread
         try:
-            return inputs, _piece(node, lo, hi, memo, whole, plan, rt).cpu().contiguous()
+            piece = _piece(self.node, lo, hi, memo, self.whole, self.plan, self.rt)
+            return inputs, piece.cpu().contiguous()
         finally:
             memo.clear()
 
-    # Each piece's read is queued on the read-ahead thread, and its computation on a worker;
-    # pieces are taken in order, with one more in flight than there are workers.
+
+def _pipeline(job: _Pieces, bounds: list[tuple[int, int]], workers: ThreadPoolExecutor | None,
+              rt: Runtime) -> Iterator[Any]:
+    """Each piece's read is queued on the read-ahead thread, and its computation on a worker;
+    pieces are taken in order, with one more in flight than there are workers."""
     Job = tuple[Future[dict[Node, Any]], int, int, Future[tuple[dict[Node, Any], Any]] | None]
     inflight: collections.deque[Job] = collections.deque()
     upcoming = iter(bounds)
 
     def start(lo: int, hi: int) -> None:
-        ahead = rt.prefetch.submit(read, lo, hi)
-        job = workers.submit(compute, ahead, lo, hi) if workers is not None else None
-        inflight.append((ahead, lo, hi, job))
+        ahead = rt.prefetch.submit(job.read, lo, hi)
+        done = workers.submit(job.compute, ahead, lo, hi) if workers is not None else None
+        inflight.append((ahead, lo, hi, done))
 
     try:
         for lo, hi in itertools.islice(upcoming, 1 + (rt.workers if workers else 1)):
             start(lo, hi)
         while inflight:
-            ahead, lo, hi, job = inflight.popleft()
-            if job is None:
-                inputs, piece = compute(ahead, lo, hi)
-            else:
-                inputs, piece = job.result()
+            ahead, lo, hi, done = inflight.popleft()
+            inputs, piece = job.compute(ahead, lo, hi) if done is None else done.result()
             following = next(upcoming, None)
             if following is not None:
                 start(*following)
@@ -281,18 +310,15 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
             yield piece
             del piece
     finally:
-        for ahead, _, _, job in inflight:
+        for ahead, _, _, done in inflight:
             ahead.cancel()
-            if job is not None:
-                job.cancel()
+            if done is not None:
+                done.cancel()
         if workers is not None:  # a cancelled generator: let running pieces finish first
-            for _, _, _, job in inflight:
-                if job is not None and not job.cancelled():
+            for _, _, _, done in inflight:
+                if done is not None and not done.cancelled():
                     with contextlib.suppress(BaseException):
-                        job.result()
-        torch.set_num_threads(threads)
-        whole.clear()
-        held.clear()
+                        done.result()
 
 
 def _piece(n: Node, lo: int, hi: int, memo: dict[Node, Any], whole: dict[Node, Any],
