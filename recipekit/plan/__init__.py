@@ -1,5 +1,9 @@
 """Planning: compile a recipe into a plan (`compile`), lay it into shards (`schedule`), estimate
 what running it holds (`cost`, shared with run/) and show it (`render`). No torch.
+
+The piece-size tunables (`CHUNK_ELEMS`, `CHUNKED_OVERHEAD`) are not re-exported: they are read
+from `recipekit.plan.cost` at call time, so that is the one place to change (or monkeypatch)
+them.
 """
 
 from recipekit.plan.compile import (
@@ -10,8 +14,6 @@ from recipekit.plan.compile import (
     output_config,
 )
 from recipekit.plan.cost import (
-    CHUNK_ELEMS,
-    CHUNKED_OVERHEAD,
     COPY_BUFFERS,
     COPY_CHUNK,
     chunkable,
@@ -25,8 +27,6 @@ from recipekit.plan.cost import (
 from recipekit.plan.schedule import PlannedTensor, Shard, natural_key, schedule_shards
 
 __all__ = [
-    "CHUNKED_OVERHEAD",
-    "CHUNK_ELEMS",
     "COPY_BUFFERS",
     "COPY_CHUNK",
     "NO_STACK",
