@@ -93,7 +93,7 @@ def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
     steps_list = [(i, s) for i, s in enumerate(raw_steps)
                   if isinstance(s, dict) and isinstance(s.get("name"), str)]
     by_name = names.add_steps(steps_list)
-    deps = {}
+    deps: dict[str, list[str]] = {}
     for i, step in steps_list:
         deps.setdefault(step["name"], names.step_dependencies(i, step))
         layers = step.get("layers")
