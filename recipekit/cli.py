@@ -190,10 +190,9 @@ def run(
     """Build the recipe's output checkpoint (checking recipe.lock.json when there is one)."""
 
     def body() -> None:
-        from recipekit.io.header import display_path
         from recipekit.progress import byte_progress
-        from recipekit.run.execute import resolve_device, run_plan
-        from recipekit.units import format_size
+        from recipekit.run.device import resolve_device
+        from recipekit.run.local import run_plan
 
         if device != "cpu":
             resolve_device(device)  # fail before reading anything on a bad device
@@ -203,20 +202,27 @@ def run(
         with byte_progress(p.bytes_written, disable=quiet) as tick:
             result = run_plan(p, device=device, fsync=not no_fsync, force=force, progress=tick,
                               check_finite=check_finite, workers=workers)
-        secs = time.perf_counter() - start
-        where = display_path(result.output)
-        if result.already_complete:
-            typer.echo(f"{where}: already complete (same recipe and inputs); nothing to do")
-            return
-        rate = format_size(result.bytes_written / secs) + "/s" if secs > 0 else ""
-        resumed = f", {result.shards_resumed} resumed" if result.shards_resumed else ""
-        what = "a PEFT adapter" if p.adapter else f"{p.model.stack.num_layers} layers"
-        typer.echo(f"wrote {where}: {what}, {len(p.shards)} shard(s)"
-                   f"{resumed}, {format_size(result.bytes_written)} in {secs:.1f} s ({rate})")
-        if check_finite:
-            _report_finite(result.non_finite, resumed=result.shards_resumed)
+        _report_run(p, result, time.perf_counter() - start, check_finite=check_finite)
 
     _guard(debug, body)
+
+
+def _report_run(p, result, secs: float, *, check_finite: bool) -> None:
+    """The one-line summary of a run (and its non-finite values, when checked)."""
+    from recipekit.io.header import display_path
+    from recipekit.units import format_size
+
+    where = display_path(result.output)
+    if result.already_complete:
+        typer.echo(f"{where}: already complete (same recipe and inputs); nothing to do")
+        return
+    rate = format_size(result.bytes_written / secs) + "/s" if secs > 0 else ""
+    resumed = f", {result.shards_resumed} resumed" if result.shards_resumed else ""
+    what = "a PEFT adapter" if p.adapter else f"{p.model.stack.num_layers} layers"
+    typer.echo(f"wrote {where}: {what}, {len(p.shards)} shard(s)"
+               f"{resumed}, {format_size(result.bytes_written)} in {secs:.1f} s ({rate})")
+    if check_finite:
+        _report_finite(result.non_finite, resumed=result.shards_resumed)
 
 
 def _check_lock(recipe_file: Path, p, frozen: bool) -> None:

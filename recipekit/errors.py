@@ -164,3 +164,20 @@ class VerifyError(RecipekitError):
     Example: ``out/model.safetensors: sha256 3f2a... differs from the manifest's 9b1c...; the
     file's bytes changed after it was written; rerun `recipekit run --force```
     """
+
+
+# --- Planning helpers' errors (recipe params, arch lookup): the caller locates them ----------
+
+
+class LayerStackError(ValueError):
+    """Why no single layer stack could be found; inputs/models.py turns it into a located
+    error."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class ParamError(ValueError):
+    """A parameter that cannot give a value for some tensor; the caller locates it."""

@@ -9,7 +9,6 @@ and every step is one. Nothing here imports torch.
 
 from __future__ import annotations
 
-import copy
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -668,26 +667,3 @@ class VirtualModel:
             if hit is not None:
                 out[hit[0]][hit[1]] = node
         return out
-
-
-def with_config(config: Mapping[str, Any], updates: Mapping[ConfigKey, Any]) -> dict[str, Any]:
-    """A deep copy of ``config`` with each (possibly nested) key set to its new value."""
-    out = copy.deepcopy(dict(config))
-    for key, value in updates.items():
-        cur = out
-        for part in key[:-1]:
-            cur = cur.setdefault(part, {})
-        cur[key[-1]] = copy.deepcopy(value)
-    return out
-
-
-def without_config_keys(config: Mapping[str, Any], keys: list[ConfigKey]) -> dict[str, Any]:
-    """A deep copy of ``config`` without the (possibly nested) ``keys``; absent ones are fine."""
-    out = copy.deepcopy(dict(config))
-    for key in keys:
-        cur: Any = out
-        for part in key[:-1]:
-            cur = cur.get(part) if isinstance(cur, dict) else None
-        if isinstance(cur, dict):
-            cur.pop(key[-1], None)
-    return out

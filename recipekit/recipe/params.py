@@ -17,12 +17,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from recipekit.arch import LayerStack, load_architectures
+from recipekit.errors import ParamError
 
 Param = float | Mapping[str, Any] | Sequence[Mapping[str, Any]]
-
-
-class ParamError(ValueError):
-    """A parameter that cannot give a value for some tensor; the caller locates it."""
 
 
 def evaluate_gradient(values: Sequence[float], t: float) -> float:

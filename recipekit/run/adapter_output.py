@@ -35,50 +35,20 @@ def adapter_output(aset: AdapterSet, recipe: Recipe) -> tuple[dict[str, Node], d
             `cat` or missing with `svd`.
     """
     spec: Mapping[str, Any] = recipe.output.adapter or {}
-    method = spec.get("method", "cat")
-    where = ("output", "adapter")
-    errors: list[RecipeError] = []
-    if method == "svd" and "rank" not in spec:
-        errors.append(recipe.error(where, "method svd needs `rank:` (the rank of every module)",
-                                   key=True))
-    if method == "cat" and "rank" in spec:
-        errors.append(recipe.error(where + ("rank",), "method cat keeps every rank (the sum of "
-                                   "the combined ranks); `rank` is for method svd", key=True))
-    if recipe.output.dtype:
-        dtype = NAME_TO_CODE[recipe.output.dtype]
-    else:
-        factor_dtypes = [n.dtype for t in aset.targets.values() for term in t.terms
-                         for n in (term.a, term.b)]
-        dtype = promote(factor_dtypes) if factor_dtypes else F32
+    errors = _spec_errors(recipe, spec)
+    dtype = _output_dtype(aset, recipe)
     tensors: dict[str, Node] = {}
     ranks: dict[str, int] = {}
     kinds: dict[str, str] = {}
     for name, t in aset.targets.items():
         module = name[:-len(".weight")] if name.endswith(".weight") else name
-        if t.magnitude is not None:
-            errors.append(recipe.error(("output", "model"), f"'{aset.name}' has DoRA modules "
-                                       f"({quote_name(module)}), which recipekit does not write "
-                                       "as an adapter", hint="fold it into a model instead"))
+        factors = _factors(aset, recipe, t, module, spec, dtype, errors)
+        if factors is None:
             break
+        a, b = factors
         a_key, b_key = ((f"{module}.lora_embedding_A", f"{module}.lora_embedding_B")
                         if t.kind == "embedding" else
                         (f"{module}.lora_A.weight", f"{module}.lora_B.weight"))
-        if method == "svd":
-            k = min(int(spec.get("rank", 1)), *t.shape)
-            delta = t.delta(1.0)
-            a: Node = intern(SvdFactor(delta, "A", k, t.transposed, 0.0, dtype))
-            b: Node = intern(SvdFactor(delta, "B", k, t.transposed, 0.0, dtype))
-        elif t.full is not None:
-            errors.append(recipe.error(("output", "model"), f"'{aset.name}' holds pruned (ties/"
-                                       "DARE) deltas, which are not low rank; write it with "
-                                       "`output: {adapter: {method: svd, rank: k}}`"))
-            break
-        elif len(t.terms) == 1 and t.terms[0].scale == 1.0:
-            a, b = cast(t.terms[0].a, dtype), cast(t.terms[0].b, dtype)
-        else:
-            a = intern(Concat(tuple(x.a for x in t.terms), tuple(x.scale for x in t.terms), 0,
-                              dtype))
-            b = intern(Concat(tuple(x.b for x in t.terms), (1.0,) * len(t.terms), 1, dtype))
         tensors[PREFIX + a_key], tensors[PREFIX + b_key] = a, b
         ranks[module], kinds[module] = a.shape[0], t.kind
     for name, terms in aset.biases.items():
@@ -90,6 +60,54 @@ def adapter_output(aset: AdapterSet, recipe: Recipe) -> tuple[dict[str, Node], d
     if errors:
         raise RecipeErrors(errors)
     return tensors, adapter_config(aset, ranks, kinds)
+
+
+def _spec_errors(recipe: Recipe, spec: Mapping[str, Any]) -> list[RecipeError]:
+    """``rank`` missing with svd, or given with cat."""
+    method = spec.get("method", "cat")
+    where = ("output", "adapter")
+    errors: list[RecipeError] = []
+    if method == "svd" and "rank" not in spec:
+        errors.append(recipe.error(where, "method svd needs `rank:` (the rank of every module)",
+                                   key=True))
+    if method == "cat" and "rank" in spec:
+        errors.append(recipe.error(where + ("rank",), "method cat keeps every rank (the sum of "
+                                   "the combined ranks); `rank` is for method svd", key=True))
+    return errors
+
+
+def _output_dtype(aset: AdapterSet, recipe: Recipe) -> str:
+    """The recipe's output dtype, else the promoted dtype of every factor."""
+    if recipe.output.dtype:
+        return NAME_TO_CODE[recipe.output.dtype]
+    factor_dtypes = [n.dtype for t in aset.targets.values() for term in t.terms
+                     for n in (term.a, term.b)]
+    return promote(factor_dtypes) if factor_dtypes else F32
+
+
+def _factors(aset: AdapterSet, recipe: Recipe, t: Any, module: str, spec: Mapping[str, Any],
+             dtype: str, errors: list[RecipeError]) -> tuple[Node, Node] | None:
+    """One module's written (A, B) factors; None (with an error) when it cannot be written."""
+    if t.magnitude is not None:
+        errors.append(recipe.error(("output", "model"), f"'{aset.name}' has DoRA modules "
+                                   f"({quote_name(module)}), which recipekit does not write "
+                                   "as an adapter", hint="fold it into a model instead"))
+        return None
+    if spec.get("method", "cat") == "svd":
+        k = min(int(spec.get("rank", 1)), *t.shape)
+        delta = t.delta(1.0)
+        return (intern(SvdFactor(delta, "A", k, t.transposed, 0.0, dtype)),
+                intern(SvdFactor(delta, "B", k, t.transposed, 0.0, dtype)))
+    if t.full is not None:
+        errors.append(recipe.error(("output", "model"), f"'{aset.name}' holds pruned (ties/"
+                                   "DARE) deltas, which are not low rank; write it with "
+                                   "`output: {adapter: {method: svd, rank: k}}`"))
+        return None
+    if len(t.terms) == 1 and t.terms[0].scale == 1.0:
+        return cast(t.terms[0].a, dtype), cast(t.terms[0].b, dtype)
+    return (intern(Concat(tuple(x.a for x in t.terms), tuple(x.scale for x in t.terms), 0,
+                          dtype)),
+            intern(Concat(tuple(x.b for x in t.terms), (1.0,) * len(t.terms), 1, dtype)))
 
 
 def adapter_config(aset: AdapterSet, ranks: Mapping[str, int],

@@ -1,11 +1,11 @@
-"""Execute a plan: stream every output tensor into its place in its shard, then finish the
-output directory.
+"""Stream a plan's shards: every output tensor computed (or copied) into its place in its shard.
 
 Tensors that are only moved (a `Load` written in its own dtype) are copied in fixed-size chunks
 through one reusable buffer, never becoming torch tensors; computed tensors are evaluated on the
 chosen device, brought back, written and freed. Peak memory is therefore a few tensors (or one
 chunk buffer), whatever the model or shard size. This is the only module that moves tensors
-between devices.
+between devices. Fetching hub shards before (`fetch`) and finishing the directory after
+(`finish`) are `run_plan`'s other stages (`local`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
-import gc
 import itertools
 import logging
 import queue
@@ -25,25 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.dtypes import torch_dtype
-from recipekit.errors import CorruptCheckpointError, DeviceError
 from recipekit.graph import Load, Node
-from recipekit.inputs.hub import download as hub_download
-from recipekit.inputs.models import iter_donor_files
-from recipekit.io.header import display_path, read_header
-from recipekit.io.output import INDEX, MANIFEST, OutputDir, dumps
+from recipekit.io.output import OutputDir
 from recipekit.io.reader import FileReader
 from recipekit.io.writer import ShardWriter
-from recipekit.plan import (
+from recipekit.plan import Plan, Shard
+from recipekit.plan.cost import (
     COPY_BUFFERS,
     COPY_CHUNK,
-    Plan,
-    Shard,
     chunkable,
     piece_workers,
     row_sliced,
     rows_per_piece,
 )
-from recipekit.run.manifest import build_manifest, build_model_card
 
 log = logging.getLogger(__name__)
 
@@ -77,87 +70,17 @@ class FiniteCheck:
             self.found[label] = (old[0] + nan, old[1] + inf)
 
 
-def resolve_device(spec: str) -> Any:
-    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` -> a torch.device that exists here.
-
-    Raises:
-        DeviceError: the device is not available (exit code 2).
-    """
-    import torch
-
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise DeviceError(f"unknown device {spec!r}",
-                          hint="use cpu, cuda, cuda:N, mps or auto") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {spec}: CUDA is not available on this machine",
-                              hint="use --device cpu (the default) or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {spec}: only {torch.cuda.device_count()} CUDA "
-                              "device(s)", hint="use cuda:0 .. cuda:N-1")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise DeviceError(f"--device {spec}: MPS is not available on this machine",
-                              hint="use --device cpu")
-    elif dev.type != "cpu":
-        raise DeviceError(f"unsupported device {spec!r}", hint="use cpu, cuda, cuda:N or mps")
-    return dev
-
-
-def output_files(plan: Plan, donor_files: list[Path]) -> list[str]:
-    """Every file a run of this plan writes, relative to the output directory."""
-    files = [s.filename for s in plan.shards]
-    if plan.adapter:
-        return [*files, "adapter_config.json", "README.md", MANIFEST]
-    if len(plan.shards) > 1:
-        files.append(INDEX)
-    files += ["config.json", "README.md", *(str(p) for p in donor_files), MANIFEST]
-    return files
-
-
-def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool = False,
-             progress: Progress | None = None, check_finite: bool = False,
-             workers: int | None = None) -> RunResult:
-    """Write the plan's output directory (resuming finished shards of the same plan).
-
-    ``workers`` threads compute row pieces side by side on the CPU (default: `piece_workers`);
-    they change no byte of the output.
-
-    Raises:
-        OutputPathError: the output is a file, holds foreign files, or another plan's output.
-        OutputError: disk full, another run holds the lock, I/O failure.
-        CorruptCheckpointError: an input changed or broke while being read.
-    """
-    plan = fetch_hub_shards(plan)
-    # A plan that only moves bytes never needs torch: skip its import (about a second).
-    computes = any(not isinstance(t.node, Load) for s in plan.shards for t in s.tensors)
-    dev = resolve_device(device) if computes or device != "cpu" or check_finite else None
-    # The cyclic GC's full collections walk every object alive, and torch's import leaves about
-    # a million: move them out of its reach (they live as long as the process anyway). The run
-    # itself makes no reference cycles (see `evaluate`).
-    gc.freeze()
+def stream_shards(plan: Plan, out: OutputDir, dev: Any, *, fsync: bool,
+                  progress: Progress | None, check_finite: bool,
+                  workers: int | None) -> dict[str, tuple[int, int]]:
+    """Write every shard ``out`` has not finished; returns the non-finite counts found
+    (``check_finite``) by tensor label."""
     finite = FiniteCheck() if check_finite else None
     tick = progress or (lambda n: None)
-    out_path = plan.recipe.output.path
-    donor_files = iter_donor_files(plan.donor.path) if plan.donor is not None else []
-    with OutputDir(out_path, plan_hash=plan.plan_hash(), files=output_files(plan, donor_files),
-                   force=force, fsync=fsync) as out, FileReader() as reader, \
+    todo = [s for s in plan.shards if not out.is_finished(s.filename)]
+    with FileReader() as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="recipekit-read") as prefetch, \
             contextlib.ExitStack() as stack:
-        if out.already_complete:
-            return RunResult(out_path, True, 0, len(plan.shards), 0)
-        todo = [s for s in plan.shards if not out.is_finished(s.filename)]
-        extra = sum((plan.donor.path / p).stat().st_size  # type: ignore[union-attr]
-                    for p in donor_files) + (1 << 20)
-        out.begin(sum(s.size for s in todo) + extra)
         largest = max((t.nbytes for s in todo for t in s.tensors), default=1)
         n = workers if workers is not None else piece_workers()
         pool = (stack.enter_context(ThreadPoolExecutor(n, thread_name_prefix="recipekit-piece"))
@@ -168,63 +91,10 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
             if out.is_finished(shard.filename):
                 tick(shard.size)
                 continue
-            sha = write_shard(plan, shard, out_path, rt, fsync=fsync, progress=tick)
+            sha = write_shard(plan, shard, plan.recipe.output.path, rt, fsync=fsync,
+                              progress=tick)
             out.mark_finished(shard.filename, sha, shard.size)
-        if len(plan.shards) > 1:
-            weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
-            total = sum(t.nbytes for s in plan.shards for t in s.tensors)
-            out.write_file(INDEX, dumps({"metadata": {"total_size": total},
-                                         "weight_map": weight_map}))
-        out.write_file("adapter_config.json" if plan.adapter else "config.json",
-                       dumps(plan.config))
-        for rel in donor_files:
-            if rel.as_posix() in plan.files:  # a dimension field rewritten (e.g. 1_Pooling)
-                out.write_file(str(rel), plan.files[rel.as_posix()])
-            else:
-                out.copy_file(plan.donor.path / rel, str(rel))  # type: ignore[union-attr]
-        out.write_file("README.md", build_model_card(plan).encode())
-        out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished)))
-        out.complete()
-    return RunResult(out_path, False, len(todo), len(plan.shards) - len(todo),
-                     sum(s.size for s in todo), finite.found if finite else {})
-
-
-def fetch_hub_shards(plan: Plan) -> Plan:
-    """Download the hub shards this plan reads (only those) and read their local headers.
-
-    Planning used remote headers (offsets unknown); the downloaded files must agree with them.
-
-    Raises:
-        SourceNotFoundError: a download failed.
-        CorruptCheckpointError: a downloaded shard disagrees with the header planned from.
-    """
-    needed: dict[str, set[Path]] = {}
-    for node in plan.loads():
-        info = plan.sources[node.source].tensors[node.name]
-        if info.offset < 0:
-            needed.setdefault(node.source, set()).add(info.file)
-    if not needed:
-        return plan
-    sources = dict(plan.sources)
-    for name, files in sorted(needed.items()):
-        ckpt = sources[name]
-        assert ckpt.hub is not None
-        tensors = dict(ckpt.tensors)
-        for planned_file in sorted(files):
-            local = hub_download(ckpt.hub, planned_file.name)
-            header = read_header(local)
-            for tname, info in ckpt.tensors.items():
-                if info.file != planned_file:
-                    continue
-                got = header.get(tname)
-                if got is None or (got.dtype, got.shape) != (info.dtype, info.shape):
-                    raise CorruptCheckpointError(
-                        f"`{tname}` differs from the header planned from",
-                        file=display_path(local), hint="the download is damaged; delete it from "
-                        "the hub cache and run again")
-                tensors[tname] = got
-        sources[name] = dataclasses.replace(ckpt, tensors=tensors)
-    return dataclasses.replace(plan, sources=sources)
+    return finite.found if finite else {}
 
 
 @dataclass
@@ -356,51 +226,80 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
         rows *= 64  # amortize kernel launches and transfers
     n_rows = node.shape[0]
     bounds = [(lo, min(lo + rows, n_rows)) for lo in range(0, n_rows, rows)]
-    whole: dict[Node, Any] = {}
-    held: dict[Node, Any] = {}  # sliced inputs the whole ones read anyway (slerp's a and b)
-    for x in parts[1]:
-        seen: dict[Node, Any] = {}
-        whole[x] = _value(x, seen, plan, rt.reader, rt.device, rt.finite)
-        held.update((n, seen[n]) for n in loads if n in seen)
-        seen.clear()
-    workers = rt.compute if not gpu else None
+    job = _Pieces(node, plan, rt, loads, gpu)
     threads = torch.get_num_threads()
+    try:
+        job.read_whole(parts[1])
+        yield from _pipeline(job, bounds, rt.compute if not gpu else None, rt)
+    finally:
+        torch.set_num_threads(threads)
+        job.whole.clear()
+        job.held.clear()
 
-    def read(lo: int, hi: int) -> dict[Node, Any]:
-        return {n: held[n][lo:hi] if n in held else
-                read_rows(n, plan, rt.reader, lo, hi, pin=rt.pin) for n in loads}
 
-    def compute(ahead: Future[dict[Node, Any]], lo: int, hi: int) -> tuple[dict[Node, Any], Any]:
+@dataclass
+class _Pieces:
+    """What computing one chunked tensor's pieces shares: its inputs read whole, and how one
+    piece is read and computed."""
+
+    node: Node
+    plan: Plan
+    rt: Runtime
+    loads: list[Load]  # stored inputs on the sliced paths
+    gpu: bool
+    whole: dict[Node, Any] = dataclasses.field(default_factory=dict)
+    held: dict[Node, Any] = dataclasses.field(default_factory=dict)  # sliced inputs read whole
+
+    def read_whole(self, inputs: set[Node]) -> None:
+        """Compute the inputs a piece needs whole, keeping the sliced stored inputs they read
+        anyway (slerp's a and b)."""
+        for x in inputs:
+            seen: dict[Node, Any] = {}
+            self.whole[x] = _value(x, seen, self.plan, self.rt.reader, self.rt.device,
+                                   self.rt.finite)
+            self.held.update((n, seen[n]) for n in self.loads if n in seen)
+            seen.clear()
+
+    def read(self, lo: int, hi: int) -> dict[Node, Any]:
+        return {n: self.held[n][lo:hi] if n in self.held else
+                read_rows(n, self.plan, self.rt.reader, lo, hi, pin=self.rt.pin)
+                for n in self.loads}
+
+    def compute(self, ahead: Future[dict[Node, Any]], lo: int,
+                hi: int) -> tuple[dict[Node, Any], Any]:
+        import torch
+
         memo = ahead.result()
         # (held inputs were checked when read whole)
-        inputs = {n: v for n, v in memo.items() if n not in held} if rt.finite else {}
-        if not gpu:
+        inputs = {n: v for n, v in memo.items() if n not in self.held} if self.rt.finite else {}
+        if not self.gpu:
             torch.set_num_threads(1)  # also per worker thread: OpenMP's setting is per thread
         try:
-            return inputs, _piece(node, lo, hi, memo, whole, plan, rt).cpu().contiguous()
+            piece = _piece(self.node, lo, hi, memo, self.whole, self.plan, self.rt)
+            return inputs, piece.cpu().contiguous()
         finally:
             memo.clear()
 
-    # Each piece's read is queued on the read-ahead thread, and its computation on a worker;
-    # pieces are taken in order, with one more in flight than there are workers.
+
+def _pipeline(job: _Pieces, bounds: list[tuple[int, int]], workers: ThreadPoolExecutor | None,
+              rt: Runtime) -> Iterator[Any]:
+    """Each piece's read is queued on the read-ahead thread, and its computation on a worker;
+    pieces are taken in order, with one more in flight than there are workers."""
     Job = tuple[Future[dict[Node, Any]], int, int, Future[tuple[dict[Node, Any], Any]] | None]
     inflight: collections.deque[Job] = collections.deque()
     upcoming = iter(bounds)
 
     def start(lo: int, hi: int) -> None:
-        ahead = rt.prefetch.submit(read, lo, hi)
-        job = workers.submit(compute, ahead, lo, hi) if workers is not None else None
-        inflight.append((ahead, lo, hi, job))
+        ahead = rt.prefetch.submit(job.read, lo, hi)
+        done = workers.submit(job.compute, ahead, lo, hi) if workers is not None else None
+        inflight.append((ahead, lo, hi, done))
 
     try:
         for lo, hi in itertools.islice(upcoming, 1 + (rt.workers if workers else 1)):
             start(lo, hi)
         while inflight:
-            ahead, lo, hi, job = inflight.popleft()
-            if job is None:
-                inputs, piece = compute(ahead, lo, hi)
-            else:
-                inputs, piece = job.result()
+            ahead, lo, hi, done = inflight.popleft()
+            inputs, piece = job.compute(ahead, lo, hi) if done is None else done.result()
             following = next(upcoming, None)
             if following is not None:
                 start(*following)
@@ -411,18 +310,15 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
             yield piece
             del piece
     finally:
-        for ahead, _, _, job in inflight:
+        for ahead, _, _, done in inflight:
             ahead.cancel()
-            if job is not None:
-                job.cancel()
+            if done is not None:
+                done.cancel()
         if workers is not None:  # a cancelled generator: let running pieces finish first
-            for _, _, _, job in inflight:
-                if job is not None and not job.cancelled():
+            for _, _, _, done in inflight:
+                if done is not None and not done.cancelled():
                     with contextlib.suppress(BaseException):
-                        job.result()
-        torch.set_num_threads(threads)
-        whole.clear()
-        held.clear()
+                        done.result()
 
 
 def _piece(n: Node, lo: int, hi: int, memo: dict[Node, Any], whole: dict[Node, Any],

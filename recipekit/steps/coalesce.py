@@ -26,10 +26,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from recipekit.arch import Architecture, ConfigKey, LayerStack, config_get, load_architectures
+from recipekit.arch import (
+    Architecture,
+    ConfigKey,
+    LayerStack,
+    config_get,
+    load_architectures,
+    with_config,
+)
 from recipekit.dtypes import is_floating
 from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
-from recipekit.graph import AxisMap, Coalesce, Decoalesce, Node, VirtualModel, intern, with_config
+from recipekit.graph import AxisMap, Coalesce, Decoalesce, Node, VirtualModel, intern
 from recipekit.inputs.schemes import (
     Partition,
     SchemeError,

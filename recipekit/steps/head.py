@@ -25,7 +25,15 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from recipekit.arch import ConfigKey, LayerStack, config_get, config_has, load_architectures
+from recipekit.arch import (
+    ConfigKey,
+    LayerStack,
+    config_get,
+    config_has,
+    load_architectures,
+    with_config,
+    without_config_keys,
+)
 from recipekit.dtypes import is_floating
 from recipekit.errors import RecipeErrors, ShapeMismatchError
 from recipekit.graph import (
@@ -34,8 +42,6 @@ from recipekit.graph import (
     Normal,
     VirtualModel,
     intern,
-    with_config,
-    without_config_keys,
 )
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.reinit import family_of, initializer_range

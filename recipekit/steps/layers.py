@@ -13,9 +13,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from recipekit.arch import LayerStack, config_get, load_architectures
+from recipekit.arch import LayerStack, config_get, load_architectures, with_config
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors, ShapeMismatchError
-from recipekit.graph import Node, VirtualModel, with_config
+from recipekit.graph import Node, VirtualModel
 from recipekit.recipe import Recipe, Step, parse_layer_range
 
 log = logging.getLogger(__name__)

@@ -141,7 +141,7 @@ def test_elementwise_and_data_movement_are_byte_identical(cli, tmp_path, models,
 def test_row_pieces_on_the_gpu_are_byte_identical(cli, tmp_path, models, name, monkeypatch):
     """Pieces of 100 values (64× that on the GPU) make every tensor span several pieces: the
     pinned reads, read-ahead and asynchronous copies must not change a byte."""
-    import recipekit.plan as pl
+    import recipekit.plan.cost as pl
     import recipekit.run.execute as ex
 
     body, output = EXACT[name]

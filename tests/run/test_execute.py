@@ -293,7 +293,7 @@ ESTIMATE = textwrap.dedent("""
     import gc, json, re, sys
     def kb(key):
         return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-    from recipekit.run.execute import run_plan
+    from recipekit.run.local import run_plan
     from recipekit.plan import compile_plan
     from recipekit.recipe import load_recipe
     from recipekit.inputs.models import resolve_sources
@@ -386,7 +386,7 @@ class TestCheckFinite:
         """A cast computed in row pieces (16 rows each) reports the whole tensor's counts once."""
         from safetensors.torch import save_file
 
-        import recipekit.plan as pl
+        import recipekit.plan.cost as pl
 
         src = tmp_path / "m"
         src.mkdir()
@@ -447,7 +447,7 @@ class TestChunkedEvaluation:
     @pytest.mark.parametrize("name", list(CHUNKED_STEPS))
     def test_pieces_equal_the_whole_tensor(self, cli, tmp_path, tiny_llama, tiny_llama_b, name,
                                            monkeypatch):
-        import recipekit.plan as pl
+        import recipekit.plan.cost as pl
         import recipekit.run.execute as ex
 
         calls = []
@@ -474,7 +474,7 @@ class TestChunkedEvaluation:
 
     def test_whole_tensor_ops_are_not_chunked_and_plan_says_so(self, cli, tmp_path, tiny_llama,
                                                                tiny_llama_b, monkeypatch):
-        import recipekit.plan as pl
+        import recipekit.plan.cost as pl
 
         monkeypatch.setattr(pl, "CHUNK_ELEMS", 100)
         body = ("op: merge\n    method: ties\n    base: a\n"

@@ -328,7 +328,7 @@ def test_row_pieces_equal_the_whole_fold(cli, tmp_path, bases, adapters, case, m
     columns of A; DoRA's row norms within a piece; column norms whole). Oracle: the same fold
     computed whole, at one torch thread, byte for byte (ΔW is made in fixed row blocks either
     way, ops/lora.py), with the pieces computed by three worker threads."""
-    import recipekit.plan as pl
+    import recipekit.plan.cost as pl
     import recipekit.run.execute as ex
     from recipekit.graph import LoraDelta
 

@@ -1,0 +1,243 @@
+"""Compile a recipe into a plan: every step built in dependency order, then the output.
+
+``compile_plan`` turns models into virtual models, runs each step's builder, applies the output
+dtype and the donor's config, and lays the output tensors into shards (`schedule`) whose
+safetensors headers are fixed before any byte is read. Everything here is shapes and dtypes:
+no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from recipekit import __version__
+from recipekit.arch import LayerStack, config_get, config_has, with_config, without_config_keys
+from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
+from recipekit.errors import RecipeErrors, RecipekitError
+from recipekit.graph import Load, Node, VirtualModel, cast, expression_nodes, load
+from recipekit.inputs.models import Checkpoint
+from recipekit.plan.cost import (
+    COPY_BUFFERS,
+    COPY_CHUNK,
+    piece_workers,
+    reads_whole_tensor,
+    working_set,
+)
+from recipekit.plan.schedule import Shard, schedule_shards
+from recipekit.recipe import Recipe, step_references
+from recipekit.steps import BUILDERS
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the executor needs, and everything `recipekit plan` shows."""
+
+    recipe: Recipe
+    sources: Mapping[str, Any]  # Checkpoint or AdapterCheckpoint, by recipe name
+    model: VirtualModel
+    donor: Checkpoint | None  # None for an adapter-set output
+    config: dict[str, Any]  # config.json, or adapter_config.json for an adapter output
+    shards: tuple[Shard, ...]
+    adapter: bool = False  # the output is a PEFT adapter directory
+    #: Step name -> operator metadata (coalescing schemes, compensation), for the manifest.
+    operators: Mapping[str, Any] = field(default_factory=dict)
+    #: Donor files written with rewritten contents (relative path -> bytes), e.g. the
+    #: sentence-transformers pooling dimension after a width change.
+    files: Mapping[str, bytes] = field(default_factory=dict)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(s.tensors) for s in self.shards)
+
+    def loads(self) -> set[Load]:
+        """Every distinct stored tensor the plan reads."""
+        return {n for s in self.shards for t in s.tensors for n in expression_nodes(t.node)
+                if isinstance(n, Load)}
+
+    @property
+    def bytes_read(self) -> int:
+        """Distinct input bytes the plan reads."""
+        return sum(n.nbytes for n in self.loads())
+
+    @property
+    def bytes_read_total(self) -> int:
+        """Input bytes read including re-reads (a layer used twice is read twice)."""
+        total = 0
+        for s in self.shards:
+            for t in s.tensors:
+                total += sum(n.nbytes for n in expression_nodes(t.node) if isinstance(n, Load))
+        return total
+
+    def peak_memory_estimate(self) -> int:
+        """Working set above an idle process: the copy buffers if any tensor is copied as is,
+        plus the largest computed tensor's working set (`working_set`, with this machine's
+        default `piece_workers`)."""
+        copied = [t.nbytes for s in self.shards for t in s.tensors if isinstance(t.node, Load)]
+        buffers = COPY_BUFFERS * min(COPY_CHUNK, max(copied)) if copied else 0
+        workers = piece_workers()
+        return buffers + max((working_set(t.node, workers) for s in self.shards
+                              for t in s.tensors if not isinstance(t.node, Load)), default=0)
+
+    def largest_whole_tensor_op(self) -> tuple[str, Node, int] | None:
+        """(tensor name, node, working set) of the computed tensor that needs the most memory
+        because its op reads the whole tensor at once (slerp norms, TIES thresholds, ...);
+        None when every computed tensor runs in chunks."""
+        worst = None
+        for s in self.shards:
+            for t in s.tensors:
+                if not reads_whole_tensor(t.node):
+                    continue
+                ws = working_set(t.node)
+                if worst is None or ws > worst[2]:
+                    worst = (t.name, t.node, ws)
+        return worst
+
+    def plan_hash(self) -> str:
+        """Identity of what this plan writes: canonical recipe, input identities, tool version."""
+        doc = {
+            "recipe": self.recipe.canonical(),
+            "inputs": {n: c.identity() for n, c in sorted(self.sources.items())},
+            "version": __version__,
+        }
+        if self.operators:  # a scheme read from a file is part of what is written
+            doc["operators"] = self.operators
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> VirtualModel:
+    tensors = {name: load(ckpt.name, name, info.shape, info.dtype)
+               for name, info in ckpt.tensors.items()}
+    return VirtualModel(ckpt.name, ckpt.config, tensors, ckpt.stack, ckpt.name)
+
+
+def compile_plan(recipe: Recipe, sources: Mapping[str, Any]) -> Plan:
+    """Build every step, then the output: cast, order, shard, header.
+
+    Raises:
+        RecipeErrors: every step problem found (steps whose inputs failed are skipped).
+    """
+    from recipekit.graph.adapterset import AdapterSet
+
+    models = _build_models(recipe, sources)
+    value = models[recipe.output.model]
+    if isinstance(value, AdapterSet):
+        return _adapter_plan(recipe, sources, value)
+    if recipe.output.adapter is not None:
+        raise RecipeErrors([recipe.error(("output", "adapter"), f"output '{value.name}' is a "
+                                         "model, not an adapter set", key=True,
+                                         hint="`output.adapter` applies when `output.model` "
+                                         "names an adapter set")])
+    return _model_plan(recipe, sources, models, value)
+
+
+def _build_models(recipe: Recipe, sources: Mapping[str, Any]) -> dict[str, Any]:
+    """Every input and step as a virtual model or adapter set, by name.
+
+    Raises:
+        RecipeErrors: every problem found; a step whose inputs failed is skipped.
+    """
+    from recipekit.graph.adapterset import AdapterSet, read_adapter_set
+    from recipekit.inputs.adapters import AdapterCheckpoint
+
+    models: dict[str, VirtualModel | AdapterSet] = {}
+    errors: list[RecipekitError] = []
+    failed: set[str] = set()
+    for n, c in sources.items():
+        try:
+            models[n] = (read_adapter_set(c, recipe) if isinstance(c, AdapterCheckpoint)
+                         else model_from_checkpoint(c))
+        except RecipeErrors as e:
+            errors.extend(e.errors)
+            failed.add(n)
+    for step in recipe.steps.values():
+        if any(ref in failed for ref, _ in step_references(step.spec)):
+            failed.add(step.name)
+            continue
+        wrong = [recipe.error(step.key_path + rel, f"'{ref}' is an adapter set; op "
+                              f"{step.op} takes models here", hint="fold adapters into a model "
+                              "first with `op: adapters`")
+                 for ref, rel in step_references(step.spec) if rel[0] != "adapters"
+                 and step.op != "adapters" and isinstance(models.get(ref), AdapterSet)]
+        if wrong:
+            errors.extend(wrong)
+            failed.add(step.name)
+            continue
+        try:
+            models[step.name] = BUILDERS[step.op](step, models, recipe)  # type: ignore[arg-type]
+        except RecipeErrors as e:
+            errors.extend(e.errors)
+            failed.add(step.name)
+        except RecipekitError as e:
+            errors.append(e)
+            failed.add(step.name)
+    if errors:
+        raise RecipeErrors(errors)
+    return models
+
+
+def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str, Any],
+                model: VirtualModel) -> Plan:
+    """A plan writing ``model`` as a checkpoint: output dtype, donor config and files, shards."""
+    # run/finish imports run/manifest, which imports this package: import it once it is loaded.
+    from recipekit.run.finish import rewrite_dimension_files
+
+    out_code = NAME_TO_CODE[recipe.output.dtype] if recipe.output.dtype else None
+    tensors: dict[str, Node] = {}
+    for name, node in model.tensors.items():
+        tensors[name] = cast(node, out_code) if out_code and is_floating(node.dtype) else node
+
+    donor_name = recipe.output.config or model.donor
+    if donor_name not in sources:
+        donor_name = models[donor_name].donor
+    donor = sources[donor_name]
+    config = output_config(donor.config, model, tensors, recipe.output.dtype)
+    shards = schedule_shards(tensors, recipe.output.shard_size)
+    final = VirtualModel(model.name, model.config, tensors, model.stack, donor_name, model.changed)
+    operators = {name: dict(models[name].meta) for name in recipe.steps if models[name].meta}
+    files = rewrite_dimension_files(donor, config)
+    return Plan(recipe, dict(sources), final, donor, config, shards, operators=operators,
+                files=files)
+
+
+#: The layer stack of an adapter output (it has no layers of its own).
+NO_STACK = LayerStack("", 0, ("num_hidden_layers",), (), None, "")
+
+
+def _adapter_plan(recipe: Recipe, sources: Mapping[str, Any], aset: Any) -> Plan:
+    """A plan writing an adapter set as a PEFT adapter directory: one safetensors file."""
+    from recipekit.run.adapter_output import WEIGHTS, adapter_output
+
+    if recipe.output.config is not None:
+        raise RecipeErrors([recipe.error(("output", "config"), "an adapter output has no "
+                                         "config.json donor", key=True)])
+    tensors, config = adapter_output(aset, recipe)
+    shards = schedule_shards(tensors, 1 << 62, single=WEIGHTS)
+    model = VirtualModel(aset.name, {}, tensors, NO_STACK, "")
+    return Plan(recipe, dict(sources), model, None, config, shards, adapter=True)
+
+
+def output_config(donor: Mapping[str, Any], model: VirtualModel, tensors: Mapping[str, Node],
+                  dtype: str | None) -> dict[str, Any]:
+    """The donor's config with the keys the steps changed (set, or removed where the model's
+    config lacks them), and both `dtype` and `torch_dtype` naming what was written
+    (transformers 5 reads `dtype`, older versions `torch_dtype`)."""
+    kept = [k for k in model.changed if config_has(model.config, k)]
+    config = with_config(donor, {k: config_get(model.config, k) for k in kept})
+    config = without_config_keys(config, [k for k in model.changed if k not in kept])
+    if dtype is None:
+        floats = {n.dtype for n in tensors.values() if is_floating(n.dtype)}
+        dtype = CODE_TO_NAME.get(next(iter(floats))) if len(floats) == 1 else None
+    if dtype is None:
+        dtype = donor.get("dtype") or donor.get("torch_dtype")
+    if dtype is not None:
+        config["dtype"] = dtype
+        config["torch_dtype"] = dtype
+    return config

@@ -1,0 +1,318 @@
+"""Load a YAML or JSON recipe, validate it, and return a typed `Recipe`.
+
+Validation happens in three layers, each collecting every problem before raising: YAML/JSON
+syntax (`document`), the published JSON Schema (`schema`), and the semantic checks here that
+need no checkpoint (names resolve, no cycles, layer-range grammar). Checks against the sources'
+headers happen at compile time. Every message is located at the user's own line, like a
+compiler.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from recipekit.errors import KeyPath, RecipeError, RecipeErrors
+from recipekit.recipe.document import Document, load_document, show
+from recipekit.recipe.schema import coerce_numeric_strings, schema_errors, step_references
+from recipekit.recipe.types import (
+    DEFAULT_REVISION,
+    DEFAULT_SHARD_SIZE,
+    ModelRef,
+    Output,
+    Recipe,
+    Step,
+    parse_layer_range,
+)
+from recipekit.units import parse_size
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load, validate and type a recipe file. Needs no checkpoint and no torch.
+
+    Schema problems and semantic problems (unknown names, cycles, empty ranges) are collected
+    together, so one run of `recipekit validate` lists everything.
+
+    Raises:
+        RecipeErrors: every problem found, located, sorted by line.
+    """
+    doc = load_document(path)
+    if not isinstance(doc.data, dict):
+        raise RecipeErrors([doc.error((), "a recipe is a mapping with keys `recipekit`, "
+                                      "`models`, `steps` and `output`")])
+    coerce_numeric_strings(doc)
+    errors = schema_errors(doc)
+    recipe = _build(doc, Path(path), errors)
+    if errors:
+        raise RecipeErrors(_dedupe(errors))
+    return recipe
+
+
+def recipe_from_data(data: Mapping[str, Any], file: Path) -> Recipe:
+    """Validate and type a recipe held in memory as if it were written at ``file`` (paths are
+    relative to its directory; the file need not exist). For tools that generate recipes
+    (`recipekit import-mergekit`); errors are located by key path only.
+
+    Raises:
+        RecipeErrors: as `load_recipe`.
+    """
+    doc = Document(str(file), copy.deepcopy(dict(data)), [])
+    coerce_numeric_strings(doc)
+    errors = schema_errors(doc)
+    recipe = _build(doc, file, errors)
+    if errors:
+        raise RecipeErrors(_dedupe(errors))
+    return recipe
+
+
+def _dedupe(errors: list[RecipeError]) -> list[RecipeError]:
+    seen: set[str] = set()
+    out = []
+    for e in errors:
+        if e.render() not in seen:
+            seen.add(e.render())
+            out.append(e)
+    return out
+
+
+def _build(doc: Document, file: Path, errors: list[RecipeError]) -> Recipe:
+    """Semantic checks and typing. Defensive: runs even when the schema found problems."""
+    data = doc.data
+    base_dir = file.resolve().parent
+    raw_models = data.get("models") if isinstance(data.get("models"), dict) else {}
+    raw_adapters = data.get("adapters") if isinstance(data.get("adapters"), dict) else {}
+    models = _inputs(doc, "models", raw_models, base_dir, errors)
+    adapters = _inputs(doc, "adapters", raw_adapters, base_dir, errors, taken=raw_models)
+    names = _Names(doc, {**raw_adapters, **raw_models}, errors)  # names steps may refer to
+
+    raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
+    steps_list = [(i, s) for i, s in enumerate(raw_steps)
+                  if isinstance(s, dict) and isinstance(s.get("name"), str)]
+    by_name = names.add_steps(steps_list)
+    deps: dict[str, list[str]] = {}
+    for i, step in steps_list:
+        deps.setdefault(step["name"], names.step_dependencies(i, step))
+        layers = step.get("layers")
+        for j, entry in enumerate(layers if isinstance(layers, list) else []):
+            _check_layer_entry(doc, ("steps", i, "layers", j), entry, errors)
+    order = _topological_order(doc, by_name, deps, errors)
+
+    out = data.get("output") if isinstance(data.get("output"), dict) else {}
+    output = _output(doc, out, names, steps_list[-1][1]["name"] if steps_list else None,
+                     file, errors)
+    steps = {name: Step(name, str(by_name[name][1].get("op")), by_name[name][1],
+                        by_name[name][0]) for name in order}
+    return Recipe(file=file, document=doc, name=data.get("name"),
+                  description=data.get("description"), models=models, steps=steps,
+                  output=output, adapters=adapters)
+
+
+def _inputs(doc: Document, section: str, raw: Mapping[str, Any], base_dir: Path,
+            errors: list[RecipeError], *, taken: Mapping[str, Any] | None = None
+            ) -> dict[str, ModelRef]:
+    """The ``models`` (or ``adapters``) entries as `ModelRef`s: a hub repo at a revision, or a
+    path resolved against the recipe's directory. Entries the schema refused are skipped, and
+    so are adapters named like a ``taken`` model (an error)."""
+    out: dict[str, ModelRef] = {}
+    for name, entry in raw.items():
+        if taken is not None and name in taken:
+            errors.append(doc.error((section, name), f"'{name}' is already a model name",
+                                    hint="give the adapter its own name", key=True))
+            continue
+        prefix = entry.get("layer_prefix") if isinstance(entry, dict) else None
+        prefix = prefix if isinstance(prefix, str) and section == "models" else None
+        if isinstance(entry, dict) and isinstance(entry.get("hub"), str):
+            revision = entry.get("revision", DEFAULT_REVISION)
+            out[name] = ModelRef(name, None, f"{entry['hub']}@{revision}", prefix,
+                                 (section, name), hub=entry["hub"], revision=str(revision))
+            continue
+        written = entry if isinstance(entry, str) else (
+            entry.get("path") if isinstance(entry, dict) else None)
+        if not isinstance(written, str):
+            continue
+        _check_path_text(doc, (section, name) + (("path",) if isinstance(entry, dict) else ()),
+                         written, errors)
+        path = Path(os.path.normpath(base_dir / _expanduser(written)))
+        out[name] = ModelRef(name, path, written, prefix, (section, name))
+    return out
+
+
+class _Names:
+    """The names a recipe defines (inputs, then steps), and the references to check
+    against them."""
+
+    def __init__(self, doc: Document, inputs: Mapping[str, Any],
+                 errors: list[RecipeError]) -> None:
+        self.doc, self.inputs, self.errors = doc, inputs, errors
+        self.steps: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.known: list[str] = sorted(inputs)
+
+    def add_steps(self, steps: list[tuple[int, dict[str, Any]]]
+                  ) -> dict[str, tuple[int, dict[str, Any]]]:
+        """Register step names (an input's name or a repeated one is an error); by name."""
+        doc = self.doc
+        for i, step in steps:
+            name = step["name"]
+            if name in self.inputs:
+                self.errors.append(doc.error(("steps", i, "name"),
+                                             f"step name '{name}' is already a model name",
+                                             hint="give the step its own name"))
+            elif name in self.steps:
+                first = doc.locate(("steps", self.steps[name][0], "name")).line
+                self.errors.append(doc.error(
+                    ("steps", i, "name"), f"duplicate step name '{name}' (first used on line "
+                    f"{first})", hint="give each step its own name"))
+            else:
+                self.steps[name] = (i, step)
+        self.known = sorted(set(self.inputs) | set(self.steps))
+        return self.steps
+
+    def check(self, ref: str, path: KeyPath) -> None:
+        if ref not in self.inputs and ref not in self.steps:
+            close = difflib.get_close_matches(ref, self.known, n=1)
+            hint = (f"did you mean '{close[0]}'? " if close else "") + (
+                "known models and steps: " + ", ".join(self.known))
+            self.errors.append(self.doc.error(path, f"unknown model or step '{ref}'", hint=hint))
+
+    def step_dependencies(self, i: int, step: dict[str, Any]) -> list[str]:
+        """The names step ``i`` refers to, each checked."""
+        refs = []
+        for ref, rel in step_references(step):
+            if ref == step["name"]:
+                self.errors.append(self.doc.error(
+                    ("steps", i) + rel, f"step '{ref}' refers to itself",
+                    hint="a step can only use models and other steps"))
+                continue
+            self.check(ref, ("steps", i) + rel)
+            refs.append(ref)
+        return refs
+
+
+def _output(doc: Document, out: Mapping[str, Any], names: _Names, last_step: str | None,
+            file: Path, errors: list[RecipeError]) -> Output:
+    """The ``output`` section, typed: the model (default: the last step), size and path."""
+    out_model = out.get("model")
+    if isinstance(out_model, str):
+        names.check(out_model, ("output", "model"))
+    elif last_step is not None:
+        out_model = last_step
+    else:
+        out_model = ""
+        errors.append(doc.error(("output",), "no steps and no `output.model`",
+                                hint="add `output: {model: <name>}` or a step", key=True))
+    if isinstance(out.get("config"), str):
+        names.check(out["config"], ("output", "config"))
+    shard_size = _shard_size(doc, out.get("shard_size", DEFAULT_SHARD_SIZE), errors)
+    base_dir = file.resolve().parent
+    if isinstance(out.get("path"), str):
+        _check_path_text(doc, ("output", "path"), out["path"], errors)
+    out_path = Path(os.path.normpath(base_dir / _expanduser(out["path"]))) if isinstance(
+        out.get("path"), str) else base_dir / "out" / file.stem
+    return Output(out_path, out_model, out.get("dtype"), shard_size, out.get("config"),
+                  out.get("adapter") if isinstance(out.get("adapter"), dict) else None)
+
+
+def _shard_size(doc: Document, written: Any, errors: list[RecipeError]) -> int:
+    try:
+        return parse_size(written)
+    except (ValueError, TypeError, OverflowError):  # null, a list, "999...9" (infinity)
+        if not any(e.key_path == ("output", "shard_size") for e in errors):
+            errors.append(doc.error(("output", "shard_size"),
+                                    f"{show(written)} is not a usable size",
+                                    hint="write a number of bytes or e.g. '500MB', '5GB', "
+                                    "'2GiB'"))
+        return 1
+
+
+def _check_path_text(doc: Document, path: KeyPath, written: str,
+                     errors: list[RecipeError]) -> None:
+    if "\x00" in written:  # every file system call would raise ValueError
+        errors.append(doc.error(path, f"{show(written)} is not a usable path: it holds a NUL "
+                                "character"))
+
+
+def _expanduser(written: str) -> str:
+    """``~`` and ``~user`` expanded where they exist; otherwise the text as written (a relative
+    path then), where `Path.expanduser` would raise RuntimeError."""
+    return os.path.expanduser(written)
+
+
+def _check_layer_entry(doc: Document, path: KeyPath, entry: Any,
+                       errors: list[RecipeError]) -> None:
+    if isinstance(entry, str):
+        try:
+            parse_layer_range(entry)
+        except ValueError as e:
+            errors.append(doc.error(path, str(e)))
+    elif isinstance(entry, float):
+        _check_not_float(doc, path, entry, errors)
+    elif isinstance(entry, dict):
+        rng = entry.get("range")
+        for k, x in enumerate(rng if isinstance(rng, list) else []):
+            _check_not_float(doc, path + ("range", k), x, errors)
+        if isinstance(rng, list) and len(rng) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in rng):
+            a, b = rng
+            if b <= a:
+                errors.append(doc.error(path + ("range",), f"range [{a}, {b}] is empty" + (
+                    "" if a == b else f"; did you mean [{b}, {a}]?"),
+                    hint="ranges are half-open: [start, stop) with start < stop"))
+        sub_layers = entry.get("layers")
+        for j, sub in enumerate(sub_layers if isinstance(sub_layers, list) else []):
+            _check_layer_entry(doc, path + ("layers", j), sub, errors)
+
+
+def _check_not_float(doc: Document, path: KeyPath, value: Any,
+                     errors: list[RecipeError]) -> None:
+    """JSON Schema's `integer` admits 3.0 and 1e300; a layer index must be written as an int.
+
+    (Other floats already fail the schema.)"""
+    if isinstance(value, float) and value.is_integer():
+        errors.append(doc.error(path, f"expected an integer layer index, got {show(value)}",
+                                hint="write it without a decimal point or exponent"))
+
+
+def _topological_order(doc: Document, by_name: dict[str, tuple[int, dict[str, Any]]],
+                       deps: dict[str, list[str]], errors: list[RecipeError]) -> list[str]:
+    """Steps in dependency order (recipe order where free); a cycle is reported once."""
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+    reported: set[frozenset[str]] = set()
+
+    def visit(root: str) -> None:  # depth-first, with explicit stacks: chains may be long
+        if state.get(root) == 2:
+            return
+        state[root] = 1
+        path = [root]  # the steps being visited, outermost first
+        todo = [iter(deps.get(root, []))]
+        while todo:
+            dep = next(todo[-1], None)
+            if dep is None:
+                done = path.pop()
+                todo.pop()
+                state[done] = 2
+                order.append(done)
+            elif dep == path[-1] or state.get(dep) == 2 or dep not in by_name:
+                continue
+            elif state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep]
+                key = frozenset(cycle)
+                if key not in reported:
+                    reported.add(key)
+                    first = min(cycle[:-1], key=lambda n: by_name[n][0])
+                    errors.append(doc.error(
+                        ("steps", by_name[first][0], "name"),
+                        "steps form a cycle: " + " -> ".join(cycle),
+                        hint="a step can only use models and steps that do not depend on it"))
+            else:
+                state[dep] = 1
+                path.append(dep)
+                todo.append(iter(deps.get(dep, [])))
+
+    for name in by_name:
+        visit(name)
+    return order

@@ -1,0 +1,314 @@
+"""The published recipe schema, and its violations rendered like the rest of the messages.
+
+`schemas/recipe.schema.json` is the contract; its validator's raw messages name schema
+internals, so each kind of violation is turned into a located message that names the user's own
+keys and values (with a close match where one exists).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Iterator, Mapping
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from recipekit.errors import KeyPath, RecipeError, format_key_path
+from recipekit.recipe.document import Document, show
+from recipekit.recipe.types import FORMAT_VERSION
+
+
+@cache
+def load_schema() -> dict[str, Any]:
+    """The published recipe schema (shipped in the wheel; read from the checkout when editable)."""
+    try:
+        text = (resources.files("recipekit") / "_schemas" / "recipe.schema.json").read_text()
+    except (FileNotFoundError, OSError):
+        text = (Path(__file__).resolve().parents[2] / "schemas" / "recipe.schema.json"
+                ).read_text()
+    return json.loads(text)
+
+
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(load_schema())
+
+
+def schema_problems(data: Any) -> list[str]:
+    """Schema violations of a recipe given as data (e.g. the one a manifest records), as
+    ``key.path: message`` lines; empty when valid."""
+    return [f"{format_key_path(tuple(e.absolute_path)) or '(top level)'}: {e.message}"
+            for e in sorted(_validator().iter_errors(data), key=lambda e: list(e.absolute_path)
+                            .__repr__())]
+
+
+def _iter_leaf_errors(err: jsonschema.ValidationError) -> Iterator[jsonschema.ValidationError]:
+    yield err
+    for sub in err.context or ():
+        yield from _iter_leaf_errors(sub)
+
+
+def coerce_numeric_strings(doc: Document) -> None:
+    """Turn unquoted numbers into their text where the schema wants a string.
+
+    A revision ``1234567`` or a step named ``2024`` is a string to the user; YAML reads a number.
+    """
+    for _ in range(4):
+        changed = False
+        for err in _validator().iter_errors(doc.data):
+            for leaf in _iter_leaf_errors(err):
+                want = leaf.validator_value
+                if leaf.validator != "type" or "string" not in (
+                        want if isinstance(want, list) else [want]):
+                    continue
+                path = tuple(leaf.absolute_path)
+                if path in doc.raw_scalars and _set_at(doc.data, path, doc.raw_scalars[path]):
+                    changed = True
+        if not changed:
+            return
+
+
+def _set_at(data: Any, path: KeyPath, value: Any) -> bool:
+    for part in path[:-1]:
+        data = data[part]
+    if isinstance(data[path[-1]], str):
+        return False
+    data[path[-1]] = value
+    return True
+
+
+def _known_keys(doc: Document, path: KeyPath) -> list[str]:
+    schema = load_schema()
+    defs = schema["$defs"]
+    if not path:
+        return list(schema["properties"])
+    if path == ("output",):
+        return list(defs["output"]["properties"])
+    if len(path) == 2 and path[0] == "steps":
+        step = _get(doc.data, path)
+        op = step.get("op") if isinstance(step, dict) else None
+        fragment = defs.get(f"{op}_step") if isinstance(op, str) else None
+        return list(fragment["properties"]) if fragment else ["name", "op"]
+    if len(path) == 2 and path[0] in ("models", "adapters"):
+        entry = _get(doc.data, path)
+        branch = 2 if isinstance(entry, dict) and "hub" in entry else 1
+        kind = "model_source" if path[0] == "models" else "adapter_source"
+        return list(defs[kind]["oneOf"][branch]["properties"])
+    if path == ("output", "adapter"):
+        return list(defs["output"]["properties"]["adapter"]["properties"])
+    if len(path) == 4 and path[0] == "steps" and path[2] == "adapters":
+        return list(defs["adapter_use"]["oneOf"][1]["properties"])
+    if len(path) == 4 and path[0] == "steps" and path[2] == "layers":
+        return ["from", "range", "layers"]
+    if len(path) == 4 and path[0] == "steps" and path[2] == "from" and "merge_input" in defs:
+        return list(defs["merge_input"]["oneOf"][1]["properties"])
+    return []
+
+
+def _get(data: Any, path: KeyPath) -> Any:
+    for part in path:
+        data = data[part]
+    return data
+
+
+def _describe_at(doc: Document, path: KeyPath) -> str:
+    if len(path) >= 2 and path[0] == "steps" and isinstance(path[1], int):
+        step = _get(doc.data, path[:2])
+        if isinstance(step, dict):
+            return f"in step '{step.get('name', '?')}' (op: {step.get('op', '?')})"
+    if path and path[0] == "models" and len(path) == 2:
+        return f"in model '{path[1]}'"
+    if path and path[0] == "adapters" and len(path) == 2:
+        return f"in adapter '{path[1]}'"
+    return "in " + (format_key_path(path) or "the recipe")
+
+
+def schema_errors(doc: Document) -> list[RecipeError]:
+    out: list[RecipeError] = []
+    seen: set[tuple[KeyPath, str]] = set()
+    for err in _validator().iter_errors(doc.data):
+        # Never drop a schema error: a recipe the schema refuses must not load.
+        rendered = _render_schema_error(doc, err) or [doc.error(
+            tuple(err.absolute_path), f"{show(err.instance)} is not a valid value here")]
+        for e in rendered:
+            k = (e.key_path or (), e.message)
+            if k not in seen:
+                seen.add(k)
+                out.append(e)
+    return out
+
+
+def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list[RecipeError]:
+    path: KeyPath = tuple(err.absolute_path)
+    v = err.validator
+    if v == "additionalProperties" and isinstance(err.instance, dict):
+        return _unknown_keys(doc, path, err.instance)
+    if v == "anyOf" and all(isinstance(b, dict) and set(b) == {"required"}
+                            for b in err.validator_value):
+        keys = " or ".join(f"`{b['required'][0]}:`" for b in err.validator_value)
+        return [doc.error(path, f"{_describe_at(doc, path)[3:]} needs {keys} (or both)",
+                          key=True)]
+    if v in ("oneOf", "anyOf"):
+        best = jsonschema.exceptions.best_match(err.context or [])
+        if best is not None and best is not err:
+            # Prefer the branch whose type matches what the user wrote.
+            branches = _matching_type_branches(err)
+            if branches:
+                return _render_schema_error(doc, jsonschema.exceptions.best_match(branches))
+            return _render_schema_error(doc, best)
+        return [doc.error(path, f"{show(err.instance)} is not a valid value here")]
+    if v == "enum":
+        return [_unknown_value(doc, path, err)]
+    if v == "required":
+        missing = re.findall(r"'([^']+)' is a required property", err.message)
+        key = missing[0] if missing else "?"
+        return [doc.error(path, f"missing required key `{key}` {_describe_at(doc, path)}",
+                          key=True)]
+    return [_value_error(doc, path, err)]
+
+
+def _unknown_keys(doc: Document, path: KeyPath, instance: dict[str, Any]) -> list[RecipeError]:
+    allowed = _known_keys(doc, path)
+    extra = [k for k in instance if k not in allowed]
+    errs = []
+    for k in extra:
+        close = difflib.get_close_matches(k, allowed, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else (
+            "allowed keys: " + ", ".join(allowed) if allowed else None)
+        errs.append(doc.error(path + (k,), f"unknown key {_describe_at(doc, path)}",
+                              hint=hint, key=True))
+    return errs
+
+
+def _unknown_value(doc: Document, path: KeyPath, err: jsonschema.ValidationError) -> RecipeError:
+    options = [str(o) for o in err.validator_value]
+    close = difflib.get_close_matches(
+        _DTYPE_ALIASES.get(str(err.instance), str(err.instance)), options, n=1)
+    what = "op" if path[-1:] == ("op",) else "value"
+    hint = (f"did you mean '{close[0]}'?" if close else "") + (
+        " " if close else "") + "allowed: " + ", ".join(options)
+    if isinstance(err.schema, dict) and isinstance(err.schema.get("x-recipekit-hint"), str):
+        hint += "; " + err.schema["x-recipekit-hint"]  # e.g. the object form of a oneOf
+    return doc.error(path, f"unknown {what} {show(err.instance)}", hint=hint)
+
+
+def _value_error(doc: Document, path: KeyPath, err: jsonschema.ValidationError) -> RecipeError:
+    """A value of the wrong kind, form or size."""
+    v = err.validator
+    if v == "const" and path == ("recipekit",):
+        return doc.error(path, f"unsupported recipe format version {show(err.instance)}",
+                         hint=f"this recipekit reads `recipekit: {FORMAT_VERSION}`")
+    if v == "type":
+        want = err.validator_value
+        want = " or ".join(want) if isinstance(want, list) else want
+        return doc.error(path, f"expected {_article(want)}, got {show(err.instance)}")
+    if v == "pattern":
+        pattern = _pattern_error(doc, path, err)
+        if pattern is not None:
+            return pattern
+    if v == "minItems":
+        return doc.error(path, "must not be empty" if err.validator_value == 1 else
+                         f"needs at least {err.validator_value} items")
+    if v == "maxItems":
+        return doc.error(path, f"takes at most {err.validator_value} items")
+    if v == "minimum":
+        return doc.error(path, f"{show(err.instance)} is below the minimum "
+                         f"{err.validator_value}")
+    if v == "minProperties":
+        return doc.error(path, "must name at least one entry")
+    return doc.error(path, err.message)
+
+
+def _pattern_error(doc: Document, path: KeyPath,
+                   err: jsonschema.ValidationError) -> RecipeError | None:
+    if path and path[-1] == "shard_size":
+        return doc.error(path, f"{show(err.instance)} is not a size",
+                         hint="write a number of bytes or e.g. '500MB', '5GB', '2GiB'")
+    if path in (("models",), ("adapters",)):  # propertyNames: the key itself
+        return doc.error(path + (str(err.instance),), f"{show(err.instance)} is not a valid "
+                         "model name", hint=_NAME_RULE, key=True)
+    if path[-1:] in (("name",), ("from",), ("model",), ("config",)):
+        return doc.error(path, f"{show(err.instance)} is not a valid name", hint=_NAME_RULE)
+    if "range" in str(err.validator_value):
+        return doc.error(path, f"{show(err.instance)} is not a layer index or range",
+                         hint='write an integer, "range(start, stop)" or '
+                         '"range(start, stop, step)"')
+    return None
+
+
+_NAME_RULE = ("names contain only letters, digits, '_', '.' and '-', and do not start with "
+              "'.' or '-'")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                  "float": "float32", "fp64": "float64", "double": "float64"}
+
+
+def _matching_type_branches(err: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
+    """Errors from the oneOf branches whose declared type matches the instance's type."""
+    inst = err.instance
+    kind = ("object" if isinstance(inst, dict) else "array" if isinstance(inst, list)
+            else "string" if isinstance(inst, str) else "integer"
+            if isinstance(inst, int) and not isinstance(inst, bool) else None)
+    out = []
+    for sub in err.context or ():
+        if sub.validator == "type" and not sub.path:  # the branch's own type, not a value's
+            continue
+        branch = err.validator_value[sub.schema_path[0]] if sub.schema_path else {}
+        branch = _resolve_ref(branch)
+        if branch.get("type") == kind:
+            out.append(sub)
+    if isinstance(inst, dict):  # of object branches, the one whose required keys are there
+        meant = [sub for sub in out if set(_resolve_ref(
+            err.validator_value[sub.schema_path[0]]).get("required", ())) <= set(inst)]
+        out = meant or out
+    return out
+
+
+def _resolve_ref(fragment: dict[str, Any]) -> dict[str, Any]:
+    ref = fragment.get("$ref") if isinstance(fragment, dict) else None
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        return _resolve_ref(load_schema()["$defs"][ref.split("/")[-1]])
+    return fragment if isinstance(fragment, dict) else {}
+
+
+def _article(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def step_references(step: Mapping[str, Any]) -> Iterator[tuple[str, KeyPath]]:
+    """Names a step refers to, with their key paths relative to the step.
+
+    Generic over ops: ``from`` (a name or a list of names / {model: name} mappings), ``base``,
+    ``tuned``, ``adapters`` entries (names or {use: name}), ``init: {from: name}`` (the
+    head op) and ``from`` inside ``layers`` entries.
+    """
+    src = step.get("from")
+    if isinstance(src, str):
+        yield src, ("from",)
+    elif isinstance(src, list):
+        for i, item in enumerate(src):
+            if isinstance(item, str):
+                yield item, ("from", i)
+            elif isinstance(item, dict) and isinstance(item.get("model"), str):
+                yield item["model"], ("from", i, "model")
+    for key in ("base", "tuned"):
+        if isinstance(step.get(key), str):
+            yield step[key], (key,)
+    uses = step.get("adapters")
+    for i, item in enumerate(uses if isinstance(uses, list) else []):
+        if isinstance(item, str):
+            yield item, ("adapters", i)
+        elif isinstance(item, dict) and isinstance(item.get("use"), str):
+            yield item["use"], ("adapters", i, "use")
+    init = step.get("init")
+    if isinstance(init, dict) and isinstance(init.get("from"), str):
+        yield init["from"], ("init", "from")
+    layers = step.get("layers")
+    for i, entry in enumerate(layers if isinstance(layers, list) else []):
+        if isinstance(entry, dict) and isinstance(entry.get("from"), str):
+            yield entry["from"], ("layers", i, "from")
+

@@ -1,0 +1,84 @@
+"""Finish an output directory once its shards are written: the index, config.json (or
+adapter_config.json), the donor's other files (dimension fields rewritten), the model card and
+the manifest. The list of what a run writes (`output_files`) lives here too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from recipekit.inputs.models import Checkpoint, iter_donor_files
+from recipekit.io.output import INDEX, MANIFEST, OutputDir, dumps
+from recipekit.plan import Plan
+from recipekit.run.manifest import build_manifest, build_model_card
+
+log = logging.getLogger(__name__)
+
+
+def output_files(plan: Plan, donor_files: list[Path]) -> list[str]:
+    """Every file a run of this plan writes, relative to the output directory."""
+    files = [s.filename for s in plan.shards]
+    if plan.adapter:
+        return [*files, "adapter_config.json", "README.md", MANIFEST]
+    if len(plan.shards) > 1:
+        files.append(INDEX)
+    files += ["config.json", "README.md", *(str(p) for p in donor_files), MANIFEST]
+    return files
+
+
+def finish_output(plan: Plan, out: OutputDir, donor_files: list[Path]) -> None:
+    """Write every file besides the shards, then mark the output complete."""
+    if len(plan.shards) > 1:
+        weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
+        total = sum(t.nbytes for s in plan.shards for t in s.tensors)
+        out.write_file(INDEX, dumps({"metadata": {"total_size": total},
+                                     "weight_map": weight_map}))
+    out.write_file("adapter_config.json" if plan.adapter else "config.json",
+                   dumps(plan.config))
+    for rel in donor_files:
+        if rel.as_posix() in plan.files:  # a dimension field rewritten (e.g. 1_Pooling)
+            out.write_file(str(rel), plan.files[rel.as_posix()])
+        else:
+            out.copy_file(plan.donor.path / rel, str(rel))  # type: ignore[union-attr]
+    out.write_file("README.md", build_model_card(plan).encode())
+    out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished)))
+    out.complete()
+
+
+#: config.json keys that hold the hidden size, tried in order (families spell it differently).
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
+
+
+def rewrite_dimension_files(donor: Checkpoint, config: dict[str, Any]) -> dict[str, bytes]:
+    """Donor files whose known dimension fields must follow a new hidden size, rewritten.
+
+    sentence-transformers keeps the embedding width in ``1_Pooling/config.json``
+    (``word_embedding_dimension``); a checkpoint whose ``config.json`` changed its hidden size
+    (coalesce/decoalesce) gets it rewritten. A ``Dense`` module (``in_features``) has weights of
+    its own that no op maps: it is copied unchanged with a warning naming it.
+    """
+    old = next((donor.config[k] for k in HIDDEN_KEYS if isinstance(donor.config.get(k), int)),
+               None)
+    new = next((config[k] for k in HIDDEN_KEYS if isinstance(config.get(k), int)), None)
+    if old is None or new is None or old == new:
+        return {}
+    out: dict[str, bytes] = {}
+    for rel in iter_donor_files(donor.path):
+        if rel.name != "config.json" or rel.parent == Path("."):
+            continue
+        try:
+            data = json.loads((donor.path / rel).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        if data.get("word_embedding_dimension") == old:
+            data["word_embedding_dimension"] = new
+            out[rel.as_posix()] = json.dumps(data, indent=2).encode()
+        elif data.get("in_features") == old:
+            log.warning("%s: `in_features` is %d but the output's hidden size is %d; this module's "
+                        "own weights are not mapped", rel.as_posix(), old, new)
+    return out

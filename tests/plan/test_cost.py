@@ -1,0 +1,38 @@
+"""plan/cost.py: the executor's chunk and memory policy, shared by estimates and runs.
+
+Oracles: the policy's own definitions (a piece is about `CHUNK_ELEMS` values, 64-value aligned)
+and arithmetic over node sizes; no tensor is read.
+"""
+
+from __future__ import annotations
+
+import recipekit.plan.cost as cost
+from recipekit.graph import cast, load
+
+
+def test_small_tensors_are_computed_whole():
+    node = cast(load("m", "small", (4, 8), "F32"), "BF16")
+    assert not cost.chunkable(node)
+    assert cost.working_set(node) == cost.expression_bytes(node) + node.nbytes
+
+
+def test_large_elementwise_tensors_run_in_aligned_row_pieces():
+    node = cast(load("m", "large", (65536, 1000), "F32"), "BF16")
+    assert cost.chunkable(node)
+    rows = cost.rows_per_piece(node)
+    assert rows * 1000 % 64 == 0  # every piece starts where the whole tensor's loops would
+    assert rows * 1000 >= cost.CHUNK_ELEMS
+    assert cost.working_set(node) < cost.expression_bytes(node) + node.nbytes
+
+
+def test_the_threshold_is_read_where_it_is_defined(monkeypatch):
+    """Planning and running share one policy: changing it in plan/cost.py changes both."""
+    node = cast(load("m", "mid", (64, 64), "F32"), "BF16")
+    assert not cost.chunkable(node)
+    monkeypatch.setattr(cost, "CHUNK_ELEMS", 100)
+    assert cost.chunkable(node)
+    assert cost.rows_per_piece(node) == 1  # 100 values: one 64-value row per piece
+
+
+def test_piece_workers_is_between_one_and_eight():
+    assert 1 <= cost.piece_workers() <= 8
