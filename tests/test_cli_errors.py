@@ -143,6 +143,20 @@ class TestRecipeMistakes:
         assert "output.dtype: unknown value 'bf16'; did you mean 'bfloat16'?" in err
         assert err.splitlines()[-1] == "4 errors found; nothing was written."
 
+    @pytest.mark.parametrize(("written", "message"), [
+        ("[-1]", "'-1': layer indices must not be negative; layers count from 0; to select "
+                 "layers from the end, write the index, e.g. 31 for the last of 32"),
+        ('["0"]', "'0' is not a layer index or range; write an integer, \"range(start, stop)\" "
+                  "or \"range(start, stop, step)\""),
+        ('["[1, 2]"]', "'[1, 2]' is not a layer index or range; write an integer, "
+                       "\"range(start, stop)\" or \"range(start, stop, step)\""),
+    ])
+    def test_a_bad_layer_entry_is_reported_once(self, cli, recipe_dir, written, message):
+        r = solar(recipe_dir, written)
+        err = run_fails(cli, r, 2)
+        assert err.splitlines()[0] == f"{r}:8:14: steps[0].layers[0]: {message}"
+        assert [ln for ln in err.splitlines() if ln.startswith(str(r))] == [err.splitlines()[0]]
+
     def test_wrong_version(self, cli, recipe_dir):
         r = write_recipe(recipe_dir, solar_recipe(layers="[0]").replace("recipekit: 1",
                                                                          "recipekit: 2"))

@@ -22,6 +22,7 @@ from recipekit.recipe.schema import coerce_numeric_strings, schema_errors, step_
 from recipekit.recipe.types import (
     DEFAULT_REVISION,
     DEFAULT_SHARD_SIZE,
+    RANGE_PREFIX,
     ModelRef,
     Output,
     Recipe,
@@ -243,7 +244,7 @@ def _expanduser(written: str) -> str:
 
 def _check_layer_entry(doc: Document, path: KeyPath, entry: Any,
                        errors: list[RecipeError]) -> None:
-    if isinstance(entry, str):
+    if isinstance(entry, str) and RANGE_PREFIX.match(entry):  # others: the schema's message
         try:
             parse_layer_range(entry)
         except ValueError as e:

@@ -235,6 +235,11 @@ def _pattern_error(doc: Document, path: KeyPath,
     if path[-1:] in (("name",), ("from",), ("model",), ("config",)):
         return doc.error(path, f"{show(err.instance)} is not a valid name", hint=_NAME_RULE)
     if "range" in str(err.validator_value):
+        if path in doc.raw_scalars and isinstance(err.instance, str) and \
+                err.instance.startswith("-") and err.instance[1:].isdecimal():
+            return doc.error(path, f"{show(err.instance)}: layer indices must not be negative",
+                             hint="layers count from 0; to select layers from the end, write "
+                             "the index, e.g. 31 for the last of 32")
         return doc.error(path, f"{show(err.instance)} is not a layer index or range",
                          hint='write an integer, "range(start, stop)" or '
                          '"range(start, stop, step)"')

@@ -22,17 +22,25 @@ DEFAULT_REVISION = "main"
 
 # Layer-range grammar (never eval)
 
-_RANGE = re.compile(r"^\s*range\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*(?:,\s*(-?\d+)\s*)?\)\s*$")
+#: ASCII digits only: `\d` would also take "١" or "７", which int() then reads as numbers.
+_RANGE = re.compile(
+    r"^\s*range\s*\(\s*(-?[0-9]+)\s*,\s*(-?[0-9]+)\s*(?:,\s*(-?[0-9]+)\s*)?\)\s*$")
+#: What marks a string as meant to be a range (the schema's pattern for layer_range_string).
+RANGE_PREFIX = re.compile(r"^\s*range\(")
 
 
 def parse_layer_range(text: str) -> range:
     """Parse ``"range(a,b)"`` / ``"range(a,b,step)"`` into a non-empty `range`.
 
-    Python's half-open semantics; indices are non-negative; the range must not be empty.
+    Python's half-open semantics, negative steps included (``"range(7,-1,-1)"`` selects
+    layers 7..0, as in Python and fusion_bench); every selected index is non-negative; the
+    range must not be empty.
 
     Example:
         >>> parse_layer_range("range(8, 32)")
         range(8, 32)
+        >>> list(parse_layer_range("range(3, -1, -1)"))
+        [3, 2, 1, 0]
 
     Raises:
         ValueError: with a message that echoes what was written.
@@ -47,11 +55,11 @@ def parse_layer_range(text: str) -> range:
         step = int(m.group(3)) if m.group(3) is not None else 1
     except ValueError:  # more than 4300 digits
         raise ValueError(f"{show(text)}: a number in it is far too large") from None
-    if start < 0 or stop < 0:
-        raise ValueError(f"{text!r}: layer indices must not be negative")
     if step == 0:
         raise ValueError(f"{text!r}: step must not be 0")
     r = range(start, stop, step)
+    if start < 0 or (stop < 0 and step > 0) or (r and r[-1] < 0):
+        raise ValueError(f"{text!r}: layer indices must not be negative")
     if not r:  # len() overflows past sys.maxsize
         if start == stop:
             raise ValueError(f"{text!r} is empty (start equals stop); ranges are half-open, "

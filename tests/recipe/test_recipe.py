@@ -127,8 +127,26 @@ class TestLayerRangeGrammar:
             with pytest.raises(ValueError, match="is empty"):
                 parse_layer_range(text)
 
+    @given(st.integers(0, 40), st.integers(-4, 40), st.integers(-5, -1))
+    def test_negative_steps_select_what_python_selects(self, a, b, step):
+        """``range(7,-1,-1)`` is layers 7..0 in Python and fusion_bench (issue 16 item 9)."""
+        expected = range(a, b, step)
+        text = f"range({a},{b},{step})"
+        if expected and expected[-1] < 0:
+            with pytest.raises(ValueError, match="must not be negative"):
+                parse_layer_range(text)
+        elif expected:
+            assert parse_layer_range(text) == expected
+        else:
+            with pytest.raises(ValueError, match="is empty"):
+                parse_layer_range(text)
+
+    def test_reversed_stack_down_to_layer_zero(self):
+        assert list(parse_layer_range("range(7,-1,-1)")) == [7, 6, 5, 4, 3, 2, 1, 0]
+
     @pytest.mark.parametrize("text", [
-        "range(0,24", "range(0;4)", "range(a,b)", "range(0,4,0)", "range(-1,3)",
+        "range(0,24", "range(0;4)", "range(a,b)", "range(0,4,0)", "range(-1,3)", "range(0,-1)",
+        "range(3,-5,-1)", "range(\u0663,5)", "range(0,\uff17)",
         "__import__('os').system('true')", "range(0, 4) + range(1, 2)", "list(range(3))",
     ])
     def test_rejects_everything_else(self, text):
