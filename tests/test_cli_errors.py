@@ -157,6 +157,35 @@ class TestRecipeMistakes:
         assert err.splitlines()[0] == f"{r}:8:14: steps[0].layers[0]: {message}"
         assert [ln for ln in err.splitlines() if ln.startswith(str(r))] == [err.splitlines()[0]]
 
+    def test_non_finite_parameters_are_refused(self, cli, recipe_dir, tiny_llama_b):
+        """`alpha: .nan` wrote an all-NaN checkpoint with exit 0 (issue 17 item 8)."""
+        r = write_recipe(recipe_dir, f"""
+            recipekit: 1
+            models:
+              a: ./model
+              b: {tiny_llama_b}
+            steps:
+              - name: s
+                op: interpolate
+                from: [a, b]
+                alpha: [{{match: "*.mlp.*", value: {{gradient: [0, .inf]}}}}, {{value: .nan}}]
+        """)
+        err = run_fails(cli, r, 2)
+        assert [ln for ln in err.splitlines() if ln.startswith(str(r))] == [
+            f"{r}:9:54: steps[0].alpha[0].value.gradient[1]: inf is not a finite number; "
+            "parameters must be finite numbers",
+            f"{r}:9:71: steps[0].alpha[1].value: nan is not a finite number; parameters must be "
+            "finite numbers"]
+        assert not (recipe_dir / "out").exists()
+
+    def test_non_finite_json_parameter(self, cli, recipe_dir):
+        r = write_recipe(recipe_dir, '{"recipekit": 1, "models": {"a": "./model"}, "steps": '
+                         '[{"name": "s", "op": "merge", "method": "linear", "from": '
+                         '[{"model": "a", "weight": -Infinity}]}]}', name="r.json")
+        err = run_fails(cli, r, 2)
+        assert first_line(err) == (f"{r}:1:139: steps[0].from[0].weight: -inf is not a finite "
+                                   "number; parameters must be finite numbers")
+
     def test_wrong_version(self, cli, recipe_dir):
         r = write_recipe(recipe_dir, solar_recipe(layers="[0]").replace("recipekit: 1",
                                                                          "recipekit: 2"))

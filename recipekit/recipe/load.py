@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,7 +47,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeErrors([doc.error((), "a recipe is a mapping with keys `recipekit`, "
                                       "`models`, `steps` and `output`")])
     coerce_numeric_strings(doc)
-    errors = schema_errors(doc)
+    errors = schema_errors(doc) + non_finite_numbers(doc)
     recipe = _build(doc, Path(path), errors)
     if errors:
         raise RecipeErrors(_dedupe(errors))
@@ -63,11 +64,31 @@ def recipe_from_data(data: Mapping[str, Any], file: Path) -> Recipe:
     """
     doc = Document(str(file), copy.deepcopy(dict(data)), [])
     coerce_numeric_strings(doc)
-    errors = schema_errors(doc)
+    errors = schema_errors(doc) + non_finite_numbers(doc)
     recipe = _build(doc, file, errors)
     if errors:
         raise RecipeErrors(_dedupe(errors))
     return recipe
+
+
+def non_finite_numbers(doc: Document) -> list[RecipeError]:
+    """Every NaN or infinity in the document (YAML `.nan`/`.inf`, JSON `NaN`/`Infinity`).
+
+    No recipe value means anything when it is not finite: an `alpha: .nan` would write an
+    all-NaN checkpoint with exit 0. The walk is iterative, so any nesting depth is fine.
+    """
+    errors = []
+    stack: list[tuple[KeyPath, Any]] = [((), doc.data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(doc.error(path, f"{value!r} is not a finite number",
+                                    hint="parameters must be finite numbers"))
+        elif isinstance(value, dict):
+            stack.extend((path + (k,), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((path + (i,), v) for i, v in enumerate(value))
+    return errors
 
 
 def _dedupe(errors: list[RecipeError]) -> list[RecipeError]:
