@@ -67,6 +67,13 @@ class MethodSpec:
     elementwise: bool = False
 
     @property
+    def pair(self) -> bool:
+        """A two-model method: the recipe writes `from: [A, B]` with t = 0 giving A and no
+        `base:` (DESIGN.md §2), and the kernel is called kernel(A, B). The merge step and
+        import-mergekit both ask this, so a new pair method needs no list of names."""
+        return self.call == "pair"
+
+    @property
     def needs_base(self) -> bool:
         return self.base == "required"
 

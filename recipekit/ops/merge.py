@@ -34,33 +34,6 @@ from recipekit.ops.sparsify import (
 )
 from recipekit.ops.sparsify import sparsify as sparsify_delta
 
-__all__ = [
-    "KERNELS",
-    "METHODS",
-    "MethodSpec",
-    "ParamSpec",
-    "apply_method",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "dare_linear",
-    "dare_ties",
-    "della",
-    "della_linear",
-    "generalized_task_arithmetic",
-    "karcher",
-    "lerp",
-    "linear",
-    "model_stock",
-    "multislerp",
-    "nearswap",
-    "nuslerp",
-    "passthrough",
-    "sce",
-    "slerp",
-    "task_arithmetic",
-    "ties",
-]
-
 Floats = float | Sequence[float]
 
 #: slerp reduces norms and dots over chunks of this many elements (mergekit's chunking)
@@ -847,12 +820,14 @@ def passthrough(x: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Dispatch
 
-#: kernel name (MethodSpec.kernel) → function
+#: kernel name (MethodSpec.kernel) → function: each method's `kernel` names a function of this
+#: module, so a new method adds its kernel here and its `MethodSpec` in recipekit.merge, nothing
+#: else
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    f.__name__: f for f in (
-        linear, slerp, nuslerp, multislerp, karcher, task_arithmetic, ties, dare_linear,
-        dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, sce, model_stock,
-        nearswap, passthrough)}
+    spec.kernel: globals()[spec.kernel] for spec in METHODS.values()}
+
+__all__ = ["KERNELS", "METHODS", "MethodSpec", "ParamSpec", "apply_method",
+           "generalized_task_arithmetic", "lerp", *KERNELS]
 
 
 def apply_method(name: str, inputs: Sequence[torch.Tensor], *,

@@ -33,7 +33,7 @@ from recipekit.graph import (
 from recipekit.inputs.models import Checkpoint, rewrite_dimension_files
 from recipekit.io.header import build_header
 from recipekit.recipe import Recipe, step_references
-from recipekit.steps import BUILDERS
+from recipekit.steps import OPS
 
 #: Bytes the executor moves per read when a tensor is copied without compute, and how many such
 #: buffers circulate between reading/writing and the hashing worker.
@@ -266,17 +266,18 @@ def compile_plan(recipe: Recipe, sources: Mapping[str, Any]) -> Plan:
         if any(ref in failed for ref, _ in step_references(step.spec)):
             failed.add(step.name)
             continue
+        op = OPS[step.op]
         wrong = [recipe.error(step.key_path + rel, f"'{ref}' is an adapter set; op "
                               f"{step.op} takes models here", hint="fold adapters into a model "
                               "first with `op: adapters`")
                  for ref, rel in step_references(step.spec) if rel[0] != "adapters"
-                 and step.op != "adapters" and isinstance(models.get(ref), AdapterSet)]
+                 and op.models_only and isinstance(models.get(ref), AdapterSet)]
         if wrong:
             errors.extend(wrong)
             failed.add(step.name)
             continue
         try:
-            models[step.name] = BUILDERS[step.op](step, models, recipe)  # type: ignore[arg-type]
+            models[step.name] = op.build(step, models, recipe)
         except RecipeErrors as e:
             errors.extend(e.errors)
             failed.add(step.name)

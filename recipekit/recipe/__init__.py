@@ -377,7 +377,10 @@ def _known_keys(doc: Document, path: KeyPath) -> list[str]:
     if len(path) == 2 and path[0] == "steps":
         step = _get(doc.data, path)
         op = step.get("op") if isinstance(step, dict) else None
-        fragment = defs.get(f"{op}_step") if isinstance(op, str) else None
+        # the op's definition, found through the dispatch generated from the op registry
+        dispatch = {case["if"]["properties"]["op"]["const"]: case["then"]["$ref"].split("/")[-1]
+                    for case in defs["step"]["allOf"]}
+        fragment = defs.get(dispatch.get(op, "")) if isinstance(op, str) else None
         return list(fragment["properties"]) if fragment else ["name", "op"]
     if len(path) == 2 and path[0] in ("models", "adapters"):
         entry = _get(doc.data, path)

@@ -38,6 +38,7 @@ from recipekit.graph.adapterset import AdapterSet, LoraTarget, LoraTerm, Replace
 from recipekit.io.header import quote_name
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.gating import resolve_gating
+from recipekit.steps.registry import Op
 
 Value = VirtualModel | AdapterSet
 RANDOM = ("dare_linear", "dare_ties")
@@ -313,3 +314,10 @@ def build_combine_adapters(step: Step, models: Mapping[str, Value], recipe: Reci
             targets[name] = LoraTarget(first.kind, first.shape, first.transposed, (), full)
     config = uses[0][0].config
     return AdapterSet(step.name, targets, biases, replacements, config)
+
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("adapters", build_adapters, "adapters_step", models_only=False),
+    Op("combine_adapters", build_combine_adapters, "combine_adapters_step"),
+)

@@ -39,6 +39,7 @@ from recipekit.inputs.schemes import (
     read_scheme_file,
 )
 from recipekit.recipe import Recipe, Step
+from recipekit.steps.registry import Op
 
 log = logging.getLogger(__name__)
 
@@ -411,3 +412,10 @@ def _config_updates(step: Step, recipe: Recipe, src: VirtualModel, arch: Archite
 def scheme_path(recipe: Recipe, written: str) -> Path:
     """Where a `{file: ...}` scheme lives: relative to the recipe file."""
     return recipe.file.resolve().parent / written
+
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("coalesce", build_coalesce, "coalesce_step"),
+    Op("decoalesce", build_decoalesce, "decoalesce_step"),
+)

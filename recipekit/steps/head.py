@@ -38,6 +38,7 @@ from recipekit.graph import (
     without_config_keys,
 )
 from recipekit.recipe import Recipe, Step
+from recipekit.steps.registry import Op
 from recipekit.steps.reinit import family_of, initializer_range
 
 log = logging.getLogger(__name__)
@@ -179,3 +180,9 @@ def build_head(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) -
     config = without_config_keys(with_config(base.config, updates), removed)
     return VirtualModel(step.name, config, tensors, stack, base.donor,
                         base.changed | frozenset(updates) | frozenset(removed))
+
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("head", build_head, "head_step"),
+)

@@ -16,6 +16,7 @@ from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
 from recipekit.graph import Lerp, Node, VirtualModel, cast, intern
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, resolve
+from recipekit.steps.registry import Op
 
 
 def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualModel],
@@ -78,3 +79,9 @@ def build_interpolate(step: Step, models: Mapping[str, VirtualModel],
         else:
             tensors[name] = intern(Lerp(na, nb, alpha, dtype))
     return VirtualModel(step.name, a.config, tensors, a.stack, a.donor, a.changed)
+
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("interpolate", build_interpolate, "interpolate_step"),
+)

@@ -17,6 +17,7 @@ from recipekit.arch import LayerStack, config_get, load_architectures
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors, ShapeMismatchError
 from recipekit.graph import Node, VirtualModel, with_config
 from recipekit.recipe import Recipe, Step, parse_layer_range
+from recipekit.steps.registry import Op
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +146,8 @@ def _warn_index_dependent(model: VirtualModel, step: Step) -> None:
             log.warning("step '%s': config `%s` is true, so a moved layer computes differently "
                         "at its new index", step.name, flag)
 
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("layers", build_layers, "layers_step"),
+)

@@ -24,9 +24,7 @@ from recipekit.merge import METHODS
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, is_constant, resolve
 from recipekit.steps.interpolate import check_aligned
-
-#: Methods whose `from: [A, B]` means base = A (t = 0 gives A), per DESIGN.md §2.
-PAIR_METHODS = ("slerp", "nearswap")
+from recipekit.steps.registry import Op
 
 
 def _entries(step: Step) -> list[tuple[str, dict[str, Any], KeyPath]]:
@@ -63,7 +61,7 @@ def validate_merge(step: Step, recipe: Recipe) -> tuple[Any, str | None, list]:
     errors: list[RecipeError] = []
     entries = _entries(step)
     base = step.spec.get("base")
-    if method in PAIR_METHODS:
+    if spec.pair:
         if base is not None:
             errors.append(recipe.error(step.key_path + ("base",), f"{method} takes `from: [A, B]` "
                                        "(t = 0 gives A) and no `base:`", key=True))
@@ -193,3 +191,9 @@ def _resolve_for(spec: Any, shared: Mapping[str, Any], entries: list, tensor: st
             continue  # the kernel's default
         out[p.name] = tuple(value(p, r) if r is not None else p.default for r in raws)
     return out
+
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("merge", build_merge, "merge_step"),
+)

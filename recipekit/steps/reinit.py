@@ -22,6 +22,7 @@ from recipekit.dtypes import is_floating
 from recipekit.errors import RecipeError, RecipeErrors
 from recipekit.graph import Fill, Node, Normal, VirtualModel, intern
 from recipekit.recipe import Recipe, Step, parse_layer_range
+from recipekit.steps.registry import Op
 
 #: transformers' fallback when a config has no (or a zero) `initializer_range`.
 DEFAULT_INITIALIZER_RANGE = 0.02
@@ -105,3 +106,9 @@ def build_reinit(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe)
             tensors[name] = init_node(arch, name, node, std=std,
                                       num_layers=base.stack.num_layers, seed=seed)
     return VirtualModel(step.name, base.config, tensors, base.stack, base.donor, base.changed)
+
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("reinit", build_reinit, "reinit_step"),
+)
