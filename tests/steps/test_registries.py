@@ -122,4 +122,19 @@ class TestMethodRegistry:
     def test_every_method_has_its_kernel(self):
         assert set(KERNELS) == {spec.kernel for spec in METHODS.values()}
         for spec in METHODS.values():
-            assert KERNELS[spec.kernel].__module__ == "recipekit.ops.merge"
+            assert KERNELS[spec.kernel].__module__.startswith("recipekit.ops.")
+
+    @pytest.mark.parametrize("name", [n for n in METHODS if METHODS[n].fixed
+                                      or n == "task_arithmetic"])
+    def test_task_arithmetic_defaults_are_the_contracts(self, name):
+        """The named task-arithmetic kernels take their defaults from their MethodSpec only."""
+        import inspect
+
+        spec = METHODS[name]
+        signature = inspect.signature(KERNELS[spec.kernel])
+        defaults = {k: p.default for k, p in signature.parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        assert defaults == {p.kwarg: p.default for p in spec.params if not p.required}
+        with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+            KERNELS[spec.kernel](None, [], weights=[], bogus=1,
+                                 **({"generator": None} if spec.random else {}))
