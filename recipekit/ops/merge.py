@@ -166,7 +166,8 @@ def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, *, t: float, eps: float
 
     Why separate: the norms and the dot product need both whole tensors but give two numbers;
     the output, c_a·a + c_b·b (`slerp_apply`), is elementwise, so the executor can compute it
-    in row pieces once the coefficients are known (`model.SlerpCoefficients`, `model.Slerp`).
+    in row pieces once the coefficients are known (`steps.merge`'s `SlerpCoefficients` and
+    `Slerp` nodes).
     Shapes: a, b [...] → [2]. Oracle: `slerp`, which is `slerp_apply` of these.
     """
     check_inputs("slerp", [a, b])

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from recipekit.arch import Architecture, ConfigKey, LayerStack, config_get, load_architectures
 from recipekit.dtypes import is_floating
 from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
-from recipekit.graph import AxisMap, Coalesce, Decoalesce, Node, VirtualModel, intern, with_config
+from recipekit.graph import Node, VirtualModel, intern, with_config
 from recipekit.inputs.schemes import (
     Partition,
     SchemeError,
@@ -44,6 +45,71 @@ from recipekit.steps.registry import Op
 log = logging.getLogger(__name__)
 
 FILE_KEYS = {"width": "width_scheme", "depth": "depth_scheme"}
+
+
+#: An axis map of a coalescing node: ``(mode, ((groups, block), ...))`` (see ops/coalesce.py).
+AxisMap = tuple[str, tuple[tuple[tuple[tuple[int, ...], ...], int], ...]]
+
+
+@dataclass(frozen=True, eq=False)
+class Coalesce(Node):
+    """One small-model tensor of the `coalesce` op, rounded once to ``dtype``.
+
+    Each of ``members`` (the same tensor of every large layer in a depth group; one outside the
+    layers or without ``depth``) is width-coalesced along ``axes`` (group means on output axes,
+    group sums on input axes), the members are averaged, and the result is scaled by ``scale``.
+    """
+
+    members: tuple[Node, ...]
+    axes: tuple[AxisMap | None, ...]
+    scale: float
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.members
+
+    @property
+    def workspace(self) -> int:
+        big = max(m.numel for m in self.members)
+        return (2 * len(self.members) + 2) * 4 * big  # fp32 copies, gathers, stacked members
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        # rows that no group maps (an embedding's vocabulary) are independent of each other
+        return (True,) * len(self.members) if self.axes[0] is None else None
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.dtypes import torch_dtype
+        from recipekit.ops.coalesce import coalesce
+
+        return coalesce(args, self.axes, scale=self.scale).to(torch_dtype(self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class Decoalesce(Node):
+    """One large-model tensor of the `decoalesce` op, rounded once to ``dtype``: ``input``
+    copied along output axes, copied and divided by the group size along input axes, then
+    scaled by ``scale``. A depth group's large layers share one node per tensor."""
+
+    input: Node
+    axes: tuple[AxisMap | None, ...]
+    scale: float
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def workspace(self) -> int:
+        return 4 * (self.input.numel + 2 * self.numel)
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        return (True,) if self.axes[0] is None else None
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.dtypes import torch_dtype
+        from recipekit.ops.coalesce import decoalesce
+
+        return decoalesce(args[0], self.axes, scale=self.scale).to(torch_dtype(self.dtype))
 
 
 def build_coalesce(step: Step, models: Mapping[str, VirtualModel],

@@ -28,18 +28,10 @@ from typing import Any
 from recipekit.arch import ConfigKey, LayerStack, config_get, config_has, load_architectures
 from recipekit.dtypes import is_floating
 from recipekit.errors import RecipeErrors, ShapeMismatchError
-from recipekit.graph import (
-    Fill,
-    Node,
-    Normal,
-    VirtualModel,
-    intern,
-    with_config,
-    without_config_keys,
-)
+from recipekit.graph import Node, VirtualModel, intern, with_config, without_config_keys
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.registry import Op
-from recipekit.steps.reinit import family_of, initializer_range
+from recipekit.steps.reinit import Fill, Normal, family_of, initializer_range
 
 log = logging.getLogger(__name__)
 

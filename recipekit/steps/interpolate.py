@@ -10,13 +10,43 @@ with ``torch.lerp`` on the loaded tensors and checks the endpoints bit for bit.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from recipekit.dtypes import is_floating, promote
 from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
-from recipekit.graph import Lerp, Node, VirtualModel, cast, intern
+from recipekit.graph import Node, VirtualModel, cast, fp32_copies, intern
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, resolve
 from recipekit.steps.registry import Op
+
+
+@dataclass(frozen=True, eq=False)
+class Lerp(Node):
+    """``a + t·(b − a)`` computed in fp32 and rounded once to ``dtype`` (the `interpolate` op)."""
+
+    a: Node
+    b: Node
+    t: float
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.a.shape
+
+    @property
+    def workspace(self) -> int:
+        return fp32_copies(self.inputs) + 4 * self.numel  # fp32 copies and the fp32 result
+
+    @property
+    def elementwise(self) -> bool:
+        return True
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.dtypes import torch_dtype
+        from recipekit.ops.merge import lerp
+
+        return lerp(args[0], args[1], t=self.t).to(torch_dtype(self.dtype))
 
 
 def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualModel],

@@ -15,16 +15,129 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from recipekit.dtypes import is_floating, promote
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors
-from recipekit.graph import Merge, Node, Slerp, SlerpCoefficients, VirtualModel, cast, intern
+from recipekit.graph import Node, VirtualModel, cast, fp32_copies, intern
 from recipekit.merge import METHODS
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, is_constant, resolve
 from recipekit.steps.interpolate import check_aligned
 from recipekit.steps.registry import Op
+
+
+@dataclass(frozen=True, eq=False)
+class Merge(Node):
+    """One output tensor of a merge method (ops/merge.py), rounded once to ``dtype``.
+
+    ``params`` holds the values resolved for this tensor (shared: a number or bool; per-input:
+    a tuple aligned with ``operands``). ``tensor`` names the output tensor for random methods,
+    whose generator is seeded by (``seed``, ``tensor``); it is empty for deterministic ones so
+    that equal merges of equal inputs stay one node.
+    """
+
+    method: str
+    operands: tuple[Node, ...]
+    base: Node | None
+    params: tuple[tuple[str, Any], ...]
+    seed: int
+    tensor: str
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.operands[0].shape
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.operands + ((self.base,) if self.base is not None else ())
+
+    @property
+    def workspace(self) -> int:
+        # fp32 copies of narrower inputs, then about two more tensors: deltas or normalized
+        # copies, and the fp32 result (measured for slerp in tests/test_execute.py)
+        return fp32_copies(self.inputs) + 2 * 4 * self.numel
+
+    @property
+    def elementwise(self) -> bool:
+        return METHODS[self.method].elementwise
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.dtypes import torch_dtype
+        from recipekit.ops.merge import apply_method
+        from recipekit.ops.rng import tensor_generator
+
+        n = len(self.operands)
+        base = args[n] if self.base is not None else None
+        generator = tensor_generator(self.seed, self.tensor) if self.tensor else None
+        return apply_method(self.method, list(args[:n]), base=base, params=dict(self.params),
+                            generator=generator).to(torch_dtype(self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class SlerpCoefficients(Node):
+    """slerp's two coefficients for one pair of tensors (ops/merge.py `slerp_coefficients`):
+    the norms and the dot product read both tensors whole, the result is two numbers."""
+
+    a: Node
+    b: Node
+    t: float
+
+    #: the reductions run over 2^20-value chunks: two reused fp32 chunk buffers plus the
+    #: norms' temporaries (14 MiB measured for fp32 inputs)
+    CHUNK_COPIES: ClassVar[int] = 4 * 4 * (1 << 20)
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return (2,)
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return "F64" if "F64" in (self.a.dtype, self.b.dtype) else "F32"
+
+    @property
+    def workspace(self) -> int:
+        return self.CHUNK_COPIES
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.merge import slerp_coefficients
+
+        return slerp_coefficients(args[0], args[1], t=self.t)
+
+
+@dataclass(frozen=True, eq=False)
+class Slerp(Node):
+    """One output tensor of `slerp`: c_a·a + c_b·b (ops/merge.py `slerp_apply`), rounded once
+    to ``dtype``. Elementwise in a and b once the coefficients are known, so large tensors run
+    in row pieces sliced from the a and b the coefficients read (execute.evaluate_chunks)
+    instead of fp32 copies with an fp32 result. The bytes are those of `slerp` on the whole
+    tensors (tests/steps/test_merge.py, tests/test_execute.py::TestChunkedEvaluation)."""
+
+    a: Node
+    b: Node
+    coefficients: SlerpCoefficients
+    dtype: str
+
+    method: ClassVar[str] = "slerp"
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.a.shape
+
+    @property
+    def workspace(self) -> int:
+        return fp32_copies((self.a, self.b)) + 4 * self.numel
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        return (True, True, False)
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.dtypes import torch_dtype
+        from recipekit.ops.merge import slerp_apply
+
+        return slerp_apply(*args).to(torch_dtype(self.dtype))
 
 
 def _entries(step: Step) -> list[tuple[str, dict[str, Any], KeyPath]]:
@@ -157,7 +270,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
         if spec.name == "passthrough" and params.get("scale") in (None, (None,), (1.0,)):
             tensors[name] = cast(operands[0], dtype)  # scale 1 is a copy
             continue
-        if spec.name == "slerp":  # coefficients whole, output by rows (model.Slerp)
+        if spec.name == "slerp":  # coefficients whole, output by rows (`Slerp`)
             a, b = base, operands[0]  # `from: [A, B]`: A is the base (t = 0)
             assert a is not None
             coefficients = intern(SlerpCoefficients(a, b, float(params["t"])))
