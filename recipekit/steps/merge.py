@@ -169,9 +169,21 @@ def _check_value(spec: Any, value: Any, path: KeyPath, recipe: Recipe,
 
 def validate_merge(step: Step, recipe: Recipe) -> tuple[Any, str | None, list]:
     """Check the step against the method's contract; return (spec, base name, inputs)."""
-    method = step.spec["method"]
-    spec = METHODS[method]
+    spec = METHODS[step.spec["method"]]
     errors: list[RecipeError] = []
+    base, entries = _check_inputs(step, spec, recipe, errors)
+    _check_parameters(step, spec, entries, recipe, errors)
+    _check_required(step, spec, entries, recipe, errors)
+    if errors:
+        raise RecipeErrors(errors)
+    return spec, base, entries
+
+
+def _check_inputs(step: Step, spec: Any, recipe: Recipe, errors: list[RecipeError]
+                  ) -> tuple[str | None, list[tuple[str, dict[str, Any], KeyPath]]]:
+    """The base and the non-base entries, checked against the method's base policy and input
+    counts; a pair method's `from: [A, B]` gives base A."""
+    method = spec.name
     entries = _entries(step)
     base = step.spec.get("base")
     if spec.pair:
@@ -181,29 +193,35 @@ def validate_merge(step: Step, recipe: Recipe) -> tuple[Any, str | None, list]:
         if len(entries) != 2:
             errors.append(recipe.error(step.key_path + ("from",),
                                        f"{method} merges exactly two models: `from: [A, B]`"))
-        else:
-            base, entries = entries[0][0], entries[1:]
-    else:
-        if spec.base == "required" and base is None:
-            errors.append(recipe.error(step.key_path, f"method {method} needs `base:` (the "
-                                       "model the others are deltas from)", key=True))
-        if spec.base == "ignored" and base is not None:
-            errors.append(recipe.error(step.key_path + ("base",), f"method {method} takes no "
-                                       "base; list every model under `from`", key=True))
-        if base is not None and any(name == base for name, _, _ in entries):
-            errors.append(recipe.error(step.key_path + ("base",), f"'{base}' is the base and "
-                                       "must not also appear in `from`"))
-        n = len(entries)
-        lo, hi = spec.min_non_base, spec.max_non_base
-        if n < max(lo, 1) or (hi is not None and n > hi):
-            want = f"{lo}" if lo == hi else f"at least {max(lo, 1)}" if hi is None else (
-                f"{lo} to {hi}")
-            errors.append(recipe.error(step.key_path + ("from",), f"method {method} takes {want} "
-                                       f"model(s) in `from` (besides the base), got {n}"))
+            return base, entries
+        return entries[0][0], entries[1:]
+    if spec.base == "required" and base is None:
+        errors.append(recipe.error(step.key_path, f"method {method} needs `base:` (the "
+                                   "model the others are deltas from)", key=True))
+    if spec.base == "ignored" and base is not None:
+        errors.append(recipe.error(step.key_path + ("base",), f"method {method} takes no "
+                                   "base; list every model under `from`", key=True))
+    if base is not None and any(name == base for name, _, _ in entries):
+        errors.append(recipe.error(step.key_path + ("base",), f"'{base}' is the base and "
+                                   "must not also appear in `from`"))
+    n = len(entries)
+    lo, hi = spec.min_non_base, spec.max_non_base
+    if n < max(lo, 1) or (hi is not None and n > hi):
+        want = f"{lo}" if lo == hi else f"at least {max(lo, 1)}" if hi is None else (
+            f"{lo} to {hi}")
+        errors.append(recipe.error(step.key_path + ("from",), f"method {method} takes {want} "
+                                   f"model(s) in `from` (besides the base), got {n}"))
+    return base, entries
+
+
+def _check_parameters(step: Step, spec: Any, entries: list, recipe: Recipe,
+                      errors: list[RecipeError]) -> None:
+    """Every key under `parameters` and in the `from` entries is one of the method's (per-input
+    ones only in entries), with a value of its type."""
+    method = spec.name
     known = {p.name: p for p in spec.params}
     per_input = {k for k, p in known.items() if p.scope != "shared"}
-    shared_given = step.spec.get("parameters", {})
-    for key, value in shared_given.items():
+    for key, value in step.spec.get("parameters", {}).items():
         path = step.key_path + ("parameters", key)
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1)
@@ -223,20 +241,24 @@ def validate_merge(step: Step, recipe: Recipe) -> tuple[Any, str | None, list]:
                     + "per-input parameters: " + (", ".join(sorted(per_input)) or "none")))
             else:
                 _check_value(known[key], value, path + (key,), recipe, errors)
+
+
+def _check_required(step: Step, spec: Any, entries: list, recipe: Recipe,
+                    errors: list[RecipeError]) -> None:
+    """Each required parameter is given: under `parameters`, or (per-input) in every entry."""
+    method = spec.name
+    shared_given = step.spec.get("parameters", {})
     for p in spec.params:
-        if not p.required:
+        if not p.required or p.name in shared_given:
             continue
-        if p.scope == "shared" and p.name not in shared_given:
+        if p.scope == "shared":
             errors.append(recipe.error(step.key_path, f"method {method} needs "
                                        f"`parameters: {{{p.name}: ...}}`", key=True))
-        elif p.scope != "shared" and p.name not in shared_given:
+        else:
             missing = [path for _, params, path in entries if p.name not in params]
             errors += [recipe.error(path, f"method {method} needs a `{p.name}` for each input "
                                     f"(`{{model: ..., {p.name}: ...}}`, or one value under "
                                     "`parameters`)") for path in missing]
-    if errors:
-        raise RecipeErrors(errors)
-    return spec, base, entries
 
 
 def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) -> VirtualModel:
