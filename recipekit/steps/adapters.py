@@ -328,26 +328,30 @@ def build_combine_adapters(step: Step, models: Mapping[str, Value], recipe: Reci
                 replacements[name], owner[name] = rep, aset.name
     if errors:
         raise RecipeErrors(errors)
-    seed = int(step.spec.get("seed", 0))
-    targets: dict[str, LoraTarget] = {}
-    for name, items in grouped.items():
-        first = items[0][0]
-        if combine == "sum":
-            if any(t.full is not None for t, _ in items):  # a pruned set: no longer low rank
-                full = intern(DeltaCombine("sum", tuple(t.delta(1.0) for t, _ in items),
-                                           tuple(w for _, w in items), 1.0, 0, "", 1.0))
-                targets[name] = LoraTarget(first.kind, first.shape, first.transposed, (), full)
-                continue
-            terms = tuple(LoraTerm(term.a, term.b, term.scale * w)
-                          for t, w in items for term in t.terms)
-            targets[name] = LoraTarget(first.kind, first.shape, first.transposed, terms)
-        else:
-            full = intern(DeltaCombine(combine, tuple(t.delta(1.0) for t, _ in items),
-                                       tuple(w for _, w in items), float(step.spec["density"]),
-                                       seed, name if combine in RANDOM else "", 1.0))
-            targets[name] = LoraTarget(first.kind, first.shape, first.transposed, (), full)
+    targets = {name: _combined_target(step, combine, name, items)
+               for name, items in grouped.items()}
     config = uses[0][0].config
     return AdapterSet(step.name, targets, biases, replacements, config)
+
+
+def _combined_target(step: Step, combine: str, name: str,
+                     items: list[tuple[LoraTarget, float]]) -> LoraTarget:
+    """One module of the combined set: ``sum`` of low-rank sets keeps the terms (exact); a sum
+    with a pruned set, and the pruning modes, hold one combined full delta."""
+    first = items[0][0]
+    if combine == "sum":
+        if any(t.full is not None for t, _ in items):  # a pruned set: no longer low rank
+            full = intern(DeltaCombine("sum", tuple(t.delta(1.0) for t, _ in items),
+                                       tuple(w for _, w in items), 1.0, 0, "", 1.0))
+            return LoraTarget(first.kind, first.shape, first.transposed, (), full)
+        terms = tuple(LoraTerm(term.a, term.b, term.scale * w)
+                      for t, w in items for term in t.terms)
+        return LoraTarget(first.kind, first.shape, first.transposed, terms)
+    full = intern(DeltaCombine(combine, tuple(t.delta(1.0) for t, _ in items),
+                               tuple(w for _, w in items), float(step.spec["density"]),
+                               int(step.spec.get("seed", 0)), name if combine in RANDOM else "",
+                               1.0))
+    return LoraTarget(first.kind, first.shape, first.transposed, (), full)
 
 
 #: this module's ops (listed once in `recipekit.steps`)
