@@ -55,6 +55,10 @@ def method_table() -> dict[str, Any]:
 def apply_merge_schema(step: dict[str, Any], entry: dict[str, Any]) -> None:
     """Write the generated merge parts into the merge step's definition and the object form of
     a `from` entry (``$defs.merge_input.oneOf[1]``), in place."""
+    pairs = ", ".join(name for name, spec in METHODS.items() if spec.pair)
+    step["description"] = ("A mergekit 0.1.5 merge method, tensor by tensor; defaults per method "
+                           f"(x-recipekit-methods). Two-model methods ({pairs}) take from: "
+                           "[A, B] with t = 0 giving A and no base.")
     step["properties"]["method"]["enum"] = list(METHODS)
     step["properties"]["parameters"]["properties"] = parameter_properties(per_input=False)
     step["x-recipekit-methods"] = method_table()
