@@ -117,7 +117,40 @@ def build_head(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) -
         raise RecipeErrors([recipe.error(step.key_path + ("from",), f"config.json of "
                                          f"'{step.spec['from']}' has no hidden size "
                                          f"(`{arch.config.get('hidden_size')}`)")])
+    donor_head, num_labels, labels = _donor_and_labels(step, models, recipe, score_name, hidden)
+    pad = _pad_token_id(step, recipe, base.config, text, vocab)
 
+    # Tensors: drop every task head; rename a bare base-model layout to the family's own.
+    heads = set(arch.weights["head"])
+    prefix = arch.base_prefixes[0] if base.stack.base == "" else ""
+    tensors: dict[str, Node] = {prefix + n: node for n, node in base.tensors.items()
+                                if n not in heads}
+    tensors[score_name] = (donor_head if donor_head is not None
+                           else _new_head(step, base, (num_labels, hidden), score_name))
+    stack = base.stack if not prefix else LayerStack(
+        prefix + base.stack.prefix, base.stack.num_layers, base.stack.count_key,
+        base.stack.per_layer_keys, base.stack.family, prefix)
+    updates: dict[ConfigKey, Any] = {
+        ("architectures",): [arch.classifier["architecture"]],
+        ("num_labels",): num_labels,
+        ("id2label",): {str(i): label for i, label in enumerate(labels)},
+        ("label2id",): {label: i for i, label in enumerate(labels)},
+        text + ("pad_token_id",): pad,
+    }
+    removed: list[ConfigKey] = []
+    if "problem_type" in step.spec:
+        updates[("problem_type",)] = step.spec["problem_type"]
+    elif config_has(base.config, ("problem_type",)):
+        removed.append(("problem_type",))  # the donor's no longer applies: transformers infers
+    config = without_config_keys(with_config(base.config, updates), removed)
+    return VirtualModel(step.name, config, tensors, stack, base.donor,
+                        base.changed | frozenset(updates) | frozenset(removed))
+
+
+def _donor_and_labels(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe,
+                      score_name: str, hidden: int) -> tuple[Node | None, int, list[str]]:
+    """The copied head (``init: {from: m}``) if any, checked against the label count and width,
+    and the labels."""
     init = step.spec.get("init", "normal")
     donor_head: Node | None = None
     donor_config: Mapping[str, Any] | None = None
@@ -137,41 +170,16 @@ def build_head(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) -
             f"needs [{num_labels}, {hidden}] ([num_labels, hidden])", key_path=path,
             location=recipe.document.locate(path),
             hint="copy a head made for the same width and number of labels")])
-    pad = _pad_token_id(step, recipe, base.config, text, vocab)
+    return donor_head, num_labels, labels
 
-    # Tensors: drop every task head; rename a bare base-model layout to the family's own.
-    heads = set(arch.weights["head"])
-    prefix = arch.base_prefixes[0] if base.stack.base == "" else ""
-    tensors: dict[str, Node] = {prefix + n: node for n, node in base.tensors.items()
-                                if n not in heads}
+
+def _new_head(step: Step, base: VirtualModel, shape: tuple[int, int], score_name: str) -> Node:
+    """A fresh head in the model's dtype: zeros, or seeded N(0, initializer_range²)."""
     dtype = _model_dtype(base.tensors)
-    if donor_head is not None:
-        tensors[score_name] = donor_head
-    elif init == "zeros":
-        tensors[score_name] = intern(Fill((num_labels, hidden), dtype, 0.0))
-    else:
-        tensors[score_name] = intern(Normal((num_labels, hidden), dtype,
-                                            initializer_range(base.config, base.stack),
-                                            int(step.spec.get("seed", 0)), score_name))
-    stack = base.stack if not prefix else LayerStack(
-        prefix + base.stack.prefix, base.stack.num_layers, base.stack.count_key,
-        base.stack.per_layer_keys, base.stack.family, prefix)
-
-    updates: dict[ConfigKey, Any] = {
-        ("architectures",): [arch.classifier["architecture"]],
-        ("num_labels",): num_labels,
-        ("id2label",): {str(i): label for i, label in enumerate(labels)},
-        ("label2id",): {label: i for i, label in enumerate(labels)},
-        text + ("pad_token_id",): pad,
-    }
-    removed: list[ConfigKey] = []
-    if "problem_type" in step.spec:
-        updates[("problem_type",)] = step.spec["problem_type"]
-    elif config_has(base.config, ("problem_type",)):
-        removed.append(("problem_type",))  # the donor's no longer applies: transformers infers
-    config = without_config_keys(with_config(base.config, updates), removed)
-    return VirtualModel(step.name, config, tensors, stack, base.donor,
-                        base.changed | frozenset(updates) | frozenset(removed))
+    if step.spec.get("init", "normal") == "zeros":
+        return intern(Fill(shape, dtype, 0.0))
+    return intern(Normal(shape, dtype, initializer_range(base.config, base.stack),
+                         int(step.spec.get("seed", 0)), score_name))
 
 
 #: this module's ops (listed once in `recipekit.steps`)
