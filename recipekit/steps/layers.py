@@ -78,17 +78,7 @@ def build_layers(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe)
     base_name = step.spec["from"]
     base = models[base_name]
     errors: list[RecipeError] = []
-    picks: list[Pick] = []
-    for src, indices, path, written in _expand(step):
-        n = models[src].stack.num_layers
-        top = max(indices[0], indices[-1])  # not max(indices): that would walk the range
-        if top >= n:
-            what = f"layer {top}" if not indices[1:] else f"{written} reaches layer {top}"
-            errors.append(recipe.error(path, f"{what}, but model '{src}' has {n} layers "
-                                       f"(0-{n - 1})", hint="use indices below " + str(n)))
-            continue
-        picks += [(src, i, path) for i in indices]
-
+    picks = _picks(step, models, recipe, errors)
     base_layers = base.layer_tensors()
     base_signatures = [_signature(layer) for layer in base_layers.values()]
     layer_cache: dict[str, dict[int, dict[str, Node]]] = {base_name: base_layers}
@@ -125,6 +115,23 @@ def build_layers(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe)
                        base.stack.per_layer_keys, base.stack.family, base.stack.base)
     return VirtualModel(step.name, config, tensors, stack, base.donor,
                         base.changed | frozenset(updates))
+
+
+def _picks(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe,
+           errors: list[RecipeError]) -> list[Pick]:
+    """Every (model, layer index, entry path) the `layers` entries select, in output order;
+    indices beyond their model are reported instead."""
+    picks: list[Pick] = []
+    for src, indices, path, written in _expand(step):
+        n = models[src].stack.num_layers
+        top = max(indices[0], indices[-1])  # not max(indices): that would walk the range
+        if top >= n:
+            what = f"layer {top}" if not indices[1:] else f"{written} reaches layer {top}"
+            errors.append(recipe.error(path, f"{what}, but model '{src}' has {n} layers "
+                                       f"(0-{n - 1})", hint="use indices below " + str(n)))
+            continue
+        picks += [(src, i, path) for i in indices]
+    return picks
 
 
 def _per_layer_value(model: VirtualModel, key: tuple[str, ...], index: int, recipe: Recipe,
