@@ -349,7 +349,63 @@ def _axis_length(axis: AxisMap, *, large: bool) -> int:
 def _map_tensors(step: Step, recipe: Recipe, src: VirtualModel, mapper: _TensorMapper,
                  depth: Partition | None, coalescing: bool
                  ) -> tuple[dict[str, Node], list[RecipeError]]:
+    """Every output tensor's node: tensors outside the layers one to one, layers one to one
+    (no depth map), averaged over a depth group (coalesce) or shared by a group (decoalesce)."""
     errors: list[RecipeError] = []
+    mapped = _node_mapper(step, recipe, src, mapper, coalescing, errors)
+    stack = src.stack
+    tensors: dict[str, Node] = {}
+    layers = src.layer_tensors()
+    for name, node in src.tensors.items():
+        if stack.split(name) is not None:
+            continue
+        out = mapped(name, (node,))
+        if out is not None:
+            tensors[name] = out
+    if depth is None:
+        for i, layer in layers.items():
+            for rel, node in layer.items():
+                out = mapped(stack.name(i, rel), (node,))
+                if out is not None:
+                    tensors[stack.name(i, rel)] = out
+    elif coalescing:
+        _map_depth_groups(step, recipe, stack, layers, depth, mapped, tensors, errors)
+    else:
+        owner = depth.group_of()
+        small: dict[tuple[int, str], Node | None] = {}
+        for j in range(depth.n_large):
+            for rel, node in layers[owner[j]].items():
+                key = (owner[j], rel)
+                if key not in small:
+                    small[key] = mapped(stack.name(owner[j], rel), (node,))
+                if small[key] is not None:
+                    tensors[stack.name(j, rel)] = small[key]  # type: ignore[assignment]
+    return tensors, errors
+
+
+def _map_depth_groups(step: Step, recipe: Recipe, stack: LayerStack,
+                      layers: Mapping[int, Mapping[str, Node]], depth: Partition, mapped: Any,
+                      tensors: dict[str, Node], errors: list[RecipeError]) -> None:
+    """Coalesce: small layer i averages the same tensor of every large layer in group i."""
+    for i, group in enumerate(depth.groups):
+        for rel, node in layers[group[0]].items():
+            members = tuple(layers[j].get(rel) for j in group)
+            if any(m is None or m.shape != node.shape or m.dtype != node.dtype
+                   for m in members):
+                errors.append(ShapeMismatchError(
+                    f"depth group {i} {list(group)} merges layers whose `{rel}` differ in "
+                    "presence, shape or dtype", key_path=step.key_path + ("depth", i),
+                    location=recipe.document.locate(step.key_path + ("depth", i))))
+                continue
+            out = mapped(stack.name(group[0], rel), members)
+            if out is not None:
+                tensors[stack.name(i, rel)] = out
+
+
+def _node_mapper(step: Step, recipe: Recipe, src: VirtualModel, mapper: _TensorMapper,
+                 coalescing: bool, errors: list[RecipeError]) -> Any:
+    """``mapped(name, members)``: the node of one output tensor from its input members (one, or
+    a depth group's), or None after reporting why the tensor cannot be mapped."""
     where = step.key_path + ("from",)
 
     def fail(name: str, message: str, hint: str | None = None,
@@ -388,46 +444,7 @@ def _map_tensors(step: Step, recipe: Recipe, src: VirtualModel, mapper: _TensorM
             return node
         return intern(Decoalesce(node, axes, scale, shape, node.dtype))
 
-    stack = src.stack
-    tensors: dict[str, Node] = {}
-    layers = src.layer_tensors()
-    for name, node in src.tensors.items():
-        if stack.split(name) is not None:
-            continue
-        out = mapped(name, (node,))
-        if out is not None:
-            tensors[name] = out
-    if depth is None:
-        for i, layer in layers.items():
-            for rel, node in layer.items():
-                out = mapped(stack.name(i, rel), (node,))
-                if out is not None:
-                    tensors[stack.name(i, rel)] = out
-    elif coalescing:
-        for i, group in enumerate(depth.groups):
-            for rel, node in layers[group[0]].items():
-                members = tuple(layers[j].get(rel) for j in group)
-                if any(m is None or m.shape != node.shape or m.dtype != node.dtype
-                       for m in members):
-                    errors.append(ShapeMismatchError(
-                        f"depth group {i} {list(group)} merges layers whose `{rel}` differ in "
-                        "presence, shape or dtype", key_path=step.key_path + ("depth", i),
-                        location=recipe.document.locate(step.key_path + ("depth", i))))
-                    continue
-                out = mapped(stack.name(group[0], rel), members)  # type: ignore[arg-type]
-                if out is not None:
-                    tensors[stack.name(i, rel)] = out
-    else:
-        owner = depth.group_of()
-        small: dict[tuple[int, str], Node | None] = {}
-        for j in range(depth.n_large):
-            for rel, node in layers[owner[j]].items():
-                key = (owner[j], rel)
-                if key not in small:
-                    small[key] = mapped(stack.name(owner[j], rel), (node,))
-                if small[key] is not None:
-                    tensors[stack.name(j, rel)] = small[key]  # type: ignore[assignment]
-    return tensors, errors
+    return mapped
 
 
 def _config_updates(step: Step, recipe: Recipe, src: VirtualModel, arch: Architecture,
