@@ -26,7 +26,14 @@ from typing import Any
 import jsonschema
 import yaml
 
-from recipekit.errors import KeyPath, Location, RecipeError, RecipeErrors, format_key_path
+from recipekit.errors import (
+    KeyPath,
+    Location,
+    RecipeError,
+    RecipeErrors,
+    UsageError,
+    format_key_path,
+)
 from recipekit.units import parse_size
 
 FORMAT_VERSION = 1
@@ -99,8 +106,10 @@ class Document:
             p = p[:-1]
 
     def error(self, path: KeyPath, message: str, *, hint: str | None = None,
-              key: bool = False) -> RecipeError:
-        return RecipeError(message, key_path=path, hint=hint, location=self.locate(path, key=key))
+              key: bool = False, cls: type[UsageError] = RecipeError) -> RecipeError:
+        """A ``cls`` error (`RecipeError`, `ShapeMismatchError`, ...) located at ``path``."""
+        return cls(message, key_path=path, hint=hint,  # type: ignore[return-value]
+                   location=self.locate(path, key=key))
 
 
 def _mark(node: yaml.Node) -> tuple[int, int]:
@@ -649,9 +658,10 @@ class Recipe:
     adapters: Mapping[str, ModelRef] = field(default_factory=dict)  # PEFT adapter inputs
 
     def error(self, path: KeyPath, message: str, *, hint: str | None = None,
-              key: bool = False) -> RecipeError:
-        """A `RecipeError` located at ``path`` in the user's file."""
-        return self.document.error(path, message, hint=hint, key=key)
+              key: bool = False, cls: type[UsageError] = RecipeError) -> RecipeError:
+        """A `RecipeError` (or ``cls``) located at ``path`` in the user's file: the one way
+        steps build located errors."""
+        return self.document.error(path, message, hint=hint, key=key, cls=cls)
 
     def canonical(self) -> dict[str, Any]:
         """The document with defaults filled in: what the manifest records and the plan hashes."""

@@ -212,11 +212,11 @@ class _Placement:
             return None
         target = hits[0]
         if tuple(base.tensors[target].shape) != tuple(shape):
-            self.errors.append(ShapeMismatchError(
-                f"adapter '{aset.name}' {what} {quote_name(target)} as {list(shape)}, but it is "
-                f"{list(base.tensors[target].shape)} in '{base_name}'", key_path=path,
-                location=recipe.document.locate(path), hint="the adapter was trained on a model "
-                "of other dimensions (or vocabulary size)"))
+            self.errors.append(recipe.error(
+                path, f"adapter '{aset.name}' {what} {quote_name(target)} as {list(shape)}, but "
+                f"it is {list(base.tensors[target].shape)} in '{base_name}'", hint="the adapter "
+                "was trained on a model of other dimensions (or vocabulary size)",
+                cls=ShapeMismatchError))
             return None
         if self.tied and target.endswith(TIED_NAMES):
             self.errors.append(recipe.error(

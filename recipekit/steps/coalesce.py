@@ -29,7 +29,7 @@ from typing import Any
 
 from recipekit.arch import Architecture, ConfigKey, LayerStack, config_get, load_architectures
 from recipekit.dtypes import is_floating
-from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
+from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError, UsageError
 from recipekit.graph import Node, VirtualModel, intern, with_config
 from recipekit.inputs.schemes import (
     Partition,
@@ -392,10 +392,10 @@ def _map_depth_groups(step: Step, recipe: Recipe, stack: LayerStack,
             members = tuple(layers[j].get(rel) for j in group)
             if any(m is None or m.shape != node.shape or m.dtype != node.dtype
                    for m in members):
-                errors.append(ShapeMismatchError(
-                    f"depth group {i} {list(group)} merges layers whose `{rel}` differ in "
-                    "presence, shape or dtype", key_path=step.key_path + ("depth", i),
-                    location=recipe.document.locate(step.key_path + ("depth", i))))
+                errors.append(recipe.error(
+                    step.key_path + ("depth", i), f"depth group {i} {list(group)} merges "
+                    f"layers whose `{rel}` differ in presence, shape or dtype",
+                    cls=ShapeMismatchError))
                 continue
             out = mapped(stack.name(group[0], rel), members)
             if out is not None:
@@ -409,9 +409,9 @@ def _node_mapper(step: Step, recipe: Recipe, src: VirtualModel, mapper: _TensorM
     where = step.key_path + ("from",)
 
     def fail(name: str, message: str, hint: str | None = None,
-             cls: type[RecipeError] = RecipeError) -> None:
-        errors.append(cls(f"`{name}` of '{src.name}': {message}", key_path=where,
-                          location=recipe.document.locate(where), hint=hint))
+             cls: type[UsageError] = RecipeError) -> None:
+        errors.append(recipe.error(where, f"`{name}` of '{src.name}': {message}", hint=hint,
+                                   cls=cls))
 
     def mapped(name: str, members: tuple[Node, ...]) -> Node | None:
         node = members[0]

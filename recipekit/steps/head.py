@@ -165,11 +165,11 @@ def _donor_and_labels(step: Step, models: Mapping[str, VirtualModel], recipe: Re
     num_labels, labels = _labels(step, recipe, donor_head, donor_config)
     if donor_head is not None and donor_head.shape != (num_labels, hidden):
         path = step.key_path + ("init", "from")
-        raise RecipeErrors([ShapeMismatchError(
-            f"`{score_name}` of '{init['from']}' is {list(donor_head.shape)}, but this head "
-            f"needs [{num_labels}, {hidden}] ([num_labels, hidden])", key_path=path,
-            location=recipe.document.locate(path),
-            hint="copy a head made for the same width and number of labels")])
+        raise RecipeErrors([recipe.error(
+            path, f"`{score_name}` of '{init['from']}' is {list(donor_head.shape)}, but this "
+            f"head needs [{num_labels}, {hidden}] ([num_labels, hidden])",
+            hint="copy a head made for the same width and number of labels",
+            cls=ShapeMismatchError)])
     return donor_head, num_labels, labels
 
 

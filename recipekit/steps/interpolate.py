@@ -69,12 +69,11 @@ def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualMode
             if node.shape != theirs.shape:
                 vocab = " (the vocabulary sizes differ)" if "embed" in n or "lm_head" in n or (
                     "wte" in n) else ""
-                errors.append(ShapeMismatchError(
-                    f"`{n}` is {list(node.shape)} in '{names[0]}' but {list(theirs.shape)} in "
-                    f"'{other_name}'{vocab}", key_path=step.key_path + ("from",),
-                    location=recipe.document.locate(step.key_path + ("from",)),
+                errors.append(recipe.error(
+                    step.key_path + ("from",), f"`{n}` is {list(node.shape)} in '{names[0]}' "
+                    f"but {list(theirs.shape)} in '{other_name}'{vocab}",
                     hint="inputs must have the same shapes; version 1 does not align "
-                    "vocabularies"))
+                    "vocabularies", cls=ShapeMismatchError))
                 break
     return errors
 

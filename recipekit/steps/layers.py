@@ -90,12 +90,11 @@ def build_layers(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe)
         layers = layer_cache.setdefault(src, models[src].layer_tensors())
         sig = _signature(layers[i])
         if sig not in base_signatures:
-            errors.append(ShapeMismatchError(
-                f"layer {i} of '{src}' does not fit the layers of '{base_name}': "
+            errors.append(recipe.error(
+                path, f"layer {i} of '{src}' does not fit the layers of '{base_name}': "
                 + _mismatch(sig, base_signatures[0], src, base_name),
-                key_path=path, location=recipe.document.locate(path),
                 hint="frankenmerges need layers of the same shapes; merge width-compatible "
-                "models"))
+                "models", cls=ShapeMismatchError))
     if errors:
         raise RecipeErrors(errors)
 
