@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from recipekit.dtypes import torch_dtype
 from recipekit.graph.nodes import Node
 
 F32 = "F32"
@@ -71,7 +72,6 @@ class ScaledSum(Node):
         return self.parts
 
     def compute(self, args: tuple[Any, ...]) -> Any:
-        from recipekit.dtypes import torch_dtype
         from recipekit.ops.lora import scaled_sum
 
         return scaled_sum(args, self.scales).to(torch_dtype(self.dtype))
@@ -99,8 +99,6 @@ class Concat(Node):
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         import torch
-
-        from recipekit.dtypes import torch_dtype
 
         work = torch.float64 if any(a.dtype == torch.float64 for a in args) else torch.float32
         return torch.cat([a.to(work) * s for a, s in zip(args, self.scales, strict=True)],
@@ -175,7 +173,6 @@ class LoraFold(Node):
         return (True,) * len(self.inputs)
 
     def compute(self, args: tuple[Any, ...]) -> Any:
-        from recipekit.dtypes import torch_dtype
         from recipekit.ops.lora import fold_sequential
 
         n = len(self.deltas)
@@ -229,7 +226,6 @@ class SvdFactor(Node):
         return 3 * 4 * self.delta.numel  # U, Vh and the working copy
 
     def compute(self, args: tuple[Any, ...]) -> Any:
-        from recipekit.dtypes import torch_dtype
         from recipekit.ops.lora import svd_factors
 
         a, b = svd_factors(args[0], rank=self.rank, transposed=self.transposed,

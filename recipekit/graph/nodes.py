@@ -14,7 +14,7 @@ import weakref
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
-from recipekit.dtypes import itemsize
+from recipekit.dtypes import itemsize, torch_dtype
 
 N = TypeVar("N", bound="Node")
 
@@ -149,8 +149,6 @@ class Cast(Node):
         return True
 
     def compute(self, args: tuple[Any, ...]) -> Any:
-        from recipekit.dtypes import torch_dtype
-
         return args[0].to(torch_dtype(self.dtype))
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.arch import Architecture, ConfigKey, LayerStack, config_get, load_architectures
-from recipekit.dtypes import is_floating
+from recipekit.dtypes import is_floating, torch_dtype
 from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError, UsageError
 from recipekit.graph import Node, VirtualModel, intern, with_config
 from recipekit.inputs.schemes import (
@@ -80,7 +80,6 @@ class Coalesce(Node):
         return (True,) * len(self.members) if self.axes[0] is None else None
 
     def compute(self, args: tuple[Any, ...]) -> Any:
-        from recipekit.dtypes import torch_dtype
         from recipekit.ops.coalesce import coalesce
 
         return coalesce(args, self.axes, scale=self.scale).to(torch_dtype(self.dtype))
@@ -106,7 +105,6 @@ class Decoalesce(Node):
         return (True,) if self.axes[0] is None else None
 
     def compute(self, args: tuple[Any, ...]) -> Any:
-        from recipekit.dtypes import torch_dtype
         from recipekit.ops.coalesce import decoalesce
 
         return decoalesce(args[0], self.axes, scale=self.scale).to(torch_dtype(self.dtype))

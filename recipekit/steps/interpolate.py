@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from recipekit.dtypes import is_floating, promote
+from recipekit.dtypes import is_floating, promote, torch_dtype
 from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
 from recipekit.graph import Node, VirtualModel, cast, fp32_copies, intern
 from recipekit.recipe import Recipe, Step
@@ -43,7 +43,6 @@ class Lerp(Node):
         return True
 
     def compute(self, args: tuple[Any, ...]) -> Any:
-        from recipekit.dtypes import torch_dtype
         from recipekit.ops.merge import lerp
 
         return lerp(args[0], args[1], t=self.t).to(torch_dtype(self.dtype))

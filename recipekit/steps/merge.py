@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from recipekit.dtypes import is_floating, promote
+from recipekit.dtypes import is_floating, promote, torch_dtype
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors
 from recipekit.graph import Node, VirtualModel, cast, fp32_copies, intern
 from recipekit.merge import METHODS
@@ -65,7 +65,6 @@ class Merge(Node):
         return METHODS[self.method].elementwise
 
     def compute(self, args: tuple[Any, ...]) -> Any:
-        from recipekit.dtypes import torch_dtype
         from recipekit.ops.merge import apply_method
         from recipekit.ops.rng import tensor_generator
 
@@ -134,7 +133,6 @@ class Slerp(Node):
         return (True, True, False)
 
     def compute(self, args: tuple[Any, ...]) -> Any:
-        from recipekit.dtypes import torch_dtype
         from recipekit.ops.merge import slerp_apply
 
         return slerp_apply(*args).to(torch_dtype(self.dtype))

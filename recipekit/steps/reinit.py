@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from recipekit.arch import Architecture, LayerStack, config_get, load_architectures
-from recipekit.dtypes import is_floating
+from recipekit.dtypes import is_floating, torch_dtype
 from recipekit.errors import RecipeError, RecipeErrors
 from recipekit.graph import Node, VirtualModel, intern
 from recipekit.recipe import Recipe, Step, parse_layer_range
@@ -48,7 +48,6 @@ class Normal(Node):
         return 4 * min(self.numel, CHUNK_ELEMENTS + 16)  # one fp32 chunk
 
     def compute(self, args: tuple[Any, ...]) -> Any:
-        from recipekit.dtypes import torch_dtype
         from recipekit.ops.init import normal
         from recipekit.ops.rng import tensor_generator
 
@@ -65,7 +64,6 @@ class Fill(Node):
     value: float
 
     def compute(self, args: tuple[Any, ...]) -> Any:
-        from recipekit.dtypes import torch_dtype
         from recipekit.ops.init import fill
 
         return fill(self.shape, value=self.value, dtype=torch_dtype(self.dtype))
