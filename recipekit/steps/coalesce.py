@@ -225,6 +225,14 @@ def _build(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe, *,
         log.warning("step '%s': width groups of unequal sizes; LayerNorm/RMSNorm are exact under "
                     "de-coalescing only for equal group sizes", step.name)
 
+    return _coalesced_model(step, recipe, src, arch, width, depth, dims, coalescing)
+
+
+def _coalesced_model(step: Step, recipe: Recipe, src: VirtualModel, arch: Architecture,
+                     width: WidthMap | None, depth: Partition | None, dims: dict[str, int],
+                     coalescing: bool) -> VirtualModel:
+    """The step's model from checked width and depth maps: mapped tensors, updated config and
+    layer stack, and the maps recorded as metadata for the manifest."""
     compensation = step.spec.get("compensation", "auto") if width is not None else "none"
     tied = _has_tied_head(src, arch)
     mapper = _TensorMapper(arch, src.stack, width, coalescing=coalescing,
@@ -240,7 +248,7 @@ def _build(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe, *,
     stack = LayerStack(src.stack.prefix, n_layers, src.stack.count_key, src.stack.per_layer_keys,
                        src.stack.family, src.stack.base)
     meta = {
-        "op": op, "from": src_name,
+        "op": step.op, "from": step.spec["from"],
         "width": width.q.partition.as_lists() if width else None,
         "kv": width.kv.partition.as_lists() if width else None,
         "ffn": width.ffn.partition.as_lists() if width else None,
