@@ -678,7 +678,8 @@ def step_references(step: Mapping[str, Any]) -> Iterator[tuple[str, KeyPath]]:
 
     Generic over ops: ``from`` (a name or a list of names / {model: name} mappings), ``base``,
     ``tuned``, ``adapters`` entries (names or {use: name}), ``init: {from: name}`` (the
-    head op) and ``from`` inside ``layers`` entries.
+    head op) and ``from`` inside ``layers`` entries. An op whose schema names a model under
+    another key adds it here; tests/steps/test_registries.py::TestReferences fails until then.
     """
     src = step.get("from")
     if isinstance(src, str):

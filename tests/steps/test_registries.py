@@ -18,6 +18,7 @@ import pytest
 import recipekit.recipe as recipe_module
 from recipekit.merge import METHODS
 from recipekit.ops.merge import KERNELS
+from recipekit.recipe import step_references
 from recipekit.steps import BUILDERS, OPS
 from recipekit.steps.schema import SCHEMA_PATH, generate_schema, main, schema_text
 
@@ -101,6 +102,46 @@ class TestOpRegistry:
         assert keys == list(committed()["$defs"]["merge_step"]["properties"])
         doc = SimpleNamespace(data={"steps": [{"name": "m", "op": "frobnicate"}]})
         assert recipe_module._known_keys(doc, ("steps", 0)) == ["name", "op"]
+
+
+def name_samples(schema: dict, defs: dict, depth: int = 0) -> list:
+    """Values of `schema` that hold the marker "X" at one model-name position each (every
+    ``$ref: #/$defs/name`` reachable through refs, alternatives, items and properties)."""
+    if depth > 8 or not isinstance(schema, dict):
+        return []
+    if schema.get("$ref") == "#/$defs/name":
+        return ["X"]
+    out: list = []
+    if "$ref" in schema:
+        out += name_samples(defs[schema["$ref"].split("/")[-1]], defs, depth + 1)
+    for alternatives in ("oneOf", "anyOf", "allOf"):
+        for alternative in schema.get(alternatives, []):
+            out += name_samples(alternative, defs, depth + 1)
+    for i, item in enumerate(schema.get("prefixItems", [])):
+        out += [["P"] * i + [v] for v in name_samples(item, defs, depth + 1)]
+    if isinstance(schema.get("items"), dict):
+        out += [[v] for v in name_samples(schema["items"], defs, depth + 1)]
+    for key, sub in schema.get("properties", {}).items():
+        out += [{key: v} for v in name_samples(sub, defs, depth + 1)]
+    return out
+
+
+class TestReferences:
+    """The keys where an op's schema names a model are the ones `step_references` walks, so a
+    new op's model-valued key cannot silently escape name resolution and cycle checks."""
+
+    def test_every_name_valued_key_is_a_reference(self):
+        defs = committed()["$defs"]
+        checked = []
+        for name, op in OPS.items():
+            for key, sub in defs[op.schema]["properties"].items():
+                if key == "name":
+                    continue  # the step's own name
+                for value in name_samples(sub, defs):
+                    found = [ref for ref, _ in step_references({"op": name, key: value})]
+                    assert "X" in found, (name, key, value)
+                    checked.append((name, key))
+        assert len(checked) >= 19 and ("interpolate", "from") in checked
 
 
 class TestMethodRegistry:
