@@ -31,6 +31,7 @@ TOPICS = {
     "io/test_hostile.py": "hostile files across header, reader and the inputs layer",
     "merge/test_registry.py": "the method registry, wherever in merge/ it is defined",
     "steps/test_registry.py": "the op registry, wherever in steps/ it is defined",
+    "steps/test_step_errors.py": "how every step module raises located errors",
 }
 
 #: Top-level names a test module must no longer import (they moved into tests.helpers).

@@ -22,7 +22,8 @@ from typing import Any
 
 from recipekit.dtypes import is_floating
 from recipekit.errors import RecipeError, RecipeErrors
-from recipekit.graph import LoraDelta, Node, intern, load
+from recipekit.graph.lora import LoraDelta
+from recipekit.graph.nodes import Node, intern, load
 from recipekit.inputs.adapters import AdapterCheckpoint
 from recipekit.io.header import TensorInfo, quote_name
 from recipekit.recipe import Recipe
@@ -168,11 +169,32 @@ def read_adapter_set(ckpt: AdapterCheckpoint, recipe: Recipe) -> AdapterSet:
     """
     where = recipe.adapters[ckpt.name].key_path
     errors: list[RecipeError] = []
-    cfg = ckpt.config
 
     def fail(msg: str, hint: str | None = None) -> None:
         errors.append(recipe.error(where, f"adapter '{ckpt.name}': {msg}", hint=hint))
 
+    parts, replacements = _split_keys(ckpt, fail)
+    targets: dict[str, LoraTarget] = {}
+    biases: dict[str, tuple[tuple[Node, float], ...]] = {}
+    for module, p in parts.items():
+        if not is_injected(ckpt.config, module):
+            log.warning("adapter '%s': %s is outside layers_to_transform; PEFT ignores its "
+                        "tensors, so does recipekit", ckpt.name, module)
+            continue
+        read = _read_module(ckpt, module, p, fail)
+        if read is not None:
+            targets[f"{module}.weight"] = read[0]
+            if read[1] is not None:
+                biases[f"{module}.bias"] = read[1]
+    if errors:
+        raise RecipeErrors(errors)
+    return AdapterSet(ckpt.name, targets, biases, replacements, dict(ckpt.config))
+
+
+def _split_keys(ckpt: AdapterCheckpoint, fail: Any
+                ) -> tuple[dict[str, dict[str, TensorInfo]], dict[str, Replacement]]:
+    """The adapter's tensors as LoRA parts per module (``lora_A.weight``, ...) and whole-tensor
+    replacements by target name; non-float and trainable-token tensors are reported."""
     parts: dict[str, dict[str, TensorInfo]] = {}
     replacements: dict[str, Replacement] = {}
     for key, info in ckpt.tensors.items():
@@ -193,63 +215,65 @@ def read_adapter_set(ckpt: AdapterCheckpoint, recipe: Recipe) -> AdapterSet:
         for infix in _INFIXES:
             target = target.replace(infix, ".")
         replacements[target] = Replacement(load(ckpt.name, key, info.shape, info.dtype), rel)
+    return parts, replacements
 
-    targets: dict[str, LoraTarget] = {}
-    biases: dict[str, tuple[tuple[Node, float], ...]] = {}
-    for module, p in parts.items():
-        if not is_injected(cfg, module):
-            log.warning("adapter '%s': %s is outside layers_to_transform; PEFT ignores its "
-                        "tensors, so does recipekit", ckpt.name, module)
-            continue
-        embedding = "lora_embedding_A" in p or "lora_embedding_B" in p
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else (
-            "lora_A.weight", "lora_B.weight")
-        a, b = p.get(a_key), p.get(b_key)
-        if a is None or b is None:
-            have, lack = (a_key, b_key) if b is None else (b_key, a_key)
-            fail(f"module {quote_name(module)} has {have} but no {lack}")
-            continue
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
-            fail(f"module {quote_name(module)}: {a_key} {list(a.shape)} and {b_key} "
-                 f"{list(b.shape)} are not (r, in) and (out, r) factors of one rank")
-            continue
-        r, scale = module_scaling(cfg, module)
-        if r != a.shape[0]:
-            fail(f"module {quote_name(module)}: the config gives it rank {r} (r / rank_pattern) "
-                 f"but {a_key} has {a.shape[0]} rows", hint="the adapter config and weights do "
-                 "not belong together")
-            continue
-        fifo = bool(cfg.get("fan_in_fan_out")) and not embedding
-        transposed = fifo or embedding
-        out_dim, in_dim = b.shape[0], a.shape[1]
-        shape = (in_dim, out_dim) if transposed else (out_dim, in_dim)
-        magnitude = None
-        mag = p.get("lora_magnitude_vector") or p.get("lora_magnitude_vector.weight")
-        if cfg.get("use_dora"):
-            if mag is None:
-                fail(f"module {quote_name(module)} has no lora_magnitude_vector although the "
-                     "config sets use_dora")
-                continue
-            if tuple(mag.shape) not in ((out_dim,), (1, out_dim)):
-                fail(f"module {quote_name(module)}: lora_magnitude_vector is {list(mag.shape)}, "
-                     f"expected [{out_dim}]")
-                continue
-            magnitude = load(ckpt.name, mag.name, mag.shape, mag.dtype)
-        term = LoraTerm(load(ckpt.name, a.name, a.shape, a.dtype),
-                        load(ckpt.name, b.name, b.shape, b.dtype), scale)
-        targets[f"{module}.weight"] = LoraTarget("embedding" if embedding else "linear", shape,
-                                                 transposed, (term,), None, magnitude)
-        bias = p.get("lora_B.bias")
-        if bias is not None and cfg.get("lora_bias"):
-            if tuple(bias.shape) != (out_dim,):
-                fail(f"module {quote_name(module)}: lora_B.bias is {list(bias.shape)}, expected "
-                     f"[{out_dim}]")
-                continue
-            biases[f"{module}.bias"] = ((load(ckpt.name, bias.name, bias.shape, bias.dtype),
-                                         scale),)
-        elif bias is not None:
-            log.warning("adapter '%s': %s.lora_B.bias is ignored because the config does not "
-                        "set lora_bias (as PEFT ignores it)", ckpt.name, module)
-    if errors:
-        raise RecipeErrors(errors)
-    return AdapterSet(ckpt.name, targets, biases, replacements, dict(cfg))
+
+def _read_module(ckpt: AdapterCheckpoint, module: str, p: Mapping[str, TensorInfo], fail: Any
+                 ) -> tuple[LoraTarget, tuple[tuple[Node, float], ...] | None] | None:
+    """One LoRA module's target (factors, scaling, layout, DoRA magnitude) and its lora_bias
+    terms, or None after reporting what is wrong with it."""
+    cfg = ckpt.config
+    embedding = "lora_embedding_A" in p or "lora_embedding_B" in p
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else (
+        "lora_A.weight", "lora_B.weight")
+    a, b = p.get(a_key), p.get(b_key)
+    if a is None or b is None:
+        have, lack = (a_key, b_key) if b is None else (b_key, a_key)
+        fail(f"module {quote_name(module)} has {have} but no {lack}")
+        return None
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+        fail(f"module {quote_name(module)}: {a_key} {list(a.shape)} and {b_key} "
+             f"{list(b.shape)} are not (r, in) and (out, r) factors of one rank")
+        return None
+    r, scale = module_scaling(cfg, module)
+    if r != a.shape[0]:
+        fail(f"module {quote_name(module)}: the config gives it rank {r} (r / rank_pattern) "
+             f"but {a_key} has {a.shape[0]} rows", hint="the adapter config and weights do "
+             "not belong together")
+        return None
+    transposed = (bool(cfg.get("fan_in_fan_out")) and not embedding) or embedding
+    out_dim, in_dim = b.shape[0], a.shape[1]
+    shape = (in_dim, out_dim) if transposed else (out_dim, in_dim)
+    magnitude = None
+    mag = p.get("lora_magnitude_vector") or p.get("lora_magnitude_vector.weight")
+    if cfg.get("use_dora"):
+        if mag is None:
+            fail(f"module {quote_name(module)} has no lora_magnitude_vector although the "
+                 "config sets use_dora")
+            return None
+        if tuple(mag.shape) not in ((out_dim,), (1, out_dim)):
+            fail(f"module {quote_name(module)}: lora_magnitude_vector is {list(mag.shape)}, "
+                 f"expected [{out_dim}]")
+            return None
+        magnitude = load(ckpt.name, mag.name, mag.shape, mag.dtype)
+    term = LoraTerm(load(ckpt.name, a.name, a.shape, a.dtype),
+                    load(ckpt.name, b.name, b.shape, b.dtype), scale)
+    target = LoraTarget("embedding" if embedding else "linear", shape, transposed, (term,), None,
+                        magnitude)
+    return target, _read_bias(ckpt, module, p, scale, out_dim, fail)
+
+
+def _read_bias(ckpt: AdapterCheckpoint, module: str, p: Mapping[str, TensorInfo], scale: float,
+               out_dim: int, fail: Any) -> tuple[tuple[Node, float], ...] | None:
+    """The module's lora_bias term when the config sets lora_bias (PEFT ignores it otherwise)."""
+    bias = p.get("lora_B.bias")
+    if bias is not None and ckpt.config.get("lora_bias"):
+        if tuple(bias.shape) != (out_dim,):
+            fail(f"module {quote_name(module)}: lora_B.bias is {list(bias.shape)}, expected "
+                 f"[{out_dim}]")
+            return None
+        return ((load(ckpt.name, bias.name, bias.shape, bias.dtype), scale),)
+    if bias is not None:
+        log.warning("adapter '%s': %s.lora_B.bias is ignored because the config does not "
+                    "set lora_bias (as PEFT ignores it)", ckpt.name, module)
+    return None

@@ -65,6 +65,15 @@ class MethodSpec:
     missing_tensor: str = "merge_present"
     paper: str = ""
     elementwise: bool = False
+    fixed: tuple[tuple[str, Any], ...] = ()
+    summary: str = ""
+
+    @property
+    def pair(self) -> bool:
+        """A two-model method: the recipe writes `from: [A, B]` with t = 0 giving A and no
+        `base:` (DESIGN.md §2), and the kernel is called kernel(A, B). The merge step and
+        import-mergekit both ask this, so a new pair method needs no list of names."""
+        return self.call == "pair"
 
     @property
     def needs_base(self) -> bool:
@@ -91,9 +100,12 @@ def _p(name: str, type_: str, scope: str, default: Any = None, *, required: bool
     return ParamSpec(name, type_, scope, default, required, kwarg or name, nullable, note)
 
 
-def _gta(name: str, *, normalize: bool, rescale: bool,
-         extra: tuple[ParamSpec, ...] = (), random: bool = False, paper: str = "",
-         unused_density: bool = False, elementwise: bool = False) -> MethodSpec:
+def _gta(name: str, summary: str, *, sparsify: str | None, consensus: str | None,
+         normalize: bool, rescale: bool, extra: tuple[ParamSpec, ...] = (),
+         random: bool = False, paper: str = "", unused_density: bool = False,
+         elementwise: bool = False) -> MethodSpec:
+    """A task-arithmetic method: `ops.task_arithmetic.generalized_task_arithmetic` with this
+    sparsifier and sign consensus, and these defaults."""
     no_effect = "accepted for mergekit compatibility; no effect"
     params = (
         _p("weight", "float", "per_non_base", required=True, kwarg="weights"),
@@ -105,8 +117,10 @@ def _gta(name: str, *, normalize: bool, rescale: bool,
         _p("rescale", "bool", "shared", rescale, note=no_effect if unused_density else ""),
         _p("int8_mask", "bool", "shared", False, note="memory only; no numerical effect"),
     )
+    fixed = tuple((k, v) for k, v in (("sparsify", sparsify), ("consensus", consensus)) if v)
     return MethodSpec(name, name, "required", 1, None, 0, None, params, "base_inputs",
-                      random=random, paper=paper, elementwise=elementwise)
+                      random=random, paper=paper, elementwise=elementwise, fixed=fixed,
+                      summary=summary)
 
 
 _GAMMA = (_p("gamma", "float", "per_non_base", 0.01),)
@@ -136,21 +150,30 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
         _p("max_iter", "int", "shared", 10),
         _p("tol", "float", "shared", 1e-5),
     ), "inputs", paper="https://arxiv.org/abs/2603.04972"),
-    _gta("task_arithmetic", normalize=False, rescale=False,
+    _gta("task_arithmetic", "Task arithmetic: θ_b + λ·Σ w_i τ_i (÷ Σw if `normalize`)",
+         sparsify=None, consensus=None, normalize=False, rescale=False,
          unused_density=True, elementwise=True, paper="https://arxiv.org/abs/2212.04089"),
-    _gta("ties", normalize=True, rescale=False, paper="https://arxiv.org/abs/2306.01708"),
-    _gta("dare_linear", normalize=False, rescale=True, random=True,
+    _gta("ties", "TIES: magnitude top-k per model, sign election, disjoint mean",
+         sparsify="magnitude", consensus="sum", normalize=True, rescale=False,
+         paper="https://arxiv.org/abs/2306.01708"),
+    _gta("dare_linear", "DARE without sign consensus: Bernoulli(d) drop per model, L1 rescale",
+         sparsify="random", consensus=None, normalize=False, rescale=True, random=True,
          paper="https://arxiv.org/abs/2311.03099"),
-    _gta("dare_ties", normalize=False, rescale=True, random=True,
+    _gta("dare_ties", "DARE with TIES sign consensus",
+         sparsify="random", consensus="sum", normalize=False, rescale=True, random=True,
          paper="https://arxiv.org/abs/2311.03099"),
-    _gta("breadcrumbs", normalize=False, rescale=False, extra=_GAMMA,
-         paper="https://arxiv.org/abs/2312.06795"),
-    _gta("breadcrumbs_ties", normalize=False, rescale=False, extra=_GAMMA,
-         paper="https://arxiv.org/abs/2312.06795"),
-    _gta("della", normalize=True, rescale=True, extra=_EPSILON, random=True,
-         paper="https://arxiv.org/abs/2406.11617"),
-    _gta("della_linear", normalize=False, rescale=True, extra=_EPSILON,
-         random=True, paper="https://arxiv.org/abs/2406.11617"),
+    _gta("breadcrumbs", "Model breadcrumbs: drop small entries and the γ largest outliers per "
+         "model, then sum", sparsify="magnitude_outliers", consensus=None, normalize=False,
+         rescale=False, extra=_GAMMA, paper="https://arxiv.org/abs/2312.06795"),
+    _gta("breadcrumbs_ties", "Breadcrumbs pruning with TIES sign consensus",
+         sparsify="magnitude_outliers", consensus="sum", normalize=False, rescale=False,
+         extra=_GAMMA, paper="https://arxiv.org/abs/2312.06795"),
+    _gta("della", "DELLA: rank-dependent random drop (MAGPRUNE), sign consensus",
+         sparsify="della_magprune", consensus="sum", normalize=True, rescale=True,
+         extra=_EPSILON, random=True, paper="https://arxiv.org/abs/2406.11617"),
+    _gta("della_linear", "DELLA without sign consensus",
+         sparsify="della_magprune", consensus=None, normalize=False, rescale=True,
+         extra=_EPSILON, random=True, paper="https://arxiv.org/abs/2406.11617"),
     MethodSpec("sce", "sce", "required", 1, None, 0, None, (
         _p("select_topk", "float", "shared", 1.0),
         _p("int8_mask", "bool", "shared", False, note="memory only; no numerical effect"),

@@ -7,7 +7,12 @@ that dtype; the caller rounds once to the output dtype (DESIGN.md §2 "Numerics"
 
 Modules:
     init: fresh weights for new and re-initialized tensors (chunked seeded normals, fills).
-    merge: one kernel per merge formula of mergekit 0.1.5, and the `METHODS` registry.
+    merge: lerp, linear, slerp, nearswap, passthrough, and `KERNELS` / `apply_method`, which
+        call every merge method's kernel by its `recipekit.merge.METHODS` contract.
+    spherical: nuslerp, multislerp and the Karcher mean.
+    task_arithmetic: the task-arithmetic family (one kernel made from each method's
+        contract), sce and model_stock.
+    operands: the operand and per-input checks the merge kernels share.
     sparsify: magnitude / Bernoulli / breadcrumbs / DELLA pruning, SCE's variance top-k and
         TIES sign consensus.
 """

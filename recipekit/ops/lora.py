@@ -12,6 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
+from recipekit.merge import METHODS
+from recipekit.ops.task_arithmetic import generalized_task_arithmetic
+
 
 def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -123,13 +126,21 @@ def svd_factors(delta: torch.Tensor, *, rank: int, transposed: bool,
     return a.contiguous(), b.contiguous()
 
 
+def _as_combine(method: str) -> tuple[str | None, str | None, bool, bool]:
+    """A merge method's sparsifier, sign consensus and normalize/rescale defaults, from its
+    contract (`recipekit.merge.METHODS`), so they are not written a second time here."""
+    spec = METHODS[method]
+    fixed = dict(spec.fixed)
+    return (fixed.get("sparsify"), fixed.get("consensus"), spec.defaults["normalize"],
+            spec.defaults["rescale"])
+
+
 #: combine mode → (sparsifier, sign consensus, normalize, rescale) for
-#: `ops.merge.generalized_task_arithmetic`, mergekit's defaults for the method of that name.
+#: `ops.task_arithmetic.generalized_task_arithmetic`: the merge methods of those names with
+#: mergekit's defaults, plus PEFT's plain `sum` and `magnitude_prune`.
 COMBINE_METHODS: dict[str, tuple[str | None, str | None, bool, bool]] = {
     "sum": (None, None, False, False),
-    "ties": ("magnitude", "sum", True, False),
-    "dare_linear": ("random", None, False, True),
-    "dare_ties": ("random", "sum", False, True),
+    **{method: _as_combine(method) for method in ("ties", "dare_linear", "dare_ties")},
     "magnitude_prune": ("magnitude", None, False, False),
 }
 
@@ -152,8 +163,6 @@ def combine_deltas(method: str, deltas: Sequence[torch.Tensor], *, weights: Sequ
         >>> combine_deltas("sum", [torch.ones(2), torch.ones(2)], weights=[1.0, 0.5])
         tensor([1.5000, 1.5000])
     """
-    from recipekit.ops.merge import generalized_task_arithmetic
-
     sparsify, consensus, normalize, rescale = COMBINE_METHODS[method]
     zero = torch.zeros(deltas[0].shape, dtype=_work_dtype(*deltas), device=deltas[0].device)
     return generalized_task_arithmetic(

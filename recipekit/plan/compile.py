@@ -29,7 +29,7 @@ from recipekit.plan.cost import (
 )
 from recipekit.plan.schedule import Shard, schedule_shards
 from recipekit.recipe import Recipe, step_references
-from recipekit.steps import BUILDERS
+from recipekit.steps import OPS
 
 
 @dataclass(frozen=True)
@@ -161,17 +161,18 @@ def _build_models(recipe: Recipe, sources: Mapping[str, Any]) -> dict[str, Any]:
         if any(ref in failed for ref, _ in step_references(step.spec)):
             failed.add(step.name)
             continue
+        op = OPS[step.op]
         wrong = [recipe.error(step.key_path + rel, f"'{ref}' is an adapter set; op "
                               f"{step.op} takes models here", hint="fold adapters into a model "
                               "first with `op: adapters`")
                  for ref, rel in step_references(step.spec) if rel[0] != "adapters"
-                 and step.op != "adapters" and isinstance(models.get(ref), AdapterSet)]
+                 and op.models_only and isinstance(models.get(ref), AdapterSet)]
         if wrong:
             errors.extend(wrong)
             failed.add(step.name)
             continue
         try:
-            models[step.name] = BUILDERS[step.op](step, models, recipe)  # type: ignore[arg-type]
+            models[step.name] = op.build(step, models, recipe)
         except RecipeErrors as e:
             errors.extend(e.errors)
             failed.add(step.name)

@@ -16,7 +16,14 @@ from typing import Any
 
 import yaml
 
-from recipekit.errors import KeyPath, Location, RecipeError, RecipeErrors, SourceNotFoundError
+from recipekit.errors import (
+    KeyPath,
+    Location,
+    RecipeError,
+    RecipeErrors,
+    SourceNotFoundError,
+    UsageError,
+)
 
 
 class _Loader(yaml.SafeLoader):
@@ -81,8 +88,10 @@ class Document:
             p = p[:-1]
 
     def error(self, path: KeyPath, message: str, *, hint: str | None = None,
-              key: bool = False) -> RecipeError:
-        return RecipeError(message, key_path=path, hint=hint, location=self.locate(path, key=key))
+              key: bool = False, cls: type[UsageError] = RecipeError) -> RecipeError:
+        """A ``cls`` error (`RecipeError`, `ShapeMismatchError`, ...) located at ``path``."""
+        return cls(message, key_path=path, hint=hint,  # type: ignore[return-value]
+                   location=self.locate(path, key=key))
 
 
 def _mark(node: yaml.Node) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recipekit.errors import KeyPath, RecipeError
+from recipekit.errors import KeyPath, RecipeError, UsageError
 from recipekit.recipe.document import Document, show
 
 FORMAT_VERSION = 1
@@ -124,9 +124,10 @@ class Recipe:
     adapters: Mapping[str, ModelRef] = field(default_factory=dict)  # PEFT adapter inputs
 
     def error(self, path: KeyPath, message: str, *, hint: str | None = None,
-              key: bool = False) -> RecipeError:
-        """A `RecipeError` located at ``path`` in the user's file."""
-        return self.document.error(path, message, hint=hint, key=key)
+              key: bool = False, cls: type[UsageError] = RecipeError) -> RecipeError:
+        """A `RecipeError` (or ``cls``) located at ``path`` in the user's file: the one way
+        steps build located errors."""
+        return self.document.error(path, message, hint=hint, key=key, cls=cls)
 
     def canonical(self) -> dict[str, Any]:
         """The document with defaults filled in: what the manifest records and the plan hashes."""

@@ -38,6 +38,7 @@ from recipekit.graph.adapterset import AdapterSet, LoraTarget, LoraTerm, Replace
 from recipekit.io.header import quote_name
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.gating import resolve_gating
+from recipekit.steps.registry import Op
 
 Value = VirtualModel | AdapterSet
 RANDOM = ("dare_linear", "dare_ties")
@@ -124,14 +125,85 @@ def build_adapters(step: Step, models: Mapping[str, Value], recipe: Recipe) -> V
     uses = adapter_uses(step, models, recipe)
     combine = step.spec.get("combine", "sequential")
     check_combine(step, uses, combine, recipe)
-    errors: list[RecipeError] = []
-    tied = _is_tied(base)
+    placed = _Placement(base, base_name, recipe)
+    for index, (aset, weight, path) in enumerate(uses):
+        placed.add(index, aset, weight, path)
+    if placed.errors:
+        raise RecipeErrors(placed.errors)
+    if "gating" in step.spec:
+        return _build_gated(step, base, uses, placed.expert_targets, recipe)
+    tensors: dict[str, Node] = dict(base.tensors)
+    for target, (node, _) in placed.replaced.items():
+        tensors[target] = cast(node, base.tensors[target].dtype)
+    for target, parts in placed.deltas.items():
+        tensors[target] = _fold(step, combine, target, parts, base,
+                                placed.replaced.get(target, (None,))[0])
+    return VirtualModel(step.name, base.config, tensors, base.stack, base.donor, base.changed)
 
-    def place(name: str, shape: tuple[int, ...], aset: AdapterSet, path: KeyPath,
+
+#: one adapter's delta on one tensor: (delta at its weight, DoRA magnitude or None, DoRA norm
+#: dimension, weight, delta at weight 1)
+_Part = tuple[Node, Node | None, int, float, Node]
+
+
+class _Placement:
+    """Where each adapter's tensors land in the `from` model, and every problem found.
+
+    `replaced` maps a target to its whole-tensor replacement (and the adapter giving it),
+    `deltas` to the adapters' updates in order, `expert_targets` to (adapter index, target,
+    weight) for gating.
+    """
+
+    def __init__(self, base: VirtualModel, base_name: str, recipe: Recipe) -> None:
+        self.base, self.base_name, self.recipe = base, base_name, recipe
+        self.tied = _is_tied(base)
+        self.errors: list[RecipeError] = []
+        self.deltas: dict[str, list[_Part]] = {}
+        self.replaced: dict[str, tuple[Node, str]] = {}
+        self.expert_targets: dict[str, list[tuple[int, LoraTarget, float]]] = {}
+
+    def add(self, index: int, aset: AdapterSet, weight: float, path: KeyPath) -> None:
+        """Place one adapter set's replacements, updates and lora_bias terms."""
+        for name, rep in aset.replacements.items():
+            target = self.place(name, rep.node.shape, aset, path, "replaces")
+            if target is not None:
+                self.replace(target, rep.node, aset, weight, path)
+        for name, t in aset.targets.items():
+            target = self.place(name, t.shape, aset, path, "updates")
+            if target is not None:
+                self.deltas.setdefault(target, []).append(
+                    (t.delta(weight), t.magnitude, t.norm_dim, weight, t.delta(1.0)))
+                self.expert_targets.setdefault(target, []).append((index, t, weight))
+        for name, terms in aset.biases.items():
+            target = self.place(name, terms[0][0].shape, aset, path, "adds lora_bias to")
+            if target is not None:
+                nodes = tuple(n for n, _ in terms)
+                at_one = intern(ScaledSum(nodes, tuple(s for _, s in terms), F32))
+                delta = intern(ScaledSum(nodes, tuple(s * weight for _, s in terms), F32))
+                self.deltas.setdefault(target, []).append((delta, None, 0, weight, at_one))
+
+    def replace(self, target: str, node: Node, aset: AdapterSet, weight: float,
+                path: KeyPath) -> None:
+        recipe = self.recipe
+        if weight != 1.0:
+            self.errors.append(recipe.error(path, f"adapter '{aset.name}' replaces "
+                                            f"{quote_name(target)} whole (modules_to_save, a "
+                                            "trained bias or a saved embedding), which only "
+                                            f"folds at weight 1, not {weight}"))
+        elif target in self.replaced:
+            self.errors.append(recipe.error(path, f"adapters '{self.replaced[target][1]}' and "
+                                            f"'{aset.name}' both replace {quote_name(target)}",
+                                            hint="fold them in separate steps, or drop one"))
+        else:
+            self.replaced[target] = (node, aset.name)
+
+    def place(self, name: str, shape: tuple[int, ...], aset: AdapterSet, path: KeyPath,
               what: str) -> str | None:
+        """The `from` tensor an adapter's tensor `name` lands on, or None (and an error)."""
+        base, base_name, recipe = self.base, self.base_name, self.recipe
         hits = resolve_target(name, base.tensors)
         if len(hits) != 1:
-            errors.append(recipe.error(path, (
+            self.errors.append(recipe.error(path, (
                 f"adapter '{aset.name}' {what} {quote_name(name)}, which model '{base_name}' "
                 "does not have" if not hits else f"adapter '{aset.name}' {what} "
                 f"{quote_name(name)}, which matches several tensors of '{base_name}' "
@@ -140,74 +212,37 @@ def build_adapters(step: Step, models: Mapping[str, Value], recipe: Recipe) -> V
             return None
         target = hits[0]
         if tuple(base.tensors[target].shape) != tuple(shape):
-            errors.append(ShapeMismatchError(
-                f"adapter '{aset.name}' {what} {quote_name(target)} as {list(shape)}, but it is "
-                f"{list(base.tensors[target].shape)} in '{base_name}'", key_path=path,
-                location=recipe.document.locate(path), hint="the adapter was trained on a model "
-                "of other dimensions (or vocabulary size)"))
+            self.errors.append(recipe.error(
+                path, f"adapter '{aset.name}' {what} {quote_name(target)} as {list(shape)}, but "
+                f"it is {list(base.tensors[target].shape)} in '{base_name}'", hint="the adapter "
+                "was trained on a model of other dimensions (or vocabulary size)",
+                cls=ShapeMismatchError))
             return None
-        if tied and target.endswith(TIED_NAMES):
-            errors.append(recipe.error(path, f"adapter '{aset.name}' {what} {quote_name(target)},"
-                                       f" but '{base_name}' ties its input and output "
-                                       "embeddings", hint="folding would have to untie them; "
-                                       "version 1 refuses instead"))
+        if self.tied and target.endswith(TIED_NAMES):
+            self.errors.append(recipe.error(
+                path, f"adapter '{aset.name}' {what} {quote_name(target)}, but '{base_name}' "
+                "ties its input and output embeddings", hint="folding would have to untie "
+                "them; version 1 refuses instead"))
             return None
         return target
 
-    deltas: dict[str, list[tuple[Node, Node | None, int, float, Node]]] = {}
-    replaced: dict[str, tuple[Node, str]] = {}
-    expert_targets: dict[str, list[tuple[int, LoraTarget, float]]] = {}  # for gating
-    for index, (aset, weight, path) in enumerate(uses):
-        for name, rep in aset.replacements.items():
-            target = place(name, rep.node.shape, aset, path, "replaces")
-            if target is None:
-                continue
-            if weight != 1.0:
-                errors.append(recipe.error(path, f"adapter '{aset.name}' replaces "
-                                           f"{quote_name(target)} whole (modules_to_save, a "
-                                           "trained bias or a saved embedding), which only "
-                                           f"folds at weight 1, not {weight}"))
-            elif target in replaced:
-                errors.append(recipe.error(path, f"adapters '{replaced[target][1]}' and "
-                                           f"'{aset.name}' both replace {quote_name(target)}",
-                                           hint="fold them in separate steps, or drop one"))
-            else:
-                replaced[target] = (rep.node, aset.name)
-        for name, t in aset.targets.items():
-            target = place(name, t.shape, aset, path, "updates")
-            if target is not None:
-                deltas.setdefault(target, []).append(
-                    (t.delta(weight), t.magnitude, t.norm_dim, weight, t.delta(1.0)))
-                expert_targets.setdefault(target, []).append((index, t, weight))
-        for name, terms in aset.biases.items():
-            target = place(name, terms[0][0].shape, aset, path, "adds lora_bias to")
-            if target is not None:
-                nodes = tuple(n for n, _ in terms)
-                at_one = intern(ScaledSum(nodes, tuple(s for _, s in terms), F32))
-                delta = intern(ScaledSum(nodes, tuple(s * weight for _, s in terms), F32))
-                deltas.setdefault(target, []).append((delta, None, 0, weight, at_one))
-    if errors:
-        raise RecipeErrors(errors)
-    if "gating" in step.spec:
-        return _build_gated(step, base, uses, expert_targets, recipe)
 
-    tensors: dict[str, Node] = dict(base.tensors)
-    for target, (node, _) in replaced.items():
-        tensors[target] = cast(node, base.tensors[target].dtype)
-    seed = int(step.spec.get("seed", 0))
-    for target, parts in deltas.items():
-        dtype = base.tensors[target].dtype
-        w0 = replaced[target][0] if target in replaced else base.tensors[target]
-        if combine in ("sequential", "sum"):
-            fold = LoraFold(w0, tuple(p[0] for p in parts), tuple(p[1] for p in parts),
-                            tuple(p[2] for p in parts), dtype)
-        else:
-            combined = intern(DeltaCombine(
-                combine, tuple(p[4] for p in parts), tuple(p[3] for p in parts),
-                float(step.spec["density"]), seed, target if combine in RANDOM else "", 1.0))
-            fold = LoraFold(w0, (combined,), (None,), (0,), dtype)
-        tensors[target] = intern(fold)
-    return VirtualModel(step.name, base.config, tensors, base.stack, base.donor, base.changed)
+def _fold(step: Step, combine: str, target: str, parts: list[_Part], base: VirtualModel,
+          replacement: Node | None) -> Node:
+    """The folded tensor: the updates applied in order (sequential, sum) or combined first by a
+    merge method, on the replacement if there is one, rounded once to the base tensor's dtype."""
+    dtype = base.tensors[target].dtype
+    w0 = replacement if replacement is not None else base.tensors[target]
+    if combine in ("sequential", "sum"):
+        fold = LoraFold(w0, tuple(p[0] for p in parts), tuple(p[1] for p in parts),
+                        tuple(p[2] for p in parts), dtype)
+    else:
+        seed = int(step.spec.get("seed", 0))
+        combined = intern(DeltaCombine(
+            combine, tuple(p[4] for p in parts), tuple(p[3] for p in parts),
+            float(step.spec["density"]), seed, target if combine in RANDOM else "", 1.0))
+        fold = LoraFold(w0, (combined,), (None,), (0,), dtype)
+    return intern(fold)
 
 
 def check_gating(step: Step, uses: list[tuple[AdapterSet, float, KeyPath]], recipe: Recipe
@@ -293,23 +328,34 @@ def build_combine_adapters(step: Step, models: Mapping[str, Value], recipe: Reci
                 replacements[name], owner[name] = rep, aset.name
     if errors:
         raise RecipeErrors(errors)
-    seed = int(step.spec.get("seed", 0))
-    targets: dict[str, LoraTarget] = {}
-    for name, items in grouped.items():
-        first = items[0][0]
-        if combine == "sum":
-            if any(t.full is not None for t, _ in items):  # a pruned set: no longer low rank
-                full = intern(DeltaCombine("sum", tuple(t.delta(1.0) for t, _ in items),
-                                           tuple(w for _, w in items), 1.0, 0, "", 1.0))
-                targets[name] = LoraTarget(first.kind, first.shape, first.transposed, (), full)
-                continue
-            terms = tuple(LoraTerm(term.a, term.b, term.scale * w)
-                          for t, w in items for term in t.terms)
-            targets[name] = LoraTarget(first.kind, first.shape, first.transposed, terms)
-        else:
-            full = intern(DeltaCombine(combine, tuple(t.delta(1.0) for t, _ in items),
-                                       tuple(w for _, w in items), float(step.spec["density"]),
-                                       seed, name if combine in RANDOM else "", 1.0))
-            targets[name] = LoraTarget(first.kind, first.shape, first.transposed, (), full)
+    targets = {name: _combined_target(step, combine, name, items)
+               for name, items in grouped.items()}
     config = uses[0][0].config
     return AdapterSet(step.name, targets, biases, replacements, config)
+
+
+def _combined_target(step: Step, combine: str, name: str,
+                     items: list[tuple[LoraTarget, float]]) -> LoraTarget:
+    """One module of the combined set: ``sum`` of low-rank sets keeps the terms (exact); a sum
+    with a pruned set, and the pruning modes, hold one combined full delta."""
+    first = items[0][0]
+    if combine == "sum":
+        if any(t.full is not None for t, _ in items):  # a pruned set: no longer low rank
+            full = intern(DeltaCombine("sum", tuple(t.delta(1.0) for t, _ in items),
+                                       tuple(w for _, w in items), 1.0, 0, "", 1.0))
+            return LoraTarget(first.kind, first.shape, first.transposed, (), full)
+        terms = tuple(LoraTerm(term.a, term.b, term.scale * w)
+                      for t, w in items for term in t.terms)
+        return LoraTarget(first.kind, first.shape, first.transposed, terms)
+    full = intern(DeltaCombine(combine, tuple(t.delta(1.0) for t, _ in items),
+                               tuple(w for _, w in items), float(step.spec["density"]),
+                               int(step.spec.get("seed", 0)), name if combine in RANDOM else "",
+                               1.0))
+    return LoraTarget(first.kind, first.shape, first.transposed, (), full)
+
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("adapters", build_adapters, "adapters_step", models_only=False),
+    Op("combine_adapters", build_combine_adapters, "combine_adapters_step"),
+)

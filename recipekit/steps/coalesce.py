@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,9 @@ from recipekit.arch import (
     load_architectures,
     with_config,
 )
-from recipekit.dtypes import is_floating
-from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
-from recipekit.graph import AxisMap, Coalesce, Decoalesce, Node, VirtualModel, intern
+from recipekit.dtypes import is_floating, torch_dtype
+from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError, UsageError
+from recipekit.graph import Node, VirtualModel, intern
 from recipekit.inputs.schemes import (
     Partition,
     SchemeError,
@@ -46,10 +47,74 @@ from recipekit.inputs.schemes import (
     read_scheme_file,
 )
 from recipekit.recipe import Recipe, Step
+from recipekit.steps.registry import Op
 
 log = logging.getLogger(__name__)
 
 FILE_KEYS = {"width": "width_scheme", "depth": "depth_scheme"}
+
+
+#: An axis map of a coalescing node: ``(mode, ((groups, block), ...))`` (see ops/coalesce.py).
+AxisMap = tuple[str, tuple[tuple[tuple[tuple[int, ...], ...], int], ...]]
+
+
+@dataclass(frozen=True, eq=False)
+class Coalesce(Node):
+    """One small-model tensor of the `coalesce` op, rounded once to ``dtype``.
+
+    Each of ``members`` (the same tensor of every large layer in a depth group; one outside the
+    layers or without ``depth``) is width-coalesced along ``axes`` (group means on output axes,
+    group sums on input axes), the members are averaged, and the result is scaled by ``scale``.
+    """
+
+    members: tuple[Node, ...]
+    axes: tuple[AxisMap | None, ...]
+    scale: float
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.members
+
+    @property
+    def workspace(self) -> int:
+        big = max(m.numel for m in self.members)
+        return (2 * len(self.members) + 2) * 4 * big  # fp32 copies, gathers, stacked members
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        # rows that no group maps (an embedding's vocabulary) are independent of each other
+        return (True,) * len(self.members) if self.axes[0] is None else None
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.coalesce import coalesce
+
+        return coalesce(args, self.axes, scale=self.scale).to(torch_dtype(self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class Decoalesce(Node):
+    """One large-model tensor of the `decoalesce` op, rounded once to ``dtype``: ``input``
+    copied along output axes, copied and divided by the group size along input axes, then
+    scaled by ``scale``. A depth group's large layers share one node per tensor."""
+
+    input: Node
+    axes: tuple[AxisMap | None, ...]
+    scale: float
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def workspace(self) -> int:
+        return 4 * (self.input.numel + 2 * self.numel)
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        return (True,) if self.axes[0] is None else None
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.coalesce import decoalesce
+
+        return decoalesce(args[0], self.axes, scale=self.scale).to(torch_dtype(self.dtype))
 
 
 def build_coalesce(step: Step, models: Mapping[str, VirtualModel],
@@ -167,6 +232,14 @@ def _build(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe, *,
         log.warning("step '%s': width groups of unequal sizes; LayerNorm/RMSNorm are exact under "
                     "de-coalescing only for equal group sizes", step.name)
 
+    return _coalesced_model(step, recipe, src, arch, width, depth, dims, coalescing)
+
+
+def _coalesced_model(step: Step, recipe: Recipe, src: VirtualModel, arch: Architecture,
+                     width: WidthMap | None, depth: Partition | None, dims: dict[str, int],
+                     coalescing: bool) -> VirtualModel:
+    """The step's model from checked width and depth maps: mapped tensors, updated config and
+    layer stack, and the maps recorded as metadata for the manifest."""
     compensation = step.spec.get("compensation", "auto") if width is not None else "none"
     tied = _has_tied_head(src, arch)
     mapper = _TensorMapper(arch, src.stack, width, coalescing=coalescing,
@@ -182,7 +255,7 @@ def _build(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe, *,
     stack = LayerStack(src.stack.prefix, n_layers, src.stack.count_key, src.stack.per_layer_keys,
                        src.stack.family, src.stack.base)
     meta = {
-        "op": op, "from": src_name,
+        "op": step.op, "from": step.spec["from"],
         "width": width.q.partition.as_lists() if width else None,
         "kv": width.kv.partition.as_lists() if width else None,
         "ffn": width.ffn.partition.as_lists() if width else None,
@@ -289,13 +362,69 @@ def _axis_length(axis: AxisMap, *, large: bool) -> int:
 def _map_tensors(step: Step, recipe: Recipe, src: VirtualModel, mapper: _TensorMapper,
                  depth: Partition | None, coalescing: bool
                  ) -> tuple[dict[str, Node], list[RecipeError]]:
+    """Every output tensor's node: tensors outside the layers one to one, layers one to one
+    (no depth map), averaged over a depth group (coalesce) or shared by a group (decoalesce)."""
     errors: list[RecipeError] = []
+    mapped = _node_mapper(step, recipe, src, mapper, coalescing, errors)
+    stack = src.stack
+    tensors: dict[str, Node] = {}
+    layers = src.layer_tensors()
+    for name, node in src.tensors.items():
+        if stack.split(name) is not None:
+            continue
+        out = mapped(name, (node,))
+        if out is not None:
+            tensors[name] = out
+    if depth is None:
+        for i, layer in layers.items():
+            for rel, node in layer.items():
+                out = mapped(stack.name(i, rel), (node,))
+                if out is not None:
+                    tensors[stack.name(i, rel)] = out
+    elif coalescing:
+        _map_depth_groups(step, recipe, stack, layers, depth, mapped, tensors, errors)
+    else:
+        owner = depth.group_of()
+        small: dict[tuple[int, str], Node | None] = {}
+        for j in range(depth.n_large):
+            for rel, node in layers[owner[j]].items():
+                key = (owner[j], rel)
+                if key not in small:
+                    small[key] = mapped(stack.name(owner[j], rel), (node,))
+                if small[key] is not None:
+                    tensors[stack.name(j, rel)] = small[key]  # type: ignore[assignment]
+    return tensors, errors
+
+
+def _map_depth_groups(step: Step, recipe: Recipe, stack: LayerStack,
+                      layers: Mapping[int, Mapping[str, Node]], depth: Partition, mapped: Any,
+                      tensors: dict[str, Node], errors: list[RecipeError]) -> None:
+    """Coalesce: small layer i averages the same tensor of every large layer in group i."""
+    for i, group in enumerate(depth.groups):
+        for rel, node in layers[group[0]].items():
+            members = tuple(layers[j].get(rel) for j in group)
+            if any(m is None or m.shape != node.shape or m.dtype != node.dtype
+                   for m in members):
+                errors.append(recipe.error(
+                    step.key_path + ("depth", i), f"depth group {i} {list(group)} merges "
+                    f"layers whose `{rel}` differ in presence, shape or dtype",
+                    cls=ShapeMismatchError))
+                continue
+            out = mapped(stack.name(group[0], rel), members)
+            if out is not None:
+                tensors[stack.name(i, rel)] = out
+
+
+def _node_mapper(step: Step, recipe: Recipe, src: VirtualModel, mapper: _TensorMapper,
+                 coalescing: bool, errors: list[RecipeError]) -> Any:
+    """``mapped(name, members)``: the node of one output tensor from its input members (one, or
+    a depth group's), or None after reporting why the tensor cannot be mapped."""
     where = step.key_path + ("from",)
 
     def fail(name: str, message: str, hint: str | None = None,
-             cls: type[RecipeError] = RecipeError) -> None:
-        errors.append(cls(f"`{name}` of '{src.name}': {message}", key_path=where,
-                          location=recipe.document.locate(where), hint=hint))
+             cls: type[UsageError] = RecipeError) -> None:
+        errors.append(recipe.error(where, f"`{name}` of '{src.name}': {message}", hint=hint,
+                                   cls=cls))
 
     def mapped(name: str, members: tuple[Node, ...]) -> Node | None:
         node = members[0]
@@ -328,46 +457,7 @@ def _map_tensors(step: Step, recipe: Recipe, src: VirtualModel, mapper: _TensorM
             return node
         return intern(Decoalesce(node, axes, scale, shape, node.dtype))
 
-    stack = src.stack
-    tensors: dict[str, Node] = {}
-    layers = src.layer_tensors()
-    for name, node in src.tensors.items():
-        if stack.split(name) is not None:
-            continue
-        out = mapped(name, (node,))
-        if out is not None:
-            tensors[name] = out
-    if depth is None:
-        for i, layer in layers.items():
-            for rel, node in layer.items():
-                out = mapped(stack.name(i, rel), (node,))
-                if out is not None:
-                    tensors[stack.name(i, rel)] = out
-    elif coalescing:
-        for i, group in enumerate(depth.groups):
-            for rel, node in layers[group[0]].items():
-                members = tuple(layers[j].get(rel) for j in group)
-                if any(m is None or m.shape != node.shape or m.dtype != node.dtype
-                       for m in members):
-                    errors.append(ShapeMismatchError(
-                        f"depth group {i} {list(group)} merges layers whose `{rel}` differ in "
-                        "presence, shape or dtype", key_path=step.key_path + ("depth", i),
-                        location=recipe.document.locate(step.key_path + ("depth", i))))
-                    continue
-                out = mapped(stack.name(group[0], rel), members)  # type: ignore[arg-type]
-                if out is not None:
-                    tensors[stack.name(i, rel)] = out
-    else:
-        owner = depth.group_of()
-        small: dict[tuple[int, str], Node | None] = {}
-        for j in range(depth.n_large):
-            for rel, node in layers[owner[j]].items():
-                key = (owner[j], rel)
-                if key not in small:
-                    small[key] = mapped(stack.name(owner[j], rel), (node,))
-                if small[key] is not None:
-                    tensors[stack.name(j, rel)] = small[key]  # type: ignore[assignment]
-    return tensors, errors
+    return mapped
 
 
 def _config_updates(step: Step, recipe: Recipe, src: VirtualModel, arch: Architecture,
@@ -418,3 +508,10 @@ def _config_updates(step: Step, recipe: Recipe, src: VirtualModel, arch: Archite
 def scheme_path(recipe: Recipe, written: str) -> Path:
     """Where a `{file: ...}` scheme lives: relative to the recipe file."""
     return recipe.file.resolve().parent / written
+
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("coalesce", build_coalesce, "coalesce_step"),
+    Op("decoalesce", build_decoalesce, "decoalesce_step"),
+)

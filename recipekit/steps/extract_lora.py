@@ -20,6 +20,7 @@ from recipekit.graph import Difference, SvdFactor, VirtualModel, intern
 from recipekit.graph.adapterset import AdapterSet, LoraTarget, LoraTerm
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.interpolate import check_aligned
+from recipekit.steps.registry import Op
 
 #: Per family, layer tensors stored (in, out) (transformers' `Conv1D`).
 FAN_IN_FAN_OUT = {"gpt2": ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
@@ -62,3 +63,9 @@ def build_extract_lora(step: Step, models: Mapping[str, VirtualModel | AdapterSe
     config = {"peft_type": "LORA", "fan_in_fan_out": bool(fifo), "use_rslora": False,
               "use_dora": False, "bias": "none", "lora_bias": False}
     return AdapterSet(step.name, targets, {}, {}, config)
+
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("extract_lora", build_extract_lora, "extract_lora_step"),
+)

@@ -105,53 +105,12 @@ def _table(spec: Mapping[str, Any], where: KeyPath, recipe: Recipe, model: Virtu
            modules: list[str], n: int) -> list[tuple[float, ...]]:
     """The gates from ``modules:`` / ``layers:`` (one row per module of ``modules``)."""
     errors: list[RecipeError] = []
-    rows: dict[str, tuple[float, ...]] = {}
     given = spec.get("modules")
     if isinstance(given, list):
-        if "layers" in spec:
-            errors.append(recipe.error(where + ("layers",), "`layers` has no effect when "
-                                       "`modules` lists every module's row", key=True,
-                                       hint="give `modules` as {module name: row} to override "
-                                       "single modules"))
-        if len(given) != len(modules):
-            raise RecipeErrors([recipe.error(
-                where + ("modules",), f"gating.modules has {len(given)} rows, but the adapters "
-                f"wrap {len(modules)} modules (in X-LoRA's order: {_shown(modules)})",
-                hint="one row per LoRA-wrapped module, or name them: {module: [weights]}")])
-        for i, (name, value) in enumerate(zip(modules, given, strict=True)):
-            row = _row(value, n, where + ("modules", i), recipe, f"row {i} "
-                       f"({quote_name(_module_name(name))})", errors)
-            if row is not None:
-                rows[name] = row
+        rows = _listed_rows(spec, where, recipe, modules, n, given, errors)
     else:
-        layers = spec.get("layers")
-        if layers is not None:
-            count = model.stack.num_layers
-            if len(layers) != count:
-                errors.append(recipe.error(where + ("layers",), f"gating.layers has "
-                                           f"{len(layers)} rows, but model "
-                                           f"'{model.name}' has {count} layers",
-                                           hint="one row per layer, for every wrapped module "
-                                           "of that layer"))
-            else:
-                per_layer = [_row(v, n, where + ("layers", i), recipe, f"layer {i}'s row",
-                                  errors) for i, v in enumerate(layers)]
-                for name in modules:
-                    hit = model.stack.split(name)
-                    if hit is not None and per_layer[hit[0]] is not None:
-                        rows[name] = per_layer[hit[0]]  # type: ignore[assignment]
-        by_name = {alias: name for name in modules for alias in (name, _module_name(name))}
-        for key, value in (given or {}).items():
-            path = where + ("modules", key)
-            target = by_name.get(key)
-            if target is None:
-                errors.append(recipe.error(path, f"no adapter of this step wraps module "
-                                           f"{quote_name(key)}", key=True,
-                                           hint=f"the wrapped modules are {_shown(modules)}"))
-                continue
-            row = _row(value, n, path, recipe, f"module {quote_name(key)}", errors)
-            if row is not None:
-                rows[target] = row
+        rows = _layer_rows(spec, where, recipe, model, modules, n, errors)
+        _named_rows(given or {}, where, recipe, modules, n, rows, errors)
         if not errors:
             missing = [m for m in modules if m not in rows]
             if missing:
@@ -165,6 +124,71 @@ def _table(spec: Mapping[str, Any], where: KeyPath, recipe: Recipe, model: Virtu
     if errors:
         raise RecipeErrors(errors)
     return [rows[m] for m in modules]
+
+
+def _listed_rows(spec: Mapping[str, Any], where: KeyPath, recipe: Recipe, modules: list[str],
+                 n: int, given: list[Any], errors: list[RecipeError]
+                 ) -> dict[str, tuple[float, ...]]:
+    """``modules:`` as a list: one row per wrapped module, in X-LoRA's order."""
+    if "layers" in spec:
+        errors.append(recipe.error(where + ("layers",), "`layers` has no effect when "
+                                   "`modules` lists every module's row", key=True,
+                                   hint="give `modules` as {module name: row} to override "
+                                   "single modules"))
+    if len(given) != len(modules):
+        raise RecipeErrors([recipe.error(
+            where + ("modules",), f"gating.modules has {len(given)} rows, but the adapters "
+            f"wrap {len(modules)} modules (in X-LoRA's order: {_shown(modules)})",
+            hint="one row per LoRA-wrapped module, or name them: {module: [weights]}")])
+    rows: dict[str, tuple[float, ...]] = {}
+    for i, (name, value) in enumerate(zip(modules, given, strict=True)):
+        row = _row(value, n, where + ("modules", i), recipe, f"row {i} "
+                   f"({quote_name(_module_name(name))})", errors)
+        if row is not None:
+            rows[name] = row
+    return rows
+
+
+def _layer_rows(spec: Mapping[str, Any], where: KeyPath, recipe: Recipe, model: VirtualModel,
+                modules: list[str], n: int, errors: list[RecipeError]
+                ) -> dict[str, tuple[float, ...]]:
+    """``layers:``: one row per layer, for every wrapped module of that layer."""
+    rows: dict[str, tuple[float, ...]] = {}
+    layers = spec.get("layers")
+    if layers is None:
+        return rows
+    count = model.stack.num_layers
+    if len(layers) != count:
+        errors.append(recipe.error(where + ("layers",), f"gating.layers has "
+                                   f"{len(layers)} rows, but model "
+                                   f"'{model.name}' has {count} layers",
+                                   hint="one row per layer, for every wrapped module "
+                                   "of that layer"))
+        return rows
+    per_layer = [_row(v, n, where + ("layers", i), recipe, f"layer {i}'s row", errors)
+                 for i, v in enumerate(layers)]
+    for name in modules:
+        hit = model.stack.split(name)
+        if hit is not None and per_layer[hit[0]] is not None:
+            rows[name] = per_layer[hit[0]]  # type: ignore[assignment]
+    return rows
+
+
+def _named_rows(given: Mapping[str, Any], where: KeyPath, recipe: Recipe, modules: list[str],
+                n: int, rows: dict[str, tuple[float, ...]], errors: list[RecipeError]) -> None:
+    """``modules:`` as {module name: row}: rows that override the layers' (in place)."""
+    by_name = {alias: name for name in modules for alias in (name, _module_name(name))}
+    for key, value in given.items():
+        path = where + ("modules", key)
+        target = by_name.get(key)
+        if target is None:
+            errors.append(recipe.error(path, f"no adapter of this step wraps module "
+                                       f"{quote_name(key)}", key=True,
+                                       hint=f"the wrapped modules are {_shown(modules)}"))
+            continue
+        row = _row(value, n, path, recipe, f"module {quote_name(key)}", errors)
+        if row is not None:
+            rows[target] = row
 
 
 def _from_log(spec: Mapping[str, Any], where: KeyPath, recipe: Recipe, modules: list[str],

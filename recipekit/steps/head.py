@@ -36,15 +36,10 @@ from recipekit.arch import (
 )
 from recipekit.dtypes import is_floating
 from recipekit.errors import RecipeErrors, ShapeMismatchError
-from recipekit.graph import (
-    Fill,
-    Node,
-    Normal,
-    VirtualModel,
-    intern,
-)
+from recipekit.graph import Node, VirtualModel, intern
 from recipekit.recipe import Recipe, Step
-from recipekit.steps.reinit import family_of, initializer_range
+from recipekit.steps.registry import Op
+from recipekit.steps.reinit import Fill, Normal, family_of, initializer_range
 
 log = logging.getLogger(__name__)
 
@@ -130,26 +125,7 @@ def build_head(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) -
         raise RecipeErrors([recipe.error(step.key_path + ("from",), f"config.json of "
                                          f"'{step.spec['from']}' has no hidden size "
                                          f"(`{arch.config.get('hidden_size')}`)")])
-
-    init = step.spec.get("init", "normal")
-    donor_head: Node | None = None
-    donor_config: Mapping[str, Any] | None = None
-    if isinstance(init, Mapping):
-        other = models[init["from"]]
-        donor_config = other.config
-        donor_head = other.tensors.get(score_name)
-        if donor_head is None:
-            raise RecipeErrors([recipe.error(
-                step.key_path + ("init", "from"), f"'{init['from']}' has no `{score_name}` "
-                "to copy", hint="name a sequence-classification checkpoint of this family")])
-    num_labels, labels = _labels(step, recipe, donor_head, donor_config)
-    if donor_head is not None and donor_head.shape != (num_labels, hidden):
-        path = step.key_path + ("init", "from")
-        raise RecipeErrors([ShapeMismatchError(
-            f"`{score_name}` of '{init['from']}' is {list(donor_head.shape)}, but this head "
-            f"needs [{num_labels}, {hidden}] ([num_labels, hidden])", key_path=path,
-            location=recipe.document.locate(path),
-            hint="copy a head made for the same width and number of labels")])
+    donor_head, num_labels, labels = _donor_and_labels(step, models, recipe, score_name, hidden)
     pad = _pad_token_id(step, recipe, base.config, text, vocab)
 
     # Tensors: drop every task head; rename a bare base-model layout to the family's own.
@@ -157,19 +133,11 @@ def build_head(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) -
     prefix = arch.base_prefixes[0] if base.stack.base == "" else ""
     tensors: dict[str, Node] = {prefix + n: node for n, node in base.tensors.items()
                                 if n not in heads}
-    dtype = _model_dtype(base.tensors)
-    if donor_head is not None:
-        tensors[score_name] = donor_head
-    elif init == "zeros":
-        tensors[score_name] = intern(Fill((num_labels, hidden), dtype, 0.0))
-    else:
-        tensors[score_name] = intern(Normal((num_labels, hidden), dtype,
-                                            initializer_range(base.config, base.stack),
-                                            int(step.spec.get("seed", 0)), score_name))
+    tensors[score_name] = (donor_head if donor_head is not None
+                           else _new_head(step, base, (num_labels, hidden), score_name))
     stack = base.stack if not prefix else LayerStack(
         prefix + base.stack.prefix, base.stack.num_layers, base.stack.count_key,
         base.stack.per_layer_keys, base.stack.family, prefix)
-
     updates: dict[ConfigKey, Any] = {
         ("architectures",): [arch.classifier["architecture"]],
         ("num_labels",): num_labels,
@@ -185,3 +153,44 @@ def build_head(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) -
     config = without_config_keys(with_config(base.config, updates), removed)
     return VirtualModel(step.name, config, tensors, stack, base.donor,
                         base.changed | frozenset(updates) | frozenset(removed))
+
+
+def _donor_and_labels(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe,
+                      score_name: str, hidden: int) -> tuple[Node | None, int, list[str]]:
+    """The copied head (``init: {from: m}``) if any, checked against the label count and width,
+    and the labels."""
+    init = step.spec.get("init", "normal")
+    donor_head: Node | None = None
+    donor_config: Mapping[str, Any] | None = None
+    if isinstance(init, Mapping):
+        other = models[init["from"]]
+        donor_config = other.config
+        donor_head = other.tensors.get(score_name)
+        if donor_head is None:
+            raise RecipeErrors([recipe.error(
+                step.key_path + ("init", "from"), f"'{init['from']}' has no `{score_name}` "
+                "to copy", hint="name a sequence-classification checkpoint of this family")])
+    num_labels, labels = _labels(step, recipe, donor_head, donor_config)
+    if donor_head is not None and donor_head.shape != (num_labels, hidden):
+        path = step.key_path + ("init", "from")
+        raise RecipeErrors([recipe.error(
+            path, f"`{score_name}` of '{init['from']}' is {list(donor_head.shape)}, but this "
+            f"head needs [{num_labels}, {hidden}] ([num_labels, hidden])",
+            hint="copy a head made for the same width and number of labels",
+            cls=ShapeMismatchError)])
+    return donor_head, num_labels, labels
+
+
+def _new_head(step: Step, base: VirtualModel, shape: tuple[int, int], score_name: str) -> Node:
+    """A fresh head in the model's dtype: zeros, or seeded N(0, initializer_range²)."""
+    dtype = _model_dtype(base.tensors)
+    if step.spec.get("init", "normal") == "zeros":
+        return intern(Fill(shape, dtype, 0.0))
+    return intern(Normal(shape, dtype, initializer_range(base.config, base.stack),
+                         int(step.spec.get("seed", 0)), score_name))
+
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("head", build_head, "head_step"),
+)

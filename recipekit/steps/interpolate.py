@@ -10,12 +10,42 @@ with ``torch.lerp`` on the loaded tensors and checks the endpoints bit for bit.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from recipekit.dtypes import is_floating, promote
+from recipekit.dtypes import is_floating, promote, torch_dtype
 from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
-from recipekit.graph import Lerp, Node, VirtualModel, cast, intern
+from recipekit.graph import Node, VirtualModel, cast, fp32_copies, intern
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, resolve
+from recipekit.steps.registry import Op
+
+
+@dataclass(frozen=True, eq=False)
+class Lerp(Node):
+    """``a + t·(b − a)`` computed in fp32 and rounded once to ``dtype`` (the `interpolate` op)."""
+
+    a: Node
+    b: Node
+    t: float
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.a.shape
+
+    @property
+    def workspace(self) -> int:
+        return fp32_copies(self.inputs) + 4 * self.numel  # fp32 copies and the fp32 result
+
+    @property
+    def elementwise(self) -> bool:
+        return True
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.merge import lerp
+
+        return lerp(args[0], args[1], t=self.t).to(torch_dtype(self.dtype))
 
 
 def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualModel],
@@ -38,12 +68,11 @@ def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualMode
             if node.shape != theirs.shape:
                 vocab = " (the vocabulary sizes differ)" if "embed" in n or "lm_head" in n or (
                     "wte" in n) else ""
-                errors.append(ShapeMismatchError(
-                    f"`{n}` is {list(node.shape)} in '{names[0]}' but {list(theirs.shape)} in "
-                    f"'{other_name}'{vocab}", key_path=step.key_path + ("from",),
-                    location=recipe.document.locate(step.key_path + ("from",)),
+                errors.append(recipe.error(
+                    step.key_path + ("from",), f"`{n}` is {list(node.shape)} in '{names[0]}' "
+                    f"but {list(theirs.shape)} in '{other_name}'{vocab}",
                     hint="inputs must have the same shapes; version 1 does not align "
-                    "vocabularies"))
+                    "vocabularies", cls=ShapeMismatchError))
                 break
     return errors
 
@@ -78,3 +107,9 @@ def build_interpolate(step: Step, models: Mapping[str, VirtualModel],
         else:
             tensors[name] = intern(Lerp(na, nb, alpha, dtype))
     return VirtualModel(step.name, a.config, tensors, a.stack, a.donor, a.changed)
+
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("interpolate", build_interpolate, "interpolate_step"),
+)

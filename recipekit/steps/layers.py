@@ -17,6 +17,7 @@ from recipekit.arch import LayerStack, config_get, load_architectures, with_conf
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors, ShapeMismatchError
 from recipekit.graph import Node, VirtualModel
 from recipekit.recipe import Recipe, Step, parse_layer_range
+from recipekit.steps.registry import Op
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +78,7 @@ def build_layers(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe)
     base_name = step.spec["from"]
     base = models[base_name]
     errors: list[RecipeError] = []
-    picks: list[Pick] = []
-    for src, indices, path, written in _expand(step):
-        n = models[src].stack.num_layers
-        top = max(indices[0], indices[-1])  # not max(indices): that would walk the range
-        if top >= n:
-            what = f"layer {top}" if not indices[1:] else f"{written} reaches layer {top}"
-            errors.append(recipe.error(path, f"{what}, but model '{src}' has {n} layers "
-                                       f"(0-{n - 1})", hint="use indices below " + str(n)))
-            continue
-        picks += [(src, i, path) for i in indices]
-
+    picks = _picks(step, models, recipe, errors)
     base_layers = base.layer_tensors()
     base_signatures = [_signature(layer) for layer in base_layers.values()]
     layer_cache: dict[str, dict[int, dict[str, Node]]] = {base_name: base_layers}
@@ -99,12 +90,11 @@ def build_layers(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe)
         layers = layer_cache.setdefault(src, models[src].layer_tensors())
         sig = _signature(layers[i])
         if sig not in base_signatures:
-            errors.append(ShapeMismatchError(
-                f"layer {i} of '{src}' does not fit the layers of '{base_name}': "
+            errors.append(recipe.error(
+                path, f"layer {i} of '{src}' does not fit the layers of '{base_name}': "
                 + _mismatch(sig, base_signatures[0], src, base_name),
-                key_path=path, location=recipe.document.locate(path),
                 hint="frankenmerges need layers of the same shapes; merge width-compatible "
-                "models"))
+                "models", cls=ShapeMismatchError))
     if errors:
         raise RecipeErrors(errors)
 
@@ -126,6 +116,23 @@ def build_layers(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe)
                         base.changed | frozenset(updates))
 
 
+def _picks(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe,
+           errors: list[RecipeError]) -> list[Pick]:
+    """Every (model, layer index, entry path) the `layers` entries select, in output order;
+    indices beyond their model are reported instead."""
+    picks: list[Pick] = []
+    for src, indices, path, written in _expand(step):
+        n = models[src].stack.num_layers
+        top = max(indices[0], indices[-1])  # not max(indices): that would walk the range
+        if top >= n:
+            what = f"layer {top}" if not indices[1:] else f"{written} reaches layer {top}"
+            errors.append(recipe.error(path, f"{what}, but model '{src}' has {n} layers "
+                                       f"(0-{n - 1})", hint="use indices below " + str(n)))
+            continue
+        picks += [(src, i, path) for i in indices]
+    return picks
+
+
 def _per_layer_value(model: VirtualModel, key: tuple[str, ...], index: int, recipe: Recipe,
                      path: KeyPath, src: str) -> Any:
     """The value of a per-layer config list for one source layer (matched by key name)."""
@@ -145,3 +152,8 @@ def _warn_index_dependent(model: VirtualModel, step: Step) -> None:
             log.warning("step '%s': config `%s` is true, so a moved layer computes differently "
                         "at its new index", step.name, flag)
 
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("layers", build_layers, "layers_step"),
+)

@@ -15,18 +15,127 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from recipekit.dtypes import is_floating, promote
+from recipekit.dtypes import is_floating, promote, torch_dtype
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors
-from recipekit.graph import Merge, Node, Slerp, SlerpCoefficients, VirtualModel, cast, intern
+from recipekit.graph import Node, VirtualModel, cast, fp32_copies, intern
 from recipekit.merge import METHODS
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, is_constant, resolve
 from recipekit.steps.interpolate import check_aligned
+from recipekit.steps.registry import Op
 
-#: Methods whose `from: [A, B]` means base = A (t = 0 gives A), per DESIGN.md §2.
-PAIR_METHODS = ("slerp", "nearswap")
+
+@dataclass(frozen=True, eq=False)
+class Merge(Node):
+    """One output tensor of a merge method (ops/merge.py), rounded once to ``dtype``.
+
+    ``params`` holds the values resolved for this tensor (shared: a number or bool; per-input:
+    a tuple aligned with ``operands``). ``tensor`` names the output tensor for random methods,
+    whose generator is seeded by (``seed``, ``tensor``); it is empty for deterministic ones so
+    that equal merges of equal inputs stay one node.
+    """
+
+    method: str
+    operands: tuple[Node, ...]
+    base: Node | None
+    params: tuple[tuple[str, Any], ...]
+    seed: int
+    tensor: str
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.operands[0].shape
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.operands + ((self.base,) if self.base is not None else ())
+
+    @property
+    def workspace(self) -> int:
+        # fp32 copies of narrower inputs, then about two more tensors: deltas or normalized
+        # copies, and the fp32 result (measured for slerp in tests/test_execute.py)
+        return fp32_copies(self.inputs) + 2 * 4 * self.numel
+
+    @property
+    def elementwise(self) -> bool:
+        return METHODS[self.method].elementwise
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.merge import apply_method
+        from recipekit.ops.rng import tensor_generator
+
+        n = len(self.operands)
+        base = args[n] if self.base is not None else None
+        generator = tensor_generator(self.seed, self.tensor) if self.tensor else None
+        return apply_method(self.method, list(args[:n]), base=base, params=dict(self.params),
+                            generator=generator).to(torch_dtype(self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class SlerpCoefficients(Node):
+    """slerp's two coefficients for one pair of tensors (ops/merge.py `slerp_coefficients`):
+    the norms and the dot product read both tensors whole, the result is two numbers."""
+
+    a: Node
+    b: Node
+    t: float
+
+    #: the reductions run over 2^20-value chunks: two reused fp32 chunk buffers plus the
+    #: norms' temporaries (14 MiB measured for fp32 inputs)
+    CHUNK_COPIES: ClassVar[int] = 4 * 4 * (1 << 20)
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return (2,)
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return "F64" if "F64" in (self.a.dtype, self.b.dtype) else "F32"
+
+    @property
+    def workspace(self) -> int:
+        return self.CHUNK_COPIES
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.merge import slerp_coefficients
+
+        return slerp_coefficients(args[0], args[1], t=self.t)
+
+
+@dataclass(frozen=True, eq=False)
+class Slerp(Node):
+    """One output tensor of `slerp`: c_a·a + c_b·b (ops/merge.py `slerp_apply`), rounded once
+    to ``dtype``. Elementwise in a and b once the coefficients are known, so large tensors run
+    in row pieces sliced from the a and b the coefficients read (execute.evaluate_chunks)
+    instead of fp32 copies with an fp32 result. The bytes are those of `slerp` on the whole
+    tensors (tests/steps/test_merge.py, tests/test_execute.py::TestChunkedEvaluation)."""
+
+    a: Node
+    b: Node
+    coefficients: SlerpCoefficients
+    dtype: str
+
+    method: ClassVar[str] = "slerp"
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.a.shape
+
+    @property
+    def workspace(self) -> int:
+        return fp32_copies((self.a, self.b)) + 4 * self.numel
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        return (True, True, False)
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.merge import slerp_apply
+
+        return slerp_apply(*args).to(torch_dtype(self.dtype))
 
 
 def _entries(step: Step) -> list[tuple[str, dict[str, Any], KeyPath]]:
@@ -58,41 +167,59 @@ def _check_value(spec: Any, value: Any, path: KeyPath, recipe: Recipe,
 
 def validate_merge(step: Step, recipe: Recipe) -> tuple[Any, str | None, list]:
     """Check the step against the method's contract; return (spec, base name, inputs)."""
-    method = step.spec["method"]
-    spec = METHODS[method]
+    spec = METHODS[step.spec["method"]]
     errors: list[RecipeError] = []
+    base, entries = _check_inputs(step, spec, recipe, errors)
+    _check_parameters(step, spec, entries, recipe, errors)
+    _check_required(step, spec, entries, recipe, errors)
+    if errors:
+        raise RecipeErrors(errors)
+    return spec, base, entries
+
+
+def _check_inputs(step: Step, spec: Any, recipe: Recipe, errors: list[RecipeError]
+                  ) -> tuple[str | None, list[tuple[str, dict[str, Any], KeyPath]]]:
+    """The base and the non-base entries, checked against the method's base policy and input
+    counts; a pair method's `from: [A, B]` gives base A."""
+    method = spec.name
     entries = _entries(step)
     base = step.spec.get("base")
-    if method in PAIR_METHODS:
+    if spec.pair:
         if base is not None:
             errors.append(recipe.error(step.key_path + ("base",), f"{method} takes `from: [A, B]` "
                                        "(t = 0 gives A) and no `base:`", key=True))
         if len(entries) != 2:
             errors.append(recipe.error(step.key_path + ("from",),
                                        f"{method} merges exactly two models: `from: [A, B]`"))
-        else:
-            base, entries = entries[0][0], entries[1:]
-    else:
-        if spec.base == "required" and base is None:
-            errors.append(recipe.error(step.key_path, f"method {method} needs `base:` (the "
-                                       "model the others are deltas from)", key=True))
-        if spec.base == "ignored" and base is not None:
-            errors.append(recipe.error(step.key_path + ("base",), f"method {method} takes no "
-                                       "base; list every model under `from`", key=True))
-        if base is not None and any(name == base for name, _, _ in entries):
-            errors.append(recipe.error(step.key_path + ("base",), f"'{base}' is the base and "
-                                       "must not also appear in `from`"))
-        n = len(entries)
-        lo, hi = spec.min_non_base, spec.max_non_base
-        if n < max(lo, 1) or (hi is not None and n > hi):
-            want = f"{lo}" if lo == hi else f"at least {max(lo, 1)}" if hi is None else (
-                f"{lo} to {hi}")
-            errors.append(recipe.error(step.key_path + ("from",), f"method {method} takes {want} "
-                                       f"model(s) in `from` (besides the base), got {n}"))
+            return base, entries
+        return entries[0][0], entries[1:]
+    if spec.base == "required" and base is None:
+        errors.append(recipe.error(step.key_path, f"method {method} needs `base:` (the "
+                                   "model the others are deltas from)", key=True))
+    if spec.base == "ignored" and base is not None:
+        errors.append(recipe.error(step.key_path + ("base",), f"method {method} takes no "
+                                   "base; list every model under `from`", key=True))
+    if base is not None and any(name == base for name, _, _ in entries):
+        errors.append(recipe.error(step.key_path + ("base",), f"'{base}' is the base and "
+                                   "must not also appear in `from`"))
+    n = len(entries)
+    lo, hi = spec.min_non_base, spec.max_non_base
+    if n < max(lo, 1) or (hi is not None and n > hi):
+        want = f"{lo}" if lo == hi else f"at least {max(lo, 1)}" if hi is None else (
+            f"{lo} to {hi}")
+        errors.append(recipe.error(step.key_path + ("from",), f"method {method} takes {want} "
+                                   f"model(s) in `from` (besides the base), got {n}"))
+    return base, entries
+
+
+def _check_parameters(step: Step, spec: Any, entries: list, recipe: Recipe,
+                      errors: list[RecipeError]) -> None:
+    """Every key under `parameters` and in the `from` entries is one of the method's (per-input
+    ones only in entries), with a value of its type."""
+    method = spec.name
     known = {p.name: p for p in spec.params}
     per_input = {k for k, p in known.items() if p.scope != "shared"}
-    shared_given = step.spec.get("parameters", {})
-    for key, value in shared_given.items():
+    for key, value in step.spec.get("parameters", {}).items():
         path = step.key_path + ("parameters", key)
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1)
@@ -112,20 +239,24 @@ def validate_merge(step: Step, recipe: Recipe) -> tuple[Any, str | None, list]:
                     + "per-input parameters: " + (", ".join(sorted(per_input)) or "none")))
             else:
                 _check_value(known[key], value, path + (key,), recipe, errors)
+
+
+def _check_required(step: Step, spec: Any, entries: list, recipe: Recipe,
+                    errors: list[RecipeError]) -> None:
+    """Each required parameter is given: under `parameters`, or (per-input) in every entry."""
+    method = spec.name
+    shared_given = step.spec.get("parameters", {})
     for p in spec.params:
-        if not p.required:
+        if not p.required or p.name in shared_given:
             continue
-        if p.scope == "shared" and p.name not in shared_given:
+        if p.scope == "shared":
             errors.append(recipe.error(step.key_path, f"method {method} needs "
                                        f"`parameters: {{{p.name}: ...}}`", key=True))
-        elif p.scope != "shared" and p.name not in shared_given:
+        else:
             missing = [path for _, params, path in entries if p.name not in params]
             errors += [recipe.error(path, f"method {method} needs a `{p.name}` for each input "
                                     f"(`{{model: ..., {p.name}: ...}}`, or one value under "
                                     "`parameters`)") for path in missing]
-    if errors:
-        raise RecipeErrors(errors)
-    return spec, base, entries
 
 
 def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) -> VirtualModel:
@@ -159,7 +290,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
         if spec.name == "passthrough" and params.get("scale") in (None, (None,), (1.0,)):
             tensors[name] = cast(operands[0], dtype)  # scale 1 is a copy
             continue
-        if spec.name == "slerp":  # coefficients whole, output by rows (model.Slerp)
+        if spec.name == "slerp":  # coefficients whole, output by rows (`Slerp`)
             a, b = base, operands[0]  # `from: [A, B]`: A is the base (t = 0)
             assert a is not None
             coefficients = intern(SlerpCoefficients(a, b, float(params["t"])))
@@ -193,3 +324,9 @@ def _resolve_for(spec: Any, shared: Mapping[str, Any], entries: list, tensor: st
             continue  # the kernel's default
         out[p.name] = tuple(value(p, r) if r is not None else p.default for r in raws)
     return out
+
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("merge", build_merge, "merge_step"),
+)

@@ -15,16 +15,58 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from recipekit.arch import Architecture, LayerStack, config_get, load_architectures
-from recipekit.dtypes import is_floating
+from recipekit.dtypes import is_floating, torch_dtype
 from recipekit.errors import RecipeError, RecipeErrors
-from recipekit.graph import Fill, Node, Normal, VirtualModel, intern
+from recipekit.graph import Node, VirtualModel, intern
 from recipekit.recipe import Recipe, Step, parse_layer_range
+from recipekit.steps.registry import Op
 
 #: transformers' fallback when a config has no (or a zero) `initializer_range`.
 DEFAULT_INITIALIZER_RANGE = 0.02
+
+
+@dataclass(frozen=True, eq=False)
+class Normal(Node):
+    """A fresh ``N(0, std²)`` tensor (ops/init.py), drawn chunk by chunk on the CPU from the
+    generator seeded by (``seed``, ``tensor``), so one tensor's draw does not depend on what
+    else a recipe touches or on the device; rounded once to ``dtype``."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    std: float
+    seed: int
+    tensor: str
+
+    @property
+    def workspace(self) -> int:
+        from recipekit.ops.init import CHUNK_ELEMENTS  # torch-free: the constant only
+
+        return 4 * min(self.numel, CHUNK_ELEMENTS + 16)  # one fp32 chunk
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.init import normal
+        from recipekit.ops.rng import tensor_generator
+
+        return normal(self.shape, std=self.std, generator=tensor_generator(self.seed, self.tensor),
+                      dtype=torch_dtype(self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class Fill(Node):
+    """A tensor holding ``value`` everywhere (ones for norms, zeros for biases)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    value: float
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.init import fill
+
+        return fill(self.shape, value=self.value, dtype=torch_dtype(self.dtype))
 
 
 def family_of(model: VirtualModel, step: Step, recipe: Recipe, op: str) -> Architecture:
@@ -105,3 +147,9 @@ def build_reinit(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe)
             tensors[name] = init_node(arch, name, node, std=std,
                                       num_layers=base.stack.num_layers, seed=seed)
     return VirtualModel(step.name, base.config, tensors, base.stack, base.donor, base.changed)
+
+
+#: this module's ops (listed once in `recipekit.steps`)
+OPS = (
+    Op("reinit", build_reinit, "reinit_step"),
+)

@@ -63,7 +63,6 @@ REFUSED = {
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-PAIR_METHODS = ("slerp", "nearswap")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -493,7 +492,7 @@ def _merge_slice(st: _State, data: dict[str, Any], method: MethodSpec, sl: Slice
 
     base_at = next((i for i, (s, _) in enumerate(inputs) if s.model == sl.base), None)
     step: dict[str, Any] = {"name": name, "op": "merge", "method": method.name}
-    if method.name in PAIR_METHODS or method.base in ("required", "optional"):
+    if method.pair or method.base in ("required", "optional"):
         if sl.base is None and method.base == "required":
             raise st.fail(("base_model",) if sl.path == ("models",) else sl.path,
                           f"method {method.name} needs a `base_model`")
@@ -509,7 +508,7 @@ def _merge_slice(st: _State, data: dict[str, Any], method: MethodSpec, sl: Slice
         if scale is None or scale == 1:
             return model, True
         step["from"] = [{"model": model, "scale": scale}]
-    elif method.name in PAIR_METHODS:
+    elif method.pair:
         if len(inputs) != 2:
             raise st.fail(sl.path, f"{method.name} merges exactly two models, the base and one "
                           f"other (got {len(inputs)})")

@@ -20,7 +20,8 @@ Files written (all small; the whole folder stays well under 300 KB):
 * ``random_stats.json``: statistics of mergekit's random sparsifiers on 256×256 tensors
   (not written with ``--only``).
 
-This script imports only torch, safetensors and mergekit: recipekit is not installed there.
+This script imports torch, safetensors and mergekit, and from the checkout only recipekit's
+method registry (`recipekit.merge`, plain Python): recipekit is not installed there.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -36,9 +38,22 @@ from safetensors.torch import save_file
 
 OUT = Path(__file__).resolve().parent / "merge"
 SHAPE = (16, 24)
-METHODS = ("linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties",
-           "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
-           "della_linear", "sce", "model_stock", "nearswap", "passthrough")
+
+
+def registry_methods() -> tuple[str, ...]:
+    """The methods recipekit defines, in registry order: a new method in `recipekit.merge`
+    gets goldens (and needs cases below) without a second list here.
+
+    The import is deferred because the registry is read from the checkout (this venv has no
+    recipekit installed); `recipekit.merge` imports nothing but the standard library.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from recipekit.merge import METHODS as registry
+
+    return tuple(registry)
+
+
+METHODS = registry_methods()
 
 
 def make_inputs() -> dict[str, torch.Tensor]:

@@ -71,8 +71,9 @@ def test_hostile_tensor_names_cannot_forge_lines():
 def test_labels_escape_tensor_names_in_parameters():
     """A random merge names its tensor in a parameter; a hostile name must not reach the
     terminal raw (the same rule as for loads). Oracle: the escaped text."""
-    from recipekit.graph import Merge, load
+    from recipekit.graph import load
     from recipekit.plan.render import node_label
+    from recipekit.steps.merge import Merge
 
     name = "evil\x1b[2J.weight"
     a, b = load("a", name, (2,), "F32"), load("b", name, (2,), "F32")

@@ -1,0 +1,233 @@
+"""Adapter-set nodes: LoRA deltas and folds, their sums and combinations, SVD factors.
+
+Why together: the `adapters`, `combine_adapters` and `extract_lora` steps, the adapter-set
+reader (`graph.adapterset`) and the adapter output (`run.adapter_output`) all build them.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from recipekit.dtypes import torch_dtype
+from recipekit.graph.nodes import Node
+
+F32 = "F32"
+
+
+@dataclass(frozen=True, eq=False)
+class LoraDelta(Node):
+    """ΔW = Σ_j s_j·B_j@A_j in fp32 (transposed to the base's (in, out) / (V, D) layout when
+    ``transposed``): one adapter set's low-rank update of one tensor (ops/lora.py)."""
+
+    factors: tuple[Node, ...]  # A_0, B_0, A_1, B_1, ...
+    scales: tuple[float, ...]
+    transposed: bool
+    shape: tuple[int, ...]
+    dtype: str = F32
+    #: ΔW is computed in blocks of rows (ops/lora.py), whole or in pieces alike
+    row_block: ClassVar[int] = 64
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.factors
+
+    @property
+    def workspace(self) -> int:
+        return 4 * self.numel  # one product beside the running sum
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.lora import lora_delta
+
+        pairs = [(args[i], args[i + 1]) for i in range(0, len(args), 2)]
+        return lora_delta(pairs, self.scales, transposed=self.transposed, block=self.row_block)
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        # rows of B@A are rows of B (A whole); rows of (B@A)ᵀ are columns of A (both whole,
+        # and small: rank × width)
+        return (False, not self.transposed) * (len(self.factors) // 2)
+
+    def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
+        if not self.transposed:
+            return self.compute(args)
+        return self.compute(tuple(x[:, lo:hi] if i % 2 == 0 else x for i, x in enumerate(args)))
+
+
+@dataclass(frozen=True, eq=False)
+class ScaledSum(Node):
+    """Σ_j s_j·v_j, computed in fp32 and rounded once to ``dtype`` (lora_bias updates, scaled
+    factors)."""
+
+    parts: tuple[Node, ...]
+    scales: tuple[float, ...]
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.parts[0].shape
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.parts
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.lora import scaled_sum
+
+        return scaled_sum(args, self.scales).to(torch_dtype(self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class Concat(Node):
+    """``cat([s_j·x_j], dim)``, scaled in fp32 and rounded once to ``dtype`` (the `cat` layout of
+    a combined adapter: A' stacks s_j·A_j, B' sets the B_j side by side)."""
+
+    parts: tuple[Node, ...]
+    scales: tuple[float, ...]
+    dim: int
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        first = list(self.parts[0].shape)
+        first[self.dim] = sum(p.shape[self.dim] for p in self.parts)
+        return tuple(first)
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.parts
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        import torch
+
+        work = torch.float64 if any(a.dtype == torch.float64 for a in args) else torch.float32
+        return torch.cat([a.to(work) * s for a, s in zip(args, self.scales, strict=True)],
+                         dim=self.dim).to(torch_dtype(self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class DeltaCombine(Node):
+    """Several adapters' full fp32 deltas of one tensor combined by a merge kernel (ties, DARE,
+    magnitude pruning: ops/merge.py `generalized_task_arithmetic` with a zero base), times
+    ``scale``. ``tensor`` seeds DARE's generator (empty for deterministic methods)."""
+
+    method: str
+    deltas: tuple[Node, ...]
+    weights: tuple[float, ...]
+    density: float
+    seed: int
+    tensor: str
+    scale: float
+    dtype: str = F32
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.deltas[0].shape
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.deltas
+
+    @property
+    def workspace(self) -> int:
+        return (len(self.deltas) + 3) * 4 * self.numel
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.lora import combine_deltas
+        from recipekit.ops.rng import tensor_generator
+
+        generator = tensor_generator(self.seed, self.tensor) if self.tensor else None
+        out = combine_deltas(self.method, list(args), weights=self.weights,
+                             density=self.density, generator=generator)
+        return out.mul_(self.scale) if self.scale != 1 else out
+
+
+@dataclass(frozen=True, eq=False)
+class LoraFold(Node):
+    """W₀ with adapter deltas folded in, in list order (PEFT's sequential merge; a DoRA entry
+    has its magnitude vector and norm axis), computed in fp32 and rounded once to ``dtype``."""
+
+    base: Node
+    deltas: tuple[Node, ...]
+    magnitudes: tuple[Node | None, ...]
+    norm_dims: tuple[int, ...]
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.base.shape
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return (self.base, *self.deltas, *(m for m in self.magnitudes if m is not None))
+
+    @property
+    def workspace(self) -> int:
+        return 3 * 4 * self.numel  # W₀ and the running result in fp32, one norm operand
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        # DoRA norms along a row (dim 1) stay within a row piece; norms down columns do not
+        if any(m is not None and d != 1 for m, d in zip(self.magnitudes, self.norm_dims,
+                                                         strict=True)):
+            return None
+        return (True,) * len(self.inputs)
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.lora import fold_sequential
+
+        n = len(self.deltas)
+        rest = iter(args[1 + n:])
+        mags = [next(rest) if m is not None else None for m in self.magnitudes]
+        return fold_sequential(args[0], args[1:1 + n], mags, self.norm_dims).to(
+            torch_dtype(self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class Difference(Node):
+    """``a − b`` in fp32 (a task vector: tuned − base, for LoRA extraction)."""
+
+    a: Node
+    b: Node
+    dtype: str = F32
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.a.shape
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        import torch
+
+        work = torch.float64 if torch.float64 in (args[0].dtype, args[1].dtype) else (
+            torch.float32)
+        return args[0].to(work) - args[1].to(work)
+
+
+@dataclass(frozen=True, eq=False)
+class SvdFactor(Node):
+    """Factor A (rank, in) or B (out, rank) of a truncated SVD of ``delta`` (ops/lora.py
+    `svd_factors`), rounded to ``dtype``. A and B are separate nodes: the SVD runs once for
+    each (a small adapter's cost, never a model's)."""
+
+    delta: Node
+    which: str  # "A" or "B"
+    rank: int
+    transposed: bool
+    epsilon: float
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        rows, cols = self.delta.shape
+        out_dim, in_dim = (cols, rows) if self.transposed else (rows, cols)
+        return (self.rank, in_dim) if self.which == "A" else (out_dim, self.rank)
+
+    @property
+    def workspace(self) -> int:
+        return 3 * 4 * self.delta.numel  # U, Vh and the working copy
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        from recipekit.ops.lora import svd_factors
+
+        a, b = svd_factors(args[0], rank=self.rank, transposed=self.transposed,
+                           epsilon=self.epsilon)
+        return (a if self.which == "A" else b).to(torch_dtype(self.dtype))

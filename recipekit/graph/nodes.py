@@ -1,0 +1,163 @@
+"""Plan nodes: frozen values that know their shape and dtype, hash-consed.
+
+A node is a frozen value that knows its shape and dtype. Equal nodes are one node: `intern`
+hash-conses them, so a tensor that two output layers read (SOLAR-style overlaps) is one `Load`
+in the plan, and equality checks between deep expressions stop at the first shared child.
+The nodes every step uses live here (`Load`, `Cast`); an op's own nodes live in its step module
+(`recipekit.steps.merge.Merge`, ...), and the adapter-set nodes in `graph.lora`. Nothing here
+imports torch.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar
+
+from recipekit.dtypes import itemsize, torch_dtype
+
+N = TypeVar("N", bound="Node")
+
+
+class Node:
+    """Base of plan nodes. Subclasses are ``@dataclass(frozen=True, eq=False)``.
+
+    Equality and hashing are structural over the dataclass fields and cached, so a DAG of
+    interned nodes hashes in O(1) per node.
+    """
+
+    __slots__ = ("__weakref__", "__dict__")
+
+    shape: tuple[int, ...]
+    dtype: str
+    #: Row-piece boundaries fall on multiples of this many rows (see `compute_rows`).
+    row_block: ClassVar[int] = 1
+
+    def _key(self) -> tuple[Any, ...]:
+        return (type(self),) + tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if type(other) is not type(self):
+            return NotImplemented
+        return hash(self) == hash(other) and self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(self._key())
+            self.__dict__["_hash"] = h
+        return h
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return tuple(v for f in fields(self) if isinstance(v := getattr(self, f.name), Node))  # type: ignore[arg-type]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def workspace(self) -> int:
+        """Scratch bytes computing this node needs beyond its inputs and result (fp32 copies)."""
+        return 0
+
+    @property
+    def elementwise(self) -> bool:
+        """Output element i depends only on element i of each input (same shapes)."""
+        return False
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        """How rows ``lo:hi`` of this node depend on its inputs, for row-piece evaluation: per
+        input, True when only its rows ``lo:hi`` are needed, False when all of it is; None when
+        a piece needs more (norms across rows, quantiles), so the node is computed whole.
+        Elementwise nodes need the same rows of every input."""
+        return (True,) * len(self.inputs) if self.elementwise else None
+
+    def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
+        """Rows ``lo:hi`` of this node from its inputs as `row_inputs` says (sliced or
+        whole). The result must equal those rows of `compute` bit for bit."""
+        return self.compute(args)
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        """This node's tensor from its inputs' tensors (``args`` aligned with `inputs`, already
+        on the compute device). Subclasses import torch here, never at module level, so that
+        planning stays torch-free. The executor rounds nothing: the result has ``dtype``."""
+        raise NotImplementedError(type(self).__name__)
+
+
+def fp32_copies(inputs: tuple[Node, ...]) -> int:
+    """Bytes of the fp32 copies a kernel makes of its inputs narrower than fp32."""
+    return sum(4 * n.numel for n in inputs if itemsize(n.dtype) < 4)
+
+
+def expression_nodes(node: Node) -> set[Node]:
+    """``node`` and every node it depends on, each once."""
+    seen: set[Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.inputs)
+    return seen
+
+
+_interned: weakref.WeakValueDictionary[Node, Node] = weakref.WeakValueDictionary()
+
+
+def intern(node: N) -> N:
+    """Return the canonical instance equal to ``node`` (hash-consing)."""
+    existing = _interned.get(node)
+    if existing is not None:
+        return existing  # type: ignore[return-value]
+    _interned[node] = node
+    return node
+
+
+@dataclass(frozen=True, eq=False)
+class Load(Node):
+    """A stored tensor of a model input, read when first needed."""
+
+    source: str  # the recipe's model name
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True, eq=False)
+class Cast(Node):
+    """``input`` converted to ``dtype`` (round to nearest even, as torch's ``.to``)."""
+
+    input: Node
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self.input.shape
+
+    @property
+    def elementwise(self) -> bool:
+        return True
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        return args[0].to(torch_dtype(self.dtype))
+
+
+def load(source: str, name: str, shape: tuple[int, ...], dtype: str) -> Load:
+    return intern(Load(source, name, tuple(shape), dtype))
+
+
+def cast(node: Node, dtype: str) -> Node:
+    """``node`` as ``dtype``; the node itself when it already is."""
+    if node.dtype == dtype:
+        return node
+    return intern(Cast(node, dtype))

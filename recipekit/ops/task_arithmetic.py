@@ -1,0 +1,286 @@
+"""The task-arithmetic family: task vectors from a base, pruned, sign-elected and summed.
+
+`generalized_task_arithmetic` is the kernel of eight mergekit methods; each of them is its
+`MethodSpec` in `recipekit.merge` (sparsifier, sign consensus, parameters, defaults) and its
+kernel here is made from that spec by `_named_kernel`, so a new variant is one spec. `sce` and
+`model_stock` weigh the task vectors their own way. Numerics as in `recipekit.ops.merge`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from recipekit.merge import METHODS
+from recipekit.ops.operands import Floats, check_inputs, per_input
+from recipekit.ops.sparsify import (
+    CONSENSUS_METHODS,
+    SPARSIFIERS,
+    compute_dtype,
+    sce_topk_mask,
+    sign_consensus_mask,
+)
+from recipekit.ops.sparsify import sparsify as sparsify_delta
+
+
+def generalized_task_arithmetic(
+        base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weights: Floats,
+        densities: Floats = 1.0, sparsify: str | None = None, consensus: str | None = None,
+        lambda_: float = 1.0, normalize: bool = False, rescale: bool = False,
+        gamma: Floats = 0.01, epsilon: Floats = 0.15, int8_mask: bool = False,
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Task arithmetic with optional pruning and sign consensus: the kernel of 8 methods.
+
+    Formula (per tensor, in order): M = 0 returns θ_b. τ_i = θ_i − θ_b;
+    τ̃_i = sparsify(τ_i; d_i, γ_i | ε_i, rescale) on |τ_i| of each model alone (weights never
+    change the selection); δ_i = w_i·τ̃_i. With consensus: s = elected sign of Σδ
+    (`sparsify.elect_sign`), m_i = [sign δ_i = s], Δ = Σ m_i δ_i, D = Σ m_i w_i elementwise
+    (D = 0 → 1). Without: Δ = Σ δ_i, D = Σ w_i (|D| < 1e-8 → 1). If `normalize`, Δ ← Δ/D; if
+    λ ≠ 1, Δ ← λΔ; out = θ_b + Δ. Negative weights are allowed (with normalize a lone
+    negative weight cancels).
+
+    Papers: Ilharco et al. 2022 (task arithmetic), https://arxiv.org/abs/2212.04089; TIES,
+    DARE, breadcrumbs, DELLA (see the named wrappers).
+    Shapes: base and M × [...] → [...]. Oracle: mergekit 0.1.5 goldens for each named
+    method (same seed for the random ones).
+
+    Args:
+        base: θ_b.
+        tensors: θ_1 … θ_M.
+        weights: w_i, one per non-base input.
+        densities: d_i (unused without a sparsifier).
+        sparsify: None or one of `sparsify.SPARSIFIERS`.
+        consensus: None or one of `sparsify.CONSENSUS_METHODS`.
+        lambda_: the final scale λ (mergekit's `lambda`).
+        normalize: divide by D.
+        rescale: L1 rescaling inside the sparsifier.
+        gamma: breadcrumbs' outlier fraction γ_i.
+        epsilon: DELLA's half-width ε_i.
+        int8_mask: hold signs as int8 in the consensus (less memory, same result).
+        generator: required with the "random" and "della_magprune" sparsifiers.
+
+    Returns:
+        The fp32 (fp64) merged tensor.
+
+    Raises:
+        ValueError: unknown sparsifier/consensus, no generator for a random one, counts or
+            shapes that do not line up, or the sparsifier's own errors (DELLA's ε, rows of 1).
+
+    Example:
+        >>> base = torch.zeros(3)
+        >>> task_arithmetic(base, [torch.tensor([1.0, 2.0, 3.0])], weights=[0.5])
+        tensor([0.5000, 1.0000, 1.5000])
+    """
+    check_inputs("task arithmetic", [base, *tensors])
+    if sparsify is not None and sparsify not in SPARSIFIERS:
+        raise ValueError(f"unknown sparsifier {sparsify!r}; expected one of "
+                         f"{', '.join(SPARSIFIERS)}")
+    if consensus is not None and consensus not in CONSENSUS_METHODS:
+        raise ValueError(f"unknown sign consensus {consensus!r}; expected 'sum' or 'count'")
+    if sparsify in ("random", "della_magprune") and generator is None:
+        raise ValueError(f"the {sparsify!r} sparsifier is random: pass a torch.Generator")
+    m = len(tensors)
+    dtype = compute_dtype(base, *tensors)
+    b = base.to(dtype)
+    if m == 0:
+        return b.clone() if b is base else b
+    w = per_input("weight", weights, m)
+    d = per_input("density", densities, m)
+    g = per_input("gamma", gamma, m)
+    e = per_input("epsilon", epsilon, m)
+
+    deltas = torch.empty((m, *b.shape), dtype=dtype, device=b.device)
+    for i, x in enumerate(tensors):
+        tau = x.to(dtype) - b
+        if sparsify is not None:
+            tau = sparsify_delta(tau, sparsify, density=d[i], rescale=rescale, gamma=g[i],
+                                 epsilon=e[i], generator=generator)
+        deltas[i] = tau
+        del tau
+    wt = torch.tensor(w, dtype=dtype, device=b.device).reshape((m,) + (1,) * b.dim())
+    deltas.mul_(wt)
+
+    if consensus is not None:
+        agree = sign_consensus_mask(deltas, method=consensus, int8=int8_mask)
+        mixed = (deltas * agree).sum(dim=0)
+        divisor = (wt * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = wt.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    del deltas
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return b + mixed
+
+
+def _named_kernel(name: str, example: str) -> Callable[..., torch.Tensor]:
+    """Method `name` as a kernel: `generalized_task_arithmetic` with the sparsifier, sign
+    consensus, keywords and defaults of ``METHODS[name]``.
+
+    Why generated: the defaults (normalize, rescale, density, ...) are the method's contract and
+    are written once, in its `MethodSpec`; this function only gives them a signature, which
+    `inspect.signature` shows and which rejects unknown or missing keywords as a def would.
+    `example` is a doctest (run through `ops.merge.__test__`).
+    """
+    spec = METHODS[name]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+              for n in ("base", "tensors")]
+    params += [inspect.Parameter(p.kwarg, keyword, default=inspect.Parameter.empty
+                                 if p.required else p.default) for p in spec.params]
+    if spec.random:
+        params.append(inspect.Parameter("generator", keyword))
+    signature = inspect.Signature(params)
+    fixed = dict(spec.fixed)
+
+    def kernel(*args: Any, **kwargs: Any) -> torch.Tensor:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return generalized_task_arithmetic(**bound.arguments, **fixed)
+
+    options = ", ".join(f"{k}={v!r}" for k, v in spec.fixed) or "no sparsifier, no consensus"
+    kernel.__name__ = kernel.__qualname__ = name
+    kernel.__signature__ = signature  # type: ignore[attr-defined]
+    kernel.__doc__ = (f"{spec.summary}.\n\n`generalized_task_arithmetic` with {options}; "
+                      f"parameters and defaults: `recipekit.merge.METHODS[{name!r}]`.\n"
+                      f"Paper: {spec.paper}.\n\nExample:\n{example}\n")
+    return kernel
+
+
+task_arithmetic = _named_kernel("task_arithmetic", """\
+    >>> task_arithmetic(torch.zeros(2), [torch.ones(2), -torch.ones(2)], weights=[1, 0.5])
+    tensor([0.5000, 0.5000])""")
+ties = _named_kernel("ties", """\
+    >>> ties(torch.zeros(2), [torch.tensor([1.0, -1.0]), torch.tensor([3.0, 1.0])],
+    ...      weights=[1, 1])
+    tensor([2., 1.])""")
+dare_linear = _named_kernel("dare_linear", """\
+    >>> g = torch.Generator().manual_seed(0)
+    >>> dare_linear(torch.zeros(4), [torch.ones(4)], weights=[1], densities=[0.5],
+    ...             generator=g)
+    tensor([1.3333, 0.0000, 1.3333, 1.3333])""")
+dare_ties = _named_kernel("dare_ties", """\
+    >>> g = torch.Generator().manual_seed(0)
+    >>> dare_ties(torch.zeros(2), [torch.ones(2)], weights=[1], generator=g)
+    tensor([1., 1.])""")
+breadcrumbs = _named_kernel("breadcrumbs", """\
+    >>> breadcrumbs(torch.zeros(4), [torch.tensor([4.0, 3.0, 2.0, 1.0])], weights=[1],
+    ...             densities=[0.5], gamma=[0.25])
+    tensor([0., 3., 2., 0.])""")
+breadcrumbs_ties = _named_kernel("breadcrumbs_ties", """\
+    >>> breadcrumbs_ties(torch.zeros(2), [torch.tensor([1.0, -1.0])], weights=[1])
+    tensor([ 1., -1.])""")
+della = _named_kernel("della", """\
+    >>> g = torch.Generator().manual_seed(0)
+    >>> della(torch.zeros(2), [torch.ones(2)], weights=[1], generator=g)
+    tensor([1., 1.])""")
+della_linear = _named_kernel("della_linear", """\
+    >>> g = torch.Generator().manual_seed(0)
+    >>> della_linear(torch.zeros(2), [torch.ones(2)], weights=[2], generator=g)
+    tensor([2., 2.])""")
+
+
+def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: float = 1.0,
+        int8_mask: bool = False) -> torch.Tensor:
+    """SCE: select high-variance entries, weight task vectors by their energy, erase sign
+    conflicts.
+
+    Formula: T = stack(τ_i). Select (f < 1): T ← T ⊙ `sparsify.sce_topk_mask`(T, f).
+    Erase: e_i = [sign τ_i = s], s the **unweighted** elected sign of Σ τ_i. Calculate:
+    c_i = mean(τ_i²) over the (selected) tensor, ω_i = c_i/Σc (1/M if Σc < 1e-6 — an absolute
+    threshold, so small fine-tuning deltas usually get uniform weights). out = θ_b +
+    Σ ω_i e_i τ_i / max(Σ ω_i e_i, 1e-6). No user weights. M = 0 returns θ_b.
+
+    Paper: Wan et al. 2024, "FuseChat", https://arxiv.org/abs/2408.07990.
+    Shapes: base and M × [...] → [...]. Oracle: mergekit 0.1.5 `sce` goldens.
+
+    Args:
+        base: θ_b.
+        tensors: θ_1 … θ_M.
+        select_topk: the fraction f of entries kept by variance.
+        int8_mask: signs held as int8 (same result).
+
+    Returns:
+        The fp32 (fp64) merged tensor.
+
+    Example:
+        >>> sce(torch.zeros(2), [torch.tensor([1.0, -1.0]), torch.tensor([1.0, 1.0])])
+        tensor([1., 1.])
+    """
+    check_inputs("sce", [base, *tensors])
+    dtype = compute_dtype(base, *tensors)
+    b = base.to(dtype)
+    if not tensors:
+        return b.clone() if b is base else b
+    deltas = torch.stack([x.to(dtype) - b for x in tensors])
+    if select_topk < 1:
+        deltas = deltas * sce_topk_mask(deltas, fraction=select_topk).unsqueeze(0)
+    agree = sign_consensus_mask(deltas, method="sum", int8=int8_mask)
+    energy = deltas.square().reshape(len(tensors), -1).mean(dim=1)
+    total = energy.sum().item()
+    omega = (torch.full_like(energy, 1.0 / len(tensors)) if abs(total) < 1e-6
+             else energy / total)
+    omega = omega.reshape((len(tensors),) + (1,) * b.dim()) * agree
+    return b + (deltas * omega).sum(dim=0) / omega.sum(dim=0).clamp(min=1e-6)
+
+
+def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
+                filter_wise: bool = False) -> torch.Tensor:
+    """Model Stock: move from the base toward the average by a factor set by the angle.
+
+    Formula: o_i = w_i − w_0 per vector (the whole tensor flattened, or with `filter_wise`
+    each last-axis row; a 1-D tensor is one row). cos θ = mean over pairs i < j of
+    clamp(o_i·o_j / max(‖o_i‖‖o_j‖, 1e-6), −1, 1) (no arccos). t = N cos θ/(1 + (N−1)cos θ),
+    or 0 where |1 + (N−1)cos θ| < 1e-6; not clamped. out = t·(1/N)Σ w_i + (1 − t)·w_0.
+
+    Paper: Jang et al. 2024, "Model Stock", https://arxiv.org/abs/2403.19522.
+    Shapes: base and N ≥ 2 × [...] → [...]. Oracle: mergekit 0.1.5 `model_stock` goldens.
+
+    Args:
+        base: w_0.
+        tensors: w_1 … w_N, N ≥ 2.
+        filter_wise: one t per last-axis row instead of per tensor.
+
+    Returns:
+        The fp32 (fp64) merged tensor.
+
+    Raises:
+        ValueError: fewer than 2 non-base inputs.
+
+    Example:
+        >>> model_stock(torch.zeros(2), [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])])
+        tensor([0., 0.])
+    """
+    check_inputs("model_stock", [base, *tensors])
+    if len(tensors) < 2:
+        raise ValueError(f"model_stock needs at least 2 non-base inputs, got {len(tensors)}")
+    dtype = compute_dtype(base, *tensors)
+    shape = base.shape
+    w0 = base.to(dtype)
+    ws = [x.to(dtype) for x in tensors]
+    if filter_wise:
+        if w0.dim() < 2:
+            w0, ws = w0.reshape(1, -1), [x.reshape(1, -1) for x in ws]
+    else:
+        w0, ws = w0.reshape(-1), [x.reshape(-1) for x in ws]
+    offsets = [x - w0 for x in ws]
+    cosines = []
+    for i, oi in enumerate(offsets):
+        for oj in offsets[i + 1:]:
+            scale = (torch.norm(oi, dim=-1) * torch.norm(oj, dim=-1)).clamp(min=1e-6)
+            cosines.append(((oi * oj).sum(dim=-1) / scale).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos),
+                    n * cos / torch.where(singular, torch.ones_like(denominator), denominator))
+    average = sum(ws) / n
+    return (t * average + (1 - t) * w0).reshape(shape)
