@@ -10,8 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 KeyPath = tuple[str | int, ...]
+
+
+def display_path(path: Path) -> str:
+    """A path as a user wants to read it: relative to the working directory when inside it.
+
+    The last component is not resolved: a message about a symlink names the link, not its
+    target (and a symlink loop cannot make the message itself fail).
+    """
+    try:
+        full = path.parent.resolve() / path.name if path.name else path.resolve()
+        return str(full.relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError, RuntimeError):
+        return str(path)
 
 
 def format_key_path(path: Sequence[str | int]) -> str:
@@ -164,3 +178,39 @@ class VerifyError(RecipekitError):
     Example: ``out/model.safetensors: sha256 3f2a... differs from the manifest's 9b1c...; the
     file's bytes changed after it was written; rerun `recipekit run --force```
     """
+
+
+# Inputs, side files and tools: problems found where the recipe position is not known, and the
+# errors of `recipekit lock` and `recipekit import-mergekit`.
+
+
+class UnlocatedError(ValueError):
+    """A problem found by code that does not know where in the recipe it comes from (a scheme,
+    a scalings log): its ``message`` and ``hint``; the step that uses the value turns it into a
+    located `RecipeError`."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class ScalingsLogError(UnlocatedError):
+    """Why an X-LoRA scalings log cannot be used (the message names the file)."""
+
+
+class SchemeError(UnlocatedError):
+    """A coalescing-scheme problem, located by ``where``: the key path relative to the step,
+    e.g. ``("width", 3)`` for group 3 of the width scheme."""
+
+    def __init__(self, message: str, where: KeyPath, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.where = where
+
+
+class LockError(UsageError):
+    """The lock does not match the recipe or its inputs (exit 2)."""
+
+
+class ConversionError(RecipeErrors):
+    """Something in the mergekit config that has no exact recipekit translation (exit 2)."""

@@ -10,13 +10,13 @@ recipekit never sees or records a token.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from recipekit.errors import SourceNotFoundError
+from recipekit.inputs.files import sha256_file
 from recipekit.io.header import TensorInfo, check_entry, check_layout
 
 #: What a snapshot fetch leaves out: weights (fetched per shard, on demand) and weight folders.
@@ -138,11 +138,7 @@ def blob_id(path: Path) -> str:
     hub's etag: git sha1 or sha256), or the sha256 of a plain file."""
     if path.is_symlink():
         return Path(os.readlink(path)).name
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def snapshot_identity(snap: HubSnapshot, files: list[str]) -> dict[str, Any]:

@@ -23,17 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recipekit.errors import SchemeError
+from recipekit.inputs.files import read_bounded
+
+#: An MLTF config file is a few KB; anything far larger is not one.
+MAX_SCHEME_FILE = 16 * 1024 * 1024
+#: The key of an MLTF config file that holds each scheme of a coalescing step.
+FILE_KEYS = {"width": "width_scheme", "depth": "depth_scheme"}
+
 KeySuffix = tuple[str | int, ...]
-
-
-class SchemeError(ValueError):
-    """A scheme problem, located by ``where`` (key path relative to the step: ("width", 3))."""
-
-    def __init__(self, message: str, where: KeySuffix, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.where = where
-        self.hint = hint
 
 
 @dataclass(frozen=True)
@@ -225,7 +223,11 @@ def read_scheme_file(path: Path, key: str) -> Any:
     """
     where: KeySuffix = ()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw, size = read_bounded(path, MAX_SCHEME_FILE)
+        if raw is None:
+            raise SchemeError(f"the scheme file is {size} bytes, larger than any MLTF config "
+                              f"({MAX_SCHEME_FILE} bytes)", where)
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise SchemeError("scheme file not found", where) from None
     except (OSError, UnicodeDecodeError) as e:

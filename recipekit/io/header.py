@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.dtypes import DTYPES, FP8_CODES
-from recipekit.errors import CorruptCheckpointError, UnsupportedCheckpointError
+from recipekit.errors import CorruptCheckpointError, UnsupportedCheckpointError, display_path
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE, in bytes)
 METADATA = {"format": "pt"}
@@ -48,19 +48,6 @@ class TensorInfo:
     file: Path
     offset: int  # absolute, in the file; -1 while the file is only known from a remote header
     nbytes: int
-
-
-def display_path(path: Path) -> str:
-    """A path as a user wants to read it: relative to the working directory when inside it.
-
-    The last component is not resolved: a message about a symlink names the link, not its
-    target (and a symlink loop cannot make the message itself fail).
-    """
-    try:
-        full = path.parent.resolve() / path.name if path.name else path.resolve()
-        return str(full.relative_to(Path.cwd().resolve()))
-    except (ValueError, OSError, RuntimeError):
-        return str(path)
 
 
 def printable(text: str) -> str:
@@ -221,6 +208,18 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         out[name] = TensorInfo(name, dtype, shape, path, data_start + begin, nbytes)
     check_layout(spans, data_len, data_start, shown)
     return out
+
+
+def raw_header(path: Path) -> tuple[int, bytes]:
+    """(the header length a safetensors file declares, that many bytes after it), unchecked:
+    for `recipekit verify`, which reads a header that `read_header` has already checked.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return n, f.read(n)
 
 
 def check_metadata(meta: Any, shown: str) -> None:

@@ -21,13 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recipekit.errors import OutputError, OutputPathError
-from recipekit.io.header import display_path
+from recipekit.errors import OutputError, OutputPathError, display_path
+from recipekit.io.names import INDEX, MANIFEST, STATE
 from recipekit.io.writer import PARTIAL_SUFFIX, fsync_dir, partial_path, write_file_atomic
 
-STATE = ".recipekit-state.json"
-MANIFEST = "recipekit.json"
-INDEX = "model.safetensors.index.json"
+__all__ = ["INDEX", "MANIFEST", "STATE", "OutputDir", "State", "dumps"]
 
 
 def dumps(data: Any) -> bytes:

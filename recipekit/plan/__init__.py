@@ -31,7 +31,9 @@ from recipekit.graph import (
     without_config_keys,
 )
 from recipekit.inputs.models import Checkpoint, rewrite_dimension_files
+from recipekit.inputs.side_files import provided
 from recipekit.io.header import build_header
+from recipekit.io.names import ADAPTER_WEIGHTS, WEIGHTS
 from recipekit.recipe import Recipe, step_references
 from recipekit.steps import BUILDERS
 
@@ -276,7 +278,8 @@ def compile_plan(recipe: Recipe, sources: Mapping[str, Any]) -> Plan:
             failed.add(step.name)
             continue
         try:
-            models[step.name] = BUILDERS[step.op](step, models, recipe)  # type: ignore[arg-type]
+            with provided(sources):  # steps get the side files resolved with the sources
+                models[step.name] = BUILDERS[step.op](step, models, recipe)  # type: ignore[arg-type]
         except RecipeErrors as e:
             errors.extend(e.errors)
             failed.add(step.name)
@@ -319,13 +322,13 @@ NO_STACK = LayerStack("", 0, ("num_hidden_layers",), (), None, "")
 
 def _adapter_plan(recipe: Recipe, sources: Mapping[str, Any], aset: Any) -> Plan:
     """A plan writing an adapter set as a PEFT adapter directory: one safetensors file."""
-    from recipekit.run.adapter_output import WEIGHTS, adapter_output
+    from recipekit.run.adapter_output import adapter_output
 
     if recipe.output.config is not None:
         raise RecipeErrors([recipe.error(("output", "config"), "an adapter output has no "
                                          "config.json donor", key=True)])
     tensors, config = adapter_output(aset, recipe)
-    shards = schedule_shards(tensors, 1 << 62, single=WEIGHTS)
+    shards = schedule_shards(tensors, 1 << 62, single=ADAPTER_WEIGHTS)
     model = VirtualModel(aset.name, {}, tensors, NO_STACK, "")
     return Plan(recipe, dict(sources), model, None, config, shards, adapter=True)
 
@@ -357,7 +360,7 @@ def natural_key(name: str) -> tuple[Any, ...]:
 
 
 def schedule_shards(tensors: Mapping[str, Node], shard_size: int, *,
-                    single: str = "model.safetensors") -> tuple[Shard, ...]:
+                    single: str = WEIGHTS) -> tuple[Shard, ...]:
     """Lay tensors out in natural name order, starting a new shard before one would exceed
     ``shard_size`` (a single larger tensor gets a shard of its own); one shard is named
     ``single``."""

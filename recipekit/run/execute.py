@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.dtypes import torch_dtype
-from recipekit.errors import CorruptCheckpointError, DeviceError
+from recipekit.errors import CorruptCheckpointError, DeviceError, display_path
 from recipekit.graph import Load, Node
 from recipekit.inputs.hub import download as hub_download
 from recipekit.inputs.models import iter_donor_files
-from recipekit.io.header import display_path, read_header
-from recipekit.io.output import INDEX, MANIFEST, OutputDir, dumps
+from recipekit.io.header import read_header
+from recipekit.io.names import ADAPTER_CONFIG, CONFIG, INDEX, MANIFEST, MODEL_CARD
+from recipekit.io.output import OutputDir, dumps
 from recipekit.io.reader import FileReader
 from recipekit.io.writer import ShardWriter
 from recipekit.plan import (
@@ -116,10 +117,10 @@ def output_files(plan: Plan, donor_files: list[Path]) -> list[str]:
     """Every file a run of this plan writes, relative to the output directory."""
     files = [s.filename for s in plan.shards]
     if plan.adapter:
-        return [*files, "adapter_config.json", "README.md", MANIFEST]
+        return [*files, ADAPTER_CONFIG, MODEL_CARD, MANIFEST]
     if len(plan.shards) > 1:
         files.append(INDEX)
-    files += ["config.json", "README.md", *(str(p) for p in donor_files), MANIFEST]
+    files += [CONFIG, MODEL_CARD, *(str(p) for p in donor_files), MANIFEST]
     return files
 
 
@@ -175,14 +176,14 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
             total = sum(t.nbytes for s in plan.shards for t in s.tensors)
             out.write_file(INDEX, dumps({"metadata": {"total_size": total},
                                          "weight_map": weight_map}))
-        out.write_file("adapter_config.json" if plan.adapter else "config.json",
+        out.write_file(ADAPTER_CONFIG if plan.adapter else CONFIG,
                        dumps(plan.config))
         for rel in donor_files:
             if rel.as_posix() in plan.files:  # a dimension field rewritten (e.g. 1_Pooling)
                 out.write_file(str(rel), plan.files[rel.as_posix()])
             else:
                 out.copy_file(plan.donor.path / rel, str(rel))  # type: ignore[union-attr]
-        out.write_file("README.md", build_model_card(plan).encode())
+        out.write_file(MODEL_CARD, build_model_card(plan).encode())
         out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished)))
         out.complete()
     return RunResult(out_path, False, len(todo), len(plan.shards) - len(todo),

@@ -23,27 +23,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from recipekit.arch import Architecture, ConfigKey, LayerStack, config_get, load_architectures
 from recipekit.dtypes import is_floating
-from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
+from recipekit.errors import RecipeError, RecipeErrors, SchemeError, ShapeMismatchError
 from recipekit.graph import AxisMap, Coalesce, Decoalesce, Node, VirtualModel, intern, with_config
 from recipekit.inputs.schemes import (
     Partition,
-    SchemeError,
     WidthMap,
     check_partition,
     derive_width,
-    read_scheme_file,
 )
+from recipekit.inputs.side_files import side_file
 from recipekit.recipe import Recipe, Step
 
 log = logging.getLogger(__name__)
-
-FILE_KEYS = {"width": "width_scheme", "depth": "depth_scheme"}
-
 
 def build_coalesce(step: Step, models: Mapping[str, VirtualModel],
                    recipe: Recipe) -> VirtualModel:
@@ -71,14 +66,14 @@ class _Located(Exception):
 
 
 def _read_scheme(step: Step, recipe: Recipe, key: str) -> tuple[Any, str | None]:
-    """The scheme under ``key`` (inline, or read from ``{file: ...}``) and its file, if any."""
+    """The scheme under ``key`` (inline, or from ``{file: ...}``, read by the inputs layer) and
+    its file, if any."""
     value = step.spec.get(key)
     if not isinstance(value, dict):
         return value, None
     written = value["file"]
-    path = scheme_path(recipe, written)
     try:
-        return read_scheme_file(path, FILE_KEYS[key]), written
+        return side_file(recipe, step, (key, "file")), written
     except SchemeError as e:
         raise _Located(recipe.error(step.key_path + (key, "file"), f"{written}: {e.message}",
                                     hint=e.hint)) from None
@@ -407,7 +402,3 @@ def _config_updates(step: Step, recipe: Recipe, src: VirtualModel, arch: Archite
             updates[key] = new
     return updates
 
-
-def scheme_path(recipe: Recipe, written: str) -> Path:
-    """Where a `{file: ...}` scheme lives: relative to the recipe file."""
-    return recipe.file.resolve().parent / written

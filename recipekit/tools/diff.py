@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from recipekit.dtypes import is_floating
+from recipekit.errors import display_path
 from recipekit.inputs.checkpoints import OpenCheckpoint
-from recipekit.io.header import display_path
 from recipekit.tools.inspect import OUTSIDE, LayerIndex, fmt_number, layer_sort_key, table
 
 

@@ -19,8 +19,9 @@ from typing import Any
 
 from recipekit.arch import scan_layer_stacks
 from recipekit.dtypes import is_floating
+from recipekit.errors import display_path
 from recipekit.inputs.checkpoints import OpenCheckpoint
-from recipekit.io.header import TensorInfo, display_path, printable
+from recipekit.io.header import TensorInfo, printable
 
 OUTSIDE = "(outside layers)"
 _LORA = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight|"

@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from recipekit.errors import KeyPath, RecipeErrors, RecipekitError
+from recipekit.errors import ConversionError, KeyPath, RecipeErrors, RecipekitError
 from recipekit.merge import METHODS, MethodSpec
 from recipekit.recipe import Document, load_document, recipe_from_data
 from recipekit.recipe.params import evaluate_gradient, is_before_layers
@@ -65,10 +65,6 @@ SOURCE_KEYS = ("model", "layer_range", "parameters")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 PAIR_METHODS = ("slerp", "nearswap")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class ConversionError(RecipeErrors):
-    """Something in the mergekit config that has no exact recipekit translation (exit 2)."""
 
 
 @dataclass
@@ -288,7 +284,7 @@ def _read_slices(st: _State, data: dict[str, Any], method: MethodSpec) -> list[S
 def _resolve_models(st: _State) -> None:
     """Read each model's config and headers (recipekit's own resolution) for layer counts and
     the names of the tensors after the layers."""
-    from recipekit.inputs.models import resolve_sources
+    from recipekit.inputs.resolve import resolve_sources
 
     first = next(iter(st.models))
     probe = {"recipekit": 1, "models": st.models,

@@ -1,0 +1,22 @@
+"""File names of the checkpoint layouts recipekit reads and writes, defined once.
+
+A model checkpoint is ``config.json`` plus ``model.safetensors`` or a sharded
+``model.safetensors.index.json``; a PEFT adapter directory is ``adapter_config.json`` plus
+``adapter_model.safetensors``; an output also holds recipekit's manifest and, while a run is
+under way, its state file. Every module that names one of these files imports it from here.
+"""
+
+from __future__ import annotations
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: Pickle weights recipekit refuses to load (`recipekit convert --allow-pickle` converts them).
+ADAPTER_PICKLE = "adapter_model.bin"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin",
+                ADAPTER_PICKLE)
+MODEL_CARD = "README.md"
+MANIFEST = "recipekit.json"
+STATE = ".recipekit-state.json"
