@@ -37,6 +37,7 @@ class HubSnapshot:
 
 
 def is_offline() -> bool:
+    # huggingface_hub is imported where a hub input is used: local recipes never load it.
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or (

@@ -10,6 +10,7 @@ checkpoint's tensors equal the pickled ones, and transformers / PEFT load it.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 from collections.abc import Callable
@@ -79,7 +80,7 @@ def _read_pickle_index(src: Path) -> Any:
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
-    import torch
+    import torch  # only `convert` needs torch; importing this module stays light
 
     try:
         try:
@@ -104,8 +105,6 @@ def _load_pickle(path: Path) -> dict[str, Any]:
 def _write_safetensors(tensors: dict[str, Any], target: Path) -> int:
     """Stream a state dict into one safetensors file; tensors sharing storage are written as
     separate copies (safetensors has no aliasing)."""
-    import ctypes
-
     names = sorted(tensors)
     entries = []
     for name in names:

@@ -16,6 +16,8 @@ from typing import Any
 from recipekit.dtypes import is_floating
 from recipekit.errors import display_path
 from recipekit.inputs.checkpoints import OpenCheckpoint
+from recipekit.io import chunks
+from recipekit.io.reader import FileReader
 from recipekit.tools.inspect import OUTSIDE, LayerIndex, fmt_number, layer_sort_key, table
 
 
@@ -26,9 +28,7 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
     Raises:
         CorruptCheckpointError: a file is shorter than its header says.
     """
-    from recipekit.io import chunks
-    from recipekit.io.reader import FileReader
-    from recipekit.ops.stats import DiffStats
+    from recipekit.ops.stats import DiffStats  # torch, only when tensor values are read
 
     only_a = [n for n in a.tensors if n not in b.tensors]
     only_b = [n for n in b.tensors if n not in a.tensors]
@@ -72,12 +72,6 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
         "layers": {k: layers[k].summary() for k in sorted(layers, key=layer_sort_key)},
         "tensor_list": rows,
     }
-
-
-def is_same(report: dict[str, Any]) -> bool:
-    """Whether the two checkpoints hold the same tensor names, shapes and values."""
-    return (not report["only_in_a"] and not report["only_in_b"] and not report["shape_mismatch"]
-            and report["differing"] == 0)
 
 
 def render_diff(report: dict[str, Any], *, verbose: bool = False) -> str:

@@ -45,7 +45,9 @@ from typing import Any
 import yaml
 
 from recipekit.errors import ConversionError, KeyPath, RecipeErrors, RecipekitError
+from recipekit.inputs.resolve import resolve_sources
 from recipekit.merge import METHODS, MethodSpec
+from recipekit.plan import compile_plan
 from recipekit.recipe import Document, load_document, recipe_from_data
 from recipekit.recipe.params import evaluate_gradient, is_before_layers
 
@@ -284,8 +286,6 @@ def _read_slices(st: _State, data: dict[str, Any], method: MethodSpec) -> list[S
 def _resolve_models(st: _State) -> None:
     """Read each model's config and headers (recipekit's own resolution) for layer counts and
     the names of the tensors after the layers."""
-    from recipekit.inputs.resolve import resolve_sources
-
     first = next(iter(st.models))
     probe = {"recipekit": 1, "models": st.models,
              "steps": [{"name": "probe", "op": "layers", "from": first, "layers": [0]}]}
@@ -631,6 +631,4 @@ def _render(st: _State, recipe: dict[str, Any], config: Path) -> str:
 
 def _validate(recipe: dict[str, Any], file: Path, st: _State) -> None:
     """recipekit's own checks on the result (schema, names, method contracts, shapes)."""
-    from recipekit.plan import compile_plan
-
     compile_plan(recipe_from_data(recipe, file), st.checkpoints)

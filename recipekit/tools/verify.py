@@ -307,7 +307,7 @@ def load_and_run(out: Path, *, adapter: bool, base: str | None) -> str:
                          hint="pass `--base MODEL_DIR`")
     if not adapter and base is not None:
         raise UsageError("--base is for adapter outputs; this output is a full checkpoint")
-    import torch
+    import torch  # torch, transformers and PEFT only for `verify --load`
 
     model_dir = Path(base) if adapter else out
     model, what = _load_transformers(model_dir)
