@@ -105,22 +105,7 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
         CorruptCheckpointError, TensorNotFoundError: damaged or inconsistent files.
     """
     located, path, snap = locate_input(ref, recipe)
-    try:
-        exists = path.exists()
-    except OSError as e:  # e.g. ENAMETOOLONG: the kernel refuses the name itself
-        raise located(SourceNotFoundError, f"model path {ref.written[:80]!r} cannot be used: "
-                      f"{e.strerror or e}", "check the path") from None
-    if not exists:
-        hint = "check the path (relative paths are relative to the recipe file)"
-        if "/" in ref.written and not ref.written.startswith((".", "/", "~")) and (
-                ref.written.count("/") == 1):
-            hint += (f"; if {ref.written!r} is a Hugging Face Hub repo, write "
-                     f"`{{hub: {ref.written}}}`")
-        raise located(SourceNotFoundError, f"model directory {ref.written!r} does not exist "
-                      f"({display_path(path)})", hint)
-    if not path.is_dir():
-        raise located(SourceNotFoundError, f"{ref.written!r} is a file, not a checkpoint "
-                      "directory", "name the directory that holds config.json")
+    _check_directory(ref, path, located)
     root = model_root(path)
     config_path = path / CONFIG
     if is_peft_adapter_dir(path) and not os.path.lexists(config_path):
@@ -151,6 +136,27 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
                       e.hint) from None
     _check_layer_names(stack, tensors)
     return Checkpoint(ref.name, path, config, tensors, files, stack, snap)
+
+
+def _check_directory(ref: ModelRef, path: Path, located: Located) -> None:
+    """The model path must name an existing directory (with a hint for a hub id written as a
+    path)."""
+    try:
+        exists = path.exists()
+    except OSError as e:  # e.g. ENAMETOOLONG: the kernel refuses the name itself
+        raise located(SourceNotFoundError, f"model path {ref.written[:80]!r} cannot be used: "
+                      f"{e.strerror or e}", "check the path") from None
+    if not exists:
+        hint = "check the path (relative paths are relative to the recipe file)"
+        if "/" in ref.written and not ref.written.startswith((".", "/", "~")) and (
+                ref.written.count("/") == 1):
+            hint += (f"; if {ref.written!r} is a Hugging Face Hub repo, write "
+                     f"`{{hub: {ref.written}}}`")
+        raise located(SourceNotFoundError, f"model directory {ref.written!r} does not exist "
+                      f"({display_path(path)})", hint)
+    if not path.is_dir():
+        raise located(SourceNotFoundError, f"{ref.written!r} is a file, not a checkpoint "
+                      "directory", "name the directory that holds config.json")
 
 
 def read_config(config_path: Path, root: Path) -> dict[str, Any]:

@@ -127,17 +127,8 @@ def parse_json(raw: bytes, shown: str, what: str, *, strict: bool = True,
         raise CorruptCheckpointError(f"{what} is not valid JSON ({why})", file=shown,
                                      hint=hint) from None
     if dups:
-        key, where = dups[0]
-        if where is doc:
-            place = f"lists {'' if key == '__metadata__' else 'tensor '}{quote_name(key)} twice"
-        else:
-            owner = next((k for k, v in doc.items() if v is where), None) if isinstance(
-                doc, dict) else None
-            place = (f"has the key {quote_name(key)} twice in the entry for {quote_name(owner)}"
-                     if owner is not None else f"has the key {quote_name(key)} twice in a "
-                     "nested object")
-        raise CorruptCheckpointError(f"{what} {place}; JSON readers would silently keep only "
-                                     "the last", file=shown, hint=hint)
+        raise CorruptCheckpointError(f"{what} {_duplicate(doc, *dups[0])}; JSON readers would "
+                                     "silently keep only the last", file=shown, hint=hint)
     if _SURROGATE_ESCAPE.search(raw):
         try:
             json.dumps(doc, ensure_ascii=False).encode("utf-8")
@@ -151,6 +142,16 @@ def parse_json(raw: bytes, shown: str, what: str, *, strict: bool = True,
     return doc
 
 
+def _duplicate(doc: Any, key: str, where: dict) -> str:
+    """Where a JSON document repeats ``key`` (in the object ``where``), for a message."""
+    if where is doc:
+        return f"lists {'' if key == '__metadata__' else 'tensor '}{quote_name(key)} twice"
+    owner = next((k for k, v in doc.items() if v is where), None) if isinstance(
+        doc, dict) else None
+    return (f"has the key {quote_name(key)} twice in the entry for {quote_name(owner)}"
+            if owner is not None else f"has the key {quote_name(key)} twice in a nested object")
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse a safetensors file's header and check it against the file's size.
 
@@ -162,30 +163,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         UnsupportedCheckpointError: fp8, fp4/fp6 or unknown dtypes.
     """
     shown = display_path(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise CorruptCheckpointError(
-                    f"file is {size} bytes, shorter than a safetensors header", file=shown,
-                    hint="the file is truncated or not safetensors; download or convert it again")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER:
-                raise CorruptCheckpointError(
-                    f"header length {n} exceeds the safetensors limit of {MAX_HEADER} bytes",
-                    file=shown, hint=_NOT_SAFETENSORS)
-            if n > size - 8:
-                raise CorruptCheckpointError(
-                    f"header length {n} runs beyond the end of the file ({size} bytes)",
-                    file=shown,
-                    hint="the file is truncated or not safetensors; download or convert it again")
-            raw = f.read(n)
-    except OSError as e:
-        raise CorruptCheckpointError(f"cannot read: {e.strerror or e}", file=shown) from e
-    if len(raw) < n:
-        raise CorruptCheckpointError(f"file ended inside its {n}-byte header", file=shown,
-                                     hint="the file changed while being read; run again")
+    size, n, raw = read_raw_header(path, shown)
     header = parse_json(raw, shown, "header")
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"header is {kind_of(header)}, not a JSON object", file=shown,
@@ -210,16 +188,38 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def raw_header(path: Path) -> tuple[int, bytes]:
-    """(the header length a safetensors file declares, that many bytes after it), unchecked:
-    for `recipekit verify`, which reads a header that `read_header` has already checked.
+def read_raw_header(path: Path, shown: str) -> tuple[int, int, bytes]:
+    """(file size, header length, header bytes) of a safetensors file, the length checked
+    against the file and the format's limit (the JSON is `read_header`'s to check).
 
     Raises:
-        OSError: the file cannot be read.
+        CorruptCheckpointError: unreadable, too short, a length beyond the file or the limit.
     """
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return n, f.read(n)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise CorruptCheckpointError(
+                    f"file is {size} bytes, shorter than a safetensors header", file=shown,
+                    hint="the file is truncated or not safetensors; download or convert it again")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise CorruptCheckpointError(
+                    f"header length {n} exceeds the safetensors limit of {MAX_HEADER} bytes",
+                    file=shown, hint=_NOT_SAFETENSORS)
+            if n > size - 8:
+                raise CorruptCheckpointError(
+                    f"header length {n} runs beyond the end of the file ({size} bytes)",
+                    file=shown,
+                    hint="the file is truncated or not safetensors; download or convert it again")
+            raw = f.read(n)
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot read: {e.strerror or e}", file=shown) from e
+    if len(raw) < n:
+        raise CorruptCheckpointError(f"file ended inside its {n}-byte header", file=shown,
+                                     hint="the file changed while being read; run again")
+    return size, n, raw
 
 
 def check_metadata(meta: Any, shown: str) -> None:

@@ -17,6 +17,7 @@ from recipekit.dtypes import is_floating
 from recipekit.errors import display_path
 from recipekit.inputs.checkpoints import OpenCheckpoint
 from recipekit.io import chunks
+from recipekit.io.header import TensorInfo
 from recipekit.io.reader import FileReader
 from recipekit.tools.inspect import OUTSIDE, LayerIndex, fmt_number, layer_sort_key, table
 
@@ -46,11 +47,7 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
             if ia.shape != ib.shape:
                 shape_mismatch.append({"name": name, "a": list(ia.shape), "b": list(ib.shape)})
                 continue
-            acc = DiffStats()
-            pairs = zip(chunks.iter_chunks(reader, ia, buf_a),
-                        chunks.iter_chunks(reader, ib, buf_b), strict=True)
-            for ca, cb in pairs:
-                acc.update(ca, cb)
+            acc = _compare(reader, ia, ib, buf_a, buf_b)
             if progress is not None:
                 progress(ia.nbytes + ib.nbytes)
             rows.append({"name": name, "dtype_a": ia.dtype, "dtype_b": ib.dtype,
@@ -72,6 +69,19 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
         "layers": {k: layers[k].summary() for k in sorted(layers, key=layer_sort_key)},
         "tensor_list": rows,
     }
+
+
+def _compare(reader: FileReader, ia: TensorInfo, ib: TensorInfo, buf_a: bytearray,
+             buf_b: bytearray) -> Any:
+    """The `DiffStats` of two same-shaped tensors, read chunk by chunk side by side."""
+    from recipekit.ops.stats import DiffStats  # torch, only when tensor values are read
+
+    acc = DiffStats()
+    pairs = zip(chunks.iter_chunks(reader, ia, buf_a), chunks.iter_chunks(reader, ib, buf_b),
+                strict=True)
+    for ca, cb in pairs:
+        acc.update(ca, cb)
+    return acc
 
 
 def render_diff(report: dict[str, Any], *, verbose: bool = False) -> str:

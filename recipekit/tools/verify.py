@@ -30,7 +30,14 @@ from recipekit.errors import (
 )
 from recipekit.inputs.files import check_confined, read_small, sha256_file
 from recipekit.inputs.models import read_config, read_index
-from recipekit.io.header import MAX_HEADER, kind_of, parse_json, quote_name, raw_header, read_header
+from recipekit.io.header import (
+    MAX_HEADER,
+    kind_of,
+    parse_json,
+    quote_name,
+    read_header,
+    read_raw_header,
+)
 from recipekit.io.names import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -177,7 +184,7 @@ def _sha256(path: Path) -> str:
 
 def _check_metadata(path: Path) -> None:
     """``__metadata__`` must say ``format: pt``: transformers refuses other formats."""
-    header = json.loads(raw_header(path)[1])
+    header = json.loads(read_raw_header(path, display_path(path))[2])
     meta = header.get("__metadata__") or {}
     if meta.get("format") != "pt":
         raise VerifyError(f"header metadata is {json.dumps(meta)[:80]}, without "
@@ -213,6 +220,14 @@ def _check_layout(out: Path, root: Path, shards: dict[str, Any],
                                            file=display_path(out),
                                            hint="transformers cannot find the shards without it"))
         return
+    _check_index(out, root, shards, where, report)
+
+
+def _check_index(out: Path, root: Path, shards: dict[str, Any], where: dict[str, str],
+                 report: VerifyReport) -> None:
+    """The index maps each tensor to the shard that holds it (``where``) and no other, and its
+    ``total_size`` is the shards' tensor bytes."""
+    index = out / INDEX
     try:
         weight_map = read_index(index, root)
     except RecipekitError as e:
@@ -244,7 +259,8 @@ def _check_layout(out: Path, root: Path, shards: dict[str, Any],
 
 
 def _data_bytes(path: Path) -> int:
-    return path.stat().st_size - 8 - raw_header(path)[0]
+    size, n, _ = read_raw_header(path, display_path(path))
+    return size - 8 - n
 
 
 def _check_config(out: Path, root: Path, report: VerifyReport) -> None:
