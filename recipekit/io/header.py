@@ -130,16 +130,21 @@ def parse_json(raw: bytes, shown: str, what: str, *, strict: bool = True,
         raise CorruptCheckpointError(f"{what} {_duplicate(doc, *dups[0])}; JSON readers would "
                                      "silently keep only the last", file=shown, hint=hint)
     if _SURROGATE_ESCAPE.search(raw):
-        try:
-            json.dumps(doc, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise CorruptCheckpointError(f"{what} holds a lone UTF-16 surrogate escape "
-                                         "(\\ud800-\\udfff), which is not valid Unicode",
-                                         file=shown, hint=hint) from None
-        except RecursionError:
-            raise CorruptCheckpointError(f"{what} is nested too deeply to be JSON from a model "
-                                         "checkpoint", file=shown, hint=hint) from None
+        _check_surrogates(doc, shown, what, hint)
     return doc
+
+
+def _check_surrogates(doc: Any, shown: str, what: str, hint: str) -> None:
+    """A document whose bytes escape a surrogate must still encode as UTF-8 (no lone one)."""
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CorruptCheckpointError(f"{what} holds a lone UTF-16 surrogate escape "
+                                     "(\\ud800-\\udfff), which is not valid Unicode",
+                                     file=shown, hint=hint) from None
+    except RecursionError:
+        raise CorruptCheckpointError(f"{what} is nested too deeply to be JSON from a model "
+                                     "checkpoint", file=shown, hint=hint) from None
 
 
 def _duplicate(doc: Any, key: str, where: dict) -> str:
