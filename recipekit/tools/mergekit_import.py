@@ -223,23 +223,8 @@ def _read_slices(st: ImportState, data: dict[str, Any], method: MethodSpec) -> l
                 raise st.fail(path + (key,), f"unknown key `{key}` in a slice")
         if sl.get("residual_weight") is not None:
             st.notes.append(f"slices[{k}].residual_weight is ignored (mergekit ignores it too)")
-        sources = []
-        for j, src in enumerate(sl["sources"]):
-            spath = path + ("sources", j)
-            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
-                raise st.fail(spath, "each source is {model, layer_range: [start, end]}")
-            for key in src:
-                if key not in SOURCE_KEYS:
-                    raise st.fail(spath + (key,), f"unknown key `{key}` in a slice source")
-            lr = src["layer_range"]
-            if not (isinstance(lr, list) and len(lr) == 2 and all(
-                    isinstance(x, int) and not isinstance(x, bool) for x in lr)) \
-                    or lr[0] < 0 or lr[1] < lr[0]:
-                raise st.fail(spath + ("layer_range",), f"layer_range {lr!r} is not [start, end] "
-                              "with 0 <= start <= end")
-            sources.append(Source(_model(st, src["model"], spath + ("model",)), tuple(lr),
-                                  _params(st, src.get("parameters"), spath + ("parameters",)),
-                                  spath))
+        sources = [_slice_source(st, src, path + ("sources", j))
+                   for j, src in enumerate(sl["sources"])]
         lengths = {s.layers[1] - s.layers[0] for s in sources if s.layers}
         if len(lengths) > 1:
             raise st.fail(path + ("sources",), "the sources of a slice must have the same number "
@@ -251,6 +236,23 @@ def _read_slices(st: ImportState, data: dict[str, Any], method: MethodSpec) -> l
     if all(s.length == 0 for s in out):
         raise st.fail(("slices",), "every slice is empty: the output would have no layers")
     return out
+
+
+def _slice_source(st: ImportState, src: Any, spath: KeyPath) -> Source:
+    """One ``{model, layer_range, parameters}`` entry of a slice's ``sources``."""
+    if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+        raise st.fail(spath, "each source is {model, layer_range: [start, end]}")
+    for key in src:
+        if key not in SOURCE_KEYS:
+            raise st.fail(spath + (key,), f"unknown key `{key}` in a slice source")
+    lr = src["layer_range"]
+    if not (isinstance(lr, list) and len(lr) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in lr)) \
+            or lr[0] < 0 or lr[1] < lr[0]:
+        raise st.fail(spath + ("layer_range",), f"layer_range {lr!r} is not [start, end] "
+                      "with 0 <= start <= end")
+    return Source(_model(st, src["model"], spath + ("model",)), tuple(lr),
+                  _params(st, src.get("parameters"), spath + ("parameters",)), spath)
 
 
 # --- the models ----------------------------------------------------------------------------
