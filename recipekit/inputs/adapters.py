@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from recipekit.errors import SourceNotFoundError, UnsupportedCheckpointError, display_path
 from recipekit.inputs.files import check_confined, model_root, read_small
-from recipekit.inputs.hub import HubSnapshot, snapshot_identity
-from recipekit.inputs.source import Located, locate_input, shard_header
+from recipekit.inputs.hub import HubSnapshot
+from recipekit.inputs.source import InputFiles, Located, locate_input, shard_header
 from recipekit.io.header import TensorInfo, kind_of, parse_json
 from recipekit.io.names import ADAPTER_CONFIG as CONFIG
 from recipekit.io.names import ADAPTER_PICKLE as PICKLE
@@ -38,7 +38,7 @@ VARIANT_FIELDS = ("use_bdlora", "arrow_config", "kasa_config", "velora_config",
 
 
 @dataclass(frozen=True)
-class AdapterCheckpoint:
+class AdapterCheckpoint(InputFiles):
     """A resolved adapter input: its adapter_config.json and its tensors' locations.
 
     It answers the same `identity`/`manifest_entry`/`tensors` questions a model `Checkpoint`
@@ -51,20 +51,7 @@ class AdapterCheckpoint:
     tensors: dict[str, TensorInfo]
     weight_files: tuple[Path, ...]
     hub: HubSnapshot | None = None
-
-    def identity(self) -> dict[str, Any]:
-        if self.hub is not None:
-            return {"hub": self.hub.repo, "commit": self.hub.commit}
-        files = {}
-        for p in (self.path / CONFIG, *self.weight_files):
-            st = p.stat()
-            files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        return {"path": str(self.path), "files": files}
-
-    def manifest_entry(self) -> dict[str, Any]:
-        if self.hub is not None:
-            return snapshot_identity(self.hub, [CONFIG, *(p.name for p in self.weight_files)])
-        return self.identity()
+    CONFIG_NAME: ClassVar[str] = CONFIG
 
 
 def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:

@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from recipekit.arch import COUNT_KEYS, LayerStack, LayerStackError, find_layer_stack
 from recipekit.errors import (
@@ -28,8 +28,8 @@ from recipekit.errors import (
     display_path,
 )
 from recipekit.inputs.files import check_confined, escape_reason, model_root, read_small
-from recipekit.inputs.hub import HubSnapshot, snapshot_identity
-from recipekit.inputs.source import Located, locate_input, shard_header
+from recipekit.inputs.hub import HubSnapshot
+from recipekit.inputs.source import InputFiles, Located, locate_input, shard_header
 from recipekit.io.header import MAX_HEADER, TensorInfo, kind_of, parse_json, quote_name
 from recipekit.io.names import (
     ADAPTER_CONFIG,
@@ -56,7 +56,7 @@ _DAMAGED = "the checkpoint is damaged; download or convert it again"
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class Checkpoint(InputFiles):
     """A resolved model input: its config, every tensor's location, and its layer stack.
 
     ``path`` is the directory holding config.json (a hub model's cached snapshot); a hub
@@ -70,24 +70,7 @@ class Checkpoint:
     weight_files: tuple[Path, ...]
     stack: LayerStack
     hub: HubSnapshot | None = None
-
-    def identity(self) -> dict[str, Any]:
-        """What the plan hash records: a local directory's path and each file's size and mtime,
-        or a hub repo's pinned commit (which fixes every byte)."""
-        if self.hub is not None:
-            return {"hub": self.hub.repo, "commit": self.hub.commit}
-        files = {}
-        for p in (self.path / CONFIG, *self.weight_files):
-            st = p.stat()
-            files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        return {"path": str(self.path), "files": files}
-
-    def manifest_entry(self) -> dict[str, Any]:
-        """What the manifest records: `identity`, plus each cached hub file's blob hash."""
-        if self.hub is not None:
-            return snapshot_identity(self.hub, [CONFIG,
-                                                *(p.name for p in self.weight_files)])
-        return self.identity()
+    CONFIG_NAME: ClassVar[str] = CONFIG
 
 
 def is_peft_adapter_dir(path: Path) -> bool:

@@ -10,12 +10,47 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 from recipekit.errors import RecipekitError, SourceNotFoundError
 from recipekit.inputs.files import check_confined
-from recipekit.inputs.hub import HubSnapshot, fetch_snapshot, remote_header
+from recipekit.inputs.hub import HubSnapshot, fetch_snapshot, remote_header, snapshot_identity
 from recipekit.io.header import TensorInfo, read_header
 from recipekit.recipe import ModelRef, Recipe
+
+
+class InputFiles:
+    """What plan hashing, manifests and locks ask of a resolved model or adapter input: its
+    files and their identity. A subclass is a dataclass with ``path``, ``weight_files`` and
+    ``hub`` fields and names its config file in ``CONFIG_NAME``."""
+
+    CONFIG_NAME: ClassVar[str]
+    path: Path
+    weight_files: tuple[Path, ...]
+    hub: HubSnapshot | None
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG_NAME
+
+    def identity(self) -> dict[str, Any]:
+        """What the plan hash records: a local directory's path and each file's size and mtime,
+        or a hub repo's pinned commit (which fixes every byte)."""
+        if self.hub is not None:
+            return {"hub": self.hub.repo, "commit": self.hub.commit}
+        files = {}
+        for p in (self.config_path, *self.weight_files):
+            st = p.stat()
+            files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return {"path": str(self.path), "files": files}
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """What the manifest records: `identity`, plus each cached hub file's blob hash."""
+        if self.hub is not None:
+            return snapshot_identity(self.hub, [self.CONFIG_NAME,
+                                                *(p.name for p in self.weight_files)])
+        return self.identity()
+
 
 #: A factory of errors located at one input's recipe key: ``located(cls, message, hint)``.
 Located = Callable[..., RecipekitError]

@@ -29,7 +29,7 @@ from recipekit.inputs.files import read_bounded, sha256_file
 from recipekit.inputs.hub import blob_id
 from recipekit.inputs.resolve import Sources
 from recipekit.inputs.side_files import SideFile, resolve_side_files
-from recipekit.io.names import ADAPTER_CONFIG, CONFIG, INDEX
+from recipekit.io.names import INDEX
 from recipekit.io.writer import write_file_atomic
 from recipekit.recipe import ModelRef, Recipe
 
@@ -57,7 +57,7 @@ def _files(source: Any) -> list[Path]:
     side file: every file read for it)."""
     if isinstance(source, SideFile):
         return list(source.files)
-    config = source.path / (CONFIG if hasattr(source, "stack") else ADAPTER_CONFIG)
+    config = source.config_path
     index = source.path / INDEX
     extra = [index] if index.exists() and index not in source.weight_files else []
     return [config, *extra, *source.weight_files]

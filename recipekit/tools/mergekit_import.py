@@ -193,17 +193,7 @@ def _read_slices(st: ImportState, data: dict[str, Any], method: MethodSpec) -> l
         entries = data["models"]
         if not isinstance(entries, list) or not entries:
             raise st.fail(("models",), "`models` is a non-empty list of {model, parameters}")
-        sources = []
-        for i, entry in enumerate(entries):
-            path = ("models", i)
-            if not isinstance(entry, dict) or "model" not in entry:
-                raise st.fail(path, "each `models` entry is {model: ..., parameters: ...}")
-            extra = sorted(set(entry) - {"model", "parameters"})
-            if extra:
-                raise st.fail(path + (extra[0],), f"unknown key `{extra[0]}` in a `models` entry")
-            sources.append(Source(_model(st, entry["model"], path + ("model",)), None,
-                                  _params(st, entry.get("parameters"), path + ("parameters",)),
-                                  path))
+        sources = [_models_entry(st, entry, ("models", i)) for i, entry in enumerate(entries)]
         if base is not None and all(s.model != base for s in sources):
             sources.append(Source(base, None, None, ("base_model",)))  # mergekit appends it
             st.notes.append(f"base_model '{base}' is not under `models:`; mergekit merges it "
@@ -236,6 +226,17 @@ def _read_slices(st: ImportState, data: dict[str, Any], method: MethodSpec) -> l
     if all(s.length == 0 for s in out):
         raise st.fail(("slices",), "every slice is empty: the output would have no layers")
     return out
+
+
+def _models_entry(st: ImportState, entry: Any, path: KeyPath) -> Source:
+    """One ``{model, parameters}`` entry of a `models:` config (the whole model)."""
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise st.fail(path, "each `models` entry is {model: ..., parameters: ...}")
+    extra = sorted(set(entry) - {"model", "parameters"})
+    if extra:
+        raise st.fail(path + (extra[0],), f"unknown key `{extra[0]}` in a `models` entry")
+    return Source(_model(st, entry["model"], path + ("model",)), None,
+                  _params(st, entry.get("parameters"), path + ("parameters",)), path)
 
 
 def _slice_source(st: ImportState, src: Any, spath: KeyPath) -> Source:
