@@ -18,11 +18,11 @@ from typing import Any
 from recipekit.errors import SourceNotFoundError
 from recipekit.inputs.files import sha256_file
 from recipekit.io.header import TensorInfo, check_entry, check_layout
+from recipekit.io.names import WEIGHT_DIRS, WEIGHT_SUFFIXES
 
 #: What a snapshot fetch leaves out: weights (fetched per shard, on demand) and weight folders.
-WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack",
-                   "*.onnx", "*.onnx_data", "*.gguf", "*.ot", "*.tflite", "*.mlmodel", "*.npz",
-                   "onnx/*", "openvino/*", "coreml/*"]
+WEIGHT_PATTERNS = [*(f"*{s}" for s in WEIGHT_SUFFIXES),
+                   *(f"{d}/*" for d in WEIGHT_DIRS if not d.startswith("."))]
 _TRUE = {"1", "on", "yes", "true"}
 
 

@@ -38,16 +38,14 @@ from recipekit.io.names import (
     MANIFEST,
     MODEL_CARD,
     PICKLE_NAMES,
+    WEIGHT_DIRS,
+    WEIGHT_SUFFIXES,
     WEIGHTS,
 )
 from recipekit.recipe import ModelRef, Recipe
 
 log = logging.getLogger(__name__)
 
-#: Files that hold weights (never copied from a donor) and recipekit's own bookkeeping.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
-                   ".onnx_data", ".gguf", ".ot", ".tflite", ".mlmodel", ".npz")
-WEIGHT_DIRS = ("onnx", "openvino", "coreml", ".git", ".cache")
 #: A model config is kilobytes (a few MB with a large label map); anything bigger is not one.
 MAX_CONFIG = 16 * 1024 * 1024
 #: Nesting deeper than this is not a model config (and would strain JSON writers).

@@ -17,6 +17,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin",
                 ADAPTER_PICKLE)
+#: Files that hold weights (never copied from a donor, fetched from the hub only per shard) and
+#: folders of weights in other formats or of bookkeeping.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
+                   ".onnx_data", ".gguf", ".ot", ".tflite", ".mlmodel", ".npz")
+WEIGHT_DIRS = ("onnx", "openvino", "coreml", ".git", ".cache")
 MODEL_CARD = "README.md"
 MANIFEST = "recipekit.json"
 STATE = ".recipekit-state.json"

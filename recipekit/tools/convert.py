@@ -25,9 +25,8 @@ from recipekit.errors import (
     display_path,
 )
 from recipekit.inputs.files import read_bounded
-from recipekit.inputs.models import WEIGHT_DIRS
 from recipekit.io.header import MAX_HEADER, build_header
-from recipekit.io.names import ADAPTER_PICKLE, ADAPTER_WEIGHTS, WEIGHTS
+from recipekit.io.names import ADAPTER_PICKLE, ADAPTER_WEIGHTS, WEIGHT_DIRS, WEIGHTS
 from recipekit.io.names import INDEX as SAFE_INDEX
 from recipekit.io.writer import ShardWriter, write_file_atomic
 
