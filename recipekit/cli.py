@@ -84,7 +84,7 @@ def _guard(debug: bool, body: Callable[[], T]) -> T:
 
 
 def _compile(recipe_path: Path, output: Path | None):
-    from recipekit.inputs.models import resolve_sources
+    from recipekit.inputs.resolve import resolve_sources
     from recipekit.plan import compile_plan
     from recipekit.recipe import load_recipe
 
@@ -209,7 +209,7 @@ def run(
 
 def _report_run(p, result, secs: float, *, check_finite: bool) -> None:
     """The one-line summary of a run (and its non-finite values, when checked)."""
-    from recipekit.io.header import display_path
+    from recipekit.errors import display_path
     from recipekit.units import format_size
 
     where = display_path(result.output)
@@ -243,7 +243,7 @@ def lock(recipe: RecipeArg, debug: DebugOpt = False) -> None:
     """Write recipe.lock.json: hub inputs pinned to commits, every input file's size and hash."""
 
     def body() -> None:
-        from recipekit.inputs.models import resolve_sources
+        from recipekit.inputs.resolve import resolve_sources
         from recipekit.recipe import load_recipe
         from recipekit.tools.lock import build_lock, lock_path, write_lock
 
@@ -350,6 +350,7 @@ def import_mergekit(
     """Convert a mergekit config into an equivalent recipe, or say what cannot be converted."""
 
     def body() -> None:
+        from recipekit.io.writer import write_file_atomic
         from recipekit.tools.mergekit_import import convert_file
 
         text = convert_file(config, output)
@@ -357,7 +358,7 @@ def import_mergekit(
             typer.echo(text, nl=False)
         else:
             output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text)
+            write_file_atomic(output, text.encode())
             typer.echo(f"wrote {output}", err=True)
 
     _guard(debug, body)
@@ -408,8 +409,7 @@ def verify(
     """Check an output against its manifest: shard hashes and sizes, headers, index, recipe."""
 
     def body() -> None:
-        from recipekit.errors import UsageError
-        from recipekit.io.header import display_path
+        from recipekit.errors import UsageError, display_path
         from recipekit.tools.verify import load_and_run, verify_output
 
         if base is not None and not load:

@@ -10,8 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 KeyPath = tuple[str | int, ...]
+
+
+def display_path(path: Path) -> str:
+    """A path as a user wants to read it: relative to the working directory when inside it.
+
+    The last component is not resolved: a message about a symlink names the link, not its
+    target (and a symlink loop cannot make the message itself fail).
+    """
+    try:
+        full = path.parent.resolve() / path.name if path.name else path.resolve()
+        return str(full.relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError, RuntimeError):
+        return str(path)
 
 
 def format_key_path(path: Sequence[str | int]) -> str:
@@ -166,12 +180,15 @@ class VerifyError(RecipekitError):
     """
 
 
-# --- Planning helpers' errors (recipe params, arch lookup): the caller locates them ----------
+# Problems found where the recipe position is not known (recipe params, arch lookup, scheme
+# files, scalings logs): the caller turns them into located `RecipeError`s. Then the errors of
+# `recipekit lock` and `recipekit import-mergekit`.
 
 
-class LayerStackError(ValueError):
-    """Why no single layer stack could be found; inputs/models.py turns it into a located
-    error."""
+class UnlocatedError(ValueError):
+    """A problem found by code that does not know where in the recipe it comes from (a scheme,
+    a scalings log, a layer stack, a parameter): its ``message`` and ``hint``; the step or input
+    that uses the value turns it into a located `RecipeError`."""
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -179,5 +196,31 @@ class LayerStackError(ValueError):
         self.hint = hint
 
 
-class ParamError(ValueError):
+class LayerStackError(UnlocatedError):
+    """Why no single layer stack could be found; inputs/models.py turns it into a located
+    error."""
+
+
+class ParamError(UnlocatedError):
     """A parameter that cannot give a value for some tensor; the caller locates it."""
+
+
+class ScalingsLogError(UnlocatedError):
+    """Why an X-LoRA scalings log cannot be used (the message names the file)."""
+
+
+class SchemeError(UnlocatedError):
+    """A coalescing-scheme problem, located by ``where``: the key path relative to the step,
+    e.g. ``("width", 3)`` for group 3 of the width scheme."""
+
+    def __init__(self, message: str, where: KeyPath, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.where = where
+
+
+class LockError(UsageError):
+    """The lock does not match the recipe or its inputs (exit 2)."""
+
+
+class ConversionError(RecipeErrors):
+    """Something in the mergekit config that has no exact recipekit translation (exit 2)."""

@@ -27,6 +27,8 @@ DATA = {"goldens"}
 TOPICS = {
     "test_layout.py": "the test tree itself",
     "test_no_code_execution.py": "a scan of every module's source",
+    "test_file_access.py": "a scan of every module's source: only io/ and inputs/ open files",
+    "inputs/test_layering.py": "imports between the inputs modules (no cycle, no private names)",
     "io/test_faults.py": "I/O errors across reader, writer and output state",
     "io/test_hostile.py": "hostile files across header, reader and the inputs layer",
     "merge/test_registry.py": "the method registry, wherever in merge/ it is defined",

@@ -14,17 +14,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from recipekit.errors import SourceNotFoundError, UnsupportedCheckpointError
-from recipekit.inputs.hub import HubSnapshot, snapshot_identity
-from recipekit.inputs.models import _header, _read_small, check_confined, locate_input, model_root
-from recipekit.io.header import TensorInfo, display_path, kind_of, parse_json
+from recipekit.errors import SourceNotFoundError, UnsupportedCheckpointError, display_path
+from recipekit.inputs.files import check_confined, model_root, read_small
+from recipekit.inputs.hub import HubSnapshot
+from recipekit.inputs.source import InputFiles, Located, locate_input, shard_header
+from recipekit.io.header import TensorInfo, kind_of, parse_json
+from recipekit.io.names import ADAPTER_CONFIG as CONFIG
+from recipekit.io.names import ADAPTER_PICKLE as PICKLE
+from recipekit.io.names import ADAPTER_WEIGHTS as WEIGHTS
+from recipekit.io.names import CONFIG as MODEL_CONFIG
 from recipekit.recipe import ModelRef, Recipe
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
-PICKLE = "adapter_model.bin"
 MAX_ADAPTER_CONFIG = 4 * 1024 * 1024
 
 #: init_lora_weights values whose training subtracted the initial adapter from the base.
@@ -36,7 +38,7 @@ VARIANT_FIELDS = ("use_bdlora", "arrow_config", "kasa_config", "velora_config",
 
 
 @dataclass(frozen=True)
-class AdapterCheckpoint:
+class AdapterCheckpoint(InputFiles):
     """A resolved adapter input: its adapter_config.json and its tensors' locations.
 
     It answers the same `identity`/`manifest_entry`/`tensors` questions a model `Checkpoint`
@@ -49,20 +51,7 @@ class AdapterCheckpoint:
     tensors: dict[str, TensorInfo]
     weight_files: tuple[Path, ...]
     hub: HubSnapshot | None = None
-
-    def identity(self) -> dict[str, Any]:
-        if self.hub is not None:
-            return {"hub": self.hub.repo, "commit": self.hub.commit}
-        files = {}
-        for p in (self.path / CONFIG, *self.weight_files):
-            st = p.stat()
-            files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        return {"path": str(self.path), "files": files}
-
-    def manifest_entry(self) -> dict[str, Any]:
-        if self.hub is not None:
-            return snapshot_identity(self.hub, [CONFIG, *(p.name for p in self.weight_files)])
-        return self.identity()
+    CONFIG_NAME: ClassVar[str] = CONFIG
 
 
 def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
@@ -89,12 +78,12 @@ def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
     config_path = path / CONFIG
     if not os.path.lexists(config_path):
         hint = ("this is a model checkpoint: list it under `models:`" if (
-            path / "config.json").is_file() else f"a PEFT adapter directory holds {CONFIG} and "
+            path / MODEL_CONFIG).is_file() else f"a PEFT adapter directory holds {CONFIG} and "
             f"{WEIGHTS}")
         raise located(SourceNotFoundError, f"no {CONFIG} in {ref.written!r}", hint)
     check_confined(config_path, root)
     shown = display_path(config_path)
-    config = parse_json(_read_small(config_path, MAX_ADAPTER_CONFIG, CONFIG), shown, CONFIG,
+    config = parse_json(read_small(config_path, MAX_ADAPTER_CONFIG, CONFIG), shown, CONFIG,
                         strict=False, hint="the adapter is damaged; save or download it again")
     if not isinstance(config, dict):
         raise located(UnsupportedCheckpointError, f"{CONFIG} of {ref.written!r} is "
@@ -110,11 +99,11 @@ def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
                           f"--allow-pickle {ref.written} <new dir>` and use the new directory")
         raise located(SourceNotFoundError, f"no {WEIGHTS} in {ref.written!r}",
                       f"a PEFT adapter directory holds {CONFIG} and {WEIGHTS}")
-    tensors = _header(weights, root, snap)
+    tensors = shard_header(weights, root, snap)
     return AdapterCheckpoint(ref.name, path, config, tensors, (weights,), snap)
 
 
-def _check_config(config: dict[str, Any], ref: ModelRef, located) -> None:
+def _check_config(config: dict[str, Any], ref: ModelRef, located: Located) -> None:
     """Refuse PEFT types, variants and inits whose merge recipekit does not reproduce."""
     name = ref.written
     peft_type = config.get("peft_type")

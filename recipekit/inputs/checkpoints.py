@@ -16,30 +16,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from recipekit.errors import CorruptCheckpointError, SourceNotFoundError, UnsupportedCheckpointError
-from recipekit.inputs.hub import HubSnapshot, download, fetch_snapshot
-from recipekit.inputs.models import (
-    INDEX,
-    PICKLE_NAMES,
-    SINGLE,
-    _header,
-    _read_small,
-    check_confined,
-    model_root,
-    read_config,
-    read_index,
+from recipekit.errors import (
+    CorruptCheckpointError,
+    SourceNotFoundError,
+    UnsupportedCheckpointError,
+    display_path,
 )
+from recipekit.inputs.files import check_confined, model_root, read_small
+from recipekit.inputs.hub import HubSnapshot, download, fetch_snapshot
+from recipekit.inputs.models import read_config, read_index
+from recipekit.inputs.source import shard_header
 from recipekit.io.header import (
     MAX_HEADER,
     TensorInfo,
-    display_path,
     kind_of,
     parse_json,
     quote_name,
 )
+from recipekit.io.names import (
+    ADAPTER_CONFIG,
+    ADAPTER_PICKLE,
+    ADAPTER_WEIGHTS,
+    CONFIG,
+    INDEX,
+    PICKLE_NAMES,
+    WEIGHTS,
+)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _HUB = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -86,15 +89,15 @@ def open_checkpoint(spec: str, *, data: bool = True) -> OpenCheckpoint:
         if not path.name.endswith(".safetensors"):
             raise SourceNotFoundError(f"{spec!r} is not a .safetensors file",
                                       hint="name a checkpoint directory or a .safetensors file")
-        tensors = _header(path, path.resolve().parent, None)  # refuses FIFOs, devices
+        tensors = shard_header(path, path.resolve().parent, None)  # refuses FIFOs, devices
         return OpenCheckpoint(spec, path, "file", {}, tensors, (path,))
     elif not path.is_dir():
         raise SourceNotFoundError(f"{spec!r} is not a file or directory")
     root = model_root(path)
     if os.path.lexists(path / ADAPTER_CONFIG):
         return _open_adapter(spec, path, root, snap, data)
-    config = read_config(path / "config.json", root) if os.path.lexists(
-        path / "config.json") else {}
+    config = read_config(path / CONFIG, root) if os.path.lexists(
+        path / CONFIG) else {}
     tensors, files = _read_model_tensors(spec, path, root, snap, data)
     return OpenCheckpoint(spec, path, "model", config, tensors, files, snap)
 
@@ -102,12 +105,12 @@ def open_checkpoint(spec: str, *, data: bool = True) -> OpenCheckpoint:
 def _local(path: Path, root: Path, snap: HubSnapshot | None, data: bool) -> dict[str, TensorInfo]:
     if snap is not None and data and not os.path.lexists(path):
         download(snap, path.name)
-    return _header(path, root, snap)
+    return shard_header(path, root, snap)
 
 
 def _read_model_tensors(spec: str, path: Path, root: Path, snap: HubSnapshot | None, data: bool
                         ) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
-    single, index = path / SINGLE, path / INDEX
+    single, index = path / WEIGHTS, path / INDEX
     if os.path.lexists(single) or (snap is not None and not os.path.lexists(index)):
         return _local(single, root, snap, data), (single,)
     if os.path.lexists(index):
@@ -145,7 +148,7 @@ def _read_model_tensors(spec: str, path: Path, root: Path, snap: HubSnapshot | N
             f"{spec!r} holds only pickle weights ({pickles[0]}), which recipekit never loads",
             hint=f"convert it once with `recipekit convert --allow-pickle {spec} <new dir>`")
     others = sorted(p.name for p in path.glob("*.safetensors"))
-    raise SourceNotFoundError(f"no {SINGLE} or {INDEX} in {spec!r}" + (
+    raise SourceNotFoundError(f"no {WEIGHTS} or {INDEX} in {spec!r}" + (
         f" (found {', '.join(others[:3])}; name the file itself)" if others else ""),
         hint="name a checkpoint directory, a PEFT adapter directory or a .safetensors file")
 
@@ -155,7 +158,7 @@ def _open_adapter(spec: str, path: Path, root: Path, snap: HubSnapshot | None,
     config_path = path / ADAPTER_CONFIG
     check_confined(config_path, root)
     shown = display_path(config_path)
-    config = parse_json(_read_small(config_path, MAX_HEADER, ADAPTER_CONFIG), shown,
+    config = parse_json(read_small(config_path, MAX_HEADER, ADAPTER_CONFIG), shown,
                         ADAPTER_CONFIG, strict=False,
                         hint="the adapter is damaged; save or download it again")
     if not isinstance(config, dict):
@@ -163,9 +166,9 @@ def _open_adapter(spec: str, path: Path, root: Path, snap: HubSnapshot | None,
                                      file=shown, hint="the adapter is damaged")
     weights = path / ADAPTER_WEIGHTS
     if not os.path.lexists(weights) and snap is None:
-        if (path / "adapter_model.bin").is_file():
+        if (path / ADAPTER_PICKLE).is_file():
             raise UnsupportedCheckpointError(
-                f"{spec!r} holds only a pickle adapter (adapter_model.bin), which recipekit "
+                f"{spec!r} holds only a pickle adapter ({ADAPTER_PICKLE}), which recipekit "
                 "never loads",
                 hint=f"convert it once with `recipekit convert --allow-pickle {spec} <new dir>`")
         raise SourceNotFoundError(f"no {ADAPTER_WEIGHTS} in {spec!r}",

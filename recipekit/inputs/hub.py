@@ -10,19 +10,19 @@ recipekit never sees or records a token.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from recipekit.errors import SourceNotFoundError
+from recipekit.inputs.files import sha256_file
 from recipekit.io.header import TensorInfo, check_entry, check_layout
+from recipekit.io.names import WEIGHT_DIRS, WEIGHT_SUFFIXES
 
 #: What a snapshot fetch leaves out: weights (fetched per shard, on demand) and weight folders.
-WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack",
-                   "*.onnx", "*.onnx_data", "*.gguf", "*.ot", "*.tflite", "*.mlmodel", "*.npz",
-                   "onnx/*", "openvino/*", "coreml/*"]
+WEIGHT_PATTERNS = [*(f"*{s}" for s in WEIGHT_SUFFIXES),
+                   *(f"{d}/*" for d in WEIGHT_DIRS if not d.startswith("."))]
 _TRUE = {"1", "on", "yes", "true"}
 
 
@@ -37,6 +37,7 @@ class HubSnapshot:
 
 
 def is_offline() -> bool:
+    # huggingface_hub is imported where a hub input is used: local recipes never load it.
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or (
@@ -138,11 +139,7 @@ def blob_id(path: Path) -> str:
     hub's etag: git sha1 or sha256), or the sha256 of a plain file."""
     if path.is_symlink():
         return Path(os.readlink(path)).name
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def snapshot_identity(snap: HubSnapshot, files: list[str]) -> dict[str, Any]:

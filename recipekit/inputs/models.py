@@ -12,44 +12,40 @@ object whose layer counts are integers; donor files that fail these rules are no
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import stat
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from recipekit.arch import COUNT_KEYS, LayerStack, LayerStackError, find_layer_stack
 from recipekit.errors import (
     CorruptCheckpointError,
-    RecipekitError,
     SourceNotFoundError,
     TensorNotFoundError,
     UnsupportedCheckpointError,
-)
-from recipekit.inputs.hub import HubSnapshot, fetch_snapshot, remote_header, snapshot_identity
-from recipekit.io.header import (
-    MAX_HEADER,
-    TensorInfo,
     display_path,
-    kind_of,
-    parse_json,
-    quote_name,
-    read_header,
+)
+from recipekit.inputs.files import check_confined, escape_reason, model_root, read_small
+from recipekit.inputs.hub import HubSnapshot
+from recipekit.inputs.source import InputFiles, Located, locate_input, shard_header
+from recipekit.io.header import MAX_HEADER, TensorInfo, kind_of, parse_json, quote_name
+from recipekit.io.names import (
+    ADAPTER_CONFIG,
+    CONFIG,
+    INDEX,
+    MANIFEST,
+    MODEL_CARD,
+    PICKLE_NAMES,
+    WEIGHT_DIRS,
+    WEIGHT_SUFFIXES,
+    WEIGHTS,
 )
 from recipekit.recipe import ModelRef, Recipe
 
 log = logging.getLogger(__name__)
 
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
-PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin",
-                "adapter_model.bin")
-#: Files that hold weights (never copied from a donor) and recipekit's own bookkeeping.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
-                   ".onnx_data", ".gguf", ".ot", ".tflite", ".mlmodel", ".npz")
-WEIGHT_DIRS = ("onnx", "openvino", "coreml", ".git", ".cache")
 #: A model config is kilobytes (a few MB with a large label map); anything bigger is not one.
 MAX_CONFIG = 16 * 1024 * 1024
 #: Nesting deeper than this is not a model config (and would strain JSON writers).
@@ -58,7 +54,7 @@ _DAMAGED = "the checkpoint is damaged; download or convert it again"
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class Checkpoint(InputFiles):
     """A resolved model input: its config, every tensor's location, and its layer stack.
 
     ``path`` is the directory holding config.json (a hub model's cached snapshot); a hub
@@ -72,55 +68,12 @@ class Checkpoint:
     weight_files: tuple[Path, ...]
     stack: LayerStack
     hub: HubSnapshot | None = None
-
-    def identity(self) -> dict[str, Any]:
-        """What the plan hash records: a local directory's path and each file's size and mtime,
-        or a hub repo's pinned commit (which fixes every byte)."""
-        if self.hub is not None:
-            return {"hub": self.hub.repo, "commit": self.hub.commit}
-        files = {}
-        for p in (self.path / "config.json", *self.weight_files):
-            st = p.stat()
-            files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        return {"path": str(self.path), "files": files}
-
-    def manifest_entry(self) -> dict[str, Any]:
-        """What the manifest records: `identity`, plus each cached hub file's blob hash."""
-        if self.hub is not None:
-            return snapshot_identity(self.hub, ["config.json",
-                                                *(p.name for p in self.weight_files)])
-        return self.identity()
+    CONFIG_NAME: ClassVar[str] = CONFIG
 
 
 def is_peft_adapter_dir(path: Path) -> bool:
     """A PEFT adapter directory (``adapter_config.json``), as opposed to a full checkpoint."""
-    return (path / "adapter_config.json").is_file()
-
-
-Located = Callable[..., RecipekitError]
-
-
-def locate_input(ref: ModelRef, recipe: Recipe) -> tuple[Located, Path, HubSnapshot | None]:
-    """For one model or adapter input: a factory of errors located at its recipe key, its
-    local directory, and its hub snapshot (non-weight files fetched; None for a local path).
-
-    Raises:
-        SourceNotFoundError: the hub repo or revision cannot be resolved (located).
-    """
-    where = ref.key_path
-
-    def located(cls: type[RecipekitError], message: str, hint: str | None = None
-                ) -> RecipekitError:
-        return cls(message, key_path=where, hint=hint, location=recipe.document.locate(where))
-
-    if ref.hub is None:
-        assert ref.path is not None
-        return located, ref.path, None
-    try:
-        snap = fetch_snapshot(ref.hub, ref.revision)
-    except SourceNotFoundError as e:
-        raise located(SourceNotFoundError, e.message, e.hint) from None
-    return located, snap.path, snap
+    return (path / ADAPTER_CONFIG).is_file()
 
 
 def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
@@ -133,24 +86,9 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
         CorruptCheckpointError, TensorNotFoundError: damaged or inconsistent files.
     """
     located, path, snap = locate_input(ref, recipe)
-    try:
-        exists = path.exists()
-    except OSError as e:  # e.g. ENAMETOOLONG: the kernel refuses the name itself
-        raise located(SourceNotFoundError, f"model path {ref.written[:80]!r} cannot be used: "
-                      f"{e.strerror or e}", "check the path") from None
-    if not exists:
-        hint = "check the path (relative paths are relative to the recipe file)"
-        if "/" in ref.written and not ref.written.startswith((".", "/", "~")) and (
-                ref.written.count("/") == 1):
-            hint += (f"; if {ref.written!r} is a Hugging Face Hub repo, write "
-                     f"`{{hub: {ref.written}}}`")
-        raise located(SourceNotFoundError, f"model directory {ref.written!r} does not exist "
-                      f"({display_path(path)})", hint)
-    if not path.is_dir():
-        raise located(SourceNotFoundError, f"{ref.written!r} is a file, not a checkpoint "
-                      "directory", "name the directory that holds config.json")
+    _check_directory(ref, path, located)
     root = model_root(path)
-    config_path = path / "config.json"
+    config_path = path / CONFIG
     if is_peft_adapter_dir(path) and not os.path.lexists(config_path):
         raise located(UnsupportedCheckpointError,
                       f"{ref.written!r} is a PEFT adapter directory (adapter_config.json), not a "
@@ -181,81 +119,25 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
     return Checkpoint(ref.name, path, config, tensors, files, stack, snap)
 
 
-def model_root(path: Path) -> Path:
-    """The directory a checkpoint's files may resolve into: the model directory itself, or, for
-    a huggingface_hub cache snapshot (``models--org--name/snapshots/<commit>``), the repo's cache
-    folder, whose ``blobs/`` the snapshot's links point to."""
-    real = path.resolve()
-    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(
-            ("models--", "datasets--", "spaces--")):
-        return real.parent.parent
-    return real
-
-
-def _escape(p: Path, root: Path) -> str | None:
-    """Why reading ``p`` would leave ``root`` or is not a plain file read, or None if it is fine."""
+def _check_directory(ref: ModelRef, path: Path, located: Located) -> None:
+    """The model path must name an existing directory (with a hint for a hub id written as a
+    path)."""
     try:
-        target = p.resolve(strict=False)
-    except (OSError, RuntimeError):
-        return "is a symlink loop"
-    try:
-        target.relative_to(root)
-    except ValueError:
-        return (f"is a symlink to {target}, outside the model directory "
-                f"{display_path(root)}")
-    try:
-        mode = os.stat(p).st_mode
-    except OSError:
-        return f"is a broken symlink (to {target})" if p.is_symlink() else "cannot be read"
-    if not stat.S_ISREG(mode):
-        return f"is {_file_kind(mode)}, not a regular file"
-    return None
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "a special file"
-
-
-def check_confined(p: Path, root: Path) -> None:
-    """Refuse to read ``p`` when it resolves outside the model directory or is not a regular
-    file (a FIFO would block, a device would never end).
-
-    Raises:
-        UnsupportedCheckpointError: a symlink out of the model directory, a loop, a broken link
-            or a special file (exit code 2: the files may be fine, the layout is refused).
-    """
-    why = _escape(p, root)
-    if why is None:
-        return
-    if why.startswith("is a symlink to"):
-        hint = ("recipekit does not follow links out of a checkpoint directory; copy the file "
-                "into it, or name the directory that holds the real files")
-    else:
-        hint = "a checkpoint directory holds regular files (or hub cache links)"
-    raise UnsupportedCheckpointError(why, file=display_path(p), hint=hint)
-
-
-def _read_small(p: Path, limit: int, what: str) -> bytes:
-    """The bytes of a small JSON file, refusing files far larger than any real one."""
-    shown = display_path(p)
-    try:
-        with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > limit:
-                from recipekit.units import format_size
-
-                raise CorruptCheckpointError(
-                    f"{what} is {format_size(size)}, larger than the {format_size(limit)} any "
-                    f"real {what} stays under", file=shown, hint="the file is damaged or not a "
-                    f"{what}; download the checkpoint again")
-            return f.read(limit + 1)
-    except OSError as e:
-        raise CorruptCheckpointError(f"cannot read: {e.strerror or e}", file=shown) from e
+        exists = path.exists()
+    except OSError as e:  # e.g. ENAMETOOLONG: the kernel refuses the name itself
+        raise located(SourceNotFoundError, f"model path {ref.written[:80]!r} cannot be used: "
+                      f"{e.strerror or e}", "check the path") from None
+    if not exists:
+        hint = "check the path (relative paths are relative to the recipe file)"
+        if "/" in ref.written and not ref.written.startswith((".", "/", "~")) and (
+                ref.written.count("/") == 1):
+            hint += (f"; if {ref.written!r} is a Hugging Face Hub repo, write "
+                     f"`{{hub: {ref.written}}}`")
+        raise located(SourceNotFoundError, f"model directory {ref.written!r} does not exist "
+                      f"({display_path(path)})", hint)
+    if not path.is_dir():
+        raise located(SourceNotFoundError, f"{ref.written!r} is a file, not a checkpoint "
+                      "directory", "name the directory that holds config.json")
 
 
 def read_config(config_path: Path, root: Path) -> dict[str, Any]:
@@ -269,8 +151,8 @@ def read_config(config_path: Path, root: Path) -> dict[str, Any]:
     """
     check_confined(config_path, root)
     shown = display_path(config_path)
-    raw = _read_small(config_path, MAX_CONFIG, "config.json")
-    config = parse_json(raw, shown, "config.json", strict=False, hint=_DAMAGED)
+    raw = read_small(config_path, MAX_CONFIG, CONFIG)
+    config = parse_json(raw, shown, CONFIG, strict=False, hint=_DAMAGED)
     if not isinstance(config, dict):
         raise CorruptCheckpointError(f"config.json is {kind_of(config)}, not a JSON "
                                      "object", file=shown, hint=_DAMAGED)
@@ -328,14 +210,6 @@ def _check_layer_names(stack: LayerStack, tensors: dict[str, TensorInfo]) -> Non
                 "tensors")
 
 
-def _header(path: Path, root: Path, snap: HubSnapshot | None) -> dict[str, TensorInfo]:
-    """A shard's tensors: from the file when present, else (hub) from its remote header."""
-    if os.path.lexists(path) or snap is None:
-        check_confined(path, root)
-        return read_header(path)
-    return remote_header(snap, path.name)
-
-
 def _plain_file_name(name: str) -> bool:
     """A name that stays in the model directory: no separators, no NUL, not '.' or '..'."""
     return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name \
@@ -352,7 +226,7 @@ def read_index(index: Path, root: Path) -> dict[str, str]:
     """
     check_confined(index, root)
     shown = display_path(index)
-    doc = parse_json(_read_small(index, MAX_HEADER, INDEX), shown, INDEX, hint=_DAMAGED)
+    doc = parse_json(read_small(index, MAX_HEADER, INDEX), shown, INDEX, hint=_DAMAGED)
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"the index is {kind_of(doc)}, not a JSON object",
                                      file=shown, hint=_DAMAGED)
@@ -377,12 +251,12 @@ def read_index(index: Path, root: Path) -> dict[str, str]:
     return weight_map
 
 
-def _read_tensors(path: Path, root: Path, ref: ModelRef, located, snap: HubSnapshot | None
+def _read_tensors(path: Path, root: Path, ref: ModelRef, located: Located, snap: HubSnapshot | None
                   ) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
-    single = path / SINGLE
+    single = path / WEIGHTS
     index = path / INDEX
     if os.path.lexists(single) or (snap is not None and not os.path.lexists(index)):
-        return _header(single, root, snap), (single,)
+        return shard_header(single, root, snap), (single,)
     if os.path.lexists(index):
         weight_map = read_index(index, root)
         headers: dict[str, dict[str, TensorInfo]] = {}
@@ -394,7 +268,7 @@ def _read_tensors(path: Path, root: Path, ref: ModelRef, located, snap: HubSnaps
                     raise SourceNotFoundError(
                         f"shard {fname!r} listed in {INDEX} is missing",
                         file=display_path(shard), hint="the checkpoint download is incomplete")
-                headers[fname] = _header(shard, root, snap)
+                headers[fname] = shard_header(shard, root, snap)
             info = headers[fname].get(name)
             if info is None:
                 raise TensorNotFoundError(
@@ -412,34 +286,9 @@ def _read_tensors(path: Path, root: Path, ref: ModelRef, located, snap: HubSnaps
                       f"{ref.written} <new dir>` and use the new directory")
     others = sorted(p.name for p in path.glob("*.safetensors"))
     raise located(SourceNotFoundError,
-                  f"no {SINGLE} or {INDEX} in {ref.written!r}" + (
+                  f"no {WEIGHTS} or {INDEX} in {ref.written!r}" + (
                       f" (found {', '.join(others[:3])})" if others else ""),
                   "a checkpoint directory holds model.safetensors or a sharded index")
-
-
-def resolve_sources(recipe: Recipe, names: list[str] | None = None) -> dict[str, Any]:
-    """Resolve the named models and adapters (default: all) into `Checkpoint`s and
-    `AdapterCheckpoint`s, collecting every problem before raising."""
-    from recipekit.errors import RecipeErrors
-    from recipekit.inputs.adapters import resolve_adapter
-
-    out: dict[str, Any] = {}
-    errors: list[RecipekitError] = []
-    for name, ref in [*recipe.models.items(), *recipe.adapters.items()]:
-        if names is not None and name not in names:
-            continue
-        try:
-            out[name] = (resolve_model(ref, recipe) if ref.key_path[0] == "models"
-                         else resolve_adapter(ref, recipe))
-        except RecipekitError as e:
-            errors.append(e)
-    if errors:
-        if len(errors) == 1:
-            raise errors[0]
-        if all(e.exit_code == 2 for e in errors):
-            raise RecipeErrors(errors)
-        raise next(e for e in errors if e.exit_code != 2)
-    return out
 
 
 def iter_donor_files(path: Path) -> list[Path]:
@@ -470,14 +319,23 @@ def iter_donor_files(path: Path) -> list[Path]:
             rel = rel_root / f
             if f.startswith(".") or f.endswith(WEIGHT_SUFFIXES) or f.endswith(".index.json"):
                 continue
-            if rel in (Path("README.md"), Path("recipekit.json"), Path("config.json")):
+            if rel in (Path(MODEL_CARD), Path(MANIFEST), Path(CONFIG)):
                 continue
-            why = _escape(here / f, root)
+            why = escape_reason(here / f, root)
             if why is not None:
                 _skip_warning(here / f, why)
                 continue
             out.append(rel)
     return out
+
+
+def read_donor_json(donor: Path, rel: Path) -> Any:
+    """A donor's small JSON side file (e.g. ``1_Pooling/config.json``) parsed, or None when it
+    cannot be read or parsed: such files are copied as they are, never a reason to stop."""
+    try:
+        return json.loads(read_small(donor / rel, MAX_CONFIG, rel.as_posix()))
+    except (CorruptCheckpointError, UnicodeDecodeError, ValueError):
+        return None
 
 
 def _skip_warning(p: Path, why: str) -> None:

@@ -15,32 +15,29 @@ time. Every problem is a `ScalingsLogError` naming the file; the step locates it
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from recipekit.errors import ScalingsLogError
+from recipekit.inputs.files import read_bounded, sha256_file
+
 MAPPING_SUFFIX = "-mapping.json"
 MAX_MAPPING_BYTES = 16 * 1024 * 1024
 
 
-class ScalingsLogError(ValueError):
-    """Why a scalings log cannot be used (message names the file; hint says what to do)."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-
-
 @dataclass(frozen=True)
 class ScalingsLog:
-    """The log's arrays (memory-mapped), in mapping order, and each file's sha256."""
+    """The log's arrays (memory-mapped), in mapping order, and each file's sha256 (by its name
+    in ``directory``)."""
 
     arrays: tuple[tuple[str, Any], ...]  # (file name, array (N_f, B, S, L, n))
     sha256: dict[str, str]
+    directory: Path
 
     @property
     def shape_tail(self) -> tuple[int, int]:
@@ -54,17 +51,7 @@ class ScalingsLog:
                 yield arr[k]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _load_npy(path: Path) -> Any:
-    import numpy as np
-
     shown = path.name
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -89,9 +76,10 @@ def _load_npy(path: Path) -> Any:
 def _read_mapping(path: Path) -> dict[str, list[int]]:
     shown = path.name
     try:
-        if path.stat().st_size > MAX_MAPPING_BYTES:
+        raw, _ = read_bounded(path, MAX_MAPPING_BYTES)
+        if raw is None:
             raise ScalingsLogError(f"{shown} is larger than {MAX_MAPPING_BYTES} bytes")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ScalingsLogError(f"{shown}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -138,10 +126,11 @@ def read_scalings_log(path: Path) -> ScalingsLog:
     """
     kind, file = locate_log(path)
     if kind == "npy":
-        return ScalingsLog((((file.name, _load_npy(file)),)), {file.name: _sha256(file)})
+        return ScalingsLog((((file.name, _load_npy(file)),)), {file.name: sha256_file(file)},
+                           file.parent)
     mapping = _read_mapping(file)
     arrays: list[tuple[str, Any]] = []
-    sha = {file.name: _sha256(file)}
+    sha = {file.name: sha256_file(file)}
     positions: list[int] = []
     for key, where in mapping.items():
         part = file.parent / Path(key).name
@@ -153,9 +142,9 @@ def read_scalings_log(path: Path) -> ScalingsLog:
             raise ScalingsLogError(f"{part.name} has {list(arr.shape[-2:])} modules × adapters, "
                                    f"{arrays[0][0]} {list(arrays[0][1].shape[-2:])}")
         arrays.append((part.name, arr))
-        sha[part.name] = _sha256(part)
+        sha[part.name] = sha256_file(part)
         positions += where
     if sorted(positions) != list(range(len(positions))):
         raise ScalingsLogError(f"the positions in {file.name} do not number the log entries "
                                f"0..{len(positions) - 1} once each")
-    return ScalingsLog(tuple(arrays), sha)
+    return ScalingsLog(tuple(arrays), sha, file.parent)

@@ -23,17 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recipekit.errors import SchemeError
+from recipekit.inputs.files import read_bounded
+
+#: An MLTF config file is a few KB; anything far larger is not one.
+MAX_SCHEME_FILE = 16 * 1024 * 1024
+#: The key of an MLTF config file that holds each scheme of a coalescing step.
+FILE_KEYS = {"width": "width_scheme", "depth": "depth_scheme"}
+
 KeySuffix = tuple[str | int, ...]
-
-
-class SchemeError(ValueError):
-    """A scheme problem, located by ``where`` (key path relative to the step: ("width", 3))."""
-
-    def __init__(self, message: str, where: KeySuffix, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.where = where
-        self.hint = hint
 
 
 @dataclass(frozen=True)
@@ -172,6 +170,15 @@ def derive_width(heads: Sequence[Sequence[int]], ffn: Sequence[Sequence[int]] | 
                           f"{ratio}", ("width",))
     kv = _kv_partition(q, ratio, heads)
     hidden_block = hidden_size // num_heads
+    return WidthMap(h=Space(q, hidden_block), q=Space(q, head_dim), kv=Space(kv, head_dim),
+                    ffn=_ffn_space(q, ffn, coalescing=coalescing, num_heads=num_heads,
+                                   intermediate_size=intermediate_size, model=model))
+
+
+def _ffn_space(q: Partition, ffn: Sequence[Sequence[int]] | None, *, coalescing: bool,
+               num_heads: int, intermediate_size: int, model: str) -> Space:
+    """FFN neurons: in blocks following the head groups ``q``, or an explicit ``ffn:``
+    partition of FFN blocks."""
     if ffn is None:
         if intermediate_size % num_heads:
             raise SchemeError(
@@ -179,18 +186,14 @@ def derive_width(heads: Sequence[Sequence[int]], ffn: Sequence[Sequence[int]] | 
                 f"{num_heads} heads, so FFN neurons cannot follow the head groups", ("width",),
                 hint="give an explicit `ffn:` partition of FFN blocks (its index count must "
                 "divide intermediate_size)")
-        f = q
-        ffn_block = intermediate_size // num_heads
-    else:
-        f = check_partition(ffn, key="ffn", unit="FFN block", model=model)
-        units = f.n_large if coalescing else f.n_small
-        if intermediate_size % units:
-            raise SchemeError(f"the `ffn:` partition has {units} "
-                              f"{'blocks' if coalescing else 'groups'}, which does not divide "
-                              f"intermediate_size {intermediate_size} of {model}", ("ffn",))
-        ffn_block = intermediate_size // units
-    return WidthMap(h=Space(q, hidden_block), q=Space(q, head_dim), kv=Space(kv, head_dim),
-                    ffn=Space(f, ffn_block))
+        return Space(q, intermediate_size // num_heads)
+    f = check_partition(ffn, key="ffn", unit="FFN block", model=model)
+    units = f.n_large if coalescing else f.n_small
+    if intermediate_size % units:
+        raise SchemeError(f"the `ffn:` partition has {units} "
+                          f"{'blocks' if coalescing else 'groups'}, which does not divide "
+                          f"intermediate_size {intermediate_size} of {model}", ("ffn",))
+    return Space(f, intermediate_size // units)
 
 
 def _kv_partition(q: Partition, ratio: int, written: Sequence[Sequence[int]]) -> Partition:
@@ -225,7 +228,11 @@ def read_scheme_file(path: Path, key: str) -> Any:
     """
     where: KeySuffix = ()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw, size = read_bounded(path, MAX_SCHEME_FILE)
+        if raw is None:
+            raise SchemeError(f"the scheme file is {size} bytes, larger than any MLTF config "
+                              f"({MAX_SCHEME_FILE} bytes)", where)
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise SchemeError("scheme file not found", where) from None
     except (OSError, UnicodeDecodeError) as e:

@@ -29,7 +29,7 @@ def iter_chunks(reader: FileReader, info: TensorInfo, buffer: bytearray, *,
     Raises:
         CorruptCheckpointError: the file is shorter than its header says (from the reader).
     """
-    import torch
+    import torch  # only when tensor values are read: `inspect` without --stats never loads it
 
     elements = elements or CHUNK_ELEMENTS
     size = itemsize(info.dtype)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.dtypes import DTYPES, FP8_CODES
-from recipekit.errors import CorruptCheckpointError, UnsupportedCheckpointError
+from recipekit.errors import CorruptCheckpointError, UnsupportedCheckpointError, display_path
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE, in bytes)
 METADATA = {"format": "pt"}
@@ -48,19 +48,6 @@ class TensorInfo:
     file: Path
     offset: int  # absolute, in the file; -1 while the file is only known from a remote header
     nbytes: int
-
-
-def display_path(path: Path) -> str:
-    """A path as a user wants to read it: relative to the working directory when inside it.
-
-    The last component is not resolved: a message about a symlink names the link, not its
-    target (and a symlink loop cannot make the message itself fail).
-    """
-    try:
-        full = path.parent.resolve() / path.name if path.name else path.resolve()
-        return str(full.relative_to(Path.cwd().resolve()))
-    except (ValueError, OSError, RuntimeError):
-        return str(path)
 
 
 def printable(text: str) -> str:
@@ -140,28 +127,34 @@ def parse_json(raw: bytes, shown: str, what: str, *, strict: bool = True,
         raise CorruptCheckpointError(f"{what} is not valid JSON ({why})", file=shown,
                                      hint=hint) from None
     if dups:
-        key, where = dups[0]
-        if where is doc:
-            place = f"lists {'' if key == '__metadata__' else 'tensor '}{quote_name(key)} twice"
-        else:
-            owner = next((k for k, v in doc.items() if v is where), None) if isinstance(
-                doc, dict) else None
-            place = (f"has the key {quote_name(key)} twice in the entry for {quote_name(owner)}"
-                     if owner is not None else f"has the key {quote_name(key)} twice in a "
-                     "nested object")
-        raise CorruptCheckpointError(f"{what} {place}; JSON readers would silently keep only "
-                                     "the last", file=shown, hint=hint)
+        raise CorruptCheckpointError(f"{what} {_duplicate(doc, *dups[0])}; JSON readers would "
+                                     "silently keep only the last", file=shown, hint=hint)
     if _SURROGATE_ESCAPE.search(raw):
-        try:
-            json.dumps(doc, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise CorruptCheckpointError(f"{what} holds a lone UTF-16 surrogate escape "
-                                         "(\\ud800-\\udfff), which is not valid Unicode",
-                                         file=shown, hint=hint) from None
-        except RecursionError:
-            raise CorruptCheckpointError(f"{what} is nested too deeply to be JSON from a model "
-                                         "checkpoint", file=shown, hint=hint) from None
+        _check_surrogates(doc, shown, what, hint)
     return doc
+
+
+def _check_surrogates(doc: Any, shown: str, what: str, hint: str) -> None:
+    """A document whose bytes escape a surrogate must still encode as UTF-8 (no lone one)."""
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CorruptCheckpointError(f"{what} holds a lone UTF-16 surrogate escape "
+                                     "(\\ud800-\\udfff), which is not valid Unicode",
+                                     file=shown, hint=hint) from None
+    except RecursionError:
+        raise CorruptCheckpointError(f"{what} is nested too deeply to be JSON from a model "
+                                     "checkpoint", file=shown, hint=hint) from None
+
+
+def _duplicate(doc: Any, key: str, where: dict) -> str:
+    """Where a JSON document repeats ``key`` (in the object ``where``), for a message."""
+    if where is doc:
+        return f"lists {'' if key == '__metadata__' else 'tensor '}{quote_name(key)} twice"
+    owner = next((k for k, v in doc.items() if v is where), None) if isinstance(
+        doc, dict) else None
+    return (f"has the key {quote_name(key)} twice in the entry for {quote_name(owner)}"
+            if owner is not None else f"has the key {quote_name(key)} twice in a nested object")
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -175,6 +168,38 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         UnsupportedCheckpointError: fp8, fp4/fp6 or unknown dtypes.
     """
     shown = display_path(path)
+    size, n, raw = read_raw_header(path, shown)
+    header = parse_json(raw, shown, "header")
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"header is {kind_of(header)}, not a JSON object", file=shown,
+                                     hint=_NOT_SAFETENSORS)
+    data_start = 8 + n
+    data_len = size - data_start
+    out: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            check_metadata(entry, shown)
+            continue
+        dtype, shape, (begin, end), nbytes = check_entry(name, entry, shown)
+        if end > data_len:
+            raise CorruptCheckpointError(
+                f"file is truncated: tensor {quote_name(name)} ends at byte {data_start + end} "
+                f"but the file has {size} bytes", file=shown,
+                hint="download or convert the checkpoint again")
+        spans.append((begin, end, name))
+        out[name] = TensorInfo(name, dtype, shape, path, data_start + begin, nbytes)
+    check_layout(spans, data_len, data_start, shown)
+    return out
+
+
+def read_raw_header(path: Path, shown: str) -> tuple[int, int, bytes]:
+    """(file size, header length, header bytes) of a safetensors file, the length checked
+    against the file and the format's limit (the JSON is `read_header`'s to check).
+
+    Raises:
+        CorruptCheckpointError: unreadable, too short, a length beyond the file or the limit.
+    """
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -199,28 +224,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     if len(raw) < n:
         raise CorruptCheckpointError(f"file ended inside its {n}-byte header", file=shown,
                                      hint="the file changed while being read; run again")
-    header = parse_json(raw, shown, "header")
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"header is {kind_of(header)}, not a JSON object", file=shown,
-                                     hint=_NOT_SAFETENSORS)
-    data_start = 8 + n
-    data_len = size - data_start
-    out: dict[str, TensorInfo] = {}
-    spans: list[tuple[int, int, str]] = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            check_metadata(entry, shown)
-            continue
-        dtype, shape, (begin, end), nbytes = check_entry(name, entry, shown)
-        if end > data_len:
-            raise CorruptCheckpointError(
-                f"file is truncated: tensor {quote_name(name)} ends at byte {data_start + end} "
-                f"but the file has {size} bytes", file=shown,
-                hint="download or convert the checkpoint again")
-        spans.append((begin, end, name))
-        out[name] = TensorInfo(name, dtype, shape, path, data_start + begin, nbytes)
-    check_layout(spans, data_len, data_start, shown)
-    return out
+    return size, n, raw
 
 
 def check_metadata(meta: Any, shown: str) -> None:

@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recipekit.errors import OutputError, OutputPathError
-from recipekit.io.header import display_path
+from recipekit.errors import OutputError, OutputPathError, display_path
+from recipekit.io.names import INDEX, MANIFEST, STATE
 from recipekit.io.writer import PARTIAL_SUFFIX, fsync_dir, partial_path, write_file_atomic
+from recipekit.units import format_size
 
-STATE = ".recipekit-state.json"
-MANIFEST = "recipekit.json"
-INDEX = "model.safetensors.index.json"
+__all__ = ["INDEX", "MANIFEST", "STATE", "OutputDir", "State", "dumps"]
 
 
 def dumps(data: Any) -> bytes:
@@ -178,8 +177,6 @@ class OutputDir:
         """Record the plan in the state file after checking free disk space."""
         free = shutil.disk_usage(self.path).free
         if bytes_needed > free:
-            from recipekit.units import format_size
-
             raise OutputError(
                 f"not enough free disk: the output needs {format_size(bytes_needed)} more, "
                 f"{format_size(free)} is free", file=display_path(self.path),

@@ -11,8 +11,8 @@ import os
 import threading
 from pathlib import Path
 
-from recipekit.errors import CorruptCheckpointError
-from recipekit.io.header import TensorInfo, display_path
+from recipekit.errors import CorruptCheckpointError, display_path
+from recipekit.io.header import TensorInfo
 
 _HAS_PREADV = hasattr(os, "preadv")
 

@@ -16,8 +16,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from recipekit.errors import OutputError
-from recipekit.io.header import display_path
+from recipekit.errors import OutputError, display_path
 
 PARTIAL_SUFFIX = ".recipekit-partial"
 

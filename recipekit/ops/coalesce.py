@@ -48,15 +48,6 @@ def pairwise_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.squeeze(dim)
 
 
-def axis_length(axis: AxisMap, *, large: bool) -> int:
-    """Length of an axis the map applies to (``large``) or produces."""
-    total = 0
-    for groups, block in axis[1]:
-        units = sum(len(g) for g in groups) if large else len(groups)
-        total += units * block
-    return total
-
-
 def coalesce_axis(x: torch.Tensor, dim: int, axis: AxisMap) -> torch.Tensor:
     """Large -> small along ``dim``: group mean (``"mean"``) or sum (``"sum"``) per segment."""
     mode, segments = axis

@@ -20,6 +20,8 @@ from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.graph import Load, Node, VirtualModel, cast, expression_nodes, load
 from recipekit.inputs.models import Checkpoint
+from recipekit.inputs.side_files import provided
+from recipekit.io.names import ADAPTER_WEIGHTS
 from recipekit.plan.cost import (
     COPY_BUFFERS,
     COPY_CHUNK,
@@ -172,7 +174,8 @@ def _build_models(recipe: Recipe, sources: Mapping[str, Any]) -> dict[str, Any]:
             failed.add(step.name)
             continue
         try:
-            models[step.name] = op.build(step, models, recipe)
+            with provided(sources):  # steps get the side files resolved with the sources
+                models[step.name] = op.build(step, models, recipe)
         except RecipeErrors as e:
             errors.extend(e.errors)
             failed.add(step.name)
@@ -214,13 +217,13 @@ NO_STACK = LayerStack("", 0, ("num_hidden_layers",), (), None, "")
 
 def _adapter_plan(recipe: Recipe, sources: Mapping[str, Any], aset: Any) -> Plan:
     """A plan writing an adapter set as a PEFT adapter directory: one safetensors file."""
-    from recipekit.run.adapter_output import WEIGHTS, adapter_output
+    from recipekit.run.adapter_output import adapter_output
 
     if recipe.output.config is not None:
         raise RecipeErrors([recipe.error(("output", "config"), "an adapter output has no "
                                          "config.json donor", key=True)])
     tensors, config = adapter_output(aset, recipe)
-    shards = schedule_shards(tensors, 1 << 62, single=WEIGHTS)
+    shards = schedule_shards(tensors, 1 << 62, single=ADAPTER_WEIGHTS)
     model = VirtualModel(aset.name, {}, tensors, NO_STACK, "")
     return Plan(recipe, dict(sources), model, None, config, shards, adapter=True)
 

@@ -11,8 +11,9 @@ import json
 from dataclasses import fields
 from typing import Any
 
+from recipekit.errors import display_path
 from recipekit.graph import Load, Node
-from recipekit.io.header import display_path, printable
+from recipekit.io.header import printable
 from recipekit.plan import Plan
 from recipekit.units import format_size
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from recipekit.graph import Node
 from recipekit.io.header import build_header
+from recipekit.io.names import WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def natural_key(name: str) -> tuple[Any, ...]:
 
 
 def schedule_shards(tensors: Mapping[str, Node], shard_size: int, *,
-                    single: str = "model.safetensors") -> tuple[Shard, ...]:
+                    single: str = WEIGHTS) -> tuple[Shard, ...]:
     """Lay tensors out in natural name order, starting a new shard before one would exceed
     ``shard_size`` (a single larger tensor gets a shard of its own); one shard is named
     ``single``."""

@@ -23,9 +23,6 @@ from recipekit.graph.adapterset import PREFIX, AdapterSet
 from recipekit.io.header import quote_name
 from recipekit.recipe import Recipe
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
-
 
 def adapter_output(aset: AdapterSet, recipe: Recipe) -> tuple[dict[str, Node], dict[str, Any]]:
     """The tensors (by adapter key) and adapter_config.json of an adapter-set output.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from recipekit.errors import CorruptCheckpointError
+from recipekit.errors import CorruptCheckpointError, display_path
 from recipekit.inputs.hub import download as hub_download
-from recipekit.io.header import display_path, read_header
+from recipekit.io.header import read_header
 from recipekit.plan import Plan
 
 

@@ -10,8 +10,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from recipekit.inputs.models import Checkpoint, iter_donor_files
-from recipekit.io.output import INDEX, MANIFEST, OutputDir, dumps
+from recipekit.inputs.models import Checkpoint, iter_donor_files, read_donor_json
+from recipekit.io.names import ADAPTER_CONFIG, CONFIG, INDEX, MANIFEST, MODEL_CARD
+from recipekit.io.output import OutputDir, dumps
 from recipekit.plan import Plan
 from recipekit.run.manifest import build_manifest, build_model_card
 
@@ -22,10 +23,10 @@ def output_files(plan: Plan, donor_files: list[Path]) -> list[str]:
     """Every file a run of this plan writes, relative to the output directory."""
     files = [s.filename for s in plan.shards]
     if plan.adapter:
-        return [*files, "adapter_config.json", "README.md", MANIFEST]
+        return [*files, ADAPTER_CONFIG, MODEL_CARD, MANIFEST]
     if len(plan.shards) > 1:
         files.append(INDEX)
-    files += ["config.json", "README.md", *(str(p) for p in donor_files), MANIFEST]
+    files += [CONFIG, MODEL_CARD, *(str(p) for p in donor_files), MANIFEST]
     return files
 
 
@@ -36,14 +37,14 @@ def finish_output(plan: Plan, out: OutputDir, donor_files: list[Path]) -> None:
         total = sum(t.nbytes for s in plan.shards for t in s.tensors)
         out.write_file(INDEX, dumps({"metadata": {"total_size": total},
                                      "weight_map": weight_map}))
-    out.write_file("adapter_config.json" if plan.adapter else "config.json",
+    out.write_file(ADAPTER_CONFIG if plan.adapter else CONFIG,
                    dumps(plan.config))
     for rel in donor_files:
         if rel.as_posix() in plan.files:  # a dimension field rewritten (e.g. 1_Pooling)
             out.write_file(str(rel), plan.files[rel.as_posix()])
         else:
             out.copy_file(plan.donor.path / rel, str(rel))  # type: ignore[union-attr]
-    out.write_file("README.md", build_model_card(plan).encode())
+    out.write_file(MODEL_CARD, build_model_card(plan).encode())
     out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished)))
     out.complete()
 
@@ -67,12 +68,9 @@ def rewrite_dimension_files(donor: Checkpoint, config: dict[str, Any]) -> dict[s
         return {}
     out: dict[str, bytes] = {}
     for rel in iter_donor_files(donor.path):
-        if rel.name != "config.json" or rel.parent == Path("."):
+        if rel.name != CONFIG or rel.parent == Path("."):
             continue
-        try:
-            data = json.loads((donor.path / rel).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            continue
+        data = read_donor_json(donor.path, rel)
         if not isinstance(data, dict):
             continue
         if data.get("word_embedding_dimension") == old:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from recipekit.arch import (
@@ -36,23 +35,19 @@ from recipekit.arch import (
     with_config,
 )
 from recipekit.dtypes import is_floating, torch_dtype
-from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError, UsageError
+from recipekit.errors import RecipeError, RecipeErrors, SchemeError, ShapeMismatchError, UsageError
 from recipekit.graph import Node, VirtualModel, intern
 from recipekit.inputs.schemes import (
     Partition,
-    SchemeError,
     WidthMap,
     check_partition,
     derive_width,
-    read_scheme_file,
 )
+from recipekit.inputs.side_files import side_file
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.registry import Op
 
 log = logging.getLogger(__name__)
-
-FILE_KEYS = {"width": "width_scheme", "depth": "depth_scheme"}
-
 
 #: An axis map of a coalescing node: ``(mode, ((groups, block), ...))`` (see ops/coalesce.py).
 AxisMap = tuple[str, tuple[tuple[tuple[tuple[int, ...], ...], int], ...]]
@@ -143,14 +138,14 @@ class _Located(Exception):
 
 
 def _read_scheme(step: Step, recipe: Recipe, key: str) -> tuple[Any, str | None]:
-    """The scheme under ``key`` (inline, or read from ``{file: ...}``) and its file, if any."""
+    """The scheme under ``key`` (inline, or from ``{file: ...}``, read by the inputs layer) and
+    its file, if any."""
     value = step.spec.get(key)
     if not isinstance(value, dict):
         return value, None
     written = value["file"]
-    path = scheme_path(recipe, written)
     try:
-        return read_scheme_file(path, FILE_KEYS[key]), written
+        return side_file(recipe, step, (key, "file")), written
     except SchemeError as e:
         raise _Located(recipe.error(step.key_path + (key, "file"), f"{written}: {e.message}",
                                     hint=e.hint)) from None
@@ -504,10 +499,6 @@ def _config_updates(step: Step, recipe: Recipe, src: VirtualModel, arch: Archite
             updates[key] = new
     return updates
 
-
-def scheme_path(recipe: Recipe, written: str) -> Path:
-    """Where a `{file: ...}` scheme lives: relative to the recipe file."""
-    return recipe.file.resolve().parent / written
 
 
 #: this module's ops (listed once in `recipekit.steps`)

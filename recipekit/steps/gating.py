@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from recipekit.arch import load_architectures
-from recipekit.errors import KeyPath, RecipeError, RecipeErrors
+from recipekit.errors import KeyPath, RecipeError, RecipeErrors, ScalingsLogError
 from recipekit.graph import VirtualModel
-from recipekit.inputs.scalings import ScalingsLogError, read_scalings_log
+from recipekit.inputs.side_files import side_file, side_path
 from recipekit.io.header import quote_name
 from recipekit.recipe import Recipe, Step
 
@@ -191,14 +191,15 @@ def _named_rows(given: Mapping[str, Any], where: KeyPath, recipe: Recipe, module
             rows[target] = row
 
 
-def _from_log(spec: Mapping[str, Any], where: KeyPath, recipe: Recipe, modules: list[str],
+def _from_log(step: Step, where: KeyPath, recipe: Recipe, modules: list[str],
               n: int) -> tuple[list[tuple[float, ...]], dict[str, Any]]:
     from recipekit.ops.xlora import mean_gates
 
+    spec = step.spec["gating"]
     written = spec["log"]
-    path = recipe.file.resolve().parent / written
+    path = side_path(recipe, written)
     try:
-        log = read_scalings_log(path)
+        log = side_file(recipe, step, ("gating", "log"))
         if log.shape_tail != (len(modules), n):
             L, k = log.shape_tail
             raise ScalingsLogError(
@@ -254,7 +255,7 @@ def resolve_gating(step: Step, recipe: Recipe, model: VirtualModel, targets: Seq
         raise RecipeErrors(errors)
     scale = float(spec.get("global_scaling_weight", 1.0))
     if "log" in spec:
-        rows, meta = _from_log(spec, where, recipe, modules, n)
+        rows, meta = _from_log(step, where, recipe, modules, n)
     else:
         rows, meta = _table(spec, where, recipe, model, modules, n), {"log": None}
     meta = {"adapters": list(adapters), **meta, "global_scaling_weight": scale,

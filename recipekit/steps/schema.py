@@ -11,7 +11,7 @@ Usage, after adding an op or a merge method::
     python -m recipekit.steps.schema           # rewrite schemas/recipe.schema.json
     python -m recipekit.steps.schema --check   # exit 1 if the committed file is stale
 
-tests/steps/test_schema.py runs the check.
+tests/steps/test_registry.py runs the check.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from recipekit.io.writer import write_file_atomic
 from recipekit.merge.schema import apply_merge_schema
 from recipekit.steps import OPS
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"{args.path} is stale: run `python -m recipekit.steps.schema`", file=sys.stderr)
         return 1
-    args.path.write_text(wanted)
+    write_file_atomic(args.path, wanted.encode())
     return 0
 
 

@@ -10,6 +10,7 @@ checkpoint's tensors equal the pickled ones, and transformers / PEFT load it.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 from collections.abc import Callable
@@ -17,17 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipekit.errors import CorruptCheckpointError, OutputPathError, SourceNotFoundError
-from recipekit.inputs.models import WEIGHT_DIRS
-from recipekit.io.header import build_header, display_path
-from recipekit.io.writer import ShardWriter
+from recipekit.errors import (
+    CorruptCheckpointError,
+    OutputPathError,
+    SourceNotFoundError,
+    display_path,
+)
+from recipekit.inputs.files import read_bounded
+from recipekit.io.header import MAX_HEADER, build_header
+from recipekit.io.names import ADAPTER_PICKLE, ADAPTER_WEIGHTS, WEIGHT_DIRS, WEIGHTS
+from recipekit.io.names import INDEX as SAFE_INDEX
+from recipekit.io.writer import ShardWriter, write_file_atomic
 
 #: pickle name -> safetensors name, for single-file checkpoints.
-SINGLE_NAMES = {"pytorch_model.bin": "model.safetensors",
-                "adapter_model.bin": "adapter_model.safetensors",
-                "model.bin": "model.safetensors"}
+SINGLE_NAMES = {"pytorch_model.bin": WEIGHTS, ADAPTER_PICKLE: ADAPTER_WEIGHTS,
+                "model.bin": WEIGHTS}
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-SAFE_INDEX = "model.safetensors.index.json"
 _CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
           "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
           "bool": "BOOL"}
@@ -44,7 +50,7 @@ def _plan_files(src: Path) -> tuple[dict[str, str], dict[str, str] | None]:
     """Which pickle files become which safetensors files, and the new weight map if sharded."""
     if (src / PICKLE_INDEX).is_file():
         try:
-            weight_map = json.loads((src / PICKLE_INDEX).read_text())["weight_map"]
+            weight_map = _read_pickle_index(src)["weight_map"]
         except (OSError, ValueError, KeyError) as e:
             raise CorruptCheckpointError(f"{PICKLE_INDEX} has no valid `weight_map` ({e})",
                                          file=display_path(src / PICKLE_INDEX)) from None
@@ -60,8 +66,20 @@ def _plan_files(src: Path) -> tuple[dict[str, str], dict[str, str] | None]:
     return found, None
 
 
+def _read_pickle_index(src: Path) -> Any:
+    """The JSON document of a sharded pickle checkpoint's index.
+
+    Raises:
+        OSError: unreadable; ValueError: larger than any index, not UTF-8 or not JSON.
+    """
+    raw, size = read_bounded(src / PICKLE_INDEX, MAX_HEADER)
+    if raw is None:
+        raise ValueError(f"{size} bytes, larger than any index")
+    return json.loads(raw.decode("utf-8"))
+
+
 def _load_pickle(path: Path) -> dict[str, Any]:
-    import torch
+    import torch  # only `convert` needs torch; importing this module stays light
 
     try:
         try:
@@ -86,8 +104,6 @@ def _load_pickle(path: Path) -> dict[str, Any]:
 def _write_safetensors(tensors: dict[str, Any], target: Path) -> int:
     """Stream a state dict into one safetensors file; tensors sharing storage are written as
     separate copies (safetensors has no aliasing)."""
-    import ctypes
-
     names = sorted(tensors)
     entries = []
     for name in names:
@@ -143,9 +159,10 @@ def convert_checkpoint(src: Path, dst: Path, *,
         written += _write_safetensors(tensors, dst / new)
         del tensors
     if weight_map is not None:
-        index = json.loads((src / PICKLE_INDEX).read_text())
+        index = _read_pickle_index(src)
         index["weight_map"] = weight_map
-        (dst / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_file_atomic(dst / SAFE_INDEX,
+                          (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
     skip = set(names) | {PICKLE_INDEX}
     for item in sorted(src.rglob("*")):
         rel = item.relative_to(src)

@@ -14,8 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 from recipekit.dtypes import is_floating
+from recipekit.errors import display_path
 from recipekit.inputs.checkpoints import OpenCheckpoint
-from recipekit.io.header import display_path
+from recipekit.io import chunks
+from recipekit.io.header import TensorInfo
+from recipekit.io.reader import FileReader
 from recipekit.tools.inspect import OUTSIDE, LayerIndex, fmt_number, layer_sort_key, table
 
 
@@ -26,9 +29,7 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
     Raises:
         CorruptCheckpointError: a file is shorter than its header says.
     """
-    from recipekit.io import chunks
-    from recipekit.io.reader import FileReader
-    from recipekit.ops.stats import DiffStats
+    from recipekit.ops.stats import DiffStats  # torch, only when tensor values are read
 
     only_a = [n for n in a.tensors if n not in b.tensors]
     only_b = [n for n in b.tensors if n not in a.tensors]
@@ -46,11 +47,7 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
             if ia.shape != ib.shape:
                 shape_mismatch.append({"name": name, "a": list(ia.shape), "b": list(ib.shape)})
                 continue
-            acc = DiffStats()
-            pairs = zip(chunks.iter_chunks(reader, ia, buf_a),
-                        chunks.iter_chunks(reader, ib, buf_b), strict=True)
-            for ca, cb in pairs:
-                acc.update(ca, cb)
+            acc = _compare(reader, ia, ib, buf_a, buf_b)
             if progress is not None:
                 progress(ia.nbytes + ib.nbytes)
             rows.append({"name": name, "dtype_a": ia.dtype, "dtype_b": ib.dtype,
@@ -74,10 +71,17 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
     }
 
 
-def is_same(report: dict[str, Any]) -> bool:
-    """Whether the two checkpoints hold the same tensor names, shapes and values."""
-    return (not report["only_in_a"] and not report["only_in_b"] and not report["shape_mismatch"]
-            and report["differing"] == 0)
+def _compare(reader: FileReader, ia: TensorInfo, ib: TensorInfo, buf_a: bytearray,
+             buf_b: bytearray) -> Any:
+    """The `DiffStats` of two same-shaped tensors, read chunk by chunk side by side."""
+    from recipekit.ops.stats import DiffStats  # torch, only when tensor values are read
+
+    acc = DiffStats()
+    pairs = zip(chunks.iter_chunks(reader, ia, buf_a), chunks.iter_chunks(reader, ib, buf_b),
+                strict=True)
+    for ca, cb in pairs:
+        acc.update(ca, cb)
+    return acc
 
 
 def render_diff(report: dict[str, Any], *, verbose: bool = False) -> str:

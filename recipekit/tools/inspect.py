@@ -19,8 +19,11 @@ from typing import Any
 
 from recipekit.arch import scan_layer_stacks
 from recipekit.dtypes import is_floating
+from recipekit.errors import display_path
 from recipekit.inputs.checkpoints import OpenCheckpoint
-from recipekit.io.header import TensorInfo, display_path, printable
+from recipekit.io import chunks
+from recipekit.io.header import TensorInfo, printable
+from recipekit.io.reader import FileReader
 
 OUTSIDE = "(outside layers)"
 _LORA = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight|"
@@ -116,9 +119,7 @@ def inspect_checkpoint(ckpt: OpenCheckpoint, *, stats: bool = True,
 
 def _add_stats(ckpt: OpenCheckpoint, rows: list[dict[str, Any]], index: LayerIndex,
                report: dict[str, Any], progress: Callable[[int], None] | None) -> None:
-    from recipekit.io import chunks
-    from recipekit.io.reader import FileReader
-    from recipekit.ops.stats import TensorStats
+    from recipekit.ops.stats import TensorStats  # torch, only when tensor values are read
 
     layers: dict[str, TensorStats] = {}
     total = TensorStats()

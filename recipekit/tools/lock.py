@@ -8,7 +8,9 @@ either reads the same bytes or says exactly which input changed:
   cache holds to its size and the blob hash huggingface_hub's cache names it by (the sha256 for
   LFS files, the git sha1 for small files) — read from the cache's link, never recomputed;
 * a local input's files (config.json, the index, every weight file; adapter_config.json for
-  adapters) to their size and sha256, plus the mtime the hash was taken at.
+  adapters) to their size and sha256, plus the mtime the hash was taken at;
+* a side file a step names (a coalescing scheme file, an X-LoRA scalings log and the arrays
+  its mapping names), keyed ``steps.<step>.<key>``, like a local input's files.
 
 `run` with a lock present checks sizes and, for a file whose mtime moved, its sha256; `--frozen`
 hashes every local file and refuses to run without a lock. Oracle: tests/test_lock.py changes
@@ -17,24 +19,23 @@ one input byte and sees `run --frozen` refuse; hub pinning is tested offline on 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from recipekit import __version__
-from recipekit.errors import UsageError
+from recipekit.errors import LockError, display_path
+from recipekit.inputs.files import read_bounded, sha256_file
 from recipekit.inputs.hub import blob_id
-from recipekit.io.header import display_path
+from recipekit.inputs.resolve import Sources
+from recipekit.inputs.side_files import SideFile, resolve_side_files
+from recipekit.io.names import INDEX
+from recipekit.io.writer import write_file_atomic
 from recipekit.recipe import ModelRef, Recipe
 
 LOCK_VERSION = 1
-INDEX = "model.safetensors.index.json"
-
-
-class LockError(UsageError):
-    """The lock does not match the recipe or its inputs (exit 2)."""
+#: A lock lists a few files per input; one this large is not a lock.
+MAX_LOCK = 64 * 1024 * 1024
 
 
 def lock_path(recipe_file: Path) -> Path:
@@ -42,27 +43,24 @@ def lock_path(recipe_file: Path) -> Path:
     return recipe_file.with_name(recipe_file.stem + ".lock.json")
 
 
-def _source_spec(ref: ModelRef) -> dict[str, Any]:
+def _source_spec(ref: ModelRef | SideFile) -> dict[str, Any]:
     """How the recipe names an input; a lock entry applies only while this is unchanged."""
+    if isinstance(ref, SideFile):
+        return {"path": ref.written}
     if ref.hub is not None:
         return {"hub": ref.hub, "revision": ref.revision}
     return {"path": ref.written}
 
 
 def _files(source: Any) -> list[Path]:
-    """The files `run` reads from an input: its config, a sharded index, its weights."""
-    config = source.path / ("config.json" if hasattr(source, "stack") else "adapter_config.json")
+    """The files `run` reads from an input: its config, a sharded index, its weights (for a
+    side file: every file read for it)."""
+    if isinstance(source, SideFile):
+        return list(source.files)
+    config = source.config_path
     index = source.path / INDEX
     extra = [index] if index.exists() and index not in source.weight_files else []
     return [config, *extra, *source.weight_files]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _hub_file(path: Path) -> dict[str, Any] | None:
@@ -75,7 +73,7 @@ def _hub_file(path: Path) -> dict[str, Any] | None:
     return {"size": path.stat().st_size, key: blob}
 
 
-def _entry(ref: ModelRef, source: Any) -> dict[str, Any]:
+def _entry(ref: ModelRef | SideFile, source: Any) -> dict[str, Any]:
     entry = _source_spec(ref)
     files: dict[str, Any] = {}
     if source.hub is not None:
@@ -93,30 +91,37 @@ def _entry(ref: ModelRef, source: Any) -> dict[str, Any]:
     return entry
 
 
-def _inputs(recipe: Recipe) -> dict[str, ModelRef]:
-    """Every input by its key in the recipe (``models.x``, ``adapters.y``)."""
-    out = {f"models.{n}": r for n, r in recipe.models.items()}
-    out.update({f"adapters.{n}": r for n, r in recipe.adapters.items()})
+def _inputs(recipe: Recipe, sources: dict[str, Any]
+            ) -> dict[str, tuple[ModelRef | SideFile, Any]]:
+    """Every input by its key in the recipe (``models.x``, ``adapters.y``, ``steps.s.key``):
+    how the recipe names it, and what it resolved to."""
+    out: dict[str, tuple[ModelRef | SideFile, Any]] = {
+        f"models.{n}": (r, sources.get(n)) for n, r in recipe.models.items()}
+    out.update({f"adapters.{n}": (r, sources.get(n)) for n, r in recipe.adapters.items()})
+    side = sources.side_files if isinstance(sources, Sources) else resolve_side_files(recipe)
+    out.update({f.lock_key: (f, f) for f in side.values()})
     return out
 
 
 def build_lock(recipe: Recipe, sources: dict[str, Any]) -> dict[str, Any]:
     """The lock document for a recipe whose inputs are resolved (`resolve_sources`)."""
-    inputs = {key: _entry(ref, sources[ref.name]) for key, ref in _inputs(recipe).items()}
+    inputs = {key: _entry(ref, source) for key, (ref, source) in _inputs(recipe, sources).items()}
     return {"recipekit_lock": LOCK_VERSION, "recipekit": __version__,
             "recipe": recipe.file.name, "inputs": inputs}
 
 
 def write_lock(path: Path, lock: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_file_atomic(path, (json.dumps(lock, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_lock(path: Path, recipe_file: Path) -> dict[str, Any]:
     shown = display_path(path)
     try:
-        doc = json.loads(path.read_text())
+        raw, size = read_bounded(path, MAX_LOCK)
+        if raw is None:
+            raise LockError(f"cannot read the lock: it is {size} bytes, not a lock", file=shown,
+                            hint=_refresh_hint(recipe_file))
+        doc = json.loads(raw.decode())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LockError(f"cannot read the lock: {e}", file=shown,
                         hint=_refresh_hint(recipe_file)) from None
@@ -147,11 +152,11 @@ def check_lock(recipe: Recipe, sources: dict[str, Any], path: Path, *,
     shown = display_path(path)
     hint = _refresh_hint(recipe.file) + " (or restore the locked inputs)"
     problems: list[str] = []
-    current = _inputs(recipe)
+    current = _inputs(recipe, sources)
     locked = lock["inputs"]
     for key in sorted(set(locked) - set(current)):
         problems.append(f"{key} is locked but no longer in the recipe")
-    for key, ref in sorted(current.items()):
+    for key, (ref, source) in sorted(current.items()):
         entry = locked.get(key)
         if not isinstance(entry, dict):
             problems.append(f"{key} ({ref.written}) is not in the lock")
@@ -160,7 +165,7 @@ def check_lock(recipe: Recipe, sources: dict[str, Any], path: Path, *,
         if {k: entry.get(k) for k in spec} != spec or ("hub" in entry) != ("hub" in spec):
             problems.append(f"{key} is now {_show(spec)} but the lock has {_show(entry)}")
             continue
-        problems += _check_files(key, entry, sources[ref.name], full_hash)
+        problems += _check_files(key, entry, source, full_hash)
     if problems:
         head = problems[0] if len(problems) == 1 else (
             f"{len(problems)} inputs differ from the lock: " + "; ".join(problems))

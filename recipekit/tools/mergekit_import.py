@@ -38,16 +38,24 @@ import difflib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from recipekit.errors import KeyPath, RecipeErrors, RecipekitError
+from recipekit.errors import ConversionError, KeyPath, RecipeErrors, RecipekitError
+from recipekit.inputs.resolve import resolve_sources
 from recipekit.merge import METHODS, MethodSpec
-from recipekit.recipe import Document, load_document, recipe_from_data
-from recipekit.recipe.params import evaluate_gradient, is_before_layers
+from recipekit.plan import compile_plan
+from recipekit.recipe import load_document, recipe_from_data
+from recipekit.tools.mergekit_params import (
+    ImportState,
+    Slice,
+    Source,
+    exact,
+    post_names,
+    translate_param,
+)
 
 #: What recipekit converts, and what it refuses with a reason (the key is named in the error).
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype")
@@ -66,44 +74,6 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class ConversionError(RecipeErrors):
-    """Something in the mergekit config that has no exact recipekit translation (exit 2)."""
-
-
-@dataclass
-class Source:
-    model: str  # recipekit model name
-    layers: tuple[int, int] | None  # None: the whole model (a `models:` config)
-    params: Mapping[str, Any] | None
-    path: KeyPath
-
-
-@dataclass
-class Slice:
-    sources: list[Source]
-    base: str | None
-    params: Mapping[str, Any] | None
-    path: KeyPath
-    length: int = 0
-
-
-@dataclass
-class _State:
-    doc: Document
-    cwd: Path
-    out_dir: Path
-    models: dict[str, Any] = field(default_factory=dict)  # recipe name -> model source
-    refs: dict[str, str] = field(default_factory=dict)  # mergekit reference -> recipe name
-    where: dict[str, KeyPath] = field(default_factory=dict)  # recipe name -> first mention
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    checkpoints: dict[str, Any] = field(default_factory=dict)
-    translated: set[str] = field(default_factory=set)  # which semantic fixes were emitted
-
-    def fail(self, path: KeyPath, message: str, hint: str | None = None) -> ConversionError:
-        return ConversionError([self.doc.error(path, message, hint=hint, key=True)])
-
-
 def convert_file(config: Path, out_file: Path | None, cwd: Path | None = None) -> str:
     """The recipe text for mergekit config ``config``, checked by recipekit's own validation.
 
@@ -117,7 +87,7 @@ def convert_file(config: Path, out_file: Path | None, cwd: Path | None = None) -
     doc = load_document(config)
     cwd = (cwd or Path.cwd()).resolve()
     out_dir = out_file.resolve().parent if out_file is not None else cwd
-    st = _State(doc, cwd, out_dir)
+    st = ImportState(doc, cwd, out_dir)
     data = doc.data
     if not isinstance(data, dict):
         raise st.fail((), "a mergekit config is a mapping with `merge_method` and `models` or "
@@ -136,7 +106,7 @@ def convert_file(config: Path, out_file: Path | None, cwd: Path | None = None) -
 
 # --- reading the config --------------------------------------------------------------------
 
-def _check_top(st: _State, data: dict[str, Any]) -> None:
+def _check_top(st: ImportState, data: dict[str, Any]) -> None:
     errors = []
     for key, value in data.items():
         if key in REFUSED:
@@ -166,7 +136,7 @@ def _check_top(st: _State, data: dict[str, Any]) -> None:
         raise ConversionError(errors)
 
 
-def _model(st: _State, ref: Any, path: KeyPath) -> str:
+def _model(st: ImportState, ref: Any, path: KeyPath) -> str:
     """The recipe name of a mergekit model reference, registering its source."""
     if isinstance(ref, dict):
         extra = sorted(set(ref) - {"model"})
@@ -208,7 +178,7 @@ def _model(st: _State, ref: Any, path: KeyPath) -> str:
     return name
 
 
-def _params(st: _State, value: Any, path: KeyPath) -> Mapping[str, Any] | None:
+def _params(st: ImportState, value: Any, path: KeyPath) -> Mapping[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -216,23 +186,13 @@ def _params(st: _State, value: Any, path: KeyPath) -> Mapping[str, Any] | None:
     return value
 
 
-def _read_slices(st: _State, data: dict[str, Any], method: MethodSpec) -> list[Slice]:
+def _read_slices(st: ImportState, data: dict[str, Any], method: MethodSpec) -> list[Slice]:
     base = _model(st, data["base_model"], ("base_model",)) if data.get("base_model") else None
     if "models" in data:
         entries = data["models"]
         if not isinstance(entries, list) or not entries:
             raise st.fail(("models",), "`models` is a non-empty list of {model, parameters}")
-        sources = []
-        for i, entry in enumerate(entries):
-            path = ("models", i)
-            if not isinstance(entry, dict) or "model" not in entry:
-                raise st.fail(path, "each `models` entry is {model: ..., parameters: ...}")
-            extra = sorted(set(entry) - {"model", "parameters"})
-            if extra:
-                raise st.fail(path + (extra[0],), f"unknown key `{extra[0]}` in a `models` entry")
-            sources.append(Source(_model(st, entry["model"], path + ("model",)), None,
-                                  _params(st, entry.get("parameters"), path + ("parameters",)),
-                                  path))
+        sources = [_models_entry(st, entry, ("models", i)) for i, entry in enumerate(entries)]
         if base is not None and all(s.model != base for s in sources):
             sources.append(Source(base, None, None, ("base_model",)))  # mergekit appends it
             st.notes.append(f"base_model '{base}' is not under `models:`; mergekit merges it "
@@ -252,23 +212,8 @@ def _read_slices(st: _State, data: dict[str, Any], method: MethodSpec) -> list[S
                 raise st.fail(path + (key,), f"unknown key `{key}` in a slice")
         if sl.get("residual_weight") is not None:
             st.notes.append(f"slices[{k}].residual_weight is ignored (mergekit ignores it too)")
-        sources = []
-        for j, src in enumerate(sl["sources"]):
-            spath = path + ("sources", j)
-            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
-                raise st.fail(spath, "each source is {model, layer_range: [start, end]}")
-            for key in src:
-                if key not in SOURCE_KEYS:
-                    raise st.fail(spath + (key,), f"unknown key `{key}` in a slice source")
-            lr = src["layer_range"]
-            if not (isinstance(lr, list) and len(lr) == 2 and all(
-                    isinstance(x, int) and not isinstance(x, bool) for x in lr)) \
-                    or lr[0] < 0 or lr[1] < lr[0]:
-                raise st.fail(spath + ("layer_range",), f"layer_range {lr!r} is not [start, end] "
-                              "with 0 <= start <= end")
-            sources.append(Source(_model(st, src["model"], spath + ("model",)), tuple(lr),
-                                  _params(st, src.get("parameters"), spath + ("parameters",)),
-                                  spath))
+        sources = [_slice_source(st, src, path + ("sources", j))
+                   for j, src in enumerate(sl["sources"])]
         lengths = {s.layers[1] - s.layers[0] for s in sources if s.layers}
         if len(lengths) > 1:
             raise st.fail(path + ("sources",), "the sources of a slice must have the same number "
@@ -282,13 +227,39 @@ def _read_slices(st: _State, data: dict[str, Any], method: MethodSpec) -> list[S
     return out
 
 
+def _models_entry(st: ImportState, entry: Any, path: KeyPath) -> Source:
+    """One ``{model, parameters}`` entry of a `models:` config (the whole model)."""
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise st.fail(path, "each `models` entry is {model: ..., parameters: ...}")
+    extra = sorted(set(entry) - {"model", "parameters"})
+    if extra:
+        raise st.fail(path + (extra[0],), f"unknown key `{extra[0]}` in a `models` entry")
+    return Source(_model(st, entry["model"], path + ("model",)), None,
+                  _params(st, entry.get("parameters"), path + ("parameters",)), path)
+
+
+def _slice_source(st: ImportState, src: Any, spath: KeyPath) -> Source:
+    """One ``{model, layer_range, parameters}`` entry of a slice's ``sources``."""
+    if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+        raise st.fail(spath, "each source is {model, layer_range: [start, end]}")
+    for key in src:
+        if key not in SOURCE_KEYS:
+            raise st.fail(spath + (key,), f"unknown key `{key}` in a slice source")
+    lr = src["layer_range"]
+    if not (isinstance(lr, list) and len(lr) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in lr)) \
+            or lr[0] < 0 or lr[1] < lr[0]:
+        raise st.fail(spath + ("layer_range",), f"layer_range {lr!r} is not [start, end] "
+                      "with 0 <= start <= end")
+    return Source(_model(st, src["model"], spath + ("model",)), tuple(lr),
+                  _params(st, src.get("parameters"), spath + ("parameters",)), spath)
+
+
 # --- the models ----------------------------------------------------------------------------
 
-def _resolve_models(st: _State) -> None:
+def _resolve_models(st: ImportState) -> None:
     """Read each model's config and headers (recipekit's own resolution) for layer counts and
     the names of the tensors after the layers."""
-    from recipekit.inputs.models import resolve_sources
-
     first = next(iter(st.models))
     probe = {"recipekit": 1, "models": st.models,
              "steps": [{"name": "probe", "op": "layers", "from": first, "layers": [0]}]}
@@ -301,7 +272,7 @@ def _resolve_models(st: _State) -> None:
         raise _relocate(st, e) from None
 
 
-def _relocate(st: _State, e: RecipekitError) -> RecipekitError:
+def _relocate(st: ImportState, e: RecipekitError) -> RecipekitError:
     """A source error located at the model's mention in the mergekit config."""
     if e.key_path and e.key_path[0] == "models" and len(e.key_path) > 1:
         name = e.key_path[1]
@@ -310,7 +281,7 @@ def _relocate(st: _State, e: RecipekitError) -> RecipekitError:
     return e
 
 
-def _measure(st: _State, slices: list[Slice]) -> None:
+def _measure(st: ImportState, slices: list[Slice]) -> None:
     for sl in slices:
         for s in sl.sources:
             n = st.checkpoints[s.model].stack.num_layers
@@ -325,119 +296,9 @@ def _measure(st: _State, slices: list[Slice]) -> None:
                 raise st.fail(sl.path, f"the models have different layer counts {sorted(lengths)}")
 
 
-def _post_names(st: _State, model: str) -> list[str]:
-    """Tensors after the layers (final norm, lm_head): mergekit's t = 0, recipekit's t = 1."""
-    ck = st.checkpoints[model]
-    return [n for n in ck.tensors if ck.stack.split(n) is None
-            and not is_before_layers(n, ck.stack)]
-
-
-def _layer_names(st: _State, model: str, index: int) -> list[str]:
-    ck = st.checkpoints[model]
-    return [n for n in ck.tensors if (hit := ck.stack.split(n)) is not None and hit[0] == index]
-
-
-# --- parameters ----------------------------------------------------------------------------
-
-def _glob(text: str) -> str:
-    """fnmatch pattern for 'contains ``text``' (mergekit's filter), special characters escaped."""
-    return "*" + re.sub(r"([*?\[])", r"[\1]", text) + "*"
-
-
-def _exact(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
-def _flatten(st: _State, chain: list[tuple[Any, KeyPath]], renumbered: bool
-             ) -> list[tuple[str | None, Any, KeyPath]]:
-    """mergekit's lookup over the levels as one first-match list of (filter, value)."""
-    rules: list[tuple[str | None, Any, KeyPath]] = []
-    for setting, path in chain:
-        items = setting if isinstance(setting, list) and setting and all(
-            isinstance(e, dict) for e in setting) else [setting]
-        if isinstance(setting, dict):
-            items = [setting]
-        for i, item in enumerate(items):
-            ipath = path + ((i,) if isinstance(setting, list) and isinstance(item, dict) else ())
-            if isinstance(item, dict):
-                extra = sorted(set(item) - {"filter", "value"})
-                if extra or "value" not in item:
-                    raise st.fail(ipath, "a conditional parameter is {filter: ..., value: ...}")
-                flt = item.get("filter")
-                if flt == "*":
-                    flt = None
-                if flt is not None and not isinstance(flt, str):
-                    raise st.fail(ipath + ("filter",), "a filter is a string")
-                if flt is not None and renumbered and re.search(r"\d", flt):
-                    raise st.fail(ipath + ("filter",), f"cannot convert filter {flt!r}: it names "
-                                  "a layer index, and recipekit's per-slice steps number their "
-                                  "layers from 0", hint="use a filter without digits")
-                rules.append((flt, item["value"], ipath + ("value",)))
-                if flt is None:
-                    return rules
-            else:
-                rules.append((None, item, ipath))
-                return rules
-    return rules
-
-
-def _param(st: _State, spec: Any, chain: list[tuple[Any, KeyPath]], sl: Slice, model: str
-           ) -> tuple[bool, Any]:
-    """(given, recipekit value) for one parameter of one merge input (or a shared one)."""
-    chain = [(v, p) for v, p in chain if v is not None]
-    if not chain:
-        return False, None
-    rules = _flatten(st, chain, renumbered=sl.sources[0].layers is not None)
-    if not rules:
-        return False, None
-    if spec.type in ("bool", "int"):
-        flt, value, path = rules[0]
-        if len(rules) > 1 or flt is not None or isinstance(value, list):
-            raise st.fail(path, f"cannot convert filters or gradients of the {spec.type} "
-                          f"parameter `{spec.name}`: recipekit takes one value per step")
-        return True, value
-    out: list[dict[str, Any]] = []
-    post = _post_names(st, model)
-    for flt, value, path in rules:
-        if isinstance(value, list):
-            if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                    for v in value):
-                raise st.fail(path, f"cannot convert the gradient {value!r}: recipekit "
-                              "gradients are lists of numbers")
-            if len(value) == 1:
-                value = value[0]
-        elif isinstance(value, (str, bool)) or (value is not None and
-                                                 not isinstance(value, (int, float))):
-            raise st.fail(path, f"cannot convert {value!r} for `{spec.name}`: it needs a number")
-        if isinstance(value, list):
-            at0 = evaluate_gradient(value, 0.0)
-            for n in post:  # mergekit: t = 0 after the layers; recipekit: t = 1
-                if flt is None or flt in n:
-                    out.append({"match": _exact(n), "value": at0})
-                    st.translated.add("post")
-            if sl.length == 1:  # mergekit: t = 1 in a one-layer slice; recipekit: t = 0
-                at1 = evaluate_gradient(value, 1.0)
-                st.translated.add("one_layer")
-                if flt is None:
-                    out.append({"match": _exact(st.checkpoints[model].stack.name(0, "")) + "*",
-                                "value": at1})
-                else:
-                    out += [{"match": _exact(n), "value": at1}
-                            for n in _layer_names(st, model, 0) if flt in n]
-            value = {"gradient": value}
-        if flt is not None:
-            st.translated.add("filter")
-        out.append({"value": value} if flt is None else {"match": _glob(flt), "value": value})
-    if out[-1].get("match") is not None and not spec.required:
-        out.append({"value": spec.default})  # mergekit falls back to the default
-    if len(out) == 1:
-        return True, out[0]["value"]
-    return True, out
-
-
 # --- steps ---------------------------------------------------------------------------------
 
-def _source_model(st: _State, s: Source, k: int, sl: Slice, used: set[str]) -> str:
+def _source_model(st: ImportState, s: Source, k: int, sl: Slice, used: set[str]) -> str:
     """The merge input for one source: the model itself, or a `layers` step for its range."""
     n = st.checkpoints[s.model].stack.num_layers
     if s.layers is None or s.layers == (0, n) or sl.length == 0:
@@ -452,7 +313,7 @@ def _source_model(st: _State, s: Source, k: int, sl: Slice, used: set[str]) -> s
     return name
 
 
-def _merge_slice(st: _State, data: dict[str, Any], method: MethodSpec, sl: Slice, k: int,
+def _merge_slice(st: ImportState, data: dict[str, Any], method: MethodSpec, sl: Slice, k: int,
                  used: set[str], name: str) -> tuple[str, bool]:
     """The step for one slice; returns (its name, whether it is a plain copy of one model's
     layers, so that its non-layer tensors are that model's)."""
@@ -473,8 +334,8 @@ def _merge_slice(st: _State, data: dict[str, Any], method: MethodSpec, sl: Slice
     shared: dict[str, Any] = {}
     for p in method.params:
         if p.scope == "shared":
-            given, value = _param(st, p, [(lv.get(p.name) if lv else None, path + (p.name,))
-                                          for lv, path in levels], sl, model0)
+            chain = [(lv.get(p.name) if lv else None, path + (p.name,)) for lv, path in levels]
+            given, value = translate_param(st, p, chain, sl, model0)
             if given:
                 shared[p.name] = value
 
@@ -485,7 +346,7 @@ def _merge_slice(st: _State, data: dict[str, Any], method: MethodSpec, sl: Slice
                 continue
             chain = [((s.params or {}).get(p.name), s.path + ("parameters", p.name))]
             chain += [(lv.get(p.name) if lv else None, path + (p.name,)) for lv, path in levels]
-            given, value = _param(st, p, chain, sl, s.model)
+            given, value = translate_param(st, p, chain, sl, s.model)
             if given:
                 out[p.name] = value
         return out
@@ -531,7 +392,7 @@ def _merge_slice(st: _State, data: dict[str, Any], method: MethodSpec, sl: Slice
     return name, False
 
 
-def _build_steps(st: _State, data: dict[str, Any], method: MethodSpec,
+def _build_steps(st: ImportState, data: dict[str, Any], method: MethodSpec,
                  slices: list[Slice]) -> str:
     used: set[str] = set(st.models)
     results = []
@@ -557,9 +418,9 @@ def _build_steps(st: _State, data: dict[str, Any], method: MethodSpec,
         return "merged"
     st.steps.append({"name": "stacked", "op": "layers", "from": first[0], "layers": stack})
     st.steps.append({"name": "stacked_post", "op": "layers", "from": last[0], "layers": stack})
-    post = _post_names(st, slices[-1].sources[0].model)
+    post = post_names(st, slices[-1].sources[0].model)
     st.steps.append({"name": "merged", "op": "interpolate", "from": ["stacked", "stacked_post"],
-                     "alpha": [*({"match": _exact(n), "value": 1} for n in post), {"value": 0}]})
+                     "alpha": [*({"match": exact(n), "value": 1} for n in post), {"value": 0}]})
     st.notes.append("mergekit takes the embeddings from the first slice and the final norm and "
                     "head from the last: step 'merged' copies them (alpha 0 or 1 is an exact "
                     "copy)")
@@ -568,7 +429,7 @@ def _build_steps(st: _State, data: dict[str, Any], method: MethodSpec,
 
 # --- output --------------------------------------------------------------------------------
 
-def _recipe(st: _State, data: dict[str, Any], method: MethodSpec, final: str,
+def _recipe(st: ImportState, data: dict[str, Any], method: MethodSpec, final: str,
             config: Path) -> dict[str, Any]:
     output: dict[str, Any] = {"model": final}
     dtype = data.get("out_dtype") or data.get("dtype")
@@ -622,7 +483,7 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
 _Dumper.add_representer(list, _represent_list)
 
 
-def _render(st: _State, recipe: dict[str, Any], config: Path) -> str:
+def _render(st: ImportState, recipe: dict[str, Any], config: Path) -> str:
     head = [f"# Converted by `recipekit import-mergekit {config.name}`: each output slice is a",
             "# step (t of gradients runs per slice, as in mergekit), each layer_range a `layers`",
             "# step. What was translated:"]
@@ -632,8 +493,6 @@ def _render(st: _State, recipe: dict[str, Any], config: Path) -> str:
     return "\n".join(head) + "\n" + body
 
 
-def _validate(recipe: dict[str, Any], file: Path, st: _State) -> None:
+def _validate(recipe: dict[str, Any], file: Path, st: ImportState) -> None:
     """recipekit's own checks on the result (schema, names, method contracts, shapes)."""
-    from recipekit.plan import compile_plan
-
     compile_plan(recipe_from_data(recipe, file), st.checkpoints)

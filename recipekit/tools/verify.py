@@ -13,7 +13,6 @@ forward pass. Oracle: tests/test_verify.py (tampered bytes, truncations, stale i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,14 +26,30 @@ from recipekit.errors import (
     SourceNotFoundError,
     UsageError,
     VerifyError,
+    display_path,
 )
-from recipekit.inputs.models import _read_small, check_confined, read_config
-from recipekit.io.header import display_path, kind_of, parse_json, quote_name, read_header
-from recipekit.io.output import INDEX, MANIFEST, STATE
+from recipekit.inputs.files import check_confined, read_small, sha256_file
+from recipekit.inputs.models import read_config, read_index
+from recipekit.io.header import (
+    MAX_HEADER,
+    kind_of,
+    parse_json,
+    quote_name,
+    read_header,
+    read_raw_header,
+)
+from recipekit.io.names import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CONFIG,
+    INDEX,
+    MANIFEST,
+    STATE,
+    WEIGHTS,
+)
+from recipekit.recipe import load_recipe, schema_problems
 
-ADAPTER_CONFIG = "adapter_config.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_HASH_CHUNK = 1 << 20
 #: How to repair a file of a finished output: a rerun of the same plan rewrites missing files.
 REPAIR = "delete it and rerun `recipekit run` with the same recipe, which rewrites missing files"
 
@@ -78,7 +93,7 @@ def verify_output(out: Path) -> VerifyReport:
     root = out.resolve()
     check_confined(manifest_path, root)
     shown = display_path(manifest_path)
-    manifest = parse_json(_read_small(manifest_path, 1 << 28, MANIFEST), shown, MANIFEST,
+    manifest = parse_json(read_small(manifest_path, 1 << 28, MANIFEST), shown, MANIFEST,
                           hint=f"the manifest is damaged; {REPAIR}")
     shards = _manifest_shards(manifest, shown)
     report = VerifyReport(out, adapter=(out / ADAPTER_CONFIG).is_file())
@@ -160,22 +175,16 @@ def _check_shard(out: Path, root: Path, name: str, entry: dict[str, Any],
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                h.update(chunk)
+        return sha256_file(path)
     except OSError as e:
         raise CorruptCheckpointError(f"cannot read: {e.strerror or e}",
                                      file=display_path(path)) from e
-    return h.hexdigest()
 
 
 def _check_metadata(path: Path) -> None:
     """``__metadata__`` must say ``format: pt``: transformers refuses other formats."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+    header = json.loads(read_raw_header(path, display_path(path))[2])
     meta = header.get("__metadata__") or {}
     if meta.get("format") != "pt":
         raise VerifyError(f"header metadata is {json.dumps(meta)[:80]}, without "
@@ -197,7 +206,7 @@ def _check_layout(out: Path, root: Path, shards: dict[str, Any],
             where[tname] = shard
     index = out / INDEX
     if report.adapter or len(shards) == 1:
-        want = "adapter_model.safetensors" if report.adapter else "model.safetensors"
+        want = ADAPTER_WEIGHTS if report.adapter else WEIGHTS
         if list(shards) != [want]:
             report.problems.append(VerifyError(
                 f"the output holds {', '.join(sorted(shards))}; "
@@ -211,8 +220,14 @@ def _check_layout(out: Path, root: Path, shards: dict[str, Any],
                                            file=display_path(out),
                                            hint="transformers cannot find the shards without it"))
         return
-    from recipekit.inputs.models import read_index
+    _check_index(out, root, shards, where, report)
 
+
+def _check_index(out: Path, root: Path, shards: dict[str, Any], where: dict[str, str],
+                 report: VerifyReport) -> None:
+    """The index maps each tensor to the shard that holds it (``where``) and no other, and its
+    ``total_size`` is the shards' tensor bytes."""
+    index = out / INDEX
     try:
         weight_map = read_index(index, root)
     except RecipekitError as e:
@@ -232,7 +247,7 @@ def _check_layout(out: Path, root: Path, shards: dict[str, Any],
             f"lists tensor {quote_name(extra[0])}, which no shard holds"
             + (f" ({len(extra)} such tensors)" if len(extra) > 1 else ""), file=shown,
             hint=f"the index is stale; {REPAIR}"))
-    doc = json.loads(index.read_bytes())
+    doc = json.loads(read_small(index, MAX_HEADER, INDEX))
     total = (doc.get("metadata") or {}).get("total_size") if isinstance(doc, dict) else None
     expected = sum(_data_bytes(out / s) for s in shards)
     if total != expected:
@@ -244,13 +259,12 @@ def _check_layout(out: Path, root: Path, shards: dict[str, Any],
 
 
 def _data_bytes(path: Path) -> int:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-    return path.stat().st_size - 8 - n
+    size, n, _ = read_raw_header(path, display_path(path))
+    return size - 8 - n
 
 
 def _check_config(out: Path, root: Path, report: VerifyReport) -> None:
-    name = ADAPTER_CONFIG if report.adapter else "config.json"
+    name = ADAPTER_CONFIG if report.adapter else CONFIG
     path = out / name
     if not path.is_file():
         report.problems.append(VerifyError(f"no {name}", file=display_path(out),
@@ -258,7 +272,7 @@ def _check_config(out: Path, root: Path, report: VerifyReport) -> None:
         return
     try:
         if report.adapter:
-            config = parse_json(_read_small(path, 1 << 22, name), display_path(path), name,
+            config = parse_json(read_small(path, 1 << 22, name), display_path(path), name,
                                 strict=False)
             if not isinstance(config, dict) or config.get("peft_type") != "LORA":
                 raise VerifyError("is not a LoRA adapter config", file=display_path(path))
@@ -272,8 +286,6 @@ def _check_config(out: Path, root: Path, report: VerifyReport) -> None:
 
 def _check_recipe(manifest: dict[str, Any], shown: str, report: VerifyReport) -> None:
     """The recorded recipe is valid against the schema; say whether its file still matches."""
-    from recipekit.recipe import load_recipe, schema_problems
-
     recipe = manifest.get("recipe")
     if not isinstance(recipe, dict):
         report.problems.append(VerifyError(f"{MANIFEST} records no recipe", file=shown))
@@ -311,7 +323,7 @@ def load_and_run(out: Path, *, adapter: bool, base: str | None) -> str:
                          hint="pass `--base MODEL_DIR`")
     if not adapter and base is not None:
         raise UsageError("--base is for adapter outputs; this output is a full checkpoint")
-    import torch
+    import torch  # torch, transformers and PEFT only for `verify --load`
 
     model_dir = Path(base) if adapter else out
     model, what = _load_transformers(model_dir)
@@ -347,8 +359,8 @@ def _load_transformers(path: Path) -> tuple[Any, str]:
     """The class ``architectures`` names (a transformers class, never remote code)."""
     import transformers
 
-    config = read_config(path / "config.json", path.resolve()) if (
-        path / "config.json").is_file() else None
+    config = read_config(path / CONFIG, path.resolve()) if (
+        path / CONFIG).is_file() else None
     if config is None:
         raise UsageError(f"{display_path(path)} has no config.json", hint="name a model directory")
     archs = config.get("architectures") or []

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from recipekit.errors import RecipeErrors, RecipekitError, SourceNotFoundError
-from recipekit.inputs.models import resolve_sources
+from recipekit.inputs.resolve import resolve_sources
 from recipekit.recipe import load_recipe
 
 from tests.helpers.fuzz_documents import recipe_documents

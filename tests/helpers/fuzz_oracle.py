@@ -268,7 +268,7 @@ def check_library(path: Path, case: Path, abs_models: tuple[str, ...] = (),
                   outcome: Outcome | None = None) -> tuple[Outcome, Any]:
     """Levels (a) and (b). Returns the outcome and the plan (or None)."""
     from recipekit.errors import RecipekitError
-    from recipekit.inputs.models import resolve_sources
+    from recipekit.inputs.resolve import resolve_sources
     from recipekit.plan import compile_plan
     from recipekit.recipe import load_recipe
 

@@ -19,8 +19,13 @@ from pathlib import Path
 import pytest
 from safetensors import SafetensorError, safe_open
 
-from recipekit.errors import CorruptCheckpointError, RecipekitError, UnsupportedCheckpointError
-from recipekit.io.header import display_path, read_header
+from recipekit.errors import (
+    CorruptCheckpointError,
+    RecipekitError,
+    UnsupportedCheckpointError,
+    display_path,
+)
+from recipekit.io.header import read_header
 
 from tests.helpers.recipes import solar_recipe, write_recipe
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from recipekit.graph import Load, cast, load
-from recipekit.inputs.models import resolve_sources
+from recipekit.inputs.resolve import resolve_sources
 from recipekit.plan import compile_plan, natural_key, schedule_shards
 from recipekit.recipe import load_recipe
 

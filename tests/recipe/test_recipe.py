@@ -109,7 +109,7 @@ output: {model: up}
 
     def test_recipe_module_does_not_import_torch(self):
         code = ("import sys, recipekit.recipe, recipekit.cli, recipekit.plan, "
-                "recipekit.inputs.models; "
+                "recipekit.inputs.resolve; "
                 "assert 'torch' not in sys.modules, 'torch imported'")
         subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -296,7 +296,7 @@ ESTIMATE = textwrap.dedent("""
     from recipekit.run.local import run_plan
     from recipekit.plan import compile_plan
     from recipekit.recipe import load_recipe
-    from recipekit.inputs.models import resolve_sources
+    from recipekit.inputs.resolve import resolve_sources
     recipe = load_recipe(sys.argv[1])
     plan = compile_plan(recipe, resolve_sources(recipe))
     import torch

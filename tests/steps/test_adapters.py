@@ -207,7 +207,7 @@ def test_untouched_tensors_are_the_base_loads(tmp_path, bases, adapters):
     """Streaming: only adapter-touched tensors are computed, each from its own base tensor and
     its own adapter factors; everything else is the base's `Load` node (copied as bytes)."""
     from recipekit.graph import Load, LoraFold, expression_nodes
-    from recipekit.inputs.models import resolve_sources
+    from recipekit.inputs.resolve import resolve_sources
     from recipekit.plan import compile_plan
     from recipekit.recipe import load_recipe
 

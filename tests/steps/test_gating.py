@@ -115,7 +115,7 @@ def test_architecture_order_matches_named_modules(family, tmp_path):
     """The architecture data orders every Linear / Embedding / Conv1D weight of a family as
     transformers registers the modules (ViT/DeiT: transformers 5 renames their modules in
     memory, so PEFT module names are not checkpoint names there)."""
-    from recipekit.inputs.models import resolve_sources
+    from recipekit.inputs.resolve import resolve_sources
     from recipekit.plan import model_from_checkpoint
     from recipekit.recipe import load_recipe
     from recipekit.steps.gating import xlora_order

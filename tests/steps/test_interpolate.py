@@ -93,7 +93,7 @@ GRADIENT_RULES = '[{match: "*.mlp.*", value: {gradient: [0, 1]}}, {match: "*norm
 
 def test_gradient_and_rule_table_matches_the_readme(cli, tmp_path, pair):
     """Every tensor of a 4-layer Llama gets the documented alpha; the README shows this table."""
-    from recipekit.inputs.models import resolve_sources
+    from recipekit.inputs.resolve import resolve_sources
     from recipekit.plan import compile_plan
     from recipekit.plan.render import render_json
     from recipekit.recipe import load_recipe

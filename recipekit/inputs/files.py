@@ -1,0 +1,139 @@
+"""Safe access to the files a recipe names: confinement, bounded reads and content hashes.
+
+Checkpoint directories and recipe side files are untrusted. Every read of one goes through
+here, once each:
+
+* `check_confined`: the file must resolve inside its directory (for a huggingface_hub snapshot,
+  inside the repo's cache folder, `model_root`) and be a regular file — a FIFO would block a
+  read forever, a device would never end;
+* `read_small` / `read_bounded`: JSON documents are read whole, but only up to a cap far above
+  any real one, so that a crafted multi-gigabyte "config" cannot exhaust memory;
+* `sha256_file`: the one content hash of a file (locks, manifests of hub blobs, scalings logs).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from recipekit.errors import CorruptCheckpointError, UnsupportedCheckpointError, display_path
+from recipekit.units import format_size
+
+#: Bytes per read while hashing a file.
+HASH_CHUNK = 1 << 20
+
+
+def model_root(path: Path) -> Path:
+    """The directory a checkpoint's files may resolve into: the model directory itself, or, for
+    a huggingface_hub cache snapshot (``models--org--name/snapshots/<commit>``), the repo's cache
+    folder, whose ``blobs/`` the snapshot's links point to."""
+    real = path.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(
+            ("models--", "datasets--", "spaces--")):
+        return real.parent.parent
+    return real
+
+
+def escape_reason(p: Path, root: Path) -> str | None:
+    """Why reading ``p`` would leave ``root`` or is not a plain file read, or None if it is fine."""
+    try:
+        target = p.resolve(strict=False)
+    except (OSError, RuntimeError):
+        return "is a symlink loop"
+    try:
+        target.relative_to(root)
+    except ValueError:
+        return (f"is a symlink to {target}, outside the model directory "
+                f"{display_path(root)}")
+    try:
+        mode = os.stat(p).st_mode
+    except OSError:
+        return f"is a broken symlink (to {target})" if p.is_symlink() else "cannot be read"
+    return not_regular(mode)
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file of this ``st_mode`` is when it is not a regular file (None for a file)."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return f"is {name}, not a regular file"
+    return "is a special file, not a regular file"
+
+
+def check_confined(p: Path, root: Path) -> None:
+    """Refuse to read ``p`` when it resolves outside the model directory or is not a regular
+    file (a FIFO would block, a device would never end).
+
+    Raises:
+        UnsupportedCheckpointError: a symlink out of the model directory, a loop, a broken link
+            or a special file (exit code 2: the files may be fine, the layout is refused).
+    """
+    why = escape_reason(p, root)
+    if why is None:
+        return
+    if why.startswith("is a symlink to"):
+        hint = ("recipekit does not follow links out of a checkpoint directory; copy the file "
+                "into it, or name the directory that holds the real files")
+    else:
+        hint = "a checkpoint directory holds regular files (or hub cache links)"
+    raise UnsupportedCheckpointError(why, file=display_path(p), hint=hint)
+
+
+def read_bounded(p: Path, limit: int) -> tuple[bytes | None, int]:
+    """(the bytes of ``p``, its size), or (None, its size) when it is larger than ``limit``:
+    the caller says why that cannot be the file it expects.
+
+    A named pipe, socket or device is refused before it is opened (reading one could block
+    forever or never end); a directory fails to open as it always does.
+
+    Raises:
+        OSError: the file cannot be opened or read, or is a special file.
+    """
+    mode = os.stat(p).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise OSError(errno.EINVAL, f"the file {str(not_regular(mode))[3:]}", str(p))
+    with open(p, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            return None, size
+        return f.read(limit + 1), size
+
+
+def read_small(p: Path, limit: int, what: str) -> bytes:
+    """The bytes of a small JSON file of a checkpoint or output (``what`` names it: config.json,
+    the index, the manifest), refusing files far larger than any real one.
+
+    Raises:
+        CorruptCheckpointError: larger than ``limit``, or unreadable.
+    """
+    shown = display_path(p)
+    try:
+        data, size = read_bounded(p, limit)
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot read: {e.strerror or e}", file=shown) from e
+    if data is None:
+        raise CorruptCheckpointError(
+            f"{what} is {format_size(size)}, larger than the {format_size(limit)} any "
+            f"real {what} stays under", file=shown, hint="the file is damaged or not a "
+            f"{what}; download the checkpoint again")
+    return data
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's content, read in `HASH_CHUNK` blocks.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,150 @@
+"""Side files a recipe's steps name: coalescing scheme files and X-LoRA scalings logs.
+
+They are inputs like models and adapters: `resolve_side_files` reads each one while the sources
+are resolved (relative to the recipe file, bounded and refusing special files like every other
+read of the inputs layer), so that `recipekit lock` pins their bytes and `run --frozen` refuses
+when one changed, and a step gets their parsed content from `side_file` without opening a file.
+A file that cannot be used is not an error here: its problem is kept and raised by `side_file`,
+where the step locates it in the recipe exactly as when the step read the file itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recipekit.errors import KeyPath, UnlocatedError
+from recipekit.inputs.scalings import read_scalings_log
+from recipekit.inputs.schemes import FILE_KEYS, read_scheme_file
+from recipekit.recipe import Recipe, Step
+
+
+@dataclass(frozen=True)
+class SideFile:
+    """One side file as a step names it, read: its content or why it cannot be used.
+
+    ``files`` are every file read for it (a scalings log may be a mapping and several arrays);
+    ``hub`` is always None (side files are local), so locks treat it like a local input.
+    """
+
+    step: str
+    key: KeyPath  # within the step: ("width", "file"), ("gating", "log")
+    written: str
+    path: Path
+    files: tuple[Path, ...]
+    content: Any = None
+    problem: UnlocatedError | None = None
+    hub: None = None
+
+    @property
+    def lock_key(self) -> str:
+        """How `recipekit lock` names it: ``steps.<step>.<key>``."""
+        return ".".join(("steps", self.step, *map(str, self.key)))
+
+    def value(self) -> Any:
+        """The parsed content (a scheme's groups, a `ScalingsLog`).
+
+        Raises:
+            SchemeError, ScalingsLogError: the problem found while reading it.
+        """
+        if self.problem is not None:
+            raise self.problem
+        return self.content
+
+
+def side_path(recipe: Recipe, written: str) -> Path:
+    """Where a side file lives: relative to the recipe file."""
+    return recipe.file.resolve().parent / written
+
+
+def _read_scheme(key: str) -> Callable[[Path], tuple[Any, tuple[Path, ...]]]:
+    def read(path: Path) -> tuple[Any, tuple[Path, ...]]:
+        return read_scheme_file(path, FILE_KEYS[key]), (path,)
+    return read
+
+
+def _read_log(path: Path) -> tuple[Any, tuple[Path, ...]]:
+    log = read_scalings_log(path)
+    return log, tuple(log.directory / name for name in log.sha256)
+
+
+#: (ops, key within the step, reader): where recipe steps name side files. A reader returns the
+#: parsed content and every file it read.
+KINDS: tuple[tuple[tuple[str, ...], KeyPath, Callable[[Path], tuple[Any, tuple[Path, ...]]]],
+             ...] = (
+    (("coalesce", "decoalesce"), ("width", "file"), _read_scheme("width")),
+    (("coalesce", "decoalesce"), ("depth", "file"), _read_scheme("depth")),
+    (("adapters",), ("gating", "log"), _read_log),
+)
+
+
+def _written(step: Step, key: KeyPath) -> str | None:
+    value: Any = step.spec
+    for part in key:
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value if isinstance(value, str) else None
+
+
+def resolve_side_file(recipe: Recipe, step: Step, key: KeyPath) -> SideFile | None:
+    """Read the side file ``step`` names under ``key`` (None when it names none there)."""
+    for ops, where, read in KINDS:
+        if where != key or step.op not in ops:
+            continue
+        written = _written(step, key)
+        if written is None:
+            return None
+        path = side_path(recipe, written)
+        try:
+            content, files = read(path)
+        except UnlocatedError as e:
+            existing = (path,) if path.is_file() else ()
+            return SideFile(step.name, key, written, path, existing, problem=e)
+        return SideFile(step.name, key, written, path, files, content)
+    return None
+
+
+def resolve_side_files(recipe: Recipe) -> dict[tuple[str, KeyPath], SideFile]:
+    """Every side file the recipe's steps name, by (step name, key within the step)."""
+    out: dict[tuple[str, KeyPath], SideFile] = {}
+    for step in recipe.steps.values():
+        for _, key, _ in KINDS:
+            found = resolve_side_file(recipe, step, key)
+            if found is not None:
+                out[(step.name, key)] = found
+    return out
+
+
+_RESOLVED: ContextVar[Mapping[tuple[str, KeyPath], SideFile] | None] = ContextVar(
+    "recipekit_side_files", default=None)
+
+
+@contextlib.contextmanager
+def provided(sources: Mapping[str, Any]) -> Iterator[None]:
+    """While compiling a plan from ``sources``: steps get the side files resolved with them
+    (`Sources.side_files`) rather than reading them again."""
+    token = _RESOLVED.set(getattr(sources, "side_files", None))
+    try:
+        yield
+    finally:
+        _RESOLVED.reset(token)
+
+
+def side_file(recipe: Recipe, step: Step, key: KeyPath) -> Any:
+    """The parsed content of the side file ``step`` names under ``key``: the one resolved with
+    the sources being compiled, or (sources resolved without side files) read now.
+
+    Raises:
+        SchemeError, ScalingsLogError: the file cannot be used; the step locates the problem.
+    """
+    resolved = _RESOLVED.get()
+    found = resolved.get((step.name, key)) if resolved is not None else None
+    if found is None:
+        found = resolve_side_file(recipe, step, key)
+    assert found is not None, f"step {step.name!r} names no side file under {key}"
+    return found.value()

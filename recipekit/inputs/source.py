@@ -1,0 +1,93 @@
+"""What model and adapter inputs share: where an input lives, and its shards' headers.
+
+An input is a local directory or a hub repo pinned to a commit (`locate_input`); its safetensors
+headers come from the confined local file, or for a hub shard that is not cached yet from a
+ranged read of its header (`shard_header`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from recipekit.errors import RecipekitError, SourceNotFoundError
+from recipekit.inputs.files import check_confined
+from recipekit.inputs.hub import HubSnapshot, fetch_snapshot, remote_header, snapshot_identity
+from recipekit.io.header import TensorInfo, read_header
+from recipekit.recipe import ModelRef, Recipe
+
+
+class InputFiles:
+    """What plan hashing, manifests and locks ask of a resolved model or adapter input: its
+    files and their identity. A subclass is a dataclass with ``path``, ``weight_files`` and
+    ``hub`` fields and names its config file in ``CONFIG_NAME``."""
+
+    CONFIG_NAME: ClassVar[str]
+    path: Path
+    weight_files: tuple[Path, ...]
+    hub: HubSnapshot | None
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG_NAME
+
+    def identity(self) -> dict[str, Any]:
+        """What the plan hash records: a local directory's path and each file's size and mtime,
+        or a hub repo's pinned commit (which fixes every byte)."""
+        if self.hub is not None:
+            return {"hub": self.hub.repo, "commit": self.hub.commit}
+        files = {}
+        for p in (self.config_path, *self.weight_files):
+            st = p.stat()
+            files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return {"path": str(self.path), "files": files}
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """What the manifest records: `identity`, plus each cached hub file's blob hash."""
+        if self.hub is not None:
+            return snapshot_identity(self.hub, [self.CONFIG_NAME,
+                                                *(p.name for p in self.weight_files)])
+        return self.identity()
+
+
+#: A factory of errors located at one input's recipe key: ``located(cls, message, hint)``.
+Located = Callable[..., RecipekitError]
+
+
+def locate_input(ref: ModelRef, recipe: Recipe) -> tuple[Located, Path, HubSnapshot | None]:
+    """For one model or adapter input: a factory of errors located at its recipe key, its
+    local directory, and its hub snapshot (non-weight files fetched; None for a local path).
+
+    Raises:
+        SourceNotFoundError: the hub repo or revision cannot be resolved (located).
+    """
+    where = ref.key_path
+
+    def located(cls: type[RecipekitError], message: str, hint: str | None = None
+                ) -> RecipekitError:
+        return cls(message, key_path=where, hint=hint, location=recipe.document.locate(where))
+
+    if ref.hub is None:
+        assert ref.path is not None
+        return located, ref.path, None
+    try:
+        snap = fetch_snapshot(ref.hub, ref.revision)
+    except SourceNotFoundError as e:
+        raise located(SourceNotFoundError, e.message, e.hint) from None
+    return located, snap.path, snap
+
+
+def shard_header(path: Path, root: Path, snap: HubSnapshot | None) -> dict[str, TensorInfo]:
+    """A shard's tensors: from the file when present, else (hub) from its remote header.
+
+    Raises:
+        UnsupportedCheckpointError: the file is a symlink out of ``root`` or a special file.
+        CorruptCheckpointError: a damaged header.
+        SourceNotFoundError: a hub shard whose header cannot be fetched.
+    """
+    if os.path.lexists(path) or snap is None:
+        check_confined(path, root)
+        return read_header(path)
+    return remote_header(snap, path.name)

@@ -1,0 +1,27 @@
+"""File names of the checkpoint layouts recipekit reads and writes, defined once.
+
+A model checkpoint is ``config.json`` plus ``model.safetensors`` or a sharded
+``model.safetensors.index.json``; a PEFT adapter directory is ``adapter_config.json`` plus
+``adapter_model.safetensors``; an output also holds recipekit's manifest and, while a run is
+under way, its state file. Every module that names one of these files imports it from here.
+"""
+
+from __future__ import annotations
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: Pickle weights recipekit refuses to load (`recipekit convert --allow-pickle` converts them).
+ADAPTER_PICKLE = "adapter_model.bin"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin",
+                ADAPTER_PICKLE)
+#: Files that hold weights (never copied from a donor, fetched from the hub only per shard) and
+#: folders of weights in other formats or of bookkeeping.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
+                   ".onnx_data", ".gguf", ".ot", ".tflite", ".mlmodel", ".npz")
+WEIGHT_DIRS = ("onnx", "openvino", "coreml", ".git", ".cache")
+MODEL_CARD = "README.md"
+MANIFEST = "recipekit.json"
+STATE = ".recipekit-state.json"
