@@ -3,16 +3,15 @@
 They are inputs like models and adapters: `resolve_side_files` reads each one while the sources
 are resolved (relative to the recipe file, bounded and refusing special files like every other
 read of the inputs layer), so that `recipekit lock` pins their bytes and `run --frozen` refuses
-when one changed, and a step gets their parsed content from `side_file` without opening a file.
-A file that cannot be used is not an error here: its problem is kept and raised by `side_file`,
+when one changed. `compile_plan` hands each step its own (`Step.files`, by key path within the
+step), and the step takes the parsed content with `SideFile.value()` without opening a file.
+A file that cannot be used is not an error here: its problem is kept and raised by `value()`,
 where the step locates it in the recipe exactly as when the step read the file itself.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,33 +117,3 @@ def resolve_side_files(recipe: Recipe) -> dict[tuple[str, KeyPath], SideFile]:
             if found is not None:
                 out[(step.name, key)] = found
     return out
-
-
-_RESOLVED: ContextVar[Mapping[tuple[str, KeyPath], SideFile] | None] = ContextVar(
-    "recipekit_side_files", default=None)
-
-
-@contextlib.contextmanager
-def provided(sources: Mapping[str, Any]) -> Iterator[None]:
-    """While compiling a plan from ``sources``: steps get the side files resolved with them
-    (`Sources.side_files`) rather than reading them again."""
-    token = _RESOLVED.set(getattr(sources, "side_files", None))
-    try:
-        yield
-    finally:
-        _RESOLVED.reset(token)
-
-
-def side_file(recipe: Recipe, step: Step, key: KeyPath) -> Any:
-    """The parsed content of the side file ``step`` names under ``key``: the one resolved with
-    the sources being compiled, or (sources resolved without side files) read now.
-
-    Raises:
-        SchemeError, ScalingsLogError: the file cannot be used; the step locates the problem.
-    """
-    resolved = _RESOLVED.get()
-    found = resolved.get((step.name, key)) if resolved is not None else None
-    if found is None:
-        found = resolve_side_file(recipe, step, key)
-    assert found is not None, f"step {step.name!r} names no side file under {key}"
-    return found.value()

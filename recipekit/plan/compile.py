@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from recipekit import __version__
@@ -20,7 +20,7 @@ from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.graph import Load, Node, VirtualModel, cast, expression_nodes, load
 from recipekit.inputs.models import Checkpoint
-from recipekit.inputs.side_files import provided
+from recipekit.inputs.side_files import resolve_side_files
 from recipekit.io.names import ADAPTER_WEIGHTS
 from recipekit.plan.cost import (
     COPY_BUFFERS,
@@ -152,6 +152,10 @@ def _build_models(recipe: Recipe, sources: Mapping[str, Any]) -> dict[str, Any]:
     models: dict[str, VirtualModel | AdapterSet] = {}
     errors: list[RecipekitError] = []
     failed: set[str] = set()
+    side: dict[str, dict[Any, Any]] = {}  # step name -> key path -> SideFile
+    found = getattr(sources, "side_files", None)
+    for (step_name, key), f in (resolve_side_files(recipe) if found is None else found).items():
+        side.setdefault(step_name, {})[key] = f
     for n, c in sources.items():
         try:
             models[n] = (read_adapter_set(c, recipe) if isinstance(c, AdapterCheckpoint)
@@ -174,8 +178,8 @@ def _build_models(recipe: Recipe, sources: Mapping[str, Any]) -> dict[str, Any]:
             failed.add(step.name)
             continue
         try:
-            with provided(sources):  # steps get the side files resolved with the sources
-                models[step.name] = op.build(step, models, recipe)
+            models[step.name] = op.build(replace(step, files=side.get(step.name, {})), models,
+                                         recipe)
         except RecipeErrors as e:
             errors.extend(e.errors)
             failed.add(step.name)

@@ -88,12 +88,18 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class Step:
-    """One step of the recipe: a name, an op and its (schema-checked) parameters."""
+    """One step of the recipe: a name, an op and its (schema-checked) parameters.
+
+    ``files`` holds the side files the step names (scheme files, scalings logs), read by the
+    inputs layer with the sources and handed to the step by `compile_plan`, keyed by their key
+    path within the step: the step uses them and opens nothing itself.
+    """
 
     name: str
     op: str
     spec: Mapping[str, Any]
     index: int
+    files: Mapping[KeyPath, Any] = field(default_factory=dict, compare=False)
 
     @property
     def key_path(self) -> KeyPath:

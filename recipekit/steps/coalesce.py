@@ -43,7 +43,6 @@ from recipekit.inputs.schemes import (
     check_partition,
     derive_width,
 )
-from recipekit.inputs.side_files import side_file
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.registry import Op
 
@@ -145,7 +144,7 @@ def _read_scheme(step: Step, recipe: Recipe, key: str) -> tuple[Any, str | None]
         return value, None
     written = value["file"]
     try:
-        return side_file(recipe, step, (key, "file")), written
+        return step.files[(key, "file")].value(), written
     except SchemeError as e:
         raise _Located(recipe.error(step.key_path + (key, "file"), f"{written}: {e.message}",
                                     hint=e.hint)) from None

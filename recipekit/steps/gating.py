@@ -29,7 +29,7 @@ from typing import Any
 from recipekit.arch import load_architectures
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors, ScalingsLogError
 from recipekit.graph import VirtualModel
-from recipekit.inputs.side_files import side_file, side_path
+from recipekit.inputs.side_files import side_path
 from recipekit.io.header import quote_name
 from recipekit.recipe import Recipe, Step
 
@@ -199,7 +199,7 @@ def _from_log(step: Step, where: KeyPath, recipe: Recipe, modules: list[str],
     written = spec["log"]
     path = side_path(recipe, written)
     try:
-        log = side_file(recipe, step, ("gating", "log"))
+        log = step.files[("gating", "log")].value()
         if log.shape_tail != (len(modules), n):
             L, k = log.shape_tail
             raise ScalingsLogError(
