@@ -134,6 +134,9 @@ class OutputDir:
                     "or its inputs changed)",
                     hint="rerun with --force to replace it (deletes only files recipekit wrote "
                     "there), or choose another output path")
+            # Refuse before deleting anything: a --force that would refuse afterwards (files
+            # recipekit did not write stay there) must leave the directory as it found it.
+            self._refuse_foreign(keep=self._listed(old.files))
             # First say, durably, that nothing here is finished: a kill while deleting must not
             # leave a state that calls a half-deleted output complete. The file list stays, so a
             # rerun (with either plan) still knows what recipekit wrote.
@@ -142,10 +145,13 @@ class OutputDir:
             self._delete_listed(old.files)
         self._refuse_foreign()
 
-    def _refuse_foreign(self) -> None:
+    def _refuse_foreign(self, keep: frozenset[str] = frozenset()) -> None:
+        """Refuse a directory holding entries recipekit did not write (``keep``: relative paths
+        of files `_delete_listed` is about to delete, judged before deleting them)."""
         # Our own temp files (a run killed mid-write) are not foreign: a rerun overwrites them.
         foreign = sorted(p.name for p in self.path.iterdir()
-                         if p.name != STATE and not p.name.endswith(PARTIAL_SUFFIX))
+                         if p.name != STATE and not p.name.endswith(PARTIAL_SUFFIX)
+                         and not _all_listed(p, p.name, keep))
         if foreign:
             shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
             raise OutputPathError(
@@ -153,6 +159,16 @@ class OutputDir:
                 f"write ({shown})",
                 hint="choose a new or empty output path; recipekit never deletes files it did "
                 "not write")
+
+    def _listed(self, files: list[str]) -> frozenset[str]:
+        """The relative paths `_delete_listed` deletes for a state file listing ``files``."""
+        out = set()
+        for rel in [MANIFEST, *files]:
+            target = self.path / rel
+            if _inside(target, self.path):
+                rel_path = Path(os.path.normpath(rel))
+                out.update({rel_path.as_posix(), partial_path(rel_path).as_posix()})
+        return frozenset(out)
 
     def _still_there(self, name: str, info: dict[str, Any]) -> bool:
         p = self.path / name
@@ -224,6 +240,15 @@ class OutputDir:
         if self.fsync:
             fsync_dir(self.path)
         self.save_state()
+
+
+def _all_listed(p: Path, rel: str, keep: frozenset[str]) -> bool:
+    """Whether deleting the files in ``keep`` (and then the emptied folders) removes ``p``."""
+    if p.is_symlink() or not p.is_dir():
+        return rel in keep
+    if not any(k.startswith(rel + "/") for k in keep):
+        return False  # a folder no listed file lies in is never removed
+    return all(_all_listed(q, f"{rel}/{q.name}", keep) for q in p.iterdir())
 
 
 def _inside(p: Path, root: Path) -> bool:

@@ -716,3 +716,123 @@ class TestDonorFiles:
         assert not (out / "alias.json").is_symlink()
         assert all("not yours" not in p.read_text(errors="replace") for p in out.iterdir()
                    if p.is_file())
+
+
+# -- outputs: never over an input ------------------------------------------------------------
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (links not followed) and its bytes: what must not change."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
+
+
+class TestOutputOverlapsInput:
+    """Issue 17 item 1: an output that is, lies inside or contains an input is refused (exit 2)
+    with or without --force, and the message does not suggest --force."""
+
+    @pytest.fixture
+    def made(self, cli, tmp_path, model_copy) -> Path:
+        """A recipekit output (it has a state file listing its weights) used as an input."""
+        first = write_recipe(tmp_path, solar_recipe(output="  path: ./made"), "first.yaml")
+        assert cli("run", first, "-q").exit_code == 0
+        return tmp_path / "made"
+
+    @pytest.mark.parametrize("force", [False, True])
+    @pytest.mark.parametrize("where,relation", [(".", "is"), ("sub", "lies inside"),
+                                                ("..", "contains")])
+    def test_output_over_an_input_model(self, cli, tmp_path, made, where, relation, force):
+        (tmp_path / "inputs").mkdir()
+        moved = tmp_path / "inputs" / "made"
+        made.rename(moved)
+        r = write_recipe(tmp_path, solar_recipe("./inputs/made", layers='["range(0,4)"]',
+                                                output=f"  path: ./inputs/made/{where}"))
+        before = snapshot(tmp_path / "inputs")
+        err = run_fails(cli, r, 2, "run") if not force else None
+        if force:
+            result = cli("run", r, "-q", "--force")
+            assert result.exit_code == 2, result.output
+            err = result.stderr
+        assert f" {relation} input `models.tiny` ({display_path(moved)})" in first_line(err)
+        assert "--force" not in err
+        assert snapshot(tmp_path / "inputs") == before
+
+    def test_plan_and_validate_refuse_too(self, cli, tmp_path, made):
+        r = write_recipe(tmp_path, solar_recipe("./made", output="  path: ./made"))
+        for command in ("plan", "validate"):
+            assert "output path" in first_line(run_fails(cli, r, 2, command))
+
+    def test_through_a_symlink(self, cli, tmp_path, made):
+        (tmp_path / "alias").symlink_to(made, target_is_directory=True)
+        r = write_recipe(tmp_path, solar_recipe("./made", output="  path: ./alias/x"))
+        before = snapshot(made)
+        assert " lies inside input `models.tiny`" in run_fails(cli, r, 2)
+        result = cli("run", r, "-q", "--force")
+        assert result.exit_code == 2 and snapshot(made) == before
+
+    def test_output_containing_a_hub_cache_repo(self, cli, tmp_path, hub_cache):
+        r = write_recipe(tmp_path, solar_recipe("{hub: org/tiny}", output=f"  path: {hub_cache}"))
+        before = snapshot(hub_cache)
+        for extra in ([], ["--force"]):
+            result = cli("run", r, "-q", *extra)
+            assert result.exit_code == 2, result.output
+            assert " contains input `models.tiny`" in result.stderr
+        repo = hub_cache / "models--org--tiny"
+        r = write_recipe(tmp_path, solar_recipe("{hub: org/tiny}", output=f"  path: {repo}/x"))
+        assert " lies inside input `models.tiny`" in run_fails(cli, r, 2)
+        assert snapshot(hub_cache) == before
+
+    def test_output_containing_the_recipe(self, cli, tmp_path, model_copy):
+        (tmp_path / "sub").mkdir()
+        r = write_recipe(tmp_path / "sub", solar_recipe("../model", output="  path: ."))
+        err = run_fails(cli, r, 2)
+        assert f"output path {display_path(tmp_path / 'sub')} contains the recipe" in err
+
+    def test_side_files_are_inputs(self, tmp_path):
+        from types import SimpleNamespace
+
+        from recipekit.plan.overlap import check_output_apart, input_paths
+
+        recipe = SimpleNamespace(
+            file=tmp_path / "r.yaml", models={}, adapters={},
+            steps={"c": SimpleNamespace(name="c", spec={"width": {"file": "out/s.json"}}),
+                   "g": SimpleNamespace(name="g", spec={"gating": {"log": "logs/x"}})})
+        paths = input_paths(recipe, {}, {"g": {"gating": {"log": "logs/x",
+                                                          "files": {"x-0.npy": "..."}}}})
+        real = tmp_path.resolve()
+        assert {p for _, p in paths} >= {real / "out/s.json", real / "logs/x.npy",
+                                          real / "logs/x-mapping.json", real / "logs/x-0.npy"}
+        for out, shown in ((tmp_path / "out", "out/s.json"), (tmp_path / "logs", "logs/x")):
+            with pytest.raises(RecipekitError, match=f"contains the file .*{shown}") as info:
+                check_output_apart(out, paths)
+            assert info.value.exit_code == 2
+        check_output_apart(tmp_path / "elsewhere", paths)
+
+
+class TestForceRefusesBeforeDeleting:
+    """Issue 17 item 2: a --force that refuses (files recipekit did not write are there) deletes
+    nothing."""
+
+    @pytest.mark.parametrize("foreign", ["notes.txt", "sub/notes.txt", "empty_dir/"])
+    def test_foreign_file_keeps_everything(self, cli, tmp_path, model_copy, foreign):
+        assert cli("run", write_recipe(tmp_path, solar_recipe()), "-q").exit_code == 0
+        out = tmp_path / "out"
+        if foreign.endswith("/"):
+            (out / foreign).mkdir()
+        else:
+            (out / foreign).parent.mkdir(exist_ok=True)
+            (out / foreign).write_text("mine")
+        before = snapshot(out)
+        other = write_recipe(tmp_path, solar_recipe(layers='["range(0,4)"]'))
+        result = cli("run", other, "-q", "--force")
+        assert result.exit_code == 2, result.output
+        assert "holds files recipekit did not write" in result.stderr
+        assert snapshot(out) == before
+        assert (out / foreign).exists()
+
+    def test_donor_subfolder_of_listed_files_is_ours(self, cli, tmp_path, model_copy):
+        (model_copy / "1_Pooling").mkdir()
+        (model_copy / "1_Pooling" / "config.json").write_text("{}")
+        assert cli("run", write_recipe(tmp_path, solar_recipe()), "-q").exit_code == 0
+        other = write_recipe(tmp_path, solar_recipe(layers='["range(0,4)"]'))
+        result = cli("run", other, "-q", "--force")
+        assert result.exit_code == 0, result.output
