@@ -345,19 +345,27 @@ def import_mergekit(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write the recipe here (default: print it). Model paths are "
         "written relative to this file's directory.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing -o file (a symlink is replaced, not written "
+        "through). The mergekit config itself is never overwritten.")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Convert a mergekit config into an equivalent recipe, or say what cannot be converted."""
 
     def body() -> None:
-        from recipekit.tools.mergekit_import import convert_file
+        from recipekit.tools.mergekit_import import (
+            check_recipe_target,
+            convert_file,
+            write_recipe_file,
+        )
 
+        if output is not None:
+            check_recipe_target(config, output, force=force)
         text = convert_file(config, output)
         if output is None:
             typer.echo(text, nl=False)
         else:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text)
+            write_recipe_file(output, text)
             typer.echo(f"wrote {output}", err=True)
 
     _guard(debug, body)

@@ -23,7 +23,14 @@ from typing import Any
 
 from recipekit.errors import OutputError, OutputPathError
 from recipekit.io.header import display_path
-from recipekit.io.writer import PARTIAL_SUFFIX, fsync_dir, partial_path, write_file_atomic
+from recipekit.io.writer import (
+    PARTIAL_SUFFIX,
+    copy_file_atomic,
+    fsync_dir,
+    partial_path,
+    stale_temp_problem,
+    write_file_atomic,
+)
 
 STATE = ".recipekit-state.json"
 MANIFEST = "recipekit.json"
@@ -51,8 +58,11 @@ class OutputDir:
     """Owns one output directory for the duration of a run (use as a context manager)."""
 
     def __init__(self, path: Path, *, plan_hash: str, files: list[str], force: bool = False,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, manifest: str | None = MANIFEST) -> None:
+        """``manifest``: the file written last, which a complete output has (None: none, as
+        for `convert`, whose output is complete when its state file says so)."""
         self.path = path
+        self._last = [manifest] if manifest else []
         self.plan_hash = plan_hash
         self.files = files
         self.force = force
@@ -126,7 +136,7 @@ class OutputDir:
                                        if self._still_there(k, v)}
                 self.already_complete = (
                     old.complete and len(self.state.finished) == len(old.finished)
-                    and all((self.path / f).is_file() for f in [*old.files, MANIFEST]))
+                    and all((self.path / f).is_file() for f in [*old.files, *self._last]))
                 return
             if not self.force:
                 raise OutputPathError(
@@ -148,10 +158,11 @@ class OutputDir:
     def _refuse_foreign(self, keep: frozenset[str] = frozenset()) -> None:
         """Refuse a directory holding entries recipekit did not write (``keep``: relative paths
         of files `_delete_listed` is about to delete, judged before deleting them)."""
-        # Our own temp files (a run killed mid-write) are not foreign: a rerun overwrites them.
+        # Our own temp files (a run killed mid-write) are not foreign: a rerun replaces them.
+        # A temp name that is a link, a folder or another user's file is not ours.
         foreign = sorted(p.name for p in self.path.iterdir()
-                         if p.name != STATE and not p.name.endswith(PARTIAL_SUFFIX)
-                         and not _all_listed(p, p.name, keep))
+                         if not (p.name == STATE or _all_listed(p, p.name, keep) or (
+                             p.name.endswith(PARTIAL_SUFFIX) and stale_temp_problem(p) is None)))
         if foreign:
             shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
             raise OutputPathError(
@@ -163,7 +174,7 @@ class OutputDir:
     def _listed(self, files: list[str]) -> frozenset[str]:
         """The relative paths `_delete_listed` deletes for a state file listing ``files``."""
         out = set()
-        for rel in [MANIFEST, *files]:
+        for rel in [*self._last, *files]:
             target = self.path / rel
             if _inside(target, self.path):
                 rel_path = Path(os.path.normpath(rel))
@@ -177,7 +188,7 @@ class OutputDir:
     def _delete_listed(self, files: list[str]) -> None:
         """Delete what a state file listed, manifest first; the state file itself stays."""
         dirs: set[Path] = set()
-        for rel in [MANIFEST, *files]:
+        for rel in [*self._last, *files]:
             target = self.path / rel
             if not _inside(target, self.path):
                 continue
@@ -215,25 +226,27 @@ class OutputDir:
         self.save_state()
 
     def write_file(self, rel: str, data: bytes) -> None:
-        target = self.path / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(target, data, fsync=self.fsync)
+        write_file_atomic(self._parent_made(rel) / Path(rel).name, data, fsync=self.fsync)
 
     def copy_file(self, src: Path, rel: str) -> None:
-        target = self.path / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = partial_path(target)
-        try:
-            shutil.copyfile(src, temp)
-            if self.fsync:
-                with open(temp, "rb+") as f:
-                    os.fsync(f.fileno())
-            os.replace(temp, target)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise OutputError(f"cannot copy {display_path(src)}: {e.strerror or e}",
-                              file=display_path(target)) from e
+        copy_file_atomic(src, self._parent_made(rel) / Path(rel).name, fsync=self.fsync)
+
+    def _parent_made(self, rel: str) -> Path:
+        """The folder of ``rel`` under the output, made if needed; a folder that is a symlink
+        (planted there) is refused rather than written through."""
+        folder = self.path
+        for part in Path(rel).parent.parts:
+            folder = folder / part
+            if folder.is_symlink() or part in ("..", "/"):
+                raise OutputPathError(f"{display_path(folder)} is a symlink or leaves the output "
+                                      "directory; recipekit does not write through it",
+                                      hint="remove it yourself and run again")
+            try:
+                folder.mkdir(exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"cannot create a folder: {e.strerror or e}",
+                                  file=display_path(folder)) from e
+        return folder
 
     def complete(self) -> None:
         self.state.complete = True

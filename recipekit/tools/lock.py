@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from recipekit import __version__
 from recipekit.errors import UsageError
 from recipekit.inputs.hub import blob_id
 from recipekit.io.header import display_path
+from recipekit.io.writer import write_file_atomic
 from recipekit.recipe import ModelRef, Recipe
 
 LOCK_VERSION = 1
@@ -108,9 +108,9 @@ def build_lock(recipe: Recipe, sources: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_lock(path: Path, lock: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Written like every file recipekit writes (io/writer.py): temp name, no link followed."""
+    write_file_atomic(path, (json.dumps(lock, indent=2, sort_keys=True) + "\n").encode(),
+                      resumable=False)
 
 
 def read_lock(path: Path, recipe_file: Path) -> dict[str, Any]:

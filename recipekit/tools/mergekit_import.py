@@ -34,6 +34,7 @@ tests/goldens/make_mergekit_import_goldens.py; a live comparison runs under the 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -638,3 +639,45 @@ def _validate(recipe: dict[str, Any], file: Path, st: _State) -> None:
     from recipekit.plan import compile_plan
 
     compile_plan(recipe_from_data(recipe, file), st.checkpoints)
+
+
+def check_recipe_target(config: Path, output: Path, *, force: bool) -> None:
+    """Refuse to write the imported recipe over its own config (even with ``force``: the
+    same file by any name, link or hard link), or over any existing path without ``force``.
+
+    Raises:
+        OutputPathError: exit code 2.
+    """
+    from recipekit.errors import OutputPathError
+    from recipekit.io.header import display_path
+
+    same = output.resolve() == config.resolve()
+    with contextlib.suppress(OSError):
+        same = same or os.path.samefile(output, config)
+    if same:
+        raise OutputPathError("is the mergekit config being imported", file=display_path(output),
+                              hint="write the recipe to another file (-o); the input is never "
+                              "overwritten, even with --force")
+    if not os.path.lexists(output):
+        return
+    if output.is_dir() and not output.is_symlink():
+        raise OutputPathError("is a directory", file=display_path(output),
+                              hint="name the recipe file to write (-o FILE)")
+    if not force:
+        raise OutputPathError("exists", file=display_path(output),
+                              hint="rerun with --force to replace it (a symlink is replaced, "
+                              "not written through), or choose another -o path")
+
+
+def write_recipe_file(output: Path, text: str) -> None:
+    """Write the imported recipe like every file recipekit writes (io/writer.py)."""
+    from recipekit.errors import OutputError
+    from recipekit.io.header import display_path
+    from recipekit.io.writer import write_file_atomic
+
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the folder: {e.strerror or e}",
+                          file=display_path(output.parent)) from e
+    write_file_atomic(output, text.encode(), resumable=False)

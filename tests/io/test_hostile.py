@@ -836,3 +836,147 @@ class TestForceRefusesBeforeDeleting:
         other = write_recipe(tmp_path, solar_recipe(layers='["range(0,4)"]'))
         result = cli("run", other, "-q", "--force")
         assert result.exit_code == 0, result.output
+
+
+class TestPlantedLinks:
+    """Issue 17 item 3: no write follows a link planted under a temp name (or a folder link):
+    files are created exclusively without following links, and a temp name that is not our
+    own regular file is refused (exit 2)."""
+
+    TEMP = ".model.safetensors.recipekit-partial"
+
+    @pytest.fixture
+    def victim(self, tmp_path) -> Path:
+        v = tmp_path / "victim"
+        v.write_bytes(b"precious")
+        return v
+
+    def test_in_a_new_output(self, cli, tmp_path, recipe, victim):
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / self.TEMP).symlink_to(Path("..") / "victim")
+        for extra in ([], ["--force"]):
+            result = cli("run", recipe, "-q", *extra)
+            assert result.exit_code == 2, result.output
+            assert f"holds files recipekit did not write ({self.TEMP})" in result.stderr
+        assert victim.read_bytes() == b"precious"
+
+    @pytest.mark.parametrize("name", [TEMP, "..recipekit-state.json.recipekit-partial",
+                                      ".config.json.recipekit-partial"])
+    def test_while_resuming(self, cli, tmp_path, recipe, victim, model_copy, name):
+        assert cli("run", recipe, "-q").exit_code == 0
+        out = tmp_path / "out"
+        (out / "model.safetensors").unlink()  # the rerun writes it (and the state, config) again
+        (out / name).symlink_to(victim)
+        err = run_fails(cli, recipe, 2)
+        assert first_line(err) == (
+            f"{display_path(out / name)}: the temporary file name is a symlink; recipekit creates "
+            "its temporary files itself and never writes through one it did not create; remove "
+            "it yourself (it is not recipekit's) and run again")
+        assert victim.read_bytes() == b"precious"
+
+    def test_a_stale_temp_file_of_ours_is_replaced(self, cli, tmp_path, recipe, model_copy):
+        assert cli("run", recipe, "-q").exit_code == 0
+        out = tmp_path / "out"
+        (out / "model.safetensors").unlink()
+        (out / self.TEMP).write_bytes(b"half a shard")
+        result = cli("run", recipe, "-q")
+        assert result.exit_code == 0, result.output
+        assert not (out / self.TEMP).exists()
+
+    def test_donor_subfolder_link_while_resuming(self, cli, tmp_path, recipe, model_copy):
+        (model_copy / "1_Pooling").mkdir()
+        (model_copy / "1_Pooling" / "config.json").write_text('{"x": 1}')
+        assert cli("run", recipe, "-q").exit_code == 0
+        out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        shutil.rmtree(out / "1_Pooling")
+        (out / "1_Pooling").symlink_to(elsewhere, target_is_directory=True)
+        (out / "model.safetensors").unlink()
+        assert "1_Pooling is a symlink or leaves the output directory" in run_fails(cli, recipe, 2)
+        assert list(elsewhere.iterdir()) == []
+
+    def test_temp_name_owned_by_the_helper_only(self, tmp_path, victim):
+        from recipekit.io.writer import write_file_atomic
+
+        (tmp_path / ".f.recipekit-partial").symlink_to(victim)
+        with pytest.raises(RecipekitError, match="is a symlink") as info:
+            write_file_atomic(tmp_path / "f", b"data")
+        assert info.value.exit_code == 2 and victim.read_bytes() == b"precious"
+        os.mkfifo(tmp_path / ".g.recipekit-partial")
+        with pytest.raises(RecipekitError, match="is a named pipe"):
+            write_file_atomic(tmp_path / "g", b"data")
+        (tmp_path / "h").symlink_to(victim)  # the final name: the link is replaced, not followed
+        write_file_atomic(tmp_path / "h", b"data")
+        assert victim.read_bytes() == b"precious" and (tmp_path / "h").read_bytes() == b"data"
+        assert not (tmp_path / "h").is_symlink()
+
+
+# -- side commands: lock, import-mergekit, convert -------------------------------------------
+
+class TestLockWrites:
+    """Issue 17 item 3: `recipekit lock` writes through the safe-write helper."""
+
+    def test_planted_temp_link_is_refused(self, cli, tmp_path, recipe):
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        (tmp_path / ".recipe.lock.json.recipekit-partial").symlink_to(victim)
+        (tmp_path / "recipe.lock.json.tmp").symlink_to(victim)  # the old temp name
+        assert "temporary file name is a symlink" in run_fails(cli, recipe, 2, "lock")
+        (tmp_path / ".recipe.lock.json.recipekit-partial").unlink()
+        assert cli("lock", recipe).exit_code == 0
+        assert victim.read_bytes() == b"precious"
+        assert json.loads((tmp_path / "recipe.lock.json").read_text())["recipekit_lock"] == 1
+
+
+class TestImportMergekitOutput:
+    """Issue 17 items 3-4: `import-mergekit -o` refuses an existing path without --force and
+    its own config always; --force replaces a link rather than writing through it."""
+
+    @pytest.fixture
+    def config(self, tmp_path, tiny_llama, monkeypatch) -> Path:
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "m").symlink_to(tiny_llama, target_is_directory=True)
+        cfg = tmp_path / "mk.yml"
+        cfg.write_text("slices:\n  - sources:\n      - model: ./m\n        layer_range: [0, 6]\n"
+                       "merge_method: passthrough\n")
+        return cfg
+
+    def test_existing_file_needs_force(self, cli, tmp_path, config):
+        mine = tmp_path / "mine.yaml"
+        mine.write_text("my notes")
+        result = cli("import-mergekit", config, "-o", mine)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith(f"{display_path(mine)}: exists; rerun with --force")
+        assert mine.read_text() == "my notes"
+        assert cli("import-mergekit", config, "-o", mine, "--force").exit_code == 0
+        assert mine.read_text().startswith("# Converted by")
+
+    @pytest.mark.parametrize("force", [[], ["--force"]])
+    @pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
+    def test_never_its_own_config(self, cli, tmp_path, config, how, force):
+        before = config.read_bytes()
+        target = config
+        if how != "same":
+            target = tmp_path / "r.yaml"
+            (target.symlink_to if how == "symlink" else target.hardlink_to)(config)
+        result = cli("import-mergekit", config, "-o", target, *force)
+        assert result.exit_code == 2, result.output
+        assert "is the mergekit config being imported" in result.stderr
+        assert config.read_bytes() == before
+
+    def test_force_replaces_a_link_not_its_target(self, cli, tmp_path, config):
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        (tmp_path / "r.yaml").symlink_to(victim)
+        assert cli("import-mergekit", config, "-o", tmp_path / "r.yaml").exit_code == 2
+        assert cli("import-mergekit", config, "-o", tmp_path / "r.yaml", "--force").exit_code == 0
+        assert victim.read_bytes() == b"precious"
+        assert not (tmp_path / "r.yaml").is_symlink()
+
+    def test_planted_temp_link(self, cli, tmp_path, config):
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        (tmp_path / ".r.yaml.recipekit-partial").symlink_to(victim)
+        result = cli("import-mergekit", config, "-o", tmp_path / "r.yaml")
+        assert result.exit_code == 2 and "temporary file name is a symlink" in result.stderr
+        assert victim.read_bytes() == b"precious"
