@@ -280,7 +280,9 @@ def convert(
         "torch.load(weights_only=True), which refuses anything but tensors.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Convert a pickle checkpoint or PEFT adapter to safetensors (which `run` reads)."""
+    """Convert a pickle checkpoint or PEFT adapter to safetensors (which `run` reads).
+
+    An interrupted conversion resumes when run again with the same source files."""
 
     def body() -> None:
         from recipekit.errors import UsageError
@@ -294,6 +296,9 @@ def convert(
         from recipekit.units import format_size
 
         result = convert_checkpoint(src, dst, progress=lambda m: typer.echo(m, err=True))
+        if result.already_complete:
+            typer.echo(f"{dst}: already complete (same source files); nothing to do")
+            return
         typer.echo(f"wrote {dst}: {result.tensors} tensors in {len(result.files)} file(s), "
                    f"{format_size(result.bytes_written)}")
 

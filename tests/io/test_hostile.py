@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -980,3 +982,102 @@ class TestImportMergekitOutput:
         result = cli("import-mergekit", config, "-o", tmp_path / "r.yaml")
         assert result.exit_code == 2 and "temporary file name is a symlink" in result.stderr
         assert victim.read_bytes() == b"precious"
+
+
+class TestConvert:
+    """Issue 17 item 5: `convert` reads like `run` (confined to the source, regular files only,
+    index entries beside the index) and writes like `run` (temp names, state file, resume)."""
+
+    @pytest.fixture
+    def src(self, tmp_path) -> Path:
+        import torch
+
+        src = tmp_path / "src"
+        src.mkdir()
+        torch.save({"w": torch.arange(6.0)}, src / "pytorch_model.bin")
+        (src / "config.json").write_text('{"model_type": "llama"}')
+        (src / "tokenizer.json").write_text('{"tokens": ' + "1, " * 5000 + "1}")
+        return src
+
+    def convert(self, src: Path, dst: Path, *opts: str) -> subprocess.CompletedProcess:
+        """In a fresh process with a timeout: the attacks used to hang (FIFO, /dev/zero)."""
+        from tests.helpers.recipes import ROOT
+
+        cmd = [sys.executable, *opts, "convert", "--allow-pickle", str(src), str(dst)]
+        if not opts:
+            cmd[1:1] = ["-m", "recipekit.cli"]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env)
+
+    def test_files_that_leave_the_source_are_not_copied(self, tmp_path, src):
+        secret = tmp_path / "secret"
+        secret.write_text("not yours")
+        (src / "special_tokens_map.json").symlink_to(secret)
+        (src / "vocab.txt").symlink_to("/dev/zero")
+        os.mkfifo(src / "merges.txt")
+        done = self.convert(src, tmp_path / "out")
+        assert done.returncode == 0, done.stderr
+        out = tmp_path / "out"
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+            "config.json", "model.safetensors", "tokenizer.json"]
+        for name, why in (("merges.txt", "is a named pipe, not a regular file"),
+                          ("special_tokens_map.json", f"is a symlink to {secret}, outside"),
+                          ("vocab.txt", "is a symlink to /dev/zero, outside")):
+            assert f"{display_path(src / name)}: not copied to the output: it {why}" in \
+                done.stderr
+        assert "internal error" not in done.stderr
+
+    def test_weights_that_are_special_or_leave_the_source(self, tmp_path, src):
+        (src / "pytorch_model.bin").rename(tmp_path / "elsewhere.bin")
+        os.mkfifo(src / "pytorch_model.bin")
+        done = self.convert(src, tmp_path / "out")
+        assert done.returncode == 2, done.stderr
+        assert "pytorch_model.bin: is a named pipe, not a regular file" in done.stderr
+        (src / "pytorch_model.bin").unlink()
+        (src / "pytorch_model.bin").symlink_to(tmp_path / "elsewhere.bin")
+        done = self.convert(src, tmp_path / "out2")
+        assert done.returncode == 2 and "outside the model directory" in done.stderr
+
+    def test_index_entry_outside_the_source(self, tmp_path, src):
+        (tmp_path / "other").mkdir()
+        (src / "pytorch_model.bin").rename(tmp_path / "other" / "pytorch_model.bin")
+        (src / "pytorch_model.bin.index.json").write_text(json.dumps(
+            {"weight_map": {"w": "../other/pytorch_model.bin"}}))
+        done = self.convert(src, tmp_path / "out")
+        assert done.returncode != 0 and "Traceback" not in done.stderr
+        assert "../other/pytorch_model.bin" in done.stderr
+        assert "which is not a file beside the index" in done.stderr
+        assert not list((tmp_path / "out").glob("*.safetensors"))
+
+    def test_output_overlapping_the_source(self, cli, tmp_path, src):
+        for dst in (src / "st", tmp_path):
+            result = cli("convert", "--allow-pickle", src, dst)
+            assert result.exit_code == 2, result.output
+            assert "the source" in result.stderr
+        assert not (src / "st").exists()
+
+    def test_killed_mid_copy_resumes(self, tmp_path, src):
+        from tests.helpers.recipes import ROOT
+
+        out = tmp_path / "out"
+        wrapper = str(ROOT / "tests" / "helpers" / "crashpoints.py")
+        killed = self.convert(src, out, wrapper, "--out", str(out), "--kill-on",
+                              "write .tokenizer.json.recipekit-partial", "--")
+        assert killed.returncode == -9, killed.stderr
+        assert (out / "model.safetensors").is_file()
+        assert not (out / "tokenizer.json").exists()  # never a truncated file under its name
+        done = self.convert(src, out)
+        assert done.returncode == 0, done.stderr
+        assert "pytorch_model.bin -> model.safetensors" not in done.stderr  # the shard resumed
+        assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+        assert not [p for p in out.iterdir() if p.name.endswith(".recipekit-partial")]
+        again = self.convert(src, out)
+        assert again.returncode == 0 and "already complete" in again.stdout
+
+    def test_a_changed_source_is_not_resumed(self, cli, tmp_path, src):
+        assert cli("convert", "--allow-pickle", src, tmp_path / "out").exit_code == 0
+        (src / "config.json").write_text('{"model_type": "llama", "x": 1}')
+        result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+        assert result.exit_code == 2, result.output
+        assert "holds a conversion of other files" in result.stderr
+        assert "--force" not in result.stderr
