@@ -278,15 +278,21 @@ def copy_file_atomic(src: Path, path: Path, *, fsync: bool = True) -> None:
                               "a regular file", file=display_path(path))
         temp = partial_path(path)
         fd = open_exclusive(temp)
+        reading = True
         try:
             left = st.st_size
             while left > 0 and (chunk := os.read(src_fd, min(left, 1 << 20))):
+                reading = False
                 _write_all(fd, chunk)
+                reading = True
                 left -= len(chunk)
         except OSError as e:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(temp)
+            if reading:
+                raise OutputError(f"cannot copy {display_path(src)}: {e.strerror or e}",
+                                  file=display_path(path)) from e
             raise _write_error(e, path) from e
         commit_temp(fd, temp, path, fsync=fsync)
     finally:

@@ -783,6 +783,27 @@ class TestOutputOverlapsInput:
         assert " lies inside input `models.tiny`" in run_fails(cli, r, 2)
         assert snapshot(hub_cache) == before
 
+    @pytest.mark.parametrize("force", [[], ["--force"]])
+    def test_output_inside_an_adapter(self, cli, tmp_path, model_copy, force):
+        from tests.helpers.adapter_builders import make_adapter
+
+        lora = make_adapter("llama", model_copy, tmp_path / "lora", r=2,
+                            target_modules=["q_proj"])
+        before = snapshot(lora)
+        r = write_recipe(tmp_path, """
+            recipekit: 1
+            models: {base: ./model}
+            adapters: {a: ./lora}
+            steps:
+              - {name: f, op: adapters, from: base, adapters: [a]}
+            output: {path: ./lora/merged}
+            """)
+        result = cli("run", r, "-q", *force)
+        assert result.exit_code == 2, result.output
+        assert f" lies inside input `adapters.a` ({display_path(lora)})" in result.stderr
+        assert "--force" not in result.stderr
+        assert snapshot(lora) == before and not (lora / "merged").exists()
+
     def test_output_containing_the_recipe(self, cli, tmp_path, model_copy):
         (tmp_path / "sub").mkdir()
         r = write_recipe(tmp_path / "sub", solar_recipe("../model", output="  path: ."))
