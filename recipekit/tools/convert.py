@@ -4,8 +4,11 @@ Why a separate, explicit command: unpickling can run arbitrary code, so `recipek
 does it. Here the user opts in with ``--allow-pickle`` and the load is still
 ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
 One input shard is in memory at a time (memory-mapped when the file allows); each output shard is
-written with the same streaming writer as `run`. Oracle (tests/test_convert.py): the converted
-checkpoint's tensors equal the pickled ones, and transformers / PEFT load it.
+written with the same streaming writer as `run`. The source is read like a run's inputs (every
+file confined to it, regular files only) and the output directory is a run's (io/output.py:
+lock, state file, temp names and renames), so a killed conversion resumes. Oracle
+(tests/tools/test_convert.py): the converted checkpoint's tensors equal the pickled ones, and
+transformers / PEFT load it; tests/io/test_hostile.py::TestConvert holds the attacks.
 """
 
 from __future__ import annotations
