@@ -280,7 +280,9 @@ def convert(
         "torch.load(weights_only=True), which refuses anything but tensors.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Convert a pickle checkpoint or PEFT adapter to safetensors (which `run` reads)."""
+    """Convert a pickle checkpoint or PEFT adapter to safetensors (which `run` reads).
+
+    An interrupted conversion resumes when run again with the same source files."""
 
     def body() -> None:
         from recipekit.errors import UsageError
@@ -294,6 +296,9 @@ def convert(
         from recipekit.units import format_size
 
         result = convert_checkpoint(src, dst, progress=lambda m: typer.echo(m, err=True))
+        if result.already_complete:
+            typer.echo(f"{dst}: already complete (same source files); nothing to do")
+            return
         typer.echo(f"wrote {dst}: {result.tensors} tensors in {len(result.files)} file(s), "
                    f"{format_size(result.bytes_written)}")
 
@@ -345,20 +350,24 @@ def import_mergekit(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write the recipe here (default: print it). Model paths are "
         "written relative to this file's directory.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing -o file (a symlink is replaced, not written "
+        "through). The mergekit config itself is never overwritten.")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Convert a mergekit config into an equivalent recipe, or say what cannot be converted."""
 
     def body() -> None:
-        from recipekit.io.writer import write_file_atomic
         from recipekit.tools.mergekit_import import convert_file
+        from recipekit.tools.single_file import check_recipe_target, write_recipe_file
 
+        if output is not None:
+            check_recipe_target(config, output, force=force)
         text = convert_file(config, output)
         if output is None:
             typer.echo(text, nl=False)
         else:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            write_file_atomic(output, text.encode())
+            write_recipe_file(output, text)
             typer.echo(f"wrote {output}", err=True)
 
     _guard(debug, body)

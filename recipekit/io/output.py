@@ -23,7 +23,14 @@ from typing import Any
 
 from recipekit.errors import OutputError, OutputPathError, display_path
 from recipekit.io.names import INDEX, MANIFEST, STATE
-from recipekit.io.writer import PARTIAL_SUFFIX, fsync_dir, partial_path, write_file_atomic
+from recipekit.io.writer import (
+    PARTIAL_SUFFIX,
+    copy_file_atomic,
+    fsync_dir,
+    partial_path,
+    stale_temp_problem,
+    write_file_atomic,
+)
 from recipekit.units import format_size
 
 __all__ = ["INDEX", "MANIFEST", "STATE", "OutputDir", "State", "dumps"]
@@ -46,12 +53,24 @@ class State:
                       "finished": self.finished, "complete": self.complete})
 
 
+def stored_plan_hash(path: Path) -> str | None:
+    """The plan hash an output directory's state file records (None: no readable state; a
+    damaged one is `OutputDir`'s to report)."""
+    try:
+        return json.loads((path / STATE).read_bytes()).get("plan_hash")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class OutputDir:
     """Owns one output directory for the duration of a run (use as a context manager)."""
 
     def __init__(self, path: Path, *, plan_hash: str, files: list[str], force: bool = False,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, manifest: str | None = MANIFEST) -> None:
+        """``manifest``: the file written last, which a complete output has (None: none, as
+        for `convert`, whose output is complete when its state file says so)."""
         self.path = path
+        self._last = [manifest] if manifest else []
         self.plan_hash = plan_hash
         self.files = files
         self.force = force
@@ -125,7 +144,7 @@ class OutputDir:
                                        if self._still_there(k, v)}
                 self.already_complete = (
                     old.complete and len(self.state.finished) == len(old.finished)
-                    and all((self.path / f).is_file() for f in [*old.files, MANIFEST]))
+                    and all((self.path / f).is_file() for f in [*old.files, *self._last]))
                 return
             if not self.force:
                 raise OutputPathError(
@@ -133,6 +152,9 @@ class OutputDir:
                     "or its inputs changed)",
                     hint="rerun with --force to replace it (deletes only files recipekit wrote "
                     "there), or choose another output path")
+            # Refuse before deleting anything: a --force that would refuse afterwards (files
+            # recipekit did not write stay there) must leave the directory as it found it.
+            self._refuse_foreign(keep=self._listed(old.files))
             # First say, durably, that nothing here is finished: a kill while deleting must not
             # leave a state that calls a half-deleted output complete. The file list stays, so a
             # rerun (with either plan) still knows what recipekit wrote.
@@ -141,10 +163,14 @@ class OutputDir:
             self._delete_listed(old.files)
         self._refuse_foreign()
 
-    def _refuse_foreign(self) -> None:
-        # Our own temp files (a run killed mid-write) are not foreign: a rerun overwrites them.
+    def _refuse_foreign(self, keep: frozenset[str] = frozenset()) -> None:
+        """Refuse a directory holding entries recipekit did not write (``keep``: relative paths
+        of files `_delete_listed` is about to delete, judged before deleting them)."""
+        # Our own temp files (a run killed mid-write) are not foreign: a rerun replaces them.
+        # A temp name that is a link, a folder or another user's file is not ours.
         foreign = sorted(p.name for p in self.path.iterdir()
-                         if p.name != STATE and not p.name.endswith(PARTIAL_SUFFIX))
+                         if not (p.name == STATE or _all_listed(p, p.name, keep) or (
+                             p.name.endswith(PARTIAL_SUFFIX) and stale_temp_problem(p) is None)))
         if foreign:
             shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
             raise OutputPathError(
@@ -153,6 +179,16 @@ class OutputDir:
                 hint="choose a new or empty output path; recipekit never deletes files it did "
                 "not write")
 
+    def _listed(self, files: list[str]) -> frozenset[str]:
+        """The relative paths `_delete_listed` deletes for a state file listing ``files``."""
+        out = set()
+        for rel in [*self._last, *files]:
+            target = self.path / rel
+            if _inside(target, self.path):
+                rel_path = Path(os.path.normpath(rel))
+                out.update({rel_path.as_posix(), partial_path(rel_path).as_posix()})
+        return frozenset(out)
+
     def _still_there(self, name: str, info: dict[str, Any]) -> bool:
         p = self.path / name
         return p.is_file() and p.stat().st_size == info.get("size")
@@ -160,7 +196,7 @@ class OutputDir:
     def _delete_listed(self, files: list[str]) -> None:
         """Delete what a state file listed, manifest first; the state file itself stays."""
         dirs: set[Path] = set()
-        for rel in [MANIFEST, *files]:
+        for rel in [*self._last, *files]:
             target = self.path / rel
             if not _inside(target, self.path):
                 continue
@@ -196,31 +232,42 @@ class OutputDir:
         self.save_state()
 
     def write_file(self, rel: str, data: bytes) -> None:
-        target = self.path / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(target, data, fsync=self.fsync)
+        write_file_atomic(self._parent_made(rel) / Path(rel).name, data, fsync=self.fsync)
 
     def copy_file(self, src: Path, rel: str) -> None:
-        target = self.path / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = partial_path(target)
-        try:
-            shutil.copyfile(src, temp)
-            if self.fsync:
-                with open(temp, "rb+") as f:
-                    os.fsync(f.fileno())
-            os.replace(temp, target)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise OutputError(f"cannot copy {display_path(src)}: {e.strerror or e}",
-                              file=display_path(target)) from e
+        copy_file_atomic(src, self._parent_made(rel) / Path(rel).name, fsync=self.fsync)
+
+    def _parent_made(self, rel: str) -> Path:
+        """The folder of ``rel`` under the output, made if needed; a folder that is a symlink
+        (planted there) is refused rather than written through."""
+        folder = self.path
+        for part in Path(rel).parent.parts:
+            folder = folder / part
+            if folder.is_symlink() or part in ("..", "/"):
+                raise OutputPathError(f"{display_path(folder)} is a symlink or leaves the output "
+                                      "directory; recipekit does not write through it",
+                                      hint="remove it yourself and run again")
+            try:
+                folder.mkdir(exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"cannot create a folder: {e.strerror or e}",
+                                  file=display_path(folder)) from e
+        return folder
 
     def complete(self) -> None:
         self.state.complete = True
         if self.fsync:
             fsync_dir(self.path)
         self.save_state()
+
+
+def _all_listed(p: Path, rel: str, keep: frozenset[str]) -> bool:
+    """Whether deleting the files in ``keep`` (and then the emptied folders) removes ``p``."""
+    if p.is_symlink() or not p.is_dir():
+        return rel in keep
+    if not any(k.startswith(rel + "/") for k in keep):
+        return False  # a folder no listed file lies in is never removed
+    return all(_all_listed(q, f"{rel}/{q.name}", keep) for q in p.iterdir())
 
 
 def _inside(p: Path, root: Path) -> bool:

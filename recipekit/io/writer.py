@@ -12,11 +12,12 @@ import errno
 import hashlib
 import os
 import queue
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from recipekit.errors import OutputError, display_path
+from recipekit.errors import OutputError, OutputPathError, display_path
 
 PARTIAL_SUFFIX = ".recipekit-partial"
 
@@ -28,22 +29,26 @@ def partial_path(final: Path) -> Path:
 _RESUME = "finished shards are kept, and running the same command again resumes"
 
 
-def _write_error(e: OSError, path: Path) -> OutputError:
-    """One clear message per way a write can fail; the temp file is removed by the caller."""
+def _write_error(e: OSError, path: Path, *, resumable: bool = True) -> OutputError:
+    """One clear message per way a write can fail; the temp file is removed by the caller.
+    ``resumable``: a rerun resumes (a run's output), so the hint says so."""
+    tail = f"; {_RESUME}" if resumable else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return OutputError("disk full while writing" if e.errno == errno.ENOSPC else
                            "disk quota exceeded while writing", file=display_path(path),
-                           hint=f"free space (`recipekit plan` shows the bytes needed); {_RESUME}")
+                           hint=f"free space (`recipekit plan` shows the bytes needed){tail}"
+                           if resumable else "free space and run again")
     if e.errno == errno.EFBIG:
         return OutputError("the file size limit was reached while writing (`ulimit -f`, or the "
                            "file system's maximum file size)", file=display_path(path),
-                           hint=f"raise the limit or lower `output.shard_size`; {_RESUME}")
+                           hint=f"raise the limit or lower `output.shard_size`{tail}"
+                           if resumable else "raise the limit and run again")
     if e.errno == errno.EIO:
         return OutputError("I/O error while writing: the disk or file system reported a "
                            "failure", file=display_path(path),
-                           hint=f"check the disk (dmesg) before trusting it; {_RESUME}")
+                           hint=f"check the disk (dmesg) before trusting it{tail}")
     return OutputError(f"cannot write: {e.strerror or e}", file=display_path(path),
-                       hint=_RESUME)
+                       hint=_RESUME if resumable else None)
 
 
 #: Written bytes between background flushes (when fsync is on): the final fsync then finds little
@@ -74,10 +79,7 @@ class ShardWriter:
         self._flushing = threading.Semaphore(1)
         self._flush_error: OSError | None = None
         self._unflushed = 0
-        try:
-            self._fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError as e:
-            raise _write_error(e, self.temp) from e
+        self._fd = open_exclusive(self.temp)
         self._hasher = threading.Thread(target=self._hash_loop, name="recipekit-sha256",
                                         daemon=True)
         self._hasher.start()
@@ -135,17 +137,11 @@ class ShardWriter:
             self.abort()
             raise OutputError(f"internal error: wrote {self.written} of {self.size} bytes",
                               file=display_path(self.final))
-        try:
-            if self._flush_error is not None:
-                raise self._flush_error
-            if self.fsync:
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            os.replace(self.temp, self.final)
-        except OSError as e:
+        if self._flush_error is not None:
             self.abort()
-            raise _write_error(e, self.final) from e
+            raise _write_error(self._flush_error, self.final) from self._flush_error
+        fd, self._fd = self._fd, -1
+        commit_temp(fd, self.temp, self.final, fsync=self.fsync)
         return self._sha.hexdigest()
 
     def abort(self) -> None:
@@ -158,20 +154,148 @@ class ShardWriter:
             os.unlink(self.temp)
 
 
-def write_file_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Write a small file under a temp name and rename it into place."""
-    temp = partial_path(path)
+# -- the one way recipekit writes a file -----------------------------------------------------
+# Every file recipekit writes (shards, small files of the output folder, the state file, lock
+# files, converted checkpoints, imported recipes) is created under its temp name with
+# O_CREAT|O_EXCL|O_NOFOLLOW, so a link planted under that name is never followed and no existing
+# file is truncated; fsynced; renamed into place (which replaces a link at the final name rather
+# than writing through it); and its directory fsynced.
+
+_EXCLUSIVE = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+              | getattr(os, "O_CLOEXEC", 0))
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def stale_temp_problem(temp: Path) -> str | None:
+    """Why ``temp`` (an existing temp name) is not a leftover of ours, or None if it is one
+    (a regular file owned by this user: a killed run's temp file) or does not exist."""
     try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(temp, path)
+        st = os.lstat(temp)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return f"is {_kind(st.st_mode)}"
+    if st.st_uid != os.geteuid():
+        return "is a file owned by another user"
+    return None
+
+
+def open_exclusive(temp: Path, *, resumable: bool = True) -> int:
+    """A new file at ``temp`` opened for writing, never through a link or over a file we did not
+    write; a leftover temp file of ours (a killed run's) is removed first.
+
+    Raises:
+        OutputPathError: ``temp`` exists and is not a regular file of ours (exit code 2).
+        OutputError: the file cannot be created (permissions, disk full, ...).
+    """
+    for _ in range(2):
+        try:
+            return os.open(temp, _EXCLUSIVE, 0o644)
+        except FileExistsError:
+            why = stale_temp_problem(temp)
+            if why is not None:
+                raise OutputPathError(
+                    f"{display_path(temp)}: the temporary file name {why}; recipekit creates "
+                    "its temporary files itself and never writes through one it did not create",
+                    hint="remove it yourself (it is not recipekit's) and run again") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        except OSError as e:
+            raise _write_error(e, temp, resumable=resumable) from e
+    raise OutputError("the temporary file keeps reappearing", file=display_path(temp),
+                      hint="another process is writing there; stop it and run again")
+
+
+def commit_temp(fd: int, temp: Path, final: Path, *, fsync: bool = True,
+                resumable: bool = True) -> None:
+    """fsync and close ``fd`` (the temp file's), rename ``temp`` to ``final``, fsync the folder.
+    On failure the temp file is removed and the error raised as OutputError."""
+    try:
+        if fsync:
+            os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(temp, final)
     except OSError as e:
+        if fd >= 0:
+            os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(temp)
-        raise _write_error(e, path) from e
+        raise _write_error(e, final, resumable=resumable) from e
+    if fsync:
+        fsync_dir(final.parent)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    mv = memoryview(data)
+    pos = 0
+    while pos < len(mv):
+        pos += os.write(fd, mv[pos:])
+
+
+def write_file_atomic(path: Path, data: bytes, *, fsync: bool = True,
+                      resumable: bool = True) -> None:
+    """Write a small file under a temp name and rename it into place (see above).
+    ``resumable``: the file is part of a run's output (error hints say a rerun resumes)."""
+    temp = partial_path(path)
+    fd = open_exclusive(temp, resumable=resumable)
+    try:
+        _write_all(fd, data)
+    except OSError as e:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise _write_error(e, path, resumable=resumable) from e
+    commit_temp(fd, temp, path, fsync=fsync, resumable=resumable)
+
+
+def copy_file_atomic(src: Path, path: Path, *, fsync: bool = True) -> None:
+    """Copy the regular file ``src`` to ``path`` like `write_file_atomic`: at most the size it
+    had when opened (a file that grows, or a device, cannot fill the disk). The caller checks
+    that ``src`` may be read (confinement); a non-regular file is refused here too.
+
+    Raises:
+        OutputError: ``src`` cannot be read or is not a regular file, or the write fails.
+    """
+    try:
+        src_fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise OutputError(f"cannot copy {display_path(src)}: {e.strerror or e}",
+                          file=display_path(path)) from e
+    try:
+        st = os.fstat(src_fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"cannot copy {display_path(src)}: it is {_kind(st.st_mode)}, not "
+                              "a regular file", file=display_path(path))
+        temp = partial_path(path)
+        fd = open_exclusive(temp)
+        reading = True
+        try:
+            left = st.st_size
+            while left > 0 and (chunk := os.read(src_fd, min(left, 1 << 20))):
+                reading = False
+                _write_all(fd, chunk)
+                reading = True
+                left -= len(chunk)
+        except OSError as e:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            if reading:
+                raise OutputError(f"cannot copy {display_path(src)}: {e.strerror or e}",
+                                  file=display_path(path)) from e
+            raise _write_error(e, path) from e
+        commit_temp(fd, temp, path, fsync=fsync)
+    finally:
+        os.close(src_fd)
 
 
 def fsync_dir(path: Path) -> None:

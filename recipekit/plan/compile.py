@@ -29,6 +29,7 @@ from recipekit.plan.cost import (
     reads_whole_tensor,
     working_set,
 )
+from recipekit.plan.overlap import check_plan_output
 from recipekit.plan.schedule import Shard, schedule_shards
 from recipekit.recipe import Recipe, step_references
 from recipekit.steps import OPS
@@ -125,19 +126,23 @@ def compile_plan(recipe: Recipe, sources: Mapping[str, Any]) -> Plan:
 
     Raises:
         RecipeErrors: every step problem found (steps whose inputs failed are skipped).
+        OutputPathError: the output path is, lies inside or contains an input.
     """
     from recipekit.graph.adapterset import AdapterSet
 
     models = _build_models(recipe, sources)
     value = models[recipe.output.model]
     if isinstance(value, AdapterSet):
-        return _adapter_plan(recipe, sources, value)
-    if recipe.output.adapter is not None:
+        plan = _adapter_plan(recipe, sources, value)
+    elif recipe.output.adapter is not None:
         raise RecipeErrors([recipe.error(("output", "adapter"), f"output '{value.name}' is a "
                                          "model, not an adapter set", key=True,
                                          hint="`output.adapter` applies when `output.model` "
                                          "names an adapter set")])
-    return _model_plan(recipe, sources, models, value)
+    else:
+        plan = _model_plan(recipe, sources, models, value)
+    check_plan_output(plan)  # before anything is created or deleted, --force or not
+    return plan
 
 
 def _build_models(recipe: Recipe, sources: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from recipekit.graph import Load
 from recipekit.inputs.models import iter_donor_files
 from recipekit.io.output import OutputDir
 from recipekit.plan import Plan
+from recipekit.plan.overlap import check_plan_output
 from recipekit.run.device import resolve_device
 from recipekit.run.execute import Progress, RunResult, stream_shards
 from recipekit.run.fetch import fetch_hub_shards
@@ -26,10 +27,12 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
     they change no byte of the output.
 
     Raises:
-        OutputPathError: the output is a file, holds foreign files, or another plan's output.
+        OutputPathError: the output is a file, holds foreign files, or another plan's output;
+            or it is, lies inside or contains an input (with or without ``force``).
         OutputError: disk full, another run holds the lock, I/O failure.
         CorruptCheckpointError: an input changed or broke while being read.
     """
+    check_plan_output(plan)  # before anything is fetched, created or deleted
     plan = fetch_hub_shards(plan)
     # A plan that only moves bytes never needs torch: skip its import (about a second).
     computes = any(not isinstance(t.node, Load) for s in plan.shards for t in s.tensors)

@@ -4,31 +4,42 @@ Why a separate, explicit command: unpickling can run arbitrary code, so `recipek
 does it. Here the user opts in with ``--allow-pickle`` and the load is still
 ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
 One input shard is in memory at a time (memory-mapped when the file allows); each output shard is
-written with the same streaming writer as `run`. Oracle (tests/test_convert.py): the converted
-checkpoint's tensors equal the pickled ones, and transformers / PEFT load it.
+written with the same streaming writer as `run`. The source is read like a run's inputs (every
+file confined to it, regular files only) and the output directory is a run's (io/output.py:
+lock, state file, temp names and renames), so a killed conversion resumes. Oracle
+(tests/tools/test_convert.py): the converted checkpoint's tensors equal the pickled ones, and
+transformers / PEFT load it; tests/io/test_hostile.py::TestConvert holds the attacks.
 """
 
 from __future__ import annotations
 
-import ctypes
+import hashlib
 import json
-import shutil
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recipekit import __version__
 from recipekit.errors import (
     CorruptCheckpointError,
     OutputPathError,
     SourceNotFoundError,
+    UnsupportedCheckpointError,
     display_path,
 )
-from recipekit.inputs.files import read_bounded
+from recipekit.inputs.files import check_confined, model_root, read_small
+from recipekit.inputs.models import read_index
 from recipekit.io.header import MAX_HEADER, build_header
-from recipekit.io.names import ADAPTER_PICKLE, ADAPTER_WEIGHTS, WEIGHT_DIRS, WEIGHTS
+from recipekit.io.names import ADAPTER_PICKLE, ADAPTER_WEIGHTS, STATE, WEIGHT_DIRS, WEIGHTS
 from recipekit.io.names import INDEX as SAFE_INDEX
-from recipekit.io.writer import ShardWriter, write_file_atomic
+from recipekit.io.output import OutputDir, stored_plan_hash
+from recipekit.io.writer import ShardWriter
+from recipekit.plan.overlap import check_output_apart
+
+log = logging.getLogger(__name__)
 
 #: pickle name -> safetensors name, for single-file checkpoints.
 SINGLE_NAMES = {"pytorch_model.bin": WEIGHTS, ADAPTER_PICKLE: ADAPTER_WEIGHTS,
@@ -44,42 +55,79 @@ class Conversion:
     files: dict[str, str]  # pickle file -> safetensors file written
     tensors: int
     bytes_written: int
+    already_complete: bool = False  # a rerun of a finished conversion: nothing written
 
 
-def _plan_files(src: Path) -> tuple[dict[str, str], dict[str, str] | None]:
-    """Which pickle files become which safetensors files, and the new weight map if sharded."""
-    if (src / PICKLE_INDEX).is_file():
-        try:
-            weight_map = _read_pickle_index(src)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise CorruptCheckpointError(f"{PICKLE_INDEX} has no valid `weight_map` ({e})",
-                                         file=display_path(src / PICKLE_INDEX)) from None
+def _plan_files(src: Path, root: Path) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """Which pickle files become which safetensors files, and the new index if sharded.
+
+    Every file is confined like `run`'s inputs (`check_confined`): no link out of ``src``, no
+    FIFO or device; an index entry must name a file beside the index.
+    """
+    index_path = src / PICKLE_INDEX
+    if os.path.lexists(index_path):
+        weight_map = read_index(index_path, root)
+        index = json.loads(read_small(index_path, MAX_HEADER, PICKLE_INDEX))  # checked above
         shards = sorted(set(weight_map.values()))
         n = len(shards)
         names = {old: f"model-{k:05d}-of-{n:05d}.safetensors" for k, old in enumerate(shards, 1)}
-        return names, {t: names[f] for t, f in weight_map.items()}
-    found = {old: new for old, new in SINGLE_NAMES.items() if (src / old).is_file()}
-    if not found:
+        index["weight_map"] = {t: names[f] for t, f in weight_map.items()}
+    else:
+        names = {old: new for old, new in SINGLE_NAMES.items() if os.path.lexists(src / old)}
+        index = None
+    if not names:
         raise SourceNotFoundError(
             f"no pickle checkpoint in {display_path(src)}",
             hint=f"expected {PICKLE_INDEX} or one of: " + ", ".join(SINGLE_NAMES))
-    return found, None
+    for old in names:
+        check_confined(src / old, root)
+    return names, index
 
 
-def _read_pickle_index(src: Path) -> Any:
-    """The JSON document of a sharded pickle checkpoint's index.
+def _copied_files(src: Path, root: Path, skip: set[str]) -> list[str]:
+    """The non-weight files copied as they are (relative, sorted). Like a run's donor files,
+    links out of ``src``, broken links, FIFOs, devices and linked folders are skipped with a
+    warning: their content is not the checkpoint's to hand on."""
+    out: list[str] = []
+    for dirpath, dirs, files in os.walk(src):
+        here = Path(dirpath)
+        rel_root = here.relative_to(src)
+        keep = []
+        for d in sorted(dirs):
+            if (rel_root / d).parts[0] in WEIGHT_DIRS or d.startswith("."):
+                continue
+            if (here / d).is_symlink():
+                log.warning("%s: not copied to the output: it is a symlinked directory",
+                            display_path(here / d))
+                continue
+            keep.append(d)
+        dirs[:] = keep
+        for f in sorted(files):
+            rel = (rel_root / f).as_posix()
+            if rel in skip or f.startswith(".") or Path(f).suffix in (".bin", ".safetensors"):
+                continue
+            try:
+                check_confined(here / f, root)
+            except UnsupportedCheckpointError as e:
+                log.warning("%s: not copied to the output: it %s", display_path(here / f),
+                            e.message)
+                continue
+            out.append(rel)
+    return out
 
-    Raises:
-        OSError: unreadable; ValueError: larger than any index, not UTF-8 or not JSON.
-    """
-    raw, size = read_bounded(src / PICKLE_INDEX, MAX_HEADER)
-    if raw is None:
-        raise ValueError(f"{size} bytes, larger than any index")
-    return json.loads(raw.decode("utf-8"))
+
+def _plan_hash(src: Path, files: list[str]) -> str:
+    """What a rerun must find unchanged to resume: each source file's size and mtime."""
+    seen = {}
+    for rel in files:
+        st = os.stat(src / rel)
+        seen[rel] = [st.st_size, st.st_mtime_ns]
+    doc = {"convert": 1, "recipekit": __version__, "source": str(src.resolve()), "files": seen}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
-    import torch  # only `convert` needs torch; importing this module stays light
+    import torch
 
     try:
         try:
@@ -101,9 +149,12 @@ def _load_pickle(path: Path) -> dict[str, Any]:
     return data
 
 
-def _write_safetensors(tensors: dict[str, Any], target: Path) -> int:
+def _write_safetensors(tensors: dict[str, Any], target: Path, *,
+                       fsync: bool = True) -> tuple[int, str]:
     """Stream a state dict into one safetensors file; tensors sharing storage are written as
     separate copies (safetensors has no aliasing)."""
+    import ctypes
+
     names = sorted(tensors)
     entries = []
     for name in names:
@@ -115,7 +166,7 @@ def _write_safetensors(tensors: dict[str, Any], target: Path) -> int:
         entries.append((name, code, tuple(t.shape)))
     header, _ = build_header(entries)
     size = len(header) + sum(tensors[n].numel() * tensors[n].element_size() for n in names)
-    writer = ShardWriter(target, header, size)
+    writer = ShardWriter(target, header, size, fsync=fsync)
     try:
         for name in names:
             t = tensors[name].contiguous()
@@ -123,52 +174,72 @@ def _write_safetensors(tensors: dict[str, Any], target: Path) -> int:
             if nbytes:
                 view = memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr()))
                 writer.write(view, done=lambda t=t: None)
-        writer.finish()
+        sha = writer.finish()
     except BaseException:
         writer.abort()
         raise
-    return size
+    return size, sha
 
 
-def convert_checkpoint(src: Path, dst: Path, *,
-                       progress: Callable[[str], None] | None = None) -> Conversion:
+def _refuse_other_conversion(dst: Path, plan_hash: str) -> None:
+    """`convert` has no --force: an interrupted conversion of other files is the user's to
+    delete (OutputDir would suggest --force)."""
+    old = stored_plan_hash(dst)
+    if old is not None and old != plan_hash:
+        raise OutputPathError(f"{display_path(dst)} holds a conversion of other files (the "
+                              "source changed)", hint="delete it yourself and convert again, or "
+                              "choose a new output directory")
+
+
+def convert_checkpoint(src: Path, dst: Path, *, progress: Callable[[str], None] | None = None,
+                       fsync: bool = True) -> Conversion:
     """Convert the pickle checkpoint in ``src`` into a safetensors checkpoint in ``dst``.
 
     Non-weight files (config, tokenizer, adapter_config.json, ...) are copied. ``dst`` must not
-    exist or be empty: conversion never overwrites.
+    exist or be empty, or be an interrupted conversion of the same files, which resumes: the
+    output directory is `run`'s (io/output.py: lock, state file, temp names, renames).
 
     Raises:
         SourceNotFoundError: ``src`` holds no pickle checkpoint.
-        OutputPathError: ``dst`` exists and is not an empty directory.
+        UnsupportedCheckpointError: a weight or index file links out of ``src`` or is special.
+        OutputPathError: ``dst`` overlaps ``src``, or exists and is not an empty directory
+            (nor an interrupted conversion).
         CorruptCheckpointError: a file is not a weights-only state dict.
     """
     if not src.is_dir():
         raise SourceNotFoundError("is not a directory", file=display_path(src),
                                   hint="name the checkpoint directory")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    root = model_root(src)
+    check_output_apart(dst, [(f"the source {display_path(src)}", root)])
+    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / STATE).exists())):
         raise OutputPathError(f"{display_path(dst)} exists and is not an empty directory",
                               hint="choose a new output directory")
-    names, weight_map = _plan_files(src)
-    dst.mkdir(parents=True, exist_ok=True)
-    written = count = 0
-    for old, new in names.items():
-        if progress:
-            progress(f"{old} -> {new}")
-        tensors = _load_pickle(src / old)
-        count += len(tensors)
-        written += _write_safetensors(tensors, dst / new)
-        del tensors
-    if weight_map is not None:
-        index = _read_pickle_index(src)
-        index["weight_map"] = weight_map
-        write_file_atomic(dst / SAFE_INDEX,
-                          (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-    skip = set(names) | {PICKLE_INDEX}
-    for item in sorted(src.rglob("*")):
-        rel = item.relative_to(src)
-        if (item.is_dir() or str(rel) in skip or rel.parts[0] in WEIGHT_DIRS
-                or rel.name.startswith(".") or rel.suffix in (".bin", ".safetensors")):
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(item, dst / rel)
+    names, index = _plan_files(src, root)
+    copied = _copied_files(src, root, set(names) | {PICKLE_INDEX})
+    read = [*names, *([PICKLE_INDEX] if index is not None else []), *copied]
+    files = [*names.values(), *([SAFE_INDEX] if index is not None else []), *copied]
+    plan_hash = _plan_hash(src, read)
+    _refuse_other_conversion(dst, plan_hash)
+    with OutputDir(dst, plan_hash=plan_hash, files=files, fsync=fsync, manifest=None) as out:
+        if out.already_complete:
+            return Conversion(names, 0, 0, already_complete=True)
+        out.begin(sum(os.stat(src / rel).st_size for rel in read))
+        written = count = 0
+        for old, new in names.items():
+            if out.is_finished(new):
+                continue
+            if progress:
+                progress(f"{old} -> {new}")
+            tensors = _load_pickle(src / old)
+            count += len(tensors)
+            size, sha = _write_safetensors(tensors, dst / new, fsync=fsync)
+            del tensors
+            out.mark_finished(new, sha, size)
+            written += size
+        if index is not None:
+            out.write_file(SAFE_INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n")
+                           .encode())
+        for rel in copied:
+            out.copy_file(src / rel, rel)
+        out.complete()
     return Conversion(names, count, written)

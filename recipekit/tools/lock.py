@@ -111,7 +111,9 @@ def build_lock(recipe: Recipe, sources: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_lock(path: Path, lock: dict[str, Any]) -> None:
-    write_file_atomic(path, (json.dumps(lock, indent=2, sort_keys=True) + "\n").encode())
+    """Written like every file recipekit writes (io/writer.py): temp name, no link followed."""
+    write_file_atomic(path, (json.dumps(lock, indent=2, sort_keys=True) + "\n").encode(),
+                      resumable=False)
 
 
 def read_lock(path: Path, recipe_file: Path) -> dict[str, Any]:

@@ -496,3 +496,4 @@ def _render(st: ImportState, recipe: dict[str, Any], config: Path) -> str:
 def _validate(recipe: dict[str, Any], file: Path, st: ImportState) -> None:
     """recipekit's own checks on the result (schema, names, method contracts, shapes)."""
     compile_plan(recipe_from_data(recipe, file), st.checkpoints)
+

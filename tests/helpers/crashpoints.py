@@ -15,6 +15,8 @@ starts after 256 MiB), so a plan's event sequence is deterministic.
   stderr and SIGKILL this process (nothing is cleaned up, as in a power cut of the process).
 * ``--stop N``: the same, but SIGSTOP; the process goes on when sent SIGCONT.
 * ``--kill-on LABEL``: like ``--kill``, at the first event labelled LABEL.
+* ``--out DIR``: the output directory, for a command that takes it as an argument rather than
+  ``-o`` (``convert SRC DST``).
 * ``--trace FILE``: at exit, write ``{"events": [...], "violations": [...]}`` to FILE.
 * ``--check REF``: before every event and at exit, compare OUT with REF (an uninterrupted run of
   the same plan) using `check_output`; each problem is printed at once to stderr as
@@ -265,8 +267,12 @@ def main(argv: list[str]) -> None:
     get = {opts[i]: opts[i + 1] for i in range(0, len(opts), 2)}
     action = "stop" if "--stop" in get else "kill" if {"--kill", "--kill-on"} & set(get) else None
     at: int | str = get.get("--kill-on") or int(get.get("--kill", get.get("--stop", 0)))
-    flag = next(a for a in ("-o", "--output") if a in args)
-    ins = Instrument(args[args.index(flag) + 1], action, at, get.get("--check"))
+    if "--out" in get:  # a command whose output is not an -o option (convert SRC DST)
+        out = get["--out"]
+    else:
+        flag = next(a for a in ("-o", "--output") if a in args)
+        out = args[args.index(flag) + 1]
+    ins = Instrument(out, action, at, get.get("--check"))
     ins.install()
     from recipekit.cli import app
 

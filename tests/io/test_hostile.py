@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -721,3 +723,387 @@ class TestDonorFiles:
         assert not (out / "alias.json").is_symlink()
         assert all("not yours" not in p.read_text(errors="replace") for p in out.iterdir()
                    if p.is_file())
+
+
+# -- outputs: never over an input ------------------------------------------------------------
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (links not followed) and its bytes: what must not change."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
+
+
+class TestOutputOverlapsInput:
+    """Issue 17 item 1: an output that is, lies inside or contains an input is refused (exit 2)
+    with or without --force, and the message does not suggest --force."""
+
+    @pytest.fixture
+    def made(self, cli, tmp_path, model_copy) -> Path:
+        """A recipekit output (it has a state file listing its weights) used as an input."""
+        first = write_recipe(tmp_path, solar_recipe(output="  path: ./made"), "first.yaml")
+        assert cli("run", first, "-q").exit_code == 0
+        return tmp_path / "made"
+
+    @pytest.mark.parametrize("force", [False, True])
+    @pytest.mark.parametrize("where,relation", [(".", "is"), ("sub", "lies inside"),
+                                                ("..", "contains")])
+    def test_output_over_an_input_model(self, cli, tmp_path, made, where, relation, force):
+        (tmp_path / "inputs").mkdir()
+        moved = tmp_path / "inputs" / "made"
+        made.rename(moved)
+        r = write_recipe(tmp_path, solar_recipe("./inputs/made", layers='["range(0,4)"]',
+                                                output=f"  path: ./inputs/made/{where}"))
+        before = snapshot(tmp_path / "inputs")
+        err = run_fails(cli, r, 2, "run") if not force else None
+        if force:
+            result = cli("run", r, "-q", "--force")
+            assert result.exit_code == 2, result.output
+            err = result.stderr
+        assert f" {relation} input `models.tiny` ({display_path(moved)})" in first_line(err)
+        assert "--force" not in err
+        assert snapshot(tmp_path / "inputs") == before
+
+    def test_plan_and_validate_refuse_too(self, cli, tmp_path, made):
+        r = write_recipe(tmp_path, solar_recipe("./made", output="  path: ./made"))
+        for command in ("plan", "validate"):
+            assert "output path" in first_line(run_fails(cli, r, 2, command))
+
+    def test_through_a_symlink(self, cli, tmp_path, made):
+        (tmp_path / "alias").symlink_to(made, target_is_directory=True)
+        r = write_recipe(tmp_path, solar_recipe("./made", output="  path: ./alias/x"))
+        before = snapshot(made)
+        assert " lies inside input `models.tiny`" in run_fails(cli, r, 2)
+        result = cli("run", r, "-q", "--force")
+        assert result.exit_code == 2 and snapshot(made) == before
+
+    def test_output_containing_a_hub_cache_repo(self, cli, tmp_path, hub_cache):
+        r = write_recipe(tmp_path, solar_recipe("{hub: org/tiny}", output=f"  path: {hub_cache}"))
+        before = snapshot(hub_cache)
+        for extra in ([], ["--force"]):
+            result = cli("run", r, "-q", *extra)
+            assert result.exit_code == 2, result.output
+            assert " contains input `models.tiny`" in result.stderr
+        repo = hub_cache / "models--org--tiny"
+        r = write_recipe(tmp_path, solar_recipe("{hub: org/tiny}", output=f"  path: {repo}/x"))
+        assert " lies inside input `models.tiny`" in run_fails(cli, r, 2)
+        assert snapshot(hub_cache) == before
+
+    @pytest.mark.parametrize("force", [[], ["--force"]])
+    def test_output_inside_an_adapter(self, cli, tmp_path, model_copy, force):
+        from tests.helpers.adapter_builders import make_adapter
+
+        lora = make_adapter("llama", model_copy, tmp_path / "lora", r=2,
+                            target_modules=["q_proj"])
+        before = snapshot(lora)
+        r = write_recipe(tmp_path, """
+            recipekit: 1
+            models: {base: ./model}
+            adapters: {a: ./lora}
+            steps:
+              - {name: f, op: adapters, from: base, adapters: [a]}
+            output: {path: ./lora/merged}
+            """)
+        result = cli("run", r, "-q", *force)
+        assert result.exit_code == 2, result.output
+        assert f" lies inside input `adapters.a` ({display_path(lora)})" in result.stderr
+        assert "--force" not in result.stderr
+        assert snapshot(lora) == before and not (lora / "merged").exists()
+
+    def test_output_containing_the_recipe(self, cli, tmp_path, model_copy):
+        (tmp_path / "sub").mkdir()
+        r = write_recipe(tmp_path / "sub", solar_recipe("../model", output="  path: ."))
+        err = run_fails(cli, r, 2)
+        assert f"output path {display_path(tmp_path / 'sub')} contains the recipe" in err
+
+    def test_side_files_are_inputs(self, tmp_path):
+        from types import SimpleNamespace
+
+        from recipekit.plan.overlap import check_output_apart, input_paths
+
+        recipe = SimpleNamespace(
+            file=tmp_path / "r.yaml", models={}, adapters={},
+            steps={"c": SimpleNamespace(name="c", spec={"width": {"file": "out/s.json"}}),
+                   "g": SimpleNamespace(name="g", spec={"gating": {"log": "logs/x"}})})
+        paths = input_paths(recipe, {}, {"g": {"gating": {"log": "logs/x",
+                                                          "files": {"x-0.npy": "..."}}}})
+        real = tmp_path.resolve()
+        assert {p for _, p in paths} >= {real / "out/s.json", real / "logs/x.npy",
+                                          real / "logs/x-mapping.json", real / "logs/x-0.npy"}
+        for out, shown in ((tmp_path / "out", "out/s.json"), (tmp_path / "logs", "logs/x")):
+            with pytest.raises(RecipekitError, match=f"contains the file .*{shown}") as info:
+                check_output_apart(out, paths)
+            assert info.value.exit_code == 2
+        check_output_apart(tmp_path / "elsewhere", paths)
+
+
+class TestForceRefusesBeforeDeleting:
+    """Issue 17 item 2: a --force that refuses (files recipekit did not write are there) deletes
+    nothing."""
+
+    @pytest.mark.parametrize("foreign", ["notes.txt", "sub/notes.txt", "empty_dir/"])
+    def test_foreign_file_keeps_everything(self, cli, tmp_path, model_copy, foreign):
+        assert cli("run", write_recipe(tmp_path, solar_recipe()), "-q").exit_code == 0
+        out = tmp_path / "out"
+        if foreign.endswith("/"):
+            (out / foreign).mkdir()
+        else:
+            (out / foreign).parent.mkdir(exist_ok=True)
+            (out / foreign).write_text("mine")
+        before = snapshot(out)
+        other = write_recipe(tmp_path, solar_recipe(layers='["range(0,4)"]'))
+        result = cli("run", other, "-q", "--force")
+        assert result.exit_code == 2, result.output
+        assert "holds files recipekit did not write" in result.stderr
+        assert snapshot(out) == before
+        assert (out / foreign).exists()
+
+    def test_donor_subfolder_of_listed_files_is_ours(self, cli, tmp_path, model_copy):
+        (model_copy / "1_Pooling").mkdir()
+        (model_copy / "1_Pooling" / "config.json").write_text("{}")
+        assert cli("run", write_recipe(tmp_path, solar_recipe()), "-q").exit_code == 0
+        other = write_recipe(tmp_path, solar_recipe(layers='["range(0,4)"]'))
+        result = cli("run", other, "-q", "--force")
+        assert result.exit_code == 0, result.output
+
+
+class TestPlantedLinks:
+    """Issue 17 item 3: no write follows a link planted under a temp name (or a folder link):
+    files are created exclusively without following links, and a temp name that is not our
+    own regular file is refused (exit 2)."""
+
+    TEMP = ".model.safetensors.recipekit-partial"
+
+    @pytest.fixture
+    def victim(self, tmp_path) -> Path:
+        v = tmp_path / "victim"
+        v.write_bytes(b"precious")
+        return v
+
+    def test_in_a_new_output(self, cli, tmp_path, recipe, victim):
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / self.TEMP).symlink_to(Path("..") / "victim")
+        for extra in ([], ["--force"]):
+            result = cli("run", recipe, "-q", *extra)
+            assert result.exit_code == 2, result.output
+            assert f"holds files recipekit did not write ({self.TEMP})" in result.stderr
+        assert victim.read_bytes() == b"precious"
+
+    @pytest.mark.parametrize("name", [TEMP, "..recipekit-state.json.recipekit-partial",
+                                      ".config.json.recipekit-partial"])
+    def test_while_resuming(self, cli, tmp_path, recipe, victim, model_copy, name):
+        assert cli("run", recipe, "-q").exit_code == 0
+        out = tmp_path / "out"
+        (out / "model.safetensors").unlink()  # the rerun writes it (and the state, config) again
+        (out / name).symlink_to(victim)
+        err = run_fails(cli, recipe, 2)
+        assert first_line(err) == (
+            f"{display_path(out / name)}: the temporary file name is a symlink; recipekit creates "
+            "its temporary files itself and never writes through one it did not create; remove "
+            "it yourself (it is not recipekit's) and run again")
+        assert victim.read_bytes() == b"precious"
+
+    def test_a_stale_temp_file_of_ours_is_replaced(self, cli, tmp_path, recipe, model_copy):
+        assert cli("run", recipe, "-q").exit_code == 0
+        out = tmp_path / "out"
+        (out / "model.safetensors").unlink()
+        (out / self.TEMP).write_bytes(b"half a shard")
+        result = cli("run", recipe, "-q")
+        assert result.exit_code == 0, result.output
+        assert not (out / self.TEMP).exists()
+
+    def test_donor_subfolder_link_while_resuming(self, cli, tmp_path, recipe, model_copy):
+        (model_copy / "1_Pooling").mkdir()
+        (model_copy / "1_Pooling" / "config.json").write_text('{"x": 1}')
+        assert cli("run", recipe, "-q").exit_code == 0
+        out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        shutil.rmtree(out / "1_Pooling")
+        (out / "1_Pooling").symlink_to(elsewhere, target_is_directory=True)
+        (out / "model.safetensors").unlink()
+        assert "1_Pooling is a symlink or leaves the output directory" in run_fails(cli, recipe, 2)
+        assert list(elsewhere.iterdir()) == []
+
+    def test_temp_name_owned_by_the_helper_only(self, tmp_path, victim):
+        from recipekit.io.writer import write_file_atomic
+
+        (tmp_path / ".f.recipekit-partial").symlink_to(victim)
+        with pytest.raises(RecipekitError, match="is a symlink") as info:
+            write_file_atomic(tmp_path / "f", b"data")
+        assert info.value.exit_code == 2 and victim.read_bytes() == b"precious"
+        os.mkfifo(tmp_path / ".g.recipekit-partial")
+        with pytest.raises(RecipekitError, match="is a named pipe"):
+            write_file_atomic(tmp_path / "g", b"data")
+        (tmp_path / "h").symlink_to(victim)  # the final name: the link is replaced, not followed
+        write_file_atomic(tmp_path / "h", b"data")
+        assert victim.read_bytes() == b"precious" and (tmp_path / "h").read_bytes() == b"data"
+        assert not (tmp_path / "h").is_symlink()
+
+
+# -- side commands: lock, import-mergekit, convert -------------------------------------------
+
+class TestLockWrites:
+    """Issue 17 item 3: `recipekit lock` writes through the safe-write helper."""
+
+    def test_planted_temp_link_is_refused(self, cli, tmp_path, recipe):
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        (tmp_path / ".recipe.lock.json.recipekit-partial").symlink_to(victim)
+        (tmp_path / "recipe.lock.json.tmp").symlink_to(victim)  # the old temp name
+        assert "temporary file name is a symlink" in run_fails(cli, recipe, 2, "lock")
+        (tmp_path / ".recipe.lock.json.recipekit-partial").unlink()
+        assert cli("lock", recipe).exit_code == 0
+        assert victim.read_bytes() == b"precious"
+        assert json.loads((tmp_path / "recipe.lock.json").read_text())["recipekit_lock"] == 1
+
+
+class TestImportMergekitOutput:
+    """Issue 17 items 3-4: `import-mergekit -o` refuses an existing path without --force and
+    its own config always; --force replaces a link rather than writing through it."""
+
+    @pytest.fixture
+    def config(self, tmp_path, tiny_llama, monkeypatch) -> Path:
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "m").symlink_to(tiny_llama, target_is_directory=True)
+        cfg = tmp_path / "mk.yml"
+        cfg.write_text("slices:\n  - sources:\n      - model: ./m\n        layer_range: [0, 6]\n"
+                       "merge_method: passthrough\n")
+        return cfg
+
+    def test_existing_file_needs_force(self, cli, tmp_path, config):
+        mine = tmp_path / "mine.yaml"
+        mine.write_text("my notes")
+        result = cli("import-mergekit", config, "-o", mine)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith(f"{display_path(mine)}: exists; rerun with --force")
+        assert mine.read_text() == "my notes"
+        assert cli("import-mergekit", config, "-o", mine, "--force").exit_code == 0
+        assert mine.read_text().startswith("# Converted by")
+
+    @pytest.mark.parametrize("force", [[], ["--force"]])
+    @pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
+    def test_never_its_own_config(self, cli, tmp_path, config, how, force):
+        before = config.read_bytes()
+        target = config
+        if how != "same":
+            target = tmp_path / "r.yaml"
+            (target.symlink_to if how == "symlink" else target.hardlink_to)(config)
+        result = cli("import-mergekit", config, "-o", target, *force)
+        assert result.exit_code == 2, result.output
+        assert "is the mergekit config being imported" in result.stderr
+        assert config.read_bytes() == before
+
+    def test_force_replaces_a_link_not_its_target(self, cli, tmp_path, config):
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        (tmp_path / "r.yaml").symlink_to(victim)
+        assert cli("import-mergekit", config, "-o", tmp_path / "r.yaml").exit_code == 2
+        assert cli("import-mergekit", config, "-o", tmp_path / "r.yaml", "--force").exit_code == 0
+        assert victim.read_bytes() == b"precious"
+        assert not (tmp_path / "r.yaml").is_symlink()
+
+    def test_planted_temp_link(self, cli, tmp_path, config):
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"precious")
+        (tmp_path / ".r.yaml.recipekit-partial").symlink_to(victim)
+        result = cli("import-mergekit", config, "-o", tmp_path / "r.yaml")
+        assert result.exit_code == 2 and "temporary file name is a symlink" in result.stderr
+        assert victim.read_bytes() == b"precious"
+
+
+class TestConvert:
+    """Issue 17 item 5: `convert` reads like `run` (confined to the source, regular files only,
+    index entries beside the index) and writes like `run` (temp names, state file, resume)."""
+
+    @pytest.fixture
+    def src(self, tmp_path) -> Path:
+        import torch
+
+        src = tmp_path / "src"
+        src.mkdir()
+        torch.save({"w": torch.arange(6.0)}, src / "pytorch_model.bin")
+        (src / "config.json").write_text('{"model_type": "llama"}')
+        (src / "tokenizer.json").write_text('{"tokens": ' + "1, " * 5000 + "1}")
+        return src
+
+    def convert(self, src: Path, dst: Path, *opts: str) -> subprocess.CompletedProcess:
+        """In a fresh process with a timeout: the attacks used to hang (FIFO, /dev/zero)."""
+        from tests.helpers.recipes import ROOT
+
+        cmd = [sys.executable, *opts, "convert", "--allow-pickle", str(src), str(dst)]
+        if not opts:
+            cmd[1:1] = ["-m", "recipekit.cli"]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env)
+
+    def test_files_that_leave_the_source_are_not_copied(self, tmp_path, src):
+        secret = tmp_path / "secret"
+        secret.write_text("not yours")
+        (src / "special_tokens_map.json").symlink_to(secret)
+        (src / "vocab.txt").symlink_to("/dev/zero")
+        os.mkfifo(src / "merges.txt")
+        done = self.convert(src, tmp_path / "out")
+        assert done.returncode == 0, done.stderr
+        out = tmp_path / "out"
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+            "config.json", "model.safetensors", "tokenizer.json"]
+        for name, why in (("merges.txt", "is a named pipe, not a regular file"),
+                          ("special_tokens_map.json", f"is a symlink to {secret}, outside"),
+                          ("vocab.txt", "is a symlink to /dev/zero, outside")):
+            assert f"{display_path(src / name)}: not copied to the output: it {why}" in \
+                done.stderr
+        assert "internal error" not in done.stderr
+
+    def test_weights_that_are_special_or_leave_the_source(self, tmp_path, src):
+        (src / "pytorch_model.bin").rename(tmp_path / "elsewhere.bin")
+        os.mkfifo(src / "pytorch_model.bin")
+        done = self.convert(src, tmp_path / "out")
+        assert done.returncode == 2, done.stderr
+        assert "pytorch_model.bin: is a named pipe, not a regular file" in done.stderr
+        (src / "pytorch_model.bin").unlink()
+        (src / "pytorch_model.bin").symlink_to(tmp_path / "elsewhere.bin")
+        done = self.convert(src, tmp_path / "out2")
+        assert done.returncode == 2 and "outside the model directory" in done.stderr
+
+    def test_index_entry_outside_the_source(self, tmp_path, src):
+        (tmp_path / "other").mkdir()
+        (src / "pytorch_model.bin").rename(tmp_path / "other" / "pytorch_model.bin")
+        (src / "pytorch_model.bin.index.json").write_text(json.dumps(
+            {"weight_map": {"w": "../other/pytorch_model.bin"}}))
+        done = self.convert(src, tmp_path / "out")
+        assert done.returncode != 0 and "Traceback" not in done.stderr
+        assert "../other/pytorch_model.bin" in done.stderr
+        assert "which is not a file beside the index" in done.stderr
+        assert not list((tmp_path / "out").glob("*.safetensors"))
+
+    def test_output_overlapping_the_source(self, cli, tmp_path, src):
+        for dst in (src / "st", tmp_path):
+            result = cli("convert", "--allow-pickle", src, dst)
+            assert result.exit_code == 2, result.output
+            assert "the source" in result.stderr
+        assert not (src / "st").exists()
+
+    def test_killed_mid_copy_resumes(self, tmp_path, src):
+        from tests.helpers.recipes import ROOT
+
+        out = tmp_path / "out"
+        wrapper = str(ROOT / "tests" / "helpers" / "crashpoints.py")
+        killed = self.convert(src, out, wrapper, "--out", str(out), "--kill-on",
+                              "write .tokenizer.json.recipekit-partial", "--")
+        assert killed.returncode == -9, killed.stderr
+        assert (out / "model.safetensors").is_file()
+        assert not (out / "tokenizer.json").exists()  # never a truncated file under its name
+        done = self.convert(src, out)
+        assert done.returncode == 0, done.stderr
+        assert "pytorch_model.bin -> model.safetensors" not in done.stderr  # the shard resumed
+        assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+        assert not [p for p in out.iterdir() if p.name.endswith(".recipekit-partial")]
+        again = self.convert(src, out)
+        assert again.returncode == 0 and "already complete" in again.stdout
+
+    def test_a_changed_source_is_not_resumed(self, cli, tmp_path, src):
+        assert cli("convert", "--allow-pickle", src, tmp_path / "out").exit_code == 0
+        (src / "config.json").write_text('{"model_type": "llama", "x": 1}')
+        result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+        assert result.exit_code == 2, result.output
+        assert "holds a conversion of other files" in result.stderr
+        assert "--force" not in result.stderr

@@ -61,7 +61,7 @@ def predicted_listing(events: list[str]) -> list[str]:
     files: set[str] = set()
     for e in events:
         kind, rel = e.split(" ", 1)
-        if kind in ("open", "copy") and is_temp(rel):
+        if kind == "open" and is_temp(rel):
             files.add(rel)
         elif kind == "replace":
             files.discard(tmp_of(rel))
@@ -168,10 +168,10 @@ KILL_POINTS: dict[str, Callable[[Env], int]] = {
     "all-shards-before-index": lambda e: e.event(f"open {tmp_of(INDEX)}"),
     "index-temp-written-not-renamed": lambda e: e.event(f"replace {INDEX}"),
     "index-before-config": lambda e: e.event(f"open {tmp_of('config.json')}"),
-    "config-before-donor-files": lambda e: e.event(f"copy {tmp_of('generation_config.json')}"),
+    "config-before-donor-files": lambda e: e.event(f"open {tmp_of('generation_config.json')}"),
     "donor-file-copied-not-renamed": lambda e: e.event("replace tokenizer.json"),
-    "between-donor-files": lambda e: e.event(f"copy {tmp_of('tokenizer_config.json')}"),
-    "donor-subfolder-made-still-empty": lambda e: e.event(f"copy {tmp_of('sub/extra.json')}"),
+    "between-donor-files": lambda e: e.event(f"open {tmp_of('tokenizer_config.json')}"),
+    "donor-subfolder-made-still-empty": lambda e: e.event(f"open {tmp_of('sub/extra.json')}"),
     "readme-before-manifest": lambda e: e.event(f"open {tmp_of(MANIFEST)}"),
     "manifest-temp-written-not-renamed": lambda e: e.event(f"replace {MANIFEST}"),
     "manifest-before-state-says-complete": lambda e: e.event(f"replace {STATE}", -1),
@@ -244,12 +244,12 @@ class TestKillAndRerun:
         assert len(set(numbers)) == len(numbers) >= 12
         assert numbers == sorted(numbers)
         kinds = {env.events[n - 1].split(" ")[0] for n in numbers}
-        assert {"mkdir", "open", "write", "fsync", "replace", "copy"} <= kinds
+        assert {"mkdir", "open", "write", "fsync", "replace"} <= kinds
 
     def test_killed_again_while_resuming(self, env, tmp_path):
         out = tmp_path / "out"
         kills = [f"write {tmp_of(env.shards[1])}", f"replace {env.shards[3]}",
-                 f"copy {tmp_of('tokenizer.json')}", f"replace {STATE}"]
+                 f"open {tmp_of('tokenizer.json')}", f"replace {STATE}"]
         for label in kills:
             killed = recipekit("run", env.recipe, "-q", "-o", out, cwd=env.base,
                                opts=("--kill-on", label, "--check", str(env.ref)))

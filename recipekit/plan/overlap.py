@@ -1,0 +1,108 @@
+"""The output never overlaps an input: refused before anything is created or deleted.
+
+Why: a run deletes (``--force``) and writes inside its output directory. If that directory is an
+input's directory, lies inside one or contains one, the run would destroy what it reads, so the
+refusal does not depend on ``--force``. Inputs are every model and adapter directory (a hub
+model's whole repo cache folder, whose ``blobs/`` its snapshot links into) and every side file
+a step reads (coalesce scheme files, X-LoRA scalings logs), plus the recipe itself, all compared
+after resolving symlinks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from recipekit.errors import OutputPathError, display_path
+from recipekit.recipe import Recipe
+
+#: The files an X-LoRA scalings log may be read from, beside the path the recipe gives.
+_LOG_SUFFIXES = ("", ".npy", "-mapping.json")
+
+
+def _real(p: Path) -> Path:
+    """``p`` with every symlink resolved (as far as it exists); a loop is left as written."""
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return Path(p).absolute()
+
+
+def _side_files(spec: Any, base: Path) -> Iterator[Path]:
+    """The files a step's parameters name: ``{file: ...}`` schemes and ``gating.log``."""
+    if isinstance(spec, Mapping):
+        for key, value in spec.items():
+            if key == "file" and isinstance(value, str):
+                yield base / value
+            elif key == "log" and isinstance(value, str):
+                yield from (base / (value + s) for s in _LOG_SUFFIXES)
+            else:
+                yield from _side_files(value, base)
+    elif isinstance(spec, list):
+        for item in spec:
+            yield from _side_files(item, base)
+
+
+def _log_parts(meta: Any, base: Path) -> Iterator[Path]:
+    """The arrays a scalings-log mapping named (recorded by the gating step's metadata)."""
+    if isinstance(meta, Mapping):
+        if isinstance(meta.get("log"), str) and isinstance(meta.get("files"), Mapping):
+            folder = (base / meta["log"]).parent
+            yield from (folder / str(name) for name in meta["files"])
+        for value in meta.values():
+            yield from _log_parts(value, base)
+
+
+def input_paths(recipe: Recipe, sources: Mapping[str, Any],
+                operators: Mapping[str, Any] = ()) -> list[tuple[str, Path]]:
+    """(what, path) for everything a run of ``recipe`` reads, symlinks resolved."""
+    from recipekit.inputs.models import model_root
+
+    out = [(f"the recipe {display_path(recipe.file)}", _real(recipe.file))]
+    for key, refs in (("models", recipe.models), ("adapters", recipe.adapters)):
+        for name in refs:
+            source = sources.get(name)
+            if source is not None and getattr(source, "path", None) is not None:
+                out.append((f"input `{key}.{name}` ({display_path(source.path)})",
+                            model_root(source.path)))
+    base = recipe.file.resolve().parent
+    for step in recipe.steps.values():
+        for p in _side_files(step.spec, base):
+            out.append((f"the file {display_path(p)} that step '{step.name}' reads", _real(p)))
+    for name, meta in dict(operators).items():
+        for p in _log_parts(meta, base):
+            out.append((f"the file {display_path(p)} that step '{name}' reads", _real(p)))
+    return out
+
+
+def _relation(out: Path, inp: Path) -> str | None:
+    if out == inp:
+        return "is"
+    if inp in out.parents:
+        return "lies inside"
+    if out in inp.parents:
+        return "contains"
+    return None
+
+
+def check_output_apart(output: Path, inputs: list[tuple[str, Path]]) -> None:
+    """Refuse an output path that is, lies inside or contains any input.
+
+    Raises:
+        OutputPathError: naming the input (exit code 2, with or without ``--force``).
+    """
+    out = _real(output)
+    for what, path in inputs:
+        relation = _relation(out, path)
+        if relation is not None:
+            raise OutputPathError(
+                f"output path {display_path(output)} {relation} {what}",
+                hint="choose an output path that neither is, lies inside nor contains an input: "
+                "a run deletes and writes there, and inputs are never touched")
+
+
+def check_plan_output(plan: Any) -> None:
+    """`check_output_apart` for a compiled plan (its recipe, sources and step metadata)."""
+    check_output_apart(plan.recipe.output.path,
+                       input_paths(plan.recipe, plan.sources, plan.operators))
