@@ -15,7 +15,7 @@ import fnmatch
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -47,6 +47,24 @@ class Architecture:
     init: tuple[Mapping[str, Any], ...]
     classifier: Mapping[str, str] | None = None
     coalesce: Mapping[str, Any] | None = None  # tensor roles for coalesce/decoalesce (schema)
+    embeddings: tuple[str, ...] = ()  # embedding tables among the `pre` weights
+    fan_in_fan_out: tuple[str, ...] = ()  # layer weights stored (in, out) (GPT-2's Conv1D)
+    config_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def config_value(self, config: Mapping[str, Any], role: str) -> Any:
+        """The value of a config role (``hidden_size``, ``intermediate_size``, ...), with the
+        family's default when config.json holds null (GPT-2's ``n_inner``)."""
+        value = config_get(config, (self.config[role],)) if role in self.config else None
+        rule = self.config_defaults.get(role)
+        if value is None and rule is not None:
+            base = self.config_value(config, rule["times"])
+            value = None if base is None else rule["factor"] * base
+        return value
+
+    @property
+    def vocabulary_tensors(self) -> tuple[str, ...]:
+        """Tensors with one row per token: the embedding tables and the heads tied to them."""
+        return (*self.embeddings, *self.tied)
 
     def init_rule(self, name: str) -> Mapping[str, Any]:
         """The first ``init`` rule whose pattern matches the full tensor ``name``."""
@@ -102,8 +120,21 @@ def load_architectures() -> dict[str, Architecture]:
             init=tuple(data["init"]),
             classifier=data.get("classifier"),
             coalesce=data.get("coalesce"),
+            embeddings=tuple(data.get("embeddings", ())),
+            fan_in_fan_out=tuple(data.get("fan_in_fan_out", ())),
+            config_defaults=data.get("config_defaults", {}),
         )
     return out
+
+
+def family_names(family: str | None, field_name: str) -> tuple[str, ...]:
+    """A family's tensor names of one kind (``embeddings``, ``fan_in_fan_out``,
+    ``vocabulary_tensors``), relative to the base prefix; for a checkpoint of no known family,
+    those of every family, so that name-based detection still recognises them."""
+    archs = load_architectures()
+    if family in archs:
+        return tuple(getattr(archs[family], field_name))
+    return tuple(dict.fromkeys(n for a in archs.values() for n in getattr(a, field_name)))
 
 
 def detect_architecture(config: Mapping[str, Any]) -> Architecture | None:

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from recipekit.errors import CorruptCheckpointError, UnsupportedCheckpointError, display_path
@@ -84,6 +85,32 @@ def check_confined(p: Path, root: Path) -> None:
     else:
         hint = "a checkpoint directory holds regular files (or hub cache links)"
     raise UnsupportedCheckpointError(why, file=display_path(p), hint=hint)
+
+
+def walk_confined(path: Path, root: Path, *, skip_dir: Callable[[Path], bool]
+                  ) -> Iterator[tuple[Path, str | None]]:
+    """Every file below ``path`` as (path relative to it, why it cannot be handed on or None),
+    in sorted order, for the commands that copy a checkpoint's other files (a run's donor files,
+    `convert`).
+
+    Folders for which ``skip_dir(relative path)`` holds are not entered; a symlinked folder is
+    not entered either and is yielded with its reason; a file gets `escape_reason`'s verdict
+    (links out of ``root``, loops, broken links, FIFOs, devices).
+    """
+    for dirpath, dirs, files in os.walk(path):
+        here = Path(dirpath)
+        rel_root = here.relative_to(path)
+        keep = []
+        for d in sorted(dirs):
+            if skip_dir(rel_root / d):
+                continue
+            if (here / d).is_symlink():
+                yield rel_root / d, "is a symlinked directory"
+                continue
+            keep.append(d)
+        dirs[:] = keep
+        for f in sorted(files):
+            yield rel_root / f, escape_reason(here / f, root)
 
 
 def read_bounded(p: Path, limit: int) -> tuple[bytes | None, int]:

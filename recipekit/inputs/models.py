@@ -27,7 +27,12 @@ from recipekit.errors import (
     UnsupportedCheckpointError,
     display_path,
 )
-from recipekit.inputs.files import check_confined, escape_reason, model_root, read_small
+from recipekit.inputs.files import (
+    check_confined,
+    model_root,
+    read_small,
+    walk_confined,
+)
 from recipekit.inputs.hub import HubSnapshot
 from recipekit.inputs.source import InputFiles, Located, locate_input, shard_header
 from recipekit.io.header import MAX_HEADER, TensorInfo, kind_of, parse_json, quote_name
@@ -300,32 +305,20 @@ def iter_donor_files(path: Path) -> list[Path]:
     ``blobs/`` are fine), broken links, special files and symlinked directories are skipped with
     a warning: their content is not the donor's to hand on.
     """
-    root = model_root(path)
     out: list[Path] = []
-    for dirpath, dirs, files in os.walk(path):
-        here = Path(dirpath)
-        rel_root = here.relative_to(path)
-        keep = []
-        for d in sorted(dirs):
-            if d in WEIGHT_DIRS or d.startswith("."):
-                continue
-            if (here / d).is_symlink():
-                _skip_warning(here / d, "is a symlinked directory (recipekit copies only the "
-                              "donor's own files)")
-                continue
-            keep.append(d)
-        dirs[:] = keep
-        for f in sorted(files):
-            rel = rel_root / f
-            if f.startswith(".") or f.endswith(WEIGHT_SUFFIXES) or f.endswith(".index.json"):
-                continue
-            if rel in (Path(MODEL_CARD), Path(MANIFEST), Path(CONFIG)):
-                continue
-            why = escape_reason(here / f, root)
-            if why is not None:
-                _skip_warning(here / f, why)
-                continue
-            out.append(rel)
+    skip = {Path(MODEL_CARD), Path(MANIFEST), Path(CONFIG)}
+    for rel, why in walk_confined(path, model_root(path), skip_dir=lambda d: d.name in WEIGHT_DIRS
+                                  or d.name.startswith(".")):
+        f = rel.name
+        if f.startswith(".") or f.endswith(WEIGHT_SUFFIXES) or f.endswith(".index.json") \
+                or rel in skip:
+            continue
+        if why == "is a symlinked directory":
+            why += " (recipekit copies only the donor's own files)"
+        if why is not None:
+            _skip_warning(path / rel, why)
+            continue
+        out.append(rel)
     return out
 
 

@@ -160,14 +160,12 @@ def _locate(step: Step, recipe: Recipe, e: SchemeError, files: Mapping[str, str 
 
 
 def _dims(model: VirtualModel, arch: Architecture) -> dict[str, int]:
-    cfg, keys = model.config, arch.config
-    heads = config_get(cfg, (keys["num_heads"],))
-    hidden = config_get(cfg, (keys["hidden_size"],))
-    kv = config_get(cfg, (keys["num_kv_heads"],)) if "num_kv_heads" in keys else None
-    head_dim = config_get(cfg, (keys["head_dim"],)) if "head_dim" in keys else None
-    inter = config_get(cfg, (keys["intermediate_size"],))
-    if inter is None and arch.family == "gpt2":
-        inter = 4 * hidden  # n_inner: null means 4 * n_embd
+    cfg = model.config
+    heads = arch.config_value(cfg, "num_heads")
+    hidden = arch.config_value(cfg, "hidden_size")
+    kv = arch.config_value(cfg, "num_kv_heads")
+    head_dim = arch.config_value(cfg, "head_dim")
+    inter = arch.config_value(cfg, "intermediate_size")  # GPT-2's n_inner: null is 4 * n_embd
     return {"heads": heads, "hidden": hidden, "kv": kv or heads,
             "head_dim": head_dim or (hidden // heads if heads else 0), "inter": inter}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from recipekit.arch import family_names, load_architectures
 from recipekit.dtypes import is_floating
 from recipekit.errors import RecipeErrors
 from recipekit.graph import Difference, SvdFactor, VirtualModel, intern
@@ -21,12 +22,6 @@ from recipekit.graph.adapterset import AdapterSet, LoraTarget, LoraTerm
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.interpolate import check_aligned
 from recipekit.steps.registry import Op
-
-#: Per family, layer tensors stored (in, out) (transformers' `Conv1D`).
-FAN_IN_FAN_OUT = {"gpt2": ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                           "mlp.c_proj.weight")}
-EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "wpe.weight", "word_embeddings.weight",
-              "position_embeddings.weight", "token_type_embeddings.weight")
 
 
 def build_extract_lora(step: Step, models: Mapping[str, VirtualModel | AdapterSet],
@@ -44,14 +39,16 @@ def build_extract_lora(step: Step, models: Mapping[str, VirtualModel | AdapterSe
     assert isinstance(base, VirtualModel) and isinstance(tuned, VirtualModel)
     rank = int(step.spec["rank"])
     epsilon = float(step.spec.get("sv_epsilon", 0.0))
-    fifo = FAN_IN_FAN_OUT.get(base.stack.family or "", ())
+    arch = load_architectures().get(base.stack.family or "")
+    fifo = arch.fan_in_fan_out if arch else ()  # the family data says which are Conv1D
+    embeddings = family_names(base.stack.family, "embeddings")
     targets: dict[str, LoraTarget] = {}
     for name, b in base.tensors.items():
         t = tuned.tensors[name]
         if len(b.shape) != 2 or not name.endswith(".weight") or not (
                 is_floating(b.dtype) and is_floating(t.dtype)) or b == t:
             continue
-        embedding = name.endswith(EMBEDDINGS)
+        embedding = name.endswith(embeddings)
         transposed = embedding or name.endswith(fifo)
         k = min(rank, *b.shape)
         delta = intern(Difference(t, b))

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from recipekit.arch import family_names
 from recipekit.dtypes import is_floating, promote, torch_dtype
 from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
 from recipekit.graph import Node, VirtualModel, cast, fp32_copies, intern
@@ -53,6 +54,7 @@ def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualMode
     """Inputs must have the same tensors with the same shapes (e.g. the same vocab size)."""
     errors: list[RecipeError] = []
     first = models[names[0]]
+    vocabulary = family_names(first.stack.family, "vocabulary_tensors")
     for other_name in names[1:]:
         other = models[other_name]
         missing = [n for n in first.tensors if n not in other.tensors]
@@ -66,8 +68,7 @@ def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualMode
         for n, node in first.tensors.items():
             theirs = other.tensors[n]
             if node.shape != theirs.shape:
-                vocab = " (the vocabulary sizes differ)" if "embed" in n or "lm_head" in n or (
-                    "wte" in n) else ""
+                vocab = " (the vocabulary sizes differ)" if n.endswith(vocabulary) else ""
                 errors.append(recipe.error(
                     step.key_path + ("from",), f"`{n}` is {list(node.shape)} in '{names[0]}' "
                     f"but {list(theirs.shape)} in '{other_name}'{vocab}",

@@ -27,10 +27,9 @@ from recipekit.errors import (
     CorruptCheckpointError,
     OutputPathError,
     SourceNotFoundError,
-    UnsupportedCheckpointError,
     display_path,
 )
-from recipekit.inputs.files import check_confined, model_root, read_small
+from recipekit.inputs.files import check_confined, model_root, read_small, walk_confined
 from recipekit.inputs.models import read_index
 from recipekit.io.header import MAX_HEADER, build_header
 from recipekit.io.names import ADAPTER_PICKLE, ADAPTER_WEIGHTS, STATE, WEIGHT_DIRS, WEIGHTS
@@ -89,30 +88,16 @@ def _copied_files(src: Path, root: Path, skip: set[str]) -> list[str]:
     links out of ``src``, broken links, FIFOs, devices and linked folders are skipped with a
     warning: their content is not the checkpoint's to hand on."""
     out: list[str] = []
-    for dirpath, dirs, files in os.walk(src):
-        here = Path(dirpath)
-        rel_root = here.relative_to(src)
-        keep = []
-        for d in sorted(dirs):
-            if (rel_root / d).parts[0] in WEIGHT_DIRS or d.startswith("."):
-                continue
-            if (here / d).is_symlink():
-                log.warning("%s: not copied to the output: it is a symlinked directory",
-                            display_path(here / d))
-                continue
-            keep.append(d)
-        dirs[:] = keep
-        for f in sorted(files):
-            rel = (rel_root / f).as_posix()
-            if rel in skip or f.startswith(".") or Path(f).suffix in (".bin", ".safetensors"):
-                continue
-            try:
-                check_confined(here / f, root)
-            except UnsupportedCheckpointError as e:
-                log.warning("%s: not copied to the output: it %s", display_path(here / f),
-                            e.message)
-                continue
-            out.append(rel)
+    for rel, why in walk_confined(src, root, skip_dir=lambda d: d.parts[0] in WEIGHT_DIRS
+                                  or d.name.startswith(".")):
+        f = rel.name
+        if rel.as_posix() in skip or f.startswith(".") or Path(f).suffix in (".bin",
+                                                                             ".safetensors"):
+            continue
+        if why is not None:
+            log.warning("%s: not copied to the output: it %s", display_path(src / rel), why)
+            continue
+        out.append(rel.as_posix())
     return out
 
 
