@@ -93,8 +93,7 @@ def _known_keys(doc: Document, path: KeyPath) -> list[str]:
         step = _get(doc.data, path)
         op = step.get("op") if isinstance(step, dict) else None
         # the op's definition, found through the dispatch generated from the op registry
-        dispatch = {case["if"]["properties"]["op"]["const"]: case["then"]["$ref"].split("/")[-1]
-                    for case in defs["step"]["allOf"]}
+        dispatch = _op_definitions(schema)
         fragment = defs.get(dispatch.get(op, "")) if isinstance(op, str) else None
         return list(fragment["properties"]) if fragment else ["name", "op"]
     if len(path) == 2 and path[0] in ("models", "adapters"):
@@ -290,34 +289,52 @@ def _article(word: str) -> str:
 def step_references(step: Mapping[str, Any]) -> Iterator[tuple[str, KeyPath]]:
     """Names a step refers to, with their key paths relative to the step.
 
-    Generic over ops: ``from`` (a name or a list of names / {model: name} mappings), ``base``,
-    ``tuned``, ``adapters`` entries (names or {use: name}), ``init: {from: name}`` (the
-    head op) and ``from`` inside ``layers`` entries. An op whose schema names a model under
-    another key adds it here; tests/steps/test_registry.py::TestReferences fails until then.
+    Read off the schema, so that no op's model-valued key can escape name resolution and
+    cycle checks: wherever the op's definition puts a ``$ref`` to ``#/$defs/name`` (through
+    properties, items, alternatives), the step's value there is a reference. A step whose op
+    is unknown is read with every op's definition, so its names are still checked.
     """
-    src = step.get("from")
-    if isinstance(src, str):
-        yield src, ("from",)
-    elif isinstance(src, list):
-        for i, item in enumerate(src):
-            if isinstance(item, str):
-                yield item, ("from", i)
-            elif isinstance(item, dict) and isinstance(item.get("model"), str):
-                yield item["model"], ("from", i, "model")
-    for key in ("base", "tuned"):
-        if isinstance(step.get(key), str):
-            yield step[key], (key,)
-    uses = step.get("adapters")
-    for i, item in enumerate(uses if isinstance(uses, list) else []):
-        if isinstance(item, str):
-            yield item, ("adapters", i)
-        elif isinstance(item, dict) and isinstance(item.get("use"), str):
-            yield item["use"], ("adapters", i, "use")
-    init = step.get("init")
-    if isinstance(init, dict) and isinstance(init.get("from"), str):
-        yield init["from"], ("init", "from")
-    layers = step.get("layers")
-    for i, entry in enumerate(layers if isinstance(layers, list) else []):
-        if isinstance(entry, dict) and isinstance(entry.get("from"), str):
-            yield entry["from"], ("layers", i, "from")
+    schema = load_schema()
+    defs = schema["$defs"]
+    dispatch = _op_definitions(schema)
+    op = step.get("op")
+    wanted = [dispatch[op]] if isinstance(op, str) and op in dispatch else list(
+        dict.fromkeys(dispatch.values()))
+    seen: set[KeyPath] = set()
+    for name in wanted:
+        for ref, path in _names_in(step, defs[name], defs, ()):
+            if path not in seen and path != ("name",):
+                seen.add(path)
+                yield ref, path
 
+
+def _op_definitions(schema: Mapping[str, Any]) -> dict[str, str]:
+    """op → the name of its ``$defs`` entry, from the step dispatch generated off the op
+    registry."""
+    return {case["if"]["properties"]["op"]["const"]: case["then"]["$ref"].split("/")[-1]
+            for case in schema["$defs"]["step"]["allOf"]}
+
+
+def _names_in(value: Any, schema: Any, defs: Mapping[str, Any], path: KeyPath
+              ) -> Iterator[tuple[str, KeyPath]]:
+    if not isinstance(schema, dict):
+        return
+    ref = schema.get("$ref")
+    if ref == "#/$defs/name":
+        if isinstance(value, str):
+            yield value, path
+        return
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        yield from _names_in(value, defs.get(ref.split("/")[-1]), defs, path)
+    for key in ("oneOf", "anyOf", "allOf"):
+        for branch in schema.get(key, ()):
+            yield from _names_in(value, branch, defs, path)
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                yield from _names_in(value[key], sub, defs, path + (key,))
+    elif isinstance(value, list):
+        prefix = schema.get("prefixItems", [])
+        for i, item in enumerate(value):
+            sub = prefix[i] if i < len(prefix) else schema.get("items")
+            yield from _names_in(item, sub, defs, path + (i,))
