@@ -304,10 +304,16 @@ class _TensorMapper:
         return self.roles[rel], rel in self.arch.coalesce["embeddings"]  # type: ignore[index]
 
     def axes(self, rel: str, ndim: int) -> tuple[tuple[AxisMap | None, ...], float] | None:
-        """Axis maps and scale, or None when the tensor passes through unchanged."""
+        """Axis maps and scale, or None for a buffer that passes through unchanged (``keep``).
+
+        Without a width map every axis is unmapped but the tensor is still a weight: a depth
+        group averages it (MLTF's R matrix; issue 16 item 1), only buffers keep group[0]'s.
+        """
         role, embedding = self.role(rel)
-        if role == "keep" or self.width is None:
+        if role == "keep":
             return None
+        if self.width is None:
+            return (None,) * ndim, 1.0
         if len(role) != ndim:
             raise ValueError(f"has {ndim} axes, but its rule names {len(role)}")
         final_norm = self.tied and self.compensation == "auto" and (
