@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from recipekit.arch import (
     Architecture,
@@ -61,6 +61,8 @@ class Coalesce(Node):
     group sums on input axes), the members are averaged, and the result is scaled by ``scale``.
     """
 
+    rounds_once: ClassVar[bool] = True
+
     members: tuple[Node, ...]
     axes: tuple[AxisMap | None, ...]
     scale: float
@@ -91,6 +93,8 @@ class Decoalesce(Node):
     """One large-model tensor of the `decoalesce` op, rounded once to ``dtype``: ``input``
     copied along output axes, copied and divided by the group size along input axes, then
     scaled by ``scale``. A depth group's large layers share one node per tensor."""
+
+    rounds_once: ClassVar[bool] = True
 
     input: Node
     axes: tuple[AxisMap | None, ...]
