@@ -25,6 +25,7 @@ from recipekit.errors import RecipeError, RecipeErrors
 from recipekit.graph.lora import LoraDelta
 from recipekit.graph.nodes import Node, intern, load
 from recipekit.inputs.adapters import AdapterCheckpoint
+from recipekit.inputs.patterns import first_match
 from recipekit.io.header import TensorInfo, quote_name
 from recipekit.recipe import Recipe
 
@@ -117,15 +118,11 @@ class AdapterSet:
 
 
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's `get_pattern_key`: the first pattern key k (in the dict's order) for which
-    ``re.match(r"(.*\\.)?(k)$", module)`` matches; k is a regex (reference §2.2)."""
-    for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return patterns[key]
-        except re.error:
-            continue
-    return default
+    """PEFT's `get_pattern_key`: the value of the first pattern key k (in the dict's order) for
+    which ``re.match(r"(.*\\.)?(k)$", module)`` matches; k is a regex (reference §2.2),
+    matched in bounded time (inputs/patterns.py; invalid keys were refused on reading)."""
+    key = first_match(patterns, module)
+    return default if key is None else patterns[key]
 
 
 def module_scaling(config: Mapping[str, Any], module: str) -> tuple[int, float]:

@@ -42,6 +42,11 @@ CASES = {
     "full_name_and_layers_to_transform": ("llama", dict(
         r=4, lora_alpha=8, target_modules=["model.layers.1.self_attn.q_proj", "v_proj"],
         layers_to_transform=[0])),
+    # pattern keys as PEFT matches them, through the bounded matcher (issue 17 item 7)
+    "pattern_keys_regex": ("llama", dict(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj"],
+        rank_pattern={r"^.*\.q_proj$": 2, "model.layers.1.self_attn.v_proj": 4},
+        alpha_pattern={r"layers\.[01]\.mlp\.gate_proj": 5, "v_proj": 12})),
     "lora_bias": ("qwen2", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                 lora_bias=True)),
     "all_linear_float_alpha": ("llama", dict(r=4, lora_alpha=6.5, target_modules=LLAMA_ALL)),
