@@ -25,6 +25,7 @@ from recipekit.errors import RecipeError, RecipeErrors
 from recipekit.graph.lora import LoraDelta
 from recipekit.graph.nodes import Node, intern, load
 from recipekit.inputs.adapters import AdapterCheckpoint
+from recipekit.inputs.patterns import first_match
 from recipekit.io.header import TensorInfo, quote_name
 from recipekit.recipe import Recipe
 
@@ -117,15 +118,11 @@ class AdapterSet:
 
 
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's `get_pattern_key`: the first pattern key k (in the dict's order) for which
-    ``re.match(r"(.*\\.)?(k)$", module)`` matches; k is a regex (reference §2.2)."""
-    for key in patterns:
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return patterns[key]
-        except re.error:
-            continue
-    return default
+    """PEFT's `get_pattern_key`: the value of the first pattern key k (in the dict's order) for
+    which ``re.match(r"(.*\\.)?(k)$", module)`` matches; k is a regex (reference §2.2),
+    matched in bounded time (inputs/patterns.py; invalid keys were refused on reading)."""
+    key = first_match(patterns, module)
+    return default if key is None else patterns[key]
 
 
 def module_scaling(config: Mapping[str, Any], module: str) -> tuple[int, float]:
@@ -137,30 +134,15 @@ def module_scaling(config: Mapping[str, Any], module: str) -> tuple[int, float]:
     return int(r), float(alpha) / root
 
 
-def _layer_index(module: str, layers_pattern: Any) -> int | None:
-    parts = module.split(".")
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else (
-        list(layers_pattern) if isinstance(layers_pattern, list) else [])
-    for i, p in enumerate(parts[:-1]):
-        if patterns and p not in patterns:
-            continue
-        if parts[i + 1].isdigit() if patterns else p.isdigit():
-            return int(parts[i + 1] if patterns else p)
-    return None
-
-
-def is_injected(config: Mapping[str, Any], module: str) -> bool:
-    """Whether PEFT would have put a LoRA layer on ``module`` given `layers_to_transform`
-    (which applies only when target_modules is a list; reference §2.8)."""
-    layers = config.get("layers_to_transform")
-    if layers is None or isinstance(config.get("target_modules"), str):
-        return True
-    wanted = {layers} if isinstance(layers, int) else set(layers)
-    return _layer_index(module, config.get("layers_pattern")) in wanted
-
-
 def read_adapter_set(ckpt: AdapterCheckpoint, recipe: Recipe) -> AdapterSet:
     """Parse an adapter input's tensor names into an `AdapterSet` (headers and config only).
+
+    The file holds exactly the modules PEFT wrapped, so every one of them is folded: the config
+    only gives scalings (r, lora_alpha, rank/alpha patterns, rsLoRA, DoRA, lora_bias).
+    `target_modules`, `layers_to_transform` and `layers_pattern` decided the wrapping at
+    training time and are not re-applied (reference §2.8; re-implementing them got `[]`, dotted
+    patterns and full module names wrong: issue 16 item 2). Oracle: PEFT's `merge_and_unload`
+    (tests/steps/test_adapters.py).
 
     Raises:
         RecipeErrors: a LoRA module with one factor missing, factors whose shapes disagree with
@@ -176,11 +158,7 @@ def read_adapter_set(ckpt: AdapterCheckpoint, recipe: Recipe) -> AdapterSet:
     parts, replacements = _split_keys(ckpt, fail)
     targets: dict[str, LoraTarget] = {}
     biases: dict[str, tuple[tuple[Node, float], ...]] = {}
-    for module, p in parts.items():
-        if not is_injected(ckpt.config, module):
-            log.warning("adapter '%s': %s is outside layers_to_transform; PEFT ignores its "
-                        "tensors, so does recipekit", ckpt.name, module)
-            continue
+    for module, p in parts.items():  # every module the file holds: PEFT wrapped it
         read = _read_module(ckpt, module, p, fail)
         if read is not None:
             targets[f"{module}.weight"] = read[0]

@@ -59,6 +59,8 @@ class ScaledSum(Node):
     """Σ_j s_j·v_j, computed in fp32 and rounded once to ``dtype`` (lora_bias updates, scaled
     factors)."""
 
+    rounds_once: ClassVar[bool] = True
+
     parts: tuple[Node, ...]
     scales: tuple[float, ...]
     dtype: str
@@ -81,6 +83,8 @@ class ScaledSum(Node):
 class Concat(Node):
     """``cat([s_j·x_j], dim)``, scaled in fp32 and rounded once to ``dtype`` (the `cat` layout of
     a combined adapter: A' stacks s_j·A_j, B' sets the B_j side by side)."""
+
+    rounds_once: ClassVar[bool] = True
 
     parts: tuple[Node, ...]
     scales: tuple[float, ...]
@@ -146,6 +150,8 @@ class DeltaCombine(Node):
 class LoraFold(Node):
     """W₀ with adapter deltas folded in, in list order (PEFT's sequential merge; a DoRA entry
     has its magnitude vector and norm axis), computed in fp32 and rounded once to ``dtype``."""
+
+    rounds_once: ClassVar[bool] = True
 
     base: Node
     deltas: tuple[Node, ...]

@@ -11,7 +11,7 @@ imports torch.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, TypeVar
 
 from recipekit.dtypes import itemsize, torch_dtype
@@ -32,6 +32,9 @@ class Node:
     dtype: str
     #: Row-piece boundaries fall on multiples of this many rows (see `compute_rows`).
     row_block: ClassVar[int] = 1
+    #: The node computes in fp32 (fp64 for fp64 inputs) whatever its ``dtype`` and rounds once
+    #: to ``dtype`` at the end, so `round_to` may give it another ``dtype`` instead of casting.
+    rounds_once: ClassVar[bool] = False
 
     def _key(self) -> tuple[Any, ...]:
         return (type(self),) + tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
@@ -160,4 +163,16 @@ def cast(node: Node, dtype: str) -> Node:
     """``node`` as ``dtype``; the node itself when it already is."""
     if node.dtype == dtype:
         return node
+    return intern(Cast(node, dtype))
+
+
+def round_to(node: Node, dtype: str) -> Node:
+    """``node`` rounded once to ``dtype``: a computing node (`Node.rounds_once`) gets ``dtype``
+    as its own, so its fp32 result is rounded to ``dtype`` directly (a bf16 merge written as
+    fp32 is the fp32 result, not the bf16 one widened: issue 16 item 3); anything else (a
+    `Load`, data movement) is cast, bit-exact as before."""
+    if node.dtype == dtype:
+        return node
+    if node.rounds_once:
+        return intern(replace(node, dtype=dtype))  # type: ignore[type-var]
     return intern(Cast(node, dtype))

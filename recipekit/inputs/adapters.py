@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from recipekit.errors import SourceNotFoundError, UnsupportedCheckpointError, display_path
 from recipekit.inputs.files import check_confined, model_root, read_small
 from recipekit.inputs.hub import HubSnapshot
+from recipekit.inputs.patterns import PatternError, key_matcher
 from recipekit.inputs.source import InputFiles, Located, locate_input, shard_header
 from recipekit.io.header import TensorInfo, kind_of, parse_json
 from recipekit.io.names import ADAPTER_CONFIG as CONFIG
@@ -89,6 +90,7 @@ def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
         raise located(UnsupportedCheckpointError, f"{CONFIG} of {ref.written!r} is "
                       f"{kind_of(config)}, not a JSON object")
     _check_config(config, ref, located)
+    _check_pattern_keys(config, ref, located, shown)
     weights = path / WEIGHTS
     if not os.path.lexists(weights) and snap is None:
         if (path / PICKLE).is_file():
@@ -149,6 +151,22 @@ def _check_config(config: dict[str, Any], ref: ModelRef, located: Located) -> No
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         raise located(UnsupportedCheckpointError, f"adapter {name!r}: `bias` is "
                       f"{str(config.get('bias'))[:40]!r}; PEFT knows none, all and lora_only")
+
+
+def _check_pattern_keys(config: dict[str, Any], ref: ModelRef, located: Located,
+                        shown: str) -> None:
+    """Refuse `rank_pattern`/`alpha_pattern` keys that are not regexes or that could not be
+    matched in bounded time (inputs/patterns.py; issue 17 item 7)."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in config.get(field) or {}:
+            try:
+                key_matcher(key)
+            except PatternError as e:
+                raise located(UnsupportedCheckpointError,
+                              f"adapter {ref.written!r}: `{field}` key {key[:80]!r} in {shown} "
+                              f"{e}", "PEFT matches these keys as regexes against module "
+                              "names; use a module name, a suffix of one, or a simple regex"
+                              ) from None
 
 
 def _is_number(v: Any) -> bool:

@@ -18,7 +18,7 @@ from recipekit import __version__
 from recipekit.arch import LayerStack, config_get, config_has, with_config, without_config_keys
 from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
-from recipekit.graph import Load, Node, VirtualModel, cast, expression_nodes, load
+from recipekit.graph import Load, Node, VirtualModel, expression_nodes, load, round_to
 from recipekit.inputs.models import Checkpoint
 from recipekit.inputs.side_files import resolve_side_files
 from recipekit.io.names import ADAPTER_WEIGHTS
@@ -205,7 +205,8 @@ def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str,
     out_code = NAME_TO_CODE[recipe.output.dtype] if recipe.output.dtype else None
     tensors: dict[str, Node] = {}
     for name, node in model.tensors.items():
-        tensors[name] = cast(node, out_code) if out_code and is_floating(node.dtype) else node
+        # round once to the output dtype (a computed node is not first rounded to its own)
+        tensors[name] = round_to(node, out_code) if out_code and is_floating(node.dtype) else node
 
     donor_name = recipe.output.config or model.donor
     if donor_name not in sources:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from recipekit.arch import (
     Architecture,
@@ -61,6 +61,8 @@ class Coalesce(Node):
     group sums on input axes), the members are averaged, and the result is scaled by ``scale``.
     """
 
+    rounds_once: ClassVar[bool] = True
+
     members: tuple[Node, ...]
     axes: tuple[AxisMap | None, ...]
     scale: float
@@ -91,6 +93,8 @@ class Decoalesce(Node):
     """One large-model tensor of the `decoalesce` op, rounded once to ``dtype``: ``input``
     copied along output axes, copied and divided by the group size along input axes, then
     scaled by ``scale``. A depth group's large layers share one node per tensor."""
+
+    rounds_once: ClassVar[bool] = True
 
     input: Node
     axes: tuple[AxisMap | None, ...]
@@ -302,10 +306,16 @@ class _TensorMapper:
         return self.roles[rel], rel in self.arch.coalesce["embeddings"]  # type: ignore[index]
 
     def axes(self, rel: str, ndim: int) -> tuple[tuple[AxisMap | None, ...], float] | None:
-        """Axis maps and scale, or None when the tensor passes through unchanged."""
+        """Axis maps and scale, or None for a buffer that passes through unchanged (``keep``).
+
+        Without a width map every axis is unmapped but the tensor is still a weight: a depth
+        group averages it (MLTF's R matrix; issue 16 item 1), only buffers keep group[0]'s.
+        """
         role, embedding = self.role(rel)
-        if role == "keep" or self.width is None:
+        if role == "keep":
             return None
+        if self.width is None:
+            return (None,) * ndim, 1.0
         if len(role) != ndim:
             raise ValueError(f"has {ndim} axes, but its rule names {len(role)}")
         final_norm = self.tied and self.compensation == "auto" and (

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from recipekit.arch import family_names
 from recipekit.dtypes import is_floating, promote, torch_dtype
@@ -25,6 +25,8 @@ from recipekit.steps.registry import Op
 @dataclass(frozen=True, eq=False)
 class Lerp(Node):
     """``a + t·(b − a)`` computed in fp32 and rounded once to ``dtype`` (the `interpolate` op)."""
+
+    rounds_once: ClassVar[bool] = True
 
     a: Node
     b: Node

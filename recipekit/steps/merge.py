@@ -38,6 +38,8 @@ class Merge(Node):
     that equal merges of equal inputs stay one node.
     """
 
+    rounds_once: ClassVar[bool] = True
+
     method: str
     operands: tuple[Node, ...]
     base: Node | None
@@ -113,6 +115,8 @@ class Slerp(Node):
     in row pieces sliced from the a and b the coefficients read (execute.evaluate_chunks)
     instead of fp32 copies with an fp32 result. The bytes are those of `slerp` on the whole
     tensors (tests/steps/test_merge.py, tests/test_execute.py::TestChunkedEvaluation)."""
+
+    rounds_once: ClassVar[bool] = True
 
     a: Node
     b: Node

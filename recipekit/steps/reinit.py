@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from recipekit.arch import Architecture, LayerStack, config_get, load_architectures
 from recipekit.dtypes import is_floating, torch_dtype
@@ -34,6 +34,8 @@ class Normal(Node):
     """A fresh ``N(0, std²)`` tensor (ops/init.py), drawn chunk by chunk on the CPU from the
     generator seeded by (``seed``, ``tensor``), so one tensor's draw does not depend on what
     else a recipe touches or on the device; rounded once to ``dtype``."""
+
+    rounds_once: ClassVar[bool] = True
 
     shape: tuple[int, ...]
     dtype: str
@@ -58,6 +60,8 @@ class Normal(Node):
 @dataclass(frozen=True, eq=False)
 class Fill(Node):
     """A tensor holding ``value`` everywhere (ones for norms, zeros for biases)."""
+
+    rounds_once: ClassVar[bool] = True
 
     shape: tuple[int, ...]
     dtype: str

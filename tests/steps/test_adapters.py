@@ -32,6 +32,21 @@ CASES = {
         modules_to_save=["lm_head"])),
     "layers_to_transform": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
                                           layers_to_transform=[0])),
+    # PEFT's own filters, which recipekit no longer re-applies (issue 16 item 2): `[]` is no
+    # filter, a dotted layers_pattern is used in a regex, a full module name is always wrapped
+    "layers_to_transform_empty": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                layers_to_transform=[])),
+    "layers_pattern_dotted": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                            layers_to_transform=[1],
+                                            layers_pattern="model.layers")),
+    "full_name_and_layers_to_transform": ("llama", dict(
+        r=4, lora_alpha=8, target_modules=["model.layers.1.self_attn.q_proj", "v_proj"],
+        layers_to_transform=[0])),
+    # pattern keys as PEFT matches them, through the bounded matcher (issue 17 item 7)
+    "pattern_keys_regex": ("llama", dict(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj"],
+        rank_pattern={r"^.*\.q_proj$": 2, "model.layers.1.self_attn.v_proj": 4},
+        alpha_pattern={r"layers\.[01]\.mlp\.gate_proj": 5, "v_proj": 12})),
     "lora_bias": ("qwen2", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                 lora_bias=True)),
     "all_linear_float_alpha": ("llama", dict(r=4, lora_alpha=6.5, target_modules=LLAMA_ALL)),
@@ -115,6 +130,13 @@ def test_single_adapter_equals_peft(cli, tmp_path, bases, adapters, case):
     changed = assert_matches_peft(family, bases[family], out, uses)
     if case == "layers_to_transform":
         assert changed == {"model.layers.0.self_attn.q_proj.weight"}
+    if case == "layers_to_transform_empty":
+        assert changed == {f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)}
+    if case == "layers_pattern_dotted":
+        assert changed == {"model.layers.1.self_attn.q_proj.weight"}
+    if case == "full_name_and_layers_to_transform":
+        assert changed == {"model.layers.1.self_attn.q_proj.weight",
+                           "model.layers.0.self_attn.v_proj.weight"}
     if case == "embedding_modules_to_save":
         assert {"model.embed_tokens.weight", "lm_head.weight"} <= changed
 
