@@ -187,6 +187,10 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("passthrough", "passthrough", "ignored", 1, 1, 1, 1, (
         _p("scale", "float", "per_input", None, nullable=True),
     ), "single", elementwise=True),
+    MethodSpec("ram", "ram", "required", 1, None, 0, None, (
+        _p("epsilon", "float", "shared", 1e-5),
+    ), "base_inputs", paper="https://arxiv.org/abs/2601.13572", elementwise=True,
+        summary="RAM: a delta one model alone makes is kept, deltas several share are averaged"),
 )}
 
 

@@ -241,6 +241,16 @@ def cases() -> dict[str, list[dict]]:
             c("none", ["ft.m0"]),
             c("1d", ["ft1d.m0"], scale=[-2.0]),
         ],
+        "ram": [
+            c("default", FT_B, 0),
+            c("eps005", FT_B, 0, epsilon=0.05),
+            c("quant", Q_B, 0, epsilon=0.04),
+            c("collinear", ["quant.base", "line.m0", "line.m1", "line.m2"], 0),
+            c("one", ["ft.base", "ft.m0"], 0, epsilon=0.1),
+            c("1d", FT1, 0, epsilon=0.05),
+            c("3d", FT3, 0, epsilon=0.1),
+            c("base_only", ["ft.base"], 0),
+        ],
     }
     random = {
         "dare_linear": [

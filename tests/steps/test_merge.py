@@ -61,6 +61,8 @@ CASES = {
                  lambda b, x, y: apply_method("nearswap", [y], base=x, params={"t": 0.001})),
     "model_stock": ("    method: model_stock\n    base: base\n    from: [x, y]\n",
                     lambda b, x, y: apply_method("model_stock", [x, y], base=b)),
+    "ram": ("    method: ram\n    base: base\n    from: [x, y]\n    parameters: {epsilon: 0.01}\n",
+            lambda b, x, y: apply_method("ram", [x, y], base=b, params={"epsilon": 0.01})),
 }
 
 
