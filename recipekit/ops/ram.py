@@ -73,3 +73,44 @@ def ram(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
         return base.to(compute_dtype(base), copy=True)
     z, _, count = _counted_deltas(base, tensors, epsilon)
     return _combine(base, z, count, None)
+
+
+def ramplus_tl(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, r: float = 0.1,
+               alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
+    """RAM+ (tensor-local): RAM, with each model's lone changes scaled up by how much of its
+    change it shares with other models in this tensor.
+
+    Formula: n_i, c as in `ram`. Per model i, over the whole tensor: s_i = #{j: n_ij, c_j > 1}
+    (its shared changes), u_i = #{j: n_ij, c_j = 1} (its lone ones), ρ_i = s_i / max(u_i, ε),
+    λ_i = 1 + r·clamp(ρ_i, 0, α) (ρ and λ in fp32, as mergekit). out = θ_b + Σ_i n_i·τ_i·
+    (λ_i if c = 1, 1/c if c > 1). Not elementwise: λ_i counts over the whole tensor. No model
+    returns θ_b.
+
+    Paper: https://arxiv.org/abs/2601.13572 ("tensor-local": the counts are per tensor, not
+    per model). Shapes: base and M × [...] → [...].
+    Oracle: mergekit 0.1.5 `ramplus_tl` goldens; the formula (tests/ops/test_ram.py).
+
+    Args:
+        base: θ_b.
+        tensors: θ_1 … θ_M.
+        r: the largest relative boost of lone changes is r·α.
+        alpha: the clamp on ρ_i.
+        epsilon: the magnitude a delta must exceed to count (also ρ's divisor guard).
+
+    Returns:
+        The fp32 (fp64) merged tensor.
+
+    Example:
+        >>> base = torch.zeros(4)
+        >>> a, b = torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([1.0, 0.0, 0.0, 2.0])
+        >>> ramplus_tl(base, [a, b], r=0.5, alpha=1.0)
+        tensor([1.0000, 1.2500, 1.2500, 3.0000])
+    """
+    check_inputs("ramplus_tl", [base, *tensors])
+    if not tensors:
+        return base.to(compute_dtype(base), copy=True)
+    z, nonzero, count = _counted_deltas(base, tensors, epsilon)
+    shared = (nonzero & (count > 1)).sum(dim=1)
+    lone = (nonzero & (count == 1)).sum(dim=1)
+    rho = shared / lone.clamp(min=epsilon)
+    return _combine(base, z, count, 1 + r * rho.clamp(min=0, max=alpha))

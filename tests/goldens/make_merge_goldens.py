@@ -251,6 +251,27 @@ def cases() -> dict[str, list[dict]]:
             c("3d", FT3, 0, epsilon=0.1),
             c("base_only", ["ft.base"], 0),
         ],
+        "ramplus_tl": [
+            c("default", FT_B, 0),
+            c("eps005", FT_B, 0, epsilon=0.05),
+            c("r_alpha", FT_B, 0, r=0.5, alpha=1.0, epsilon=0.1),
+            c("quant", Q_B, 0, epsilon=0.04),
+            c("collinear", ["quant.base", "line.m0", "line.m1", "line.m2"], 0, r=0.3),
+            c("one", ["ft.base", "ft.m0"], 0, epsilon=0.1),
+            c("1d", FT1, 0, epsilon=0.05),
+            c("3d", FT3, 0, epsilon=0.1, alpha=0.5),
+            c("base_only", ["ft.base"], 0),
+        ],
+        "arcee_fusion": [
+            c("ft", ["ft.base", "ft.m0"], 0),
+            c("pair", ["pair.a", "pair.b"], 0),
+            c("near", ["pair.a", "swap.b"], 0),
+            c("base_second", ["ft.m1", "ft.base"], 1),
+            c("quant", ["quant.base", "quant.m0"], 0),
+            c("1d", ["ft1d.base", "ft1d.m0"], 0),
+            c("3d", ["ft3d.base", "ft3d.m0"], 0),
+            c("self", ["pair.a", "pair.a"], 0),
+        ],
     }
     random = {
         "dare_linear": [

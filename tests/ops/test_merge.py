@@ -178,7 +178,7 @@ class TestRegistry:
     def test_the_methods_in_reference_order(self):
         """mergekit 0.1.5's 17 methods of reference §1, then those added since (issue 16)."""
         assert list(METHODS) == list(self.MK)
-        assert len(METHODS) == 18
+        assert len(METHODS) == 20
 
     @pytest.mark.parametrize("name", list(METHODS))
     def test_contract(self, name):
@@ -237,7 +237,7 @@ class TestRegistry:
                            "dare_ties": True, "breadcrumbs": False, "breadcrumbs_ties": False,
                            "della": True, "della_linear": True}
         assert {n for n in METHODS if METHODS[n].random} == {
-            "dare_linear", "dare_ties", "della", "della_linear"}
+            "dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion"}
 
     def test_accessors(self):
         spec = METHODS["ties"]
@@ -864,6 +864,8 @@ SELF_CASES = {
     "nearswap": {"t": 0.01},
     "passthrough": {},
     "ram": {},
+    "ramplus_tl": {},
+    "arcee_fusion": {},
 }
 
 

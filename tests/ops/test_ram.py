@@ -1,8 +1,9 @@
 """recipekit/ops/ram.py: the RAM kernels.
 
-Oracles: mergekit 0.1.5's own `ram` outputs on the committed inputs
-(tests/goldens/merge/ram.safetensors, written by tests/goldens/make_merge_goldens.py), bit for
-bit; the formula of the docstring (RAM, arXiv 2601.13572) recomputed element by element in fp64.
+Oracles: mergekit 0.1.5's own `ram` and `ramplus_tl` outputs on the committed inputs
+(tests/goldens/merge/{ram,ramplus_tl}.safetensors, written by
+tests/goldens/make_merge_goldens.py), bit for bit; the formulas of the docstrings (RAM, arXiv
+2601.13572) recomputed element by element in fp64.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from recipekit.ops.merge import apply_method
-from recipekit.ops.ram import ram
+from recipekit.ops.ram import ram, ramplus_tl
 
 from tests.helpers.recipes import ROOT
 
@@ -36,10 +37,14 @@ def run_golden(method: str, case: dict) -> torch.Tensor:
                         params=case["params"])
 
 
-@pytest.mark.parametrize("case", [c for c, _ in goldens("ram")], ids=lambda c: c["name"])
-def test_ram_equals_mergekit_bit_for_bit(case):
-    expected = dict((c["name"], t) for c, t in goldens("ram"))[case["name"]]
-    assert torch.equal(run_golden("ram", case), expected)
+GOLDEN_CASES = [(m, c) for m in ("ram", "ramplus_tl") for c, _ in goldens(m)]
+
+
+@pytest.mark.parametrize(("method", "case"), GOLDEN_CASES,
+                         ids=[f"{m}-{c['name']}" for m, c in GOLDEN_CASES])
+def test_equals_mergekit_bit_for_bit(method, case):
+    expected = dict((c["name"], t) for c, t in goldens(method))[case["name"]]
+    assert torch.equal(run_golden(method, case), expected)
 
 
 def ram_formula(base: torch.Tensor, tensors: list[torch.Tensor], epsilon: float) -> torch.Tensor:
@@ -89,3 +94,44 @@ class TestRam:
         base = torch.zeros(3, dtype=torch.bfloat16)
         assert ram(base, [base + 1]).dtype == torch.float32
         assert ram(base.double(), [base.double() + 1]).dtype == torch.float64
+
+
+class TestRamplusTl:
+    def test_formula(self):
+        """out_j = b_j + Σ_i n_ij τ_ij·(λ_i if c_j = 1 else 1/c_j), λ_i = 1 + r·clamp(ρ_i, 0, α),
+        ρ_i = (model i's shared changes)/(its lone ones), counted in plain Python."""
+        g = torch.Generator().manual_seed(4)
+        base = torch.randn(5, 6, generator=g)
+        tensors = [base + torch.randn(5, 6, generator=g)
+                   * (torch.rand(5, 6, generator=g) < p) for p in (0.3, 0.6, 0.8)]
+        r, alpha, eps = 0.4, 0.9, 1e-5
+        taus = [(t - base).double().reshape(-1) for t in tensors]
+        n = [[abs(v) > eps for v in tau.tolist()] for tau in taus]
+        c = [sum(col) for col in zip(*n, strict=True)]
+        lam = []
+        for row in n:
+            shared = sum(1 for j, x in enumerate(row) if x and c[j] > 1)
+            lone = sum(1 for j, x in enumerate(row) if x and c[j] == 1)
+            lam.append(1 + r * min(max(shared / max(lone, eps), 0), alpha))
+        expected = base.double().reshape(-1).clone()
+        for j in range(expected.numel()):
+            for i, tau in enumerate(taus):
+                if n[i][j]:
+                    expected[j] += tau[j].item() * (lam[i] if c[j] == 1 else 1 / c[j])
+        ours = ramplus_tl(base, tensors, r=r, alpha=alpha, epsilon=eps)
+        torch.testing.assert_close(ours.double(), expected.reshape(base.shape), atol=1e-6,
+                                   rtol=0)
+
+    def test_r_zero_is_ram(self):
+        g = torch.Generator().manual_seed(6)
+        base = torch.randn(4, 4, generator=g)
+        tensors = [base + torch.randn(4, 4, generator=g) * (torch.rand(4, 4, generator=g) < 0.5)
+                   for _ in range(3)]
+        assert torch.equal(ramplus_tl(base, tensors, r=0.0), ram(base, tensors))
+
+    def test_no_lone_changes_no_boost_needed(self):
+        """A model with only shared changes has ρ = s/ε, clamped to α: no division by zero."""
+        base = torch.zeros(2)
+        x = torch.tensor([1.0, 3.0])
+        out = ramplus_tl(base, [x, x.clone()])
+        assert torch.equal(out, x)
