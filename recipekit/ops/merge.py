@@ -28,8 +28,8 @@ import torch
 from recipekit.merge import METHODS, MethodSpec, ParamSpec, resolve_params
 from recipekit.ops.fusion import arcee_fusion
 from recipekit.ops.operands import Floats, check_inputs, per_input
+from recipekit.ops.precision import compute_dtype, upcast_dtype
 from recipekit.ops.ram import ram, ramplus_tl
-from recipekit.ops.sparsify import compute_dtype
 from recipekit.ops.spherical import karcher, multislerp, nuslerp
 from recipekit.ops.task_arithmetic import (
     breadcrumbs,
@@ -118,7 +118,7 @@ def linear(tensors: Sequence[torch.Tensor], *, weights: Floats,
     """
     check_inputs("linear", tensors)
     w = per_input("linear weight", weights, len(tensors))
-    dtype = compute_dtype(*tensors)
+    dtype = upcast_dtype(*tensors)
     wt = torch.tensor(w, dtype=dtype)
     acc = torch.zeros(tensors[0].shape, dtype=dtype, device=tensors[0].device)
     for x, wj in zip(tensors, wt, strict=True):
@@ -174,7 +174,7 @@ def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, *, t: float, eps: float
     Shapes: a, b [...] → [2]. Oracle: `slerp`, which is `slerp_apply` of these.
     """
     check_inputs("slerp", [a, b])
-    dtype = compute_dtype(a, b)
+    dtype = upcast_dtype(a, b)
     x, y = a.reshape(-1), b.reshape(-1)
     n = x.numel()
     tt = torch.tensor(t, dtype=dtype, device=x.device)
