@@ -89,5 +89,6 @@ def arcee_fusion(a: torch.Tensor, b: torch.Tensor, *,
     if base.numel() == 0:
         return base.clone()
     importance = fusion_importance(other, base)
-    mask = (importance >= fusion_threshold(importance, generator)).to(dtype)
+    # an fp32 mask, as mergekit's: in bf16 the product and the sum are then fp32 too
+    mask = (importance >= fusion_threshold(importance, generator)).float()
     return base + (other - base) * mask
