@@ -187,6 +187,20 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("passthrough", "passthrough", "ignored", 1, 1, 1, 1, (
         _p("scale", "float", "per_input", None, nullable=True),
     ), "single", elementwise=True),
+    MethodSpec("ram", "ram", "required", 1, None, 0, None, (
+        _p("epsilon", "float", "shared", 1e-5),
+    ), "base_inputs", paper="https://arxiv.org/abs/2601.13572", elementwise=True,
+        summary="RAM: a delta one model alone makes is kept, deltas several share are averaged"),
+    MethodSpec("ramplus_tl", "ramplus_tl", "required", 1, None, 0, None, (
+        _p("r", "float", "shared", 0.1),
+        _p("alpha", "float", "shared", 0.2),
+        _p("epsilon", "float", "shared", 1e-5),
+    ), "base_inputs", paper="https://arxiv.org/abs/2601.13572",
+        summary="RAM+ (tensor-local): RAM with lone deltas scaled by 1 + r·clamp(ρ, 0, α)"),
+    MethodSpec("arcee_fusion", "arcee_fusion", "required", 2, 2, 1, 1, (), "pair",
+               random=True, missing_tensor="copy_single", paper="https://arcee.ai",
+               summary="Arcee Fusion: the other model's value where its importance is an "
+               "upper outlier (median + 1.5·IQR); random only above 10^6 elements"),
 )}
 
 

@@ -33,15 +33,22 @@ def parameter_properties(*, per_input: bool) -> dict[str, Any]:
     """The keys a merge step accepts under `parameters` (every parameter of every method), or
     in a `from` entry (`per_input`: the per-input ones), sorted by name.
 
-    A name several methods declare takes the schema of the last one in `METHODS` order (the
-    defaults differ per method; `x-recipekit-methods` has each method's own).
+    A name several methods declare takes the schema of the last one in `METHODS` order, and
+    no default when their defaults differ (della's `epsilon` 0.15, ram's 1e-5): an editor
+    would show one method's default for all; `x-recipekit-methods` has each method's own.
     """
     params: dict[str, ParamSpec] = {}
+    defaults: dict[str, set[Any]] = {}
     for spec in METHODS.values():
         for p in spec.params:
             if not per_input or p.scope != "shared":
                 params[p.name] = p
-    return {name: _param_schema(params[name]) for name in sorted(params)}
+                defaults.setdefault(p.name, set()).add(p.default)
+    out = {name: _param_schema(params[name]) for name in sorted(params)}
+    for name, values in defaults.items():
+        if len(values) > 1:
+            out[name].pop("default", None)
+    return out
 
 
 def method_table() -> dict[str, Any]:

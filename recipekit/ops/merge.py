@@ -13,8 +13,9 @@ explicit `torch.Generator`, never the global one.
 
 `recipekit.merge.METHODS` describes each method as data (base policy, input counts,
 parameters with scope, default and whether required) without importing torch; `KERNELS` maps
-its kernel names to the functions (here, in `ops.spherical` and in `ops.task_arithmetic`), and
-`apply_method` calls a kernel from a method name and mergekit-style parameters.
+its kernel names to the functions (here, in `ops.spherical`, `ops.task_arithmetic`, `ops.ram`
+and `ops.fusion`), and `apply_method` calls a kernel from a method name and mergekit-style
+parameters.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from typing import Any
 import torch
 
 from recipekit.merge import METHODS, MethodSpec, ParamSpec, resolve_params
+from recipekit.ops.fusion import arcee_fusion
 from recipekit.ops.operands import Floats, check_inputs, per_input
-from recipekit.ops.sparsify import compute_dtype
+from recipekit.ops.precision import compute_dtype, upcast_dtype
+from recipekit.ops.ram import ram, ramplus_tl
 from recipekit.ops.spherical import karcher, multislerp, nuslerp
 from recipekit.ops.task_arithmetic import (
     breadcrumbs,
@@ -43,19 +46,19 @@ from recipekit.ops.task_arithmetic import (
 )
 
 __all__ = [
-    "KERNELS", "METHODS", "Floats", "MethodSpec", "ParamSpec", "apply_method", "breadcrumbs",
-    "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear",
+    "KERNELS", "METHODS", "Floats", "MethodSpec", "ParamSpec", "apply_method", "arcee_fusion",
+    "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear",
     "generalized_task_arithmetic", "karcher", "lerp", "linear", "model_stock", "multislerp",
-    "nearswap", "nuslerp", "passthrough", "sce", "slerp", "slerp_apply", "slerp_coefficients",
-    "task_arithmetic", "ties",
+    "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl", "sce", "slerp", "slerp_apply",
+    "slerp_coefficients", "task_arithmetic", "ties",
 ]
 
-#: the examples of the kernels defined in `ops.spherical` and `ops.task_arithmetic`, so that
+#: the examples of the kernels defined in the other `ops` modules named above, so that
 #: ``doctest.testmod(recipekit.ops.merge)`` runs every merge kernel's example
 __test__ = {f.__name__: f for f in (
     nuslerp, multislerp, karcher,
     generalized_task_arithmetic, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
-    breadcrumbs_ties, della, della_linear, sce, model_stock)}
+    breadcrumbs_ties, della, della_linear, sce, model_stock, ram, ramplus_tl, arcee_fusion)}
 
 # --------------------------------------------------------------------------------------------
 # Interpolations
@@ -115,7 +118,7 @@ def linear(tensors: Sequence[torch.Tensor], *, weights: Floats,
     """
     check_inputs("linear", tensors)
     w = per_input("linear weight", weights, len(tensors))
-    dtype = compute_dtype(*tensors)
+    dtype = upcast_dtype(*tensors)
     wt = torch.tensor(w, dtype=dtype)
     acc = torch.zeros(tensors[0].shape, dtype=dtype, device=tensors[0].device)
     for x, wj in zip(tensors, wt, strict=True):
@@ -171,7 +174,7 @@ def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, *, t: float, eps: float
     Shapes: a, b [...] → [2]. Oracle: `slerp`, which is `slerp_apply` of these.
     """
     check_inputs("slerp", [a, b])
-    dtype = compute_dtype(a, b)
+    dtype = upcast_dtype(a, b)
     x, y = a.reshape(-1), b.reshape(-1)
     n = x.numel()
     tt = torch.tensor(t, dtype=dtype, device=x.device)

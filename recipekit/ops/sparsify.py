@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from recipekit.ops.precision import compute_dtype
+
 __all__ = [
     "CONSENSUS_METHODS",
     "SPARSIFIERS",
@@ -41,16 +43,6 @@ CONSENSUS_METHODS = ("sum", "count")
 
 #: below this L1 norm (before or after masking) `apply_mask` does not rescale
 RESCALE_EPS = 1e-7
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype a kernel computes in: fp64 if any input is fp64, else fp32.
-
-    Example:
-        >>> compute_dtype(torch.zeros(2, dtype=torch.bfloat16))
-        torch.float32
-    """
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _work(tau: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,13 @@
 ``from:`` lists the inputs (names, or ``{model: m, weight: w, density: d, ...}`` carrying
 per-input parameters), ``base:`` the base for methods that need one (never also in ``from``),
 ``parameters:`` method-wide values (a per-input parameter given here applies to every input),
-``seed:`` the seed of random methods. Two-model methods (slerp, nearswap) take
-``from: [A, B]`` with t = 0 giving A, and no ``base:``. Every numeric parameter may be a number,
-a gradient or rules (params.py), resolved per output tensor. Methods, scopes and defaults come
-from `recipekit.merge.METHODS` (mergekit 0.1.5's contract, reference/merge-methods.md).
+``seed:`` the seed of random methods, ``compute_dtype:`` the dtype to compute in as mergekit
+does (`float32`, `bfloat16`, `float16`, `float64`, or `inputs`: their promoted dtype, mergekit's
+default; absent, recipekit's fp32 and one rounding; `ops.precision`). Two-model methods (slerp,
+nearswap, arcee_fusion) take ``from: [A, B]`` with t = 0 giving A, and no ``base:``. Every
+numeric parameter may be a number, a gradient or rules (params.py), resolved per output tensor.
+Methods, scopes and defaults come from `recipekit.merge.METHODS` (mergekit 0.1.5's contract,
+reference/merge-methods.md).
 Oracle: tests/steps/test_merge.py runs recipes and compares with the kernels on the loaded
 tensors and with mergekit goldens.
 """
@@ -18,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from recipekit.dtypes import is_floating, promote, torch_dtype
+from recipekit.dtypes import NAME_TO_CODE, is_floating, promote, torch_dtype
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors
 from recipekit.graph import Node, VirtualModel, cast, fp32_copies, intern
 from recipekit.merge import METHODS
@@ -47,6 +50,9 @@ class Merge(Node):
     seed: int
     tensor: str
     dtype: str
+    #: the step's `compute_dtype:` is set: the operands are already cast to ``dtype`` and the
+    #: kernel computes in it as mergekit does (`ops.precision.native_dtype`)
+    native: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
@@ -73,8 +79,16 @@ class Merge(Node):
         n = len(self.operands)
         base = args[n] if self.base is not None else None
         generator = tensor_generator(self.seed, self.tensor) if self.tensor else None
-        return apply_method(self.method, list(args[:n]), base=base, params=dict(self.params),
-                            generator=generator).to(torch_dtype(self.dtype))
+        if not self.native:
+            return apply_method(self.method, list(args[:n]), base=base,
+                                params=dict(self.params),
+                                generator=generator).to(torch_dtype(self.dtype))
+        from recipekit.ops.precision import native_dtype
+
+        with native_dtype():
+            out = apply_method(self.method, list(args[:n]), base=base, params=dict(self.params),
+                               generator=generator)
+        return out.to(torch_dtype(self.dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -278,6 +292,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
     first = models[names[0]]
     shared = dict(step.spec.get("parameters", {}))
     seed = int(step.spec.get("seed", 0))
+    compute = step.spec.get("compute_dtype")
     tensors: dict[str, Node] = {}
     for name, donor_node in first.tensors.items():
         operands = tuple(models[m].tensors[name] for m, _, _ in entries)
@@ -287,6 +302,11 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
             tensors[name] = donor_node  # integer buffers pass through from the donor
             continue
         dtype = promote([n.dtype for n in every])
+        native = compute is not None
+        if native:  # mergekit's way: inputs cast to the compute dtype, computed in it
+            dtype = dtype if compute == "inputs" else NAME_TO_CODE[compute]
+            operands = tuple(cast(o, dtype) for o in operands)
+            base = cast(base, dtype) if base is not None else None
         try:
             params = _resolve_for(spec, shared, entries, name, first)
         except ParamError as e:
@@ -302,7 +322,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
             continue
         tensors[name] = intern(Merge(spec.name, operands, base, tuple(sorted(params.items())),
                                      seed if spec.random else 0,
-                                     name if spec.random else "", dtype))
+                                     name if spec.random else "", dtype, native))
     return VirtualModel(step.name, first.config, tensors, first.stack, first.donor,
                         first.changed)
 

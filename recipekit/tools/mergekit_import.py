@@ -24,8 +24,8 @@ mergekit semantics it must reproduce (reference/mergekit.md §1.4-1.5, read in m
 * **base_model** joins a `models:` merge as an extra input when it is not listed (mergekit
   appends it); it becomes `base:` for methods that use a base, `from: [base, other]` for slerp
   and nearswap, and the donor of config.json (`output.config`).
-* **dtype / out_dtype** become `output.dtype` (recipekit computes in fp32 and rounds once; mergekit
-  first casts the inputs to `dtype`).
+* **dtype / out_dtype** become `output.dtype`; `dtype` (or, without it, `inputs`: their promoted
+  dtype) becomes each merge step's `compute_dtype`, so the method computes in it as mergekit does.
 
 Oracle: tests/test_mergekit_import.py converts typical configs, runs the recipes and compares
 them with mergekit 0.1.5's outputs (goldens in tests/goldens/mergekit_import/, made by
@@ -388,6 +388,8 @@ def _merge_slice(st: ImportState, data: dict[str, Any], method: MethodSpec, sl: 
         step["parameters"] = shared
     if method.random:
         step["seed"] = 0
+    # mergekit computes in `dtype` (inputs cast at load), else in the inputs' promoted dtype
+    step["compute_dtype"] = str(data.get("dtype") or "inputs").removeprefix("torch.")
     st.steps.append(step)
     return name, False
 
@@ -437,9 +439,9 @@ def _recipe(st: ImportState, data: dict[str, Any], method: MethodSpec, final: st
         output["dtype"] = str(dtype).removeprefix("torch.")
         if data.get("dtype") and data.get("dtype") != data.get("out_dtype") and \
                 output["dtype"] not in ("float32", "float64"):
-            st.notes.append(f"dtype {data['dtype']}: mergekit casts the inputs to it before "
-                            "merging; recipekit computes in float32 and rounds once to "
-                            f"{output['dtype']}, which can differ in the last bit")
+            st.notes.append(f"dtype {data['dtype']}: mergekit casts the inputs to it and "
+                            "merges in it; so does `compute_dtype`, and the result, rounded to "
+                            f"{output['dtype']}, can differ in the last bit")
     base = st.refs.get(data["base_model"]) if isinstance(data.get("base_model"), str) else None
     if base is not None:
         output["config"] = base

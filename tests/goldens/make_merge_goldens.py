@@ -19,6 +19,8 @@ Files written (all small; the whole folder stays well under 300 KB):
 * ``methods.json``: mergekit's registry for the 17 methods: contract and parameter specs.
 * ``random_stats.json``: statistics of mergekit's random sparsifiers on 256×256 tensors
   (not written with ``--only``).
+* ``../merge_bf16/bf16.safetensors``: deterministic cases on bf16 inputs, computed by mergekit
+  in bf16 (`write_bf16`; not written with ``--only``).
 
 This script imports torch, safetensors and mergekit, and from the checkout only recipekit's
 method registry (`recipekit.merge`, plain Python): recipekit is not installed there.
@@ -241,6 +243,37 @@ def cases() -> dict[str, list[dict]]:
             c("none", ["ft.m0"]),
             c("1d", ["ft1d.m0"], scale=[-2.0]),
         ],
+        "ram": [
+            c("default", FT_B, 0),
+            c("eps005", FT_B, 0, epsilon=0.05),
+            c("quant", Q_B, 0, epsilon=0.04),
+            c("collinear", ["quant.base", "line.m0", "line.m1", "line.m2"], 0),
+            c("one", ["ft.base", "ft.m0"], 0, epsilon=0.1),
+            c("1d", FT1, 0, epsilon=0.05),
+            c("3d", FT3, 0, epsilon=0.1),
+            c("base_only", ["ft.base"], 0),
+        ],
+        "ramplus_tl": [
+            c("default", FT_B, 0),
+            c("eps005", FT_B, 0, epsilon=0.05),
+            c("r_alpha", FT_B, 0, r=0.5, alpha=1.0, epsilon=0.1),
+            c("quant", Q_B, 0, epsilon=0.04),
+            c("collinear", ["quant.base", "line.m0", "line.m1", "line.m2"], 0, r=0.3),
+            c("one", ["ft.base", "ft.m0"], 0, epsilon=0.1),
+            c("1d", FT1, 0, epsilon=0.05),
+            c("3d", FT3, 0, epsilon=0.1, alpha=0.5),
+            c("base_only", ["ft.base"], 0),
+        ],
+        "arcee_fusion": [
+            c("ft", ["ft.base", "ft.m0"], 0),
+            c("pair", ["pair.a", "pair.b"], 0),
+            c("near", ["pair.a", "swap.b"], 0),
+            c("base_second", ["ft.m1", "ft.base"], 1),
+            c("quant", ["quant.base", "quant.m0"], 0),
+            c("1d", ["ft1d.base", "ft1d.m0"], 0),
+            c("3d", ["ft3d.base", "ft3d.m0"], 0),
+            c("self", ["pair.a", "pair.a"], 0),
+        ],
     }
     random = {
         "dare_linear": [
@@ -334,6 +367,27 @@ def random_stats() -> dict:
     return out
 
 
+def write_bf16(inputs: dict[str, torch.Tensor], out: Path, versions: str) -> None:
+    """``merge_bf16/bf16.safetensors``: the first three cases of every method that draws
+    nothing, on the inputs cast to bf16, so mergekit computes in bf16 (its compute dtype is
+    the inputs' promoted dtype); keyed ``<method>.<case>``, cases in the metadata as above."""
+    outputs, meta = {}, []
+    for method, method_cases in cases().items():
+        if method in ("dare_linear", "dare_ties", "della", "della_linear"):
+            continue
+        for case in method_cases[:3]:
+            bf = {k: v.bfloat16() for k, v in inputs.items()}
+            try:
+                outputs[f"{method}.{case['name']}"] = run_case(
+                    {**case, "method": method}, bf).contiguous()
+            except Exception:  # noqa: BLE001, S112 - a case mergekit refuses has no golden
+                continue
+            meta.append({**case, "method": method})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(outputs, out / "bf16.safetensors",
+              metadata={"cases": json.dumps(meta), "versions": versions})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
@@ -363,6 +417,7 @@ def main() -> None:
                   metadata={"cases": json.dumps(meta), "versions": versions})
     (args.out / "methods.json").write_text(json.dumps(method_specs(), indent=1) + "\n")
     if not args.only:
+        write_bf16(inputs, args.out.parent / "merge_bf16", versions)
         (args.out / "random_stats.json").write_text(
             json.dumps(random_stats(), indent=1) + "\n")
 

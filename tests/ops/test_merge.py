@@ -175,9 +175,10 @@ class TestRegistry:
 
     MK = json.loads((GOLDENS / "methods.json").read_text())
 
-    def test_the_17_methods_in_reference_order(self):
+    def test_the_methods_in_reference_order(self):
+        """mergekit 0.1.5's 17 methods of reference §1, then those added since (issue 16)."""
         assert list(METHODS) == list(self.MK)
-        assert len(METHODS) == 17
+        assert len(METHODS) == 20
 
     @pytest.mark.parametrize("name", list(METHODS))
     def test_contract(self, name):
@@ -236,7 +237,7 @@ class TestRegistry:
                            "dare_ties": True, "breadcrumbs": False, "breadcrumbs_ties": False,
                            "della": True, "della_linear": True}
         assert {n for n in METHODS if METHODS[n].random} == {
-            "dare_linear", "dare_ties", "della", "della_linear"}
+            "dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion"}
 
     def test_accessors(self):
         spec = METHODS["ties"]
@@ -862,6 +863,9 @@ SELF_CASES = {
     "model_stock": {},
     "nearswap": {"t": 0.01},
     "passthrough": {},
+    "ram": {},
+    "ramplus_tl": {},
+    "arcee_fusion": {},
 }
 
 

@@ -61,6 +61,8 @@ CASES = {
                  lambda b, x, y: apply_method("nearswap", [y], base=x, params={"t": 0.001})),
     "model_stock": ("    method: model_stock\n    base: base\n    from: [x, y]\n",
                     lambda b, x, y: apply_method("model_stock", [x, y], base=b)),
+    "ram": ("    method: ram\n    base: base\n    from: [x, y]\n    parameters: {epsilon: 0.01}\n",
+            lambda b, x, y: apply_method("ram", [x, y], base=b, params={"epsilon": 0.01})),
 }
 
 
@@ -108,6 +110,50 @@ class TestProperties:
         name = "model.layers.0.mlp.up_proj.weight"
         assert all(torch.equal(first[k], again[k]) for k in first)
         assert not torch.equal(first[name], other[name])
+
+
+class TestComputeDtype:
+    """`compute_dtype:` (issue 16 item 4). Oracle: the kernel run as mergekit runs it — inputs
+    cast to the compute dtype, computed in it (`ops.precision.native_dtype`), result in it — and
+    mergekit itself in tests/tools/test_mergekit_import_methods.py."""
+
+    TIES = ("    method: ties\n    base: base\n    from: [{model: x, weight: 0.6}, "
+            "{model: y, weight: 0.4}]\n    parameters: {density: 0.3}\n")
+
+    def test_bfloat16_computes_in_bfloat16(self, cli, tmp_path, trio):
+        from recipekit.ops.precision import native_dtype
+
+        out = run(cli, tmp_path, trio, self.TIES + "    compute_dtype: bfloat16\n")
+        b, x, y = (read_tensors(p) for p in trio)
+        name = "model.layers.1.mlp.down_proj.weight"
+        assert out[name].dtype == torch.bfloat16
+        bf = [t[name].bfloat16() for t in (b, x, y)]
+        with native_dtype():
+            expected = apply_method("ties", bf[1:], base=bf[0],
+                                    params={"weight": [0.6, 0.4], "density": 0.3})
+        assert expected.dtype == torch.bfloat16 and torch.equal(out[name], expected)
+        fp32 = apply_method("ties", [x[name], y[name]], base=b[name],
+                            params={"weight": [0.6, 0.4], "density": 0.3})
+        assert not torch.equal(out[name], fp32.bfloat16())  # bf16 compute selects otherwise
+
+    def test_absent_and_float32_keep_the_bytes(self, cli, tmp_path, trio):
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        plain = run(cli, tmp_path / "a", trio, self.TIES)
+        fp32 = run(cli, tmp_path / "b", trio, self.TIES + "    compute_dtype: float32\n")
+        b, x, y = (read_tensors(p) for p in trio)
+        for k in plain:
+            assert torch.equal(plain[k], fp32[k]), k
+            assert torch.equal(plain[k], apply_method(
+                "ties", [x[k], y[k]], base=b[k], params={"weight": [0.6, 0.4],
+                                                        "density": 0.3})), k
+
+    def test_unknown_dtype_is_refused(self, cli, tmp_path, trio):
+        r = write_recipe(tmp_path, recipe_text(trio, self.TIES + "    compute_dtype: fp8\n"))
+        result = cli("validate", r)
+        assert result.exit_code == 2, result.output
+        assert ("steps[0].compute_dtype: unknown value 'fp8'; allowed: float32, bfloat16, "
+                "float16, float64, inputs") in result.stderr
 
 
 class TestContract:

@@ -148,7 +148,8 @@ class TestMethodRegistry:
     """A merge method is defined once: contract, defaults, pair-ness, kernel."""
 
     def test_pair_methods_come_from_the_contract(self):
-        assert {n for n, spec in METHODS.items() if spec.pair} == {"slerp", "nearswap"}
+        assert {n for n, spec in METHODS.items() if spec.pair} == {"slerp", "nearswap",
+                                                                   "arcee_fusion"}
 
     @pytest.mark.parametrize("module", ["recipekit/steps/merge.py",
                                         "recipekit/tools/mergekit_import.py"])

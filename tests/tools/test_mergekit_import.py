@@ -124,8 +124,8 @@ def test_what_cannot_be_converted_is_named(cli, tmp_path, monkeypatch, extra, me
 
 
 @pytest.mark.parametrize("config, message", [
-    ("models:\n  - model: models/a\nmerge_method: arcee_fusion\nbase_model: models/b\n",
-     "merge_method: cannot convert merge method 'arcee_fusion'"),
+    ("models:\n  - model: models/a\nmerge_method: frankenfuse\nbase_model: models/b\n",
+     "merge_method: cannot convert merge method 'frankenfuse'"),
     ("models:\n  - model: models/a+models/lora\n    parameters: {weight: 1}\n"
      "merge_method: linear\n", "cannot convert the LoRA reference 'models/a+models/lora'"),
     ("models:\n  - model: models/a\n    parameters: {weight: 1, densty: 0.5}\n"
