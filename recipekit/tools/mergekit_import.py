@@ -43,7 +43,13 @@ from typing import Any
 
 import yaml
 
-from recipekit.errors import ConversionError, KeyPath, RecipeErrors, RecipekitError
+from recipekit.errors import (
+    ConversionError,
+    KeyPath,
+    RecipeErrors,
+    RecipekitError,
+    format_key_path,
+)
 from recipekit.inputs.resolve import resolve_sources
 from recipekit.merge import METHODS, MethodSpec
 from recipekit.plan import compile_plan
@@ -68,6 +74,10 @@ REFUSED = {
                  "tokenizer files (`output.config`) unchanged",
     "chat_template": "recipekit copies the donor's chat template and does not write another",
 }
+#: Parameters mergekit 0.1.5 accepts in a config but its method never reads (see
+#: `_ignored_by_mergekit`).
+IGNORED_BY_MERGEKIT = {m: ("weight",) for m in ("slerp", "nearswap", "model_stock", "karcher",
+                                                 "sce")}
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -325,7 +335,7 @@ def _merge_slice(st: ImportState, data: dict[str, Any], method: MethodSpec, sl: 
     known = {p.name for p in method.params}
     for params, path in [*levels, *((s.params, s.path + ("parameters",)) for s in sl.sources)]:
         for key in params or {}:
-            if key not in known:
+            if key not in known and not _ignored_by_mergekit(st, method, key, path + (key,)):
                 close = difflib.get_close_matches(key, sorted(known), n=1)
                 raise st.fail(path + (key,), f"cannot convert parameter `{key}`: method "
                               f"{method.name} has " + (", ".join(sorted(known)) or "none"),
@@ -390,6 +400,18 @@ def _merge_slice(st: ImportState, data: dict[str, Any], method: MethodSpec, sl: 
         step["seed"] = 0
     st.steps.append(step)
     return name, False
+
+
+def _ignored_by_mergekit(st: ImportState, method: MethodSpec, key: str, path: KeyPath) -> bool:
+    """Whether mergekit 0.1.5 ignores parameter ``key`` of ``method`` (its method function does
+    not take it, and mergekit passes a method only the parameters it declares): then the recipe
+    drops it, with a note. Oracle: mergekit's merge_methods/{slerp,nearswap,model_stock,karcher,
+    sce}.py, whose signatures have no `weight` (mergekit's own test configs set it)."""
+    if key not in IGNORED_BY_MERGEKIT.get(method.name, ()):
+        return False
+    st.notes.append(f"{format_key_path(path)} is dropped: mergekit's {method.name} takes no "
+                    f"`{key}` and ignores it")
+    return True
 
 
 def _build_steps(st: ImportState, data: dict[str, Any], method: MethodSpec,

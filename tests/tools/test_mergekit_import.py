@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -233,3 +234,62 @@ def test_real_minilm_slices_and_linear(cli, tmp_path, monkeypatch):
         assert ours.keys() == source.keys()
         for name, t in source.items():
             assert torch.equal(ours[name], t), (stem, name)
+
+
+def _with_weights(text: str) -> str:
+    """A config with `weight:` on every source and at the top level."""
+    text = re.sub(r"(?m)^( *)- model: models/a\n", r"\1- model: models/a\n"
+                  r"\1  parameters: {weight: 0.7}\n", text)
+    return text.replace("dtype: float32\n", "dtype: float32\nparameters:\n  weight: 0.3\n") \
+        if "\nparameters:" not in text else text.replace("parameters:\n  t:",
+                                                         "parameters:\n  weight: 0.3\n  t:")
+
+
+@pytest.mark.parametrize("stem", ["slerp_gradient", "model_stock"])
+def test_weight_that_mergekit_ignores_is_dropped_with_a_note(cli, tmp_path, monkeypatch, stem):
+    """mergekit 0.1.5's slerp, nearswap, model_stock, karcher and sce take no `weight` (their
+    method functions have no such parameter) and ignore it; mergekit's own test configs set it.
+    The converted recipe drops it, says so, and still gives mergekit's output (the golden of the
+    same config without the weights)."""
+    monkeypatch.chdir(GOLDENS)
+    cfg = tmp_path / f"{stem}.yml"
+    cfg.write_text(_with_weights((GOLDENS / "configs" / f"{stem}.yml").read_text()))
+    assert cfg.read_text().count("weight") == 2, cfg.read_text()
+    recipe = tmp_path / f"{stem}.yaml"
+    result = cli("import-mergekit", cfg, "-o", recipe)
+    assert result.exit_code == 0, result.output
+    text = recipe.read_text()
+    assert "parameters.weight is dropped: mergekit's" in text
+    assert "weight:" not in text.split("\nrecipekit:")[1]
+    assert cli("run", recipe, "-q", "-o", tmp_path / "out").exit_code == 0
+    golden, layers = read_golden(GOLDENS / "out" / f"{stem}.safetensors")
+    assert_same(tmp_path / "out", golden, layers, exact=False)
+
+
+@pytest.mark.parametrize("method, base", [("nearswap", True), ("karcher", False),
+                                          ("sce", True)])
+def test_weight_is_dropped_for_every_method_that_ignores_it(cli, tmp_path, monkeypatch, method,
+                                                           base):
+    monkeypatch.chdir(GOLDENS)
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text("models:\n  - model: models/a\n    parameters: {weight: 0.5}\n"
+                   "  - model: models/b\n    parameters: {weight: 0.5}\n"
+                   f"merge_method: {method}\n" + ("base_model: models/a\n" if base else "")
+                   + ("parameters: {t: 0.5}\n" if method == "nearswap" else ""))
+    result = cli("import-mergekit", cfg)
+    assert result.exit_code == 0, result.output
+    assert f"models[1].parameters.weight is dropped: mergekit's {method} takes no `weight`" \
+        in result.stdout
+
+
+def test_weight_is_still_refused_where_mergekit_would_not_ignore_it(cli, tmp_path, monkeypatch):
+    """Only the methods whose mergekit function ignores `weight` drop it; a misspelt
+    parameter of those methods is still refused."""
+    monkeypatch.chdir(GOLDENS)
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text("models:\n  - model: models/a\n  - model: models/b\nmerge_method: slerp\n"
+                   "base_model: models/a\nparameters: {t: 0.5, wieght: 1}\n")
+    result = cli("import-mergekit", cfg)
+    assert result.exit_code == 2, result.output
+    assert "parameters.wieght: cannot convert parameter `wieght`: method slerp has t" \
+        in result.stderr
