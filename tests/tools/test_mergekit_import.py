@@ -22,6 +22,7 @@ import yaml
 from safetensors import safe_open
 
 from tests.helpers.builders import read_tensors
+from tests.helpers.mergekit import needs_mergekit, run_mergekit
 
 GOLDENS = Path(__file__).resolve().parents[1] / "goldens" / "mergekit_import"
 CONFIGS = sorted(p.stem for p in (GOLDENS / "configs").glob("*.yml"))
@@ -127,8 +128,11 @@ def test_what_cannot_be_converted_is_named(cli, tmp_path, monkeypatch, extra, me
 @pytest.mark.parametrize("config, message", [
     ("models:\n  - model: models/a\nmerge_method: arcee_fusion\nbase_model: models/b\n",
      "merge_method: cannot convert merge method 'arcee_fusion'"),
-    ("models:\n  - model: models/a+models/lora\n    parameters: {weight: 1}\n"
-     "merge_method: linear\n", "cannot convert the LoRA reference 'models/a+models/lora'"),
+    ("models:\n  - model: models/a+./nowhere\n    parameters: {weight: 1}\n"
+     "merge_method: linear\n", "models[0].model: LoRA './nowhere' is neither a directory"),
+    ("models:\n  - model: models/a+models/b+models/c\n    parameters: {weight: 1}\n"
+     "merge_method: linear\n", "cannot read 'models/a+models/b+models/c': a LoRA reference is "
+     "`model+lora`"),
     ("models:\n  - model: models/a\n    parameters: {weight: 1, densty: 0.5}\n"
      "merge_method: linear\n", "models[0].parameters.densty: cannot convert parameter `densty`"),
     ("models:\n  - model: models/a\n  - model: models/b\nmerge_method: ties\nbase_model: models/c\n"
@@ -293,3 +297,67 @@ def test_weight_is_still_refused_where_mergekit_would_not_ignore_it(cli, tmp_pat
     assert result.exit_code == 2, result.output
     assert "parameters.wieght: cannot convert parameter `wieght`: method slerp has t" \
         in result.stderr
+
+
+def _lora_case(tmp_path: Path) -> tuple[Path, Path]:
+    """A `model+lora` linear config over the golden Llamas: (config, LoRA of model a)."""
+    from tests.helpers.adapter_builders import make_adapter
+
+    lora = make_adapter("llama", GOLDENS / "models" / "a", tmp_path / "lora-a", r=4,
+                        lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text(f"models:\n  - model: models/a+{lora}\n    parameters: {{weight: 0.6}}\n"
+                   "  - model: models/b\n    parameters: {weight: 0.4}\n"
+                   "merge_method: linear\ndtype: float32\n")
+    return cfg, lora
+
+
+def test_model_plus_lora_folds_the_adapter_before_the_merge(cli, tmp_path, monkeypatch):
+    """`model: a+lora` becomes an `adapters:` input and an `op: adapters` step that the merge
+    takes. Oracle: PEFT's merge_and_unload of the LoRA (what mergekit runs) and mergekit's
+    linear formula (0.6·a' + 0.4·b)/1.0."""
+    import peft
+
+    from tests.helpers.builders import load_model
+
+    cfg, lora = _lora_case(tmp_path)
+    monkeypatch.chdir(GOLDENS)
+    recipe = tmp_path / "r.yaml"
+    result = cli("import-mergekit", cfg, "-o", recipe)
+    assert result.exit_code == 0, result.output
+    text = recipe.read_text()
+    assert "step 'a_lora-a' folds the LoRA into the model (PEFT's merge_and_unload" in text
+    doc = yaml.safe_load(text)
+    assert list(doc["adapters"]) == ["lora-a"]
+    assert doc["steps"][0] == {"name": "a_lora-a", "op": "adapters", "from": "a",
+                               "adapters": ["lora-a"]}
+    assert doc["steps"][1]["from"] == [{"model": "a_lora-a", "weight": 0.6},
+                                       {"model": "b", "weight": 0.4}]
+    assert cli("run", recipe, "-q", "-o", tmp_path / "out").exit_code == 0
+    ours = read_tensors(tmp_path / "out")
+    pm = peft.PeftModel.from_pretrained(load_model("llama", GOLDENS / "models" / "a"), lora)
+    folded = pm.merge_and_unload().state_dict()
+    b = read_tensors(GOLDENS / "models" / "b")
+    assert not torch.equal(folded["model.layers.0.self_attn.q_proj.weight"],
+                           read_tensors(GOLDENS / "models" / "a")[
+                               "model.layers.0.self_attn.q_proj.weight"])
+    for name, t in ours.items():
+        torch.testing.assert_close(t, (0.6 * folded[name] + 0.4 * b[name]) / 1.0, atol=1e-6,
+                                   rtol=1e-6, msg=name)
+
+
+@pytest.mark.mergekit
+@needs_mergekit
+def test_model_plus_lora_matches_mergekit_live(cli, tmp_path, monkeypatch):
+    """The converted `model+lora` config against mergekit 0.1.5 itself (it folds the LoRA with
+    PEFT into --lora-merge-cache, then merges): equal within fp32 rounding."""
+    cfg, _ = _lora_case(tmp_path)
+    theirs = run_mergekit(cfg, tmp_path / "mk-out", GOLDENS, "--lora-merge-cache",
+                          str(tmp_path / "cache"))
+    monkeypatch.chdir(GOLDENS)
+    assert cli("import-mergekit", cfg, "-o", tmp_path / "r.yaml").exit_code == 0
+    assert cli("run", tmp_path / "r.yaml", "-q", "-o", tmp_path / "out").exit_code == 0
+    ours = read_tensors(tmp_path / "out")
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        torch.testing.assert_close(ours[name], t, atol=2e-6, rtol=1e-5, msg=name)
