@@ -16,6 +16,7 @@ from recipekit.arch.lookup import (
     LayerStack,
     detect_architecture,
     find_layer_stack,
+    language_stack,
     load_architectures,
     scan_layer_stacks,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "config_has",
     "detect_architecture",
     "find_layer_stack",
+    "language_stack",
     "load_architectures",
     "scan_layer_stacks",
     "with_config",

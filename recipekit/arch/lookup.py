@@ -246,10 +246,12 @@ def _only_stack(stacks: Mapping[str, set[int]]) -> tuple[str, set[int]]:
     if len(stacks) > 1:
         listed = ", ".join(f"`{s.rstrip('.')}` ({len(v)} layers)"
                            for s, v in sorted(stacks.items()))
-        raise LayerStackError(
+        err = LayerStackError(
             f"has more than one layer stack: {listed}",
             hint="version 1 handles one stack at a time: set `layer_prefix:` on the model "
             "(e.g. `{path: ..., layer_prefix: " + sorted(stacks)[0].rstrip(".") + "}`)")
+        err.stacks = tuple(sorted(stacks))
+        raise err
     return next(iter(stacks.items()))
 
 
@@ -261,6 +263,13 @@ def _owns(sub: str, prefix: str) -> bool:
     words = SUBCONFIG_MODULES.get(sub, (sub.removesuffix("_config"),))
     return any(part == w or part.startswith(w + "_") for part in prefix.split(".")
                for w in words)
+
+
+def language_stack(stacks: Iterable[str]) -> str | None:
+    """The one stack among ``stacks`` that a multimodal config's ``text_config`` owns (the
+    language model's, which mergekit's text module merges), or None."""
+    owned = [s for s in stacks if _owns("text_config", s)]
+    return owned[0] if len(owned) == 1 else None
 
 
 def _count_key(config: Mapping[str, Any], arch: Architecture | None, prefix: str,

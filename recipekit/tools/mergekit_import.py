@@ -45,6 +45,7 @@ from typing import Any
 
 import yaml
 
+from recipekit.arch import language_stack
 from recipekit.errors import (
     ConversionError,
     KeyPath,
@@ -68,8 +69,10 @@ from recipekit.tools.mergekit_params import (
 #: What recipekit converts, and what it refuses with a reason (the key is named in the error).
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype")
 REFUSED = {
-    "modules": "multi-module configs (VLMs, encoder-decoders) have no recipekit equivalent; "
-               "recipes take one layer stack (`layer_prefix:`)",
+    "modules": "per-module configs (a VLM's text and vision modules merged differently) have "
+               "no recipekit equivalent: a merge step covers every tensor of a model, and "
+               "`layers` steps restack only the one stack `layer_prefix:` names; a `models:` "
+               "config of VLMs converts",
     "tokenizer_source": "recipekit does not build or permute tokenizers: the output takes the "
                         "donor's tokenizer files (`output.config`) unchanged",
     "tokenizer": "recipekit does not build or permute tokenizers: the output takes the donor's "
@@ -306,18 +309,42 @@ def _slice_source(st: ImportState, src: Any, spath: KeyPath) -> Source:
 
 def _resolve_models(st: ImportState) -> None:
     """Read each model's config and headers (recipekit's own resolution) for layer counts and
-    the names of the tensors after the layers."""
+    the names of the tensors after the layers. A model with several layer stacks (a VLM) gets
+    `layer_prefix:` naming its language model's (`_name_language_stacks`)."""
     first = next(iter(st.models))
     probe = {"recipekit": 1, "models": st.models, **({"adapters": st.adapters} if st.adapters
                                                       else {}),
              "steps": [{"name": "probe", "op": "layers", "from": first, "layers": [0]}]}
-    recipe = recipe_from_data(probe, st.out_dir / "import.yaml")
-    try:
-        st.checkpoints = resolve_sources(recipe)
-    except RecipeErrors as e:
-        raise _relocate(st, e.errors[0]) from None
-    except RecipekitError as e:
-        raise _relocate(st, e) from None
+    for retry in (True, False):
+        recipe = recipe_from_data(probe, st.out_dir / "import.yaml")
+        try:
+            st.checkpoints = resolve_sources(recipe)
+            return
+        except (RecipeErrors, RecipekitError) as e:
+            errors = e.errors if isinstance(e, RecipeErrors) else [e]
+            if not (retry and _name_language_stacks(st, errors)):
+                raise _relocate(st, errors[0]) from None
+
+
+def _name_language_stacks(st: ImportState, errors: list[RecipekitError]) -> bool:
+    """Set `layer_prefix` on each model refused for having several layer stacks, naming the
+    stack its `text_config` owns (mergekit merges every module of a VLM; a recipe merges every
+    tensor too, and needs the stack named only to count layers). False if any error is another
+    one or no single language stack is found."""
+    for e in errors:
+        stacks = getattr(e, "stacks", ())
+        prefix = language_stack(stacks)
+        if not (e.key_path and e.key_path[0] == "models" and prefix):
+            return False
+        name = e.key_path[1]
+        source = st.models[name]
+        st.models[name] = {**(source if isinstance(source, dict) else {"path": source}),
+                           "layer_prefix": prefix.rstrip(".")}
+        st.multi_stack.add(name)
+        st.notes.append(f"'{name}' has several layer stacks ("
+                        + ", ".join(s.rstrip(".") for s in stacks) + "): `layer_prefix` names "
+                        "the language model's; the merge covers every tensor, as mergekit's")
+    return True
 
 
 def _relocate(st: ImportState, e: RecipekitError) -> RecipekitError:
@@ -333,6 +360,11 @@ def _measure(st: ImportState, slices: list[Slice]) -> None:
     for sl in slices:
         for s in sl.sources:
             n = st.checkpoint(s.model).stack.num_layers
+            if s.layers is not None and st.folds.get(s.model, s.model) in st.multi_stack:
+                raise st.fail(s.path + ("layer_range",), "cannot convert a layer_range of a "
+                              "model with several layer stacks: mergekit slices each module's "
+                              "layers, a recipe only the one stack `layer_prefix` names",
+                              hint="merge whole models (`models:`)")
             if s.layers is None:
                 sl.length = n
             elif s.layers[1] > n:

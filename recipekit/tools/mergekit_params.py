@@ -54,6 +54,7 @@ class ImportState:
     adapters: dict[str, Any] = field(default_factory=dict)  # recipe name -> LoRA source
     lora_refs: dict[str, str] = field(default_factory=dict)  # mergekit LoRA path -> recipe name
     folds: dict[str, str] = field(default_factory=dict)  # `model+lora` step -> its model
+    multi_stack: set[str] = field(default_factory=set)  # models with several layer stacks
 
     def checkpoint(self, name: str) -> Any:
         """The resolved model behind recipe name ``name`` (a LoRA fold has its model's tensor
@@ -169,6 +170,11 @@ def translate_param(st: ImportState, spec: Any, chain: list[tuple[Any, KeyPath]]
                                                  not isinstance(value, (int, float))):
             raise st.fail(path, f"cannot convert {value!r} for `{spec.name}`: it needs a number")
         if isinstance(value, list):
+            if st.folds.get(model, model) in st.multi_stack:
+                raise st.fail(path, f"cannot convert the gradient {value!r} on a model with "
+                              "several layer stacks: mergekit runs t over each module's own "
+                              "layers, a recipe over the one stack `layer_prefix` names",
+                              hint="give one value")
             out += _gradient_fixes(st, value, flt, post, sl, model)
             value = {"gradient": value}
         if flt is not None:
