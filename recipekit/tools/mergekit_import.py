@@ -79,10 +79,9 @@ REFUSED = {
                  "tokenizer files (`output.config`) unchanged",
     "chat_template": "recipekit copies the donor's chat template and does not write another",
 }
-#: Parameters mergekit 0.1.5 accepts in a config but its method never reads (see
-#: `_ignored_by_mergekit`).
-IGNORED_BY_MERGEKIT = {m: ("weight",) for m in ("slerp", "nearswap", "model_stock", "karcher",
-                                                 "sce")}
+#: Parameters mergekit 0.1.5 accepts in a config and ignores where the method's function does
+#: not take them (see `_ignored_by_mergekit`); other unknown keys are refused as likely typos.
+IGNORED_BY_MERGEKIT = ("weight",)
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -473,11 +472,12 @@ def _merge_slice(st: ImportState, data: dict[str, Any], method: MethodSpec, sl: 
 
 
 def _ignored_by_mergekit(st: ImportState, method: MethodSpec, key: str, path: KeyPath) -> bool:
-    """Whether mergekit 0.1.5 ignores parameter ``key`` of ``method`` (its method function does
-    not take it, and mergekit passes a method only the parameters it declares): then the recipe
-    drops it, with a note. Oracle: mergekit's merge_methods/{slerp,nearswap,model_stock,karcher,
-    sce}.py, whose signatures have no `weight` (mergekit's own test configs set it)."""
-    if key not in IGNORED_BY_MERGEKIT.get(method.name, ()):
+    """Whether mergekit 0.1.5 ignores parameter ``key`` of ``method``: mergekit passes a method
+    only the parameters its function declares, so `weight` on a method without one (slerp,
+    nearswap, model_stock, karcher, sce, passthrough) is never read; the recipe drops it, with
+    a note. Oracle: mergekit's merge_methods/*.py signatures, and its own test configs, which
+    set `weight` on those methods (tests/tools/test_mergekit_import_suite.py runs them)."""
+    if key not in IGNORED_BY_MERGEKIT or any(p.name == key for p in method.params):
         return False
     st.notes.append(f"{format_key_path(path)} is dropped: mergekit's {method.name} takes no "
                     f"`{key}` and ignores it")

@@ -271,18 +271,19 @@ def test_weight_that_mergekit_ignores_is_dropped_with_a_note(cli, tmp_path, monk
 
 
 @pytest.mark.parametrize("method, base", [("nearswap", True), ("karcher", False),
-                                          ("sce", True)])
+                                          ("sce", True), ("passthrough", False)])
 def test_weight_is_dropped_for_every_method_that_ignores_it(cli, tmp_path, monkeypatch, method,
                                                            base):
     monkeypatch.chdir(GOLDENS)
     cfg = tmp_path / "mk.yml"
-    cfg.write_text("models:\n  - model: models/a\n    parameters: {weight: 0.5}\n"
-                   "  - model: models/b\n    parameters: {weight: 0.5}\n"
-                   f"merge_method: {method}\n" + ("base_model: models/a\n" if base else "")
+    second = "" if method == "passthrough" else \
+        "  - model: models/b\n    parameters: {weight: 0.5}\n"
+    cfg.write_text("models:\n  - model: models/a\n    parameters: {weight: 0.5}\n" + second
+                   + f"merge_method: {method}\n" + ("base_model: models/a\n" if base else "")
                    + ("parameters: {t: 0.5}\n" if method == "nearswap" else ""))
     result = cli("import-mergekit", cfg)
     assert result.exit_code == 0, result.output
-    assert f"models[1].parameters.weight is dropped: mergekit's {method} takes no `weight`" \
+    assert f"models[0].parameters.weight is dropped: mergekit's {method} takes no `weight`" \
         in result.stdout
 
 
