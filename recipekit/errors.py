@@ -198,7 +198,10 @@ class UnlocatedError(ValueError):
 
 class LayerStackError(UnlocatedError):
     """Why no single layer stack could be found; inputs/models.py turns it into a located
-    error."""
+    error. ``stacks``: the prefixes found when there were several (which `import-mergekit`
+    uses to name the language model's stack)."""
+
+    stacks: tuple[str, ...] = ()
 
 
 class ParamError(UnlocatedError):

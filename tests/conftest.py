@@ -67,3 +67,19 @@ def hub_cache(tmp_path, tiny_llama, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """mergekit's picoLLaVA shape (2 text and 2 vision layers), fp32, seeded."""
+    from tests.helpers.vlm import make_tiny_llava
+
+    return make_tiny_llava(tmp_path_factory.mktemp("llava") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second picoLLaVA, other weights."""
+    from tests.helpers.vlm import make_tiny_llava
+
+    return make_tiny_llava(tmp_path_factory.mktemp("llava_b") / "model", seed=1)

@@ -17,6 +17,7 @@ from recipekit.arch.lookup import (
     detect_architecture,
     family_names,
     find_layer_stack,
+    language_stack,
     load_architectures,
     scan_layer_stacks,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "detect_architecture",
     "family_names",
     "find_layer_stack",
+    "language_stack",
     "load_architectures",
     "scan_layer_stacks",
     "with_config",

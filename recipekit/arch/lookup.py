@@ -27,6 +27,11 @@ from recipekit.errors import LayerStackError
 COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 #: Layer-indexed config lists every family may have.
 GENERIC_PER_LAYER = ("layer_types",)
+#: Which modules a multimodal config's sub-config describes (`_owns`); any other ``X_config``
+#: owns modules named ``X`` / ``X_*``.
+SUBCONFIG_MODULES = {"text_config": ("language_model", "text_model", "text", "llm"),
+                     "vision_config": ("vision", "vision_tower", "vision_model", "visual"),
+                     "audio_config": ("audio", "audio_tower", "audio_model")}
 _STACK = re.compile(r"^((?:[^.]+\.)*?(?:layers|layer|h|blocks))\.(\d+)\.")
 
 
@@ -239,7 +244,7 @@ def find_layer_stack(config: Mapping[str, Any], names: Iterable[str], *,
                 break
         else:
             arch = None
-    count_key = _count_key(config, arch, prefix, n)
+    count_key = _count_key(config, arch, prefix, n, named=layer_prefix is not None)
     parent = count_key[:-1]
     per_layer_names = list(GENERIC_PER_LAYER) + (list(arch.config["per_layer"]) if arch else [])
     per_layer = tuple(dict.fromkeys(
@@ -272,16 +277,40 @@ def _only_stack(stacks: Mapping[str, set[int]]) -> tuple[str, set[int]]:
     if len(stacks) > 1:
         listed = ", ".join(f"`{s.rstrip('.')}` ({len(v)} layers)"
                            for s, v in sorted(stacks.items()))
-        raise LayerStackError(
+        err = LayerStackError(
             f"has more than one layer stack: {listed}",
             hint="version 1 handles one stack at a time: set `layer_prefix:` on the model "
             "(e.g. `{path: ..., layer_prefix: " + sorted(stacks)[0].rstrip(".") + "}`)")
+        err.stacks = tuple(sorted(stacks))
+        raise err
     return next(iter(stacks.items()))
 
 
+def _owns(sub: str, prefix: str) -> bool:
+    """Whether sub-config ``sub`` (``text_config``) describes the stack under ``prefix``
+    (``language_model.model.layers.``): a component of the prefix is one of its module words
+    or starts with one (``vision_tower``), as in transformers' multimodal models (LLaVA,
+    Qwen2-VL, Gemma 3, Mistral 3, ...)."""
+    words = SUBCONFIG_MODULES.get(sub, (sub.removesuffix("_config"),))
+    return any(part == w or part.startswith(w + "_") for part in prefix.split(".")
+               for w in words)
+
+
+def language_stack(stacks: Iterable[str]) -> str | None:
+    """The one stack among ``stacks`` that a multimodal config's ``text_config`` owns (the
+    language model's, which mergekit's text module merges), or None."""
+    owned = [s for s in stacks if _owns("text_config", s)]
+    return owned[0] if len(owned) == 1 else None
+
+
 def _count_key(config: Mapping[str, Any], arch: Architecture | None, prefix: str,
-               n: int) -> ConfigKey:
-    """The one config.json key that holds the stack's layer count ``n``."""
+               n: int, named: bool = False) -> ConfigKey:
+    """The one config.json key that holds the stack's layer count ``n``.
+
+    With ``named`` (the recipe's ``layer_prefix``), a multimodal config whose sub-configs hold
+    the same count (picoLLaVA: text and vision both 2 layers) is read from the sub-config that
+    owns the named stack (`_owns`).
+    """
     matches: list[ConfigKey] = []
     for key in _count_key_candidates(config, arch):
         value = config_get(config, key)
@@ -293,6 +322,9 @@ def _count_key(config: Mapping[str, Any], arch: Architecture | None, prefix: str
                     f"config.json says {key[-1]} = {value} but the checkpoint has {n} layers "
                     f"under `{prefix.rstrip('.')}`", hint="the config and weights do not belong "
                     "together; fix config.json or use the matching weights")
+    if named and len(matches) > 1:
+        owned = [k for k in matches if len(k) == 2 and _owns(k[0], prefix)]
+        matches = owned if len(owned) == 1 else matches
     top = [k for k in matches if len(k) == 1]
     if len(top) > 1 or (not top and len(matches) > 1):
         raise LayerStackError(

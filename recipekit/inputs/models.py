@@ -117,9 +117,11 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
         stack = find_layer_stack(config, tensors, layer_prefix=ref.layer_prefix)
     except LayerStackError as e:
         cls = UnsupportedCheckpointError
-        raise located(cls, f"model {ref.name!r} ({ref.written}) {e.message}"
+        err = located(cls, f"model {ref.name!r} ({ref.written}) {e.message}"
                       if e.message.startswith("has ") else f"model {ref.name!r}: {e.message}",
-                      e.hint) from None
+                      e.hint)
+        err.stacks = e.stacks  # type: ignore[attr-defined]  # several stacks: import-mergekit
+        raise err from None
     _check_layer_names(stack, tensors)
     return Checkpoint(ref.name, path, config, tensors, files, stack, snap)
 

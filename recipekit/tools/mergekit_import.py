@@ -24,6 +24,8 @@ mergekit semantics it must reproduce (reference/mergekit.md §1.4-1.5, read in m
 * **base_model** joins a `models:` merge as an extra input when it is not listed (mergekit
   appends it); it becomes `base:` for methods that use a base, `from: [base, other]` for slerp
   and nearswap, and the donor of config.json (`output.config`).
+* **model+lora**: mergekit folds the LoRA into the model (PEFT's `merge_and_unload`) before
+  merging; the recipe gets the LoRA under `adapters:` and an `op: adapters` step the merge takes.
 * **dtype / out_dtype** become `output.dtype`; `dtype` (or, without it, `inputs`: their promoted
   dtype) becomes each merge step's `compute_dtype`, so the method computes in it as mergekit does.
 
@@ -43,7 +45,14 @@ from typing import Any
 
 import yaml
 
-from recipekit.errors import ConversionError, KeyPath, RecipeErrors, RecipekitError
+from recipekit.arch import language_stack
+from recipekit.errors import (
+    ConversionError,
+    KeyPath,
+    RecipeErrors,
+    RecipekitError,
+    format_key_path,
+)
 from recipekit.inputs.resolve import resolve_sources
 from recipekit.merge import METHODS, MethodSpec
 from recipekit.plan import compile_plan
@@ -60,14 +69,19 @@ from recipekit.tools.mergekit_params import (
 #: What recipekit converts, and what it refuses with a reason (the key is named in the error).
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype")
 REFUSED = {
-    "modules": "multi-module configs (VLMs, encoder-decoders) have no recipekit equivalent; "
-               "recipes take one layer stack (`layer_prefix:`)",
+    "modules": "per-module configs (a VLM's text and vision modules merged differently) have "
+               "no recipekit equivalent: a merge step covers every tensor of a model, and "
+               "`layers` steps restack only the one stack `layer_prefix:` names; a `models:` "
+               "config of VLMs converts",
     "tokenizer_source": "recipekit does not build or permute tokenizers: the output takes the "
                         "donor's tokenizer files (`output.config`) unchanged",
     "tokenizer": "recipekit does not build or permute tokenizers: the output takes the donor's "
                  "tokenizer files (`output.config`) unchanged",
     "chat_template": "recipekit copies the donor's chat template and does not write another",
 }
+#: Parameters mergekit 0.1.5 accepts in a config and ignores where the method's function does
+#: not take them (see `_ignored_by_mergekit`); other unknown keys are refused as likely typos.
+IGNORED_BY_MERGEKIT = ("weight",)
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -137,22 +151,32 @@ def _check_top(st: ImportState, data: dict[str, Any]) -> None:
 
 
 def _model(st: ImportState, ref: Any, path: KeyPath) -> str:
-    """The recipe name of a mergekit model reference, registering its source."""
+    """The recipe name of a mergekit model reference, registering its source (a `model+lora`
+    reference names the `adapters` step that folds the LoRA into the model)."""
     if isinstance(ref, dict):
         extra = sorted(set(ref) - {"model"})
         if extra:
             raise st.fail(path + (extra[0],), f"cannot convert `{extra[0]}` of a model "
-                          "reference", hint="fold LoRA adapters with recipekit's `adapters` "
-                          "op; architecture overrides are not supported")
+                          "reference", hint="write a LoRA as `model: base+lora`; architecture "
+                          "overrides are not supported")
         ref = ref.get("model")
     if not isinstance(ref, str) or not ref:
         raise st.fail(path, "a model reference is a path or a hub repo id")
     if ref in st.refs:
         return st.refs[ref]
     if "+" in ref:
-        raise st.fail(path, f"cannot convert the LoRA reference {ref!r} (`model+lora`)",
-                      hint="add the adapter under `adapters:` and fold it with an "
-                      "`op: adapters` step, then merge that step")
+        return _lora_model(st, ref, path)
+    source, base = _source(st, ref, path, "model")
+    name = _fresh_name(st, base)
+    st.models[name] = source
+    st.refs[ref] = name
+    st.where[name] = path
+    return name
+
+
+def _source(st: ImportState, ref: str, path: KeyPath, what: str) -> tuple[Any, str]:
+    """(recipe source, a name for it) of a local directory or hub id ``ref`` (``what``: model
+    or LoRA), resolved as mergekit resolves it."""
     name_part, _, revision = ref.partition("@")
     local = (st.cwd / os.path.expanduser(name_part))
     if local.is_dir():
@@ -166,15 +190,40 @@ def _model(st: ImportState, ref: Any, path: KeyPath) -> str:
     elif _HUB_ID.match(name_part):
         source = {"hub": name_part, "revision": revision} if revision else {"hub": name_part}
     else:
-        raise st.fail(path, f"model {ref!r} is neither a directory (relative to {st.cwd}) nor "
+        raise st.fail(path, f"{what} {ref!r} is neither a directory (relative to {st.cwd}) nor "
                       "a hub repo id (org/name)")
-    base = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name_part).name or "model").lstrip(".-") or "m"
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name_part).name or what).lstrip(".-") or "m"
+    return source, base
+
+
+def _fresh_name(st: ImportState, base: str) -> str:
+    taken = {*st.models, *st.adapters, *(s["name"] for s in st.steps)}
     name, i = base, 2
-    while name in st.models:
+    while name in taken:
         name, i = f"{base}_{i}", i + 1
-    st.models[name] = source
+    return name
+
+
+def _lora_model(st: ImportState, ref: str, path: KeyPath) -> str:
+    """mergekit's `model+lora`: the LoRA folded into the model (PEFT's `merge_and_unload`,
+    which mergekit runs before merging) by an `op: adapters` step, whose name is returned."""
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise st.fail(path, f"cannot read {ref!r}: a LoRA reference is `model+lora`")
+    model = _model(st, parts[0], path)
+    lora = st.lora_refs.get(parts[1])
+    if lora is None:
+        source, base = _source(st, parts[1], path, "LoRA")
+        lora = _fresh_name(st, base)
+        st.adapters[lora] = source
+        st.lora_refs[parts[1]] = lora
+        st.where[lora] = path
+    name = _fresh_name(st, f"{model}_{lora}")
+    st.steps.append({"name": name, "op": "adapters", "from": model, "adapters": [lora]})
+    st.folds[name] = model
     st.refs[ref] = name
-    st.where[name] = path
+    st.notes.append(f"{ref}: step '{name}' folds the LoRA into the model (PEFT's "
+                    "merge_and_unload, which mergekit runs before merging)")
     return name
 
 
@@ -259,22 +308,47 @@ def _slice_source(st: ImportState, src: Any, spath: KeyPath) -> Source:
 
 def _resolve_models(st: ImportState) -> None:
     """Read each model's config and headers (recipekit's own resolution) for layer counts and
-    the names of the tensors after the layers."""
+    the names of the tensors after the layers. A model with several layer stacks (a VLM) gets
+    `layer_prefix:` naming its language model's (`_name_language_stacks`)."""
     first = next(iter(st.models))
-    probe = {"recipekit": 1, "models": st.models,
+    probe = {"recipekit": 1, "models": st.models, **({"adapters": st.adapters} if st.adapters
+                                                      else {}),
              "steps": [{"name": "probe", "op": "layers", "from": first, "layers": [0]}]}
-    recipe = recipe_from_data(probe, st.out_dir / "import.yaml")
-    try:
-        st.checkpoints = resolve_sources(recipe)
-    except RecipeErrors as e:
-        raise _relocate(st, e.errors[0]) from None
-    except RecipekitError as e:
-        raise _relocate(st, e) from None
+    for retry in (True, False):
+        recipe = recipe_from_data(probe, st.out_dir / "import.yaml")
+        try:
+            st.checkpoints = resolve_sources(recipe)
+            return
+        except (RecipeErrors, RecipekitError) as e:
+            errors = e.errors if isinstance(e, RecipeErrors) else [e]
+            if not (retry and _name_language_stacks(st, errors)):
+                raise _relocate(st, errors[0]) from None
+
+
+def _name_language_stacks(st: ImportState, errors: list[RecipekitError]) -> bool:
+    """Set `layer_prefix` on each model refused for having several layer stacks, naming the
+    stack its `text_config` owns (mergekit merges every module of a VLM; a recipe merges every
+    tensor too, and needs the stack named only to count layers). False if any error is another
+    one or no single language stack is found."""
+    for e in errors:
+        stacks = getattr(e, "stacks", ())
+        prefix = language_stack(stacks)
+        if not (e.key_path and e.key_path[0] == "models" and prefix):
+            return False
+        name = e.key_path[1]
+        source = st.models[name]
+        st.models[name] = {**(source if isinstance(source, dict) else {"path": source}),
+                           "layer_prefix": prefix.rstrip(".")}
+        st.multi_stack.add(name)
+        st.notes.append(f"'{name}' has several layer stacks ("
+                        + ", ".join(s.rstrip(".") for s in stacks) + "): `layer_prefix` names "
+                        "the language model's; the merge covers every tensor, as mergekit's")
+    return True
 
 
 def _relocate(st: ImportState, e: RecipekitError) -> RecipekitError:
     """A source error located at the model's mention in the mergekit config."""
-    if e.key_path and e.key_path[0] == "models" and len(e.key_path) > 1:
+    if e.key_path and e.key_path[0] in ("models", "adapters") and len(e.key_path) > 1:
         name = e.key_path[1]
         e.location = st.doc.locate(st.where.get(name, ()))
         e.key_path = st.where.get(name)
@@ -284,14 +358,19 @@ def _relocate(st: ImportState, e: RecipekitError) -> RecipekitError:
 def _measure(st: ImportState, slices: list[Slice]) -> None:
     for sl in slices:
         for s in sl.sources:
-            n = st.checkpoints[s.model].stack.num_layers
+            n = st.checkpoint(s.model).stack.num_layers
+            if s.layers is not None and st.folds.get(s.model, s.model) in st.multi_stack:
+                raise st.fail(s.path + ("layer_range",), "cannot convert a layer_range of a "
+                              "model with several layer stacks: mergekit slices each module's "
+                              "layers, a recipe only the one stack `layer_prefix` names",
+                              hint="merge whole models (`models:`)")
             if s.layers is None:
                 sl.length = n
             elif s.layers[1] > n:
                 raise st.fail(s.path + ("layer_range",), f"layer_range {list(s.layers)} reaches "
                               f"layer {s.layers[1] - 1}, but '{s.model}' has {n} layers")
         if sl.sources[0].layers is None:
-            lengths = {st.checkpoints[s.model].stack.num_layers for s in sl.sources}
+            lengths = {st.checkpoint(s.model).stack.num_layers for s in sl.sources}
             if len(lengths) > 1:
                 raise st.fail(sl.path, f"the models have different layer counts {sorted(lengths)}")
 
@@ -300,7 +379,7 @@ def _measure(st: ImportState, slices: list[Slice]) -> None:
 
 def _source_model(st: ImportState, s: Source, k: int, sl: Slice, used: set[str]) -> str:
     """The merge input for one source: the model itself, or a `layers` step for its range."""
-    n = st.checkpoints[s.model].stack.num_layers
+    n = st.checkpoint(s.model).stack.num_layers
     if s.layers is None or s.layers == (0, n) or sl.length == 0:
         return s.model
     name, i = f"slice{k}_{s.model}", 2
@@ -325,7 +404,7 @@ def _merge_slice(st: ImportState, data: dict[str, Any], method: MethodSpec, sl: 
     known = {p.name for p in method.params}
     for params, path in [*levels, *((s.params, s.path + ("parameters",)) for s in sl.sources)]:
         for key in params or {}:
-            if key not in known:
+            if key not in known and not _ignored_by_mergekit(st, method, key, path + (key,)):
                 close = difflib.get_close_matches(key, sorted(known), n=1)
                 raise st.fail(path + (key,), f"cannot convert parameter `{key}`: method "
                               f"{method.name} has " + (", ".join(sorted(known)) or "none"),
@@ -394,9 +473,22 @@ def _merge_slice(st: ImportState, data: dict[str, Any], method: MethodSpec, sl: 
     return name, False
 
 
+def _ignored_by_mergekit(st: ImportState, method: MethodSpec, key: str, path: KeyPath) -> bool:
+    """Whether mergekit 0.1.5 ignores parameter ``key`` of ``method``: mergekit passes a method
+    only the parameters its function declares, so `weight` on a method without one (slerp,
+    nearswap, model_stock, karcher, sce, passthrough) is never read; the recipe drops it, with
+    a note. Oracle: mergekit's merge_methods/*.py signatures, and its own test configs, which
+    set `weight` on those methods (tests/tools/test_mergekit_import_suite.py runs them)."""
+    if key not in IGNORED_BY_MERGEKIT or any(p.name == key for p in method.params):
+        return False
+    st.notes.append(f"{format_key_path(path)} is dropped: mergekit's {method.name} takes no "
+                    f"`{key}` and ignores it")
+    return True
+
+
 def _build_steps(st: ImportState, data: dict[str, Any], method: MethodSpec,
                  slices: list[Slice]) -> str:
-    used: set[str] = set(st.models)
+    used: set[str] = {*st.models, *st.adapters, *st.folds}
     results = []
     for k, sl in enumerate(slices):
         name = "merged" if len(slices) == 1 else f"slice{k}"
@@ -444,7 +536,7 @@ def _recipe(st: ImportState, data: dict[str, Any], method: MethodSpec, final: st
                             f"{output['dtype']}, can differ in the last bit")
     base = st.refs.get(data["base_model"]) if isinstance(data.get("base_model"), str) else None
     if base is not None:
-        output["config"] = base
+        output["config"] = st.folds.get(base, base)
     else:
         st.notes.append("no base_model: mergekit picks the config/tokenizer donor from an "
                         "unordered set; this recipe takes the first model's")
@@ -464,7 +556,8 @@ def _recipe(st: ImportState, data: dict[str, Any], method: MethodSpec, final: st
     return {"recipekit": 1, "name": config.stem,
             "description": f"converted from the mergekit config {config.name} "
                            f"(merge_method: {method.name})",
-            "models": st.models, "steps": st.steps, "output": output}
+            "models": st.models, **({"adapters": st.adapters} if st.adapters else {}),
+            "steps": st.steps, "output": output}
 
 
 class _Dumper(yaml.SafeDumper):

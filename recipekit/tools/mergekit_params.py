@@ -51,6 +51,15 @@ class ImportState:
     notes: list[str] = field(default_factory=list)
     checkpoints: dict[str, Any] = field(default_factory=dict)
     translated: set[str] = field(default_factory=set)  # which semantic fixes were emitted
+    adapters: dict[str, Any] = field(default_factory=dict)  # recipe name -> LoRA source
+    lora_refs: dict[str, str] = field(default_factory=dict)  # mergekit LoRA path -> recipe name
+    folds: dict[str, str] = field(default_factory=dict)  # `model+lora` step -> its model
+    multi_stack: set[str] = field(default_factory=set)  # models with several layer stacks
+
+    def checkpoint(self, name: str) -> Any:
+        """The resolved model behind recipe name ``name`` (a LoRA fold has its model's tensor
+        names and layer stack)."""
+        return self.checkpoints[self.folds.get(name, name)]
 
     def fail(self, path: KeyPath, message: str, hint: str | None = None) -> ConversionError:
         return ConversionError([self.doc.error(path, message, hint=hint, key=True)])
@@ -58,13 +67,13 @@ class ImportState:
 
 def post_names(st: ImportState, model: str) -> list[str]:
     """Tensors after the layers (final norm, lm_head): mergekit's t = 0, recipekit's t = 1."""
-    ck = st.checkpoints[model]
+    ck = st.checkpoint(model)
     return [n for n in ck.tensors if ck.stack.split(n) is None
             and not is_before_layers(n, ck.stack)]
 
 
 def layer_names(st: ImportState, model: str, index: int) -> list[str]:
-    ck = st.checkpoints[model]
+    ck = st.checkpoint(model)
     return [n for n in ck.tensors if (hit := ck.stack.split(n)) is not None and hit[0] == index]
 
 
@@ -124,7 +133,7 @@ def _gradient_fixes(st: ImportState, value: list[float], flt: str | None, post: 
         at1 = evaluate_gradient(value, 1.0)
         st.translated.add("one_layer")
         if flt is None:
-            out.append({"match": exact(st.checkpoints[model].stack.name(0, "")) + "*",
+            out.append({"match": exact(st.checkpoint(model).stack.name(0, "")) + "*",
                         "value": at1})
         else:
             out += [{"match": exact(n), "value": at1}
@@ -161,6 +170,11 @@ def translate_param(st: ImportState, spec: Any, chain: list[tuple[Any, KeyPath]]
                                                  not isinstance(value, (int, float))):
             raise st.fail(path, f"cannot convert {value!r} for `{spec.name}`: it needs a number")
         if isinstance(value, list):
+            if st.folds.get(model, model) in st.multi_stack:
+                raise st.fail(path, f"cannot convert the gradient {value!r} on a model with "
+                              "several layer stacks: mergekit runs t over each module's own "
+                              "layers, a recipe over the one stack `layer_prefix` names",
+                              hint="give one value")
             out += _gradient_fixes(st, value, flt, post, sl, model)
             value = {"gradient": value}
         if flt is not None:

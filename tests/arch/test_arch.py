@@ -109,3 +109,21 @@ def test_inconsistent_checkpoints_are_refused():
                          layer_names("model.layers.", 3))
     with pytest.raises(LayerStackError, match="found no numbered layer stack"):
         find_layer_stack({}, ["a.weight"])
+
+
+@pytest.mark.parametrize("prefix, key", [
+    ("language_model.model.layers", ("text_config", "num_hidden_layers")),
+    ("vision_tower.encoder.layers", ("vision_config", "num_hidden_layers")),
+    ("model.language_model.layers", ("text_config", "num_hidden_layers")),
+    ("model.vision_tower.vision_model.encoder.layers", ("vision_config", "num_hidden_layers")),
+])
+def test_layer_prefix_reads_the_count_of_its_own_sub_config(prefix, key):
+    """mergekit's picoLLaVA test model has 2 text and 2 vision layers: several config keys
+    hold the count, and the named stack's own sub-config is the one (transformers' LlavaConfig
+    puts the text stack's count in text_config, the vision tower's in vision_config)."""
+    cfg = {"model_type": "llava", "text_config": {"num_hidden_layers": 2},
+           "vision_config": {"num_hidden_layers": 2}}
+    other = "other.layers." if "language" in prefix else "other_lm.layers."
+    names = [*layer_names(prefix + ".", 2), *layer_names(other, 2)]
+    stack = find_layer_stack(cfg, names, layer_prefix=prefix)
+    assert stack.count_key == key and stack.num_layers == 2

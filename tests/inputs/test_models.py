@@ -100,3 +100,62 @@ output: {{path: out}}
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["text_config"]["num_hidden_layers"] == 4
     assert config["vision_config"]["num_hidden_layers"] == 2
+
+
+def test_layer_prefix_on_mergekits_picollava(cli, tmp_path, tiny_llava, tiny_llava_b):
+    """mergekit's picoLLaVA shape (2 text and 2 vision layers, so both sub-configs hold the count
+    2): with `layer_prefix` the text stack is restacked and the two VLMs merged. Oracle:
+    transformers loads both outputs; the restacked one's logits equal those of the source model
+    with its text layer 1 duplicated in torch, the merge's tensors are (a + b) / 2."""
+    import copy
+
+    from transformers import LlavaForConditionalGeneration
+
+    from tests.helpers.builders import read_tensors
+    from tests.helpers.vlm import llava_inputs
+
+    r = write_recipe(tmp_path, f"""
+recipekit: 1
+models:
+  a: {{path: {tiny_llava}, layer_prefix: language_model.model.layers}}
+  b: {{path: {tiny_llava_b}, layer_prefix: language_model.model.layers}}
+steps:
+  - name: up
+    op: layers
+    from: a
+    layers: [0, 1, 1]
+  - name: mix
+    op: merge
+    method: linear
+    from: [a, b]
+    parameters: {{weight: 0.5}}
+output: {{model: up, path: out}}
+""")
+    result = cli("run", r, "-q")
+    assert result.exit_code == 0, result.output
+    out = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    assert out.config.text_config.num_hidden_layers == 3
+    assert out.config.vision_config.num_hidden_layers == 2
+    ref = LlavaForConditionalGeneration.from_pretrained(tiny_llava).eval()
+    layers = ref.model.language_model.layers
+    layers.insert(2, copy.deepcopy(layers[1]))
+    for i, layer in enumerate(layers):
+        layer.self_attn.layer_idx = i
+    ref.model.language_model.config.num_hidden_layers = 3  # Llama runs layers[:num_hidden_layers]
+    with torch.no_grad():
+        got = out(**llava_inputs(), use_cache=False).logits
+        want = ref(**llava_inputs(), use_cache=False).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    text = r.read_text().replace("model: up, path: out", "model: mix, path: out-mix")
+    r.write_text(text)
+    result = cli("run", r, "-q")
+    assert result.exit_code == 0, result.output
+    a, b, mix = (read_tensors(p) for p in (tiny_llava, tiny_llava_b, tmp_path / "out-mix"))
+    assert mix.keys() == a.keys()
+    for name, t in mix.items():
+        torch.testing.assert_close(t, (a[name] + b[name]) / 2, atol=1e-6, rtol=1e-6, msg=name)
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out-mix").eval()
+    with torch.no_grad():
+        assert torch.isfinite(merged(**llava_inputs()).logits).all()
