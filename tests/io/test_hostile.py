@@ -1107,3 +1107,64 @@ class TestConvert:
         assert result.exit_code == 2, result.output
         assert "holds a conversion of other files" in result.stderr
         assert "--force" not in result.stderr
+
+
+def cli_subprocess(*args: object, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process with a timeout: the attacks below used to hang or exhaust
+    memory, which an in-process test could not survive."""
+    from tests.helpers.recipes import ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "recipekit.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class TestResourceExhaustion:
+    """Issue 17 item 6: every file a recipe or input names is a regular file read with a cap
+    (recipe 16 MiB, README "Reliability"); a device, FIFO or oversized file is a located exit 2
+    at once instead of a hang, an OOM kill or a minute of parsing."""
+
+    def test_recipe_that_is_a_device(self):
+        done = cli_subprocess("validate", "/dev/zero")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("/dev/zero: cannot read the recipe: the file is a "
+                                      "character device, not a regular file")
+
+    def test_recipe_that_is_a_fifo(self, tmp_path):
+        os.mkfifo(tmp_path / "r.yaml")
+        done = cli_subprocess("validate", tmp_path / "r.yaml")
+        assert done.returncode == 2, done.stderr
+        assert "r.yaml: cannot read the recipe: the file is a named pipe" in done.stderr
+
+    def test_recipe_larger_than_the_cap(self, tmp_path):
+        from recipekit.recipe.document import MAX_RECIPE_BYTES
+
+        big = tmp_path / "r.yaml"
+        with open(big, "wb") as f:  # sparse: no disk, but reported 150 MB
+            f.truncate(150_000_000)
+        assert MAX_RECIPE_BYTES == 16 * 1024 * 1024
+        done = cli_subprocess("validate", big, timeout=20)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"{big}: the recipe is 143.05 MiB, larger than the "
+                                      "16.00 MiB a recipe may be")
+
+    def test_scheme_file_that_is_a_fifo(self, tmp_path, model_copy):
+        os.mkfifo(tmp_path / "s.json")
+        recipe = write_recipe(tmp_path, """
+            recipekit: 1
+            models: {big: ./model}
+            steps:
+              - {name: small, op: coalesce, from: big, depth: {file: s.json}}
+            output: {path: ./out}
+            """)
+        done = cli_subprocess("validate", recipe)
+        assert done.returncode == 2, done.stderr
+        assert "named pipe" in done.stderr and "internal error" not in done.stderr
+
+    def test_scalings_log_that_is_a_fifo(self, tmp_path):
+        from recipekit.errors import ScalingsLogError
+        from recipekit.inputs.scalings import read_scalings_log
+
+        os.mkfifo(tmp_path / "log.npy")
+        with pytest.raises(ScalingsLogError, match="log.npy is a named pipe"):
+            read_scalings_log(tmp_path / "log.npy")
