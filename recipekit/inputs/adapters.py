@@ -11,6 +11,7 @@ LoftQ, CorDA, LoRA-GA: the adapter is only right on top of the residual base), a
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
         raise located(UnsupportedCheckpointError, f"{CONFIG} of {ref.written!r} is "
                       f"{kind_of(config)}, not a JSON object")
     _check_config(config, ref, located)
+    _check_finite(config, ref, located, shown)
     weights = path / WEIGHTS
     if not os.path.lexists(weights) and snap is None:
         if (path / PICKLE).is_file():
@@ -149,6 +151,20 @@ def _check_config(config: dict[str, Any], ref: ModelRef, located: Located) -> No
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         raise located(UnsupportedCheckpointError, f"adapter {name!r}: `bias` is "
                       f"{str(config.get('bias'))[:40]!r}; PEFT knows none, all and lora_only")
+
+
+def _check_finite(config: dict[str, Any], ref: ModelRef, located: Located, shown: str) -> None:
+    """Refuse a scaling that is NaN or infinite: Python's JSON reader accepts ``NaN`` and
+    ``Infinity``, and PEFT would scale every delta to NaN (an all-NaN output with exit 0)."""
+    for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
+        value = config.get(key)
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for pattern, v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                where = f"`{key}`" + ("" if pattern is None else f" entry {str(pattern)[:60]!r}")
+                raise located(UnsupportedCheckpointError, f"adapter {ref.written!r}: {where} "
+                              f"in {shown} is {v}, not a finite number",
+                              "the adapter config is damaged; save or download it again")
 
 
 def _is_number(v: Any) -> bool:
