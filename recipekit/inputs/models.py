@@ -291,15 +291,17 @@ def _read_tensors(path: Path, root: Path, ref: ModelRef, located: Located, snap:
                   "a checkpoint directory holds model.safetensors or a sharded index")
 
 
-def iter_donor_files(path: Path) -> list[Path]:
+def iter_donor_files(path: Path, *, warn: bool = True) -> list[Path]:
     """Non-weight files of a checkpoint directory, relative, sorted: what the output inherits.
 
     Skips weights (and weight-only folders such as ``onnx/``), indexes, hidden files, the donor's
     README.md (the output gets its own model card) and recipekit's own bookkeeping. Files that
     are symlinks resolving outside the model directory (a hub cache snapshot's links into its own
     ``blobs/`` are fine), broken links, special files and symlinked directories are skipped with
-    a warning: their content is not the donor's to hand on.
+    a warning (unless ``warn`` is false: the plan hash and the lock list them again): their
+    content is not the donor's to hand on.
     """
+    skip = _skip_warning if warn else (lambda p, why: None)
     root = model_root(path)
     out: list[Path] = []
     for dirpath, dirs, files in os.walk(path):
@@ -310,8 +312,8 @@ def iter_donor_files(path: Path) -> list[Path]:
             if d in WEIGHT_DIRS or d.startswith("."):
                 continue
             if (here / d).is_symlink():
-                _skip_warning(here / d, "is a symlinked directory (recipekit copies only the "
-                              "donor's own files)")
+                skip(here / d, "is a symlinked directory (recipekit copies only the "
+                     "donor's own files)")
                 continue
             keep.append(d)
         dirs[:] = keep
@@ -323,9 +325,20 @@ def iter_donor_files(path: Path) -> list[Path]:
                 continue
             why = escape_reason(here / f, root)
             if why is not None:
-                _skip_warning(here / f, why)
+                skip(here / f, why)
                 continue
             out.append(rel)
+    return out
+
+
+def donor_files_identity(path: Path) -> dict[str, dict[str, int]]:
+    """Size and mtime of every file `iter_donor_files` hands on, by relative path: what the plan
+    hash records of a local donor beyond its config and weights, so that a swapped
+    ``tokenizer_config.json`` makes a finished output stale (issue 17 item 9)."""
+    out = {}
+    for rel in iter_donor_files(path, warn=False):
+        st = (path / rel).stat()
+        out[rel.as_posix()] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return out
 
 

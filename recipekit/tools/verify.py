@@ -111,6 +111,7 @@ def verify_output(out: Path) -> VerifyReport:
     if len(tensors) == len(shards):
         _check_layout(out, root, shards, tensors, report)
     _check_config(out, root, report)
+    _check_files(out, root, manifest, shown, report)
     _check_recipe(manifest, shown, report)
     return report
 
@@ -282,6 +283,56 @@ def _check_config(out: Path, root: Path, report: VerifyReport) -> None:
         report.problems.append(e)
         return
     report.passed.append(f"{name}: reads")
+
+
+def _check_files(out: Path, root: Path, manifest: dict[str, Any], shown: str,
+                 report: VerifyReport) -> None:
+    """Every other file the output holds (config, index, donor copies, model card) has the size
+    and sha256 the manifest's ``files`` records: a changed `rope_theta` or a swapped tokenizer
+    is found, not only damaged shards. Older manifests record no ``files`` (a note says so)."""
+    files = manifest.get("files")
+    if files is None:
+        report.notes.append(f"{MANIFEST} records no hashes of the output's other files "
+                            "(written by an older recipekit): only the shards were checked")
+        return
+    hint = f"the manifest is damaged or was edited; {REPAIR}"
+    if not isinstance(files, dict):
+        report.problems.append(VerifyError(f"{MANIFEST} `files` is {kind_of(files)}, not an "
+                                           "object", file=shown, hint=hint))
+        return
+    ok = 0
+    for rel, entry in sorted(files.items()):
+        parts = Path(rel).parts
+        if (not parts or Path(rel).is_absolute() or ".." in parts or "\0" in rel
+                or not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                        and isinstance(entry.get("size"), int))):
+            report.problems.append(VerifyError(f"{MANIFEST} lists the file {quote_name(rel)} "
+                                               f"as {kind_of(entry)}", file=shown, hint=hint))
+            continue
+        ok += _check_file(out / rel, root, entry, report)
+    if ok == len(files):
+        report.passed.append(f"{len(files)} other files: sizes and sha256 match")
+
+
+def _check_file(path: Path, root: Path, entry: dict[str, Any], report: VerifyReport) -> bool:
+    shown = display_path(path)
+    if not os.path.lexists(path):
+        report.problems.append(VerifyError(f"is listed in {MANIFEST} but missing", file=shown,
+                                           hint=REPAIR))
+        return False
+    try:
+        check_confined(path, root)
+        size, digest = path.stat().st_size, _sha256(path)
+    except RecipekitError as e:
+        report.problems.append(e)
+        return False
+    if size != entry["size"] or digest != entry["sha256"]:
+        report.problems.append(VerifyError(
+            f"size {size}, sha256 {digest[:12]}: the manifest records {entry['size']} bytes, "
+            f"sha256 {entry['sha256'][:12]}", file=shown,
+            hint=f"the file changed after it was written; {REPAIR}"))
+        return False
+    return True
 
 
 def _check_recipe(manifest: dict[str, Any], shown: str, report: VerifyReport) -> None:
