@@ -24,6 +24,7 @@ from recipekit.errors import (
     CorruptCheckpointError,
     RecipekitError,
     SourceNotFoundError,
+    TensorDataError,
     UsageError,
     VerifyError,
     display_path,
@@ -67,7 +68,10 @@ class VerifyReport:
 
     @property
     def exit_code(self) -> int:
-        return max((p.exit_code for p in self.problems), default=0)
+        """1 when the output fails a check (a damaged header of an output is a failed check,
+        not a usage mistake); 2 only for refused layouts (a link out of the output)."""
+        return max((1 if isinstance(p, CorruptCheckpointError) else p.exit_code
+                    for p in self.problems), default=0)
 
 
 def verify_output(out: Path) -> VerifyReport:
@@ -76,7 +80,8 @@ def verify_output(out: Path) -> VerifyReport:
     Raises:
         SourceNotFoundError: ``out`` is not a directory.
         UsageError: the directory is not a recipekit output (no manifest, no state file).
-        CorruptCheckpointError: the manifest itself is unreadable (nothing else can be checked).
+        VerifyError: the manifest itself is unreadable (nothing else can be checked), or the
+            run that writes the output did not finish.
     """
     if not out.is_dir():
         raise SourceNotFoundError(f"{display_path(out)} is not a directory",
@@ -84,7 +89,7 @@ def verify_output(out: Path) -> VerifyReport:
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():
         if (out / STATE).is_file():
-            raise CorruptCheckpointError(
+            raise VerifyError(
                 f"no {MANIFEST}: the run that writes this output did not finish",
                 file=display_path(out), hint="rerun `recipekit run` with the same recipe; it "
                 "resumes from the finished shards")
@@ -93,9 +98,12 @@ def verify_output(out: Path) -> VerifyReport:
     root = out.resolve()
     check_confined(manifest_path, root)
     shown = display_path(manifest_path)
-    manifest = parse_json(read_small(manifest_path, 1 << 28, MANIFEST), shown, MANIFEST,
-                          hint=f"the manifest is damaged; {REPAIR}")
-    shards = _manifest_shards(manifest, shown)
+    try:
+        manifest = parse_json(read_small(manifest_path, 1 << 28, MANIFEST), shown, MANIFEST,
+                              hint=f"the manifest is damaged; {REPAIR}")
+        shards = _manifest_shards(manifest, shown)
+    except CorruptCheckpointError as e:  # a damaged output fails verification: exit 1
+        raise VerifyError(e.message, file=e.file, hint=e.hint, location=e.location) from None
     report = VerifyReport(out, adapter=(out / ADAPTER_CONFIG).is_file())
     tensors: dict[str, dict[str, str]] = {}
     for name, entry in shards.items():
@@ -179,8 +187,8 @@ def _sha256(path: Path) -> str:
     try:
         return sha256_file(path)
     except OSError as e:
-        raise CorruptCheckpointError(f"cannot read: {e.strerror or e}",
-                                     file=display_path(path)) from e
+        raise TensorDataError(f"cannot read: {e.strerror or e}",
+                              file=display_path(path)) from e
 
 
 def _check_metadata(path: Path) -> None:
