@@ -24,11 +24,12 @@ from recipekit.graph.nodes import (
     fp32_copies,
     intern,
     load,
+    shared_shape,
 )
 from recipekit.graph.values import VirtualModel
 
 __all__ = [
     "F32", "Cast", "Concat", "DeltaCombine", "Difference", "Load", "LoraDelta", "LoraFold",
     "Node", "ScaledSum", "SvdFactor", "VirtualModel", "cast", "expression_nodes",
-    "fp32_copies", "intern", "load",
+    "fp32_copies", "intern", "load", "shared_shape",
 ]

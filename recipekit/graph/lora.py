@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from recipekit.dtypes import torch_dtype
-from recipekit.graph.nodes import Node
+from recipekit.graph.nodes import Node, shared_shape
 
 F32 = "F32"
 
@@ -64,8 +64,13 @@ class ScaledSum(Node):
     dtype: str
 
     @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.parts[0]
+
+    @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return self.parts[0].shape
+        return shared_shape(self)
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -121,8 +126,13 @@ class DeltaCombine(Node):
     dtype: str = F32
 
     @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.deltas[0]
+
+    @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return self.deltas[0].shape
+        return shared_shape(self)
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -154,8 +164,13 @@ class LoraFold(Node):
     dtype: str
 
     @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.base
+
+    @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return self.base.shape
+        return shared_shape(self)
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -191,8 +206,13 @@ class Difference(Node):
     dtype: str = F32
 
     @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.a
+
+    @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return self.a.shape
+        return shared_shape(self)
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         import torch

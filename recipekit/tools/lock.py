@@ -145,6 +145,9 @@ def read_lock(path: Path, recipe_file: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LockError(f"cannot read the lock: {e}", file=shown,
                         hint=_refresh_hint(recipe_file)) from None
+    except RecursionError:  # 100,000 nested brackets: no lock nests deeper than three levels
+        raise LockError("cannot read the lock: it is nested too deeply to be a lock", file=shown,
+                        hint=_refresh_hint(recipe_file)) from None
     if not (isinstance(doc, dict) and doc.get("recipekit_lock") == LOCK_VERSION
             and isinstance(doc.get("inputs"), dict)):
         raise LockError("not a recipekit lock (version 1)", file=shown,

@@ -1174,3 +1174,93 @@ class TestResourceExhaustion:
         os.mkfifo(tmp_path / "log.npy")
         with pytest.raises(ScalingsLogError, match="log.npy is a named pipe"):
             read_scalings_log(tmp_path / "log.npy")
+
+
+def chain_recipe(directory: Path, steps: int) -> Path:
+    """``steps`` interpolate steps, each from the one before: a ``steps``-deep expression."""
+    lines = ["recipekit: 1", "models: {a: ./model, b: ./model}", "steps:",
+             "  - {name: s0, op: interpolate, from: [a, b], alpha: 0.5}"]
+    lines += [f"  - {{name: s{i}, op: interpolate, from: [s{i - 1}, b], alpha: 0.5}}"
+              for i in range(1, steps)]
+    return write_recipe(directory, "\n".join([*lines, "output: {path: ./out}", ""]))
+
+
+class TestOrdinaryConditions:
+    """Issue 17 item 11: ordinary conditions never reach "internal error ... please report it":
+    deep step chains (graph walks are iterative), a deeply nested lock, an output that is a
+    symlink loop, a lock path that is a directory, a write where nothing can be written, a
+    device as `import-mergekit -o`, and a DELLA epsilon that only `run` used to refuse."""
+
+    def test_a_chain_of_600_steps(self, cli, tmp_path, model_copy):
+        recipe = chain_recipe(tmp_path, 600)
+        for args in (["validate"], ["plan", "-v"], ["plan", "--format", "json"],
+                     ["run", "-q", "--check-finite"]):
+            result = cli(*args[:1], recipe, *args[1:])
+            assert result.exit_code == 0, (args, result.output[-300:])
+        out = tmp_path / "out" / "model.safetensors"
+        assert out.read_bytes()[-64:] == (model_copy / "model.safetensors").read_bytes()[-64:]
+
+    def test_a_deeply_nested_lock(self, cli, recipe):
+        (recipe.parent / "recipe.lock.json").write_text("[" * 100_000 + "]" * 100_000)
+        err = run_fails(cli, recipe, 2)
+        assert "recipe.lock.json: cannot read the lock: it is nested too deeply to be a lock" \
+            in err
+
+    def test_an_output_that_is_a_symlink_loop(self, cli, tmp_path, recipe):
+        (tmp_path / "out").symlink_to(tmp_path / "loop")
+        (tmp_path / "loop").symlink_to(tmp_path / "out")
+        for command in ("validate", "run"):
+            err = run_fails(cli, recipe, 2, command)
+            assert err.startswith(f"output path {tmp_path / 'out'} is a symlink loop; ")
+
+    def test_a_lock_path_that_is_a_directory(self, cli, tmp_path, recipe):
+        (tmp_path / "recipe.lock.json").mkdir()
+        result = cli("lock", recipe)
+        assert result.exit_code in (1, 2) and "internal error" not in result.output
+        assert "recipe.lock.json" in result.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "model", "recipe.lock.json", "recipe.yaml"]  # no temp file left
+
+    @pytest.fixture
+    def config(self, tmp_path, tiny_llama, monkeypatch) -> Path:
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "m").symlink_to(tiny_llama, target_is_directory=True)
+        cfg = tmp_path / "mk.yml"
+        cfg.write_text("slices:\n  - sources:\n      - model: ./m\n        layer_range: [0, 6]\n"
+                       "merge_method: passthrough\n")
+        return cfg
+
+    @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+    def test_side_commands_into_a_place_nothing_can_be_written(self, cli, config):
+        result = cli("import-mergekit", config, "-o", "/proc/recipekit-test.yaml")
+        assert result.exit_code == 1, result.output
+        assert "cannot write" in result.stderr and "internal error" not in result.output
+
+    def test_import_mergekit_never_replaces_a_device_or_fifo(self, cli, tmp_path, config):
+        fifo = tmp_path / "pipe.yaml"
+        os.mkfifo(fifo)
+        result = cli("import-mergekit", config, "-o", fifo, "--force")
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith(f"{display_path(fifo)}: is a named pipe, not a regular "
+                                        "file and is not replaced, even with --force")
+        assert fifo.is_fifo()
+
+    def test_della_epsilon_is_checked_by_validate(self, cli, tmp_path, model_copy):
+        recipe = write_recipe(tmp_path, """
+            recipekit: 1
+            models: {a: ./model, b: ./model}
+            steps:
+              - name: m
+                op: merge
+                method: della
+                base: a
+                from: [{model: b, weight: 1.0, density: 0.5}]
+                parameters: {epsilon: 0.6}
+            output: {path: ./out}
+            """)
+        for command in ("validate", "run"):
+            err = run_fails(cli, recipe, 2, command)
+            assert err.startswith(f"{recipe}:9:27: steps[0].parameters.epsilon: DELLA needs "
+                                  "density ± epsilon inside (0, 1), but density 0.5 and epsilon "
+                                  "0.6 give [-0.1, 1.1] for tensor `"), err
+        assert not (tmp_path / "out").exists()
