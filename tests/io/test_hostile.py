@@ -1235,6 +1235,16 @@ class TestOrdinaryConditions:
         result = cli("import-mergekit", config, "-o", "/proc/recipekit-test.yaml")
         assert result.exit_code == 1, result.output
         assert "cannot write" in result.stderr and "internal error" not in result.output
+        import torch
+
+        src = config.parent / "pickled"
+        src.mkdir()
+        torch.save({"w": torch.arange(6.0)}, src / "pytorch_model.bin")
+        result = cli("convert", "--allow-pickle", src, "/proc/recipekit-test")
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith("/proc/recipekit-test: cannot create the output "
+                                        "directory: ")
+        assert "internal error" not in result.output
 
     def test_import_mergekit_never_replaces_a_device_or_fifo(self, cli, tmp_path, config):
         fifo = tmp_path / "pipe.yaml"
