@@ -155,8 +155,16 @@ class TensorNotFoundError(UsageError, KeyError):
         return self.render()
 
 
-class CorruptCheckpointError(RecipekitError):
-    """A safetensors file whose header or data is damaged: exit code 1."""
+class CorruptCheckpointError(UsageError):
+    """A damaged safetensors header, config.json or index, found before any tensor data is read:
+    exit code 2, like everything `recipekit validate` can find (DESIGN §4)."""
+
+
+class TensorDataError(CorruptCheckpointError):
+    """Reading tensor data failed (a file shorter than its header says, a read error, a shard
+    that changed under the run): exit code 1, like every failure of tensor I/O."""
+
+    exit_code = 1
 
 
 class OutputError(RecipekitError, OSError):

@@ -233,7 +233,7 @@ class TestInputMistakes:
     def test_truncated_safetensors(self, cli, recipe_dir, model_copy):
         f = model_copy / "model.safetensors"
         f.write_bytes(f.read_bytes()[:-100])
-        err = run_fails(cli, solar(recipe_dir), 1)
+        err = run_fails(cli, solar(recipe_dir), 2)  # header vs size: before any data is read
         assert "model/model.safetensors: file is truncated: tensor `" in first_line(err)
         assert first_line(err).endswith("; download or convert the checkpoint again")
 
@@ -242,7 +242,7 @@ class TestInputMistakes:
         data = bytearray(f.read_bytes())
         data[:8] = struct.pack("<Q", len(data) * 2)
         f.write_bytes(bytes(data))
-        err = run_fails(cli, solar(recipe_dir), 1)
+        err = run_fails(cli, solar(recipe_dir), 2)
         assert first_line(err).endswith(
             f"model/model.safetensors: header length {len(data) * 2} runs beyond the end of the "
             f"file ({len(data)} bytes); the file is truncated or not safetensors; download or "
@@ -315,3 +315,70 @@ def _shard(model: Path) -> None:
     f.rename(model / shard)
     (model / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {n: shard for n in names}}))
+
+
+def _damage(kind: str, model: Path) -> str:
+    """Damage the tiny Llama at ``model`` one way; return what the message says."""
+    f = model / "model.safetensors"
+    data = f.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    if kind == "header":
+        f.write_bytes(data[:8] + b"x" + data[9:])
+        return "header is not valid JSON"
+    if kind == "truncated":
+        f.write_bytes(data[:-100])
+        return "file is truncated: tensor"
+    if kind == "dtype":
+        f.write_bytes(data[:8] + data[8:8 + n].replace(b'"F32"', b'"Q32"', 1) + data[8 + n:])
+        return "has unknown dtype 'Q32'"
+    if kind == "config":
+        (model / "config.json").write_text('{"model_type": ')
+        return "config.json is not valid JSON"
+    header = json.loads(data[8:8 + n])
+    shard = "model-00001-of-00001.safetensors"
+    f.rename(model / shard)
+    weight_map = {t: shard for t in header if t != "__metadata__"}
+    if kind == "index-escape":
+        weight_map[next(iter(weight_map))] = "../secret.safetensors"
+        (model.parent / "secret.safetensors").write_bytes(data)
+        message = "../secret.safetensors"
+    else:  # missing-shard
+        weight_map[next(iter(weight_map))] = "model-00002-of-00002.safetensors"
+        message = "model-00002-of-00002.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return message
+
+
+class TestExitCodeRule:
+    """Issue 17 item 10 (DESIGN §4): exit 2 for everything `validate` can find — headers,
+    config.json and indexes are read without any tensor data — from `validate`, `inspect` and
+    `run` alike; exit 1 only for failures while reading or writing tensor data."""
+
+    @pytest.mark.parametrize("command", ["validate", "inspect", "run"])
+    @pytest.mark.parametrize("kind", ["header", "truncated", "dtype", "config", "index-escape",
+                                      "missing-shard"])
+    def test_found_before_tensor_data_is_exit_2(self, cli, recipe_dir, model_copy, kind,
+                                                command):
+        message = _damage(kind, model_copy)
+        recipe = solar(recipe_dir)
+        result = cli(command, model_copy if command == "inspect" else recipe)
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr
+        assert "Traceback" not in result.output and "internal error" not in result.output
+        assert not (recipe_dir / "out").exists()
+
+    def test_a_short_read_of_tensor_data_is_exit_1(self, tmp_path, tiny_llama):
+        from recipekit.errors import TensorDataError
+        from recipekit.io.header import read_header
+        from recipekit.io.reader import FileReader
+
+        f = tmp_path / "model.safetensors"
+        f.write_bytes((tiny_llama / "model.safetensors").read_bytes())
+        infos = sorted(read_header(f).values(), key=lambda i: i.offset)
+        reader = FileReader()
+        with open(f, "r+b") as fh:  # the file shrinks after its header was read
+            fh.truncate(infos[-1].offset + 1)
+        with pytest.raises(TensorDataError) as info:
+            reader.read_tensor(infos[-1])
+        assert info.value.exit_code == 1
+        assert "while reading" in str(info.value)

@@ -25,11 +25,12 @@ from recipekit.graph.nodes import (
     intern,
     load,
     round_to,
+    shared_shape,
 )
 from recipekit.graph.values import VirtualModel
 
 __all__ = [
     "F32", "Cast", "Concat", "DeltaCombine", "Difference", "Load", "LoraDelta", "LoraFold",
     "Node", "ScaledSum", "SvdFactor", "VirtualModel", "cast", "expression_nodes",
-    "fp32_copies", "intern", "load", "round_to",
+    "fp32_copies", "intern", "load", "round_to", "shared_shape",
 ]

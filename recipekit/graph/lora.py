@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from recipekit.dtypes import torch_dtype
-from recipekit.graph.nodes import Node
+from recipekit.graph.nodes import Node, shared_shape
 
 F32 = "F32"
 
@@ -66,8 +66,13 @@ class ScaledSum(Node):
     dtype: str
 
     @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.parts[0]
+
+    @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return self.parts[0].shape
+        return shared_shape(self)
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -125,8 +130,13 @@ class DeltaCombine(Node):
     dtype: str = F32
 
     @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.deltas[0]
+
+    @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return self.deltas[0].shape
+        return shared_shape(self)
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -160,8 +170,13 @@ class LoraFold(Node):
     dtype: str
 
     @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.base
+
+    @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return self.base.shape
+        return shared_shape(self)
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -197,8 +212,13 @@ class Difference(Node):
     dtype: str = F32
 
     @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.a
+
+    @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return self.a.shape
+        return shared_shape(self)
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         import torch

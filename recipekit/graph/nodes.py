@@ -97,6 +97,16 @@ class Node:
         raise NotImplementedError(type(self).__name__)
 
 
+def shared_shape(node: Node) -> tuple[int, ...]:
+    """The shape of a node whose shape is one of its inputs' (``shape_input``: an
+    interpolation, a merge, a cast, a LoRA fold), found by walking down such nodes in a loop
+    rather than by recursion: a chain of 2,000 interpolate steps is 2,000 nodes deep."""
+    n = node
+    while (nxt := getattr(n, "shape_input", None)) is not None:
+        n = nxt
+    return n.shape
+
+
 def fp32_copies(inputs: tuple[Node, ...]) -> int:
     """Bytes of the fp32 copies a kernel makes of its inputs narrower than fp32."""
     return sum(4 * n.numel for n in inputs if itemsize(n.dtype) < 4)
@@ -144,8 +154,13 @@ class Cast(Node):
     dtype: str
 
     @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.input
+
+    @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return self.input.shape
+        return shared_shape(self)
 
     @property
     def elementwise(self) -> bool:

@@ -11,6 +11,7 @@ LoftQ, CorDA, LoRA-GA: the adapter is only right on top of the residual base), a
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,7 @@ def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
                       f"{kind_of(config)}, not a JSON object")
     _check_config(config, ref, located)
     _check_pattern_keys(config, ref, located, shown)
+    _check_finite(config, ref, located, shown)
     weights = path / WEIGHTS
     if not os.path.lexists(weights) and snap is None:
         if (path / PICKLE).is_file():
@@ -167,6 +169,18 @@ def _check_pattern_keys(config: dict[str, Any], ref: ModelRef, located: Located,
                               f"{e}", "PEFT matches these keys as regexes against module "
                               "names; use a module name, a suffix of one, or a simple regex"
                               ) from None
+def _check_finite(config: dict[str, Any], ref: ModelRef, located: Located, shown: str) -> None:
+    """Refuse a scaling that is NaN or infinite: Python's JSON reader accepts ``NaN`` and
+    ``Infinity``, and PEFT would scale every delta to NaN (an all-NaN output with exit 0)."""
+    for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
+        value = config.get(key)
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for pattern, v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                where = f"`{key}`" + ("" if pattern is None else f" entry {str(pattern)[:60]!r}")
+                raise located(UnsupportedCheckpointError, f"adapter {ref.written!r}: {where} "
+                              f"in {shown} is {v}, not a finite number",
+                              "the adapter config is damaged; save or download it again")
 
 
 def _is_number(v: Any) -> bool:

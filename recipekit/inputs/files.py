@@ -125,7 +125,7 @@ def read_bounded(p: Path, limit: int) -> tuple[bytes | None, int]:
     """
     mode = os.stat(p).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise OSError(errno.EINVAL, f"the file {str(not_regular(mode))[3:]}", str(p))
+        raise OSError(errno.EINVAL, f"the file {not_regular(mode)}", str(p))
     with open(p, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > limit:

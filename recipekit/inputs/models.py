@@ -298,14 +298,15 @@ def _read_tensors(path: Path, root: Path, ref: ModelRef, located: Located, snap:
                   "a checkpoint directory holds model.safetensors or a sharded index")
 
 
-def iter_donor_files(path: Path) -> list[Path]:
+def iter_donor_files(path: Path, *, warn: bool = True) -> list[Path]:
     """Non-weight files of a checkpoint directory, relative, sorted: what the output inherits.
 
     Skips weights (and weight-only folders such as ``onnx/``), indexes, hidden files, the donor's
     README.md (the output gets its own model card) and recipekit's own bookkeeping. Files that
     are symlinks resolving outside the model directory (a hub cache snapshot's links into its own
     ``blobs/`` are fine), broken links, special files and symlinked directories are skipped with
-    a warning: their content is not the donor's to hand on.
+    a warning (unless ``warn`` is false: the plan hash and the lock list them again): their
+    content is not the donor's to hand on.
     """
     out: list[Path] = []
     skip = {Path(MODEL_CARD), Path(MANIFEST), Path(CONFIG)}
@@ -318,9 +319,21 @@ def iter_donor_files(path: Path) -> list[Path]:
         if why == "is a symlinked directory":
             why += " (recipekit copies only the donor's own files)"
         if why is not None:
-            _skip_warning(path / rel, why)
+            if warn:
+                _skip_warning(path / rel, why)
             continue
         out.append(rel)
+    return out
+
+
+def donor_files_identity(path: Path) -> dict[str, dict[str, int]]:
+    """Size and mtime of every file `iter_donor_files` hands on, by relative path: what the plan
+    hash records of a local donor beyond its config and weights, so that a swapped
+    ``tokenizer_config.json`` makes a finished output stale (issue 17 item 9)."""
+    out = {}
+    for rel in iter_donor_files(path, warn=False):
+        st = (path / rel).stat()
+        out[rel.as_posix()] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return out
 
 

@@ -16,6 +16,7 @@ time. Every problem is a `ScalingsLogError` naming the file; the step locates it
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from recipekit.errors import ScalingsLogError
-from recipekit.inputs.files import read_bounded, sha256_file
+from recipekit.inputs.files import not_regular, read_bounded, sha256_file
 
 MAPPING_SUFFIX = "-mapping.json"
 MAX_MAPPING_BYTES = 16 * 1024 * 1024
@@ -54,6 +55,9 @@ class ScalingsLog:
 def _load_npy(path: Path) -> Any:
     shown = path.name
     try:
+        why = not_regular(os.stat(path).st_mode)  # a FIFO would block numpy.load forever
+        if why is not None:
+            raise ScalingsLogError(f"{shown} {why}")
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise ScalingsLogError(f"{shown}: no such file") from None

@@ -11,7 +11,7 @@ import os
 import threading
 from pathlib import Path
 
-from recipekit.errors import CorruptCheckpointError, display_path
+from recipekit.errors import TensorDataError, display_path
 from recipekit.io.header import TensorInfo
 
 _HAS_PREADV = hasattr(os, "preadv")
@@ -33,7 +33,7 @@ class FileReader:
                     try:
                         fd = os.open(path, os.O_RDONLY)
                     except OSError as e:
-                        raise CorruptCheckpointError(
+                        raise TensorDataError(
                             f"cannot open: {e.strerror or e}", file=display_path(path)) from e
                     self._fds[path] = fd
         return fd
@@ -52,10 +52,10 @@ class FileReader:
                     buf[done:done + len(data)] = data
                     n = len(data)
             except OSError as e:
-                raise CorruptCheckpointError(f"read failed: {e.strerror or e}",
-                                             file=display_path(path)) from e
+                raise TensorDataError(f"read failed: {e.strerror or e}",
+                                      file=display_path(path)) from e
             if n == 0:
-                raise CorruptCheckpointError(
+                raise TensorDataError(
                     f"file ended at byte {offset + done} while reading {want} bytes",
                     file=display_path(path),
                     hint="the file changed or was truncated during the run")

@@ -19,7 +19,7 @@ from recipekit.arch import LayerStack, config_get, config_has, with_config, with
 from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.graph import Load, Node, VirtualModel, expression_nodes, load, round_to
-from recipekit.inputs.models import Checkpoint
+from recipekit.inputs.models import Checkpoint, donor_files_identity
 from recipekit.inputs.side_files import resolve_side_files
 from recipekit.io.names import ADAPTER_WEIGHTS
 from recipekit.plan.cost import (
@@ -112,6 +112,12 @@ class Plan:
         }
         if self.operators:  # a scheme read from a file is part of what is written
             doc["operators"] = self.operators
+        donor = self.donor
+        if donor is not None and donor.hub is None and not self.adapter:
+            # the donor's other files are copied into the output (a hub donor's commit fixes them)
+            files = donor_files_identity(donor.path)
+            if files:
+                doc["donor_files"] = files
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

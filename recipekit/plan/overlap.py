@@ -90,8 +90,14 @@ def check_output_apart(output: Path, inputs: list[tuple[str, Path]]) -> None:
     """Refuse an output path that is, lies inside or contains any input.
 
     Raises:
-        OutputPathError: naming the input (exit code 2, with or without ``--force``).
+        OutputPathError: naming the input (exit code 2, with or without ``--force``); an
+            output path that is a symlink loop.
     """
+    try:
+        output.resolve(strict=False)
+    except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError for a loop
+        raise OutputPathError(f"output path {display_path(output)} is a symlink loop",
+                              hint="remove the link or choose another output path") from None
     out = _real(output)
     for what, path in inputs:
         relation = _relation(out, path)

@@ -17,15 +17,38 @@ from recipekit.io.header import printable
 from recipekit.plan import Plan
 from recipekit.units import format_size
 
+#: A label longer than this is cut: a chain of hundreds of steps, or one that uses a step twice
+#: at every level, would otherwise print megabytes (or grow exponentially).
+MAX_LABEL = 10_000
+
 
 def node_label(node: Node) -> str:
-    """``source:tensor`` for loads, ``op(inputs..., params)`` for computed nodes."""
-    if isinstance(node, Load):
-        return f"{node.source}:{printable(node.name)}"
-    args = [node_label(i) for i in node.inputs]
-    args += [f"{k}={printable(v) if isinstance(v, str) else v}"
-             for k, v in _params(node).items() if k not in ("shape",)]
-    return f"{_op(node)}({', '.join(args)})"
+    """``source:tensor`` for loads, ``op(inputs..., params)`` for computed nodes.
+
+    Built inputs first with an explicit stack (no recursion: a 600-step chain is a 600-deep
+    expression), each node once."""
+    labels: dict[Node, str] = {}
+    stack = [node]
+    while stack:
+        n = stack[-1]
+        if n in labels:
+            stack.pop()
+            continue
+        if isinstance(n, Load):
+            labels[n] = f"{n.source}:{printable(n.name)}"
+            stack.pop()
+            continue
+        pending = [i for i in n.inputs if i not in labels]
+        if pending:
+            stack.extend(reversed(pending))
+            continue
+        args = [labels[i] for i in n.inputs]
+        args += [f"{k}={printable(v) if isinstance(v, str) else v}"
+                 for k, v in _params(n).items() if k not in ("shape",)]
+        text = f"{_op(n)}({', '.join(args)})"
+        labels[n] = text if len(text) <= MAX_LABEL else text[:MAX_LABEL - 3] + "..."
+        stack.pop()
+    return labels[node]
 
 
 def _op(node: Node) -> str:
@@ -49,18 +72,23 @@ def _params(node: Node) -> dict[str, Any]:
 
 
 def _number(plan: Plan) -> dict[Node, int]:
+    """Ids in schedule order, inputs before the node that uses them (an explicit stack: chains
+    may be hundreds of steps deep)."""
     ids: dict[Node, int] = {}
-
-    def visit(node: Node) -> None:
-        if node in ids:
-            return
-        for i in node.inputs:
-            visit(i)
-        ids[node] = len(ids)
-
     for s in plan.shards:
         for t in s.tensors:
-            visit(t.node)
+            stack = [t.node]
+            while stack:
+                node = stack[-1]
+                if node in ids:
+                    stack.pop()
+                    continue
+                pending = [i for i in node.inputs if i not in ids]
+                if pending:
+                    stack.extend(reversed(pending))
+                    continue
+                ids[node] = len(ids)
+                stack.pop()
     return ids
 
 

@@ -24,6 +24,8 @@ from recipekit.errors import (
     SourceNotFoundError,
     UsageError,
 )
+from recipekit.inputs.files import read_bounded
+from recipekit.units import format_size
 
 
 class _Loader(yaml.SafeLoader):
@@ -244,15 +246,33 @@ def load_document(path: str | Path) -> Document:
     return doc
 
 
+#: The largest recipe file read: real recipes are a few KiB (a 1,000-layer slice list with
+#: gradients stays under 1 MiB), and the parser takes about a second per 3 MiB, so 16 MiB bounds
+#: both memory and time (a recipe of /dev/zero or 150 MB of YAML is refused at once).
+MAX_RECIPE_BYTES = 16 * 1024 * 1024
+
+
 def _read_text(p: Path, display: str) -> str:
+    """The recipe's text, read only if it is a regular file under `MAX_RECIPE_BYTES`: a FIFO
+    would block forever, a device never ends (inputs/files.py `read_bounded` refuses both)."""
     try:
-        return p.read_text(encoding="utf-8")
+        raw, size = read_bounded(p, MAX_RECIPE_BYTES)
     except FileNotFoundError:
         raise SourceNotFoundError(
             "recipe file not found", file=display,
             hint="check the path; recipes are YAML (.yaml/.yml) or JSON (.json)") from None
     except IsADirectoryError:
         raise SourceNotFoundError("is a directory, not a recipe file", file=display) from None
+    except OSError as e:
+        raise RecipeErrors([RecipeError(f"cannot read the recipe: {e.strerror or e}",
+                                        file=display)]) from None
+    if raw is None:
+        raise RecipeErrors([RecipeError(
+            f"the recipe is {format_size(size)}, larger than the {format_size(MAX_RECIPE_BYTES)} "
+            "a recipe may be", file=display,
+            hint="a recipe is a short YAML or JSON file; check that this is the right file")])
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RecipeErrors([RecipeError(f"not UTF-8 text ({e.reason})", file=display)]) from None
 

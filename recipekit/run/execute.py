@@ -325,15 +325,22 @@ def _piece(n: Node, lo: int, hi: int, memo: dict[Node, Any], whole: dict[Node, A
            plan: Plan, rt: Runtime) -> Any:
     """Rows ``lo:hi`` of ``n`` (its stored inputs' rows are in ``memo``, the inputs it reads
     whole in ``whole``)."""
-    if n in memo:
-        return memo[n]
-    args = []
-    for x, by_rows in zip(n.inputs, n.row_inputs() or (), strict=True):
-        value = _piece(x, lo, hi, memo, whole, plan, rt) if by_rows else whole[x]
-        args.append(value.to(rt.device, non_blocking=True))
-    result = n.compute_rows(tuple(args), lo, hi)
-    memo[n] = result
-    return result
+    stack = [n]  # iterative post-order: a chain of 600 steps must not exhaust Python's stack
+    while stack:
+        m = stack[-1]
+        if m in memo:
+            stack.pop()
+            continue
+        flags = tuple(zip(m.inputs, m.row_inputs() or (), strict=True))
+        pending = [x for x, by_rows in flags if by_rows and x not in memo]
+        if pending:
+            stack.extend(reversed(pending))
+            continue
+        args = tuple((memo[x] if by_rows else whole[x]).to(rt.device, non_blocking=True)
+                     for x, by_rows in flags)
+        memo[m] = m.compute_rows(args, lo, hi)
+        stack.pop()
+    return memo[n]
 
 
 def _pinned(device: Any) -> bool:
@@ -357,18 +364,27 @@ def read_rows(node: Load, plan: Plan, reader: FileReader, lo: int, hi: int, *,
 
 def _value(n: Node, memo: dict[Node, Any], plan: Plan, reader: FileReader, device: Any,
            finite: FiniteCheck | None) -> Any:
-    if n in memo:
-        return memo[n]
-    if isinstance(n, Load):
-        result = read_tensor(n, plan, reader, pin=_pinned(device))
-        if finite is not None:
-            finite.check(f"input {n.source}:{n.name}", result)
-    else:
-        args = tuple(_value(x, memo, plan, reader, device, finite).to(device, non_blocking=True)
-                     for x in n.inputs)
-        result = n.compute(args)
-    memo[n] = result
-    return result
+    """``n``'s value, its inputs first, left to right; iterative (an explicit stack), so that
+    a chain of hundreds of steps does not reach Python's recursion limit."""
+    stack = [n]
+    while stack:
+        m = stack[-1]
+        if m in memo:
+            stack.pop()
+            continue
+        if isinstance(m, Load):
+            result = read_tensor(m, plan, reader, pin=_pinned(device))
+            if finite is not None:
+                finite.check(f"input {m.source}:{m.name}", result)
+        else:
+            pending = [x for x in m.inputs if x not in memo]
+            if pending:
+                stack.extend(reversed(pending))
+                continue
+            result = m.compute(tuple(memo[x].to(device, non_blocking=True) for x in m.inputs))
+        memo[m] = result
+        stack.pop()
+    return memo[n]
 
 
 def _as_tensor(view: memoryview, dtype: str) -> Any:

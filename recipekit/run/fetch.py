@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from recipekit.errors import CorruptCheckpointError, display_path
+from recipekit.errors import TensorDataError, display_path
 from recipekit.inputs.hub import download as hub_download
 from recipekit.io.header import read_header
 from recipekit.plan import Plan
@@ -18,7 +18,7 @@ def fetch_hub_shards(plan: Plan) -> Plan:
 
     Raises:
         SourceNotFoundError: a download failed.
-        CorruptCheckpointError: a downloaded shard disagrees with the header planned from.
+        TensorDataError: a downloaded shard disagrees with the header planned from.
     """
     needed: dict[str, set[Path]] = {}
     for node in plan.loads():
@@ -40,7 +40,7 @@ def fetch_hub_shards(plan: Plan) -> Plan:
                     continue
                 got = header.get(tname)
                 if got is None or (got.dtype, got.shape) != (info.dtype, info.shape):
-                    raise CorruptCheckpointError(
+                    raise TensorDataError(
                         f"`{tname}` differs from the header planned from",
                         file=display_path(local), hint="the download is damaged; delete it from "
                         "the hub cache and run again")

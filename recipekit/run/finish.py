@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from recipekit.inputs.files import sha256_file
 from recipekit.inputs.models import Checkpoint, iter_donor_files, read_donor_json
 from recipekit.io.names import ADAPTER_CONFIG, CONFIG, INDEX, MANIFEST, MODEL_CARD
 from recipekit.io.output import OutputDir, dumps
@@ -31,21 +32,29 @@ def output_files(plan: Plan, donor_files: list[Path]) -> list[str]:
 
 
 def finish_output(plan: Plan, out: OutputDir, donor_files: list[Path]) -> None:
-    """Write every file besides the shards, then mark the output complete."""
+    """Write every file besides the shards, then the manifest, which records each one's size and
+    sha256 (hashed as written, read back: `recipekit verify` checks them), then mark the
+    output complete."""
+    written: list[str] = []
     if len(plan.shards) > 1:
         weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
         total = sum(t.nbytes for s in plan.shards for t in s.tensors)
         out.write_file(INDEX, dumps({"metadata": {"total_size": total},
                                      "weight_map": weight_map}))
-    out.write_file(ADAPTER_CONFIG if plan.adapter else CONFIG,
-                   dumps(plan.config))
+        written.append(INDEX)
+    written.append(ADAPTER_CONFIG if plan.adapter else CONFIG)
+    out.write_file(written[-1], dumps(plan.config))
     for rel in donor_files:
         if rel.as_posix() in plan.files:  # a dimension field rewritten (e.g. 1_Pooling)
             out.write_file(str(rel), plan.files[rel.as_posix()])
         else:
             out.copy_file(plan.donor.path / rel, str(rel))  # type: ignore[union-attr]
+        written.append(rel.as_posix())
     out.write_file(MODEL_CARD, build_model_card(plan).encode())
-    out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished)))
+    written.append(MODEL_CARD)
+    files = {rel: {"size": (out.path / rel).stat().st_size, "sha256": sha256_file(out.path / rel)}
+             for rel in written}
+    out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished, files)))
     out.complete()
 
 

@@ -2,8 +2,9 @@
 
 The manifest records the recipe, the resolved inputs (path, size and mtime of each file read),
 the donor, operator metadata (coalescing schemes and compensation, by step), the tool
-version and each shard's sha256, so a reader can tell what produced a
-checkpoint and check it. No token or credential is ever recorded.
+version, each shard's sha256 and the size and sha256 of every other file of the output
+(``files``), so a reader can tell what produced a checkpoint and check it. No token or
+credential is ever recorded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from recipekit.plan import Plan
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]],
+                   files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``shards``: each shard's size and sha256; ``files``: the same for every other file the
+    output holds (config, index, donor copies, model card), by path inside the output."""
     r = plan.recipe
     return {
         "recipekit_version": __version__,
@@ -30,6 +34,7 @@ def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]]) -> dict[str, A
         "output_model": r.output.model,
         **({"operators": dict(plan.operators)} if plan.operators else {}),
         "shards": {name: shards[name] for name in sorted(shards)},
+        **({"files": {rel: files[rel] for rel in sorted(files)}} if files else {}),
     }
 
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from recipekit.arch import family_names
 from recipekit.dtypes import is_floating, promote, torch_dtype
 from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
-from recipekit.graph import Node, VirtualModel, cast, fp32_copies, intern
+from recipekit.graph import Node, VirtualModel, cast, fp32_copies, intern, shared_shape
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, resolve
 from recipekit.steps.registry import Op
@@ -34,8 +34,13 @@ class Lerp(Node):
     dtype: str
 
     @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.a
+
+    @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return self.a.shape
+        return shared_shape(self)
 
     @property
     def workspace(self) -> int:

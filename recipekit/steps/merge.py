@@ -23,7 +23,15 @@ from typing import Any, ClassVar
 
 from recipekit.dtypes import NAME_TO_CODE, is_floating, promote, torch_dtype
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors
-from recipekit.graph import Node, VirtualModel, cast, fp32_copies, intern
+from recipekit.graph import (
+    Node,
+    VirtualModel,
+    cast,
+    fp32_copies,
+    intern,
+    shared_shape,
+)
+from recipekit.io.header import printable
 from recipekit.merge import METHODS
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, is_constant, resolve
@@ -55,8 +63,13 @@ class Merge(Node):
     native: bool = False
 
     @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.operands[0]
+
+    @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return self.operands[0].shape
+        return shared_shape(self)
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -140,8 +153,13 @@ class Slerp(Node):
     method: ClassVar[str] = "slerp"
 
     @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.a
+
+    @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return self.a.shape
+        return shared_shape(self)
 
     @property
     def workspace(self) -> int:
@@ -311,6 +329,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
             params = _resolve_for(spec, shared, entries, name, first)
         except ParamError as e:
             raise RecipeErrors([recipe.error(step.key_path, str(e))]) from None
+        _check_della(spec, params, name, step, recipe)
         if spec.name == "passthrough" and params.get("scale") in (None, (None,), (1.0,)):
             tensors[name] = cast(operands[0], dtype)  # scale 1 is a copy
             continue
@@ -325,6 +344,31 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
                                      name if spec.random else "", dtype, native))
     return VirtualModel(step.name, first.config, tensors, first.stack, first.donor,
                         first.changed)
+
+
+def _check_della(spec: Any, params: Mapping[str, Any], tensor: str, step: Step,
+                 recipe: Recipe) -> None:
+    """DELLA keeps entries with probabilities spread over density ± epsilon, which must lie
+    inside (0, 1) for every density below 1 (`ops.sparsify.della_prune` refuses otherwise): a
+    recipe `validate` passed must not fail in `run` (issue 17 item 11).
+
+    Raises:
+        RecipeErrors: located at `parameters.epsilon` (or the step when it is the default).
+    """
+    if dict(spec.fixed).get("sparsify") != "della_magprune":
+        return
+    default = next(p.default for p in spec.params if p.name == "epsilon")
+    densities = params.get("density", ())
+    epsilons = params.get("epsilon", (default,) * len(densities))
+    for d, eps in zip(densities, epsilons, strict=False):
+        if d is not None and eps is not None and 0 < d < 1 and not (d - eps > 0 and d + eps < 1):
+            given = "epsilon" in step.spec.get("parameters", {})
+            where = step.key_path + (("parameters", "epsilon") if given else ())
+            raise RecipeErrors([recipe.error(
+                where, f"DELLA needs density ± epsilon inside (0, 1), but density {d:g} and "
+                f"epsilon {eps:g} give [{d - eps:g}, {d + eps:g}] for tensor "
+                f"`{printable(tensor)}`", hint="choose an epsilon below min(density, "
+                "1 − density)")])
 
 
 def _resolve_for(spec: Any, shared: Mapping[str, Any], entries: list, tensor: str,

@@ -24,9 +24,9 @@ from typing import Any
 
 from recipekit import __version__
 from recipekit.errors import (
-    CorruptCheckpointError,
     OutputPathError,
     SourceNotFoundError,
+    TensorDataError,
     display_path,
 )
 from recipekit.inputs.files import check_confined, model_root, read_small, walk_confined
@@ -120,7 +120,7 @@ def _load_pickle(path: Path) -> dict[str, Any]:
         except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise CorruptCheckpointError(
+        raise TensorDataError(
             f"cannot load as weights-only pickle: {type(e).__name__}: {str(e)[:200]}",
             file=display_path(path),
             hint="the file is damaged, or holds more than tensors (recipekit refuses to run "
@@ -129,7 +129,7 @@ def _load_pickle(path: Path) -> dict[str, Any]:
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
-        raise CorruptCheckpointError("is not a state dict of named tensors",
+        raise TensorDataError("is not a state dict of named tensors",
                                      file=display_path(path))
     return data
 
@@ -146,7 +146,7 @@ def _write_safetensors(tensors: dict[str, Any], target: Path, *,
         t = tensors[name]
         code = _CODES.get(str(t.dtype).removeprefix("torch."))
         if code is None:
-            raise CorruptCheckpointError(f"tensor `{name}` has unsupported dtype {t.dtype}",
+            raise TensorDataError(f"tensor `{name}` has unsupported dtype {t.dtype}",
                                          file=display_path(target))
         entries.append((name, code, tuple(t.shape)))
     header, _ = build_header(entries)
@@ -189,7 +189,8 @@ def convert_checkpoint(src: Path, dst: Path, *, progress: Callable[[str], None] 
         UnsupportedCheckpointError: a weight or index file links out of ``src`` or is special.
         OutputPathError: ``dst`` overlaps ``src``, or exists and is not an empty directory
             (nor an interrupted conversion).
-        CorruptCheckpointError: a file is not a weights-only state dict.
+        TensorDataError: a file is not a weights-only state dict (exit 1: found by reading
+            its tensor data).
     """
     if not src.is_dir():
         raise SourceNotFoundError("is not a directory", file=display_path(src),

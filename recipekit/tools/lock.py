@@ -8,7 +8,9 @@ either reads the same bytes or says exactly which input changed:
   cache holds to its size and the blob hash huggingface_hub's cache names it by (the sha256 for
   LFS files, the git sha1 for small files) — read from the cache's link, never recomputed;
 * a local input's files (config.json, the index, every weight file; adapter_config.json for
-  adapters) to their size and sha256, plus the mtime the hash was taken at;
+  adapters; for a model, every file an output copies from it as the config donor: tokenizer,
+  chat template, generation config...) to their size and sha256, plus the mtime the hash was
+  taken at;
 * a side file a step names (a coalescing scheme file, an X-LoRA scalings log and the arrays
   its mapping names), keyed ``steps.<step>.<key>``, like a local input's files.
 
@@ -27,6 +29,7 @@ from recipekit import __version__
 from recipekit.errors import LockError, display_path
 from recipekit.inputs.files import read_bounded, sha256_file
 from recipekit.inputs.hub import blob_id
+from recipekit.inputs.models import Checkpoint, iter_donor_files
 from recipekit.inputs.resolve import Sources
 from recipekit.inputs.side_files import SideFile, resolve_side_files
 from recipekit.io.names import INDEX
@@ -53,14 +56,29 @@ def _source_spec(ref: ModelRef | SideFile) -> dict[str, Any]:
 
 
 def _files(source: Any) -> list[Path]:
-    """The files `run` reads from an input: its config, a sharded index, its weights (for a
-    side file: every file read for it)."""
+    """The files `run` reads from an input: its config, a sharded index, its weights and, for a
+    model, the files an output copies when it is the config donor (tokenizer, chat template,
+    generation config: `iter_donor_files`); for a side file, every file read for it."""
     if isinstance(source, SideFile):
         return list(source.files)
     config = source.config_path
     index = source.path / INDEX
     extra = [index] if index.exists() and index not in source.weight_files else []
-    return [config, *extra, *source.weight_files]
+    donor = ([source.path / rel for rel in iter_donor_files(source.path, warn=False)]
+             if isinstance(source, Checkpoint) else [])
+    return [config, *extra, *source.weight_files, *donor]
+
+
+def _key(source: Any, p: Path) -> str:
+    """A file's name in the lock: its path inside the input (``1_Pooling/config.json``), which
+    is its plain name for the files at the top."""
+    base = None if isinstance(source, SideFile) else source.path
+    if base is not None and p.parent != base:
+        try:
+            return p.relative_to(base).as_posix()
+        except ValueError:
+            pass
+    return p.name
 
 
 def _hub_file(path: Path) -> dict[str, Any] | None:
@@ -81,11 +99,11 @@ def _entry(ref: ModelRef | SideFile, source: Any) -> dict[str, Any]:
         for p in _files(source):
             info = _hub_file(p)
             if info is not None:
-                files[p.name] = info
+                files[_key(source, p)] = info
     else:
         for p in _files(source):
             st = p.stat()
-            files[p.name] = {"size": st.st_size, "sha256": sha256_file(p),
+            files[_key(source, p)] = {"size": st.st_size, "sha256": sha256_file(p),
                              "mtime_ns": st.st_mtime_ns}
     entry["files"] = files
     return entry
@@ -126,6 +144,9 @@ def read_lock(path: Path, recipe_file: Path) -> dict[str, Any]:
         doc = json.loads(raw.decode())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LockError(f"cannot read the lock: {e}", file=shown,
+                        hint=_refresh_hint(recipe_file)) from None
+    except RecursionError:  # 100,000 nested brackets: no lock nests deeper than three levels
+        raise LockError("cannot read the lock: it is nested too deeply to be a lock", file=shown,
                         hint=_refresh_hint(recipe_file)) from None
     if not (isinstance(doc, dict) and doc.get("recipekit_lock") == LOCK_VERSION
             and isinstance(doc.get("inputs"), dict)):
@@ -189,12 +210,12 @@ def _check_files(key: str, entry: dict[str, Any], source: Any, full_hash: bool) 
                     f"{source.hub.commit[:12]}, the lock pins {str(entry.get('commit'))[:12]} "
                     f"(pin it with `revision: {entry.get('commit')}` to keep the locked one)"]
         for p in _files(source):
-            now, want = _hub_file(p), files.get(p.name)
+            now, want = _hub_file(p), files.get(_key(source, p))
             if now is not None and want is not None and now != want:
-                problems.append(f"{key}: {p.name} in the hub cache is blob "
+                problems.append(f"{key}: {_key(source, p)} in the hub cache is blob "
                                 f"{_digest(now)[:12]}, the lock has {_digest(want)[:12]}")
         return problems
-    current = {p.name: p for p in _files(source)}
+    current = {_key(source, p): p for p in _files(source)}
     for name in sorted(set(files) - set(current)):
         problems.append(f"{key}: {name} is locked but the input no longer has it")
     for name, p in current.items():

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 
 from recipekit.errors import OutputError, OutputPathError, display_path
+from recipekit.inputs.files import not_regular
 from recipekit.io.writer import write_file_atomic
 
 
@@ -35,6 +37,11 @@ def check_recipe_target(config: Path, output: Path, *, force: bool) -> None:
     if output.is_dir() and not output.is_symlink():
         raise OutputPathError("is a directory", file=display_path(output),
                               hint="name the recipe file to write (-o FILE)")
+    mode = os.lstat(output).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):  # --force renamed over /dev/full
+        raise OutputPathError(f"{not_regular(mode)} and is not replaced, even with --force",
+                              file=display_path(output),
+                              hint="write the recipe to a file path (-o FILE)")
     if not force:
         raise OutputPathError("exists", file=display_path(output),
                               hint="rerun with --force to replace it (a symlink is replaced, "

@@ -24,6 +24,7 @@ from recipekit.errors import (
     CorruptCheckpointError,
     RecipekitError,
     SourceNotFoundError,
+    TensorDataError,
     UsageError,
     VerifyError,
     display_path,
@@ -67,7 +68,10 @@ class VerifyReport:
 
     @property
     def exit_code(self) -> int:
-        return max((p.exit_code for p in self.problems), default=0)
+        """1 when the output fails a check (a damaged header of an output is a failed check,
+        not a usage mistake); 2 only for refused layouts (a link out of the output)."""
+        return max((1 if isinstance(p, CorruptCheckpointError) else p.exit_code
+                    for p in self.problems), default=0)
 
 
 def verify_output(out: Path) -> VerifyReport:
@@ -76,7 +80,8 @@ def verify_output(out: Path) -> VerifyReport:
     Raises:
         SourceNotFoundError: ``out`` is not a directory.
         UsageError: the directory is not a recipekit output (no manifest, no state file).
-        CorruptCheckpointError: the manifest itself is unreadable (nothing else can be checked).
+        VerifyError: the manifest itself is unreadable (nothing else can be checked), or the
+            run that writes the output did not finish.
     """
     if not out.is_dir():
         raise SourceNotFoundError(f"{display_path(out)} is not a directory",
@@ -84,7 +89,7 @@ def verify_output(out: Path) -> VerifyReport:
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():
         if (out / STATE).is_file():
-            raise CorruptCheckpointError(
+            raise VerifyError(
                 f"no {MANIFEST}: the run that writes this output did not finish",
                 file=display_path(out), hint="rerun `recipekit run` with the same recipe; it "
                 "resumes from the finished shards")
@@ -93,9 +98,12 @@ def verify_output(out: Path) -> VerifyReport:
     root = out.resolve()
     check_confined(manifest_path, root)
     shown = display_path(manifest_path)
-    manifest = parse_json(read_small(manifest_path, 1 << 28, MANIFEST), shown, MANIFEST,
-                          hint=f"the manifest is damaged; {REPAIR}")
-    shards = _manifest_shards(manifest, shown)
+    try:
+        manifest = parse_json(read_small(manifest_path, 1 << 28, MANIFEST), shown, MANIFEST,
+                              hint=f"the manifest is damaged; {REPAIR}")
+        shards = _manifest_shards(manifest, shown)
+    except CorruptCheckpointError as e:  # a damaged output fails verification: exit 1
+        raise VerifyError(e.message, file=e.file, hint=e.hint, location=e.location) from None
     report = VerifyReport(out, adapter=(out / ADAPTER_CONFIG).is_file())
     tensors: dict[str, dict[str, str]] = {}
     for name, entry in shards.items():
@@ -111,6 +119,7 @@ def verify_output(out: Path) -> VerifyReport:
     if len(tensors) == len(shards):
         _check_layout(out, root, shards, tensors, report)
     _check_config(out, root, report)
+    _check_files(out, root, manifest, shown, report)
     _check_recipe(manifest, shown, report)
     return report
 
@@ -178,8 +187,8 @@ def _sha256(path: Path) -> str:
     try:
         return sha256_file(path)
     except OSError as e:
-        raise CorruptCheckpointError(f"cannot read: {e.strerror or e}",
-                                     file=display_path(path)) from e
+        raise TensorDataError(f"cannot read: {e.strerror or e}",
+                              file=display_path(path)) from e
 
 
 def _check_metadata(path: Path) -> None:
@@ -282,6 +291,56 @@ def _check_config(out: Path, root: Path, report: VerifyReport) -> None:
         report.problems.append(e)
         return
     report.passed.append(f"{name}: reads")
+
+
+def _check_files(out: Path, root: Path, manifest: dict[str, Any], shown: str,
+                 report: VerifyReport) -> None:
+    """Every other file the output holds (config, index, donor copies, model card) has the size
+    and sha256 the manifest's ``files`` records: a changed `rope_theta` or a swapped tokenizer
+    is found, not only damaged shards. Older manifests record no ``files`` (a note says so)."""
+    files = manifest.get("files")
+    if files is None:
+        report.notes.append(f"{MANIFEST} records no hashes of the output's other files "
+                            "(written by an older recipekit): only the shards were checked")
+        return
+    hint = f"the manifest is damaged or was edited; {REPAIR}"
+    if not isinstance(files, dict):
+        report.problems.append(VerifyError(f"{MANIFEST} `files` is {kind_of(files)}, not an "
+                                           "object", file=shown, hint=hint))
+        return
+    ok = 0
+    for rel, entry in sorted(files.items()):
+        parts = Path(rel).parts
+        if (not parts or Path(rel).is_absolute() or ".." in parts or "\0" in rel
+                or not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                        and isinstance(entry.get("size"), int))):
+            report.problems.append(VerifyError(f"{MANIFEST} lists the file {quote_name(rel)} "
+                                               f"as {kind_of(entry)}", file=shown, hint=hint))
+            continue
+        ok += _check_file(out / rel, root, entry, report)
+    if ok == len(files):
+        report.passed.append(f"{len(files)} other files: sizes and sha256 match")
+
+
+def _check_file(path: Path, root: Path, entry: dict[str, Any], report: VerifyReport) -> bool:
+    shown = display_path(path)
+    if not os.path.lexists(path):
+        report.problems.append(VerifyError(f"is listed in {MANIFEST} but missing", file=shown,
+                                           hint=REPAIR))
+        return False
+    try:
+        check_confined(path, root)
+        size, digest = path.stat().st_size, _sha256(path)
+    except RecipekitError as e:
+        report.problems.append(e)
+        return False
+    if size != entry["size"] or digest != entry["sha256"]:
+        report.problems.append(VerifyError(
+            f"size {size}, sha256 {digest[:12]}: the manifest records {entry['size']} bytes, "
+            f"sha256 {entry['sha256'][:12]}", file=shown,
+            hint=f"the file changed after it was written; {REPAIR}"))
+        return False
+    return True
 
 
 def _check_recipe(manifest: dict[str, Any], shown: str, report: VerifyReport) -> None:

@@ -59,153 +59,158 @@ A = e("F32", [2], [0, 8])
 HUGE = st_bytes({"a": e("U8", [U64 - 2], [1, U64 - 1])}, D8)
 
 # (id, file bytes, expected message after "<file>: ", exit code, reference refuses too)
+#: Both kinds exit 2 (issue 17 item 10): a header is read before any tensor data, so whatever is
+#: wrong with it is something `validate` finds. The kind says which error class reports it.
+DAMAGED, UNSUPPORTED = CorruptCheckpointError, UnsupportedCheckpointError
 REFUSED = [
     ("header-beyond-file", st_bytes({"a": A}, D8, n=4096),
      "header length 4096 runs beyond the end of the file (80 bytes); the file is truncated or "
-     "not safetensors; download or convert it again", 1, True),
+     "not safetensors; download or convert it again", DAMAGED, True),
     ("header-absurd", st_bytes({"a": A}, D8, n=1 << 62),
-     f"header length {1 << 62} exceeds the safetensors limit of 100000000 bytes; {NOT_ST}", 1,
+     f"header length {1 << 62} exceeds the safetensors limit of 100000000 bytes; {NOT_ST}", DAMAGED,
      True),
     ("short-file", b"\x05\x00\x00",
      "file is 3 bytes, shorter than a safetensors header; the file is truncated or not "
-     "safetensors; download or convert it again", 1, True),
+     "safetensors; download or convert it again", DAMAGED, True),
     ("non-utf8", st_bytes(raw=b'{"a\xff":' + json.dumps(A).encode() + b"}", data=D8),
-     f"header is not valid UTF-8 (byte 3); {NOT_ST}", 1, True),
+     f"header is not valid UTF-8 (byte 3); {NOT_ST}", DAMAGED, True),
     ("utf16", st_bytes(raw=json.dumps({"a": A}).encode("utf-16"), data=D8),
-     f"header is not valid UTF-8 (byte 0); {NOT_ST}", 1, True),
+     f"header is not valid UTF-8 (byte 0); {NOT_ST}", DAMAGED, True),
     ("non-json", st_bytes(raw=b'{"a": nope}', data=D8),
-     f"header is not valid JSON (Expecting value: line 1 column 7 (char 6)); {NOT_ST}", 1, True),
+     f"header is not valid JSON (Expecting value: line 1 column 7 (char 6)); {NOT_ST}",
+     DAMAGED, True),
     ("nan", st_bytes(raw=raw_entries(("a", A))[:-1] + b',"x":NaN}', data=D8),
-     f"header is not valid JSON (NaN is not a JSON value); {NOT_ST}", 1, True),
+     f"header is not valid JSON (NaN is not a JSON value); {NOT_ST}", DAMAGED, True),
     ("deep-nesting", st_bytes(raw=b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
-     f"header is nested too deeply to be JSON from a model checkpoint; {NOT_ST}", 1, True),
+     f"header is nested too deeply to be JSON from a model checkpoint; {NOT_ST}", DAMAGED, True),
     ("number-with-5000-digits", st_bytes(raw=b'{"a":{"dtype":"F32","shape":[' + b"1" * 5000
                                          + b'],"data_offsets":[0,8]}}', data=D8),
-     f"header is not valid JSON (a number has thousands of digits); {NOT_ST}", 1, True),
+     f"header is not valid JSON (a number has thousands of digits); {NOT_ST}", DAMAGED, True),
     ("lone-surrogate-name", st_bytes(raw=b'{"a\\ud800":' + json.dumps(A).encode() + b"}",
                                      data=D8),
      f"header holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not valid "
-     f"Unicode; {NOT_ST}", 1, True),
-    ("not-an-object", st_bytes([1, 2], D8), f"header is a list, not a JSON object; {NOT_ST}", 1,
+     f"Unicode; {NOT_ST}", DAMAGED, True),
+    ("not-an-object", st_bytes([1, 2], D8), f"header is a list, not a JSON object; {NOT_ST}",
+     DAMAGED,
      True),
     ("entry-not-object", st_bytes({"a": [1]}, D8),
-     f"the header entry of tensor `a` is a list, not an object; {NOT_ST}", 1, True),
+     f"the header entry of tensor `a` is a list, not an object; {NOT_ST}", DAMAGED, True),
     ("entry-missing-field", st_bytes({"a": {"dtype": "F32", "shape": [2]}}, D8),
-     f"the header entry of tensor `a` has no `data_offsets`; {NOT_ST}", 1, True),
+     f"the header entry of tensor `a` has no `data_offsets`; {NOT_ST}", DAMAGED, True),
     ("dtype-not-string", st_bytes({"a": e(5, [2], [0, 8])}, D8),
-     f"tensor `a` has the dtype the number 5, not a dtype name; {NOT_ST}", 1, True),
+     f"tensor `a` has the dtype the number 5, not a dtype name; {NOT_ST}", DAMAGED, True),
     ("negative-dim", st_bytes({"a": e("F32", [-2], [0, 8])}, D8),
      "tensor `a` has an invalid shape: the number -2 is not a dimension (dimensions are "
-     f"integers from 0 to 2**64-1); {NOT_ST}", 1, True),
+     f"integers from 0 to 2**64-1); {NOT_ST}", DAMAGED, True),
     ("float-dim", st_bytes({"a": e("F32", [2.0], [0, 8])}, D8),
      "tensor `a` has an invalid shape: the number 2.0 is not a dimension (dimensions are "
-     f"integers from 0 to 2**64-1); {NOT_ST}", 1, True),
+     f"integers from 0 to 2**64-1); {NOT_ST}", DAMAGED, True),
     ("string-dim", st_bytes({"a": e("F32", ["2"], [0, 8])}, D8),
      "tensor `a` has an invalid shape: '2' is not a dimension (dimensions are integers from 0 "
-     f"to 2**64-1); {NOT_ST}", 1, True),
+     f"to 2**64-1); {NOT_ST}", DAMAGED, True),
     ("bool-dim", st_bytes({"a": e("F32", [True, 2], [0, 8])}, D8),
      "tensor `a` has an invalid shape: true is not a dimension (dimensions are integers from 0 "
-     f"to 2**64-1); {NOT_ST}", 1, True),
+     f"to 2**64-1); {NOT_ST}", DAMAGED, True),
     ("shape-not-list", st_bytes({"a": e("F32", 2, [0, 8])}, D8),
      "tensor `a` has an invalid shape: the number 2 is not a dimension (dimensions are "
-     f"integers from 0 to 2**64-1); {NOT_ST}", 1, True),
+     f"integers from 0 to 2**64-1); {NOT_ST}", DAMAGED, True),
     ("dim-2**64", st_bytes({"a": e("F32", [U64], [0, 8])}, D8),
      f"tensor `a` has an invalid shape: the number {U64} is not a dimension (dimensions are "
-     f"integers from 0 to 2**64-1); {NOT_ST}", 1, True),
+     f"integers from 0 to 2**64-1); {NOT_ST}", DAMAGED, True),
     ("numel-overflows", st_bytes({"a": e("F32", [1 << 32, 1 << 32], [0, 8])}, D8),
      f"tensor `a` has shape [4294967296, 4294967296], whose size in bytes overflows 64 bits; "
-     f"{NOT_ST}", 1, True),
+     f"{NOT_ST}", DAMAGED, True),
     ("bytes-overflow", st_bytes({"a": e("F32", [1 << 62], [0, 8])}, D8),
-     f"tensor `a` has shape [{1 << 62}], whose size in bytes overflows 64 bits; {NOT_ST}", 1,
+     f"tensor `a` has shape [{1 << 62}], whose size in bytes overflows 64 bits; {NOT_ST}", DAMAGED,
      True),
     ("thousand-huge-dims", st_bytes({"a": e("F32", [1 << 40] * 1000, [0, 8])}, D8),
      "tensor `a` has shape [" + ", ".join([str(1 << 40)] * 8) + ", ...], whose size in bytes "
-     f"overflows 64 bits; {NOT_ST}", 1, True),
+     f"overflows 64 bits; {NOT_ST}", DAMAGED, True),
     ("offsets-three", st_bytes({"a": e("F32", [2], [0, 8, 9])}, D8),
      "tensor `a` has invalid `data_offsets` ([0, 8, 9]); they are two integers [begin, end] "
-     f"from 0 to 2**64-1; {NOT_ST}", 1, True),
+     f"from 0 to 2**64-1; {NOT_ST}", DAMAGED, True),
     ("offsets-2**64", st_bytes({"a": e("U8", [U64 - 1], [1, U64])}, D8),
      f"tensor `a` has invalid `data_offsets` ([1, the number {U64}]); they are two integers "
-     f"[begin, end] from 0 to 2**64-1; {NOT_ST}", 1, True),
+     f"[begin, end] from 0 to 2**64-1; {NOT_ST}", DAMAGED, True),
     ("offsets-negative", st_bytes({"a": e("F32", [2], [-8, 0])}, D8),
      "tensor `a` has invalid `data_offsets` ([the number -8, 0]); they are two integers "
-     f"[begin, end] from 0 to 2**64-1; {NOT_ST}", 1, True),
+     f"[begin, end] from 0 to 2**64-1; {NOT_ST}", DAMAGED, True),
     ("offsets-reversed", st_bytes({"a": e("F32", [0], [8, 0])}, D8),
-     f"tensor `a` has `data_offsets` [8, 0] that end before they begin; {NOT_ST}", 1, True),
+     f"tensor `a` has `data_offsets` [8, 0] that end before they begin; {NOT_ST}", DAMAGED, True),
     ("offsets-not-shape", st_bytes({"a": e("F32", [3], [0, 8])}, D8),
-     "tensor `a` occupies 8 bytes but F32[3] needs 12; the file is damaged", 1, True),
+     "tensor `a` occupies 8 bytes but F32[3] needs 12; the file is damaged", DAMAGED, True),
     ("offsets-past-end", st_bytes({"a": e("F32", [2], [8, 16])}, D8),
      "file is truncated: tensor `a` ends at byte 88 but the file has 80 bytes; download or "
-     "convert the checkpoint again", 1, True),
+     "convert the checkpoint again", DAMAGED, True),
     ("offsets-huge", HUGE, f"file is truncated: tensor `a` ends at byte {len(HUGE) - 9 + U64} "
      f"but the file has {len(HUGE)} bytes; "
-     "download or convert the checkpoint again", 1, True),
+     "download or convert the checkpoint again", DAMAGED, True),
     ("overlap", st_bytes({"a": A, "b": e("F32", [2], [4, 12])}, bytes(12)),
      f"tensor `b` (data bytes 4-12) overlaps tensor `a`, which ends at data byte 8; {CRAFTED}",
-     1, True),
+     DAMAGED, True),
     ("alias", st_bytes({"a": A, "b": A}, D8),
      f"tensor `b` (data bytes 0-8) overlaps tensor `a`, which ends at data byte 8; {CRAFTED}",
-     1, True),
+     DAMAGED, True),
     ("empty-inside-another", st_bytes({"a": e("F32", [4], [0, 16]), "z": e("F32", [0], [8, 8])},
                                       bytes(16)),
      f"tensor `z` (data bytes 8-8) overlaps tensor `a`, which ends at data byte 16; {CRAFTED}",
-     1, True),
+     DAMAGED, True),
     ("gap", st_bytes({"a": A, "b": e("F32", [2], [16, 24])}, bytes(24)),
      "8 bytes after tensor `a` belong to no tensor (tensor `b` starts at data byte 16, "
-     f"expected 8); {CRAFTED}", 1, True),
+     f"expected 8); {CRAFTED}", DAMAGED, True),
     ("gap-at-start", st_bytes({"a": e("F32", [2], [8, 16])}, bytes(16)),
      "8 bytes at the start of the data section belong to no tensor (tensor `a` starts at data "
-     f"byte 8, expected 0); {CRAFTED}", 1, True),
+     f"byte 8, expected 0); {CRAFTED}", DAMAGED, True),
     ("trailing-bytes", st_bytes({"a": A}, bytes(16)),
      "the last 8 bytes of the file (from byte 80) belong to no tensor; the file is damaged or "
-     "has data appended; the safetensors library refuses it too", 1, True),
+     "has data appended; the safetensors library refuses it too", DAMAGED, True),
     ("unknown-dtype", st_bytes({"a": e("Q32", [2], [0, 8])}, D8),
      "tensor `a` has unknown dtype 'Q32'; supported: BOOL, U8, I8, I16, U16, I32, U32, I64, U64, "
-     "F16, BF16, F32, F64", 2, True),
+     "F16, BF16, F32, F64", UNSUPPORTED, True),
     ("complex-dtype", st_bytes({"a": e("C64", [1], [0, 8])}, D8),
      "tensor `a` has unknown dtype 'C64'; supported: BOOL, U8, I8, I16, U16, I32, U32, I64, U64, "
-     "F16, BF16, F32, F64", 2, False),
+     "F16, BF16, F32, F64", UNSUPPORTED, False),
     ("fp4", st_bytes({"a": e("F4", [2], [0, 1])}, bytes(8)),
      "tensor `a` is F4: fp4/fp6 checkpoints are not supported in version 1; use the unquantized "
-     "(bf16/fp16/fp32) checkpoint", 2, False),
+     "(bf16/fp16/fp32) checkpoint", UNSUPPORTED, False),
     ("duplicate-tensor", st_bytes(raw=raw_entries(("a", A), ("a", e("F32", [2], [8, 16]))),
                                   data=bytes(16)),
      "header lists tensor `a` twice; JSON readers would silently keep only the last; "
-     f"{NOT_ST}", 1, True),
+     f"{NOT_ST}", DAMAGED, True),
     ("duplicate-identical-tensor", st_bytes(raw=raw_entries(("a", A), ("a", A)), data=D8),
      "header lists tensor `a` twice; JSON readers would silently keep only the last; "
-     f"{NOT_ST}", 1, False),
+     f"{NOT_ST}", DAMAGED, False),
     ("duplicate-field", st_bytes(raw=b'{"a":{"dtype":"F16","dtype":"F32","shape":[2],'
                                      b'"data_offsets":[0,8]}}', data=D8),
      "header has the key `dtype` twice in the entry for `a`; JSON readers would silently keep "
-     f"only the last; {NOT_ST}", 1, True),
+     f"only the last; {NOT_ST}", DAMAGED, True),
     ("duplicate-metadata", st_bytes(raw=raw_entries(("__metadata__", {"x": "1"}),
                                                     ("__metadata__", {}), ("a", A)), data=D8),
      "header lists `__metadata__` twice; JSON readers would silently keep only the last; "
-     f"{NOT_ST}", 1, True),
+     f"{NOT_ST}", DAMAGED, True),
     ("metadata-not-map", st_bytes({"__metadata__": ["pt"], "a": A}, D8),
-     f"header `__metadata__` is a list, not an object of strings; {NOT_ST}", 1, True),
+     f"header `__metadata__` is a list, not an object of strings; {NOT_ST}", DAMAGED, True),
     ("metadata-value-not-string", st_bytes({"__metadata__": {"format": 1}, "a": A}, D8),
-     f"header `__metadata__` maps `format` to the number 1, not a string; {NOT_ST}", 1, True),
+     f"header `__metadata__` maps `format` to the number 1, not a string; {NOT_ST}", DAMAGED, True),
     ("control-chars-in-name-are-escaped", st_bytes({"x\n\x00y": e("F32", [3], [0, 8])}, D8),
-     "tensor `x\\n\\x00y` occupies 8 bytes but F32[3] needs 12; the file is damaged", 1, True),
+     "tensor `x\\n\\x00y` occupies 8 bytes but F32[3] needs 12; the file is damaged",
+     DAMAGED, True),
     ("long-name-is-cut", st_bytes({"n" * 1000: e("F32", [3], [0, 8])}, D8),
-     f"tensor `{'n' * 160}...` occupies 8 bytes but F32[3] needs 12; the file is damaged", 1,
+     f"tensor `{'n' * 160}...` occupies 8 bytes but F32[3] needs 12; the file is damaged", DAMAGED,
      True),
 ]
 
 
-@pytest.mark.parametrize("blob,message,code,ref_refuses",
+@pytest.mark.parametrize("blob,message,kind,ref_refuses",
                          [pytest.param(*c[1:], id=c[0]) for c in REFUSED])
-def test_refused_headers(tmp_path, blob, message, code, ref_refuses):
+def test_refused_headers(tmp_path, blob, message, kind, ref_refuses):
     path = tmp_path / "x.safetensors"
     path.write_bytes(blob)
     with pytest.raises(RecipekitError) as info:
         read_header(path)
     assert str(info.value) == f"{display_path(path)}: {message}"
-    assert info.value.exit_code == code
-    assert isinstance(info.value, CorruptCheckpointError if code == 1 else
-                      UnsupportedCheckpointError)
+    assert info.value.exit_code == 2
+    assert type(info.value) is kind
     if ref_refuses:
         with pytest.raises(SafetensorError), safe_open(path, "pt") as f:
             for k in f.keys():  # noqa: SIM118 - safe_open has no __iter__
@@ -307,13 +312,14 @@ def weights(model_copy: Path) -> Path:
 
 
 class TestDamagedCheckpoint:
-    """Exit code 1 (a corrupt data file), the file and the tensor named, nothing written."""
+    """Exit code 2 (a damaged header is found before any tensor data is read: issue 17 item
+    10), the file and the tensor named, nothing written."""
 
     def test_duplicate_tensor_name(self, cli, recipe, weights):
         items, data = split_file(weights)
         name, entry = tensors_by_offset(items)[-1]
         weights.write_bytes(st_bytes(raw=raw_entries(*items, (name, entry)), data=data))
-        assert first_line(run_fails(cli, recipe, 1)) == (
+        assert first_line(run_fails(cli, recipe, 2)) == (
             f"{display_path(weights)}: header lists tensor `{name}` twice; JSON readers would "
             f"silently keep only the last; {NOT_ST}")
         assert not (recipe.parent / "out").exists()
@@ -326,7 +332,7 @@ class TestDamagedCheckpoint:
         eb["data_offsets"] = [0, size]  # b now aliases the first bytes of a
         weights.write_bytes(st_bytes(raw=raw_entries(*items), data=data))
         first, second = sorted([(0, ea["data_offsets"][1], a), (0, size, b)])[:2]
-        assert first_line(run_fails(cli, recipe, 1)) == (
+        assert first_line(run_fails(cli, recipe, 2)) == (
             f"{display_path(weights)}: tensor `{second[2]}` (data bytes 0-{second[1]}) overlaps "
             f"tensor `{first[2]}`, which ends at data byte {first[1]}; {CRAFTED}")
 
@@ -334,7 +340,7 @@ class TestDamagedCheckpoint:
         size = weights.stat().st_size
         with open(weights, "ab") as f:
             f.write(b"\x00" * 24)
-        assert first_line(run_fails(cli, recipe, 1)) == (
+        assert first_line(run_fails(cli, recipe, 2)) == (
             f"{display_path(weights)}: the last 24 bytes of the file (from byte {size}) belong to "
             "no tensor; the file is damaged or has data appended; the safetensors library "
             "refuses it too")
@@ -344,14 +350,14 @@ class TestDamagedCheckpoint:
         at = raw.index(b"lm_head")
         raw[at] = 0xFF
         weights.write_bytes(bytes(raw))
-        assert first_line(run_fails(cli, recipe, 1, "validate")) == (
+        assert first_line(run_fails(cli, recipe, 2, "validate")) == (
             f"{display_path(weights)}: header is not valid UTF-8 (byte {at - 8}); {NOT_ST}")
 
     def test_absurd_header_length(self, cli, recipe, weights):
         raw = bytearray(weights.read_bytes())
         raw[:8] = struct.pack("<Q", U64 - 1)
         weights.write_bytes(bytes(raw))
-        assert first_line(run_fails(cli, recipe, 1, "plan")) == (
+        assert first_line(run_fails(cli, recipe, 2, "plan")) == (
             f"{display_path(weights)}: header length {U64 - 1} exceeds the safetensors limit of "
             f"100000000 bytes; {NOT_ST}")
 
@@ -359,7 +365,7 @@ class TestDamagedCheckpoint:
         items, data = split_file(weights)
         items = [(k, {"format": ["pt"]} if k == "__metadata__" else v) for k, v in items]
         weights.write_bytes(st_bytes(raw=raw_entries(*items), data=data))
-        assert first_line(run_fails(cli, recipe, 1)) == (
+        assert first_line(run_fails(cli, recipe, 2)) == (
             f"{display_path(weights)}: header `__metadata__` maps `format` to a list, not a "
             f"string; {NOT_ST}")
 
@@ -368,7 +374,7 @@ class TestDamagedCheckpoint:
         name, entry = tensors_by_offset(items)[0]
         entry["shape"] = [entry["shape"][0] + 1, *entry["shape"][1:]]
         weights.write_bytes(st_bytes(raw=raw_entries(*items), data=data))
-        err = first_line(run_fails(cli, recipe, 1))
+        err = first_line(run_fails(cli, recipe, 2))
         assert err.startswith(f"{display_path(weights)}: tensor `{name}` occupies ")
         assert err.endswith("; the file is damaged")
 
@@ -466,7 +472,7 @@ class TestIndex:
     def test_shard_names_that_leave_the_directory(self, cli, recipe, sharded, target):
         name = with_weight_map(sharded, lambda m, n: m.__setitem__(n, target))
         shown = "`" + target.replace("\x00", "\\x00") + "`"
-        assert first_line(run_fails(cli, recipe, 1)) == (
+        assert first_line(run_fails(cli, recipe, 2)) == (
             f"{display_path(sharded / INDEX)}: `weight_map` maps tensor `{name}` to {shown}, "
             "which is not a file beside the index; shard names cannot contain '/' or NUL or be "
             "'.' or '..'; the index is damaged or crafted")
@@ -483,7 +489,7 @@ class TestIndex:
     ])
     def test_malformed(self, cli, recipe, sharded, doc, message):
         (sharded / INDEX).write_text(json.dumps(doc))
-        assert first_line(run_fails(cli, recipe, 1)) == (
+        assert first_line(run_fails(cli, recipe, 2)) == (
             f"{display_path(sharded / INDEX)}: {message}; {DAMAGED}")
 
     def test_duplicate_tensor_in_weight_map(self, cli, recipe, sharded):
@@ -491,20 +497,20 @@ class TestIndex:
         (sharded / INDEX).write_text(text.replace('"lm_head.weight": ',
                                                   '"lm_head.weight": "other.safetensors", '
                                                   '"lm_head.weight": ', 1))
-        assert first_line(run_fails(cli, recipe, 1)) == (
+        assert first_line(run_fails(cli, recipe, 2)) == (
             f"{display_path(sharded / INDEX)}: {INDEX} has the key `lm_head.weight` twice in "
             "the entry for `weight_map`; JSON readers would silently keep only the last; "
             f"{DAMAGED}")
 
     def test_not_utf8(self, cli, recipe, sharded):
         (sharded / INDEX).write_bytes(b'{"weight_map": {"\xc3(": "x"}}')
-        assert first_line(run_fails(cli, recipe, 1)) == (
+        assert first_line(run_fails(cli, recipe, 2)) == (
             f"{display_path(sharded / INDEX)}: {INDEX} is not valid UTF-8 (byte 17); {DAMAGED}")
 
     def test_huge_index(self, cli, recipe, sharded):
         with open(sharded / INDEX, "r+b") as f:
             f.truncate(100_000_001)  # sparse: refused from its size alone
-        assert first_line(run_fails(cli, recipe, 1)) == (
+        assert first_line(run_fails(cli, recipe, 2)) == (
             f"{display_path(sharded / INDEX)}: {INDEX} is 95.37 MiB, larger than the 95.37 MiB "
             f"any real {INDEX} stays under; the file is damaged or not a {INDEX}; download the "
             "checkpoint again")
@@ -553,13 +559,13 @@ class TestConfig:
     ])
     def test_not_a_config(self, cli, recipe, model_copy, raw, message):
         (model_copy / "config.json").write_bytes(raw)
-        assert first_line(run_fails(cli, recipe, 1)) == (
+        assert first_line(run_fails(cli, recipe, 2)) == (
             f"{display_path(model_copy / 'config.json')}: {message}; {DAMAGED}")
 
     def test_huge_config(self, cli, recipe, model_copy):
         with open(model_copy / "config.json", "r+b") as f:
             f.truncate(2 << 30)  # sparse 2 GiB: refused from its size, never read
-        assert first_line(run_fails(cli, recipe, 1)) == (
+        assert first_line(run_fails(cli, recipe, 2)) == (
             f"{display_path(model_copy / 'config.json')}: config.json is 2.00 GiB, larger than "
             "the 16.00 MiB any real config.json stays under; the file is damaged or not a "
             "config.json; download the checkpoint again")
@@ -1107,3 +1113,164 @@ class TestConvert:
         assert result.exit_code == 2, result.output
         assert "holds a conversion of other files" in result.stderr
         assert "--force" not in result.stderr
+
+
+def cli_subprocess(*args: object, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process with a timeout: the attacks below used to hang or exhaust
+    memory, which an in-process test could not survive."""
+    from tests.helpers.recipes import ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "recipekit.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class TestResourceExhaustion:
+    """Issue 17 item 6: every file a recipe or input names is a regular file read with a cap
+    (recipe 16 MiB, README "Reliability"); a device, FIFO or oversized file is a located exit 2
+    at once instead of a hang, an OOM kill or a minute of parsing."""
+
+    def test_recipe_that_is_a_device(self):
+        done = cli_subprocess("validate", "/dev/zero")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("/dev/zero: cannot read the recipe: the file is a "
+                                      "character device, not a regular file")
+
+    def test_recipe_that_is_a_fifo(self, tmp_path):
+        os.mkfifo(tmp_path / "r.yaml")
+        done = cli_subprocess("validate", tmp_path / "r.yaml")
+        assert done.returncode == 2, done.stderr
+        assert "r.yaml: cannot read the recipe: the file is a named pipe" in done.stderr
+
+    def test_recipe_larger_than_the_cap(self, tmp_path):
+        from recipekit.recipe.document import MAX_RECIPE_BYTES
+
+        big = tmp_path / "r.yaml"
+        with open(big, "wb") as f:  # sparse: no disk, but reported 150 MB
+            f.truncate(150_000_000)
+        assert MAX_RECIPE_BYTES == 16 * 1024 * 1024
+        done = cli_subprocess("validate", big, timeout=20)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"{big}: the recipe is 143.05 MiB, larger than the "
+                                      "16.00 MiB a recipe may be")
+
+    def test_scheme_file_that_is_a_fifo(self, tmp_path, model_copy):
+        os.mkfifo(tmp_path / "s.json")
+        recipe = write_recipe(tmp_path, """
+            recipekit: 1
+            models: {big: ./model}
+            steps:
+              - {name: small, op: coalesce, from: big, depth: {file: s.json}}
+            output: {path: ./out}
+            """)
+        done = cli_subprocess("validate", recipe)
+        assert done.returncode == 2, done.stderr
+        assert "named pipe" in done.stderr and "internal error" not in done.stderr
+
+    def test_scalings_log_that_is_a_fifo(self, tmp_path):
+        from recipekit.errors import ScalingsLogError
+        from recipekit.inputs.scalings import read_scalings_log
+
+        os.mkfifo(tmp_path / "log.npy")
+        with pytest.raises(ScalingsLogError, match="log.npy is a named pipe"):
+            read_scalings_log(tmp_path / "log.npy")
+
+
+def chain_recipe(directory: Path, steps: int) -> Path:
+    """``steps`` interpolate steps, each from the one before: a ``steps``-deep expression."""
+    lines = ["recipekit: 1", "models: {a: ./model, b: ./model}", "steps:",
+             "  - {name: s0, op: interpolate, from: [a, b], alpha: 0.5}"]
+    lines += [f"  - {{name: s{i}, op: interpolate, from: [s{i - 1}, b], alpha: 0.5}}"
+              for i in range(1, steps)]
+    return write_recipe(directory, "\n".join([*lines, "output: {path: ./out}", ""]))
+
+
+class TestOrdinaryConditions:
+    """Issue 17 item 11: ordinary conditions never reach "internal error ... please report it":
+    deep step chains (graph walks are iterative), a deeply nested lock, an output that is a
+    symlink loop, a lock path that is a directory, a write where nothing can be written, a
+    device as `import-mergekit -o`, and a DELLA epsilon that only `run` used to refuse."""
+
+    def test_a_chain_of_600_steps(self, cli, tmp_path, model_copy):
+        recipe = chain_recipe(tmp_path, 600)
+        for args in (["validate"], ["plan", "-v"], ["plan", "--format", "json"],
+                     ["run", "-q", "--check-finite"]):
+            result = cli(*args[:1], recipe, *args[1:])
+            assert result.exit_code == 0, (args, result.output[-300:])
+        out = tmp_path / "out" / "model.safetensors"
+        assert out.read_bytes()[-64:] == (model_copy / "model.safetensors").read_bytes()[-64:]
+
+    def test_a_deeply_nested_lock(self, cli, recipe):
+        (recipe.parent / "recipe.lock.json").write_text("[" * 100_000 + "]" * 100_000)
+        err = run_fails(cli, recipe, 2)
+        assert "recipe.lock.json: cannot read the lock: it is nested too deeply to be a lock" \
+            in err
+
+    def test_an_output_that_is_a_symlink_loop(self, cli, tmp_path, recipe):
+        (tmp_path / "out").symlink_to(tmp_path / "loop")
+        (tmp_path / "loop").symlink_to(tmp_path / "out")
+        for command in ("validate", "run"):
+            err = run_fails(cli, recipe, 2, command)
+            assert err.startswith(f"output path {tmp_path / 'out'} is a symlink loop; ")
+
+    def test_a_lock_path_that_is_a_directory(self, cli, tmp_path, recipe):
+        (tmp_path / "recipe.lock.json").mkdir()
+        result = cli("lock", recipe)
+        assert result.exit_code in (1, 2) and "internal error" not in result.output
+        assert "recipe.lock.json" in result.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "model", "recipe.lock.json", "recipe.yaml"]  # no temp file left
+
+    @pytest.fixture
+    def config(self, tmp_path, tiny_llama, monkeypatch) -> Path:
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "m").symlink_to(tiny_llama, target_is_directory=True)
+        cfg = tmp_path / "mk.yml"
+        cfg.write_text("slices:\n  - sources:\n      - model: ./m\n        layer_range: [0, 6]\n"
+                       "merge_method: passthrough\n")
+        return cfg
+
+    @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+    def test_side_commands_into_a_place_nothing_can_be_written(self, cli, config):
+        result = cli("import-mergekit", config, "-o", "/proc/recipekit-test.yaml")
+        assert result.exit_code == 1, result.output
+        assert "cannot write" in result.stderr and "internal error" not in result.output
+        import torch
+
+        src = config.parent / "pickled"
+        src.mkdir()
+        torch.save({"w": torch.arange(6.0)}, src / "pytorch_model.bin")
+        result = cli("convert", "--allow-pickle", src, "/proc/recipekit-test")
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith("/proc/recipekit-test: cannot create the output "
+                                        "directory: ")
+        assert "internal error" not in result.output
+
+    def test_import_mergekit_never_replaces_a_device_or_fifo(self, cli, tmp_path, config):
+        fifo = tmp_path / "pipe.yaml"
+        os.mkfifo(fifo)
+        result = cli("import-mergekit", config, "-o", fifo, "--force")
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith(f"{display_path(fifo)}: is a named pipe, not a regular "
+                                        "file and is not replaced, even with --force")
+        assert fifo.is_fifo()
+
+    def test_della_epsilon_is_checked_by_validate(self, cli, tmp_path, model_copy):
+        recipe = write_recipe(tmp_path, """
+            recipekit: 1
+            models: {a: ./model, b: ./model}
+            steps:
+              - name: m
+                op: merge
+                method: della
+                base: a
+                from: [{model: b, weight: 1.0, density: 0.5}]
+                parameters: {epsilon: 0.6}
+            output: {path: ./out}
+            """)
+        for command in ("validate", "run"):
+            err = run_fails(cli, recipe, 2, command)
+            assert err.startswith(f"{recipe}:9:27: steps[0].parameters.epsilon: DELLA needs "
+                                  "density ± epsilon inside (0, 1), but density 0.5 and epsilon "
+                                  "0.6 give [-0.1, 1.1] for tensor `"), err
+        assert not (tmp_path / "out").exists()

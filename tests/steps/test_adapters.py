@@ -374,3 +374,38 @@ def test_row_pieces_equal_the_whole_fold(cli, tmp_path, bases, adapters, case, m
     # GPT-2 DoRA norms run down the (in, out) columns: those folds need the whole tensor
     assert any(type(n).__name__ == "LoraFold" for n in calls) == (case != "gpt2_dora")
     assert whole.read_bytes() == pieces.read_bytes()
+
+
+@pytest.mark.parametrize("change, where", [
+    ({"lora_alpha": float("nan")}, "`lora_alpha`"),
+    ({"lora_alpha": float("inf")}, "`lora_alpha`"),
+    ({"alpha_pattern": {"q_proj": float("-inf")}}, "`alpha_pattern` entry 'q_proj'"),
+    ({"rank_pattern": {"q_proj": float("nan")}}, "`rank_pattern` entry 'q_proj'"),
+])
+def test_non_finite_scalings_are_refused(cli, tmp_path, bases, adapters, change, where):
+    """Issue 17 item 8: Python's JSON reader takes `NaN`/`Infinity` (json.dumps writes them),
+    and PEFT would scale every delta to NaN; validate and run refuse it, exit 2, naming the file
+    and key."""
+    import json
+    import shutil
+
+    d = tmp_path / "ad"
+    shutil.copytree(adapters["plain"], d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.update(change)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    text = f"""
+        recipekit: 1
+        models: {{base: {bases['llama']}}}
+        adapters:
+          a: {d}
+        steps:
+          - {{name: f, op: adapters, from: base, adapters: [a]}}
+        output: {{path: ./out}}
+        """
+    out = _run_error(cli, tmp_path, text)
+    assert "recipe.yaml:4:" in out, out
+    assert f"adapter '{d}': {where} in {d / 'adapter_config.json'} is " in out, out
+    assert ", not a finite number" in out and "internal error" not in out
+    assert not (tmp_path / "out").exists()
+    assert cli("validate", tmp_path / "recipe.yaml").exit_code == 2

@@ -160,7 +160,7 @@ class TestErrors:
         p = model_copy / "model.safetensors"
         p.write_bytes(p.read_bytes()[:-10])
         result = cli("inspect", model_copy)
-        assert result.exit_code == 1
+        assert result.exit_code == 2  # found from the header and the size (issue 17 item 10)
         assert "model.safetensors: file is truncated: tensor" in result.stderr
 
     def test_pickle_only(self, cli, tmp_path, tiny_llama):

@@ -47,7 +47,8 @@ class TestLocal:
         assert lock["recipekit_lock"] == 1 and lock["recipe"] == "recipe.yaml"
         entry = lock["inputs"]["models.tiny"]
         assert entry["path"] == "./model"
-        assert set(entry["files"]) == {"config.json", "model.safetensors"}
+        assert set(entry["files"]) == {"config.json", "model.safetensors",
+                                       "generation_config.json"}  # a donor file
         for name, info in entry["files"].items():
             assert info["size"] == (model_copy / name).stat().st_size
             assert info["sha256"] == sha256(model_copy / name)
@@ -115,6 +116,68 @@ class TestLocal:
         result = cli("run", local, "-q")
         assert result.exit_code == 2
         assert "cannot read the lock" in result.stderr
+
+
+class TestDonorFiles:
+    """Issue 17 item 9: the files an output copies from its config donor (tokenizer, chat
+    template, generation config) are pinned like weights: after swapping one, `run --frozen`
+    refused nothing and a rerun called the output "already complete"."""
+
+    @pytest.fixture
+    def donor(self, model_copy):
+        (model_copy / "tokenizer_config.json").write_text('{"chat_template": "{{ a }}"}')
+        (model_copy / "1_Pooling").mkdir()
+        (model_copy / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean": true}')
+        return model_copy
+
+    def test_the_lock_pins_donor_files_by_path(self, cli, local, donor):
+        assert cli("lock", local).exit_code == 0
+        files = json.loads((local.parent / "recipe.lock.json").read_text())[
+            "inputs"]["models.tiny"]["files"]
+        assert set(files) == {"config.json", "model.safetensors", "generation_config.json",
+                              "tokenizer_config.json", "1_Pooling/config.json"}
+        assert files["1_Pooling/config.json"]["sha256"] == sha256(donor / "1_Pooling/config.json")
+        assert files["config.json"]["sha256"] == sha256(donor / "config.json")
+
+    @pytest.mark.parametrize("rel", ["tokenizer_config.json", "1_Pooling/config.json"])
+    def test_a_swapped_donor_file_makes_frozen_refuse(self, cli, local, donor, rel):
+        assert cli("lock", local).exit_code == 0
+        assert cli("run", local, "-q", "--frozen").exit_code == 0
+        path = donor / rel
+        st = path.stat()
+        path.write_text(path.read_text().replace("a", "b").replace("true", "fals"))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
+        result = cli("run", local, "-q", "--frozen")
+        assert result.exit_code == 2, result.output
+        assert f"models.tiny: {path} has sha256 " in result.stderr
+        assert "already complete" not in result.output
+
+    def test_a_new_donor_file_is_not_in_the_lock(self, cli, local, donor):
+        assert cli("lock", local).exit_code == 0
+        (donor / "chat_template.jinja").write_text("{{ messages }}")
+        result = cli("run", local, "-q", "--frozen")
+        assert result.exit_code == 2
+        assert f"models.tiny: {donor / 'chat_template.jinja'} is not in the lock" in \
+            result.stderr
+
+    def test_the_plan_hash_follows_donor_files_but_not_the_shards(self, cli, local, donor):
+        from recipekit.inputs.resolve import resolve_sources
+        from recipekit.plan import compile_plan
+        from recipekit.recipe import load_recipe
+
+        recipe = load_recipe(local)
+        before = compile_plan(recipe, resolve_sources(recipe)).plan_hash()
+        assert cli("run", local, "-q").exit_code == 0
+        shard = (local.parent / "out" / "model.safetensors").read_bytes()
+        (donor / "tokenizer_config.json").write_text('{"chat_template": "{{ b }}"}')
+        after = compile_plan(recipe, resolve_sources(recipe)).plan_hash()
+        assert before != after
+        result = cli("run", local, "-q")  # no longer "already complete"
+        assert "already complete" not in result.output
+        assert cli("run", local, "-q", "--force").exit_code == 0
+        assert (local.parent / "out" / "model.safetensors").read_bytes() == shard
+        assert (local.parent / "out" / "tokenizer_config.json").read_text() == \
+            '{"chat_template": "{{ b }}"}'
 
 
 class TestHub:

@@ -7,6 +7,7 @@ transformers / PEFT loading the output and running a forward pass.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -34,6 +35,15 @@ def flip_byte(path: Path, offset: int) -> None:
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0x01]))
+
+
+def rehash(out: Path, rel: str) -> None:
+    """Record ``rel``'s current size and sha256 in the manifest, as if it had been written so."""
+    manifest = out / "recipekit.json"
+    doc = json.loads(manifest.read_text())
+    data = (out / rel).read_bytes()
+    doc["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    manifest.write_text(json.dumps(doc))
 
 
 class TestManifest:
@@ -100,6 +110,7 @@ class TestManifest:
         config = json.loads((sharded_out / "config.json").read_text())
         config["architectures"] = ["SomeRemoteCodeModel"]
         (sharded_out / "config.json").write_text(json.dumps(config))
+        rehash(sharded_out, "config.json")  # the manifest agrees: only --load can object
         result = cli("verify", sharded_out, "--load")
         assert result.exit_code == 1
         assert "'SomeRemoteCodeModel' is not a transformers class" in result.stderr
@@ -156,3 +167,63 @@ def test_adapter_output_loads_with_peft(cli, tmp_path, tiny_llama):
     flip_byte(weights, weights.stat().st_size - 1)
     result = cli("verify", out)
     assert result.exit_code == 1 and "adapter_model.safetensors: sha256" in result.stderr
+
+
+class TestEveryFileIsHashed:
+    """Issue 17 item 9: the manifest records the size and sha256 of every file of the output,
+    not only the shards, and `verify` checks them: a changed `rope_theta`, a swapped tokenizer
+    or an edited model card fail naming the file (exit 1)."""
+
+    @pytest.fixture
+    def out(self, cli, tmp_path, tiny_llama) -> Path:
+        shutil.copytree(tiny_llama, tmp_path / "model")
+        (tmp_path / "model" / "tokenizer_config.json").write_text('{"model_max_length": 8}')
+        (tmp_path / "model" / "1_Pooling").mkdir()
+        (tmp_path / "model" / "1_Pooling" / "config.json").write_text('{"pooling": "mean"}')
+        recipe = write_recipe(tmp_path, solar_recipe(output="  path: ./out\n  shard_size: 150KB"))
+        assert cli("run", recipe, "-q").exit_code == 0
+        return tmp_path / "out"
+
+    def test_the_manifest_lists_every_other_file(self, cli, out):
+        files = json.loads((out / "recipekit.json").read_text())["files"]
+        assert sorted(files) == ["1_Pooling/config.json", "README.md", "config.json",
+                                 "generation_config.json", "model.safetensors.index.json",
+                                 "tokenizer_config.json"]
+        for rel, entry in files.items():
+            data = (out / rel).read_bytes()
+            assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        result = cli("verify", out)
+        assert result.exit_code == 0, result.stderr
+        assert "ok: 6 other files: sizes and sha256 match" in result.stdout
+
+    @pytest.mark.parametrize("rel", ["config.json", "tokenizer_config.json", "README.md",
+                                     "generation_config.json",
+                                     "1_Pooling/config.json", "model.safetensors.index.json"])
+    def test_a_changed_file_fails_naming_it(self, cli, out, rel):
+        path = out / rel
+        before = path.read_text()
+        if rel == "config.json":  # same size: a changed rope_theta
+            path.write_text(before.replace('"rope_theta": 10000.0', '"rope_theta": 50000.0'))
+        else:
+            path.write_text(before + " ")
+        assert path.read_text() != before
+        result = cli("verify", out)
+        assert result.exit_code == 1
+        assert f"{path}: size " in result.stderr and ": the manifest records " in result.stderr
+        assert "the file changed after it was written" in result.stderr
+
+    def test_a_missing_file_fails(self, cli, out):
+        (out / "tokenizer_config.json").unlink()
+        result = cli("verify", out)
+        assert result.exit_code == 1
+        assert f"{out / 'tokenizer_config.json'}: is listed in recipekit.json but missing" in \
+            result.stderr
+
+    def test_an_older_manifest_is_noted(self, cli, out):
+        manifest = out / "recipekit.json"
+        doc = json.loads(manifest.read_text())
+        del doc["files"]
+        manifest.write_text(json.dumps(doc))
+        result = cli("verify", out)
+        assert result.exit_code == 0, result.stderr
+        assert "records no hashes of the output's other files" in result.stdout + result.stderr
