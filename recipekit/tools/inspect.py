@@ -19,10 +19,10 @@ from typing import Any
 
 from recipekit.arch import scan_layer_stacks
 from recipekit.dtypes import is_floating
-from recipekit.errors import display_path
+from recipekit.errors import display_path, printable
 from recipekit.inputs.checkpoints import OpenCheckpoint
 from recipekit.io import chunks
-from recipekit.io.header import TensorInfo, printable
+from recipekit.io.header import TensorInfo
 from recipekit.io.reader import FileReader
 
 OUTSIDE = "(outside layers)"
