@@ -8,6 +8,7 @@ tensor data. The CLI renders them like a compiler; library users catch `Recipeki
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,10 @@ KeyPath = tuple[str | int, ...]
 
 ECHO_LIMIT = 160
 """The one shortening rule: an echoed input (path, name, number, line) longer than this many
-characters is shown as its first ECHO_LIMIT characters and ``...``."""
+characters is shown as its first ECHO_LIMIT characters and ``...``; `terminal_text` applies it
+to any longer run of non-blank characters (a 400-digit number) a message still holds."""
+
+_LONG_RUN = re.compile(rf"\S{{{ECHO_LIMIT + 7},}}")  # longer than "..." + excerpt + "..."
 
 
 def printable(text: str) -> str:
@@ -41,6 +45,7 @@ def terminal_text(text: str) -> str:
     """A whole rendered message or report, made safe for a terminal: every control or format
     character escaped except the line breaks the renderer itself put there. The last guard
     behind `echo_text`, for values a message embeds without it."""
+    text = _LONG_RUN.sub(lambda m: m.group()[:ECHO_LIMIT] + "...", text)
     return "\n".join(printable(line) for line in text.split("\n"))
 
 
