@@ -9,6 +9,7 @@ and an echoed input longer than `ECHO_LIMIT` (160) characters prints as its firs
 from __future__ import annotations
 
 from recipekit.errors import ECHO_LIMIT, Location, RecipeError, echo_text, terminal_text
+
 from tests.helpers.recipes import solar_recipe, write_recipe
 
 LAYERS_ERR = "steps[0].layers[0]: range(0,99) reaches layer 98, but model 'tiny' has 8 layers"
