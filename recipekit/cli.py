@@ -85,7 +85,7 @@ def _guard(debug: bool, body: Callable[[], T]) -> T:
         if debug:
             raise
         _say(f"internal error: {type(e).__name__}: {e}\n"
-                   "rerun with --debug for the traceback, and please report it", err=True)
+             "rerun with --debug for the traceback, and please report it", err=True)
         raise typer.Exit(1) from None
 
 
@@ -122,7 +122,7 @@ def validate(
         plan = _compile(recipe, None)
         what = "PEFT adapter" if plan.adapter else f"{plan.model.stack.num_layers} layers"
         _say(f"{echo_text(recipe)}: ok ({len(plan.recipe.steps)} step(s); output "
-                   f"'{echo_text(plan.recipe.output.model)}': {what}, {plan.num_tensors} tensors)")
+             f"'{echo_text(plan.recipe.output.model)}': {what}, {plan.num_tensors} tensors)")
 
     def body() -> None:
         if len(recipes) == 1:
@@ -226,7 +226,7 @@ def _report_run(p, result, secs: float, *, check_finite: bool) -> None:
     resumed = f", {result.shards_resumed} resumed" if result.shards_resumed else ""
     what = "a PEFT adapter" if p.adapter else f"{p.model.stack.num_layers} layers"
     _say(f"wrote {where}: {what}, {len(p.shards)} shard(s)"
-               f"{resumed}, {format_size(result.bytes_written)} in {secs:.1f} s ({rate})")
+         f"{resumed}, {format_size(result.bytes_written)} in {secs:.1f} s ({rate})")
     if check_finite:
         _report_finite(result.non_finite, resumed=result.shards_resumed)
 
@@ -306,7 +306,7 @@ def convert(
             _say(f"{echo_text(dst)}: already complete (same source files); nothing to do")
             return
         _say(f"wrote {echo_text(dst)}: {result.tensors} tensors in {len(result.files)} file(s), "
-                   f"{format_size(result.bytes_written)}")
+             f"{format_size(result.bytes_written)}")
 
     _guard(debug, body)
 
@@ -452,7 +452,7 @@ def verify(
             _say(f"ok: {load_and_run(out, adapter=report.adapter, base=base)}")
         elif not report.problems and report.adapter:
             _say("note: a PEFT adapter output: `--load --base MODEL_DIR` loads it with PEFT "
-                       "on its base and runs a forward pass")
+                 "on its base and runs a forward pass")
         where = display_path(out)
         if report.problems:
             for p in report.problems:

@@ -62,7 +62,8 @@ def test_fuzzed_adapter_configs_fold_or_name_the_file(side, data):
 
 @pytest.mark.xfail(reason="issue 17 item 8: r / lora_alpha null or past a float", strict=False)
 @pytest.mark.parametrize(("key", "value"), [("r", None), ("lora_alpha", 10**400),
-                                            ("layers_to_transform", float("nan"))])
+                                            ("layers_to_transform", float("nan"))],
+                         ids=["r-null", "lora_alpha-huge", "layers_to_transform-nan"])
 def test_known_open_adapter_scalings(side, key, value):
     import json
 
