@@ -60,6 +60,15 @@ def test_location_prefix_escapes_u202e_in_the_file_name(cli, tmp_path, model_cop
 
 def test_nul_and_osc_in_a_hub_revision_are_escaped(cli, tmp_path, hub_cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, solar_recipe(
+        model='{hub: org/tiny, revision: "ma\\0in\\e]0;x\\a"}'))
+    result = cli("validate", recipe)
+    assert result.exit_code == 2
+    assert "\x00" not in result.stderr and "\x1b" not in result.stderr
+    assert result.stderr.startswith(
+        f"{recipe}:3:9: models.tiny: hub repo 'org/tiny' at revision 'ma\\x00in\\x1b]0;x\\x07' "
+        "is not in the local cache")
+    # a hub spec on the command line
     result = cli("inspect", "org/tiny@ma\x00in\x1b]0;x\x07", "-q")
     assert result.exit_code == 2
     assert result.stderr.startswith("'org/tiny@ma\\x00in\\x1b]0;x\\x07' does not exist; ")
