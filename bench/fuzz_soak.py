@@ -2,12 +2,16 @@
 
     python bench/fuzz_soak.py                      # 3000 cases, seed 0
     python bench/fuzz_soak.py --cases 20000 --seed 7 --run-every 5
+    python bench/fuzz_soak.py --cases 0 --side 3000   # side commands and adapter configs only
 
 The strategies and the oracle are tests/helpers/fuzz_*.py's (the same as
 tests/e2e/test_fuzz_recipes.py, which runs ~500 cases in CI). Every case is loaded and, when it
 loads, compiled against the tiny 8-layer Llama in recipes/models and checked against the
 reference interpreter; every case also goes through `recipekit validate`, and a sample of those
-that compile through `recipekit run`. Prints counts; saves each violating recipe and its report
+that compile through `recipekit run`. ``--side N`` adds N cases of tests/helpers/fuzz_side.py:
+`convert`, `lock`, `import-mergekit`, `diff`, `verify` and `inspect` on damaged inputs, and
+folds of fuzzed adapter_config.json files (tests/e2e/test_fuzz_side_commands.py runs ~85 in
+CI). Prints counts; saves each violating recipe and its report
 under bench/results/fuzz-<time>/ (gitignored); exits 1 on any oracle violation.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +47,8 @@ def main() -> int:
     ap.add_argument("--run-every", type=int, default=8,
                     help="run about one in N of the cases that compile through `recipekit run`")
     ap.add_argument("--no-cli", action="store_true", help="library levels only (faster)")
+    ap.add_argument("--side", type=int, default=0,
+                    help="also fuzz the side commands and adapter configs with this many cases")
     ap.add_argument("--limit", type=float, default=60.0, help="seconds before a case is a hang")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--max-memory-gib", type=float, default=6.0,
@@ -70,7 +77,7 @@ def main() -> int:
         parent = Path(tmp)
 
         @seed(args.seed)
-        @settings(max_examples=args.cases, deadline=None, database=None,
+        @settings(max_examples=max(args.cases, 1), deadline=None, database=None,
                   phases=[Phase.generate], suppress_health_check=list(HealthCheck))
         @given(data=st.data())
         def soak(data: st.DataObject) -> None:
@@ -109,7 +116,10 @@ def main() -> int:
                 print(f"  {counts['cases']} cases, {len(violations)} violation(s), "
                       f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
-        soak()
+        if args.cases > 0:
+            soak()
+        if args.side > 0:
+            _soak_side(args, parent, counts, violations)
 
     secs = time.perf_counter() - start
     print(f"recipe fuzz soak: {counts['cases']} cases in {secs:.0f} s (seed {args.seed})")
@@ -123,6 +133,51 @@ def main() -> int:
         print(f"failing examples saved under {out_dir}")
         return 1
     return 0
+
+
+def _soak_side(args: argparse.Namespace, parent: Path, counts: collections.Counter[str],
+               violations: list[str]) -> None:
+    """``--side``: side commands on damaged inputs, and adapter folds, alternately."""
+    from typer.testing import CliRunner
+
+    from recipekit.cli import app
+
+    from tests.helpers.fuzz_side import (
+        adapter_configs,
+        check_adapter_fold,
+        check_side,
+        make_side_inputs,
+        side_cases,
+    )
+
+    inputs = make_side_inputs(parent / "side-inputs",
+                              (ROOT / "recipes" / "models" / "tiny-llama").resolve())
+    runner = CliRunner()
+
+    @seed(args.seed)
+    @settings(max_examples=args.side, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def soak(data: st.DataObject) -> None:
+        case = Path(tempfile.mkdtemp(dir=parent))
+        n = counts["side cases"]
+        counts["side cases"] += 1
+        try:
+            if data.draw(st.booleans(), label="adapter fold?"):
+                config = data.draw(adapter_configs(inputs))
+                what = f"fold: {check_adapter_fold(runner, app, inputs, case, config, args.limit)}"
+            else:
+                argv, writes = data.draw(side_cases(inputs, case))
+                what = f"{argv[0]}: {check_side(runner, app, case, argv, writes, args.limit)}"
+            counts["side " + what] += 1
+        except (OracleViolation, MemoryError) as e:
+            violations.append(f"side case {n}: {str(e).splitlines()[0][:200]}")
+        except Exception as e:  # the harness itself: report, do not stop the soak
+            violations.append(f"side case {n}: harness error {e!r}"[:240])
+        finally:
+            shutil.rmtree(case, ignore_errors=True)
+
+    soak()
 
 
 def _save(out_dir: Path, n: int, f, report: str) -> None:

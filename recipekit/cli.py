@@ -20,7 +20,7 @@ from typing import Annotated, TypeVar
 import typer
 
 from recipekit import __version__
-from recipekit.errors import RecipekitError
+from recipekit.errors import RecipekitError, echo_text, terminal_text
 
 app = typer.Typer(
     add_completion=False,
@@ -39,11 +39,17 @@ OutputOpt = Annotated[Path | None, typer.Option(
     show_default=False)]
 
 
+def _say(text: str, *, err: bool = False) -> None:
+    """Print human text: `terminal_text` escapes whatever control or format character an input
+    slipped into it (an OSC title in a name, U+202E, NUL), keeping only the line breaks."""
+    typer.echo(terminal_text(text), err=err)
+
+
 class _EchoHandler(logging.Handler):
     """Prints recipekit's log records to the current stderr as ``warning: ...``."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        typer.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+        _say(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
 
 
 def _configure_logging(debug: bool) -> None:
@@ -68,18 +74,18 @@ def _guard(debug: bool, body: Callable[[], T]) -> T:
     except RecipekitError as e:
         if debug:
             raise
-        typer.echo(e.render(), err=True)
+        _say(e.render(), err=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted; finished shards are kept and a rerun resumes", err=True)
+        _say("interrupted; finished shards are kept and a rerun resumes", err=True)
         raise typer.Exit(130) from None
     except typer.Exit:
         raise
     except Exception as e:
         if debug:
             raise
-        typer.echo(f"internal error: {type(e).__name__}: {e}\n"
-                   "rerun with --debug for the traceback, and please report it", err=True)
+        _say(f"internal error: {type(e).__name__}: {e}\n"
+             "rerun with --debug for the traceback, and please report it", err=True)
         raise typer.Exit(1) from None
 
 
@@ -111,12 +117,12 @@ def validate(
             from recipekit.recipe import load_recipe
 
             r = load_recipe(recipe)
-            typer.echo(f"{recipe}: ok ({len(r.steps)} step(s); inputs not checked)")
+            _say(f"{echo_text(recipe)}: ok ({len(r.steps)} step(s); inputs not checked)")
             return
         plan = _compile(recipe, None)
         what = "PEFT adapter" if plan.adapter else f"{plan.model.stack.num_layers} layers"
-        typer.echo(f"{recipe}: ok ({len(plan.recipe.steps)} step(s); output "
-                   f"'{plan.recipe.output.model}': {what}, {plan.num_tensors} tensors)")
+        _say(f"{echo_text(recipe)}: ok ({len(plan.recipe.steps)} step(s); output "
+             f"'{echo_text(plan.recipe.output.model)}': {what}, {plan.num_tensors} tensors)")
 
     def body() -> None:
         if len(recipes) == 1:
@@ -159,7 +165,7 @@ def plan(
         elif fmt is PlanFormat.dot:
             typer.echo(render_dot(p), nl=False)
         else:
-            typer.echo(render_text(p, disk_extra=extra, verbose=verbose))
+            _say(render_text(p, disk_extra=extra, verbose=verbose))
 
     _guard(debug, body)
 
@@ -214,13 +220,13 @@ def _report_run(p, result, secs: float, *, check_finite: bool) -> None:
 
     where = display_path(result.output)
     if result.already_complete:
-        typer.echo(f"{where}: already complete (same recipe and inputs); nothing to do")
+        _say(f"{where}: already complete (same recipe and inputs); nothing to do")
         return
     rate = format_size(result.bytes_written / secs) + "/s" if secs > 0 else ""
     resumed = f", {result.shards_resumed} resumed" if result.shards_resumed else ""
     what = "a PEFT adapter" if p.adapter else f"{p.model.stack.num_layers} layers"
-    typer.echo(f"wrote {where}: {what}, {len(p.shards)} shard(s)"
-               f"{resumed}, {format_size(result.bytes_written)} in {secs:.1f} s ({rate})")
+    _say(f"wrote {where}: {what}, {len(p.shards)} shard(s)"
+         f"{resumed}, {format_size(result.bytes_written)} in {secs:.1f} s ({rate})")
     if check_finite:
         _report_finite(result.non_finite, resumed=result.shards_resumed)
 
@@ -252,7 +258,7 @@ def lock(recipe: RecipeArg, debug: DebugOpt = False) -> None:
         path = lock_path(recipe)
         write_lock(path, doc)
         n = sum(len(e["files"]) for e in doc["inputs"].values())
-        typer.echo(f"wrote {path}: {len(doc['inputs'])} input(s), {n} file(s) pinned")
+        _say(f"wrote {echo_text(path)}: {len(doc['inputs'])} input(s), {n} file(s) pinned")
 
     _guard(debug, body)
 
@@ -260,13 +266,13 @@ def lock(recipe: RecipeArg, debug: DebugOpt = False) -> None:
 def _report_finite(found: dict[str, tuple[int, int]], *, resumed: int) -> None:
     skipped = f" ({resumed} resumed shard(s) were not re-read)" if resumed else ""
     if not found:
-        typer.echo(f"check-finite: no NaN or Inf values{skipped}")
+        _say(f"check-finite: no NaN or Inf values{skipped}")
         return
-    typer.echo(f"warning: non-finite values in {len(found)} tensor(s){skipped}:", err=True)
+    _say(f"warning: non-finite values in {len(found)} tensor(s){skipped}:", err=True)
     for label, (nan, inf) in sorted(found.items())[:50]:
-        typer.echo(f"  {label}: {nan} NaN, {inf} Inf", err=True)
+        _say(f"  {label}: {nan} NaN, {inf} Inf", err=True)
     if len(found) > 50:
-        typer.echo(f"  ... and {len(found) - 50} more", err=True)
+        _say(f"  ... and {len(found) - 50} more", err=True)
 
 
 @app.command()
@@ -295,12 +301,12 @@ def convert(
         from recipekit.tools.convert import convert_checkpoint
         from recipekit.units import format_size
 
-        result = convert_checkpoint(src, dst, progress=lambda m: typer.echo(m, err=True))
+        result = convert_checkpoint(src, dst, progress=lambda m: _say(m, err=True))
         if result.already_complete:
-            typer.echo(f"{dst}: already complete (same source files); nothing to do")
+            _say(f"{echo_text(dst)}: already complete (same source files); nothing to do")
             return
-        typer.echo(f"wrote {dst}: {result.tensors} tensors in {len(result.files)} file(s), "
-                   f"{format_size(result.bytes_written)}")
+        _say(f"wrote {echo_text(dst)}: {result.tensors} tensors in {len(result.files)} file(s), "
+             f"{format_size(result.bytes_written)}")
 
     _guard(debug, body)
 
@@ -337,8 +343,10 @@ def inspect(
         total = sum(t.nbytes for t in ckpt.tensors.values())
         with byte_progress(total, disable=quiet or headers_only, desc="reading") as tick:
             report = inspect_checkpoint(ckpt, stats=not headers_only, progress=tick)
-        typer.echo(json.dumps(report, indent=2, allow_nan=False) if as_json
-                   else render_inspect(report, verbose=verbose))
+        if as_json:
+            typer.echo(json.dumps(report, indent=2, allow_nan=False))
+        else:
+            _say(render_inspect(report, verbose=verbose))
 
     _guard(debug, body)
 
@@ -368,7 +376,7 @@ def import_mergekit(
             typer.echo(text, nl=False)
         else:
             write_recipe_file(output, text)
-            typer.echo(f"wrote {output}", err=True)
+            _say(f"wrote {echo_text(output)}", err=True)
 
     _guard(debug, body)
 
@@ -383,22 +391,34 @@ def diff(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Per-tensor and per-layer max/mean |a-b|, relative norm difference and cosine."""
+    """Per-tensor and per-layer max/mean |a-b|, relative norm difference and cosine.
+
+    Exit status, like diff(1): 0 when every tensor of A has a same-shaped, equal twin in B and
+    B has no other; 1 when they differ, including "nothing comparable" (no tensor with the same
+    name and shape in both); 2 when an input cannot be read as a checkpoint."""
 
     def body() -> None:
         import json
 
         from recipekit.inputs.checkpoints import open_checkpoint
         from recipekit.progress import byte_progress
-        from recipekit.tools.diff import diff_checkpoints, render_diff
+        from recipekit.tools.diff import diff_checkpoints, render_diff, verdict
 
-        ca, cb = open_checkpoint(a), open_checkpoint(b)
-        total = sum(t.nbytes + cb.tensors[n].nbytes for n, t in ca.tensors.items()
-                    if n in cb.tensors and cb.tensors[n].shape == t.shape)
-        with byte_progress(total, disable=quiet, desc="reading") as tick:
-            report = diff_checkpoints(ca, cb, progress=tick)
-        typer.echo(json.dumps(report, indent=2, allow_nan=False) if as_json
-                   else render_diff(report, verbose=verbose))
+        try:
+            ca, cb = open_checkpoint(a), open_checkpoint(b)
+            total = sum(t.nbytes + cb.tensors[n].nbytes for n, t in ca.tensors.items()
+                        if n in cb.tensors and cb.tensors[n].shape == t.shape)
+            with byte_progress(total, disable=quiet, desc="reading") as tick:
+                report = diff_checkpoints(ca, cb, progress=tick)
+        except RecipekitError as e:
+            e.exit_code = 2  # diff(1)'s "trouble": 1 already means "they differ"
+            raise
+        if as_json:
+            typer.echo(json.dumps(report, indent=2, allow_nan=False))
+        else:
+            _say(render_diff(report, verbose=verbose))
+        if verdict(report):
+            raise typer.Exit(verdict(report))
 
     _guard(debug, body)
 
@@ -425,21 +445,21 @@ def verify(
             raise UsageError("--base is used by --load", hint="add --load")
         report = verify_output(out)
         for line in report.passed:
-            typer.echo(f"ok: {line}")
+            _say(f"ok: {line}")
         for line in report.notes:
-            typer.echo(f"note: {line}")
+            _say(f"note: {line}")
         if not report.problems and load:
-            typer.echo(f"ok: {load_and_run(out, adapter=report.adapter, base=base)}")
+            _say(f"ok: {load_and_run(out, adapter=report.adapter, base=base)}")
         elif not report.problems and report.adapter:
-            typer.echo("note: a PEFT adapter output: `--load --base MODEL_DIR` loads it with PEFT "
-                       "on its base and runs a forward pass")
+            _say("note: a PEFT adapter output: `--load --base MODEL_DIR` loads it with PEFT "
+                 "on its base and runs a forward pass")
         where = display_path(out)
         if report.problems:
             for p in report.problems:
-                typer.echo(p.render(), err=True)
-            typer.echo(f"{where}: {len(report.problems)} problem(s) found", err=True)
+                _say(p.render(), err=True)
+            _say(f"{where}: {len(report.problems)} problem(s) found", err=True)
             raise typer.Exit(report.exit_code)
-        typer.echo(f"{where}: verified")
+        _say(f"{where}: verified")
 
     _guard(debug, body)
 

@@ -8,24 +8,59 @@ tensor data. The CLI renders them like a compiler; library users catch `Recipeki
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 KeyPath = tuple[str | int, ...]
 
+ECHO_LIMIT = 160
+"""The one shortening rule: an echoed input (path, name, number, line) longer than this many
+characters is shown as its first ECHO_LIMIT characters and ``...``; `terminal_text` applies it
+to any longer run of non-blank characters (a 400-digit number) a message still holds."""
+
+_LONG_RUN = re.compile(rf"\S{{{ECHO_LIMIT + 7},}}")  # longer than "..." + excerpt + "..."
+
+
+def printable(text: str) -> str:
+    """``text`` with control and format characters (ESC, NUL, newline, U+202E, ...) escaped as
+    ``\\x1b``, ``\\n``, ``\\u202e``, so an untrusted string cannot forge output lines, retitle
+    the terminal or reorder what is shown."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def echo_text(text: object, limit: int = ECHO_LIMIT) -> str:
+    """Anything that came from an input, ready to print: shortened by the one rule
+    (`ECHO_LIMIT`), then escaped (`printable`). Every message path, name and value goes
+    through here or through `display_path`/`quote_name`, which use it."""
+    raw = str(text)
+    return printable(raw if len(raw) <= limit else raw[:limit] + "...")
+
+
+def terminal_text(text: str) -> str:
+    """A whole rendered message or report, made safe for a terminal: every control or format
+    character escaped except the line breaks the renderer itself put there. The last guard
+    behind `echo_text`, for values a message embeds without it."""
+    text = _LONG_RUN.sub(lambda m: m.group()[:ECHO_LIMIT] + "...", text)
+    return "\n".join(printable(line) for line in text.split("\n"))
+
 
 def display_path(path: Path) -> str:
-    """A path as a user wants to read it: relative to the working directory when inside it.
+    """A path as a user wants to read it: relative to the working directory when inside it,
+    shortened and escaped (`echo_text`).
 
     The last component is not resolved: a message about a symlink names the link, not its
     target (and a symlink loop cannot make the message itself fail).
     """
     try:
         full = path.parent.resolve() / path.name if path.name else path.resolve()
-        return str(full.relative_to(Path.cwd().resolve()))
+        return echo_text(full.relative_to(Path.cwd().resolve()))
     except (ValueError, OSError, RuntimeError):
-        return str(path)
+        return echo_text(path)
 
 
 def format_key_path(path: Sequence[str | int]) -> str:
@@ -49,9 +84,11 @@ class Location:
     text: str | None = None
 
     def prefix(self) -> str:
+        """``file:line:column``, the file name escaped (a U+202E in it cannot reorder the line)."""
+        shown = echo_text(self.file)
         if self.line is None:
-            return self.file
-        return f"{self.file}:{self.line}:{self.column or 1}"
+            return shown
+        return f"{shown}:{self.line}:{self.column or 1}"
 
 
 class RecipekitError(Exception):
@@ -84,7 +121,7 @@ class RecipekitError(Exception):
         if self.location is not None:
             head.append(self.location.prefix())
         elif self.file:
-            head.append(self.file)
+            head.append(echo_text(self.file))
         if self.key_path:
             head.append(format_key_path(self.key_path))
         text = self.message
@@ -93,12 +130,23 @@ class RecipekitError(Exception):
         line = ": ".join([*head, text])
         loc = self.location
         if loc is not None and loc.text is not None and loc.line is not None:
-            caret = " " * max((loc.column or 1) - 1, 0) + "^"
-            line += f"\n    {loc.text}\n    {caret}"
-        return line
+            text, column = _excerpt(loc.text, loc.column or 1)
+            line += f"\n    {text}\n    {' ' * (column - 1)}^"
+        return terminal_text(line)
 
     def __str__(self) -> str:
         return self.render()
+
+
+def _excerpt(text: str, column: int) -> tuple[str, int]:
+    """The user's line for the caret display, escaped, and the caret's column in it: a long
+    line is cut to `ECHO_LIMIT` characters around the column."""
+    column = max(column, 1)
+    start = max(0, min(column - 1 - ECHO_LIMIT // 2, len(text) - ECHO_LIMIT))
+    cut = text[start:start + ECHO_LIMIT]
+    before = printable(cut[:column - 1 - start])
+    lead, tail = ("..." if start else ""), ("..." if start + ECHO_LIMIT < len(text) else "")
+    return lead + before + printable(cut[column - 1 - start:]) + tail, len(lead + before) + 1
 
 
 class UsageError(RecipekitError):

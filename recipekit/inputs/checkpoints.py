@@ -24,14 +24,13 @@ from recipekit.errors import (
 )
 from recipekit.inputs.files import check_confined, model_root, read_small
 from recipekit.inputs.hub import HubSnapshot, download, fetch_snapshot
-from recipekit.inputs.models import read_config, read_index
+from recipekit.inputs.models import index_tensors, read_config, read_index
 from recipekit.inputs.source import shard_header
 from recipekit.io.header import (
     MAX_HEADER,
     TensorInfo,
     kind_of,
     parse_json,
-    quote_name,
 )
 from recipekit.io.names import (
     ADAPTER_CONFIG,
@@ -116,7 +115,6 @@ def _read_model_tensors(spec: str, path: Path, root: Path, snap: HubSnapshot | N
     if os.path.lexists(index):
         weight_map = read_index(index, root)
         headers: dict[str, dict[str, TensorInfo]] = {}
-        tensors: dict[str, TensorInfo] = {}
         for fname in dict.fromkeys(weight_map.values()):
             shard = path / fname
             if not os.path.lexists(shard) and snap is None:
@@ -124,23 +122,8 @@ def _read_model_tensors(spec: str, path: Path, root: Path, snap: HubSnapshot | N
                                           file=display_path(shard),
                                           hint="the checkpoint download is incomplete")
             headers[fname] = _local(shard, root, snap, data)
-        for fname, header in headers.items():
-            for name, info in header.items():
-                if weight_map.get(name) != fname:
-                    listed = (f"maps to {weight_map[name]}" if name in weight_map
-                              else "does not list")
-                    raise CorruptCheckpointError(
-                        f"{fname} holds tensor {quote_name(name)}, which {INDEX} {listed}",
-                        file=display_path(index), hint="the index is stale or the shard is "
-                        "from another checkpoint")
-                tensors[name] = info
-        missing = sorted(set(weight_map) - set(tensors))
-        if missing:
-            raise CorruptCheckpointError(
-                f"tensor {quote_name(missing[0])} is listed in {INDEX} for "
-                f"{weight_map[missing[0]]} but that file does not contain it",
-                file=display_path(index),
-                hint="the index is stale or the shard is from another checkpoint")
+        index_tensors(path, weight_map, headers)  # the same verdict as `validate` and `run`
+        tensors = {name: info for header in headers.values() for name, info in header.items()}
         return tensors, tuple(path / f for f in headers)
     pickles = [n for n in PICKLE_NAMES if (path / n).is_file()]
     if pickles:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipekit.errors import SourceNotFoundError
+from recipekit.errors import SourceNotFoundError, echo_text
 from recipekit.inputs.files import sha256_file
 from recipekit.io.header import TensorInfo, check_entry, check_layout
 from recipekit.io.names import WEIGHT_DIRS, WEIGHT_SUFFIXES
@@ -63,7 +63,7 @@ def fetch_snapshot(repo: str, revision: str) -> HubSnapshot:
     from huggingface_hub import errors, snapshot_download
 
     offline = is_offline()
-    where = f"hub repo '{repo}' at revision '{revision}'"
+    where = f"hub repo '{echo_text(repo)}' at revision '{echo_text(revision)}'"
     try:
         path = snapshot_download(repo, revision=revision, cache_dir=cache_dir(),
                                  local_files_only=offline, ignore_patterns=WEIGHT_PATTERNS)

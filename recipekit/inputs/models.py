@@ -267,23 +267,14 @@ def _read_tensors(path: Path, root: Path, ref: ModelRef, located: Located, snap:
     if os.path.lexists(index):
         weight_map = read_index(index, root)
         headers: dict[str, dict[str, TensorInfo]] = {}
-        tensors: dict[str, TensorInfo] = {}
-        for name, fname in weight_map.items():
-            if fname not in headers:
-                shard = path / fname
-                if not os.path.lexists(shard) and snap is None:
-                    raise SourceNotFoundError(
-                        f"shard {fname!r} listed in {INDEX} is missing",
-                        file=display_path(shard), hint="the checkpoint download is incomplete")
-                headers[fname] = shard_header(shard, root, snap)
-            info = headers[fname].get(name)
-            if info is None:
-                raise TensorNotFoundError(
-                    f"tensor {quote_name(name)} is listed in {INDEX} for {fname} but that file "
-                    "does not contain it", file=display_path(path / fname),
-                    hint="the index is stale or the shard is from another checkpoint")
-            tensors[name] = info
-        return tensors, tuple(path / f for f in headers)
+        for fname in dict.fromkeys(weight_map.values()):
+            shard = path / fname
+            if not os.path.lexists(shard) and snap is None:
+                raise SourceNotFoundError(
+                    f"shard {fname!r} listed in {INDEX} is missing",
+                    file=display_path(shard), hint="the checkpoint download is incomplete")
+            headers[fname] = shard_header(shard, root, snap)
+        return index_tensors(path, weight_map, headers), tuple(path / f for f in headers)
     pickles = [n for n in PICKLE_NAMES if (path / n).is_file()]
     if pickles:
         raise located(UnsupportedCheckpointError,
@@ -296,6 +287,33 @@ def _read_tensors(path: Path, root: Path, ref: ModelRef, located: Located, snap:
                   f"no {WEIGHTS} or {INDEX} in {ref.written!r}" + (
                       f" (found {', '.join(others[:3])})" if others else ""),
                   "a checkpoint directory holds model.safetensors or a sharded index")
+
+
+_STALE = "the index is stale or the shard is from another checkpoint"
+
+
+def index_tensors(path: Path, weight_map: dict[str, str],
+                  headers: dict[str, dict[str, TensorInfo]]) -> dict[str, TensorInfo]:
+    """A sharded checkpoint's tensors (in index order), its index checked against the shards'
+    headers both ways: a listed tensor its shard lacks, or a shard tensor the index does not list
+    or maps elsewhere, is a stale index (exit 2: headers alone show it). One check, so `run`,
+    `validate` and `inspect` give the same verdict (tests/inputs/test_models.py)."""
+    tensors: dict[str, TensorInfo] = {}
+    for name, fname in weight_map.items():
+        info = headers[fname].get(name)
+        if info is None:
+            raise TensorNotFoundError(
+                f"tensor {quote_name(name)} is listed in {INDEX} for {fname} but that file "
+                "does not contain it", file=display_path(path / fname), hint=_STALE)
+        tensors[name] = info
+    for fname, header in headers.items():
+        for name in header:
+            if weight_map.get(name) != fname:
+                listed = f"maps to {weight_map[name]}" if name in weight_map else "does not list"
+                raise TensorNotFoundError(
+                    f"{fname} holds tensor {quote_name(name)}, which {INDEX} {listed}",
+                    file=display_path(path / INDEX), hint=_STALE)
+    return tensors
 
 
 def iter_donor_files(path: Path, *, warn: bool = True) -> list[Path]:

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.dtypes import DTYPES, FP8_CODES
-from recipekit.errors import CorruptCheckpointError, UnsupportedCheckpointError, display_path
+from recipekit.errors import (
+    ECHO_LIMIT,
+    CorruptCheckpointError,
+    UnsupportedCheckpointError,
+    display_path,
+    echo_text,
+)
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit (MAX_HEADER_SIZE, in bytes)
 METADATA = {"format": "pt"}
@@ -50,19 +56,10 @@ class TensorInfo:
     nbytes: int
 
 
-def printable(text: str) -> str:
-    """``text`` with control characters escaped, so an untrusted name cannot forge output lines."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
-
-
-def quote_name(name: str, limit: int = 160) -> str:
-    """A tensor (or file) name for a message: backquoted, control characters escaped, long
-    names cut, so a hostile name cannot forge lines of output."""
-    text = printable(name if len(name) <= limit else name[:limit])
-    return f"`{text}{'...' if len(name) > limit else ''}`"
+def quote_name(name: str, limit: int = ECHO_LIMIT) -> str:
+    """A tensor (or file) name for a message: backquoted, shortened and escaped (`echo_text`),
+    so a hostile name cannot forge lines of output."""
+    return f"`{echo_text(name, limit)}`"
 
 
 def kind_of(value: Any) -> str:

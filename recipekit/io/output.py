@@ -13,6 +13,7 @@ never deletes a file it did not write. The manifest ``recipekit.json`` is writte
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -39,6 +40,19 @@ __all__ = ["INDEX", "MANIFEST", "STATE", "OutputDir", "State", "dumps"]
 def dumps(data: Any) -> bytes:
     """JSON as transformers writes it: sorted keys, 2-space indent, trailing newline."""
     return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _state_denied(out: Path, verb: str, e: OSError) -> OutputError:
+    """The state file cannot be read or written for want of permission: say that, and what to
+    fix, instead of promising a resume that cannot happen until it is fixed."""
+    why = "the file system is read-only" if e.errno == errno.EROFS else "permission denied"
+    return OutputError(
+        f"cannot {verb} the state file {STATE}: {why}", file=display_path(out),
+        hint="recipekit needs to read and write the output directory; fix its owner or mode "
+        "(or choose another output path) before running again")
 
 
 @dataclass
@@ -135,7 +149,13 @@ class OutputDir:
                 raw = json.loads(state_path.read_text())
                 old = State(raw["plan_hash"], list(raw["files"]), dict(raw["finished"]),
                             bool(raw.get("complete")))
-            except (OSError, ValueError, KeyError, TypeError):
+            except OSError as e:
+                if e.errno in _DENIED:
+                    raise _state_denied(self.path, "read", e) from None
+                raise OutputPathError(
+                    f"{display_path(state_path)} is damaged",
+                    hint="delete the output directory yourself and run again") from None
+            except (ValueError, KeyError, TypeError):
                 raise OutputPathError(
                     f"{display_path(state_path)} is damaged",
                     hint="delete the output directory yourself and run again") from None
@@ -220,7 +240,15 @@ class OutputDir:
         self.save_state()
 
     def save_state(self) -> None:
-        write_file_atomic(self.path / STATE, self.state.to_json(), fsync=self.fsync)
+        """Write the state file. A permission error says so and what to fix: a rerun cannot
+        resume until the output directory is writable (the generic write hint would say it
+        resumes)."""
+        try:
+            write_file_atomic(self.path / STATE, self.state.to_json(), fsync=self.fsync)
+        except OutputError as e:
+            if isinstance(e.__cause__, OSError) and e.__cause__.errno in _DENIED:
+                raise _state_denied(self.path, "write", e.__cause__) from e
+            raise
 
     def is_finished(self, shard: str) -> bool:
         return shard in self.state.finished

@@ -11,9 +11,8 @@ import json
 from dataclasses import fields
 from typing import Any
 
-from recipekit.errors import display_path
+from recipekit.errors import display_path, echo_text, printable, terminal_text
 from recipekit.graph import Load, Node
-from recipekit.io.header import printable
 from recipekit.plan import Plan
 from recipekit.units import format_size
 
@@ -166,16 +165,19 @@ def render_dot(plan: Plan) -> str:
 
 
 def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> str:
-    """The human summary `recipekit plan` prints."""
+    """The human summary `recipekit plan` prints; every input-derived string is escaped and
+    shortened (`echo_text`), and `terminal_text` guards the whole."""
     r = plan.recipe
     est = estimates(plan, disk_extra)
     reread = (f" ({format_size(est['bytes_read_total'])} with re-reads)"
               if est["bytes_read_total"] != est["bytes_read"] else "")
     lines = [
-        f"recipe:        {r.document.file}" + (f" ({r.name})" if r.name else ""),
+        f"recipe:        {echo_text(r.document.file)}" + (f" ({echo_text(r.name)})" if r.name
+                                                              else ""),
         f"output:        {display_path(r.output.path)}  " + (
-            f"(adapter set '{r.output.model}': a PEFT adapter directory)" if plan.donor is None
-            else f"(model '{r.output.model}', config from '{plan.donor.name}')"),
+            f"(adapter set '{echo_text(r.output.model)}': a PEFT adapter directory)"
+            if plan.donor is None else f"(model '{echo_text(r.output.model)}', config from "
+            f"'{echo_text(plan.donor.name)}')"),
         *([] if plan.adapter else [
             f"layers:        {plan.model.stack.num_layers}  (`{plan.model.stack.prefix}<i>`, "
             f"config key {'.'.join(plan.model.stack.count_key)})"]),
@@ -198,4 +200,4 @@ def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> st
             for t in s.tensors:
                 lines.append(f"    {printable(t.name)}  {t.node.dtype}{list(t.node.shape)}  <- "
                              f"{node_label(t.node)}")
-    return "\n".join(lines)
+    return terminal_text("\n".join(lines))

@@ -170,7 +170,8 @@ class _Composer:
                 self.errors.append(RecipeError(
                     f"duplicate key `{key}` (first defined on line {seen[key]})",
                     key_path=path + (key,), location=_loc(doc, key_node),
-                    hint="remove one of them; YAML would silently keep only the last"))
+                    hint=f"remove one of them; {_format_of(doc)} would silently keep only "
+                    "the last"))
                 continue
             seen[key] = line
             doc.key_marks[path + (key,)] = _mark(key_node)
@@ -200,6 +201,12 @@ _MAX_ALIASED_VALUES = 10_000
 def _loc(doc: Document, node: yaml.Node) -> Location:
     line, col = _mark(node)
     return Location(doc.file, line, col, doc.lines[line - 1] if line <= len(doc.lines) else None)
+
+
+def _format_of(doc: Document) -> str:
+    """The recipe's format as a message names it: a .json recipe is JSON, even though its keys
+    are located by the YAML pass."""
+    return "JSON" if Path(doc.file).suffix.lower() == ".json" else "YAML"
 
 
 def _reject_duplicate_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -234,6 +241,8 @@ def load_document(path: str | Path) -> Document:
         doc.data = _compose(yaml_text, doc, errors)
     except (yaml.YAMLError, RecursionError) as e:
         if not json_ok:
+            if isinstance(e, yaml.reader.ReaderError) and isinstance(e.character, int):
+                raise _reader_error(doc, e, yaml_text) from None
             raise _syntax_error(doc, e) from None
         # Valid JSON that YAML cannot read (a key over 1024 characters, a raw U+0080): the JSON
         # parser's document, located as far as the YAML pass got.
@@ -274,7 +283,32 @@ def _read_text(p: Path, display: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RecipeErrors([RecipeError(f"not UTF-8 text ({e.reason})", file=display)]) from None
+        raise _not_utf8(e, display) from None
+
+
+def _not_utf8(e: UnicodeDecodeError, display: str) -> RecipeErrors:
+    """Located at the first bad byte: its line and column (in characters), the line shown with
+    the byte escaped, so a user finds it in a file their editor may show as fine."""
+    data = bytes(e.object)
+    start = data.rfind(b"\n", 0, e.start) + 1
+    end = data.find(b"\n", e.start)
+    text = data[start:end if end >= 0 else len(data)].decode("utf-8", "backslashreplace")
+    before = data[start:e.start].decode("utf-8", "backslashreplace")
+    return RecipeErrors([RecipeError(
+        f"not UTF-8 text: byte 0x{data[e.start]:02x} ({e.reason})",
+        location=Location(display, data.count(b"\n", 0, e.start) + 1, len(before) + 1, text),
+        hint="save the recipe as UTF-8")])
+
+
+def _reader_error(doc: Document, e: yaml.reader.ReaderError, text: str) -> RecipeErrors:
+    """A character YAML refuses anywhere (NUL, other C0 controls): located at its line and
+    column, which PyYAML only gives as an offset into the whole text."""
+    line = text.count("\n", 0, e.position) + 1
+    column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+    return RecipeErrors([RecipeError(
+        f"invalid YAML: unacceptable character U+{e.character:04X}: control characters are not "
+        "allowed", location=Location(doc.file, line, column, _line(doc, line)),
+        hint="remove it, or write it as an escape in a double-quoted string")])
 
 
 def _parse_json(text: str, doc: Document) -> tuple[Any, bool]:

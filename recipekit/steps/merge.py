@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from recipekit.dtypes import NAME_TO_CODE, is_floating, promote, torch_dtype
-from recipekit.errors import KeyPath, RecipeError, RecipeErrors
+from recipekit.errors import KeyPath, RecipeError, RecipeErrors, printable
 from recipekit.graph import (
     Node,
     VirtualModel,
@@ -31,7 +31,6 @@ from recipekit.graph import (
     intern,
     shared_shape,
 )
-from recipekit.io.header import printable
 from recipekit.merge import METHODS
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, is_constant, resolve

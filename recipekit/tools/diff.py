@@ -5,7 +5,10 @@ norm difference ‖a − b‖ / ‖a‖ and the cosine similarity (`ops.stats.Di
 fixed-size chunks, so memory stays a few MiB). Layer and model summaries are the same statistics
 of the concatenated values. Tensors only in one side, or whose shapes differ, are listed.
 Dtypes may differ (a bf16 output against its fp32 input): values are compared in fp64.
-Oracle: tests/test_diff.py (a model against itself and against a known perturbation).
+Two checkpoints without one same-named, same-shaped floating tensor are "nothing comparable":
+``comparable`` is false and the summary's statistics are null, never the cosine 1 and relative
+norm 0 of an empty sum. `verdict` gives the exit status scripts use, like diff(1).
+Oracle: tests/tools/test_diff.py (a model against itself, a known perturbation, unrelated models).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from recipekit.dtypes import is_floating
-from recipekit.errors import display_path
+from recipekit.errors import display_path, echo_text
 from recipekit.inputs.checkpoints import OpenCheckpoint
 from recipekit.io import chunks
 from recipekit.io.header import TensorInfo
@@ -56,16 +59,19 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
                 layers.setdefault(index.layer(name) or OUTSIDE, DiffStats()).merge(acc)
                 total.merge(acc)
     differing = sum(1 for r in rows if r["max_abs"] != 0.0 or r["nonfinite"])
+    comparable = bool(rows)
+    measured = total.count + total.nonfinite > 0  # an empty sum has cosine 1: print nothing
     return {
         "a": display_path(a.path),
         "b": display_path(b.path),
+        "comparable": comparable,
         "compared": len(rows),
         "identical": len(rows) - differing,
         "differing": differing,
         "only_in_a": only_a,
         "only_in_b": only_b,
         "shape_mismatch": shape_mismatch,
-        "summary": total.summary(),
+        "summary": total.summary() if measured else dict.fromkeys(total.summary()),
         "layers": {k: layers[k].summary() for k in sorted(layers, key=layer_sort_key)},
         "tensor_list": rows,
     }
@@ -84,6 +90,18 @@ def _compare(reader: FileReader, ia: TensorInfo, ib: TensorInfo, buf_a: bytearra
     return acc
 
 
+SAME, DIFFERENT = 0, 1
+
+
+def verdict(report: dict[str, Any]) -> int:
+    """The exit status of `recipekit diff`, like diff(1): 0 when every tensor has a same-shaped
+    twin with equal values, 1 otherwise, including "nothing comparable" (2, trouble, comes from
+    the error path)."""
+    same = (report["comparable"] and not report["differing"] and not report["only_in_a"]
+            and not report["only_in_b"] and not report["shape_mismatch"])
+    return SAME if same else DIFFERENT
+
+
 def render_diff(report: dict[str, Any], *, verbose: bool = False) -> str:
     """A compact human summary: totals, one row per layer, and the tensors that differ most
     (every compared tensor with ``verbose``)."""
@@ -91,12 +109,17 @@ def render_diff(report: dict[str, Any], *, verbose: bool = False) -> str:
     lines = [f"a: {report['a']}", f"b: {report['b']}",
              f"{report['compared']} tensors compared: {report['identical']} identical, "
              f"{report['differing']} differ"]
+    if not report["comparable"]:
+        lines[-1] = "nothing comparable: no tensor has the same name and shape in both"
     for key, what in (("only_in_a", "only in a"), ("only_in_b", "only in b")):
         if report[key]:
-            names = ", ".join(report[key][:5]) + (", ..." if len(report[key]) > 5 else "")
+            names = ", ".join(map(echo_text, report[key][:5])) + (
+                ", ..." if len(report[key]) > 5 else "")
             lines.append(f"{len(report[key])} tensors {what}: {names}")
     for m in report["shape_mismatch"][:5]:
-        lines.append(f"shape differs: {m['name']}: {m['a']} vs {m['b']}")
+        lines.append(f"shape differs: {echo_text(m['name'])}: {m['a']} vs {m['b']}")
+    if s["cosine"] is None:
+        return "\n".join(lines)
     lines.append(f"overall: max |a-b| {fmt_number(s['max_abs'])}, mean |a-b| "
                  f"{fmt_number(s['mean_abs'])}, rel norm {fmt_number(s['rel_norm'])}, cosine "
                  f"{s['cosine']:.6f}" + (f", {s['nonfinite']} non-finite pairs skipped"
@@ -111,6 +134,6 @@ def render_diff(report: dict[str, Any], *, verbose: bool = False) -> str:
     if rows:
         title = "tensors" if verbose else "largest relative differences"
         lines += ["", f"{title}:", *table(("tensor", *head[1:]), [
-            (r["name"], fmt_number(r["max_abs"]), fmt_number(r["mean_abs"]),
+            (echo_text(r["name"]), fmt_number(r["max_abs"]), fmt_number(r["mean_abs"]),
              fmt_number(r["rel_norm"]), f"{r['cosine']:.6f}") for r in rows])]
     return "\n".join(lines)

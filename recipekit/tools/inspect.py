@@ -12,6 +12,7 @@ tests/test_inspect.py (torch on the loaded tensors, PEFT's ``get_nb_trainable_pa
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -19,10 +20,10 @@ from typing import Any
 
 from recipekit.arch import scan_layer_stacks
 from recipekit.dtypes import is_floating
-from recipekit.errors import display_path
+from recipekit.errors import display_path, printable
 from recipekit.inputs.checkpoints import OpenCheckpoint
 from recipekit.io import chunks
-from recipekit.io.header import TensorInfo, printable
+from recipekit.io.header import TensorInfo
 from recipekit.io.reader import FileReader
 
 OUTSIDE = "(outside layers)"
@@ -107,7 +108,7 @@ def inspect_checkpoint(ckpt: OpenCheckpoint, *, stats: bool = True,
     if ckpt.hub is not None:
         report["hub"] = {"repo": ckpt.hub.repo, "commit": ckpt.hub.commit}
     if ckpt.kind == "model" and ckpt.config:
-        report["architectures"] = ckpt.config.get("architectures")
+        report["architectures"] = _architectures(ckpt.config.get("architectures"))
         report["model_type"] = ckpt.config.get("model_type")
     if ckpt.kind == "adapter":
         report["adapter"] = describe_adapter(ckpt.config, ckpt.tensors)
@@ -115,6 +116,16 @@ def inspect_checkpoint(ckpt: OpenCheckpoint, *, stats: bool = True,
         _add_stats(ckpt, rows, index, report, progress)
     report["tensor_list"] = rows
     return report
+
+
+def _architectures(value: Any) -> list[str] | None:
+    """config.json's ``architectures`` as class names: a bare string (hand-written configs have
+    one) is one name, not a list of its letters; a non-string entry is shown as its JSON.
+    Oracle: transformers reads ``architectures`` as a list of class names."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else [value]
+    return [v if isinstance(v, str) else json.dumps(v) for v in items]
 
 
 def _add_stats(ckpt: OpenCheckpoint, rows: list[dict[str, Any]], index: LayerIndex,

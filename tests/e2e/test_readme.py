@@ -31,3 +31,14 @@ def test_quickstart_runs_verbatim(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("wrote out/quickstart: 12 layers, 1 shard(s)")
     assert (tmp_path / "out" / "quickstart" / "model.safetensors").is_file()
+
+
+def test_reliability_table_matches_the_suite():
+    """README "Reliability": the table's counts are the suite's (issue 17). Oracle: the test ids
+    `pytest --collect-only` lists, assigned to rows by tests/helpers/reliability.py; after
+    adding hostile tests, paste `python -m tests.helpers.reliability` into README.md."""
+    from tests.helpers.reliability import collected_ids, count, readme_table, table
+
+    ids = collected_ids()
+    assert len(ids) > 1000  # the whole suite was collected
+    assert readme_table() == table(count(ids))

@@ -159,3 +159,46 @@ output: {{model: up, path: out}}
     merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out-mix").eval()
     with torch.no_grad():
         assert torch.isfinite(merged(**llava_inputs()).logits).all()
+
+
+def _sharded(tmp_path, tiny_llama):
+    """tiny_llama as a one-shard sharded checkpoint, its index and a recipe that uses it."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text((tiny_llama / "config.json").read_text())
+    tensors = {}
+    with safe_open(tiny_llama / "model.safetensors", "pt") as f:
+        for k in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            tensors[k] = f.get_tensor(k)
+    save_file(tensors, model / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+    weight_map = dict.fromkeys(tensors, "model-00001-of-00001.safetensors")
+    recipe = write_recipe(tmp_path, "recipekit: 1\nmodels: {m: ./model}\noutput: {model: m}\n")
+    return model, weight_map, tensors, recipe
+
+
+def test_validate_and_inspect_agree_on_a_stale_index(cli, tmp_path, tiny_llama):
+    """Issue 17 item 14: a stale index (a listed tensor its shard lacks; a shard tensor the
+    index does not list) used to pass `validate` but fail `inspect` with exit 1, or the other way
+    round. Oracle: one verdict, the same message and exit 2 (headers alone show it) from both."""
+    model, weight_map, tensors, recipe = _sharded(tmp_path, tiny_llama)
+    index = model / "model.safetensors.index.json"
+    listed_extra = {**weight_map, "ghost.weight": "model-00001-of-00001.safetensors"}
+    unlisted = {k: v for k, v in weight_map.items() if k != "lm_head.weight"}
+    expected = {
+        json.dumps({"weight_map": listed_extra}):
+            "tensor `ghost.weight` is listed in model.safetensors.index.json for "
+            "model-00001-of-00001.safetensors but that file does not contain it",
+        json.dumps({"weight_map": unlisted}):
+            "model-00001-of-00001.safetensors holds tensor `lm_head.weight`, which "
+            "model.safetensors.index.json does not list",
+    }
+    for text, message in expected.items():
+        index.write_text(text)
+        for args in (("validate", recipe), ("inspect", model, "-q", "--headers-only")):
+            result = cli(*args)
+            assert result.exit_code == 2, (args, result.output)
+            assert message in result.stderr
+            assert "the index is stale or the shard is from another checkpoint" in result.stderr
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    assert cli("validate", recipe).exit_code == 0
+    assert cli("inspect", model, "-q", "--headers-only").exit_code == 0

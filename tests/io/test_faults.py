@@ -133,3 +133,49 @@ def test_real_file_size_limit(tmp_path, tiny_llama):
     assert "the file size limit was reached while writing (`ulimit -f`" in proc.stderr
     assert "raise the limit or lower `output.shard_size`" in proc.stderr
     assert not [n for n in listing(tmp_path / "out") if n.endswith(".recipekit-partial")]
+
+
+@pytest.mark.parametrize("err", [errno.EACCES, errno.EROFS])
+def test_permission_error_on_the_state_file_says_what_is_wrong(cli, tmp_path, tiny_llama,
+                                                               monkeypatch, err):
+    """Issue 17 item 14: a state file the run may not write used to say "running the same
+    command again resumes", which it cannot until the permission is fixed. Oracle: the exact
+    message names the state file, the cause and the fix, and promises no resume. (Simulated:
+    the suite runs as root, which no mode bit stops.)"""
+    r = write_recipe(tmp_path, solar_recipe(tiny_llama, output="  path: ./out"))
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".recipekit-state.json"):
+            raise OSError(err, os.strerror(err))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(writer_mod.os, "replace", replace)
+    result = cli("run", r, "-q")
+    assert result.exit_code == 1
+    why = "permission denied" if err == errno.EACCES else "the file system is read-only"
+    assert result.stderr == (
+        f"{tmp_path / 'out'}: cannot write the state file .recipekit-state.json: {why}; "
+        "recipekit needs to read and write the output directory; fix its owner or mode (or "
+        "choose another output path) before running again\n")
+
+
+def test_unreadable_state_file_is_not_called_damaged(cli, tmp_path, tiny_llama, monkeypatch):
+    """A state file that cannot be read for want of permission is not "damaged" (whose hint
+    says to delete the output): the message says what is wrong."""
+    from pathlib import Path
+
+    r = write_recipe(tmp_path, solar_recipe(tiny_llama, output="  path: ./out"))
+    assert cli("run", r, "-q").exit_code == 0
+    real_read = Path.read_text
+
+    def read_text(self, *a, **k):
+        if self.name == ".recipekit-state.json":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_read(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    result = cli("run", r, "-q")
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"{tmp_path / 'out'}: cannot read the state file "
+                                    ".recipekit-state.json: permission denied; ")

@@ -34,3 +34,38 @@ def test_aliases_are_bounded(tmp_path):
 def test_show_quotes_and_shortens():
     assert show("x") == "'x'" and show(1.5) == "1.5" and show(None) == "null"
     assert show("y" * 100).endswith("...") and len(show("y" * 100)) == 60
+
+
+class TestLocatedEncodingErrors:
+    """Issue 17 item 14: a non-UTF-8 byte or a NUL used to be reported without a position, a
+    JSON duplicate key as "YAML would ...". Oracle: the line and column of the first bad byte
+    (counted in characters, as an editor does) and the file's own format."""
+
+    def test_non_utf8_byte_is_located(self, tmp_path):
+        p = tmp_path / "r.yaml"
+        p.write_bytes("recipekit: 1\nname: \"été\xff\"\n".encode("latin-1").replace(
+            "été".encode("latin-1"), "été".encode()))
+        with pytest.raises(RecipeErrors) as e:
+            load_document(p)
+        assert e.value.render() == (
+            f"{p}:2:11: not UTF-8 text: byte 0xff (invalid start byte); save the recipe as "
+            "UTF-8\n    name: \"été\\xff\"\n              ^")
+
+    def test_nul_is_located(self, tmp_path):
+        p = tmp_path / "r.yaml"
+        p.write_bytes(b"recipekit: 1\nname: \"ab\x00c\"\n")
+        with pytest.raises(RecipeErrors) as e:
+            load_document(p)
+        assert e.value.render() == (
+            f"{p}:2:10: invalid YAML: unacceptable character U+0000: control characters are not "
+            "allowed; remove it, or write it as an escape in a double-quoted string\n"
+            "    name: \"ab\\x00c\"\n             ^")
+
+    def test_json_duplicate_key_names_json(self, tmp_path):
+        p = tmp_path / "r.json"
+        p.write_text('{"recipekit": 1,\n "recipekit": 2}\n')
+        with pytest.raises(RecipeErrors) as e:
+            load_document(p)
+        assert e.value.render().splitlines()[0] == (
+            f"{p}:2:2: recipekit: duplicate key `recipekit` (first defined on line 1); remove one "
+            "of them; JSON would silently keep only the last")

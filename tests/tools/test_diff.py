@@ -21,21 +21,23 @@ Q = "model.layers.2.self_attn.q_proj.weight"
 NORM = "model.norm.weight"
 
 
-def diff_json(cli, a, b) -> dict:
+def diff_json(cli, a, b, status: int = 1) -> dict:
+    """The JSON report; ``status`` is the exit status diff(1)-style: 0 same, 1 different."""
     result = cli("diff", a, b, "--json", "-q")
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == status, result.stderr
     return json.loads(result.stdout)
 
 
 def test_real_minilm_against_itself(cli):
-    report = diff_json(cli, minilm(), minilm())
+    report = diff_json(cli, minilm(), minilm(), status=0)
+    assert report["comparable"] is True
     assert report["compared"] == report["identical"] == 104 and report["differing"] == 0
     assert report["summary"] == {"max_abs": 0.0, "mean_abs": 0.0, "rel_norm": 0.0,
                                  "cosine": 1.0, "nonfinite": 0}
     assert set(report["layers"]) == {"(outside layers)", *(f"encoder.layer.{i}" for i in range(6))}
     assert all(r["cosine"] == 1.0 and r["max_abs"] == 0.0 for r in report["tensor_list"])
-    assert "104 tensors compared: 104 identical, 0 differ" in cli("diff", minilm(), minilm(),
-                                                                  "-q").stdout
+    same = cli("diff", minilm(), minilm(), "-q")
+    assert same.exit_code == 0 and "104 tensors compared: 104 identical, 0 differ" in same.stdout
 
 
 def test_known_perturbation(cli, tmp_path, tiny_llama):
@@ -93,5 +95,47 @@ def test_shape_mismatch_and_errors(cli, tmp_path):
     assert report["shape_mismatch"] == [{"name": "w", "a": [2, 3], "b": [3, 2]}]
     (tmp_path / "c.safetensors").write_bytes(b"\x05")
     result = cli("diff", tmp_path / "a.safetensors", tmp_path / "c.safetensors")
-    assert result.exit_code == 2  # a damaged header: found before tensor data (issue 17 #10)
+    assert result.exit_code == 2  # diff(1)'s "trouble" (and found before tensor data)
     assert "c.safetensors: file is 1 bytes, shorter than a safetensors header" in result.stderr
+
+
+def test_unrelated_models_are_nothing_comparable(cli, tmp_path):
+    """Issue 17 item 12: no common tensor used to read `compared: 0`, cosine 1.0, rel norm 0 and
+    exit 0. Oracle: there is nothing to measure, so every statistic is null and the exit is 1."""
+    save_file({"w": torch.ones(2, 3)}, tmp_path / "a.safetensors")
+    save_file({"v": torch.zeros(4)}, tmp_path / "b.safetensors")
+    report = diff_json(cli, tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert report["comparable"] is False and report["compared"] == 0
+    assert report["summary"] == {"max_abs": None, "mean_abs": None, "rel_norm": None,
+                                 "cosine": None, "nonfinite": None}
+    text = cli("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "-q")
+    assert text.exit_code == 1
+    assert text.stdout.splitlines()[2:] == [
+        "nothing comparable: no tensor has the same name and shape in both",
+        "1 tensors only in a: w", "1 tensors only in b: v"]
+    assert "cosine" not in text.stdout
+
+
+def test_exit_status_like_diff1(cli, tmp_path):
+    """0 only when every tensor has an equal, same-shaped twin; an extra tensor is a difference."""
+    save_file({"w": torch.ones(2, 3)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.ones(2, 3)}, tmp_path / "same.safetensors")
+    save_file({"w": torch.ones(2, 3), "x": torch.ones(1)}, tmp_path / "more.safetensors")
+    save_file({"w": torch.full((2, 3), 2.0)}, tmp_path / "other.safetensors")
+    a = tmp_path / "a.safetensors"
+    assert cli("diff", a, tmp_path / "same.safetensors", "-q").exit_code == 0
+    assert cli("diff", a, tmp_path / "more.safetensors", "-q").exit_code == 1
+    assert cli("diff", a, tmp_path / "other.safetensors", "-q").exit_code == 1
+    assert cli("diff", a, tmp_path / "missing", "-q").exit_code == 2
+
+
+def test_hostile_tensor_names_are_escaped(cli, tmp_path):
+    """Issue 17 item 13: a tensor name with an OSC title sequence and a newline is printed
+    escaped (exactly), never raw."""
+    evil = "w\x1b]0;pwned\x07\nforged"
+    save_file({evil: torch.ones(2)}, tmp_path / "a.safetensors")
+    save_file({evil: torch.ones(3)}, tmp_path / "b.safetensors")
+    result = cli("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "-q")
+    assert result.exit_code == 1
+    assert "\x1b" not in result.stdout and "\nforged" not in result.stdout
+    assert "shape differs: w\\x1b]0;pwned\\x07\\nforged: [2] vs [3]" in result.stdout

@@ -182,3 +182,20 @@ class TestErrors:
         assert report["stats"] == inspect_json(cli, tiny_llama)["stats"]
         missing = cli("inspect", "org/other")
         assert missing.exit_code == 2 and "org/other" in missing.stderr
+
+
+def test_string_architectures_is_one_class_name(cli, tmp_path, tiny_llama):
+    """Issue 17 item 14: `"architectures": "LlamaForCausalLM"` (a string, as hand-written
+    configs have it) used to print as `L, l, a, m, a, ...`. Oracle: transformers' meaning, a
+    list of class names."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = "LlamaForCausalLM"
+    (model / "config.json").write_text(json.dumps(config))
+    assert inspect_json(cli, model, "--headers-only")["architectures"] == ["LlamaForCausalLM"]
+    text = cli("inspect", model, "--headers-only", "-q").stdout
+    assert "architecture: LlamaForCausalLM (model_type llama)" in text
+    config["architectures"] = [{"x": 1}, "A"]
+    (model / "config.json").write_text(json.dumps(config))
+    assert inspect_json(cli, model, "--headers-only")["architectures"] == ['{"x": 1}', "A"]

@@ -1,0 +1,92 @@
+"""Issue 17 item 13: nothing from an input reaches the terminal raw.
+
+Oracle: the exact escaped text. Control and format characters (ESC of an OSC title sequence,
+newline, NUL, U+202E) print as Python escapes (``\\x1b``, ``\\n``, ``\\x00``, ``\\u202e``),
+and an echoed input longer than `ECHO_LIMIT` (160) characters prints as its first 160 and
+``...``: one escaping helper (`echo_text`), one shortening rule.
+"""
+
+from __future__ import annotations
+
+from recipekit.errors import ECHO_LIMIT, Location, RecipeError, echo_text, terminal_text
+
+from tests.helpers.recipes import solar_recipe, write_recipe
+
+LAYERS_ERR = "steps[0].layers[0]: range(0,99) reaches layer 98, but model 'tiny' has 8 layers"
+
+
+def test_echo_text_escapes_and_shortens():
+    assert echo_text("a\x1b]0;t\x07\nb\x00\u202ec") == "a\\x1b]0;t\\x07\\nb\\x00\\u202ec"
+    assert echo_text("x" * 5000) == "x" * ECHO_LIMIT + "..."
+    assert echo_text("ok/path.yaml") == "ok/path.yaml"
+
+
+def test_terminal_text_keeps_line_breaks_and_cuts_long_numbers():
+    assert terminal_text("a\x1bb\nc\u202e") == "a\\x1bb\nc\\u202e"
+    assert terminal_text("n=" + "9" * 400 + " end") == "n=" + "9" * (ECHO_LIMIT - 2) + "... end"
+
+
+def test_location_and_caret_line_are_escaped_and_windowed():
+    err = RecipeError("bad", location=Location("a\u202eb.yaml", 1, 300, "k: " + "v" * 400))
+    head, text, caret = err.render().split("\n")
+    assert head == "a\\u202eb.yaml:1:300: bad"
+    # 160 characters around column 300 (from column 220), marked as cut on both sides
+    assert text == "    ..." + "v" * ECHO_LIMIT + "..."
+    assert caret == " " * 4 + " " * (3 + ECHO_LIMIT // 2) + "^"
+
+
+def test_plan_escapes_an_osc_title_in_the_recipe_name(cli, tmp_path, model_copy):
+    recipe = write_recipe(tmp_path, 'name: "t\\e]0;pwned\\a"\n' + solar_recipe())
+    result = cli("plan", recipe)
+    assert result.exit_code == 0 and "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert result.stdout.splitlines()[0] == f"recipe:        {recipe} (t\\x1b]0;pwned\\x07)"
+
+
+def test_run_escapes_a_newline_in_the_output_path(cli, tmp_path, model_copy, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, solar_recipe(output='  path: "./o\\nforged"'))
+    result = cli("run", recipe, "-q")
+    assert result.exit_code == 0 and (tmp_path / "o\nforged").is_dir()
+    assert len(result.stdout.splitlines()) == 1
+    assert result.stdout.startswith("wrote o\\nforged: 12 layers, 1 shard(s), ")
+
+
+def test_location_prefix_escapes_u202e_in_the_file_name(cli, tmp_path, model_copy):
+    recipe = write_recipe(tmp_path, solar_recipe(layers='["range(0,99)"]'), name="a\u202eb.yaml")
+    result = cli("validate", recipe)
+    assert result.exit_code == 2 and "\u202e" not in result.stderr
+    assert result.stderr.startswith(f"{tmp_path}/a\\u202eb.yaml:8:14: {LAYERS_ERR}")
+
+
+def test_nul_and_osc_in_a_hub_revision_are_escaped(cli, tmp_path, hub_cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, solar_recipe(
+        model='{hub: org/tiny, revision: "ma\\0in\\e]0;x\\a"}'))
+    result = cli("validate", recipe)
+    assert result.exit_code == 2
+    assert "\x00" not in result.stderr and "\x1b" not in result.stderr
+    assert result.stderr.startswith(
+        f"{recipe}:3:9: models.tiny: hub repo 'org/tiny' at revision 'ma\\x00in\\x1b]0;x\\x07' "
+        "is not in the local cache")
+    # a hub spec on the command line
+    result = cli("inspect", "org/tiny@ma\x00in\x1b]0;x\x07", "-q")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("'org/tiny@ma\\x00in\\x1b]0;x\\x07' does not exist; ")
+
+
+def test_a_5000_character_path_is_shortened(cli, tmp_path, model_copy, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, solar_recipe())
+    result = cli("plan", recipe, "-o", "o/" * 2500)
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[1] == (
+        "output:        " + "o/" * (ECHO_LIMIT // 2) + "...  (model 'up', config from 'tiny')")
+
+
+def test_a_400_digit_number_is_shortened(cli, tmp_path, model_copy):
+    recipe = write_recipe(tmp_path, solar_recipe(layers='["range(0,' + "9" * 400 + ')"]'))
+    result = cli("validate", recipe)
+    assert result.exit_code == 2 and "9" * (ECHO_LIMIT + 1) not in result.stderr
+    assert result.stderr.splitlines()[0] == (
+        f"{recipe}:8:14: steps[0].layers[0]: range(0,{'9' * (ECHO_LIMIT - 8)}... reaches "
+        f"layer {'9' * ECHO_LIMIT}... but model 'tiny' has 8 layers (0-7); use indices below 8")
