@@ -146,7 +146,8 @@ def _check_config(config: dict[str, Any], ref: ModelRef, located: Located) -> No
                       "lora_bias, which recipekit does not fold")
     for key, ok in (("r", _is_pos_int), ("lora_alpha", _is_number),
                     ("rank_pattern", _is_number_map), ("alpha_pattern", _is_number_map)):
-        if key in config and config[key] is not None and not ok(config[key]):
+        if key in config and (config[key] is not None or key in ("r", "lora_alpha")) and \
+                not ok(config[key]):
             raise located(UnsupportedCheckpointError, f"adapter {name!r}: `{key}` in {CONFIG} "
                           f"is {kind_of(config[key])}, which PEFT would not accept",
                           "the adapter config is damaged")
@@ -184,7 +185,14 @@ def _check_finite(config: dict[str, Any], ref: ModelRef, located: Located, shown
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A JSON number PEFT can use as a float (an integer past float range is not one)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        float(v)
+    except OverflowError:
+        return False
+    return True
 
 
 def _is_pos_int(v: Any) -> bool:

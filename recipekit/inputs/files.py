@@ -51,8 +51,10 @@ def escape_reason(p: Path, root: Path) -> str | None:
                 f"{display_path(root)}")
     try:
         mode = os.stat(p).st_mode
-    except OSError:
-        return f"is a broken symlink (to {target})" if p.is_symlink() else "cannot be read"
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return "has a name longer than the file system allows"
+        return f"is a broken symlink (to {target})" if os.path.islink(p) else "cannot be read"
     return not_regular(mode)
 
 

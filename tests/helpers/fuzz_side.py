@@ -263,10 +263,7 @@ def invoke(runner: Any, app: Any, args: list[str], limit: float) -> tuple[int, s
 
 #: Side-command bugs this fuzzer found that belong to issue 17 item 11 (internal errors for
 #: ordinary conditions), fixed in parallel: counted, not failed (key returned). Remove once fixed.
-KNOWN_OPEN_SIDE: dict[str, tuple[str, ...]] = {
-    "convert: an index entry longer than NAME_MAX (item 11)": (
-        "convert: internal error: OSError: [Errno 36] File name too long",),
-}
+KNOWN_OPEN_SIDE: dict[str, tuple[str, ...]] = {}
 
 
 def check_side(runner: Any, app: Any, case: Path, args: list[str], writes: list[Path],
@@ -305,11 +302,7 @@ def adapter_configs(inputs: SideInputs) -> st.SearchStrategy[dict[str, Any]]:
 #: rank_pattern/alpha_pattern) and 8 (non-finite or non-numeric scalings) being fixed in
 #: parallel: a case that meets one returns its key instead of failing (each is pinned by an
 #: xfail test in tests/e2e/test_fuzz_side_commands.py). Remove an entry once fixed.
-KNOWN_OPEN_ADAPTER: dict[str, tuple[str, ...]] = {
-    "r or lora_alpha null or past a float, layers_to_transform NaN (item 8)": (
-        "internal error: TypeError", "internal error: OverflowError"),
-    "catastrophic rank_pattern/alpha_pattern regex (item 7)": ("took longer than",),
-}
+KNOWN_OPEN_ADAPTER: dict[str, tuple[str, ...]] = {}
 
 
 def check_adapter_fold(runner: Any, app: Any, inputs: SideInputs, case: Path,

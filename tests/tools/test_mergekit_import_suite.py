@@ -16,13 +16,10 @@ config's own `dtype`). What must hold:
 
 * fp32, deterministic methods: every tensor bit-identical to mergekit's (all 31 are: both
   compute in fp32 with the same operations in the same order).
-* bf16: data movement (passthrough) bit-identical; computing methods within 1 bf16 ULP, the
-  most that rounding the same exact value from two computations (recipekit: fp32, rounded once)
-  can differ. They are expected to fail (xfail, not strict) until imported recipes compute in
-  mergekit's dtype (issue 16 item 4, `compute_dtype`): mergekit casts the inputs to bf16 and
-  computes in bf16, which moves values 1-4 bf16 ULP and, for the TIES family (ties, breadcrumbs,
-  sce, the examples' ties/bio-merge), changes which elements survive. Today linear, slerp and
-  Granite's linear/slerp pass anyway (xpass).
+* bf16: every deterministic case bit-identical too: imported recipes carry mergekit's
+  `compute_dtype`, so the inputs are cast to bf16 and merged in it as mergekit does (which, for
+  the TIES family, decides which elements survive). Four cases differ, each with its reason in
+  `BF16_DIFFERS` (strict xfail): karcher, ramplus_tl and arcee_fusion (twice).
 * random methods (dare_*, della): keep-rate of the task vector and its spread (std) agree with
   mergekit's within sampling noise; the masks come from other generators.
 * refusals: the case's reason is named (README lists them).
@@ -121,18 +118,22 @@ EXAMPLES = {  # examples/*.yml, hub names -> tiny 40-layer Llamas
 }
 CASES = {**SUITE, **EXAMPLES}
 #: What recipekit refuses, with the words of its reason (README, import-mergekit section).
-REFUSED = {
-    "arcee_fusion": "cannot convert merge method 'arcee_fusion'",
-    "ex_arcee_fusion": "cannot convert merge method 'arcee_fusion'",
-    "ram": "cannot convert merge method 'ram'",
-    "ramplus_tl": "cannot convert merge method 'ramplus_tl'",
-}
+REFUSED: dict[str, str] = {}
 #: Configs mergekit itself refuses; recipekit must refuse them too.
 MERGEKIT_REFUSES = {"della_invalid_epsilon": "Epsilon must be chosen such that density +/- "
                                              "epsilon is in (0, 1)"}
 #: Known gaps, each a precise reason.
-GAPS = {"della_invalid_epsilon": "recipekit accepts della epsilon 1.35 with density 0.66 "
-                                 "(density ± epsilon outside (0, 1)), which mergekit refuses"}
+GAPS: dict[str, str] = {}
+#: bf16 cases that do not reproduce mergekit within 1 ULP, each with its reason.
+BF16_DIFFERS = {
+    "karcher": "mergekit takes karcher's norms in fp32 inside its bf16 computation; recipekit runs "
+               "the whole iteration in the compute dtype (up to 0.1 apart)",
+    "ramplus_tl": "mergekit's fp32 λ promotes the bf16 computation to fp32 midway and it writes "
+                  "the fp32 result; recipekit computes in bf16",
+    "arcee_fusion": "mergekit's fp32 mask promotes the bf16 computation to fp32 midway and it "
+                    "writes the fp32 result; recipekit computes in bf16",
+    "ex_arcee_fusion": "as arcee_fusion",
+}
 RANDOM = {"dare_ties", "della"}
 DATA_MOVING = {"passthrough_scale", "granite_copy", "gpt2_copy", "gpt2_stack",
                "ex_orcamini_platy_44layer"}
@@ -202,11 +203,6 @@ def mergekit_runs(tmp_path_factory) -> dict[str, tuple[Path, Path, str]]:
     return {k: (cfg, out, status[str(cfg)]) for k, (cfg, out) in runs.items()}
 
 
-COMPUTE_DTYPE = ("mergekit casts the inputs to bf16 and computes in bf16, recipekit in fp32 "
-                 "rounded once: 1-4 bf16 ULP apart, and for the TIES family other survivors "
-                 "(issue 16 item 4: imported recipes get mergekit's compute dtype)")
-
-
 def _params():
     out = []
     for name in CASES:
@@ -214,19 +210,10 @@ def _params():
             marks = ()
             if name in GAPS:
                 marks = (pytest.mark.xfail(strict=True, reason=GAPS[name]),)
-            elif variant == "bf16" and name not in DATA_MOVING | RANDOM.union(REFUSED):
-                marks = (pytest.mark.xfail(strict=False, reason=COMPUTE_DTYPE),)
+            elif variant == "bf16" and name in BF16_DIFFERS:
+                marks = (pytest.mark.xfail(strict=True, reason=BF16_DIFFERS[name]),)
             out.append(pytest.param(name, variant, marks=marks, id=f"{name}-{variant}"))
     return out
-
-
-def within_one_ulp(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
-    """|ours - theirs| <= the spacing of ``theirs``' dtype at each value (exact when equal)."""
-    if torch.equal(ours, theirs):
-        return True
-    up = torch.nextafter(theirs.abs(), torch.tensor(float("inf"), dtype=theirs.dtype))
-    ulp = (up.double() - theirs.abs().double())
-    return bool(((ours.double() - theirs.double()).abs() <= ulp).all())
 
 
 def _compare_random(ours: dict, theirs: dict, base: dict) -> None:
@@ -262,8 +249,5 @@ def test_mergekit_config_reproduced(cli, tmp_path, mergekit_runs, name, variant)
         _compare_random(ours, theirs, read_tensors(Path(str(cfg.parent).replace(
             f"/{variant}", f"/models-{variant}")) / "c"))
         return
-    exact = name in DATA_MOVING or variant == "fp32"
-    bad = [k for k, t in theirs.items()
-           if ours[k].dtype != t.dtype or not (torch.equal(ours[k], t) if exact
-                                               else within_one_ulp(ours[k], t))]
+    bad = [k for k, t in theirs.items() if ours[k].dtype != t.dtype or not torch.equal(ours[k], t)]
     assert not bad, f"{len(bad)} of {len(theirs)} tensors differ, e.g. {bad[:3]}"
