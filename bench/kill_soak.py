@@ -166,7 +166,11 @@ class Trace:
         for k, event, name in windows:
             with contextlib.suppress(ValueError):  # no fsync events with --no-fsync
                 points[event(self.shards[k])] = f"shard {k + 1} {name}"
-        donor = next(e for e in self.events if e.startswith("copy "))
+        # donor files are written like every file (a temp opened, then renamed): the first
+        # temp opened after config.json's that is not the card, the manifest or the state
+        after = self.events[self.first(f"open {tmp_of('config.json')}") + 1:]
+        own = {f"open {tmp_of(x)}" for x in ("README.md", MANIFEST, STATE)}
+        donor = next((e for e in after if e.startswith("open ") and e not in own), "")
         for label, name in [(f"open {tmp_of(INDEX)}", "index"),
                             (f"open {tmp_of('config.json')}", "config"),
                             (donor, "donor files"), (f"open {tmp_of('README.md')}", "README"),
