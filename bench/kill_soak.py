@@ -139,6 +139,8 @@ class Trace:
         start = self.events.index(f"open {tmp_of(shard)}")
         renamed = self.events.index(f"replace {shard}", start)
         end = self.events.index(f"replace {STATE}", renamed)
+        while end + 1 < len(self.events) and self.events[end + 1] == "fsync .":
+            end += 1  # the folder's fsync after the rename belongs to the state save
         return range(start, end + 1)
 
     def rerun(self, finished: set[str]) -> list[int]:
