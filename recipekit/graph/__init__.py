@@ -19,6 +19,7 @@ from recipekit.graph.nodes import (
     Cast,
     Load,
     Node,
+    SameShape,
     cast,
     expression_nodes,
     fp32_copies,
@@ -32,5 +33,5 @@ from recipekit.graph.values import VirtualModel
 __all__ = [
     "F32", "Cast", "Concat", "DeltaCombine", "Difference", "Load", "LoraDelta", "LoraFold",
     "Node", "ScaledSum", "SvdFactor", "VirtualModel", "cast", "expression_nodes",
-    "fp32_copies", "intern", "load", "round_to", "shared_shape",
+    "fp32_copies", "intern", "load", "round_to", "SameShape", "shared_shape",
 ]

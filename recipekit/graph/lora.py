@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from recipekit.dtypes import torch_dtype
-from recipekit.graph.nodes import Node, shared_shape
+from recipekit.graph.nodes import Node, SameShape
 
 F32 = "F32"
 
@@ -55,7 +55,7 @@ class LoraDelta(Node):
 
 
 @dataclass(frozen=True, eq=False)
-class ScaledSum(Node):
+class ScaledSum(SameShape):
     """Σ_j s_j·v_j, computed in fp32 and rounded once to ``dtype`` (lora_bias updates, scaled
     factors)."""
 
@@ -69,10 +69,6 @@ class ScaledSum(Node):
     def shape_input(self) -> Node:
         """The input whose shape this node has."""
         return self.parts[0]
-
-    @property
-    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return shared_shape(self)
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -115,7 +111,7 @@ class Concat(Node):
 
 
 @dataclass(frozen=True, eq=False)
-class DeltaCombine(Node):
+class DeltaCombine(SameShape):
     """Several adapters' full fp32 deltas of one tensor combined by a merge kernel (ties, DARE,
     magnitude pruning: ops/merge.py `generalized_task_arithmetic` with a zero base), times
     ``scale``. ``tensor`` seeds DARE's generator (empty for deterministic methods)."""
@@ -133,10 +129,6 @@ class DeltaCombine(Node):
     def shape_input(self) -> Node:
         """The input whose shape this node has."""
         return self.deltas[0]
-
-    @property
-    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return shared_shape(self)
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -157,7 +149,7 @@ class DeltaCombine(Node):
 
 
 @dataclass(frozen=True, eq=False)
-class LoraFold(Node):
+class LoraFold(SameShape):
     """W₀ with adapter deltas folded in, in list order (PEFT's sequential merge; a DoRA entry
     has its magnitude vector and norm axis), computed in fp32 and rounded once to ``dtype``."""
 
@@ -173,10 +165,6 @@ class LoraFold(Node):
     def shape_input(self) -> Node:
         """The input whose shape this node has."""
         return self.base
-
-    @property
-    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return shared_shape(self)
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -204,7 +192,7 @@ class LoraFold(Node):
 
 
 @dataclass(frozen=True, eq=False)
-class Difference(Node):
+class Difference(SameShape):
     """``a − b`` in fp32 (a task vector: tuned − base, for LoRA extraction)."""
 
     a: Node
@@ -215,10 +203,6 @@ class Difference(Node):
     def shape_input(self) -> Node:
         """The input whose shape this node has."""
         return self.a
-
-    @property
-    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return shared_shape(self)
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         import torch

@@ -107,6 +107,18 @@ def shared_shape(node: Node) -> tuple[int, ...]:
     return n.shape
 
 
+class SameShape(Node):
+    """A node shaped like one of its inputs, its ``shape_input`` (an interpolation, a merge, a
+    cast, a LoRA fold): the shape is found by `shared_shape`'s loop, so deep chains need no
+    recursion, and each such node names only which input it follows."""
+
+    __slots__ = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return shared_shape(self)
+
+
 def fp32_copies(inputs: tuple[Node, ...]) -> int:
     """Bytes of the fp32 copies a kernel makes of its inputs narrower than fp32."""
     return sum(4 * n.numel for n in inputs if itemsize(n.dtype) < 4)
@@ -147,7 +159,7 @@ class Load(Node):
 
 
 @dataclass(frozen=True, eq=False)
-class Cast(Node):
+class Cast(SameShape):
     """``input`` converted to ``dtype`` (round to nearest even, as torch's ``.to``)."""
 
     input: Node
@@ -157,10 +169,6 @@ class Cast(Node):
     def shape_input(self) -> Node:
         """The input whose shape this node has."""
         return self.input
-
-    @property
-    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return shared_shape(self)
 
     @property
     def elementwise(self) -> bool:

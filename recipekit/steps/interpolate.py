@@ -16,14 +16,14 @@ from typing import Any, ClassVar
 from recipekit.arch import family_names
 from recipekit.dtypes import is_floating, promote, torch_dtype
 from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
-from recipekit.graph import Node, VirtualModel, cast, fp32_copies, intern, shared_shape
+from recipekit.graph import Node, SameShape, VirtualModel, cast, fp32_copies, intern
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, resolve
 from recipekit.steps.registry import Op
 
 
 @dataclass(frozen=True, eq=False)
-class Lerp(Node):
+class Lerp(SameShape):
     """``a + t·(b − a)`` computed in fp32 and rounded once to ``dtype`` (the `interpolate` op)."""
 
     rounds_once: ClassVar[bool] = True
@@ -37,10 +37,6 @@ class Lerp(Node):
     def shape_input(self) -> Node:
         """The input whose shape this node has."""
         return self.a
-
-    @property
-    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return shared_shape(self)
 
     @property
     def workspace(self) -> int:

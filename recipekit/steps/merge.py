@@ -25,11 +25,11 @@ from recipekit.dtypes import NAME_TO_CODE, is_floating, promote, torch_dtype
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors, printable
 from recipekit.graph import (
     Node,
+    SameShape,
     VirtualModel,
     cast,
     fp32_copies,
     intern,
-    shared_shape,
 )
 from recipekit.merge import METHODS
 from recipekit.recipe import Recipe, Step
@@ -39,7 +39,7 @@ from recipekit.steps.registry import Op
 
 
 @dataclass(frozen=True, eq=False)
-class Merge(Node):
+class Merge(SameShape):
     """One output tensor of a merge method (ops/merge.py), rounded once to ``dtype``.
 
     ``params`` holds the values resolved for this tensor (shared: a number or bool; per-input:
@@ -65,10 +65,6 @@ class Merge(Node):
     def shape_input(self) -> Node:
         """The input whose shape this node has."""
         return self.operands[0]
-
-    @property
-    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return shared_shape(self)
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -135,7 +131,7 @@ class SlerpCoefficients(Node):
 
 
 @dataclass(frozen=True, eq=False)
-class Slerp(Node):
+class Slerp(SameShape):
     """One output tensor of `slerp`: c_a·a + c_b·b (ops/merge.py `slerp_apply`), rounded once
     to ``dtype``. Elementwise in a and b once the coefficients are known, so large tensors run
     in row pieces sliced from the a and b the coefficients read (execute.evaluate_chunks)
@@ -155,10 +151,6 @@ class Slerp(Node):
     def shape_input(self) -> Node:
         """The input whose shape this node has."""
         return self.a
-
-    @property
-    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return shared_shape(self)
 
     @property
     def workspace(self) -> int:
