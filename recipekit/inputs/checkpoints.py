@@ -24,7 +24,7 @@ from recipekit.errors import (
 )
 from recipekit.inputs.files import check_confined, model_root, read_small
 from recipekit.inputs.hub import HubSnapshot, download, fetch_snapshot
-from recipekit.inputs.models import index_tensors, read_config, read_index
+from recipekit.inputs.models import index_tensors, read_config, read_shard_headers
 from recipekit.inputs.source import shard_header
 from recipekit.io.header import (
     MAX_HEADER,
@@ -113,15 +113,8 @@ def _read_model_tensors(spec: str, path: Path, root: Path, snap: HubSnapshot | N
     if os.path.lexists(single) or (snap is not None and not os.path.lexists(index)):
         return _local(single, root, snap, data), (single,)
     if os.path.lexists(index):
-        weight_map = read_index(index, root)
-        headers: dict[str, dict[str, TensorInfo]] = {}
-        for fname in dict.fromkeys(weight_map.values()):
-            shard = path / fname
-            if not os.path.lexists(shard) and snap is None:
-                raise SourceNotFoundError(f"shard {fname!r} listed in {INDEX} is missing",
-                                          file=display_path(shard),
-                                          hint="the checkpoint download is incomplete")
-            headers[fname] = _local(shard, root, snap, data)
+        weight_map, headers = read_shard_headers(
+            path, root, snap, lambda shard: _local(shard, root, snap, data))
         index_tensors(path, weight_map, headers)  # the same verdict as `validate` and `run`
         tensors = {name: info for header in headers.values() for name, info in header.items()}
         return tensors, tuple(path / f for f in headers)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -265,15 +266,8 @@ def _read_tensors(path: Path, root: Path, ref: ModelRef, located: Located, snap:
     if os.path.lexists(single) or (snap is not None and not os.path.lexists(index)):
         return shard_header(single, root, snap), (single,)
     if os.path.lexists(index):
-        weight_map = read_index(index, root)
-        headers: dict[str, dict[str, TensorInfo]] = {}
-        for fname in dict.fromkeys(weight_map.values()):
-            shard = path / fname
-            if not os.path.lexists(shard) and snap is None:
-                raise SourceNotFoundError(
-                    f"shard {fname!r} listed in {INDEX} is missing",
-                    file=display_path(shard), hint="the checkpoint download is incomplete")
-            headers[fname] = shard_header(shard, root, snap)
+        weight_map, headers = read_shard_headers(
+            path, root, snap, lambda shard: shard_header(shard, root, snap))
         return index_tensors(path, weight_map, headers), tuple(path / f for f in headers)
     pickles = [n for n in PICKLE_NAMES if (path / n).is_file()]
     if pickles:
@@ -290,6 +284,24 @@ def _read_tensors(path: Path, root: Path, ref: ModelRef, located: Located, snap:
 
 
 _STALE = "the index is stale or the shard is from another checkpoint"
+
+
+def read_shard_headers(path: Path, root: Path, snap: HubSnapshot | None,
+                       read_one: Callable[[Path], dict[str, TensorInfo]]
+                       ) -> tuple[dict[str, str], dict[str, dict[str, TensorInfo]]]:
+    """A sharded checkpoint's weight map and each listed shard's header (``read_one``), a
+    missing shard refused (exit 2) unless a hub snapshot will fetch it: one walk for `run`,
+    `validate` and `inspect`."""
+    weight_map = read_index(path / INDEX, root)
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    for fname in dict.fromkeys(weight_map.values()):
+        shard = path / fname
+        if not os.path.lexists(shard) and snap is None:
+            raise SourceNotFoundError(
+                f"shard {fname!r} listed in {INDEX} is missing",
+                file=display_path(shard), hint="the checkpoint download is incomplete")
+        headers[fname] = read_one(shard)
+    return weight_map, headers
 
 
 def index_tensors(path: Path, weight_map: dict[str, str],
