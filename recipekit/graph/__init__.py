@@ -24,6 +24,7 @@ from recipekit.graph.nodes import (
     expression_nodes,
     fp32_copies,
     intern,
+    iter_post_order,
     load,
     round_to,
     shared_shape,
@@ -33,5 +34,5 @@ from recipekit.graph.values import VirtualModel
 __all__ = [
     "F32", "Cast", "Concat", "DeltaCombine", "Difference", "Load", "LoraDelta", "LoraFold",
     "Node", "ScaledSum", "SvdFactor", "VirtualModel", "cast", "expression_nodes",
-    "fp32_copies", "intern", "load", "round_to", "SameShape", "shared_shape",
+    "fp32_copies", "intern", "iter_post_order", "load", "round_to", "SameShape", "shared_shape",
 ]

@@ -12,7 +12,7 @@ from dataclasses import fields
 from typing import Any
 
 from recipekit.errors import display_path, echo_text, printable, terminal_text
-from recipekit.graph import Load, Node
+from recipekit.graph import Load, Node, iter_post_order
 from recipekit.plan import Plan
 from recipekit.units import format_size
 
@@ -27,26 +27,15 @@ def node_label(node: Node) -> str:
     Built inputs first with an explicit stack (no recursion: a 600-step chain is a 600-deep
     expression), each node once."""
     labels: dict[Node, str] = {}
-    stack = [node]
-    while stack:
-        n = stack[-1]
-        if n in labels:
-            stack.pop()
-            continue
+    for n in iter_post_order(node, labels):
         if isinstance(n, Load):
             labels[n] = f"{n.source}:{printable(n.name)}"
-            stack.pop()
-            continue
-        pending = [i for i in n.inputs if i not in labels]
-        if pending:
-            stack.extend(reversed(pending))
             continue
         args = [labels[i] for i in n.inputs]
         args += [f"{k}={printable(v) if isinstance(v, str) else v}"
                  for k, v in _params(n).items() if k not in ("shape",)]
         text = f"{_op(n)}({', '.join(args)})"
         labels[n] = text if len(text) <= MAX_LABEL else text[:MAX_LABEL - 3] + "..."
-        stack.pop()
     return labels[node]
 
 
@@ -76,18 +65,8 @@ def _number(plan: Plan) -> dict[Node, int]:
     ids: dict[Node, int] = {}
     for s in plan.shards:
         for t in s.tensors:
-            stack = [t.node]
-            while stack:
-                node = stack[-1]
-                if node in ids:
-                    stack.pop()
-                    continue
-                pending = [i for i in node.inputs if i not in ids]
-                if pending:
-                    stack.extend(reversed(pending))
-                    continue
+            for node in iter_post_order(t.node, ids):
                 ids[node] = len(ids)
-                stack.pop()
     return ids
 
 

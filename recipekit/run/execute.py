@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.dtypes import torch_dtype
-from recipekit.graph import Load, Node
+from recipekit.graph import Load, Node, iter_post_order
 from recipekit.io.output import OutputDir
 from recipekit.io.reader import FileReader
 from recipekit.io.writer import ShardWriter
@@ -366,24 +366,14 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, reader: FileReader, devic
            finite: FiniteCheck | None) -> Any:
     """``n``'s value, its inputs first, left to right; iterative (an explicit stack), so that
     a chain of hundreds of steps does not reach Python's recursion limit."""
-    stack = [n]
-    while stack:
-        m = stack[-1]
-        if m in memo:
-            stack.pop()
-            continue
+    for m in iter_post_order(n, memo):
         if isinstance(m, Load):
             result = read_tensor(m, plan, reader, pin=_pinned(device))
             if finite is not None:
                 finite.check(f"input {m.source}:{m.name}", result)
         else:
-            pending = [x for x in m.inputs if x not in memo]
-            if pending:
-                stack.extend(reversed(pending))
-                continue
             result = m.compute(tuple(memo[x].to(device, non_blocking=True) for x in m.inputs))
         memo[m] = result
-        stack.pop()
     return memo[n]
 
 
