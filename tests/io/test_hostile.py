@@ -962,56 +962,59 @@ class TestLockWrites:
         assert json.loads((tmp_path / "recipe.lock.json").read_text())["recipekit_lock"] == 1
 
 
+@pytest.fixture
+def mergekit_config(tmp_path, tiny_llama, monkeypatch) -> Path:
+    """A mergekit passthrough config over the tiny Llama, the working directory beside it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").symlink_to(tiny_llama, target_is_directory=True)
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text("slices:\n  - sources:\n      - model: ./m\n        layer_range: [0, 6]\n"
+                   "merge_method: passthrough\n")
+    return cfg
+
+
 class TestImportMergekitOutput:
     """Issue 17 items 3-4: `import-mergekit -o` refuses an existing path without --force and
     its own config always; --force replaces a link rather than writing through it."""
 
-    @pytest.fixture
-    def config(self, tmp_path, tiny_llama, monkeypatch) -> Path:
-        monkeypatch.chdir(tmp_path)
-        (tmp_path / "m").symlink_to(tiny_llama, target_is_directory=True)
-        cfg = tmp_path / "mk.yml"
-        cfg.write_text("slices:\n  - sources:\n      - model: ./m\n        layer_range: [0, 6]\n"
-                       "merge_method: passthrough\n")
-        return cfg
-
-    def test_existing_file_needs_force(self, cli, tmp_path, config):
+    def test_existing_file_needs_force(self, cli, tmp_path, mergekit_config):
         mine = tmp_path / "mine.yaml"
         mine.write_text("my notes")
-        result = cli("import-mergekit", config, "-o", mine)
+        result = cli("import-mergekit", mergekit_config, "-o", mine)
         assert result.exit_code == 2, result.output
         assert result.stderr.startswith(f"{display_path(mine)}: exists; rerun with --force")
         assert mine.read_text() == "my notes"
-        assert cli("import-mergekit", config, "-o", mine, "--force").exit_code == 0
+        assert cli("import-mergekit", mergekit_config, "-o", mine, "--force").exit_code == 0
         assert mine.read_text().startswith("# Converted by")
 
     @pytest.mark.parametrize("force", [[], ["--force"]])
     @pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
-    def test_never_its_own_config(self, cli, tmp_path, config, how, force):
-        before = config.read_bytes()
-        target = config
+    def test_never_its_own_config(self, cli, tmp_path, mergekit_config, how, force):
+        before = mergekit_config.read_bytes()
+        target = mergekit_config
         if how != "same":
             target = tmp_path / "r.yaml"
-            (target.symlink_to if how == "symlink" else target.hardlink_to)(config)
-        result = cli("import-mergekit", config, "-o", target, *force)
+            (target.symlink_to if how == "symlink" else target.hardlink_to)(mergekit_config)
+        result = cli("import-mergekit", mergekit_config, "-o", target, *force)
         assert result.exit_code == 2, result.output
         assert "is the mergekit config being imported" in result.stderr
-        assert config.read_bytes() == before
+        assert mergekit_config.read_bytes() == before
 
-    def test_force_replaces_a_link_not_its_target(self, cli, tmp_path, config):
+    def test_force_replaces_a_link_not_its_target(self, cli, tmp_path, mergekit_config):
         victim = tmp_path / "victim"
         victim.write_bytes(b"precious")
         (tmp_path / "r.yaml").symlink_to(victim)
-        assert cli("import-mergekit", config, "-o", tmp_path / "r.yaml").exit_code == 2
-        assert cli("import-mergekit", config, "-o", tmp_path / "r.yaml", "--force").exit_code == 0
+        assert cli("import-mergekit", mergekit_config, "-o", tmp_path / "r.yaml").exit_code == 2
+        assert cli("import-mergekit", mergekit_config, "-o", tmp_path / "r.yaml",
+                   "--force").exit_code == 0
         assert victim.read_bytes() == b"precious"
         assert not (tmp_path / "r.yaml").is_symlink()
 
-    def test_planted_temp_link(self, cli, tmp_path, config):
+    def test_planted_temp_link(self, cli, tmp_path, mergekit_config):
         victim = tmp_path / "victim"
         victim.write_bytes(b"precious")
         (tmp_path / ".r.yaml.recipekit-partial").symlink_to(victim)
-        result = cli("import-mergekit", config, "-o", tmp_path / "r.yaml")
+        result = cli("import-mergekit", mergekit_config, "-o", tmp_path / "r.yaml")
         assert result.exit_code == 2 and "temporary file name is a symlink" in result.stderr
         assert victim.read_bytes() == b"precious"
 
@@ -1221,23 +1224,14 @@ class TestOrdinaryConditions:
         assert sorted(p.name for p in tmp_path.iterdir()) == [
             "model", "recipe.lock.json", "recipe.yaml"]  # no temp file left
 
-    @pytest.fixture
-    def config(self, tmp_path, tiny_llama, monkeypatch) -> Path:
-        monkeypatch.chdir(tmp_path)
-        (tmp_path / "m").symlink_to(tiny_llama, target_is_directory=True)
-        cfg = tmp_path / "mk.yml"
-        cfg.write_text("slices:\n  - sources:\n      - model: ./m\n        layer_range: [0, 6]\n"
-                       "merge_method: passthrough\n")
-        return cfg
-
     @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
-    def test_side_commands_into_a_place_nothing_can_be_written(self, cli, config):
-        result = cli("import-mergekit", config, "-o", "/proc/recipekit-test.yaml")
+    def test_side_commands_into_a_place_nothing_can_be_written(self, cli, mergekit_config):
+        result = cli("import-mergekit", mergekit_config, "-o", "/proc/recipekit-test.yaml")
         assert result.exit_code == 1, result.output
         assert "cannot write" in result.stderr and "internal error" not in result.output
         import torch
 
-        src = config.parent / "pickled"
+        src = mergekit_config.parent / "pickled"
         src.mkdir()
         torch.save({"w": torch.arange(6.0)}, src / "pytorch_model.bin")
         result = cli("convert", "--allow-pickle", src, "/proc/recipekit-test")
@@ -1246,10 +1240,10 @@ class TestOrdinaryConditions:
                                         "directory: ")
         assert "internal error" not in result.output
 
-    def test_import_mergekit_never_replaces_a_device_or_fifo(self, cli, tmp_path, config):
+    def test_import_mergekit_never_replaces_a_device_or_fifo(self, cli, tmp_path, mergekit_config):
         fifo = tmp_path / "pipe.yaml"
         os.mkfifo(fifo)
-        result = cli("import-mergekit", config, "-o", fifo, "--force")
+        result = cli("import-mergekit", mergekit_config, "-o", fifo, "--force")
         assert result.exit_code == 2, result.output
         assert result.stderr.startswith(f"{display_path(fifo)}: is a named pipe, not a regular "
                                         "file and is not replaced, even with --force")
