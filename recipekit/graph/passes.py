@@ -1,0 +1,123 @@
+"""Streaming reductions: small values computed by passes over row pieces of their inputs.
+
+Why: a TIES threshold, slerp's angle, model_stock's cosines or a randomized range finder need
+every element of a tensor, but only a few numbers (or a thin matrix) come out. Holding the
+inputs whole makes memory grow with the largest tensor (~30 GiB for a 70B `lm_head` in fp32);
+reading them again piece by piece, once per pass, keeps it at a few pieces. A `Reduction` says
+which inputs it streams (they share dim 0) and runs its own passes over a `RowSource`; the
+executor (run/execute.py) gives it one that reads pieces from the files, `compute` one over
+tensors already in memory. Both cut the same pieces (`piece_bounds`), so a reduction that folds
+its per-piece partials in order gives the same bytes either way, and for any worker count.
+Nothing here imports torch at module level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from recipekit.graph.nodes import Node
+
+T = TypeVar("T")
+
+#: Elements per piece of a reduction's pass: 1Mi values (4 MiB in fp32). Larger than an
+#: output piece (`plan.cost.CHUNK_ELEMS`): a pass keeps no piece, so fewer, larger pieces cost
+#: the same memory per worker and amortize per-piece work (a 32Ki-bin histogram, a matmul).
+PASS_ELEMS = 1 << 20
+
+PieceFn = Callable[[int, int, tuple[Any, ...]], T]
+
+
+class RowSource(Protocol):
+    """Row pieces of a reduction's streamed inputs, read afresh by every `map`."""
+
+    #: rows (dim 0) of every streamed input
+    rows: int
+
+    def map(self, fn: PieceFn[T]) -> Iterator[T]:
+        """``fn(lo, hi, pieces)`` for each row piece, ``pieces`` aligned with the streamed
+        inputs; results in piece order. ``fn`` may run on worker threads: it must not mutate
+        shared state (fold its results in the loop that consumes them)."""
+        ...
+
+
+def piece_bounds(rows: int, row_elems: int, *, scale: int = 1) -> list[tuple[int, int]]:
+    """The row pieces of a pass: about `PASS_ELEMS` values each (times ``scale``: the GPU
+    takes larger ones), a multiple of 64 values so that vectorized loops start where the whole
+    tensor's would. Whole rows: a piece never splits one."""
+    per = max(1, PASS_ELEMS * scale // max(1, row_elems))
+    align = 64 // math.gcd(max(1, row_elems), 64)
+    per = -(-per // align) * align
+    return [(lo, min(lo + per, rows)) for lo in range(0, rows, per)]
+
+
+class InMemorySource:
+    """A `RowSource` over tensors already in memory, cut like the executor cuts files."""
+
+    def __init__(self, tensors: Sequence[Any], rows: int, row_elems: int) -> None:
+        self.tensors = tuple(tensors)
+        self.rows = rows
+        self.bounds = piece_bounds(rows, row_elems)
+
+    def map(self, fn: PieceFn[T]) -> Iterator[T]:
+        for lo, hi in self.bounds:
+            yield fn(lo, hi, tuple(t[lo:hi] for t in self.tensors))
+
+
+class Reduction(Node):
+    """A node whose value comes from passes over row pieces of its `streamed` inputs.
+
+    Subclasses are frozen dataclasses like every node and implement `reduce`. Every input is
+    either streamed (``streamed()[i]`` True: an expression the executor can compute in row
+    pieces, sharing dim 0 with the other streamed inputs) or whole (a small value, e.g. another
+    reduction's result). `passes` is how many times `reduce` reads the streamed inputs at most
+    (the plan's cost of reading them); `state_bytes` what it keeps between pieces.
+    """
+
+    __slots__ = ()
+
+    #: Upper bound of the passes `reduce` makes over the streamed inputs (for the plan).
+    passes: ClassVar[int] = 1
+
+    def streamed(self) -> tuple[bool, ...]:
+        """Per input: True when it is read in row pieces, False when whole."""
+        return (True,) * len(self.inputs)
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        return None  # a reduction's value is never computed by rows
+
+    @property
+    def stream_rows(self) -> int:
+        """Rows (dim 0) of the streamed inputs."""
+        first = next(x for x, s in zip(self.inputs, self.streamed(), strict=True) if s)
+        return first.shape[0] if first.shape else 1
+
+    @property
+    def stream_row_elems(self) -> int:
+        """Values per row, summed over the streamed inputs (what sizes a piece)."""
+        first = next(x for x, s in zip(self.inputs, self.streamed(), strict=True) if s)
+        return first.numel // max(1, self.stream_rows)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes the reduction keeps from pass to pass (histograms, partial products)."""
+        return 0
+
+    def reduce(self, source: RowSource, whole: tuple[Any, ...]) -> Any:
+        """The value, from ``source`` (the streamed inputs) and ``whole`` (the other inputs,
+        in input order)."""
+        raise NotImplementedError(type(self).__name__)
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        flags = self.streamed()
+        streamed = [a for a, s in zip(args, flags, strict=True) if s]
+        whole = tuple(a for a, s in zip(args, flags, strict=True) if not s)
+        source = InMemorySource([_as_rows(a) for a in streamed], self.stream_rows,
+                                self.stream_row_elems)
+        return self.reduce(source, whole)
+
+
+def _as_rows(tensor: Any) -> Any:
+    """A 0-D tensor as one row of one value (so every streamed input can be sliced by rows)."""
+    return tensor.reshape(1) if tensor.dim() == 0 else tensor
