@@ -11,7 +11,7 @@ imports torch.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Container, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, TypeVar
 
@@ -125,18 +125,20 @@ def fp32_copies(inputs: tuple[Node, ...]) -> int:
     return sum(4 * n.numel for n in inputs if itemsize(n.dtype) < 4)
 
 
-def iter_post_order(root: Node, done: Container[Node]) -> Iterator[Node]:
+def iter_post_order(root: Node, done: Container[Node],
+                    children: Callable[[Node], Iterable[Node]] | None = None) -> Iterator[Node]:
     """Every node ``root`` depends on, and ``root``, inputs first and left to right, skipping
     those in ``done``; the caller records each yielded node in ``done`` (a label, an id, a
-    value) before asking for the next. An explicit stack, not recursion: a chain of 2,000
-    interpolate steps is an expression 2,000 deep."""
+    value) before asking for the next. ``children`` (default: a node's inputs) says which
+    inputs to visit: the executor skips those a reduction streams. An explicit stack, not
+    recursion: a chain of 2,000 interpolate steps is an expression 2,000 deep."""
     stack = [root]
     while stack:
         n = stack[-1]
         if n in done:
             stack.pop()
             continue
-        pending = [i for i in n.inputs if i not in done]
+        pending = [i for i in (n.inputs if children is None else children(n)) if i not in done]
         if pending:
             stack.extend(reversed(pending))
             continue

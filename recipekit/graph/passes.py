@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
-from recipekit.graph.nodes import Node
+from recipekit.graph.nodes import Node, expression_nodes
 
 T = TypeVar("T")
 
@@ -42,12 +42,12 @@ class RowSource(Protocol):
         ...
 
 
-def piece_bounds(rows: int, row_elems: int, *, scale: int = 1) -> list[tuple[int, int]]:
-    """The row pieces of a pass: about `PASS_ELEMS` values each (times ``scale``: the GPU
-    takes larger ones), a multiple of 64 values so that vectorized loops start where the whole
-    tensor's would. Whole rows: a piece never splits one."""
-    per = max(1, PASS_ELEMS * scale // max(1, row_elems))
-    align = 64 // math.gcd(max(1, row_elems), 64)
+def piece_bounds(rows: int, row_elems: int, *, row_block: int = 1) -> list[tuple[int, int]]:
+    """The row pieces of a pass: about `PASS_ELEMS` values each, a multiple of 64 values so
+    that vectorized loops start where the whole tensor's would, and of ``row_block`` rows (a
+    streamed node's own alignment, `Node.row_block`). Whole rows: a piece never splits one."""
+    per = max(1, PASS_ELEMS // max(1, row_elems))
+    align = math.lcm(64 // math.gcd(max(1, row_elems), 64), row_block)
     per = -(-per // align) * align
     return [(lo, min(lo + per, rows)) for lo in range(0, rows, per)]
 
@@ -55,10 +55,10 @@ def piece_bounds(rows: int, row_elems: int, *, scale: int = 1) -> list[tuple[int
 class InMemorySource:
     """A `RowSource` over tensors already in memory, cut like the executor cuts files."""
 
-    def __init__(self, tensors: Sequence[Any], rows: int, row_elems: int) -> None:
+    def __init__(self, tensors: Sequence[Any], bounds: list[tuple[int, int]]) -> None:
         self.tensors = tuple(tensors)
-        self.rows = rows
-        self.bounds = piece_bounds(rows, row_elems)
+        self.rows = bounds[-1][1] if bounds else 0
+        self.bounds = bounds
 
     def map(self, fn: PieceFn[T]) -> Iterator[T]:
         for lo, hi in self.bounds:
@@ -99,6 +99,12 @@ class Reduction(Node):
         first = next(x for x, s in zip(self.inputs, self.streamed(), strict=True) if s)
         return first.numel // max(1, self.stream_rows)
 
+    def bounds(self) -> list[tuple[int, int]]:
+        """The row pieces every pass reads, the same in memory and from files."""
+        streamed = [x for x, s in zip(self.inputs, self.streamed(), strict=True) if s]
+        block = math.lcm(*(n.row_block for x in streamed for n in expression_nodes(x)))
+        return piece_bounds(self.stream_rows, self.stream_row_elems, row_block=block)
+
     @property
     def state_bytes(self) -> int:
         """Bytes the reduction keeps from pass to pass (histograms, partial products)."""
@@ -113,8 +119,7 @@ class Reduction(Node):
         flags = self.streamed()
         streamed = [a for a, s in zip(args, flags, strict=True) if s]
         whole = tuple(a for a, s in zip(args, flags, strict=True) if not s)
-        source = InMemorySource([_as_rows(a) for a in streamed], self.stream_rows,
-                                self.stream_row_elems)
+        source = InMemorySource([_as_rows(a) for a in streamed], self.bounds())
         return self.reduce(source, whole)
 
 

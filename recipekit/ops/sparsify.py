@@ -6,8 +6,10 @@ them. Each one selects entries of **one** task vector by its own magnitudes (or 
 optionally rescales what it keeps so the L1 norm is unchanged. Formulas, thresholds and
 tie-breaking follow mergekit 0.1.5 as described in `reference/merge-methods.md` §2.6–2.7:
 
-* where mergekit sorts, we make the same non-stable torch call on an fp32 key, so tied
-  magnitudes fall the same way on the CPU;
+* where mergekit sorts, we sort an fp32 key too, but stably and descending: equal magnitudes
+  rank by lowest flat index first, the tie rule of the streamed merges (ops/select.py), so
+  whole and streamed results agree everywhere; they agree with mergekit's non-stable sort
+  wherever the cut-off magnitude is unique;
 * random masks are ``torch.bernoulli(p, generator=g)`` over the whole tensor, one draw per task
   vector, so a generator seeded like mergekit's global CPU generator gives its exact mask.
 
@@ -84,8 +86,9 @@ def apply_mask(tau: torch.Tensor, mask: torch.Tensor, *, rescale: bool = False) 
 def magnitude_prune(tau: torch.Tensor, *, density: float, rescale: bool = False) -> torch.Tensor:
     """Keep the ``max(1, ⌊d·n⌋)`` largest-magnitude entries of τ (TIES "trim").
 
-    Formula: k = max(1, ⌊d·n⌋) for n = numel(τ); keep the first k positions of the non-stable
-    descending ``argsort(|τ|)`` (fp32 key, as mergekit on the CPU), then `apply_mask`.
+    Formula: k = max(1, ⌊d·n⌋) for n = numel(τ); keep the first k positions of the stable
+    descending ``argsort(|τ|)`` (fp32 key; equal magnitudes: lowest index first), then
+    `apply_mask`.
     d ≥ 1 returns τ unchanged; d ≤ 0 or an empty τ gives zeros.
 
     Paper: Yadav et al. 2023, "TIES-Merging", https://arxiv.org/abs/2306.01708.
@@ -111,7 +114,7 @@ def magnitude_prune(tau: torch.Tensor, *, density: float, rescale: bool = False)
     if density <= 0 or n == 0:
         return torch.zeros_like(x)
     k = max(1, int(density * n))
-    order = torch.argsort(x.abs().reshape(-1).float(), descending=True)
+    order = torch.argsort(x.abs().reshape(-1).float(), descending=True, stable=True)
     mask = torch.zeros(n, dtype=x.dtype, device=x.device)
     mask[order[:k]] = 1
     return apply_mask(x, mask.reshape(x.shape), rescale=rescale)
@@ -122,9 +125,11 @@ def breadcrumbs_prune(tau: torch.Tensor, *, density: float, gamma: float = 0.01,
     """Drop the smallest entries and the largest outliers of τ, keeping ⌊d·n⌋ (breadcrumbs).
 
     Formula: keep = ⌊d·n⌋ (may be 0), top = ⌊γ·n⌋, bot = max(0, n − keep − top). Sort |τ|
-    ascending (non-stable, fp32 key) and keep the positions [bot, bot + keep): the bottom `bot`
+    ascending (fp32 key) and keep the positions [bot, bot + keep): the bottom `bot`
     and the top n − bot − keep entries are dropped, so when d + γ > 1 density wins and fewer
     than `top` outliers go. d ≥ 1 returns τ unchanged (no outlier removal); d ≤ 0 gives zeros.
+    Equal magnitudes rank by lowest index first as larger (a stable descending sort, whose
+    positions [n − bot − keep, n − bot) are the ascending ones [bot, bot + keep)).
 
     Paper: Davari & Belilovsky 2023, "Model Breadcrumbs", https://arxiv.org/abs/2312.06795.
     Shapes: any; selection over the whole tensor. Oracle: the formula, and mergekit 0.1.5's
@@ -152,9 +157,9 @@ def breadcrumbs_prune(tau: torch.Tensor, *, density: float, gamma: float = 0.01,
     keep = int(density * n)
     top = int(gamma * n)
     bot = max(0, n - keep - top)
-    order = torch.sort(x.abs().reshape(-1).float(), descending=False).indices
+    order = torch.sort(x.abs().reshape(-1).float(), descending=True, stable=True).indices
     mask = torch.zeros(n, dtype=x.dtype, device=x.device)
-    mask[order[bot:bot + keep]] = 1
+    mask[order[n - bot - keep:n - bot]] = 1
     return apply_mask(x, mask.reshape(x.shape), rescale=rescale)
 
 

@@ -100,7 +100,19 @@ def generalized_task_arithmetic(
                                  epsilon=e[i], generator=generator)
         deltas[i] = tau
         del tau
-    wt = torch.tensor(w, dtype=dtype, device=b.device).reshape((m,) + (1,) * b.dim())
+    return combine_task_vectors(b, deltas, w, consensus=consensus, normalize=normalize,
+                                lambda_=lambda_, int8_mask=int8_mask)
+
+
+def combine_task_vectors(b: torch.Tensor, deltas: torch.Tensor, weights: Sequence[float], *,
+                         consensus: str | None, normalize: bool, lambda_: float,
+                         int8_mask: bool = False) -> torch.Tensor:
+    """The tail of `generalized_task_arithmetic` once the task vectors are pruned: weigh, elect
+    signs, sum, normalize, scale, add to the base (formula there). Elementwise, so the streamed
+    merges (steps/task_vectors.py) call it on row pieces. ``deltas`` [M, ...] is consumed."""
+    m = deltas.shape[0]
+    wt = torch.tensor(list(weights), dtype=deltas.dtype,
+                      device=b.device).reshape((m,) + (1,) * b.dim())
     deltas.mul_(wt)
 
     if consensus is not None:

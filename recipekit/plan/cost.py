@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 
-from recipekit.graph import Load, Node, expression_nodes
+from recipekit.graph import Load, Node
+from recipekit.graph.passes import Reduction
 
 #: Bytes the executor moves per read when a tensor is copied without compute, and how many such
 #: buffers circulate between reading/writing and the hashing worker.
@@ -23,14 +24,90 @@ COPY_BUFFERS = 4
 CHUNK_ELEMS = 1 << 18
 
 
-def expression_bytes(node: Node) -> int:
-    return sum(n.nbytes + n.workspace for n in expression_nodes(node))
+#: A reduction (graph/passes.py) whose streamed inputs read at most this many stored bytes
+#: reads them whole, once, and keeps them for the output's pieces (no re-reads); above it,
+#: every pass reads row pieces from the files, so its memory does not grow with the tensor.
+HOLD_BYTES = 256 * 1024 * 1024
+
+
+def stream_loads(node: Reduction) -> set[Load] | None:
+    """The stored tensors a reduction's streamed inputs read by rows, or None when some
+    streamed input cannot be computed in row pieces (then it is computed whole)."""
+    loads: set[Load] = set()
+    for x, streamed in zip(node.inputs, node.streamed(), strict=True):
+        if not streamed:
+            continue
+        parts = row_sliced(x)
+        if parts is None:
+            return None
+        loads.update(n for n in parts[0] if isinstance(n, Load))
+    return loads
+
+
+def streams_from_files(node: Node) -> bool:
+    """``node`` is a reduction whose passes read row pieces from the input files (rather
+    than from its inputs computed whole: small inputs, `HOLD_BYTES`)."""
+    if not isinstance(node, Reduction):
+        return False
+    loads = stream_loads(node)
+    return loads is not None and sum(n.nbytes for n in loads) > HOLD_BYTES
+
+
+def whole_inputs(node: Node) -> tuple[Node, ...]:
+    """The inputs computed whole before ``node`` is: all of them, except those a reduction
+    streams from the files."""
+    if not streams_from_files(node):
+        return node.inputs
+    return tuple(x for x, s in zip(node.inputs, node.streamed(), strict=True)  # type: ignore[attr-defined]
+                 if not s)
+
+
+def held_nodes(node: Node) -> tuple[set[Node], set[Reduction]]:
+    """(the nodes whose whole values computing ``node`` holds, the reductions among them that
+    stream their inputs from the files)."""
+    held: set[Node] = set()
+    streaming: set[Reduction] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in held:
+            continue
+        held.add(n)
+        if streams_from_files(n):
+            streaming.add(n)  # type: ignore[arg-type]
+        stack.extend(whole_inputs(n))
+    return held, streaming
+
+
+def pass_bytes(node: Reduction, workers: int = 1) -> int:
+    """What one streaming reduction holds during a pass: its state, and one piece of its
+    streamed expression (values and scratch) per worker plus one read ahead."""
+    bounds = node.bounds()
+    rows = max(1, node.stream_rows)
+    piece_rows = bounds[0][1] - bounds[0][0] if bounds else 0
+    sliced: set[Node] = {node}
+    for x, streamed in zip(node.inputs, node.streamed(), strict=True):
+        parts = row_sliced(x) if streamed else None
+        sliced.update(parts[0] if parts else ())
+    piece = -(-sum(n.nbytes if n is not node else 0 for n in sliced) * piece_rows // rows)
+    piece += -(-sum(n.workspace for n in sliced) * piece_rows // rows)
+    return node.state_bytes + (workers + 1) * piece + CHUNKED_OVERHEAD
+
+
+def expression_bytes(node: Node, workers: int = 1) -> int:
+    """Bytes computing ``node`` whole holds: every value it computes whole with its scratch,
+    and each streaming reduction's passes."""
+    held, streaming = held_nodes(node)
+    return (sum(n.nbytes + (n.workspace if n not in streaming else 0) for n in held)
+            + sum(pass_bytes(r, workers) for r in streaming))
 
 
 def reads_whole_tensor(node: Node) -> bool:
-    """Some op of ``node``'s expression needs whole input tensors at once (norms, quantiles)."""
-    return not all(not n.inputs or n.row_inputs() is not None
-                   for n in expression_nodes(node))
+    """Some op of ``node``'s expression needs whole input tensors at once (norms, quantiles)
+    and is not a reduction that streams them (graph/passes.py)."""
+    held, _ = held_nodes(node)
+    return any(n.inputs and n.row_inputs() is None and not isinstance(n, Reduction)
+               for n in held)
 
 
 def row_sliced(node: Node) -> tuple[set[Node], set[Node]] | None:
@@ -101,12 +178,12 @@ def working_set(node: Node, workers: int = 1) -> int:
     scratch) and its result waiting for the hashing worker. For a chunked tensor: the inputs
     it reads whole, plus one piece per worker computing and one read ahead, the writer's
     queue of pieces and `CHUNKED_OVERHEAD`."""
-    whole = expression_bytes(node) + node.nbytes
+    whole = expression_bytes(node, workers) + node.nbytes
     parts = row_sliced(node) if chunkable(node) else None
     if parts is None:
         return whole
-    sliced, whole_inputs = parts
-    kept = sum(expression_bytes(x) for x in whole_inputs)
+    sliced, read_whole = parts
+    kept = sum(expression_bytes(x, workers) for x in read_whole)
     rows = min(rows_per_piece(node), node.shape[0])
     per_piece = -(-sum(n.nbytes + n.workspace for n in sliced) * rows // node.shape[0])
     queued = 4 * rows * (node.nbytes // node.shape[0])

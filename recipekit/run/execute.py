@@ -25,6 +25,7 @@ from typing import Any
 
 from recipekit.dtypes import torch_dtype
 from recipekit.graph import Load, Node, iter_post_order
+from recipekit.graph.passes import Reduction
 from recipekit.io.output import OutputDir
 from recipekit.io.reader import FileReader
 from recipekit.io.writer import ShardWriter
@@ -36,6 +37,8 @@ from recipekit.plan.cost import (
     piece_workers,
     row_sliced,
     rows_per_piece,
+    streams_from_files,
+    whole_inputs,
 )
 
 log = logging.getLogger(__name__)
@@ -166,7 +169,7 @@ def write_shard(plan: Plan, shard: Shard, out_dir: Path, rt: Runtime, *, fsync: 
                     progress(piece.numel() * piece.element_size())
                     del piece
             else:
-                tensor = evaluate(node, plan, reader, rt.device, finite).contiguous()
+                tensor = evaluate(node, plan, rt).contiguous()
                 if finite is not None:
                     finite.check(t.name, tensor)
                 # The writer hashes after this returns; the closure keeps the tensor alive.
@@ -187,8 +190,7 @@ def _tensor_bytes(tensor: Any) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr()))
 
 
-def evaluate(node: Node, plan: Plan, reader: FileReader, device: Any,
-             finite: FiniteCheck | None = None) -> Any:
+def evaluate(node: Node, plan: Plan, rt: Runtime) -> Any:
     """Compute one output tensor's expression and return it on the CPU.
 
     The memo is an explicit dict cleared on return (not a recursive closure, whose reference
@@ -196,7 +198,7 @@ def evaluate(node: Node, plan: Plan, reader: FileReader, device: Any,
     """
     memo: dict[Node, Any] = {}
     try:
-        return _value(node, memo, plan, reader, device, finite).cpu()
+        return _value(node, memo, plan, rt).cpu()
     finally:
         memo.clear()
 
@@ -206,57 +208,90 @@ def evaluate_chunks(node: Node, plan: Plan, rt: Runtime) -> Iterator[Any]:
 
     Stored inputs on the sliced paths (`plan.row_sliced`) are read piece by piece straight from
     their files on the read-ahead thread; inputs a piece needs whole (a LoRA's A factor,
-    slerp's coefficients) are computed first, once per tensor, and a stored input they read
-    whole anyway is then sliced in memory instead of read again. Pieces are computed at one
-    torch thread each, by ``rt.compute``'s workers side by side (or by this thread): a piece
-    is too small for a parallel region to pay for its start, and independent pieces scale with
-    cores instead.
+    slerp's coefficients, a TIES threshold) are computed first, once per tensor, and a stored
+    input they read whole anyway (a reduction over small inputs, `plan.cost.HOLD_BYTES`) is
+    then sliced in memory instead of read again. Pieces are computed at one torch thread each,
+    by ``rt.compute``'s workers side by side (or by this thread): a piece is too small for a
+    parallel region to pay for its start, and independent pieces scale with cores instead.
     Every node's `compute_rows` equals the rows of its whole result, so the bytes are those of
     the whole-tensor evaluation, whichever thread computed a piece
     (tests/test_execute.py::TestChunkedEvaluation).
     """
-    import torch
-
-    parts = row_sliced(node)
-    assert parts is not None
-    loads = sorted((n for n in parts[0] if isinstance(n, Load)), key=lambda n: (n.source, n.name))
     rows = rows_per_piece(node)
     gpu = rt.device is not None and rt.device.type != "cpu"
     if gpu:
         rows *= 64  # amortize kernel launches and transfers
     n_rows = node.shape[0]
     bounds = [(lo, min(lo + rows, n_rows)) for lo in range(0, n_rows, rows)]
-    job = _Pieces(node, plan, rt, loads, gpu)
-    threads = torch.get_num_threads()
-    try:
-        job.read_whole(parts[1])
-        yield from _pipeline(job, bounds, rt.compute if not gpu else None, rt)
-    finally:
-        torch.set_num_threads(threads)
-        job.whole.clear()
-        job.held.clear()
+    yield from _Pieces.over((node,), plan, rt).run(bounds, _output_piece)
+
+
+def _output_piece(lo: int, hi: int, pieces: tuple[Any, ...]) -> Any:
+    return pieces[0].cpu().contiguous()
+
+
+class _FileSource:
+    """A reduction's `RowSource` (graph/passes.py) reading row pieces of its streamed inputs
+    from the files, every pass anew: memory is a few pieces whatever the tensor's size."""
+
+    def __init__(self, node: Reduction, plan: Plan, rt: Runtime) -> None:
+        self.targets = tuple(x for x, s in zip(node.inputs, node.streamed(), strict=True) if s)
+        self.rows = node.stream_rows
+        self.bounds = node.bounds()
+        self.plan, self.rt = plan, rt
+
+    def map(self, fn: Callable[[int, int, tuple[Any, ...]], Any]) -> Iterator[Any]:
+        yield from _Pieces.over(self.targets, self.plan, self.rt).run(self.bounds, fn)
 
 
 @dataclass
 class _Pieces:
-    """What computing one chunked tensor's pieces shares: its inputs read whole, and how one
-    piece is read and computed."""
+    """What computing row pieces of some nodes shares: the inputs they read whole, and how one
+    piece is read and computed (and handed to ``fn`` on the worker that computed it)."""
 
-    node: Node
+    targets: tuple[Node, ...]
     plan: Plan
     rt: Runtime
     loads: list[Load]  # stored inputs on the sliced paths
     gpu: bool
     whole: dict[Node, Any] = dataclasses.field(default_factory=dict)
     held: dict[Node, Any] = dataclasses.field(default_factory=dict)  # sliced inputs read whole
+    fn: Callable[[int, int, tuple[Any, ...]], Any] = _output_piece
+
+    @classmethod
+    def over(cls, targets: tuple[Node, ...], plan: Plan, rt: Runtime) -> _Pieces:
+        sliced: set[Node] = set()
+        whole: set[Node] = set()
+        for t in targets:
+            parts = row_sliced(t)
+            assert parts is not None
+            sliced |= parts[0]
+            whole |= parts[1]
+        loads = sorted((n for n in sliced if isinstance(n, Load)), key=lambda n: (n.source, n.name))
+        gpu = rt.device is not None and rt.device.type != "cpu"
+        job = cls(targets, plan, rt, loads, gpu)
+        job.read_whole(whole)
+        return job
+
+    def run(self, bounds: list[tuple[int, int]],
+            fn: Callable[[int, int, tuple[Any, ...]], Any]) -> Iterator[Any]:
+        import torch
+
+        self.fn = fn
+        threads = torch.get_num_threads()
+        try:
+            yield from _pipeline(self, bounds, self.rt.compute if not self.gpu else None, self.rt)
+        finally:
+            torch.set_num_threads(threads)
+            self.whole.clear()
+            self.held.clear()
 
     def read_whole(self, inputs: set[Node]) -> None:
         """Compute the inputs a piece needs whole, keeping the sliced stored inputs they read
-        anyway (slerp's a and b)."""
+        anyway (a reduction's small inputs)."""
         for x in inputs:
             seen: dict[Node, Any] = {}
-            self.whole[x] = _value(x, seen, self.plan, self.rt.reader, self.rt.device,
-                                   self.rt.finite)
+            self.whole[x] = _value(x, seen, self.plan, self.rt)
             self.held.update((n, seen[n]) for n in self.loads if n in seen)
             seen.clear()
 
@@ -275,8 +310,9 @@ class _Pieces:
         if not self.gpu:
             torch.set_num_threads(1)  # also per worker thread: OpenMP's setting is per thread
         try:
-            piece = _piece(self.node, lo, hi, memo, self.whole, self.plan, self.rt)
-            return inputs, piece.cpu().contiguous()
+            pieces = tuple(_piece(t, lo, hi, memo, self.whole, self.plan, self.rt)
+                           for t in self.targets)
+            return inputs, self.fn(lo, hi, pieces)
         finally:
             memo.clear()
 
@@ -362,15 +398,21 @@ def read_rows(node: Load, plan: Plan, reader: FileReader, lo: int, hi: int, *,
     return piece.view(torch_dtype(info.dtype)).reshape((hi - lo, *info.shape[1:]))
 
 
-def _value(n: Node, memo: dict[Node, Any], plan: Plan, reader: FileReader, device: Any,
-           finite: FiniteCheck | None) -> Any:
+def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
     """``n``'s value, its inputs first, left to right; iterative (an explicit stack), so that
-    a chain of hundreds of steps does not reach Python's recursion limit."""
-    for m in iter_post_order(n, memo):
+    a chain of hundreds of steps does not reach Python's recursion limit. A reduction over
+    large inputs reads them by row pieces from the files (`_FileSource`) instead."""
+    device = rt.device
+    for m in iter_post_order(n, memo, whole_inputs):
         if isinstance(m, Load):
-            result = read_tensor(m, plan, reader, pin=_pinned(device))
-            if finite is not None:
-                finite.check(f"input {m.source}:{m.name}", result)
+            result = read_tensor(m, plan, rt.reader, pin=_pinned(device))
+            if rt.finite is not None:
+                rt.finite.check(f"input {m.source}:{m.name}", result)
+        elif streams_from_files(m):
+            assert isinstance(m, Reduction)
+            whole = tuple(memo[x].to(device, non_blocking=True)
+                          for x, s in zip(m.inputs, m.streamed(), strict=True) if not s)
+            result = m.reduce(_FileSource(m, plan, rt), whole)
         else:
             result = m.compute(tuple(memo[x].to(device, non_blocking=True) for x in m.inputs))
         memo[m] = result

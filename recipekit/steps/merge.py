@@ -31,7 +31,7 @@ from recipekit.graph import (
     fp32_copies,
     intern,
 )
-from recipekit.merge import METHODS
+from recipekit.merge import METHODS, resolve_params
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, is_constant, resolve
 from recipekit.steps.interpolate import check_aligned
@@ -330,11 +330,45 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
             coefficients = intern(SlerpCoefficients(a, b, float(params["t"])))
             tensors[name] = intern(Slerp(a, b, coefficients, dtype))
             continue
-        tensors[name] = intern(Merge(spec.name, operands, base, tuple(sorted(params.items())),
-                                     seed if spec.random else 0,
-                                     name if spec.random else "", dtype, native))
+        streamed = streamed_task_vectors(spec, operands, base, params, seed, name, dtype,
+                                         native, step.spec.get("random_masks", "stream"))
+        tensors[name] = streamed or intern(Merge(
+            spec.name, operands, base, tuple(sorted(params.items())),
+            seed if spec.random else 0, name if spec.random else "", dtype, native))
     return VirtualModel(step.name, first.config, tensors, first.stack, first.donor,
                         first.changed)
+
+
+def streamed_task_vectors(spec: Any, operands: tuple[Node, ...], base: Node | None,
+                          params: Mapping[str, Any], seed: int, tensor: str, dtype: str,
+                          native: bool, random_masks: str) -> Node | None:
+    """The streamed nodes of a pruning task-arithmetic method (steps/task_vectors.py), or
+    None where the whole-tensor `Merge` stays: mergekit's random draw asked for
+    (`random_masks: mergekit`), or DELLA on a vector (it ranks the whole 1-D tensor)."""
+    from recipekit.ops.rng import stream_key
+    from recipekit.ops.stream_prune import STREAMED_SPARSIFIERS, needs_stats
+    from recipekit.steps.task_vectors import PrunedMerge, PruneStats, work_dtype
+
+    sparsify = dict(spec.fixed).get("sparsify")
+    if sparsify not in STREAMED_SPARSIFIERS or base is None:
+        return None
+    if spec.random and random_masks == "mergekit":
+        return None
+    if sparsify == "della_magprune" and len(base.shape) < 2:
+        return None
+    kw = resolve_params(spec, params, len(operands))
+    work = work_dtype(operands + (base,), native)
+    keys = tuple(stream_key(seed, tensor, i) for i in range(len(operands))) if spec.random \
+        else (0,) * len(operands)
+    stats = None
+    if needs_stats(sparsify, kw["rescale"]):
+        stats = intern(PruneStats(
+            operands, base, sparsify, tuple(float(d) for d in kw["densities"]),
+            tuple(float(g) for g in kw.get("gamma", (0.0,) * len(operands))),
+            tuple(float(e) for e in kw.get("epsilon", (0.0,) * len(operands))), keys,
+            bool(kw["rescale"]), work))
+    return intern(PrunedMerge(spec.name, operands, base, stats, tuple(sorted(params.items())),
+                              keys, work, dtype))
 
 
 def _check_della(spec: Any, params: Mapping[str, Any], tensor: str, step: Step,

@@ -1,0 +1,170 @@
+"""Exact top-k selection by magnitude in streaming passes, with a tie rule pieces cannot change.
+
+Why: TIES, breadcrumbs and SCE keep the k largest entries of a whole tensor. mergekit sorts the
+tensor; a sort needs it whole and takes O(n log n) on one thread. Here the k-th largest value
+is found exactly by counting: the magnitude's fp32 bit pattern is an integer that orders like
+the magnitude (`magnitude_key`), so a histogram of its high 16 bits (pass 1) finds the bucket
+holding the k-th key, and a histogram of the low 16 bits inside that bucket (pass 2) the key
+itself. Memory is a few histograms; time is linear in the elements.
+
+**Tie rule.** Keys are ranked by value, then by flat (row-major) index, lower first: when the
+k-th key equals others, the equal entries with the lowest indices are kept, exactly k in all.
+A third pass (per-row counts of the equal key) places the boundary, and only when the equal
+keys are not all kept or all dropped. The rule depends on nothing but the tensor: not on the
+pieces, the worker count or the device. Where the k-th key is unique the kept set is mergekit's
+(whose non-stable sort breaks ties arbitrarily) — tests/ops/test_select.py, and the committed
+TIES/breadcrumbs goldens.
+
+Pure tensor math over a `RowSource`-like callable; no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Cut", "KEEP_ALL", "keep_mask", "magnitude_key", "select_cuts"]
+
+HIGH_BINS = 1 << 15  # the key's bits 16–30 (bit 31, the sign, is 0)
+LOW_BINS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Which entries the k largest are: key > ``value``, or key == ``value`` in a row before
+    ``row``, or among the first ``count`` equal keys of row ``row`` (`keep_mask`)."""
+
+    value: int
+    row: int
+    count: int
+
+
+#: a cut that keeps every entry (k = n); `Cut(2**31 - 1, 0, 0)` keeps none
+KEEP_ALL = Cut(-1, 0, 0)
+KEEP_NONE = Cut(2**31 - 1, 0, 0)
+
+
+def magnitude_key(x: torch.Tensor) -> torch.Tensor:
+    """|x| as fp32, reinterpreted as int32: non-negative integers ordered like |x| (NaN above
+    inf, as a sort puts it), one row of the piece per row of x (shape [rows, -1])."""
+    rows = x.shape[0] if x.dim() else 1
+    return x.abs().float().reshape(rows, -1).view(torch.int32)
+
+
+def keep_mask(key: torch.Tensor, lo: int, cut: Cut) -> torch.Tensor:
+    """The entries of rows ``lo:lo+len(key)`` (keys [rows, L]) that ``cut`` keeps (bool)."""
+    hi = lo + key.shape[0]
+    if cut.row >= hi:
+        return key >= cut.value
+    if cut.row < lo:
+        return key > cut.value
+    keep = key >= cut.value
+    keep[cut.row - lo + 1:] = key[cut.row - lo + 1:] > cut.value
+    r = cut.row - lo
+    equal = key[r] == cut.value
+    keep[r] = (key[r] > cut.value) | (equal & (torch.cumsum(equal, 0) <= cut.count))
+    return keep
+
+
+Keys = Callable[[int, int, tuple[torch.Tensor, ...]], Sequence[torch.Tensor]]
+Map = Callable[[Callable[[int, int, tuple[torch.Tensor, ...]], object]], Iterator[object]]
+
+
+def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]], n: int,
+                rows: int) -> list[Cut]:
+    """The `Cut` of each query ``(stream, k)``: the k largest keys of stream ``stream``.
+
+    ``keys(lo, hi, pieces)`` gives, for one row piece, each stream's keys ([rows, L] int32 from
+    `magnitude_key`); ``map_pieces(fn)`` runs ``fn`` over every piece in order (a
+    `RowSource.map`); ``n`` is each stream's number of entries, ``rows`` its rows.
+    Passes: one histogram pass, one inside the buckets found, and a per-row count only for
+    queries whose boundary falls among equal keys. k ≤ 0 keeps nothing, k ≥ n everything.
+    """
+    cuts: dict[int, Cut] = {}
+    open_ = []
+    for q, (_, k) in enumerate(queries):
+        if k <= 0:
+            cuts[q] = KEEP_NONE
+        elif k >= n:
+            cuts[q] = KEEP_ALL
+        else:
+            open_.append(q)
+    if not open_:
+        return [cuts[q] for q in range(len(queries))]
+    streams = sorted({queries[q][0] for q in open_})
+
+    def high(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        ks = keys(lo, hi, pieces)
+        return [torch.bincount((ks[s] >> 16).reshape(-1), minlength=HIGH_BINS) for s in streams]
+
+    hist = [torch.zeros(HIGH_BINS, dtype=torch.int64) for _ in streams]
+    for part in map_pieces(high):
+        for h, p in zip(hist, part, strict=True):  # type: ignore[call-overload]
+            h += p.cpu()
+    # the bucket of each query's k-th key, and how many keys of that bucket it keeps
+    buckets: dict[int, tuple[int, int]] = {}
+    for q in open_:
+        s, k = queries[q]
+        above = torch.flip(torch.cumsum(torch.flip(hist[streams.index(s)], [0]), 0), [0])
+        b = int(torch.nonzero(above >= k)[-1])  # the highest bucket with ≥ k keys at or above
+        within = k - (int(above[b + 1]) if b + 1 < HIGH_BINS else 0)
+        buckets[q] = (b, within)
+    wanted = sorted({(queries[q][0], buckets[q][0]) for q in open_})
+
+    def low(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        ks = keys(lo, hi, pieces)
+        out = []
+        for s, b in wanted:
+            flat = ks[s].reshape(-1)
+            inside = flat[(flat >> 16) == b] & 0xFFFF
+            out.append(torch.bincount(inside, minlength=LOW_BINS))
+        return out
+
+    fine = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in wanted]
+    for part in map_pieces(low):
+        for h, p in zip(fine, part, strict=True):  # type: ignore[call-overload]
+            h += p.cpu()
+    ties: dict[int, tuple[int, int]] = {}  # query -> (key value, equal keys to keep)
+    for q in open_:
+        s, _ = queries[q]
+        b, within = buckets[q]
+        h = fine[wanted.index((s, b))]
+        above = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])
+        low_bits = int(torch.nonzero(above >= within)[-1])
+        value = (b << 16) | low_bits
+        keep_equal = within - (int(above[low_bits + 1]) if low_bits + 1 < LOW_BINS else 0)
+        equal = int(h[low_bits])
+        if keep_equal == equal:
+            cuts[q] = Cut(value, rows, 0)  # every equal key is kept
+        else:
+            ties[q] = (value, keep_equal)
+    if ties:
+        cuts.update(_place_ties(map_pieces, keys, queries, ties))
+    return [cuts[q] for q in range(len(queries))]
+
+
+def _place_ties(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
+                ties: dict[int, tuple[int, int]]) -> dict[int, Cut]:
+    """The cut of each query whose boundary falls among equal keys: count the equal keys per
+    row (one pass), keep those of the first rows, and the first ones of the row it ends in."""
+    order = sorted(ties)
+
+    def count(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        ks = keys(lo, hi, pieces)
+        return [(ks[queries[q][0]] == ties[q][0]).sum(dim=1) for q in order]
+
+    per_row: list[list[torch.Tensor]] = [[] for _ in order]
+    for part in map_pieces(count):
+        for acc, p in zip(per_row, part, strict=True):  # type: ignore[call-overload]
+            acc.append(p.cpu())
+    out = {}
+    for q, parts in zip(order, per_row, strict=True):
+        counts = torch.cat(parts)
+        cum = torch.cumsum(counts, 0)
+        value, keep_equal = ties[q]
+        row = int(torch.searchsorted(cum, keep_equal))  # first row where cum ≥ keep_equal
+        before = int(cum[row - 1]) if row else 0
+        out[q] = Cut(value, row, keep_equal - before)
+    return out

@@ -1,0 +1,173 @@
+"""Pruning of task vectors in row pieces: the streaming form of `ops.sparsify`.
+
+Why: TIES, breadcrumbs, DARE and DELLA prune each task vector τ_i = θ_i − θ_b by a rule over
+the whole tensor (the k largest magnitudes, an L1 rescale, a random mask). `prune_rules` finds
+each rule's whole-tensor numbers by passes over row pieces (`ops.select` for the magnitude
+cuts; one more pass for the L1 norms of a rescale), packed in a small tensor; `prune_rows` then
+prunes any rows of τ_i with them, so the output is computed piece by piece.
+
+Differences from `ops.sparsify` (mergekit's whole-tensor kernels), by design:
+
+* magnitude ties: the k largest by value, then by lowest flat index (`ops.select`); the kept set
+  is mergekit's wherever the k-th magnitude is unique;
+* random masks: a counter-based draw (`ops.rng.counter_draw`: keep where the 24-bit draw is
+  below d·2^24, or p·2^24 for DELLA), the same whole or in pieces, on any device; mergekit's
+  `torch.bernoulli` stream cannot be reproduced in pieces (the step's
+  `random_masks: mergekit` keeps it, whole tensor);
+* the L1 rescale factor sums in fp64 piece by piece (mergekit: one fp32 sum).
+
+Formulas otherwise as `ops.sparsify` (reference/merge-methods.md §2.6–2.7). Oracle:
+tests/ops/test_stream_prune.py (against `ops.sparsify` where they agree, and statistics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from recipekit.ops.rng import DRAW_BITS, counter_draw
+from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
+from recipekit.ops.sparsify import RESCALE_EPS, della_keep_probabilities
+
+__all__ = ["STREAMED_SPARSIFIERS", "needs_stats", "prune_rows", "prune_rules", "stat_passes"]
+
+STREAMED_SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
+#: columns of a packed rule: keep cut (3), drop cut (3), L1 scale (NaN: none), all-kept flag
+_WIDTH = 8
+
+
+def needs_stats(sparsify: str, rescale: bool) -> bool:
+    """Whether pruning needs whole-tensor numbers (a cut, or the L1 norms of a rescale)."""
+    return sparsify in ("magnitude", "magnitude_outliers") or rescale
+
+
+def stat_passes(sparsify: str, rescale: bool) -> int:
+    """Passes `prune_rules` makes at most: two histogram passes and a tie pass for a cut, one
+    for the L1 norms."""
+    return (3 if sparsify in ("magnitude", "magnitude_outliers") else 0) + (1 if rescale else 0)
+
+
+def _cut_queries(sparsify: str, density: float, gamma: float, n: int
+                 ) -> tuple[int | None, int | None, bool]:
+    """(k kept from the top, k dropped from the top, keep everything) for one task vector."""
+    if density >= 1:
+        return None, None, True
+    if sparsify == "magnitude":
+        return (0, None, False) if density <= 0 or n == 0 else (max(1, int(density * n)),
+                                                                None, False)
+    if density <= 0:
+        return 0, None, False
+    keep, top = int(density * n), int(gamma * n)
+    bot = max(0, n - keep - top)
+    return n - bot, n - bot - keep, False  # ascending positions [bot, bot + keep)
+
+
+def prune_rules(source: Any, *, deltas: Any, sparsify: str, densities: Sequence[float],
+                gammas: Sequence[float], epsilons: Sequence[float], keys: Sequence[int],
+                rescale: bool, n: int) -> torch.Tensor:
+    """Each task vector's pruning rule, packed [M, 8] in fp64 (`prune_rows` reads it).
+
+    ``source`` is a `RowSource` over the streamed inputs; ``deltas(lo, hi, pieces)`` gives the
+    M task vectors of one piece in the compute dtype. ``n``: entries per task vector.
+    """
+    m = len(densities)
+    packed = torch.zeros((m, _WIDTH), dtype=torch.float64)
+    packed[:, 6] = float("nan")
+    cuts: list[tuple[Cut, Cut | None]] = [(KEEP_ALL, None)] * m
+    if sparsify in ("magnitude", "magnitude_outliers"):
+        queries, where = [], []
+        for i in range(m):
+            keep, drop, everything = _cut_queries(sparsify, densities[i], gammas[i], n)
+            packed[i, 7] = float(everything)
+            for k in (keep, drop):
+                if k is not None:
+                    where.append(i)
+                    queries.append((i, k))
+        rows = source.rows
+        found = select_cuts(source.map, lambda lo, hi, p: [magnitude_key(t) for t in
+                                                          deltas(lo, hi, p)], queries, n, rows)
+        got: dict[int, list[Cut]] = {}
+        for i, cut in zip(where, found, strict=True):
+            got.setdefault(i, []).append(cut)
+        for i, cs in got.items():
+            cuts[i] = (cs[0], cs[1] if len(cs) > 1 else None)
+    else:
+        for i in range(m):
+            packed[i, 7] = float(densities[i] >= 1)
+    for i, (keep, drop) in enumerate(cuts):
+        packed[i, 0:3] = torch.tensor([keep.value, keep.row, keep.count], dtype=torch.float64)
+        if drop is not None:
+            packed[i, 3:6] = torch.tensor([drop.value, drop.row, drop.count],
+                                          dtype=torch.float64)
+        else:
+            packed[i, 3:6] = torch.tensor([KEEP_NONE.value, 0, 0], dtype=torch.float64)
+    if rescale:
+        packed[:, 6] = _l1_scales(source, deltas, packed, sparsify, densities, epsilons, keys)
+    return packed
+
+
+def _l1_scales(source: Any, deltas: Any, packed: torch.Tensor, sparsify: str,
+               densities: Sequence[float], epsilons: Sequence[float],
+               keys: Sequence[int]) -> torch.Tensor:
+    """‖τ_i‖₁ / ‖m_i ⊙ τ_i‖₁ per task vector, summed in fp64 piece by piece in order; NaN
+    where either norm is below `RESCALE_EPS` (no rescale) or nothing is pruned."""
+    m = len(densities)
+
+    def sums(lo: int, hi: int, pieces: tuple[Any, ...]) -> torch.Tensor:
+        out = torch.zeros((m, 2), dtype=torch.float64)
+        for i, tau in enumerate(deltas(lo, hi, pieces)):
+            mask = _mask(tau, lo, packed[i], sparsify, densities[i], epsilons[i], keys[i])
+            out[i, 0] = tau.abs().sum(dtype=torch.float64)
+            out[i, 1] = out[i, 0] if mask is None else (tau * mask).abs().sum(
+                dtype=torch.float64)
+        return out
+
+    total = torch.zeros((m, 2), dtype=torch.float64)
+    for part in source.map(sums):
+        total += part
+    scale = total[:, 0] / total[:, 1]
+    small = (total[:, 0] < RESCALE_EPS) | (total[:, 1] < RESCALE_EPS) | (packed[:, 7] == 1)
+    return torch.where(small, torch.full_like(scale, float("nan")), scale)
+
+
+def _mask(tau: torch.Tensor, lo: int, rule: torch.Tensor, sparsify: str, density: float,
+          epsilon: float, key: int) -> torch.Tensor | None:
+    """The 0/1 keep mask (τ's dtype) of rows ``lo:`` of one task vector; None keeps all."""
+    if bool(rule[7]):
+        return None
+    if sparsify in ("magnitude", "magnitude_outliers"):
+        keys = magnitude_key(tau)
+        keep = keep_mask(keys, lo, Cut(*(int(v) for v in rule[0:3].tolist())))
+        if sparsify == "magnitude_outliers":
+            keep &= ~keep_mask(keys, lo, Cut(*(int(v) for v in rule[3:6].tolist())))
+        return keep.reshape(tau.shape).to(tau.dtype)
+    if density <= 0 and sparsify == "della_magprune":
+        return torch.zeros_like(tau)
+    rows = tau.shape[0] if tau.dim() else 1
+    draw = counter_draw(key, lo, lo + rows, tau.numel() // max(1, rows), tau.device)
+    if sparsify == "random":
+        if density < 0:
+            raise ValueError(f"density must be in [0, 1] for random pruning, got {density}")
+        limit = int(density * (1 << DRAW_BITS))
+        return (draw < limit).reshape(tau.shape).to(tau.dtype)
+    p = della_keep_probabilities(tau, density=density, epsilon=epsilon)
+    return (draw.reshape(tau.shape).to(p.dtype) < p * (1 << DRAW_BITS)).to(tau.dtype)
+
+
+def prune_rows(tau: torch.Tensor, lo: int, rule: torch.Tensor, *, sparsify: str,
+               density: float, epsilon: float, key: int) -> torch.Tensor:
+    """Rows ``lo:`` of one pruned task vector: τ ⊙ m (times the L1 scale of a rescale)."""
+    if sparsify == "della_magprune" and density < 1 and not 0 < density - epsilon < \
+            density + epsilon < 1 and density > 0:
+        raise ValueError(f"DELLA needs density ± epsilon inside (0, 1); got density {density},"
+                         f" epsilon {epsilon}")
+    mask = _mask(tau, lo, rule, sparsify, density, epsilon, key)
+    if mask is None:
+        return tau
+    out = tau * mask
+    scale = float(rule[6])
+    if scale == scale:  # not NaN
+        out *= torch.tensor(scale, dtype=torch.float64).to(tau.dtype)
+    return out

@@ -1,0 +1,160 @@
+"""The streamed task-arithmetic merges: TIES, DARE, breadcrumbs and DELLA in row pieces.
+
+`build_merge` (steps/merge.py) gives these methods two nodes per tensor instead of one whole
+`Merge`: `PruneStats`, a reduction that finds each task vector's pruning rule by passes over
+row pieces of the inputs (ops/stream_prune.py: magnitude cuts by counting, L1 norms), and
+`PrunedMerge`, which prunes, elects signs and sums any rows once the rules are known. Memory is
+a few pieces and the histograms, whatever the tensor's size; the plan says how many passes.
+The kept sets equal mergekit's wherever the k-th magnitude is unique (tie rule: ops/select.py);
+random masks are counter-based draws (ops/rng.py), the same whole or in pieces on any device.
+Oracle: tests/steps/test_task_vectors.py (whole against pieces, mergekit goldens for TIES and
+breadcrumbs, keep-rate statistics for DARE and DELLA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from recipekit.dtypes import promote, torch_dtype
+from recipekit.graph import Node, SameShape
+from recipekit.graph.passes import Reduction
+
+
+def work_dtype(nodes: tuple[Node, ...], native: bool) -> str:
+    """The dtype the kernels compute in: the inputs' promoted dtype for mergekit's way
+    (`compute_dtype:` set: the inputs are already cast), else fp32 (fp64 for fp64 inputs)."""
+    codes = [n.dtype for n in nodes]
+    if native:
+        return promote(codes)
+    return "F64" if "F64" in codes else "F32"
+
+
+def _deltas(pieces: tuple[Any, ...], work: str) -> list[Any]:
+    dtype = torch_dtype(work)
+    b = pieces[-1].to(dtype)
+    return [x.to(dtype) - b for x in pieces[:-1]]
+
+
+@dataclass(frozen=True, eq=False)
+class PruneStats(Reduction):
+    """Each task vector's pruning rule for one tensor: the magnitude cuts (TIES, breadcrumbs)
+    and the L1 rescale factor, packed [M, 8] (ops/stream_prune.py `prune_rules`)."""
+
+    operands: tuple[Node, ...]
+    base: Node
+    sparsify: str
+    densities: tuple[float, ...]
+    gammas: tuple[float, ...]
+    epsilons: tuple[float, ...]
+    keys: tuple[int, ...]
+    rescale: bool
+    work: str
+
+    passes: ClassVar[int] = 4
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.operands + (self.base,)
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return (len(self.operands), 8)
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return "F64"
+
+    @property
+    def state_bytes(self) -> int:
+        # two histograms per cut (32Ki + 64Ki int64) and the per-row counts of a tie
+        m = len(self.operands)
+        return 2 * m * (3 << 15) * 8 + 2 * m * 8 * self.stream_rows
+
+    @property
+    def workspace(self) -> int:
+        # per piece: the task vectors in the compute dtype, their keys and masks
+        return 3 * len(self.operands) * 4 * self.base.numel
+
+    def reduce(self, source: Any, whole: tuple[Any, ...]) -> Any:
+        from recipekit.ops.stream_prune import prune_rules
+
+        return prune_rules(source, deltas=lambda lo, hi, p: _deltas(p, self.work),
+                           sparsify=self.sparsify, densities=self.densities,
+                           gammas=self.gammas, epsilons=self.epsilons, keys=self.keys,
+                           rescale=self.rescale, n=self.base.numel)
+
+
+@dataclass(frozen=True, eq=False)
+class PrunedMerge(SameShape):
+    """One output tensor of a streamed task-arithmetic method, rounded once to ``dtype``:
+    each task vector pruned by its rule (``stats``; None when pruning needs no whole-tensor
+    number: DARE or DELLA without rescale), then `combine_task_vectors`."""
+
+    rounds_once: ClassVar[bool] = True
+
+    method: str
+    operands: tuple[Node, ...]
+    base: Node
+    stats: PruneStats | None
+    params: tuple[tuple[str, Any], ...]
+    keys: tuple[int, ...]
+    work: str
+    dtype: str
+
+    @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.base
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.operands + (self.base,) + ((self.stats,) if self.stats is not None else ())
+
+    @property
+    def workspace(self) -> int:
+        # the stacked task vectors, their signs/masks and the fp32 sum
+        return (2 * len(self.operands) + 2) * 4 * self.numel
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        return (True,) * (len(self.operands) + 1) + ((False,) if self.stats is not None else ())
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        return self.compute_rows(args, 0, self.shape[0] if self.shape else 1)
+
+    def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
+        import torch
+
+        from recipekit.merge import METHODS, resolve_params
+        from recipekit.ops.stream_prune import prune_rows
+        from recipekit.ops.task_arithmetic import combine_task_vectors
+
+        spec = METHODS[self.method]
+        fixed = dict(spec.fixed)
+        m = len(self.operands)
+        kw = resolve_params(spec, dict(self.params), m)
+        rules = args[m + 1].cpu() if self.stats is not None else _no_rules(kw["densities"])
+        pieces = tuple(args[:m + 1])
+        taus = _deltas(pieces, self.work)
+        b = pieces[-1].to(taus[0].dtype)
+        deltas = torch.empty((m, *b.shape), dtype=b.dtype, device=b.device)
+        for i, tau in enumerate(taus):
+            deltas[i] = prune_rows(tau, lo, rules[i], sparsify=fixed["sparsify"],
+                                   density=kw["densities"][i],
+                                   epsilon=kw.get("epsilon", (0.0,) * m)[i], key=self.keys[i])
+        del taus
+        out = combine_task_vectors(b, deltas, kw["weights"], consensus=fixed.get("consensus"),
+                                   normalize=kw["normalize"], lambda_=kw["lambda_"],
+                                   int8_mask=kw["int8_mask"])
+        return out.to(torch_dtype(self.dtype))
+
+
+def _no_rules(densities: list[float]) -> Any:
+    """Rules for pruning that needs no whole-tensor number (a random mask without rescale):
+    no cut, no rescale; density ≥ 1 keeps everything without drawing."""
+    import torch
+
+    rules = torch.zeros((len(densities), 8), dtype=torch.float64)
+    rules[:, 6] = float("nan")
+    rules[:, 7] = torch.tensor([float(d >= 1) for d in densities], dtype=torch.float64)
+    return rules
