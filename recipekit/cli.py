@@ -106,18 +106,18 @@ def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files (YAML or JSON).",
                                                   show_default=False)],
     no_inputs: Annotated[bool, typer.Option(
-        "--no-inputs", help="Check the recipe documents only (schema, names, layer-range "
-        "grammar), without opening the models they name: for pre-commit and CI.")] = False,
+        "--no-inputs", help="Check the recipe documents only (schema, names, layer ranges, "
+        "each op's and merge method's rules), without opening the models they name: for "
+        "pre-commit and CI.")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Check recipes and their inputs (headers only) without writing anything."""
 
     def check(recipe: Path) -> None:
         if no_inputs:
-            from recipekit.recipe import load_recipe
+            from recipekit.hook import check_document
 
-            r = load_recipe(recipe)
-            _say(f"{echo_text(recipe)}: ok ({len(r.steps)} step(s); inputs not checked)")
+            _say(check_document(recipe))
             return
         plan = _compile(recipe, None)
         what = "PEFT adapter" if plan.adapter else f"{plan.model.stack.num_layers} layers"
@@ -185,15 +185,16 @@ def run(
         "--check-finite", help="Report NaN/Inf values in inputs and outputs, by tensor name "
         "(imports torch; the output is written either way).")] = False,
     frozen: Annotated[bool, typer.Option(
-        "--frozen", help="Refuse to run unless recipe.lock.json (from `recipekit lock`) exists "
-        "and every input matches it, re-hashing every local input file.")] = False,
+        "--frozen", help="Refuse to run unless the recipe's lock (<stem>.lock.json, from "
+        "`recipekit lock`) exists and every input matches it, re-hashing every local input "
+        "file.")] = False,
     workers: Annotated[int | None, typer.Option(
         "--workers", min=1, help="Threads computing pieces of large elementwise tensors on the "
         "CPU side by side (default: half the cores, at most 8). Changes no byte.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Build the recipe's output checkpoint (checking recipe.lock.json when there is one)."""
+    """Build the recipe's output checkpoint (checking its <stem>.lock.json when there is one)."""
 
     def body() -> None:
         from recipekit.progress import byte_progress
@@ -246,7 +247,8 @@ def _check_lock(recipe_file: Path, p, frozen: bool) -> None:
 
 @app.command()
 def lock(recipe: RecipeArg, debug: DebugOpt = False) -> None:
-    """Write recipe.lock.json: hub inputs pinned to commits, every input file's size and hash."""
+    """Write <stem>.lock.json beside the recipe: hub inputs pinned to commits, every input
+    file's size and hash."""
 
     def body() -> None:
         from recipekit.inputs.resolve import resolve_sources

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from recipekit.errors import ScalingsLogError
 from recipekit.inputs.files import not_regular, read_bounded, sha256_file
 
@@ -53,6 +51,8 @@ class ScalingsLog:
 
 
 def _load_npy(path: Path) -> Any:
+    import numpy as np  # here: loading a recipe imports this module and must not need numpy
+
     shown = path.name
     try:
         why = not_regular(os.stat(path).st_mode)  # a FIFO would block numpy.load forever

@@ -18,7 +18,7 @@ hidden stream in blocks of ``hidden_size / num_attention_heads``, and FFN neuron
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,32 @@ def check_partition(groups: Sequence[Sequence[int]], *, key: str, unit: str,
                           f"{unit}s: group i becomes {unit} i of the small model", (key,),
                           hint=f"write {n_small} groups")
     return Partition(tuple(tuple(g) for g in groups))
+
+
+#: Each scheme key of a step, and the unit its groups name.
+UNITS = {"width": "head", "depth": "layer", "ffn": "FFN block"}
+
+
+def inline_scheme_problems(spec: Mapping[str, Any]) -> list[SchemeError]:
+    """What a step's inline schemes (lists, not ``{file: ...}``) show without the model: an
+    empty group, an index in two groups, and ``ffn:`` without ``width:``, with the messages the
+    build gives. Gaps and ranges wait for the model: whether ``[[0, 2], [1, 4]]`` misses head 3
+    or names a head 4 the model lacks depends on its head count, and the build says which.
+    """
+    problems = []
+    if spec.get("ffn") is not None and spec.get("width") is None:
+        problems.append(SchemeError("`ffn:` needs a `width:` scheme", ("ffn",),
+                                    hint="add `width:` or remove `ffn:`"))
+    for key, unit in UNITS.items():
+        groups = spec.get(key)
+        if not isinstance(groups, list):
+            continue
+        try:
+            check_partition(groups, key=key, unit=unit)
+        except SchemeError as e:
+            if len(e.where) == 2:  # at a group (empty, overlapping), not a gap in the whole
+                problems.append(e)
+    return problems
 
 
 @dataclass(frozen=True)

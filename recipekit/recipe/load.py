@@ -1,10 +1,11 @@
 """Load a YAML or JSON recipe, validate it, and return a typed `Recipe`.
 
-Validation happens in three layers, each collecting every problem before raising: YAML/JSON
-syntax (`document`), the published JSON Schema (`schema`), and the semantic checks here that
-need no checkpoint (names resolve, no cycles, layer-range grammar). Checks against the sources'
-headers happen at compile time. Every message is located at the user's own line, like a
-compiler.
+Validation happens in layers, each collecting every problem before raising: YAML/JSON
+syntax (`document`), the published JSON Schema (`schema`), the semantic checks here that
+need no checkpoint (names resolve, no cycles, layer-range grammar), and each op's document
+check (`recipekit.steps.check_steps`: a merge method's contract, a head's class count, ...).
+Checks against the sources' headers happen at compile time. Every message is located at the
+user's own line, like a compiler.
 """
 
 from __future__ import annotations
@@ -46,9 +47,33 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(doc.data, dict):
         raise RecipeErrors([doc.error((), "a recipe is a mapping with keys `recipekit`, "
                                       "`models`, `steps` and `output`")])
+    if "recipekit_lock" in doc.data:
+        raise RecipeErrors([_lockfile_error(doc)])
+    return _checked(doc, Path(path))
+
+
+def _lockfile_error(doc: Document) -> RecipeError:
+    """A lock file given where a recipe belongs (`recipekit validate recipes/*.json`, a
+    pre-commit pattern that matches ``x.lock.json``): say so instead of listing schema errors."""
+    recipe = doc.data.get("recipe")
+    beside = f" ({show(recipe)})" if isinstance(recipe, str) else ""
+    return doc.error((), "this is a lockfile written by `recipekit lock`, not a recipe",
+                     hint=f"validate the recipe it pins{beside} instead; lockfiles are checked "
+                     "by `recipekit run`")
+
+
+def _checked(doc: Document, file: Path) -> Recipe:
+    """Schema, semantic and op document checks (`recipekit.steps.check_steps`) on a loaded
+    document; every problem is collected, and a step the schema refused is not op-checked."""
     coerce_numeric_strings(doc)
     errors = schema_errors(doc) + non_finite_numbers(doc)
-    recipe = _build(doc, Path(path), errors)
+    recipe = _build(doc, file, errors)
+    from recipekit.steps import check_steps  # steps/ imports this package
+
+    refused = {e.key_path[1] for e in errors
+               if e.key_path and len(e.key_path) > 1 and e.key_path[0] == "steps"}
+    errors += check_steps(recipe, skip=frozenset(
+        s.name for s in recipe.steps.values() if s.index in refused))
     if errors:
         raise RecipeErrors(_dedupe(errors))
     return recipe
@@ -63,12 +88,7 @@ def recipe_from_data(data: Mapping[str, Any], file: Path) -> Recipe:
         RecipeErrors: as `load_recipe`.
     """
     doc = Document(str(file), copy.deepcopy(dict(data)), [])
-    coerce_numeric_strings(doc)
-    errors = schema_errors(doc) + non_finite_numbers(doc)
-    recipe = _build(doc, file, errors)
-    if errors:
-        raise RecipeErrors(_dedupe(errors))
-    return recipe
+    return _checked(doc, file)
 
 
 def non_finite_numbers(doc: Document) -> list[RecipeError]:

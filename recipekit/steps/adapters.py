@@ -37,7 +37,7 @@ from recipekit.graph import (
 from recipekit.graph.adapterset import AdapterSet, LoraTarget, LoraTerm, Replacement
 from recipekit.io.header import quote_name
 from recipekit.recipe import Recipe, Step
-from recipekit.steps.gating import resolve_gating
+from recipekit.steps.gating import check_gating_document, resolve_gating
 from recipekit.steps.registry import Op
 
 Value = VirtualModel | AdapterSet
@@ -82,6 +82,37 @@ def check_combine(step: Step, uses: list[tuple[AdapterSet, float, KeyPath]], com
                                            "combines `sequential` (its magnitude rescales the "
                                            "whole weight)", hint="fold it with `op: adapters` "
                                            "and `combine: sequential`"))
+    errors += _density_errors(step, combine, recipe)
+    if errors:
+        raise RecipeErrors(errors)
+
+
+def check_adapters(step: Step, recipe: Recipe) -> list[RecipeError]:
+    """The `adapters` op's document check: `density` against `combine`, and `gating:`
+    (`steps.gating.check_gating_document`), before any adapter is read."""
+    errors = _density_errors(step, step.spec.get("combine", "sequential"), recipe)
+    if "gating" in step.spec:
+        errors += check_gating_document(step, recipe)
+        combine = step.spec.get("combine", "sequential")
+        if combine not in ("sequential", "sum"):
+            errors.append(_gating_combine_error(step, combine, recipe))
+    return errors
+
+
+def check_combine_adapters(step: Step, recipe: Recipe) -> list[RecipeError]:
+    """The `combine_adapters` op's document check: `density` against `combine`."""
+    return _density_errors(step, step.spec.get("combine", "sum"), recipe)
+
+
+def _gating_combine_error(step: Step, combine: str, recipe: Recipe) -> RecipeError:
+    return recipe.error(step.key_path + ("combine",), f"gating sums the gated deltas; "
+                        f"combine: {combine} does not apply",
+                        hint="leave out `combine:` (or use sequential / sum)")
+
+
+def _density_errors(step: Step, combine: str, recipe: Recipe) -> list[RecipeError]:
+    """Pruning modes need `density` in (0, 1]; the others refuse it."""
+    errors = []
     if combine in PRUNING and "density" not in step.spec:
         errors.append(recipe.error(step.key_path, f"combine: {combine} needs `density:` (the "
                                    "fraction of each delta kept)", key=True))
@@ -91,8 +122,7 @@ def check_combine(step: Step, uses: list[tuple[AdapterSet, float, KeyPath]], com
                                    "dare_linear, dare_ties or magnitude_prune", key=True))
     if "density" in step.spec and not 0 < step.spec["density"] <= 1:
         errors.append(recipe.error(step.key_path + ("density",), "density must be in (0, 1]"))
-    if errors:
-        raise RecipeErrors(errors)
+    return errors
 
 
 def resolve_target(name: str, tensors: Mapping[str, Node]) -> list[str]:
@@ -252,9 +282,7 @@ def check_gating(step: Step, uses: list[tuple[AdapterSet, float, KeyPath]], reci
     errors = []
     combine = step.spec.get("combine", "sequential")
     if combine not in ("sequential", "sum"):
-        errors.append(recipe.error(step.key_path + ("combine",), f"gating sums the gated "
-                                   f"deltas; combine: {combine} does not apply",
-                                   hint="leave out `combine:` (or use sequential / sum)"))
+        errors.append(_gating_combine_error(step, combine, recipe))
     for aset, _, path in uses:
         what = ("is a DoRA adapter" if aset.has_dora else "replaces tensors whole "
                 "(modules_to_save, trained biases)" if aset.replacements else
@@ -356,6 +384,7 @@ def _combined_target(step: Step, combine: str, name: str,
 
 #: this module's ops (listed once in `recipekit.steps`)
 OPS = (
-    Op("adapters", build_adapters, "adapters_step", models_only=False),
-    Op("combine_adapters", build_combine_adapters, "combine_adapters_step"),
+    Op("adapters", build_adapters, "adapters_step", models_only=False, check=check_adapters),
+    Op("combine_adapters", build_combine_adapters, "combine_adapters_step",
+       check=check_combine_adapters),
 )

@@ -42,6 +42,7 @@ from recipekit.inputs.schemes import (
     WidthMap,
     check_partition,
     derive_width,
+    inline_scheme_problems,
 )
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.registry import Op
@@ -133,6 +134,13 @@ def build_decoalesce(step: Step, models: Mapping[str, VirtualModel],
         RecipeErrors: bad schemes (naming the group), unsupported families, tensors with no rule.
     """
     return _build(step, models, recipe, coalescing=False)
+
+
+def check_coalesce(step: Step, recipe: Recipe) -> list[RecipeError]:
+    """The `coalesce` / `decoalesce` document check: inline schemes
+    (`inputs.schemes.inline_scheme_problems`), before the model is read."""
+    problems = inline_scheme_problems(step.spec)
+    return [recipe.error(step.key_path + e.where, e.message, hint=e.hint) for e in problems]
 
 
 class _Located(Exception):
@@ -510,6 +518,6 @@ def _config_updates(step: Step, recipe: Recipe, src: VirtualModel, arch: Archite
 
 #: this module's ops (listed once in `recipekit.steps`)
 OPS = (
-    Op("coalesce", build_coalesce, "coalesce_step"),
-    Op("decoalesce", build_decoalesce, "decoalesce_step"),
+    Op("coalesce", build_coalesce, "coalesce_step", check=check_coalesce),
+    Op("decoalesce", build_decoalesce, "decoalesce_step", check=check_coalesce),
 )

@@ -107,7 +107,7 @@ def _table(spec: Mapping[str, Any], where: KeyPath, recipe: Recipe, model: Virtu
     errors: list[RecipeError] = []
     given = spec.get("modules")
     if isinstance(given, list):
-        rows = _listed_rows(spec, where, recipe, modules, n, given, errors)
+        rows = _listed_rows(where, recipe, modules, n, given, errors)
     else:
         rows = _layer_rows(spec, where, recipe, model, modules, n, errors)
         _named_rows(given or {}, where, recipe, modules, n, rows, errors)
@@ -126,15 +126,10 @@ def _table(spec: Mapping[str, Any], where: KeyPath, recipe: Recipe, model: Virtu
     return [rows[m] for m in modules]
 
 
-def _listed_rows(spec: Mapping[str, Any], where: KeyPath, recipe: Recipe, modules: list[str],
-                 n: int, given: list[Any], errors: list[RecipeError]
+def _listed_rows(where: KeyPath, recipe: Recipe, modules: list[str], n: int,
+                 given: list[Any], errors: list[RecipeError]
                  ) -> dict[str, tuple[float, ...]]:
     """``modules:`` as a list: one row per wrapped module, in X-LoRA's order."""
-    if "layers" in spec:
-        errors.append(recipe.error(where + ("layers",), "`layers` has no effect when "
-                                   "`modules` lists every module's row", key=True,
-                                   hint="give `modules` as {module name: row} to override "
-                                   "single modules"))
     if len(given) != len(modules):
         raise RecipeErrors([recipe.error(
             where + ("modules",), f"gating.modules has {len(given)} rows, but the adapters "
@@ -217,19 +212,14 @@ def _from_log(step: Step, where: KeyPath, recipe: Recipe, modules: list[str],
     return [tuple(float(x) for x in row) for row in means.tolist()], meta
 
 
-def resolve_gating(step: Step, recipe: Recipe, model: VirtualModel, targets: Sequence[str],
-                   adapters: Sequence[str]) -> Gating:
-    """The step's ``gating:`` as per-module gates over ``targets`` (the tensors the adapters
-    update), in X-LoRA's module order.
-
-    Raises:
-        RecipeErrors: both or neither of a table and a log, log-only options with a table,
-            ``top_k`` > the adapter count, modules the architecture data cannot order, rows of
-            the wrong length, unknown module names, uncovered modules, log problems.
-    """
+def check_gating_document(step: Step, recipe: Recipe) -> list[RecipeError]:
+    """What ``gating:`` gets wrong on its own: both or neither of a table and a log, log-only
+    options with a table, ``top_k`` above the adapter count, a `modules` list beside `layers`,
+    and rows whose length is not the number of ``adapters:`` entries. Part of the `adapters`
+    op's document check (no adapter or model is read); `resolve_gating` runs it too."""
     spec = step.spec["gating"]
     where = step.key_path + ("gating",)
-    n = len(adapters)
+    n = len(step.spec["adapters"])
     errors: list[RecipeError] = []
     has_table = "modules" in spec or "layers" in spec
     if has_table == ("log" in spec):
@@ -244,6 +234,37 @@ def resolve_gating(step: Step, recipe: Recipe, model: VirtualModel, targets: Seq
     if spec.get("top_k") is not None and spec["top_k"] > n:
         errors.append(recipe.error(where + ("top_k",), f"top_k {spec['top_k']} exceeds the "
                                    f"{n} adapters of this step"))
+    given = spec.get("modules")
+    if isinstance(given, list) and "layers" in spec:
+        errors.append(recipe.error(where + ("layers",), "`layers` has no effect when "
+                                   "`modules` lists every module's row", key=True,
+                                   hint="give `modules` as {module name: row} to override "
+                                   "single modules"))
+    rows = [(where + ("layers", i), f"layer {i}'s row", v)
+            for i, v in enumerate(spec.get("layers") or [])]
+    if isinstance(given, list):
+        rows += [(where + ("modules", i), f"row {i}", v) for i, v in enumerate(given)]
+    elif isinstance(given, Mapping):
+        rows += [(where + ("modules", k), f"module {quote_name(k)}", v) for k, v in given.items()]
+    for path, what, value in rows:
+        _row(value, n, path, recipe, what, errors)
+    return errors
+
+
+def resolve_gating(step: Step, recipe: Recipe, model: VirtualModel, targets: Sequence[str],
+                   adapters: Sequence[str]) -> Gating:
+    """The step's ``gating:`` as per-module gates over ``targets`` (the tensors the adapters
+    update), in X-LoRA's module order.
+
+    Raises:
+        RecipeErrors: both or neither of a table and a log, log-only options with a table,
+            ``top_k`` > the adapter count, modules the architecture data cannot order, rows of
+            the wrong length, unknown module names, uncovered modules, log problems.
+    """
+    spec = step.spec["gating"]
+    where = step.key_path + ("gating",)
+    n = len(adapters)
+    errors = check_gating_document(step, recipe)
     modules, unplaced = xlora_order(model, targets)
     if unplaced:
         why = (f"does not place {_shown(unplaced)}" if model.stack.family else

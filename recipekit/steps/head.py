@@ -35,7 +35,7 @@ from recipekit.arch import (
     without_config_keys,
 )
 from recipekit.dtypes import is_floating
-from recipekit.errors import RecipeErrors, ShapeMismatchError
+from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
 from recipekit.graph import Node, VirtualModel, intern
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.registry import Op
@@ -59,18 +59,15 @@ def _model_dtype(tensors: Mapping[str, Node]) -> str:
 def _labels(step: Step, recipe: Recipe, donor_head: Node | None,
             donor_config: Mapping[str, Any] | None) -> tuple[int, list[str]]:
     """(num_labels, label names) from `num_labels`, `labels` and the copied head."""
+    errors = check_head(step, recipe)
+    if errors:
+        raise RecipeErrors(errors)
     labels = step.spec.get("labels")
     n = step.spec.get("num_labels")
-    if labels is not None and n is not None and len(labels) != n:
-        raise RecipeErrors([recipe.error(step.key_path + ("num_labels",),
-                                         f"num_labels is {n} but `labels` names {len(labels)}",
-                                         hint="drop num_labels: it follows from labels")])
     if n is None:
         n = len(labels) if labels is not None else (
             donor_head.shape[0] if donor_head is not None else None)
-    if n is None:
-        raise RecipeErrors([recipe.error(step.key_path, "the head op needs the number of "
-                                         "classes", hint="add `labels: [...]` or `num_labels: N`")])
+    assert n is not None  # check_head: labels, num_labels or a copied head
     if labels is None and donor_config is not None:
         theirs = donor_config.get("id2label")
         if isinstance(theirs, Mapping) and {str(k) for k in theirs} == {str(i) for i in range(n)}:
@@ -79,6 +76,21 @@ def _labels(step: Step, recipe: Recipe, donor_head: Node | None,
     if labels is None:
         labels = [f"LABEL_{i}" for i in range(n)]  # transformers' default names
     return n, list(labels)
+
+
+def check_head(step: Step, recipe: Recipe) -> list[RecipeError]:
+    """The `head` op's document check: the class count is given (``labels``, ``num_labels`` or
+    a head copied with ``init: {from: m}``) and ``labels`` and ``num_labels`` agree."""
+    labels = step.spec.get("labels")
+    n = step.spec.get("num_labels")
+    if labels is not None and n is not None and len(labels) != n:
+        return [recipe.error(step.key_path + ("num_labels",),
+                             f"num_labels is {n} but `labels` names {len(labels)}",
+                             hint="drop num_labels: it follows from labels")]
+    if labels is None and n is None and not isinstance(step.spec.get("init"), Mapping):
+        return [recipe.error(step.key_path, "the head op needs the number of classes",
+                             hint="add `labels: [...]` or `num_labels: N`")]
+    return []
 
 
 def _pad_token_id(step: Step, recipe: Recipe, config: Mapping[str, Any],
@@ -192,5 +204,5 @@ def _new_head(step: Step, base: VirtualModel, shape: tuple[int, int], score_name
 
 #: this module's ops (listed once in `recipekit.steps`)
 OPS = (
-    Op("head", build_head, "head_step"),
+    Op("head", build_head, "head_step", check=check_head),
 )

@@ -192,15 +192,25 @@ def _check_value(spec: Any, value: Any, path: KeyPath, recipe: Recipe,
                                    f"got {value!r}"))
 
 
-def validate_merge(step: Step, recipe: Recipe) -> tuple[Any, str | None, list]:
-    """Check the step against the method's contract; return (spec, base name, inputs)."""
-    spec = METHODS[step.spec["method"]]
+def check_merge(step: Step, recipe: Recipe) -> list[RecipeError]:
+    """Every way the step breaks its method's contract (base policy, input counts, parameter
+    names, types and required values), from the recipe alone: the op's document check, run
+    before any input is resolved."""
     errors: list[RecipeError] = []
-    base, entries = _check_inputs(step, spec, recipe, errors)
+    spec = METHODS[step.spec["method"]]
+    _, entries = _check_inputs(step, spec, recipe, errors)
     _check_parameters(step, spec, entries, recipe, errors)
     _check_required(step, spec, entries, recipe, errors)
+    return errors
+
+
+def validate_merge(step: Step, recipe: Recipe) -> tuple[Any, str | None, list]:
+    """Check the step against the method's contract; return (spec, base name, inputs)."""
+    errors = check_merge(step, recipe)
     if errors:
         raise RecipeErrors(errors)
+    spec = METHODS[step.spec["method"]]
+    base, entries = _check_inputs(step, spec, recipe, [])
     return spec, base, entries
 
 
@@ -421,5 +431,5 @@ def _resolve_for(spec: Any, shared: Mapping[str, Any], entries: list, tensor: st
 
 #: this module's ops (listed once in `recipekit.steps`)
 OPS = (
-    Op("merge", build_merge, "merge_step"),
+    Op("merge", build_merge, "merge_step", check=check_merge),
 )

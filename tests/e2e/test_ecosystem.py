@@ -41,16 +41,18 @@ def test_readme_shows_the_modeline():
 
 
 def run_hook(tmp_path, files: list[str]) -> subprocess.CompletedProcess:
-    """Run the hook as pre-commit does: its `files` regex picks the staged files, `entry` runs
-    with their names appended (the console script, from this checkout)."""
+    """Run the hook as pre-commit does: its `files` regex picks the staged files (less those
+    `exclude` matches), `entry` runs with their names appended (`python` being the hook
+    environment's, here this one, with this checkout on the path)."""
     hooks = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())
     (hook,) = [h for h in hooks if h["id"] == "recipekit-validate"]
     assert hook["language"] == "python" and hook.get("pass_filenames", True)
-    chosen = [f for f in files if re.search(hook["files"], f)]
+    chosen = [f for f in files if re.search(hook["files"], f)
+              and not re.search(hook.get("exclude", "^$"), f)]
     argv = shlex.split(hook["entry"])
-    assert argv[0] == "recipekit"
+    assert argv[0] == "python"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "recipekit.cli", *argv[1:], *chosen],
+    return subprocess.run([sys.executable, *argv[1:], *chosen],
                           cwd=tmp_path, capture_output=True, text=True, env=env, check=False)
 
 

@@ -1,4 +1,6 @@
-"""Every recipe under recipes/ validates and runs, and its output loads in transformers.
+"""Every recipe under recipes/ validates (documents only, then with its inputs), runs end to end
+on the tiny checkpoints committed beside it, verifies against its manifest, and loads in
+transformers.
 
 Found recursively (tiny checkpoints under recipes/models/ are inputs, not recipes); the count is
 asserted so a recipe that stops being found fails here.
@@ -39,8 +41,9 @@ def test_recipe_validates_runs_and_loads(cli, recipes_copy, recipe):
     import transformers as tf
 
     copy = recipes_copy / "recipes" / recipe.relative_to(ROOT / "recipes")
-    result = cli("validate", copy)
-    assert result.exit_code == 0, result.output
+    for check in (("validate", "--no-inputs"), ("validate",)):  # the hook's check, then all
+        result = cli(*check, copy)
+        assert result.exit_code == 0, result.output
     result = cli("run", copy, "-q")
     assert result.exit_code == 0, result.output
     out = Path(result.stdout.split("wrote ", 1)[1].split(":", 1)[0])
@@ -50,6 +53,8 @@ def test_recipe_validates_runs_and_loads(cli, recipes_copy, recipe):
     auto = (tf.AutoModelForSequenceClassification
             if config["architectures"][0].endswith("ForSequenceClassification")
             else tf.AutoModelForCausalLM)
+    verified = cli("verify", out)  # shards, index, config and copied files match the manifest
+    assert verified.exit_code == 0, verified.output
     model, info = auto.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
     assert model.config.num_hidden_layers == config["num_hidden_layers"]

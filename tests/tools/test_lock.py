@@ -53,6 +53,19 @@ class TestLocal:
             assert info["size"] == (model_copy / name).stat().st_size
             assert info["sha256"] == sha256(model_copy / name)
 
+    @pytest.mark.parametrize("args", [("validate",), ("validate", "--no-inputs"), ("run",)])
+    def test_a_lock_given_as_a_recipe_is_named_as_such(self, cli, local, monkeypatch, args):
+        """A lock (`recipekit lock`'s own output) where a recipe belongs, as a `recipes/*.json`
+        pattern picks it: one sentence naming the recipe it pins, not schema errors."""
+        assert cli("lock", local).exit_code == 0
+        monkeypatch.chdir(local.parent)
+        result = cli(*args, "recipe.lock.json")
+        assert result.exit_code == 2
+        assert result.stderr == (
+            "recipe.lock.json:1:1: this is a lockfile written by `recipekit lock`, not a "
+            "recipe; validate the recipe it pins ('recipe.yaml') instead; lockfiles are "
+            "checked by `recipekit run`\n    {\n    ^\n")
+
     def test_frozen_runs_with_a_matching_lock(self, cli, local):
         assert cli("lock", local).exit_code == 0
         result = cli("run", local, "-q", "--frozen")
