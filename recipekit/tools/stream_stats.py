@@ -67,7 +67,8 @@ def iter_diff_stats(reader: FileReader, pairs: Sequence[tuple[TensorInfo, Tensor
 
     def job(ia: TensorInfo, ib: TensorInfo, lo: int, hi: int) -> Any:
         raw, work_a, work_b = _buffers()
-        ra, rb = raw[:len(raw) // 2], raw[len(raw) // 2:]
+        half = len(raw) // 2
+        ra, rb = memoryview(raw)[:half], memoryview(raw)[half:]  # views: slicing copies
         return piece_diff(chunks.read_elements(reader, ia, lo, hi, ra),
                           chunks.read_elements(reader, ib, lo, hi, rb), work_a, work_b)
 
