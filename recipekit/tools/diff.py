@@ -2,8 +2,9 @@
 
 Tensors are aligned by name. For each pair of equal shape: max and mean |a − b|, the relative
 norm difference ‖a − b‖ / ‖a‖ and the cosine similarity (`ops.stats.DiffStats`, fp64, read in
-fixed-size chunks, so memory stays a few MiB). Layer and model summaries are the same statistics
-of the concatenated values. Tensors only in one side, or whose shapes differ, are listed.
+fixed-size chunks on every core by `tools.stream_stats`, so memory stays a few MiB per core).
+Layer and model summaries are the same statistics of the concatenated values. Tensors only
+in one side, or whose shapes differ, are listed.
 Dtypes may differ (a bf16 output against its fp32 input): values are compared in fp64.
 Two checkpoints without one same-named, same-shaped floating tensor are "nothing comparable":
 ``comparable`` is false and the summary's statistics are null, never the cosine 1 and relative
@@ -19,10 +20,10 @@ from typing import Any
 from recipekit.dtypes import is_floating
 from recipekit.errors import display_path, echo_text
 from recipekit.inputs.checkpoints import OpenCheckpoint
-from recipekit.io import chunks
 from recipekit.io.header import TensorInfo
 from recipekit.io.reader import FileReader
 from recipekit.tools.inspect import OUTSIDE, LayerIndex, fmt_number, layer_sort_key, table
+from recipekit.tools.stream_stats import iter_diff_stats
 
 
 def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
@@ -41,16 +42,18 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
     layers: dict[str, DiffStats] = {}
     total = DiffStats()
     index = LayerIndex(a.tensors)
-    buf_a, buf_b = (bytearray(chunks.CHUNK_ELEMENTS * 8) for _ in range(2))
+    pairs: list[tuple[TensorInfo, TensorInfo]] = []
+    for name, ia in a.tensors.items():
+        ib = b.tensors.get(name)
+        if ib is None:
+            continue
+        if ia.shape != ib.shape:
+            shape_mismatch.append({"name": name, "a": list(ia.shape), "b": list(ib.shape)})
+            continue
+        pairs.append((ia, ib))
     with FileReader() as reader:
-        for name, ia in a.tensors.items():
-            ib = b.tensors.get(name)
-            if ib is None:
-                continue
-            if ia.shape != ib.shape:
-                shape_mismatch.append({"name": name, "a": list(ia.shape), "b": list(ib.shape)})
-                continue
-            acc = _compare(reader, ia, ib, buf_a, buf_b)
+        for (ia, ib), acc in zip(pairs, iter_diff_stats(reader, pairs), strict=True):
+            name = ia.name
             if progress is not None:
                 progress(ia.nbytes + ib.nbytes)
             rows.append({"name": name, "dtype_a": ia.dtype, "dtype_b": ib.dtype,
@@ -75,19 +78,6 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
         "layers": {k: layers[k].summary() for k in sorted(layers, key=layer_sort_key)},
         "tensor_list": rows,
     }
-
-
-def _compare(reader: FileReader, ia: TensorInfo, ib: TensorInfo, buf_a: bytearray,
-             buf_b: bytearray) -> Any:
-    """The `DiffStats` of two same-shaped tensors, read chunk by chunk side by side."""
-    from recipekit.ops.stats import DiffStats  # torch, only when tensor values are read
-
-    acc = DiffStats()
-    pairs = zip(chunks.iter_chunks(reader, ia, buf_a), chunks.iter_chunks(reader, ib, buf_b),
-                strict=True)
-    for ca, cb in pairs:
-        acc.update(ca, cb)
-    return acc
 
 
 SAME, DIFFERENT = 0, 1

@@ -2,7 +2,8 @@
 
 Names, shapes, dtypes and parameter counts (total, per layer, per module kind) come from the
 headers alone; per-tensor mean/std/min/max/norm and NaN/Inf counts from one streaming pass
-(`ops.stats`, fp64, fixed-size chunks: memory stays a few MiB whatever the tensor size). A PEFT
+(`tools.stream_stats`: fp64, fixed-size chunks on every core, folded in order: memory stays a
+few MiB per core whatever the tensor size). A PEFT
 adapter directory also reports its LoRA rank(s), alpha, targets and trainable parameter count.
 
 Parameter counts follow ``transformers``' ``num_parameters()``: floating tensors are parameters;
@@ -22,9 +23,9 @@ from recipekit.arch import scan_layer_stacks
 from recipekit.dtypes import is_floating
 from recipekit.errors import display_path, printable
 from recipekit.inputs.checkpoints import OpenCheckpoint
-from recipekit.io import chunks
 from recipekit.io.header import TensorInfo
 from recipekit.io.reader import FileReader
+from recipekit.tools.stream_stats import iter_tensor_stats
 
 OUTSIDE = "(outside layers)"
 _LORA = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight|"
@@ -134,13 +135,9 @@ def _add_stats(ckpt: OpenCheckpoint, rows: list[dict[str, Any]], index: LayerInd
 
     layers: dict[str, TensorStats] = {}
     total = TensorStats()
-    buffer = bytearray(chunks.CHUNK_ELEMENTS * 8)
+    infos = [ckpt.tensors[row["name"]] for row in rows]
     with FileReader() as reader:
-        for row in rows:
-            info = ckpt.tensors[row["name"]]
-            acc = TensorStats()
-            for chunk in chunks.iter_chunks(reader, info, buffer):
-                acc.update(chunk)
+        for row, info, acc in zip(rows, infos, iter_tensor_stats(reader, infos), strict=True):
             row.update(acc.summary())
             if progress is not None:
                 progress(info.nbytes)
