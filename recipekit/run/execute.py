@@ -234,14 +234,16 @@ class _FileSource:
     """A reduction's `RowSource` (graph/passes.py) reading row pieces of its streamed inputs
     from the files, every pass anew: memory is a few pieces whatever the tensor's size."""
 
-    def __init__(self, node: Reduction, plan: Plan, rt: Runtime) -> None:
+    def __init__(self, node: Reduction, plan: Plan, rt: Runtime, known: dict[Node, Any]
+                 ) -> None:
         self.targets = tuple(x for x, s in zip(node.inputs, node.streamed(), strict=True) if s)
         self.rows = node.stream_rows
         self.bounds = node.bounds()
-        self.plan, self.rt = plan, rt
+        self.plan, self.rt, self.known = plan, rt, known
 
     def map(self, fn: Callable[[int, int, tuple[Any, ...]], Any]) -> Iterator[Any]:
-        yield from _Pieces.over(self.targets, self.plan, self.rt).run(self.bounds, fn)
+        job = _Pieces.over(self.targets, self.plan, self.rt, self.known)
+        yield from job.run(self.bounds, fn)
 
 
 @dataclass
@@ -259,7 +261,10 @@ class _Pieces:
     fn: Callable[[int, int, tuple[Any, ...]], Any] = _output_piece
 
     @classmethod
-    def over(cls, targets: tuple[Node, ...], plan: Plan, rt: Runtime) -> _Pieces:
+    def over(cls, targets: tuple[Node, ...], plan: Plan, rt: Runtime,
+             known: dict[Node, Any] | None = None) -> _Pieces:
+        """The pieces of ``targets``, with the values they read whole computed first (or
+        taken from ``known``: a reduction's passes compute them once)."""
         sliced: set[Node] = set()
         whole: set[Node] = set()
         for t in targets:
@@ -270,7 +275,10 @@ class _Pieces:
         loads = sorted((n for n in sliced if isinstance(n, Load)), key=lambda n: (n.source, n.name))
         gpu = rt.device is not None and rt.device.type != "cpu"
         job = cls(targets, plan, rt, loads, gpu)
-        job.read_whole(whole)
+        job.whole.update((x, known[x]) for x in whole if known and x in known)
+        job.read_whole({x for x in whole if x not in job.whole})
+        if known is not None:
+            known.update(job.whole)
         return job
 
     def run(self, bounds: list[tuple[int, int]],
@@ -412,7 +420,7 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
             assert isinstance(m, Reduction)
             whole = tuple(memo[x].to(device, non_blocking=True)
                           for x, s in zip(m.inputs, m.streamed(), strict=True) if not s)
-            result = m.reduce(_FileSource(m, plan, rt), whole)
+            result = m.reduce(_FileSource(m, plan, rt, memo), whole)
         else:
             result = m.compute(tuple(memo[x].to(device, non_blocking=True) for x in m.inputs))
         memo[m] = result
