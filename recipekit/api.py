@@ -222,10 +222,12 @@ def _compile(r, output: str | os.PathLike | None):
 
 
 def plan(recipe: RecipeSource, *, output: str | os.PathLike | None = None,
-         base_dir: str | os.PathLike | None = None) -> PlanResult:
+         base_dir: str | os.PathLike | None = None, warn: bool = True) -> PlanResult:
     """Compile a recipe into its plan and estimates, reading headers only (no tensor data).
 
-    ``output`` overrides the recipe's ``output.path`` (``--output``).
+    ``output`` overrides the recipe's ``output.path`` (``--output``). ``warn`` logs the donor
+    files a run will not copy (links out of the model, special files); `run` logs them again,
+    so a plan made only to be run passes ``warn=False``.
 
     Raises:
         as `validate`.
@@ -240,7 +242,7 @@ def plan(recipe: RecipeSource, *, output: str | os.PathLike | None = None,
     r, file = _load(recipe, base_dir)
     p = _compile(r, output)
     extra = sum((p.donor.path / f).stat().st_size
-                for f in iter_donor_files(p.donor.path)) if p.donor is not None else 0
+                for f in iter_donor_files(p.donor.path, warn=warn)) if p.donor is not None else 0
     est = estimates(p, extra)
     return PlanResult(
         r.document.file, p.recipe.output.path, r.output.model,
@@ -289,7 +291,7 @@ def run(recipe: RecipeSource | PlanResult, *, output: str | os.PathLike | None =
     if device != "cpu":
         resolve_device(device)  # fail on a bad device before reading anything
     p = recipe if isinstance(recipe, PlanResult) else plan(recipe, output=output,
-                                                           base_dir=base_dir)
+                                                           base_dir=base_dir, warn=False)
     if isinstance(recipe, PlanResult) and output is not None:
         raise UsageError("`output` applies when compiling; pass it to `plan` instead")
     _check_lock(p, frozen, lock_file)

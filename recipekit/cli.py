@@ -276,7 +276,7 @@ def run(
             from recipekit.run.device import resolve_device
 
             resolve_device(device)  # fail before reading anything on a bad device
-        p = api.plan(recipe, output=output)
+        p = api.plan(recipe, output=output, warn=False)  # the run warns
         if as_json:
             _json({"event": "start", "recipe": p.recipe, "output": str(p.output),
                    "total": p.bytes_written, "shards": len(p.shards), "tensors": p.tensors,
