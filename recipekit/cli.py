@@ -1,31 +1,32 @@
-"""The `recipekit` command: validate, plan and run recipes.
+"""The `recipekit` command: a thin layer over the Python API (`recipekit.api`).
 
 Only this module prints. Every `RecipekitError` is rendered like a compiler message and mapped
 to its exit code (2: the recipe or its inputs, 1: reading/writing tensor data); anything else is
-an internal error, shown with a traceback only under ``--debug``. torch is imported only when a
-command computes tensors, so `validate`, `plan` and ``--help`` answer at once.
+an internal error, shown with a traceback only under ``--debug``. With ``--json`` stdout carries
+only JSON (``run``: JSON Lines events), errors included; messages still go to stderr. torch is
+imported only when a command computes tensors, so `validate`, `plan` and ``--help`` answer at
+once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
+import json
 import logging
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from recipekit import __version__
-from recipekit.errors import RecipekitError, echo_text, terminal_text
+from recipekit.errors import RecipeErrors, RecipekitError, echo_text, terminal_text
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Compile merge/grow/shrink/adapt recipes into a tensor plan and stream it to disk.",
 )
 
@@ -37,6 +38,23 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for err
 OutputOpt = Annotated[Path | None, typer.Option(
     "--output", "-o", help="Output directory (overrides the recipe's output.path).",
     show_default=False)]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print machine-readable JSON on stdout (schema: README, \"JSON output\").")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the recipekit version and exit.")] = False,
+) -> None:
+    """Compile merge/grow/shrink/adapt recipes into a tensor plan and stream it to disk."""
 
 
 def _say(text: str, *, err: bool = False) -> None:
@@ -66,8 +84,32 @@ class PlanFormat(str, enum.Enum):
     dot = "dot"
 
 
-def _guard(debug: bool, body: Callable[[], T]) -> T:
-    """Run a command body, rendering errors as one paragraph with the right exit code."""
+def _json(data: Any) -> None:
+    """One JSON document (or JSON Lines event) on stdout, flushed at once."""
+    typer.echo(json.dumps(data, allow_nan=False, ensure_ascii=False))
+
+
+def error_json(e: RecipekitError) -> dict[str, Any]:
+    """An error as ``--json`` prints it: its type, exit code and rendered message, and for each
+    problem the file, line, column, key path, message and hint."""
+    def one(x: RecipekitError) -> dict[str, Any]:
+        from recipekit.errors import format_key_path
+
+        loc = x.location
+        return {"file": loc.file if loc else x.file, "line": loc.line if loc else None,
+                "column": loc.column if loc else None,
+                "key_path": format_key_path(x.key_path) if x.key_path else None,
+                "message": x.message, "hint": x.hint}
+
+    problems = e.errors if isinstance(e, RecipeErrors) else [e]
+    return {"type": type(e).__name__, "exit_code": e.exit_code, "message": e.render(),
+            "problems": [one(x) for x in problems]}
+
+
+def _guard(debug: bool, body: Callable[[], T],
+           on_error: Callable[[dict[str, Any]], None] | None = None) -> T:
+    """Run a command body, rendering errors as one paragraph with the right exit code
+    (``on_error``: also handed the error's JSON form, for ``--json``)."""
     _configure_logging(debug)
     try:
         return body()
@@ -75,6 +117,8 @@ def _guard(debug: bool, body: Callable[[], T]) -> T:
         if debug:
             raise
         _say(e.render(), err=True)
+        if on_error is not None:
+            on_error(error_json(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         _say("interrupted; finished shards are kept and a rerun resumes", err=True)
@@ -89,16 +133,8 @@ def _guard(debug: bool, body: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
-def _compile(recipe_path: Path, output: Path | None):
-    from recipekit.inputs.resolve import resolve_sources
-    from recipekit.plan import compile_plan
-    from recipekit.recipe import load_recipe
-
-    recipe = load_recipe(recipe_path)
-    if output is not None:
-        recipe = dataclasses.replace(
-            recipe, output=dataclasses.replace(recipe.output, path=output.resolve()))
-    return compile_plan(recipe, resolve_sources(recipe))
+def _error_doc(e: dict[str, Any]) -> None:
+    _json({"error": e})
 
 
 @app.command()
@@ -109,35 +145,62 @@ def validate(
         "--no-inputs", help="Check the recipe documents only (schema, names, layer ranges, "
         "each op's and merge method's rules), without opening the models they name: for "
         "pre-commit and CI.")] = False,
+    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Check recipes and their inputs (headers only) without writing anything."""
+    from recipekit import api
+
+    results: list[dict[str, Any]] = []
 
     def check(recipe: Path) -> None:
-        if no_inputs:
-            from recipekit.hook import check_document
+        def failed(e: dict[str, Any]) -> None:
+            results.append({"recipe": str(recipe), "ok": False, "error": e})
 
-            _say(check_document(recipe))
-            return
-        plan = _compile(recipe, None)
-        what = "PEFT adapter" if plan.adapter else f"{plan.model.stack.num_layers} layers"
-        _say(f"{echo_text(recipe)}: ok ({len(plan.recipe.steps)} step(s); output "
-             f"'{echo_text(plan.recipe.output.model)}': {what}, {plan.num_tensors} tensors)")
+        def body() -> None:
+            r = api.validate(recipe, inputs=not no_inputs)
+            results.append({"recipe": str(recipe), "ok": True, **_fields(r)})
+            if not as_json:
+                _say(f"{echo_text(recipe)}: ok ({r.summary()})")
 
-    def body() -> None:
-        if len(recipes) == 1:
-            check(recipes[0])
-            return
-        code = 0
-        for recipe in recipes:  # every file is checked; the worst exit code wins
-            try:
-                _guard(debug, lambda r=recipe: check(r))
-            except typer.Exit as e:
-                code = max(code, e.exit_code)
-        if code:
-            raise typer.Exit(code)
+        _guard(debug, body, failed if as_json else None)
 
-    _guard(debug, body)
+    code = 0
+    for recipe in recipes:  # every file is checked; the worst exit code wins
+        try:
+            check(recipe)
+        except typer.Exit as e:
+            code = max(code, e.exit_code)
+    if as_json:
+        _json({"recipes": results})
+    if code:
+        raise typer.Exit(code)
+
+
+def _fields(result: Any) -> dict[str, Any]:
+    """A result dataclass of the API as JSON values (paths as strings)."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(result):
+        if f.repr:  # internal objects (the compiled plan) are left out
+            value = getattr(result, f.name)
+            out[f.name] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _fields(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
 
 
 @app.command()
@@ -149,25 +212,31 @@ def plan(
     fmt: Annotated[PlanFormat, typer.Option(
         "--format", "-f", help="text (a summary), json (the DAG and the schedule) or dot "
         "(Graphviz).")] = PlanFormat.text,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Same as --format json: the DAG, the schedule and the estimates.")
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Show what a run would read and write: tensors, bytes, shards, memory and disk."""
 
     def body() -> None:
-        from recipekit.inputs.models import iter_donor_files
-        from recipekit.plan.render import render_dot, render_json, render_text
+        from recipekit import api
+        from recipekit.errors import UsageError
 
-        p = _compile(recipe, output)
-        extra = sum((p.donor.path / f).stat().st_size
-                    for f in iter_donor_files(p.donor.path)) if p.donor is not None else 0
-        if fmt is PlanFormat.json:
-            typer.echo(render_json(p, disk_extra=extra))
+        if as_json and fmt not in (PlanFormat.text, PlanFormat.json):
+            raise UsageError(f"--json and --format {fmt.value} ask for two formats",
+                             hint="give one of them")
+        p = api.plan(recipe, output=output)
+        if as_json or fmt is PlanFormat.json:
+            typer.echo(p.to_json())
         elif fmt is PlanFormat.dot:
-            typer.echo(render_dot(p), nl=False)
-        else:
-            _say(render_text(p, disk_extra=extra, verbose=verbose))
+            from recipekit.plan.render import render_dot
 
-    _guard(debug, body)
+            typer.echo(render_dot(p.plan), nl=False)
+        else:
+            _say(p.text(verbose=verbose))
+
+    _guard(debug, body, _error_doc if as_json or fmt is PlanFormat.json else None)
 
 
 @app.command()
@@ -185,64 +254,97 @@ def run(
         "--check-finite", help="Report NaN/Inf values in inputs and outputs, by tensor name "
         "(imports torch; the output is written either way).")] = False,
     frozen: Annotated[bool, typer.Option(
-        "--frozen", help="Refuse to run unless the recipe's lock (<stem>.lock.json, from "
-        "`recipekit lock`) exists and every input matches it, re-hashing every local input "
-        "file.")] = False,
+        "--frozen", help="Refuse to run unless the recipe's lock (`<stem>.lock.json` beside "
+        "it, from `recipekit lock`) exists and every input matches it, re-hashing every local "
+        "input file.")] = False,
     workers: Annotated[int | None, typer.Option(
         "--workers", min=1, help="Threads computing pieces of large elementwise tensors on the "
         "CPU side by side (default: half the cores, at most 8). Changes no byte.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress bar (on a terminal) or progress lines (in a log, "
+        "every RECIPEKIT_PROGRESS_INTERVAL seconds, default 10).")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print JSON Lines events on stdout: start, progress (at the progress "
+        "interval), shard, done (or error).")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Build the recipe's output checkpoint (checking its <stem>.lock.json when there is one)."""
 
     def body() -> None:
-        from recipekit.progress import byte_progress
-        from recipekit.run.device import resolve_device
-        from recipekit.run.local import run_plan
+        from recipekit import api
 
         if device != "cpu":
+            from recipekit.run.device import resolve_device
+
             resolve_device(device)  # fail before reading anything on a bad device
-        p = _compile(recipe, output)
-        _check_lock(recipe, p, frozen)
-        start = time.perf_counter()
-        with byte_progress(p.bytes_written, disable=quiet) as tick:
-            result = run_plan(p, device=device, fsync=not no_fsync, force=force, progress=tick,
-                              check_finite=check_finite, workers=workers)
-        _report_run(p, result, time.perf_counter() - start, check_finite=check_finite)
+        p = api.plan(recipe, output=output, warn=False)  # the run warns
+        if as_json:
+            _json({"event": "start", "recipe": p.recipe, "output": str(p.output),
+                   "total": p.bytes_written, "shards": len(p.shards), "tensors": p.tensors,
+                   "plan_hash": p.plan_hash})
+        result = api.run(p, device=device, fsync=not no_fsync, force=force,
+                         check_finite=check_finite, workers=workers, frozen=frozen,
+                         progress=_run_progress(quiet=quiet, as_json=as_json))
+        if as_json:
+            _json({"event": "done", **_fields(result)})
+            return
+        _say(result.summary())
+        if check_finite and not result.already_complete:
+            _report_finite(dict(result.non_finite), resumed=result.shards_resumed)
 
-    _guard(debug, body)
-
-
-def _report_run(p, result, secs: float, *, check_finite: bool) -> None:
-    """The one-line summary of a run (and its non-finite values, when checked)."""
-    from recipekit.errors import display_path
-    from recipekit.units import format_size
-
-    where = display_path(result.output)
-    if result.already_complete:
-        _say(f"{where}: already complete (same recipe and inputs); nothing to do")
-        return
-    rate = format_size(result.bytes_written / secs) + "/s" if secs > 0 else ""
-    resumed = f", {result.shards_resumed} resumed" if result.shards_resumed else ""
-    what = "a PEFT adapter" if p.adapter else f"{p.model.stack.num_layers} layers"
-    _say(f"wrote {where}: {what}, {len(p.shards)} shard(s)"
-         f"{resumed}, {format_size(result.bytes_written)} in {secs:.1f} s ({rate})")
-    if check_finite:
-        _report_finite(result.non_finite, resumed=result.shards_resumed)
+    _guard(debug, body, (lambda e: _json({"event": "error", **e})) if as_json else None)
 
 
-def _check_lock(recipe_file: Path, p, frozen: bool) -> None:
-    from recipekit.errors import UsageError
-    from recipekit.tools.lock import check_lock, lock_path
+def _run_progress(*, quiet: bool, as_json: bool):
+    """How `run` shows progress: JSON events (``--json``), a bar on a terminal, a line every
+    interval in a log (stderr not a terminal), or nothing (``-q``)."""
+    from recipekit.progress import (
+        bar_callback,
+        every,
+        progress_event,
+        progress_interval,
+        progress_line,
+        shard_event,
+    )
 
-    path = lock_path(recipe_file)
-    if path.exists():
-        check_lock(p.recipe, dict(p.sources), path, full_hash=frozen)
-    elif frozen:
-        raise UsageError(f"--frozen: no lock file {path.name} beside the recipe",
-                         file=str(recipe_file),
-                         hint=f"create it with `recipekit lock {recipe_file}` and commit it")
+    if as_json:
+        throttled = every(progress_interval(), lambda u: _json(progress_event(u)))
+
+        def events(u):
+            if u.shard_done is not None:
+                _json(shard_event(u.shard_done))
+            throttled(u)
+
+        return events
+    if quiet:
+        return None
+    if _stderr_is_terminal():
+        return _LazyBar(bar_callback)
+    return every(progress_interval(), lambda u: _say(progress_line(u), err=True))
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _LazyBar:
+    """A tqdm bar opened at the first update (when the total is known) and closed at the
+    last."""
+
+    def __init__(self, factory) -> None:
+        self.factory, self.ctx, self.bar = factory, None, None
+
+    def __call__(self, u) -> None:
+        if self.bar is None:
+            self.ctx = self.factory(u.total)
+            self.bar = self.ctx.__enter__()
+        self.bar(u)
+        if u.done >= u.total and self.ctx is not None:
+            self.ctx.__exit__(None, None, None)
+            self.ctx = None
 
 
 @app.command()
@@ -251,16 +353,10 @@ def lock(recipe: RecipeArg, debug: DebugOpt = False) -> None:
     file's size and hash."""
 
     def body() -> None:
-        from recipekit.inputs.resolve import resolve_sources
-        from recipekit.recipe import load_recipe
-        from recipekit.tools.lock import build_lock, lock_path, write_lock
+        from recipekit import api
 
-        r = load_recipe(recipe)
-        doc = build_lock(r, resolve_sources(r))
-        path = lock_path(recipe)
-        write_lock(path, doc)
-        n = sum(len(e["files"]) for e in doc["inputs"].values())
-        _say(f"wrote {echo_text(path)}: {len(doc['inputs'])} input(s), {n} file(s) pinned")
+        r = api.lock(recipe)
+        _say(f"wrote {echo_text(r.path)}: {r.inputs} input(s), {r.files} file(s) pinned")
 
     _guard(debug, body)
 
@@ -316,7 +412,6 @@ def convert(
 ModelArg = Annotated[str, typer.Argument(
     help="A checkpoint directory, a PEFT adapter directory, a .safetensors file, or a hub repo "
     "(org/name or org/name@revision).", show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
@@ -335,8 +430,6 @@ def inspect(
     """Parameter counts and per-tensor statistics (mean, std, min, max, norm, NaN/Inf)."""
 
     def body() -> None:
-        import json
-
         from recipekit.inputs.checkpoints import open_checkpoint
         from recipekit.progress import byte_progress
         from recipekit.tools.inspect import inspect_checkpoint, render_inspect
@@ -350,7 +443,7 @@ def inspect(
         else:
             _say(render_inspect(report, verbose=verbose))
 
-    _guard(debug, body)
+    _guard(debug, body, _error_doc if as_json else None)
 
 
 @app.command("import-mergekit")
@@ -400,8 +493,6 @@ def diff(
     name and shape in both); 2 when an input cannot be read as a checkpoint."""
 
     def body() -> None:
-        import json
-
         from recipekit.inputs.checkpoints import open_checkpoint
         from recipekit.progress import byte_progress
         from recipekit.tools.diff import diff_checkpoints, render_diff, verdict
@@ -422,7 +513,7 @@ def diff(
         if verdict(report):
             raise typer.Exit(verdict(report))
 
-    _guard(debug, body)
+    _guard(debug, body, _error_doc if as_json else None)
 
 
 @app.command()
@@ -435,6 +526,7 @@ def verify(
     base: Annotated[str | None, typer.Option(
         "--base", help="For an adapter output with --load: the model directory it adapts.",
         show_default=False)] = None,
+    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Check an output against its manifest: shard hashes and sizes, headers, index, recipe."""
@@ -446,31 +538,37 @@ def verify(
         if base is not None and not load:
             raise UsageError("--base is used by --load", hint="add --load")
         report = verify_output(out)
-        for line in report.passed:
-            _say(f"ok: {line}")
-        for line in report.notes:
-            _say(f"note: {line}")
-        if not report.problems and load:
-            _say(f"ok: {load_and_run(out, adapter=report.adapter, base=base)}")
-        elif not report.problems and report.adapter:
-            _say("note: a PEFT adapter output: `--load --base MODEL_DIR` loads it with PEFT "
-                 "on its base and runs a forward pass")
+        loaded = (load_and_run(out, adapter=report.adapter, base=base)
+                  if not report.problems and load else None)
         where = display_path(out)
+        if as_json:
+            _json({"output": str(out), "verified": not report.problems,
+                   "adapter": report.adapter, "passed": report.passed, "notes": report.notes,
+                   "loaded": loaded, "problems": [error_json(p) for p in report.problems]})
+        else:
+            for line in report.passed:
+                _say(f"ok: {line}")
+            for line in report.notes:
+                _say(f"note: {line}")
+            if loaded is not None:
+                _say(f"ok: {loaded}")
+            elif not report.problems and report.adapter:
+                _say("note: a PEFT adapter output: `--load --base MODEL_DIR` loads it with PEFT "
+                     "on its base and runs a forward pass")
         if report.problems:
             for p in report.problems:
                 _say(p.render(), err=True)
             _say(f"{where}: {len(report.problems)} problem(s) found", err=True)
             raise typer.Exit(report.exit_code)
-        _say(f"{where}: verified")
+        if not as_json:
+            _say(f"{where}: verified")
 
-    _guard(debug, body)
+    _guard(debug, body, _error_doc if as_json else None)
 
 
 @app.command()
 def schema() -> None:
     """Print the recipe JSON Schema (for editors: yaml-language-server, VS Code, ...)."""
-    import json
-
     from recipekit.recipe import load_schema
 
     typer.echo(json.dumps(load_schema(), indent=2, ensure_ascii=False))

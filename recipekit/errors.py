@@ -163,6 +163,14 @@ class RecipeError(UsageError, ValueError):
     """
 
 
+class MergekitConfigError(RecipeError):
+    """A mergekit config where a recipe belongs (`run`, `validate`, `plan`, the Python API).
+
+    Example: ``merge.yml: this is a mergekit config, not a recipe; convert it with `recipekit
+    import-mergekit merge.yml -o recipe.yaml`, then use the recipe``
+    """
+
+
 class RecipeErrors(UsageError):
     """Several recipe problems, collected and reported together, sorted by line."""
 

@@ -6,6 +6,7 @@ from `recipekit.plan.cost` at call time, so that is the one place to change (or 
 them.
 """
 
+from recipekit import _api_entry
 from recipekit.plan.compile import (
     NO_STACK,
     Plan,
@@ -46,3 +47,5 @@ __all__ = [
     "schedule_shards",
     "working_set",
 ]
+
+_api_entry(__name__, "plan")  # `recipekit.plan(...)` is `recipekit.api.plan`

@@ -227,11 +227,21 @@ def load_document(path: str | Path) -> Document:
     """
     display = str(path)
     p = Path(path)
-    text = _read_text(p, display)
+    return parse_document(_read_text(p, display), display, is_json=p.suffix.lower() == ".json")
+
+
+def parse_document(text: str, display: str, *, is_json: bool = False) -> Document:
+    """Parse a recipe's text (YAML, or JSON when ``is_json``) into a located `Document`;
+    ``display`` names it in messages (a file name, or ``<string>`` for text handed to the
+    Python API, which is then located by line like a file).
+
+    Raises:
+        RecipeErrors: syntax errors and duplicate keys, located.
+    """
     doc = Document(display, None, text.splitlines())
     errors: list[RecipeError] = []
     yaml_text, json_data, json_ok = text, None, False
-    if p.suffix.lower() == ".json":
+    if is_json:
         # The YAML pass below then only locates the JSON parser's document. Tabs are JSON
         # whitespace that YAML refuses in places; no JSON string holds a raw tab, so the YAML
         # pass reads them as spaces (one column each, as before).

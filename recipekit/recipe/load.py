@@ -10,16 +10,16 @@ user's own line, like a compiler.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from recipekit.errors import KeyPath, RecipeError, RecipeErrors
-from recipekit.recipe.document import Document, load_document, show
+from recipekit.errors import KeyPath, MergekitConfigError, RecipeError, RecipeErrors
+from recipekit.recipe.document import Document, load_document, parse_document, show
 from recipekit.recipe.schema import coerce_numeric_strings, schema_errors, step_references
 from recipekit.recipe.types import (
     DEFAULT_REVISION,
@@ -33,38 +33,59 @@ from recipekit.recipe.types import (
 )
 from recipekit.units import parse_size
 
+#: What `load_recipe` takes: a file path, the recipe's YAML/JSON text, or its data.
+RecipeSource = str | os.PathLike | Mapping[str, Any]
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Load, validate and type a recipe file. Needs no checkpoint and no torch.
+
+def load_recipe(source: RecipeSource, *, base_dir: str | os.PathLike | None = None) -> Recipe:
+    """Load, validate and type a recipe. Needs no checkpoint and no torch.
+
+    ``source`` is a file path (`str` or `os.PathLike`), the recipe's text (a `str` holding a
+    line break, or starting with ``{``: YAML, or JSON when it starts with ``{``), or its data (a
+    mapping, as `yaml.safe_load` returns). A recipe's paths are relative to its file; those of
+    text or data are relative to ``base_dir`` (default: the working directory), as if the
+    recipe were the file ``base_dir/recipe.yaml``. Text is located by line like a file
+    (``<string>:9:5: ...``); data by key path (``<dict>: steps[0].alpha: ...``).
 
     Schema problems and semantic problems (unknown names, cycles, empty ranges) are collected
     together, so one run of `recipekit validate` lists everything.
 
     Raises:
         RecipeErrors: every problem found, located, sorted by line.
+        MergekitConfigError: the document is a mergekit config (convert it first).
+        SourceNotFoundError: the recipe file does not exist.
+        TypeError: ``source`` is none of the three kinds.
     """
-    doc = load_document(path)
+    if isinstance(source, Mapping):
+        file = Path(base_dir or Path.cwd()) / "recipe.yaml"
+        doc = Document("<dict>", plain_data(source), [])
+    elif isinstance(source, str) and is_recipe_text(source):
+        is_json = source.lstrip().startswith("{")
+        file = Path(base_dir or Path.cwd()) / ("recipe.json" if is_json else "recipe.yaml")
+        doc = parse_document(source, "<string>", is_json=is_json)
+    elif isinstance(source, (str, os.PathLike)):
+        file = Path(source)
+        doc = load_document(file)
+    else:
+        raise TypeError(f"a recipe is a path, YAML/JSON text or a mapping, not "
+                        f"{type(source).__name__}")
+    return _typed(doc, file)
+
+
+def is_recipe_text(source: str) -> bool:
+    """Whether a string handed to `load_recipe` is a recipe's text rather than a path: it holds a
+    line break (no recipe fits on one line of YAML block style) or starts with ``{`` (JSON or
+    YAML flow style). Any other string is a path, so ``"recipe.yaml"`` never parses as YAML."""
+    return "\n" in source or source.lstrip().startswith("{")
+
+
+def _typed(doc: Document, file: Path) -> Recipe:
     if not isinstance(doc.data, dict):
         raise RecipeErrors([doc.error((), "a recipe is a mapping with keys `recipekit`, "
                                       "`models`, `steps` and `output`")])
     if "recipekit_lock" in doc.data:
         raise RecipeErrors([_lockfile_error(doc)])
-    return _checked(doc, Path(path))
-
-
-def _lockfile_error(doc: Document) -> RecipeError:
-    """A lock file given where a recipe belongs (`recipekit validate recipes/*.json`, a
-    pre-commit pattern that matches ``x.lock.json``): say so instead of listing schema errors."""
-    recipe = doc.data.get("recipe")
-    beside = f" ({show(recipe)})" if isinstance(recipe, str) else ""
-    return doc.error((), "this is a lockfile written by `recipekit lock`, not a recipe",
-                     hint=f"validate the recipe it pins{beside} instead; lockfiles are checked "
-                     "by `recipekit run`")
-
-
-def _checked(doc: Document, file: Path) -> Recipe:
-    """Schema, semantic and op document checks (`recipekit.steps.check_steps`) on a loaded
-    document; every problem is collected, and a step the schema refused is not op-checked."""
+    refuse_mergekit_config(doc)
     coerce_numeric_strings(doc)
     errors = schema_errors(doc) + non_finite_numbers(doc)
     recipe = _build(doc, file, errors)
@@ -79,6 +100,16 @@ def _checked(doc: Document, file: Path) -> Recipe:
     return recipe
 
 
+def _lockfile_error(doc: Document) -> RecipeError:
+    """A lock file given where a recipe belongs (`recipekit validate recipes/*.json`, a
+    pre-commit pattern that matches ``x.lock.json``): say so instead of listing schema errors."""
+    recipe = doc.data.get("recipe")
+    beside = f" ({show(recipe)})" if isinstance(recipe, str) else ""
+    return doc.error((), "this is a lockfile written by `recipekit lock`, not a recipe",
+                     hint=f"validate the recipe it pins{beside} instead; lockfiles are checked "
+                     "by `recipekit run`")
+
+
 def recipe_from_data(data: Mapping[str, Any], file: Path) -> Recipe:
     """Validate and type a recipe held in memory as if it were written at ``file`` (paths are
     relative to its directory; the file need not exist). For tools that generate recipes
@@ -87,8 +118,73 @@ def recipe_from_data(data: Mapping[str, Any], file: Path) -> Recipe:
     Raises:
         RecipeErrors: as `load_recipe`.
     """
-    doc = Document(str(file), copy.deepcopy(dict(data)), [])
-    return _checked(doc, file)
+    return _typed(Document(str(file), plain_data(data), []), file)
+
+
+#: Top-level keys of a mergekit config that a recipe never has.
+_MERGEKIT_KEYS = ("merge_method", "slices", "base_model", "tokenizer_source", "out_dtype")
+
+
+def refuse_mergekit_config(doc: Document) -> None:
+    """A mergekit config given where a recipe belongs is one clear error, not a schema error
+    for each of its keys: it has no ``recipekit:`` and has ``merge_method``/``slices`` (or a
+    ``models:`` list, mergekit's shape; a recipe's ``models`` is a mapping).
+
+    Raises:
+        MergekitConfigError: naming the command that converts it.
+    """
+    data = doc.data
+    if "recipekit" in data or not (any(k in data for k in _MERGEKIT_KEYS)
+                                   or isinstance(data.get("models"), list)):
+        return
+    shown = doc.file if not doc.file.startswith("<") else "CONFIG.yml"
+    raise MergekitConfigError(
+        "this is a mergekit config, not a recipe; convert it with `recipekit import-mergekit "
+        f"{shown} -o recipe.yaml`, then use the recipe", file=doc.file)
+
+
+def plain_data(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of recipe data handed over in memory, as the YAML reader would give it:
+    tuples become lists and paths strings; numbers from numpy become Python numbers.
+
+    Why: the schema, the plan hash and the manifest take JSON values (a tuple or a `Path` in a
+    dict used to end in a TypeError deep inside). Anything else (a set, an object, a key that is
+    not a string) is a located `RecipeError` here.
+
+    Raises:
+        RecipeErrors: every value that has no JSON form, by key path.
+    """
+    errors: list[RecipeError] = []
+
+    def walk(value: Any, path: KeyPath) -> Any:
+        if value is None or isinstance(value, (str, bool, int, float)):
+            return value
+        if isinstance(value, Mapping):
+            out = {}
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    errors.append(RecipeError(f"key {k!r} is not a string", key_path=path,
+                                              file="<dict>"))
+                    continue
+                out[k] = walk(v, path + (k,))
+            return out
+        if isinstance(value, (list, tuple)):
+            return [walk(v, path + (i,)) for i, v in enumerate(value)]
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if isinstance(value, numbers.Real):
+            return float(value)
+        errors.append(RecipeError(f"a {type(value).__name__} is not a recipe value",
+                                  key_path=path, file="<dict>",
+                                  hint="use strings, numbers, booleans, lists and mappings"))
+        return None
+
+    out = walk(data, ())
+    if errors:
+        raise RecipeErrors(errors)
+    return out
 
 
 def non_finite_numbers(doc: Document) -> list[RecipeError]:

@@ -46,6 +46,19 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 
 
+class RunEvents:
+    """What a run reports besides bytes (`Progress`): the tensor it starts writing and each
+    shard it finishes or finds finished. Does nothing; the Python API (`recipekit.api`)
+    overrides both to name the current tensor in progress lines and to report shard hashes."""
+
+    def tensor(self, shard: str, name: str) -> None:
+        """Called before output tensor ``name`` of ``shard`` is computed or copied."""
+
+    def shard(self, name: str, sha256: str, size: int, *, resumed: bool) -> None:
+        """Called when shard ``name`` is renamed into place (``resumed``: a rerun found it
+        finished by an earlier run of the same plan)."""
+
+
 @dataclass(frozen=True)
 class RunResult:
     output: Path
@@ -54,6 +67,7 @@ class RunResult:
     shards_resumed: int
     bytes_written: int
     non_finite: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    shards: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> sha256
 
 
 class FiniteCheck:
@@ -75,7 +89,8 @@ class FiniteCheck:
 
 def stream_shards(plan: Plan, out: OutputDir, dev: Any, *, fsync: bool,
                   progress: Progress | None, check_finite: bool,
-                  workers: int | None) -> dict[str, tuple[int, int]]:
+                  workers: int | None, events: RunEvents | None = None
+                  ) -> dict[str, tuple[int, int]]:
     """Write every shard ``out`` has not finished; returns the non-finite counts found
     (``check_finite``) by tensor label."""
     finite = FiniteCheck() if check_finite else None
@@ -89,14 +104,17 @@ def stream_shards(plan: Plan, out: OutputDir, dev: Any, *, fsync: bool,
         pool = (stack.enter_context(ThreadPoolExecutor(n, thread_name_prefix="recipekit-piece"))
                 if n > 1 and dev is not None and dev.type == "cpu" else None)
         rt = Runtime(reader, dev, BufferPool(COPY_BUFFERS, max(1, min(COPY_CHUNK, largest))),
-                     prefetch, finite, pool, n if pool else 1)
+                     prefetch, finite, pool, n if pool else 1, events or RunEvents())
         for shard in plan.shards:
             if out.is_finished(shard.filename):
+                rt.events.shard(shard.filename, out.state.finished[shard.filename]["sha256"],
+                                shard.size, resumed=True)
                 tick(shard.size)
                 continue
             sha = write_shard(plan, shard, plan.recipe.output.path, rt, fsync=fsync,
                               progress=tick)
             out.mark_finished(shard.filename, sha, shard.size)
+            rt.events.shard(shard.filename, sha, shard.size, resumed=False)
     return finite.found if finite else {}
 
 
@@ -113,6 +131,7 @@ class Runtime:
     finite: FiniteCheck | None = None
     compute: ThreadPoolExecutor | None = None  # piece workers on the CPU; None: this thread
     workers: int = 1  # the size of `compute`
+    events: RunEvents = dataclasses.field(default_factory=RunEvents)
 
     @property
     def pin(self) -> bool:
@@ -146,6 +165,7 @@ def write_shard(plan: Plan, shard: Shard, out_dir: Path, rt: Runtime, *, fsync: 
     progress(len(shard.header))
     try:
         for t in shard.tensors:
+            rt.events.tensor(shard.filename, t.name)
             node = t.node
             if isinstance(node, Load):
                 info = plan.sources[node.source].tensors[node.name]

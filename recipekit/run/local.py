@@ -13,18 +13,19 @@ from recipekit.io.output import OutputDir
 from recipekit.plan import Plan
 from recipekit.plan.overlap import check_plan_output
 from recipekit.run.device import resolve_device
-from recipekit.run.execute import Progress, RunResult, stream_shards
+from recipekit.run.execute import Progress, RunEvents, RunResult, stream_shards
 from recipekit.run.fetch import fetch_hub_shards
 from recipekit.run.finish import finish_output, output_files
 
 
 def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool = False,
              progress: Progress | None = None, check_finite: bool = False,
-             workers: int | None = None) -> RunResult:
+             workers: int | None = None, events: RunEvents | None = None) -> RunResult:
     """Write the plan's output directory (resuming finished shards of the same plan).
 
     ``workers`` threads compute row pieces side by side on the CPU (default: `piece_workers`);
-    they change no byte of the output.
+    they change no byte of the output. ``progress`` gets the bytes of each piece written (resumed
+    shards count whole), ``events`` the tensor being written and each shard's sha256.
 
     Raises:
         OutputPathError: the output is a file, holds foreign files, or another plan's output;
@@ -46,14 +47,22 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
     with OutputDir(out_path, plan_hash=plan.plan_hash(), files=output_files(plan, donor_files),
                    force=force, fsync=fsync) as out:
         if out.already_complete:
-            return RunResult(out_path, True, 0, len(plan.shards), 0)
+            return RunResult(out_path, True, 0, len(plan.shards), 0,
+                             shards=_hashes(out, plan))
         todo = [s for s in plan.shards if not out.is_finished(s.filename)]
         out.begin(sum(s.size for s in todo) + _donor_bytes(plan, donor_files) + (1 << 20))
         found = stream_shards(plan, out, dev, fsync=fsync, progress=progress,
-                              check_finite=check_finite, workers=workers)
+                              check_finite=check_finite, workers=workers, events=events)
         finish_output(plan, out, donor_files)
+        hashes = _hashes(out, plan)
     return RunResult(out_path, False, len(todo), len(plan.shards) - len(todo),
-                     sum(s.size for s in todo), found)
+                     sum(s.size for s in todo), found, hashes)
+
+
+def _hashes(out: OutputDir, plan: Plan) -> dict[str, str]:
+    """Each shard's sha256 as the state file records it (computed while streaming)."""
+    return {s.filename: str(out.state.finished.get(s.filename, {}).get("sha256", ""))
+            for s in plan.shards}
 
 
 def _donor_bytes(plan: Plan, donor_files: list[Path]) -> int:

@@ -1,0 +1,254 @@
+"""The Python API (`recipekit.api`): the CLI's commands as functions of a path, text or dict.
+
+Oracles: the CLI itself (the same messages, lock and `--frozen` behaviour, resume), the bytes
+on disk (sha256 of each shard file, computed here with hashlib), and the three recipe forms
+against each other (the same plan hash and the same output bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import recipekit
+from recipekit.errors import (
+    LockError,
+    MergekitConfigError,
+    OutputPathError,
+    RecipeErrors,
+    SourceNotFoundError,
+    UsageError,
+)
+
+from tests.helpers.recipes import ROOT, solar_recipe, write_recipe
+
+#: Five shards of the 12-layer fp32 output (about 490 KB).
+SHARDED = "  path: ./out\n  shard_size: 100KB"
+
+
+def forms(recipe: Path) -> dict[str, object]:
+    """The same recipe as a path, as YAML text and as a dict."""
+    text = recipe.read_text()
+    return {"path": recipe, "text": text, "dict": yaml.safe_load(text)}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def recipe(tmp_path: Path, model_copy: Path) -> Path:
+    return write_recipe(tmp_path, solar_recipe(output=SHARDED))
+
+
+class TestThreeForms:
+    """A path, YAML text and a dict give the same validation, plan and output bytes."""
+
+    def test_validate(self, recipe):
+        results = {k: recipekit.validate(v, base_dir=recipe.parent)
+                   for k, v in forms(recipe).items()}
+        assert {r.recipe for r in results.values()} == {str(recipe), "<string>", "<dict>"}
+        for r in results.values():
+            assert (r.steps, r.output_model, r.layers, r.tensors, r.inputs_checked) == (
+                1, "up", 12, 111, True)
+        assert not recipekit.validate(recipe, inputs=False).inputs_checked
+
+    def test_plan(self, recipe):
+        plans = [recipekit.plan(v, base_dir=recipe.parent) for v in forms(recipe).values()]
+        assert len({p.plan_hash for p in plans}) == 1
+        p = plans[0]
+        assert p.output == recipe.parent / "out"
+        assert (p.layers, p.tensors, len(p.shards)) == (12, 111, 5)
+        assert p.bytes_written == sum(s.bytes for s in p.shards)
+        assert p.disk >= p.bytes_written and p.peak_memory > 0 and p.whole_tensor is None
+        assert "peak memory:" in p.text()
+
+    def test_run(self, recipe, tmp_path):
+        results = {k: recipekit.run(v, base_dir=recipe.parent, output=tmp_path / k,
+                                    progress=None, fsync=False)
+                   for k, v in forms(recipe).items()}
+        hashes = {k: [(s.name, s.sha256) for s in r.shards] for k, r in results.items()}
+        assert hashes["path"] == hashes["text"] == hashes["dict"]
+        for k, r in results.items():
+            assert r.output == tmp_path / k and not r.already_complete
+            assert [s.sha256 for s in r.shards] == [sha256(r.output / s.name) for s in r.shards]
+            assert r.bytes_written == r.bytes_total == sum(
+                (r.output / s.name).stat().st_size for s in r.shards)
+            assert r.layers == 12 and r.summary().startswith(f"wrote {r.output}: 12 layers")
+
+    def test_same_bytes_as_the_cli(self, cli, recipe, tmp_path):
+        assert cli("run", recipe, "-q", "--no-fsync").exit_code == 0
+        r = recipekit.run(recipe.read_text(), base_dir=recipe.parent, output=tmp_path / "api",
+                          progress=None)
+        assert [s.sha256 for s in r.shards] == [sha256(tmp_path / "out" / s.name)
+                                                for s in r.shards]
+
+    def test_dict_values_python_gives(self, recipe, model_copy):
+        """Tuples and paths in a dict are what YAML lists and strings would be."""
+        data = yaml.safe_load(recipe.read_text())
+        data["models"]["tiny"] = str(model_copy)
+        python = {**data, "models": {"tiny": model_copy},  # a Path
+                  "steps": [{**data["steps"][0], "layers": ("range(0,6)", "range(2,8)")}]}
+        assert recipekit.plan(python).plan_hash == recipekit.plan(data).plan_hash
+
+    def test_run_a_plan_result(self, recipe):
+        p = recipekit.plan(recipe)
+        r = recipekit.run(p, progress=None)
+        assert [s.name for s in r.shards] == [s.name for s in p.shards]
+
+
+class TestErrors:
+    """Typed errors with the CLI's located messages."""
+
+    TYPO = solar_recipe().replace("layers: [", "layerz: [")
+
+    def test_file_message_is_the_clis(self, cli, tmp_path, model_copy):
+        r = write_recipe(tmp_path, self.TYPO)
+        with pytest.raises(RecipeErrors) as e:
+            recipekit.validate(r)
+        assert e.value.exit_code == 2
+        assert str(e.value) == cli("validate", r).stderr.rstrip("\n")
+
+    def test_text_is_located_by_line(self):
+        with pytest.raises(RecipeErrors) as e:
+            recipekit.plan(self.TYPO)
+        assert str(e.value).splitlines()[3] == (
+            "<string>:8:5: steps[0].layerz: unknown key in step 'up' (op: layers); did you "
+            "mean 'layers'?")
+        assert e.value.errors[1].location.line == 8
+        assert e.value.errors[1].key_path == ("steps", 0, "layerz")
+
+    def test_dict_is_located_by_key_path(self):
+        with pytest.raises(RecipeErrors) as e:
+            recipekit.validate(yaml.safe_load(self.TYPO), inputs=False)
+        assert "<dict>: steps[0].layerz: unknown key in step 'up' (op: layers); did you mean " \
+               "'layers'?" in str(e.value)
+
+    def test_dict_value_without_json_form(self):
+        with pytest.raises(RecipeErrors) as e:
+            recipekit.validate({"recipekit": 1, "name": {1, 2}}, inputs=False)
+        assert str(e.value) == ("<dict>: name: a set is not a recipe value; use strings, "
+                                "numbers, booleans, lists and mappings")
+
+    def test_missing_model(self, tmp_path):
+        r = write_recipe(tmp_path, solar_recipe())
+        with pytest.raises(SourceNotFoundError) as e:
+            recipekit.run(r, progress=None)
+        assert e.value.exit_code == 2 and e.value.location.line == 3
+
+    def test_mergekit_config(self, cli, tmp_path):
+        cfg = write_recipe(tmp_path, "merge_method: linear\nmodels:\n  - model: a\n"
+                           "    parameters: {weight: 1}\n", "merge.yml")
+        with pytest.raises(MergekitConfigError) as e:
+            recipekit.run(cfg)
+        assert str(e.value) == cli("run", cfg).stderr.rstrip("\n")
+
+    def test_not_a_recipe_kind(self):
+        with pytest.raises(TypeError, match="a recipe is a path, YAML/JSON text or a mapping"):
+            recipekit.validate(42)  # type: ignore[arg-type]
+
+
+class TestProgress:
+    """A progress callback sees the bytes grow to the total and every shard finish."""
+
+    def test_bytes_increase_to_the_total(self, recipe):
+        updates = []
+        r = recipekit.run(recipe, progress=updates.append, fsync=False)
+        done = [u.done for u in updates]
+        assert done == sorted(done) and done[-1] == updates[-1].total == r.bytes_total
+        assert r.bytes_total == sum((r.output / s.name).stat().st_size for s in r.shards)
+        finished = [u.shard_done for u in updates if u.shard_done is not None]
+        assert finished == list(r.shards)
+        assert {u.tensor for u in updates} >= {"model.embed_tokens.weight", "lm_head.weight"}
+
+    def test_already_complete_reports_the_total(self, recipe):
+        recipekit.run(recipe, progress=None, fsync=False)
+        updates = []
+        r = recipekit.run(recipe, progress=updates.append)
+        assert r.already_complete and [u.done for u in updates] == [r.bytes_total]
+
+    def test_auto_is_silent_off_a_terminal(self, recipe, capsys):
+        recipekit.run(recipe, fsync=False)
+        assert capsys.readouterr() == ("", "")
+
+
+class TestLikeTheCli:
+    """Lock, frozen, resume and force behave as `recipekit run` does (tests/tools/test_lock.py
+    has the CLI's side)."""
+
+    def test_lock_and_frozen(self, cli, recipe, model_copy):
+        lock = recipekit.lock(recipe)
+        assert lock.path == recipe.with_name("recipe.lock.json") and lock.inputs == 1
+        recipekit.run(recipe, frozen=True, progress=None, fsync=False)
+        weights = model_copy / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1  # same size, other bytes
+        weights.write_bytes(bytes(data))
+        with pytest.raises(LockError) as e:
+            recipekit.run(recipe, frozen=True, progress=None, force=True)
+        assert e.value.exit_code == 2
+        cli_err = cli("run", recipe, "--frozen", "-q", "--force")
+        assert cli_err.exit_code == 2
+        assert str(e.value) == cli_err.stderr.rstrip("\n")
+
+    def test_frozen_without_a_lock(self, cli, recipe):
+        with pytest.raises(UsageError) as e:
+            recipekit.run(recipe, frozen=True, progress=None)
+        assert str(e.value) == cli("run", recipe, "--frozen", "-q").stderr.rstrip("\n")
+        with pytest.raises(UsageError, match="pass lock_file=PATH"):
+            recipekit.run(recipe.read_text(), base_dir=recipe.parent, frozen=True)
+
+    def test_lock_file_for_text(self, recipe, tmp_path):
+        lock = recipekit.lock(recipe.read_text(), base_dir=recipe.parent,
+                              path=tmp_path / "t.lock.json")
+        r = recipekit.run(recipe.read_text(), base_dir=recipe.parent, frozen=True,
+                          lock_file=lock.path, progress=None, fsync=False)
+        assert len(r.shards) == 5
+
+    def test_resume_and_already_complete(self, recipe, monkeypatch):
+        import recipekit.run.execute as ex
+
+        real, calls = ex.write_shard, []
+
+        def failing(plan, shard, *a, **k):
+            calls.append(shard.filename)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(plan, shard, *a, **k)
+
+        monkeypatch.setattr(ex, "write_shard", failing)
+        with pytest.raises(KeyboardInterrupt):
+            recipekit.run(recipe, progress=None)
+        monkeypatch.setattr(ex, "write_shard", real)
+        r = recipekit.run(recipe, progress=None)
+        assert r.shards_resumed == 1 and [s.resumed for s in r.shards] == [True] + [False] * 4
+        assert r.bytes_written == r.bytes_total - r.shards[0].bytes
+        again = recipekit.run(recipe, progress=None)
+        assert again.already_complete and again.bytes_written == 0
+        assert again.shards == tuple(s.__class__(s.name, s.bytes, s.sha256, True)
+                                     for s in r.shards)
+
+    def test_force(self, recipe):
+        recipekit.run(recipe, progress=None, fsync=False)
+        other = recipe.read_text().replace('"range(2,8)"', '"range(4,8)"')
+        with pytest.raises(OutputPathError, match="--force"):
+            recipekit.run(other, base_dir=recipe.parent, progress=None)
+        r = recipekit.run(other, base_dir=recipe.parent, progress=None, force=True)
+        assert r.layers == 10
+
+
+def test_import_recipekit_is_light():
+    """`import recipekit` imports neither torch nor the API; the API names resolve lazily and
+    `recipekit.run`/`recipekit.plan` stay callable once their subpackages are imported."""
+    code = ("import sys, recipekit; assert 'torch' not in sys.modules; "
+            "assert 'recipekit.api' not in sys.modules; "
+            "import recipekit.run.local, recipekit.plan.render; "
+            "assert callable(recipekit.run) and callable(recipekit.plan); "
+            "assert recipekit.validate.__module__ == 'recipekit.api'; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
