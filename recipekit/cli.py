@@ -64,6 +64,21 @@ class PlanFormat(str, enum.Enum):
     text = "text"
     json = "json"
     dot = "dot"
+    svg = "svg"
+
+
+ChartOpt = Annotated[Path | None, typer.Option(
+    "--chart", help="Also draw a per-layer chart to this file (.png, .svg or .pdf; needs "
+    "matplotlib: pip install 'recipekit[charts]').", show_default=False)]
+
+
+def _check_chart(chart: Path | None) -> None:
+    """Refuse `--chart` before any work when it cannot be drawn (path, matplotlib)."""
+    if chart is not None:
+        from recipekit.tools.charts import check_chart_path, require_matplotlib
+
+        check_chart_path(chart)
+        require_matplotlib()
 
 
 def _guard(debug: bool, body: Callable[[], T]) -> T:
@@ -147,25 +162,39 @@ def plan(
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="List every tensor and its source.")] = False,
     fmt: Annotated[PlanFormat, typer.Option(
-        "--format", "-f", help="text (a summary), json (the DAG and the schedule) or dot "
-        "(Graphviz).")] = PlanFormat.text,
+        "--format", "-f", help="text (a summary), json (the DAG and the schedule), dot (a "
+        "Graphviz graph of inputs, steps and output) or svg (that graph drawn; needs "
+        "Graphviz's `dot`).")] = PlanFormat.text,
+    tensors: Annotated[bool, typer.Option(
+        "--tensors", help="With dot or svg: one node per tensor and op instead of per "
+        "step.")] = False,
+    chart: ChartOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Show what a run would read and write: tensors, bytes, shards, memory and disk."""
 
     def body() -> None:
         from recipekit.inputs.models import iter_donor_files
-        from recipekit.plan.render import render_dot, render_json, render_text
+        from recipekit.plan.render import render_json, render_text
 
+        _check_chart(chart)
         p = _compile(recipe, output)
         extra = sum((p.donor.path / f).stat().st_size
                     for f in iter_donor_files(p.donor.path)) if p.donor is not None else 0
         if fmt is PlanFormat.json:
             typer.echo(render_json(p, disk_extra=extra))
-        elif fmt is PlanFormat.dot:
-            typer.echo(render_dot(p), nl=False)
+        elif fmt in (PlanFormat.dot, PlanFormat.svg):
+            from recipekit.plan.dot import render_plan_dot, render_svg, render_tensor_dot
+
+            dot = render_tensor_dot(p) if tensors else render_plan_dot(p)
+            typer.echo(dot if fmt is PlanFormat.dot else render_svg(dot), nl=False)
         else:
             _say(render_text(p, disk_extra=extra, verbose=verbose))
+        if chart is not None:
+            from recipekit.tools.charts import draw_parameter_chart, parameter_series
+
+            draw_parameter_chart(parameter_series(p), chart)
+            _say(f"wrote {echo_text(chart)}", err=True)
 
     _guard(debug, body)
 
@@ -388,6 +417,7 @@ def diff(
     as_json: JsonOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="List every compared tensor.")] = False,
+    chart: ChartOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -404,6 +434,7 @@ def diff(
         from recipekit.progress import byte_progress
         from recipekit.tools.diff import diff_checkpoints, render_diff, verdict
 
+        _check_chart(chart)
         try:
             ca, cb = open_checkpoint(a), open_checkpoint(b)
             total = sum(t.nbytes + cb.tensors[n].nbytes for n, t in ca.tensors.items()
@@ -417,6 +448,11 @@ def diff(
             typer.echo(json.dumps(report, indent=2, allow_nan=False))
         else:
             _say(render_diff(report, verbose=verbose))
+        if chart is not None:
+            from recipekit.tools.charts import diff_series, draw_diff_chart
+
+            draw_diff_chart(diff_series(report), chart)
+            _say(f"wrote {echo_text(chart)}", err=True)
         if verdict(report):
             raise typer.Exit(verdict(report))
 
