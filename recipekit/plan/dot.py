@@ -19,11 +19,13 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import fields
 from typing import Any
 
 from recipekit.errors import ExtraMissingError, RenderError, printable
-from recipekit.graph import Load
+from recipekit.graph import Load, Node
 from recipekit.plan.compile import Plan
+from recipekit.plan.render import number_nodes, op_name
 from recipekit.recipe import Recipe, parse_layer_range, step_references
 from recipekit.units import format_size
 
@@ -94,7 +96,7 @@ def _edge_text(spec: dict[str, Any], path: tuple[Any, ...], op: str) -> str:
     for key in path[:-1]:
         parent = parent[key]
     if isinstance(parent, list):  # from: [a, b]: the order matters (slerp's t = 0 is a)
-        return f"#{path[-1] + 1}" if len(parent) > 1 else ""
+        return f"#{path[-1] + 1}" if len(parent) > 1 and path[0] == "from" else ""
     rest = {k: v for k, v in parent.items() if k != path[-1]}
     if "range" in rest:
         return "layers " + layer_text(rest["range"])
@@ -214,12 +216,9 @@ def render_plan_dot(plan: Plan) -> str:
                            f"{len(plan.shards)} shard(s)")
 
 
-def _params(node: Any) -> Iterator[tuple[str, Any]]:
-    from dataclasses import fields
-
-    from recipekit.graph import Node
-
-    for f in fields(node):
+def _params(node: Node) -> Iterator[tuple[str, Any]]:
+    """A node's parameters (not its inputs, shape or dtype); a merge's pairs unpacked."""
+    for f in fields(node):  # type: ignore[arg-type]
         value = getattr(node, f.name)
         if f.name in ("shape", "dtype") or isinstance(value, Node) or (
                 isinstance(value, tuple) and value and all(isinstance(v, Node) for v in value)):
@@ -233,8 +232,6 @@ def _params(node: Any) -> Iterator[tuple[str, Any]]:
 def render_tensor_dot(plan: Plan) -> str:
     """The tensor graph: loads as boxes (``source: tensor``), ops as ellipses (op, then its
     parameters as ``name value``), one cluster of written tensors per shard."""
-    from recipekit.plan.render import number_nodes, op_name
-
     ids = number_nodes(plan)
     lines = ["digraph plan {", "  rankdir=LR;", "  node [fontname=monospace, fontsize=10];"]
     for node, i in ids.items():

@@ -128,7 +128,9 @@ def parameter_series(plan: Any) -> dict[str, Series]:
     values the run uses. Where modules of a layer get different values (a rule matching
     ``*.mlp.*``), the parameter gets one series per group of modules that agree, named after
     the first of them; otherwise one series."""
-    stack = plan.model.stack
+    stack = getattr(plan.model, "stack", None)
+    if plan.adapter or stack is None:
+        return {}  # an adapter set has no layer stack of its own to plot along
     per: dict[str, dict[str, dict[int, float]]] = {}  # parameter -> module -> layer -> value
     index = LayerIndex([t.name for s in plan.shards for t in s.tensors])
     for s in plan.shards:

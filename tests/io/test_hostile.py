@@ -671,7 +671,7 @@ class TestSymlinks:
         snap = add_to_cache(tmp_path / "cache", "org/tiny",
                             {p.name: p for p in tiny_llama.iterdir()})
         assert (snap / "config.json").is_symlink()
-        r = write_recipe(tmp_path, solar_recipe(snap))
+        r = write_recipe(tmp_path, solar_recipe(os.path.relpath(snap, tmp_path)))
         result = cli("run", r, "-q")
         assert result.exit_code == 0, result.output
         assert result.stderr == ""
