@@ -82,6 +82,21 @@ class PlanFormat(str, enum.Enum):
     text = "text"
     json = "json"
     dot = "dot"
+    svg = "svg"
+
+
+ChartOpt = Annotated[Path | None, typer.Option(
+    "--chart", help="Also draw a per-layer chart to this file (.png, .svg or .pdf; needs "
+    "matplotlib: pip install 'recipekit[charts]').", show_default=False)]
+
+
+def _check_chart(chart: Path | None) -> None:
+    """Refuse `--chart` before any work when it cannot be drawn (path, matplotlib)."""
+    if chart is not None:
+        from recipekit.tools.charts import check_chart_path, require_matplotlib
+
+        check_chart_path(chart)
+        require_matplotlib()
 
 
 def _json(data: Any) -> None:
@@ -210,8 +225,13 @@ def plan(
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="List every tensor and its source.")] = False,
     fmt: Annotated[PlanFormat, typer.Option(
-        "--format", "-f", help="text (a summary), json (the DAG and the schedule) or dot "
-        "(Graphviz).")] = PlanFormat.text,
+        "--format", "-f", help="text (a summary), json (the DAG and the schedule), dot (a "
+        "Graphviz graph of inputs, steps and output) or svg (that graph drawn; needs "
+        "Graphviz's `dot`).")] = PlanFormat.text,
+    tensors: Annotated[bool, typer.Option(
+        "--tensors", help="With dot or svg: one node per tensor and op instead of per "
+        "step.")] = False,
+    chart: ChartOpt = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Same as --format json: the DAG, the schedule and the estimates.")
     ] = False,
@@ -226,15 +246,22 @@ def plan(
         if as_json and fmt not in (PlanFormat.text, PlanFormat.json):
             raise UsageError(f"--json and --format {fmt.value} ask for two formats",
                              hint="give one of them")
+        _check_chart(chart)
         p = api.plan(recipe, output=output)
         if as_json or fmt is PlanFormat.json:
             typer.echo(p.to_json())
-        elif fmt is PlanFormat.dot:
-            from recipekit.plan.render import render_dot
+        elif fmt in (PlanFormat.dot, PlanFormat.svg):
+            from recipekit.plan.dot import render_plan_dot, render_svg, render_tensor_dot
 
-            typer.echo(render_dot(p.plan), nl=False)
+            dot = render_tensor_dot(p.plan) if tensors else render_plan_dot(p.plan)
+            typer.echo(dot if fmt is PlanFormat.dot else render_svg(dot), nl=False)
         else:
             _say(p.text(verbose=verbose))
+        if chart is not None:
+            from recipekit.tools.charts import draw_parameter_chart, parameter_series
+
+            draw_parameter_chart(parameter_series(p.plan), chart)
+            _say(f"wrote {echo_text(chart)}", err=True)
 
     _guard(debug, body, _error_doc if as_json or fmt is PlanFormat.json else None)
 
@@ -483,6 +510,7 @@ def diff(
     as_json: JsonOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="List every compared tensor.")] = False,
+    chart: ChartOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -497,6 +525,7 @@ def diff(
         from recipekit.progress import byte_progress
         from recipekit.tools.diff import diff_checkpoints, render_diff, verdict
 
+        _check_chart(chart)
         try:
             ca, cb = open_checkpoint(a), open_checkpoint(b)
             total = sum(t.nbytes + cb.tensors[n].nbytes for n, t in ca.tensors.items()
@@ -510,6 +539,11 @@ def diff(
             typer.echo(json.dumps(report, indent=2, allow_nan=False))
         else:
             _say(render_diff(report, verbose=verbose))
+        if chart is not None:
+            from recipekit.tools.charts import diff_series, draw_diff_chart
+
+            draw_diff_chart(diff_series(report), chart)
+            _say(f"wrote {echo_text(chart)}", err=True)
         if verdict(report):
             raise typer.Exit(verdict(report))
 

@@ -235,6 +235,20 @@ class DeviceError(UsageError):
     """The requested compute device does not exist on this machine."""
 
 
+class ExtraMissingError(UsageError):
+    """An option needs a program or package that is not installed (Graphviz's ``dot`` for
+    ``--format svg``, matplotlib for ``--chart``): exit code 2.
+
+    Example: ``--chart needs matplotlib, which is not installed; pip install
+    'recipekit[charts]'``
+    """
+
+
+class RenderError(RecipekitError):
+    """Drawing a picture failed (Graphviz exited with an error or took too long): exit code 1.
+    """
+
+
 class VerifyError(RecipekitError):
     """An output that fails a check of `recipekit verify` (a changed byte, a stale index, a
     model transformers cannot load): exit code 1.

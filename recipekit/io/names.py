@@ -25,3 +25,11 @@ WEIGHT_DIRS = ("onnx", "openvino", "coreml", ".git", ".cache")
 MODEL_CARD = "README.md"
 MANIFEST = "recipekit.json"
 STATE = ".recipekit-state.json"
+
+
+def is_absolute_local(value: object) -> bool:
+    """Whether ``value`` is an absolute local path (POSIX, ``~``, or Windows drive/UNC): what
+    a published output must not name (e.g. a config's ``_name_or_path`` or an adapter's
+    ``base_model_name_or_path`` recorded on the writer's machine)."""
+    return isinstance(value, str) and (value.startswith(("/", "~", "\\")) or (
+        len(value) > 2 and value[1] == ":" and value[2] in "\\/"))

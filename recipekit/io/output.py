@@ -7,7 +7,10 @@ is left behind), then writes
 recorded there after their rename, so a rerun of the same plan resumes; a different plan is
 refused unless ``--force``, which deletes only files a recipekit state file listed and writes
 everything again (with the same plan too: the repair for a damaged output). recipekit
-never deletes a file it did not write. The manifest ``recipekit.json`` is written last.
+never deletes a file it did not write. The manifest ``recipekit.json`` is written last; then
+the state file is removed, so a finished output holds no run state (``hf upload`` of the folder
+publishes none), and the manifest, which names the plan hash and every file written, serves a
+rerun ("already complete") and ``--force`` in its place.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ class OutputDir:
         if exists and not is_dir:
             raise OutputPathError(f"output path {display_path(path)} is a file",
                                   hint="set `output.path` (or --output) to a directory")
-        if is_dir and not (path / STATE).exists():
+        if is_dir and not (path / STATE).exists() and self._finished_record() is None:
             self._refuse_foreign()  # before touching anything in someone else's directory
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -142,13 +145,34 @@ class OutputDir:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
 
+    def _finished_record(self) -> State | None:
+        """A finished output's record of itself, read off its manifest: the state file is gone
+        once a run completes (so that publishing the folder publishes no run state), and the
+        manifest names the plan hash, every shard (size, sha256) and every other file written.
+        None when there is no manifest (or no state file is expected), or it is not one of
+        ours."""
+        if not self._last or (self.path / STATE).exists():
+            return None
+        try:
+            raw = json.loads((self.path / self._last[0]).read_bytes())
+            shards = {str(k): {"sha256": v["sha256"], "size": v["size"]}
+                      for k, v in raw["shards"].items()}
+            files = [*shards, *(str(k) for k in raw.get("files", {})), self._last[0]]
+            return State(str(raw["plan_hash"]), files, shards, True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
     def _adopt_existing(self) -> None:
         state_path = self.path / STATE
-        if state_path.is_file():
+        finished = self._finished_record()
+        if state_path.is_file() or finished is not None:
             try:
-                raw = json.loads(state_path.read_text())
-                old = State(raw["plan_hash"], list(raw["files"]), dict(raw["finished"]),
-                            bool(raw.get("complete")))
+                if finished is not None:
+                    old = finished
+                else:
+                    raw = json.loads(state_path.read_text())
+                    old = State(raw["plan_hash"], list(raw["files"]), dict(raw["finished"]),
+                                bool(raw.get("complete")))
             except OSError as e:
                 if e.errno in _DENIED:
                     raise _state_denied(self.path, "read", e) from None
@@ -283,6 +307,19 @@ class OutputDir:
         return folder
 
     def complete(self) -> None:
+        """Mark the output complete. With a manifest (written last, it records everything a
+        rerun or ``--force`` needs: plan hash, shards, files), the state file is removed: a
+        finished output holds no run state, so uploading the folder publishes none. A kill
+        before the removal leaves a state file that does not say complete: a rerun rewrites
+        the small files and removes it. Without a manifest (`convert`) the state says so."""
+        if self._last:
+            if self.fsync:
+                fsync_dir(self.path)  # the manifest's rename is durable before the state goes
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / STATE).unlink()
+            if self.fsync:
+                fsync_dir(self.path)
+            return
         self.state.complete = True
         if self.fsync:
             fsync_dir(self.path)

@@ -21,7 +21,7 @@ from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.graph import Load, Node, VirtualModel, expression_nodes, load, round_to
 from recipekit.inputs.models import Checkpoint, donor_files_identity
 from recipekit.inputs.side_files import resolve_side_files
-from recipekit.io.names import ADAPTER_WEIGHTS
+from recipekit.io.names import ADAPTER_WEIGHTS, is_absolute_local
 from recipekit.plan.cost import (
     COPY_BUFFERS,
     COPY_CHUNK,
@@ -260,4 +260,6 @@ def output_config(donor: Mapping[str, Any], model: VirtualModel, tensors: Mappin
     if dtype is not None:
         config["dtype"] = dtype
         config["torch_dtype"] = dtype
+    if is_absolute_local(config.get("_name_or_path")):
+        del config["_name_or_path"]  # where the donor was loaded from: nothing to publish
     return config

@@ -1,5 +1,5 @@
-"""Render a plan for people and tools: text (`recipekit plan`), JSON (the DAG and the schedule)
-and Graphviz DOT.
+"""Render a plan for people and tools: text (`recipekit plan`) and JSON (the DAG and the
+schedule); the Graphviz pictures are `dot.py`'s.
 
 Node ids are assigned in schedule order (shard by shard, tensor by tensor, inputs before the
 node that uses them), so two renderings of the same plan are identical.
@@ -43,7 +43,7 @@ def _op(node: Node) -> str:
     return type(node).__name__.lower()
 
 
-def _op_name(node: Node) -> str:
+def op_name(node: Node) -> str:
     """A merge's method name, otherwise the node kind."""
     return getattr(node, "method", None) or _op(node)
 
@@ -59,7 +59,7 @@ def _params(node: Node) -> dict[str, Any]:
     return out
 
 
-def _number(plan: Plan) -> dict[Node, int]:
+def number_nodes(plan: Plan) -> dict[Node, int]:
     """Ids in schedule order, inputs before the node that uses them (an explicit stack: chains
     may be hundreds of steps deep)."""
     ids: dict[Node, int] = {}
@@ -85,12 +85,12 @@ def whole_tensor_estimate(plan: Plan) -> dict[str, Any] | None:
     if whole is None:
         return None
     name, node, size = whole
-    return {"tensor": name, "op": _op_name(node), "bytes": size}
+    return {"tensor": name, "op": op_name(node), "bytes": size}
 
 
 def render_json(plan: Plan, *, disk_extra: int = 0) -> str:
     """The DAG (every distinct node once) and the schedule (shards, tensors, offsets)."""
-    ids = _number(plan)
+    ids = number_nodes(plan)
     nodes = []
     for node, i in ids.items():
         entry: dict[str, Any] = {"id": i, "op": _op(node), **_params(node),
@@ -115,32 +115,6 @@ def render_json(plan: Plan, *, disk_extra: int = 0) -> str:
         "estimates": {**estimates(plan, disk_extra), "whole_tensor": whole_tensor_estimate(plan)},
     }
     return json.dumps(doc, indent=2)
-
-
-def _quote(text: str) -> str:
-    return '"' + printable(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def render_dot(plan: Plan) -> str:
-    """Graphviz: loads as boxes, ops as ellipses, one cluster of written tensors per shard."""
-    ids = _number(plan)
-    lines = ["digraph plan {", "  rankdir=LR;", "  node [fontname=monospace, fontsize=10];"]
-    for node, i in ids.items():
-        if isinstance(node, Load):
-            lines.append(f"  n{i} [shape=box, label={_quote(node_label(node))}];")
-        else:
-            extra = ", ".join(f"{k}={v}" for k, v in _params(node).items())
-            lines.append(f"  n{i} [shape=ellipse, label={_quote(f'{_op(node)} {extra}')}];")
-        lines += [f"  n{ids[inp]} -> n{i};" for inp in node.inputs]
-    for k, s in enumerate(plan.shards):
-        lines.append(f"  subgraph cluster_{k} {{")
-        lines.append(f"    label={_quote(s.filename)};")
-        for j, t in enumerate(s.tensors):
-            lines.append(f"    w{k}_{j} [shape=note, label={_quote(t.name)}];")
-        lines.append("  }")
-        lines += [f"  n{ids[t.node]} -> w{k}_{j};" for j, t in enumerate(s.tensors)]
-    lines.append("}")
-    return "\n".join(lines) + "\n"
 
 
 def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> str:

@@ -21,6 +21,7 @@ from recipekit.errors import RecipeError, RecipeErrors
 from recipekit.graph import F32, Concat, Node, ScaledSum, SvdFactor, cast, intern
 from recipekit.graph.adapterset import PREFIX, AdapterSet
 from recipekit.io.header import quote_name
+from recipekit.io.names import is_absolute_local
 from recipekit.recipe import Recipe
 
 
@@ -107,6 +108,14 @@ def _factors(aset: AdapterSet, recipe: Recipe, t: Any, module: str, spec: Mappin
             intern(Concat(tuple(x.b for x in t.terms), (1.0,) * len(t.terms), 1, dtype)))
 
 
+def publishable_name(value: Any) -> Any:
+    """A base model reference fit to publish: a Hub id or a relative path as written; an
+    absolute local path (what PEFT records for a base loaded from disk) becomes None, so the
+    output names none of the writer's directories (PEFT then needs the base passed in, as
+    it does for a path that does not exist on the reader's machine anyway)."""
+    return None if is_absolute_local(value) else value
+
+
 def adapter_config(aset: AdapterSet, ranks: Mapping[str, int],
                    kinds: Mapping[str, str]) -> dict[str, Any]:
     """adapter_config.json for modules of the given ranks, every scaling exactly 1."""
@@ -120,7 +129,7 @@ def adapter_config(aset: AdapterSet, ranks: Mapping[str, int],
     return {
         "peft_type": "LORA",
         "task_type": first.get("task_type"),
-        "base_model_name_or_path": first.get("base_model_name_or_path"),
+        "base_model_name_or_path": publishable_name(first.get("base_model_name_or_path")),
         "revision": first.get("revision"),
         "inference_mode": True,
         "r": top,

@@ -15,7 +15,8 @@ from recipekit.inputs.models import Checkpoint, iter_donor_files, read_donor_jso
 from recipekit.io.names import ADAPTER_CONFIG, CONFIG, INDEX, MANIFEST, MODEL_CARD
 from recipekit.io.output import OutputDir, dumps
 from recipekit.plan import Plan
-from recipekit.run.manifest import build_manifest, build_model_card
+from recipekit.run.card import build_model_card
+from recipekit.run.manifest import build_manifest
 
 log = logging.getLogger(__name__)
 

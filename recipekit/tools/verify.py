@@ -357,6 +357,8 @@ def _check_recipe(manifest: dict[str, Any], shown: str, report: VerifyReport) ->
     report.passed.append(f"{MANIFEST}: recipe valid (recipekit "
                          f"{manifest.get('recipekit_version', '?')})")
     file = manifest.get("recipe_file")
+    if isinstance(file, str):  # relative to the output directory (older manifests: absolute)
+        file = str(Path(os.path.normpath(report.path / file)))
     if isinstance(file, str) and Path(file).is_file():
         try:
             same = load_recipe(file).canonical() == recipe

@@ -96,7 +96,7 @@ def test_model_card_front_matter(cli, tmp_path, tiny_llama, monkeypatch):
     _, front, body = card.split("---\n", 2)
     meta = yaml.safe_load(front)
     assert meta == {"library_name": "transformers", "base_model": ["org/tiny"],
-                    "tags": ["recipekit", "merge"]}
+                    "tags": ["recipekit", "merge"], "pipeline_tag": "text-generation"}
     from recipekit import __version__
 
     assert f"recipekit {__version__}" in body

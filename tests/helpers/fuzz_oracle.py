@@ -210,14 +210,16 @@ def check_plan(plan: Any, recipe: Any, expected: list[Pick], base_model: str) ->
     """The compiled plan against the reference interpreter."""
     from recipekit.dtypes import NAME_TO_CODE, is_floating
     from recipekit.graph import Load
-    from recipekit.plan.render import render_dot, render_json, render_text
+    from recipekit.plan.dot import render_plan_dot, render_tensor_dot
+    from recipekit.plan.render import render_json, render_text
 
     def fail(msg: str) -> None:
         raise OracleViolation(f"plan: {msg}")
 
     rendered = json.loads(render_json(plan))
     render_text(plan, verbose=True)
-    render_dot(plan)
+    render_plan_dot(plan)
+    render_tensor_dot(plan)
     written = [t.name for s in plan.shards for t in s.tensors]
     if len(set(written)) != len(written) or len(written) != plan.num_tensors:
         fail("duplicate tensor names across shards")

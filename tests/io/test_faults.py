@@ -167,6 +167,7 @@ def test_unreadable_state_file_is_not_called_damaged(cli, tmp_path, tiny_llama, 
 
     r = write_recipe(tmp_path, solar_recipe(tiny_llama, output="  path: ./out"))
     assert cli("run", r, "-q").exit_code == 0
+    (tmp_path / "out" / ".recipekit-state.json").write_text("{}")  # as a killed rerun leaves
     real_read = Path.read_text
 
     def read_text(self, *a, **k):

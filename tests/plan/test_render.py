@@ -1,4 +1,4 @@
-"""render.py: `recipekit plan` as text, JSON (DAG + schedule) and DOT.
+"""render.py: `recipekit plan` as text and JSON (DAG + schedule); the tensor graph's DOT.
 
 Oracle: the plan object itself (ids, offsets and sizes must agree with it) and JSON parsing.
 """
@@ -38,16 +38,16 @@ def test_json_is_the_dag_and_the_schedule(cli, tmp_path, tiny_llama):
     assert cli("plan", r, "--format", "json").stdout == result.stdout
 
 
-def test_dot(cli, tmp_path, tiny_llama):
+def test_tensor_dot(cli, tmp_path, tiny_llama):
     r = write_recipe(tmp_path, solar_recipe(tiny_llama, output="  shard_size: 100KB"))
-    result = cli("plan", r, "-f", "dot")
+    result = cli("plan", r, "-f", "dot", "--tensors")
     assert result.exit_code == 0, result.output
     text = result.stdout
     assert text.startswith("digraph plan {") and text.rstrip().endswith("}")
     shards = json.loads(cli("plan", r, "-f", "json").stdout)["shards"]
     assert len(shards) > 1
     assert text.count("subgraph cluster_") == len(shards)
-    assert 'n0 [shape=box, label="tiny:lm_head.weight"];' in text
+    assert 'n0 [shape=box, label="tiny: lm_head.weight"];' in text
 
 
 def test_text(cli, tmp_path, tiny_llama):
@@ -61,11 +61,12 @@ def test_text(cli, tmp_path, tiny_llama):
 
 def test_hostile_tensor_names_cannot_forge_lines():
     from recipekit.graph import load
-    from recipekit.plan.render import _quote, node_label
+    from recipekit.plan.dot import quote
+    from recipekit.plan.render import node_label
 
     node = load("m", "evil\nwarning: forged\x00", (1,), "F32")
     assert node_label(node) == "m:evil\\nwarning: forged\\x00"
-    assert "\n" not in _quote(node.name)
+    assert "\n" not in quote(node.name)
 
 
 def test_labels_escape_tensor_names_in_parameters():

@@ -174,7 +174,8 @@ KILL_POINTS: dict[str, Callable[[Env], int]] = {
     "donor-subfolder-made-still-empty": lambda e: e.event(f"open {tmp_of('sub/extra.json')}"),
     "readme-before-manifest": lambda e: e.event(f"open {tmp_of(MANIFEST)}"),
     "manifest-temp-written-not-renamed": lambda e: e.event(f"replace {MANIFEST}"),
-    "manifest-before-state-says-complete": lambda e: e.event(f"replace {STATE}", -1),
+    # a finished output keeps no state file: the kill lands after the manifest, before its removal
+    "manifest-before-state-file-removed": lambda e: e.event(f"unlink {STATE}"),
 }
 
 
@@ -225,7 +226,7 @@ class TestKillAndRerun:
         no_violations(killed)  # before every event of the killed run: nothing final is partial
         assert o.problems_after_kill == []
         assert o.after_kill == predicted_listing(env.events[:n - 1])
-        assert (MANIFEST in o.after_kill) == (point == "manifest-before-state-says-complete")
+        assert (MANIFEST in o.after_kill) == (point == "manifest-before-state-file-removed")
 
         assert rerun.returncode == 0, rerun.stderr
         no_violations(rerun)

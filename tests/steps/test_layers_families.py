@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ def write_recipe(directory: Path, models: dict[str, Path], layers: Sequence[obje
     recipe = {
         "recipekit": 1,
         "name": f"{directory.name}-layers",
-        "models": {name: str(path) for name, path in models.items()},
+        "models": {name: os.path.relpath(path, directory) for name, path in models.items()},
         "steps": [{"name": "grown", "op": "layers", "from": base, "layers": list(layers)}],
         "output": {"path": "out"},
     }

@@ -134,7 +134,8 @@ def test_real_minilm_layer_removal_verifies_and_runs(cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "ok: loaded BertModel (" in result.stdout
     card = (tmp_path / "out" / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\ntags:\n- recipekit\n- merge\n---\n")
+    assert card.startswith("---\nlibrary_name: transformers\ntags:\n- recipekit\n"
+                           "- layer-pruning\n---\n")  # 4 of 6 layers kept; no merge
 
 
 def test_adapter_output_loads_with_peft(cli, tmp_path, tiny_llama):
