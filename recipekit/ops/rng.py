@@ -24,13 +24,6 @@ DRAW_BITS = 24
 _DRAW_BLOCK = 1 << 16
 
 
-def stream_key(seed: int, tensor: str, operand: int) -> int:
-    """The 32-bit key of one input's random mask in one tensor, from (``seed``, ``tensor``,
-    ``operand``) through sha256 (as a signed int32, torch's integer type)."""
-    digest = hashlib.sha256(f"{seed}\0{tensor}\0{operand}".encode()).digest()
-    return int.from_bytes(digest[:4], "little", signed=True)
-
-
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
     """murmur3's finalizer on int32 (wrapping multiplies, logical shifts by masking), in place:
     every input bit flips each output bit with probability about 1/2."""

@@ -31,22 +31,10 @@ from recipekit.ops.rng import DRAW_BITS, counter_draw
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
 from recipekit.ops.sparsify import RESCALE_EPS, della_keep_probabilities
 
-__all__ = ["STREAMED_SPARSIFIERS", "needs_stats", "prune_rows", "prune_rules", "stat_passes"]
+__all__ = ["prune_rows", "prune_rules"]
 
-STREAMED_SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
 #: columns of a packed rule: keep cut (3), drop cut (3), L1 scale (NaN: none), all-kept flag
 _WIDTH = 8
-
-
-def needs_stats(sparsify: str, rescale: bool) -> bool:
-    """Whether pruning needs whole-tensor numbers (a cut, or the L1 norms of a rescale)."""
-    return sparsify in ("magnitude", "magnitude_outliers") or rescale
-
-
-def stat_passes(sparsify: str, rescale: bool) -> int:
-    """Passes `prune_rules` makes at most: two histogram passes and a tie pass for a cut, one
-    for the L1 norms."""
-    return (3 if sparsify in ("magnitude", "magnitude_outliers") else 0) + (1 if rescale else 0)
 
 
 def _cut_queries(sparsify: str, density: float, gamma: float, n: int

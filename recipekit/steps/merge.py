@@ -355,9 +355,14 @@ def streamed_task_vectors(spec: Any, operands: tuple[Node, ...], base: Node | No
     """The streamed nodes of a pruning task-arithmetic method (steps/task_vectors.py), or
     None where the whole-tensor `Merge` stays: mergekit's random draw asked for
     (`random_masks: mergekit`), or DELLA on a vector (it ranks the whole 1-D tensor)."""
-    from recipekit.ops.rng import stream_key
-    from recipekit.ops.stream_prune import STREAMED_SPARSIFIERS, needs_stats
-    from recipekit.steps.task_vectors import PrunedMerge, PruneStats, work_dtype
+    from recipekit.steps.task_vectors import (
+        STREAMED_SPARSIFIERS,
+        PrunedMerge,
+        PruneStats,
+        needs_stats,
+        stream_key,
+        work_dtype,
+    )
 
     sparsify = dict(spec.fixed).get("sparsify")
     if sparsify not in STREAMED_SPARSIFIERS or base is None:

@@ -13,12 +13,28 @@ breadcrumbs, keep-rate statistics for DARE and DELLA).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from recipekit.dtypes import promote, torch_dtype
 from recipekit.graph import Node, SameShape
 from recipekit.graph.passes import Reduction
+
+#: the sparsifiers (mergekit's names) whose merges stream (`steps.merge.streamed_task_vectors`)
+STREAMED_SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della_magprune")
+
+
+def needs_stats(sparsify: str, rescale: bool) -> bool:
+    """Whether pruning needs whole-tensor numbers (a cut, or the L1 norms of a rescale)."""
+    return sparsify in ("magnitude", "magnitude_outliers") or rescale
+
+
+def stream_key(seed: int, tensor: str, operand: int) -> int:
+    """The 32-bit key of one input's random mask in one tensor (`ops.rng.counter_draw`), from
+    (``seed``, ``tensor``, ``operand``) through sha256, as a signed int32 (torch's type)."""
+    digest = hashlib.sha256(f"{seed}\0{tensor}\0{operand}".encode()).digest()
+    return int.from_bytes(digest[:4], "little", signed=True)
 
 
 def work_dtype(nodes: tuple[Node, ...], native: bool) -> str:

@@ -478,16 +478,20 @@ class TestChunkedEvaluation:
         import recipekit.plan.cost as pl
 
         monkeypatch.setattr(pl, "CHUNK_ELEMS", 100)
-        body = ("op: merge\n    method: ties\n    base: a\n"
+        body = ("op: merge\n    method: dare_ties\n    base: a\n    random_masks: mergekit\n"
                 "    from: [{model: b, weight: 1, density: 0.5}]")
         text = (f"recipekit: 1\nmodels:\n  a: {tiny_llama}\n  b: {tiny_llama_b}\nsteps:\n"
                 f"  - name: m\n    {body}\n")
         r = write_recipe(tmp_path, text)
         plan = json.loads(ok(cli, "plan", r, "--format", "json").stdout)
         whole = plan["estimates"]["whole_tensor"]
-        assert whole["op"] == "ties"
+        assert whole["op"] == "dare_ties"  # mergekit's torch.bernoulli draw needs it whole
         assert whole["tensor"] in ("model.embed_tokens.weight", "lm_head.weight")
-        assert "whole tensor:  ties of `" in ok(cli, "plan", r).stdout
+        assert "whole tensor:  dare_ties of `" in ok(cli, "plan", r).stdout
+        streamed = write_recipe(tmp_path, text.replace("    random_masks: mergekit\n", ""),
+                                "streamed.yaml")
+        assert json.loads(ok(cli, "plan", streamed, "--format", "json").stdout)[
+            "estimates"]["whole_tensor"] is None
         linear = text.replace(body, CHUNKED_STEPS["linear"])
         r = write_recipe(tmp_path, linear, "linear.yaml")
         assert json.loads(ok(cli, "plan", r, "--format", "json").stdout)[
