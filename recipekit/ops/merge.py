@@ -20,7 +20,8 @@ parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -170,33 +171,71 @@ def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, *, t: float, eps: float
     Why separate: the norms and the dot product need both whole tensors but give two numbers;
     the output, c_a·a + c_b·b (`slerp_apply`), is elementwise, so the executor can compute it
     in row pieces once the coefficients are known (`steps.merge`'s `SlerpCoefficients` and
-    `Slerp` nodes).
+    `Slerp` nodes), and the coefficients themselves by passes over pieces that start on chunk
+    boundaries (`slerp_chunk_norms`, `slerp_chunk_dots`, `slerp_finish`).
     Shapes: a, b [...] → [2]. Oracle: `slerp`, which is `slerp_apply` of these.
     """
     check_inputs("slerp", [a, b])
     dtype = upcast_dtype(a, b)
     x, y = a.reshape(-1), b.reshape(-1)
-    n = x.numel()
-    tt = torch.tensor(t, dtype=dtype, device=x.device)
-    if n == 0:
-        return torch.stack([1 - tt, tt])
-    starts = range(0, n, SLERP_CHUNK)
-    # Two chunk buffers, reused: the same arithmetic as converting each chunk anew, without
-    # a stream of short-lived 4 MiB temporaries (which grew glibc's heap by ~70 MiB).
-    bx = torch.empty(min(n, SLERP_CHUNK), dtype=dtype, device=x.device)
-    by = torch.empty_like(bx)
+    na = slerp_norm(slerp_chunk_norms(x, dtype), eps)
+    nb = slerp_norm(slerp_chunk_norms(y, dtype), eps)
+    return slerp_finish(slerp_chunk_dots(x, y, na, nb, dtype), t, dtype, x.device,
+                        dot_threshold)
 
-    def chunk(buf: torch.Tensor, v: torch.Tensor, s: int) -> torch.Tensor:
+
+_SCRATCH = threading.local()
+
+
+def _chunk_buffer(slot: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused `SLERP_CHUNK`-element buffer of this thread (``slot`` 0 or 1): the passes of
+    every piece and tensor share it instead of allocating 4 MiB twice per piece."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (slot, dtype, str(device))
+    buf = buffers.get(key)
+    if buf is None:
+        buf = buffers[key] = torch.empty(SLERP_CHUNK, dtype=dtype, device=device)
+    return buf
+
+
+def _chunks(v: torch.Tensor, buf: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The `SLERP_CHUNK`-element chunks of the flat vector ``v``, each copied into ``buf`` (in
+    its dtype): one reused buffer instead of a stream of short-lived 4 MiB temporaries, which
+    grew glibc's heap by ~70 MiB."""
+    for s in range(0, v.numel(), SLERP_CHUNK):
         part = v[s:s + SLERP_CHUNK]
-        return buf[:part.numel()].copy_(part)
+        yield buf[:part.numel()].copy_(part)
 
-    def norm(v: torch.Tensor) -> torch.Tensor:
-        parts = [torch.linalg.vector_norm(chunk(bx, v, s)) for s in starts]
-        total = torch.linalg.vector_norm(torch.stack(parts))
-        return torch.where(total > eps, total, torch.ones_like(total))
 
-    na, nb = norm(x), norm(y)
-    dots = [chunk(bx, x, s).div_(na).mul_(chunk(by, y, s).div_(nb)).sum() for s in starts]
+def slerp_chunk_norms(x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The norm of each `SLERP_CHUNK`-element chunk of the flat vector ``x`` (its first chunk
+    starts at x[0]), computed in ``dtype``."""
+    return [torch.linalg.vector_norm(c)
+            for c in _chunks(x, _chunk_buffer(0, dtype, x.device))]
+
+
+def slerp_norm(parts: list[torch.Tensor], eps: float) -> torch.Tensor:
+    """The norm of the chunk norms; 1 where it is at most ``eps`` (zero tensors allowed)."""
+    if not parts:
+        return torch.ones(())
+    total = torch.linalg.vector_norm(torch.stack(parts))
+    return torch.where(total > eps, total, torch.ones_like(total))
+
+
+def slerp_chunk_dots(x: torch.Tensor, y: torch.Tensor, na: torch.Tensor, nb: torch.Tensor,
+                     dtype: torch.dtype) -> list[torch.Tensor]:
+    """⟨x/na, y/nb⟩ of each chunk of the flat vectors, in ``dtype``."""
+    bx, by = _chunk_buffer(0, dtype, x.device), _chunk_buffer(1, dtype, x.device)
+    return [cx.div_(na).mul_(cy.div_(nb)).sum()
+            for cx, cy in zip(_chunks(x, bx), _chunks(y, by), strict=True)]
+
+
+def slerp_finish(dots: list[torch.Tensor], t: float, dtype: torch.dtype, device: torch.device,
+                 dot_threshold: float = 0.9995) -> torch.Tensor:
+    """(c_a, c_b) from the chunk dots: the lerp's when nearly (anti)parallel, else slerp's."""
+    tt = torch.tensor(t, dtype=dtype, device=device)
+    if not dots:
+        return torch.stack([1 - tt, tt])
     dot = torch.stack(dots).sum().clamp(-1, 1)
     if dot.abs() > dot_threshold:
         return torch.stack([1 - tt, tt])

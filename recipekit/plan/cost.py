@@ -94,12 +94,24 @@ def pass_bytes(node: Reduction, workers: int = 1) -> int:
     return node.state_bytes + (workers + 1) * piece + CHUNKED_OVERHEAD
 
 
+def _piece_fraction(node: Reduction) -> float:
+    bounds = node.bounds()
+    return (bounds[0][1] - bounds[0][0]) / max(1, node.stream_rows) if bounds else 0.0
+
+
 def expression_bytes(node: Node, workers: int = 1) -> int:
-    """Bytes computing ``node`` whole holds: every value it computes whole with its scratch,
-    and each streaming reduction's passes."""
+    """Bytes computing ``node`` whole holds: every value it computes whole with its scratch
+    (a reduction's scratch is one piece's, its state kept), and each streaming reduction's
+    passes."""
     held, streaming = held_nodes(node)
-    return (sum(n.nbytes + (n.workspace if n not in streaming else 0) for n in held)
-            + sum(pass_bytes(r, workers) for r in streaming))
+    total = sum(pass_bytes(r, workers) for r in streaming)
+    for n in held:
+        total += n.nbytes
+        if isinstance(n, Reduction) and n not in streaming:
+            total += n.state_bytes + math.ceil(n.workspace * _piece_fraction(n))
+        elif n not in streaming:
+            total += n.workspace
+    return total
 
 
 def reads_whole_tensor(node: Node) -> bool:

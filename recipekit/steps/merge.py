@@ -17,6 +17,7 @@ tensors and with mergekit goldens.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -31,6 +32,7 @@ from recipekit.graph import (
     fp32_copies,
     intern,
 )
+from recipekit.graph.passes import Reduction
 from recipekit.merge import METHODS, resolve_params
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, is_constant, resolve
@@ -100,17 +102,20 @@ class Merge(SameShape):
 
 
 @dataclass(frozen=True, eq=False)
-class SlerpCoefficients(Node):
+class SlerpCoefficients(Reduction):
     """slerp's two coefficients for one pair of tensors (ops/merge.py `slerp_coefficients`):
-    the norms and the dot product read both tensors whole, the result is two numbers."""
+    two passes over row pieces of a and b (chunk norms, then chunk dots), the result two
+    numbers. Pieces start on mergekit's 2^20-value chunk boundaries, so every chunk is reduced
+    as the whole-tensor kernel reduces it: the same bytes, whole or streamed."""
 
     a: Node
     b: Node
     t: float
 
-    #: the reductions run over 2^20-value chunks: two reused fp32 chunk buffers plus the
-    #: norms' temporaries (14 MiB measured for fp32 inputs)
-    CHUNK_COPIES: ClassVar[int] = 4 * 4 * (1 << 20)
+    passes: ClassVar[int] = 2
+    #: the largest piece (in values) kept aligned to the chunks; a row length whose alignment
+    #: needs more reads the tensor as one piece
+    MAX_ALIGNED: ClassVar[int] = 16 << 20
 
     @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
@@ -122,12 +127,44 @@ class SlerpCoefficients(Node):
 
     @property
     def workspace(self) -> int:
-        return self.CHUNK_COPIES
+        # per piece: both inputs converted to the compute dtype, and a product
+        return 3 * 4 * self.a.numel
 
-    def compute(self, args: tuple[Any, ...]) -> Any:
-        from recipekit.ops.merge import slerp_coefficients
+    #: mergekit's chunk (`ops.merge.SLERP_CHUNK`; planning imports no torch)
+    CHUNK: ClassVar[int] = 1 << 20
 
-        return slerp_coefficients(args[0], args[1], t=self.t)
+    def bounds(self) -> list[tuple[int, int]]:
+        rows, row = self.stream_rows, max(1, self.stream_row_elems)
+        per = math.lcm(row, self.CHUNK) // row
+        if per * row > self.MAX_ALIGNED:
+            return [(0, rows)]
+        per *= max(1, (4 * self.CHUNK) // (per * row))  # ~4 chunks a piece: fewer buffers
+        return [(lo, min(lo + per, rows)) for lo in range(0, rows, per)]
+
+    def reduce(self, source: Any, whole: tuple[Any, ...]) -> Any:
+        from recipekit.ops.merge import (
+            slerp_chunk_dots,
+            slerp_chunk_norms,
+            slerp_finish,
+            slerp_norm,
+        )
+
+        dtype = torch_dtype(self.dtype)
+        norms_a: list[Any] = []
+        norms_b: list[Any] = []
+        for pa, pb in source.map(lambda lo, hi, p: (
+                slerp_chunk_norms(p[0].reshape(-1), dtype),
+                slerp_chunk_norms(p[1].reshape(-1), dtype))):
+            norms_a += pa
+            norms_b += pb
+        na, nb = slerp_norm(norms_a, 1e-8), slerp_norm(norms_b, 1e-8)
+        dots: list[Any] = []
+        for part in source.map(lambda lo, hi, p: slerp_chunk_dots(
+                p[0].reshape(-1), p[1].reshape(-1), na.to(p[0].device), nb.to(p[0].device),
+                dtype)):
+            dots += part
+        device = na.device
+        return slerp_finish([d.to(device) for d in dots], self.t, dtype, device)
 
 
 @dataclass(frozen=True, eq=False)
