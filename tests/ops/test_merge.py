@@ -6,7 +6,9 @@ Oracles, by class:
 * mergekit 0.1.5's own outputs (tests/goldens/merge/*.safetensors, written by
   tests/goldens/make_merge_goldens.py through ``merge_tensors``), within 1e-6, including the
   random methods, which mergekit drew from ``torch.manual_seed(s)`` and we from a generator
-  seeded with s;
+  seeded with s; for TIES and breadcrumbs outside the tie band only (tests/helpers/ties.py:
+  mergekit breaks ties at a cut-off arbitrarily, we keep the lowest indices), and there the
+  formula with the stable rule's masks;
 * mergekit 0.1.5's registry (tests/goldens/merge/methods.json) for `METHODS`;
 * with the side venv present (``-m mergekit``), goldens regenerated on the fly.
 """
@@ -28,6 +30,8 @@ from safetensors.torch import load_file
 from recipekit.merge import METHODS
 from recipekit.ops import merge as mg
 from recipekit.ops.merge import KERNELS, apply_method
+
+from tests.helpers.ties import assert_equal_outside_band, call_bands, stable_formula
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 GOLDENS = ROOT / "tests" / "goldens" / "merge"
@@ -96,12 +100,36 @@ def run_case(method: str, case: dict, inputs: dict[str, torch.Tensor]) -> torch.
                         params=case["params"], generator=generator)
 
 
+def close_to_mergekit(method: str, case: dict, inputs: dict[str, torch.Tensor],
+                      ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """``ours`` within 1e-6 of mergekit's ``theirs``; for magnitude pruning whose cut-off
+    magnitude is shared across the cut (the tie band, tests/helpers/ties.py), outside the band
+    only, and everywhere equal to the formula with the stable rule's masks (equal magnitudes:
+    lowest flat index kept first; `stable_formula`)."""
+    tensors = [inputs[k] for k in case["inputs"]]
+    b = case["base"]
+    others = [t for i, t in enumerate(tensors) if i != b]
+    base = None if b is None else tensors[b]
+    bands = call_bands(method, others, base, case["params"])
+    if bands is None or not any(band.any() for band in bands):
+        close(ours, theirs)
+        return
+    assert_equal_outside_band(ours, theirs, bands, atol=ATOL, what=(method, case["name"]))
+    assert torch.equal(ours, stable_formula(method, others, base, case["params"]))
+
+
 GOLDEN_CASES = golden_cases()
 
 
 class TestMergekitGoldens:
     """Oracle: mergekit 0.1.5's `merge_tensors` on the same fp32 inputs (and, for random
-    methods, the same seed), within 1e-6; where mergekit raised, we raise ValueError."""
+    methods, the same seed), within 1e-6; where mergekit raised, we raise ValueError.
+
+    Tie rule: where a TIES/breadcrumbs cut-off magnitude is shared across the cut (the
+    "quant" inputs, on a 1/32 grid), mergekit's non-stable sort keeps an arbitrary subset of
+    the equal entries and we the lowest flat indices: those cases match mergekit outside the
+    tie band (a minority of positions) and the stable-rule formula everywhere
+    (`close_to_mergekit`)."""
 
     def test_every_method_has_goldens(self):
         assert {m for m, _ in GOLDEN_CASES} == set(METHODS)
@@ -120,7 +148,7 @@ class TestMergekitGoldens:
             return
         ours = run_case(method, case, inputs)
         assert ours.dtype == torch.float32
-        close(ours, golden_output(method, case["name"]))
+        close_to_mergekit(method, case, inputs, ours, golden_output(method, case["name"]))
 
 
 @pytest.mark.mergekit
@@ -158,7 +186,8 @@ class TestMergekitLive:
             with safe_open(fresh / f"{method}.safetensors", "pt") as f:
                 for case in json.loads(f.metadata()["cases"]):
                     if not case["error"]:
-                        close(run_case(method, case, inputs), f.get_tensor(case["name"]))
+                        close_to_mergekit(method, case, inputs, run_case(method, case, inputs),
+                                          f.get_tensor(case["name"]))
 
 
 # --------------------------------------------------------------------------------------------

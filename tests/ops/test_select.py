@@ -1,0 +1,190 @@
+"""recipekit/ops/select.py: exact top-k by magnitude in passes over row pieces.
+
+Oracle: a stable descending ``torch.argsort`` of |x| as fp32 (equal magnitudes: lowest flat
+index first), whose first k positions are the kept set; `select_cuts` + `keep_mask` over any
+row pieces (`graph.passes.InMemorySource` with small, uneven bounds) must give exactly that
+set: on random, heavily tied (quantized), all-equal, ±0, NaN/inf-containing, 1-D and
+one-element inputs, for k = 0, 1, n − 1, n and beyond, and (hypothesis) on random partitions.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recipekit.graph.passes import InMemorySource, piece_bounds
+from recipekit.ops.select import KEEP_ALL, KEEP_NONE, keep_mask, magnitude_key, select_cuts
+
+
+def stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The oracle: the first k of the stable descending argsort of |x| (fp32), as a mask."""
+    flat = x.abs().reshape(-1).float()
+    order = torch.argsort(flat, descending=True, stable=True)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order[:max(0, k)]] = True
+    return keep.reshape(x.shape)
+
+
+def split(rows: int, sizes: list[int]) -> list[tuple[int, int]]:
+    """Row pieces of the given sizes (cycled) covering ``rows``."""
+    bounds, lo, i = [], 0, 0
+    while lo < rows:
+        hi = min(rows, lo + sizes[i % len(sizes)])
+        bounds.append((lo, hi))
+        lo, i = hi, i + 1
+    return bounds
+
+
+def streamed_masks(xs: list[torch.Tensor], queries: list[tuple[int, int]],
+                   bounds: list[tuple[int, int]], passes: list[int] | None = None
+                   ) -> list[torch.Tensor]:
+    """Each query's kept set found by `select_cuts` over the pieces ``bounds`` of the streams
+    ``xs`` (same rows), then `keep_mask` applied piece by piece. ``passes`` counts the passes."""
+    rows_of = [x.reshape(1) if x.dim() == 0 else x for x in xs]
+    source = InMemorySource(rows_of, bounds)
+
+    def counting_map(fn):
+        if passes is not None:
+            passes.append(1)
+        return source.map(fn)
+
+    n = xs[0].numel()
+    cuts = select_cuts(counting_map, lambda lo, hi, p: [magnitude_key(t) for t in p], queries,
+                       n, source.rows)
+    out = []
+    for (s, _), cut in zip(queries, cuts, strict=True):
+        parts = [keep_mask(magnitude_key(rows_of[s][lo:hi]), lo, cut) for lo, hi in bounds]
+        out.append(torch.cat(parts).reshape(xs[s].shape))
+    return out
+
+
+def check(x: torch.Tensor, ks: list[int], bounds: list[tuple[int, int]]) -> None:
+    got = streamed_masks([x], [(0, k) for k in ks], bounds)
+    for k, mask in zip(ks, got, strict=True):
+        want = stable_topk(x, k)
+        assert torch.equal(mask, want), (k, int((mask != want).sum()))
+        assert int(mask.sum()) == min(max(k, 0), x.numel())
+
+
+def edge_ks(n: int) -> list[int]:
+    return sorted({0, 1, n // 3, n // 2, n - 1, n})
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+INPUTS = {
+    "random": lambda: randn(37, 53),
+    "quantized": lambda: torch.round(randn(37, 53, seed=1) * 4) / 4,  # ~15 distinct values
+    "two_values": lambda: torch.where(randn(40, 16, seed=2) > 0, 1.0, -1.0),
+    "all_equal": lambda: torch.full((23, 11), -0.5),
+    "zeros_signed": lambda: torch.where(randn(20, 20, seed=3) > 0, 0.0, -0.0),
+    "bf16": lambda: randn(64, 48, seed=4).bfloat16(),
+    "nonfinite": lambda: torch.where(
+        randn(30, 17, seed=5) > 1.2, float("nan"),
+        torch.where(randn(30, 17, seed=6) > 1.5, float("-inf"),
+                    torch.round(randn(30, 17, seed=7) * 2) / 2)),
+}
+
+
+class TestAgainstStableArgsort:
+    """Oracle: `stable_topk` (a stable descending argsort of the fp32 magnitudes)."""
+
+    @pytest.mark.parametrize("name", list(INPUTS))
+    @pytest.mark.parametrize("sizes", [[1], [3], [7, 2, 5], [1000]], ids=str)
+    def test_two_dimensional(self, name, sizes):
+        x = INPUTS[name]()
+        check(x, edge_ks(x.numel()), split(x.shape[0], sizes))
+
+    @pytest.mark.parametrize("sizes", [[1], [64], [5, 128, 31]], ids=str)
+    def test_one_dimensional(self, sizes):
+        x = torch.round(randn(300, seed=8) * 3) / 3  # a vector: one value per row
+        check(x, edge_ks(x.numel()), split(x.shape[0], sizes))
+
+    @pytest.mark.parametrize("shape", [(), (1,), (1, 1), (1, 9)])
+    def test_one_element_or_one_row(self, shape):
+        x = randn(*shape, seed=9) if shape else torch.tensor(-1.5)
+        rows = 1
+        check(x, edge_ks(x.numel()) + [2 * x.numel() + 1, -3], [(0, rows)])
+
+    def test_three_dimensional_rows_are_dim0(self):
+        x = torch.round(randn(12, 5, 7, seed=10) * 2) / 2
+        check(x, edge_ks(x.numel()), split(12, [5, 1, 4]))
+
+    def test_pieces_of_the_reduction_frame(self):
+        """Bounds as a reduction cuts them (`piece_bounds`), 64-value aligned."""
+        x = torch.round(randn(300, 40, seed=11) * 8) / 8
+        check(x, edge_ks(x.numel()) + [5000], piece_bounds(300, 40))
+
+    def test_nan_ranks_above_inf_and_zero_signs_tie(self):
+        x = torch.tensor([[0.0, -0.0, float("inf"), float("nan"), 1.0, -float("inf"), -0.0]])
+        for k in range(8):
+            (mask,) = streamed_masks([x], [(0, k)], [(0, 1)])
+            assert torch.equal(mask, stable_topk(x, k)), k
+        (one,) = streamed_masks([x], [(0, 1)], [(0, 1)])
+        assert one[0, 3]  # the NaN is the largest
+        (five,) = streamed_masks([x], [(0, 5)], [(0, 1)])
+        assert five.tolist() == [[True, False, True, True, True, True, False]]  # first zero
+        (six,) = streamed_masks([x], [(0, 6)], [(0, 1)])
+        assert six.tolist() == [[True, True, True, True, True, True, False]]  # +0 and −0 tie
+
+
+class TestQueries:
+    def test_many_streams_and_queries_in_one_call(self):
+        """Several task vectors (streams) and several k per stream share the passes."""
+        a = torch.round(randn(50, 30, seed=12) * 4) / 4
+        b = randn(50, 30, seed=13)
+        c = torch.full((50, 30), 2.0)
+        queries = [(0, 1), (1, 700), (0, 700), (2, 999), (1, 0), (0, 1500), (2, 1), (0, 1499)]
+        got = streamed_masks([a, b, c], queries, split(50, [4, 9]))
+        for (s, k), mask in zip(queries, got, strict=True):
+            assert torch.equal(mask, stable_topk([a, b, c][s], k)), (s, k)
+
+    def test_trivial_queries_make_no_pass(self):
+        passes: list[int] = []
+        x = randn(8, 8)
+        streamed_masks([x], [(0, 0), (0, 64), (0, 100)], [(0, 8)], passes)
+        assert passes == []
+        assert select_cuts(iter, lambda *a: [], [(0, 0), (0, 9)], 9, 3) == [KEEP_NONE, KEEP_ALL]
+
+    def test_two_passes_when_the_kth_key_is_unique_three_with_a_split_tie(self):
+        """The tie pass runs only when equal keys straddle the cut-off."""
+        x = randn(20, 20, seed=14)  # distinct magnitudes
+        passes: list[int] = []
+        streamed_masks([x], [(0, 123)], split(20, [3]), passes)
+        assert len(passes) == 2
+        q = torch.round(randn(20, 20, seed=15) * 2) / 2
+        flat = q.abs().reshape(-1).sort(descending=True).values
+        k = next(k for k in range(1, 400) if flat[k - 1] == flat[k])  # a split tie
+        passes.clear()
+        (mask,) = streamed_masks([q], [(0, k)], split(20, [3]), passes)
+        assert len(passes) == 3 and torch.equal(mask, stable_topk(q, k))
+        k_all = next(k for k in range(1, 400) if flat[k - 1] != flat[k])  # ties all kept
+        passes.clear()
+        (mask,) = streamed_masks([q], [(0, k_all)], split(20, [3]), passes)
+        assert len(passes) == 2 and torch.equal(mask, stable_topk(q, k_all))
+
+
+class TestPiecesDoNotMatter:
+    """The kept set is a function of the tensor alone: any partition into row pieces gives
+    the stable argsort's set (hypothesis: shapes, tied values, partitions and k at random)."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(rows=st.integers(1, 24), cols=st.integers(1, 12), levels=st.integers(1, 6),
+           seed=st.integers(0, 2**31 - 1), data=st.data())
+    def test_random_partitions(self, rows, cols, levels, seed, data):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(-levels, levels + 1, (rows, cols), generator=g).float() / levels
+        n = rows * cols
+        k = data.draw(st.integers(-1, n + 1), label="k")
+        rng = random.Random(seed)
+        cuts = sorted(rng.sample(range(1, rows), rng.randint(0, rows - 1))) if rows > 1 else []
+        edges = [0, *cuts, rows]
+        bounds = list(zip(edges[:-1], edges[1:], strict=True))
+        (mask,) = streamed_masks([x], [(0, k)], bounds)
+        assert torch.equal(mask, stable_topk(x, k))

@@ -1,0 +1,257 @@
+"""recipekit/ops/stream_prune.py: pruning task vectors in row pieces.
+
+Oracles:
+* magnitude (TIES) and magnitude_outliers (breadcrumbs): the whole-tensor kernels of
+  ops/sparsify.py (stable sorts: equal magnitudes, lowest flat index first) on the whole τ,
+  bit for bit without rescale and within 1e-6 relative with it (the streamed L1 sums are fp64
+  over pieces, the whole kernel's one fp32 sum);
+* random (DARE): the counter draw of ops/rng.py (kept where draw < ⌊d·2^24⌋) recomputed here,
+  its keep rate within 6σ of d, and the L1 rescale ‖τ‖₁/‖m⊙τ‖₁ computed exactly (`math.fsum`)
+  for that mask;
+* della_magprune: the keep probabilities of `ops.sparsify.della_keep_probabilities` compared
+  with the same draw, and the keep rate of each rank decile within 6σ of its mean probability;
+* pieces: any row split gives the same bytes (rules with a rescale: within 1e-6).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from recipekit.graph.passes import InMemorySource
+from recipekit.ops.rng import DRAW_BITS, counter_draw, stream_key
+from recipekit.ops.sparsify import della_keep_probabilities, sparsify
+from recipekit.ops.stream_prune import needs_stats, prune_rows, prune_rules, stat_passes
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def split(rows: int, sizes: list[int]) -> list[tuple[int, int]]:
+    bounds, lo, i = [], 0, 0
+    while lo < rows:
+        hi = min(rows, lo + sizes[i % len(sizes)])
+        bounds.append((lo, hi))
+        lo, i = hi, i + 1
+    return bounds
+
+
+def streamed(xs: list[torch.Tensor], base: torch.Tensor, sparsify_: str,
+             densities: list[float], bounds: list[tuple[int, int]], *, rescale: bool = False,
+             gammas: list[float] | None = None, epsilons: list[float] | None = None,
+             keys: list[int] | None = None, passes: list[int] | None = None
+             ) -> list[torch.Tensor]:
+    """Each pruned task vector (fp32 τ_i = x_i − base), rules from `prune_rules` over the
+    pieces ``bounds``, then `prune_rows` piece by piece."""
+    m = len(xs)
+    gammas = gammas or [0.0] * m
+    epsilons = epsilons or [0.0] * m
+    keys = keys or [0] * m
+    source = InMemorySource([*xs, base], bounds)
+
+    class Counting:
+        rows = source.rows
+
+        @staticmethod
+        def map(fn):
+            if passes is not None:
+                passes.append(1)
+            return source.map(fn)
+
+    def deltas(lo, hi, pieces):
+        return [p.float() - pieces[-1].float() for p in pieces[:-1]]
+
+    rules = prune_rules(Counting, deltas=deltas, sparsify=sparsify_, densities=densities,
+                        gammas=gammas, epsilons=epsilons, keys=keys, rescale=rescale,
+                        n=base.numel())
+    assert rules.shape == (m, 8) and rules.dtype == torch.float64
+    out = []
+    for i, x in enumerate(xs):
+        parts = [prune_rows(x[lo:hi].float() - base[lo:hi].float(), lo, rules[i],
+                            sparsify=sparsify_, density=densities[i], epsilon=epsilons[i],
+                            key=keys[i]) for lo, hi in bounds]
+        out.append(torch.cat(parts))
+    return out
+
+
+def models(kind: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A base [40, 24] and three fine-tunes: random fp32, on a coarse grid (many tied |τ|), or
+    bf16 weights (τ exact in fp32, on bf16's grid: ties at the cut-off, as in real merges)."""
+    base = randn(40, 24, seed=1)
+    if kind == "random":
+        return base, [base + 0.1 * randn(40, 24, seed=2 + i) for i in range(3)]
+    if kind == "grid":
+        return base, [base + torch.round(3 * randn(40, 24, seed=5 + i)) / 32 for i in range(3)]
+    b = (0.02 * base).bfloat16()
+    return b, [(b.float() + 0.002 * randn(40, 24, seed=8 + i)).bfloat16() for i in range(3)]
+
+
+MAGNITUDE_CASES = {
+    "mixed": ([0.3, 0.5, 0.9], [0.01, 0.1, 0.2]),
+    "edges": ([1.0, 0.0, -0.2], [0.01, 0.01, 0.01]),
+    "tiny": ([0.001, 1e-9, 0.999], [0.0, 0.5, 0.3]),
+    "outliers_win": ([0.7, 0.4, 0.5], [0.6, 0.6, 0.0]),  # d + γ > 1: density wins
+}
+
+
+class TestMagnitude:
+    """Oracle: `ops.sparsify.sparsify` on the whole τ (fp32), the stable tie rule."""
+
+    @pytest.mark.parametrize("kind", ["random", "grid", "bf16"])
+    @pytest.mark.parametrize("case", list(MAGNITUDE_CASES))
+    @pytest.mark.parametrize("method", ["magnitude", "magnitude_outliers"])
+    def test_equals_whole_kernel(self, kind, case, method):
+        base, xs = models(kind)
+        ds, gs = MAGNITUDE_CASES[case]
+        for bounds in (split(40, [40]), split(40, [3]), split(40, [7, 1])):
+            got = streamed(xs, base, method, ds, bounds, gammas=gs)
+            for x, d, g, y in zip(xs, ds, gs, got, strict=True):
+                want = sparsify(x.float() - base.float(), method, density=d, gamma=g)
+                assert torch.equal(y, want), (bounds[:2], d, g, int((y != want).sum()))
+
+    @pytest.mark.parametrize("kind", ["random", "grid", "bf16"])
+    @pytest.mark.parametrize("method", ["magnitude", "magnitude_outliers"])
+    def test_rescale_within_1e6(self, kind, method):
+        base, xs = models(kind)
+        ds, gs = MAGNITUDE_CASES["mixed"]
+        for bounds in (split(40, [40]), split(40, [3, 11])):
+            got = streamed(xs, base, method, ds, bounds, gammas=gs, rescale=True)
+            for x, d, g, y in zip(xs, ds, gs, got, strict=True):
+                want = sparsify(x.float() - base.float(), method, density=d, gamma=g,
+                                rescale=True)
+                assert torch.equal(y != 0, want != 0)
+                torch.testing.assert_close(y, want, rtol=1e-6, atol=0)
+
+    def test_rescale_skipped_for_zero_task_vectors_and_density_one(self):
+        base, xs = models("grid")
+        got = streamed([base.clone(), xs[0]], base, "magnitude", [0.5, 1.0], split(40, [9]),
+                       rescale=True)
+        assert torch.equal(got[0], torch.zeros_like(base))
+        assert torch.equal(got[1], xs[0] - base)
+
+    def test_passes(self):
+        """Two histogram passes, a third only for a split tie, one more for the L1 sums."""
+        base, xs = models("random")
+        passes: list[int] = []
+        streamed(xs[:1], base, "magnitude", [0.5], split(40, [8]), passes=passes)
+        assert len(passes) == 2
+        base, xs = models("grid")
+        for rescale in (False, True):
+            passes.clear()
+            streamed(xs, base, "magnitude_outliers", [0.5, 0.3, 0.6], split(40, [8]),
+                     gammas=[0.1] * 3, rescale=rescale, passes=passes)
+            assert len(passes) == stat_passes("magnitude_outliers", rescale)
+
+
+def draw_mask(key: int, shape: tuple[int, ...], limit: torch.Tensor | int) -> torch.Tensor:
+    rows = shape[0] if shape else 1
+    draw = counter_draw(key, 0, rows, math.prod(shape) // max(1, rows)).reshape(shape)
+    return draw.to(torch.float64) < limit if isinstance(limit, torch.Tensor) else draw < limit
+
+
+def l1_rescaled(tau: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """τ ⊙ m · ‖τ‖₁/‖m⊙τ‖₁ with both norms summed exactly (then rounded to fp32 once)."""
+    kept = tau * keep.to(tau.dtype)
+    before = math.fsum(tau.abs().double().reshape(-1).tolist())
+    after = math.fsum(kept.abs().double().reshape(-1).tolist())
+    return kept * torch.tensor(before / after, dtype=torch.float64).float()
+
+
+def within(count: int, n: int, p: float, sigmas: float = 6.0) -> bool:
+    return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
+
+
+class TestRandom:
+    """Oracle: the counter draw recomputed whole (`draw_mask`), keep rates vs d."""
+
+    KEYS = [stream_key(0, "w", i) for i in range(3)]
+
+    @pytest.mark.parametrize("rescale", [False, True])
+    def test_mask_is_the_counter_draw(self, rescale):
+        base, xs = randn(300, 64, seed=1), [randn(300, 64, seed=2 + i) for i in range(3)]
+        ds = [0.1, 0.5, 0.9]
+        got = streamed(xs, base, "random", ds, split(300, [17, 64]), keys=self.KEYS,
+                       rescale=rescale)
+        for x, d, key, y in zip(xs, ds, self.KEYS, got, strict=True):
+            tau = x - base
+            keep = draw_mask(key, tau.shape, int(d * (1 << DRAW_BITS)))
+            assert within(int(keep.sum()), keep.numel(), d)
+            want = l1_rescaled(tau, keep) if rescale else tau * keep
+            assert torch.equal(y, want)
+
+    def test_pieces_do_not_matter(self):
+        base, xs = randn(64, 33, seed=3), [randn(64, 33, seed=4)]
+        outs = [streamed(xs, base, "random", [0.4], split(64, s), keys=self.KEYS[:1],
+                         rescale=False)[0] for s in ([64], [1], [5, 2])]
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+    def test_edges(self):
+        base, xs = randn(20, 8, seed=5), [randn(20, 8, seed=6 + i) for i in range(2)]
+        got = streamed(xs, base, "random", [1.0, 0.0], split(20, [3]), keys=self.KEYS[:2],
+                       rescale=True)
+        assert torch.equal(got[0], xs[0] - base)  # d = 1: nothing drawn, nothing rescaled
+        assert torch.equal(got[1], torch.zeros_like(base))  # d = 0: all dropped, no rescale
+        with pytest.raises(ValueError, match="density must be in"):
+            streamed(xs[:1], base, "random", [-0.1], split(20, [3]), keys=self.KEYS[:1])
+
+    def test_operands_draw_independent_masks(self):
+        base = torch.zeros(200, 100)
+        xs = [torch.ones(200, 100)] * 2
+        a, b = streamed(xs, base, "random", [0.5, 0.5], split(200, [200]), keys=self.KEYS[:2])
+        both = int(((a != 0) & (b != 0)).sum())
+        assert within(both, a.numel(), 0.25)
+
+
+class TestDella:
+    """Oracle: p from `della_keep_probabilities` against the same counter draw; per rank
+    decile, the keep rate within 6σ of the decile's mean p."""
+
+    def test_mask_and_rescale(self):
+        base, xs = randn(60, 50, seed=1), [randn(60, 50, seed=2 + i) for i in range(2)]
+        keys = [stream_key(1, "w", i) for i in range(2)]
+        ds, es = [0.5, 0.3], [0.15, 0.2]
+        got = streamed(xs, base, "della_magprune", ds, split(60, [7]), epsilons=es, keys=keys,
+                       rescale=True)
+        for x, d, e, key, y in zip(xs, ds, es, keys, got, strict=True):
+            tau = x - base
+            p = della_keep_probabilities(tau, density=d, epsilon=e)
+            keep = draw_mask(key, tau.shape, p.double() * (1 << DRAW_BITS))
+            assert torch.equal(y, l1_rescaled(tau, keep))
+
+    @pytest.mark.parametrize(("d", "e"), [(0.5, 0.15), (0.2, 0.19), (0.7, 0.05)])
+    def test_keep_rate_per_rank_decile(self, d, e):
+        rows, length = 2000, 40
+        base, x = torch.zeros(rows, length), randn(rows, length, seed=3)
+        (y,) = streamed([x], base, "della_magprune", [d], split(rows, [256]), epsilons=[e],
+                        keys=[stream_key(0, "della", 0)])
+        rank = x.abs().argsort(dim=1).argsort(dim=1)  # 0 = smallest in its row
+        p = (d - e) + 2 * e * rank.double() / (length - 1)
+        kept = y != 0
+        for decile in range(10):
+            sel = (rank * 10 // length) == decile
+            n, mean_p = int(sel.sum()), float(p[sel].mean())
+            assert within(int(kept[sel].sum()), n, mean_p), (decile, mean_p)
+        assert within(int(kept.sum()), kept.numel(), d)
+
+    def test_edges_and_errors(self):
+        base, x = randn(10, 6, seed=4), randn(10, 6, seed=5)
+        key = [stream_key(0, "w", 0)]
+        (zero,) = streamed([x], base, "della_magprune", [0.0], split(10, [4]), epsilons=[0.1],
+                           keys=key)
+        assert torch.equal(zero, torch.zeros_like(base))
+        (same,) = streamed([x], base, "della_magprune", [1.0], split(10, [4]), epsilons=[0.1],
+                           keys=key)
+        assert torch.equal(same, x - base)
+        with pytest.raises(ValueError, match="density ± epsilon inside"):
+            streamed([x], base, "della_magprune", [0.5], split(10, [4]), epsilons=[0.5],
+                     keys=key)
+
+
+def test_needs_stats():
+    assert needs_stats("magnitude", False) and needs_stats("magnitude_outliers", False)
+    assert needs_stats("random", True) and needs_stats("della_magprune", True)
+    assert not needs_stats("random", False) and not needs_stats("della_magprune", False)
+    assert stat_passes("random", True) == 1 and stat_passes("magnitude", True) == 4
