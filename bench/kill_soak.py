@@ -18,12 +18,15 @@ into many shards:
    yet recorded, state temp not renamed), then random events (seeded) up to ``--points``;
 4. for each point, in its own directory: run with ``--kill N`` (SIGKILL just before event N);
    for about half the points (``--double``), rerun and kill it again at a random event after
-   N's place in the work (located in the rerun's own numbering, which skips the shards the state
-   file records as finished); rerun to the end; then check:
+   N's place in the work (located in the rerun's own numbering, which tests/helpers/
+   rerun_model.py predicts: the shards the state file records as finished skipped, a leftover
+   temp file removed where its name is next opened); rerun to the end; then check:
    * every wrapped run: the wrapper's continuous check (``--check``: before every event, no
-     final name holds a partial or wrong file, the state file is valid and truthful) and the
-     kill landed on the predicted event label;
-   * the final run reports the predicted number of resumed shards (those the state file held);
+     final name holds a partial or wrong file, the state file is valid and truthful), its whole
+     event list is the predicted one, and the kill landed on the predicted event label;
+   * after each kill: the finished shards, complete flag and temp files are the predicted ones;
+   * the final run reports the predicted number of resumed shards (those the state file held),
+     or "already complete" where the kill came after the final state save;
    * the output has the reference's file list; shards, index, config and donor files have its
      sha256; the manifest its ``shards``; the state file is complete with the same files and
      finished shards;
@@ -69,6 +72,7 @@ from tests.helpers.crashpoints import (  # noqa: E402
     listing,
     write_digests,
 )
+from tests.helpers.rerun_model import Left, RunModel, Step, observe, tmp_of  # noqa: E402
 
 WRAPPER = TESTS / "helpers" / "crashpoints.py"
 RESULTS = BENCH / "results"
@@ -119,35 +123,13 @@ def recipekit(recipe: Path, out: Path, *flags: str, wrapper: tuple[str, ...] | N
 
 
 # -- the reference trace --------------------------------------------------------------------------
-def tmp_of(rel: str) -> str:
-    head, _, name = rel.rpartition("/")
-    return f"{head}/.{name}.recipekit-partial" if head else f".{name}.recipekit-partial"
-
-
-@dataclass
-class Trace:
-    events: list[str]
-    shards: list[str]
+class Trace(RunModel):
+    """The traced uninterrupted run: its events, and (`RunModel`) what a killed run leaves and
+    which events its rerun makes."""
 
     def first(self, label: str) -> int:
         """1-based number of the first event labelled ``label``."""
         return self.events.index(label) + 1
-
-    def segment(self, shard: str) -> range:
-        """0-based indexes of a shard's events: its temp's open through the state save that
-        records it (skipped entirely by a rerun that finds it finished)."""
-        start = self.events.index(f"open {tmp_of(shard)}")
-        renamed = self.events.index(f"replace {shard}", start)
-        end = self.events.index(f"replace {STATE}", renamed)
-        while end + 1 < len(self.events) and self.events[end + 1] == "fsync .":
-            end += 1  # the folder's fsync after the rename belongs to the state save
-        return range(start, end + 1)
-
-    def rerun(self, finished: set[str]) -> list[int]:
-        """The rerun's events, as 0-based indexes into ``events``: the same run less the
-        segments of the shards the state file records as finished."""
-        skip = {i for s in finished for i in self.segment(s)}
-        return [i for i in range(len(self.events)) if i not in skip]
 
     def boundaries(self) -> dict[int, str]:
         """Event number -> name of every phase boundary: the first event of each phase (setup,
@@ -163,16 +145,18 @@ class Trace:
             (n // 3, lambda s: self.first(f"replace {s}"), "fsynced, not renamed"),
             ((2 * n) // 3, lambda s: self.first(f"replace {s}") + 1,
              "renamed, state not updated"),
-            (n - 1, lambda s: self.segment(s)[-1] + 1, "state temp written, not renamed"),
+            (n - 1, lambda s: self.state_save(s) + 1, "state temp written, not renamed"),
         ]
         for k, event, name in windows:
             with contextlib.suppress(ValueError):  # no fsync events with --no-fsync
                 points[event(self.shards[k])] = f"shard {k + 1} {name}"
         # donor files are written like every file (a temp opened, then renamed): the first
-        # temp opened after config.json's that is not the card, the manifest or the state
-        after = self.events[self.first(f"open {tmp_of('config.json')}") + 1:]
-        own = {f"open {tmp_of(x)}" for x in ("README.md", MANIFEST, STATE)}
-        donor = next((e for e in after if e.startswith("open ") and e not in own), "")
+        # temp opened after config.json's that is not the card's, the manifest's or the state's
+        # (the folder's own opens, ``open .`` for its fsyncs, are not temps)
+        after = self.events[self.first(f"open {tmp_of('config.json')}"):]
+        own = {tmp_of(x) for x in ("README.md", MANIFEST, STATE)}
+        donor = next((e for e in after if e.startswith("open ") and is_temp(e[5:])
+                      and e[5:] not in own), "")
         for label, name in [(f"open {tmp_of(INDEX)}", "index"),
                             (f"open {tmp_of('config.json')}", "config"),
                             (donor, "donor files"), (f"open {tmp_of('README.md')}", "README"),
@@ -233,65 +217,95 @@ class Soak:
     flags: tuple[str, ...]  # for every wrapped run (e.g. --no-fsync)
 
 
-def _finished(out: Path) -> set[str]:
-    try:
-        return set(json.loads((out / STATE).read_text())["finished"])
-    except (OSError, ValueError, KeyError):
-        return set()
+def _differs(got: list[str], want: list[str]) -> str | None:
+    """Where the event list ``got`` first departs from the predicted ``want`` (None: same)."""
+    if got == want:
+        return None
+    k = next((k for k, (g, w) in enumerate(zip(got, want, strict=False)) if g != w),
+             min(len(got), len(want)))
+    was, then = (repr(x[k]) if k < len(x) else "the end" for x in (got, want))
+    return f"event {k + 1} was {was}, predicted {then} ({len(got)} vs {len(want)} events)"
 
 
 def run_point(soak: Soak, scratch: Path, n: int, kind: str, second: float | None) -> PointResult:
     """Kill at event ``n``; if ``second`` (in [0, 1)) is given, kill the rerun again at a later
-    event chosen by it; then finish and check."""
+    event chosen by it; then finish and check.
+
+    Every wrapped run's whole event list (written by the wrapper, at exit or just before its
+    kill) must be the one `RunModel.run` predicts from what the previous run left, and what each
+    kill leaves (finished shards, complete flag, temp files) the one `RunModel.left_by`
+    predicts: the oracle is the traced uninterrupted run."""
     t0 = time.perf_counter()
     tr = soak.trace
     res = PointResult(n, kind, tr.events[n - 1], tr.where(n - 1))
     out = scratch / f"point-{n:05d}" / "out"
     out.parent.mkdir(parents=True)
-    check = ("--check", str(soak.ref_digests))
 
-    def wrapped(kill: int | None, expect: str | None) -> subprocess.CompletedProcess:
-        opts = (*check, "--kill", str(kill)) if kill else check
+    def wrapped(steps: list[Step], kill: int | None,
+                before: Left) -> tuple[subprocess.CompletedProcess, Left]:
+        """Run ``steps`` (killed before event ``kill``), check it; the process and what it
+        left."""
+        trace = out.parent / f"trace-{len(res.runs)}.json"
+        opts = ("--check", str(soak.ref_digests), "--trace", str(trace),
+                *(("--kill", str(kill)) if kill else ()))
+        expect = steps[kill - 1].label if kill else None
         done = recipekit(soak.recipe, out, *soak.flags, wrapper=opts)
-        run = {"kill_at": kill, "expected_label": expect, "returncode": done.returncode,
-               "stdout": done.stdout.strip(), "stderr_tail": done.stderr[-1500:]}
+        run: dict[str, object] = {
+            "kill_at": kill, "expected_label": expect, "returncode": done.returncode,
+            "stdout": done.stdout.strip(), "stderr_tail": done.stderr[-1500:]}
+        if kill:
+            run["reference_event"] = steps[kill - 1].ref + 1
         res.runs.append(run)
         res.violations += [ln for ln in done.stderr.splitlines() if "VIOLATION" in ln]
-        if kill:
-            got = KILL_LINE.search(done.stderr)
-            if done.returncode != -9 or not got:
-                res.failures.append(f"run to be killed at event {kill} exited {done.returncode}")
-            else:
-                res.kills += 1
-                if (int(got[1]), got[2]) != (kill, expect):
-                    res.failures.append(f"killed at event {got[1]} ({got[2]}), expected "
-                                        f"{kill} ({expect}): the event sequence changed")
-            problems = check_output(out, soak.ref_digests)
-            res.violations += [f"after the kill at event {kill}: {p}" for p in problems]
-        return done
+        try:
+            events = json.loads(trace.read_text())["events"]
+        except (OSError, ValueError, KeyError):
+            events = None
+        want = [s.label for s in steps[:kill]]
+        if events is None:
+            res.failures.append(f"run {len(res.runs)} wrote no trace")
+        elif (why := _differs(events, want)) is not None:
+            res.failures.append(f"run {len(res.runs)}: the event sequence changed: {why}")
+        if not kill:
+            return done, before
+        got = KILL_LINE.search(done.stderr)
+        if done.returncode != -9 or not got:
+            res.failures.append(f"run to be killed at event {kill} exited {done.returncode}")
+        else:
+            res.kills += 1
+            if (int(got[1]), got[2]) != (kill, expect):
+                res.failures.append(f"killed at event {got[1]} ({got[2]}), expected "
+                                    f"{kill} ({expect}): the event sequence changed")
+        problems = check_output(out, soak.ref_digests)
+        res.violations += [f"after the kill at event {kill}: {p}" for p in problems]
+        left, seen = tr.left_by(steps, kill - 1, before), observe(out)
+        if seen != left:
+            res.failures.append(f"the kill at event {kill} left {seen}, predicted {left}")
+        return done, left
 
-    wrapped(n, tr.events[n - 1])
-    finished = _finished(out)
+    _, left = wrapped(tr.run(), n, Left())
     if second is not None:
-        rerun = tr.rerun(finished)  # 0-based reference indexes, in the rerun's order
-        later = [j for j, i in enumerate(rerun, 1) if i >= n]  # after event n's place
+        rerun = tr.run(left)
+        later = [j for j, s in enumerate(rerun, 1) if s.ref >= n]  # after event n's place
         if later:
             m = later[int(second * len(later))]
             res.reruns += 1
-            res.resumed += len(finished)
-            wrapped(m, tr.events[rerun[m - 1]])
-            res.runs[-1]["reference_event"] = rerun[m - 1] + 1
-            finished = _finished(out)
-    res.resumed += len(finished)
+            res.resumed += 0 if left.complete else len(left.finished)
+            _, left = wrapped(rerun, m, left)
+    res.resumed += 0 if left.complete else len(left.finished)
     res.reruns += 1
-    final = wrapped(None, None)
+    final, _ = wrapped(tr.run(left), None, left)
     if final.returncode != 0:
         res.failures.append(f"the final rerun exited {final.returncode}: {final.stderr[-800:]}")
     else:
-        want = f"{len(tr.shards)} shard(s)" + (f", {len(finished)} resumed," if finished else ",")
+        resumed = len(left.finished)
+        want = ("already complete" if left.complete else f"{len(tr.shards)} shard(s)"
+                + (f", {resumed} resumed," if resumed else ","))
         if want not in final.stdout:
             res.failures.append(f"the final rerun said {final.stdout.strip()!r}, expected "
-                                f"{want!r} (the state file recorded {len(finished)} finished)")
+                                f"{want!r} (the "
+                                f"state file recorded {resumed} finished"
+                                f"{', complete' if left.complete else ''})")
     res.mismatches += compare(out, soak)
     again = recipekit(soak.recipe, out, *soak.flags)
     res.runs.append({"plain": True, "returncode": again.returncode,

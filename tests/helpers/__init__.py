@@ -5,6 +5,8 @@
 * `recipes`: the repository root, the SOLAR-style recipe most tests start from, writing recipes;
 * `hub`: a fake huggingface_hub cache laid out as huggingface_hub writes it;
 * `crashpoints`: the I/O-instrumenting wrapper the crash tests (and bench/kill_soak.py) run;
+* `rerun_model`: what a killed run leaves and its rerun's events, predicted from a trace
+  (the crash tests' and bench/kill_soak.py's model);
 * `fuzz_documents`, `fuzz_mutations`, `fuzz_oracle`: the recipe fuzzer's strategies and its
   oracle (shared with bench/fuzz_soak.py).
 

@@ -17,7 +17,8 @@ starts after 256 MiB), so a plan's event sequence is deterministic.
 * ``--kill-on LABEL``: like ``--kill``, at the first event labelled LABEL.
 * ``--out DIR``: the output directory, for a command that takes it as an argument rather than
   ``-o`` (``convert SRC DST``).
-* ``--trace FILE``: at exit, write ``{"events": [...], "violations": [...]}`` to FILE.
+* ``--trace FILE``: at exit, and just before a ``--kill``, write ``{"events": [...],
+  "violations": [...]}`` to FILE (a killed run's list ends with the event it died before).
 * ``--check REF``: before every event and at exit, compare OUT with REF (an uninterrupted run of
   the same plan) using `check_output`; each problem is printed at once to stderr as
   ``crashpoints: VIOLATION ...`` (so it survives a later SIGKILL) and recorded in the trace.
@@ -173,10 +174,12 @@ def check_output(out: Path, ref: Path) -> list[str]:
 
 # -- instrumentation ------------------------------------------------------------------------------
 class Instrument:
-    def __init__(self, out: str, action: str | None, at: int | str, ref: str | None) -> None:
+    def __init__(self, out: str, action: str | None, at: int | str, ref: str | None,
+                 trace: str | None = None) -> None:
         self.out = os.path.realpath(out)
         self.action, self.at = action, at
         self.ref = Path(ref) if ref else None
+        self.trace = trace
         self.n = 0
         self.events: list[str] = []
         self.violations: list[str] = []
@@ -220,6 +223,8 @@ class Instrument:
                 self.at = -1  # only once
                 sys.stderr.write(f"crashpoints: {self.action} at event {self.n}: {label}\n")
                 sys.stderr.flush()
+                if self.action == "kill":
+                    self.write_trace()  # nothing runs after the SIGKILL
                 os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
         finally:
             self._busy = False
@@ -253,12 +258,15 @@ class Instrument:
         for module in (recipekit.io.writer, recipekit.io.output):
             module.open = file_open  # shadows the builtin inside that module only
 
-    def finish(self, trace: str | None) -> None:
+    def write_trace(self) -> None:
+        if self.trace:
+            Path(self.trace).write_text(json.dumps({"events": self.events,
+                                                    "violations": self.violations}, indent=1))
+
+    def finish(self) -> None:
         self._busy = True
         self.check("at exit")
-        if trace:
-            Path(trace).write_text(json.dumps({"events": self.events,
-                                               "violations": self.violations}, indent=1))
+        self.write_trace()
 
 
 def main(argv: list[str]) -> None:
@@ -272,14 +280,14 @@ def main(argv: list[str]) -> None:
     else:
         flag = next(a for a in ("-o", "--output") if a in args)
         out = args[args.index(flag) + 1]
-    ins = Instrument(out, action, at, get.get("--check"))
+    ins = Instrument(out, action, at, get.get("--check"), get.get("--trace"))
     ins.install()
     from recipekit.cli import app
 
     try:
         app(args, prog_name="recipekit")
     finally:
-        ins.finish(get.get("--trace"))
+        ins.finish()
 
 
 if __name__ == "__main__":

@@ -29,9 +29,11 @@ import pytest
 
 from tests.helpers.crashpoints import MANIFEST, STATE, check_output, is_temp, listing
 from tests.helpers.recipes import ROOT, solar_recipe, write_recipe
+from tests.helpers.rerun_model import Left, RunModel, observe
 
 WRAPPER = ROOT / "tests" / "helpers" / "crashpoints.py"
 INDEX = "model.safetensors.index.json"
+SHARD = "model-{:05d}-of-00005.safetensors"
 DONOR_EXTRA = {"tokenizer.json": '{"model": {"type": "BPE"}}\n',
                "tokenizer_config.json": '{"model_max_length": 64}\n',
                "sub/extra.json": '{"dim": 32}\n'}
@@ -263,6 +265,63 @@ class TestKillAndRerun:
         no_violations(rerun)
         assert ", 5 resumed" in rerun.stdout  # the last kill hit the final state save
         assert_same_as_ref(out, env.ref)
+
+
+class TestRerunModel:
+    """tests/helpers/rerun_model.py, the kill soak's model of a killed run and its rerun.
+
+    Oracle: the real program's traced events. A killed run's whole event list (the wrapper
+    writes it just before the kill) and its rerun's must be the ones `RunModel.run` predicts,
+    and what the kill left (state file's finished shards and complete flag, temp files) the
+    one `RunModel.left_by` predicts. These are the sequences the safe-write helper makes: the
+    folder fsync after every rename, a leftover temp removed when its name is next opened, a
+    finished shard's events skipped through its state save's folder fsync.
+    """
+
+    def _run(self, env: Env, out: Path, model: RunModel, before: Left,
+             kill: int | None) -> Left:
+        steps = model.run(before)
+        trace = out.parent / "trace.json"
+        opts = ("--check", str(env.ref), "--trace", str(trace))
+        done = recipekit("run", env.recipe, "-q", "-o", out, cwd=env.base,
+                         opts=(*opts, "--kill", str(kill)) if kill else opts)
+        no_violations(done)
+        assert json.loads(trace.read_text())["events"] == [s.label for s in steps[:kill]]
+        if kill is None:
+            assert done.returncode == 0, done.stderr
+            assert_same_as_ref(out, env.ref)
+            return before
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        left = model.left_by(steps, kill - 1, before)
+        assert observe(out) == left
+        return left
+
+    @pytest.mark.parametrize(("kills", "finished", "complete", "temp"), [
+        # a shard's temp left mid-write: the rerun's open fails, unlinks it, opens again
+        ([(f"write {tmp_of(SHARD.format(1))}", 3)], 0, False, tmp_of(SHARD.format(1))),
+        # the state temp left, shard 2 renamed but not recorded: rewritten, after a cleanup
+        ([(f"replace {STATE}", 3)], 1, False, tmp_of(STATE)),
+        # 3 shards recorded: their events, through each state save's folder fsync, skipped
+        ([(f"open {tmp_of(SHARD.format(4))}", 1)], 3, False, None),
+        # the final state save done: "already complete", only the opening events
+        ([("fsync .", -1)], 5, True, None),
+        # killed again in the rerun, on the leftover's cleanup, then after two more shards
+        ([(f"write {tmp_of(SHARD.format(2))}", 2), (f"unlink {tmp_of(SHARD.format(2))}", 1),
+          (f"open {tmp_of(SHARD.format(5))}", 1)], 4, False, None),
+    ], ids=["shard-temp-left", "state-temp-left", "shards-finished", "complete", "twice"])
+    def test_model_predicts_every_event(self, env, tmp_path, kills, finished, complete, temp):
+        model = RunModel(env.events, env.shards)
+        assert [s.label for s in model.run()] == env.events
+        out = tmp_path / "out"
+        left = Left()
+        for label, k in kills:  # the k-th event so labelled in this run's predicted sequence
+            hits = [j for j, s in enumerate(model.run(left), 1) if s.label == label]
+            left = self._run(env, out, model, left, hits[k - 1] if k > 0 else hits[k])
+        assert left == Left(frozenset(env.shards[:finished]), complete,
+                            frozenset([temp] if temp else []))
+        if complete:
+            assert [s.label for s in model.run(left)] == ["mkdir .", "open ."]  # and the lock
+        self._run(env, out, model, left, None)
 
 
 class TestDifferentPlanAfterKill:
