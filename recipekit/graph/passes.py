@@ -77,7 +77,8 @@ class Reduction(Node):
 
     __slots__ = ()
 
-    #: Upper bound of the passes `reduce` makes over the streamed inputs (for the plan).
+    #: Upper bound of the passes `reduce` makes over the streamed inputs (for the plan; a
+    #: subclass may make it a property of its parameters).
     passes: ClassVar[int] = 1
 
     def streamed(self) -> tuple[bool, ...]:

@@ -30,6 +30,12 @@ def needs_stats(sparsify: str, rescale: bool) -> bool:
     return sparsify in ("magnitude", "magnitude_outliers") or rescale
 
 
+def stat_passes(sparsify: str, rescale: bool) -> int:
+    """Passes `ops.stream_prune.prune_rules` makes at most: two histogram passes and a tie
+    pass for a cut, one for the L1 norms of a rescale."""
+    return (3 if sparsify in ("magnitude", "magnitude_outliers") else 0) + (1 if rescale else 0)
+
+
 def stream_key(seed: int, tensor: str, operand: int) -> int:
     """The 32-bit key of one input's random mask in one tensor (`ops.rng.counter_draw`), from
     (``seed``, ``tensor``, ``operand``) through sha256, as a signed int32 (torch's type)."""
@@ -67,7 +73,9 @@ class PruneStats(Reduction):
     rescale: bool
     work: str
 
-    passes: ClassVar[int] = 4
+    @property
+    def passes(self) -> int:  # type: ignore[override]
+        return stat_passes(self.sparsify, self.rescale)
 
     @property
     def inputs(self) -> tuple[Node, ...]:

@@ -18,7 +18,8 @@ import math
 import pytest
 import torch
 
-from recipekit.ops.rng import DRAW_BITS, counter_draw, stream_key, tensor_generator
+from recipekit.ops.rng import DRAW_BITS, counter_draw, tensor_generator
+from recipekit.steps.task_vectors import stream_key
 
 M32 = 0xFFFFFFFF
 

@@ -21,9 +21,10 @@ import pytest
 import torch
 
 from recipekit.graph.passes import InMemorySource
-from recipekit.ops.rng import DRAW_BITS, counter_draw, stream_key
+from recipekit.ops.rng import DRAW_BITS, counter_draw
 from recipekit.ops.sparsify import della_keep_probabilities, sparsify
-from recipekit.ops.stream_prune import needs_stats, prune_rows, prune_rules, stat_passes
+from recipekit.ops.stream_prune import prune_rows, prune_rules
+from recipekit.steps.task_vectors import needs_stats, stat_passes, stream_key
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -22,9 +22,10 @@ import torch
 
 from recipekit.merge import METHODS, resolve_params
 from recipekit.ops.merge import apply_method
-from recipekit.ops.rng import DRAW_BITS, counter_draw, stream_key, tensor_generator
+from recipekit.ops.rng import DRAW_BITS, counter_draw, tensor_generator
 from recipekit.ops.sparsify import RESCALE_EPS, della_keep_probabilities
 from recipekit.ops.task_arithmetic import combine_task_vectors
+from recipekit.steps.task_vectors import stream_key
 
 from tests.helpers.builders import make_model, read_tensors
 from tests.helpers.recipes import write_recipe
