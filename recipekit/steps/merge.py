@@ -351,6 +351,10 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
                                          native, step.spec.get("random_masks", "stream"))
         if streamed is None and not native:
             streamed = streamed_gram(spec.name, operands, base, params, dtype)
+        if streamed is None and not native and spec.name == "sce":
+            from recipekit.steps.task_vectors import streamed_sce
+
+            streamed = streamed_sce(operands, base, params, dtype)
         tensors[name] = streamed or intern(Merge(
             spec.name, operands, base, tuple(sorted(params.items())),
             seed if spec.random else 0, name if spec.random else "", dtype, native))
