@@ -73,36 +73,58 @@ Map = Callable[[Callable[[int, int, tuple[torch.Tensor, ...]], object]], Iterato
 
 
 def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]], n: int,
-                rows: int) -> list[Cut]:
+                rows: int, *, k_of_nonzero: Callable[[int], int] | None = None) -> list[Cut]:
     """The `Cut` of each query ``(stream, k)``: the k largest keys of stream ``stream``.
 
     ``keys(lo, hi, pieces)`` gives, for one row piece, each stream's keys ([rows, L] int32 from
     `magnitude_key`); ``map_pieces(fn)`` runs ``fn`` over every piece in order (a
     `RowSource.map`); ``n`` is each stream's number of entries, ``rows`` its rows.
+    ``k_of_nonzero``, when given, replaces each query's k by ``k_of_nonzero(nnz)``, nnz the
+    stream's nonzero keys counted in the histogram pass (SCE's k = ⌊nnz(var)·f⌋).
     Passes: one histogram pass, one inside the buckets found, and a per-row count only for
     queries whose boundary falls among equal keys. k ≤ 0 keeps nothing, k ≥ n everything.
     """
     cuts: dict[int, Cut] = {}
-    open_ = []
-    for q, (_, k) in enumerate(queries):
-        if k <= 0:
-            cuts[q] = KEEP_NONE
-        elif k >= n:
-            cuts[q] = KEEP_ALL
-        else:
-            open_.append(q)
+    queries = list(queries)
+
+    def settle(candidates: Sequence[int]) -> list[int]:
+        """Decide k ≤ 0 and k ≥ n at once; return the queries still open."""
+        left = []
+        for q in candidates:
+            k = queries[q][1]
+            if k <= 0:
+                cuts[q] = KEEP_NONE
+            elif k >= n:
+                cuts[q] = KEEP_ALL
+            else:
+                left.append(q)
+        return left
+
+    open_ = settle(range(len(queries))) if k_of_nonzero is None else list(range(len(queries)))
     if not open_:
         return [cuts[q] for q in range(len(queries))]
     streams = sorted({queries[q][0] for q in open_})
 
     def high(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         ks = keys(lo, hi, pieces)
-        return [torch.bincount((ks[s] >> 16).reshape(-1), minlength=HIGH_BINS) for s in streams]
+        out = [torch.bincount((ks[s] >> 16).reshape(-1), minlength=HIGH_BINS) for s in streams]
+        if k_of_nonzero is not None:  # bucket 0 also holds tiny keys: count the zeros
+            out += [(ks[s] == 0).sum().reshape(1) for s in streams]
+        return out
 
     hist = [torch.zeros(HIGH_BINS, dtype=torch.int64) for _ in streams]
+    zeros = [0 for _ in streams]
     for part in map_pieces(high):
-        for h, p in zip(hist, part, strict=True):  # type: ignore[call-overload]
-            h += p.cpu()
+        for i, p in enumerate(part):  # type: ignore[arg-type]
+            if i < len(streams):
+                hist[i] += p.cpu()
+            else:
+                zeros[i - len(streams)] += int(p)
+    if k_of_nonzero is not None:
+        queries = [(s, k_of_nonzero(n - zeros[streams.index(s)])) for s, _ in queries]
+        open_ = settle(open_)
+        if not open_:
+            return [cuts[q] for q in range(len(queries))]
     # the bucket of each query's k-th key, and how many keys of that bucket it keeps
     buckets: dict[int, tuple[int, int]] = {}
     for q in open_:

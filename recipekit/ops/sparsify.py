@@ -403,9 +403,12 @@ def sign_consensus_mask(deltas: torch.Tensor, *, method: str = "sum",
 def sce_topk_mask(deltas: torch.Tensor, *, fraction: float) -> torch.Tensor:
     """SCE "select": keep the entries whose values vary most across the task vectors.
 
-    Formula: v = Var_i(δ_i) (population variance, ÷M) per entry; k = ⌊nnz(v)·f⌋; one shared
-    mask keeps the k entries with the largest v (``torch.topk``; ties arbitrary). f ≥ 1 keeps
-    everything; f ≤ 0 or k = 0 keeps nothing.
+    Formula: v = Var_i(δ_i) (population variance, ÷M) per entry; k = ⌊nnz(v)·f⌋ (the product
+    in fp32, as mergekit's tensor arithmetic); one shared mask keeps the k entries with the
+    largest |v| as fp32, equal values by lowest flat index first (a stable descending sort:
+    `ops.select`'s tie rule, so the streamed SCE keeps the same set; mergekit's ``topk`` breaks
+    ties arbitrarily and agrees wherever the k-th value is unique). f ≥ 1 keeps everything;
+    f ≤ 0 or k = 0 keeps nothing.
 
     Paper: Wan et al. 2024, "FuseChat" (SCE), https://arxiv.org/abs/2408.07990.
     Shapes: deltas [M, ...] → mask [...] of 0/1 in deltas' dtype. Oracle: mergekit 0.1.5's
@@ -432,6 +435,6 @@ def sce_topk_mask(deltas: torch.Tensor, *, fraction: float) -> torch.Tensor:
     mask = torch.zeros(shape, dtype=dtype, device=device)
     if k == 0:
         return mask
-    keep = torch.topk(variance.abs().reshape(-1), k=k, largest=True).indices
-    mask.view(-1)[keep] = 1
+    order = torch.sort(variance.abs().reshape(-1).float(), descending=True, stable=True).indices
+    mask.view(-1)[order[:k]] = 1
     return mask

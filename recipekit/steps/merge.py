@@ -36,6 +36,7 @@ from recipekit.graph.passes import Reduction
 from recipekit.merge import METHODS, resolve_params
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, is_constant, resolve
+from recipekit.steps.gram import is_row_local, streamed_gram
 from recipekit.steps.interpolate import check_aligned
 from recipekit.steps.registry import Op
 
@@ -81,6 +82,12 @@ class Merge(SameShape):
     @property
     def elementwise(self) -> bool:
         return METHODS[self.method].elementwise
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        # row-local methods (steps/gram.py) compute any rows from those rows of every input
+        if self.elementwise or is_row_local(self.method, dict(self.params), len(self.shape)):
+            return (True,) * len(self.inputs)
+        return None
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         from recipekit.ops.merge import apply_method
@@ -379,6 +386,12 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
             continue
         streamed = streamed_task_vectors(spec, operands, base, params, seed, name, dtype,
                                          native, step.spec.get("random_masks", "stream"))
+        if streamed is None and not native:
+            streamed = streamed_gram(spec.name, operands, base, params, dtype)
+        if streamed is None and not native and spec.name == "sce":
+            from recipekit.steps.task_vectors import streamed_sce
+
+            streamed = streamed_sce(operands, base, params, dtype)
         tensors[name] = streamed or intern(Merge(
             spec.name, operands, base, tuple(sorted(params.items())),
             seed if spec.random else 0, name if spec.random else "", dtype, native))

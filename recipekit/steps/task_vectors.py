@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from recipekit.dtypes import promote, torch_dtype
-from recipekit.graph import Node, SameShape
+from recipekit.graph import Node, SameShape, intern
 from recipekit.graph.passes import Reduction
 
 #: the sparsifiers (mergekit's names) whose merges stream (`steps.merge.streamed_task_vectors`)
@@ -182,3 +182,107 @@ def _no_rules(densities: list[float]) -> Any:
     rules[:, 6] = float("nan")
     rules[:, 7] = torch.tensor([float(d >= 1) for d in densities], dtype=torch.float64)
     return rules
+
+
+@dataclass(frozen=True, eq=False)
+class SceStats(Reduction):
+    """SCE's selection cut and task-vector weights for one tensor, packed fp64 [3 + M]
+    (ops/stream_sce.py `sce_rules`)."""
+
+    operands: tuple[Node, ...]
+    base: Node
+    fraction: float
+    work: str
+
+    passes: ClassVar[int] = 4
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.operands + (self.base,)
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        return (3 + len(self.operands),)
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return "F64"
+
+    @property
+    def state_bytes(self) -> int:
+        # the two histograms of the cut and the per-row counts of a tie
+        return (3 << 15) * 8 + 8 * self.stream_rows
+
+    @property
+    def workspace(self) -> int:
+        # per piece: the stacked task vectors, their variance, keys and masked copy
+        return (2 * len(self.operands) + 3) * 4 * self.base.numel
+
+    def reduce(self, source: Any, whole: tuple[Any, ...]) -> Any:
+        from recipekit.ops.stream_sce import sce_rules, task_vectors
+
+        dtype = torch_dtype(self.work)
+        return sce_rules(source, lambda lo, hi, p: task_vectors(p, dtype),
+                         fraction=self.fraction, n=self.base.numel)
+
+
+@dataclass(frozen=True, eq=False)
+class SceMerge(SameShape):
+    """One output tensor of a streamed SCE, rounded once to ``dtype``: select by the cut,
+    erase sign conflicts, weigh by ω (``stats``), any rows (`ops.stream_sce.sce_rows`)."""
+
+    rounds_once: ClassVar[bool] = True
+
+    operands: tuple[Node, ...]
+    base: Node
+    stats: SceStats
+    int8_mask: bool
+    work: str
+    dtype: str
+
+    @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.base
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return self.operands + (self.base, self.stats)
+
+    @property
+    def workspace(self) -> int:
+        # the stacked task vectors, their masked and weighted copies, signs and the fp32 sum
+        return (3 * len(self.operands) + 4) * 4 * self.numel
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        return (True,) * (len(self.operands) + 1) + (False,)
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        return self.compute_rows(args, 0, self.shape[0] if self.shape else 1)
+
+    def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
+        from recipekit.ops.stream_sce import sce_rows, task_vectors
+
+        m = len(self.operands)
+        dtype = torch_dtype(self.work)
+        deltas = task_vectors(args[:m + 1], dtype)
+        out = sce_rows(args[m].to(dtype), deltas, lo, args[-1].cpu(), int8_mask=self.int8_mask)
+        return out.to(torch_dtype(self.dtype))
+
+
+def streamed_sce(operands: tuple[Node, ...], base: Node | None, params: dict[str, Any],
+                 dtype: str) -> Node | None:
+    """The streamed nodes of one SCE tensor, or None where the whole `Merge` stays: no
+    non-base input, or inputs the executor reads whole anyway (`plan.cost.HOLD_BYTES`), which
+    keeps small tensors bit for bit mergekit's (the streamed ω differ by fp64 rounding)."""
+    from recipekit.plan.cost import streams_from_files
+
+    if base is None or not operands:
+        return None
+    work = work_dtype(operands + (base,), False)
+    fraction = float(params.get("select_topk", 1.0))
+    stats = SceStats(operands, base, fraction, work)
+    if not streams_from_files(stats):
+        return None
+    return intern(SceMerge(operands, base, intern(stats), bool(params.get("int8_mask", False)),
+                           work, dtype))

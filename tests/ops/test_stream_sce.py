@@ -1,0 +1,72 @@
+"""ops/stream_sce.py: SCE's selection and weights in passes over row pieces.
+
+Oracle: `ops.sparsify.sce_topk_mask` (a stable descending sort of |Var| as fp32: the kept set
+bit for bit, ties included) and `ops.task_arithmetic.sce` (within 1e-6 relative: ω sums in
+fp64 pieces), for several piece sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recipekit.graph.passes import InMemorySource
+from recipekit.ops.select import Cut
+from recipekit.ops.sparsify import sce_topk_mask
+from recipekit.ops.stream_sce import _selected, sce_k, sce_rows, sce_rules, task_vectors
+from recipekit.ops.task_arithmetic import sce
+
+
+def _source(tensors: list[torch.Tensor], rows_per_piece: int) -> InMemorySource:
+    rows = tensors[0].shape[0]
+    bounds = [(lo, min(lo + rows_per_piece, rows)) for lo in range(0, rows, rows_per_piece)]
+    return InMemorySource(tensors, bounds)
+
+
+def _inputs(grid: bool, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(40, 24, generator=g)
+    if grid:  # task vectors on a grid: many equal variances, zeros among them
+        return [base + 0.25 * torch.randint(-2, 3, base.shape, generator=g).float()
+                for _ in range(3)] + [base]
+    return [base + 0.1 * torch.randn(base.shape, generator=g) for _ in range(3)] + [base]
+
+
+class TestSelection:
+    """Oracle: `sce_topk_mask`, the kept set exactly."""
+
+    @pytest.mark.parametrize("grid", [False, True])
+    @pytest.mark.parametrize("fraction", [0.0, 0.05, 0.3, 0.77, 1.0])
+    @pytest.mark.parametrize("rows_per_piece", [1, 7, 40])
+    def test_kept_set_is_the_kernels(self, grid, fraction, rows_per_piece):
+        pieces = _inputs(grid)
+        deltas = task_vectors(pieces, torch.float32)
+        rules = sce_rules(_source(pieces, rows_per_piece),
+                          lambda lo, hi, p: task_vectors(p, torch.float32),
+                          fraction=fraction, n=deltas[0].numel())
+        cut = Cut(*(int(v) for v in rules[:3].tolist()))
+        got = _selected(deltas, 0, cut)
+        want = deltas * sce_topk_mask(deltas, fraction=fraction).unsqueeze(0) \
+            if fraction < 1 else deltas
+        assert torch.equal(got, want)
+
+    def test_k_is_the_fp32_product(self):
+        # int(fl32(nnz)·fl32(f)) as the kernel's tensor arithmetic, not the double product
+        nnz, f = 16777217, 0.3
+        assert sce_k(nnz, f) == int(torch.count_nonzero(torch.ones(nnz)) * f)
+
+
+class TestOutput:
+    """Oracle: `sce` on the whole tensors, within 1e-6 relative."""
+
+    @pytest.mark.parametrize("grid", [False, True])
+    @pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+    def test_rows_match_kernel(self, grid, fraction):
+        pieces = _inputs(grid, seed=1)
+        rules = sce_rules(_source(pieces, 5), lambda lo, hi, p: task_vectors(p, torch.float32),
+                          fraction=fraction, n=pieces[0].numel())
+        out = torch.cat([sce_rows(pieces[-1][lo:lo + 9], task_vectors(
+            [p[lo:lo + 9] for p in pieces], torch.float32), lo, rules)
+            for lo in range(0, 40, 9)])
+        want = sce(pieces[-1], pieces[:-1], select_topk=fraction)
+        assert ((out - want).abs().max() / want.abs().max()).item() <= 1e-6
