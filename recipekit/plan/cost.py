@@ -53,6 +53,20 @@ def streams_from_files(node: Node) -> bool:
     return loads is not None and sum(n.nbytes for n in loads) > HOLD_BYTES
 
 
+#: Methods whose streamed form sums in fp64 by pieces (model_stock, karcher, multislerp,
+#: nuslerp, SCE: `steps.gram`, `steps.task_vectors.streamed_sce`) keep mergekit's exact
+#: whole-tensor kernel for tensors whose inputs hold at most this many stored bytes: small
+#: tensors stay bit for bit mergekit's, and a whole kernel's fp32 copies stay well under 1 GiB.
+EXACT_BYTES = 32 * 1024 * 1024
+
+
+def keeps_exact_kernel(node: Reduction) -> bool:
+    """Whether a tensor whose streamed form is ``node`` keeps the exact whole-tensor kernel
+    instead (`EXACT_BYTES`; or its inputs cannot be read in row pieces)."""
+    loads = stream_loads(node)
+    return loads is None or sum(n.nbytes for n in loads) <= EXACT_BYTES
+
+
 def whole_inputs(node: Node) -> tuple[Node, ...]:
     """The inputs computed whole before ``node`` is: all of them, except those a reduction
     streams from the files."""

@@ -1,6 +1,6 @@
 """The streamed angle-based merges: model_stock, karcher, multislerp and nuslerp in row pieces.
 
-`build_merge` (steps/merge.py) asks `streamed_gram` for each tensor. Above `plan.cost.HOLD_BYTES`
+`build_merge` (steps/merge.py) asks `streamed_gram` for each tensor. Above `plan.cost.EXACT_BYTES`
 of stored inputs per tensor, it gives two nodes instead of one whole `Merge`: `GramStats`, a
 reduction that reads row pieces once and turns the inputs' Gram matrix into one coefficient
 per input (ops/gram.py), and `LinearCombine`, which writes any rows as [θ_b +] Σ c_i v_i. Below
@@ -163,8 +163,8 @@ def streamed_gram(method: str, operands: tuple[Node, ...], base: Node | None,
                   params: Mapping[str, Any], dtype: str) -> Node | None:
     """The streamed nodes of one tensor of a Gram method, or None where the whole `Merge`
     stays: another method, a row-local variant, nuslerp by columns, or inputs that the
-    executor reads whole anyway (`plan.cost.streams_from_files`: at most `HOLD_BYTES`)."""
-    from recipekit.plan.cost import streams_from_files
+    whole-tensor kernel keeps exactly (`plan.cost.keeps_exact_kernel`: at most `EXACT_BYTES`)."""
+    from recipekit.plan.cost import keeps_exact_kernel
 
     if method not in GRAM_METHODS or is_row_local(method, params, len(operands[0].shape)):
         return None
@@ -174,7 +174,7 @@ def streamed_gram(method: str, operands: tuple[Node, ...], base: Node | None,
     uses_base = base if method != "karcher" else None
     every = operands + ((uses_base,) if uses_base is not None else ())
     stats = GramStats(method, operands, uses_base, tuple(sorted(params.items())), _work(every))
-    if not streams_from_files(stats):
+    if keeps_exact_kernel(stats):
         return None
     if len(operands) == 1:  # karcher and multislerp return their single input
         return cast(operands[0], dtype)

@@ -273,16 +273,16 @@ class SceMerge(SameShape):
 def streamed_sce(operands: tuple[Node, ...], base: Node | None, params: dict[str, Any],
                  dtype: str) -> Node | None:
     """The streamed nodes of one SCE tensor, or None where the whole `Merge` stays: no
-    non-base input, or inputs the executor reads whole anyway (`plan.cost.HOLD_BYTES`), which
+    non-base input, or inputs of at most `plan.cost.EXACT_BYTES` (`keeps_exact_kernel`), which
     keeps small tensors bit for bit mergekit's (the streamed ω differ by fp64 rounding)."""
-    from recipekit.plan.cost import streams_from_files
+    from recipekit.plan.cost import keeps_exact_kernel
 
     if base is None or not operands:
         return None
     work = work_dtype(operands + (base,), False)
     fraction = float(params.get("select_topk", 1.0))
     stats = SceStats(operands, base, fraction, work)
-    if not streams_from_files(stats):
+    if keeps_exact_kernel(stats):
         return None
     return intern(SceMerge(operands, base, intern(stats), bool(params.get("int8_mask", False)),
                            work, dtype))

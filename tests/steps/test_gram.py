@@ -4,7 +4,7 @@ Oracles: the whole-tensor kernels (`ops.merge.apply_method`) on the loaded tenso
 1e-6 relative (max |error| / max |value| per tensor) of the kernel on fp64 copies, and of the
 fp32 kernel wherever its own error is smaller, on the streamed path, forced by
 `plan.cost.HOLD_BYTES = 0` with small pass pieces (`graph.passes.PASS_ELEMS`), and bit for
-bit below `HOLD_BYTES` (the whole `Merge` stays) and for the row-local variants.
+bit below `EXACT_BYTES` (the whole `Merge` stays) and for the row-local variants.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def _recipe(models, step: str) -> str:
 def streamed(monkeypatch):
     """Every reduction streams from the files, in pieces of a few rows."""
     monkeypatch.setattr("recipekit.plan.cost.HOLD_BYTES", 0)
+    monkeypatch.setattr("recipekit.plan.cost.EXACT_BYTES", 0)
     monkeypatch.setattr("recipekit.graph.passes.PASS_ELEMS", 1 << 10)
 
 
@@ -209,7 +210,7 @@ class TestStreamed:
 
 
 class TestExactBelowHoldBytes:
-    """Oracle: `apply_method` bit for bit: inputs within HOLD_BYTES keep the whole `Merge`."""
+    """Oracle: `apply_method` bit for bit: inputs within EXACT_BYTES keep the whole `Merge`."""
 
     @pytest.mark.parametrize("case", ["model_stock", "karcher", "multislerp", "nuslerp"])
     def test_whole_merge_stays(self, cli, tmp_path, models, case):

@@ -3,7 +3,7 @@
 Oracle: `ops.task_arithmetic.sce` (mergekit's formula, ties by lowest flat index) on the
 loaded tensors: within 1e-6 relative on the streamed path (forced by `plan.cost.HOLD_BYTES = 0`
 with pieces of ~1Ki values), including tensors with many tied variances, where the kept set
-must be the kernel's exactly; bit for bit below `HOLD_BYTES` (the whole `Merge` stays).
+must be the kernel's exactly; bit for bit below `EXACT_BYTES` (the whole `Merge` stays).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class TestStreamed:
     @pytest.mark.parametrize("a,b,fraction", CASES)
     def test_matches_whole_kernel(self, cli, tmp_path, models, monkeypatch, a, b, fraction):
         monkeypatch.setattr("recipekit.plan.cost.HOLD_BYTES", 0)
+        monkeypatch.setattr("recipekit.plan.cost.EXACT_BYTES", 0)
         monkeypatch.setattr("recipekit.graph.passes.PASS_ELEMS", 1 << 10)
         out, plan = _run(cli, tmp_path, models,
                          f"    from: [{a}, {b}]\n    parameters: {{select_topk: {fraction}}}\n")
