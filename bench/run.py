@@ -313,17 +313,35 @@ def merge_case(method: str, shape: str = "tinyllama") -> Callable[[Path], Case]:
                       "density: 0.5}]\n",
                       "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: "
                       "0.5, density: 0.5}}\nmerge_method: dare_ties\n"),
+        "breadcrumbs": ("    method: breadcrumbs\n    base: a\n    from: [{model: b, weight: 0.5, "
+                        "density: 0.5}]\n",
+                        "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: "
+                        "0.5, density: 0.5}}\nmerge_method: breadcrumbs\n"),
+        "della": ("    method: della\n    base: a\n    from: [{model: b, weight: 0.5, "
+                  "density: 0.5}]\n",
+                  "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: "
+                  "0.5, density: 0.5}}\nmerge_method: della\n"),
+        "sce": ("    method: sce\n    base: a\n    from: [b]\n    parameters: {select_topk: 0.5}\n",
+                "base_model: {a}\nmodels:\n  - model: {b}\nmerge_method: sce\n"
+                "parameters: {{select_topk: 0.5}}\n"),
+        "model_stock": ("    method: model_stock\n    base: a\n    from: [b, c]\n",
+                        "base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n"
+                        "merge_method: model_stock\n"),
     }
 
     def case(work: Path) -> Case:
-        a, b = (fixtures.make_llama_checkpoint(fixtures.SHAPES[shape], seed) for seed in (0, 1))
+        seeds = (0, 1, 2) if method == "model_stock" else (0, 1)  # model_stock: 2 + base
+        dirs = [fixtures.make_llama_checkpoint(fixtures.SHAPES[shape], seed) for seed in seeds]
+        a, b = dirs[:2]
+        c = dirs[2] if len(dirs) > 2 else b
         step, mk = steps[method]
         recipe = work / f"{method}-{shape}.yaml"
-        recipe.write_text(f"recipekit: 1\nname: {method}-tinyllama\nmodels:\n  a: {a}\n"
-                          f"  b: {b}\nsteps:\n  - name: merged\n    op: merge\n{step}")
+        models = "".join(f"  {n}: {d}\n" for n, d in zip("abc", dirs, strict=False))
+        recipe.write_text(f"recipekit: 1\nname: {method}-tinyllama\nmodels:\n{models}"
+                          f"steps:\n  - name: merged\n    op: merge\n{step}")
         mk_config = work / f"{method}-{shape}-mergekit.yml"
-        mk_config.write_text(mk.format(a=a, b=b) + "dtype: bfloat16\n")
-        shards = sorted(a.glob("*.safetensors")) + sorted(b.glob("*.safetensors"))
+        mk_config.write_text(mk.format(a=a, b=b, c=c) + "dtype: bfloat16\n")
+        shards = [p for d in dirs for p in sorted(d.glob("*.safetensors"))]
         out_bytes = sum(p.stat().st_size for p in a.glob("*.safetensors"))
         variants = [
             Variant("recipekit", "recipekit", recipekit_argv(recipe), verify=False),
@@ -333,13 +351,16 @@ def merge_case(method: str, shape: str = "tinyllama") -> Callable[[Path], Case]:
                     verify=False),
             Variant(FLOOR, FLOOR, floor_argv(shards, out_bytes), verify=False),
         ]
-        targets = {"wall_vs_mk": 0.2, "rss_vs_mk": 0.25, "wall_vs_floor": 2.0}
+        targets = ({"wall_vs_mk": 0.2, "rss_vs_mk": 0.25, "wall_vs_floor": 2.0}
+                   if method == "linear" else
+                   {"wall_vs_mk": 0.2, "rss_vs_mk": 0.2, "wall_vs_floor": 4.0}
+                   if method in ("ties", "dare_ties") else {"wall_vs_floor": 4.0}
+                   if method in ("breadcrumbs", "della", "sce", "model_stock") else {})
         return Case(
             name=method if shape == "tinyllama" else f"{method}-{shape}",
-            description=f"{method} merge of two {shape}-shaped fixtures, 0.5/0.5",
-            inputs=sorted(p for d in (a, b) for p in d.iterdir() if p.is_file()),
-            variants=variants, expected={}, expected_config={},
-            targets=targets if method == "linear" else {},
+            description=f"{method} merge of {len(dirs)} {shape}-shaped fixtures, 0.5/0.5",
+            inputs=sorted(p for d in dirs for p in d.iterdir() if p.is_file()),
+            variants=variants, expected={}, expected_config={}, targets=targets,
         )
     return case
 
@@ -452,6 +473,10 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "slerp": merge_case("slerp"),
     "ties": merge_case("ties"),
     "dare_ties": merge_case("dare_ties"),
+    "breadcrumbs": merge_case("breadcrumbs"),
+    "della": merge_case("della"),
+    "sce": merge_case("sce"),
+    "model_stock": merge_case("model_stock"),
     "solar-mistral-8l": solar_case("mistral-8l"),
     "linear-mistral-8l": merge_case("linear", "mistral-8l"),
     "solar-mistral-32l": solar_case("mistral-32l"),
