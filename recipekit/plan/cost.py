@@ -27,7 +27,7 @@ CHUNK_ELEMS = 1 << 18
 #: A reduction (graph/passes.py) whose streamed inputs read at most this many stored bytes
 #: reads them whole, once, and keeps them for the output's pieces (no re-reads); above it,
 #: every pass reads row pieces from the files, so its memory does not grow with the tensor.
-HOLD_BYTES = 256 * 1024 * 1024
+HOLD_BYTES = 64 * 1024 * 1024
 
 
 def stream_loads(node: Reduction) -> set[Load] | None:

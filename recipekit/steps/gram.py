@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from recipekit.dtypes import itemsize, torch_dtype
 from recipekit.graph import Node, SameShape, cast, intern
 from recipekit.graph.passes import Reduction
+from recipekit.steps.task_vectors import work_dtype
 
 #: the methods whose whole-tensor reductions become a Gram pass
 GRAM_METHODS = ("model_stock", "karcher", "multislerp", "nuslerp")
@@ -38,10 +39,6 @@ def is_row_local(method: str, params: Mapping[str, Any], ndim: int) -> bool:
     if method == "nuslerp":
         return params.get("nuslerp_flatten") is False and not params.get("nuslerp_row_wise")
     return method == "model_stock" and bool(params.get("filter_wise"))
-
-
-def _work(nodes: tuple[Node, ...]) -> str:
-    return "F64" if any(n.dtype == "F64" for n in nodes) else "F32"
 
 
 def _vectors(pieces: tuple[Any, ...], n: int, has_base: bool, work: str) -> list[Any]:
@@ -173,7 +170,8 @@ def streamed_gram(method: str, operands: tuple[Node, ...], base: Node | None,
         return None  # per column (`nuslerp_row_wise`): whole (a vector is one row: a Gram)
     uses_base = base if method != "karcher" else None
     every = operands + ((uses_base,) if uses_base is not None else ())
-    stats = GramStats(method, operands, uses_base, tuple(sorted(params.items())), _work(every))
+    stats = GramStats(method, operands, uses_base, tuple(sorted(params.items())),
+                      work_dtype(every, False))
     if keeps_exact_kernel(stats):
         return None
     if len(operands) == 1:  # karcher and multislerp return their single input

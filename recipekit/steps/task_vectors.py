@@ -52,9 +52,10 @@ def work_dtype(nodes: tuple[Node, ...], native: bool) -> str:
     return "F64" if "F64" in codes else "F32"
 
 
-def _deltas(pieces: tuple[Any, ...], work: str) -> list[Any]:
+def _deltas(pieces: tuple[Any, ...], work: str, b: Any = None) -> list[Any]:
+    """τ_i = θ_i − θ_b of one piece (the base last) in ``work``; ``b``: the base converted."""
     dtype = torch_dtype(work)
-    b = pieces[-1].to(dtype)
+    b = pieces[-1].to(dtype) if b is None else b
     return [x.to(dtype) - b for x in pieces[:-1]]
 
 
@@ -159,8 +160,8 @@ class PrunedMerge(SameShape):
         kw = resolve_params(spec, dict(self.params), m)
         rules = args[m + 1].cpu() if self.stats is not None else _no_rules(kw["densities"])
         pieces = tuple(args[:m + 1])
-        taus = _deltas(pieces, self.work)
-        b = pieces[-1].to(taus[0].dtype)
+        b = pieces[-1].to(torch_dtype(self.work))
+        taus = _deltas(pieces, self.work, b)
         deltas = torch.empty((m, *b.shape), dtype=b.dtype, device=b.device)
         for i, tau in enumerate(taus):
             deltas[i] = prune_rows(tau, lo, rules[i], sparsify=fixed["sparsify"],

@@ -1,0 +1,100 @@
+"""`plan`'s peak-memory estimate is an upper bound of the measured peak for every merge method,
+at two sizes: tensors whose inputs the executor holds (exact whole kernels, reductions over
+pieces in memory) and tensors whose reductions read row pieces from the files (the thresholds
+`plan.cost.HOLD_BYTES` and `EXACT_BYTES` are lowered in the measuring process so that a few
+MiB count as large).
+
+Oracle: VmHWM of a fresh process, reset just before the run (Linux clear_refs), minus the RSS
+of the idle process that has planned and used torch once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+MEASURE = textwrap.dedent("""
+    import gc, json, re, sys
+    import recipekit.plan.cost as cost
+    cost.HOLD_BYTES = cost.EXACT_BYTES = int(sys.argv[2])
+    def kb(key):
+        return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+    from recipekit.run.local import run_plan
+    from recipekit.plan import compile_plan
+    from recipekit.recipe import load_recipe
+    from recipekit.inputs.resolve import resolve_sources
+    recipe = load_recipe(sys.argv[1])
+    plan = compile_plan(recipe, resolve_sources(recipe))
+    import torch
+    torch.ones(4).to(torch.bfloat16)  # an idle process that has already used torch once
+    gc.collect()
+    idle = kb("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+    run_plan(plan, fsync=False)
+    print(json.dumps({"measured": (kb("VmHWM") - idle) * 1024,
+                      "estimate": plan.peak_memory_estimate()}))
+""")
+
+#: method -> (step body, models it needs besides the base `a`)
+STEPS = {
+    "ties": "method: ties\n    base: a\n    from: [{model: b, weight: 0.6, density: 0.4}, "
+            "{model: c, weight: 0.5, density: 0.6}]",
+    "dare_ties": "method: dare_ties\n    base: a\n    from: [{model: b, weight: 0.6, density: "
+                 "0.4}, {model: c, weight: 0.5, density: 0.6}]",
+    "breadcrumbs_ties": "method: breadcrumbs_ties\n    base: a\n    from: [{model: b, weight: "
+                        "0.6, density: 0.4}, {model: c, weight: 0.5, density: 0.6}]",
+    "della": "method: della\n    base: a\n    from: [{model: b, weight: 0.6, density: 0.4}, "
+             "{model: c, weight: 0.5, density: 0.6}]",
+    "sce": "method: sce\n    base: a\n    from: [b, c]\n    parameters: {select_topk: 0.5}",
+    "model_stock": "method: model_stock\n    base: a\n    from: [b, c]",
+    "karcher": "method: karcher\n    from: [a, b, c]",
+    "multislerp": "method: multislerp\n    from: [{model: a, weight: 0.3}, {model: b, weight: "
+                  "0.7}]",
+    "nuslerp": "method: nuslerp\n    base: a\n    from: [{model: b, weight: 0.4}, {model: c, "
+               "weight: 0.6}]",
+    "slerp": "method: slerp\n    from: [a, b]\n    parameters: {t: 0.3}",
+    "task_arithmetic": "method: task_arithmetic\n    base: a\n    from: [{model: b, weight: "
+                       "0.5}, {model: c, weight: 0.5}]",
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Three related checkpoints: a 8 MiB embedding and a 16 MiB MLP matrix in fp32, and a
+    bf16 projection (mixed dtypes)."""
+    root = tmp_path_factory.mktemp("estimate")
+    g = torch.Generator().manual_seed(0)
+    base = {"model.embed_tokens.weight": torch.randn(2048, 1024, generator=g),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(4096, 1024, generator=g),
+            "model.layers.0.self_attn.q_proj.weight":
+                torch.randn(1024, 1024, generator=g).bfloat16()}
+    for i, name in enumerate("abc"):
+        d = root / name
+        d.mkdir()
+        tensors = {k: (v.float() + 0.1 * i * torch.randn(v.shape, generator=g)).to(v.dtype)
+                   for k, v in base.items()}
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                   "num_hidden_layers": 1}))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threshold", [1 << 30, 1 << 20], ids=["held", "streamed"])
+@pytest.mark.parametrize("method", list(STEPS))
+def test_estimate_bounds_the_measured_peak(models, tmp_path, method, threshold):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"recipekit: 1\nmodels:\n  a: {models / 'a'}\n  b: {models / 'b'}\n"
+                      f"  c: {models / 'c'}\nsteps:\n  - name: m\n    op: merge\n"
+                      f"    {STEPS[method]}\noutput:\n  path: {tmp_path / 'out'}\n")
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(recipe), str(threshold)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["measured"] <= got["estimate"], got
