@@ -67,6 +67,9 @@ class MethodSpec:
     elementwise: bool = False
     fixed: tuple[tuple[str, Any], ...] = ()
     summary: str = ""
+    #: the whole-tensor kernel's scratch, in fp32 copies of the tensor: (fixed, per non-base
+    #: input), measured (tests/run/test_estimate_bound.py); the plan's estimate adds it
+    scratch: tuple[int, int] = (2, 0)
 
     @property
     def pair(self) -> bool:
@@ -120,7 +123,7 @@ def _gta(name: str, summary: str, *, sparsify: str | None, consensus: str | None
     fixed = tuple((k, v) for k, v in (("sparsify", sparsify), ("consensus", consensus)) if v)
     return MethodSpec(name, name, "required", 1, None, 0, None, params, "base_inputs",
                       random=random, paper=paper, elementwise=elementwise, fixed=fixed,
-                      summary=summary)
+                      summary=summary, scratch=(8, 4))
 
 
 _GAMMA = (_p("gamma", "float", "per_non_base", 0.01),)
@@ -140,16 +143,17 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
         _WEIGHT_NB,
         _p("nuslerp_flatten", "bool", "shared", True, kwarg="flatten"),
         _p("nuslerp_row_wise", "bool", "shared", False, kwarg="row_wise"),
-    ), "pair_weights", missing_tensor="copy_single"),
+    ), "pair_weights", missing_tensor="copy_single", scratch=(8, 0)),
     MethodSpec("multislerp", "multislerp", "optional", 1, None, 1, None, (
         _WEIGHT_NB,
         _p("normalize_weights", "bool", "shared", True),
         _p("eps", "float", "shared", 1e-8),
-    ), "inputs", paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
+    ), "inputs", paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        scratch=(7, 3)),
     MethodSpec("karcher", "karcher", "ignored", 1, None, 1, None, (
         _p("max_iter", "int", "shared", 10),
         _p("tol", "float", "shared", 1e-5),
-    ), "inputs", paper="https://arxiv.org/abs/2603.04972"),
+    ), "inputs", paper="https://arxiv.org/abs/2603.04972", scratch=(8, 4)),
     _gta("task_arithmetic", "Task arithmetic: θ_b + λ·Σ w_i τ_i (÷ Σw if `normalize`)",
          sparsify=None, consensus=None, normalize=False, rescale=False,
          unused_density=True, elementwise=True, paper="https://arxiv.org/abs/2212.04089"),
@@ -177,10 +181,11 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("sce", "sce", "required", 1, None, 0, None, (
         _p("select_topk", "float", "shared", 1.0),
         _p("int8_mask", "bool", "shared", False, note="memory only; no numerical effect"),
-    ), "base_inputs", paper="https://arxiv.org/abs/2408.07990"),
+    ), "base_inputs", paper="https://arxiv.org/abs/2408.07990", scratch=(8, 3)),
     MethodSpec("model_stock", "model_stock", "required", 3, None, 2, None, (
         _p("filter_wise", "bool", "shared", False),
-    ), "base_inputs", missing_tensor="base_or_skip", paper="https://arxiv.org/abs/2403.19522"),
+    ), "base_inputs", missing_tensor="base_or_skip", paper="https://arxiv.org/abs/2403.19522",
+        scratch=(5, 2)),
     MethodSpec("nearswap", "nearswap", "required", 2, 2, 1, 1, (
         _p("t", "float", "shared", required=True),
     ), "pair", missing_tensor="copy_base_single", elementwise=True),
@@ -195,10 +200,11 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
         _p("r", "float", "shared", 0.1),
         _p("alpha", "float", "shared", 0.2),
         _p("epsilon", "float", "shared", 1e-5),
-    ), "base_inputs", paper="https://arxiv.org/abs/2601.13572",
+    ), "base_inputs", paper="https://arxiv.org/abs/2601.13572", scratch=(12, 4),
         summary="RAM+ (tensor-local): RAM with lone deltas scaled by 1 + r·clamp(ρ, 0, α)"),
     MethodSpec("arcee_fusion", "arcee_fusion", "required", 2, 2, 1, 1, (), "pair",
                random=True, missing_tensor="copy_single", paper="https://arcee.ai",
+               scratch=(12, 0),
                summary="Arcee Fusion: the other model's value where its importance is an "
                "upper outlier (median + 1.5·IQR); random only above 10^6 elements"),
 )}

@@ -75,9 +75,11 @@ class Merge(SameShape):
 
     @property
     def workspace(self) -> int:
-        # fp32 copies of narrower inputs, then about two more tensors: deltas or normalized
-        # copies, and the fp32 result (measured for slerp in tests/test_execute.py)
-        return fp32_copies(self.inputs) + 2 * 4 * self.numel
+        # fp32 copies of narrower inputs, then the kernel's own scratch (`MethodSpec.scratch`:
+        # deltas, normalized copies, sort indices, the fp32 result; measured per method)
+        fixed, per_input = METHODS[self.method].scratch
+        scratch = fixed + per_input * len(self.operands)
+        return fp32_copies(self.inputs) + scratch * 4 * self.numel
 
     @property
     def elementwise(self) -> bool:

@@ -59,6 +59,11 @@ STEPS = {
     "nuslerp": "method: nuslerp\n    base: a\n    from: [{model: b, weight: 0.4}, {model: c, "
                "weight: 0.6}]",
     "slerp": "method: slerp\n    from: [a, b]\n    parameters: {t: 0.3}",
+    "dare_ties_mergekit_draw": "method: dare_ties\n    base: a\n    random_masks: mergekit\n"
+                              "    from: [{model: b, weight: 0.6, density: 0.4}, {model: c, "
+                              "weight: 0.5, density: 0.6}]",
+    "ramplus_tl": "method: ramplus_tl\n    base: a\n    from: [b, c]",
+    "arcee_fusion": "method: arcee_fusion\n    from: [a, b]",
     "task_arithmetic": "method: task_arithmetic\n    base: a\n    from: [{model: b, weight: "
                        "0.5}, {model: c, weight: 0.5}]",
 }
