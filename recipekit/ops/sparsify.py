@@ -365,8 +365,9 @@ def elect_sign(deltas: torch.Tensor, *, method: str = "sum") -> torch.Tensor:
         score = torch.sign(deltas).sum(dim=0)
     else:
         raise ValueError(f"unknown sign consensus {method!r}; expected 'sum' or 'count'")
-    one = torch.ones((), dtype=deltas.dtype, device=deltas.device)
-    return torch.where(score >= 0, one, -one)
+    # ±1 from the comparison (2·[s ≥ 0] − 1): exactly torch.where(s ≥ 0, 1, −1), several
+    # times faster than a where over broadcast 0-d operands
+    return (score >= 0).to(deltas.dtype).mul_(2).sub_(1)
 
 
 def sign_consensus_mask(deltas: torch.Tensor, *, method: str = "sum",

@@ -116,14 +116,14 @@ def combine_task_vectors(b: torch.Tensor, deltas: torch.Tensor, weights: Sequenc
     deltas.mul_(wt)
 
     if consensus is not None:
-        agree = sign_consensus_mask(deltas, method=consensus, int8=int8_mask)
+        agree = sign_consensus_mask(deltas, method=consensus, int8=int8_mask).to(deltas.dtype)
         mixed = (deltas * agree).sum(dim=0)
         divisor = (wt * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
+        divisor.masked_fill_(divisor == 0, 1)
     else:
         mixed = deltas.sum(dim=0)
         divisor = wt.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor.masked_fill_(divisor.abs() < 1e-8, 1)
     del deltas
     if normalize:
         mixed /= divisor

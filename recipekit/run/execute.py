@@ -407,6 +407,22 @@ def _piece(n: Node, lo: int, hi: int, memo: dict[Node, Any], whole: dict[Node, A
     return memo[n]
 
 
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Run a reduction's in-memory passes at one torch thread, as row pieces run: its pieces
+    are too small for a parallel region to pay, and with the read-ahead and hashing threads
+    busy, OpenMP's threads spin waiting for a descheduled peer (measured: 46 ns per value and
+    op instead of ~1 on 2 busy cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _pinned(device: Any) -> bool:
     """Read into page-locked memory, so host-to-GPU copies are asynchronous DMA."""
     return device is not None and device.type == "cuda"
@@ -441,6 +457,9 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
             whole = tuple(memo[x].to(device, non_blocking=True)
                           for x, s in zip(m.inputs, m.streamed(), strict=True) if not s)
             result = m.reduce(_FileSource(m, plan, rt, memo), whole)
+        elif isinstance(m, Reduction) and (device is None or device.type == "cpu"):
+            with _one_torch_thread():  # pieces of ~1Mi values: see `_one_torch_thread`
+                result = m.compute(tuple(memo[x] for x in m.inputs))
         else:
             result = m.compute(tuple(memo[x].to(device, non_blocking=True) for x in m.inputs))
         memo[m] = result
