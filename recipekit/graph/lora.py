@@ -12,8 +12,10 @@ from typing import Any, ClassVar
 
 from recipekit.dtypes import torch_dtype
 from recipekit.graph.nodes import Node, SameShape
+from recipekit.graph.passes import PASS_ELEMS, Reduction, RowSource
 
 F32 = "F32"
+F64 = "F64"
 
 
 @dataclass(frozen=True, eq=False)
@@ -241,3 +243,101 @@ class SvdFactor(Node):
         a, b = svd_factors(args[0], rank=self.rank, transposed=self.transposed,
                            epsilon=self.epsilon)
         return (a if self.which == "A" else b).to(torch_dtype(self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class RangeFinderFactors(Reduction):
+    """LoRA factors of tuned − base by a randomized range finder streamed over row pieces
+    (ops/lowrank.py `randomized_svd`), packed as one fp32 (rank, in + out) tensor [A | Bᵀ]
+    that two `PackedFactor` nodes slice: the passes run once for both factors.
+
+    Δ = tuned − base is formed per row piece in fp32 (fp64 for fp64 inputs), in the stored
+    layout (rows are what streams); ``transposed`` modules (embeddings, `Conv1D`) swap the
+    roles of U and Vh afterwards. Ω is drawn from the generator of (``seed``, ``tensor``).
+    Memory: Q, Y, Z and B (m×l and n×l, l = rank + oversample) and a piece or two, never Δ.
+    """
+
+    tuned: Node
+    base: Node
+    rank: int
+    transposed: bool
+    epsilon: float
+    oversample: int
+    power_iters: int
+    seed: int
+    tensor: str
+    dtype: str = F32
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return (self.tuned, self.base)
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        rows, cols = self.tuned.shape
+        return (self.rank, rows + cols)
+
+    @property
+    def passes(self) -> int:  # type: ignore[override]
+        """Y = ΔΩ, two per power iteration, and B = QᵀΔ."""
+        return 2 + 2 * self.power_iters
+
+    def _sizes(self) -> tuple[int, int, int, int]:
+        """(rows m, cols n, sketch width l, bytes per value of the work dtype)."""
+        rows, cols = self.tuned.shape
+        item = 8 if F64 in (self.tuned.dtype, self.base.dtype) else 4
+        return rows, cols, min(self.rank + self.oversample, rows, cols), item
+
+    @property
+    def state_bytes(self) -> int:
+        """Q (m×l) and Z (n×l), kept from pass to pass."""
+        rows, cols, width, item = self._sizes()
+        return item * width * (rows + cols)
+
+    @property
+    def workspace(self) -> int:
+        """Ω, Y, Q (m×l twice), Z, B and the SVD of B (n×l four times, l×l), and per piece
+        the two inputs in the work dtype, their difference and its product."""
+        rows, cols, width, item = self._sizes()
+        piece = min(rows * cols, PASS_ELEMS)
+        return item * (2 * rows * width + 4 * cols * width + width * width + 4 * piece)
+
+    def reduce(self, source: RowSource, whole: tuple[Any, ...]) -> Any:
+        import torch
+
+        from recipekit.ops.lowrank import factors_from_svd, randomized_svd
+        from recipekit.ops.rng import tensor_generator
+
+        rows, cols, _, item = self._sizes()
+        work = torch.float64 if item == 8 else torch.float32
+
+        def map_pieces(fn: Any) -> Any:
+            return source.map(lambda lo, hi, p: fn(lo, hi, p[0].to(work) - p[1].to(work)))
+
+        u, s, vh = randomized_svd(map_pieces, rows, cols, rank=self.rank,
+                                  oversample=self.oversample, power_iters=self.power_iters,
+                                  generator=tensor_generator(self.seed, self.tensor), dtype=work)
+        a, b = factors_from_svd(u, s, vh, rank=self.rank, transposed=self.transposed,
+                                epsilon=self.epsilon)
+        return torch.cat([a, b.T], dim=1).to(torch_dtype(self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class PackedFactor(Node):
+    """Factor A (rank, in) or B (out, rank) sliced out of a `RangeFinderFactors` [A | Bᵀ],
+    rounded to ``dtype``."""
+
+    packed: Node
+    which: str  # "A" or "B"
+    in_dim: int
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        rank, width = self.packed.shape
+        return (rank, self.in_dim) if self.which == "A" else (width - self.in_dim, rank)
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        packed = args[0]
+        part = packed[:, :self.in_dim] if self.which == "A" else packed[:, self.in_dim:].T
+        return part.contiguous().to(torch_dtype(self.dtype))
