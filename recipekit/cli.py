@@ -451,8 +451,8 @@ def verify(
         if not report.problems and load:
             _say(f"ok: {load_and_run(out, adapter=report.adapter, base=base)}")
         elif not report.problems and report.adapter:
-            _say("note: a PEFT adapter output: `--load --base MODEL_DIR` loads it with PEFT "
-                 "on its base and runs a forward pass")
+            _say("note: a PEFT adapter output: `--load` loads it with PEFT on the base its "
+                 "adapter_config.json names (or on `--base MODEL_DIR`) and runs a forward pass")
         where = display_path(out)
         if report.problems:
             for p in report.problems:
