@@ -7,6 +7,10 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import collections
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -302,6 +306,10 @@ class RangeFinderFactors(Reduction):
         piece = min(rows * cols, PASS_ELEMS)
         return item * (2 * rows * width + 4 * cols * width + width * width + 4 * piece)
 
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        """`Reduction.compute`, once for both factors (see `_shared_value`)."""
+        return _shared_value(self, lambda: Reduction.compute(self, args))
+
     def reduce(self, source: RowSource, whole: tuple[Any, ...]) -> Any:
         import torch
 
@@ -320,6 +328,40 @@ class RangeFinderFactors(Reduction):
         a, b = factors_from_svd(u, s, vh, rank=self.rank, transposed=self.transposed,
                                 epsilon=self.epsilon)
         return torch.cat([a, b.T], dim=1).to(torch_dtype(self.dtype))
+
+
+#: The last few `RangeFinderFactors` values, by node (see `_shared_value`).
+_SHARED: collections.OrderedDict[Node, Future[Any]] = collections.OrderedDict()
+_SHARED_LOCK = threading.Lock()
+_SHARED_KEEP = 8
+
+
+def _shared_value(node: Node, compute: Callable[[], Any]) -> Any:
+    """``compute()``, run once for ``node`` however many output tensors ask for it next.
+
+    Why: the executor evaluates each output tensor's expression on its own, so the A and B
+    factors of a module, two output tensors written one after the other, would each run the
+    whole range finder. A module's packed factors are small (rank × (in + out)), so the last
+    `_SHARED_KEEP` are kept; a second caller arriving while the first computes waits for it.
+    The value is never mutated (`PackedFactor` copies its slice), so sharing it changes no
+    byte. To go once the executor shares nodes between output tensors.
+    """
+    with _SHARED_LOCK:
+        future = _SHARED.get(node)
+        owner = future is None
+        if future is None:
+            future = _SHARED[node] = Future()
+            while len(_SHARED) > _SHARED_KEEP:
+                _SHARED.popitem(last=False)
+    if owner:
+        try:
+            future.set_result(compute())
+        except BaseException as e:
+            with _SHARED_LOCK:
+                _SHARED.pop(node, None)
+            future.set_exception(e)
+            raise
+    return future.result()
 
 
 @dataclass(frozen=True, eq=False)
