@@ -308,7 +308,9 @@ class RangeFinderFactors(Reduction):
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         """`Reduction.compute`, once for both factors (see `_shared_value`)."""
-        return _shared_value(self, lambda: Reduction.compute(self, args))
+        if any(a.device.type != "cpu" for a in args):
+            return Reduction.compute(self, args)
+        return _shared_value((self, _fingerprint(args)), lambda: Reduction.compute(self, args))
 
     def reduce(self, source: RowSource, whole: tuple[Any, ...]) -> Any:
         import torch
@@ -330,27 +332,45 @@ class RangeFinderFactors(Reduction):
         return torch.cat([a, b.T], dim=1).to(torch_dtype(self.dtype))
 
 
-#: The last few `RangeFinderFactors` values, by node (see `_shared_value`).
-_SHARED: collections.OrderedDict[Node, Future[Any]] = collections.OrderedDict()
+def _fingerprint(tensors: tuple[Any, ...]) -> bytes:
+    """A digest of the tensors' dtypes, shapes and bytes (BLAKE2b: ~1 GB/s, a few percent of
+    a range finder's time), so that a shared value is only ever reused for equal inputs:
+    nodes name their sources, not the files a later run in this process may give them."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.digest()
+
+
+#: The last few `RangeFinderFactors` values, by (node, input digest) (see `_shared_value`).
+_SHARED: collections.OrderedDict[Any, Future[Any]] = collections.OrderedDict()
 _SHARED_LOCK = threading.Lock()
 _SHARED_KEEP = 8
 
 
-def _shared_value(node: Node, compute: Callable[[], Any]) -> Any:
-    """``compute()``, run once for ``node`` however many output tensors ask for it next.
+def _shared_value(key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()``, run once for ``key`` however many output tensors ask for it next.
 
     Why: the executor evaluates each output tensor's expression on its own, so the A and B
     factors of a module, two output tensors written one after the other, would each run the
     whole range finder. A module's packed factors are small (rank × (in + out)), so the last
     `_SHARED_KEEP` are kept; a second caller arriving while the first computes waits for it.
-    The value is never mutated (`PackedFactor` copies its slice), so sharing it changes no
-    byte. To go once the executor shares nodes between output tensors.
+    ``key`` holds a digest of the inputs (`_fingerprint`), and the value is never mutated
+    (`PackedFactor` copies its slice), so sharing it changes no byte. To go once the executor
+    shares nodes between output tensors.
     """
     with _SHARED_LOCK:
-        future = _SHARED.get(node)
+        future = _SHARED.get(key)
         owner = future is None
         if future is None:
-            future = _SHARED[node] = Future()
+            future = _SHARED[key] = Future()
             while len(_SHARED) > _SHARED_KEEP:
                 _SHARED.popitem(last=False)
     if owner:
@@ -358,7 +378,7 @@ def _shared_value(node: Node, compute: Callable[[], Any]) -> Any:
             future.set_result(compute())
         except BaseException as e:
             with _SHARED_LOCK:
-                _SHARED.pop(node, None)
+                _SHARED.pop(key, None)
             future.set_exception(e)
             raise
     return future.result()
