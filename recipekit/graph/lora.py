@@ -321,8 +321,13 @@ class RangeFinderFactors(Reduction):
         rows, cols, _, item = self._sizes()
         work = torch.float64 if item == 8 else torch.float32
 
+        def difference(p: tuple[Any, ...]) -> Any:
+            # one fp32 copy, the other operand widened on the fly: the same values as
+            # a.to(work) - b.to(work), one conversion fewer per piece and pass
+            return p[0].to(work, copy=True).sub_(p[1])
+
         def map_pieces(fn: Any) -> Any:
-            return source.map(lambda lo, hi, p: fn(lo, hi, p[0].to(work) - p[1].to(work)))
+            return source.map(lambda lo, hi, p: fn(lo, hi, difference(p)))
 
         u, s, vh = randomized_svd(map_pieces, rows, cols, rank=self.rank,
                                   oversample=self.oversample, power_iters=self.power_iters,
