@@ -75,6 +75,9 @@ class Case:
     expected: dict[str, tuple[Path, str]]  # output tensor -> (input file, input tensor)
     expected_config: dict[str, object]  # config.json fields the output must have
     targets: dict[str, float]  # e.g. {"wall_vs_mk": 0.5}; checked for plain "recipekit"
+    #: a check of each variant's first output whose text fills the "output check" column
+    #: (e.g. an extracted LoRA's reconstruction error), where `verify_output` does not apply
+    measure: Callable[[Path], str] | None = None
 
 
 @dataclass
@@ -433,17 +436,40 @@ def coalesce_case(work: Path) -> Case:
 
 
 def extract_case(work: Path) -> Case:
-    """Extract a rank-64 LoRA from the difference of the two TinyLlama fixtures: one SVD per
-    linear module (154 of them), the SVD-heavy case for comparing devices."""
+    """Extract a rank-64 LoRA from the difference of the two TinyLlama fixtures: 154 linear
+    modules, the embedding and lm_head (recipekit's randomized range finder by default).
+
+    mergekit-extract-lora does the same work with ``--max-rank 64 --embed-lora
+    --skip-undecomposable``: without them it would use rank 128 and copy the embeddings,
+    lm_head and norms whole instead of factoring them. Every output's error
+    ‖Δ − BA‖_F / ‖Δ‖_F over all changed weights (bench/lora_error.py) is the output check, so
+    the wall times compare at a stated error.
+    """
     a, b = (fixtures.make_tinyllama(seed) for seed in (0, 1))
     recipe = work / "extract.yaml"
     recipe.write_text(f"recipekit: 1\nmodels:\n  base: {a}\n  tuned: {b}\nsteps:\n"
                       "  - name: lora\n    op: extract_lora\n    base: base\n    tuned: tuned\n"
                       "    rank: 64\n")
     shards = sorted(a.glob("*.safetensors")) + sorted(b.glob("*.safetensors"))
-    variants = [Variant("recipekit", "recipekit", recipekit_argv(recipe), verify=False)]
+
+    def mergekit(out: Path) -> list[str]:
+        return [str(MERGEKIT_VENV / "bin" / "mergekit-extract-lora"), "--model", str(b),
+                "--base-model", str(a), "--out-path", str(out), "--max-rank", "64",
+                "--embed-lora", "--skip-undecomposable"]
+
+    def measure(out: Path) -> str:
+        from lora_error import reconstruction_error
+
+        e = reconstruction_error(a, b, out)
+        return (f"‖Δ−BA‖/‖Δ‖ = {e['relative_error']:.5f} ({e['modules']} of "
+                f"{e['changed_weights']} changed weights factored)")
+
+    variants = [Variant("recipekit", "recipekit", recipekit_argv(recipe), verify=False),
+                Variant(MERGEKIT, "mergekit-extract-lora 0.1.5", mergekit, env=mergekit_env(),
+                        verify=False)]
     return Case(name="extract", description=f"extract a rank-64 LoRA from {b.name} − {a.name}",
-                inputs=shards, variants=variants, expected={}, expected_config={}, targets={})
+                inputs=shards, variants=variants, expected={}, expected_config={},
+                targets={"wall_vs_mk": 0.3}, measure=measure)
 
 
 def plan_case(work: Path) -> Case:
@@ -541,6 +567,9 @@ def run_case(case: Case, runs: int, scratch: Path, interval: float, verify: bool
             elif r == 0 and verify and v.verify:
                 records[v.label].verified = verify_output(out, case, digests)
                 status += f"  output check: {records[v.label].verified}"
+            elif r == 0 and case.measure is not None:
+                records[v.label].verified = case.measure(out)
+                status += f"  {records[v.label].verified}"
             if r == 0 and m.returncode == 0 and v.tool == "recipekit":
                 records[v.label].shards = manifest_shards(out)
             print(f"[{case.name} {r + 1}/{runs}] {v.label:<28} {status}", file=sys.stderr)

@@ -587,8 +587,8 @@ def verify(
             if loaded is not None:
                 _say(f"ok: {loaded}")
             elif not report.problems and report.adapter:
-                _say("note: a PEFT adapter output: `--load --base MODEL_DIR` loads it with PEFT "
-                     "on its base and runs a forward pass")
+                _say("note: a PEFT adapter output: `--load` loads it with PEFT on the base its "
+                     "adapter_config.json names (or on `--base MODEL_DIR`) and runs a forward pass")
         if report.problems:
             for p in report.problems:
                 _say(p.render(), err=True)

@@ -12,6 +12,8 @@ from recipekit.graph.lora import (
     Difference,
     LoraDelta,
     LoraFold,
+    PackedFactor,
+    RangeFinderFactors,
     ScaledSum,
     SvdFactor,
 )
@@ -33,6 +35,7 @@ from recipekit.graph.values import VirtualModel
 
 __all__ = [
     "F32", "Cast", "Concat", "DeltaCombine", "Difference", "Load", "LoraDelta", "LoraFold",
-    "Node", "ScaledSum", "SvdFactor", "VirtualModel", "cast", "expression_nodes",
-    "fp32_copies", "intern", "iter_post_order", "load", "round_to", "SameShape", "shared_shape",
+    "Node", "PackedFactor", "RangeFinderFactors", "ScaledSum", "SvdFactor", "VirtualModel",
+    "cast", "expression_nodes", "fp32_copies", "intern", "iter_post_order", "load", "round_to",
+    "SameShape", "shared_shape",
 ]

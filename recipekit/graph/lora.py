@@ -7,13 +7,19 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import collections
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from recipekit.dtypes import torch_dtype
 from recipekit.graph.nodes import Node, SameShape
+from recipekit.graph.passes import PASS_ELEMS, Reduction, RowSource
 
 F32 = "F32"
+F64 = "F64"
 
 
 @dataclass(frozen=True, eq=False)
@@ -241,3 +247,164 @@ class SvdFactor(Node):
         a, b = svd_factors(args[0], rank=self.rank, transposed=self.transposed,
                            epsilon=self.epsilon)
         return (a if self.which == "A" else b).to(torch_dtype(self.dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class RangeFinderFactors(Reduction):
+    """LoRA factors of tuned − base by a randomized range finder streamed over row pieces
+    (ops/lowrank.py `randomized_svd`), packed as one fp32 (rank, in + out) tensor [A | Bᵀ]
+    that two `PackedFactor` nodes slice: the passes run once for both factors.
+
+    Δ = tuned − base is formed per row piece in fp32 (fp64 for fp64 inputs), in the stored
+    layout (rows are what streams); ``transposed`` modules (embeddings, `Conv1D`) swap the
+    roles of U and Vh afterwards. Ω is drawn from the generator of (``seed``, ``tensor``).
+    Memory: Q, Y, Z and B (m×l and n×l, l = rank + oversample) and a piece or two, never Δ.
+    """
+
+    tuned: Node
+    base: Node
+    rank: int
+    transposed: bool
+    epsilon: float
+    oversample: int
+    power_iters: int
+    seed: int
+    tensor: str
+    dtype: str = F32
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        return (self.tuned, self.base)
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        rows, cols = self.tuned.shape
+        return (self.rank, rows + cols)
+
+    @property
+    def passes(self) -> int:  # type: ignore[override]
+        """Y = ΔΩ, two per power iteration, and B = QᵀΔ."""
+        return 2 + 2 * self.power_iters
+
+    def _sizes(self) -> tuple[int, int, int, int]:
+        """(rows m, cols n, sketch width l, bytes per value of the work dtype)."""
+        rows, cols = self.tuned.shape
+        item = 8 if F64 in (self.tuned.dtype, self.base.dtype) else 4
+        return rows, cols, min(self.rank + self.oversample, rows, cols), item
+
+    @property
+    def state_bytes(self) -> int:
+        """Q (m×l) and Z (n×l), kept from pass to pass."""
+        rows, cols, width, item = self._sizes()
+        return item * width * (rows + cols)
+
+    @property
+    def workspace(self) -> int:
+        """Ω, Y, Q (m×l twice), Z, B and the SVD of B (n×l four times, l×l), and per piece
+        the two inputs in the work dtype, their difference and its product."""
+        rows, cols, width, item = self._sizes()
+        piece = min(rows * cols, PASS_ELEMS)
+        return item * (2 * rows * width + 4 * cols * width + width * width + 4 * piece)
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        """`Reduction.compute`, once for both factors (see `_shared_value`)."""
+        if any(a.device.type != "cpu" for a in args):
+            return Reduction.compute(self, args)
+        return _shared_value((self, _fingerprint(args)), lambda: Reduction.compute(self, args))
+
+    def reduce(self, source: RowSource, whole: tuple[Any, ...]) -> Any:
+        import torch
+
+        from recipekit.ops.lowrank import factors_from_svd, randomized_svd
+        from recipekit.ops.rng import tensor_generator
+
+        rows, cols, _, item = self._sizes()
+        work = torch.float64 if item == 8 else torch.float32
+
+        def difference(p: tuple[Any, ...]) -> Any:
+            # one fp32 copy, the other operand widened on the fly: the same values as
+            # a.to(work) - b.to(work), one conversion fewer per piece and pass
+            return p[0].to(work, copy=True).sub_(p[1])
+
+        def map_pieces(fn: Any) -> Any:
+            return source.map(lambda lo, hi, p: fn(lo, hi, difference(p)))
+
+        u, s, vh = randomized_svd(map_pieces, rows, cols, rank=self.rank,
+                                  oversample=self.oversample, power_iters=self.power_iters,
+                                  generator=tensor_generator(self.seed, self.tensor), dtype=work)
+        a, b = factors_from_svd(u, s, vh, rank=self.rank, transposed=self.transposed,
+                                epsilon=self.epsilon)
+        return torch.cat([a, b.T], dim=1).to(torch_dtype(self.dtype))
+
+
+def _fingerprint(tensors: tuple[Any, ...]) -> bytes:
+    """A digest of the tensors' dtypes, shapes and bytes (BLAKE2b: ~1 GB/s, a few percent of
+    a range finder's time), so that a shared value is only ever reused for equal inputs:
+    nodes name their sources, not the files a later run in this process may give them."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.digest()
+
+
+#: The last few `RangeFinderFactors` values, by (node, input digest) (see `_shared_value`).
+_SHARED: collections.OrderedDict[Any, Future[Any]] = collections.OrderedDict()
+_SHARED_LOCK = threading.Lock()
+_SHARED_KEEP = 8
+
+
+def _shared_value(key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()``, run once for ``key`` however many output tensors ask for it next.
+
+    Why: the executor evaluates each output tensor's expression on its own, so the A and B
+    factors of a module, two output tensors written one after the other, would each run the
+    whole range finder. A module's packed factors are small (rank × (in + out)), so the last
+    `_SHARED_KEEP` are kept; a second caller arriving while the first computes waits for it.
+    ``key`` holds a digest of the inputs (`_fingerprint`), and the value is never mutated
+    (`PackedFactor` copies its slice), so sharing it changes no byte. To go once the executor
+    shares nodes between output tensors.
+    """
+    with _SHARED_LOCK:
+        future = _SHARED.get(key)
+        owner = future is None
+        if future is None:
+            future = _SHARED[key] = Future()
+            while len(_SHARED) > _SHARED_KEEP:
+                _SHARED.popitem(last=False)
+    if owner:
+        try:
+            future.set_result(compute())
+        except BaseException as e:
+            with _SHARED_LOCK:
+                _SHARED.pop(key, None)
+            future.set_exception(e)
+            raise
+    return future.result()
+
+
+@dataclass(frozen=True, eq=False)
+class PackedFactor(Node):
+    """Factor A (rank, in) or B (out, rank) sliced out of a `RangeFinderFactors` [A | Bᵀ],
+    rounded to ``dtype``."""
+
+    packed: Node
+    which: str  # "A" or "B"
+    in_dim: int
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        rank, width = self.packed.shape
+        return (rank, self.in_dim) if self.which == "A" else (width - self.in_dim, rank)
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        packed = args[0]
+        part = packed[:, :self.in_dim] if self.which == "A" else packed[:, self.in_dim:].T
+        return part.contiguous().to(torch_dtype(self.dtype))

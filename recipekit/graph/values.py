@@ -32,6 +32,10 @@ class VirtualModel:
     #: Operator metadata later steps and readers may need (coalescing schemes, compensation),
     #: recorded in the manifest under the step's name.
     meta: Mapping[str, Any] = field(default_factory=dict)
+    #: For a model input: where each stored tensor lives (`io.header.TensorInfo` by name), so
+    #: a step can compare two inputs' bytes at compile time (`extract_lora`); a step's model
+    #: reaches it through `models[load.source]` of its `Load` nodes.
+    stored: Mapping[str, Any] = field(default_factory=dict)
 
     def layer_tensors(self) -> dict[int, dict[str, Node]]:
         """``{layer index: {name within the layer: node}}``."""

@@ -93,6 +93,24 @@ def fetch_snapshot(repo: str, revision: str) -> HubSnapshot:
     return HubSnapshot(repo, revision, path.name, path)
 
 
+def fetch_model_dir(repo: str, revision: str) -> Path:
+    """A whole model (weights too) at ``repo@revision`` in the hub cache, for loading it with
+    transformers (`verify --load` of an adapter whose config names a hub base).
+
+    Raises:
+        SourceNotFoundError: not cached while offline, or the hub unreachable.
+    """
+    from huggingface_hub import errors, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir(),
+                                      local_files_only=is_offline()))
+    except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise SourceNotFoundError(f"cannot get hub repo '{echo_text(repo)}' at revision "
+                                  f"'{echo_text(revision)}': {e}", hint="check your network "
+                                  "connection, or pass `--base MODEL_DIR`") from None
+
+
 def remote_header(snap: HubSnapshot, filename: str) -> dict[str, TensorInfo]:
     """Tensor entries of a shard that is not cached yet, from its header alone (ranged reads).
 

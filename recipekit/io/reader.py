@@ -79,3 +79,38 @@ class FileReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: Bytes compared at a time by `is_same_data`: two buffers of this size are all it holds.
+COMPARE_CHUNK = 4 << 20
+
+
+def is_same_data(a: TensorInfo, b: TensorInfo, *, chunk: int = COMPARE_CHUNK) -> bool:
+    """Whether two stored tensors have the same dtype, shape and bytes.
+
+    Why: a fine-tune leaves some tensors untouched (frozen embeddings, norms), and two equal
+    tensors from two files are different plan nodes; `extract_lora` asks this at compile time
+    so that it writes no all-zero module for them. Memory is two ``chunk`` buffers whatever the
+    tensor size, and a tensor that changed almost always differs in its first chunk, so the
+    cost is the bytes of the tensors that are equal. A tensor only known from a remote header
+    (offset -1) is never called equal.
+
+    Raises:
+        TensorDataError: a file cannot be read or is shorter than its header says.
+    """
+    if (a.dtype, a.shape, a.nbytes) != (b.dtype, b.shape, b.nbytes) or min(a.offset,
+                                                                            b.offset) < 0:
+        return False
+    if (a.file, a.offset) == (b.file, b.offset):
+        return True
+    left, right = bytearray(min(chunk, a.nbytes)), bytearray(min(chunk, a.nbytes))
+    with FileReader() as reader:
+        for start in range(0, a.nbytes, chunk):
+            n = min(chunk, a.nbytes - start)
+            if n < len(left):  # the last, shorter chunk: compare only what was read
+                del left[n:], right[n:]
+            reader.read_into(a.file, a.offset + start, memoryview(left))
+            reader.read_into(b.file, b.offset + start, memoryview(right))
+            if left != right:  # bytearray equality is a memcmp (memoryview's is 10× slower)
+                return False
+    return True

@@ -124,7 +124,8 @@ class Plan:
 def model_from_checkpoint(ckpt: Checkpoint) -> VirtualModel:
     tensors = {name: load(ckpt.name, name, info.shape, info.dtype)
                for name, info in ckpt.tensors.items()}
-    return VirtualModel(ckpt.name, ckpt.config, tensors, ckpt.stack, ckpt.name)
+    return VirtualModel(ckpt.name, ckpt.config, tensors, ckpt.stack, ckpt.name,
+                        stored=ckpt.tensors)
 
 
 def compile_plan(recipe: Recipe, sources: Mapping[str, Any]) -> Plan:

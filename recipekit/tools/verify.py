@@ -379,6 +379,10 @@ def load_and_run(out: Path, *, adapter: bool, base: str | None) -> str:
             the forward pass fails or gives non-finite values.
         UsageError: an adapter output without ``base``, or ``base`` for a model output.
     """
+    root = None  # what config.json may link into: a hub cache's blobs for a hub base
+    if adapter and base is None:
+        found = adapter_base(out)
+        base, root = (str(found[0]), found[1]) if found else (None, None)
     if adapter and base is None:
         raise UsageError("this output is a PEFT adapter: `--load` needs the model it adapts",
                          hint="pass `--base MODEL_DIR`")
@@ -387,7 +391,7 @@ def load_and_run(out: Path, *, adapter: bool, base: str | None) -> str:
     import torch  # torch, transformers and PEFT only for `verify --load`
 
     model_dir = Path(base) if adapter else out
-    model, what = _load_transformers(model_dir)
+    model, what = _load_transformers(model_dir, root)
     if adapter:
         import peft
 
@@ -416,11 +420,43 @@ def load_and_run(out: Path, *, adapter: bool, base: str | None) -> str:
     return f"loaded {what} and ran a forward pass on a {shape} `{next(iter(inputs))}`: finite"
 
 
-def _load_transformers(path: Path) -> tuple[Any, str]:
-    """The class ``architectures`` names (a transformers class, never remote code)."""
+#: A hub repo id (``org/name``), as adapter_config.json's ``base_model_name_or_path`` holds it.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def adapter_base(out: Path) -> tuple[Path, Path] | None:
+    """The base model directory an adapter output's config names, with the directory its
+    files may link into: a local directory as it is, a hub id through the hub cache
+    (downloaded unless offline; its snapshot links into the repo's blobs); None when it names
+    none that exists, so that the caller asks for `--base`.
+
+    Raises:
+        SourceNotFoundError: a hub base that is neither cached nor reachable.
+    """
+    try:
+        config = json.loads((out / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(name, str) or not name:
+        return None
+    if Path(name).is_dir():
+        return Path(name), Path(name)
+    if not _HUB_ID.match(name):
+        return None
+    from recipekit.inputs.hub import fetch_model_dir
+
+    revision = config.get("revision")
+    snapshot = fetch_model_dir(name, revision if isinstance(revision, str) else "main")
+    return snapshot, snapshot.parents[1]  # models--org--name: snapshots/<sha> and blobs/
+
+
+def _load_transformers(path: Path, root: Path | None = None) -> tuple[Any, str]:
+    """The class ``architectures`` names (a transformers class, never remote code); config.json
+    may be a link inside ``root`` (default: ``path``)."""
     import transformers
 
-    config = read_config(path / CONFIG, path.resolve()) if (
+    config = read_config(path / CONFIG, (root or path).resolve()) if (
         path / CONFIG).is_file() else None
     if config is None:
         raise UsageError(f"{display_path(path)} has no config.json", hint="name a model directory")

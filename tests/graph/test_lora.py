@@ -1,0 +1,77 @@
+"""graph/lora.py's streamed extraction nodes: `RangeFinderFactors` and `PackedFactor`.
+
+Oracles: the factors' product against the difference itself (a full-width sketch is an exact
+SVD), the piece cut of `graph.passes` (a reduction streams whole rows, so a multi-piece tensor
+gives the same bytes as the same pieces cut again), and the memory the plan is told.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recipekit.graph import Load, PackedFactor, RangeFinderFactors, intern
+from recipekit.graph.lora import SvdFactor, _shared_value
+from recipekit.graph.passes import PASS_ELEMS, InMemorySource, piece_bounds
+
+
+def nodes(rows: int, cols: int, rank: int, *, transposed: bool = False, dtype: str = "F32"):
+    base = intern(Load("base", "w", (rows, cols), dtype))
+    tuned = intern(Load("tuned", "w", (rows, cols), dtype))
+    packed = intern(RangeFinderFactors(tuned, base, rank, transposed, 0.0, 16, 2, 0, "w"))
+    in_dim = rows if transposed else cols
+    return packed, (intern(PackedFactor(packed, "A", in_dim, "F32")),
+                    intern(PackedFactor(packed, "B", in_dim, "F32")))
+
+
+def test_factors_reproduce_a_full_rank_difference_in_the_module_layout():
+    g = torch.Generator().manual_seed(0)
+    w0, w1 = torch.randn(48, 20, generator=g), torch.randn(48, 20, generator=g)
+    for transposed in (False, True):
+        packed, (a, b) = nodes(48, 20, 20, transposed=transposed)
+        value = packed.compute((w1, w0))
+        assert packed.shape == tuple(value.shape) == (20, 68)
+        fa, fb = a.compute((value,)), b.compute((value,))
+        assert tuple(fa.shape) == a.shape and tuple(fb.shape) == b.shape
+        want = (w1 - w0).T if transposed else w1 - w0
+        assert torch.allclose(fb @ fa, want, atol=1e-4)
+
+
+def test_many_pieces_are_folded_the_same_way_every_time():
+    rows, cols = 3000, 700  # several pieces of a pass
+    assert len(piece_bounds(rows, cols)) > 1
+    g = torch.Generator().manual_seed(1)
+    w0, w1 = torch.randn(rows, cols, generator=g), torch.randn(rows, cols, generator=g)
+    packed, _ = nodes(rows, cols, 8)
+    # `reduce` itself, twice (`compute` would hand back the shared first value)
+    runs = [packed.reduce(InMemorySource([w1, w0], rows, cols), ()) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_a_and_b_share_one_computation_for_equal_inputs_only():
+    """The executor evaluates A and B as two output tensors; the range finder runs once. A
+    later run in the same process with other bytes under the same names computes afresh."""
+    g = torch.Generator().manual_seed(2)
+    w0, w1 = torch.randn(40, 30, generator=g), torch.randn(40, 30, generator=g)
+    packed, _ = nodes(40, 30, 4)
+    first = packed.compute((w1, w0))
+    assert packed.compute((w1.clone(), w0.clone())) is first
+    other = packed.compute((w1 + 1, w0))
+    assert other is not first and not torch.equal(other, first)
+    calls: list[int] = []
+    key = object()
+    values = [_shared_value(key, lambda: calls.append(1)) for _ in range(2)]
+    assert values[0] is values[1] and len(calls) == 1
+
+
+def test_the_plan_is_told_thin_matrices_not_the_whole_difference():
+    """Embedding shape, rank 64: Q, Y, Z, B and a few pieces (under 40 MiB), where the exact
+    SVD holds three fp32 copies of the 32000×2048 difference (750 MiB)."""
+    packed, _ = nodes(32000, 2048, 64, dtype="BF16")
+    width = 64 + 16
+    assert packed.state_bytes == 4 * width * (32000 + 2048)
+    assert packed.workspace <= 4 * (2 * 32000 * width + 4 * 2048 * width + width * width
+                                    + 4 * PASS_ELEMS)
+    assert packed.workspace < 40 << 20
+    assert packed.passes == 6
+    exact = SvdFactor(Load("d", "w", (32000, 2048), "F32"), "A", 64, True, 0.0, "BF16")
+    assert exact.workspace > 700 << 20
