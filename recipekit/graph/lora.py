@@ -7,10 +7,6 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
-import collections
-import threading
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -253,7 +249,9 @@ class SvdFactor(Node):
 class RangeFinderFactors(Reduction):
     """LoRA factors of tuned − base by a randomized range finder streamed over row pieces
     (ops/lowrank.py `randomized_svd`), packed as one fp32 (rank, in + out) tensor [A | Bᵀ]
-    that two `PackedFactor` nodes slice: the passes run once for both factors.
+    that two `PackedFactor` nodes slice: the passes run once for both factors (the executor
+    keeps the last few reductions' values for the output tensors that follow,
+    `run.execute.Runtime.shared`).
 
     Δ = tuned − base is formed per row piece in fp32 (fp64 for fp64 inputs), in the stored
     layout (rows are what streams); ``transposed`` modules (embeddings, `Conv1D`) swap the
@@ -306,12 +304,6 @@ class RangeFinderFactors(Reduction):
         piece = min(rows * cols, PASS_ELEMS)
         return item * (2 * rows * width + 4 * cols * width + width * width + 4 * piece)
 
-    def compute(self, args: tuple[Any, ...]) -> Any:
-        """`Reduction.compute`, once for both factors (see `_shared_value`)."""
-        if any(a.device.type != "cpu" for a in args):
-            return Reduction.compute(self, args)
-        return _shared_value((self, _fingerprint(args)), lambda: Reduction.compute(self, args))
-
     def reduce(self, source: RowSource, whole: tuple[Any, ...]) -> Any:
         import torch
 
@@ -335,58 +327,6 @@ class RangeFinderFactors(Reduction):
         a, b = factors_from_svd(u, s, vh, rank=self.rank, transposed=self.transposed,
                                 epsilon=self.epsilon)
         return torch.cat([a, b.T], dim=1).to(torch_dtype(self.dtype))
-
-
-def _fingerprint(tensors: tuple[Any, ...]) -> bytes:
-    """A digest of the tensors' dtypes, shapes and bytes (BLAKE2b: ~1 GB/s, a few percent of
-    a range finder's time), so that a shared value is only ever reused for equal inputs:
-    nodes name their sources, not the files a later run in this process may give them."""
-    import hashlib
-
-    import torch
-
-    digest = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        t = t.contiguous()
-        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return digest.digest()
-
-
-#: The last few `RangeFinderFactors` values, by (node, input digest) (see `_shared_value`).
-_SHARED: collections.OrderedDict[Any, Future[Any]] = collections.OrderedDict()
-_SHARED_LOCK = threading.Lock()
-_SHARED_KEEP = 8
-
-
-def _shared_value(key: Any, compute: Callable[[], Any]) -> Any:
-    """``compute()``, run once for ``key`` however many output tensors ask for it next.
-
-    Why: the executor evaluates each output tensor's expression on its own, so the A and B
-    factors of a module, two output tensors written one after the other, would each run the
-    whole range finder. A module's packed factors are small (rank × (in + out)), so the last
-    `_SHARED_KEEP` are kept; a second caller arriving while the first computes waits for it.
-    ``key`` holds a digest of the inputs (`_fingerprint`), and the value is never mutated
-    (`PackedFactor` copies its slice), so sharing it changes no byte. To go once the executor
-    shares nodes between output tensors.
-    """
-    with _SHARED_LOCK:
-        future = _SHARED.get(key)
-        owner = future is None
-        if future is None:
-            future = _SHARED[key] = Future()
-            while len(_SHARED) > _SHARED_KEEP:
-                _SHARED.popitem(last=False)
-    if owner:
-        try:
-            future.set_result(compute())
-        except BaseException as e:
-            with _SHARED_LOCK:
-                _SHARED.pop(key, None)
-            future.set_exception(e)
-            raise
-    return future.result()
 
 
 @dataclass(frozen=True, eq=False)

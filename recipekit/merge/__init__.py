@@ -123,7 +123,7 @@ def _gta(name: str, summary: str, *, sparsify: str | None, consensus: str | None
     fixed = tuple((k, v) for k, v in (("sparsify", sparsify), ("consensus", consensus)) if v)
     return MethodSpec(name, name, "required", 1, None, 0, None, params, "base_inputs",
                       random=random, paper=paper, elementwise=elementwise, fixed=fixed,
-                      summary=summary, scratch=(8, 4))
+                      summary=summary, scratch=(10, 4))
 
 
 _GAMMA = (_p("gamma", "float", "per_non_base", 0.01),)

@@ -129,7 +129,11 @@ def adapter_config(aset: AdapterSet, ranks: Mapping[str, int],
     return {
         "peft_type": "LORA",
         "task_type": first.get("task_type"),
-        "base_model_name_or_path": publishable_name(first.get("base_model_name_or_path")),
+        # an extraction's own local base is kept (PEFT's convention, so the adapter loads
+        # where it was made); a path copied from an input adapter's config is not
+        "base_model_name_or_path": first.get("base_model_name_or_path")
+        if first.get("recipekit_own_base") else publishable_name(
+            first.get("base_model_name_or_path")),
         "revision": first.get("revision"),
         "inference_mode": True,
         "r": top,

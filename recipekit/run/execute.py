@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from recipekit.dtypes import torch_dtype
 from recipekit.graph import Load, Node, iter_post_order
@@ -132,6 +132,17 @@ class Runtime:
     compute: ThreadPoolExecutor | None = None  # piece workers on the CPU; None: this thread
     workers: int = 1  # the size of `compute`
     events: RunEvents = dataclasses.field(default_factory=RunEvents)
+    #: the last few reductions' values: the output tensors that follow may read the same one
+    #: (a LoRA module's A and B factors come from one range finder)
+    shared: collections.OrderedDict[Node, Any] = dataclasses.field(
+        default_factory=collections.OrderedDict)
+
+    SHARED_KEEP: ClassVar[int] = 8
+
+    def remember(self, node: Node, value: Any) -> None:
+        self.shared[node] = value
+        while len(self.shared) > self.SHARED_KEEP:
+            self.shared.popitem(last=False)
 
     @property
     def pin(self) -> bool:
@@ -447,11 +458,13 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
     a chain of hundreds of steps does not reach Python's recursion limit. A reduction over
     large inputs reads them by row pieces from the files (`_FileSource`) instead."""
     device = rt.device
-    for m in iter_post_order(n, memo, whole_inputs):
+    for m in iter_post_order(n, memo, lambda x: () if x in rt.shared else whole_inputs(x)):
         if isinstance(m, Load):
             result = read_tensor(m, plan, rt.reader, pin=_pinned(device))
             if rt.finite is not None:
                 rt.finite.check(f"input {m.source}:{m.name}", result)
+        elif m in rt.shared:
+            result = rt.shared[m]
         elif streams_from_files(m):
             assert isinstance(m, Reduction)
             whole = tuple(memo[x].to(device, non_blocking=True)
@@ -462,6 +475,8 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
                 result = m.compute(tuple(memo[x] for x in m.inputs))
         else:
             result = m.compute(tuple(memo[x].to(device, non_blocking=True) for x in m.inputs))
+        if isinstance(m, Reduction):
+            rt.remember(m, result)
         memo[m] = result
     return memo[n]
 

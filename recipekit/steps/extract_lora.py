@@ -145,7 +145,7 @@ def base_model_reference(recipe: Recipe, base: str) -> dict[str, Any]:
         return {"base_model_name_or_path": ref.hub,
                 "revision": None if ref.revision == DEFAULT_REVISION else ref.revision}
     return {"base_model_name_or_path": os.path.abspath(ref.path) if ref.path else None,
-            "revision": None}
+            "revision": None, "recipekit_own_base": True}
 
 
 #: Defaults of the randomized method: p = 16 extra columns and 2 power iterations (Halko,

@@ -98,8 +98,9 @@ class PruneStats(Reduction):
 
     @property
     def workspace(self) -> int:
-        # per piece: the task vectors in the compute dtype, their keys and masks
-        return 3 * len(self.operands) * 4 * self.base.numel
+        # per piece: the base and task vectors in the compute dtype, their keys, masks and
+        # histogram scratch
+        return (4 * len(self.operands) + 2) * 4 * self.base.numel
 
     def reduce(self, source: Any, whole: tuple[Any, ...]) -> Any:
         from recipekit.ops.stream_prune import prune_rules

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from recipekit.graph import Load, PackedFactor, RangeFinderFactors, intern
-from recipekit.graph.lora import SvdFactor, _shared_value
+from recipekit.graph.lora import SvdFactor
 from recipekit.graph.passes import PASS_ELEMS, InMemorySource, piece_bounds
 
 
@@ -43,24 +43,8 @@ def test_many_pieces_are_folded_the_same_way_every_time():
     w0, w1 = torch.randn(rows, cols, generator=g), torch.randn(rows, cols, generator=g)
     packed, _ = nodes(rows, cols, 8)
     # `reduce` itself, twice (`compute` would hand back the shared first value)
-    runs = [packed.reduce(InMemorySource([w1, w0], rows, cols), ()) for _ in range(2)]
+    runs = [packed.reduce(InMemorySource([w1, w0], piece_bounds(rows, cols)), ()) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
-
-
-def test_a_and_b_share_one_computation_for_equal_inputs_only():
-    """The executor evaluates A and B as two output tensors; the range finder runs once. A
-    later run in the same process with other bytes under the same names computes afresh."""
-    g = torch.Generator().manual_seed(2)
-    w0, w1 = torch.randn(40, 30, generator=g), torch.randn(40, 30, generator=g)
-    packed, _ = nodes(40, 30, 4)
-    first = packed.compute((w1, w0))
-    assert packed.compute((w1.clone(), w0.clone())) is first
-    other = packed.compute((w1 + 1, w0))
-    assert other is not first and not torch.equal(other, first)
-    calls: list[int] = []
-    key = object()
-    values = [_shared_value(key, lambda: calls.append(1)) for _ in range(2)]
-    assert values[0] is values[1] and len(calls) == 1
 
 
 def test_the_plan_is_told_thin_matrices_not_the_whole_difference():

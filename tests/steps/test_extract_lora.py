@@ -205,3 +205,21 @@ def test_hub_base_is_named_by_its_repo_id(cli, tmp_path, hub_cache, tiny_llama):
     AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out", cache_dir=hub_cache)
     result = cli("verify", tmp_path / "out", "--load")
     assert result.exit_code == 0, result.output
+
+
+def test_each_module_runs_its_range_finder_once(cli, tmp_path, pair, monkeypatch):
+    """A module's A and B are two output tensors; the executor keeps the reduction's value
+    for the second (`run.execute.Runtime.shared`), so the range finder runs once per module.
+    Oracle: a count of `RangeFinderFactors.reduce` calls against the adapter's modules."""
+    from safetensors import safe_open
+
+    from recipekit.graph.lora import RangeFinderFactors
+
+    calls: list[str] = []
+    real = RangeFinderFactors.reduce
+    monkeypatch.setattr(RangeFinderFactors, "reduce",
+                        lambda self, *a: calls.append(self.tensor) or real(self, *a))
+    out = extract(cli, tmp_path, pair[1], pair[2], rank=4)
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        modules = {k.rsplit(".lora_", 1)[0] for k in f.keys() if ".lora_" in k}
+    assert len(calls) == len(modules) and len(set(calls)) == len(calls)
