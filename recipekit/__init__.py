@@ -4,8 +4,8 @@ The Python API (`recipekit.api`: `validate`, `plan`, `run`, `lock` and their res
 re-exported here lazily, so ``import recipekit`` stays free of torch and answers at once.
 ``recipekit.run`` and ``recipekit.plan`` are also the names of subpackages (the executor and
 the planner); Python binds a subpackage to its parent's attribute when it is imported, so those
-two subpackages are made callable (`_api_entry`): ``recipekit.run(...)`` is ``recipekit.api.run``
-whichever of the two the attribute holds.
+two subpackages are made callable (`callable_package`): ``recipekit.run(...)`` is
+``recipekit.api.run`` whichever of the two the attribute holds.
 
 Example:
     >>> import recipekit
@@ -38,7 +38,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'recipekit' has no attribute {name!r}")
 
 
-def _api_entry(package: str, function: str) -> None:
+def callable_package(package: str, function: str) -> None:
     """Make the subpackage ``package`` callable as ``recipekit.api.<function>``, keeping every
     attribute (``recipekit.run.local`` still is the module)."""
 

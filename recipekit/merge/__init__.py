@@ -68,7 +68,7 @@ class MethodSpec:
     fixed: tuple[tuple[str, Any], ...] = ()
     summary: str = ""
     #: the whole-tensor kernel's scratch, in fp32 copies of the tensor: (fixed, per non-base
-    #: input), measured (tests/run/test_estimate_bound.py); the plan's estimate adds it
+    #: input), measured (tests/run/test_execute_estimates.py); the plan's estimate adds it
     scratch: tuple[int, int] = (2, 0)
 
     @property

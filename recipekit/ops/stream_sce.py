@@ -12,7 +12,7 @@ kernel: an fp32 mean), so ω agrees to ~1e-7 relative, not bit for bit; the kept
 kernel's exactly (its tie rule is `ops.select`'s: lowest flat index first); nnz counts
 variances that are nonzero as fp32 (the kernel counts them in the compute dtype: they differ
 only for fp64 variances below fp32's smallest subnormal).
-Oracle: tests/steps/test_sce.py (streamed against `ops.task_arithmetic.sce`).
+Oracle: tests/steps/test_task_vectors_sce.py (streamed against `ops.task_arithmetic.sce`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from `recipekit.plan.cost` at call time, so that is the one place to change (or 
 them.
 """
 
-from recipekit import _api_entry
+from recipekit import callable_package
 from recipekit.plan.compile import (
     NO_STACK,
     Plan,
@@ -48,4 +48,4 @@ __all__ = [
     "working_set",
 ]
 
-_api_entry(__name__, "plan")  # `recipekit.plan(...)` is `recipekit.api.plan`
+callable_package(__name__, "plan")  # `recipekit.plan(...)` is `recipekit.api.plan`

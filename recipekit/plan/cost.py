@@ -113,19 +113,25 @@ def _piece_fraction(node: Reduction) -> float:
     return (bounds[0][1] - bounds[0][0]) / max(1, node.stream_rows) if bounds else 0.0
 
 
-def expression_bytes(node: Node, workers: int = 1) -> int:
-    """Bytes computing ``node`` whole holds: every value it computes whole with its scratch
-    (a reduction's scratch is one piece's, its state kept), and each streaming reduction's
-    passes."""
+def expression_parts(node: Node, workers: int = 1) -> tuple[int, int]:
+    """(bytes kept while computing ``node`` whole: every value computed whole with its
+    scratch, a held reduction's state and one piece's scratch; bytes of the largest streaming
+    reduction's passes, which run one at a time and keep only their small result)."""
     held, streaming = held_nodes(node)
-    total = sum(pass_bytes(r, workers) for r in streaming)
+    kept = 0
     for n in held:
-        total += n.nbytes
+        kept += n.nbytes
         if isinstance(n, Reduction) and n not in streaming:
-            total += n.state_bytes + math.ceil(n.workspace * _piece_fraction(n))
+            kept += n.state_bytes + math.ceil(n.workspace * _piece_fraction(n))
         elif n not in streaming:
-            total += n.workspace
-    return total
+            kept += n.workspace
+    return kept, max((pass_bytes(r, workers) for r in streaming), default=0)
+
+
+def expression_bytes(node: Node, workers: int = 1) -> int:
+    """Bytes computing ``node`` whole holds at its peak (`expression_parts`)."""
+    kept, passes = expression_parts(node, workers)
+    return kept + passes
 
 
 def reads_whole_tensor(node: Node) -> bool:
@@ -183,9 +189,10 @@ def chunkable(node: Node) -> bool:
 
 
 #: What chunked evaluation holds besides its pieces and whole inputs, measured
-#: (tests/test_execute.py: 16-35 MiB from run to run, and up to 40 MiB above a slerp's inputs
-#: and chunk buffers): the worker threads' malloc arenas and the allocator's retained pieces.
-CHUNKED_OVERHEAD = 32 * 1024 * 1024
+#: (tests/run/test_execute.py: 12-13 MiB above a cast's pieces since pieces are mapped memory
+#: of their own, `run.execute._fixed_mmap_threshold`; 16-35 MiB before): the worker threads'
+#: stacks and malloc arenas, and the allocator's small retained blocks.
+CHUNKED_OVERHEAD = 16 * 1024 * 1024
 
 
 def piece_workers() -> int:
@@ -209,8 +216,10 @@ def working_set(node: Node, workers: int = 1) -> int:
     if parts is None:
         return whole
     sliced, read_whole = parts
-    kept = sum(expression_bytes(x, workers) for x in read_whole)
+    whole_parts = [expression_parts(x, workers) for x in read_whole]
+    kept = sum(k for k, _ in whole_parts)
+    passes = max((p for _, p in whole_parts), default=0)  # before the pieces, one at a time
     rows = min(rows_per_piece(node), node.shape[0])
     per_piece = -(-sum(n.nbytes + n.workspace for n in sliced) * rows // node.shape[0])
     queued = 4 * rows * (node.nbytes // node.shape[0])
-    return kept + (workers + 1) * per_piece + queued + CHUNKED_OVERHEAD
+    return kept + max(passes, (workers + 1) * per_piece + queued + CHUNKED_OVERHEAD)

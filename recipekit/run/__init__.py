@@ -1,5 +1,5 @@
 """Running a plan: fetch hub shards, stream shards, finish the output directory."""
 
-from recipekit import _api_entry
+from recipekit import callable_package
 
-_api_entry(__name__, "run")  # `recipekit.run(...)` is `recipekit.api.run`
+callable_package(__name__, "run")  # `recipekit.run(...)` is `recipekit.api.run`

@@ -96,6 +96,7 @@ def stream_shards(plan: Plan, out: OutputDir, dev: Any, *, fsync: bool,
     finite = FiniteCheck() if check_finite else None
     tick = progress or (lambda n: None)
     todo = [s for s in plan.shards if not out.is_finished(s.filename)]
+    _fixed_mmap_threshold()
     with FileReader() as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="recipekit-read") as prefetch, \
             contextlib.ExitStack() as stack:
@@ -416,6 +417,20 @@ def _piece(n: Node, lo: int, hi: int, memo: dict[Node, Any], whole: dict[Node, A
         memo[m] = m.compute_rows(args, lo, hi)
         stack.pop()
     return memo[n]
+
+
+#: glibc's mallopt parameter for the size above which malloc maps memory of its own
+_M_MMAP_THRESHOLD = -3
+
+
+def _fixed_mmap_threshold(size: int = 1 << 20) -> None:
+    """Serve every allocation of ``size`` or more (row pieces, pass pieces) with its own
+    mapping, returned to the system when freed. glibc otherwise raises the threshold to the
+    largest block freed (up to 32 MiB), after which pieces come from the heaps of the reading
+    and computing threads and their freed memory stays resident: measured 130 MiB above the
+    plan's estimate for a slerp streamed from the files. No-op off glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, size)
 
 
 @contextlib.contextmanager

@@ -135,9 +135,9 @@ class SlerpCoefficients(Reduction):
         return "F64" if "F64" in (self.a.dtype, self.b.dtype) else "F32"
 
     @property
-    def workspace(self) -> int:
-        # per piece: both inputs converted to the compute dtype, and a product
-        return 3 * 4 * self.a.numel
+    def state_bytes(self) -> int:
+        # two reused chunk buffers of the compute dtype (`ops.merge._chunk_buffer`)
+        return 2 * 8 * self.CHUNK
 
     #: mergekit's chunk (`ops.merge.SLERP_CHUNK`; planning imports no torch)
     CHUNK: ClassVar[int] = 1 << 20

@@ -433,8 +433,13 @@ def adapter_base(out: Path) -> tuple[Path, Path] | None:
     Raises:
         SourceNotFoundError: a hub base that is neither cached nor reachable.
     """
+    from recipekit.inputs.adapters import MAX_ADAPTER_CONFIG
+    from recipekit.inputs.files import read_bounded
+    from recipekit.io.names import ADAPTER_CONFIG
+
     try:
-        config = json.loads((out / "adapter_config.json").read_text())
+        raw, _ = read_bounded(out / ADAPTER_CONFIG, MAX_ADAPTER_CONFIG)
+        config = json.loads(raw) if raw is not None else None
     except (OSError, ValueError):
         return None
     name = config.get("base_model_name_or_path") if isinstance(config, dict) else None

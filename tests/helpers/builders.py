@@ -104,3 +104,19 @@ if __name__ == "__main__":
     config["base_model_name_or_path"] = "recipes/models/tiny-llama"  # not this machine's path
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     print(f"wrote {lora}", file=sys.stderr)
+
+
+def write_like(src: Path, dst: Path, tensors: dict) -> Path:
+    """A copy of the model directory ``src`` at ``dst`` (config and side files) whose weights
+    are ``tensors``, in one safetensors file."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, dst / "model.safetensors",
+              metadata={"format": "pt"})
+    return dst

@@ -28,6 +28,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from recipekit.io.names import MANIFEST
+
 from tests.helpers.crashpoints import STATE, is_temp, listing
 
 FOLDER_FSYNC = ["open .", "fsync ."]  # writer.fsync_dir: the folder opened, then fsynced
@@ -66,6 +68,12 @@ def observe(out: Path) -> Left:
     try:
         state = json.loads((out / STATE).read_text())
         finished, complete = frozenset(state["finished"]), bool(state.get("complete"))
+    except FileNotFoundError:  # a finished output keeps no state: its manifest says it all
+        try:
+            shards = json.loads((out / MANIFEST).read_text())["shards"]
+            finished, complete = frozenset(shards), True
+        except (OSError, ValueError, KeyError, TypeError):
+            finished, complete = frozenset(), False
     except (OSError, ValueError, KeyError, TypeError):
         finished, complete = frozenset(), False
     return Left(finished, complete, frozenset(rel for rel in listing(out) if is_temp(rel)))
@@ -80,6 +88,8 @@ class RunModel:
         self.shards = shards
         saves = [i for i, e in enumerate(events) if e == f"replace {STATE}"]
         self.final_save = saves[-1] if saves else -1  # the save that says complete
+        #: a run with a manifest removes the state file once it is written (run/finish.py)
+        self.drops_state = f"unlink {STATE}" in events
         opens = [i for i, e in enumerate(events) if e == f"open {tmp_of(STATE)}"]
         self.opening = opens[0] if opens else len(events)  # events before the first state save
 
@@ -125,13 +135,16 @@ class RunModel:
             kind, _, rel = step.label.partition(" ")
             if kind == "open" and is_temp(rel):
                 temps.add(rel)
+            elif kind == "unlink" and rel == STATE:  # after the manifest: complete
+                finished |= set(self.shards)
+                complete = True
             elif kind == "unlink":
                 temps.discard(rel)
             elif kind == "replace":
                 temps.discard(tmp_of(rel))
                 if rel == STATE:  # the state file records every shard renamed so far
                     finished |= renamed
-                    complete = step.ref == self.final_save
+                    complete = step.ref == self.final_save and not self.drops_state
                 elif rel in self.shards:
                     renamed.add(rel)
         return Left(frozenset(finished), complete, frozenset(temps))

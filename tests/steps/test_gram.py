@@ -16,7 +16,7 @@ import recipekit.api
 from recipekit.ops.merge import apply_method
 from recipekit.steps.gram import GramStats, LinearCombine
 
-from tests.helpers.builders import make_model, read_tensors
+from tests.helpers.builders import make_model, read_tensors, write_like
 from tests.helpers.recipes import write_recipe
 
 
@@ -31,29 +31,15 @@ def models(tmp_path_factory):
               for k, v in tensors.items()}
     for i, name in enumerate(("x", "y", "z")):
         g = torch.Generator().manual_seed(10 + i)
-        out[name] = _write_like(base, d / name, {
+        out[name] = write_like(base, d / name, {
             k: v + shared[k] + 0.02 * torch.randn(v.shape, generator=g)
             for k, v in tensors.items()})
     # degenerate inputs: a copy of the base (zero offset), the base negated (antipodal)
-    out["same"] = _write_like(base, d / "same", tensors)
-    out["neg"] = _write_like(base, d / "neg", {k: -v for k, v in tensors.items()})
-    out["zero"] = _write_like(base, d / "zero", {k: torch.zeros_like(v)
+    out["same"] = write_like(base, d / "same", tensors)
+    out["neg"] = write_like(base, d / "neg", {k: -v for k, v in tensors.items()})
+    out["zero"] = write_like(base, d / "zero", {k: torch.zeros_like(v)
                                                  for k, v in tensors.items()})
     return out
-
-
-def _write_like(src, dst, tensors):
-    import shutil
-
-    from safetensors.torch import save_file
-
-    shutil.copytree(src, dst)
-    for f in dst.glob("*.safetensors"):
-        f.unlink()
-    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, dst / "model.safetensors",
-              metadata={"format": "pt"})
-    return dst
 
 
 def _recipe(models, step: str) -> str:
@@ -169,7 +155,7 @@ class TestStreamed:
 
     def test_antipodal_pair_takes_the_linear_branch(self, cli, tmp_path, models, streamed):
         x = read_tensors(models["x"])
-        models = dict(models, x_neg=_write_like(models["x"], tmp_path / "x_neg",
+        models = dict(models, x_neg=write_like(models["x"], tmp_path / "x_neg",
                                                 {k: -v for k, v in x.items()}))
         out, _ = _run(cli, tmp_path, models, CASES["multislerp_antipodal"][0])
         for name, t in out.items():
@@ -180,7 +166,7 @@ class TestStreamed:
     def test_balanced_antipodal_triple_is_the_kernels_error(self, cli, tmp_path, models,
                                                             streamed):
         x = read_tensors(models["x"])
-        models = dict(models, x_neg=_write_like(models["x"], tmp_path / "x_neg",
+        models = dict(models, x_neg=write_like(models["x"], tmp_path / "x_neg",
                                                 {k: -v for k, v in x.items()}))
         r = write_recipe(tmp_path, _recipe(models, (
             "    method: multislerp\n    from: [{model: x, weight: 1}, {model: x_neg, weight: 1}"

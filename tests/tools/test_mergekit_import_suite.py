@@ -19,7 +19,7 @@ config's own `dtype`). What must hold:
 * bf16: every deterministic case bit-identical too: imported recipes carry mergekit's
   `compute_dtype`, so the inputs are cast to bf16 and merged in it as mergekit does (which, for
   the TIES family, decides which elements survive). Four cases differ, each with its reason in
-  `BF16_DIFFERS` (strict xfail): karcher, ramplus_tl and arcee_fusion (twice).
+  `BF16_DIFFERS` (strict xfail): karcher, ramplus_tl, arcee_fusion (twice) and sce (tie rule).
 * random methods (dare_*, della): keep-rate of the task vector and its spread (std) agree with
   mergekit's within sampling noise; the masks come from other generators.
 * refusals: the case's reason is named (README lists them).
@@ -134,6 +134,9 @@ BF16_DIFFERS = {
     "arcee_fusion": "mergekit's fp32 mask promotes the bf16 computation to fp32 midway and it "
                     "writes the fp32 result; recipekit computes in bf16",
     "ex_arcee_fusion": "as arcee_fusion",
+    "sce": "bf16 variances tie at the select_topk cut: mergekit's topk keeps arbitrary tied "
+           "entries, recipekit the lowest flat indices (the tied choice is checked exactly on "
+           "the kernel in tests/ops/test_precision.py)",
 }
 RANDOM = {"dare_ties", "della"}
 DATA_MOVING = {"passthrough_scale", "granite_copy", "gpt2_copy", "gpt2_stack",

@@ -15,9 +15,8 @@ import recipekit.api
 from recipekit.ops.merge import apply_method
 from recipekit.steps.task_vectors import SceMerge
 
-from tests.helpers.builders import make_model, read_tensors
+from tests.helpers.builders import make_model, read_tensors, write_like
 from tests.helpers.recipes import write_recipe
-from tests.steps.test_gram import _write_like
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +27,12 @@ def models(tmp_path_factory):
     out = {"base": base}
     for i, name in enumerate(("x", "y")):
         g = torch.Generator().manual_seed(20 + i)
-        out[name] = _write_like(base, d / name, {
+        out[name] = write_like(base, d / name, {
             k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in tensors.items()})
     # task vectors on a coarse grid: many equal variances at any threshold
     for i, name in enumerate(("tx", "ty")):
         g = torch.Generator().manual_seed(30 + i)
-        out[name] = _write_like(base, d / name, {
+        out[name] = write_like(base, d / name, {
             k: v + 0.01 * torch.randint(-2, 3, v.shape, generator=g).float()
             for k, v in tensors.items()})
     return out
