@@ -8,7 +8,10 @@
 * `rerun_model`: what a killed run leaves and its rerun's events, predicted from a trace
   (the crash tests' and bench/kill_soak.py's model);
 * `fuzz_documents`, `fuzz_mutations`, `fuzz_oracle`: the recipe fuzzer's strategies and its
-  oracle (shared with bench/fuzz_soak.py).
+  oracle (shared with bench/fuzz_soak.py);
+* `ties`: the tie band of magnitude selection, where mergekit's unstable sort and recipekit's
+  lowest-index rule may keep different entries;
+* `memory`: a run's measured peak against the plan's estimate, in a fresh process.
 
 Fixtures stay in tests/conftest.py; they build on these.
 """

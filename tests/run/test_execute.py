@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from tests.helpers.builders import read_tensors
+from tests.helpers.memory import MEASURE
 from tests.helpers.recipes import ROOT, solar_recipe, write_recipe
 
 ORDER = list(range(0, 6)) + list(range(2, 8))
@@ -289,25 +290,6 @@ def test_peak_memory_does_not_grow_with_shard_size(tmp_path):
     assert abs(peaks["10MB"] - peaks["10GB"]) < 32 * 2**20, peaks
 
 
-ESTIMATE = textwrap.dedent("""
-    import gc, json, re, sys
-    def kb(key):
-        return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-    from recipekit.run.local import run_plan
-    from recipekit.plan import compile_plan
-    from recipekit.recipe import load_recipe
-    from recipekit.inputs.resolve import resolve_sources
-    recipe = load_recipe(sys.argv[1])
-    plan = compile_plan(recipe, resolve_sources(recipe))
-    import torch
-    torch.ones(4).to(torch.bfloat16)  # an idle process that has already used torch once
-    gc.collect()
-    idle = kb("VmRSS")
-    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
-    run_plan(plan, fsync=False)
-    print(json.dumps({"measured": (kb("VmHWM") - idle) * 1024,
-                      "estimate": plan.peak_memory_estimate()}))
-""")
 
 
 @pytest.mark.slow
@@ -339,7 +321,7 @@ def test_peak_memory_estimate_matches_a_measurement(tmp_path):
         text = slerp if dtype is None else solar_recipe(
             src, '["range(0,4)", "range(0,4)"]', f"  path: ./{name}\n  shard_size: 100MB{dtype}")
         r = write_recipe(tmp_path, text, f"{name}.yaml")
-        proc = subprocess.run([sys.executable, "-c", ESTIMATE, str(r)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-c", MEASURE, str(r)], capture_output=True,
                               text=True, check=True)
         results[name] = json.loads(proc.stdout)
     slerp, cast = results["slerp"], results["cast"]
