@@ -135,7 +135,7 @@ def _check_top(st: ImportState, data: dict[str, Any]) -> None:
     method = data.get("merge_method")
     if method is None:
         errors.append(st.doc.error((), "no `merge_method`"))
-    elif method not in METHODS:
+    elif not isinstance(method, str) or method not in METHODS:
         errors.append(st.doc.error(("merge_method",), f"cannot convert merge method {method!r}: "
                                    "recipekit has " + ", ".join(METHODS)))
     if ("models" in data) == ("slices" in data):

@@ -128,6 +128,9 @@ def test_what_cannot_be_converted_is_named(cli, tmp_path, monkeypatch, extra, me
 @pytest.mark.parametrize("config, message", [
     ("models:\n  - model: models/a\nmerge_method: frankenfuse\nbase_model: models/b\n",
      "merge_method: cannot convert merge method 'frankenfuse'"),
+    # found by the side-command fuzzer: a list where a name belongs was an internal error
+    ("models:\n  - model: models/a\nmerge_method: [linear]\n",
+     "merge_method: cannot convert merge method ['linear']"),
     ("models:\n  - model: models/a+./nowhere\n    parameters: {weight: 1}\n"
      "merge_method: linear\n", "models[0].model: LoRA './nowhere' is neither a directory"),
     ("models:\n  - model: models/a+models/b+models/c\n    parameters: {weight: 1}\n"
