@@ -120,3 +120,14 @@ def write_like(src: Path, dst: Path, tensors: dict) -> Path:
     save_file({k: v.contiguous() for k, v in tensors.items()}, dst / "model.safetensors",
               metadata={"format": "pt"})
     return dst
+
+
+def split_rows(rows: int, sizes: list[int]) -> list[tuple[int, int]]:
+    """Row pieces of the given sizes (cycled) covering ``rows``: uneven bounds for checking
+    that a streamed result does not depend on where pieces start."""
+    bounds, lo, i = [], 0, 0
+    while lo < rows:
+        hi = min(rows, lo + sizes[i % len(sizes)])
+        bounds.append((lo, hi))
+        lo, i = hi, i + 1
+    return bounds

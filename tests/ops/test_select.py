@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from recipekit.graph.passes import InMemorySource, piece_bounds
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, keep_mask, magnitude_key, select_cuts
 
+from tests.helpers.builders import split_rows as split
+
 
 def stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     """The oracle: the first k of the stable descending argsort of |x| (fp32), as a mask."""
@@ -29,14 +31,6 @@ def stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     return keep.reshape(x.shape)
 
 
-def split(rows: int, sizes: list[int]) -> list[tuple[int, int]]:
-    """Row pieces of the given sizes (cycled) covering ``rows``."""
-    bounds, lo, i = [], 0, 0
-    while lo < rows:
-        hi = min(rows, lo + sizes[i % len(sizes)])
-        bounds.append((lo, hi))
-        lo, i = hi, i + 1
-    return bounds
 
 
 def streamed_masks(xs: list[torch.Tensor], queries: list[tuple[int, int]],

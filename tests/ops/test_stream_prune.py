@@ -26,18 +26,13 @@ from recipekit.ops.sparsify import della_keep_probabilities, sparsify
 from recipekit.ops.stream_prune import prune_rows, prune_rules
 from recipekit.steps.task_vectors import needs_stats, stat_passes, stream_key
 
+from tests.helpers.builders import split_rows as split
+
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def split(rows: int, sizes: list[int]) -> list[tuple[int, int]]:
-    bounds, lo, i = [], 0, 0
-    while lo < rows:
-        hi = min(rows, lo + sizes[i % len(sizes)])
-        bounds.append((lo, hi))
-        lo, i = hi, i + 1
-    return bounds
 
 
 def streamed(xs: list[torch.Tensor], base: torch.Tensor, sparsify_: str,
