@@ -25,8 +25,10 @@ from recipekit.io.names import ADAPTER_WEIGHTS, is_absolute_local
 from recipekit.plan.cost import (
     COPY_BUFFERS,
     COPY_CHUNK,
+    held_nodes,
     piece_workers,
     reads_whole_tensor,
+    stream_loads,
     working_set,
 )
 from recipekit.plan.overlap import check_plan_output
@@ -72,11 +74,14 @@ class Plan:
 
     @property
     def bytes_read_total(self) -> int:
-        """Input bytes read including re-reads (a layer used twice is read twice)."""
+        """Input bytes read including re-reads (a layer used twice is read twice, and a
+        reduction that streams from the files reads its inputs once per pass, `passes`)."""
         total = 0
         for s in self.shards:
             for t in s.tensors:
                 total += sum(n.nbytes for n in expression_nodes(t.node) if isinstance(n, Load))
+                for r in held_nodes(t.node)[1]:
+                    total += r.passes * sum(n.nbytes for n in stream_loads(r) or ())
         return total
 
     def peak_memory_estimate(self) -> int:
