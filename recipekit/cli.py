@@ -560,6 +560,9 @@ def verify(
     base: Annotated[str | None, typer.Option(
         "--base", help="For an adapter output with --load: the model directory it adapts.",
         show_default=False)] = None,
+    stats: Annotated[bool, typer.Option(
+        "--stats", help="Also read every floating value: fail on NaN/Inf, report statistics "
+        "(per tensor with --json; imports torch).")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -571,14 +574,15 @@ def verify(
 
         if base is not None and not load:
             raise UsageError("--base is used by --load", hint="add --load")
-        report = verify_output(out)
+        report = verify_output(out, stats=stats)
         loaded = (load_and_run(out, adapter=report.adapter, base=base)
                   if not report.problems and load else None)
         where = display_path(out)
         if as_json:
             _json({"output": str(out), "verified": not report.problems,
                    "adapter": report.adapter, "passed": report.passed, "notes": report.notes,
-                   "loaded": loaded, "problems": [error_json(p) for p in report.problems]})
+                   "loaded": loaded, "problems": [error_json(p) for p in report.problems],
+                   **({"stats": report.stats} if stats else {})})
         else:
             for line in report.passed:
                 _say(f"ok: {line}")

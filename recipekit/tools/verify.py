@@ -65,6 +65,7 @@ class VerifyReport:
     passed: list[str] = field(default_factory=list)
     problems: list[RecipekitError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # by tensor, with --stats
 
     @property
     def exit_code(self) -> int:
@@ -74,8 +75,9 @@ class VerifyReport:
                     for p in self.problems), default=0)
 
 
-def verify_output(out: Path) -> VerifyReport:
-    """Check the files of a finished recipekit output against its manifest.
+def verify_output(out: Path, *, stats: bool = False) -> VerifyReport:
+    """Check the files of a finished recipekit output against its manifest; with ``stats``,
+    also read every floating value (`tools.verify_values`) and fail on NaN/Inf.
 
     Raises:
         SourceNotFoundError: ``out`` is not a directory.
@@ -121,6 +123,13 @@ def verify_output(out: Path) -> VerifyReport:
     _check_config(out, root, report)
     _check_files(out, root, manifest, shown, report)
     _check_recipe(manifest, shown, report)
+    if stats and tensors:
+        from recipekit.tools.verify_values import check_values
+
+        problems, line, report.stats = check_values(out, sorted(tensors))
+        report.problems += problems
+        report.passed += [] if problems else [line]
+        report.notes += [line] if problems else []
     return report
 
 
