@@ -32,7 +32,7 @@ __all__ = ["Cut", "KEEP_ALL", "keep_mask", "magnitude_key", "select_cuts"]
 
 HIGH_BINS = 1 << 15  # the key's bits 16–30 (bit 31, the sign, is 0)
 LOW_BINS = 1 << 16
-#: Keys of one bucket whose low bits and rows pass 2 keeps (8 bytes each) to place a tie
+#: Keys of one bucket whose low bits and rows pass 2 keeps (int32 each) to place a tie
 #: without a third pass; a bucket this full is rare (about 0.3% of a tensor's keys fall in
 #: the bucket around a median), a fuller one is counted per row in a third pass instead.
 COLLECT_MAX = 1 << 20
@@ -151,8 +151,8 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
             inside = (flat >> 16) == b
             if keep_rows:  # the bucket's keys' low bits and rows, in flat order
                 at = torch.nonzero(inside).reshape(-1)
-                out += [flat[at] & 0xFFFF,
-                        torch.div(at, ks[s].shape[1], rounding_mode="floor").add_(lo)]
+                out += [flat[at] & 0xFFFF, torch.div(
+                    at, ks[s].shape[1], rounding_mode="floor").add_(lo).to(torch.int32)]
             else:
                 out.append(torch.bincount(flat[inside] & 0xFFFF, minlength=LOW_BINS))
         return out
@@ -171,7 +171,7 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
     for i, keep_rows in enumerate(collect):
         if keep_rows:
             bits = torch.cat(kept[i][0]) if kept[i][0] else torch.zeros(0, dtype=torch.int64)
-            at_rows = torch.cat(kept[i][1]) if kept[i][1] else torch.zeros(0, dtype=torch.int64)
+            at_rows = torch.cat(kept[i][1]) if kept[i][1] else torch.zeros(0, dtype=torch.int32)
             fine[i] = torch.bincount(bits.long(), minlength=LOW_BINS)
             found[i] = (bits, at_rows)
     del kept
@@ -192,7 +192,7 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
             bits, at_rows = found[i]  # type: ignore[misc]
             equal_rows = at_rows[bits == low_bits]
             row = int(equal_rows[keep_equal - 1])
-            before = int(torch.searchsorted(equal_rows, row))  # equal keys in earlier rows
+            before = int(torch.searchsorted(equal_rows, torch.tensor(row, dtype=torch.int32)))
             cuts[q] = Cut(value, row, keep_equal - before)
         else:
             ties[q] = (value, keep_equal)

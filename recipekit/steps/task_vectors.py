@@ -98,9 +98,13 @@ class PruneStats(Reduction):
 
     @property
     def state_bytes(self) -> int:
-        # two histograms per cut (32Ki + 64Ki int64) and the per-row counts of a tie
+        # two histograms per cut (32Ki + 64Ki int64), the per-row counts of a tie, and the
+        # bucket keys pass 2 collects (two int32 per key and cut, one cut's concatenated)
+        from recipekit.ops.select import COLLECT_MAX
+
         m = len(self.operands)
-        return 2 * m * (3 << 15) * 8 + 2 * m * 8 * self.stream_rows
+        collected = (2 * m * 8 + 16) * min(self.base.numel, COLLECT_MAX)
+        return 2 * m * (3 << 15) * 8 + 2 * m * 8 * self.stream_rows + collected
 
     @property
     def workspace(self) -> int:
