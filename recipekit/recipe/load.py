@@ -10,6 +10,7 @@ user's own line, like a compiler.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import numbers
@@ -31,13 +32,15 @@ from recipekit.recipe.types import (
     Step,
     parse_layer_range,
 )
+from recipekit.recipe.variables import substitute_variables
 from recipekit.units import parse_size
 
 #: What `load_recipe` takes: a file path, the recipe's YAML/JSON text, or its data.
 RecipeSource = str | os.PathLike | Mapping[str, Any]
 
 
-def load_recipe(source: RecipeSource, *, base_dir: str | os.PathLike | None = None) -> Recipe:
+def load_recipe(source: RecipeSource, *, base_dir: str | os.PathLike | None = None,
+                variables: Mapping[str, Any] | None = None) -> Recipe:
     """Load, validate and type a recipe. Needs no checkpoint and no torch.
 
     ``source`` is a file path (`str` or `os.PathLike`), the recipe's text (a `str` holding a
@@ -46,6 +49,9 @@ def load_recipe(source: RecipeSource, *, base_dir: str | os.PathLike | None = No
     text or data are relative to ``base_dir`` (default: the working directory), as if the
     recipe were the file ``base_dir/recipe.yaml``. Text is located by line like a file
     (``<string>:9:5: ...``); data by key path (``<dict>: steps[0].alpha: ...``).
+
+    ``variables`` sets the recipe's declared variables (`recipekit.recipe.variables`; the
+    CLI's ``--set``); each ``${name}`` takes the value set, else the declared default.
 
     Schema problems and semantic problems (unknown names, cycles, empty ranges) are collected
     together, so one run of `recipekit validate` lists everything.
@@ -69,7 +75,7 @@ def load_recipe(source: RecipeSource, *, base_dir: str | os.PathLike | None = No
     else:
         raise TypeError(f"a recipe is a path, YAML/JSON text or a mapping, not "
                         f"{type(source).__name__}")
-    return _typed(doc, file)
+    return _typed(doc, file, variables)
 
 
 def is_recipe_text(source: str) -> bool:
@@ -79,16 +85,17 @@ def is_recipe_text(source: str) -> bool:
     return "\n" in source or source.lstrip().startswith("{")
 
 
-def _typed(doc: Document, file: Path) -> Recipe:
+def _typed(doc: Document, file: Path, variables: Mapping[str, Any] | None = None) -> Recipe:
     if not isinstance(doc.data, dict):
         raise RecipeErrors([doc.error((), "a recipe is a mapping with keys `recipekit`, "
                                       "`models`, `steps` and `output`")])
     if "recipekit_lock" in doc.data:
         raise RecipeErrors([_lockfile_error(doc)])
     refuse_mergekit_config(doc)
+    used = substitute_variables(doc, variables)
     coerce_numeric_strings(doc)
     errors = schema_errors(doc) + non_finite_numbers(doc)
-    recipe = _build(doc, file, errors)
+    recipe = dataclasses.replace(_build(doc, file, errors), variables=used)
     from recipekit.steps import check_steps  # steps/ imports this package
 
     refused = {e.key_path[1] for e in errors

@@ -128,6 +128,8 @@ class Recipe:
     steps: Mapping[str, Step]  # topologically ordered
     output: Output
     adapters: Mapping[str, ModelRef] = field(default_factory=dict)  # PEFT adapter inputs
+    #: The values of the recipe's variables used (defaults, or as set), by name.
+    variables: Mapping[str, Any] = field(default_factory=dict)
 
     def error(self, path: KeyPath, message: str, *, hint: str | None = None,
               key: bool = False, cls: type[UsageError] = RecipeError) -> RecipeError:
@@ -136,8 +138,13 @@ class Recipe:
         return self.document.error(path, message, hint=hint, key=key, cls=cls)
 
     def canonical(self) -> dict[str, Any]:
-        """The document with defaults filled in: what the manifest records and the plan hashes."""
+        """The document with defaults filled in: what the manifest records and the plan hashes.
+
+        Variables are already substituted into it and their block is left out, so a recipe
+        run with ``--set alpha=0.3`` hashes like the same recipe with ``alpha: 0.3`` written
+        inline (the manifest records the values separately, as ``variables``)."""
         data = json.loads(json.dumps(self.document.data))
+        data.pop("variables", None)
         data.setdefault("steps", [])
         out = data.setdefault("output", {})
         out["model"] = self.output.model

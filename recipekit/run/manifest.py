@@ -36,6 +36,7 @@ def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]],
         "recipekit_version": __version__,
         "recipe_file": relative_path(r.file, r.output.path),
         "recipe": r.canonical(),
+        **({"variables": dict(r.variables)} if r.variables else {}),
         "plan_hash": plan.plan_hash(),
         "inputs": {name: _portable(ckpt.manifest_entry(), r.file.parent)
                    for name, ckpt in sorted(plan.sources.items())},

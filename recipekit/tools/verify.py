@@ -370,7 +370,9 @@ def _check_recipe(manifest: dict[str, Any], shown: str, report: VerifyReport) ->
         file = str(Path(os.path.normpath(report.path / file)))
     if isinstance(file, str) and Path(file).is_file():
         try:
-            same = load_recipe(file).canonical() == recipe
+            values = manifest.get("variables")  # a run with --set, or one of a sweep
+            same = load_recipe(file, variables=values if isinstance(values, dict) else None
+                               ).canonical() == recipe
         except RecipekitError:
             report.notes.append(f"the recipe file {file} no longer validates")
             return
