@@ -111,7 +111,11 @@ def sweep_values(text: str, name: str) -> list[Any]:
         if not values:
             raise UsageError(f"{where}: the list of values is empty", hint="give one or more")
     else:
-        values = [parse_value(piece, where) for piece in text.split(",")]
+        pieces = text.split(",")
+        if len(pieces) > 1 and not all(p.strip() for p in pieces):
+            raise UsageError(f"{where}: an empty value in {show(text)}",
+                             hint="remove the extra comma, or write '' for an empty string")
+        values = [parse_value(piece, where) for piece in pieces]
     seen: list[str] = []
     for v in values:
         key = json.dumps(v, sort_keys=True)
