@@ -449,7 +449,7 @@ def sweep(
 
     def body() -> None:
         from recipekit import api
-        from recipekit.errors import UsageError
+        from recipekit.errors import UsageError, display_path
         from recipekit.run.sweep import parse_sweep_settings
 
         if address is not None and executor is not Executor.ray:
@@ -458,7 +458,7 @@ def sweep(
             if c.status == "failed":
                 _say(f"{echo_text(c.name)}: failed:\n{c.error}", err=True)
             elif not as_json:
-                _say(f"{echo_text(c.name)}: {c.status} ({echo_text(c.output)})")
+                _say(f"{echo_text(c.name)}: {c.status} ({display_path(c.output)})")
 
         result = api.sweep(recipe, parse_sweep_settings(set_), output=output,
                            executor=executor.value, address=address, dry_run=dry_run,
@@ -469,7 +469,7 @@ def sweep(
                 if c.status == "failed":
                     finished(c)
                 elif not as_json:
-                    _say(f"{echo_text(c.name)}: plan {c.plan_hash} -> {echo_text(c.output)}")
+                    _say(f"{echo_text(c.name)}: plan {c.plan_hash} -> {display_path(c.output)}")
         if as_json:
             _json(result.to_json())
         else:
