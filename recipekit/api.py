@@ -430,7 +430,8 @@ def sweep(recipe: RecipeSource, values: Mapping[str, Sequence[Any]], *,
           executor: Literal["local", "ray"] = "local", address: str | None = None,
           dry_run: bool = False, device: str = "cpu", force: bool = False, fsync: bool = True,
           workers: int | None = None,
-          on_result: Callable[[CombinationResult], None] | None = None) -> SweepResult:
+          on_result: Callable[[CombinationResult], None] | None = None,
+          progress: Callable[[str], ProgressCallback | None] | None = None) -> SweepResult:
     """Run the recipe once for every combination of ``values`` (`recipekit sweep`): one output
     per combination under one root, named by its values (``<root>/alpha=0.1,method=ties``),
     each with its own manifest, and an index ``<root>/sweep.json``.
@@ -447,6 +448,8 @@ def sweep(recipe: RecipeSource, values: Mapping[str, Sequence[Any]], *,
         output: the sweep's root (default: the recipe's ``output.path``, which must then not
             depend on a swept variable).
         on_result: called with each combination's result as it finishes.
+        progress: local sweeps: called with each combination's name as it starts, returns the
+            `run` progress callback for that run (or None).
 
     Raises:
         RecipeErrors: a combination's document is invalid (the note names the variable).
@@ -474,8 +477,9 @@ def sweep(recipe: RecipeSource, values: Mapping[str, Sequence[Any]], *,
         from recipekit.run.sweep_ray import run_sweep_ray
 
         return run_sweep_ray(sp, address=address, on_result=on_result, **options)
-    return run_sweep(sp, lambda sp_, c: run_combination(sp_, c, progress=None, **options),
-                     on_result=on_result)
+    return run_sweep(sp, lambda sp_, c: run_combination(
+        sp_, c, progress=progress(c.name) if progress is not None else None, **options),
+        on_result=on_result)
 
 
 def _plan_combinations(sp: Any) -> SweepResult:

@@ -438,6 +438,8 @@ def sweep(
         "--no-fsync", help="Skip fsync of finished files.")] = False,
     workers: Annotated[int | None, typer.Option(
         "--workers", min=1, help="Threads per run computing pieces of large tensors.")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress bar or progress lines for each local run.")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the sweep's index (as sweep.json holds it) on stdout at the "
         "end.")] = False,
@@ -463,7 +465,8 @@ def sweep(
         result = api.sweep(recipe, parse_sweep_settings(set_), output=output,
                            executor=executor.value, address=address, dry_run=dry_run,
                            device=device, force=force, fsync=not no_fsync, workers=workers,
-                           on_result=finished)
+                           on_result=finished, progress=None if as_json else (
+                               lambda name: _run_progress(quiet=quiet, as_json=False)))
         if dry_run:
             for c in result.combinations:
                 if c.status == "failed":

@@ -125,13 +125,14 @@ def sweep_values(text: str, name: str) -> list[Any]:
     return values
 
 
-def parse_sweep_settings(texts: Iterable[str]) -> dict[str, list[Any]]:
-    """``--set NAME=V1,V2`` options as values by name, in the order given.
+def parse_sweep_settings(texts: Iterable[str]) -> Settings:
+    """``--set NAME=V1,V2`` options as values (a list) by name, in the order given; messages
+    about them name ``--set``.
 
     Raises:
         UsageError: a malformed option, an unreadable value, a name given twice, no option.
     """
-    out: dict[str, list[Any]] = {}
+    out = Settings(origin="--set")
     for text in texts:
         name, value = split_setting(text)
         if name in out:
@@ -182,12 +183,13 @@ class SweepPlan:
     root: Path
     recipe_file: Path | None
     combinations: tuple[Combination, ...]
+    origin: str = "--set"  # who gave the values, for messages
 
     def output(self, c: Combination) -> Path:
         return self.root / c.name
 
     def settings(self, c: Combination) -> Settings:
-        return Settings(c.values, origin="--set")
+        return Settings(c.values, origin=self.origin)
 
 
 def plan_sweep(recipe: Any, axes: Mapping[str, Sequence[Any]], *,
@@ -211,15 +213,16 @@ def plan_sweep(recipe: Any, axes: Mapping[str, Sequence[Any]], *,
     is_file = isinstance(recipe, os.PathLike) or (
         isinstance(recipe, str) and not is_recipe_text(recipe))
     if is_file:
-        recipe = Path(recipe).resolve()
+        recipe = Path(recipe)  # as given, so messages name it as the user did
     base = str(Path(base_dir).resolve()) if base_dir is not None else (
         None if is_file else str(Path.cwd()))
     combos = iter_combinations(axes, _declared_order(recipe))
+    origin = getattr(axes, "origin", "values=")
     errors: dict[str, tuple[RecipekitError, list[str]]] = {}  # by message: the combinations
     roots: dict[Path, Combination] = {}
     for c in combos:
         try:
-            r = load_recipe(recipe, base_dir=base, variables=Settings(c.values, origin="--set"))
+            r = load_recipe(recipe, base_dir=base, variables=Settings(c.values, origin=origin))
         except RecipeErrors as e:
             for x in e.errors:
                 errors.setdefault(x.render(), (x, []))[1].append(c.name)
@@ -239,7 +242,7 @@ def plan_sweep(recipe: Any, axes: Mapping[str, Sequence[Any]], *,
                          "output.path")
     else:
         root = next(iter(roots))
-    return SweepPlan(recipe, base, root, recipe if is_file else None, tuple(combos))
+    return SweepPlan(recipe, base, root, recipe if is_file else None, tuple(combos), origin)
 
 
 def _in_combinations(e: RecipekitError, names: list[str], total: int) -> RecipekitError:

@@ -14,8 +14,10 @@ a sweep under ``ray.init(num_cpus=2)`` and compares every shard's sha256 with th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from recipekit.errors import ExtraMissingError
@@ -66,6 +68,8 @@ def run_sweep_ray(sp: SweepPlan, *, address: str | None = None,
         ExtraMissingError: ray is not installed.
     """
     ray = require_ray()
+    if isinstance(sp.recipe, Path):  # a worker's working directory may be another
+        sp = dataclasses.replace(sp, recipe=sp.recipe.resolve())
     started = False
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,

@@ -222,7 +222,7 @@ class TestLocalSweep:
 def test_api_errors(recipe):
     with pytest.raises(UsageError):
         recipekit.sweep(recipe, {})
-    with pytest.raises(RecipeErrors):
+    with pytest.raises(RecipeErrors, match="values= beta: the recipe declares no variable"):
         recipekit.sweep(recipe, {"beta": [1]})
     with pytest.raises(UsageError, match="unknown executor 'dask'"):
         recipekit.sweep(recipe, {"alpha": [0.1]}, executor="dask")  # type: ignore[arg-type]
