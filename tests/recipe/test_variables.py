@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from recipekit.errors import RecipeErrors, UsageError
 from recipekit.recipe import load_recipe
@@ -210,3 +212,15 @@ class TestSettings:
                                              ([1, "a"], '[1,"a"]')])
     def test_format_value(self, value, text):
         assert format_value(value) == text
+
+
+class TestEscapeProperty:
+    """Oracle: any text survives when each ``${`` in it is written ``$${`` (hypothesis)."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(alphabet="${}ab_ \\", max_size=30))
+    def test_escaped_text_is_literal(self, text):
+        data = {"recipekit": 1, "variables": {"a": 1}, "models": {"m": "./m"},
+                "steps": [{"name": "s", "op": "layers", "from": "m", "layers": [0]}],
+                "description": text.replace("${", "$${")}
+        assert load_recipe(data).document.data["description"] == text
