@@ -90,10 +90,10 @@ def setting_problem(value: str) -> tuple[str, str | None] | None:
         return None
     names = builtin_names()
     close = difflib.get_close_matches(value, [AUTO, *names], n=1)
-    return (f"{value!r} is not a built-in chat template"
-            + (f"; did you mean '{close[0]}'?" if close else ""),
-            f"the built-ins are {', '.join(names)}; or write `auto` (the inputs' most common "
-            "template), Jinja text (it holds `{{` or `{%`), or `{file: path}`")
+    return (f"{value!r} is not a built-in chat template",
+            (f"did you mean '{close[0]}'? " if close else "") + f"The built-ins are "
+            f"{', '.join(names)}; or write `auto` (the inputs' most common template), Jinja "
+            "text (it holds `{{` or `{%`), or `{file: path}`")
 
 
 def check_jinja(text: str) -> None:
@@ -126,8 +126,8 @@ def check_jinja(text: str) -> None:
         env.parse(text)
     except jinja2.TemplateSyntaxError as e:
         raise ChatTemplateError(f"line {e.lineno} of the chat template is not valid Jinja: "
-                                f"{e.message}", hint="transformers' chat templating guide "
-                                "shows the syntax") from None
+                                f"{e.message}", hint="see https://huggingface.co/docs/"
+                                "transformers/chat_templating_writing") from None
 
 
 def read_template_file(path: Path) -> str:
