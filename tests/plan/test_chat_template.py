@@ -95,6 +95,7 @@ class TestWritten:
         assert renderings(out)[0].startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
         manifest = json.loads((out / "recipekit.json").read_text())
         assert "chat_template.jinja" in manifest["files"]
+        assert manifest["chat_template"] == "built-in chatml"
         assert cli("verify", out).exit_code == 0
 
     def test_the_donors_stale_templates_are_replaced(self, cli, tmp_path, models):
@@ -120,7 +121,10 @@ class TestWritten:
         assert not (out / "chat_template.jinja").exists()
 
     def test_auto_takes_the_plurality(self, cli, tmp_path, models):
-        out = run_ok(cli, linear(tmp_path, models, ("t_a", "t_b", "t_c"), "auto"))
+        recipe = linear(tmp_path, models, ("t_a", "t_b", "t_c"), "auto")
+        assert "chat template: auto: the template of t_b, t_c (2 of 3 input(s))\n" in \
+            cli("plan", recipe).output
+        out = run_ok(cli, recipe)
         assert (out / "chat_template.jinja").read_text() == B.strip()
         assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
         assert loaded_template(out) == B.strip()
