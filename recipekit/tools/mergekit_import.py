@@ -600,7 +600,15 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
         data) <= 8 and all(not isinstance(e, dict) for e in data))
 
 
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    """Multi-line text (a literal chat template) as a `|` block, as people write it; PyYAML
+    falls back to a quoted style where a block cannot hold the text exactly."""
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data,
+                                   style="|" if "\n" in data else None)
+
+
 _Dumper.add_representer(list, _represent_list)
+_Dumper.add_representer(str, _represent_str)
 
 
 def _render(st: ImportState, recipe: dict[str, Any], config: Path) -> str:

@@ -241,12 +241,14 @@ def mergekit_config(tmp_path: Path, models: Path, names: tuple[str, ...], templa
 
 
 class TestImport:
-    @pytest.mark.parametrize("template", ["auto", "chatml", LITERAL])
+    @pytest.mark.parametrize("template", ["auto", "chatml", LITERAL, B, B + "  \n\tx"])
     def test_converted_to_output_chat_template(self, tmp_path, models, monkeypatch, template):
         config = mergekit_config(tmp_path, models, ("model_base", "model_b"), template)
         monkeypatch.chdir(tmp_path)
         text = convert_file(config, tmp_path / "recipe.yaml")
         assert yaml.safe_load(text)["output"]["chat_template"] == template
+        if template == B:  # written as people write templates in YAML
+            assert "  chat_template: |\n    {% for m in messages %}B: {{ m.content }}\n" in text
         assert recipekit.validate(text, base_dir=tmp_path).inputs_checked
 
     def test_unknown_builtin_is_refused_at_its_key(self, cli, tmp_path, models, monkeypatch):
