@@ -299,6 +299,15 @@ class SchemeError(UnlocatedError):
         self.where = where
 
 
+class ChatTemplateError(UnlocatedError):
+    """A chat template that cannot be used (not UTF-8 text, not Jinja, too large), located by
+    the recipe key that names it.
+
+    Example: ``recipe.yaml:14:5: output.chat_template.file: templates/chat.jinja: line 2: the
+    chat template is not valid Jinja: unexpected '}'``
+    """
+
+
 class LockError(UsageError):
     """The lock does not match the recipe or its inputs (exit 2)."""
 

@@ -19,6 +19,7 @@ from recipekit.arch import LayerStack, config_get, config_has, with_config, with
 from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.graph import Load, Node, VirtualModel, expression_nodes, load, round_to
+from recipekit.inputs.chat_template import ChatTemplate
 from recipekit.inputs.models import Checkpoint, donor_files_identity
 from recipekit.inputs.side_files import resolve_side_files
 from recipekit.io.names import ADAPTER_WEIGHTS, is_absolute_local
@@ -50,9 +51,12 @@ class Plan:
     adapter: bool = False  # the output is a PEFT adapter directory
     #: Step name -> operator metadata (coalescing schemes, compensation), for the manifest.
     operators: Mapping[str, Any] = field(default_factory=dict)
-    #: Donor files written with rewritten contents (relative path -> bytes), e.g. the
-    #: sentence-transformers pooling dimension after a width change.
-    files: Mapping[str, bytes] = field(default_factory=dict)
+    #: Files written with planned contents (relative path -> bytes): donor files rewritten
+    #: (e.g. the sentence-transformers pooling dimension after a width change) or new ones
+    #: (chat_template.jinja); None: a donor file the output does not get.
+    files: Mapping[str, bytes | None] = field(default_factory=dict)
+    #: The output's chat template (`output.chat_template`), None when the donor's files stand.
+    chat_template: ChatTemplate | None = None
 
     @property
     def bytes_written(self) -> int:
@@ -117,6 +121,9 @@ class Plan:
         }
         if self.operators:  # a scheme read from a file is part of what is written
             doc["operators"] = self.operators
+        if self.chat_template is not None:  # a file's or the inputs' template, by content
+            doc["chat_template"] = {"source": self.chat_template.source, "sha256": hashlib.sha256(
+                self.chat_template.text.encode()).hexdigest()}
         donor = self.donor
         if donor is not None and donor.hub is None and not self.adapter:
             # the donor's other files are copied into the output (a hub donor's commit fixes them)
@@ -212,6 +219,7 @@ def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str,
                 model: VirtualModel) -> Plan:
     """A plan writing ``model`` as a checkpoint: output dtype, donor config and files, shards."""
     # run/finish imports run/manifest, which imports this package: import it once it is loaded.
+    from recipekit.plan.chat_template import output_chat_template, with_chat_template
     from recipekit.run.finish import rewrite_dimension_files
 
     out_code = NAME_TO_CODE[recipe.output.dtype] if recipe.output.dtype else None
@@ -229,8 +237,10 @@ def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str,
     final = VirtualModel(model.name, model.config, tensors, model.stack, donor_name, model.changed)
     operators = {name: dict(models[name].meta) for name in recipe.steps if models[name].meta}
     files = rewrite_dimension_files(donor, config)
+    template = output_chat_template(recipe, sources)
+    files = with_chat_template(files, donor, template)  # last: over any tokenizer file planned
     return Plan(recipe, dict(sources), final, donor, config, shards, operators=operators,
-                files=files)
+                files=files, chat_template=template)
 
 
 #: The layer stack of an adapter output (it has no layers of its own).
@@ -244,6 +254,11 @@ def _adapter_plan(recipe: Recipe, sources: Mapping[str, Any], aset: Any) -> Plan
     if recipe.output.config is not None:
         raise RecipeErrors([recipe.error(("output", "config"), "an adapter output has no "
                                          "config.json donor", key=True)])
+    if recipe.output.chat_template is not None:
+        raise RecipeErrors([recipe.error(
+            ("output", "chat_template"), "an adapter output has no tokenizer to carry a chat "
+            "template", key=True, hint="set it where the adapters are folded into a model "
+            "(`op: adapters`), or put chat_template.jinja beside the base model")])
     tensors, config = adapter_output(aset, recipe)
     shards = schedule_shards(tensors, 1 << 62, single=ADAPTER_WEIGHTS)
     model = VirtualModel(aset.name, {}, tensors, NO_STACK, "")

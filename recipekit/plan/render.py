@@ -134,6 +134,8 @@ def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> st
         *([] if plan.adapter else [
             f"layers:        {plan.model.stack.num_layers}  (`{plan.model.stack.prefix}<i>`, "
             f"config key {'.'.join(plan.model.stack.count_key)})"]),
+        *([f"chat template: {echo_text(plan.chat_template.source)}"]
+          if plan.chat_template else []),
         f"tensors:       {plan.num_tensors} written, {len(plan.loads())} distinct inputs read",
         f"bytes read:    {format_size(est['bytes_read'])} distinct{reread}",
         f"bytes written: {format_size(est['bytes_written'])} in {len(plan.shards)} shard(s)",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.errors import KeyPath, MergekitConfigError, RecipeError, RecipeErrors
+from recipekit.inputs.chat_template import setting_problem
 from recipekit.recipe.document import Document, load_document, parse_document, show
 from recipekit.recipe.schema import coerce_numeric_strings, schema_errors, step_references
 from recipekit.recipe.types import (
@@ -357,8 +358,16 @@ def _output(doc: Document, out: Mapping[str, Any], names: _Names, last_step: str
         _check_path_text(doc, ("output", "path"), out["path"], errors)
     out_path = Path(os.path.normpath(base_dir / _expanduser(out["path"]))) if isinstance(
         out.get("path"), str) else base_dir / "out" / file.stem
+    template = out.get("chat_template")
+    if isinstance(template, str):
+        problem = setting_problem(template)
+        if problem is not None:
+            errors.append(doc.error(("output", "chat_template"), problem[0], hint=problem[1]))
+    elif isinstance(template, dict) and isinstance(template.get("file"), str):
+        _check_path_text(doc, ("output", "chat_template", "file"), template["file"], errors)
     return Output(out_path, out_model, out.get("dtype"), shard_size, out.get("config"),
-                  out.get("adapter") if isinstance(out.get("adapter"), dict) else None)
+                  out.get("adapter") if isinstance(out.get("adapter"), dict) else None,
+                  template if isinstance(template, (str, dict)) else None)
 
 
 def _shard_size(doc: Document, written: Any, errors: list[RecipeError]) -> int:

@@ -114,6 +114,8 @@ class Output:
     shard_size: int
     config: str | None
     adapter: Mapping[str, Any] | None = None  # how an adapter-set output is written
+    #: `auto`, a built-in name, literal Jinja, or {file: path} (inputs/chat_template.py)
+    chat_template: str | Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

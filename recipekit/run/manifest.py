@@ -43,6 +43,7 @@ def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]],
         "donor": plan.donor.name if plan.donor is not None else None,
         "output_model": r.output.model,
         **({"operators": dict(plan.operators)} if plan.operators else {}),
+        **({"chat_template": plan.chat_template.source} if plan.chat_template else {}),
         "shards": {name: shards[name] for name in sorted(shards)},
         **({"files": {rel: files[rel] for rel in sorted(files)}} if files else {}),
     }

@@ -28,6 +28,7 @@ mergekit semantics it must reproduce (reference/mergekit.md §1.4-1.5, read in m
   merging; the recipe gets the LoRA under `adapters:` and an `op: adapters` step the merge takes.
 * **dtype / out_dtype** become `output.dtype`; `dtype` (or, without it, `inputs`: their promoted
   dtype) becomes each merge step's `compute_dtype`, so the method computes in it as mergekit does.
+* **chat_template** (`auto`, a built-in name, literal Jinja) becomes `output.chat_template`.
 
 Oracle: tests/test_mergekit_import.py converts typical configs, runs the recipes and compares
 them with mergekit 0.1.5's outputs (goldens in tests/goldens/mergekit_import/, made by
@@ -53,6 +54,7 @@ from recipekit.errors import (
     RecipekitError,
     format_key_path,
 )
+from recipekit.inputs.chat_template import AUTO, is_literal, setting_problem
 from recipekit.inputs.resolve import resolve_sources
 from recipekit.merge import METHODS, MethodSpec
 from recipekit.plan import compile_plan
@@ -67,7 +69,8 @@ from recipekit.tools.mergekit_params import (
 )
 
 #: What recipekit converts, and what it refuses with a reason (the key is named in the error).
-TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype")
+TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
+            "chat_template")
 REFUSED = {
     "modules": "per-module configs (a VLM's text and vision modules merged differently) have "
                "no recipekit equivalent: a merge step covers every tensor of a model, and "
@@ -77,7 +80,6 @@ REFUSED = {
                         "donor's tokenizer files (`output.config`) unchanged",
     "tokenizer": "recipekit does not build or permute tokenizers: the output takes the donor's "
                  "tokenizer files (`output.config`) unchanged",
-    "chat_template": "recipekit copies the donor's chat template and does not write another",
 }
 #: Parameters mergekit 0.1.5 accepts in a config and ignores where the method's function does
 #: not take them (see `_ignored_by_mergekit`); other unknown keys are refused as likely typos.
@@ -146,6 +148,13 @@ def _check_top(st: ImportState, data: dict[str, Any]) -> None:
         if value is not None and str(value).removeprefix("torch.") not in DTYPES:
             errors.append(st.doc.error((key,), f"cannot convert {key} {value!r}: recipekit "
                                        "writes " + ", ".join(DTYPES)))
+    template = data.get("chat_template")
+    if template is not None:
+        problem = ("a chat template is a string", None) if not isinstance(template, str) \
+            else setting_problem(template)
+        if problem is not None:
+            errors.append(st.doc.error(("chat_template",), f"cannot convert chat_template: "
+                                       f"{problem[0]}", hint=problem[1]))
     if errors:
         raise ConversionError(errors)
 
@@ -540,6 +549,10 @@ def _recipe(st: ImportState, data: dict[str, Any], method: MethodSpec, final: st
     else:
         st.notes.append("no base_model: mergekit picks the config/tokenizer donor from an "
                         "unordered set; this recipe takes the first model's")
+    template = data.get("chat_template")
+    if template is not None:
+        output["chat_template"] = template
+        st.notes.append(_template_note(template))
     if method.random:
         st.notes.append(f"{method.name} is random: recipekit seeds each tensor from (seed, "
                         "tensor name), so masks differ from mergekit's --random-seed stream")
@@ -560,6 +573,18 @@ def _recipe(st: ImportState, data: dict[str, Any], method: MethodSpec, final: st
             "steps": st.steps, "output": output}
 
 
+def _template_note(template: str) -> str:
+    """What `output.chat_template` does differently from mergekit's `chat_template`."""
+    if template == AUTO:
+        return ("chat_template auto: a tie between templates goes to the model listed first "
+                "(mergekit's to the first of an unordered set)")
+    if is_literal(template):
+        return "chat_template: the Jinja text is written as chat_template.jinja, as mergekit does"
+    return (f"chat_template {template}: recipekit's own built-in, written from the format's "
+            "published convention; mergekit's alpaca, exaone and llama3 files render extra "
+            "whitespace, chatml and mistral render the same")
+
+
 class _Dumper(yaml.SafeDumper):
     """Block style, flow lists of scalars, no anchors/aliases (a recipe is read by people)."""
 
@@ -575,7 +600,15 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
         data) <= 8 and all(not isinstance(e, dict) for e in data))
 
 
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    """Multi-line text (a literal chat template) as a `|` block, as people write it; PyYAML
+    falls back to a quoted style where a block cannot hold the text exactly."""
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data,
+                                   style="|" if "\n" in data else None)
+
+
 _Dumper.add_representer(list, _represent_list)
+_Dumper.add_representer(str, _represent_str)
 
 
 def _render(st: ImportState, recipe: dict[str, Any], config: Path) -> str:
