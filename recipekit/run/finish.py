@@ -28,8 +28,20 @@ def output_files(plan: Plan, donor_files: list[Path]) -> list[str]:
         return [*files, ADAPTER_CONFIG, MODEL_CARD, MANIFEST]
     if len(plan.shards) > 1:
         files.append(INDEX)
-    files += [CONFIG, MODEL_CARD, *(str(p) for p in donor_files), MANIFEST]
+    files += [CONFIG, MODEL_CARD, *(str(p) for p in _copied(plan, donor_files)),
+              *_made(plan, donor_files), MANIFEST]
     return files
+
+
+def _copied(plan: Plan, donor_files: list[Path]) -> list[Path]:
+    """The donor's files the output gets (copied, or rewritten from `plan.files`)."""
+    return [p for p in donor_files if p.as_posix() not in plan.omitted]
+
+
+def _made(plan: Plan, donor_files: list[Path]) -> list[str]:
+    """Files of `plan.files` the donor lacks (an aligned vocabulary's tokenizer files)."""
+    have = {p.as_posix() for p in donor_files}
+    return sorted(rel for rel in plan.files if rel not in have)
 
 
 def finish_output(plan: Plan, out: OutputDir, donor_files: list[Path]) -> None:
@@ -45,12 +57,15 @@ def finish_output(plan: Plan, out: OutputDir, donor_files: list[Path]) -> None:
         written.append(INDEX)
     written.append(ADAPTER_CONFIG if plan.adapter else CONFIG)
     out.write_file(written[-1], dumps(plan.config))
-    for rel in donor_files:
+    for rel in _copied(plan, donor_files):
         if rel.as_posix() in plan.files:  # a dimension field rewritten (e.g. 1_Pooling)
             out.write_file(str(rel), plan.files[rel.as_posix()])
         else:
             out.copy_file(plan.donor.path / rel, str(rel))  # type: ignore[union-attr]
         written.append(rel.as_posix())
+    for made in _made(plan, donor_files):
+        out.write_file(made, plan.files[made])
+        written.append(made)
     out.write_file(MODEL_CARD, build_model_card(plan).encode())
     written.append(MODEL_CARD)
     files = {rel: {"size": (out.path / rel).stat().st_size, "sha256": sha256_file(out.path / rel)}
