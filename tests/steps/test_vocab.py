@@ -289,3 +289,35 @@ def test_the_plan_hash_follows_the_tokenizer(cli, tmp_path, vocab_models):
     data["added_tokens"][-1]["special"] = True
     (chatml / "tokenizer.json").write_text(json.dumps(data))
     assert plan_hash() != before
+
+
+def test_import_mergekit_converts_the_tokenizer_block(cli, tmp_path, vocab_models, monkeypatch):
+    """`import-mergekit` turns mergekit's `tokenizer:` (model_token by id and by token, a
+    forced model source, zero, padding) into the merge step's `tokenizer:`, and the recipe
+    runs; the rows are those of the mergekit parity cases above."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text(
+        f"base_model: {vocab_models['base']}\nmodels:\n"
+        f"  - model: {vocab_models['base']}\n  - model: {vocab_models['chatml']}\n"
+        "merge_method: task_arithmetic\nparameters: {weight: 0.5}\ndtype: float32\n"
+        "tokenizer:\n  source: union\n  pad_to_multiple_of: 8\n  tokens:\n"
+        f"    _tok_20: {{source: {{kind: model_token, model: {vocab_models['chatml']}, "
+        "token_id: 64}, force: true}\n"
+        f"    _tok_21: {{source: {{kind: model_token, model: {vocab_models['base']}, "
+        "token: \"<s>\"}}\n"
+        f"    _tok_22: {{source: {vocab_models['chatml']}, force: true}}\n"
+        "    _tok_23: {source: {kind: zero}}\n")
+    out = tmp_path / "recipe.yaml"
+    result = cli("import-mergekit", str(cfg), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    step = yaml.safe_load(out.read_text())["steps"][0]
+    assert step["tokenizer"] == {"source": "union", "pad_to_multiple_of": 8, "tokens": {
+        "_tok_20": {"model": "model_chatml", "token_id": 64, "force": True},
+        "_tok_21": {"model": "model_base", "token": "<s>"},
+        "_tok_22": {"model": "model_chatml", "force": True},
+        "_tok_23": {"zero": True}}}
+    result = cli("run", str(out))
+    assert result.exit_code == 0, result.output
