@@ -90,11 +90,11 @@ def build_interpolate(step: Step, models: Mapping[str, VirtualModel],
         RecipeErrors: inputs whose tensors or shapes differ, rules that miss a tensor.
     """
     names = list(step.spec["from"])
-    total, files = None, {}
+    total, files, ids = None, {}, {}
     if "tokenizer" in step.spec:  # permute the vocabulary tables first (steps/vocab.py)
         from recipekit.steps.vocab import align_inputs
 
-        aligned, total, files = align_inputs(step, names, models, recipe, names[0])
+        aligned, total, files, ids = align_inputs(step, names, models, recipe, names[0])
         models = {**models, **aligned}
     errors = check_aligned(step, names, models, recipe)
     if errors:
@@ -121,7 +121,7 @@ def build_interpolate(step: Step, models: Mapping[str, VirtualModel],
         return VirtualModel(step.name, a.config, tensors, a.stack, a.donor, a.changed)
     from recipekit.steps.vocab import vocab_config
 
-    config, changed = vocab_config(a, total)
+    config, changed = vocab_config(a, total, ids)
     return VirtualModel(step.name, config, tensors, a.stack, a.donor, changed, files=files)
 
 

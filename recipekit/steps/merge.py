@@ -352,10 +352,10 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
     """
     spec, base_name, entries = validate_merge(step, recipe)
     names = ([base_name] if base_name else []) + [name for name, _, _ in entries]
-    total, files = None, {}
+    total, files, ids = None, {}, {}
     if "tokenizer" in step.spec:  # permute the vocabulary tables first (steps/vocab.py)
         order = names if spec.pair else names[1:] + names[:1] if base_name else names
-        aligned, total, files = align_inputs(step, order, models, recipe, base_name)
+        aligned, total, files, ids = align_inputs(step, order, models, recipe, base_name)
         models = {**models, **aligned}
     errors = check_aligned(step, names, models, recipe)
     if errors:
@@ -406,7 +406,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
     if total is None:
         return VirtualModel(step.name, first.config, tensors, first.stack, first.donor,
                             first.changed)
-    config, changed = vocab_config(first, total)
+    config, changed = vocab_config(first, total, ids)
     return VirtualModel(step.name, config, tensors, first.stack, first.donor, changed,
                         files=files)
 

@@ -121,7 +121,7 @@ def _tokenizer(step: Step, vm: VirtualModel) -> ModelTokenizer:
 
 def align_inputs(step: Step, names: Sequence[str], models: Mapping[str, VirtualModel],
                  recipe: Recipe, base: str | None) -> tuple[dict[str, VirtualModel], int,
-                                                            dict[str, bytes]]:
+                                                            dict[str, bytes], dict[str, Any]]:
     """The step's inputs with their vocabulary tables permuted into the output vocabulary.
 
     Args:
@@ -129,7 +129,8 @@ def align_inputs(step: Step, names: Sequence[str], models: Mapping[str, VirtualM
         base: the model whose row a shared token takes (the step's base), or None.
 
     Returns:
-        (the aligned inputs by name, the output's table rows, the output tokenizer files).
+        (the aligned inputs by name, the output's table rows, the output tokenizer files, the
+        donor config's token ids mapped into the output vocabulary).
 
     Raises:
         RecipeErrors: located at the step's `tokenizer:` key.
@@ -158,9 +159,15 @@ def align_inputs(step: Step, names: Sequence[str], models: Mapping[str, VirtualM
     total = -(-size // pad) * pad if pad else size
     aligned = {m: _aligned_model(models[m], names, models, tables, rows[m], size, total,
                                  step, recipe) for m in names}
+    donor = names[0] if base is None else base
     files = output_files(out, toks[tok_base if source in ("union", "base") else source],
-                         toks[names[0]] if base is None else toks[base], step, recipe)
-    return aligned, total, files
+                         toks[donor], step, recipe)
+    old = {i: t for t, i in toks[donor].vocab.items()}
+    new = {t: i for i, t in enumerate(out.tokens)}
+    config = models[donor].config
+    ids = {k: v for k, v in _ids_remapped(config, old, new).items()
+           if k in ID_KEYS and v != config.get(k)}
+    return aligned, total, files, ids
 
 
 def _aligned_model(vm: VirtualModel, names: Sequence[str], models: Mapping[str, VirtualModel],
@@ -195,11 +202,14 @@ def _aligned_model(vm: VirtualModel, names: Sequence[str], models: Mapping[str, 
     return VirtualModel(vm.name, vm.config, tensors, vm.stack, vm.donor, vm.changed)
 
 
-def vocab_config(vm: VirtualModel, total: int) -> tuple[dict[str, Any], frozenset[Any]]:
-    """The step's config with the output's vocab size, and the keys it changed."""
+def vocab_config(vm: VirtualModel, total: int, ids: Mapping[str, Any]
+                 ) -> tuple[dict[str, Any], frozenset[Any]]:
+    """The step's config with the output's vocab size and token ids (``ids``: the donor's
+    `bos_token_id`, ... mapped through the tokens, where they moved), and the keys changed."""
     arch = load_architectures().get(vm.stack.family or "")
     key = (arch.config.get("vocab_size", "vocab_size") if arch else "vocab_size",)
-    return with_config(vm.config, {key: total}), vm.changed | {key}
+    updates = {key: total, **{(k,): v for k, v in ids.items()}}
+    return with_config(vm.config, updates), vm.changed | set(updates)
 
 
 def _ids_remapped(doc: Mapping[str, Any], old: Mapping[int, str], new: Mapping[str, int]

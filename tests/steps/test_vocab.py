@@ -321,3 +321,61 @@ def test_import_mergekit_converts_the_tokenizer_block(cli, tmp_path, vocab_model
         "_tok_23": {"zero": True}}}
     result = cli("run", str(out))
     assert result.exit_code == 0, result.output
+
+
+def test_the_lock_pins_a_non_donor_models_tokenizer(cli, tmp_path, vocab_models):
+    """Oracle: `run --frozen` refuses once the tokenizer of a model that is not the config
+    donor (chatml: the output's tokens 64-65 come from it) changed after `recipekit lock`."""
+    import shutil
+
+    chatml = tmp_path / "chatml"
+    shutil.copytree(vocab_models["chatml"], chatml)
+    r = _recipe(tmp_path, dict(vocab_models, chatml=chatml), ["base", "chatml"],
+                LINEAR2 + "tokenizer: union")
+    assert cli("lock", str(r)).exit_code == 0
+    lock = json.loads((tmp_path / "recipe.lock.json").read_text())
+    assert "tokenizer.json" in lock["inputs"]["models.chatml"]["files"]
+    path = chatml / "tokenizer.json"
+    path.write_text(path.read_text().replace("<|im_end|>", "<|im_stop|>"))
+    result = cli("run", str(r), "-q", "--frozen")
+    assert result.exit_code == 2
+    assert "models.chatml" in result.stderr and "tokenizer.json" in result.stderr
+
+
+def test_a_source_with_other_ids_moves_rows_and_token_ids(cli, tmp_path, vocab_models):
+    """Oracle: the permutation written out. `swapped` is the base model with `<s>` and
+    `_tok_40` exchanging ids (tokenizer and rows); with `tokenizer: swapped` the output takes
+    its ids, so `<s>` is row 40 = mean of base row 1 and swapped row 40, and config.json's and
+    generation_config.json's `bos_token_id` (the donor base's 1) become 40."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(vocab_models["base"], swapped)
+    data = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["<s>"], vocab["_tok_40"] = 40, 1
+    for t in data["added_tokens"]:
+        t["id"] = vocab.get(t["content"], t["id"])
+    data["added_tokens"].sort(key=lambda t: t["id"])
+    (swapped / "tokenizer.json").write_text(json.dumps(data))
+    tensors = load_file(swapped / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        t = tensors[name].clone()
+        t[[1, 40]] = t[[40, 1]] + 1.0  # the same tokens, other rows (shifted: told apart)
+        tensors[name] = t
+    save_file(tensors, swapped / "model.safetensors", metadata={"format": "pt"})
+    r = _recipe(tmp_path, dict(vocab_models, swapped=swapped), ["base", "swapped"],
+                "method: linear\nfrom: [base, swapped]\nparameters: {weight: 1.0}\n"
+                "tokenizer: swapped")
+    result = cli("run", str(r))
+    assert result.exit_code == 0, result.output
+    vocab_out, out = _rows(tmp_path / "out")
+    assert vocab_out["<s>"] == 40 and vocab_out["_tok_40"] == 1
+    base = load_file(vocab_models["base"] / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(out[name][40], (base[name][1] + tensors[name][40]) / 2)
+        assert torch.equal(out[name][1], (base[name][40] + tensors[name][1]) / 2)
+    for f in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "out" / f).read_text())["bos_token_id"] == 40, f
