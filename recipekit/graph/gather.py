@@ -15,6 +15,7 @@ Oracle: tests/steps/test_vocab.py against mergekit 0.1.5, row by row in fp32.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -80,8 +81,18 @@ class GatherRows(Node):
         import torch
 
         dtype = torch_dtype(self.dtype)
+        starts = self.__dict__.get("_starts")
+        if starts is None:  # segments are sorted and tile the rows: find a piece's by bisection
+            starts = self.__dict__["_starts"] = [seg[0] for seg in self.segments]
+        first = max(0, bisect.bisect_right(starts, lo) - 1)
+        last = bisect.bisect_left(starts, hi)
+        s_lo, s_hi, sources = self.segments[first]
+        if hi <= s_hi and sources is not None and len(sources) == 1:  # one run of copies
+            t, start = sources[0]
+            piece = read(t, start + lo - s_lo, start + hi - s_lo)
+            return piece if piece.dtype == dtype else piece.to(dtype)
         out = torch.empty((hi - lo, *self.shape[1:]), dtype=dtype)
-        for s_lo, s_hi, sources in self.segments:
+        for s_lo, s_hi, sources in self.segments[first:last]:
             a, b = max(lo, s_lo), min(hi, s_hi)
             if a >= b:
                 continue

@@ -144,7 +144,7 @@ def reads_whole_tensor(node: Node) -> bool:
     and is not a reduction that streams them (graph/passes.py)."""
     held, _ = held_nodes(node)
     return any(n.inputs and n.row_inputs() is None and not isinstance(n, Reduction)
-               for n in held)
+               and not (isinstance(n, GatherRows) and n.streams) for n in held)
 
 
 def row_sliced(node: Node) -> tuple[set[Node], set[Node]] | None:

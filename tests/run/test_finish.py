@@ -13,7 +13,8 @@ from recipekit.run.finish import output_files
 
 
 def plan(*shards: str, adapter: bool = False) -> SimpleNamespace:
-    return SimpleNamespace(shards=[SimpleNamespace(filename=s) for s in shards], adapter=adapter)
+    return SimpleNamespace(shards=[SimpleNamespace(filename=s) for s in shards], adapter=adapter,
+                           files={}, omitted=frozenset())
 
 
 def test_a_single_shard_has_no_index():
