@@ -125,7 +125,14 @@ def build_interpolate(step: Step, models: Mapping[str, VirtualModel],
     return VirtualModel(step.name, config, tensors, a.stack, a.donor, changed, files=files)
 
 
+def check_interpolate(step: Step, recipe: Recipe) -> list[RecipeError]:
+    """The document check: a `tokenizer:` naming only the step's two models."""
+    from recipekit.steps.vocab import check_tokenizer
+
+    return check_tokenizer(step, recipe, list(step.spec["from"]))
+
+
 #: this module's ops (listed once in `recipekit.steps`)
 OPS = (
-    Op("interpolate", build_interpolate, "interpolate_step"),
+    Op("interpolate", build_interpolate, "interpolate_step", check=check_interpolate),
 )

@@ -39,7 +39,7 @@ from recipekit.recipe.params import ParamError, is_constant, resolve
 from recipekit.steps.gram import is_row_local, streamed_gram
 from recipekit.steps.interpolate import check_aligned
 from recipekit.steps.registry import Op
-from recipekit.steps.vocab import align_inputs, vocab_config
+from recipekit.steps.vocab import align_inputs, check_tokenizer, vocab_config
 
 
 @dataclass(frozen=True, eq=False)
@@ -248,6 +248,9 @@ def check_merge(step: Step, recipe: Recipe) -> list[RecipeError]:
     _, entries = _check_inputs(step, spec, recipe, errors)
     _check_parameters(step, spec, entries, recipe, errors)
     _check_required(step, spec, entries, recipe, errors)
+    names = [n for n, _, _ in _entries(step)] + ([step.spec["base"]] if step.spec.get("base")
+                                                 else [])
+    errors += check_tokenizer(step, recipe, names)
     return errors
 
 

@@ -105,6 +105,18 @@ def parse_rules(step: Step, recipe: Recipe, names: Sequence[str]
     return source, rules, spec.get("pad_to_multiple_of")
 
 
+def check_tokenizer(step: Step, recipe: Recipe, names: Sequence[str]) -> list[RecipeError]:
+    """The step's `tokenizer:` names only its own models: the document check of `merge` and
+    `interpolate` (so `validate --no-inputs` finds it)."""
+    if "tokenizer" not in step.spec:
+        return []
+    try:
+        parse_rules(step, recipe, names)
+    except RecipeErrors as e:
+        return list(e.errors)  # type: ignore[arg-type]
+    return []
+
+
 def _tokenizer(step: Step, vm: VirtualModel) -> ModelTokenizer:
     """The tokenizer of one input: an aligned step's own, else its donor model's."""
     if TOKENIZER_JSON in vm.files:

@@ -379,3 +379,12 @@ def test_a_source_with_other_ids_moves_rows_and_token_ids(cli, tmp_path, vocab_m
         assert torch.equal(out[name][1], (base[name][40] + tensors[name][1]) / 2)
     for f in ("config.json", "generation_config.json"):
         assert json.loads((tmp_path / "out" / f).read_text())["bos_token_id"] == 40, f
+
+
+def test_tokenizer_names_are_checked_from_the_recipe_alone(cli, tmp_path, vocab_models):
+    """`validate --no-inputs` (the pre-commit hook) finds a source naming no model of the step."""
+    r = _recipe(tmp_path, vocab_models, ["base", "chatml"], LINEAR2 + "tokenizer: padded")
+    result = cli("validate", "--no-inputs", str(r))
+    assert result.exit_code == 2
+    assert "steps[0].tokenizer: tokenizer source 'padded' is not one of this step's models" \
+        in result.stderr
