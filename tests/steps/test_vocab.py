@@ -388,3 +388,31 @@ def test_tokenizer_names_are_checked_from_the_recipe_alone(cli, tmp_path, vocab_
     assert result.exit_code == 2
     assert "steps[0].tokenizer: tokenizer source 'padded' is not one of this step's models" \
         in result.stderr
+
+
+def test_a_step_aligns_an_earlier_aligned_step_with_another_model(cli, tmp_path, vocab_models):
+    """Oracle: the rules on the first step's output. Its tokenizer is the one it built (66
+    tokens), its tables are computed (the gather is computed whole), and `padded`'s rows come
+    after alignment to the same 66 tokens; the output's files are the last alignment's."""
+    text = (f"recipekit: 1\nmodels:\n  base: {vocab_models['base']}\n"
+            f"  chatml: {vocab_models['chatml']}\n  padded: {vocab_models['padded']}\n"
+            "steps:\n"
+            "  - {name: first, op: merge, method: linear, from: [base, chatml],\n"
+            "     parameters: {weight: 1.0}, tokenizer: union}\n"
+            "  - {name: second, op: interpolate, from: [first, padded], alpha: 0.5,\n"
+            "     tokenizer: {source: union, pad_to_multiple_of: 8}}\n"
+            f"output: {{path: {tmp_path / 'out'}, dtype: float32}}\n")
+    result = cli("run", str(write_recipe(tmp_path, text)))
+    assert result.exit_code == 0, result.output
+    vocab, out = _rows(tmp_path / "out")
+    assert len(vocab) == 66 and vocab["<|im_end|>"] == 65
+    ins = {n: load_file(vocab_models[n] / "model.safetensors") for n in vocab_models}
+    name = "lm_head.weight"
+    first = torch.cat([(ins["base"][name] + ins["chatml"][name][:64]) / 2,
+                       ins["chatml"][name][64:]])
+    padded = torch.cat([ins["padded"][name], first[64:]])  # lacks 64-65: first's rows
+    want = torch.lerp(first, padded, 0.5)
+    torch.testing.assert_close(out[name][:66], want, atol=1e-7, rtol=0)
+    assert out[name].shape == (72, 32)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["vocab_size"] == 72
