@@ -75,6 +75,12 @@ class GatherRows(Node):
     def workspace(self) -> int:
         return 4 * self.numel  # fp32 sums of the mean rows, at most the table
 
+    def read_tables(self) -> tuple[Node, ...]:
+        """The tables some row is read from (a model's own table, and those of the few
+        tokens it takes from others)."""
+        used = {t for _, _, srcs in self.segments if srcs for t, _ in srcs}
+        return tuple(self.tables[t] for t in sorted(used))
+
     def gather(self, read: Callable[[int, int, int], Any], lo: int, hi: int,
                fill: Any = None) -> Any:
         """Rows ``lo:hi``, reading rows ``a:b`` of table ``t`` with ``read(t, a, b)``."""

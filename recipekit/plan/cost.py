@@ -43,7 +43,7 @@ def stream_loads(node: Reduction) -> set[Load] | None:
             return None
         loads.update(n for n in parts[0] if isinstance(n, Load))
         loads.update(t for n in parts[0] if isinstance(n, GatherRows)  # type: ignore[misc]
-                     for t in n.tables)
+                     for t in n.read_tables())
     return loads
 
 
