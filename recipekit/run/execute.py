@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from recipekit.dtypes import torch_dtype
 from recipekit.graph import Load, Node, iter_post_order
+from recipekit.graph.gather import GatherRows
 from recipekit.graph.passes import Reduction
 from recipekit.io.output import OutputDir
 from recipekit.io.reader import FileReader
@@ -286,7 +287,7 @@ class _Pieces:
     targets: tuple[Node, ...]
     plan: Plan
     rt: Runtime
-    loads: list[Load]  # stored inputs on the sliced paths
+    loads: list[Node]  # stored inputs on the sliced paths, and streaming row gathers
     gpu: bool
     whole: dict[Node, Any] = dataclasses.field(default_factory=dict)
     held: dict[Node, Any] = dataclasses.field(default_factory=dict)  # sliced inputs read whole
@@ -304,7 +305,9 @@ class _Pieces:
             assert parts is not None
             sliced |= parts[0]
             whole |= parts[1]
-        loads = sorted((n for n in sliced if isinstance(n, Load)), key=lambda n: (n.source, n.name))
+        loads: list[Node] = sorted((n for n in sliced if isinstance(n, Load)),
+                                   key=lambda n: (n.source, n.name))
+        loads += [n for n in sliced if isinstance(n, GatherRows)]  # read rows they name
         gpu = rt.device is not None and rt.device.type != "cpu"
         job = cls(targets, plan, rt, loads, gpu)
         job.whole.update((x, known[x]) for x in whole if known and x in known)
@@ -337,7 +340,9 @@ class _Pieces:
 
     def read(self, lo: int, hi: int) -> dict[Node, Any]:
         return {n: self.held[n][lo:hi] if n in self.held else
-                read_rows(n, self.plan, self.rt.reader, lo, hi, pin=self.rt.pin)
+                gather_rows(n, self.plan, self.rt, lo, hi, self.whole)
+                if isinstance(n, GatherRows) else
+                read_rows(n, self.plan, self.rt.reader, lo, hi, pin=self.rt.pin)  # type: ignore[arg-type]
                 for n in self.loads}
 
     def compute(self, ahead: Future[dict[Node, Any]], lo: int,
@@ -346,7 +351,8 @@ class _Pieces:
 
         memo = ahead.result()
         # (held inputs were checked when read whole)
-        inputs = {n: v for n, v in memo.items() if n not in self.held} if self.rt.finite else {}
+        inputs = {n: v for n, v in memo.items() if n not in self.held and isinstance(n, Load)
+                  } if self.rt.finite else {}
         if not self.gpu:
             torch.set_num_threads(1)  # also per worker thread: OpenMP's setting is per thread
         try:
@@ -468,6 +474,16 @@ def read_rows(node: Load, plan: Plan, reader: FileReader, lo: int, hi: int, *,
     return piece.view(torch_dtype(info.dtype)).reshape((hi - lo, *info.shape[1:]))
 
 
+def gather_rows(node: GatherRows, plan: Plan, rt: Runtime, lo: int, hi: int,
+                whole: dict[Node, Any]) -> Any:
+    """Rows ``lo:hi`` of a streaming row gather (graph/gather.py): only the input rows they
+    name are read from the files, in contiguous runs."""
+    tables = node.tables
+    fill = whole[node.fill].cpu() if node.fill is not None else None
+    return node.gather(lambda t, a, b: read_rows(tables[t], plan, rt.reader, a, b),  # type: ignore[arg-type]
+                       lo, hi, fill)
+
+
 def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
     """``n``'s value, its inputs first, left to right; iterative (an explicit stack), so that
     a chain of hundreds of steps does not reach Python's recursion limit. A reduction over
@@ -480,6 +496,8 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
                 rt.finite.check(f"input {m.source}:{m.name}", result)
         elif m in rt.shared:
             result = rt.shared[m]
+        elif isinstance(m, GatherRows) and m.streams:
+            result = gather_rows(m, plan, rt, 0, m.shape[0], memo)
         elif streams_from_files(m):
             assert isinstance(m, Reduction)
             whole = tuple(memo[x].to(device, non_blocking=True)

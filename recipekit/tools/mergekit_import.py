@@ -70,16 +70,12 @@ from recipekit.tools.mergekit_params import (
 
 #: What recipekit converts, and what it refuses with a reason (the key is named in the error).
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-            "chat_template")
+            "chat_template", "tokenizer_source", "tokenizer")
 REFUSED = {
     "modules": "per-module configs (a VLM's text and vision modules merged differently) have "
                "no recipekit equivalent: a merge step covers every tensor of a model, and "
                "`layers` steps restack only the one stack `layer_prefix:` names; a `models:` "
                "config of VLMs converts",
-    "tokenizer_source": "recipekit does not build or permute tokenizers: the output takes the "
-                        "donor's tokenizer files (`output.config`) unchanged",
-    "tokenizer": "recipekit does not build or permute tokenizers: the output takes the donor's "
-                 "tokenizer files (`output.config`) unchanged",
 }
 #: Parameters mergekit 0.1.5 accepts in a config and ignores where the method's function does
 #: not take them (see `_ignored_by_mergekit`); other unknown keys are refused as likely typos.
@@ -114,6 +110,7 @@ def convert_file(config: Path, out_file: Path | None, cwd: Path | None = None) -
     _resolve_models(st)
     _measure(st, slices)
     final = _build_steps(st, data, method, slices)
+    _convert_tokenizer(st, data, final)
     recipe = _recipe(st, data, method, final, config)
     text = _render(st, recipe, config)
     _validate(recipe, (out_file or cwd / (config.stem + ".yaml")).resolve(), st)
@@ -480,6 +477,61 @@ def _merge_slice(st: ImportState, data: dict[str, Any], method: MethodSpec, sl: 
     step["compute_dtype"] = str(data.get("dtype") or "inputs").removeprefix("torch.")
     st.steps.append(step)
     return name, False
+
+
+def _convert_tokenizer(st: ImportState, data: dict[str, Any], final: str) -> None:
+    """`tokenizer_source` / `tokenizer:` become the merge step's `tokenizer:` (steps/vocab.py),
+    whose spelling mirrors mergekit's: a source, per-token sources (`model_token` as
+    `{model, token | token_id}`, `zero`), `force` and `pad_to_multiple_of`."""
+    key = "tokenizer" if data.get("tokenizer") is not None else "tokenizer_source"
+    value = data.get(key)
+    if value is None:
+        return
+    if data.get("tokenizer") is not None and data.get("tokenizer_source") is not None:
+        raise st.fail(("tokenizer",), "mergekit refuses both `tokenizer_source` and "
+                      "`tokenizer`", key=True)
+    step = next((s for s in st.steps if s["name"] == final), None)
+    if step is None or step["op"] != "merge":
+        raise st.fail((key,), f"cannot convert `{key}` of a config that is not one merge of "
+                      "`models:` (a slices config combines several steps)", key=True)
+    block = value if key == "tokenizer" else {"source": value}
+    if not isinstance(block, dict):
+        raise st.fail((key,), "`tokenizer` is a mapping (source, tokens, pad_to_multiple_of)")
+    source = block.get("source", "union")
+    path = (key,) if key == "tokenizer_source" else (key, "source")
+    if source not in ("union", "base"):
+        source = _model(st, source, path)
+    elif source == "base" and "base" not in step and data.get("base_model"):
+        source = _model(st, data["base_model"], ("base_model",))  # the tokenizer base
+    tokens: dict[str, Any] = {}
+    for token, cfg in (block.get("tokens") or {}).items():
+        tpath = (key, "tokens", token)
+        src = (cfg or {}).get("source")
+        force = bool((cfg or {}).get("force", False))
+        if isinstance(src, dict) and src.get("kind") == "zero":
+            out: Any = {"zero": True}
+        elif isinstance(src, dict) and src.get("kind") == "model_token":
+            out = {"model": _model(st, src.get("model"), tpath + ("source", "model"))}
+            out.update({k: src[k] for k in ("token", "token_id") if src.get(k) is not None})
+        elif isinstance(src, (str, dict)):
+            out = {"model": _model(st, src, tpath + ("source",))}
+        else:
+            raise st.fail(tpath, "a token needs a `source` (mergekit 0.1.5 fails without one)")
+        if force:
+            out["force"] = True
+        tokens[str(token)] = out
+    spec: dict[str, Any] = {"source": source}
+    if tokens:
+        spec["tokens"] = tokens
+    if block.get("pad_to_multiple_of"):
+        spec["pad_to_multiple_of"] = block["pad_to_multiple_of"]
+    step["tokenizer"] = spec if len(spec) > 1 else source
+    if "base" not in step and data.get("base_model"):
+        st.notes.append(f"method {step['method']} takes no base: a token some models lack "
+                        "takes the mean of the holders' rows, where mergekit takes the "
+                        "base_model's row when it holds the token")
+    st.notes.append("recipekit appends the union's tokens by model order and id; mergekit's "
+                    "order of other models' regular tokens changes from run to run")
 
 
 def _ignored_by_mergekit(st: ImportState, method: MethodSpec, key: str, path: KeyPath) -> bool:
