@@ -118,8 +118,10 @@ class Plan:
         if self.operators:  # a scheme read from a file is part of what is written
             doc["operators"] = self.operators
         donor = self.donor
-        if donor is not None and donor.hub is None and not self.adapter:
-            # the donor's other files are copied into the output (a hub donor's commit fixes them)
+        if donor is not None and donor.hub is None and donor.remote is None and \
+                not self.adapter:
+            # the donor's other files are copied into the output (a hub donor's commit, or a
+            # URL donor's object ETags, fix them)
             files = donor_files_identity(donor.path)
             if files:
                 doc["donor_files"] = files
