@@ -35,9 +35,9 @@ T = TypeVar("T")
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe file (YAML or JSON).",
                                            show_default=False)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-OutputOpt = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="Output directory (overrides the recipe's output.path).",
-    show_default=False)]
+OutputOpt = Annotated[str | None, typer.Option(
+    "--output", "-o", help="Output directory or URL, e.g. s3://bucket/prefix (overrides the "
+    "recipe's output.path).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option(
     "--json", help="Print machine-readable JSON on stdout (schema: README, \"JSON output\").")]
 

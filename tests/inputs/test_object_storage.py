@@ -240,6 +240,21 @@ class TestOutput:
         again = recipekit.run(_recipe(tmp_path, uploaded, url), progress=None)
         assert again.already_complete
 
+    def test_cli_output_option_takes_a_url(self, s3, uploaded, tmp_path, cli):
+        """`--output s3://...` is a URL (not the local path `s3:/...`), in `plan` and `run`."""
+        fs = s3[0]
+        recipe = _recipe(tmp_path, uploaded, "./local")
+        url = f"s3://{BUCKET}/out/cli"
+        shown = cli("plan", "--output", url, recipe)
+        assert shown.exit_code == 0 and f"output:        {url}  (model 'cut'" in shown.stdout
+        done = cli("run", "--quiet", "--output", url, recipe)
+        assert done.exit_code == 0 and done.stdout.startswith(f"wrote {url}: 2 layers, 3 shard")
+        assert not (tmp_path / "s3:").exists() and not (tmp_path / "local").exists()
+        fs.invalidate_cache()
+        assert fs.exists(f"{BUCKET}/out/cli/recipekit.json")
+        clash = cli("run", "--quiet", "--output", uploaded, recipe)
+        assert clash.exit_code == 2 and "overlaps the input 'big'" in clash.stderr
+
     def test_foreign_prefix_refused(self, s3, uploaded, tmp_path):
         fs = s3[0]
         fs.pipe_file(f"{BUCKET}/out/foreign/notes.txt", b"mine")
@@ -301,6 +316,31 @@ class TestKillAndResume:
         assert _remote_hashes(fs, f"{BUCKET}/out/killed") == _local_hashes(Path(local.output))
 
 
+class TestPinning:
+    """A URL input is pinned by each object's ETag and size: `recipekit lock` records them and a
+    replaced object fails the lock check; a plan made before an object changed refuses to read
+    it (a mix of two versions is never written)."""
+
+    def test_lock_and_plan_notice_a_replaced_object(self, s3, model, tmp_path):
+        fs = s3[0]
+        for p in sorted(model.iterdir()):
+            fs.put_file(str(p), f"{BUCKET}/models/pinned/{p.name}")
+        recipe = _recipe(tmp_path, f"s3://{BUCKET}/models/pinned", "./out")
+        plan = recipekit.plan(recipe, warn=False)
+        original = (model / "model.safetensors").read_bytes()
+        changed = original[:-1] + bytes([original[-1] ^ 1])
+        fs.pipe_file(f"{BUCKET}/models/pinned/model.safetensors", changed)
+        with pytest.raises(recipekit.errors.TensorDataError, match="changed since the plan"):
+            recipekit.run(plan, progress=None)
+        recipekit.lock(recipe)
+        entry = json.loads(recipe.with_name("recipe.lock.json").read_text())["inputs"]["models.big"]
+        assert entry["url"] == f"s3://{BUCKET}/models/pinned"
+        assert entry["files"]["model.safetensors"]["etag"]
+        fs.pipe_file(f"{BUCKET}/models/pinned/model.safetensors", original)
+        with pytest.raises(recipekit.errors.LockError, match="model.safetensors is ETag"):
+            recipekit.run(recipe, progress=None)
+
+
 class TestExtraAndCredentials:
     def test_missing_s3fs_is_one_line_exit_2(self, tmp_path):
         recipe = _recipe(tmp_path, f"s3://{BUCKET}/models/big", "./out")
@@ -314,9 +354,11 @@ class TestExtraAndCredentials:
 
     def test_credentials_in_url_refused(self, tmp_path):
         recipe = _recipe(tmp_path, "s3://KEY:SECRET@bucket/m", "./out")
-        with pytest.raises(recipekit.errors.RecipeErrors if False else recipekit.errors.UsageError,
-                           match="holds credentials"):
+        with pytest.raises(recipekit.errors.UsageError) as e:
             recipekit.validate(recipe)
+        assert str(e.value).startswith(f"{recipe}:3:8: models.big: the URL holds credentials "
+                                       "(user:secret@); recipekit records URLs")
+        assert "SECRET" not in str(e.value).split("\n")[0]
 
     def test_import_does_not_load_fsspec(self):
         code = ("import sys, recipekit, recipekit.cli\n"
