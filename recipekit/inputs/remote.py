@@ -6,7 +6,7 @@ directory, and reads each shard's header by two ranged reads. Everything downstr
 checks, layer stacks, donor files, the plan — then works on the stub directory as on a local
 checkpoint, and each tensor's file is a `RemotePath`, which the reader serves by ranged reads
 of exactly the bytes the plan asks for. So a URL input costs its headers at planning time and
-the tensors the plan reads at run time (tests/inputs/test_object_storage.py counts them at the
+the tensors the plan reads at run time (tests/inputs/test_remote.py counts them at the
 server).
 
 Identity (plan hash, manifest, lock): the URL and each object's size, ETag and version id —

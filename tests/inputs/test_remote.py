@@ -255,6 +255,21 @@ class TestOutput:
         clash = cli("run", "--quiet", "--output", uploaded, recipe)
         assert clash.exit_code == 2 and "overlaps the input 'big'" in clash.stderr
 
+    def test_other_plan_needs_force_which_deletes_only_listed_objects(self, s3, uploaded,
+                                                                       tmp_path):
+        fs = s3[0]
+        url = f"s3://{BUCKET}/out/replaced"
+        recipekit.run(_recipe(tmp_path, uploaded, url), progress=None)
+        other = _recipe(tmp_path, uploaded, url, layers='["range(0,2)"]')
+        with pytest.raises(recipekit.errors.OutputPathError, match="different plan"):
+            recipekit.run(other, progress=None)
+        result = recipekit.run(other, progress=None, force=True)
+        fs.invalidate_cache()
+        left = sorted(k.rsplit("/", 1)[1] for k in fs.find(f"{BUCKET}/out/replaced"))
+        manifest = json.loads(fs.cat_file(f"{BUCKET}/out/replaced/recipekit.json"))
+        assert left == sorted([*manifest["shards"], *manifest["files"], "recipekit.json"])
+        assert len(result.shards) == len(manifest["shards"]) and result.shards_resumed == 0
+
     def test_foreign_prefix_refused(self, s3, uploaded, tmp_path):
         fs = s3[0]
         fs.pipe_file(f"{BUCKET}/out/foreign/notes.txt", b"mine")
@@ -314,6 +329,18 @@ class TestKillAndResume:
         assert result.shards_resumed == 1
         assert not log.writes(f"out/killed/{shards[0]}")
         assert _remote_hashes(fs, f"{BUCKET}/out/killed") == _local_hashes(Path(local.output))
+
+
+class TestDamagedInput:
+    def test_truncated_header_names_the_url(self, s3, model, tmp_path):
+        """A remote header gets a local header's checks; the message names the object's URL."""
+        fs = s3[0]
+        fs.put_file(str(model / "config.json"), f"{BUCKET}/models/cut/config.json")
+        fs.pipe_file(f"{BUCKET}/models/cut/model.safetensors",
+                     (model / "model.safetensors").read_bytes()[:4000])
+        with pytest.raises(recipekit.errors.CorruptCheckpointError) as e:
+            recipekit.validate(_recipe(tmp_path, f"s3://{BUCKET}/models/cut", "./out"))
+        assert str(e.value).startswith(f"s3://{BUCKET}/models/cut/model.safetensors: ")
 
 
 class TestPinning:
