@@ -11,8 +11,9 @@ written last and then the state object is deleted: a half-written output never h
 and a rerun of the same plan resumes from the finished shards.
 
 Limits: there is no lock, so one run per output prefix at a time (two would overwrite each
-other's state); incomplete uploads of killed runs stay (invisible, billed) until a bucket
-lifecycle rule (``AbortIncompleteMultipartUpload``) removes them.
+other's state). A killed run's incomplete uploads (invisible, billed) are aborted by the next run
+into the prefix (S3: only those of this output's own keys), or by a bucket lifecycle rule
+(``AbortIncompleteMultipartUpload``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import stat
 from collections.abc import Callable
@@ -34,6 +36,7 @@ from recipekit.io.remote import open_fs
 #: S3's smallest part (the last may be smaller) and most parts per upload.
 MIN_PART = 5 * 1024 * 1024
 MAX_PARTS = 10_000
+log = logging.getLogger(__name__)
 _RESUME = "finished shards are kept, and running the same command again resumes"
 
 
@@ -133,11 +136,17 @@ class RemoteOutput:
     # -- opening -------------------------------------------------------------------------------
     def __enter__(self) -> RemoteOutput:
         self.fs, self.root = open_fs(self.url)
-        listing = self._list()
+        self._adopt(self._list())
+        if not self.already_complete:
+            self._abort_stale_uploads()
+        return self
+
+    def _adopt(self, listing: dict[str, dict[str, Any]]) -> None:
+        """Resume, refuse, or (``force``) delete what an earlier run of ours left."""
         old = self._read_state(listing)
         if old is None:
             self._refuse_foreign(listing, frozenset())
-            return self
+            return
         if old.plan_hash == self.plan_hash and not self.force:
             self._refuse_foreign(listing, frozenset(old.files))
             self.state.finished = {k: v for k, v in old.finished.items()
@@ -145,7 +154,7 @@ class RemoteOutput:
             self.already_complete = (
                 old.complete and len(self.state.finished) == len(old.finished)
                 and all(f in listing for f in [*old.files, self._manifest]))
-            return self
+            return
         if not self.force:
             raise OutputPathError(
                 f"{self.url} holds the output of a different plan (the recipe or its inputs "
@@ -161,10 +170,25 @@ class RemoteOutput:
                 self.fs.rm(doomed)
             except Exception as e:
                 raise _io_error("delete the old output", self.url, e) from e
-        return self
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+    def _abort_stale_uploads(self) -> None:
+        """Abort the incomplete multipart uploads a killed run left for this output's files
+        (S3 only; never another key's, never bucket-wide): they are invisible but billed."""
+        if not hasattr(self.fs, "call_s3"):
+            return
+        bucket, _, prefix = self.root.partition("/")
+        ours = set(self.files)
+        try:
+            found = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/")
+            for upload in found.get("Uploads", []):
+                if upload["Key"][len(prefix) + 1:] in ours:
+                    self.fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
+        except Exception as e:  # best effort: a lifecycle rule removes them too
+            log.warning("%s: could not abort incomplete uploads of an earlier run: %s",
+                        self.url, e)
 
     def _list(self) -> dict[str, dict[str, Any]]:
         try:

@@ -303,8 +303,8 @@ main()
 class TestKillAndResume:
     """A run SIGKILLed during the second shard's upload (after a part went up) leaves the first
     shard, a state object naming it, an invisible incomplete upload and no manifest (the
-    half-written output never looks complete); a rerun uploads only the other shards and ends
-    with the bytes of a local run."""
+    half-written output never looks complete); a rerun aborts that upload, uploads only the
+    other shards and ends with the bytes of a local run."""
 
     def test_kill_during_upload_then_resume(self, s3, uploaded, model, tmp_path):
         fs, log, env = s3
@@ -328,6 +328,8 @@ class TestKillAndResume:
         result = recipekit.run(recipe, progress=None)
         assert result.shards_resumed == 1
         assert not log.writes(f"out/killed/{shards[0]}")
+        uploads = fs.call_s3("list_multipart_uploads", Bucket=BUCKET, Prefix="out/killed/")
+        assert not uploads.get("Uploads")  # the killed run's upload was aborted
         assert _remote_hashes(fs, f"{BUCKET}/out/killed") == _local_hashes(Path(local.output))
 
 
