@@ -552,8 +552,8 @@ def diff(
 
 @app.command()
 def verify(
-    out: Annotated[Path, typer.Argument(help="An output directory written by `recipekit run`.",
-                                        show_default=False)],
+    out: Annotated[str, typer.Argument(help="An output directory (or s3:// URL) written by "
+                                       "`recipekit run`.", show_default=False)],
     load: Annotated[bool, typer.Option(
         "--load", help="Also load it with transformers (PEFT for an adapter output) and run a "
         "forward pass (imports torch).")] = False,
@@ -567,14 +567,24 @@ def verify(
 
     def body() -> None:
         from recipekit.errors import UsageError, display_path
+        from recipekit.io.urls import is_url
         from recipekit.tools.verify import load_and_run, verify_output
 
         if base is not None and not load:
             raise UsageError("--base is used by --load", hint="add --load")
-        report = verify_output(out)
-        loaded = (load_and_run(out, adapter=report.adapter, base=base)
+        if is_url(out):
+            from recipekit.tools.verify_remote import verify_remote
+
+            if load:
+                raise UsageError("--load needs a local directory", hint="download the output "
+                                 "first (e.g. `aws s3 sync`), or verify without --load")
+            report = verify_remote(out)
+            where = out.rstrip("/")
+        else:
+            report = verify_output(Path(out))
+            where = display_path(Path(out))
+        loaded = (load_and_run(Path(out), adapter=report.adapter, base=base)
                   if not report.problems and load else None)
-        where = display_path(out)
         if as_json:
             _json({"output": str(out), "verified": not report.problems,
                    "adapter": report.adapter, "passed": report.passed, "notes": report.notes,

@@ -270,6 +270,23 @@ class TestOutput:
         assert left == sorted([*manifest["shards"], *manifest["files"], "recipekit.json"])
         assert len(result.shards) == len(manifest["shards"]) and result.shards_resumed == 0
 
+    def test_verify_finds_a_tampered_object(self, s3, uploaded, tmp_path, cli):
+        """`recipekit verify s3://...` re-hashes every object against the manifest."""
+        fs = s3[0]
+        url = f"s3://{BUCKET}/out/verified"
+        result = recipekit.run(_recipe(tmp_path, uploaded, url), progress=None)
+        ok = cli("verify", url)
+        assert ok.exit_code == 0 and ok.stdout.endswith(f"{url}: verified\n"), ok.output
+        assert ok.stdout.count("sha256 matches, header sound") == 3
+        key = f"{BUCKET}/out/verified/{result.shards[1].name}"
+        data = bytearray(fs.cat_file(key))
+        data[-1] ^= 1
+        fs.pipe_file(key, bytes(data))
+        bad = cli("verify", url)
+        assert bad.exit_code == 1
+        assert f"{url}/{result.shards[1].name}: sha256 " in bad.stderr
+        assert bad.stderr.endswith(f"{url}: 1 problem(s) found\n")
+
     def test_foreign_prefix_refused(self, s3, uploaded, tmp_path):
         fs = s3[0]
         fs.pipe_file(f"{BUCKET}/out/foreign/notes.txt", b"mine")
