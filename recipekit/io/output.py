@@ -288,7 +288,8 @@ class OutputDir:
     def open_shard(self, name: str, header: bytes, size: int, *, fsync: bool = True
                    ) -> ShardWriter:
         """A writer for one shard: a temp file renamed into place by `ShardWriter.finish`
-        (the interface io/remote_output.py shares for object storage)."""
+        (the interface io/remote_output.py shares for object storage). Usable without entering
+        the output (a worker process of another executor), the owner calling `mark_finished`."""
         return ShardWriter(self.path / name, header, size, fsync=fsync)
 
     def file_record(self, rel: str) -> dict[str, Any]:

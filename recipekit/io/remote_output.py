@@ -265,7 +265,12 @@ class RemoteOutput:
 
     def open_shard(self, name: str, header: bytes, size: int, *,
                    fsync: bool = True) -> RemoteShardWriter:
+        """A writer for one shard. Usable without entering the output (no listing, no state):
+        a worker process of another executor writes its shard so, and the process that owns
+        the output records it with `mark_finished`."""
         del fsync  # an upload is durable when it completes
+        if self.fs is None:
+            self.fs, self.root = open_fs(self.url)
         return RemoteShardWriter(self.fs, self._key(name), header, size, shown=self._shown(name))
 
     def write_file(self, rel: str, data: bytes) -> None:
