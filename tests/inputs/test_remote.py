@@ -199,6 +199,23 @@ class TestRangedInputs:
             t.nbytes for t in stored.values()) - unread
         assert _local_hashes(Path(result.output)) == _local_hashes(Path(local.output))
 
+    def test_sharded_input(self, s3, model, tmp_path):
+        """A sharded checkpoint (index + 3 shards) at a URL gives the bytes its local copy
+        gives."""
+        fs = s3[0]
+        sharded = Path(recipekit.run(_recipe(tmp_path, str(model), "./sharded"),
+                                     progress=None).output)
+        for p in sorted(sharded.iterdir()):
+            fs.put_file(str(p), f"{BUCKET}/models/sharded/{p.name}")
+        again = tmp_path / "again"
+        again.mkdir()
+        local = recipekit.run(_recipe(again, str(sharded), "./local", '["range(0,2)"]'),
+                              progress=None)
+        remote = recipekit.run(_recipe(again, f"s3://{BUCKET}/models/sharded", "./remote",
+                                       '["range(0,2)"]'), progress=None)
+        assert len(remote.shards) == 3
+        assert _local_hashes(Path(remote.output)) == _local_hashes(Path(local.output))
+
     def test_manifest_records_etags_not_credentials(self, s3, uploaded, tmp_path):
         _, _, env = s3
         out = recipekit.run(_recipe(tmp_path, uploaded, "./out"), progress=None).output
