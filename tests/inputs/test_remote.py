@@ -216,6 +216,23 @@ class TestRangedInputs:
         assert len(remote.shards) == 3
         assert _local_hashes(Path(remote.output)) == _local_hashes(Path(local.output))
 
+    def test_adapter_and_model_at_urls(self, s3, tmp_path):
+        """recipes/lora-fold.yaml with its model and adapter in the bucket: the bytes of the
+        committed recipe's own run (a computed op: the LoRA delta read by ranges, folded)."""
+        fs = s3[0]
+        models = ROOT / "recipes" / "models"
+        for name in ("tiny-llama", "tiny-lora"):
+            for p in sorted((models / name).iterdir()):
+                fs.put_file(str(p), f"{BUCKET}/models/{name}/{p.name}")
+        text = (ROOT / "recipes" / "lora-fold.yaml").read_text()
+        local = write_recipe(tmp_path, text.replace("./models/", f"{models}/").replace(
+            "../out/lora-fold", "./local"), "local.yaml")
+        remote = write_recipe(tmp_path, text.replace("./models/", f"s3://{BUCKET}/models/")
+                              .replace("../out/lora-fold", "./remote"), "remote.yaml")
+        a = recipekit.run(local, progress=None)
+        b = recipekit.run(remote, progress=None)
+        assert _local_hashes(Path(b.output)) == _local_hashes(Path(a.output))
+
     def test_manifest_records_etags_not_credentials(self, s3, uploaded, tmp_path):
         _, _, env = s3
         out = recipekit.run(_recipe(tmp_path, uploaded, "./out"), progress=None).output
