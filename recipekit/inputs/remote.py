@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import re
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ from recipekit.io.header import TensorInfo
 from recipekit.io.names import WEIGHT_DIRS, WEIGHT_SUFFIXES
 from recipekit.io.remote import RemotePath, open_fs, read_remote_header
 from recipekit.io.writer import write_file_atomic
+
+log = logging.getLogger(__name__)
 
 #: Larger non-weight files are not copied into the stub (no config or tokenizer is this big).
 MAX_SIDE_FILE = 256 * 1024 * 1024
@@ -110,7 +113,12 @@ def fetch_remote(url: str) -> RemoteSnapshot:
                                   "*.safetensors), your credentials and the endpoint")
     stub = _stub_dir(url)
     for rel, obj in sorted(objects.items()):
-        if _is_weight(rel) or obj["size"] > MAX_SIDE_FILE:
+        if _is_weight(rel):
+            continue
+        if obj["size"] > MAX_SIDE_FILE:
+            log.warning("%s/%s: not copied (%d bytes is more than any config or tokenizer); an "
+                        "output using this input as its donor will not have it", url, rel,
+                        obj["size"])
             continue
         try:
             data = fs.cat_file(f"{root}/{rel}")
