@@ -97,7 +97,7 @@ def test_every_readme_recipe_snippet_validates(cli, tmp_path, monkeypatch):
         result = cli("validate", "--no-inputs", path.name)
         assert result.exit_code == 0, f"README yaml block {i}:\n{block}\n{result.stderr}"
         checked.append(i)
-    assert len(checked) == 8 and sum("recipekit:" in b for b in _yaml_blocks()) == 1
+    assert len(checked) == 9 and sum("recipekit:" in b for b in _yaml_blocks()) == 1
 
 
 def test_readme_names_every_shipped_recipe():
