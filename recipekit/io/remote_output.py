@@ -291,9 +291,14 @@ class RemoteOutput:
             writer = RemoteShardWriter(self.fs, self._key(rel), b"", st.st_size,
                                        shown=self._shown(rel))
             left = st.st_size
-            while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
-                writer.write(chunk)
-                left -= len(chunk)
+            try:
+                while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+                    writer.write(chunk)
+                    left -= len(chunk)
+            except OSError as e:
+                writer.abort()
+                raise OutputError(f"cannot copy {src}: {e.strerror or e}",
+                                  file=self._shown(rel)) from e
             sha = writer.finish()
         finally:
             os.close(fd)
