@@ -295,6 +295,8 @@ class RemoteOutput:
                 while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
                     writer.write(chunk)
                     left -= len(chunk)
+            except OutputError:
+                raise  # the upload failed (already aborted)
             except OSError as e:
                 writer.abort()
                 raise OutputError(f"cannot copy {src}: {e.strerror or e}",
