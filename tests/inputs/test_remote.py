@@ -233,6 +233,22 @@ class TestRangedInputs:
         b = recipekit.run(remote, progress=None)
         assert _local_hashes(Path(b.output)) == _local_hashes(Path(a.output))
 
+    def test_plan_pickles_with_its_urls(self, s3, uploaded):
+        """A plan sent to another process (an executor's worker) still reads from the bucket:
+        each remote tensor's file keeps its URL and ETag through pickling."""
+        import pickle
+
+        from recipekit.io.remote import is_remote
+
+        plan = recipekit.plan({"recipekit": 1, "models": {"big": uploaded},
+                               "steps": [{"name": "cut", "op": "layers", "from": "big",
+                                          "layers": [0]}]}, warn=False).plan
+        info = next(iter(plan.sources["big"].tensors.values()))
+        copy = pickle.loads(pickle.dumps(info))
+        assert is_remote(copy.file) and copy == info
+        assert (copy.file.url, copy.file.etag) == (info.file.url, info.file.etag)
+        assert copy.file.url == f"{uploaded}/model.safetensors" and info.file.etag
+
     def test_manifest_records_etags_not_credentials(self, s3, uploaded, tmp_path):
         _, _, env = s3
         out = recipekit.run(_recipe(tmp_path, uploaded, "./out"), progress=None).output
