@@ -17,7 +17,7 @@ from typing import Any
 from recipekit.errors import CorruptCheckpointError, RecipekitError, UsageError, VerifyError
 from recipekit.io.names import ADAPTER_CONFIG, MANIFEST, STATE
 from recipekit.io.remote import RemotePath, open_fs, read_remote_header
-from recipekit.tools.verify import REPAIR, VerifyReport, _check_recipe, _manifest_shards
+from recipekit.tools.verify import REPAIR, VerifyReport, check_recipe, manifest_shards
 
 #: Bytes per ranged read while hashing.
 CHUNK = 8 * 1024 * 1024
@@ -51,7 +51,7 @@ def verify_remote(url: str) -> VerifyReport:
                          hint="name an output prefix written by `recipekit run`")
     try:
         manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
-        shards = _manifest_shards(manifest, shown)
+        shards = manifest_shards(manifest, shown)
     except (ValueError, CorruptCheckpointError) as e:
         raise VerifyError(f"the manifest is damaged: {e}", file=shown, hint=REPAIR) from None
     report = VerifyReport(Path(url.split("://", 1)[-1]), adapter=ADAPTER_CONFIG in listing)
@@ -69,7 +69,7 @@ def verify_remote(url: str) -> VerifyReport:
         if ok == len(files):
             report.passed.append(f"{len(files)} other files: sizes and sha256 match")
     # the recipe file sits beside the recipe, not under the prefix: check the record only
-    _check_recipe({k: v for k, v in manifest.items() if k != "recipe_file"}, shown, report)
+    check_recipe({k: v for k, v in manifest.items() if k != "recipe_file"}, shown, report)
     return report
 
 
