@@ -97,7 +97,7 @@ class PlanResult:
     """
 
     recipe: str
-    output: Path
+    output: Path | str  # a local directory, or a URL
     output_model: str
     layers: int | None
     adapter: bool
@@ -135,7 +135,7 @@ class RunResult:
     """A finished output (`recipekit run`): where, its shards with their sha256, the bytes this
     call wrote, and whether it resumed an interrupted run or found the output complete."""
 
-    output: Path
+    output: Path | str  # a local directory, or a URL (``s3://bucket/prefix``)
     shards: tuple[ShardResult, ...]
     bytes_written: int  # by this call (0 when already complete)
     bytes_total: int  # of every shard
@@ -151,7 +151,7 @@ class RunResult:
         """The line `recipekit run` prints."""
         from recipekit.units import format_size
 
-        where = display_path(self.output)
+        where = self.output if isinstance(self.output, str) else display_path(self.output)
         if self.already_complete:
             return f"{where}: already complete (same recipe and inputs); nothing to do"
         rate = (format_size(self.bytes_written / self.seconds) + "/s"
@@ -222,8 +222,13 @@ def _compile(r, output: str | os.PathLike | None):
     from recipekit.plan import compile_plan
 
     if output is not None:
-        r = dataclasses.replace(r, output=dataclasses.replace(r.output,
-                                                              path=Path(output).resolve()))
+        from recipekit.io.urls import is_url
+
+        if is_url(str(output)):
+            new = dataclasses.replace(r.output, url=str(output).rstrip("/"))
+        else:
+            new = dataclasses.replace(r.output, path=Path(output).resolve(), url=None)
+        r = dataclasses.replace(r, output=new)
     return compile_plan(r, resolve_sources(r))
 
 
@@ -254,7 +259,7 @@ def plan(recipe: RecipeSource, *, output: str | os.PathLike | None = None,
                 for f in iter_donor_files(p.donor.path, warn=warn)) if p.donor is not None else 0
     est = estimates(p, extra)
     return PlanResult(
-        r.document.file, p.recipe.output.path, r.output.model,
+        r.document.file, p.recipe.output.url or p.recipe.output.path, r.output.model,
         None if p.adapter else p.model.stack.num_layers, p.adapter, p.num_tensors,
         len(p.loads()), est["bytes_read"], est["bytes_read_total"], est["bytes_written"],
         est["peak_memory"], est["disk"],

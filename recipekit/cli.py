@@ -35,9 +35,9 @@ T = TypeVar("T")
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe file (YAML or JSON).",
                                            show_default=False)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-OutputOpt = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="Output directory (overrides the recipe's output.path).",
-    show_default=False)]
+OutputOpt = Annotated[str | None, typer.Option(
+    "--output", "-o", help="Output directory or URL, e.g. s3://bucket/prefix (overrides the "
+    "recipe's output.path).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option(
     "--json", help="Print machine-readable JSON on stdout (schema: README, \"JSON output\").")]
 SetOpt = Annotated[list[str] | None, typer.Option(
@@ -647,8 +647,8 @@ def diff(
 
 @app.command()
 def verify(
-    out: Annotated[Path, typer.Argument(help="An output directory written by `recipekit run`.",
-                                        show_default=False)],
+    out: Annotated[str, typer.Argument(help="An output directory (or s3:// URL) written by "
+                                       "`recipekit run`.", show_default=False)],
     load: Annotated[bool, typer.Option(
         "--load", help="Also load it with transformers (PEFT for an adapter output) and run a "
         "forward pass (imports torch).")] = False,
@@ -665,14 +665,25 @@ def verify(
 
     def body() -> None:
         from recipekit.errors import UsageError, display_path
+        from recipekit.io.urls import is_url
         from recipekit.tools.verify import load_and_run, verify_output
 
         if base is not None and not load:
             raise UsageError("--base is used by --load", hint="add --load")
-        report = verify_output(out, stats=stats)
-        loaded = (load_and_run(out, adapter=report.adapter, base=base)
+        if is_url(out):
+            from recipekit.tools.verify_remote import verify_remote
+
+            if load or stats:
+                raise UsageError(f"{'--load' if load else '--stats'} needs a local directory",
+                                 hint="download the output first (e.g. `aws s3 sync`), or "
+                                 "verify without it")
+            report = verify_remote(out)
+            where = out.rstrip("/")
+        else:
+            report = verify_output(Path(out), stats=stats)
+            where = display_path(Path(out))
+        loaded = (load_and_run(Path(out), adapter=report.adapter, base=base)
                   if not report.problems and load else None)
-        where = display_path(out)
         if as_json:
             _json({"output": str(out), "verified": not report.problems,
                    "adapter": report.adapter, "passed": report.passed, "notes": report.notes,

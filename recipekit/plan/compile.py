@@ -129,8 +129,10 @@ class Plan:
             doc["chat_template"] = {"source": self.chat_template.source, "sha256": hashlib.sha256(
                 self.chat_template.text.encode()).hexdigest()}
         donor = self.donor
-        if donor is not None and donor.hub is None and not self.adapter:
-            # the donor's other files are copied into the output (a hub donor's commit fixes them)
+        if donor is not None and donor.hub is None and donor.remote is None and \
+                not self.adapter:
+            # the donor's other files are copied into the output (a hub donor's commit, or a
+            # URL donor's object ETags, fix them)
             files = donor_files_identity(donor.path)
             if files:
                 doc["donor_files"] = files

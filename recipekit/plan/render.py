@@ -103,7 +103,7 @@ def render_json(plan: Plan, *, disk_extra: int = 0) -> str:
     doc = {
         "recipe": str(r.document.file),
         "plan_hash": plan.plan_hash(),
-        "output": {"path": str(r.output.path), "model": r.output.model,
+        "output": {"path": r.output.url or str(r.output.path), "model": r.output.model,
                    "donor": plan.donor.name if plan.donor else None,
                    "num_layers": plan.model.stack.num_layers, "adapter": plan.adapter},
         "config": plan.config,
@@ -127,7 +127,7 @@ def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> st
     lines = [
         f"recipe:        {echo_text(r.document.file)}" + (f" ({echo_text(r.name)})" if r.name
                                                               else ""),
-        f"output:        {display_path(r.output.path)}  " + (
+        f"output:        {r.output.url or display_path(r.output.path)}  " + (
             f"(adapter set '{echo_text(r.output.model)}': a PEFT adapter directory)"
             if plan.donor is None else f"(model '{echo_text(r.output.model)}', config from "
             f"'{echo_text(plan.donor.name)}')"),

@@ -21,6 +21,7 @@ from typing import Any
 
 from recipekit.errors import KeyPath, MergekitConfigError, RecipeError, RecipeErrors
 from recipekit.inputs.chat_template import setting_problem
+from recipekit.io.urls import is_url, url_problem
 from recipekit.recipe.document import Document, load_document, parse_document, show
 from recipekit.recipe.schema import coerce_numeric_strings, schema_errors, step_references
 from recipekit.recipe.types import (
@@ -280,8 +281,16 @@ def _inputs(doc: Document, section: str, raw: Mapping[str, Any], base_dir: Path,
             entry.get("path") if isinstance(entry, dict) else None)
         if not isinstance(written, str):
             continue
-        _check_path_text(doc, (section, name) + (("path",) if isinstance(entry, dict) else ()),
-                         written, errors)
+        key = (section, name) + (("path",) if isinstance(entry, dict) else ())
+        if is_url(written):
+            problem = url_problem(written)
+            if problem is not None:
+                errors.append(doc.error(key, f"the URL {problem}"))
+                continue
+            out[name] = ModelRef(name, None, written, prefix, (section, name),
+                                 url=written.rstrip("/"))
+            continue
+        _check_path_text(doc, key, written, errors)
         path = Path(os.path.normpath(base_dir / _expanduser(written)))
         out[name] = ModelRef(name, path, written, prefix, (section, name))
     return out
@@ -354,7 +363,13 @@ def _output(doc: Document, out: Mapping[str, Any], names: _Names, last_step: str
         names.check(out["config"], ("output", "config"))
     shard_size = _shard_size(doc, out.get("shard_size", DEFAULT_SHARD_SIZE), errors)
     base_dir = file.resolve().parent
-    if isinstance(out.get("path"), str):
+    url = None
+    if isinstance(out.get("path"), str) and is_url(out["path"]):
+        problem = url_problem(out["path"])
+        if problem is not None:
+            errors.append(doc.error(("output", "path"), f"the URL {problem}"))
+        url = out["path"].rstrip("/")
+    elif isinstance(out.get("path"), str):
         _check_path_text(doc, ("output", "path"), out["path"], errors)
     out_path = Path(os.path.normpath(base_dir / _expanduser(out["path"]))) if isinstance(
         out.get("path"), str) else base_dir / "out" / file.stem
@@ -365,9 +380,11 @@ def _output(doc: Document, out: Mapping[str, Any], names: _Names, last_step: str
             errors.append(doc.error(("output", "chat_template"), problem[0], hint=problem[1]))
     elif isinstance(template, dict) and isinstance(template.get("file"), str):
         _check_path_text(doc, ("output", "chat_template", "file"), template["file"], errors)
+    if url is not None:
+        out_path = base_dir / "out" / file.stem  # unused: the output is `url`
     return Output(out_path, out_model, out.get("dtype"), shard_size, out.get("config"),
                   out.get("adapter") if isinstance(out.get("adapter"), dict) else None,
-                  template if isinstance(template, (str, dict)) else None)
+                  template if isinstance(template, (str, dict)) else None, url)
 
 
 def _shard_size(doc: Document, written: Any, errors: list[RecipeError]) -> int:

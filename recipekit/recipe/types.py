@@ -75,7 +75,7 @@ def parse_layer_range(text: str) -> range:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A named checkpoint input: a local directory or a hub repo at a revision."""
+    """A named checkpoint input: a local directory, a hub repo at a revision or a URL."""
 
     name: str
     path: Path | None  # resolved against the recipe's directory; None for hub models
@@ -84,6 +84,7 @@ class ModelRef:
     key_path: KeyPath
     hub: str | None = None
     revision: str = DEFAULT_REVISION
+    url: str | None = None  # object storage (``s3://bucket/prefix``); path and hub are None
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Output:
     adapter: Mapping[str, Any] | None = None  # how an adapter-set output is written
     #: `auto`, a built-in name, literal Jinja, or {file: path} (inputs/chat_template.py)
     chat_template: str | Mapping[str, Any] | None = None
+    url: str | None = None  # an object-storage output (``s3://...``); ``path`` is then unused
 
 
 @dataclass(frozen=True)

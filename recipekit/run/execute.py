@@ -29,7 +29,7 @@ from recipekit.graph.gather import GatherRows
 from recipekit.graph.passes import Reduction
 from recipekit.io.output import OutputDir
 from recipekit.io.reader import FileReader
-from recipekit.io.writer import ShardWriter
+from recipekit.io.remote_output import RemoteOutput
 from recipekit.plan import Plan, Shard
 from recipekit.plan.cost import (
     COPY_BUFFERS,
@@ -62,7 +62,7 @@ class RunEvents:
 
 @dataclass(frozen=True)
 class RunResult:
-    output: Path
+    output: Path | str
     already_complete: bool
     shards_written: int
     shards_resumed: int
@@ -88,7 +88,7 @@ class FiniteCheck:
             self.found[label] = (old[0] + nan, old[1] + inf)
 
 
-def stream_shards(plan: Plan, out: OutputDir, dev: Any, *, fsync: bool,
+def stream_shards(plan: Plan, out: OutputDir | RemoteOutput, dev: Any, *, fsync: bool,
                   progress: Progress | None, check_finite: bool,
                   workers: int | None, events: RunEvents | None = None
                   ) -> dict[str, tuple[int, int]]:
@@ -113,8 +113,7 @@ def stream_shards(plan: Plan, out: OutputDir, dev: Any, *, fsync: bool,
                                 shard.size, resumed=True)
                 tick(shard.size)
                 continue
-            sha = write_shard(plan, shard, plan.recipe.output.path, rt, fsync=fsync,
-                              progress=tick)
+            sha = write_shard(plan, shard, out, rt, fsync=fsync, progress=tick)
             out.mark_finished(shard.filename, sha, shard.size)
             rt.events.shard(shard.filename, sha, shard.size, resumed=False)
     return finite.found if finite else {}
@@ -170,11 +169,12 @@ class BufferPool:
         self._free.put(buf)
 
 
-def write_shard(plan: Plan, shard: Shard, out_dir: Path, rt: Runtime, *, fsync: bool,
-                progress: Progress) -> str:
-    """Stream one shard to disk and return its sha256."""
+def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Runtime, *,
+                fsync: bool, progress: Progress) -> str:
+    """Stream one shard to its output (a local file, or an object by multipart upload) and
+    return its sha256."""
     reader, pool, finite = rt.reader, rt.pool, rt.finite
-    writer = ShardWriter(out_dir / shard.filename, shard.header, shard.size, fsync=fsync)
+    writer = out.open_shard(shard.filename, shard.header, shard.size, fsync=fsync)
     progress(len(shard.header))
     try:
         for t in shard.tensors:

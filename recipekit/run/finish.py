@@ -10,10 +10,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from recipekit.inputs.files import sha256_file
 from recipekit.inputs.models import Checkpoint, iter_donor_files, read_donor_json
 from recipekit.io.names import ADAPTER_CONFIG, CONFIG, INDEX, MANIFEST, MODEL_CARD
 from recipekit.io.output import OutputDir, dumps
+from recipekit.io.remote_output import RemoteOutput
 from recipekit.plan import Plan
 from recipekit.run.card import build_model_card
 from recipekit.run.manifest import build_manifest
@@ -42,7 +42,7 @@ def _other_files(plan: Plan, donor_files: list[Path]) -> list[str]:
     return kept + added
 
 
-def finish_output(plan: Plan, out: OutputDir, donor_files: list[Path]) -> None:
+def finish_output(plan: Plan, out: OutputDir | RemoteOutput, donor_files: list[Path]) -> None:
     """Write every file besides the shards, then the manifest, which records each one's size and
     sha256 (hashed as written, read back: `recipekit verify` checks them), then mark the
     output complete."""
@@ -64,8 +64,7 @@ def finish_output(plan: Plan, out: OutputDir, donor_files: list[Path]) -> None:
         written.append(rel)
     out.write_file(MODEL_CARD, build_model_card(plan).encode())
     written.append(MODEL_CARD)
-    files = {rel: {"size": (out.path / rel).stat().st_size, "sha256": sha256_file(out.path / rel)}
-             for rel in written}
+    files = {rel: out.file_record(rel) for rel in written}
     out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished, files)))
     out.complete()
 

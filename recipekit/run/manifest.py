@@ -34,7 +34,7 @@ def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]],
     r = plan.recipe
     return {
         "recipekit_version": __version__,
-        "recipe_file": relative_path(r.file, r.output.path),
+        "recipe_file": r.file.name if r.output.url else relative_path(r.file, r.output.path),
         "recipe": r.canonical(),
         **({"variables": dict(r.variables)} if r.variables else {}),
         "plan_hash": plan.plan_hash(),

@@ -103,7 +103,7 @@ def verify_output(out: Path, *, stats: bool = False) -> VerifyReport:
     try:
         manifest = parse_json(read_small(manifest_path, 1 << 28, MANIFEST), shown, MANIFEST,
                               hint=f"the manifest is damaged; {REPAIR}")
-        shards = _manifest_shards(manifest, shown)
+        shards = manifest_shards(manifest, shown)
     except CorruptCheckpointError as e:  # a damaged output fails verification: exit 1
         raise VerifyError(e.message, file=e.file, hint=e.hint, location=e.location) from None
     report = VerifyReport(out, adapter=(out / ADAPTER_CONFIG).is_file())
@@ -122,7 +122,7 @@ def verify_output(out: Path, *, stats: bool = False) -> VerifyReport:
         _check_layout(out, root, shards, tensors, report)
     _check_config(out, root, report)
     _check_files(out, root, manifest, shown, report)
-    _check_recipe(manifest, shown, report)
+    check_recipe(manifest, shown, report)
     if stats and tensors:
         from recipekit.tools.verify_values import check_values
 
@@ -133,7 +133,7 @@ def verify_output(out: Path, *, stats: bool = False) -> VerifyReport:
     return report
 
 
-def _manifest_shards(manifest: Any, shown: str) -> dict[str, dict[str, Any]]:
+def manifest_shards(manifest: Any, shown: str) -> dict[str, dict[str, Any]]:
     """The manifest's ``shards`` map, checked: plain names, 64-hex sha256, integer sizes."""
     hint = f"the manifest is damaged or was edited; {REPAIR}"
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict):
@@ -352,7 +352,7 @@ def _check_file(path: Path, root: Path, entry: dict[str, Any], report: VerifyRep
     return True
 
 
-def _check_recipe(manifest: dict[str, Any], shown: str, report: VerifyReport) -> None:
+def check_recipe(manifest: dict[str, Any], shown: str, report: VerifyReport) -> None:
     """The recorded recipe is valid against the schema; say whether its file still matches."""
     recipe = manifest.get("recipe")
     if not isinstance(recipe, dict):

@@ -97,7 +97,7 @@ def test_every_readme_recipe_snippet_validates(cli, tmp_path, monkeypatch):
         result = cli("validate", "--no-inputs", path.name)
         assert result.exit_code == 0, f"README yaml block {i}:\n{block}\n{result.stderr}"
         checked.append(i)
-    assert len(checked) == 11 and sum("recipekit:" in b for b in _yaml_blocks()) == 2
+    assert len(checked) == 12 and sum("recipekit:" in b for b in _yaml_blocks()) == 2
 
 
 def test_readme_names_every_shipped_recipe():
