@@ -171,6 +171,8 @@ def stream_shards_on_ray(ray: Any, plan: Plan, out: OutputDir, *, device: str, f
                 except Exception as e:
                     if failure is None:
                         failure = _task_failure(ray, e, shard, out)
+                        if failure is not getattr(e, "cause", None):
+                            failure.__cause__ = e  # --debug shows Ray's report
                         for other in pending:
                             ray.cancel(other)
                     continue
