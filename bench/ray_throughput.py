@@ -1,17 +1,17 @@
 """The Ray executor: throughput with 1, 2 and 4 workers on this machine, and partitioning the
 405B-shaped plan into tasks (DESIGN.md §7, last row; README "Running on a cluster").
 
-    python bench/ray_throughput.py [--workers 1,2,4] [--cases solar,linear] [--runs 1]
+    python bench/ray_throughput.py [--workers 1,2,4] [--cases solar,linear] [--runs 2]
                                    [--shard-size 256MB] [--partition-only]
 
-Throughput: for each case the local executor runs first (the baseline and the oracle), then,
-for each worker count N, a one-node Ray cluster started here with ``--num-cpus=N`` (so N shard
-tasks run at once) runs the same recipe through the real command, ``recipekit run RECIPE
---executor ray --address ...``. Wall time is the whole driver process's, start-up and
-``ray.init`` included, with a warm page cache (inputs read once before each run) and fsync on,
-as in bench/run.py. Every Ray output's shard sha256s must equal the local run's (the bytes
-check). Peak memory is not reported: Ray's workers are children of the raylet, not of the
-driver, so `measure.py`'s process tree would miss them.
+Throughput: for each case the local executor (the baseline and the oracle) and, for each
+worker count N, a one-node Ray cluster started here with ``--num-cpus=N`` (so N shard tasks run
+at once) take turns, ``--runs`` rounds, running the same recipe through the real command,
+``recipekit run RECIPE --executor ray --address ...``. Wall time is the whole driver process's,
+start-up and ``ray.init`` included, with a warm page cache (inputs read once before each run)
+and fsync on, as in bench/run.py. Every Ray output's shard sha256s must equal the local run's
+(the bytes check). Peak memory is not reported: Ray's workers are children of the raylet, not
+of the driver, so `measure.py`'s process tree would miss them.
 
 Partitioning: the 405B-shaped sparse checkpoint (fixtures.LLAMA_405B, headers only) is planned
 for a SOLAR upscale and a TIES merge; the time to compile the plan, and then to build every
@@ -33,6 +33,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,6 +118,7 @@ class LocalCluster:
     (/work/shared/reference/cluster.md §1.1)."""
 
     def __init__(self, cpus: int, tmp: Path) -> None:
+        self.tmp = tmp
         token = secrets.token_hex(32)
         self.env = dict(env(), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
                         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", RAY_USAGE_STATS_ENABLED="0")
@@ -138,7 +140,9 @@ class LocalCluster:
                 if s.connect_ex((HOST, port)) == 0:
                     break
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Ray head did not start; see {tmp}/cluster-{cpus}.log")
+                self.stop()
+                raise RuntimeError("the Ray head did not start:\n"
+                                   + (tmp / f"cluster-{cpus}.log").read_text()[-3000:])
             time.sleep(0.2)
         time.sleep(2)  # the raylet registers after the GCS opens its port
 
@@ -209,41 +213,46 @@ def timed_run(argv: list[str], out: Path, inputs: list[Path], run_env: dict[str,
 
 def throughput(work: Path, cases: list[str], workers: list[int], runs: int,
                shard_size: str) -> list[dict[str, object]]:
+    """Per case, ``runs`` rounds of: the local run, then Ray with each worker count (variants
+    alternate, as bench/run.py's do); each Ray output is checked against the local one's
+    shard hashes. The clusters stay up (idle) for the whole benchmark."""
     defs = make_cases(work, shard_size)
     rows: list[dict[str, object]] = []
     clusters: dict[int, LocalCluster] = {}
     try:
+        for n in workers:  # a short temp dir: Ray's socket paths must fit 107 bytes
+            clusters[n] = LocalCluster(n, Path(tempfile.mkdtemp(prefix="rkray")))
         for case in cases:
             recipe, inputs = defs[case]
             out = work / f"out-{case}"
-            walls = [timed_run([*recipekit_command(), "run", str(recipe)], out, inputs, env(),
-                               work / f"{case}-local.log") for _ in range(runs)]
-            expected = shard_hashes(out)
-            assert file_hashes(out) == expected
+            variants: list[tuple[int | None, list[str], dict[str, str]]] = [
+                (None, [*recipekit_command(), "run", str(recipe)], env())]
+            variants += [(n, [*recipekit_command(), "run", str(recipe), "--executor", "ray",
+                              "--address", clusters[n].address], clusters[n].env)
+                         for n in workers]
+            walls: dict[int | None, list[float]] = {n: [] for n, _, _ in variants}
+            same: dict[int | None, bool] = {n: True for n, _, _ in variants}
+            expected: dict[str, str] = {}
+            for _ in range(runs):
+                for n, argv, run_env in variants:
+                    walls[n].append(timed_run(argv, out, inputs, run_env,
+                                              work / f"{case}-{n or 'local'}.log"))
+                    got = shard_hashes(out)
+                    expected = expected or got  # the first, local run is the oracle
+                    same[n] = same[n] and got == expected and file_hashes(out) == expected
+                    print(f"{case} {'local' if n is None else f'ray x{n}'}: "
+                          f"{walls[n][-1]:.1f} s, same bytes: {same[n]}", file=sys.stderr)
             written = sum((out / k).stat().st_size for k in expected)
-            rows.append({"case": case, "executor": "local", "workers": None,
-                         "wall_s": statistics.median(walls), "walls": walls,
-                         "bytes_written": written, "shards": len(expected),
-                         "same_bytes": True})
-            for n in workers:
-                if n not in clusters:
-                    clusters[n] = LocalCluster(n, work / f"cluster-{n}")
-                c = clusters[n]
-                argv = [*recipekit_command(), "run", str(recipe), "--executor", "ray",
-                        "--address", c.address]
-                walls = [timed_run(argv, out, inputs, c.env, work / f"{case}-ray{n}.log")
-                         for _ in range(runs)]
-                same = shard_hashes(out) == expected and file_hashes(out) == expected
-                rows.append({"case": case, "executor": "ray", "workers": n,
-                             "wall_s": statistics.median(walls), "walls": walls,
-                             "bytes_written": written, "shards": len(expected),
-                             "same_bytes": same})
-                print(f"{case} ray x{n}: {statistics.median(walls):.1f} s, same bytes: {same}",
-                      file=sys.stderr)
+            for n, _, _ in variants:
+                rows.append({"case": case, "executor": "local" if n is None else "ray",
+                             "workers": n, "wall_s": statistics.median(walls[n]),
+                             "walls": walls[n], "bytes_written": written,
+                             "shards": len(expected), "same_bytes": same[n]})
             shutil.rmtree(out, ignore_errors=True)
     finally:
         for c in clusters.values():
             c.stop()
+            shutil.rmtree(c.tmp, ignore_errors=True)
     return rows
 
 
@@ -281,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--cases", default="solar,linear")
-    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--shard-size", default="256MB")
     ap.add_argument("--partition-only", action="store_true")
     args = ap.parse_args(argv)
