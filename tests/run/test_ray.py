@@ -215,21 +215,30 @@ def test_worker_killed_mid_shard_is_retried(cluster: Cluster, tmp_path: Path) ->
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp file left
 
 
-DRIVER = """\
+RAY_DRIVER = """\
 import logging, sys, ray, recipekit
 ray.init(address=sys.argv[1], runtime_env={runtime_env!r}, logging_level=logging.WARNING,
          log_to_driver=False)
 recipekit.run(sys.argv[2], executor="ray", progress=None)
 """
+LOCAL_DRIVER = """\
+import sys, recipekit
+from tests.helpers.ray_faults import install
+install()  # the same slow shards, in this process
+recipekit.run(sys.argv[2], progress=None)
+"""
 
 
-def _kill_driver_mid_run(cluster: Cluster, recipe: Path, out: Path, total: int) -> int:
-    """Start a Ray driver process on ``recipe`` with slow shards, SIGKILL it once the state
-    file records a finished shard, and return how many it recorded."""
+def _kill_driver_mid_run(cluster: Cluster, recipe: Path, out: Path, total: int,
+                         executor: str) -> int:
+    """Start a driver process on ``recipe`` (a Ray or a local run) with slow shards, SIGKILL
+    it once the state file records a finished shard, and return how many it recorded."""
     (cluster.faults / "slow").write_text("1")
-    code = DRIVER.format(runtime_env=cluster.runtime_env)
+    code = (RAY_DRIVER.format(runtime_env=cluster.runtime_env) if executor == "ray" else
+            LOCAL_DRIVER)
+    env = dict(cluster.env, RECIPEKIT_TEST_FAULTS=str(cluster.faults))
     proc = subprocess.Popen([sys.executable, "-c", code, cluster.address, str(recipe)],
-                            env=cluster.env, cwd=recipe.parent, stdout=subprocess.PIPE,
+                            env=env, cwd=recipe.parent, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -255,15 +264,17 @@ def _kill_driver_mid_run(cluster: Cluster, recipe: Path, out: Path, total: int) 
 
 
 @requires_ray
-@pytest.mark.parametrize("resume_on", ["local", "ray"])
-def test_driver_killed_then_resumed(cluster: Cluster, tmp_path: Path, resume_on: str) -> None:
-    """A Ray driver SIGKILLed after at least one shard is recorded (its tasks die with it):
-    the same recipe resumes, locally or on Ray, from the recorded shards and writes the bytes
-    of an uninterrupted local run."""
+@pytest.mark.parametrize(("killed", "resume_on"), [("ray", "local"), ("ray", "ray"),
+                                                   ("local", "ray")])
+def test_driver_killed_then_resumed(cluster: Cluster, tmp_path: Path, killed: str,
+                                    resume_on: str) -> None:
+    """A driver SIGKILLed after at least one shard is recorded (a Ray driver's tasks die with
+    it): the same recipe resumes, on the other executor or the same, from the recorded shards
+    and writes the bytes of an uninterrupted local run."""
     expected = local_reference(tmp_path, COMPUTED)
     recipe = write_recipe(tmp_path, COMPUTED)
     out = tmp_path / "out"
-    recorded = _kill_driver_mid_run(cluster, recipe, out, total=5)
+    recorded = _kill_driver_mid_run(cluster, recipe, out, total=5, executor=killed)
     result = recipekit.run(recipe, executor=resume_on, progress=None)  # type: ignore[arg-type]
     assert result.shards_resumed >= recorded
     assert digests(out) == expected
