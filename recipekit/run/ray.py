@@ -33,7 +33,7 @@ import dataclasses
 import logging
 import os
 import pickle
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from recipekit import __version__
 from recipekit.errors import ClusterError, ExtraMissingError, RecipekitError, TensorDataError
 from recipekit.graph import Load, expression_nodes
 from recipekit.io.output import OutputDir
+from recipekit.io.writer import partial_path
 from recipekit.plan import COPY_BUFFERS, COPY_CHUNK, Plan, Shard, working_set
 from recipekit.run.execute import Progress, RunEvents, RunResult
 
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: Bytes a task's worker holds besides the plan's working set (torch, buffers, the hasher).
 TASK_OVERHEAD = 512 << 20
+#: Seconds between progress updates while shards are running (from their temp files' sizes).
+PROGRESS_EVERY = 0.5
 INSTALL_HINT = "pip install 'recipekit[ray]'"
 
 
@@ -161,11 +164,15 @@ def stream_shards_on_ray(ray: Any, plan: Plan, out: OutputDir, *, device: str, f
         pending[ref] = shard
     found: dict[str, tuple[int, int]] = {}
     failure: BaseException | None = None
+    shown: dict[str, int] = {}  # bytes of each running shard the progress has counted
     try:
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_EVERY)
+            if not done:
+                _tick_partial(out_dir, pending.values(), shown, tick)
             for ref in done:
                 shard = pending.pop(ref)
+                counted = shown.pop(shard.filename, 0)
                 try:
                     result = ray.get(ref)
                 except Exception as e:
@@ -178,7 +185,7 @@ def stream_shards_on_ray(ray: Any, plan: Plan, out: OutputDir, *, device: str, f
                     continue
                 out.mark_finished(shard.filename, result["sha256"], result["size"])
                 events.shard(shard.filename, result["sha256"], result["size"], resumed=False)
-                tick(shard.size)
+                tick(shard.size - counted)
                 for label, (nan, inf) in result["non_finite"].items():
                     old = found.get(label, (0, 0))
                     found[label] = (old[0] + nan, old[1] + inf)
@@ -189,6 +196,23 @@ def stream_shards_on_ray(ray: Any, plan: Plan, out: OutputDir, *, device: str, f
     if failure is not None:
         raise failure
     return found
+
+
+def _tick_partial(out_dir: str, running: Iterable[Shard], shown: dict[str, int],
+                  tick: Progress) -> None:
+    """Count the bytes running tasks have written so far, read off their temp files' sizes
+    (on the file system the driver shares with the workers; nothing where there is none): the
+    progress moves within a shard without any message from the tasks. A retry starts its temp
+    file again; the count never goes back."""
+    for shard in running:
+        try:
+            size = os.lstat(partial_path(Path(out_dir) / shard.filename)).st_size
+        except OSError:
+            continue
+        grown = min(size, shard.size) - shown.get(shard.filename, 0)
+        if grown > 0:
+            shown[shard.filename] = shown.get(shard.filename, 0) + grown
+            tick(grown)
 
 
 def _task_failure(ray: Any, e: Exception, shard: Shard, out: OutputDir) -> BaseException:

@@ -202,6 +202,24 @@ def test_same_bytes_as_a_local_run(cluster: Cluster, tmp_path: Path, text: str) 
 
 
 @requires_ray
+def test_progress_moves_within_running_shards(cluster: Cluster, tmp_path: Path) -> None:
+    """While shards are running the progress follows their temp files (here: written in full,
+    then held before the rename), before any shard is finished; in the end it counts every
+    byte once."""
+    recipe = write_recipe(tmp_path, COPY)
+    updates: list[recipekit.ProgressUpdate] = []
+    (cluster.faults / "slow").write_text("1.5")
+    try:
+        recipekit.run(recipe, executor="ray", progress=updates.append)
+    finally:
+        (cluster.faults / "slow").unlink()
+    first_shard = next(i for i, u in enumerate(updates) if u.shard_done is not None)
+    assert any(u.done > 0 for u in updates[:first_shard])
+    assert updates[-1].done == updates[-1].total == recipekit.plan(recipe).bytes_written
+    assert all(a.done <= b.done for a, b in zip(updates, updates[1:], strict=False))
+
+
+@requires_ray
 def test_worker_killed_mid_shard_is_retried(cluster: Cluster, tmp_path: Path) -> None:
     """A worker SIGKILLed after writing part of a shard: Ray runs the task again, the retry
     replaces the half-written temp file, and the output is byte for byte a local run's."""
