@@ -38,7 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from recipekit import __version__
-from recipekit.errors import ClusterError, ExtraMissingError, RecipekitError, TensorDataError
+from recipekit.errors import (
+    ClusterError,
+    DeviceError,
+    ExtraMissingError,
+    RecipekitError,
+    TensorDataError,
+)
 from recipekit.graph import Load, expression_nodes
 from recipekit.io.output import OutputDir
 from recipekit.io.writer import partial_path
@@ -145,6 +151,9 @@ def stream_shards_on_ray(ray: Any, plan: Plan, out: OutputDir, *, device: str, f
             todo.append(shard)
     if not todo:
         return {}
+    if device.startswith("cuda") and not ray.cluster_resources().get("GPU"):
+        raise DeviceError(f"--device {device}: the Ray cluster has no GPU",
+                          hint="add nodes with GPUs, or use --device cpu (or auto)")
     task = ray.remote(write_shard_task)
     largest_node = _largest_node_memory(ray)
     out_dir = str(Path(out.path).resolve())

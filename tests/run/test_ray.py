@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 import recipekit
-from recipekit.errors import ExtraMissingError, TensorDataError
+from recipekit.errors import DeviceError, ExtraMissingError, TensorDataError
 from recipekit.io.names import MANIFEST, STATE
 
 from tests.helpers.recipes import ROOT, write_recipe
@@ -314,6 +314,15 @@ def test_a_task_error_is_the_error_a_local_run_raises(cluster: Cluster, tmp_path
         recipekit.run(plan, executor="ray", progress=None)
     assert str(e.value).startswith(f"{weights}: file ended at byte ")
     assert e.value.exit_code == 1
+
+
+@requires_ray
+def test_cuda_on_a_cluster_without_gpus_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+    """A task asking for a GPU no node has would wait forever: refused before any is sent."""
+    recipe = write_recipe(tmp_path, COMPUTED)
+    with pytest.raises(DeviceError, match="the Ray cluster has no GPU"):
+        recipekit.run(recipe, executor="ray", device="cuda", progress=None)
+    assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
 def test_missing_ray_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch, cli,
