@@ -21,6 +21,7 @@ Usage::
     python bench/fixtures.py                 # build the fixtures the benchmarks need now
     python bench/fixtures.py tinyllama mistral-8l --seeds 0,1
     python bench/fixtures.py llama-70b       # sparse files: headers only, no disk used
+    python bench/fixtures.py llama-405b      # the same at Llama-3.1-405B's shape (≈ 810 GB)
 """
 
 from __future__ import annotations
@@ -78,8 +79,11 @@ MISTRAL_32L = LlamaShape("mistral-32l", num_layers=32, hidden=4096, heads=32, kv
 LLAMA_70B = LlamaShape("llama-70b", num_layers=80, hidden=8192, heads=64, kv_heads=8,
                        intermediate=28672, vocab=128256, max_position_embeddings=131072,
                        rms_norm_eps=1e-5, rope_theta=5e5)
+LLAMA_405B = LlamaShape("llama-405b", num_layers=126, hidden=16384, heads=128, kv_heads=8,
+                        intermediate=53248, vocab=128256, max_position_embeddings=131072,
+                        rms_norm_eps=1e-5, rope_theta=5e5)
 SHAPES = {s.name: s for s in (TINYLLAMA, MISTRAL_8L, MISTRAL_32L)}
-SPARSE_SHAPES = {s.name: s for s in (LLAMA_70B,)}
+SPARSE_SHAPES = {s.name: s for s in (LLAMA_70B, LLAMA_405B)}
 
 BF16_BYTES = 2
 

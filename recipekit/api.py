@@ -271,7 +271,8 @@ def run(recipe: RecipeSource | PlanResult, *, output: str | os.PathLike | None =
         base_dir: str | os.PathLike | None = None, device: str = "cpu", force: bool = False,
         fsync: bool = True, check_finite: bool = False, workers: int | None = None,
         frozen: bool = False, lock_file: str | os.PathLike | None = None,
-        progress: Progress = "auto", variables: Mapping[str, Any] | None = None) -> RunResult:
+        progress: Progress = "auto", variables: Mapping[str, Any] | None = None,
+        executor: Literal["local", "ray"] = "local", address: str | None = None) -> RunResult:
     """Write the recipe's output checkpoint, as `recipekit run` does.
 
     A rerun of the same plan resumes from its finished shards, or returns ``already_complete``;
@@ -285,7 +286,12 @@ def run(recipe: RecipeSource | PlanResult, *, output: str | os.PathLike | None =
         device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``.
         fsync: fsync finished files (``--no-fsync`` is ``fsync=False``).
         check_finite: count NaN/Inf per tensor (``RunResult.non_finite``).
-        workers: CPU threads computing row pieces (default: half the cores, at most 8).
+        workers: CPU threads computing row pieces (default: half the cores, at most 8; on
+            Ray: per task, default 1).
+        executor: ``local`` (this process) or ``ray``: one Ray task per output shard, on the
+            cluster at ``address`` (default: Ray's own lookup, ``RAY_ADDRESS`` first), writing
+            the same bytes into an output directory every node sees (README, "Running on a
+            cluster"). Needs ``pip install 'recipekit[ray]'``.
         progress: a callable receiving `ProgressUpdate`s (bytes done and total, rate, current
             shard and tensor, each finished shard); ``"auto"``: a tqdm bar in a notebook or on
             a terminal, nothing otherwise; None: nothing.
@@ -303,8 +309,9 @@ def run(recipe: RecipeSource | PlanResult, *, output: str | os.PathLike | None =
     """
     from recipekit.run.device import resolve_device
 
-    if device != "cpu":
-        resolve_device(device)  # fail on a bad device before reading anything
+    check_executor(executor, address)
+    if device != "cpu" and executor == "local":
+        resolve_device(device)  # fail on a bad device before reading anything (Ray: on workers)
     p = recipe if isinstance(recipe, PlanResult) else plan(recipe, output=output,
                                                            base_dir=base_dir, warn=False,
                                                            variables=variables)
@@ -315,18 +322,44 @@ def run(recipe: RecipeSource | PlanResult, *, output: str | os.PathLike | None =
     start = time.perf_counter()
     with _progress(progress, p.bytes_written) as callback:
         result, shards = _run_plan(p, callback, device=device, force=force, fsync=fsync,
-                                   check_finite=check_finite, workers=workers)
+                                   check_finite=check_finite, workers=workers,
+                                   executor=executor, address=address)
     return RunResult(result.output, shards, result.bytes_written, p.bytes_written,
                      result.shards_resumed, result.already_complete,
                      time.perf_counter() - start, p.layers, p.adapter, result.non_finite)
 
 
-def _run_plan(p: PlanResult, callback: ProgressCallback | None, **options: Any):
-    from recipekit.run.local import run_plan
+def check_executor(executor: str, address: str | None) -> None:
+    """Refuse an unknown executor, an address without Ray, and (before any work) a missing
+    Ray.
 
+    Raises:
+        UsageError: as said; ExtraMissingError: Ray is not installed (exit code 2).
+    """
+    if executor not in ("local", "ray"):
+        raise UsageError(f"unknown executor {executor!r}", hint="use 'local' or 'ray'")
+    if executor == "local" and address is not None:
+        raise UsageError("an address applies to the Ray executor",
+                         hint="add --executor ray (executor='ray'), or drop --address")
+    if executor == "ray":
+        from recipekit.run.ray import import_ray
+
+        import_ray()
+
+
+def _run_plan(p: PlanResult, callback: ProgressCallback | None, *, executor: str,
+              address: str | None, **options: Any):
     tracker = _Tracker(p.bytes_written, callback)
-    result = run_plan(p.plan, progress=tracker.tick, events=tracker,  # type: ignore[arg-type]
-                      **options)
+    if executor == "ray":
+        from recipekit.run.ray import run_plan_on_ray
+
+        result = run_plan_on_ray(p.plan, address=address, progress=tracker.tick,
+                                 events=tracker, **options)  # type: ignore[arg-type]
+    else:
+        from recipekit.run.local import run_plan
+
+        result = run_plan(p.plan, progress=tracker.tick, events=tracker,  # type: ignore[arg-type]
+                          **options)
     sizes = {s.name: s.bytes for s in p.shards}
     resumed = tracker.resumed if not result.already_complete else set(sizes)
     shards = tuple(ShardResult(name, sizes[name], sha, name in resumed)

@@ -90,6 +90,11 @@ def _configure_logging(debug: bool) -> None:
         logger.addHandler(_EchoHandler())
 
 
+class Executor(str, enum.Enum):
+    local = "local"
+    ray = "ray"
+
+
 class PlanFormat(str, enum.Enum):
     text = "text"
     json = "json"
@@ -301,6 +306,13 @@ def run(
     workers: Annotated[int | None, typer.Option(
         "--workers", min=1, help="Threads computing pieces of large elementwise tensors on the "
         "CPU side by side (default: half the cores, at most 8). Changes no byte.")] = None,
+    executor: Annotated[Executor, typer.Option(
+        "--executor", help="Where shards are written: local (this process) or ray (one Ray "
+        "task per output shard; the output must be on a file system every node sees; needs "
+        "pip install 'recipekit[ray]').")] = Executor.local,
+    address: Annotated[str | None, typer.Option(
+        "--address", help="The Ray cluster (default: RAY_ADDRESS, then a cluster started here "
+        "by `ray start`, else a local Ray instance).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No progress bar (on a terminal) or progress lines (in a log, "
         "every RECIPEKIT_PROGRESS_INTERVAL seconds, default 10).")] = False,
@@ -315,7 +327,8 @@ def run(
     def body() -> None:
         from recipekit import api
 
-        if device != "cpu":
+        api.check_executor(executor.value, address)  # a missing Ray: before any work
+        if device != "cpu" and executor is Executor.local:
             from recipekit.run.device import resolve_device
 
             resolve_device(device)  # fail before reading anything on a bad device
@@ -327,6 +340,7 @@ def run(
                    "plan_hash": p.plan_hash})
         result = api.run(p, device=device, fsync=not no_fsync, force=force,
                          check_finite=check_finite, workers=workers, frozen=frozen,
+                         executor=executor.value, address=address,
                          progress=_run_progress(quiet=quiet, as_json=as_json))
         if as_json:
             _json({"event": "done", **_fields(result)})

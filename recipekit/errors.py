@@ -248,6 +248,16 @@ class ExtraMissingError(UsageError):
     """
 
 
+class ClusterError(RecipekitError):
+    """The Ray cluster of ``--executor ray`` failed the run: it cannot be reached, a task's
+    worker died more often than Ray retries, or a node runs another recipekit version: exit
+    code 1 (finished shards are kept and a rerun resumes).
+
+    Example: ``out: a Ray worker died 4 times writing model-00002-of-00005.safetensors (Ray
+    retries a task 3 times); finished shards are kept: run the same command again to resume``
+    """
+
+
 class RenderError(RecipekitError):
     """Drawing a picture failed (Graphviz exited with an error or took too long): exit code 1.
     """

@@ -54,6 +54,13 @@ class Node:
             self.__dict__["_hash"] = h
         return h
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The fields without the cached hash: str hashes are salted per process, so a node
+        unpickled in another process (a Ray task, `recipekit.run.ray`) computes its own."""
+        state = dict(self.__dict__)
+        state.pop("_hash", None)
+        return state
+
     @property
     def inputs(self) -> tuple[Node, ...]:
         return tuple(v for f in fields(self) if isinstance(v := getattr(self, f.name), Node))  # type: ignore[arg-type]

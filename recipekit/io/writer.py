@@ -140,6 +140,14 @@ class ShardWriter:
         if self._flush_error is not None:
             self.abort()
             raise _write_error(self._flush_error, self.final) from self._flush_error
+        if not _still_ours(self._fd, self.temp):
+            os.close(self._fd)  # the file at the temp name is another writer's: leave it
+            self._fd = -1
+            raise OutputError("another writer replaced this shard's temporary file while it was "
+                              "being written", file=display_path(self.final),
+                              hint="a run of the same output is still going on (a Ray task "
+                              "of a driver that died, or a second machine); let it end, then "
+                              "run again: finished shards are kept")
         fd, self._fd = self._fd, -1
         commit_temp(fd, self.temp, self.final, fsync=self.fsync)
         return self._sha.hexdigest()
@@ -152,6 +160,18 @@ class ShardWriter:
             self._fd = -1
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.temp)
+
+
+def _still_ours(fd: int, temp: Path) -> bool:
+    """Whether ``temp`` still names the file open at ``fd``. Two writers of one shard (a Ray
+    task whose driver died, still running beside the resumed run) share the deterministic temp
+    name; the later one removes the earlier's file and creates its own, and the earlier must
+    then not rename the later's half-written file into place."""
+    try:
+        a, b = os.fstat(fd), os.lstat(temp)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 # -- the one way recipekit writes a file -----------------------------------------------------

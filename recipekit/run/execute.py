@@ -94,19 +94,10 @@ def stream_shards(plan: Plan, out: OutputDir | RemoteOutput, dev: Any, *, fsync:
                   ) -> dict[str, tuple[int, int]]:
     """Write every shard ``out`` has not finished; returns the non-finite counts found
     (``check_finite``) by tensor label."""
-    finite = FiniteCheck() if check_finite else None
     tick = progress or (lambda n: None)
     todo = [s for s in plan.shards if not out.is_finished(s.filename)]
-    _fixed_mmap_threshold()
-    with FileReader() as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="recipekit-read") as prefetch, \
-            contextlib.ExitStack() as stack:
-        largest = max((t.nbytes for s in todo for t in s.tensors), default=1)
-        n = workers if workers is not None else piece_workers()
-        pool = (stack.enter_context(ThreadPoolExecutor(n, thread_name_prefix="recipekit-piece"))
-                if n > 1 and dev is not None and dev.type == "cpu" else None)
-        rt = Runtime(reader, dev, BufferPool(COPY_BUFFERS, max(1, min(COPY_CHUNK, largest))),
-                     prefetch, finite, pool, n if pool else 1, events or RunEvents())
+    with open_runtime(todo, dev, workers=workers, check_finite=check_finite,
+                      events=events) as rt:
         for shard in plan.shards:
             if out.is_finished(shard.filename):
                 rt.events.shard(shard.filename, out.state.finished[shard.filename]["sha256"],
@@ -116,7 +107,25 @@ def stream_shards(plan: Plan, out: OutputDir | RemoteOutput, dev: Any, *, fsync:
             sha = write_shard(plan, shard, out, rt, fsync=fsync, progress=tick)
             out.mark_finished(shard.filename, sha, shard.size)
             rt.events.shard(shard.filename, sha, shard.size, resumed=False)
-    return finite.found if finite else {}
+    return rt.finite.found if rt.finite else {}
+
+
+@contextlib.contextmanager
+def open_runtime(shards: list[Shard], dev: Any, *, workers: int | None, check_finite: bool,
+                 events: RunEvents | None = None) -> Iterator[Runtime]:
+    """What writing ``shards`` uses besides the plan (`Runtime`), closed on exit: the local
+    executor opens one for a run, the Ray executor one per task (`recipekit.run.ray`)."""
+    _fixed_mmap_threshold()
+    with FileReader() as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="recipekit-read") as prefetch, \
+            contextlib.ExitStack() as stack:
+        largest = max((t.nbytes for s in shards for t in s.tensors), default=1)
+        n = workers if workers is not None else piece_workers()
+        pool = (stack.enter_context(ThreadPoolExecutor(n, thread_name_prefix="recipekit-piece"))
+                if n > 1 and dev is not None and dev.type == "cpu" else None)
+        yield Runtime(reader, dev, BufferPool(COPY_BUFFERS, max(1, min(COPY_CHUNK, largest))),
+                      prefetch, FiniteCheck() if check_finite else None, pool,
+                      n if pool else 1, events or RunEvents())
 
 
 @dataclass

@@ -5,7 +5,9 @@ space checks are the output's (io/output.py, io/remote_output.py).
 
 from __future__ import annotations
 
+import functools
 import gc
+from collections.abc import Callable
 from pathlib import Path
 
 from recipekit.graph import Load
@@ -20,15 +22,23 @@ from recipekit.run.fetch import fetch_hub_shards
 from recipekit.run.finish import finish_output, output_files
 from recipekit.run.target import check_remote_inputs, open_output, output_location
 
+#: How a run writes its unfinished shards into the output directory, recording each there
+#: (`execute.stream_shards` on this machine, `ray.stream_shards_on_ray` on a cluster).
+StreamShards = Callable[..., dict[str, tuple[int, int]]]
+
 
 def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool = False,
              progress: Progress | None = None, check_finite: bool = False,
-             workers: int | None = None, events: RunEvents | None = None) -> RunResult:
+             workers: int | None = None, events: RunEvents | None = None,
+             stream: StreamShards | None = None) -> RunResult:
     """Write the plan's output directory (resuming finished shards of the same plan).
 
     ``workers`` threads compute row pieces side by side on the CPU (default: `piece_workers`);
     they change no byte of the output. ``progress`` gets the bytes of each piece written (resumed
     shards count whole), ``events`` the tensor being written and each shard's sha256.
+    ``stream`` writes the shards instead of this process (the Ray executor,
+    `recipekit.run.ray`); everything around them (lock, state file, resume, finishing) stays
+    here, so every executor writes the same directory.
 
     Raises:
         OutputPathError: the output is a file, holds foreign files, or another plan's output;
@@ -41,8 +51,10 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
     plan = fetch_hub_shards(plan)
     check_remote_inputs(plan)
     # A plan that only moves bytes never needs torch: skip its import (about a second).
-    computes = any(not isinstance(t.node, Load) for s in plan.shards for t in s.tensors)
-    dev = resolve_device(device) if computes or device != "cpu" or check_finite else None
+    if stream is None:
+        computes = any(not isinstance(t.node, Load) for s in plan.shards for t in s.tensors)
+        dev = resolve_device(device) if computes or device != "cpu" or check_finite else None
+        stream = functools.partial(stream_shards, dev=dev, workers=workers)
     # The cyclic GC's full collections walk every object alive, and torch's import leaves about
     # a million: move them out of its reach (they live as long as the process anyway). The run
     # itself makes no reference cycles (see `evaluate`).
@@ -55,8 +67,8 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
                              shards=_hashes(out, plan))
         todo = [s for s in plan.shards if not out.is_finished(s.filename)]
         out.begin(sum(s.size for s in todo) + _donor_bytes(plan, donor_files) + (1 << 20))
-        found = stream_shards(plan, out, dev, fsync=fsync, progress=progress,
-                              check_finite=check_finite, workers=workers, events=events)
+        found = stream(plan, out, fsync=fsync, progress=progress, check_finite=check_finite,
+                       events=events)
         finish_output(plan, out, donor_files)
         hashes = _hashes(out, plan)
     return RunResult(out_path, False, len(todo), len(plan.shards) - len(todo),

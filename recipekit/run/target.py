@@ -11,6 +11,7 @@ from pathlib import Path
 from recipekit.errors import OutputPathError
 from recipekit.io.output import OutputDir
 from recipekit.io.remote_output import RemoteOutput
+from recipekit.io.urls import is_url
 from recipekit.plan import Plan
 
 
@@ -33,6 +34,15 @@ def open_output(plan: Plan, files: list[str], *, force: bool, fsync: bool
             raise OutputPathError(f"the output {url} overlaps the input '{name}' ({remote.url})",
                                   hint="write the output under its own prefix")
     return RemoteOutput(url, plan_hash=plan.plan_hash(), files=files, force=force, fsync=fsync)
+
+
+def shard_target(location: str) -> OutputDir | RemoteOutput:
+    """The output at ``location`` (a local path or a URL) as a worker process of another
+    executor writes shards into it: not entered (no lock, no listing, no state; the process
+    that owns the output records each shard with `mark_finished`)."""
+    if is_url(location):
+        return RemoteOutput(location, plan_hash="", files=[])
+    return OutputDir(Path(location), plan_hash="", files=[])
 
 
 def check_remote_inputs(plan: Plan) -> None:

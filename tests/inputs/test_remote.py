@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import pytest
 
 from tests.helpers.builders import make_model
 from tests.helpers.recipes import ROOT, write_recipe
+from tests.helpers.s3 import BUCKET, RequestLog, moto_server
 
 s3fs = pytest.importorskip("s3fs", reason="the object-storage tests need s3fs (recipekit[s3])")
 pytest.importorskip("moto.server", reason="the object-storage tests need moto[server]")
@@ -31,64 +30,18 @@ pytest.importorskip("moto.server", reason="the object-storage tests need moto[se
 import recipekit  # noqa: E402
 from recipekit.inputs.remote import forget_stubs  # noqa: E402
 
-BUCKET = "recipekit-test"
 SHARD_SIZE = "6MB"
 
 
-class _Log:
-    """Requests the server received: (method, path, query, Range header)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: list[tuple[str, str, str, str | None]] = []
-
-    def app(self, inner: Any) -> Any:
-        def wrapped(environ: dict[str, Any], start_response: Any) -> Any:
-            with self.lock:
-                self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
-                                      environ.get("QUERY_STRING", ""),
-                                      environ.get("HTTP_RANGE")))
-            return inner(environ, start_response)
-        return wrapped
-
-    def clear(self) -> None:
-        with self.lock:
-            self.requests.clear()
-
-    def gets(self, key: str) -> list[tuple[int, int]]:
-        """The byte ranges [start, end) of every GET of ``key`` (a GET without Range fails)."""
-        out = []
-        for method, path, _, rng in self.requests:
-            if method == "GET" and path == f"/{BUCKET}/{key}":
-                assert rng is not None, f"unranged GET of {key}"
-                a, b = re.fullmatch(r"bytes=(\d+)-(\d+)", rng).groups()  # type: ignore[union-attr]
-                out.append((int(a), int(b) + 1))
-        return out
-
-    def writes(self, key: str) -> list[tuple[str, str]]:
-        return [(m, q) for m, p, q, _ in self.requests
-                if m in ("PUT", "POST") and p == f"/{BUCKET}/{key}"]
+Server = tuple[Any, RequestLog, dict[str, str]]  # filesystem, request log, environment
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, _Log, dict[str, str]]]:
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A moto S3 server on a free loopback port, the environment that points s3fs at it
     (fail-closed: no config file, no instance metadata), a filesystem and the request log."""
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import make_server
-
-    log = _Log()
-    server = make_server("127.0.0.1", 0, log.app(DomainDispatcherApplication(create_backend_app)),
-                         threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    home = tmp_path_factory.mktemp("aws")
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}",
-           "AWS_CONFIG_FILE": str(home / "config"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials")}
-    with pytest.MonkeyPatch.context() as mp:
+    with moto_server(tmp_path_factory.mktemp("aws")) as (log, env), \
+            pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
@@ -97,8 +50,6 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, _Log, di
             yield fs, log, env
         finally:
             forget_stubs()
-            server.shutdown()
-            thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +64,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uploaded(s3: tuple[Any, _Log, dict[str, str]], model: Path) -> str:
+def uploaded(s3: tuple[Any, RequestLog, dict[str, str]], model: Path) -> str:
     fs = s3[0]
     for p in sorted(model.iterdir()):
         fs.put_file(str(p), f"{BUCKET}/models/big/{p.name}")

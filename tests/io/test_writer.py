@@ -39,3 +39,19 @@ def test_overflow_is_refused(tmp_path):
         w.write(b"toolong")
     w.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_writer_whose_temp_file_was_replaced_does_not_rename_it(tmp_path):
+    """Two writers of one shard (a Ray task of a dead driver beside the resumed run): the later
+    one replaces the earlier's temp file; the earlier must not rename the later's half-written
+    file into place, and the later finishes with its own bytes."""
+    final = tmp_path / "model.safetensors"
+    early = ShardWriter(final, b"HEADER__", 8 + 3)
+    early.write(b"old")
+    late = ShardWriter(final, b"HEADER__", 8 + 3)  # removes `early`'s temp file, makes its own
+    with pytest.raises(OutputError, match="another writer replaced this shard's temporary"):
+        early.finish()
+    assert not final.exists() and partial_path(final).exists()  # `late`'s file is left alone
+    late.write(b"new")
+    assert late.finish() == hashlib.sha256(b"HEADER__new").hexdigest()
+    assert final.read_bytes() == b"HEADER__new" and not partial_path(final).exists()
