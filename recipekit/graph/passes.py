@@ -25,6 +25,9 @@ T = TypeVar("T")
 #: output piece (`plan.cost.CHUNK_ELEMS`): a pass keeps no piece, so fewer, larger pieces cost
 #: the same memory per worker and amortize per-piece work (a 32Ki-bin histogram, a matmul).
 PASS_ELEMS = 1 << 20
+#: Keys of one histogram bucket that exact top-k selection collects in its second pass to
+#: place a tie without a third (`ops.select`); here, without torch, for the plan's cost.
+COLLECT_MAX = 1 << 20
 
 PieceFn = Callable[[int, int, tuple[Any, ...]], T]
 

@@ -28,14 +28,16 @@ from dataclasses import dataclass
 
 import torch
 
+from recipekit.graph import passes as _passes
+
 __all__ = ["Cut", "KEEP_ALL", "keep_mask", "magnitude_key", "select_cuts"]
 
 HIGH_BINS = 1 << 15  # the key's bits 16–30 (bit 31, the sign, is 0)
 LOW_BINS = 1 << 16
-#: Keys of one bucket whose low bits and rows pass 2 keeps (int32 each) to place a tie
-#: without a third pass; a bucket this full is rare (about 0.3% of a tensor's keys fall in
-#: the bucket around a median), a fuller one is counted per row in a third pass instead.
-COLLECT_MAX = 1 << 20
+# Keys of one bucket whose low bits and rows pass 2 keeps (int32 each) to place a tie without a
+# third pass; a bucket this full is rare (about 0.3% of a tensor's keys fall in the bucket
+# around a median), a fuller one is counted per row in a third pass instead.
+COLLECT_MAX = _passes.COLLECT_MAX
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def stat_passes(sparsify: str, rescale: bool, n: int | None = None) -> int:
     """Passes `ops.stream_prune.prune_rules` makes at most over ``n`` entries: two histogram
     passes for a cut and a tie pass when a bucket can hold more keys than the second pass
     collects (`ops.select.COLLECT_MAX`), one for the L1 norms of a rescale."""
-    from recipekit.ops.select import COLLECT_MAX
+    from recipekit.graph.passes import COLLECT_MAX
 
     cut = 0
     if sparsify in ("magnitude", "magnitude_outliers"):
@@ -100,7 +100,7 @@ class PruneStats(Reduction):
     def state_bytes(self) -> int:
         # two histograms per cut (32Ki + 64Ki int64), the per-row counts of a tie, and the
         # bucket keys pass 2 collects (two int32 per key and cut, one cut's concatenated)
-        from recipekit.ops.select import COLLECT_MAX
+        from recipekit.graph.passes import COLLECT_MAX
 
         m = len(self.operands)
         collected = (2 * m * 8 + 16) * min(self.base.numel, COLLECT_MAX)

@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 
+from recipekit.graph import passes as graph_passes
 from recipekit.graph.passes import InMemorySource
 from recipekit.ops import select
 from recipekit.ops.rng import DRAW_BITS, counter_draw
@@ -135,6 +136,7 @@ class TestMagnitude:
         (`COLLECT_MAX`), one more for the L1 sums; the plan's count is the most it takes."""
         if not collect:
             monkeypatch.setattr(select, "COLLECT_MAX", 0)
+            monkeypatch.setattr(graph_passes, "COLLECT_MAX", 0)  # the plan's count reads this one
         base, xs = models("random")
         passes: list[int] = []
         streamed(xs[:1], base, "magnitude", [0.5], split(40, [8]), passes=passes)
