@@ -50,13 +50,13 @@ def make_qwen3(out_dir: Path, *, seed: int, layers: int = 3) -> Path:
     return add_tokenizer(Path(out_dir))
 
 
-def run_mergekit_moe(config: Path, out: Path, cwd: Path, *extra: str) -> dict:
-    """mergekit-moe ``config`` into ``out`` with ``--random-seed 42``, offline, on the CPU."""
+def run_mergekit_moe(config: Path, out: Path, cwd: Path, *extra: str, seed: int = 42) -> dict:
+    """mergekit-moe ``config`` into ``out`` with ``--random-seed seed``, offline, on the CPU."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONHASHSEED="0",
                CUDA_VISIBLE_DEVICES="")
     env.pop("PYTHONPATH", None)
     done = subprocess.run([str(MERGEKIT_VENV / "bin" / "mergekit-moe"), str(config), str(out),
-                           "--random-seed", "42", *extra], cwd=cwd, env=env,
+                           "--random-seed", str(seed), *extra], cwd=cwd, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise AssertionError(f"mergekit-moe failed on {config}:\n{done.stderr[-3000:]}")
