@@ -17,10 +17,10 @@ own output).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-
-from recipekit.ops.rng import DRAW_BITS, counter_draw
+if TYPE_CHECKING:  # torch is imported where tensors are made: planning reads NOISE_BYTES
+    import torch
 
 
 def random_router(mode: str, *, seed: int, layers: int, gates: int, hidden: int, layer: int,
@@ -32,6 +32,8 @@ def random_router(mode: str, *, seed: int, layers: int, gates: int, hidden: int,
     default init range). Both drawn from a CPU generator seeded with ``seed``, which is
     ``torch.manual_seed(seed)``'s stream.
     """
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     shape = (layers, gates, hidden)
     if mode == "random":
@@ -46,12 +48,23 @@ def random_router(mode: str, *, seed: int, layers: int, gates: int, hidden: int,
 
 def expert_noise(key: tuple[int, int], lo: int, hi: int, row_len: int) -> torch.Tensor:
     """N(0, 1) fp32 ``[hi - lo, row_len]`` for rows ``lo:hi``, by Box-Muller over two counter
-    draws keyed ``key`` (piece-independent: any rows equal the whole draw's rows)."""
+    draws keyed ``key`` (piece-independent: any rows equal the whole draw's rows), computed in
+    place: `NOISE_BYTES` per value at most."""
+    import torch
+
+    from recipekit.ops.rng import DRAW_BITS, counter_draw
+
     scale = 1.0 / (1 << DRAW_BITS)
-    u1 = counter_draw(key[0], lo, hi, row_len).to(torch.float64).add_(1.0).mul_(scale)
-    u2 = counter_draw(key[1], lo, hi, row_len).to(torch.float64).mul_(scale)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
-    return z.to(torch.float32)
+    radius = counter_draw(key[0], lo, hi, row_len).to(torch.float32)
+    radius.add_(1.0).mul_(scale).log_().mul_(-2.0).sqrt_()  # u1 in (0, 1]: finite
+    angle = counter_draw(key[1], lo, hi, row_len).to(torch.float32)
+    angle.mul_(2.0 * math.pi * scale).cos_()
+    return radius.mul_(angle)
+
+
+#: scratch bytes per value of `perturb_expert` with noise: two int32 draws and their fp32
+#: conversions, the fp32 copy of the weight (`steps.moe.PerturbExpert.workspace`)
+NOISE_BYTES = 20
 
 
 def perturb_expert(rows: torch.Tensor, *, lo: int, noise_scale: float | None,
@@ -61,12 +74,16 @@ def perturb_expert(rows: torch.Tensor, *, lo: int, noise_scale: float | None,
     (z ~ N(0, 1), `expert_noise`) when ``noise_scale`` s is set, then ``t · r`` when
     ``residual_scale`` r is set (the caller passes r only for ``down_proj``); computed in fp32
     (fp64 for fp64 weights) and rounded once to ``dtype``."""
+    import torch
+
     work = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    out = rows.to(work)
+    out = rows.to(work, copy=True)
     if noise_scale is not None:
         row_len = out[0].numel() if out.dim() > 1 else 1
+        # drawn on the CPU whatever the device: the same bytes on any device (DESIGN.md §3)
         z = expert_noise(key, lo, lo + out.shape[0], row_len).reshape(out.shape)
-        out = out + z.to(work) * noise_scale
+        out.add_(z.to(device=out.device, dtype=work).mul_(noise_scale))
+        del z
     if residual_scale is not None:
-        out = out * residual_scale
+        out.mul_(residual_scale)
     return out.to(dtype)

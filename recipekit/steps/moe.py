@@ -120,6 +120,13 @@ class PerturbExpert(SameShape):
     def elementwise(self) -> bool:
         return True
 
+    @property
+    def workspace(self) -> int:
+        from recipekit.ops.moe import NOISE_BYTES  # torch-free: the module imports torch lazily
+
+        per_value = NOISE_BYTES if self.noise_scale is not None else 4  # the fp32 copy
+        return per_value * self.numel
+
     def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
         from recipekit.ops.moe import perturb_expert
 
@@ -184,13 +191,12 @@ def check_moe(step: Step, recipe: Recipe) -> list[RecipeError]:
                                    hint="add `shared_experts: [{model: ...}]`"))
     if mode == "random":
         return errors
-    for entry, path, is_shared in _entries(step):
-        if not entry.get("positive_prompts"):
-            what = "shared expert" if is_shared else "expert"
-            errors.append(recipe.error(path, f"{what} has no positive_prompts, which gate_mode "
-                                       f"{mode} needs", hint="add `positive_prompts:`, or use "
-                                       "`gate_mode: random`"))
-    if len(experts) > 0 and len({_prompts(e) for e in experts}) == 1:
+    missing = [recipe.error(path, f"{'shared expert' if is_shared else 'expert'} has no "
+                            f"positive_prompts, which gate_mode {mode} needs",
+                            hint="add `positive_prompts:`, or use `gate_mode: random`")
+               for entry, path, is_shared in _entries(step) if not entry.get("positive_prompts")]
+    errors += missing
+    if not missing and len({_prompts(e) for e in experts}) == 1:
         errors.append(recipe.error(step.key_path + ("experts",), "every expert has the same "
                                    "prompts, so the routers cannot tell them apart",
                                    hint="give each expert prompts of its own, or use "

@@ -199,6 +199,23 @@ class TestTransformers:
         logits(tmp_path / "out")  # loads and runs
 
 
+def test_qwen2_base_becomes_qwen2_moe(cli, tmp_path):
+    """A Qwen2 base (q/k/v biases, tied embeddings) gives Qwen2-MoE under `auto`; its biases
+    are the base's, and transformers loads it with nothing missing."""
+    models = {n: make_expert("qwen2", tmp_path / n, seed=20 + i)
+              for i, n in enumerate(("base", "a"))}
+    step = {"base": "base", "experts": [{"model": "a"}, {"model": "base"}],
+            "shared_experts": [{"model": "a", "residual_scale": 0.1}], "gate_mode": "random"}
+    out = run_ok(cli, moe_recipe(tmp_path / "r", models, step))
+    base = read_tensors(models["base"])
+    assert torch.equal(out["model.layers.1.self_attn.q_proj.bias"],
+                       base["model.layers.1.self_attn.q_proj.bias"])
+    assert "lm_head.weight" not in out
+    _, info = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "out",
+                                                      output_loading_info=True)
+    assert not any(info.values()), info
+
+
 class TestModifiers:
     """Oracle: the formulas t + s·N(0,1) and t·r of mergekit-moe's noise_and_scale."""
 
