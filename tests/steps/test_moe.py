@@ -317,3 +317,26 @@ def test_plan_streams_expert_copies(cli, tmp_path, dense):
     routers = [v for n, v in written.items() if n.endswith("gate.weight")]
     assert len(routers) == 3 and all(v["op"] != "load" for v in routers)
     assert doc["estimates"]["peak_memory"] < 1 << 20
+
+
+def test_measured_peak_within_the_plan_estimate(tmp_path):
+    """A run with streamed copies and a noised expert (row pieces) stays within `plan`'s peak
+    estimate. Oracle: VmHWM of a fresh process (tests/helpers/memory.py), as for the merge
+    methods in tests/run/test_execute_estimates.py."""
+    import subprocess
+    import sys
+
+    from tests.helpers.builders import make_model
+    from tests.helpers.memory import MEASURE
+
+    base = make_model("llama", tmp_path / "base", layers=2, seed=0, dtype=torch.bfloat16,
+                      hidden_size=1024, intermediate_size=4096, num_attention_heads=8,
+                      num_key_value_heads=4, head_dim=128, vocab_size=256)
+    recipe = moe_recipe(tmp_path / "r", {"base": base}, {
+        "base": "base", "experts": [{"model": "base"}, {"model": "base", "noise_scale": 0.01,
+                                                        "residual_scale": 0.5}],
+        "gate_mode": "random", "allow_identical_experts": True})
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(recipe)], capture_output=True,
+                          text=True, check=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["measured"] <= got["estimate"], got
