@@ -72,17 +72,28 @@ def _architectures(st: ImportState, value: Any, errors: list[Any]) -> list[str] 
     return [a for n in hits if (a := ARCHITECTURES[n]) is not None]
 
 
-def _expert(st: ImportState, entry: Any, path: KeyPath, model_name: ModelName,
-            errors: list[Any]) -> dict[str, Any] | None:
+def _check_expert(st: ImportState, entry: Any, path: KeyPath, errors: list[Any]) -> None:
+    """An expert entry's keys and value types, located."""
     if not isinstance(entry, dict) or "source_model" not in entry:
         errors.append(st.doc.error(path, "an expert is a mapping with `source_model`"))
-        return None
+        return
     _check_keys(st, entry, path, EXPERT_KEYS, errors)
+    for key in EXPERT_KEYS[1:]:
+        value = entry.get(key)
+        if value is None:
+            continue
+        if key.endswith("_prompts"):
+            if not (isinstance(value, list) and all(isinstance(p, str) for p in value)):
+                errors.append(st.doc.error(path + (key,), f"`{key}` is a list of strings"))
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            errors.append(st.doc.error(path + (key,), f"`{key}` is a number, not {value!r}"))
+
+
+def _expert(st: ImportState, entry: dict[str, Any], path: KeyPath, model_name: ModelName
+            ) -> dict[str, Any]:
     out: dict[str, Any] = {"model": model_name(st, entry["source_model"],
                                                path + ("source_model",))}
-    for key in EXPERT_KEYS[1:]:
-        if entry.get(key) is not None:
-            out[key] = entry[key]
+    out.update((k, entry[k]) for k in EXPERT_KEYS[1:] if entry.get(k) is not None)
     return out
 
 
@@ -102,8 +113,15 @@ def moe_step(st: ImportState, data: dict[str, Any], model_name: ModelName
     if not isinstance(experts, list) or not experts:
         errors.append(st.doc.error(("experts",), "`experts` is a non-empty list"))
         experts = []
+    shared = data.get("shared_experts") or []
+    if not isinstance(shared, list):
+        errors.append(st.doc.error(("shared_experts",), "`shared_experts` is a list"))
+        shared = []
+    for key, entries in (("experts", experts), ("shared_experts", shared)):
+        for i, entry in enumerate(entries):
+            _check_expert(st, entry, (key, i), errors)
     mode = data.get("gate_mode", "hidden")
-    if mode not in GATE_MODES:
+    if not isinstance(mode, str) or mode not in GATE_MODES:
         errors.append(st.doc.error(("gate_mode",), f"cannot convert gate_mode {mode!r}: "
                                    "recipekit has " + ", ".join(GATE_MODES),
                                    hint="hidden_avg is not built; use hidden"))
@@ -111,21 +129,22 @@ def moe_step(st: ImportState, data: dict[str, Any], model_name: ModelName
     if dtype is not None and str(dtype).removeprefix("torch.") not in DTYPES:
         errors.append(st.doc.error(("dtype",), f"cannot convert dtype {dtype!r}: recipekit "
                                    "writes " + ", ".join(DTYPES)))
+    k = data.get("experts_per_token", 2)
+    if not isinstance(k, int) or isinstance(k, bool):
+        errors.append(st.doc.error(("experts_per_token",), f"experts_per_token is {k!r}; "
+                                   "mergekit-moe takes an integer"))
     archs = _architectures(st, data.get("architecture"), errors)
     if errors:
         raise ConversionError(errors)
     step: dict[str, Any] = {"name": "moe", "op": "moe",
                             "base": model_name(st, data["base_model"], ("base_model",))}
-    step["experts"] = [_expert(st, e, ("experts", i), model_name, errors)
+    step["experts"] = [_expert(st, e, ("experts", i), model_name)
                        for i, e in enumerate(experts)]
-    shared = data.get("shared_experts") or []
     if shared:
-        step["shared_experts"] = [_expert(st, e, ("shared_experts", i), model_name, errors)
+        step["shared_experts"] = [_expert(st, e, ("shared_experts", i), model_name)
                                   for i, e in enumerate(shared)]
-    if errors:
-        raise ConversionError(errors)
     step["gate_mode"] = GATE_MODES[mode]
-    step["experts_per_token"] = data.get("experts_per_token", 2)
+    step["experts_per_token"] = k
     if archs is not None:
         step["architecture"] = archs  # narrowed by `choose_architecture` once models are read
     if mode != "random" and len({e["model"] for e in step["experts"]}) == 1:

@@ -95,6 +95,18 @@ def test_what_cannot_be_converted_is_named(cli, models, monkeypatch, extra, mess
     assert "Traceback" not in result.output
 
 
+def test_wrong_types_are_located(cli, models, monkeypatch):
+    """A list where a name belongs, a string where a number does: located, all reported."""
+    text = CONFIG.replace("experts_per_token: 1", "experts_per_token: two").replace(
+        "residual_scale: 0.5", "residual_scale: half").replace("uniform_random", "[random]")
+    result, _ = convert(cli, models, text, monkeypatch)
+    assert result.exit_code == 2, result.output
+    assert "moe.yml:4:20: experts_per_token: experts_per_token is 'two'; mergekit-moe takes an " \
+        "integer" in result.stderr
+    assert "experts[1].residual_scale: `residual_scale` is a number, not 'half'" in result.stderr
+    assert "gate_mode: cannot convert gate_mode ['random']" in result.stderr
+
+
 def test_hidden_avg_is_refused(cli, models, monkeypatch):
     result, _ = convert(cli, models, CONFIG.replace("uniform_random", "hidden_avg"), monkeypatch)
     assert result.exit_code == 2
