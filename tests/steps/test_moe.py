@@ -301,6 +301,20 @@ class TestRefusals:
         assert not (tmp_path / "r" / "out" / "model.safetensors").exists()
 
 
+def test_attention_biases_are_refused_for_mixtral(cli, tmp_path):
+    """mergekit drops a Llama base's attention biases in a Mixtral and the model breaks
+    (reference/moe.md §6.1); recipekit refuses, and Qwen2-MoE (which has q/k/v biases) is the
+    way out it names."""
+    models = {"base": make_expert("llama", tmp_path / "base", seed=1, attention_bias=True)}
+    step = {"base": "base", "experts": [{"model": "base"}, {"model": "base"}],
+            "gate_mode": "random"}
+    result = cli("run", moe_recipe(tmp_path / "r", models, step), "-q")
+    assert result.exit_code == 2, result.output
+    assert "steps[0].base: base 'base' has biases (model.layers.0.self_attn.k_proj.bias, ...) " \
+        "that a mixtral model has no place for; use a base without attention/MLP biases, or " \
+        "`architecture: qwen2_moe`" in result.output
+
+
 def test_plan_streams_expert_copies(cli, tmp_path, dense):
     """Every expert tensor is a plain copy of its source (a `load` node written as is) and the
     plan's peak is the copy buffers plus a router."""
