@@ -317,7 +317,7 @@ def test_attention_biases_are_refused_for_mixtral(cli, tmp_path):
 
 def test_plan_streams_expert_copies(cli, tmp_path, dense):
     """Every expert tensor is a plain copy of its source (a `load` node written as is) and the
-    plan's peak is the copy buffers plus a router."""
+    plan's peak is the copy buffers plus a router (`steps.moe.RNG_KERNELS`)."""
     step = {"base": "base", "experts": [{"model": n} for n in ("a", "b")],
             "gate_mode": "random"}
     recipe = moe_recipe(tmp_path, dense, step)
@@ -330,13 +330,14 @@ def test_plan_streams_expert_copies(cli, tmp_path, dense):
     assert len(experts) == 3 * 2 * 3 and all(v["op"] == "load" for v in experts.values())
     routers = [v for n, v in written.items() if n.endswith("gate.weight")]
     assert len(routers) == 3 and all(v["op"] != "load" for v in routers)
-    assert doc["estimates"]["peak_memory"] < 1 << 20
+    assert doc["estimates"]["peak_memory"] < 6 << 20  # the router's draw and torch's RNG code
 
 
-def test_measured_peak_within_the_plan_estimate(tmp_path):
-    """A run with streamed copies and a noised expert (row pieces) stays within `plan`'s peak
-    estimate. Oracle: VmHWM of a fresh process (tests/helpers/memory.py), as for the merge
-    methods in tests/run/test_execute_estimates.py."""
+@pytest.mark.parametrize("mode,noise", [("random", None), ("uniform_random", 0.01)])
+def test_measured_peak_within_the_plan_estimate(tmp_path, mode, noise):
+    """A run of streamed copies and routers (and a noised expert, row pieces) stays within
+    `plan`'s peak estimate. Oracle: VmHWM of a fresh process (tests/helpers/memory.py), as for
+    the merge methods in tests/run/test_execute_estimates.py."""
     import subprocess
     import sys
 
@@ -347,9 +348,10 @@ def test_measured_peak_within_the_plan_estimate(tmp_path):
                       hidden_size=1024, intermediate_size=4096, num_attention_heads=8,
                       num_key_value_heads=4, head_dim=128, vocab_size=256)
     recipe = moe_recipe(tmp_path / "r", {"base": base}, {
-        "base": "base", "experts": [{"model": "base"}, {"model": "base", "noise_scale": 0.01,
-                                                        "residual_scale": 0.5}],
-        "gate_mode": "random", "allow_identical_experts": True})
+        "base": "base", "experts": [{"model": "base", "positive_prompts": ["a"]}, {
+            "model": "base", "positive_prompts": ["b"],
+            **({"noise_scale": noise, "residual_scale": 0.5} if noise else {})}],
+        "gate_mode": mode, "allow_identical_experts": True})
     done = subprocess.run([sys.executable, "-c", MEASURE, str(recipe)], capture_output=True,
                           text=True, check=True)
     got = json.loads(done.stdout.strip().splitlines()[-1])
