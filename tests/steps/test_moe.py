@@ -11,12 +11,15 @@ tensors equal the PEFT-merged dense expert's).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
 import yaml
+
+from recipekit.graph import Node
 
 from tests.helpers.adapter_builders import make_adapter, peft_merged
 from tests.helpers.builders import read_tensors
@@ -214,6 +217,50 @@ def test_qwen2_base_becomes_qwen2_moe(cli, tmp_path):
     _, info = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "out",
                                                       output_loading_info=True)
     assert not any(info.values()), info
+
+
+@dataclass(frozen=True, eq=False)
+class KnownRows(Node):
+    """A stand-in prompt gate: row r of layer ``layer`` holds 10·layer + r everywhere."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    layer: int
+
+    def compute(self, args):
+        rows = torch.arange(self.shape[0], dtype=torch.float32) + 10 * self.layer
+        return rows[:, None].expand(self.shape).contiguous()
+
+
+def test_prompt_gates_are_sliced_into_routed_and_shared_rows(cli, tmp_path, dense, monkeypatch):
+    """The `moe_gates.prompt_gate_nodes` contract: one fp32 (gates, hidden) node per layer, the
+    routed experts' rows then the shared expert's, each cast once to the output dtype. Oracle:
+    a stand-in whose rows are known (`KnownRows`)."""
+    from recipekit.graph import intern
+    from recipekit.steps import moe
+
+    seen = {}
+
+    def fake(step, recipe, base, prompts, mode):
+        seen.update(prompts=list(prompts), mode=mode)
+        return [intern(KnownRows((len(prompts), 32), "F32", layer)) for layer in range(3)]
+
+    monkeypatch.setattr(moe, "prompt_gate_nodes", fake)
+    step = {"base": "base", "experts": [{"model": "a", **PROMPTS[0]},
+                                        {"model": "b", **PROMPTS[1]}],
+            "shared_experts": [{"model": "c", "positive_prompts": ["shared"]}],
+            "gate_mode": "cheap_embed"}
+    out = run_ok(cli, moe_recipe(tmp_path, dense, step, output={"dtype": "bfloat16"}))
+    assert seen["mode"] == "cheap_embed"
+    assert [p.positive for p in seen["prompts"]] == [("def f(x): return x",),
+                                                      ("once upon a time",), ("shared",)]
+    assert seen["prompts"][1].negative == ("import os",)
+    for layer in range(3):
+        routed = out[f"model.layers.{layer}.mlp.gate.weight"]
+        shared = out[f"model.layers.{layer}.mlp.shared_expert_gate.weight"]
+        assert routed.dtype == torch.bfloat16 and routed.shape == (2, 32)
+        assert torch.equal(routed.float()[:, 0], torch.tensor([10. * layer, 10. * layer + 1]))
+        assert torch.equal(shared.float()[:, 0], torch.tensor([10. * layer + 2]))
 
 
 class TestModifiers:
