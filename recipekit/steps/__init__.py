@@ -20,6 +20,7 @@ from recipekit.steps import (
     interpolate,
     layers,
     merge,
+    moe,
     reinit,
 )
 from recipekit.steps.registry import Builder, Checker, Op
@@ -27,7 +28,7 @@ from recipekit.steps.registry import Builder, Checker, Op
 #: op name → `Op`, every op recipekit knows (the schema's op list is generated from it)
 OPS: dict[str, Op] = {op.name: op for op in (
     *layers.OPS, *interpolate.OPS, *merge.OPS, *head.OPS, *reinit.OPS, *adapters.OPS,
-    *extract_lora.OPS, *coalesce.OPS)}
+    *extract_lora.OPS, *coalesce.OPS, *moe.OPS)}
 
 #: op name → builder (a view of `OPS`)
 BUILDERS: dict[str, Builder] = {name: op.build for name, op in OPS.items()}

@@ -59,6 +59,7 @@ from recipekit.inputs.resolve import resolve_sources
 from recipekit.merge import METHODS, MethodSpec
 from recipekit.plan import compile_plan
 from recipekit.recipe import load_document, recipe_from_data
+from recipekit.tools.mergekit_moe import choose_architecture, is_moe_config, moe_step
 from recipekit.tools.mergekit_params import (
     ImportState,
     Slice,
@@ -104,6 +105,8 @@ def convert_file(config: Path, out_file: Path | None, cwd: Path | None = None) -
     if not isinstance(data, dict):
         raise st.fail((), "a mergekit config is a mapping with `merge_method` and `models` or "
                       "`slices`")
+    if is_moe_config(data):
+        return _convert_moe(st, data, config, out_file, cwd)
     _check_top(st, data)
     method = METHODS[data["merge_method"]]
     slices = _read_slices(st, data, method)
@@ -113,6 +116,24 @@ def convert_file(config: Path, out_file: Path | None, cwd: Path | None = None) -
     _convert_tokenizer(st, data, final)
     recipe = _recipe(st, data, method, final, config)
     text = _render(st, recipe, config)
+    _validate(recipe, (out_file or cwd / (config.stem + ".yaml")).resolve(), st)
+    return text
+
+
+def _convert_moe(st: ImportState, data: dict[str, Any], config: Path, out_file: Path | None,
+                 cwd: Path) -> str:
+    """A mergekit-moe config as a recipe with one `moe` step (`tools.mergekit_moe`)."""
+    step, output = moe_step(st, data, _model)
+    _resolve_models(st)
+    choose_architecture(st, step)
+    st.steps.append(step)
+    recipe = {"recipekit": 1, "name": config.stem,
+              "description": f"converted from the mergekit-moe config {config.name}",
+              "models": st.models, **({"adapters": st.adapters} if st.adapters else {}),
+              "steps": st.steps, "output": output}
+    head = [f"# Converted by `recipekit import-mergekit {config.name}` (mergekit-moe). What was "
+            "translated:"]
+    text = _render(st, recipe, config, head)
     _validate(recipe, (out_file or cwd / (config.stem + ".yaml")).resolve(), st)
     return text
 
@@ -663,10 +684,12 @@ _Dumper.add_representer(list, _represent_list)
 _Dumper.add_representer(str, _represent_str)
 
 
-def _render(st: ImportState, recipe: dict[str, Any], config: Path) -> str:
-    head = [f"# Converted by `recipekit import-mergekit {config.name}`: each output slice is a",
-            "# step (t of gradients runs per slice, as in mergekit), each layer_range a `layers`",
-            "# step. What was translated:"]
+def _render(st: ImportState, recipe: dict[str, Any], config: Path,
+            head: list[str] | None = None) -> str:
+    head = head or [
+        f"# Converted by `recipekit import-mergekit {config.name}`: each output slice is a",
+        "# step (t of gradients runs per slice, as in mergekit), each layer_range a `layers`",
+        "# step. What was translated:"]
     head += [f"#  - {n}" for n in st.notes] or ["#  - nothing needed translating beyond syntax"]
     body = yaml.dump(recipe, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
                      width=100, allow_unicode=True)

@@ -45,6 +45,8 @@ EXACT: dict[str, tuple[str, str]] = {
     "interpolate": ("op: interpolate\n    from: [a, b]\n    alpha: 0.37", ""),
     "reinit": ("op: reinit\n    from: a\n    layers: [2, 5]\n    seed: 7", ""),
     "head": ("op: head\n    from: a\n    num_labels: 3\n    seed: 1", ""),
+    "moe": ("op: moe\n    base: a\n    experts: [{model: b, noise_scale: 0.01, "
+            "residual_scale: 0.5}, {model: c}]\n    gate_mode: random\n    seed: 4", ""),
 }
 #: cases that run no kernel on the GPU: copies, and draws from seeded CPU generators (ops/rng.py)
 NO_GPU_WORK = {"layers", "reinit", "head"}

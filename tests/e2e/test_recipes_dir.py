@@ -24,8 +24,8 @@ RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*")
 def test_recipe_count():
     assert [p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES] == [
         "alpha-grid.yaml", "classifier.yaml", "frankenmerge.yaml", "layer-removal.yaml",
-        "lora-fold.yaml", "quickstart.json", "quickstart.yaml", "vcycle-1-coalesce.yaml",
-        "vcycle-2-decoalesce-interpolate.yaml", "vocab-union.yaml"]
+        "lora-fold.yaml", "moe.yaml", "quickstart.json", "quickstart.yaml",
+        "vcycle-1-coalesce.yaml", "vcycle-2-decoalesce-interpolate.yaml", "vocab-union.yaml"]
 
 
 @pytest.fixture(scope="module")

@@ -83,12 +83,12 @@ class TestOpRegistry:
 
     def test_every_op_is_declared_in_its_module(self):
         assert list(OPS) == ["layers", "interpolate", "merge", "head", "reinit", "adapters",
-                             "combine_adapters", "extract_lora", "coalesce", "decoalesce"]
+                             "combine_adapters", "extract_lora", "coalesce", "decoalesce", "moe"]
         for name, op in OPS.items():
             assert op.name == name
             assert op.build.__module__.startswith("recipekit.steps.")
             assert BUILDERS[name] is op.build
-        assert [n for n, op in OPS.items() if not op.models_only] == ["adapters"]
+        assert [n for n, op in OPS.items() if not op.models_only] == ["adapters", "moe"]
 
     def test_known_keys_follow_the_dispatch_not_the_name(self, monkeypatch):
         """Rename merge's definition: the loader still finds its keys through the registry."""

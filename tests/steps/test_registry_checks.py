@@ -66,6 +66,11 @@ CASES = [
      "each head belongs to exactly one group"),
     ("ffn without width", "{name: s, op: coalesce, from: a, depth: [[0, 1]], ffn: [[0, 1]]}",
      "5:60: steps[0].ffn: `ffn:` needs a `width:` scheme; add `width:` or remove `ffn:`"),
+    ("moe top-k above the expert count",
+     "{name: s, op: moe, base: a, experts: [{model: b}], experts_per_token: 2, "
+     "gate_mode: random}",
+     "5:75: steps[0].experts_per_token: experts_per_token is 2 but there are 1 expert(s); list "
+     "at least as many experts as experts_per_token"),
     ("overlapping depth groups", "{name: s, op: decoalesce, from: a, depth: [[0, 2], [3, 1, 2]]}",
      "5:56: steps[0].depth[1]: group 1 [3, 1, 2] overlaps group 0 [0, 2]: layer 2 is in both; "
      "each layer belongs to exactly one group"),
@@ -88,7 +93,7 @@ def test_every_op_with_document_rules_has_a_check():
     mistakes are all schema or load-time (layer grammar) ones."""
     assert {name for name, op in OPS.items() if op.check is not None} == {
         "merge", "adapters", "combine_adapters", "head", "coalesce", "decoalesce",
-        "interpolate"}  # interpolate: its `tokenizer:` names only its own models
+        "interpolate", "moe"}  # interpolate: its `tokenizer:` names only its own models
 
 
 def test_mistakes_are_collected_with_schema_errors(cli, tmp_path, monkeypatch):

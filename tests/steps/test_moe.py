@@ -1,0 +1,405 @@
+"""The `moe` op: sparse MoE checkpoints from dense experts.
+
+Oracles: mergekit-moe 0.1.5's output on the same tiny models (every non-router tensor and every
+expert slice bit-exact, random routers bit-exact with ``--random-seed 42``, config.json key by
+key); transformers 5 (the output loads; an MoE whose experts all equal the base gives the
+base's logits, since the top-k weights sum to one; one layer of distinct experts equals the
+routed mixture computed by hand from the dense experts' tensors); PEFT (an adapter expert's
+tensors equal the PEFT-merged dense expert's).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+import yaml
+
+from recipekit.graph import Node
+
+from tests.helpers.adapter_builders import make_adapter, peft_merged
+from tests.helpers.builders import read_tensors
+from tests.helpers.mergekit import needs_mergekit
+from tests.helpers.moe import (
+    make_expert,
+    make_qwen3,
+    mixtral_as_mlp,
+    run_mergekit_moe,
+    unfuse_mergekit,
+)
+
+IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 70, 71, 72, 5, 6, 7, 8]])
+PROMPTS = [{"positive_prompts": ["def f(x): return x"]},
+           {"positive_prompts": ["once upon a time"], "negative_prompts": ["import os"]},
+           {"positive_prompts": ["2 + 2 = 4"]}]
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> dict[str, Path]:
+    """A Llama base and three Llama experts (3 layers, hidden 32, intermediate 64)."""
+    root = tmp_path_factory.mktemp("moe")
+    return {n: make_expert("llama", root / n, seed=i) for i, n in enumerate(["base", "a", "b",
+                                                                               "c"])}
+
+
+def moe_recipe(directory: Path, models: dict[str, Path], step: dict, *, adapters=None,
+               output: dict | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    doc = {"recipekit": 1, "models": {k: str(v) for k, v in models.items()}}
+    if adapters:
+        doc["adapters"] = {k: str(v) for k, v in adapters.items()}
+    doc["steps"] = [{"name": "moe", "op": "moe", **step}]
+    doc["output"] = {"path": "out", **(output or {})}
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run_ok(cli, recipe: Path) -> dict[str, torch.Tensor]:
+    result = cli("run", recipe, "-q", "--no-fsync")
+    assert result.exit_code == 0, result.output
+    return read_tensors(recipe.parent / "out")
+
+
+def mergekit_config(directory: Path, models: dict[str, Path], base: str, experts: list[dict],
+                    **keys: object) -> Path:
+    doc = {"base_model": str(models[base]), **keys, "experts": [
+        {"source_model": str(models[e.pop("model")]), **e} for e in experts]}
+    path = directory / "mergekit-moe.yml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@needs_mergekit
+class TestMergekitParity:
+    """Oracle: mergekit-moe 0.1.5 run with --random-seed 42 on the same models."""
+
+    @pytest.mark.parametrize("mode,k,experts", [("random", 2, 2), ("uniform_random", 1, 3)])
+    def test_mixtral_tensors_and_config(self, cli, tmp_path, dense, mode, k, experts):
+        names = ["a", "b", "c"][:experts]
+        entries = [{"model": n, **PROMPTS[i], **({"residual_scale": 0.5} if i == 1 else {})}
+                   for i, n in enumerate(names)]
+        ours = run_ok(cli, moe_recipe(tmp_path / "rk", dense, {
+            "base": "base", "experts": [dict(e) for e in entries], "gate_mode": mode,
+            "experts_per_token": k, "seed": 42}))
+        theirs = run_mergekit_moe(mergekit_config(tmp_path, dense, "base", entries,
+                                                  gate_mode=mode, experts_per_token=k),
+                                  tmp_path / "mk", tmp_path)
+        mine, ref = mixtral_as_mlp(ours), unfuse_mergekit(theirs)
+        assert set(mine) == set(ref)
+        assert len(ours) == 21 + 3 * (3 * experts + 1)
+        for name, tensor in ref.items():
+            assert mine[name].dtype == tensor.dtype and torch.equal(mine[name], tensor), name
+        base = read_tensors(dense["base"])
+        assert not torch.equal(ours["model.layers.1.block_sparse_moe.experts.1.w2.weight"],
+                               read_tensors(dense["b"])["model.layers.1.mlp.down_proj.weight"])
+        assert torch.equal(ours["model.layers.2.self_attn.q_proj.weight"],
+                           base["model.layers.2.self_attn.q_proj.weight"])
+        ours_cfg = json.loads((tmp_path / "rk" / "out" / "config.json").read_text())
+        ref_cfg = json.loads((tmp_path / "mk" / "config.json").read_text())
+        assert {k: v for k, v in ours_cfg.items() if k != "torch_dtype"} == ref_cfg
+        tf.AutoModelForCausalLM.from_pretrained(tmp_path / "rk" / "out")
+
+    def test_qwen2_moe_with_shared_expert(self, cli, tmp_path, dense):
+        entries = [{"model": "a", **PROMPTS[0]}, {"model": "b", **PROMPTS[1]}]
+        shared = {"model": "base", "positive_prompts": ["hello"], "residual_scale": 0.1}
+        ours = run_ok(cli, moe_recipe(tmp_path / "rk", dense, {
+            "base": "base", "experts": [dict(e) for e in entries], "shared_experts": [shared],
+            "gate_mode": "random", "seed": 42}))
+        theirs = run_mergekit_moe(mergekit_config(tmp_path, dense, "base", entries,
+                                                  gate_mode="random", architecture="qwen",
+                                                  shared_experts=[{
+                                                      "source_model": str(dense["base"]),
+                                                      "positive_prompts": ["hello"],
+                                                      "residual_scale": 0.1}]),
+                                  tmp_path / "mk", tmp_path)
+        assert set(ours) == set(theirs) and len(ours) == 63
+        for name, tensor in theirs.items():
+            assert torch.equal(ours[name], tensor), name
+        ours_cfg = json.loads((tmp_path / "rk" / "out" / "config.json").read_text())
+        ref_cfg = json.loads((tmp_path / "mk" / "config.json").read_text())
+        for key in ("architectures", "model_type", "num_experts", "num_experts_per_tok",
+                    "shared_expert_intermediate_size", "moe_intermediate_size",
+                    "norm_topk_prob", "decoder_sparse_step", "qkv_bias"):
+            assert ours_cfg[key] == ref_cfg[key], key
+        tf.AutoModelForCausalLM.from_pretrained(tmp_path / "rk" / "out")
+
+
+def logits(path: Path) -> torch.Tensor:
+    model = tf.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+class TestTransformers:
+    """Oracle: transformers' own forward pass of the written MoE and of the dense models."""
+
+    @pytest.mark.parametrize("mode,k,experts", [("random", 2, 2), ("uniform_random", 1, 3),
+                                                ("random", 2, 4)])
+    def test_identical_experts_are_the_dense_base(self, cli, tmp_path, dense, mode, k, experts):
+        step = {"base": "base", "experts": [{"model": "base", **PROMPTS[i % 3]}
+                                            for i in range(experts)],
+                "gate_mode": mode, "experts_per_token": k, "seed": 3,
+                "allow_identical_experts": True}
+        run_ok(cli, moe_recipe(tmp_path, dense, step))
+        config = json.loads((tmp_path / "out" / "config.json").read_text())
+        assert config["model_type"] == "mixtral" and config["num_local_experts"] == experts
+        diff = (logits(tmp_path / "out") - logits(dense["base"])).abs().max().item()
+        assert diff <= 1e-5, diff
+
+    def test_qwen3_moe_identical_experts(self, cli, tmp_path):
+        base = make_qwen3(tmp_path / "q3", seed=4)
+        step = {"base": "base", "experts": [{"model": "base"}, {"model": "base"}],
+                "gate_mode": "random"}
+        out = run_ok(cli, moe_recipe(tmp_path / "r", {"base": base}, step))
+        config = json.loads((tmp_path / "r" / "out" / "config.json").read_text())
+        assert config["model_type"] == "qwen3_moe" and config["moe_intermediate_size"] == 64
+        assert "model.layers.0.self_attn.q_norm.weight" in out
+        assert "model.layers.2.mlp.experts.1.down_proj.weight" in out
+        diff = (logits(tmp_path / "r" / "out") - logits(base)).abs().max().item()
+        assert diff <= 1e-5, diff
+
+    def test_one_layer_is_the_routed_mixture(self, cli, tmp_path, dense):
+        """Layer 1's sparse block on random inputs = Σ over the top-2 experts of the
+        renormalised softmax weight times that dense expert's SwiGLU MLP."""
+        step = {"base": "base", "experts": [{"model": n} for n in ("a", "b", "c")],
+                "gate_mode": "random", "seed": 9}
+        out = run_ok(cli, moe_recipe(tmp_path, dense, step))
+        model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        block = model.model.layers[1].mlp
+        torch.manual_seed(0)
+        x = torch.randn(5, 32)
+        with torch.no_grad():
+            got = block(x[None])
+        got = got[0] if isinstance(got, tuple) else got
+        router = out["model.layers.1.block_sparse_moe.gate.weight"]
+        probs = torch.softmax(x @ router.T, dim=-1)
+        top, idx = probs.topk(2, dim=-1)
+        top = top / top.sum(-1, keepdim=True)
+        want = torch.zeros_like(x)
+        for e, name in enumerate(("a", "b", "c")):
+            t = read_tensors(dense[name])
+            g, u, d = (t[f"model.layers.1.mlp.{p}.weight"] for p in ("gate_proj", "up_proj",
+                                                                      "down_proj"))
+            y = (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.T
+            w = (top * (idx == e)).sum(-1, keepdim=True)
+            want += w * y
+        assert (got.reshape(5, 32) - want).abs().max().item() <= 1e-5
+
+    def test_qwen2_moe_loads_and_keeps_its_shared_expert(self, cli, tmp_path, dense):
+        step = {"base": "base", "experts": [{"model": "a"}, {"model": "b"}],
+                "shared_experts": [{"model": "c"}], "gate_mode": "random"}
+        out = run_ok(cli, moe_recipe(tmp_path, dense, step))
+        c = read_tensors(dense["c"])
+        assert torch.equal(out["model.layers.0.mlp.shared_expert.up_proj.weight"],
+                           c["model.layers.0.mlp.up_proj.weight"])
+        assert out["model.layers.0.mlp.shared_expert_gate.weight"].shape == (1, 32)
+        assert torch.equal(out["model.layers.0.self_attn.k_proj.bias"], torch.zeros(16))
+        logits(tmp_path / "out")  # loads and runs
+
+
+def test_qwen2_base_becomes_qwen2_moe(cli, tmp_path):
+    """A Qwen2 base (q/k/v biases, tied embeddings) gives Qwen2-MoE under `auto`; its biases
+    are the base's, and transformers loads it with nothing missing."""
+    models = {n: make_expert("qwen2", tmp_path / n, seed=20 + i)
+              for i, n in enumerate(("base", "a"))}
+    step = {"base": "base", "experts": [{"model": "a"}, {"model": "base"}],
+            "shared_experts": [{"model": "a", "residual_scale": 0.1}], "gate_mode": "random"}
+    out = run_ok(cli, moe_recipe(tmp_path / "r", models, step))
+    base = read_tensors(models["base"])
+    assert torch.equal(out["model.layers.1.self_attn.q_proj.bias"],
+                       base["model.layers.1.self_attn.q_proj.bias"])
+    assert "lm_head.weight" not in out
+    _, info = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "r" / "out",
+                                                      output_loading_info=True)
+    assert not any(info.values()), info
+
+
+@dataclass(frozen=True, eq=False)
+class KnownRows(Node):
+    """A stand-in prompt gate: row r of layer ``layer`` holds 10·layer + r everywhere."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    layer: int
+
+    def compute(self, args):
+        rows = torch.arange(self.shape[0], dtype=torch.float32) + 10 * self.layer
+        return rows[:, None].expand(self.shape).contiguous()
+
+
+def test_prompt_gates_are_sliced_into_routed_and_shared_rows(cli, tmp_path, dense, monkeypatch):
+    """The `moe_gates.prompt_gate_nodes` contract: one fp32 (gates, hidden) node per layer, the
+    routed experts' rows then the shared expert's, each cast once to the output dtype. Oracle:
+    a stand-in whose rows are known (`KnownRows`)."""
+    from recipekit.graph import intern
+    from recipekit.steps import moe
+
+    seen = {}
+
+    def fake(step, recipe, base, prompts, mode):
+        seen.update(prompts=list(prompts), mode=mode)
+        return [intern(KnownRows((len(prompts), 32), "F32", layer)) for layer in range(3)]
+
+    monkeypatch.setattr(moe, "prompt_gate_nodes", fake)
+    step = {"base": "base", "experts": [{"model": "a", **PROMPTS[0]},
+                                        {"model": "b", **PROMPTS[1]}],
+            "shared_experts": [{"model": "c", "positive_prompts": ["shared"]}],
+            "gate_mode": "cheap_embed"}
+    out = run_ok(cli, moe_recipe(tmp_path, dense, step, output={"dtype": "bfloat16"}))
+    assert seen["mode"] == "cheap_embed"
+    assert [p.positive for p in seen["prompts"]] == [("def f(x): return x",),
+                                                      ("once upon a time",), ("shared",)]
+    assert seen["prompts"][1].negative == ("import os",)
+    for layer in range(3):
+        routed = out[f"model.layers.{layer}.mlp.gate.weight"]
+        shared = out[f"model.layers.{layer}.mlp.shared_expert_gate.weight"]
+        assert routed.dtype == torch.bfloat16 and routed.shape == (2, 32)
+        assert torch.equal(routed.float()[:, 0], torch.tensor([10. * layer, 10. * layer + 1]))
+        assert torch.equal(shared.float()[:, 0], torch.tensor([10. * layer + 2]))
+
+
+class TestModifiers:
+    """Oracle: the formulas t + s·N(0,1) and t·r of mergekit-moe's noise_and_scale."""
+
+    def test_noise_and_residual_scale(self, cli, tmp_path, dense):
+        step = {"base": "base", "experts": [{"model": "a", "noise_scale": 0.5},
+                                            {"model": "b", "residual_scale": 0.25}],
+                "gate_mode": "random"}
+        out = run_ok(cli, moe_recipe(tmp_path, dense, step))
+        a, b = read_tensors(dense["a"]), read_tensors(dense["b"])
+        noise = torch.cat([(out[f"model.layers.{i}.block_sparse_moe.experts.0.{w}.weight"]
+                            - a[f"model.layers.{i}.mlp.{p}.weight"]).flatten()
+                           for i in range(3) for w, p in (("w1", "gate_proj"), ("w3", "up_proj"),
+                                                          ("w2", "down_proj"))])
+        assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 0.5) < 0.02
+        assert torch.equal(out["model.layers.0.block_sparse_moe.experts.1.w2.weight"],
+                           b["model.layers.0.mlp.down_proj.weight"] * 0.25)
+        assert torch.equal(out["model.layers.0.block_sparse_moe.experts.1.w1.weight"],
+                           b["model.layers.0.mlp.gate_proj.weight"])
+        again = run_ok(cli, moe_recipe(tmp_path / "again", dense, step))
+        assert all(torch.equal(out[n], again[n]) for n in out)  # seeded: deterministic
+
+
+class TestAdapterExperts:
+    """Oracle: PEFT's merge_and_unload of the same adapter into the base."""
+
+    def test_adapter_expert_is_the_peft_merged_mlp(self, cli, tmp_path, dense):
+        lora = make_adapter("llama", dense["base"], tmp_path / "lora", seed=7, r=4,
+                            target_modules=["gate_proj", "up_proj", "down_proj"])
+        ref, _ = peft_merged("llama", dense["base"], [(lora, 1.0)])
+        step = {"base": "base", "experts": [{"model": "a"}, {"adapter": "lora"}],
+                "gate_mode": "random"}
+        out = run_ok(cli, moe_recipe(tmp_path / "short", dense, step, adapters={"lora": lora}))
+        base = read_tensors(dense["base"])
+        for i in range(3):
+            for w, p in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                got = out[f"model.layers.{i}.block_sparse_moe.experts.1.{w}.weight"]
+                want = ref[f"model.layers.{i}.mlp.{p}.weight"]
+                assert (got - want).abs().max().item() <= 1e-6
+                assert not torch.equal(got, base[f"model.layers.{i}.mlp.{p}.weight"])
+        # the same expert as an explicit `op: adapters` step: the same bytes
+        doc = yaml.safe_load((tmp_path / "short" / "recipe.yaml").read_text())
+        doc["steps"].insert(0, {"name": "folded", "op": "adapters", "from": "base",
+                                "adapters": ["lora"]})
+        doc["steps"][1]["experts"][1] = {"model": "folded"}
+        (tmp_path / "step").mkdir()
+        (tmp_path / "step" / "recipe.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        via_step = run_ok(cli, tmp_path / "step" / "recipe.yaml")
+        assert all(torch.equal(out[n], via_step[n]) for n in out)
+
+
+class TestRefusals:
+    """Oracle: mergekit-moe's config checks (reference/moe.md §1.2), reported before anything
+    is written, located at the step's keys."""
+
+    @pytest.mark.parametrize("step,message", [
+        ({"experts": [{"model": "a"}], "experts_per_token": 2, "gate_mode": "random"},
+         "steps[0].experts_per_token: experts_per_token is 2 but there are 1 expert(s)"),
+        ({"experts": [{"model": "a"}, {"model": "b", "positive_prompts": ["x"]}],
+          "gate_mode": "uniform_random"},
+         "steps[0].experts[0]: expert has no positive_prompts, which gate_mode uniform_random "
+         "needs"),
+        ({"experts": [{"model": "a", "positive_prompts": ["x"]},
+                      {"model": "a", "positive_prompts": ["y"]}], "gate_mode": "cheap_embed"},
+         "steps[0].experts: every expert is the same model, which is useless without training"),
+        ({"experts": [{"model": "a"}, {"model": "b"}], "gate_mode": "random",
+          "shared_experts": [{"model": "c"}], "architecture": "mixtral"},
+         "steps[0].shared_experts: architecture mixtral has no shared expert"),
+        ({"experts": [{"model": "a"}, {"model": "q"}], "gate_mode": "random"},
+         "steps[0].experts[1]: expert experts.1 is a 'qwen3' model but the base is 'llama'"),
+        ({"experts": [{"model": "a"}, {"model": "b"}], "gate_mode": "random",
+          "architecture": "qwen3_moe"},
+         "steps[0].base: base 'base' is a 'llama' model; qwen3_moe is built from qwen3 models"),
+    ])
+    def test_refused(self, cli, tmp_path, dense, step, message):
+        models = dict(dense)
+        if "q" in json.dumps(step):
+            models["q"] = make_qwen3(tmp_path / "q3", seed=1)
+        recipe = moe_recipe(tmp_path / "r", models, {"base": "base", **step})
+        result = cli("run", recipe, "-q")
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+        assert "Traceback" not in result.output
+        assert not (tmp_path / "r" / "out" / "model.safetensors").exists()
+
+
+def test_attention_biases_are_refused_for_mixtral(cli, tmp_path):
+    """mergekit drops a Llama base's attention biases in a Mixtral and the model breaks
+    (reference/moe.md §6.1); recipekit refuses, and Qwen2-MoE (which has q/k/v biases) is the
+    way out it names."""
+    models = {"base": make_expert("llama", tmp_path / "base", seed=1, attention_bias=True)}
+    step = {"base": "base", "experts": [{"model": "base"}, {"model": "base"}],
+            "gate_mode": "random"}
+    result = cli("run", moe_recipe(tmp_path / "r", models, step), "-q")
+    assert result.exit_code == 2, result.output
+    assert "steps[0].base: base 'base' has biases (model.layers.0.self_attn.k_proj.bias, ...) " \
+        "that a mixtral model has no place for; use a base without attention/MLP biases, or " \
+        "`architecture: qwen2_moe`" in result.output
+
+
+def test_plan_streams_expert_copies(cli, tmp_path, dense):
+    """Every expert tensor is a plain copy of its source (a `load` node written as is) and the
+    plan's peak is the copy buffers plus a router (`steps.moe.RNG_KERNELS`)."""
+    step = {"base": "base", "experts": [{"model": n} for n in ("a", "b")],
+            "gate_mode": "random"}
+    recipe = moe_recipe(tmp_path, dense, step)
+    result = cli("plan", recipe, "--format", "json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    nodes = {n["id"]: n for n in doc["nodes"]}
+    written = {t["name"]: nodes[t["node"]] for s in doc["shards"] for t in s["tensors"]}
+    experts = {n: v for n, v in written.items() if ".experts." in n}
+    assert len(experts) == 3 * 2 * 3 and all(v["op"] == "load" for v in experts.values())
+    routers = [v for n, v in written.items() if n.endswith("gate.weight")]
+    assert len(routers) == 3 and all(v["op"] != "load" for v in routers)
+    assert doc["estimates"]["peak_memory"] < 6 << 20  # the router's draw and torch's RNG code
+
+
+@pytest.mark.parametrize("mode,noise", [("random", None), ("uniform_random", 0.01)])
+def test_measured_peak_within_the_plan_estimate(tmp_path, mode, noise):
+    """A run of streamed copies and routers (and a noised expert, row pieces) stays within
+    `plan`'s peak estimate. Oracle: VmHWM of a fresh process (tests/helpers/memory.py), as for
+    the merge methods in tests/run/test_execute_estimates.py."""
+    import subprocess
+    import sys
+
+    from tests.helpers.builders import make_model
+    from tests.helpers.memory import MEASURE
+
+    base = make_model("llama", tmp_path / "base", layers=2, seed=0, dtype=torch.bfloat16,
+                      hidden_size=1024, intermediate_size=4096, num_attention_heads=8,
+                      num_key_value_heads=4, head_dim=128, vocab_size=256)
+    recipe = moe_recipe(tmp_path / "r", {"base": base}, {
+        "base": "base", "experts": [{"model": "base", "positive_prompts": ["a"]}, {
+            "model": "base", "positive_prompts": ["b"],
+            **({"noise_scale": noise, "residual_scale": 0.5} if noise else {})}],
+        "gate_mode": mode, "allow_identical_experts": True})
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(recipe)], capture_output=True,
+                          text=True, check=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["measured"] <= got["estimate"], got

@@ -1,0 +1,125 @@
+"""`recipekit import-mergekit` on mergekit-moe configs: converted to one `op: moe` step.
+
+Oracle: mergekit-moe 0.1.5 run on the same config (``--random-seed 0``, the converted recipe's
+seed): every tensor of the converted recipe's output equals mergekit's (its fused experts
+compared slice by slice); refusals name the key, as for merge configs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.helpers.builders import read_tensors
+from tests.helpers.mergekit import needs_mergekit
+from tests.helpers.moe import make_expert, mixtral_as_mlp, run_mergekit_moe, unfuse_mergekit
+
+CONFIG = """\
+base_model: models/base
+gate_mode: uniform_random
+dtype: float32
+experts_per_token: 1
+experts:
+  - source_model: models/a
+    positive_prompts: ["def f(x):"]
+  - source_model: models/b
+    positive_prompts: ["once upon a time"]
+    negative_prompts: ["import os"]
+    residual_scale: 0.5
+"""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mkmoe")
+    for i, name in enumerate(("base", "a", "b")):
+        make_expert("llama", root / "models" / name, seed=10 + i)
+    return root
+
+
+def convert(cli, root: Path, text: str, monkeypatch) -> tuple[object, Path]:
+    monkeypatch.chdir(root)
+    (root / "moe.yml").write_text(text)
+    recipe = root / "moe.yaml"
+    recipe.unlink(missing_ok=True)
+    return cli("import-mergekit", "moe.yml", "-o", recipe), recipe
+
+
+def test_converts_to_one_moe_step(cli, models, monkeypatch):
+    result, recipe = convert(cli, models, CONFIG, monkeypatch)
+    assert result.exit_code == 0, result.output
+    text = recipe.read_text()
+    assert text.startswith("# Converted by `recipekit import-mergekit moe.yml` (mergekit-moe)")
+    doc = yaml.safe_load(text)
+    assert doc["models"] == {"base": "./models/base", "a": "./models/a", "b": "./models/b"}
+    assert doc["steps"] == [{
+        "name": "moe", "op": "moe", "base": "base",
+        "experts": [{"model": "a", "positive_prompts": ["def f(x):"]},
+                    {"model": "b", "positive_prompts": ["once upon a time"],
+                     "negative_prompts": ["import os"], "residual_scale": 0.5}],
+        "gate_mode": "uniform_random", "experts_per_token": 1, "seed": 0}]
+    assert doc["output"] == {"model": "moe", "dtype": "float32"}
+
+
+@needs_mergekit
+def test_converted_recipe_equals_mergekit_moe(cli, models, monkeypatch, tmp_path):
+    result, recipe = convert(cli, models, CONFIG, monkeypatch)
+    assert result.exit_code == 0, result.output
+    doc = yaml.safe_load(recipe.read_text())
+    doc["output"]["path"] = str(tmp_path / "rk")
+    recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
+    ran = cli("run", recipe, "-q", "--no-fsync")
+    assert ran.exit_code == 0, ran.output
+    ours = mixtral_as_mlp(read_tensors(tmp_path / "rk"))
+    theirs = unfuse_mergekit(run_mergekit_moe(models / "moe.yml", tmp_path / "mk", models,
+                                              seed=0))
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("expert_per_token: 2\n", "expert_per_token: unknown mergekit-moe key `expert_per_token` "
+     "(mergekit would silently ignore it); did you mean 'experts_per_token'?"),
+    ("architecture: deepseek\n", "architecture: cannot convert the DeepSeek-MoE output"),
+    ("architecture: gemma\n", "architecture: no mergekit-moe output architecture matches "
+     "'gemma'"),
+])
+def test_what_cannot_be_converted_is_named(cli, models, monkeypatch, extra, message):
+    result, _ = convert(cli, models, CONFIG + extra, monkeypatch)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_wrong_types_are_located(cli, models, monkeypatch):
+    """A list where a name belongs, a string where a number does: located, all reported."""
+    text = CONFIG.replace("experts_per_token: 1", "experts_per_token: two").replace(
+        "residual_scale: 0.5", "residual_scale: half").replace("uniform_random", "[random]")
+    result, _ = convert(cli, models, text, monkeypatch)
+    assert result.exit_code == 2, result.output
+    assert "moe.yml:4:20: experts_per_token: experts_per_token is 'two'; mergekit-moe takes an " \
+        "integer" in result.stderr
+    assert "experts[1].residual_scale: `residual_scale` is a number, not 'half'" in result.stderr
+    assert "gate_mode: cannot convert gate_mode ['random']" in result.stderr
+
+
+def test_hidden_avg_is_refused(cli, models, monkeypatch):
+    result, _ = convert(cli, models, CONFIG.replace("uniform_random", "hidden_avg"), monkeypatch)
+    assert result.exit_code == 2
+    assert "gate_mode: cannot convert gate_mode 'hidden_avg'" in result.stderr
+
+
+def test_mergekits_deepseek_choice_is_refused(cli, models, monkeypatch):
+    text = CONFIG.replace("uniform_random", "random") + \
+        "shared_experts:\n  - source_model: models/base\n"
+    result, _ = convert(cli, models, text, monkeypatch)
+    assert result.exit_code == 2, result.output
+    assert "shared_experts: mergekit-moe builds a DeepSeek-MoE from these models" in \
+        result.stderr
+    fixed, recipe = convert(cli, models, text + "architecture: qwen\n", monkeypatch)
+    assert fixed.exit_code == 0, fixed.output
+    assert yaml.safe_load(recipe.read_text())["steps"][0]["architecture"] == "qwen2_moe"
