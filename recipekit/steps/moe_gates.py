@@ -3,8 +3,8 @@
 Why: `op: moe` (steps/moe.py) writes one router per layer, shape (experts, hidden). mergekit-moe
 0.1.5 can set expert e's row from prompts that should reach it (reference/moe.md §3.3-3.5):
 
-* ``cheap_embed``: the sum of the prompt tokens' embedding rows (pads masked), positives minus
-  negatives, normalised; the same vector for every layer. Only those rows of the embedding
+* ``cheap_embed``: the sum of the prompt tokens' embedding rows (pads masked), normalised,
+  positives minus negatives, normalised again; the same vector for every layer. Only those rows of the embedding
   table are read (`CheapEmbedGates`).
 * ``hidden`` (= ``hidden_last``) and ``hidden_avg``: per layer l, the base model's input to
   decoder layer l (the embedding output for l = 0) at each prompt's last token (``hidden_avg``:
@@ -89,8 +89,9 @@ def _lookup(rows: Any, ids: Sequence[int], ids_tensor: Any) -> Any:
 
 @dataclass(frozen=True, eq=False)
 class CheapEmbedGates(Sweep):
-    """(experts, hidden) fp32: per expert, Σ embedding rows of its positive prompts' tokens
-    (pads masked) minus the same for its negatives, over its L2 norm.
+    """(experts, hidden) fp32: per expert, unit(Σ embedding rows of its positive prompts'
+    tokens, pads masked) minus the same for its negatives, over its L2 norm (each prompt
+    list's sum is normalised before the subtraction, as mergekit's `get_cheap_embedding` does).
 
     Reads only the rows of the embedding table that the prompts use. Per token the row is the
     table's row exactly (what mergekit's one-hot matmul gives), summed over positions and then
@@ -125,7 +126,7 @@ class CheapEmbedGates(Sweep):
         for batch in self.batches:
             tokens, real = _left_padded(batch, self.pad)
             h = _lookup(rows, ids, tokens) * real.to(rows.device).unsqueeze(-1)
-            sums.append(h.sum(dim=1).sum(dim=0))
+            sums.append(_unit_rows(h.sum(dim=1).sum(dim=0, keepdim=True))[0])
         out = [sums[p] - (sums[n] if n >= 0 else 0) for p, n in self.experts]
         return _unit_rows(torch.stack(out)).to(torch.float32)
 
@@ -348,11 +349,10 @@ def prompt_gate_nodes(step: Step, recipe: Recipe, base: VirtualModel,
     except Exception as e:  # the side file's problem (TokenizerFileError)
         raise recipe.error(at + ("base",), getattr(e, "message", str(e)),
                            hint=getattr(e, "hint", None)) from None
-    prefix = base.stack.base
-    embed = base.tensors.get(f"{prefix}embed_tokens.weight")
-    if embed is None or len(embed.shape) != 2:
+    embed = _embedding(base)
+    if embed is None:
         raise recipe.error(at + ("base",), f"base '{base.name}' has no "
-                           f"`{prefix}embed_tokens.weight`, which prompt gates read")
+                           "`model.embed_tokens.weight`, which prompt gates read")
     lists: list[tuple[str, ...]] = []
     experts = []
     for p in prompts:
@@ -392,6 +392,18 @@ def prompt_gate_nodes(step: Step, recipe: Recipe, base: VirtualModel,
     sweep = intern(HiddenGates(embed, tuple(weights), tuple(names), batches, tuple(experts),
                                pad_id, spec, layers, mode == "hidden_avg"))
     return [intern(GateRows(sweep, layer)) for layer in range(layers)]
+
+
+def _embedding(base: VirtualModel) -> Node | None:
+    """The base's token embedding table: ``embed_tokens.weight`` beside its layer stack
+    (``model.`` for the families here; mergekit reads ``model.embed_tokens.weight``)."""
+    prefix = base.stack.prefix
+    beside = prefix[:-len("layers.")] if prefix.endswith("layers.") else base.stack.base
+    for name in (f"{beside}embed_tokens.weight", f"{base.stack.base}embed_tokens.weight"):
+        node = base.tensors.get(name)
+        if node is not None and len(node.shape) == 2:
+            return node
+    return None
 
 
 def _index(lists: list[tuple[str, ...]], prompts: tuple[str, ...]) -> int:

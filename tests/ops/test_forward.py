@@ -62,7 +62,7 @@ class TestForwardMatchesTransformers:
                 torch.testing.assert_close(h, want[layer], atol=1e-5, rtol=0)
                 h = decoder_layer(h, _layer(state, layer), spec, rope, mask)
 
-    @pytest.mark.parametrize("name", ["llama", "qwen3"])
+    @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
     def test_left_padded_batch(self, name):
         """Left pads masked as keys, positions 0..S-1 for every row, and a pad query gets a
         zero attention output (torch's SDPA, transformers' default attention)."""

@@ -1,0 +1,168 @@
+"""steps/moe_gates.py: MoE routers from prompts, against mergekit-moe 0.1.5's `get_gate_params`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import weakref
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import transformers as tf
+from tokenizers import AddedToken, Tokenizer, models
+
+from recipekit.errors import RecipeError
+from recipekit.graph import Load, iter_post_order
+from recipekit.inputs.resolve import resolve_sources
+from recipekit.inputs.tokenizer_file import KEY, resolve_tokenizer
+from recipekit.io.reader import FileReader
+from recipekit.plan.compile import model_from_checkpoint
+from recipekit.recipe import Step, load_recipe
+from recipekit.run import execute
+from recipekit.steps.moe_gates import CheapEmbedGates, ExpertPrompts, HiddenGates, prompt_gate_nodes
+from tests.helpers.mergekit import MERGEKIT_PYTHON, needs_mergekit
+from tests.helpers.recipes import ROOT, write_recipe
+
+CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:()=_'"
+MERGES = [("d", "e"), ("de", "f"), (" ", "t"), ("t", "h"), (" ", "a"), ("i", "n"), ("o", "n"),
+          ("e", "r")]
+SMALL = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=8, num_hidden_layers=3, max_position_embeddings=128,
+             tie_word_embeddings=False)
+FAMILIES = {
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(rope_theta=5000.0)),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(sliding_window=6)),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(rope_theta=30000.0)),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {}),
+}
+#: Expert A: two code prompts; expert B: two story prompts and a negative (reference/moe.md §5).
+PROMPTS = [ExpertPrompts(("def f(x):", "import os")),
+           ExpertPrompts(("Once upon a time", "the end."), ("def g(): return 1",))]
+
+
+def make_tokenizer(directory: Path, *, bos: bool = True) -> int:
+    """A BPE over single characters plus a few merges, with <unk>, <s>, </s> (as mergekit's
+    tests build one); saved with transformers so that its config names BOS and EOS."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in CHARS:
+        vocab.setdefault(c, len(vocab))
+    for a, b in MERGES:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=MERGES, unk_token="<unk>"))
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
+                                      **({"bos_token": "<s>"} if bos else {}))
+    fast.save_pretrained(directory)
+    return len(vocab)
+
+
+def make_base(directory: Path, family: str, *, bos: bool = True, **overrides: Any) -> Path:
+    """A tiny random ``family`` model (fp32, GQA, perturbed norms and biases) with a tokenizer."""
+    config_cls, model_cls, extra = FAMILIES[family]
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = make_tokenizer(directory, bos=bos)
+    torch.manual_seed(3)
+    model = model_cls(config_cls(**SMALL, **extra, vocab_size=vocab, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(directory)
+    # transformers 5 rebuilds some families' tokenizer pipeline from the model type (Qwen2's
+    # byte-level split); saving what it loaded makes tokenizer.json the pipeline it runs, as a
+    # real checkpoint's is
+    tf.AutoTokenizer.from_pretrained(directory).save_pretrained(directory)
+    return directory
+
+
+def gate_nodes(tmp_path: Path, base: Path, prompts: list[ExpertPrompts], mode: str,
+               spec: dict[str, Any] | None = None) -> tuple[list[Any], Any]:
+    """`prompt_gate_nodes` for a step ``moe`` over model input ``base`` (a recipe whose step
+    0 stands in for `op: moe`, which another branch builds), and the resolved sources."""
+    recipe = load_recipe(write_recipe(tmp_path, f"""
+        recipekit: 1
+        models:
+          base: {base}
+        steps:
+          - name: gates
+            op: layers
+            from: base
+            layers: ["range(0,3)"]
+        """))
+    sources = resolve_sources(recipe)
+    step = Step("gates", "moe", spec or {"base": "base"}, 0)
+    side = resolve_tokenizer(recipe, step, sources)
+    step = replace(step, files={KEY: side} if side is not None else {})
+    nodes = prompt_gate_nodes(step, recipe, model_from_checkpoint(sources["base"]), prompts, mode)
+    return nodes, sources
+
+
+def evaluate_from_files(nodes: list[Any], sources: Any) -> torch.Tensor:
+    """The nodes' values as the executor computes them, reading the files (run/execute.py),
+    one runtime for all layers: the sweep is computed once and shared."""
+    plan = SimpleNamespace(sources=sources)
+    with FileReader() as reader:
+        rt = execute.Runtime(reader, torch.device("cpu"), None, None)  # type: ignore[arg-type]
+        return torch.stack([execute.evaluate(n, plan, rt) for n in nodes])  # type: ignore[arg-type]
+
+
+def mergekit_gates(tmp_path: Path, base: Path, prompts: list[ExpertPrompts], mode: str,
+                   dtype: str = "float32") -> torch.Tensor:
+    """mergekit-moe 0.1.5's router weights (layers, experts, hidden), from its side venv."""
+    experts = tmp_path / "experts.json"
+    experts.write_text(json.dumps([[list(p.positive), list(p.negative)] for p in prompts]))
+    out = tmp_path / f"mk-{mode}-{dtype}.pt"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([str(MERGEKIT_PYTHON), "-I", str(ROOT / "tests" / "helpers" /
+                                                     "mergekit_moe_gates.py"),
+                           str(base), str(experts), mode, str(out), dtype],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gate-bases")
+    return {f: make_base(root / f, f) for f in FAMILIES}
+
+
+@needs_mergekit
+@pytest.mark.mergekit
+class TestMatchesMergekit:
+    """Oracle: mergekit-moe 0.1.5's `get_gate_params` on the same base, tokenizer and prompts
+    (for the hidden modes with the base loaded in fp32; mergekit's own bf16 is compared
+    within bf16 rounding), within 1e-5 in fp32."""
+
+    @pytest.mark.parametrize("family", list(FAMILIES))
+    @pytest.mark.parametrize("mode", ["cheap_embed", "hidden", "hidden_avg"])
+    def test_router_weights(self, tmp_path, bases, family, mode):
+        if mode == "cheap_embed" and family != "llama":
+            pytest.skip("cheap_embed reads the embedding table only: one family suffices")
+        nodes, sources = gate_nodes(tmp_path, bases[family], PROMPTS, mode)
+        got = evaluate_from_files(nodes, sources)
+        want = mergekit_gates(tmp_path, bases[family], PROMPTS, mode)
+        assert got.shape == want.shape == (3, 2, 32)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    def test_mergekit_bf16_is_within_its_rounding(self, tmp_path, bases):
+        """mergekit computes `hidden` in bf16: ours (fp32) is the same routers up to that."""
+        nodes, sources = gate_nodes(tmp_path, bases["llama"], PROMPTS, "hidden")
+        got = evaluate_from_files(nodes, sources)
+        want = mergekit_gates(tmp_path, bases["llama"], PROMPTS, "hidden", "native")
+        cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+        assert cos.min() > 0.999
+        assert (got - want).abs().max() < 1e-2
+
+    def test_no_bos_token(self, tmp_path):
+        """A tokenizer without BOS (Qwen's): nothing is prepended and pads are EOS."""
+        base = make_base(tmp_path / "nobos", "qwen2", bos=False)
+        nodes, sources = gate_nodes(tmp_path, base, PROMPTS, "hidden_avg")
+        want = mergekit_gates(tmp_path, base, PROMPTS, "hidden_avg")
+        torch.testing.assert_close(evaluate_from_files(nodes, sources), want, atol=1e-5, rtol=0)
