@@ -117,6 +117,25 @@ def render_json(plan: Plan, *, disk_extra: int = 0) -> str:
     return json.dumps(doc, indent=2)
 
 
+def sweep_notes(plan: Plan) -> list[str]:
+    """What each sweep of the plan costs (a layer-by-layer forward: steps/moe_gates.py), once
+    per sweep, in schedule order."""
+    from recipekit.graph import expression_nodes
+    from recipekit.graph.passes import Sweep
+
+    seen: set[Node] = set()
+    notes = []
+    for s in plan.shards:
+        for t in s.tensors:
+            if isinstance(t.node, Load):
+                continue
+            for n in expression_nodes(t.node):
+                if isinstance(n, Sweep) and n not in seen and hasattr(n, "describe"):
+                    seen.add(n)
+                    notes.append(echo_text(n.describe()))
+    return notes
+
+
 def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> str:
     """The human summary `recipekit plan` prints; every input-derived string is escaped and
     shortened (`echo_text`), and `terminal_text` guards the whole."""
@@ -146,6 +165,8 @@ def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> st
         lines.insert(-1, f"whole tensor:  {whole['op']} of `{printable(whole['tensor'])}` holds "
                      f"~{format_size(whole['bytes'])} at once (the largest op that reads a whole "
                      "tensor; elementwise ops run in chunks)")
+    for text in sweep_notes(plan):
+        lines.insert(-1, f"forward:       {text}")
     lines += ["", "shards:"]
     for s in plan.shards:
         lines.append(f"  {s.filename}  {len(s.tensors)} tensors, {format_size(s.size)}")

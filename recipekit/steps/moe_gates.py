@@ -4,8 +4,8 @@ Why: `op: moe` (steps/moe.py) writes one router per layer, shape (experts, hidde
 0.1.5 can set expert e's row from prompts that should reach it (reference/moe.md §3.3-3.5):
 
 * ``cheap_embed``: the sum of the prompt tokens' embedding rows (pads masked), normalised,
-  positives minus negatives, normalised again; the same vector for every layer. Only those rows of the embedding
-  table are read (`CheapEmbedGates`).
+  positives minus negatives, normalised again; the same vector for every layer. Only those
+  rows of the embedding table are read (`CheapEmbedGates`).
 * ``hidden`` (= ``hidden_last``) and ``hidden_avg``: per layer l, the base model's input to
   decoder layer l (the embedding output for l = 0) at each prompt's last token (``hidden_avg``:
   averaged over all positions of the left-padded batch, pads included), averaged over the
@@ -259,13 +259,13 @@ class GateRows(Node):
 
 
 def forward_spec(config: Mapping[str, Any]) -> ForwardSpec | str:
-    """The forward's numbers from a base config, or why ops/forward.py cannot run it."""
+    """The forward's numbers from a base config, or the config value ops/forward.py cannot
+    compute, as "<key> '<value>' (it computes ...)"."""
     kind = config.get("model_type")
     if kind not in FORWARD_FAMILIES:
-        return (f"model_type '{kind}' is not one the layer-by-layer forward computes "
-                f"({', '.join(FORWARD_FAMILIES)})")
+        return f"model_type '{kind}' (it computes {', '.join(FORWARD_FAMILIES)})"
     if config.get("hidden_act", "silu") != "silu":
-        return f"hidden_act '{config.get('hidden_act')}' (the forward computes SwiGLU with silu)"
+        return f"hidden_act '{config.get('hidden_act')}' (it computes SwiGLU with silu)"
     heads = int(config["num_attention_heads"])
     kv = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
@@ -274,11 +274,11 @@ def forward_spec(config: Mapping[str, Any]) -> ForwardSpec | str:
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
-        return f"rope_type '{rope_type}' (the forward computes {', '.join(ROPE_TYPES)})"
+        return f"rope_type '{rope_type}' (it computes {', '.join(ROPE_TYPES)})"
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        return "a partial rotary factor (the forward rotates every head feature)"
+        return "partial_rotary_factor (it rotates every head feature)"
     if kind != "mistral" and config.get("use_sliding_window"):
-        return "sliding-window attention on some layers (`use_sliding_window`)"
+        return "use_sliding_window (it windows only Mistral's attention)"
     window = config.get("sliding_window") if kind == "mistral" else None
     rope = (rope_type, theta, float(params.get("factor", 1.0)),
             float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0)),
@@ -376,7 +376,7 @@ def prompt_gate_nodes(step: Step, recipe: Recipe, base: VirtualModel,
     spec = forward_spec(base.config)
     if isinstance(spec, str):
         raise recipe.error(at + mode_key, f"gate mode '{mode}' runs the base '{base.name}' "
-                           f"layer by layer, but it has {spec}",
+                           f"layer by layer, and the forward cannot compute its {spec}",
                            hint="use `cheap_embed` or `random` for this base")
     by_layer = base.layer_tensors()
     names, weights = [], []

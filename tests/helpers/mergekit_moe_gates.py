@@ -33,8 +33,10 @@ tokenizer.padding_side = "left"
 tokenizer.pad_token_id = tokenizer.bos_token_id
 if tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token
+with open(experts_file) as f:
+    listed = json.load(f)
 experts = [Expert(source_model=base, positive_prompts=pos, negative_prompts=neg or None)
-           for pos, neg in json.load(open(experts_file))]
+           for pos, neg in listed]
 gates = router.get_gate_params(ModelReference.parse(base), tokenizer, experts, mode=mode,
                                device="cpu")
 torch.save(gates.float().contiguous(), out)

@@ -86,7 +86,8 @@ class TestForwardSpec:
 
     def test_refusals(self):
         base = CASES["llama"][0].to_dict()
-        assert "model_type 'gemma'" in forward_spec(dict(base, model_type="gemma"))
+        assert "model_type 'gemma' (it computes llama" in forward_spec(
+            dict(base, model_type="gemma"))
         assert "rope_type 'yarn'" in forward_spec(
             dict(base, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}))
         assert "hidden_act 'gelu'" in forward_spec(dict(base, hidden_act="gelu"))

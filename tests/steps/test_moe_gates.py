@@ -17,7 +17,6 @@ import transformers as tf
 from tokenizers import AddedToken, Tokenizer, models
 
 from recipekit.errors import RecipeError
-from recipekit.graph import Load, iter_post_order
 from recipekit.inputs.resolve import resolve_sources
 from recipekit.inputs.tokenizer_file import KEY, resolve_tokenizer
 from recipekit.io.reader import FileReader
@@ -25,6 +24,7 @@ from recipekit.plan.compile import model_from_checkpoint
 from recipekit.recipe import Step, load_recipe
 from recipekit.run import execute
 from recipekit.steps.moe_gates import CheapEmbedGates, ExpertPrompts, HiddenGates, prompt_gate_nodes
+
 from tests.helpers.mergekit import MERGEKIT_PYTHON, needs_mergekit
 from tests.helpers.recipes import ROOT, write_recipe
 
@@ -166,3 +166,143 @@ class TestMatchesMergekit:
         nodes, sources = gate_nodes(tmp_path, base, PROMPTS, "hidden_avg")
         want = mergekit_gates(tmp_path, base, PROMPTS, "hidden_avg")
         torch.testing.assert_close(evaluate_from_files(nodes, sources), want, atol=1e-5, rtol=0)
+
+
+class TestStreaming:
+    """The executor's sweep (run/execute.py `_FileSweepSource`): weights read from the files
+    one layer at a time, once for every layer's router, and only the prompts' embedding rows."""
+
+    def test_one_layer_of_weights_alive_at_a_time(self, tmp_path, bases, monkeypatch):
+        nodes, sources = gate_nodes(tmp_path, bases["qwen2"], PROMPTS, "hidden")
+        reads: list[str] = []
+        alive: list[tuple[int, weakref.ref]] = []
+        original = execute._FileSweepSource.read
+
+        def read(self, node):
+            layer = int(node.name.split(".")[2])
+            others = [lay for lay, ref in alive if ref() is not None and lay != layer]
+            assert not others, f"layer {layer} read while layer(s) {others} are held"
+            value = original(self, node)
+            alive.append((layer, weakref.ref(value)))
+            reads.append(node.name)
+            return value
+
+        monkeypatch.setattr(execute._FileSweepSource, "read", read)
+        evaluate_from_files(nodes, sources)
+        layer_weights = [n for n in nodes[0].gates.weights]
+        # each of layers 0 and 1 read once for all three routers; layer 2 (the last) never
+        assert sorted(reads) == sorted(w.name for w in layer_weights)
+        assert len(reads) == 2 * 12 and not any(".layers.2." in r for r in reads)
+
+    def test_cheap_embed_reads_only_the_prompt_rows(self, tmp_path, bases, monkeypatch):
+        nodes, sources = gate_nodes(tmp_path, bases["llama"], PROMPTS, "cheap_embed")
+        rows: list[int] = []
+        original = execute.read_rows
+
+        def read_rows(node, plan, reader, lo, hi, **kw):
+            rows.extend(range(lo, hi))
+            return original(node, plan, reader, lo, hi, **kw)
+
+        monkeypatch.setattr(execute, "read_rows", read_rows)
+        monkeypatch.setattr(execute, "read_tensor", lambda *a, **k: pytest.fail("whole read"))
+        got = evaluate_from_files(nodes[:1], sources)
+        assert sorted(rows) == nodes[0].token_ids and len(rows) < 40  # of 82 rows
+        # every layer's router is the one vector, as mergekit repeats it
+        assert all(n is nodes[0] for n in nodes) and isinstance(nodes[0], CheapEmbedGates)
+        torch.testing.assert_close(got[0].norm(dim=-1), torch.ones(2))
+
+    def test_in_memory_equals_files(self, tmp_path, bases):
+        """`Sweep.compute` over tensors in memory (how other tests evaluate nodes) gives the
+        executor's bytes."""
+        from safetensors.torch import load_file
+
+        nodes, sources = gate_nodes(tmp_path, bases["mistral"], PROMPTS, "hidden")
+        sweep = nodes[0].gates
+        assert isinstance(sweep, HiddenGates)
+        state = load_file(bases["mistral"] / "model.safetensors")
+        value = sweep.compute(tuple(state[x.name] for x in sweep.inputs))
+        assert torch.equal(value, evaluate_from_files([sweep], sources)[0])
+
+
+def _error(tmp_path: Path, base: Path, prompts: list[ExpertPrompts], mode: str) -> str:
+    with pytest.raises(RecipeError) as e:
+        gate_nodes(tmp_path, base, prompts, mode)
+    return str(e.value.render())
+
+
+class TestErrors:
+    """User errors are located at the step (recipe.yaml:5:5 is step 0: its keys are `op:
+    moe`'s, which the stand-in step lacks) and name the fix."""
+
+    def test_no_tokenizer(self, tmp_path, bases):
+        base = tmp_path / "notok"
+        base.mkdir()
+        for f in ("config.json", "model.safetensors"):
+            (base / f).write_bytes((bases["llama"] / f).read_bytes())
+        text = _error(tmp_path, base, PROMPTS, "cheap_embed")
+        assert text.splitlines()[0] == (
+            f"{tmp_path}/recipe.yaml:5:5: steps[0].base: the base model 'base' has no "
+            "tokenizer.json, which prompt gates tokenise with; use a base model saved with its "
+            "fast tokenizer (`tokenizer.save_pretrained`), or a gate mode without prompts "
+            "(`random`, `uniform_random`)")
+
+    def test_unsupported_family(self, tmp_path):
+        from tests.helpers.builders import make_model
+
+        base = make_model("gemma", tmp_path / "gemma", layers=3)
+        make_tokenizer(base)
+        text = _error(tmp_path, base, PROMPTS, "hidden")
+        assert text.splitlines()[0] == (
+            f"{tmp_path}/recipe.yaml:5:5: steps[0].gate_mode: gate mode 'hidden' runs the base "
+            "'base' layer by layer, and the forward cannot compute its model_type 'gemma' (it "
+            "computes llama, mistral, qwen2, qwen3); use `cheap_embed` or `random` for this base")
+        gate_nodes(tmp_path, base, PROMPTS, "cheap_embed")  # reads only embeddings: fine
+
+    @pytest.mark.parametrize("empty", [(), ("",)])
+    def test_empty_prompts(self, tmp_path, bases, empty):
+        text = _error(tmp_path, bases["llama"], [PROMPTS[0], ExpertPrompts(empty)], "hidden")
+        assert text.splitlines()[0] == (
+            f"{tmp_path}/recipe.yaml:5:5: steps[0].experts[1].positive_prompts: expert 1 has no "
+            "positive prompts; gate mode 'hidden' sets its router row from them; list prompts "
+            "that should reach this expert")
+
+    def test_unknown_mode(self, tmp_path, bases):
+        text = _error(tmp_path, bases["llama"], PROMPTS, "hiden")
+        assert "steps[0].gate_mode: gate mode 'hiden' is not computed from prompts" in text
+        assert "cheap_embed, hidden, hidden_last, hidden_avg" in text
+
+    def test_token_outside_the_table(self, tmp_path):
+        base = make_base(tmp_path / "small", "llama")
+        cfg = json.loads((base / "config.json").read_text())
+        tf.LlamaForCausalLM(tf.LlamaConfig(**{**cfg, "vocab_size": 40})).save_pretrained(base)
+        text = _error(tmp_path, base, PROMPTS, "cheap_embed")
+        assert "outside the base's embedding table (40 rows)" in text
+
+
+class TestPinning:
+    """The tokenizer is a side file: `recipekit lock` pins it and `--frozen` refuses a change."""
+
+    def test_lock_pins_the_tokenizer(self, tmp_path, bases):
+        import shutil
+
+        from recipekit.errors import LockError
+        from recipekit.inputs.resolve import Sources
+        from recipekit.tools.lock import build_lock, check_lock, lock_path, write_lock
+
+        base = shutil.copytree(bases["llama"], tmp_path / "base")
+        _, sources = gate_nodes(tmp_path, base, PROMPTS, "cheap_embed")
+        recipe = load_recipe(tmp_path / "recipe.yaml")
+        step = Step("gates", "moe", {"base": "base"}, 0)
+        side = resolve_tokenizer(recipe, step, sources)
+        assert side.lock_key == "steps.gates.tokenizer"
+        assert [p.name for p in side.files] == ["tokenizer.json", "tokenizer_config.json"]
+        pinned = Sources(dict(sources), {("gates", KEY): side})
+        lock = build_lock(recipe, pinned)
+        assert set(lock["inputs"]["steps.gates.tokenizer"]["files"]) == {
+            "tokenizer.json", "tokenizer_config.json"}
+        write_lock(lock_path(recipe.file), lock)
+        check_lock(recipe, pinned, lock_path(recipe.file), full_hash=True)
+        text = (base / "tokenizer.json").read_text()
+        (base / "tokenizer.json").write_text(text.replace('"de"', '"ed"', 1))
+        with pytest.raises(LockError, match="steps.gates.tokenizer: .*tokenizer.json has sha256"):
+            check_lock(recipe, pinned, lock_path(recipe.file), full_hash=True)
