@@ -67,6 +67,7 @@ def inner(base: Path, mode: str, out: Path) -> None:
                                   prompts, mode)
         estimate = max(working_set(n) for n in nodes)
         torch.ones(4).to(torch.bfloat16)
+        execute._fixed_mmap_threshold()  # as `stream_shards` sets it for a run
         gc.collect()
         idle = _kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:

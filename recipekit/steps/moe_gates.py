@@ -59,6 +59,10 @@ class ExpertPrompts:
 
 
 Batch = tuple[tuple[int, ...], ...]  # one prompt list's token ids, one tuple per prompt
+#: What a sweep holds beyond the tensors `HiddenGates.workspace` counts, measured with
+#: bench/moe_gates.py: 0-35 MiB from run to run at the TinyLlama shape (BLAS packing, OpenMP
+#: scratch, the allocator's retained blocks).
+SWEEP_OVERHEAD = 48 * 1024 * 1024
 
 
 def _left_padded(batch: Batch, pad: int) -> tuple[Any, Any]:
@@ -172,21 +176,23 @@ class HiddenGates(Sweep):
 
     @property
     def activation_bytes(self) -> int:
-        """Every batch's states and one batch's largest intermediates (fp32)."""
+        """The batch's states and a layer's largest intermediates, fp32: q, k, v, the
+        attention output and residuals (~6 hidden-wide), gate, up and their product (3
+        ffn-wide), the scores and probabilities of every head."""
         h = self.embed.shape[1]
-        spec = self.spec
-        states = sum(4 * len(b) * max(len(p) for p in b) * h for b in self.batches)
-        ffn = max((w.shape[0] for w in self.weights if w.shape), default=h)
-        big = max(len(b) * max(len(p) for p in b) for b in self.batches)
+        prompts = sum(len(b) for b in self.batches)
         longest = max(max(len(p) for p in b) for b in self.batches)
-        scores = 4 * big * spec.num_heads * longest
-        return 2 * states + 4 * big * (3 * ffn + 6 * h) + 3 * scores
+        ffn = max((w.shape[0] for w in self.weights if w.shape), default=h)
+        tokens = prompts * longest
+        return 4 * tokens * (8 * h + 3 * ffn) + 4 * 3 * prompts * self.spec.num_heads * longest ** 2
 
     @property
     def workspace(self) -> int:
-        """One layer's weights and their fp32 copies, the activations, the result."""
+        """One layer's weights as stored, one of them widened to fp32, the activations, the
+        result, and `SWEEP_OVERHEAD`."""
         fp32 = max(4 * w.numel for w in self.weights) if self.weights else 0
-        return 2 * self.layer_bytes + fp32 + self.activation_bytes + 2 * self.nbytes
+        return (self.layer_bytes + fp32 + self.activation_bytes + 2 * self.nbytes
+                + SWEEP_OVERHEAD)
 
     def sweep(self, source: SweepSource, whole: tuple[Any, ...]) -> Any:
         import torch
@@ -196,28 +202,34 @@ class HiddenGates(Sweep):
         ids = sorted({t for b in self.batches for p in b for t in p} | {self.pad})
         rows = source.read_rows(self.embed, ids).float()
         device = rows.device
-        states, masks, reals = [], [], []
-        longest = max(max(len(p) for p in b) for b in self.batches)
-        rope = rotary_tables(self.spec, longest, device)
-        for batch in self.batches:
-            tokens, real = _left_padded(batch, self.pad)
-            states.append(_lookup(rows, ids, tokens))
-            reals.append(real.to(device))
-            masks.append(padded_mask(real.to(device), self.spec.sliding_window))
+        # Every prompt list in one left-padded batch, so that each weight is widened and
+        # multiplied once per layer. mergekit pads each list to its own width: list b is the
+        # last `widths[b]` positions of its rows here. Its real tokens see the same tokens at
+        # the same relative positions (rotary embeddings are relative: equal to ~1e-7), and a
+        # pad's state does not depend on its position (a pad attends to nothing).
+        flat = [p for b in self.batches for p in b]
+        tokens, real = _left_padded(tuple(flat), self.pad)
+        real = real.to(device)
+        h = _lookup(rows, ids, tokens)
         del rows
+        mask = padded_mask(real, self.spec.sliding_window)
+        rope = rotary_tables(self.spec, tokens.shape[1], device)
+        spans, first = [], 0
+        for b in self.batches:
+            spans.append((first, first + len(b), max(len(p) for p in b)))
+            first += len(b)
         per_layer = []
         start = 0
         for layer in range(self.layers):
-            per_layer.append([self._summary(h) for h in states])
+            per_layer.append([self._summary(h[lo:hi, h.shape[1] - width:])
+                              for lo, hi, width in spans])
             if layer == self.layers - 1:
                 break
             names = self.names[layer]
-            w = {n: source.read(x) for n, x in zip(names, self.weights[start:start + len(names)],
-                                                    strict=True)}
+            w = {n: source.read(x)
+                 for n, x in zip(names, self.weights[start:start + len(names)], strict=True)}
             start += len(names)
-            for i, h in enumerate(states):
-                s = h.shape[1]
-                states[i] = decoder_layer(h, w, self.spec, (rope[0][:s], rope[1][:s]), masks[i])
+            h = decoder_layer(h, w, self.spec, rope, mask)
             del w
         out = torch.stack([torch.stack([
             summaries[p] - (summaries[n] if n >= 0 else 0) for p, n in self.experts])
