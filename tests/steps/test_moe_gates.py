@@ -306,3 +306,42 @@ class TestPinning:
         (base / "tokenizer.json").write_text(text.replace('"de"', '"ed"', 1))
         with pytest.raises(LockError, match="steps.gates.tokenizer: .*tokenizer.json has sha256"):
             check_lock(recipe, pinned, lock_path(recipe.file), full_hash=True)
+
+
+class TestPlanCost:
+    """What the plan says of a forward: its working set, its note, its reads counted once."""
+
+    def test_estimate_note_and_reads(self, tmp_path, bases):
+        from recipekit.plan.compile import Plan
+        from recipekit.plan.cost import working_set
+        from recipekit.plan.render import sweep_notes
+
+        nodes, _ = gate_nodes(tmp_path, bases["llama"], PROMPTS, "hidden")
+        sweep = nodes[0].gates
+        layer = sum(w.nbytes for w in sweep.weights[:9])
+        # a router holds the sweep's working set (one layer), not the swept weights as inputs
+        assert sweep.layer_bytes == layer
+        assert working_set(nodes[2]) == 2 * nodes[2].nbytes + sweep.nbytes + sweep.workspace
+        tensors = [SimpleNamespace(name=f"r{i}", node=n) for i, n in enumerate(nodes)]
+        plan = SimpleNamespace(shards=[SimpleNamespace(tensors=tensors)])
+        assert sweep_notes(plan) == [sweep.describe()]  # once, not per layer
+        assert sweep.describe().startswith(
+            "forward of the base through 2 layer(s) for 5 prompt(s) (")
+        weights = sum(w.nbytes for w in sweep.inputs)
+        assert Plan.bytes_read_total.fget(plan) == weights  # the shared sweep read once
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestCuda:
+    """With ``--device cuda`` the forward runs on the device: the same routers within 1e-5."""
+
+    @pytest.mark.parametrize("mode", ["cheap_embed", "hidden", "hidden_avg"])
+    def test_cuda_equals_cpu(self, tmp_path, bases, mode):
+        nodes, sources = gate_nodes(tmp_path, bases["qwen3"], PROMPTS, mode)
+        plan = SimpleNamespace(sources=sources)
+        with FileReader() as reader:
+            rt = execute.Runtime(reader, torch.device("cuda"), None, None)  # type: ignore[arg-type]
+            got = torch.stack([execute.evaluate(n, plan, rt) for n in nodes])  # type: ignore[arg-type]
+        assert got.device.type == "cpu"
+        torch.testing.assert_close(got, evaluate_from_files(nodes, sources), atol=1e-5, rtol=0)
