@@ -406,6 +406,18 @@ def prompt_gate_nodes(step: Step, recipe: Recipe, base: VirtualModel,
     return [intern(GateRows(sweep, layer)) for layer in range(layers)]
 
 
+def prompt_gates_meta(step: Step) -> dict[str, Any]:
+    """What `op: moe` records of the tokenizer in its model's ``meta`` (the manifest's operator
+    metadata, which the plan hash covers): the prompts are in the recipe, but their token ids
+    depend on the base's tokenizer.json, which is not among the inputs' identities. Empty
+    when the step has no readable tokenizer."""
+    side = step.files.get(TOKENIZER_KEY)
+    if side is None or side.problem is not None:
+        return {}
+    files: TokenizerFiles = side.value()
+    return {"tokenizer": {"model": files.model, "sha256": files.sha256}}
+
+
 def _embedding(base: VirtualModel) -> Node | None:
     """The base's token embedding table: ``embed_tokens.weight`` beside its layer stack
     (``model.`` for the families here; mergekit reads ``model.embed_tokens.weight``)."""

@@ -307,6 +307,25 @@ class TestPinning:
         with pytest.raises(LockError, match="steps.gates.tokenizer: .*tokenizer.json has sha256"):
             check_lock(recipe, pinned, lock_path(recipe.file), full_hash=True)
 
+    def test_meta_names_the_tokenizer_bytes(self, tmp_path, bases):
+        """`prompt_gates_meta` (for `op: moe`'s meta, which the plan hash covers) changes
+        with tokenizer.json's bytes."""
+        import hashlib
+        import shutil
+
+        from recipekit.steps.moe_gates import prompt_gates_meta
+
+        base = shutil.copytree(bases["llama"], tmp_path / "base")
+        recipe = load_recipe(write_recipe(tmp_path, f"recipekit: 1\nmodels:\n  base: {base}\n"
+                                          "steps:\n  - name: s\n    op: layers\n    from: base\n"
+                                          "    layers: [0]\n"))
+        step = Step("gates", "moe", {"base": "base"}, 0)
+        side = resolve_tokenizer(recipe, step, resolve_sources(recipe))
+        meta = prompt_gates_meta(replace(step, files={KEY: side}))
+        digest = hashlib.sha256((base / "tokenizer.json").read_bytes()).hexdigest()
+        assert meta == {"tokenizer": {"model": "base", "sha256": digest}}
+        assert prompt_gates_meta(step) == {}
+
 
 class TestPlanCost:
     """What the plan says of a forward: its working set, its note, its reads counted once."""
