@@ -8,7 +8,7 @@ node that uses them), so two renderings of the same plan are identical.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
 from recipekit.errors import display_path, echo_text, printable, terminal_text
@@ -55,6 +55,8 @@ def _params(node: Node) -> dict[str, Any]:
         if isinstance(value, Node) or (isinstance(value, tuple) and value
                                        and all(isinstance(v, Node) for v in value)):
             continue  # inputs (Merge operands, Coalesce members) are edges, not parameters
+        if is_dataclass(value) and not isinstance(value, type):  # a forward's numbers
+            value = asdict(value)
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 

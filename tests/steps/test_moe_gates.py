@@ -333,7 +333,7 @@ class TestPlanCost:
     def test_estimate_note_and_reads(self, tmp_path, bases):
         from recipekit.plan.compile import Plan
         from recipekit.plan.cost import working_set
-        from recipekit.plan.render import sweep_notes
+        from recipekit.plan.render import _params, sweep_notes
 
         nodes, _ = gate_nodes(tmp_path, bases["llama"], PROMPTS, "hidden")
         sweep = nodes[0].gates
@@ -346,6 +346,7 @@ class TestPlanCost:
         assert sweep_notes(plan) == [sweep.describe()]  # once, not per layer
         assert sweep.describe().startswith(
             "forward of the base through 2 layer(s) for 5 prompt(s) (")
+        json.dumps(_params(sweep))  # `plan --format json` can write the sweep's parameters
         weights = sum(w.nbytes for w in sweep.inputs)
         assert Plan.bytes_read_total.fget(plan) == weights  # the shared sweep read once
 
