@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from recipekit.errors import KeyPath, RecipeError
+from recipekit.errors import KeyPath, UnlocatedError
 from recipekit.graph import Node, VirtualModel, intern
 from recipekit.graph.passes import Sweep, SweepSource
 from recipekit.inputs.tokenizer_file import KEY as TOKENIZER_KEY
@@ -299,14 +299,13 @@ def forward_spec(config: Mapping[str, Any]) -> ForwardSpec | str:
                        int(window) if window else None)
 
 
-def tokenize_prompts(files: TokenizerFiles, prompts: Sequence[str]) -> Batch:
-    """Token ids of each prompt as mergekit-moe tokenises it: the BOS token's text prepended,
-    no special tokens added (reference/moe.md §4.2)."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_str(files.text)
-    enc = tok.encode_batch([(files.bos_token or "") + p for p in prompts],
-                           add_special_tokens=False)
+def tokenize_prompts(tok: Any, bos: str | None, prompts: Sequence[str]) -> Batch:
+    """Token ids of each prompt as mergekit-moe tokenises it (``tok``: a `tokenizers`
+    Tokenizer): the BOS token's text prepended, no special tokens added (reference/moe.md
+    §4.2). transformers 5 rebuilds some families' pipeline from the model type (Qwen2's
+    byte-level split) rather than reading tokenizer.json's; the two agree for a tokenizer.json
+    that transformers saved, as published checkpoints' are."""
+    enc = tok.encode_batch([(bos or "") + p for p in prompts], add_special_tokens=False)
     return tuple(tuple(e.ids) for e in enc)
 
 
@@ -341,6 +340,8 @@ def prompt_gate_nodes(step: Step, recipe: Recipe, base: VirtualModel,
     """
     where = prompt_key or (lambda i: ("experts", i, "positive_prompts"))
     at = step.key_path
+    if not prompts:
+        raise recipe.error(at, f"gate mode '{mode}' needs at least one expert with prompts")
     if mode not in PROMPT_MODES:
         raise recipe.error(at + mode_key, f"gate mode '{mode}' is not computed from prompts",
                            hint=f"use one of {', '.join(PROMPT_MODES)}")
@@ -356,11 +357,8 @@ def prompt_gate_nodes(step: Step, recipe: Recipe, base: VirtualModel,
                            hint="the base must lead to a model input saved with tokenizer.json")
     try:
         files: TokenizerFiles = tok.value()
-    except RecipeError:
-        raise
-    except Exception as e:  # the side file's problem (TokenizerFileError)
-        raise recipe.error(at + ("base",), getattr(e, "message", str(e)),
-                           hint=getattr(e, "hint", None)) from None
+    except UnlocatedError as e:  # the side file's problem (TokenizerFileError)
+        raise recipe.error(at + ("base",), e.message, hint=e.hint) from None
     embed = _embedding(base)
     if embed is None:
         raise recipe.error(at + ("base",), f"base '{base.name}' has no "
@@ -370,12 +368,24 @@ def prompt_gate_nodes(step: Step, recipe: Recipe, base: VirtualModel,
     for p in prompts:
         pos = _index(lists, p.positive)
         experts.append((pos, _index(lists, p.negative) if p.negative else -1))
-    batches = tuple(tokenize_prompts(files, ps) for ps in lists)
-    pad = _pad_id(files)
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_str(files.text)
+    except Exception as e:  # tokenizers raises its own Exception for a malformed file
+        raise recipe.error(at + ("base",), f"the base model '{files.model}''s tokenizer.json "
+                           f"cannot be loaded: {e}") from None
+    batches = tuple(tokenize_prompts(tokenizer, files.bos_token, ps) for ps in lists)
+    pad = _pad_id(tokenizer, files)
     vocab = embed.shape[0]
-    for b, ps in zip(batches, lists, strict=True):
+    for li, (b, ps) in enumerate(zip(batches, lists, strict=True)):
         for ids, text in zip(b, ps, strict=True):
-            if not ids or max(ids) >= vocab or (pad is not None and pad >= vocab):
+            if not ids:
+                user = next(i for i, e in enumerate(experts) if li in e)
+                raise recipe.error(at + where(user), f"prompt {text!r} tokenises to no tokens "
+                                   "(the base's tokenizer has no BOS token to prepend)",
+                                   hint="write a non-empty prompt")
+            if max(ids) >= vocab or (pad is not None and pad >= vocab):
                 raise recipe.error(at + ("base",), f"prompt {text!r} tokenises to ids "
                                    f"{list(ids)[:8]} outside the base's embedding table "
                                    f"({vocab} rows)", hint="the tokenizer.json must be the "
@@ -437,11 +447,8 @@ def _index(lists: list[tuple[str, ...]], prompts: tuple[str, ...]) -> int:
     return lists.index(prompts)
 
 
-def _pad_id(files: TokenizerFiles) -> int | None:
+def _pad_id(tok: Any, files: TokenizerFiles) -> int | None:
     """mergekit's pad: the BOS token's id, else the EOS token's."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_str(files.text)
     for text in (files.bos_token, files.eos_token):
         if text is not None and tok.token_to_id(text) is not None:
             return tok.token_to_id(text)

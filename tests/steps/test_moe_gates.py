@@ -365,3 +365,19 @@ class TestCuda:
             got = torch.stack([execute.evaluate(n, plan, rt) for n in nodes])  # type: ignore[arg-type]
         assert got.device.type == "cpu"
         torch.testing.assert_close(got, evaluate_from_files(nodes, sources), atol=1e-5, rtol=0)
+
+
+class TestMoreErrors:
+    """Prompts that give no tokens, and no experts at all."""
+
+    def test_empty_prompt_without_bos(self, tmp_path):
+        base = make_base(tmp_path / "nobos", "llama", bos=False)
+        text = _error(tmp_path, base, [PROMPTS[0], ExpertPrompts(("story", ""))], "hidden")
+        assert text.splitlines()[0] == (
+            f"{tmp_path}/recipe.yaml:5:5: steps[0].experts[1].positive_prompts: prompt '' "
+            "tokenises to no tokens (the base's tokenizer has no BOS token to prepend); write a "
+            "non-empty prompt")
+
+    def test_no_experts(self, tmp_path, bases):
+        text = _error(tmp_path, bases["llama"], [], "cheap_embed")
+        assert "steps[0]: gate mode 'cheap_embed' needs at least one expert with prompts" in text
