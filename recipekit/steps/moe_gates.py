@@ -15,7 +15,8 @@ Why: `op: moe` (steps/moe.py) writes one router per layer, shape (experts, hidde
   experts, hidden) result every layer's router node (`GateRows`) shares.
 
 Prompts are tokenised as mergekit does: the BOS token's text + the prompt, no other special
-tokens, left-padded into one batch per prompt list (pad = BOS, else EOS). The forward runs in
+tokens, left-padded (pad = BOS, else EOS); mergekit runs one batch per prompt list, the sweep
+one batch of all of them, which gives the same states (see `HiddenGates.sweep`). The forward runs in
 fp32 (on ``--device`` when given); mergekit computes ``hidden`` in bf16, so its routers are
 within bf16 rounding (~3e-3) of these. Oracle: tests/steps/test_moe_gates.py compares with
 mergekit-moe 0.1.5's `get_gate_params` (the base loaded in fp32) within 1e-5.
