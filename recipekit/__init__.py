@@ -22,8 +22,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 #: Names `recipekit.api` provides, imported on first access (PEP 562).
-_API = ("validate", "lock", "ValidationResult", "PlanResult", "PlannedShard", "RunResult",
-        "ShardResult", "LockResult", "ProgressUpdate")
+_API = ("validate", "lock", "sweep", "ValidationResult", "PlanResult", "PlannedShard",
+        "RunResult", "ShardResult", "LockResult", "ProgressUpdate", "SweepResult")
 #: API functions whose name is also a subpackage's.
 _PACKAGES = ("run", "plan")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ from recipekit.progress import (
     is_interactive,
 )
 from recipekit.recipe.load import RecipeSource
+from recipekit.run.sweep import CombinationResult, SweepResult
 
 __all__ = [
     "LockResult",
@@ -43,10 +44,12 @@ __all__ = [
     "ProgressUpdate",
     "RunResult",
     "ShardResult",
+    "SweepResult",
     "ValidationResult",
     "lock",
     "plan",
     "run",
+    "sweep",
     "validate",
 ]
 
@@ -94,7 +97,7 @@ class PlanResult:
     """
 
     recipe: str
-    output: Path
+    output: Path | str  # a local directory, or a URL
     output_model: str
     layers: int | None
     adapter: bool
@@ -132,7 +135,7 @@ class RunResult:
     """A finished output (`recipekit run`): where, its shards with their sha256, the bytes this
     call wrote, and whether it resumed an interrupted run or found the output complete."""
 
-    output: Path
+    output: Path | str  # a local directory, or a URL (``s3://bucket/prefix``)
     shards: tuple[ShardResult, ...]
     bytes_written: int  # by this call (0 when already complete)
     bytes_total: int  # of every shard
@@ -148,7 +151,7 @@ class RunResult:
         """The line `recipekit run` prints."""
         from recipekit.units import format_size
 
-        where = display_path(self.output)
+        where = self.output if isinstance(self.output, str) else display_path(self.output)
         if self.already_complete:
             return f"{where}: already complete (same recipe and inputs); nothing to do"
         rate = (format_size(self.bytes_written / self.seconds) + "/s"
@@ -168,24 +171,27 @@ class LockResult:
     files: int
 
 
-def _load(recipe: RecipeSource, base_dir: str | os.PathLike | None):
+def _load(recipe: RecipeSource, base_dir: str | os.PathLike | None,
+          variables: Mapping[str, Any] | None = None):
     """The typed recipe and its file (None for text or data)."""
     from recipekit.recipe import load_recipe
     from recipekit.recipe.load import is_recipe_text
 
-    r = load_recipe(recipe, base_dir=base_dir)
+    r = load_recipe(recipe, base_dir=base_dir, variables=variables)
     is_file = isinstance(recipe, os.PathLike) or (
         isinstance(recipe, str) and not is_recipe_text(recipe))
     return r, (Path(recipe) if is_file else None)  # type: ignore[arg-type]
 
 
 def validate(recipe: RecipeSource, *, inputs: bool = True,
-             base_dir: str | os.PathLike | None = None) -> ValidationResult:
+             base_dir: str | os.PathLike | None = None,
+             variables: Mapping[str, Any] | None = None) -> ValidationResult:
     """Check a recipe, and (``inputs``) its inputs' configs and headers, writing nothing.
 
     ``recipe`` is a path, YAML/JSON text or a dict (`recipekit.recipe.load_recipe`); paths in
     text or data are relative to ``base_dir`` (default: the working directory). ``inputs=False``
-    checks the document alone, as ``validate --no-inputs``.
+    checks the document alone, as ``validate --no-inputs``. ``variables`` sets the recipe's
+    declared variables by name (``--set``; README, "Variables and sweeps").
 
     Returns:
         What the output will be (layers, tensors) when inputs were checked.
@@ -201,7 +207,7 @@ def validate(recipe: RecipeSource, *, inputs: bool = True,
         ...                                "layers": [0]}]}, inputs=False)  # doctest: +SKIP
         ValidationResult(recipe='<dict>', steps=1, output_model='s', inputs_checked=False, ...)
     """
-    r, _ = _load(recipe, base_dir)
+    r, _ = _load(recipe, base_dir, variables)
     shown = r.document.file
     if not inputs:
         return ValidationResult(shown, len(r.steps), r.output.model, False)
@@ -216,18 +222,26 @@ def _compile(r, output: str | os.PathLike | None):
     from recipekit.plan import compile_plan
 
     if output is not None:
-        r = dataclasses.replace(r, output=dataclasses.replace(r.output,
-                                                              path=Path(output).resolve()))
+        from recipekit.io.urls import is_url
+
+        if is_url(str(output)):
+            new = dataclasses.replace(r.output, url=str(output).rstrip("/"))
+        else:
+            new = dataclasses.replace(r.output, path=Path(output).resolve(), url=None)
+        r = dataclasses.replace(r, output=new)
     return compile_plan(r, resolve_sources(r))
 
 
 def plan(recipe: RecipeSource, *, output: str | os.PathLike | None = None,
-         base_dir: str | os.PathLike | None = None, warn: bool = True) -> PlanResult:
+         base_dir: str | os.PathLike | None = None, warn: bool = True,
+         variables: Mapping[str, Any] | None = None) -> PlanResult:
     """Compile a recipe into its plan and estimates, reading headers only (no tensor data).
 
     ``output`` overrides the recipe's ``output.path`` (``--output``). ``warn`` logs the donor
     files a run will not copy (links out of the model, special files); `run` logs them again,
-    so a plan made only to be run passes ``warn=False``.
+    so a plan made only to be run passes ``warn=False``. ``variables``: as `validate`; the
+    values are part of the plan hash (a value changes it, the same value written inline in
+    the recipe does not).
 
     Raises:
         as `validate`.
@@ -239,13 +253,13 @@ def plan(recipe: RecipeSource, *, output: str | os.PathLike | None = None,
     from recipekit.inputs.models import iter_donor_files
     from recipekit.plan.render import estimates, whole_tensor_estimate
 
-    r, file = _load(recipe, base_dir)
+    r, file = _load(recipe, base_dir, variables)
     p = _compile(r, output)
     extra = sum((p.donor.path / f).stat().st_size
                 for f in iter_donor_files(p.donor.path, warn=warn)) if p.donor is not None else 0
     est = estimates(p, extra)
     return PlanResult(
-        r.document.file, p.recipe.output.path, r.output.model,
+        r.document.file, p.recipe.output.url or p.recipe.output.path, r.output.model,
         None if p.adapter else p.model.stack.num_layers, p.adapter, p.num_tensors,
         len(p.loads()), est["bytes_read"], est["bytes_read_total"], est["bytes_written"],
         est["peak_memory"], est["disk"],
@@ -257,7 +271,7 @@ def run(recipe: RecipeSource | PlanResult, *, output: str | os.PathLike | None =
         base_dir: str | os.PathLike | None = None, device: str = "cpu", force: bool = False,
         fsync: bool = True, check_finite: bool = False, workers: int | None = None,
         frozen: bool = False, lock_file: str | os.PathLike | None = None,
-        progress: Progress = "auto") -> RunResult:
+        progress: Progress = "auto", variables: Mapping[str, Any] | None = None) -> RunResult:
     """Write the recipe's output checkpoint, as `recipekit run` does.
 
     A rerun of the same plan resumes from its finished shards, or returns ``already_complete``;
@@ -275,6 +289,7 @@ def run(recipe: RecipeSource | PlanResult, *, output: str | os.PathLike | None =
         progress: a callable receiving `ProgressUpdate`s (bytes done and total, rate, current
             shard and tensor, each finished shard); ``"auto"``: a tqdm bar in a notebook or on
             a terminal, nothing otherwise; None: nothing.
+        variables: the recipe's variables by name, as `plan` (``--set``).
 
     Raises:
         UsageError (exit 2 in the CLI): the recipe, its inputs, the lock, the device, or an
@@ -291,9 +306,11 @@ def run(recipe: RecipeSource | PlanResult, *, output: str | os.PathLike | None =
     if device != "cpu":
         resolve_device(device)  # fail on a bad device before reading anything
     p = recipe if isinstance(recipe, PlanResult) else plan(recipe, output=output,
-                                                           base_dir=base_dir, warn=False)
-    if isinstance(recipe, PlanResult) and output is not None:
-        raise UsageError("`output` applies when compiling; pass it to `plan` instead")
+                                                           base_dir=base_dir, warn=False,
+                                                           variables=variables)
+    if isinstance(recipe, PlanResult) and (output is not None or variables is not None):
+        raise UsageError("`output` and `variables` apply when compiling; pass them to `plan` "
+                         "instead")
     _check_lock(p, frozen, lock_file)
     start = time.perf_counter()
     with _progress(progress, p.bytes_written) as callback:
@@ -388,10 +405,12 @@ def _check_lock(p: PlanResult, frozen: bool, lock_file: str | os.PathLike | None
 
 
 def lock(recipe: RecipeSource, *, path: str | os.PathLike | None = None,
-         base_dir: str | os.PathLike | None = None) -> LockResult:
+         base_dir: str | os.PathLike | None = None,
+         variables: Mapping[str, Any] | None = None) -> LockResult:
     """Write the recipe's lock (`recipekit lock`): hub inputs pinned to commits, every input
     file's size and sha256. ``path`` defaults to ``<recipe stem>.lock.json`` beside a recipe
-    file and is required for text or data.
+    file and is required for text or data. ``variables``: as `validate` (inputs named through
+    a variable are locked as they resolve with these values).
 
     Raises:
         as `validate`; UsageError without ``path`` for text or data.
@@ -399,7 +418,7 @@ def lock(recipe: RecipeSource, *, path: str | os.PathLike | None = None,
     from recipekit.inputs.resolve import resolve_sources
     from recipekit.tools.lock import build_lock, lock_path, write_lock
 
-    r, file = _load(recipe, base_dir)
+    r, file = _load(recipe, base_dir, variables)
     if path is None and file is None:
         raise UsageError("a recipe given as text or data has no file to put its lock beside",
                          file=r.document.file, hint="pass path=LOCK_FILE")
@@ -409,3 +428,78 @@ def lock(recipe: RecipeSource, *, path: str | os.PathLike | None = None,
     return LockResult(target, len(doc["inputs"]),
                       sum(len(e["files"]) for e in doc["inputs"].values()))
 
+
+
+def sweep(recipe: RecipeSource, values: Mapping[str, Sequence[Any]], *,
+          output: str | os.PathLike | None = None, base_dir: str | os.PathLike | None = None,
+          executor: Literal["local", "ray"] = "local", address: str | None = None,
+          dry_run: bool = False, device: str = "cpu", force: bool = False, fsync: bool = True,
+          workers: int | None = None,
+          on_result: Callable[[CombinationResult], None] | None = None,
+          progress: Callable[[str], ProgressCallback | None] | None = None) -> SweepResult:
+    """Run the recipe once for every combination of ``values`` (`recipekit sweep`): one output
+    per combination under one root, named by its values (``<root>/alpha=0.1,method=ties``),
+    each with its own manifest, and an index ``<root>/sweep.json``.
+
+    Every combination's document is validated before anything runs (exit 2 in the CLI); after
+    that a failing combination is recorded (``status="failed"``, its message in ``error``) and
+    the others still run. A rerun resumes: finished combinations report ``complete``, an
+    interrupted one resumes from its shards. ``executor="ray"`` runs the combinations as Ray
+    tasks (``address``, else ``RAY_ADDRESS``); ``dry_run`` compiles each combination's plan
+    (headers only) and writes nothing (``status="planned"``).
+
+    Args:
+        values: the values of each variable, by name, e.g. ``{"alpha": [0.1, 0.3]}``.
+        output: the sweep's root (default: the recipe's ``output.path``, which must then not
+            depend on a swept variable).
+        on_result: called with each combination's result as it finishes.
+        progress: local sweeps: called with each combination's name as it starts, returns the
+            `run` progress callback for that run (or None).
+
+    Raises:
+        RecipeErrors: a combination's document is invalid (the note names the variable).
+        UsageError: no values, a root that depends on a swept variable.
+        ExtraMissingError: ``executor="ray"`` without ray installed.
+
+    Example:
+        >>> r = recipekit.sweep("recipes/alpha-grid.yaml", {"alpha": [0.25, 0.5]})  # doctest: +SKIP
+        >>> [(c.name, c.status) for c in r.combinations]                            # doctest: +SKIP
+        [('alpha=0.25', 'written'), ('alpha=0.5', 'written')]
+    """
+    from recipekit.run.sweep import plan_sweep, run_combination, run_sweep
+
+    if executor not in ("local", "ray"):
+        raise UsageError(f"unknown executor {executor!r}", hint="use 'local' or 'ray'")
+    if device != "cpu":
+        from recipekit.run.device import resolve_device
+
+        resolve_device(device)
+    sp = plan_sweep(recipe, values, output=output, base_dir=base_dir)
+    if dry_run:
+        return _plan_combinations(sp)
+    options = {"device": device, "force": force, "fsync": fsync, "workers": workers}
+    if executor == "ray":
+        from recipekit.run.sweep_ray import run_sweep_ray
+
+        return run_sweep_ray(sp, address=address, on_result=on_result, **options)
+    return run_sweep(sp, lambda sp_, c: run_combination(
+        sp_, c, progress=progress(c.name) if progress is not None else None, **options),
+        on_result=on_result)
+
+
+def _plan_combinations(sp: Any) -> SweepResult:
+    """Each combination's plan (headers only): its plan hash, or why it cannot be compiled."""
+    from recipekit.errors import RecipekitError
+    from recipekit.run.sweep import INDEX_NAME
+
+    out = []
+    for c in sp.combinations:
+        try:
+            p = plan(sp.recipe, output=sp.output(c), base_dir=sp.base_dir, warn=False,
+                     variables=sp.settings(c))
+        except RecipekitError as e:
+            out.append(CombinationResult(c.name, c.values, sp.output(c), "failed",
+                                         error=e.render(), exit_code=e.exit_code))
+            continue
+        out.append(CombinationResult(c.name, c.values, sp.output(c), "planned", p.plan_hash))
+    return SweepResult(sp.root, sp.root / INDEX_NAME, tuple(out), sp.recipe_file)

@@ -35,11 +35,23 @@ T = TypeVar("T")
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe file (YAML or JSON).",
                                            show_default=False)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-OutputOpt = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="Output directory (overrides the recipe's output.path).",
-    show_default=False)]
+OutputOpt = Annotated[str | None, typer.Option(
+    "--output", "-o", help="Output directory or URL, e.g. s3://bucket/prefix (overrides the "
+    "recipe's output.path).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option(
     "--json", help="Print machine-readable JSON on stdout (schema: README, \"JSON output\").")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="NAME=VALUE", help="Set a variable the recipe declares (repeatable); the "
+    "value is read as YAML: 0.3, ties, '0.3' (a string), [1, 2].", show_default=False)]
+
+
+def _settings(texts: list[str] | None):
+    """``--set`` options as the API's ``variables`` (None when there are none)."""
+    if not texts:
+        return None
+    from recipekit.recipe.variables import parse_settings
+
+    return parse_settings(texts)
 
 
 def _print_version(value: bool) -> None:
@@ -160,6 +172,7 @@ def validate(
         "--no-inputs", help="Check the recipe documents only (schema, names, layer ranges, "
         "each op's and merge method's rules), without opening the models they name: for "
         "pre-commit and CI.")] = False,
+    set_: SetOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -173,7 +186,7 @@ def validate(
             results.append({"recipe": str(recipe), "ok": False, "error": e})
 
         def body() -> None:
-            r = api.validate(recipe, inputs=not no_inputs)
+            r = api.validate(recipe, inputs=not no_inputs, variables=_settings(set_))
             results.append({"recipe": str(recipe), "ok": True, **_fields(r)})
             if not as_json:
                 _say(f"{echo_text(recipe)}: ok ({r.summary()})")
@@ -235,6 +248,7 @@ def plan(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Same as --format json: the DAG, the schedule and the estimates.")
     ] = False,
+    set_: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Show what a run would read and write: tensors, bytes, shards, memory and disk."""
@@ -247,7 +261,7 @@ def plan(
             raise UsageError(f"--json and --format {fmt.value} ask for two formats",
                              hint="give one of them")
         _check_chart(chart)
-        p = api.plan(recipe, output=output)
+        p = api.plan(recipe, output=output, variables=_settings(set_))
         if as_json or fmt is PlanFormat.json:
             typer.echo(p.to_json())
         elif fmt in (PlanFormat.dot, PlanFormat.svg):
@@ -293,6 +307,7 @@ def run(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print JSON Lines events on stdout: start, progress (at the progress "
         "interval), shard, done (or error).")] = False,
+    set_: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Build the recipe's output checkpoint (checking its <stem>.lock.json when there is one)."""
@@ -304,7 +319,8 @@ def run(
             from recipekit.run.device import resolve_device
 
             resolve_device(device)  # fail before reading anything on a bad device
-        p = api.plan(recipe, output=output, warn=False)  # the run warns
+        p = api.plan(recipe, output=output, warn=False,  # the run warns
+                     variables=_settings(set_))
         if as_json:
             _json({"event": "start", "recipe": p.recipe, "output": str(p.output),
                    "total": p.bytes_written, "shards": len(p.shards), "tensors": p.tensors,
@@ -375,17 +391,96 @@ class _LazyBar:
 
 
 @app.command()
-def lock(recipe: RecipeArg, debug: DebugOpt = False) -> None:
+def lock(recipe: RecipeArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
     """Write <stem>.lock.json beside the recipe: hub inputs pinned to commits, every input
     file's size and hash."""
 
     def body() -> None:
         from recipekit import api
 
-        r = api.lock(recipe)
+        r = api.lock(recipe, variables=_settings(set_))
         _say(f"wrote {echo_text(r.path)}: {r.inputs} input(s), {r.files} file(s) pinned")
 
     _guard(debug, body)
+
+
+class Executor(str, enum.Enum):
+    local = "local"
+    ray = "ray"
+
+
+@app.command()
+def sweep(
+    recipe: RecipeArg,
+    set_: Annotated[list[str], typer.Option(
+        "--set", metavar="NAME=V1,V2,...", help="The values of a variable the recipe declares "
+        "(repeatable; every combination runs). Values are read as YAML; a value holding a "
+        "comma goes in list form: --set 'name=[\"a,b\", c]'.", show_default=False)],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="The sweep's root directory (default: the recipe's "
+        "output.path); each combination writes <root>/<name=value,...>.",
+        show_default=False)] = None,
+    executor: Annotated[Executor, typer.Option(
+        "--executor", help="local: one combination after another; ray: each combination as "
+        "a Ray task, in parallel (needs pip install 'recipekit[ray]').")] = Executor.local,
+    address: Annotated[str | None, typer.Option(
+        "--address", help="The Ray cluster to use with --executor ray (default: RAY_ADDRESS, "
+        "else a local Ray).", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate and plan every combination (headers only); write "
+        "nothing.")] = False,
+    device: Annotated[str, typer.Option(
+        "--device", help="Where to compute: cpu, cuda, cuda:N, mps or auto.")] = "cpu",
+    force: Annotated[bool, typer.Option(
+        "--force", help="Write each combination's output again even if it exists (deletes "
+        "only files recipekit wrote there).")] = False,
+    no_fsync: Annotated[bool, typer.Option(
+        "--no-fsync", help="Skip fsync of finished files.")] = False,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, help="Threads per run computing pieces of large tensors.")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress bar or progress lines for each local run.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the sweep's index (as sweep.json holds it) on stdout at the "
+        "end.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run the recipe once per combination of --set values, one output each, named by the
+    values, with a sweep.json index. Exit 1 if any combination failed (the others still run);
+    a rerun resumes."""
+
+    def body() -> None:
+        from recipekit import api
+        from recipekit.errors import UsageError, display_path
+        from recipekit.run.sweep import parse_sweep_settings
+
+        if address is not None and executor is not Executor.ray:
+            raise UsageError("--address is used by --executor ray", hint="add --executor ray")
+        def finished(c) -> None:
+            if c.status == "failed":
+                _say(f"{echo_text(c.name)}: failed:\n{c.error}", err=True)
+            elif not as_json:
+                _say(f"{echo_text(c.name)}: {c.status} ({display_path(c.output)})")
+
+        result = api.sweep(recipe, parse_sweep_settings(set_), output=output,
+                           executor=executor.value, address=address, dry_run=dry_run,
+                           device=device, force=force, fsync=not no_fsync, workers=workers,
+                           on_result=finished, progress=None if as_json else (
+                               lambda name: _run_progress(quiet=quiet, as_json=False)))
+        if dry_run:
+            for c in result.combinations:
+                if c.status == "failed":
+                    finished(c)
+                elif not as_json:
+                    _say(f"{echo_text(c.name)}: plan {c.plan_hash} -> {display_path(c.output)}")
+        if as_json:
+            _json(result.to_json())
+        else:
+            _say(result.summary())
+        if result.failed:
+            raise typer.Exit(1)
+
+    _guard(debug, body, _error_doc if as_json else None)
 
 
 def _report_finite(found: dict[str, tuple[int, int]], *, resumed: int) -> None:
@@ -552,14 +647,17 @@ def diff(
 
 @app.command()
 def verify(
-    out: Annotated[Path, typer.Argument(help="An output directory written by `recipekit run`.",
-                                        show_default=False)],
+    out: Annotated[str, typer.Argument(help="An output directory (or s3:// URL) written by "
+                                       "`recipekit run`.", show_default=False)],
     load: Annotated[bool, typer.Option(
         "--load", help="Also load it with transformers (PEFT for an adapter output) and run a "
         "forward pass (imports torch).")] = False,
     base: Annotated[str | None, typer.Option(
         "--base", help="For an adapter output with --load: the model directory it adapts.",
         show_default=False)] = None,
+    stats: Annotated[bool, typer.Option(
+        "--stats", help="Also read every floating value: fail on NaN/Inf, report statistics "
+        "(per tensor with --json; imports torch).")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -567,18 +665,30 @@ def verify(
 
     def body() -> None:
         from recipekit.errors import UsageError, display_path
+        from recipekit.io.urls import is_url
         from recipekit.tools.verify import load_and_run, verify_output
 
         if base is not None and not load:
             raise UsageError("--base is used by --load", hint="add --load")
-        report = verify_output(out)
-        loaded = (load_and_run(out, adapter=report.adapter, base=base)
+        if is_url(out):
+            from recipekit.tools.verify_remote import verify_remote
+
+            if load or stats:
+                raise UsageError(f"{'--load' if load else '--stats'} needs a local directory",
+                                 hint="download the output first (e.g. `aws s3 sync`), or "
+                                 "verify without it")
+            report = verify_remote(out)
+            where = out.rstrip("/")
+        else:
+            report = verify_output(Path(out), stats=stats)
+            where = display_path(Path(out))
+        loaded = (load_and_run(Path(out), adapter=report.adapter, base=base)
                   if not report.problems and load else None)
-        where = display_path(out)
         if as_json:
             _json({"output": str(out), "verified": not report.problems,
                    "adapter": report.adapter, "passed": report.passed, "notes": report.notes,
-                   "loaded": loaded, "problems": [error_json(p) for p in report.problems]})
+                   "loaded": loaded, "problems": [error_json(p) for p in report.problems],
+                   **({"stats": report.stats} if stats else {})})
         else:
             for line in report.passed:
                 _say(f"ok: {line}")

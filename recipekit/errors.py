@@ -54,8 +54,12 @@ def display_path(path: Path) -> str:
     shortened and escaped (`echo_text`).
 
     The last component is not resolved: a message about a symlink names the link, not its
-    target (and a symlink loop cannot make the message itself fail).
+    target (and a symlink loop cannot make the message itself fail). A remote input's file
+    (io/remote.py `RemotePath`) is shown by its URL.
     """
+    url = getattr(path, "url", None)
+    if isinstance(url, str):
+        return echo_text(url)
     try:
         full = path.parent.resolve() / path.name if path.name else path.resolve()
         return echo_text(full.relative_to(Path.cwd().resolve()))
@@ -297,6 +301,15 @@ class SchemeError(UnlocatedError):
     def __init__(self, message: str, where: KeyPath, hint: str | None = None) -> None:
         super().__init__(message, hint)
         self.where = where
+
+
+class ChatTemplateError(UnlocatedError):
+    """A chat template that cannot be used (not UTF-8 text, not Jinja, too large), located by
+    the recipe key that names it.
+
+    Example: ``recipe.yaml:14:5: output.chat_template.file: templates/chat.jinja: line 2: the
+    chat template is not valid Jinja: unexpected '}'``
+    """
 
 
 class LockError(UsageError):

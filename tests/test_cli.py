@@ -23,7 +23,7 @@ from recipekit.cli import app
 from tests.helpers.recipes import ROOT, solar_recipe, write_recipe
 
 COMMANDS = ["validate", "plan", "run", "lock", "convert", "inspect", "import-mergekit", "diff",
-            "verify", "schema", "version"]
+            "verify", "schema", "version", "sweep"]
 
 
 def test_every_command_is_listed():

@@ -21,7 +21,14 @@ from recipekit.errors import SourceNotFoundError, UnsupportedCheckpointError, di
 from recipekit.inputs.files import check_confined, model_root, read_small
 from recipekit.inputs.hub import HubSnapshot
 from recipekit.inputs.patterns import PatternError, key_matcher
-from recipekit.inputs.source import InputFiles, Located, locate_input, shard_header
+from recipekit.inputs.remote import RemoteSnapshot
+from recipekit.inputs.source import (
+    InputFiles,
+    Located,
+    locate_input,
+    shard_header,
+    split_snapshot,
+)
 from recipekit.io.header import TensorInfo, kind_of, parse_json
 from recipekit.io.names import ADAPTER_CONFIG as CONFIG
 from recipekit.io.names import ADAPTER_PICKLE as PICKLE
@@ -53,6 +60,7 @@ class AdapterCheckpoint(InputFiles):
     tensors: dict[str, TensorInfo]
     weight_files: tuple[Path, ...]
     hub: HubSnapshot | None = None
+    remote: RemoteSnapshot | None = None
     CONFIG_NAME: ClassVar[str] = CONFIG
 
 
@@ -104,7 +112,8 @@ def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
         raise located(SourceNotFoundError, f"no {WEIGHTS} in {ref.written!r}",
                       f"a PEFT adapter directory holds {CONFIG} and {WEIGHTS}")
     tensors = shard_header(weights, root, snap)
-    return AdapterCheckpoint(ref.name, path, config, tensors, (weights,), snap)
+    return AdapterCheckpoint(ref.name, path, config, tensors, (weights,),
+                             **split_snapshot(snap))
 
 
 def _check_config(config: dict[str, Any], ref: ModelRef, located: Located) -> None:

@@ -35,7 +35,15 @@ from recipekit.inputs.files import (
     walk_confined,
 )
 from recipekit.inputs.hub import HubSnapshot
-from recipekit.inputs.source import InputFiles, Located, locate_input, shard_header
+from recipekit.inputs.remote import RemoteSnapshot
+from recipekit.inputs.source import (
+    InputFiles,
+    Located,
+    Snapshot,
+    locate_input,
+    shard_header,
+    split_snapshot,
+)
 from recipekit.io.header import MAX_HEADER, TensorInfo, kind_of, parse_json, quote_name
 from recipekit.io.names import (
     ADAPTER_CONFIG,
@@ -74,6 +82,7 @@ class Checkpoint(InputFiles):
     weight_files: tuple[Path, ...]
     stack: LayerStack
     hub: HubSnapshot | None = None
+    remote: RemoteSnapshot | None = None
     CONFIG_NAME: ClassVar[str] = CONFIG
 
 
@@ -124,7 +133,7 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
         err.stacks = e.stacks  # type: ignore[attr-defined]  # several stacks: import-mergekit
         raise err from None
     _check_layer_names(stack, tensors)
-    return Checkpoint(ref.name, path, config, tensors, files, stack, snap)
+    return Checkpoint(ref.name, path, config, tensors, files, stack, **split_snapshot(snap))
 
 
 def _check_directory(ref: ModelRef, path: Path, located: Located) -> None:
@@ -259,7 +268,7 @@ def read_index(index: Path, root: Path) -> dict[str, str]:
     return weight_map
 
 
-def _read_tensors(path: Path, root: Path, ref: ModelRef, located: Located, snap: HubSnapshot | None
+def _read_tensors(path: Path, root: Path, ref: ModelRef, located: Located, snap: Snapshot | None
                   ) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
     single = path / WEIGHTS
     index = path / INDEX
@@ -286,7 +295,7 @@ def _read_tensors(path: Path, root: Path, ref: ModelRef, located: Located, snap:
 _STALE = "the index is stale or the shard is from another checkpoint"
 
 
-def read_shard_headers(path: Path, root: Path, snap: HubSnapshot | None,
+def read_shard_headers(path: Path, root: Path, snap: Snapshot | None,
                        read_one: Callable[[Path], dict[str, TensorInfo]]
                        ) -> tuple[dict[str, str], dict[str, dict[str, TensorInfo]]]:
     """A sharded checkpoint's weight map and each listed shard's header (``read_one``), a

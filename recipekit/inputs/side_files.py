@@ -1,4 +1,5 @@
-"""Side files a recipe's steps name: coalescing scheme files and X-LoRA scalings logs.
+"""Side files a recipe names: coalescing scheme files, X-LoRA scalings logs (steps) and the
+output's chat template file (`output.chat_template.file`).
 
 They are inputs like models and adapters: `resolve_side_files` reads each one while the sources
 are resolved (relative to the recipe file, bounded and refusing special files like every other
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.errors import KeyPath, UnlocatedError
+from recipekit.inputs.chat_template import read_template_file
 from recipekit.inputs.scalings import read_scalings_log
 from recipekit.inputs.schemes import FILE_KEYS, read_scheme_file
 from recipekit.recipe import Recipe, Step
@@ -28,6 +30,7 @@ class SideFile:
 
     ``files`` are every file read for it (a scalings log may be a mapping and several arrays);
     ``hub`` is always None (side files are local), so locks treat it like a local input.
+    ``step`` is ``""`` for a file the output section names (no step has that name).
     """
 
     step: str
@@ -41,8 +44,9 @@ class SideFile:
 
     @property
     def lock_key(self) -> str:
-        """How `recipekit lock` names it: ``steps.<step>.<key>``."""
-        return ".".join(("steps", self.step, *map(str, self.key)))
+        """How `recipekit lock` names it: ``steps.<step>.<key>``, or ``output.<key>``."""
+        head = ("steps", self.step) if self.step else ("output",)
+        return ".".join((*head, *map(str, self.key)))
 
     def value(self) -> Any:
         """The parsed content (a scheme's groups, a `ScalingsLog`).
@@ -108,12 +112,36 @@ def resolve_side_file(recipe: Recipe, step: Step, key: KeyPath) -> SideFile | No
     return None
 
 
+#: Where the output section names a side file (key within `output`), read as `SideFile`s of
+#: step ``""``.
+OUTPUT_KEY: KeyPath = ("chat_template", "file")
+
+
+def resolve_output_file(recipe: Recipe) -> SideFile | None:
+    """The chat template file `output.chat_template` names (None when it names none)."""
+    setting = recipe.output.chat_template
+    written = setting.get("file") if isinstance(setting, dict) else None
+    if not isinstance(written, str):
+        return None
+    path = side_path(recipe, written)
+    try:
+        text = read_template_file(path)
+    except UnlocatedError as e:
+        return SideFile("", OUTPUT_KEY, written, path, (path,) if path.is_file() else (),
+                        problem=e)
+    return SideFile("", OUTPUT_KEY, written, path, (path,), text)
+
+
 def resolve_side_files(recipe: Recipe) -> dict[tuple[str, KeyPath], SideFile]:
-    """Every side file the recipe's steps name, by (step name, key within the step)."""
+    """Every side file the recipe names, by (step name, key within the step); the output's
+    under step name ``""``."""
     out: dict[tuple[str, KeyPath], SideFile] = {}
     for step in recipe.steps.values():
         for _, key, _ in KINDS:
             found = resolve_side_file(recipe, step, key)
             if found is not None:
                 out[(step.name, key)] = found
+    found = resolve_output_file(recipe)
+    if found is not None:
+        out[("", OUTPUT_KEY)] = found
     return out

@@ -166,11 +166,17 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     """
     shown = display_path(path)
     size, n, raw = read_raw_header(path, shown)
+    return parse_header(raw, size=size, data_start=8 + n, file=path, shown=shown)
+
+
+def parse_header(raw: bytes, *, size: int, data_start: int, file: Path, shown: str
+                 ) -> dict[str, TensorInfo]:
+    """`read_header`'s checks on header bytes already read (``size``: the file's; an object
+    store's header comes from ranged reads, io/remote.py), each tensor located in ``file``."""
     header = parse_json(raw, shown, "header")
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"header is {kind_of(header)}, not a JSON object", file=shown,
                                      hint=_NOT_SAFETENSORS)
-    data_start = 8 + n
     data_len = size - data_start
     out: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
@@ -185,7 +191,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"but the file has {size} bytes", file=shown,
                 hint="download or convert the checkpoint again")
         spans.append((begin, end, name))
-        out[name] = TensorInfo(name, dtype, shape, path, data_start + begin, nbytes)
+        out[name] = TensorInfo(name, dtype, shape, file, data_start + begin, nbytes)
     check_layout(spans, data_len, data_start, shown)
     return out
 

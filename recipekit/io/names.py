@@ -23,6 +23,13 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
                    ".onnx_data", ".gguf", ".ot", ".tflite", ".mlmodel", ".npz")
 WEIGHT_DIRS = ("onnx", "openvino", "coreml", ".git", ".cache")
 MODEL_CARD = "README.md"
+#: Tokenizer files an output's chat template touches: transformers 5 saves a template as
+#: chat_template.jinja (which it prefers to tokenizer_config.json's `chat_template` key), named
+#: extra templates under chat_templates/, and processors' older chat_template.json.
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "chat_templates"
+CHAT_TEMPLATE_JSON = "chat_template.json"
 MANIFEST = "recipekit.json"
 STATE = ".recipekit-state.json"
 

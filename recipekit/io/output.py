@@ -29,9 +29,11 @@ from recipekit.errors import OutputError, OutputPathError, display_path
 from recipekit.io.names import INDEX, MANIFEST, STATE
 from recipekit.io.writer import (
     PARTIAL_SUFFIX,
+    ShardWriter,
     copy_file_atomic,
     fsync_dir,
     partial_path,
+    sha256_path,
     stale_temp_problem,
     write_file_atomic,
 )
@@ -282,6 +284,18 @@ class OutputDir:
         if self.fsync:
             fsync_dir(self.path)
         self.save_state()
+
+    def open_shard(self, name: str, header: bytes, size: int, *, fsync: bool = True
+                   ) -> ShardWriter:
+        """A writer for one shard: a temp file renamed into place by `ShardWriter.finish`
+        (the interface io/remote_output.py shares for object storage). Usable without entering
+        the output (a worker process of another executor), the owner calling `mark_finished`."""
+        return ShardWriter(self.path / name, header, size, fsync=fsync)
+
+    def file_record(self, rel: str) -> dict[str, Any]:
+        """Size and sha256 of a written file, read back from disk (what `verify` checks)."""
+        p = self.path / rel
+        return {"size": p.stat().st_size, "sha256": sha256_path(p)}
 
     def write_file(self, rel: str, data: bytes) -> None:
         write_file_atomic(self._parent_made(rel) / Path(rel).name, data, fsync=self.fsync)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from recipekit.errors import TensorDataError, display_path
 from recipekit.io.header import TensorInfo
+from recipekit.io.remote import RemotePath, cat_range, is_remote
 
 _HAS_PREADV = hasattr(os, "preadv")
 
@@ -39,7 +40,11 @@ class FileReader:
         return fd
 
     def read_into(self, path: Path, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` with the bytes at ``offset``; a short file is a corrupt checkpoint."""
+        """Fill ``buf`` with the bytes at ``offset``; a short file is a corrupt checkpoint.
+        A remote input's file (io/remote.py) is read by one ranged GET of exactly these bytes."""
+        if is_remote(path):
+            _read_remote(path, offset, buf)  # type: ignore[arg-type]
+            return
         fd = self._fd(path)
         done = 0
         want = len(buf)
@@ -79,6 +84,24 @@ class FileReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_remote(path: RemotePath, offset: int, buf: memoryview) -> None:
+    """``buf`` filled from the object at ``path.url`` (bytes ``offset:offset+len(buf)``)."""
+    want = len(buf)
+    if not want:
+        return
+    try:
+        data = cat_range(path.url, offset, offset + want)
+    except OSError as e:
+        raise TensorDataError(f"ranged read failed: {e}", file=path.url,
+                              hint="check the endpoint and credentials; finished shards are "
+                              "kept, and running the same command again resumes") from e
+    if len(data) != want:
+        raise TensorDataError(f"object ended at byte {offset + len(data)} while reading {want} "
+                              "bytes", file=path.url,
+                              hint="the object changed or was truncated during the run")
+    buf[:] = data
 
 
 #: Bytes compared at a time by `is_same_data`: two buffers of this size are all it holds.

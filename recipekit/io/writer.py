@@ -310,3 +310,13 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def sha256_path(path: Path) -> str:
+    """The sha256 of a file recipekit wrote, read back in 1 MiB blocks (the manifest's record
+    of the output's small files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

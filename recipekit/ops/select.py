@@ -9,9 +9,12 @@ itself. Memory is a few histograms; time is linear in the elements.
 
 **Tie rule.** Keys are ranked by value, then by flat (row-major) index, lower first: when the
 k-th key equals others, the equal entries with the lowest indices are kept, exactly k in all.
-A third pass (per-row counts of the equal key) places the boundary, and only when the equal
-keys are not all kept or all dropped. The rule depends on nothing but the tensor: not on the
-pieces, the worker count or the device. Where the k-th key is unique the kept set is mergekit's
+The boundary among equal keys is placed from the positions pass 2 collects of the keys in the
+k-th key's bucket (at most `COLLECT_MAX` of them; a bucket holding more gets a third pass of
+per-row counts of the equal key instead), and only when the equal keys are not all kept or all
+dropped — with bf16 inputs they usually are neither, so the collection saves a whole pass.
+The rule depends on nothing but the tensor: not on the pieces, the worker count or the device.
+Where the k-th key is unique the kept set is mergekit's
 (whose non-stable sort breaks ties arbitrarily) — tests/ops/test_select.py, and the committed
 TIES/breadcrumbs goldens.
 
@@ -29,6 +32,10 @@ __all__ = ["Cut", "KEEP_ALL", "keep_mask", "magnitude_key", "select_cuts"]
 
 HIGH_BINS = 1 << 15  # the key's bits 16–30 (bit 31, the sign, is 0)
 LOW_BINS = 1 << 16
+#: Keys of one bucket whose low bits and rows pass 2 keeps (int32 each) to place a tie
+#: without a third pass; a bucket this full is rare (about 0.3% of a tensor's keys fall in
+#: the bucket around a median), a fuller one is counted per row in a third pass instead.
+COLLECT_MAX = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -134,25 +141,46 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
         within = k - (int(above[b + 1]) if b + 1 < HIGH_BINS else 0)
         buckets[q] = (b, within)
     wanted = sorted({(queries[q][0], buckets[q][0]) for q in open_})
+    collect = [int(hist[streams.index(s)][b]) <= COLLECT_MAX for s, b in wanted]
 
     def low(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         ks = keys(lo, hi, pieces)
         out = []
-        for s, b in wanted:
+        for (s, b), keep_rows in zip(wanted, collect, strict=True):
             flat = ks[s].reshape(-1)
-            inside = flat[(flat >> 16) == b] & 0xFFFF
-            out.append(torch.bincount(inside, minlength=LOW_BINS))
+            inside = (flat >> 16) == b
+            if keep_rows:  # the bucket's keys' low bits and rows, in flat order
+                at = torch.nonzero(inside).reshape(-1)
+                out += [flat[at] & 0xFFFF, torch.div(
+                    at, ks[s].shape[1], rounding_mode="floor").add_(lo).to(torch.int32)]
+            else:
+                out.append(torch.bincount(flat[inside] & 0xFFFF, minlength=LOW_BINS))
         return out
 
     fine = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in wanted]
+    kept: list[list[list[torch.Tensor]]] = [[[], []] for _ in wanted]
     for part in map_pieces(low):
-        for h, p in zip(fine, part, strict=True):  # type: ignore[call-overload]
-            h += p.cpu()
+        it = iter(part)  # type: ignore[call-overload]
+        for i, keep_rows in enumerate(collect):
+            if keep_rows:
+                kept[i][0].append(next(it).cpu())
+                kept[i][1].append(next(it).cpu())
+            else:
+                fine[i] += next(it).cpu()
+    found: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(wanted)
+    for i, keep_rows in enumerate(collect):
+        if keep_rows:
+            bits = torch.cat(kept[i][0]) if kept[i][0] else torch.zeros(0, dtype=torch.int64)
+            at_rows = torch.cat(kept[i][1]) if kept[i][1] else torch.zeros(0, dtype=torch.int32)
+            fine[i] = torch.bincount(bits.long(), minlength=LOW_BINS)
+            found[i] = (bits, at_rows)
+    del kept
     ties: dict[int, tuple[int, int]] = {}  # query -> (key value, equal keys to keep)
     for q in open_:
         s, _ = queries[q]
         b, within = buckets[q]
-        h = fine[wanted.index((s, b))]
+        i = wanted.index((s, b))
+        h = fine[i]
         above = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])
         low_bits = int(torch.nonzero(above >= within)[-1])
         value = (b << 16) | low_bits
@@ -160,6 +188,12 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
         equal = int(h[low_bits])
         if keep_equal == equal:
             cuts[q] = Cut(value, rows, 0)  # every equal key is kept
+        elif found[i] is not None:  # the equal keys' rows, in flat order: place it here
+            bits, at_rows = found[i]  # type: ignore[misc]
+            equal_rows = at_rows[bits == low_bits]
+            row = int(equal_rows[keep_equal - 1])
+            before = int(torch.searchsorted(equal_rows, torch.tensor(row, dtype=torch.int32)))
+            cuts[q] = Cut(value, row, keep_equal - before)
         else:
             ties[q] = (value, keep_equal)
     if ties:

@@ -19,6 +19,7 @@ from recipekit.arch import LayerStack, config_get, config_has, with_config, with
 from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.graph import Load, Node, VirtualModel, expression_nodes, load, round_to
+from recipekit.inputs.chat_template import ChatTemplate
 from recipekit.inputs.models import Checkpoint, donor_files_identity
 from recipekit.inputs.side_files import resolve_side_files
 from recipekit.io.names import ADAPTER_WEIGHTS, is_absolute_local
@@ -50,9 +51,13 @@ class Plan:
     adapter: bool = False  # the output is a PEFT adapter directory
     #: Step name -> operator metadata (coalescing schemes, compensation), for the manifest.
     operators: Mapping[str, Any] = field(default_factory=dict)
-    #: Donor files written with rewritten contents (relative path -> bytes), e.g. the
-    #: sentence-transformers pooling dimension after a width change.
-    files: Mapping[str, bytes] = field(default_factory=dict)
+    #: Files written with planned contents (relative path -> bytes): donor files rewritten
+    #: (e.g. the sentence-transformers pooling dimension after a width change) or new ones
+    #: (an aligned vocabulary's tokenizer, chat_template.jinja); None: a donor file the output
+    #: does not get (a stale slow tokenizer, the donor's other chat templates).
+    files: Mapping[str, bytes | None] = field(default_factory=dict)
+    #: The output's chat template (`output.chat_template`), None when the donor's files stand.
+    chat_template: ChatTemplate | None = None
 
     @property
     def bytes_written(self) -> int:
@@ -116,11 +121,19 @@ class Plan:
             "inputs": {n: c.identity() for n, c in sorted(self.sources.items())},
             "version": __version__,
         }
+        if self.files:  # rewritten or made files (a built tokenizer) are written as such
+            doc["files"] = {rel: None if data is None else hashlib.sha256(data).hexdigest()
+                            for rel, data in sorted(self.files.items())}
         if self.operators:  # a scheme read from a file is part of what is written
             doc["operators"] = self.operators
+        if self.chat_template is not None:  # a file's or the inputs' template, by content
+            doc["chat_template"] = {"source": self.chat_template.source, "sha256": hashlib.sha256(
+                self.chat_template.text.encode()).hexdigest()}
         donor = self.donor
-        if donor is not None and donor.hub is None and not self.adapter:
-            # the donor's other files are copied into the output (a hub donor's commit fixes them)
+        if donor is not None and donor.hub is None and donor.remote is None and \
+                not self.adapter:
+            # the donor's other files are copied into the output (a hub donor's commit, or a
+            # URL donor's object ETags, fix them)
             files = donor_files_identity(donor.path)
             if files:
                 doc["donor_files"] = files
@@ -191,6 +204,7 @@ def _build_models(recipe: Recipe, sources: Mapping[str, Any]) -> dict[str, Any]:
     errors: list[RecipekitError] = []
     failed: set[str] = set()
     side: dict[str, dict[Any, Any]] = {}  # step name -> key path -> SideFile
+    tokenizers: dict[str, Any] | None = None  # model name -> ModelTokenizer, read once
     found = getattr(sources, "side_files", None)
     for (step_name, key), f in (resolve_side_files(recipe) if found is None else found).items():
         side.setdefault(step_name, {})[key] = f
@@ -215,9 +229,15 @@ def _build_models(recipe: Recipe, sources: Mapping[str, Any]) -> dict[str, Any]:
             errors.extend(wrong)
             failed.add(step.name)
             continue
+        files = side.get(step.name, {})
+        if "tokenizer" in step.spec:  # vocabulary alignment reads the models' tokenizers
+            from recipekit.inputs.tokenizers import read_tokenizers
+
+            if tokenizers is None:
+                tokenizers = read_tokenizers(sources)
+            files = {**files, **{("tokenizer", n): t for n, t in tokenizers.items()}}
         try:
-            models[step.name] = op.build(replace(step, files=side.get(step.name, {})), models,
-                                         recipe)
+            models[step.name] = op.build(replace(step, files=files), models, recipe)
         except RecipeErrors as e:
             errors.extend(e.errors)
             failed.add(step.name)
@@ -233,6 +253,7 @@ def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str,
                 model: VirtualModel) -> Plan:
     """A plan writing ``model`` as a checkpoint: output dtype, donor config and files, shards."""
     # run/finish imports run/manifest, which imports this package: import it once it is loaded.
+    from recipekit.plan.chat_template import output_chat_template, with_chat_template
     from recipekit.run.finish import rewrite_dimension_files
 
     out_code = NAME_TO_CODE[recipe.output.dtype] if recipe.output.dtype else None
@@ -250,8 +271,32 @@ def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str,
     final = VirtualModel(model.name, model.config, tensors, model.stack, donor_name, model.changed)
     operators = {name: dict(models[name].meta) for name in recipe.steps if models[name].meta}
     files = rewrite_dimension_files(donor, config)
+    vocab = vocab_files(recipe, models, model.name)
+    if vocab:  # an aligned vocabulary: its tokenizer, not the donor's
+        from recipekit.steps.vocab import STALE_FILES
+
+        files = {**files, **dict.fromkeys(STALE_FILES), **vocab}
+    template = output_chat_template(recipe, sources)
+    files = with_chat_template(files, donor, template)  # last: over any tokenizer file planned
     return Plan(recipe, dict(sources), final, donor, config, shards, operators=operators,
-                files=files)
+                files=files, chat_template=template)
+
+
+def vocab_files(recipe: Recipe, models: Mapping[str, Any], name: str) -> dict[str, bytes]:
+    """The files (the tokenizer) of the nearest step before ``name`` that made some: an
+    aligned vocabulary (steps/vocab.py), searched breadth first, first input first."""
+    queue, seen = [name], set()
+    while queue:
+        n = queue.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        files = getattr(models.get(n), "files", None)
+        if files:
+            return dict(files)
+        if n in recipe.steps:
+            queue += [ref for ref, _ in step_references(recipe.steps[n].spec)]
+    return {}
 
 
 #: The layer stack of an adapter output (it has no layers of its own).
@@ -265,6 +310,11 @@ def _adapter_plan(recipe: Recipe, sources: Mapping[str, Any], aset: Any) -> Plan
     if recipe.output.config is not None:
         raise RecipeErrors([recipe.error(("output", "config"), "an adapter output has no "
                                          "config.json donor", key=True)])
+    if recipe.output.chat_template is not None:
+        raise RecipeErrors([recipe.error(
+            ("output", "chat_template"), "an adapter output has no tokenizer to carry a chat "
+            "template", key=True, hint="set it where the adapters are folded into a model "
+            "(`op: adapters`), or put chat_template.jinja beside the base model")])
     tensors, config = adapter_output(aset, recipe)
     shards = schedule_shards(tensors, 1 << 62, single=ADAPTER_WEIGHTS)
     model = VirtualModel(aset.name, {}, tensors, NO_STACK, "")

@@ -12,6 +12,7 @@ import math
 import os
 
 from recipekit.graph import Load, Node
+from recipekit.graph.gather import GatherRows
 from recipekit.graph.passes import Reduction, Sweep
 
 #: Bytes the executor moves per read when a tensor is copied without compute, and how many such
@@ -41,6 +42,8 @@ def stream_loads(node: Reduction) -> set[Load] | None:
         if parts is None:
             return None
         loads.update(n for n in parts[0] if isinstance(n, Load))
+        loads.update(t for n in parts[0] if isinstance(n, GatherRows)  # type: ignore[misc]
+                     for t in n.read_tables())
     return loads
 
 
@@ -69,7 +72,10 @@ def keeps_exact_kernel(node: Reduction) -> bool:
 
 def whole_inputs(node: Node) -> tuple[Node, ...]:
     """The inputs computed whole before ``node`` is: all of them, except those a reduction
-    streams from the files, and those a sweep reads itself (one layer at a time)."""
+    streams from the files, the tables a streaming row gather reads row by row, and those a
+    sweep reads itself (one layer at a time)."""
+    if isinstance(node, GatherRows) and node.streams:
+        return (node.fill,) if node.fill is not None else ()
     if isinstance(node, Sweep):
         return tuple(x for x, s in zip(node.inputs, node.swept(), strict=True) if not s)
     if not streams_from_files(node):
@@ -141,7 +147,7 @@ def reads_whole_tensor(node: Node) -> bool:
     and is not a reduction that streams them (graph/passes.py)."""
     held, _ = held_nodes(node)
     return any(n.inputs and n.row_inputs() is None and not isinstance(n, (Reduction, Sweep))
-               for n in held)
+               and not (isinstance(n, GatherRows) and n.streams) for n in held)
 
 
 def row_sliced(node: Node) -> tuple[set[Node], set[Node]] | None:
@@ -157,6 +163,9 @@ def row_sliced(node: Node) -> tuple[set[Node], set[Node]] | None:
             continue
         sliced.add(n)
         if isinstance(n, Load):
+            continue
+        if isinstance(n, GatherRows) and n.streams:  # the executor reads the rows it names
+            whole.update(n.inputs[len(n.tables):])
             continue
         rows = n.row_inputs()
         if rows is None:

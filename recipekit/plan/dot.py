@@ -220,6 +220,11 @@ def _params(node: Node) -> Iterator[tuple[str, Any]]:
     """A node's parameters (not its inputs, shape or dtype); a merge's pairs unpacked."""
     for f in fields(node):  # type: ignore[arg-type]
         value = getattr(node, f.name)
+        if f.name == "segments":  # a row gather's map: how many runs, not each
+            yield "runs", len(value)
+            continue
+        if f.name == "fill" and value is None:
+            continue
         if f.name in ("shape", "dtype") or isinstance(value, Node) or (
                 isinstance(value, tuple) and value and all(isinstance(v, Node) for v in value)):
             continue

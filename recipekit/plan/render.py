@@ -105,7 +105,7 @@ def render_json(plan: Plan, *, disk_extra: int = 0) -> str:
     doc = {
         "recipe": str(r.document.file),
         "plan_hash": plan.plan_hash(),
-        "output": {"path": str(r.output.path), "model": r.output.model,
+        "output": {"path": r.output.url or str(r.output.path), "model": r.output.model,
                    "donor": plan.donor.name if plan.donor else None,
                    "num_layers": plan.model.stack.num_layers, "adapter": plan.adapter},
         "config": plan.config,
@@ -148,13 +148,15 @@ def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> st
     lines = [
         f"recipe:        {echo_text(r.document.file)}" + (f" ({echo_text(r.name)})" if r.name
                                                               else ""),
-        f"output:        {display_path(r.output.path)}  " + (
+        f"output:        {r.output.url or display_path(r.output.path)}  " + (
             f"(adapter set '{echo_text(r.output.model)}': a PEFT adapter directory)"
             if plan.donor is None else f"(model '{echo_text(r.output.model)}', config from "
             f"'{echo_text(plan.donor.name)}')"),
         *([] if plan.adapter else [
             f"layers:        {plan.model.stack.num_layers}  (`{plan.model.stack.prefix}<i>`, "
             f"config key {'.'.join(plan.model.stack.count_key)})"]),
+        *([f"chat template: {echo_text(plan.chat_template.source)}"]
+          if plan.chat_template else []),
         f"tensors:       {plan.num_tensors} written, {len(plan.loads())} distinct inputs read",
         f"bytes read:    {format_size(est['bytes_read'])} distinct{reread}",
         f"bytes written: {format_size(est['bytes_written'])} in {len(plan.shards)} shard(s)",

@@ -70,6 +70,8 @@ class Document:
     key_marks: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
     value_marks: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
     raw_scalars: dict[KeyPath, str] = field(default_factory=dict)
+    #: Values that came from a variable (`recipekit.recipe.variables`): what messages add.
+    notes: dict[KeyPath, str] = field(default_factory=dict)
 
     def locate(self, path: KeyPath, *, key: bool = False) -> Location:
         """Return where ``path`` sits: its key's position if ``key`` or it has no value mark.
@@ -91,9 +93,25 @@ class Document:
 
     def error(self, path: KeyPath, message: str, *, hint: str | None = None,
               key: bool = False, cls: type[UsageError] = RecipeError) -> RecipeError:
-        """A ``cls`` error (`RecipeError`, `ShapeMismatchError`, ...) located at ``path``."""
+        """A ``cls`` error (`RecipeError`, `ShapeMismatchError`, ...) located at ``path``;
+        a value that came from a variable (at ``path`` or around it) says so after the
+        message: ``... (from variable 'alpha' set by --set)``."""
+        note = self.note(path)
+        if note is not None:
+            message = f"{message} ({note})"
         return cls(message, key_path=path, hint=hint,  # type: ignore[return-value]
                    location=self.locate(path, key=key))
+
+    def note(self, path: KeyPath) -> str | None:
+        """The variable note of ``path`` or of the nearest enclosing path that has one."""
+        if not self.notes:
+            return None
+        p = tuple(path)
+        while p:
+            if p in self.notes:
+                return self.notes[p]
+            p = p[:-1]
+        return None
 
 
 def _mark(node: yaml.Node) -> tuple[int, int]:

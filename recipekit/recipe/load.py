@@ -10,6 +10,7 @@ user's own line, like a compiler.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import numbers
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.errors import KeyPath, MergekitConfigError, RecipeError, RecipeErrors
+from recipekit.inputs.chat_template import setting_problem
+from recipekit.io.urls import is_url, url_problem
 from recipekit.recipe.document import Document, load_document, parse_document, show
 from recipekit.recipe.schema import coerce_numeric_strings, schema_errors, step_references
 from recipekit.recipe.types import (
@@ -31,13 +34,15 @@ from recipekit.recipe.types import (
     Step,
     parse_layer_range,
 )
+from recipekit.recipe.variables import substitute_variables
 from recipekit.units import parse_size
 
 #: What `load_recipe` takes: a file path, the recipe's YAML/JSON text, or its data.
 RecipeSource = str | os.PathLike | Mapping[str, Any]
 
 
-def load_recipe(source: RecipeSource, *, base_dir: str | os.PathLike | None = None) -> Recipe:
+def load_recipe(source: RecipeSource, *, base_dir: str | os.PathLike | None = None,
+                variables: Mapping[str, Any] | None = None) -> Recipe:
     """Load, validate and type a recipe. Needs no checkpoint and no torch.
 
     ``source`` is a file path (`str` or `os.PathLike`), the recipe's text (a `str` holding a
@@ -46,6 +51,9 @@ def load_recipe(source: RecipeSource, *, base_dir: str | os.PathLike | None = No
     text or data are relative to ``base_dir`` (default: the working directory), as if the
     recipe were the file ``base_dir/recipe.yaml``. Text is located by line like a file
     (``<string>:9:5: ...``); data by key path (``<dict>: steps[0].alpha: ...``).
+
+    ``variables`` sets the recipe's declared variables (`recipekit.recipe.variables`; the
+    CLI's ``--set``); each ``${name}`` takes the value set, else the declared default.
 
     Schema problems and semantic problems (unknown names, cycles, empty ranges) are collected
     together, so one run of `recipekit validate` lists everything.
@@ -69,7 +77,7 @@ def load_recipe(source: RecipeSource, *, base_dir: str | os.PathLike | None = No
     else:
         raise TypeError(f"a recipe is a path, YAML/JSON text or a mapping, not "
                         f"{type(source).__name__}")
-    return _typed(doc, file)
+    return _typed(doc, file, variables)
 
 
 def is_recipe_text(source: str) -> bool:
@@ -79,16 +87,17 @@ def is_recipe_text(source: str) -> bool:
     return "\n" in source or source.lstrip().startswith("{")
 
 
-def _typed(doc: Document, file: Path) -> Recipe:
+def _typed(doc: Document, file: Path, variables: Mapping[str, Any] | None = None) -> Recipe:
     if not isinstance(doc.data, dict):
         raise RecipeErrors([doc.error((), "a recipe is a mapping with keys `recipekit`, "
                                       "`models`, `steps` and `output`")])
     if "recipekit_lock" in doc.data:
         raise RecipeErrors([_lockfile_error(doc)])
     refuse_mergekit_config(doc)
+    used = substitute_variables(doc, variables)
     coerce_numeric_strings(doc)
     errors = schema_errors(doc) + non_finite_numbers(doc)
-    recipe = _build(doc, file, errors)
+    recipe = dataclasses.replace(_build(doc, file, errors), variables=used)
     from recipekit.steps import check_steps  # steps/ imports this package
 
     refused = {e.key_path[1] for e in errors
@@ -272,8 +281,16 @@ def _inputs(doc: Document, section: str, raw: Mapping[str, Any], base_dir: Path,
             entry.get("path") if isinstance(entry, dict) else None)
         if not isinstance(written, str):
             continue
-        _check_path_text(doc, (section, name) + (("path",) if isinstance(entry, dict) else ()),
-                         written, errors)
+        key = (section, name) + (("path",) if isinstance(entry, dict) else ())
+        if is_url(written):
+            problem = url_problem(written)
+            if problem is not None:
+                errors.append(doc.error(key, f"the URL {problem}"))
+                continue
+            out[name] = ModelRef(name, None, written, prefix, (section, name),
+                                 url=written.rstrip("/"))
+            continue
+        _check_path_text(doc, key, written, errors)
         path = Path(os.path.normpath(base_dir / _expanduser(written)))
         out[name] = ModelRef(name, path, written, prefix, (section, name))
     return out
@@ -346,12 +363,28 @@ def _output(doc: Document, out: Mapping[str, Any], names: _Names, last_step: str
         names.check(out["config"], ("output", "config"))
     shard_size = _shard_size(doc, out.get("shard_size", DEFAULT_SHARD_SIZE), errors)
     base_dir = file.resolve().parent
-    if isinstance(out.get("path"), str):
+    url = None
+    if isinstance(out.get("path"), str) and is_url(out["path"]):
+        problem = url_problem(out["path"])
+        if problem is not None:
+            errors.append(doc.error(("output", "path"), f"the URL {problem}"))
+        url = out["path"].rstrip("/")
+    elif isinstance(out.get("path"), str):
         _check_path_text(doc, ("output", "path"), out["path"], errors)
     out_path = Path(os.path.normpath(base_dir / _expanduser(out["path"]))) if isinstance(
         out.get("path"), str) else base_dir / "out" / file.stem
+    template = out.get("chat_template")
+    if isinstance(template, str):
+        problem = setting_problem(template)
+        if problem is not None:
+            errors.append(doc.error(("output", "chat_template"), problem[0], hint=problem[1]))
+    elif isinstance(template, dict) and isinstance(template.get("file"), str):
+        _check_path_text(doc, ("output", "chat_template", "file"), template["file"], errors)
+    if url is not None:
+        out_path = base_dir / "out" / file.stem  # unused: the output is `url`
     return Output(out_path, out_model, out.get("dtype"), shard_size, out.get("config"),
-                  out.get("adapter") if isinstance(out.get("adapter"), dict) else None)
+                  out.get("adapter") if isinstance(out.get("adapter"), dict) else None,
+                  template if isinstance(template, (str, dict)) else None, url)
 
 
 def _shard_size(doc: Document, written: Any, errors: list[RecipeError]) -> int:

@@ -75,7 +75,7 @@ def parse_layer_range(text: str) -> range:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A named checkpoint input: a local directory or a hub repo at a revision."""
+    """A named checkpoint input: a local directory, a hub repo at a revision or a URL."""
 
     name: str
     path: Path | None  # resolved against the recipe's directory; None for hub models
@@ -84,6 +84,7 @@ class ModelRef:
     key_path: KeyPath
     hub: str | None = None
     revision: str = DEFAULT_REVISION
+    url: str | None = None  # object storage (``s3://bucket/prefix``); path and hub are None
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,9 @@ class Output:
     shard_size: int
     config: str | None
     adapter: Mapping[str, Any] | None = None  # how an adapter-set output is written
+    #: `auto`, a built-in name, literal Jinja, or {file: path} (inputs/chat_template.py)
+    chat_template: str | Mapping[str, Any] | None = None
+    url: str | None = None  # an object-storage output (``s3://...``); ``path`` is then unused
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,8 @@ class Recipe:
     steps: Mapping[str, Step]  # topologically ordered
     output: Output
     adapters: Mapping[str, ModelRef] = field(default_factory=dict)  # PEFT adapter inputs
+    #: The values of the recipe's variables used (defaults, or as set), by name.
+    variables: Mapping[str, Any] = field(default_factory=dict)
 
     def error(self, path: KeyPath, message: str, *, hint: str | None = None,
               key: bool = False, cls: type[UsageError] = RecipeError) -> RecipeError:
@@ -136,8 +142,13 @@ class Recipe:
         return self.document.error(path, message, hint=hint, key=key, cls=cls)
 
     def canonical(self) -> dict[str, Any]:
-        """The document with defaults filled in: what the manifest records and the plan hashes."""
+        """The document with defaults filled in: what the manifest records and the plan hashes.
+
+        Variables are already substituted into it and their block is left out, so a recipe
+        run with ``--set alpha=0.3`` hashes like the same recipe with ``alpha: 0.3`` written
+        inline (the manifest records the values separately, as ``variables``)."""
         data = json.loads(json.dumps(self.document.data))
+        data.pop("variables", None)
         data.setdefault("steps", [])
         out = data.setdefault("output", {})
         out["model"] = self.output.model

@@ -25,10 +25,11 @@ from typing import Any, ClassVar
 
 from recipekit.dtypes import torch_dtype
 from recipekit.graph import Load, Node, iter_post_order
+from recipekit.graph.gather import GatherRows
 from recipekit.graph.passes import Reduction, Sweep
 from recipekit.io.output import OutputDir
 from recipekit.io.reader import FileReader
-from recipekit.io.writer import ShardWriter
+from recipekit.io.remote_output import RemoteOutput
 from recipekit.plan import Plan, Shard
 from recipekit.plan.cost import (
     COPY_BUFFERS,
@@ -61,7 +62,7 @@ class RunEvents:
 
 @dataclass(frozen=True)
 class RunResult:
-    output: Path
+    output: Path | str
     already_complete: bool
     shards_written: int
     shards_resumed: int
@@ -87,7 +88,7 @@ class FiniteCheck:
             self.found[label] = (old[0] + nan, old[1] + inf)
 
 
-def stream_shards(plan: Plan, out: OutputDir, dev: Any, *, fsync: bool,
+def stream_shards(plan: Plan, out: OutputDir | RemoteOutput, dev: Any, *, fsync: bool,
                   progress: Progress | None, check_finite: bool,
                   workers: int | None, events: RunEvents | None = None
                   ) -> dict[str, tuple[int, int]]:
@@ -112,8 +113,7 @@ def stream_shards(plan: Plan, out: OutputDir, dev: Any, *, fsync: bool,
                                 shard.size, resumed=True)
                 tick(shard.size)
                 continue
-            sha = write_shard(plan, shard, plan.recipe.output.path, rt, fsync=fsync,
-                              progress=tick)
+            sha = write_shard(plan, shard, out, rt, fsync=fsync, progress=tick)
             out.mark_finished(shard.filename, sha, shard.size)
             rt.events.shard(shard.filename, sha, shard.size, resumed=False)
     return finite.found if finite else {}
@@ -169,11 +169,12 @@ class BufferPool:
         self._free.put(buf)
 
 
-def write_shard(plan: Plan, shard: Shard, out_dir: Path, rt: Runtime, *, fsync: bool,
-                progress: Progress) -> str:
-    """Stream one shard to disk and return its sha256."""
+def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Runtime, *,
+                fsync: bool, progress: Progress) -> str:
+    """Stream one shard to its output (a local file, or an object by multipart upload) and
+    return its sha256."""
     reader, pool, finite = rt.reader, rt.pool, rt.finite
-    writer = ShardWriter(out_dir / shard.filename, shard.header, shard.size, fsync=fsync)
+    writer = out.open_shard(shard.filename, shard.header, shard.size, fsync=fsync)
     progress(len(shard.header))
     try:
         for t in shard.tensors:
@@ -312,7 +313,7 @@ class _Pieces:
     targets: tuple[Node, ...]
     plan: Plan
     rt: Runtime
-    loads: list[Load]  # stored inputs on the sliced paths
+    loads: list[Node]  # stored inputs on the sliced paths, and streaming row gathers
     gpu: bool
     whole: dict[Node, Any] = dataclasses.field(default_factory=dict)
     held: dict[Node, Any] = dataclasses.field(default_factory=dict)  # sliced inputs read whole
@@ -330,7 +331,9 @@ class _Pieces:
             assert parts is not None
             sliced |= parts[0]
             whole |= parts[1]
-        loads = sorted((n for n in sliced if isinstance(n, Load)), key=lambda n: (n.source, n.name))
+        loads: list[Node] = sorted((n for n in sliced if isinstance(n, Load)),
+                                   key=lambda n: (n.source, n.name))
+        loads += [n for n in sliced if isinstance(n, GatherRows)]  # read rows they name
         gpu = rt.device is not None and rt.device.type != "cpu"
         job = cls(targets, plan, rt, loads, gpu)
         job.whole.update((x, known[x]) for x in whole if known and x in known)
@@ -363,7 +366,9 @@ class _Pieces:
 
     def read(self, lo: int, hi: int) -> dict[Node, Any]:
         return {n: self.held[n][lo:hi] if n in self.held else
-                read_rows(n, self.plan, self.rt.reader, lo, hi, pin=self.rt.pin)
+                gather_rows(n, self.plan, self.rt, lo, hi, self.whole)
+                if isinstance(n, GatherRows) else
+                read_rows(n, self.plan, self.rt.reader, lo, hi, pin=self.rt.pin)  # type: ignore[arg-type]
                 for n in self.loads}
 
     def compute(self, ahead: Future[dict[Node, Any]], lo: int,
@@ -372,7 +377,8 @@ class _Pieces:
 
         memo = ahead.result()
         # (held inputs were checked when read whole)
-        inputs = {n: v for n, v in memo.items() if n not in self.held} if self.rt.finite else {}
+        inputs = {n: v for n, v in memo.items() if n not in self.held and isinstance(n, Load)
+                  } if self.rt.finite else {}
         if not self.gpu:
             torch.set_num_threads(1)  # also per worker thread: OpenMP's setting is per thread
         try:
@@ -494,6 +500,16 @@ def read_rows(node: Load, plan: Plan, reader: FileReader, lo: int, hi: int, *,
     return piece.view(torch_dtype(info.dtype)).reshape((hi - lo, *info.shape[1:]))
 
 
+def gather_rows(node: GatherRows, plan: Plan, rt: Runtime, lo: int, hi: int,
+                whole: dict[Node, Any]) -> Any:
+    """Rows ``lo:hi`` of a streaming row gather (graph/gather.py): only the input rows they
+    name are read from the files, in contiguous runs."""
+    tables = node.tables
+    fill = whole[node.fill].cpu() if node.fill is not None else None
+    return node.gather(lambda t, a, b: read_rows(tables[t], plan, rt.reader, a, b),  # type: ignore[arg-type]
+                       lo, hi, fill)
+
+
 def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
     """``n``'s value, its inputs first, left to right; iterative (an explicit stack), so that
     a chain of hundreds of steps does not reach Python's recursion limit. A reduction over
@@ -510,6 +526,8 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
             whole = tuple(memo[x].to(device, non_blocking=True)
                           for x, s in zip(m.inputs, m.swept(), strict=True) if not s)
             result = m.sweep(_FileSweepSource(plan, rt), whole)
+        elif isinstance(m, GatherRows) and m.streams:
+            result = gather_rows(m, plan, rt, 0, m.shape[0], memo)
         elif streams_from_files(m):
             assert isinstance(m, Reduction)
             whole = tuple(memo[x].to(device, non_blocking=True)

@@ -10,10 +10,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from recipekit.inputs.files import sha256_file
 from recipekit.inputs.models import Checkpoint, iter_donor_files, read_donor_json
 from recipekit.io.names import ADAPTER_CONFIG, CONFIG, INDEX, MANIFEST, MODEL_CARD
 from recipekit.io.output import OutputDir, dumps
+from recipekit.io.remote_output import RemoteOutput
 from recipekit.plan import Plan
 from recipekit.run.card import build_model_card
 from recipekit.run.manifest import build_manifest
@@ -28,11 +28,21 @@ def output_files(plan: Plan, donor_files: list[Path]) -> list[str]:
         return [*files, ADAPTER_CONFIG, MODEL_CARD, MANIFEST]
     if len(plan.shards) > 1:
         files.append(INDEX)
-    files += [CONFIG, MODEL_CARD, *(str(p) for p in donor_files), MANIFEST]
+    files += [CONFIG, MODEL_CARD, *_other_files(plan, donor_files), MANIFEST]
     return files
 
 
-def finish_output(plan: Plan, out: OutputDir, donor_files: list[Path]) -> None:
+def _other_files(plan: Plan, donor_files: list[Path]) -> list[str]:
+    """The donor's files the output gets (`Plan.files` maps those it leaves out to None), then
+    the files the plan adds (e.g. chat_template.jinja), relative, as posix paths."""
+    donor = [p.as_posix() for p in donor_files]
+    kept = [rel for rel in donor if plan.files.get(rel, b"") is not None]
+    added = sorted(rel for rel, data in plan.files.items()
+                   if data is not None and rel not in set(donor))
+    return kept + added
+
+
+def finish_output(plan: Plan, out: OutputDir | RemoteOutput, donor_files: list[Path]) -> None:
     """Write every file besides the shards, then the manifest, which records each one's size and
     sha256 (hashed as written, read back: `recipekit verify` checks them), then mark the
     output complete."""
@@ -45,16 +55,16 @@ def finish_output(plan: Plan, out: OutputDir, donor_files: list[Path]) -> None:
         written.append(INDEX)
     written.append(ADAPTER_CONFIG if plan.adapter else CONFIG)
     out.write_file(written[-1], dumps(plan.config))
-    for rel in donor_files:
-        if rel.as_posix() in plan.files:  # a dimension field rewritten (e.g. 1_Pooling)
-            out.write_file(str(rel), plan.files[rel.as_posix()])
+    for rel in _other_files(plan, donor_files):
+        data = plan.files.get(rel)
+        if data is not None:  # planned bytes: a dimension field rewritten, a chat template
+            out.write_file(rel, data)
         else:
-            out.copy_file(plan.donor.path / rel, str(rel))  # type: ignore[union-attr]
-        written.append(rel.as_posix())
+            out.copy_file(plan.donor.path / rel, rel)  # type: ignore[union-attr]
+        written.append(rel)
     out.write_file(MODEL_CARD, build_model_card(plan).encode())
     written.append(MODEL_CARD)
-    files = {rel: {"size": (out.path / rel).stat().st_size, "sha256": sha256_file(out.path / rel)}
-             for rel in written}
+    files = {rel: out.file_record(rel) for rel in written}
     out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished, files)))
     out.complete()
 

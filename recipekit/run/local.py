@@ -1,5 +1,6 @@
 """Run a plan on this machine: fetch the hub shards it reads, stream its shards, finish the
-output directory. Resuming, locking and space checks are the output directory's (io/output.py).
+output directory, or the output prefix on object storage (run/target.py). Resuming, locking and
+space checks are the output's (io/output.py, io/remote_output.py).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from pathlib import Path
 from recipekit.graph import Load
 from recipekit.inputs.models import iter_donor_files
 from recipekit.io.output import OutputDir
+from recipekit.io.remote_output import RemoteOutput
 from recipekit.plan import Plan
 from recipekit.plan.overlap import check_plan_output
 from recipekit.run.device import resolve_device
 from recipekit.run.execute import Progress, RunEvents, RunResult, stream_shards
 from recipekit.run.fetch import fetch_hub_shards
 from recipekit.run.finish import finish_output, output_files
+from recipekit.run.target import check_remote_inputs, open_output, output_location
 
 
 def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool = False,
@@ -33,8 +36,10 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
         OutputError: disk full, another run holds the lock, I/O failure.
         CorruptCheckpointError: an input changed or broke while being read.
     """
-    check_plan_output(plan)  # before anything is fetched, created or deleted
+    if plan.recipe.output.url is None:
+        check_plan_output(plan)  # before anything is fetched, created or deleted
     plan = fetch_hub_shards(plan)
+    check_remote_inputs(plan)
     # A plan that only moves bytes never needs torch: skip its import (about a second).
     computes = any(not isinstance(t.node, Load) for s in plan.shards for t in s.tensors)
     dev = resolve_device(device) if computes or device != "cpu" or check_finite else None
@@ -42,10 +47,9 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
     # a million: move them out of its reach (they live as long as the process anyway). The run
     # itself makes no reference cycles (see `evaluate`).
     gc.freeze()
-    out_path = plan.recipe.output.path
+    out_path = output_location(plan)
     donor_files = iter_donor_files(plan.donor.path) if plan.donor is not None else []
-    with OutputDir(out_path, plan_hash=plan.plan_hash(), files=output_files(plan, donor_files),
-                   force=force, fsync=fsync) as out:
+    with open_output(plan, output_files(plan, donor_files), force=force, fsync=fsync) as out:
         if out.already_complete:
             return RunResult(out_path, True, 0, len(plan.shards), 0,
                              shards=_hashes(out, plan))
@@ -59,7 +63,7 @@ def run_plan(plan: Plan, *, device: str = "cpu", fsync: bool = True, force: bool
                      sum(s.size for s in todo), found, hashes)
 
 
-def _hashes(out: OutputDir, plan: Plan) -> dict[str, str]:
+def _hashes(out: OutputDir | RemoteOutput, plan: Plan) -> dict[str, str]:
     """Each shard's sha256 as the state file records it (computed while streaming)."""
     return {s.filename: str(out.state.finished.get(s.filename, {}).get("sha256", ""))
             for s in plan.shards}

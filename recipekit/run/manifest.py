@@ -34,14 +34,16 @@ def build_manifest(plan: Plan, shards: dict[str, dict[str, Any]],
     r = plan.recipe
     return {
         "recipekit_version": __version__,
-        "recipe_file": relative_path(r.file, r.output.path),
+        "recipe_file": r.file.name if r.output.url else relative_path(r.file, r.output.path),
         "recipe": r.canonical(),
+        **({"variables": dict(r.variables)} if r.variables else {}),
         "plan_hash": plan.plan_hash(),
         "inputs": {name: _portable(ckpt.manifest_entry(), r.file.parent)
                    for name, ckpt in sorted(plan.sources.items())},
         "donor": plan.donor.name if plan.donor is not None else None,
         "output_model": r.output.model,
         **({"operators": dict(plan.operators)} if plan.operators else {}),
+        **({"chat_template": plan.chat_template.source} if plan.chat_template else {}),
         "shards": {name: shards[name] for name in sorted(shards)},
         **({"files": {rel: files[rel] for rel in sorted(files)}} if files else {}),
     }

@@ -75,8 +75,9 @@ def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualMode
                 errors.append(recipe.error(
                     step.key_path + ("from",), f"`{n}` is {list(node.shape)} in '{names[0]}' "
                     f"but {list(theirs.shape)} in '{other_name}'{vocab}",
-                    hint="inputs must have the same shapes; version 1 does not align "
-                    "vocabularies", cls=ShapeMismatchError))
+                    hint="add `tokenizer: union` (or `base`, or a model's name) to the step "
+                    "to align the vocabularies" if vocab else "inputs must have the same "
+                    "shapes", cls=ShapeMismatchError))
                 break
     return errors
 
@@ -89,6 +90,12 @@ def build_interpolate(step: Step, models: Mapping[str, VirtualModel],
         RecipeErrors: inputs whose tensors or shapes differ, rules that miss a tensor.
     """
     names = list(step.spec["from"])
+    total, files, ids = None, {}, {}
+    if "tokenizer" in step.spec:  # permute the vocabulary tables first (steps/vocab.py)
+        from recipekit.steps.vocab import align_inputs
+
+        aligned, total, files, ids = align_inputs(step, names, models, recipe, names[0])
+        models = {**models, **aligned}
     errors = check_aligned(step, names, models, recipe)
     if errors:
         raise RecipeErrors(errors)
@@ -110,10 +117,22 @@ def build_interpolate(step: Step, models: Mapping[str, VirtualModel],
             tensors[name] = cast(nb, dtype)
         else:
             tensors[name] = intern(Lerp(na, nb, alpha, dtype))
-    return VirtualModel(step.name, a.config, tensors, a.stack, a.donor, a.changed)
+    if total is None:
+        return VirtualModel(step.name, a.config, tensors, a.stack, a.donor, a.changed)
+    from recipekit.steps.vocab import vocab_config
+
+    config, changed = vocab_config(a, total, ids)
+    return VirtualModel(step.name, config, tensors, a.stack, a.donor, changed, files=files)
+
+
+def check_interpolate(step: Step, recipe: Recipe) -> list[RecipeError]:
+    """The document check: a `tokenizer:` naming only the step's two models."""
+    from recipekit.steps.vocab import check_tokenizer
+
+    return check_tokenizer(step, recipe, list(step.spec["from"]))
 
 
 #: this module's ops (listed once in `recipekit.steps`)
 OPS = (
-    Op("interpolate", build_interpolate, "interpolate_step"),
+    Op("interpolate", build_interpolate, "interpolate_step", check=check_interpolate),
 )

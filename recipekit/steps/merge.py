@@ -39,6 +39,7 @@ from recipekit.recipe.params import ParamError, is_constant, resolve
 from recipekit.steps.gram import is_row_local, streamed_gram
 from recipekit.steps.interpolate import check_aligned
 from recipekit.steps.registry import Op
+from recipekit.steps.vocab import align_inputs, check_tokenizer, vocab_config
 
 
 @dataclass(frozen=True, eq=False)
@@ -247,6 +248,9 @@ def check_merge(step: Step, recipe: Recipe) -> list[RecipeError]:
     _, entries = _check_inputs(step, spec, recipe, errors)
     _check_parameters(step, spec, entries, recipe, errors)
     _check_required(step, spec, entries, recipe, errors)
+    names = [n for n, _, _ in _entries(step)] + ([step.spec["base"]] if step.spec.get("base")
+                                                 else [])
+    errors += check_tokenizer(step, recipe, names)
     return errors
 
 
@@ -351,6 +355,11 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
     """
     spec, base_name, entries = validate_merge(step, recipe)
     names = ([base_name] if base_name else []) + [name for name, _, _ in entries]
+    total, files, ids = None, {}, {}
+    if "tokenizer" in step.spec:  # permute the vocabulary tables first (steps/vocab.py)
+        order = names if spec.pair else names[1:] + names[:1] if base_name else names
+        aligned, total, files, ids = align_inputs(step, order, models, recipe, base_name)
+        models = {**models, **aligned}
     errors = check_aligned(step, names, models, recipe)
     if errors:
         raise RecipeErrors(errors)
@@ -397,8 +406,12 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
         tensors[name] = streamed or intern(Merge(
             spec.name, operands, base, tuple(sorted(params.items())),
             seed if spec.random else 0, name if spec.random else "", dtype, native))
-    return VirtualModel(step.name, first.config, tensors, first.stack, first.donor,
-                        first.changed)
+    if total is None:
+        return VirtualModel(step.name, first.config, tensors, first.stack, first.donor,
+                            first.changed)
+    config, changed = vocab_config(first, total, ids)
+    return VirtualModel(step.name, config, tensors, first.stack, first.donor, changed,
+                        files=files)
 
 
 def streamed_task_vectors(spec: Any, operands: tuple[Node, ...], base: Node | None,

@@ -30,10 +30,16 @@ def needs_stats(sparsify: str, rescale: bool) -> bool:
     return sparsify in ("magnitude", "magnitude_outliers") or rescale
 
 
-def stat_passes(sparsify: str, rescale: bool) -> int:
-    """Passes `ops.stream_prune.prune_rules` makes at most: two histogram passes and a tie
-    pass for a cut, one for the L1 norms of a rescale."""
-    return (3 if sparsify in ("magnitude", "magnitude_outliers") else 0) + (1 if rescale else 0)
+def stat_passes(sparsify: str, rescale: bool, n: int | None = None) -> int:
+    """Passes `ops.stream_prune.prune_rules` makes at most over ``n`` entries: two histogram
+    passes for a cut and a tie pass when a bucket can hold more keys than the second pass
+    collects (`ops.select.COLLECT_MAX`), one for the L1 norms of a rescale."""
+    from recipekit.ops.select import COLLECT_MAX
+
+    cut = 0
+    if sparsify in ("magnitude", "magnitude_outliers"):
+        cut = 2 if n is not None and n <= COLLECT_MAX else 3
+    return cut + (1 if rescale else 0)
 
 
 def stream_key(seed: int, tensor: str, operand: int) -> int:
@@ -76,7 +82,7 @@ class PruneStats(Reduction):
 
     @property
     def passes(self) -> int:  # type: ignore[override]
-        return stat_passes(self.sparsify, self.rescale)
+        return stat_passes(self.sparsify, self.rescale, self.base.numel)
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -92,9 +98,13 @@ class PruneStats(Reduction):
 
     @property
     def state_bytes(self) -> int:
-        # two histograms per cut (32Ki + 64Ki int64) and the per-row counts of a tie
+        # two histograms per cut (32Ki + 64Ki int64), the per-row counts of a tie, and the
+        # bucket keys pass 2 collects (two int32 per key and cut, one cut's concatenated)
+        from recipekit.ops.select import COLLECT_MAX
+
         m = len(self.operands)
-        return 2 * m * (3 << 15) * 8 + 2 * m * 8 * self.stream_rows
+        collected = (2 * m * 8 + 16) * min(self.base.numel, COLLECT_MAX)
+        return 2 * m * (3 << 15) * 8 + 2 * m * 8 * self.stream_rows + collected
 
     @property
     def workspace(self) -> int:

@@ -52,6 +52,8 @@ def _source_spec(ref: ModelRef | SideFile) -> dict[str, Any]:
         return {"path": ref.written}
     if ref.hub is not None:
         return {"hub": ref.hub, "revision": ref.revision}
+    if ref.url is not None:
+        return {"url": ref.url}
     return {"path": ref.written}
 
 
@@ -94,7 +96,9 @@ def _hub_file(path: Path) -> dict[str, Any] | None:
 def _entry(ref: ModelRef | SideFile, source: Any) -> dict[str, Any]:
     entry = _source_spec(ref)
     files: dict[str, Any] = {}
-    if source.hub is not None:
+    if getattr(source, "remote", None) is not None:  # a URL: each object's size, ETag, version
+        files = {k: dict(v) for k, v in sorted(source.remote.objects.items())}
+    elif source.hub is not None:
         entry["commit"] = source.hub.commit
         for p in _files(source):
             info = _hub_file(p)
@@ -198,12 +202,24 @@ def check_lock(recipe: Recipe, sources: dict[str, Any], path: Path, *,
 def _show(spec: dict[str, Any]) -> str:
     if "hub" in spec:
         return f"hub {spec.get('hub')}@{spec.get('revision')}"
+    if "url" in spec:
+        return f"url {spec.get('url')}"
     return f"path {spec.get('path')!r}"
 
 
 def _check_files(key: str, entry: dict[str, Any], source: Any, full_hash: bool) -> list[str]:
     problems = []
     files = entry.get("files") if isinstance(entry.get("files"), dict) else {}
+    if getattr(source, "remote", None) is not None:
+        now = source.remote.objects
+        for name in sorted(set(files) | set(now)):
+            if name not in now:
+                problems.append(f"{key}: {name} is locked but {source.remote.url} no longer "
+                                "has it")
+            elif files.get(name) != now[name]:
+                problems.append(f"{key}: {source.remote.url}/{name} is {_object(now[name])}, "
+                                f"the lock has {_object(files.get(name))}")
+        return problems
     if source.hub is not None:
         if entry.get("commit") != source.hub.commit:
             return [f"{key}: {source.hub.repo}@{source.hub.revision} now resolves to commit "
@@ -233,6 +249,13 @@ def _check_files(key: str, entry: dict[str, Any], source: Any, full_hash: bool) 
                 problems.append(f"{key}: {display_path(p)} has sha256 {digest[:12]}, the lock "
                                 f"has {str(want.get('sha256'))[:12]}")
     return problems
+
+
+def _object(info: Any) -> str:
+    """An object's identity for a message: its ETag (or version id) and size."""
+    if not isinstance(info, dict):
+        return "not in the lock"
+    return f"ETag {info.get('etag') or info.get('version_id')} ({info.get('size')} bytes)"
 
 
 def _digest(info: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ mergekit semantics it must reproduce (reference/mergekit.md §1.4-1.5, read in m
   merging; the recipe gets the LoRA under `adapters:` and an `op: adapters` step the merge takes.
 * **dtype / out_dtype** become `output.dtype`; `dtype` (or, without it, `inputs`: their promoted
   dtype) becomes each merge step's `compute_dtype`, so the method computes in it as mergekit does.
+* **chat_template** (`auto`, a built-in name, literal Jinja) becomes `output.chat_template`.
 
 Oracle: tests/test_mergekit_import.py converts typical configs, runs the recipes and compares
 them with mergekit 0.1.5's outputs (goldens in tests/goldens/mergekit_import/, made by
@@ -53,6 +54,7 @@ from recipekit.errors import (
     RecipekitError,
     format_key_path,
 )
+from recipekit.inputs.chat_template import AUTO, is_literal, setting_problem
 from recipekit.inputs.resolve import resolve_sources
 from recipekit.merge import METHODS, MethodSpec
 from recipekit.plan import compile_plan
@@ -67,17 +69,13 @@ from recipekit.tools.mergekit_params import (
 )
 
 #: What recipekit converts, and what it refuses with a reason (the key is named in the error).
-TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype")
+TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
+            "chat_template", "tokenizer_source", "tokenizer")
 REFUSED = {
     "modules": "per-module configs (a VLM's text and vision modules merged differently) have "
                "no recipekit equivalent: a merge step covers every tensor of a model, and "
                "`layers` steps restack only the one stack `layer_prefix:` names; a `models:` "
                "config of VLMs converts",
-    "tokenizer_source": "recipekit does not build or permute tokenizers: the output takes the "
-                        "donor's tokenizer files (`output.config`) unchanged",
-    "tokenizer": "recipekit does not build or permute tokenizers: the output takes the donor's "
-                 "tokenizer files (`output.config`) unchanged",
-    "chat_template": "recipekit copies the donor's chat template and does not write another",
 }
 #: Parameters mergekit 0.1.5 accepts in a config and ignores where the method's function does
 #: not take them (see `_ignored_by_mergekit`); other unknown keys are refused as likely typos.
@@ -112,6 +110,7 @@ def convert_file(config: Path, out_file: Path | None, cwd: Path | None = None) -
     _resolve_models(st)
     _measure(st, slices)
     final = _build_steps(st, data, method, slices)
+    _convert_tokenizer(st, data, final)
     recipe = _recipe(st, data, method, final, config)
     text = _render(st, recipe, config)
     _validate(recipe, (out_file or cwd / (config.stem + ".yaml")).resolve(), st)
@@ -146,6 +145,13 @@ def _check_top(st: ImportState, data: dict[str, Any]) -> None:
         if value is not None and str(value).removeprefix("torch.") not in DTYPES:
             errors.append(st.doc.error((key,), f"cannot convert {key} {value!r}: recipekit "
                                        "writes " + ", ".join(DTYPES)))
+    template = data.get("chat_template")
+    if template is not None:
+        problem = ("a chat template is a string", None) if not isinstance(template, str) \
+            else setting_problem(template)
+        if problem is not None:
+            errors.append(st.doc.error(("chat_template",), f"cannot convert chat_template: "
+                                       f"{problem[0]}", hint=problem[1]))
     if errors:
         raise ConversionError(errors)
 
@@ -473,6 +479,61 @@ def _merge_slice(st: ImportState, data: dict[str, Any], method: MethodSpec, sl: 
     return name, False
 
 
+def _convert_tokenizer(st: ImportState, data: dict[str, Any], final: str) -> None:
+    """`tokenizer_source` / `tokenizer:` become the merge step's `tokenizer:` (steps/vocab.py),
+    whose spelling mirrors mergekit's: a source, per-token sources (`model_token` as
+    `{model, token | token_id}`, `zero`), `force` and `pad_to_multiple_of`."""
+    key = "tokenizer" if data.get("tokenizer") is not None else "tokenizer_source"
+    value = data.get(key)
+    if value is None:
+        return
+    if data.get("tokenizer") is not None and data.get("tokenizer_source") is not None:
+        raise st.fail(("tokenizer",), "mergekit refuses both `tokenizer_source` and "
+                      "`tokenizer`", key=True)
+    step = next((s for s in st.steps if s["name"] == final), None)
+    if step is None or step["op"] != "merge":
+        raise st.fail((key,), f"cannot convert `{key}` of a config that is not one merge of "
+                      "`models:` (a slices config combines several steps)", key=True)
+    block = value if key == "tokenizer" else {"source": value}
+    if not isinstance(block, dict):
+        raise st.fail((key,), "`tokenizer` is a mapping (source, tokens, pad_to_multiple_of)")
+    source = block.get("source", "union")
+    path = (key,) if key == "tokenizer_source" else (key, "source")
+    if source not in ("union", "base"):
+        source = _model(st, source, path)
+    elif source == "base" and "base" not in step and data.get("base_model"):
+        source = _model(st, data["base_model"], ("base_model",))  # the tokenizer base
+    tokens: dict[str, Any] = {}
+    for token, cfg in (block.get("tokens") or {}).items():
+        tpath = (key, "tokens", token)
+        src = (cfg or {}).get("source")
+        force = bool((cfg or {}).get("force", False))
+        if isinstance(src, dict) and src.get("kind") == "zero":
+            out: Any = {"zero": True}
+        elif isinstance(src, dict) and src.get("kind") == "model_token":
+            out = {"model": _model(st, src.get("model"), tpath + ("source", "model"))}
+            out.update({k: src[k] for k in ("token", "token_id") if src.get(k) is not None})
+        elif isinstance(src, (str, dict)):
+            out = {"model": _model(st, src, tpath + ("source",))}
+        else:
+            raise st.fail(tpath, "a token needs a `source` (mergekit 0.1.5 fails without one)")
+        if force:
+            out["force"] = True
+        tokens[str(token)] = out
+    spec: dict[str, Any] = {"source": source}
+    if tokens:
+        spec["tokens"] = tokens
+    if block.get("pad_to_multiple_of"):
+        spec["pad_to_multiple_of"] = block["pad_to_multiple_of"]
+    step["tokenizer"] = spec if len(spec) > 1 else source
+    if "base" not in step and data.get("base_model"):
+        st.notes.append(f"method {step['method']} takes no base: a token some models lack "
+                        "takes the mean of the holders' rows, where mergekit takes the "
+                        "base_model's row when it holds the token")
+    st.notes.append("recipekit appends the union's tokens by model order and id; mergekit's "
+                    "order of other models' regular tokens changes from run to run")
+
+
 def _ignored_by_mergekit(st: ImportState, method: MethodSpec, key: str, path: KeyPath) -> bool:
     """Whether mergekit 0.1.5 ignores parameter ``key`` of ``method``: mergekit passes a method
     only the parameters its function declares, so `weight` on a method without one (slerp,
@@ -540,6 +601,10 @@ def _recipe(st: ImportState, data: dict[str, Any], method: MethodSpec, final: st
     else:
         st.notes.append("no base_model: mergekit picks the config/tokenizer donor from an "
                         "unordered set; this recipe takes the first model's")
+    template = data.get("chat_template")
+    if template is not None:
+        output["chat_template"] = template
+        st.notes.append(_template_note(template))
     if method.random:
         st.notes.append(f"{method.name} is random: recipekit seeds each tensor from (seed, "
                         "tensor name), so masks differ from mergekit's --random-seed stream")
@@ -560,6 +625,18 @@ def _recipe(st: ImportState, data: dict[str, Any], method: MethodSpec, final: st
             "steps": st.steps, "output": output}
 
 
+def _template_note(template: str) -> str:
+    """What `output.chat_template` does differently from mergekit's `chat_template`."""
+    if template == AUTO:
+        return ("chat_template auto: a tie between templates goes to the model listed first "
+                "(mergekit's to the first of an unordered set)")
+    if is_literal(template):
+        return "chat_template: the Jinja text is written as chat_template.jinja, as mergekit does"
+    return (f"chat_template {template}: recipekit's own built-in, written from the format's "
+            "published convention; mergekit's alpaca, exaone and llama3 files render extra "
+            "whitespace, chatml and mistral render the same")
+
+
 class _Dumper(yaml.SafeDumper):
     """Block style, flow lists of scalars, no anchors/aliases (a recipe is read by people)."""
 
@@ -575,7 +652,15 @@ def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
         data) <= 8 and all(not isinstance(e, dict) for e in data))
 
 
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    """Multi-line text (a literal chat template) as a `|` block, as people write it; PyYAML
+    falls back to a quoted style where a block cannot hold the text exactly."""
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data,
+                                   style="|" if "\n" in data else None)
+
+
 _Dumper.add_representer(list, _represent_list)
+_Dumper.add_representer(str, _represent_str)
 
 
 def _render(st: ImportState, recipe: dict[str, Any], config: Path) -> str:

@@ -65,6 +65,7 @@ class VerifyReport:
     passed: list[str] = field(default_factory=list)
     problems: list[RecipekitError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # by tensor, with --stats
 
     @property
     def exit_code(self) -> int:
@@ -74,8 +75,9 @@ class VerifyReport:
                     for p in self.problems), default=0)
 
 
-def verify_output(out: Path) -> VerifyReport:
-    """Check the files of a finished recipekit output against its manifest.
+def verify_output(out: Path, *, stats: bool = False) -> VerifyReport:
+    """Check the files of a finished recipekit output against its manifest; with ``stats``,
+    also read every floating value (`tools.verify_values`) and fail on NaN/Inf.
 
     Raises:
         SourceNotFoundError: ``out`` is not a directory.
@@ -101,7 +103,7 @@ def verify_output(out: Path) -> VerifyReport:
     try:
         manifest = parse_json(read_small(manifest_path, 1 << 28, MANIFEST), shown, MANIFEST,
                               hint=f"the manifest is damaged; {REPAIR}")
-        shards = _manifest_shards(manifest, shown)
+        shards = manifest_shards(manifest, shown)
     except CorruptCheckpointError as e:  # a damaged output fails verification: exit 1
         raise VerifyError(e.message, file=e.file, hint=e.hint, location=e.location) from None
     report = VerifyReport(out, adapter=(out / ADAPTER_CONFIG).is_file())
@@ -120,11 +122,18 @@ def verify_output(out: Path) -> VerifyReport:
         _check_layout(out, root, shards, tensors, report)
     _check_config(out, root, report)
     _check_files(out, root, manifest, shown, report)
-    _check_recipe(manifest, shown, report)
+    check_recipe(manifest, shown, report)
+    if stats and tensors:
+        from recipekit.tools.verify_values import check_values
+
+        problems, line, report.stats = check_values(out, sorted(tensors))
+        report.problems += problems
+        report.passed += [] if problems else [line]
+        report.notes += [line] if problems else []
     return report
 
 
-def _manifest_shards(manifest: Any, shown: str) -> dict[str, dict[str, Any]]:
+def manifest_shards(manifest: Any, shown: str) -> dict[str, dict[str, Any]]:
     """The manifest's ``shards`` map, checked: plain names, 64-hex sha256, integer sizes."""
     hint = f"the manifest is damaged or was edited; {REPAIR}"
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), dict):
@@ -343,7 +352,7 @@ def _check_file(path: Path, root: Path, entry: dict[str, Any], report: VerifyRep
     return True
 
 
-def _check_recipe(manifest: dict[str, Any], shown: str, report: VerifyReport) -> None:
+def check_recipe(manifest: dict[str, Any], shown: str, report: VerifyReport) -> None:
     """The recorded recipe is valid against the schema; say whether its file still matches."""
     recipe = manifest.get("recipe")
     if not isinstance(recipe, dict):
@@ -361,7 +370,9 @@ def _check_recipe(manifest: dict[str, Any], shown: str, report: VerifyReport) ->
         file = str(Path(os.path.normpath(report.path / file)))
     if isinstance(file, str) and Path(file).is_file():
         try:
-            same = load_recipe(file).canonical() == recipe
+            values = manifest.get("variables")  # a run with --set, or one of a sweep
+            same = load_recipe(file, variables=values if isinstance(values, dict) else None
+                               ).canonical() == recipe
         except RecipekitError:
             report.notes.append(f"the recipe file {file} no longer validates")
             return

@@ -97,7 +97,7 @@ def test_every_readme_recipe_snippet_validates(cli, tmp_path, monkeypatch):
         result = cli("validate", "--no-inputs", path.name)
         assert result.exit_code == 0, f"README yaml block {i}:\n{block}\n{result.stderr}"
         checked.append(i)
-    assert len(checked) == 8 and sum("recipekit:" in b for b in _yaml_blocks()) == 1
+    assert len(checked) == 12 and sum("recipekit:" in b for b in _yaml_blocks()) == 2
 
 
 def test_readme_names_every_shipped_recipe():
@@ -105,7 +105,7 @@ def test_readme_names_every_shipped_recipe():
     text = (ROOT / "README.md").read_text()
     shipped = sorted(p.name for p in (ROOT / "recipes").glob("*")
                      if p.suffix in (".yaml", ".json"))
-    assert len(shipped) == 8
+    assert len(shipped) == 10
     assert [n for n in shipped if f"recipes/{n}" not in text] == []
 
 

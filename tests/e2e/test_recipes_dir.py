@@ -23,9 +23,9 @@ RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*")
 
 def test_recipe_count():
     assert [p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES] == [
-        "classifier.yaml", "frankenmerge.yaml", "layer-removal.yaml", "lora-fold.yaml",
-        "quickstart.json", "quickstart.yaml", "vcycle-1-coalesce.yaml",
-        "vcycle-2-decoalesce-interpolate.yaml"]
+        "alpha-grid.yaml", "classifier.yaml", "frankenmerge.yaml", "layer-removal.yaml",
+        "lora-fold.yaml", "quickstart.json", "quickstart.yaml", "vcycle-1-coalesce.yaml",
+        "vcycle-2-decoalesce-interpolate.yaml", "vocab-union.yaml"]
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recipekit.graph.passes import InMemorySource, piece_bounds
+from recipekit.ops import select
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, keep_mask, magnitude_key, select_cuts
 
 from tests.helpers.builders import split_rows as split
@@ -146,8 +147,10 @@ class TestQueries:
         assert passes == []
         assert select_cuts(iter, lambda *a: [], [(0, 0), (0, 9)], 9, 3) == [KEEP_NONE, KEEP_ALL]
 
-    def test_two_passes_when_the_kth_key_is_unique_three_with_a_split_tie(self):
-        """The tie pass runs only when equal keys straddle the cut-off."""
+    def test_two_passes_when_the_kth_key_is_unique_three_with_a_split_tie(self, monkeypatch):
+        """The tie pass runs only when equal keys straddle the cut-off and their bucket holds
+        more keys than pass 2 collects (`COLLECT_MAX`, 0 here)."""
+        monkeypatch.setattr(select, "COLLECT_MAX", 0)
         x = randn(20, 20, seed=14)  # distinct magnitudes
         passes: list[int] = []
         streamed_masks([x], [(0, 123)], split(20, [3]), passes)
@@ -162,6 +165,14 @@ class TestQueries:
         passes.clear()
         (mask,) = streamed_masks([q], [(0, k_all)], split(20, [3]), passes)
         assert len(passes) == 2 and torch.equal(mask, stable_topk(q, k_all))
+
+    def test_a_split_tie_placed_from_the_collected_bucket_takes_two_passes(self):
+        q = torch.round(randn(20, 20, seed=15) * 2) / 2
+        flat = q.abs().reshape(-1).sort(descending=True).values
+        for k in [k for k in range(1, 400) if flat[k - 1] == flat[k]][::7]:  # split ties
+            passes: list[int] = []
+            (mask,) = streamed_masks([q], [(0, k)], split(20, [3, 11, 12]), passes)
+            assert len(passes) == 2 and torch.equal(mask, stable_topk(q, k)), k
 
 
 class TestPiecesDoNotMatter:
@@ -180,5 +191,11 @@ class TestPiecesDoNotMatter:
         cuts = sorted(rng.sample(range(1, rows), rng.randint(0, rows - 1))) if rows > 1 else []
         edges = [0, *cuts, rows]
         bounds = list(zip(edges[:-1], edges[1:], strict=True))
-        (mask,) = streamed_masks([x], [(0, k)], bounds)
+        # ties placed from the collected bucket, or (COLLECT_MAX 0) by a per-row count pass
+        limit = data.draw(st.sampled_from([0, select.COLLECT_MAX]), label="COLLECT_MAX")
+        saved, select.COLLECT_MAX = select.COLLECT_MAX, limit
+        try:
+            (mask,) = streamed_masks([x], [(0, k)], bounds)
+        finally:
+            select.COLLECT_MAX = saved
         assert torch.equal(mask, stable_topk(x, k))

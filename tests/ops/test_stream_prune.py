@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from recipekit.graph.passes import InMemorySource
+from recipekit.ops import select
 from recipekit.ops.rng import DRAW_BITS, counter_draw
 from recipekit.ops.sparsify import della_keep_probabilities, sparsify
 from recipekit.ops.stream_prune import prune_rows, prune_rules
@@ -128,8 +129,12 @@ class TestMagnitude:
         assert torch.equal(got[0], torch.zeros_like(base))
         assert torch.equal(got[1], xs[0] - base)
 
-    def test_passes(self):
-        """Two histogram passes, a third only for a split tie, one more for the L1 sums."""
+    @pytest.mark.parametrize("collect", [True, False])
+    def test_passes(self, collect, monkeypatch):
+        """Two histogram passes, a third only for a split tie in a bucket too full to collect
+        (`COLLECT_MAX`), one more for the L1 sums; the plan's count is the most it takes."""
+        if not collect:
+            monkeypatch.setattr(select, "COLLECT_MAX", 0)
         base, xs = models("random")
         passes: list[int] = []
         streamed(xs[:1], base, "magnitude", [0.5], split(40, [8]), passes=passes)
@@ -139,7 +144,8 @@ class TestMagnitude:
             passes.clear()
             streamed(xs, base, "magnitude_outliers", [0.5, 0.3, 0.6], split(40, [8]),
                      gammas=[0.1] * 3, rescale=rescale, passes=passes)
-            assert len(passes) == stat_passes("magnitude_outliers", rescale)
+            most = stat_passes("magnitude_outliers", rescale, base.numel())
+            assert len(passes) == most == (2 if collect else 3) + rescale
 
 
 def draw_mask(key: int, shape: tuple[int, ...], limit: torch.Tensor | int) -> torch.Tensor:

@@ -12,13 +12,25 @@ from types import SimpleNamespace
 from recipekit.run.finish import output_files
 
 
-def plan(*shards: str, adapter: bool = False) -> SimpleNamespace:
-    return SimpleNamespace(shards=[SimpleNamespace(filename=s) for s in shards], adapter=adapter)
+def plan(*shards: str, adapter: bool = False, files: dict | None = None) -> SimpleNamespace:
+    return SimpleNamespace(shards=[SimpleNamespace(filename=s) for s in shards], adapter=adapter,
+                           files=files or {})
 
 
 def test_a_single_shard_has_no_index():
     assert output_files(plan("model.safetensors"), [Path("tokenizer.json")]) == [
         "model.safetensors", "config.json", "README.md", "tokenizer.json", "recipekit.json"]
+
+
+def test_planned_files_add_to_and_leave_out_of_the_donors():
+    """`Plan.files`: bytes for a donor file rewrite it, for a new file add it (after the
+    donor's), None leaves a donor file out (the chat template's stale files)."""
+    files = {"tokenizer_config.json": b"{}", "chat_template.jinja": b"T",
+             "chat_template.json": None}
+    donor = [Path("chat_template.json"), Path("tokenizer.json"), Path("tokenizer_config.json")]
+    assert output_files(plan("model.safetensors", files=files), donor) == [
+        "model.safetensors", "config.json", "README.md", "tokenizer.json",
+        "tokenizer_config.json", "chat_template.jinja", "recipekit.json"]
 
 
 def test_sharded_output_lists_its_index():

@@ -83,8 +83,8 @@ class TestInterpolate:
         assert result.exit_code == 2
         assert result.stderr.splitlines()[0] == (
             f"{r}:8:11: steps[0].from: `lm_head.weight` is [128, 32] in 'a' but [160, 32] in "
-            "'b' (the vocabulary sizes differ); inputs must have the same shapes; version 1 "
-            "does not align vocabularies")
+            "'b' (the vocabulary sizes differ); add `tokenizer: union` (or `base`, or a "
+            "model's name) to the step to align the vocabularies")
 
 
 GRADIENT_RULES = '[{match: "*.mlp.*", value: {gradient: [0, 1]}}, {match: "*norm*", value: 1}, ' \

@@ -87,7 +87,8 @@ def test_every_op_with_document_rules_has_a_check():
     """The ops whose builders refuse document-only mistakes declare a check; the others'
     mistakes are all schema or load-time (layer grammar) ones."""
     assert {name for name, op in OPS.items() if op.check is not None} == {
-        "merge", "adapters", "combine_adapters", "head", "coalesce", "decoalesce"}
+        "merge", "adapters", "combine_adapters", "head", "coalesce", "decoalesce",
+        "interpolate"}  # interpolate: its `tokenizer:` names only its own models
 
 
 def test_mistakes_are_collected_with_schema_errors(cli, tmp_path, monkeypatch):

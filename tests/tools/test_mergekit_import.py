@@ -106,10 +106,8 @@ def test_prints_a_commented_recipe_to_stdout(cli, monkeypatch):
 
 
 @pytest.mark.parametrize("extra, message", [
-    ("tokenizer_source: union\n", "tokenizer_source: cannot convert `tokenizer_source`: "
-     "recipekit does not build or permute tokenizers"),
-    ("tokenizer:\n  source: base\n", "tokenizer: cannot convert `tokenizer`"),
-    ("chat_template: chatml\n", "chat_template: cannot convert `chat_template`"),
+    ("chat_template: vicuna\n", "chat_template: cannot convert chat_template: 'vicuna' is not "
+     "a built-in chat template"),
     ("out_dtyp: bfloat16\n", "out_dtyp: unknown mergekit key `out_dtyp` (mergekit would "
      "silently ignore it); did you mean 'out_dtype'?"),
     ("dtype: fp16\n", "dtype: cannot convert dtype 'fp16': recipekit writes float32, float16"),

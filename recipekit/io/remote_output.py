@@ -1,0 +1,320 @@
+"""An output on object storage (``output.path: s3://bucket/prefix``): the same contract as a local
+output directory (io/output.py) — state first, resume, ``--force``, manifest last — on objects.
+
+Object stores have no rename and no flock, but a multipart upload becomes visible only when it
+completes (shared/reference/cluster.md §2.2). So each shard streams straight to its final key
+(`RemoteShardWriter`: parts of at least 5 MiB, sha256 computed on the way), a failing attempt
+aborts its upload instead of publishing a truncated object, and a killed one leaves only an
+invisible incomplete upload. The state object ``.recipekit-state.json`` records the plan hash and
+each finished shard (written after its upload completed); the manifest ``recipekit.json`` is
+written last and then the state object is deleted: a half-written output never has a manifest,
+and a rerun of the same plan resumes from the finished shards.
+
+Limits: there is no lock, so one run per output prefix at a time (two would overwrite each
+other's state). A killed run's incomplete uploads (invisible, billed) are aborted by the next run
+into the prefix (S3: only those of this output's own keys), or by a bucket lifecycle rule
+(``AbortIncompleteMultipartUpload``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from recipekit.errors import OutputError, OutputPathError
+from recipekit.io.names import MANIFEST, STATE
+from recipekit.io.output import State
+from recipekit.io.remote import open_fs
+
+#: S3's smallest part (the last may be smaller) and most parts per upload.
+MIN_PART = 5 * 1024 * 1024
+MAX_PARTS = 10_000
+log = logging.getLogger(__name__)
+_RESUME = "finished shards are kept, and running the same command again resumes"
+
+
+def _io_error(verb: str, shown: str, e: BaseException) -> OutputError:
+    return OutputError(f"cannot {verb}: {e}", file=shown,
+                       hint=f"check the endpoint, your credentials and the bucket; {_RESUME}")
+
+
+class RemoteShardWriter:
+    """Streams exactly ``size`` bytes to one object by a multipart upload; `finish` completes
+    it (the object appears then) and returns the sha256 of the bytes sent.
+
+    Why no temp name: an object store has no rename (a copy would move the bytes again), and an
+    upload that never completes is never visible. Memory: one part buffer (≥ 5 MiB, and large
+    enough that a shard needs at most 10,000 parts) plus the caller's chunk.
+    """
+
+    def __init__(self, fs: Any, key: str, header: bytes, size: int, *, shown: str) -> None:
+        self.size, self.written, self.shown = size, 0, shown
+        self._sha = hashlib.sha256()
+        block = max(MIN_PART, -(-size // MAX_PARTS))
+        try:
+            self._f: Any = fs.open(key, "wb", block_size=block)
+        except Exception as e:  # a backend error of any kind: one clear message
+            raise _io_error("start the upload", shown, e) from e
+        self.write(header)
+
+    def write(self, data: bytes | bytearray | memoryview, *,
+              done: Callable[[], None] | None = None) -> None:
+        """Send ``data`` next (buffered into parts); ``done`` runs once it is hashed."""
+        mv = memoryview(data).cast("B")
+        if self.written + len(mv) > self.size:
+            self.abort()
+            raise OutputError(f"internal error: shard overflow ({self.written + len(mv)} > "
+                              f"{self.size} bytes)", file=self.shown)
+        try:
+            self._f.write(mv)
+        except Exception as e:
+            self.abort()
+            raise _io_error("upload", self.shown, e) from e
+        self._sha.update(mv)
+        self.written += len(mv)
+        if done is not None:
+            done()
+
+    def finish(self) -> str:
+        if self.written != self.size:
+            self.abort()
+            raise OutputError(f"internal error: wrote {self.written} of {self.size} bytes",
+                              file=self.shown)
+        f, self._f = self._f, None
+        try:
+            f.close()  # uploads the last part and completes the upload
+        except Exception as e:
+            _discard(f)
+            raise _io_error("complete the upload", self.shown, e) from e
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        """Abort the upload: nothing becomes visible (never publish a truncated object)."""
+        f, self._f = self._f, None
+        if f is not None:
+            _discard(f)
+
+
+def _discard(f: Any) -> None:
+    """Abort an fsspec write file without committing it: ``close()`` and ``__del__`` would
+    publish what was buffered (reference §2.2), so the file is marked closed after discard."""
+    with contextlib.suppress(Exception):  # best effort: the upload stays invisible anyway
+        f.discard()
+    f.closed = True
+
+
+class RemoteOutput:
+    """Owns one output prefix on object storage for a run: `OutputDir`'s interface (context
+    manager, ``state``, ``already_complete``, `begin`, `is_finished`, `mark_finished`,
+    `open_shard`, `write_file`, `copy_file`, `file_record`, `complete`)."""
+
+    def __init__(self, url: str, *, plan_hash: str, files: list[str], force: bool = False,
+                 fsync: bool = True, manifest: str = MANIFEST) -> None:
+        self.url = url.rstrip("/")
+        self.path = self.url  # what messages and results name
+        self.plan_hash, self.files, self.force = plan_hash, files, force
+        self._manifest = manifest
+        self.state = State(plan_hash, files)
+        self.already_complete = False
+        self._records: dict[str, dict[str, Any]] = {}
+        self.fs: Any = None
+        self.root = ""
+
+    def _key(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def _shown(self, rel: str) -> str:
+        return f"{self.url}/{rel}"
+
+    # -- opening -------------------------------------------------------------------------------
+    def __enter__(self) -> RemoteOutput:
+        self.fs, self.root = open_fs(self.url)
+        self._adopt(self._list())
+        if not self.already_complete:
+            self._abort_stale_uploads()
+        return self
+
+    def _adopt(self, listing: dict[str, dict[str, Any]]) -> None:
+        """Resume, refuse, or (``force``) delete what an earlier run of ours left."""
+        old = self._read_state(listing)
+        if old is None:
+            self._refuse_foreign(listing, frozenset())
+            return
+        if old.plan_hash == self.plan_hash and not self.force:
+            self._refuse_foreign(listing, frozenset(old.files))
+            self.state.finished = {k: v for k, v in old.finished.items()
+                                   if listing.get(k, {}).get("size") == v.get("size")}
+            self.already_complete = (
+                old.complete and len(self.state.finished) == len(old.finished)
+                and all(f in listing for f in [*old.files, self._manifest]))
+            return
+        if not self.force:
+            raise OutputPathError(
+                f"{self.url} holds the output of a different plan (the recipe or its inputs "
+                "changed)", hint="rerun with --force to replace it (deletes only objects "
+                "recipekit wrote there), or choose another output path")
+        self._refuse_foreign(listing, frozenset(old.files))
+        # First say that nothing here is finished (a kill while deleting must not leave a state
+        # that calls a half-deleted output complete); the file list stays for the next run.
+        self._put(STATE, State(old.plan_hash, old.files).to_json())
+        doomed = [self._key(f) for f in [self._manifest, *old.files] if f in listing]
+        if doomed:
+            try:
+                self.fs.rm(doomed)
+            except Exception as e:
+                raise _io_error("delete the old output", self.url, e) from e
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def _abort_stale_uploads(self) -> None:
+        """Abort the incomplete multipart uploads a killed run left for this output's files
+        (S3 only; never another key's, never bucket-wide): they are invisible but billed."""
+        if not hasattr(self.fs, "call_s3"):
+            return
+        bucket, _, prefix = self.root.partition("/")
+        ours = set(self.files)
+        try:
+            found = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/")
+            for upload in found.get("Uploads", []):
+                if upload["Key"][len(prefix) + 1:] in ours:
+                    self.fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
+        except Exception as e:  # best effort: a lifecycle rule removes them too
+            log.warning("%s: could not abort incomplete uploads of an earlier run: %s",
+                        self.url, e)
+
+    def _list(self) -> dict[str, dict[str, Any]]:
+        try:
+            self.fs.invalidate_cache(self.root)  # another client's objects must be seen
+            found = self.fs.find(self.root, detail=True, withdirs=False)
+        except FileNotFoundError:
+            return {}
+        except Exception as e:
+            raise _io_error("list the output", self.url, e) from e
+        return {k[len(self.root) + 1:]: v for k, v in found.items()
+                if k.startswith(self.root + "/")}
+
+    def _get_json(self, rel: str) -> Any:
+        try:
+            return json.loads(self.fs.cat_file(self._key(rel)))
+        except (ValueError, FileNotFoundError):
+            return None
+        except Exception as e:
+            raise _io_error(f"read {rel}", self.url, e) from e
+
+    def _read_state(self, listing: dict[str, dict[str, Any]]) -> State | None:
+        """The state object's record, or a finished output's, read off its manifest."""
+        if STATE in listing:
+            raw = self._get_json(STATE)
+            try:
+                return State(raw["plan_hash"], list(raw["files"]), dict(raw["finished"]),
+                             bool(raw.get("complete")))
+            except (TypeError, KeyError):
+                raise OutputPathError(f"{self._shown(STATE)} is damaged",
+                                      hint="delete the output prefix yourself and run "
+                                      "again") from None
+        if self._manifest in listing:
+            raw = self._get_json(self._manifest)
+            try:
+                shards = {str(k): {"sha256": v["sha256"], "size": v["size"]}
+                          for k, v in raw["shards"].items()}
+                files = [*shards, *(str(k) for k in raw.get("files", {})), self._manifest]
+                return State(str(raw["plan_hash"]), files, shards, True)
+            except (TypeError, KeyError, AttributeError):
+                return None
+        return None
+
+    def _refuse_foreign(self, listing: dict[str, dict[str, Any]], ours: frozenset[str]) -> None:
+        foreign = sorted(k for k in listing if k not in ours and k not in (STATE, self._manifest))
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+            raise OutputPathError(
+                f"output {self.url} holds objects recipekit did not write ({shown})",
+                hint="choose a new or empty output prefix; recipekit never deletes objects it "
+                "did not write")
+
+    # -- writing -------------------------------------------------------------------------------
+    def begin(self, bytes_needed: int) -> None:
+        """Record the plan in the state object (an object store has no free-space check)."""
+        del bytes_needed
+        self.save_state()
+
+    def save_state(self) -> None:
+        self._put(STATE, self.state.to_json())
+
+    def _put(self, rel: str, data: bytes) -> None:
+        """One small object in one PUT (visible whole or not at all)."""
+        try:
+            self.fs.pipe_file(self._key(rel), data)
+        except Exception as e:
+            raise _io_error(f"write {rel}", self._shown(rel), e) from e
+
+    def is_finished(self, shard: str) -> bool:
+        return shard in self.state.finished
+
+    def mark_finished(self, shard: str, sha256: str, size: int) -> None:
+        self.state.finished[shard] = {"sha256": sha256, "size": size}
+        self.save_state()
+
+    def open_shard(self, name: str, header: bytes, size: int, *,
+                   fsync: bool = True) -> RemoteShardWriter:
+        """A writer for one shard. Usable without entering the output (no listing, no state):
+        a worker process of another executor writes its shard so, and the process that owns
+        the output records it with `mark_finished`."""
+        del fsync  # an upload is durable when it completes
+        if self.fs is None:
+            self.fs, self.root = open_fs(self.url)
+        return RemoteShardWriter(self.fs, self._key(name), header, size, shown=self._shown(name))
+
+    def write_file(self, rel: str, data: bytes) -> None:
+        self._put(rel, data)
+        self._records[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def copy_file(self, src: Path, rel: str) -> None:
+        """Upload the local regular file ``src`` (read in 1 MiB pieces, hashed on the way)."""
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise OutputError(f"cannot copy {src}: {e.strerror or e}",
+                              file=self._shown(rel)) from e
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OutputError(f"cannot copy {src}: not a regular file", file=self._shown(rel))
+            writer = RemoteShardWriter(self.fs, self._key(rel), b"", st.st_size,
+                                       shown=self._shown(rel))
+            left = st.st_size
+            try:
+                while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+                    writer.write(chunk)
+                    left -= len(chunk)
+            except OutputError:
+                raise  # the upload failed (already aborted)
+            except OSError as e:
+                writer.abort()
+                raise OutputError(f"cannot copy {src}: {e.strerror or e}",
+                                  file=self._shown(rel)) from e
+            sha = writer.finish()
+        finally:
+            os.close(fd)
+        self._records[rel] = {"size": st.st_size, "sha256": sha}
+
+    def file_record(self, rel: str) -> dict[str, Any]:
+        """Size and sha256 of a file this run wrote (as sent: nothing is read back)."""
+        return self._records[rel]
+
+    def complete(self) -> None:
+        """The manifest is in place (written last): the state object goes."""
+        try:
+            self.fs.rm_file(self._key(STATE))
+        except FileNotFoundError:
+            pass
+        except Exception as e:
+            raise _io_error("remove the state object", self.url, e) from e

@@ -1,0 +1,45 @@
+"""Which recipe strings are object-storage URLs (``s3://bucket/prefix``): text rules only.
+
+Kept apart from io/remote.py so that the recipe loader (which imports neither torch nor fsspec,
+and runs in the pre-commit hook's bare environment) can tell a URL from a path.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: ``proto://rest``: what a recipe writes for an object-storage input or output.
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
+#: Protocols that name local files: they keep today's paths.
+_LOCAL = {"file", "local"}
+#: The pip extra that brings each protocol's backend.
+EXTRAS = {"s3": "s3", "s3a": "s3"}
+
+
+def is_url(text: str) -> bool:
+    """Whether a recipe string names object storage (``s3://bucket/prefix``) rather than a
+    local path. ``file://`` and plain paths are local."""
+    m = _URL.match(text)
+    return m is not None and m.group(1).lower() not in _LOCAL
+
+
+def url_problem(text: str) -> str | None:
+    """Why a URL cannot be used as written, or None. Credentials written into the URL
+    (``proto://user:secret@host``) are refused: recipes, plans and manifests record URLs, and a
+    secret must never land there. Configure them where the provider's tools look instead."""
+    m = _URL.match(text)
+    if m is None:
+        return "is not a URL"
+    host = m.group(2).split("/", 1)[0]
+    if "@" in host:
+        return ("holds credentials (user:secret@); recipekit records URLs in plans and "
+                "manifests, so secrets belong in the provider's environment variables or config "
+                "files")
+    if not m.group(2).strip("/"):
+        return "names no bucket or path"
+    return None
+
+
+def protocol(url: str) -> str:
+    m = _URL.match(url)
+    return m.group(1).lower() if m else "file"

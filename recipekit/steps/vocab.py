@@ -1,0 +1,284 @@
+"""Vocabulary alignment for the steps that combine models (`merge`, `interpolate`): `tokenizer:`.
+
+Why: fine-tunes that added a few tokens (ChatML specials, a pad token) have embedding and
+LM-head tables of other sizes and other token ids; merging them row by row would mix unrelated
+tokens. With ``tokenizer:`` a step first builds the output vocabulary (steps/vocab_build.py,
+mergekit 0.1.5's rules) and permutes every input's vocabulary tables into it with row gathers
+(graph/gather.py) that read row pieces from the files; the merge then sees aligned tables.
+The step's config gets the new `vocab_size` and its `files` the output tokenizer
+(`tokenizer.json` checked with the `tokenizers` library, `tokenizer_config.json` with its
+`added_tokens_decoder`, `special_tokens_map.json`, and `generation_config.json` with token ids
+mapped into the output vocabulary).
+
+Recipe spelling (schema `$defs/tokenizer`)::
+
+    tokenizer: union                 # or base, or one of the step's models
+    tokenizer:
+      source: union                  # default union
+      tokens:                        # optional per-token sources
+        <|im_start|>: chatml         # that model's row where a model lacks the token
+        _tok_10: {model: chatml, force: true}       # every model takes it
+        _tok_20: {model: chatml, token_id: 64}      # row 64 of chatml
+        _tok_21: {model: base, token: "<s>"}        # chatml's row of `<s>`
+        _tok_22: zero                # zeros
+      pad_to_multiple_of: 64         # padding rows: the mean of the real rows
+
+Oracle: tests/steps/test_vocab.py (mergekit 0.1.5 on the configs of its test_tokenizer.py;
+transformers loading a union merge of two tiny Llamas).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from recipekit.arch import family_names, load_architectures, with_config
+from recipekit.dtypes import promote
+from recipekit.errors import RecipeError, RecipeErrors
+from recipekit.graph import Node, VirtualModel, cast, intern
+from recipekit.graph.gather import GatherRows, RowMean, segments_of
+from recipekit.inputs.tokenizers import (
+    GENERATION_CONFIG,
+    SPECIAL_TOKENS_MAP,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
+    ModelTokenizer,
+    TokenizerError,
+    token_map,
+)
+from recipekit.io.output import dumps
+from recipekit.recipe import Recipe, Step
+from recipekit.steps.vocab_build import OutputVocab, TokenRule, build_vocab, row_sources
+
+log = logging.getLogger(__name__)
+
+#: Donor files that describe the old vocabulary (slow-tokenizer files): not copied into an
+#: output whose vocabulary was aligned.
+STALE_FILES = ("tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
+               "spiece.model", "sentencepiece.bpe.model")
+#: config/generation-config keys holding token ids, remapped through the output vocabulary.
+ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def parse_rules(step: Step, recipe: Recipe, names: Sequence[str]
+                ) -> tuple[str, dict[str, TokenRule], int | None]:
+    """(source, per-token rules, pad_to_multiple_of) from the step's `tokenizer:`.
+
+    Raises:
+        RecipeErrors: a source or a rule naming no model of the step.
+    """
+    spec = step.spec["tokenizer"]
+    path = step.key_path + ("tokenizer",)
+    if isinstance(spec, str):
+        spec = {"source": spec}
+        where = path
+    else:
+        where = path + ("source",)
+    errors: list[RecipeError] = []
+    source = spec.get("source", "union")
+    if source not in ("union", "base") and source not in names:
+        errors.append(recipe.error(where, f"tokenizer source '{source}' is not one of this "
+                                   "step's models", hint="use union, base or one of: "
+                                   + ", ".join(names)))
+    rules: dict[str, TokenRule] = {}
+    for token, value in (spec.get("tokens") or {}).items():
+        at = path + ("tokens", token)
+        if value == "zero":
+            rules[token] = TokenRule(zero=True)
+            continue
+        if isinstance(value, str):
+            value = {"model": value}
+        model = value.get("model")
+        if value.get("zero"):
+            rules[token] = TokenRule(zero=True, force=bool(value.get("force", False)))
+            continue
+        if model not in names:
+            errors.append(recipe.error(at, f"'{model}' is not one of this step's models",
+                                       hint="models: " + ", ".join(names)))
+            continue
+        rules[token] = TokenRule(model, value.get("token"), value.get("token_id"),
+                                 force=bool(value.get("force", False)))
+    if errors:
+        raise RecipeErrors(errors)
+    return source, rules, spec.get("pad_to_multiple_of")
+
+
+def check_tokenizer(step: Step, recipe: Recipe, names: Sequence[str]) -> list[RecipeError]:
+    """The step's `tokenizer:` names only its own models: the document check of `merge` and
+    `interpolate` (so `validate --no-inputs` finds it)."""
+    if "tokenizer" not in step.spec:
+        return []
+    try:
+        parse_rules(step, recipe, names)
+    except RecipeErrors as e:
+        return list(e.errors)  # type: ignore[arg-type]
+    return []
+
+
+def _tokenizer(step: Step, vm: VirtualModel) -> ModelTokenizer:
+    """The tokenizer of one input: an aligned step's own, else its donor model's."""
+    if TOKENIZER_JSON in vm.files:
+        data = json.loads(vm.files[TOKENIZER_JSON])
+        config = json.loads(vm.files[TOKENIZER_CONFIG]) if TOKENIZER_CONFIG in vm.files else None
+        return ModelTokenizer(vm.name, data, config, None, None, token_map(data))
+    found = step.files.get(("tokenizer", vm.donor))
+    if found is None:
+        raise TokenizerError(f"model '{vm.name}' has no tokenizer files to align")
+    if isinstance(found, TokenizerError):
+        raise found
+    return found
+
+
+def align_inputs(step: Step, names: Sequence[str], models: Mapping[str, VirtualModel],
+                 recipe: Recipe, base: str | None) -> tuple[dict[str, VirtualModel], int,
+                                                            dict[str, bytes], dict[str, Any]]:
+    """The step's inputs with their vocabulary tables permuted into the output vocabulary.
+
+    Args:
+        names: the step's models in merge order (mergekit: the `models:` list, base last).
+        base: the model whose row a shared token takes (the step's base), or None.
+
+    Returns:
+        (the aligned inputs by name, the output's table rows, the output tokenizer files, the
+        donor config's token ids mapped into the output vocabulary).
+
+    Raises:
+        RecipeErrors: located at the step's `tokenizer:` key.
+    """
+    path = step.key_path + ("tokenizer",)
+    source, rules, pad = parse_rules(step, recipe, names)
+    tok_base = base if base is not None else names[0]
+    first = models[names[0]]
+    vocab_names = family_names(first.stack.family, "vocabulary_tensors")
+    tables = [n for n in first.tensors if n.endswith(vocab_names) and first.tensors[n].shape]
+    if not tables:
+        raise RecipeErrors([recipe.error(path, "these models have no vocabulary tables "
+                                         "(embeddings, LM head) to align", key=True)])
+    try:
+        toks = {m: _tokenizer(step, models[m]) for m in names}
+        sizes = {m: models[m].tensors[tables[0]].shape[0] if tables[0] in models[m].tensors
+                 else 0 for m in names}
+        out = build_vocab(source if source != "base" else "base", tok_base, names, toks, sizes,
+                          list(rules))
+        rows, missing = row_sources(out, names, base, rules, toks)
+    except TokenizerError as e:
+        raise RecipeErrors([recipe.error(path, str(e))]) from None
+    for token in missing:
+        log.warning("step '%s': token %r is in no model: its rows are zeros", step.name, token)
+    size = out.size
+    total = -(-size // pad) * pad if pad else size
+    aligned = {m: _aligned_model(models[m], names, models, tables, rows[m], size, total,
+                                 step, recipe) for m in names}
+    donor = names[0] if base is None else base
+    files = output_files(out, toks[tok_base if source in ("union", "base") else source],
+                         toks[donor], step, recipe)
+    old = {i: t for t, i in toks[donor].vocab.items()}
+    new = {t: i for i, t in enumerate(out.tokens)}
+    config = models[donor].config
+    ids = {k: v for k, v in _ids_remapped(config, old, new).items()
+           if k in ID_KEYS and v != config.get(k)}
+    return aligned, total, files, ids
+
+
+def _aligned_model(vm: VirtualModel, names: Sequence[str], models: Mapping[str, VirtualModel],
+                   tables: list[str], rows: list[tuple[tuple[str, int], ...]], size: int,
+                   total: int, step: Step, recipe: Recipe) -> VirtualModel:
+    index = {m: i for i, m in enumerate(names)}
+    tensors = dict(vm.tensors)
+    for name in tables:
+        inputs = tuple(models[m].tensors.get(name) for m in names)
+        if any(t is None for t in inputs) or len({t.shape[1:] for t in inputs}) > 1:  # type: ignore[union-attr]
+            continue  # the merge reports the mismatch (check_aligned)
+        nodes: tuple[Node, ...] = inputs  # type: ignore[assignment]
+        for m, r in ((m, r) for srcs in rows for m, r in srcs):
+            if r >= nodes[index[m]].shape[0]:
+                raise RecipeErrors([recipe.error(step.key_path + ("tokenizer",),
+                                   f"row {r} is beyond `{name}` of '{m}' "
+                                   f"({nodes[index[m]].shape[0]} rows)")])
+        dtype = promote([n.dtype for n in nodes])
+        segments = segments_of([tuple((index[m], r) for m, r in srcs) for srcs in rows])
+        own = index.get(vm.name, -1)
+        node = tensors[name]
+        if (segments == ((0, size, ((own, 0),)),) and size == total == node.shape[0]):
+            tensors[name] = cast(node, dtype)  # already the output vocabulary
+            continue
+        real = intern(GatherRows(nodes, segments, size, dtype))
+        if total > size:
+            fill = intern(RowMean(real))
+            tensors[name] = intern(GatherRows(nodes, segments + ((size, total, None),), total,
+                                              dtype, fill))
+        else:
+            tensors[name] = real
+    return VirtualModel(vm.name, vm.config, tensors, vm.stack, vm.donor, vm.changed)
+
+
+def vocab_config(vm: VirtualModel, total: int, ids: Mapping[str, Any]
+                 ) -> tuple[dict[str, Any], frozenset[Any]]:
+    """The step's config with the output's vocab size and token ids (``ids``: the donor's
+    `bos_token_id`, ... mapped through the tokens, where they moved), and the keys changed."""
+    arch = load_architectures().get(vm.stack.family or "")
+    key = (arch.config.get("vocab_size", "vocab_size") if arch else "vocab_size",)
+    updates = {key: total, **{(k,): v for k, v in ids.items()}}
+    return with_config(vm.config, updates), vm.changed | set(updates)
+
+
+def _ids_remapped(doc: Mapping[str, Any], old: Mapping[int, str], new: Mapping[str, int]
+                  ) -> dict[str, Any]:
+    out = dict(doc)
+    for key in ID_KEYS:
+        value = out.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            continue
+        mapped = [new.get(old.get(i, ""), i) for i in ids]
+        out[key] = mapped if isinstance(value, list) else mapped[0]
+    return out
+
+
+def output_files(out: OutputVocab, start: ModelTokenizer, donor: ModelTokenizer, step: Step,
+                 recipe: Recipe) -> dict[str, bytes]:
+    """The output tokenizer files, consistent with each other: tokenizer.json (checked by
+    loading it with `tokenizers`), tokenizer_config.json's added_tokens_decoder, the special
+    tokens map, and generation_config.json with its token ids mapped through the tokens.
+
+    Raises:
+        RecipeErrors: `tokenizers` cannot load the result or gives other ids.
+    """
+    text = json.dumps(out.data, indent=2, ensure_ascii=False) + "\n"
+    _check_with_tokenizers(text, out, step, recipe)
+    files = {TOKENIZER_JSON: text.encode()}
+    if start.config is not None:
+        config = dict(start.config)
+        config["added_tokens_decoder"] = {
+            str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                             "single_word", "special") if k in t}
+            for t in out.data.get("added_tokens") or ()}
+        files[TOKENIZER_CONFIG] = dumps(config)
+    if start.special_map is not None:
+        files[SPECIAL_TOKENS_MAP] = dumps(start.special_map)
+    if donor.generation is not None:
+        old = {i: t for t, i in donor.vocab.items()}
+        new = {t: i for i, t in enumerate(out.tokens)}
+        files[GENERATION_CONFIG] = dumps(_ids_remapped(donor.generation, old, new))
+    return files
+
+
+def _check_with_tokenizers(text: str, out: OutputVocab, step: Step, recipe: Recipe) -> None:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # pragma: no cover - a dependency; checked when present
+        return
+    try:
+        got = Tokenizer.from_str(text).get_vocab(with_added_tokens=True)
+    except Exception as e:  # tokenizers raises plain Exceptions
+        raise RecipeErrors([recipe.error(step.key_path + ("tokenizer",), "the output "
+                                         f"tokenizer does not load with `tokenizers`: {e}")]
+                           ) from None
+    want = {t: i for i, t in enumerate(out.tokens)}
+    if got != want:
+        bad = next(t for t in want if got.get(t) != want[t])
+        raise RecipeErrors([recipe.error(step.key_path + ("tokenizer",), "the output "
+                                         f"tokenizer gives {bad!r} id {got.get(bad)}, not "
+                                         f"{want[bad]}")])

@@ -1,0 +1,464 @@
+"""Models and outputs on object storage (io/remote.py, inputs/remote.py, io/remote_output.py).
+
+Oracle: a real S3-compatible server — moto's, standalone on 127.0.0.1, started by this module —
+reached through s3fs with the endpoint given in the environment, exactly as a user points
+recipekit at a bucket. Every request the server receives is logged by a WSGI wrapper, so the
+tests assert what went over the wire (the header ranges, then only the tensors the plan reads),
+and the bytes of every output file are compared with a local run of the same recipe (sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.builders import make_model
+from tests.helpers.recipes import ROOT, write_recipe
+
+s3fs = pytest.importorskip("s3fs", reason="the object-storage tests need s3fs (recipekit[s3])")
+pytest.importorskip("moto.server", reason="the object-storage tests need moto[server]")
+
+import recipekit  # noqa: E402
+from recipekit.inputs.remote import forget_stubs  # noqa: E402
+
+BUCKET = "recipekit-test"
+SHARD_SIZE = "6MB"
+
+
+class _Log:
+    """Requests the server received: (method, path, query, Range header)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: list[tuple[str, str, str, str | None]] = []
+
+    def app(self, inner: Any) -> Any:
+        def wrapped(environ: dict[str, Any], start_response: Any) -> Any:
+            with self.lock:
+                self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
+                                      environ.get("QUERY_STRING", ""),
+                                      environ.get("HTTP_RANGE")))
+            return inner(environ, start_response)
+        return wrapped
+
+    def clear(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
+    def gets(self, key: str) -> list[tuple[int, int]]:
+        """The byte ranges [start, end) of every GET of ``key`` (a GET without Range fails)."""
+        out = []
+        for method, path, _, rng in self.requests:
+            if method == "GET" and path == f"/{BUCKET}/{key}":
+                assert rng is not None, f"unranged GET of {key}"
+                a, b = re.fullmatch(r"bytes=(\d+)-(\d+)", rng).groups()  # type: ignore[union-attr]
+                out.append((int(a), int(b) + 1))
+        return out
+
+    def writes(self, key: str) -> list[tuple[str, str]]:
+        return [(m, q) for m, p, q, _ in self.requests
+                if m in ("PUT", "POST") and p == f"/{BUCKET}/{key}"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, _Log, dict[str, str]]]:
+    """A moto S3 server on a free loopback port, the environment that points s3fs at it
+    (fail-closed: no config file, no instance metadata), a filesystem and the request log."""
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    log = _Log()
+    server = make_server("127.0.0.1", 0, log.app(DomainDispatcherApplication(create_backend_app)),
+                         threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    home = tmp_path_factory.mktemp("aws")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}",
+           "AWS_CONFIG_FILE": str(home / "config"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        try:
+            yield fs, log, env
+        finally:
+            forget_stubs()
+            server.shutdown()
+            thread.join()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama of about 19 MB (fp32, vocab 16384, hidden 128, 4 layers): with 6 MB output
+    shards, the embeddings and the lm_head (8 MiB each) are shards of their own, multipart
+    uploads (parts ≥ 5 MiB), and the kept layers a small third one."""
+    path = make_model("llama", tmp_path_factory.mktemp("big") / "model", layers=4,
+                      vocab_size=16384, hidden_size=128, head_dim=32, intermediate_size=256)
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def uploaded(s3: tuple[Any, _Log, dict[str, str]], model: Path) -> str:
+    fs = s3[0]
+    for p in sorted(model.iterdir()):
+        fs.put_file(str(p), f"{BUCKET}/models/big/{p.name}")
+    return f"s3://{BUCKET}/models/big"
+
+
+def _recipe(directory: Path, model: str, output: str, layers: str = '["range(0,1)", 3]') -> Path:
+    return write_recipe(directory, f"""
+        recipekit: 1
+        models:
+          big: {model}
+        steps:
+          - name: cut
+            op: layers
+            from: big
+            layers: {layers}
+        output:
+          path: {output}
+          shard_size: {SHARD_SIZE}
+        """)
+
+
+#: The files that quote the recipe (its paths differ between the two runs), compared apart.
+QUOTING = ("README.md", "recipekit.json")
+
+
+def _local_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file but the two that quote the recipe, plus the manifest's record of
+    the shards (which must agree)."""
+    out = {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+           for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in QUOTING}
+    out["manifest shards"] = json.dumps(
+        json.loads((directory / "recipekit.json").read_text())["shards"], sort_keys=True)
+    return out
+
+
+def _remote_hashes(fs: Any, prefix: str) -> dict[str, str]:
+    fs.invalidate_cache()
+    out = {k[len(prefix) + 1:]: hashlib.sha256(fs.cat_file(k)).hexdigest()
+           for k in sorted(fs.find(prefix)) if k.rsplit("/", 1)[1] not in QUOTING}
+    out["manifest shards"] = json.dumps(
+        json.loads(fs.cat_file(f"{prefix}/recipekit.json"))["shards"], sort_keys=True)
+    return out
+
+
+WEIGHTS = ("model.safetensors", "model-00001-of-00002.safetensors",
+           "model-00002-of-00002.safetensors")
+
+
+class TestRangedInputs:
+    """A URL model is read by ranges: each shard's 8-byte length and header, then exactly the
+    bytes of the tensors the plan reads (the layers op keeps layers 0 and 3 of 4), never a whole
+    object; the output equals the same recipe's from the local copy, byte for byte."""
+
+    def test_reads_only_headers_and_planned_tensors(self, s3, uploaded, model, tmp_path):
+        fs, log, _ = s3
+        local = recipekit.run(_recipe(tmp_path, str(model), "./local"), progress=None)
+        log.clear()
+        plan = recipekit.plan(_recipe(tmp_path, uploaded, "./remote"), warn=False)
+        planned = {k: log.gets(f"models/big/{k}") for k in WEIGHTS}
+        weights = [k for k in WEIGHTS if planned[k]]
+        assert weights, log.requests
+        for k in weights:  # the length, then the header alone
+            (a0, b0), (a1, b1) = planned[k]
+            assert (a0, b0, a1) == (0, 8, 8)
+            n = int.from_bytes((model / k).read_bytes()[:8], "little")
+            assert b1 == 8 + n
+        log.clear()
+        result = recipekit.run(plan, progress=None)
+        read = {k: sorted(log.gets(f"models/big/{k}")) for k in weights}
+        expected: dict[str, list[tuple[int, int]]] = {k: [] for k in weights}
+        for node in plan.plan.loads():
+            info = plan.plan.sources[node.source].tensors[node.name]
+            expected[info.file.name].append((info.offset, info.offset + info.nbytes))
+        for k in weights:  # the union of the ranges read is exactly the planned tensors
+            assert _merge(read[k]) == _merge(expected[k]), k
+            assert sum(b - a for a, b in read[k]) == sum(b - a for a, b in expected[k])
+        stored = plan.plan.sources["big"].tensors
+        loaded = {n.name for n in plan.plan.loads()}
+        unread = sum(t.nbytes for name, t in stored.items() if name not in loaded)
+        assert unread > 1_000_000  # layers 1 and 2 are never requested
+        assert sum(b - a for k in weights for a, b in read[k]) == sum(
+            t.nbytes for t in stored.values()) - unread
+        assert _local_hashes(Path(result.output)) == _local_hashes(Path(local.output))
+
+    def test_sharded_input(self, s3, model, tmp_path):
+        """A sharded checkpoint (index + 3 shards) at a URL gives the bytes its local copy
+        gives."""
+        fs = s3[0]
+        sharded = Path(recipekit.run(_recipe(tmp_path, str(model), "./sharded"),
+                                     progress=None).output)
+        for p in sorted(sharded.iterdir()):
+            fs.put_file(str(p), f"{BUCKET}/models/sharded/{p.name}")
+        again = tmp_path / "again"
+        again.mkdir()
+        local = recipekit.run(_recipe(again, str(sharded), "./local", '["range(0,2)"]'),
+                              progress=None)
+        remote = recipekit.run(_recipe(again, f"s3://{BUCKET}/models/sharded", "./remote",
+                                       '["range(0,2)"]'), progress=None)
+        assert len(remote.shards) == 3
+        assert _local_hashes(Path(remote.output)) == _local_hashes(Path(local.output))
+
+    def test_adapter_and_model_at_urls(self, s3, tmp_path):
+        """recipes/lora-fold.yaml with its model and adapter in the bucket: the bytes of the
+        committed recipe's own run (a computed op: the LoRA delta read by ranges, folded)."""
+        fs = s3[0]
+        models = ROOT / "recipes" / "models"
+        for name in ("tiny-llama", "tiny-lora"):
+            for p in sorted((models / name).iterdir()):
+                fs.put_file(str(p), f"{BUCKET}/models/{name}/{p.name}")
+        text = (ROOT / "recipes" / "lora-fold.yaml").read_text()
+        local = write_recipe(tmp_path, text.replace("./models/", f"{models}/").replace(
+            "../out/lora-fold", "./local"), "local.yaml")
+        remote = write_recipe(tmp_path, text.replace("./models/", f"s3://{BUCKET}/models/")
+                              .replace("../out/lora-fold", "./remote"), "remote.yaml")
+        a = recipekit.run(local, progress=None)
+        b = recipekit.run(remote, progress=None)
+        assert _local_hashes(Path(b.output)) == _local_hashes(Path(a.output))
+
+    def test_plan_pickles_with_its_urls(self, s3, uploaded):
+        """A plan sent to another process (an executor's worker) still reads from the bucket:
+        each remote tensor's file keeps its URL and ETag through pickling."""
+        import pickle
+
+        from recipekit.io.remote import is_remote
+
+        plan = recipekit.plan({"recipekit": 1, "models": {"big": uploaded},
+                               "steps": [{"name": "cut", "op": "layers", "from": "big",
+                                          "layers": [0]}]}, warn=False).plan
+        info = next(iter(plan.sources["big"].tensors.values()))
+        copy = pickle.loads(pickle.dumps(info))
+        assert is_remote(copy.file) and copy == info
+        assert (copy.file.url, copy.file.etag) == (info.file.url, info.file.etag)
+        assert copy.file.url == f"{uploaded}/model.safetensors" and info.file.etag
+
+    def test_manifest_records_etags_not_credentials(self, s3, uploaded, tmp_path):
+        _, _, env = s3
+        out = recipekit.run(_recipe(tmp_path, uploaded, "./out"), progress=None).output
+        text = (Path(out) / "recipekit.json").read_text()
+        entry = json.loads(text)["inputs"]["big"]
+        assert entry["url"] == uploaded
+        assert entry["files"]["config.json"]["etag"]
+        assert env["AWS_SECRET_ACCESS_KEY"] not in text and env["AWS_ACCESS_KEY_ID"] not in text
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+class TestOutput:
+    """An output prefix on S3 holds the same bytes as a local run (sha256 of every file), shards
+    arrive by multipart upload, the manifest is written last and no state object remains."""
+
+    def test_same_bytes_as_local(self, s3, uploaded, model, tmp_path):
+        fs, log, _ = s3
+        local = recipekit.run(_recipe(tmp_path, str(model), "./local"), progress=None)
+        url = f"s3://{BUCKET}/out/same"
+        log.clear()
+        result = recipekit.run(_recipe(tmp_path, uploaded, url), progress=None)
+        assert result.output == url and len(result.shards) == 3
+        remote = _remote_hashes(fs, f"{BUCKET}/out/same")
+        assert remote == _local_hashes(Path(local.output))
+        first = result.shards[0].name
+        assert ("POST", "uploads") in log.writes(f"out/same/{first}")  # multipart
+        keys = [p for m, p, _, _ in log.requests if m in ("PUT", "POST")
+                and not p.endswith(".recipekit-state.json")]
+        assert keys[-1] == f"/{BUCKET}/out/same/recipekit.json"  # the manifest comes last
+        again = recipekit.run(_recipe(tmp_path, uploaded, url), progress=None)
+        assert again.already_complete
+
+    def test_cli_output_option_takes_a_url(self, s3, uploaded, tmp_path, cli):
+        """`--output s3://...` is a URL (not the local path `s3:/...`), in `plan` and `run`."""
+        fs = s3[0]
+        recipe = _recipe(tmp_path, uploaded, "./local")
+        url = f"s3://{BUCKET}/out/cli"
+        shown = cli("plan", "--output", url, recipe)
+        assert shown.exit_code == 0 and f"output:        {url}  (model 'cut'" in shown.stdout
+        done = cli("run", "--quiet", "--output", url, recipe)
+        assert done.exit_code == 0 and done.stdout.startswith(f"wrote {url}: 2 layers, 3 shard")
+        assert not (tmp_path / "s3:").exists() and not (tmp_path / "local").exists()
+        fs.invalidate_cache()
+        assert fs.exists(f"{BUCKET}/out/cli/recipekit.json")
+        clash = cli("run", "--quiet", "--output", uploaded, recipe)
+        assert clash.exit_code == 2 and "overlaps the input 'big'" in clash.stderr
+
+    def test_other_plan_needs_force_which_deletes_only_listed_objects(self, s3, uploaded,
+                                                                       tmp_path):
+        fs = s3[0]
+        url = f"s3://{BUCKET}/out/replaced"
+        recipekit.run(_recipe(tmp_path, uploaded, url), progress=None)
+        other = _recipe(tmp_path, uploaded, url, layers='["range(0,2)"]')
+        with pytest.raises(recipekit.errors.OutputPathError, match="different plan"):
+            recipekit.run(other, progress=None)
+        result = recipekit.run(other, progress=None, force=True)
+        fs.invalidate_cache()
+        left = sorted(k.rsplit("/", 1)[1] for k in fs.find(f"{BUCKET}/out/replaced"))
+        manifest = json.loads(fs.cat_file(f"{BUCKET}/out/replaced/recipekit.json"))
+        assert left == sorted([*manifest["shards"], *manifest["files"], "recipekit.json"])
+        assert len(result.shards) == len(manifest["shards"]) and result.shards_resumed == 0
+
+    def test_verify_finds_a_tampered_object(self, s3, uploaded, tmp_path, cli):
+        """`recipekit verify s3://...` re-hashes every object against the manifest."""
+        fs = s3[0]
+        url = f"s3://{BUCKET}/out/verified"
+        result = recipekit.run(_recipe(tmp_path, uploaded, url), progress=None)
+        ok = cli("verify", url)
+        assert ok.exit_code == 0 and ok.stdout.endswith(f"{url}: verified\n"), ok.output
+        assert ok.stdout.count("sha256 matches, header sound") == 3
+        key = f"{BUCKET}/out/verified/{result.shards[1].name}"
+        data = bytearray(fs.cat_file(key))
+        data[-1] ^= 1
+        fs.pipe_file(key, bytes(data))
+        bad = cli("verify", url)
+        assert bad.exit_code == 1
+        assert f"{url}/{result.shards[1].name}: sha256 " in bad.stderr
+        assert bad.stderr.endswith(f"{url}: 1 problem(s) found\n")
+
+    def test_foreign_prefix_refused(self, s3, uploaded, tmp_path):
+        fs = s3[0]
+        fs.pipe_file(f"{BUCKET}/out/foreign/notes.txt", b"mine")
+        with pytest.raises(recipekit.errors.OutputPathError, match="did not write"):
+            recipekit.run(_recipe(tmp_path, uploaded, f"s3://{BUCKET}/out/foreign"),
+                          progress=None)
+        assert fs.cat_file(f"{BUCKET}/out/foreign/notes.txt") == b"mine"
+
+
+KILLER = """
+import os, signal, sys
+from recipekit.io import remote_output
+calls = {"shards": 0}
+Writer = remote_output.RemoteShardWriter
+orig_init, orig_write = Writer.__init__, Writer.write
+def init(self, fs, key, header, size, **kw):
+    if key.endswith(".safetensors"):
+        calls["shards"] += 1
+    self._kill = key.endswith(".safetensors") and calls["shards"] == 2
+    orig_init(self, fs, key, header, size, **kw)
+def write(self, data, **kw):
+    orig_write(self, data, **kw)
+    if self._kill and self.written > 5_500_000:  # a part is uploaded by now
+        os.kill(os.getpid(), signal.SIGKILL)
+Writer.__init__, Writer.write = init, write
+from recipekit.cli import main
+main()
+"""
+
+
+class TestKillAndResume:
+    """A run SIGKILLed during the second shard's upload (after a part went up) leaves the first
+    shard, a state object naming it, an invisible incomplete upload and no manifest (the
+    half-written output never looks complete); a rerun aborts that upload, uploads only the
+    other shards and ends with the bytes of a local run."""
+
+    def test_kill_during_upload_then_resume(self, s3, uploaded, model, tmp_path):
+        fs, log, env = s3
+        local = recipekit.run(_recipe(tmp_path, str(model), "./local"), progress=None)
+        url = f"s3://{BUCKET}/out/killed"
+        recipe = _recipe(tmp_path, uploaded, url)
+        proc = subprocess.run(
+            [sys.executable, "-c", KILLER, "run", "--quiet", str(recipe)], cwd=tmp_path,
+            env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+            timeout=300)
+        assert proc.returncode == -9, proc.stderr
+        fs.invalidate_cache()
+        left = sorted(k.rsplit("/", 1)[1] for k in fs.find(f"{BUCKET}/out/killed"))
+        shards = sorted(p.name for p in Path(local.output).glob("*.safetensors"))
+        assert left == [".recipekit-state.json", shards[0]]  # no 2nd shard, no manifest
+        state = json.loads(fs.cat_file(f"{BUCKET}/out/killed/.recipekit-state.json"))
+        assert sorted(state["finished"]) == shards[:1]
+        uploads = fs.call_s3("list_multipart_uploads", Bucket=BUCKET, Prefix="out/killed/")
+        assert [u["Key"] for u in uploads.get("Uploads", [])] == [f"out/killed/{shards[1]}"]
+        log.clear()
+        result = recipekit.run(recipe, progress=None)
+        assert result.shards_resumed == 1
+        assert not log.writes(f"out/killed/{shards[0]}")
+        uploads = fs.call_s3("list_multipart_uploads", Bucket=BUCKET, Prefix="out/killed/")
+        assert not uploads.get("Uploads")  # the killed run's upload was aborted
+        assert _remote_hashes(fs, f"{BUCKET}/out/killed") == _local_hashes(Path(local.output))
+
+
+class TestDamagedInput:
+    def test_truncated_header_names_the_url(self, s3, model, tmp_path):
+        """A remote header gets a local header's checks; the message names the object's URL."""
+        fs = s3[0]
+        fs.put_file(str(model / "config.json"), f"{BUCKET}/models/cut/config.json")
+        fs.pipe_file(f"{BUCKET}/models/cut/model.safetensors",
+                     (model / "model.safetensors").read_bytes()[:4000])
+        with pytest.raises(recipekit.errors.CorruptCheckpointError) as e:
+            recipekit.validate(_recipe(tmp_path, f"s3://{BUCKET}/models/cut", "./out"))
+        assert str(e.value).startswith(f"s3://{BUCKET}/models/cut/model.safetensors: ")
+
+
+class TestPinning:
+    """A URL input is pinned by each object's ETag and size: `recipekit lock` records them and a
+    replaced object fails the lock check; a plan made before an object changed refuses to read
+    it (a mix of two versions is never written)."""
+
+    def test_lock_and_plan_notice_a_replaced_object(self, s3, model, tmp_path):
+        fs = s3[0]
+        for p in sorted(model.iterdir()):
+            fs.put_file(str(p), f"{BUCKET}/models/pinned/{p.name}")
+        recipe = _recipe(tmp_path, f"s3://{BUCKET}/models/pinned", "./out")
+        plan = recipekit.plan(recipe, warn=False)
+        original = (model / "model.safetensors").read_bytes()
+        changed = original[:-1] + bytes([original[-1] ^ 1])
+        fs.pipe_file(f"{BUCKET}/models/pinned/model.safetensors", changed)
+        with pytest.raises(recipekit.errors.TensorDataError, match="changed since the plan"):
+            recipekit.run(plan, progress=None)
+        recipekit.lock(recipe)
+        entry = json.loads(recipe.with_name("recipe.lock.json").read_text())["inputs"]["models.big"]
+        assert entry["url"] == f"s3://{BUCKET}/models/pinned"
+        assert entry["files"]["model.safetensors"]["etag"]
+        fs.pipe_file(f"{BUCKET}/models/pinned/model.safetensors", original)
+        with pytest.raises(recipekit.errors.LockError, match="model.safetensors is ETag"):
+            recipekit.run(recipe, progress=None)
+
+
+class TestExtraAndCredentials:
+    def test_missing_s3fs_is_one_line_exit_2(self, tmp_path):
+        recipe = _recipe(tmp_path, f"s3://{BUCKET}/models/big", "./out")
+        code = ("import sys; sys.modules['s3fs'] = None\nfrom recipekit.cli import main\n"
+                f"sys.argv = ['recipekit', 'run', {str(recipe)!r}]\nmain()")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "pip install 'recipekit[s3]'" in proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+    def test_credentials_in_url_refused(self, tmp_path):
+        recipe = _recipe(tmp_path, "s3://KEY:SECRET@bucket/m", "./out")
+        with pytest.raises(recipekit.errors.UsageError) as e:
+            recipekit.validate(recipe)
+        assert str(e.value).startswith(f"{recipe}:3:8: models.big: the URL holds credentials "
+                                       "(user:secret@); recipekit records URLs")
+        assert "SECRET" not in str(e.value).split("\n")[0]
+
+    def test_import_does_not_load_fsspec(self):
+        code = ("import sys, recipekit, recipekit.cli\n"
+                "bad = [m for m in ('fsspec', 's3fs', 'botocore') if m in sys.modules]\n"
+                "assert not bad, bad")
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
