@@ -130,3 +130,64 @@ class Reduction(Node):
 def _as_rows(tensor: Any) -> Any:
     """A 0-D tensor as one row of one value (so every streamed input can be sliced by rows)."""
     return tensor.reshape(1) if tensor.dim() == 0 else tensor
+
+
+class SweepSource(Protocol):
+    """The tensors a `Sweep` reads itself, one at a time, when it asks for them."""
+
+    def read(self, node: Node) -> Any:
+        """``node``'s whole value (on the compute device)."""
+        ...
+
+    def read_rows(self, node: Node, rows: Sequence[int]) -> Any:
+        """Rows ``rows`` (dim 0, in this order) of ``node``; a stored tensor reads only
+        those rows from its file."""
+        ...
+
+
+class Sweep(Node):
+    """A node that reads its large inputs itself, a few at a time, in an order it chooses.
+
+    Why: a layer-by-layer forward pass (steps/moe_gates.py) needs every layer's weights, but
+    one layer at a time; an embedding lookup needs a few rows of a table. Were they ordinary
+    inputs, the executor would compute them all before the node (the whole model in memory).
+    Inputs flagged in `swept` are read through a `SweepSource` inside `sweep`: the executor
+    (run/execute.py) gives it one that reads from the files, `compute` one over values already
+    in memory. `workspace` must bound what `sweep` holds at once (the plan's estimate). Its
+    value is kept in the executor's shared values, like a reduction's, so the output tensors
+    that follow (every layer's router) read one sweep.
+    """
+
+    __slots__ = ()
+
+    def swept(self) -> tuple[bool, ...]:
+        """Per input: True when `sweep` reads it through the source, False when the
+        executor computes it first and passes it whole."""
+        return (True,) * len(self.inputs)
+
+    def sweep(self, source: SweepSource, whole: tuple[Any, ...]) -> Any:
+        """The value, reading the swept inputs from ``source``; ``whole`` holds the other
+        inputs in input order."""
+        raise NotImplementedError(type(self).__name__)
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        flags = self.swept()
+        values = {x: a for x, a, s in zip(self.inputs, args, flags, strict=True) if s}
+        whole = tuple(a for a, s in zip(args, flags, strict=True) if not s)
+        return self.sweep(InMemorySweepSource(values), whole)
+
+
+class InMemorySweepSource:
+    """A `SweepSource` over values already computed (tests, small plans)."""
+
+    def __init__(self, values: dict[Node, Any]) -> None:
+        self.values = values
+
+    def read(self, node: Node) -> Any:
+        return self.values[node]
+
+    def read_rows(self, node: Node, rows: Sequence[int]) -> Any:
+        import torch
+
+        value = self.values[node]
+        return value[torch.tensor(list(rows), dtype=torch.long, device=value.device)]

@@ -14,6 +14,7 @@ from recipekit.errors import KeyPath, RecipeErrors, RecipekitError
 from recipekit.inputs.adapters import resolve_adapter
 from recipekit.inputs.models import resolve_model
 from recipekit.inputs.side_files import SideFile, resolve_side_files
+from recipekit.inputs.tokenizer_file import resolve_tokenizers
 from recipekit.recipe import Recipe
 
 
@@ -52,4 +53,6 @@ def resolve_sources(recipe: Recipe, names: list[str] | None = None) -> Sources:
         if all(e.exit_code == 2 for e in errors):
             raise RecipeErrors(errors)
         raise next(e for e in errors if e.exit_code != 2)
-    return Sources(out, resolve_side_files(recipe) if names is None else {})
+    if names is not None:
+        return Sources(out, {})
+    return Sources(out, {**resolve_side_files(recipe), **resolve_tokenizers(recipe, out)})

@@ -82,9 +82,10 @@ class Plan:
         """Input bytes read including re-reads (a layer used twice is read twice, and a
         reduction that streams from the files reads its inputs once per pass, `passes`)."""
         total = 0
+        swept: set[Node] = set()  # a sweep's value is shared by the tensors that follow
         for s in self.shards:
             for t in s.tensors:
-                total += sum(n.nbytes for n in expression_nodes(t.node) if isinstance(n, Load))
+                total += sum(n.nbytes for n in _reached(t.node, swept) if isinstance(n, Load))
                 for r in held_nodes(t.node)[1]:
                     total += r.passes * sum(n.nbytes for n in stream_loads(r) or ())
         return total
@@ -137,6 +138,26 @@ class Plan:
             if files:
                 doc["donor_files"] = files
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _reached(node: Node, swept: set[Node]) -> set[Node]:
+    """``node``'s expression, without the inputs of sweeps already in ``swept`` (which it
+    then records): the executor computes a sweep once for the tensors that share it."""
+    from recipekit.graph.passes import Sweep
+
+    seen: set[Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if isinstance(n, Sweep):
+            if n in swept:
+                continue
+            swept.add(n)
+        stack.extend(n.inputs)
+    return seen
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> VirtualModel:

@@ -13,7 +13,7 @@ import os
 
 from recipekit.graph import Load, Node
 from recipekit.graph.gather import GatherRows
-from recipekit.graph.passes import Reduction
+from recipekit.graph.passes import Reduction, Sweep
 
 #: Bytes the executor moves per read when a tensor is copied without compute, and how many such
 #: buffers circulate between reading/writing and the hashing worker.
@@ -72,9 +72,12 @@ def keeps_exact_kernel(node: Reduction) -> bool:
 
 def whole_inputs(node: Node) -> tuple[Node, ...]:
     """The inputs computed whole before ``node`` is: all of them, except those a reduction
-    streams from the files, and the tables a streaming row gather reads row by row."""
+    streams from the files, the tables a streaming row gather reads row by row, and those a
+    sweep reads itself (one layer at a time)."""
     if isinstance(node, GatherRows) and node.streams:
         return (node.fill,) if node.fill is not None else ()
+    if isinstance(node, Sweep):
+        return tuple(x for x, s in zip(node.inputs, node.swept(), strict=True) if not s)
     if not streams_from_files(node):
         return node.inputs
     return tuple(x for x, s in zip(node.inputs, node.streamed(), strict=True)  # type: ignore[attr-defined]
@@ -143,7 +146,7 @@ def reads_whole_tensor(node: Node) -> bool:
     """Some op of ``node``'s expression needs whole input tensors at once (norms, quantiles)
     and is not a reduction that streams them (graph/passes.py)."""
     held, _ = held_nodes(node)
-    return any(n.inputs and n.row_inputs() is None and not isinstance(n, Reduction)
+    return any(n.inputs and n.row_inputs() is None and not isinstance(n, (Reduction, Sweep))
                and not (isinstance(n, GatherRows) and n.streams) for n in held)
 
 

@@ -8,7 +8,7 @@ node that uses them), so two renderings of the same plan are identical.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
 from recipekit.errors import display_path, echo_text, printable, terminal_text
@@ -55,6 +55,8 @@ def _params(node: Node) -> dict[str, Any]:
         if isinstance(value, Node) or (isinstance(value, tuple) and value
                                        and all(isinstance(v, Node) for v in value)):
             continue  # inputs (Merge operands, Coalesce members) are edges, not parameters
+        if is_dataclass(value) and not isinstance(value, type):  # a forward's numbers
+            value = asdict(value)
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 
@@ -117,6 +119,25 @@ def render_json(plan: Plan, *, disk_extra: int = 0) -> str:
     return json.dumps(doc, indent=2)
 
 
+def sweep_notes(plan: Plan) -> list[str]:
+    """What each sweep of the plan costs (a layer-by-layer forward: steps/moe_gates.py), once
+    per sweep, in schedule order."""
+    from recipekit.graph import expression_nodes
+    from recipekit.graph.passes import Sweep
+
+    seen: set[Node] = set()
+    notes = []
+    for s in plan.shards:
+        for t in s.tensors:
+            if isinstance(t.node, Load):
+                continue
+            for n in expression_nodes(t.node):
+                if isinstance(n, Sweep) and n not in seen and hasattr(n, "describe"):
+                    seen.add(n)
+                    notes.append(echo_text(n.describe()))
+    return notes
+
+
 def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> str:
     """The human summary `recipekit plan` prints; every input-derived string is escaped and
     shortened (`echo_text`), and `terminal_text` guards the whole."""
@@ -148,6 +169,8 @@ def render_text(plan: Plan, *, disk_extra: int = 0, verbose: bool = False) -> st
         lines.insert(-1, f"whole tensor:  {whole['op']} of `{printable(whole['tensor'])}` holds "
                      f"~{format_size(whole['bytes'])} at once (the largest op that reads a whole "
                      "tensor; elementwise ops run in chunks)")
+    for text in sweep_notes(plan):
+        lines.insert(-1, f"forward:       {text}")
     lines += ["", "shards:"]
     for s in plan.shards:
         lines.append(f"  {s.filename}  {len(s.tensors)} tensors, {format_size(s.size)}")

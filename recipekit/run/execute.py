@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from recipekit.dtypes import torch_dtype
 from recipekit.graph import Load, Node, iter_post_order
 from recipekit.graph.gather import GatherRows
-from recipekit.graph.passes import Reduction
+from recipekit.graph.passes import Reduction, Sweep
 from recipekit.io.output import OutputDir
 from recipekit.io.reader import FileReader
 from recipekit.io.remote_output import RemoteOutput
@@ -288,6 +288,32 @@ class _FileSource:
         yield from job.run(self.bounds, fn)
 
 
+class _FileSweepSource:
+    """A sweep's `SweepSource` (graph/passes.py): each tensor read from the files when the
+    sweep asks for it and held only as long as the sweep keeps it (one layer's weights)."""
+
+    def __init__(self, plan: Plan, rt: Runtime) -> None:
+        self.plan, self.rt = plan, rt
+
+    def read(self, node: Node) -> Any:
+        memo: dict[Node, Any] = {}
+        try:
+            return _value(node, memo, self.plan, self.rt).to(self.rt.device)
+        finally:
+            memo.clear()
+
+    def read_rows(self, node: Node, rows: Any) -> Any:
+        import torch
+
+        if not isinstance(node, Load):
+            value = self.read(node)
+            return value[torch.tensor(list(rows), dtype=torch.long, device=value.device)]
+        pieces = [read_rows(node, self.plan, self.rt.reader, r, r + 1) for r in rows]
+        if not pieces:
+            return torch.empty((0, *node.shape[1:]), dtype=torch_dtype(node.dtype))
+        return torch.cat(pieces).to(self.rt.device)
+
+
 @dataclass
 class _Pieces:
     """What computing row pieces of some nodes shares: the inputs they read whole, and how one
@@ -505,6 +531,10 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
                 rt.finite.check(f"input {m.source}:{m.name}", result)
         elif m in rt.shared:
             result = rt.shared[m]
+        elif isinstance(m, Sweep):
+            whole = tuple(memo[x].to(device, non_blocking=True)
+                          for x, s in zip(m.inputs, m.swept(), strict=True) if not s)
+            result = m.sweep(_FileSweepSource(plan, rt), whole)
         elif isinstance(m, GatherRows) and m.streams:
             result = gather_rows(m, plan, rt, 0, m.shape[0], memo)
         elif streams_from_files(m):
@@ -517,7 +547,7 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
                 result = m.compute(tuple(memo[x] for x in m.inputs))
         else:
             result = m.compute(tuple(memo[x].to(device, non_blocking=True) for x in m.inputs))
-        if isinstance(m, Reduction):
+        if isinstance(m, (Reduction, Sweep)):
             rt.remember(m, result)
         memo[m] = result
     return memo[n]

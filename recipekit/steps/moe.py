@@ -39,12 +39,12 @@ from recipekit.graph import Node, SameShape, VirtualModel, cast, intern
 from recipekit.graph.adapterset import AdapterSet
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.adapters import build_adapters
-from recipekit.steps.moe_gates import ExpertPrompts, prompt_gate_nodes
+from recipekit.steps.moe_gates import ExpertPrompts, prompt_gate_nodes, prompt_gates_meta
 from recipekit.steps.registry import Op
 from recipekit.steps.reinit import Fill
 
 #: gate modes; mergekit's default is ``hidden``
-GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
+GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
 RANDOM_MODES = ("random", "uniform_random")
 #: output architecture -> the input model_types it is built from (mergekit's supports_config)
 ARCHITECTURES = {"mixtral": ("llama", "mistral"), "qwen2_moe": ("llama", "mistral", "qwen2"),
@@ -444,7 +444,8 @@ def build_moe(step: Step, models: Mapping[str, Any], recipe: Recipe) -> VirtualM
     return VirtualModel(step.name, with_config(base.config, updates), tensors, stack, base.donor,
                         base.changed | frozenset(updates),
                         meta={"moe": {"architecture": arch, "experts": len(routed),
-                                      "gate_mode": step.spec.get("gate_mode", "hidden")}})
+                                      "gate_mode": step.spec.get("gate_mode", "hidden"),
+                                      **prompt_gates_meta(step)}})
 
 
 #: this module's ops (listed once in `recipekit.steps`)

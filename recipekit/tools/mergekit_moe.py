@@ -6,7 +6,7 @@ with mergekit-moe 0.1.5's field meanings (reference/moe.md §1): `source_model` 
 (``model+lora`` → an adapters fold, as for merges), prompts and modifiers as they are,
 `gate_mode` (``hidden_last`` is ``hidden``), `experts_per_token`, `shared_experts`,
 `architecture` (mergekit's case-insensitive prefix of "Mixtral", "DeepSeek MoE", "Qwen MoE",
-"Qwen3 MoE"), `dtype` → `output.dtype`. Refused, naming the key: ``hidden_avg`` (not built),
+"Qwen3 MoE"), `dtype` → `output.dtype`. Refused, naming the key:
 the DeepSeek-MoE output (remote code; recipekit does not write it, also where mergekit would
 pick it on its own: Llama/Mistral experts with a prompt-less shared expert), unknown keys
 (which mergekit silently ignores). mergekit's `--random-seed` is a command-line flag: the
@@ -31,8 +31,8 @@ EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_sc
 #: mergekit-moe's output names (matched by case-insensitive prefix) → recipekit's
 ARCHITECTURES = {"mixtral": "mixtral", "deepseek moe": None, "qwen moe": "qwen2_moe",
                  "qwen3 moe": "qwen3_moe"}
-GATE_MODES = {"hidden": "hidden", "hidden_last": "hidden", "cheap_embed": "cheap_embed",
-              "random": "random", "uniform_random": "uniform_random"}
+GATE_MODES = {"hidden": "hidden", "hidden_last": "hidden", "hidden_avg": "hidden_avg",
+              "cheap_embed": "cheap_embed", "random": "random", "uniform_random": "uniform_random"}
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 ModelName = Callable[[ImportState, Any, KeyPath], str]
@@ -124,7 +124,7 @@ def moe_step(st: ImportState, data: dict[str, Any], model_name: ModelName
     if not isinstance(mode, str) or mode not in GATE_MODES:
         errors.append(st.doc.error(("gate_mode",), f"cannot convert gate_mode {mode!r}: "
                                    "recipekit has " + ", ".join(GATE_MODES),
-                                   hint="hidden_avg is not built; use hidden"))
+                                   hint="use one of these"))
     dtype = data.get("dtype")
     if dtype is not None and str(dtype).removeprefix("torch.") not in DTYPES:
         errors.append(st.doc.error(("dtype",), f"cannot convert dtype {dtype!r}: recipekit "

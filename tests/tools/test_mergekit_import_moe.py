@@ -107,10 +107,10 @@ def test_wrong_types_are_located(cli, models, monkeypatch):
     assert "gate_mode: cannot convert gate_mode ['random']" in result.stderr
 
 
-def test_hidden_avg_is_refused(cli, models, monkeypatch):
-    result, _ = convert(cli, models, CONFIG.replace("uniform_random", "hidden_avg"), monkeypatch)
+def test_an_unknown_gate_mode_is_refused(cli, models, monkeypatch):
+    result, _ = convert(cli, models, CONFIG.replace("uniform_random", "hidden_first"), monkeypatch)
     assert result.exit_code == 2
-    assert "gate_mode: cannot convert gate_mode 'hidden_avg'" in result.stderr
+    assert "gate_mode: cannot convert gate_mode 'hidden_first'" in result.stderr
 
 
 def test_mergekits_deepseek_choice_is_refused(cli, models, monkeypatch):
