@@ -88,7 +88,9 @@ def partition(work: Path) -> list[dict[str, object]]:
         plan.plan_hash()
         compile_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        payloads = [shard_payload(plan, s) for s in plan.shards]
+        # what Ray sends per task: the argument serialized (Ray's cloudpickle ~ pickle)
+        payloads = [pickle.dumps(shard_payload(plan, s), protocol=pickle.HIGHEST_PROTOCOL)
+                    for s in plan.shards]
         memory = [shard_memory(s) for s in plan.shards]
         partition_s = time.perf_counter() - t1
         t2 = time.perf_counter()

@@ -64,7 +64,7 @@ class TestRecipeMistakes:
         assert first_line(err) == (f"{r}:6:9: steps[0].op: unknown op 'layres'; did you mean "
                                    "'layers'? allowed: layers, interpolate, merge, head, reinit, "
                                    "adapters, combine_adapters, extract_lora, coalesce, "
-                                   "decoalesce")
+                                   "decoalesce, moe")
 
     def test_duplicate_key(self, cli, recipe_dir):
         r = write_recipe(recipe_dir, solar_recipe(layers="[0]") + "  path: ./elsewhere\n")

@@ -123,7 +123,7 @@ def test_hook_runs_with_only_its_environment(tmp_path, cli):
     assert ok.returncode == 0, ok.stderr
     assert ok.stderr == ""
     assert ok.stdout == cli("validate", "--no-inputs", *files).stdout
-    assert ok.stdout.count(": ok (") == len(RECIPES) == 8
+    assert ok.stdout.count(": ok (") == len(RECIPES) == 11
     quickstart = str(ROOT / "recipes" / "quickstart.yaml")
     bad = _run_hook_isolated(tmp_path, ["recipes/bad.yaml", quickstart])
     assert bad.returncode == 2

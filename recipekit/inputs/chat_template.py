@@ -8,7 +8,7 @@ donor's tokenizer files carry only the donor's. The setting takes mergekit 0.1.5
   template stripped, as mergekit compares them); a tie goes to the model listed first under
   `models:` (mergekit's goes to an unordered set's first: a deliberate difference);
 * a built-in name (`builtin_names`: alpaca, chatml, exaone, llama3, mistral), our own files
-  under ``chat_templates/`` written from each format's published convention;
+  under ``builtin_chat_templates/`` written from each format's published convention;
 * literal Jinja: any text holding ``{{`` or ``{%``;
 * ``{file: path}``: a template file beside the recipe (read with the side files, pinned by
   `recipekit lock`).
@@ -57,9 +57,13 @@ class ChatTemplate:
     source: str
 
 
+#: The package folder of the built-in templates (one ``<name>.jinja`` each).
+BUILTINS = "builtin_chat_templates"
+
+
 def builtin_names() -> list[str]:
-    """The built-in templates, sorted: the ``*.jinja`` files of ``chat_templates/``."""
-    folder = resources.files("recipekit.inputs") / "chat_templates"
+    """The built-in templates, sorted: the ``*.jinja`` files of `BUILTINS`."""
+    folder = resources.files("recipekit.inputs") / BUILTINS
     return sorted(f.name.removesuffix(".jinja") for f in folder.iterdir()
                   if f.name.endswith(".jinja"))
 
@@ -68,7 +72,7 @@ def builtin_template(name: str) -> str | None:
     """A built-in template's text, verbatim (None when there is no such built-in)."""
     if name not in builtin_names():
         return None
-    return (resources.files("recipekit.inputs") / "chat_templates" / f"{name}.jinja").read_text(
+    return (resources.files("recipekit.inputs") / BUILTINS / f"{name}.jinja").read_text(
         encoding="utf-8")
 
 

@@ -21,9 +21,9 @@ from typing import Any
 
 from recipekit.errors import UnlocatedError
 from recipekit.inputs.files import read_bounded
+from recipekit.io.names import ADAPTER_CONFIG, TOKENIZER_CONFIG
 
 TOKENIZER_JSON = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
 #: Slow-tokenizer files: a directory with one of these and no tokenizer.json cannot be aligned.
@@ -128,7 +128,7 @@ def read_tokenizers(sources: Mapping[str, Any]) -> dict[str, ModelTokenizer | To
         directory = getattr(source, "path", None)
         if directory is None or getattr(source, "config_path", None) is None:
             continue
-        if (Path(directory) / "adapter_config.json").is_file():
+        if (Path(directory) / ADAPTER_CONFIG).is_file():
             continue
         try:
             out[name] = read_model_tokenizer(name, Path(directory))

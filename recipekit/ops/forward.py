@@ -23,6 +23,8 @@ from typing import Any
 
 #: Rotary variants `inverse_frequencies` computes; others (yarn, longrope, dynamic) are refused.
 ROPE_TYPES = ("default", "linear", "llama3")
+#: config.json ``model_type`` values whose decoder layer `decoder_layer` computes.
+FORWARD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -158,3 +160,32 @@ def decoder_layer(h: Any, w: Mapping[str, Any], spec: ForwardSpec, rope: tuple[A
     up = _linear(x, w["mlp.up_proj.weight"], w.get("mlp.up_proj.bias"))
     return h + _linear(torch.nn.functional.silu(gate) * up, w["mlp.down_proj.weight"],
                        w.get("mlp.down_proj.bias"))
+
+
+def forward_spec(config: Mapping[str, Any]) -> ForwardSpec | str:
+    """The forward's numbers from a base config, or the config value ops/forward.py cannot
+    compute, as "<key> '<value>' (it computes ...)"."""
+    kind = config.get("model_type")
+    if kind not in FORWARD_FAMILIES:
+        return f"model_type '{kind}' (it computes {', '.join(FORWARD_FAMILIES)})"
+    if config.get("hidden_act", "silu") != "silu":
+        return f"hidden_act '{config.get('hidden_act')}' (it computes SwiGLU with silu)"
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    params = dict(config.get("rope_scaling") or {})
+    params.update(config.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        return f"rope_type '{rope_type}' (it computes {', '.join(ROPE_TYPES)})"
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        return "partial_rotary_factor (it rotates every head feature)"
+    if kind != "mistral" and config.get("use_sliding_window"):
+        return "use_sliding_window (it windows only Mistral's attention)"
+    window = config.get("sliding_window") if kind == "mistral" else None
+    rope = (rope_type, theta, float(params.get("factor", 1.0)),
+            float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0)),
+            int(params.get("original_max_position_embeddings", 8192)))
+    return ForwardSpec(heads, kv, head_dim, float(config.get("rms_norm_eps", 1e-6)), rope,
+                       int(window) if window else None)

@@ -16,11 +16,14 @@ working set of its largest computed tensor (row pieces and copy buffers), not it
 task's ``memory`` request is that estimate whatever ``output.shard_size`` is. For more
 parallelism, lower ``output.shard_size``.
 
-*How a task gets its plan:* the driver pickles a slim plan for each shard — the shard (its
-header and expression DAG) and the headers of only the input tensors it reads — and the task
-unpickles it (after checking that it runs the same recipekit version). Recompiling on every
-worker would read every input header and rebuild the whole DAG once per task; measured on the
-405B-shaped sparse plan by `bench/ray_throughput.py` (README, "Running on a cluster").
+*How a task gets its plan:* the driver submits a slim plan for each shard — the shard (its
+header and expression DAG) and the headers of only the input tensors it reads — as the task's
+argument, which Ray serializes like any other (recipekit itself unpickles nothing); the task
+first checks that it runs the driver's recipekit version (a worker too different to even read
+the plan fails in Ray's deserialization, reported as a `ClusterError` naming the shard).
+Recompiling on every worker would read every input header and rebuild the whole DAG once per
+task; measured on the 405B-shaped sparse plan by `bench/ray_throughput.py` (README, "Running
+on a cluster").
 
 Oracles: tests/run/test_ray.py compares every output file's sha256 with a local run's, on a
 two-node local cluster, and kills workers and drivers mid-run.
@@ -32,7 +35,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import pickle
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -281,10 +283,10 @@ def shard_memory(shard: Shard, workers: int = 1) -> int:
     return TASK_OVERHEAD + buffers + computed
 
 
-def shard_payload(plan: Plan, shard: Shard) -> bytes:
-    """The pickled plan one task needs: ``shard`` (header and expression DAG), the headers of
-    the input tensors it reads and those files' sizes; the rest of the plan (other shards, the
-    model's other nodes, the donor) stays on the driver."""
+def shard_payload(plan: Plan, shard: Shard) -> tuple[Plan, dict[str, int]]:
+    """The plan one task needs, as its argument (Ray serializes it): ``shard`` (header and
+    expression DAG), the headers of the input tensors it reads and those files' sizes; the rest
+    of the plan (other shards, the model's other nodes, the donor) stays on the driver."""
     reads: dict[str, set[str]] = {}
     for t in shard.tensors:
         for n in expression_nodes(t.node):
@@ -300,19 +302,20 @@ def shard_payload(plan: Plan, shard: Shard) -> bytes:
     local = {info.file for ckpt in sources.values() if getattr(ckpt, "remote", None) is None
              for info in ckpt.tensors.values()}
     sizes = {str(f): os.stat(f).st_size for f in sorted(files & local)}
-    return pickle.dumps((slim, sizes), protocol=pickle.HIGHEST_PROTOCOL)
+    return slim, sizes
 
 
 def _without_nodes(model: Any) -> Any:
     """``model`` (a VirtualModel or AdapterSet) with its node maps emptied: a task needs none
-    of them, and a 405B model's are most of a plan's pickle."""
+    of them, and a 405B model's are most of a serialized plan."""
     empty = {f.name: {} for f in dataclasses.fields(model)
              if f.name in ("tensors", "stored", "targets", "biases", "replacements")}
     return dataclasses.replace(model, **empty)
 
 
-def write_shard_task(version: str, payload: bytes, out_dir: str, device: str, fsync: bool,
-                     check_finite: bool, workers: int) -> dict[str, Any]:
+def write_shard_task(version: str, payload: tuple[Plan, dict[str, int]], out_dir: str,
+                     device: str, fsync: bool, check_finite: bool, workers: int
+                     ) -> dict[str, Any]:
     """The Ray task: stream one shard into ``out_dir`` (a folder, or a URL: a multipart upload)
     as a local run does, return its sha256.
 
@@ -332,7 +335,7 @@ def write_shard_task(version: str, payload: bytes, out_dir: str, device: str, fs
     from recipekit.run.execute import open_runtime, write_shard
     from recipekit.run.target import shard_target
 
-    plan, sizes = pickle.loads(payload)
+    plan, sizes = payload
     _check_sizes(sizes)
     shard = plan.shards[0]
     computes = any(not isinstance(t.node, Load) for t in shard.tensors)

@@ -307,11 +307,13 @@ def run_combination(sp: SweepPlan, c: Combination, **options: Any) -> Combinatio
 
 def _plan_hash(output: Path) -> str | None:
     """The plan hash the finished output's manifest records."""
+    from recipekit.inputs.files import read_bounded
     from recipekit.io.names import MANIFEST
 
     try:
-        return json.loads((output / MANIFEST).read_text()).get("plan_hash")
-    except (OSError, ValueError, AttributeError):
+        data, _ = read_bounded(output / MANIFEST, 1 << 28)
+        return json.loads(data).get("plan_hash") if data is not None else None
+    except (OSError, ValueError, AttributeError, TypeError):
         return None
 
 

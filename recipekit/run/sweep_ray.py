@@ -8,8 +8,8 @@ rewrites `sweep.json` as each returns. Workers must see the recipe, its inputs a
 root at the same paths as the driver (one machine, or a shared file system).
 
 A worker that dies is retried by Ray (``max_retries``); the retried run resumes from that
-combination's finished shards like any interrupted run. Oracle: tests/run/test_sweep.py runs
-a sweep under ``ray.init(num_cpus=2)`` and compares every shard's sha256 with the local sweep.
+combination's finished shards like any interrupted run. Oracle: tests/run/test_ray.py runs a
+sweep on its two-node local cluster and compares every shard's sha256 with the local sweep.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from recipekit.arch import ConfigKey, LayerStack, with_config
+from recipekit.arch.moe import AUTO_WITH_SHARED, OUTPUTS, choose_output, config_keys
 from recipekit.dtypes import torch_dtype
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors
 from recipekit.graph import Node, SameShape, VirtualModel, cast, intern
@@ -46,12 +47,7 @@ from recipekit.steps.reinit import Fill
 #: gate modes; mergekit's default is ``hidden``
 GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
 RANDOM_MODES = ("random", "uniform_random")
-#: output architecture -> the input model_types it is built from (mergekit's supports_config)
-ARCHITECTURES = {"mixtral": ("llama", "mistral"), "qwen2_moe": ("llama", "mistral", "qwen2"),
-                 "qwen3_moe": ("qwen3",)}
 MLP = ("gate_proj", "up_proj", "down_proj")
-#: Mixtral's names for an expert's gate, up and down projections
-MIXTRAL_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 #: RSS a process gains the first time it runs torch's CPU generator and the elementwise
 #: kernels of `uniform_random` (measured: 1.9 MiB for randn, 3.1 MiB more for rand·2a − a);
 #: without it a run of copies and routers peaked 1.6-2.5 MiB above the plan's estimate
@@ -187,13 +183,13 @@ def check_moe(step: Step, recipe: Recipe) -> list[RecipeError]:
     if len(shared) > 1:
         errors.append(recipe.error(step.key_path + ("shared_experts",), f"{len(shared)} shared "
                                    "experts; Qwen2-MoE has one", hint="keep one"))
-    elif shared and arch in ("mixtral", "qwen3_moe"):
+    elif shared and arch in OUTPUTS and not OUTPUTS[arch].shared_expert:
         errors.append(recipe.error(step.key_path + ("shared_experts",), f"architecture {arch} "
-                                   "has no shared expert", hint="use `architecture: qwen2_moe` "
-                                   "or drop `shared_experts`"))
-    elif not shared and arch == "qwen2_moe":
-        errors.append(recipe.error(step.key_path + ("architecture",), "qwen2_moe needs one "
-                                   "shared expert (Qwen2-MoE always adds one)",
+                                   "has no shared expert", hint="use `architecture: "
+                                   f"{AUTO_WITH_SHARED}` or drop `shared_experts`"))
+    elif not shared and arch in OUTPUTS and OUTPUTS[arch].shared_expert:
+        errors.append(recipe.error(step.key_path + ("architecture",), f"{arch} needs one "
+                                   "shared expert (it always has one)",
                                    hint="add `shared_experts: [{model: ...}]`"))
     if mode == "random":
         return errors
@@ -243,16 +239,12 @@ def _architecture(step: Step, recipe: Recipe, base: VirtualModel) -> str:
     model_type = base.config.get("model_type")
     wanted = step.spec.get("architecture", "auto")
     if wanted == "auto":
-        if model_type == "qwen3":
-            return "qwen3_moe"
-        if model_type == "qwen2" or step.spec.get("shared_experts"):
-            return "qwen2_moe"
-        wanted = "mixtral"
-    if model_type not in ARCHITECTURES[wanted]:
+        return choose_output(model_type, bool(step.spec.get("shared_experts")))
+    if model_type not in OUTPUTS[wanted].built_from:
         raise RecipeErrors([recipe.error(step.key_path + ("base",), f"base "
                                          f"'{step.spec['base']}' is a {model_type!r} model; "
                                          f"{wanted} is built from "
-                                         f"{', '.join(ARCHITECTURES[wanted])} models",
+                                         f"{', '.join(OUTPUTS[wanted].built_from)} models",
                                          hint="use experts and a base of one of those")])
     return wanted
 
@@ -286,13 +278,15 @@ def _biases(step: Step, recipe: Recipe, base: VirtualModel, arch: str) -> list[R
     """Biases the output would lose: MLP biases (no MoE output has them), and for Mixtral and
     Qwen3-MoE attention biases (mergekit drops them silently and the model breaks)."""
     lost = [n for n in base.tensors if (hit := base.stack.split(n)) is not None
-            and hit[1].endswith(".bias") and (hit[1].startswith("mlp.") or arch != "qwen2_moe")]
+            and hit[1].endswith(".bias")
+            and (hit[1].startswith("mlp.") or not OUTPUTS[arch].zero_qkv_biases)]
     if not lost:
         return []
     return [recipe.error(step.key_path + ("base",), f"base '{step.spec['base']}' has biases "
                          f"({lost[0]}, ...) that a {arch} model has no place for",
                          hint="use a base without attention/MLP biases"
-                         + ("" if arch == "qwen2_moe" else ", or `architecture: qwen2_moe`"))]
+                         + ("" if OUTPUTS[arch].zero_qkv_biases
+                            else f", or `architecture: {AUTO_WITH_SHARED}`"))]
 
 
 # -- the output -------------------------------------------------------------------------------
@@ -335,12 +329,12 @@ def _layer_block(arch: str, prefix: str, router: Node, experts: list[tuple[Virtu
     """Layer ``layer``'s sparse MLP: router, experts (and shared expert) under their names."""
     e_count = len(experts)
     out: dict[str, Node] = {}
-    block = "block_sparse_moe" if arch == "mixtral" else "mlp"
+    layout = OUTPUTS[arch]
+    block = layout.block
     out[f"{prefix}{block}.gate.weight"] = _rows(router, 0, e_count, dtype)
     for e, (model, entry) in enumerate(experts):
         for what in MLP:
-            rel = (f"{block}.experts.{e}.{MIXTRAL_NAMES[what]}.weight" if arch == "mixtral"
-                   else f"{block}.experts.{e}.{what}.weight")
+            rel = f"{block}.experts.{e}.{layout.expert_names[what]}.weight"
             out[prefix + rel] = _expert_node(_mlp(model, layer, what),  # type: ignore[arg-type]
                                              entry, what, prefix + rel, seed, dtype)
     if shared is not None:
@@ -357,22 +351,7 @@ def _config_updates(arch: str, base: VirtualModel, experts: int, k: int) -> dict
     """The MoE keys mergekit sets on the base's config (and the class defaults transformers
     writes), per output architecture (reference/moe.md §2.2-2.4)."""
     inter = _mlp(base, 0, "gate_proj").shape[0]  # type: ignore[union-attr]
-    common = {"num_experts_per_tok": k, "output_router_logits": False,
-              "router_aux_loss_coef": 0.001}
-    if arch == "mixtral":
-        keys = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-                "num_local_experts": experts, "sliding_window": None,
-                "router_jitter_noise": 0.0, **common}
-    elif arch == "qwen2_moe":
-        keys = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
-                "num_experts": experts, "decoder_sparse_step": 1, "norm_topk_prob": True,
-                "sliding_window": None, "use_sliding_window": False,
-                "shared_expert_intermediate_size": inter, "moe_intermediate_size": inter,
-                "mlp_only_layers": [], "qkv_bias": True, **common}
-    else:
-        keys = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-                "num_local_experts": experts, "decoder_sparse_step": 1, "norm_topk_prob": True,
-                "moe_intermediate_size": inter, "mlp_only_layers": [], **common}
+    keys = config_keys(arch, experts, k, inter)
     return {(key,): value for key, value in keys.items()}
 
 
@@ -432,7 +411,7 @@ def build_moe(step: Step, models: Mapping[str, Any], recipe: Recipe) -> VirtualM
         layer, rel = hit
         if not rel.startswith("mlp."):
             tensors[name] = node
-            if arch == "qwen2_moe" and rel == "self_attn.v_proj.weight":
+            if OUTPUTS[arch].zero_qkv_biases and rel == "self_attn.v_proj.weight":
                 tensors.update(_zero_biases(base, layer, node.dtype))
         elif layer not in done:
             done.add(layer)

@@ -24,7 +24,7 @@ mergekit-moe 0.1.5's `get_gate_params` (the base loaded in fp32) within 1e-5.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +33,11 @@ from recipekit.graph import Node, VirtualModel, intern
 from recipekit.graph.passes import Sweep, SweepSource
 from recipekit.inputs.tokenizer_file import KEY as TOKENIZER_KEY
 from recipekit.inputs.tokenizer_file import TokenizerFiles
-from recipekit.ops.forward import ROPE_TYPES, ForwardSpec
+from recipekit.ops.forward import ForwardSpec, forward_spec
 from recipekit.recipe import Recipe, Step
 
 #: Gate modes computed from prompts (`random` and `uniform_random` are `op: moe`'s own).
 PROMPT_MODES = ("cheap_embed", "hidden", "hidden_last", "hidden_avg")
-#: model_type values whose decoder layer ops/forward.py computes.
-FORWARD_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 #: Tensors of a decoder layer the forward reads (names within the layer); the optional ones
 #: are read when the base has them (Qwen2's biases, Qwen3's q/k norms).
 LAYER_WEIGHTS = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
@@ -269,35 +267,6 @@ class GateRows(Node):
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         return args[0][self.layer].clone()
-
-
-def forward_spec(config: Mapping[str, Any]) -> ForwardSpec | str:
-    """The forward's numbers from a base config, or the config value ops/forward.py cannot
-    compute, as "<key> '<value>' (it computes ...)"."""
-    kind = config.get("model_type")
-    if kind not in FORWARD_FAMILIES:
-        return f"model_type '{kind}' (it computes {', '.join(FORWARD_FAMILIES)})"
-    if config.get("hidden_act", "silu") != "silu":
-        return f"hidden_act '{config.get('hidden_act')}' (it computes SwiGLU with silu)"
-    heads = int(config["num_attention_heads"])
-    kv = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
-    params = dict(config.get("rope_scaling") or {})
-    params.update(config.get("rope_parameters") or {})
-    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        return f"rope_type '{rope_type}' (it computes {', '.join(ROPE_TYPES)})"
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        return "partial_rotary_factor (it rotates every head feature)"
-    if kind != "mistral" and config.get("use_sliding_window"):
-        return "use_sliding_window (it windows only Mistral's attention)"
-    window = config.get("sliding_window") if kind == "mistral" else None
-    rope = (rope_type, theta, float(params.get("factor", 1.0)),
-            float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0)),
-            int(params.get("original_max_position_embeddings", 8192)))
-    return ForwardSpec(heads, kv, head_dim, float(config.get("rms_norm_eps", 1e-6)), rope,
-                       int(window) if window else None)
 
 
 def tokenize_prompts(tok: Any, bos: str | None, prompts: Sequence[str]) -> Batch:

@@ -171,14 +171,14 @@ def choose_architecture(st: ImportState, step: dict[str, Any]) -> None:
     Raises:
         ConversionError: that DeepSeek case, located.
     """
-    from recipekit.steps.moe import ARCHITECTURES as SUPPORTS
+    from recipekit.arch.moe import OUTPUTS
 
     model_type = st.checkpoint(step["base"]).config.get("model_type")
     shared = step.get("shared_experts") or []
     archs = step.get("architecture")
     if archs is not None:
-        fits = [a for a in archs if model_type in SUPPORTS[a]
-                and bool(shared) == (a == "qwen2_moe")]
+        fits = [a for a in archs if model_type in OUTPUTS[a].built_from
+                and bool(shared) == OUTPUTS[a].shared_expert]
         step["architecture"] = (fits or archs)[0]
         return
     if shared and not shared[0].get("positive_prompts") and model_type in ("llama", "mistral"):

@@ -6,8 +6,7 @@ import pytest
 import torch
 import transformers as tf
 
-from recipekit.ops.forward import decoder_layer, padded_mask, rotary_tables
-from recipekit.steps.moe_gates import forward_spec
+from recipekit.ops.forward import decoder_layer, forward_spec, padded_mask, rotary_tables
 
 SMALL = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, vocab_size=64, num_hidden_layers=3, max_position_embeddings=128)

@@ -254,6 +254,27 @@ def test_inputs_and_output_on_object_storage(cluster: Cluster, tmp_path: Path,
 
 
 @requires_ray
+def test_a_sweep_runs_each_combination_as_a_task(cluster: Cluster, tmp_path: Path,
+                                                  tiny_llama: Path, tiny_llama_b: Path) -> None:
+    """`recipekit sweep --executor ray`: one task per combination (each a whole local run on
+    a node); the same bytes as the local sweep."""
+    import recipekit
+
+    from tests.run.test_sweep import RECIPE, shard_hashes
+
+    recipe = write_recipe(tmp_path, RECIPE.format(a=tiny_llama, b=tiny_llama_b))
+    values = {"alpha": [0.25, 0.75], "dtype": ["bfloat16"]}
+    local = recipekit.sweep(recipe, values, output=tmp_path / "local")
+    remote = recipekit.sweep(recipe, values, output=tmp_path / "ray", executor="ray")
+    assert [c.status for c in remote.combinations] == ["written", "written"]
+    for a, b in zip(local.combinations, remote.combinations, strict=True):
+        assert a.name == b.name
+        assert shard_hashes(a.output) == shard_hashes(b.output) == dict(b.shards)
+    index = json.loads((tmp_path / "ray" / "sweep.json").read_text())
+    assert [c["status"] for c in index["combinations"]] == ["written", "written"]
+
+
+@requires_ray
 def test_progress_moves_within_running_shards(cluster: Cluster, tmp_path: Path) -> None:
     """While shards are running the progress follows their temp files (here: written in full,
     then held before the rename), before any shard is finished; in the end it counts every

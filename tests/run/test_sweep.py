@@ -228,22 +228,3 @@ def test_api_errors(recipe):
         recipekit.sweep(recipe, {"alpha": [0.1]}, executor="dask")  # type: ignore[arg-type]
 
 
-class TestRaySweep:
-    """Each combination as a Ray task: the same bytes as the local sweep."""
-
-    def test_same_bytes_as_local(self, recipe, tmp_path):
-        ray = pytest.importorskip("ray", reason="needs ray (pip install 'recipekit[ray]')")
-        local = recipekit.sweep(recipe, {"alpha": [0.25, 0.75], "dtype": ["bfloat16"]},
-                                output=tmp_path / "local")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            remote = recipekit.sweep(recipe, {"alpha": [0.25, 0.75], "dtype": ["bfloat16"]},
-                                     output=tmp_path / "ray", executor="ray")
-        finally:
-            ray.shutdown()
-        assert [c.status for c in remote.combinations] == ["written", "written"]
-        for a, b in zip(local.combinations, remote.combinations, strict=True):
-            assert a.name == b.name
-            assert shard_hashes(a.output) == shard_hashes(b.output) == dict(b.shards)
-        index = json.loads((tmp_path / "ray" / "sweep.json").read_text())
-        assert [c["status"] for c in index["combinations"]] == ["written", "written"]
