@@ -46,8 +46,35 @@ def segments_of(rows: list[tuple[tuple[int, int], ...]]) -> tuple[Segment, ...]:
     return tuple(out)
 
 
+class RowGather(Node):
+    """A node whose output rows ``lo..hi`` are computed from rows of stored inputs that are
+    not rows ``lo..hi`` (a vocabulary permutation, a coalescing map along dim 0): when it
+    `streams`, the executor hands `gather` a reader of input rows instead of the inputs, so a
+    piece reads only the rows it names (plan/cost.py `row_sliced`, run/execute.py
+    `gather_rows`); otherwise it is computed whole like any node."""
+
+    @property
+    def streams(self) -> bool:
+        """The inputs it reads by rows are stored tensors (`Load`s)."""
+        raise NotImplementedError
+
+    def read_tables(self) -> tuple[Node, ...]:
+        """The stored inputs some row is read from."""
+        raise NotImplementedError
+
+    def whole_inputs(self) -> tuple[Node, ...]:
+        """The inputs computed whole first; their values are `gather`'s ``whole``."""
+        return ()
+
+    def gather(self, read: Callable[[int, int, int], Any], lo: int, hi: int,
+               whole: tuple[Any, ...]) -> Any:
+        """Rows ``lo:hi``, reading rows ``a:b`` of input ``t`` (an index into `inputs`) with
+        ``read(t, a, b)``."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True, eq=False)
-class GatherRows(Node):
+class GatherRows(RowGather):
     """Rows of a new table, each taken from rows of ``tables`` (see `Segment`); dim 0 is the
     vocabulary, the other dims are the tables'. Means are computed in fp32 in table order and
     rounded once to ``dtype``; copies are bit-exact when the dtypes agree."""
@@ -81,11 +108,16 @@ class GatherRows(Node):
         used = {t for _, _, srcs in self.segments if srcs for t, _ in srcs}
         return tuple(self.tables[t] for t in sorted(used))
 
+    def whole_inputs(self) -> tuple[Node, ...]:
+        return (self.fill,) if self.fill is not None else ()
+
     def gather(self, read: Callable[[int, int, int], Any], lo: int, hi: int,
-               fill: Any = None) -> Any:
-        """Rows ``lo:hi``, reading rows ``a:b`` of table ``t`` with ``read(t, a, b)``."""
+               whole: tuple[Any, ...] = ()) -> Any:
+        """Rows ``lo:hi``, reading rows ``a:b`` of table ``t`` with ``read(t, a, b)``;
+        ``whole``: the fill row, when there is one."""
         import torch
 
+        fill = whole[0] if whole else None
         dtype = torch_dtype(self.dtype)
         starts = self.__dict__.get("_starts")
         if starts is None:  # segments are sorted and tile the rows: find a piece's by bisection
@@ -121,8 +153,7 @@ class GatherRows(Node):
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         n = len(self.tables)
-        fill = args[n] if self.fill is not None else None
-        return self.gather(lambda t, a, b: args[t][a:b], 0, self.rows, fill)
+        return self.gather(lambda t, a, b: args[t][a:b], 0, self.rows, tuple(args[n:]))
 
 
 @dataclass(frozen=True, eq=False)

@@ -92,6 +92,42 @@ def _coalesce_segment(x: torch.Tensor, dim: int, groups: Groups, block: int,
     return out.reshape(*pre, len(groups) * block, *post)
 
 
+def coalesce_rows(axis: AxisMap, lo: int, hi: int
+                  ) -> tuple[list[tuple[int, int]], AxisMap, int]:
+    """What rows ``lo:hi`` of a tensor coalesced along dim 0 by ``axis`` need, so that a head
+    (or neuron) coalescing runs in row pieces: the large rows to read (sorted runs ``(a, b)``),
+    the axis map of those rows alone (each group re-indexed into them, its members in their
+    order, so the sums run in the same order: bit for bit the whole map's rows), and where row
+    ``lo`` falls in that smaller problem's output (its rows start at the first small unit that
+    ``lo:hi`` touches). Oracle: tests/ops/test_coalesce.py, random partitions and pieces."""
+    mode, segments = axis
+    runs: list[tuple[int, int]] = []
+    sub: list[Segment] = []
+    first_row: int | None = None
+    small_off = large_off = 0
+    for groups, block in segments:
+        n_small, n_large = len(groups), sum(len(g) for g in groups)
+        u_lo = max(0, (lo - small_off) // block)
+        u_hi = min(n_small, -(-(hi - small_off) // block))
+        if u_lo < u_hi:
+            if first_row is None:
+                first_row = small_off + u_lo * block
+            wanted = sorted({j for g in groups[u_lo:u_hi] for j in g})
+            where = {j: k for k, j in enumerate(wanted)}
+            sub.append((tuple(tuple(where[j] for j in g) for g in groups[u_lo:u_hi]), block))
+            for j in wanted:
+                a = large_off + j * block
+                if runs and runs[-1][1] == a:
+                    runs[-1] = (runs[-1][0], a + block)
+                else:
+                    runs.append((a, a + block))
+        small_off += n_small * block
+        large_off += n_large * block
+    if first_row is None:
+        raise ValueError(f"rows {lo}:{hi} are outside the coalesced axis")
+    return runs, (mode, tuple(sub)), lo - first_row
+
+
 def decoalesce_axis(x: torch.Tensor, dim: int, axis: AxisMap) -> torch.Tensor:
     """Small -> large along ``dim``: copy (``"copy"``) or copy ÷ group size (``"split"``)."""
     mode, segments = axis

@@ -12,7 +12,7 @@ import math
 import os
 
 from recipekit.graph import Load, Node
-from recipekit.graph.gather import GatherRows
+from recipekit.graph.gather import RowGather
 from recipekit.graph.passes import Reduction, Sweep
 
 #: Bytes the executor moves per read when a tensor is copied without compute, and how many such
@@ -42,7 +42,7 @@ def stream_loads(node: Reduction) -> set[Load] | None:
         if parts is None:
             return None
         loads.update(n for n in parts[0] if isinstance(n, Load))
-        loads.update(t for n in parts[0] if isinstance(n, GatherRows)  # type: ignore[misc]
+        loads.update(t for n in parts[0] if isinstance(n, RowGather) and n.streams
                      for t in n.read_tables())
     return loads
 
@@ -74,8 +74,8 @@ def whole_inputs(node: Node) -> tuple[Node, ...]:
     """The inputs computed whole before ``node`` is: all of them, except those a reduction
     streams from the files, the tables a streaming row gather reads row by row, and those a
     sweep reads itself (one layer at a time)."""
-    if isinstance(node, GatherRows) and node.streams:
-        return (node.fill,) if node.fill is not None else ()
+    if isinstance(node, RowGather) and node.streams:
+        return node.whole_inputs()
     if isinstance(node, Sweep):
         return tuple(x for x, s in zip(node.inputs, node.swept(), strict=True) if not s)
     if not streams_from_files(node):
@@ -147,7 +147,7 @@ def reads_whole_tensor(node: Node) -> bool:
     and is not a reduction that streams them (graph/passes.py)."""
     held, _ = held_nodes(node)
     return any(n.inputs and n.row_inputs() is None and not isinstance(n, (Reduction, Sweep))
-               and not (isinstance(n, GatherRows) and n.streams) for n in held)
+               and not (isinstance(n, RowGather) and n.streams) for n in held)
 
 
 def row_sliced(node: Node) -> tuple[set[Node], set[Node]] | None:
@@ -164,8 +164,8 @@ def row_sliced(node: Node) -> tuple[set[Node], set[Node]] | None:
         sliced.add(n)
         if isinstance(n, Load):
             continue
-        if isinstance(n, GatherRows) and n.streams:  # the executor reads the rows it names
-            whole.update(n.inputs[len(n.tables):])
+        if isinstance(n, RowGather) and n.streams:  # the executor reads the rows it names
+            whole.update(n.whole_inputs())
             continue
         rows = n.row_inputs()
         if rows is None:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from recipekit.dtypes import torch_dtype
 from recipekit.graph import Load, Node, iter_post_order
-from recipekit.graph.gather import GatherRows
+from recipekit.graph.gather import RowGather
 from recipekit.graph.passes import Reduction, Sweep
 from recipekit.io.output import OutputDir
 from recipekit.io.reader import FileReader
@@ -342,7 +342,7 @@ class _Pieces:
             whole |= parts[1]
         loads: list[Node] = sorted((n for n in sliced if isinstance(n, Load)),
                                    key=lambda n: (n.source, n.name))
-        loads += [n for n in sliced if isinstance(n, GatherRows)]  # read rows they name
+        loads += [n for n in sliced if isinstance(n, RowGather) and n.streams]  # rows they name
         gpu = rt.device is not None and rt.device.type != "cpu"
         job = cls(targets, plan, rt, loads, gpu)
         job.whole.update((x, known[x]) for x in whole if known and x in known)
@@ -376,7 +376,7 @@ class _Pieces:
     def read(self, lo: int, hi: int) -> dict[Node, Any]:
         return {n: self.held[n][lo:hi] if n in self.held else
                 gather_rows(n, self.plan, self.rt, lo, hi, self.whole)
-                if isinstance(n, GatherRows) else
+                if isinstance(n, RowGather) and n.streams else
                 read_rows(n, self.plan, self.rt.reader, lo, hi, pin=self.rt.pin)  # type: ignore[arg-type]
                 for n in self.loads}
 
@@ -509,14 +509,14 @@ def read_rows(node: Load, plan: Plan, reader: FileReader, lo: int, hi: int, *,
     return piece.view(torch_dtype(info.dtype)).reshape((hi - lo, *info.shape[1:]))
 
 
-def gather_rows(node: GatherRows, plan: Plan, rt: Runtime, lo: int, hi: int,
+def gather_rows(node: RowGather, plan: Plan, rt: Runtime, lo: int, hi: int,
                 whole: dict[Node, Any]) -> Any:
     """Rows ``lo:hi`` of a streaming row gather (graph/gather.py): only the input rows they
     name are read from the files, in contiguous runs."""
-    tables = node.tables
-    fill = whole[node.fill].cpu() if node.fill is not None else None
-    return node.gather(lambda t, a, b: read_rows(tables[t], plan, rt.reader, a, b),  # type: ignore[arg-type]
-                       lo, hi, fill)
+    inputs = node.inputs
+    values = tuple(whole[x].cpu() for x in node.whole_inputs())
+    return node.gather(lambda t, a, b: read_rows(inputs[t], plan, rt.reader, a, b),  # type: ignore[arg-type]
+                       lo, hi, values)
 
 
 def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
@@ -535,7 +535,7 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
             whole = tuple(memo[x].to(device, non_blocking=True)
                           for x, s in zip(m.inputs, m.swept(), strict=True) if not s)
             result = m.sweep(_FileSweepSource(plan, rt), whole)
-        elif isinstance(m, GatherRows) and m.streams:
+        elif isinstance(m, RowGather) and m.streams:
             result = gather_rows(m, plan, rt, 0, m.shape[0], memo)
         elif streams_from_files(m):
             assert isinstance(m, Reduction)

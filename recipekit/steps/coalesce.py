@@ -22,7 +22,7 @@ transformers forward passes and compare round trips bit for bit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,7 +36,8 @@ from recipekit.arch import (
 )
 from recipekit.dtypes import is_floating, torch_dtype
 from recipekit.errors import RecipeError, RecipeErrors, SchemeError, ShapeMismatchError, UsageError
-from recipekit.graph import Node, VirtualModel, intern
+from recipekit.graph import Load, Node, VirtualModel, intern
+from recipekit.graph.gather import RowGather
 from recipekit.inputs.schemes import (
     Partition,
     WidthMap,
@@ -54,12 +55,15 @@ AxisMap = tuple[str, tuple[tuple[tuple[tuple[int, ...], ...], int], ...]]
 
 
 @dataclass(frozen=True, eq=False)
-class Coalesce(Node):
+class Coalesce(RowGather):
     """One small-model tensor of the `coalesce` op, rounded once to ``dtype``.
 
     Each of ``members`` (the same tensor of every large layer in a depth group; one outside the
     layers or without ``depth``) is width-coalesced along ``axes`` (group means on output axes,
     group sums on input axes), the members are averaged, and the result is scaled by ``scale``.
+    With dim 0 mapped (a head or neuron partition on the output axis), stored members stream
+    as a row gather: a piece of small rows reads only its groups' large rows
+    (`ops.coalesce.coalesce_rows`), the same bytes as the whole tensor's.
     """
 
     rounds_once: ClassVar[bool] = True
@@ -82,6 +86,24 @@ class Coalesce(Node):
     def row_inputs(self) -> tuple[bool, ...] | None:
         # rows that no group maps (an embedding's vocabulary) are independent of each other
         return (True,) * len(self.members) if self.axes[0] is None else None
+
+    @property
+    def streams(self) -> bool:
+        return self.axes[0] is not None and all(isinstance(m, Load) for m in self.members)
+
+    def read_tables(self) -> tuple[Node, ...]:
+        return self.members
+
+    def gather(self, read: Callable[[int, int, int], Any], lo: int, hi: int,
+               whole: tuple[Any, ...] = ()) -> Any:
+        import torch
+
+        from recipekit.ops.coalesce import coalesce, coalesce_rows
+
+        runs, axis, at = coalesce_rows(self.axes[0], lo, hi)  # type: ignore[arg-type]
+        parts = [torch.cat([read(t, a, b) for a, b in runs]) for t in range(len(self.members))]
+        out = coalesce(parts, (axis, *self.axes[1:]), scale=self.scale)
+        return out[at:at + hi - lo].to(torch_dtype(self.dtype))
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         from recipekit.ops.coalesce import coalesce

@@ -30,7 +30,7 @@ def test_gather_copies_means_zeros_and_fills_by_any_piece():
     whole = padded.compute((a, b, mean))
     assert torch.equal(whole[:13], want) and torch.equal(whole[13:], mean.expand(3, 4))
     for lo, hi in ((0, 3), (3, 11), (11, 16), (9, 14)):
-        piece = padded.gather(lambda t, x, y: (a, b)[t][x:y], lo, hi, mean)
+        piece = padded.gather(lambda t, x, y: (a, b)[t][x:y], lo, hi, (mean,))
         assert torch.equal(piece, whole[lo:hi]), (lo, hi)
 
 

@@ -9,12 +9,15 @@ fp32 and bf16 for groups of 2 and 4.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from recipekit.ops.coalesce import (
     coalesce,
     coalesce_axis,
+    coalesce_rows,
     decoalesce,
     decoalesce_axis,
     pairwise_sum,
@@ -106,3 +109,52 @@ def test_pairwise_sum_of_identical_powers_of_two_is_exact():
         stacked = torch.stack([x / k] * k)
         assert torch.equal(pairwise_sum(stacked, 0), x)
     torch.testing.assert_close(pairwise_sum(torch.stack([x, 2 * x, 3 * x]), 0), 6 * x)
+
+
+class TestCoalesceRows:
+    """`coalesce_rows`: the rows a piece of a dim-0 coalescing reads, and the smaller map over
+    them; oracle: the whole tensor's `coalesce`, bit for bit, for random partitions (groups of
+    1-3 units in any order, blocks, fused segments), modes, depth members and pieces."""
+
+    @pytest.mark.parametrize("seed", range(40))
+    def test_any_piece_equals_the_whole_rows(self, seed):
+        rng = random.Random(seed)
+        segments = []
+        for _ in range(rng.randint(1, 3)):
+            units = list(range(rng.randint(1, 8)))
+            rng.shuffle(units)
+            groups, i = [], 0
+            while i < len(units):
+                k = rng.randint(1, 3)
+                groups.append(tuple(units[i:i + k]))
+                i += k
+            segments.append((tuple(groups), rng.randint(1, 4)))
+        axis = (rng.choice(["mean", "sum"]), tuple(segments))
+        large = sum(sum(len(g) for g in gs) * b for gs, b in segments)
+        small = sum(len(gs) * b for gs, b in segments)
+        cols = 2 * rng.randint(1, 3)
+        pairs = (tuple(range(0, cols, 2)), tuple(range(1, cols, 2)))  # two column groups
+        col_axis = ("sum", ((pairs, 1),))
+        g = torch.Generator().manual_seed(seed)
+        members = [torch.randn(large, cols, generator=g).bfloat16()
+                   for _ in range(rng.randint(1, 3))]
+        whole = coalesce(members, (axis, col_axis), scale=0.5)
+        for _ in range(5):
+            lo = rng.randrange(small)
+            hi = rng.randint(lo + 1, small)
+            runs, sub, at = coalesce_rows(axis, lo, hi)
+            assert all(a < b for a, b in runs) and runs == sorted(runs)
+            read = sum(b - a for a, b in runs)
+            assert read <= large
+            parts = [torch.cat([m[a:b] for a, b in runs]) for m in members]
+            got = coalesce(parts, (sub, col_axis), scale=0.5)[at:at + hi - lo]
+            assert torch.equal(got, whole[lo:hi]), (axis, lo, hi)
+
+    def test_a_piece_reads_only_its_groups_rows(self):
+        # 4 heads of 2 rows into 2: small head 1 = mean of large heads 1 and 3
+        runs, sub, at = coalesce_rows(("mean", ((((0, 2), (1, 3)), 2),)), 2, 4)
+        assert runs == [(2, 4), (6, 8)] and sub == ("mean", ((((0, 1),), 2),)) and at == 0
+
+    def test_rows_outside_the_axis_are_refused(self):
+        with pytest.raises(ValueError, match="outside"):
+            coalesce_rows(("mean", ((((0, 1),), 2),)), 2, 3)

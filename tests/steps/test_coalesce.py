@@ -140,6 +140,33 @@ def test_coalesce_averages_depth_groups_and_width_groups(cli, tmp_path, tiny_lla
     assert not any(info.values()), info
 
 
+def test_head_coalescing_streams_in_row_pieces(cli, tmp_path, tiny_llama, monkeypatch):
+    """A width map on the output axis (heads, FFN neurons) runs as a row gather: a piece of
+    small rows reads only its groups' large rows (ops/coalesce.py `coalesce_rows`). Oracle:
+    the same recipe computed whole (the default pieces hold these tiny tensors), bit for bit,
+    with depth groups; and `plan` no longer names a whole-tensor coalesce."""
+    import recipekit.plan.cost as cost
+
+    steps = [step("coalesce", "big", width=[[0, 3], [2, 1]], depth=[[0, 1], [2, 3], [4, 5],
+                                                                   [6, 7]])]
+    whole = run(cli, write(tmp_path, {"big": tiny_llama}, steps, "whole", "w.yaml"))
+    plan = cli("plan", tmp_path / "w.yaml")
+    assert plan.exit_code == 0 and "whole tensor" not in plan.stdout, plan.stdout
+    monkeypatch.setattr(cost, "CHUNK_ELEMS", 64)  # pieces of 2 rows: groups split across them
+    monkeypatch.setattr(cost, "HOLD_BYTES", 0)
+    pieces = run(cli, write(tmp_path, {"big": tiny_llama}, steps, "pieces", "p.yaml"))
+    assert_same_tensors(whole, pieces)
+    ts, tb = read_tensors(pieces), read_tensors(tiny_llama)
+    q = ts["model.layers.0.self_attn.q_proj.weight"]  # small head 1 = mean of large 2 and 1
+    h = 8  # head_dim
+    big = [tb[f"model.layers.{i}.self_attn.q_proj.weight"] for i in (0, 1)]
+    rows = [(b[2 * h:3 * h] + b[h:2 * h]) / 2 for b in big]  # output axis: the group's mean
+    assert q.shape == (2 * h, 16) and not torch.equal(rows[0], rows[1])
+    want = (rows[0] + rows[1]) / 2  # the depth group's mean; input axis hidden: summed below
+    want = torch.cat([want[:, 0:8] + want[:, 24:32], want[:, 16:24] + want[:, 8:16]], 1)
+    torch.testing.assert_close(q[h:2 * h], want)
+
+
 def test_compensation_modes_on_a_tied_head(cli, tmp_path):
     """auto is exact; mltf (embeddings x0.5) is not for a pre-norm model (MLTF's GPT-2 line
     `L6-E384 -> L6-E768: 9.3e-02`); none doubles the logits. Each round-trips exactly."""
