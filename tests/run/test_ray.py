@@ -260,9 +260,9 @@ def test_a_sweep_runs_each_combination_as_a_task(cluster: Cluster, tmp_path: Pat
     a node); the same bytes as the local sweep."""
     import recipekit
 
-    from tests.run.test_sweep import RECIPE, shard_hashes
+    from tests.helpers.sweeps import SWEEP_RECIPE, shard_hashes
 
-    recipe = write_recipe(tmp_path, RECIPE.format(a=tiny_llama, b=tiny_llama_b))
+    recipe = write_recipe(tmp_path, SWEEP_RECIPE.format(a=tiny_llama, b=tiny_llama_b))
     values = {"alpha": [0.25, 0.75], "dtype": ["bfloat16"]}
     local = recipekit.sweep(recipe, values, output=tmp_path / "local")
     remote = recipekit.sweep(recipe, values, output=tmp_path / "ray", executor="ray")

@@ -8,7 +8,6 @@ resume. The Ray sweep must write the same bytes as the local one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -22,29 +21,8 @@ from recipekit.errors import RecipeErrors, UsageError
 from recipekit.run.sweep import combination_name, iter_combinations, parse_sweep_settings
 
 from tests.helpers.recipes import ROOT, write_recipe
-
-RECIPE = """\
-recipekit: 1
-variables:
-  alpha: 0.5
-  dtype: float32
-models:
-  a: {a}
-  b: {b}
-steps:
-  - name: blended
-    op: interpolate
-    from: [a, b]
-    alpha: ${{alpha}}
-output:
-  path: out/grid
-  dtype: ${{dtype}}
-"""
-
-
-def shard_hashes(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.glob("*.safetensors"))}
+from tests.helpers.sweeps import SWEEP_RECIPE as RECIPE
+from tests.helpers.sweeps import shard_hashes
 
 
 @pytest.fixture
