@@ -160,6 +160,58 @@ def _decoalesce_segment(x: torch.Tensor, dim: int, groups: Groups, block: int,
     return out.reshape(n_large * block, *rest).movedim(0, dim)
 
 
+def decoalesce_rows(axis: AxisMap, lo: int, hi: int
+                    ) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """What rows ``lo:hi`` of a tensor de-coalesced along dim 0 by ``axis`` need, so that
+    growing heads or neurons runs in row pieces: the small rows to read (sorted runs
+    ``(a, b)``), and for each output row the index of its source among the rows read and the
+    size of its group (the divisor of ``"split"``); `decoalesce_gathered` finishes the rows.
+    Oracle: tests/ops/test_coalesce.py, random partitions and pieces against `decoalesce`."""
+    _, segments = axis
+    wanted: list[int] = []  # small rows, in order of first need
+    source: list[int] = []
+    sizes: list[int] = []
+    small_off = large_off = 0
+    for groups, block in segments:
+        owner: dict[int, int] = {j: i for i, g in enumerate(groups) for j in g}
+        n_large = len(owner)
+        a, b = max(lo, large_off), min(hi, large_off + n_large * block)
+        for row in range(a, b):
+            j, f = divmod(row - large_off, block)
+            i = owner[j]
+            wanted.append(small_off + i * block + f)
+            sizes.append(len(groups[i]))
+        small_off += len(groups) * block
+        large_off += n_large * block
+    rows = sorted(set(wanted))
+    where = {r: k for k, r in enumerate(rows)}
+    source = [where[r] for r in wanted]
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs, source, sizes
+
+
+def decoalesce_gathered(x: torch.Tensor, source: Sequence[int], sizes: Sequence[int],
+                        axes: Sequence[AxisMap | None], *, scale: float = 1.0) -> torch.Tensor:
+    """Rows of `decoalesce` (dim 0 mapped) from the small rows ``x`` that `decoalesce_rows`
+    named: the same widening, copies, divisions (by each row's whole group size) and scale,
+    in the same order, so each row is bit for bit the whole tensor's."""
+    y = x.to(_compute_dtype(x)).index_select(
+        0, torch.tensor(list(source), dtype=torch.long, device=x.device))
+    mode = axes[0][0] if axes[0] is not None else "copy"
+    if mode == "split" and any(s > 1 for s in sizes):
+        div = torch.tensor([float(s) for s in sizes], dtype=y.dtype, device=y.device)
+        y = y / div.view(-1, *([1] * (y.dim() - 1)))
+    for dim, axis in enumerate(axes):
+        if dim and axis is not None:
+            y = decoalesce_axis(y, dim, axis)
+    return y * scale if scale != 1.0 else y
+
+
 def coalesce(members: Sequence[torch.Tensor], axes: Sequence[AxisMap | None], *,
              scale: float = 1.0) -> torch.Tensor:
     """One small tensor from the same tensor of each large layer in a depth group.

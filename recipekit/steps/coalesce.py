@@ -112,10 +112,11 @@ class Coalesce(RowGather):
 
 
 @dataclass(frozen=True, eq=False)
-class Decoalesce(Node):
+class Decoalesce(RowGather):
     """One large-model tensor of the `decoalesce` op, rounded once to ``dtype``: ``input``
     copied along output axes, copied and divided by the group size along input axes, then
-    scaled by ``scale``. A depth group's large layers share one node per tensor."""
+    scaled by ``scale``. A depth group's large layers share one node per tensor. With dim 0
+    mapped, a stored input streams as a row gather (`ops.coalesce.decoalesce_rows`)."""
 
     rounds_once: ClassVar[bool] = True
 
@@ -131,6 +132,24 @@ class Decoalesce(Node):
 
     def row_inputs(self) -> tuple[bool, ...] | None:
         return (True,) if self.axes[0] is None else None
+
+    @property
+    def streams(self) -> bool:
+        return self.axes[0] is not None and isinstance(self.input, Load)
+
+    def read_tables(self) -> tuple[Node, ...]:
+        return (self.input,)
+
+    def gather(self, read: Callable[[int, int, int], Any], lo: int, hi: int,
+               whole: tuple[Any, ...] = ()) -> Any:
+        import torch
+
+        from recipekit.ops.coalesce import decoalesce_gathered, decoalesce_rows
+
+        runs, source, sizes = decoalesce_rows(self.axes[0], lo, hi)  # type: ignore[arg-type]
+        x = torch.cat([read(0, a, b) for a, b in runs])
+        return decoalesce_gathered(x, source, sizes, self.axes, scale=self.scale).to(
+            torch_dtype(self.dtype))
 
     def compute(self, args: tuple[Any, ...]) -> Any:
         from recipekit.ops.coalesce import decoalesce

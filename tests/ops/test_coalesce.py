@@ -20,6 +20,8 @@ from recipekit.ops.coalesce import (
     coalesce_rows,
     decoalesce,
     decoalesce_axis,
+    decoalesce_gathered,
+    decoalesce_rows,
     pairwise_sum,
 )
 
@@ -158,3 +160,37 @@ class TestCoalesceRows:
     def test_rows_outside_the_axis_are_refused(self):
         with pytest.raises(ValueError, match="outside"):
             coalesce_rows(("mean", ((((0, 1),), 2),)), 2, 3)
+
+
+class TestDecoalesceRows:
+    """`decoalesce_rows` + `decoalesce_gathered`: rows of a dim-0 de-coalescing from the small
+    rows they name; oracle: `decoalesce` of the whole tensor, bit for bit (copy and split,
+    blocks, fused segments, a mapped second axis, pieces anywhere)."""
+
+    @pytest.mark.parametrize("seed", range(40))
+    def test_any_piece_equals_the_whole_rows(self, seed):
+        rng = random.Random(seed)
+        segments = []
+        for _ in range(rng.randint(1, 3)):
+            units = list(range(rng.randint(1, 8)))
+            rng.shuffle(units)
+            groups, i = [], 0
+            while i < len(units):
+                k = rng.randint(1, 3)
+                groups.append(tuple(units[i:i + k]))
+                i += k
+            segments.append((tuple(groups), rng.randint(1, 4)))
+        axis = (rng.choice(["copy", "split"]), tuple(segments))
+        small = sum(len(gs) * b for gs, b in segments)
+        large = sum(sum(len(g) for g in gs) * b for gs, b in segments)
+        cols = ("split", ((((0,), (1, 2)), 2),)) if seed % 2 else None  # 2 -> 3 blocks of 2
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(small, 4, generator=g).bfloat16()
+        whole = decoalesce(x, (axis, cols), scale=0.5)
+        for _ in range(5):
+            lo = rng.randrange(large)
+            hi = rng.randint(lo + 1, large)
+            runs, source, sizes = decoalesce_rows(axis, lo, hi)
+            part = torch.cat([x[a:b] for a, b in runs])
+            got = decoalesce_gathered(part, source, sizes, (axis, cols), scale=0.5)
+            assert torch.equal(got, whole[lo:hi]), (axis, lo, hi)

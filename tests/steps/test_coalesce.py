@@ -167,6 +167,30 @@ def test_head_coalescing_streams_in_row_pieces(cli, tmp_path, tiny_llama, monkey
     torch.testing.assert_close(q[h:2 * h], want)
 
 
+def test_head_decoalescing_streams_in_row_pieces(cli, tmp_path, tiny_llama, monkeypatch):
+    """Growing heads (a width map on the output axis) reads, per piece, only the small rows
+    its large rows copy (ops/coalesce.py `decoalesce_rows`). Oracle: the default pieces (whole
+    tensors at this size), bit for bit; the function-preserving property is
+    `test_width_decoalesce_preserves_logits_and_round_trips`'s."""
+    import recipekit.plan.cost as cost
+
+    steps = [step("decoalesce", "small", width=[[0, 4], [1, 5], [2, 6], [3, 7]])]
+    whole = run(cli, write(tmp_path, {"small": tiny_llama}, steps, "whole", "w.yaml"))
+    plan = cli("plan", tmp_path / "w.yaml")
+    assert plan.exit_code == 0 and "whole tensor" not in plan.stdout, plan.stdout
+    monkeypatch.setattr(cost, "CHUNK_ELEMS", 64)
+    monkeypatch.setattr(cost, "HOLD_BYTES", 0)
+    pieces = run(cli, write(tmp_path, {"small": tiny_llama}, steps, "pieces", "p.yaml"))
+    assert_same_tensors(whole, pieces)
+    big, small = read_tensors(pieces), read_tensors(tiny_llama)
+    # large head 5 copies small head 1 (group [1, 5]); large hidden block 4 is small block 0
+    # split in two (input axis)
+    q, h = big["model.layers.3.self_attn.q_proj.weight"], 8
+    small_q = small["model.layers.3.self_attn.q_proj.weight"]
+    assert q.shape == (64, 64)
+    assert torch.equal(q[5 * h:6 * h, 4 * h:5 * h], small_q[h:2 * h, 0:h] / 2)
+
+
 def test_compensation_modes_on_a_tied_head(cli, tmp_path):
     """auto is exact; mltf (embeddings x0.5) is not for a pre-norm model (MLTF's GPT-2 line
     `L6-E384 -> L6-E768: 9.3e-02`); none doubles the logits. Each round-trips exactly."""
