@@ -113,6 +113,22 @@ def test_pairwise_sum_of_identical_powers_of_two_is_exact():
     torch.testing.assert_close(pairwise_sum(torch.stack([x, 2 * x, 3 * x]), 0), 6 * x)
 
 
+def random_axis(rng: random.Random, modes: tuple[str, str]) -> tuple:
+    """An axis map of 1-3 segments, each a partition of 1-8 units (in random order) into
+    groups of 1-3, with blocks of 1-4 features."""
+    segments = []
+    for _ in range(rng.randint(1, 3)):
+        units = list(range(rng.randint(1, 8)))
+        rng.shuffle(units)
+        groups, i = [], 0
+        while i < len(units):
+            k = rng.randint(1, 3)
+            groups.append(tuple(units[i:i + k]))
+            i += k
+        segments.append((tuple(groups), rng.randint(1, 4)))
+    return (rng.choice(modes), tuple(segments))
+
+
 class TestCoalesceRows:
     """`coalesce_rows`: the rows a piece of a dim-0 coalescing reads, and the smaller map over
     them; oracle: the whole tensor's `coalesce`, bit for bit, for random partitions (groups of
@@ -121,17 +137,8 @@ class TestCoalesceRows:
     @pytest.mark.parametrize("seed", range(40))
     def test_any_piece_equals_the_whole_rows(self, seed):
         rng = random.Random(seed)
-        segments = []
-        for _ in range(rng.randint(1, 3)):
-            units = list(range(rng.randint(1, 8)))
-            rng.shuffle(units)
-            groups, i = [], 0
-            while i < len(units):
-                k = rng.randint(1, 3)
-                groups.append(tuple(units[i:i + k]))
-                i += k
-            segments.append((tuple(groups), rng.randint(1, 4)))
-        axis = (rng.choice(["mean", "sum"]), tuple(segments))
+        axis = random_axis(rng, ("mean", "sum"))
+        segments = axis[1]
         large = sum(sum(len(g) for g in gs) * b for gs, b in segments)
         small = sum(len(gs) * b for gs, b in segments)
         cols = 2 * rng.randint(1, 3)
@@ -170,17 +177,8 @@ class TestDecoalesceRows:
     @pytest.mark.parametrize("seed", range(40))
     def test_any_piece_equals_the_whole_rows(self, seed):
         rng = random.Random(seed)
-        segments = []
-        for _ in range(rng.randint(1, 3)):
-            units = list(range(rng.randint(1, 8)))
-            rng.shuffle(units)
-            groups, i = [], 0
-            while i < len(units):
-                k = rng.randint(1, 3)
-                groups.append(tuple(units[i:i + k]))
-                i += k
-            segments.append((tuple(groups), rng.randint(1, 4)))
-        axis = (rng.choice(["copy", "split"]), tuple(segments))
+        axis = random_axis(rng, ("copy", "split"))
+        segments = axis[1]
         small = sum(len(gs) * b for gs, b in segments)
         large = sum(sum(len(g) for g in gs) * b for gs, b in segments)
         cols = ("split", ((((0,), (1, 2)), 2),)) if seed % 2 else None  # 2 -> 3 blocks of 2
