@@ -21,11 +21,11 @@ from typing import Any
 
 from recipekit.errors import UnlocatedError
 from recipekit.inputs.files import read_bounded
-from recipekit.io.names import TOKENIZER_CONFIG
+from recipekit.io.names import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_JSON
 from recipekit.recipe import Recipe, Step
 
-TOKENIZER = "tokenizer.json"
-TOKENIZER_CONFIGS = (TOKENIZER_CONFIG, "special_tokens_map.json")
+TOKENIZER = TOKENIZER_JSON
+TOKENIZER_CONFIGS = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)
 #: Ops whose steps tokenise prompts with the tokenizer of the model their ``base`` names.
 TOKENIZING_OPS = ("moe",)
 #: A tokenizer.json larger than this is not one (Gemma 3's is 33 MB).

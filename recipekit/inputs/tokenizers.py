@@ -21,11 +21,14 @@ from typing import Any
 
 from recipekit.errors import UnlocatedError
 from recipekit.inputs.files import read_bounded
-from recipekit.io.names import ADAPTER_CONFIG, TOKENIZER_CONFIG
+from recipekit.io.names import (
+    ADAPTER_CONFIG,
+    GENERATION_CONFIG,
+    SPECIAL_TOKENS_MAP,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
+)
 
-TOKENIZER_JSON = "tokenizer.json"
-SPECIAL_TOKENS_MAP = "special_tokens_map.json"
-GENERATION_CONFIG = "generation_config.json"
 #: Slow-tokenizer files: a directory with one of these and no tokenizer.json cannot be aligned.
 SLOW_FILES = ("tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
               "sentencepiece.bpe.model")

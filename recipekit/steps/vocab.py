@@ -39,14 +39,12 @@ from recipekit.dtypes import promote
 from recipekit.errors import RecipeError, RecipeErrors
 from recipekit.graph import Node, VirtualModel, cast, intern
 from recipekit.graph.gather import GatherRows, RowMean, segments_of
-from recipekit.inputs.tokenizers import (
+from recipekit.inputs.tokenizers import ModelTokenizer, TokenizerError, token_map
+from recipekit.io.names import (
     GENERATION_CONFIG,
     SPECIAL_TOKENS_MAP,
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
-    ModelTokenizer,
-    TokenizerError,
-    token_map,
 )
 from recipekit.io.output import dumps
 from recipekit.recipe import Recipe, Step
