@@ -21,10 +21,12 @@ from recipekit.graph.nodes import Node, expression_nodes
 
 T = TypeVar("T")
 
-#: Elements per piece of a reduction's pass: 1Mi values (4 MiB in fp32). Larger than an
-#: output piece (`plan.cost.CHUNK_ELEMS`): a pass keeps no piece, so fewer, larger pieces cost
-#: the same memory per worker and amortize per-piece work (a 32Ki-bin histogram, a matmul).
-PASS_ELEMS = 1 << 20
+#: Elements per piece of a reduction's pass: 128Ki values (512 KiB in fp32), as an output
+#: piece (`plan.cost.CHUNK_ELEMS`): a pass's temporaries then come from the heap instead of
+#: fresh mappings, whose page faults cost more than the op (measured: 6.1 s of system time
+#: for the thresholds of 60 TIES tensors with 1Mi-value pieces, 0.7-1.5 s with smaller ones).
+#: Per-piece work (a 32Ki-bin histogram, a thin matmul) stays a small fraction.
+PASS_ELEMS = 1 << 17
 #: Keys of one histogram bucket that exact top-k selection collects in its second pass to
 #: place a tie without a third (`ops.select`); here, without torch, for the plan's cost.
 COLLECT_MAX = 1 << 20

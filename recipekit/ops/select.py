@@ -160,22 +160,27 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
         return out
 
     fine = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in wanted]
-    kept: list[list[list[torch.Tensor]]] = [[[], []] for _ in wanted]
+    # the collected keys go straight into buffers of the size pass 1 counted: per-piece parts
+    # kept until the pass ends would pin the allocator's heap under every later piece
+    kept = [(torch.empty(int(hist[streams.index(s)][b]), dtype=torch.int32),
+             torch.empty(int(hist[streams.index(s)][b]), dtype=torch.int32)) if keep_rows
+            else None for (s, b), keep_rows in zip(wanted, collect, strict=True)]
+    filled = [0] * len(wanted)
     for part in map_pieces(low):
         it = iter(part)  # type: ignore[call-overload]
-        for i, keep_rows in enumerate(collect):
-            if keep_rows:
-                kept[i][0].append(next(it).cpu())
-                kept[i][1].append(next(it).cpu())
+        for i, buffers in enumerate(kept):
+            if buffers is not None:
+                bits, at = next(it), next(it)
+                buffers[0][filled[i]:filled[i] + len(bits)] = bits
+                buffers[1][filled[i]:filled[i] + len(at)] = at
+                filled[i] += len(bits)
             else:
                 fine[i] += next(it).cpu()
     found: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(wanted)
-    for i, keep_rows in enumerate(collect):
-        if keep_rows:
-            bits = torch.cat(kept[i][0]) if kept[i][0] else torch.zeros(0, dtype=torch.int64)
-            at_rows = torch.cat(kept[i][1]) if kept[i][1] else torch.zeros(0, dtype=torch.int32)
-            fine[i] = torch.bincount(bits.long(), minlength=LOW_BINS)
-            found[i] = (bits, at_rows)
+    for i, buffers in enumerate(kept):
+        if buffers is not None:
+            fine[i] = torch.bincount(buffers[0].long(), minlength=LOW_BINS)
+            found[i] = buffers
     del kept
     ties: dict[int, tuple[int, int]] = {}  # query -> (key value, equal keys to keep)
     for q in open_:

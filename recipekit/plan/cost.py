@@ -20,9 +20,12 @@ from recipekit.graph.passes import Reduction, Sweep
 COPY_CHUNK = 8 * 1024 * 1024
 COPY_BUFFERS = 4
 #: Elements per piece when a large elementwise expression (linear, task arithmetic, lerp, casts)
-#: is computed piecewise: 256Ki values, so each fp32 intermediate is 1 MiB whatever the tensor
-#: size, and a piece's passes (convert, multiply-add, round) stay in the CPU's L2 cache.
-CHUNK_ELEMS = 1 << 18
+#: is computed piecewise: 128Ki values, so each fp32 intermediate is 512 KiB whatever the tensor
+#: size, a piece's passes (convert, multiply-add, round) stay in the CPU's L2 cache, and its
+#: temporaries stay under the allocator's mapping threshold (`run.execute`): a fresh mapping
+#: per temporary costs page faults of ~0.8 ns per value, more than the op (measured: 30 s of
+#: system time in a TIES merge of TinyLlama-shaped models with 1 MiB temporaries, 10 s now).
+CHUNK_ELEMS = 1 << 17
 
 
 #: A reduction (graph/passes.py) whose streamed inputs read at most this many stored bytes
@@ -200,10 +203,12 @@ def chunkable(node: Node) -> bool:
 
 
 #: What chunked evaluation holds besides its pieces and whole inputs, measured
-#: (tests/run/test_execute.py: 12-13 MiB above a cast's pieces since pieces are mapped memory
-#: of their own, `run.execute._fixed_mmap_threshold`; 16-35 MiB before): the worker threads'
-#: stacks and malloc arenas, and the allocator's small retained blocks.
-CHUNKED_OVERHEAD = 16 * 1024 * 1024
+#: (tests/run/test_execute.py: 7-8 MiB for a cast in all since a piece's temporaries stay
+#: under the mapping threshold and the heap is trimmed after each tensor,
+#: `run.execute._release_heap`; 12-13 MiB above the pieces when they were mapped memory of
+#: their own, 16-35 MiB before that): the worker threads' stacks and malloc arenas, and the
+#: allocator's small retained blocks.
+CHUNKED_OVERHEAD = 8 * 1024 * 1024
 
 
 def piece_workers() -> int:
@@ -220,8 +225,9 @@ def piece_workers() -> int:
 def working_set(node: Node, workers: int = 1) -> int:
     """Bytes computing one output tensor holds: its expression (inputs, intermediates, fp32
     scratch) and its result waiting for the hashing worker. For a chunked tensor: the inputs
-    it reads whole, plus one piece per worker computing and one read ahead, the writer's
-    queue of pieces and `CHUNKED_OVERHEAD`."""
+    it reads whole, plus the larger of their passes over row pieces (streamed reductions) and
+    one piece per worker computing, one read ahead and the writer's queue of pieces, plus
+    `CHUNKED_OVERHEAD` (threads and allocator, in either phase)."""
     whole = expression_bytes(node, workers) + node.nbytes
     parts = row_sliced(node) if chunkable(node) else None
     if parts is None:
@@ -233,4 +239,4 @@ def working_set(node: Node, workers: int = 1) -> int:
     rows = min(rows_per_piece(node), node.shape[0])
     per_piece = -(-sum(n.nbytes + n.workspace for n in sliced) * rows // node.shape[0])
     queued = 4 * rows * (node.nbytes // node.shape[0])
-    return kept + max(passes, (workers + 1) * per_piece + queued + CHUNKED_OVERHEAD)
+    return kept + max(passes, (workers + 1) * per_piece + queued) + CHUNKED_OVERHEAD

@@ -16,6 +16,7 @@ import ctypes
 import dataclasses
 import itertools
 import logging
+import mmap
 import queue
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -161,20 +162,21 @@ class Runtime:
 
 class BufferPool:
     """Up to ``count`` reusable copy buffers, made on first use; a buffer goes back once the
-    writer has hashed its bytes."""
+    writer has hashed its bytes. Each is an anonymous mapping, so only the bytes written into
+    it become resident: a computed piece (a few hundred KiB) does not touch the rest."""
 
     def __init__(self, count: int, size: int) -> None:
         self.size = size
-        self._free: queue.Queue[bytearray] = queue.Queue()
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
         self._left = count
 
-    def get(self) -> bytearray:
+    def get(self) -> mmap.mmap:
         if self._left and self._free.empty():
             self._left -= 1
-            return bytearray(self.size)
+            return mmap.mmap(-1, self.size)
         return self._free.get()
 
-    def put(self, buf: bytearray) -> None:
+    def put(self, buf: mmap.mmap) -> None:
         self._free.put(buf)
 
 
@@ -204,12 +206,23 @@ def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Run
                     done += n
                     progress(n)
             elif chunkable(node):
+                # A piece waiting in the writer's queue would outlive the next pieces'
+                # temporaries and split the allocator's heap under them (its freed memory then
+                # stays resident); a copy into a reused buffer lets every temporary go at once.
                 for piece in evaluate_chunks(node, plan, rt):
                     if finite is not None:
                         finite.check(t.name, piece)
-                    writer.write(_tensor_bytes(piece), done=lambda p=piece: None)
-                    progress(piece.numel() * piece.element_size())
-                    del piece
+                    nbytes = piece.numel() * piece.element_size()
+                    progress(nbytes)
+                    if 0 < nbytes <= pool.size:  # hand the writer a copy buffer (above)
+                        buf = pool.get()
+                        _copy_into(buf, piece)
+                        del piece
+                        writer.write(memoryview(buf)[:nbytes], done=lambda b=buf: pool.put(b))
+                    else:
+                        writer.write(_tensor_bytes(piece), done=lambda p=piece: None)
+                        del piece
+                _release_heap()
             else:
                 tensor = evaluate(node, plan, rt).contiguous()
                 if finite is not None:
@@ -222,6 +235,14 @@ def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Run
     except BaseException:
         writer.abort()
         raise
+
+
+def _copy_into(buf: mmap.mmap, tensor: Any) -> None:
+    """Copy a contiguous CPU tensor's bytes to the start of ``buf``."""
+    import torch
+
+    flat = tensor.reshape(-1).view(torch.uint8)
+    torch.frombuffer(buf, dtype=torch.uint8, count=flat.numel()).copy_(flat)
 
 
 def _tensor_bytes(tensor: Any) -> memoryview:
@@ -472,6 +493,15 @@ def _fixed_mmap_threshold(size: int = 1 << 20) -> None:
     plan's estimate for a slerp streamed from the files. No-op off glibc."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, size)
+
+
+def _release_heap() -> None:
+    """Give the heap's free pages back once a chunked tensor is written. Its pieces'
+    temporaries (below the mapping threshold) come from the heap and stay resident after they
+    are freed, and the next tensor's passes would add their own peak on top: measured 93-101
+    MiB against 67-89 for a slerp of four 64 MiB tensors. No-op off glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @contextlib.contextmanager

@@ -222,8 +222,12 @@ class SceStats(Reduction):
 
     @property
     def state_bytes(self) -> int:
-        # the two histograms of the cut and the per-row counts of a tie
-        return (3 << 15) * 8 + 8 * self.stream_rows
+        # the two histograms of the cut, the per-row counts of a tie and the bucket keys
+        # pass 2 collects (two int32 each, widened to int64 to count them)
+        from recipekit.graph.passes import COLLECT_MAX
+
+        return ((3 << 15) * 8 + 8 * self.stream_rows
+                + 16 * min(self.base.numel, COLLECT_MAX))
 
     @property
     def workspace(self) -> int:
