@@ -2,12 +2,17 @@
 
 Why: `inspect` and `diff` read every value of a checkpoint; computed one chunk at a time on
 one thread, the statistics took ~20x as long as reading the bytes (a 7B diff: ~40 minutes).
-Here each chunk (`io.chunks.CHUNK_ELEMENTS` values) is one job: a worker thread reads its bytes
-into the worker's own buffer (``preadv`` releases the GIL) and computes its partial statistics
-with one fused pass (`ops.stats.piece_stats` / `piece_diff`, torch releases the GIL too), with
-torch's intra-op threads at 1. The caller folds the partials in chunk order, so the numbers
-are the same for any worker count, and memory is a few chunks per worker whatever the tensor
-size. Oracle: tests/tools/test_stream_stats.py (whole-tensor fp64 statistics, 1 and 3 workers).
+Here each job covers `JOB_PIECES` chunks (`io.chunks.CHUNK_ELEMENTS` values each): a worker
+thread reads the job's bytes into its own buffer with one ``preadv`` (which releases the GIL)
+and summarises them piece by piece (`ops.stats.piece_stats` / `piece_diff`: one fp64 copy and a
+few reductions, torch releases the GIL too), with torch's intra-op threads at 1. Pieces are
+sized for a core's L2 cache: a statistics piece is one chunk (1 MiB of fp64 scratch), a
+difference piece half a chunk (two scratch copies, 1 MiB together; a whole chunk each spilled
+L2 and cost ~1.5x per pair). Several pieces a job amortise the job's reading call, future and
+hand-over (~30 us each, a fifth of the work at one chunk a job). The caller folds the partials
+in job order, so the numbers are the same for any worker count, and memory is a few MiB per
+worker whatever the tensor size. Oracle: tests/tools/test_stream_stats.py (whole-tensor fp64
+statistics, 1 and 3 workers).
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from recipekit.dtypes import itemsize
 from recipekit.io import chunks
 from recipekit.io.header import TensorInfo
 from recipekit.io.reader import FileReader
 
 T = TypeVar("T")
+
+#: Chunks per job (reading call and future); the summaries are taken a piece at a time.
+JOB_PIECES = 4
 
 _local = threading.local()
 
@@ -45,15 +54,34 @@ def iter_tensor_stats(reader: FileReader, infos: Sequence[TensorInfo], *,
     Raises:
         CorruptCheckpointError: a file is shorter than its header says.
     """
-    from recipekit.ops.stats import TensorStats, piece_stats
+    from recipekit.ops.stats import TensorStats
 
     def job(info: TensorInfo, lo: int, hi: int) -> Any:
-        raw, work_a, _ = _buffers()
-        return piece_stats(chunks.read_elements(reader, info, lo, hi, raw), work_a)
+        raw, work_a, _ = _buffers(job_elements() * itemsize(info.dtype))
+        return summarise(chunks.read_elements(reader, info, lo, hi, raw), work_a)
 
     jobs = [(i, (info, lo, hi)) for i, info in enumerate(infos)
-            for lo, hi in chunks.chunk_bounds(info)]
+            for lo, hi in chunks.chunk_bounds(info, elements=job_elements())]
     yield from _fold(jobs, job, TensorStats, workers)
+
+
+def job_elements() -> int:
+    """Elements one job reads: `JOB_PIECES` chunks (`CHUNK_ELEMENTS` read at call time)."""
+    return JOB_PIECES * chunks.CHUNK_ELEMENTS
+
+
+def summarise(values: Any, work: Any) -> Any:
+    """The `ops.stats.TensorStats` of a flat tensor, one `CHUNK_ELEMENTS` piece at a time
+    (``work``: fp64 scratch of one chunk)."""
+    from recipekit.ops.stats import TensorStats, piece_stats
+
+    step = chunks.CHUNK_ELEMENTS
+    if values.numel() <= step:
+        return piece_stats(values, work)
+    acc = TensorStats()
+    for lo in range(0, values.numel(), step):
+        acc.merge(piece_stats(values[lo:lo + step], work))
+    return acc
 
 
 def iter_diff_stats(reader: FileReader, pairs: Sequence[tuple[TensorInfo, TensorInfo]], *,
@@ -66,14 +94,20 @@ def iter_diff_stats(reader: FileReader, pairs: Sequence[tuple[TensorInfo, Tensor
     from recipekit.ops.stats import DiffStats, piece_diff
 
     def job(ia: TensorInfo, ib: TensorInfo, lo: int, hi: int) -> Any:
-        raw, work_a, work_b = _buffers()
-        half = len(raw) // 2
-        ra, rb = memoryview(raw)[:half], memoryview(raw)[half:]  # views: slicing copies
-        return piece_diff(chunks.read_elements(reader, ia, lo, hi, ra),
-                          chunks.read_elements(reader, ib, lo, hi, rb), work_a, work_b)
+        n = hi - lo
+        size_a = n * itemsize(ia.dtype)
+        raw, work_a, work_b = _buffers(size_a + n * itemsize(ib.dtype))
+        ra, rb = memoryview(raw)[:size_a], memoryview(raw)[size_a:]  # views: slicing copies
+        a = chunks.read_elements(reader, ia, lo, hi, ra)
+        b = chunks.read_elements(reader, ib, lo, hi, rb)
+        step = max(1, chunks.CHUNK_ELEMENTS // 2)  # two scratch copies: one chunk's worth
+        acc = DiffStats()
+        for k in range(0, n, step):
+            acc.merge(piece_diff(a[k:k + step], b[k:k + step], work_a, work_b))
+        return acc
 
     jobs = [(i, (ia, ib, lo, hi)) for i, (ia, ib) in enumerate(pairs)
-            for lo, hi in chunks.chunk_bounds(ia)]
+            for lo, hi in chunks.chunk_bounds(ia, elements=job_elements())]
     yield from _fold(jobs, job, DiffStats, workers)
 
 
@@ -134,15 +168,17 @@ def _restore_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _buffers() -> tuple[bytearray, Any, Any]:
-    """This thread's read buffer (room for two chunks of 8-byte values) and two fp64 scratch
-    tensors of one chunk each, made once per thread and chunk size."""
+def _buffers(nbytes: int) -> tuple[bytearray, Any, Any]:
+    """This thread's read buffer (at least ``nbytes``; grown, never shrunk, so a bf16 model
+    holds 2-byte jobs) and two fp64 scratch tensors of one chunk each (`summarise` uses one;
+    a difference piece is half a chunk, two copies), made once per thread and chunk size."""
     import torch
 
     elements = chunks.CHUNK_ELEMENTS
     held = getattr(_local, "buffers", None)
-    if held is None or held[0] != elements:
+    if held is None or held[0] != elements or len(held[1]) < nbytes:
         scratch = [torch.empty(elements, dtype=torch.float64) for _ in range(2)]
-        held = (elements, bytearray(2 * 8 * elements), *scratch)
+        size = max(nbytes, len(held[1]) if held is not None and held[0] == elements else 0)
+        held = (elements, bytearray(size), *scratch)
         _local.buffers = held
     return held[1], held[2], held[3]
