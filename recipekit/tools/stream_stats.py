@@ -182,3 +182,105 @@ def _buffers(nbytes: int) -> tuple[bytearray, Any, Any]:
         held = (elements, bytearray(size), *scratch)
         _local.buffers = held
     return held[1], held[2], held[3]
+
+
+def hash_and_summarise(reader: FileReader, files: Sequence[tuple[Any, Sequence[TensorInfo]]],
+                       *, workers: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The sha256 of each file and the `ops.stats.TensorStats` of each of its floating
+    tensors, from one read of its bytes.
+
+    Why: `verify --stats` checks each shard's hash and reads every value; read apart, every
+    byte is read twice (twice from the disk when the output is larger than the page cache).
+    Here one thread per file (at most ``workers`` at once) reads it front to back in jobs of
+    `JOB_PIECES` chunks, feeds each job's bytes to the file's sha256 and hands them to the
+    statistics workers, which return the buffer when done. Files hash side by side (sha256 is
+    sequential within a file, and slower than the statistics); a fixed set of buffers bounds
+    memory and makes reading wait for the slower of hashing and statistics.
+
+    ``files``: (path, its tensors); the tensors must tile the file's data section, as
+    `io.header.read_header` checks; the bytes before the first tensor (the header) and any
+    after the last are hashed too. Returns, per file in order, (sha256 hex digest, tensor name ->
+    TensorStats of its floating tensors, in offset order). Oracle:
+    tests/tools/test_stream_stats.py (hashlib on the file, whole-tensor fp64 statistics).
+
+    Raises:
+        CorruptCheckpointError: a file is shorter than its header says.
+    """
+    import hashlib
+    import queue
+
+    from recipekit.dtypes import is_floating, torch_dtype
+    from recipekit.ops.stats import TensorStats
+
+    n = workers if workers is not None else stat_workers()
+    hashers = max(1, min(len(files), n))
+    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for _ in range(2 * (n + hashers)):
+        free.put(bytearray())
+    stop = threading.Event()
+
+    def summarise_job(buf: bytearray, nbytes: int, dtype: str) -> Any:
+        try:
+            import torch
+
+            _, work, _ = _buffers(0)
+            return summarise(torch.frombuffer(buf, dtype=torch_dtype(dtype),
+                                              count=nbytes // itemsize(dtype)), work)
+        finally:
+            free.put(buf)
+
+    def read_file(path: Any, infos: Sequence[TensorInfo]) -> tuple[str, list[Any]]:
+        digest = hashlib.sha256()
+        jobs: list[tuple[str, Future[Any] | None]] = []
+        spans = [(info.offset + lo * itemsize(info.dtype), (hi - lo) * itemsize(info.dtype), info)
+                 for info in sorted(infos, key=lambda i: i.offset)
+                 for lo, hi in chunks.chunk_bounds(info, elements=job_elements())]
+        pos = 0
+        for start, nbytes, info in [*spans, (os.path.getsize(path), 0, None)]:
+            while pos < start:  # the header (and any bytes outside the tensors)
+                size = min(start - pos, 1 << 20)
+                gap = memoryview(bytearray(size))
+                reader.read_into(path, pos, gap)
+                digest.update(gap)
+                pos += size
+            if info is None or stop.is_set():
+                break
+            if nbytes == 0:  # a tensor without elements: no finite value, no NaN
+                if is_floating(info.dtype):
+                    jobs.append((info.name, None))
+                continue
+            buf = free.get()
+            if len(buf) < nbytes:
+                buf = bytearray(nbytes)
+            view = memoryview(buf)[:nbytes]
+            try:
+                reader.read_into(path, start, view)
+            except BaseException:
+                free.put(buf)
+                raise
+            digest.update(view)
+            pos = start + nbytes
+            if is_floating(info.dtype):  # integer tensors are only hashed
+                jobs.append((info.name, stats.submit(summarise_job, buf, nbytes, info.dtype)))
+            else:
+                free.put(buf)
+        return digest.hexdigest(), jobs
+
+    stats = ThreadPoolExecutor(n, thread_name_prefix="recipekit-stats", initializer=_one_thread)
+    readers = ThreadPoolExecutor(hashers, thread_name_prefix="recipekit-hash")
+    try:
+        tasks = [readers.submit(read_file, path, infos) for path, infos in files]
+        results = []
+        for task in tasks:
+            digest, jobs = task.result()
+            by_name: dict[str, Any] = {}
+            for name, job in jobs:
+                acc = by_name.setdefault(name, TensorStats())
+                if job is not None:
+                    acc.merge(job.result())
+            results.append((digest, by_name))
+        return results
+    finally:
+        stop.set()  # a failed file: the others stop reading; running jobs return their buffers
+        readers.shutdown(wait=True, cancel_futures=True)
+        stats.shutdown(wait=True)  # never cancelled: each job returns a buffer a reader awaits
