@@ -148,8 +148,14 @@ def _scratch(work: torch.Tensor | None, n: int) -> torch.Tensor:
     return work[:n]
 
 
+#: Dtypes whose minimum and maximum are taken on the stored values (one pass over 2 or 4 bytes
+#: a value, and exact: the fp64 copy orders them the same) instead of on the fp64 copy.
+_NARROW_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+
 def piece_stats(chunk: torch.Tensor, work: torch.Tensor | None = None) -> TensorStats:
-    """The `TensorStats` of one flat piece, from one fp64 copy and four reductions over it.
+    """The `TensorStats` of one flat piece: ``aminmax`` of the values, then one fp64 copy and
+    two reductions over it.
 
     Why not ``var_mean``: its Welford loop costs ~5 ns a value, the rest of a pass ~1 ns. The
     variance comes instead from ``m2 = Σx² − (Σx)²/n``, which loses ``log2(1 + mean²/var)``
@@ -158,18 +164,29 @@ def piece_stats(chunk: torch.Tensor, work: torch.Tensor | None = None) -> Tensor
     which cancels only by ``(mean−k)²/var`` (a few units for any piece whose first value is a
     typical one), and is exactly 0 for a constant piece. Every
     bf16/fp16/fp32 value and its square are exact in fp64, so only the summation rounds, in
-    fp64. ``amin``/``amax`` propagate NaN, so a finite minimum and maximum prove the piece is
-    finite; otherwise the piece is masked to its finite values, NaN and Inf counted apart.
-    ``work``: fp64 scratch of at least ``chunk.numel()`` values (reused by streaming callers).
-    Oracle: tests/ops/test_stats.py (torch in fp64 on the whole tensor).
+    fp64. The minimum and maximum of a bf16/fp16/fp32 piece come from one ``aminmax`` over the
+    stored values (0.14-0.23 ns a value against 0.30 for ``amin`` and ``amax`` of the fp64
+    copy); ``Σx`` is ``sum`` and ``Σx²`` a ``dot`` of the copy (a ``dot`` with a vector of ones
+    measured 3x slower than ``sum``: the ones spill the L2 cache). A 128Ki-value bf16 piece
+    takes ~0.55 ns a value on one core, calls included, against ~0.66 with ``amin`` and
+    ``amax`` of the copy.
+    ``amin``/``amax``/``aminmax`` propagate NaN, so a finite minimum and maximum prove the
+    piece is finite; otherwise the piece is masked to its finite values, NaN and Inf counted
+    apart. ``work``: fp64 scratch of at least ``chunk.numel()`` values (reused by streaming
+    callers). Oracle: tests/ops/test_stats.py (torch in fp64 on the whole tensor).
     """
     flat = chunk.reshape(-1)
     n = flat.numel()
     if n == 0:
         return TensorStats()
     x = _scratch(work, n)
-    x.copy_(flat)
-    lo, hi = float(torch.amin(x)), float(torch.amax(x))
+    if flat.dtype in _NARROW_FLOATS:
+        low, high = torch.aminmax(flat)
+        x.copy_(flat)
+    else:
+        x.copy_(flat)
+        low, high = torch.amin(x), torch.amax(x)
+    lo, hi = float(low), float(high)
     nan = inf = 0
     if not (math.isfinite(lo) and math.isfinite(hi)):
         finite = torch.isfinite(x)
