@@ -1,4 +1,4 @@
-"""The copy floor: read the inputs once, write the output's bytes, sync.
+"""The copy floor (read the inputs once, write the output's bytes, sync) and the read floor.
 
 Why it exists: a tool that only moves tensors cannot beat the cost of reading its inputs and
 writing its output through the page cache and onto the disk. Timing that on the same machine,
@@ -11,9 +11,15 @@ each chunk to one output file, and keeps writing the last chunk read until the f
 ``--bytes`` bytes (an upscale writes more than it reads, a merge less); then ``fsync`` of the
 file and a global ``sync()``, as the benchmark's method asks.
 
+The *read floor* (no ``--out``) only reads: every input once, front to back, in the same 16
+MiB ``readinto`` chunks, from a process that imports nothing else. It is the reference of the
+commands that read every value and write nothing (`inspect`, `diff`, `verify --stats`):
+their target is at most 2x the time of reading the bytes (issue 18 item 6).
+
 Usage::
 
-    python bench/floor.py --out OUT_FILE --bytes N INPUT [INPUT ...]
+    python bench/floor.py --out OUT_FILE --bytes N INPUT [INPUT ...]   # copy floor
+    python bench/floor.py INPUT [INPUT ...]                            # read floor
 """
 
 from __future__ import annotations
@@ -50,6 +56,17 @@ def copy_floor(inputs: list[str], out: str, nbytes: int) -> int:
     return read
 
 
+def read_floor(inputs: list[str]) -> int:
+    """Read ``inputs`` once, front to back; return the bytes read."""
+    view = memoryview(bytearray(CHUNK))
+    read = 0
+    for path in inputs:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                read += n
+    return read
+
+
 def _write(fd: int, data: memoryview) -> int:
     done = 0
     while done < len(data):
@@ -58,12 +75,18 @@ def _write(fd: int, data: memoryview) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Copy-floor reference for bench/run.py.")
-    parser.add_argument("--out", required=True, help="output file to write")
-    parser.add_argument("--bytes", type=int, required=True, help="bytes to write")
+    parser = argparse.ArgumentParser(description="Copy- and read-floor references for "
+                                     "bench/run.py.")
+    parser.add_argument("--out", help="output file to write (without it: the read floor)")
+    parser.add_argument("--bytes", type=int, help="bytes to write (with --out)")
     parser.add_argument("inputs", nargs="+", help="input files, each read once")
     args = parser.parse_args(argv)
-    copy_floor(args.inputs, args.out, args.bytes)
+    if args.out is None:
+        read_floor(args.inputs)
+    elif args.bytes is None:
+        parser.error("--out needs --bytes")
+    else:
+        copy_floor(args.inputs, args.out, args.bytes)
     return 0
 
 

@@ -41,6 +41,7 @@ class Measurement:
     ru_maxrss: int
     samples: int
     max_processes: int
+    cpu_s: float = 0.0  # user + system CPU seconds of the process and its waited-for children
 
 
 def _children_via_task_files(pid: int) -> list[int]:
@@ -167,4 +168,5 @@ def run_measured(argv: list[str], *, env: dict[str, str] | None = None,
     return Measurement(argv=argv, returncode=proc.returncode, wall_s=wall,
                        peak_rss=sampler.peak_rss, peak_rss_anon=sampler.peak_anon,
                        peak_hwm=sampler.peak_hwm, ru_maxrss=rusage.ru_maxrss * 1024,
-                       samples=sampler.samples, max_processes=sampler.max_processes)
+                       samples=sampler.samples, max_processes=sampler.max_processes,
+                       cpu_s=rusage.ru_utime + rusage.ru_stime)

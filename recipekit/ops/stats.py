@@ -148,8 +148,14 @@ def _scratch(work: torch.Tensor | None, n: int) -> torch.Tensor:
     return work[:n]
 
 
+#: Dtypes whose minimum and maximum are taken on the stored values (one pass over 2 or 4 bytes
+#: a value, and exact: the fp64 copy orders them the same) instead of on the fp64 copy.
+_NARROW_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+
 def piece_stats(chunk: torch.Tensor, work: torch.Tensor | None = None) -> TensorStats:
-    """The `TensorStats` of one flat piece, from one fp64 copy and four reductions over it.
+    """The `TensorStats` of one flat piece: ``aminmax`` of the values, then one fp64 copy and
+    two reductions over it.
 
     Why not ``var_mean``: its Welford loop costs ~5 ns a value, the rest of a pass ~1 ns. The
     variance comes instead from ``m2 = Σx² − (Σx)²/n``, which loses ``log2(1 + mean²/var)``
@@ -158,18 +164,29 @@ def piece_stats(chunk: torch.Tensor, work: torch.Tensor | None = None) -> Tensor
     which cancels only by ``(mean−k)²/var`` (a few units for any piece whose first value is a
     typical one), and is exactly 0 for a constant piece. Every
     bf16/fp16/fp32 value and its square are exact in fp64, so only the summation rounds, in
-    fp64. ``amin``/``amax`` propagate NaN, so a finite minimum and maximum prove the piece is
-    finite; otherwise the piece is masked to its finite values, NaN and Inf counted apart.
-    ``work``: fp64 scratch of at least ``chunk.numel()`` values (reused by streaming callers).
-    Oracle: tests/ops/test_stats.py (torch in fp64 on the whole tensor).
+    fp64. The minimum and maximum of a bf16/fp16/fp32 piece come from one ``aminmax`` over the
+    stored values (0.14-0.23 ns a value against 0.30 for ``amin`` and ``amax`` of the fp64
+    copy); ``Σx`` is ``sum`` and ``Σx²`` a ``dot`` of the copy (a ``dot`` with a vector of ones
+    measured 3x slower than ``sum``: the ones spill the L2 cache). A 128Ki-value bf16 piece
+    takes ~0.55 ns a value on one core, calls included, against ~0.66 with ``amin`` and
+    ``amax`` of the copy.
+    ``amin``/``amax``/``aminmax`` propagate NaN, so a finite minimum and maximum prove the
+    piece is finite; otherwise the piece is masked to its finite values, NaN and Inf counted
+    apart. ``work``: fp64 scratch of at least ``chunk.numel()`` values (reused by streaming
+    callers). Oracle: tests/ops/test_stats.py (torch in fp64 on the whole tensor).
     """
     flat = chunk.reshape(-1)
     n = flat.numel()
     if n == 0:
         return TensorStats()
     x = _scratch(work, n)
-    x.copy_(flat)
-    lo, hi = float(torch.amin(x)), float(torch.amax(x))
+    if flat.dtype in _NARROW_FLOATS:
+        low, high = torch.aminmax(flat)
+        x.copy_(flat)
+    else:
+        x.copy_(flat)
+        low, high = torch.amin(x), torch.amax(x)
+    lo, hi = float(low), float(high)
     nan = inf = 0
     if not (math.isfinite(lo) and math.isfinite(hi)):
         finite = torch.isfinite(x)
@@ -198,6 +215,12 @@ def piece_diff(a: torch.Tensor, b: torch.Tensor, work_a: torch.Tensor | None = N
     ``|a − b|`` in place for its maximum, sum and sum of squares. A non-finite value makes
     ``a·a`` or ``b·b`` non-finite, which sends the piece to the masked path (pairs where both
     are finite; the rest counted in ``nonfinite``). Oracle: tests/ops/test_stats.py.
+
+    Pieces with the same dtype and the same bits (the layers a merge or an upscale copied, the
+    norms a fine-tune froze) skip the second copy and the difference: ``a·b = b·b = a·a`` and
+    every difference is 0, the numbers the general path computes for them, at ~0.9 instead of
+    ~1.5 ns a pair (comparing the bits stops at the first differing value, so differing pieces
+    pay next to nothing for the check).
     """
     fa, fb = a.reshape(-1), b.reshape(-1)
     n = fa.numel()
@@ -205,6 +228,10 @@ def piece_diff(a: torch.Tensor, b: torch.Tensor, work_a: torch.Tensor | None = N
         return DiffStats()
     x, y = _scratch(work_a, n), _scratch(work_b, n)
     x.copy_(fa)
+    if _same_bits(fa, fb):
+        aa = float(torch.dot(x, x))
+        if math.isfinite(aa):
+            return DiffStats(n, 0, 0.0, 0.0, 0.0, aa, aa, aa)
     y.copy_(fb)
     aa, bb = float(torch.dot(x, x)), float(torch.dot(y, y))
     nonfinite = 0
@@ -221,3 +248,15 @@ def piece_diff(a: torch.Tensor, b: torch.Tensor, work_a: torch.Tensor | None = N
     x.sub_(y).abs_()
     return DiffStats(n, nonfinite, float(torch.amax(x)), float(x.sum()), float(torch.dot(x, x)),
                      aa, bb, ab)
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two flat pieces hold the same dtype and bytes (``torch.equal`` of the values
+    would call -0.0 and 0.0 equal, and NaN unequal to itself)."""
+    if a.dtype != b.dtype:
+        return False
+    bits = _BITS[a.element_size()]
+    return torch.equal(a.view(bits), b.view(bits))

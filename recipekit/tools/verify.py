@@ -107,9 +107,16 @@ def verify_output(out: Path, *, stats: bool = False) -> VerifyReport:
     except CorruptCheckpointError as e:  # a damaged output fails verification: exit 1
         raise VerifyError(e.message, file=e.file, hint=e.hint, location=e.location) from None
     report = VerifyReport(out, adapter=(out / ADAPTER_CONFIG).is_file())
+    read = None
+    if stats:  # hash and summarise each sound shard in one read (tools.verify_values)
+        from recipekit.tools.verify_values import read_shards
+
+        read = read_shards(out, root, shards)
     tensors: dict[str, dict[str, str]] = {}
     for name, entry in shards.items():
-        header = _check_shard(out, root, name, entry, report)
+        done = read.shards.get(name) if read is not None else None
+        header = _check_shard(out, root, name, entry, report,
+                              digest=done.sha256 if done is not None else None)
         if header is not None:
             tensors[name] = header
     listed = set(shards)
@@ -126,7 +133,7 @@ def verify_output(out: Path, *, stats: bool = False) -> VerifyReport:
     if stats and tensors:
         from recipekit.tools.verify_values import check_values
 
-        problems, line, report.stats = check_values(out, sorted(tensors))
+        problems, line, report.stats = check_values(out, sorted(tensors), read=read)
         report.problems += problems
         report.passed += [] if problems else [line]
         report.notes += [line] if problems else []
@@ -156,8 +163,9 @@ def manifest_shards(manifest: Any, shown: str) -> dict[str, dict[str, Any]]:
 
 
 def _check_shard(out: Path, root: Path, name: str, entry: dict[str, Any],
-                 report: VerifyReport) -> dict[str, str] | None:
-    """Size, sha256 and header of one shard; its tensors' names -> shard, or None if broken."""
+                 report: VerifyReport, *, digest: str | None = None) -> dict[str, str] | None:
+    """Size, sha256 and header of one shard; its tensors' names -> shard, or None if broken.
+    ``digest``: the shard's sha256 where it was already read (`verify --stats`)."""
     path = out / name
     shown = display_path(path)
     if not os.path.lexists(path):
@@ -175,7 +183,7 @@ def _check_shard(out: Path, root: Path, name: str, entry: dict[str, Any],
             f"size is {size} bytes, the manifest records {entry['size']}", file=shown,
             hint=f"the file was truncated, extended or replaced; {REPAIR}"))
         return None
-    digest = _sha256(path)
+    digest = digest or _sha256(path)
     if digest != entry["sha256"]:
         report.problems.append(VerifyError(
             f"sha256 {digest} differs from the manifest's {entry['sha256']}", file=shown,

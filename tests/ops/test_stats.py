@@ -7,12 +7,13 @@ exercised at every boundary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from recipekit.ops.stats import DiffStats, TensorStats
+from recipekit.ops.stats import DiffStats, TensorStats, piece_diff
 
 
 def chunks(t: torch.Tensor, sizes=(1, 7, 100, 3)):
@@ -100,6 +101,24 @@ class TestDiffStats:
         zeros = DiffStats()
         zeros.update(torch.zeros(4), torch.zeros(4))
         assert zeros.cosine == 1.0 and zeros.rel_norm == 0.0
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+    def test_same_bits_path_equals_general_path(self, dtype):
+        """Pieces with equal bytes take a shortcut; -0.0 against 0.0 (equal values, other
+        bits) takes the general path: both must give the same numbers."""
+        g = torch.Generator().manual_seed(3)
+        a = torch.randn(3000, generator=g).to(dtype)
+        a[::7] = 0.0
+        flipped = a.clone()
+        flipped[::7] = -0.0
+        assert not torch.equal(a.view(torch.int8), flipped.view(torch.int8))
+        fast, general = piece_diff(a, a.clone()), piece_diff(a, flipped)
+        assert dataclasses.asdict(fast) == dataclasses.asdict(general)
+        assert (fast.max_abs, fast.diff_sq, fast.a_sq == fast.dot == fast.b_sq) == (0.0, 0.0, True)
+        with_nan = a.clone()
+        with_nan[5] = float("nan")
+        same = piece_diff(with_nan, with_nan.clone())  # NaN: not finite, the masked path
+        assert same.nonfinite == 1 and same.count == 2999 and same.diff_sq == 0.0
 
     def test_scaled_and_zero_and_nonfinite(self):
         a = torch.tensor([1.0, -2.0, 3.0, float("nan")])

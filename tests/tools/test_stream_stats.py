@@ -10,6 +10,7 @@ in some chunks. Results must not depend on the number of worker threads.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 
 import pytest
@@ -20,7 +21,7 @@ from recipekit.errors import CorruptCheckpointError
 from recipekit.io import chunks
 from recipekit.io.header import read_header
 from recipekit.io.reader import FileReader
-from recipekit.tools.stream_stats import iter_diff_stats, iter_tensor_stats
+from recipekit.tools.stream_stats import hash_and_summarise, iter_diff_stats, iter_tensor_stats
 
 CHUNK = 1000
 
@@ -169,3 +170,52 @@ class TestDiffStats:
                 runs.append([dataclasses.asdict(acc) for acc in iter_diff_stats(
                     reader, [(ia[n], ib[n]) for n in pairs], workers=workers)])
         assert runs[0] == runs[1]
+
+
+class TestHashAndSummarise:
+    """Oracle: hashlib's sha256 of each whole file and `oracle` (whole-tensor fp64) for each
+    floating tensor, from one read (`verify --stats`)."""
+
+    @pytest.mark.parametrize("workers", [1, 3])
+    def test_digest_and_statistics_equal_separate_reads(self, tmp_path, workers):
+        tensors = value_tensors()
+        names = list(tensors)
+        half = len(names) // 2
+        files = []
+        for k, part in enumerate((names[:half], names[half:])):
+            infos = saved(tmp_path, {n: tensors[n] for n in part}, f"{k}.safetensors")
+            files.append((tmp_path / f"{k}.safetensors", list(infos.values())))
+        with FileReader() as reader:
+            got = hash_and_summarise(reader, files, workers=workers)
+        for (path, infos), (digest, stats) in zip(files, got, strict=True):
+            assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+            floating = [i.name for i in infos if i.dtype.startswith(("F", "BF"))]
+            assert sorted(stats) == sorted(floating)  # integer tensors are only hashed
+            for name in floating:
+                s, want = stats[name].summary(), oracle(tensors[name])
+                assert (s["nan"], s["inf"], s["min"], s["max"]) == (
+                    want["nan"], want["inf"], want["min"], want["max"]), name
+                for key in ("mean", "std", "norm"):
+                    if want[key] is None:
+                        assert s[key] is None, (name, key)
+                    else:
+                        assert s[key] == pytest.approx(want[key], rel=1e-12, abs=1e-300), name
+
+    def test_same_numbers_for_any_worker_count(self, tmp_path):
+        tensors = value_tensors()
+        infos = list(saved(tmp_path, tensors).values())
+        runs = []
+        for workers in (1, 2, 5):
+            with FileReader() as reader:
+                [(digest, stats)] = hash_and_summarise(
+                    reader, [(tmp_path / "m.safetensors", infos)], workers=workers)
+            runs.append((digest, {k: v.summary() for k, v in stats.items()}))
+        assert runs[0] == runs[1] == runs[2]
+
+    def test_truncated_file_is_a_located_error(self, tmp_path):
+        infos = saved(tmp_path, {"w": torch.randn(40 * CHUNK), "v": torch.randn(9 * CHUNK)})
+        path = tmp_path / "m.safetensors"
+        os.truncate(path, os.path.getsize(path) - 100)
+        with FileReader() as reader, pytest.raises(CorruptCheckpointError) as e:
+            hash_and_summarise(reader, [(path, list(infos.values()))], workers=2)
+        assert "file ended at byte" in e.value.message

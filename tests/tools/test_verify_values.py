@@ -72,3 +72,46 @@ def test_non_finite_tensors_fail_naming_them(cli, tmp_path, poisoned):
     assert "--check-finite" in err and "Traceback" not in err
     assert torch.isnan(load_file(tmp_path / "src" / "model.safetensors")[
         "model.layers.1.self_attn.q_proj.weight"]).sum() == 3
+
+
+def test_each_shard_is_read_once(cli, tmp_path, tiny_llama, monkeypatch):
+    """`--stats` hashes and summarises a shard from one read: the bytes read from each shard
+    equal its size, and verify's own hashing pass is not run."""
+    from recipekit.io.reader import FileReader
+    from recipekit.tools import verify
+
+    out = _run(cli, tmp_path, tiny_llama)
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1
+    read: dict[str, int] = {}
+    original = FileReader.read_into
+
+    def counting(self, path, offset, buf):
+        read[Path(path).name] = read.get(Path(path).name, 0) + len(buf)
+        return original(self, path, offset, buf)
+
+    hash_file = verify._sha256
+
+    def no_second_pass(path):
+        assert path.suffix != ".safetensors", f"{path} hashed again"
+        return hash_file(path)  # config.json, the index, the model card
+
+    monkeypatch.setattr(FileReader, "read_into", counting)
+    monkeypatch.setattr(verify, "_sha256", no_second_pass)
+    report = verify.verify_output(out, stats=True)
+    assert not report.problems, [p.message for p in report.problems]
+    assert read == {p.name: p.stat().st_size for p in shards}
+    assert len(report.stats) == 12 * 9 + 3
+
+
+def test_tampered_shard_fails_on_its_hash(cli, tmp_path, tiny_llama):
+    """A changed value is found by the hash of the same read (the statistics of the changed
+    shard are not reported as the output's)."""
+    out = _run(cli, tmp_path, tiny_llama)
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x40
+    shard.write_bytes(bytes(data))
+    result = cli("verify", out, "--stats")
+    assert result.exit_code == 1
+    assert f"{shard.name}: sha256" in result.stderr and "differs from the manifest" in result.stderr
