@@ -39,6 +39,7 @@ from recipekit.recipe.params import ParamError, is_constant, resolve
 from recipekit.steps.gram import is_row_local, streamed_gram
 from recipekit.steps.interpolate import check_aligned
 from recipekit.steps.registry import Op
+from recipekit.steps.stream_merges import streamed_merge
 from recipekit.steps.vocab import align_inputs, check_tokenizer, vocab_config
 
 
@@ -397,6 +398,9 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
             continue
         streamed = streamed_task_vectors(spec, operands, base, params, seed, name, dtype,
                                          native, step.spec.get("random_masks", "stream"))
+        if streamed is None:  # arcee_fusion, ramplus_tl, nuslerp by columns
+            streamed = streamed_merge(spec.name, operands, base, params, seed=seed,
+                                      tensor=name, dtype=dtype, native=native)
         if streamed is None and not native:
             streamed = streamed_gram(spec.name, operands, base, params, dtype)
         if streamed is None and not native and spec.name == "sce":
@@ -419,7 +423,7 @@ def streamed_task_vectors(spec: Any, operands: tuple[Node, ...], base: Node | No
                           native: bool, random_masks: str) -> Node | None:
     """The streamed nodes of a pruning task-arithmetic method (steps/task_vectors.py), or
     None where the whole-tensor `Merge` stays: mergekit's random draw asked for
-    (`random_masks: mergekit`), or DELLA on a vector (it ranks the whole 1-D tensor)."""
+    (`random_masks: mergekit`). DELLA ranks a vector as one row: it streams in one piece."""
     from recipekit.steps.task_vectors import (
         STREAMED_SPARSIFIERS,
         PrunedMerge,
@@ -433,8 +437,6 @@ def streamed_task_vectors(spec: Any, operands: tuple[Node, ...], base: Node | No
     if sparsify not in STREAMED_SPARSIFIERS or base is None:
         return None
     if spec.random and random_masks == "mergekit":
-        return None
-    if sparsify == "della_magprune" and len(base.shape) < 2:
         return None
     kw = resolve_params(spec, params, len(operands))
     work = work_dtype(operands + (base,), native)
