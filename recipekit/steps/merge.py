@@ -87,9 +87,16 @@ class Merge(SameShape):
     def elementwise(self) -> bool:
         return METHODS[self.method].elementwise
 
+    @property
+    def row_block(self) -> int:  # type: ignore[override]
+        # a vector is one row: its whole kernel runs on one piece, the whole vector, as a
+        # row-local kernel runs on a matrix's rows (the plan's estimate holds it whole)
+        return self.shape[0] if len(self.shape) == 1 and not self.elementwise else 1
+
     def row_inputs(self) -> tuple[bool, ...] | None:
         # row-local methods (steps/gram.py) compute any rows from those rows of every input
-        if self.elementwise or is_row_local(self.method, dict(self.params), len(self.shape)):
+        if self.elementwise or len(self.shape) == 1 or is_row_local(
+                self.method, dict(self.params), len(self.shape)):
             return (True,) * len(self.inputs)
         return None
 

@@ -317,3 +317,42 @@ class TestEndToEnd:
         for name in vectors:
             want = tv.counter_formula("della", b[name], [x[name], y[name]], name)
             assert torch.equal(out[name], want), name
+
+
+class TestVectorsAreOneRow:
+    """Oracle: the whole kernel bit for bit. A whole-kernel `Merge` of a vector (the exact
+    kernel the Gram methods keep for small tensors) runs as one row piece, so the plan does not
+    name it as a whole-tensor op, even when the executor chunks it."""
+
+    @pytest.mark.parametrize("method,step,params", [
+        ("nuslerp", "{model: x, weight: 0.3}, {model: y, weight: 0.7}]\n    parameters: "
+         "{nuslerp_flatten: false, nuslerp_row_wise: true}\n",
+         {"weight": [0.3, 0.7], "nuslerp_flatten": False, "nuslerp_row_wise": True}),
+        ("model_stock", "x, y]\n", {}),
+    ])
+    def test_vector_merges_in_one_piece(self, cli, tmp_path, trio, monkeypatch, method, step,
+                                        params):
+        import recipekit.api
+        from recipekit.plan.cost import chunkable, reads_whole_tensor
+        from recipekit.steps.merge import Merge
+
+        monkeypatch.setattr("recipekit.plan.cost.CHUNK_ELEMS", 1 << 4)  # vectors chunk too
+        lines = "".join(f"  {k}: {v}\n" for k, v in trio.items())
+        r = write_recipe(tmp_path, f"recipekit: 1\nmodels:\n{lines}steps:\n  - name: m\n"
+                         f"    op: merge\n    method: {method}\n    base: base\n    from: ["
+                         f"{step}output: {{path: ./out}}\n")
+        result = cli("run", r, "-q")
+        assert result.exit_code == 0, result.output
+        plan = recipekit.api.plan(r, warn=False)
+        vectors = [t.node for s in plan.plan.shards for t in s.tensors
+                   if isinstance(t.node, Merge) and len(t.node.shape) == 1]
+        assert vectors and all(n.row_block == n.shape[0] for n in vectors)
+        assert not any(reads_whole_tensor(n) for n in vectors)
+        assert all(chunkable(n) for n in vectors)
+        out = read_tensors(tmp_path / "out")
+        inputs = {k: read_tensors(v) for k, v in trio.items()}
+        for n in vectors:
+            name = next(t.name for s in plan.plan.shards for t in s.tensors if t.node is n)
+            want = apply_method(method, [inputs["x"][name], inputs["y"][name]],
+                                base=inputs["base"][name], params=params)
+            assert torch.equal(out[name], want.to(out[name].dtype)), name
