@@ -29,10 +29,15 @@ QUANTILE_SAMPLE = 1_000_000
 def fusion_importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """Importance |b − a|·KL(softmax(b) ‖ softmax(a)), the KL taken per row (last axis) with
     1e-8 added to both distributions, so every element of a row shares the row's factor."""
+    return (other - base).abs() * fusion_kl(other, base)
+
+
+def fusion_kl(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(b) + 1e-8 ‖ softmax(a) + 1e-8) per row of the last axis, kept as a
+    length-1 last axis: the factor `fusion_importance` gives every element of the row."""
     p = F.softmax(other, dim=-1) + 1e-8
     q = F.softmax(base, dim=-1) + 1e-8
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    return (other - base).abs() * kl
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
 def quantile_sample(n: int, generator: torch.Generator | None) -> torch.Tensor | None:
@@ -148,17 +153,23 @@ def _select(base: torch.Tensor, other: torch.Tensor, importance: torch.Tensor,
     return base + (other - base) * mask
 
 
-def fusion_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The importance of any whole rows (last axis; a 1-D tensor is one row) of a, b, in the
-    kernel's compute dtype: what `arcee_fusion` scores, row by row the same bytes."""
-    dtype = compute_dtype(a, b)
-    return fusion_importance(b.to(dtype), a.to(dtype))
-
-
-def fusion_rows(a: torch.Tensor, b: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Any whole rows of `arcee_fusion`, given the whole tensor's threshold
-    (`fusion_threshold` or `fusion_threshold_pieces`): equal to those rows of the kernel."""
+def fusion_scores(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(importance, KL per row) of any whole rows (last axis; a 1-D tensor is one row) of
+    a, b, in the kernel's compute dtype: what `arcee_fusion` scores, row by row the same
+    bytes. The KL is what `fusion_rows` needs again, so a streamed merge keeps it (one value
+    per row) instead of recomputing both softmaxes."""
     dtype = compute_dtype(a, b)
     base, other = a.to(dtype), b.to(dtype)
-    importance = fusion_importance(other, base)
+    kl = fusion_kl(other, base)
+    return (other - base).abs() * kl, kl
+
+
+def fusion_rows(a: torch.Tensor, b: torch.Tensor, threshold: torch.Tensor,
+                kl: torch.Tensor) -> torch.Tensor:
+    """Any whole rows of `arcee_fusion`, given the whole tensor's threshold
+    (`fusion_threshold` or `fusion_threshold_pieces`) and those rows' KL (`fusion_scores`,
+    any shape holding one value per row): equal to those rows of the kernel."""
+    dtype = compute_dtype(a, b)
+    base, other = a.to(dtype), b.to(dtype)
+    importance = (other - base).abs() * kl.to(base.device).reshape(*base.shape[:-1], 1)
     return _select(base, other, importance, threshold.to(importance.device))

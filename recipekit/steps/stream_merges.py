@@ -8,8 +8,8 @@ once they are known (`compute_rows`). So no input is held whole, whatever its si
 * arcee_fusion: `FusionThreshold` scores row pieces (the importance of a row needs that row
   only) and keeps the values the quartiles read: all of them up to 10^6 elements, else those
   at the kernel's 10^6 sampled indices, drawn first from the same per-tensor generator
-  (`ops.fusion.fusion_threshold_pieces`); `FusionMerge` selects by rows. Bit for bit the
-  whole kernel's, in fp32 and in mergekit's `compute_dtype:`.
+  (`ops.fusion.fusion_threshold_pieces`), and each row's KL; `FusionMerge` selects by rows
+  with them. Bit for bit the whole kernel's, in fp32 and in mergekit's `compute_dtype:`.
 * ramplus_tl: `RamPlusScales` counts each model's shared and lone changes over pieces (integer
   counts add up exactly) and turns them into λ as the kernel does; `RamPlusMerge` is then
   elementwise. Bit for bit the whole kernel's.
@@ -65,8 +65,10 @@ def _one_row(node: Node) -> int:
 
 @dataclass(frozen=True, eq=False)
 class FusionThreshold(Reduction):
-    """arcee_fusion's threshold median + 1.5·IQR of the importance of one tensor ([1], the
-    compute dtype), from one pass over row pieces of a (the base) and b."""
+    """arcee_fusion's threshold median + 1.5·IQR of the importance of one tensor, then the KL
+    of each last-axis row ([1 + rows], the compute dtype), from one pass over row pieces of a
+    (the base) and b. The output's pieces read their rows' KL here rather than recompute two
+    softmaxes (half the work of the merge)."""
 
     a: Node
     b: Node
@@ -78,8 +80,13 @@ class FusionThreshold(Reduction):
     passes: ClassVar[int] = 1
 
     @property
+    def kl_rows(self) -> int:
+        """Last-axis rows of the tensor (one KL each)."""
+        return self.a.numel // max(1, self.a.shape[-1])
+
+    @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return (1,)
+        return (1 + self.kl_rows,)
 
     @property
     def dtype(self) -> str:  # type: ignore[override]
@@ -88,10 +95,10 @@ class FusionThreshold(Reduction):
     @property
     def state_bytes(self) -> int:
         # the kept importance values (every one, or the sample) and their sort; the sample's
-        # indices and their sort
+        # indices and their sort; the KL pieces and their concatenation
         kept = min(self.a.numel, QUANTILE_SAMPLE)
         indices = 2 * 8 * QUANTILE_SAMPLE if self.a.numel > QUANTILE_SAMPLE else 0
-        return 3 * itemsize(self.work) * kept + indices
+        return 3 * itemsize(self.work) * kept + indices + 2 * itemsize(self.work) * self.kl_rows
 
     @property
     def workspace(self) -> int:
@@ -112,16 +119,23 @@ class FusionThreshold(Reduction):
 
         n = self.a.numel
         if n == 0:
-            return torch.zeros(1, dtype=torch_dtype(self.work))
+            return torch.zeros(self.shape, dtype=torch_dtype(self.work))
         row = n // max(1, source.rows)
+        kls: list[Any] = []
 
-        def score(lo: int, hi: int, pieces: tuple[Any, ...]) -> tuple[int, Any]:
+        def score(lo: int, hi: int, pieces: tuple[Any, ...]) -> tuple[int, Any, Any]:
             with _compute_in(self.native):
-                return lo * row, fusion_scores(pieces[0], pieces[1])
+                return (lo * row, *fusion_scores(pieces[0], pieces[1]))
+
+        def scored() -> Iterator[tuple[int, Any]]:
+            for start, importance, kl in source.map(score):
+                kls.append(kl.reshape(-1).cpu())
+                yield start, importance
 
         # the kernel's generator, which `quantile_sample` draws from above its sample size
         generator = tensor_generator(self.seed, self.tensor)
-        return fusion_threshold_pieces(source.map(score), n, generator).reshape(1)
+        threshold = fusion_threshold_pieces(scored(), n, generator).reshape(1).cpu()
+        return torch.cat([threshold, *kls])
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,8 +174,14 @@ class FusionMerge(SameShape):
     def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
         from recipekit.ops.fusion import fusion_rows
 
+        stats = args[2]
+        if len(self.shape) == 1:  # one row, one piece
+            kl = stats[1:]
+        else:
+            per_row = self.threshold.kl_rows // self.shape[0]  # KL rows per dim-0 row
+            kl = stats[1 + lo * per_row:1 + hi * per_row]
         with _compute_in(self.native):
-            return fusion_rows(args[0], args[1], args[2]).to(torch_dtype(self.dtype))
+            return fusion_rows(args[0], args[1], stats[:1], kl).to(torch_dtype(self.dtype))
 
 
 @dataclass(frozen=True, eq=False)
