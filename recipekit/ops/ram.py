@@ -122,8 +122,13 @@ def ramplus_counts(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     Why separate: the counts are the only thing RAM+ reads across the whole tensor, and
     counts of row pieces add up exactly, so a streamed merge sums them over pieces
     (steps/stream_merges.py) and gets the whole tensor's bit for bit."""
-    _, nonzero, count = _counted_deltas(base, tensors, epsilon)
-    return torch.stack([(nonzero & (count > 1)).sum(dim=1), (nonzero & (count == 1)).sum(dim=1)])
+    dtype = compute_dtype(base, *tensors)
+    b = base.to(dtype)
+    nonzero = torch.stack([(t.to(dtype) - b).abs() > epsilon for t in tensors])
+    nonzero = nonzero.reshape(len(tensors), -1)
+    changed = nonzero.sum(dim=1)
+    lone = (nonzero & (nonzero.sum(dim=0, dtype=torch.int32) == 1)).sum(dim=1)
+    return torch.stack([changed - lone, lone])  # shared: changed but not alone
 
 
 def ramplus_scales(counts: torch.Tensor, *, r: float = 0.1, alpha: float = 0.2,
