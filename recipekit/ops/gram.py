@@ -29,7 +29,8 @@ import torch
 from recipekit.ops.spherical import NUSLERP_COLLINEAR
 
 __all__ = ["gram", "karcher_coefficients", "linear_combine", "model_stock_coefficients",
-           "multislerp_coefficients", "nuslerp_coefficients", "nuslerp_t"]
+           "multislerp_coefficients", "nuslerp_coefficients", "nuslerp_column_coefficients",
+           "nuslerp_column_sums", "nuslerp_t"]
 
 Vectors = Callable[[int, int, tuple[Any, ...]], Sequence[torch.Tensor]]
 
@@ -106,6 +107,34 @@ def nuslerp_coefficients(g: torch.Tensor, t: float) -> torch.Tensor:
     s = math.sin(theta)
     return torch.tensor([math.sin((1 - t) * theta) / s, math.sin(t * theta) / s],
                         dtype=torch.float64)
+
+
+def nuslerp_column_sums(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Σ over dim 0 of v0², v1² and v0·v1 for every position of the other axes: fp64
+    [3, *shape[1:]] on the CPU, for any rows of nuslerp's `row_wise` vectors (axis 0).
+
+    Each product is exact in fp64 and summed in fp64 over the rows given; the caller adds the
+    sums of its row pieces in piece order (`nuslerp_column_coefficients` reads the total)."""
+    a, b = v0.to(torch.float64), v1.to(torch.float64)
+    return torch.stack([(a * a).sum(dim=0), (b * b).sum(dim=0), (a * b).sum(dim=0)]).cpu()
+
+
+def nuslerp_column_coefficients(sums: torch.Tensor, t: float) -> torch.Tensor:
+    """nuslerp's `row_wise` S(v0, v1) = c_0 v0 + c_1 v1 per axis-0 vector: fp64
+    [2, *shape[1:]] from the `nuslerp_column_sums` of the whole tensor.
+
+    The steps of `nuslerp_coefficients`, elementwise over the vectors: norms clamped at
+    1e-7, the cosine clamped to [−1, 1], (1 − t, t) where 1 − c² ≤ `NUSLERP_COLLINEAR`, else
+    (sin((1 − t)θ), sin(tθ))/sin θ.
+    """
+    n0, n1 = sums[0].clamp(min=0).sqrt(), sums[1].clamp(min=0).sqrt()
+    cos = (sums[2] / (n0.clamp(min=1e-7) * n1.clamp(min=1e-7))).clamp(-1.0, 1.0)
+    collinear = (1 - cos * cos) <= NUSLERP_COLLINEAR
+    theta = torch.acos(torch.where(collinear, torch.zeros_like(cos), cos))
+    s = torch.sin(theta)
+    c0 = torch.where(collinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta) / s)
+    c1 = torch.where(collinear, torch.full_like(cos, t), torch.sin(t * theta) / s)
+    return torch.stack([c0, c1])
 
 
 def multislerp_coefficients(g: torch.Tensor, weights: Sequence[float], *,

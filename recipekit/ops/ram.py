@@ -109,8 +109,40 @@ def ramplus_tl(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, r: float 
     check_inputs("ramplus_tl", [base, *tensors])
     if not tensors:
         return base.to(compute_dtype(base), copy=True)
-    z, nonzero, count = _counted_deltas(base, tensors, epsilon)
-    shared = (nonzero & (count > 1)).sum(dim=1)
-    lone = (nonzero & (count == 1)).sum(dim=1)
+    counts = ramplus_counts(base, tensors, epsilon=epsilon)
+    return ramplus_rows(base, tensors, ramplus_scales(counts, r=r, alpha=alpha,
+                                                      epsilon=epsilon), epsilon=epsilon)
+
+
+def ramplus_counts(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
+                   epsilon: float = 1e-5) -> torch.Tensor:
+    """RAM+'s whole-tensor numbers, of any rows: int64 [2, M], the counts s_i (row 0: shared
+    changes) and u_i (row 1: lone ones) of `ramplus_tl` over those rows.
+
+    Why separate: the counts are the only thing RAM+ reads across the whole tensor, and
+    counts of row pieces add up exactly, so a streamed merge sums them over pieces
+    (steps/stream_merges.py) and gets the whole tensor's bit for bit."""
+    dtype = compute_dtype(base, *tensors)
+    b = base.to(dtype)
+    nonzero = torch.stack([(t.to(dtype) - b).abs() > epsilon for t in tensors])
+    nonzero = nonzero.reshape(len(tensors), -1)
+    changed = nonzero.sum(dim=1)
+    lone = (nonzero & (nonzero.sum(dim=0, dtype=torch.int32) == 1)).sum(dim=1)
+    return torch.stack([changed - lone, lone])  # shared: changed but not alone
+
+
+def ramplus_scales(counts: torch.Tensor, *, r: float = 0.1, alpha: float = 0.2,
+                   epsilon: float = 1e-5) -> torch.Tensor:
+    """λ_i = 1 + r·clamp(s_i / max(u_i, ε), 0, α) in fp32 (mergekit's), from the
+    `ramplus_counts` of the whole tensor (moved to the CPU)."""
+    shared, lone = counts.cpu()
     rho = shared / lone.clamp(min=epsilon)
-    return _combine(base, z, count, 1 + r * rho.clamp(min=0, max=alpha))
+    return 1 + r * rho.clamp(min=0, max=alpha)
+
+
+def ramplus_rows(base: torch.Tensor, tensors: Sequence[torch.Tensor], scales: torch.Tensor, *,
+                 epsilon: float = 1e-5) -> torch.Tensor:
+    """Any rows of `ramplus_tl` given the whole tensor's λ (`ramplus_scales`): elementwise
+    from there, so rows computed apart equal the whole kernel's rows bit for bit."""
+    z, _, count = _counted_deltas(base, tensors, epsilon)
+    return _combine(base, z, count, scales.to(z.device))

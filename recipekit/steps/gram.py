@@ -11,7 +11,7 @@ with mergekit to ~1e-6 relative (fp64 dots summed in pieces), not bit for bit.
 The row-local variants need no pass: nuslerp with `nuslerp_flatten: false` (last-axis rows) and
 model_stock with `filter_wise: true` compute each row from that row alone, so their `Merge`
 runs by rows at any size (`is_row_local`), bit for bit the whole kernel's rows. nuslerp's
-`nuslerp_row_wise: true` (columns across all rows) stays whole.
+`nuslerp_row_wise: true` (columns across all rows) streams in steps/stream_merges.py.
 Oracle: tests/steps/test_gram.py (streamed against `ops.merge.apply_method`, rows bit-exact).
 """
 
@@ -167,7 +167,7 @@ def streamed_gram(method: str, operands: tuple[Node, ...], base: Node | None,
         return None
     if method == "nuslerp" and params.get("nuslerp_flatten") is False \
             and len(operands[0].shape) >= 2:
-        return None  # per column (`nuslerp_row_wise`): whole (a vector is one row: a Gram)
+        return None  # per column (`nuslerp_row_wise`): steps/stream_merges.py (a vector: a Gram)
     uses_base = base if method != "karcher" else None
     every = operands + ((uses_base,) if uses_base is not None else ())
     stats = GramStats(method, operands, uses_base, tuple(sorted(params.items())),

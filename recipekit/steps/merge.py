@@ -39,6 +39,7 @@ from recipekit.recipe.params import ParamError, is_constant, resolve
 from recipekit.steps.gram import is_row_local, streamed_gram
 from recipekit.steps.interpolate import check_aligned
 from recipekit.steps.registry import Op
+from recipekit.steps.stream_merges import streamed_merge
 from recipekit.steps.vocab import align_inputs, check_tokenizer, vocab_config
 
 
@@ -86,9 +87,16 @@ class Merge(SameShape):
     def elementwise(self) -> bool:
         return METHODS[self.method].elementwise
 
+    @property
+    def row_block(self) -> int:  # type: ignore[override]
+        # a vector is one row: its whole kernel runs on one piece, the whole vector, as a
+        # row-local kernel runs on a matrix's rows (the plan's estimate holds it whole)
+        return self.shape[0] if len(self.shape) == 1 and not self.elementwise else 1
+
     def row_inputs(self) -> tuple[bool, ...] | None:
         # row-local methods (steps/gram.py) compute any rows from those rows of every input
-        if self.elementwise or is_row_local(self.method, dict(self.params), len(self.shape)):
+        if self.elementwise or len(self.shape) == 1 or is_row_local(
+                self.method, dict(self.params), len(self.shape)):
             return (True,) * len(self.inputs)
         return None
 
@@ -397,6 +405,9 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
             continue
         streamed = streamed_task_vectors(spec, operands, base, params, seed, name, dtype,
                                          native, step.spec.get("random_masks", "stream"))
+        if streamed is None:  # arcee_fusion, ramplus_tl, nuslerp by columns
+            streamed = streamed_merge(spec.name, operands, base, params, seed=seed,
+                                      tensor=name, dtype=dtype, native=native)
         if streamed is None and not native:
             streamed = streamed_gram(spec.name, operands, base, params, dtype)
         if streamed is None and not native and spec.name == "sce":
@@ -419,7 +430,7 @@ def streamed_task_vectors(spec: Any, operands: tuple[Node, ...], base: Node | No
                           native: bool, random_masks: str) -> Node | None:
     """The streamed nodes of a pruning task-arithmetic method (steps/task_vectors.py), or
     None where the whole-tensor `Merge` stays: mergekit's random draw asked for
-    (`random_masks: mergekit`), or DELLA on a vector (it ranks the whole 1-D tensor)."""
+    (`random_masks: mergekit`). DELLA ranks a vector as one row: it streams in one piece."""
     from recipekit.steps.task_vectors import (
         STREAMED_SPARSIFIERS,
         PrunedMerge,
@@ -433,8 +444,6 @@ def streamed_task_vectors(spec: Any, operands: tuple[Node, ...], base: Node | No
     if sparsify not in STREAMED_SPARSIFIERS or base is None:
         return None
     if spec.random and random_masks == "mergekit":
-        return None
-    if sparsify == "della_magprune" and len(base.shape) < 2:
         return None
     kw = resolve_params(spec, params, len(operands))
     work = work_dtype(operands + (base,), native)

@@ -112,6 +112,11 @@ class PruneStats(Reduction):
         # histogram scratch
         return (4 * len(self.operands) + 2) * 4 * self.base.numel
 
+    def bounds(self) -> list[tuple[int, int]]:
+        if _ranks_vector(self.sparsify, self.base):
+            return [(0, self.base.shape[0])]  # DELLA ranks a vector as one row: one piece
+        return super().bounds()
+
     def reduce(self, source: Any, whole: tuple[Any, ...]) -> Any:
         from recipekit.ops.stream_prune import prune_rules
 
@@ -152,6 +157,11 @@ class PrunedMerge(SameShape):
         # the stacked task vectors, their signs/masks and the fp32 sum
         return (2 * len(self.operands) + 2) * 4 * self.numel
 
+    @property
+    def row_block(self) -> int:  # type: ignore[override]
+        sparsify = dict(_method_spec(self.method).fixed).get("sparsify")
+        return self.base.shape[0] if _ranks_vector(sparsify, self.base) else 1
+
     def row_inputs(self) -> tuple[bool, ...] | None:
         return (True,) * (len(self.operands) + 1) + ((False,) if self.stats is not None else ())
 
@@ -183,6 +193,18 @@ class PrunedMerge(SameShape):
                                    normalize=kw["normalize"], lambda_=kw["lambda_"],
                                    int8_mask=kw["int8_mask"])
         return out.to(torch_dtype(self.dtype))
+
+
+def _ranks_vector(sparsify: str | None, base: Node) -> bool:
+    """DELLA on a vector: it ranks the whole 1-D tensor as one row (`ops.sparsify.
+    della_keep_probabilities`), so its pieces must be the whole vector (`row_block`)."""
+    return sparsify == "della_magprune" and len(base.shape) == 1
+
+
+def _method_spec(method: str) -> Any:
+    from recipekit.merge import METHODS
+
+    return METHODS[method]
 
 
 def _no_rules(densities: list[float]) -> Any:

@@ -110,3 +110,20 @@ def test_large_tensor_equals_mergekit_with_the_same_generator_state(tmp_path):
                     str(tmp_path / "out.safetensors")], check=True, timeout=300)
     theirs = load_file(tmp_path / "out.safetensors")["out"]
     assert torch.equal(arcee_fusion(a, b, generator=torch.Generator().manual_seed(5)), theirs)
+
+
+@pytest.mark.parametrize("shape", [(40, 7), (1001, 1000)], ids=["all", "sampled"])
+def test_threshold_of_pieces_in_any_order_equals_the_whole(shape):
+    """Oracle: `fusion_threshold` of the whole importance, bit for bit, from uneven pieces
+    handed over out of order (every element below the sample size, the sampled ones above)."""
+    from recipekit.ops.fusion import fusion_importance, fusion_threshold_pieces
+
+    g = torch.Generator().manual_seed(21)
+    a = torch.randn(*shape, generator=g)
+    importance = fusion_importance(a + 0.2 * torch.randn(*shape, generator=g), a)
+    row = shape[1]
+    bounds = [(0, 3), (3, 4), (4, 19), (19, shape[0])]
+    pieces = [(lo * row, importance[lo:hi]) for lo, hi in reversed(bounds)]
+    want = fusion_threshold(importance, torch.Generator().manual_seed(2))
+    got = fusion_threshold_pieces(pieces, importance.numel(), torch.Generator().manual_seed(2))
+    assert torch.equal(got, want)

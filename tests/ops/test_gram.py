@@ -115,3 +115,18 @@ class TestCoefficients:
         opposite = [xs[0], -xs[0]]  # the mean vanishes: the first unit vector
         got = G.linear_combine(opposite, G.karcher_coefficients(_gram(opposite)))
         assert _rel(got, karcher([x.double() for x in opposite])) <= 1e-7
+
+
+def test_nuslerp_columns_equal_the_row_wise_kernel():
+    """Oracle: `nuslerp(..., flatten=False, row_wise=True)` on fp64 inputs: the column sums of
+    two row pieces, added, give coefficients whose combination is the kernel's to 1e-12
+    (collinear and zero columns included)."""
+    g = torch.Generator().manual_seed(30)
+    v0 = torch.randn(11, 6, dtype=torch.float64, generator=g)
+    v1 = torch.randn(11, 6, dtype=torch.float64, generator=g)
+    v1[:, 2] = 3 * v0[:, 2]
+    v0[:, 4] = 0
+    sums = G.nuslerp_column_sums(v0[:4], v1[:4]) + G.nuslerp_column_sums(v0[4:], v1[4:])
+    c = G.nuslerp_column_coefficients(sums, 0.3)
+    want = nuslerp(v0, v1, weight_a=0.7, weight_b=0.3, flatten=False, row_wise=True)
+    torch.testing.assert_close(c[0] * v0 + c[1] * v1, want, rtol=0, atol=1e-12)

@@ -122,6 +122,25 @@ class TestRamplusTl:
         torch.testing.assert_close(ours.double(), expected.reshape(base.shape), atol=1e-6,
                                    rtol=0)
 
+    def test_counts_of_pieces_add_up_to_the_whole(self):
+        """Oracle: `ramplus_tl` itself. The counts of row pieces sum to the whole tensor's
+        and the rows, computed with its λ, are the kernel's bit for bit (the streamed form,
+        steps/stream_merges.py)."""
+        from recipekit.ops.ram import ramplus_counts, ramplus_rows, ramplus_scales
+
+        g = torch.Generator().manual_seed(8)
+        base = torch.randn(9, 5, generator=g)
+        tensors = [base + torch.randn(9, 5, generator=g) * (torch.rand(9, 5, generator=g) < p)
+                   for p in (0.3, 0.7)]
+        whole = ramplus_counts(base, tensors)
+        parts = [ramplus_counts(base[lo:hi], [t[lo:hi] for t in tensors])
+                 for lo, hi in ((0, 2), (2, 3), (3, 9))]
+        assert torch.equal(sum(parts), whole)
+        scales = ramplus_scales(whole, r=0.4, alpha=0.9)
+        rows = torch.cat([ramplus_rows(base[lo:hi], [t[lo:hi] for t in tensors], scales)
+                          for lo, hi in ((0, 4), (4, 9))])
+        assert torch.equal(rows, ramplus_tl(base, tensors, r=0.4, alpha=0.9))
+
     def test_r_zero_is_ram(self):
         g = torch.Generator().manual_seed(6)
         base = torch.randn(4, 4, generator=g)

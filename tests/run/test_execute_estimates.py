@@ -41,6 +41,9 @@ STEPS = {
     "dare_ties_mergekit_draw": "method: dare_ties\n    base: a\n    random_masks: mergekit\n"
                               "    from: [{model: b, weight: 0.6, density: 0.4}, {model: c, "
                               "weight: 0.5, density: 0.6}]",
+    "nuslerp_row_wise": "method: nuslerp\n    base: a\n    from: [{model: b, weight: 0.4}, "
+                        "{model: c, weight: 0.6}]\n    parameters: {nuslerp_flatten: false, "
+                        "nuslerp_row_wise: true}",
     "ramplus_tl": "method: ramplus_tl\n    base: a\n    from: [b, c]",
     "arcee_fusion": "method: arcee_fusion\n    from: [a, b]",
     "task_arithmetic": "method: task_arithmetic\n    base: a\n    from: [{model: b, weight: "
@@ -50,14 +53,16 @@ STEPS = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Three related checkpoints: a 8 MiB embedding and a 16 MiB MLP matrix in fp32, and a
-    bf16 projection (mixed dtypes)."""
+    """Three related checkpoints: a 8 MiB embedding and a 16 MiB MLP matrix in fp32, a bf16
+    projection (mixed dtypes) and a 1 MiB fp32 vector (DELLA and arcee_fusion read a vector
+    as one row, in one piece)."""
     root = tmp_path_factory.mktemp("estimate")
     g = torch.Generator().manual_seed(0)
     base = {"model.embed_tokens.weight": torch.randn(2048, 1024, generator=g),
             "model.layers.0.mlp.up_proj.weight": torch.randn(4096, 1024, generator=g),
             "model.layers.0.self_attn.q_proj.weight":
-                torch.randn(1024, 1024, generator=g).bfloat16()}
+                torch.randn(1024, 1024, generator=g).bfloat16(),
+            "model.norm.weight": torch.randn(1 << 18, generator=g)}
     for i, name in enumerate("abc"):
         d = root / name
         d.mkdir()
