@@ -98,15 +98,23 @@ def fusion_threshold_pieces(pieces: Iterable[tuple[int, torch.Tensor]], n: int,
     """
     sample = quantile_sample(n, generator)
     ordered = None if sample is None else torch.sort(sample.cpu()).values
-    kept = []
+    del sample
+    # one buffer of the kept size, filled in place: pieces held until the end would pin the
+    # allocator's heap under every later piece's temporaries (run/execute.py)
+    kept: torch.Tensor | None = None
     for start, piece in pieces:
         flat = piece.reshape(-1)
+        if kept is None:
+            kept = torch.empty(n if ordered is None else len(ordered), dtype=flat.dtype,
+                               device=flat.device)
         if ordered is None:
-            kept.append(flat)
+            kept[start:start + flat.numel()] = flat
             continue
-        lo, hi = torch.searchsorted(ordered, torch.tensor([start, start + flat.numel()]))
-        kept.append(flat[(ordered[lo:hi] - start).to(flat.device)])
-    return outlier_threshold(torch.cat(kept))
+        lo, hi = (int(i) for i in torch.searchsorted(
+            ordered, torch.tensor([start, start + flat.numel()])))
+        kept[lo:hi] = flat[(ordered[lo:hi] - start).to(flat.device)]
+    assert kept is not None, "no pieces"
+    return outlier_threshold(kept)
 
 
 def arcee_fusion(a: torch.Tensor, b: torch.Tensor, *,

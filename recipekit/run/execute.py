@@ -16,7 +16,6 @@ import ctypes
 import dataclasses
 import itertools
 import logging
-import mmap
 import queue
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -162,21 +161,24 @@ class Runtime:
 
 class BufferPool:
     """Up to ``count`` reusable copy buffers, made on first use; a buffer goes back once the
-    writer has hashed its bytes. Each is an anonymous mapping, so only the bytes written into
-    it become resident: a computed piece (a few hundred KiB) does not touch the rest."""
+    writer has hashed its bytes. Each is allocated without being written (numpy's `empty`;
+    the allocator maps buffers this large), so only the bytes copied into it become resident:
+    a computed piece (a few hundred KiB) does not touch the rest."""
 
     def __init__(self, count: int, size: int) -> None:
         self.size = size
-        self._free: queue.Queue[mmap.mmap] = queue.Queue()
+        self._free: queue.Queue[Any] = queue.Queue()
         self._left = count
 
-    def get(self) -> mmap.mmap:
+    def get(self) -> Any:
+        import numpy
+
         if self._left and self._free.empty():
             self._left -= 1
-            return mmap.mmap(-1, self.size)
+            return numpy.empty(self.size, dtype=numpy.uint8)
         return self._free.get()
 
-    def put(self, buf: mmap.mmap) -> None:
+    def put(self, buf: Any) -> None:
         self._free.put(buf)
 
 
@@ -237,7 +239,7 @@ def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Run
         raise
 
 
-def _copy_into(buf: mmap.mmap, tensor: Any) -> None:
+def _copy_into(buf: Any, tensor: Any) -> None:
     """Copy a contiguous CPU tensor's bytes to the start of ``buf``."""
     import torch
 
@@ -520,6 +522,22 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+class _OneThreadPool:
+    """``pool``, each task run at one torch thread (OpenMP's setting is per thread)."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self.pool = pool
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        def one_thread() -> Any:
+            import torch
+
+            torch.set_num_threads(1)
+            return fn(*args)
+
+        return self.pool.submit(one_thread)
+
+
 def _pinned(device: Any) -> bool:
     """Read into page-locked memory, so host-to-GPU copies are asynchronous DMA."""
     return device is not None and device.type == "cuda"
@@ -573,8 +591,9 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
                           for x, s in zip(m.inputs, m.streamed(), strict=True) if not s)
             result = m.reduce(_FileSource(m, plan, rt, memo), whole)
         elif isinstance(m, Reduction) and (device is None or device.type == "cpu"):
-            with _one_torch_thread():  # pieces of ~1Mi values: see `_one_torch_thread`
-                result = m.compute(tuple(memo[x] for x in m.inputs))
+            with _one_torch_thread():  # small pieces: see `_one_torch_thread`
+                result = m.compute(tuple(memo[x] for x in m.inputs), *(
+                    (_OneThreadPool(rt.compute), rt.workers) if rt.compute else ()))
         else:
             result = m.compute(tuple(memo[x].to(device, non_blocking=True) for x in m.inputs))
         if isinstance(m, (Reduction, Sweep)):

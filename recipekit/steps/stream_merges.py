@@ -94,17 +94,18 @@ class FusionThreshold(Reduction):
 
     @property
     def state_bytes(self) -> int:
-        # the kept importance values (every one, or the sample) and their sort; the sample's
-        # indices and their sort; the KL pieces and their concatenation
+        # the kept importance values (every one, or the sample) and their sort (values and
+        # int64 indices); the sample's indices and their sort (values and indices); the KL
         kept = min(self.a.numel, QUANTILE_SAMPLE)
-        indices = 2 * 8 * QUANTILE_SAMPLE if self.a.numel > QUANTILE_SAMPLE else 0
-        return 3 * itemsize(self.work) * kept + indices + 2 * itemsize(self.work) * self.kl_rows
+        indices = 3 * 8 * QUANTILE_SAMPLE if self.a.numel > QUANTILE_SAMPLE else 0
+        return ((2 * itemsize(self.work) + 8) * kept + indices
+                + 2 * itemsize(self.work) * self.kl_rows)
 
     @property
     def workspace(self) -> int:
-        # per piece: both inputs in the compute dtype, two softmaxes, their log ratio, the
-        # importance
-        return 6 * itemsize(self.work) * self.a.numel
+        # per piece: both inputs in the compute dtype, two softmaxes and their logs, the log
+        # ratio and its product, |b - a|, the importance (measured: 6 was short)
+        return 10 * itemsize(self.work) * self.a.numel
 
     def bounds(self) -> list[tuple[int, int]]:
         if len(self.a.shape) == 1:
@@ -121,21 +122,26 @@ class FusionThreshold(Reduction):
         if n == 0:
             return torch.zeros(self.shape, dtype=torch_dtype(self.work))
         row = n // max(1, source.rows)
-        kls: list[Any] = []
+        # the threshold, then each row's KL written in place as pieces come (`ops.fusion`)
+        out = torch.empty(self.shape, dtype=torch_dtype(self.work))
+        filled = 1
 
         def score(lo: int, hi: int, pieces: tuple[Any, ...]) -> tuple[int, Any, Any]:
             with _compute_in(self.native):
                 return (lo * row, *fusion_scores(pieces[0], pieces[1]))
 
         def scored() -> Iterator[tuple[int, Any]]:
+            nonlocal filled
             for start, importance, kl in source.map(score):
-                kls.append(kl.reshape(-1).cpu())
+                kl = kl.reshape(-1)
+                out[filled:filled + kl.numel()] = kl
+                filled += kl.numel()
                 yield start, importance
 
         # the kernel's generator, which `quantile_sample` draws from above its sample size
         generator = tensor_generator(self.seed, self.tensor)
-        threshold = fusion_threshold_pieces(scored(), n, generator).reshape(1).cpu()
-        return torch.cat([threshold, *kls])
+        out[0] = fusion_threshold_pieces(scored(), n, generator).reshape(())
+        return out
 
 
 @dataclass(frozen=True, eq=False)
