@@ -13,8 +13,6 @@ Nothing here imports torch at module level.
 
 from __future__ import annotations
 
-import collections
-import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -60,45 +58,16 @@ def piece_bounds(rows: int, row_elems: int, *, row_block: int = 1) -> list[tuple
 
 
 class InMemorySource:
-    """A `RowSource` over tensors already in memory, cut like the executor cuts files.
+    """A `RowSource` over tensors already in memory, cut like the executor cuts files."""
 
-    With ``pool`` (an executor of ``workers`` threads) pieces run side by side, at most
-    ``workers + 1`` at once, their results still yielded in piece order: the same values as
-    one thread, since a reduction folds them in that order."""
-
-    def __init__(self, tensors: Sequence[Any], bounds: list[tuple[int, int]],
-                 pool: Any = None, workers: int = 1) -> None:
+    def __init__(self, tensors: Sequence[Any], bounds: list[tuple[int, int]]) -> None:
         self.tensors = tuple(tensors)
         self.rows = bounds[-1][1] if bounds else 0
         self.bounds = bounds
-        self.pool, self.workers = pool, workers
 
     def map(self, fn: PieceFn[T]) -> Iterator[T]:
-        if self.pool is None:
-            for lo, hi in self.bounds:
-                yield fn(lo, hi, tuple(t[lo:hi] for t in self.tensors))
-            return
-        upcoming = iter(self.bounds)
-        inflight: collections.deque[Any] = collections.deque()
-
-        def start(lo: int, hi: int) -> None:
-            inflight.append(self.pool.submit(fn, lo, hi, tuple(t[lo:hi] for t in self.tensors)))
-
-        try:
-            for lo, hi in itertools.islice(upcoming, self.workers + 1):
-                start(lo, hi)
-            while inflight:
-                result = inflight.popleft().result()
-                following = next(upcoming, None)
-                if following is not None:
-                    start(*following)
-                yield result
-        finally:  # a pass left early: let running pieces finish before the inputs go
-            for future in inflight:
-                future.cancel()
-            for future in inflight:
-                if not future.cancelled():
-                    future.exception()
+        for lo, hi in self.bounds:
+            yield fn(lo, hi, tuple(t[lo:hi] for t in self.tensors))
 
 
 class Reduction(Node):
@@ -152,13 +121,11 @@ class Reduction(Node):
         in input order)."""
         raise NotImplementedError(type(self).__name__)
 
-    def compute(self, args: tuple[Any, ...], pool: Any = None, workers: int = 1) -> Any:
-        """The value from inputs in memory, its pieces on ``pool``'s ``workers`` threads if
-        given (`InMemorySource`)."""
+    def compute(self, args: tuple[Any, ...]) -> Any:
         flags = self.streamed()
         streamed = [a for a, s in zip(args, flags, strict=True) if s]
         whole = tuple(a for a, s in zip(args, flags, strict=True) if not s)
-        source = InMemorySource([_as_rows(a) for a in streamed], self.bounds(), pool, workers)
+        source = InMemorySource([_as_rows(a) for a in streamed], self.bounds())
         return self.reduce(source, whole)
 
 

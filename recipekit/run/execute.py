@@ -522,22 +522,6 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-class _OneThreadPool:
-    """``pool``, each task run at one torch thread (OpenMP's setting is per thread)."""
-
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
-        self.pool = pool
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        def one_thread() -> Any:
-            import torch
-
-            torch.set_num_threads(1)
-            return fn(*args)
-
-        return self.pool.submit(one_thread)
-
-
 def _pinned(device: Any) -> bool:
     """Read into page-locked memory, so host-to-GPU copies are asynchronous DMA."""
     return device is not None and device.type == "cuda"
@@ -592,8 +576,7 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
             result = m.reduce(_FileSource(m, plan, rt, memo), whole)
         elif isinstance(m, Reduction) and (device is None or device.type == "cpu"):
             with _one_torch_thread():  # small pieces: see `_one_torch_thread`
-                result = m.compute(tuple(memo[x] for x in m.inputs), *(
-                    (_OneThreadPool(rt.compute), rt.workers) if rt.compute else ()))
+                result = m.compute(tuple(memo[x] for x in m.inputs))
         else:
             result = m.compute(tuple(memo[x].to(device, non_blocking=True) for x in m.inputs))
         if isinstance(m, (Reduction, Sweep)):
