@@ -295,9 +295,15 @@ class RangeFinderFactors(Reduction):
 
     @property
     def state_bytes(self) -> int:
-        """Y (m×L), W and R (n×L), kept from pass to pass."""
+        """Y (m×L), W and R (n×L), kept from pass to pass, and beside them after the last
+        pass the fp64 Rayleigh–Ritz: W and B (n×L each), four L×L matrices, U (m×rank).
+
+        Y counts twice: extracting TinyLlama's shapes measured a 210 MiB working set
+        (tests/helpers/memory.py's method) where these terms come to 175 MiB; the
+        allocator's retained pass-time blocks are the likely rest (not pinned down)."""
         rows, cols, width, item = self._sizes()
-        return item * width * (rows + 2 * cols)
+        return (item * width * (2 * rows + 2 * cols) + 8 * width * (2 * cols + 4 * width)
+                + item * rows * self.rank)
 
     @property
     def workspace(self) -> int:
