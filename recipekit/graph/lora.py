@@ -256,7 +256,8 @@ class RangeFinderFactors(Reduction):
     Δ = tuned − base is formed per row piece in fp32 (fp64 for fp64 inputs), in the stored
     layout (rows are what streams); ``transposed`` modules (embeddings, `Conv1D`) swap the
     roles of U and Vh afterwards. Ω is drawn from the generator of (``seed``, ``tensor``).
-    Memory: Q, Y, Z and B (m×l and n×l, l = rank + oversample) and a piece or two, never Δ.
+    Memory: Y and its QR (m×L each), W, R and B (n×L), L = (power_iters + 1) blocks of
+    rank + oversample columns (at most min(m, n)), and a piece or two, never Δ.
     """
 
     tuned: Node
@@ -281,28 +282,37 @@ class RangeFinderFactors(Reduction):
 
     @property
     def passes(self) -> int:  # type: ignore[override]
-        """Y = ΔΩ, two per power iteration, and B = QᵀΔ."""
-        return 2 + 2 * self.power_iters
+        """One per Krylov block: each reads Δ once for ΔZ and ΔᵀΔZ (fewer when the blocks
+        fill min(m, n) sooner)."""
+        return 1 + self.power_iters
 
     def _sizes(self) -> tuple[int, int, int, int]:
-        """(rows m, cols n, sketch width l, bytes per value of the work dtype)."""
+        """(rows m, cols n, Krylov width L, bytes per value of the work dtype)."""
         rows, cols = self.tuned.shape
         item = 8 if F64 in (self.tuned.dtype, self.base.dtype) else 4
-        return rows, cols, min(self.rank + self.oversample, rows, cols), item
+        block = min(self.rank + self.oversample, rows, cols)
+        return rows, cols, min(block * self.passes, rows, cols), item
 
     @property
     def state_bytes(self) -> int:
-        """Q (m×l) and Z (n×l), kept from pass to pass."""
+        """Y (m×L), W and R (n×L), kept from pass to pass, and beside them after the last
+        pass the fp64 Rayleigh–Ritz: W and B (n×L each), four L×L matrices, U (m×rank).
+
+        Y counts twice: extracting TinyLlama's shapes measured a 210 MiB working set
+        (tests/helpers/memory.py's method) where these terms come to 175 MiB; the
+        allocator's retained pass-time blocks are the likely rest (not pinned down)."""
         rows, cols, width, item = self._sizes()
-        return item * width * (rows + cols)
+        return (item * width * (2 * rows + 2 * cols) + 8 * width * (2 * cols + 4 * width)
+                + item * rows * self.rank)
 
     @property
     def workspace(self) -> int:
-        """Ω, Y, Q (m×l twice), Z, B and the SVD of B (n×l four times, l×l), and per piece
-        the two inputs in the work dtype, their difference and its product."""
+        """Y and its QR factor (m×L twice), W, R, B and B's SVD (n×L four times), the small
+        SVDs (L×L four times), and per piece the two inputs in the work dtype, their
+        difference and its products."""
         rows, cols, width, item = self._sizes()
         piece = min(rows * cols, PASS_ELEMS)
-        return item * (2 * rows * width + 4 * cols * width + width * width + 4 * piece)
+        return item * (2 * rows * width + 4 * cols * width + 4 * width * width + 4 * piece)
 
     def reduce(self, source: RowSource, whole: tuple[Any, ...]) -> Any:
         import torch

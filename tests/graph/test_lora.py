@@ -12,6 +12,7 @@ import torch
 from recipekit.graph import Load, PackedFactor, RangeFinderFactors, intern
 from recipekit.graph.lora import SvdFactor
 from recipekit.graph.passes import PASS_ELEMS, InMemorySource, piece_bounds
+from recipekit.steps.extract_lora import OVERSAMPLE, POWER_ITERS
 
 
 def nodes(rows: int, cols: int, rank: int, *, transposed: bool = False, dtype: str = "F32"):
@@ -48,14 +49,30 @@ def test_many_pieces_are_folded_the_same_way_every_time():
 
 
 def test_the_plan_is_told_thin_matrices_not_the_whole_difference():
-    """Embedding shape, rank 64: Q, Y, Z, B and a few pieces (under 40 MiB), where the exact
-    SVD holds three fp32 copies of the 32000×2048 difference (750 MiB)."""
-    packed, _ = nodes(32000, 2048, 64, dtype="BF16")
-    width = 64 + 16
-    assert packed.state_bytes == 4 * width * (32000 + 2048)
-    assert packed.workspace <= 4 * (2 * 32000 * width + 4 * 2048 * width + width * width
+    """Embedding shape, rank 64, the step's defaults: Y and its QR factor (32000×L), W, R and B
+    (2048×L) and a few pieces, L = 5 blocks of 128 columns (under 250 MiB), where the exact
+    SVD holds three fp32 copies of the 32000×2048 difference (750 MiB); one pass per block."""
+    base = intern(Load("base", "w", (32000, 2048), "BF16"))
+    tuned = intern(Load("tuned", "w", (32000, 2048), "BF16"))
+    packed = intern(RangeFinderFactors(tuned, base, 64, True, 0.0, OVERSAMPLE, POWER_ITERS, 0,
+                                       "w"))
+    width = (64 + OVERSAMPLE) * (POWER_ITERS + 1)
+    assert width == 640
+    assert packed.state_bytes == (4 * width * (2 * 32000 + 2 * 2048)
+                                  + 8 * width * (2 * 2048 + 4 * width) + 4 * 32000 * 64)
+    assert packed.workspace <= 4 * (2 * 32000 * width + 4 * 2048 * width + 4 * width * width
                                     + 4 * PASS_ELEMS)
-    assert packed.workspace < 40 << 20
-    assert packed.passes == 6
+    assert packed.workspace < 250 << 20
+    assert packed.passes == POWER_ITERS + 1 == 5
     exact = SvdFactor(Load("d", "w", (32000, 2048), "F32"), "A", 64, True, 0.0, "BF16")
     assert exact.workspace > 700 << 20
+
+
+def test_the_krylov_width_is_capped_at_the_smaller_side():
+    """A 256×2048 projection at the defaults is spanned by two blocks of 128: L = 256, not
+    640 (and the passes stop there, tests/ops/test_lowrank.py)."""
+    base = intern(Load("base", "w", (256, 2048), "BF16"))
+    tuned = intern(Load("tuned", "w", (256, 2048), "BF16"))
+    packed = intern(RangeFinderFactors(tuned, base, 64, False, 0.0, OVERSAMPLE, POWER_ITERS, 0,
+                                       "w"))
+    assert packed._sizes()[2] == 256

@@ -1,10 +1,13 @@
-"""ops/lowrank.py: the streamed randomized SVD against an exact SVD.
+"""ops/lowrank.py: the streamed randomized SVD (fused block Krylov) against an exact SVD.
 
 Oracle: Eckart–Young. The best rank-k approximation of Δ errs by √Σ_{i>k} σ_i² in Frobenius
-norm; Δ is built from known singular vectors and values, so σ is exact. The randomized
-factors at the step's defaults (oversample 16, 2 power iterations) must come within 1% of it
-on real-shaped matrices whose spectra look like fine-tuning deltas: a slow power-law decay, and
-a low-rank signal over a noise floor.
+norm. σ is exact either by construction (Δ built from known singular vectors and values: a
+slow power-law decay, and a low-rank signal over a noise floor, spectra like fine-tuning
+deltas) or from `torch.linalg.svdvals` of the same matrix (a Gaussian difference: a flat
+spectrum, the hardest case for a sketch and what the bench fixtures' differences are). At the
+step's defaults the randomized factors must come within `TOL` (0.05%) of it on real-shaped
+matrices; the subspace iteration these defaults replaced (oversample 16, 2 power iterations, 6
+passes) erred 0.84% above it on the flat 2048×2048 case.
 """
 
 from __future__ import annotations
@@ -18,12 +21,18 @@ from recipekit.graph.passes import piece_bounds
 from recipekit.ops.lowrank import factors_from_svd, randomized_svd
 from recipekit.steps.extract_lora import OVERSAMPLE, POWER_ITERS
 
+#: the largest relative excess over the optimal error allowed at the defaults (the bench's
+#: target: error ratio ≤ 1.0005 against mergekit-extract-lora's full SVD)
+TOL = 5e-4
 
-def pieces_of(delta: torch.Tensor):
-    """A `MapPieces` over ``delta``, cut as the executor cuts a pass."""
+
+def pieces_of(delta: torch.Tensor, calls: list[int] | None = None):
+    """A `MapPieces` over ``delta``, cut as the executor cuts a pass (``calls`` counts passes)."""
     bounds = piece_bounds(delta.shape[0], delta.shape[1])
 
     def map_pieces(fn):
+        if calls is not None:
+            calls.append(1)
         return (fn(lo, hi, delta[lo:hi]) for lo, hi in bounds)
 
     return map_pieces
@@ -33,8 +42,12 @@ def spectrum_matrix(rows: int, cols: int, kind: str, seed: int,
                     terms: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """(Δ, σ): Δ = U·diag(σ)·Vᵀ with orthonormal U, V (QR of Gaussians) and ``terms``
     singular values shaped like a fine-tuning delta's, so the exact spectrum is known without
-    an SVD of Δ (minutes on a shared 2-core machine for 2048×5632)."""
+    an SVD of Δ (minutes on a shared 2-core machine for 2048×5632). ``kind`` "flat" is a
+    Gaussian instead, its σ from `torch.linalg.svdvals`."""
     g = torch.Generator().manual_seed(seed)
+    if kind == "flat":
+        delta = torch.randn(rows, cols, generator=g)
+        return delta, torch.linalg.svdvals(delta)
     u = torch.linalg.qr(torch.randn(rows, terms, generator=g)).Q
     v = torch.linalg.qr(torch.randn(cols, terms, generator=g)).Q
     i = torch.arange(1, terms + 1, dtype=torch.float32)
@@ -54,27 +67,62 @@ def relative_excess(delta: torch.Tensor, sigma: torch.Tensor, rank: int, **kw) -
     return (err - best) / best
 
 
-@pytest.mark.parametrize("kind", ["power-law", "signal+noise"])
-@pytest.mark.parametrize("shape", [(2048, 5632), (5632, 2048)])
-def test_defaults_are_within_one_percent_of_optimal(shape, kind):
+@pytest.mark.parametrize(("shape", "kind"), [
+    ((2048, 5632), "power-law"), ((5632, 2048), "power-law"), ((5632, 2048), "signal+noise"),
+    ((2048, 2048), "flat"), ((256, 2048), "flat")])
+def test_defaults_reach_the_optimal_error(shape, kind):
     delta, sigma = spectrum_matrix(*shape, kind, seed=1)
     excess = relative_excess(delta, sigma, 64, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
-    assert -1e-4 <= excess <= 0.01, excess
+    assert -1e-4 <= excess <= TOL, excess
 
 
 def test_power_iterations_are_what_reaches_the_target():
-    """Without power iterations a power-law spectrum misses the target: the test above would
-    fail if the iterations did nothing."""
-    delta, sigma = spectrum_matrix(1024, 2816, "power-law", seed=2)
+    """Without power iterations (one pass) a flat spectrum misses the target by far: the test
+    above would fail if the Krylov blocks did nothing."""
+    delta, sigma = spectrum_matrix(1024, 2816, "flat", seed=2)
     plain = relative_excess(delta, sigma, 64, oversample=OVERSAMPLE, power_iters=0)
     iterated = relative_excess(delta, sigma, 64, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
-    assert plain > 0.01 and iterated <= 0.01, (plain, iterated)
+    assert plain > 10 * TOL and iterated <= TOL, (plain, iterated)
 
 
 @pytest.mark.slow
-def test_embedding_shape_within_one_percent():
-    delta, sigma = spectrum_matrix(32000, 2048, "power-law", seed=3)
-    assert relative_excess(delta, sigma, 64, oversample=OVERSAMPLE, power_iters=POWER_ITERS) <= 0.01
+@pytest.mark.parametrize(("shape", "kind"), [
+    ((32000, 2048), "power-law"), ((5632, 2048), "flat")])
+def test_large_shapes_reach_the_optimal_error(shape, kind):
+    delta, sigma = spectrum_matrix(*shape, kind, seed=3)
+    excess = relative_excess(delta, sigma, 64, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
+    assert -1e-4 <= excess <= TOL, excess
+
+
+def test_passes_are_at_most_power_iters_plus_one_and_stop_when_the_blocks_fill():
+    """The plan counts ``power_iters + 1`` passes (`RangeFinderFactors.passes`): an upper bound.
+    A 300-row Δ is spanned after 3 blocks of 100, and the result is then exact."""
+    delta, _ = spectrum_matrix(300, 900, "flat", seed=7)
+    calls: list[int] = []
+    u, s, vh = randomized_svd(pieces_of(delta, calls), 300, 900, rank=60, oversample=40,
+                              power_iters=6, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 3
+    exact = torch.linalg.svdvals(delta.double())[:60]
+    assert torch.allclose(s.double(), exact, rtol=1e-4)
+    calls.clear()
+    randomized_svd(pieces_of(delta, calls), 300, 900, rank=8, oversample=8, power_iters=4,
+                   generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 5
+
+
+def test_rank_deficient_and_zero_differences_give_fewer_triplets():
+    """Δ of rank 5 at rank 16: 5 triplets reproduce it (the rest would be rounding noise, and
+    `factors_from_svd` pads with zeros); Δ = 0 gives none rather than dividing by zero."""
+    g = torch.Generator().manual_seed(8)
+    delta = torch.randn(400, 5, generator=g) @ torch.randn(5, 300, generator=g)
+    u, s, vh = randomized_svd(pieces_of(delta), 400, 300, rank=16, oversample=8,
+                              power_iters=2, generator=g)
+    assert s.shape == (5,) and torch.allclose((u * s) @ vh, delta, atol=1e-4)
+    u, s, vh = randomized_svd(pieces_of(torch.zeros(50, 40)), 50, 40, rank=4, oversample=4,
+                              power_iters=1, generator=g)
+    assert u.shape == (50, 0) and s.shape == (0,) and vh.shape == (0, 40)
+    a, b = factors_from_svd(u, s, vh, rank=4, transposed=False)
+    assert a.shape == (4, 40) and b.shape == (50, 4) and not a.any() and not b.any()
 
 
 def test_full_width_sketch_is_an_exact_svd():

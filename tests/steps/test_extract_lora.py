@@ -59,7 +59,9 @@ def test_full_rank_reproduces_the_difference_in_peft(cli, tmp_path, pair):
 
 @pytest.mark.parametrize("method", ["exact", "randomized"])
 def test_lower_rank_error_is_the_discarded_singular_values(cli, tmp_path, pair, method):
-    """exact: Eckart–Young's error to 1e-5; randomized (the default): at most 1% above it."""
+    """exact: Eckart–Young's error to 1e-5; randomized (the default): at most 0.05% above it
+    (tests/ops/test_lowrank.py holds it to that on real-shaped matrices; these small ones are
+    spanned by the Krylov blocks, so the result is exact up to rounding)."""
     family, base, tuned = pair
     out = extract(cli, tmp_path, base, tuned, rank=3, extra=f", method: {method}")
     factors, w0, w1 = read_tensors(out), read_tensors(base), read_tensors(tuned)
@@ -80,7 +82,7 @@ def test_lower_rank_error_is_the_discarded_singular_values(cli, tmp_path, pair, 
         if method == "exact":
             assert abs(got - want) <= 1e-5 * max(1, want)
         else:
-            assert want - 1e-5 <= got <= 1.01 * want, (key, got / want)
+            assert want - 1e-5 <= got <= 1.0005 * want + 1e-5, (key, got / want)
         checked += 1
     assert checked >= 8
 
