@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from recipekit.dtypes import torch_dtype
 from recipekit.graph.nodes import Node, SameShape
-from recipekit.graph.passes import PASS_ELEMS, Reduction, RowSource
+from recipekit.graph.passes import Reduction, RowSource
 
 F32 = "F32"
 F64 = "F64"
@@ -292,17 +292,19 @@ class RangeFinderFactors(Reduction):
 
     @property
     def state_bytes(self) -> int:
-        """Q (m×l) and Z (n×l), kept from pass to pass."""
+        """The sketches, whole whatever the piece: Ω, Y, Q (m×l twice), Z, B and the SVD of
+        B (n×l four times, l×l). (Not `workspace`, which the plan scales to one piece.)"""
         rows, cols, width, item = self._sizes()
-        return item * width * (rows + cols)
+        return item * (2 * rows * width + 4 * cols * width + width * width)
 
     @property
     def workspace(self) -> int:
-        """Ω, Y, Q (m×l twice), Z, B and the SVD of B (n×l four times, l×l), and per piece
-        the two inputs in the work dtype, their difference and its product."""
-        rows, cols, width, item = self._sizes()
-        piece = min(rows * cols, PASS_ELEMS)
-        return item * (2 * rows * width + 4 * cols * width + width * width + 4 * piece)
+        """Per piece, the two inputs in the work dtype, their difference and its product:
+        four values per element, given for the whole tensor as for every `Reduction` (the
+        plan charges one piece's share). Measured: 12-16 MiB above the held inputs for
+        4096×1024 to 14336×4096 fp32, against 16 MiB charged."""
+        rows, cols, _, item = self._sizes()
+        return item * 4 * rows * cols
 
     def reduce(self, source: RowSource, whole: tuple[Any, ...]) -> Any:
         import torch
