@@ -31,6 +31,7 @@ a bug in ``recipekit/plan/cost.py`` (or a node's ``workspace``/``state_bytes``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shutil
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="mistral-8l", choices=sorted(fixtures.SHAPES),
                         help="fixture shape (default: mistral-8l, Mistral-7B width)")
+    parser.add_argument("--layers", type=int, help="build the shape with this many layers "
+                        "instead (e.g. 1: every tensor shape of the model in a quarter of the "
+                        "bytes of mistral-8l; the peak is one tensor's, whatever the depth)")
     parser.add_argument("--methods", default=",".join(STEPS),
                         help=f"comma-separated, of: {', '.join(STEPS)} (default: all)")
     args = parser.parse_args(argv)
@@ -183,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
     shape = fixtures.SHAPES[args.shape]
+    if args.layers:
+        name = f"{shape.name.split('-')[0]}-{args.layers}l"
+        shape = dataclasses.replace(shape, name=name, num_layers=args.layers)
     fixtures.FIXTURES_DIR.mkdir(parents=True, exist_ok=True)
     tiny_models, tiny_lora = model_dirs(TINY)
     models, lora = model_dirs(shape)
