@@ -292,10 +292,13 @@ class RangeFinderFactors(Reduction):
 
     @property
     def state_bytes(self) -> int:
-        """The sketches, whole whatever the piece: Ω, Y, Q (m×l twice), Z, B and the SVD of
-        B (n×l four times, l×l). (Not `workspace`, which the plan scales to one piece.)"""
+        """The sketches, whole whatever the piece (not `workspace`, which the plan scales to
+        one piece): m×l four times (the old Q, the new Y, QR's copy of it and the new Q), n×l
+        five times (Ω, ΔᵀQ, QR's copy, Z; B and the SVD's copy and Vh), and l×l. Measured at
+        Mistral-7B width (bench/peaks.py, rank 64): 127 MiB above idle where the plan, counting
+        m×l twice, said 106 MiB."""
         rows, cols, width, item = self._sizes()
-        return item * (2 * rows * width + 4 * cols * width + width * width)
+        return item * (4 * rows * width + 5 * cols * width + width * width)
 
     @property
     def workspace(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 
 from recipekit.graph import Load, Node
 from recipekit.graph.gather import RowGather
@@ -214,6 +215,21 @@ def chunkable(node: Node) -> bool:
 #: of their own, `run.execute._fixed_mmap_threshold`; 16-35 MiB before): the worker threads'
 #: stacks and malloc arenas, and the allocator's small retained blocks.
 CHUNKED_OVERHEAD = 16 * 1024 * 1024
+
+
+#: How many reduction and sweep values the executor keeps for the output tensors that follow
+#: (`run.execute.Runtime.SHARED_KEEP`; a LoRA extraction's packed factors serve two tensors).
+SHARED_KEEP = 8
+
+
+def retained_bytes(nodes: Iterable[Node]) -> int:
+    """Bytes of the reduction and sweep values the executor may still keep from earlier
+    tensors while it computes one (`SHARED_KEEP` of them, the last computed): at most the
+    `SHARED_KEEP` largest of ``nodes``. Measured at Mistral-7B width (bench/peaks.py): a rank-64
+    extraction keeps 4.5-8.8 MiB of factors per weight, 10 MiB above a plan that ignored them."""
+    values = sorted((n.nbytes for n in set(nodes) if isinstance(n, (Reduction, Sweep))),
+                    reverse=True)
+    return sum(values[:SHARED_KEEP])
 
 
 def piece_workers() -> int:
