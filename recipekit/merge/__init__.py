@@ -195,6 +195,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("ram", "ram", "required", 1, None, 0, None, (
         _p("epsilon", "float", "shared", 1e-5),
     ), "base_inputs", paper="https://arxiv.org/abs/2601.13572", elementwise=True,
+        scratch=(8, 4),  # measured 13, 17, 17, 25 fp32 copies above 1-4 bf16 inputs and a base
         summary="RAM: a delta one model alone makes is kept, deltas several share are averaged"),
     MethodSpec("ramplus_tl", "ramplus_tl", "required", 1, None, 0, None, (
         _p("r", "float", "shared", 0.1),

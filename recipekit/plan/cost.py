@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 
 from recipekit.graph import Load, Node
 from recipekit.graph.gather import RowGather
@@ -124,19 +125,29 @@ def _piece_fraction(node: Reduction) -> float:
     return (bounds[0][1] - bounds[0][0]) / max(1, node.stream_rows) if bounds else 0.0
 
 
+def held_pass_bytes(node: Reduction) -> int:
+    """What a reduction over inputs held in memory holds during its passes: its state, one
+    piece's scratch, and what any piece loop of the executor holds besides
+    (`CHUNKED_OVERHEAD`: measured 12-20 MiB above the held inputs for a LoRA extraction's
+    range finder, whose own scratch is ~4 MiB a piece; tests/run/test_execute_estimates.py)."""
+    return (node.state_bytes + math.ceil(node.workspace * _piece_fraction(node))
+            + CHUNKED_OVERHEAD)
+
+
 def expression_parts(node: Node, workers: int = 1) -> tuple[int, int]:
     """(bytes kept while computing ``node`` whole: every value computed whole with its
-    scratch, a held reduction's state and one piece's scratch; bytes of the largest streaming
-    reduction's passes, which run one at a time and keep only their small result)."""
+    scratch; bytes of the largest reduction's passes — streaming from the files, or over
+    held inputs — which run one at a time and keep only their small result)."""
     held, streaming = held_nodes(node)
     kept = 0
+    passes = 0
     for n in held:
         kept += n.nbytes
         if isinstance(n, Reduction) and n not in streaming:
-            kept += n.state_bytes + math.ceil(n.workspace * _piece_fraction(n))
+            passes = max(passes, held_pass_bytes(n))
         elif n not in streaming:
             kept += n.workspace
-    return kept, max((pass_bytes(r, workers) for r in streaming), default=0)
+    return kept, max(passes, max((pass_bytes(r, workers) for r in streaming), default=0))
 
 
 def expression_bytes(node: Node, workers: int = 1) -> int:
@@ -209,6 +220,21 @@ def chunkable(node: Node) -> bool:
 #: their own, 16-35 MiB before that): the worker threads' stacks and malloc arenas, and the
 #: allocator's small retained blocks.
 CHUNKED_OVERHEAD = 8 * 1024 * 1024
+
+
+#: How many reduction and sweep values the executor keeps for the output tensors that follow
+#: (`run.execute.Runtime.SHARED_KEEP`; a LoRA extraction's packed factors serve two tensors).
+SHARED_KEEP = 8
+
+
+def retained_bytes(nodes: Iterable[Node]) -> int:
+    """Bytes of the reduction and sweep values the executor may still keep from earlier
+    tensors while it computes one (`SHARED_KEEP` of them, the last computed): at most the
+    `SHARED_KEEP` largest of ``nodes``. Measured at Mistral-7B width (bench/peaks.py): a rank-64
+    extraction keeps 4.5-8.8 MiB of factors per weight, 10 MiB above a plan that ignored them."""
+    values = sorted((n.nbytes for n in set(nodes) if isinstance(n, (Reduction, Sweep))),
+                    reverse=True)
+    return sum(values[:SHARED_KEEP])
 
 
 def piece_workers() -> int:

@@ -36,3 +36,20 @@ def test_the_threshold_is_read_where_it_is_defined(monkeypatch):
 
 def test_piece_workers_is_between_one_and_eight():
     assert 1 <= cost.piece_workers() <= 8
+
+
+def test_retained_reduction_values_are_the_executors_keep():
+    """The plan charges the reduction values the executor keeps for later tensors: as many as
+    `run.execute.Runtime.SHARED_KEEP`, the largest of the plan. Oracle: the executor's
+    constant, and a hand count."""
+    from recipekit.graph import load
+    from recipekit.graph.lora import RangeFinderFactors
+    from recipekit.run.execute import Runtime
+
+    assert cost.SHARED_KEEP == Runtime.SHARED_KEEP
+    nodes = [RangeFinderFactors(load("b", f"w{i}", (64 * (i + 1), 32), "BF16"),
+                                load("a", f"w{i}", (64 * (i + 1), 32), "BF16"), 4, False, 0.0,
+                                4, 1, 0, f"w{i}") for i in range(10)]
+    sizes = sorted((n.nbytes for n in nodes), reverse=True)
+    assert cost.retained_bytes([*nodes, *nodes, load("a", "x", (8, 8), "F32")]) == \
+        sum(sizes[:cost.SHARED_KEEP])

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from tests.helpers.memory import MEASURE
 
-#: method -> (step body, models it needs besides the base `a`)
+#: method (or op) -> its step body: `op: merge` and then this, unless it names its own op
 STEPS = {
     "ties": "method: ties\n    base: a\n    from: [{model: b, weight: 0.6, density: 0.4}, "
             "{model: c, weight: 0.5, density: 0.6}]",
@@ -48,7 +48,27 @@ STEPS = {
     "arcee_fusion": "method: arcee_fusion\n    from: [a, b]",
     "task_arithmetic": "method: task_arithmetic\n    base: a\n    from: [{model: b, weight: "
                        "0.5}, {model: c, weight: 0.5}]",
+    "linear": "method: linear\n    from: [{model: a, weight: 0.3}, {model: b, weight: 0.7}]",
+    "dare_linear": "method: dare_linear\n    base: a\n    from: [{model: b, weight: 0.6, "
+                   "density: 0.4}, {model: c, weight: 0.5, density: 0.6}]",
+    "breadcrumbs": "method: breadcrumbs\n    base: a\n    from: [{model: b, weight: 0.6, "
+                   "density: 0.4}, {model: c, weight: 0.5, density: 0.6}]",
+    "della_linear": "method: della_linear\n    base: a\n    from: [{model: b, weight: 0.6, "
+                    "density: 0.4}, {model: c, weight: 0.5, density: 0.6}]",
+    "nuslerp_row_wise": "method: nuslerp\n    from: [{model: a, weight: 0.4}, {model: b, "
+                        "weight: 0.6}]\n    parameters: {nuslerp_flatten: false, "
+                        "nuslerp_row_wise: true}",
+    "nearswap": "method: nearswap\n    from: [a, b]\n    parameters: {t: 0.5}",
+    "ram": "method: ram\n    base: a\n    from: [b, c]",
+    "passthrough": "method: passthrough\n    from: [{model: a, scale: 0.5}]",
+    "interpolate": "op: interpolate\n    from: [a, b]\n    alpha: 0.3",
+    "extract_lora": "op: extract_lora\n    base: a\n    tuned: b\n    rank: 8",
 }
+
+
+def step(method: str) -> str:
+    body = STEPS[method]
+    return body if body.startswith("op:") else f"op: merge\n    {body}"
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +100,48 @@ def models(tmp_path_factory):
 def test_estimate_bounds_the_measured_peak(models, tmp_path, method, threshold):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"recipekit: 1\nmodels:\n  a: {models / 'a'}\n  b: {models / 'b'}\n"
-                      f"  c: {models / 'c'}\nsteps:\n  - name: m\n    op: merge\n"
-                      f"    {STEPS[method]}\noutput:\n  path: {tmp_path / 'out'}\n")
+                      f"  c: {models / 'c'}\nsteps:\n  - name: m\n    {step(method)}\n"
+                      f"output:\n  path: {tmp_path / 'out'}\n")
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(recipe), str(threshold)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["measured"] <= got["estimate"], got
+
+
+#: op -> its step over the Llama `a` (and the adapter `lora`) of the `llama` fixture
+OPS = {
+    "lora_fold": "op: adapters\n    from: a\n    adapters: [lora]",
+    "coalesce": "op: coalesce\n    from: a\n    width: [[0, 4], [1, 5], [2, 6], [3, 7]]\n"
+                "    depth: [[0, 1]]",
+}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A 2-layer Llama (hidden 512, 8/4 heads, MLP 2048, vocab 4096: 8 MiB embeddings, 4 MiB
+    MLP matrices in fp32) and a rank-16 PEFT LoRA on all its linear modules."""
+    from tests.helpers.adapter_builders import make_adapter
+    from tests.helpers.builders import make_model
+
+    root = tmp_path_factory.mktemp("estimate-llama")
+    make_model("llama", root / "a", layers=2, hidden_size=512, intermediate_size=2048,
+               num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=4096)
+    make_adapter("llama", root / "a", root / "lora", r=16, lora_alpha=32,
+                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                 "up_proj", "down_proj"])
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threshold", [1 << 30, 1 << 20], ids=["held", "streamed"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_estimate_bounds_the_measured_peak_of_ops(llama, tmp_path, op, threshold):
+    """The same bound for the computed ops that are not merges (a LoRA fold, coalescing)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"recipekit: 1\nmodels:\n  a: {llama / 'a'}\nadapters:\n"
+                      f"  lora: {llama / 'lora'}\nsteps:\n  - name: m\n    {OPS[op]}\n"
+                      f"output:\n  path: {tmp_path / 'out'}\n")
     proc = subprocess.run([sys.executable, "-c", MEASURE, str(recipe), str(threshold)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr

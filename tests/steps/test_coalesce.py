@@ -152,7 +152,7 @@ def test_head_coalescing_streams_in_row_pieces(cli, tmp_path, tiny_llama, monkey
     whole = run(cli, write(tmp_path, {"big": tiny_llama}, steps, "whole", "w.yaml"))
     plan = cli("plan", tmp_path / "w.yaml")
     assert plan.exit_code == 0 and "whole tensor" not in plan.stdout, plan.stdout
-    monkeypatch.setattr(cost, "CHUNK_ELEMS", 64)  # pieces of 2 rows: groups split across them
+    monkeypatch.setattr(cost, "CHUNK_ELEMS", 64)  # 2 rows asked: pieces of one whole head
     monkeypatch.setattr(cost, "HOLD_BYTES", 0)
     pieces = run(cli, write(tmp_path, {"big": tiny_llama}, steps, "pieces", "p.yaml"))
     assert_same_tensors(whole, pieces)
@@ -165,6 +165,26 @@ def test_head_coalescing_streams_in_row_pieces(cli, tmp_path, tiny_llama, monkey
     want = (rows[0] + rows[1]) / 2  # the depth group's mean; input axis hidden: summed below
     want = torch.cat([want[:, 0:8] + want[:, 24:32], want[:, 16:24] + want[:, 8:16]], 1)
     torch.testing.assert_close(q[h:2 * h], want)
+
+
+def test_pieces_start_at_whole_units_of_the_map():
+    """A piece of part of a unit (a head's rows, a block of FFN neurons) would read and compute
+    its whole unit, once per piece that touches it (at Mistral-7B width: 85 MiB a piece where
+    the plan charged 24 MiB, each unit computed 3.5 times): pieces cover whole units.
+    Oracle: the map's unit, and the rows of the whole result, bit for bit."""
+    import recipekit.plan.cost as cost
+    from recipekit.graph import load
+    from recipekit.steps.coalesce import Coalesce
+
+    unit, row = 448, 2048  # Mistral's FFN in 16 blocks; 128 rows would make 256Ki values
+    big = load("a", "w", (4 * unit, row), "F32")
+    axis = ("mean", ((((0, 2), (1, 3)), unit),))  # small unit i = mean of large i and i + 2
+    node = Coalesce(members=(big,), axes=(axis, None), scale=1.0, shape=(2 * unit, row),
+                    dtype="F32")
+    assert node.row_block == unit and cost.rows_per_piece(node) == unit
+    table = torch.randn(big.shape, generator=torch.Generator().manual_seed(0))
+    pieces = [node.gather(lambda t, a, b: table[a:b], lo, lo + unit) for lo in (0, unit)]
+    assert torch.equal(torch.cat(pieces), node.compute((table,)))
 
 
 def test_head_decoalescing_streams_in_row_pieces(cli, tmp_path, tiny_llama, monkeypatch):
