@@ -214,12 +214,12 @@ def chunkable(node: Node) -> bool:
 
 
 #: What chunked evaluation holds besides its pieces and whole inputs, measured
-#: (tests/run/test_execute.py: 7-8 MiB for a cast in all since a piece's temporaries stay
-#: under the mapping threshold and the heap is trimmed after each tensor,
-#: `run.execute._release_heap`; 12-13 MiB above the pieces when they were mapped memory of
-#: their own, 16-35 MiB before that): the worker threads' stacks and malloc arenas, and the
-#: allocator's small retained blocks.
-CHUNKED_OVERHEAD = 8 * 1024 * 1024
+#: (tests/run/test_execute.py, tests/run/test_execute_estimates.py): 7-8 MiB in all for a cast
+#: since a piece's temporaries stay under the mapping threshold and the heap is trimmed after
+#: each tensor (`run.execute._release_heap`), up to 16 MiB beside the pieces of a linear merge,
+#: nearswap or interpolate: the worker threads' stacks and malloc arenas, and the allocator's
+#: small retained blocks.
+CHUNKED_OVERHEAD = 16 * 1024 * 1024
 
 
 #: How many reduction and sweep values the executor keeps for the output tensors that follow
@@ -251,9 +251,9 @@ def piece_workers() -> int:
 def working_set(node: Node, workers: int = 1) -> int:
     """Bytes computing one output tensor holds: its expression (inputs, intermediates, fp32
     scratch) and its result waiting for the hashing worker. For a chunked tensor: the inputs
-    it reads whole, plus the larger of their passes over row pieces (streamed reductions) and
-    one piece per worker computing, one read ahead and the writer's queue of pieces, plus
-    `CHUNKED_OVERHEAD` (threads and allocator, in either phase)."""
+    it reads whole, plus the larger of their passes over row pieces (`pass_bytes`,
+    `held_pass_bytes`) and one piece per worker computing, one read ahead, the writer's queue
+    of pieces and `CHUNKED_OVERHEAD` (the passes count it too)."""
     whole = expression_bytes(node, workers) + node.nbytes
     parts = row_sliced(node) if chunkable(node) else None
     if parts is None:
@@ -265,4 +265,4 @@ def working_set(node: Node, workers: int = 1) -> int:
     rows = min(rows_per_piece(node), node.shape[0])
     per_piece = -(-sum(n.nbytes + n.workspace for n in sliced) * rows // node.shape[0])
     queued = 4 * rows * (node.nbytes // node.shape[0])
-    return kept + max(passes, (workers + 1) * per_piece + queued) + CHUNKED_OVERHEAD
+    return kept + max(passes, (workers + 1) * per_piece + queued + CHUNKED_OVERHEAD)

@@ -329,9 +329,11 @@ def test_peak_memory_estimate_matches_a_measurement(tmp_path):
     # when it held fp32 copies and an fp32 result)
     assert slerp["measured"] <= slerp["estimate"] <= 1.5 * slerp["measured"], results
     # Chunked: a few MiB of pieces plus allocator and thread-arena overhead that varies from run
-    # to run (16-35 MiB measured); the estimate is within 2x, and both stay far below one
-    # 64 MiB input tensor.
-    assert cast["measured"] / 2 <= cast["estimate"] <= 2 * cast["measured"], results
+    # to run (6-8 MiB measured in all since pieces' temporaries reuse the heap; 16-35 MiB
+    # before); the estimate keeps a fixed margin for other elementwise plans
+    # (`plan.cost.CHUNKED_OVERHEAD`), so it is at most that much above the measurement, and
+    # both stay far below one 64 MiB input.
+    assert cast["measured"] <= cast["estimate"] <= cast["measured"] + 16 * 2**20, results
     assert cast["measured"] < 48 * 2**20, results
     # an upper bound for a pure copy, give or take a thread stack's touched pages
     assert results["copy"]["measured"] <= 1.05 * results["copy"]["estimate"], results

@@ -55,9 +55,9 @@ STEPS = {
                    "density: 0.4}, {model: c, weight: 0.5, density: 0.6}]",
     "della_linear": "method: della_linear\n    base: a\n    from: [{model: b, weight: 0.6, "
                     "density: 0.4}, {model: c, weight: 0.5, density: 0.6}]",
-    "nuslerp_row_wise": "method: nuslerp\n    from: [{model: a, weight: 0.4}, {model: b, "
-                        "weight: 0.6}]\n    parameters: {nuslerp_flatten: false, "
-                        "nuslerp_row_wise: true}",
+    "nuslerp_row_wise_nobase": "method: nuslerp\n    from: [{model: a, weight: 0.4}, "
+                               "{model: b, weight: 0.6}]\n    parameters: "
+                               "{nuslerp_flatten: false, nuslerp_row_wise: true}",
     "nearswap": "method: nearswap\n    from: [a, b]\n    parameters: {t: 0.5}",
     "ram": "method: ram\n    base: a\n    from: [b, c]",
     "passthrough": "method: passthrough\n    from: [{model: a, scale: 0.5}]",
