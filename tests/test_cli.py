@@ -48,8 +48,10 @@ def test_h_is_help(cli, command):
 def test_bash_completion_installs_and_completes(tmp_path):
     """`--install-completion bash` writes a script and sources it from ~/.bashrc; that script,
     sourced by bash, completes `recipekit ru` to `run` through the CLI."""
+    # typer otherwise detects the shell from the parent process (none under a detached
+    # runner: "Shell None is not supported") and ignores the name given
     env = {**os.environ, "HOME": str(tmp_path), "SHELL": "/bin/bash",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT), "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     proc = subprocess.run([sys.executable, "-m", "recipekit.cli", "--install-completion",
                            "bash"], env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
