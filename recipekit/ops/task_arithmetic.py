@@ -125,7 +125,12 @@ def combine_task_vectors(b: torch.Tensor, deltas: torch.Tensor, weights: Sequenc
                       device=b.device).reshape((m,) + (1,) * b.dim())
     deltas.mul_(wt)
 
-    if consensus is not None:
+    if consensus is not None and m == 1 and float(wt.min()) > 0:
+        # one task vector always agrees with the sign it elects: Δ = δ, D = w (also where
+        # δ = 0, whose D of 0 is lifted to w below); the same values without the election
+        mixed = deltas[0]
+        divisor = wt[0] if normalize else None
+    elif consensus is not None:
         s = elect_sign(deltas, method=consensus)
         agreeing = deltas.mul_(s).clamp_min_(0)  # |δ_i| where sign δ_i = s, else 0
         mixed = agreeing.sum(dim=0).mul_(s)
