@@ -488,11 +488,13 @@ _M_MMAP_THRESHOLD = -3
 
 
 def _fixed_mmap_threshold(size: int = 1 << 20) -> None:
-    """Serve every allocation of ``size`` or more (row pieces, pass pieces) with its own
-    mapping, returned to the system when freed. glibc otherwise raises the threshold to the
-    largest block freed (up to 32 MiB), after which pieces come from the heaps of the reading
-    and computing threads and their freed memory stays resident: measured 130 MiB above the
-    plan's estimate for a slerp streamed from the files. No-op off glibc."""
+    """Serve every allocation of ``size`` or more (whole tensors, large slerp pieces, copy
+    buffers) with its own mapping, returned to the system when freed. glibc otherwise raises
+    the threshold to the largest block freed (up to 32 MiB), after which such blocks come from
+    the heaps of the reading and computing threads and their freed memory stays resident:
+    measured 130 MiB above the plan's estimate for a slerp streamed from the files. Row and
+    pass pieces stay below it on purpose (`plan.cost.CHUNK_ELEMS`): a mapping per temporary
+    costs more in page faults than the op. No-op off glibc."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, size)
 
