@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 from recipekit.dtypes import itemsize, torch_dtype
 from recipekit.graph import Node, SameShape, intern
 from recipekit.graph.passes import Reduction
-from recipekit.steps.task_vectors import work_dtype
+from recipekit.steps.task_vectors import TaskVectorRows, work_dtype
 
 #: the methods this module streams
 STREAMED_METHODS = ("arcee_fusion", "ramplus_tl", "nuslerp")
@@ -244,7 +244,7 @@ class RamPlusScales(Reduction):
 
 
 @dataclass(frozen=True, eq=False)
-class RamPlusMerge(SameShape):
+class RamPlusMerge(TaskVectorRows):
     """One output tensor of a streamed ramplus_tl, rounded once to ``dtype``: elementwise
     once ``scales`` (the whole tensor's λ) is known (`ops.ram.ramplus_rows`)."""
 
@@ -257,24 +257,13 @@ class RamPlusMerge(SameShape):
     native: bool
 
     @property
-    def shape_input(self) -> Node:
-        """The input whose shape this node has."""
-        return self.base
-
-    @property
-    def inputs(self) -> tuple[Node, ...]:
-        return self.operands + (self.base, self.scales)
+    def rule(self) -> Node | None:
+        return self.scales
 
     @property
     def workspace(self) -> int:
         # the stacked task vectors, their masks and masked copies, the count and the sum
         return (3 * len(self.operands) + 3) * 8 * self.numel
-
-    def row_inputs(self) -> tuple[bool, ...] | None:
-        return (True,) * (len(self.operands) + 1) + (False,)
-
-    def compute(self, args: tuple[Any, ...]) -> Any:
-        return self.compute_rows(args, 0, self.shape[0] if self.shape else 1)
 
     def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
         from recipekit.ops.ram import ramplus_rows

@@ -126,8 +126,39 @@ class PruneStats(Reduction):
                            rescale=self.rescale, n=self.base.numel)
 
 
+class TaskVectorRows(SameShape):
+    """An output computed by rows from ``operands`` and ``base`` (its rows, in that order)
+    and one value of the whole tensor, `rule` (None: none needed): the streamed merges'
+    common shape (`PrunedMerge`, `SceMerge`, steps/stream_merges.py `RamPlusMerge`)."""
+
+    __slots__ = ()
+    operands: tuple[Node, ...]
+    base: Node
+
+    @property
+    def rule(self) -> Node | None:
+        """The whole-tensor input a piece reads whole."""
+        raise NotImplementedError(type(self).__name__)
+
+    @property
+    def shape_input(self) -> Node:
+        """The input whose shape this node has."""
+        return self.base
+
+    @property
+    def inputs(self) -> tuple[Node, ...]:
+        rule = self.rule
+        return self.operands + (self.base,) + ((rule,) if rule is not None else ())
+
+    def row_inputs(self) -> tuple[bool, ...] | None:
+        return (True,) * (len(self.operands) + 1) + ((False,) if self.rule is not None else ())
+
+    def compute(self, args: tuple[Any, ...]) -> Any:
+        return self.compute_rows(args, 0, self.shape[0] if self.shape else 1)
+
+
 @dataclass(frozen=True, eq=False)
-class PrunedMerge(SameShape):
+class PrunedMerge(TaskVectorRows):
     """One output tensor of a streamed task-arithmetic method, rounded once to ``dtype``:
     each task vector pruned by its rule (``stats``; None when pruning needs no whole-tensor
     number: DARE or DELLA without rescale), then `combine_task_vectors`."""
@@ -144,13 +175,8 @@ class PrunedMerge(SameShape):
     dtype: str
 
     @property
-    def shape_input(self) -> Node:
-        """The input whose shape this node has."""
-        return self.base
-
-    @property
-    def inputs(self) -> tuple[Node, ...]:
-        return self.operands + (self.base,) + ((self.stats,) if self.stats is not None else ())
+    def rule(self) -> Node | None:
+        return self.stats
 
     @property
     def workspace(self) -> int:
@@ -161,12 +187,6 @@ class PrunedMerge(SameShape):
     def row_block(self) -> int:  # type: ignore[override]
         sparsify = dict(_method_spec(self.method).fixed).get("sparsify")
         return self.base.shape[0] if _ranks_vector(sparsify, self.base) else 1
-
-    def row_inputs(self) -> tuple[bool, ...] | None:
-        return (True,) * (len(self.operands) + 1) + ((False,) if self.stats is not None else ())
-
-    def compute(self, args: tuple[Any, ...]) -> Any:
-        return self.compute_rows(args, 0, self.shape[0] if self.shape else 1)
 
     def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
         import torch
@@ -265,7 +285,7 @@ class SceStats(Reduction):
 
 
 @dataclass(frozen=True, eq=False)
-class SceMerge(SameShape):
+class SceMerge(TaskVectorRows):
     """One output tensor of a streamed SCE, rounded once to ``dtype``: select by the cut,
     erase sign conflicts, weigh by ω (``stats``), any rows (`ops.stream_sce.sce_rows`)."""
 
@@ -279,24 +299,13 @@ class SceMerge(SameShape):
     dtype: str
 
     @property
-    def shape_input(self) -> Node:
-        """The input whose shape this node has."""
-        return self.base
-
-    @property
-    def inputs(self) -> tuple[Node, ...]:
-        return self.operands + (self.base, self.stats)
+    def rule(self) -> Node | None:
+        return self.stats
 
     @property
     def workspace(self) -> int:
         # the stacked task vectors, their masked and weighted copies, signs and the fp32 sum
         return (3 * len(self.operands) + 4) * 4 * self.numel
-
-    def row_inputs(self) -> tuple[bool, ...] | None:
-        return (True,) * (len(self.operands) + 1) + (False,)
-
-    def compute(self, args: tuple[Any, ...]) -> Any:
-        return self.compute_rows(args, 0, self.shape[0] if self.shape else 1)
 
     def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
         from recipekit.ops.stream_sce import sce_rows, task_vectors
