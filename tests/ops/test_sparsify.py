@@ -258,6 +258,20 @@ class TestDellaProbabilities:
             expected = 0.3 + 0.2 * ranks / 39
             torch.testing.assert_close(p[i].double(), expected, atol=1e-7, rtol=0)
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+    def test_equal_magnitudes_rank_by_index(self, dtype):
+        """Tied rows (quantized, signed zeros, inf, NaN): the rank is the stable one, equal
+        magnitudes lower index first, for every dtype's key path."""
+        tau = torch.round(randn(6, 50) * 2) / 2
+        tau[0, :10] = torch.tensor([0.0, -0.0] * 5)
+        tau[1, 3], tau[1, 7], tau[1, 9] = float("inf"), float("nan"), -float("inf")
+        tau = tau.to(dtype)
+        p = sp.della_keep_probabilities(tau, density=0.5, epsilon=0.2)
+        mag = tau.double().abs()
+        ranks = torch.argsort(torch.argsort(mag, dim=1, stable=True), dim=1, stable=True)
+        expected = 0.3 + 0.4 * ranks.double() / 49
+        torch.testing.assert_close(p.double(), expected, atol=1e-7, rtol=0)
+
     def test_range_and_mean(self):
         p = sp.della_keep_probabilities(randn(8, 101), density=0.5, epsilon=0.15)
         assert p.min().item() == pytest.approx(0.35) and p.max().item() == pytest.approx(0.65)
