@@ -30,6 +30,19 @@ PASS_ELEMS = 1 << 17
 #: Keys of one histogram bucket that exact top-k selection collects in its second pass to
 #: place a tie without a third (`ops.select`); here, without torch, for the plan's cost.
 COLLECT_MAX = 1 << 20
+#: Keys one top-k query collects during its histogram pass at most, around where a sample
+#: puts its cut (`ops.select.select_cuts`): two int32 each
+WINDOW_MAX = 1 << 21
+
+
+def selection_bytes(n: int, queries: int) -> int:
+    """Bytes exact top-k selection (`ops.select.select_cuts`) keeps for ``queries`` cuts over
+    ``n`` entries besides its histograms: the windows its histogram pass fills (a key and a row
+    per entry, at most `WINDOW_MAX` each) and one bucket taken out of them, or the bucket keys a
+    second pass collects (at most `COLLECT_MAX`, widened to count them); never both at once."""
+    window, collect = min(n, WINDOW_MAX), min(n, COLLECT_MAX)
+    return max(queries * 8 * window + 17 * window, (8 * queries + 16) * collect)
+
 
 PieceFn = Callable[[int, int, tuple[Any, ...]], T]
 
@@ -40,10 +53,11 @@ class RowSource(Protocol):
     #: rows (dim 0) of every streamed input
     rows: int
 
-    def map(self, fn: PieceFn[T]) -> Iterator[T]:
-        """``fn(lo, hi, pieces)`` for each row piece, ``pieces`` aligned with the streamed
-        inputs; results in piece order. ``fn`` may run on worker threads: it must not mutate
-        shared state (fold its results in the loop that consumes them)."""
+    def map(self, fn: PieceFn[T], *, every: int = 1) -> Iterator[T]:
+        """``fn(lo, hi, pieces)`` for each row piece (each ``every``-th one only: a sample),
+        ``pieces`` aligned with the streamed inputs; results in piece order. ``fn`` may run on
+        worker threads: it must not mutate shared state (fold its results in the loop that
+        consumes them)."""
         ...
 
 
@@ -65,8 +79,8 @@ class InMemorySource:
         self.rows = bounds[-1][1] if bounds else 0
         self.bounds = bounds
 
-    def map(self, fn: PieceFn[T]) -> Iterator[T]:
-        for lo, hi in self.bounds:
+    def map(self, fn: PieceFn[T], *, every: int = 1) -> Iterator[T]:
+        for lo, hi in self.bounds[::every]:
             yield fn(lo, hi, tuple(t[lo:hi] for t in self.tensors))
 
 

@@ -38,6 +38,15 @@ LOW_BINS = 1 << 16
 # third pass; a bucket this full is rare (about 0.3% of a tensor's keys fall in the bucket
 # around a median), a fuller one is counted per row in a third pass instead.
 COLLECT_MAX = _passes.COLLECT_MAX
+#: tensors of at least this many entries place their cuts from a sample first (`select_cuts`)
+SAMPLE_MIN = 32 * _passes.PASS_ELEMS
+#: the sample: every this-many-th piece (at least 4 pieces of a `SAMPLE_MIN` tensor)
+SAMPLE_EVERY = 8
+#: the window's half-width around the sample's estimate, as a fraction of the ranks: ±1% of
+#: the sample's keys (a few buckets; thousands of standard errors of a 512Ki-key sample)
+WINDOW_MARGIN = 0.01
+#: keys (with their rows, 8 bytes each) one query's window collects at most: 16 MiB
+WINDOW_MAX = _passes.WINDOW_MAX
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,9 @@ def keep_mask(key: torch.Tensor, lo: int, cut: Cut) -> torch.Tensor:
 
 
 Keys = Callable[[int, int, tuple[torch.Tensor, ...]], Sequence[torch.Tensor]]
-Map = Callable[[Callable[[int, int, tuple[torch.Tensor, ...]], object]], Iterator[object]]
+#: ``map_pieces(fn)`` runs ``fn`` over every piece in order (a `RowSource.map`);
+#: ``map_pieces(fn, every=s)`` over every s-th piece only (the sample)
+Map = Callable[..., Iterator[object]]
 
 
 def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]], n: int,
@@ -86,12 +97,18 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
     """The `Cut` of each query ``(stream, k)``: the k largest keys of stream ``stream``.
 
     ``keys(lo, hi, pieces)`` gives, for one row piece, each stream's keys ([rows, L] int32 from
-    `magnitude_key`); ``map_pieces(fn)`` runs ``fn`` over every piece in order (a
-    `RowSource.map`); ``n`` is each stream's number of entries, ``rows`` its rows.
-    ``k_of_nonzero``, when given, replaces each query's k by ``k_of_nonzero(nnz)``, nnz the
-    stream's nonzero keys counted in the histogram pass (SCE's k = ⌊nnz(var)·f⌋).
-    Passes: one histogram pass, one inside the buckets found, and a per-row count only for
-    queries whose boundary falls among equal keys. k ≤ 0 keeps nothing, k ≥ n everything.
+    `magnitude_key`); ``map_pieces`` runs a function over the pieces (`Map`); ``n`` is each
+    stream's number of entries, ``rows`` its rows. ``k_of_nonzero``, when given, replaces each
+    query's k by ``k_of_nonzero(nnz)``, nnz the stream's nonzero keys counted in the histogram
+    pass (SCE's k = ⌊nnz(var)·f⌋). k ≤ 0 keeps nothing, k ≥ n everything.
+
+    Passes: a tensor of `SAMPLE_MIN` entries or more first histograms every `SAMPLE_EVERY`-th
+    piece, which places each k-th key within a few buckets (`_windows`); the histogram pass
+    then also collects the keys of those buckets, so the k-th key's bucket is usually known
+    whole after one pass (about 1.1 passes in all). Otherwise, or when the bucket falls outside
+    its window, a second pass reads the bucket's keys, and a per-row count pass places a tie
+    only when that bucket holds more keys than `COLLECT_MAX`. The result never depends on the
+    sample: it only decides which keys are at hand after the first pass.
     """
     cuts: dict[int, Cut] = {}
     queries = list(queries)
@@ -114,21 +131,42 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
         return [cuts[q] for q in range(len(queries))]
     streams = sorted({queries[q][0] for q in open_})
 
-    def high(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        ks = keys(lo, hi, pieces)
+    def histograms(ks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out = [torch.bincount((ks[s] >> 16).reshape(-1), minlength=HIGH_BINS) for s in streams]
         if k_of_nonzero is not None:  # bucket 0 also holds tiny keys: count the zeros
             out += [(ks[s] == 0).sum().reshape(1) for s in streams]
         return out
 
-    hist = [torch.zeros(HIGH_BINS, dtype=torch.int64) for _ in streams]
-    zeros = [0 for _ in streams]
-    for part in map_pieces(high):
-        for i, p in enumerate(part):  # type: ignore[arg-type]
-            if i < len(streams):
-                hist[i] += p.cpu()
-            else:
-                zeros[i - len(streams)] += int(p)
+    def fold(parts: Iterator[object], windows: dict[int, _Window]
+             ) -> tuple[list[torch.Tensor], list[int]]:
+        """Sum the histograms and zero counts of a pass; collect the windows' keys."""
+        hist = [torch.zeros(HIGH_BINS, dtype=torch.int64) for _ in streams]
+        zeros = [0 for _ in streams]
+        for part in parts:
+            it = iter(part)  # type: ignore[call-overload]
+            for h in hist:
+                h += next(it).cpu()
+            if k_of_nonzero is not None:
+                for i in range(len(streams)):
+                    zeros[i] += int(next(it))
+            for w in windows.values():
+                w.add(next(it), next(it))
+        return hist, zeros
+
+    windows: dict[int, _Window] = {}
+    if n >= SAMPLE_MIN:
+        sample = fold(map_pieces(lambda lo, hi, p: histograms(keys(lo, hi, p)),
+                                 every=SAMPLE_EVERY), {})
+        windows = _windows(sample, queries, open_, streams, n, k_of_nonzero)
+
+    def high(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        ks = keys(lo, hi, pieces)
+        out = histograms(ks)
+        for q, w in windows.items():
+            out += bucket_entries(ks[queries[q][0]], lo, w.first, w.last)
+        return out
+
+    hist, zeros = fold(map_pieces(high), windows)
     if k_of_nonzero is not None:
         queries = [(s, k_of_nonzero(n - zeros[streams.index(s)])) for s, _ in queries]
         open_ = settle(open_)
@@ -143,51 +181,26 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
         within = k - (int(above[b + 1]) if b + 1 < HIGH_BINS else 0)
         buckets[q] = (b, within)
     wanted = sorted({(queries[q][0], buckets[q][0]) for q in open_})
-    collect = [int(hist[streams.index(s)][b]) <= COLLECT_MAX for s, b in wanted]
-
-    def low(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        ks = keys(lo, hi, pieces)
-        out = []
-        for (s, b), keep_rows in zip(wanted, collect, strict=True):
-            flat = ks[s].reshape(-1)
-            inside = (flat >> 16) == b
-            if keep_rows:  # the bucket's keys' low bits and rows, in flat order
-                at = torch.nonzero(inside).reshape(-1)
-                out += [flat[at] & 0xFFFF, torch.div(
-                    at, ks[s].shape[1], rounding_mode="floor").add_(lo).to(torch.int32)]
-            else:
-                out.append(torch.bincount(flat[inside] & 0xFFFF, minlength=LOW_BINS))
-        return out
-
-    fine = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in wanted]
-    # the collected keys go straight into buffers of the size pass 1 counted: per-piece parts
-    # kept until the pass ends would pin the allocator's heap under every later piece
-    kept = [(torch.empty(int(hist[streams.index(s)][b]), dtype=torch.int32),
-             torch.empty(int(hist[streams.index(s)][b]), dtype=torch.int32)) if keep_rows
-            else None for (s, b), keep_rows in zip(wanted, collect, strict=True)]
-    filled = [0] * len(wanted)
-    for part in map_pieces(low):
-        it = iter(part)  # type: ignore[call-overload]
-        for i, buffers in enumerate(kept):
-            if buffers is not None:
-                bits, at = next(it), next(it)
-                buffers[0][filled[i]:filled[i] + len(bits)] = bits
-                buffers[1][filled[i]:filled[i] + len(at)] = at
-                filled[i] += len(bits)
-            else:
-                fine[i] += next(it).cpu()
-    found: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(wanted)
-    for i, buffers in enumerate(kept):
-        if buffers is not None:
-            fine[i] = torch.bincount(buffers[0].long(), minlength=LOW_BINS)
-            found[i] = buffers
-    del kept
+    # each wanted bucket's keys (low bits) and rows in flat order, when at hand: from a window
+    # of pass 1 that covered it, else from pass 2 if the bucket is small enough to collect
+    found: list[tuple[torch.Tensor, torch.Tensor] | None] = [
+        next((w.bucket(b) for q, w in windows.items()
+              if queries[q][0] == s and w.covers(b)), None) for s, b in wanted]
+    windows.clear()
+    fine = [torch.bincount(f[0].long(), minlength=LOW_BINS) if f is not None else None
+            for f in found]
+    left = [i for i, f in enumerate(found) if f is None]
+    if left:
+        _second_pass(map_pieces, keys, [wanted[i] for i in left],
+                     [int(hist[streams.index(wanted[i][0])][wanted[i][1]]) for i in left],
+                     fine, found, left)
     ties: dict[int, tuple[int, int]] = {}  # query -> (key value, equal keys to keep)
     for q in open_:
         s, _ = queries[q]
         b, within = buckets[q]
         i = wanted.index((s, b))
         h = fine[i]
+        assert h is not None
         above = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])
         low_bits = int(torch.nonzero(above >= within)[-1])
         value = (b << 16) | low_bits
@@ -206,6 +219,140 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
     if ties:
         cuts.update(_place_ties(map_pieces, keys, queries, ties))
     return [cuts[q] for q in range(len(queries))]
+
+
+def bucket_entries(key: torch.Tensor, lo: int, first: int, last: int
+                   ) -> list[torch.Tensor]:
+    """The keys of one piece (rows ``lo:``, keys [rows, L]) whose buckets (high 16 bits) lie in
+    ``first..last``, in flat order, and their rows (int32 each). On the CPU through numpy, whose
+    compare and flatnonzero cost a third of torch's on a piece (~0.5 ns per value in all)."""
+    start, width = first << 16, (last - first + 1) << 16
+    length = key.shape[1] if key.dim() > 1 else 1
+    if key.device.type == "cpu":
+        import numpy as np
+
+        flat = key.reshape(-1).numpy()
+        # keys are ≥ 0 and start < 2^31: the int32 difference cannot wrap; as unsigned, the
+        # keys below start become huge, so one compare tests both ends
+        at = np.flatnonzero((flat - np.int32(start)).view(np.uint32) < np.uint32(width - 1) + 1)
+        return [torch.from_numpy(flat[at]),
+                torch.from_numpy((at // length + lo).astype(np.int32))]
+    flat = key.reshape(-1)
+    at = torch.nonzero((flat >= start) & (flat < start + width)).reshape(-1)
+    return [flat[at], torch.div(at, length, rounding_mode="floor").add_(lo).to(torch.int32)]
+
+
+class _Window:
+    """The buckets ``first..last`` of one query's keys, collected by the histogram pass into
+    buffers of ``capacity`` keys sized from the sample (dropped when they would overflow)."""
+
+    def __init__(self, first: int, last: int, capacity: int) -> None:
+        self.first, self.last = first, last
+        self.keys: torch.Tensor | None = torch.empty(capacity, dtype=torch.int32)
+        self.rows = torch.empty(capacity, dtype=torch.int32)
+        self.filled = 0
+
+    def add(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.keys is None:
+            return
+        end = self.filled + len(keys)
+        if end > len(self.keys):  # more than the sample promised: the second pass will do
+            self.keys = None
+            return
+        self.keys[self.filled:end] = keys.cpu()
+        self.rows[self.filled:end] = rows.cpu()
+        self.filled = end
+
+    def covers(self, bucket: int) -> bool:
+        return self.keys is not None and self.first <= bucket <= self.last
+
+    def bucket(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The low bits and rows of the keys of ``bucket`` (in flat order)."""
+        assert self.keys is not None
+        keys, rows = self.keys[:self.filled], self.rows[:self.filled]
+        inside = (keys >> 16) == bucket
+        return keys[inside] & 0xFFFF, rows[inside]
+
+
+def _windows(sample: tuple[list[torch.Tensor], list[int]], queries: Sequence[tuple[int, int]],
+             open_: Sequence[int], streams: Sequence[int], n: int,
+             k_of_nonzero: Callable[[int], int] | None) -> dict[int, _Window]:
+    """Each open query's window: the buckets holding the sample's keys of ranks within
+    `WINDOW_MARGIN`·(sample size) of where the k-th key falls, narrowed until the keys it is
+    expected to collect over the whole tensor fit in `WINDOW_MAX`; none if even its one bucket
+    would not."""
+    hist, zeros = sample
+    out = {}
+    for q in open_:
+        s, k = queries[q]
+        h = hist[streams.index(s)]
+        size = int(h.sum())
+        if size == 0:
+            continue
+        if k_of_nonzero is not None:
+            k = k_of_nonzero(round(n * (1 - zeros[streams.index(s)] / size)))
+        if not 0 < k < n:
+            continue
+        above = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])
+        rank = k / n * size
+        margin = WINDOW_MARGIN * size
+        while True:
+            # a window reaching past the sample's largest (smallest) key reaches the end
+            first = 0 if rank + margin >= size else _bucket_at(above, rank + margin)
+            last = HIGH_BINS - 1 if rank - margin <= 1 else _bucket_at(above, rank - margin)
+            expected = int(h[first:last + 1].sum()) * n / size
+            if expected <= WINDOW_MAX // 2 or first == last or margin < 0.5:
+                break
+            margin /= 2
+        if expected <= WINDOW_MAX // 2:
+            out[q] = _Window(first, last, min(WINDOW_MAX, int(expected * 1.5) + (1 << 16)))
+    return out
+
+
+def _bucket_at(above: torch.Tensor, rank: float) -> int:
+    """The bucket holding the key of (fractional) rank ``rank`` from the top."""
+    return int(torch.nonzero(above >= rank)[-1])
+
+
+def _second_pass(map_pieces: Map, keys: Keys, wanted: Sequence[tuple[int, int]],
+                 counts: Sequence[int], fine: list[torch.Tensor | None],
+                 found: list[tuple[torch.Tensor, torch.Tensor] | None], slots: Sequence[int]
+                 ) -> None:
+    """Read the keys of the buckets ``wanted`` ((stream, bucket), ``counts`` keys each): their
+    low-bit histograms into ``fine``, and, for a bucket of at most `COLLECT_MAX` keys, the keys'
+    low bits and rows into ``found`` (both at ``slots``)."""
+    collect = [c <= COLLECT_MAX for c in counts]
+
+    def low(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        ks = keys(lo, hi, pieces)
+        out = []
+        for (s, b), keep_rows in zip(wanted, collect, strict=True):
+            if keep_rows:  # the bucket's keys and rows, in flat order
+                out += bucket_entries(ks[s], lo, b, b)
+            else:
+                flat = ks[s].reshape(-1)
+                out.append(torch.bincount(flat[(flat >> 16) == b] & 0xFFFF, minlength=LOW_BINS))
+        return out
+
+    hists = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in wanted]
+    # the collected keys go straight into buffers of the size pass 1 counted: per-piece parts
+    # kept until the pass ends would pin the allocator's heap under every later piece
+    kept = [_Window(b, b, c) if keep_rows else None
+            for (_, b), c, keep_rows in zip(wanted, counts, collect, strict=True)]
+    for part in map_pieces(low):
+        it = iter(part)  # type: ignore[call-overload]
+        for i, window in enumerate(kept):
+            if window is not None:
+                window.add(next(it), next(it))
+            else:
+                hists[i] += next(it).cpu()
+    for i, slot in enumerate(slots):
+        window = kept[i]
+        if window is not None:
+            found[slot] = window.bucket(wanted[i][1])
+            fine[slot] = torch.bincount(found[slot][0].long(), minlength=LOW_BINS)
+        else:
+            fine[slot] = hists[i]
 
 
 def _place_ties(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],

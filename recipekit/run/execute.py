@@ -306,9 +306,10 @@ class _FileSource:
         self.bounds = node.bounds()
         self.plan, self.rt, self.known = plan, rt, known
 
-    def map(self, fn: Callable[[int, int, tuple[Any, ...]], Any]) -> Iterator[Any]:
+    def map(self, fn: Callable[[int, int, tuple[Any, ...]], Any], *,
+            every: int = 1) -> Iterator[Any]:
         job = _Pieces.over(self.targets, self.plan, self.rt, self.known)
-        yield from job.run(self.bounds, fn)
+        yield from job.run(self.bounds[::every], fn)
 
 
 class _FileSweepSource:

@@ -31,9 +31,11 @@ def needs_stats(sparsify: str, rescale: bool) -> bool:
 
 
 def stat_passes(sparsify: str, rescale: bool, n: int | None = None) -> int:
-    """Passes `ops.stream_prune.prune_rules` makes at most over ``n`` entries: two histogram
-    passes for a cut and a tie pass when a bucket can hold more keys than the second pass
-    collects (`ops.select.COLLECT_MAX`), one for the L1 norms of a rescale."""
+    """Passes `ops.stream_prune.prune_rules` makes over ``n`` entries, for the plan's bytes
+    read: two histogram passes for a cut and a tie pass when a bucket can hold more keys than
+    the second pass collects (`ops.select.COLLECT_MAX`), one for the L1 norms of a rescale.
+    A large tensor's cut usually takes one pass after a sample of an eighth of the pieces
+    (`ops.select.select_cuts`); this counts the passes it makes when the sample misses."""
     from recipekit.graph.passes import COLLECT_MAX
 
     cut = 0
@@ -99,12 +101,12 @@ class PruneStats(Reduction):
     @property
     def state_bytes(self) -> int:
         # two histograms per cut (32Ki + 64Ki int64), the per-row counts of a tie, and the
-        # bucket keys pass 2 collects (two int32 per key and cut, one cut's concatenated)
-        from recipekit.graph.passes import COLLECT_MAX
+        # keys selection collects (two cuts per task vector at most: breadcrumbs)
+        from recipekit.graph.passes import selection_bytes
 
         m = len(self.operands)
-        collected = (2 * m * 8 + 16) * min(self.base.numel, COLLECT_MAX)
-        return 2 * m * (3 << 15) * 8 + 2 * m * 8 * self.stream_rows + collected
+        return (2 * m * (3 << 15) * 8 + 2 * m * 8 * self.stream_rows
+                + selection_bytes(self.base.numel, 2 * m))
 
     @property
     def workspace(self) -> int:
@@ -264,12 +266,11 @@ class SceStats(Reduction):
 
     @property
     def state_bytes(self) -> int:
-        # the two histograms of the cut, the per-row counts of a tie and the bucket keys
-        # pass 2 collects (two int32 each, widened to int64 to count them)
-        from recipekit.graph.passes import COLLECT_MAX
+        # the two histograms of the cut, the per-row counts of a tie and the keys selection
+        # collects
+        from recipekit.graph.passes import selection_bytes
 
-        return ((3 << 15) * 8 + 8 * self.stream_rows
-                + 16 * min(self.base.numel, COLLECT_MAX))
+        return (3 << 15) * 8 + 8 * self.stream_rows + selection_bytes(self.base.numel, 1)
 
     @property
     def workspace(self) -> int:

@@ -42,10 +42,10 @@ def streamed_masks(xs: list[torch.Tensor], queries: list[tuple[int, int]],
     rows_of = [x.reshape(1) if x.dim() == 0 else x for x in xs]
     source = InMemorySource(rows_of, bounds)
 
-    def counting_map(fn):
+    def counting_map(fn, every=1):
         if passes is not None:
-            passes.append(1)
-        return source.map(fn)
+            passes.append(1 if every == 1 else every)  # a sample pass counts as its stride
+        return source.map(fn, every=every)
 
     n = xs[0].numel()
     cuts = select_cuts(counting_map, lambda lo, hi, p: [magnitude_key(t) for t in p], queries,
@@ -198,4 +198,62 @@ class TestPiecesDoNotMatter:
             (mask,) = streamed_masks([x], [(0, k)], bounds)
         finally:
             select.COLLECT_MAX = saved
+        assert torch.equal(mask, stable_topk(x, k))
+
+
+class TestSampledWindow:
+    """Large tensors histogram a sample first and collect the keys around its estimate during
+    the histogram pass (`select.SAMPLE_MIN`, lowered here so that small tensors take that
+    path): the kept set must stay the stable argsort's whether the window holds the k-th key,
+    misses it (a sample unlike the rest) or overflows, and a window that holds it saves the
+    second pass."""
+
+    @pytest.fixture(autouse=True)
+    def _sample_small_tensors(self, monkeypatch):
+        monkeypatch.setattr(select, "SAMPLE_MIN", 0)
+        monkeypatch.setattr(select, "SAMPLE_EVERY", 2)
+
+    def test_one_pass_after_the_sample_when_the_window_holds_the_cut(self):
+        x = torch.round(randn(64, 40, seed=20) * 64) / 64  # ties at most cut-offs
+        for k in [1, 97, 1280, 2000, 2559]:
+            passes: list[int] = []
+            (mask,) = streamed_masks([x], [(0, k)], split(64, [4]), passes)
+            assert torch.equal(mask, stable_topk(x, k)), k
+            assert passes == [2, 1], (k, passes)  # the sample (every 2nd piece), one pass
+
+    def test_a_sample_unlike_the_rest_falls_back_to_the_second_pass(self):
+        x = randn(64, 40, seed=21)
+        x[torch.arange(64) % 8 >= 4] *= 1000  # the sampled pieces (rows 0-3, 8-11, ...) small
+        passes: list[int] = []
+        (mask,) = streamed_masks([x], [(0, 1000)], split(64, [4]), passes)
+        assert torch.equal(mask, stable_topk(x, 1000))
+        assert passes == [2, 1, 1]
+
+    def test_a_window_that_overflows_falls_back(self, monkeypatch):
+        monkeypatch.setattr(select, "WINDOW_MAX", 2 * 40 * 64)
+        x = torch.zeros(64, 40)
+        x[::2] = torch.round(randn(32, 40, seed=22) * 4) / 4  # the sample sees no zeros
+        passes: list[int] = []
+        (mask,) = streamed_masks([x], [(0, 2500)], split(64, [2]), passes)
+        assert torch.equal(mask, stable_topk(x, 2500))
+
+    def test_several_streams_and_queries(self):
+        a = torch.round(randn(50, 30, seed=23) * 4) / 4
+        b = randn(50, 30, seed=24)
+        queries = [(0, 1), (1, 700), (0, 700), (1, 0), (0, 1499), (1, 1499)]
+        got = streamed_masks([a, b], queries, split(50, [3, 7]))
+        for (s, k), mask in zip(queries, got, strict=True):
+            assert torch.equal(mask, stable_topk([a, b][s], k)), (s, k)
+
+    @settings(max_examples=100, deadline=None)
+    @given(rows=st.integers(1, 24), cols=st.integers(1, 12), levels=st.integers(1, 6),
+           seed=st.integers(0, 2**31 - 1), data=st.data())
+    def test_random_partitions(self, rows, cols, levels, seed, data):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(-levels, levels + 1, (rows, cols), generator=g).float() / levels
+        k = data.draw(st.integers(-1, rows * cols + 1), label="k")
+        rng = random.Random(seed)
+        cuts = sorted(rng.sample(range(1, rows), rng.randint(0, rows - 1))) if rows > 1 else []
+        edges = [0, *cuts, rows]
+        (mask,) = streamed_masks([x], [(0, k)], list(zip(edges[:-1], edges[1:], strict=True)))
         assert torch.equal(mask, stable_topk(x, k))

@@ -54,10 +54,10 @@ def streamed(xs: list[torch.Tensor], base: torch.Tensor, sparsify_: str,
         rows = source.rows
 
         @staticmethod
-        def map(fn):
+        def map(fn, every=1):
             if passes is not None:
                 passes.append(1)
-            return source.map(fn)
+            return source.map(fn, every=every)
 
     def deltas(lo, hi, pieces):
         return [p.float() - pieces[-1].float() for p in pieces[:-1]]
