@@ -8,6 +8,7 @@ into buffers we own keep RSS at the working set, and release the GIL, so reads o
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -18,12 +19,25 @@ from recipekit.io.remote import RemotePath, cat_range, is_remote
 _HAS_PREADV = hasattr(os, "preadv")
 
 
+#: whole-tensor reads of at most this many bytes go into reused buffers (`FileReader`)
+REUSE_BYTES = 64 * 1024 * 1024
+#: bytes of such buffers the reader keeps between reads at most
+KEEP_BYTES = 96 * 1024 * 1024
+
+
 class FileReader:
-    """Keeps input files open (one descriptor each) and reads byte ranges from them."""
+    """Keeps input files open (one descriptor each) and reads byte ranges from them.
+
+    Whole tensors of at most `REUSE_BYTES` are read into buffers it keeps (at most
+    `KEEP_BYTES`) and hands out again once nothing refers to them. Why: a fresh buffer is a
+    fresh mapping, and faulting its pages in costs about four times the copy from the page
+    cache (measured: 1.9 against 9 GB/s); a TIES merge reads two such inputs per tensor.
+    """
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+        self._kept: list[bytearray] = []
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -66,24 +80,53 @@ class FileReader:
                     hint="the file changed or was truncated during the run")
             done += n
 
-    def read_tensor(self, info: TensorInfo) -> bytearray:
-        """The raw bytes of one stored tensor, in a fresh buffer."""
-        buf = bytearray(info.nbytes)
+    def read_tensor(self, info: TensorInfo) -> memoryview:
+        """The raw bytes of one stored tensor, in a buffer no one else refers to."""
+        buf = self._buffer(info.nbytes)
         if info.nbytes:
-            self.read_into(info.file, info.offset, memoryview(buf))
+            self.read_into(info.file, info.offset, buf)
         return buf
+
+    def _buffer(self, nbytes: int) -> memoryview:
+        """``nbytes`` of memory: a kept buffer nothing refers to any more (the smallest large
+        enough), else a new one, kept if it fits in `KEEP_BYTES` with the free ones."""
+        if nbytes > REUSE_BYTES:
+            return memoryview(bytearray(nbytes))
+        with self._lock:
+            free = _unreferenced(self._kept)
+            fits = [b for b in free if len(b) >= nbytes]
+            if fits:
+                return memoryview(min(fits, key=len))[:nbytes]
+            buf = bytearray(nbytes)
+            free.sort(key=len)
+            while free and sum(map(len, self._kept)) + nbytes > KEEP_BYTES:
+                self._kept.remove(free.pop(0))
+            if sum(map(len, self._kept)) + nbytes <= KEEP_BYTES:
+                self._kept.append(buf)
+            return memoryview(buf)
 
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._kept.clear()
 
     def __enter__(self) -> FileReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _unreferenced(kept: list[bytearray]) -> list[bytearray]:
+    """The buffers of ``kept`` that nothing else refers to. A tensor over a buffer
+    (`torch.frombuffer`, through a memoryview) and every view of it hold a reference until
+    they are freed. Each count is compared with that of a probe held the same way (by one
+    list), so the interpreter's own temporary references cancel out."""
+    owners = [bytearray()]  # the probe, held by this list as each buffer is by ``kept``
+    probe, *counts = [sys.getrefcount(b) for b in owners + kept]
+    return [b for b, c in zip(kept, counts, strict=True) if c <= probe]
 
 
 def _read_remote(path: RemotePath, offset: int, buf: memoryview) -> None:

@@ -227,6 +227,21 @@ CHUNKED_OVERHEAD = 16 * 1024 * 1024
 SHARED_KEEP = 8
 
 
+def kept_read_bytes(nodes: Iterable[Node]) -> int:
+    """Bytes of the buffers the reader keeps for whole reads between tensors
+    (`io.reader.KEEP_BYTES`) while it computes the output tensors ``nodes``: at most the stored
+    inputs they read whole (not by row pieces) that are small enough to reuse a buffer
+    (`io.reader.REUSE_BYTES`)."""
+    from recipekit.io.reader import KEEP_BYTES, REUSE_BYTES
+
+    loads: set[Node] = set()
+    for node in nodes:
+        parts = row_sliced(node) if chunkable(node) else None
+        for root in (parts[1] if parts is not None else {node}):
+            loads |= {n for n in held_nodes(root)[0] if isinstance(n, Load)}
+    return min(KEEP_BYTES, sum(n.nbytes for n in loads if n.nbytes <= REUSE_BYTES))
+
+
 def retained_bytes(nodes: Iterable[Node]) -> int:
     """Bytes of the reduction and sweep values the executor may still keep from earlier
     tensors while it computes one (`SHARED_KEEP` of them, the last computed): at most the

@@ -1,14 +1,19 @@
-"""io/reader.py's `is_same_data`: two stored tensors compared in bounded chunks.
+"""io/reader.py: `is_same_data` (two stored tensors compared in bounded chunks) and the
+reused buffers of `FileReader.read_tensor`.
 
-Oracle: the bytes we wrote (equal files, one flipped byte past the first chunk, another dtype).
+Oracle: the bytes we wrote (equal files, one flipped byte past the first chunk, another dtype);
+for reuse, tensors and views over an earlier read that must keep their values.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from recipekit.io import reader as reader_module
 from recipekit.io.header import TensorInfo
-from recipekit.io.reader import is_same_data
+from recipekit.io.reader import FileReader, is_same_data
 
 
 def stored(path: Path, data: bytes, *, offset: int = 8, dtype: str = "F32") -> TensorInfo:
@@ -33,3 +38,42 @@ def test_a_byte_past_the_first_chunk_or_another_dtype_differs(tmp_path):
     assert not is_same_data(a, stored(tmp_path / "c", data, dtype="I32"))
     remote = TensorInfo("r", "F32", a.shape, tmp_path / "a", -1, a.nbytes)
     assert not is_same_data(a, remote)  # only a remote header: never called equal
+
+
+class TestReusedBuffers:
+    """A whole read reuses a kept buffer only once no tensor or view refers to it."""
+
+    def test_a_buffer_in_use_is_never_handed_out_again(self, tmp_path):
+        a = stored(tmp_path / "a", torch.arange(64, dtype=torch.float32).numpy().tobytes())
+        b = stored(tmp_path / "b", torch.full((64,), -1.0).numpy().tobytes())
+        with FileReader() as reader:
+            first = torch.frombuffer(reader.read_tensor(a), dtype=torch.float32)
+            view = first[10:].reshape(6, 9)  # the tensor goes, its view stays
+            del first
+            second = torch.frombuffer(reader.read_tensor(b), dtype=torch.float32)
+            assert torch.equal(view, torch.arange(10, 64, dtype=torch.float32).reshape(6, 9))
+            assert torch.equal(second, torch.full((64,), -1.0))
+            assert len(reader._kept) == 2
+            del view, second
+            again = torch.frombuffer(reader.read_tensor(a), dtype=torch.float32)
+            assert len(reader._kept) == 2  # a freed buffer, not a third
+            assert torch.equal(again, torch.arange(64, dtype=torch.float32))
+
+    def test_free_buffers_are_reused_and_capped(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(reader_module, "KEEP_BYTES", 1000)
+        monkeypatch.setattr(reader_module, "REUSE_BYTES", 600)
+        small = stored(tmp_path / "s", bytes(range(200)) * 2)  # 400 bytes
+        large = stored(tmp_path / "l", bytes(800))  # above REUSE_BYTES: never kept
+        with FileReader() as reader:
+            held = reader.read_tensor(small)
+            other = reader.read_tensor(small)  # the first is in use: a second buffer
+            assert len(reader._kept) == 2 and bytes(held) == bytes(other)
+            del held, other
+            for _ in range(5):  # both free: no new buffer
+                assert bytes(reader.read_tensor(small)) == bytes(range(200)) * 2
+            assert len(reader._kept) == 2
+            assert bytes(reader.read_tensor(large)) == bytes(800)
+            assert len(reader._kept) == 2
+            bufs = [reader.read_tensor(small) for _ in range(3)]  # a third would pass 1000
+            assert len(reader._kept) == 2 and all(bytes(x) == bytes(range(200)) * 2
+                                                  for x in bufs)
