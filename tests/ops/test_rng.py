@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 
+from recipekit.ops import rng
 from recipekit.ops.rng import DRAW_BITS, counter_draw, tensor_generator
 from recipekit.steps.task_vectors import stream_key
 
@@ -49,6 +50,14 @@ class TestReference:
         out = counter_draw(key, 0, rows, cols)
         assert out.dtype == torch.int32 and out.shape == (rows, cols)
         assert out.tolist() == [[draw_ref(key, r, c) for c in range(cols)] for r in range(rows)]
+
+    @pytest.mark.parametrize("key", [0, 7, -1, -(2**31), 2**31 - 1])
+    def test_the_torch_path_equals_the_numpy_path(self, key):
+        """The CPU draws with numpy, other devices with torch's int32: the same bits (the
+        torch path runs on the CPU here; on a GPU in tests/e2e/test_cuda.py)."""
+        for lo, hi, cols in [(0, 3, 5), (1000, 1064, 2048), (5, 6, 70000)]:
+            assert torch.equal(rng._counter_draw_torch(key, lo, hi, cols, None),
+                               counter_draw(key, lo, hi, cols))
 
     def test_offset_rows_and_wide_rows(self):
         """Rows far from 0 and rows wider than the internal 64Ki-value block."""
