@@ -107,9 +107,9 @@ def _l1_scales(source: Any, deltas: Any, packed: torch.Tensor, sparsify: str,
         out = torch.zeros((m, 2), dtype=torch.float64)
         for i, tau in enumerate(deltas(lo, hi, pieces)):
             mask = _mask(tau, lo, packed[i], sparsify, densities[i], epsilons[i], keys[i])
-            out[i, 0] = tau.abs().sum(dtype=torch.float64)
-            out[i, 1] = out[i, 0] if mask is None else (tau * mask).abs().sum(
-                dtype=torch.float64)
+            size = tau.abs()
+            out[i, 0] = size.sum(dtype=torch.float64)
+            out[i, 1] = out[i, 0] if mask is None else size.mul_(mask).sum(dtype=torch.float64)
         return out
 
     total = torch.zeros((m, 2), dtype=torch.float64)
@@ -139,9 +139,22 @@ def _mask(tau: torch.Tensor, lo: int, rule: torch.Tensor, sparsify: str, density
         if density < 0:
             raise ValueError(f"density must be in [0, 1] for random pruning, got {density}")
         limit = int(density * (1 << DRAW_BITS))
-        return (draw < limit).reshape(tau.shape).to(tau.dtype)
+        return _below(draw.reshape(tau.shape), limit, tau.dtype)
     p = della_keep_probabilities(tau, density=density, epsilon=epsilon)
-    return (draw.reshape(tau.shape).to(p.dtype) < p * (1 << DRAW_BITS)).to(tau.dtype)
+    return _below(draw.reshape(tau.shape).to(p.dtype), p * (1 << DRAW_BITS), tau.dtype)
+
+
+def _below(draw: torch.Tensor, limit: torch.Tensor | int, dtype: torch.dtype) -> torch.Tensor:
+    """(draw < limit) as 0/1 in ``dtype``. On the CPU through numpy: torch's compare and bool
+    conversion cost ~1.1 ns per value on a piece, numpy's ~0.15 (the same values)."""
+    if draw.device.type != "cpu" or dtype not in (torch.float32, torch.float64) or (
+            isinstance(limit, torch.Tensor) and limit.dtype == torch.bfloat16):
+        return (draw < limit).to(dtype)
+    import numpy as np
+
+    bound = limit.numpy() if isinstance(limit, torch.Tensor) else limit
+    kind = np.float32 if dtype == torch.float32 else np.float64
+    return torch.from_numpy(np.less(draw.numpy(), bound).astype(kind))
 
 
 def prune_rows(tau: torch.Tensor, lo: int, rule: torch.Tensor, *, sparsify: str,
