@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
-from recipekit.ops.sparsify import sign_consensus_mask
+from recipekit.ops.sparsify import population_variance, sign_consensus_mask
 
 __all__ = ["sce_k", "sce_rows", "sce_rules", "variance_key"]
 
@@ -32,7 +32,7 @@ Deltas = Callable[[int, int, tuple[Any, ...]], torch.Tensor]
 
 def variance_key(deltas: torch.Tensor) -> torch.Tensor:
     """The selection key of SCE: |Var_i(τ_i)| as fp32 bits (`magnitude_key`), per row."""
-    return magnitude_key(torch.var(deltas, dim=0, correction=0))
+    return magnitude_key(population_variance(deltas))
 
 
 def sce_k(nonzero: int, fraction: float) -> int:

@@ -419,3 +419,28 @@ class TestDispatch:
     def test_unknown(self):
         with pytest.raises(ValueError, match="unknown sparsifier 'topk'"):
             sp.sparsify(randn(3), "topk", density=0.5)
+
+
+class TestPopulationVariance:
+    """Oracle: ``torch.var(x, dim=0, correction=0)``, bit for bit (the SCE selection must not
+    move), for M = 1..5 task vectors, fp32 and fp64, with NaN, ±inf, ±0 and tiny values."""
+
+    @pytest.mark.parametrize("m", [1, 2, 3, 5])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_bits_of_torch_var(self, m, dtype):
+        x = (randn(m, 33, 70) * 0.01).to(dtype)
+        x[:, 0, :6] = torch.tensor([0.0, -0.0, 1e-30, 3.0, float("inf"), float("nan")],
+                                   dtype=dtype)
+        x[0, 1, :3] = torch.tensor([-float("inf"), 1e38, -1e38], dtype=dtype)
+        before = x.clone()
+        got, want = sp.population_variance(x), torch.var(x, dim=0, correction=0)
+        assert got.dtype == want.dtype
+        int_type = torch.int32 if dtype == torch.float32 else torch.int64
+        assert torch.equal(got.view(int_type), want.view(int_type))
+        assert torch.equal(x.view(int_type), before.view(int_type))  # the input is untouched
+
+    def test_other_dtypes_and_a_vector(self):
+        x = randn(3, 40).bfloat16()
+        assert torch.equal(sp.population_variance(x), torch.var(x, dim=0, correction=0))
+        v = randn(7)
+        assert torch.equal(sp.population_variance(v), torch.var(v, dim=0, correction=0))
