@@ -5,7 +5,9 @@ tensor; a sort needs it whole and takes O(n log n) on one thread. Here the k-th 
 is found exactly by counting: the magnitude's fp32 bit pattern is an integer that orders like
 the magnitude (`magnitude_key`), so a histogram of its high 16 bits (pass 1) finds the bucket
 holding the k-th key, and a histogram of the low 16 bits inside that bucket (pass 2) the key
-itself. Memory is a few histograms; time is linear in the elements.
+itself. Memory is a few histograms; time is linear in the elements. A large tensor saves most
+of pass 2: a sample of its pieces places each k-th key within a few buckets first, and pass 1
+collects the keys of those buckets as it counts (`select_cuts`).
 
 **Tie rule.** Keys are ranked by value, then by flat (row-major) index, lower first: when the
 k-th key equals others, the equal entries with the lowest indices are kept, exactly k in all.
