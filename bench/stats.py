@@ -28,22 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixtures import make_tinyllama  # noqa: E402
+from floor import read_floor  # noqa: E402
 from measure import run_measured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-CHUNK = 16 * 1024 * 1024
-
-
-def read_floor(paths: list[str]) -> int:
-    """Read every file once with a plain buffered loop; return the bytes read."""
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    total = 0
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while n := f.readinto(view):
-                total += n
-    return total
 
 
 def weight_files(path: Path) -> list[str]:
