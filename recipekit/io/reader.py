@@ -99,9 +99,14 @@ class FileReader:
                 return memoryview(min(fits, key=len))[:nbytes]
             buf = bytearray(nbytes)
             free.sort(key=len)
-            while free and sum(map(len, self._kept)) + nbytes > KEEP_BYTES:
-                self._kept.remove(free.pop(0))
-            if sum(map(len, self._kept)) + nbytes <= KEEP_BYTES:
+            held = sum(map(len, self._kept))
+            while free and held + nbytes > KEEP_BYTES:  # drop the smallest free ones
+                victim = free.pop(0)
+                held -= len(victim)
+                # by identity: `list.remove` would compare contents and could drop a
+                # buffer in use that holds the same bytes
+                self._kept = [b for b in self._kept if b is not victim]
+            if held + nbytes <= KEEP_BYTES:
                 self._kept.append(buf)
             return memoryview(buf)
 

@@ -77,3 +77,17 @@ class TestReusedBuffers:
             bufs = [reader.read_tensor(small) for _ in range(3)]  # a third would pass 1000
             assert len(reader._kept) == 2 and all(bytes(x) == bytes(range(200)) * 2
                                                   for x in bufs)
+
+    def test_eviction_drops_the_free_buffer_not_an_equal_one_in_use(self, tmp_path,
+                                                                      monkeypatch):
+        """Two kept buffers with the same bytes, one in use: making room drops the free one."""
+        monkeypatch.setattr(reader_module, "KEEP_BYTES", 1000)
+        small = stored(tmp_path / "s", bytes(400))
+        other = stored(tmp_path / "o", bytes(range(250)) * 2)  # 500 bytes: a new buffer
+        with FileReader() as reader:
+            in_use = reader.read_tensor(small)
+            free = reader.read_tensor(small)
+            del free
+            reader.read_tensor(other)  # 400 + 400 + 500 > 1000: one 400-byte buffer goes
+            assert any(b is in_use.obj for b in reader._kept)
+            assert len(reader._kept) == 2
