@@ -36,6 +36,12 @@ class Node:
     #: The node computes in fp32 (fp64 for fp64 inputs) whatever its ``dtype`` and rounds once
     #: to ``dtype`` at the end, so `round_to` may give it another ``dtype`` instead of casting.
     rounds_once: ClassVar[bool] = False
+    #: Computed whole on the CPU at torch's own thread count rather than one thread
+    #: (`run.execute._torch_threads`): a dense factorization, whose time is BLAS calls that
+    #: scale with the cores. Elementwise kernels run at one thread: their bytes then do not
+    #: depend on the cores or `--workers` (a parallel reduction's order does), and on busy cores
+    #: a parallel region waits for descheduled peers.
+    threaded: ClassVar[bool] = False
 
     def _key(self) -> tuple[Any, ...]:
         return (type(self),) + tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]

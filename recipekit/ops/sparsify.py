@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from recipekit.ops.precision import compute_dtype
+from recipekit.ops.select import magnitude_key, top_k_mask
 
 __all__ = [
     "CONSENSUS_METHODS",
@@ -458,9 +459,10 @@ def sce_topk_mask(deltas: torch.Tensor, *, fraction: float) -> torch.Tensor:
 
     Formula: v = Var_i(δ_i) (population variance, ÷M) per entry; k = ⌊nnz(v)·f⌋ (the product
     in fp32, as mergekit's tensor arithmetic); one shared mask keeps the k entries with the
-    largest |v| as fp32, equal values by lowest flat index first (a stable descending sort:
-    `ops.select`'s tie rule, so the streamed SCE keeps the same set; mergekit's ``topk`` breaks
-    ties arbitrarily and agrees wherever the k-th value is unique). f ≥ 1 keeps everything;
+    largest |v| as fp32, equal values by lowest flat index first (the first k of a stable
+    descending sort, found without sorting by `ops.select.top_k_mask`: its tie rule, so the
+    streamed SCE keeps the same set; mergekit's ``topk`` breaks ties arbitrarily and agrees
+    wherever the k-th value is unique). f ≥ 1 keeps everything;
     f ≤ 0 or k = 0 keeps nothing.
 
     Paper: Wan et al. 2024, "FuseChat" (SCE), https://arxiv.org/abs/2408.07990.
@@ -485,9 +487,6 @@ def sce_topk_mask(deltas: torch.Tensor, *, fraction: float) -> torch.Tensor:
         return torch.ones(shape, dtype=dtype, device=device)
     variance = population_variance(deltas)
     k = int(torch.count_nonzero(variance) * fraction)
-    mask = torch.zeros(shape, dtype=dtype, device=device)
     if k == 0:
-        return mask
-    order = torch.sort(variance.abs().reshape(-1).float(), descending=True, stable=True).indices
-    mask.view(-1)[order[:k]] = 1
-    return mask
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return top_k_mask(magnitude_key(variance), k).reshape(shape).to(dtype)

@@ -216,10 +216,12 @@ def chunkable(node: Node) -> bool:
 #: What chunked evaluation holds besides its pieces and whole inputs, measured
 #: (tests/run/test_execute.py, tests/run/test_execute_estimates.py): 7-8 MiB in all for a cast
 #: since a piece's temporaries stay under the mapping threshold and the heap is trimmed after
-#: each tensor (`run.execute._release_heap`), up to 16 MiB beside the pieces of a linear merge,
-#: nearswap or interpolate: the worker threads' stacks and malloc arenas, and the allocator's
-#: small retained blocks.
-CHUNKED_OVERHEAD = 16 * 1024 * 1024
+#: each tensor (`run.execute._release_heap`), 8-16 MiB beside the pieces of a linear merge,
+#: nearswap or interpolate, and once 16.02 MiB (nearswap over row pieces, on a loaded
+#: machine): the worker threads' stacks and malloc arenas (how many arenas the threads touch
+#: depends on their timing), and the allocator's small retained blocks. 24 MiB keeps a margin
+#: above that tail.
+CHUNKED_OVERHEAD = 24 * 1024 * 1024
 
 
 #: How many reduction and sweep values the executor keeps for the output tensors that follow

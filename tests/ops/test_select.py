@@ -129,6 +129,24 @@ class TestAgainstStableArgsort:
         assert six.tolist() == [[True, True, True, True, True, True, False]]  # +0 and −0 tie
 
 
+class TestTopKMask:
+    """`top_k_mask` (the whole-tensor kernels' top-k: SCE's select) against `stable_topk`."""
+
+    @pytest.mark.parametrize("name", list(INPUTS))
+    def test_every_input(self, name):
+        x = INPUTS[name]()
+        for k in edge_ks(x.numel()):
+            assert torch.equal(select.top_k_mask(magnitude_key(x), k).reshape(x.shape),
+                               stable_topk(x, k)), (name, k)
+
+    def test_a_tensor_large_enough_to_be_sampled(self):
+        """Above `SAMPLE_MIN` the cut is placed from a sample first: same set."""
+        x = torch.round(randn(1100, 4000, seed=12) * 64) / 64  # 4.4M values, heavily tied
+        assert x.numel() >= select.SAMPLE_MIN
+        for k in (1, x.numel() // 2 + 7, x.numel() - 1):
+            assert torch.equal(select.top_k_mask(magnitude_key(x), k), stable_topk(x, k)), k
+
+
 class TestQueries:
     def test_many_streams_and_queries_in_one_call(self):
         """Several task vectors (streams) and several k per stream share the passes."""

@@ -333,7 +333,7 @@ def test_peak_memory_estimate_matches_a_measurement(tmp_path):
     # before); the estimate keeps a fixed margin for other elementwise plans
     # (`plan.cost.CHUNKED_OVERHEAD`), so it is at most that much above the measurement, and
     # both stay far below one 64 MiB input.
-    assert cast["measured"] <= cast["estimate"] <= cast["measured"] + 16 * 2**20, results
+    assert cast["measured"] <= cast["estimate"] <= cast["measured"] + 24 * 2**20, results
     assert cast["measured"] < 48 * 2**20, results
     # an upper bound for a pure copy, give or take a thread stack's touched pages
     assert results["copy"]["measured"] <= 1.05 * results["copy"]["estimate"], results
@@ -458,6 +458,28 @@ class TestChunkedEvaluation:
             torch.set_num_threads(threads)
         assert len(calls) > 20
         assert whole == pieces == side_by_side
+
+    def test_whole_tensor_kernels_run_at_one_thread(self, cli, tmp_path, tiny_llama,
+                                                   tiny_llama_b, monkeypatch):
+        """A whole kernel's reductions would sum in an order set by the thread count: it runs
+        at one thread whatever the cores and `--workers`, and the thread count is restored."""
+        from recipekit.steps.merge import Merge
+
+        seen = []
+        real = Merge.compute
+        monkeypatch.setattr(Merge, "compute",
+                            lambda self, args: seen.append(torch.get_num_threads())
+                            or real(self, args))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(3)
+        try:
+            self.run(cli, tmp_path, tiny_llama, tiny_llama_b,
+                     "op: merge\n    method: sce\n    base: a\n    from: [b]",
+                     "stock", "", "--workers", "2")
+            assert torch.get_num_threads() == 3
+        finally:
+            torch.set_num_threads(threads)
+        assert seen and set(seen) == {1}
 
     def test_whole_tensor_ops_are_not_chunked_and_plan_says_so(self, cli, tmp_path, tiny_llama,
                                                                tiny_llama_b, monkeypatch):
