@@ -329,6 +329,62 @@ def make_sparse_checkpoint(shape: LlamaShape, *, root: Path = FIXTURES_DIR,
     return out
 
 
+def make_finetune(shape: LlamaShape, seed: int = 0, *, rank: int = 256, scale: float = 0.1,
+                  root: Path = FIXTURES_DIR, log: bool = True) -> Path:
+    """A "fine-tune" of the seed-``seed`` fixture: every 2-D weight plus a delta shaped like a
+    real fine-tune's, whose spectrum decays (``B·diag(1/(i+1))·A`` of rank ``rank``, A and B
+    Gaussian) with elements of std ``scale`` × the weights' 0.02, rounded to bf16; norms are
+    copied. The difference of two independent seeds is a Gaussian matrix (a flat spectrum, the
+    hardest case for a rank-64 extraction); this one is what `extract_lora` meets in use.
+    Same layout, config and tokenizer as the base."""
+    base = make_llama_checkpoint(shape, seed)
+    out = root / f"{shape.name}-ft{rank}-seed{seed}"
+    spec = {"shape": asdict(shape), "seed": seed, "rank": rank, "scale": scale, "format": 1}
+    if is_cached(out, spec):
+        return out
+    out.mkdir(parents=True)
+    if log:
+        print(f"building {out}", file=sys.stderr)
+    for src in sorted(base.iterdir()):
+        if src.suffix != ".safetensors":
+            if src.name != STAMP:
+                shutil.copyfile(src, out / src.name)
+            continue
+        with open(src, "rb") as f, open(out / src.name, "wb") as w:
+            (size,) = struct.unpack("<Q", f.read(8))
+            raw = f.read(size)
+            w.write(struct.pack("<Q", size) + raw)
+            header = json.loads(raw)
+            header.pop("__metadata__", None)
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                start, end = info["data_offsets"]
+                f.seek(8 + size + start)
+                data = f.read(end - start)
+                if len(info["shape"]) == 2:
+                    data = _plus_delta(data, tuple(info["shape"]), rank, scale,
+                                       tensor_seed(seed + 1000, name))
+                w.write(data)
+    _dump(out / STAMP, spec)
+    return out
+
+
+def _plus_delta(data: bytes, dims: tuple[int, ...], rank: int, scale: float, seed: int
+                ) -> bytes:
+    """bf16 ``data`` plus the decaying-spectrum delta of `make_finetune`, rounded to bf16."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    rows, cols = dims
+    r = min(rank, rows, cols)
+    weights = (np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    b = rng.standard_normal((rows, r), dtype=np.float32) / (np.arange(r, dtype=np.float32) + 1)
+    a = rng.standard_normal((r, cols), dtype=np.float32)
+    delta = b @ a
+    delta *= scale * 0.02 / float(delta.std())
+    x = weights.reshape(dims) + delta
+    bits = x.view(np.uint32)
+    bits += 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).astype(np.uint16).tobytes()
+
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -325,8 +325,9 @@ def merge_case(method: str, shape: str = "tinyllama") -> Callable[[Path], Case]:
                   "density: 0.5}]\n",
                   "base_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: "
                   "0.5, density: 0.5}}\nmerge_method: della\n"),
-        "sce": ("    method: sce\n    base: a\n    from: [b]\n    parameters: {select_topk: 0.5}\n",
-                "base_model: {a}\nmodels:\n  - model: {b}\nmerge_method: sce\n"
+        "sce": ("    method: sce\n    base: a\n    from: [b, c]\n"
+                "    parameters: {select_topk: 0.5}\n",
+                "base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\nmerge_method: sce\n"
                 "parameters: {{select_topk: 0.5}}\n"),
         "model_stock": ("    method: model_stock\n    base: a\n    from: [b, c]\n",
                         "base_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n"
@@ -334,7 +335,9 @@ def merge_case(method: str, shape: str = "tinyllama") -> Callable[[Path], Case]:
     }
 
     def case(work: Path) -> Case:
-        seeds = (0, 1, 2) if method == "model_stock" else (0, 1)  # model_stock: 2 + base
+        # model_stock and SCE: a base and two models (SCE's variance across one task vector is
+        # zero, so with one it would select nothing and return the base)
+        seeds = (0, 1, 2) if method in ("model_stock", "sce") else (0, 1)
         dirs = [fixtures.make_llama_checkpoint(fixtures.SHAPES[shape], seed) for seed in seeds]
         a, b = dirs[:2]
         c = dirs[2] if len(dirs) > 2 else b
@@ -436,8 +439,15 @@ def coalesce_case(work: Path) -> Case:
                 targets={})
 
 
-def extract_case(work: Path) -> Case:
-    """Extract a rank-64 LoRA from the difference of the two TinyLlama fixtures: 154 linear
+def extract_case(tuned: str) -> Callable[[Path], Case]:
+    """``tuned``: "seed1" (another random model: the difference is a Gaussian matrix, whose flat
+    spectrum is the hardest case for a randomized range finder) or "ft" (`fixtures.make_finetune`:
+    the base plus a delta whose spectrum decays, as a fine-tune's does)."""
+    return lambda work: _extract_case(work, tuned)
+
+
+def _extract_case(work: Path, tuned: str) -> Case:
+    """Extract a rank-64 LoRA from the difference of two TinyLlama fixtures: 154 linear
     modules, the embedding and lm_head (recipekit's randomized range finder by default).
 
     mergekit-extract-lora does the same work with ``--max-rank 64 --embed-lora
@@ -446,8 +456,10 @@ def extract_case(work: Path) -> Case:
     ‖Δ − BA‖_F / ‖Δ‖_F over all changed weights (bench/lora_error.py) is the output check, so
     the wall times compare at a stated error.
     """
-    a, b = (fixtures.make_tinyllama(seed) for seed in (0, 1))
-    recipe = work / "extract.yaml"
+    a = fixtures.make_tinyllama(0)
+    b = (fixtures.make_tinyllama(1) if tuned == "seed1" else
+         fixtures.make_finetune(fixtures.SHAPES["tinyllama"]))
+    recipe = work / f"extract-{tuned}.yaml"
     recipe.write_text(f"recipekit: 1\nmodels:\n  base: {a}\n  tuned: {b}\nsteps:\n"
                       "  - name: lora\n    op: extract_lora\n    base: base\n    tuned: tuned\n"
                       "    rank: 64\n")
@@ -468,7 +480,8 @@ def extract_case(work: Path) -> Case:
     variants = [Variant("recipekit", "recipekit", recipekit_argv(recipe), verify=False),
                 Variant(MERGEKIT, "mergekit-extract-lora 0.1.5", mergekit, env=mergekit_env(),
                         verify=False)]
-    return Case(name="extract", description=f"extract a rank-64 LoRA from {b.name} − {a.name}",
+    return Case(name="extract" if tuned == "seed1" else f"extract-{tuned}",
+                description=f"extract a rank-64 LoRA from {b.name} − {a.name}",
                 inputs=shards, variants=variants, expected={}, expected_config={},
                 targets={"wall_vs_mk": 0.3}, measure=measure)
 
@@ -565,7 +578,8 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "solar-mistral-32l": solar_case("mistral-32l"),
     "lora": lora_case,
     "coalesce": coalesce_case,
-    "extract": extract_case,
+    "extract": extract_case("seed1"),
+    "extract-ft": extract_case("ft"),
     "plan-70b": plan_case,
     "inspect": stats_case("inspect"),
     "diff": stats_case("diff"),

@@ -272,6 +272,8 @@ class RangeFinderFactors(Reduction):
     seed: int
     tensor: str
     dtype: str = F32
+    #: stop the passes early once one gains less than this of the residual (0: never)
+    tolerance: float = 0.0
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -285,7 +287,7 @@ class RangeFinderFactors(Reduction):
     @property
     def passes(self) -> int:  # type: ignore[override]
         """One per Krylov block: each reads Δ once for ΔZ and ΔᵀΔZ (fewer when the blocks
-        fill min(m, n) sooner)."""
+        fill min(m, n) sooner, or the `tolerance` stops them)."""
         return 1 + self.power_iters
 
     def _sizes(self) -> tuple[int, int, int, int]:
@@ -336,6 +338,7 @@ class RangeFinderFactors(Reduction):
 
         u, s, vh = randomized_svd(map_pieces, rows, cols, rank=self.rank,
                                   oversample=self.oversample, power_iters=self.power_iters,
+                                  tolerance=self.tolerance,
                                   generator=tensor_generator(self.seed, self.tensor), dtype=work)
         a, b = factors_from_svd(u, s, vh, rank=self.rank, transposed=self.transposed,
                                 epsilon=self.epsilon)

@@ -42,12 +42,20 @@ MapPieces = Callable[[Callable[[int, int, torch.Tensor], T]], Iterable[T]]
 
 
 def randomized_svd(map_pieces: MapPieces, rows: int, cols: int, *, rank: int,
-                   oversample: int, power_iters: int,
+                   oversample: int, power_iters: int, tolerance: float = 0.0,
                    generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu"
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top singular triplets (U (m, k), S (k,), Vh (k, n)) of Δ (m×n), k ≤ min(rank, m,
     n), from at most ``power_iters + 1`` passes over its row pieces.
+
+    ``tolerance`` > 0 stops the passes early, after the second or a later one, once it took
+    less than that fraction off the residual energy: E = Σ of the top-``rank`` eigenvalues of YᵀY
+    (Ritz values of ΔᵀΔ on span R, which only grow with R), stop when Eᵢ − Eᵢ₋₁ ≤ tolerance ×
+    (‖Δ‖²_F − Eᵢ), ‖Δ‖²_F summed in the first pass. Why: a fine-tune's difference has a
+    decaying spectrum, found to rounding in 2–3 passes (tests/ops/test_lowrank.py), while a
+    flat one keeps gaining through all of them; each pass costs as much as the first. Checked
+    with an eigvalsh of YᵀY (L ≤ 512: ≤ 11 ms), which the Rayleigh–Ritz needs anyway.
 
     Ω (n×b, b = min(rank + ``oversample``, m, n)) is drawn from ``generator`` on the CPU (the
     same draw on every device) and Z₀ = qr(Ω). Pass i computes Yᵢ = ΔZᵢ and Wᵢ = ΔᵀYᵢ; the
@@ -75,25 +83,35 @@ def randomized_svd(map_pieces: MapPieces, rows: int, cols: int, *, rank: int,
     y = torch.empty(rows, width, dtype=dtype, device=device)
     w = torch.empty(cols, width, dtype=dtype, device=device)
     basis = torch.empty(cols, width, dtype=dtype, device=device)  # R
+    gram = torch.zeros(width, width, dtype=torch.float64, device=device)  # YᵀY, by blocks
     omega = torch.randn(cols, block, generator=generator, dtype=dtype).to(device)
     z = _orthonormal(omega)
-    done = 0
+    done, energy, before = 0, 0.0, None
     while True:
         end = done + z.shape[1]
         basis[:, done:end] = z
-        _fused_pass(map_pieces, z, y[:, done:end], w[:, done:end])
+        square = _fused_pass(map_pieces, z, y[:, done:end], w[:, done:end],
+                             norm=tolerance > 0 and done == 0)
+        energy = square if done == 0 else energy
+        _gram_block(y, gram, done, end)
         done = end
         if done == width:
             break
+        if tolerance > 0:
+            now = _ritz_energy(gram[:done, :done], rank)
+            if before is not None and now - before <= tolerance * max(0.0, energy - now):
+                break
+            before = now
         r = basis[:, :done]
         nxt = w[:, done - z.shape[1]:done].clone()
         nxt -= r @ (r.T @ nxt)
         nxt -= r @ (r.T @ nxt)
         z = _orthonormal(nxt)[:, :width - done]
     del basis
+    width = done
+    y, w, gram = y[:, :width], w[:, :width], gram[:width, :width]
     # Rayleigh–Ritz in fp64 on small matrices (Cholesky and eigh of Gram matrices: LAPACK's
     # SVD of an L×n matrix costs seconds on a shared CPU, these a fraction of that)
-    gram = _gram_columns(y)
     tri, info = torch.linalg.cholesky_ex(gram, upper=True)  # Y = K·T
     diag = tri.diagonal().abs()
     if int(info) == 0 and bool(diag.min() > diag.max() * cutoff(dtype)):
@@ -122,14 +140,21 @@ def randomized_svd(map_pieces: MapPieces, rows: int, cols: int, *, rank: int,
 GRAM_ELEMS = 1 << 20
 
 
-def _gram_columns(y: torch.Tensor) -> torch.Tensor:
-    """YᵀY in fp64, summed over row chunks in order (bounded memory, fixed bytes)."""
-    step = max(1, GRAM_ELEMS // max(1, y.shape[1]))
-    g = torch.zeros(y.shape[1], y.shape[1], dtype=torch.float64, device=y.device)
+def _gram_block(y: torch.Tensor, gram: torch.Tensor, start: int, end: int) -> None:
+    """Fill the columns ``start:end`` of YᵀY (and their mirror rows) in fp64, from Y's columns
+    ``:end``, summed over row chunks in order (bounded memory, fixed bytes)."""
+    step = max(1, GRAM_ELEMS // max(1, end))
+    part = gram[:end, start:end]
     for lo in range(0, y.shape[0], step):
-        chunk = y[lo:lo + step].double()
-        g.addmm_(chunk.T, chunk)
-    return g
+        chunk = y[lo:lo + step, :end].double()
+        part.addmm_(chunk.T, chunk[:, start:])
+    gram[start:end, :start] = gram[:start, start:end].T
+
+
+def _ritz_energy(gram: torch.Tensor, rank: int) -> float:
+    """The sum of the top-``rank`` eigenvalues of YᵀY = RᵀΔᵀΔR: Δ's energy in the best rank-r
+    subspace of span R (`randomized_svd`'s stopping rule)."""
+    return float(torch.linalg.eigvalsh(gram).flip(0)[:rank].clamp_min(0).sum())
 
 
 def _descending_eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,20 +180,25 @@ def cutoff(dtype: torch.dtype) -> float:
 
 
 def _fused_pass(map_pieces: MapPieces, z: torch.Tensor, y: torch.Tensor,
-                w: torch.Tensor) -> None:
+                w: torch.Tensor, *, norm: bool = False) -> float:
     """One pass: ``y`` = ΔZ row piece by row piece, ``w`` = ΔᵀΔZ = Σ Δ[lo:hi]ᵀ (ΔZ)[lo:hi]
-    folded in piece order."""
+    folded in piece order. Returns ‖Δ‖²_F (fp64, in piece order) when ``norm``, else 0."""
     total: torch.Tensor | None = None
+    square = 0.0
 
-    def piece(lo: int, hi: int, d: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    def piece(lo: int, hi: int, d: torch.Tensor
+              ) -> tuple[int, int, torch.Tensor, torch.Tensor, float]:
         part = d @ z
-        return lo, hi, part, d.T @ part
+        sq = float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2) if norm else 0.0
+        return lo, hi, part, d.T @ part, sq
 
-    for lo, hi, part, back in map_pieces(piece):
+    for lo, hi, part, back, sq in map_pieces(piece):
         y[lo:hi] = part
         total = back if total is None else total.add_(back)
+        square += sq
     assert total is not None, "a matrix with no rows"
     w.copy_(total)
+    return square
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:

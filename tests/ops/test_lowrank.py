@@ -19,7 +19,7 @@ import torch
 
 from recipekit.graph.passes import piece_bounds
 from recipekit.ops.lowrank import factors_from_svd, randomized_svd
-from recipekit.steps.extract_lora import OVERSAMPLE, POWER_ITERS
+from recipekit.steps.extract_lora import OVERSAMPLE, POWER_ITERS, TOLERANCE
 
 #: the largest relative excess over the optimal error allowed at the defaults (the bench's
 #: target: error ratio ≤ 1.0005 against mergekit-extract-lora's full SVD)
@@ -72,7 +72,8 @@ def relative_excess(delta: torch.Tensor, sigma: torch.Tensor, rank: int, **kw) -
     ((2048, 2048), "flat"), ((256, 2048), "flat")])
 def test_defaults_reach_the_optimal_error(shape, kind):
     delta, sigma = spectrum_matrix(*shape, kind, seed=1)
-    excess = relative_excess(delta, sigma, 64, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
+    excess = relative_excess(delta, sigma, 64, oversample=OVERSAMPLE, power_iters=POWER_ITERS,
+                              tolerance=TOLERANCE)
     assert -1e-4 <= excess <= TOL, excess
 
 
@@ -81,7 +82,8 @@ def test_power_iterations_are_what_reaches_the_target():
     above would fail if the Krylov blocks did nothing."""
     delta, sigma = spectrum_matrix(1024, 2816, "flat", seed=2)
     plain = relative_excess(delta, sigma, 64, oversample=OVERSAMPLE, power_iters=0)
-    iterated = relative_excess(delta, sigma, 64, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
+    iterated = relative_excess(delta, sigma, 64, oversample=OVERSAMPLE, power_iters=POWER_ITERS,
+                              tolerance=TOLERANCE)
     assert plain > 10 * TOL and iterated <= TOL, (plain, iterated)
 
 
@@ -90,8 +92,35 @@ def test_power_iterations_are_what_reaches_the_target():
     ((32000, 2048), "power-law"), ((5632, 2048), "flat")])
 def test_large_shapes_reach_the_optimal_error(shape, kind):
     delta, sigma = spectrum_matrix(*shape, kind, seed=3)
-    excess = relative_excess(delta, sigma, 64, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
+    excess = relative_excess(delta, sigma, 64, oversample=OVERSAMPLE, power_iters=POWER_ITERS,
+                              tolerance=TOLERANCE)
     assert -1e-4 <= excess <= TOL, excess
+
+
+@pytest.mark.parametrize(("kind", "passes"), [("decaying", 4), ("flat", 5)])
+def test_tolerance_stops_the_passes_once_they_gain_nothing(kind, passes):
+    """A fine-tune-like spectrum (1/i, the bench's `extract-ft`) is found to rounding before
+    the last pass: the tolerance stops one pass early at the same error; a Gaussian difference
+    keeps gaining and runs every pass. Oracle: the error of all 5 passes (tolerance 0)."""
+    g = torch.Generator().manual_seed(4)
+    if kind == "flat":
+        delta = torch.randn(1024, 2816, generator=g)
+    else:
+        i = torch.arange(1, 257, dtype=torch.float32)
+        delta = (torch.randn(1024, 256, generator=g) / i) @ torch.randn(256, 2816, generator=g)
+        delta += 1e-3 * delta.std() * torch.randn(1024, 2816, generator=g)
+
+    def error(tolerance: float, calls: list[int]) -> float:
+        u, s, vh = randomized_svd(pieces_of(delta, calls), *delta.shape, rank=64,
+                                  oversample=OVERSAMPLE, power_iters=POWER_ITERS,
+                                  tolerance=tolerance, generator=torch.Generator().manual_seed(0))
+        return torch.linalg.norm((delta - (u * s) @ vh).double()).item()
+
+    every: list[int] = []
+    stopped: list[int] = []
+    full, early = error(0.0, every), error(TOLERANCE, stopped)
+    assert len(every) == POWER_ITERS + 1 and len(stopped) == passes
+    assert early <= full * (1 + 1e-5), (early, full)
 
 
 def test_passes_are_at_most_power_iters_plus_one_and_stop_when_the_blocks_fill():

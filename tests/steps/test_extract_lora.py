@@ -100,12 +100,28 @@ def test_exact_method_refuses_randomized_parameters(cli, tmp_path, pair):
         models: {{base: {base}, tuned: {tuned}}}
         steps:
           - {{name: lora, op: extract_lora, base: base, tuned: tuned, rank: 2, method: exact,
-              oversample: 4}}
+              oversample: 4, tolerance: 0}}
         """)
     result = cli("validate", recipe)
     assert result.exit_code == 2
     assert ("recipe.yaml:5:7: steps[0].oversample: `oversample` is a parameter of method "
             "randomized; method exact runs a full SVD") in result.output
+    assert "steps[0].tolerance: `tolerance` is a parameter of method randomized" in result.output
+
+
+def test_tolerance_is_validated(cli, tmp_path, pair):
+    """A negative `tolerance` is a located exit 2; 0 (every pass, tests/ops/test_lowrank.py)
+    runs."""
+    _, base, tuned = pair
+    recipe = write_recipe(tmp_path, f"""
+        recipekit: 1
+        models: {{base: {base}, tuned: {tuned}}}
+        steps:
+          - {{name: lora, op: extract_lora, base: base, tuned: tuned, rank: 2, tolerance: -1}}
+        """)
+    result = cli("validate", recipe)
+    assert result.exit_code == 2 and "steps[0].tolerance" in result.output
+    assert read_tensors(extract(cli, tmp_path, base, tuned, rank=2, extra=", tolerance: 0"))
 
 
 def partly_tuned(base: Path, out: Path, changed: tuple[str, ...]) -> Path:
