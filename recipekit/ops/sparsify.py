@@ -433,7 +433,7 @@ def sign_consensus_mask(deltas: torch.Tensor, *, method: str = "sum",
 
 def population_variance(x: torch.Tensor) -> torch.Tensor:
     """Var_i(x_i) over dim 0 with correction 0, bit for bit ``torch.var(x, dim=0,
-    correction=0)`` for fp32 and fp64 inputs.
+    correction=0)`` for fp32 and fp64 inputs but for the sign of a NaN.
 
     Why not torch.var: a variance across dim 0 (the task vectors) is an outer reduction, which
     torch runs at 75-115 ns per value on the CPU; SCE computes it for every value of the model.
@@ -444,12 +444,16 @@ def population_variance(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dtype not in (torch.float32, torch.float64) or x.dim() == 0 or x.shape[0] == 0:
         return torch.var(x, dim=0, correction=0)
-    mean = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
-    m2 = torch.zeros_like(mean)
-    for k in range(x.shape[0]):
+    # The first update from (0, 0) in closed form: mean = 0 + x₀ (−0 becomes +0), m2 = 0 +
+    # x₀·(x₀ − mean) = mean − mean (+0, or NaN where x₀ is not finite); 3 ops instead of 9.
+    mean = x[0].to(torch.float64) + 0.0
+    m2 = mean - mean
+    for k in range(1, x.shape[0]):
         value = x[k].to(torch.float64, copy=True)  # updated in place below
         delta = value - mean
-        mean += delta / (k + 1)
+        count = k + 1
+        # ÷ a power of two is × its reciprocal exactly (and several times cheaper)
+        mean += delta * (1.0 / count) if count & (count - 1) == 0 else delta / count
         m2 += delta * value.sub_(mean)
     return m2.div_(x.shape[0]).to(x.dtype)
 

@@ -488,14 +488,17 @@ def _piece(n: Node, lo: int, hi: int, memo: dict[Node, Any], whole: dict[Node, A
 _M_MMAP_THRESHOLD = -3
 
 
-def _fixed_mmap_threshold(size: int = 1 << 20) -> None:
+def _fixed_mmap_threshold(size: int = 4 << 20) -> None:
     """Serve every allocation of ``size`` or more (whole tensors, large slerp pieces, copy
     buffers) with its own mapping, returned to the system when freed. glibc otherwise raises
     the threshold to the largest block freed (up to 32 MiB), after which such blocks come from
     the heaps of the reading and computing threads and their freed memory stays resident:
     measured 130 MiB above the plan's estimate for a slerp streamed from the files. Row and
     pass pieces stay below it on purpose (`plan.cost.CHUNK_ELEMS`): a mapping per temporary
-    costs more in page faults than the op. No-op off glibc."""
+    costs more in page faults than the op. 4 MiB and not 1: a piece of 128Ki values is 512 KiB
+    in fp32, but its fp64 copies and a stack of a few task vectors are 1-3 MiB (SCE's variance
+    took 14 ns a value with those mapped, 7 from the heap; its MLP tensors 70-100 → 66 ns a
+    value in all). No-op off glibc."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, size)
 

@@ -439,6 +439,22 @@ class TestPopulationVariance:
         assert torch.equal(got.view(int_type), want.view(int_type))
         assert torch.equal(x.view(int_type), before.view(int_type))  # the input is untouched
 
+    @pytest.mark.parametrize("m", [1, 2, 3, 4])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_bits_of_torch_var_on_mixed_special_values(self, m, dtype):
+        """Every task vector draws each entry from ±0, ±inf, NaN, extremes and ordinary
+        values independently: the first update's closed form must give torch's bits, but for
+        the sign of a NaN (torch's vectorized loop gives −NaN for e.g. [inf, NaN]; SCE keys
+        on |v|, where the sign is gone)."""
+        special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e38,
+                                -1e38, 1e-45, -3.5, 0.25, 7.0], dtype=dtype)
+        pick = torch.randint(len(special), (m, 4000), generator=torch.Generator().manual_seed(m))
+        x = special[pick]
+        got, want = sp.population_variance(x), torch.var(x, dim=0, correction=0)
+        int_type = torch.int32 if dtype == torch.float32 else torch.int64
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.abs().view(int_type), want.abs().view(int_type))
+
     def test_other_dtypes_and_a_vector(self):
         x = randn(3, 40).bfloat16()
         assert torch.equal(sp.population_variance(x), torch.var(x, dim=0, correction=0))
