@@ -254,14 +254,36 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
         return b.clone() if b is base else b
     deltas = torch.stack([x.to(dtype) - b for x in tensors])
     if select_topk < 1:
-        deltas = deltas * sce_topk_mask(deltas, fraction=select_topk).unsqueeze(0)
-    agree = sign_consensus_mask(deltas, method="sum", int8=int8_mask)
+        deltas.mul_(sce_topk_mask(deltas, fraction=select_topk))
     energy = deltas.square().reshape(len(tensors), -1).mean(dim=1)
     total = energy.sum().item()
     omega = (torch.full_like(energy, 1.0 / len(tensors)) if abs(total) < 1e-6
              else energy / total)
-    omega = omega.reshape((len(tensors),) + (1,) * b.dim()) * agree
-    return b + (deltas * omega).sum(dim=0) / omega.sum(dim=0).clamp(min=1e-6)
+    if b.dim() == 0:
+        return _sce_combine(b, deltas, omega, int8_mask)
+    out = torch.empty_like(b)
+    step = max(1, COMBINE_ELEMS // max(1, b[0].numel()))
+    for lo in range(0, b.shape[0], step):
+        out[lo:lo + step] = _sce_combine(b[lo:lo + step], deltas[:, lo:lo + step], omega,
+                                         int8_mask)
+    return out
+
+
+#: Values per row piece of SCE's elementwise erase-and-combine (`sce`)
+COMBINE_ELEMS = 1 << 17
+
+
+def _sce_combine(b: torch.Tensor, deltas: torch.Tensor, omega: torch.Tensor,
+                 int8_mask: bool) -> torch.Tensor:
+    """θ_b + Σ ω_i e_i τ_i / max(Σ ω_i e_i, 1e-6) for some rows, e the sign agreement.
+
+    Why by rows: every op here is elementwise (the sums run over the M task vectors at each
+    position), so pieces give the whole tensor's bits, and their temporaries are reused from
+    the heap where whole-tensor ones fault in fresh pages on every op (~2.5 ns a value an op
+    on a 2048×2048 tensor)."""
+    agree = sign_consensus_mask(deltas, method="sum", int8=int8_mask)
+    weights = omega.reshape((len(omega),) + (1,) * b.dim()) * agree
+    return b + (deltas * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
 
 
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,

@@ -792,6 +792,26 @@ class TestSce:
         close(mg.sce(base, [a, a]), a)
         assert torch.equal(mg.sce(base, []), base)
 
+    @pytest.mark.parametrize("int8_mask", [False, True])
+    def test_combining_by_rows_gives_the_whole_tensors_bits(self, ft, monkeypatch, int8_mask):
+        """The erase-and-combine runs by row pieces: pieces of one or a few rows (and a
+        3-D tensor, a vector) give the bits of one piece over the whole tensor, zeros of
+        both signs and sign conflicts included."""
+        import recipekit.ops.task_arithmetic as ta
+
+        base, xs = ft
+        xs = [x.clone() for x in xs]
+        xs[0][:3] = base[:3]  # zero task-vector rows: ±0 sums, no agreement
+        xs[1][5] = base[5] - (xs[2][5] - base[5])  # opposite signs
+        cases = [(base, xs), (base.reshape(4, -1, 6), [x.reshape(4, -1, 6) for x in xs]),
+                 (base[0], [x[0] for x in xs])]
+        for b, ys in cases:
+            monkeypatch.setattr(ta, "COMBINE_ELEMS", 1 << 30)
+            whole = ta.sce(b, ys, select_topk=0.5, int8_mask=int8_mask)
+            monkeypatch.setattr(ta, "COMBINE_ELEMS", 7)
+            pieces = ta.sce(b, ys, select_topk=0.5, int8_mask=int8_mask)
+            assert torch.equal(whole.view(torch.int32), pieces.view(torch.int32))
+
 
 def model_stock_ref(base, xs, filter_wise=False):
     shape = base.shape
