@@ -81,6 +81,9 @@ class PruneStats(Reduction):
     keys: tuple[int, ...]
     rescale: bool
     work: str
+    #: the L1 pass keeps the random masks it draws, as bits after the rules (held inputs only:
+    #: n/8 bytes a task vector; `ops.stream_prune.prune_rules`)
+    cache_masks: bool = False
 
     @property
     def passes(self) -> int:  # type: ignore[override]
@@ -92,7 +95,10 @@ class PruneStats(Reduction):
 
     @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return (len(self.operands), 8)
+        from recipekit.ops.stream_prune import WIDTH
+
+        return (len(self.operands), WIDTH + (-(-self.base.numel // 64) if self.cache_masks
+                                             else 0))
 
     @property
     def dtype(self) -> str:  # type: ignore[override]
@@ -106,7 +112,8 @@ class PruneStats(Reduction):
 
         m = len(self.operands)
         return (2 * m * (3 << 15) * 8 + 2 * m * 8 * self.stream_rows
-                + selection_bytes(self.base.numel, 2 * m))
+                + selection_bytes(self.base.numel, 2 * m) + (self.nbytes if self.cache_masks
+                                                             else 0))
 
     @property
     def workspace(self) -> int:
@@ -125,7 +132,8 @@ class PruneStats(Reduction):
         return prune_rules(source, deltas=lambda lo, hi, p: _deltas(p, self.work),
                            sparsify=self.sparsify, densities=self.densities,
                            gammas=self.gammas, epsilons=self.epsilons, keys=self.keys,
-                           rescale=self.rescale, n=self.base.numel)
+                           rescale=self.rescale, n=self.base.numel,
+                           cache_masks=self.cache_masks)
 
 
 class TaskVectorRows(SameShape):
@@ -234,7 +242,9 @@ def _no_rules(densities: list[float]) -> Any:
     no cut, no rescale; density ≥ 1 keeps everything without drawing."""
     import torch
 
-    rules = torch.zeros((len(densities), 8), dtype=torch.float64)
+    from recipekit.ops.stream_prune import WIDTH
+
+    rules = torch.zeros((len(densities), WIDTH), dtype=torch.float64)
     rules[:, 6] = float("nan")
     rules[:, 7] = torch.tensor([float(d >= 1) for d in densities], dtype=torch.float64)
     return rules

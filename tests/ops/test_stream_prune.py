@@ -25,7 +25,7 @@ from recipekit.graph.passes import InMemorySource
 from recipekit.ops import select
 from recipekit.ops.rng import DRAW_BITS, counter_draw
 from recipekit.ops.sparsify import della_keep_probabilities, sparsify
-from recipekit.ops.stream_prune import prune_rows, prune_rules
+from recipekit.ops.stream_prune import WIDTH, prune_rows, prune_rules
 from recipekit.steps.task_vectors import needs_stats, stat_passes, stream_key
 
 from tests.helpers.builders import split_rows as split
@@ -40,10 +40,12 @@ def randn(*shape: int, seed: int = 0) -> torch.Tensor:
 def streamed(xs: list[torch.Tensor], base: torch.Tensor, sparsify_: str,
              densities: list[float], bounds: list[tuple[int, int]], *, rescale: bool = False,
              gammas: list[float] | None = None, epsilons: list[float] | None = None,
-             keys: list[int] | None = None, passes: list[int] | None = None
+             keys: list[int] | None = None, passes: list[int] | None = None,
+             cache_masks: bool = False, cached: list[bool] | None = None
              ) -> list[torch.Tensor]:
     """Each pruned task vector (fp32 τ_i = x_i − base), rules from `prune_rules` over the
-    pieces ``bounds``, then `prune_rows` piece by piece."""
+    pieces ``bounds``, then `prune_rows` piece by piece. ``cached`` receives each task
+    vector's masks-cached flag."""
     m = len(xs)
     gammas = gammas or [0.0] * m
     epsilons = epsilons or [0.0] * m
@@ -64,8 +66,12 @@ def streamed(xs: list[torch.Tensor], base: torch.Tensor, sparsify_: str,
 
     rules = prune_rules(Counting, deltas=deltas, sparsify=sparsify_, densities=densities,
                         gammas=gammas, epsilons=epsilons, keys=keys, rescale=rescale,
-                        n=base.numel())
-    assert rules.shape == (m, 8) and rules.dtype == torch.float64
+                        n=base.numel(), cache_masks=cache_masks)
+    bits = -(-base.numel() // 64) if cache_masks and rescale and sparsify_ in (
+        "random", "della_magprune") else 0
+    assert rules.shape == (m, WIDTH + bits) and rules.dtype == torch.float64
+    if cached is not None:
+        cached.extend(bool(r[8]) for r in rules)
     out = []
     for i, x in enumerate(xs):
         parts = [prune_rows(x[lo:hi].float() - base[lo:hi].float(), lo, rules[i],
@@ -186,12 +192,17 @@ class TestRandom:
 
     KEYS = [stream_key(0, "w", i) for i in range(3)]
 
-    @pytest.mark.parametrize("rescale", [False, True])
-    def test_mask_is_the_counter_draw(self, rescale):
+    @pytest.mark.parametrize(("rescale", "cache_masks"), [(False, False), (True, False),
+                                                          (True, True)])
+    def test_mask_is_the_counter_draw(self, rescale, cache_masks):
+        """With ``cache_masks`` the output pass reads the masks the L1 pass kept: the same
+        draw (pieces start on whole bytes of the mask: every one is cached)."""
         base, xs = randn(300, 64, seed=1), [randn(300, 64, seed=2 + i) for i in range(3)]
         ds = [0.1, 0.5, 0.9]
+        cached: list[bool] = []
         got = streamed(xs, base, "random", ds, split(300, [17, 64]), keys=self.KEYS,
-                       rescale=rescale)
+                       rescale=rescale, cache_masks=cache_masks, cached=cached)
+        assert cached == [cache_masks] * 3
         for x, d, key, y in zip(xs, ds, self.KEYS, got, strict=True):
             tau = x - base
             keep = draw_mask(key, tau.shape, int(d * (1 << DRAW_BITS)))
@@ -226,12 +237,18 @@ class TestDella:
     """Oracle: p from `della_keep_probabilities` against the same counter draw; per rank
     decile, the keep rate within 6σ of the decile's mean p."""
 
-    def test_mask_and_rescale(self):
+    @pytest.mark.parametrize(("sizes", "cache_masks", "cached"), [
+        ([7], False, False), ([8], True, True), ([7], True, False), ([60], True, True)])
+    def test_mask_and_rescale(self, sizes, cache_masks, cached):
+        """Kept masks where pieces start on a whole byte of the mask (8 rows of 50); where
+        one does not (7 rows), nothing is kept and the output pass draws again: same output."""
         base, xs = randn(60, 50, seed=1), [randn(60, 50, seed=2 + i) for i in range(2)]
         keys = [stream_key(1, "w", i) for i in range(2)]
         ds, es = [0.5, 0.3], [0.15, 0.2]
-        got = streamed(xs, base, "della_magprune", ds, split(60, [7]), epsilons=es, keys=keys,
-                       rescale=True)
+        flags: list[bool] = []
+        got = streamed(xs, base, "della_magprune", ds, split(60, sizes), epsilons=es,
+                       keys=keys, rescale=True, cache_masks=cache_masks, cached=flags)
+        assert flags == [cached] * 2
         for x, d, e, key, y in zip(xs, ds, es, keys, got, strict=True):
             tau = x - base
             p = della_keep_probabilities(tau, density=d, epsilon=e)
