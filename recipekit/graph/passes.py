@@ -30,6 +30,9 @@ PASS_ELEMS = 1 << 17
 #: Keys of one histogram bucket that exact top-k selection collects in its second pass to
 #: place a tie without a third (`ops.select`); here, without torch, for the plan's cost.
 COLLECT_MAX = 1 << 20
+#: Columns of a task vector's packed pruning rule (`ops.stream_prune`); here, without torch,
+#: for the plan's shape of `steps.task_vectors.PruneStats`
+PRUNE_RULE_WIDTH = 9
 #: Keys one top-k query collects during its histogram pass at most, around where a sample
 #: puts its cut (`ops.select.select_cuts`): two int32 each
 WINDOW_MAX = 1 << 21

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recipekit.graph.passes import PRUNE_RULE_WIDTH
 from recipekit.ops.rng import DRAW_BITS, counter_draw
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
 from recipekit.ops.sparsify import RESCALE_EPS, della_keep_probabilities
@@ -37,7 +38,7 @@ __all__ = ["WIDTH", "prune_rows", "prune_rules"]
 #: columns of a packed rule: keep cut (3), drop cut (3), L1 scale (NaN: none), all-kept flag,
 #: masks-cached flag; with the flag, the task vector's random mask follows as bits
 #: (`np.packbits` in flat order, padded to 8 bytes, viewed as fp64: `cached_mask`)
-WIDTH = 9
+WIDTH = PRUNE_RULE_WIDTH
 #: the sparsifiers whose mask is a draw, which the L1 pass of a rescale can hand on
 RANDOM_SPARSIFIERS = ("random", "della_magprune")
 
@@ -128,9 +129,7 @@ def _l1_scales(source: Any, deltas: Any, packed: torch.Tensor, sparsify: str,
             size = tau.abs()
             out[i, 0] = size.sum(dtype=torch.float64)
             out[i, 1] = out[i, 0] if mask is None else size.mul_(mask).sum(dtype=torch.float64)
-            drawn.append(np.packbits(mask.numpy().reshape(-1) != 0)
-                         if bits is not None and mask is not None and mask.device.type == "cpu"
-                         else None)
+            drawn.append(_packed(mask) if bits is not None and mask is not None else None)
         return lo, out, drawn
 
     total = torch.zeros((m, 2), dtype=torch.float64)
@@ -147,6 +146,16 @@ def _l1_scales(source: Any, deltas: Any, packed: torch.Tensor, sparsify: str,
     scale = total[:, 0] / total[:, 1]
     small = (total[:, 0] < RESCALE_EPS) | (total[:, 1] < RESCALE_EPS) | (packed[:, 7] == 1)
     return torch.where(small, torch.full_like(scale, float("nan")), scale)
+
+
+def _packed(mask: torch.Tensor) -> np.ndarray | None:
+    """A 0/1 mask as `np.packbits` of its flat order; None off the CPU."""
+    if mask.device.type != "cpu":
+        return None
+    flat = mask.reshape(-1)
+    if flat.dtype in (torch.float32, torch.float64):
+        return np.packbits(flat.numpy() != 0)
+    return np.packbits((flat != 0).numpy())
 
 
 def cached_mask(tau: torch.Tensor, lo: int, rule: torch.Tensor) -> torch.Tensor | None:

@@ -95,10 +95,10 @@ class PruneStats(Reduction):
 
     @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        from recipekit.ops.stream_prune import WIDTH
+        from recipekit.graph.passes import PRUNE_RULE_WIDTH
 
-        return (len(self.operands), WIDTH + (-(-self.base.numel // 64) if self.cache_masks
-                                             else 0))
+        return (len(self.operands), PRUNE_RULE_WIDTH + (-(-self.base.numel // 64)
+                                                        if self.cache_masks else 0))
 
     @property
     def dtype(self) -> str:  # type: ignore[override]
