@@ -516,9 +516,10 @@ def read_floor_argv(inputs: list[Path]) -> Callable[[Path], list[str]]:
 STARTUP = [sys.executable, "-c", "import recipekit.cli, torch"]
 
 
-def stats_case(command: str) -> Callable[[Path], Case]:
-    """`recipekit inspect`, `diff` or `verify --stats` of the TinyLlama fixtures against the
-    read floor of the same files (issue 18 item 6: within 2x of reading the bytes).
+def stats_case(command: str, shape: str = "tinyllama") -> Callable[[Path], Case]:
+    """`recipekit inspect`, `diff` or `verify --stats` of the fixtures of ``shape`` (seeds 0 and
+    1) against the read floor of the same files (issue 18 item 6: within 2x of reading the
+    bytes).
 
     They read every value and write nothing, so the copy floor does not apply; the *read floor*
     (bench/floor.py without --out) reads the same files once in 16 MiB chunks in a process that
@@ -528,14 +529,16 @@ def stats_case(command: str) -> Callable[[Path], Case]:
     plain `verify` (sha256 of every shard, no statistics) is timed beside it.
     """
     def case(work: Path) -> Case:
-        a, b = fixtures.make_tinyllama(0), fixtures.make_tinyllama(1)
+        spec = fixtures.SHAPES[shape]
+        a, b = (fixtures.make_llama_checkpoint(spec, seed) for seed in (0, 1))
         cmd = recipekit_command()
         if command == "verify-stats":
-            src = work / "verify-copy"
+            src = work / f"verify-copy-{shape}"
             if not (src / "recipekit.json").is_file():
-                recipe = work / "verify-copy.yaml"
+                recipe = work / f"verify-copy-{shape}.yaml"
                 recipe.write_text(f"recipekit: 1\nmodels:\n  a: {a}\nsteps:\n  - name: copy\n"
-                                  "    op: layers\n    from: a\n    layers: [\"range(0,22)\"]\n")
+                                  "    op: layers\n    from: a\n    layers: "
+                                  f"[\"range(0,{spec.num_layers})\"]\n")
                 subprocess.run([*cmd, "run", str(recipe), "--output", str(src), "-q",
                                 "--no-fsync"], check=True)
             files = sorted(src.glob("*.safetensors"))
@@ -557,7 +560,8 @@ def stats_case(command: str) -> Callable[[Path], Case]:
         variants += [Variant(FLOOR, "read floor", read_floor_argv(files), verify=False),
                      Variant("start-up", "start-up (import recipekit.cli, torch)",
                              lambda out: STARTUP, verify=False)]
-        return Case(name=command, description=f"{what} against reading the same bytes",
+        return Case(name=command if shape == "tinyllama" else f"{command}-{shape}",
+                    description=f"{what} against reading the same bytes",
                     inputs=files, variants=variants, expected={}, expected_config={},
                     targets={"wall_vs_floor": 2.0})
     return case
@@ -584,6 +588,9 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "inspect": stats_case("inspect"),
     "diff": stats_case("diff"),
     "verify-stats": stats_case("verify-stats"),
+    "inspect-mistral-8l": stats_case("inspect", "mistral-8l"),
+    "diff-mistral-8l": stats_case("diff", "mistral-8l"),
+    "verify-stats-mistral-8l": stats_case("verify-stats", "mistral-8l"),
 }
 #: What `python bench/run.py` runs with no --cases: everything but the 13.5 GiB 32-layer case
 #: and the compute-bound `dare_ties` and `extract` (minutes each on 2 cores; for `--device` runs).
