@@ -61,10 +61,17 @@ def work_dtype(nodes: tuple[Node, ...], native: bool) -> str:
 
 
 def _deltas(pieces: tuple[Any, ...], work: str, b: Any = None) -> list[Any]:
-    """τ_i = θ_i − θ_b of one piece (the base last) in ``work``; ``b``: the base converted."""
+    """τ_i = θ_i − θ_b of one piece (the base last) in ``work``; ``b``: the base converted.
+    Without ``b`` the stored base is widened inside the subtraction, not copied first: the
+    same values (the widening is exact), one pass over the piece fewer."""
+    import torch
+
     dtype = torch_dtype(work)
-    b = pieces[-1].to(dtype) if b is None else b
-    return [x.to(dtype) - b for x in pieces[:-1]]
+    if b is None:
+        b = pieces[-1]
+        if torch.promote_types(b.dtype, dtype) != dtype:  # not a widening: round it first
+            b = b.to(dtype)
+    return [x.to(dtype, copy=True).sub_(b) for x in pieces[:-1]]
 
 
 @dataclass(frozen=True, eq=False)
