@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
-from recipekit.ops.sparsify import population_variance, sign_consensus_mask
+from recipekit.ops.sparsify import population_variance
+from recipekit.ops.task_arithmetic import sce_combine
 
 __all__ = ["sce_k", "sce_rows", "sce_rules", "variance_key"]
 
@@ -85,10 +86,7 @@ def sce_rows(b: torch.Tensor, deltas: torch.Tensor, lo: int, rules: torch.Tensor
     select, erase (elected sign of Σ τ_i), θ_b + Σ ω_i e_i τ_i / max(Σ ω_i e_i, 1e-6)."""
     cut = Cut(*(int(v) for v in rules[:3].tolist()))
     deltas = _selected(deltas, lo, cut)
-    agree = sign_consensus_mask(deltas, method="sum", int8=int8_mask)
-    omega = rules[3:].to(deltas.dtype).to(deltas.device)
-    omega = omega.reshape((deltas.shape[0],) + (1,) * b.dim()) * agree
-    return b + (deltas * omega).sum(dim=0) / omega.sum(dim=0).clamp(min=1e-6)
+    return sce_combine(b, deltas, rules[3:].to(deltas.dtype).to(deltas.device), int8_mask)
 
 
 def task_vectors(pieces: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -260,12 +260,12 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
     omega = (torch.full_like(energy, 1.0 / len(tensors)) if abs(total) < 1e-6
              else energy / total)
     if b.dim() == 0:
-        return _sce_combine(b, deltas, omega, int8_mask)
+        return sce_combine(b, deltas, omega, int8_mask)
     out = torch.empty_like(b)
     step = max(1, COMBINE_ELEMS // max(1, b[0].numel()))
     for lo in range(0, b.shape[0], step):
-        out[lo:lo + step] = _sce_combine(b[lo:lo + step], deltas[:, lo:lo + step], omega,
-                                         int8_mask)
+        out[lo:lo + step] = sce_combine(b[lo:lo + step], deltas[:, lo:lo + step], omega,
+                                        int8_mask)
     return out
 
 
@@ -273,9 +273,10 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
 COMBINE_ELEMS = 1 << 17
 
 
-def _sce_combine(b: torch.Tensor, deltas: torch.Tensor, omega: torch.Tensor,
-                 int8_mask: bool) -> torch.Tensor:
-    """θ_b + Σ ω_i e_i τ_i / max(Σ ω_i e_i, 1e-6) for some rows, e the sign agreement.
+def sce_combine(b: torch.Tensor, deltas: torch.Tensor, omega: torch.Tensor,
+                int8_mask: bool) -> torch.Tensor:
+    """θ_b + Σ ω_i e_i τ_i / max(Σ ω_i e_i, 1e-6) for some rows, e the sign agreement (the
+    streamed SCE's output pieces too: `ops.stream_sce.sce_rows`).
 
     Why by rows: every op here is elementwise (the sums run over the M task vectors at each
     position), so pieces give the whole tensor's bits, and their temporaries are reused from
