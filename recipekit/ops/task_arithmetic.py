@@ -338,5 +338,12 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *,
     singular = denominator.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos),
                     n * cos / torch.where(singular, torch.ones_like(denominator), denominator))
-    average = sum(ws) / n
-    return (t * average + (1 - t) * w0).reshape(shape)
+    # the blend by row pieces (flat pieces of a flattened tensor): elementwise, so the whole
+    # tensor's bits, without whole-size temporaries (see `sce_combine`)
+    out = torch.empty_like(w0)
+    step = max(1, COMBINE_ELEMS // (w0.shape[1] if filter_wise else 1))
+    for lo in range(0, w0.shape[0], step):
+        part = t[lo:lo + step] if filter_wise else t
+        average = sum(w[lo:lo + step] for w in ws) / n
+        out[lo:lo + step] = part * average + (1 - part) * w0[lo:lo + step]
+    return out.reshape(shape)

@@ -846,6 +846,25 @@ class TestModelStock:
         close(mg.model_stock(base, xs[:2], filter_wise=filter_wise),
               model_stock_ref(base, xs[:2], filter_wise))
 
+    @pytest.mark.parametrize("filter_wise", [False, True])
+    def test_blending_by_pieces_gives_the_whole_tensors_bits(self, ft, monkeypatch,
+                                                             filter_wise):
+        """The blend runs by pieces (rows with `filter_wise`, else flat): pieces of 7 values
+        or one row give the bits of one piece over the tensor, for a matrix, a 3-D tensor
+        and a vector, zeros of both signs included."""
+        import recipekit.ops.task_arithmetic as ta
+
+        base, xs = ft
+        xs = [x.clone() for x in xs]
+        xs[0][:2] = -0.0
+        for b, ys in [(base, xs), (base.reshape(4, -1, 6), [x.reshape(4, -1, 6) for x in xs]),
+                      (base[0], [x[0] for x in xs])]:
+            monkeypatch.setattr(ta, "COMBINE_ELEMS", 1 << 30)
+            whole = ta.model_stock(b, ys, filter_wise=filter_wise)
+            monkeypatch.setattr(ta, "COMBINE_ELEMS", 7)
+            pieces = ta.model_stock(b, ys, filter_wise=filter_wise)
+            assert torch.equal(whole.view(torch.int32), pieces.view(torch.int32))
+
     def test_1d_filter_wise_is_one_row(self):
         base, x, y = randn(24, seed=1), randn(24, seed=2), randn(24, seed=3)
         assert torch.equal(mg.model_stock(base, [x, y], filter_wise=True),
