@@ -268,8 +268,6 @@ def _columns_by_rank(rows: torch.Tensor) -> torch.Tensor:
     columns = torch.arange(rows.shape[1], device=rows.device)
     if rows.dtype != torch.float32:  # fp64: no 32-bit key to pack
         return torch.argsort(rows.abs(), dim=1, stable=True)
-    from recipekit.ops.select import magnitude_key
-
     packed = magnitude_key(rows).to(torch.int64).bitwise_left_shift_(32).bitwise_or_(columns)
     if packed.device.type == "cpu":
         import numpy as np

@@ -249,9 +249,9 @@ def _no_rules(densities: list[float]) -> Any:
     no cut, no rescale; density ≥ 1 keeps everything without drawing."""
     import torch
 
-    from recipekit.ops.stream_prune import WIDTH
+    from recipekit.graph.passes import PRUNE_RULE_WIDTH
 
-    rules = torch.zeros((len(densities), WIDTH), dtype=torch.float64)
+    rules = torch.zeros((len(densities), PRUNE_RULE_WIDTH), dtype=torch.float64)
     rules[:, 6] = float("nan")
     rules[:, 7] = torch.tensor([float(d >= 1) for d in densities], dtype=torch.float64)
     return rules
