@@ -468,13 +468,23 @@ def streamed_task_vectors(spec: Any, operands: tuple[Node, ...], base: Node | No
 def _check_della(spec: Any, params: Mapping[str, Any], tensor: str, step: Step,
                  recipe: Recipe) -> None:
     """DELLA keeps entries with probabilities spread over density ± epsilon, which must lie
-    inside (0, 1) for every density below 1 (`ops.sparsify.della_prune` refuses otherwise): a
+    inside (0, 1) for every density below 1 (`ops.sparsify.della_prune` refuses otherwise),
+    and DARE's draw needs a density of at least 0 (`ops.stream_prune` refuses otherwise): a
     recipe `validate` passed must not fail in `run` (issue 17 item 11).
 
     Raises:
-        RecipeErrors: located at `parameters.epsilon` (or the step when it is the default).
+        RecipeErrors: located at `parameters.epsilon` (DELLA; or the step when it is the
+            default), or at the step (DARE's density, which may come from any input).
     """
-    if dict(spec.fixed).get("sparsify") != "della_magprune":
+    sparsify = dict(spec.fixed).get("sparsify")
+    if sparsify == "random":
+        for i, d in enumerate(params.get("density", ())):
+            if d is not None and d < 0:  # a draw needs a probability (mergekit fails too)
+                raise RecipeErrors([recipe.error(
+                    step.key_path, f"{spec.name} keeps each entry with probability density, "
+                    f"but the density of its input {i + 1} is {d:g} for tensor "
+                    f"`{printable(tensor)}`", hint="give a density in [0, 1]")])
+    if sparsify != "della_magprune":
         return
     default = next(p.default for p in spec.params if p.name == "epsilon")
     densities = params.get("density", ())

@@ -1268,3 +1268,27 @@ class TestOrdinaryConditions:
                                   "density ± epsilon inside (0, 1), but density 0.5 and epsilon "
                                   "0.6 give [-0.1, 1.1] for tensor `"), err
         assert not (tmp_path / "out").exists()
+
+    @pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+    def test_a_negative_dare_density_is_checked_by_validate(self, cli, tmp_path, model_copy,
+                                                            method):
+        """DARE draws each entry with probability density: a negative one used to pass
+        `validate` and end `run` with an internal error."""
+        recipe = write_recipe(tmp_path, f"""
+            recipekit: 1
+            models: {{a: ./model, b: ./model}}
+            steps:
+              - name: m
+                op: merge
+                method: {method}
+                base: a
+                from: [{{model: b, weight: 1.0, density: -0.1}}]
+            output: {{path: ./out}}
+            """)
+        for command in ("validate", "run"):
+            err = run_fails(cli, recipe, 2, command)
+            assert err.startswith(f"{recipe}:4:5: steps[0]: {method} keeps each entry with "
+                                  "probability density, but the density of its input 1 is -0.1 "
+                                  "for tensor `"), err
+            assert "internal error" not in err
+        assert not (tmp_path / "out").exists()
