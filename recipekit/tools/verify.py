@@ -22,6 +22,7 @@ from typing import Any
 
 from recipekit.errors import (
     CorruptCheckpointError,
+    ExtraMissingError,
     RecipekitError,
     SourceNotFoundError,
     TensorDataError,
@@ -407,6 +408,14 @@ def load_and_run(out: Path, *, adapter: bool, base: str | None) -> str:
                          hint="pass `--base MODEL_DIR`")
     if not adapter and base is not None:
         raise UsageError("--base is for adapter outputs; this output is a full checkpoint")
+    import importlib.util
+
+    missing = [m for m in ("transformers", "peft")[:2 if adapter else 1]
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExtraMissingError(f"--load loads the output with {' and '.join(missing)}, which "
+                                "is not installed (recipekit itself does not need it)",
+                                hint=f"pip install {' '.join(missing)}")
     import torch  # torch, transformers and PEFT only for `verify --load`
 
     model_dir = Path(base) if adapter else out

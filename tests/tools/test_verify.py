@@ -116,6 +116,22 @@ class TestManifest:
         assert "'SomeRemoteCodeModel' is not a transformers class" in result.stderr
 
 
+    def test_load_without_transformers_says_what_to_install(self, cli, sharded_out,
+                                                             monkeypatch):
+        """recipekit does not depend on transformers: without it, `--load` is a usage error
+        naming the package (it was an internal error), and nothing is changed."""
+        import importlib.util
+
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "transformers" else real(name, *a))
+        result = cli("verify", sharded_out, "--load")
+        assert result.exit_code == 2
+        assert result.stderr.startswith("--load loads the output with transformers, which is "
+                                        "not installed"), result.stderr
+        assert "pip install transformers" in result.stderr
+        assert cli("verify", sharded_out).exit_code == 0
+
 def test_real_minilm_layer_removal_verifies_and_runs(cli, tmp_path):
     recipe = write_recipe(tmp_path, f"""
         recipekit: 1
