@@ -60,11 +60,14 @@ _fdatasync = getattr(os, "fdatasync", os.fsync)
 class ShardWriter:
     """Writes exactly ``size`` bytes to a temp file; `finish` renames it to ``final``.
 
-    Why threads: hashing costs about as much as writing, so the sha256 runs on a worker thread in
-    write order while the caller goes on writing (hashlib, os.write and preadv release the GIL).
-    With fsync on, written data is also flushed in the background every `FLUSH_EVERY` bytes, so
-    disk writeback overlaps the run. Each `write` may pass ``done``, called once its bytes are
-    hashed, so the caller knows when a buffer can be reused.
+    Why a thread: writing and hashing cost about as much as computing a simple merge, so one
+    worker thread writes each buffer and then hashes it, in order, while the caller computes the
+    next (hashlib and os.write release the GIL). `os.write` into the page cache was ~18% of a
+    DARE-TIES run's main thread, some of it waiting for the kernel's writeback throttle. With
+    fsync on, written data is also flushed in the background every `FLUSH_EVERY` bytes, so disk
+    writeback overlaps the run. Each `write` may pass ``done``, called once its bytes are
+    written and hashed, so the caller knows when a buffer can be reused. A failed write is
+    raised by the next `write` or by `finish`, after which nothing more is written.
     """
 
     def __init__(self, final: Path, header: bytes, size: int, *, fsync: bool = True) -> None:
@@ -78,42 +81,58 @@ class ShardWriter:
             queue.Queue(maxsize=4))
         self._flushing = threading.Semaphore(1)
         self._flush_error: OSError | None = None
+        self._write_error: BaseException | None = None  # the worker's; raised by the caller
         self._unflushed = 0
         self._fd = open_exclusive(self.temp)
-        self._hasher = threading.Thread(target=self._hash_loop, name="recipekit-sha256",
+        self._hasher = threading.Thread(target=self._io_loop, name="recipekit-write",
                                         daemon=True)
         self._hasher.start()
         self.write(header)
 
-    def _hash_loop(self) -> None:
+    def _io_loop(self) -> None:
+        """Write then hash each queued buffer in order; after a failure, only release them."""
         while (job := self._jobs.get()) is not None:
             view, done = job
-            self._sha.update(view)
+            if self._write_error is None:
+                try:
+                    self._write_all(view)
+                    self._sha.update(view)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                    self._write_error = e
             del view
             if done is not None:
                 done()
 
+    def _write_all(self, view: memoryview) -> None:
+        pos = 0
+        while pos < len(view):
+            pos += os.write(self._fd, view[pos:])
+        if self.fsync:
+            self._unflushed += len(view)
+            if self._unflushed >= FLUSH_EVERY and self._flushing.acquire(blocking=False):
+                self._unflushed = 0
+                threading.Thread(target=self._flush, name="recipekit-flush", daemon=True).start()
+
+    def _raise_write_error(self) -> None:
+        e = self._write_error
+        if e is None:
+            return
+        self.abort()
+        if isinstance(e, OSError):
+            raise _write_error(e, self.temp) from e
+        raise e
+
     def write(self, data: bytes | bytearray | memoryview, *,
               done: Callable[[], None] | None = None) -> None:
-        """Write ``data`` at the current end; ``data`` must stay unchanged until ``done`` runs."""
+        """Queue ``data`` to be written at the current end; ``data`` must stay unchanged until
+        ``done`` runs. Raises the error of an earlier queued write that failed."""
+        self._raise_write_error()
         mv = memoryview(data).cast("B")
         if self.written + len(mv) > self.size:
             raise OutputError(f"internal error: shard overflow ({self.written + len(mv)} > "
                               f"{self.size} bytes)", file=display_path(self.final))
-        pos = 0
-        try:
-            while pos < len(mv):
-                pos += os.write(self._fd, mv[pos:])
-        except OSError as e:
-            self.abort()
-            raise _write_error(e, self.temp) from e
         self.written += len(mv)
         self._jobs.put((mv, done))
-        if self.fsync:
-            self._unflushed += len(mv)
-            if self._unflushed >= FLUSH_EVERY and self._flushing.acquire(blocking=False):
-                self._unflushed = 0
-                threading.Thread(target=self._flush, name="recipekit-flush", daemon=True).start()
 
     def _flush(self) -> None:
         try:
@@ -133,6 +152,7 @@ class ShardWriter:
     def finish(self) -> str:
         """Check the size, fsync, rename into place; return the shard's sha256 (hex)."""
         self._stop_workers()
+        self._raise_write_error()
         if self.written != self.size:
             self.abort()
             raise OutputError(f"internal error: wrote {self.written} of {self.size} bytes",

@@ -8,8 +8,9 @@ The product has no test hooks: this wrapper replaces the I/O primitives the writ
 ``os.mkdir``, ``os.rmdir``, ``shutil.copyfile`` and ``open`` inside recipekit.io) before calling
 the CLI. Each call that touches a path under OUT (the ``-o`` argument) is an *event*, labelled
 ``"<kind> <path relative to OUT>"`` (``"."`` is OUT itself), numbered from 1 in call order.
-Events run on the main thread only (the sha256 worker does no I/O and the background flush only
-starts after 256 MiB), so a plan's event sequence is deterministic.
+A shard's writes run on the writer's worker thread, in order, between its ``open`` and its
+``fsync``/``replace`` (which wait for them), and the background flush only starts after 256 MiB;
+every other event runs on the main thread, so a plan's event sequence is deterministic.
 
 * ``--kill N``: just before event N runs, print ``crashpoints: kill at event N: <label>`` to
   stderr and SIGKILL this process (nothing is cleaned up, as in a power cut of the process).
