@@ -127,7 +127,7 @@ def _l1_scales(source: Any, deltas: Any, packed: torch.Tensor, sparsify: str,
         drawn: list[np.ndarray | None] = []
         for i, tau in enumerate(deltas(lo, hi, pieces)):
             mask = _mask(tau, lo, packed[i], sparsify, densities[i], epsilons[i], keys[i])
-            size = tau.abs()
+            size = tau.abs_()  # τ is the pass's own (``deltas`` gives fresh tensors)
             out[i, 0] = _piece_sum(size)
             out[i, 1] = out[i, 0] if mask is None else _piece_sum(size, mask)
             drawn.append(_packed(mask) if bits is not None and mask is not None else None)
@@ -224,7 +224,8 @@ def _below(draw: torch.Tensor, limit: torch.Tensor | int, dtype: torch.dtype) ->
 
 def prune_rows(tau: torch.Tensor, lo: int, rule: torch.Tensor, *, sparsify: str,
                density: float, epsilon: float, key: int) -> torch.Tensor:
-    """Rows ``lo:`` of one pruned task vector: τ ⊙ m (times the L1 scale of a rescale)."""
+    """Rows ``lo:`` of one pruned task vector: τ ⊙ m (times the L1 scale of a rescale).
+    ``tau`` is consumed: a random mask multiplies it in place."""
     if sparsify == "della_magprune" and density < 1 and not 0 < density - epsilon < \
             density + epsilon < 1 and density > 0:
         raise ValueError(f"DELLA needs density ± epsilon inside (0, 1); got density {density},"
@@ -239,7 +240,7 @@ def prune_rows(tau: torch.Tensor, lo: int, rule: torch.Tensor, *, sparsify: str,
             mask = _mask(tau, lo, rule, sparsify, density, epsilon, key)
         if mask is None:
             return tau
-        out = tau * mask
+        out = tau.mul_(mask)
     scale = float(rule[6])
     if scale == scale:  # not NaN
         out *= torch.tensor(scale, dtype=torch.float64).to(tau.dtype)

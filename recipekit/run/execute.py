@@ -229,7 +229,7 @@ def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Run
                 tensor = evaluate(node, plan, rt).contiguous()
                 if finite is not None:
                     finite.check(t.name, tensor)
-                # The writer writes and hashes after this returns; the closure keeps the tensor alive.
+                # Written and hashed after this returns; the closure keeps the tensor alive.
                 writer.write(_tensor_bytes(tensor), done=lambda t=tensor: None)
                 progress(t.nbytes)
                 del tensor

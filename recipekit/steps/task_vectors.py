@@ -60,17 +60,16 @@ def work_dtype(nodes: tuple[Node, ...], native: bool) -> str:
     return "F64" if "F64" in codes else "F32"
 
 
-def _deltas(pieces: tuple[Any, ...], work: str, b: Any = None) -> list[Any]:
-    """τ_i = θ_i − θ_b of one piece (the base last) in ``work``; ``b``: the base converted.
-    Without ``b`` the stored base is widened inside the subtraction, not copied first: the
-    same values (the widening is exact), one pass over the piece fewer."""
+def _deltas(pieces: tuple[Any, ...], work: str) -> list[Any]:
+    """τ_i = θ_i − θ_b of one piece (the base last) in ``work``, each a fresh tensor. The
+    stored base is widened inside the subtraction, not copied first: the same values (the
+    widening is exact), one pass over the piece fewer."""
     import torch
 
     dtype = torch_dtype(work)
-    if b is None:
-        b = pieces[-1]
-        if torch.promote_types(b.dtype, dtype) != dtype:  # not a widening: round it first
-            b = b.to(dtype)
+    b = pieces[-1]
+    if torch.promote_types(b.dtype, dtype) != dtype:  # not a widening: round it first
+        b = b.to(dtype)
     return [x.to(dtype, copy=True).sub_(b) for x in pieces[:-1]]
 
 
@@ -217,15 +216,19 @@ class PrunedMerge(TaskVectorRows):
         m = len(self.operands)
         kw = resolve_params(spec, dict(self.params), m)
         rules = args[m + 1].cpu() if self.stats is not None else _no_rules(kw["densities"])
-        pieces = tuple(args[:m + 1])
-        b = pieces[-1].to(torch_dtype(self.work))
-        taus = _deltas(pieces, self.work, b)
+        b = args[m].to(torch_dtype(self.work))
+        # each τ_i is formed in its slot of the stack and pruned there (in place where the
+        # rule allows): no copy into the stack, no temporaries per task vector
         deltas = torch.empty((m, *b.shape), dtype=b.dtype, device=b.device)
-        for i, tau in enumerate(taus):
-            deltas[i] = prune_rows(tau, lo, rules[i], sparsify=fixed["sparsify"],
-                                   density=kw["densities"][i],
-                                   epsilon=kw.get("epsilon", (0.0,) * m)[i], key=self.keys[i])
-        del taus
+        for i in range(m):
+            tau = deltas[i]
+            tau.copy_(args[i]).sub_(b)  # x.to(work) − b: the widening copy is exact
+            pruned = prune_rows(tau, lo, rules[i], sparsify=fixed["sparsify"],
+                                density=kw["densities"][i],
+                                epsilon=kw.get("epsilon", (0.0,) * m)[i], key=self.keys[i])
+            if pruned is not tau:
+                tau.copy_(pruned)
+            del tau, pruned
         out = combine_task_vectors(b, deltas, kw["weights"], consensus=fixed.get("consensus"),
                                    normalize=kw["normalize"], lambda_=kw["lambda_"],
                                    int8_mask=kw["int8_mask"])
