@@ -29,6 +29,7 @@ from recipekit.plan.cost import (
     held_nodes,
     kept_read_bytes,
     piece_workers,
+    prefetch_bytes,
     reads_whole_tensor,
     retained_bytes,
     stream_loads,
@@ -95,7 +96,8 @@ class Plan:
     def peak_memory_estimate(self) -> int:
         """Working set above an idle process: the copy buffers if any tensor is copied as is,
         the reduction values the executor keeps for later tensors (`retained_bytes`), the
-        buffers the reader keeps for whole reads (`io.reader.KEEP_BYTES`), plus the largest
+        buffers the reader keeps for whole reads (`io.reader.KEEP_BYTES`), the next tensor's
+        whole inputs read ahead (`prefetch_bytes`), plus the largest
         computed tensor's working set (`working_set`, with this machine's default
         `piece_workers`)."""
         copied = [t.nbytes for s in self.shards for t in s.tensors if isinstance(t.node, Load)]
@@ -103,7 +105,7 @@ class Plan:
         workers = piece_workers()
         computed = [t.node for s in self.shards for t in s.tensors if not isinstance(t.node, Load)]
         kept = retained_bytes(n for t in computed for n in held_nodes(t)[0])
-        return (buffers + kept + kept_read_bytes(computed)
+        return (buffers + kept + kept_read_bytes(computed) + prefetch_bytes(computed)
                 + max((working_set(t, workers) for t in computed), default=0))
 
     def largest_whole_tensor_op(self) -> tuple[str, Node, int] | None:

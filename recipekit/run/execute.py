@@ -36,6 +36,7 @@ from recipekit.plan.cost import (
     COPY_CHUNK,
     chunkable,
     piece_workers,
+    prefetch_loads,
     row_sliced,
     rows_per_piece,
     streams_from_files,
@@ -147,7 +148,22 @@ class Runtime:
     shared: collections.OrderedDict[Node, Any] = dataclasses.field(
         default_factory=collections.OrderedDict)
 
+    #: the next output tensor's whole inputs, being read on the read-ahead thread
+    #: (`read_ahead`); `_value` takes them from here
+    ahead: dict[Node, Future[Any]] = dataclasses.field(default_factory=dict)
+
     SHARED_KEEP: ClassVar[int] = 8
+
+    def read_ahead(self, node: Node, plan: Plan) -> set[Node]:
+        """Start reading the stored inputs the output tensor ``node`` reads whole
+        (`plan.cost.prefetch_loads`) on the read-ahead thread; return what was there before
+        (the current tensor's), which the caller drops once that tensor is done."""
+        before = set(self.ahead)
+        for x in sorted(prefetch_loads(node), key=lambda x: (x.source, x.name)):  # type: ignore[attr-defined]
+            if x not in self.ahead:
+                self.ahead[x] = self.prefetch.submit(read_tensor, x, plan, self.reader,
+                                                     pin=self.pin)
+        return before
 
     def remember(self, node: Node, value: Any) -> None:
         self.shared[node] = value
@@ -190,9 +206,12 @@ def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Run
     writer = out.open_shard(shard.filename, shard.header, shard.size, fsync=fsync)
     progress(len(shard.header))
     try:
-        for t in shard.tensors:
+        for i, t in enumerate(shard.tensors):
             rt.events.tensor(shard.filename, t.name)
             node = t.node
+            following = shard.tensors[i + 1].node if i + 1 < len(shard.tensors) else None
+            current = (rt.read_ahead(following, plan) if following is not None
+                       and not isinstance(following, Load) else set(rt.ahead))
             if isinstance(node, Load):
                 info = plan.sources[node.source].tensors[node.name]
                 done = 0
@@ -233,6 +252,8 @@ def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Run
                 writer.write(_tensor_bytes(tensor), done=lambda t=tensor: None)
                 progress(t.nbytes)
                 del tensor
+            for x in current:  # read ahead for this tensor but not taken (a shared input)
+                rt.ahead.pop(x, None)
         return writer.finish()
     except BaseException:
         writer.abort()
@@ -569,7 +590,9 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
     device = rt.device
     for m in iter_post_order(n, memo, lambda x: () if x in rt.shared else whole_inputs(x)):
         if isinstance(m, Load):
-            result = read_tensor(m, plan, rt.reader, pin=_pinned(device))
+            ahead = rt.ahead.pop(m, None)
+            result = (ahead.result() if ahead is not None else
+                      read_tensor(m, plan, rt.reader, pin=_pinned(device)))
             if rt.finite is not None:
                 rt.finite.check(f"input {m.source}:{m.name}", result)
         elif m in rt.shared:

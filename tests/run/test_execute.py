@@ -481,6 +481,30 @@ class TestChunkedEvaluation:
             torch.set_num_threads(threads)
         assert seen and set(seen) == {1}
 
+    def test_whole_inputs_of_the_next_tensor_are_read_ahead(self, cli, tmp_path, tiny_llama,
+                                                            tiny_llama_b, monkeypatch):
+        """While one tensor is computed, the read-ahead thread reads the inputs the next one
+        reads whole (a TIES threshold's): the main thread reads only the first tensor's of
+        each shard, and the bytes are those of a run without read-ahead."""
+        import threading
+
+        import recipekit.plan.cost as pl
+        from recipekit.io.reader import FileReader
+
+        threads: list[str] = []
+        real = FileReader.read_tensor
+        monkeypatch.setattr(FileReader, "read_tensor", lambda self, info: threads.append(
+            threading.current_thread().name) or real(self, info))
+        body = ("op: merge\n    method: ties\n    base: a\n"
+                "    from: [{model: b, weight: 1, density: 0.5}]")
+        ahead = self.run(cli, tmp_path, tiny_llama, tiny_llama_b, body, "ahead")
+        on_main = threads.count("MainThread")
+        assert len(threads) > 20 and on_main < len(threads) / 4
+        monkeypatch.setattr(pl, "PREFETCH_BYTES", 0)
+        threads.clear()
+        assert self.run(cli, tmp_path, tiny_llama, tiny_llama_b, body, "inline") == ahead
+        assert threads and set(threads) == {"MainThread"}
+
     def test_whole_tensor_ops_are_not_chunked_and_plan_says_so(self, cli, tmp_path, tiny_llama,
                                                                tiny_llama_b, monkeypatch):
         import recipekit.plan.cost as pl
