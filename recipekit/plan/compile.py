@@ -26,10 +26,10 @@ from recipekit.io.names import ADAPTER_WEIGHTS, is_absolute_local
 from recipekit.plan.cost import (
     COPY_BUFFERS,
     COPY_CHUNK,
+    computing_bytes,
     held_nodes,
     kept_read_bytes,
     piece_workers,
-    prefetch_bytes,
     reads_whole_tensor,
     retained_bytes,
     stream_loads,
@@ -96,17 +96,17 @@ class Plan:
     def peak_memory_estimate(self) -> int:
         """Working set above an idle process: the copy buffers if any tensor is copied as is,
         the reduction values the executor keeps for later tensors (`retained_bytes`), the
-        buffers the reader keeps for whole reads (`io.reader.KEEP_BYTES`), the next tensor's
-        whole inputs read ahead (`prefetch_bytes`), plus the largest
-        computed tensor's working set (`working_set`, with this machine's default
-        `piece_workers`)."""
+        buffers the reader keeps for whole reads (`io.reader.KEEP_BYTES`), plus the largest
+        computed tensor's working set with the next tensor's whole inputs read ahead
+        (`computing_bytes`, with this machine's default `piece_workers`)."""
         copied = [t.nbytes for s in self.shards for t in s.tensors if isinstance(t.node, Load)]
         buffers = COPY_BUFFERS * min(COPY_CHUNK, max(copied)) if copied else 0
         workers = piece_workers()
         computed = [t.node for s in self.shards for t in s.tensors if not isinstance(t.node, Load)]
         kept = retained_bytes(n for t in computed for n in held_nodes(t)[0])
-        return (buffers + kept + kept_read_bytes(computed) + prefetch_bytes(computed)
-                + max((working_set(t, workers) for t in computed), default=0))
+        return (buffers + kept + kept_read_bytes(computed)
+                + max((computing_bytes([t.node for t in s.tensors], workers)
+                       for s in self.shards), default=0))
 
     def largest_whole_tensor_op(self) -> tuple[str, Node, int] | None:
         """(tensor name, node, working set) of the computed tensor that needs the most memory

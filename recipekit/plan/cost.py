@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from recipekit.graph import Load, Node
 from recipekit.graph.gather import RowGather
@@ -266,10 +266,17 @@ def prefetch_loads(node: Node) -> set[Load]:
     return loads if sum(n.nbytes for n in loads) <= PREFETCH_BYTES else set()
 
 
-def prefetch_bytes(nodes: Iterable[Node]) -> int:
-    """The most the read-ahead of the next tensor's whole inputs (`prefetch_loads`) holds
-    beside the tensor being computed."""
-    return max((sum(n.nbytes for n in prefetch_loads(x)) for x in nodes), default=0)
+def computing_bytes(tensors: Sequence[Node], workers: int = 1) -> int:
+    """The most computing one shard's output tensors (``tensors``, in write order) holds at
+    once: a computed tensor's `working_set` plus the whole inputs of the tensor after it,
+    which the read-ahead thread reads meanwhile (`prefetch_loads`)."""
+    most = 0
+    for node, following in zip(tensors, [*tensors[1:], None], strict=True):
+        ahead = (sum(n.nbytes for n in prefetch_loads(following))
+                 if following is not None and not isinstance(following, Load) else 0)
+        own = 0 if isinstance(node, Load) else working_set(node, workers)
+        most = max(most, own + ahead)
+    return most
 
 
 def retained_bytes(nodes: Iterable[Node]) -> int:

@@ -52,8 +52,8 @@ from recipekit.io.output import OutputDir
 from recipekit.io.remote_output import RemoteOutput
 from recipekit.io.urls import is_url
 from recipekit.io.writer import partial_path
-from recipekit.plan import COPY_BUFFERS, COPY_CHUNK, Plan, Shard, working_set
-from recipekit.plan.cost import kept_read_bytes, prefetch_bytes
+from recipekit.plan import COPY_BUFFERS, COPY_CHUNK, Plan, Shard
+from recipekit.plan.cost import computing_bytes, kept_read_bytes
 from recipekit.run.execute import Progress, RunEvents, RunResult
 from recipekit.run.target import output_location
 
@@ -276,15 +276,14 @@ def _largest_node_memory(ray: Any) -> int:
 def shard_memory(shard: Shard, workers: int = 1) -> int:
     """Bytes one task writing ``shard`` holds (Ray's ``memory`` request, which keeps a node
     from running more shards than fit): the copy buffers if it copies a tensor, the reader's
-    kept buffers (`plan.cost.kept_read_bytes`), the next tensor's inputs read ahead
-    (`plan.cost.prefetch_bytes`), plus the largest computed tensor's working set
-    (`plan.cost.working_set`), plus `TASK_OVERHEAD`."""
+    kept buffers (`plan.cost.kept_read_bytes`), plus the largest computed tensor's working set
+    with the next tensor's inputs read ahead (`plan.cost.computing_bytes`), plus
+    `TASK_OVERHEAD`."""
     copied = [t.nbytes for t in shard.tensors if isinstance(t.node, Load)]
     buffers = COPY_BUFFERS * min(COPY_CHUNK, max(copied)) if copied else 0
     nodes = [t.node for t in shard.tensors if not isinstance(t.node, Load)]
-    computed = max((working_set(n, workers) for n in nodes), default=0)
-    reads = kept_read_bytes(nodes) + prefetch_bytes(nodes)
-    return TASK_OVERHEAD + buffers + reads + computed
+    computed = computing_bytes([t.node for t in shard.tensors], workers)
+    return TASK_OVERHEAD + buffers + kept_read_bytes(nodes) + computed
 
 
 def shard_payload(plan: Plan, shard: Shard) -> tuple[Plan, dict[str, int]]:
