@@ -84,9 +84,9 @@ class ShardWriter:
         self._write_error: BaseException | None = None  # the worker's; raised by the caller
         self._unflushed = 0
         self._fd = open_exclusive(self.temp)
-        self._hasher = threading.Thread(target=self._io_loop, name="recipekit-write",
+        self._worker = threading.Thread(target=self._io_loop, name="recipekit-write",
                                         daemon=True)
-        self._hasher.start()
+        self._worker.start()
         self.write(header)
 
     def _io_loop(self) -> None:
@@ -143,9 +143,9 @@ class ShardWriter:
             self._flushing.release()
 
     def _stop_workers(self) -> None:
-        if self._hasher.is_alive():
+        if self._worker.is_alive():
             self._jobs.put(None)
-            self._hasher.join()
+            self._worker.join()
         self._flushing.acquire()  # wait for a background flush to finish with the fd
         self._flushing.release()
 

@@ -153,8 +153,8 @@ def _piece_sum(size: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Te
     """Σ size (⊙ mask) over one piece, in fp64. An fp32 piece sums each row in fp32 (the masked
     one as a dot product) and the rows in fp64: within ~1e-9 relative of the exact sum at ~0.1
     ns a value, where widening every value to fp64 cost ~0.9 (two of them were a sixth of
-    DARE's L1 pass). Rows, not pieces, are the fp32 unit, so the sum does not depend on where
-    the pieces split."""
+    DARE's L1 pass). Rows, not pieces, are the fp32 unit: where the pieces split changes only
+    the order of fp64 additions, as before."""
     if size.dtype != torch.float32:
         return (size if mask is None else size * mask).sum(dtype=torch.float64)
     rows = size.reshape(size.shape[0] if size.dim() > 1 else 1, -1)
