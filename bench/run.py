@@ -696,9 +696,9 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def render_table(results: list[tuple[Case, list[Record]]]) -> str:
-    lines = ["| case | tool | wall s (min–max) | peak RSS | peak RssAnon | wall ÷ mk "
+    lines = ["| case | tool | wall s (min–max) | CPU s | peak RSS | peak RssAnon | wall ÷ mk "
              "| RSS ÷ mk | wall ÷ floor | output check |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for case, records in results:
         mk = next((r for r in records if r.tool == MERGEKIT), None)
@@ -715,7 +715,8 @@ def render_table(results: list[tuple[Case, list[Record]]]) -> str:
             if failed:
                 span += f", {failed} failed"
             lines.append(
-                f"| {case.name} | {rec.variant} | {span} | {mib(rec.median('peak_rss'))} "
+                f"| {case.name} | {rec.variant} | {span} | {rec.median('cpu_s') or 0:.1f} "
+                f"| {mib(rec.median('peak_rss'))} "
                 f"| {mib(rec.median('peak_rss_anon'))} "
                 f"| {ratio(wall, mk_wall) if rec is not mk else '1.00×'} "
                 f"| {ratio(rec.median('peak_rss'), mk_rss) if rec is not mk else '1.00×'} "
@@ -739,6 +740,10 @@ def render_table(results: list[tuple[Case, list[Record]]]) -> str:
             else:
                 parts.append(f"{got:.2f}{what} (target ≤ {target}: "
                              f"{'met' if got <= target else 'MISSED'})")
+        mk_cpu, cpu = (mk.median("cpu_s") if mk else None), main.median("cpu_s")
+        if mk_cpu and cpu:
+            # the machine's slow phases stretch wall times of one run; CPU seconds less so
+            parts.append(f"CPU {cpu:.1f} s, {cpu / mk_cpu:.2f}× mergekit's")
         startup = next((r for r in records if r.tool == "start-up"), None)
         if startup is not None and floor is not None and floor_wall:
             # A loaded machine stretches wall times; CPU seconds say what the work costs.
