@@ -119,11 +119,14 @@ def used_models(method: str) -> list[str]:
 def recipe_text(method: str, shape: fixtures.LlamaShape, models: dict[str, Path],
                 lora: Path) -> str:
     """The recipe of ``method`` over the ``models`` it uses (a, b, c) and the adapter
-    ``lora``; coalesce pairs head i with i + heads/2 and layer i with i + layers/2."""
+    ``lora``; coalesce pairs head i with i + heads/2 and layer i with i + layers/2 (width
+    only on a one-layer fixture: there is no pair of layers)."""
     half_heads, half_layers = shape.heads // 2, shape.num_layers // 2
     step = (STEPS[method]
             .replace("WIDTH", str([[i, i + half_heads] for i in range(half_heads)]))
             .replace("DEPTH", str([[i, i + half_layers] for i in range(half_layers)])))
+    if not half_layers:
+        step = step.replace("\n    depth: []", "")
     text = "recipekit: 1\nmodels:\n" + "".join(f"  {k}: {models[k]}\n"
                                                for k in used_models(method))
     if method == "lora_fold":
