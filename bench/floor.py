@@ -11,6 +11,11 @@ each chunk to one output file, and keeps writing the last chunk read until the f
 ``--bytes`` bytes (an upscale writes more than it reads, a merge less); then ``fsync`` of the
 file and a global ``sync()``, as the benchmark's method asks.
 
+With ``--no-sync`` the copy floor skips the ``fsync`` and ``sync()``: the *page-cache copy
+floor*, what moving the bytes costs without waiting for the disk, whose write speed on a shared
+VM moves the synced floor several-fold within an hour (the reference of ``recipekit
+--no-fsync``).
+
 The *read floor* (no ``--out``) only reads: every input once, front to back, in the same 16
 MiB ``readinto`` chunks, from a process that imports nothing else. It is the reference of the
 commands that read every value and write nothing (`inspect`, `diff`, `verify --stats`):
@@ -19,6 +24,7 @@ their target is at most 2x the time of reading the bytes (issue 18 item 6).
 Usage::
 
     python bench/floor.py --out OUT_FILE --bytes N INPUT [INPUT ...]   # copy floor
+    python bench/floor.py --no-sync --out OUT_FILE --bytes N INPUT ...  # page-cache copy floor
     python bench/floor.py INPUT [INPUT ...]                            # read floor
 """
 
@@ -31,8 +37,9 @@ import sys
 CHUNK = 16 * 1024 * 1024
 
 
-def copy_floor(inputs: list[str], out: str, nbytes: int) -> int:
-    """Read ``inputs`` once and write ``nbytes`` bytes to ``out``; return the bytes read."""
+def copy_floor(inputs: list[str], out: str, nbytes: int, *, sync: bool = True) -> int:
+    """Read ``inputs`` once and write ``nbytes`` bytes to ``out``; return the bytes read.
+    ``sync``: end with ``fsync`` and ``sync()`` (without: the page-cache copy alone)."""
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     read = written = 0
@@ -49,10 +56,12 @@ def copy_floor(inputs: list[str], out: str, nbytes: int) -> int:
             if not last:
                 last = view  # no input at all: write zeros
             written += _write(fd, last[:nbytes - written])
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
-    os.sync()
+    if sync:
+        os.sync()
     return read
 
 
@@ -79,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "bench/run.py.")
     parser.add_argument("--out", help="output file to write (without it: the read floor)")
     parser.add_argument("--bytes", type=int, help="bytes to write (with --out)")
+    parser.add_argument("--no-sync", action="store_true",
+                        help="with --out: no fsync or sync() at the end (the page-cache copy)")
     parser.add_argument("inputs", nargs="+", help="input files, each read once")
     args = parser.parse_args(argv)
     if args.out is None:
@@ -86,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.bytes is None:
         parser.error("--out needs --bytes")
     else:
-        copy_floor(args.inputs, args.out, args.bytes)
+        copy_floor(args.inputs, args.out, args.bytes, sync=not args.no_sync)
     return 0
 
 

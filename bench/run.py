@@ -49,6 +49,8 @@ MERGEKIT_VENV = BENCH / ".venv-mergekit"
 RESULTS = BENCH / "results"
 MERGEKIT = "mergekit"
 FLOOR = "copy floor"
+#: the copy floor without its final sync: the reference of `recipekit --no-fsync`
+CACHE_FLOOR = "copy floor --no-sync"
 READ_CHUNK = 16 * 1024 * 1024
 
 
@@ -211,13 +213,14 @@ def mergekit_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def floor_argv(inputs: list[Path], nbytes: int) -> Callable[[Path], list[str]]:
+def floor_argv(inputs: list[Path], nbytes: int, *, sync: bool = True
+               ) -> Callable[[Path], list[str]]:
     script = BENCH / "floor.py"
 
     def argv(out: Path) -> list[str]:
         out.mkdir(parents=True, exist_ok=True)
         return [sys.executable, str(script), "--out", str(out / "model.safetensors"),
-                "--bytes", str(nbytes), *map(str, inputs)]
+                "--bytes", str(nbytes), *([] if sync else ["--no-sync"]), *map(str, inputs)]
     return argv
 
 
@@ -357,6 +360,8 @@ def merge_case(method: str, shape: str = "tinyllama") -> Callable[[Path], Case]:
             Variant(MERGEKIT, "mergekit 0.1.5", mergekit_argv(mk_config), env=mergekit_env(),
                     verify=False),
             Variant(FLOOR, FLOOR, floor_argv(shards, out_bytes), verify=False),
+            Variant(CACHE_FLOOR, CACHE_FLOOR, floor_argv(shards, out_bytes, sync=False),
+                    verify=False),
         ]
         targets = ({"wall_vs_mk": 0.2, "rss_vs_mk": 0.25, "wall_vs_floor": 2.0}
                    if method == "linear" else
@@ -740,6 +745,14 @@ def render_table(results: list[tuple[Case, list[Record]]]) -> str:
             else:
                 parts.append(f"{got:.2f}{what} (target ≤ {target}: "
                              f"{'met' if got <= target else 'MISSED'})")
+        cache_floor = next((r for r in records if r.tool == CACHE_FLOOR), None)
+        unsynced = next((r for r in records if r.variant == "recipekit --no-fsync"), main)
+        cache_wall = cache_floor.median("wall_s") if cache_floor is not None else None
+        if cache_wall:
+            # the synced floor is mostly the disk's write speed, which moves several-fold
+            ratio_ = (unsynced.median("wall_s") or 0.0) / cache_wall
+            parts.append(f"{unsynced.variant}: {ratio_:.2f}× the {CACHE_FLOOR} "
+                         f"({cache_wall:.2f} s)")
         mk_cpu, cpu = (mk.median("cpu_s") if mk else None), main.median("cpu_s")
         if mk_cpu and cpu:
             # the machine's slow phases stretch wall times of one run; CPU seconds less so
