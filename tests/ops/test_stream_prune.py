@@ -29,6 +29,7 @@ from recipekit.ops.stream_prune import WIDTH, prune_rows, prune_rules
 from recipekit.steps.task_vectors import needs_stats, stat_passes, stream_key
 
 from tests.helpers.builders import split_rows as split
+from tests.helpers.l1 import NEIGHBOURS, exact_l1_norms, nudged
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -177,15 +178,10 @@ def draw_mask(key: int, shape: tuple[int, ...], limit: torch.Tensor | int) -> to
 
 def assert_l1_rescaled(y: torch.Tensor, tau: torch.Tensor, keep: torch.Tensor) -> None:
     """``y`` is τ ⊙ m times one fp32 factor within an ulp of ‖τ‖₁/‖m⊙τ‖₁ summed exactly
-    (`math.fsum`): the norms are fp32 sums of each row added in fp64, ~1e-9 relative, so
-    the factor is the correctly rounded ratio or a neighbour of it."""
+    (tests/helpers/l1.py)."""
     kept = tau * keep.to(tau.dtype)
-    before = math.fsum(tau.abs().double().reshape(-1).tolist())
-    after = math.fsum(kept.abs().double().reshape(-1).tolist())
-    scale = torch.tensor(before / after, dtype=torch.float64).float()
-    near = [scale, torch.nextafter(scale, torch.tensor(math.inf)),
-            torch.nextafter(scale, torch.tensor(-math.inf))]
-    assert any(torch.equal(y, kept * s) for s in near)
+    before, after = exact_l1_norms(tau, kept)
+    assert any(torch.equal(y, kept * nudged(before / after, u)) for u in NEIGHBOURS)
 
 
 def within(count: int, n: int, p: float, sigmas: float = 6.0) -> bool:

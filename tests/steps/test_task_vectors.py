@@ -14,7 +14,6 @@ at the cut-offs):
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from recipekit.ops.task_arithmetic import combine_task_vectors
 from recipekit.steps.task_vectors import stream_key
 
 from tests.helpers.builders import make_model, read_tensors
+from tests.helpers.l1 import NEIGHBOURS, exact_l1_norms, nudged
 from tests.helpers.recipes import write_recipe
 from tests.helpers.ties import compile_recipe, plan_bands
 
@@ -98,13 +98,9 @@ def counter_formula(method: str, b: torch.Tensor, xs: list[torch.Tensor], name: 
             p = della_keep_probabilities(tau, density=d, epsilon=kw["epsilon"][i])
             keep = draw < p.double() * (1 << DRAW_BITS)
         kept = tau * keep.float()
-        before = math.fsum(tau.abs().double().reshape(-1).tolist())
-        after = math.fsum(kept.abs().double().reshape(-1).tolist())
+        before, after = exact_l1_norms(tau, kept)
         if kw["rescale"] and before >= RESCALE_EPS and after >= RESCALE_EPS:
-            scale = torch.tensor(before / after, dtype=torch.float64).float()
-            for _ in range(abs(ulps[i]) if i < len(ulps) else 0):
-                scale = torch.nextafter(scale, torch.tensor(math.copysign(math.inf, ulps[i])))
-            kept = kept * scale
+            kept = kept * nudged(before / after, ulps[i] if i < len(ulps) else 0)
         deltas.append(kept)
     out = combine_task_vectors(work, torch.stack(deltas), kw["weights"], consensus="sum",
                                normalize=kw["normalize"], lambda_=kw["lambda_"])
@@ -144,7 +140,7 @@ class TestAgainstFormulas:
             # each L1 factor is the correctly rounded one or an fp32 neighbour (fp32 row sums)
             assert any(torch.equal(t, counter_formula(method, b[name], [x[name], y[name]], name,
                                                       (u, v)))
-                       for u in (0, 1, -1) for v in (0, 1, -1)), name
+                       for u in NEIGHBOURS for v in NEIGHBOURS), name
 
     @pytest.mark.parametrize("method", ["dare_ties", "della"])
     def test_random_masks_mergekit_is_the_whole_tensor_draw(self, cli, tmp_path, trio, method):
