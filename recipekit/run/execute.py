@@ -159,7 +159,7 @@ class Runtime:
         (`plan.cost.prefetch_loads`) on the read-ahead thread; return what was there before
         (the current tensor's), which the caller drops once that tensor is done."""
         before = set(self.ahead)
-        for x in sorted(prefetch_loads(node), key=lambda x: (x.source, x.name)):  # type: ignore[attr-defined]
+        for x in sorted(prefetch_loads(node), key=lambda x: (x.source, x.name)):
             if x not in self.ahead:
                 self.ahead[x] = self.prefetch.submit(read_tensor, x, plan, self.reader,
                                                      pin=self.pin)
