@@ -20,6 +20,10 @@ from recipekit.graph.passes import Reduction, Sweep
 #: buffers circulate between reading/writing and the hashing worker.
 COPY_CHUNK = 8 * 1024 * 1024
 COPY_BUFFERS = 4
+#: Computed pieces are copied one after another into a copy buffer and handed to the writer
+#: once this many bytes are in: one hand-over, ``write`` and thread wake-up per MiB instead of
+#: per piece (a piece is 256-512 KiB).
+BATCH_BYTES = 1024 * 1024
 #: Elements per piece when a large elementwise expression (linear, task arithmetic, lerp, casts)
 #: is computed piecewise: 128Ki values, so each fp32 intermediate is 512 KiB whatever the tensor
 #: size, a piece's passes (convert, multiply-add, round) stay in the CPU's L2 cache, and its
@@ -304,8 +308,9 @@ def working_set(node: Node, workers: int = 1) -> int:
     """Bytes computing one output tensor holds: its expression (inputs, intermediates, fp32
     scratch) and its result waiting for the hashing worker. For a chunked tensor: the inputs
     it reads whole, plus the larger of their passes over row pieces (`pass_bytes`,
-    `held_pass_bytes`) and one piece per worker computing, one read ahead, the writer's queue
-    of pieces and `CHUNKED_OVERHEAD` (the passes count it too)."""
+    `held_pass_bytes`) and one piece per worker computing, one read ahead, the writer's
+    queue (`COPY_BUFFERS` batches of pieces, `BATCH_BYTES`) and `CHUNKED_OVERHEAD` (the
+    passes count it too)."""
     whole = expression_bytes(node, workers) + node.nbytes
     parts = row_sliced(node) if chunkable(node) else None
     if parts is None:
@@ -316,5 +321,5 @@ def working_set(node: Node, workers: int = 1) -> int:
     passes = max((p for _, p in whole_parts), default=0)  # before the pieces, one at a time
     rows = min(rows_per_piece(node), node.shape[0])
     per_piece = -(-sum(n.nbytes + n.workspace for n in sliced) * rows // node.shape[0])
-    queued = 4 * rows * (node.nbytes // node.shape[0])
+    queued = COPY_BUFFERS * (BATCH_BYTES + rows * (node.nbytes // node.shape[0]))
     return kept + max(passes, (workers + 1) * per_piece + queued + CHUNKED_OVERHEAD)

@@ -32,6 +32,7 @@ from recipekit.io.reader import FileReader
 from recipekit.io.remote_output import RemoteOutput
 from recipekit.plan import Plan, Shard
 from recipekit.plan.cost import (
+    BATCH_BYTES,
     COPY_BUFFERS,
     COPY_CHUNK,
     chunkable,
@@ -204,6 +205,7 @@ def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Run
     return its sha256."""
     reader, pool, finite = rt.reader, rt.pool, rt.finite
     writer = out.open_shard(shard.filename, shard.header, shard.size, fsync=fsync)
+    batch = _Batch(pool, writer)
     progress(len(shard.header))
     try:
         for i, t in enumerate(shard.tensors):
@@ -213,6 +215,7 @@ def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Run
             current = (rt.read_ahead(following, plan) if following is not None
                        and not isinstance(following, Load) else set(rt.ahead))
             if isinstance(node, Load):
+                batch.flush()
                 info = plan.sources[node.source].tensors[node.name]
                 done = 0
                 while done < info.nbytes:
@@ -235,37 +238,75 @@ def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Run
                         finite.check(t.name, piece)
                     nbytes = piece.numel() * piece.element_size()
                     progress(nbytes)
-                    if 0 < nbytes <= pool.size:  # hand the writer a copy buffer (above)
-                        buf = pool.get()
-                        _copy_into(buf, piece)
-                        del piece
-                        writer.write(memoryview(buf)[:nbytes], done=lambda b=buf: pool.put(b))
-                    else:
+                    if not batch.add(piece):
+                        batch.flush()
                         writer.write(_tensor_bytes(piece), done=lambda p=piece: None)
-                        del piece
+                    del piece
                 _release_heap()
             else:
                 tensor = evaluate(node, plan, rt).contiguous()
                 if finite is not None:
                     finite.check(t.name, tensor)
+                batch.flush()
                 # Written and hashed after this returns; the closure keeps the tensor alive.
                 writer.write(_tensor_bytes(tensor), done=lambda t=tensor: None)
                 progress(t.nbytes)
                 del tensor
             for x in current:  # read ahead for this tensor but not taken (a shared input)
                 rt.ahead.pop(x, None)
+        batch.flush()
         return writer.finish()
     except BaseException:
         writer.abort()
         raise
 
 
-def _copy_into(buf: Any, tensor: Any) -> None:
-    """Copy a contiguous CPU tensor's bytes to the start of ``buf``."""
+class _Batch:
+    """Computed pieces copied one after another into a copy buffer, handed to the writer
+    together once `BATCH_BYTES` are in (or before anything else is written): one hand-over to
+    the writer's thread, one ``write`` and one wake-up per batch instead of per piece."""
+
+    def __init__(self, pool: BufferPool, writer: Any) -> None:
+        self.pool, self.writer = pool, writer
+        self.limit = min(pool.size, BATCH_BYTES)
+        self.buf: Any = None
+        self.used = 0
+
+    def add(self, piece: Any) -> bool:
+        """Copy a contiguous CPU piece in; False (nothing done) when it is empty or larger
+        than a copy buffer."""
+        nbytes = piece.numel() * piece.element_size()
+        if not 0 < nbytes <= self.pool.size:
+            return False
+        if self.buf is not None and self.used + nbytes > self.pool.size:
+            self.flush()
+        if self.buf is None:
+            self.buf, self.used = self.pool.get(), 0
+        _copy_into(self.buf, piece, self.used)
+        self.used += nbytes
+        if self.used >= self.limit:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Hand what is in to the writer (the buffer goes back to the pool once hashed)."""
+        buf, used = self.buf, self.used
+        self.buf, self.used = None, 0
+        if buf is None:
+            return
+        if used:
+            self.writer.write(memoryview(buf)[:used], done=lambda: self.pool.put(buf))
+        else:
+            self.pool.put(buf)
+
+
+def _copy_into(buf: Any, tensor: Any, offset: int = 0) -> None:
+    """Copy a contiguous CPU tensor's bytes into ``buf`` at ``offset``."""
     import torch
 
     flat = tensor.reshape(-1).view(torch.uint8)
-    torch.frombuffer(buf, dtype=torch.uint8, count=flat.numel()).copy_(flat)
+    torch.frombuffer(buf, dtype=torch.uint8, count=flat.numel(),
+                     offset=offset).copy_(flat)
 
 
 def _tensor_bytes(tensor: Any) -> memoryview:
@@ -451,8 +492,14 @@ def _pipeline(job: _Pieces, bounds: list[tuple[int, int]], workers: ThreadPoolEx
     inflight: collections.deque[Job] = collections.deque()
     upcoming = iter(bounds)
 
+    in_memory = all(n in job.held for n in job.loads)
+
     def start(lo: int, hi: int) -> None:
-        ahead = rt.prefetch.submit(job.read, lo, hi)
+        if in_memory:  # slicing held inputs: no read to overlap, no hand-over to pay for
+            ahead: Future[dict[Node, Any]] = Future()
+            ahead.set_result(job.read(lo, hi))
+        else:
+            ahead = rt.prefetch.submit(job.read, lo, hi)
         done = workers.submit(job.compute, ahead, lo, hi) if workers is not None else None
         inflight.append((ahead, lo, hi, done))
 

@@ -529,3 +529,36 @@ class TestChunkedEvaluation:
         assert json.loads(ok(cli, "plan", r, "--format", "json").stdout)[
             "estimates"]["whole_tensor"] is None
         assert "whole tensor" not in ok(cli, "plan", r).stdout
+
+
+class TestBatch:
+    """Computed pieces reach the writer in batches (`run.execute._Batch`). Oracle: the bytes
+    the writer receives are the pieces', in order; every buffer is back in the pool once
+    written."""
+
+    class Writer:
+        def __init__(self):
+            self.writes: list[bytes] = []
+
+        def write(self, view, done):
+            self.writes.append(bytes(view))
+            done()
+
+    def test_pieces_are_written_in_order_in_batches(self, monkeypatch):
+        import recipekit.run.execute as ex
+
+        monkeypatch.setattr(ex, "BATCH_BYTES", 40)
+        pool, writer = ex.BufferPool(2, 64), self.Writer()
+        batch = ex._Batch(pool, writer)
+        sizes = [3, 5, 1, 7, 2, 16, 4, 9]  # int32 values: 12..64 bytes, over the limit and not
+        pieces = [torch.arange(sum(sizes[:i]), sum(sizes[:i + 1]), dtype=torch.int32)
+                  for i in range(len(sizes))]
+        assert all(batch.add(p) for p in pieces)
+        assert not batch.add(torch.zeros(17, dtype=torch.int32))  # 68 bytes: over a buffer
+        assert not batch.add(torch.zeros(0))
+        batch.flush()
+        batch.flush()  # nothing left: nothing written
+        assert b"".join(writer.writes) == torch.cat(pieces).numpy().tobytes()
+        # handed over at 40 bytes or more, or early when the next piece does not fit
+        assert [len(w) for w in writer.writes] == [64, 8, 64, 52]
+        assert pool._free.qsize() + pool._left == 2  # every buffer made is back
