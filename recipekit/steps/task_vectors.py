@@ -269,6 +269,9 @@ class SceStats(Reduction):
     base: Node
     fraction: float
     work: str
+    #: the passes keep each piece's variance key (at most `plan.cost.KEPT_KEY_BYTES`), and the
+    #: value keeps the selection as bits after the rules (`ops.stream_sce.sce_rules` ``keep``)
+    keep: bool = False
 
     passes: ClassVar[int] = 4
 
@@ -278,7 +281,7 @@ class SceStats(Reduction):
 
     @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return (3 + len(self.operands),)
+        return (3 + len(self.operands) + (1 + -(-self.base.numel // 64) if self.keep else 0),)
 
     @property
     def dtype(self) -> str:  # type: ignore[override]
@@ -287,10 +290,11 @@ class SceStats(Reduction):
     @property
     def state_bytes(self) -> int:
         # the two histograms of the cut, the per-row counts of a tie and the keys selection
-        # collects
+        # collects; with ``keep``, every piece's int32 variance key and the selection's bits
         from recipekit.graph.passes import selection_bytes
 
-        return (3 << 15) * 8 + 8 * self.stream_rows + selection_bytes(self.base.numel, 1)
+        return ((3 << 15) * 8 + 8 * self.stream_rows + selection_bytes(self.base.numel, 1)
+                + (4 * self.base.numel + self.nbytes if self.keep else 0))
 
     @property
     def workspace(self) -> int:
@@ -302,7 +306,7 @@ class SceStats(Reduction):
 
         dtype = torch_dtype(self.work)
         return sce_rules(source, lambda lo, hi, p: task_vectors(p, dtype),
-                         fraction=self.fraction, n=self.base.numel)
+                         fraction=self.fraction, n=self.base.numel, keep=self.keep)
 
 
 @dataclass(frozen=True, eq=False)
@@ -343,7 +347,7 @@ def streamed_sce(operands: tuple[Node, ...], base: Node | None, params: dict[str
     """The streamed nodes of one SCE tensor, or None where the whole `Merge` stays: no
     non-base input, or inputs of at most `plan.cost.EXACT_BYTES` (`keeps_exact_kernel`), which
     keeps small tensors bit for bit mergekit's (the streamed ω differ by fp64 rounding)."""
-    from recipekit.plan.cost import keeps_exact_kernel
+    from recipekit.plan.cost import KEPT_KEY_BYTES, keeps_exact_kernel
 
     if base is None or not operands:
         return None
@@ -352,5 +356,6 @@ def streamed_sce(operands: tuple[Node, ...], base: Node | None, params: dict[str
     stats = SceStats(operands, base, fraction, work)
     if keeps_exact_kernel(stats):
         return None
+    stats = SceStats(operands, base, fraction, work, keep=4 * base.numel <= KEPT_KEY_BYTES)
     return intern(SceMerge(operands, base, intern(stats), bool(params.get("int8_mask", False)),
                            work, dtype))

@@ -70,3 +70,48 @@ class TestOutput:
             for lo in range(0, 40, 9)])
         want = sce(pieces[-1], pieces[:-1], select_topk=fraction)
         assert ((out - want).abs().max() / want.abs().max()).item() <= 1e-6
+
+
+class TestKeptKeys:
+    """``keep``: the variance computed once a value, the selection kept as bits. Oracle: the
+    same rules and output bytes as without it (which the tests above check against the
+    kernel), with the variance computed once per piece instead of once per pass."""
+
+    @pytest.mark.parametrize("grid", [False, True])
+    @pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+    @pytest.mark.parametrize("rows_per_piece", [4, 7, 40])
+    def test_same_rules_and_output(self, grid, fraction, rows_per_piece, monkeypatch):
+        import recipekit.ops.stream_sce as ss
+
+        pieces = _inputs(grid, seed=2)
+        n = pieces[0].numel()
+        calls = []
+        real = ss.variance_key
+        monkeypatch.setattr(ss, "variance_key", lambda d: calls.append(d.shape[1]) or real(d))
+
+        def rules(keep: bool) -> torch.Tensor:
+            calls.clear()
+            return sce_rules(_source(pieces, rows_per_piece),
+                             lambda lo, hi, p: task_vectors(p, torch.float32),
+                             fraction=fraction, n=n, keep=keep)
+
+        plain = rules(False)
+        counted = sum(calls)
+        kept = rules(True)
+        assert torch.equal(kept[:6], plain)  # cut, ω
+        selecting = 0 < fraction < 1
+        assert sum(calls) == (40 if selecting else 0)  # each row's variance once
+        if selecting:
+            assert counted > 40  # without: once per pass
+        # the flag: pieces of 4 rows (96 values) start on whole bytes of the mask, 7 (168) too
+        assert kept.shape == (7 + -(-n // 64),) and bool(kept[6]) == (fraction < 1)
+
+        def output(r: torch.Tensor) -> torch.Tensor:
+            calls.clear()
+            return torch.cat([sce_rows(pieces[-1][lo:lo + 9], task_vectors(
+                [p[lo:lo + 9] for p in pieces], torch.float32), lo, r)
+                for lo in range(0, 40, 9)])
+
+        want = output(plain)
+        assert torch.equal(output(kept), want)
+        assert not calls  # the selection came from the bits
