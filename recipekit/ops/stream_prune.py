@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from recipekit.graph.passes import PRUNE_RULE_WIDTH
+from recipekit.ops.bitmask import bit_buffer, pack, unpack
 from recipekit.ops.rng import DRAW_BITS, counter_draw
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
 from recipekit.ops.sparsify import RESCALE_EPS, della_keep_probabilities
@@ -102,7 +103,7 @@ def prune_rules(source: Any, *, deltas: Any, sparsify: str, densities: Sequence[
         else:
             packed[i, 3:6] = torch.tensor([KEEP_NONE.value, 0, 0], dtype=torch.float64)
     if rescale:
-        bits = [np.zeros(-(-n // 64) * 8, dtype=np.uint8) for _ in range(m)] \
+        bits = [bit_buffer(n) for _ in range(m)] \
             if cache_masks and sparsify in RANDOM_SPARSIFIERS else None
         packed[:, 6] = _l1_scales(source, deltas, packed, sparsify, densities, epsilons, keys,
                                   n, bits)
@@ -130,7 +131,7 @@ def _l1_scales(source: Any, deltas: Any, packed: torch.Tensor, sparsify: str,
             size = tau.abs_()  # τ is the pass's own (``deltas`` gives fresh tensors)
             out[i, 0] = _piece_sum(size)
             out[i, 1] = out[i, 0] if mask is None else _piece_sum(size, mask)
-            drawn.append(_packed(mask) if bits is not None and mask is not None else None)
+            drawn.append(pack(mask) if bits is not None and mask is not None else None)
         return lo, out, drawn
 
     total = torch.zeros((m, 2), dtype=torch.float64)
@@ -163,16 +164,6 @@ def _piece_sum(size: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Te
     return torch.linalg.vecdot(rows, mask.reshape(rows.shape)).sum(dtype=torch.float64)
 
 
-def _packed(mask: torch.Tensor) -> np.ndarray | None:
-    """A 0/1 mask as `np.packbits` of its flat order; None off the CPU."""
-    if mask.device.type != "cpu":
-        return None
-    flat = mask.reshape(-1)
-    if flat.dtype in (torch.float32, torch.float64):
-        return np.packbits(flat.numpy() != 0)
-    return np.packbits((flat != 0).numpy())
-
-
 def cached_mask(tau: torch.Tensor, lo: int, rule: torch.Tensor) -> torch.Tensor | None:
     """The mask of rows ``lo:`` of ``tau`` from the bits the L1 pass kept after ``rule``
     (`prune_rules` ``cache_masks``), 0/1 in τ's dtype; None when it kept none."""
@@ -180,12 +171,8 @@ def cached_mask(tau: torch.Tensor, lo: int, rule: torch.Tensor) -> torch.Tensor 
         return None
     row = tau[0].numel() if tau.dim() else 1
     start, count = lo * row, tau.numel()
-    raw = rule[WIDTH:].numpy().view(np.uint8)[start // 8:-(-(start + count) // 8)]
-    flags = np.unpackbits(raw, count=count + start % 8)[start % 8:]
-    if tau.dtype in (torch.float32, torch.float64):  # numpy's conversion: ~0.15 ns a value
-        kind = np.float32 if tau.dtype == torch.float32 else np.float64
-        return torch.from_numpy(flags.astype(kind)).reshape(tau.shape)
-    return torch.from_numpy(flags).to(tau.dtype).reshape(tau.shape)
+    return unpack(rule[WIDTH:].numpy().view(np.uint8), start, count, tau.dtype
+                  ).reshape(tau.shape)
 
 
 def _mask(tau: torch.Tensor, lo: int, rule: torch.Tensor, sparsify: str, density: float,

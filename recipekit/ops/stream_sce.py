@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recipekit.ops.bitmask import bit_buffer, pack, unpack
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
 from recipekit.ops.sparsify import population_variance
 from recipekit.ops.task_arithmetic import sce_combine
@@ -77,7 +78,7 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
         (cut,) = select_cuts(source.map, lambda lo, hi, p: [keys(lo, hi, p)],
                              [(0, 0)], n, source.rows,
                              k_of_nonzero=lambda nnz: sce_k(nnz, fraction))
-    bits = np.zeros(-(-n // 64) * 8, dtype=np.uint8) if keep else None
+    bits = bit_buffer(n) if keep else None
     row = n // max(1, source.rows)
     kept = keep and cut != KEEP_ALL
 
@@ -86,9 +87,9 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
         tau = deltas(lo, hi, pieces)
         chosen = (None if cut == KEEP_ALL else _keep(keys(lo, hi, pieces, tau), lo, cut, tau)
                   if cut != KEEP_NONE else torch.zeros(tau.shape[1:], dtype=torch.bool))
-        if bits is not None and chosen is not None and chosen.device.type == "cpu" \
-                and (lo * row) % 8 == 0:
-            packed = np.packbits(chosen.reshape(-1).numpy())
+        packed = pack(chosen) if bits is not None and chosen is not None \
+            and (lo * row) % 8 == 0 else None
+        if bits is not None and packed is not None:
             bits[lo * row // 8:lo * row // 8 + len(packed)] = packed
         elif cut != KEEP_ALL:
             kept = False
@@ -134,9 +135,8 @@ def _kept_selection(deltas: torch.Tensor, lo: int, m: int, rules: torch.Tensor
     shape = deltas.shape[1:]
     count = deltas[0].numel()
     start = lo * (count // shape[0] if len(shape) else 1)
-    raw = rules[4 + m:].numpy().view(np.uint8)[start // 8:-(-(start + count) // 8)]
-    flags = np.unpackbits(raw, count=count + start % 8)[start % 8:]
-    return torch.from_numpy(flags).to(deltas.dtype).reshape(shape)
+    return unpack(rules[4 + m:].numpy().view(np.uint8), start, count, deltas.dtype
+                  ).reshape(shape)
 
 
 def sce_rows(b: torch.Tensor, deltas: torch.Tensor, lo: int, rules: torch.Tensor, *,

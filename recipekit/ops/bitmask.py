@@ -1,0 +1,44 @@
+"""Masks kept as bits between a reduction's passes and an output's row pieces.
+
+Why: DARE and DELLA keep the random masks their L1 pass draws, and SCE the selection its energy
+pass makes, so that the output pass unpacks one bit a value instead of drawing, ranking or
+taking the variance again. The bits are `np.packbits` of the flat mask, padded to whole fp64
+values, so they ride in the reduction's fp64 value after its rules. CPU only. Oracle: the
+kept-mask tests of tests/ops/test_stream_prune.py and tests/ops/test_stream_sce.py (the same
+output bytes with and without the bits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["bit_buffer", "pack", "unpack"]
+
+
+def bit_buffer(n: int) -> np.ndarray:
+    """Zeroed room for the bits of ``n`` values: whole fp64 values (``.view(np.float64)``)."""
+    return np.zeros(-(-n // 64) * 8, dtype=np.uint8)
+
+
+def pack(mask: torch.Tensor) -> np.ndarray | None:
+    """A bool or 0/1 mask as `np.packbits` of its flat order; None off the CPU."""
+    if mask.device.type != "cpu":
+        return None
+    flat = mask.reshape(-1)
+    if flat.dtype == torch.bool:
+        return np.packbits(flat.numpy())
+    if flat.dtype in (torch.float32, torch.float64):
+        return np.packbits(flat.numpy() != 0)
+    return np.packbits((flat != 0).numpy())
+
+
+def unpack(bits: np.ndarray, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """Values ``start:start + count`` of the flat mask in ``bits`` (uint8), as a flat 0/1
+    tensor in ``dtype``."""
+    raw = bits[start // 8:-(-(start + count) // 8)]
+    flags = np.unpackbits(raw, count=count + start % 8)[start % 8:]
+    if dtype in (torch.float32, torch.float64):  # numpy's conversion: ~0.15 ns a value
+        return torch.from_numpy(flags.astype(np.float32 if dtype == torch.float32
+                                             else np.float64))
+    return torch.from_numpy(flags).to(dtype)
