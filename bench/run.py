@@ -797,7 +797,7 @@ def render_table(results: list[tuple[Case, list[Record]]]) -> str:
                          f"({cache_wall:.2f} s)")
         mk_cpu, cpu = (mk.median("cpu_s") if mk else None), main.median("cpu_s")
         if mk_cpu and cpu:
-            # the machine's slow phases stretch wall times of one run; CPU seconds less so
+            # wall time on a shared VM moves more than CPU seconds do (bench/README.md)
             parts.append(f"CPU {cpu:.1f} s, {cpu / mk_cpu:.2f}× mergekit's")
         startup = next((r for r in records if r.tool == "start-up"), None)
         if startup is not None and floor is not None and floor_wall:

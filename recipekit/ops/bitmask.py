@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["bit_buffer", "pack", "unpack"]
+__all__ = ["bit_buffer", "pack", "put", "unpack"]
 
 
 def bit_buffer(n: int) -> np.ndarray:
@@ -31,6 +31,15 @@ def pack(mask: torch.Tensor) -> np.ndarray | None:
     if flat.dtype in (torch.float32, torch.float64):
         return np.packbits(flat.numpy() != 0)
     return np.packbits((flat != 0).numpy())
+
+
+def put(bits: np.ndarray, start: int, packed: np.ndarray | None) -> bool:
+    """Store a piece's `pack`ed mask at flat value ``start`` of ``bits``; False (nothing
+    stored) when there is none or the piece does not start on a whole byte."""
+    if packed is None or start % 8:
+        return False
+    bits[start // 8:start // 8 + len(packed)] = packed
+    return True
 
 
 def unpack(bits: np.ndarray, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:

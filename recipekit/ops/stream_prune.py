@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from recipekit.graph.passes import PRUNE_RULE_WIDTH
-from recipekit.ops.bitmask import bit_buffer, pack, unpack
+from recipekit.ops.bitmask import bit_buffer, pack, put, unpack
 from recipekit.ops.rng import DRAW_BITS, counter_draw
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
 from recipekit.ops.sparsify import RESCALE_EPS, della_keep_probabilities
@@ -139,11 +139,7 @@ def _l1_scales(source: Any, deltas: Any, packed: torch.Tensor, sparsify: str,
     for lo, part, drawn in source.map(sums):
         total += part
         for i, packed_bits in enumerate(drawn):
-            if packed_bits is None or (lo * row) % 8:
-                cached[i] = False
-            elif bits is not None:
-                start = lo * row // 8
-                bits[i][start:start + len(packed_bits)] = packed_bits
+            cached[i] = cached[i] and bits is not None and put(bits[i], lo * row, packed_bits)
     packed[:, 8] = torch.tensor([float(c) for c in cached], dtype=torch.float64)
     scale = total[:, 0] / total[:, 1]
     small = (total[:, 0] < RESCALE_EPS) | (total[:, 1] < RESCALE_EPS) | (packed[:, 7] == 1)

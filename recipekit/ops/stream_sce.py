@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recipekit.ops.bitmask import bit_buffer, pack, unpack
+from recipekit.ops.bitmask import bit_buffer, pack, put, unpack
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
 from recipekit.ops.sparsify import population_variance
 from recipekit.ops.task_arithmetic import sce_combine
@@ -87,11 +87,7 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
         tau = deltas(lo, hi, pieces)
         chosen = (None if cut == KEEP_ALL else _keep(keys(lo, hi, pieces, tau), lo, cut, tau)
                   if cut != KEEP_NONE else torch.zeros(tau.shape[1:], dtype=torch.bool))
-        packed = pack(chosen) if bits is not None and chosen is not None \
-            and (lo * row) % 8 == 0 else None
-        if bits is not None and packed is not None:
-            bits[lo * row // 8:lo * row // 8 + len(packed)] = packed
-        elif cut != KEEP_ALL:
+        if chosen is not None and not (bits is not None and put(bits, lo * row, pack(chosen))):
             kept = False
         if cache is not None:
             cache.pop(lo, None)
