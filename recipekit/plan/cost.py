@@ -37,10 +37,12 @@ CHUNK_ELEMS = 1 << 17
 #: reads them whole, once, and keeps them for the output's pieces (no re-reads); above it,
 #: every pass reads row pieces from the files, so its memory does not grow with the tensor.
 HOLD_BYTES = 64 * 1024 * 1024
-#: SCE keeps each piece's int32 variance key through its passes (and its selection as bits for
-#: the output) when the keys hold at most this many bytes: the variance is ~7 ns a value, and
-#: it was computed in every pass (`ops.stream_sce.sce_rules`).
-KEPT_KEY_BYTES = 64 * 1024 * 1024
+#: What a reduction may keep between its passes to spare its output pass work, at most: SCE's
+#: int32 variance keys (the variance is ~7 ns a value, and it was computed in every pass;
+#: `ops.stream_sce.sce_rules`) and DARE/DELLA's random masks as bits (drawn for the L1
+#: rescale, read again by the output pass instead of a second draw and, for DELLA, a second
+#: ranking of every row: 30 → 18 ns a value on TinyLlama's lm_head; `ops.stream_prune`).
+KEPT_BYTES = 64 * 1024 * 1024
 
 
 def stream_loads(node: Reduction) -> set[Load] | None:

@@ -87,8 +87,8 @@ class PruneStats(Reduction):
     keys: tuple[int, ...]
     rescale: bool
     work: str
-    #: the L1 pass keeps the random masks it draws, as bits after the rules (held inputs only:
-    #: n/8 bytes a task vector; `ops.stream_prune.prune_rules`)
+    #: the L1 pass keeps the random masks it draws, as bits after the rules (n/8 bytes a task
+    #: vector, at most `plan.cost.KEPT_BYTES` in all; `ops.stream_prune.prune_rules`)
     cache_masks: bool = False
 
     @property
@@ -269,7 +269,7 @@ class SceStats(Reduction):
     base: Node
     fraction: float
     work: str
-    #: the passes keep each piece's variance key (at most `plan.cost.KEPT_KEY_BYTES`), and the
+    #: the passes keep each piece's variance key (at most `plan.cost.KEPT_BYTES`), and the
     #: value keeps the selection as bits after the rules (`ops.stream_sce.sce_rules` ``keep``)
     keep: bool = False
 
@@ -347,7 +347,7 @@ def streamed_sce(operands: tuple[Node, ...], base: Node | None, params: dict[str
     """The streamed nodes of one SCE tensor, or None where the whole `Merge` stays: no
     non-base input, or inputs of at most `plan.cost.EXACT_BYTES` (`keeps_exact_kernel`), which
     keeps small tensors bit for bit mergekit's (the streamed ω differ by fp64 rounding)."""
-    from recipekit.plan.cost import KEPT_KEY_BYTES, keeps_exact_kernel
+    from recipekit.plan.cost import KEPT_BYTES, keeps_exact_kernel
 
     if base is None or not operands:
         return None
@@ -356,6 +356,6 @@ def streamed_sce(operands: tuple[Node, ...], base: Node | None, params: dict[str
     stats = SceStats(operands, base, fraction, work)
     if keeps_exact_kernel(stats):
         return None
-    stats = SceStats(operands, base, fraction, work, keep=4 * base.numel <= KEPT_KEY_BYTES)
+    stats = SceStats(operands, base, fraction, work, keep=4 * base.numel <= KEPT_BYTES)
     return intern(SceMerge(operands, base, intern(stats), bool(params.get("int8_mask", False)),
                            work, dtype))

@@ -194,3 +194,33 @@ class TestHowReductionsRead:
             run(cli, tmp_path / f"files{workers}", trio, method, "--workers", workers)
             assert shard_bytes(tmp_path / f"files{workers}") == reference, workers
         assert pieces and max(pieces) >= 8  # passes read many row pieces from the files
+
+
+class TestKeptMasks:
+    """Oracle: the bytes and the number of draws. The L1 pass of a random method keeps each
+    mask as bits for the output pass, whether the inputs are held or read from the files in
+    row pieces, up to `plan.cost.KEPT_BYTES` in all; above it the output pass draws (and DELLA
+    ranks) every piece again: the same shards, twice the draws."""
+
+    @pytest.mark.parametrize("method", ["dare_ties", "della"])
+    def test_kept_from_the_files(self, cli, tmp_path, trio, method, monkeypatch):
+        from recipekit.ops import stream_prune
+
+        draws: list[int] = []
+        original = stream_prune._mask
+
+        def counting(*args, **kwargs):
+            draws.append(1)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(stream_prune, "_mask", counting)
+        monkeypatch.setattr("recipekit.plan.cost.HOLD_BYTES", 0)
+        counts = {}
+        for kept in (True, False):
+            if not kept:
+                monkeypatch.setattr("recipekit.plan.cost.KEPT_BYTES", 0)
+            draws.clear()
+            run(cli, tmp_path / str(kept), trio, method)
+            counts[kept] = len(draws)
+        assert shard_bytes(tmp_path / "True") == shard_bytes(tmp_path / "False")
+        assert 0 < counts[True] < counts[False] <= 2 * counts[True]
