@@ -147,7 +147,13 @@ def sce_rows(b: torch.Tensor, deltas: torch.Tensor, lo: int, rules: torch.Tensor
                        int8_mask)
 
 
-def task_vectors(pieces: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """τ_i = θ_i − θ_b of one piece (the base last), stacked [M, ...] in ``dtype``."""
-    b = pieces[-1].to(dtype)
-    return torch.stack([x.to(dtype) - b for x in pieces[:-1]])
+def task_vectors(pieces: Sequence[torch.Tensor], dtype: torch.dtype,
+                 base: torch.Tensor | None = None) -> torch.Tensor:
+    """τ_i = θ_i − θ_b of one piece (the base last), stacked [M, ...] in ``dtype``, each
+    subtracted into its place (a stack of the differences copied every value once more).
+    ``base``: the base piece already in ``dtype``."""
+    b = pieces[-1].to(dtype) if base is None else base
+    out = torch.empty((len(pieces) - 1, *b.shape), dtype=dtype, device=b.device)
+    for i, x in enumerate(pieces[:-1]):
+        torch.sub(x.to(dtype), b, out=out[i])
+    return out

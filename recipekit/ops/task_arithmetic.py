@@ -249,24 +249,40 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
     """
     check_inputs("sce", [base, *tensors])
     dtype = compute_dtype(base, *tensors)
-    b = base.to(dtype)
     if not tensors:
+        b = base.to(dtype)
         return b.clone() if b is base else b
-    deltas = torch.stack([x.to(dtype) - b for x in tensors])
+    if base.dim() == 0:
+        b = base.to(dtype)
+        deltas = torch.stack([x.to(dtype) - b for x in tensors])
+        if select_topk < 1:
+            deltas.mul_(sce_topk_mask(deltas, fraction=select_topk))
+        return sce_combine(b, deltas, _sce_weights(deltas), int8_mask)
+    # every step but the energies is elementwise: by row pieces, as `sce_combine` says why
+    step = max(1, COMBINE_ELEMS // max(1, base[0].numel()))
+    pieces = [slice(lo, lo + step) for lo in range(0, base.shape[0], step)]
+    deltas = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
+    for rows in pieces:
+        b = base[rows].to(dtype)
+        for i, x in enumerate(tensors):
+            torch.sub(x[rows].to(dtype), b, out=deltas[i, rows])
     if select_topk < 1:
-        deltas.mul_(sce_topk_mask(deltas, fraction=select_topk))
-    energy = deltas.square().reshape(len(tensors), -1).mean(dim=1)
-    total = energy.sum().item()
-    omega = (torch.full_like(energy, 1.0 / len(tensors)) if abs(total) < 1e-6
-             else energy / total)
-    if b.dim() == 0:
-        return sce_combine(b, deltas, omega, int8_mask)
-    out = torch.empty_like(b)
-    step = max(1, COMBINE_ELEMS // max(1, b[0].numel()))
-    for lo in range(0, b.shape[0], step):
-        out[lo:lo + step] = sce_combine(b[lo:lo + step], deltas[:, lo:lo + step], omega,
-                                        int8_mask)
+        mask = sce_topk_mask(deltas, fraction=select_topk, piece_elems=COMBINE_ELEMS)
+        for rows in pieces:
+            deltas[:, rows].mul_(mask[rows])
+    omega = _sce_weights(deltas)
+    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    for rows in pieces:
+        out[rows] = sce_combine(base[rows].to(dtype), deltas[:, rows], omega, int8_mask)
     return out
+
+
+def _sce_weights(deltas: torch.Tensor) -> torch.Tensor:
+    """ω_i = c_i / Σc with c_i = mean(τ_i²) over the whole (selected) task vector, one fp32
+    mean as mergekit's (1/M where Σc < 1e-6)."""
+    energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
+    total = energy.sum().item()
+    return torch.full_like(energy, 1.0 / len(energy)) if abs(total) < 1e-6 else energy / total
 
 
 #: Values per row piece of SCE's elementwise erase-and-combine (`sce`)

@@ -337,8 +337,9 @@ class SceMerge(TaskVectorRows):
 
         m = len(self.operands)
         dtype = torch_dtype(self.work)
-        deltas = task_vectors(args[:m + 1], dtype)
-        out = sce_rows(args[m].to(dtype), deltas, lo, args[-1].cpu(), int8_mask=self.int8_mask)
+        b = args[m].to(dtype)
+        deltas = task_vectors(args[:m + 1], dtype, b)
+        out = sce_rows(b, deltas, lo, args[-1].cpu(), int8_mask=self.int8_mask)
         return out.to(torch_dtype(self.dtype))
 
 

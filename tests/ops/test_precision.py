@@ -130,7 +130,7 @@ def _sce_tie_choices(tensors: list, b: int, params: dict):
         mask[list(chosen)] = True
         fixed = mask.reshape(v.shape).to(deltas.dtype)
         with pytest.MonkeyPatch.context() as mp, native_dtype():
-            mp.setattr(task_arithmetic, "sce_topk_mask", lambda d, fraction, m=fixed: m)
+            mp.setattr(task_arithmetic, "sce_topk_mask", lambda d, fraction, m=fixed, **_: m)
             yield apply_method("sce", others, base=base, params=params)
 
 
