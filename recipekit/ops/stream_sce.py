@@ -44,7 +44,7 @@ def sce_k(nonzero: int, fraction: float) -> int:
 
 
 def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
-              keep: bool = False) -> torch.Tensor:
+              keep: bool = False, keep_bits: bool | None = None) -> torch.Tensor:
     """The selection cut and the weights ω, packed fp64 [3 + M]: cut (value, row, count), ω.
 
     ``deltas(lo, hi, pieces)`` gives the stacked task vectors [M, rows, ...] of one piece in
@@ -52,13 +52,17 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
     f ≥ 1 or f ≤ 0, else 2–3 (`select_cuts`); then one for the energies.
 
     ``keep``: each piece's variance key is computed once and kept through the passes (4n
-    bytes), and the energy pass keeps the selection as bits after the rules ([4 + M + ⌈n/64⌉]:
-    a kept flag, then `np.packbits` of the flat mask, padded to 8 bytes), which `sce_rows`
-    reads instead of computing the variance again. Why: the variance is exactly torch's fp64
-    Welford (`population_variance`), ~7 ns a value for two task vectors, and it was computed
-    in every pass, three times a value in all (MLP tensors of a TinyLlama SCE of three:
-    62 → 44 ns a value). Pieces may run on several threads: each touches its own entries.
+    bytes). ``keep_bits`` (default: ``keep``): the energy pass keeps the selection as bits
+    after the rules ([4 + M + ⌈n/64⌉]: a kept flag, then `np.packbits` of the flat mask,
+    padded to 8 bytes; n/8 bytes), which `sce_rows` reads instead of computing the variance
+    again; a tensor too large to keep its keys may still keep its bits. Why: the variance is
+    exactly torch's fp64 Welford (`population_variance`), ~7 ns a value for two task vectors,
+    and it was computed in every pass, three times a value in all (MLP tensors of a TinyLlama
+    SCE of three: 62 → 44 ns a value). Pieces may run on several threads: each touches its
+    own entries.
     """
+    if keep_bits is None:
+        keep_bits = keep
     cache: dict[int, torch.Tensor] | None = {} if keep else None
 
     def keys(lo: int, hi: int, pieces: tuple[Any, ...], tau: torch.Tensor | None = None
@@ -78,9 +82,9 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
         (cut,) = select_cuts(source.map, lambda lo, hi, p: [keys(lo, hi, p)],
                              [(0, 0)], n, source.rows,
                              k_of_nonzero=lambda nnz: sce_k(nnz, fraction))
-    bits = bit_buffer(n) if keep else None
+    bits = bit_buffer(n) if keep_bits else None
     row = n // max(1, source.rows)
-    kept = keep and cut != KEEP_ALL
+    kept = keep_bits and cut != KEEP_ALL
 
     def energy(lo: int, hi: int, pieces: tuple[Any, ...]) -> torch.Tensor:
         nonlocal kept

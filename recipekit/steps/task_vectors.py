@@ -269,9 +269,11 @@ class SceStats(Reduction):
     base: Node
     fraction: float
     work: str
-    #: the passes keep each piece's variance key (at most `plan.cost.KEPT_BYTES`), and the
-    #: value keeps the selection as bits after the rules (`ops.stream_sce.sce_rules` ``keep``)
+    #: the passes keep each piece's variance key (4n bytes; `ops.stream_sce.sce_rules`
+    #: ``keep``), and the value keeps the selection as bits after the rules (n/8 bytes,
+    #: ``keep_bits``), each where it holds at most `plan.cost.KEPT_BYTES`
     keep: bool = False
+    keep_bits: bool = False
 
     passes: ClassVar[int] = 4
 
@@ -281,7 +283,8 @@ class SceStats(Reduction):
 
     @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return (3 + len(self.operands) + (1 + -(-self.base.numel // 64) if self.keep else 0),)
+        return (3 + len(self.operands)
+                + (1 + -(-self.base.numel // 64) if self.keep_bits else 0),)
 
     @property
     def dtype(self) -> str:  # type: ignore[override]
@@ -290,11 +293,13 @@ class SceStats(Reduction):
     @property
     def state_bytes(self) -> int:
         # the two histograms of the cut, the per-row counts of a tie and the keys selection
-        # collects; with ``keep``, every piece's int32 variance key and the selection's bits
+        # collects; with ``keep``, every piece's int32 variance key; with ``keep_bits``, the
+        # selection's bits
         from recipekit.graph.passes import selection_bytes
 
         return ((3 << 15) * 8 + 8 * self.stream_rows + selection_bytes(self.base.numel, 1)
-                + (4 * self.base.numel + self.nbytes if self.keep else 0))
+                + (4 * self.base.numel if self.keep else 0)
+                + (self.nbytes if self.keep_bits else 0))
 
     @property
     def workspace(self) -> int:
@@ -306,7 +311,8 @@ class SceStats(Reduction):
 
         dtype = torch_dtype(self.work)
         return sce_rules(source, lambda lo, hi, p: task_vectors(p, dtype),
-                         fraction=self.fraction, n=self.base.numel, keep=self.keep)
+                         fraction=self.fraction, n=self.base.numel, keep=self.keep,
+                         keep_bits=self.keep_bits)
 
 
 @dataclass(frozen=True, eq=False)
@@ -357,6 +363,7 @@ def streamed_sce(operands: tuple[Node, ...], base: Node | None, params: dict[str
     stats = SceStats(operands, base, fraction, work)
     if keeps_exact_kernel(stats):
         return None
-    stats = SceStats(operands, base, fraction, work, keep=4 * base.numel <= KEPT_BYTES)
+    stats = SceStats(operands, base, fraction, work, keep=4 * base.numel <= KEPT_BYTES,
+                     keep_bits=-(-base.numel // 64) * 8 <= KEPT_BYTES)
     return intern(SceMerge(operands, base, intern(stats), bool(params.get("int8_mask", False)),
                            work, dtype))

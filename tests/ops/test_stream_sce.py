@@ -115,3 +115,30 @@ class TestKeptKeys:
         want = output(plain)
         assert torch.equal(output(kept), want)
         assert not calls  # the selection came from the bits
+
+    def test_bits_without_keys(self, monkeypatch):
+        """A tensor too large to keep its keys (``keep_bits`` alone): the passes compute the
+        variance as without keeping anything, the output reads the bits, the same bytes."""
+        import recipekit.ops.stream_sce as ss
+
+        pieces = _inputs(True, seed=3)
+        n = pieces[0].numel()
+        calls = []
+        real = ss.variance_key
+        monkeypatch.setattr(ss, "variance_key", lambda d: calls.append(d.shape[1]) or real(d))
+
+        def rules(**keep: bool) -> torch.Tensor:
+            return sce_rules(_source(pieces, 4), lambda lo, hi, p: task_vectors(p, torch.float32),
+                             fraction=0.3, n=n, **keep)
+
+        plain = rules()
+        counted = sum(calls)
+        calls.clear()
+        bits = rules(keep=False, keep_bits=True)
+        assert sum(calls) == counted > 40 and torch.equal(bits[:6], plain) and bool(bits[6])
+        calls.clear()
+        outputs = [torch.cat([sce_rows(pieces[-1][lo:lo + 9], task_vectors(
+            [p[lo:lo + 9] for p in pieces], torch.float32), lo, r) for lo in range(0, 40, 9)])
+            for r in (plain, bits)]
+        assert torch.equal(outputs[0], outputs[1])
+        assert sum(calls) == 40  # only the plain rules' output computed the variance
