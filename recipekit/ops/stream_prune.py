@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from recipekit.graph.passes import PRUNE_RULE_WIDTH
-from recipekit.ops.bitmask import bit_buffer, pack, put, unpack
+from recipekit.ops.bitmask import bit_view, pack, put, unpack, words
 from recipekit.ops.rng import DRAW_BITS, counter_draw
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
 from recipekit.ops.sparsify import RESCALE_EPS, della_keep_probabilities
@@ -72,7 +72,8 @@ def prune_rules(source: Any, *, deltas: Any, sparsify: str, densities: Sequence[
     instead of drawing it again (and DELLA ranking every row again); on the CPU only.
     """
     m = len(densities)
-    packed = torch.zeros((m, WIDTH), dtype=torch.float64)
+    bits = rescale and cache_masks and sparsify in RANDOM_SPARSIFIERS
+    packed = torch.zeros((m, WIDTH + (words(n) if bits else 0)), dtype=torch.float64)
     packed[:, 6] = float("nan")
     cuts: list[tuple[Cut, Cut | None]] = [(KEEP_ALL, None)] * m
     if sparsify in ("magnitude", "magnitude_outliers"):
@@ -103,12 +104,8 @@ def prune_rules(source: Any, *, deltas: Any, sparsify: str, densities: Sequence[
         else:
             packed[i, 3:6] = torch.tensor([KEEP_NONE.value, 0, 0], dtype=torch.float64)
     if rescale:
-        bits = [bit_buffer(n) for _ in range(m)] \
-            if cache_masks and sparsify in RANDOM_SPARSIFIERS else None
         packed[:, 6] = _l1_scales(source, deltas, packed, sparsify, densities, epsilons, keys,
-                                  n, bits)
-        if bits is not None:
-            packed = torch.cat([packed, torch.from_numpy(np.stack(bits).view(np.float64))], 1)
+                                  n, [bit_view(r[WIDTH:]) for r in packed] if bits else None)
     return packed
 
 

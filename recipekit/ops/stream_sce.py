@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recipekit.ops.bitmask import bit_buffer, pack, put, unpack
+from recipekit.ops.bitmask import bit_view, pack, put, unpack, words
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
 from recipekit.ops.sparsify import population_variance
 from recipekit.ops.task_arithmetic import sce_combine
@@ -82,7 +82,8 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
         (cut,) = select_cuts(source.map, lambda lo, hi, p: [keys(lo, hi, p)],
                              [(0, 0)], n, source.rows,
                              k_of_nonzero=lambda nnz: sce_k(nnz, fraction))
-    bits = bit_buffer(n) if keep_bits else None
+    room = torch.zeros(words(n), dtype=torch.float64) if keep_bits else None
+    bits = bit_view(room) if room is not None else None
     row = n // max(1, source.rows)
     kept = keep_bits and cut != KEEP_ALL
 
@@ -107,10 +108,9 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
     omega = (torch.full_like(energies, 1.0 / m) if abs(total) < 1e-6 else energies / total)
     rules = torch.cat([torch.tensor([cut.value, cut.row, cut.count], dtype=torch.float64),
                        omega])
-    if bits is None:
+    if room is None:
         return rules
-    return torch.cat([rules, torch.tensor([float(kept)], dtype=torch.float64),
-                      torch.from_numpy(bits.view(np.float64))])
+    return torch.cat([rules, torch.tensor([float(kept)], dtype=torch.float64), room])
 
 
 def _keep(key: torch.Tensor, lo: int, cut: Cut, deltas: torch.Tensor) -> torch.Tensor:

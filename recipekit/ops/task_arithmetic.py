@@ -285,7 +285,8 @@ def _sce_weights(deltas: torch.Tensor) -> torch.Tensor:
     return torch.full_like(energy, 1.0 / len(energy)) if abs(total) < 1e-6 else energy / total
 
 
-#: Values per row piece of SCE's elementwise erase-and-combine (`sce`)
+#: Values per row piece of the elementwise steps of SCE's whole kernel (`sce`): the task
+#: vectors, the variance keys, the selection and the erase-and-combine
 COMBINE_ELEMS = 1 << 17
 
 

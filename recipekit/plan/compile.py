@@ -32,6 +32,7 @@ from recipekit.plan.cost import (
     piece_workers,
     reads_whole_tensor,
     retained_bytes,
+    shared_values,
     stream_loads,
     working_set,
 )
@@ -103,7 +104,7 @@ class Plan:
         buffers = COPY_BUFFERS * min(COPY_CHUNK, max(copied)) if copied else 0
         workers = piece_workers()
         computed = [t.node for s in self.shards for t in s.tensors if not isinstance(t.node, Load)]
-        kept = retained_bytes(n for t in computed for n in held_nodes(t)[0])
+        kept = retained_bytes(shared_values(computed))
         return (buffers + kept + kept_read_bytes(computed)
                 + max((computing_bytes([t.node for t in s.tensors], workers)
                        for s in self.shards), default=0))

@@ -41,7 +41,7 @@ HOLD_BYTES = 64 * 1024 * 1024
 #: int32 variance keys (the variance is ~7 ns a value, and it was computed in every pass;
 #: `ops.stream_sce.sce_rules`) and DARE/DELLA's random masks as bits (drawn for the L1
 #: rescale, read again by the output pass instead of a second draw and, for DELLA, a second
-#: ranking of every row: 30 → 18 ns a value on TinyLlama's lm_head; `ops.stream_prune`).
+#: ranking of every row: 31 → 21 ns a value on TinyLlama's lm_head; `ops.stream_prune`).
 KEPT_BYTES = 64 * 1024 * 1024
 
 
@@ -239,6 +239,22 @@ CHUNKED_OVERHEAD = 24 * 1024 * 1024
 SHARED_KEEP = 8
 
 
+def shared_values(tensors: Iterable[Node]) -> frozenset[Node]:
+    """The reduction and sweep values that more than one of the output tensors ``tensors``
+    holds whole (a LoRA module's packed factors, read by its A and by its B): the ones the
+    executor keeps for the tensors that follow (`run.execute.Runtime.keep`). Why not every
+    one: a value read by one tensor is dead once it is written, and some are large (DARE's
+    kept masks as bits, up to `KEPT_BYTES`: eight of them kept 110 MiB more at Mistral-7B
+    width)."""
+    seen: set[Node] = set()
+    shared: set[Node] = set()
+    for t in tensors:
+        for n in held_nodes(t)[0]:
+            if isinstance(n, (Reduction, Sweep)):
+                (shared if n in seen else seen).add(n)
+    return frozenset(shared)
+
+
 def whole_loads(node: Node) -> set[Load]:
     """The stored inputs computing the output tensor ``node`` reads whole (not by row pieces):
     those under the values its pieces need whole, or under the node itself when it is
@@ -291,9 +307,10 @@ def computing_bytes(tensors: Sequence[Node], workers: int = 1) -> int:
 
 def retained_bytes(nodes: Iterable[Node]) -> int:
     """Bytes of the reduction and sweep values the executor may still keep from earlier
-    tensors while it computes one (`SHARED_KEEP` of them, the last computed): at most the
-    `SHARED_KEEP` largest of ``nodes``. Measured at Mistral-7B width (bench/peaks.py): a rank-64
-    extraction keeps 4.5-8.8 MiB of factors per weight, 10 MiB above a plan that ignored them."""
+    tensors while it computes one (`SHARED_KEEP` of them, the last computed, of the
+    `shared_values`): at most the `SHARED_KEEP` largest of ``nodes``. Measured at Mistral-7B
+    width (bench/peaks.py): a rank-64 extraction keeps 4.5-8.8 MiB of factors per weight, 10
+    MiB above a plan that ignored them."""
     values = sorted((n.nbytes for n in set(nodes) if isinstance(n, (Reduction, Sweep))),
                     reverse=True)
     return sum(values[:SHARED_KEEP])

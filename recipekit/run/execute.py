@@ -40,6 +40,7 @@ from recipekit.plan.cost import (
     prefetch_loads,
     row_sliced,
     rows_per_piece,
+    shared_values,
     streams_from_files,
     whole_inputs,
 )
@@ -125,9 +126,10 @@ def open_runtime(shards: list[Shard], dev: Any, *, workers: int | None, check_fi
         n = workers if workers is not None else piece_workers()
         pool = (stack.enter_context(ThreadPoolExecutor(n, thread_name_prefix="recipekit-piece"))
                 if n > 1 and dev is not None and dev.type == "cpu" else None)
+        keep = shared_values(t.node for s in shards for t in s.tensors)
         yield Runtime(reader, dev, BufferPool(COPY_BUFFERS, max(1, min(COPY_CHUNK, largest))),
                       prefetch, FiniteCheck() if check_finite else None, pool,
-                      n if pool else 1, events or RunEvents())
+                      n if pool else 1, events or RunEvents(), keep=keep)
 
 
 @dataclass
@@ -144,10 +146,12 @@ class Runtime:
     compute: ThreadPoolExecutor | None = None  # piece workers on the CPU; None: this thread
     workers: int = 1  # the size of `compute`
     events: RunEvents = dataclasses.field(default_factory=RunEvents)
-    #: the last few reductions' values: the output tensors that follow may read the same one
-    #: (a LoRA module's A and B factors come from one range finder)
+    #: the last few reductions' values of `keep`: the output tensors that follow read the
+    #: same one (a LoRA module's A and B factors come from one range finder)
     shared: collections.OrderedDict[Node, Any] = dataclasses.field(
         default_factory=collections.OrderedDict)
+    #: the reduction and sweep values several output tensors read (`plan.cost.shared_values`)
+    keep: frozenset[Node] = frozenset()
 
     #: the next output tensor's whole inputs, being read on the read-ahead thread
     #: (`read_ahead`); `_value` takes them from here
@@ -167,6 +171,9 @@ class Runtime:
         return before
 
     def remember(self, node: Node, value: Any) -> None:
+        """Keep ``node``'s value for the tensors that follow, if several read it (`keep`)."""
+        if node not in self.keep:
+            return
         self.shared[node] = value
         while len(self.shared) > self.SHARED_KEEP:
             self.shared.popitem(last=False)

@@ -451,16 +451,19 @@ def streamed_task_vectors(spec: Any, operands: tuple[Node, ...], base: Node | No
         else (0,) * len(operands)
     stats = None
     if needs_stats(sparsify, kw["rescale"]):
-        from recipekit.plan.cost import KEPT_BYTES
+        from recipekit.plan.cost import KEPT_BYTES, streams_from_files
 
         fields = (operands, base, sparsify, tuple(float(d) for d in kw["densities"]),
                   tuple(float(g) for g in kw.get("gamma", (0.0,) * len(operands))),
                   tuple(float(e) for e in kw.get("epsilon", (0.0,) * len(operands))), keys,
                   bool(kw["rescale"]), work)
         # a random mask drawn for the L1 rescale is kept as bits for the output pass (1/16 of
-        # bf16 inputs), held inputs or not, up to `KEPT_BYTES`; above it, it is drawn again
+        # bf16 inputs), up to `KEPT_BYTES`. From the files only DELLA's: its masks rank every
+        # row (~12 ns a value); DARE's draw (~1.5) cost about what keeping and reading the
+        # bits did there (Mistral-7B width, 2 cores), and more memory
         keep = spec.random and kw["rescale"] and len(operands) * -(-base.numel // 64) * 8 \
-            <= KEPT_BYTES
+            <= KEPT_BYTES and (sparsify == "della_magprune"
+                               or not streams_from_files(PruneStats(*fields)))
         stats = intern(PruneStats(*fields, cache_masks=keep))
     return intern(PrunedMerge(spec.name, operands, base, stats, tuple(sorted(params.items())),
                               keys, work, dtype))

@@ -88,7 +88,8 @@ class PruneStats(Reduction):
     rescale: bool
     work: str
     #: the L1 pass keeps the random masks it draws, as bits after the rules (n/8 bytes a task
-    #: vector, at most `plan.cost.KEPT_BYTES` in all; `ops.stream_prune.prune_rules`)
+    #: vector, at most `plan.cost.KEPT_BYTES` in all; DARE's where its inputs are held, DELLA's
+    #: from the files too: steps/merge.py; `ops.stream_prune.prune_rules`)
     cache_masks: bool = False
 
     @property

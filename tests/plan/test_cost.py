@@ -53,3 +53,25 @@ def test_retained_reduction_values_are_the_executors_keep():
     sizes = sorted((n.nbytes for n in nodes), reverse=True)
     assert cost.retained_bytes([*nodes, *nodes, load("a", "x", (8, 8), "F32")]) == \
         sum(sizes[:cost.SHARED_KEEP])
+
+
+def test_shared_values_are_the_ones_several_tensors_hold():
+    """The executor keeps a reduction's value for later tensors only when more than one output
+    tensor holds it: a LoRA module's packed factors (its A and its B), not a value one tensor
+    reads. Oracle: a hand count; and `Runtime.remember` keeps those only."""
+    from recipekit.graph.lora import PackedFactor, RangeFinderFactors
+    from recipekit.run.execute import Runtime
+
+    def factors(name: str) -> RangeFinderFactors:
+        return RangeFinderFactors(load("b", name, (64, 32), "BF16"),
+                                  load("a", name, (64, 32), "BF16"), 4, False, 0.0, 4, 1, 0, name)
+
+    pair, alone = factors("w0"), factors("w1")
+    tensors = [PackedFactor(pair, "A", 32, "F32"), PackedFactor(pair, "B", 32, "F32"),
+               PackedFactor(alone, "A", 32, "F32"), load("a", "x", (8, 8), "F32")]
+    assert cost.shared_values(tensors) == {pair}
+    assert cost.retained_bytes(cost.shared_values(tensors)) == pair.nbytes
+    rt = Runtime(None, None, None, None, keep=cost.shared_values(tensors))
+    rt.remember(pair, "kept")
+    rt.remember(alone, "dropped")
+    assert dict(rt.shared) == {pair: "kept"}

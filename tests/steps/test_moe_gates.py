@@ -103,10 +103,14 @@ def gate_nodes(tmp_path: Path, base: Path, prompts: list[ExpertPrompts], mode: s
 
 def evaluate_from_files(nodes: list[Any], sources: Any) -> torch.Tensor:
     """The nodes' values as the executor computes them, reading the files (run/execute.py),
-    one runtime for all layers: the sweep is computed once and shared."""
+    one runtime for all layers: the sweep is computed once and shared (as `open_runtime`
+    keeps the values several output tensors read, `plan.cost.shared_values`)."""
+    from recipekit.plan.cost import shared_values
+
     plan = SimpleNamespace(sources=sources)
     with FileReader() as reader:
-        rt = execute.Runtime(reader, torch.device("cpu"), None, None)  # type: ignore[arg-type]
+        rt = execute.Runtime(reader, torch.device("cpu"), None, None,  # type: ignore[arg-type]
+                             keep=shared_values(nodes))
         return torch.stack([execute.evaluate(n, plan, rt) for n in nodes])  # type: ignore[arg-type]
 
 
@@ -381,10 +385,13 @@ class TestCuda:
 
     @pytest.mark.parametrize("mode", ["cheap_embed", "hidden", "hidden_avg"])
     def test_cuda_equals_cpu(self, tmp_path, bases, mode):
+        from recipekit.plan.cost import shared_values
+
         nodes, sources = gate_nodes(tmp_path, bases["qwen3"], PROMPTS, mode)
         plan = SimpleNamespace(sources=sources)
         with FileReader() as reader:
-            rt = execute.Runtime(reader, torch.device("cuda"), None, None)  # type: ignore[arg-type]
+            rt = execute.Runtime(reader, torch.device("cuda"), None, None,  # type: ignore[arg-type]
+                                 keep=shared_values(nodes))
             got = torch.stack([execute.evaluate(n, plan, rt) for n in nodes])  # type: ignore[arg-type]
         assert got.device.type == "cpu"
         torch.testing.assert_close(got, evaluate_from_files(nodes, sources), atol=1e-5, rtol=0)
