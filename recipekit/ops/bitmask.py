@@ -25,8 +25,7 @@ def bit_view(room: torch.Tensor) -> np.ndarray:
     """The bytes of ``room`` (a contiguous zeroed fp64 CPU tensor of `words` values, the tail
     of the reduction's own value) as room for bits. Why a view: the passes fill the value in
     place, where bits made apart and joined to the rules at the end were copied twice (a
-    stack and a cat: three times the bits at once, ~95 MiB for DARE's two task vectors at
-    Mistral-7B's lm_head, more than the estimate counted)."""
+    stack and a cat: three times the bits at once, where the estimate counts two)."""
     return room.numpy().view(np.uint8)
 
 
