@@ -33,6 +33,13 @@ COLLECT_MAX = 1 << 20
 #: Columns of a task vector's packed pruning rule (`ops.stream_prune`); here, without torch,
 #: for the plan's shape of `steps.task_vectors.PruneStats`
 PRUNE_RULE_WIDTH = 9
+
+
+def mask_words(n: int) -> int:
+    """The fp64 values after a reduction's rules that hold a mask of ``n`` values as bits
+    (`ops.bitmask`); here, without torch, for the plan's shapes and memory."""
+    return -(-n // 64)
+
 #: Keys one top-k query collects during its histogram pass at most, around where a sample
 #: puts its cut (`ops.select.select_cuts`): two int32 each
 WINDOW_MAX = 1 << 21

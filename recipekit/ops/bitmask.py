@@ -10,19 +10,17 @@ output bytes with and without the bits).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-__all__ = ["bit_view", "pack", "put", "unpack", "words"]
-
-
-def words(n: int) -> int:
-    """The fp64 values that hold the bits of ``n`` values."""
-    return -(-n // 64)
+__all__ = ["bit_view", "pack", "put", "unpack", "unpack_rows"]
 
 
 def bit_view(room: torch.Tensor) -> np.ndarray:
-    """The bytes of ``room`` (a contiguous zeroed fp64 CPU tensor of `words` values, the tail
+    """The bytes of ``room`` (a contiguous zeroed fp64 CPU tensor of
+    `graph.passes.mask_words` values, the tail
     of the reduction's own value) as room for bits. Why a view: the passes fill the value in
     place, where bits made apart and joined to the rules at the end were copied twice (a
     stack and a cat: three times the bits at once, where the estimate counts two)."""
@@ -59,3 +57,12 @@ def unpack(bits: np.ndarray, start: int, count: int, dtype: torch.dtype) -> torc
         return torch.from_numpy(flags.astype(np.float32 if dtype == torch.float32
                                              else np.float64))
     return torch.from_numpy(flags).to(dtype)
+
+
+def unpack_rows(bits: torch.Tensor, lo: int, shape: torch.Size, dtype: torch.dtype
+                ) -> torch.Tensor:
+    """Rows ``lo:`` of a mask of ``shape`` (the piece's; dim 0 its rows) from ``bits``, the
+    fp64 tail of a reduction's value that holds the whole tensor's mask, 0/1 in ``dtype``."""
+    count = math.prod(shape)
+    row = count // shape[0] if len(shape) else 1
+    return unpack(bits.numpy().view(np.uint8), lo * row, count, dtype).reshape(shape)

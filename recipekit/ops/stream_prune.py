@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from recipekit.graph.passes import PRUNE_RULE_WIDTH
-from recipekit.ops.bitmask import bit_view, pack, put, unpack, words
+from recipekit.graph.passes import PRUNE_RULE_WIDTH, mask_words
+from recipekit.ops.bitmask import bit_view, pack, put, unpack_rows
 from recipekit.ops.rng import DRAW_BITS, counter_draw
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
 from recipekit.ops.sparsify import RESCALE_EPS, della_keep_probabilities
@@ -73,7 +73,7 @@ def prune_rules(source: Any, *, deltas: Any, sparsify: str, densities: Sequence[
     """
     m = len(densities)
     bits = rescale and cache_masks and sparsify in RANDOM_SPARSIFIERS
-    packed = torch.zeros((m, WIDTH + (words(n) if bits else 0)), dtype=torch.float64)
+    packed = torch.zeros((m, WIDTH + (mask_words(n) if bits else 0)), dtype=torch.float64)
     packed[:, 6] = float("nan")
     cuts: list[tuple[Cut, Cut | None]] = [(KEEP_ALL, None)] * m
     if sparsify in ("magnitude", "magnitude_outliers"):
@@ -162,10 +162,7 @@ def cached_mask(tau: torch.Tensor, lo: int, rule: torch.Tensor) -> torch.Tensor 
     (`prune_rules` ``cache_masks``), 0/1 in τ's dtype; None when it kept none."""
     if rule.numel() <= WIDTH or not bool(rule[8]) or tau.device.type != "cpu":
         return None
-    row = tau[0].numel() if tau.dim() else 1
-    start, count = lo * row, tau.numel()
-    return unpack(rule[WIDTH:].numpy().view(np.uint8), start, count, tau.dtype
-                  ).reshape(tau.shape)
+    return unpack_rows(rule[WIDTH:], lo, tau.shape, tau.dtype)
 
 
 def _mask(tau: torch.Tensor, lo: int, rule: torch.Tensor, sparsify: str, density: float,

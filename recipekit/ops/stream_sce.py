@@ -17,13 +17,13 @@ Oracle: tests/steps/test_task_vectors_sce.py (streamed against `ops.task_arithme
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
-from recipekit.ops.bitmask import bit_view, pack, put, unpack, words
+from recipekit.graph.passes import mask_words
+from recipekit.ops.bitmask import bit_view, pack, put, unpack_rows
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
 from recipekit.ops.sparsify import population_variance
 from recipekit.ops.task_arithmetic import sce_combine
@@ -82,7 +82,7 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
         (cut,) = select_cuts(source.map, lambda lo, hi, p: [keys(lo, hi, p)],
                              [(0, 0)], n, source.rows,
                              k_of_nonzero=lambda nnz: sce_k(nnz, fraction))
-    room = torch.zeros(words(n), dtype=torch.float64) if keep_bits else None
+    room = torch.zeros(mask_words(n), dtype=torch.float64) if keep_bits else None
     bits = bit_view(room) if room is not None else None
     row = n // max(1, source.rows)
     kept = keep_bits and cut != KEEP_ALL
@@ -132,11 +132,7 @@ def _kept_selection(deltas: torch.Tensor, lo: int, m: int, rules: torch.Tensor
     dtype), or None when it kept none."""
     if rules.numel() <= 3 + m or not bool(rules[3 + m]) or deltas.device.type != "cpu":
         return None
-    shape = deltas.shape[1:]
-    count = deltas[0].numel()
-    start = lo * (count // shape[0] if len(shape) else 1)
-    return unpack(rules[4 + m:].numpy().view(np.uint8), start, count, deltas.dtype
-                  ).reshape(shape)
+    return unpack_rows(rules[4 + m:], lo, deltas.shape[1:], deltas.dtype)
 
 
 def sce_rows(b: torch.Tensor, deltas: torch.Tensor, lo: int, rules: torch.Tensor, *,
@@ -149,15 +145,3 @@ def sce_rows(b: torch.Tensor, deltas: torch.Tensor, lo: int, rules: torch.Tensor
     deltas = _selected(deltas, lo, cut) if keep is None else deltas * keep.unsqueeze(0)
     return sce_combine(b, deltas, rules[3:3 + m].to(deltas.dtype).to(deltas.device),
                        int8_mask)
-
-
-def task_vectors(pieces: Sequence[torch.Tensor], dtype: torch.dtype,
-                 base: torch.Tensor | None = None) -> torch.Tensor:
-    """τ_i = θ_i − θ_b of one piece (the base last), stacked [M, ...] in ``dtype``, each
-    subtracted into its place (a stack of the differences copied every value once more).
-    ``base``: the base piece already in ``dtype``."""
-    b = pieces[-1].to(dtype) if base is None else base
-    out = torch.empty((len(pieces) - 1, *b.shape), dtype=dtype, device=b.device)
-    for i, x in enumerate(pieces[:-1]):
-        torch.sub(x.to(dtype), b, out=out[i])
-    return out

@@ -263,9 +263,7 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
     pieces = [slice(lo, lo + step) for lo in range(0, base.shape[0], step)]
     deltas = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
     for rows in pieces:
-        b = base[rows].to(dtype)
-        for i, x in enumerate(tensors):
-            torch.sub(x[rows].to(dtype), b, out=deltas[i, rows])
+        task_vectors([*(x[rows] for x in tensors), base[rows]], dtype, out=deltas[:, rows])
     if select_topk < 1:
         mask = sce_topk_mask(deltas, fraction=select_topk, piece_elems=COMBINE_ELEMS)
         for rows in pieces:
@@ -274,6 +272,21 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     for rows in pieces:
         out[rows] = sce_combine(base[rows].to(dtype), deltas[:, rows], omega, int8_mask)
+    return out
+
+
+def task_vectors(pieces: Sequence[torch.Tensor], dtype: torch.dtype,
+                 base: torch.Tensor | None = None, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """τ_i = θ_i − θ_b of one piece (the base last), stacked [M, ...] in ``dtype``, each
+    subtracted into its place (a stack of the differences copied every value once more):
+    SCE's whole kernel by rows and its streamed passes. ``base``: the base piece already in
+    ``dtype``; ``out``: where to put them (a new tensor when None)."""
+    b = pieces[-1].to(dtype) if base is None else base
+    if out is None:
+        out = torch.empty((len(pieces) - 1, *b.shape), dtype=dtype, device=b.device)
+    for i, x in enumerate(pieces[:-1]):
+        torch.sub(x.to(dtype), b, out=out[i])
     return out
 
 

@@ -451,6 +451,7 @@ def streamed_task_vectors(spec: Any, operands: tuple[Node, ...], base: Node | No
         else (0,) * len(operands)
     stats = None
     if needs_stats(sparsify, kw["rescale"]):
+        from recipekit.graph.passes import mask_words
         from recipekit.plan.cost import KEPT_BYTES, streams_from_files
 
         fields = (operands, base, sparsify, tuple(float(d) for d in kw["densities"]),
@@ -461,7 +462,7 @@ def streamed_task_vectors(spec: Any, operands: tuple[Node, ...], base: Node | No
         # bf16 inputs), up to `KEPT_BYTES`. From the files only DELLA's: its masks rank every
         # row (~12 ns a value); DARE's draw (~1.5) cost about what keeping and reading the
         # bits did there (Mistral-7B width, 2 cores), and more memory
-        keep = spec.random and kw["rescale"] and len(operands) * -(-base.numel // 64) * 8 \
+        keep = spec.random and kw["rescale"] and 8 * len(operands) * mask_words(base.numel) \
             <= KEPT_BYTES and (sparsify == "della_magprune"
                                or not streams_from_files(PruneStats(*fields)))
         stats = intern(PruneStats(*fields, cache_masks=keep))

@@ -102,10 +102,10 @@ class PruneStats(Reduction):
 
     @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        from recipekit.graph.passes import PRUNE_RULE_WIDTH
+        from recipekit.graph.passes import PRUNE_RULE_WIDTH, mask_words
 
-        return (len(self.operands), PRUNE_RULE_WIDTH + (-(-self.base.numel // 64)
-                                                        if self.cache_masks else 0))
+        return (len(self.operands),
+                PRUNE_RULE_WIDTH + (mask_words(self.base.numel) if self.cache_masks else 0))
 
     @property
     def dtype(self) -> str:  # type: ignore[override]
@@ -284,8 +284,10 @@ class SceStats(Reduction):
 
     @property
     def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        from recipekit.graph.passes import mask_words
+
         return (3 + len(self.operands)
-                + (1 + -(-self.base.numel // 64) if self.keep_bits else 0),)
+                + (1 + mask_words(self.base.numel) if self.keep_bits else 0),)
 
     @property
     def dtype(self) -> str:  # type: ignore[override]
@@ -308,7 +310,8 @@ class SceStats(Reduction):
         return (2 * len(self.operands) + 3) * 4 * self.base.numel
 
     def reduce(self, source: Any, whole: tuple[Any, ...]) -> Any:
-        from recipekit.ops.stream_sce import sce_rules, task_vectors
+        from recipekit.ops.stream_sce import sce_rules
+        from recipekit.ops.task_arithmetic import task_vectors
 
         dtype = torch_dtype(self.work)
         return sce_rules(source, lambda lo, hi, p: task_vectors(p, dtype),
@@ -340,7 +343,8 @@ class SceMerge(TaskVectorRows):
         return (3 * len(self.operands) + 4) * 4 * self.numel
 
     def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
-        from recipekit.ops.stream_sce import sce_rows, task_vectors
+        from recipekit.ops.stream_sce import sce_rows
+        from recipekit.ops.task_arithmetic import task_vectors
 
         m = len(self.operands)
         dtype = torch_dtype(self.work)
@@ -355,6 +359,7 @@ def streamed_sce(operands: tuple[Node, ...], base: Node | None, params: dict[str
     """The streamed nodes of one SCE tensor, or None where the whole `Merge` stays: no
     non-base input, or inputs of at most `plan.cost.EXACT_BYTES` (`keeps_exact_kernel`), which
     keeps small tensors bit for bit mergekit's (the streamed ω differ by fp64 rounding)."""
+    from recipekit.graph.passes import mask_words
     from recipekit.plan.cost import KEPT_BYTES, keeps_exact_kernel
 
     if base is None or not operands:
@@ -365,6 +370,6 @@ def streamed_sce(operands: tuple[Node, ...], base: Node | None, params: dict[str
     if keeps_exact_kernel(stats):
         return None
     stats = SceStats(operands, base, fraction, work, keep=4 * base.numel <= KEPT_BYTES,
-                     keep_bits=-(-base.numel // 64) * 8 <= KEPT_BYTES)
+                     keep_bits=8 * mask_words(base.numel) <= KEPT_BYTES)
     return intern(SceMerge(operands, base, intern(stats), bool(params.get("int8_mask", False)),
                            work, dtype))

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from recipekit.ops.bitmask import bit_view, pack, unpack, words
+from recipekit.graph.passes import mask_words
+from recipekit.ops.bitmask import bit_view, pack, unpack
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.float64, torch.bfloat16])
 def test_pieces_packed_then_read_from_any_offset(dtype):
     mask = torch.rand(203, generator=torch.Generator().manual_seed(0)) < 0.4
-    bits = bit_view(torch.zeros(words(mask.numel()), dtype=torch.float64))
+    bits = bit_view(torch.zeros(mask_words(mask.numel()), dtype=torch.float64))
     assert bits.nbytes % 8 == 0 and bits.nbytes * 8 >= mask.numel()
     for lo in range(0, 203, 64):  # pieces that start on whole bytes
         packed = pack(mask[lo:lo + 64].to(dtype))

@@ -13,8 +13,8 @@ import torch
 from recipekit.graph.passes import InMemorySource
 from recipekit.ops.select import Cut
 from recipekit.ops.sparsify import sce_topk_mask
-from recipekit.ops.stream_sce import _selected, sce_k, sce_rows, sce_rules, task_vectors
-from recipekit.ops.task_arithmetic import sce
+from recipekit.ops.stream_sce import _selected, sce_k, sce_rows, sce_rules
+from recipekit.ops.task_arithmetic import sce, task_vectors
 
 
 def _source(tensors: list[torch.Tensor], rows_per_piece: int) -> InMemorySource:
