@@ -33,6 +33,8 @@ class Node:
     dtype: str
     #: Row-piece boundaries fall on multiples of this many rows (see `compute_rows`).
     row_block: ClassVar[int] = 1
+    #: Row pieces hold about this many times `plan.cost.CHUNK_ELEMS` values (`rows_per_piece`).
+    piece_scale: ClassVar[int] = 1
     #: The node computes in fp32 (fp64 for fp64 inputs) whatever its ``dtype`` and rounds once
     #: to ``dtype`` at the end, so `round_to` may give it another ``dtype`` instead of casting.
     rounds_once: ClassVar[bool] = False

@@ -71,11 +71,13 @@ class RowSource(Protocol):
         ...
 
 
-def piece_bounds(rows: int, row_elems: int, *, row_block: int = 1) -> list[tuple[int, int]]:
-    """The row pieces of a pass: about `PASS_ELEMS` values each, a multiple of 64 values so
-    that vectorized loops start where the whole tensor's would, and of ``row_block`` rows (a
-    streamed node's own alignment, `Node.row_block`). Whole rows: a piece never splits one."""
-    per = max(1, PASS_ELEMS // max(1, row_elems))
+def piece_bounds(rows: int, row_elems: int, *, row_block: int = 1, scale: int = 1
+                 ) -> list[tuple[int, int]]:
+    """The row pieces of a pass: about ``scale`` × `PASS_ELEMS` values each, a multiple of 64
+    values so that vectorized loops start where the whole tensor's would, and of ``row_block``
+    rows (a streamed node's own alignment, `Node.row_block`). Whole rows: a piece never splits
+    one."""
+    per = max(1, scale * PASS_ELEMS // max(1, row_elems))
     align = math.lcm(64 // math.gcd(max(1, row_elems), 64), row_block)
     per = -(-per // align) * align
     return [(lo, min(lo + per, rows)) for lo in range(0, rows, per)]
@@ -109,6 +111,9 @@ class Reduction(Node):
     #: Upper bound of the passes `reduce` makes over the streamed inputs (for the plan; a
     #: subclass may make it a property of its parameters).
     passes: ClassVar[int] = 1
+    #: Pieces of this many times `PASS_ELEMS` values (`bounds`): a reduction whose work per
+    #: piece is many small ops over a few fp32 copies pays less for its calls with larger ones.
+    pass_scale: ClassVar[int] = 1
 
     def streamed(self) -> tuple[bool, ...]:
         """Per input: True when it is read in row pieces, False when whole."""
@@ -133,7 +138,8 @@ class Reduction(Node):
         """The row pieces every pass reads, the same in memory and from files."""
         streamed = [x for x, s in zip(self.inputs, self.streamed(), strict=True) if s]
         block = math.lcm(*(n.row_block for x in streamed for n in expression_nodes(x)))
-        return piece_bounds(self.stream_rows, self.stream_row_elems, row_block=block)
+        return piece_bounds(self.stream_rows, self.stream_row_elems, row_block=block,
+                            scale=self.pass_scale)
 
     @property
     def state_bytes(self) -> int:

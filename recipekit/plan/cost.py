@@ -205,11 +205,12 @@ def row_sliced(node: Node) -> tuple[set[Node], set[Node]] | None:
 
 
 def rows_per_piece(node: Node) -> int:
-    """Rows of ``node`` per piece: about `CHUNK_ELEMS` values, a multiple of 64 values so that
-    every piece starts where the whole tensor's vectorized loops would, and of every sliced
-    node's `row_block` (bit-identical results; see `Node.compute_rows`)."""
+    """Rows of ``node`` per piece: about `CHUNK_ELEMS` values (times its `Node.piece_scale`), a
+    multiple of 64 values so that every piece starts where the whole tensor's vectorized loops
+    would, and of every sliced node's `row_block` (bit-identical results; see
+    `Node.compute_rows`)."""
     row = node.numel // node.shape[0]
-    rows = max(1, CHUNK_ELEMS // row)
+    rows = max(1, node.piece_scale * CHUNK_ELEMS // row)
     align = 64 // math.gcd(row, 64)
     parts = row_sliced(node)
     for n in parts[0] if parts else ():
@@ -226,7 +227,8 @@ def chunkable(node: Node) -> bool:
 #: What chunked evaluation holds besides its pieces and whole inputs, measured
 #: (tests/run/test_execute.py, tests/run/test_execute_estimates.py): 7-8 MiB in all for a cast
 #: since a piece's temporaries stay under the mapping threshold and the heap is trimmed after
-#: each tensor (`run.execute._release_heap`), 8-16 MiB beside the pieces of a linear merge,
+#: a tensor that left more than 32 MiB free (`run.execute._release_heap`; the rest is what the
+#: next tensor's pieces take first), 8-16 MiB beside the pieces of a linear merge,
 #: nearswap or interpolate, and once 16.02 MiB (nearswap over row pieces, on a loaded
 #: machine): the worker threads' stacks and malloc arenas (how many arenas the threads touch
 #: depends on their timing), and the allocator's small retained blocks. 24 MiB keeps a margin

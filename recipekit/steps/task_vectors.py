@@ -97,6 +97,15 @@ class PruneStats(Reduction):
         return stat_passes(self.sparsify, self.rescale, self.base.numel)
 
     @property
+    def pass_scale(self) -> int:  # type: ignore[override]
+        """DARE's L1 pass takes pieces of 512Ki values: its work per piece is a dozen small ops
+        (draw, compare, pack, two sums) whose fp32 temporaries stay under the allocator's
+        mapping threshold at that size, and fewer calls took its TinyLlama merge from 10.1 to
+        9.5 s of user time. Magnitude keys and DELLA's ranks are 8-byte values, which would
+        cross the threshold there (0.7-1.2 million page faults a TinyLlama merge)."""
+        return 4 if self.sparsify == "random" else 1
+
+    @property
     def inputs(self) -> tuple[Node, ...]:
         return self.operands + (self.base,)
 
@@ -194,6 +203,14 @@ class PrunedMerge(TaskVectorRows):
     @property
     def rule(self) -> Node | None:
         return self.stats
+
+    @property
+    def piece_scale(self) -> int:  # type: ignore[override]
+        """Pieces of up to 512Ki values, as long as the fp32 stack of task vectors stays at 2
+        MiB (under the allocator's mapping threshold, `run.execute`): a piece's work is two
+        dozen small ops, and with one task vector fewer calls took TinyLlama's DARE-TIES from
+        8.5 to 7.4 s of user time, TIES 10.1 → 9.7 s and DELLA 33.8 → 31.8 s."""
+        return max(1, 4 // len(self.operands))
 
     @property
     def workspace(self) -> int:

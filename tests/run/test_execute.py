@@ -562,3 +562,46 @@ class TestBatch:
         # handed over at 40 bytes or more, or early when the next piece does not fit
         assert [len(w) for w in writer.writes] == [64, 8, 64, 52]
         assert pool._free.qsize() + pool._left == 2  # every buffer made is back
+
+
+class TestReleaseHeap:
+    """Oracle: the calls made to a stand-in libc. After a chunked tensor the heap is trimmed
+    only when more than `_KEEP_FREE` of it is free (mallinfo2's ``fordblks``); without
+    ``mallinfo2`` (glibc before 2.33) it is trimmed every time, and off glibc nothing runs."""
+
+    class FakeLibc:
+        def __init__(self, free: int | None) -> None:
+            from recipekit.run.execute import _MallInfo2
+
+            self.trims = 0
+            if free is not None:
+                def mallinfo2():  # a function, so that `restype` can be set on it as on ctypes'
+                    assert mallinfo2.restype is _MallInfo2
+                    return _MallInfo2(fordblks=free)
+
+                self.mallinfo2 = mallinfo2
+
+        def malloc_trim(self, pad: int) -> int:
+            assert pad == 0
+            self.trims += 1
+            return 1
+
+    @pytest.mark.parametrize(("free", "trims"), [(0, 0), (10 << 20, 0), (32 << 20, 0),
+                                                 ((32 << 20) + 1, 1), (None, 1)])
+    def test_trims_above_the_threshold(self, monkeypatch, free, trims):
+        from recipekit.run import execute
+
+        assert execute._KEEP_FREE == 32 << 20
+        libc = self.FakeLibc(free)
+        monkeypatch.setattr(execute.ctypes, "CDLL", lambda name: libc)
+        execute._release_heap()
+        assert libc.trims == trims
+
+    def test_no_glibc(self, monkeypatch):
+        from recipekit.run import execute
+
+        def missing(name):
+            raise OSError(name)
+
+        monkeypatch.setattr(execute.ctypes, "CDLL", missing)
+        execute._release_heap()  # no error

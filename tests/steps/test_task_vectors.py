@@ -169,7 +169,9 @@ class TestAgainstFormulas:
 
 class TestHowReductionsRead:
     """Oracle: the default run's bytes. Reading row pieces from the files (HOLD_BYTES = 0),
-    many small pieces (PASS_ELEMS = 512 values) and 1 or 2 piece workers give the same shards."""
+    many small pieces (PASS_ELEMS = 128 values, DARE's L1 pass takes 4× that,
+    `PruneStats.pass_scale`; output pieces of CHUNK_ELEMS = 256 values, up to 4× that,
+    `PrunedMerge.piece_scale`) and 1 or 2 piece workers give the same shards."""
 
     @pytest.mark.parametrize("method", list(STEPS))
     def test_byte_identical(self, cli, tmp_path, trio, method, monkeypatch):
@@ -185,7 +187,8 @@ class TestHowReductionsRead:
             return original(self, fn)
 
         monkeypatch.setattr(execute._FileSource, "map", counting)
-        monkeypatch.setattr("recipekit.graph.passes.PASS_ELEMS", 512)
+        monkeypatch.setattr("recipekit.graph.passes.PASS_ELEMS", 128)
+        monkeypatch.setattr("recipekit.plan.cost.CHUNK_ELEMS", 256)
         run(cli, tmp_path / "small", trio, method)
         assert pieces == []  # small inputs: read whole once, passes over them in memory
         assert shard_bytes(tmp_path / "small") == reference
