@@ -26,6 +26,8 @@ from recipekit.io.names import ADAPTER_WEIGHTS, is_absolute_local
 from recipekit.plan.cost import (
     COPY_BUFFERS,
     COPY_CHUNK,
+    KEPT_HEAP,
+    chunkable,
     computing_bytes,
     held_nodes,
     kept_read_bytes,
@@ -97,15 +99,17 @@ class Plan:
     def peak_memory_estimate(self) -> int:
         """Working set above an idle process: the copy buffers if any tensor is copied as is,
         the reduction values the executor keeps for later tensors (`retained_bytes`), the
-        buffers the reader keeps for whole reads (`io.reader.KEEP_BYTES`), plus the largest
-        computed tensor's working set with the next tensor's whole inputs read ahead
-        (`computing_bytes`, with this machine's default `piece_workers`)."""
+        buffers the reader keeps for whole reads (`io.reader.KEEP_BYTES`), the free heap kept
+        between tensors computed in pieces (`KEPT_HEAP`), plus the largest computed tensor's
+        working set with the next tensor's whole inputs read ahead (`computing_bytes`, with
+        this machine's default `piece_workers`)."""
         copied = [t.nbytes for s in self.shards for t in s.tensors if isinstance(t.node, Load)]
         buffers = COPY_BUFFERS * min(COPY_CHUNK, max(copied)) if copied else 0
         workers = piece_workers()
         computed = [t.node for s in self.shards for t in s.tensors if not isinstance(t.node, Load)]
         kept = retained_bytes(shared_values(computed))
-        return (buffers + kept + kept_read_bytes(computed)
+        heap = KEPT_HEAP if any(chunkable(n) for n in computed) else 0
+        return (buffers + kept + heap + kept_read_bytes(computed)
                 + max((computing_bytes([t.node for t in s.tensors], workers)
                        for s in self.shards), default=0))
 

@@ -35,6 +35,7 @@ from recipekit.plan.cost import (
     BATCH_BYTES,
     COPY_BUFFERS,
     COPY_CHUNK,
+    KEPT_HEAP,
     chunkable,
     piece_workers,
     prefetch_loads,
@@ -565,8 +566,6 @@ _M_MMAP_THRESHOLD = -3
 _M_TRIM_THRESHOLD = -1
 #: the heap's top keeps up to this much free memory while a tensor is computed
 _TRIM_THRESHOLD = 64 << 20
-#: free heap kept from one chunked tensor to the next (`_release_heap`)
-_KEEP_FREE = 32 << 20
 
 
 def _fixed_mmap_threshold(size: int = 4 << 20) -> None:
@@ -602,22 +601,23 @@ class _MallInfo2(ctypes.Structure):
 
 def _release_heap() -> None:
     """Give the heap's free pages back once a chunked tensor is written, when more than
-    `_KEEP_FREE` of it is free. A piece's temporaries (below the mapping threshold) come
-    from the heap and stay resident after they are freed; past that much, the next tensor's
-    passes could add their own peak on top (measured 93-101 MiB against 67-89 for a slerp of
-    four 64 MiB tensors, when every tensor was followed by a trim).
+    `plan.cost.KEPT_HEAP` of it is free (which `plan` counts). A piece's temporaries (below
+    the mapping threshold) come from the heap and stay resident after they are freed; past
+    that much, the next tensor's passes could add their own peak on top (measured 93-101 MiB
+    against 67-89 for a slerp of four 64 MiB tensors, when every tensor was followed by a
+    trim). Below it, the next tensor's pieces take the free memory first, but not always:
+    arcee_fusion over 8-16 MiB tensors peaked 20-30 MiB higher.
 
     Why not trim after every tensor: `malloc_trim` drops every free page, and the next
     tensor's pieces fault them in again. TinyLlama-shaped merges left 10-15 MiB free after each
     tensor, and re-faulting it was 190-320 thousand page faults a run (0.9 GB): 0.4-1.5 s of
-    system time in DARE-TIES, TIES and breadcrumbs, 2.5-4 s in SCE. Below the threshold the
-    free memory is what the next tensor's pieces take first. No-op off glibc (without
+    system time in DARE-TIES, TIES and breadcrumbs, 2.5-4 s in SCE. No-op off glibc (without
     ``mallinfo2``: trims every time, as before)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
         with contextlib.suppress(AttributeError):
             libc.mallinfo2.restype = _MallInfo2
-            if libc.mallinfo2().fordblks <= _KEEP_FREE:
+            if libc.mallinfo2().fordblks <= KEPT_HEAP:
                 return
         libc.malloc_trim(0)
 

@@ -21,6 +21,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from recipekit.plan.cost import KEPT_HEAP
+
 from tests.helpers.builders import read_tensors
 from tests.helpers.memory import MEASURE
 from tests.helpers.recipes import ROOT, solar_recipe, write_recipe
@@ -327,13 +329,15 @@ def test_peak_memory_estimate_matches_a_measurement(tmp_path):
     slerp, cast = results["slerp"], results["cast"]
     # slerp: 65-70 MiB measured streamed (173-178 MiB when it held both inputs; 277-361 MiB
     # when it held fp32 copies and an fp32 result)
-    assert slerp["measured"] <= slerp["estimate"] <= 1.5 * slerp["measured"], results
+    # (both bounds of the estimate also count the free heap kept between chunked tensors)
+    kept = KEPT_HEAP
+    assert slerp["measured"] <= slerp["estimate"] <= 1.5 * slerp["measured"] + kept, results
     # Chunked: a few MiB of pieces plus allocator and thread-arena overhead that varies from run
     # to run (6-8 MiB measured in all since pieces' temporaries reuse the heap; 16-35 MiB
     # before); the estimate keeps a fixed margin for other elementwise plans
     # (`plan.cost.CHUNKED_OVERHEAD`), so it is at most that much above the measurement, and
     # both stay far below one 64 MiB input.
-    assert cast["measured"] <= cast["estimate"] <= cast["measured"] + 24 * 2**20, results
+    assert cast["measured"] <= cast["estimate"] <= cast["measured"] + 24 * 2**20 + kept, results
     assert cast["measured"] < 48 * 2**20, results
     # an upper bound for a pure copy, give or take a thread stack's touched pages
     assert results["copy"]["measured"] <= 1.05 * results["copy"]["estimate"], results
@@ -566,7 +570,7 @@ class TestBatch:
 
 class TestReleaseHeap:
     """Oracle: the calls made to a stand-in libc. After a chunked tensor the heap is trimmed
-    only when more than `_KEEP_FREE` of it is free (mallinfo2's ``fordblks``); without
+    only when more than `plan.cost.KEPT_HEAP` of it is free (mallinfo2's ``fordblks``); without
     ``mallinfo2`` (glibc before 2.33) it is trimmed every time, and off glibc nothing runs."""
 
     class FakeLibc:
@@ -591,7 +595,7 @@ class TestReleaseHeap:
     def test_trims_above_the_threshold(self, monkeypatch, free, trims):
         from recipekit.run import execute
 
-        assert execute._KEEP_FREE == 32 << 20
+        assert execute.KEPT_HEAP == 32 << 20
         libc = self.FakeLibc(free)
         monkeypatch.setattr(execute.ctypes, "CDLL", lambda name: libc)
         execute._release_heap()
