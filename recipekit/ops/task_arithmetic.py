@@ -279,14 +279,17 @@ def task_vectors(pieces: Sequence[torch.Tensor], dtype: torch.dtype,
                  base: torch.Tensor | None = None, out: torch.Tensor | None = None
                  ) -> torch.Tensor:
     """τ_i = θ_i − θ_b of one piece (the base last), stacked [M, ...] in ``dtype``, each
-    subtracted into its place (a stack of the differences copied every value once more):
-    SCE's whole kernel by rows and its streamed passes. ``base``: the base piece already in
-    ``dtype``; ``out``: where to put them (a new tensor when None)."""
+    subtracted into its place (a stack of the differences copied every value once more), a
+    narrower θ_i widened inside the subtraction (exact, and no converted copy): SCE's whole
+    kernel by rows, its streamed passes and the output pass of TIES/DARE/DELLA. ``base``: the
+    base piece already in ``dtype``; ``out``: where to put them (a new tensor when None)."""
     b = pieces[-1].to(dtype) if base is None else base
     if out is None:
         out = torch.empty((len(pieces) - 1, *b.shape), dtype=dtype, device=b.device)
     for i, x in enumerate(pieces[:-1]):
-        torch.sub(x.to(dtype), b, out=out[i])
+        if torch.promote_types(x.dtype, dtype) != dtype:  # not a widening: round it first
+            x = x.to(dtype)
+        torch.sub(x, b, out=out[i])
     return out
 
 

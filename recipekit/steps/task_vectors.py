@@ -223,11 +223,10 @@ class PrunedMerge(TaskVectorRows):
         return self.base.shape[0] if _ranks_vector(sparsify, self.base) else 1
 
     def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
-        import torch
 
         from recipekit.merge import METHODS, resolve_params
         from recipekit.ops.stream_prune import prune_rows
-        from recipekit.ops.task_arithmetic import combine_task_vectors
+        from recipekit.ops.task_arithmetic import combine_task_vectors, task_vectors
 
         spec = METHODS[self.method]
         fixed = dict(spec.fixed)
@@ -235,12 +234,10 @@ class PrunedMerge(TaskVectorRows):
         kw = resolve_params(spec, dict(self.params), m)
         rules = args[m + 1].cpu() if self.stats is not None else _no_rules(kw["densities"])
         b = args[m].to(torch_dtype(self.work))
-        # each τ_i is formed in its slot of the stack and pruned there (in place where the
-        # rule allows): no copy into the stack, no temporaries per task vector
-        deltas = torch.empty((m, *b.shape), dtype=b.dtype, device=b.device)
+        # each τ_i is pruned in its slot of the stack (in place where the rule allows)
+        deltas = task_vectors(args[:m + 1], b.dtype, b)
         for i in range(m):
             tau = deltas[i]
-            tau.copy_(args[i]).sub_(b)  # x.to(work) − b: the widening copy is exact
             pruned = prune_rows(tau, lo, rules[i], sparsify=fixed["sparsify"],
                                 density=kw["densities"][i],
                                 epsilon=kw.get("epsilon", (0.0,) * m)[i], key=self.keys[i])
