@@ -57,6 +57,15 @@ class TestRecipeMistakes:
                "'layers'?" in err
         assert "        layerz: [0, 1]\n        ^" in err
 
+    def test_misspelled_op_key(self, cli, recipe_dir):
+        """Without `op:` a step's keys are not checked, so `opp:` is named as the typo
+        (a missing `op` alone would not say where the mistake is)."""
+        r = write_recipe(recipe_dir, solar_recipe(layers="[0]").replace("op: layers",
+                                                                          "opp: layers"))
+        err = run_fails(cli, r, 2)
+        assert first_line(err) == (f"{r}:6:5: steps[0].opp: unknown key in step 'up' (op: ?); "
+                                   "did you mean 'op'? (`op:` is required here)")
+
     def test_misspelled_op(self, cli, recipe_dir):
         r = write_recipe(recipe_dir, solar_recipe(layers="[0]").replace("op: layers",
                                                                           "op: layres"))

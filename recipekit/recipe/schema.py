@@ -169,9 +169,24 @@ def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list
     if v == "required":
         missing = re.findall(r"'([^']+)' is a required property", err.message)
         key = missing[0] if missing else "?"
+        # without `op:` a step's other keys are not checked (they depend on the op), so a
+        # misspelled `op` would otherwise read as missing; other typos get their own error
+        typo = _misspelled(key, err.instance) if key == "op" else None
+        if typo is not None:
+            return [doc.error(path + (typo,), f"unknown key {_describe_at(doc, path)}",
+                              hint=f"did you mean '{key}'? (`{key}:` is required here)",
+                              key=True)]
         return [doc.error(path, f"missing required key `{key}` {_describe_at(doc, path)}",
                           key=True)]
     return [_value_error(doc, path, err)]
+
+
+def _misspelled(key: str, instance: Any) -> str | None:
+    """The key of ``instance`` that looks like a misspelling of the missing ``key``."""
+    if not isinstance(instance, dict):
+        return None
+    close = difflib.get_close_matches(key, [k for k in instance if isinstance(k, str)], n=1)
+    return close[0] if close else None
 
 
 def _unknown_keys(doc: Document, path: KeyPath, instance: dict[str, Any]) -> list[RecipeError]:
