@@ -225,9 +225,10 @@ def della_keep_probabilities(tau: torch.Tensor, *, density: float,
     row argsort costs ~35 ns per value on one CPU thread (two of them, ~70). Each entry's fp32
     magnitude key (`ops.select.magnitude_key`, ordered like |τ|) is packed with its column
     into one int64, unique per row, so sorting the values alone orders the row with the tie
-    rule built in, and numpy's vectorized sort does that in ~4 ns per value; the sorted low
-    halves are the columns by rank, and p is scattered to them. fp64 rows (no 32-bit key) take
-    a stable argsort with the same rule.
+    rule built in, and numpy's vectorized sort does that in 4-24 ns per value (by CPU); the
+    sorted low halves are the columns by rank, and p is scattered to them. fp64 rows (no 32-bit
+    key) take a stable argsort with the same rule. The streamed merges need only the mask a
+    draw gives, which `della_keep_mask` finds without sorting every row.
 
     Paper: Deep et al. 2024, "DELLA-Merging", https://arxiv.org/abs/2406.11617.
     Shapes: τ [n] or [R, L, ...]; returns p of τ's shape. Oracle: the formula on small rows,
@@ -248,6 +249,42 @@ def della_keep_probabilities(tau: torch.Tensor, *, density: float,
         >>> della_keep_probabilities(torch.tensor([0.3, -0.1, 0.2]), density=0.5, epsilon=0.1)
         tensor([0.6000, 0.4000, 0.5000])
     """
+    rows, flat, by_rank = _della_rows(tau, density, epsilon)
+    p = torch.empty_like(flat)
+    p.scatter_(1, _columns_by_rank(flat), by_rank.expand_as(flat))
+    return _from_rows(p, rows, tau.shape)
+
+
+def della_keep_mask(tau: torch.Tensor, draw: torch.Tensor, *, density: float, epsilon: float,
+                    scale: int) -> torch.Tensor:
+    """``draw < p·scale`` with p = `della_keep_probabilities` (in its dtype), as a bool mask of
+    τ's shape: the entries a DELLA draw keeps.
+
+    Why: the probabilities need every entry's rank, a sort of every row; the mask does not. On
+    the CPU in fp32, `ops.rank_keep.keep_by_rank` decides most entries from per-row bucket
+    counts of their magnitude and ranks exactly only those whose draw falls between the
+    thresholds of their bucket's first and last rank (the table p·scale is non-decreasing in
+    the rank). The mask is the one from the probabilities, entry for entry (oracle:
+    tests/ops/test_sparsify.py::TestDellaKeepMask). ``draw``: τ's shape, integers exact in
+    p's dtype (`ops.rng.counter_draw`).
+    """
+    rows, flat, by_rank = _della_rows(tau, density, epsilon)
+    table = by_rank * scale
+    if flat.device.type != "cpu" or flat.dtype != torch.float32:
+        p = torch.empty_like(flat)
+        p.scatter_(1, _columns_by_rank(flat), table.expand_as(flat))
+        return _from_rows(draw.reshape(rows.shape).movedim(1, -1).reshape(flat.shape)
+                          .to(p.dtype) < p, rows, tau.shape)
+    from recipekit.ops.rank_keep import keep_by_rank
+
+    d = draw.reshape(rows.shape).movedim(1, -1).reshape(flat.shape).to(flat.dtype)
+    return _from_rows(keep_by_rank(magnitude_key(flat), d, table), rows, tau.shape)
+
+
+def _della_rows(tau: torch.Tensor, density: float, epsilon: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(τ in the compute dtype with at least 2 dims, its rank groups as rows [G, L] with the
+    ranked dim last, DELLA's probability by rank [L])."""
     x = _work(tau)
     rows = x.reshape(1, -1) if x.dim() < 2 else x
     length = rows.shape[1]
@@ -258,9 +295,12 @@ def della_keep_probabilities(tau: torch.Tensor, *, density: float,
     flat = rows.movedim(1, -1).reshape(-1, length)  # one row per rank group, ranked along -1
     by_rank = (density - epsilon) + (torch.arange(length, device=x.device).to(x.dtype)
                                      / (length - 1)) * 2 * epsilon
-    p = torch.empty_like(flat)
-    p.scatter_(1, _columns_by_rank(flat), by_rank.expand_as(flat))
-    return p.reshape(rows.movedim(1, -1).shape).movedim(-1, 1).reshape(x.shape)
+    return rows, flat, by_rank
+
+
+def _from_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Values laid out as `_della_rows`'s rank groups, back in τ's ``shape``."""
+    return values.reshape(rows.movedim(1, -1).shape).movedim(-1, 1).reshape(shape)
 
 
 def _columns_by_rank(rows: torch.Tensor) -> torch.Tensor:
