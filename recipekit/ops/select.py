@@ -105,6 +105,16 @@ Keys = Callable[[int, int, tuple[torch.Tensor, ...]], Sequence[torch.Tensor]]
 Map = Callable[..., Iterator[object]]
 
 
+def select_passes(n: int) -> int:
+    """The most whole passes `select_cuts` makes over ``n`` entries (a plan's bytes read):
+    a histogram and the k-th key's bucket, and a tie pass where that bucket may hold more than
+    `COLLECT_MAX` keys; a sampled tensor's window pass comes first (the sample itself, an
+    eighth of the pieces, is not counted). The usual count is one pass after the sample."""
+    if n <= COLLECT_MAX:
+        return 2
+    return 3 if n < SAMPLE_MIN else 4
+
+
 def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]], n: int,
                 rows: int, *, k_of_nonzero: Callable[[int], int] | None = None) -> list[Cut]:
     """The `Cut` of each query ``(stream, k)``: the k largest keys of stream ``stream``.
@@ -171,25 +181,73 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
         sample = fold(map_pieces(lambda lo, hi, p: histograms(keys(lo, hi, p)),
                                  every=SAMPLE_EVERY), {})
         windows = _windows(sample, queries, open_, streams, n, k_of_nonzero)
+    # each open query's histogram of high bits (its stream's, or its window's: see below)
+    hist: dict[int, torch.Tensor] = {}
+    zeros = [0 for _ in streams]
+    if windows and all(q in windows for q in open_):
+        # the first pass collects each window's keys and counts the keys above it (and the
+        # zeros) instead of a whole histogram (~0.3 instead of ~1 ns a key); a histogram of
+        # the window, with the keys above put in the bucket past it, places a k-th key that
+        # falls inside the window exactly as the whole one would
+        order = sorted(windows)
 
-    def high(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        ks = keys(lo, hi, pieces)
-        out = histograms(ks)
-        for q, w in windows.items():
-            out += bucket_entries(ks[queries[q][0]], lo, w.first, w.last)
-        return out
+        def around(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+            ks = keys(lo, hi, pieces)
+            out = [(ks[s] == 0).sum().reshape(1) for s in streams] \
+                if k_of_nonzero is not None else []
+            for q in order:
+                key, w = ks[queries[q][0]], windows[q]
+                out.append(count_from(key, (w.last + 1) << 16))
+                out += bucket_entries(key, lo, w.first, w.last)
+            return out
 
-    hist, zeros = fold(map_pieces(high), windows)
-    if k_of_nonzero is not None:
-        queries = [(s, k_of_nonzero(n - zeros[streams.index(s)])) for s, _ in queries]
-        open_ = settle(open_)
-        if not open_:
-            return [cuts[q] for q in range(len(queries))]
+        above = dict.fromkeys(order, 0)
+        for part in map_pieces(around):
+            it = iter(part)  # type: ignore[call-overload]
+            if k_of_nonzero is not None:
+                for i in range(len(streams)):
+                    zeros[i] += int(next(it))
+            for q in order:
+                above[q] += int(next(it))
+                windows[q].add(next(it), next(it))
+        if k_of_nonzero is not None:
+            queries = [(s, k_of_nonzero(n - zeros[streams.index(s)])) for s, _ in queries]
+            open_ = settle(open_)
+            if not open_:
+                return [cuts[q] for q in range(len(queries))]
+        for q in open_:
+            w = windows[q]
+            if w.keys is not None and above[q] < queries[q][1] <= above[q] + w.filled:
+                h = torch.bincount((w.keys[:w.filled] >> 16).long(), minlength=HIGH_BINS)
+                if w.last + 1 < HIGH_BINS:
+                    h[w.last + 1] += above[q]
+                hist[q] = h
+        missed = [q for q in open_ if q not in hist]
+        for q in missed:
+            del windows[q]  # a window the k-th key missed: a whole histogram pass instead
+        if missed:
+            whole, _ = fold(map_pieces(lambda lo, hi, p: histograms(keys(lo, hi, p))), {})
+            hist.update({q: whole[streams.index(queries[q][0])] for q in missed})
+    else:
+        def high(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+            ks = keys(lo, hi, pieces)
+            out = histograms(ks)
+            for q, w in windows.items():
+                out += bucket_entries(ks[queries[q][0]], lo, w.first, w.last)
+            return out
+
+        per_stream, zeros = fold(map_pieces(high), windows)
+        if k_of_nonzero is not None:
+            queries = [(s, k_of_nonzero(n - zeros[streams.index(s)])) for s, _ in queries]
+            open_ = settle(open_)
+            if not open_:
+                return [cuts[q] for q in range(len(queries))]
+        hist = {q: per_stream[streams.index(queries[q][0])] for q in open_}
     # the bucket of each query's k-th key, and how many keys of that bucket it keeps
     buckets: dict[int, tuple[int, int]] = {}
     for q in open_:
         s, k = queries[q]
-        above = torch.flip(torch.cumsum(torch.flip(hist[streams.index(s)], [0]), 0), [0])
+        above = torch.flip(torch.cumsum(torch.flip(hist[q], [0]), 0), [0])
         b = int(torch.nonzero(above >= k)[-1])  # the highest bucket with ≥ k keys at or above
         within = k - (int(above[b + 1]) if b + 1 < HIGH_BINS else 0)
         buckets[q] = (b, within)
@@ -204,9 +262,9 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
             for f in found]
     left = [i for i, f in enumerate(found) if f is None]
     if left:
+        count = {(queries[q][0], buckets[q][0]): int(hist[q][buckets[q][0]]) for q in open_}
         _second_pass(map_pieces, keys, [wanted[i] for i in left],
-                     [int(hist[streams.index(wanted[i][0])][wanted[i][1]]) for i in left],
-                     fine, found, left)
+                     [count[wanted[i]] for i in left], fine, found, left)
     ties: dict[int, tuple[int, int]] = {}  # query -> (key value, equal keys to keep)
     for q in open_:
         s, _ = queries[q]
@@ -232,6 +290,18 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
     if ties:
         cuts.update(_place_ties(map_pieces, keys, queries, ties))
     return [cuts[q] for q in range(len(queries))]
+
+
+def count_from(key: torch.Tensor, value: int) -> torch.Tensor:
+    """How many keys are ≥ ``value`` (a one-element int64 tensor; through numpy on the CPU,
+    whose compare and count cost ~0.15 ns a key against torch's ~0.6)."""
+    if key.device.type == "cpu":
+        import numpy as np
+
+        if value > np.iinfo(np.int32).max:
+            return torch.zeros(1, dtype=torch.int64)
+        return torch.tensor([np.count_nonzero(key.numpy() >= np.int32(value))])
+    return (key >= value).sum().reshape(1)
 
 
 def bucket_entries(key: torch.Tensor, lo: int, first: int, last: int

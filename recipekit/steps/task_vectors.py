@@ -31,16 +31,14 @@ def needs_stats(sparsify: str, rescale: bool) -> bool:
 
 
 def stat_passes(sparsify: str, rescale: bool, n: int | None = None) -> int:
-    """Passes `ops.stream_prune.prune_rules` makes over ``n`` entries, for the plan's bytes
-    read: two histogram passes for a cut and a tie pass when a bucket can hold more keys than
-    the second pass collects (`ops.select.COLLECT_MAX`), one for the L1 norms of a rescale.
-    A large tensor's cut usually takes one pass after a sample of an eighth of the pieces
-    (`ops.select.select_cuts`); this counts the passes it makes when the sample misses."""
-    from recipekit.graph.passes import COLLECT_MAX
+    """Passes `ops.stream_prune.prune_rules` makes over ``n`` entries at most, for the plan's
+    bytes read: a cut's (`ops.select.select_passes`; a large tensor's usually one after its
+    sample), and one for the L1 norms of a rescale."""
+    from recipekit.ops.select import SAMPLE_MIN, select_passes
 
     cut = 0
     if sparsify in ("magnitude", "magnitude_outliers"):
-        cut = 2 if n is not None and n <= COLLECT_MAX else 3
+        cut = select_passes(n if n is not None else SAMPLE_MIN)
     return cut + (1 if rescale else 0)
 
 
@@ -290,7 +288,11 @@ class SceStats(Reduction):
     keep: bool = False
     keep_bits: bool = False
 
-    passes: ClassVar[int] = 4
+    @property
+    def passes(self) -> int:  # type: ignore[override]
+        from recipekit.ops.select import select_passes
+
+        return select_passes(self.base.numel) + 1  # the cut's, then the energies'
 
     @property
     def inputs(self) -> tuple[Node, ...]:

@@ -35,8 +35,8 @@ def stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def streamed_masks(xs: list[torch.Tensor], queries: list[tuple[int, int]],
-                   bounds: list[tuple[int, int]], passes: list[int] | None = None
-                   ) -> list[torch.Tensor]:
+                   bounds: list[tuple[int, int]], passes: list[int] | None = None,
+                   k_of_nonzero=None) -> list[torch.Tensor]:
     """Each query's kept set found by `select_cuts` over the pieces ``bounds`` of the streams
     ``xs`` (same rows), then `keep_mask` applied piece by piece. ``passes`` counts the passes."""
     rows_of = [x.reshape(1) if x.dim() == 0 else x for x in xs]
@@ -49,7 +49,7 @@ def streamed_masks(xs: list[torch.Tensor], queries: list[tuple[int, int]],
 
     n = xs[0].numel()
     cuts = select_cuts(counting_map, lambda lo, hi, p: [magnitude_key(t) for t in p], queries,
-                       n, source.rows)
+                       n, source.rows, k_of_nonzero=k_of_nonzero)
     out = []
     for (s, _), cut in zip(queries, cuts, strict=True):
         parts = [keep_mask(magnitude_key(rows_of[s][lo:hi]), lo, cut) for lo, hi in bounds]
@@ -248,7 +248,25 @@ class TestSampledWindow:
         passes: list[int] = []
         (mask,) = streamed_masks([x], [(0, 1000)], split(64, [4]), passes)
         assert torch.equal(mask, stable_topk(x, 1000))
-        assert passes == [2, 1, 1]
+        assert passes == [2, 1, 1, 1]  # the window pass, a whole histogram, the bucket
+
+    def test_k_of_the_nonzero_count_from_the_window_pass(self):
+        """SCE's k = f(nonzero keys), counted by the window pass instead of a histogram: a
+        third of the entries zero, the k-th key inside the window (every piece alike, so the
+        sample places it: one pass after the sample) and, with a sample unlike the rest,
+        outside it."""
+        block = torch.round(randn(4, 40, seed=25) * 64) / 64
+        block[:, ::3] = 0
+        x = block.repeat(16, 1)
+        for scale_rows in (False, True):
+            y = x.clone()
+            if scale_rows:
+                y[torch.arange(64) % 8 >= 4] *= 1000
+            passes: list[int] = []
+            (mask,) = streamed_masks([y], [(0, 0)], split(64, [4]), passes,
+                                     k_of_nonzero=lambda nonzero: nonzero // 2)
+            assert torch.equal(mask, stable_topk(y, int((y != 0).sum()) // 2))
+            assert passes == ([2, 1, 1, 1] if scale_rows else [2, 1])
 
     def test_a_window_that_overflows_falls_back(self, monkeypatch):
         monkeypatch.setattr(select, "WINDOW_MAX", 2 * 40 * 64)

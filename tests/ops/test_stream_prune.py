@@ -291,4 +291,4 @@ def test_needs_stats():
     assert needs_stats("magnitude", False) and needs_stats("magnitude_outliers", False)
     assert needs_stats("random", True) and needs_stats("della_magprune", True)
     assert not needs_stats("random", False) and not needs_stats("della_magprune", False)
-    assert stat_passes("random", True) == 1 and stat_passes("magnitude", True) == 4
+    assert stat_passes("random", True) == 1 and stat_passes("magnitude", True) == 5
