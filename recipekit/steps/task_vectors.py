@@ -250,7 +250,7 @@ class PrunedMerge(TaskVectorRows):
 
 def _ranks_vector(sparsify: str | None, base: Node) -> bool:
     """DELLA on a vector: it ranks the whole 1-D tensor as one row (`ops.sparsify.
-    della_keep_probabilities`), so its pieces must be the whole vector (`row_block`)."""
+    della_keep_mask`), so its pieces must be the whole vector (`row_block`)."""
     return sparsify == "della_magprune" and len(base.shape) == 1
 
 
