@@ -6,8 +6,8 @@ is found exactly by counting: the magnitude's fp32 bit pattern is an integer tha
 the magnitude (`magnitude_key`), so a histogram of its high 16 bits (pass 1) finds the bucket
 holding the k-th key, and a histogram of the low 16 bits inside that bucket (pass 2) the key
 itself. Memory is a few histograms; time is linear in the elements. A large tensor saves most
-of pass 2: a sample of its pieces places each k-th key within a few buckets first, and pass 1
-collects the keys of those buckets as it counts (`select_cuts`).
+of both passes: a sample of its pieces places each k-th key within a few buckets first, and one
+pass collects the keys of those buckets and counts the keys above them (`select_cuts`).
 
 **Tie rule.** Keys are ranked by value, then by flat (row-major) index, lower first: when the
 k-th key equals others, the equal entries with the lowest indices are kept, exactly k in all.
@@ -126,12 +126,13 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
     pass (SCE's k = ⌊nnz(var)·f⌋). k ≤ 0 keeps nothing, k ≥ n everything.
 
     Passes: a tensor of `SAMPLE_MIN` entries or more first histograms every `SAMPLE_EVERY`-th
-    piece, which places each k-th key within a few buckets (`_windows`); the histogram pass
-    then also collects the keys of those buckets, so the k-th key's bucket is usually known
-    whole after one pass (about 1.1 passes in all). Otherwise, or when the bucket falls outside
-    its window, a second pass reads the bucket's keys, and a per-row count pass places a tie
-    only when that bucket holds more keys than `COLLECT_MAX`. The result never depends on the
-    sample: it only decides which keys are at hand after the first pass.
+    piece, which places each k-th key within a few buckets (`_windows`); the next pass only
+    counts the keys above each window and collects the window's keys, so the k-th key is
+    usually known after one pass (about 1.1 passes in all). Otherwise a histogram pass (after
+    the window pass, when the k-th key fell outside its window), a second pass that reads the
+    bucket's keys, and a per-row count pass that places a tie only when that bucket holds more
+    keys than `COLLECT_MAX` (`select_passes`). The result never depends on the sample: it only
+    decides which keys are at hand after the first pass.
     """
     cuts: dict[int, Cut] = {}
     queries = list(queries)
@@ -193,7 +194,7 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
 
         def around(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
             ks = keys(lo, hi, pieces)
-            out = [(ks[s] == 0).sum().reshape(1) for s in streams] \
+            out = [ks[s].numel() - count_from(ks[s], 1) for s in streams] \
                 if k_of_nonzero is not None else []
             for q in order:
                 key, w = ks[queries[q][0]], windows[q]

@@ -265,7 +265,7 @@ def della_keep_mask(tau: torch.Tensor, draw: torch.Tensor, *, density: float, ep
     counts of their magnitude and ranks exactly only those whose draw falls between the
     thresholds of their bucket's first and last rank (the table p·scale is non-decreasing in
     the rank). The mask is the one from the probabilities, entry for entry (oracle:
-    tests/ops/test_sparsify.py::TestDellaKeepMask). ``draw``: τ's shape, integers exact in
+    tests/ops/test_rank_keep.py::TestDellaKeepMask). ``draw``: τ's shape, integers exact in
     p's dtype (`ops.rng.counter_draw`).
     """
     rows, flat, by_rank = _della_rows(tau, density, epsilon)
