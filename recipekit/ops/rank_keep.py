@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["MIN_ROW", "bucket_shift", "keep_by_rank"]
+__all__ = ["MIN_ROW", "bucket_shift", "columns_by_rank", "keep_by_rank"]
 
 #: the buckets span this many octaves below the piece's largest key; the smaller keys (zeros
 #: among them) share the lowest bucket
@@ -54,7 +54,7 @@ def keep_by_rank(key: torch.Tensor, draw: torch.Tensor, table: torch.Tensor) -> 
     shift = bucket_shift(length)
     buckets = OCTAVES << (23 - shift)  # fp32 keys: 23 mantissa bits
     if length < MIN_ROW or rows * buckets >= 1 << 31:
-        return torch.from_numpy(draw.numpy() < table.numpy()[_ranks_by_sort(key.numpy())])
+        return draw < table[_ranks(key)]
     bucket = key >> shift
     bucket -= int(bucket.max()) - (buckets - 1)
     bucket.clamp_(min=0)
@@ -94,8 +94,8 @@ def _settle(keep: np.ndarray, key: torch.Tensor, draw: np.ndarray, table: np.nda
     keys = key.numpy()
     if col_bits + bin_bits + 31 > PACK_BITS:  # cannot pack: rank these rows whole
         rows = np.unique(at // length)
-        keep.reshape(-1, length)[rows] = draw.reshape(-1, length)[rows] < \
-            table[_ranks_by_sort(keys.reshape(-1, length)[rows])]
+        ranks = _ranks(torch.from_numpy(keys.reshape(-1, length)[rows])).numpy()
+        keep.reshape(-1, length)[rows] = draw.reshape(-1, length)[rows] < table[ranks]
         return
     ordinal = np.searchsorted(bins, groups[at])  # the bin's place among the involved
     packed = ordinal.astype(np.int64) << (31 + col_bits)
@@ -110,15 +110,21 @@ def _settle(keep: np.ndarray, key: torch.Tensor, draw: np.ndarray, table: np.nda
     keep[where] = draw[where] < table[rank]
 
 
-def _ranks_by_sort(key: np.ndarray) -> np.ndarray:
-    """Each entry's ascending rank in its row (ties by column), from one sort of packed
-    (key, column) values per row."""
-    rows, length = key.shape
-    col_bits = max(1, (length - 1).bit_length())
-    packed = key.astype(np.int64) << col_bits
-    packed |= np.arange(length, dtype=np.int64)
-    packed.sort(axis=1)
-    ranks = np.empty((rows, length), dtype=np.int64)
-    np.put_along_axis(ranks, packed & ((1 << col_bits) - 1),
-                      np.broadcast_to(np.arange(length, dtype=np.int64), (rows, length)), axis=1)
-    return ranks
+def columns_by_rank(key: torch.Tensor) -> torch.Tensor:
+    """Each row's columns in ascending order of its int32 keys [G, L], equal keys by column,
+    lower first: one sort of (key, column) packed into int64 values, unique per row, so the
+    tie rule is built in (numpy's vectorized sort in place on the CPU)."""
+    packed = key.to(torch.int64).bitwise_left_shift_(32).bitwise_or_(
+        torch.arange(key.shape[1], device=key.device))
+    if packed.device.type == "cpu":
+        np.ndarray.sort(packed.numpy(), axis=1)  # in place: packed is this call's own
+    else:
+        packed = torch.sort(packed, dim=1).values
+    return packed.bitwise_and_(0xFFFFFFFF)
+
+
+def _ranks(key: torch.Tensor) -> torch.Tensor:
+    """Each entry's ascending rank in its row (`columns_by_rank`'s order)."""
+    columns = columns_by_rank(key)
+    ranks = torch.empty_like(columns)
+    return ranks.scatter_(1, columns, torch.arange(key.shape[1]).expand_as(columns))

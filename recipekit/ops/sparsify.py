@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from recipekit.ops.precision import compute_dtype
+from recipekit.ops.rank_keep import columns_by_rank, keep_by_rank
 from recipekit.ops.select import magnitude_key, top_k_mask
 
 __all__ = [
@@ -275,8 +276,6 @@ def della_keep_mask(tau: torch.Tensor, draw: torch.Tensor, *, density: float, ep
         p.scatter_(1, _columns_by_rank(flat), table.expand_as(flat))
         return _from_rows(draw.reshape(rows.shape).movedim(1, -1).reshape(flat.shape)
                           .to(p.dtype) < p, rows, tau.shape)
-    from recipekit.ops.rank_keep import keep_by_rank
-
     d = draw.reshape(rows.shape).movedim(1, -1).reshape(flat.shape).to(flat.dtype)
     return _from_rows(keep_by_rank(magnitude_key(flat), d, table), rows, tau.shape)
 
@@ -305,17 +304,9 @@ def _from_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> t
 
 def _columns_by_rank(rows: torch.Tensor) -> torch.Tensor:
     """Each row's column indices in ascending order of |value| (equal: lower index first)."""
-    columns = torch.arange(rows.shape[1], device=rows.device)
     if rows.dtype != torch.float32:  # fp64: no 32-bit key to pack
         return torch.argsort(rows.abs(), dim=1, stable=True)
-    packed = magnitude_key(rows).to(torch.int64).bitwise_left_shift_(32).bitwise_or_(columns)
-    if packed.device.type == "cpu":
-        import numpy as np
-
-        np.ndarray.sort(packed.numpy(), axis=1)  # in place: packed is this call's own
-    else:
-        packed = torch.sort(packed, dim=1).values
-    return packed.bitwise_and_(0xFFFFFFFF)
+    return columns_by_rank(magnitude_key(rows))
 
 
 def della_prune(tau: torch.Tensor, *, density: float, epsilon: float = 0.15,
