@@ -185,7 +185,8 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
     # each open query's histogram of high bits (its stream's, or its window's: see below)
     hist: dict[int, torch.Tensor] = {}
     zeros = [0 for _ in streams]
-    if windows and all(q in windows for q in open_):
+    in_windows = bool(windows) and all(q in windows for q in open_)
+    if in_windows:
         # the first pass collects each window's keys and counts the keys above it (and the
         # zeros) instead of a whole histogram (~0.3 instead of ~1 ns a key); a histogram of
         # the window, with the keys above put in the bucket past it, places a k-th key that
@@ -211,24 +212,6 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
             for q in order:
                 above[q] += int(next(it))
                 windows[q].add(next(it), next(it))
-        if k_of_nonzero is not None:
-            queries = [(s, k_of_nonzero(n - zeros[streams.index(s)])) for s, _ in queries]
-            open_ = settle(open_)
-            if not open_:
-                return [cuts[q] for q in range(len(queries))]
-        for q in open_:
-            w = windows[q]
-            if w.keys is not None and above[q] < queries[q][1] <= above[q] + w.filled:
-                h = torch.bincount((w.keys[:w.filled] >> 16).long(), minlength=HIGH_BINS)
-                if w.last + 1 < HIGH_BINS:
-                    h[w.last + 1] += above[q]
-                hist[q] = h
-        missed = [q for q in open_ if q not in hist]
-        for q in missed:
-            del windows[q]  # a window the k-th key missed: a whole histogram pass instead
-        if missed:
-            whole, _ = fold(map_pieces(lambda lo, hi, p: histograms(keys(lo, hi, p))), {})
-            hist.update({q: whole[streams.index(queries[q][0])] for q in missed})
     else:
         def high(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
             ks = keys(lo, hi, pieces)
@@ -238,12 +221,27 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
             return out
 
         per_stream, zeros = fold(map_pieces(high), windows)
-        if k_of_nonzero is not None:
-            queries = [(s, k_of_nonzero(n - zeros[streams.index(s)])) for s, _ in queries]
-            open_ = settle(open_)
-            if not open_:
-                return [cuts[q] for q in range(len(queries))]
-        hist = {q: per_stream[streams.index(queries[q][0])] for q in open_}
+    if k_of_nonzero is not None:
+        queries = [(s, k_of_nonzero(n - zeros[streams.index(s)])) for s, _ in queries]
+        open_ = settle(open_)
+        if not open_:
+            return [cuts[q] for q in range(len(queries))]
+    for q in open_:
+        if not in_windows:
+            hist[q] = per_stream[streams.index(queries[q][0])]
+            continue
+        w = windows[q]
+        if w.keys is not None and above[q] < queries[q][1] <= above[q] + w.filled:
+            h = torch.bincount((w.keys[:w.filled] >> 16).long(), minlength=HIGH_BINS)
+            if w.last + 1 < HIGH_BINS:
+                h[w.last + 1] += above[q]
+            hist[q] = h
+    missed = [q for q in open_ if q not in hist]
+    for q in missed:
+        del windows[q]  # a window the k-th key missed: a whole histogram pass instead
+    if missed:
+        whole, _ = fold(map_pieces(lambda lo, hi, p: histograms(keys(lo, hi, p))), {})
+        hist.update({q: whole[streams.index(queries[q][0])] for q in missed})
     # the bucket of each query's k-th key, and how many keys of that bucket it keeps
     buckets: dict[int, tuple[int, int]] = {}
     for q in open_:

@@ -270,12 +270,10 @@ def della_keep_mask(tau: torch.Tensor, draw: torch.Tensor, *, density: float, ep
     p's dtype (`ops.rng.counter_draw`).
     """
     rows, flat, by_rank = _della_rows(tau, density, epsilon)
-    table = by_rank * scale
     if flat.device.type != "cpu" or flat.dtype != torch.float32:
-        p = torch.empty_like(flat)
-        p.scatter_(1, _columns_by_rank(flat), table.expand_as(flat))
-        return _from_rows(draw.reshape(rows.shape).movedim(1, -1).reshape(flat.shape)
-                          .to(p.dtype) < p, rows, tau.shape)
+        p = della_keep_probabilities(tau, density=density, epsilon=epsilon)
+        return draw.reshape(p.shape).to(p.dtype) < p * scale
+    table = by_rank * scale
     d = draw.reshape(rows.shape).movedim(1, -1).reshape(flat.shape).to(flat.dtype)
     return _from_rows(keep_by_rank(magnitude_key(flat), d, table), rows, tau.shape)
 

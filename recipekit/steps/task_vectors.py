@@ -221,7 +221,6 @@ class PrunedMerge(TaskVectorRows):
         return self.base.shape[0] if _ranks_vector(sparsify, self.base) else 1
 
     def compute_rows(self, args: tuple[Any, ...], lo: int, hi: int) -> Any:
-
         from recipekit.merge import METHODS, resolve_params
         from recipekit.ops.stream_prune import prune_rows
         from recipekit.ops.task_arithmetic import combine_task_vectors, task_vectors
