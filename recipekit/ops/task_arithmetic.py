@@ -268,8 +268,8 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
         mask = sce_topk_mask(deltas, fraction=select_topk, piece_elems=COMBINE_ELEMS)
         for rows in pieces:
             deltas[:, rows].mul_(mask[rows])
-    omega = _sce_weights(deltas)
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    omega = _sce_weights(deltas, scratch=out)
     for rows in pieces:
         out[rows] = sce_combine(base[rows].to(dtype), deltas[:, rows], omega, int8_mask)
     return out
@@ -293,10 +293,16 @@ def task_vectors(pieces: Sequence[torch.Tensor], dtype: torch.dtype,
     return out
 
 
-def _sce_weights(deltas: torch.Tensor) -> torch.Tensor:
+def _sce_weights(deltas: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """ω_i = c_i / Σc with c_i = mean(τ_i²) over the whole (selected) task vector, one fp32
-    mean as mergekit's (1/M where Σc < 1e-6)."""
-    energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
+    mean as mergekit's (1/M where Σc < 1e-6). With ``scratch`` (one task vector's shape and
+    dtype) each τ_i² goes there in turn: the same bits as squaring the stack at once, without
+    a whole [M, ...] temporary (mapped afresh, its pages faulted in: 8 bytes a value of two
+    task vectors)."""
+    if scratch is None:
+        energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
+    else:
+        energy = torch.stack([torch.square(d, out=scratch).reshape(-1).mean() for d in deltas])
     total = energy.sum().item()
     return torch.full_like(energy, 1.0 / len(energy)) if abs(total) < 1e-6 else energy / total
 

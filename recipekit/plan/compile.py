@@ -26,10 +26,9 @@ from recipekit.io.names import ADAPTER_WEIGHTS, is_absolute_local
 from recipekit.plan.cost import (
     COPY_BUFFERS,
     COPY_CHUNK,
-    KEPT_HEAP,
-    chunkable,
     computing_bytes,
     held_nodes,
+    kept_heap,
     kept_read_bytes,
     piece_workers,
     reads_whole_tensor,
@@ -100,7 +99,7 @@ class Plan:
         """Working set above an idle process: the copy buffers if any tensor is copied as is,
         the reduction values the executor keeps for later tensors (`retained_bytes`), the
         buffers the reader keeps for whole reads (`io.reader.KEEP_BYTES`), the free heap kept
-        between tensors computed in pieces (`KEPT_HEAP`), plus the largest computed tensor's
+        between tensors computed in pieces (`kept_heap`), plus the largest computed tensor's
         working set with the next tensor's whole inputs read ahead (`computing_bytes`, with
         this machine's default `piece_workers`)."""
         copied = [t.nbytes for s in self.shards for t in s.tensors if isinstance(t.node, Load)]
@@ -108,7 +107,7 @@ class Plan:
         workers = piece_workers()
         computed = [t.node for s in self.shards for t in s.tensors if not isinstance(t.node, Load)]
         kept = retained_bytes(shared_values(computed))
-        heap = KEPT_HEAP if any(chunkable(n) for n in computed) else 0
+        heap = kept_heap(computed, workers)
         return (buffers + kept + heap + kept_read_bytes(computed)
                 + max((computing_bytes([t.node for t in s.tensors], workers)
                        for s in self.shards), default=0))

@@ -37,6 +37,7 @@ from recipekit.plan.cost import (
     COPY_CHUNK,
     KEPT_HEAP,
     chunkable,
+    kept_heap,
     piece_workers,
     prefetch_loads,
     row_sliced,
@@ -128,9 +129,11 @@ def open_runtime(shards: list[Shard], dev: Any, *, workers: int | None, check_fi
         pool = (stack.enter_context(ThreadPoolExecutor(n, thread_name_prefix="recipekit-piece"))
                 if n > 1 and dev is not None and dev.type == "cpu" else None)
         keep = shared_values(t.node for s in shards for t in s.tensors)
+        computed = [t.node for s in shards for t in s.tensors if not isinstance(t.node, Load)]
         yield Runtime(reader, dev, BufferPool(COPY_BUFFERS, max(1, min(COPY_CHUNK, largest))),
                       prefetch, FiniteCheck() if check_finite else None, pool,
-                      n if pool else 1, events or RunEvents(), keep=keep)
+                      n if pool else 1, events or RunEvents(), keep=keep,
+                      kept_heap=kept_heap(computed, n))
 
 
 @dataclass
@@ -153,6 +156,8 @@ class Runtime:
         default_factory=collections.OrderedDict)
     #: the reduction and sweep values several output tensors read (`plan.cost.shared_values`)
     keep: frozenset[Node] = frozenset()
+    #: the free heap kept from one chunked tensor to the next (`plan.cost.kept_heap`)
+    kept_heap: int = KEPT_HEAP
 
     #: the next output tensor's whole inputs, being read on the read-ahead thread
     #: (`read_ahead`); `_value` takes them from here
@@ -250,7 +255,7 @@ def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Run
                         batch.flush()
                         writer.write(_tensor_bytes(piece), done=lambda p=piece: None)
                     del piece
-                _release_heap()
+                _release_heap(rt.kept_heap)
             else:
                 tensor = evaluate(node, plan, rt).contiguous()
                 if finite is not None:
@@ -564,8 +569,10 @@ def _piece(n: Node, lo: int, hi: int, memo: dict[Node, Any], whole: dict[Node, A
 #: memory at the heap's top above which free() gives it back
 _M_MMAP_THRESHOLD = -3
 _M_TRIM_THRESHOLD = -1
-#: the heap's top keeps up to this much free memory while a tensor is computed
-_TRIM_THRESHOLD = 64 << 20
+#: the heap's top keeps up to this much free memory while a tensor is computed: in effect
+#: all of it, until `_release_heap` after the tensor (the peak is the same; what is freed in
+#: between is taken again by the next pieces instead of being faulted in afresh)
+_TRIM_THRESHOLD = 1024 << 20
 
 
 def _fixed_mmap_threshold(size: int = 4 << 20) -> None:
@@ -583,8 +590,11 @@ def _fixed_mmap_threshold(size: int = 4 << 20) -> None:
     Setting the threshold also fixes glibc's trim threshold at its default of 128 KiB, after
     which every free that left more than that at the heap's top gave it back, and the next
     piece's temporaries faulted it in again: 12-34 bytes of fresh pages a value in SCE's
-    passes, ~10% of its time. The top now keeps up to `_TRIM_THRESHOLD` (64 MiB); the heap is
-    still trimmed after each chunked tensor (`_release_heap`). No-op off glibc."""
+    passes, ~10% of its time. The top now keeps up to `_TRIM_THRESHOLD`; the heap is trimmed
+    after a chunked tensor instead (`_release_heap`). 64 MiB left SCE's kept variance keys
+    (46 MiB a TinyLlama MLP tensor) and the pieces beside them to be given back and faulted in
+    again: 1.0 against 0.3 million page faults a run, 9.1 against 7.7 s of system time. No-op
+    off glibc."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, size)
@@ -599,14 +609,14 @@ class _MallInfo2(ctypes.Structure):
         "fordblks", "keepcost")]
 
 
-def _release_heap() -> None:
+def _release_heap(keep: int = KEPT_HEAP) -> None:
     """Give the heap's free pages back once a chunked tensor is written, when more than
-    `plan.cost.KEPT_HEAP` of it is free (which `plan` counts). A piece's temporaries (below
-    the mapping threshold) come from the heap and stay resident after they are freed; past
-    that much, the next tensor's passes could add their own peak on top (measured 93-101 MiB
-    against 67-89 for a slerp of four 64 MiB tensors, when every tensor was followed by a
-    trim). Below it, the next tensor's pieces take the free memory first, but not always:
-    arcee_fusion over 8-16 MiB tensors peaked 20-30 MiB higher.
+    ``keep`` of it is free (`plan.cost.kept_heap`, which `plan` counts). A piece's
+    temporaries (below the mapping threshold) come from the heap and stay resident after they
+    are freed; past that much, the next tensor's passes could add their own peak on top
+    (measured 93-101 MiB against 67-89 for a slerp of four 64 MiB tensors, when every tensor
+    was followed by a trim). Below it, the next tensor's pieces take the free memory first,
+    but not always: arcee_fusion over 8-16 MiB tensors peaked 20-30 MiB higher.
 
     Why not trim after every tensor: `malloc_trim` drops every free page, and the next
     tensor's pieces fault them in again. TinyLlama-shaped merges left 10-15 MiB free after each
@@ -617,7 +627,7 @@ def _release_heap() -> None:
         libc = ctypes.CDLL("libc.so.6")
         with contextlib.suppress(AttributeError):
             libc.mallinfo2.restype = _MallInfo2
-            if libc.mallinfo2().fordblks <= KEPT_HEAP:
+            if libc.mallinfo2().fordblks <= keep:
                 return
         libc.malloc_trim(0)
 

@@ -75,3 +75,22 @@ def test_shared_values_are_the_ones_several_tensors_hold():
     rt.remember(pair, "kept")
     rt.remember(alone, "dropped")
     assert dict(rt.shared) == {pair: "kept"}
+
+
+def test_kept_heap_follows_the_largest_chunked_working_set(monkeypatch):
+    """The free heap the executor keeps between chunked tensors (and the plan charges once):
+    none without a chunked tensor, the largest chunked tensor's working set between
+    `KEPT_HEAP` and `KEPT_HEAP_MAX` otherwise; tensors computed whole do not count. Oracle:
+    the policy's definition over working sets set by hand."""
+    small = cast(load("m", "small", (4, 8), "F32"), "BF16")
+    light = cast(load("m", "light", (65536, 64), "F32"), "BF16")
+    assert not cost.chunkable(small) and cost.chunkable(light)
+    assert cost.kept_heap([small]) == 0
+    assert cost.working_set(light) < cost.KEPT_HEAP
+    assert cost.kept_heap([small, light]) == cost.KEPT_HEAP
+    mid, heavy = (cast(load("m", name, (65536, 64), "F32"), "BF16") for name in ("mid", "big"))
+    sizes = {small: 10 * cost.KEPT_HEAP_MAX, light: 1 << 20, mid: 3 * cost.KEPT_HEAP // 2,
+             heavy: 2 * cost.KEPT_HEAP_MAX}
+    monkeypatch.setattr(cost, "working_set", lambda node, workers=1: sizes[node])
+    assert cost.kept_heap([small, light, mid]) == 3 * cost.KEPT_HEAP // 2
+    assert cost.kept_heap([light, heavy, mid]) == cost.KEPT_HEAP_MAX
