@@ -99,9 +99,12 @@ class PruneStats(Reduction):
         """DARE's L1 pass takes pieces of 512Ki values: its work per piece is a dozen small ops
         (draw, compare, pack, two sums) whose fp32 temporaries stay under the allocator's
         mapping threshold at that size, and fewer calls took its TinyLlama merge from 10.1 to
-        9.5 s of user time. Magnitude keys and DELLA's ranks are 8-byte values, which would
-        cross the threshold there (0.7-1.2 million page faults a TinyLlama merge)."""
-        return 4 if self.sparsify == "random" else 1
+        9.5 s of user time. DELLA's takes 256Ki: its mask is some forty ops a piece
+        (`ops.rank_keep`, ~5 µs of call overhead each), and its per-bin counts and their
+        offsets are 8-byte values, 2 MiB there (TinyLlama DELLA: 18.7-18.9 → 17.4-17.5 s of
+        user time); at 512Ki its heap grew by 4 MiB a piece (1.4 million page faults a run).
+        Magnitude keys are 8-byte values in TIES's passes too."""
+        return {"random": 4, "della_magprune": 2}.get(self.sparsify, 1)
 
     @property
     def inputs(self) -> tuple[Node, ...]:
