@@ -169,7 +169,7 @@ class TestAgainstFormulas:
 
 class TestHowReductionsRead:
     """Oracle: the default run's bytes. Reading row pieces from the files (HOLD_BYTES = 0),
-    many small pieces (PASS_ELEMS = 128 values, DARE's L1 pass takes 4× that,
+    many small pieces (PASS_ELEMS = 128 values, DARE's and DELLA's L1 passes take 4× and 2×,
     `PruneStats.pass_scale`; output pieces of CHUNK_ELEMS = 256 values, up to 4× that,
     `PrunedMerge.piece_scale`) and 1 or 2 piece workers give the same shards."""
 
