@@ -10,12 +10,14 @@ counts of a coarse bucket of the key (the fp32 key's high bits: about L/32 bucke
 give every entry such an interval, a few ranks wide, at the cost of a histogram; only the
 entries whose draw falls between their bucket's two thresholds (about 2ε·(bucket size)/L of
 them, ~0.1% of a Gaussian-like row) need their exact rank, and only the buckets holding one
-of them are sorted. DELLA's mask then costs 9-12 ns a value instead of 19-25 (TinyLlama's row
-lengths 2048 and 5632, one thread). The result is the full sort's, entry for entry (oracle:
+of them are sorted. DELLA's mask then costs 8-10 ns a value instead of 19-25 (TinyLlama's row
+lengths 2048 and 5632, one thread, 128Ki-value pieces; half of it is now the histogram, the
+two threshold gathers and the exact ranks' membership gather, a third the ~40 calls). The result is the full sort's, entry for entry (oracle:
 tests/ops/test_rank_keep.py, against ranking by a stable sort, with ties, zeros, NaN and
 one-bucket rows).
 
-Pure tensor math on the CPU (torch, numpy for the rare exact ranks); no I/O.
+Pure tensor math on the CPU (numpy for the elementwise steps and the rare exact ranks, torch
+for the histogram and the gathers); no I/O.
 """
 
 from __future__ import annotations

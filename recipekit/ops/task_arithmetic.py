@@ -269,7 +269,7 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
         for rows in pieces:
             deltas[:, rows].mul_(mask[rows])
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
-    omega = _sce_weights(deltas, scratch=out)
+    omega = _sce_weights(deltas, scratch=out if torch.get_num_threads() == 1 else None)
     for rows in pieces:
         out[rows] = sce_combine(base[rows].to(dtype), deltas[:, rows], omega, int8_mask)
     return out
@@ -296,9 +296,10 @@ def task_vectors(pieces: Sequence[torch.Tensor], dtype: torch.dtype,
 def _sce_weights(deltas: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """ω_i = c_i / Σc with c_i = mean(τ_i²) over the whole (selected) task vector, one fp32
     mean as mergekit's (1/M where Σc < 1e-6). With ``scratch`` (one task vector's shape and
-    dtype) each τ_i² goes there in turn: the same bits as squaring the stack at once, without
-    a whole [M, ...] temporary (mapped afresh, its pages faulted in: 8 bytes a value of two
-    task vectors)."""
+    dtype) each τ_i² goes there in turn, without a whole [M, ...] temporary (mapped afresh, its
+    pages faulted in: 8 bytes a value of two task vectors): on one thread, as the executor
+    runs whole kernels, each row's mean is the stack's bit for bit; on several, torch splits
+    the stack's reduction otherwise, so callers pass no scratch there."""
     if scratch is None:
         energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
     else:

@@ -792,6 +792,23 @@ class TestSce:
         close(mg.sce(base, [a, a]), a)
         assert torch.equal(mg.sce(base, []), base)
 
+    @pytest.mark.parametrize("shape", [(2, 2048, 2048), (3, 256, 2048), (4, 1000, 3), (2, 5)])
+    def test_energies_squared_into_scratch_give_the_stacks_bits(self, shape):
+        """On one thread (the executor's, for whole kernels) the whole kernel squares one task
+        vector at a time into its output buffer; the weights are those of squaring the whole
+        stack (the mean's order is the same), and so is the merge."""
+        from recipekit.ops.task_arithmetic import _sce_weights
+
+        g = torch.Generator().manual_seed(len(shape))
+        deltas = torch.randn(shape, generator=g) * torch.rand(shape, generator=g) ** 3
+        scratch = torch.empty(shape[1:])
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(_sce_weights(deltas, scratch=scratch), _sce_weights(deltas))
+        finally:
+            torch.set_num_threads(threads)
+
     @pytest.mark.parametrize("int8_mask", [False, True])
     def test_combining_by_rows_gives_the_whole_tensors_bits(self, ft, monkeypatch, int8_mask):
         """The erase-and-combine runs by row pieces: pieces of one or a few rows (and a
