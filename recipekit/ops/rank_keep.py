@@ -12,9 +12,9 @@ entries whose draw falls between their bucket's two thresholds (about 2ε·(buck
 them, ~0.1% of a Gaussian-like row) need their exact rank, and only the buckets holding one
 of them are sorted. DELLA's mask then costs 8-10 ns a value instead of 19-25 (TinyLlama's row
 lengths 2048 and 5632, one thread, 128Ki-value pieces; half of it is now the histogram, the
-two threshold gathers and the exact ranks' membership gather, a third the ~40 calls). The result is the full sort's, entry for entry (oracle:
-tests/ops/test_rank_keep.py, against ranking by a stable sort, with ties, zeros, NaN and
-one-bucket rows).
+two threshold gathers and the exact ranks' membership gather, a third the ~40 calls). The
+result is the full sort's, entry for entry (oracle: tests/ops/test_rank_keep.py, against
+ranking by a stable sort, with ties, zeros, NaN and one-bucket rows).
 
 Pure tensor math on the CPU (numpy for the elementwise steps and the rare exact ranks, torch
 for the histogram and the gathers); no I/O.
