@@ -324,8 +324,9 @@ def kept_heap(nodes: Iterable[Node], workers: int = 1) -> int:
     Why not a fixed 32 MiB: a tensor leaves about what its passes used free (temporaries in
     the arenas of the threads that ran them, SCE's kept variance keys), and the next tensor
     faults in again whatever was given back. A TinyLlama SCE of three left 100-138 MiB free
-    after each MLP tensor; trimming it cost 2.8 million page faults a run (11 GB, 12 s of
-    system time), keeping it 0.85 million (7 s), and the run took 32 instead of 40-42 s. The
+    after each MLP tensor; trimming it cost 2.6-2.8 million page faults a run (11 GB, 11-13 s
+    of system time), keeping it (with `run.execute._TRIM_THRESHOLD`) 0.3 million (7-8 s), and
+    the run took 30-34 instead of 40-42 s. The
     free heap after a tensor does not exceed what that tensor used, so a plan whose tensors
     are light keeps no more than before."""
     chunked = [working_set(n, workers) for n in nodes if chunkable(n)]
