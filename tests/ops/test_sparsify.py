@@ -374,6 +374,19 @@ class TestSignConsensus:
         expected = torch.sign(deltas.double()) == s
         assert torch.equal(sp.sign_consensus_mask(deltas), expected)
 
+    @pytest.mark.parametrize("m", [1, 2, 3])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_numpy_path_on_special_values(self, m, dtype):
+        """The CPU mask (numpy compares against the sum's sign) is the formula's with torch's
+        sign and election: ±0 never agree, NaN never agrees and a NaN or inf − inf sum elects
+        −1, ±inf and subnormals keep their signs; a transposed (strided) stack too."""
+        special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e38,
+                                -1e38, 1e-45, -1e-45, -3.5, 0.25, 7.0], dtype=dtype)
+        pick = torch.randint(len(special), (m, 40, 300), generator=torch.Generator().manual_seed(m))
+        for deltas in (special[pick], special[pick].transpose(1, 2)):
+            expected = torch.sign(deltas) == sp.elect_sign(deltas)
+            assert torch.equal(sp.sign_consensus_mask(deltas), expected)
+
     def test_unknown_method(self):
         with pytest.raises(ValueError, match="unknown sign consensus"):
             sp.elect_sign(randn(2, 2), method="vote")
