@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from recipekit.merge import METHODS
@@ -323,7 +324,14 @@ def sce_combine(b: torch.Tensor, deltas: torch.Tensor, omega: torch.Tensor,
     the heap where whole-tensor ones fault in fresh pages on every op (~2.5 ns a value an op
     on a 2048×2048 tensor)."""
     agree = sign_consensus_mask(deltas, method="sum", int8=int8_mask)
-    weights = omega.reshape((len(omega),) + (1,) * b.dim()) * agree
+    omega = omega.reshape((len(omega),) + (1,) * b.dim())
+    if (agree.device.type == omega.device.type == "cpu" and not omega.requires_grad
+            and omega.dtype in (torch.float32, torch.float64)):
+        # ω_i·e_i in numpy: the bool widened to 1 or 0 and one product, as torch's, at ~0.3
+        # instead of ~1.3 ns a value (torch's bool-by-float product is a slow promotion)
+        weights = torch.from_numpy(np.multiply(agree.numpy(), omega.numpy()))
+    else:
+        weights = omega * agree
     return b + (deltas * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
 
 

@@ -792,6 +792,30 @@ class TestSce:
         close(mg.sce(base, [a, a]), a)
         assert torch.equal(mg.sce(base, []), base)
 
+    @pytest.mark.parametrize("m", [2, 3])
+    @pytest.mark.parametrize(("dtype", "bits"), [(torch.float32, torch.int32),
+                                                 (torch.float64, torch.int64)])
+    def test_combine_bits_on_special_values(self, m, dtype, bits):
+        """`sce_combine` (its mask and weights in numpy on the CPU) gives the bits of the
+        formula in torch ops, NaN payloads and signed zeros included, also for a NaN or a
+        negative ω."""
+        from recipekit.ops.task_arithmetic import sce_combine
+
+        special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"),
+                                -float("nan"), 1e38, -1e38, 1e-45, -3.5, 0.25, 7.0],
+                               dtype=dtype)
+        g = torch.Generator().manual_seed(m)
+        deltas = special[torch.randint(len(special), (m, 30, 200), generator=g)]
+        base = special[torch.randint(len(special), (30, 200), generator=g)]
+        for omega in (torch.rand(m, generator=g, dtype=dtype), torch.zeros(m, dtype=dtype),
+                      torch.tensor([float("nan")] + [0.5] * (m - 1), dtype=dtype),
+                      -torch.rand(m, generator=g, dtype=dtype)):
+            weights = omega.reshape(m, 1, 1) * (torch.sign(deltas) == torch.where(
+                deltas.sum(dim=0) >= 0, 1.0, -1.0).to(dtype))
+            want = base + (deltas * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
+            got = sce_combine(base, deltas, omega, False)
+            assert torch.equal(got.view(bits), want.view(bits)), omega
+
     @pytest.mark.parametrize("shape", [(2, 2048, 2048), (3, 256, 2048), (4, 1000, 3), (2, 5)])
     def test_energies_squared_into_scratch_give_the_stacks_bits(self, shape):
         """On one thread (the executor's, for whole kernels) the whole kernel squares one task
