@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from recipekit.graph import passes as _passes
+from recipekit.ops.precision import numpy_floats
 
 __all__ = ["Cut", "KEEP_ALL", "keep_mask", "magnitude_key", "select_cuts", "top_k_mask"]
 
@@ -71,7 +72,7 @@ def magnitude_key(x: torch.Tensor) -> torch.Tensor:
     """|x| as fp32, reinterpreted as int32: non-negative integers ordered like |x| (NaN above
     inf, as a sort puts it), one row of the piece per row of x (shape [rows, -1])."""
     rows = x.shape[0] if x.dim() else 1
-    if x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad:
+    if numpy_floats(x, dtypes=(torch.float32,)):
         # the sign bit cleared is |x|'s bits (NaN included); numpy's and is ~0.12 ns a value,
         # torch's abs ~0.4
         bits = x.contiguous().numpy().view(np.int32)
@@ -301,8 +302,6 @@ def count_from(key: torch.Tensor, value: int) -> torch.Tensor:
     """How many keys are ≥ ``value`` (a one-element int64 tensor; through numpy on the CPU,
     whose compare and count cost ~0.15 ns a key against torch's ~0.6)."""
     if key.device.type == "cpu":
-        import numpy as np
-
         if value > np.iinfo(np.int32).max:
             return torch.zeros(1, dtype=torch.int64)
         return torch.tensor([np.count_nonzero(key.numpy() >= np.int32(value))])

@@ -23,7 +23,7 @@ import functools
 import numpy as np
 import torch
 
-from recipekit.ops.precision import compute_dtype
+from recipekit.ops.precision import compute_dtype, numpy_floats
 from recipekit.ops.rank_keep import columns_by_rank, keep_by_rank
 from recipekit.ops.select import magnitude_key, top_k_mask
 
@@ -253,10 +253,7 @@ def della_keep_probabilities(tau: torch.Tensor, *, density: float,
         >>> della_keep_probabilities(torch.tensor([0.3, -0.1, 0.2]), density=0.5, epsilon=0.1)
         tensor([0.6000, 0.4000, 0.5000])
     """
-    rows, flat, by_rank = _della_rows(tau, density, epsilon)
-    p = torch.empty_like(flat)
-    p.scatter_(1, _columns_by_rank(flat), by_rank.expand_as(flat))
-    return _from_rows(p, rows, tau.shape)
+    return _by_rank(*_della_rows(tau, density, epsilon), tau.shape)
 
 
 def della_keep_mask(tau: torch.Tensor, draw: torch.Tensor, *, density: float, epsilon: float,
@@ -274,7 +271,7 @@ def della_keep_mask(tau: torch.Tensor, draw: torch.Tensor, *, density: float, ep
     """
     rows, flat, by_rank = _della_rows(tau, density, epsilon)
     if flat.device.type != "cpu" or flat.dtype != torch.float32:
-        p = della_keep_probabilities(tau, density=density, epsilon=epsilon)
+        p = _by_rank(rows, flat, by_rank, tau.shape)
         return draw.reshape(p.shape).to(p.dtype) < p * scale
     d = draw.reshape(rows.shape).movedim(1, -1).reshape(flat.shape)
     if d.dtype in (torch.int32, torch.int64):  # an integer draw is below t iff below ceil(t)
@@ -316,6 +313,15 @@ def _ceiling(length: int, density: float, epsilon: float, scale: int, dtype: tor
     `_ramp`)."""
     by_rank = _ramp(length, density, epsilon, torch.float32, torch.device("cpu"))
     return torch.ceil(by_rank * scale).to(dtype)
+
+
+def _by_rank(rows: torch.Tensor, flat: torch.Tensor, by_rank: torch.Tensor,
+             shape: torch.Size) -> torch.Tensor:
+    """Each entry's value of ``by_rank`` at its rank in its rank group (`_della_rows`'s
+    layout), in τ's ``shape``: the probabilities."""
+    p = torch.empty_like(flat)
+    p.scatter_(1, _columns_by_rank(flat), by_rank.expand_as(flat))
+    return _from_rows(p, rows, shape)
 
 
 def _from_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -474,8 +480,7 @@ def sign_consensus_mask(deltas: torch.Tensor, *, method: str = "sum",
         tensor([[False,  True, False],
                 [ True, False, False]])
     """
-    if (method == "sum" and deltas.device.type == "cpu" and deltas.dim() > 1
-            and deltas.dtype in (torch.float32, torch.float64) and not deltas.requires_grad):
+    if method == "sum" and deltas.dim() > 1 and numpy_floats(deltas):
         return _agreeing_numpy(deltas)
     elected = elect_sign(deltas, method=method)
     signs = torch.sign(deltas)
@@ -517,7 +522,7 @@ def population_variance(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dtype not in (torch.float32, torch.float64) or x.dim() == 0 or x.shape[0] == 0:
         return torch.var(x, dim=0, correction=0)
-    if x.device.type == "cpu" and x.dim() > 1 and not x.requires_grad:
+    if x.dim() > 1 and numpy_floats(x):
         return torch.from_numpy(_welford_numpy(x.numpy()))
     # The first update from (0, 0) in closed form: mean = 0 + x₀ (−0 becomes +0), m2 = 0 +
     # x₀·(x₀ − mean) = mean − mean (+0, or NaN where x₀ is not finite); 3 ops instead of 9.

@@ -17,6 +17,7 @@ import torch
 
 from recipekit.merge import METHODS
 from recipekit.ops.operands import Floats, check_inputs, per_input
+from recipekit.ops.precision import numpy_floats
 from recipekit.ops.sparsify import (
     CONSENSUS_METHODS,
     SPARSIFIERS,
@@ -325,8 +326,7 @@ def sce_combine(b: torch.Tensor, deltas: torch.Tensor, omega: torch.Tensor,
     on a 2048×2048 tensor)."""
     agree = sign_consensus_mask(deltas, method="sum", int8=int8_mask)
     omega = omega.reshape((len(omega),) + (1,) * b.dim())
-    if (agree.device.type == omega.device.type == "cpu" and not omega.requires_grad
-            and omega.dtype in (torch.float32, torch.float64)):
+    if agree.device.type == "cpu" and numpy_floats(omega):
         # ω_i·e_i in numpy: the bool widened to 1 or 0 and one product, as torch's, at ~0.3
         # instead of ~1.3 ns a value (torch's bool-by-float product is a slow promotion)
         weights = torch.from_numpy(np.multiply(agree.numpy(), omega.numpy()))
