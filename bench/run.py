@@ -520,7 +520,7 @@ def read_floor_argv(inputs: list[Path]) -> Callable[[Path], list[str]]:
 
 
 #: What every statistics command imports before it reads a byte (its start-up, shown apart).
-STARTUP = [sys.executable, "-c", "import recipekit.cli, torch"]
+STARTUP = [sys.executable, "-c", "import recipekit.cli, recipekit.tools.diff, numpy"]
 
 
 def stats_case(command: str, shape: str = "tinyllama") -> Callable[[Path], Case]:
@@ -530,7 +530,7 @@ def stats_case(command: str, shape: str = "tinyllama") -> Callable[[Path], Case]
 
     They read every value and write nothing, so the copy floor does not apply; the *read floor*
     (bench/floor.py without --out) reads the same files once in 16 MiB chunks in a process that
-    imports nothing. A "start-up" variant imports what the commands import (the CLI and torch)
+    imports nothing. A "start-up" variant imports what the commands import (the CLI and numpy)
     and reads nothing, so that the table also shows what the statistics cost beyond start-up.
     `verify --stats` runs on an output written once (untimed) by a copy recipe of seed 0;
     plain `verify` (sha256 of every shard, no statistics) is timed beside it.
@@ -565,7 +565,7 @@ def stats_case(command: str, shape: str = "tinyllama") -> Callable[[Path], Case]
                                 verify=False, exit_ok=(0, 1) if command == "diff" else (0,))]
             what = f"{command} {' '.join(p.name for p in (a, b)[:len(args)])}"
         variants += [Variant(FLOOR, "read floor", read_floor_argv(files), verify=False),
-                     Variant("start-up", "start-up (import recipekit.cli, torch)",
+                     Variant("start-up", "start-up (import recipekit.cli, numpy)",
                              lambda out: STARTUP, verify=False)]
         return Case(name=command if shape == "tinyllama" else f"{command}-{shape}",
                     description=f"{what} against reading the same bytes",

@@ -4,7 +4,7 @@ Why: both commands read every value once; the target (issue 18 item 6) is at mos
 of just reading the bytes. The *read floor* is a separate process (start-up counted, like every
 tool's, DESIGN.md §7) that reads the same safetensors files front to back in 16 MiB
 ``readinto`` chunks. The *start-up* variant imports what every statistics run imports (the CLI
-and torch) and reads nothing, so the table also shows each command's time less its start-up,
+and numpy) and reads nothing, so the table also shows each command's time less its start-up,
 against the floor: what the statistics themselves cost per byte.
 
 Method: page cache warmed by one untimed read of every input; variants alternated, ``--runs``
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {
         "read floor a": [py, me, "--read", *fa],
         "read floor a+b": [py, me, "--read", *fa, *fb],
-        "start-up": [py, "-c", "import recipekit.cli, torch"],
+        "start-up": [py, "-c", "import recipekit.cli, recipekit.tools.diff, numpy"],
         "inspect a": [*cli, "inspect", "--json", "-q", str(a)],
         "diff a b": [*cli, "diff", "--json", "-q", str(a), str(b)],
     }
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         f = med[floor]
         print(f"| {label} | {med[label]:.2f} | {f:.2f} | {med[label] / f:.2f} | "
               f"{(med[label] - start) / f:.2f} |")
-    print(f"\nstart-up (import recipekit.cli, torch): {start:.2f} s; tree {args.tree}; "
+    print(f"\nstart-up (import recipekit.cli, recipekit.tools.diff, numpy): {start:.2f} s; tree {args.tree}; "
           f"{len(os.sched_getaffinity(0))} usable cores; median of {args.runs}")
     return 0
 

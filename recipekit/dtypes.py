@@ -48,6 +48,12 @@ def torch_dtype(code: str) -> Any:
     return getattr(torch, DTYPES[code][1])
 
 
+def numpy_dtype(code: str) -> str:
+    """The numpy dtype name for a safetensors code; bfloat16, which numpy lacks, as its uint16
+    bits (`ops.stats.bf16_values` widens them)."""
+    return "uint16" if code == "BF16" else DTYPES[code][1]
+
+
 def promote(codes: list[str]) -> str:
     """The dtype a merge of these floating dtypes is computed into (bf16+fp16 -> fp32)."""
     unique = sorted(set(codes))

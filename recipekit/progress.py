@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from recipekit.errors import echo_text
 from recipekit.units import format_size
 
@@ -154,6 +152,8 @@ def is_interactive() -> bool:
 def bar_callback(total: int, *, desc: str = "writing") -> Iterator[ProgressCallback]:
     """A `ProgressCallback` drawing a tqdm.auto bar (a widget in notebooks) in bytes, with rate
     and ETA; the bar is closed on exit."""
+    from tqdm.auto import tqdm  # here: tqdm.auto imports asyncio (20 ms of every start-up)
+
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
               dynamic_ncols=True, leave=False) as bar:
 
@@ -170,6 +170,11 @@ def byte_progress(total: int, *, disable: bool = False, desc: str = "writing"
                   ) -> Iterator[Callable[[int], None]]:
     """Yield a callback that advances a bytes bar (on stderr) by its argument; silent when
     ``disable`` or not a TTY (`inspect` and `diff`)."""
+    if disable:
+        yield lambda n: None
+        return
+    from tqdm.auto import tqdm
+
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
               disable=disable or None, dynamic_ncols=True, leave=False) as bar:
         yield bar.update

@@ -7,6 +7,11 @@ variances", 1979), which stays accurate where the textbook sum-of-squares formul
 Within a piece, `piece_stats` and `piece_diff` make one fp64 copy of the values and take every
 statistic from a few reductions over it (no masks, no per-statistic conversions: ~1 ns per
 value on one core); only a piece that holds NaN/Inf takes the masked path.
+
+The math is numpy's, not torch's: `inspect`, `diff` and `verify --stats` then never import torch,
+whose import alone (1.2-1.6 s) took three times as long as reading a 2 GiB checkpoint from the
+page cache. numpy has no bfloat16: `bf16_values` widens the stored bits to the equal fp32 values
+with one shift, and a piece is then summarised like an fp32 one.
 Accumulators also merge with each other, so a layer's (or the model's) summary is the exact
 statistics of its concatenated values, not an average of averages.
 
@@ -26,7 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 
 @dataclass
@@ -42,7 +47,7 @@ class TensorStats:
     nan: int = 0
     inf: int = 0
 
-    def update(self, chunk: torch.Tensor, work: torch.Tensor | None = None) -> None:
+    def update(self, chunk: np.ndarray, work: np.ndarray | None = None) -> None:
         """Add a flat chunk (any real dtype; computed in fp64, see `piece_stats`)."""
         self.merge(piece_stats(chunk, work))
 
@@ -97,8 +102,8 @@ class DiffStats:
     b_sq: float = 0.0
     dot: float = 0.0
 
-    def update(self, a: torch.Tensor, b: torch.Tensor, work_a: torch.Tensor | None = None,
-               work_b: torch.Tensor | None = None) -> None:
+    def update(self, a: np.ndarray, b: np.ndarray, work_a: np.ndarray | None = None,
+               work_b: np.ndarray | None = None) -> None:
         """Add two flat chunks of equal length (computed in fp64, see `piece_diff`)."""
         self.merge(piece_diff(a, b, work_a, work_b))
 
@@ -141,74 +146,75 @@ class DiffStats:
                 "nonfinite": self.nonfinite}
 
 
-def _scratch(work: torch.Tensor | None, n: int) -> torch.Tensor:
+
+
+def bf16_values(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The fp32 values of bfloat16 ``bits`` (uint16): each value's bits shifted into the top
+    half of an fp32, which is the same number (bfloat16 is fp32 with the low 16 bits cut), NaN
+    payloads and signs included. ``out``: uint32 scratch of at least ``bits.size`` values."""
+    n = bits.size
+    words = out[:n] if out is not None and out.size >= n else np.empty(n, dtype=np.uint32)
+    np.left_shift(bits, 16, out=words, dtype=np.uint32)
+    return words.view(np.float32)
+
+
+def _scratch(work: np.ndarray | None, n: int) -> np.ndarray:
     """The first ``n`` values of an fp64 scratch buffer (a new one when none is given)."""
-    if work is None or work.numel() < n:
-        return torch.empty(n, dtype=torch.float64)
+    if work is None or work.size < n:
+        return np.empty(n, dtype=np.float64)
     return work[:n]
 
 
-#: Dtypes whose minimum and maximum are taken on the stored values (one pass over 2 or 4 bytes
-#: a value, and exact: the fp64 copy orders them the same) instead of on the fp64 copy.
-_NARROW_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def piece_stats(chunk: torch.Tensor, work: torch.Tensor | None = None) -> TensorStats:
-    """The `TensorStats` of one flat piece: ``aminmax`` of the values, then one fp64 copy and
+def piece_stats(chunk: np.ndarray, work: np.ndarray | None = None) -> TensorStats:
+    """The `TensorStats` of one flat piece: the minimum and maximum, then one fp64 copy and
     two reductions over it.
 
-    Why not ``var_mean``: its Welford loop costs ~5 ns a value, the rest of a pass ~1 ns. The
-    variance comes instead from ``m2 = Σx² − (Σx)²/n``, which loses ``log2(1 + mean²/var)``
-    bits: at most one when mean² ≤ var (weight matrices). Otherwise (norm weights, offsets) the
-    sums are taken again shifted by the piece's first value ``k``, ``Σ(x−k)² − (Σ(x−k))²/n``,
-    which cancels only by ``(mean−k)²/var`` (a few units for any piece whose first value is a
-    typical one), and is exactly 0 for a constant piece. Every
+    Why not a Welford pass: it costs several ns a value in numpy or torch, the rest of a pass
+    ~1 ns. The variance comes instead from ``m2 = Σx² − (Σx)²/n``, which loses
+    ``log2(1 + mean²/var)`` bits: at most one when mean² ≤ var (weight matrices). Otherwise
+    (norm weights, offsets) the sums are taken again shifted by the piece's first value ``k``,
+    ``Σ(x−k)² − (Σ(x−k))²/n``, which cancels only by ``(mean−k)²/var`` (a few units for any
+    piece whose first value is a typical one), and is exactly 0 for a constant piece. Every
     bf16/fp16/fp32 value and its square are exact in fp64, so only the summation rounds, in
-    fp64. The minimum and maximum of a bf16/fp16/fp32 piece come from one ``aminmax`` over the
-    stored values (0.14-0.23 ns a value against 0.30 for ``amin`` and ``amax`` of the fp64
-    copy); ``Σx`` is ``sum`` and ``Σx²`` a ``dot`` of the copy (a ``dot`` with a vector of ones
-    measured 3x slower than ``sum``: the ones spill the L2 cache). A 128Ki-value bf16 piece
-    takes ~0.55 ns a value on one core, calls included, against ~0.66 with ``amin`` and
-    ``amax`` of the copy.
-    ``amin``/``amax``/``aminmax`` propagate NaN, so a finite minimum and maximum prove the
-    piece is finite; otherwise the piece is masked to its finite values, NaN and Inf counted
-    apart. ``work``: fp64 scratch of at least ``chunk.numel()`` values (reused by streaming
-    callers). Oracle: tests/ops/test_stats.py (torch in fp64 on the whole tensor).
+    fp64. The minimum and maximum of an fp32 piece (bf16 widened by `bf16_values`) come from
+    the stored values (0.05 ns a value each); an fp16 or integer piece takes them from the fp64
+    copy (numpy's fp16 reductions cost ~12 ns a value). ``Σx`` is numpy's pairwise ``sum``,
+    ``Σx²`` a ``dot`` (BLAS; `tools.stream_stats` keeps BLAS on the calling thread). A
+    128Ki-value bf16 piece read cold takes ~0.85 ns a value on one core, widening included.
+    ``min``/``max`` propagate NaN, so a finite minimum and maximum prove the piece is finite;
+    otherwise the piece is masked to its finite values, NaN and Inf counted apart. ``work``:
+    fp64 scratch of at least ``chunk.size`` values (reused by streaming callers). Oracle:
+    tests/ops/test_stats.py (torch in fp64 on the whole tensor).
     """
     flat = chunk.reshape(-1)
-    n = flat.numel()
+    n = flat.size
     if n == 0:
         return TensorStats()
     x = _scratch(work, n)
-    if flat.dtype in _NARROW_FLOATS:
-        low, high = torch.aminmax(flat)
-        x.copy_(flat)
-    else:
-        x.copy_(flat)
-        low, high = torch.amin(x), torch.amax(x)
-    lo, hi = float(low), float(high)
+    np.copyto(x, flat, casting="unsafe")
+    low = flat if flat.dtype in (np.float32, np.float64) else x
+    lo, hi = float(low.min()), float(low.max())
     nan = inf = 0
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        finite = torch.isfinite(x)
-        nan = int(torch.isnan(x).sum())
-        inf = int(torch.isinf(x).sum())
-        x = x[finite]
-        n = x.numel()
+        nan = int(np.count_nonzero(np.isnan(x)))
+        inf = int(np.count_nonzero(np.isinf(x)))
+        x = x[np.isfinite(x)]
+        n = x.size
         if n == 0:
             return TensorStats(nan=nan, inf=inf)
-        lo, hi = float(torch.amin(x)), float(torch.amax(x))
-    s, sumsq = float(x.sum()), float(torch.dot(x, x))
+        lo, hi = float(x.min()), float(x.max())
+    s, sumsq = float(x.sum()), float(np.dot(x, x))
     if s * s > 0.5 * n * sumsq:  # mean² > var: Σx² − (Σx)²/n would cancel, shift first
         k = float(x[0])
-        x.sub_(k)
-        shifted, q = float(x.sum()), float(torch.dot(x, x))
+        x -= k
+        shifted, q = float(x.sum()), float(np.dot(x, x))
         return TensorStats(n, k + shifted / n, max(0.0, q - shifted * shifted / n), sumsq,
                            lo, hi, nan, inf)
     return TensorStats(n, s / n, max(0.0, sumsq - s * s / n), sumsq, lo, hi, nan, inf)
 
 
-def piece_diff(a: torch.Tensor, b: torch.Tensor, work_a: torch.Tensor | None = None,
-               work_b: torch.Tensor | None = None) -> DiffStats:
+def piece_diff(a: np.ndarray, b: np.ndarray, work_a: np.ndarray | None = None,
+               work_b: np.ndarray | None = None) -> DiffStats:
     """The `DiffStats` of two flat pieces of equal length, from two fp64 copies.
 
     ``a·a``, ``b·b`` and ``a·b`` are three dot products of the copies; then ``a`` becomes
@@ -218,45 +224,50 @@ def piece_diff(a: torch.Tensor, b: torch.Tensor, work_a: torch.Tensor | None = N
 
     Pieces with the same dtype and the same bits (the layers a merge or an upscale copied, the
     norms a fine-tune froze) skip the second copy and the difference: ``a·b = b·b = a·a`` and
-    every difference is 0, the numbers the general path computes for them, at ~0.9 instead of
-    ~1.5 ns a pair (comparing the bits stops at the first differing value, so differing pieces
+    every difference is 0, the numbers the general path computes for them, at about half the
+    cost (`same_bits` looks at three values before it compares them all, so differing pieces
     pay next to nothing for the check).
     """
     fa, fb = a.reshape(-1), b.reshape(-1)
-    n = fa.numel()
+    n = fa.size
     if n == 0:
         return DiffStats()
     x, y = _scratch(work_a, n), _scratch(work_b, n)
-    x.copy_(fa)
-    if _same_bits(fa, fb):
-        aa = float(torch.dot(x, x))
+    np.copyto(x, fa, casting="unsafe")
+    if same_bits(fa, fb):
+        aa = float(np.dot(x, x))
         if math.isfinite(aa):
             return DiffStats(n, 0, 0.0, 0.0, 0.0, aa, aa, aa)
-    y.copy_(fb)
-    aa, bb = float(torch.dot(x, x)), float(torch.dot(y, y))
+    np.copyto(y, fb, casting="unsafe")
+    aa, bb = float(np.dot(x, x)), float(np.dot(y, y))
     nonfinite = 0
     if not (math.isfinite(aa) and math.isfinite(bb)):
-        both = torch.isfinite(x) & torch.isfinite(y)
-        count = int(both.sum())
+        both = np.isfinite(x) & np.isfinite(y)
+        count = int(np.count_nonzero(both))
         nonfinite = n - count
         if count == 0:
             return DiffStats(0, nonfinite)
         if nonfinite:
             x, y, n = x[both], y[both], count
-            aa, bb = float(torch.dot(x, x)), float(torch.dot(y, y))
-    ab = float(torch.dot(x, y))
-    x.sub_(y).abs_()
-    return DiffStats(n, nonfinite, float(torch.amax(x)), float(x.sum()), float(torch.dot(x, x)),
+            aa, bb = float(np.dot(x, x)), float(np.dot(y, y))
+    ab = float(np.dot(x, y))
+    np.subtract(x, y, out=x)
+    np.abs(x, out=x)
+    return DiffStats(n, nonfinite, float(x.max()), float(x.sum()), float(np.dot(x, x)),
                      aa, bb, ab)
 
 
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two flat pieces hold the same dtype and bytes (``torch.equal`` of the values
-    would call -0.0 and 0.0 equal, and NaN unequal to itself)."""
-    if a.dtype != b.dtype:
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two flat pieces hold the same dtype and bytes (``==`` of the values would call
+    -0.0 and 0.0 equal, and NaN unequal to itself). The first, middle and last values are
+    compared first: pieces that differ almost always differ there."""
+    if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    bits = _BITS[a.element_size()]
-    return torch.equal(a.view(bits), b.view(bits))
+    if a.size == 0:
+        return True
+    bits = np.dtype(f"u{a.dtype.itemsize}") if a.dtype.itemsize in (1, 2, 4, 8) else None
+    x, y = (a.view(bits), b.view(bits)) if bits is not None else (a, b)
+    probe = [0, x.size // 2, x.size - 1]
+    if not np.array_equal(x[probe], y[probe]):
+        return False
+    return bool(np.array_equal(x, y))

@@ -14,13 +14,14 @@ from collections.abc import Iterator, Mapping
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from recipekit.errors import KeyPath, RecipeError, format_key_path
 from recipekit.recipe.document import Document, show
 from recipekit.recipe.types import FORMAT_VERSION
+
+if TYPE_CHECKING:  # imported where a document is validated: commands that read none skip it
+    import jsonschema
 
 
 @cache
@@ -36,6 +37,8 @@ def load_schema() -> dict[str, Any]:
 
 @cache
 def _validator() -> jsonschema.Draft202012Validator:
+    import jsonschema
+
     return jsonschema.Draft202012Validator(load_schema())
 
 
@@ -146,6 +149,8 @@ def schema_errors(doc: Document) -> list[RecipeError]:
 
 
 def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list[RecipeError]:
+    import jsonschema
+
     path: KeyPath = tuple(err.absolute_path)
     v = err.validator
     if v == "additionalProperties" and isinstance(err.instance, dict):

@@ -33,7 +33,7 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
     Raises:
         CorruptCheckpointError: a file is shorter than its header says.
     """
-    from recipekit.ops.stats import DiffStats  # torch, only when tensor values are read
+    from recipekit.ops.stats import DiffStats  # numpy, only when tensor values are read
 
     only_a = [n for n in a.tensors if n not in b.tensors]
     only_b = [n for n in b.tensors if n not in a.tensors]

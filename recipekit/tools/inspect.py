@@ -131,7 +131,7 @@ def _architectures(value: Any) -> list[str] | None:
 
 def _add_stats(ckpt: OpenCheckpoint, rows: list[dict[str, Any]], index: LayerIndex,
                report: dict[str, Any], progress: Callable[[int], None] | None) -> None:
-    from recipekit.ops.stats import TensorStats  # torch, only when tensor values are read
+    from recipekit.ops.stats import TensorStats  # numpy, only when tensor values are read
 
     layers: dict[str, TensorStats] = {}
     total = TensorStats()

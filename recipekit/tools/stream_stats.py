@@ -5,10 +5,12 @@ one thread, the statistics took ~20x as long as reading the bytes (a 7B diff: ~4
 Here each job covers `JOB_PIECES` chunks (`io.chunks.CHUNK_ELEMENTS` values each): a worker
 thread reads the job's bytes into its own buffer with one ``preadv`` (which releases the GIL)
 and summarises them piece by piece (`ops.stats.piece_stats` / `piece_diff`: one fp64 copy and a
-few reductions, torch releases the GIL too), with torch's intra-op threads at 1. Pieces are
-sized for a core's L2 cache: a statistics piece is one chunk (1 MiB of fp64 scratch), a
-difference piece half a chunk (two scratch copies, 1 MiB together; a whole chunk each spilled
-L2 and cost ~1.5x per pair). Several pieces a job amortise the job's reading call, future and
+few numpy reductions, which release the GIL too), with BLAS on the calling thread. A piece is
+one chunk for statistics and differences alike (2 MiB of fp64 scratch, 4 MiB for a difference's
+two copies): numpy takes and gives back the GIL around each of a piece's ~15 calls, and with
+two workers on 2 cores pieces of 64Ki values spent their time handing the GIL over (61,000
+context switches in one TinyLlama `diff`); at 256Ki the passes still run from the L3 cache and
+two workers give 1.6-1.9x one. Several pieces a job amortise the job's reading call, future and
 hand-over (~30 us each, a fifth of the work at one chunk a job). The caller folds the partials
 in job order, so the numbers are the same for any worker count, and memory is a few MiB per
 worker whatever the tensor size. Oracle: tests/tools/test_stream_stats.py (whole-tensor fp64
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +38,15 @@ T = TypeVar("T")
 JOB_PIECES = 4
 
 _local = threading.local()
+
+# Σx² is a BLAS ``dot``, and OpenBLAS splits a dot of more than 10,000 values over threads of its
+# own: under our workers that oversubscribes the cores (a bf16 piece cost 1.3 instead of 0.9 ns a
+# value on one worker, 2.0 instead of 0.5 on two). OpenBLAS reads its thread count once, when
+# numpy loads it, so this must run before numpy's import; the statistics commands import this
+# module first. A process that imported numpy earlier (a Python caller, the tests) keeps its
+# BLAS threads: the same numbers, more slowly. A user's own setting is kept.
+if "numpy" not in sys.modules:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def stat_workers() -> int:
@@ -57,8 +69,8 @@ def iter_tensor_stats(reader: FileReader, infos: Sequence[TensorInfo], *,
     from recipekit.ops.stats import TensorStats
 
     def job(info: TensorInfo, lo: int, hi: int) -> Any:
-        raw, work_a, _ = _buffers(job_elements() * itemsize(info.dtype))
-        return summarise(chunks.read_elements(reader, info, lo, hi, raw), work_a)
+        raw, scratch = _buffers(job_elements() * itemsize(info.dtype))
+        return summarise(chunks.read_elements(reader, info, lo, hi, raw), info.dtype, scratch)
 
     jobs = [(i, (info, lo, hi)) for i, info in enumerate(infos)
             for lo, hi in chunks.chunk_bounds(info, elements=job_elements())]
@@ -70,17 +82,15 @@ def job_elements() -> int:
     return JOB_PIECES * chunks.CHUNK_ELEMENTS
 
 
-def summarise(values: Any, work: Any) -> Any:
-    """The `ops.stats.TensorStats` of a flat tensor, one `CHUNK_ELEMENTS` piece at a time
-    (``work``: fp64 scratch of one chunk)."""
+def summarise(values: Any, dtype: str, scratch: Scratch) -> Any:
+    """The `ops.stats.TensorStats` of a flat array of safetensors dtype ``dtype`` (bfloat16
+    as its bits, `io.chunks.read_elements`), one `CHUNK_ELEMENTS` piece at a time."""
     from recipekit.ops.stats import TensorStats, piece_stats
 
     step = chunks.CHUNK_ELEMENTS
-    if values.numel() <= step:
-        return piece_stats(values, work)
     acc = TensorStats()
-    for lo in range(0, values.numel(), step):
-        acc.merge(piece_stats(values[lo:lo + step], work))
+    for lo in range(0, max(1, values.size), step):
+        acc.merge(piece_stats(scratch.values(values[lo:lo + step], dtype, 0), scratch.work[0]))
     return acc
 
 
@@ -96,14 +106,15 @@ def iter_diff_stats(reader: FileReader, pairs: Sequence[tuple[TensorInfo, Tensor
     def job(ia: TensorInfo, ib: TensorInfo, lo: int, hi: int) -> Any:
         n = hi - lo
         size_a = n * itemsize(ia.dtype)
-        raw, work_a, work_b = _buffers(size_a + n * itemsize(ib.dtype))
+        raw, scratch = _buffers(size_a + n * itemsize(ib.dtype))
         ra, rb = memoryview(raw)[:size_a], memoryview(raw)[size_a:]  # views: slicing copies
         a = chunks.read_elements(reader, ia, lo, hi, ra)
         b = chunks.read_elements(reader, ib, lo, hi, rb)
-        step = max(1, chunks.CHUNK_ELEMENTS // 2)  # two scratch copies: one chunk's worth
+        step = chunks.CHUNK_ELEMENTS
         acc = DiffStats()
         for k in range(0, n, step):
-            acc.merge(piece_diff(a[k:k + step], b[k:k + step], work_a, work_b))
+            acc.merge(piece_diff(scratch.values(a[k:k + step], ia.dtype, 0),
+                                 scratch.values(b[k:k + step], ib.dtype, 1), *scratch.work))
         return acc
 
     jobs = [(i, (ia, ib, lo, hi)) for i, (ia, ib) in enumerate(pairs)
@@ -131,15 +142,13 @@ def _ordered_map(fn: Callable[..., T], jobs: list[tuple[Any, ...]],
     many jobs in flight (so a worker never waits for the consumer), or here if ``workers`` is 1."""
     n = workers if workers is not None else stat_workers()
     if n <= 1 or len(jobs) <= 1:
-        threads = _one_thread()
         try:
             for args in jobs:
                 yield fn(*args)
         finally:
-            _restore_threads(threads)
             _local.__dict__.pop("buffers", None)  # this thread lives on: free its buffers
         return
-    pool = ThreadPoolExecutor(n, thread_name_prefix="recipekit-stats", initializer=_one_thread)
+    pool = ThreadPoolExecutor(n, thread_name_prefix="recipekit-stats")
     inflight: collections.deque[Future[T]] = collections.deque()
     try:
         for args in jobs:
@@ -152,36 +161,37 @@ def _ordered_map(fn: Callable[..., T], jobs: list[tuple[Any, ...]],
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _one_thread() -> int:
-    """Set torch's intra-op threads to 1 for this thread (OpenMP's setting is per thread);
-    return the old value. Our workers are the parallelism; nested pools would oversubscribe."""
-    import torch
+class Scratch:
+    """A worker thread's scratch, one chunk each: two fp64 buffers (`summarise` uses one, a
+    difference both) and two uint32 buffers that bfloat16 pieces are widened into
+    (`ops.stats.bf16_values`)."""
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    return old
+    def __init__(self, elements: int) -> None:
+        import numpy as np
+
+        self.elements = elements
+        self.work = (np.empty(elements, dtype=np.float64), np.empty(elements, dtype=np.float64))
+        self.words = (np.empty(elements, dtype=np.uint32), np.empty(elements, dtype=np.uint32))
+
+    def values(self, piece: Any, dtype: str, k: int) -> Any:
+        """``piece`` as numpy numbers: bfloat16 bits widened into ``words[k]``, others as they
+        are."""
+        from recipekit.ops.stats import bf16_values
+
+        return bf16_values(piece, self.words[k]) if dtype == "BF16" else piece
 
 
-def _restore_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _buffers(nbytes: int) -> tuple[bytearray, Any, Any]:
+def _buffers(nbytes: int) -> tuple[bytearray, Scratch]:
     """This thread's read buffer (at least ``nbytes``; grown, never shrunk, so a bf16 model
-    holds 2-byte jobs) and two fp64 scratch tensors of one chunk each (`summarise` uses one;
-    a difference piece is half a chunk, two copies), made once per thread and chunk size."""
-    import torch
-
+    holds 2-byte jobs) and its `Scratch`, made once per thread and chunk size."""
     elements = chunks.CHUNK_ELEMENTS
     held = getattr(_local, "buffers", None)
-    if held is None or held[0] != elements or len(held[1]) < nbytes:
-        scratch = [torch.empty(elements, dtype=torch.float64) for _ in range(2)]
-        size = max(nbytes, len(held[1]) if held is not None and held[0] == elements else 0)
-        held = (elements, bytearray(size), *scratch)
+    if held is None or held[1].elements != elements or len(held[0]) < nbytes:
+        same = held is not None and held[1].elements == elements
+        held = (bytearray(max(nbytes, len(held[0]) if same else 0)),
+                held[1] if same else Scratch(elements))
         _local.buffers = held
-    return held[1], held[2], held[3]
+    return held
 
 
 def hash_and_summarise(reader: FileReader, files: Sequence[tuple[Any, Sequence[TensorInfo]]],
@@ -209,7 +219,9 @@ def hash_and_summarise(reader: FileReader, files: Sequence[tuple[Any, Sequence[T
     import hashlib
     import queue
 
-    from recipekit.dtypes import is_floating, torch_dtype
+    import numpy as np
+
+    from recipekit.dtypes import is_floating, numpy_dtype
     from recipekit.ops.stats import TensorStats
 
     n = workers if workers is not None else stat_workers()
@@ -221,11 +233,9 @@ def hash_and_summarise(reader: FileReader, files: Sequence[tuple[Any, Sequence[T
 
     def summarise_job(buf: bytearray, nbytes: int, dtype: str) -> Any:
         try:
-            import torch
-
-            _, work, _ = _buffers(0)
-            return summarise(torch.frombuffer(buf, dtype=torch_dtype(dtype),
-                                              count=nbytes // itemsize(dtype)), work)
+            _, scratch = _buffers(0)
+            return summarise(np.frombuffer(buf, dtype=numpy_dtype(dtype),
+                                           count=nbytes // itemsize(dtype)), dtype, scratch)
         finally:
             free.put(buf)
 
@@ -266,7 +276,7 @@ def hash_and_summarise(reader: FileReader, files: Sequence[tuple[Any, Sequence[T
                 free.put(buf)
         return digest.hexdigest(), jobs
 
-    stats = ThreadPoolExecutor(n, thread_name_prefix="recipekit-stats", initializer=_one_thread)
+    stats = ThreadPoolExecutor(n, thread_name_prefix="recipekit-stats")
     readers = ThreadPoolExecutor(hashers, thread_name_prefix="recipekit-hash")
     try:
         tasks = [readers.submit(read_file, path, infos) for path, infos in files]

@@ -84,7 +84,7 @@ def check_values(out: Path, shards: list[str], *, workers: int | None = None,
     Returns the problems (one per shard with non-finite values, naming up to five tensors and
     their NaN/Inf counts), one summary line, and each tensor's statistics by name.
     """
-    from recipekit.ops.stats import TensorStats  # torch: only when values are read
+    from recipekit.ops.stats import TensorStats  # numpy: only when values are read
 
     started = time.perf_counter()
     problems: list[VerifyError] = []

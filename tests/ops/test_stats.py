@@ -1,8 +1,8 @@
 """ops/stats.py: streaming statistics against torch on the whole tensor, in fp64.
 
 Oracle: torch's mean / std (correction 1) / amin / amax / vector_norm over the finite values,
-|a - b| and cosine_similarity; the accumulators are fed in uneven chunks so that merging is
-exercised at every boundary.
+|a - b| and cosine_similarity; the accumulators (numpy, bfloat16 widened by `bf16_values`) are
+fed in uneven chunks so that merging is exercised at every boundary.
 """
 
 from __future__ import annotations
@@ -10,18 +10,35 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from recipekit.ops.stats import DiffStats, TensorStats, piece_diff
+from recipekit.ops.stats import DiffStats, TensorStats, bf16_values, piece_diff
+
+
+def values(t: torch.Tensor) -> np.ndarray:
+    """What the statistics see of a stored tensor: numpy values, bfloat16 widened from its bits."""
+    if t.dtype == torch.bfloat16:
+        return bf16_values(t.reshape(-1).view(torch.int16).numpy().view(np.uint16))
+    return t.reshape(-1).numpy()
 
 
 def chunks(t: torch.Tensor, sizes=(1, 7, 100, 3)):
-    flat, i, k = t.reshape(-1), 0, 0
-    while i < flat.numel():
+    flat, i, k = values(t), 0, 0
+    while i < flat.size:
         n = sizes[k % len(sizes)]
         yield flat[i:i + n]
         i, k = i + n, k + 1
+
+
+def test_bf16_values_are_torch_widening_for_every_bit_pattern():
+    """Oracle: torch's bfloat16 -> float32 conversion, all 65536 patterns (NaN payloads and
+    signed zeros compared as bits)."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    want = bits.view(torch.bfloat16).float().view(torch.int32).numpy()
+    got = bf16_values(bits.numpy().view(np.uint16), np.empty(70000, dtype=np.uint32))
+    assert np.array_equal(got.view(np.int32), want)
 
 
 class TestTensorStats:
@@ -50,24 +67,24 @@ class TestTensorStats:
         g = torch.Generator().manual_seed(1)
         a, b = torch.randn(1000, generator=g), torch.randn(10, generator=g) + 5
         left, right, whole = TensorStats(), TensorStats(), TensorStats()
-        left.update(a)
-        right.update(b)
-        whole.update(torch.cat([a, b]))
+        left.update(values(a))
+        right.update(values(b))
+        whole.update(values(torch.cat([a, b])))
         left.merge(right)
         for key, value in whole.summary().items():
             assert left.summary()[key] == pytest.approx(value, rel=1e-12), key
 
     def test_integer_and_degenerate(self):
         acc = TensorStats()
-        acc.update(torch.arange(512).reshape(1, 512))
+        acc.update(np.arange(512).reshape(1, 512))
         assert acc.summary()["mean"] == 255.5
         expected = float(torch.arange(512, dtype=torch.float64).std())
         assert acc.summary()["std"] == pytest.approx(expected, rel=1e-12)
         one = TensorStats()
-        one.update(torch.tensor([2.0]))
+        one.update(np.array([2.0]))
         assert one.summary()["std"] is None and one.summary()["norm"] == 2.0
         nothing = TensorStats()
-        nothing.update(torch.tensor([float("nan")]))
+        nothing.update(np.array([np.nan], dtype=np.float32))
         assert nothing.summary() == {"mean": None, "std": None, "min": None, "max": None,
                                      "norm": 0.0, "nan": 1, "inf": 0}
 
@@ -95,11 +112,11 @@ class TestDiffStats:
     def test_identical_is_exactly_zero_and_one(self):
         t = torch.randn(1000)
         acc = DiffStats()
-        acc.update(t, t.clone())
+        acc.update(values(t), values(t.clone()))
         assert acc.summary() == {"max_abs": 0.0, "mean_abs": 0.0, "rel_norm": 0.0,
                                  "cosine": 1.0, "nonfinite": 0}
         zeros = DiffStats()
-        zeros.update(torch.zeros(4), torch.zeros(4))
+        zeros.update(np.zeros(4), np.zeros(4))
         assert zeros.cosine == 1.0 and zeros.rel_norm == 0.0
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -112,22 +129,22 @@ class TestDiffStats:
         flipped = a.clone()
         flipped[::7] = -0.0
         assert not torch.equal(a.view(torch.int8), flipped.view(torch.int8))
-        fast, general = piece_diff(a, a.clone()), piece_diff(a, flipped)
+        fast, general = piece_diff(values(a), values(a)), piece_diff(values(a), values(flipped))
         assert dataclasses.asdict(fast) == dataclasses.asdict(general)
         assert (fast.max_abs, fast.diff_sq, fast.a_sq == fast.dot == fast.b_sq) == (0.0, 0.0, True)
         with_nan = a.clone()
         with_nan[5] = float("nan")
-        same = piece_diff(with_nan, with_nan.clone())  # NaN: not finite, the masked path
+        same = piece_diff(values(with_nan), values(with_nan))  # NaN: not finite, the masked path
         assert same.nonfinite == 1 and same.count == 2999 and same.diff_sq == 0.0
 
     def test_scaled_and_zero_and_nonfinite(self):
-        a = torch.tensor([1.0, -2.0, 3.0, float("nan")])
+        a = np.array([1.0, -2.0, 3.0, np.nan])
         acc = DiffStats()
         acc.update(a, 2 * a)
         assert (acc.max_abs, acc.rel_norm, acc.nonfinite) == (3.0, 1.0, 1)
         assert acc.cosine == pytest.approx(1.0, abs=1e-15)
         assert acc.mean_abs == 2.0
         one_zero = DiffStats()
-        one_zero.update(torch.zeros(3), torch.ones(3))
+        one_zero.update(np.zeros(3), np.ones(3))
         assert one_zero.cosine == 0.0 and math.isinf(one_zero.rel_norm)
         assert one_zero.summary()["rel_norm"] is None
