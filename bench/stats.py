@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         f = med[floor]
         print(f"| {label} | {med[label]:.2f} | {f:.2f} | {med[label] / f:.2f} | "
               f"{(med[label] - start) / f:.2f} |")
-    print(f"\nstart-up (import recipekit.cli, recipekit.tools.diff, numpy): {start:.2f} s; tree {args.tree}; "
-          f"{len(os.sched_getaffinity(0))} usable cores; median of {args.runs}")
+    print(f"\nstart-up (import recipekit.cli, recipekit.tools.diff, numpy): {start:.2f} s; "
+          f"tree {args.tree}; {len(os.sched_getaffinity(0))} usable cores; "
+          f"median of {args.runs}")
     return 0
 
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +40,17 @@ MAX_SIDE_FILE = 256 * 1024 * 1024
 
 _stub_root: Path | None = None
 
+#: A stub root's name: this prefix, the process id, a random suffix (`tempfile.mkdtemp`).
+STUB_PREFIX = "recipekit-remote-"
+
 
 def _stub_dir(url: str) -> Path:
     """A fresh folder for one URL input's small files, under one private temporary directory
-    removed when the process exits."""
+    removed when the process exits (and by a later process, if this one was killed)."""
     global _stub_root
     if _stub_root is None:
-        _stub_root = Path(tempfile.mkdtemp(prefix="recipekit-remote-"))
+        sweep_stale_stubs()
+        _stub_root = Path(tempfile.mkdtemp(prefix=f"{STUB_PREFIX}{os.getpid()}-"))
         atexit.register(shutil.rmtree, _stub_root, True)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1]).strip("._")[:80] or "input"
     folder = Path(tempfile.mkdtemp(prefix=name + "-", dir=_stub_root))
@@ -175,6 +181,47 @@ def check_unchanged(snap: RemoteSnapshot, names: list[str]) -> None:
             raise TensorDataError("the object changed since the plan was made",
                                   file=f"{snap.url}/{name}",
                                   hint="run again to plan from the new version")
+
+
+def sweep_stale_stubs() -> None:
+    """Remove the stub roots of this user's recipekit processes that have ended.
+
+    Why: a run that is killed (SIGKILL, the out-of-memory killer, a lost node) cannot remove its
+    stub root at exit, and each holds its URL inputs' configs and tokenizers; the suite's kill
+    test left one a run. A root is removed only when it is a real directory of this user whose
+    process id (in its name) no longer exists: a live process keeps its own, a reused id keeps
+    a dead one's until that process ends too.
+    """
+    if not hasattr(os, "getuid"):  # not POSIX: no process ids to test; the exit still cleans
+        return
+    pattern = re.compile(re.escape(STUB_PREFIX) + r"(\d+)-[A-Za-z0-9_]+")
+    try:
+        entries = list(os.scandir(tempfile.gettempdir()))
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+            shutil.rmtree(entry.path, ignore_errors=True)  # never follows a link
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (another user's counts)."""
+    if pid <= 0:
+        return True  # not a process id this module writes: leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OverflowError, OSError):  # no permission: another user's process
+        return True
+    return True
 
 
 def forget_stubs() -> None:
