@@ -7,13 +7,13 @@ variances", 1979), which stays accurate where the textbook sum-of-squares formul
 Within a piece, `piece_stats` and `piece_diff` make one fp64 copy of the values and take every
 statistic from a few reductions over it (no masks, no per-statistic conversions: ~1 ns per
 value on one core); only a piece that holds NaN/Inf takes the masked path.
+Accumulators also merge with each other, so a layer's (or the model's) summary is the exact
+statistics of its concatenated values, not an average of averages.
 
 The math is numpy's, not torch's: `inspect`, `diff` and `verify --stats` then never import torch,
 whose import alone (1.2-1.6 s) took three times as long as reading a 2 GiB checkpoint from the
 page cache. numpy has no bfloat16: `bf16_values` widens the stored bits to the equal fp32 values
-with one shift, and a piece is then summarised like an fp32 one.
-Accumulators also merge with each other, so a layer's (or the model's) summary is the exact
-statistics of its concatenated values, not an average of averages.
+(a copy and a shift), and a piece is then summarised like an fp32 one.
 
 Conventions (oracle: tests/ops/test_stats.py compares with torch in fp64 on whole tensors):
 
@@ -146,8 +146,6 @@ class DiffStats:
                 "nonfinite": self.nonfinite}
 
 
-
-
 def bf16_values(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """The fp32 values of bfloat16 ``bits`` (uint16): each value's bits shifted into the top
     half of an fp32, which is the same number (bfloat16 is fp32 with the low 16 bits cut), NaN
@@ -181,7 +179,7 @@ def piece_stats(chunk: np.ndarray, work: np.ndarray | None = None) -> TensorStat
     the stored values (0.05 ns a value each); an fp16 or integer piece takes them from the fp64
     copy (numpy's fp16 reductions cost ~12 ns a value). ``Σx`` is numpy's pairwise ``sum``,
     ``Σx²`` a ``dot`` (BLAS; `tools.stream_stats` keeps BLAS on the calling thread). A
-    128Ki-value bf16 piece read cold takes ~0.85 ns a value on one core, widening included.
+    bf16 piece read cold takes ~0.8 ns a value on one core, widening included.
     ``min``/``max`` propagate NaN, so a finite minimum and maximum prove the piece is finite;
     otherwise the piece is masked to its finite values, NaN and Inf counted apart. ``work``:
     fp64 scratch of at least ``chunk.size`` values (reused by streaming callers). Oracle:
