@@ -12,8 +12,9 @@ statistics of its concatenated values, not an average of averages.
 
 The math is numpy's, not torch's: `inspect`, `diff` and `verify --stats` then never import torch,
 whose import alone (1.2-1.6 s) took three times as long as reading a 2 GiB checkpoint from the
-page cache. numpy has no bfloat16: `bf16_values` widens the stored bits to the equal fp32 values
-(a copy and a shift), and a piece is then summarised like an fp32 one.
+page cache. numpy has no bfloat16, and its float16 is slow: `bf16_values` and `f16_values` widen
+the stored bits to the equal fp32 values with integer steps, and a piece is then summarised like
+an fp32 one.
 
 Conventions (oracle: tests/ops/test_stats.py compares with torch in fp64 on whole tensors):
 
@@ -146,6 +147,17 @@ class DiffStats:
                 "nonfinite": self.nonfinite}
 
 
+def stored_values(piece: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """A flat piece as read (`io.chunks.read_elements`: bfloat16 as its uint16 bits) as numpy
+    numbers to summarise: bfloat16 and float16 widened to fp32 into ``out`` (uint32 scratch),
+    other dtypes as they are. ``dtype``: the safetensors code."""
+    if dtype == "BF16":
+        return bf16_values(piece, out)
+    if dtype == "F16":
+        return f16_values(piece.view(np.uint16), out)
+    return piece
+
+
 def bf16_values(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """The fp32 values of bfloat16 ``bits`` (uint16): each value's bits shifted into the top
     half of an fp32, which is the same number (bfloat16 is fp32 with the low 16 bits cut), NaN
@@ -155,6 +167,37 @@ def bf16_values(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     np.copyto(words, bits)  # a widening copy, then a shift in place: 0.2 ns a value, where
     np.left_shift(words, 16, out=words)  # a shift that casts its input took 0.3
     return words.view(np.float32)
+
+
+def f16_values(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The fp32 values of float16 ``bits`` (uint16), NaN payloads, infinities, subnormals and
+    signs included. ``out``: uint32 scratch of at least ``bits.size`` values.
+
+    Why: numpy converts float16 without SIMD here (0.9 ns a value to fp64, 1.7 to fp32) and
+    its float16 minimum and maximum cost ~12 ns a value. Integer steps do it in ~0.5 ns: the
+    bits go to the top of a 32-bit word, an arithmetic shift by 3 puts the 5-bit exponent and
+    the mantissa where fp32 keeps them (the sign copied into the three bits above, which are
+    cleared), and multiplying by 2^112 rebiases the exponent (15 → 127), exactly, subnormals
+    included. Exponent 31 (Inf, NaN) would come out finite (≥ 65536, above any finite float16),
+    so those entries are set apart (a NaN made quiet, as torch's and the CPU's conversions do).
+    Oracle: tests/ops/test_stats.py (torch's conversion, every
+    bit pattern)."""
+    n = bits.size
+    words = out[:n] if out is not None and out.size >= n else np.empty(n, dtype=np.uint32)
+    np.copyto(words, bits)
+    np.left_shift(words, 16, out=words)
+    signed = words.view(np.int32)
+    np.right_shift(signed, 3, out=signed)
+    np.bitwise_and(words, np.uint32(0x8FFF_FFFF), out=words)
+    values = words.view(np.float32)
+    np.multiply(values, np.float32(2.0 ** 112), out=values)
+    if not (float(values.min()) > -65536.0 and float(values.max()) < 65536.0):
+        special = np.flatnonzero((bits & 0x7C00) == 0x7C00)
+        top = bits[special].astype(np.uint32)
+        payload = (top & 0x03FF) << 13
+        payload[payload != 0] |= 0x0040_0000  # a NaN comes out quiet, as from a conversion
+        words[special] = ((top & 0x8000) << 16) | 0x7F80_0000 | payload
+    return values
 
 
 def _scratch(work: np.ndarray | None, n: int) -> np.ndarray:
@@ -175,9 +218,9 @@ def piece_stats(chunk: np.ndarray, work: np.ndarray | None = None) -> TensorStat
     ``Σ(x−k)² − (Σ(x−k))²/n``, which cancels only by ``(mean−k)²/var`` (a few units for any
     piece whose first value is a typical one), and is exactly 0 for a constant piece. Every
     bf16/fp16/fp32 value and its square are exact in fp64, so only the summation rounds, in
-    fp64. The minimum and maximum of an fp32 piece (bf16 widened by `bf16_values`) come from
-    the stored values (0.05 ns a value each); an fp16 or integer piece takes them from the fp64
-    copy (numpy's fp16 reductions cost ~12 ns a value). ``Σx`` is numpy's pairwise ``sum``,
+    fp64. The minimum and maximum of an fp32 piece (bf16 and fp16 widened by `bf16_values` and
+    `f16_values`) come from the stored values (0.05 ns a value each); an integer piece takes
+    them from the fp64 copy. ``Σx`` is numpy's pairwise ``sum``,
     ``Σx²`` a ``dot`` (BLAS; `tools.stream_stats` keeps BLAS on the calling thread). A
     bf16 piece read cold takes ~0.8 ns a value on one core, widening included.
     ``min``/``max`` propagate NaN, so a finite minimum and maximum prove the piece is finite;

@@ -163,8 +163,8 @@ def _ordered_map(fn: Callable[..., T], jobs: list[tuple[Any, ...]],
 
 class Scratch:
     """A worker thread's scratch, one chunk each: two fp64 buffers (`summarise` uses one, a
-    difference both) and two uint32 buffers that bfloat16 pieces are widened into
-    (`ops.stats.bf16_values`)."""
+    difference both) and two uint32 buffers that bfloat16 and float16 pieces are widened into
+    (`ops.stats.stored_values`)."""
 
     def __init__(self, elements: int) -> None:
         import numpy as np
@@ -174,11 +174,11 @@ class Scratch:
         self.words = (np.empty(elements, dtype=np.uint32), np.empty(elements, dtype=np.uint32))
 
     def values(self, piece: Any, dtype: str, k: int) -> Any:
-        """``piece`` as numpy numbers: bfloat16 bits widened into ``words[k]``, others as they
-        are."""
-        from recipekit.ops.stats import bf16_values
+        """``piece`` as numpy numbers (`ops.stats.stored_values`), widened into
+        ``words[k]``."""
+        from recipekit.ops.stats import stored_values
 
-        return bf16_values(piece, self.words[k]) if dtype == "BF16" else piece
+        return stored_values(piece, dtype, self.words[k])
 
 
 def _buffers(nbytes: int) -> tuple[bytearray, Scratch]:

@@ -14,14 +14,27 @@ import numpy as np
 import pytest
 import torch
 
-from recipekit.ops.stats import DiffStats, TensorStats, bf16_values, piece_diff
+from recipekit.ops.stats import (
+    DiffStats,
+    TensorStats,
+    bf16_values,
+    f16_values,
+    piece_diff,
+    stored_values,
+)
+
+CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
+         torch.float64: "F64"}
 
 
 def values(t: torch.Tensor) -> np.ndarray:
-    """What the statistics see of a stored tensor: numpy values, bfloat16 widened from its bits."""
+    """What the statistics see of a stored tensor: numpy values, bfloat16 and float16 widened
+    from their bits (as `io.chunks.read_elements` gives them)."""
+    flat = t.reshape(-1)
     if t.dtype == torch.bfloat16:
-        return bf16_values(t.reshape(-1).view(torch.int16).numpy().view(np.uint16))
-    return t.reshape(-1).numpy()
+        flat = flat.view(torch.int16)
+    return stored_values(flat.numpy().view(np.uint16) if t.dtype == torch.bfloat16
+                         else flat.numpy(), CODES.get(t.dtype, "I64"))
 
 
 def chunks(t: torch.Tensor, sizes=(1, 7, 100, 3)):
@@ -32,12 +45,14 @@ def chunks(t: torch.Tensor, sizes=(1, 7, 100, 3)):
         i, k = i + n, k + 1
 
 
-def test_bf16_values_are_torch_widening_for_every_bit_pattern():
-    """Oracle: torch's bfloat16 -> float32 conversion, all 65536 patterns (NaN payloads and
-    signed zeros compared as bits)."""
+@pytest.mark.parametrize(("dtype", "widen"), [(torch.bfloat16, bf16_values),
+                                               (torch.float16, f16_values)])
+def test_widening_is_torch_conversion_for_every_bit_pattern(dtype, widen):
+    """Oracle: torch's conversion to float32, all 65536 patterns (subnormals, infinities, NaN
+    payloads and signed zeros compared as bits)."""
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
-    want = bits.view(torch.bfloat16).float().view(torch.int32).numpy()
-    got = bf16_values(bits.numpy().view(np.uint16), np.empty(70000, dtype=np.uint32))
+    want = bits.view(dtype).float().view(torch.int32).numpy()
+    got = widen(bits.numpy().view(np.uint16), np.empty(70000, dtype=np.uint32))
     assert np.array_equal(got.view(np.int32), want)
 
 
