@@ -152,7 +152,7 @@ def stored_values(piece: np.ndarray, dtype: str, out: np.ndarray | None = None) 
     numbers to summarise: bfloat16 and float16 widened to fp32 into ``out`` (uint32 scratch),
     other dtypes as they are. ``dtype``: the safetensors code."""
     if dtype == "BF16":
-        return bf16_values(piece, out)
+        return bf16_values(piece.view(np.uint16), out)
     if dtype == "F16":
         return f16_values(piece.view(np.uint16), out)
     return piece
@@ -180,8 +180,7 @@ def f16_values(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     cleared), and multiplying by 2^112 rebiases the exponent (15 → 127), exactly, subnormals
     included. Exponent 31 (Inf, NaN) would come out finite (≥ 65536, above any finite float16),
     so those entries are set apart (a NaN made quiet, as torch's and the CPU's conversions do).
-    Oracle: tests/ops/test_stats.py (torch's conversion, every
-    bit pattern)."""
+    Oracle: tests/ops/test_stats.py (torch's conversion, every bit pattern)."""
     n = bits.size
     words = out[:n] if out is not None and out.size >= n else np.empty(n, dtype=np.uint32)
     np.copyto(words, bits)
@@ -220,9 +219,9 @@ def piece_stats(chunk: np.ndarray, work: np.ndarray | None = None) -> TensorStat
     bf16/fp16/fp32 value and its square are exact in fp64, so only the summation rounds, in
     fp64. The minimum and maximum of an fp32 piece (bf16 and fp16 widened by `bf16_values` and
     `f16_values`) come from the stored values (0.05 ns a value each); an integer piece takes
-    them from the fp64 copy. ``Σx`` is numpy's pairwise ``sum``,
-    ``Σx²`` a ``dot`` (BLAS; `tools.stream_stats` keeps BLAS on the calling thread). A
-    bf16 piece read cold takes ~0.8 ns a value on one core, widening included.
+    them from the fp64 copy. ``Σx`` is numpy's pairwise ``sum``, ``Σx²`` a ``dot`` (BLAS;
+    `tools.stream_stats` keeps BLAS on the calling thread). A bf16 piece read cold takes ~0.8
+    ns a value on one core, widening included.
     ``min``/``max`` propagate NaN, so a finite minimum and maximum prove the piece is finite;
     otherwise the piece is masked to its finite values, NaN and Inf counted apart. ``work``:
     fp64 scratch of at least ``chunk.size`` values (reused by streaming callers). Oracle:

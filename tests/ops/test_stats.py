@@ -31,10 +31,8 @@ def values(t: torch.Tensor) -> np.ndarray:
     """What the statistics see of a stored tensor: numpy values, bfloat16 and float16 widened
     from their bits (as `io.chunks.read_elements` gives them)."""
     flat = t.reshape(-1)
-    if t.dtype == torch.bfloat16:
-        flat = flat.view(torch.int16)
-    return stored_values(flat.numpy().view(np.uint16) if t.dtype == torch.bfloat16
-                         else flat.numpy(), CODES.get(t.dtype, "I64"))
+    raw = flat.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else flat.numpy()
+    return stored_values(raw, CODES.get(t.dtype, "I64"))
 
 
 def chunks(t: torch.Tensor, sizes=(1, 7, 100, 3)):
