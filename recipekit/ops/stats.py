@@ -219,8 +219,8 @@ def piece_stats(chunk: np.ndarray, work: np.ndarray | None = None) -> TensorStat
     bf16/fp16/fp32 value and its square are exact in fp64, so only the summation rounds, in
     fp64. The minimum and maximum of an fp32 piece (bf16 and fp16 widened by `bf16_values` and
     `f16_values`) come from the stored values (0.05 ns a value each); an integer piece takes
-    them from the fp64 copy. ``Σx`` is numpy's pairwise ``sum``, ``Σx²`` a ``dot`` (BLAS;
-    `tools.stream_stats` keeps BLAS on the calling thread). A bf16 piece read cold takes ~0.8
+    them from the fp64 copy. ``Σx`` is numpy's pairwise ``sum``, ``Σx²`` a ``dot`` (BLAS, kept
+    on the calling thread by `cli._blas_on_caller_threads`). A bf16 piece read cold takes ~0.8
     ns a value on one core, widening included.
     ``min``/``max`` propagate NaN, so a finite minimum and maximum prove the piece is finite;
     otherwise the piece is masked to its finite values, NaN and Inf counted apart. ``work``:

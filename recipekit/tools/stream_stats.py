@@ -1,27 +1,26 @@
 """Statistics of stored tensors at the speed of reading them: chunks on a small thread pool.
 
-Why: `inspect` and `diff` read every value of a checkpoint; computed one chunk at a time on
-one thread, the statistics took ~20x as long as reading the bytes (a 7B diff: ~40 minutes).
-Here each job covers `JOB_PIECES` chunks (`io.chunks.CHUNK_ELEMENTS` values each): a worker
-thread reads the job's bytes into its own buffer with one ``preadv`` (which releases the GIL)
-and summarises them piece by piece (`ops.stats.piece_stats` / `piece_diff`: one fp64 copy and a
-few numpy reductions, which release the GIL too), with BLAS on the calling thread. A piece is
-one chunk for statistics and differences alike (2 MiB of fp64 scratch, 4 MiB for a difference's
-two copies): numpy takes and gives back the GIL around each of a piece's ~15 calls, and with
-two workers on 2 cores pieces of 64Ki values spent their time handing the GIL over (61,000
-context switches in one TinyLlama `diff`); at 256Ki the passes still run from the L3 cache and
-two workers give 1.6-1.9x one. Several pieces a job amortise the job's reading call, future and
-hand-over (~30 us each, a fifth of the work at one chunk a job). The caller folds the partials
-in job order, so the numbers are the same for any worker count, and memory is a few MiB per
-worker whatever the tensor size. Oracle: tests/tools/test_stream_stats.py (whole-tensor fp64
-statistics, 1 and 3 workers).
+Why: `inspect` and `diff` read every value of a checkpoint; computed one chunk at a time on one
+thread, the statistics took ~20x as long as reading the bytes (a 7B diff: ~40 minutes). Here
+each job covers `JOB_PIECES` chunks (`io.chunks.CHUNK_ELEMENTS` values each): a worker thread
+reads the job's bytes into its own buffer with one ``preadv`` (which releases the GIL) and
+summarises them piece by piece (`ops.stats.piece_stats` / `piece_diff`: one fp64 copy and a few
+numpy reductions, which release the GIL too; the CLI keeps BLAS on the calling thread,
+`cli._blas_on_caller_threads`). A piece is one chunk for statistics and differences alike (2 MiB
+of fp64 scratch, 4 MiB for a difference's two copies): numpy takes and gives back the GIL around
+each of a piece's ~15 calls, and with two workers on 2 cores pieces of 64Ki values spent their
+time handing the GIL over (61,000 context switches in one TinyLlama `diff`); at 256Ki the passes
+still run from the L3 cache and two workers give 1.6-1.9x one. Several pieces a job amortise the
+job's reading call, future and hand-over (~30 us each, a fifth of the work at one chunk a job).
+The caller folds the partials in job order, so the numbers are the same for any worker count,
+and memory is a few MiB per worker whatever the tensor size. Oracle:
+tests/tools/test_stream_stats.py (whole-tensor fp64 statistics, 1 and 3 workers).
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,14 +38,6 @@ JOB_PIECES = 4
 
 _local = threading.local()
 
-# Σx² is a BLAS ``dot``, and OpenBLAS splits a dot of more than 10,000 values over threads of its
-# own: under our workers that oversubscribes the cores (a bf16 piece cost 1.3 instead of 0.9 ns a
-# value on one worker, 2.0 instead of 0.5 on two). OpenBLAS reads its thread count once, when
-# numpy loads it, so this must run before numpy's import; the statistics commands import this
-# module first. A process that imported numpy earlier (a Python caller, the tests) keeps its
-# BLAS threads: the same numbers, more slowly. A user's own setting is kept.
-if "numpy" not in sys.modules:
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def stat_workers() -> int:
