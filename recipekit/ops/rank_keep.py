@@ -16,6 +16,13 @@ two threshold gathers and the exact ranks' membership gather, a third the ~40 ca
 result is the full sort's, entry for entry (oracle: tests/ops/test_rank_keep.py, against
 ranking by a stable sort, with ties, zeros, NaN and one-bucket rows).
 
+Exact zeros get a bin of their own (τ = ±0: the weights a fine-tune left unchanged in bf16, or
+a task vector pruned before, often most of a row). Shared with the smallest keys, their bucket
+spanned so many ranks that a large share of it was undecided and sorted. A row's zeros hold
+its lowest ranks in column order, so a cumulative count ranks them (`_rank_zeros`), and the
+exact ranking sorts with numpy's stable sort, which uses the runs the flat order already has.
+A TinyLlama DELLA whose task vector is 70% zeros: 72-74 → 30 s, same bytes.
+
 Pure tensor math on the CPU (numpy for the elementwise steps and the rare exact ranks, torch
 for the histogram and the gathers); no I/O.
 """
@@ -27,13 +34,17 @@ import torch
 
 __all__ = ["MIN_ROW", "bucket_shift", "columns_by_rank", "keep_by_rank"]
 
-#: the buckets span this many octaves below the piece's largest key; the smaller keys (zeros
-#: among them) share the lowest bucket
+#: the buckets span this many octaves below the piece's largest key; the smaller keys share
+#: the lowest bucket (zeros have a bin of their own). Fewer (10) were 10% faster on Gaussian
+#: deltas and up to 9x slower on heavy-tailed ones (Student t, 1.5 degrees of freedom)
 OCTAVES = 16
 #: bits of the packed (bucket, key, column) values the exact ranking sorts (signed int64)
 PACK_BITS = 63
 #: rows shorter than this are sorted whole (the histogram's bins would outnumber the entries)
 MIN_ROW = 1024
+#: zeros are ranked by a cumulative count (`_rank_zeros`, ~2 ns a value of the piece) once some
+#: row holds this many; fewer cost less to rank with the other undecided entries
+ZERO_RUN = 64
 
 
 def bucket_shift(length: int) -> int:
@@ -57,17 +68,24 @@ def keep_by_rank(key: torch.Tensor, draw: torch.Tensor, table: torch.Tensor) -> 
     rows, length = key.shape
     shift = bucket_shift(length)
     buckets = OCTAVES << (23 - shift)  # fp32 keys: 23 mantissa bits
-    if length < MIN_ROW or rows * buckets >= 1 << 31:
+    width = buckets + 1  # a row's bins: key 0 (τ = ±0) alone in the first, then the buckets
+    if length < MIN_ROW or rows * width >= 1 << 31:
         return draw < table[_ranks(key)]
     keys = key.contiguous().numpy()
     bucket = np.right_shift(keys, np.int32(shift))
-    base = int(bucket.max()) - (buckets - 1)  # the lowest bucket's first shifted key
+    base = max(0, int(bucket.max()) - (buckets - 1))  # the lowest bucket's first shifted key
     if base > 0:
         np.maximum(bucket, np.int32(base), out=bucket)
-    bucket += (np.arange(rows, dtype=np.int32) * np.int32(buckets) - np.int32(base))[:, None]
+    offsets = np.arange(rows, dtype=np.int32) * np.int32(width)  # buckets 1 .. width - 1
+    if int(keys.min()) == 0:  # zeros to bin 0: no other key is below its bucket
+        bucket -= np.int32(base - 1)
+        np.minimum(bucket, keys, out=bucket)
+        bucket += offsets[:, None]
+    else:
+        bucket += (offsets - np.int32(base - 1))[:, None]
     group = torch.from_numpy(bucket.reshape(-1))  # the entry's (row, bucket), one bin each
-    counts = torch.bincount(group, minlength=rows * buckets)
-    last = counts.reshape(rows, buckets).cumsum(1).reshape(-1)  # one past each bin's ranks
+    counts = torch.bincount(group, minlength=rows * width)
+    last = counts.reshape(rows, width).cumsum(1).reshape(-1)  # one past each bin's ranks
     # the thresholds at each bin's first and last rank; `padded` takes an empty bin's
     # out-of-range ranks (-1 or L; never looked up)
     padded = torch.cat([table[:1], table, table[-1:]])
@@ -77,16 +95,40 @@ def keep_by_rank(key: torch.Tensor, draw: torch.Tensor, table: torch.Tensor) -> 
     keep = np.less(flat, low)
     unsure = np.less(flat, high)
     unsure ^= keep  # low ≤ high: a kept entry is below both
+    thresholds = table.numpy()
+    if int(counts.reshape(rows, width)[:, 0].max()) >= ZERO_RUN:
+        _rank_zeros(keep, unsure, keys, flat, thresholds)
     at = np.flatnonzero(unsure)
     if len(at):
-        _settle(keep, keys.reshape(-1), flat, table.numpy(), group, counts.numpy(),
-                (last - counts).numpy(), at, length, buckets)
+        _settle(keep, keys.reshape(-1), flat, thresholds, group, counts.numpy(),
+                (last - counts).numpy(), at, length, width)
     return torch.from_numpy(keep).reshape(rows, length)
+
+
+def _rank_zeros(keep: np.ndarray, unsure: np.ndarray, keys: np.ndarray, draw: np.ndarray,
+                table: np.ndarray) -> None:
+    """Decide every entry whose key is 0 (τ = ±0) by its exact rank, and take it out of
+    ``unsure``: 0 is the smallest key, so a row's zeros hold its ranks 0 .. Z−1, by column.
+
+    Why: zeros are common (the weights a fine-tune left unchanged in bf16, a task vector
+    already pruned), and their bin spans as many ranks as there are zeros, so a large share of
+    them fall between its two thresholds; sorting them cost a row 70% zeros ~30 ns a value,
+    the count ~2 (`ZERO_RUN`)."""
+    zero = keys == 0  # [G, L]
+    rank = np.cumsum(zero, axis=1, dtype=np.int32).reshape(-1)  # 1 + the rank at each zero
+    rank -= 1  # -1 before a row's first zero: clamped, never used
+    np.maximum(rank, 0, out=rank)
+    # masks, not index lists: numpy's fancy indexing costs ~1 ns an entry, and zeros may be most
+    # of the piece; torch's gather takes the int32 ranks as they are
+    below = draw < torch.from_numpy(table).index_select(0, torch.from_numpy(rank)).numpy()
+    zero = zero.reshape(-1)
+    np.copyto(keep, below, where=zero)
+    unsure &= ~zero
 
 
 def _settle(keep: np.ndarray, keys: np.ndarray, draw: np.ndarray, table: np.ndarray,
             group: torch.Tensor, counts: np.ndarray, first: np.ndarray, unsure: np.ndarray,
-            length: int, buckets: int) -> None:
+            length: int, width: int) -> None:
     """Decide every entry of each bin that holds an undecided one (flat positions
     ``unsure``) by its exact rank: the bins' entries sorted by (bin, key, column) in one sort
     of packed 64-bit values."""
@@ -103,16 +145,22 @@ def _settle(keep: np.ndarray, keys: np.ndarray, draw: np.ndarray, table: np.ndar
         ranks = _ranks(torch.from_numpy(keys.reshape(-1, length)[rows])).numpy()
         keep.reshape(-1, length)[rows] = draw.reshape(-1, length)[rows] < table[ranks]
         return
-    ordinal = np.searchsorted(bins, groups[at])  # the bin's place among the involved
-    packed = ordinal.astype(np.int64) << (31 + col_bits)
+    place = np.empty(len(counts), dtype=np.int64)  # a bin's place among the involved (a
+    place[bins] = np.arange(len(bins))               # lookup: searchsorted cost ~15 ns each)
+    packed = place[groups[at]] << (31 + col_bits)
     packed |= keys[at].astype(np.int64) << col_bits
     packed |= at % length
-    packed.sort()
+    # The values are unique, so every sort orders them alike. The stable one (timsort) uses
+    # the runs already there: ``at`` is in flat order, each bin's entries by column, so a bin
+    # of equal keys (exact zeros: the weights a fine-tune left unchanged, often most of a
+    # row) is one run. A row 70% zeros: 44 → 1.1 ns an entry; a Gaussian delta's few entries
+    # a bin: 15-18 → 5 ns.
+    packed.sort(kind="stable")
     sizes = counts[bins]
     start = np.cumsum(sizes) - sizes  # where each bin's entries begin in the sorted order
     ordinal = packed >> (31 + col_bits)
     rank = first[bins][ordinal] + np.arange(len(packed)) - start[ordinal]
-    where = (bins[ordinal] // buckets) * length + (packed & ((1 << col_bits) - 1))
+    where = (bins[ordinal] // width) * length + (packed & ((1 << col_bits) - 1))
     keep[where] = draw[where] < table[rank]
 
 

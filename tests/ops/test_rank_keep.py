@@ -2,10 +2,11 @@
 
 Oracle: each entry's rank from a stable argsort of its row's keys (equal keys by column,
 lower first), then the comparison, entry for entry. The inputs are built to reach every path:
-rows with ties (small integers, zeros, one constant), keys spread over more octaves than the
-buckets cover (the shared lowest bucket), NaN and inf, tables with long flat stretches and
-steep steps (many undecided entries), rows too short for the buckets, and the fallback when
-the involved buckets cannot be packed into one sort.
+rows with ties (small integers, zeros, rows mostly zeros beside subnormals, one constant), keys
+spread over more octaves than the buckets cover (the shared lowest bucket), NaN and inf, tables
+with long flat stretches and steep steps (many undecided entries), rows too short for the
+buckets, rows with fewer and more zeros than `ZERO_RUN`, and the fallback when the involved
+buckets cannot be packed into one sort.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def values(kind: str, rows: int, length: int, g: torch.Generator) -> torch.Tenso
         return x
     if kind == "wide":  # 50 octaves: many keys in the shared lowest bucket
         return torch.randn(rows, length, generator=g) * torch.logspace(-15, 0, length)
+    if kind == "mostly_zeros":  # a fine-tune's unchanged weights: zeros beside tiny values
+        x = torch.randn(rows, length, generator=g) * 1e-3
+        x[torch.rand(rows, length, generator=g) < 0.8] = 0.0
+        x[:, 7::97] = 1e-40  # subnormals: the smallest keys after zero
+        x[:, 3::11] = -0.0
+        return x
     if kind == "constant":
         return torch.full((rows, length), 0.25)
     if kind == "nonfinite":
@@ -49,7 +56,8 @@ def values(kind: str, rows: int, length: int, g: torch.Generator) -> torch.Tenso
     raise AssertionError(kind)
 
 
-KINDS = ["gaussian_delta", "small_integers", "zeros", "wide", "constant", "nonfinite"]
+KINDS = ["gaussian_delta", "small_integers", "zeros", "mostly_zeros", "wide", "constant",
+         "nonfinite"]
 
 
 def ramp(length: int, density: float, epsilon: float) -> torch.Tensor:
@@ -83,6 +91,26 @@ def test_undecided_entries_are_ranked_exactly():
     key = magnitude_key(torch.randint(-40, 41, (3, length), generator=g).float() / 8)
     table = torch.arange(length).float()
     draw = torch.randint(0, length, (3, length), generator=g).float()
+    assert torch.equal(rk.keep_by_rank(key.clone(), draw, table), oracle(key, draw, table))
+
+
+@pytest.mark.parametrize("zeros", [rk.ZERO_RUN - 1, rk.ZERO_RUN, 3 * rk.MIN_ROW - 5])
+def test_zeros_rank_first_by_column(zeros):
+    """Key 0 has a bin of its own, ranked exactly with the rest below `ZERO_RUN` zeros in a
+    row and by a cumulative count from there; the ranks must be the sort's either way, beside
+    subnormals (the smallest other keys) and with a table that leaves every zero undecided
+    by its bin."""
+    g = torch.Generator().manual_seed(5)
+    length = 3 * rk.MIN_ROW
+    x = torch.randn(2, length, generator=g)
+    pick = torch.randperm(length, generator=g)[:zeros]
+    x[:, pick] = 0.0
+    x[0, pick[::2]] = -0.0
+    x[x != 0] = torch.where(torch.rand(x[x != 0].shape, generator=g) < 0.5, 1e-40,
+                            x[x != 0])
+    key = magnitude_key(x)
+    table = torch.arange(length).float()
+    draw = torch.randint(0, length, (2, length), generator=g).float()
     assert torch.equal(rk.keep_by_rank(key.clone(), draw, table), oracle(key, draw, table))
 
 
