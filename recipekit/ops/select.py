@@ -416,6 +416,14 @@ def _second_pass(map_pieces: Map, keys: Keys, wanted: Sequence[tuple[int, int]],
         for (s, b), keep_rows in zip(wanted, collect, strict=True):
             if keep_rows:  # the bucket's keys and rows, in flat order
                 out += bucket_entries(ks[s], lo, b, b)
+            elif b == 0:  # exact zeros (the weights a fine-tune left unchanged) may be most
+                # of the piece: counted apart, so that only the rare tiny keys are gathered
+                flat = ks[s].reshape(-1)
+                zero = flat == 0
+                tiny = flat[(flat < LOW_BINS) & ~zero]
+                h = torch.bincount(tiny, minlength=LOW_BINS)
+                h[0] += zero.sum()
+                out.append(h)
             else:
                 flat = ks[s].reshape(-1)
                 out.append(torch.bincount(flat[(flat >> 16) == b] & 0xFFFF, minlength=LOW_BINS))
