@@ -267,10 +267,11 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
     fine = [torch.bincount(f[0].long(), minlength=LOW_BINS) if f is not None else None
             for f in found]
     left = [i for i, f in enumerate(found) if f is None]
+    zero_rows: list[torch.Tensor | None] = [None] * len(wanted)  # per-row zeros (bucket 0)
     if left:
         count = {(queries[q][0], buckets[q][0]): int(hist[q][buckets[q][0]]) for q in open_}
         _second_pass(map_pieces, keys, [wanted[i] for i in left],
-                     [count[wanted[i]] for i in left], fine, found, left)
+                     [count[wanted[i]] for i in left], fine, found, zero_rows, left)
     ties: dict[int, tuple[int, int]] = {}  # query -> (key value, equal keys to keep)
     for q in open_:
         s, _ = queries[q]
@@ -291,6 +292,8 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
             row = int(equal_rows[keep_equal - 1])
             before = int(torch.searchsorted(equal_rows, torch.tensor(row, dtype=torch.int32)))
             cuts[q] = Cut(value, row, keep_equal - before)
+        elif value == 0 and zero_rows[i] is not None:  # pass 2 counted each row's zeros
+            cuts[q] = _cut_in_rows(value, keep_equal, zero_rows[i])
         else:
             ties[q] = (value, keep_equal)
     if ties:
@@ -403,12 +406,15 @@ def _bucket_at(above: torch.Tensor, rank: float) -> int:
 
 def _second_pass(map_pieces: Map, keys: Keys, wanted: Sequence[tuple[int, int]],
                  counts: Sequence[int], fine: list[torch.Tensor | None],
-                 found: list[tuple[torch.Tensor, torch.Tensor] | None], slots: Sequence[int]
-                 ) -> None:
+                 found: list[tuple[torch.Tensor, torch.Tensor] | None],
+                 zero_rows: list[torch.Tensor | None], slots: Sequence[int]) -> None:
     """Read the keys of the buckets ``wanted`` ((stream, bucket), ``counts`` keys each): their
     low-bit histograms into ``fine``, and, for a bucket of at most `COLLECT_MAX` keys, the keys'
-    low bits and rows into ``found`` (both at ``slots``)."""
+    low bits and rows into ``found`` (both at ``slots``). A larger bucket 0 also puts each
+    row's count of zero keys into ``zero_rows``: a cut among zeros is placed from them, without
+    `_place_ties`' pass."""
     collect = [c <= COLLECT_MAX for c in counts]
+    zeros = [b == 0 and not keep_rows for (_, b), keep_rows in zip(wanted, collect, strict=True)]
 
     def low(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         ks = keys(lo, hi, pieces)
@@ -422,8 +428,9 @@ def _second_pass(map_pieces: Map, keys: Keys, wanted: Sequence[tuple[int, int]],
                 zero = flat == 0
                 tiny = flat[(flat < LOW_BINS) & ~zero]
                 h = torch.bincount(tiny, minlength=LOW_BINS)
-                h[0] += zero.sum()
-                out.append(h)
+                per_row = zero.view(ks[s].shape).sum(dim=1)
+                h[0] += per_row.sum()
+                out += [h, per_row]
             else:
                 flat = ks[s].reshape(-1)
                 out.append(torch.bincount(flat[(flat >> 16) == b] & 0xFFFF, minlength=LOW_BINS))
@@ -434,6 +441,7 @@ def _second_pass(map_pieces: Map, keys: Keys, wanted: Sequence[tuple[int, int]],
     # kept until the pass ends would pin the allocator's heap under every later piece
     kept = [_Window(b, b, c) if keep_rows else None
             for (_, b), c, keep_rows in zip(wanted, counts, collect, strict=True)]
+    rows_zero: list[list[torch.Tensor]] = [[] for _ in wanted]
     for part in map_pieces(low):
         it = iter(part)  # type: ignore[call-overload]
         for i, window in enumerate(kept):
@@ -441,6 +449,8 @@ def _second_pass(map_pieces: Map, keys: Keys, wanted: Sequence[tuple[int, int]],
                 window.add(next(it), next(it))
             else:
                 hists[i] += next(it).cpu()
+                if zeros[i]:
+                    rows_zero[i].append(next(it).cpu())
     for i, slot in enumerate(slots):
         window = kept[i]
         if window is not None:
@@ -448,6 +458,8 @@ def _second_pass(map_pieces: Map, keys: Keys, wanted: Sequence[tuple[int, int]],
             fine[slot] = torch.bincount(found[slot][0].long(), minlength=LOW_BINS)
         else:
             fine[slot] = hists[i]
+            if zeros[i]:
+                zero_rows[slot] = torch.cat(rows_zero[i])
 
 
 def _place_ties(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
@@ -464,12 +476,14 @@ def _place_ties(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
     for part in map_pieces(count):
         for acc, p in zip(per_row, part, strict=True):  # type: ignore[call-overload]
             acc.append(p.cpu())
-    out = {}
-    for q, parts in zip(order, per_row, strict=True):
-        counts = torch.cat(parts)
-        cum = torch.cumsum(counts, 0)
-        value, keep_equal = ties[q]
-        row = int(torch.searchsorted(cum, keep_equal))  # first row where cum ≥ keep_equal
-        before = int(cum[row - 1]) if row else 0
-        out[q] = Cut(value, row, keep_equal - before)
-    return out
+    return {q: _cut_in_rows(*ties[q], torch.cat(parts))
+            for q, parts in zip(order, per_row, strict=True)}
+
+
+def _cut_in_rows(value: int, keep_equal: int, per_row: torch.Tensor) -> Cut:
+    """The cut that keeps the first ``keep_equal`` keys equal to ``value`` in flat order, from
+    each row's count of them."""
+    cum = torch.cumsum(per_row, 0)
+    row = int(torch.searchsorted(cum, keep_equal))  # first row where cum ≥ keep_equal
+    before = int(cum[row - 1]) if row else 0
+    return Cut(value, row, keep_equal - before)

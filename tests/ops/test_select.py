@@ -185,9 +185,10 @@ class TestQueries:
         assert len(passes) == 2 and torch.equal(mask, stable_topk(q, k_all))
 
     def test_a_cut_among_zeros_and_tiny_keys_of_an_uncollected_bucket(self, monkeypatch):
-        """Bucket 0 (zeros, and subnormals below 2^-126) counts its zeros apart when it is
-        too large to collect: cuts among the subnormals and among the zeros must still be
-        the stable argsort's."""
+        """Bucket 0 (zeros, and subnormals below 2^-126) counts its zeros apart, per row, when
+        it is too large to collect: cuts among the subnormals and among the zeros must still be
+        the stable argsort's, and a cut among the zeros is placed from those counts (two
+        passes: no tie pass)."""
         monkeypatch.setattr(select, "COLLECT_MAX", 0)
         x = randn(30, 40, seed=16)
         g = torch.Generator().manual_seed(16)
@@ -196,8 +197,11 @@ class TestQueries:
         x = torch.where(kind == 6, torch.tensor([1e-40, -3e-41, 7e-45])[kind % 3], x)
         nonzero, tiny = int((x != 0).sum()), int((kind == 6).sum())
         for k in (nonzero - tiny // 2, nonzero - 1, nonzero, nonzero + 1, nonzero + 300):
-            (mask,) = streamed_masks([x], [(0, k)], split(30, [4, 9]))
+            passes: list[int] = []
+            (mask,) = streamed_masks([x], [(0, k)], split(30, [4, 9]), passes)
             assert torch.equal(mask, stable_topk(x, k)), k
+            if k > nonzero:
+                assert len(passes) == 2, k
 
     def test_a_split_tie_placed_from_the_collected_bucket_takes_two_passes(self):
         q = torch.round(randn(20, 20, seed=15) * 2) / 2
