@@ -135,12 +135,13 @@ def _piece_fraction(node: Reduction) -> float:
     return (bounds[0][1] - bounds[0][0]) / max(1, node.stream_rows) if bounds else 0.0
 
 
-def held_pass_bytes(node: Reduction) -> int:
-    """What a reduction over inputs held in memory holds during its passes: its state, one
-    piece's scratch, and what any piece loop of the executor holds besides
-    (`CHUNKED_OVERHEAD`: measured 12-20 MiB above the held inputs for a LoRA extraction's
-    range finder, whose own scratch is ~4 MiB a piece; tests/run/test_execute_estimates.py)."""
-    return (node.state_bytes + math.ceil(node.workspace * _piece_fraction(node))
+def held_pass_bytes(node: Reduction, workers: int = 1) -> int:
+    """What a reduction over inputs held in memory holds during its passes: its state, the
+    scratch of a piece on each of its ``workers`` + 1 threads (`run.execute.Runtime.passes`),
+    and what any piece loop of the executor holds besides (`CHUNKED_OVERHEAD`: measured 12-20
+    MiB above the held inputs for a LoRA extraction's range finder, whose own scratch is ~4
+    MiB a piece; tests/run/test_execute_estimates.py)."""
+    return (node.state_bytes + (workers + 1) * math.ceil(node.workspace * _piece_fraction(node))
             + CHUNKED_OVERHEAD)
 
 
@@ -154,7 +155,7 @@ def expression_parts(node: Node, workers: int = 1) -> tuple[int, int]:
     for n in held:
         kept += n.nbytes
         if isinstance(n, Reduction) and n not in streaming:
-            passes = max(passes, held_pass_bytes(n))
+            passes = max(passes, held_pass_bytes(n, workers))
         elif n not in streaming:
             kept += n.workspace
     return kept, max(passes, max((pass_bytes(r, workers) for r in streaming), default=0))

@@ -126,14 +126,20 @@ def open_runtime(shards: list[Shard], dev: Any, *, workers: int | None, check_fi
             contextlib.ExitStack() as stack:
         largest = max((t.nbytes for s in shards for t in s.tensors), default=1)
         n = workers if workers is not None else piece_workers()
+        cpu = dev is not None and dev.type == "cpu"
         pool = (stack.enter_context(ThreadPoolExecutor(n, thread_name_prefix="recipekit-piece"))
-                if n > 1 and dev is not None and dev.type == "cpu" else None)
+                if n > 1 and cpu else None)
+        # passes over held inputs: n + 1 threads (the one that waits for them joins in); a
+        # pass that reads the files keeps the n workers (SCE's were slower on two threads)
+        passes = (stack.enter_context(ThreadPoolExecutor(
+            n + 1, thread_name_prefix="recipekit-pass", initializer=_one_torch_thread)), n + 1
+        ) if cpu else None
         keep = shared_values(t.node for s in shards for t in s.tensors)
         computed = [t.node for s in shards for t in s.tensors if not isinstance(t.node, Load)]
         yield Runtime(reader, dev, BufferPool(COPY_BUFFERS, max(1, min(COPY_CHUNK, largest))),
                       prefetch, FiniteCheck() if check_finite else None, pool,
                       n if pool else 1, events or RunEvents(), keep=keep,
-                      kept_heap=kept_heap(computed, n))
+                      kept_heap=kept_heap(computed, n), passes=passes)
 
 
 @dataclass
@@ -158,6 +164,9 @@ class Runtime:
     keep: frozenset[Node] = frozenset()
     #: the free heap kept from one chunked tensor to the next (`plan.cost.kept_heap`)
     kept_heap: int = KEPT_HEAP
+    #: the threads, and how many, that run the passes of a reduction over held inputs on the
+    #: CPU (`graph.passes.InMemorySource`); None: this thread
+    passes: tuple[ThreadPoolExecutor, int] | None = None
 
     #: the next output tensor's whole inputs, being read on the read-ahead thread
     #: (`read_ahead`); `_value` takes them from here
@@ -314,12 +323,17 @@ class _Batch:
 
 
 def _copy_into(buf: Any, tensor: Any, offset: int = 0) -> None:
-    """Copy a contiguous CPU tensor's bytes into ``buf`` at ``offset``."""
+    """Copy a contiguous CPU tensor's bytes into ``buf`` at ``offset``.
+
+    Why numpy's copy, not torch's ``copy_``: this runs on the thread that hands pieces to
+    the writer, whose torch keeps its default thread count, so ``copy_`` opened an OpenMP
+    region over every core for each piece, and the idle OpenMP threads then spin, taking
+    cores from the piece workers: with ``--workers 2`` on 2 cores a TinyLlama DELLA spent
+    26-30 s of CPU instead of 21-22 (measured with OMP_NUM_THREADS=1 as the control)."""
     import torch
 
-    flat = tensor.reshape(-1).view(torch.uint8)
-    torch.frombuffer(buf, dtype=torch.uint8, count=flat.numel(),
-                     offset=offset).copy_(flat)
+    flat = tensor.reshape(-1).view(torch.uint8).numpy()
+    buf[offset:offset + flat.size] = flat  # ``buf``: a `BufferPool` array
 
 
 def _tensor_bytes(tensor: Any) -> memoryview:
@@ -653,6 +667,14 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _one_torch_thread() -> None:
+    """A pass thread's torch runs its ops at one thread (`_torch_threads`; the setting is
+    per thread)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _pinned(device: Any) -> bool:
     """Read into page-locked memory, so host-to-GPU copies are asynchronous DMA."""
     return device is not None and device.type == "cuda"
@@ -708,8 +730,10 @@ def _value(n: Node, memo: dict[Node, Any], plan: Plan, rt: Runtime) -> Any:
                           for x, s in zip(m.inputs, m.streamed(), strict=True) if not s)
             result = m.reduce(_FileSource(m, plan, rt, memo), whole)
         elif (device is None or device.type == "cpu") and not m.threaded:
+            args = tuple(memo[x] for x in m.inputs)
             with _torch_threads(1):  # see `_torch_threads`
-                result = m.compute(tuple(memo[x] for x in m.inputs))
+                result = (m.compute(args, rt.passes) if isinstance(m, Reduction) else
+                          m.compute(args))
         else:
             result = m.compute(tuple(memo[x].to(device, non_blocking=True) for x in m.inputs))
         if isinstance(m, (Reduction, Sweep)):

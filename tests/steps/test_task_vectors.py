@@ -14,11 +14,13 @@ at the cut-offs):
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from recipekit.graph import passes
 from recipekit.merge import METHODS, resolve_params
 from recipekit.ops.merge import apply_method
 from recipekit.ops.rng import DRAW_BITS, counter_draw, tensor_generator
@@ -169,9 +171,10 @@ class TestAgainstFormulas:
 
 class TestHowReductionsRead:
     """Oracle: the default run's bytes. Reading row pieces from the files (HOLD_BYTES = 0),
-    many small pieces (PASS_ELEMS = 128 values, DARE's and DELLA's L1 passes take 4× and 2×,
-    `PruneStats.pass_scale`; output pieces of CHUNK_ELEMS = 256 values, up to 4× that,
-    `PrunedMerge.piece_scale`) and 1 or 2 piece workers give the same shards."""
+    many small pieces run side by side on the pass threads (PASS_ELEMS = 128 values, DARE's
+    and DELLA's L1 passes take 4× and 2×, `PruneStats.pass_scale`; output pieces of
+    CHUNK_ELEMS = 256 values, up to 4× that, `PrunedMerge.piece_scale`) and 1 or 2 piece
+    workers give the same shards."""
 
     @pytest.mark.parametrize("method", list(STEPS))
     def test_byte_identical(self, cli, tmp_path, trio, method, monkeypatch):
@@ -187,11 +190,23 @@ class TestHowReductionsRead:
             return original(self, fn)
 
         monkeypatch.setattr(execute._FileSource, "map", counting)
+        held: list[str] = []  # the threads that ran the pieces of held passes of 2+ pieces
+        held_map = passes.InMemorySource.map
+
+        def recording(self, fn, every=1):
+            def piece(*args):
+                held.append(threading.current_thread().name)
+                return fn(*args)
+            return held_map(self, piece if len(self.bounds[::every]) > 1 else fn, every=every)
+
+        monkeypatch.setattr(passes.InMemorySource, "map", recording)
         monkeypatch.setattr("recipekit.graph.passes.PASS_ELEMS", 128)
         monkeypatch.setattr("recipekit.plan.cost.CHUNK_ELEMS", 256)
         run(cli, tmp_path / "small", trio, method)
         assert pieces == []  # small inputs: read whole once, passes over them in memory
         assert shard_bytes(tmp_path / "small") == reference
+        # on the pass threads (run.execute.Runtime.passes), the same bytes
+        assert len(held) > 20 and all(n.startswith("recipekit-pass") for n in held)
         monkeypatch.setattr("recipekit.plan.cost.HOLD_BYTES", 0)
         for workers in ("1", "2"):
             run(cli, tmp_path / f"files{workers}", trio, method, "--workers", workers)
