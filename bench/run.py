@@ -300,8 +300,12 @@ def _solar_case(work: Path, shape: fixtures.LlamaShape) -> Case:
     )
 
 
-def merge_case(method: str, shape: str = "tinyllama") -> Callable[[Path], Case]:
-    """A merge of two fixtures of one shape (seeds 0 and 1) by ``method``, 0.5/0.5.
+def merge_case(method: str, shape: str = "tinyllama", changed: float | None = None
+               ) -> Callable[[Path], Case]:
+    """A merge of two fixtures of one shape (seeds 0 and 1) by ``method``, 0.5/0.5. With
+    ``changed``, the second is a light fine-tune of the first instead (`fixtures.
+    make_finetune`: that share of each weight changed, the task vector otherwise exact zeros,
+    as a real fine-tune's is in bf16; two seeds give Gaussian task vectors without a zero).
 
     Outputs are not checked byte for byte (a merge equals no input tensor); the test suite checks
     the numbers against the kernels and mergekit. Timing and memory are what this case is for.
@@ -344,6 +348,8 @@ def merge_case(method: str, shape: str = "tinyllama") -> Callable[[Path], Case]:
         # zero, so with one it would select nothing and return the base)
         seeds = (0, 1, 2) if method in ("model_stock", "sce") else (0, 1)
         dirs = [fixtures.make_llama_checkpoint(fixtures.SHAPES[shape], seed) for seed in seeds]
+        if changed is not None:
+            dirs[1] = fixtures.make_finetune(fixtures.SHAPES[shape], 0, changed=changed)
         a, b = dirs[:2]
         c = dirs[2] if len(dirs) > 2 else b
         step, mk = steps[method]
@@ -370,9 +376,12 @@ def merge_case(method: str, shape: str = "tinyllama") -> Callable[[Path], Case]:
                    {"wall_vs_mk": 0.2, "rss_vs_mk": 0.2, "wall_vs_floor": 4.0}
                    if method in ("ties", "dare_ties") else {"wall_vs_floor": 4.0}
                    if method in ("breadcrumbs", "della", "sce", "model_stock") else {})
+        name = method if shape == "tinyllama" else f"{method}-{shape}"
+        tuned = ("" if changed is None else
+                 f", the second a fine-tune of the first ({changed:.0%} changed)")
         return Case(
-            name=method if shape == "tinyllama" else f"{method}-{shape}",
-            description=f"{method} merge of {len(dirs)} {shape}-shaped fixtures, 0.5/0.5",
+            name=name if changed is None else f"{name}-ft{round(changed * 100)}",
+            description=f"{method} merge of {len(dirs)} {shape}-shaped fixtures, 0.5/0.5{tuned}",
             inputs=sorted(p for d in dirs for p in d.iterdir() if p.is_file()),
             variants=variants, expected={}, expected_config={}, targets=targets,
         )
@@ -584,6 +593,10 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "della": merge_case("della"),
     "sce": merge_case("sce"),
     "model_stock": merge_case("model_stock"),
+    # a light fine-tune: the task vector 70% exact zeros
+    "ties-ft30": merge_case("ties", changed=0.3),
+    "breadcrumbs-ft30": merge_case("breadcrumbs", changed=0.3),
+    "della-ft30": merge_case("della", changed=0.3),
     "solar-mistral-8l": solar_case("mistral-8l"),
     "linear-mistral-8l": merge_case("linear", "mistral-8l"),
     "solar-mistral-32l": solar_case("mistral-32l"),
