@@ -321,7 +321,8 @@ def run(
         "input file.")] = False,
     workers: Annotated[int | None, typer.Option(
         "--workers", min=1, help="Threads computing pieces of large elementwise tensors on the "
-        "CPU side by side (default: half the cores, at most 8). Changes no byte.")] = None,
+        "CPU side by side (default: half the cores, at most 8; the passes of a reduction over "
+        "inputs held in memory use one more). Changes no byte.")] = None,
     executor: Annotated[Executor, typer.Option(
         "--executor", help="Where shards are written: local (this process) or ray (one Ray "
         "task per output shard; the output must be on a file system every node sees; needs "
