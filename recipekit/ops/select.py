@@ -168,9 +168,11 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
             out += [(ks[s] == 0).sum().reshape(1) for s in streams]
         return out
 
-    def fold(parts: Iterator[object], windows: dict[int, _Window]
+    def fold(parts: Iterator[object], windows: dict[int, _Window],
+             zero_rows: list[list[torch.Tensor]] | None = None
              ) -> tuple[list[torch.Tensor], list[int]]:
-        """Sum the histograms and zero counts of a pass; collect the windows' keys."""
+        """Sum the histograms and zero counts of a pass; collect each stream's zeros per row
+        (into ``zero_rows``, when given) and the windows' keys."""
         hist = [torch.zeros(HIGH_BINS, dtype=torch.int64) for _ in streams]
         zeros = [0 for _ in streams]
         for part in parts:
@@ -180,11 +182,14 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
             if k_of_nonzero is not None:
                 for i in range(len(streams)):
                     zeros[i] += int(next(it))
+            for acc in zero_rows or ():
+                acc.append(next(it).cpu())
             for w in windows.values():
                 w.add(next(it), next(it))
         return hist, zeros
 
     windows: dict[int, _Window] = {}
+    sample = None
     if n >= SAMPLE_MIN:
         sample = fold(map_pieces(lambda lo, hi, p: histograms(keys(lo, hi, p)),
                                  every=SAMPLE_EVERY), {})
@@ -220,14 +225,32 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
                 above[q] += int(next(it))
                 windows[q].add(next(it), next(it))
     else:
+        # each row's zeros, where a cut may fall among them (a light fine-tune's task vector is
+        # mostly exact zeros): such a cut is then placed without a second pass
+        by_row: list[list[torch.Tensor]] | None = (
+            [[] for _ in streams] if k_of_nonzero is None
+            and _zeros_may_hold_a_cut(sample, queries, open_, streams, n) else None)
+
         def high(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
             ks = keys(lo, hi, pieces)
             out = histograms(ks)
+            if by_row is not None:
+                out += [_zeros_by_row(ks[s], h) for s, h in zip(streams, out, strict=False)]
             for q, w in windows.items():
                 out += bucket_entries(ks[queries[q][0]], lo, w.first, w.last)
             return out
 
-        per_stream, zeros = fold(map_pieces(high), windows)
+        per_stream, zeros = fold(map_pieces(high), windows, by_row)
+        if by_row is not None:
+            zero_counts = [torch.cat(parts) for parts in by_row]
+            for q in open_:
+                s = streams.index(queries[q][0])
+                cut = _cut_among_zeros(per_stream[s], queries[q][1], zero_counts[s], rows)
+                if cut is not None:
+                    cuts[q] = cut
+            open_ = [q for q in open_ if q not in cuts]
+            if not open_:
+                return [cuts[q] for q in range(len(queries))]
     if k_of_nonzero is not None:
         queries = [(s, k_of_nonzero(n - zeros[streams.index(s)])) for s, _ in queries]
         open_ = settle(open_)
@@ -397,6 +420,45 @@ def _windows(sample: tuple[list[torch.Tensor], list[int]], queries: Sequence[tup
         if expected <= WINDOW_MAX // 2:
             out[q] = _Window(first, last, min(WINDOW_MAX, int(expected * 1.5) + (1 << 16)))
     return out
+
+
+def _zeros_may_hold_a_cut(sample: tuple[list[torch.Tensor], list[int]] | None,
+                          queries: Sequence[tuple[int, int]], open_: Sequence[int],
+                          streams: Sequence[int], n: int) -> bool:
+    """Whether the histogram pass should count each row's zeros: always without a sample (a
+    small tensor), else where the sample's bucket 0 (zeros, and keys below 2^-126) holds at
+    least nine tenths of the share below some k-th key. A wrong guess costs time only: a cut
+    the counts cannot place goes to the second pass as before."""
+    if sample is None:
+        return True
+    hist, _ = sample
+    for q in open_:
+        s, k = queries[q]
+        h = hist[streams.index(s)]
+        size = int(h.sum())
+        if size and int(h[0]) * n >= 0.9 * (n - k) * size:
+            return True
+    return False
+
+
+def _zeros_by_row(key: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+    """Each row's count of zero keys in a piece (int64 [rows]); no pass over a piece whose
+    histogram has no key in bucket 0."""
+    if int(hist[0]) == 0:
+        return torch.zeros(key.shape[0], dtype=torch.int64)
+    return (key == 0).sum(dim=1)
+
+
+def _cut_among_zeros(hist: torch.Tensor, k: int, zero_rows: torch.Tensor, rows: int
+                     ) -> Cut | None:
+    """The cut of the k largest keys when it falls among the zeros, from the whole histogram
+    and each row's zeros; None when it falls elsewhere (or among bucket 0's tiny keys)."""
+    zeros = int(zero_rows.sum())
+    nonzero = int(hist.sum()) - zeros  # bucket 0's tiny keys among them
+    if zeros == 0 or not nonzero < k <= nonzero + zeros:
+        return None
+    keep_equal = k - nonzero  # every nonzero key is kept
+    return Cut(0, rows, 0) if keep_equal == zeros else _cut_in_rows(0, keep_equal, zero_rows)
 
 
 def _bucket_at(above: torch.Tensor, rank: float) -> int:

@@ -257,7 +257,11 @@ def _magnitude_rows(tau: torch.Tensor, lo: int, rule: torch.Tensor) -> torch.Ten
 def _shrink_threshold(cut: Cut, lo: int, hi: int) -> float | None:
     """The λ with key > λ's key ⇔ `keep_mask` keeps it, for every entry of rows ``lo:hi`` (the
     cut's own row not among them: keys ≥ value before it, > value after), when λ is a finite
-    fp32 value ≥ 0; None otherwise (keep-all, NaN or inf thresholds)."""
+    fp32 value ≥ 0; None otherwise (keep-all, NaN or inf thresholds). A cut among the zeros
+    (key 0: τ = ±0, most of a light fine-tune's task vector) gives 0 for any rows, its own
+    included: a zero kept is τ and a zero dropped is τ·0, the same ±0."""
+    if cut.value == 0:
+        return 0.0
     if lo <= cut.row < hi:
         return None
     strict = cut.value - 1 if cut.row >= hi else cut.value

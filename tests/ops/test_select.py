@@ -184,32 +184,43 @@ class TestQueries:
         (mask,) = streamed_masks([q], [(0, k_all)], split(20, [3]), passes)
         assert len(passes) == 2 and torch.equal(mask, stable_topk(q, k_all))
 
-    def test_a_cut_among_zeros_and_tiny_keys_of_an_uncollected_bucket(self, monkeypatch):
+    @pytest.mark.parametrize("sampled", [False, True])
+    def test_a_cut_among_zeros_and_tiny_keys_of_an_uncollected_bucket(self, monkeypatch,
+                                                                      sampled):
         """Bucket 0 (zeros, and subnormals below 2^-126) counts its zeros apart, per row, when
         it is too large to collect: cuts among the subnormals and among the zeros must still be
-        the stable argsort's, and a cut among the zeros is placed from those counts (two
-        passes: no tie pass)."""
+        the stable argsort's. The histogram pass counts each row's zeros where a cut may fall
+        among them (always without a sample; with one, where the sample's bucket 0 is large
+        enough), so a cut among the zeros takes that pass alone (after the sample)."""
         monkeypatch.setattr(select, "COLLECT_MAX", 0)
+        if sampled:
+            monkeypatch.setattr(select, "SAMPLE_MIN", 1)
+            monkeypatch.setattr(select, "SAMPLE_EVERY", 2)
         x = randn(30, 40, seed=16)
         g = torch.Generator().manual_seed(16)
         kind = torch.randint(0, 10, x.shape, generator=g)
         x = torch.where(kind < 6, 0.0, x)  # 60% zeros, a fine-tune's unchanged weights
         x = torch.where(kind == 6, torch.tensor([1e-40, -3e-41, 7e-45])[kind % 3], x)
         nonzero, tiny = int((x != 0).sum()), int((kind == 6).sum())
-        for k in (nonzero - tiny // 2, nonzero - 1, nonzero, nonzero + 1, nonzero + 300):
+        for k in (nonzero - tiny // 2, nonzero - 1, nonzero, nonzero + 1, nonzero + 300,
+                  x.numel() - 1):
             passes: list[int] = []
             (mask,) = streamed_masks([x], [(0, k)], split(30, [4, 9]), passes)
             assert torch.equal(mask, stable_topk(x, k)), k
             if k > nonzero:
-                assert len(passes) == 2, k
+                assert passes == ([2, 1] if sampled else [1]), k
 
     def test_a_split_tie_placed_from_the_collected_bucket_takes_two_passes(self):
+        """(One pass where the tie is among zeros: the histogram pass counts each row's.)"""
         q = torch.round(randn(20, 20, seed=15) * 2) / 2
         flat = q.abs().reshape(-1).sort(descending=True).values
-        for k in [k for k in range(1, 400) if flat[k - 1] == flat[k]][::7]:  # split ties
+        split_ties = [k for k in range(1, 400) if flat[k - 1] == flat[k]][::7]
+        assert {bool(flat[k] == 0) for k in split_ties} == {False, True}
+        for k in split_ties:
             passes: list[int] = []
             (mask,) = streamed_masks([q], [(0, k)], split(20, [3, 11, 12]), passes)
-            assert len(passes) == 2 and torch.equal(mask, stable_topk(q, k)), k
+            assert len(passes) == (1 if flat[k] == 0 else 2), k
+            assert torch.equal(mask, stable_topk(q, k)), k
 
 
 class TestPiecesDoNotMatter:

@@ -84,7 +84,8 @@ def streamed(xs: list[torch.Tensor], base: torch.Tensor, sparsify_: str,
 
 def models(kind: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A base [40, 24] and three fine-tunes: random fp32, on a coarse grid (many tied |τ|), or
-    bf16 weights (τ exact in fp32, on bf16's grid: ties at the cut-off, as in real merges)."""
+    bf16 weights (τ exact in fp32, on bf16's grid: ties at the cut-off, as in real merges),
+    70% of them unchanged ("finetune")."""
     base = randn(40, 24, seed=1)
     if kind == "random":
         return base, [base + 0.1 * randn(40, 24, seed=2 + i) for i in range(3)]
@@ -97,7 +98,11 @@ def models(kind: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         xs[2][7] = base[7] - torch.where(base[7] > 0, 1e-30, -1e-30)  # tiny τ of both signs
         return base, xs
     b = (0.02 * base).bfloat16()
-    return b, [(b.float() + 0.002 * randn(40, 24, seed=8 + i)).bfloat16() for i in range(3)]
+    tuned = [(b.float() + 0.002 * randn(40, 24, seed=8 + i)).bfloat16() for i in range(3)]
+    if kind == "finetune":  # a light fine-tune: 70% of τ exact zeros, most cuts among them
+        changed = [randn(40, 24, seed=20 + i).abs() > 1.04 for i in range(3)]
+        return b, [torch.where(c, x, b) for c, x in zip(changed, tuned, strict=True)]
+    return b, tuned
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -118,7 +123,7 @@ class TestMagnitude:
     (a dropped negative entry is −0, as τ·0 gives, whether a piece takes the shrink threshold
     or the key mask)."""
 
-    @pytest.mark.parametrize("kind", ["random", "grid", "bf16", "nonfinite"])
+    @pytest.mark.parametrize("kind", ["random", "grid", "bf16", "nonfinite", "finetune"])
     @pytest.mark.parametrize("case", list(MAGNITUDE_CASES))
     @pytest.mark.parametrize("method", ["magnitude", "magnitude_outliers"])
     def test_equals_whole_kernel(self, kind, case, method):
