@@ -235,7 +235,8 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
             ks = keys(lo, hi, pieces)
             out = histograms(ks)
             if by_row is not None:
-                out += [_zeros_by_row(ks[s], h) for s, h in zip(streams, out, strict=False)]
+                out += [_zeros_by_row(ks[s], h)
+                        for s, h in zip(streams, out[:len(streams)], strict=True)]
             for q, w in windows.items():
                 out += bucket_entries(ks[queries[q][0]], lo, w.first, w.last)
             return out

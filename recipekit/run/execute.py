@@ -615,8 +615,9 @@ def _fixed_mmap_threshold(size: int = 4 << 20) -> None:
     with the trim threshold above each of them kept what its thread freed, so the pass
     threads' and piece workers' heaps added up (a TinyLlama TIES against a light fine-tune:
     peaks of 433-756 MiB from run to run; one heap: 454-537 MiB, and no slower: 11.5-13.1
-    against 12.8-16.3 s). A piece's few dozen allocations take the heap's lock for a small
-    fraction of its time, even with 8 workers. No-op off glibc."""
+    against 12.8-16.3 s). Not measured with many workers: a piece makes a few dozen
+    allocations in about a millisecond, so the heap's lock should stay a small fraction of its
+    time. No-op off glibc."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, size)
