@@ -50,9 +50,11 @@ def put(bits: np.ndarray, start: int, packed: np.ndarray | None) -> bool:
 
 def unpack(bits: np.ndarray, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
     """Values ``start:start + count`` of the flat mask in ``bits`` (uint8), as a flat 0/1
-    tensor in ``dtype``."""
+    tensor in ``dtype`` (bool: a view of the unpacked bytes)."""
     raw = bits[start // 8:-(-(start + count) // 8)]
     flags = np.unpackbits(raw, count=count + start % 8)[start % 8:]
+    if dtype == torch.bool:  # 0 and 1 are numpy's bools: a view
+        return torch.from_numpy(flags.view(np.bool_))
     if dtype in (torch.float32, torch.float64):  # numpy's conversion: ~0.15 ns a value
         return torch.from_numpy(flags.astype(np.float32 if dtype == torch.float32
                                              else np.float64))

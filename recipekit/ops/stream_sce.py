@@ -118,21 +118,13 @@ def _keep(key: torch.Tensor, lo: int, cut: Cut, deltas: torch.Tensor) -> torch.T
     return keep_mask(key, lo, cut).reshape(deltas.shape[1:])
 
 
-def _selected(deltas: torch.Tensor, lo: int, cut: Cut) -> torch.Tensor:
-    """The task vectors with the unselected entries zeroed (as the kernel's mask product)."""
-    if cut == KEEP_ALL:
-        return deltas
-    keep = _keep(variance_key(deltas), lo, cut, deltas)
-    return deltas * keep.to(deltas.dtype).unsqueeze(0)
-
-
 def _kept_selection(deltas: torch.Tensor, lo: int, m: int, rules: torch.Tensor
                     ) -> torch.Tensor | None:
-    """The selection of rows ``lo:`` from the bits `sce_rules` kept (0/1 in the deltas'
-    dtype), or None when it kept none."""
+    """The selection of rows ``lo:`` (bool) from the bits `sce_rules` kept, or None when it
+    kept none."""
     if rules.numel() <= 3 + m or not bool(rules[3 + m]) or deltas.device.type != "cpu":
         return None
-    return unpack_rows(rules[4 + m:], lo, deltas.shape[1:], deltas.dtype)
+    return unpack_rows(rules[4 + m:], lo, deltas.shape[1:], torch.bool)
 
 
 def sce_rows(b: torch.Tensor, deltas: torch.Tensor, lo: int, rules: torch.Tensor, *,
@@ -141,7 +133,10 @@ def sce_rows(b: torch.Tensor, deltas: torch.Tensor, lo: int, rules: torch.Tensor
     select, erase (elected sign of Σ τ_i), θ_b + Σ ω_i e_i τ_i / max(Σ ω_i e_i, 1e-6)."""
     m = deltas.shape[0]
     cut = Cut(*(int(v) for v in rules[:3].tolist()))
-    keep = _kept_selection(deltas, lo, m, rules) if cut != KEEP_ALL else None
-    deltas = _selected(deltas, lo, cut) if keep is None else deltas * keep.unsqueeze(0)
+    keep = None
+    if cut != KEEP_ALL:
+        keep = _kept_selection(deltas, lo, m, rules)
+        if keep is None:
+            keep = _keep(variance_key(deltas), lo, cut, deltas)
     return sce_combine(b, deltas, rules[3:3 + m].to(deltas.dtype).to(deltas.device),
-                       int8_mask)
+                       int8_mask, keep)

@@ -792,29 +792,40 @@ class TestSce:
         close(mg.sce(base, [a, a]), a)
         assert torch.equal(mg.sce(base, []), base)
 
+    @pytest.mark.parametrize("shape", [(30, 200), (7, 13)])
     @pytest.mark.parametrize("m", [2, 3])
     @pytest.mark.parametrize(("dtype", "bits"), [(torch.float32, torch.int32),
                                                  (torch.float64, torch.int64)])
-    def test_combine_bits_on_special_values(self, m, dtype, bits):
-        """`sce_combine` (its mask and weights in numpy on the CPU) gives the bits of the
-        formula in torch ops, NaN payloads and signed zeros included, also for a NaN or a
-        negative ω."""
+    def test_combine_bits_on_special_values(self, m, dtype, bits, shape):
+        """`sce_combine` (two task vectors wholly in numpy on the CPU, more with their mask
+        and weights in numpy) gives the bits of the formula in torch ops, NaN payloads and
+        signed zeros included, also for a NaN or a negative ω; with a selection, the bits of
+        combining the masked task vectors. 7×13: torch's loops without whole SIMD vectors.
+        Where ω holds a NaN, a product of two NaNs has no fixed sign in torch itself (its
+        vector and scalar loops return different operands'), so there the NaNs are compared
+        as NaNs and every other value by its bits."""
         from recipekit.ops.task_arithmetic import sce_combine
 
         special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"),
                                 -float("nan"), 1e38, -1e38, 1e-45, -3.5, 0.25, 7.0],
                                dtype=dtype)
         g = torch.Generator().manual_seed(m)
-        deltas = special[torch.randint(len(special), (m, 30, 200), generator=g)]
-        base = special[torch.randint(len(special), (30, 200), generator=g)]
+        deltas = special[torch.randint(len(special), (m, *shape), generator=g)]
+        base = special[torch.randint(len(special), shape, generator=g)]
+        keep = torch.rand(shape, generator=g) < 0.5
         for omega in (torch.rand(m, generator=g, dtype=dtype), torch.zeros(m, dtype=dtype),
                       torch.tensor([float("nan")] + [0.5] * (m - 1), dtype=dtype),
                       -torch.rand(m, generator=g, dtype=dtype)):
-            weights = omega.reshape(m, 1, 1) * (torch.sign(deltas) == torch.where(
-                deltas.sum(dim=0) >= 0, 1.0, -1.0).to(dtype))
-            want = base + (deltas * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
-            got = sce_combine(base, deltas, omega, False)
-            assert torch.equal(got.view(bits), want.view(bits)), omega
+            for selection in (None, keep):
+                d = deltas if selection is None else deltas * selection.to(dtype)
+                weights = omega.reshape(m, 1, 1) * (torch.sign(d) == torch.where(
+                    d.sum(dim=0) >= 0, 1.0, -1.0).to(dtype))
+                want = base + (d * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
+                got = sce_combine(base, deltas, omega, False, selection)
+                if omega.isnan().any():
+                    assert torch.equal(got.isnan(), want.isnan())
+                    got, want = got.nan_to_num(0.5), want.nan_to_num(0.5)
+                assert torch.equal(got.view(bits), want.view(bits)), (omega, selection)
 
     @pytest.mark.parametrize("shape", [(2, 2048, 2048), (3, 256, 2048), (4, 1000, 3), (2, 5)])
     def test_energies_squared_into_scratch_give_the_stacks_bits(self, shape):

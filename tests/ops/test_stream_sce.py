@@ -13,7 +13,7 @@ import torch
 from recipekit.graph.passes import InMemorySource
 from recipekit.ops.select import Cut
 from recipekit.ops.sparsify import sce_topk_mask
-from recipekit.ops.stream_sce import _selected, sce_k, sce_rows, sce_rules
+from recipekit.ops.stream_sce import _keep, sce_k, sce_rows, sce_rules, variance_key
 from recipekit.ops.task_arithmetic import sce, task_vectors
 
 
@@ -45,7 +45,7 @@ class TestSelection:
                           lambda lo, hi, p: task_vectors(p, torch.float32),
                           fraction=fraction, n=deltas[0].numel())
         cut = Cut(*(int(v) for v in rules[:3].tolist()))
-        got = _selected(deltas, 0, cut)
+        got = deltas * _keep(variance_key(deltas), 0, cut, deltas).unsqueeze(0)
         want = deltas * sce_topk_mask(deltas, fraction=fraction).unsqueeze(0) \
             if fraction < 1 else deltas
         assert torch.equal(got, want)
