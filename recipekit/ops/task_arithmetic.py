@@ -351,9 +351,9 @@ def _combines_in_numpy(b: torch.Tensor, deltas: torch.Tensor, omega: torch.Tenso
 
 def _combine_two_numpy(b: torch.Tensor, deltas: torch.Tensor, omega: torch.Tensor,
                        keep: torch.Tensor | None) -> torch.Tensor:
-    """`sce_combine` of two task vectors in numpy, bit for bit torch's ops: ~1.5 against ~3
-    ns a value (torch's bool-by-float product, its sums over dim 0 and the broadcast
-    temporaries).
+    """`sce_combine` of two task vectors in numpy, bit for bit torch's ops: 2.4 against 3.1 ns
+    a value on a 64×2048 piece, the sign agreement's 0.7 included (torch's sums over dim 0 and
+    its broadcast temporaries); with a selection 2.9 against 4.5 (`ops.stream_sce.sce_rows`).
 
     The sums of two are one fp32 (fp64) addition each, as torch's; torch's sum starts from +0,
     so a zero sum is +0, which ``+ 0.0`` gives (it changes no other value). A selection folds
@@ -367,8 +367,10 @@ def _combine_two_numpy(b: torch.Tensor, deltas: torch.Tensor, omega: torch.Tenso
         agree &= keep.numpy()
     w = np.multiply(agree, omega.numpy().reshape((2,) + (1,) * (d.ndim - 1)))
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        num = np.multiply(w[0], d[0])  # torch's product gives the weight's NaN where both
-        other = np.multiply(w[1], d[1])  # are NaN: the weight is the instruction's first
+        # the weight first: where both are NaN, torch's SIMD loop returns the weight's NaN
+        # (its scalar loop τ's, so no operand order matches torch at every position)
+        num = np.multiply(w[0], d[0])
+        other = np.multiply(w[1], d[1])
         num += other
         num += 0.0
         den = np.add(w[0], w[1], out=other)
