@@ -543,6 +543,8 @@ def _welford_numpy(x: np.ndarray) -> np.ndarray:
     the same order, so the same bits): its fp64 ops on a 128Ki-value piece cost about two
     thirds of torch's (two task vectors: 2.2 against 3.1 ns a value), and every buffer is
     reused in place."""
+    if x.shape[0] == 2:
+        return _welford_two(x)
     with np.errstate(invalid="ignore", over="ignore"):
         mean = x[0].astype(np.float64)
         mean += 0.0
@@ -558,6 +560,28 @@ def _welford_numpy(x: np.ndarray) -> np.ndarray:
             m2 += value
         m2 /= x.shape[0]
         return m2.astype(x.dtype)
+
+
+def _welford_two(x: np.ndarray) -> np.ndarray:
+    """`_welford_numpy` of two task vectors (SCE's commonest case) with its bits, in 10
+    passes over the piece instead of 13: 2.5 → 1.75 ns a value on 128Ki values.
+
+    The mean, delta and product are the loop's ops, in its order. What goes: the +0 that
+    turns a first value of −0 into +0 (it changes only a zero delta's sign, and a zero
+    product then becomes +0 below either way), and m2's start (0, or NaN where x₀ is not
+    finite, where the product is NaN already). m2 = 0 + v is v + 0.0 (IEEE addition
+    commutes; −0 becomes +0), and ÷2 is ×0.5, exactly. Oracle: tests/ops/test_sparsify.py
+    (torch.var, special values and every pair of them)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = x[0].astype(np.float64)
+        value = x[1].astype(np.float64)
+        delta = value - mean
+        mean += np.multiply(delta, 0.5)
+        value -= mean
+        value *= delta
+        value += 0.0
+        value *= 0.5
+        return value.astype(x.dtype)
 
 
 def sce_topk_mask(deltas: torch.Tensor, *, fraction: float, piece_elems: int = 1 << 17

@@ -468,6 +468,22 @@ class TestPopulationVariance:
         assert torch.equal(got.isnan(), want.isnan())
         assert torch.equal(got.abs().view(int_type), want.abs().view(int_type))
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_two_task_vectors_every_pair(self, dtype):
+        """Two task vectors take a shorter sequence of ops (`sparsify._welford_two`): every
+        ordered pair of special values, signed zeros, the smallest subnormal beside the
+        largest values and pairs whose difference rounds gives torch's bits, NaN for NaN."""
+        special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e38,
+                                -1e38, 1e-45, -1e-45, 1e-30, -3.5, 0.25, 7.0, 1.0 + 2**-23,
+                                -(2.0 ** 40), 3e-8], dtype=dtype)
+        first, second = torch.meshgrid(special, special, indexing="ij")
+        x = torch.stack([first.reshape(-1), second.reshape(-1)])
+        got, want = sp.population_variance(x), torch.var(x, dim=0, correction=0)
+        int_type = torch.int32 if dtype == torch.float32 else torch.int64
+        assert torch.equal(got.isnan(), want.isnan())
+        finite = ~want.isnan()
+        assert torch.equal(got[finite].view(int_type), want[finite].view(int_type))
+
     def test_other_dtypes_and_a_vector(self):
         x = randn(3, 40).bfloat16()
         assert torch.equal(sp.population_variance(x), torch.var(x, dim=0, correction=0))
