@@ -66,12 +66,18 @@ class RowSource(Protocol):
 
     #: rows (dim 0) of every streamed input
     rows: int
+    #: whether pieces are read from the files on a read-ahead thread, where ``prepare`` runs
+    reads_files: bool
 
-    def map(self, fn: PieceFn[T], *, every: int = 1) -> Iterator[T]:
+    def map(self, fn: PieceFn[T], *, every: int = 1,
+            prepare: PieceFn[Any] | None = None) -> Iterator[T]:
         """``fn(lo, hi, pieces)`` for each row piece (each ``every``-th one only: a sample),
         ``pieces`` aligned with the streamed inputs; results in piece order. ``fn`` may run on
         worker threads: it must not mutate shared state (fold its results in the loop that
-        consumes them)."""
+        consumes them). With ``prepare``, ``fn`` gets ``prepare(lo, hi, pieces)`` instead of
+        the pieces, computed where the piece is read: a source that `reads_files` runs it on
+        its read-ahead thread, which waits on reads most of a pass, so the thread that runs
+        ``fn`` does less (SCE's task vectors: 8% of a TinyLlama SCE)."""
         ...
 
 
@@ -105,7 +111,12 @@ class InMemorySource:
         self.bounds = bounds
         self.threads = threads
 
-    def map(self, fn: PieceFn[T], *, every: int = 1) -> Iterator[T]:
+    reads_files = False
+
+    def map(self, fn: PieceFn[T], *, every: int = 1,
+            prepare: PieceFn[Any] | None = None) -> Iterator[T]:
+        if prepare is not None:  # on the thread that runs fn: nothing is read apart here
+            fn = _prepared(fn, prepare)
         bounds = self.bounds[::every]
         if self.threads is None or len(bounds) < 2:
             for lo, hi in bounds:
@@ -134,6 +145,10 @@ class InMemorySource:
 
     def _piece(self, lo: int, hi: int) -> tuple[Any, ...]:
         return tuple(t[lo:hi] for t in self.tensors)
+
+
+def _prepared(fn: PieceFn[T], prepare: PieceFn[Any]) -> PieceFn[T]:
+    return lambda lo, hi, pieces: fn(lo, hi, prepare(lo, hi, pieces))
 
 
 class Reduction(Node):

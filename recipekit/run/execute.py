@@ -122,7 +122,8 @@ def open_runtime(shards: list[Shard], dev: Any, *, workers: int | None, check_fi
     executor opens one for a run, the Ray executor one per task (`recipekit.run.ray`)."""
     _fixed_mmap_threshold()
     with FileReader() as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="recipekit-read") as prefetch, \
+            ThreadPoolExecutor(1, thread_name_prefix="recipekit-read",
+                               initializer=_one_torch_thread) as prefetch, \
             contextlib.ExitStack() as stack:
         largest = max((t.nbytes for s in shards for t in s.tensors), default=1)
         n = workers if workers is not None else piece_workers()
@@ -395,10 +396,13 @@ class _FileSource:
         self.bounds = node.bounds()
         self.plan, self.rt, self.known = plan, rt, known
 
-    def map(self, fn: Callable[[int, int, tuple[Any, ...]], Any], *,
-            every: int = 1) -> Iterator[Any]:
+    reads_files = True
+
+    def map(self, fn: Callable[[int, int, tuple[Any, ...]], Any], *, every: int = 1,
+            prepare: Callable[[int, int, tuple[Any, ...]], Any] | None = None
+            ) -> Iterator[Any]:
         job = _Pieces.over(self.targets, self.plan, self.rt, self.known)
-        yield from job.run(self.bounds[::every], fn)
+        yield from job.run(self.bounds[::every], fn, prepare)
 
 
 class _FileSweepSource:
@@ -427,6 +431,10 @@ class _FileSweepSource:
         return torch.cat(pieces).to(self.rt.device)
 
 
+#: the key of a piece's `_Pieces.prepare` result among its read rows (and "none made")
+_PREPARED: Any = object()
+
+
 @dataclass
 class _Pieces:
     """What computing row pieces of some nodes shares: the inputs they read whole, and how one
@@ -440,6 +448,8 @@ class _Pieces:
     whole: dict[Node, Any] = dataclasses.field(default_factory=dict)
     held: dict[Node, Any] = dataclasses.field(default_factory=dict)  # sliced inputs read whole
     fn: Callable[[int, int, tuple[Any, ...]], Any] = _output_piece
+    # what fn gets instead of the pieces (`graph.passes.RowSource.map`)
+    prepare: Callable[[int, int, tuple[Any, ...]], Any] | None = None
 
     @classmethod
     def over(cls, targets: tuple[Node, ...], plan: Plan, rt: Runtime,
@@ -465,10 +475,12 @@ class _Pieces:
         return job
 
     def run(self, bounds: list[tuple[int, int]],
-            fn: Callable[[int, int, tuple[Any, ...]], Any]) -> Iterator[Any]:
+            fn: Callable[[int, int, tuple[Any, ...]], Any],
+            prepare: Callable[[int, int, tuple[Any, ...]], Any] | None = None
+            ) -> Iterator[Any]:
         import torch
 
-        self.fn = fn
+        self.fn, self.prepare = fn, prepare
         threads = torch.get_num_threads()
         try:
             yield from _pipeline(self, bounds, self.rt.compute if not self.gpu else None, self.rt)
@@ -487,25 +499,37 @@ class _Pieces:
             seen.clear()
 
     def read(self, lo: int, hi: int) -> dict[Node, Any]:
-        return {n: self.held[n][lo:hi] if n in self.held else
-                gather_rows(n, self.plan, self.rt, lo, hi, self.whole)
-                if isinstance(n, RowGather) and n.streams else
-                read_rows(n, self.plan, self.rt.reader, lo, hi, pin=self.rt.pin)  # type: ignore[arg-type]
-                for n in self.loads}
+        """The stored rows ``lo:hi`` a piece reads; with `prepare` and targets that are all
+        read here (stored inputs, on the CPU), also what `prepare` makes of them, under
+        `_PREPARED`: on the read-ahead thread, which is idle while a piece computes."""
+        memo: dict[Any, Any] = {
+            n: self.held[n][lo:hi] if n in self.held else
+            gather_rows(n, self.plan, self.rt, lo, hi, self.whole)
+            if isinstance(n, RowGather) and n.streams else
+            read_rows(n, self.plan, self.rt.reader, lo, hi, pin=self.rt.pin)  # type: ignore[arg-type]
+            for n in self.loads}
+        if self.prepare is not None and not self.gpu and all(t in memo for t in self.targets):
+            memo[_PREPARED] = self.prepare(lo, hi, tuple(memo[t] for t in self.targets))
+        return memo
 
     def compute(self, ahead: Future[dict[Node, Any]], lo: int,
                 hi: int) -> tuple[dict[Node, Any], Any]:
         import torch
 
         memo = ahead.result()
+        prepared = memo.pop(_PREPARED, _PREPARED)
         # (held inputs were checked when read whole)
         inputs = {n: v for n, v in memo.items() if n not in self.held and isinstance(n, Load)
                   } if self.rt.finite else {}
         if not self.gpu:
             torch.set_num_threads(1)  # also per worker thread: OpenMP's setting is per thread
         try:
+            if prepared is not _PREPARED:
+                return inputs, self.fn(lo, hi, prepared)
             pieces = tuple(_piece(t, lo, hi, memo, self.whole, self.plan, self.rt)
                            for t in self.targets)
+            if self.prepare is not None:
+                return inputs, self.fn(lo, hi, self.prepare(lo, hi, pieces))
             return inputs, self.fn(lo, hi, pieces)
         finally:
             memo.clear()
@@ -678,8 +702,9 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def _one_torch_thread() -> None:
-    """A pass thread's torch runs its ops at one thread (`_torch_threads`; the setting is
-    per thread)."""
+    """A pass or read-ahead thread's torch runs its ops at one thread (`_torch_threads`; the
+    setting is per thread): the read-ahead thread forms pieces' task vectors too
+    (`_Pieces.read`), and more would open OpenMP regions whose idle threads spin."""
     import torch
 
     torch.set_num_threads(1)

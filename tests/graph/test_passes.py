@@ -56,3 +56,26 @@ def test_a_failing_piece_raises_after_the_pieces_in_flight_finish():
         with pytest.raises(ValueError, match="piece 8"):
             list(threaded.map(fn))
         assert not running  # none still reads the pieces when the error arrives
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_prepare_gives_fn_its_result(threaded):
+    """``prepare`` (what a file source runs on its read-ahead thread) is applied to each piece
+    before ``fn`` here too, on the thread that runs ``fn``, sample included."""
+    def prepare(lo, hi, pieces):
+        return pieces[0] * 2, threading.current_thread().name
+
+    def fn(lo, hi, prepared):
+        doubled, where = prepared
+        return lo, doubled.sum().item(), where == threading.current_thread().name
+
+    x, serial = source()
+    want = [(lo, 2 * x[lo:lo + 4].sum().item(), True) for lo in range(0, 40, 4)]
+    assert not serial.reads_files
+    if not threaded:
+        assert list(serial.map(fn, prepare=prepare)) == want
+        assert list(serial.map(fn, every=5, prepare=prepare)) == [want[0], want[5]]
+        return
+    with ThreadPoolExecutor(2, thread_name_prefix="test-pass") as pool:
+        _, threads = source((pool, 2))
+        assert list(threads.map(fn, prepare=prepare)) == want

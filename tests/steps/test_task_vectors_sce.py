@@ -76,6 +76,41 @@ class TestStreamed:
             assert _rel(t, want) <= 1e-6, (name, _rel(t, want))
 
 
+    def test_task_vectors_formed_on_the_read_ahead_thread(self, cli, tmp_path, models,
+                                                          monkeypatch):
+        """Passes that read the files form their task vectors where the pieces are read
+        (`RowSource.map`'s ``prepare``): the same bytes as forming them on the executor's
+        thread (a source that does not read files)."""
+        import threading
+
+        from recipekit.ops import task_arithmetic
+        from recipekit.run import execute
+
+        monkeypatch.setattr("recipekit.plan.cost.HOLD_BYTES", 0)
+        monkeypatch.setattr("recipekit.plan.cost.EXACT_BYTES", 0)
+        monkeypatch.setattr("recipekit.graph.passes.PASS_ELEMS", 1 << 10)
+        threads: list[str] = []
+        formed = task_arithmetic.task_vectors
+
+        def recording(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return formed(*args, **kwargs)
+
+        monkeypatch.setattr(task_arithmetic, "task_vectors", recording)
+        step = "    from: [tx, ty]\n    parameters: {select_topk: 0.4}\n"
+        for d in ("apart", "here"):
+            (tmp_path / d).mkdir()
+        apart, _ = _run(cli, tmp_path / "apart", models, step)
+        assert any(name.startswith("recipekit-read") for name in threads), set(threads)
+        threads.clear()
+        monkeypatch.setattr(execute._FileSource, "reads_files", False)
+        here, _ = _run(cli, tmp_path / "here", models, step)
+        assert not any(name.startswith("recipekit-read") for name in threads), set(threads)
+        assert apart.keys() == here.keys()
+        for name, t in apart.items():
+            assert torch.equal(t, here[name]), name
+
+
 class TestExactBelowHoldBytes:
     """Oracle: `sce` bit for bit: small inputs keep the whole `Merge`."""
 
