@@ -77,7 +77,7 @@ class RowSource(Protocol):
         consumes them). With ``prepare``, ``fn`` gets ``prepare(lo, hi, pieces)`` instead of
         the pieces, computed where the piece is read: a source that `reads_files` runs it on
         its read-ahead thread, which waits on reads most of a pass, so the thread that runs
-        ``fn`` does less (SCE's task vectors: 8% of a TinyLlama SCE)."""
+        ``fn`` does less (SCE forming its task vectors there: TinyLlama 30.9 → 27.1 s)."""
         ...
 
 
