@@ -327,7 +327,7 @@ def sce_combine(b: torch.Tensor, deltas: torch.Tensor, omega: torch.Tensor,
 
     ``keep``: the selection (bool, one task vector's shape), the bits of combining
     ``deltas * keep`` (see `_combine_two_numpy`)."""
-    if (keep is not None or len(deltas) == 2) and _combines_in_numpy(b, deltas, omega, keep):
+    if _combines_in_numpy(b, deltas, omega, keep):
         return _combine_two_numpy(b, deltas, omega, keep)
     if keep is not None:
         deltas = deltas * keep.to(deltas.dtype).unsqueeze(0)

@@ -524,13 +524,12 @@ class _Pieces:
         if not self.gpu:
             torch.set_num_threads(1)  # also per worker thread: OpenMP's setting is per thread
         try:
-            if prepared is not _PREPARED:
-                return inputs, self.fn(lo, hi, prepared)
-            pieces = tuple(_piece(t, lo, hi, memo, self.whole, self.plan, self.rt)
-                           for t in self.targets)
-            if self.prepare is not None:
-                return inputs, self.fn(lo, hi, self.prepare(lo, hi, pieces))
-            return inputs, self.fn(lo, hi, pieces)
+            if prepared is _PREPARED:  # not made on the read-ahead thread: made here
+                prepared = tuple(_piece(t, lo, hi, memo, self.whole, self.plan, self.rt)
+                                 for t in self.targets)
+                if self.prepare is not None:
+                    prepared = self.prepare(lo, hi, prepared)
+            return inputs, self.fn(lo, hi, prepared)
         finally:
             memo.clear()
 
