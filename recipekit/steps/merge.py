@@ -17,6 +17,7 @@ tensors and with mergekit goldens.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from recipekit.steps.interpolate import check_aligned
 from recipekit.steps.registry import Op
 from recipekit.steps.stream_merges import streamed_merge
 from recipekit.steps.vocab import align_inputs, check_tokenizer, vocab_config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -376,6 +379,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
     seed = int(step.spec.get("seed", 0))
     compute = step.spec.get("compute_dtype")
     tensors: dict[str, Node] = {}
+    outside: dict[str, tuple[float, str]] = {}  # a share outside [0, 1]: its first value
     for name, donor_node in first.tensors.items():
         operands = tuple(models[m].tensors[name] for m, _, _ in entries)
         base = models[base_name].tensors[name] if base_name else None
@@ -394,6 +398,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
         except ParamError as e:
             raise RecipeErrors([recipe.error(step.key_path, str(e))]) from None
         _check_della(spec, params, name, step, recipe)
+        _note_shares(params, name, outside)
         if spec.name == "passthrough" and params.get("scale") in (None, (None,), (1.0,)):
             tensors[name] = cast(operands[0], dtype)  # scale 1 is a copy
             continue
@@ -417,6 +422,12 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
         tensors[name] = streamed or intern(Merge(
             spec.name, operands, base, tuple(sorted(params.items())),
             seed if spec.random else 0, name if spec.random else "", dtype, native))
+    for key, (value, tensor) in outside.items():
+        log.warning("step '%s': %s %g (tensor `%s`, and maybe others) is %s: %s keeps %s "
+                    "entry there, as %s does (mergekit's reading); a share is a number in "
+                    "[0, 1], e.g. 0.15 for 15%%", step.name, key, value, printable(tensor),
+                    "above 1" if value > 1 else "below 0", spec.name,
+                    "every" if value > 1 else "no", "1" if value > 1 else "0")
     if total is None:
         return VirtualModel(step.name, first.config, tensors, first.stack, first.donor,
                             first.changed)
@@ -468,6 +479,21 @@ def streamed_task_vectors(spec: Any, operands: tuple[Node, ...], base: Node | No
         stats = intern(PruneStats(*fields, cache_masks=keep))
     return intern(PrunedMerge(spec.name, operands, base, stats, tuple(sorted(params.items())),
                               keys, work, dtype))
+
+
+#: parameters that are a share of the entries to keep: a value outside [0, 1] is kept as 0 or 1
+#: by mergekit and here, but it is most likely a slip (``density: 15`` meant as 15%)
+_SHARES = ("density", "select_topk")
+
+
+def _note_shares(params: Mapping[str, Any], tensor: str,
+                 outside: dict[str, tuple[float, str]]) -> None:
+    """Record in ``outside`` the first value of each share parameter outside [0, 1]."""
+    for key in _SHARES:
+        value = params.get(key)
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, (int, float)) and not 0 <= v <= 1 and key not in outside:
+                outside[key] = (float(v), tensor)
 
 
 def _check_della(spec: Any, params: Mapping[str, Any], tensor: str, step: Step,

@@ -189,6 +189,48 @@ class TestContract:
         assert message in result.stderr, result.stderr
 
 
+class TestSharesOutsideZeroOne:
+    """A density or select_topk outside [0, 1] behaves as mergekit reads it (above 1: keep
+    everything, below 0: keep nothing), but is most likely a slip (``density: 15`` meant as
+    15%): `validate` says so once per parameter, and the output is 1's or 0's."""
+
+    @pytest.mark.parametrize("step, same_as, warning", [
+        ("    method: ties\n    base: base\n    from: [{model: x, weight: 0.6, density: 15},"
+         " {model: y, weight: 0.4, density: 0.5}]\n",
+         "    method: ties\n    base: base\n    from: [{model: x, weight: 0.6, density: 1},"
+         " {model: y, weight: 0.4, density: 0.5}]\n",
+         "step 'm': density 15 (tensor `"),
+        ("    method: sce\n    base: base\n    from: [x, y]\n    parameters: {select_topk: 1.5}\n",
+         "    method: sce\n    base: base\n    from: [x, y]\n",
+         "step 'm': select_topk 1.5 (tensor `"),
+        ("    method: ties\n    base: base\n    from: [x, y]\n    parameters: {weight: 1, "
+         "density: -0.2}\n",
+         "    method: ties\n    base: base\n    from: [x, y]\n    parameters: {weight: 1, "
+         "density: 0}\n",
+         "step 'm': density -0.2 (tensor `"),
+    ])
+    def test_warned_once_and_read_as_mergekit_does(self, cli, tmp_path, trio, step, same_as,
+                                                   warning):
+        r = write_recipe(tmp_path, recipe_text(trio, step))
+        result = cli("validate", r)
+        assert result.exit_code == 0, result.output
+        assert result.stderr.count("warning: ") == 1 and warning in result.stderr, \
+            result.stderr
+        assert "a share is a number in [0, 1], e.g. 0.15 for 15%" in result.stderr
+        assert ("below 0" if "-" in warning else "above 1") in result.stderr
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        got = run(cli, tmp_path / "a", trio, step)
+        want = run(cli, tmp_path / "b", trio, same_as)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in got)
+
+    def test_shares_inside_say_nothing(self, cli, tmp_path, trio):
+        r = write_recipe(tmp_path, recipe_text(trio, CASES["ties"][0]))
+        result = cli("validate", r)
+        assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
+
+
 @pytest.mark.mergekit
 @pytest.mark.skipif(not MERGEKIT.exists(), reason="no side venv: bash bench/setup_mergekit.sh")
 @pytest.mark.parametrize("method", ["linear", "ties", "task_arithmetic", "slerp"])
