@@ -67,6 +67,7 @@ class RowSource(Protocol):
     #: rows (dim 0) of every streamed input
     rows: int
     #: whether pieces are read from the files on a read-ahead thread, where ``prepare`` runs
+    #: (else on the thread that runs ``fn``)
     reads_files: bool
 
     def map(self, fn: PieceFn[T], *, every: int = 1,

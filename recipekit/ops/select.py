@@ -25,8 +25,9 @@ Pure tensor math over a `RowSource`-like callable; no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -107,6 +108,28 @@ def top_k_mask(key: torch.Tensor, k: int) -> torch.Tensor:
 
 
 Keys = Callable[[int, int, tuple[torch.Tensor, ...]], Sequence[torch.Tensor]]
+
+
+class Ride(Protocol):
+    """Work that rides on `select_cuts`' window pass, which reads every piece once knowing, for
+    each query, a range of keys ``lower <= key < upper`` (``bounds``) that holds its k-th key
+    whenever that pass decides the cut: a caller that needs the kept entries' values (SCE's
+    energies) sums those above the range and keeps those inside, instead of a pass of its own
+    once the cut is known."""
+
+    def piece(self, lo: int, hi: int, pieces: tuple[torch.Tensor, ...],
+              keys: Sequence[torch.Tensor], inside: Mapping[int, torch.Tensor]) -> object:
+        """One piece's part, from its keys (`Keys`) and the flat positions of each query's
+        keys inside its range (`key_positions`); may run on worker threads."""
+        ...
+
+    def add(self, part: object) -> None:
+        """Fold one piece's part, in piece order."""
+        ...
+
+
+#: ``ride(bounds)`` starts a `Ride` given each windowed query's key range ``(lower, upper)``
+Rides = Callable[[Mapping[int, tuple[int, int]]], Ride]
 #: ``map_pieces(fn)`` runs ``fn`` over every piece in order (a `RowSource.map`);
 #: ``map_pieces(fn, every=s)`` over every s-th piece only (the sample)
 Map = Callable[..., Iterator[object]]
@@ -123,7 +146,8 @@ def select_passes(n: int) -> int:
 
 
 def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]], n: int,
-                rows: int, *, k_of_nonzero: Callable[[int], int] | None = None) -> list[Cut]:
+                rows: int, *, k_of_nonzero: Callable[[int], int] | None = None,
+                ride: Rides | None = None) -> list[Cut]:
     """The `Cut` of each query ``(stream, k)``: the k largest keys of stream ``stream``.
 
     ``keys(lo, hi, pieces)`` gives, for one row piece, each stream's keys ([rows, L] int32 from
@@ -140,6 +164,9 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
     bucket's keys, and a per-row count pass that places a tie only when that bucket holds more
     keys than `COLLECT_MAX` (`select_passes`). The result never depends on the sample: it only
     decides which keys are at hand after the first pass.
+
+    ``ride``: started when the window pass begins, and run on each piece of it (`Ride`); never
+    started when there is no window pass.
     """
     cuts: dict[int, Cut] = {}
     queries = list(queries)
@@ -204,15 +231,21 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
         # the window, with the keys above put in the bucket past it, places a k-th key that
         # falls inside the window exactly as the whole one would
         order = sorted(windows)
+        rider = ride({q: (w.first << 16, (w.last + 1) << 16) for q, w in windows.items()}) \
+            if ride is not None else None
 
         def around(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
             ks = keys(lo, hi, pieces)
             out = [ks[s].numel() - count_from(ks[s], 1) for s in streams] \
                 if k_of_nonzero is not None else []
+            inside = {}
             for q in order:
                 key, w = ks[queries[q][0]], windows[q]
                 out.append(count_from(key, (w.last + 1) << 16))
-                out += bucket_entries(key, lo, w.first, w.last)
+                inside[q] = key_positions(key, w.first << 16, (w.last + 1) << 16)
+                out += entries_at(key, lo, inside[q])
+            if rider is not None:
+                out.append(rider.piece(lo, hi, pieces, ks, inside))
             return out
 
         above = dict.fromkeys(order, 0)
@@ -224,6 +257,8 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
             for q in order:
                 above[q] += int(next(it))
                 windows[q].add(next(it), next(it))
+            if rider is not None:
+                rider.add(next(it))
     else:
         # each row's zeros, where a cut may fall among them (a light fine-tune's task vector is
         # mostly exact zeros): such a cut is then placed without a second pass
@@ -338,22 +373,42 @@ def count_from(key: torch.Tensor, value: int) -> torch.Tensor:
 def bucket_entries(key: torch.Tensor, lo: int, first: int, last: int
                    ) -> list[torch.Tensor]:
     """The keys of one piece (rows ``lo:``, keys [rows, L]) whose buckets (high 16 bits) lie in
-    ``first..last``, in flat order, and their rows (int32 each). On the CPU through numpy, whose
-    compare and flatnonzero cost a third of torch's on a piece (~0.5 ns per value in all)."""
-    start, width = first << 16, (last - first + 1) << 16
-    length = key.shape[1] if key.dim() > 1 else 1
-    if key.device.type == "cpu":
-        import numpy as np
+    ``first..last``, in flat order, and their rows (int32 each)."""
+    return entries_at(key, lo, key_positions(key, first << 16, (last + 1) << 16))
 
-        flat = key.reshape(-1).numpy()
-        # keys are ≥ 0 and start < 2^31: the int32 difference cannot wrap; as unsigned, the
-        # keys below start become huge, so one compare tests both ends
-        at = np.flatnonzero((flat - np.int32(start)).view(np.uint32) < np.uint32(width - 1) + 1)
-        return [torch.from_numpy(flat[at]),
-                torch.from_numpy((at // length + lo).astype(np.int32))]
+
+def entries_at(key: torch.Tensor, lo: int, at: torch.Tensor) -> list[torch.Tensor]:
+    """The keys of one piece (rows ``lo:``) at the flat positions ``at``, and their rows."""
+    length = key.shape[1] if key.dim() > 1 else 1
+    if key.device.type == "cpu":  # numpy's gather
+        i = at.numpy()
+        return [torch.from_numpy(key.reshape(-1).numpy()[i]),
+                torch.from_numpy((i // length + lo).astype(np.int32))]
+    return [key.reshape(-1)[at],
+            torch.div(at, length, rounding_mode="floor").add_(lo).to(torch.int32)]
+
+
+def keys_at_least(key: torch.Tensor, value: int) -> torch.Tensor:
+    """Which keys are ≥ ``value`` (bool, the keys' shape; numpy's compare on the CPU)."""
+    if value > np.iinfo(np.int32).max:
+        return torch.zeros(key.shape, dtype=torch.bool, device=key.device)
+    if key.device.type == "cpu":
+        return torch.from_numpy(key.numpy() >= np.int32(value))
+    return key >= value
+
+
+def key_positions(key: torch.Tensor, lower: int, upper: int) -> torch.Tensor:
+    """The flat positions (int64, ascending) of the keys ``lower <= key < upper`` in one piece's
+    keys. On the CPU through numpy, whose compare and flatnonzero cost a third of torch's on a
+    piece (~0.5 ns per value in all)."""
     flat = key.reshape(-1)
-    at = torch.nonzero((flat >= start) & (flat < start + width)).reshape(-1)
-    return [flat[at], torch.div(at, length, rounding_mode="floor").add_(lo).to(torch.int32)]
+    if key.device.type == "cpu":
+        # keys are ≥ 0 and lower < 2^31: the int32 difference cannot wrap; as unsigned, the
+        # keys below lower become huge, so one compare tests both ends
+        values = flat.numpy()
+        inside = (values - np.int32(lower)).view(np.uint32) < np.uint32(upper - lower - 1) + 1
+        return torch.from_numpy(np.flatnonzero(inside))
+    return torch.nonzero((flat >= lower) & (flat < upper)).reshape(-1)
 
 
 class _Window:

@@ -4,8 +4,9 @@ Why: SCE keeps the k = ⌊nnz(v)·f⌋ entries of largest variance v across the 
 (a top-k of the whole tensor), then weighs each task vector by its energy c_i = mean(τ_i²)
 over the whole selected tensor — two whole-tensor numbers, so mergekit holds every task vector
 in fp32. Here `sce_rules` finds them by passes over row pieces: `ops.select.select_cuts` on
-the variance's magnitude key (nnz counted in its histogram pass), then one pass for the
-energies; `sce_rows` erases sign conflicts and combines any rows once they are known.
+the variance's magnitude key (nnz counted in its histogram pass), the energies summed on the
+pass that places the cut (else in a pass of their own); `sce_rows` erases sign conflicts and
+combines any rows once they are known.
 
 Differences from the whole kernel, by design: the energies sum in fp64 piece by piece (the
 kernel: an fp32 mean), so ω agrees to ~1e-7 relative, not bit for bit; the kept set is the
@@ -18,16 +19,25 @@ Oracle: tests/steps/test_task_vectors_sce.py (streamed against `ops.task_arithme
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
 from recipekit.graph.passes import mask_words
+from recipekit.ops import select as _select
 from recipekit.ops.bitmask import bit_view, pack, put, unpack_rows
 from recipekit.ops.precision import numpy_floats
-from recipekit.ops.select import KEEP_ALL, KEEP_NONE, Cut, keep_mask, magnitude_key, select_cuts
+from recipekit.ops.select import (
+    KEEP_ALL,
+    KEEP_NONE,
+    Cut,
+    keep_mask,
+    keys_at_least,
+    magnitude_key,
+    select_cuts,
+)
 from recipekit.ops.sparsify import population_variance
 from recipekit.ops.task_arithmetic import sce_combine
 
@@ -52,7 +62,8 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
 
     ``deltas(lo, hi, pieces)`` gives the stacked task vectors [M, rows, ...] of one piece in
     the compute dtype; ``n`` is the entries per task vector. Passes: none for the cut when
-    f ≥ 1 or f ≤ 0, else 2–3 (`select_cuts`); then one for the energies.
+    f ≥ 1 or f ≤ 0, else 2–3 (`select_cuts`); then one for the energies, unless they rode on
+    the window pass of a large tensor's cut (`_EnergyRide`): usually a sample and one pass.
 
     ``keep``: each piece's variance key is computed once and kept through the passes (4n
     bytes). ``keep_bits`` (default: ``keep``): the energy pass keeps the selection as bits
@@ -62,23 +73,42 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
     exactly torch's fp64 Welford (`population_variance`), ~7 ns a value for two task vectors,
     and it was computed in every pass, three times a value in all (MLP tensors of a TinyLlama
     SCE of three: 62 → 44 ns a value). Pieces may run on several threads: each touches its
-    own entries. A source that reads the files forms the task vectors on its read-ahead
-    thread (``prepare``, `graph.passes.RowSource.map`): TinyLlama SCE 30.9 → 27.1 s.
+    own entries. A source that reads the files forms the task vectors and their keys on its
+    read-ahead thread (``prepare``, `graph.passes.RowSource.map`): the task vectors there,
+    TinyLlama SCE 30.9 → 27.1 s; their keys too, with the energies on the window pass,
+    23.6 → 22.3 s (one pass fewer, the work split more evenly between the two threads).
     """
     if keep_bits is None:
         keep_bits = keep
     cache: dict[int, torch.Tensor] | None = {} if keep else None
-    run, tau_of = source.map, deltas
-    if source.reads_files:  # the task vectors are formed on the read-ahead thread
-        run, tau_of = functools.partial(source.map, prepare=deltas), _given
 
-    def keys(lo: int, hi: int, pieces: Any, tau: torch.Tensor | None = None) -> torch.Tensor:
-        if cache is not None and lo in cache:
-            return cache[lo]
-        key = variance_key(tau_of(lo, hi, pieces) if tau is None else tau)
+    def prepared(lo: int, hi: int, pieces: Any, *, with_key: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A piece's task vectors and (``with_key``) variance key, made where it is read."""
+        tau = deltas(lo, hi, pieces)
+        if not with_key:
+            return tau, None
+        key = cache.get(lo) if cache is not None else None
+        return tau, variance_key(tau) if key is None else key
+
+    run = functools.partial(source.map, prepare=prepared)
+
+    def keys(lo: int, hi: int, piece: tuple[torch.Tensor, torch.Tensor | None]
+             ) -> torch.Tensor:
+        key = piece[1]
+        assert key is not None
         if cache is not None:
-            cache[lo] = key
+            cache.setdefault(lo, key)
         return key
+
+    room = torch.zeros(mask_words(n), dtype=torch.float64) if keep_bits else None
+    bits = bit_view(room) if room is not None else None
+    row = n // max(1, source.rows)
+    rides: list[_EnergyRide] = []
+
+    def ride(bounds: Mapping[int, tuple[int, int]]) -> _EnergyRide:
+        rides.append(_EnergyRide(*bounds[0], row, bits))
+        return rides[-1]
 
     if fraction >= 1:
         cut = KEEP_ALL
@@ -87,26 +117,32 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
     else:
         (cut,) = select_cuts(run, lambda lo, hi, p: [keys(lo, hi, p)],
                              [(0, 0)], n, source.rows,
-                             k_of_nonzero=lambda nnz: sce_k(nnz, fraction))
-    room = torch.zeros(mask_words(n), dtype=torch.float64) if keep_bits else None
-    bits = bit_view(room) if room is not None else None
-    row = n // max(1, source.rows)
-    kept = keep_bits and cut != KEEP_ALL
-
-    def energy(lo: int, hi: int, pieces: Any) -> torch.Tensor:
-        nonlocal kept
-        tau = tau_of(lo, hi, pieces)
-        chosen = (None if cut == KEEP_ALL else _keep(keys(lo, hi, pieces, tau), lo, cut, tau)
-                  if cut != KEEP_NONE else torch.zeros(tau.shape[1:], dtype=torch.bool))
-        if chosen is not None and not (bits is not None and put(bits, lo * row, pack(chosen))):
-            kept = False
-        if cache is not None:
-            cache.pop(lo, None)
-        return _energies(tau, chosen)
-
+                             k_of_nonzero=lambda nnz: sce_k(nnz, fraction), ride=ride)
     sums: torch.Tensor | None = None
-    for part in run(energy):
-        sums = part.cpu() if sums is None else sums + part.cpu()
+    if rides and rides[0].covers(cut):  # the window pass summed the energies: no pass of its own
+        if cache is not None:
+            cache.clear()
+        sums, kept = rides[0].finish(cut), rides[0].kept
+    else:
+        kept = keep_bits and cut != KEEP_ALL
+
+        def energy(lo: int, hi: int, piece: tuple[torch.Tensor, torch.Tensor | None]
+                   ) -> torch.Tensor:
+            nonlocal kept
+            tau = piece[0]
+            chosen = (None if cut == KEEP_ALL else _keep(keys(lo, hi, piece), lo, cut, tau)
+                      if cut != KEEP_NONE else torch.zeros(tau.shape[1:], dtype=torch.bool))
+            if chosen is not None and not (bits is not None
+                                           and put(bits, lo * row, pack(chosen))):
+                kept = False
+            if cache is not None:
+                cache.pop(lo, None)
+            return _energies(tau, chosen)
+
+        decided = cut in (KEEP_ALL, KEEP_NONE)
+        for part in source.map(energy, prepare=functools.partial(prepared,
+                                                                 with_key=not decided)):
+            sums = part.cpu() if sums is None else sums + part.cpu()
     m = sums.shape[0] if sums is not None else 0
     energies = sums / n if sums is not None and n else torch.zeros(m, dtype=torch.float64)
     total = float(energies.sum())
@@ -116,6 +152,71 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
     if room is None:
         return rules
     return torch.cat([rules, torch.tensor([float(kept)], dtype=torch.float64), room])
+
+
+class _EnergyRide:
+    """The energies, riding on the selection's window pass (`ops.select.Ride`): each piece's
+    Σ τ_i² over the entries whose keys lie above the window (kept whatever the cut inside it),
+    and the keys, flat positions and task vectors of the entries inside it, whose selection
+    the cut decides at the end (`finish`). With ``bits``, the entries above the window as bits,
+    the kept ones inside it added at the end. Why: the energy pass read every piece once more
+    and formed the task vectors again (a TinyLlama SCE's MLP windows hold up to 6% of their
+    entries: ~14 MiB kept, against a pass over 69 MiB of bf16 inputs); the window holds at most
+    `WINDOW_MAX` entries (the selection's own bound), past which the energy pass runs instead.
+    The sums add in another order than that pass's: ω may differ in its last fp64 bit.
+    """
+
+    def __init__(self, lower: int, upper: int, row: int, bits: np.ndarray | None) -> None:
+        self.lower, self.upper, self.row, self.bits = lower, upper, row, bits
+        self.sums: torch.Tensor | None = None
+        self.inside: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = []
+        self.count, self.limit = 0, _select.WINDOW_MAX
+        self.kept = bits is not None
+
+    def piece(self, lo: int, hi: int, piece: Any, keys: Any, inside: Any) -> object:
+        """``piece``: the task vectors and key `sce_rules` prepared."""
+        tau, key, at = piece[0], keys[0], inside[0]
+        above = keys_at_least(key, self.upper)
+        flat = tau.reshape(tau.shape[0], -1)
+        packed = pack(above) if self.bits is not None else None
+        return (lo, _energies(tau, above), packed,
+                (key.reshape(-1)[at], at + lo * self.row, flat[:, at]))
+
+    def add(self, part: object) -> None:
+        lo, sums, packed, inside = part  # type: ignore[misc]
+        self.sums = sums.cpu() if self.sums is None else self.sums + sums.cpu()
+        if self.bits is not None and not put(self.bits, lo * self.row, packed):
+            self.kept = False
+        if self.inside is None:
+            return
+        self.count += len(inside[0])
+        if self.count > self.limit:  # more than the selection's window holds: drop it
+            self.inside = None
+        else:
+            self.inside.append(tuple(t.cpu() for t in inside))  # type: ignore[arg-type]
+
+    def covers(self, cut: Cut) -> bool:
+        """Whether this pass tells which entries ``cut`` keeps: the cut fell inside the window,
+        and the window did not overflow."""
+        return self.inside is not None and self.sums is not None \
+            and self.lower <= cut.value < self.upper
+
+    def finish(self, cut: Cut) -> torch.Tensor:
+        """Σ τ_i² over the entries ``cut`` keeps (fp64 [M]), where this pass `covers` it."""
+        assert self.inside is not None and self.sums is not None
+        sums = self.sums
+        for keys, flat, tau in self.inside:  # a piece's: its rows whole, the cut's row in one
+            rows = torch.div(flat, self.row, rounding_mode="floor")
+            equal = keys == cut.value
+            at_row = equal & (rows == cut.row)
+            chosen = (keys > cut.value) | (equal & (rows < cut.row)) \
+                | (at_row & (torch.cumsum(at_row, 0) <= cut.count))
+            if self.bits is not None and self.kept:
+                at = flat[chosen].numpy()
+                np.bitwise_or.at(self.bits, at >> 3, (0x80 >> (at & 7)).astype(np.uint8))
+            sums = sums + _energies(tau, chosen)
+        self.inside = None
+        return sums
 
 
 def _energies(tau: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
@@ -134,11 +235,6 @@ def _energies(tau: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
             return torch.from_numpy(np.square(t, dtype=np.float64)).sum(dim=1)
     d = tau if chosen is None else tau * chosen.to(tau.dtype).unsqueeze(0)
     return d.reshape(m, -1).double().square().sum(dim=1)
-
-
-def _given(lo: int, hi: int, tau: torch.Tensor) -> torch.Tensor:
-    """The task vectors a source's ``prepare`` already formed."""
-    return tau
 
 
 def _keep(key: torch.Tensor, lo: int, cut: Cut, deltas: torch.Tensor) -> torch.Tensor:

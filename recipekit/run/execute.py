@@ -402,7 +402,7 @@ class _FileSource:
             prepare: Callable[[int, int, tuple[Any, ...]], Any] | None = None
             ) -> Iterator[Any]:
         job = _Pieces.over(self.targets, self.plan, self.rt, self.known)
-        yield from job.run(self.bounds[::every], fn, prepare)
+        yield from job.run(self.bounds[::every], fn, prepare, ahead=self.reads_files)
 
 
 class _FileSweepSource:
@@ -448,8 +448,10 @@ class _Pieces:
     whole: dict[Node, Any] = dataclasses.field(default_factory=dict)
     held: dict[Node, Any] = dataclasses.field(default_factory=dict)  # sliced inputs read whole
     fn: Callable[[int, int, tuple[Any, ...]], Any] = _output_piece
-    # what fn gets instead of the pieces (`graph.passes.RowSource.map`)
+    # what fn gets instead of the pieces (`graph.passes.RowSource.map`), and whether it is
+    # made on the read-ahead thread (`_FileSource.reads_files`)
     prepare: Callable[[int, int, tuple[Any, ...]], Any] | None = None
+    ahead: bool = True
 
     @classmethod
     def over(cls, targets: tuple[Node, ...], plan: Plan, rt: Runtime,
@@ -476,11 +478,11 @@ class _Pieces:
 
     def run(self, bounds: list[tuple[int, int]],
             fn: Callable[[int, int, tuple[Any, ...]], Any],
-            prepare: Callable[[int, int, tuple[Any, ...]], Any] | None = None
-            ) -> Iterator[Any]:
+            prepare: Callable[[int, int, tuple[Any, ...]], Any] | None = None, *,
+            ahead: bool = True) -> Iterator[Any]:
         import torch
 
-        self.fn, self.prepare = fn, prepare
+        self.fn, self.prepare, self.ahead = fn, prepare, ahead
         threads = torch.get_num_threads()
         try:
             yield from _pipeline(self, bounds, self.rt.compute if not self.gpu else None, self.rt)
@@ -508,7 +510,8 @@ class _Pieces:
             if isinstance(n, RowGather) and n.streams else
             read_rows(n, self.plan, self.rt.reader, lo, hi, pin=self.rt.pin)  # type: ignore[arg-type]
             for n in self.loads}
-        if self.prepare is not None and not self.gpu and all(t in memo for t in self.targets):
+        if self.prepare is not None and self.ahead and not self.gpu \
+                and all(t in memo for t in self.targets):
             memo[_PREPARED] = self.prepare(lo, hi, tuple(memo[t] for t in self.targets))
         return memo
 

@@ -294,7 +294,9 @@ class SceStats(Reduction):
     def passes(self) -> int:  # type: ignore[override]
         from recipekit.ops.select import select_passes
 
-        return select_passes(self.base.numel) + 1  # the cut's, then the energies'
+        # the cut's, then the energies' (at most: they ride on a window pass that places the
+        # cut, `ops.stream_sce._EnergyRide`)
+        return select_passes(self.base.numel) + 1
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -314,18 +316,22 @@ class SceStats(Reduction):
     @property
     def state_bytes(self) -> int:
         # the two histograms of the cut, the per-row counts of a tie and the keys selection
-        # collects; with ``keep``, every piece's int32 variance key; with ``keep_bits``, the
-        # selection's bits
-        from recipekit.graph.passes import selection_bytes
+        # collects; the entries inside its window the energies keep (a key, a flat position
+        # and each task vector's value: `ops.stream_sce._EnergyRide`); with ``keep``, every
+        # piece's int32 variance key; with ``keep_bits``, the selection's bits
+        from recipekit.dtypes import itemsize
+        from recipekit.graph.passes import WINDOW_MAX, selection_bytes
 
-        return ((3 << 15) * 8 + 8 * self.stream_rows + selection_bytes(self.base.numel, 1)
-                + (4 * self.base.numel if self.keep else 0)
-                + (self.nbytes if self.keep_bits else 0))
+        n = self.base.numel
+        ride = min(n, WINDOW_MAX) * (12 + itemsize(self.work) * len(self.operands))
+        return ((3 << 15) * 8 + 8 * self.stream_rows + selection_bytes(n, 1) + ride
+                + (4 * n if self.keep else 0) + (self.nbytes if self.keep_bits else 0))
 
     @property
     def workspace(self) -> int:
-        # per piece: the stacked task vectors, their variance, keys and masked copy
-        return (2 * len(self.operands) + 3) * 4 * self.base.numel
+        # per piece: the stacked task vectors and their key (made on the read-ahead thread),
+        # the variance and the masked copy
+        return (2 * len(self.operands) + 4) * 4 * self.base.numel
 
     def reduce(self, source: Any, whole: tuple[Any, ...]) -> Any:
         from recipekit.ops.stream_sce import sce_rules

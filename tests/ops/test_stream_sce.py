@@ -177,3 +177,79 @@ class TestEnergies:
         got = _energies(tau, chosen)
         assert got.isnan().all()
         assert _energies(tau, None)[1].item() == float("inf")
+
+
+class TestEnergiesOnTheWindowPass:
+    """Large tensors place the cut from a sample and a window pass (`ops.select`, lowered here
+    by `SAMPLE_MIN`); the energies then ride on that pass (`_EnergyRide`) instead of a pass of
+    their own. Oracle: the energy pass (the ride turned off): the same cut and bits, ω within
+    an fp64 rounding (the sums add in another order), and the kernel within 1e-6; one pass
+    fewer. Every piece repeats the first, so that the sample places the cut inside the window,
+    and each value has equal keys in other pieces: the cut falls among equal keys of one row.
+    """
+
+    @pytest.fixture(autouse=True)
+    def _sample_small_tensors(self, monkeypatch):
+        from recipekit.ops import select
+
+        monkeypatch.setattr(select, "SAMPLE_MIN", 0)
+        monkeypatch.setattr(select, "SAMPLE_EVERY", 2)
+
+    @staticmethod
+    def _rules(pieces: list[torch.Tensor], rows_per_piece: int, fraction: float,
+               **keep: bool) -> tuple[torch.Tensor, int]:
+        source = _source(pieces, rows_per_piece)
+        passes = []
+        run = source.map
+        source.map = lambda fn, **kw: (passes.append(kw.get("every", 1)), run(fn, **kw))[1]
+        rules = sce_rules(source, lambda lo, hi, p: task_vectors(p, torch.float32),
+                          fraction=fraction, n=pieces[0].numel(), **keep)
+        return rules, len(passes)
+
+    @pytest.mark.parametrize("grid", [False, True])
+    @pytest.mark.parametrize("fraction", [0.02, 0.3, 0.77])
+    @pytest.mark.parametrize("rows_per_piece", [4, 8])
+    @pytest.mark.parametrize("keep", [False, True])
+    def test_same_cut_bits_and_weights_as_the_energy_pass(self, monkeypatch, grid, fraction,
+                                                          rows_per_piece, keep):
+        import recipekit.ops.stream_sce as ss
+
+        pieces = [p[:rows_per_piece].repeat(40 // rows_per_piece, 1)
+                  for p in _inputs(grid, seed=4)]
+        riding, passes = self._rules(pieces, rows_per_piece, fraction, keep=keep,
+                                     keep_bits=True)
+        monkeypatch.setattr(ss._EnergyRide, "covers", lambda self, cut: False)
+        alone, passes_alone = self._rules(pieces, rows_per_piece, fraction, keep=keep,
+                                          keep_bits=True)
+        assert passes == passes_alone - 1 == 2  # the sample and the window pass
+        assert torch.equal(riding[:3], alone[:3])  # the cut
+        assert torch.allclose(riding[3:6], alone[3:6], rtol=1e-15, atol=0)
+        assert bool(riding[6]) and torch.equal(riding[6:], alone[6:])  # the kept bits
+        deltas = task_vectors(pieces, torch.float32)
+        want = sce(pieces[-1], pieces[:-1], select_topk=fraction)
+        out = sce_rows(pieces[-1], deltas, 0, riding)
+        assert ((out - want).abs().max() / want.abs().max()).item() <= 1e-6
+        masked = sce_rows(pieces[-1], deltas, 0, riding[:6])  # the selection from the keys
+        assert torch.equal(out, masked)
+
+    def test_a_window_too_full_for_the_ride_falls_back(self, monkeypatch):
+        """More entries inside the window than the ride may hold: the energy pass runs."""
+        import recipekit.ops.stream_sce as ss
+
+        pieces = [p[:4].repeat(10, 1) for p in _inputs(True, seed=5)]
+        want, _ = self._rules(pieces, 4, 0.3, keep=True)
+        dropped = []
+        start, covers = ss._EnergyRide.__init__, ss._EnergyRide.covers
+
+        def small(self, *args):
+            start(self, *args)
+            self.limit = 10
+
+        monkeypatch.setattr(ss._EnergyRide, "__init__", small)
+        monkeypatch.setattr(ss._EnergyRide, "covers",
+                            lambda self, cut: dropped.append(self.inside is None)
+                            or covers(self, cut))
+        got, passes = self._rules(pieces, 4, 0.3, keep=True)
+        assert dropped == [True] and passes == 3
+        assert torch.equal(got[:3], want[:3]) and torch.equal(got[6:], want[6:])
+        assert torch.allclose(got[3:6], want[3:6], rtol=1e-15, atol=0)

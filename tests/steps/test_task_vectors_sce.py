@@ -61,10 +61,23 @@ class TestStreamed:
     """Oracle: `sce` on the whole tensors within 1e-6 relative (ω sums in fp64 pieces)."""
 
     @pytest.mark.parametrize("a,b,fraction", CASES)
-    def test_matches_whole_kernel(self, cli, tmp_path, models, monkeypatch, a, b, fraction):
+    @pytest.mark.parametrize("sampled", [False, True])
+    def test_matches_whole_kernel(self, cli, tmp_path, models, monkeypatch, a, b, fraction,
+                                  sampled):
+        """``sampled``: every tensor places its cut from a sample and a window pass, on which
+        the energies ride (`ops.stream_sce._EnergyRide`), as a large tensor's do."""
+        import recipekit.ops.stream_sce as ss
+
         monkeypatch.setattr("recipekit.plan.cost.HOLD_BYTES", 0)
         monkeypatch.setattr("recipekit.plan.cost.EXACT_BYTES", 0)
         monkeypatch.setattr("recipekit.graph.passes.PASS_ELEMS", 1 << 10)
+        rode = []
+        if sampled:
+            monkeypatch.setattr("recipekit.ops.select.SAMPLE_MIN", 0)
+            monkeypatch.setattr("recipekit.ops.select.SAMPLE_EVERY", 2)
+            covers = ss._EnergyRide.covers
+            monkeypatch.setattr(ss._EnergyRide, "covers", lambda self, cut: rode.append(
+                covers(self, cut)) or rode[-1])
         out, plan = _run(cli, tmp_path, models,
                          f"    from: [{a}, {b}]\n    parameters: {{select_topk: {fraction}}}\n")
         assert plan.whole_tensor is None
@@ -74,6 +87,8 @@ class TestStreamed:
             want = apply_method("sce", [x[name], y[name]], base=base[name],
                                 params={"select_topk": fraction})
             assert _rel(t, want) <= 1e-6, (name, _rel(t, want))
+        if sampled and 0 < fraction < 1:
+            assert any(rode)
 
 
     def test_task_vectors_formed_on_the_read_ahead_thread(self, cli, tmp_path, models,
