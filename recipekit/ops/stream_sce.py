@@ -66,17 +66,18 @@ def sce_rules(source: Any, deltas: Deltas, *, fraction: float, n: int,
     the window pass of a large tensor's cut (`_EnergyRide`): usually a sample and one pass.
 
     ``keep``: each piece's variance key is computed once and kept through the passes (4n
-    bytes). ``keep_bits`` (default: ``keep``): the energy pass keeps the selection as bits
-    after the rules ([4 + M + ⌈n/64⌉]: a kept flag, then `np.packbits` of the flat mask,
-    padded to 8 bytes; n/8 bytes), which `sce_rows` reads instead of computing the variance
-    again; a tensor too large to keep its keys may still keep its bits. Why: the variance is
-    exactly torch's fp64 Welford (`population_variance`), ~7 ns a value for two task vectors,
-    and it was computed in every pass, three times a value in all (MLP tensors of a TinyLlama
-    SCE of three: 62 → 44 ns a value). Pieces may run on several threads: each touches its
-    own entries. A source that reads the files forms the task vectors and their keys on its
-    read-ahead thread (``prepare``, `graph.passes.RowSource.map`): the task vectors there,
-    TinyLlama SCE 30.9 → 27.1 s; their keys too, with the energies on the window pass,
-    23.6 → 22.3 s (one pass fewer, the work split more evenly between the two threads).
+    bytes). ``keep_bits`` (default: ``keep``): the pass that sums the energies keeps the
+    selection as bits after the rules ([4 + M + ⌈n/64⌉]: a kept flag, then `np.packbits` of
+    the flat mask, padded to 8 bytes; n/8 bytes), which `sce_rows` reads instead of computing
+    the variance again; a tensor too large to keep its keys may still keep its bits. Why:
+    the variance is exactly torch's fp64 Welford (`population_variance`), ~7 ns a value for
+    two task vectors, and it was computed in every pass, three times a value in all (MLP
+    tensors of a TinyLlama SCE of three: 62 → 44 ns a value). Pieces may run on several
+    threads: each touches its own entries. A source that reads the files forms the task
+    vectors and their keys on its read-ahead thread (``prepare``,
+    `graph.passes.RowSource.map`): the task vectors there, TinyLlama SCE 30.9 → 27.1 s; their
+    keys too, with the energies on the window pass, 23.6 → 22.3 s (one pass fewer, the work
+    split more evenly between the two threads).
     """
     if keep_bits is None:
         keep_bits = keep
