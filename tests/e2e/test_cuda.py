@@ -185,6 +185,27 @@ def test_reductions_agree_within_rounding(cli, tmp_path, models, name):
         assert (got - want).norm().item() / scale <= tolerance, key
 
 
+@pytest.mark.parametrize("name", ["sce", "ties", "breadcrumbs"])
+def test_streamed_selection_agrees(cli, tmp_path, models, name, monkeypatch):
+    """The streamed forms of the selecting methods (every tensor streamed in pieces of ~1Ki
+    values), each cut placed from a sample and a window pass (`ops.select.SAMPLE_MIN` 0), on
+    which SCE's energies ride (`ops.stream_sce._EnergyRide`): the keys, window positions and
+    energies taken on the GPU against the CPU's, within rounding."""
+    monkeypatch.setattr("recipekit.plan.cost.HOLD_BYTES", 0)
+    monkeypatch.setattr("recipekit.plan.cost.EXACT_BYTES", 0)
+    monkeypatch.setattr("recipekit.graph.passes.PASS_ELEMS", 1 << 10)
+    monkeypatch.setattr("recipekit.ops.select.SAMPLE_MIN", 0)
+    monkeypatch.setattr("recipekit.ops.select.SAMPLE_EVERY", 2)
+    body = CLOSE[name]
+    assert isinstance(body, str)
+    cpu = read_tensors(run(cli, tmp_path, models, body, "cpu"))
+    cuda = read_tensors(run(cli, tmp_path, models, body, "cuda"))
+    assert cpu.keys() == cuda.keys()
+    for key, want in cpu.items():
+        scale = max(want.double().norm().item(), 1e-30)
+        assert (cuda[key].double() - want.double()).norm().item() / scale <= 1e-5, key
+
+
 def test_auto_picks_the_gpu(cli, tmp_path, models):
     out = run(cli, tmp_path, models, EXACT["linear"][0], "cpu")
     recipe = write_recipe(tmp_path, f"{models}steps:\n  - name: s\n    {EXACT['linear'][0]}\n"
