@@ -6,16 +6,20 @@ modules import by name; this file holds only fixtures."""
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
-import pytest
-from typer.testing import CliRunner
-
-from tests.helpers.builders import make_model
-
+# before any import that may import huggingface_hub, which reads them once, at its import
+# (the builders import it: set after them, a hub test tried the network and waited ~45 s on
+# its retries before falling back to the cache)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from tests.helpers.builders import make_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
