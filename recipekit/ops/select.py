@@ -118,9 +118,11 @@ class Ride(Protocol):
     once the cut is known."""
 
     def piece(self, lo: int, hi: int, pieces: tuple[torch.Tensor, ...],
-              keys: Sequence[torch.Tensor], inside: Mapping[int, torch.Tensor]) -> object:
-        """One piece's part, from its keys (`Keys`) and the flat positions of each query's
-        keys inside its range (`key_positions`); may run on worker threads."""
+              keys: Sequence[torch.Tensor], inside: Mapping[int, torch.Tensor],
+              above: Mapping[int, torch.Tensor]) -> object:
+        """One piece's part, from its keys (`Keys`), the flat positions of each query's keys
+        inside its range (`key_positions`) and which keys lie above it (`keys_at_least`, bool);
+        may run on worker threads."""
         ...
 
     def add(self, part: object) -> None:
@@ -238,14 +240,15 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
             ks = keys(lo, hi, pieces)
             out = [ks[s].numel() - count_from(ks[s], 1) for s in streams] \
                 if k_of_nonzero is not None else []
-            inside = {}
+            inside, above = {}, {}
             for q in order:
                 key, w = ks[queries[q][0]], windows[q]
-                out.append(count_from(key, (w.last + 1) << 16))
+                above[q] = keys_at_least(key, (w.last + 1) << 16)
+                out.append(count_true(above[q]))
                 inside[q] = key_positions(key, w.first << 16, (w.last + 1) << 16)
                 out += entries_at(key, lo, inside[q])
             if rider is not None:
-                out.append(rider.piece(lo, hi, pieces, ks, inside))
+                out.append(rider.piece(lo, hi, pieces, ks, inside, above))
             return out
 
         above = dict.fromkeys(order, 0)
@@ -361,13 +364,16 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
 
 
 def count_from(key: torch.Tensor, value: int) -> torch.Tensor:
-    """How many keys are ≥ ``value`` (a one-element int64 tensor; through numpy on the CPU,
-    whose compare and count cost ~0.15 ns a key against torch's ~0.6)."""
-    if key.device.type == "cpu":
-        if value > np.iinfo(np.int32).max:
-            return torch.zeros(1, dtype=torch.int64)
-        return torch.tensor([np.count_nonzero(key.numpy() >= np.int32(value))])
-    return (key >= value).sum().reshape(1)
+    """How many keys are ≥ ``value`` (a one-element int64 tensor)."""
+    return count_true(keys_at_least(key, value))
+
+
+def count_true(mask: torch.Tensor) -> torch.Tensor:
+    """How many entries of a bool mask are set (a one-element int64 tensor; through numpy on
+    the CPU, whose compare and count cost ~0.15 ns a key against torch's ~0.6)."""
+    if mask.device.type == "cpu":
+        return torch.tensor([np.count_nonzero(mask.numpy())])
+    return mask.sum().reshape(1)
 
 
 def bucket_entries(key: torch.Tensor, lo: int, first: int, last: int

@@ -34,7 +34,6 @@ from recipekit.ops.select import (
     KEEP_NONE,
     Cut,
     keep_mask,
-    keys_at_least,
     magnitude_key,
     select_cuts,
 )
@@ -174,10 +173,10 @@ class _EnergyRide:
         self.count, self.limit = 0, _select.WINDOW_MAX
         self.kept = bits is not None
 
-    def piece(self, lo: int, hi: int, piece: Any, keys: Any, inside: Any) -> object:
+    def piece(self, lo: int, hi: int, piece: Any, keys: Any, inside: Any, above: Any
+              ) -> object:
         """``piece``: the task vectors and key `sce_rules` prepared."""
-        tau, key, at = piece[0], keys[0], inside[0]
-        above = keys_at_least(key, self.upper)
+        tau, key, at, above = piece[0], keys[0], inside[0], above[0]
         flat = tau.reshape(tau.shape[0], -1)
         packed = pack(above) if self.bits is not None else None
         return (lo, _energies(tau, above), packed,
