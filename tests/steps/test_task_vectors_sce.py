@@ -90,7 +90,6 @@ class TestStreamed:
         if sampled and 0 < fraction < 1:
             assert any(rode)
 
-
     def test_task_vectors_formed_on_the_read_ahead_thread(self, cli, tmp_path, models,
                                                           monkeypatch):
         """Passes that read the files form their task vectors where the pieces are read
