@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from recipekit.arch import COUNT_KEYS, LayerStack, LayerStackError, find_layer_stack
 from recipekit.errors import (
@@ -56,7 +56,9 @@ from recipekit.io.names import (
     WEIGHT_SUFFIXES,
     WEIGHTS,
 )
-from recipekit.recipe import ModelRef, Recipe
+
+if TYPE_CHECKING:  # the recipe package (yaml, the schema) is not loaded by inspect/diff
+    from recipekit.recipe import ModelRef, Recipe
 
 log = logging.getLogger(__name__)
 

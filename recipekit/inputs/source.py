@@ -10,14 +10,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from recipekit.errors import ExtraMissingError, RecipekitError, SourceNotFoundError
 from recipekit.inputs.files import check_confined
 from recipekit.inputs.hub import HubSnapshot, fetch_snapshot, remote_header, snapshot_identity
 from recipekit.inputs.remote import RemoteSnapshot, fetch_remote, remote_shard_header
 from recipekit.io.header import TensorInfo, read_header
-from recipekit.recipe import ModelRef, Recipe
+
+if TYPE_CHECKING:  # the recipe package (yaml, the schema) is not loaded by inspect/diff
+    from recipekit.recipe import ModelRef, Recipe
 
 
 class InputFiles:
