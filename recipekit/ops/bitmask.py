@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["bit_view", "pack", "put", "unpack", "unpack_rows"]
+__all__ = ["bit_view", "pack", "put", "set_bits", "unpack", "unpack_rows"]
 
 
 def bit_view(room: torch.Tensor) -> np.ndarray:
@@ -46,6 +46,22 @@ def put(bits: np.ndarray, start: int, packed: np.ndarray | None) -> bool:
         return False
     bits[start // 8:start // 8 + len(packed)] = packed
     return True
+
+
+def set_bits(bits: np.ndarray, at: np.ndarray) -> None:
+    """Set the bits of the flat mask ``bits`` (uint8, `np.packbits` order) at the flat
+    positions ``at`` (int64, any order), leaving the others as they are.
+
+    Why not ``np.bitwise_or.at``: it costs ~15 ns a position. These positions are few among
+    the values they span (SCE's kept window entries: up to 6% of a piece), so a bool mask of
+    the span, packed and ORed in whole bytes, costs ~3."""
+    if at.size == 0:
+        return
+    lo = int(at.min()) & ~7  # a whole byte
+    span = np.zeros(int(at.max()) + 1 - lo, dtype=bool)
+    span[at - lo] = True
+    packed = np.packbits(span)
+    bits[lo >> 3:(lo >> 3) + packed.size] |= packed
 
 
 def unpack(bits: np.ndarray, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 
 from recipekit.graph.passes import mask_words
 from recipekit.ops import select as _select
-from recipekit.ops.bitmask import bit_view, pack, put, unpack_rows
+from recipekit.ops.bitmask import bit_view, pack, put, set_bits, unpack_rows
 from recipekit.ops.precision import numpy_floats
 from recipekit.ops.select import (
     KEEP_ALL,
@@ -212,8 +212,7 @@ class _EnergyRide:
             chosen = (keys > cut.value) | (equal & (rows < cut.row)) \
                 | (at_row & (torch.cumsum(at_row, 0) <= cut.count))
             if self.bits is not None and self.kept:
-                at = flat[chosen].numpy()
-                np.bitwise_or.at(self.bits, at >> 3, (0x80 >> (at & 7)).astype(np.uint8))
+                set_bits(self.bits, flat[chosen].numpy())
             sums = sums + _energies(tau, chosen)
         self.inside = None
         return sums

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recipekit.graph.passes import mask_words
-from recipekit.ops.bitmask import bit_view, pack, unpack
+from recipekit.ops.bitmask import bit_view, pack, set_bits, unpack
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.float64, torch.bfloat16])
@@ -23,3 +23,22 @@ def test_pieces_packed_then_read_from_any_offset(dtype):
         got = unpack(bits, start, count, torch.float32 if dtype == torch.bool else dtype)
         assert torch.equal(got, mask[start:start + count].to(got.dtype))
     assert np.unpackbits(bits)[203:].sum() == 0  # the padding stays clear
+
+
+@pytest.mark.parametrize("order", ["ascending", "shuffled"])
+def test_set_bits_sets_those_positions_and_keeps_the_others(order):
+    """Against ``np.bitwise_or.at`` over a mask that already holds bits: positions that do
+    not start or end on whole bytes, one already set, the first and the last value."""
+    rng = np.random.default_rng(0)
+    before = rng.random(203) < 0.3
+    at = np.array([0, 5, 13, 14, 15, 16, 99, 150, 202], dtype=np.int64)
+    before[13] = True
+    bits = np.packbits(before)
+    if order == "shuffled":
+        rng.shuffle(at)
+    want = bits.copy()
+    np.bitwise_or.at(want, at >> 3, (0x80 >> (at & 7)).astype(np.uint8))
+    set_bits(bits, at)
+    assert np.array_equal(bits, want)
+    set_bits(bits, np.empty(0, dtype=np.int64))  # nothing to set
+    assert np.array_equal(bits, want)
