@@ -194,7 +194,7 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
     def histograms(ks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out = [torch.bincount((ks[s] >> 16).reshape(-1), minlength=HIGH_BINS) for s in streams]
         if k_of_nonzero is not None:  # bucket 0 also holds tiny keys: count the zeros
-            out += [(ks[s] == 0).sum().reshape(1) for s in streams]
+            out += [count_zeros(ks[s]) for s in streams]
         return out
 
     def fold(parts: Iterator[object], windows: dict[int, _Window],
@@ -368,6 +368,14 @@ def count_from(key: torch.Tensor, value: int) -> torch.Tensor:
     return count_true(keys_at_least(key, value))
 
 
+def count_zeros(key: torch.Tensor) -> torch.Tensor:
+    """How many keys are 0 (a one-element int64 tensor; on the CPU the keys less numpy's
+    count of the nonzero ones, ~0.1 ns a key against torch's compare and sum, ~0.9)."""
+    if key.device.type == "cpu":
+        return torch.tensor([key.numel() - np.count_nonzero(key.numpy())])
+    return (key == 0).sum().reshape(1)
+
+
 def count_true(mask: torch.Tensor) -> torch.Tensor:
     """How many entries of a bool mask are set (a one-element int64 tensor; through numpy on
     the CPU, whose compare and count cost ~0.15 ns a key against torch's ~0.6)."""
@@ -508,6 +516,8 @@ def _zeros_by_row(key: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
     histogram has no key in bucket 0."""
     if int(hist[0]) == 0:
         return torch.zeros(key.shape[0], dtype=torch.int64)
+    if key.device.type == "cpu":  # numpy's compare and sum: 0.4 ns a key, torch's 0.9
+        return torch.from_numpy((key.numpy() == 0).sum(axis=1, dtype=np.int64))
     return (key == 0).sum(dim=1)
 
 

@@ -148,6 +148,17 @@ class TestTopKMask:
 
 
 class TestQueries:
+    def test_k_of_the_nonzero_count_from_the_histogram_pass(self):
+        """SCE's k = f(nonzero keys) on a tensor too small for a sample: the histogram pass
+        counts each piece's zeros (pieces of different sizes, some all zero, so that a count
+        off by one per piece moves k)."""
+        x = torch.round(randn(60, 40, seed=26) * 64) / 64
+        x[:, ::3] = 0
+        x[10:14] = 0
+        for f in (lambda nonzero: nonzero // 2, lambda nonzero: nonzero - 1):
+            (mask,) = streamed_masks([x], [(0, 0)], split(60, [3, 4, 7]), k_of_nonzero=f)
+            assert torch.equal(mask, stable_topk(x, f(int((x != 0).sum()))))
+
     def test_many_streams_and_queries_in_one_call(self):
         """Several task vectors (streams) and several k per stream share the passes."""
         a = torch.round(randn(50, 30, seed=12) * 4) / 4
