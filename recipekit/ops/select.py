@@ -238,8 +238,7 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
 
         def around(lo: int, hi: int, pieces: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
             ks = keys(lo, hi, pieces)
-            out = [ks[s].numel() - count_from(ks[s], 1) for s in streams] \
-                if k_of_nonzero is not None else []
+            out = [count_zeros(ks[s]) for s in streams] if k_of_nonzero is not None else []
             inside, above = {}, {}
             for q in order:
                 key, w = ks[queries[q][0]], windows[q]
@@ -361,11 +360,6 @@ def select_cuts(map_pieces: Map, keys: Keys, queries: Sequence[tuple[int, int]],
     if ties:
         cuts.update(_place_ties(map_pieces, keys, queries, ties))
     return [cuts[q] for q in range(len(queries))]
-
-
-def count_from(key: torch.Tensor, value: int) -> torch.Tensor:
-    """How many keys are ≥ ``value`` (a one-element int64 tensor)."""
-    return count_true(keys_at_least(key, value))
 
 
 def count_zeros(key: torch.Tensor) -> torch.Tensor:
