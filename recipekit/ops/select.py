@@ -96,6 +96,15 @@ def keep_mask(key: torch.Tensor, lo: int, cut: Cut) -> torch.Tensor:
     return keep
 
 
+def kept_entries(keys: torch.Tensor, rows: torch.Tensor, cut: Cut) -> torch.Tensor:
+    """Which of some entries ``cut`` keeps (bool), given their keys and rows (1-D, in flat
+    order): `keep_mask`'s rule for entries gathered from pieces (SCE's window entries)."""
+    equal = keys == cut.value
+    at_row = equal & (rows == cut.row)
+    return (keys > cut.value) | (equal & (rows < cut.row)) \
+        | (at_row & (torch.cumsum(at_row, 0) <= cut.count))
+
+
 def top_k_mask(key: torch.Tensor, k: int) -> torch.Tensor:
     """The k largest keys of a tensor in memory (keys [rows, L] from `magnitude_key`) by the
     tie rule, as a bool mask: `select_cuts` over in-memory pieces. The same set as the first k

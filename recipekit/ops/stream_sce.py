@@ -34,6 +34,7 @@ from recipekit.ops.select import (
     KEEP_NONE,
     Cut,
     keep_mask,
+    kept_entries,
     magnitude_key,
     select_cuts,
 )
@@ -206,11 +207,7 @@ class _EnergyRide:
         assert self.inside is not None and self.sums is not None
         sums = self.sums
         for keys, flat, tau in self.inside:  # a piece's: its rows whole, the cut's row in one
-            rows = torch.div(flat, self.row, rounding_mode="floor")
-            equal = keys == cut.value
-            at_row = equal & (rows == cut.row)
-            chosen = (keys > cut.value) | (equal & (rows < cut.row)) \
-                | (at_row & (torch.cumsum(at_row, 0) <= cut.count))
+            chosen = kept_entries(keys, torch.div(flat, self.row, rounding_mode="floor"), cut)
             if self.bits is not None and self.kept:
                 set_bits(self.bits, flat[chosen].numpy())
             sums = sums + _energies(tau, chosen)
