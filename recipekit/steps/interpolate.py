@@ -63,10 +63,8 @@ def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualMode
         missing = [n for n in first.tensors if n not in other.tensors]
         extra = [n for n in other.tensors if n not in first.tensors]
         if missing or extra:
-            what = (f"`{missing[0]}` is in '{names[0]}' but not in '{other_name}'" if missing
-                    else f"`{extra[0]}` is in '{other_name}' but not in '{names[0]}'")
-            errors.append(recipe.error(step.key_path + ("from",), f"the inputs do not have the "
-                          f"same tensors: {what}", hint="combine models of the same architecture"))
+            errors.append(_unaligned(step, recipe, names[0], first, other_name, other,
+                                     missing, extra))
             continue
         for n, node in first.tensors.items():
             theirs = other.tensors[n]
@@ -80,6 +78,27 @@ def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualMode
                     "shapes", cls=ShapeMismatchError))
                 break
     return errors
+
+
+def _unaligned(step: Step, recipe: Recipe, name: str, model: VirtualModel, other_name: str,
+               other: VirtualModel, missing: list[str], extra: list[str]) -> RecipeError:
+    """The error of two inputs whose tensor names differ. Why the depths first: a model and
+    its own up-scaled (or pruned) copy share the architecture, and the first tensor one lacks
+    (`model.layers.8.…`) says less than "12 layers against 8" and how to match them."""
+    where = step.key_path + ("from",)
+    depth, theirs = model.stack.num_layers, other.stack.num_layers
+    if depth != theirs and model.stack.family == other.stack.family:
+        deeper, count = (name, theirs) if depth > theirs else (other_name, depth)
+        return recipe.error(
+            where, f"the inputs have different numbers of layers: '{name}' has {depth} and "
+            f"'{other_name}' has {theirs}",
+            hint=f"merge models of the same depth: e.g. keep {count} of the layers of "
+            f"'{deeper}' with an `op: layers` step first (layers: [\"range(0,{count})\"]) and "
+            "merge that step instead")
+    what = (f"`{missing[0]}` is in '{name}' but not in '{other_name}'" if missing
+            else f"`{extra[0]}` is in '{other_name}' but not in '{name}'")
+    return recipe.error(where, f"the inputs do not have the same tensors: {what}",
+                        hint="combine models of the same architecture")
 
 
 def build_interpolate(step: Step, models: Mapping[str, VirtualModel],

@@ -86,6 +86,33 @@ class TestInterpolate:
             "'b' (the vocabulary sizes differ); add `tokenizer: union` (or `base`, or a "
             "model's name) to the step to align the vocabularies")
 
+    def test_depth_mismatch_names_both_depths_and_the_fix_works(self, cli, tmp_path, pair):
+        """A model and a deeper one of its family: the error gives both layer counts, and the
+        step its hint describes makes the same recipe valid."""
+        deep = make_model("llama", tmp_path / "deep", layers=6, seed=2, dtype=torch.bfloat16)
+        r = write_recipe(tmp_path, RECIPE.format(a=pair[0], b=deep, alpha=0.5))
+        result = cli("validate", r)
+        assert result.exit_code == 2
+        assert result.stderr.splitlines()[0] == (
+            f"{r}:8:11: steps[0].from: the inputs have different numbers of layers: 'a' has 4 "
+            "and 'b' has 6; merge models of the same depth: e.g. keep 4 of the layers of 'b' "
+            "with an `op: layers` step first (layers: [\"range(0,4)\"]) and merge that step "
+            "instead")
+        fixed = RECIPE.format(a=pair[0], b=deep, alpha=0.5).replace(
+            "steps:\n", "steps:\n  - name: kept\n    op: layers\n    from: b\n"
+            "    layers: [\"range(0,4)\"]\n").replace("from: [a, b]", "from: [a, kept]")
+        assert cli("validate", write_recipe(tmp_path, fixed)).exit_code == 0
+
+    def test_other_architecture_names_the_first_differing_tensor(self, cli, tmp_path, pair):
+        other = make_model("gpt2", tmp_path / "gpt2", layers=4, seed=2)
+        r = write_recipe(tmp_path, RECIPE.format(a=pair[0], b=other, alpha=0.5))
+        result = cli("validate", r)
+        assert result.exit_code == 2
+        first = result.stderr.splitlines()[0]
+        assert first.startswith(f"{r}:8:11: steps[0].from: the inputs do not have the same "
+                                "tensors: `"), first
+        assert first.endswith("; combine models of the same architecture"), first
+
 
 GRADIENT_RULES = '[{match: "*.mlp.*", value: {gradient: [0, 1]}}, {match: "*norm*", value: 1}, ' \
     '{value: {gradient: [0.2, 0.8]}}]'
