@@ -92,9 +92,9 @@ def _unaligned(step: Step, recipe: Recipe, name: str, model: VirtualModel, other
         return recipe.error(
             where, f"the inputs have different numbers of layers: '{name}' has {depth} and "
             f"'{other_name}' has {theirs}",
-            hint=f"merge models of the same depth: e.g. keep {count} of the layers of "
+            hint=f"combine models of the same depth: e.g. keep {count} of the layers of "
             f"'{deeper}' with an `op: layers` step first (layers: [\"range(0,{count})\"]) and "
-            "merge that step instead")
+            "name that step here instead")
     what = (f"`{missing[0]}` is in '{name}' but not in '{other_name}'" if missing
             else f"`{extra[0]}` is in '{other_name}' but not in '{name}'")
     return recipe.error(where, f"the inputs do not have the same tensors: {what}",

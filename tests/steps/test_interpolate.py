@@ -95,9 +95,9 @@ class TestInterpolate:
         assert result.exit_code == 2
         assert result.stderr.splitlines()[0] == (
             f"{r}:8:11: steps[0].from: the inputs have different numbers of layers: 'a' has 4 "
-            "and 'b' has 6; merge models of the same depth: e.g. keep 4 of the layers of 'b' "
-            "with an `op: layers` step first (layers: [\"range(0,4)\"]) and merge that step "
-            "instead")
+            "and 'b' has 6; combine models of the same depth: e.g. keep 4 of the layers of "
+            "'b' with an `op: layers` step first (layers: [\"range(0,4)\"]) and name that "
+            "step here instead")
         fixed = RECIPE.format(a=pair[0], b=deep, alpha=0.5).replace(
             "steps:\n", "steps:\n  - name: kept\n    op: layers\n    from: b\n"
             "    layers: [\"range(0,4)\"]\n").replace("from: [a, b]", "from: [a, kept]")
