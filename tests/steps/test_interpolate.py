@@ -49,6 +49,14 @@ def run(cli, tmp_path, a, b, alpha) -> dict[str, torch.Tensor]:
     return read_tensors(tmp_path / "out")
 
 
+def refused(cli, tmp_path, a, b) -> tuple[str, str]:
+    """`validate` of interpolating ``a`` and ``b``: exit 2; the recipe and its first error line."""
+    r = write_recipe(tmp_path, RECIPE.format(a=a, b=b, alpha=0.5))
+    result = cli("validate", r)
+    assert result.exit_code == 2, result.output
+    return r, result.stderr.splitlines()[0]
+
+
 class TestInterpolate:
     """Oracle: torch.lerp in fp32 rounded once; endpoints bit-exact."""
 
@@ -78,10 +86,8 @@ class TestInterpolate:
 
     def test_vocab_mismatch_is_a_plan_time_error(self, cli, tmp_path, pair):
         big = make_model("llama", tmp_path / "big", layers=4, vocab_size=160)
-        r = write_recipe(tmp_path, RECIPE.format(a=pair[0], b=big, alpha=0.5))
-        result = cli("validate", r)
-        assert result.exit_code == 2
-        assert result.stderr.splitlines()[0] == (
+        r, first = refused(cli, tmp_path, pair[0], big)
+        assert first == (
             f"{r}:8:11: steps[0].from: `lm_head.weight` is [128, 32] in 'a' but [160, 32] in "
             "'b' (the vocabulary sizes differ); add `tokenizer: union` (or `base`, or a "
             "model's name) to the step to align the vocabularies")
@@ -90,10 +96,8 @@ class TestInterpolate:
         """A model and a deeper one of its family: the error gives both layer counts, and the
         step its hint describes makes the same recipe valid."""
         deep = make_model("llama", tmp_path / "deep", layers=6, seed=2, dtype=torch.bfloat16)
-        r = write_recipe(tmp_path, RECIPE.format(a=pair[0], b=deep, alpha=0.5))
-        result = cli("validate", r)
-        assert result.exit_code == 2
-        assert result.stderr.splitlines()[0] == (
+        r, first = refused(cli, tmp_path, pair[0], deep)
+        assert first == (
             f"{r}:8:11: steps[0].from: the inputs have different numbers of layers: 'a' has 4 "
             "and 'b' has 6; combine models of the same depth: e.g. keep 4 of the layers of "
             "'b' with an `op: layers` step first (layers: [\"range(0,4)\"]) and name that "
@@ -105,10 +109,7 @@ class TestInterpolate:
 
     def test_other_architecture_names_the_first_differing_tensor(self, cli, tmp_path, pair):
         other = make_model("gpt2", tmp_path / "gpt2", layers=4, seed=2)
-        r = write_recipe(tmp_path, RECIPE.format(a=pair[0], b=other, alpha=0.5))
-        result = cli("validate", r)
-        assert result.exit_code == 2
-        first = result.stderr.splitlines()[0]
+        r, first = refused(cli, tmp_path, pair[0], other)
         assert first.startswith(f"{r}:8:11: steps[0].from: the inputs do not have the same "
                                 "tensors: `"), first
         assert first.endswith("; combine models of the same architecture"), first
