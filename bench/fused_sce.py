@@ -17,7 +17,6 @@ numba is not a dependency of recipekit: install it beside this checkout, e.g.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,9 @@ from recipekit.ops.select import count_zeros, key_positions, keys_at_least
 from recipekit.ops.stream_sce import _energies, variance_key
 from recipekit.ops.task_arithmetic import task_vectors
 from recipekit.run.execute import _fixed_mmap_threshold
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lora_error import get, open_tensors  # noqa: E402 - bench/ is a folder of scripts
 
 FIXTURES = Path(__file__).parent / ".fixtures"
 TENSOR = "model.layers.3.mlp.gate_proj.weight"
@@ -89,19 +91,11 @@ def _classify(xa, xb, xc, keys, lower, upper, bits, pos, inside_keys, inside_tau
     return zeros, above, inside
 
 
-def _load(seed: int, name: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    root = FIXTURES / f"tinyllama-seed{seed}"
-    index = json.loads((root / "model.safetensors.index.json").read_text())["weight_map"]
-    with safe_open(str(root / index[name]), "pt") as f:
-        return f.get_tensor(name)
-
-
 def main() -> None:
     torch.set_num_threads(1)
     _fixed_mmap_threshold()  # the executor's allocator settings: temporaries reuse the heap
-    base, x, y = (_load(s, TENSOR) for s in (0, 1, 2))
+    base, x, y = (get(open_tensors(FIXTURES / f"tinyllama-seed{s}"), TENSOR)
+                  for s in (0, 1, 2))
     rows = (1 << 17) // base.shape[1]
     a, b, c = (t[:rows].contiguous() for t in (base, x, y))
     n = a.numel()
