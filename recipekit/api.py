@@ -446,17 +446,20 @@ def lock(recipe: RecipeSource, *, path: str | os.PathLike | None = None,
     a variable are locked as they resolve with these values).
 
     Raises:
-        as `validate`; UsageError without ``path`` for text or data.
+        as `validate`; UsageError without ``path`` for text or data; LockError for a ``path``
+        that is or lies inside an input, or names a file that is not a lock.
     """
     from recipekit.inputs.resolve import resolve_sources
-    from recipekit.tools.lock import build_lock, lock_path, write_lock
+    from recipekit.tools.lock import build_lock, check_lock_path, lock_path, write_lock
 
     r, file = _load(recipe, base_dir, variables)
     if path is None and file is None:
         raise UsageError("a recipe given as text or data has no file to put its lock beside",
                          file=r.document.file, hint="pass path=LOCK_FILE")
     target = Path(path) if path is not None else lock_path(file)  # type: ignore[arg-type]
-    doc = build_lock(r, resolve_sources(r))
+    sources = resolve_sources(r)
+    check_lock_path(target, r, sources, named=path is not None)
+    doc = build_lock(r, sources)
     write_lock(target, doc)
     return LockResult(target, len(doc["inputs"]),
                       sum(len(e["files"]) for e in doc["inputs"].values()))

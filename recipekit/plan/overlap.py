@@ -3,9 +3,10 @@
 Why: a run deletes (``--force``) and writes inside its output directory. If that directory is an
 input's directory, lies inside one or contains one, the run would destroy what it reads, so the
 refusal does not depend on ``--force``. Inputs are every model and adapter directory (a hub
-model's whole repo cache folder, whose ``blobs/`` its snapshot links into) and every side file
-a step reads (coalesce scheme files, X-LoRA scalings logs), plus the recipe itself, all compared
-after resolving symlinks.
+model's whole repo cache folder, whose ``blobs/`` its snapshot links into), every side file a
+step reads (coalesce scheme files, X-LoRA scalings logs) and the output's chat template file,
+plus the recipe itself, all compared after resolving symlinks. `recipekit lock` checks its
+lock's path against the same list (`overlapping_input`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.errors import OutputPathError, display_path
+from recipekit.inputs.side_files import OUTPUT_KEY
 from recipekit.recipe import Recipe
 
 #: The files an X-LoRA scalings log may be read from, beside the path the recipe gives.
@@ -73,6 +75,11 @@ def input_paths(recipe: Recipe, sources: Mapping[str, Any],
     for name, meta in dict(operators).items():
         for p in _log_parts(meta, base):
             out.append((f"the file {display_path(p)} that step '{name}' reads", _real(p)))
+    template = getattr(getattr(recipe, "output", None), "chat_template", None)
+    written = template.get(OUTPUT_KEY[1]) if isinstance(template, Mapping) else None
+    if isinstance(written, str):
+        p = base / written
+        out.append((f"the chat template file {display_path(p)} that `output` names", _real(p)))
     return out
 
 
@@ -83,6 +90,17 @@ def _relation(out: Path, inp: Path) -> str | None:
         return "lies inside"
     if out in inp.parents:
         return "contains"
+    return None
+
+
+def overlapping_input(path: Path, inputs: list[tuple[str, Path]]) -> tuple[str, str] | None:
+    """(relation, what) of the first input that ``path`` is, lies inside or contains, symlinks
+    resolved; None when it is apart from all of them."""
+    real = _real(path)
+    for what, inp in inputs:
+        relation = _relation(real, inp)
+        if relation is not None:
+            return relation, what
     return None
 
 
@@ -98,14 +116,13 @@ def check_output_apart(output: Path, inputs: list[tuple[str, Path]]) -> None:
     except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError for a loop
         raise OutputPathError(f"output path {display_path(output)} is a symlink loop",
                               hint="remove the link or choose another output path") from None
-    out = _real(output)
-    for what, path in inputs:
-        relation = _relation(out, path)
-        if relation is not None:
-            raise OutputPathError(
-                f"output path {display_path(output)} {relation} {what}",
-                hint="choose an output path that neither is, lies inside nor contains an input: "
-                "a run deletes and writes there, and inputs are never touched")
+    found = overlapping_input(output, inputs)
+    if found is not None:
+        relation, what = found
+        raise OutputPathError(
+            f"output path {display_path(output)} {relation} {what}",
+            hint="choose an output path that neither is, lies inside nor contains an input: "
+            "a run deletes and writes there, and inputs are never touched")
 
 
 def check_plan_output(plan: Any) -> None:

@@ -132,6 +132,44 @@ def build_lock(recipe: Recipe, sources: dict[str, Any]) -> dict[str, Any]:
             "recipe": recipe.file.name, "inputs": inputs}
 
 
+def check_lock_path(path: Path, recipe: Recipe, sources: dict[str, Any], *,
+                    named: bool) -> None:
+    """Refuse a lock path that would write over, or into, what the lock pins, or (``named``:
+    a path the caller chose rather than ``<stem>.lock.json``) over a file that is not a lock.
+
+    Why: the lock replaces whatever is at its path, and a path passed to `api.lock` that named
+    the recipe or a weight file destroyed it; one inside an input directory would become one
+    of the model's donor files. The default path may hold a damaged lock: `run`'s hint is to
+    refresh it there.
+
+    Raises:
+        LockError: naming the input or the file (exit 2).
+    """
+    from recipekit.plan.overlap import input_paths, overlapping_input
+
+    found = overlapping_input(path, input_paths(recipe, sources))
+    if found is not None and found[0] != "contains":
+        raise LockError(f"the lock path {display_path(path)} {found[0]} {found[1]}",
+                        hint="write the lock outside the recipe's inputs: it is written over "
+                        "whatever is at its path, and inputs are never touched")
+    if named and (path.is_symlink() or path.exists()) and not _is_lock(path):
+        raise LockError(f"{display_path(path)} exists and is not a recipekit lock",
+                        hint="a lock replaces only an earlier lock; choose another path or "
+                        "remove the file")
+
+
+def _is_lock(path: Path) -> bool:
+    """Whether ``path`` is a regular file holding a JSON object with a ``recipekit_lock`` key."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        raw, _ = read_bounded(path, MAX_LOCK)
+        doc = json.loads(raw.decode()) if raw is not None else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(doc, dict) and "recipekit_lock" in doc
+
+
 def write_lock(path: Path, lock: dict[str, Any]) -> None:
     """Written like every file recipekit writes (io/writer.py): temp name, no link followed."""
     write_file_atomic(path, (json.dumps(lock, indent=2, sort_keys=True) + "\n").encode(),

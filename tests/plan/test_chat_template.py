@@ -176,6 +176,19 @@ class TestFileTemplate:
             in result.output
         assert "recipekit lock" in result.output
 
+    def test_a_file_inside_the_output_is_an_input(self, cli, tmp_path, models):
+        """A template file under the output path would be deleted or rewritten by the run
+        (`--force` regenerated README.md, the template, before this was refused)."""
+        out = run_ok(cli, self.recipe(tmp_path, models))
+        recipe = linear(tmp_path, models, ("model_base", "model_b"), "{file: out/README.md}")
+        card = (out / "README.md").read_bytes()
+        for args in (("validate",), ("run", "-q", "--force")):
+            result = cli(*args, recipe)
+            assert result.exit_code == 2, result.output
+            assert (f"output path {out} contains the chat template file {out / 'README.md'} "
+                    "that `output` names") in result.stderr
+        assert (out / "README.md").read_bytes() == card
+
     def test_missing_file_is_located(self, cli, tmp_path, models):
         recipe = self.recipe(tmp_path, models)
         (tmp_path / "chat.jinja").unlink()

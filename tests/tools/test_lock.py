@@ -131,6 +131,58 @@ class TestLocal:
         assert "cannot read the lock" in result.stderr
 
 
+class TestLockPath:
+    """The lock is written over whatever is at its path: a path that is or lies inside an input
+    (the recipe, a weight file, a model folder) is refused, and so is a path the caller names
+    that holds a file which is not a lock (found by a black-box check: `recipekit.lock(recipe,
+    path=<the weights>)` replaced them with the lock)."""
+
+    @pytest.mark.parametrize("target,shown", [
+        ("model/model.safetensors", "lies inside input `models.tiny`"),
+        ("model/recipe.lock.json", "lies inside input `models.tiny`"),  # a new donor file
+        ("model", "is input `models.tiny`"),
+        ("recipe.yaml", "is the recipe")])
+    def test_an_input_is_refused(self, local, model_copy, target, shown):
+        import recipekit
+        from recipekit.errors import LockError
+
+        before = {p: p.read_bytes() for p in [local, *model_copy.iterdir()]}
+        with pytest.raises(LockError, match=f"the lock path .* {shown}") as e:
+            recipekit.lock(local, path=local.parent / target)
+        assert e.value.exit_code == 2
+        assert {p: p.read_bytes() for p in [local, *model_copy.iterdir()]} == before
+
+    def test_a_named_file_that_is_not_a_lock_is_kept(self, tmp_path, local):
+        import recipekit
+        from recipekit.errors import LockError
+
+        notes = tmp_path / "notes.json"
+        notes.write_text('{"mine": 1}')
+        with pytest.raises(LockError, match="exists and is not a recipekit lock"):
+            recipekit.lock(local, path=notes)
+        assert notes.read_text() == '{"mine": 1}'
+
+    def test_an_earlier_lock_is_replaced(self, tmp_path, local):
+        import recipekit
+
+        first = recipekit.lock(local, path=tmp_path / "pins.json")
+        again = recipekit.lock(local, path=first.path)
+        assert json.loads(again.path.read_text())["recipekit_lock"] == 1
+
+    def test_a_damaged_lock_at_the_default_path_is_refreshed(self, cli, local):
+        """`run`'s hint for a damaged lock is to refresh it with `recipekit lock`."""
+        (local.parent / "recipe.lock.json").write_text("{")
+        assert cli("lock", local).exit_code == 0
+        assert cli("run", local, "-q").exit_code == 0
+
+    def test_the_cli_refuses_a_recipe_inside_its_model(self, cli, tmp_path, model_copy):
+        r = write_recipe(model_copy, solar_recipe("."))
+        result = cli("lock", r)
+        assert result.exit_code == 2
+        assert "lies inside input `models.tiny`" in result.stderr
+        assert not (model_copy / "recipe.lock.json").exists()
+
+
 class TestDonorFiles:
     """Issue 17 item 9: the files an output copies from its config donor (tokenizer, chat
     template, generation config) are pinned like weights: after swapping one, `run --frozen`
