@@ -117,11 +117,11 @@ class TestErrors:
     def test_text_is_located_by_line(self):
         with pytest.raises(RecipeErrors) as e:
             recipekit.plan(self.TYPO)
-        assert str(e.value).splitlines()[3] == (
+        assert str(e.value).splitlines()[0] == (
             "<string>:8:5: steps[0].layerz: unknown key in step 'up' (op: layers); did you "
             "mean 'layers'?")
-        assert e.value.errors[1].location.line == 8
-        assert e.value.errors[1].key_path == ("steps", 0, "layerz")
+        assert e.value.errors[0].location.line == 8
+        assert e.value.errors[0].key_path == ("steps", 0, "layerz")
 
     def test_dict_is_located_by_key_path(self):
         with pytest.raises(RecipeErrors) as e:

@@ -154,7 +154,7 @@ def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list
     path: KeyPath = tuple(err.absolute_path)
     v = err.validator
     if v == "additionalProperties" and isinstance(err.instance, dict):
-        return _unknown_keys(doc, path, err.instance)
+        return _unknown_keys(doc, path, err.instance, err.schema)
     if v == "anyOf" and all(isinstance(b, dict) and set(b) == {"required"}
                             for b in err.validator_value):
         keys = " or ".join(f"`{b['required'][0]}:`" for b in err.validator_value)
@@ -165,6 +165,9 @@ def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list
         if best is not None and best is not err:
             # Prefer the branch whose type matches what the user wrote.
             branches = _matching_type_branches(err)
+            if len({b.schema_path[0] for b in branches if b.schema_path}) == 1:
+                # one branch is meant: every mistake in it (a typo and a bad value beside it)
+                return [e for b in branches for e in _render_schema_error(doc, b)]
             if branches:
                 return _render_schema_error(doc, jsonschema.exceptions.best_match(branches))
             return _render_schema_error(doc, best)
@@ -174,9 +177,10 @@ def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list
     if v == "required":
         missing = re.findall(r"'([^']+)' is a required property", err.message)
         key = missing[0] if missing else "?"
-        # without `op:` a step's other keys are not checked (they depend on the op), so a
-        # misspelled `op` would otherwise read as missing; other typos get their own error
-        typo = _misspelled(key, err.instance) if key == "op" else None
+        # a key that looks like a misspelling of the missing one is the mistake: one error,
+        # not "missing" and "unknown" (without `op:` a step's other keys are not checked at
+        # all, they depend on the op)
+        typo = _misspelled(key, err.instance, err.schema)
         if typo is not None:
             return [doc.error(path + (typo,), f"unknown key {_describe_at(doc, path)}",
                               hint=f"did you mean '{key}'? (`{key}:` is required here)",
@@ -186,17 +190,31 @@ def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list
     return [_value_error(doc, path, err)]
 
 
-def _misspelled(key: str, instance: Any) -> str | None:
-    """The key of ``instance`` that looks like a misspelling of the missing ``key``."""
+def _misspelled(key: str, instance: Any, schema: Any = None) -> str | None:
+    """The key of ``instance`` that looks like a misspelling of the missing ``key`` (not one
+    that ``schema`` allows: `models` is not a misspelled `model`)."""
     if not isinstance(instance, dict):
         return None
-    close = difflib.get_close_matches(key, [k for k in instance if isinstance(k, str)], n=1)
+    known = schema.get("properties", {}) if isinstance(schema, dict) else {}
+    close = difflib.get_close_matches(
+        key, [k for k in instance if isinstance(k, str) and k not in known], n=1)
     return close[0] if close else None
 
 
-def _unknown_keys(doc: Document, path: KeyPath, instance: dict[str, Any]) -> list[RecipeError]:
+def _unknown_keys(doc: Document, path: KeyPath, instance: dict[str, Any],
+                  schema: Any = None) -> list[RecipeError]:
+    """An error for each key of ``instance`` its object schema does not name, with the closest
+    allowed key. The allowed keys are `_known_keys`' where the object's schema depends on a
+    sibling value (a step's op, a model's form), else those of the schema that refused it (a
+    nested mapping: `tokenizer`, a gradient, a rule, an expert)."""
     allowed = _known_keys(doc, path)
-    extra = [k for k in instance if k not in allowed]
+    if not allowed and isinstance(schema, dict):
+        allowed = list(schema.get("properties", {}))
+        patterns = list(schema.get("patternProperties", {}))
+        extra = [k for k in instance if k not in allowed
+                 and not any(re.search(pat, str(k)) for pat in patterns)]
+    else:
+        extra = [k for k in instance if k not in allowed]
     errs = []
     for k in extra:
         close = difflib.get_close_matches(k, allowed, n=1)
