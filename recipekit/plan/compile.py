@@ -281,7 +281,8 @@ def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str,
     config = output_config(donor.config, model, tensors, recipe.output.dtype)
     shards = schedule_shards(tensors, recipe.output.shard_size)
     final = VirtualModel(model.name, model.config, tensors, model.stack, donor_name, model.changed)
-    operators = {name: dict(models[name].meta) for name in recipe.steps if models[name].meta}
+    operators = {name: dict(m.meta) for name in recipe.steps  # adapter sets have no meta
+                 if isinstance(m := models[name], VirtualModel) and m.meta}
     files = rewrite_dimension_files(donor, config)
     vocab = vocab_files(recipe, models, model.name)
     if vocab:  # an aligned vocabulary: its tokenizer, not the donor's

@@ -148,3 +148,27 @@ def test_output_adapter_on_a_model_is_an_error(cli, tmp_path, setup):
         """)
     result = cli("run", recipe, "-q")
     assert result.exit_code == 2 and "output 'f' is a model, not an adapter set" in result.output
+
+
+def test_a_combined_set_folds_into_a_model_output(cli, tmp_path, setup):
+    """A `combine_adapters` step used by a fold (and one left unused beside it) in a recipe
+    whose output is a model: the plan once asked every step's value for its metadata, and an
+    adapter set has none (an internal error, found by a black-box check). Oracle: PEFT's
+    merge of each adapter, summed."""
+    base, ads = setup
+    recipe = write_recipe(tmp_path, f"""
+        recipekit: 1
+        models: {{base: {base}}}
+        adapters: {{a: {ads['a']}, b: {ads['b']}}}
+        steps:
+          - {{name: mix, op: combine_adapters, adapters: [a, {{use: b, weight: 0.5}}]}}
+          - {{name: unused, op: combine_adapters, adapters: [b]}}
+          - {{name: folded, op: adapters, from: base, adapters: [mix]}}
+        output: {{path: ./out, model: folded}}
+        """)
+    result = cli("run", recipe, "-q")
+    assert result.exit_code == 0, result.output
+    w0, ours = read_tensors(base), read_tensors(tmp_path / "out")
+    delta = reference_delta(base, [(ads["a"], 1.0), (ads["b"], 0.5)])
+    for name, t in ours.items():
+        assert (t.double() - w0[name].double() - delta[name].double()).abs().max() <= 1e-6, name
