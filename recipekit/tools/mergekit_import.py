@@ -697,6 +697,36 @@ def _render(st: ImportState, recipe: dict[str, Any], config: Path,
 
 
 def _validate(recipe: dict[str, Any], file: Path, st: ImportState) -> None:
-    """recipekit's own checks on the result (schema, names, method contracts, shapes)."""
-    compile_plan(recipe_from_data(recipe, file), st.checkpoints)
+    """recipekit's own checks on the result (schema, names, method contracts, shapes).
+
+    A problem of the converted recipe is reported in the mergekit config the user wrote, with
+    the recipe's key path: the recipe is not written, so its own lines cannot be shown (they
+    once named the output file, or ``<stem>.yaml`` in the working directory, without a line).
+
+    Raises:
+        ConversionError: the converted recipe's problems, located at the config's top.
+        RecipekitError: models that cannot be read (located in their own files).
+    """
+    try:
+        compile_plan(recipe_from_data(recipe, file), st.checkpoints)
+    except RecipekitError as e:
+        errors = e.errors if isinstance(e, RecipeErrors) else [e]
+        if not any(_in_file(err, file) for err in errors):
+            raise
+        raise ConversionError([st.doc.error((), "the recipe converted from this config does "
+                                            f"not validate: {_bare(err)}", hint=(
+            "nothing was written; fix the config (a rule's `match:` is mergekit's `filter:`, "
+            "a default rule an entry without `filter:`)")) if _in_file(err, file) else err
+            for err in errors]) from None
+
+
+def _in_file(err: RecipekitError, file: Path) -> bool:
+    loc = err.location
+    return (loc.file if loc is not None else err.file) == str(file)
+
+
+def _bare(err: RecipekitError) -> str:
+    """An error's key path, message and hint without its location (a file not written)."""
+    text = err.message + (f" ({err.hint})" if err.hint else "")
+    return f"{format_key_path(err.key_path)}: {text}" if err.key_path else text
 

@@ -182,6 +182,6 @@ def translate_param(st: ImportState, spec: Any, chain: list[tuple[Any, KeyPath]]
         out.append({"value": value} if flt is None else {"match": glob_filter(flt), "value": value})
     if out[-1].get("match") is not None and not spec.required:
         out.append({"value": spec.default})  # mergekit falls back to the default
-    if len(out) == 1:
-        return True, out[0]["value"]
+    if len(out) == 1 and "match" not in out[0]:  # a lone filtered rule stays a rule: a
+        return True, out[0]["value"]             # tensor it misses has no value, as in mergekit
     return True, out

@@ -165,6 +165,28 @@ def test_refusals(cli, tmp_path, monkeypatch, config, message):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("weight", ["{filter: mlp, value: 0.2}", "[{filter: mlp, value: 0.2}]"])
+def test_a_lone_filter_of_a_required_parameter_stays_a_filter(cli, tmp_path, monkeypatch,
+                                                               weight):
+    """mergekit refuses a tensor no filter of a required parameter (`weight`) matches
+    ("Missing required parameter weight"); the import once dropped a lone filter and merged
+    every tensor with its value (found by a black-box check). Now the converted recipe has the
+    rule, recipekit's check refuses it, and the message is located in the config the user
+    wrote (not in the recipe, which is not written)."""
+    monkeypatch.chdir(GOLDENS)
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text("models:\n  - model: models/a\n    parameters: {weight: 0.7}\n"
+                   f"  - model: models/b\n    parameters:\n      weight: {weight}\n"
+                   "merge_method: task_arithmetic\nbase_model: models/c\n")
+    out = tmp_path / "r.yaml"
+    result = cli("import-mergekit", cfg, "-o", out)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(
+        f"{cfg}:1:1: the recipe converted from this config does not validate: steps[0]: no "
+        "rule matches `")
+    assert "nothing was written" in result.stderr and not out.exists()
+
+
 def test_hub_models_become_hub_sources(cli, tmp_path, monkeypatch, tiny_llama):
     """A name that is not a directory but an org/name id is a hub repo (as in mergekit); the
     recipe pins nothing itself (`recipekit lock` does) but keeps the @revision."""
