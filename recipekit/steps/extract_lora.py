@@ -58,7 +58,10 @@ def build_extract_lora(step: Step, models: Mapping[str, VirtualModel | AdapterSe
         RecipeErrors: base/tuned is an adapter set, or their tensors or shapes differ.
     """
     names = [step.spec["base"], step.spec["tuned"]]
-    errors = check_aligned(step, names, models, recipe)  # type: ignore[arg-type]
+    errors = check_aligned(  # type: ignore[arg-type]
+        step, names, models, recipe, key="tuned", vocabulary_hint="a LoRA adapter cannot "
+        "change the vocabulary size; extract from a tuned model with the base's vocabulary "
+        "(before its embeddings were resized)")
     if step.spec.get("method", "randomized") == "exact":
         errors += [recipe.error(step.key_path + (key,), f"`{key}` is a parameter of method "
                                 "randomized; method exact runs a full SVD", key=True)

@@ -52,9 +52,17 @@ class Lerp(SameShape):
         return lerp(args[0], args[1], t=self.t).to(torch_dtype(self.dtype))
 
 
+#: How a step that takes `tokenizer:` aligns inputs whose vocabulary sizes differ.
+ALIGN_VOCABULARIES = ("add `tokenizer: union` (or `base`, or a model's name) to the step to "
+                      "align the vocabularies")
+
+
 def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualModel],
-                  recipe: Recipe) -> list[RecipeError]:
-    """Inputs must have the same tensors with the same shapes (e.g. the same vocab size)."""
+                  recipe: Recipe, *, key: str = "from",
+                  vocabulary_hint: str = ALIGN_VOCABULARIES) -> list[RecipeError]:
+    """Inputs must have the same tensors with the same shapes (e.g. the same vocab size).
+    ``key``: the step's key that names the inputs (located there); ``vocabulary_hint``: the
+    fix for differing vocabulary sizes (`extract_lora` takes no `tokenizer:`)."""
     errors: list[RecipeError] = []
     first = models[names[0]]
     vocabulary = family_names(first.stack.family, "vocabulary_tensors")
@@ -64,28 +72,28 @@ def check_aligned(step: Step, names: list[str], models: Mapping[str, VirtualMode
         extra = [n for n in other.tensors if n not in first.tensors]
         if missing or extra:
             errors.append(_unaligned(step, recipe, names[0], first, other_name, other,
-                                     missing, extra))
+                                     missing, extra, key))
             continue
         for n, node in first.tensors.items():
             theirs = other.tensors[n]
             if node.shape != theirs.shape:
                 vocab = " (the vocabulary sizes differ)" if n.endswith(vocabulary) else ""
                 errors.append(recipe.error(
-                    step.key_path + ("from",), f"`{n}` is {list(node.shape)} in '{names[0]}' "
+                    step.key_path + (key,), f"`{n}` is {list(node.shape)} in '{names[0]}' "
                     f"but {list(theirs.shape)} in '{other_name}'{vocab}",
-                    hint="add `tokenizer: union` (or `base`, or a model's name) to the step "
-                    "to align the vocabularies" if vocab else "inputs must have the same "
-                    "shapes", cls=ShapeMismatchError))
+                    hint=vocabulary_hint if vocab else "inputs must have the same shapes",
+                    cls=ShapeMismatchError))
                 break
     return errors
 
 
 def _unaligned(step: Step, recipe: Recipe, name: str, model: VirtualModel, other_name: str,
-               other: VirtualModel, missing: list[str], extra: list[str]) -> RecipeError:
+               other: VirtualModel, missing: list[str], extra: list[str],
+               key: str) -> RecipeError:
     """The error of two inputs whose tensor names differ. Why the depths first: a model and
     its own up-scaled (or pruned) copy share the architecture, and the first tensor one lacks
     (`model.layers.8.…`) says less than "12 layers against 8" and how to match them."""
-    where = step.key_path + ("from",)
+    where = step.key_path + (key,)
     depth, theirs = model.stack.num_layers, other.stack.num_layers
     if depth != theirs and model.stack.family == other.stack.family:
         deeper, count = (name, theirs) if depth > theirs else (other_name, depth)

@@ -109,6 +109,29 @@ def test_exact_method_refuses_randomized_parameters(cli, tmp_path, pair):
     assert "steps[0].tolerance: `tolerance` is a parameter of method randomized" in result.output
 
 
+def test_a_resized_vocabulary_is_refused_with_a_fix_the_step_takes(cli, tmp_path):
+    """extract_lora takes no `tokenizer:`: the message once suggested adding one, at a
+    `steps[0].from` the step does not have (found by a black-box check)."""
+    base = make_model("llama", tmp_path / "base", layers=2, seed=3)
+    tuned = make_model("llama", tmp_path / "tuned", layers=2, seed=4, vocab_size=260)
+    recipe = write_recipe(tmp_path, f"""
+        recipekit: 1
+        models: {{base: {base}, tuned: {tuned}}}
+        steps:
+          - name: lora
+            op: extract_lora
+            base: base
+            tuned: tuned
+            rank: 2
+        """)
+    result = cli("validate", recipe)
+    assert result.exit_code == 2
+    assert "recipe.yaml:7:12: steps[0].tuned: `" in result.stderr
+    assert ("(the vocabulary sizes differ); a LoRA adapter cannot change the vocabulary size"
+            in result.stderr)
+    assert "tokenizer" not in result.stderr
+
+
 def test_tolerance_is_validated(cli, tmp_path, pair):
     """A negative `tolerance` is a located exit 2; 0 (every pass, tests/ops/test_lowrank.py)
     runs."""
