@@ -42,9 +42,27 @@ def callable_package(package: str, function: str) -> None:
     """Make the subpackage ``package`` callable as ``recipekit.api.<function>``, keeping every
     attribute (``recipekit.run.local`` still is the module)."""
 
+    def api() -> Any:
+        return getattr(importlib.import_module("recipekit.api"), function)
+
+    module_doc = sys.modules[package].__doc__
+
     class _Entry(types.ModuleType):
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            return getattr(importlib.import_module("recipekit.api"), function)(*args, **kwargs)
+            return api()(*args, **kwargs)
+
+        # what `help(recipekit.run)`, `inspect.signature` and a notebook's `?` show is the
+        # function's (they showed the subpackage's docstring and ``(*args, **kwargs)``)
+        @property
+        def __signature__(self) -> Any:
+            import inspect
+
+            return inspect.signature(api())
+
+        @property  # type: ignore[override]
+        def __doc__(self) -> str | None:
+            return (f"``recipekit.{function}(...)`` is `recipekit.api.{function}`:\n\n"
+                    f"{api().__doc__}\n\nThe subpackage {package}: {module_doc}")
 
     _Entry.__call__.__doc__ = (f"``recipekit.{function}(...)`` calls `recipekit.api."
                                f"{function}` (see its documentation).")

@@ -310,6 +310,7 @@ def run(recipe: RecipeSource | PlanResult, *, output: str | os.PathLike | None =
     from recipekit.run.device import resolve_device
 
     check_executor(executor, address)
+    _check_workers(workers)
     if device != "cpu" and executor == "local":
         resolve_device(device)  # fail on a bad device before reading anything (Ray: on workers)
     p = recipe if isinstance(recipe, PlanResult) else plan(recipe, output=output,
@@ -345,6 +346,15 @@ def check_executor(executor: str, address: str | None) -> None:
         from recipekit.run.ray import import_ray
 
         import_ray()
+
+
+def _check_workers(workers: Any) -> None:
+    """``workers`` as the CLI's ``--workers`` takes it (an integer ≥ 1), or None."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):
+        raise UsageError(f"workers must be a whole number of threads, at least 1, not "
+                         f"{workers!r}", hint="leave it None for the default (half the cores, "
+                         "at most 8)")
 
 
 def _run_plan(p: PlanResult, callback: ProgressCallback | None, *, executor: str,
@@ -506,6 +516,7 @@ def sweep(recipe: RecipeSource, values: Mapping[str, Sequence[Any]], *,
 
     if executor not in ("local", "ray"):
         raise UsageError(f"unknown executor {executor!r}", hint="use 'local' or 'ray'")
+    _check_workers(workers)
     if device != "cpu":
         from recipekit.run.device import resolve_device
 

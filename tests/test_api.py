@@ -107,6 +107,27 @@ class TestErrors:
 
     TYPO = solar_recipe().replace("layers: [", "layerz: [")
 
+    @pytest.mark.parametrize("name", ["run", "plan"])
+    def test_help_shows_the_function(self, name):
+        """`recipekit.run` and `recipekit.plan` are also subpackages: `help()`, a notebook's
+        `?` and `inspect.signature` showed the package's docstring and ``(*args, **kwargs)``."""
+        import inspect
+
+        entry, function = getattr(recipekit, name), getattr(recipekit.api, name)
+        assert inspect.signature(entry) == inspect.signature(function)
+        assert function.__doc__ in entry.__doc__
+        assert entry.__doc__.startswith(f"``recipekit.{name}(...)`` is `recipekit.api.{name}`")
+
+    @pytest.mark.parametrize("workers", [0, -3, 1.5, True])
+    def test_workers_as_the_cli_takes_them(self, cli, recipe, workers):
+        """`--workers 0` exits 2 in the CLI; the API ran with any value."""
+        with pytest.raises(UsageError, match="workers must be a whole number") as e:
+            recipekit.run(recipe, workers=workers, progress=None)
+        assert e.value.exit_code == 2 and not (recipe.parent / "out").exists()
+        with pytest.raises(UsageError, match="workers must be a whole number"):
+            recipekit.sweep(recipe, {"x": [1]}, workers=workers)
+        assert cli("run", recipe, "--workers", "0").exit_code == 2
+
     def test_file_message_is_the_clis(self, cli, tmp_path, model_copy):
         r = write_recipe(tmp_path, self.TYPO)
         with pytest.raises(RecipeErrors) as e:

@@ -90,10 +90,18 @@ class LoraTarget:
 @dataclass(frozen=True)
 class Replacement:
     """A whole tensor an adapter saved, written in place of the base's (``key``: its name in
-    the adapter file without the ``base_model.model.`` prefix)."""
+    the adapter file without the ``base_model.model.`` prefix; ``info``: where it is stored)."""
 
     node: Node
     key: str
+    info: TensorInfo | None = None
+
+    @property
+    def base_copy(self) -> bool:
+        """A copy of the base layer PEFT saved beside an embedding LoRA
+        (``save_embedding_layers``, on by default when embeddings are targeted), not a trained
+        tensor: PEFT loads it over the base layer, and the low-rank update scales as usual."""
+        return ".base_layer." in self.key
 
 
 @dataclass(frozen=True)
@@ -192,7 +200,8 @@ def _split_keys(ckpt: AdapterCheckpoint, fail: Any
         target = rel
         for infix in _INFIXES:
             target = target.replace(infix, ".")
-        replacements[target] = Replacement(load(ckpt.name, key, info.shape, info.dtype), rel)
+        replacements[target] = Replacement(load(ckpt.name, key, info.shape, info.dtype), rel,
+                                           info)
     return parts, replacements
 
 

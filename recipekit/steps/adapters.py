@@ -22,11 +22,13 @@ XLoraModel.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors, ShapeMismatchError
 from recipekit.graph import (
     F32,
     DeltaCombine,
+    Load,
     LoraFold,
     Node,
     ScaledSum,
@@ -36,6 +38,7 @@ from recipekit.graph import (
 )
 from recipekit.graph.adapterset import AdapterSet, LoraTarget, LoraTerm, Replacement
 from recipekit.io.header import quote_name
+from recipekit.io.reader import is_same_data
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.gating import check_gating_document, resolve_gating
 from recipekit.steps.registry import Op
@@ -152,7 +155,8 @@ def build_adapters(step: Step, models: Mapping[str, Value], recipe: Recipe) -> V
     if not isinstance(base, VirtualModel):
         raise RecipeErrors([recipe.error(step.key_path + ("from",), f"'{base_name}' is an "
                                          "adapter set; `from:` names the model to fold into")])
-    uses = adapter_uses(step, models, recipe)
+    uses = [(_without_base_copies(aset, base, models), weight, path)
+            for aset, weight, path in adapter_uses(step, models, recipe)]
     combine = step.spec.get("combine", "sequential")
     check_combine(step, uses, combine, recipe)
     placed = _Placement(base, base_name, recipe)
@@ -163,12 +167,67 @@ def build_adapters(step: Step, models: Mapping[str, Value], recipe: Recipe) -> V
     if "gating" in step.spec:
         return _build_gated(step, base, uses, placed.expert_targets, recipe)
     tensors: dict[str, Node] = dict(base.tensors)
-    for target, (node, _) in placed.replaced.items():
-        tensors[target] = cast(node, base.tensors[target].dtype)
+    for target, (rep, _) in placed.replaced.items():
+        tensors[target] = cast(rep.node, base.tensors[target].dtype)
     for target, parts in placed.deltas.items():
+        replaced = placed.replaced.get(target)
         tensors[target] = _fold(step, combine, target, parts, base,
-                                placed.replaced.get(target, (None,))[0])
+                                replaced[0].node if replaced else None)
     return VirtualModel(step.name, base.config, tensors, base.stack, base.donor, base.changed)
+
+
+def _without_base_copies(aset: AdapterSet, base: VirtualModel, models: Mapping[str, Value]
+                         ) -> AdapterSet:
+    """``aset`` without the saved base-layer copies (`Replacement.base_copy`) whose bytes are
+    the base tensor's own.
+
+    Why: PEFT saves the embedding (and lm_head) beside every embedding LoRA by default, so
+    such an adapter "replaced" the embedding whole: it folded only at weight 1, conflicted
+    with a second such adapter and was refused by X-LoRA gating, where PEFT folds it at any
+    scale (found by a black-box check). A copy equal to the base changes nothing; one that
+    differs (a resized vocabulary) is still a replacement. Compared at plan time in bounded
+    memory (`io.reader.is_same_data`), stored tensors only.
+    """
+    def same(target: str, rep: Replacement) -> bool:
+        names = resolve_target(target, base.tensors)
+        node = base.tensors[names[0]] if len(names) == 1 else None
+        if not (rep.base_copy and rep.info is not None and isinstance(node, Load)):
+            return False
+        info = getattr(models.get(node.source), "stored", {}).get(node.name)
+        return info is not None and is_same_data(info, rep.info)
+
+    kept = {t: r for t, r in aset.replacements.items() if not same(t, r)}
+    return aset if len(kept) == len(aset.replacements) else replace(aset, replacements=kept)
+
+
+def _layout_errors(uses: list[tuple[AdapterSet, float, KeyPath]], recipe: Recipe
+                   ) -> list[RecipeError]:
+    """Adapters whose linear modules store their weights transposed (fan_in_fan_out: GPT-2's
+    `Conv1D`) and adapters whose modules do not were made for different architectures, and one
+    adapter_config.json cannot describe both: combined, the output loaded on either base and
+    silently skipped the other's modules (found by a black-box check)."""
+    first: dict[bool, str] = {}
+    errors = []
+    for aset, _, path in uses:
+        for transposed in sorted({t.transposed for t in aset.targets.values()
+                                  if t.kind == "linear"}):
+            other = first.get(not transposed)
+            if other is not None and other != aset.name:
+                a, b = (aset.name, other) if transposed else (other, aset.name)
+                errors.append(recipe.error(path, f"'{a}' adapts fan_in_fan_out (GPT-2 "
+                                           f"`Conv1D`) modules and '{b}' plain linear ones: "
+                                           "they were made for different architectures",
+                                           hint="combine adapters of one base model"))
+                return errors
+            first.setdefault(transposed, aset.name)
+    return errors
+
+
+def _same_copy(a: Replacement, b: Replacement) -> bool:
+    """Two saved base layers with the same bytes (two embedding LoRAs of one resized model):
+    loading either gives the same base, so they do not conflict."""
+    return (a.base_copy and b.base_copy and a.info is not None and b.info is not None
+            and is_same_data(a.info, b.info))
 
 
 #: one adapter's delta on one tensor: (delta at its weight, DoRA magnitude or None, DoRA norm
@@ -189,7 +248,7 @@ class _Placement:
         self.tied = _is_tied(base)
         self.errors: list[RecipeError] = []
         self.deltas: dict[str, list[_Part]] = {}
-        self.replaced: dict[str, tuple[Node, str]] = {}
+        self.replaced: dict[str, tuple[Replacement, str]] = {}
         self.expert_targets: dict[str, list[tuple[int, LoraTarget, float]]] = {}
 
     def add(self, index: int, aset: AdapterSet, weight: float, path: KeyPath) -> None:
@@ -197,7 +256,7 @@ class _Placement:
         for name, rep in aset.replacements.items():
             target = self.place(name, rep.node.shape, aset, path, "replaces")
             if target is not None:
-                self.replace(target, rep.node, aset, weight, path)
+                self.replace(target, rep, aset, weight, path)
         for name, t in aset.targets.items():
             target = self.place(name, t.shape, aset, path, "updates")
             if target is not None:
@@ -212,20 +271,23 @@ class _Placement:
                 delta = intern(ScaledSum(nodes, tuple(s * weight for _, s in terms), F32))
                 self.deltas.setdefault(target, []).append((delta, None, 0, weight, at_one))
 
-    def replace(self, target: str, node: Node, aset: AdapterSet, weight: float,
+    def replace(self, target: str, rep: Replacement, aset: AdapterSet, weight: float,
                 path: KeyPath) -> None:
+        """Record a whole-tensor replacement. A weight scales a trained tensor's meaning, so
+        those fold at weight 1 only; a saved base layer is loaded as it is at any scale
+        (PEFT's `set_scale` scales the low-rank update alone)."""
         recipe = self.recipe
-        if weight != 1.0:
+        if weight != 1.0 and not rep.base_copy:
             self.errors.append(recipe.error(path, f"adapter '{aset.name}' replaces "
-                                            f"{quote_name(target)} whole (modules_to_save, a "
-                                            "trained bias or a saved embedding), which only "
-                                            f"folds at weight 1, not {weight}"))
-        elif target in self.replaced:
+                                            f"{quote_name(target)} whole (modules_to_save or "
+                                            "a trained bias), which only folds at weight 1, "
+                                            f"not {weight}"))
+        elif target in self.replaced and not _same_copy(self.replaced[target][0], rep):
             self.errors.append(recipe.error(path, f"adapters '{self.replaced[target][1]}' and "
                                             f"'{aset.name}' both replace {quote_name(target)}",
                                             hint="fold them in separate steps, or drop one"))
-        else:
-            self.replaced[target] = (node, aset.name)
+        elif target not in self.replaced:
+            self.replaced[target] = (rep, aset.name)
 
     def place(self, name: str, shape: tuple[int, ...], aset: AdapterSet, path: KeyPath,
               what: str) -> str | None:
@@ -285,7 +347,8 @@ def check_gating(step: Step, uses: list[tuple[AdapterSet, float, KeyPath]], reci
         errors.append(_gating_combine_error(step, combine, recipe))
     for aset, _, path in uses:
         what = ("is a DoRA adapter" if aset.has_dora else "replaces tensors whole "
-                "(modules_to_save, trained biases)" if aset.replacements else
+                "(modules_to_save, trained biases, a saved base layer unlike the model's)"
+                if aset.replacements else
                 "has lora_bias terms" if aset.biases else None)
         if what:
             errors.append(recipe.error(path, f"'{aset.name}' {what}, which X-LoRA gating "
@@ -327,7 +390,7 @@ def build_combine_adapters(step: Step, models: Mapping[str, Value], recipe: Reci
     uses = adapter_uses(step, models, recipe)
     combine = step.spec.get("combine", "sum")
     check_combine(step, uses, combine, recipe)
-    errors: list[RecipeError] = []  # (DoRA adapters were refused by check_combine)
+    errors: list[RecipeError] = _layout_errors(uses, recipe)  # (DoRA: check_combine)
     grouped: dict[str, list[tuple[LoraTarget, float]]] = {}
     biases: dict[str, tuple[tuple[Node, float], ...]] = {}
     replacements: dict[str, Replacement] = {}
@@ -345,14 +408,14 @@ def build_combine_adapters(step: Step, models: Mapping[str, Value], recipe: Reci
         for name, terms in aset.biases.items():
             biases[name] = biases.get(name, ()) + tuple((n, s * weight) for n, s in terms)
         for name, rep in aset.replacements.items():
-            if weight != 1.0:
+            if weight != 1.0 and not rep.base_copy:  # as `_Placement.replace`
                 errors.append(recipe.error(path, f"adapter '{aset.name}' replaces "
                                            f"{quote_name(name)} whole, which only combines at "
                                            f"weight 1, not {weight}"))
-            elif name in replacements:
+            elif name in replacements and not _same_copy(replacements[name], rep):
                 errors.append(recipe.error(path, f"adapters '{owner[name]}' and '{aset.name}' "
                                            f"both replace {quote_name(name)}"))
-            else:
+            elif name not in replacements:
                 replacements[name], owner[name] = rep, aset.name
     if errors:
         raise RecipeErrors(errors)

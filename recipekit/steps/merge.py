@@ -34,6 +34,7 @@ from recipekit.graph import (
     intern,
 )
 from recipekit.graph.passes import Reduction
+from recipekit.io.header import quote_name
 from recipekit.merge import METHODS, resolve_params
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, is_constant, resolve
@@ -282,6 +283,13 @@ def _check_inputs(step: Step, spec: Any, recipe: Recipe, errors: list[RecipeErro
     method = spec.name
     entries = _entries(step)
     base = step.spec.get("base")
+    seen: set[str] = set()
+    for name, _, path in entries:
+        if name in seen:  # mergekit: "Duplicate merge inputs"; a TIES vote would count it twice
+            errors.append(recipe.error(path, f"'{name}' is already listed in `from`",
+                                       hint="list each model once (mergekit refuses "
+                                       "duplicate merge inputs too)"))
+        seen.add(name)
     if spec.pair:
         if base is not None:
             errors.append(recipe.error(step.key_path + ("base",), f"{method} takes `from: [A, B]` "
@@ -398,6 +406,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
         except ParamError as e:
             raise RecipeErrors([recipe.error(step.key_path, str(e))]) from None
         _check_della(spec, params, name, step, recipe)
+        _check_weight_sum(spec, params, name, step, recipe)
         _note_shares(params, name, outside)
         if spec.name == "passthrough" and params.get("scale") in (None, (None,), (1.0,)):
             tensors[name] = cast(operands[0], dtype)  # scale 1 is a copy
@@ -494,6 +503,26 @@ def _note_shares(params: Mapping[str, Any], tensor: str,
         for v in value if isinstance(value, (list, tuple)) else (value,):
             if isinstance(v, (int, float)) and not 0 <= v <= 1 and key not in outside:
                 outside[key] = (float(v), tensor)
+
+
+def _check_weight_sum(spec: Any, params: Mapping[str, Any], tensor: str, step: Step,
+                      recipe: Recipe) -> None:
+    """A normalized linear merge whose weights sum to 0 divides by 0: every value of the
+    tensor would be NaN or ±Inf (mergekit writes them; recipekit's run did too, and only
+    `--check-finite` said so). Known from the recipe, so `validate` refuses it.
+
+    Raises:
+        RecipeErrors: located at the step, naming the first such tensor.
+    """
+    weights = params.get("weight")
+    if spec.name != "linear" or not params.get("normalize", True) or not weights:
+        return
+    if math.fsum(float(w) for w in weights if w is not None) == 0.0:
+        raise RecipeErrors([recipe.error(
+            step.key_path, f"the weights of {quote_name(tensor)} sum to 0 and `normalize` is "
+            "on: every merged value would be 0/0 or ±x/0 (NaN, Inf)",
+            hint="change the weights, or set `parameters: {normalize: false}` for a plain "
+            "weighted sum (e.g. a difference of two models)")])
 
 
 def _check_della(spec: Any, params: Mapping[str, Any], tensor: str, step: Step,

@@ -155,7 +155,9 @@ def describe_adapter(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> 
 
     The trainable count is every floating element the adapter file holds: LoRA factors, DoRA
     magnitudes, LoRA biases, `modules_to_save` copies and trainable tokens — what PEFT's
-    ``get_nb_trainable_parameters()`` counts as trainable once the adapter is loaded.
+    ``get_nb_trainable_parameters()`` counts as trainable once the adapter is loaded — except
+    the base-layer copies PEFT saves beside an embedding LoRA (``.base_layer.``), which are
+    frozen base weights.
     """
     ranks: dict[str, int] = {}
     dora = set()
@@ -163,7 +165,7 @@ def describe_adapter(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> 
     trainable = 0
     for name, info in tensors.items():
         n = math.prod(info.shape)
-        if is_floating(info.dtype):
+        if is_floating(info.dtype) and ".base_layer." not in name:
             trainable += n
         m = _LORA.match(name)
         if m is None:

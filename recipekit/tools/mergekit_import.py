@@ -714,10 +714,15 @@ def _validate(recipe: dict[str, Any], file: Path, st: ImportState) -> None:
         if not any(_in_file(err, file) for err in errors):
             raise
         raise ConversionError([st.doc.error((), "the recipe converted from this config does "
-                                            f"not validate: {_bare(err)}", hint=(
-            "nothing was written; fix the config (a rule's `match:` is mergekit's `filter:`, "
-            "a default rule an entry without `filter:`)")) if _in_file(err, file) else err
-            for err in errors]) from None
+                                            f"not validate: {_bare(err)}", hint=_fix(err))
+                               if _in_file(err, file) else err for err in errors]) from None
+
+
+def _fix(err: RecipekitError) -> str:
+    rules = " rule" in err.message or " rule" in (err.hint or "")
+    return "nothing was written; fix the config" + (
+        " (a rule's `match:` is mergekit's `filter:`, a default rule an entry without "
+        "`filter:`)" if rules else "")
 
 
 def _in_file(err: RecipekitError, file: Path) -> bool:
@@ -727,6 +732,6 @@ def _in_file(err: RecipekitError, file: Path) -> bool:
 
 def _bare(err: RecipekitError) -> str:
     """An error's key path, message and hint without its location (a file not written)."""
-    text = err.message + (f" ({err.hint})" if err.hint else "")
+    text = err.message + (f"; {err.hint}" if err.hint else "")
     return f"{format_key_path(err.key_path)}: {text}" if err.key_path else text
 

