@@ -140,7 +140,11 @@ class DiffStats:
         return max(-1.0, min(1.0, self.dot / (math.sqrt(self.a_sq) * math.sqrt(self.b_sq))))
 
     def summary(self) -> dict[str, float | int | None]:
-        """JSON-ready values (``rel_norm`` None where a is zero and b is not: JSON has no ∞)."""
+        """JSON-ready values (``rel_norm`` None where a is zero and b is not: JSON has no ∞;
+        every statistic None where no pair was finite: nothing was compared)."""
+        if self.count == 0 and self.nonfinite:
+            return {"max_abs": None, "mean_abs": None, "rel_norm": None, "cosine": None,
+                    "nonfinite": self.nonfinite}
         rel = self.rel_norm
         return {"max_abs": self.max_abs, "mean_abs": self.mean_abs,
                 "rel_norm": None if math.isinf(rel) else rel, "cosine": self.cosine,
@@ -190,7 +194,7 @@ def f16_values(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     np.bitwise_and(words, np.uint32(0x8FFF_FFFF), out=words)
     values = words.view(np.float32)
     np.multiply(values, np.float32(2.0 ** 112), out=values)
-    if not (float(values.min()) > -65536.0 and float(values.max()) < 65536.0):
+    if n and not (float(values.min()) > -65536.0 and float(values.max()) < 65536.0):
         special = np.flatnonzero((bits & 0x7C00) == 0x7C00)
         top = bits[special].astype(np.uint32)
         payload = (top & 0x03FF) << 13

@@ -31,7 +31,7 @@ from recipekit.errors import (
 )
 from recipekit.inputs.files import check_confined, model_root, read_small, walk_confined
 from recipekit.inputs.models import read_index
-from recipekit.io.header import MAX_HEADER, build_header
+from recipekit.io.header import MAX_HEADER, build_header, read_header
 from recipekit.io.names import ADAPTER_PICKLE, ADAPTER_WEIGHTS, STATE, WEIGHT_DIRS, WEIGHTS
 from recipekit.io.names import INDEX as SAFE_INDEX
 from recipekit.io.output import OutputDir, stored_plan_hash
@@ -222,7 +222,10 @@ def convert_checkpoint(src: Path, dst: Path, *, progress: Callable[[str], None] 
             del tensors
             out.mark_finished(new, sha, size)
             written += size
-        if index is not None:
+        if index is not None:  # the source index's metadata described the pickles
+            total = sum(info.nbytes for new in names.values()
+                        for info in read_header(dst / new).values())
+            index["metadata"] = {"total_size": total}
             out.write_file(SAFE_INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n")
                            .encode())
         for rel in copied:

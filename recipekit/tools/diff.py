@@ -92,6 +92,10 @@ def verdict(report: dict[str, Any]) -> int:
     return SAME if same else DIFFERENT
 
 
+def _cosine(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}"
+
+
 def render_diff(report: dict[str, Any], *, verbose: bool = False) -> str:
     """A compact human summary: totals, one row per layer, and the tensors that differ most
     (every compared tensor with ``verbose``)."""
@@ -109,14 +113,17 @@ def render_diff(report: dict[str, Any], *, verbose: bool = False) -> str:
     for m in report["shape_mismatch"][:5]:
         lines.append(f"shape differs: {echo_text(m['name'])}: {m['a']} vs {m['b']}")
     if s["cosine"] is None:
+        if s["nonfinite"]:
+            lines.append(f"overall: no pair of finite values to compare ({s['nonfinite']} "
+                         "non-finite pairs)")
         return "\n".join(lines)
     lines.append(f"overall: max |a-b| {fmt_number(s['max_abs'])}, mean |a-b| "
                  f"{fmt_number(s['mean_abs'])}, rel norm {fmt_number(s['rel_norm'])}, cosine "
-                 f"{s['cosine']:.6f}" + (f", {s['nonfinite']} non-finite pairs skipped"
+                 f"{_cosine(s['cosine'])}" + (f", {s['nonfinite']} non-finite pairs skipped"
                                           if s["nonfinite"] else ""))
     head = ("", "max|a-b|", "mean|a-b|", "rel norm", "cosine")
     body = [(k, fmt_number(v["max_abs"]), fmt_number(v["mean_abs"]), fmt_number(v["rel_norm"]),
-             f"{v['cosine']:.6f}") for k, v in report["layers"].items()]
+             _cosine(v["cosine"])) for k, v in report["layers"].items()]
     lines += ["", *table(("layer", *head[1:]), body)]
     rows = report["tensor_list"] if verbose else sorted(
         (r for r in report["tensor_list"] if r["max_abs"] or r["nonfinite"]),
@@ -125,5 +132,5 @@ def render_diff(report: dict[str, Any], *, verbose: bool = False) -> str:
         title = "tensors" if verbose else "largest relative differences"
         lines += ["", f"{title}:", *table(("tensor", *head[1:]), [
             (echo_text(r["name"]), fmt_number(r["max_abs"]), fmt_number(r["mean_abs"]),
-             fmt_number(r["rel_norm"]), f"{r['cosine']:.6f}") for r in rows])]
+             fmt_number(r["rel_norm"]), _cosine(r["cosine"])) for r in rows])]
     return "\n".join(lines)

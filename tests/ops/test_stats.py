@@ -54,6 +54,13 @@ def test_widening_is_torch_conversion_for_every_bit_pattern(dtype, widen):
     assert np.array_equal(got.view(np.int32), want)
 
 
+@pytest.mark.parametrize("widen", [bf16_values, f16_values])
+def test_widening_an_empty_piece(widen):
+    """An empty float16 tensor made `inspect` fail (the infinity check took the minimum of
+    nothing); found by a black-box check."""
+    assert widen(np.empty(0, dtype=np.uint16)).size == 0
+
+
 class TestTensorStats:
     """Oracle: torch in fp64 on the finite values of the whole tensor."""
 
@@ -161,3 +168,7 @@ class TestDiffStats:
         one_zero.update(np.zeros(3), np.ones(3))
         assert one_zero.cosine == 0.0 and math.isinf(one_zero.rel_norm)
         assert one_zero.summary()["rel_norm"] is None
+        nothing = DiffStats()  # no pair finite: nothing compared, not "identical"
+        nothing.update(np.full(4, np.nan), np.ones(4))
+        assert nothing.summary() == {"max_abs": None, "mean_abs": None, "rel_norm": None,
+                                     "cosine": None, "nonfinite": 4}

@@ -73,6 +73,13 @@ def test_sharded_checkpoint_then_run(cli, tmp_path):
     result = cli("convert", "--allow-pickle", src, tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "out").glob("model-*-of-00003.safetensors"))) == 3
+    # the index's total_size is the written tensors' bytes, not the source's metadata ({})
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"] == {"total_size": sum(
+        t.numel() * t.element_size() for t in model.state_dict().values())}
+    # `verify` checks run outputs; a conversion is named as such (it said "did not finish")
+    result = cli("verify", tmp_path / "out")
+    assert result.exit_code == 2 and "is a finished `recipekit convert` output" in result.stderr
     r = write_recipe(tmp_path, solar_recipe("./out", '["range(0,4)", "range(1,4)"]',
                                             "  path: ./grown"))
     result = cli("run", r, "-q")

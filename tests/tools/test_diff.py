@@ -116,6 +116,24 @@ def test_unrelated_models_are_nothing_comparable(cli, tmp_path):
     assert "cosine" not in text.stdout
 
 
+def test_no_finite_pair_is_not_identical(cli, tmp_path):
+    """An all-NaN tensor against finite values was reported with max |a-b| 0 and cosine 1
+    (found by a black-box check): no pair was compared, so the statistics are null, beside a
+    finite tensor whose numbers stand."""
+    save_file({"w": torch.full((4, 4), float("nan")), "v": torch.ones(3)},
+              tmp_path / "a.safetensors")
+    save_file({"w": torch.randn(4, 4), "v": torch.full((3,), 2.0)}, tmp_path / "b.safetensors")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    rows = {r["name"]: r for r in diff_json(cli, a, b)["tensor_list"]}
+    assert {k: rows["w"][k] for k in ("max_abs", "mean_abs", "rel_norm", "cosine",
+                                      "nonfinite")} == {
+        "max_abs": None, "mean_abs": None, "rel_norm": None, "cosine": None, "nonfinite": 16}
+    assert rows["v"]["max_abs"] == 1.0 and rows["v"]["cosine"] == 1.0
+    text = cli("diff", a, b, "-q")
+    assert text.exit_code == 1 and "Traceback" not in text.output
+    assert "16 non-finite pairs skipped" in text.stdout
+
+
 def test_exit_status_like_diff1(cli, tmp_path):
     """0 only when every tensor has an equal, same-shaped twin; an extra tensor is a difference."""
     save_file({"w": torch.ones(2, 3)}, tmp_path / "a.safetensors")
