@@ -8,6 +8,7 @@ lock check consume.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from recipekit.errors import KeyPath, RecipeErrors, RecipekitError
@@ -55,4 +56,13 @@ def resolve_sources(recipe: Recipe, names: list[str] | None = None) -> Sources:
         raise next(e for e in errors if e.exit_code != 2)
     if names is not None:
         return Sources(out, {})
-    return Sources(out, {**resolve_side_files(recipe), **resolve_tokenizers(recipe, out)})
+    return with_side_files(recipe, out)
+
+
+def with_side_files(recipe: Recipe, checkpoints: Mapping[str, Any]) -> Sources:
+    """``checkpoints`` (resolved models and adapters by name) with the side files and
+    tokenizers ``recipe``'s steps read: what `compile_plan` needs of a recipe whose inputs were
+    resolved for another (`import-mergekit` resolves its models once, before the recipe's
+    steps exist)."""
+    return Sources(dict(checkpoints), {**resolve_side_files(recipe),
+                                       **resolve_tokenizers(recipe, checkpoints)})

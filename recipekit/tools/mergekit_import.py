@@ -55,7 +55,7 @@ from recipekit.errors import (
     format_key_path,
 )
 from recipekit.inputs.chat_template import AUTO, is_literal, setting_problem
-from recipekit.inputs.resolve import resolve_sources
+from recipekit.inputs.resolve import resolve_sources, with_side_files
 from recipekit.merge import METHODS, MethodSpec
 from recipekit.plan import compile_plan
 from recipekit.recipe import load_document, recipe_from_data
@@ -708,7 +708,8 @@ def _validate(recipe: dict[str, Any], file: Path, st: ImportState) -> None:
         RecipekitError: models that cannot be read (located in their own files).
     """
     try:
-        compile_plan(recipe_from_data(recipe, file), st.checkpoints)
+        r = recipe_from_data(recipe, file)
+        compile_plan(r, with_side_files(r, st.checkpoints))  # a moe step's tokenizer
     except RecipekitError as e:
         errors = e.errors if isinstance(e, RecipeErrors) else [e]
         if not any(_in_file(err, file) for err in errors):

@@ -22,7 +22,7 @@ import yaml
 from recipekit.graph import Node
 
 from tests.helpers.adapter_builders import make_adapter, peft_merged
-from tests.helpers.builders import read_tensors
+from tests.helpers.builders import make_model, read_tensors
 from tests.helpers.mergekit import needs_mergekit
 from tests.helpers.moe import (
     make_expert,
@@ -360,6 +360,20 @@ def test_attention_biases_are_refused_for_mixtral(cli, tmp_path):
     assert "steps[0].base: base 'base' has biases (model.layers.0.self_attn.k_proj.bias, ...) " \
         "that a mixtral model has no place for; use a base without attention/MLP biases, or " \
         "`architecture: qwen2_moe`" in result.output
+
+
+def test_a_base_no_moe_architecture_is_built_from_is_refused(cli, tmp_path):
+    """`architecture: auto` wrote a Gemma base as a Mixtral: its (1 + w) norms and embedding
+    scale have no place there, and an MoE of experts equal to the base gave logits 5.5 away
+    from the base's (found by a black-box check). mergekit-moe refuses ("No output
+    architecture found that is compatible")."""
+    models = {"base": make_model("gemma", tmp_path / "base", layers=2, seed=1)}
+    step = {"base": "base", "experts": [{"model": "base"}, {"model": "base"}],
+            "gate_mode": "random"}
+    result = cli("validate", moe_recipe(tmp_path / "r", models, step))
+    assert result.exit_code == 2, result.output
+    assert "steps[0].base: base 'base' is a 'gemma' model, which no MoE architecture " \
+        "recipekit writes is built from (mixtral: llama, mistral;" in result.stderr
 
 
 def test_plan_streams_expert_copies(cli, tmp_path, dense):

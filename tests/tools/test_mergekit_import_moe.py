@@ -64,6 +64,17 @@ def test_converts_to_one_moe_step(cli, models, monkeypatch):
     assert doc["output"] == {"model": "moe", "dtype": "float32"}
 
 
+@pytest.mark.parametrize("mode", ["cheap_embed", "hidden"])
+def test_gate_modes_that_tokenise_prompts_convert(cli, models, monkeypatch, mode):
+    """The converted recipe is checked by compiling it, and its moe step reads the base's
+    tokenizer: those inputs were not resolved for the check, so every prompt-based config was
+    refused with "no tokenizer found" (found by a black-box check)."""
+    result, recipe = convert(cli, models, CONFIG.replace("uniform_random", mode), monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(recipe.read_text())["steps"][0]["gate_mode"] == mode
+    assert cli("validate", recipe).exit_code == 0
+
+
 @needs_mergekit
 def test_converted_recipe_equals_mergekit_moe(cli, models, monkeypatch, tmp_path):
     result, recipe = convert(cli, models, CONFIG, monkeypatch)
