@@ -154,6 +154,10 @@ def error_json(e: RecipekitError) -> dict[str, Any]:
             "problems": [one(x) for x in problems]}
 
 
+#: The exit code of a command stopped by Ctrl-C (SIGINT), as shells report it: 128 + 2.
+INTERRUPTED = 130
+
+
 def _guard(debug: bool, body: Callable[[], T],
            on_error: Callable[[dict[str, Any]], None] | None = None) -> T:
     """Run a command body, rendering errors as one paragraph with the right exit code
@@ -169,8 +173,12 @@ def _guard(debug: bool, body: Callable[[], T],
             on_error(error_json(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        _say("interrupted; finished shards are kept and a rerun resumes", err=True)
-        raise typer.Exit(130) from None
+        message = "interrupted; finished shards are kept and a rerun resumes"
+        _say(message, err=True)
+        if on_error is not None:  # a --json reader gets its last event / document too
+            on_error({"type": "Interrupted", "exit_code": INTERRUPTED, "message": message,
+                      "problems": []})
+        raise typer.Exit(INTERRUPTED) from None
     except typer.Exit:
         raise
     except Exception as e:

@@ -56,10 +56,13 @@ class ProgressUpdate:
 
     @property
     def eta(self) -> float | None:
-        """Seconds left at the current rate (None before anything was written)."""
+        """Seconds left at the current rate; None before 1% is written, when the rate is
+        mostly start-up (a Ray run's first line once said "ETA 10053 h" for a 2 s run)."""
         if self.done >= self.total:
             return 0.0
-        return (self.total - self.done) / self.rate if self.rate > 0 else None
+        if self.rate <= 0 or self.done < self.total / 100:
+            return None
+        return (self.total - self.done) / self.rate
 
 
 ProgressCallback = Callable[[ProgressUpdate], None]

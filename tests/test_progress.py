@@ -135,5 +135,8 @@ def test_progress_line():
     assert progress_line(u) == ("progress: 3.00 GiB / 4.00 GiB (75%), 100.00 MiB/s, ETA 10 s, "
                                 "model-00001-of-00002.safetensors: "
                                 "model.layers.3.mlp.up_proj.weight")
-    slow = ProgressUpdate(1, 1 << 40, 1.0, 1 << 20, "s", "t\x1b[2J")
-    assert progress_line(slow).endswith("ETA 291 h 16 min, s: t\\x1b[2J")
+    slow = ProgressUpdate(1 << 34, 1 << 40, 1.0, 1 << 20, "s", "t\x1b[2J")
+    assert progress_line(slow).endswith("ETA 286 h 43 min, s: t\\x1b[2J")
+    # before 1% is written the rate is mostly start-up: no ETA (a Ray run said 10053 h)
+    early = ProgressUpdate(136, 370 << 20, 12.0, 11.0, "s", "t")
+    assert early.eta is None and "ETA unknown" in progress_line(early)

@@ -303,6 +303,14 @@ def language_stack(stacks: Iterable[str]) -> str | None:
     return owned[0] if len(owned) == 1 else None
 
 
+#: An encoder-decoder's stack named by ``layer_prefix``: the keys that count its own layers,
+#: first (T5 counts the encoder in `num_layers`, which the decoder stack's count may equal).
+_SIDE_COUNT_KEYS: dict[str, tuple[ConfigKey, ...]] = {
+    "decoder": (("num_decoder_layers",), ("decoder_layers",)),
+    "encoder": (("encoder_layers",), ("num_layers",)),
+}
+
+
 def _count_key(config: Mapping[str, Any], arch: Architecture | None, prefix: str,
                n: int, named: bool = False) -> ConfigKey:
     """The one config.json key that holds the stack's layer count ``n``.
@@ -311,6 +319,10 @@ def _count_key(config: Mapping[str, Any], arch: Architecture | None, prefix: str
     the same count (picoLLaVA: text and vision both 2 layers) is read from the sub-config that
     owns the named stack (`_owns`).
     """
+    side = prefix.split(".", 1)[0] if named else ""
+    for key in _SIDE_COUNT_KEYS.get(side, ()):  # T5's decoder.block: num_decoder_layers
+        if config_get(config, key) == n:
+            return key
     matches: list[ConfigKey] = []
     for key in _count_key_candidates(config, arch):
         value = config_get(config, key)

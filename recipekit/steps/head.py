@@ -122,7 +122,7 @@ def build_head(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) -
             counts that disagree, a copied head of the wrong shape or missing, a bad pad token.
     """
     base = models[step.spec["from"]]
-    arch = family_of(base, step, recipe, "head")
+    arch = family_of(base, step, recipe, "head", lambda a: a.classifier is not None)
     if arch.classifier is None:
         with_head = ", ".join(sorted(f for f, a in load_architectures().items() if a.classifier))
         raise RecipeErrors([recipe.error(

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from recipekit.arch import LayerStack, config_get, load_architectures, with_config
+from recipekit.arch.layer_types import derived_layer_types
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors, ShapeMismatchError
 from recipekit.graph import Node, VirtualModel
 from recipekit.recipe import Recipe, Step, parse_layer_range
@@ -104,14 +105,15 @@ def build_layers(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe)
         for rel, node in layer_cache.setdefault(src, models[src].layer_tensors())[i].items():
             tensors[base.stack.name(out_i, rel)] = node
 
-    updates = {base.stack.count_key: len(picks)}
+    updates: dict[tuple[str, ...], Any] = {base.stack.count_key: len(picks)}
     for key in base.stack.per_layer_keys:
         updates[key] = [_per_layer_value(models[src], key, i, recipe, path, src)
                         for src, i, path in picks]
+    per_layer = base.stack.per_layer_keys + _derived_layer_types(base, models, picks, updates)
     _warn_index_dependent(base, step)
     config = with_config(base.config, updates)
-    stack = LayerStack(base.stack.prefix, len(picks), base.stack.count_key,
-                       base.stack.per_layer_keys, base.stack.family, base.stack.base)
+    stack = LayerStack(base.stack.prefix, len(picks), base.stack.count_key, per_layer,
+                       base.stack.family, base.stack.base)
     return VirtualModel(step.name, config, tensors, stack, base.donor,
                         base.changed | frozenset(updates))
 
@@ -133,12 +135,50 @@ def _picks(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe,
     return picks
 
 
+def _layer_types(model: VirtualModel, parent: tuple[str, ...]) -> list[str] | None:
+    """A model's `layer_types`: listed in its config, else as transformers derives them
+    (`arch.layer_types`), else None."""
+    sub = config_get(model.config, parent) if parent else model.config
+    if not isinstance(sub, Mapping):
+        return None
+    listed = sub.get("layer_types")
+    if isinstance(listed, list) and len(listed) == model.stack.num_layers:
+        return listed
+    return derived_layer_types(sub, model.stack.num_layers)
+
+
+def _derived_layer_types(base: VirtualModel, models: Mapping[str, VirtualModel],
+                         picks: list[Pick], updates: dict[tuple[str, ...], Any]
+                         ) -> tuple[tuple[str, ...], ...]:
+    """Write the picked layers' `layer_types` into ``updates`` when the config has no such
+    list but transformers derives one from the layer index (`arch.layer_types`) and the
+    derivation for the new stack would give the layers other kinds; returns the key added
+    (a stack of unchanged kinds keeps its config as it was)."""
+    parent = base.stack.count_key[:-1]
+    key = parent + ("layer_types",)
+    if key in base.stack.per_layer_keys:
+        return ()
+    kinds = {src: _layer_types(models[src], parent) for src, _, _ in picks}
+    if not picks or any(v is None for v in kinds.values()):
+        return ()
+    moved = [kinds[src][i] for src, i, _ in picks]  # type: ignore[index]
+    sub = config_get(with_config(base.config, updates), parent) if parent else base.config
+    if moved == derived_layer_types({**sub, "layer_types": None}, len(picks)):
+        return ()
+    updates[key] = moved
+    return (key,)
+
+
 def _per_layer_value(model: VirtualModel, key: tuple[str, ...], index: int, recipe: Recipe,
                      path: KeyPath, src: str) -> Any:
-    """The value of a per-layer config list for one source layer (matched by key name)."""
+    """The value of a per-layer config list for one source layer (matched by key name; a
+    model whose config does not list `layer_types` gives those transformers derives)."""
     for own in model.stack.per_layer_keys:
         if own[-1] == key[-1]:
             return config_get(model.config, own)[index]
+    kinds = _layer_types(model, key[:-1]) if key[-1] == "layer_types" else None
+    if kinds is not None:
+        return kinds[index]
     raise RecipeErrors([recipe.error(
         path, f"model '{src}' has no `{key[-1]}` list in config.json, so its layers cannot be "
         f"placed among layers that have one", hint="frankenmerge models of the same family")])

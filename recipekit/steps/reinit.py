@@ -14,7 +14,7 @@ as the same node (bit-exact). Oracle: tests/steps/test_reinit.py compares each n
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -73,11 +73,13 @@ class Fill(Node):
         return fill(self.shape, value=self.value, dtype=torch_dtype(self.dtype))
 
 
-def family_of(model: VirtualModel, step: Step, recipe: Recipe, op: str) -> Architecture:
-    """The model's architecture description, or a located error naming the families known."""
+def family_of(model: VirtualModel, step: Step, recipe: Recipe, op: str,
+              usable: Callable[[Architecture], bool] = lambda arch: True) -> Architecture:
+    """The model's architecture description, or a located error naming the known families
+    the op can use (``usable``: the head op needs a classifier)."""
     arch = load_architectures().get(model.stack.family) if model.stack.family else None
     if arch is None:
-        known = ", ".join(sorted(load_architectures()))
+        known = ", ".join(sorted(f for f, a in load_architectures().items() if usable(a)))
         raise RecipeErrors([recipe.error(
             step.key_path + ("from",), f"the {op} op needs a known architecture, but "
             f"'{step.spec['from']}' is not one (model_type "

@@ -66,6 +66,19 @@ def test_fallback_for_unknown_families():
     assert stack.family is None
 
 
+@pytest.mark.parametrize("prefix, key", [("encoder.block", ("num_layers",)),
+                                         ("decoder.block", ("num_decoder_layers",))])
+def test_an_encoder_decoder_stack_is_counted_by_its_own_key(prefix, key):
+    """T5 counts its encoder in `num_layers` and its decoder in `num_decoder_layers`; with both
+    2, the decoder stack was counted by `num_layers`, so a decoder upscale rewrote the
+    encoder's count and transformers dropped a decoder block and initialised an encoder one
+    at random (found by a black-box check)."""
+    cfg = {"model_type": "t5", "num_layers": 2, "num_decoder_layers": 2}
+    names = [*layer_names("encoder.block.", 2), *layer_names("decoder.block.", 2)]
+    stack = find_layer_stack(cfg, names, layer_prefix=prefix)
+    assert (stack.prefix, stack.count_key) == (prefix + ".", key)
+
+
 def test_experts_inside_layers_are_not_a_second_stack():
     names = [f"model.layers.{i}.mlp.experts.{e}.w1.weight" for i in range(2) for e in range(4)]
     assert scan_layer_stacks(names) == {"model.layers.": {0, 1}}

@@ -176,8 +176,11 @@ class TestRerun:
             return real(plan, shard, *a, **k)
 
         monkeypatch.setattr(ex, "write_shard", failing)
-        result = cli("run", r, "-q")
+        result = cli("run", r, "-q", "--json")
         assert result.exit_code == 130
+        # a JSON Lines reader gets a last event (it stopped after the second shard's)
+        last = json.loads(result.stdout.splitlines()[-1])
+        assert (last["event"], last["type"], last["exit_code"]) == ("error", "Interrupted", 130)
         out = tmp_path / "out"
         finished = sorted(p.name for p in out.glob("model-*.safetensors"))
         assert finished == calls[:2]

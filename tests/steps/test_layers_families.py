@@ -240,6 +240,33 @@ class TestLayersFamilies:
         assert "scale_attn_by_inverse_layer_idx" not in grown.stderr
 
 
+@pytest.mark.parametrize("family, extra", [
+    ("gemma2", {}), ("qwen2", {"use_sliding_window": True, "max_window_layers": 5,
+                              "sliding_window": 4})])
+def test_layer_types_transformers_derives_follow_the_layers(family, extra, tmp_path):
+    # (a stack whose derived kinds already match, e.g. Qwen2 without sliding windows, keeps
+    # its config as it was: tests/arch/test_layer_types.py has the rules)
+    """A config.json without `layer_types` (older Hub configs): transformers derives them from
+    the index and the count, so the upscale gave layers other attention kinds than their
+    sources' (Gemma-2 logits 6.5 away; found by a black-box check). The output now lists the
+    moved layers' kinds. Oracle: the deep-copied reference of the source as transformers loads
+    it (its derived kinds, moved with the layers)."""
+    source = make_model(family, tmp_path / "source", **extra)
+    config = json.loads((source / "config.json").read_text())
+    derived = config.pop("layer_types")
+    (source / "config.json").write_text(json.dumps(config))
+    assert run_recipe(write_recipe(tmp_path, {"source": source}, LAYERS, "source")).exit_code == 0
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["layer_types"] == [derived[i] for i in PICKS]
+    cls = FAMILIES[family][1]
+    src_model, output = load(cls, source), load(cls, tmp_path / "out")
+    assert output.config.layer_types == out["layer_types"]
+    stack = LAYER_MODULES[family]
+    ref = reference(src_model, {"source": src_model}, stack, [("source", i) for i in PICKS])
+    inputs = family_inputs(family)
+    assert torch.equal(forward(output, family, inputs), forward(ref, family, inputs))
+
+
 class TestArchDescriptions:
     """Oracle: the tensor names transformers' save_pretrained writes for each family."""
 

@@ -149,6 +149,15 @@ class TestReinit:
         assert result.exit_code == 2
         assert ("steps[0].from: the reinit op needs a known architecture, but 'src' is not one "
                 "(model_type 'mystery', layers `model.layers.<i>`)") in result.stderr
+        assert "known families: bert, deit, gemma," in result.stderr
+        # the head op lists only the families it can put a classifier on (it listed bert)
+        from tests.steps.test_head import head_recipe
+
+        (tmp_path / "h").mkdir()
+        result = cli("validate", head_recipe(tmp_path / "h", odd, num_labels=2))
+        assert result.exit_code == 2
+        assert "known families: gemma, gemma2, gpt2, llama, mistral, phi3, qwen2" in \
+            result.stderr
 
 
 class TestClassifierRecipe:
