@@ -32,7 +32,7 @@ GENERIC_PER_LAYER = ("layer_types",)
 SUBCONFIG_MODULES = {"text_config": ("language_model", "text_model", "text", "llm"),
                      "vision_config": ("vision", "vision_tower", "vision_model", "visual"),
                      "audio_config": ("audio", "audio_tower", "audio_model")}
-_STACK = re.compile(r"^((?:[^.]+\.)*?(?:layers|layer|h|blocks))\.(\d+)\.")
+_STACK = re.compile(r"^((?:[^.]+\.)*?(?:layers|layer|h|blocks|block))\.(\d+)\.")
 
 
 @dataclass(frozen=True)

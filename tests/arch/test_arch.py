@@ -79,6 +79,15 @@ def test_an_encoder_decoder_stack_is_counted_by_its_own_key(prefix, key):
     assert (stack.prefix, stack.count_key) == (prefix + ".", key)
 
 
+def test_t5_blocks_are_the_stacks():
+    """T5 keeps its layers in `encoder.block.N` / `decoder.block.N`, each with sub-layers
+    `layer.0..2`: the sub-layers were taken for stacks, and the refusal's example prefix
+    (`decoder.block.0.layer`) could not work."""
+    names = [f"{side}.block.{i}.layer.{j}.w.weight" for side in ("encoder", "decoder")
+             for i in range(2) for j in range(3)]
+    assert scan_layer_stacks(names) == {"encoder.block.": {0, 1}, "decoder.block.": {0, 1}}
+
+
 def test_experts_inside_layers_are_not_a_second_stack():
     names = [f"model.layers.{i}.mlp.experts.{e}.w1.weight" for i in range(2) for e in range(4)]
     assert scan_layer_stacks(names) == {"model.layers.": {0, 1}}
