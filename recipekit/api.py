@@ -441,6 +441,10 @@ def _check_lock(p: PlanResult, frozen: bool, lock_file: str | os.PathLike | None
         if path is None:
             raise UsageError("frozen: a recipe given as text or data has no lock beside it",
                              file=p.recipe, hint="pass lock_file=PATH")
+        if lock_file is not None:  # `recipekit lock` writes <stem>.lock.json, not this name
+            raise UsageError(f"frozen: no lock file {display_path(path)}", file=str(path),
+                             hint=f"create it with `recipekit.lock(recipe, path={str(path)!r})`"
+                             " and commit it")
         raise UsageError(f"--frozen: no lock file {path.name} beside the recipe",
                          file=str(recipe_file or path),
                          hint=f"create it with `recipekit lock {recipe_file or p.recipe}` and "

@@ -107,6 +107,20 @@ class TestErrors:
 
     TYPO = solar_recipe().replace("layers: [", "layerz: [")
 
+    def test_text_recipe_paths_are_said_to_be_relative_to_base_dir(self, tmp_path):
+        """The hint said "relative to the recipe file", which recipe text does not have."""
+        text = "recipekit: 1\nmodels: {a: ./nope}\nsteps: [{name: s, op: layers, from: a, " \
+               "layers: [0]}]\n"
+        with pytest.raises(SourceNotFoundError, match=r"relative to base_dir \("):
+            recipekit.validate(text, base_dir=tmp_path)
+
+    def test_frozen_with_a_missing_lock_file_names_how_to_make_it(self, recipe, tmp_path):
+        """`recipekit lock` writes <stem>.lock.json, so it cannot make a lock_file= of
+        another name: the hint names `recipekit.lock(recipe, path=...)`."""
+        other = tmp_path / "other.lock.json"
+        with pytest.raises(UsageError, match=r"recipekit\.lock\(recipe, path="):
+            recipekit.run(recipe, frozen=True, lock_file=other, progress=None)
+
     @pytest.mark.parametrize("name", ["run", "plan"])
     def test_help_shows_the_function(self, name):
         """`recipekit.run` and `recipekit.plan` are also subpackages: `help()`, a notebook's

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from recipekit.errors import SourceNotFoundError, UnsupportedCheckpointError, display_path
-from recipekit.inputs.files import check_confined, model_root, read_small
+from recipekit.inputs.files import check_confined, model_root, read_small, relative_paths
 from recipekit.inputs.hub import HubSnapshot
 from recipekit.inputs.patterns import PatternError, key_matcher
 from recipekit.inputs.remote import RemoteSnapshot
@@ -83,7 +83,7 @@ def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
         what = "is a file, not" if path.exists() else "does not exist; expected"
         raise located(SourceNotFoundError, f"adapter {ref.written!r} {what} a PEFT adapter "
                       f"directory ({display_path(path)})", "name the directory that holds "
-                      f"{CONFIG} (relative paths are relative to the recipe file)")
+                      f"{CONFIG} ({relative_paths(recipe)})")
     root = model_root(path)
     config_path = path / CONFIG
     if not os.path.lexists(config_path):

@@ -19,6 +19,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from recipekit.errors import CorruptCheckpointError, UnsupportedCheckpointError, display_path
 from recipekit.units import format_size
@@ -166,3 +167,11 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def relative_paths(recipe: Any) -> str:
+    """Where ``recipe``'s relative input paths are looked up, for the hint of a path that does
+    not exist: beside a recipe file, or in ``base_dir`` for recipe text or data (the API)."""
+    if recipe.document.file in ("<string>", "<dict>"):
+        return f"relative paths are relative to base_dir ({display_path(recipe.file.parent)})"
+    return "relative paths are relative to the recipe file"

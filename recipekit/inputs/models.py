@@ -32,6 +32,7 @@ from recipekit.inputs.files import (
     check_confined,
     model_root,
     read_small,
+    relative_paths,
     walk_confined,
 )
 from recipekit.inputs.hub import HubSnapshot
@@ -103,7 +104,7 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
         CorruptCheckpointError, TensorNotFoundError: damaged or inconsistent files.
     """
     located, path, snap = locate_input(ref, recipe)
-    _check_directory(ref, path, located)
+    _check_directory(ref, path, located, relative_paths(recipe))
     root = model_root(path)
     config_path = path / CONFIG
     if is_peft_adapter_dir(path) and not os.path.lexists(config_path):
@@ -138,7 +139,7 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
     return Checkpoint(ref.name, path, config, tensors, files, stack, **split_snapshot(snap))
 
 
-def _check_directory(ref: ModelRef, path: Path, located: Located) -> None:
+def _check_directory(ref: ModelRef, path: Path, located: Located, relative: str) -> None:
     """The model path must name an existing directory (with a hint for a hub id written as a
     path)."""
     try:
@@ -147,7 +148,7 @@ def _check_directory(ref: ModelRef, path: Path, located: Located) -> None:
         raise located(SourceNotFoundError, f"model path {ref.written[:80]!r} cannot be used: "
                       f"{e.strerror or e}", "check the path") from None
     if not exists:
-        hint = "check the path (relative paths are relative to the recipe file)"
+        hint = f"check the path ({relative})"
         if "/" in ref.written and not ref.written.startswith((".", "/", "~")) and (
                 ref.written.count("/") == 1):
             hint += (f"; if {ref.written!r} is a Hugging Face Hub repo, write "
