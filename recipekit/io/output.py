@@ -81,6 +81,15 @@ def stored_plan_hash(path: Path) -> str | None:
         return None
 
 
+def finished_conversion(path: Path) -> bool:
+    """Whether ``path``'s state file says complete: how a `convert` output is marked finished
+    (it has no manifest; a run's finished output has a manifest and no state file)."""
+    try:
+        return json.loads((path / STATE).read_bytes()).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class OutputDir:
     """Owns one output directory for the duration of a run (use as a context manager)."""
 

@@ -49,6 +49,7 @@ from recipekit.io.names import (
     STATE,
     WEIGHTS,
 )
+from recipekit.io.output import finished_conversion
 from recipekit.recipe import load_recipe, schema_problems
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -76,17 +77,6 @@ class VerifyReport:
                     for p in self.problems), default=0)
 
 
-def _finished_conversion(out: Path) -> bool:
-    """A state file that says complete without a manifest: how `convert` marks its output
-    finished (`io.output.OutputDir.complete`); a run's output gets a manifest instead."""
-    import json
-
-    try:
-        return json.loads((out / STATE).read_bytes()).get("complete") is True
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def verify_output(out: Path, *, stats: bool = False) -> VerifyReport:
     """Check the files of a finished recipekit output against its manifest; with ``stats``,
     also read every floating value (`tools.verify_values`) and fail on NaN/Inf.
@@ -102,7 +92,7 @@ def verify_output(out: Path, *, stats: bool = False) -> VerifyReport:
                                   hint="name the output directory of `recipekit run`")
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():
-        if _finished_conversion(out):
+        if finished_conversion(out):
             raise UsageError(f"{display_path(out)} is a finished `recipekit convert` output, "
                              f"which has no {MANIFEST} to verify against",
                              hint="check its values with `recipekit inspect`; `verify` checks "

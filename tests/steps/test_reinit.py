@@ -151,10 +151,10 @@ class TestReinit:
                 "(model_type 'mystery', layers `model.layers.<i>`)") in result.stderr
         assert "known families: bert, deit, gemma," in result.stderr
         # the head op lists only the families it can put a classifier on (it listed bert)
-        from tests.steps.test_head import head_recipe
-
-        (tmp_path / "h").mkdir()
-        result = cli("validate", head_recipe(tmp_path / "h", odd, num_labels=2))
+        (tmp_path / "h.yaml").write_text(
+            f"recipekit: 1\nmodels: {{src: {odd}}}\nsteps:\n  - {{name: clf, op: head, "
+            "from: src, num_labels: 2}\noutput: {path: out}\n")
+        result = cli("validate", tmp_path / "h.yaml")
         assert result.exit_code == 2
         assert "known families: gemma, gemma2, gpt2, llama, mistral, phi3, qwen2" in \
             result.stderr
