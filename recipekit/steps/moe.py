@@ -28,6 +28,7 @@ one), and one layer of distinct experts equals the routed mixture computed by ha
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -52,6 +53,9 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 #: kernels of `uniform_random` (measured: 1.9 MiB for randn, 3.1 MiB more for rand·2a − a);
 #: without it a run of copies and routers peaked 1.6-2.5 MiB above the plan's estimate
 RNG_KERNELS = 5 * 1024 * 1024
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -362,6 +366,16 @@ def _config_updates(arch: str, base: VirtualModel, experts: int, k: int) -> dict
     writes), per output architecture (reference/moe.md §2.2-2.4)."""
     inter = _mlp(base, 0, "gate_proj").shape[0]  # type: ignore[union-attr]
     keys = config_keys(arch, experts, k, inter)
+    kinds = base.config.get("layer_types")
+    if "sliding_window" in keys and keys["sliding_window"] is None and isinstance(kinds, list):
+        # The output turns sliding windows off (as mergekit writes it); a base's listed
+        # sliding layers kept beside `sliding_window: null` made transformers fail in the
+        # forward pass (a Qwen2 base with use_sliding_window; found by a black-box check).
+        if "sliding_attention" in kinds:
+            log.warning("base '%s' has %d sliding-window layers; the %s output attends fully "
+                        "(`sliding_window: null`, as mergekit writes it), which differs beyond "
+                        "the window's length", base.name, kinds.count("sliding_attention"), arch)
+        keys = {**keys, "layer_types": ["full_attention"] * len(kinds)}
     return {(key,): value for key, value in keys.items()}
 
 

@@ -376,6 +376,28 @@ def test_a_base_no_moe_architecture_is_built_from_is_refused(cli, tmp_path):
         "recipekit writes is built from (mixtral: llama, mistral;" in result.stderr
 
 
+def test_a_sliding_window_base_gives_a_model_that_runs(cli, tmp_path):
+    """A Qwen2 base with sliding-window layers: Qwen2-MoE's config (as mergekit writes it)
+    sets `sliding_window: null` but kept the base's sliding `layer_types`, and transformers
+    failed in the forward pass (found by a black-box check). The output attends fully, said
+    in a warning. Oracle: transformers loads it and its logits are finite."""
+    from transformers import AutoModelForCausalLM
+
+    base = make_expert("qwen2", tmp_path / "base", seed=1, use_sliding_window=True,
+                       max_window_layers=1, sliding_window=4)
+    step = {"base": "base", "experts": [{"model": "base"}, {"model": "base"}],
+            "shared_experts": [{"model": "base"}], "gate_mode": "random"}
+    result = cli("run", moe_recipe(tmp_path / "r", {"base": base}, step), "-q")
+    assert result.exit_code == 0, result.output
+    assert "sliding-window layers; the qwen2_moe output attends fully" in result.stderr
+    out = tmp_path / "r" / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert set(config["layer_types"]) == {"full_attention"} and config["sliding_window"] is None
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(12)[None] % 64).logits).all()
+
+
 def test_plan_streams_expert_copies(cli, tmp_path, dense):
     """Every expert tensor is a plain copy of its source (a `load` node written as is) and the
     plan's peak is the copy buffers plus a router (`steps.moe.RNG_KERNELS`)."""
