@@ -72,22 +72,24 @@ class State:
                       "finished": self.finished, "complete": self.complete})
 
 
-def stored_plan_hash(path: Path) -> str | None:
-    """The plan hash an output directory's state file records (None: no readable state; a
-    damaged one is `OutputDir`'s to report)."""
+def _stored_state(path: Path, key: str) -> Any:
+    """A value an output directory's state file records (None: no readable state; a damaged
+    one is `OutputDir`'s to report)."""
     try:
-        return json.loads((path / STATE).read_bytes()).get("plan_hash")
+        return json.loads((path / STATE).read_bytes()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def stored_plan_hash(path: Path) -> str | None:
+    """The plan hash an output directory's state file records."""
+    return _stored_state(path, "plan_hash")
 
 
 def finished_conversion(path: Path) -> bool:
     """Whether ``path``'s state file says complete: how a `convert` output is marked finished
     (it has no manifest; a run's finished output has a manifest and no state file)."""
-    try:
-        return json.loads((path / STATE).read_bytes()).get("complete") is True
-    except (OSError, ValueError, AttributeError):
-        return False
+    return _stored_state(path, "complete") is True
 
 
 class OutputDir:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.errors import OutputPathError, display_path
-from recipekit.inputs.side_files import OUTPUT_KEY
+from recipekit.inputs.side_files import OUTPUT_KEY, side_path
 from recipekit.recipe import Recipe
 
 #: The files an X-LoRA scalings log may be read from, beside the path the recipe gives.
@@ -78,7 +78,7 @@ def input_paths(recipe: Recipe, sources: Mapping[str, Any],
     template = getattr(getattr(recipe, "output", None), "chat_template", None)
     written = template.get(OUTPUT_KEY[1]) if isinstance(template, Mapping) else None
     if isinstance(written, str):
-        p = base / written
+        p = side_path(recipe, written)  # where `inputs.side_files` reads it
         out.append((f"the chat template file {display_path(p)} that `output` names", _real(p)))
     return out
 

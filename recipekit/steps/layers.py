@@ -158,7 +158,7 @@ def _derived_layer_types(base: VirtualModel, models: Mapping[str, VirtualModel],
     key = parent + ("layer_types",)
     if key in base.stack.per_layer_keys:
         return ()
-    kinds = {src: _layer_types(models[src], parent) for src, _, _ in picks}
+    kinds = {src: _layer_types(models[src], parent) for src in {src for src, _, _ in picks}}
     if not picks or any(v is None for v in kinds.values()):
         return ()
     moved = [kinds[src][i] for src, i, _ in picks]  # type: ignore[index]

@@ -243,23 +243,19 @@ def _architecture(step: Step, recipe: Recipe, base: VirtualModel) -> str:
     model_type = base.config.get("model_type")
     wanted = step.spec.get("architecture", "auto")
     if wanted == "auto":
-        chosen = choose_output(model_type, bool(step.spec.get("shared_experts")))
-        if model_type in OUTPUTS[chosen].built_from:
-            return chosen
-        # a Gemma, OLMo2, Granite... base written as Mixtral lost its norm offsets, embedding
-        # scale and multipliers (logits off by up to the logits' own size): mergekit refuses too
-        known = "; ".join(f"{a}: {', '.join(o.built_from)}" for a, o in OUTPUTS.items())
-        raise RecipeErrors([recipe.error(step.key_path + ("base",), f"base "
-                                         f"'{step.spec['base']}' is a {model_type!r} model, "
-                                         "which no MoE architecture recipekit writes is built "
-                                         f"from ({known})", hint="use experts and a base of "
-                                         "one of those families")])
+        wanted = choose_output(model_type, bool(step.spec.get("shared_experts")))
     if model_type not in OUTPUTS[wanted].built_from:
-        raise RecipeErrors([recipe.error(step.key_path + ("base",), f"base "
-                                         f"'{step.spec['base']}' is a {model_type!r} model; "
-                                         f"{wanted} is built from "
-                                         f"{', '.join(OUTPUTS[wanted].built_from)} models",
-                                         hint="use experts and a base of one of those")])
+        # `auto` once wrote a Gemma, OLMo2, Granite... base as a Mixtral, which has no place for
+        # their norm offsets, embedding scale and multipliers: mergekit refuses too
+        what = f"base '{step.spec['base']}' is a {model_type!r} model"
+        if step.spec.get("architecture", "auto") == "auto":
+            known = "; ".join(f"{a}: {', '.join(o.built_from)}" for a, o in OUTPUTS.items())
+            what += f", which no MoE architecture recipekit writes is built from ({known})"
+            hint = "use experts and a base of one of those families"
+        else:
+            what += f"; {wanted} is built from {', '.join(OUTPUTS[wanted].built_from)} models"
+            hint = "use experts and a base of one of those"
+        raise RecipeErrors([recipe.error(step.key_path + ("base",), what, hint=hint)])
     return wanted
 
 
