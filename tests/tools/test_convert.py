@@ -129,6 +129,22 @@ def test_code_in_a_pickle_is_not_run(cli, tmp_path):
     assert result.exit_code == 1
     assert "cannot load as weights-only pickle" in result.stderr
     assert not marker.exists()
+    assert not (tmp_path / "out").exists()  # nothing written, not even the directory
+
+
+def test_a_whole_pickled_model_leaves_no_interrupted_conversion(cli, tmp_path):
+    """`torch.save(model)` pickles the module object, which a weights-only load refuses: the
+    refusal comes before the state file, so a rerun does not "resume" into it, and an empty
+    directory the user made stays empty."""
+    model, src = pickled(tmp_path)
+    (src / "pytorch_model.bin").unlink()
+    torch.save(model, src / "pytorch_model.bin")
+    (tmp_path / "out").mkdir()
+    for _ in range(2):
+        result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+        assert result.exit_code == 1, result.stderr
+        assert "cannot load as weights-only pickle" in result.stderr
+        assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_never_writes_into_a_non_empty_directory(cli, tmp_path):
