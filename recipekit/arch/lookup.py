@@ -53,6 +53,7 @@ class Architecture:
     classifier: Mapping[str, str] | None = None
     coalesce: Mapping[str, Any] | None = None  # tensor roles for coalesce/decoalesce (schema)
     embeddings: tuple[str, ...] = ()  # embedding tables among the `pre` weights
+    vocabulary: tuple[str, ...] = ()  # tensors with a row per token (not position tables)
     fan_in_fan_out: tuple[str, ...] = ()  # layer weights stored (in, out) (GPT-2's Conv1D)
     config_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -68,8 +69,10 @@ class Architecture:
 
     @property
     def vocabulary_tensors(self) -> tuple[str, ...]:
-        """Tensors with one row per token: the embedding tables and the heads tied to them."""
-        return (*self.embeddings, *self.tied)
+        """Tensors with one row per token: the token embeddings (not GPT-2's `wpe` or BERT's
+        position and token-type tables, which `embeddings` also lists), an LM head's bias, and
+        the heads tied to them."""
+        return (*self.vocabulary, *self.tied)
 
     def init_rule(self, name: str) -> Mapping[str, Any]:
         """The first ``init`` rule whose pattern matches the full tensor ``name``."""
@@ -126,6 +129,7 @@ def load_architectures() -> dict[str, Architecture]:
             classifier=data.get("classifier"),
             coalesce=data.get("coalesce"),
             embeddings=tuple(data.get("embeddings", ())),
+            vocabulary=tuple(data["vocabulary"]),
             fan_in_fan_out=tuple(data.get("fan_in_fan_out", ())),
             config_defaults=data.get("config_defaults", {}),
         )

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tests.helpers.mergekit import needs_mergekit, run_mergekit
 from tests.helpers.recipes import write_recipe
-from tests.helpers.vocab_models import make_vocab_model
+from tests.helpers.vocab_models import make_tokenizer, make_vocab_model
 
 SAMPLE = "<|im_start|>user _tok_5 _tok_7<|im_end|> <s>_tok_10</s> <UNUSED_1>"
 
@@ -416,3 +416,56 @@ def test_a_step_aligns_an_earlier_aligned_step_with_another_model(cli, tmp_path,
     assert out[name].shape == (72, 32)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["vocab_size"] == 72
+
+
+def _other_family(family: str, path: Path, rows: int, added: list, seed: int) -> Path:
+    """A GPT-2 (tied `wte`, 32 learned positions: fewer than its 64 tokens) or BERT masked LM
+    (positions, two token types, an LM-head bias over the vocabulary) with the tokenizer of
+    `make_vocab_model`, every value random so that a row from the wrong table shows."""
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=rows, n_embd=32, n_layer=2, n_head=4,
+                                           n_positions=32))
+    else:
+        model = BertForMaskedLM(BertConfig(vocab_size=rows, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, intermediate_size=48,
+                                           max_position_embeddings=40))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    model.save_pretrained(path)
+    make_tokenizer(64, added).save_pretrained(path)  # type: ignore[attr-defined]
+    return path
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_position_and_token_type_tables_are_not_vocabularies(cli, tmp_path, family):
+    """GPT-2's `wpe` and BERT's position and token-type tables are indexed by position, not by
+    token (tokenizers.md §3.1: mergekit never permutes them): a union merge averages them as
+    they are, while the token rows (and BERT's LM-head bias) follow the tokens. Before, they
+    were permuted like vocabularies: GPT-2 with fewer positions than tokens lost tokens and
+    would not load, BERT was refused. Oracle: the rows by token string, and transformers."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    a = _other_family(family, tmp_path / "a", 64, [], seed=1)
+    b = _other_family(family, tmp_path / "b", 66, ["<|im_start|>", "<|im_end|>"], seed=2)
+    r = _recipe(tmp_path, {"a": a, "b": b}, ["a", "b"], LINEAR2.replace("base, chatml", "a, b")
+                + "tokenizer: union")
+    result = cli("run", str(r))
+    assert result.exit_code == 0, result.output
+    out, ins = load_file(tmp_path / "out" / "model.safetensors"), [
+        load_file(p / "model.safetensors") for p in (a, b)]
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()
+    assert len(vocab) == 66
+    by_token = ["transformer.wte.weight"] if family == "gpt2" else [
+        "bert.embeddings.word_embeddings.weight", "cls.predictions.bias"]
+    for name in by_token:
+        assert out[name].shape[0] == 66
+        assert torch.equal(out[name][:64], (ins[0][name] + ins[1][name][:64]) / 2)
+        torch.testing.assert_close(out[name][64:], ins[1][name][64:], atol=2e-7, rtol=0)
+    for name in [n for n in out if n not in by_token]:  # positions, token types, the rest
+        assert torch.equal(out[name], (ins[0][name] + ins[1][name]) / 2), name
+    auto = AutoModelForCausalLM if family == "gpt2" else AutoModelForMaskedLM
+    auto.from_pretrained(tmp_path / "out")  # loads: every shape where the config says
