@@ -288,6 +288,11 @@ def _build(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe, *,
     if width is not None and not width.h.partition.is_uniform:
         log.warning("step '%s': width groups of unequal sizes; LayerNorm/RMSNorm are exact under "
                     "de-coalescing only for equal group sizes", step.name)
+    if width is not None and step.spec.get("compensation") == "mltf" and \
+            {len(g) for g in width.h.partition.groups} != {2}:
+        log.warning("step '%s': `compensation: mltf` scales the embedding tables by MLTF's "
+                    "fixed 0.5 (x2 when coalescing), which compensates width groups of 2 only; "
+                    "`auto` is exact for every partition", step.name)
 
     return _coalesced_model(step, recipe, src, arch, width, depth, dims, coalescing)
 

@@ -117,6 +117,23 @@ def test_mltf_compensation_matches_mltf_testbench(cli, tmp_path, case, exact):
     assert_same_tensors(back, small)
 
 
+def test_mltf_compensation_warns_for_groups_other_than_two(cli, tmp_path):
+    """MLTF's fixed ×0.5 compensates groups of 2 only (reference/coalescing.md §8.4(6)): for
+    groups of 4 the BERT logits move (checked), and the run says so; groups of 2 say nothing."""
+    cls, config, family = CASES["bert-mlm"]
+    small = build(cls, config(), tmp_path / "small")
+    quads = [[k, k + 4, k + 8, k + 12] for k in range(4)]
+    for name, groups, warned in (("pairs", PAIRS, False), ("quads", quads, True)):
+        recipe = write(tmp_path, {"small": small},
+                       [step("decoalesce", "small", width=groups, compensation="mltf")],
+                       name, f"{name}.yaml")
+        result = cli("run", recipe)
+        assert result.exit_code == 0, result.output
+        assert ("compensates width groups of 2 only" in result.stderr) == warned
+        err = rel_error(outputs(cls, tmp_path / name, family)[0], outputs(cls, small, family)[0])
+        assert (err > 1e-2) if warned else (err < 1e-5), err
+
+
 def test_bare_bert_keys(cli, tmp_path):
     """A bare BertModel (keys `embeddings.*`, `encoder.layer.*`, pooler): last hidden state and
     pooler output are the small ones with each feature copied to its group."""
