@@ -5,12 +5,14 @@ input's directory, lies inside one or contains one, the run would destroy what i
 refusal does not depend on ``--force``. Inputs are every model and adapter directory (a hub
 model's whole repo cache folder, whose ``blobs/`` its snapshot links into), every side file a
 step reads (coalesce scheme files, X-LoRA scalings logs) and the output's chat template file,
-plus the recipe itself, all compared after resolving symlinks. `recipekit lock` checks its
+plus the recipe itself, all compared after resolving symlinks and then by (device, inode),
+which a bind mount of an input under another path cannot hide. `recipekit lock` checks its
 lock's path against the same list (`overlapping_input`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,29 @@ def _relation(out: Path, inp: Path) -> str | None:
     if inp in out.parents:
         return "lies inside"
     if out in inp.parents:
+        return "contains"
+    return _same_files(out, inp)
+
+
+def _identity(p: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(p)
+    except OSError:  # not there (yet), or not ours to look at: the path check stands
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _same_files(out: Path, inp: Path) -> str | None:
+    """The relation by what the file system says, not by spelling: a bind mount (or a
+    case-insensitive file system) shows the same directory under another path, which
+    `resolve` cannot see through. Each path and its existing ancestors are compared by
+    (device, inode)."""
+    own_out, own_in = _identity(out), _identity(inp)
+    if own_out is not None and own_out == own_in:
+        return "is"
+    if own_in is not None and own_in in {_identity(a) for a in out.parents}:
+        return "lies inside"
+    if own_out is not None and own_out in {_identity(a) for a in inp.parents}:
         return "contains"
     return None
 

@@ -782,6 +782,48 @@ class TestOutputOverlapsInput:
         result = cli("run", r, "-q", "--force")
         assert result.exit_code == 2 and snapshot(made) == before
 
+    @pytest.mark.parametrize("force", [[], ["--force"]])
+    def test_through_a_bind_mount(self, cli, tmp_path, made, force):
+        """A bind mount shows the input directory under a path no symlink resolves to: the
+        check compares (device, inode) too. Before, `--force` deleted the input's files."""
+        import subprocess
+
+        alias = tmp_path / "alias"
+        alias.mkdir()
+        if subprocess.run(["mount", "--bind", str(made), str(alias)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("bind mounts need privileges this test run does not have")
+        try:
+            r = write_recipe(tmp_path, solar_recipe("./made", layers='["range(0,4)"]',
+                                                    output="  path: ./alias"))
+            before = snapshot(made)
+            result = cli("run", r, "-q", *force)
+            assert result.exit_code == 2, result.output
+            assert f" is input `models.tiny` ({display_path(made)})" in result.stderr
+            assert snapshot(made) == before
+        finally:
+            subprocess.run(["umount", str(alias)], check=True)
+
+    def test_same_files_by_identity(self, tmp_path, monkeypatch):
+        """The (device, inode) comparison behind the bind-mount refusal, where mounting is not
+        allowed: another spelling of a directory (here its identity given to a second folder)
+        is, lies inside or contains the input as the real one would."""
+        from recipekit.plan import overlap
+
+        data, other = tmp_path / "data" / "model", tmp_path / "mnt"
+        data.mkdir(parents=True)
+        other.mkdir()
+        alias = {other: data, other / "model": data}  # `other` as the bind of `data`'s parent
+        identity = overlap._identity
+        monkeypatch.setattr(overlap, "_identity", lambda p: identity(alias.get(p, p)))
+        inputs = [("the model", data)]
+        assert overlap.overlapping_input(other / "model", inputs) == ("is", "the model")
+        assert overlap.overlapping_input(other / "model" / "x", inputs) == \
+            ("lies inside", "the model")
+        alias[other] = data.parent
+        assert overlap.overlapping_input(other, inputs) == ("contains", "the model")
+        assert overlap.overlapping_input(tmp_path / "elsewhere", inputs) is None
+
     def test_output_containing_a_hub_cache_repo(self, cli, tmp_path, hub_cache):
         r = write_recipe(tmp_path, solar_recipe("{hub: org/tiny}", output=f"  path: {hub_cache}"))
         before = snapshot(hub_cache)
