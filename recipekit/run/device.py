@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 from typing import Any
 
 from recipekit.errors import DeviceError
+
+
+def import_torch() -> Any:
+    """``import torch`` with Ctrl-C held back until the import is done, then raised.
+
+    Why: a KeyboardInterrupt raised inside torch's import (a second or more, most of it loading
+    numpy and its submodules, some behind broad ``except`` clauses) left numpy half-imported: a
+    run stopped that way ignored the Ctrl-C or failed with "internal error: module 'numpy' has
+    no attribute 'matrix'" instead of exiting 130. Only the main thread may set a signal
+    handler; elsewhere (and once torch is loaded) this is a plain import.
+    """
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        import torch
+
+        return torch
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        import torch
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+    return torch
 
 
 def resolve_device(spec: str) -> Any:
@@ -13,7 +40,7 @@ def resolve_device(spec: str) -> Any:
     Raises:
         DeviceError: the device is not available (exit code 2).
     """
-    import torch
+    torch = import_torch()  # the run's first use of torch: Ctrl-C waits for the import
 
     if spec == "auto":
         if torch.cuda.is_available():
