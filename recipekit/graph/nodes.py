@@ -230,9 +230,11 @@ def round_to(node: Node, dtype: str) -> Node:
     """``node`` rounded once to ``dtype``: a computing node (`Node.rounds_once`) gets ``dtype``
     as its own, so its fp32 result is rounded to ``dtype`` directly (a bf16 merge written as
     fp32 is the fp32 result, not the bf16 one widened: issue 16 item 3); anything else (a
-    `Load`, data movement) is cast, bit-exact as before."""
+    `Load`, data movement) is cast, bit-exact as before. A node that computes the way
+    mergekit does (``native``: a merge step's `compute_dtype:`) is cast too: mergekit rounds
+    its result to the compute dtype first, then to `out_dtype`."""
     if node.dtype == dtype:
         return node
-    if node.rounds_once:
+    if node.rounds_once and not getattr(node, "native", False):
         return intern(replace(node, dtype=dtype))  # type: ignore[type-var]
     return intern(Cast(node, dtype))

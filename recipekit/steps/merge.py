@@ -203,6 +203,9 @@ class Slerp(SameShape):
     b: Node
     coefficients: SlerpCoefficients
     dtype: str
+    #: the step's `compute_dtype:` is set: the fp32 result is rounded to ``dtype`` (the compute
+    #: dtype) before any output cast, as mergekit does (`graph.nodes.round_to`)
+    native: bool = False
 
     method: ClassVar[str] = "slerp"
 
@@ -415,7 +418,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
             a, b = base, operands[0]  # `from: [A, B]`: A is the base (t = 0)
             assert a is not None
             coefficients = intern(SlerpCoefficients(a, b, float(params["t"])))
-            tensors[name] = intern(Slerp(a, b, coefficients, dtype))
+            tensors[name] = intern(Slerp(a, b, coefficients, dtype, native))
             continue
         streamed = streamed_task_vectors(spec, operands, base, params, seed, name, dtype,
                                          native, step.spec.get("random_masks", "stream"))

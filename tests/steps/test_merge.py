@@ -140,6 +140,28 @@ class TestComputeDtype:
                             params={"weight": [0.6, 0.4], "density": 0.3})
         assert not torch.equal(out[name], fp32.bfloat16())  # bf16 compute selects otherwise
 
+    @pytest.mark.parametrize("method", ["linear", "slerp"])
+    def test_the_result_is_rounded_to_the_compute_dtype_before_the_output_dtype(
+            self, cli, tmp_path, trio, method):
+        """mergekit computes linear and slerp in fp32, rounds to its `dtype:` and only then
+        casts to `out_dtype`: with `compute_dtype: bfloat16` and an fp32 output every value is
+        a bf16 value. Before, the fp32 result was written as it was (mergekit's imported
+        configs with `out_dtype` differed in most values)."""
+        from recipekit.ops.precision import native_dtype
+
+        step, kernel = CASES[method]
+        r = write_recipe(tmp_path, recipe_text(trio, step + "    compute_dtype: bfloat16\n")
+                         .replace("{path: ./out}", "{path: ./out, dtype: float32}"))
+        result = cli("run", r, "-q")
+        assert result.exit_code == 0, result.output
+        out = read_tensors(tmp_path / "out")
+        b, x, y = (read_tensors(p) for p in trio)
+        for name, t in out.items():
+            with native_dtype():
+                want = kernel(*(m[name].bfloat16() for m in (b, x, y)))
+            assert t.dtype == torch.float32
+            assert torch.equal(t, want.bfloat16().float()), name
+
     def test_absent_and_float32_keep_the_bytes(self, cli, tmp_path, trio):
         (tmp_path / "a").mkdir()
         (tmp_path / "b").mkdir()
