@@ -9,6 +9,11 @@ layer 0 removed: every layer swapped sliding and full attention, logits 6.5 away
 black-box check). With the rule transformers applies, the source's list is known and moves like
 one written in the config.
 
+`layer_types_of` is what the ops use: the list config.json holds, else the derived one. The
+`layers` op and the depth maps of `coalesce`/`decoalesce` write the result out when the
+derivation for the new stack would give its layers other kinds (and `coalesce` refuses a depth
+group whose layers are of different kinds, listed or derived).
+
 The rules are transformers 5's `__post_init__` of each config class (the model_types below);
 other model types return None (their list, if any, is read from config.json as written).
 Oracle: tests/steps/test_layers.py loads configs without the list in transformers and compares
@@ -43,3 +48,12 @@ def derived_layer_types(config: Mapping[str, Any], n: int) -> list[str] | None:
         first = config.get("max_window_layers", 28)
         return [SLIDING if window is not None and i >= first else FULL for i in range(n)]
     return None
+
+
+def layer_types_of(config: Mapping[str, Any], n: int) -> list[str] | None:
+    """A stack's `layer_types`: the list config.json holds when it has ``n`` entries, else the
+    one transformers 5 derives (`derived_layer_types`), else None."""
+    listed = config.get("layer_types")
+    if isinstance(listed, list) and len(listed) == n:
+        return listed
+    return derived_layer_types(config, n)

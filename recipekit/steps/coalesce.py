@@ -9,7 +9,9 @@ BERT, GPT-2, ViT/DeiT and Llama/Mistral/Qwen2 (equal groups). coalesce ∘ decoa
 identity (bit-exact for groups of 1, 2, 4, ...). The schemes, the roles of each tensor's axes
 (arch/*.json ``coalesce``) and the tied-head compensation turn into one `Coalesce` /
 `Decoalesce` node per tensor: gathers and group reductions, never a dense map matrix, never more
-than a depth group's tensors at once.
+than a depth group's tensors at once. Per-layer config lists follow the depth map, `layer_types`
+that transformers derives from the layer index included (`arch.layer_types`); a depth group
+whose layers differ in one is refused.
 
 Compensation (reference §4.2; issue 5): with a tied LM head a de-coalesced hidden state ``T h``
 gives logits ``Σ_i |g_i| h_i e_i``. ``auto`` maps the norm feeding the head (final norm; BERT's
@@ -35,6 +37,7 @@ from recipekit.arch import (
     load_architectures,
     with_config,
 )
+from recipekit.arch.layer_types import derived_layer_types
 from recipekit.dtypes import is_floating, torch_dtype
 from recipekit.errors import RecipeError, RecipeErrors, SchemeError, ShapeMismatchError, UsageError
 from recipekit.graph import Load, Node, VirtualModel, intern
@@ -314,7 +317,10 @@ def _coalesced_model(step: Step, recipe: Recipe, src: VirtualModel, arch: Archit
     config = with_config(src.config, updates)
     n_layers = src.stack.num_layers if depth is None else (
         depth.n_small if coalescing else depth.n_large)
-    stack = LayerStack(src.stack.prefix, n_layers, src.stack.count_key, src.stack.per_layer_keys,
+    per_layer = src.stack.per_layer_keys + tuple(  # derived `layer_types` written out
+        key for key in _per_layer_lists(src) if key in updates
+        and key not in src.stack.per_layer_keys)
+    stack = LayerStack(src.stack.prefix, n_layers, src.stack.count_key, per_layer,
                        src.stack.family, src.stack.base)
     meta = {
         "op": step.op, "from": step.spec["from"],
@@ -553,8 +559,7 @@ def _config_updates(step: Step, recipe: Recipe, src: VirtualModel, arch: Archite
     if depth is not None:
         n = depth.n_small if coalescing else depth.n_large
         updates[src.stack.count_key] = n
-        for key in src.stack.per_layer_keys:
-            values = config_get(cfg, key)
+        for key, values in _per_layer_lists(src).items():
             if coalescing:
                 new = []
                 for i, group in enumerate(depth.groups):
@@ -569,8 +574,30 @@ def _config_updates(step: Step, recipe: Recipe, src: VirtualModel, arch: Archite
             else:
                 owner = depth.group_of()
                 new = [values[owner[j]] for j in range(depth.n_large)]
-            updates[key] = new
+            if key in src.stack.per_layer_keys or new != derived_layer_types(
+                    _parent_config(src), n):
+                updates[key] = new  # derived kinds: written when the new count derives others
     return updates
+
+
+def _parent_config(model: VirtualModel) -> Mapping[str, Any]:
+    """The config mapping that counts the stack's layers (the top level, or a sub-config)."""
+    parent = model.stack.count_key[:-1]
+    sub = config_get(model.config, parent) if parent else model.config
+    return sub if isinstance(sub, Mapping) else {}
+
+
+def _per_layer_lists(model: VirtualModel) -> dict[ConfigKey, list[Any]]:
+    """The stack's per-layer config lists (`LayerStack.per_layer_keys`), and the `layer_types`
+    transformers derives from the layer index when config.json has none (`arch.layer_types`:
+    an older sliding-window Qwen2 config's kinds follow its layers, and a depth group mixing
+    them is refused, as with a listed `layer_types`)."""
+    lists = {key: config_get(model.config, key) for key in model.stack.per_layer_keys}
+    key = model.stack.count_key[:-1] + ("layer_types",)
+    derived = derived_layer_types(_parent_config(model), model.stack.num_layers)
+    if key not in lists and derived is not None:
+        lists[key] = derived
+    return lists
 
 
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from recipekit.arch import LayerStack, config_get, load_architectures, with_config
-from recipekit.arch.layer_types import derived_layer_types
+from recipekit.arch.layer_types import derived_layer_types, layer_types_of
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors, ShapeMismatchError
 from recipekit.graph import Node, VirtualModel
 from recipekit.recipe import Recipe, Step, parse_layer_range
@@ -141,10 +141,7 @@ def _layer_types(model: VirtualModel, parent: tuple[str, ...]) -> list[str] | No
     sub = config_get(model.config, parent) if parent else model.config
     if not isinstance(sub, Mapping):
         return None
-    listed = sub.get("layer_types")
-    if isinstance(listed, list) and len(listed) == model.stack.num_layers:
-        return listed
-    return derived_layer_types(sub, model.stack.num_layers)
+    return layer_types_of(sub, model.stack.num_layers)
 
 
 def _derived_layer_types(base: VirtualModel, models: Mapping[str, VirtualModel],

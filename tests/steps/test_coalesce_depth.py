@@ -11,10 +11,12 @@ members are identical copies and so could not tell "mean" from "first member".
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import torch
+import transformers as tf
 
 from tests.helpers.builders import make_model, read_tensors
 from tests.steps.test_coalesce import assert_same_tensors, run, step, write
@@ -80,3 +82,62 @@ def test_depth_only_round_trip_is_still_bit_exact(cli, tmp_path, family):
     back = run(cli, write(tmp_path, {"big": big}, [step("coalesce", "big", depth=depth)],
                           "back", "c.yaml"))
     assert_same_tensors(small, back)
+
+
+#: Sliding-window Qwen2 as older Hub configs write it: layers from `max_window_layers` on slide.
+QWEN2_SW = dict(layers=6, use_sliding_window=True, max_window_layers=3, sliding_window=4)
+DEPTH_MAPS = {"decoalesce": [[i, i + 6] for i in range(6)],  # 6 -> 12: the stack twice
+              "coalesce": [[0, 1], [2], [3, 4], [5]]}  # 6 -> 4
+
+
+def _qwen2_sw(path, *, listed: bool):
+    """The sliding-window Qwen2, with `layer_types` in config.json or (older configs) without."""
+    model = make_model("qwen2", path, seed=8, **QWEN2_SW)
+    if not listed:
+        config = json.loads((model / "config.json").read_text())
+        del config["layer_types"]
+        (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def _logits(path) -> torch.Tensor:
+    model = tf.Qwen2ForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # 12 tokens: longer than the sliding window (4)
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("op", list(DEPTH_MAPS))
+def test_depth_maps_move_the_layer_kinds_transformers_derives(cli, tmp_path, op):
+    """A config.json without `layer_types` (kinds derived by transformers from
+    `max_window_layers`: fffsss) gave the output's layers the kinds derived for the NEW count
+    (decoalesce: fffsssssssss, coalesce: fffs; found by a black-box check). Oracles: the kinds
+    transformers derives for the source, moved with the layers, as AutoConfig reads the output;
+    and the output of the same source with `layer_types` listed computes the same logits."""
+    depth = DEPTH_MAPS[op]
+    listed = _qwen2_sw(tmp_path / "listed", listed=True)
+    derived = _qwen2_sw(tmp_path / "derived", listed=False)
+    kinds = tf.AutoConfig.from_pretrained(derived).layer_types
+    assert [k[0] for k in kinds] == list("fffsss")
+    moved = ([kinds[group[0]] for group in depth] if op == "coalesce" else
+             [kinds[i % 6] for i in range(12)])
+    out = {}
+    for name, src in (("listed", listed), ("derived", derived)):
+        recipe = write(tmp_path, {"m": src}, [step(op, "m", depth=depth)], f"out-{name}",
+                       f"{name}.yaml")
+        out[name] = run(cli, recipe)
+    assert tf.AutoConfig.from_pretrained(out["derived"]).layer_types == moved
+    assert tf.AutoConfig.from_pretrained(out["listed"]).layer_types == moved
+    assert torch.equal(_logits(out["derived"]), _logits(out["listed"]))
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["listed", "derived"])
+def test_depth_group_mixing_derived_kinds_is_refused(cli, tmp_path, listed):
+    """Group [2, 3] merges a full-attention and a sliding layer: refused whether the kinds are
+    listed in config.json or derived by transformers (the derived case was accepted)."""
+    src = _qwen2_sw(tmp_path / "m", listed=listed)
+    recipe = write(tmp_path, {"m": src}, [step("coalesce", "m", depth=[[0, 1], [2, 3], [4, 5]])])
+    result = cli("run", recipe, "--no-fsync", "-q")
+    assert result.exit_code == 2, result.output
+    assert "depth group 1 [2, 3]" in result.output
+    assert "different `layer_types` values ('full_attention', 'sliding_attention')" in result.output
