@@ -25,8 +25,15 @@ from recipekit.errors import LayerStackError
 
 #: Layer-count keys tried, in order, when no family description matches.
 COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-#: Layer-indexed config lists every family may have.
-GENERIC_PER_LAYER = ("layer_types",)
+#: Layer-indexed config lists every family may have, name-detected ones included (a family file
+#: adds its own under ``config.per_layer``): entry i describes layer i, so the list follows the
+#: layers when a recipe moves, removes or stacks them. A list is per-layer by its NAME (and only
+#: when it has one entry per layer), never by its length alone: `architectures` or
+#: `eos_token_id` can have as many entries as a stack has layers. The names are transformers 5's
+#: (`layer_types`: attention kinds; `mlp_layer_types`: dense or MoE blocks; `no_rope_layers`:
+#: SmolLM3/Llama-4's 1 = RoPE, 0 = NoPE). Lists of layer INDICES (`mlp_only_layers`) are not
+#: per-layer lists and are left as written.
+GENERIC_PER_LAYER = ("layer_types", "mlp_layer_types", "no_rope_layers")
 #: Which modules a multimodal config's sub-config describes (`_owns`); any other ``X_config``
 #: owns modules named ``X`` / ``X_*``.
 SUBCONFIG_MODULES = {"text_config": ("language_model", "text_model", "text", "llm"),
@@ -167,7 +174,7 @@ class LayerStack:
     prefix: str  # e.g. "model.layers." (ends with ".")
     num_layers: int
     count_key: ConfigKey
-    per_layer_keys: tuple[ConfigKey, ...]
+    per_layer_keys: tuple[ConfigKey, ...]  # lists of one entry per layer (`GENERIC_PER_LAYER`)
     family: str | None
     base: str  # base-model prefix ("model.", "" ...) when a family matched, else ""
 

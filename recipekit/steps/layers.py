@@ -2,9 +2,11 @@
 
 The output's layers are the listed source layers, renumbered from 0; every other tensor
 (embeddings, final norm, head) comes from the step's `from`. Only data moves, so the output is
-bit-identical to its sources; `num_hidden_layers` and per-layer config lists (`layer_types`)
-follow the layers. The oracle: `transformers` logits of the output equal those of a model built
-by deep-copying the source layers in the same order (tests/steps/test_layers.py).
+bit-identical to its sources; `num_hidden_layers` and per-layer config lists follow the
+layers (`LayerStack.per_layer_keys`, known by name: `arch.lookup.GENERIC_PER_LAYER` and the
+family file's `per_layer`, e.g. `layer_types`, SmolLM3's `no_rope_layers`). The oracle:
+`transformers` logits of the output equal those of a model built by deep-copying the source
+layers in the same order (tests/steps/test_layers.py).
 """
 
 from __future__ import annotations

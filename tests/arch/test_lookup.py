@@ -61,3 +61,19 @@ def test_no_step_module_names_a_family():
         literals = {n.value for n in ast.walk(ast.parse(path.read_text()))
                     if isinstance(n, ast.Constant) and isinstance(n.value, str)}
         assert not literals & FAMILIES, (path.name, literals & FAMILIES)
+
+
+def test_per_layer_lists_are_known_by_name_not_by_length():
+    """A name-detected family (SmolLM3: no family file) still has its layer-indexed lists found
+    (`no_rope_layers`, `layer_types`; transformers' SmolLM3Config gives each one entry per
+    layer), while lists that merely have as many entries as layers (`architectures`,
+    `eos_token_id` of a 1-layer stack) are left alone."""
+    from recipekit.arch import find_layer_stack
+
+    config = tf.SmolLM3Config(num_hidden_layers=1, no_rope_layer_interval=2).to_dict()
+    config.update(architectures=["SmolLM3ForCausalLM"], eos_token_id=[2])
+    assert len(config["no_rope_layers"]) == len(config["layer_types"]) == 1
+    stack = find_layer_stack(config, ["model.embed_tokens.weight",
+                                      "model.layers.0.mlp.up_proj.weight"])
+    assert stack.family is None
+    assert sorted(stack.per_layer_keys) == [("layer_types",), ("no_rope_layers",)]
