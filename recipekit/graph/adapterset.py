@@ -97,11 +97,22 @@ class Replacement:
     info: TensorInfo | None = None
 
     @property
+    def base_layer(self) -> bool:
+        """Saved from a wrapped module's base layer (``.base_layer.``): an embedding copy
+        (`base_copy`) or a trained bias (``bias="lora_only"``/``"all"``). One whose bytes are
+        the base's changes nothing."""
+        return ".base_layer." in self.key
+
+    @property
     def base_copy(self) -> bool:
         """A copy of the base layer PEFT saved beside an embedding LoRA
         (``save_embedding_layers``, on by default when embeddings are targeted), not a trained
-        tensor: PEFT loads it over the base layer, and the low-rank update scales as usual."""
-        return ".base_layer." in self.key
+        tensor: PEFT loads it over the base layer, and the low-rank update scales as usual.
+
+        A ``.base_layer.bias`` is a targeted module's trained bias (reference/adapters.md §1.3),
+        so it is not a copy: it folds at weight 1 only, as a bias="all" adapter's (found by a
+        black-box check: a bias="lora_only" adapter folded at weight 0 wrote its trained bias)."""
+        return self.base_layer and not self.key.endswith(".bias")
 
 
 @dataclass(frozen=True)

@@ -178,8 +178,8 @@ def build_adapters(step: Step, models: Mapping[str, Value], recipe: Recipe) -> V
 
 def _without_base_copies(aset: AdapterSet, base: VirtualModel, models: Mapping[str, Value]
                          ) -> AdapterSet:
-    """``aset`` without the saved base-layer copies (`Replacement.base_copy`) whose bytes are
-    the base tensor's own.
+    """``aset`` without the saved base-layer tensors (`Replacement.base_layer`: embedding
+    copies, biases of targeted modules) whose bytes are the base tensor's own.
 
     Why: PEFT saves the embedding (and lm_head) beside every embedding LoRA by default, so
     such an adapter "replaced" the embedding whole: it folded only at weight 1, conflicted
@@ -191,7 +191,7 @@ def _without_base_copies(aset: AdapterSet, base: VirtualModel, models: Mapping[s
     def same(target: str, rep: Replacement) -> bool:
         names = resolve_target(target, base.tensors)
         node = base.tensors[names[0]] if len(names) == 1 else None
-        if not (rep.base_copy and rep.info is not None and isinstance(node, Load)):
+        if not (rep.base_layer and rep.info is not None and isinstance(node, Load)):
             return False
         info = getattr(models.get(node.source), "stored", {}).get(node.name)
         return info is not None and is_same_data(info, rep.info)
@@ -224,9 +224,9 @@ def _layout_errors(uses: list[tuple[AdapterSet, float, KeyPath]], recipe: Recipe
 
 
 def _same_copy(a: Replacement, b: Replacement) -> bool:
-    """Two saved base layers with the same bytes (two embedding LoRAs of one resized model):
-    loading either gives the same base, so they do not conflict."""
-    return (a.base_copy and b.base_copy and a.info is not None and b.info is not None
+    """Two saved base-layer tensors with the same bytes (two embedding LoRAs of one resized
+    model): loading either gives the same tensor, so they do not conflict."""
+    return (a.base_layer and b.base_layer and a.info is not None and b.info is not None
             and is_same_data(a.info, b.info))
 
 

@@ -181,6 +181,50 @@ def test_saved_base_layers_do_not_conflict(cli, tmp_path, bases, adapters):
     assert_matches_peft("llama", bases["llama"], out, uses)
 
 
+@pytest.mark.parametrize("weight", [0, 0.5, -1])
+def test_trained_biases_fold_at_weight_one_only(cli, tmp_path, bases, adapters,
+                                                tmp_path_factory, weight):
+    """bias="lora_only" saves a targeted module's trained bias as ``….base_layer.bias``: a
+    whole-tensor replacement, refused at weight ≠ 1 as bias="all"'s (README, Adapters). It was
+    taken for a saved embedding copy and written whole at weight 0 (found by a black-box
+    check). One whose bytes are the base's changes nothing and folds at any weight (oracle:
+    PEFT's set_scale)."""
+    import safetensors.torch
+
+    text = """
+        recipekit: 1
+        models: {{base: {base}}}
+        adapters: {{a: {adapter}}}
+        steps:
+          - {{name: f, op: adapters, from: base, adapters: [{{use: a, weight: {w}}}]}}
+        """
+    message = ("adapter 'a' replaces `transformer.h.0.attn.c_attn.bias` whole (modules_to_save "
+               f"or a trained bias), which only folds at weight 1, not {float(weight)}")
+    for case in ("gpt2_fan_in_fan_out_lora_only", "gpt2_bias_all"):
+        out = _run_error(cli, tmp_path, text.format(base=bases["gpt2"], adapter=adapters[case],
+                                                    w=weight))
+        assert "recipe.yaml:5:" in out and message in out, (case, out)
+    untrained = tmp_path_factory.mktemp("untrained_bias") / "ad"
+    untrained.mkdir()
+    src = adapters["gpt2_fan_in_fan_out_lora_only"]
+    (untrained / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    tensors = safetensors.torch.load_file(src / "adapter_model.safetensors")
+    base = read_tensors(bases["gpt2"])
+    biases = [k for k in tensors if k.endswith(".base_layer.bias")]
+    assert len(biases) == 4
+    for key in biases:
+        tensors[key] = base[key.removeprefix("base_model.model.").replace(
+            ".base_layer.", ".")].clone()
+    safetensors.torch.save_file(tensors, untrained / "adapter_model.safetensors")
+    uses = [(untrained, float(weight))]
+    (tmp_path / "fold").mkdir()
+    out_dir = fold(cli, tmp_path / "fold", bases["gpt2"], uses)
+    if weight == 0:
+        assert all(torch.equal(t, base[n]) for n, t in read_tensors(out_dir).items())
+    else:
+        assert_matches_peft("gpt2", bases["gpt2"], out_dir, uses)
+
+
 def test_sequential_orders_differ(cli, tmp_path, bases, adapters):
     a, b = adapters["rslora_patterns"], adapters["dora"]
     (tmp_path / "x").mkdir()

@@ -192,3 +192,24 @@ def test_adapters_of_different_architectures_are_refused(cli, tmp_path, setup):
     assert result.exit_code == 2
     assert ("steps[0].adapters[1]: 'g' adapts fan_in_fan_out (GPT-2 `Conv1D`) modules and 'a' "
             "plain linear ones") in result.stderr
+
+
+@pytest.mark.parametrize("weight", [0, 0.5, -1])
+def test_trained_biases_combine_at_weight_one_only(cli, tmp_path, weight):
+    """A bias="lora_only" adapter's trained biases (``….base_layer.bias``) replace the base's
+    whole, so, as bias="all"'s, they only combine at weight 1 (README, Adapters); they were
+    copied whole at any weight (found by a black-box check)."""
+    gpt2 = make_model("gpt2", tmp_path / "gpt2", layers=2, seed=5)
+    g = make_adapter("gpt2", gpt2, tmp_path / "g", r=2, target_modules=["c_attn", "c_fc"],
+                     fan_in_fan_out=True, bias="lora_only")
+    recipe = write_recipe(tmp_path, f"""
+        recipekit: 1
+        adapters: {{g: {g}}}
+        steps:
+          - {{name: mix, op: combine_adapters, adapters: [{{use: g, weight: {weight}}}]}}
+        output: {{path: ./out, adapter: {{method: cat}}}}
+        """)
+    result = cli("validate", recipe)
+    assert result.exit_code == 2, result.output
+    assert ("steps[0].adapters[0]: adapter 'g' replaces `transformer.h.0.attn.c_attn.bias` "
+            f"whole, which only combines at weight 1, not {float(weight)}") in result.stderr
