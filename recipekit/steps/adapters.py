@@ -250,19 +250,21 @@ class _Placement:
         self.deltas: dict[str, list[_Part]] = {}
         self.replaced: dict[str, tuple[Replacement, str]] = {}
         self.expert_targets: dict[str, list[tuple[int, LoraTarget, float]]] = {}
+        self.tied_refused: set[tuple[str, str]] = set()  # (adapter, tensor) reported tied
 
     def add(self, index: int, aset: AdapterSet, weight: float, path: KeyPath) -> None:
-        """Place one adapter set's replacements, updates and lora_bias terms."""
-        for name, rep in aset.replacements.items():
-            target = self.place(name, rep.node.shape, aset, path, "replaces")
-            if target is not None:
-                self.replace(target, rep, aset, weight, path)
+        """Place one adapter set's updates, replacements and lora_bias terms (updates first:
+        a tensor refused for a tied model is named by what the adapter was trained to do)."""
         for name, t in aset.targets.items():
             target = self.place(name, t.shape, aset, path, "updates")
             if target is not None:
                 self.deltas.setdefault(target, []).append(
                     (t.delta(weight), t.magnitude, t.norm_dim, weight, t.delta(1.0)))
                 self.expert_targets.setdefault(target, []).append((index, t, weight))
+        for name, rep in aset.replacements.items():
+            target = self.place(name, rep.node.shape, aset, path, "replaces")
+            if target is not None:
+                self.replace(target, rep, aset, weight, path)
         for name, terms in aset.biases.items():
             target = self.place(name, terms[0][0].shape, aset, path, "adds lora_bias to")
             if target is not None:
@@ -294,6 +296,11 @@ class _Placement:
         """The `from` tensor an adapter's tensor `name` lands on, or None (and an error)."""
         base, base_name, recipe = self.base, self.base_name, self.recipe
         hits = resolve_target(name, base.tensors)
+        if not hits and self.tied and name.endswith("lm_head.weight"):
+            # a tied model stores no head: an lm_head LoRA or modules_to_save trained on it
+            # changes the embedding too (once "does not have `lm_head.weight`", twice)
+            self.refuse_tied(name, aset, path, what)
+            return None
         if len(hits) != 1:
             self.errors.append(recipe.error(path, (
                 f"adapter '{aset.name}' {what} {quote_name(name)}, which model '{base_name}' "
@@ -311,12 +318,20 @@ class _Placement:
                 cls=ShapeMismatchError))
             return None
         if self.tied and target.endswith(TIED_NAMES):
-            self.errors.append(recipe.error(
-                path, f"adapter '{aset.name}' {what} {quote_name(target)}, but '{base_name}' "
-                "ties its input and output embeddings", hint="folding would have to untie "
-                "them; version 1 refuses instead"))
+            self.refuse_tied(target, aset, path, what)
             return None
         return target
+
+    def refuse_tied(self, target: str, aset: AdapterSet, path: KeyPath, what: str) -> None:
+        """Refuse an adapter's change to a tied embedding or head, once per tensor (an lm_head
+        LoRA also carries PEFT's saved copy of the head)."""
+        if (aset.name, target) in self.tied_refused:
+            return
+        self.tied_refused.add((aset.name, target))
+        self.errors.append(self.recipe.error(
+            path, f"adapter '{aset.name}' {what} {quote_name(target)}, but '{self.base_name}' "
+            "ties its input and output embeddings", hint="folding would have to untie them; "
+            "version 1 refuses instead"))
 
 
 def _fold(step: Step, combine: str, target: str, parts: list[_Part], base: VirtualModel,

@@ -474,3 +474,28 @@ def test_non_finite_scalings_are_refused(cli, tmp_path, bases, adapters, change,
     assert ", not a finite number" in out and "internal error" not in out
     assert not (tmp_path / "out").exists()
     assert cli("validate", tmp_path / "recipe.yaml").exit_code == 2
+
+
+@pytest.mark.parametrize("lora, what", [
+    (dict(target_modules=["q_proj", "lm_head"]), "updates `lm_head.weight`"),
+    (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "replaces `lm_head.weight`"),
+])
+def test_tied_embeddings_are_refused_once(cli, tmp_path, tmp_path_factory, lora, what):
+    """An adapter trained on a tied-embedding model that changes its head (an lm_head LoRA,
+    modules_to_save) is refused as one that changes its embedding is: folding would untie them.
+    It was refused as made for another model ("does not have `lm_head.weight`"), twice for an
+    lm_head LoRA with PEFT's saved copy of the head (found by a black-box check)."""
+    root = tmp_path_factory.mktemp("tied")
+    base = make_model("llama", root / "base", layers=2, seed=3, tie_word_embeddings=True)
+    adapter = make_adapter("llama", base, root / "ad", r=4, lora_alpha=8, **lora)
+    out = _run_error(cli, tmp_path, f"""
+        recipekit: 1
+        models: {{base: {base}}}
+        adapters: {{a: {adapter}}}
+        steps:
+          - {{name: f, op: adapters, from: base, adapters: [a]}}
+        """)
+    message = (f"adapter 'a' {what}, but 'base' ties its input and output embeddings; folding "
+               "would have to untie them; version 1 refuses instead")
+    assert "recipe.yaml:5:" in out and message in out, out
+    assert out.count("steps[0].adapters[0]") == 1 and "does not have" not in out, out
