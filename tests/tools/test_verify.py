@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.adapter_builders import make_adapter
-from tests.helpers.builders import minilm
+from tests.helpers.builders import make_model, minilm
 from tests.helpers.recipes import solar_recipe, write_recipe
 
 
@@ -188,6 +188,42 @@ def test_adapter_output_loads_with_peft(cli, tmp_path, tiny_llama):
     flip_byte(weights, weights.stat().st_size - 1)
     result = cli("verify", out)
     assert result.exit_code == 1 and "adapter_model.safetensors: sha256" in result.stderr
+
+
+def test_adapter_load_fails_when_tensors_reach_no_module(cli, tmp_path, tiny_llama):
+    """An adapter of an 8-layer model loaded on a 2-layer base: PEFT wraps layers 0-1 and drops
+    the other layers' tensors without a word, so `--load` fails naming how many reached no
+    module (it said "verified": found by a black-box check). Oracle: PEFT's own count of the
+    LoRA parameters it loaded."""
+    import peft
+
+    from tests.helpers.builders import load_model
+
+    a = make_adapter("llama", tiny_llama, tmp_path / "a", r=2, lora_alpha=4,
+                     target_modules=["q_proj", "v_proj"])
+    short = make_model("llama", tmp_path / "short", layers=2, seed=0)
+    recipe = write_recipe(tmp_path, f"""
+        recipekit: 1
+        adapters: {{a: {a}}}
+        steps:
+          - {{name: mix, op: combine_adapters, adapters: [a]}}
+        output: {{path: ./out, adapter: {{method: cat}}}}
+        """)
+    assert cli("run", recipe, "-q").exit_code == 0
+    out = tmp_path / "out"
+    loaded = peft.PeftModel.from_pretrained(load_model("llama", short), out)
+    assert sum("lora_" in n for n, _ in loaded.named_parameters()) == 8  # of 32: silently
+    result = cli("verify", out, "--load", "--base", short)
+    assert result.exit_code == 1, result.stdout
+    assert ("24 of the adapter's 32 tensors match no module of the base "
+            f"{short} (base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight, "
+            "base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight, "
+            "base_model.model.model.layers.2.self_attn.v_proj.lora_A.weight, ...); PEFT loads "
+            "the adapter without them; load it on the model it was made for: "
+            "`--base MODEL_DIR`") in " ".join(result.stderr.split())
+    assert "verified" not in result.stdout
+    result = cli("verify", out, "--load", "--base", tiny_llama)
+    assert result.exit_code == 0, result.stderr
 
 
 class TestEveryFileIsHashed:
