@@ -220,6 +220,7 @@ def plan_sweep(recipe: Any, axes: Mapping[str, Sequence[Any]], *,
     origin = getattr(axes, "origin", "values=")
     errors: dict[str, tuple[RecipekitError, list[str]]] = {}  # by message: the combinations
     roots: dict[Path, Combination] = {}
+    loaded = []
     for c in combos:
         try:
             r = load_recipe(recipe, base_dir=base, variables=Settings(c.values, origin=origin))
@@ -228,6 +229,7 @@ def plan_sweep(recipe: Any, axes: Mapping[str, Sequence[Any]], *,
                 errors.setdefault(x.render(), (x, []))[1].append(c.name)
             continue
         roots.setdefault(r.output.path, c)
+        loaded.append(r)
     if errors:
         raise RecipeErrors([_in_combinations(x, names, len(combos))
                             for x, names in errors.values()])
@@ -242,7 +244,39 @@ def plan_sweep(recipe: Any, axes: Mapping[str, Sequence[Any]], *,
                          "output.path")
     else:
         root = next(iter(roots))
+    for r in loaded:
+        check_root_apart(root, r)
     return SweepPlan(recipe, base, root, recipe if is_file else None, tuple(combos), origin)
+
+
+def check_root_apart(root: Path, recipe: Any) -> None:
+    """Refuse a sweep root that is, or lies inside, one of the recipe's inputs (the recipe
+    file, a local model or adapter directory, a side file), whose index would be an input, or
+    that exists and is not a directory.
+
+    Why: the sweep creates its root and writes `sweep.json` there before any combination runs;
+    each combination's own run refuses its output inside an input, but the index was already
+    written into the input by then. A root that contains an input is fine: the sweep writes
+    only its index and the combinations' directories there, and each run checks its own.
+
+    Raises:
+        OutputPathError: naming the input (exit code 2), before anything is created.
+    """
+    from recipekit.errors import OutputPathError
+    from recipekit.plan.overlap import input_paths, overlapping_input
+
+    refs = {**recipe.models, **recipe.adapters}  # local refs carry the path a run reads
+    inputs = input_paths(recipe, refs)
+    for path, what in ((root, "sweep root"), (root / INDEX_NAME, "sweep index")):
+        found = overlapping_input(path, inputs)
+        if found is not None and found[0] != "contains":
+            raise OutputPathError(
+                f"{what} {display_path(path)} {found[0]} {found[1]}",
+                hint="pass --output a directory apart from the recipe's inputs: a sweep "
+                "writes there, and inputs are never touched")
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise OutputPathError(f"sweep root {display_path(root)} exists and is not a directory",
+                              hint="pass --output a directory, or a path that does not exist")
 
 
 def _in_combinations(e: RecipekitError, names: list[str], total: int) -> RecipekitError:

@@ -197,6 +197,66 @@ class TestLocalSweep:
         assert result.exit_code == 2 and "--address is used by --executor ray" in result.stderr
 
 
+def _tree(folder: Path) -> dict[str, str]:
+    """Every entry under ``folder``: a file's sha256, or "dir"."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file() else "dir" for p in sorted(folder.rglob("*"))}
+
+
+class TestRootApartFromInputs:
+    """A sweep root that is, or lies inside, an input is refused before anything is written
+    (exit 2), like a run's output: the index used to be written into the model directory."""
+
+    @pytest.fixture
+    def local(self, tmp_path, tiny_llama, tiny_llama_b) -> Path:
+        import shutil
+
+        shutil.copytree(tiny_llama, tmp_path / "m")
+        shutil.copytree(tiny_llama_b, tmp_path / "m2")
+        return write_recipe(tmp_path, RECIPE.format(a="./m", b="./m2"))
+
+    @pytest.mark.parametrize("root, message", [
+        ("m", "sweep root {t}/m is input `models.a` ({t}/m)"),
+        ("m/sub", "sweep root {t}/m/sub lies inside input `models.a` ({t}/m)"),
+        ("recipe.yaml", "sweep root {t}/recipe.yaml is the recipe {t}/recipe.yaml"),
+    ])
+    def test_refused_before_anything_is_written(self, local, tmp_path, cli, root, message):
+        before = _tree(tmp_path)
+        result = cli("sweep", local, "--set", "alpha=0.25,0.75", "-o", tmp_path / root)
+        assert result.exit_code == 2, result.output
+        assert result.stderr == (
+            message.format(t=tmp_path) + "; pass --output a directory apart from the recipe's "
+            "inputs: a sweep writes there, and inputs are never touched\n")
+        assert _tree(tmp_path) == before
+
+    def test_index_that_would_be_the_recipe(self, tmp_path, tiny_llama, tiny_llama_b, cli):
+        recipe = write_recipe(tmp_path, RECIPE.format(a=tiny_llama, b=tiny_llama_b),
+                              name="sweep.json.yaml")
+        (tmp_path / "sweep.json").symlink_to(recipe)  # the index would replace this link
+        before = _tree(tmp_path)
+        result = cli("sweep", recipe, "--set", "alpha=0.25", "-o", tmp_path)
+        assert result.exit_code == 2
+        assert result.stderr.startswith(
+            f"sweep index {tmp_path}/sweep.json is the recipe {recipe}")
+        assert _tree(tmp_path) == before
+
+    def test_root_that_is_a_file(self, recipe, tmp_path, cli):
+        (tmp_path / "notes.txt").write_text("mine")
+        result = cli("sweep", recipe, "--set", "alpha=0.25", "-o", tmp_path / "notes.txt")
+        assert result.exit_code == 2
+        assert result.stderr == (f"sweep root {tmp_path}/notes.txt exists and is not a "
+                                 "directory; pass --output a directory, or a path that does "
+                                 "not exist\n")
+        assert (tmp_path / "notes.txt").read_text() == "mine"
+
+    def test_root_containing_the_inputs_is_fine(self, local, tmp_path):
+        result = recipekit.sweep(local, {"alpha": [0.25]}, output=tmp_path)
+        assert [c.status for c in result.combinations] == ["written"]
+        assert (tmp_path / "sweep.json").is_file()
+
+
 def test_api_errors(recipe):
     with pytest.raises(UsageError):
         recipekit.sweep(recipe, {})
