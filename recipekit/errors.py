@@ -200,6 +200,15 @@ class SourceNotFoundError(UsageError, FileNotFoundError):
     """A model directory or file named by the recipe does not exist."""
 
 
+class SourceUnreadableError(UsageError):
+    """A model or adapter directory (or file) exists but cannot be read, e.g. for lack of
+    permission: exit code 2, like a missing one.
+
+    Example: ``models/m: cannot read: Permission denied; give the user running recipekit read
+    and search permission on it (chmod u+rx)``
+    """
+
+
 class UnsupportedCheckpointError(UsageError):
     """A checkpoint outside version 1's scope (pickle, quantized, several layer stacks, ...)."""
 

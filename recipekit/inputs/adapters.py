@@ -12,13 +12,20 @@ LoftQ, CorDA, LoRA-GA: the adapter is only right on top of the residual base), a
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from recipekit.errors import SourceNotFoundError, UnsupportedCheckpointError, display_path
-from recipekit.inputs.files import check_confined, model_root, read_small, relative_paths
+from recipekit.inputs.files import (
+    check_confined,
+    check_readable_dir,
+    is_file,
+    lexists,
+    model_root,
+    read_small,
+    relative_paths,
+)
 from recipekit.inputs.hub import HubSnapshot
 from recipekit.inputs.patterns import PatternError, key_matcher
 from recipekit.inputs.remote import RemoteSnapshot
@@ -69,6 +76,7 @@ def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
 
     Raises:
         SourceNotFoundError: no such directory, no adapter_config.json or weights in it.
+        SourceUnreadableError: a directory that cannot be listed or searched.
         UnsupportedCheckpointError: pickle-only, not LoRA, a variant or modified-base init,
             layer_replication.
         CorruptCheckpointError: damaged config or header.
@@ -84,11 +92,12 @@ def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
         raise located(SourceNotFoundError, f"adapter {ref.written!r} {what} a PEFT adapter "
                       f"directory ({display_path(path)})", "name the directory that holds "
                       f"{CONFIG} ({relative_paths(recipe)})")
+    check_readable_dir(path)
     root = model_root(path)
     config_path = path / CONFIG
-    if not os.path.lexists(config_path):
-        hint = ("this is a model checkpoint: list it under `models:`" if (
-            path / MODEL_CONFIG).is_file() else f"a PEFT adapter directory holds {CONFIG} and "
+    if not lexists(config_path):
+        hint = ("this is a model checkpoint: list it under `models:`" if is_file(
+            path / MODEL_CONFIG) else f"a PEFT adapter directory holds {CONFIG} and "
             f"{WEIGHTS}")
         raise located(SourceNotFoundError, f"no {CONFIG} in {ref.written!r}", hint)
     check_confined(config_path, root)
@@ -102,8 +111,8 @@ def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
     _check_pattern_keys(config, ref, located, shown)
     _check_finite(config, ref, located, shown)
     weights = path / WEIGHTS
-    if not os.path.lexists(weights) and snap is None:
-        if (path / PICKLE).is_file():
+    if not lexists(weights) and snap is None:
+        if is_file(path / PICKLE):
             raise located(UnsupportedCheckpointError,
                           f"{ref.written!r} holds only a pickle adapter ({PICKLE}); `run` does "
                           "not load pickles, which can run code",

@@ -22,7 +22,14 @@ from recipekit.errors import (
     UnsupportedCheckpointError,
     display_path,
 )
-from recipekit.inputs.files import check_confined, model_root, read_small
+from recipekit.inputs.files import (
+    check_confined,
+    check_readable_dir,
+    is_file,
+    lexists,
+    model_root,
+    read_small,
+)
 from recipekit.inputs.hub import HubSnapshot, download, fetch_snapshot
 from recipekit.inputs.models import index_tensors, read_config, read_shard_headers
 from recipekit.inputs.source import shard_header
@@ -67,6 +74,7 @@ def open_checkpoint(spec: str, *, data: bool = True) -> OpenCheckpoint:
 
     Raises:
         SourceNotFoundError: no such path, not a checkpoint, an unknown or unreachable hub repo.
+        SourceUnreadableError: a directory that cannot be listed or searched.
         UnsupportedCheckpointError: pickle-only weights, links out of the directory, fp8 tensors.
         CorruptCheckpointError: damaged headers, index or config.
     """
@@ -92,17 +100,19 @@ def open_checkpoint(spec: str, *, data: bool = True) -> OpenCheckpoint:
         return OpenCheckpoint(spec, path, "file", {}, tensors, (path,))
     elif not path.is_dir():
         raise SourceNotFoundError(f"{spec!r} is not a file or directory")
+    else:
+        check_readable_dir(path)
     root = model_root(path)
-    if os.path.lexists(path / ADAPTER_CONFIG):
+    if lexists(path / ADAPTER_CONFIG):
         return _open_adapter(spec, path, root, snap, data)
-    config = read_config(path / CONFIG, root) if os.path.lexists(
+    config = read_config(path / CONFIG, root) if lexists(
         path / CONFIG) else {}
     tensors, files = _read_model_tensors(spec, path, root, snap, data)
     return OpenCheckpoint(spec, path, "model", config, tensors, files, snap)
 
 
 def _local(path: Path, root: Path, snap: HubSnapshot | None, data: bool) -> dict[str, TensorInfo]:
-    if snap is not None and data and not os.path.lexists(path):
+    if snap is not None and data and not lexists(path):
         download(snap, path.name)
     return shard_header(path, root, snap)
 
@@ -110,15 +120,15 @@ def _local(path: Path, root: Path, snap: HubSnapshot | None, data: bool) -> dict
 def _read_model_tensors(spec: str, path: Path, root: Path, snap: HubSnapshot | None, data: bool
                         ) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
     single, index = path / WEIGHTS, path / INDEX
-    if os.path.lexists(single) or (snap is not None and not os.path.lexists(index)):
+    if lexists(single) or (snap is not None and not lexists(index)):
         return _local(single, root, snap, data), (single,)
-    if os.path.lexists(index):
+    if lexists(index):
         weight_map, headers = read_shard_headers(
             path, root, snap, lambda shard: _local(shard, root, snap, data))
         index_tensors(path, weight_map, headers)  # the same verdict as `validate` and `run`
         tensors = {name: info for header in headers.values() for name, info in header.items()}
         return tensors, tuple(path / f for f in headers)
-    pickles = [n for n in PICKLE_NAMES if (path / n).is_file()]
+    pickles = [n for n in PICKLE_NAMES if is_file(path / n)]
     if pickles:
         raise UnsupportedCheckpointError(
             f"{spec!r} holds only pickle weights ({pickles[0]}), which recipekit never loads",
@@ -141,8 +151,8 @@ def _open_adapter(spec: str, path: Path, root: Path, snap: HubSnapshot | None,
         raise CorruptCheckpointError(f"{ADAPTER_CONFIG} is {kind_of(config)}, not a JSON object",
                                      file=shown, hint="the adapter is damaged")
     weights = path / ADAPTER_WEIGHTS
-    if not os.path.lexists(weights) and snap is None:
-        if (path / ADAPTER_PICKLE).is_file():
+    if not lexists(weights) and snap is None:
+        if is_file(path / ADAPTER_PICKLE):
             raise UnsupportedCheckpointError(
                 f"{spec!r} holds only a pickle adapter ({ADAPTER_PICKLE}), which recipekit "
                 "never loads",

@@ -8,7 +8,10 @@ here, once each:
   read forever, a device would never end;
 * `read_small` / `read_bounded`: JSON documents are read whole, but only up to a cap far above
   any real one, so that a crafted multi-gigabyte "config" cannot exhaust memory;
-* `sha256_file`: the one content hash of a file (locks, manifests of hub blobs, scalings logs).
+* `sha256_file`: the one content hash of a file (locks, manifests of hub blobs, scalings logs);
+* `check_readable_dir`, `lexists`, `is_file`: the probes that discover a checkpoint's files,
+  which report a directory they may not look into instead of calling its files missing (or
+  letting ``PermissionError`` escape, as `os.path.lexists` and `Path.is_file` do).
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from recipekit.errors import CorruptCheckpointError, UnsupportedCheckpointError, display_path
+from recipekit.errors import (
+    CorruptCheckpointError,
+    SourceUnreadableError,
+    UnsupportedCheckpointError,
+    display_path,
+)
 from recipekit.units import format_size
 
 #: Bytes per read while hashing a file.
@@ -57,6 +65,68 @@ def escape_reason(p: Path, root: Path) -> str | None:
             return "has a name longer than the file system allows"
         return f"is a broken symlink (to {target})" if os.path.islink(p) else "cannot be read"
     return not_regular(mode)
+
+
+#: What a probe may answer "nothing there" to: a missing entry or a file in a path's middle.
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)
+
+
+def unreadable(p: Path, e: OSError) -> SourceUnreadableError:
+    """The error for an input file or directory that exists but cannot be read."""
+    hint = None
+    if e.errno in (errno.EACCES, errno.EPERM):
+        hint = ("give the user running recipekit read and search permission on it (chmod u+rx)"
+                if os.path.isdir(p) else "give the user running recipekit read permission on it")
+    return SourceUnreadableError(f"cannot read: {e.strerror or e}", file=display_path(p),
+                                 hint=hint)
+
+
+def check_readable_dir(path: Path) -> None:
+    """Refuse a checkpoint directory whose entries cannot be listed or looked at (mode 000,
+    another user's folder), naming the directory.
+
+    Raises:
+        SourceUnreadableError: exit code 2.
+    """
+    try:
+        os.listdir(path)  # needs read permission
+        os.lstat(path / ".")  # needs search permission, like every file probe below
+    except OSError as e:
+        raise unreadable(path, e) from None
+
+
+def _probe(p: Path, *, follow: bool) -> os.stat_result | None:
+    try:
+        return os.stat(p) if follow else os.lstat(p)
+    except OSError as e:
+        if e.errno in _ABSENT or (follow and e.errno == errno.ELOOP):
+            return None  # a broken link or a loop is no file, as for `Path.is_file`
+        try:
+            os.lstat(p)
+        except OSError:
+            raise unreadable(p.parent, e) from None  # the directory cannot be searched
+        raise unreadable(p, e) from None  # a link whose target cannot be reached
+
+
+def lexists(p: Path) -> bool:
+    """Whether anything (a broken link included) is at ``p``: `os.path.lexists`, except that a
+    directory that cannot be searched is an error naming it, not a missing file.
+
+    Raises:
+        SourceUnreadableError: ``p``'s directory cannot be searched (exit code 2).
+    """
+    return _probe(p, follow=False) is not None
+
+
+def is_file(p: Path) -> bool:
+    """Whether ``p`` is (or links to) a regular file: `Path.is_file`, except that a directory
+    that cannot be searched is an error naming it instead of a ``PermissionError``.
+
+    Raises:
+        SourceUnreadableError: ``p``'s directory cannot be searched (exit code 2).
+    """
+    st = _probe(p, follow=True)
+    return st is not None and stat.S_ISREG(st.st_mode)
 
 
 def not_regular(mode: int) -> str | None:

@@ -30,6 +30,9 @@ from recipekit.errors import (
 )
 from recipekit.inputs.files import (
     check_confined,
+    check_readable_dir,
+    is_file,
+    lexists,
     model_root,
     read_small,
     relative_paths,
@@ -91,7 +94,7 @@ class Checkpoint(InputFiles):
 
 def is_peft_adapter_dir(path: Path) -> bool:
     """A PEFT adapter directory (``adapter_config.json``), as opposed to a full checkpoint."""
-    return (path / ADAPTER_CONFIG).is_file()
+    return is_file(path / ADAPTER_CONFIG)
 
 
 def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
@@ -99,6 +102,7 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
 
     Raises:
         SourceNotFoundError: no such directory, or no config.json / weights in it.
+        SourceUnreadableError: a directory that cannot be listed or searched.
         UnsupportedCheckpointError: pickle-only, quantized, adapter directory, several stacks,
             files that are symlinks out of the model directory, unusable config values.
         CorruptCheckpointError, TensorNotFoundError: damaged or inconsistent files.
@@ -107,12 +111,12 @@ def resolve_model(ref: ModelRef, recipe: Recipe) -> Checkpoint:
     _check_directory(ref, path, located, relative_paths(recipe))
     root = model_root(path)
     config_path = path / CONFIG
-    if is_peft_adapter_dir(path) and not os.path.lexists(config_path):
+    if is_peft_adapter_dir(path) and not lexists(config_path):
         raise located(UnsupportedCheckpointError,
                       f"{ref.written!r} is a PEFT adapter directory (adapter_config.json), not a "
                       "model checkpoint", "`models:` entries need a full checkpoint "
                       "(config.json + *.safetensors)")
-    if not os.path.lexists(config_path):
+    if not lexists(config_path):
         raise located(SourceNotFoundError, f"no config.json in {ref.written!r}",
                       "a checkpoint directory holds config.json and model*.safetensors")
     config = read_config(config_path, root)
@@ -158,6 +162,7 @@ def _check_directory(ref: ModelRef, path: Path, located: Located, relative: str)
     if not path.is_dir():
         raise located(SourceNotFoundError, f"{ref.written!r} is a file, not a checkpoint "
                       "directory", "name the directory that holds config.json")
+    check_readable_dir(path)
 
 
 def read_config(config_path: Path, root: Path) -> dict[str, Any]:
@@ -275,13 +280,13 @@ def _read_tensors(path: Path, root: Path, ref: ModelRef, located: Located, snap:
                   ) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
     single = path / WEIGHTS
     index = path / INDEX
-    if os.path.lexists(single) or (snap is not None and not os.path.lexists(index)):
+    if lexists(single) or (snap is not None and not lexists(index)):
         return shard_header(single, root, snap), (single,)
-    if os.path.lexists(index):
+    if lexists(index):
         weight_map, headers = read_shard_headers(
             path, root, snap, lambda shard: shard_header(shard, root, snap))
         return index_tensors(path, weight_map, headers), tuple(path / f for f in headers)
-    pickles = [n for n in PICKLE_NAMES if (path / n).is_file()]
+    pickles = [n for n in PICKLE_NAMES if is_file(path / n)]
     if pickles:
         raise located(UnsupportedCheckpointError,
                       f"{ref.written!r} holds only pickle weights ({pickles[0]}); `run` does "
@@ -308,7 +313,7 @@ def read_shard_headers(path: Path, root: Path, snap: Snapshot | None,
     headers: dict[str, dict[str, TensorInfo]] = {}
     for fname in dict.fromkeys(weight_map.values()):
         shard = path / fname
-        if not os.path.lexists(shard) and snap is None:
+        if not lexists(shard) and snap is None:
             raise SourceNotFoundError(
                 f"shard {fname!r} listed in {INDEX} is missing",
                 file=display_path(shard), hint="the checkpoint download is incomplete")

@@ -7,13 +7,12 @@ that is not cached yet or a remote object from ranged reads of its header (`shar
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from recipekit.errors import ExtraMissingError, RecipekitError, SourceNotFoundError
-from recipekit.inputs.files import check_confined
+from recipekit.inputs.files import check_confined, lexists
 from recipekit.inputs.hub import HubSnapshot, fetch_snapshot, remote_header, snapshot_identity
 from recipekit.inputs.remote import RemoteSnapshot, fetch_remote, remote_shard_header
 from recipekit.io.header import TensorInfo, read_header
@@ -108,7 +107,7 @@ def shard_header(path: Path, root: Path, snap: Snapshot | None) -> dict[str, Ten
         CorruptCheckpointError: a damaged header.
         SourceNotFoundError: a hub shard whose header cannot be fetched.
     """
-    if os.path.lexists(path) or snap is None:
+    if lexists(path) or snap is None:
         check_confined(path, root)
         return read_header(path)
     if isinstance(snap, RemoteSnapshot):

@@ -11,15 +11,24 @@ from pathlib import Path
 
 import pytest
 
-from recipekit.errors import CorruptCheckpointError, UnsupportedCheckpointError
+from recipekit.errors import (
+    CorruptCheckpointError,
+    SourceUnreadableError,
+    UnsupportedCheckpointError,
+)
 from recipekit.inputs.files import (
     check_confined,
+    check_readable_dir,
     escape_reason,
+    is_file,
+    lexists,
     model_root,
     read_bounded,
     read_small,
     sha256_file,
 )
+
+from tests.helpers.permissions import unreadable_dir
 
 
 def test_sha256_file_is_hashlib_over_the_bytes(tmp_path):
@@ -74,3 +83,34 @@ def test_a_hub_snapshot_may_resolve_into_its_repo_cache(tmp_path):
     snap.mkdir(parents=True)
     assert model_root(snap) == repo.resolve()
     assert model_root(tmp_path) == Path(tmp_path).resolve()
+
+
+class TestUnreadableDirectory:
+    """The probes that discover a checkpoint's files name a directory they may not look into
+    (exit code 2), instead of letting ``PermissionError`` escape or calling its files missing.
+    Oracle: what the kernel answers for a mode-000 directory (simulated where chmod does not
+    bite, as for root)."""
+
+    def test_every_probe_names_the_directory(self, tmp_path, monkeypatch):
+        m = tmp_path / "m"
+        m.mkdir()
+        (m / "config.json").write_text("{}")
+        with unreadable_dir(m, monkeypatch):
+            for probe in (check_readable_dir, lambda d: lexists(d / "config.json"),
+                          lambda d: is_file(d / "pytorch_model.bin")):
+                with pytest.raises(SourceUnreadableError) as e:
+                    probe(m)
+                assert e.value.exit_code == 2
+                assert e.value.render() == (
+                    f"{m}: cannot read: Permission denied; give the user running recipekit "
+                    "read and search permission on it (chmod u+rx)")
+        assert lexists(m / "config.json") and is_file(m / "config.json")
+        check_readable_dir(m)
+
+    def test_missing_files_and_broken_links_are_still_absent(self, tmp_path):
+        (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+        (tmp_path / "f").write_text("")
+        assert not lexists(tmp_path / "nowhere") and not is_file(tmp_path / "nowhere")
+        assert lexists(tmp_path / "dangling") and not is_file(tmp_path / "dangling")
+        assert not lexists(tmp_path / "f" / "below") and not is_file(tmp_path / "f" / "below")
+        assert not is_file(tmp_path)

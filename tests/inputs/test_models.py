@@ -6,13 +6,16 @@ Oracle: the files on disk (what the index and headers say) and the located messa
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from recipekit.inputs.models import iter_donor_files
 
+from tests.helpers.permissions import unreadable_dir
 from tests.helpers.recipes import write_recipe
 
 
@@ -202,3 +205,38 @@ def test_validate_and_inspect_agree_on_a_stale_index(cli, tmp_path, tiny_llama):
     index.write_text(json.dumps({"weight_map": weight_map}))
     assert cli("validate", recipe).exit_code == 0
     assert cli("inspect", model, "-q", "--headers-only").exit_code == 0
+
+
+def _listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("command", ["validate", "plan", "run", "lock"])
+def test_unreadable_model_directory_is_named(cli, tmp_path, tiny_llama, monkeypatch, command):
+    """A model directory the user may not read (mode 000) is exit 2 naming it, like an
+    unreadable config.json, not an internal PermissionError; nothing is written."""
+    m = tmp_path / "m"
+    shutil.copytree(tiny_llama, m)
+    r = write_recipe(tmp_path, "recipekit: 1\nmodels: {tiny: ./m}\nsteps: [{name: up, op: "
+                     "layers, from: tiny, layers: [\"range(0,6)\"]}]\noutput: {path: out}\n")
+    before = _listing(tmp_path)
+    with unreadable_dir(m, monkeypatch):
+        result = cli(command, r)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"{m}: cannot read: Permission denied; give the user running "
+                             "recipekit read and search permission on it (chmod u+rx)\n")
+    assert _listing(tmp_path) == before
+
+
+def test_unreadable_adapter_directory_is_named(cli, tmp_path, tiny_llama, monkeypatch):
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    r = write_recipe(tmp_path, f"recipekit: 1\nmodels: {{tiny: {tiny_llama}}}\n"
+                     "adapters: {lora: ./lora}\nsteps: [{name: f, op: adapters, from: tiny, "
+                     "adapters: [{use: lora}]}]\noutput: {path: out}\n")
+    with unreadable_dir(adapter, monkeypatch):
+        result = cli("validate", r)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"{adapter}: cannot read: Permission denied; give the user "
+                             "running recipekit read and search permission on it (chmod u+rx)\n")
