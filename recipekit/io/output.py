@@ -106,6 +106,7 @@ class OutputDir:
         self.force = force
         self.fsync = fsync
         self._lock_fd = -1
+        self._made: list[Path] = []  # the folders __enter__ created, deepest first
         self.state = State(plan_hash, files)
         self.already_complete = False
 
@@ -123,12 +124,14 @@ class OutputDir:
                                   hint="set `output.path` (or --output) to a directory")
         if is_dir and not (path / STATE).exists() and self._finished_record() is None:
             self._refuse_foreign()  # before touching anything in someone else's directory
+        missing = [] if exists else [q for q in (path, *path.parents) if not os.path.lexists(q)]
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"cannot create the output directory: {e.strerror or e}",
                               file=display_path(path)) from e
         self._lock()
+        self._made = missing
         try:
             self._adopt_existing()
         except BaseException:
@@ -136,8 +139,25 @@ class OutputDir:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._unlock()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is not None:
+                self._remove_made()
+        finally:
+            self._unlock()
+
+    def _remove_made(self) -> None:
+        """After a failure (not enough free disk, Ctrl-C before the state file), remove the
+        folders this run created that are still empty, deepest first, while the lock keeps
+        other runs out: a failed run leaves no empty output directory behind. A folder holding
+        anything (the state file, a shard) stays, so a rerun resumes; nothing else is touched.
+        """
+        for folder in self._made:
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                return
+        self._made = []
 
     def _lock(self) -> None:
         try:
