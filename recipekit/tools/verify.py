@@ -26,6 +26,7 @@ from recipekit.errors import (
     RecipekitError,
     SourceNotFoundError,
     TensorDataError,
+    UnsupportedCheckpointError,
     UsageError,
     VerifyError,
     display_path,
@@ -71,10 +72,21 @@ class VerifyReport:
 
     @property
     def exit_code(self) -> int:
-        """1 when the output fails a check (a damaged header of an output is a failed check,
-        not a usage mistake); 2 only for refused layouts (a link out of the output)."""
-        return max((1 if isinstance(p, CorruptCheckpointError) else p.exit_code
-                    for p in self.problems), default=0)
+        """1 when the output fails a check: whatever reading it finds (a damaged header, a
+        shard name that is a FIFO, a folder or a link out of the output) is a damaged output,
+        not a usage mistake (README, "Inspect, diff, verify")."""
+        return 1 if self.problems else 0
+
+
+def _check_confined(path: Path, root: Path) -> None:
+    """`check_confined` for a file of the output: a link out of it, a FIFO, a device or a
+    folder where recipekit wrote a regular file is a damaged output (`VerifyError`, exit 1).
+    """
+    try:
+        check_confined(path, root)
+    except UnsupportedCheckpointError as e:
+        raise VerifyError(e.message, file=e.file,
+                          hint=f"recipekit writes regular files; {REPAIR}") from None
 
 
 def verify_output(out: Path, *, stats: bool = False) -> VerifyReport:
@@ -91,7 +103,7 @@ def verify_output(out: Path, *, stats: bool = False) -> VerifyReport:
         raise SourceNotFoundError(f"{display_path(out)} is not a directory",
                                   hint="name the output directory of `recipekit run`")
     manifest_path = out / MANIFEST
-    if not manifest_path.is_file():
+    if not os.path.lexists(manifest_path):  # one that is a FIFO or a link: `_check_confined`
         if finished_conversion(out):
             raise UsageError(f"{display_path(out)} is a finished `recipekit convert` output, "
                              f"which has no {MANIFEST} to verify against",
@@ -105,7 +117,7 @@ def verify_output(out: Path, *, stats: bool = False) -> VerifyReport:
         raise UsageError(f"{display_path(out)} is not a recipekit output (no {MANIFEST})",
                          hint="name a directory written by `recipekit run`")
     root = out.resolve()
-    check_confined(manifest_path, root)
+    _check_confined(manifest_path, root)
     shown = display_path(manifest_path)
     try:
         manifest = parse_json(read_small(manifest_path, 1 << 28, MANIFEST), shown, MANIFEST,
@@ -180,7 +192,7 @@ def _check_shard(out: Path, root: Path, name: str, entry: dict[str, Any],
                                            file=shown, hint="rerun `recipekit run`"))
         return None
     try:
-        check_confined(path, root)
+        _check_confined(path, root)
     except RecipekitError as e:
         report.problems.append(e)
         return None
@@ -353,7 +365,7 @@ def _check_file(path: Path, root: Path, entry: dict[str, Any], report: VerifyRep
                                            hint=REPAIR))
         return False
     try:
-        check_confined(path, root)
+        _check_confined(path, root)
         size, digest = path.stat().st_size, _sha256(path)
     except RecipekitError as e:
         report.problems.append(e)

@@ -132,6 +132,45 @@ class TestManifest:
         assert "pip install transformers" in result.stderr
         assert cli("verify", sharded_out).exit_code == 0
 
+def _replace(path: Path, kind: str, elsewhere: Path) -> None:
+    """Put a FIFO, a folder or a link out of the output where ``path`` was."""
+    import os
+
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dir":
+        path.mkdir()
+    else:
+        path.symlink_to(elsewhere)
+
+
+class TestUnsafeEntries:
+    """A shard or file name that reading finds to be a FIFO, a folder or a link out of the
+    output is a damaged output: exit 1 like every failed check (README), naming the file, and
+    `verify` neither blocks nor follows the link."""
+
+    @pytest.mark.parametrize("kind, what", [
+        ("fifo", "is a named pipe, not a regular file"),
+        ("dir", "is a directory, not a regular file"),
+        ("link", "is a symlink to {target}, outside the model directory {out}"),
+    ])
+    @pytest.mark.parametrize("rel", ["model-00002-of-00004.safetensors", "config.json",
+                                     "recipekit.json"])
+    def test_fails_with_exit_1(self, cli, sharded_out, tmp_path, kind, what, rel):
+        if kind == "fifo" and not hasattr(__import__("os"), "mkfifo"):
+            pytest.skip("needs named pipes")
+        target = tmp_path / "model" / "config.json"
+        path = sharded_out / rel
+        assert path.is_file()
+        _replace(path, kind, target)
+        result = cli("verify", sharded_out)
+        assert result.exit_code == 1, result.output
+        assert (f"{path}: {what.format(target=target, out=sharded_out)}; recipekit writes "
+                "regular files; delete it and rerun `recipekit run` with the same recipe"
+                ) in result.stderr
+
+
 def test_real_minilm_layer_removal_verifies_and_runs(cli, tmp_path):
     recipe = write_recipe(tmp_path, f"""
         recipekit: 1
