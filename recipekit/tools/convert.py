@@ -13,7 +13,6 @@ transformers / PEFT load it; tests/io/test_hostile.py::TestConvert holds the att
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -207,40 +206,33 @@ def convert_checkpoint(src: Path, dst: Path, *, progress: Callable[[str], None] 
     files = [*names.values(), *([SAFE_INDEX] if index is not None else []), *copied]
     plan_hash = _plan_hash(src, read)
     _refuse_other_conversion(dst, plan_hash)
-    made = not os.path.lexists(dst)
-    try:
-        with OutputDir(dst, plan_hash=plan_hash, files=files, fsync=fsync, manifest=None) as out:
-            if out.already_complete:
-                return Conversion(names, 0, 0, already_complete=True)
-            pending = [(old, new) for old, new in names.items() if not out.is_finished(new)]
-            # The first pickle is loaded before the state file is written, so a checkpoint that
-            # cannot be converted (a whole pickled model, code, damage) leaves no interrupted
-            # conversion behind that a rerun would only "resume" into the same refusal.
-            first = _load_pickle(src / pending[0][0]) if pending else None
-            out.begin(sum(os.stat(src / rel).st_size for rel in read))
-            written = count = 0
-            for old, new in pending:
-                if progress:
-                    progress(f"{old} -> {new}")
-                tensors = first if first is not None else _load_pickle(src / old)
-                first = None
-                count += len(tensors)
-                size, sha = _write_safetensors(tensors, dst / new, fsync=fsync)
-                del tensors
-                out.mark_finished(new, sha, size)
-                written += size
-            if index is not None:  # the source index's metadata described the pickles
-                total = sum(info.nbytes for new in names.values()
-                            for info in read_header(dst / new).values())
-                index["metadata"] = {"total_size": total}
-                out.write_file(SAFE_INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n")
-                               .encode())
-            for rel in copied:
-                out.copy_file(src / rel, rel)
-            out.complete()
-        return Conversion(names, count, written)
-    except TensorDataError:
-        if made:  # refused before anything was written: leave no empty directory behind
-            with contextlib.suppress(OSError):
-                dst.rmdir()  # only if empty
-        raise
+    with OutputDir(dst, plan_hash=plan_hash, files=files, fsync=fsync, manifest=None) as out:
+        if out.already_complete:
+            return Conversion(names, 0, 0, already_complete=True)
+        pending = [(old, new) for old, new in names.items() if not out.is_finished(new)]
+        # The first pickle is loaded before the state file is written, so a checkpoint that
+        # cannot be converted (a whole pickled model, code, damage) leaves no interrupted
+        # conversion behind that a rerun would only "resume" into the same refusal.
+        first = _load_pickle(src / pending[0][0]) if pending else None
+        out.begin(sum(os.stat(src / rel).st_size for rel in read))
+        written = count = 0
+        for old, new in pending:
+            if progress:
+                progress(f"{old} -> {new}")
+            tensors = first if first is not None else _load_pickle(src / old)
+            first = None
+            count += len(tensors)
+            size, sha = _write_safetensors(tensors, dst / new, fsync=fsync)
+            del tensors
+            out.mark_finished(new, sha, size)
+            written += size
+        if index is not None:  # the source index's metadata described the pickles
+            total = sum(info.nbytes for new in names.values()
+                        for info in read_header(dst / new).values())
+            index["metadata"] = {"total_size": total}
+            out.write_file(SAFE_INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n")
+                           .encode())
+        for rel in copied:
+            out.copy_file(src / rel, rel)
+        out.complete()
+    return Conversion(names, count, written)
