@@ -113,17 +113,21 @@ def _l1_scales(source: Any, deltas: Any, packed: torch.Tensor, sparsify: str,
                densities: Sequence[float], epsilons: Sequence[float],
                keys: Sequence[int], n: int, bits: list[np.ndarray] | None) -> torch.Tensor:
     """‖τ_i‖₁ / ‖m_i ⊙ τ_i‖₁ per task vector (`_piece_sum`, pieces added in order); NaN
-    where either norm is below `RESCALE_EPS` (no rescale) or nothing is pruned. Each mask
+    where either norm is below `RESCALE_EPS` (no rescale) or nothing is pruned. Task vectors
+    in bf16/fp16 (a merge step's `compute_dtype:`) round both norms to their dtype and divide
+    there, as mergekit's `rescaled_masked_tensor` does on such tensors. Each mask
     drawn on the CPU goes into ``bits`` (when given) at its flat offset, and sets the rule's
     masks-cached flag once every piece has put its own."""
     m = len(densities)
     row = n // max(1, source.rows)
+    seen: set[torch.dtype] = set()
 
     def sums(lo: int, hi: int, pieces: tuple[Any, ...]
              ) -> tuple[int, torch.Tensor, list[np.ndarray | None]]:
         out = torch.zeros((m, 2), dtype=torch.float64)
         drawn: list[np.ndarray | None] = []
         for i, tau in enumerate(deltas(lo, hi, pieces)):
+            seen.add(tau.dtype)
             mask = _mask(tau, lo, packed[i], sparsify, densities[i], epsilons[i], keys[i])
             size = tau.abs_()  # τ is the pass's own (``deltas`` gives fresh tensors)
             out[i, 0] = _piece_sum(size)
@@ -138,7 +142,12 @@ def _l1_scales(source: Any, deltas: Any, packed: torch.Tensor, sparsify: str,
         for i, packed_bits in enumerate(drawn):
             cached[i] = cached[i] and bits is not None and put(bits[i], lo * row, packed_bits)
     packed[:, 8] = torch.tensor([float(c) for c in cached], dtype=torch.float64)
-    scale = total[:, 0] / total[:, 1]
+    narrow = seen & {torch.bfloat16, torch.float16}
+    if narrow:  # a `compute_dtype:` task vector: mergekit's two sums are in that dtype (torch
+        # accumulates in fp32 and rounds once), and so is their quotient
+        total = total.to(narrow.pop())
+    scale = (total[:, 0] / total[:, 1]).double()
+    total = total.double()
     small = (total[:, 0] < RESCALE_EPS) | (total[:, 1] < RESCALE_EPS) | (packed[:, 7] == 1)
     return torch.where(small, torch.full_like(scale, float("nan")), scale)
 

@@ -134,6 +134,31 @@ class TestAgainstFormulas:
             bands = plan_bands(compile_recipe(tmp_path / "recipe.yaml"))
             assert sum(int(band.sum()) for bs in bands.values() for band in bs) > 0
 
+    def test_rescale_in_a_narrow_compute_dtype_sums_in_it(self, cli, tmp_path, trio):
+        """`compute_dtype: bfloat16` with `rescale: true`: mergekit's two L1 norms are bf16
+        sums and their quotient a bf16 division (`rescaled_masked_tensor` on bf16 tensors), as
+        the whole kernel computes them inside `native_dtype`; the streamed rule rounds its
+        fp64 sums to bf16 and divides there. Before, the factor was the exact quotient rounded
+        (1.2578125 where mergekit has 1.265625), moving every kept delta by ~0.6%."""
+        from recipekit.ops.precision import native_dtype
+
+        base, x, y = trio
+        recipe = write_recipe(tmp_path, (
+            f"recipekit: 1\nmodels:\n  base: {base}\n  x: {x}\n  y: {y}\nsteps:\n"
+            "  - name: m\n    op: merge\n    method: ties\n    base: base\n" + STEPS["ties"]
+            + "    parameters: {rescale: true}\n    compute_dtype: bfloat16\n"
+            "output: {path: ./out}\n"))
+        result = cli("run", recipe, "-q")
+        assert result.exit_code == 0, result.output
+        out = read_tensors(tmp_path / "out")
+        b, xs, ys = (read_tensors(p) for p in trio)
+        for name, t in out.items():
+            with native_dtype():
+                want = apply_method("ties", [xs[name].bfloat16(), ys[name].bfloat16()],
+                                    base=b[name].bfloat16(),
+                                    params=dict(PARAMS["ties"], rescale=True))
+            assert torch.equal(t, want.to(t.dtype)), name
+
     @pytest.mark.parametrize("method", ["dare_ties", "della"])
     def test_random_methods_use_the_counter_masks(self, cli, tmp_path, trio, method):
         out = run(cli, tmp_path, trio, method)
