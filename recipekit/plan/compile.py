@@ -279,6 +279,8 @@ def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str,
         donor_name = models[donor_name].donor
     donor = sources[donor_name]
     config = output_config(donor.config, model, tensors, recipe.output.dtype)
+    if recipe.output.config is not None:
+        check_config_vocab(recipe, sources, model, config)
     shards = schedule_shards(tensors, recipe.output.shard_size)
     final = VirtualModel(model.name, model.config, tensors, model.stack, donor_name, model.changed)
     operators = {name: dict(m.meta) for name in recipe.steps  # adapter sets have no meta
@@ -293,6 +295,49 @@ def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str,
     files = with_chat_template(files, donor, template)  # last: over any tokenizer file planned
     return Plan(recipe, dict(sources), final, donor, config, shards, operators=operators,
                 files=files, chat_template=template)
+
+
+def check_config_vocab(recipe: Recipe, sources: Mapping[str, Any], model: VirtualModel,
+                       config: Mapping[str, Any]) -> None:
+    """`output.config`'s donor gives config.json and, unless a step aligned the vocabulary,
+    the tokenizer: its vocab size must be the rows of the output's vocabulary tables, or
+    transformers refuses the checkpoint (or encodes tokens past the table).
+
+    Raises:
+        RecipeErrors: located at `output.config`, naming both sizes and the fix.
+    """
+    from recipekit.arch import load_architectures
+
+    rows = vocab_rows(model)
+    arch = load_architectures().get(model.stack.family or "")
+    key = model.stack.count_key[:-1] + (arch.config.get("vocab_size", "vocab_size")
+                                        if arch else "vocab_size",)
+    size = config_get(config, key) if config_has(config, key) else None
+    if rows is None or not isinstance(size, int) or isinstance(size, bool) or size == rows:
+        return
+    name = recipe.output.config
+    fits = [n for n, c in sources.items() if isinstance(getattr(c, "config", None), Mapping)
+            and n != name and config_has(c.config, key) and config_get(c.config, key) == rows]
+    hint = (f"name a model whose vocabulary has {rows} rows in `output.config`"
+            + (f" ({', '.join(fits)})" if fits else "") + ", or leave it out; for the tokenizer "
+            f"of '{name}', align the vocabularies in a `merge` or `interpolate` step with "
+            f"`tokenizer: {name}`")
+    raise RecipeErrors([recipe.error(
+        ("output", "config"), f"'{name}' has a vocabulary of {size} tokens (config.json "
+        f"`{key[-1]}`; its tokenizer comes with it), but the output's vocabulary tables "
+        f"(embeddings, LM head) have {rows} rows: transformers would not load the output",
+        hint=hint)])
+
+
+def vocab_rows(model: VirtualModel) -> int | None:
+    """The rows of the model's first vocabulary table (token embeddings), None without one."""
+    from recipekit.arch import family_names
+
+    names = family_names(model.stack.family, "vocabulary_tensors")
+    for n, node in model.tensors.items():
+        if n.endswith(names) and node.shape:
+            return int(node.shape[0])
+    return None
 
 
 def vocab_files(recipe: Recipe, models: Mapping[str, Any], name: str) -> dict[str, bytes]:

@@ -85,3 +85,67 @@ def test_loads_are_still_cast_and_computed_nodes_retyped():
     node = load("m", "w", (2, 2), "BF16")
     assert round_to(node, "F32") == Cast(node, "F32")
     assert round_to(node, "BF16") is node
+
+
+@pytest.fixture(scope="module")
+def vocab_models(tmp_path_factory) -> dict[str, Path]:
+    """base, base2 (64 rows, 64 tokens) and chat (66 rows: ChatML's two added tokens)."""
+    from tests.helpers.vocab_models import make_vocab_model
+
+    d = tmp_path_factory.mktemp("vocab")
+    return {"base": make_vocab_model(d / "base", rows=64, added=[], seed=1),
+            "base2": make_vocab_model(d / "base2", rows=64, added=[], seed=3),
+            "chat": make_vocab_model(d / "chat", rows=66, added=["<|im_start|>", "<|im_end|>"],
+                                     seed=2)}
+
+
+VOCAB_STEPS = {
+    "layers_64_config_66": ("op: layers\n    from: base\n    layers: [0, {from: chat, range: "
+                            "[1, 2]}]", "chat", 66, 64),
+    "layers_66_config_64": ("op: layers\n    from: chat\n    layers: [0, {from: base, range: "
+                            "[1, 2]}]", "base", 64, 66),
+    "interpolate_64_config_66": ("op: interpolate\n    from: [base, base2]\n    alpha: 0.5",
+                           "chat", 66, 64),
+}
+
+
+@pytest.mark.parametrize("case", list(VOCAB_STEPS))
+def test_a_config_donor_of_another_vocabulary_size_is_refused(cli, tmp_path, vocab_models,
+                                                                case):
+    """Oracle: transformers refuses config.json's vocab_size against other table rows. Before
+    the fix the run wrote such a checkpoint (and the donor's tokenizer) with exit 0."""
+    step, donor, size, rows = VOCAB_STEPS[case]
+    text = (f"recipekit: 1\nmodels:\n  base: {vocab_models['base']}\n"
+            f"  base2: {vocab_models['base2']}\n"
+            f"  chat: {vocab_models['chat']}\nsteps:\n  - name: s\n    {step}\n"
+            f"output:\n  path: ./out\n  config: {donor}\n")
+    r = write_recipe(tmp_path, text)
+    result = cli("validate", r)
+    assert result.exit_code == 2, result.output
+    first = result.stderr.splitlines()[0]
+    line = text.splitlines().index(f"  config: {donor}") + 1
+    assert first.startswith(f"{r}:{line}:11: output.config: ")
+    assert f"'{donor}' has a vocabulary of {size} tokens" in first
+    assert f"vocabulary tables (embeddings, LM head) have {rows} rows" in first
+    assert f"align the vocabularies in a `merge` or `interpolate` step with `tokenizer: " \
+        f"{donor}`" in first
+    assert cli("run", r, "-q").exit_code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_aligned_vocabulary_takes_any_config_donor(cli, tmp_path, vocab_models):
+    """Oracle: AutoTokenizer and AutoModel load the output; `<|im_start|>` encodes within
+    the table. The union of base and chat has 66 tokens; config.json comes from base (64)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = (f"recipekit: 1\nmodels:\n  base: {vocab_models['base']}\n"
+            f"  chat: {vocab_models['chat']}\nsteps:\n  - name: s\n    op: merge\n"
+            "    method: linear\n    from: [base, chat]\n    parameters: {weight: 1.0}\n"
+            "    tokenizer: union\noutput:\n  path: ./out\n  config: base\n")
+    result = cli("run", write_recipe(tmp_path, text), "-q")
+    assert result.exit_code == 0, result.output
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(tok) == 66 == model.config.vocab_size
+    assert model.get_input_embeddings().weight.shape[0] == 66
+    assert tok.convert_tokens_to_ids("<|im_start|>") == 64
