@@ -36,10 +36,11 @@ class VirtualModel:
     #: a step can compare two inputs' bytes at compile time (`extract_lora`); a step's model
     #: reaches it through `models[load.source]` of its `Load` nodes.
     stored: Mapping[str, Any] = field(default_factory=dict)
-    #: Non-weight files this step made (relative path -> bytes): a step that aligned
-    #: vocabularies holds the output tokenizer (steps/vocab.py). The output takes those of its
-    #: nearest ancestor that has any (`plan.compile`), over the donor's.
-    files: Mapping[str, bytes] = field(default_factory=dict)
+    #: Non-weight files this step made (relative path -> bytes; None: the donor's copy is not
+    #: written): a step that aligned vocabularies holds the output tokenizer (steps/vocab.py).
+    #: The output takes those of its nearest ancestor that has any (`plan.compile`), over the
+    #: donor's.
+    files: Mapping[str, bytes | None] = field(default_factory=dict)
 
     def layer_tensors(self) -> dict[int, dict[str, Node]]:
         """``{layer index: {name within the layer: node}}``."""

@@ -23,6 +23,7 @@ from recipekit.errors import UnlocatedError
 from recipekit.inputs.files import read_bounded
 from recipekit.io.names import (
     ADAPTER_CONFIG,
+    CHAT_TEMPLATE,
     GENERATION_CONFIG,
     SPECIAL_TOKENS_MAP,
     TOKENIZER_CONFIG,
@@ -52,6 +53,9 @@ class ModelTokenizer:
     special_map: Mapping[str, Any] | None = None  # special_tokens_map.json
     generation: Mapping[str, Any] | None = None  # generation_config.json
     vocab: Mapping[str, int] = field(default_factory=dict)  # with added tokens
+    #: chat_template.jinja's bytes: the template goes with the tokenizer (transformers reads
+    #: it before tokenizer_config.json's `chat_template`)
+    template: bytes | None = None
 
     @property
     def added(self) -> list[dict[str, Any]]:
@@ -120,7 +124,18 @@ def read_model_tokenizer(name: str, directory: Path) -> ModelTokenizer:
         raise TokenizerError(f"{path} is not a tokenizers file (no `model` object)")
     return ModelTokenizer(name, data, _optional(directory, TOKENIZER_CONFIG),
                           _optional(directory, SPECIAL_TOKENS_MAP),
-                          _optional(directory, GENERATION_CONFIG), token_map(data))
+                          _optional(directory, GENERATION_CONFIG), token_map(data),
+                          _template(directory))
+
+
+def _template(directory: Path) -> bytes | None:
+    p = directory / CHAT_TEMPLATE
+    if not p.is_file():
+        return None
+    raw, size = read_bounded(p, MAX_TOKENIZER)
+    if raw is None:
+        raise TokenizerError(f"{p} is {size} bytes: too large for a chat template")
+    return raw
 
 
 def read_tokenizers(sources: Mapping[str, Any]) -> dict[str, ModelTokenizer | TokenizerError]:

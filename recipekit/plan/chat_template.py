@@ -110,10 +110,7 @@ def with_chat_template(files: Mapping[str, bytes | None], donor: Checkpoint,
         return out
     out[CHAT_TEMPLATE] = template.text.encode("utf-8")
     donor_files = iter_donor_files(donor.path, warn=False)
-    for rel in donor_files:
-        if rel.as_posix() == CHAT_TEMPLATE_JSON or (
-                rel.parts[0] == CHAT_TEMPLATE_DIR and rel.suffix == ".jinja"):
-            out[rel.as_posix()] = None
+    out.update(dict.fromkeys(other_template_files(donor_files)))
     if out.get(TOKENIZER_CONFIG) is not None:
         config = _json(out[TOKENIZER_CONFIG])  # type: ignore[arg-type]
     elif Path(TOKENIZER_CONFIG) in donor_files:
@@ -127,6 +124,13 @@ def with_chat_template(files: Mapping[str, bytes | None], donor: Checkpoint,
         out[TOKENIZER_CONFIG] = (json.dumps(config, indent=2, ensure_ascii=False)
                                  + "\n").encode("utf-8")
     return out
+
+
+def other_template_files(donor_files: list[Path]) -> list[str]:
+    """The donor's template files besides chat_template.jinja (named templates, a
+    processor's chat_template.json): not copied beside another template or tokenizer."""
+    return [rel.as_posix() for rel in donor_files if rel.as_posix() == CHAT_TEMPLATE_JSON or (
+        rel.parts[0] == CHAT_TEMPLATE_DIR and rel.suffix == ".jinja")]
 
 
 def _json(data: bytes) -> Any:

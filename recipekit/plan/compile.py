@@ -20,7 +20,7 @@ from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.graph import Load, Node, VirtualModel, expression_nodes, load, round_to
 from recipekit.inputs.chat_template import ChatTemplate
-from recipekit.inputs.models import Checkpoint, donor_files_identity
+from recipekit.inputs.models import Checkpoint, donor_files_identity, iter_donor_files
 from recipekit.inputs.side_files import resolve_side_files
 from recipekit.io.names import ADAPTER_WEIGHTS, is_absolute_local
 from recipekit.plan.cost import (
@@ -265,7 +265,11 @@ def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str,
                 model: VirtualModel) -> Plan:
     """A plan writing ``model`` as a checkpoint: output dtype, donor config and files, shards."""
     # run/finish imports run/manifest, which imports this package: import it once it is loaded.
-    from recipekit.plan.chat_template import output_chat_template, with_chat_template
+    from recipekit.plan.chat_template import (
+        other_template_files,
+        output_chat_template,
+        with_chat_template,
+    )
     from recipekit.run.finish import rewrite_dimension_files
 
     out_code = NAME_TO_CODE[recipe.output.dtype] if recipe.output.dtype else None
@@ -287,10 +291,11 @@ def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str,
                  if isinstance(m := models[name], VirtualModel) and m.meta}
     files = rewrite_dimension_files(donor, config)
     vocab = vocab_files(recipe, models, model.name)
-    if vocab:  # an aligned vocabulary: its tokenizer, not the donor's
+    if vocab:  # an aligned vocabulary: its tokenizer and its template, not the donor's
         from recipekit.steps.vocab import STALE_FILES
 
-        files = {**files, **dict.fromkeys(STALE_FILES), **vocab}
+        others = other_template_files(iter_donor_files(donor.path, warn=False))
+        files = {**files, **dict.fromkeys(STALE_FILES), **dict.fromkeys(others), **vocab}
     template = output_chat_template(recipe, sources)
     files = with_chat_template(files, donor, template)  # last: over any tokenizer file planned
     return Plan(recipe, dict(sources), final, donor, config, shards, operators=operators,
@@ -340,7 +345,8 @@ def vocab_rows(model: VirtualModel) -> int | None:
     return None
 
 
-def vocab_files(recipe: Recipe, models: Mapping[str, Any], name: str) -> dict[str, bytes]:
+def vocab_files(recipe: Recipe, models: Mapping[str, Any], name: str
+                ) -> dict[str, bytes | None]:
     """The files (the tokenizer) of the nearest step before ``name`` that made some: an
     aligned vocabulary (steps/vocab.py), searched breadth first, first input first."""
     queue, seen = [name], set()

@@ -7,8 +7,8 @@ mergekit 0.1.5's rules) and permutes every input's vocabulary tables into it wit
 (graph/gather.py) that read row pieces from the files; the merge then sees aligned tables.
 The step's config gets the new `vocab_size` and its `files` the output tokenizer
 (`tokenizer.json` checked with the `tokenizers` library, `tokenizer_config.json` with its
-`added_tokens_decoder`, `special_tokens_map.json`, and `generation_config.json` with token ids
-mapped into the output vocabulary).
+`added_tokens_decoder`, `special_tokens_map.json`, the source tokenizer's chat template, and
+`generation_config.json` with token ids mapped into the output vocabulary).
 
 Recipe spelling (schema `$defs/tokenizer`)::
 
@@ -41,6 +41,7 @@ from recipekit.graph import Node, VirtualModel, cast, intern
 from recipekit.graph.gather import GatherRows, RowMean, segments_of
 from recipekit.inputs.tokenizers import ModelTokenizer, TokenizerError, token_map
 from recipekit.io.names import (
+    CHAT_TEMPLATE,
     GENERATION_CONFIG,
     SPECIAL_TOKENS_MAP,
     TOKENIZER_CONFIG,
@@ -120,7 +121,8 @@ def _tokenizer(step: Step, vm: VirtualModel) -> ModelTokenizer:
     if TOKENIZER_JSON in vm.files:
         data = json.loads(vm.files[TOKENIZER_JSON])
         config = json.loads(vm.files[TOKENIZER_CONFIG]) if TOKENIZER_CONFIG in vm.files else None
-        return ModelTokenizer(vm.name, data, config, None, None, token_map(data))
+        return ModelTokenizer(vm.name, data, config, None, None, token_map(data),
+                              vm.files.get(CHAT_TEMPLATE))
     found = step.files.get(("tokenizer", vm.donor))
     if found is None:
         raise TokenizerError(f"model '{vm.name}' has no tokenizer files to align")
@@ -131,7 +133,8 @@ def _tokenizer(step: Step, vm: VirtualModel) -> ModelTokenizer:
 
 def align_inputs(step: Step, names: Sequence[str], models: Mapping[str, VirtualModel],
                  recipe: Recipe, base: str | None) -> tuple[dict[str, VirtualModel], int,
-                                                            dict[str, bytes], dict[str, Any]]:
+                                                            dict[str, bytes | None],
+                                                            dict[str, Any]]:
     """The step's inputs with their vocabulary tables permuted into the output vocabulary.
 
     Args:
@@ -236,17 +239,18 @@ def _ids_remapped(doc: Mapping[str, Any], old: Mapping[int, str], new: Mapping[s
 
 
 def output_files(out: OutputVocab, start: ModelTokenizer, donor: ModelTokenizer, step: Step,
-                 recipe: Recipe) -> dict[str, bytes]:
+                 recipe: Recipe) -> dict[str, bytes | None]:
     """The output tokenizer files, consistent with each other: tokenizer.json (checked by
     loading it with `tokenizers`), tokenizer_config.json's added_tokens_decoder, the special
-    tokens map, and generation_config.json with its token ids mapped through the tokens.
+    tokens map and the chat template of ``start`` (the tokenizer source), and
+    generation_config.json with its token ids mapped through the tokens.
 
     Raises:
         RecipeErrors: `tokenizers` cannot load the result or gives other ids.
     """
     text = json.dumps(out.data, indent=2, ensure_ascii=False) + "\n"
     _check_with_tokenizers(text, out, step, recipe)
-    files = {TOKENIZER_JSON: text.encode()}
+    files: dict[str, bytes | None] = {TOKENIZER_JSON: text.encode()}
     if start.config is not None:
         config = dict(start.config)
         config["added_tokens_decoder"] = {
@@ -256,6 +260,9 @@ def output_files(out: OutputVocab, start: ModelTokenizer, donor: ModelTokenizer,
         files[TOKENIZER_CONFIG] = dumps(config)
     if start.special_map is not None:
         files[SPECIAL_TOKENS_MAP] = dumps(start.special_map)
+    # the template goes with the tokenizer (mergekit saves the source tokenizer's own); None:
+    # the donor's chat_template.jinja is not written beside another tokenizer
+    files[CHAT_TEMPLATE] = start.template
     if donor.generation is not None:
         old = {i: t for t, i in donor.vocab.items()}
         new = {t: i for i, t in enumerate(out.tokens)}

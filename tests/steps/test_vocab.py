@@ -469,3 +469,53 @@ def test_position_and_token_type_tables_are_not_vocabularies(cli, tmp_path, fami
         assert torch.equal(out[name], (ins[0][name] + ins[1][name]) / 2), name
     auto = AutoModelForCausalLM if family == "gpt2" else AutoModelForMaskedLM
     auto.from_pretrained(tmp_path / "out")  # loads: every shape where the config says
+
+
+def _with_template(src: Path, dst: Path, where: str, text: str, *, named: bool = False) -> Path:
+    """A copy of ``src`` with ``text`` as its chat template in chat_template.jinja (``jinja``)
+    or tokenizer_config.json's key (``config``), or none (``none``); ``named`` adds a named
+    template (chat_templates/tool_use.jinja)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    if where == "jinja":
+        (dst / "chat_template.jinja").write_text(text)
+    elif where == "config":
+        cfg = json.loads((dst / "tokenizer_config.json").read_text())
+        cfg["chat_template"] = text
+        (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    if named:
+        (dst / "chat_templates").mkdir()
+        (dst / "chat_templates" / "tool_use.jinja").write_text(text + " TOOLS")
+    return dst
+
+
+DONOR_T = "{% for m in messages %}DONOR {{ m['content'] }}{% endfor %}"
+SOURCE_T = "{% for m in messages %}SOURCE {{ m['content'] }}{% endfor %}"
+
+
+@pytest.mark.parametrize(("donor_at", "source_at"), [
+    ("none", "jinja"), ("jinja", "none"), ("jinja", "jinja"), ("jinja", "config"),
+    ("config", "jinja")])
+def test_the_chat_template_goes_with_the_tokenizer_source(cli, tmp_path, vocab_models, donor_at,
+                                                          source_at):
+    """Oracle: mergekit 0.1.5 saves the source tokenizer with its own template (reference
+    tokenizers.md §4: `tok.save_pretrained` of the built tokenizer), wherever the source keeps
+    it; AutoTokenizer reads the output's. The config donor (base, first model) has another
+    template, in chat_template.jinja or tokenizer_config.json, and named templates: none of
+    them reaches the output. Before the fix the donor's chat_template.jinja was copied beside
+    chatml's tokenizer (and won), and chatml's own chat_template.jinja was lost."""
+    from transformers import AutoTokenizer
+
+    models = dict(vocab_models,
+                  base=_with_template(vocab_models["base"], tmp_path / "b", donor_at, DONOR_T,
+                                      named=True),
+                  chatml=_with_template(vocab_models["chatml"], tmp_path / "c", source_at,
+                                        SOURCE_T))
+    r = _recipe(tmp_path, models, ["base", "chatml"], LINEAR2 + "tokenizer: chatml")
+    result = cli("run", str(r))
+    assert result.exit_code == 0, result.output
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    want = None if source_at == "none" else SOURCE_T
+    assert tok.chat_template == want
+    assert not (tmp_path / "out" / "chat_templates").exists()
