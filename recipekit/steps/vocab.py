@@ -175,11 +175,13 @@ def align_inputs(step: Step, names: Sequence[str], models: Mapping[str, VirtualM
     donor = names[0] if base is None else base
     files = output_files(out, toks[tok_base if source in ("union", "base") else source],
                          toks[donor], step, recipe)
+    start = toks[tok_base if source in ("union", "base") else source]
     old = {i: t for t, i in toks[donor].vocab.items()}
     new = {t: i for i, t in enumerate(out.tokens)}
     config = models[donor].config
-    ids = {k: v for k, v in _ids_remapped(config, old, new).items()
-           if k in ID_KEYS and v != config.get(k)}
+    remapped = _ids_remapped(config, old, new, _role_ids(start, new),
+                             f"step '{step.name}': config.json")
+    ids = {k: v for k, v in remapped.items() if k in ID_KEYS and v != config.get(k)}
     return aligned, total, files, ids
 
 
@@ -225,15 +227,52 @@ def vocab_config(vm: VirtualModel, total: int, ids: Mapping[str, Any]
     return with_config(vm.config, updates), vm.changed | set(updates)
 
 
-def _ids_remapped(doc: Mapping[str, Any], old: Mapping[int, str], new: Mapping[str, int]
-                  ) -> dict[str, Any]:
+#: The tokenizer role of each id key (tokenizer_config.json / special_tokens_map.json).
+ROLES = {"bos_token_id": "bos_token", "eos_token_id": "eos_token", "pad_token_id": "pad_token"}
+
+
+def _role_ids(tok: ModelTokenizer, new: Mapping[str, int]) -> dict[str, int]:
+    """The output ids of ``tok``'s own special tokens, by id key (``eos_token_id``: its
+    ``eos_token``), from its tokenizer_config.json, else its special_tokens_map.json."""
+    out: dict[str, int] = {}
+    for key, role in ROLES.items():
+        for doc in (tok.config, tok.special_map):
+            value = (doc or {}).get(role)
+            if isinstance(value, Mapping):
+                value = value.get("content")
+            if isinstance(value, str) and value in new:
+                out[key] = new[value]
+                break
+    return out
+
+
+def _ids_remapped(doc: Mapping[str, Any], old: Mapping[int, str], new: Mapping[str, int],
+                  own: Mapping[str, int], where: str) -> dict[str, Any]:
+    """``doc`` with its token ids (`ID_KEYS`) mapped from the donor's tokens (``old``: id →
+    token) to the output's (``new``: token → id). A donor token the output lacks takes the
+    tokenizer source's own id for that role (``own``), else keeps its id with a warning
+    (``where`` names the file): never silently another token's id."""
     out = dict(doc)
     for key in ID_KEYS:
         value = out.get(key)
         ids = value if isinstance(value, list) else [value]
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             continue
-        mapped = [new.get(old.get(i, ""), i) for i in ids]
+        mapped = []
+        for i in ids:
+            token = old.get(i)
+            if token is None or token in new:
+                mapped.append(new.get(token, i) if token is not None else i)
+            elif key in own:
+                mapped.append(own[key])
+            else:
+                role = ROLES.get(key)
+                log.warning("%s `%s` %d is the donor's token %r, which the output vocabulary "
+                            "lacks%s: left as %d; set `%s` by hand", where, key, i, token,
+                            f", and the tokenizer source has no {role}" if role else "", i, key)
+                mapped.append(i)
+        if mapped != [new.get(old.get(i, ""), i) for i in ids]:
+            mapped = list(dict.fromkeys(mapped))  # two ids may now name one token
         out[key] = mapped if isinstance(value, list) else mapped[0]
     return out
 
@@ -266,7 +305,9 @@ def output_files(out: OutputVocab, start: ModelTokenizer, donor: ModelTokenizer,
     if donor.generation is not None:
         old = {i: t for t, i in donor.vocab.items()}
         new = {t: i for i, t in enumerate(out.tokens)}
-        files[GENERATION_CONFIG] = dumps(_ids_remapped(donor.generation, old, new))
+        files[GENERATION_CONFIG] = dumps(_ids_remapped(
+            donor.generation, old, new, _role_ids(start, new),
+            f"step '{step.name}': generation_config.json"))
     return files
 
 

@@ -519,3 +519,43 @@ def test_the_chat_template_goes_with_the_tokenizer_source(cli, tmp_path, vocab_m
     want = None if source_at == "none" else SOURCE_T
     assert tok.chat_template == want
     assert not (tmp_path / "out" / "chat_templates").exists()
+
+
+@pytest.mark.parametrize("has_role", [True, False])
+def test_a_donor_token_id_the_output_lacks_takes_the_sources_own(cli, tmp_path, vocab_models,
+                                                                has_role):
+    """Oracle: the output tokenizer (AutoTokenizer). `eot` is base with `</s>` renamed `_tok_2`
+    (id 2) and `_tok_9` renamed `<|endoftext|>`, its eos token. With `tokenizer: eot` the
+    output vocabulary has no `</s>`: the donor base's `eos_token_id` 2 becomes eot's own eos
+    id 9 in config.json and generation_config.json; without an eos token in eot, a warning
+    names the key. Before the fix it stayed 2 (`_tok_2`) silently."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    eot = tmp_path / "eot"
+    shutil.copytree(vocab_models["base"], eot)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        text = (eot / name).read_text().replace('"</s>"', '"_tok_2"')
+        (eot / name).write_text(text.replace('"_tok_9"', '"<|endoftext|>"'))
+    doc = json.loads((eot / "tokenizer_config.json").read_text())
+    doc.pop("eos_token", None)
+    if has_role:
+        doc["eos_token"] = "<|endoftext|>"
+    (eot / "tokenizer_config.json").write_text(json.dumps(doc))
+    r = _recipe(tmp_path, dict(vocab_models, eot=eot), ["base", "eot"],
+                "method: linear\nfrom: [base, eot]\nparameters: {weight: 1.0}\n"
+                "tokenizer: eot")
+    result = cli("run", str(r))
+    assert result.exit_code == 0, result.output
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.convert_ids_to_tokens(2) == "_tok_2"
+    for f in ("config.json", "generation_config.json"):
+        doc = json.loads((tmp_path / "out" / f).read_text())
+        if has_role:
+            assert tok.eos_token == "<|endoftext|>"
+            assert doc["eos_token_id"] == tok.eos_token_id == 9, f
+        else:
+            assert doc["eos_token_id"] == 2, f
+            assert f"{f} `eos_token_id` 2 is the donor's token '</s>', which the output " \
+                "vocabulary lacks, and the tokenizer source has no eos_token" in result.stderr
