@@ -172,6 +172,10 @@ def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list
                 return _render_schema_error(doc, jsonschema.exceptions.best_match(branches))
             return _render_schema_error(doc, best)
         return [doc.error(path, f"{show(err.instance)} is not a valid value here")]
+    if v == "not" and isinstance(err.schema, dict) and \
+            isinstance(err.schema.get("x-recipekit-message"), str):
+        return [doc.error(path, err.schema["x-recipekit-message"],
+                          hint=err.schema.get("x-recipekit-hint"))]
     if v == "enum":
         return [_unknown_value(doc, path, err)]
     if v == "required":
@@ -218,11 +222,35 @@ def _unknown_keys(doc: Document, path: KeyPath, instance: dict[str, Any],
     errs = []
     for k in extra:
         close = difflib.get_close_matches(k, allowed, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else (
-            "allowed keys: " + ", ".join(allowed) if allowed else None)
+        hint = _mergekit_rule_hint(path, instance, k) or (
+            f"did you mean '{close[0]}'?" if close else (
+                "allowed keys: " + ", ".join(allowed) if allowed else None))
         errs.append(doc.error(path + (k,), f"unknown key {_describe_at(doc, path)}",
                               hint=hint, key=True))
     return errs
+
+
+def _mergekit_rule_hint(path: KeyPath, instance: dict[str, Any], key: str) -> str | None:
+    """The recipekit spelling of mergekit's `source:` in a `tokenizer.tokens` rule
+    (`{source: zero, force: true}` is `{zero: true, force: true}`), or None."""
+    if key != "source" or path[-3:-1] != ("tokenizer", "tokens"):
+        return None
+    value = instance[key]
+    rest = {k: v for k, v in instance.items() if k != key}
+    if value == "zero":
+        form: dict[str, Any] | None = {"zero": True, **rest}
+    elif isinstance(value, str):
+        form = {"model": value, **rest}
+    elif isinstance(value, dict) and isinstance(value.get("model"), str):  # model_token
+        form = {k: value[k] for k in ("model", "token", "token_id") if k in value} | rest
+    else:
+        form = None
+    if form is None:
+        return ("mergekit's `source:` is spelled `{zero: true}`, `{model: <name>}` or "
+                "`{model: <name>, token: <token>}` here")
+    flow = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else show(v)}"
+                     for k, v in form.items())
+    return f"mergekit's `source:` is not a key here: write `{{{flow}}}`"
 
 
 def _unknown_value(doc: Document, path: KeyPath, err: jsonschema.ValidationError) -> RecipeError:

@@ -1,0 +1,46 @@
+"""Schema messages for `tokenizer.tokens` rules (recipe/schema.py): one clear paragraph naming
+the key and the fix, where jsonschema's own text (`... should not be valid under ...`) or a
+bare "unknown key" told the user nothing (found by a black-box check)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers.recipes import write_recipe
+
+
+def _validate(cli, directory, rule: str) -> str:
+    r = write_recipe(directory, "recipekit: 1\nmodels: {a: ./a, b: ./b}\nsteps:\n"
+                     "  - {name: m, op: merge, method: linear, from: [a, b],\n"
+                     "     parameters: {weight: 1.0},\n"
+                     f"     tokenizer: {{source: union, tokens: {{'<x>': {rule}}}}}}}\n")
+    result = cli("validate", "--no-inputs", str(r))
+    assert result.exit_code == 2, result.output
+    assert "should not be valid" not in result.stderr and "Traceback" not in result.output
+    return result.stderr.splitlines()[0]
+
+
+def test_a_rule_with_token_and_token_id_names_both_and_the_fix(cli, tmp_path):
+    line = _validate(cli, tmp_path, "{model: b, token_id: 3, token: '<s>'}")
+    assert line.endswith(
+        "steps[0].tokenizer.tokens.<x>: a rule names both `token` and `token_id`: its row "
+        "comes from one of them; keep `token:` (the model's row of that token) or "
+        "`token_id:` (that row of the model), not both")
+
+
+@pytest.mark.parametrize(("rule", "fix"), [
+    ("{source: zero, force: true}", "{zero: true, force: true}"),
+    ("{source: b}", "{model: 'b'}"),
+    ("{source: {kind: model_token, model: b, token: '<s>'}}", "{model: 'b', token: '<s>'}")])
+def test_mergekits_source_key_is_answered_with_recipekits_spelling(cli, tmp_path, rule, fix):
+    """mergekit 0.1.5's token rule `source:` (reference tokenizers.md §2): the message says
+    what to write; the spelling it gives validates."""
+    line = _validate(cli, tmp_path, rule)
+    assert line.endswith("steps[0].tokenizer.tokens.<x>.source: unknown key in step 'm' "
+                         f"(op: merge); mergekit's `source:` is not a key here: write `{fix}`")
+    r = write_recipe(tmp_path, "recipekit: 1\nmodels: {a: ./a, b: ./b}\nsteps:\n"
+                     "  - {name: m, op: merge, method: linear, from: [a, b],\n"
+                     "     parameters: {weight: 1.0},\n"
+                     f"     tokenizer: {{source: union, tokens: {{'<x>': {fix}}}}}}}\n")
+    result = cli("validate", "--no-inputs", str(r))
+    assert result.exit_code == 0, result.output
