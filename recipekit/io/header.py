@@ -22,7 +22,7 @@ import os
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,44 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True)
+class FileStamp:
+    """Which version of a local file a header was read from: its size, modification time and
+    inode (``os.fstat`` of the descriptor the header was read through).
+
+    Why: a plan's byte offsets hold only for the version whose header was read. The executor
+    compares each input file it opens, and again after each shard's reads, with the stamp
+    (`io.reader.FileReader`), so that another version, or a rewrite in place during the run,
+    is refused instead of being read at the old offsets; the plan hash and the manifest record
+    these stamps, not what a later ``stat`` sees.
+    """
+
+    size: int
+    mtime_ns: int
+    dev: int
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStamp:
+        return cls(st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
+
+    def change(self, st: os.stat_result, *, inode: bool = True) -> str | None:
+        """How the file ``st`` describes differs from this version (None: it is this one).
+        ``inode``: compare device and inode numbers too (not across machines: another node's
+        mount of a shared file system has its own device numbers)."""
+        if st.st_size != self.size:
+            return f"it has {st.st_size} bytes, the version planned from {self.size}"
+        if inode and (st.st_dev, st.st_ino) != (self.dev, self.ino):
+            return "it was replaced by another file"
+        if st.st_mtime_ns != self.mtime_ns:
+            return "its modification time moved"
+        return None
+
+
+@dataclass(frozen=True)
 class TensorInfo:
-    """Where one stored tensor lives: file, absolute byte offset, size, dtype and shape."""
+    """Where one stored tensor lives: file, absolute byte offset, size, dtype and shape, and
+    the version of the file its header was read from (``stamp``; None for a remote object,
+    whose ETag says it, and a hub shard not downloaded yet)."""
 
     name: str
     dtype: str
@@ -54,6 +90,7 @@ class TensorInfo:
     file: Path
     offset: int  # absolute, in the file; -1 while the file is only known from a remote header
     nbytes: int
+    stamp: FileStamp | None = field(default=None, compare=False, repr=False)
 
 
 def quote_name(name: str, limit: int = ECHO_LIMIT) -> str:
@@ -165,14 +202,16 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         UnsupportedCheckpointError: fp8, fp4/fp6 or unknown dtypes.
     """
     shown = display_path(path)
-    size, n, raw = read_raw_header(path, shown)
-    return parse_header(raw, size=size, data_start=8 + n, file=path, shown=shown)
+    st, n, raw = _read_raw(path, shown)
+    return parse_header(raw, size=st.st_size, data_start=8 + n, file=path, shown=shown,
+                        stamp=FileStamp.of(st))
 
 
-def parse_header(raw: bytes, *, size: int, data_start: int, file: Path, shown: str
-                 ) -> dict[str, TensorInfo]:
+def parse_header(raw: bytes, *, size: int, data_start: int, file: Path, shown: str,
+                 stamp: FileStamp | None = None) -> dict[str, TensorInfo]:
     """`read_header`'s checks on header bytes already read (``size``: the file's; an object
-    store's header comes from ranged reads, io/remote.py), each tensor located in ``file``."""
+    store's header comes from ranged reads, io/remote.py), each tensor located in ``file``
+    (whose version is ``stamp``)."""
     header = parse_json(raw, shown, "header")
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"header is {kind_of(header)}, not a JSON object", file=shown,
@@ -191,7 +230,7 @@ def parse_header(raw: bytes, *, size: int, data_start: int, file: Path, shown: s
                 f"but the file has {size} bytes", file=shown,
                 hint="download or convert the checkpoint again")
         spans.append((begin, end, name))
-        out[name] = TensorInfo(name, dtype, shape, file, data_start + begin, nbytes)
+        out[name] = TensorInfo(name, dtype, shape, file, data_start + begin, nbytes, stamp)
     check_layout(spans, data_len, data_start, shown)
     return out
 
@@ -203,9 +242,16 @@ def read_raw_header(path: Path, shown: str) -> tuple[int, int, bytes]:
     Raises:
         CorruptCheckpointError: unreadable, too short, a length beyond the file or the limit.
     """
+    st, n, raw = _read_raw(path, shown)
+    return st.st_size, n, raw
+
+
+def _read_raw(path: Path, shown: str) -> tuple[os.stat_result, int, bytes]:
+    """`read_raw_header` with the file's ``fstat`` (taken before its first byte is read)."""
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CorruptCheckpointError(
@@ -227,7 +273,7 @@ def read_raw_header(path: Path, shown: str) -> tuple[int, int, bytes]:
     if len(raw) < n:
         raise CorruptCheckpointError(f"file ended inside its {n}-byte header", file=shown,
                                      hint="the file changed while being read; run again")
-    return size, n, raw
+    return st, n, raw
 
 
 def check_metadata(meta: Any, shown: str) -> None:

@@ -6,13 +6,14 @@ what it writes, field for field.
 
 from __future__ import annotations
 
+import os
 import struct
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from recipekit.io.header import build_header, read_header
+from recipekit.io.header import FileStamp, build_header, read_header
 
 
 def test_golden_bytes():
@@ -54,3 +55,14 @@ def test_we_read_what_safetensors_writes(tmp_path):
         raw = data[info.offset:info.offset + info.nbytes]
         assert raw == t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else \
             raw == t.numpy().tobytes()
+
+
+def test_a_header_records_the_version_of_the_file_it_was_read_from(tmp_path):
+    """Every tensor's `stamp` is the file's size, mtime and inode when its header was read
+    (what the executor checks before reading at its offsets). Oracle: ``os.stat``."""
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(2), "b": torch.ones(3)}, path)
+    st = os.stat(path)
+    infos = read_header(path)
+    assert {info.stamp for info in infos.values()} == {
+        FileStamp(st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)}

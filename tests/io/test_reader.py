@@ -7,12 +7,15 @@ for reuse, tensors and views over an earlier read that must keep their values.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
+from recipekit.errors import TensorDataError
 from recipekit.io import reader as reader_module
-from recipekit.io.header import TensorInfo
+from recipekit.io.header import FileStamp, TensorInfo
 from recipekit.io.reader import FileReader, is_same_data
 
 
@@ -91,3 +94,45 @@ class TestReusedBuffers:
             reader.read_tensor(other)  # 400 + 400 + 500 > 1000: one 400-byte buffer goes
             assert any(b is in_use.obj for b in reader._kept)
             assert len(reader._kept) == 2
+
+
+class TestStamps:
+    """`FileReader` reads only the version of a file its stamp names (the one a plan's offsets
+    come from). Oracle: the bytes written, and the file's own stat."""
+
+    def test_another_version_is_refused_when_opened(self, tmp_path):
+        f = tmp_path / "a.bin"
+        f.write_bytes(b"old-data")
+        stamp = FileStamp.of(os.stat(f))
+        f.with_name("new").write_bytes(b"new-data")
+        os.replace(f.with_name("new"), f)
+        with FileReader({f: stamp}) as r, pytest.raises(
+                TensorDataError, match=r"a\.bin: the file changed since the plan read its "
+                r"header \(it was replaced by another file\)"):
+            r.read_into(f, 0, memoryview(bytearray(3)))
+
+    def test_a_file_renamed_over_after_opening_is_still_read_from_its_old_version(
+            self, tmp_path):
+        f = tmp_path / "a.bin"
+        f.write_bytes(b"old-data")
+        with FileReader({f: FileStamp.of(os.stat(f))}) as r:
+            r.open_files([f])
+            f.with_name("new").write_bytes(b"new-data")
+            os.replace(f.with_name("new"), f)
+            buf = bytearray(8)
+            r.read_into(f, 0, memoryview(buf))
+            r.check_unchanged()
+        assert bytes(buf) == b"old-data"
+
+    def test_a_rewrite_in_place_after_opening_is_refused(self, tmp_path):
+        f = tmp_path / "a.bin"
+        f.write_bytes(b"old-data")
+        st = os.stat(f)
+        with FileReader({f: FileStamp.of(st)}) as r:
+            r.open_files([f])
+            with open(f, "r+b") as w:
+                w.write(b"new")
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a write a clock tick later
+            with pytest.raises(TensorDataError, match=r"a\.bin: the file changed during the "
+                               r"run \(its modification time moved\)"):
+                r.check_unchanged()
