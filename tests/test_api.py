@@ -8,6 +8,7 @@ against each other (the same plan hash and the same output bytes).
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,11 @@ from recipekit.errors import (
     OutputPathError,
     RecipeErrors,
     SourceNotFoundError,
+    TensorDataError,
     UsageError,
 )
 
+from tests.helpers.builders import rewrite_reordered
 from tests.helpers.recipes import ROOT, solar_recipe, write_recipe
 
 #: Five shards of the 12-layer fp32 output (about 490 KB).
@@ -186,6 +189,39 @@ class TestErrors:
     def test_not_a_recipe_kind(self):
         with pytest.raises(TypeError, match="a recipe is a path, YAML/JSON text or a mapping"):
             recipekit.validate(42)  # type: ignore[arg-type]
+
+
+class TestInputChangedAfterPlan:
+    """`run(plan)` refuses an input file that is not the version `plan` read its header from:
+    the plan's byte offsets are that version's. Oracle: `rewrite_reordered` keeps every tensor
+    and value and the file's size but moves every offset (reading the old offsets gave other
+    tensors' bytes, exit 0), and the output directory left behind."""
+
+    @pytest.mark.parametrize("in_place", [False, True], ids=["renamed", "in-place"])
+    def test_a_rewritten_input_is_refused(self, recipe, tmp_path, in_place):
+        reference = recipekit.run(recipekit.plan(recipe, output=tmp_path / "ref"), progress=None)
+        plan = recipekit.plan(recipe)
+        weights = tmp_path / "model" / "model.safetensors"
+        before = weights.stat().st_mtime_ns
+        rewrite_reordered(weights, in_place=in_place)
+        if weights.stat().st_mtime_ns == before:
+            # a write's mtime is the clock's coarse tick: move it as a write a tick later would
+            os.utime(weights, ns=(before, before + 1))
+        with pytest.raises(TensorDataError) as e:
+            recipekit.run(plan, progress=None)
+        why = "its modification time moved" if in_place else "it was replaced by another file"
+        assert e.value.exit_code == 1
+        assert e.value.message == (
+            f"the file changed since the plan read its header ({why}): the plan's byte offsets "
+            "may not hold for it, so nothing was read from it")
+        assert e.value.file.endswith("model/model.safetensors")
+        assert "finished shards are kept; run again" in e.value.hint
+        out = tmp_path / "out"
+        assert not (out / "recipekit.json").exists()
+        assert not list(out.glob("*.safetensors")) and not list(out.glob(".*partial"))
+        # the advice works: planned again, the rewritten file gives the original's output
+        again = recipekit.run(recipekit.plan(recipe, output=tmp_path / "again"), progress=None)
+        assert again.shards == reference.shards
 
 
 class TestProgress:

@@ -15,7 +15,7 @@ from recipekit.errors import ExtraMissingError, RecipekitError, SourceNotFoundEr
 from recipekit.inputs.files import check_confined, lexists
 from recipekit.inputs.hub import HubSnapshot, fetch_snapshot, remote_header, snapshot_identity
 from recipekit.inputs.remote import RemoteSnapshot, fetch_remote, remote_shard_header
-from recipekit.io.header import TensorInfo, read_header
+from recipekit.io.header import FileStamp, TensorInfo, read_header
 
 if TYPE_CHECKING:  # the recipe package (yaml, the schema) is not loaded by inspect/diff
     from recipekit.recipe import ModelRef, Recipe
@@ -28,6 +28,7 @@ class InputFiles:
 
     CONFIG_NAME: ClassVar[str]
     path: Path
+    tensors: dict[str, TensorInfo]
     weight_files: tuple[Path, ...]
     hub: HubSnapshot | None
     remote: RemoteSnapshot | None
@@ -39,15 +40,22 @@ class InputFiles:
     def identity(self) -> dict[str, Any]:
         """What the plan hash records: a local directory's path and each file's size and mtime,
         or a hub repo's pinned commit (which fixes every byte), or a URL's objects (size, ETag,
-        version id)."""
+        version id).
+
+        A weight file's size and mtime are those of the version its header was read from (the
+        tensors' `FileStamp`), not what a ``stat`` sees now: a file that changed after planning
+        must not make the output claim the new version (the executor refuses to read it)."""
         if self.remote is not None:
             return self.remote.identity()
         if self.hub is not None:
             return {"hub": self.hub.repo, "commit": self.hub.commit}
+        stamps = {info.file: info.stamp for info in self.tensors.values()}
         files = {}
         for p in (self.config_path, *self.weight_files):
-            st = p.stat()
-            files[p.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            st = stamps.get(p) or p.stat()
+            size, mtime_ns = ((st.size, st.mtime_ns) if isinstance(st, FileStamp)
+                              else (st.st_size, st.st_mtime_ns))
+            files[p.name] = {"size": size, "mtime_ns": mtime_ns}
         return {"path": str(self.path), "files": files}
 
     def manifest_entry(self) -> dict[str, Any]:

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from recipekit.dtypes import torch_dtype
-from recipekit.graph import Load, Node, iter_post_order
+from recipekit.graph import Load, Node, expression_nodes, iter_post_order
 from recipekit.graph.gather import RowGather
 from recipekit.graph.passes import Reduction, Sweep
+from recipekit.io.header import FileStamp
 from recipekit.io.output import OutputDir
 from recipekit.io.reader import FileReader
 from recipekit.io.remote_output import RemoteOutput
@@ -102,7 +103,7 @@ def stream_shards(plan: Plan, out: OutputDir | RemoteOutput, dev: Any, *, fsync:
     tick = progress or (lambda n: None)
     todo = [s for s in plan.shards if not out.is_finished(s.filename)]
     with open_runtime(todo, dev, workers=workers, check_finite=check_finite,
-                      events=events) as rt:
+                      events=events, stamps=input_stamps(plan, todo)) as rt:
         for shard in plan.shards:
             if out.is_finished(shard.filename):
                 rt.events.shard(shard.filename, out.state.finished[shard.filename]["sha256"],
@@ -115,13 +116,32 @@ def stream_shards(plan: Plan, out: OutputDir | RemoteOutput, dev: Any, *, fsync:
     return rt.finite.found if rt.finite else {}
 
 
+def input_stamps(plan: Plan, shards: list[Shard]) -> dict[Path, FileStamp | None]:
+    """Every input file ``shards`` read, with the version of it the plan's offsets come from
+    (None: not a local file read by the plan, e.g. a URL input's object)."""
+    files: dict[Path, FileStamp | None] = {}
+    for n in {n for s in shards for t in s.tensors for n in expression_nodes(t.node)}:
+        if isinstance(n, Load):
+            info = plan.sources[n.source].tensors[n.name]
+            files[info.file] = info.stamp
+    return files
+
+
 @contextlib.contextmanager
 def open_runtime(shards: list[Shard], dev: Any, *, workers: int | None, check_finite: bool,
-                 events: RunEvents | None = None) -> Iterator[Runtime]:
+                 events: RunEvents | None = None,
+                 stamps: dict[Path, FileStamp | None] | None = None,
+                 inode: bool = True) -> Iterator[Runtime]:
     """What writing ``shards`` uses besides the plan (`Runtime`), closed on exit: the local
-    executor opens one for a run, the Ray executor one per task (`recipekit.run.ray`)."""
+    executor opens one for a run, the Ray executor one per task (`recipekit.run.ray`).
+
+    ``stamps``: the input files ``shards`` read (`input_stamps`); each is opened and checked
+    against the version the plan read now, and read through that descriptor until the end
+    (``inode``: as `FileReader`'s)."""
     _fixed_mmap_threshold()
-    with FileReader() as reader, \
+    stamps = stamps or {}
+    with FileReader({p: s for p, s in stamps.items() if s is not None},
+                    inode=inode) as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="recipekit-read",
                                initializer=_one_torch_thread) as prefetch, \
             contextlib.ExitStack() as stack:
@@ -137,6 +157,7 @@ def open_runtime(shards: list[Shard], dev: Any, *, workers: int | None, check_fi
         ) if cpu else None
         keep = shared_values(t.node for s in shards for t in s.tensors)
         computed = [t.node for s in shards for t in s.tensors if not isinstance(t.node, Load)]
+        reader.open_files(sorted(stamps))
         yield Runtime(reader, dev, BufferPool(COPY_BUFFERS, max(1, min(COPY_CHUNK, largest))),
                       prefetch, FiniteCheck() if check_finite else None, pool,
                       n if pool else 1, events or RunEvents(), keep=keep,
@@ -278,6 +299,9 @@ def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Run
             for x in current:  # read ahead for this tensor but not taken (a shared input)
                 rt.ahead.pop(x, None)
         batch.flush()
+        # every read of the shard is done: a file rewritten in place since it was opened may
+        # have given it bytes of two versions, and it must not be kept
+        reader.check_unchanged()
         return writer.finish()
     except BaseException:
         writer.abort()

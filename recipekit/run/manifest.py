@@ -2,10 +2,11 @@
 `card.py`'s.
 
 The manifest records the recipe, the resolved inputs (path relative to the recipe, size and
-mtime of each file read), the donor, operator metadata (coalescing schemes and compensation,
-by step), the tool version, each shard's sha256 and the size and sha256 of every other file
-of the output (``files``), so a reader can tell what produced a checkpoint and check it. No
-token, credential or absolute local path is ever recorded.
+mtime of each file read, as the plan read its header: `io.header.FileStamp`), the donor,
+operator metadata (coalescing schemes and compensation, by step), the tool version, each
+shard's sha256 and the size and sha256 of every other file of the output (``files``), so a
+reader can tell what produced a checkpoint and check it. No token, credential or absolute local
+path is ever recorded.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,13 @@ from recipekit.errors import (
 )
 from recipekit.graph import Load, expression_nodes
 from recipekit.io.output import OutputDir
+from recipekit.io.reader import FileReader
 from recipekit.io.remote_output import RemoteOutput
 from recipekit.io.urls import is_url
 from recipekit.io.writer import partial_path
 from recipekit.plan import COPY_BUFFERS, COPY_CHUNK, Plan, Shard
 from recipekit.plan.cost import computing_bytes, kept_read_bytes
-from recipekit.run.execute import Progress, RunEvents, RunResult
+from recipekit.run.execute import Progress, RunEvents, RunResult, input_stamps
 from recipekit.run.target import output_location
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,11 @@ def stream_shards_on_ray(ray: Any, plan: Plan, out: Output, *, device: str, fsyn
     if device.startswith("cuda") and not ray.cluster_resources().get("GPU"):
         raise DeviceError(f"--device {device}: the Ray cluster has no GPU",
                           hint="add nodes with GPUs, or use --device cpu (or auto)")
+    # refuse an input that changed since the plan before any task starts (each task checks
+    # its own files again when it opens them, and after its reads)
+    stamps = input_stamps(plan, todo)
+    with FileReader({p: st for p, st in stamps.items() if st}) as reader:
+        reader.open_files(stamps)
     task = ray.remote(write_shard_task)
     largest_node = _largest_node_memory(ray)
     location = output_location(plan)  # a local folder the nodes share, or a URL
@@ -286,10 +293,11 @@ def shard_memory(shard: Shard, workers: int = 1) -> int:
     return TASK_OVERHEAD + buffers + kept_read_bytes(nodes) + computed
 
 
-def shard_payload(plan: Plan, shard: Shard) -> tuple[Plan, dict[str, int]]:
+def shard_payload(plan: Plan, shard: Shard) -> tuple[Plan, dict[str, int], str]:
     """The plan one task needs, as its argument (Ray serializes it): ``shard`` (header and
-    expression DAG), the headers of the input tensors it reads and those files' sizes; the rest
-    of the plan (other shards, the model's other nodes, the donor) stays on the driver."""
+    expression DAG), the headers of the input tensors it reads, those files' sizes and the
+    driver's host name; the rest of the plan (other shards, the model's other nodes, the donor)
+    stays on the driver."""
     reads: dict[str, set[str]] = {}
     for t in shard.tensors:
         for n in expression_nodes(t.node):
@@ -301,11 +309,14 @@ def shard_payload(plan: Plan, shard: Shard) -> tuple[Plan, dict[str, int]]:
     files = {info.file for ckpt in sources.values() for info in ckpt.tensors.values()}
     slim = dataclasses.replace(plan, sources=sources, shards=(shard,), donor=None, files={},
                                operators={}, model=_without_nodes(plan.model))
-    # local files only: the driver checked URL inputs' ETags (`target.check_remote_inputs`)
-    local = {info.file for ckpt in sources.values() if getattr(ckpt, "remote", None) is None
-             for info in ckpt.tensors.values()}
-    sizes = {str(f): os.stat(f).st_size for f in sorted(files & local)}
-    return slim, sizes
+    # local files only: the driver checked URL inputs' ETags (`target.check_remote_inputs`);
+    # the sizes of the versions planned from (their headers' `FileStamp`), not of what is there
+    # now: a file that changed since is refused, never read at the old offsets
+    local = {info.file: info.stamp for ckpt in sources.values()
+             if getattr(ckpt, "remote", None) is None for info in ckpt.tensors.values()}
+    sizes = {str(f): st.size if st is not None else os.stat(f).st_size
+             for f, st in sorted(local.items()) if f in files}
+    return slim, sizes, socket.gethostname()
 
 
 def _without_nodes(model: Any) -> Any:
@@ -316,7 +327,7 @@ def _without_nodes(model: Any) -> Any:
     return dataclasses.replace(model, **empty)
 
 
-def write_shard_task(version: str, payload: tuple[Plan, dict[str, int]], out_dir: str,
+def write_shard_task(version: str, payload: tuple[Plan, dict[str, int], str], out_dir: str,
                      device: str, fsync: bool, check_finite: bool, workers: int
                      ) -> dict[str, Any]:
     """The Ray task: stream one shard into ``out_dir`` (a folder, or a URL: a multipart upload)
@@ -328,7 +339,8 @@ def write_shard_task(version: str, payload: tuple[Plan, dict[str, int]], out_dir
 
     Raises:
         ClusterError: this worker runs another recipekit version than the driver.
-        TensorDataError: an input file is missing here or has another size than the driver saw.
+        TensorDataError: an input file is missing here, has another size than the driver saw,
+            or is not the version the plan read (size, mtime), or changed during the task.
         as `execute.write_shard`.
     """
     if version != __version__:
@@ -338,12 +350,17 @@ def write_shard_task(version: str, payload: tuple[Plan, dict[str, int]], out_dir
     from recipekit.run.execute import open_runtime, write_shard
     from recipekit.run.target import shard_target
 
-    plan, sizes = payload
+    plan, sizes, driver = payload
     _check_sizes(sizes)
     shard = plan.shards[0]
     computes = any(not isinstance(t.node, Load) for t in shard.tensors)
     dev = resolve_device(device) if computes or device != "cpu" or check_finite else None
-    with open_runtime([shard], dev, workers=workers, check_finite=check_finite) as rt:
+    # each file checked against the version planned from when opened and after the reads;
+    # on another node by size and mtime only: its mount of a shared file system has its own
+    # device and (on some file systems) inode numbers
+    with open_runtime([shard], dev, workers=workers, check_finite=check_finite,
+                      stamps=input_stamps(plan, [shard]),
+                      inode=socket.gethostname() == driver) as rt:
         sha = write_shard(plan, shard, shard_target(out_dir), rt, fsync=fsync,
                           progress=_ignore)
     return {"name": shard.filename, "sha256": sha, "size": shard.size,
@@ -357,7 +374,6 @@ def _ignore(n: int) -> None:
 def _check_sizes(sizes: Mapping[str, int]) -> None:
     """Every input file this task reads has the size the driver planned with (an input missing
     or different on this node would otherwise be read as garbage or fail mid-shard)."""
-    import socket
 
     for path, size in sizes.items():
         try:

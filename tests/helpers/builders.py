@@ -131,3 +131,37 @@ def split_rows(rows: int, sizes: list[int]) -> list[tuple[int, int]]:
         bounds.append((lo, hi))
         lo, i = hi, i + 1
     return bounds
+
+
+def rewrite_reordered(path: Path, *, in_place: bool = False) -> None:
+    """Write the safetensors file ``path`` again with the same tensors and values stored in
+    the reverse order, at the same size (the header padded to its old length): what re-saving
+    a checkpoint with another tool does. The logical model is unchanged, but every tensor's
+    byte offset moves. ``in_place``: overwrite the same inode (a tool writing into the open
+    file), else write a new file and rename it over ``path``."""
+    import os
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    data = raw[8 + n:]
+    new: dict = {"__metadata__": meta} if meta is not None else {}
+    body = bytearray()
+    for name in sorted(header, key=lambda k: header[k]["data_offsets"][0], reverse=True):
+        begin, end = header[name]["data_offsets"]
+        new[name] = {"dtype": header[name]["dtype"], "shape": header[name]["shape"],
+                     "data_offsets": [len(body), len(body) + end - begin]}
+        body += data[begin:end]
+    text = json.dumps(new, separators=(",", ":")).encode()
+    assert len(text) <= n, "the reordered header does not fit in the old one's length"
+    out = struct.pack("<Q", n) + text + b" " * (n - len(text)) + bytes(body)
+    assert len(out) == len(raw) and out != raw
+    if in_place:
+        with open(path, "r+b") as f:
+            f.write(out)
+    else:
+        tmp = path.with_name(path.name + ".new")
+        tmp.write_bytes(out)
+        os.replace(tmp, path)

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from recipekit.plan.cost import KEPT_HEAP, KEPT_HEAP_MAX
 
-from tests.helpers.builders import read_tensors
+from tests.helpers.builders import read_tensors, rewrite_reordered
 from tests.helpers.memory import MEASURE
 from tests.helpers.recipes import ROOT, solar_recipe, write_recipe
 
@@ -245,6 +245,82 @@ class TestRerun:
         assert result.exit_code == 1
         assert "not enough free disk: the output needs" in result.stderr
         assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+class TestInputChangedDuringTheRun:
+    """An input file that changes while the run writes never gives a shard that mixes two
+    versions, and the manifest records the version the plan read. Oracles: a run of the
+    unchanged input (hashlib over its files), the input file's own stat before the change, and
+    `verify`. The change happens at a fixed point: when the second of five shards starts."""
+
+    @staticmethod
+    def change_at_second_shard(monkeypatch, change):
+        import recipekit.run.execute as ex
+
+        real, calls = ex.write_shard, []
+
+        def changing(plan, shard, *a, **k):
+            calls.append(shard.filename)
+            if len(calls) == 2:
+                change()
+            return real(plan, shard, *a, **k)
+
+        monkeypatch.setattr(ex, "write_shard", changing)
+        return calls
+
+    def test_a_rewrite_in_place_is_refused_and_finished_shards_are_kept(
+            self, cli, tmp_path, model_copy, monkeypatch):
+        r = solar(tmp_path, model_copy)
+        ok(cli, "run", r, "-q", "-o", tmp_path / "ref")
+        weights = model_copy / "model.safetensors"
+        before = weights.stat().st_mtime_ns
+
+        def rewrite():
+            rewrite_reordered(weights, in_place=True)  # same inode, same size
+            if weights.stat().st_mtime_ns == before:
+                # a write's mtime is the clock's coarse tick: move it as a write a tick later
+                os.utime(weights, ns=(before, before + 1))
+
+        calls = self.change_at_second_shard(monkeypatch, rewrite)
+        result = cli("run", r, "-q")
+        assert result.exit_code == 1, result.output
+        assert "model.safetensors: the file changed during the run (its modification time " \
+               "moved): the shard being written may mix bytes of two versions, so it was " \
+               "discarded; finished shards are kept; run again" in " ".join(result.stderr.split())
+        out = tmp_path / "out"
+        assert sorted(p.name for p in out.glob("*.safetensors")) == calls[:1]
+        assert (out / calls[0]).read_bytes() == (tmp_path / "ref" / calls[0]).read_bytes()
+        assert not (out / "recipekit.json").exists() and not list(out.glob(".*partial"))
+
+    def test_a_file_replaced_by_rename_is_read_from_the_old_version(
+            self, cli, tmp_path, model_copy, tiny_llama_b, monkeypatch):
+        """Another model of the same shapes renamed over the input mid-run: every shard comes
+        from the version planned from, which the manifest names (it named the new one, and
+        `verify` and reruns accepted the output)."""
+        r = solar(tmp_path, model_copy)
+        ok(cli, "run", r, "-q", "-o", tmp_path / "ref")
+        weights = model_copy / "model.safetensors"
+        old = weights.stat()
+
+        def replace():
+            tmp = weights.with_name("new.tmp")
+            tmp.write_bytes((tiny_llama_b / "model.safetensors").read_bytes())
+            os.utime(tmp, ns=(old.st_mtime_ns + 1, old.st_mtime_ns + 1))
+            os.replace(tmp, weights)
+
+        self.change_at_second_shard(monkeypatch, replace)
+        ok(cli, "run", r, "-q")
+        out, ref = tmp_path / "out", tmp_path / "ref"
+        shards = sorted(p.name for p in ref.glob("*.safetensors"))
+        assert len(shards) == 5
+        for name in shards:
+            assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+        recorded = json.loads((out / "recipekit.json").read_text())["inputs"]["tiny"]["files"]
+        assert recorded["model.safetensors"] == {"size": old.st_size,
+                                                 "mtime_ns": old.st_mtime_ns}
+        # the input is not the version the output was made from: a rerun is another plan
+        monkeypatch.undo()
+        assert cli("run", r, "-q").exit_code == 2
 
 
 # VmHWM belongs to this address space; ru_maxrss would inherit the forking parent's peak.

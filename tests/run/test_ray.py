@@ -35,6 +35,7 @@ import recipekit
 from recipekit.errors import DeviceError, ExtraMissingError, TensorDataError
 from recipekit.io.names import MANIFEST, STATE
 
+from tests.helpers.builders import rewrite_reordered
 from tests.helpers.recipes import ROOT, write_recipe
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
@@ -429,3 +430,31 @@ def test_cli_and_import_do_not_import_ray() -> None:
             "assert 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["renamed", "in-place"])
+def test_a_task_refuses_an_input_changed_since_the_plan(tmp_path: Path, in_place: bool) -> None:
+    """A task reads the offsets the driver planned with, so it refuses an input file that is
+    not that version (it compared sizes only, and a re-saved file of the same size was read at
+    the old offsets). The task function is called as a worker would, without a cluster; the
+    oracle is `rewrite_reordered`, which moves every offset and keeps the size."""
+    from recipekit import __version__
+    from recipekit.run.ray import shard_payload, write_shard_task
+
+    model = tmp_path / "model"
+    shutil.copytree(MODELS / "tiny-llama", model)
+    recipe = write_recipe(tmp_path, COPY.replace(str(MODELS / "tiny-llama"), str(model)))
+    plan = recipekit.plan(recipe).plan
+    weights = model / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    rewrite_reordered(weights, in_place=in_place)
+    if weights.stat().st_mtime_ns == before:
+        os.utime(weights, ns=(before, before + 1))  # as a write a clock tick later would
+    (tmp_path / "out").mkdir()
+    with pytest.raises(TensorDataError, match=r"the file changed since the plan read its "
+                       r"header \((it was replaced by another file|its modification time "
+                       r"moved)\)") as e:
+        write_shard_task(__version__, shard_payload(plan, plan.shards[0]),
+                         str(tmp_path / "out"), "cpu", False, False, 1)
+    assert e.value.file.endswith("model/model.safetensors")
+    assert not list((tmp_path / "out").iterdir())
