@@ -306,7 +306,12 @@ class LayerStackError(UnlocatedError):
 
 
 class ParamError(UnlocatedError):
-    """A parameter that cannot give a value for some tensor; the caller locates it."""
+    """A parameter that cannot give a value for some tensor; the caller locates it, at
+    ``where`` (the key path of the parameter relative to the step, when known)."""
+
+    def __init__(self, message: str, hint: str | None = None, where: KeyPath = ()) -> None:
+        super().__init__(message, hint)
+        self.where = where
 
 
 class ScalingsLogError(UnlocatedError):

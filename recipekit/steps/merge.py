@@ -407,7 +407,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
         try:
             params = _resolve_for(spec, shared, entries, name, first)
         except ParamError as e:
-            raise RecipeErrors([recipe.error(step.key_path, str(e))]) from None
+            raise RecipeErrors([recipe.error(step.key_path + e.where, str(e))]) from None
         _check_della(spec, params, name, step, recipe)
         _check_weight_sum(spec, params, name, step, recipe)
         _note_shares(params, name, outside)
@@ -569,20 +569,28 @@ def _resolve_for(spec: Any, shared: Mapping[str, Any], entries: list, tensor: st
     resolved (gradients, rules), per-input ones as a tuple aligned with the inputs."""
     out: dict[str, Any] = {}
 
-    def value(p: Any, raw: Any) -> Any:
+    def value(p: Any, raw: Any, where: KeyPath) -> Any:
         if p.type in ("bool", "int") or raw is None:
             return raw
-        return resolve(raw, tensor, model.stack) if not is_constant(raw) else float(raw)
+        if is_constant(raw):
+            return float(raw)
+        try:
+            return resolve(raw, tensor, model.stack)
+        except ParamError as e:
+            raise ParamError(e.message, e.hint, where) from None
 
     for p in spec.params:
+        shared_at = ("parameters", p.name)
         if p.scope == "shared":
             if p.name in shared:
-                out[p.name] = value(p, shared[p.name])
+                out[p.name] = value(p, shared[p.name], shared_at)
             continue
-        raws = [params.get(p.name, shared.get(p.name)) for _, params, _ in entries]
-        if all(r is None for r in raws) and p.name not in shared:
+        raws = [(params[p.name], path[-2:] + (p.name,)) if p.name in params else  # from[i]
+                (shared.get(p.name), shared_at) for _, params, path in entries]
+        if all(r is None for r, _ in raws) and p.name not in shared:
             continue  # the kernel's default
-        out[p.name] = tuple(value(p, r) if r is not None else p.default for r in raws)
+        out[p.name] = tuple(value(p, r, where) if r is not None else p.default
+                            for r, where in raws)
     return out
 
 

@@ -185,6 +185,22 @@ class TestComputeDtype:
 class TestContract:
     """Oracle: the method contracts of reference/merge-methods.md §1, as located messages."""
 
+    @pytest.mark.parametrize("where, step", [
+        ("from[0].density", "    from: [{model: x, weight: 1, density: [{match: '*mlp*', "
+                            "value: 0.9}]}, {model: y, weight: 1, density: 0.5}]\n"),
+        ("parameters.density", "    from: [{model: x, weight: 1}, {model: y, weight: 1}]\n"
+                               "    parameters: {density: [{match: '*mlp*', value: 0.9}]}\n"),
+    ])
+    def test_a_rule_list_without_a_default_is_located_at_itself(self, cli, tmp_path, trio,
+                                                                 where, step):
+        """A rule list that matches no rule for some tensor names the list (which of a step's
+        parameters, which input), not just the step."""
+        r = write_recipe(tmp_path, recipe_text(
+            trio, "    method: ties\n    base: base\n" + step))
+        result = cli("run", r, "-q")
+        assert result.exit_code == 2, result.output
+        assert f"steps[0].{where}: no rule matches `" in result.stderr
+
     def test_a_zero_weight_sum_is_refused_unless_not_normalized(self, cli, tmp_path, trio):
         """Σw = 0 with normalize divides by 0 (NaN/Inf everywhere, as mergekit writes);
         without normalize it is a plain difference. Oracle: x − y."""
