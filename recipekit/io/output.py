@@ -106,6 +106,7 @@ class OutputDir:
         self.force = force
         self.fsync = fsync
         self._lock_fd = -1
+        self._written: dict[str, dict[str, Any]] = {}  # a finished output's small files
         self._made: list[Path] = []  # the folders __enter__ created, deepest first
         self.state = State(plan_hash, files)
         self.already_complete = False
@@ -190,10 +191,26 @@ class OutputDir:
             raw = json.loads((self.path / self._last[0]).read_bytes())
             shards = {str(k): {"sha256": v["sha256"], "size": v["size"]}
                       for k, v in raw["shards"].items()}
-            files = [*shards, *(str(k) for k in raw.get("files", {})), self._last[0]]
+            written = {str(k): {"sha256": str(v["sha256"]), "size": int(v["size"])}
+                       for k, v in raw.get("files", {}).items()}
+            files = [*shards, *written, self._last[0]]
+            self._written = written
             return State(str(raw["plan_hash"]), files, shards, True)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
+
+    def _edited(self) -> frozenset[str]:
+        """The small files a finished output's manifest records (a model card, config.json)
+        that no longer hold what recipekit wrote there: the user edited or replaced them, so
+        they are not recipekit's to delete (size first, then sha256; a few small files)."""
+        out = set()
+        for rel, record in self._written.items():
+            p = self.path / rel
+            if not _inside(p, self.path) or p.is_symlink() or not p.is_file():
+                continue  # a link or a folder there is judged as foreign already
+            if p.stat().st_size != record["size"] or sha256_path(p) != record["sha256"]:
+                out.add(Path(os.path.normpath(rel)).as_posix())
+        return frozenset(out)
 
     def _adopt_existing(self) -> None:
         state_path = self.path / STATE
@@ -231,7 +248,8 @@ class OutputDir:
                     "there), or choose another output path")
             # Refuse before deleting anything: a --force that would refuse afterwards (files
             # recipekit did not write stay there) must leave the directory as it found it.
-            self._refuse_foreign(keep=self._listed(old.files))
+            edited = self._edited() if finished is not None else frozenset()
+            self._refuse_foreign(keep=self._listed(old.files) - edited, edited=edited)
             # First say, durably, that nothing here is finished: a kill while deleting must not
             # leave a state that calls a half-deleted output complete. The file list stays, so a
             # rerun (with either plan) still knows what recipekit wrote.
@@ -240,16 +258,21 @@ class OutputDir:
             self._delete_listed(old.files)
         self._refuse_foreign()
 
-    def _refuse_foreign(self, keep: frozenset[str] = frozenset()) -> None:
+    def _refuse_foreign(self, keep: frozenset[str] = frozenset(),
+                        edited: frozenset[str] = frozenset()) -> None:
         """Refuse a directory holding entries recipekit did not write (``keep``: relative paths
-        of files `_delete_listed` is about to delete, judged before deleting them)."""
+        of files `_delete_listed` is about to delete, judged before deleting them; ``edited``:
+        files it wrote that were changed since, named as such)."""
         # Our own temp files (a run killed mid-write) are not foreign: a rerun replaces them.
         # A temp name that is a link, a folder or another user's file is not ours.
         foreign = sorted(p.name for p in self.path.iterdir()
                          if not (p.name == STATE or _all_listed(p, p.name, keep) or (
                              p.name.endswith(PARTIAL_SUFFIX) and stale_temp_problem(p) is None)))
         if foreign:
-            shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+            named = [f"{n} (changed since recipekit wrote it)"
+                     if any(e == n or e.startswith(n + "/") for e in edited) else n
+                     for n in foreign]
+            shown = ", ".join(named[:4]) + (", ..." if len(named) > 4 else "")
             raise OutputPathError(
                 f"output directory {display_path(self.path)} holds files recipekit did not "
                 f"write ({shown})",

@@ -905,6 +905,25 @@ class TestForceRefusesBeforeDeleting:
         assert snapshot(out) == before
         assert (out / foreign).exists()
 
+    @pytest.mark.parametrize("edited", ["README.md", "config.json"])
+    def test_a_file_edited_since_it_was_written_is_not_ours(self, cli, tmp_path, model_copy,
+                                                             edited):
+        """A model card or config the user edited in a finished output (the manifest records
+        what recipekit wrote) is theirs now: `--force` with another plan refuses and deletes
+        nothing; put back as written, it is replaced."""
+        assert cli("run", write_recipe(tmp_path, solar_recipe()), "-q").exit_code == 0
+        out = tmp_path / "out"
+        written = (out / edited).read_bytes()
+        (out / edited).write_bytes(written + b"\n")
+        before = snapshot(out)
+        other = write_recipe(tmp_path, solar_recipe(layers='["range(0,4)"]'))
+        result = cli("run", other, "-q", "--force")
+        assert result.exit_code == 2, result.output
+        assert f"({edited} (changed since recipekit wrote it))" in result.stderr
+        assert snapshot(out) == before
+        (out / edited).write_bytes(written)
+        assert cli("run", other, "-q", "--force").exit_code == 0
+
     def test_donor_subfolder_of_listed_files_is_ours(self, cli, tmp_path, model_copy):
         (model_copy / "1_Pooling").mkdir()
         (model_copy / "1_Pooling" / "config.json").write_text("{}")
