@@ -185,8 +185,8 @@ def test_a_lone_filter_of_a_required_parameter_stays_a_filter(cli, tmp_path, mon
     result = cli("import-mergekit", cfg, "-o", out)
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(
-        f"{cfg}:1:1: the recipe converted from this config does not validate: steps[0]: no "
-        "rule matches `")
+        f"{cfg}:1:1: the recipe converted from this config does not validate: "
+        "steps[0].from[1].weight: no rule matches `")
     assert "nothing was written" in result.stderr and not out.exists()
 
 
