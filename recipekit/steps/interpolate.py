@@ -20,6 +20,7 @@ from recipekit.graph import Node, SameShape, VirtualModel, cast, fp32_copies, in
 from recipekit.recipe import Recipe, Step
 from recipekit.recipe.params import ParamError, resolve
 from recipekit.steps.registry import Op
+from recipekit.steps.tied import untied_config, with_stand_in_heads
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,6 +119,8 @@ def build_interpolate(step: Step, models: Mapping[str, VirtualModel],
     """
     names = list(step.spec["from"])
     total, files, ids = None, {}, {}
+    stand_ins = with_stand_in_heads(step.name, names, models)  # a tied model's head
+    models = {**models, **stand_ins}
     if "tokenizer" in step.spec:  # permute the vocabulary tables first (steps/vocab.py)
         from recipekit.steps.vocab import align_inputs
 
@@ -144,11 +147,13 @@ def build_interpolate(step: Step, models: Mapping[str, VirtualModel],
             tensors[name] = cast(nb, dtype)
         else:
             tensors[name] = intern(Lerp(na, nb, alpha, dtype))
-    if total is None:
-        return VirtualModel(step.name, a.config, tensors, a.stack, a.donor, a.changed)
-    from recipekit.steps.vocab import vocab_config
+    config, changed = a.config, a.changed
+    if total is not None:
+        from recipekit.steps.vocab import vocab_config
 
-    config, changed = vocab_config(a, total, ids)
+        config, changed = vocab_config(a, total, ids)
+    if stand_ins:  # the interpolated head is stored: not the embedding table
+        config, changed = untied_config(config, changed, a.stack.family, tensors)
     return VirtualModel(step.name, config, tensors, a.stack, a.donor, changed, files=files)
 
 

@@ -42,6 +42,7 @@ from recipekit.steps.gram import is_row_local, streamed_gram
 from recipekit.steps.interpolate import check_aligned
 from recipekit.steps.registry import Op
 from recipekit.steps.stream_merges import streamed_merge
+from recipekit.steps.tied import untied_config, with_stand_in_heads
 from recipekit.steps.vocab import align_inputs, check_tokenizer, vocab_config
 
 log = logging.getLogger(__name__)
@@ -378,6 +379,8 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
     spec, base_name, entries = validate_merge(step, recipe)
     names = ([base_name] if base_name else []) + [name for name, _, _ in entries]
     total, files, ids = None, {}, {}
+    stand_ins = with_stand_in_heads(step.name, names, models)  # a tied model's head
+    models = {**models, **stand_ins}
     if "tokenizer" in step.spec:  # permute the vocabulary tables first (steps/vocab.py)
         order = names if spec.pair else names[1:] + names[:1] if base_name else names
         aligned, total, files, ids = align_inputs(step, order, models, recipe, base_name)
@@ -440,10 +443,11 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
                     "[0, 1], e.g. 0.15 for 15%%", step.name, key, value, printable(tensor),
                     "above 1" if value > 1 else "below 0", spec.name,
                     "every" if value > 1 else "no", "1" if value > 1 else "0")
-    if total is None:
-        return VirtualModel(step.name, first.config, tensors, first.stack, first.donor,
-                            first.changed)
-    config, changed = vocab_config(first, total, ids)
+    config, changed = first.config, first.changed
+    if total is not None:
+        config, changed = vocab_config(first, total, ids)
+    if stand_ins:  # the merged head is stored: not the embedding table
+        config, changed = untied_config(config, changed, first.stack.family, tensors)
     return VirtualModel(step.name, config, tensors, first.stack, first.donor, changed,
                         files=files)
 
