@@ -290,13 +290,14 @@ def output_files(out: OutputVocab, start: ModelTokenizer, donor: ModelTokenizer,
     text = json.dumps(out.data, indent=2, ensure_ascii=False) + "\n"
     _check_with_tokenizers(text, out, step, recipe)
     files: dict[str, bytes | None] = {TOKENIZER_JSON: text.encode()}
-    if start.config is not None:
-        config = dict(start.config)
-        config["added_tokens_decoder"] = {
-            str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
-                                             "single_word", "special") if k in t}
-            for t in out.data.get("added_tokens") or ()}
-        files[TOKENIZER_CONFIG] = dumps(config)
+    # a source without tokenizer_config.json gets a minimal one: the donor's describes another
+    # tokenizer (its special tokens, its chat template) and must not be copied beside this one
+    config = dict(start.config) if start.config is not None else {}
+    config["added_tokens_decoder"] = {
+        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                         "single_word", "special") if k in t}
+        for t in out.data.get("added_tokens") or ()}
+    files[TOKENIZER_CONFIG] = dumps(config)
     if start.special_map is not None:
         files[SPECIAL_TOKENS_MAP] = dumps(start.special_map)
     # the template goes with the tokenizer (mergekit saves the source tokenizer's own); None:

@@ -559,3 +559,38 @@ def test_a_donor_token_id_the_output_lacks_takes_the_sources_own(cli, tmp_path, 
             assert doc["eos_token_id"] == 2, f
             assert f"{f} `eos_token_id` 2 is the donor's token '</s>', which the output " \
                 "vocabulary lacks, and the tokenizer source has no eos_token" in result.stderr
+
+
+def test_a_source_without_tokenizer_config_gets_one_with_its_added_tokens(cli, tmp_path,
+                                                                            vocab_models):
+    """Oracle: the output's tokenizer.json and transformers. `nocfg` is chatml without
+    tokenizer_config.json; with `tokenizer: nocfg` the output still gets the README's
+    `tokenizer_config.json` with an `added_tokens_decoder` (one entry per added token of
+    tokenizer.json, same flags), not the donor base's file (which describes another
+    tokenizer), and AutoTokenizer loads the output as it loads `nocfg` itself. Before, the
+    donor's file was copied, without the key."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    nocfg = tmp_path / "nocfg"
+    shutil.copytree(vocab_models["chatml"], nocfg)
+    (nocfg / "tokenizer_config.json").unlink()
+    r = _recipe(tmp_path, dict(vocab_models, nocfg=nocfg), ["base", "nocfg"],
+                "method: linear\nfrom: [base, nocfg]\nparameters: {weight: 1.0}\n"
+                "tokenizer: nocfg")
+    result = cli("run", str(r))
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    added = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
+    doc = json.loads((out / "tokenizer_config.json").read_text())
+    assert doc == {"added_tokens_decoder": {
+        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                         "single_word", "special")} for t in added}}
+    assert [t["content"] for t in added] == ["<unk>", "<s>", "</s>", "<|im_start|>",
+                                             "<|im_end|>"]
+    ours, theirs = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(nocfg)
+    assert ours.get_vocab() == theirs.get_vocab()
+    assert {i: str(t) for i, t in ours.added_tokens_decoder.items()} == \
+        {i: str(t) for i, t in theirs.added_tokens_decoder.items()}
+    assert ours(SAMPLE)["input_ids"] == theirs(SAMPLE)["input_ids"]
