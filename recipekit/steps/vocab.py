@@ -173,9 +173,8 @@ def align_inputs(step: Step, names: Sequence[str], models: Mapping[str, VirtualM
     aligned = {m: _aligned_model(models[m], names, models, tables, rows[m], size, total,
                                  step, recipe) for m in names}
     donor = names[0] if base is None else base
-    files = output_files(out, toks[tok_base if source in ("union", "base") else source],
-                         toks[donor], step, recipe)
     start = toks[tok_base if source in ("union", "base") else source]
+    files = output_files(out, start, toks[donor], step, recipe)
     old = {i: t for t, i in toks[donor].vocab.items()}
     new = {t: i for i, t in enumerate(out.tokens)}
     config = models[donor].config
@@ -261,8 +260,10 @@ def _ids_remapped(doc: Mapping[str, Any], old: Mapping[int, str], new: Mapping[s
         mapped = []
         for i in ids:
             token = old.get(i)
-            if token is None or token in new:
-                mapped.append(new.get(token, i) if token is not None else i)
+            if token is None:  # no token of the donor's: kept as written
+                mapped.append(i)
+            elif token in new:
+                mapped.append(new[token])
             elif key in own:
                 mapped.append(own[key])
             else:
@@ -271,9 +272,8 @@ def _ids_remapped(doc: Mapping[str, Any], old: Mapping[int, str], new: Mapping[s
                             "lacks%s: left as %d; set `%s` by hand", where, key, i, token,
                             f", and the tokenizer source has no {role}" if role else "", i, key)
                 mapped.append(i)
-        if mapped != [new.get(old.get(i, ""), i) for i in ids]:
-            mapped = list(dict.fromkeys(mapped))  # two ids may now name one token
-        out[key] = mapped if isinstance(value, list) else mapped[0]
+        # a list (several eos ids) may now name one token twice
+        out[key] = list(dict.fromkeys(mapped)) if isinstance(value, list) else mapped[0]
     return out
 
 
