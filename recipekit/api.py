@@ -320,6 +320,9 @@ def run(recipe: RecipeSource | PlanResult, *, output: str | os.PathLike | None =
         raise UsageError("`output` and `variables` apply when compiling; pass them to `plan` "
                          "instead")
     _check_lock(p, frozen, lock_file)
+    from recipekit.run.finish import check_inputs_unchanged
+
+    check_inputs_unchanged(p.plan, p.plan_hash)  # a PlanResult made a while ago
     start = time.perf_counter()
     with _progress(progress, p.bytes_written) as callback:
         result, shards = _run_plan(p, callback, device=device, force=force, fsync=fsync,

@@ -8,6 +8,7 @@ against each other (the same plan hash and the same output bytes).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -222,6 +223,24 @@ class TestInputChangedAfterPlan:
         # the advice works: planned again, the rewritten file gives the original's output
         again = recipekit.run(recipekit.plan(recipe, output=tmp_path / "again"), progress=None)
         assert again.shards == reference.shards
+
+
+    def test_a_changed_config_is_refused(self, recipe, tmp_path):
+        """config.json is read when planning (the output's config is made from it) and is
+        part of the plan hash: changed afterwards, the output would hold the old values while
+        its manifest named the new file, and `verify` and reruns accepted it."""
+        plan = recipekit.plan(recipe)
+        config = tmp_path / "model" / "config.json"
+        data = json.loads(config.read_text())
+        data["rope_theta"] = 500000.0
+        config.write_text(json.dumps(data))
+        with pytest.raises(TensorDataError) as e:
+            recipekit.run(plan, progress=None)
+        assert e.value.exit_code == 1
+        assert e.value.message.startswith("an input's files changed since the plan was made")
+        assert not (tmp_path / "out").exists()
+        recipekit.run(recipekit.plan(recipe), progress=None)  # planned again: the new config
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_theta"] == 5e5
 
 
 class TestProgress:

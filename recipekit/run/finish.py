@@ -64,9 +64,35 @@ def finish_output(plan: Plan, out: OutputDir | RemoteOutput, donor_files: list[P
         written.append(rel)
     out.write_file(MODEL_CARD, build_model_card(plan).encode())
     written.append(MODEL_CARD)
+    check_inputs_unchanged(plan, out.plan_hash, during=True)  # what was copied is the planned
     files = {rel: out.file_record(rel) for rel in written}
     out.write_file(MANIFEST, dumps(build_manifest(plan, out.state.finished, files)))
     out.complete()
+
+
+def check_inputs_unchanged(plan: Plan, planned: str, *, during: bool = False) -> None:
+    """Refuse when an input's small files (config.json, adapter_config.json, the donor's
+    tokenizer and other files) are not those the plan read: its hash, recomputed from them,
+    differs from ``planned``. Weight files are checked as they are read (`io.reader`).
+
+    Why: a plan keeps what it read of them (the config it rewrites), while the donor's other
+    files are copied when the run finishes; an output made after such a change mixed two
+    versions, and its manifest claimed the new ones, so `verify` and reruns accepted it.
+
+    Raises:
+        TensorDataError: (exit 1) before anything is written, or, ``during`` the run, before
+            the manifest (finished shards are kept).
+    """
+    from recipekit.errors import TensorDataError
+
+    if plan.plan_hash() == planned:
+        return
+    raise TensorDataError(
+        "an input's files changed " + ("during the run" if during else "since the plan was made")
+        + " (config.json, adapter_config.json or another file of an input): the output would "
+        "mix what the plan read with the new files",
+        hint="finished shards are kept; run again to plan from the inputs as they are now (an "
+        "output begun from the old ones then needs --force)")
 
 
 #: config.json keys that hold the hidden size, tried in order (families spell it differently).

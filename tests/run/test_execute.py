@@ -292,6 +292,24 @@ class TestInputChangedDuringTheRun:
         assert (out / calls[0]).read_bytes() == (tmp_path / "ref" / calls[0]).read_bytes()
         assert not (out / "recipekit.json").exists() and not list(out.glob(".*partial"))
 
+    def test_a_donor_file_changed_during_the_run_is_refused_before_the_manifest(
+            self, cli, tmp_path, model_copy, monkeypatch):
+        """The donor's other files are copied when the shards are done: one changed during
+        the run (here generation_config.json) would sit beside a config.json made from the
+        old files, under a manifest naming the new ones. The run stops before the manifest
+        (exit 1); the finished shards stay."""
+        r = solar(tmp_path, model_copy)
+        donor = model_copy / "generation_config.json"
+        donor.write_text('{"bos_token_id": 1, "eos_token_id": 2}')
+        self.change_at_second_shard(
+            monkeypatch, lambda: donor.write_text('{"bos_token_id": 1, "eos_token_id": 7}'))
+        result = cli("run", r, "-q")
+        assert result.exit_code == 1, result.output
+        assert "an input's files changed during the run" in result.stderr
+        out = tmp_path / "out"
+        assert not (out / "recipekit.json").exists()
+        assert len(list(out.glob("*.safetensors"))) == 5
+
     def test_a_file_replaced_by_rename_is_read_from_the_old_version(
             self, cli, tmp_path, model_copy, tiny_llama_b, monkeypatch):
         """Another model of the same shapes renamed over the input mid-run: every shard comes

@@ -375,8 +375,10 @@ def test_driver_killed_then_resumed(cluster: Cluster, tmp_path: Path, killed: st
 
 @requires_ray
 def test_a_task_error_is_the_error_a_local_run_raises(cluster: Cluster, tmp_path: Path) -> None:
-    """An input truncated after planning: the task's TensorDataError reaches the caller as
-    itself (exit code 1 in the CLI), naming the file, and no shard of it is recorded."""
+    """An input truncated after planning: the TensorDataError reaches the caller as itself
+    (exit code 1 in the CLI), naming the file, and no shard of it is recorded. The driver's
+    check of each input against the version planned from (`FileReader`) refuses it before a
+    task reads it; a task's own refusal is tested on the task function below."""
     model = tmp_path / "model"
     shutil.copytree(MODELS / "tiny-llama", model)
     recipe = write_recipe(tmp_path, COPY.replace(str(MODELS / "tiny-llama"), str(model)))
@@ -386,8 +388,10 @@ def test_a_task_error_is_the_error_a_local_run_raises(cluster: Cluster, tmp_path
         f.truncate(weights.stat().st_size // 2)
     with pytest.raises(TensorDataError) as e:
         recipekit.run(plan, executor="ray", progress=None)
-    assert str(e.value).startswith(f"{weights}: file ended at byte ")
+    assert str(e.value).startswith(f"{weights}: the file changed since the plan read its "
+                                   "header (it has ")
     assert e.value.exit_code == 1
+    assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
 @requires_ray
