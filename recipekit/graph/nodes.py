@@ -226,15 +226,23 @@ def cast(node: Node, dtype: str) -> Node:
     return intern(Cast(node, dtype))
 
 
+#: Merge methods whose mergekit kernel leaves its compute dtype midway (an fp32 mask or λ
+#: promotes the bf16 computation) and returns the fp32 result: under `compute_dtype:` it is not
+#: rounded to the compute dtype before the output cast (tests/steps/test_merge.py).
+PROMOTED_BY_MERGEKIT = frozenset({"arcee_fusion", "ramplus_tl"})
+
+
 def round_to(node: Node, dtype: str) -> Node:
     """``node`` rounded once to ``dtype``: a computing node (`Node.rounds_once`) gets ``dtype``
     as its own, so its fp32 result is rounded to ``dtype`` directly (a bf16 merge written as
     fp32 is the fp32 result, not the bf16 one widened: issue 16 item 3); anything else (a
     `Load`, data movement) is cast, bit-exact as before. A node that computes the way
     mergekit does (``native``: a merge step's `compute_dtype:`) is cast too: mergekit rounds
-    its result to the compute dtype first, then to `out_dtype`."""
+    its result to the compute dtype first, then to `out_dtype` (except `PROMOTED_BY_MERGEKIT`)."""
     if node.dtype == dtype:
         return node
-    if node.rounds_once and not getattr(node, "native", False):
+    native = getattr(node, "native", False) and \
+        getattr(node, "method", None) not in PROMOTED_BY_MERGEKIT
+    if node.rounds_once and not native:
         return intern(replace(node, dtype=dtype))  # type: ignore[type-var]
     return intern(Cast(node, dtype))

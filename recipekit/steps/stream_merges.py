@@ -150,6 +150,7 @@ class FusionMerge(SameShape):
     rows of a, with b's value where the importance reaches ``threshold``."""
 
     rounds_once: ClassVar[bool] = True
+    method: ClassVar[str] = "arcee_fusion"
 
     a: Node
     b: Node
@@ -249,6 +250,7 @@ class RamPlusMerge(TaskVectorRows):
     once ``scales`` (the whole tensor's λ) is known (`ops.ram.ramplus_rows`)."""
 
     rounds_once: ClassVar[bool] = True
+    method: ClassVar[str] = "ramplus_tl"
 
     operands: tuple[Node, ...]
     base: Node

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from recipekit.ops.merge import apply_method
+from recipekit.ops.rng import tensor_generator
 
 from tests.helpers.builders import make_model, read_tensors
 from tests.helpers.recipes import ROOT, write_recipe
@@ -161,6 +162,30 @@ class TestComputeDtype:
                 want = kernel(*(m[name].bfloat16() for m in (b, x, y)))
             assert t.dtype == torch.float32
             assert torch.equal(t, want.bfloat16().float()), name
+
+    def test_arcee_fusion_keeps_the_fp32_result_mergekit_promotes_to(self, cli, tmp_path,
+                                                                      trio):
+        """mergekit's arcee_fusion leaves bf16 midway (an fp32 mask promotes it) and returns
+        fp32 (`graph.nodes.PROMOTED_BY_MERGEKIT`): with an fp32 output its values are that
+        result, not rounded to bf16 as linear's and slerp's are."""
+        from recipekit.ops.precision import native_dtype
+
+        step = "    method: arcee_fusion\n    from: [x, y]\n    compute_dtype: bfloat16\n"
+        r = write_recipe(tmp_path, recipe_text(trio, step)
+                         .replace("{path: ./out}", "{path: ./out, dtype: float32}"))
+        result = cli("run", r, "-q")
+        assert result.exit_code == 0, result.output
+        out = read_tensors(tmp_path / "out")
+        x, y = read_tensors(trio[1]), read_tensors(trio[2])
+        rounded = 0
+        for name, t in out.items():
+            with native_dtype():
+                want = apply_method("arcee_fusion", [y[name].bfloat16()],
+                                    base=x[name].bfloat16(),
+                                    generator=tensor_generator(0, name))
+            assert want.dtype == torch.float32 and torch.equal(t, want), name
+            rounded += int((t != t.bfloat16().float()).sum())
+        assert rounded > 0  # values no bf16 holds: the result was not rounded to bf16
 
     def test_absent_and_float32_keep_the_bytes(self, cli, tmp_path, trio):
         (tmp_path / "a").mkdir()
