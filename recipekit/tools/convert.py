@@ -29,7 +29,13 @@ from recipekit.errors import (
     TensorDataError,
     display_path,
 )
-from recipekit.inputs.files import check_confined, model_root, read_small, walk_confined
+from recipekit.inputs.files import (
+    check_confined,
+    model_root,
+    read_small,
+    unreadable,
+    walk_confined,
+)
 from recipekit.inputs.models import read_index
 from recipekit.io.header import MAX_HEADER, build_header, read_header
 from recipekit.io.names import ADAPTER_PICKLE, ADAPTER_WEIGHTS, STATE, WEIGHT_DIRS, WEIGHTS
@@ -119,6 +125,8 @@ def _load_pickle(path: Path) -> dict[str, Any]:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
             data = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # not a damaged file: one this user may not read
+        raise unreadable(path, e) from None
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise TensorDataError(
             f"cannot load as weights-only pickle: {type(e).__name__}: {str(e)[:200]}",

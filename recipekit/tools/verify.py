@@ -31,7 +31,7 @@ from recipekit.errors import (
     VerifyError,
     display_path,
 )
-from recipekit.inputs.files import check_confined, read_small, sha256_file
+from recipekit.inputs.files import check_confined, check_readable_dir, read_small, sha256_file
 from recipekit.inputs.models import read_config, read_index
 from recipekit.io.header import (
     MAX_HEADER,
@@ -102,6 +102,7 @@ def verify_output(out: Path, *, stats: bool = False) -> VerifyReport:
     if not out.is_dir():
         raise SourceNotFoundError(f"{display_path(out)} is not a directory",
                                   hint="name the output directory of `recipekit run`")
+    check_readable_dir(out)  # every check below lists or looks into it
     manifest_path = out / MANIFEST
     if not os.path.lexists(manifest_path):  # one that is a FIFO or a link: `_check_confined`
         if finished_conversion(out):

@@ -147,6 +147,23 @@ def test_a_whole_pickled_model_leaves_no_interrupted_conversion(cli, tmp_path):
         assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_an_unreadable_pickle_is_named_as_such(cli, tmp_path, monkeypatch):
+    """A pickle this user may not read is not "damaged, or holds more than tensors": exit 2,
+    "cannot read: Permission denied", as for every input (the kernel's answer simulated: as
+    root a mode-000 file stays readable)."""
+    _, src = pickled(tmp_path)
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", denied)
+    result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"{src / 'pytorch_model.bin'}: cannot read: Permission "
+                                    "denied; give the user running recipekit read permission")
+    assert not (tmp_path / "out").exists()
+
+
 def test_never_writes_into_a_non_empty_directory(cli, tmp_path):
     _, src = pickled(tmp_path)
     (tmp_path / "out").mkdir()

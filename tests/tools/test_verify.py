@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers.adapter_builders import make_adapter
 from tests.helpers.builders import make_model, minilm
+from tests.helpers.permissions import unreadable_dir
 from tests.helpers.recipes import solar_recipe, write_recipe
 
 
@@ -143,6 +144,15 @@ def _replace(path: Path, kind: str, elsewhere: Path) -> None:
         path.mkdir()
     else:
         path.symlink_to(elsewhere)
+
+
+def test_an_unreadable_output_is_named(cli, sharded_out, monkeypatch):
+    """An output directory this user cannot read: exit 2 naming it, as the inputs are named
+    (it was an internal PermissionError on the state file)."""
+    with unreadable_dir(sharded_out, monkeypatch):
+        result = cli("verify", sharded_out)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"{sharded_out}: cannot read: Permission denied; ")
 
 
 class TestUnsafeEntries:
