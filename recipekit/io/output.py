@@ -269,9 +269,11 @@ class OutputDir:
                          if not (p.name == STATE or _all_listed(p, p.name, keep) or (
                              p.name.endswith(PARTIAL_SUFFIX) and stale_temp_problem(p) is None)))
         if foreign:
-            named = [f"{n} (changed since recipekit wrote it)"
-                     if any(e == n or e.startswith(n + "/") for e in edited) else n
-                     for n in foreign]
+            named = []
+            for n in foreign:
+                changed = sorted(e for e in edited if e == n or e.startswith(n + "/"))
+                named.append(f"{', '.join(changed)} (changed since recipekit wrote it)"
+                             if changed else n)
             shown = ", ".join(named[:4]) + (", ..." if len(named) > 4 else "")
             raise OutputPathError(
                 f"output directory {display_path(self.path)} holds files recipekit did not "

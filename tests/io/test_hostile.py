@@ -905,12 +905,14 @@ class TestForceRefusesBeforeDeleting:
         assert snapshot(out) == before
         assert (out / foreign).exists()
 
-    @pytest.mark.parametrize("edited", ["README.md", "config.json"])
+    @pytest.mark.parametrize("edited", ["README.md", "config.json", "1_Pooling/config.json"])
     def test_a_file_edited_since_it_was_written_is_not_ours(self, cli, tmp_path, model_copy,
                                                              edited):
         """A model card or config the user edited in a finished output (the manifest records
         what recipekit wrote) is theirs now: `--force` with another plan refuses and deletes
         nothing; put back as written, it is replaced."""
+        (model_copy / "1_Pooling").mkdir()
+        (model_copy / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
         assert cli("run", write_recipe(tmp_path, solar_recipe()), "-q").exit_code == 0
         out = tmp_path / "out"
         written = (out / edited).read_bytes()
