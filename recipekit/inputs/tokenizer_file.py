@@ -68,7 +68,8 @@ def base_model_input(recipe: Recipe, name: str) -> str | None:
     return name
 
 
-def _token_text(value: Any) -> str | None:
+def token_text(value: Any) -> str | None:
+    """A special token as tokenizer configs write it: a string, or ``{content: ...}``."""
     if isinstance(value, Mapping):
         value = value.get("content")
     return value if isinstance(value, str) else None
@@ -106,8 +107,8 @@ def read_tokenizer_files(model: str, directory: Path) -> tuple[TokenizerFiles, t
             raise TokenizerFileError(f"cannot read {p}: {e}") from None
         files.append(p)
         if isinstance(cfg, Mapping):
-            bos = bos or _token_text(cfg.get("bos_token"))
-            eos = eos or _token_text(cfg.get("eos_token"))
+            bos = bos or token_text(cfg.get("bos_token"))
+            eos = eos or token_text(cfg.get("eos_token"))
     digest = hashlib.sha256(raw).hexdigest()
     return TokenizerFiles(model, text, digest, bos, eos), tuple(files)
 

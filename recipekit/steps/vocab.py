@@ -39,6 +39,7 @@ from recipekit.dtypes import promote
 from recipekit.errors import RecipeError, RecipeErrors
 from recipekit.graph import Node, VirtualModel, cast, intern
 from recipekit.graph.gather import GatherRows, RowMean, segments_of
+from recipekit.inputs.tokenizer_file import token_text
 from recipekit.inputs.tokenizers import ModelTokenizer, TokenizerError, token_map
 from recipekit.io.names import (
     CHAT_TEMPLATE,
@@ -236,10 +237,8 @@ def _role_ids(tok: ModelTokenizer, new: Mapping[str, int]) -> dict[str, int]:
     out: dict[str, int] = {}
     for key, role in ROLES.items():
         for doc in (tok.config, tok.special_map):
-            value = (doc or {}).get(role)
-            if isinstance(value, Mapping):
-                value = value.get("content")
-            if isinstance(value, str) and value in new:
+            value = token_text((doc or {}).get(role))
+            if value is not None and value in new:
                 out[key] = new[value]
                 break
     return out
