@@ -90,7 +90,16 @@ def open_checkpoint(spec: str, *, data: bool = True) -> OpenCheckpoint:
                                       hint="name a checkpoint directory, a .safetensors file or "
                                       "a hub repo (org/name or org/name@revision)")
         repo, _, revision = spec.partition("@")
-        snap = fetch_snapshot(repo, revision or "main")
+        try:
+            snap = fetch_snapshot(repo, revision or "main")
+        except SourceNotFoundError as e:
+            folder = Path(repo).parent
+            if not folder.is_dir():
+                raise
+            raise SourceNotFoundError(  # a mistyped local path, far likelier than a hub id
+                f"{spec!r} does not exist (the folder {str(folder)!r} does), and as a hub repo: "
+                f"{e.message}", hint="check the path; or, for a hub repo of the same name as "
+                "a local folder, run from another directory") from None
         path = snap.path
     elif path.is_file():
         if not path.name.endswith(".safetensors"):

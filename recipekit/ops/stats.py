@@ -25,6 +25,15 @@ Conventions (oracle: tests/ops/test_stats.py compares with torch in fp64 on whol
   ``rel_norm = ‖a − b‖ / ‖a‖`` (relative to the first input); ``cosine = a·b / (‖a‖‖b‖)``, with
   two all-zero tensors counted as identical (1.0) and one all-zero tensor as orthogonal (0.0),
   where ``torch.cosine_similarity`` would give 0 for both.
+* ``equal`` says whether every pair holds the same value: finite pairs equal as numbers
+  (integers compared exactly, not through fp64, which rounds above 2^53), non-finite pairs
+  equal as NaN and NaN or the same infinity. `diff`'s verdict counts on it, not on
+  ``max_abs``, which cannot see a NaN pair or an integer difference lost in fp64.
+* fp64 values whose squares leave fp64's range (|x| above ~1e154 or below ~1e-154: an fp64
+  mask holding ``finfo.min``) are summed scaled by a power of two (``scale``, exact), so the
+  norms, std, cosine and relative difference stay right instead of becoming Inf, NaN or 0.
+  A statistic beyond fp64's range itself (the norm of many values near ``finfo.max``) is
+  None in `summary`, as JSON has no infinity.
 """
 
 from __future__ import annotations
@@ -34,10 +43,41 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: Above this magnitude (2^400) or below its inverse, an fp64 piece is scaled before squaring.
+_BIG = 2.0 ** 400
+
+
+def _ldexp(x: float, e: int) -> float:
+    """``x · 2^e``, Inf where that leaves fp64's range (`math.ldexp` raises there)."""
+    try:
+        return math.ldexp(x, e)
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _piece_scale(m: float) -> int:
+    """The power of two to divide an fp64 piece of largest magnitude ``m`` by (0: none)."""
+    if m > _BIG or 0.0 < m < 1.0 / _BIG:
+        return math.frexp(m)[1]
+    return 0
+
+
+def _scale_down(x: np.ndarray, e: int) -> None:
+    """``x /= 2^e`` in place, exactly (two steps: 2^-e alone may leave fp64's range)."""
+    half = -e // 2
+    np.multiply(x, math.ldexp(1.0, half), out=x)
+    np.multiply(x, math.ldexp(1.0, -e - half), out=x)
+
 
 @dataclass
 class TensorStats:
-    """Running count / mean / M2 / min / max / sum of squares / NaN / Inf of a value stream."""
+    """Running count / mean / M2 / min / max / sum of squares / NaN / Inf of a value stream.
+    ``mean`` is stored divided by 2^scale, ``m2`` and ``sumsq`` by 4^scale (module docstring);
+    ``min`` and ``max`` as they are."""
 
     count: int = 0  # finite values
     mean: float = 0.0
@@ -47,6 +87,7 @@ class TensorStats:
     max: float = -math.inf
     nan: int = 0
     inf: int = 0
+    scale: int = 0
 
     def update(self, chunk: np.ndarray, work: np.ndarray | None = None) -> None:
         """Add a flat chunk (any real dtype; computed in fp64, see `piece_stats`)."""
@@ -58,33 +99,47 @@ class TensorStats:
         self.inf += other.inf
         if other.count == 0:
             return
+        top = max(self.scale, other.scale) if self.count else other.scale
+        d, e = self.scale - top, other.scale - top  # 0, or how far below the larger scale
+        self.mean, self.m2, self.sumsq = (math.ldexp(self.mean, d), math.ldexp(self.m2, 2 * d),
+                                          math.ldexp(self.sumsq, 2 * d))
+        self.scale = top
+        mean, m2 = math.ldexp(other.mean, e), math.ldexp(other.m2, 2 * e)
         n = self.count + other.count
-        delta = other.mean - self.mean
+        delta = mean - self.mean
         self.mean += delta * other.count / n
-        self.m2 += other.m2 + delta * delta * self.count * other.count / n
+        self.m2 += m2 + delta * delta * self.count * other.count / n
         self.count = n
-        self.sumsq += other.sumsq
+        self.sumsq += math.ldexp(other.sumsq, 2 * e)
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
 
     @property
     def std(self) -> float:
         """Sample standard deviation (``torch.std``'s default, correction 1); NaN below 2."""
-        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else math.nan
+        if self.count < 2:
+            return math.nan
+        return _ldexp(math.sqrt(self.m2 / (self.count - 1)), self.scale)
 
     @property
     def norm(self) -> float:
-        return math.sqrt(self.sumsq)
+        return _ldexp(math.sqrt(self.sumsq), self.scale)
+
+    @property
+    def average(self) -> float:
+        """The mean of the finite values (``mean`` is stored scaled)."""
+        return math.ldexp(self.mean, self.scale)
 
     def summary(self) -> dict[str, float | int | None]:
-        """JSON-ready values (None where undefined: no finite values, or std of one value)."""
+        """JSON-ready values (None where undefined: no finite values, or std of one value; or
+        beyond fp64's range)."""
         empty = self.count == 0
         return {
-            "mean": None if empty else self.mean,
-            "std": None if self.count < 2 else self.std,
+            "mean": None if empty else self.average,
+            "std": None if self.count < 2 else _finite_or_none(self.std),
             "min": None if empty else self.min,
             "max": None if empty else self.max,
-            "norm": self.norm,
+            "norm": _finite_or_none(self.norm),
             "nan": self.nan,
             "inf": self.inf,
         }
@@ -92,7 +147,9 @@ class TensorStats:
 
 @dataclass
 class DiffStats:
-    """Running max/mean |a − b|, ‖a − b‖², ‖a‖², ‖b‖² and a·b of two aligned value streams."""
+    """Running max/mean |a − b|, ‖a − b‖², ‖a‖², ‖b‖² and a·b of two aligned value streams,
+    and whether every pair is equal. ``max_abs`` and ``sum_abs`` are stored divided by
+    2^scale, the squares by 4^scale (module docstring)."""
 
     count: int = 0  # pairs where both values are finite
     nonfinite: int = 0
@@ -102,6 +159,8 @@ class DiffStats:
     a_sq: float = 0.0
     b_sq: float = 0.0
     dot: float = 0.0
+    equal: bool = True
+    scale: int = 0
 
     def update(self, a: np.ndarray, b: np.ndarray, work_a: np.ndarray | None = None,
                work_b: np.ndarray | None = None) -> None:
@@ -109,18 +168,28 @@ class DiffStats:
         self.merge(piece_diff(a, b, work_a, work_b))
 
     def merge(self, other: DiffStats) -> None:
+        top = (max(self.scale, other.scale) if self.count and other.count
+               else other.scale if other.count else self.scale)
+        d, e = self.scale - top, other.scale - top  # 0, or how far below the larger scale
+        self.scale = top
         self.count += other.count
         self.nonfinite += other.nonfinite
-        self.max_abs = max(self.max_abs, other.max_abs)
-        self.sum_abs += other.sum_abs
-        self.diff_sq += other.diff_sq
-        self.a_sq += other.a_sq
-        self.b_sq += other.b_sq
-        self.dot += other.dot
+        self.equal = self.equal and other.equal
+        self.max_abs = max(math.ldexp(self.max_abs, d), math.ldexp(other.max_abs, e))
+        self.sum_abs = math.ldexp(self.sum_abs, d) + math.ldexp(other.sum_abs, e)
+        self.diff_sq = math.ldexp(self.diff_sq, 2 * d) + math.ldexp(other.diff_sq, 2 * e)
+        self.a_sq = math.ldexp(self.a_sq, 2 * d) + math.ldexp(other.a_sq, 2 * e)
+        self.b_sq = math.ldexp(self.b_sq, 2 * d) + math.ldexp(other.b_sq, 2 * e)
+        self.dot = math.ldexp(self.dot, 2 * d) + math.ldexp(other.dot, 2 * e)
+
+    @property
+    def largest(self) -> float:
+        """max |a − b| (``max_abs`` is stored scaled); Inf beyond fp64's range."""
+        return _ldexp(self.max_abs, self.scale)
 
     @property
     def mean_abs(self) -> float:
-        return self.sum_abs / self.count if self.count else 0.0
+        return _ldexp(self.sum_abs / self.count, self.scale) if self.count else 0.0
 
     @property
     def rel_norm(self) -> float:
@@ -139,16 +208,18 @@ class DiffStats:
             return 0.0
         return max(-1.0, min(1.0, self.dot / (math.sqrt(self.a_sq) * math.sqrt(self.b_sq))))
 
-    def summary(self) -> dict[str, float | int | None]:
+    def summary(self) -> dict[str, float | int | bool | None]:
         """JSON-ready values (``rel_norm`` None where a is zero and b is not: JSON has no ∞;
-        every statistic None where no pair was finite: nothing was compared)."""
+        every statistic None where no pair was finite: nothing was compared; ``max_abs`` and
+        ``mean_abs`` None beyond fp64's range)."""
         if self.count == 0 and self.nonfinite:
             return {"max_abs": None, "mean_abs": None, "rel_norm": None, "cosine": None,
-                    "nonfinite": self.nonfinite}
+                    "nonfinite": self.nonfinite, "equal": self.equal}
         rel = self.rel_norm
-        return {"max_abs": self.max_abs, "mean_abs": self.mean_abs,
+        return {"max_abs": _finite_or_none(self.largest),
+                "mean_abs": _finite_or_none(self.mean_abs),
                 "rel_norm": None if math.isinf(rel) else rel, "cosine": self.cosine,
-                "nonfinite": self.nonfinite}
+                "nonfinite": self.nonfinite, "equal": self.equal}
 
 
 def stored_values(piece: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
@@ -248,14 +319,17 @@ def piece_stats(chunk: np.ndarray, work: np.ndarray | None = None) -> TensorStat
         if n == 0:
             return TensorStats(nan=nan, inf=inf)
         lo, hi = float(x.min()), float(x.max())
+    scale = _piece_scale(max(-lo, hi)) if flat.dtype == np.float64 else 0
+    if scale:
+        _scale_down(x, scale)
     s, sumsq = float(x.sum()), float(np.dot(x, x))
     if s * s > 0.5 * n * sumsq:  # mean² > var: Σx² − (Σx)²/n would cancel, shift first
         k = float(x[0])
         x -= k
         shifted, q = float(x.sum()), float(np.dot(x, x))
         return TensorStats(n, k + shifted / n, max(0.0, q - shifted * shifted / n), sumsq,
-                           lo, hi, nan, inf)
-    return TensorStats(n, s / n, max(0.0, sumsq - s * s / n), sumsq, lo, hi, nan, inf)
+                           lo, hi, nan, inf, scale)
+    return TensorStats(n, s / n, max(0.0, sumsq - s * s / n), sumsq, lo, hi, nan, inf, scale)
 
 
 def piece_diff(a: np.ndarray, b: np.ndarray, work_a: np.ndarray | None = None,
@@ -280,26 +354,55 @@ def piece_diff(a: np.ndarray, b: np.ndarray, work_a: np.ndarray | None = None,
     x, y = _scratch(work_a, n), _scratch(work_b, n)
     np.copyto(x, fa, casting="unsafe")
     if same_bits(fa, fb):
-        aa = float(np.dot(x, x))
-        if math.isfinite(aa):
+        aa = _dot(x, x)
+        if math.isfinite(aa) and (aa > 1.0 / _BIG or fa.dtype != np.float64):
             return DiffStats(n, 0, 0.0, 0.0, 0.0, aa, aa, aa)
     np.copyto(y, fb, casting="unsafe")
-    aa, bb = float(np.dot(x, x)), float(np.dot(y, y))
-    nonfinite = 0
+    aa, bb = _dot(x, x), _dot(y, y)
+    nonfinite, equal = 0, True
     if not (math.isfinite(aa) and math.isfinite(bb)):
         both = np.isfinite(x) & np.isfinite(y)
         count = int(np.count_nonzero(both))
         nonfinite = n - count
+        if nonfinite:
+            apart = ~both
+            equal = bool(np.array_equal(x[apart], y[apart], equal_nan=True))
         if count == 0:
-            return DiffStats(0, nonfinite)
+            return DiffStats(0, nonfinite, equal=equal)
         if nonfinite:
             x, y, n = x[both], y[both], count
+            aa, bb = float(np.dot(x, x)), float(np.dot(y, y))
+    scale = 0
+    if np.float64 in (fa.dtype, fb.dtype) and not (_BIG ** -2 < max(aa, bb) < _BIG):
+        scale = _piece_scale(max(float(np.abs(x).max()), float(np.abs(y).max())))
+        if scale:
+            _scale_down(x, scale)
+            _scale_down(y, scale)
             aa, bb = float(np.dot(x, x)), float(np.dot(y, y))
     ab = float(np.dot(x, y))
     np.subtract(x, y, out=x)
     np.abs(x, out=x)
-    return DiffStats(n, nonfinite, float(x.max()), float(x.sum()), float(np.dot(x, x)),
-                     aa, bb, ab)
+    if fa.dtype.kind in "iu" and fb.dtype.kind in "iu":
+        _exact_integer_difference(fa, fb, x)
+    largest = float(x.max())
+    return DiffStats(n, nonfinite, largest, float(x.sum()), float(np.dot(x, x)), aa, bb, ab,
+                     equal and largest == 0.0, scale)
+
+
+def _dot(x: np.ndarray, y: np.ndarray) -> float:
+    """``x·y`` (an fp64 sum of squares overflowing to Inf sends the piece to be scaled, with
+    no warning on stderr)."""
+    with np.errstate(over="ignore"):
+        return float(np.dot(x, y))
+
+
+def _exact_integer_difference(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """|a − b| of two integer pieces into ``out`` (fp64), from the exact integer difference:
+    fp64 copies of integers above 2^53 round, and their difference can vanish (2^53 + 1
+    against 2^53). In uint64 arithmetic, modulo 2^64, the larger minus the smaller is exact
+    for any two 64-bit integers."""
+    au, bu = a.astype(np.uint64), b.astype(np.uint64)  # int64 wraps to v + 2^64: fine mod 2^64
+    np.copyto(out, np.where(a >= b, au - bu, bu - au), casting="unsafe")
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:

@@ -72,15 +72,12 @@ def _layer_and_module(index: LayerIndex, name: str) -> tuple[int, str] | None:
 
 def diff_series(report: Mapping[str, Any]) -> dict[str, Series]:
     """Relative change ‖a − b‖ / ‖a‖ per layer: one series per module (``mlp.up_proj``,
-    ``self_attn.q_proj.bias``, ...) from the report's tensors, and ``whole layer`` from its
-    layer summaries. Tensors outside the layer stacks have no layer and are left out."""
+    ``self_attn.q_proj.bias``, ...) from the report's tensors, and ``whole layer`` (first, so
+    that a chart of more than `MAX_LINES` modules still draws it) from its layer summaries.
+    Tensors outside the layer stacks have no layer and are left out."""
     rows = report["tensor_list"]
     index = LayerIndex([r["name"] for r in rows])
-    found: dict[str, dict[int, float]] = {}
-    for r in rows:
-        where = _layer_and_module(index, r["name"])
-        if where is not None and r["rel_norm"] is not None:
-            found.setdefault(where[1], {})[where[0]] = r["rel_norm"]
+    found: dict[str, dict[int, float]] = {}  # "whole layer" first: `_draw` keeps the first lines
     whole = {}
     for key, stats in report["layers"].items():
         head, _, number = key.rpartition(".")
@@ -88,6 +85,10 @@ def diff_series(report: Mapping[str, Any]) -> dict[str, Series]:
             whole[int(number)] = stats["rel_norm"]
     if whole:
         found["whole layer"] = whole
+    for r in rows:
+        where = _layer_and_module(index, r["name"])
+        if where is not None and r["rel_norm"] is not None:
+            found.setdefault(where[1], {})[where[0]] = r["rel_norm"]
     return _as_series(found)
 
 

@@ -61,7 +61,7 @@ def diff_checkpoints(a: OpenCheckpoint, b: OpenCheckpoint, *,
             if is_floating(ia.dtype) or is_floating(ib.dtype):
                 layers.setdefault(index.layer(name) or OUTSIDE, DiffStats()).merge(acc)
                 total.merge(acc)
-    differing = sum(1 for r in rows if r["max_abs"] != 0.0 or r["nonfinite"])
+    differing = sum(1 for r in rows if not r["equal"])
     comparable = bool(rows)
     measured = total.count + total.nonfinite > 0  # an empty sum has cosine 1: print nothing
     return {
@@ -126,7 +126,7 @@ def render_diff(report: dict[str, Any], *, verbose: bool = False) -> str:
              _cosine(v["cosine"])) for k, v in report["layers"].items()]
     lines += ["", *table(("layer", *head[1:]), body)]
     rows = report["tensor_list"] if verbose else sorted(
-        (r for r in report["tensor_list"] if r["max_abs"] or r["nonfinite"]),
+        (r for r in report["tensor_list"] if not r["equal"]),
         key=lambda r: -(r["rel_norm"] if r["rel_norm"] is not None else float("inf")))[:10]
     if rows:
         title = "tensors" if verbose else "largest relative differences"

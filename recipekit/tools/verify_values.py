@@ -119,6 +119,7 @@ def check_values(out: Path, shards: list[str], *, workers: int | None = None,
             f"{seconds:.1f} s" + (" (with the hashes)" if read is not None else "")
             + f", {finite}")
     if total.count:
-        line += f"; mean {total.mean:.4g}, std {total.std:.4g}, max |x| " \
-                f"{max(abs(total.min), abs(total.max)):.4g}"
+        std = total.summary()["std"]
+        line += f"; mean {total.average:.4g}, std {'-' if std is None else f'{std:.4g}'}, " \
+                f"max |x| {max(abs(total.min), abs(total.max)):.4g}"
     return problems, line, stats

@@ -109,6 +109,32 @@ class TestTensorStats:
                                      "norm": 0.0, "nan": 1, "inf": 0}
 
 
+    def test_scaled_pieces_merge_like_one(self):
+        """fp64 pieces beyond the range of their squares are summed at a power-of-two scale;
+        merging them with ordinary pieces gives the statistics of the concatenation. Oracle:
+        Python's exact decimal arithmetic."""
+        from decimal import Decimal, getcontext
+
+        getcontext().prec = 60
+        top = np.finfo(np.float64).max
+        parts = [np.array([1e-200, -3e-201, 2e-200]), np.array([0.5, -1.5, 2.0]),
+                 np.array([1e200, -2e200, 4e199]), np.array([-top, 0.0, -top])]
+        acc = TensorStats()
+        for part in parts[:3]:
+            acc.update(part)
+        values = [Decimal(float(v)) for part in parts[:3] for v in part]
+        n = len(values)
+        mean = sum(values) / n
+        std = (sum((v - mean) ** 2 for v in values) / (n - 1)).sqrt()
+        norm = sum(v * v for v in values).sqrt()
+        s = acc.summary()
+        assert s["mean"] == pytest.approx(float(mean), rel=1e-12)
+        assert s["std"] == pytest.approx(float(std), rel=1e-12)
+        assert s["norm"] == pytest.approx(float(norm), rel=1e-12)
+        acc.update(parts[3])  # the norm of values near fp64's largest is beyond its range
+        assert acc.summary()["norm"] is None and acc.summary()["std"] is not None
+
+
 class TestDiffStats:
     """Oracle: torch's formulas on the whole tensors, fp64."""
 
@@ -134,7 +160,7 @@ class TestDiffStats:
         acc = DiffStats()
         acc.update(values(t), values(t.clone()))
         assert acc.summary() == {"max_abs": 0.0, "mean_abs": 0.0, "rel_norm": 0.0,
-                                 "cosine": 1.0, "nonfinite": 0}
+                                 "cosine": 1.0, "nonfinite": 0, "equal": True}
         zeros = DiffStats()
         zeros.update(np.zeros(4), np.zeros(4))
         assert zeros.cosine == 1.0 and zeros.rel_norm == 0.0
@@ -171,4 +197,4 @@ class TestDiffStats:
         nothing = DiffStats()  # no pair finite: nothing compared, not "identical"
         nothing.update(np.full(4, np.nan), np.ones(4))
         assert nothing.summary() == {"max_abs": None, "mean_abs": None, "rel_norm": None,
-                                     "cosine": None, "nonfinite": 4}
+                                     "cosine": None, "nonfinite": 4, "equal": False}

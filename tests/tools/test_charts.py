@@ -100,6 +100,21 @@ class TestDiffChart:
         assert fig.axes[0].get_ylabel() == "relative change"
         assert (tmp_path / "d.pdf").read_bytes()[:5] == b"%PDF-"
 
+    def test_whole_layer_drawn_beside_many_modules(self, tmp_path):
+        """A layer of 12 module tensors (Qwen2 with q/k/v biases, GPT-2) made 13 series, and
+        the chart kept the first 12: the "whole layer" line, appended last, was the one left
+        out (found by a black-box check)."""
+        from recipekit.tools.charts import MAX_LINES, diff_series, draw_diff_chart
+
+        modules = [f"m{k}" for k in range(MAX_LINES)]
+        rows = [{"name": f"model.layers.{i}.{m}.weight", "rel_norm": 0.1 * k}
+                for i in range(3) for k, m in enumerate(modules)]
+        layers = {f"model.layers.{i}": {"rel_norm": 0.5 + i} for i in range(3)}
+        series = diff_series({"tensor_list": rows, "layers": layers})
+        assert len(series) == MAX_LINES + 1
+        drawn = lines_of(draw_diff_chart(series, tmp_path / "d.svg"))
+        assert drawn["whole layer"] == [0.5, 1.5, 2.5]
+
     def test_cli(self, cli, tmp_path, tiny_llama, tiny_llama_b):
         result = cli("diff", tiny_llama, tiny_llama_b, "-q", "--chart", tmp_path / "d.png")
         assert result.exit_code == 1, result.output  # they differ, like diff(1)

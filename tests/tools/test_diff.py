@@ -33,7 +33,7 @@ def test_real_minilm_against_itself(cli):
     assert report["comparable"] is True
     assert report["compared"] == report["identical"] == 104 and report["differing"] == 0
     assert report["summary"] == {"max_abs": 0.0, "mean_abs": 0.0, "rel_norm": 0.0,
-                                 "cosine": 1.0, "nonfinite": 0}
+                                 "cosine": 1.0, "nonfinite": 0, "equal": True}
     assert set(report["layers"]) == {"(outside layers)", *(f"encoder.layer.{i}" for i in range(6))}
     assert all(r["cosine"] == 1.0 and r["max_abs"] == 0.0 for r in report["tensor_list"])
     same = cli("diff", minilm(), minilm(), "-q")
@@ -107,7 +107,7 @@ def test_unrelated_models_are_nothing_comparable(cli, tmp_path):
     report = diff_json(cli, tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     assert report["comparable"] is False and report["compared"] == 0
     assert report["summary"] == {"max_abs": None, "mean_abs": None, "rel_norm": None,
-                                 "cosine": None, "nonfinite": None}
+                                 "cosine": None, "nonfinite": None, "equal": None}
     text = cli("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "-q")
     assert text.exit_code == 1
     assert text.stdout.splitlines()[2:] == [
@@ -145,6 +145,71 @@ def test_exit_status_like_diff1(cli, tmp_path):
     assert cli("diff", a, tmp_path / "more.safetensors", "-q").exit_code == 1
     assert cli("diff", a, tmp_path / "other.safetensors", "-q").exit_code == 1
     assert cli("diff", a, tmp_path / "missing", "-q").exit_code == 2
+
+
+def test_equal_non_finite_values_are_identical(cli, tmp_path):
+    """A byte-identical copy of a checkpoint holding -inf (a mask buffer, an overflowed fp16
+    weight) or NaN "differed", exit 1: pairs that are not both finite counted as differences
+    (found by a black-box check). Equal non-finite pairs (NaN and NaN, the same infinity) are
+    equal; NaN against Inf, or against a number, is not."""
+    mask = torch.zeros(4, 4)
+    mask[torch.triu(torch.ones(4, 4, dtype=torch.bool), 1)] = float("-inf")
+    weight = torch.randn(3, 3)
+    weight[1, 1] = float("nan")
+    a = tmp_path / "a.safetensors"
+    save_file({"mask": mask, "w": weight}, a)
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(a.read_bytes())
+    report = diff_json(cli, a, copy, status=0)
+    assert (report["identical"], report["differing"]) == (2, 0)
+    assert all(r["equal"] for r in report["tensor_list"])
+    assert report["summary"]["nonfinite"] == 7
+    other = weight.clone()
+    other[1, 1] = float("inf")
+    save_file({"mask": mask.to(torch.bfloat16), "w": other}, tmp_path / "b.safetensors")
+    rows = {r["name"]: r for r in diff_json(cli, a, tmp_path / "b.safetensors")["tensor_list"]}
+    assert rows["mask"]["equal"] is True  # same values in another dtype
+    assert rows["w"]["equal"] is False and rows["w"]["max_abs"] == 0.0
+
+
+def test_integer_difference_beyond_fp64_precision(cli, tmp_path):
+    """int64 values above 2^53 were compared through fp64, where 2^53 + 1 rounds to 2^53: a
+    differing tensor was "identical", exit 0 (found by a black-box check)."""
+    save_file({"ids": torch.tensor([2**53, 2**62, 7, -2**63])}, tmp_path / "a.safetensors")
+    save_file({"ids": torch.tensor([2**53 + 1, 2**62 + 100, 7, 2**63 - 1])},
+              tmp_path / "b.safetensors")
+    (row,) = diff_json(cli, tmp_path / "a.safetensors", tmp_path / "b.safetensors")["tensor_list"]
+    assert row["equal"] is False
+    assert row["max_abs"] == float(2**64 - 1)  # -2^63 against 2^63 - 1, exact before rounding
+    assert row["mean_abs"] == pytest.approx((1 + 100 + 0 + (2**64 - 1)) / 4, rel=1e-15)
+
+
+def test_fp64_beyond_the_range_of_squares(cli, tmp_path):
+    """fp64 values whose squares overflow (|x| > 1e154) or underflow (< 1e-162) gave a norm of
+    inf or 0, std NaN, cosine 1 for opposite tensors, and `--json` an internal error (found by
+    a black-box check). Oracle: the same numbers at a power-of-two scale where fp64 holds
+    their squares (scaling by 2^k is exact)."""
+    big = torch.tensor([1e200, -1e200, 3e200, 1.0], dtype=torch.float64)
+    tiny = torch.tensor([1e-200, 2e-200, 3e-200], dtype=torch.float64)
+    save_file({"big": big, "tiny": tiny}, tmp_path / "a.safetensors")
+    save_file({"big": -big, "tiny": tiny * 1.1}, tmp_path / "b.safetensors")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    rows = {r["name"]: r for r in diff_json(cli, a, b)["tensor_list"]}
+    assert rows["big"]["cosine"] == -1.0 and rows["big"]["rel_norm"] == 2.0
+    assert rows["big"]["max_abs"] == 6e200
+    k = 2.0 ** 700
+    x, y = tiny * k, tiny * 1.1 * k
+    assert rows["tiny"]["rel_norm"] == pytest.approx(float((x - y).norm() / x.norm()), rel=1e-12)
+    assert rows["tiny"]["cosine"] == pytest.approx(
+        float(torch.nn.functional.cosine_similarity(x, y, dim=0)), rel=1e-12)
+    result = cli("inspect", a, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert "Warning" not in result.stderr
+    stats = {t["name"]: t for t in json.loads(result.stdout)["tensor_list"]}
+    assert stats["big"]["norm"] == pytest.approx(float((big / k).norm()) * k, rel=1e-12)
+    assert stats["big"]["std"] == pytest.approx(float((big / k).std()) * k, rel=1e-12)
+    assert stats["tiny"]["std"] == pytest.approx(float((tiny * k).std()) / k, rel=1e-12)
+    assert stats["tiny"]["norm"] == pytest.approx(float((tiny * k).norm()) / k, rel=1e-12)
 
 
 def test_hostile_tensor_names_are_escaped(cli, tmp_path):

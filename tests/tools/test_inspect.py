@@ -187,6 +187,22 @@ class TestErrors:
         assert missing.exit_code == 2 and "org/other" in missing.stderr
 
 
+    def test_mistyped_local_path_is_not_only_a_hub_repo(self, cli, tmp_path, tiny_llama,
+                                                         monkeypatch):
+        """`inspect fx/tinyy` beside a folder fx/ said only that hub repo 'fx/tinyy' could not
+        be reached (found by a black-box check): the message now says the path does not exist
+        either."""
+        shutil.copytree(tiny_llama, tmp_path / "fx" / "tiny")
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        result = cli("inspect", "fx/tinyy")
+        assert result.exit_code == 2 and "Traceback" not in result.stderr
+        assert "'fx/tinyy' does not exist (the folder 'fx' does), and as a hub repo" \
+            in result.stderr
+        assert "check the path" in result.stderr
+
+
 def test_string_architectures_is_one_class_name(cli, tmp_path, tiny_llama):
     """Issue 17 item 14: `"architectures": "LlamaForCausalLM"` (a string, as hand-written
     configs have it) used to print as `L, l, a, m, a, ...`. Oracle: transformers' meaning, a

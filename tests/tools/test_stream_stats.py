@@ -150,7 +150,7 @@ class TestDiffStats:
             assert s["nonfinite"] == int((~both).sum()), name
             if name in ("identical", "empty"):
                 assert s == {"max_abs": 0.0, "mean_abs": 0.0, "rel_norm": 0.0, "cosine": 1.0,
-                             "nonfinite": 0}
+                             "nonfinite": 0, "equal": True}
                 continue
             d = (x - y).abs()
             assert s["max_abs"] == float(d.max()), name
