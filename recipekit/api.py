@@ -173,14 +173,15 @@ class LockResult:
 
 def _load(recipe: RecipeSource, base_dir: str | os.PathLike | None,
           variables: Mapping[str, Any] | None = None):
-    """The typed recipe and its file (None for text or data)."""
+    """The typed recipe and its file, absolute (None for text or data): a plan run after a
+    `os.chdir` must still find the lock beside its recipe."""
     from recipekit.recipe import load_recipe
     from recipekit.recipe.load import is_recipe_text
 
     r = load_recipe(recipe, base_dir=base_dir, variables=variables)
     is_file = isinstance(recipe, os.PathLike) or (
         isinstance(recipe, str) and not is_recipe_text(recipe))
-    return r, (Path(recipe) if is_file else None)  # type: ignore[arg-type]
+    return r, (Path(recipe).absolute() if is_file else None)  # type: ignore[arg-type]
 
 
 def validate(recipe: RecipeSource, *, inputs: bool = True,
@@ -448,10 +449,10 @@ def _check_lock(p: PlanResult, frozen: bool, lock_file: str | os.PathLike | None
             raise UsageError(f"frozen: no lock file {display_path(path)}", file=str(path),
                              hint=f"create it with `recipekit.lock(recipe, path={str(path)!r})`"
                              " and commit it")
-        raise UsageError(f"--frozen: no lock file {path.name} beside the recipe",
-                         file=str(recipe_file or path),
-                         hint=f"create it with `recipekit lock {recipe_file or p.recipe}` and "
-                         "commit it")
+        shown = display_path(recipe_file or path)
+        raise UsageError(f"frozen: no lock file {path.name} beside the recipe", file=shown,
+                         hint=f"create it with `recipekit lock {shown}` (or `recipekit.lock`) "
+                         "and commit it")
 
 
 def lock(recipe: RecipeSource, *, path: str | os.PathLike | None = None,

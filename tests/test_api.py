@@ -262,6 +262,25 @@ class TestProgress:
         r = recipekit.run(recipe, progress=updates.append)
         assert r.already_complete and [u.done for u in updates] == [r.bytes_total]
 
+    @pytest.mark.parametrize("error", [AttributeError, KeyboardInterrupt])
+    def test_a_callback_failing_at_once_leaves_nothing_open(self, recipe, error):
+        """A callback that raised on its first call (a typo in a notebook's callback, Ctrl-C)
+        left the shard's writer thread blocked forever and its partial file open: its first
+        call came before the shard's clean-up took over (found by a black-box check)."""
+        import threading
+
+        def callback(update):
+            raise error("typo")
+
+        with pytest.raises(error):
+            recipekit.run(recipe, progress=callback)
+        assert not [t for t in threading.enumerate() if t.name == "recipekit-write"]
+        out = recipe.parent / "out"
+        assert not [f for f in out.iterdir() if f.name.endswith(".recipekit-partial")]
+        opened = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+        assert not [f for f in opened if f.startswith(str(out.resolve()))]
+        assert len(recipekit.run(recipe, progress=None, fsync=False).shards) == 5
+
     def test_auto_is_silent_off_a_terminal(self, recipe, capsys):
         recipekit.run(recipe, fsync=False)
         assert capsys.readouterr() == ("", "")
@@ -285,6 +304,24 @@ class TestLikeTheCli:
         cli_err = cli("run", recipe, "--frozen", "-q", "--force")
         assert cli_err.exit_code == 2
         assert str(e.value) == cli_err.stderr.rstrip("\n")
+
+    def test_lock_found_after_a_chdir(self, recipe, model_copy, tmp_path, monkeypatch):
+        """A plan of a recipe named by a relative path, run after `os.chdir`, looked for the
+        lock relative to the new directory, found none and ran on changed inputs (found by a
+        black-box check)."""
+        monkeypatch.chdir(recipe.parent)
+        recipekit.lock(recipe.name)
+        weights = model_copy / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+        p = recipekit.plan(recipe.name)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        with pytest.raises(LockError):
+            recipekit.run(p, progress=None)
+        assert not (recipe.parent / "out").exists()
 
     def test_frozen_without_a_lock(self, cli, recipe):
         with pytest.raises(UsageError) as e:

@@ -250,8 +250,8 @@ def write_shard(plan: Plan, shard: Shard, out: OutputDir | RemoteOutput, rt: Run
     reader, pool, finite = rt.reader, rt.pool, rt.finite
     writer = out.open_shard(shard.filename, shard.header, shard.size, fsync=fsync)
     batch = _Batch(pool, writer)
-    progress(len(shard.header))
     try:
+        progress(len(shard.header))  # a callback's exception must reach the abort below
         for i, t in enumerate(shard.tensors):
             rt.events.tensor(shard.filename, t.name)
             node = t.node

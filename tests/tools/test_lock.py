@@ -75,7 +75,7 @@ class TestLocal:
     def test_frozen_refuses_without_a_lock(self, cli, local):
         result = cli("run", local, "-q", "--frozen")
         assert result.exit_code == 2
-        assert "--frozen: no lock file recipe.lock.json" in result.stderr
+        assert "frozen: no lock file recipe.lock.json" in result.stderr
         assert f"recipekit lock {local}" in result.stderr
         assert not (local.parent / "out").exists()
 
