@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ class OutputDir:
         self._lock_fd = -1
         self._written: dict[str, dict[str, Any]] = {}  # a finished output's small files
         self._made: list[Path] = []  # the folders __enter__ created, deepest first
+        self._unrecorded: frozenset[str] = frozenset()  # a resumed run's names found taken
         self.state = State(plan_hash, files)
         self.already_complete = False
 
@@ -236,6 +238,9 @@ class OutputDir:
             if old.plan_hash == self.plan_hash and not self.force:
                 self.state.finished = {k: v for k, v in old.finished.items()
                                        if self._still_there(k, v)}
+                self._unrecorded = frozenset(
+                    rel for rel in old.files if rel not in self.state.finished
+                    and os.path.lexists(self.path / rel))
                 self.already_complete = (
                     old.complete and len(self.state.finished) == len(old.finished)
                     and all((self.path / f).is_file() for f in [*old.files, *self._last]))
@@ -346,7 +351,32 @@ class OutputDir:
         """A writer for one shard: a temp file renamed into place by `ShardWriter.finish`
         (the interface io/remote_output.py shares for object storage). Usable without entering
         the output (a worker process of another executor), the owner calling `mark_finished`."""
-        return ShardWriter(self.path / name, header, size, fsync=fsync)
+        check = self._check_replaced if name in self._unrecorded else None
+        return ShardWriter(self.path / name, header, size, fsync=fsync, before_rename=check)
+
+    def _check_replaced(self, final: Path, same: Callable[[Path], bool]) -> None:
+        """Before a resumed run writes a file at a name it had not recorded as written, where a
+        file already is: that file is the interrupted run's own only if it holds the bytes this
+        run writes (a run's files are a function of its plan, whose hash is the same). Other
+        bytes are a file put there since, which recipekit must not overwrite: refuse (exit 2),
+        keeping everything, so that moving it away lets a rerun finish."""
+        if final.is_file() and not final.is_symlink() and same(final):
+            return
+        raise OutputPathError(
+            f"{display_path(final)} is not a file this run wrote: it was put in the interrupted "
+            "run's output, at the name of a file the run had not written yet",
+            hint="recipekit never overwrites a file it did not write: move it away and run "
+            "again (the finished shards are kept)")
+
+    def _write_checked(self, rel: str, data: bytes | None, src: Path | None) -> None:
+        """Check a small file's name before it is written (`_check_replaced`); ``data``: its
+        bytes, or ``src``: the file it copies."""
+        final = self.path / rel
+        if rel not in self._unrecorded or not os.path.lexists(final):
+            return
+        want = data if data is not None else src.read_bytes()  # type: ignore[union-attr]
+        self._check_replaced(final, lambda p: p.stat().st_size == len(want)
+                             and p.read_bytes() == want)
 
     def file_record(self, rel: str) -> dict[str, Any]:
         """Size and sha256 of a written file, read back from disk (what `verify` checks)."""
@@ -354,9 +384,11 @@ class OutputDir:
         return {"size": p.stat().st_size, "sha256": sha256_path(p)}
 
     def write_file(self, rel: str, data: bytes) -> None:
+        self._write_checked(rel, data, None)
         write_file_atomic(self._parent_made(rel) / Path(rel).name, data, fsync=self.fsync)
 
     def copy_file(self, src: Path, rel: str) -> None:
+        self._write_checked(rel, None, src)
         copy_file_atomic(src, self._parent_made(rel) / Path(rel).name, fsync=self.fsync)
 
     def _parent_made(self, rel: str) -> Path:

@@ -70,8 +70,14 @@ class ShardWriter:
     raised by the next `write` or by `finish`, after which nothing more is written.
     """
 
-    def __init__(self, final: Path, header: bytes, size: int, *, fsync: bool = True) -> None:
+    def __init__(self, final: Path, header: bytes, size: int, *, fsync: bool = True,
+                 before_rename: Callable[[Path, Callable[[Path], bool]], None] | None = None
+                 ) -> None:
+        """``before_rename(final, same)``: called before the rename when a file is at the
+        final name, with ``same(path)`` telling whether that file holds this shard's bytes; it
+        raises to keep that file (the temp file is then removed)."""
         self.final = final
+        self._before_rename = before_rename
         self.temp = partial_path(final)
         self.size = size
         self.fsync = fsync
@@ -168,9 +174,17 @@ class ShardWriter:
                               hint="a run of the same output is still going on (a Ray task "
                               "of a driver that died, or a second machine); let it end, then "
                               "run again: finished shards are kept")
+        digest = self._sha.hexdigest()
+        if self._before_rename is not None and os.path.lexists(self.final):
+            try:
+                self._before_rename(self.final, lambda p: p.stat().st_size == self.size
+                                    and sha256_path(p) == digest)
+            except BaseException:
+                self.abort()
+                raise
         fd, self._fd = self._fd, -1
         commit_temp(fd, self.temp, self.final, fsync=self.fsync)
-        return self._sha.hexdigest()
+        return digest
 
     def abort(self) -> None:
         """Close and remove the temp file (ours); never touches the final name."""

@@ -64,3 +64,64 @@ class TestFailedRunLeavesNoEmptyDirectory:
             assert cli("run", r, "-q").exit_code == 1
         assert cli("run", r, "-q").exit_code == 0
         assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+class TestResumeKeepsFilesPutThere:
+    """A file put in an interrupted run's output, at the name of a file the run had not written
+    yet, was overwritten by the rerun (README said such files could not be told from the run's
+    own). A run's files are a function of its plan: the rerun replaces a file there only when
+    it holds the very bytes the run writes (the run's own, renamed before a kill could record
+    it), and otherwise refuses (exit 2), keeping the file and the finished shards. Oracle: the
+    file's bytes, and the output of an uninterrupted run."""
+
+    SHARD = "model-{:05d}-of-00005.safetensors"
+
+    @pytest.fixture
+    def interrupted(self, tmp_path, model_copy, monkeypatch):
+        import recipekit
+        import recipekit.run.execute as ex
+
+        recipe = write_recipe(tmp_path, solar_recipe(output="  path: ./out\n  shard_size: 100KB"))
+        clean = recipekit.run(recipe, output=str(tmp_path / "clean"), progress=None, fsync=False)
+        real, calls = ex.write_shard, []
+
+        def failing(plan, shard, *a, **k):
+            calls.append(shard.filename)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real(plan, shard, *a, **k)
+
+        monkeypatch.setattr(ex, "write_shard", failing)
+        with pytest.raises(KeyboardInterrupt):
+            recipekit.run(recipe, progress=None, fsync=False)
+        monkeypatch.setattr(ex, "write_shard", real)
+        return recipe, tmp_path / "out", clean.output
+
+    @pytest.mark.parametrize("name", ["config.json", "README.md", SHARD.format(4)])
+    def test_a_file_put_there_is_kept(self, cli, interrupted, name):
+        recipe, out, clean = interrupted
+        (out / name).write_bytes(b"mine\n")
+        result = cli("run", recipe, "-q")
+        assert result.exit_code == 2, result.output
+        assert f"{name} is not a file this run wrote" in result.stderr
+        assert "move it away and run again" in result.stderr
+        assert (out / name).read_bytes() == b"mine\n"
+        assert (out / self.SHARD.format(1)).read_bytes() == (clean / self.SHARD.format(1)
+                                                               ).read_bytes()
+        (out / name).unlink()
+        assert cli("run", recipe, "-q").exit_code == 0
+        assert _listing(out) == _listing(clean)
+        for f in clean.iterdir():
+            if f.name != "recipekit.json":  # it names its own output path
+                assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+    def test_the_runs_own_bytes_are_taken(self, cli, interrupted):
+        """A shard or small file the killed run renamed into place before recording it holds
+        the run's bytes: the rerun goes on."""
+        recipe, out, clean = interrupted
+        for name in ("config.json", self.SHARD.format(3)):
+            shutil.copyfile(clean / name, out / name)
+        result = cli("run", recipe, "-q")
+        assert result.exit_code == 0, result.output
+        assert (out / self.SHARD.format(3)).read_bytes() == (clean / self.SHARD.format(3)
+                                                               ).read_bytes()
