@@ -124,6 +124,7 @@ class RemoteOutput:
         self.state = State(plan_hash, files)
         self.already_complete = False
         self._records: dict[str, dict[str, Any]] = {}
+        self._written: dict[str, dict[str, Any]] = {}  # a finished output's small files
         self.fs: Any = None
         self.root = ""
 
@@ -160,7 +161,12 @@ class RemoteOutput:
                 f"{self.url} holds the output of a different plan (the recipe or its inputs "
                 "changed)", hint="rerun with --force to replace it (deletes only objects "
                 "recipekit wrote there), or choose another output path")
-        self._refuse_foreign(listing, frozenset(old.files))
+        # Refuse before deleting anything, as a local output does: a small file the manifest
+        # records that no longer holds what recipekit wrote (a model card edited in the
+        # bucket) is the user's now, and a --force that deletes only what recipekit wrote
+        # must leave it, and so refuses.
+        edited = self._edited(listing) if self._written else frozenset()
+        self._refuse_foreign(listing, frozenset(old.files) - edited, edited)
         # First say that nothing here is finished (a kill while deleting must not leave a state
         # that calls a half-deleted output complete); the file list stays for the next run.
         self._put(STATE, State(old.plan_hash, old.files).to_json())
@@ -225,16 +231,52 @@ class RemoteOutput:
             try:
                 shards = {str(k): {"sha256": v["sha256"], "size": v["size"]}
                           for k, v in raw["shards"].items()}
-                files = [*shards, *(str(k) for k in raw.get("files", {})), self._manifest]
+                written = {str(k): {"sha256": str(v["sha256"]), "size": int(v["size"])}
+                           for k, v in raw.get("files", {}).items()}
+                files = [*shards, *written, self._manifest]
+                self._written = written
                 return State(str(raw["plan_hash"]), files, shards, True)
-            except (TypeError, KeyError, AttributeError):
+            except (TypeError, KeyError, AttributeError, ValueError):
                 return None
         return None
 
-    def _refuse_foreign(self, listing: dict[str, dict[str, Any]], ours: frozenset[str]) -> None:
+    def _edited(self, listing: dict[str, dict[str, Any]]) -> frozenset[str]:
+        """The small files a finished output's manifest records (a model card, config.json)
+        whose object no longer holds what recipekit wrote: the user edited or replaced them,
+        so they are not recipekit's to delete.
+
+        Why read them: the listing's ETag is not a sha256 (and a multipart ETag is no hash of
+        the bytes at all), so each object whose size still matches is read and hashed, as
+        io/output.py's `_edited` does locally; these are the few small files recipekit wrote
+        itself (shards are not among them).
+        """
+        out = set()
+        for rel, record in self._written.items():
+            info = listing.get(rel)
+            if info is None:
+                continue  # gone: nothing to delete, nothing to keep
+            if info.get("size") != record["size"]:
+                out.add(rel)
+                continue
+            try:
+                data = self.fs.cat_file(self._key(rel))
+            except FileNotFoundError:
+                continue
+            except Exception as e:
+                raise _io_error(f"read {rel}", self._shown(rel), e) from e
+            if hashlib.sha256(data).hexdigest() != record["sha256"]:
+                out.add(rel)
+        return frozenset(out)
+
+    def _refuse_foreign(self, listing: dict[str, dict[str, Any]], ours: frozenset[str],
+                        edited: frozenset[str] = frozenset()) -> None:
+        """Refuse a prefix holding objects recipekit did not write (``ours``: what a state or
+        manifest lists; ``edited``: objects it wrote that were changed since, named as such)."""
         foreign = sorted(k for k in listing if k not in ours and k not in (STATE, self._manifest))
         if foreign:
-            shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+            named = [f"{k} (changed since recipekit wrote it)" if k in edited else k
+                     for k in foreign]
+            shown = ", ".join(named[:4]) + (", ..." if len(named) > 4 else "")
             raise OutputPathError(
                 f"output {self.url} holds objects recipekit did not write ({shown})",
                 hint="choose a new or empty output prefix; recipekit never deletes objects it "

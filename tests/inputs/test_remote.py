@@ -413,3 +413,44 @@ class TestExtraAndCredentials:
                 "assert not bad, bad")
         subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+class TestForceKeepsEditedFiles:
+    """`run --force` into a finished S3 output refuses, deleting nothing, when a small file the
+    manifest records no longer holds what recipekit wrote (a model card edited in the bucket):
+    as a local output does (tests/io/test_output.py). Oracle: the bucket's objects before and
+    after, byte for byte; an edit of another length and one of the same length (caught by
+    sha256, not by size) are both named."""
+
+    def test_edited_card_and_config_are_kept(self, s3, uploaded, tmp_path):
+        fs = s3[0]
+        prefix = f"{BUCKET}/out/edited"
+        recipekit.run(_recipe(tmp_path, uploaded, f"s3://{prefix}"), progress=None)
+        fs.pipe_file(f"{prefix}/README.md", b"# My hand-edited model card\n")
+        tok = bytearray(fs.cat_file(f"{prefix}/tokenizer_config.json"))
+        tok[tok.index(b"64")] = ord("9")  # same size, other bytes
+        fs.pipe_file(f"{prefix}/tokenizer_config.json", bytes(tok))
+        fs.invalidate_cache()
+        before = {k: fs.cat_file(k) for k in fs.find(prefix)}
+        other = _recipe(tmp_path, uploaded, f"s3://{prefix}", layers='["range(0,2)"]')
+        with pytest.raises(recipekit.errors.OutputPathError) as e:
+            recipekit.run(other, progress=None, force=True)
+        assert str(e.value).startswith(
+            f"output s3://{prefix} holds objects recipekit did not write (README.md (changed "
+            "since recipekit wrote it), tokenizer_config.json (changed since recipekit wrote "
+            "it))")
+        fs.invalidate_cache()
+        assert {k: fs.cat_file(k) for k in fs.find(prefix)} == before
+
+    def test_unedited_output_is_replaced(self, s3, uploaded, tmp_path):
+        """The comparison passes files recipekit wrote as they are: --force replaces them."""
+        fs = s3[0]
+        url = f"s3://{BUCKET}/out/unedited"
+        recipekit.run(_recipe(tmp_path, uploaded, url), progress=None)
+        other = _recipe(tmp_path, uploaded, url, layers='["range(0,2)"]')
+        result = recipekit.run(other, progress=None, force=True)
+        assert result.shards_resumed == 0
+        fs.invalidate_cache()
+        manifest = json.loads(fs.cat_file(f"{BUCKET}/out/unedited/recipekit.json"))
+        assert manifest["plan_hash"] == recipekit.plan(other, warn=False).plan_hash
+
