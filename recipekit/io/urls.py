@@ -14,6 +14,9 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
 _LOCAL = {"file", "local"}
 #: The pip extra that brings each protocol's backend.
 EXTRAS = {"s3": "s3", "s3a": "s3"}
+#: Protocols fsspec serves with another's backend (``s3a://b/k`` is the object ``s3://b/k``):
+#: compared as that one.
+ALIASES = {"s3a": "s3", "gcs": "gs", "az": "abfs"}
 
 
 def is_url(text: str) -> bool:
@@ -21,6 +24,37 @@ def is_url(text: str) -> bool:
     local path. ``file://`` and plain paths are local."""
     m = _URL.match(text)
     return m is not None and m.group(1).lower() not in _LOCAL
+
+
+def url_location(url: str) -> tuple[str, tuple[str, ...]]:
+    """(protocol, path segments) of ``url``, to compare two URLs by the objects they name.
+
+    The protocol is lower-cased and an alias is read as its backend's (``s3a`` is ``s3``);
+    empty segments (a trailing ``/``, a doubled ``//``) are dropped. s3fs keeps a doubled
+    slash in a key, so ``s3://b/a//k`` and ``s3://b/a/k`` may be two objects; they compare
+    equal here on purpose: the comparison decides what a run refuses to write, and a refusal
+    there costs a retyped URL, whereas a miss writes into an input.
+    """
+    m = _URL.match(url)
+    if m is None:
+        return "file", tuple(s for s in url.split("/") if s)
+    proto = m.group(1).lower()
+    return ALIASES.get(proto, proto), tuple(s for s in m.group(2).split("/") if s)
+
+
+def url_relation(a: str, b: str) -> str | None:
+    """Whether the URL ``a`` "is", "lies inside" or "contains" the URL ``b`` (as
+    `url_location` reads them), or None when they name apart objects."""
+    (pa, sa), (pb, sb) = url_location(a), url_location(b)
+    if pa != pb:
+        return None
+    if sa == sb:
+        return "is"
+    if sa[:len(sb)] == sb:
+        return "lies inside"
+    if sb[:len(sa)] == sa:
+        return "contains"
+    return None
 
 
 def url_problem(text: str) -> str | None:

@@ -8,6 +8,11 @@ step reads (coalesce scheme files, X-LoRA scalings logs) and the output's chat t
 plus the recipe itself, all compared after resolving symlinks and then by (device, inode),
 which a bind mount of an input under another path cannot hide. `recipekit lock` checks its
 lock's path against the same list (`overlapping_input`).
+
+An output URL (``s3://bucket/prefix``) is compared with the URL inputs instead, by protocol
+(``s3a`` is ``s3``), bucket and key segments (`recipekit.io.urls.url_relation`); a local input
+cannot be under a URL, and the local path a URL output's recipe keeps (``out/<stem>``, unused)
+is not compared at all.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 from recipekit.errors import OutputPathError, display_path
 from recipekit.inputs.side_files import OUTPUT_KEY, side_path
+from recipekit.io.urls import url_relation
 from recipekit.recipe import Recipe
 
 #: The files an X-LoRA scalings log may be read from, beside the path the recipe gives.
@@ -150,7 +156,39 @@ def check_output_apart(output: Path, inputs: list[tuple[str, Path]]) -> None:
             "a run deletes and writes there, and inputs are never touched")
 
 
+def check_url_apart(url: str, recipe: Recipe) -> None:
+    """Refuse an output URL that is, lies inside or contains a URL input of ``recipe``.
+
+    Why here and not when the output is opened: this runs where the local check runs (plan
+    compile), so `validate`, `plan` and `run` all exit 2 before anything is listed, created or
+    deleted. URLs are compared by what they name, not as written: ``s3a://b/models/a/sub`` lies
+    inside the input ``s3://b/models/a/`` (`url_relation`).
+
+    Raises:
+        OutputPathError: naming the input (exit code 2, with or without ``--force``).
+    """
+    for key, refs in (("models", recipe.models), ("adapters", recipe.adapters)):
+        for name, ref in refs.items():
+            inp = getattr(ref, "url", None)
+            relation = url_relation(url, inp) if inp is not None else None
+            if relation is not None:
+                raise OutputPathError(
+                    f"output {url} {relation} input `{key}.{name}` ({inp})",
+                    hint="write the output under its own prefix: a run deletes and writes "
+                    "there, and inputs are never touched")
+
+
 def check_plan_output(plan: Any) -> None:
-    """`check_output_apart` for a compiled plan (its recipe, sources and step metadata)."""
+    """`check_output_apart` for a compiled plan (its recipe, sources and step metadata), or
+    `check_url_apart` for an output URL.
+
+    Why no path check for a URL output: its recipe's ``output.path`` is a placeholder
+    (``out/<stem>`` beside the recipe) that nothing writes, so an input there (``./out/rr``,
+    or ``.`` for a recipe kept inside its model's folder) is no overlap.
+    """
+    url = plan.recipe.output.url
+    if url is not None:
+        check_url_apart(url, plan.recipe)
+        return
     check_output_apart(plan.recipe.output.path,
                        input_paths(plan.recipe, plan.sources, plan.operators))

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipekit.errors import OutputPathError
 from recipekit.io.output import OutputDir
 from recipekit.io.remote_output import RemoteOutput
 from recipekit.io.urls import is_url
 from recipekit.plan import Plan
+from recipekit.plan.overlap import check_url_apart
 
 
 def output_location(plan: Plan) -> Path | str:
@@ -27,12 +27,7 @@ def open_output(plan: Plan, files: list[str], *, force: bool, fsync: bool
     if url is None:
         return OutputDir(plan.recipe.output.path, plan_hash=plan.plan_hash(), files=files,
                          force=force, fsync=fsync)
-    for name, ckpt in plan.sources.items():
-        remote = getattr(ckpt, "remote", None)
-        if remote is not None and (url == remote.url or url.startswith(remote.url + "/")
-                                   or remote.url.startswith(url + "/")):
-            raise OutputPathError(f"the output {url} overlaps the input '{name}' ({remote.url})",
-                                  hint="write the output under its own prefix")
+    check_url_apart(url, plan.recipe)  # compile checked it; a plan may come from elsewhere
     return RemoteOutput(url, plan_hash=plan.plan_hash(), files=files, force=force, fsync=fsync)
 
 

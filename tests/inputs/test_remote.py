@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -254,7 +255,8 @@ class TestOutput:
         fs.invalidate_cache()
         assert fs.exists(f"{BUCKET}/out/cli/recipekit.json")
         clash = cli("run", "--quiet", "--output", uploaded, recipe)
-        assert clash.exit_code == 2 and "overlaps the input 'big'" in clash.stderr
+        assert clash.exit_code == 2
+        assert f"output {uploaded} is input `models.big` ({uploaded})" in clash.stderr
 
     def test_other_plan_needs_force_which_deletes_only_listed_objects(self, s3, uploaded,
                                                                        tmp_path):
@@ -453,4 +455,57 @@ class TestForceKeepsEditedFiles:
         fs.invalidate_cache()
         manifest = json.loads(fs.cat_file(f"{BUCKET}/out/unedited/recipekit.json"))
         assert manifest["plan_hash"] == recipekit.plan(other, warn=False).plan_hash
+
+
+class TestOverlap:
+    """An output URL is compared with the URL inputs by what it names (protocol alias,
+    trailing and doubled slashes), where the local check runs: `validate`, `plan` and `run`
+    all exit 2 before anything is written. The local placeholder path a URL output's recipe
+    keeps (out/<stem>) is compared with nothing."""
+
+    @pytest.mark.parametrize(("output", "relation"), [
+        ("s3a://{b}/models/big/sub", "lies inside"),
+        ("S3A://{b}/models/big/", "is"),
+        ("s3://{b}//models/big", "is"),
+        ("s3a://{b}/models", "contains"),
+    ])
+    def test_aliases_and_slashes_are_compared(self, s3, uploaded, tmp_path, output, relation):
+        fs = s3[0]
+        url = output.format(b=BUCKET)
+        with pytest.raises(recipekit.errors.OutputPathError) as e:
+            recipekit.validate(_recipe(tmp_path, uploaded, url))
+        assert str(e.value).startswith(
+            f"output {url.rstrip('/')} {relation} input `models.big` ({uploaded})")
+        fs.invalidate_cache()
+        assert not fs.exists(f"{BUCKET}/models/big/sub")
+
+    def test_validate_plan_and_run_exit_2(self, s3, uploaded, tmp_path, cli):
+        fs = s3[0]
+        recipe = _recipe(tmp_path, uploaded, uploaded)
+        fs.invalidate_cache()
+        before = sorted(fs.find(f"{BUCKET}/models/big"))
+        for command in ("validate", "plan", "run"):
+            done = cli(command, recipe)
+            assert done.exit_code == 2, (command, done.output)
+            assert f"output {uploaded} is input `models.big`" in done.stderr
+        inside = cli("plan", "--output", f"s3a://{BUCKET}/models/big/x", recipe)
+        assert inside.exit_code == 2 and "lies inside input `models.big`" in inside.stderr
+        fs.invalidate_cache()
+        assert sorted(fs.find(f"{BUCKET}/models/big")) == before
+
+    def test_local_input_at_the_placeholder_path(self, s3, model, tmp_path):
+        """Input ./out/<stem> and an S3 output: the placeholder is no output, so it runs."""
+        shutil.copytree(model, tmp_path / "out" / "recipe")
+        url = f"s3://{BUCKET}/out/placeholder"
+        result = recipekit.run(_recipe(tmp_path, "./out/recipe", url), progress=None)
+        assert result.output == url
+
+    def test_recipe_inside_its_model_directory(self, s3, model, tmp_path):
+        """A recipe kept in its model's folder (input `.`) with an S3 output."""
+        folder = tmp_path / "m"
+        shutil.copytree(model, folder)
+        result = recipekit.plan(_recipe(folder, ".", f"s3://{BUCKET}/out/inside"), warn=False)
+        assert result.output == f"s3://{BUCKET}/out/inside"
+        with pytest.raises(recipekit.errors.OutputPathError, match="contains the recipe"):
+            recipekit.plan(_recipe(folder, ".", "."), warn=False)  # the local check stands
 
