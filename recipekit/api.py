@@ -219,16 +219,28 @@ def validate(recipe: RecipeSource, *, inputs: bool = True,
 
 
 def _compile(r, output: str | os.PathLike | None):
+    """Compile ``r`` with ``output`` (``--output``) in place of its ``output.path``.
+
+    ``output`` gets the recipe's checks of a path or URL: a URL holding credentials (or naming
+    no bucket) is refused before anything echoes it (exit 2; the message shows ``***@``), and
+    a ``file://`` URL names its local path.
+    """
     from recipekit.inputs.resolve import resolve_sources
     from recipekit.plan import compile_plan
 
     if output is not None:
-        from recipekit.io.urls import is_url
+        from recipekit.io.urls import is_url, local_path_text, redact, url_problem
 
-        if is_url(str(output)):
-            new = dataclasses.replace(r.output, url=str(output).rstrip("/"))
+        text = os.fspath(output)
+        if is_url(text):
+            problem = url_problem(text)
+            if problem is not None:
+                raise UsageError(f"the output URL {redact(text)} {problem}",
+                                 hint="pass the output as s3://bucket/prefix")
+            new = dataclasses.replace(r.output, url=text.rstrip("/"))
         else:
-            new = dataclasses.replace(r.output, path=Path(output).resolve(), url=None)
+            new = dataclasses.replace(r.output, path=Path(local_path_text(text)).resolve(),
+                                      url=None)
         r = dataclasses.replace(r, output=new)
     return compile_plan(r, resolve_sources(r))
 

@@ -33,8 +33,37 @@ app = typer.Typer(
 
 T = TypeVar("T")
 
+
+def _url_or_path(text: str) -> str:
+    """A command-line argument that may be a URL (``verify``, ``inspect``, ``diff``), checked
+    as the recipe's URLs are: one holding credentials (``s3://user:secret@bucket/...``) is
+    refused with the secret shown as ``***`` (click exits 2 before the command runs, so no
+    message, ``--json`` event or backend error repeats it); ``file:///x`` is the path ``/x``.
+    Other text is returned as typed."""
+    from recipekit.io.urls import is_url, local_path_text, redact, url_problem
+
+    if is_url(text):
+        problem = url_problem(text)
+        if problem is not None:
+            raise typer.BadParameter(f"the URL {redact(text)} {problem}")
+        return text
+    return local_path_text(text)
+
+
+def _local_path(text: str) -> Path:
+    """A command-line argument that names a local file or folder (a recipe, a sweep root, a
+    chart): ``file:///x`` is ``/x``; any other URL is refused (it would become a folder named
+    ``s3:`` here), without repeating a secret it holds."""
+    from recipekit.io.urls import is_url, redact
+
+    checked = _url_or_path(text)
+    if is_url(checked):
+        raise typer.BadParameter(f"{redact(checked)} is a URL; this takes a local path")
+    return Path(checked)
+
+
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe file (YAML or JSON).",
-                                           show_default=False)]
+                                           show_default=False, parser=_local_path)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 OutputOpt = Annotated[str | None, typer.Option(
     "--output", "-o", help="Output directory or URL, e.g. s3://bucket/prefix (overrides the "
@@ -120,7 +149,8 @@ class PlanFormat(str, enum.Enum):
 
 ChartOpt = Annotated[Path | None, typer.Option(
     "--chart", help="Also draw a per-layer chart to this file (.png, .svg or .pdf; needs "
-    "matplotlib: pip install 'recipekit[charts]').", show_default=False)]
+    "matplotlib: pip install 'recipekit[charts]').",
+    show_default=False, parser=_local_path, metavar="<path>")]
 
 
 def _check_chart(chart: Path | None) -> None:
@@ -196,7 +226,7 @@ def _error_doc(e: dict[str, Any]) -> None:
 @app.command()
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files (YAML or JSON).",
-                                                  show_default=False)],
+                                                  show_default=False, parser=_local_path)],
     no_inputs: Annotated[bool, typer.Option(
         "--no-inputs", help="Check the recipe documents only (schema, names, layer ranges, "
         "each op's and merge method's rules), without opening the models they name: for "
@@ -458,7 +488,7 @@ def sweep(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="The sweep's root directory (default: the recipe's "
         "output.path); each combination writes <root>/<name=value,...>.",
-        show_default=False)] = None,
+        show_default=False, parser=_local_path, metavar="<path>")] = None,
     executor: Annotated[Executor, typer.Option(
         "--executor", help="local: one combination after another; ray: each combination as "
         "a Ray task, in parallel (needs pip install 'recipekit[ray]').")] = Executor.local,
@@ -537,9 +567,10 @@ def _report_finite(found: dict[str, tuple[int, int]], *, resumed: int) -> None:
 @app.command()
 def convert(
     src: Annotated[Path, typer.Argument(help="Checkpoint directory with pytorch_model*.bin or "
-                                        "adapter_model.bin.", show_default=False)],
+                                        "adapter_model.bin.", show_default=False,
+                                        parser=_local_path)],
     dst: Annotated[Path, typer.Argument(help="New directory for the safetensors checkpoint.",
-                                        show_default=False)],
+                                        show_default=False, parser=_local_path)],
     allow_pickle: Annotated[bool, typer.Option(
         "--allow-pickle", help="Required: unpickling can run code; recipekit loads with "
         "torch.load(weights_only=True), which refuses anything but tensors.")] = False,
@@ -572,7 +603,7 @@ def convert(
 
 ModelArg = Annotated[str, typer.Argument(
     help="A checkpoint directory, a PEFT adapter directory, a .safetensors file, or a hub repo "
-    "(org/name or org/name@revision).", show_default=False)]
+    "(org/name or org/name@revision).", show_default=False, parser=_url_or_path)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
@@ -611,10 +642,11 @@ def inspect(
 @app.command("import-mergekit")
 def import_mergekit(
     config: Annotated[Path, typer.Argument(help="A mergekit YAML config (models: or slices:).",
-                                           show_default=False)],
+                                           show_default=False, parser=_local_path)],
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write the recipe here (default: print it). Model paths are "
-        "written relative to this file's directory.", show_default=False)] = None,
+        "written relative to this file's directory.", show_default=False,
+        parser=_local_path, metavar="<path>")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing -o file (a symlink is replaced, not written "
         "through). The mergekit config itself is never overwritten.")] = False,
@@ -689,13 +721,14 @@ def diff(
 @app.command()
 def verify(
     out: Annotated[str, typer.Argument(help="An output directory (or s3:// URL) written by "
-                                       "`recipekit run`.", show_default=False)],
+                                       "`recipekit run`.", show_default=False,
+                                       parser=_url_or_path)],
     load: Annotated[bool, typer.Option(
         "--load", help="Also load it with transformers (PEFT for an adapter output) and run a "
         "forward pass (imports torch).")] = False,
     base: Annotated[str | None, typer.Option(
         "--base", help="For an adapter output with --load: the model directory it adapts.",
-        show_default=False)] = None,
+        show_default=False, parser=_url_or_path)] = None,
     stats: Annotated[bool, typer.Option(
         "--stats", help="Also read every floating value: fail on NaN/Inf, report statistics "
         "(per tensor with --json).")] = False,

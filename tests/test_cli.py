@@ -158,3 +158,28 @@ def test_a_recipe_named_models_list_is_still_a_schema_error(cli, tmp_path):
     r = write_recipe(tmp_path, "recipekit: 1\nmodels: [a]\nsteps: []\n")
     result = cli("validate", r, "--no-inputs")
     assert result.exit_code == 2 and "mergekit" not in result.stderr
+
+
+class TestFileUrls:
+    """``file://`` URLs name local paths wherever the command line takes a path (README:
+    fsspec protocols work wherever a path goes): the recipe, ``--output`` and ``verify``'s
+    argument. Typed as a path, ``file:///x`` became the folder ``file:/x`` here."""
+
+    def test_run_and_verify(self, cli, tmp_path, tiny_llama, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        recipe = write_recipe(tmp_path, solar_recipe(tiny_llama))
+        out = tmp_path / "written"
+        done = cli("run", "--quiet", "--output", f"file://{out}", f"file://{recipe}")
+        assert done.exit_code == 0, done.output
+        assert (out / "recipekit.json").is_file() and not (tmp_path / "file:").exists()
+        checked = cli("verify", f"file://{out}")
+        assert checked.exit_code == 0 and checked.stdout.endswith("written: verified\n")
+
+    def test_a_url_is_no_local_path(self, cli, tmp_path, monkeypatch):
+        """A URL where only a local path goes is refused, not made a folder ``s3:``."""
+        monkeypatch.chdir(tmp_path)
+        done = cli("sweep", "--set", "x=1", "-o", "s3://bkt/sweep", "r.yaml")
+        assert done.exit_code == 2
+        shown = " ".join(done.output.replace("│", " ").split())  # out of click's box
+        assert "s3://bkt/sweep is a URL; this takes a local path" in shown
+        assert not (tmp_path / "s3:").exists()

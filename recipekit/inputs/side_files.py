@@ -21,6 +21,7 @@ from recipekit.errors import KeyPath, UnlocatedError
 from recipekit.inputs.chat_template import read_template_file
 from recipekit.inputs.scalings import read_scalings_log
 from recipekit.inputs.schemes import FILE_KEYS, read_scheme_file
+from recipekit.io.urls import local_path_text
 from recipekit.recipe import Recipe, Step
 
 
@@ -60,8 +61,9 @@ class SideFile:
 
 
 def side_path(recipe: Recipe, written: str) -> Path:
-    """Where a side file lives: relative to the recipe file."""
-    return recipe.file.resolve().parent / written
+    """Where a side file lives: relative to the recipe file (a ``file://`` URL names its path,
+    as for models: `recipekit.io.urls.local_path_text`)."""
+    return recipe.file.resolve().parent / local_path_text(written)
 
 
 def _read_scheme(key: str) -> Callable[[Path], tuple[Any, tuple[Path, ...]]]:

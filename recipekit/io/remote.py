@@ -16,9 +16,14 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from recipekit.errors import CorruptCheckpointError, ExtraMissingError, SourceNotFoundError
+from recipekit.errors import (
+    CorruptCheckpointError,
+    ExtraMissingError,
+    SourceNotFoundError,
+    UsageError,
+)
 from recipekit.io.header import MAX_HEADER, TensorInfo, parse_header
-from recipekit.io.urls import EXTRAS, protocol
+from recipekit.io.urls import EXTRAS, protocol, redact, url_problem
 
 
 def open_fs(url: str) -> tuple[Any, str]:
@@ -27,7 +32,15 @@ def open_fs(url: str) -> tuple[Any, str]:
     Raises:
         ExtraMissingError: fsspec or the protocol's backend (s3fs) is not installed (exit 2).
         SourceNotFoundError: fsspec does not know the protocol.
+        UsageError: the URL holds credentials or names no bucket (`url_problem`; exit 2).
+            Every URL recipekit opens passes here, so a secret in one that no earlier check
+            saw (`verify`, an API call) is refused, shown as ``***@``, before a backend can
+            put it into an error message.
     """
+    problem = url_problem(url)
+    if problem is not None:
+        raise UsageError(f"the URL {redact(url)} {problem}",
+                         hint="write it as proto://bucket/prefix")
     proto = protocol(url)
     extra = EXTRAS.get(proto, "s3")
     try:

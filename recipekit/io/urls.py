@@ -10,7 +10,7 @@ import re
 
 #: ``proto://rest``: what a recipe writes for an object-storage input or output.
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
-#: Protocols that name local files: they keep today's paths.
+#: Protocols that name local files: the path after ``proto://`` is used as a local path.
 _LOCAL = {"file", "local"}
 #: The pip extra that brings each protocol's backend.
 EXTRAS = {"s3": "s3", "s3a": "s3"}
@@ -24,6 +24,33 @@ def is_url(text: str) -> bool:
     local path. ``file://`` and plain paths are local."""
     m = _URL.match(text)
     return m is not None and m.group(1).lower() not in _LOCAL
+
+
+def local_path_text(text: str) -> str:
+    """The local path a ``file://`` (or ``local://``) URL names, as text (``file:///tmp/x`` ->
+    ``/tmp/x``; ``file://models/a`` -> ``models/a``, relative as fsspec reads it); any other text
+    unchanged.
+
+    Why: fsspec protocols work wherever a path goes (README), and ``file`` is fsspec's local
+    file system, so ``file:///tmp/x`` must name ``/tmp/x``. Used as a path as written it named
+    a folder ``file:`` beside the recipe (``Path`` folds the ``//``), silently.
+    """
+    m = _URL.match(text)
+    if m is not None and m.group(1).lower() in _LOCAL:
+        return m.group(2)
+    return text
+
+
+def redact(text: str) -> str:
+    """``text`` with the user and secret of a URL (``proto://user:secret@host/...``) replaced by
+    ``***``, for messages about a refused URL: an error must never repeat a secret."""
+    m = _URL.match(text)
+    if m is None:
+        return text
+    host, sep, rest = m.group(2).partition("/")
+    if "@" in host:
+        host = "***@" + host.rsplit("@", 1)[1]
+    return f"{m.group(1)}://{host}{sep}{rest}"
 
 
 def url_location(url: str) -> tuple[str, tuple[str, ...]]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from recipekit.errors import OutputPathError, display_path
 from recipekit.inputs.side_files import OUTPUT_KEY, side_path
-from recipekit.io.urls import url_relation
+from recipekit.io.urls import local_path_text, url_relation
 from recipekit.recipe import Recipe
 
 #: The files an X-LoRA scalings log may be read from, beside the path the recipe gives.
@@ -44,9 +44,9 @@ def _side_files(spec: Any, base: Path) -> Iterator[Path]:
     if isinstance(spec, Mapping):
         for key, value in spec.items():
             if key == "file" and isinstance(value, str):
-                yield base / value
+                yield base / local_path_text(value)
             elif key == "log" and isinstance(value, str):
-                yield from (base / (value + s) for s in _LOG_SUFFIXES)
+                yield from (base / (local_path_text(value) + s) for s in _LOG_SUFFIXES)
             else:
                 yield from _side_files(value, base)
     elif isinstance(spec, list):

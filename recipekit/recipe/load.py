@@ -21,7 +21,7 @@ from typing import Any
 
 from recipekit.errors import KeyPath, MergekitConfigError, RecipeError, RecipeErrors
 from recipekit.inputs.chat_template import setting_problem
-from recipekit.io.urls import is_url, url_problem
+from recipekit.io.urls import is_url, local_path_text, url_problem
 from recipekit.recipe.document import Document, load_document, parse_document, show
 from recipekit.recipe.schema import coerce_numeric_strings, schema_errors, step_references
 from recipekit.recipe.types import (
@@ -407,9 +407,11 @@ def _check_path_text(doc: Document, path: KeyPath, written: str,
 
 
 def _expanduser(written: str) -> str:
-    """``~`` and ``~user`` expanded where they exist; otherwise the text as written (a relative
-    path then), where `Path.expanduser` would raise RuntimeError."""
-    return os.path.expanduser(written)
+    """The local path text ``written`` names: a ``file://`` URL's path (`local_path_text`: fsspec
+    reads ``file:///tmp/x`` as ``/tmp/x``, and so does a recipe), then ``~`` and ``~user``
+    expanded where they exist; otherwise the text as written (a relative path then), where
+    `Path.expanduser` would raise RuntimeError."""
+    return os.path.expanduser(local_path_text(written))
 
 
 def _check_layer_entry(doc: Document, path: KeyPath, entry: Any,

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from recipekit import __version__
+from recipekit.io.urls import local_path_text
 from recipekit.plan import Plan
 from recipekit.recipe import Recipe, parse_layer_range, step_references
 from recipekit.run.manifest import HUB_ID
@@ -187,7 +188,8 @@ def _warn_absolute_paths(recipe: Recipe) -> None:
     """The card and the manifest quote the recipe as written: say so when it names absolute
     local paths, which publishing the output would publish."""
     named = [ref.written for ref in [*recipe.models.values(), *recipe.adapters.values()]
-             if ref.hub is None and Path(ref.written).expanduser().is_absolute()]
+             if ref.hub is None and ref.url is None
+             and Path(local_path_text(ref.written)).expanduser().is_absolute()]
     if named:
         log.warning("the recipe names absolute local path(s) (%s); the model card and "
                     "recipekit.json quote the recipe, so publishing the output publishes them: "

@@ -234,7 +234,11 @@ def plan_sweep(recipe: Any, axes: Mapping[str, Sequence[Any]], *,
         raise RecipeErrors([_in_combinations(x, names, len(combos))
                             for x, names in errors.values()])
     if output is not None:
-        root = Path(output).resolve()
+        root = Path(_local_root(os.fspath(output))).resolve()
+    elif any(r.output.url is not None for r in loaded):
+        raise UsageError("a sweep's root is a local directory, and the recipe's output.path is "
+                         "a URL", hint="pass --output DIR (each combination then writes "
+                         "DIR/<name=value,...>)")
     elif len(roots) > 1:
         (a, ca), (b, cb) = list(roots.items())[:2]
         raise UsageError(f"output.path depends on a swept variable: {ca.name} writes to "
@@ -247,6 +251,22 @@ def plan_sweep(recipe: Any, axes: Mapping[str, Sequence[Any]], *,
     for r in loaded:
         check_root_apart(root, r)
     return SweepPlan(recipe, base, root, recipe if is_file else None, tuple(combos), origin)
+
+
+def _local_root(text: str) -> str:
+    """The sweep root ``text`` names: a ``file://`` URL's path; any other URL is refused
+    (shown without a secret it holds). Why: the index and each combination's folder are
+    written with local file calls, so ``s3://b/x`` would become a folder ``s3:`` here.
+
+    Raises:
+        UsageError: ``text`` is a URL other than ``file://`` (exit 2).
+    """
+    from recipekit.io.urls import is_url, local_path_text, redact
+
+    if is_url(text):
+        raise UsageError(f"the sweep root {redact(text)} is a URL; a sweep's root is a local "
+                         "directory", hint="pass --output DIR")
+    return local_path_text(text)
 
 
 def check_root_apart(root: Path, recipe: Any) -> None:

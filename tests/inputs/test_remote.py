@@ -509,3 +509,44 @@ class TestOverlap:
         with pytest.raises(recipekit.errors.OutputPathError, match="contains the recipe"):
             recipekit.plan(_recipe(folder, ".", "."), warn=False)  # the local check stands
 
+
+SECRET = "TOPSECRETPW"
+CRED_URL = f"s3://AKIAX:{SECRET}@{BUCKET}/out/c"
+
+
+class TestCredentialsOnTheCommandLine:
+    """A URL holding credentials is refused (exit 2) wherever the command line takes one, and
+    the secret appears nowhere: not in the message, not in a --json event."""
+
+    def test_run_output_json(self, s3, uploaded, tmp_path, cli):
+        recipe = _recipe(tmp_path, uploaded, "./local")
+        done = cli("run", "--json", "--output", CRED_URL, recipe)
+        assert done.exit_code == 2
+        assert SECRET not in done.output and "AKIAX" not in done.output
+        events = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [e["event"] for e in events] == ["error"]
+        assert events[0]["message"].startswith(
+            f"the output URL s3://***@{BUCKET}/out/c holds credentials (user:secret@)")
+        with pytest.raises(recipekit.errors.UsageError) as e:
+            recipekit.plan(recipe, output=CRED_URL)
+        assert SECRET not in e.value.render()
+
+    @pytest.mark.parametrize("args", [
+        ("verify", CRED_URL), ("verify", "--json", CRED_URL), ("inspect", CRED_URL),
+        ("diff", CRED_URL, "./b"), ("lock", CRED_URL), ("validate", CRED_URL),
+        ("sweep", "--set", "x=1,2", "-o", CRED_URL, "r.yaml"),
+    ])
+    def test_other_arguments(self, args, cli):
+        done = cli(*args)
+        assert done.exit_code == 2, done.output
+        shown = " ".join(done.output.replace("│", " ").split())  # out of click's box
+        assert SECRET not in "".join(shown.split())  # not even wrapped over two lines
+        assert f"s3://***@{BUCKET}/out/c" in shown
+
+    def test_api_verify_refuses_before_the_backend(self, s3):
+        """The last line of defence: every URL recipekit opens passes `open_fs`."""
+        from recipekit.tools.verify_remote import verify_remote
+
+        with pytest.raises(recipekit.errors.UsageError) as e:
+            verify_remote(CRED_URL)
+        assert SECRET not in e.value.render()

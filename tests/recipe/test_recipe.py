@@ -84,6 +84,19 @@ class TestTypedRecipe:
         assert r.output.path == tmp_path / "o"
         assert r.output.shard_size == 2 * 2**30
 
+    def test_file_urls_name_local_paths(self, tmp_path):
+        """``file://`` is fsspec's local file system: ``file:///abs`` is ``/abs`` and
+        ``file://rel`` is ``rel`` beside the recipe, for models and the output (it named a
+        folder ``file:`` beside the recipe)."""
+        sub = tmp_path / "sub"
+        sub.mkdir()
+        r = load_recipe(write_recipe(sub, solar_recipe(f"file://{tmp_path}/m",
+                                                       output=f"  path: file://{tmp_path}/o")))
+        assert r.models["tiny"].path == tmp_path / "m" and r.models["tiny"].url is None
+        assert r.output.path == tmp_path / "o" and r.output.url is None
+        r = load_recipe(write_recipe(sub, solar_recipe("file://m", output="  path: FILE://o")))
+        assert r.models["tiny"].path == sub / "m" and r.output.path == sub / "o"
+
     def test_steps_may_refer_forward(self, tmp_path):
         text = BASE.replace("from: tiny", "from: later") + """
   - name: later

@@ -181,6 +181,13 @@ class TestCardMetadata:
                 f"({tiny_llama}); the model card and recipekit.json quote the recipe"
                 ) in result.stderr
 
+    def test_absolute_file_urls_are_warned_about(self, cli, tmp_path, tiny_llama):
+        """``file:///abs`` is the absolute path /abs (README, "Object storage")."""
+        url = f"file://{tiny_llama}"
+        result = cli("run", write_recipe(tmp_path, solar_recipe(url)), "-q")
+        assert result.exit_code == 0, result.output
+        assert f"warning: the recipe names absolute local path(s) ({url})" in result.stderr
+
 
 class TestFinishedOutputHoldsNoRunState:
     """The state file goes once the manifest is written; the manifest serves reruns."""
