@@ -266,3 +266,31 @@ def test_api_errors(recipe):
         recipekit.sweep(recipe, {"alpha": [0.1]}, executor="dask")  # type: ignore[arg-type]
 
 
+
+
+class TestUrlRoots:
+    """A sweep's root is a local directory (its index and each combination's folder are
+    written with local file calls): a URL root is refused (exit 2) before anything is written,
+    never made a folder ``s3:`` or the unused placeholder out/<stem> of a URL output.path;
+    ``file://`` names its local path."""
+
+    def test_url_output_path_needs_output(self, recipe, tmp_path):
+        text = recipe.read_text()
+        assert "  path: out/grid\n" in text
+        url_recipe = write_recipe(tmp_path, text.replace("  path: out/grid\n",
+                                                         "  path: s3://bkt/sweep\n"),
+                                  name="url.yaml")
+        with pytest.raises(UsageError, match="a sweep's root is a local directory, and the "
+                           r"recipe's output.path is a URL; pass --output DIR"):
+            recipekit.sweep(url_recipe, {"alpha": [0.25]}, dry_run=True)
+        assert not (tmp_path / "out").exists()
+
+    def test_api_root_url(self, recipe, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)  # where the folder `s3:` was made
+        with pytest.raises(UsageError) as e:
+            recipekit.sweep(recipe, {"alpha": [0.25]}, output="s3://KEY:SECRET@bkt/x",
+                            dry_run=True)
+        assert e.value.render().startswith("the sweep root s3://***@bkt/x is a URL")
+        result = recipekit.sweep(recipe, {"alpha": [0.25]}, output=f"file://{tmp_path}/root",
+                                 dry_run=True)
+        assert result.root == tmp_path / "root"
