@@ -254,6 +254,11 @@ def _check_files(key: str, entry: dict[str, Any], source: Any, full_hash: bool) 
             if name not in now:
                 problems.append(f"{key}: {name} is locked but {source.remote.url} no longer "
                                 "has it")
+            elif not isinstance(files.get(name), dict):  # added since: as a local file's
+                obj = now[name]
+                problems.append(f"{key}: {source.remote.url}/{name} is not in the lock (ETag "
+                                f"{obj.get('etag') or obj.get('version_id')}, "
+                                f"{obj.get('size')} bytes)")
             elif files.get(name) != now[name]:
                 problems.append(f"{key}: {source.remote.url}/{name} is {_object(now[name])}, "
                                 f"the lock has {_object(files.get(name))}")
@@ -289,10 +294,10 @@ def _check_files(key: str, entry: dict[str, Any], source: Any, full_hash: bool) 
     return problems
 
 
-def _object(info: Any) -> str:
-    """An object's identity for a message: its ETag (or version id) and size."""
-    if not isinstance(info, dict):
-        return "not in the lock"
+def _object(info: dict[str, Any]) -> str:
+    """An object's identity for a message: its ETag (or version id) and size, e.g.
+    ``ETag 49f6... (2 bytes)``. An object missing from one side has its own sentence
+    (`_check_files`)."""
     return f"ETag {info.get('etag') or info.get('version_id')} ({info.get('size')} bytes)"
 
 

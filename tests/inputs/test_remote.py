@@ -389,6 +389,22 @@ class TestPinning:
         with pytest.raises(recipekit.errors.LockError, match="model.safetensors is ETag"):
             recipekit.run(recipe, progress=None)
 
+    def test_lock_names_an_object_added_since(self, s3, model, tmp_path):
+        """An object added under a locked prefix is named as not in the lock, with its ETag and
+        size (the message was garbled: "..., the lock has not in the lock")."""
+        fs = s3[0]
+        for p in sorted(model.iterdir()):
+            fs.put_file(str(p), f"{BUCKET}/models/grown/{p.name}")
+        recipe = _recipe(tmp_path, f"s3://{BUCKET}/models/grown", "./out")
+        recipekit.lock(recipe)
+        fs.pipe_file(f"{BUCKET}/models/grown/extra.txt", b"hi")
+        etag = fs.info(f"{BUCKET}/models/grown/extra.txt")["ETag"].strip('"')
+        with pytest.raises(recipekit.errors.LockError) as e:
+            recipekit.run(recipe, progress=None)
+        assert str(e.value).startswith(
+            f"{recipe.with_name('recipe.lock.json')}: models.big: s3://{BUCKET}/models/grown/"
+            f"extra.txt is not in the lock (ETag {etag}, 2 bytes);")
+
 
 class TestExtraAndCredentials:
     def test_missing_s3fs_is_one_line_exit_2(self, tmp_path):
