@@ -49,17 +49,37 @@ def terminal_text(text: str) -> str:
     return "\n".join(printable(line) for line in text.split("\n"))
 
 
+#: Local folders that messages name by another name: a URL input's stub folder (the copies of
+#: its config, index and tokenizer files, inputs/remote.py) is shown as the URL (`show_as`).
+_SHOWN_AS: dict[Path, str] = {}
+
+
+def show_as(folder: Path, name: str) -> None:
+    """Name ``folder`` and every path under it by ``name`` in messages (`display_path`).
+
+    Why: a URL input's small files are read from a private temporary copy, and a message that
+    named ``/tmp/recipekit-remote-.../config.json`` would send the user to a file that is gone
+    when the process ends, instead of the object to fix (``s3://bucket/model/config.json``).
+    """
+    _SHOWN_AS[Path(folder)] = name.rstrip("/")
+
+
 def display_path(path: Path) -> str:
     """A path as a user wants to read it: relative to the working directory when inside it,
     shortened and escaped (`echo_text`).
 
     The last component is not resolved: a message about a symlink names the link, not its
     target (and a symlink loop cannot make the message itself fail). A remote input's file
-    (io/remote.py `RemotePath`) is shown by its URL.
+    (io/remote.py `RemotePath`), or any file of its stub folder (`show_as`), is shown by its
+    URL.
     """
     url = getattr(path, "url", None)
     if isinstance(url, str):
         return echo_text(url)
+    for folder, name in _SHOWN_AS.items():
+        if path.is_relative_to(folder):
+            rel = path.relative_to(folder).as_posix()
+            return echo_text(name if rel == "." else f"{name}/{rel}")
     try:
         full = path.parent.resolve() / path.name if path.name else path.resolve()
         return echo_text(full.relative_to(Path.cwd().resolve()))

@@ -27,7 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recipekit.errors import OutputError, SourceNotFoundError, UnsupportedCheckpointError
+from recipekit.errors import (
+    OutputError,
+    SourceNotFoundError,
+    UnsupportedCheckpointError,
+    show_as,
+)
 from recipekit.io.header import TensorInfo
 from recipekit.io.names import WEIGHT_DIRS, WEIGHT_SUFFIXES
 from recipekit.io.remote import RemotePath, open_fs, read_remote_header
@@ -118,6 +123,7 @@ def fetch_remote(url: str) -> RemoteSnapshot:
                                   hint="check the URL (a prefix that holds config.json and "
                                   "*.safetensors), your credentials and the endpoint")
     stub = _stub_dir(url)
+    show_as(stub, url)  # a message about a copied file names the object, not the copy
     for rel, obj in sorted(objects.items()):
         if _is_weight(rel):
             continue

@@ -364,6 +364,24 @@ class TestDamagedInput:
             recipekit.validate(_recipe(tmp_path, f"s3://{BUCKET}/models/cut", "./out"))
         assert str(e.value).startswith(f"s3://{BUCKET}/models/cut/model.safetensors: ")
 
+    @pytest.mark.parametrize("name, text", [
+        ("config.json", b'{"model_type": "llama", broken'),
+        ("model.safetensors.index.json", b'{broken')])
+    def test_damaged_small_file_names_its_url(self, s3, model, tmp_path, name, text):
+        """A damaged config or index is copied into the temporary stub folder to be read, but
+        the message names the object's URL, as every other message about a URL input does
+        (it named the stub's temporary path before)."""
+        fs = s3[0]
+        prefix = f"models/damaged-{name.split('.')[1]}"
+        for p in sorted(model.iterdir()):
+            fs.put_file(str(p), f"{BUCKET}/{prefix}/{p.name}")
+        fs.pipe_file(f"{BUCKET}/{prefix}/{name}", text)
+        with pytest.raises(recipekit.errors.CorruptCheckpointError) as e:
+            recipekit.validate(_recipe(tmp_path, f"s3://{BUCKET}/{prefix}", "./out"))
+        assert str(e.value).startswith(f"s3://{BUCKET}/{prefix}/{name}: {name} is not valid "
+                                       "JSON (")
+        assert "recipekit-remote-" not in str(e.value)
+
 
 class TestPinning:
     """A URL input is pinned by each object's ETag and size: `recipekit lock` records them and a
