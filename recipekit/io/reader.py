@@ -123,7 +123,7 @@ class FileReader:
                     n = os.preadv(fd, [buf[done:]], offset + done)
                 else:  # pragma: no cover - platforms without preadv
                     data = os.pread(fd, want - done, offset + done)
-                    buf[done:done + len(data)] = data
+                    buf.cast("B")[done:done + len(data)] = data
                     n = len(data)
             except OSError as e:
                 raise TensorDataError(f"read failed: {e.strerror or e}",
@@ -190,7 +190,13 @@ def _unreferenced(kept: list[bytearray]) -> list[bytearray]:
 
 
 def _read_remote(path: RemotePath, offset: int, buf: memoryview) -> None:
-    """``buf`` filled from the object at ``path.url`` (bytes ``offset:offset+len(buf)``)."""
+    """``buf`` filled from the object at ``path.url`` (bytes ``offset:offset+len(buf)``).
+
+    ``buf`` may be any writable contiguous buffer: a row piece's is a ctypes ``c_char`` array
+    over a torch tensor (`execute._tensor_bytes`, format ``<c``), which refuses slice
+    assignment from bytes (preadv, the local path, takes any buffer), so it is written
+    through a byte view of itself.
+    """
     want = len(buf)
     if not want:
         return
@@ -204,7 +210,7 @@ def _read_remote(path: RemotePath, offset: int, buf: memoryview) -> None:
         raise TensorDataError(f"object ended at byte {offset + len(data)} while reading {want} "
                               "bytes", file=path.url,
                               hint="the object changed or was truncated during the run")
-    buf[:] = data
+    buf.cast("B")[:] = data
 
 
 #: Bytes compared at a time by `is_same_data`: two buffers of this size are all it holds.

@@ -185,6 +185,36 @@ class TestRangedInputs:
         b = recipekit.run(remote, progress=None)
         assert _local_hashes(Path(b.output)) == _local_hashes(Path(a.output))
 
+    def test_merge_reads_row_pieces(self, s3, uploaded, model, tmp_path):
+        """A linear merge and an `interpolate` of URL inputs read their large tensors (the 8 MiB
+        embeddings) in row pieces into torch-owned buffers (`execute.read_rows`), not into the
+        reader's own: the same bytes as the recipe run on the local copy (a ctypes buffer
+        refused the ranged read's bytes, an internal error, before)."""
+        fs = s3[0]
+        for p in sorted(model.iterdir()):
+            fs.put_file(str(p), f"{BUCKET}/models/other/{p.name}")
+        for step in ("{name: m, op: merge, method: linear, from: [a, b], "
+                     "parameters: {weight: 0.5}}",
+                     "{name: m, op: interpolate, from: [a, b], alpha: 0.3}"):
+            def recipe(a: str, b: str, out: str, step: str = step) -> Path:
+                return write_recipe(tmp_path, f"""
+                    recipekit: 1
+                    models:
+                      a: {a}
+                      b: {b}
+                    steps:
+                      - {step}
+                    output:
+                      path: {out}
+                      shard_size: {SHARD_SIZE}
+                    """, f"{out.strip('./')}.yaml")
+
+            local = recipekit.run(recipe(str(model), str(model), "./local"), progress=None,
+                                  force=True)
+            remote = recipekit.run(recipe(uploaded, f"s3://{BUCKET}/models/other", "./remote"),
+                                   progress=None, force=True)
+            assert _local_hashes(Path(remote.output)) == _local_hashes(Path(local.output)), step
+
     def test_plan_pickles_with_its_urls(self, s3, uploaded):
         """A plan sent to another process (an executor's worker) still reads from the bucket:
         each remote tensor's file keeps its URL and ETag through pickling."""
