@@ -35,7 +35,13 @@ from recipekit.errors import (
 )
 from recipekit.io.header import TensorInfo
 from recipekit.io.names import WEIGHT_DIRS, WEIGHT_SUFFIXES
-from recipekit.io.remote import RemotePath, open_fs, read_remote_header
+from recipekit.io.remote import (
+    RemotePath,
+    describe_failure,
+    open_fs,
+    read_remote_header,
+    remote_errors,
+)
 from recipekit.io.writer import write_file_atomic
 
 log = logging.getLogger(__name__)
@@ -102,16 +108,18 @@ def fetch_remote(url: str) -> RemoteSnapshot:
     Raises:
         ExtraMissingError: the protocol's backend is not installed.
         SourceNotFoundError: nothing under the URL, or it cannot be listed (credentials,
-            endpoint, network).
+            endpoint, network; botocore's errors for these are not OSError, and each gets
+            its own message and hint, `describe_failure`).
     """
     url = url.rstrip("/")
     fs, root = open_fs(url)
     try:
         fs.invalidate_cache(root)  # another writer's new objects must be seen (reference §2.1)
         listing = fs.find(root, detail=True, withdirs=False)
-    except OSError as e:
-        raise SourceNotFoundError(f"cannot list {url}: {e}", hint="check the URL, your "
-                                  "credentials and the endpoint (AWS_ENDPOINT_URL)") from None
+    except remote_errors() as e:
+        failure = describe_failure(e)
+        raise SourceNotFoundError(f"cannot list {url}: {failure.what}",
+                                  hint=failure.hint) from None
     objects: dict[str, dict[str, Any]] = {}
     for key, info in listing.items():
         rel = key[len(root) + 1:] if key.startswith(root + "/") else None
@@ -134,9 +142,10 @@ def fetch_remote(url: str) -> RemoteSnapshot:
             continue
         try:
             data = fs.cat_file(f"{root}/{rel}")
-        except OSError as e:
-            raise SourceNotFoundError(f"cannot read {url}/{rel}: {e}",
-                                      hint="check your credentials and the endpoint") from None
+        except remote_errors() as e:
+            failure = describe_failure(e)
+            raise SourceNotFoundError(f"cannot read {url}/{rel}: {failure.what}",
+                                      hint=failure.hint) from None
         if ".." in Path(rel).parts or rel.startswith("/"):
             raise UnsupportedCheckpointError(f"{url}/{rel}: an object name with '..' cannot be "
                                              "copied", hint="rename the object")
@@ -171,7 +180,8 @@ def check_unchanged(snap: RemoteSnapshot, names: list[str]) -> None:
     offsets came from their headers, and a mix of two versions must never be written.
 
     Raises:
-        TensorDataError: an object changed or disappeared.
+        TensorDataError: an object changed or disappeared, or the store cannot be reached.
+        SourceNotFoundError: no credentials, or a broken configuration.
     """
     from recipekit.errors import TensorDataError
 
@@ -180,8 +190,11 @@ def check_unchanged(snap: RemoteSnapshot, names: list[str]) -> None:
         try:
             fs.invalidate_cache(f"{root}/{name}")
             now = _identity(fs.info(f"{root}/{name}"))
-        except OSError as e:
-            raise TensorDataError(f"cannot read: {e}", file=f"{snap.url}/{name}") from None
+        except remote_errors() as e:
+            failure = describe_failure(e)
+            cls = SourceNotFoundError if failure.config else TensorDataError  # exit 2 : 1
+            raise cls(f"cannot read: {failure.what}", file=f"{snap.url}/{name}",
+                      hint=failure.hint) from None
         was = snap.objects[name]
         if (now["size"], now.get("etag")) != (was["size"], was.get("etag")):
             raise TensorDataError("the object changed since the plan was made",

@@ -14,8 +14,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from recipekit.errors import TensorDataError, display_path
+from recipekit.io import remote
 from recipekit.io.header import FileStamp, TensorInfo
-from recipekit.io.remote import RemotePath, cat_range, is_remote
+from recipekit.io.remote import (
+    RemotePath,
+    cat_range,
+    describe_failure,
+    is_remote,
+    remote_errors,
+)
 
 _HAS_PREADV = hasattr(os, "preadv")
 
@@ -40,6 +47,10 @@ class FileReader:
     stamps come from another machine). A file is read through one descriptor for as long as
     the reader is open, so a file replaced by a rename after it was opened goes on being read
     from the version it was planned from.
+
+    A remote input's object (io/remote.py `RemotePath`) has no descriptor to hold: on S3 each
+    ranged read is conditional on the ETag the plan read (`remote.cat_range`), and on a
+    backend that cannot do that, `check_unchanged` asks for each object's ETag again.
     """
 
     def __init__(self, stamps: Mapping[Path, FileStamp] | None = None, *,
@@ -49,6 +60,7 @@ class FileReader:
         self._kept: list[bytearray] = []
         self._stamps = dict(stamps or {})
         self._inode = inode
+        self._remote: set[RemotePath] = set()  # remote objects read since the last check
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -79,15 +91,21 @@ class FileReader:
     def check_unchanged(self) -> None:
         """Refuse if a file opened with a stamp has changed since (one ``fstat`` each): it was
         rewritten in place, and bytes read from it may mix two versions. Called once a shard's
-        reads are done, before it is kept.
+        reads are done, before it is kept. A remote object read without an ETag condition
+        (a backend other than S3) is asked for its ETag again (one HEAD each), for the same
+        reason: a ranged read names no version, and a re-upload between two of them would mix
+        two versions into the shard.
 
         Raises:
-            TensorDataError: a file changed during the run.
+            TensorDataError: a file or object changed during the run.
         """
         with self._lock:
             opened = list(self._fds.items())
+            read, self._remote = self._remote, set()
         for path, fd in opened:
             self._check(path, fd, during=True)
+        for obj in sorted(read, key=str):
+            _check_remote(obj)
 
     def _check(self, path: Path, fd: int, *, during: bool = False) -> None:
         stamp = self._stamps.get(path)
@@ -112,6 +130,8 @@ class FileReader:
         """Fill ``buf`` with the bytes at ``offset``; a short file is a corrupt checkpoint.
         A remote input's file (io/remote.py) is read by one ranged GET of exactly these bytes."""
         if is_remote(path):
+            with self._lock:
+                self._remote.add(path)  # type: ignore[arg-type]
             _read_remote(path, offset, buf)  # type: ignore[arg-type]
             return
         fd = self._fd(path)
@@ -190,27 +210,61 @@ def _unreferenced(kept: list[bytearray]) -> list[bytearray]:
 
 
 def _read_remote(path: RemotePath, offset: int, buf: memoryview) -> None:
-    """``buf`` filled from the object at ``path.url`` (bytes ``offset:offset+len(buf)``).
+    """``buf`` filled from the object at ``path.url`` (bytes ``offset:offset+len(buf)``), by
+    one ranged read pinned to the ETag the plan read (`remote.cat_range`).
 
     ``buf`` may be any writable contiguous buffer: a row piece's is a ctypes ``c_char`` array
     over a torch tensor (`execute._tensor_bytes`, format ``<c``), which refuses slice
     assignment from bytes (preadv, the local path, takes any buffer), so it is written
     through a byte view of itself.
+
+    Raises:
+        TensorDataError: the read failed (network, endpoint, credentials), the object is
+            shorter than the plan says, or it changed since the plan read it.
     """
     want = len(buf)
     if not want:
         return
     try:
-        data = cat_range(path.url, offset, offset + want)
-    except OSError as e:
-        raise TensorDataError(f"ranged read failed: {e}", file=path.url,
-                              hint="check the endpoint and credentials; finished shards are "
-                              "kept, and running the same command again resumes") from e
+        data = cat_range(path.url, offset, offset + want, etag=path.etag)
+    except remote_errors() as e:
+        failure = describe_failure(e)
+        raise TensorDataError(f"ranged read failed: {failure.what}", file=path.url,
+                              hint=f"{failure.hint}; finished shards are kept, and running the "
+                              "same command again resumes") from e
     if len(data) != want:
         raise TensorDataError(f"object ended at byte {offset + len(data)} while reading {want} "
                               "bytes", file=path.url,
                               hint="the object changed or was truncated during the run")
     buf.cast("B")[:] = data
+
+
+def _check_remote(path: RemotePath) -> None:
+    """Refuse an object read without an ETag condition that is no longer the version its
+    ETag names (`FileReader.check_unchanged`).
+
+    Raises:
+        TensorDataError: it changed, or its ETag cannot be asked for.
+    """
+    if not path.etag:
+        return
+    fs, _ = remote.open_fs(path.url)
+    if remote.is_pinnable(fs):  # every read was conditional on the ETag already
+        return
+    try:
+        why = remote.object_changed(path)
+    except remote_errors() as e:
+        failure = describe_failure(e)
+        raise TensorDataError(f"cannot check that the object is unchanged: {failure.what}",
+                              file=path.url, hint=f"{failure.hint}; finished shards are kept, "
+                              "and running the same command again resumes") from e
+    if why is not None:
+        raise TensorDataError(
+            f"the object changed during the run ({why}): the shard being written may mix bytes "
+            "of two versions, so it was discarded", file=path.url,
+            hint="finished shards are kept; run again once nothing writes to the object, to "
+            "plan from its current version (an output begun from the old one then needs "
+            "--force)")
 
 
 #: Bytes compared at a time by `is_same_data`: two buffers of this size are all it holds.

@@ -31,7 +31,7 @@ from typing import Any
 from recipekit.errors import OutputError, OutputPathError
 from recipekit.io.names import MANIFEST, STATE
 from recipekit.io.output import State
-from recipekit.io.remote import open_fs
+from recipekit.io.remote import describe_failure, open_fs, remote_errors
 
 #: S3's smallest part (the last may be smaller) and most parts per upload.
 MIN_PART = 5 * 1024 * 1024
@@ -40,7 +40,19 @@ log = logging.getLogger(__name__)
 _RESUME = "finished shards are kept, and running the same command again resumes"
 
 
-def _io_error(verb: str, shown: str, e: BaseException) -> OutputError:
+def _io_error(verb: str, shown: str, e: BaseException, *, starting: bool = False
+              ) -> OutputError | OutputPathError:
+    """The error for a request that failed. A request failure (`remote_errors`) is described by
+    its cause (no credentials, an endpoint that cannot be reached: `describe_failure`, which
+    never quotes a credential); missing credentials or a broken configuration found while
+    ``starting`` (nothing written yet) exit 2, as an input's do."""
+    if isinstance(e, remote_errors()):
+        failure = describe_failure(e)
+        if failure.config and starting:
+            return OutputPathError(f"cannot {verb}: {failure.what}", file=shown,
+                                   hint=failure.hint)
+        return OutputError(f"cannot {verb}: {failure.what}", file=shown,
+                           hint=f"{failure.hint}; {_RESUME}")
     return OutputError(f"cannot {verb}: {e}", file=shown,
                        hint=f"check the endpoint, your credentials and the bucket; {_RESUME}")
 
@@ -203,7 +215,7 @@ class RemoteOutput:
         except FileNotFoundError:
             return {}
         except Exception as e:
-            raise _io_error("list the output", self.url, e) from e
+            raise _io_error("list the output", self.url, e, starting=True) from e
         return {k[len(self.root) + 1:]: v for k, v in found.items()
                 if k.startswith(self.root + "/")}
 
@@ -213,7 +225,7 @@ class RemoteOutput:
         except (ValueError, FileNotFoundError):
             return None
         except Exception as e:
-            raise _io_error(f"read {rel}", self.url, e) from e
+            raise _io_error(f"read {rel}", self.url, e, starting=True) from e
 
     def _read_state(self, listing: dict[str, dict[str, Any]]) -> State | None:
         """The state object's record, or a finished output's, read off its manifest."""

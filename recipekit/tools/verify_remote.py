@@ -16,7 +16,13 @@ from typing import Any
 
 from recipekit.errors import CorruptCheckpointError, RecipekitError, UsageError, VerifyError
 from recipekit.io.names import ADAPTER_CONFIG, MANIFEST, STATE
-from recipekit.io.remote import RemotePath, open_fs, read_remote_header
+from recipekit.io.remote import (
+    RemotePath,
+    describe_failure,
+    open_fs,
+    read_remote_header,
+    remote_errors,
+)
 from recipekit.tools.verify import REPAIR, VerifyReport, check_recipe, manifest_shards
 
 #: Bytes per ranged read while hashing.
@@ -27,9 +33,11 @@ def verify_remote(url: str) -> VerifyReport:
     """Check a finished output prefix against its manifest.
 
     Raises:
-        UsageError: no manifest and no state object there (not a recipekit output).
-        VerifyError: the manifest is unreadable, or the run that writes the output did not
-            finish (a state object, no manifest).
+        UsageError: no manifest and no state object there (not a recipekit output); no
+            credentials, or a broken configuration (nothing can be checked until it is fixed).
+        VerifyError: the prefix cannot be listed or the manifest read (network, endpoint), the
+            manifest is unreadable, or the run that writes the output did not finish (a state
+            object, no manifest).
     """
     url = url.rstrip("/")
     fs, root = open_fs(url)
@@ -38,9 +46,8 @@ def verify_remote(url: str) -> VerifyReport:
         listing = {k[len(root) + 1:]: int(v.get("size") or 0)
                    for k, v in fs.find(root, detail=True, withdirs=False).items()
                    if k.startswith(root + "/")}
-    except OSError as e:
-        raise VerifyError(f"cannot list: {e}", file=url, hint="check the URL, your credentials "
-                          "and the endpoint") from None
+    except remote_errors() as e:
+        raise _cannot("list", url, e) from None
     shown = f"{url}/{MANIFEST}"
     if MANIFEST not in listing:
         if STATE in listing:
@@ -50,7 +57,11 @@ def verify_remote(url: str) -> VerifyReport:
         raise UsageError(f"{url} is not a recipekit output (no {MANIFEST})",
                          hint="name an output prefix written by `recipekit run`")
     try:
-        manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+        raw = fs.cat_file(f"{root}/{MANIFEST}")
+    except remote_errors() as e:
+        raise _cannot("read", shown, e) from None
+    try:
+        manifest = json.loads(raw)
         shards = manifest_shards(manifest, shown)
     except (ValueError, CorruptCheckpointError) as e:
         raise VerifyError(f"the manifest is damaged: {e}", file=shown, hint=REPAIR) from None
@@ -73,6 +84,15 @@ def verify_remote(url: str) -> VerifyReport:
     return report
 
 
+def _cannot(verb: str, shown: str, e: BaseException) -> RecipekitError:
+    """The error for a request that failed (`describe_failure`): missing credentials or a
+    broken configuration is the caller's to fix (exit 2), anything else means the output could
+    not be checked (exit 1)."""
+    failure = describe_failure(e)
+    cls = UsageError if failure.config else VerifyError
+    return cls(f"cannot {verb}: {failure.what}", file=shown, hint=failure.hint)
+
+
 def _check_object(fs: Any, root: str, url: str, name: str, entry: dict[str, Any],
                   listing: dict[str, int], report: VerifyReport, *, shard: bool) -> bool:
     shown = f"{url}/{name}"
@@ -90,8 +110,10 @@ def _check_object(fs: Any, root: str, url: str, name: str, entry: dict[str, Any]
     try:
         for start in range(0, size, CHUNK):
             h.update(fs.cat_file(f"{root}/{name}", start=start, end=min(size, start + CHUNK)))
-    except OSError as e:
-        report.problems.append(VerifyError(f"cannot read: {e}", file=shown))
+    except remote_errors() as e:
+        failure = describe_failure(e)
+        report.problems.append(VerifyError(f"cannot read: {failure.what}", file=shown,
+                                           hint=failure.hint))
         return False
     if h.hexdigest() != entry.get("sha256"):
         report.problems.append(VerifyError(

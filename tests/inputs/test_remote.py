@@ -453,6 +453,80 @@ class TestPinning:
             f"{recipe.with_name('recipe.lock.json')}: models.big: s3://{BUCKET}/models/grown/"
             f"extra.txt is not in the lock (ETag {etag}, 2 bytes);")
 
+    def _replace_after_first_shard(self, fs, key, monkeypatch):
+        """Replace ``key`` by a version of the same size once the run records its first shard."""
+        from recipekit.io.output import OutputDir
+
+        original = fs.cat_file(key)
+        mark = OutputDir.mark_finished
+
+        def mark_then_replace(out, shard, sha256, size):
+            mark(out, shard, sha256, size)
+            if len(out.state.finished) == 1:
+                fs.pipe_file(key, original[:-1] + bytes([original[-1] ^ 1]))
+        monkeypatch.setattr(OutputDir, "mark_finished", mark_then_replace)
+
+    def test_object_replaced_during_the_run(self, s3, model, tmp_path, monkeypatch):
+        """An object re-uploaded (same size) after the first shard is finished: every ranged read
+        is pinned to the ETag the plan read (S3 If-Match), so the next read is refused, the run
+        fails naming the object and keeps the finished shard, and no shard mixing two versions
+        is ever recorded (the run used to finish, exit 0, with shards of both versions)."""
+        fs = s3[0]
+        for p in sorted(model.iterdir()):
+            fs.put_file(str(p), f"{BUCKET}/models/replaced/{p.name}")
+        url = f"s3://{BUCKET}/models/replaced"
+        recipe = _recipe(tmp_path, url, "./out")
+        self._replace_after_first_shard(fs, f"{BUCKET}/models/replaced/model.safetensors",
+                                        monkeypatch)
+        with pytest.raises(recipekit.errors.TensorDataError) as e:
+            recipekit.run(recipe, progress=None)
+        assert str(e.value).startswith(f"{url}/model.safetensors: the object changed during the "
+                                       "run (")
+        assert e.value.exit_code == 1
+        state = json.loads((tmp_path / "out" / ".recipekit-state.json").read_text())
+        assert len(state["finished"]) == 1
+        assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == sorted(
+            state["finished"])
+        assert not (tmp_path / "out" / "recipekit.json").exists()
+
+    def test_unpinned_backend_checked_after_each_shard(self, s3, model, tmp_path,
+                                                       monkeypatch):
+        """Where reads cannot be pinned (a backend without If-Match), the ETag of every object
+        a shard read is checked again before the shard is kept, as a local file's fstat is: an
+        object replaced between two reads of one shard fails the run and that shard is
+        discarded."""
+        import recipekit.io.reader as reader
+
+        fs = s3[0]
+        for p in sorted(model.iterdir()):
+            fs.put_file(str(p), f"{BUCKET}/models/unpinned/{p.name}")
+        url = f"s3://{BUCKET}/models/unpinned"
+        key = f"{BUCKET}/models/unpinned/model.safetensors"
+        original = fs.cat_file(key)
+        monkeypatch.setattr("recipekit.io.remote.is_pinnable", lambda fs: False, raising=False)
+        read = reader.cat_range
+        calls = []
+        state = tmp_path / "out" / ".recipekit-state.json"
+        finished: dict[str, Any] = {}
+
+        def read_then_replace(*args, **kwargs):
+            calls.append(args)
+            # reads 1 and 2: the embeddings and the lm_head, a shard each; 3: the first tensor
+            # of the layers' shard, which the next reads then mix with the new version
+            if len(calls) == 4:
+                finished.update(json.loads(state.read_text())["finished"])
+                fs.pipe_file(key, original[:-1] + bytes([original[-1] ^ 1]))
+            return read(*args, **kwargs)
+        monkeypatch.setattr(reader, "cat_range", read_then_replace)
+        with pytest.raises(recipekit.errors.TensorDataError) as e:
+            recipekit.run(_recipe(tmp_path, url, "./out"), progress=None)
+        assert str(e.value).startswith(f"{url}/model.safetensors: the object changed during the "
+                                       "run (")
+        assert len(finished) == 2
+        assert json.loads(state.read_text())["finished"] == finished  # kept, and no other
+        assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == sorted(
+            finished)
+
 
 class TestExtraAndCredentials:
     def test_missing_s3fs_is_one_line_exit_2(self, tmp_path):
@@ -464,6 +538,87 @@ class TestExtraAndCredentials:
         assert proc.returncode == 2, proc.stderr
         assert "pip install 'recipekit[s3]'" in proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+    def test_no_credentials_is_one_paragraph_exit_2(self, s3, uploaded, model, tmp_path, cli,
+                                                    monkeypatch):
+        """No credentials anywhere (botocore's NoCredentialsError is not an OSError): validate,
+        run (a URL input, or local inputs and a URL output), lock and verify each exit 2 with one
+        paragraph naming the URL and where credentials go (an internal error before)."""
+        _, _, env = s3
+        url = f"s3://{BUCKET}/out/creds"
+        recipekit.run(_recipe(tmp_path, uploaded, url), progress=None)
+        (tmp_path / "local").mkdir()
+        local = _recipe(tmp_path / "local", str(model), "./out")
+        recipe = _recipe(tmp_path, uploaded, "./out")
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            for args, shown in [(("validate", recipe), f"{recipe}:3:8: models.big: cannot list "
+                                 f"{uploaded}: no credentials were found"),
+                                (("run", "-q", recipe), f"{recipe}:3:8: models.big: cannot list "
+                                 f"{uploaded}: no credentials were found"),
+                                (("lock", recipe), f"{recipe}:3:8: models.big: cannot list "
+                                 f"{uploaded}: no credentials were found"),
+                                (("run", "-q", "--output", f"{url}2", local),
+                                 f"{url}2: cannot list the output: no credentials were found"),
+                                (("verify", url), f"{url}: cannot list: no credentials were "
+                                 "found")]:
+                r = cli(*args)
+                assert r.exit_code == 2, (args, r.output)
+                assert r.stderr.startswith(shown + "; set AWS_ACCESS_KEY_ID and "
+                                           "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"), r.stderr
+                assert "AWS_ENDPOINT_URL" in r.stderr and "internal error" not in r.stderr
+                assert env["AWS_SECRET_ACCESS_KEY"] not in r.output
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+
+    def test_unreachable_endpoint(self, s3, uploaded, tmp_path, cli, monkeypatch):
+        """An endpoint nothing listens on (EndpointConnectionError, not an OSError): validate
+        exits 2 and verify 1, each naming the URL and the endpoint (an internal error before)."""
+        url = f"s3://{BUCKET}/out/unreachable"
+        recipekit.run(_recipe(tmp_path, uploaded, url), progress=None)
+        recipe = _recipe(tmp_path, uploaded, "./out")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            checked = cli("validate", recipe)
+            assert checked.exit_code == 2, checked.output
+            assert checked.stderr.startswith(
+                f"{recipe}:3:8: models.big: cannot list {uploaded}: could not connect to the "
+                "endpoint http://127.0.0.1:1; check "), checked.stderr
+            verified = cli("verify", url)
+            assert verified.exit_code == 1, verified.output
+            assert verified.stderr.startswith(f"{url}: cannot list: could not connect to the "
+                                              "endpoint http://127.0.0.1:1; check ")
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+
+    def test_endpoint_lost_during_the_run(self, s3, uploaded, tmp_path, monkeypatch):
+        """The endpoint stops answering after the first shard: the next ranged read fails the run
+        with exit 1, naming the object and the endpoint, and the finished shard is kept (an
+        internal error before)."""
+        from recipekit.io.output import OutputDir
+
+        mark = OutputDir.mark_finished
+
+        def mark_then_lose(out, shard, sha256, size):
+            mark(out, shard, sha256, size)
+            monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+            monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+            s3fs.S3FileSystem.clear_instance_cache()
+        monkeypatch.setattr(OutputDir, "mark_finished", mark_then_lose)
+        try:
+            with pytest.raises(recipekit.errors.TensorDataError) as e:
+                recipekit.run(_recipe(tmp_path, uploaded, "./out"), progress=None)
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+        assert str(e.value).startswith(f"{uploaded}/model.safetensors: ranged read failed: "
+                                       "could not connect to the endpoint http://127.0.0.1:1; ")
+        assert "finished shards are kept" in str(e.value) and e.value.exit_code == 1
+        state = json.loads((tmp_path / "out" / ".recipekit-state.json").read_text())
+        assert len(state["finished"]) == 1
 
     def test_credentials_in_url_refused(self, tmp_path):
         recipe = _recipe(tmp_path, "s3://KEY:SECRET@bucket/m", "./out")
