@@ -309,7 +309,7 @@ def computing_bytes(tensors: Sequence[Node], workers: int = 1) -> int:
     once: a computed tensor's `working_set` plus the whole inputs of the tensor after it,
     which the read-ahead thread reads meanwhile (`prefetch_loads`)."""
     most = 0
-    for node, following in zip(tensors, [*tensors[1:], None], strict=True):
+    for node, following in zip(tensors, [*tensors[1:], None][:len(tensors)], strict=True):
         ahead = (sum(n.nbytes for n in prefetch_loads(following))
                  if following is not None and not isinstance(following, Load) else 0)
         own = 0 if isinstance(node, Load) else working_set(node, workers)

@@ -94,3 +94,11 @@ def test_kept_heap_follows_the_largest_chunked_working_set(monkeypatch):
     monkeypatch.setattr(cost, "working_set", lambda node, workers=1: sizes[node])
     assert cost.kept_heap([small, light, mid]) == 3 * cost.KEPT_HEAP // 2
     assert cost.kept_heap([light, heavy, mid]) == cost.KEPT_HEAP_MAX
+
+
+def test_computing_bytes_of_a_shard_without_tensors_is_zero():
+    """An empty shard once raised `ValueError: zip() argument 2 is longer than argument 1`
+    (an extraction with no module; found by a black-box check)."""
+    node = cast(load("m", "small", (4, 8), "F32"), "BF16")
+    assert cost.computing_bytes([]) == 0
+    assert cost.computing_bytes([node]) == cost.working_set(node)
