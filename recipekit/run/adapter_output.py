@@ -108,6 +108,10 @@ def _factors(aset: AdapterSet, recipe: Recipe, t: Any, module: str, spec: Mappin
             intern(Concat(tuple(x.b for x in t.terms), (1.0,) * len(t.terms), 1, dtype)))
 
 
+#: PEFT's `peft.utils.constants.DUMMY_TARGET_MODULES`: target no module (checked with PEFT 0.21).
+DUMMY_TARGET_MODULES = "dummy-target-modules"
+
+
 def publishable_name(value: Any) -> Any:
     """A base model reference fit to publish: a Hub id or a relative path as written; an
     absolute local path (what PEFT records for a base loaded from disk) becomes None, so the
@@ -123,8 +127,12 @@ def adapter_config(aset: AdapterSet, ranks: Mapping[str, int],
     top = max(ranks.values(), default=1)
     pattern = {re.escape(m): k for m, k in ranks.items() if k != top}
     linear_transposed = any(t.transposed and t.kind == "linear" for t in aset.targets.values())
-    saved = sorted({rep.key.rsplit(".", 1)[0] for rep in aset.replacements.values()
-                    if ".base_layer." not in rep.key})
+    # an extraction names the modules it saved whole (module paths: a classifier head's
+    # tensors sit under one module); other saved tensors are named by their module's last part
+    whole = tuple(first.get("recipekit_modules_to_save") or ())
+    saved = sorted({next((m for m in whole if rep.key.startswith(m + ".")),
+                         rep.key.rsplit(".", 1)[0].rsplit(".", 1)[-1])
+                    for rep in aset.replacements.values() if ".base_layer." not in rep.key})
     trained_bias = any(rep.key.endswith(".bias") for rep in aset.replacements.values())
     return {
         "peft_type": "LORA",
@@ -146,8 +154,11 @@ def adapter_config(aset: AdapterSet, ranks: Mapping[str, int],
         "fan_in_fan_out": linear_transposed,
         "bias": first.get("bias", "none") if trained_bias else "none",
         "lora_bias": bool(aset.biases),
-        "target_modules": sorted(ranks),  # full paths: PEFT wraps exactly these modules
-        "modules_to_save": [m.rsplit(".", 1)[-1] for m in saved] or None,
+        # full paths: PEFT wraps exactly these modules; an adapter of saved modules alone
+        # names PEFT's placeholder, which it accepts as "no LoRA module" (a list matching
+        # nothing is refused: "No modules were targeted for adaptation")
+        "target_modules": sorted(ranks) if ranks or not saved else DUMMY_TARGET_MODULES,
+        "modules_to_save": saved or None,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,

@@ -11,11 +11,16 @@ finds the top singular triplets by randomized block Krylov iteration streamed ov
 within 0.05% of the optimal error at the defaults and far faster; ``method: exact`` runs a full
 SVD of the whole difference. GPT-2 `Conv1D` weights (stored (in, out)) are fan_in_fan_out
 modules; embeddings are PEFT embedding LoRA. 1-D tensors (norms, biases) are not extracted, nor
-weights whose stored bytes are equal in both models (no all-zero modules). adapter_config.json
+weights whose stored bytes are equal in both models (no all-zero modules); when no 2-D weight
+differs the step is refused (an empty adapter, which PEFT cannot load). Saved whole as
+``modules_to_save`` instead of LoRA: a tied embedding table that differs, under both the table
+and its head (PEFT applies an embedding LoRA to the lookup only, not to the tied head), and the
+classifier heads PEFT's task models wrap by themselves (`SAVED_BY_TASK`). adapter_config.json
 names the base (`base_model_reference`) and the task type, so `AutoPeftModelForCausalLM` loads
 the output alone. Oracle: tests/steps/test_extract_lora.py (full rank reproduces the
 difference; at lower rank the exact method errs by exactly the discarded singular values, the
-randomized one by at most 0.05% more; PEFT loads the output) and tests/ops/test_lowrank.py.
+randomized one by at most 0.05% more; PEFT loads the output, unmerged and merged, for tied
+and classifier models too) and tests/ops/test_lowrank.py.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 from recipekit.arch import family_names, load_architectures
 from recipekit.dtypes import is_floating
-from recipekit.errors import RecipeErrors
+from recipekit.errors import RecipeError, RecipeErrors
 from recipekit.graph import (
     Difference,
     Load,
@@ -38,7 +43,7 @@ from recipekit.graph import (
     VirtualModel,
     intern,
 )
-from recipekit.graph.adapterset import AdapterSet, LoraTarget, LoraTerm
+from recipekit.graph.adapterset import AdapterSet, LoraTarget, LoraTerm, Replacement
 from recipekit.graph.lora import F32, F64
 from recipekit.io.header import quote_name
 from recipekit.io.reader import is_same_data
@@ -46,6 +51,7 @@ from recipekit.recipe import Recipe, Step
 from recipekit.recipe.types import DEFAULT_REVISION
 from recipekit.steps.interpolate import check_aligned
 from recipekit.steps.registry import Op
+from recipekit.steps.tied import tied_heads
 
 log = logging.getLogger(__name__)
 
@@ -76,30 +82,110 @@ def build_extract_lora(step: Step, models: Mapping[str, VirtualModel | AdapterSe
     arch = load_architectures().get(base.stack.family or "")
     fifo = arch.fan_in_fan_out if arch else ()  # the family data says which are Conv1D
     embeddings = family_names(base.stack.family, "embeddings")
+    task = task_type(base.config)
+    # modules PEFT wraps whole for the task (its classifier head) and tied LM heads: both
+    # are saved as modules_to_save with the tuned tensors, not as LoRA modules
+    saved_names = SAVED_BY_TASK.get(task or "", ())
+    tied = tied_heads(base) if task in ("CAUSAL_LM", None) else {}
     targets: dict[str, LoraTarget] = {}
+    replacements: dict[str, Replacement] = {}
+    saved_modules: dict[str, None] = {}  # ordered set
     unchanged: list[str] = []
+    changed_saved: list[str] = []  # 2-D weights that differ and are saved whole
     for name, b in base.tensors.items():
         t = tuned.tensors[name]
+        module = saved_module(name, saved_names)
+        if module is not None and is_floating(t.dtype):
+            replacements[name] = Replacement(t, name)
+            saved_modules[module] = None
+            if len(b.shape) == 2 and not _is_same(models, b, t):
+                changed_saved.append(name)
+            continue
         if len(b.shape) != 2 or not name.endswith(".weight") or not (
                 is_floating(b.dtype) and is_floating(t.dtype)):
             continue
-        if b == t or _same_stored(models, b, t):
+        if name in tied:
+            continue  # a stored head that is the embedding table: saved with it, below
+        if _is_same(models, b, t):
             unchanged.append(name)
+            continue
+        if name in tied.values():
+            changed_saved.append(name)
             continue
         embedding = name.endswith(embeddings)
         transposed = embedding or name.endswith(fifo)
         a, bf = _factors(step, name, b, t, transposed, min(rank, *b.shape), epsilon)
         targets[name] = LoraTarget("embedding" if embedding else "linear", tuple(b.shape),
                                    transposed, (LoraTerm(a, bf, 1.0),))
+    for head, table in tied.items():
+        if table in changed_saved or (head in base.tensors
+                                      and not _is_same(models, base.tensors[head],
+                                                       tuned.tensors[head])):
+            # PEFT applies an embedding LoRA to the lookup only, not to the tied head; the
+            # tuned table saved as both modules is right unmerged and merged (mergekit's way)
+            replacements[table] = Replacement(tuned.tensors[table], table)
+            replacements[head] = Replacement(tuned.tensors[table], head)
+            saved_modules.update({table.rsplit(".", 1)[0]: None, head.rsplit(".", 1)[0]: None})
+            log.info("step '%s': the embedding table `%s` is tied to `%s`: both are saved "
+                     "whole (modules_to_save), which PEFT applies to both, unmerged and merged",
+                     step.name, table, head)
+    if not targets and not changed_saved:
+        raise RecipeErrors([_nothing_differs(step, recipe, models, (base, tuned), names,
+                                             set(unchanged))])
     if unchanged:
         log.warning("step '%s': %d weight(s) are equal in '%s' and '%s' (e.g. %s), so they get "
                     "no LoRA module", step.name, len(unchanged), names[1], names[0],
                     quote_name(unchanged[0]))
     config = {"peft_type": "LORA", "fan_in_fan_out": bool(fifo), "use_rslora": False,
               "use_dora": False, "bias": "none", "lora_bias": False,
-              "task_type": task_type(base.config),
-              **base_model_reference(recipe, names[0])}
-    return AdapterSet(step.name, targets, {}, {}, config)
+              "task_type": task, **base_model_reference(recipe, names[0]),
+              SAVED_MODULES: list(saved_modules)}
+    return AdapterSet(step.name, targets, {}, replacements, config)
+
+
+#: Modules PEFT's task model classes add to ``modules_to_save`` by themselves (peft_model.py:
+#: `PeftModelForSequenceClassification` and `...ForTokenClassification` add "classifier" and
+#: "score", `...ForQuestionAnswering` "qa_outputs"), matched as PEFT does: a module whose name
+#: ends with one. PEFT then loads their whole weights from the adapter (a KeyError when they
+#: are missing), so an extraction saves them whole, changed or not.
+SAVED_BY_TASK: Mapping[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+#: The AdapterSet config key listing the modules an extraction saves whole (module paths):
+#: `run.adapter_output` writes them as ``modules_to_save``.
+SAVED_MODULES = "recipekit_modules_to_save"
+
+
+def saved_module(name: str, suffixes: tuple[str, ...]) -> str | None:
+    """The outermost module of tensor ``name`` whose path ends with one of ``suffixes`` (PEFT's
+    `_set_trainable` match), or None."""
+    parts = name.split(".")
+    return next((m for i in range(1, len(parts))
+                 if (m := ".".join(parts[:i])).endswith(suffixes)), None) if suffixes else None
+
+
+def _is_same(models: Mapping[str, VirtualModel | AdapterSet], base: Node, tuned: Node) -> bool:
+    """One node, or two stored tensors with equal bytes."""
+    return base == tuned or _same_stored(models, base, tuned)
+
+
+def _nothing_differs(step: Step, recipe: Recipe, models: Mapping[str, VirtualModel | AdapterSet],
+                     pair: tuple[VirtualModel, VirtualModel], names: list[str],
+                     unchanged: set[str]) -> RecipeError:
+    """The error of an extraction in which no 2-D weight differs (``unchanged``: the weights
+    already compared): the adapter would be empty, and PEFT loads none without a module."""
+    base, tuned = pair
+    other = [n for n, b in base.tensors.items()
+             if n not in unchanged and not _is_same(models, b, tuned.tensors[n])]
+    kind = "1-D tensors" if all(len(base.tensors[n].shape) == 1 for n in other) else "tensors"
+    why = (f"only {kind} changed ({len(other)}, e.g. {quote_name(other[0])}), which LoRA "
+           "cannot carry" if other else "every tensor is equal byte for byte")
+    return recipe.error(step.key_path + ("tuned",), f"no 2-D weight differs between "
+                        f"'{names[1]}' and '{names[0]}': {why}, so there is no LoRA to extract",
+                        hint="check that `tuned` names the fine-tune; a fine-tune of only biases "
+                        "and norms (BitFit) is not a LoRA: merge or copy it instead")
 
 
 def _same_stored(models: Mapping[str, VirtualModel | AdapterSet], base: Node,

@@ -77,3 +77,22 @@ def untied_config(config: Mapping[str, Any], changed: frozenset[Any], family: st
         return config, changed
     key = (tie_key,)
     return with_config(config, {key: False}), changed | {key}
+
+
+def tied_heads(vm: VirtualModel) -> dict[str, str]:
+    """``vm``'s heads that are its embedding table, by full name: {head: table}.
+
+    A head of the family's ``tied`` map is tied when ``tie_word_embeddings`` is true, or not
+    written and the head is not stored (as `with_stand_in_heads` reads it); the table must be
+    stored. A head stored beside a true flag is still the table once transformers ties them."""
+    arch = load_architectures().get(vm.stack.family or "")
+    if arch is None:
+        return {}
+    tie_key = arch.config.get("tie_word_embeddings")
+    tie = config_get(vm.config, (tie_key,)) if tie_key else None
+    out: dict[str, str] = {}
+    for head, table in arch.tied.items():
+        source = vm.stack.base + table
+        if source in vm.tensors and (bool(tie) if tie is not None else head not in vm.tensors):
+            out[head] = source
+    return out
