@@ -466,7 +466,53 @@ def load_and_run(out: Path, *, adapter: bool, base: str | None) -> str:
                           + ("non-finite values" if bad else "no floating output"),
                           file=display_path(out))
     shape = "x".join(map(str, next(iter(inputs.values())).shape))
-    return f"loaded {what} and ran a forward pass on a {shape} `{next(iter(inputs))}`: finite"
+    merged = _check_merged(model, inputs, outputs[0], out) if adapter else ""
+    return (f"loaded {what} and ran a forward pass on a {shape} `{next(iter(inputs))}`: "
+            f"finite{merged}")
+
+
+#: The largest relative difference between an adapter's unmerged and merged outputs that
+#: `verify --load` accepts (fp32 models: rounding gives ~1e-7; a tied embedding's LoRA that
+#: PEFT applies only to the lookup unmerged gave 0.99).
+MERGED_TOLERANCE = 1e-3
+
+
+def _check_merged(model: Any, inputs: dict[str, Any], unmerged: Any, out: Path) -> str:
+    """Merge the PEFT model (`merge_and_unload`) and fail when its output differs from the
+    unmerged one: an adapter that PEFT applies one way unmerged and another merged is wrong
+    in one of them (found by a black-box check: an embedding LoRA extracted from a model with
+    tied embeddings changed the input lookup only unmerged, and the head too merged). Checked
+    on fp32 and fp64 models only, where rounding stays far below `MERGED_TOLERANCE`; returns
+    what was compared ("" when nothing was).
+
+    Raises:
+        VerifyError: the relative difference of the first floating output exceeds the
+            tolerance.
+    """
+    import torch
+
+    if any(p.dtype not in (torch.float32, torch.float64) for p in model.parameters()):
+        return ""
+    try:
+        merged = model.merge_and_unload()
+        with torch.no_grad():
+            result = merged(**inputs)
+    except Exception:  # noqa: BLE001 (PEFT cannot merge every adapter: nothing to compare)
+        return ""
+    values = [v for v in (result.values() if hasattr(result, "values") else [result])
+              if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not values or values[0].shape != unmerged.shape:
+        return ""
+    diff = float((values[0].double() - unmerged.double()).norm()
+                 / unmerged.double().norm().clamp_min(1e-30))
+    if diff > MERGED_TOLERANCE:
+        raise VerifyError(f"the adapter's forward pass differs unmerged and merged (relative "
+                          f"difference {diff:.3g} > {MERGED_TOLERANCE:g}): PEFT applies it one "
+                          "way unmerged and another after `merge_and_unload`",
+                          file=display_path(out), hint="an embedding LoRA on a model with tied "
+                          "embeddings does this; save the embedding and head whole "
+                          "(modules_to_save) instead")
+    return f"; merged, the same to {diff:.1g}"
 
 
 def _check_adapter_loaded(model: Any, out: Path, base: Path) -> None:

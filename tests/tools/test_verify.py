@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers.adapter_builders import make_adapter
 from tests.helpers.builders import make_model, minilm
@@ -333,3 +334,47 @@ class TestEveryFileIsHashed:
         result = cli("verify", out)
         assert result.exit_code == 0, result.stderr
         assert "records no hashes of the output's other files" in result.stdout + result.stderr
+
+
+def test_adapter_load_fails_when_merging_changes_its_outputs(cli, tmp_path):
+    """An embedding LoRA on a model with tied embeddings: PEFT applies it to the input lookup
+    alone unmerged, and to the shared table (so the head too) after `merge_and_unload`, so
+    one of the two is wrong (the layout `extract_lora` once wrote; found by a black-box
+    check). `--load` compares the merged outputs with the unmerged ones. Oracle: the same
+    change with the table saved whole (modules_to_save for both modules) verifies."""
+    from safetensors.torch import save_file
+
+    base = make_model("qwen2", tmp_path / "base", layers=2, seed=3)
+    g = torch.Generator().manual_seed(4)
+    common = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 2}
+    layouts = {
+        "bad": ({"target_modules": ["model.embed_tokens"]},
+                {"model.embed_tokens.lora_embedding_A": torch.randn(2, 128, generator=g),
+                 "model.embed_tokens.lora_embedding_B": torch.randn(32, 2, generator=g)}),
+        "good": ({"target_modules": "dummy-target-modules",
+                  "modules_to_save": ["model.embed_tokens", "lm_head"]},
+                 {"model.embed_tokens.weight": (table := torch.randn(128, 32, generator=g)),
+                  "lm_head.weight": table.clone()}),
+    }
+    results = {}
+    for name, (config, tensors) in layouts.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(dict(common, **config)))
+        save_file({f"base_model.model.{k}": v for k, v in tensors.items()},
+                  tmp_path / name / "adapter_model.safetensors")
+        recipe = write_recipe(tmp_path, f"""
+            recipekit: 1
+            adapters: {{a: ./{name}}}
+            steps: [{{name: mix, op: combine_adapters, adapters: [a]}}]
+            output: {{path: ./out_{name}}}
+            """, name=f"{name}.yaml")
+        assert cli("run", recipe, "-q").exit_code == 0
+        results[name] = cli("verify", tmp_path / f"out_{name}", "--load", "--base", base)
+    assert results["bad"].exit_code == 1, results["bad"].output
+    assert ("out_bad: the adapter's forward pass differs unmerged and merged (relative "
+            "difference ") in results["bad"].stderr
+    assert ("PEFT applies it one way unmerged and another after `merge_and_unload`; an "
+            "embedding LoRA on a model with tied embeddings does this; save the embedding and "
+            "head whole (modules_to_save) instead") in results["bad"].stderr
+    assert results["good"].exit_code == 0, results["good"].output
+    assert "; merged, the same to 0" in results["good"].stdout
