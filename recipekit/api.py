@@ -452,7 +452,7 @@ def _check_lock(p: PlanResult, frozen: bool, lock_file: str | os.PathLike | None
     path = Path(lock_file) if lock_file is not None else (
         lock_path(recipe_file) if recipe_file is not None else None)
     if path is not None and path.exists():
-        check_lock(p.plan.recipe, dict(p.plan.sources), path, full_hash=frozen)
+        check_lock(p.plan.recipe, p.plan.sources, path, full_hash=frozen)
     elif frozen:
         if path is None:
             raise UsageError("frozen: a recipe given as text or data has no lock beside it",

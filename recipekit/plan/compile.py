@@ -21,6 +21,7 @@ from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.graph import Load, Node, VirtualModel, expression_nodes, load, round_to
 from recipekit.inputs.chat_template import ChatTemplate
 from recipekit.inputs.models import Checkpoint, donor_files_identity, iter_donor_files
+from recipekit.inputs.resolve import Sources
 from recipekit.inputs.side_files import resolve_side_files
 from recipekit.io.names import ADAPTER_WEIGHTS, is_absolute_local
 from recipekit.plan.cost import (
@@ -261,6 +262,15 @@ def _build_models(recipe: Recipe, sources: Mapping[str, Any]) -> dict[str, Any]:
     return models
 
 
+def _kept(sources: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``sources`` for the plan, `Sources.side_files` included: the lock check of
+    `run` compares them (a plain dict lost the MoE tokenizer `recipekit lock` had pinned, and
+    every run of a locked prompt-gated recipe was refused; found by a black-box check)."""
+    if isinstance(sources, Sources):
+        return Sources(dict(sources), dict(sources.side_files))
+    return dict(sources)
+
+
 def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str, Any],
                 model: VirtualModel) -> Plan:
     """A plan writing ``model`` as a checkpoint: output dtype, donor config and files, shards."""
@@ -298,7 +308,7 @@ def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str,
         files = {**files, **dict.fromkeys(STALE_FILES), **dict.fromkeys(others), **vocab}
     template = output_chat_template(recipe, sources)
     files = with_chat_template(files, donor, template)  # last: over any tokenizer file planned
-    return Plan(recipe, dict(sources), final, donor, config, shards, operators=operators,
+    return Plan(recipe, _kept(sources), final, donor, config, shards, operators=operators,
                 files=files, chat_template=template)
 
 
@@ -382,7 +392,7 @@ def _adapter_plan(recipe: Recipe, sources: Mapping[str, Any], aset: Any) -> Plan
     tensors, config = adapter_output(aset, recipe)
     shards = schedule_shards(tensors, 1 << 62, single=ADAPTER_WEIGHTS)
     model = VirtualModel(aset.name, {}, tensors, NO_STACK, "")
-    return Plan(recipe, dict(sources), model, None, config, shards, adapter=True)
+    return Plan(recipe, _kept(sources), model, None, config, shards, adapter=True)
 
 
 def output_config(donor: Mapping[str, Any], model: VirtualModel, tensors: Mapping[str, Node],

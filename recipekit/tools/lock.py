@@ -30,8 +30,8 @@ from recipekit.errors import LockError, display_path
 from recipekit.inputs.files import read_bounded, sha256_file
 from recipekit.inputs.hub import blob_id
 from recipekit.inputs.models import Checkpoint, iter_donor_files
-from recipekit.inputs.resolve import Sources
-from recipekit.inputs.side_files import SideFile, resolve_side_files
+from recipekit.inputs.resolve import Sources, with_side_files
+from recipekit.inputs.side_files import SideFile
 from recipekit.io.names import INDEX
 from recipekit.io.writer import write_file_atomic
 from recipekit.recipe import ModelRef, Recipe
@@ -120,7 +120,10 @@ def _inputs(recipe: Recipe, sources: dict[str, Any]
     out: dict[str, tuple[ModelRef | SideFile, Any]] = {
         f"models.{n}": (r, sources.get(n)) for n, r in recipe.models.items()}
     out.update({f"adapters.{n}": (r, sources.get(n)) for n, r in recipe.adapters.items()})
-    side = sources.side_files if isinstance(sources, Sources) else resolve_side_files(recipe)
+    # a plain mapping of checkpoints: the side files as `resolve_sources` finds them, the
+    # tokenizers prompt-gated steps read included (`resolve_side_files` alone lacks them)
+    side = (sources if isinstance(sources, Sources) else with_side_files(recipe, sources)
+            ).side_files
     out.update({f.lock_key: (f, f) for f in side.values()})
     return out
 

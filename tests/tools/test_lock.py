@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -243,6 +244,72 @@ class TestDonorFiles:
         assert (local.parent / "out" / "model.safetensors").read_bytes() == shard
         assert (local.parent / "out" / "tokenizer_config.json").read_text() == \
             '{"chat_template": "{{ b }}"}'
+
+
+class TestPromptGatedMoe:
+    """An `op: moe` step with prompt gates reads the base's tokenizer, which `recipekit lock`
+    pins as `steps.moe.tokenizer`. The run's check once saw the plan's inputs without it, so
+    after a lock every run of such a recipe was refused: "steps.moe.tokenizer is locked but no
+    longer in the recipe" (found by a black-box check). Oracle: the behaviour asked for, end
+    to end through the CLI and the API: a lock, runs that pass (plain and --frozen), and a
+    changed tokenizer refused."""
+
+    @pytest.fixture
+    def recipe(self, tmp_path) -> Path:
+        from tests.helpers.moe import make_expert
+
+        for i, name in enumerate(("base", "a")):
+            make_expert("llama", tmp_path / name, seed=30 + i)
+        return write_recipe(tmp_path, """\
+recipekit: 1
+models: {base: ./base, a: ./a}
+steps:
+  - name: moe
+    op: moe
+    base: base
+    gate_mode: cheap_embed
+    experts:
+      - {model: a, positive_prompts: ["def f(x):"]}
+      - {model: base, positive_prompts: ["once upon a time"]}
+output: {path: ./out}
+""")
+
+    def test_lock_then_run(self, cli, recipe):
+        import recipekit
+
+        assert cli("lock", recipe).exit_code == 0
+        lock = json.loads((recipe.parent / "recipe.lock.json").read_text())
+        assert set(lock["inputs"]["steps.moe.tokenizer"]["files"]) == {
+            "tokenizer.json", "tokenizer_config.json"}
+        result = cli("run", recipe, "-q")
+        assert result.exit_code == 0, result.output
+        assert (recipe.parent / "out" / "model.safetensors").is_file()
+        result = cli("run", recipe, "-q", "--frozen", "--force")
+        assert result.exit_code == 0, result.output
+        assert recipekit.run(recipe, frozen=True, progress=None).already_complete
+
+    def test_a_changed_tokenizer_is_refused(self, cli, recipe):
+        import recipekit
+        from recipekit.errors import LockError
+
+        assert cli("lock", recipe).exit_code == 0
+        tok = recipe.parent / "base" / "tokenizer.json"
+        vocab = json.loads(tok.read_text())["model"]["vocab"]
+        d, e = vocab["d"], vocab["e"]
+        assert len(str(d)) == len(str(e))  # the same size: found by its sha256
+        text = re.sub(r'("[de]":\s*)(\d+)', lambda m: m.group(1) + str(
+            d + e - int(m.group(2))), tok.read_text())  # "def f(x):" tokenises otherwise
+        assert text != tok.read_text()
+        tok.write_text(text)
+        result = cli("run", recipe, "-q")
+        assert result.exit_code == 2, result.output
+        # the base's donor file and the step's tokenizer: both pinned, both named
+        assert result.stderr.startswith(f"{recipe.parent / 'recipe.lock.json'}: 2 inputs "
+                                        f"differ from the lock: models.base: {tok} has sha256")
+        assert f"; steps.moe.tokenizer: {tok} has sha256" in result.stderr
+        assert not (recipe.parent / "out").exists()
+        with pytest.raises(LockError, match="steps.moe.tokenizer: .*tokenizer.json has sha256"):
+            recipekit.run(recipe, frozen=True, progress=None)
 
 
 class TestHub:
