@@ -113,6 +113,26 @@ def format_value(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def escape_references(value: Any) -> Any:
+    """``value`` (a document's value: text, list, mapping) with every ``${`` in its text
+    written ``$${``, so that substitution gives the text back: for tools that write recipes
+    from text that is not a recipe (`recipekit import-mergekit` copies prompts, paths and
+    chat templates), where ``${HOME}`` was refused as an unknown variable and ``$${x}`` read
+    as ``${x}``. Mapping keys are never substituted, so they are left as they are.
+
+    Example:
+        >>> escape_references({"prompts": ["echo ${HOME}", "cost = $${price}"]})
+        {'prompts': ['echo $${HOME}', 'cost = $$${price}']}
+    """
+    if isinstance(value, str):
+        return value.replace("${", "$${")
+    if isinstance(value, dict):
+        return {k: escape_references(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [escape_references(v) for v in value]
+    return value
+
+
 def substitute_variables(doc: Document, settings: Mapping[str, Any] | None) -> dict[str, Any]:
     """Resolve the document's variables (defaults, then ``settings``) and substitute every
     ``${name}`` in its values, in place. ``doc.data["variables"]`` then holds the values used

@@ -29,6 +29,8 @@ mergekit semantics it must reproduce (reference/mergekit.md §1.4-1.5, read in m
 * **dtype / out_dtype** become `output.dtype`; `dtype` (or, without it, `inputs`: their promoted
   dtype) becomes each merge step's `compute_dtype`, so the method computes in it as mergekit does.
 * **chat_template** (`auto`, a built-in name, literal Jinja) becomes `output.chat_template`.
+* **Text** mergekit reads as is (paths, prompts, chat templates) is written with every ``${``
+  as ``$${`` (`recipe.variables.escape_references`): a recipe substitutes ``${name}``.
 
 Oracle: tests/test_mergekit_import.py converts typical configs, runs the recipes and compares
 them with mergekit 0.1.5's outputs (goldens in tests/goldens/mergekit_import/, made by
@@ -59,6 +61,7 @@ from recipekit.inputs.resolve import resolve_sources, with_side_files
 from recipekit.merge import METHODS, MethodSpec
 from recipekit.plan import compile_plan
 from recipekit.recipe import load_document, recipe_from_data
+from recipekit.recipe.variables import escape_references
 from recipekit.tools.mergekit_moe import choose_architecture, is_moe_config, moe_step
 from recipekit.tools.mergekit_params import (
     ImportState,
@@ -114,7 +117,7 @@ def convert_file(config: Path, out_file: Path | None, cwd: Path | None = None) -
     _measure(st, slices)
     final = _build_steps(st, data, method, slices)
     _convert_tokenizer(st, data, final)
-    recipe = _recipe(st, data, method, final, config)
+    recipe = escape_references(_recipe(st, data, method, final, config))  # text as mergekit's
     text = _render(st, recipe, config)
     _validate(recipe, (out_file or cwd / (config.stem + ".yaml")).resolve(), st)
     return text
@@ -127,10 +130,11 @@ def _convert_moe(st: ImportState, data: dict[str, Any], config: Path, out_file: 
     _resolve_models(st)
     choose_architecture(st, step)
     st.steps.append(step)
-    recipe = {"recipekit": 1, "name": config.stem,
-              "description": f"converted from the mergekit-moe config {config.name}",
-              "models": st.models, **({"adapters": st.adapters} if st.adapters else {}),
-              "steps": st.steps, "output": output}
+    recipe = escape_references({  # prompts (and paths) mean what they meant to mergekit
+        "recipekit": 1, "name": config.stem,
+        "description": f"converted from the mergekit-moe config {config.name}",
+        "models": st.models, **({"adapters": st.adapters} if st.adapters else {}),
+        "steps": st.steps, "output": output})
     head = [f"# Converted by `recipekit import-mergekit {config.name}` (mergekit-moe). What was "
             "translated:"]
     text = _render(st, recipe, config, head)
@@ -342,7 +346,7 @@ def _resolve_models(st: ImportState) -> None:
                                                       else {}),
              "steps": [{"name": "probe", "op": "layers", "from": first, "layers": [0]}]}
     for retry in (True, False):
-        recipe = recipe_from_data(probe, st.out_dir / "import.yaml")
+        recipe = recipe_from_data(escape_references(probe), st.out_dir / "import.yaml")
         try:
             st.checkpoints = resolve_sources(recipe)
             return

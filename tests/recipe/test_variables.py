@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 
 from recipekit.errors import RecipeErrors, UsageError
 from recipekit.recipe import load_recipe
-from recipekit.recipe.variables import Settings, format_value, parse_settings, parse_value
+from recipekit.recipe.variables import (
+    Settings,
+    escape_references,
+    format_value,
+    parse_settings,
+    parse_value,
+)
 
 from tests.helpers.recipes import write_recipe
 
@@ -215,12 +221,17 @@ class TestSettings:
 
 
 class TestEscapeProperty:
-    """Oracle: any text survives when each ``${`` in it is written ``$${`` (hypothesis)."""
+    """Oracle: any text survives when each ``${`` in it is written ``$${`` (hypothesis), as
+    `escape_references` writes it (import-mergekit's prompts, paths, templates)."""
 
     @settings(max_examples=300, deadline=None)
     @given(st.text(alphabet="${}ab_ \\", max_size=30))
     def test_escaped_text_is_literal(self, text):
         data = {"recipekit": 1, "variables": {"a": 1}, "models": {"m": "./m"},
                 "steps": [{"name": "s", "op": "layers", "from": "m", "layers": [0]}],
-                "description": text.replace("${", "$${")}
+                "description": escape_references(text)}
         assert load_recipe(data).document.data["description"] == text
+
+    def test_values_are_escaped_and_keys_kept(self):
+        assert escape_references({"${k}": ["${a}", {"b": "$${c}"}, 1, None]}) == {
+            "${k}": ["$${a}", {"b": "$$${c}"}, 1, None]}

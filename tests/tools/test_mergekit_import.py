@@ -168,6 +168,32 @@ def test_refusals(cli, tmp_path, monkeypatch, config, message):
     assert "Traceback" not in result.output
 
 
+def test_text_is_written_as_mergekit_reads_it(cli, tmp_path, monkeypatch):
+    """mergekit reads paths and chat templates as they are; a recipe substitutes `${name}`
+    and reads `$${` as `${`, so the importer writes every `${` as `$${`: a model directory
+    named `m${x}` and a template holding `${` and `$${` convert, and the run reads that
+    directory and writes that template, as mergekit does (chat_template.jinja)."""
+    import shutil
+
+    for name in ("a", "b"):
+        shutil.copytree(GOLDENS / "models" / name, tmp_path / "m${x}" / name)
+    template = "{% for m in messages %}${{ m['content'] }} $${cost}{% endfor %}"
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text(yaml.safe_dump({
+        "models": [{"model": "m${x}/a", "parameters": {"weight": 0.7}},
+                   {"model": "m${x}/b", "parameters": {"weight": 0.3}}],
+        "merge_method": "linear", "dtype": "float32", "chat_template": template}))
+    monkeypatch.chdir(tmp_path)
+    result = cli("import-mergekit", cfg, "-o", tmp_path / "r.yaml")
+    assert result.exit_code == 0, result.output
+    ran = cli("run", tmp_path / "r.yaml", "-q", "--no-fsync")
+    assert ran.exit_code == 0, ran.output
+    out = tmp_path / "out" / "r"
+    assert (out / "chat_template.jinja").read_text() == template
+    a = read_tensors(GOLDENS / "models" / "a")
+    assert set(read_tensors(out)) == set(a)
+
+
 @pytest.mark.parametrize("weight", ["{filter: mlp, value: 0.2}", "[{filter: mlp, value: 0.2}]"])
 def test_a_lone_filter_of_a_required_parameter_stays_a_filter(cli, tmp_path, monkeypatch,
                                                                weight):

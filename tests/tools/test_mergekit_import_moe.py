@@ -92,6 +92,38 @@ def test_converted_recipe_equals_mergekit_moe(cli, models, monkeypatch, tmp_path
         assert torch.equal(ours[name], tensor), name
 
 
+DOLLARS = CONFIG.replace("uniform_random", "cheap_embed").replace(
+    '["def f(x):"]', '["echo ${HOME}", "cost = $${price}", "$$$${"]')
+
+
+def test_prompts_are_mergekits_text(cli, models, monkeypatch):
+    """mergekit reads a prompt as is; a recipe substitutes `${name}` and reads `$${` as `${`.
+    "echo ${HOME}" was refused (unknown variable) and "cost = $${price}" tokenised as
+    "cost = ${price}" (routers 0.09 from mergekit's; found by a black-box check). Oracle: the
+    recipe recipekit loads holds mergekit's text."""
+    from recipekit.recipe import load_recipe
+
+    result, recipe = convert(cli, models, DOLLARS, monkeypatch)
+    assert result.exit_code == 0, result.output
+    step = load_recipe(recipe).steps["moe"]
+    assert step.spec["experts"][0]["positive_prompts"] == [
+        "echo ${HOME}", "cost = $${price}", "$$$${"]
+
+
+@needs_mergekit
+def test_prompts_with_dollars_equal_mergekit_moe(cli, models, monkeypatch, tmp_path):
+    result, recipe = convert(cli, models, DOLLARS, monkeypatch)
+    assert result.exit_code == 0, result.output
+    ran = cli("run", recipe, "-q", "--no-fsync", "-o", tmp_path / "rk")
+    assert ran.exit_code == 0, ran.output
+    ours = mixtral_as_mlp(read_tensors(tmp_path / "rk"))
+    theirs = unfuse_mergekit(run_mergekit_moe(models / "moe.yml", tmp_path / "mk", models,
+                                              seed=0))
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+
+
 @pytest.mark.parametrize("extra, message", [
     ("expert_per_token: 2\n", "expert_per_token: unknown mergekit-moe key `expert_per_token` "
      "(mergekit would silently ignore it); did you mean 'experts_per_token'?"),
