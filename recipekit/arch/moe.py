@@ -21,7 +21,8 @@ class MoeOutput:
     (gate, up, down) in the output; ``experts_key``: the config key of the expert count;
     ``shared_expert``: whether it has (and needs) exactly one shared expert;
     ``intermediate_keys``: config keys set to the experts' intermediate size; ``config``: the
-    other keys mergekit sets; ``zero_qkv_biases``: q/k/v biases the base lacks are written as
+    other keys mergekit sets; ``biases``: the per-layer biases it has a parameter for (a base's
+    other biases would be lost); ``zero_qkv_biases``: q/k/v biases the base lacks are written as
     zeros (Qwen2-MoE's attention always has them).
     """
 
@@ -32,11 +33,14 @@ class MoeOutput:
     shared_expert: bool
     intermediate_keys: tuple[str, ...]
     config: Mapping[str, Any] = field(default_factory=dict)
+    biases: tuple[str, ...] = ()
     zero_qkv_biases: bool = False
 
 
 _SAME = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
 _COMMON = {"output_router_logits": False, "router_aux_loss_coef": 0.001}
+#: Qwen2-MoE's attention: q/k/v biases (``qkv_bias``), none on o_proj or the MLPs
+_QKV_BIASES = tuple(f"self_attn.{p}_proj.bias" for p in "qkv")
 
 OUTPUTS: dict[str, MoeOutput] = {
     "mixtral": MoeOutput(
@@ -51,7 +55,7 @@ OUTPUTS: dict[str, MoeOutput] = {
         {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
          "decoder_sparse_step": 1, "norm_topk_prob": True, "sliding_window": None,
          "use_sliding_window": False, "mlp_only_layers": [], "qkv_bias": True, **_COMMON},
-        zero_qkv_biases=True),
+        biases=_QKV_BIASES, zero_qkv_biases=True),
     "qwen3_moe": MoeOutput(
         ("qwen3",), "mlp", _SAME, "num_local_experts", False, ("moe_intermediate_size",),
         {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",

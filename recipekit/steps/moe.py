@@ -183,18 +183,11 @@ def check_moe(step: Step, recipe: Recipe) -> list[RecipeError]:
                                    "expert(s)", hint="list at least as many experts as "
                                    "experts_per_token"))
     shared = spec.get("shared_experts", [])
-    arch = spec.get("architecture", "auto")
     if len(shared) > 1:
         errors.append(recipe.error(step.key_path + ("shared_experts",), f"{len(shared)} shared "
                                    "experts; Qwen2-MoE has one", hint="keep one"))
-    elif shared and arch in OUTPUTS and not OUTPUTS[arch].shared_expert:
-        errors.append(recipe.error(step.key_path + ("shared_experts",), f"architecture {arch} "
-                                   "has no shared expert", hint="use `architecture: "
-                                   f"{AUTO_WITH_SHARED}` or drop `shared_experts`"))
-    elif not shared and arch in OUTPUTS and OUTPUTS[arch].shared_expert:
-        errors.append(recipe.error(step.key_path + ("architecture",), f"{arch} needs one "
-                                   "shared expert (it always has one)",
-                                   hint="add `shared_experts: [{model: ...}]`"))
+    elif spec.get("architecture", "auto") in OUTPUTS:
+        errors += _shared_expert_errors(step, recipe, spec["architecture"])
     if mode == "random":
         return errors
     missing = [recipe.error(path, f"{'shared expert' if is_shared else 'expert'} has no "
@@ -216,6 +209,30 @@ def check_moe(step: Step, recipe: Recipe) -> list[RecipeError]:
     return errors
 
 
+def _shared_expert_errors(step: Step, recipe: Recipe, arch: str, picked_for: str | None = None
+                          ) -> list[RecipeError]:
+    """A shared expert where ``arch`` has none, or none where it needs one. ``picked_for``:
+    the base's model_type when `architecture: auto` chose ``arch`` (said in the message; under
+    auto the base's family decides, as mergekit's choice, reference/moe.md §2.1)."""
+    has = bool(step.spec.get("shared_experts"))
+    if has == OUTPUTS[arch].shared_expert:
+        return []
+    if picked_for is None:
+        what, key = f"architecture {arch}", ("architecture",)
+    else:
+        what = (f"base '{step.spec['base']}' is a {picked_for!r} model, for which "
+                f"`architecture: auto` writes {arch} (mergekit-moe's only MoE output for "
+                f"{picked_for} models); {arch}")
+        key = ("base",)
+    if has:
+        return [recipe.error(step.key_path + ("shared_experts",), f"{what} has no shared "
+                             "expert", hint="drop `shared_experts`" + (
+                                 f", or use `architecture: {AUTO_WITH_SHARED}`"
+                                 if picked_for is None else ""))]
+    return [recipe.error(step.key_path + key, f"{what} needs one shared expert (it always has "
+                         "one)", hint="add `shared_experts: [{model: ...}]`")]
+
+
 # -- the inputs -------------------------------------------------------------------------------
 
 
@@ -230,7 +247,11 @@ def _resolve(step: Step, models: Mapping[str, Any], recipe: Recipe, entry: Mappi
         fold = replace(step, name=f"{step.name}.{index}", op="adapters",
                        spec={"name": f"{step.name}.{index}", "op": "adapters",
                              "from": base_name, "adapters": [name]})
-        return build_adapters(fold, models, recipe)
+        try:
+            return build_adapters(fold, models, recipe)
+        except RecipeErrors as e:
+            raise RecipeErrors(_fold_errors(step, recipe, e.errors, path + ("adapter",))
+                               ) from None
     value = models[entry["model"]]
     if not isinstance(value, VirtualModel):
         raise RecipeErrors([recipe.error(path + ("model",), f"'{entry['model']}' is an adapter "
@@ -238,11 +259,30 @@ def _resolve(step: Step, models: Mapping[str, Any], recipe: Recipe, entry: Mappi
     return value
 
 
+def _fold_errors(step: Step, recipe: Recipe, errors: list[RecipeError], at: KeyPath
+                 ) -> list[RecipeError]:
+    """An adapter expert's fold errors as the user wrote it: the fold is a step the recipe does
+    not have, whose errors were located at its `adapters[0]` (a key the moe step lacks, so
+    the step's line) once per tensor (six errors for a LoRA trained on another intermediate
+    size; found by a black-box check). Those become one error at ``at`` (the expert's
+    ``adapter`` key) naming the first tensor and how many more; errors located elsewhere (the
+    adapter's own files) are kept."""
+    ours = [e for e in errors if tuple(e.key_path or ())[:len(step.key_path)] == step.key_path]
+    kept = [e for e in errors if e not in ours]
+    if not ours:
+        return kept
+    first = ours[0]
+    n = len(ours) - 1
+    more = f" (and {n} more tensor{'s' if n > 1 else ''} like it)" if n else ""
+    return [recipe.error(at, first.message + more, hint=first.hint), *kept]
+
+
 def _architecture(step: Step, recipe: Recipe, base: VirtualModel) -> str:
     """The output architecture: the step's, or mergekit's choice for the base's model_type."""
     model_type = base.config.get("model_type")
     wanted = step.spec.get("architecture", "auto")
-    if wanted == "auto":
+    auto = wanted == "auto"
+    if auto:
         wanted = choose_output(model_type, bool(step.spec.get("shared_experts")))
     if model_type not in OUTPUTS[wanted].built_from:
         # `auto` once wrote a Gemma, OLMo2, Granite... base as a Mixtral, which has no place for
@@ -256,6 +296,14 @@ def _architecture(step: Step, recipe: Recipe, base: VirtualModel) -> str:
             what += f"; {wanted} is built from {', '.join(OUTPUTS[wanted].built_from)} models"
             hint = "use experts and a base of one of those"
         raise RecipeErrors([recipe.error(step.key_path + ("base",), what, hint=hint)])
+    if auto:
+        # `check_moe` checks the shared expert against an explicit architecture only: a Qwen2
+        # base without one wrote a Qwen2-MoE lacking its shared-expert tensors, a Qwen3 base
+        # with one wrote tensors Qwen3-MoE drops (found by a black-box check); mergekit-moe
+        # finds no output for either
+        errors = _shared_expert_errors(step, recipe, wanted, picked_for=model_type)
+        if errors:
+            raise RecipeErrors(errors)
     return wanted
 
 
@@ -285,18 +333,29 @@ def _check_expert(step: Step, recipe: Recipe, base: VirtualModel, expert: Virtua
 
 
 def _biases(step: Step, recipe: Recipe, base: VirtualModel, arch: str) -> list[RecipeError]:
-    """Biases the output would lose: MLP biases (no MoE output has them), and for Mixtral and
-    Qwen3-MoE attention biases (mergekit drops them silently and the model breaks)."""
-    lost = [n for n in base.tensors if (hit := base.stack.split(n)) is not None
-            and hit[1].endswith(".bias")
-            and (hit[1].startswith("mlp.") or not OUTPUTS[arch].zero_qkv_biases)]
-    if not lost:
+    """Biases the output would lose: every per-layer bias the output architecture has no
+    parameter for (`MoeOutput.biases`: Qwen2-MoE's q/k/v; Mixtral and Qwen3-MoE none).
+    mergekit drops them silently and the model breaks; transformers drops them as unexpected
+    keys (a Llama base's o_proj bias in a Qwen2-MoE was once kept, and ignored at load)."""
+    kinds: dict[str, str] = {}  # relative bias name -> its first full name
+    for name in base.tensors:
+        hit = base.stack.split(name)
+        if hit is not None and hit[1].endswith(".bias") and hit[1] not in OUTPUTS[arch].biases:
+            kinds.setdefault(hit[1], name)
+    if not kinds:
         return []
+    shared = bool(step.spec.get("shared_experts"))
+    fits = [a for a, o in OUTPUTS.items() if a != arch
+            and base.config.get("model_type") in o.built_from and set(kinds) <= set(o.biases)]
+    hint = "use a base without those biases"
+    if fits:
+        hint += f", or `architecture: {fits[0]}`" + (
+            "" if shared or not OUTPUTS[fits[0]].shared_expert
+            else " with one shared expert (`shared_experts: [{model: ...}]`)")
+    lost = ", ".join(f"`{rel}`" for rel in kinds)
     return [recipe.error(step.key_path + ("base",), f"base '{step.spec['base']}' has biases "
-                         f"({lost[0]}, ...) that a {arch} model has no place for",
-                         hint="use a base without attention/MLP biases"
-                         + ("" if OUTPUTS[arch].zero_qkv_biases
-                            else f", or `architecture: {AUTO_WITH_SHARED}`"))]
+                         f"that a {arch} model has no place for ({lost} in its layers, first "
+                         f"{next(iter(kinds.values()))})", hint=hint)]
 
 
 # -- the output -------------------------------------------------------------------------------

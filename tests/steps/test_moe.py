@@ -348,18 +348,134 @@ class TestRefusals:
         assert not (tmp_path / "r" / "out" / "model.safetensors").exists()
 
 
-def test_attention_biases_are_refused_for_mixtral(cli, tmp_path):
-    """mergekit drops a Llama base's attention biases in a Mixtral and the model breaks
-    (reference/moe.md §6.1); recipekit refuses, and Qwen2-MoE (which has q/k/v biases) is the
-    way out it names."""
-    models = {"base": make_expert("llama", tmp_path / "base", seed=1, attention_bias=True)}
-    step = {"base": "base", "experts": [{"model": "base"}, {"model": "base"}],
-            "gate_mode": "random"}
-    result = cli("run", moe_recipe(tmp_path / "r", models, step), "-q")
+def refused(cli, recipe: Path) -> str:
+    """`recipekit run` of ``recipe``: exit 2, no traceback, nothing written; its stderr."""
+    result = cli("run", recipe, "-q")
     assert result.exit_code == 2, result.output
-    assert "steps[0].base: base 'base' has biases (model.layers.0.self_attn.k_proj.bias, ...) " \
-        "that a mixtral model has no place for; use a base without attention/MLP biases, or " \
-        "`architecture: qwen2_moe`" in result.output
+    assert "Traceback" not in result.output
+    assert not (recipe.parent / "out" / "model.safetensors").exists()
+    return result.stderr
+
+
+class TestBiases:
+    """A base bias the output architecture has no parameter for is refused: mergekit drops it
+    and the model breaks (reference/moe.md §6.1), and a kept one transformers drops as an
+    unexpected key. Oracle: transformers' modules (Mixtral's attention and every MoE's MLPs
+    have no bias, Qwen2-MoE's q/k/v do, its o_proj does not): what is accepted loads with no
+    missing or unexpected key."""
+
+    STEP = {"base": "base", "experts": [{"model": "base"}, {"model": "base"}],
+            "gate_mode": "random"}
+
+    def test_attention_biases_are_refused_for_mixtral(self, cli, tmp_path):
+        """A Llama's `attention_bias` gives o_proj a bias too, which Qwen2-MoE lacks: the
+        refusal no longer suggests `architecture: qwen2_moe`, which led to the next case."""
+        models = {"base": make_expert("llama", tmp_path / "base", seed=1, attention_bias=True)}
+        recipe = moe_recipe(tmp_path / "r", models, self.STEP)
+        assert f"{recipe}:7:9: steps[0].base: base 'base' has biases that a mixtral model " \
+            "has no place for (`self_attn.k_proj.bias`, `self_attn.o_proj.bias`, " \
+            "`self_attn.q_proj.bias`, `self_attn.v_proj.bias` in its layers, first " \
+            "model.layers.0.self_attn.k_proj.bias); use a base without those biases\n" \
+            in refused(cli, recipe)
+
+    def test_an_o_proj_bias_is_refused_for_qwen2_moe(self, cli, tmp_path):
+        """The same base with a shared expert (`auto` → Qwen2-MoE) was written with its o_proj
+        biases, which transformers dropped (unexpected keys): logits 0.54 off (found by a
+        black-box check)."""
+        models = {"base": make_expert("llama", tmp_path / "base", seed=1, attention_bias=True)}
+        step = {**self.STEP, "shared_experts": [{"model": "base"}]}
+        recipe = moe_recipe(tmp_path / "r", models, step)
+        assert "steps[0].base: base 'base' has biases that a qwen2_moe model has no place " \
+            "for (`self_attn.o_proj.bias` in its layers, first " \
+            "model.layers.0.self_attn.o_proj.bias); use a base without those biases\n" \
+            in refused(cli, recipe)
+
+    def test_qkv_biases_go_to_qwen2_moe_as_the_refusal_says(self, cli, tmp_path):
+        """A Llama-family base with q/k/v biases only: Mixtral is refused with the way out,
+        and following it gives a Qwen2-MoE that holds those biases and loads with nothing
+        missing or unexpected."""
+        from safetensors.torch import load_file, save_file
+
+        base = make_expert("llama", tmp_path / "base", seed=1, attention_bias=True)
+        tensors = load_file(base / "model.safetensors")
+        save_file({n: t for n, t in tensors.items() if not n.endswith("o_proj.bias")},
+                  base / "model.safetensors", metadata={"format": "pt"})
+        recipe = moe_recipe(tmp_path / "r", {"base": base}, self.STEP)
+        assert "; use a base without those biases, or `architecture: qwen2_moe` with one " \
+            "shared expert (`shared_experts: [{model: ...}]`)\n" in refused(cli, recipe)
+        step = {**self.STEP, "architecture": "qwen2_moe", "shared_experts": [{"model": "base"}]}
+        out = run_ok(cli, moe_recipe(tmp_path / "q", {"base": base}, step))
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            name = f"model.layers.1.self_attn.{proj}.bias"
+            assert torch.equal(out[name], tensors[name]), name
+        assert not [n for n in out if n.endswith("o_proj.bias")]
+        _, info = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "q" / "out",
+                                                          output_loading_info=True)
+        assert not any(info.values()), info
+
+
+class TestAutoArchitecture:
+    """`architecture: auto` picks by the base's family (reference/moe.md §2.1); the shared
+    expert is then checked against the pick, as for an explicit architecture. Oracles:
+    mergekit-moe, which finds no output for either case (its only Qwen2 output needs a shared
+    expert, its only Qwen3 output has none); transformers, which random-initialised the
+    missing shared expert of the Qwen2-MoE written before and dropped the Qwen3-MoE's (found by
+    a black-box check)."""
+
+    @staticmethod
+    def case(tmp_path: Path, family: str) -> tuple[dict[str, Path], dict]:
+        if family == "qwen2":
+            models = {"base": make_expert("qwen2", tmp_path / "base", seed=1),
+                      "b": make_expert("qwen2", tmp_path / "b", seed=2)}
+            return models, {"base": "base", "experts": [{"model": "b"}, {"model": "base"}],
+                            "gate_mode": "random"}
+        models = {"base": make_qwen3(tmp_path / "base", seed=1),
+                  "b": make_qwen3(tmp_path / "b", seed=2)}
+        return models, {"base": "base", "experts": [{"model": "b"}, {"model": "base"}],
+                        "shared_experts": [{"model": "b"}], "gate_mode": "random"}
+
+    @pytest.mark.parametrize("family,message", [
+        ("qwen2", ":8:9: steps[0].base: base 'base' is a 'qwen2' model, for which "
+         "`architecture: auto` writes qwen2_moe (mergekit-moe's only MoE output for qwen2 "
+         "models); qwen2_moe needs one shared expert (it always has one); add "
+         "`shared_experts: [{model: ...}]`\n"),
+        ("qwen3", ":13:3: steps[0].shared_experts: base 'base' is a 'qwen3' model, for which "
+         "`architecture: auto` writes qwen3_moe (mergekit-moe's only MoE output for qwen3 "
+         "models); qwen3_moe has no shared expert; drop `shared_experts`\n"),
+    ], ids=["qwen2-without-shared", "qwen3-with-shared"])
+    def test_refused(self, cli, tmp_path, family, message):
+        models, step = self.case(tmp_path, family)
+        recipe = moe_recipe(tmp_path / "r", models, step)
+        assert f"{recipe}{message}" in refused(cli, recipe)
+
+    @needs_mergekit
+    @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+    def test_mergekit_refuses_too(self, tmp_path, family):
+        models, step = self.case(tmp_path, family)
+        config = mergekit_config(tmp_path, models, "base", [dict(e) for e in step["experts"]],
+                                 gate_mode="random", **({"shared_experts": [{
+                                     "source_model": str(models["b"])}]}
+                                     if "shared_experts" in step else {}))
+        with pytest.raises(AssertionError, match="No output architecture found that is "
+                                                 "compatible with the given models"):
+            run_mergekit_moe(config, tmp_path / "mk", tmp_path)
+
+
+def test_an_adapter_experts_errors_are_one_located_paragraph(cli, tmp_path, dense):
+    """A LoRA trained on another intermediate size: one error at the expert's `adapter` key,
+    not one per tensor at `steps[0].adapters[0]` (a key the moe step has not; found by a
+    black-box check)."""
+    other = make_model("llama", tmp_path / "i48", layers=3, seed=1, intermediate_size=48)
+    lora = make_adapter("llama", other, tmp_path / "lora", seed=7, r=4,
+                        target_modules=["gate_proj", "up_proj", "down_proj"])
+    step = {"base": "base", "experts": [{"model": "a"}, {"adapter": "lora"}],
+            "gate_mode": "random"}
+    recipe = moe_recipe(tmp_path / "r", dense, step, adapters={"lora": lora})
+    assert refused(cli, recipe) == (
+        f"{recipe}:15:14: steps[0].experts[1].adapter: adapter 'lora' updates "
+        "`model.layers.0.mlp.down_proj.weight` as [32, 48], but it is [32, 64] in 'base' (and "
+        "8 more tensors like it); the adapter was trained on a model of other dimensions (or "
+        "vocabulary size)\n      - adapter: lora\n                 ^\n")
 
 
 def test_a_base_no_moe_architecture_is_built_from_is_refused(cli, tmp_path):
