@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 from recipekit.arch import ConfigKey, LayerStack, with_config
 from recipekit.arch.moe import AUTO_WITH_SHARED, OUTPUTS, choose_output, config_keys
-from recipekit.dtypes import torch_dtype
+from recipekit.dtypes import NAME_TO_CODE, torch_dtype
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors
 from recipekit.graph import Node, SameShape, VirtualModel, cast, intern
 from recipekit.graph.adapterset import AdapterSet
@@ -477,7 +477,12 @@ def build_moe(step: Step, models: Mapping[str, Any], recipe: Recipe) -> VirtualM
         raise RecipeErrors(errors)
     routed = [(m, e) for m, e, s in resolved if not s]
     shared = next(((m, e) for m, e, s in resolved if s), None)
-    dtype = _mlp(base, 0, "gate_proj").dtype  # type: ignore[union-attr]
+    # mergekit-moe casts every expert tensor and router once, from its source dtype, to its out
+    # dtype: `dtype:` (our `output.dtype`), else the base's. Rounding to the base's first made
+    # an fp32 expert in a bf16-base MoE written as float32 the bf16-rounded weights (found by
+    # a black-box check).
+    dtype = (NAME_TO_CODE[recipe.output.dtype] if recipe.output.dtype
+             else _mlp(base, 0, "gate_proj").dtype)  # type: ignore[union-attr]
     routers = _routers(step, recipe, base, len(resolved), dtype)
     seed = int(step.spec.get("seed", 0))
     tensors: dict[str, Node] = {}

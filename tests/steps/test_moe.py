@@ -461,6 +461,41 @@ class TestAutoArchitecture:
             run_mergekit_moe(config, tmp_path / "mk", tmp_path)
 
 
+class TestOutputDtype:
+    """An `output.dtype` other than the base's: every expert tensor is its source cast once,
+    as mergekit-moe casts it to its `dtype` (reference/moe.md §6.7). An fp32 expert in a bf16
+    base's MoE written as float32 was rounded to bf16 first (found by a black-box check)."""
+
+    @pytest.fixture
+    def bf16(self, tmp_path, dense) -> dict[str, Path]:
+        return {"base": make_expert("llama", tmp_path / "bf16", seed=5, dtype=torch.bfloat16),
+                "a": dense["a"]}
+
+    STEP = {"base": "base", "experts": [{"model": "a"}, {"model": "base"}],
+            "gate_mode": "random", "seed": 42}
+
+    def test_a_wider_output_keeps_the_experts_bits(self, cli, tmp_path, bf16):
+        out = run_ok(cli, moe_recipe(tmp_path / "r", bf16, self.STEP,
+                                     output={"dtype": "float32"}))
+        a = read_tensors(bf16["a"])
+        for layer in range(3):
+            for w, p in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                got = out[f"model.layers.{layer}.block_sparse_moe.experts.0.{w}.weight"]
+                assert torch.equal(got, a[f"model.layers.{layer}.mlp.{p}.weight"]), (layer, w)
+
+    @needs_mergekit
+    def test_equals_mergekit(self, cli, tmp_path, bf16):
+        ours = run_ok(cli, moe_recipe(tmp_path / "r", bf16, self.STEP,
+                                      output={"dtype": "float32"}))
+        theirs = run_mergekit_moe(mergekit_config(
+            tmp_path, bf16, "base", [dict(e) for e in self.STEP["experts"]],
+            gate_mode="random", dtype="float32"), tmp_path / "mk", tmp_path)
+        mine, ref = mixtral_as_mlp(ours), unfuse_mergekit(theirs)
+        assert set(mine) == set(ref)
+        for name, tensor in ref.items():
+            assert mine[name].dtype == tensor.dtype and torch.equal(mine[name], tensor), name
+
+
 def test_an_adapter_experts_errors_are_one_located_paragraph(cli, tmp_path, dense):
     """A LoRA trained on another intermediate size: one error at the expert's `adapter` key,
     not one per tensor at `steps[0].adapters[0]` (a key the moe step has not; found by a
