@@ -45,8 +45,10 @@ from recipekit.steps.moe_gates import ExpertPrompts, prompt_gate_nodes, prompt_g
 from recipekit.steps.registry import Op
 from recipekit.steps.reinit import Fill
 
-#: gate modes; mergekit's default is ``hidden``
-GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
+#: gate modes; mergekit's default is ``hidden``, which it also calls ``hidden_last``
+GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random")
+#: mergekit-moe's other names for a mode (its router.py: ``hidden_last`` is ``hidden``)
+GATE_MODE_ALIASES = {"hidden_last": "hidden"}
 RANDOM_MODES = ("random", "uniform_random")
 MLP = ("gate_proj", "up_proj", "down_proj")
 #: RSS a process gains the first time it runs torch's CPU generator and the elementwise
@@ -149,6 +151,12 @@ def noise_key(seed: int, tensor: str) -> tuple[int, int]:
     digest = hashlib.sha256(f"{seed}\0{tensor}\0moe-noise".encode()).digest()
     return (int.from_bytes(digest[:4], "little", signed=True),
             int.from_bytes(digest[4:8], "little", signed=True))
+
+
+def gate_mode(step: Step) -> str:
+    """The step's gate mode, mergekit's aliases read as the mode they name."""
+    mode = step.spec.get("gate_mode", "hidden")
+    return GATE_MODE_ALIASES.get(mode, mode)
 
 
 # -- the recipe alone -------------------------------------------------------------------------
@@ -364,7 +372,7 @@ def _biases(step: Step, recipe: Recipe, base: VirtualModel, arch: str) -> list[R
 def _routers(step: Step, recipe: Recipe, base: VirtualModel, gates: int, dtype: str
              ) -> list[Node]:
     """One (gates, hidden) router node per layer, routed rows first, the shared row last."""
-    mode = step.spec.get("gate_mode", "hidden")
+    mode = gate_mode(step)
     layers = base.stack.num_layers
     hidden = _mlp(base, 0, "gate_proj").shape[1]  # type: ignore[union-attr]
     if mode in RANDOM_MODES:
@@ -507,7 +515,7 @@ def build_moe(step: Step, models: Mapping[str, Any], recipe: Recipe) -> VirtualM
     return VirtualModel(step.name, with_config(base.config, updates), tensors, stack, base.donor,
                         base.changed | frozenset(updates),
                         meta={"moe": {"architecture": arch, "experts": len(routed),
-                                      "gate_mode": step.spec.get("gate_mode", "hidden"),
+                                      "gate_mode": gate_mode(step),
                                       **prompt_gates_meta(step)}})
 
 

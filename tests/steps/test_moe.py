@@ -496,6 +496,18 @@ class TestOutputDtype:
             assert mine[name].dtype == tensor.dtype and torch.equal(mine[name], tensor), name
 
 
+def test_hidden_last_is_hidden(cli, tmp_path, dense):
+    """mergekit-moe's `hidden_last` is its `hidden` (router.py; reference/moe.md §1.1), and
+    the recipe takes it too (it was refused with "did you mean 'hidden_avg'?", a mode that
+    routes differently): the same output, byte for byte."""
+    step = {"base": "base", "experts": [{"model": "a", **PROMPTS[0]},
+                                        {"model": "b", **PROMPTS[1]}]}
+    hidden = run_ok(cli, moe_recipe(tmp_path / "h", dense, {**step, "gate_mode": "hidden"}))
+    last = run_ok(cli, moe_recipe(tmp_path / "l", dense, {**step, "gate_mode": "hidden_last"}))
+    assert set(hidden) == set(last)
+    assert all(torch.equal(hidden[n], last[n]) for n in hidden)
+
+
 def test_an_adapter_experts_errors_are_one_located_paragraph(cli, tmp_path, dense):
     """A LoRA trained on another intermediate size: one error at the expert's `adapter` key,
     not one per tensor at `steps[0].adapters[0]` (a key the moe step has not; found by a
