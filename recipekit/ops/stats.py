@@ -148,8 +148,9 @@ class TensorStats:
 @dataclass
 class DiffStats:
     """Running max/mean |a − b|, ‖a − b‖², ‖a‖², ‖b‖² and a·b of two aligned value streams,
-    and whether every pair is equal. ``max_abs`` and ``sum_abs`` are stored divided by
-    2^scale, the squares by 4^scale (module docstring)."""
+    and whether every pair is equal. The squares are stored divided by 4^scale (module
+    docstring); ``max_abs`` and ``sum_abs`` as they are (a difference of 1e-300 beside values
+    of 1e300 must stay visible)."""
 
     count: int = 0  # pairs where both values are finite
     nonfinite: int = 0
@@ -175,21 +176,16 @@ class DiffStats:
         self.count += other.count
         self.nonfinite += other.nonfinite
         self.equal = self.equal and other.equal
-        self.max_abs = max(math.ldexp(self.max_abs, d), math.ldexp(other.max_abs, e))
-        self.sum_abs = math.ldexp(self.sum_abs, d) + math.ldexp(other.sum_abs, e)
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.sum_abs += other.sum_abs
         self.diff_sq = math.ldexp(self.diff_sq, 2 * d) + math.ldexp(other.diff_sq, 2 * e)
         self.a_sq = math.ldexp(self.a_sq, 2 * d) + math.ldexp(other.a_sq, 2 * e)
         self.b_sq = math.ldexp(self.b_sq, 2 * d) + math.ldexp(other.b_sq, 2 * e)
         self.dot = math.ldexp(self.dot, 2 * d) + math.ldexp(other.dot, 2 * e)
 
     @property
-    def largest(self) -> float:
-        """max |a − b| (``max_abs`` is stored scaled); Inf beyond fp64's range."""
-        return _ldexp(self.max_abs, self.scale)
-
-    @property
     def mean_abs(self) -> float:
-        return _ldexp(self.sum_abs / self.count, self.scale) if self.count else 0.0
+        return self.sum_abs / self.count if self.count else 0.0
 
     @property
     def rel_norm(self) -> float:
@@ -216,7 +212,7 @@ class DiffStats:
             return {"max_abs": None, "mean_abs": None, "rel_norm": None, "cosine": None,
                     "nonfinite": self.nonfinite, "equal": self.equal}
         rel = self.rel_norm
-        return {"max_abs": _finite_or_none(self.largest),
+        return {"max_abs": _finite_or_none(self.max_abs),
                 "mean_abs": _finite_or_none(self.mean_abs),
                 "rel_norm": None if math.isinf(rel) else rel, "cosine": self.cosine,
                 "nonfinite": self.nonfinite, "equal": self.equal}
@@ -372,10 +368,12 @@ def piece_diff(a: np.ndarray, b: np.ndarray, work_a: np.ndarray | None = None,
         if nonfinite:
             x, y, n = x[both], y[both], count
             aa, bb = float(np.dot(x, x)), float(np.dot(y, y))
-    scale = 0
+    scale, apart = 0, None
     if np.float64 in (fa.dtype, fb.dtype) and not (_BIG ** -2 < max(aa, bb) < _BIG):
         scale = _piece_scale(max(float(np.abs(x).max()), float(np.abs(y).max())))
-        if scale:
+        if scale:  # |a − b| as it is (its small values would vanish scaled), squares scaled
+            with np.errstate(over="ignore"):
+                apart = np.abs(x - y)
             _scale_down(x, scale)
             _scale_down(y, scale)
             aa, bb = float(np.dot(x, x)), float(np.dot(y, y))
@@ -384,8 +382,11 @@ def piece_diff(a: np.ndarray, b: np.ndarray, work_a: np.ndarray | None = None,
     np.abs(x, out=x)
     if fa.dtype.kind in "iu" and fb.dtype.kind in "iu":
         _exact_integer_difference(fa, fb, x)
-    largest = float(x.max())
-    return DiffStats(n, nonfinite, largest, float(x.sum()), float(np.dot(x, x)), aa, bb, ab,
+    elif (fa.dtype.kind in "iu") != (fb.dtype.kind in "iu") and equal:
+        equal = _integers_equal_floats(fa, fb)  # fp64 copies round integers above 2^53
+    shown = x if apart is None else apart
+    largest = float(shown.max())
+    return DiffStats(n, nonfinite, largest, float(shown.sum()), float(np.dot(x, x)), aa, bb, ab,
                      equal and largest == 0.0, scale)
 
 
@@ -400,9 +401,27 @@ def _exact_integer_difference(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> 
     """|a − b| of two integer pieces into ``out`` (fp64), from the exact integer difference:
     fp64 copies of integers above 2^53 round, and their difference can vanish (2^53 + 1
     against 2^53). In uint64 arithmetic, modulo 2^64, the larger minus the smaller is exact
-    for any two 64-bit integers."""
+    unless it is 2^64 or more, which only a negative value against a uint64 one reaches (-1
+    against 2^64 − 1: the same bits); those pairs are taken in Python integers."""
     au, bu = a.astype(np.uint64), b.astype(np.uint64)  # int64 wraps to v + 2^64: fine mod 2^64
     np.copyto(out, np.where(a >= b, au - bu, bu - au), casting="unsafe")
+    if np.uint64 in (a.dtype, b.dtype) and (a.dtype.kind == "i" or b.dtype.kind == "i"):
+        wide = np.flatnonzero((a < 0) | (b < 0))  # the signed side's negatives
+        if wide.size:
+            out[wide] = np.abs(a[wide].astype(object) - b[wide].astype(object)).astype(float)
+
+
+def _integers_equal_floats(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether an integer piece and a floating one hold the same numbers, exactly: the float
+    must be integral, in the integer type's range, and equal once converted (an fp64 copy of
+    2^53 + 1 would equal 2.0^53)."""
+    ints, floats = (a, b) if a.dtype.kind in "iu" else (b, a)
+    f = floats.astype(np.float64)
+    info = np.iinfo(ints.dtype)
+    top = 2.0 ** info.bits if info.min == 0 else -float(info.min)  # exclusive, exact in fp64
+    if not (np.all(np.trunc(f) == f) and np.all(f >= float(info.min)) and np.all(f < top)):
+        return False
+    return bool(np.array_equal(f.astype(ints.dtype), ints))
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
