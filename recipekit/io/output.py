@@ -63,14 +63,21 @@ def _state_denied(out: Path, verb: str, e: OSError) -> OutputError:
 
 @dataclass
 class State:
+    """``finished``: shards renamed into place (size, sha256); ``written``: the other files
+    written so far, recorded as each is renamed into place (None: a state file of a version
+    that did not record them), so that ``--force`` over an interrupted run can tell a file
+    put there since from its own."""
+
     plan_hash: str
     files: list[str]
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
     complete: bool = False
+    written: dict[str, dict[str, Any]] | None = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return dumps({"plan_hash": self.plan_hash, "files": self.files,
-                      "finished": self.finished, "complete": self.complete})
+        doc = {"plan_hash": self.plan_hash, "files": self.files, "finished": self.finished,
+               "complete": self.complete}
+        return dumps(doc if self.written is None else {**doc, "written": self.written})
 
 
 def _stored_state(path: Path, key: str) -> Any:
@@ -223,8 +230,10 @@ class OutputDir:
                     old = finished
                 else:
                     raw = json.loads(state_path.read_text())
+                    written = raw.get("written")
                     old = State(raw["plan_hash"], list(raw["files"]), dict(raw["finished"]),
-                                bool(raw.get("complete")))
+                                bool(raw.get("complete")),
+                                None if written is None else dict(written))
             except OSError as e:
                 if e.errno in _DENIED:
                     raise _state_denied(self.path, "read", e) from None
@@ -238,6 +247,7 @@ class OutputDir:
             if old.plan_hash == self.plan_hash and not self.force:
                 self.state.finished = {k: v for k, v in old.finished.items()
                                        if self._still_there(k, v)}
+                self.state.written = None if old.written is None else dict(old.written)
                 self._unrecorded = frozenset(
                     rel for rel in old.files if rel not in self.state.finished
                     and os.path.lexists(self.path / rel))
@@ -254,20 +264,47 @@ class OutputDir:
             # Refuse before deleting anything: a --force that would refuse afterwards (files
             # recipekit did not write stay there) must leave the directory as it found it.
             edited = self._edited() if finished is not None else frozenset()
-            self._refuse_foreign(keep=self._listed(old.files) - edited, edited=edited)
+            strangers = self._strangers(old) if finished is None else frozenset()
+            self._refuse_foreign(keep=self._listed(old.files) - edited - strangers,
+                                 edited=edited, strangers=strangers)
             # First say, durably, that nothing here is finished: a kill while deleting must not
             # leave a state that calls a half-deleted output complete. The file list stays, so a
             # rerun (with either plan) still knows what recipekit wrote.
-            write_file_atomic(state_path, State(old.plan_hash, old.files).to_json(),
-                              fsync=self.fsync)
+            # The small files' records go with it (`_strangers`): from the manifest, or from
+            # the interrupted run's state file.
+            written = dict(self._written) if finished is not None else old.written
+            write_file_atomic(state_path, State(old.plan_hash, old.files, written=written)
+                              .to_json(), fsync=self.fsync)
             self._delete_listed(old.files)
         self._refuse_foreign()
 
+    def _strangers(self, old: State) -> frozenset[str]:
+        """The files at names an interrupted run listed but had not written, or had written
+        and that changed since (other than shards: a shard renamed into place just before a
+        kill is not recorded yet, and holds what the old plan wrote): put there by someone
+        else, so not recipekit's to delete. Empty for a state file that recorded no written
+        files (an older version's)."""
+        if old.written is None:
+            return frozenset()
+        out = set()
+        for rel in old.files:
+            p = self.path / rel
+            if rel in old.finished or rel.endswith(".safetensors") or not _inside(p, self.path) \
+                    or not os.path.lexists(p):
+                continue
+            record = old.written.get(rel)
+            if record is None or p.is_symlink() or not p.is_file() \
+                    or p.stat().st_size != record["size"] or sha256_path(p) != record["sha256"]:
+                out.add(Path(os.path.normpath(rel)).as_posix())
+        return frozenset(out)
+
     def _refuse_foreign(self, keep: frozenset[str] = frozenset(),
-                        edited: frozenset[str] = frozenset()) -> None:
+                        edited: frozenset[str] = frozenset(),
+                        strangers: frozenset[str] = frozenset()) -> None:
         """Refuse a directory holding entries recipekit did not write (``keep``: relative paths
         of files `_delete_listed` is about to delete, judged before deleting them; ``edited``:
-        files it wrote that were changed since, named as such)."""
+        files it wrote that were changed since, named as such; ``strangers``: files at names
+        an interrupted run had not written, `_strangers`)."""
         # Our own temp files (a run killed mid-write) are not foreign: a rerun replaces them.
         # A temp name that is a link, a folder or another user's file is not ours.
         foreign = sorted(p.name for p in self.path.iterdir()
@@ -277,8 +314,10 @@ class OutputDir:
             named = []
             for n in foreign:
                 changed = sorted(e for e in edited if e == n or e.startswith(n + "/"))
+                put = sorted(e for e in strangers if e == n or e.startswith(n + "/"))
                 named.append(f"{', '.join(changed)} (changed since recipekit wrote it)"
-                             if changed else n)
+                             if changed else f"{', '.join(put)} (put there or changed "
+                             "after the interrupted run)" if put else n)
             shown = ", ".join(named[:4]) + (", ..." if len(named) > 4 else "")
             raise OutputPathError(
                 f"output directory {display_path(self.path)} holds files recipekit did not "
@@ -386,10 +425,19 @@ class OutputDir:
     def write_file(self, rel: str, data: bytes) -> None:
         self._write_checked(rel, data, None)
         write_file_atomic(self._parent_made(rel) / Path(rel).name, data, fsync=self.fsync)
+        self._record_written(rel)
 
     def copy_file(self, src: Path, rel: str) -> None:
         self._write_checked(rel, None, src)
         copy_file_atomic(src, self._parent_made(rel) / Path(rel).name, fsync=self.fsync)
+        self._record_written(rel)
+
+    def _record_written(self, rel: str) -> None:
+        """Record a small file in the state file once it is in place (`_strangers`); the
+        manifest, written last, records them all in its stead."""
+        if rel not in self._last and self.state.written is not None:
+            self.state.written[rel] = self.file_record(rel)
+            self.save_state()
 
     def _parent_made(self, rel: str) -> Path:
         """The folder of ``rel`` under the output, made if needed; a folder that is a symlink

@@ -125,3 +125,43 @@ class TestResumeKeepsFilesPutThere:
         assert result.exit_code == 0, result.output
         assert (out / self.SHARD.format(3)).read_bytes() == (clean / self.SHARD.format(3)
                                                                ).read_bytes()
+
+    def test_force_keeps_a_file_put_there(self, cli, interrupted):
+        """`--force` after that refusal deleted the file (the state file lists every name the
+        run would write, written or not; found by a black-box check of the resume fix): the
+        state now records each small file as it is written, and `--force` over an interrupted
+        run refuses, deleting nothing, when a listed name holds a file it did not record."""
+        recipe, out, _ = interrupted
+        (out / "README.md").write_bytes(b"mine\n")
+        before = _listing(out)
+        other = recipe.read_text().replace('"range(2,8)"', '"range(4,8)"')
+        recipe.write_text(other)
+        result = cli("run", recipe, "-q", "--force")
+        assert result.exit_code == 2, result.output
+        assert "README.md (put there or changed after the interrupted run)" in result.stderr
+        assert _listing(out) == before and (out / "README.md").read_bytes() == b"mine\n"
+
+    def test_force_replaces_what_the_interrupted_run_wrote(self, cli, tmp_path, model_copy,
+                                                           monkeypatch):
+        """Killed after its config.json and donor files were written (recorded), before its
+        model card: `--force` with another plan deletes them as its own and writes the new
+        output."""
+        import recipekit
+        import recipekit.run.finish as fin
+
+        recipe = write_recipe(tmp_path, solar_recipe(output="  path: ./out\n  shard_size: 100KB"))
+
+        def killed(plan):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(fin, "build_model_card", killed)
+        with pytest.raises(KeyboardInterrupt):
+            recipekit.run(recipe, progress=None, fsync=False)
+        monkeypatch.undo()
+        out = tmp_path / "out"
+        assert (out / "config.json").exists() and not (out / "README.md").exists()
+        recipe.write_text(recipe.read_text().replace('"range(2,8)"', '"range(4,8)"'))
+        result = cli("run", recipe, "-q", "--force")
+        assert result.exit_code == 0, result.output
+        assert cli("verify", out).exit_code == 0
+
