@@ -133,11 +133,12 @@ class RecipekitError(Exception):
         hint: str | None = None,
         location: Location | None = None,
     ) -> None:
+        message = hide_credentials(message)
         super().__init__(message)
         self.message = message
         self.key_path = key_path
-        self.file = file
-        self.hint = hint
+        self.file = file if file is None else hide_credentials(file)
+        self.hint = hint if hint is None else hide_credentials(hint)
         self.location = location
 
     def render(self) -> str:
@@ -151,7 +152,7 @@ class RecipekitError(Exception):
         text = self.message
         if self.hint:
             text = f"{text}; {self.hint}" if not text.endswith(".") else f"{text} {self.hint}"
-        line = ": ".join([*head, text])
+        line = hide_credentials(": ".join([*head, text]))  # also what was set after __init__
         loc = self.location
         if loc is not None and loc.text is not None and loc.line is not None:
             text, column = _excerpt(loc.text, loc.column or 1)
@@ -162,15 +163,31 @@ class RecipekitError(Exception):
         return self.render()
 
 
+#: A URL's user and secret (``s3://KEY:SECRET@bucket``), never shown in a message.
+_CREDENTIALS = re.compile(r"([A-Za-z][\w+.-]*://)[^/@\s\"'`]+@")
+
+
+def hide_credentials(text: str) -> str:
+    """``text`` with every URL's user and secret written ``***``: a recipe or command line
+    that holds credentials is refused, and no message (nor the line it quotes, nor a JSON
+    error) may repeat them."""
+    return _CREDENTIALS.sub(r"\1***@", text)
+
+
 def _excerpt(text: str, column: int) -> tuple[str, int]:
     """The user's line for the caret display, escaped, and the caret's column in it: a long
-    line is cut to `ECHO_LIMIT` characters around the column."""
+    line is cut to `ECHO_LIMIT` characters around the column. A URL's credentials are written
+    ``***`` (the message refusing them must not print them in the line it quotes)."""
     column = max(column, 1)
     start = max(0, min(column - 1 - ECHO_LIMIT // 2, len(text) - ECHO_LIMIT))
     cut = text[start:start + ECHO_LIMIT]
-    before = printable(cut[:column - 1 - start])
+
+    def shown(part: str) -> str:
+        return printable(hide_credentials(part))
+
+    before = shown(cut[:column - 1 - start])
     lead, tail = ("..." if start else ""), ("..." if start + ECHO_LIMIT < len(text) else "")
-    return lead + before + printable(cut[column - 1 - start:]) + tail, len(lead + before) + 1
+    return lead + before + shown(cut[column - 1 - start:]) + tail, len(lead + before) + 1
 
 
 class UsageError(RecipekitError):

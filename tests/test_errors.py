@@ -90,3 +90,33 @@ def test_a_400_digit_number_is_shortened(cli, tmp_path, model_copy):
     assert result.stderr.splitlines()[0] == (
         f"{recipe}:8:14: steps[0].layers[0]: range(0,{'9' * (ECHO_LIMIT - 8)}... reaches "
         f"layer {'9' * ECHO_LIMIT}... but model 'tiny' has 8 layers (0-7); use indices below 8")
+
+
+def test_no_message_repeats_a_urls_credentials(cli, tmp_path, model_copy):
+    """A refused URL's credentials were redacted in some messages only: the line a message
+    quotes, a chat template `file:` URL (read as a local path "s3:/bkt/..."), a `tokenizer:`
+    naming no model, and a sweep's combination names printed them (found by a black-box
+    check). Every message, its quoted line, and a JSON error hide them now."""
+    secret = "s3://AKIAX:TopSecret9@bkt"
+    recipe = write_recipe(tmp_path, f"""
+recipekit: 1
+models: {{a: {model_copy}, b: {model_copy}}}
+steps: [{{name: mix, op: merge, method: linear, from: [{{model: a, weight: 1}},
+          {{model: b, weight: 1}}], tokenizer: "{secret}/models/b"}}]
+output: {{path: ./out, chat_template: {{file: "{secret}/t.jinja"}}}}
+""")
+    for args in (("validate", recipe), ("validate", recipe, "--json")):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert "TopSecret9" not in result.output and "AKIAX" not in result.output
+        assert "s3://***@bkt/t.jinja is a URL; a chat template file is read from a local" \
+            in result.output
+    variables = write_recipe(tmp_path, f"""
+recipekit: 1
+variables: {{src: {model_copy}}}
+models: {{a: "${{src}}"}}
+steps: [{{name: up, op: layers, layers: [{{model: a, range: "range(0,2)"}}]}}]
+output: {{path: ./swept}}
+""", name="sweep.yaml")
+    result = cli("sweep", variables, "--set", f"src={model_copy},{secret}/m", "--dry-run")
+    assert result.exit_code == 2 and "TopSecret9" not in result.output, result.output

@@ -21,7 +21,7 @@ from typing import Any
 
 from recipekit.errors import KeyPath, MergekitConfigError, RecipeError, RecipeErrors
 from recipekit.inputs.chat_template import setting_problem
-from recipekit.io.urls import is_url, local_path_text, url_problem
+from recipekit.io.urls import is_url, local_path_text, redact, url_problem
 from recipekit.recipe.document import Document, load_document, parse_document, show
 from recipekit.recipe.schema import coerce_numeric_strings, schema_errors, step_references
 from recipekit.recipe.types import (
@@ -379,7 +379,14 @@ def _output(doc: Document, out: Mapping[str, Any], names: _Names, last_step: str
         if problem is not None:
             errors.append(doc.error(("output", "chat_template"), problem[0], hint=problem[1]))
     elif isinstance(template, dict) and isinstance(template.get("file"), str):
-        _check_path_text(doc, ("output", "chat_template", "file"), template["file"], errors)
+        key = ("output", "chat_template", "file")
+        if is_url(template["file"]):  # was read as a local path, "s3:/bkt/t.jinja"
+            errors.append(doc.error(key, f"{redact(template['file'])} is a URL; a chat template "
+                                    "file is read from a local path", hint="download it and "
+                                    "name the local file (or write the template inline: "
+                                    "`chat_template: \"{% ... %}\"`)"))
+        else:
+            _check_path_text(doc, key, template["file"], errors)
     if url is not None:
         out_path = base_dir / "out" / file.stem  # unused: the output is `url`
     return Output(out_path, out_model, out.get("dtype"), shard_size, out.get("config"),

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from recipekit.errors import RecipeErrors, RecipekitError, UsageError, display_path
+from recipekit.io.urls import redact
 from recipekit.recipe.document import show
 from recipekit.recipe.variables import Settings, format_value, parse_value, split_setting
 
@@ -148,11 +149,13 @@ def parse_sweep_settings(texts: Iterable[str]) -> Settings:
 def combination_name(values: Mapping[str, Any]) -> str:
     """``{"alpha": 0.1, "method": "ties"}`` → ``alpha=0.1,method=ties``: one portable path
     component (bytes outside ``[A-Za-z0-9._+-]`` %-escaped; a name over 200 bytes keeps its
-    start and ends in a hash of the whole)."""
+    start and ends in a hash of the whole). A URL value's credentials are written ``***``: the
+    name is shown in messages (such a URL is refused, naming its combination) and is a
+    folder's name."""
     parts = []
     for name, value in values.items():
         text = _UNSAFE.sub(lambda m: b"%%%02X" % m.group(0)[0],
-                           format_value(value).encode()).decode()
+                           redact(format_value(value)).encode()).decode()
         parts.append(f"{name}={text}")
     out = ",".join(parts)
     if len(out) > _MAX_NAME:
