@@ -29,6 +29,7 @@ from recipekit.errors import (
 )
 
 from tests.helpers.builders import rewrite_reordered
+from tests.helpers.interrupt import interrupt_at_shard
 from tests.helpers.recipes import ROOT, solar_recipe, write_recipe
 
 #: Five shards of the 12-layer fp32 output (about 490 KB).
@@ -338,20 +339,10 @@ class TestLikeTheCli:
         assert len(r.shards) == 5
 
     def test_resume_and_already_complete(self, recipe, monkeypatch):
-        import recipekit.run.execute as ex
-
-        real, calls = ex.write_shard, []
-
-        def failing(plan, shard, *a, **k):
-            calls.append(shard.filename)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return real(plan, shard, *a, **k)
-
-        monkeypatch.setattr(ex, "write_shard", failing)
+        restore, _ = interrupt_at_shard(monkeypatch, 2)
         with pytest.raises(KeyboardInterrupt):
             recipekit.run(recipe, progress=None)
-        monkeypatch.setattr(ex, "write_shard", real)
+        restore()
         r = recipekit.run(recipe, progress=None)
         assert r.shards_resumed == 1 and [s.resumed for s in r.shards] == [True] + [False] * 4
         assert r.bytes_written == r.bytes_total - r.shards[0].bytes

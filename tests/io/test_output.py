@@ -11,6 +11,7 @@ import pytest
 
 from recipekit.io.output import OutputDir
 
+from tests.helpers.interrupt import interrupt_at_shard
 from tests.helpers.recipes import solar_recipe, write_recipe
 
 
@@ -79,22 +80,13 @@ class TestResumeKeepsFilesPutThere:
     @pytest.fixture
     def interrupted(self, tmp_path, model_copy, monkeypatch):
         import recipekit
-        import recipekit.run.execute as ex
 
         recipe = write_recipe(tmp_path, solar_recipe(output="  path: ./out\n  shard_size: 100KB"))
         clean = recipekit.run(recipe, output=str(tmp_path / "clean"), progress=None, fsync=False)
-        real, calls = ex.write_shard, []
-
-        def failing(plan, shard, *a, **k):
-            calls.append(shard.filename)
-            if len(calls) == 3:
-                raise KeyboardInterrupt
-            return real(plan, shard, *a, **k)
-
-        monkeypatch.setattr(ex, "write_shard", failing)
+        restore, _ = interrupt_at_shard(monkeypatch, 3)
         with pytest.raises(KeyboardInterrupt):
             recipekit.run(recipe, progress=None, fsync=False)
-        monkeypatch.setattr(ex, "write_shard", real)
+        restore()
         return recipe, tmp_path / "out", clean.output
 
     @pytest.mark.parametrize("name", ["config.json", "README.md", SHARD.format(4)])

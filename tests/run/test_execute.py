@@ -24,6 +24,7 @@ from safetensors import safe_open
 from recipekit.plan.cost import KEPT_HEAP, KEPT_HEAP_MAX
 
 from tests.helpers.builders import read_tensors, rewrite_reordered
+from tests.helpers.interrupt import interrupt_at_shard
 from tests.helpers.memory import MEASURE
 from tests.helpers.recipes import ROOT, solar_recipe, write_recipe
 
@@ -163,19 +164,8 @@ class TestRerun:
 
     def test_interrupted_run_resumes_finished_shards(self, cli, tmp_path, tiny_llama,
                                                      monkeypatch):
-        import recipekit.run.execute as ex
-
         r = solar(tmp_path, tiny_llama)
-        real = ex.write_shard
-        calls = []
-
-        def failing(plan, shard, *a, **k):
-            calls.append(shard.filename)
-            if len(calls) == 3:
-                raise KeyboardInterrupt
-            return real(plan, shard, *a, **k)
-
-        monkeypatch.setattr(ex, "write_shard", failing)
+        restore, calls = interrupt_at_shard(monkeypatch, 3)
         result = cli("run", r, "-q", "--json")
         assert result.exit_code == 130
         # a JSON Lines reader gets a last event (it stopped after the second shard's)
@@ -186,7 +176,7 @@ class TestRerun:
         assert finished == calls[:2]
         assert not (out / "recipekit.json").exists()
         assert not list(out.glob(".*partial"))
-        monkeypatch.setattr(ex, "write_shard", real)
+        restore()
         result = ok(cli, "run", r, "-q")
         assert ", 2 resumed" in result.stdout
         fresh = tmp_path / "fresh"
