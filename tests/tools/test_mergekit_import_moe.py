@@ -84,9 +84,14 @@ def test_converted_recipe_equals_mergekit_moe(cli, models, monkeypatch, tmp_path
     recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
     ran = cli("run", recipe, "-q", "--no-fsync")
     assert ran.exit_code == 0, ran.output
-    ours = mixtral_as_mlp(read_tensors(tmp_path / "rk"))
-    theirs = unfuse_mergekit(run_mergekit_moe(models / "moe.yml", tmp_path / "mk", models,
-                                              seed=0))
+    assert_equals_mergekit_moe(tmp_path / "rk", models, tmp_path / "mk")
+
+
+def assert_equals_mergekit_moe(ours_dir, models, mk_dir) -> None:
+    """Every tensor of recipekit's output (Mixtral layout) bit-equal to mergekit-moe's, run on
+    ``models``' moe.yml with seed 0."""
+    ours = mixtral_as_mlp(read_tensors(ours_dir))
+    theirs = unfuse_mergekit(run_mergekit_moe(models / "moe.yml", mk_dir, models, seed=0))
     assert set(ours) == set(theirs)
     for name, tensor in theirs.items():
         assert torch.equal(ours[name], tensor), name
@@ -116,12 +121,7 @@ def test_prompts_with_dollars_equal_mergekit_moe(cli, models, monkeypatch, tmp_p
     assert result.exit_code == 0, result.output
     ran = cli("run", recipe, "-q", "--no-fsync", "-o", tmp_path / "rk")
     assert ran.exit_code == 0, ran.output
-    ours = mixtral_as_mlp(read_tensors(tmp_path / "rk"))
-    theirs = unfuse_mergekit(run_mergekit_moe(models / "moe.yml", tmp_path / "mk", models,
-                                              seed=0))
-    assert set(ours) == set(theirs)
-    for name, tensor in theirs.items():
-        assert torch.equal(ours[name], tensor), name
+    assert_equals_mergekit_moe(tmp_path / "rk", models, tmp_path / "mk")
 
 
 @pytest.mark.parametrize("extra, message", [
