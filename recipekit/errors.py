@@ -163,8 +163,9 @@ class RecipekitError(Exception):
         return self.render()
 
 
-#: A URL's user and secret (``s3://KEY:SECRET@bucket``), never shown in a message.
-_CREDENTIALS = re.compile(r"([A-Za-z][\w+.-]*://)[^/@\s\"'`]+@")
+#: A URL's user and secret (``s3://KEY:SECRET@bucket``), never shown in a message: ``user@``
+#: or ``user:secret@``, where the secret may hold ``/`` (AWS secret keys do).
+_CREDENTIALS = re.compile(r"([A-Za-z][\w+.-]*://)(?:[^/@\s\"'`]*:[^@\s\"'`]*|[^/@\s\"'`]+)@")
 
 
 def hide_credentials(text: str) -> str:

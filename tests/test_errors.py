@@ -115,8 +115,15 @@ output: {{path: ./out, chat_template: {{file: "{secret}/t.jinja"}}}}
 recipekit: 1
 variables: {{src: {model_copy}}}
 models: {{a: "${{src}}"}}
-steps: [{{name: up, op: layers, layers: [{{model: a, range: "range(0,2)"}}]}}]
+steps: [{{name: up, op: layers, from: a, layers: ["range(0,2)"]}}]
 output: {{path: ./swept}}
 """, name="sweep.yaml")
+    assert cli("validate", variables).exit_code == 0
     result = cli("sweep", variables, "--set", f"src={model_copy},{secret}/m", "--dry-run")
-    assert result.exit_code == 2 and "TopSecret9" not in result.output, result.output
+    assert result.exit_code == 2 and "holds credentials" in result.output, result.output
+    assert "TopSecret9" not in result.output
+    assert "[in src=s3%3A%2F%2F%2A%2A%2A%40bkt" in result.output  # the combination's name
+    # an AWS secret key may hold "/": "s3://KEY:ab/cd@bkt" was read as the bucket "KEY:ab"
+    slashed = cli("run", variables, "--output", "s3://AKIAX:Top/Secret+9@bkt/out")
+    assert slashed.exit_code == 2 and "holds credentials" in slashed.output, slashed.output
+    assert "Secret" not in slashed.output and "AKIAX" not in slashed.output

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from recipekit.errors import hide_credentials
+
 #: ``proto://rest``: what a recipe writes for an object-storage input or output.
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
 #: Protocols that name local files: the path after ``proto://`` is used as a local path.
@@ -43,14 +45,9 @@ def local_path_text(text: str) -> str:
 
 def redact(text: str) -> str:
     """``text`` with the user and secret of a URL (``proto://user:secret@host/...``) replaced by
-    ``***``, for messages about a refused URL: an error must never repeat a secret."""
-    m = _URL.match(text)
-    if m is None:
-        return text
-    host, sep, rest = m.group(2).partition("/")
-    if "@" in host:
-        host = "***@" + host.rsplit("@", 1)[1]
-    return f"{m.group(1)}://{host}{sep}{rest}"
+    ``***``, for messages about a refused URL: an error must never repeat a secret
+    (`errors.hide_credentials`, which every message goes through too)."""
+    return hide_credentials(text)
 
 
 def url_location(url: str) -> tuple[str, tuple[str, ...]]:
@@ -92,7 +89,7 @@ def url_problem(text: str) -> str | None:
     if m is None:
         return "is not a URL"
     host = m.group(2).split("/", 1)[0]
-    if "@" in host:
+    if "@" in host or hide_credentials(text) != text:  # a secret may hold "/" (AWS keys do)
         return ("holds credentials (user:secret@); recipekit records URLs in plans and "
                 "manifests, so secrets belong in the provider's environment variables or config "
                 "files")
