@@ -229,9 +229,13 @@ def _compile(r, output: str | os.PathLike | None):
     from recipekit.plan import compile_plan
 
     if output is not None:
+        from recipekit.errors import holds_credentials
         from recipekit.io.urls import is_url, local_path_text, redact, url_problem
 
         text = os.fspath(output)
+        if holds_credentials(text) and not is_url(text):  # file://user:secret@...
+            raise UsageError(f"the output {redact(text)} holds credentials (user:secret@)",
+                             hint="name the local path")
         if is_url(text):
             problem = url_problem(text)
             if problem is not None:

@@ -40,8 +40,12 @@ def _url_or_path(text: str) -> str:
     refused with the secret shown as ``***`` (click exits 2 before the command runs, so no
     message, ``--json`` event or backend error repeats it); ``file:///x`` is the path ``/x``.
     Other text is returned as typed."""
+    from recipekit.errors import holds_credentials
     from recipekit.io.urls import is_url, local_path_text, redact, url_problem
 
+    if holds_credentials(text) and not is_url(text):  # file://user:secret@...
+        raise typer.BadParameter(f"{redact(text)} holds credentials (user:secret@); name the "
+                                 "local path")
     if is_url(text):
         problem = url_problem(text)
         if problem is not None:

@@ -163,9 +163,17 @@ class RecipekitError(Exception):
         return self.render()
 
 
-#: A URL's user and secret (``s3://KEY:SECRET@bucket``), never shown in a message: ``user@``
-#: or ``user:secret@``, where the secret may hold ``/`` (AWS secret keys do).
-_CREDENTIALS = re.compile(r"([A-Za-z][\w+.-]*://)(?:[^/@\s\"'`]*:[^@\s\"'`]*|[^/@\s\"'`]+)@")
+#: A URL's user and secret (``s3://KEY:SECRET@bucket``), never shown in a message: ``user@``,
+#: or ``user:secret@`` where the secret may hold ``/`` (AWS secret keys do) and ``@`` (up to
+#: the last ``@`` of the word, as URL parsers split a host at its last ``@``).
+_CREDENTIALS = re.compile(
+    r"([A-Za-z][\w+.-]*://)(?:[^/@:\s\"'`]*:[^\s\"'`]*|[^/@\s\"'`]+)@")
+
+
+def holds_credentials(text: str) -> bool:
+    """Whether ``text`` holds a URL with a user or secret (`hide_credentials` would hide one):
+    refused wherever a path or URL is read, ``file://`` URLs included."""
+    return _CREDENTIALS.search(text) is not None
 
 
 def hide_credentials(text: str) -> str:

@@ -8,6 +8,8 @@ and an echoed input longer than `ECHO_LIMIT` (160) characters prints as its firs
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from recipekit.errors import ECHO_LIMIT, Location, RecipeError, echo_text, terminal_text
 
 from tests.helpers.recipes import solar_recipe, write_recipe
@@ -127,3 +129,10 @@ output: {{path: ./swept}}
     slashed = cli("run", variables, "--output", "s3://AKIAX:Top/Secret+9@bkt/out")
     assert slashed.exit_code == 2 and "holds credentials" in slashed.output, slashed.output
     assert "Secret" not in slashed.output and "AKIAX" not in slashed.output
+    # a password holding "@" (URL parsers split the host at the last "@"), and file:// URLs,
+    # which became a local folder named "u:Secret@localhost"
+    for url in ("s3://AKIAX:p@ssSecretX@bkt/out", "file://u:SecretY@localhost/tmp/x"):
+        refused = cli("run", variables, "--output", url)
+        assert refused.exit_code == 2 and "holds credentials" in refused.output, refused.output
+        assert "Secret" not in refused.output and "ssSecret" not in refused.output
+    assert not list(tmp_path.glob("u:*")) and not list(Path.cwd().glob("u:*"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -424,19 +425,21 @@ class OutputDir:
 
     def write_file(self, rel: str, data: bytes) -> None:
         self._write_checked(rel, data, None)
+        self._record_written(rel, {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         write_file_atomic(self._parent_made(rel) / Path(rel).name, data, fsync=self.fsync)
-        self._record_written(rel)
 
     def copy_file(self, src: Path, rel: str) -> None:
         self._write_checked(rel, None, src)
+        self._record_written(rel, {"size": src.stat().st_size, "sha256": sha256_path(src)})
         copy_file_atomic(src, self._parent_made(rel) / Path(rel).name, fsync=self.fsync)
-        self._record_written(rel)
 
-    def _record_written(self, rel: str) -> None:
-        """Record a small file in the state file once it is in place (`_strangers`); the
+    def _record_written(self, rel: str, record: dict[str, Any]) -> None:
+        """Record a small file in the state file before it is renamed into place
+        (`_strangers`): a kill between the two then leaves no file of the run's own unrecorded
+        (recorded first, a file absent or holding other bytes is told apart by its hash). The
         manifest, written last, records them all in its stead."""
         if rel not in self._last and self.state.written is not None:
-            self.state.written[rel] = self.file_record(rel)
+            self.state.written[rel] = record
             self.save_state()
 
     def _parent_made(self, rel: str) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from recipekit.errors import hide_credentials
+from recipekit.errors import hide_credentials, holds_credentials
 
 #: ``proto://rest``: what a recipe writes for an object-storage input or output.
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
@@ -89,7 +89,7 @@ def url_problem(text: str) -> str | None:
     if m is None:
         return "is not a URL"
     host = m.group(2).split("/", 1)[0]
-    if "@" in host or hide_credentials(text) != text:  # a secret may hold "/" (AWS keys do)
+    if "@" in host or holds_credentials(text):  # a secret may hold "/" (AWS keys do)
         return ("holds credentials (user:secret@); recipekit records URLs in plans and "
                 "manifests, so secrets belong in the provider's environment variables or config "
                 "files")

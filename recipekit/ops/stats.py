@@ -383,7 +383,7 @@ def piece_diff(a: np.ndarray, b: np.ndarray, work_a: np.ndarray | None = None,
     if fa.dtype.kind in "iu" and fb.dtype.kind in "iu":
         _exact_integer_difference(fa, fb, x)
     elif (fa.dtype.kind in "iu") != (fb.dtype.kind in "iu") and equal:
-        equal = _integers_equal_floats(fa, fb)  # fp64 copies round integers above 2^53
+        equal = _integer_float_difference(fa, fb, x)  # fp64 copies round integers above 2^53
     shown = x if apart is None else apart
     largest = float(shown.max())
     return DiffStats(n, nonfinite, largest, float(shown.sum()), float(np.dot(x, x)), aa, bb, ab,
@@ -411,17 +411,27 @@ def _exact_integer_difference(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> 
             out[wide] = np.abs(a[wide].astype(object) - b[wide].astype(object)).astype(float)
 
 
-def _integers_equal_floats(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether an integer piece and a floating one hold the same numbers, exactly: the float
-    must be integral, in the integer type's range, and equal once converted (an fp64 copy of
-    2^53 + 1 would equal 2.0^53)."""
+def _integer_float_difference(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> bool:
+    """Whether an integer piece and a floating one hold the same numbers, exactly, with
+    ``out`` (their fp64 |a − b|) made exact where fp64 said 0 but they differ: an fp64 copy of
+    2^53 + 1 equals 2.0^53. Only integral floats tie that way (beside a large integer, every
+    float is integral); the differences are taken as integers, in numpy where the float fits
+    the integer type, else in Python."""
     ints, floats = (a, b) if a.dtype.kind in "iu" else (b, a)
-    f = floats.astype(np.float64)
+    tied = np.flatnonzero(out == 0.0)
+    g = floats.astype(np.float64)[tied]
     info = np.iinfo(ints.dtype)
     top = 2.0 ** info.bits if info.min == 0 else -float(info.min)  # exclusive, exact in fp64
-    if not (np.all(np.trunc(f) == f) and np.all(f >= float(info.min)) and np.all(f < top)):
-        return False
-    return bool(np.array_equal(f.astype(ints.dtype), ints))
+    fits = (g >= float(info.min)) & (g < top) & (np.trunc(g) == g)
+    inside = np.flatnonzero(fits)
+    apart = tied[inside[g[inside].astype(ints.dtype) != ints[tied[inside]]]]
+    beyond = tied[~fits]  # a float at the type's edge (2.0^64 against 2^64 - 1)
+    for idx in (apart, beyond):
+        if idx.size:
+            exact = [abs(int(i) - int(v)) for i, v in zip(ints[idx].tolist(),
+                                                           floats[idx].tolist(), strict=True)]
+            out[idx] = np.array(exact, dtype=np.float64)
+    return tied.size == out.size and apart.size == 0 and beyond.size == 0
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:

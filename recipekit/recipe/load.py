@@ -19,7 +19,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from recipekit.errors import KeyPath, MergekitConfigError, RecipeError, RecipeErrors
+from recipekit.errors import (
+    KeyPath,
+    MergekitConfigError,
+    RecipeError,
+    RecipeErrors,
+    holds_credentials,
+)
 from recipekit.inputs.chat_template import setting_problem
 from recipekit.io.urls import is_url, local_path_text, redact, url_problem
 from recipekit.recipe.document import Document, load_document, parse_document, show
@@ -411,6 +417,9 @@ def _check_path_text(doc: Document, path: KeyPath, written: str,
     if "\x00" in written:  # every file system call would raise ValueError
         errors.append(doc.error(path, f"{show(written)} is not a usable path: it holds a NUL "
                                 "character"))
+    elif holds_credentials(written):  # file://user:secret@host/...: refused like any URL's
+        errors.append(doc.error(path, f"{redact(written)} holds credentials (user:secret@)",
+                                hint="name the local path"))
 
 
 def _expanduser(written: str) -> str:

@@ -348,7 +348,8 @@ def _biases(step: Step, recipe: Recipe, base: VirtualModel, arch: str) -> list[R
     kinds: dict[str, str] = {}  # relative bias name -> its first full name
     for name in base.tensors:
         hit = base.stack.split(name)
-        if hit is not None and hit[1].endswith(".bias") and hit[1] not in OUTPUTS[arch].biases:
+        if hit is not None and hit[1].endswith(".bias") and hit[1] not in OUTPUTS[arch].biases \
+                and not hit[1].startswith(_MLP):  # the base's MLP is not in the output
             kinds.setdefault(hit[1], name)
     if not kinds:
         return []
@@ -364,6 +365,22 @@ def _biases(step: Step, recipe: Recipe, base: VirtualModel, arch: str) -> list[R
     return [recipe.error(step.key_path + ("base",), f"base '{step.spec['base']}' has biases "
                          f"that a {arch} model has no place for ({lost} in its layers, first "
                          f"{next(iter(kinds.values()))})", hint=hint)]
+
+
+#: The per-layer module an expert gives the output (its biases have no place in any MoE here).
+_MLP = "mlp."
+
+
+def _expert_biases(recipe: Recipe, model: VirtualModel, path: KeyPath) -> list[RecipeError]:
+    """An expert's MLP biases (`mlp_bias: true`): no MoE output here has a place for them, and
+    they were dropped silently (logits 0.9 off a dense model with identical experts; mergekit
+    drops them too)."""
+    found = next((name for name in model.tensors if (hit := model.stack.split(name)) is not None
+                  and hit[1].startswith(_MLP) and hit[1].endswith(".bias")), None)
+    if found is None:
+        return []
+    return [recipe.error(path, f"this expert has MLP biases ({found}), which the experts of a "
+                         "MoE model have no place for", hint="use an expert without MLP biases")]
 
 
 # -- the output -------------------------------------------------------------------------------
@@ -480,6 +497,7 @@ def build_moe(step: Step, models: Mapping[str, Any], recipe: Recipe) -> VirtualM
             errors += e.errors
             continue
         errors += _check_expert(step, recipe, base, model, path, f"expert {index}")
+        errors += _expert_biases(recipe, model, path)
         resolved.append((model, entry, is_shared))
     if errors:
         raise RecipeErrors(errors)

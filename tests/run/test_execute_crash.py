@@ -350,6 +350,20 @@ class TestDifferentPlanAfterKill:
         again = cli("run", env.recipe_b, "-q", "-o", out)
         assert again.exit_code == 0 and "already complete" in again.stdout, again.output
 
+    @pytest.mark.parametrize("name", ["config.json", "sub/extra.json", "README.md"])
+    def test_force_after_a_kill_that_followed_a_small_files_rename(self, env, tmp_path, name):
+        """Killed just after a small file was renamed into place: `--force` took that file for
+        one put there by someone else and refused (the state file recorded it only after the
+        rename; found by a black-box check). It is recorded before the rename now."""
+        out = tmp_path / "out"
+        killed = recipekit("run", env.recipe, "-q", "-o", out, cwd=env.base,
+                           opts=("--kill", str(env.event(f"replace {name}") + 1)))
+        assert killed.returncode == -signal.SIGKILL
+        assert (out / name).exists()
+        forced = recipekit("run", env.recipe_b, "-q", "-o", out, "--force", cwd=env.base)
+        assert forced.returncode == 0, forced.stderr
+        assert_same_as_ref(out, env.ref_b)
+
     def _killed_while_forcing(self, env: Env, out: Path) -> None:
         """A complete output of `recipe` (a copy of the reference run, state file included), then
         `recipe_b --force` killed mid-deletion."""

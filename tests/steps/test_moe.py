@@ -390,6 +390,20 @@ class TestBiases:
             "model.layers.0.self_attn.o_proj.bias); use a base without those biases\n" \
             in refused(cli, recipe)
 
+    def test_an_experts_mlp_biases_are_refused_a_bases_are_not(self, cli, tmp_path):
+        """Experts with `mlp_bias: true` were written without their MLP biases, silently
+        (logits 0.92 off the dense model with identical experts), while a base's MLP biases,
+        which never reach the output, were refused (found by a black-box check)."""
+        plain = make_expert("llama", tmp_path / "plain", seed=1)
+        biased = make_expert("llama", tmp_path / "biased", seed=2, mlp_bias=True)
+        recipe = moe_recipe(tmp_path / "r", {"base": plain, "e": biased},
+                            {**self.STEP, "experts": [{"model": "base"}, {"model": "e"}]})
+        assert "steps[0].experts[1]: this expert has MLP biases (model.layers.0.mlp." \
+            in refused(cli, recipe)
+        recipe = moe_recipe(tmp_path / "r2", {"base": biased, "e": plain},
+                            {**self.STEP, "experts": [{"model": "e"}, {"model": "e"}]})
+        run_ok(cli, recipe)
+
     def test_qkv_biases_go_to_qwen2_moe_as_the_refusal_says(self, cli, tmp_path):
         """A Llama-family base with q/k/v biases only: Mixtral is refused with the way out,
         and following it gives a Qwen2-MoE that holds those biases and loads with nothing
