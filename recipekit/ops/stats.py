@@ -342,6 +342,10 @@ def piece_diff(a: np.ndarray, b: np.ndarray, work_a: np.ndarray | None = None,
     every difference is 0, the numbers the general path computes for them, at about half the
     cost (`same_bits` looks at three values before it compares them all, so differing pieces
     pay next to nothing for the check).
+
+    ``equal`` is exact (module docstring): non-finite pairs by class, integers in integer
+    arithmetic (`_exact_integer_difference`, `_integer_float_difference`); an fp64 piece beyond
+    the range of its squares is scaled (``scale``), its |a − b| taken unscaled.
     """
     fa, fb = a.reshape(-1), b.reshape(-1)
     n = fa.size
@@ -367,6 +371,7 @@ def piece_diff(a: np.ndarray, b: np.ndarray, work_a: np.ndarray | None = None,
             return DiffStats(0, nonfinite, equal=equal)
         if nonfinite:
             x, y, n = x[both], y[both], count
+            fa, fb = fa[both], fb[both]  # the integer checks below pair them with x
             aa, bb = float(np.dot(x, x)), float(np.dot(y, y))
     scale, apart = 0, None
     if np.float64 in (fa.dtype, fb.dtype) and not (_BIG ** -2 < max(aa, bb) < _BIG):
@@ -382,8 +387,8 @@ def piece_diff(a: np.ndarray, b: np.ndarray, work_a: np.ndarray | None = None,
     np.abs(x, out=x)
     if fa.dtype.kind in "iu" and fb.dtype.kind in "iu":
         _exact_integer_difference(fa, fb, x)
-    elif (fa.dtype.kind in "iu") != (fb.dtype.kind in "iu") and equal:
-        equal = _integer_float_difference(fa, fb, x)  # fp64 copies round integers above 2^53
+    elif (fa.dtype.kind in "iu") != (fb.dtype.kind in "iu"):  # fp64 rounds ints above 2^53
+        equal = _integer_float_difference(fa, fb, x) and equal
     shown = x if apart is None else apart
     largest = float(shown.max())
     return DiffStats(n, nonfinite, largest, float(shown.sum()), float(np.dot(x, x)), aa, bb, ab,

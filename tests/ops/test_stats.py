@@ -240,4 +240,9 @@ class TestDiffStats:
             acc.update(a, b)
             assert acc.summary()["equal"] is (largest == 0.0)
             assert acc.summary()["max_abs"] == largest
+        if floats.dtype == np.float64:  # beside a NaN pair (the masked path)
+            acc = DiffStats()
+            acc.update(np.concatenate([ints, np.array([7], dtype=ints.dtype)]),
+                       np.append(floats, np.nan))
+            assert (acc.summary()["max_abs"], acc.summary()["nonfinite"]) == (largest, 1)
 
