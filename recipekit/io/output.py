@@ -65,9 +65,9 @@ def _state_denied(out: Path, verb: str, e: OSError) -> OutputError:
 @dataclass
 class State:
     """``finished``: shards renamed into place (size, sha256); ``written``: the other files
-    written so far, recorded as each is renamed into place (None: a state file of a version
-    that did not record them), so that ``--force`` over an interrupted run can tell a file
-    put there since from its own."""
+    written so far, each recorded just before it is renamed into place (None: a state file of
+    a version that did not record them), so that ``--force`` over an interrupted run can tell
+    a file put there since from its own."""
 
     plan_hash: str
     files: list[str]
@@ -218,7 +218,7 @@ class OutputDir:
             p = self.path / rel
             if not _inside(p, self.path) or p.is_symlink() or not p.is_file():
                 continue  # a link or a folder there is judged as foreign already
-            if p.stat().st_size != record["size"] or sha256_path(p) != record["sha256"]:
+            if not _holds(p, record):
                 out.add(Path(os.path.normpath(rel)).as_posix())
         return frozenset(out)
 
@@ -294,8 +294,7 @@ class OutputDir:
                     or not os.path.lexists(p):
                 continue
             record = old.written.get(rel)
-            if record is None or p.is_symlink() or not p.is_file() \
-                    or p.stat().st_size != record["size"] or sha256_path(p) != record["sha256"]:
+            if record is None or p.is_symlink() or not p.is_file() or not _holds(p, record):
                 out.add(Path(os.path.normpath(rel)).as_posix())
         return frozenset(out)
 
@@ -486,6 +485,12 @@ def _all_listed(p: Path, rel: str, keep: frozenset[str]) -> bool:
     if not any(k.startswith(rel + "/") for k in keep):
         return False  # a folder no listed file lies in is never removed
     return all(_all_listed(q, f"{rel}/{q.name}", keep) for q in p.iterdir())
+
+
+def _holds(p: Path, record: dict[str, Any]) -> bool:
+    """Whether the regular file ``p`` holds what ``record`` says was written (size, then
+    sha256)."""
+    return p.stat().st_size == record["size"] and sha256_path(p) == record["sha256"]
 
 
 def _inside(p: Path, root: Path) -> bool:
