@@ -9,12 +9,17 @@ import pytest
 from tests.helpers.recipes import write_recipe
 
 
-def _validate(cli, directory, rule: str) -> str:
+def _with_rule(cli, directory, rule: str):
+    """`validate --no-inputs` of a union-tokenizer merge whose token `<x>` has ``rule``."""
     r = write_recipe(directory, "recipekit: 1\nmodels: {a: ./a, b: ./b}\nsteps:\n"
                      "  - {name: m, op: merge, method: linear, from: [a, b],\n"
                      "     parameters: {weight: 1.0},\n"
                      f"     tokenizer: {{source: union, tokens: {{'<x>': {rule}}}}}}}\n")
-    result = cli("validate", "--no-inputs", str(r))
+    return cli("validate", "--no-inputs", str(r))
+
+
+def _validate(cli, directory, rule: str) -> str:
+    result = _with_rule(cli, directory, rule)
     assert result.exit_code == 2, result.output
     assert "should not be valid" not in result.stderr and "Traceback" not in result.output
     return result.stderr.splitlines()[0]
@@ -38,9 +43,5 @@ def test_mergekits_source_key_is_answered_with_recipekits_spelling(cli, tmp_path
     line = _validate(cli, tmp_path, rule)
     assert line.endswith("steps[0].tokenizer.tokens.<x>.source: unknown key in step 'm' "
                          f"(op: merge); mergekit's `source:` is not a key here: write `{fix}`")
-    r = write_recipe(tmp_path, "recipekit: 1\nmodels: {a: ./a, b: ./b}\nsteps:\n"
-                     "  - {name: m, op: merge, method: linear, from: [a, b],\n"
-                     "     parameters: {weight: 1.0},\n"
-                     f"     tokenizer: {{source: union, tokens: {{'<x>': {fix}}}}}}}\n")
-    result = cli("validate", "--no-inputs", str(r))
+    result = _with_rule(cli, tmp_path, fix)
     assert result.exit_code == 0, result.output
