@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import statistics
 import sys
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     b = args.b or make_tinyllama(1)
     fa, fb = weight_files(a), weight_files(b)
     read_floor(fa + fb)  # warm the page cache
+    compileall.compile_dir(args.tree.resolve() / "recipekit", quiet=1)  # run.compile_bytecode
     env = {**os.environ, "PYTHONPATH": str(args.tree.resolve())}
     py, me = sys.executable, str(Path(__file__).resolve())
     cli = [py, "-m", "recipekit.cli"]

@@ -234,8 +234,8 @@ def _compile(r, output: str | os.PathLike | None):
 
         text = os.fspath(output)
         if holds_credentials(text) and not is_url(text):  # file://user:secret@...
-            raise UsageError(f"the output {redact(text)} holds credentials (user:secret@)",
-                             hint="name the local path")
+            raise UsageError(f"the output {redact(text)} holds credentials (user:secret@, or a "
+                             "token in its query)", hint="name the local path")
         if is_url(text):
             problem = url_problem(text)
             if problem is not None:

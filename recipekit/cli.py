@@ -44,8 +44,8 @@ def _url_or_path(text: str) -> str:
     from recipekit.io.urls import is_url, local_path_text, redact, url_problem
 
     if holds_credentials(text) and not is_url(text):  # file://user:secret@...
-        raise typer.BadParameter(f"{redact(text)} holds credentials (user:secret@); name the "
-                                 "local path")
+        raise typer.BadParameter(f"{redact(text)} holds credentials (user:secret@, or a token "
+                                 "in its query); name the local path")
     if is_url(text):
         problem = url_problem(text)
         if problem is not None:

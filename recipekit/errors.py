@@ -170,17 +170,32 @@ _CREDENTIALS = re.compile(
     r"([A-Za-z][\w+.-]*://)(?:[^/@:\s\"'`]*:[^\s\"'`]*|[^/@\s\"'`]+)@")
 
 
+#: A URL, up to the first blank or quote: where `_QUERY_SECRET` is looked for.
+_URL_TEXT = re.compile(r"[A-Za-z][\w+.-]*://[^\s\"'`]*")
+#: A secret in a URL's query: a parameter whose name ends in token, key, secret, password,
+#: sig(nature) or credential (``?token=...``, presigned ``X-Amz-Signature=...``, Azure SAS
+#: ``sig=...``, ``api_key=...``); its value is the secret.
+_QUERY_SECRET = re.compile(
+    r"([?&;][\w.-]*(?:token|key|secret|password|passwd|sig|signature|credential)=)"
+    r"[^&;#\s\"'`]+", re.IGNORECASE)
+
+
 def holds_credentials(text: str) -> bool:
-    """Whether ``text`` holds a URL with a user or secret (`hide_credentials` would hide one):
-    refused wherever a path or URL is read, ``file://`` URLs included."""
-    return _CREDENTIALS.search(text) is not None
+    """Whether ``text`` holds a URL with a user or secret, or a secret in its query
+    (`hide_credentials` would hide one): refused wherever a path or URL is read, ``file://``
+    URLs included."""
+    return _CREDENTIALS.search(text) is not None or any(
+        _QUERY_SECRET.search(m.group()) for m in _URL_TEXT.finditer(text))
 
 
 def hide_credentials(text: str) -> str:
-    """``text`` with every URL's user and secret written ``***``: a recipe or command line
-    that holds credentials is refused, and no message (nor the line it quotes, nor a JSON
-    error) may repeat them."""
-    return _CREDENTIALS.sub(r"\1***@", text)
+    """``text`` with every URL's user and secret, and every secret of its query, written
+    ``***``: a recipe or command line that holds credentials is refused, and no message (nor
+    the line it quotes, nor a JSON error) may repeat them."""
+    text = _CREDENTIALS.sub(r"\1***@", text)
+    if "://" not in text:
+        return text
+    return _URL_TEXT.sub(lambda m: _QUERY_SECRET.sub(r"\1***", m.group()), text)
 
 
 def _excerpt(text: str, column: int) -> tuple[str, int]:

@@ -136,3 +136,30 @@ output: {{path: ./swept}}
         assert refused.exit_code == 2 and "holds credentials" in refused.output, refused.output
         assert "Secret" not in refused.output and "ssSecret" not in refused.output
     assert not list(tmp_path.glob("u:*")) and not list(Path.cwd().glob("u:*"))
+
+
+def test_a_token_in_a_urls_query_is_refused_and_hidden(cli, tmp_path, model_copy):
+    """A secret in a URL's query (``?token=``, a presigned ``X-Amz-Signature=``, an Azure SAS
+    ``sig=``) was neither refused nor hidden: the model card and recipekit.json quote the
+    recipe, so publishing the output published it. It is refused like ``user:secret@``, and
+    every message writes it ``***``; a query without a secret (``?versionId=3``) is not."""
+    recipe = write_recipe(tmp_path, f"""
+recipekit: 1
+models: {{a: {model_copy}, b: "https://host/m?rev=2&token=TopSecret9"}}
+steps: [{{name: mix, op: merge, method: linear, parameters: {{weight: 1}}, from: [a, b]}}]
+""")
+    for args in (("validate", recipe), ("validate", recipe, "--json")):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert "TopSecret9" not in result.output
+        assert "models.b: the URL holds credentials (user:secret@, or a token in its query)" \
+            in result.output
+    assert '"https://host/m?rev=2&token=***"}' in cli("validate", recipe).output
+    for url in ("s3://bkt/out?X-Amz-Signature=SecretZ", "az://c/out?sv=1&sig=SecretZ"):
+        refused = cli("run", recipe, "--output", url)
+        assert refused.exit_code == 2 and "holds credentials" in refused.output, refused.output
+        assert "SecretZ" not in refused.output
+    from recipekit.errors import holds_credentials
+
+    assert not holds_credentials("s3://bkt/m?versionId=3")
+    assert not holds_credentials("models/a?token=1")  # a local path, not a URL

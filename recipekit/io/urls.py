@@ -90,9 +90,9 @@ def url_problem(text: str) -> str | None:
         return "is not a URL"
     host = m.group(2).split("/", 1)[0]
     if "@" in host or holds_credentials(text):  # a secret may hold "/" (AWS keys do)
-        return ("holds credentials (user:secret@); recipekit records URLs in plans and "
-                "manifests, so secrets belong in the provider's environment variables or config "
-                "files")
+        return ("holds credentials (user:secret@, or a token in its query); recipekit records "
+                "URLs in plans and manifests, so secrets belong in the provider's environment "
+                "variables or config files")
     if not m.group(2).strip("/"):
         return "names no bucket or path"
     return None

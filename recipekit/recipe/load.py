@@ -418,8 +418,8 @@ def _check_path_text(doc: Document, path: KeyPath, written: str,
         errors.append(doc.error(path, f"{show(written)} is not a usable path: it holds a NUL "
                                 "character"))
     elif holds_credentials(written):  # file://user:secret@host/...: refused like any URL's
-        errors.append(doc.error(path, f"{redact(written)} holds credentials (user:secret@)",
-                                hint="name the local path"))
+        errors.append(doc.error(path, f"{redact(written)} holds credentials (user:secret@, or a "
+                                "token in its query)", hint="name the local path"))
 
 
 def _expanduser(written: str) -> str:

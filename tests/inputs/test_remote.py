@@ -625,7 +625,8 @@ class TestExtraAndCredentials:
         with pytest.raises(recipekit.errors.UsageError) as e:
             recipekit.validate(recipe)
         assert str(e.value).startswith(f"{recipe}:3:8: models.big: the URL holds credentials "
-                                       "(user:secret@); recipekit records URLs")
+                                       "(user:secret@, or a token in its query); recipekit "
+                                       "records URLs")
         assert "SECRET" not in str(e.value).split("\n")[0]
 
     def test_import_does_not_load_fsspec(self):
@@ -745,7 +746,7 @@ class TestCredentialsOnTheCommandLine:
         events = [json.loads(line) for line in done.stdout.splitlines()]
         assert [e["event"] for e in events] == ["error"]
         assert events[0]["message"].startswith(
-            f"the output URL s3://***@{BUCKET}/out/c holds credentials (user:secret@)")
+            f"the output URL s3://***@{BUCKET}/out/c holds credentials (user:secret@, ")
         with pytest.raises(recipekit.errors.UsageError) as e:
             recipekit.plan(recipe, output=CRED_URL)
         assert SECRET not in e.value.render()
