@@ -451,6 +451,10 @@ class OutputDir:
                 raise OutputPathError(f"{display_path(folder)} is a symlink or leaves the output "
                                       "directory; recipekit does not write through it",
                                       hint="remove it yourself and run again")
+            if folder.exists() and not folder.is_dir():  # a file of the user's: kept
+                raise OutputPathError(f"{display_path(folder)} is a file where the output's "
+                                      f"folder {part}/ goes (the donor's files are copied "
+                                      "there)", hint="move the file elsewhere and run again")
             try:
                 folder.mkdir(exist_ok=True)
             except OSError as e:

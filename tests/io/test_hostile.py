@@ -992,6 +992,20 @@ class TestPlantedLinks:
         assert "1_Pooling is a symlink or leaves the output directory" in run_fails(cli, recipe, 2)
         assert list(elsewhere.iterdir()) == []
 
+    def test_a_file_where_a_donor_subfolder_goes(self, cli, tmp_path, recipe, model_copy):
+        """A plain file where the donor's folder goes was exit 1, "cannot create a folder", a
+        runtime error for what is the user's file in the way: now exit 2, naming it, kept."""
+        (model_copy / "1_Pooling").mkdir()
+        (model_copy / "1_Pooling" / "config.json").write_text('{"x": 1}')
+        assert cli("run", recipe, "-q").exit_code == 0
+        out = tmp_path / "out"
+        shutil.rmtree(out / "1_Pooling")
+        (out / "1_Pooling").write_text("my notes")
+        (out / "model.safetensors").unlink()
+        assert "1_Pooling is a file where the output's folder 1_Pooling/ goes" in \
+            run_fails(cli, recipe, 2)
+        assert (out / "1_Pooling").read_text() == "my notes"
+
     def test_temp_name_owned_by_the_helper_only(self, tmp_path, victim):
         from recipekit.io.writer import write_file_atomic
 
