@@ -261,8 +261,18 @@ class _Placement:
                 self.deltas.setdefault(target, []).append(
                     (t.delta(weight), t.magnitude, t.norm_dim, weight, t.delta(1.0)))
                 self.expert_targets.setdefault(target, []).append((index, t, weight))
+        pair = self.tied_pair(aset)
+        if pair is not None and not pair[2]:
+            self.errors.append(self.recipe.error(
+                path, f"adapter '{aset.name}' saves {quote_name(pair[0])} and "
+                f"{quote_name(pair[1])} whole with different values, but '{self.base_name}' "
+                "ties its input and output embeddings", hint="folding would have to untie "
+                "them; version 1 refuses instead"))
         for name, rep in aset.replacements.items():
-            target = self.place(name, rep.node.shape, aset, path, "replaces")
+            if pair is not None and name in pair[:2] and not (pair[2] and name == pair[0]):
+                continue  # the head the tie makes of the folded table, or refused above
+            target = self.place(name, rep.node.shape, aset, path, "replaces",
+                                tie_kept=pair is not None and name == pair[0])
             if target is not None:
                 self.replace(target, rep, aset, weight, path)
         for name, terms in aset.biases.items():
@@ -291,9 +301,28 @@ class _Placement:
         elif target not in self.replaced:
             self.replaced[target] = (rep, aset.name)
 
+    def tied_pair(self, aset: AdapterSet) -> tuple[str, str, bool] | None:
+        """(table, head, same) where an adapter saves a tied model's embedding table and its
+        head whole, ``same`` when they hold the same bytes; None otherwise. `extract_lora` (and
+        mergekit-extract-lora) saves a tied model's changed table twice so, because PEFT applies
+        a saved embedding to the input lookup only: folding the table into the embedding then
+        changes both, as PEFT's merge does, and the tie stays. Different ones would untie
+        them."""
+        if not self.tied:
+            return None
+        reps = aset.replacements
+        tables = [n for n in reps if n.endswith(TIED_NAMES[:3]) and not reps[n].base_layer]
+        heads = [n for n in reps if n.endswith("lm_head.weight")]
+        if len(tables) != 1 or len(heads) != 1:
+            return None
+        table, head = reps[tables[0]].info, reps[heads[0]].info
+        return tables[0], heads[0], (table is not None and head is not None
+                                     and is_same_data(table, head))
+
     def place(self, name: str, shape: tuple[int, ...], aset: AdapterSet, path: KeyPath,
-              what: str) -> str | None:
-        """The `from` tensor an adapter's tensor `name` lands on, or None (and an error)."""
+              what: str, *, tie_kept: bool = False) -> str | None:
+        """The `from` tensor an adapter's tensor `name` lands on, or None (and an error).
+        ``tie_kept``: a tied table the fold may replace (`tied_pair`)."""
         base, base_name, recipe = self.base, self.base_name, self.recipe
         hits = resolve_target(name, base.tensors)
         if not hits and self.tied and name.endswith("lm_head.weight"):
@@ -317,7 +346,7 @@ class _Placement:
                 "was trained on a model of other dimensions (or vocabulary size)",
                 cls=ShapeMismatchError))
             return None
-        if self.tied and target.endswith(TIED_NAMES):
+        if self.tied and target.endswith(TIED_NAMES) and not tie_kept:
             self.refuse_tied(target, aset, path, what)
             return None
         return target

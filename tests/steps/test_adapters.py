@@ -479,6 +479,9 @@ def test_non_finite_scalings_are_refused(cli, tmp_path, bases, adapters, change,
 @pytest.mark.parametrize("lora, what", [
     (dict(target_modules=["q_proj", "lm_head"]), "updates `lm_head.weight`"),
     (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "replaces `lm_head.weight`"),
+    # the table saved twice folds (`extract_lora`'s form); two different tables would untie
+    (dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]),
+     "saves `model.embed_tokens.weight` and `lm_head.weight` whole with different values"),
 ])
 def test_tied_embeddings_are_refused_once(cli, tmp_path, tmp_path_factory, lora, what):
     """An adapter trained on a tied-embedding model that changes its head (an lm_head LoRA,

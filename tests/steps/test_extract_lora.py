@@ -390,6 +390,22 @@ def test_tied_embeddings_are_saved_whole_for_peft(cli, tmp_path, family, what):
     assert rel(merged, unmerged) <= 1e-5
     result = cli("verify", out, "--load")
     assert result.exit_code == 0, result.output
+    # recipekit folds it back as PEFT merges it: the table, and so the head tied to it, is the
+    # tuned one (it was refused: "folding would have to untie them")
+    fold = write_recipe(tmp_path, f"""
+        recipekit: 1
+        models: {{base: {base}}}
+        adapters: {{x: {out}}}
+        steps: [{{name: f, op: adapters, from: base, adapters: [x]}}]
+        output: {{path: ./folded}}
+        """, name="fold.yaml")
+    result = cli("run", fold, "-q")
+    assert result.exit_code == 0, result.output
+    folded = read_tensors(tmp_path / "folded")
+    assert torch.equal(folded[table], read_tensors(tuned)[table])
+    assert f"{head}.weight" not in folded
+    with torch.no_grad():
+        assert rel(load_model(family, tmp_path / "folded").eval()(ids).logits, merged) <= 1e-5
 
 
 @pytest.mark.parametrize("score_changed", [True, False])
