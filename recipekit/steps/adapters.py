@@ -251,6 +251,8 @@ class _Placement:
         self.replaced: dict[str, tuple[Replacement, str]] = {}
         self.expert_targets: dict[str, list[tuple[int, LoraTarget, float]]] = {}
         self.tied_refused: set[tuple[str, str]] = set()  # (adapter, tensor) reported tied
+        # (adapter, kind): the first error, its own message, how many more (`misfit`)
+        self.misfits: dict[tuple[str, str], tuple[RecipeError, str, int]] = {}
 
     def add(self, index: int, aset: AdapterSet, weight: float, path: KeyPath) -> None:
         """Place one adapter set's updates, replacements and lora_bias terms (updates first:
@@ -331,7 +333,7 @@ class _Placement:
             self.refuse_tied(name, aset, path, what)
             return None
         if len(hits) != 1:
-            self.errors.append(recipe.error(path, (
+            self.misfit(aset, "name", recipe.error(path, (
                 f"adapter '{aset.name}' {what} {quote_name(name)}, which model '{base_name}' "
                 "does not have" if not hits else f"adapter '{aset.name}' {what} "
                 f"{quote_name(name)}, which matches several tensors of '{base_name}' "
@@ -340,7 +342,7 @@ class _Placement:
             return None
         target = hits[0]
         if tuple(base.tensors[target].shape) != tuple(shape):
-            self.errors.append(recipe.error(
+            self.misfit(aset, "shape", recipe.error(
                 path, f"adapter '{aset.name}' {what} {quote_name(target)} as {list(shape)}, but "
                 f"it is {list(base.tensors[target].shape)} in '{base_name}'", hint="the adapter "
                 "was trained on a model of other dimensions (or vocabulary size)",
@@ -350,6 +352,20 @@ class _Placement:
             self.refuse_tied(target, aset, path, what)
             return None
         return target
+
+    def misfit(self, aset: AdapterSet, kind: str, error: RecipeError) -> None:
+        """Report a tensor ``aset`` names that `from` lacks (``kind`` "name") or has in
+        another shape ("shape") once per adapter and kind: the first, and how many more.
+        An adapter of another model misfits on every module, and said so in a message per
+        tensor (dozens of screens for one mistake)."""
+        seen = self.misfits.get((aset.name, kind))
+        if seen is None:
+            self.misfits[(aset.name, kind)] = (error, error.message, 0)
+            self.errors.append(error)
+            return
+        first, message, more = seen[0], seen[1], seen[2] + 1
+        self.misfits[(aset.name, kind)] = (first, message, more)
+        first.message = f"{message} (and {more} more tensor{'s' if more > 1 else ''} like it)"
 
     def refuse_tied(self, target: str, aset: AdapterSet, path: KeyPath, what: str) -> None:
         """Refuse an adapter's change to a tied embedding or head, once per tensor (an lm_head

@@ -381,9 +381,13 @@ def test_targets_missing_or_of_another_shape(cli, tmp_path, adapters, tmp_path_f
         """
     out = _run_error(cli, tmp_path, text.format(base=short, adapter=adapters["plain"]))
     assert ("recipe.yaml:8:16:" in out and "adapter 'a' updates "
-            "`model.layers.1.self_attn.q_proj.weight`, which model 'base' does not have" in out)
+            "`model.layers.1.self_attn.q_proj.weight`, which model 'base' does not have (and "
+            "1 more tensor like it)" in out and out.count("steps[0].adapters[0]") == 1), out
     out = _run_error(cli, tmp_path, text.format(base=narrow, adapter=adapters["dora"]))
     assert "`model.layers.0.mlp.gate_proj.weight` as [64, 32], but it is [48, 32]" in out
+    # one message per adapter and kind of misfit, not one per tensor (a screen per module)
+    assert out.count("steps[0].adapters[0]") == 1, out
+    assert "in 'base' (and 1 more tensor like it); the adapter was trained on" in out, out
 
 
 def test_step_level_refusals(cli, tmp_path, bases, adapters):
