@@ -41,6 +41,9 @@ _SAME = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj
 _COMMON = {"output_router_logits": False, "router_aux_loss_coef": 0.001}
 #: Qwen2-MoE's attention: q/k/v biases (``qkv_bias``), none on o_proj or the MLPs
 _QKV_BIASES = tuple(f"self_attn.{p}_proj.bias" for p in "qkv")
+#: Qwen3(-MoE)'s attention with ``attention_bias: true`` (a key the output's config takes over
+#: from the base's): q/k/v/o biases
+_ATTENTION_BIASES = tuple(f"self_attn.{p}_proj.bias" for p in "qkvo")
 
 OUTPUTS: dict[str, MoeOutput] = {
     "mixtral": MoeOutput(
@@ -59,7 +62,8 @@ OUTPUTS: dict[str, MoeOutput] = {
     "qwen3_moe": MoeOutput(
         ("qwen3",), "mlp", _SAME, "num_local_experts", False, ("moe_intermediate_size",),
         {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-         "decoder_sparse_step": 1, "norm_topk_prob": True, "mlp_only_layers": [], **_COMMON}),
+         "decoder_sparse_step": 1, "norm_topk_prob": True, "mlp_only_layers": [], **_COMMON},
+        biases=_ATTENTION_BIASES),
 }
 #: `architecture: auto`, as mergekit-moe chooses: by the base's model_type, then Qwen2-MoE for
 #: a shared expert, else Mixtral

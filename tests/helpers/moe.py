@@ -35,13 +35,13 @@ def make_expert(family: str, out_dir: Path, *, seed: int, layers: int = 3, **kw:
     return add_tokenizer(make_model(family, out_dir, layers=layers, seed=seed, **kw))
 
 
-def make_qwen3(out_dir: Path, *, seed: int, layers: int = 3) -> Path:
+def make_qwen3(out_dir: Path, *, seed: int, layers: int = 3, **config_kw: object) -> Path:
     """A tiny Qwen3 (q/k norms, GQA, untied), which `builders.FAMILIES` does not hold."""
     torch.manual_seed(seed)
     config = tf.Qwen3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                             num_key_value_heads=2, head_dim=8, vocab_size=128,
                             max_position_embeddings=64, num_hidden_layers=layers,
-                            tie_word_embeddings=False)
+                            tie_word_embeddings=False, **config_kw)
     model = tf.Qwen3ForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():

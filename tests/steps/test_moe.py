@@ -151,8 +151,11 @@ class TestTransformers:
         diff = (logits(tmp_path / "out") - logits(dense["base"])).abs().max().item()
         assert diff <= 1e-5, diff
 
-    def test_qwen3_moe_identical_experts(self, cli, tmp_path):
-        base = make_qwen3(tmp_path / "q3", seed=4)
+    @pytest.mark.parametrize("attention_bias", [False, True])
+    def test_qwen3_moe_identical_experts(self, cli, tmp_path, attention_bias):
+        """With `attention_bias` (q/k/v/o biases; Qwen3-MoE has the same config key) the
+        biases were refused as having "no place" in a Qwen3-MoE; they are carried over."""
+        base = make_qwen3(tmp_path / "q3", seed=4, attention_bias=attention_bias)
         step = {"base": "base", "experts": [{"model": "base"}, {"model": "base"}],
                 "gate_mode": "random"}
         out = run_ok(cli, moe_recipe(tmp_path / "r", {"base": base}, step))
@@ -160,6 +163,8 @@ class TestTransformers:
         assert config["model_type"] == "qwen3_moe" and config["moe_intermediate_size"] == 64
         assert "model.layers.0.self_attn.q_norm.weight" in out
         assert "model.layers.2.mlp.experts.1.down_proj.weight" in out
+        assert ("model.layers.1.self_attn.o_proj.bias" in out) == attention_bias
+        assert config.get("attention_bias", False) == attention_bias
         diff = (logits(tmp_path / "r" / "out") - logits(base)).abs().max().item()
         assert diff <= 1e-5, diff
 
