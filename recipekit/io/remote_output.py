@@ -66,8 +66,13 @@ class RemoteShardWriter:
     enough that a shard needs at most 10,000 parts) plus the caller's chunk.
     """
 
-    def __init__(self, fs: Any, key: str, header: bytes, size: int, *, shown: str) -> None:
+    def __init__(self, fs: Any, key: str, header: bytes, size: int, *, shown: str,
+                 before_complete: Callable[[str, int], None] | None = None) -> None:
+        """``before_complete(sha256, size)``: called before the upload completes (and the
+        object at ``key`` is replaced); it raises to keep that object (the upload is then
+        aborted)."""
         self.size, self.written, self.shown = size, 0, shown
+        self._before_complete = before_complete
         self._sha = hashlib.sha256()
         block = max(MIN_PART, -(-size // MAX_PARTS))
         try:
@@ -99,6 +104,12 @@ class RemoteShardWriter:
             self.abort()
             raise OutputError(f"internal error: wrote {self.written} of {self.size} bytes",
                               file=self.shown)
+        if self._before_complete is not None:
+            try:
+                self._before_complete(self._sha.hexdigest(), self.size)
+            except BaseException:
+                self.abort()
+                raise
         f, self._f = self._f, None
         try:
             f.close()  # uploads the last part and completes the upload
@@ -137,6 +148,7 @@ class RemoteOutput:
         self.already_complete = False
         self._records: dict[str, dict[str, Any]] = {}
         self._written: dict[str, dict[str, Any]] = {}  # a finished output's small files
+        self._unrecorded: frozenset[str] = frozenset()  # a resumed run's names found taken
         self.fs: Any = None
         self.root = ""
 
@@ -164,6 +176,9 @@ class RemoteOutput:
             self._refuse_foreign(listing, frozenset(old.files))
             self.state.finished = {k: v for k, v in old.finished.items()
                                    if listing.get(k, {}).get("size") == v.get("size")}
+            self.state.written = None if old.written is None else dict(old.written)
+            self._unrecorded = frozenset(rel for rel in old.files if rel in listing
+                                         and rel not in self.state.finished)
             self.already_complete = (
                 old.complete and len(self.state.finished) == len(old.finished)
                 and all(f in listing for f in [*old.files, self._manifest]))
@@ -177,11 +192,13 @@ class RemoteOutput:
         # records that no longer holds what recipekit wrote (a model card edited in the
         # bucket) is the user's now, and a --force that deletes only what recipekit wrote
         # must leave it, and so refuses.
-        edited = self._edited(listing) if self._written else frozenset()
+        edited = self._edited(listing) if self._written else self._strangers(listing, old)
         self._refuse_foreign(listing, frozenset(old.files) - edited, edited)
         # First say that nothing here is finished (a kill while deleting must not leave a state
-        # that calls a half-deleted output complete); the file list stays for the next run.
-        self._put(STATE, State(old.plan_hash, old.files).to_json())
+        # that calls a half-deleted output complete); the file list stays for the next run,
+        # and so do the small files' records (`_strangers`).
+        written = dict(self._written) if self._written else old.written
+        self._put(STATE, State(old.plan_hash, old.files, written=written).to_json())
         doomed = [self._key(f) for f in [self._manifest, *old.files] if f in listing]
         if doomed:
             try:
@@ -232,8 +249,10 @@ class RemoteOutput:
         if STATE in listing:
             raw = self._get_json(STATE)
             try:
+                written = raw.get("written")
                 return State(raw["plan_hash"], list(raw["files"]), dict(raw["finished"]),
-                             bool(raw.get("complete")))
+                             bool(raw.get("complete")),
+                             None if written is None else dict(written))
             except (TypeError, KeyError):
                 raise OutputPathError(f"{self._shown(STATE)} is damaged",
                                       hint="delete the output prefix yourself and run "
@@ -262,23 +281,41 @@ class RemoteOutput:
         io/output.py's `_edited` does locally; these are the few small files recipekit wrote
         itself (shards are not among them).
         """
-        out = set()
-        for rel, record in self._written.items():
-            info = listing.get(rel)
-            if info is None:
-                continue  # gone: nothing to delete, nothing to keep
-            if info.get("size") != record["size"]:
-                out.add(rel)
-                continue
-            try:
-                data = self.fs.cat_file(self._key(rel))
-            except FileNotFoundError:
-                continue
-            except Exception as e:
-                raise _io_error(f"read {rel}", self._shown(rel), e) from e
-            if hashlib.sha256(data).hexdigest() != record["sha256"]:
-                out.add(rel)
-        return frozenset(out)
+        return frozenset(rel for rel, record in self._written.items()
+                         if rel in listing and not self._holds(listing, rel, record))
+
+    def _strangers(self, listing: dict[str, dict[str, Any]], old: State) -> frozenset[str]:
+        """The objects at names an interrupted run listed but had not written, or had written
+        and that changed since (shards aside: one uploaded just before a kill is not recorded
+        yet, and holds what the old plan wrote): put there by someone else, so not recipekit's
+        to delete. Empty for a state that recorded no written files (an older version's)."""
+        if old.written is None:
+            return frozenset()
+        return frozenset(
+            rel for rel in old.files
+            if rel in listing and rel not in old.finished and not rel.endswith(".safetensors")
+            and (rel not in old.written or not self._holds(listing, rel, old.written[rel])))
+
+    def _holds(self, listing: dict[str, dict[str, Any]], rel: str,
+               record: dict[str, Any]) -> bool:
+        """Whether the object ``rel`` holds the bytes ``record`` (size, sha256) describes; read
+        only when the size matches (the listing's ETag is no sha256)."""
+        if listing[rel].get("size") != record["size"]:
+            return False
+        return self._sha256(rel) in (None, record["sha256"])
+
+    def _sha256(self, rel: str) -> str | None:
+        """The sha256 of object ``rel``, read in 8 MiB pieces; None when it is gone."""
+        sha = hashlib.sha256()
+        try:
+            with self.fs.open(self._key(rel), "rb") as f:
+                while chunk := f.read(8 << 20):
+                    sha.update(chunk)
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise _io_error(f"read {rel}", self._shown(rel), e) from e
+        return sha.hexdigest()
 
     def _refuse_foreign(self, listing: dict[str, dict[str, Any]], ours: frozenset[str],
                         edited: frozenset[str] = frozenset()) -> None:
@@ -325,11 +362,41 @@ class RemoteOutput:
         del fsync  # an upload is durable when it completes
         if self.fs is None:
             self.fs, self.root = open_fs(self.url)
-        return RemoteShardWriter(self.fs, self._key(name), header, size, shown=self._shown(name))
+        check = ((lambda sha, _: self._check_replaced(name, sha)) if name in self._unrecorded
+                 else None)
+        return RemoteShardWriter(self.fs, self._key(name), header, size, shown=self._shown(name),
+                                 before_complete=check)
+
+    def _check_replaced(self, rel: str, sha256: str) -> None:
+        """Before a resumed run writes an object at a name it had not recorded as written,
+        where an object already is: that object is the interrupted run's own only if it holds
+        the bytes this run writes (a run's files are a function of its plan). Other bytes are
+        an object put there since, which recipekit must not overwrite: refuse (exit 2), as a
+        local output does (io/output.py)."""
+        if rel not in self._unrecorded:
+            return
+        found = self._sha256(rel)
+        if found is None or found == sha256:
+            return
+        raise OutputPathError(
+            f"{self._shown(rel)} is not an object this run wrote: it was put in the interrupted "
+            "run's output, at the name of a file the run had not written yet",
+            hint="recipekit never overwrites an object it did not write: move it away and run "
+            "again (the finished shards are kept)")
+
+    def _record_written(self, rel: str, record: dict[str, Any]) -> None:
+        """Record a small file in the state object before it is written (`_strangers`)."""
+        self._check_replaced(rel, record["sha256"])
+        if self.state.written is not None:
+            self.state.written[rel] = record
+            self.save_state()
 
     def write_file(self, rel: str, data: bytes) -> None:
+        record = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if rel != self._manifest:
+            self._record_written(rel, record)
         self._put(rel, data)
-        self._records[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self._records[rel] = record
 
     def copy_file(self, src: Path, rel: str) -> None:
         """Upload the local regular file ``src`` (read in 1 MiB pieces, hashed on the way)."""
@@ -342,8 +409,10 @@ class RemoteOutput:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OutputError(f"cannot copy {src}: not a regular file", file=self._shown(rel))
-            writer = RemoteShardWriter(self.fs, self._key(rel), b"", st.st_size,
-                                       shown=self._shown(rel))
+            writer = RemoteShardWriter(
+                self.fs, self._key(rel), b"", st.st_size, shown=self._shown(rel),
+                before_complete=lambda sha, size: self._record_written(
+                    rel, {"size": size, "sha256": sha}))
             left = st.st_size
             try:
                 while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):

@@ -677,6 +677,68 @@ class TestForceKeepsEditedFiles:
         assert manifest["plan_hash"] == recipekit.plan(other, warn=False).plan_hash
 
 
+class TestResumeKeepsObjectsPutThere:
+    """An object put in an interrupted run's S3 output, at the name of a file the run had not
+    written yet, was overwritten by the rerun, and deleted by `--force`: a local output
+    refused both already (tests/io/test_output.py). A run's files are a function of its plan:
+    the rerun replaces an object there only when it holds the very bytes the run writes, and
+    the state object records each small file before it is written, so `--force` tells the
+    run's own from one put there since. Oracle: the bucket's objects, byte for byte, and the
+    output of an uninterrupted local run."""
+
+    @pytest.fixture
+    def interrupted(self, s3, uploaded, model, tmp_path, monkeypatch):
+        from tests.helpers.interrupt import interrupt_at_shard
+
+        prefix = f"{BUCKET}/out/put-{tmp_path.name}"
+        (tmp_path / "local").mkdir()
+        local = recipekit.run(_recipe(tmp_path / "local", str(model), "./out"), progress=None)
+        recipe = _recipe(tmp_path, uploaded, f"s3://{prefix}")
+        restore, started = interrupt_at_shard(monkeypatch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            recipekit.run(recipe, progress=None)
+        restore()
+        s3[0].invalidate_cache()
+        return recipe, prefix, Path(local.output), started
+
+    @pytest.mark.parametrize("name", ["README.md", "config.json", "shard"])
+    def test_an_object_put_there_is_kept(self, s3, interrupted, name):
+        fs = s3[0]
+        recipe, prefix, _, started = interrupted
+        name = started[1] if name == "shard" else name
+        fs.pipe_file(f"{prefix}/{name}", b"mine\n")
+        with pytest.raises(recipekit.errors.OutputPathError) as e:
+            recipekit.run(recipe, progress=None)
+        assert str(e.value).startswith(f"s3://{prefix}/{name} is not an object this run wrote")
+        fs.invalidate_cache()
+        assert fs.cat_file(f"{prefix}/{name}") == b"mine\n"
+        assert not fs.exists(f"{prefix}/recipekit.json")
+
+    def test_the_runs_own_bytes_are_taken(self, s3, interrupted):
+        fs = s3[0]
+        recipe, prefix, local, started = interrupted
+        fs.put_file(str(local / started[1]), f"{prefix}/{started[1]}")
+        result = recipekit.run(recipe, progress=None)
+        assert result.shards_resumed == 1
+        assert _remote_hashes(fs, prefix) == _local_hashes(local)
+
+    def test_force_keeps_an_object_put_there(self, s3, uploaded, interrupted, tmp_path):
+        fs = s3[0]
+        recipe, prefix, _, _ = interrupted
+        fs.pipe_file(f"{prefix}/README.md", b"mine\n")
+        fs.invalidate_cache()
+        before = {k: fs.cat_file(k) for k in fs.find(prefix)}
+        other = _recipe(tmp_path, uploaded, f"s3://{prefix}", layers='["range(0,2)"]')
+        with pytest.raises(recipekit.errors.OutputPathError) as e:
+            recipekit.run(other, progress=None, force=True)
+        assert "holds objects recipekit did not write (README.md (changed since" in str(e.value)
+        fs.invalidate_cache()
+        assert {k: fs.cat_file(k) for k in fs.find(prefix)} == before
+        fs.rm_file(f"{prefix}/README.md")  # moved away: --force replaces the run's own
+        result = recipekit.run(other, progress=None, force=True)
+        assert result.shards_resumed == 0
+
+
 class TestOverlap:
     """An output URL is compared with the URL inputs by what it names (protocol alias,
     trailing and doubled slashes), where the local check runs: `validate`, `plan` and `run`
