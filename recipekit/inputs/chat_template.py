@@ -101,7 +101,7 @@ def setting_problem(value: str) -> tuple[str, str | None] | None:
 
 
 def check_jinja(text: str) -> None:
-    """Parse ``text`` as transformers compiles chat templates (sandboxed, trim_blocks,
+    """Compile ``text`` as transformers compiles chat templates (sandboxed, trim_blocks,
     lstrip_blocks, the loopcontrols extension and its ``{% generation %}`` tag).
 
     Raises:
@@ -127,8 +127,8 @@ def check_jinja(text: str) -> None:
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     try:
-        env.parse(text)
-    except jinja2.TemplateSyntaxError as e:
+        env.from_string(text)  # compiled, as transformers does: an unknown filter fails here
+    except jinja2.TemplateSyntaxError as e:  # (and TemplateAssertionError, its subclass)
         raise ChatTemplateError(f"line {e.lineno} of the chat template is not valid Jinja: "
                                 f"{e.message}", hint="see https://huggingface.co/docs/"
                                 "transformers/chat_templating_writing") from None
@@ -138,7 +138,8 @@ def read_template_file(path: Path) -> str:
     """A template file's text, checked as Jinja.
 
     Raises:
-        ChatTemplateError: unreadable, too large, not UTF-8, empty, or not valid Jinja.
+        ChatTemplateError: unreadable, too large, not UTF-8, empty, without any Jinja, or not
+            valid Jinja.
     """
     shown = display_path(path)
     try:
@@ -154,6 +155,11 @@ def read_template_file(path: Path) -> str:
         raise ChatTemplateError(f"{shown} is not UTF-8 text") from None
     if not text.strip():
         raise ChatTemplateError(f"{shown} is empty")
+    if not is_literal(text):  # as an inline setting without Jinja is refused
+        raise ChatTemplateError(f"{shown} holds no Jinja (`{{{{ ... }}}}` or `{{% ... %}}`): "
+                                "every conversation would render as this same text",
+                                hint="a chat template reads `messages`, e.g. `{% for m in "
+                                "messages %}{{ m['content'] }}{% endfor %}`")
     try:
         check_jinja(text)
     except ChatTemplateError as e:

@@ -25,13 +25,14 @@ WEIGHT_DIRS = ("onnx", "openvino", "coreml", ".git", ".cache")
 MODEL_CARD = "README.md"
 #: Tokenizer files an output's chat template touches: transformers 5 saves a template as
 #: chat_template.jinja (which it prefers to tokenizer_config.json's `chat_template` key), named
-#: extra templates under chat_templates/, and processors' older chat_template.json.
+#: extra templates under additional_chat_templates/ (`transformers.utils.hub.CHAT_TEMPLATE_DIR`),
+#: and processors' older chat_template.json.
 TOKENIZER_JSON = "tokenizer.json"  # the fast tokenizer (the `tokenizers` library's file)
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
 CHAT_TEMPLATE = "chat_template.jinja"
-CHAT_TEMPLATE_DIR = "chat_templates"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
 CHAT_TEMPLATE_JSON = "chat_template.json"
 MANIFEST = "recipekit.json"
 STATE = ".recipekit-state.json"

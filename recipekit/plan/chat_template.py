@@ -10,9 +10,9 @@ Written the way transformers 5 reads it (`PreTrainedTokenizerBase.save_pretraine
 ``tokenizer_config.json``'s ``chat_template`` key; the key is removed from whatever
 ``tokenizer_config.json`` the output gets (the donor's, or one an earlier planning step made),
 so no stale template is left beside the new one; the donor's named templates
-(``chat_templates/*.jinja``, which the loader would add as a dict beside ours, ``tool_use``
-winning when tools are passed) and processors' ``chat_template.json`` are not copied. That is
-what mergekit 0.1.5's output holds after ``tokenizer.save_pretrained``.
+(``additional_chat_templates/*.jinja``, which the loader would add as a dict beside ours,
+``tool_use`` winning when tools are passed) and processors' ``chat_template.json`` are not
+copied. That is what mergekit 0.1.5's output holds after ``tokenizer.save_pretrained``.
 """
 
 from __future__ import annotations

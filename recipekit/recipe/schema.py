@@ -37,9 +37,16 @@ def load_schema() -> dict[str, Any]:
 
 @cache
 def _validator() -> jsonschema.Draft202012Validator:
+    """The schema's validator, where `integer` means a number written without a decimal point
+    or exponent. JSON Schema's admits 4.0 and 1e3, which the steps then used as floats: a head
+    index 4.0 crashed `validate` itself, an FFN block 0.0 passed it and crashed the run, a
+    layer 0.0 named a tensor "layers.0.0" (found by a black-box check)."""
     import jsonschema
 
-    return jsonschema.Draft202012Validator(load_schema())
+    base = jsonschema.Draft202012Validator
+    strict = base.TYPE_CHECKER.redefine(
+        "integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))
+    return jsonschema.validators.extend(base, type_checker=strict)(load_schema())
 
 
 def schema_problems(data: Any) -> list[str]:
@@ -273,8 +280,11 @@ def _value_error(doc: Document, path: KeyPath, err: jsonschema.ValidationError) 
                          hint=f"this recipekit reads `recipekit: {FORMAT_VERSION}`")
     if v == "type":
         want = err.validator_value
+        whole = isinstance(err.instance, float) and err.instance.is_integer() and "integer" in (
+            want if isinstance(want, list) else [want])
         want = " or ".join(want) if isinstance(want, list) else want
-        return doc.error(path, f"expected {_article(want)}, got {show(err.instance)}")
+        return doc.error(path, f"expected {_article(want)}, got {show(err.instance)}",
+                         hint="write it without a decimal point or exponent" if whole else None)
     if v == "pattern":
         pattern = _pattern_error(doc, path, err)
         if pattern is not None:

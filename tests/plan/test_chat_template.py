@@ -45,8 +45,8 @@ def models(tmp_path_factory) -> Path:
     make_chat_model(root / "t_c", seed=4, template=B, in_config=True)
     stale = make_chat_model(root / "stale", seed=5, template="OLD {{ messages }}",
                             in_config=True)
-    (stale / "chat_templates").mkdir()
-    (stale / "chat_templates" / "tool_use.jinja").write_text("TOOLS {{ tools }}")
+    (stale / "additional_chat_templates").mkdir()
+    (stale / "additional_chat_templates" / "tool_use.jinja").write_text("TOOLS {{ tools }}")
     (stale / "chat_template.json").write_text(json.dumps({"chat_template": "PROC"}))
     return root
 
@@ -116,7 +116,7 @@ class TestWritten:
         recipe.write_text(recipe.read_text().replace("  chat_template: x\n", ""))
         out = run_ok(cli, recipe)
         for rel in ("tokenizer_config.json", "chat_template.json",
-                    "chat_templates/tool_use.jinja"):
+                    "additional_chat_templates/tool_use.jinja"):
             assert (out / rel).read_bytes() == (models / "stale" / rel).read_bytes()
         assert not (out / "chat_template.jinja").exists()
 
@@ -180,14 +180,15 @@ class TestFileTemplate:
         """A template file under the output path would be deleted or rewritten by the run
         (`--force` regenerated README.md, the template, before this was refused)."""
         out = run_ok(cli, self.recipe(tmp_path, models))
-        recipe = linear(tmp_path, models, ("model_base", "model_b"), "{file: out/README.md}")
-        card = (out / "README.md").read_bytes()
+        name = "chat_template.jinja"
+        recipe = linear(tmp_path, models, ("model_base", "model_b"), f"{{file: out/{name}}}")
+        card = (out / name).read_bytes()
         for args in (("validate",), ("run", "-q", "--force")):
             result = cli(*args, recipe)
             assert result.exit_code == 2, result.output
-            assert (f"output path {out} contains the chat template file {out / 'README.md'} "
+            assert (f"output path {out} contains the chat template file {out / name} "
                     "that `output` names") in result.stderr
-        assert (out / "README.md").read_bytes() == card
+        assert (out / name).read_bytes() == card
 
     def test_missing_file_is_located(self, cli, tmp_path, models):
         recipe = self.recipe(tmp_path, models)
@@ -204,6 +205,25 @@ class TestFileTemplate:
         assert result.exit_code == 2
         assert (f"recipe.yaml:8:25: output.chat_template.file: {tmp_path / 'chat.jinja'}: line "
                 "2 of the chat template is not valid Jinja: unexpected '}'") in result.output
+
+
+    @pytest.mark.parametrize("text, message", [
+        # parsed only, an unknown filter passed; transformers compiles, and failed at use
+        ("{% for m in messages %}{{ m['content'] | trimm }}{% endfor %}",
+         ": line 1 of the chat template is not valid Jinja: No filter named 'trimm'"),
+        # inline, text without Jinja was refused (a mistyped name); from a file it was taken
+        ("You are a helpful assistant.\n", " holds no Jinja (`{{ ... }}` or `{% ... %}`): every "
+         "conversation would render as this same text"),
+    ])
+    def test_a_file_transformers_cannot_use_is_refused(self, cli, tmp_path, models, text,
+                                                      message):
+        """Found by a black-box check: both exited 0."""
+        recipe = self.recipe(tmp_path, models)
+        (tmp_path / "chat.jinja").write_text(text)
+        result = cli("validate", recipe)
+        assert result.exit_code == 2, result.output
+        assert (f"recipe.yaml:8:25: output.chat_template.file: {tmp_path / 'chat.jinja'}"
+                f"{message}") in result.output
 
 
 class TestRefused:

@@ -45,3 +45,28 @@ def test_mergekits_source_key_is_answered_with_recipekits_spelling(cli, tmp_path
                          f"(op: merge); mergekit's `source:` is not a key here: write `{fix}`")
     result = _with_rule(cli, tmp_path, fix)
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("key, value, where", [
+    ("width", "[[0, 4.0], [1, 5], [2, 6], [3, 7]]", "steps[0].width[0][1]"),
+    ("ffn", "[[0.0, 4], [1, 5], [2, 6], [3, 7]]", "steps[0].ffn[0][0]"),
+    ("depth", "[[0.0, 1], [2, 3]]", "steps[0].depth[0][0]"),
+])
+def test_a_whole_number_float_is_not_an_integer(cli, tmp_path, key, value, where):
+    """JSON Schema's `integer` admits 4.0, which the steps then used as a float: a head index
+    4.0 crashed `validate` (internal error), an FFN block 0.0 passed it and crashed the run,
+    a layer 0.0 was blamed on the checkpoint (found by a black-box check). Every integer the
+    schema asks for is now refused written as a float, located, with the fix."""
+    width = "" if key == "width" else ", width: [[0, 4], [1, 5], [2, 6], [3, 7]]"
+    width = "" if key == "depth" else width
+    r = write_recipe(tmp_path, f"""
+        recipekit: 1
+        models: {{large: ./large}}
+        steps:
+          - {{name: small, op: coalesce, from: large{width}, {key}: {value}}}
+        """)
+    result = cli("validate", "--no-inputs", str(r))
+    assert result.exit_code == 2, result.output
+    assert f"{where}: expected an integer, got " in result.stderr
+    assert "; write it without a decimal point or exponent" in result.stderr
+    assert "internal error" not in result.output

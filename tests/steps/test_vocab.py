@@ -474,7 +474,7 @@ def test_position_and_token_type_tables_are_not_vocabularies(cli, tmp_path, fami
 def _with_template(src: Path, dst: Path, where: str, text: str, *, named: bool = False) -> Path:
     """A copy of ``src`` with ``text`` as its chat template in chat_template.jinja (``jinja``)
     or tokenizer_config.json's key (``config``), or none (``none``); ``named`` adds a named
-    template (chat_templates/tool_use.jinja)."""
+    template (additional_chat_templates/tool_use.jinja)."""
     import shutil
 
     shutil.copytree(src, dst)
@@ -485,8 +485,8 @@ def _with_template(src: Path, dst: Path, where: str, text: str, *, named: bool =
         cfg["chat_template"] = text
         (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
     if named:
-        (dst / "chat_templates").mkdir()
-        (dst / "chat_templates" / "tool_use.jinja").write_text(text + " TOOLS")
+        (dst / "additional_chat_templates").mkdir()
+        (dst / "additional_chat_templates" / "tool_use.jinja").write_text(text + " TOOLS")
     return dst
 
 
@@ -518,7 +518,7 @@ def test_the_chat_template_goes_with_the_tokenizer_source(cli, tmp_path, vocab_m
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     want = None if source_at == "none" else SOURCE_T
     assert tok.chat_template == want
-    assert not (tmp_path / "out" / "chat_templates").exists()
+    assert not (tmp_path / "out" / "additional_chat_templates").exists()
 
 
 @pytest.mark.parametrize("has_role", [True, False])
