@@ -12,6 +12,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from recipekit import __version__
@@ -301,6 +302,8 @@ def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str,
                  if isinstance(m := models[name], VirtualModel) and m.meta}
     files = rewrite_dimension_files(donor, config)
     vocab = vocab_files(recipe, models, model.name)
+    if vocab and recipe.output.config is not None:  # the donor's ids name the donor's tokens
+        config, vocab = _config_donor_ids(config, donor, donor_name, vocab)
     if vocab:  # an aligned vocabulary: its tokenizer and its template, not the donor's
         from recipekit.steps.vocab import STALE_FILES
 
@@ -310,6 +313,23 @@ def _model_plan(recipe: Recipe, sources: Mapping[str, Any], models: Mapping[str,
     files = with_chat_template(files, donor, template)  # last: over any tokenizer file planned
     return Plan(recipe, _kept(sources), final, donor, config, shards, operators=operators,
                 files=files, chat_template=template)
+
+
+def _config_donor_ids(config: dict[str, Any], donor: Any, name: str,
+                      vocab: dict[str, bytes | None]
+                      ) -> tuple[dict[str, Any], dict[str, bytes | None]]:
+    """`steps.vocab.follow_config_donor` for `output.config`'s donor ``name``: its token ids
+    (config.json, generation_config.json) mapped through its own tokenizer."""
+    from recipekit.inputs.tokenizers import TokenizerError, read_model_tokenizer
+    from recipekit.io.names import GENERATION_CONFIG
+    from recipekit.steps.vocab import follow_config_donor
+
+    try:
+        tok = read_model_tokenizer(name, Path(donor.path))
+    except (TokenizerError, OSError):
+        tok = None
+    config, generation = follow_config_donor(config, donor.config, tok, vocab, name)
+    return config, vocab if generation is None else {**vocab, GENERATION_CONFIG: generation}
 
 
 def check_config_vocab(recipe: Recipe, sources: Mapping[str, Any], model: VirtualModel,

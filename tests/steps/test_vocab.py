@@ -381,6 +381,39 @@ def test_a_source_with_other_ids_moves_rows_and_token_ids(cli, tmp_path, vocab_m
         assert json.loads((tmp_path / "out" / f).read_text())["bos_token_id"] == 40, f
 
 
+def test_output_config_ids_are_mapped_through_its_own_tokenizer(cli, tmp_path, vocab_models):
+    """`output.config` naming another model while a step aligned the vocabulary kept that
+    model's token ids as written: here `<s>` is its id 40, which in the output is `_tok_40`
+    (found by a black-box check: bos 63 named a word, pad 64 an added chat token). Its ids
+    now go through its own tokenizer into the output's (`<s>` is 1 there), in config.json and
+    in its generation_config.json, which the output takes with its config."""
+    import shutil
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(vocab_models["base"], swapped)
+    data = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["<s>"], vocab["_tok_40"] = 40, 1
+    for t in data["added_tokens"]:
+        t["id"] = vocab.get(t["content"], t["id"])
+    data["added_tokens"].sort(key=lambda t: t["id"])
+    (swapped / "tokenizer.json").write_text(json.dumps(data))
+    for f in ("config.json", "generation_config.json"):
+        doc = json.loads((swapped / f).read_text())
+        doc["bos_token_id"] = 40
+        (swapped / f).write_text(json.dumps(doc))
+    r = _recipe(tmp_path, dict(vocab_models, swapped=swapped), ["base", "chatml", "swapped"],
+                LINEAR2 + "tokenizer: union")
+    r.write_text(r.read_text() + "  config: swapped\n")
+    result = cli("run", str(r), "-q")
+    assert result.exit_code == 0, result.output
+    vocab_out, _ = _rows(tmp_path / "out")
+    assert vocab_out["<s>"] == 1 and vocab_out["_tok_40"] == 40
+    for f in ("config.json", "generation_config.json"):
+        doc = json.loads((tmp_path / "out" / f).read_text())
+        assert doc["bos_token_id"] == 1 and doc["eos_token_id"] == vocab_out["</s>"], (f, doc)
+
+
 def test_tokenizer_names_are_checked_from_the_recipe_alone(cli, tmp_path, vocab_models):
     """`validate --no-inputs` (the pre-commit hook) finds a source naming no model of the step."""
     r = _recipe(tmp_path, vocab_models, ["base", "chatml"], LINEAR2 + "tokenizer: padded")
