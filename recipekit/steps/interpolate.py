@@ -161,7 +161,8 @@ def check_interpolate(step: Step, recipe: Recipe) -> list[RecipeError]:
     """The document check: a `tokenizer:` naming only the step's two models."""
     from recipekit.steps.vocab import check_tokenizer
 
-    return check_tokenizer(step, recipe, list(step.spec["from"]))
+    names = list(step.spec["from"])
+    return check_tokenizer(step, recipe, names, names[0] if names else None)
 
 
 #: this module's ops (listed once in `recipekit.steps`)

@@ -266,7 +266,8 @@ def check_merge(step: Step, recipe: Recipe) -> list[RecipeError]:
     _check_required(step, spec, entries, recipe, errors)
     names = [n for n, _, _ in _entries(step)] + ([step.spec["base"]] if step.spec.get("base")
                                                  else [])
-    errors += check_tokenizer(step, recipe, names)
+    errors += check_tokenizer(step, recipe, names, step.spec.get("base") or names[0]
+                              if names else None)
     return errors
 
 

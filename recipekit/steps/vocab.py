@@ -62,12 +62,14 @@ STALE_FILES = ("tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt
 ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
-def parse_rules(step: Step, recipe: Recipe, names: Sequence[str]
+def parse_rules(step: Step, recipe: Recipe, names: Sequence[str], base: str | None
                 ) -> tuple[str, dict[str, TokenRule], int | None]:
-    """(source, per-token rules, pad_to_multiple_of) from the step's `tokenizer:`.
+    """(source, per-token rules, pad_to_multiple_of) from the step's `tokenizer:`; ``base``:
+    the model the keyword `base` names (the step's base, else its first model).
 
     Raises:
-        RecipeErrors: a source or a rule naming no model of the step.
+        RecipeErrors: a source or a rule naming no model of the step, or a keyword source
+            that is also the name of another of its models.
     """
     spec = step.spec["tokenizer"]
     path = step.key_path + ("tokenizer",)
@@ -78,7 +80,15 @@ def parse_rules(step: Step, recipe: Recipe, names: Sequence[str]
         where = path + ("source",)
     errors: list[RecipeError] = []
     source = spec.get("source", "union")
-    if source not in ("union", "base") and source not in names:
+    if source in ("union", "base") and source in names and (source, base) != ("base", "base"):
+        # the keyword wins, silently, over the model the user may have meant (found by a
+        # black-box check: README's own examples name a model `base`)
+        meant = "every model's tokens" if source == "union" else f"model '{base}'s tokenizer"
+        errors.append(recipe.error(where, f"tokenizer source '{source}' is a keyword ({meant}) "
+                                   f"and also the name of one of this step's models",
+                                   hint=f"rename model '{source}' in `models:` to take its "
+                                   "tokenizer, or write the keyword's model by name"))
+    elif source not in ("union", "base") and source not in names:
         errors.append(recipe.error(where, f"tokenizer source '{source}' is not one of this "
                                    "step's models", hint="use union, base or one of: "
                                    + ", ".join(names)))
@@ -105,13 +115,14 @@ def parse_rules(step: Step, recipe: Recipe, names: Sequence[str]
     return source, rules, spec.get("pad_to_multiple_of")
 
 
-def check_tokenizer(step: Step, recipe: Recipe, names: Sequence[str]) -> list[RecipeError]:
+def check_tokenizer(step: Step, recipe: Recipe, names: Sequence[str], base: str | None
+                    ) -> list[RecipeError]:
     """The step's `tokenizer:` names only its own models: the document check of `merge` and
-    `interpolate` (so `validate --no-inputs` finds it)."""
+    `interpolate` (so `validate --no-inputs` finds it). ``base``: as `parse_rules`."""
     if "tokenizer" not in step.spec:
         return []
     try:
-        parse_rules(step, recipe, names)
+        parse_rules(step, recipe, names, base)
     except RecipeErrors as e:
         return list(e.errors)  # type: ignore[arg-type]
     return []
@@ -150,8 +161,8 @@ def align_inputs(step: Step, names: Sequence[str], models: Mapping[str, VirtualM
         RecipeErrors: located at the step's `tokenizer:` key.
     """
     path = step.key_path + ("tokenizer",)
-    source, rules, pad = parse_rules(step, recipe, names)
     tok_base = base if base is not None else names[0]
+    source, rules, pad = parse_rules(step, recipe, names, tok_base)
     first = models[names[0]]
     vocab_names = family_names(first.stack.family, "vocabulary_tensors")
     tables = [n for n in first.tensors if n.endswith(vocab_names) and first.tensors[n].shape]

@@ -414,6 +414,25 @@ def test_output_config_ids_are_mapped_through_its_own_tokenizer(cli, tmp_path, v
         assert doc["bos_token_id"] == 1 and doc["eos_token_id"] == vocab_out["</s>"], (f, doc)
 
 
+@pytest.mark.parametrize("source, order, meant", [
+    ("base", "[chatml, base]", "model 'chatml's tokenizer"),
+    ("union", "[chatml, union]", "every model's tokens"),
+])
+def test_a_keyword_source_that_is_also_a_model_is_refused(cli, tmp_path, vocab_models, source,
+                                                         order, meant):
+    """`tokenizer: base` took the step's first model (the keyword) where a model of the step is
+    named `base`, silently (found by a black-box check); `union` likewise. Refused, exit 2,
+    with the fix; `base` naming the step's base model itself stays fine."""
+    models = {"chatml": vocab_models["chatml"], source: vocab_models["base"]}
+    r = _recipe(tmp_path, models, ["chatml", source],
+                f"method: linear\nfrom: {order}\nparameters: {{weight: 1.0}}\n"
+                f"tokenizer: {source}")
+    result = cli("validate", "--no-inputs", str(r))
+    assert result.exit_code == 2, result.output
+    assert (f"steps[0].tokenizer: tokenizer source '{source}' is a keyword ({meant}) and also "
+            f"the name of one of this step's models; rename model '{source}'") in result.stderr
+
+
 def test_tokenizer_names_are_checked_from_the_recipe_alone(cli, tmp_path, vocab_models):
     """`validate --no-inputs` (the pre-commit hook) finds a source naming no model of the step."""
     r = _recipe(tmp_path, vocab_models, ["base", "chatml"], LINEAR2 + "tokenizer: padded")
