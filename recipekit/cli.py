@@ -599,8 +599,10 @@ def convert(
         if result.already_complete:
             _say(f"{echo_text(dst)}: already complete (same source files); nothing to do")
             return
-        _say(f"wrote {echo_text(dst)}: {result.tensors} tensors in {len(result.files)} file(s), "
-             f"{format_size(result.bytes_written)}")
+        kept = (f"; resumed an interrupted conversion: {result.resumed} file(s) it had "
+                "converted were kept" if result.resumed else "")
+        _say(f"wrote {echo_text(dst)}: {result.tensors} tensors in {result.written} file(s), "
+             f"{format_size(result.bytes_written)}{kept}")
 
     _guard(debug, body)
 

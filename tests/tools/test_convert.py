@@ -6,7 +6,9 @@ and PEFT producing the same outputs from the converted adapter as from the pickl
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import pickle
 
 import pytest
@@ -119,17 +121,36 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def test_code_in_a_pickle_is_not_run(cli, tmp_path):
+class ShellPayload(Payload):
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(("payload", "refers_to"), [(Payload, "`io.open`"),
+                                                    (ShellPayload, f"`{os.name}.system`")])
+def test_code_in_a_pickle_is_not_run(cli, tmp_path, payload, refers_to):
+    """The refusal names the global the pickle would call and says recipekit never runs it,
+    in whole sentences (torch's text was cut at 200 characters, mid-way through its advice to
+    retry with weights_only=False)."""
     src = tmp_path / "evil"
     src.mkdir()
     marker = tmp_path / "pwned"
-    with open(src / "pytorch_model.bin", "wb") as f:
-        pickle.dump({"w": Payload(str(marker))}, f)
-    result = cli("convert", "--allow-pickle", src, tmp_path / "out")
-    assert result.exit_code == 1
-    assert "cannot load as weights-only pickle" in result.stderr
-    assert not marker.exists()
-    assert not (tmp_path / "out").exists()  # nothing written, not even the directory
+    raw = functools.partial(pickle.dump, protocol=2)  # a protocol torch's unpickler reads
+    for name, dump in (("pytorch_model.bin", torch.save), ("adapter_model.bin", raw)):
+        with open(src / name, "wb") as f:
+            dump({"w": payload(str(marker))}, f)
+        result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith(
+            f"{src / name}: cannot load as weights-only pickle: it refers to {refers_to}, "
+            "which is neither a tensor nor a plain container; recipekit never unpickles "
+            "arbitrary code, so the file is not converted; the file holds code or a whole "
+            "pickled object, not a state dict of tensors"), result.stderr
+        assert "weights_only=False" not in result.stderr
+        assert "weights_only` set to `False`" not in result.stderr
+        assert not marker.exists()
+        assert not (tmp_path / "out").exists()  # nothing written, not even the directory
+        (src / name).unlink()
 
 
 def test_a_whole_pickled_model_leaves_no_interrupted_conversion(cli, tmp_path):
@@ -180,3 +201,268 @@ def test_run_names_the_convert_command(cli, tmp_path):
     assert "holds only pickle weights (pytorch_model.bin); `run` does not load pickles" in \
         result.stderr
     assert "recipekit convert --allow-pickle ./pickled <new dir>" in result.stderr
+
+
+def saved(directory, files):
+    """A source directory holding ``files``: name -> state dict (torch.save) or text."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        if isinstance(content, str):
+            (directory / name).write_text(content)
+        else:
+            torch.save(content, directory / name)
+    return directory
+
+
+def sharded(tmp_path, parts, index=None):
+    """A sharded pickle checkpoint: ``parts`` is one state dict per shard; the index maps each
+    tensor to its shard unless ``index`` (tensor -> shard number) says otherwise."""
+    n = len(parts)
+    fname = [f"pytorch_model-{k + 1:05d}-of-{n:05d}.bin" for k in range(n)]
+    weight_map = {t: fname[k] for k, part in enumerate(parts) for t in part}
+    if index is not None:
+        weight_map = {t: fname[k] for t, k in index.items()}
+    src = saved(tmp_path / "src", dict(zip(fname, parts, strict=True)))
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return src
+
+
+def interrupt_after_first_shard(monkeypatch):
+    """Ctrl-C just after the first shard is recorded in the state file (exit 130)."""
+    from recipekit.io.output import OutputDir
+
+    finished = OutputDir.mark_finished
+
+    def mark_then_stop(self, *args, **kwargs):
+        finished(self, *args, **kwargs)
+        monkeypatch.setattr(OutputDir, "mark_finished", finished)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OutputDir, "mark_finished", mark_then_stop)
+
+
+def three_shards(tmp_path):
+    parts = [{f"w{k}": torch.full((256,), float(k))} for k in range(3)]
+    return parts, sharded(tmp_path, parts)
+
+
+def test_two_pickles_that_would_become_one_file_are_refused(cli, tmp_path):
+    """`pytorch_model.bin` and `model.bin` both map to model.safetensors: converting both kept
+    only the second's tensors (exit 0)."""
+    src = saved(tmp_path / "src", {"pytorch_model.bin": {"a": torch.ones(2)},
+                                   "model.bin": {"b": torch.zeros(2)}})
+    result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"{src}: pytorch_model.bin and model.bin would both become "
+                                    "model.safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("tensor", "why"), [
+    (torch.eye(3).to_sparse(), "is a sparse_coo tensor; safetensors holds dense tensors only"),
+    (torch.empty(3, 4, device="meta"), "is a meta tensor: it has a shape but no data"),
+    (torch.ones(3).to(torch.float8_e4m3fn), "has dtype float8_e4m3fn, which recipekit does not "
+     "convert (it reads no fp8 checkpoints)"),
+    (torch.ones(3).to(torch.float8_e5m2), "has dtype float8_e5m2"),
+])
+def test_tensors_safetensors_cannot_hold_are_refused_before_writing(cli, tmp_path, tensor, why):
+    """Named with the tensor and its pickle, exit 2, nothing written (they used to be an
+    internal error, an endless "Bad address ... resumes", or a refusal naming the output)."""
+    src = saved(tmp_path / "src", {"pytorch_model.bin": {"ok": torch.ones(2), "w": tensor}})
+    result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"{src / 'pytorch_model.bin'}: tensor `w` {why}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tensor_named_like_the_header_metadata_is_refused(cli, tmp_path):
+    """safetensors reserves `__metadata__`: the file written under that name opened nowhere."""
+    src = saved(tmp_path / "src", {"pytorch_model.bin": {"__metadata__": torch.ones(2),
+                                                         "ok": torch.ones(2)}})
+    result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"{src / 'pytorch_model.bin'}: tensor `__metadata__` has the "
+                                    "name safetensors reserves for a file's metadata")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_later_shard_leaves_no_interrupted_conversion(cli, tmp_path):
+    """Every pickle is checked before the state file: a bad third shard is refused with no
+    shard written (a rerun used to "resume" into the same refusal)."""
+    parts = [{"a": torch.ones(2)}, {"b": torch.ones(2)}, {"c": torch.eye(2).to_sparse()}]
+    src = sharded(tmp_path, parts)
+    result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "pytorch_model-00003-of-00003.bin: tensor `c` is a sparse_coo tensor" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsigned_dtypes_and_negated_views_are_converted_as_they_are(cli, tmp_path):
+    """U16/U32/U64 are safetensors dtypes recipekit's table has (they were refused); a tensor
+    saved as a negated view (its neg bit set) is written as the values it shows (it was
+    written unnegated). Oracle: safetensors' own loader against the pickled tensors."""
+    from safetensors.torch import load_file
+
+    state = {"u16": torch.tensor([0, 1, 65535], dtype=torch.uint16),
+             "u32": torch.tensor([0, 7, 2**32 - 1], dtype=torch.uint32),
+             "u64": torch.tensor([0, 9, 2**63 + 5], dtype=torch.uint64),
+             "neg": torch._neg_view(torch.arange(4.0))}
+    src = saved(tmp_path / "src", {"pytorch_model.bin": state})
+    result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    original = torch.load(src / "pytorch_model.bin", weights_only=True)
+    assert original["neg"].is_neg()
+    for k, t in original.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t.resolve_neg()), k
+    assert torch.equal(got["neg"], -torch.arange(4.0))
+
+
+def test_trainer_pickles_are_not_copied(cli, tmp_path):
+    """A trainer checkpoint's optimizer.pt, scheduler.pt, rng_state.pth and training_args.bin
+    are pickles a safetensors checkpoint must not carry: skipped like a run's donor files skip
+    them, each with a warning (the .pt/.pth were copied, training_args.bin silently dropped)."""
+    from recipekit.inputs.models import iter_donor_files
+
+    src = saved(tmp_path / "src", {
+        "pytorch_model.bin": {"w": torch.ones(2)}, "optimizer.pt": {"m": torch.ones(2)},
+        "scheduler.pt": {"s": torch.ones(1)}, "rng_state.pth": {"r": torch.ones(1)},
+        "training_args.bin": {"t": torch.ones(1)}, "config.json": '{"model_type": "llama"}',
+        "trainer_state.json": "{}", "model.safetensors.index.json": "{}"})
+    result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    copied = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
+    assert copied == ["config.json", "model.safetensors", "trainer_state.json"]
+    assert {p.as_posix() for p in iter_donor_files(src)} == {"trainer_state.json"}  # run's
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin",
+                 "model.safetensors.index.json"):
+        assert f"{src / name}: not copied to the output: it is a weight, pickle or index file" \
+            in result.stderr, name
+
+
+def test_a_resume_keeps_a_file_put_at_a_shard_name_not_written_yet(cli, tmp_path, monkeypatch):
+    """As `run` does (io/output.py `_check_replaced`): exit 2 naming the file, which is kept;
+    moved away, the rerun finishes."""
+    parts, src = three_shards(tmp_path)
+    out = tmp_path / "out"
+    interrupt_after_first_shard(monkeypatch)
+    assert cli("convert", "--allow-pickle", src, out).exit_code == 130
+    assert (out / "model-00001-of-00003.safetensors").is_file()
+    planted = out / "model-00003-of-00003.safetensors"
+    planted.write_text("my notes")
+    (out / "model.safetensors.index.json").write_text('{"mine": 1}')
+    result = cli("convert", "--allow-pickle", src, out)
+    assert result.exit_code == 2, result.output
+    assert f"{planted} is not a file this run wrote" in result.stderr
+    assert planted.read_text() == "my notes"
+    planted.unlink()
+    result = cli("convert", "--allow-pickle", src, out)
+    assert result.exit_code == 2, result.output  # the index name too, as `run` refuses it
+    assert "model.safetensors.index.json is not a file this run wrote" in result.stderr
+    assert (out / "model.safetensors.index.json").read_text() == '{"mine": 1}'
+    (out / "model.safetensors.index.json").unlink()
+    result = cli("convert", "--allow-pickle", src, out)
+    assert result.exit_code == 0, result.output
+    got = read_tensors(out)
+    for part in parts:
+        for k, t in part.items():
+            assert torch.equal(got[k], t), k
+
+
+def test_a_resume_after_a_full_disk_needs_only_what_is_left(cli, tmp_path, monkeypatch):
+    """The free-space check counted the shards already finished, so a conversion stopped by a
+    full disk was refused until there was room for all of it again."""
+    import shutil
+
+    from recipekit.io import output
+
+    _, src = three_shards(tmp_path)
+    out = tmp_path / "out"
+    interrupt_after_first_shard(monkeypatch)
+    assert cli("convert", "--allow-pickle", src, out).exit_code == 130
+    shard = (out / "model-00001-of-00003.safetensors").stat().st_size
+    real = shutil.disk_usage(out)
+    free = 2 * shard + os.path.getsize(src / "pytorch_model.bin.index.json") + 100
+    monkeypatch.setattr(output.shutil, "disk_usage", lambda p: real._replace(free=free))
+    assert sum(f.stat().st_size for f in src.iterdir()) > free  # the whole would not fit
+    result = cli("convert", "--allow-pickle", src, out)
+    assert result.exit_code == 0, result.output
+    assert len(read_tensors(out)) == 3
+    # the summary counts what this run wrote, and says it resumed ("3 tensors in 3 files")
+    assert result.stdout.startswith(f"wrote {out}: 2 tensors in 2 file(s), ")
+    assert result.stdout.rstrip().endswith("; resumed an interrupted conversion: 1 file(s) it "
+                                           "had converted were kept")
+
+
+def test_a_full_disk_says_what_applies_to_a_conversion(cli, tmp_path, monkeypatch):
+    """The writer's hint named `recipekit plan`, which knows nothing of a conversion."""
+    import errno
+
+    from recipekit.io.writer import ShardWriter
+
+    def full(self, view):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _, src = three_shards(tmp_path)
+    monkeypatch.setattr(ShardWriter, "_write_all", full)
+    result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert "disk full while writing; free space (this conversion had" in result.stderr
+    assert "running the same command again resumes" in result.stderr
+    assert "recipekit plan" not in result.stderr
+
+
+def test_killed_while_writing_its_first_state_file_resumes(cli, tmp_path):
+    """A kill leaves only the state file's temp name: the output was "not an empty directory"
+    for ever; like `run`, a rerun replaces its own temp file."""
+    _, src = three_shards(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "..recipekit-state.json.recipekit-partial").write_text('{"plan_')
+    result = cli("convert", "--allow-pickle", src, out)
+    assert result.exit_code == 0, result.output
+    assert len(read_tensors(out)) == 3
+    assert not [p for p in out.iterdir() if p.name.endswith(".recipekit-partial")]
+
+
+W0, W1, EXTRA = {"w0": torch.ones(2)}, {"w1": torch.ones(2)}, {"extra": torch.ones(1)}
+
+
+@pytest.mark.parametrize(("parts", "index", "message"), [
+    ([W0, W1 | EXTRA], {"w0": 0, "w1": 1}, "pytorch_model-00002-of-00002.bin holds tensor "
+     "`extra`, which pytorch_model.bin.index.json does not list"),
+    ([W0 | EXTRA, W1 | EXTRA], {"w0": 0, "w1": 1, "extra": 1}, "pytorch_model-00001-of-00002.bin "
+     "holds tensor `extra`, which pytorch_model.bin.index.json maps to "
+     "pytorch_model-00002-of-00002.bin"),  # in two shards
+    ([W0, W1], {"w0": 0, "w1": 1, "gone": 1}, "pytorch_model-00002-of-00002.bin: tensor `gone` "
+     "is listed in pytorch_model.bin.index.json for pytorch_model-00002-of-00002.bin but that "
+     "file does not contain it"),
+])
+def test_a_stale_pickle_index_is_refused(cli, tmp_path, parts, index, message):
+    """A shard and the index disagree: the converted index would be one `run` and `inspect`
+    refuse (it was written, exit 0). Refused like run's stale index, exit 2, before writing."""
+    src = sharded(tmp_path, parts, index=index)
+    result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "the index is stale or a shard is from another checkpoint" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_pickle_is_named_as_damaged_in_whole_sentences(cli, tmp_path):
+    src = saved(tmp_path / "src", {"pytorch_model.bin": {"w": torch.ones(1000)}})
+    data = (src / "pytorch_model.bin").read_bytes()
+    (src / "pytorch_model.bin").write_bytes(data[:len(data) // 2])
+    result = cli("convert", "--allow-pickle", src, tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == (
+        f"{src / 'pytorch_model.bin'}: cannot load as weights-only pickle: RuntimeError: "
+        "PytorchStreamReader failed reading zip archive: failed finding central directory; the "
+        "file is damaged or incomplete (copy or download it again), or is not a torch "
+        "checkpoint")
+
+
+def test_a_missing_source_is_said_not_to_exist(cli, tmp_path):
+    result = cli("convert", "--allow-pickle", tmp_path / "nope", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"{tmp_path / 'nope'}: does not exist")
