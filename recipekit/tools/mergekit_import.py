@@ -273,6 +273,7 @@ def _read_slices(st: ImportState, data: dict[str, Any], method: MethodSpec) -> l
         if not isinstance(entries, list) or not entries:
             raise st.fail(("models",), "`models` is a non-empty list of {model, parameters}")
         sources = [_models_entry(st, entry, ("models", i)) for i, entry in enumerate(entries)]
+        _refuse_duplicates(st, sources)
         if base is not None and all(s.model != base for s in sources):
             sources.append(Source(base, None, None, ("base_model",)))  # mergekit appends it
             st.notes.append(f"base_model '{base}' is not under `models:`; mergekit merges it "
@@ -294,6 +295,7 @@ def _read_slices(st: ImportState, data: dict[str, Any], method: MethodSpec) -> l
             st.notes.append(f"slices[{k}].residual_weight is ignored (mergekit ignores it too)")
         sources = [_slice_source(st, src, path + ("sources", j))
                    for j, src in enumerate(sl["sources"])]
+        _refuse_duplicates(st, sources)
         lengths = {s.layers[1] - s.layers[0] for s in sources if s.layers}
         if len(lengths) > 1:
             raise st.fail(path + ("sources",), "the sources of a slice must have the same number "
@@ -305,6 +307,22 @@ def _read_slices(st: ImportState, data: dict[str, Any], method: MethodSpec) -> l
     if all(s.length == 0 for s in out):
         raise st.fail(("slices",), "every slice is empty: the output would have no layers")
     return out
+
+
+def _refuse_duplicates(st: ImportState, sources: list[Source]) -> None:
+    """Refuse a model listed twice in one slice (or `models:`), as mergekit 0.1.5 does
+    ("Duplicate merge inputs"): its merge inputs are keyed by model, so two layer ranges of one
+    model cannot be merged with each other. The same path spelt twice is one reference."""
+    seen: dict[str, Source] = {}
+    for s in sources:
+        if s.model in seen:
+            raise st.fail(s.path + ("model",), f"model '{s.model}' is already a source here "
+                          f"({format_key_path(seen[s.model].path)}): mergekit refuses a merge "
+                          "that lists one model twice (\"Duplicate merge inputs\")",
+                          hint="list each model once per slice; to merge two layer ranges of "
+                          "one model, write a recipe: a `layers` step for each range and a "
+                          "`merge` step over them")
+        seen[s.model] = s
 
 
 def _models_entry(st: ImportState, entry: Any, path: KeyPath) -> Source:
@@ -423,11 +441,12 @@ def _source_model(st: ImportState, s: Source, k: int, sl: Slice, used: set[str])
     return name
 
 
-def _merge_slice(st: ImportState, data: dict[str, Any], method: MethodSpec, sl: Slice, k: int,
-                 used: set[str], name: str) -> tuple[str, bool]:
-    """The step for one slice; returns (its name, whether it is a plain copy of one model's
-    layers, so that its non-layer tensors are that model's)."""
-    inputs = [(s, _source_model(st, s, k, sl, used)) for s in sl.sources]
+def _merge_slice(st: ImportState, data: dict[str, Any], method: MethodSpec, sl: Slice,
+                 models: list[str], name: str) -> tuple[str, bool]:
+    """The step for one slice, merging ``models`` (the recipe's inputs for its sources);
+    returns (its name, whether it is a plain copy of one model's layers, so that its non-layer
+    tensors are that model's)."""
+    inputs = list(zip(sl.sources, models, strict=True))
     top = data.get("parameters")
     if top is not None and not isinstance(top, dict):
         raise st.fail(("parameters",), "`parameters` is a mapping")
@@ -440,6 +459,8 @@ def _merge_slice(st: ImportState, data: dict[str, Any], method: MethodSpec, sl: 
                 raise st.fail(path + (key,), f"cannot convert parameter `{key}`: method "
                               f"{method.name} has " + (", ".join(sorted(known)) or "none"),
                               hint=f"did you mean '{close[0]}'?" if close else None)
+    for s in sl.sources:
+        _drop_unread_per_model(st, method, s, is_base=s.model == sl.base)
     model0 = sl.sources[0].model
     shared: dict[str, Any] = {}
     for p in method.params:
@@ -567,19 +588,43 @@ def _ignored_by_mergekit(st: ImportState, method: MethodSpec, key: str, path: Ke
     set `weight` on those methods (tests/tools/test_mergekit_import_suite.py runs them)."""
     if key not in IGNORED_BY_MERGEKIT or any(p.name == key for p in method.params):
         return False
-    st.notes.append(f"{format_key_path(path)} is dropped: mergekit's {method.name} takes no "
-                    f"`{key}` and ignores it")
+    st.warn(f"{format_key_path(path)} is dropped: mergekit's {method.name} takes no `{key}` "
+            "and ignores it")
     return True
+
+
+def _drop_unread_per_model(st: ImportState, method: MethodSpec, s: Source,
+                           is_base: bool) -> None:
+    """Note each parameter under a model's `parameters` that mergekit 0.1.5 never reads there:
+    it resolves a method-wide parameter (ties' `lambda`, `normalize`, slerp's `t`) from the
+    slice's and the top level's `parameters` only, and gives the base model of a method that
+    uses one no per-model parameter but its own (`weight` and `density` of the others). The
+    recipe drops them as mergekit ignores them, and says so (a value the user set that does
+    nothing). Oracle: mergekit's `parameter_resolver.resolve_parameters`; the converted recipe
+    of such a config gives mergekit's output (tests/tools/test_mergekit_import.py)."""
+    uses_base = is_base and method.base != "ignored"
+    for p in method.params:
+        if p.name not in (s.params or {}):
+            continue
+        path = format_key_path(s.path + ("parameters", p.name))
+        if p.scope == "shared":
+            st.warn(f"{path} is dropped: `{p.name}` is a method-wide parameter of "
+                    f"{method.name}, which mergekit reads only from a slice's or the top-level "
+                    "`parameters` and ignores under a model")
+        elif uses_base and p.scope == "per_non_base":
+            st.warn(f"{path} is dropped: mergekit's {method.name} gives the base model no "
+                    f"`{p.name}` and ignores it")
 
 
 def _build_steps(st: ImportState, data: dict[str, Any], method: MethodSpec,
                  slices: list[Slice]) -> str:
     used: set[str] = {*st.models, *st.adapters, *st.folds}
-    results = []
+    results, models = [], []
     for k, sl in enumerate(slices):
         name = "merged" if len(slices) == 1 else f"slice{k}"
         used.add(name)
-        results.append(_merge_slice(st, data, method, sl, k, used, name))
+        models = [_source_model(st, s, k, sl, used) for s in sl.sources]
+        results.append(_merge_slice(st, data, method, sl, models, name))
     if len(slices) == 1:
         final, copy = results[0]
         if copy:  # a passthrough of a whole model without scale: a copy of its layers
@@ -596,8 +641,9 @@ def _build_steps(st: ImportState, data: dict[str, Any], method: MethodSpec,
     if same_post:
         st.steps.append({"name": "merged", "op": "layers", "from": first[0], "layers": stack})
         return "merged"
+    post_from = _post_merge(st, data, method, slices, models, used) or last[0]
     st.steps.append({"name": "stacked", "op": "layers", "from": first[0], "layers": stack})
-    st.steps.append({"name": "stacked_post", "op": "layers", "from": last[0], "layers": stack})
+    st.steps.append({"name": "stacked_post", "op": "layers", "from": post_from, "layers": stack})
     post = post_names(st, slices[-1].sources[0].model)
     st.steps.append({"name": "merged", "op": "interpolate", "from": ["stacked", "stacked_post"],
                      "alpha": [*({"match": exact(n), "value": 1} for n in post), {"value": 0}]})
@@ -605,6 +651,36 @@ def _build_steps(st: ImportState, data: dict[str, Any], method: MethodSpec,
                     "head from the last: step 'merged' copies them (alpha 0 or 1 is an exact "
                     "copy)")
     return "merged"
+
+
+def _post_merge(st: ImportState, data: dict[str, Any], method: MethodSpec,
+                slices: list[Slice], models: list[str], used: set[str]) -> str | None:
+    """The step whose final norm and lm_head mergekit writes, when it is not the last slice's
+    own merge (None then). mergekit 0.1.5's `plan_module` merges the tensors after the layers
+    over ``zip([weight] * len(slices[0].sources), slices[-1].sources)``: only the first N
+    sources of the last slice, N being the first slice's count. ``models``: the last slice's
+    inputs. Oracle: mergekit-yaml on such a config (tests/tools/test_mergekit_import.py)."""
+    last, n = slices[-1], len(slices[0].sources)
+    if len(last.sources) <= n:
+        return None
+    kept, dropped = last.sources[:n], last.sources[n:]
+    if last.base is not None and method.base != "ignored" and \
+            any(s.model == last.base for s in dropped):
+        raise st.fail(last.path + ("sources",), f"mergekit merges the final norm and lm_head "
+                      f"from only the first {n} source(s) of the last slice (as many as the "
+                      f"first slice has), which leave out base model '{last.base}': mergekit "
+                      "0.1.5 fails on this config (\"Base input is not present in merge "
+                      "inputs for lm_head.weight\")",
+                      hint=f"list the base model among the first {n} sources of the last slice")
+    name = _fresh_name(st, f"slice{len(slices) - 1}_post")
+    used.add(name)
+    post = Slice(kept, last.base, last.params, last.path, last.length)
+    step, _ = _merge_slice(st, data, method, post, models[:n], name)
+    names = ", ".join(f"'{s.model}'" for s in kept)
+    st.warn(f"mergekit merges the final norm and lm_head from only the first {n} source(s) "
+            f"of the last slice ({names}; as many as the first slice has), not from all "
+            f"{len(last.sources)}: step '{step}' merges those, as mergekit does")
+    return step
 
 
 # --- output --------------------------------------------------------------------------------

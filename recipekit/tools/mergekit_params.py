@@ -9,6 +9,7 @@ gradient conventions (t = 1 after the layers, t = 0 in a one-layer step) give me
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any
 from recipekit.errors import ConversionError, KeyPath
 from recipekit.recipe import Document
 from recipekit.recipe.params import evaluate_gradient, is_before_layers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +66,14 @@ class ImportState:
 
     def fail(self, path: KeyPath, message: str, hint: str | None = None) -> ConversionError:
         return ConversionError([self.doc.error(path, message, hint=hint, key=True)])
+
+    def warn(self, note: str) -> None:
+        """A note for the recipe's head that is also a warning on stderr, once: where the
+        recipe follows mergekit in ignoring or dropping what the config says, which a user
+        reading only the config would not expect (and might not read the head for)."""
+        if note not in self.notes:
+            self.notes.append(note)
+            log.warning("%s", note)
 
 
 def post_names(st: ImportState, model: str) -> list[str]:

@@ -153,8 +153,25 @@ def test_what_cannot_be_converted_is_named(cli, tmp_path, monkeypatch, extra, me
     ("models:\n  - model: models/a\n  - model: models/b\nmerge_method: ties\n",
      "method ties needs a `base_model`"),
     ("models:\n  - model: models/a\n    parameters: {weight: 0.3}\n  - model: models/a\n"
-     "    parameters: {weight: 0.5}\nmerge_method: linear\n",  # mergekit: "Duplicate merge
-     "steps[0].from[1]: 'a' is already listed in `from`"),     # inputs"
+     "    parameters: {weight: 0.5}\nmerge_method: linear\n",
+     "models[1].model: model 'a' is already a source here (models[0]): mergekit refuses a "
+     "merge that lists one model twice (\"Duplicate merge inputs\")"),
+    # two ranges of one model in one slice: mergekit refuses it too ("Duplicate merge inputs")
+    ("slices:\n  - sources:\n      - {model: models/a, layer_range: [0, 2]}\n"
+     "      - {model: models/a, layer_range: [2, 4]}\nmerge_method: linear\n"
+     "parameters: {weight: 0.5}\n",
+     "slices[0].sources[1].model: model 'a' is already a source here (slices[0].sources[0]): "
+     "mergekit refuses a merge that lists one model twice"),
+    # mergekit merges the final norm and head over the first 2 sources of the last slice,
+    # which leave out the base: it fails ("Base input is not present in merge inputs")
+    ("slices:\n  - sources:\n      - {model: models/c, layer_range: [0, 2]}\n"
+     "      - {model: models/a, layer_range: [0, 2]}\n  - sources:\n"
+     "      - {model: models/a, layer_range: [2, 4]}\n      - {model: models/b, layer_range: "
+     "[2, 4]}\n      - {model: models/c, layer_range: [2, 4]}\nmerge_method: ties\n"
+     "base_model: models/c\nparameters: {weight: 0.5}\n",
+     "slices[1].sources: mergekit merges the final norm and lm_head from only the first 2 "
+     "source(s) of the last slice (as many as the first slice has), which leave out base "
+     "model 'c'"),
     ("models:\n  - model: models/a\nslices: []\nmerge_method: linear\n",
      "exactly one of `models` and `slices`"),
 ])
@@ -518,3 +535,100 @@ def test_vlm_configs_match_mergekit_live(cli, tmp_path, monkeypatch, tiny_llava,
     for name, t in theirs.items():
         torch.testing.assert_close(ours[name.removeprefix("model.")], t, atol=2e-6, rtol=1e-5,
                                    msg=name)
+
+
+#: slices whose last one has more sources than the first: mergekit 0.1.5's `plan_module` zips
+#: `[weight] * len(slices[0].sources)` with `slices[-1].sources`, so the final norm and lm_head
+#: merge only the first len(slices[0].sources) sources of the last slice
+FEWER_FIRST = {
+    "linear": "slices:\n  - sources:\n      - {model: models/a, layer_range: [0, 2]}\n"
+              "  - sources:\n      - {model: models/a, layer_range: [2, 4]}\n"
+              "      - {model: models/b, layer_range: [2, 4]}\nmerge_method: linear\n"
+              "parameters: {weight: 0.5, normalize: false}\ndtype: float32\n",
+    "task_arithmetic": "slices:\n  - sources:\n      - {model: models/a, layer_range: [0, 2]}\n"
+                       "      - {model: models/c, layer_range: [0, 2]}\n  - sources:\n"
+                       "      - {model: models/b, layer_range: [2, 4], parameters: "
+                       "{weight: [0.2, 0.8]}}\n"
+                       "      - {model: models/c, layer_range: [2, 4]}\n"
+                       "      - {model: models/a, layer_range: [2, 4]}\n"
+                       "merge_method: task_arithmetic\nbase_model: models/c\n"
+                       "parameters: {weight: 0.6}\ndtype: float32\n",
+}
+
+
+def _convert_fewer_first(cli, tmp_path: Path, monkeypatch, method: str):
+    """Convert FEWER_FIRST[method]; (config, recipe, the import's result)."""
+    monkeypatch.chdir(GOLDENS)
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text(FEWER_FIRST[method])
+    recipe = tmp_path / "r.yaml"
+    return cfg, recipe, cli("import-mergekit", cfg, "-o", recipe)
+
+
+def test_final_norm_and_head_merge_the_last_slices_first_sources_as_mergekit(
+        cli, tmp_path, monkeypatch):
+    """The tensors after the layers come from a merge of the last slice's first N sources (N:
+    the first slice's count), said in the recipe and on stderr. Oracle: mergekit's formula on
+    them, linear without normalization: 0.5·a (its live output is compared below); the
+    blend of a and b that the import once wrote is 0.5·(a + b)."""
+    _, recipe, result = _convert_fewer_first(cli, tmp_path, monkeypatch, "linear")
+    assert result.exit_code == 0, result.output
+    note = ("mergekit merges the final norm and lm_head from only the first 1 source(s) of the "
+            "last slice ('a'; as many as the first slice has), not from all 2: step "
+            "'slice1_post' merges those, as mergekit does")
+    assert f"#  - {note}\n" in recipe.read_text()
+    assert f"warning: {note}\n" in result.stderr
+    assert cli("run", recipe, "-q", "-o", tmp_path / "out").exit_code == 0
+    ours, a, b = (read_tensors(d) for d in (tmp_path / "out", GOLDENS / "models" / "a",
+                                              GOLDENS / "models" / "b"))
+    for name in ("model.norm.weight", "lm_head.weight"):
+        assert torch.equal(ours[name], 0.5 * a[name]), name
+    layer = "model.layers.3.mlp.up_proj.weight"
+    assert torch.equal(ours[layer], 0.5 * a[layer] + 0.5 * b[layer])
+
+
+@pytest.mark.mergekit
+@needs_mergekit
+@pytest.mark.parametrize("method", sorted(FEWER_FIRST))
+def test_final_norm_and_head_of_more_sources_last_match_mergekit_live(cli, tmp_path,
+                                                                      monkeypatch, method):
+    """mergekit-yaml's output against the converted recipe's, tensor for tensor (a gradient
+    on the last slice: the post merge takes it at t = 0 as mergekit does)."""
+    cfg, recipe, result = _convert_fewer_first(cli, tmp_path, monkeypatch, method)
+    assert result.exit_code == 0, result.output
+    theirs = run_mergekit(cfg, tmp_path / "mk-out", GOLDENS)
+    assert cli("run", recipe, "-q", "-o", tmp_path / "out").exit_code == 0
+    ours = read_tensors(tmp_path / "out")
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        torch.testing.assert_close(ours[name], t, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_parameters_mergekit_ignores_under_a_model_are_dropped_with_a_note(cli, tmp_path,
+                                                                          monkeypatch):
+    """mergekit resolves a method-wide parameter (ties' `lambda`, `normalize`) only from the
+    slice's and the top level's `parameters`, and gives the base model no `weight` or
+    `density`: set under a model, they are ignored. The recipe drops each with a note in its
+    head and a warning on stderr, and still gives mergekit's output (the golden of the config
+    without them)."""
+    monkeypatch.chdir(GOLDENS)
+    cfg = tmp_path / "ties.yml"
+    cfg.write_text((GOLDENS / "configs" / "ties.yml").read_text().replace(
+        "      weight: 0.4\n", "      weight: 0.4\n      lambda: 3.0\n      normalize: false\n")
+        .replace("merge_method: ties\n", "  - model: models/c\n    parameters: {weight: 0.9}\n"
+                 "merge_method: ties\n"))
+    recipe = tmp_path / "ties.yaml"
+    result = cli("import-mergekit", cfg, "-o", recipe)
+    assert result.exit_code == 0, result.output
+    notes = [f"models[1].parameters.{key} is dropped: `{key}` is a method-wide parameter of "
+             "ties, which mergekit reads only from a slice's or the top-level `parameters` and "
+             "ignores under a model" for key in ("lambda", "normalize")]
+    notes.append("models[2].parameters.weight is dropped: mergekit's ties gives the base model "
+                 "no `weight` and ignores it")
+    text = recipe.read_text()
+    for note in notes:
+        assert f"#  - {note}\n" in text
+        assert f"warning: {note}\n" in result.stderr
+    assert cli("run", recipe, "-q", "-o", tmp_path / "out").exit_code == 0
+    golden, layers = read_golden(GOLDENS / "out" / "ties.safetensors")
+    assert_same(tmp_path / "out", golden, layers, exact=False)
