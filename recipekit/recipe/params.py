@@ -13,13 +13,21 @@ Torch-free: validation and planning use it.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
-from typing import Any
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from recipekit.arch import LayerStack, load_architectures
-from recipekit.errors import ParamError
+from recipekit.errors import KeyPath, ParamError, format_key_path
+
+if TYPE_CHECKING:
+    from recipekit.recipe.types import Recipe
+
+log = logging.getLogger(__name__)
 
 Param = float | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+#: what makes a `match` a pattern rather than one exact name (fnmatch's special characters)
+_GLOB = frozenset("*?[")
 
 
 def evaluate_gradient(values: Sequence[float], t: float) -> float:
@@ -78,6 +86,39 @@ def resolve(param: Param, name: str, stack: LayerStack) -> float:
             return resolve(rule["value"], name, stack)
     raise ParamError(f"no rule matches `{name}`; add a default rule without `match` "
                      "(e.g. `{value: 0.5}`)")
+
+
+def unmatched_rules(param: Any, names: Iterable[str]) -> list[tuple[int, str]]:
+    """(index, pattern) of each rule of ``param`` whose `match` matches none of ``names``.
+
+    Example:
+        >>> unmatched_rules([{"match": "mlp", "value": 1}, {"value": 0}], ["a.mlp.w"])
+        [(0, 'mlp')]
+    """
+    if not isinstance(param, list):
+        return []
+    names = list(names)
+    return [(i, rule["match"]) for i, rule in enumerate(param)
+            if isinstance(rule, Mapping) and isinstance(rule.get("match"), str)
+            and not any(fnmatch.fnmatchcase(n, rule["match"]) for n in names)]
+
+
+def warn_unmatched_rules(recipe: Recipe, step: str, path: KeyPath, param: Any,
+                         names: Iterable[str]) -> None:
+    """Warn, located at the rule, for each rule of ``param`` (at ``path``) that matches no
+    tensor of step ``step`` (``names``). Why: such a rule never applies, and nothing else says
+    so — a typo (`*mpl*`) or mergekit's habit of filters that are substrings (`mlp`, a glob that
+    matches only a tensor named exactly `mlp`) silently leaves those tensors to the next rule.
+    """
+    for i, pattern in unmatched_rules(param, names):
+        where = path + (i,)
+        hint = (f"`match` is a glob on the full tensor name (mergekit's `filter` is a "
+                f"substring): write `*{pattern}*` for the names that contain `{pattern}`"
+                if not _GLOB & set(pattern) else "`match` is a glob on the full tensor name; "
+                "`recipekit inspect --headers-only -v MODEL` lists the names")
+        log.warning("%s: %s: rule `match: %s` matches no tensor of step '%s', so it never "
+                    "applies; %s", recipe.document.locate(where).prefix(),
+                    format_key_path(where), pattern, step, hint)
 
 
 def is_constant(param: Param) -> bool:

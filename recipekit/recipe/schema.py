@@ -168,6 +168,9 @@ def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list
         return [doc.error(path, f"{_describe_at(doc, path)[3:]} needs {keys} (or both)",
                           key=True)]
     if v in ("oneOf", "anyOf"):
+        gradient = _bare_gradient(doc, path, err)
+        if gradient is not None:
+            return [gradient]
         best = jsonschema.exceptions.best_match(err.context or [])
         if best is not None and best is not err:
             # Prefer the branch whose type matches what the user wrote.
@@ -199,6 +202,23 @@ def _render_schema_error(doc: Document, err: jsonschema.ValidationError) -> list
         return [doc.error(path, f"missing required key `{key}` {_describe_at(doc, path)}",
                           key=True)]
     return [_value_error(doc, path, err)]
+
+
+def _bare_gradient(doc: Document, path: KeyPath,
+                   err: jsonschema.ValidationError) -> RecipeError | None:
+    """One error for mergekit's spelling of a gradient, a bare list of numbers
+    (`alpha: [0.1, 0.9]`), where a numeric parameter is expected: it names recipekit's
+    `{gradient: [...]}` instead of refusing each number as a rule ("expected an object")."""
+    inst = err.instance
+    if not (isinstance(inst, list) and inst and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in inst)):
+        return None
+    numeric = ({"$ref": "#/$defs/gradient"}, {"$ref": "#/$defs/number_param"})  # or nullable
+    if not any(b in numeric for b in err.validator_value):
+        return None
+    text = json.dumps(inst)
+    return doc.error(path, f"expected a number, a gradient or a list of rules, got {text}",
+                     hint=f"write a gradient as `{{gradient: {text}}}` (mergekit's `{text}`)")
 
 
 def _misspelled(key: str, instance: Any, schema: Any = None) -> str | None:

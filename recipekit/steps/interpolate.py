@@ -18,7 +18,7 @@ from recipekit.dtypes import is_floating, promote, torch_dtype
 from recipekit.errors import RecipeError, RecipeErrors, ShapeMismatchError
 from recipekit.graph import Node, SameShape, VirtualModel, cast, fp32_copies, intern
 from recipekit.recipe import Recipe, Step
-from recipekit.recipe.params import ParamError, resolve
+from recipekit.recipe.params import ParamError, resolve, warn_unmatched_rules
 from recipekit.steps.registry import Op
 from recipekit.steps.tied import untied_config, with_stand_in_heads
 
@@ -131,11 +131,13 @@ def build_interpolate(step: Step, models: Mapping[str, VirtualModel],
         raise RecipeErrors(errors)
     a, b = models[names[0]], models[names[1]]
     tensors: dict[str, Node] = {}
+    blended: list[str] = []  # the tensors α is resolved for
     for name, na in a.tensors.items():
         nb = b.tensors[name]
         if not (is_floating(na.dtype) and is_floating(nb.dtype)):
             tensors[name] = na  # integer buffers pass through from A (the donor)
             continue
+        blended.append(name)
         try:
             alpha = resolve(step.spec["alpha"], name, a.stack)
         except ParamError as e:
@@ -147,6 +149,8 @@ def build_interpolate(step: Step, models: Mapping[str, VirtualModel],
             tensors[name] = cast(nb, dtype)
         else:
             tensors[name] = intern(Lerp(na, nb, alpha, dtype))
+    warn_unmatched_rules(recipe, step.name, step.key_path + ("alpha",), step.spec["alpha"],
+                         blended)
     config, changed = a.config, a.changed
     if total is not None:
         from recipekit.steps.vocab import vocab_config

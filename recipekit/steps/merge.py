@@ -37,7 +37,12 @@ from recipekit.graph.passes import Reduction
 from recipekit.io.header import quote_name
 from recipekit.merge import METHODS, resolve_params
 from recipekit.recipe import Recipe, Step
-from recipekit.recipe.params import ParamError, is_constant, resolve
+from recipekit.recipe.params import (
+    ParamError,
+    is_constant,
+    resolve,
+    warn_unmatched_rules,
+)
 from recipekit.steps.gram import is_row_local, streamed_gram
 from recipekit.steps.interpolate import check_aligned
 from recipekit.steps.registry import Op
@@ -395,6 +400,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
     compute = step.spec.get("compute_dtype")
     tensors: dict[str, Node] = {}
     outside: dict[str, tuple[float, str]] = {}  # a share outside [0, 1]: its first value
+    merged: list[str] = []  # the tensors parameters are resolved for
     for name, donor_node in first.tensors.items():
         operands = tuple(models[m].tensors[name] for m, _, _ in entries)
         base = models[base_name].tensors[name] if base_name else None
@@ -402,6 +408,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
         if not all(is_floating(n.dtype) for n in every):
             tensors[name] = donor_node  # integer buffers pass through from the donor
             continue
+        merged.append(name)
         dtype = promote([n.dtype for n in every])
         native = compute is not None
         if native:  # mergekit's way: inputs cast to the compute dtype, computed in it
@@ -438,6 +445,7 @@ def build_merge(step: Step, models: Mapping[str, VirtualModel], recipe: Recipe) 
         tensors[name] = streamed or intern(Merge(
             spec.name, operands, base, tuple(sorted(params.items())),
             seed if spec.random else 0, name if spec.random else "", dtype, native))
+    _warn_unmatched(step, recipe, shared, entries, merged)
     for key, (value, tensor) in outside.items():
         log.warning("step '%s': %s %g (tensor `%s`, and maybe others) is %s: %s keeps %s "
                     "entry there, as %s does (mergekit's reading); a share is a number in "
@@ -566,6 +574,18 @@ def _check_della(spec: Any, params: Mapping[str, Any], tensor: str, step: Step,
                 f"epsilon {eps:g} give [{d - eps:g}, {d + eps:g}] for tensor "
                 f"`{printable(tensor)}`", hint="choose an epsilon below min(density, "
                 "1 − density)")])
+
+
+def _warn_unmatched(step: Step, recipe: Recipe, shared: Mapping[str, Any], entries: list,
+                    names: list[str]) -> None:
+    """Warn for each parameter rule (method-wide or per input) that matches none of the
+    merged tensors ``names``: it never applies (`params.warn_unmatched_rules`)."""
+    for key, value in shared.items():
+        warn_unmatched_rules(recipe, step.name, step.key_path + ("parameters", key), value,
+                             names)
+    for _, params, path in entries:
+        for key, value in params.items():
+            warn_unmatched_rules(recipe, step.name, path + (key,), value, names)
 
 
 def _resolve_for(spec: Any, shared: Mapping[str, Any], entries: list, tensor: str,

@@ -70,3 +70,25 @@ def test_a_whole_number_float_is_not_an_integer(cli, tmp_path, key, value, where
     assert f"{where}: expected an integer, got " in result.stderr
     assert "; write it without a decimal point or exponent" in result.stderr
     assert "internal error" not in result.output
+
+
+@pytest.mark.parametrize("where, value", [
+    ("alpha", "[0.1, 0.9]"),
+    ("weight", "[0.2, 0.8]"),
+])
+def test_mergekits_bare_gradient_is_answered_with_recipekits_spelling(cli, tmp_path, where,
+                                                                      value):
+    """mergekit writes a gradient as a bare list (`alpha: [0.1, 0.9]`); recipekit read it as
+    a rule list and refused each number ("expected an object, got 0.1", found by a black-box
+    check). Now one error names recipekit's `{gradient: [...]}`."""
+    step = ("{name: m, op: interpolate, from: [a, b], alpha: " + value + "}" if where == "alpha"
+            else "{name: m, op: merge, method: linear, from: [a, {model: b, weight: "
+            + value + "}], parameters: {weight: 0.5}}")
+    r = write_recipe(tmp_path, f"recipekit: 1\nmodels: {{a: ./a, b: ./b}}\nsteps:\n  - {step}\n")
+    result = cli("validate", "--no-inputs", str(r))
+    assert result.exit_code == 2, result.output
+    path = "steps[0].alpha" if where == "alpha" else "steps[0].from[1].weight"
+    assert result.stderr.splitlines()[0].endswith(
+        f"{path}: expected a number, a gradient or a list of rules, got {value}; write a "
+        f"gradient as `{{gradient: {value}}}` (mergekit's `{value}`)"), result.stderr
+    assert "expected an object" not in result.stderr

@@ -162,3 +162,37 @@ def test_params_unit():
     assert evaluate_gradient([0, 2, 0], 0.75) == 1.0
     with pytest.raises(ParamError, match=re.escape("no rule matches `lm_head.weight`")):
         resolve([{"match": "*.mlp.*", "value": 1}], "lm_head.weight", stack)
+
+
+def test_a_rule_that_matches_no_tensor_is_named_in_a_warning(cli, tmp_path, pair):
+    """A rule whose `match` matches no tensor of the step never applies: a typo (`*mpl*`) or
+    mergekit's substring filter (`mlp`, a glob that matches only a tensor named `mlp`) once
+    passed silently (found by a black-box check). `validate`, `plan` and `run` now warn,
+    located at the rule, and hint the glob for a pattern without glob characters; the rules
+    that match still give their values."""
+    alpha = ('[{match: "*mpl*", value: 1}, {match: "mlp", value: 0.9}, '
+             '{match: "*mlp*", value: 0.25}, {value: 0.5}]')
+    r = write_recipe(tmp_path, RECIPE.format(a=pair[0], b=pair[1], alpha=alpha))
+    warnings = [
+        f"warning: {r}:9:13: steps[0].alpha[0]: rule `match: *mpl*` matches no tensor of step "
+        "'mix', so it never applies; `match` is a glob on the full tensor name; `recipekit "
+        "inspect --headers-only -v MODEL` lists the names",
+        f"warning: {r}:9:41: steps[0].alpha[1]: rule `match: mlp` matches no tensor of step "
+        "'mix', so it never applies; `match` is a glob on the full tensor name (mergekit's "
+        "`filter` is a substring): write `*mlp*` for the names that contain `mlp`"]
+    for command in (("validate", r), ("plan", r), ("run", r, "-q")):
+        result = cli(*command)
+        assert result.exit_code == 0, result.output
+        assert [line for line in result.stderr.splitlines()
+                if "matches no tensor" in line] == warnings, command
+    ours, a, b = (read_tensors(d) for d in (tmp_path / "out", pair[0], pair[1]))
+    name = "model.layers.1.mlp.up_proj.weight"
+    expected = torch.lerp(a[name].float(), b[name].float(), 0.25).to(torch.bfloat16)
+    assert torch.equal(ours[name], expected)
+
+
+def test_rules_that_match_give_no_warning(cli, tmp_path, pair):
+    r = write_recipe(tmp_path, RECIPE.format(a=pair[0], b=pair[1], alpha=GRADIENT_RULES))
+    result = cli("validate", r)
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.stderr

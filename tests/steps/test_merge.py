@@ -317,6 +317,28 @@ class TestSharesOutsideZeroOne:
         assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
 
 
+def test_parameter_rules_that_match_no_tensor_are_named_in_a_warning(cli, tmp_path, trio):
+    """A rule of a method-wide or a per-input parameter that matches no merged tensor never
+    applies (mergekit's substring filter `self_attn` written as a glob): `validate` warns,
+    located at the rule; a rule that matches says nothing."""
+    step = ("    method: ties\n    base: base\n    from:\n"
+            "      - {model: x, weight: [{match: self_attn, value: 1}, {value: 0.5}]}\n"
+            "      - {model: y, weight: 0.5}\n"
+            "    parameters: {density: [{match: '*mlp*', value: 0.3}, {match: '*.lm_head*', "
+            "value: 0.9}, {value: 0.7}]}\n")
+    r = write_recipe(tmp_path, recipe_text(trio, step))
+    result = cli("validate", r)
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.stderr.splitlines() if "matches no tensor" in line] == [
+        f"warning: {r}:14:58: steps[0].parameters.density[1]: rule `match: *.lm_head*` "
+        "matches no tensor of step 'm', so it never applies; `match` is a glob on the full "
+        "tensor name; `recipekit inspect --headers-only -v MODEL` lists the names",
+        f"warning: {r}:12:29: steps[0].from[0].weight[0]: rule `match: self_attn` matches no "
+        "tensor of step 'm', so it never applies; `match` is a glob on the full tensor name "
+        "(mergekit's `filter` is a substring): write `*self_attn*` for the names that contain "
+        "`self_attn`"], result.stderr
+
+
 @pytest.mark.mergekit
 @pytest.mark.skipif(not MERGEKIT.exists(), reason="no side venv: bash bench/setup_mergekit.sh")
 @pytest.mark.parametrize("method", ["linear", "ties", "task_arithmetic", "slerp"])
