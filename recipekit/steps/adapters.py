@@ -21,14 +21,17 @@ XLoraModel.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 
+from recipekit.arch.lookup import load_architectures
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors, ShapeMismatchError
 from recipekit.graph import (
     F32,
     DeltaCombine,
     Load,
+    LoraDelta,
     LoraFold,
     Node,
     ScaledSum,
@@ -42,6 +45,8 @@ from recipekit.io.reader import is_same_data
 from recipekit.recipe import Recipe, Step
 from recipekit.steps.gating import check_gating_document, resolve_gating
 from recipekit.steps.registry import Op
+
+log = logging.getLogger(__name__)
 
 Value = VirtualModel | AdapterSet
 RANDOM = ("dare_linear", "dare_ties")
@@ -246,6 +251,9 @@ class _Placement:
     def __init__(self, base: VirtualModel, base_name: str, recipe: Recipe) -> None:
         self.base, self.base_name, self.recipe = base, base_name, recipe
         self.tied = _is_tied(base)
+        arch = load_architectures().get(base.stack.family or "")
+        #: the family's `Conv1D` weights (stored (in, out)); None for a model of no known family
+        self.conv1d = arch.fan_in_fan_out if arch else None
         self.errors: list[RecipeError] = []
         self.deltas: dict[str, list[_Part]] = {}
         self.replaced: dict[str, tuple[Replacement, str]] = {}
@@ -257,12 +265,18 @@ class _Placement:
     def add(self, index: int, aset: AdapterSet, weight: float, path: KeyPath) -> None:
         """Place one adapter set's updates, replacements and lora_bias terms (updates first:
         a tensor refused for a tied model is named by what the adapter was trained to do)."""
-        for name, t in aset.targets.items():
+        flipped: list[tuple[str, LoraTarget]] = []
+        for name, claimed in aset.targets.items():
+            t = self.oriented(name, claimed)
+            if t is not claimed:
+                flipped.append((name, t))
             target = self.place(name, t.shape, aset, path, "updates")
             if target is not None:
                 self.deltas.setdefault(target, []).append(
                     (t.delta(weight), t.magnitude, t.norm_dim, weight, t.delta(1.0)))
                 self.expert_targets.setdefault(target, []).append((index, t, weight))
+        if flipped:
+            _warn_flipped(aset, flipped, self.base_name)
         pair = self.tied_pair(aset)
         if pair is not None and not pair[2]:
             self.errors.append(self.recipe.error(
@@ -284,6 +298,28 @@ class _Placement:
                 at_one = intern(ScaledSum(nodes, tuple(s for _, s in terms), F32))
                 delta = intern(ScaledSum(nodes, tuple(s * weight for _, s in terms), F32))
                 self.deltas.setdefault(target, []).append((delta, None, 0, weight, at_one))
+
+    def oriented(self, name: str, t: LoraTarget) -> LoraTarget:
+        """``t`` laid out as the `from` model stores the weight ``name``: transposed exactly
+        when it is a GPT-2 `Conv1D` weight, whatever the adapter's ``fan_in_fan_out`` says.
+
+        Why: PEFT decides by the wrapped module's type (`Conv1D` always transposed,
+        `nn.Linear` never) and only warns when the flag disagrees, so its merge is the same
+        with either flag; trusting the flag folded a square `c_proj` (or a Llama `q_proj`)
+        silently wrong and refused a non-square `c_attn` as trained on other dimensions
+        (found by a black-box check). A known family's data names its `Conv1D` weights; for a
+        model of no known family the flag decides unless the base tensor's shape fits only the
+        other layout (reference/adapters.md §2.3)."""
+        if t.kind != "linear":
+            return t  # embeddings are (V, D) tables in every model
+        if self.conv1d is not None:
+            conv1d = any(name == f or name.endswith("." + f) for f in self.conv1d)
+        else:
+            hits = resolve_target(name, self.base.tensors)
+            stored = tuple(self.base.tensors[hits[0]].shape) if len(hits) == 1 else None
+            conv1d = (not t.transposed if stored != t.shape and stored == t.shape[::-1]
+                      else t.transposed)
+        return t if conv1d == t.transposed else _flipped(t)
 
     def replace(self, target: str, rep: Replacement, aset: AdapterSet, weight: float,
                 path: KeyPath) -> None:
@@ -377,6 +413,36 @@ class _Placement:
             path, f"adapter '{aset.name}' {what} {quote_name(target)}, but '{self.base_name}' "
             "ties its input and output embeddings", hint="folding would have to untie them; "
             "version 1 refuses instead"))
+
+
+def _flipped(t: LoraTarget) -> LoraTarget:
+    """``t`` in the other layout: the low-rank factors are the same either way (A (r, in),
+    B (out, r)); a combined full delta is rebuilt from its flipped parts, so a DARE mask is
+    drawn over the shape the base stores, as it would have been with the right flag."""
+    full = None if t.full is None else _flipped_delta(t.full)
+    return replace(t, shape=t.shape[::-1], transposed=not t.transposed, full=full)
+
+
+def _flipped_delta(node: Node) -> Node:
+    """A full delta (`LoraDelta`, or a `DeltaCombine` of them) built in the other layout."""
+    if isinstance(node, LoraDelta):
+        return intern(replace(node, transposed=not node.transposed, shape=node.shape[::-1]))
+    assert isinstance(node, DeltaCombine), type(node).__name__  # `LoraTarget.full`'s makers
+    return intern(replace(node, deltas=tuple(_flipped_delta(d) for d in node.deltas)))
+
+
+def _warn_flipped(aset: AdapterSet, flipped: list[tuple[str, LoraTarget]], base_name: str
+                  ) -> None:
+    """PEFT's warning when the config's ``fan_in_fan_out`` disagrees with the module type,
+    once per adapter (the first module, and how many more)."""
+    name, t = flipped[0]
+    kind = ("a GPT-2 `Conv1D` weight, stored (in, out)" if t.transposed
+            else "a linear weight, stored (out, in)")
+    more = f" (and {len(flipped) - 1} more like it)" if len(flipped) > 1 else ""
+    log.warning("adapter '%s': its config sets fan_in_fan_out to %s, but %s is "
+                "%s in '%s'%s; folded as PEFT applies it, with fan_in_fan_out %s",
+                aset.name, str(not t.transposed).lower(), quote_name(name), kind, base_name,
+                more, str(t.transposed).lower())
 
 
 def _fold(step: Step, combine: str, target: str, parts: list[_Part], base: VirtualModel,

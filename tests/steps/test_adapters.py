@@ -506,3 +506,47 @@ def test_tied_embeddings_are_refused_once(cli, tmp_path, tmp_path_factory, lora,
                "would have to untie them; version 1 refuses instead")
     assert "recipe.yaml:5:" in out and message in out, out
     assert out.count("steps[0].adapters[0]") == 1 and "does not have" not in out, out
+
+
+@pytest.mark.parametrize("case, family, flag", [
+    ("gpt2_fan_in_fan_out_lora_only", "gpt2", False),  # square c_proj, non-square c_attn
+    ("gpt2_dora", "gpt2", False),
+    ("plain", "llama", True),  # a square q_proj, a non-square v_proj
+])
+def test_fan_in_fan_out_follows_the_module_type(cli, tmp_path, bases, adapters, case, family,
+                                                flag):
+    """PEFT lays out a module by its type (`Conv1D` transposed, `nn.Linear` not) whatever the
+    config's `fan_in_fan_out` says, and warns; recipekit trusted the flag: a GPT-2 adapter with
+    the flag edited to false folded its square `c_proj` silently wrong and refused `c_attn` as
+    "trained on a model of other dimensions", a Llama one with true transposed `q_proj` (found
+    by a black-box check). Oracle: PEFT's merge, the same with either flag."""
+    import json
+    import shutil
+
+    d = tmp_path / "edited"
+    shutil.copytree(adapters[case], d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is not flag
+    cfg["fan_in_fan_out"] = flag
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    recipe = write_recipe(tmp_path, f"""
+        recipekit: 1
+        models: {{base: {bases[family]}}}
+        adapters: {{a: {d}}}
+        steps:
+          - {{name: f, op: adapters, from: base, adapters: [a]}}
+        output: {{path: ./out}}
+        """)
+    result = cli("run", recipe)
+    assert result.exit_code == 0, result.output
+    layout = ("a GPT-2 `Conv1D` weight, stored (in, out)" if family == "gpt2"
+              else "a linear weight, stored (out, in)")
+    assert (f"warning: adapter 'a': its config sets fan_in_fan_out to "
+            f"{str(flag).lower()}, but " in result.stderr and f"is {layout} in 'base' (and "
+            in result.stderr and f"with fan_in_fan_out {str(not flag).lower()}"
+            in result.stderr), result.stderr
+    assert result.stderr.count("sets fan_in_fan_out") == 1, result.stderr  # once per adapter
+    ref_flag, _ = peft_merged(family, bases[family], [(d, 1.0)])
+    ref_saved, _ = peft_merged(family, bases[family], [(adapters[case], 1.0)])
+    assert all(torch.equal(ref_flag[k], ref_saved[k]) for k in ref_saved)
+    assert_matches_peft(family, bases[family], tmp_path / "out", [(d, 1.0)])
