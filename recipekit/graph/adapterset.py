@@ -36,6 +36,9 @@ _LORA_KEY = re.compile(r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B
                        r"lora_magnitude_vector)(\.weight|\.bias)?$")
 #: Wrapper infixes PEFT puts between a module path and a whole saved tensor.
 _INFIXES = (".base_layer.", ".modules_to_save.default.")
+#: Config key of a combined set whose inputs name different base models ("'a': 'X', 'b':
+#: none"), for the warning `run.adapter_output` gives when it writes the set.
+BASE_CONFLICT = "recipekit_base_conflict"
 
 
 @dataclass(frozen=True)

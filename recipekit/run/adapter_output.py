@@ -12,6 +12,7 @@ Oracle: tests/steps/test_combine_adapters.py loads the directory in PEFT.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -19,10 +20,12 @@ from typing import Any
 from recipekit.dtypes import NAME_TO_CODE, promote
 from recipekit.errors import RecipeError, RecipeErrors
 from recipekit.graph import F32, Concat, Node, ScaledSum, SvdFactor, cast, intern
-from recipekit.graph.adapterset import PREFIX, AdapterSet
+from recipekit.graph.adapterset import BASE_CONFLICT, PREFIX, AdapterSet
 from recipekit.io.header import quote_name
 from recipekit.io.names import is_absolute_local
 from recipekit.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 
 def adapter_output(aset: AdapterSet, recipe: Recipe) -> tuple[dict[str, Node], dict[str, Any]]:
@@ -57,7 +60,29 @@ def adapter_output(aset: AdapterSet, recipe: Recipe) -> tuple[dict[str, Node], d
         tensors[PREFIX + rep.key] = rep.node
     if errors:
         raise RecipeErrors(errors)
-    return tensors, adapter_config(aset, ranks, kinds)
+    config = adapter_config(aset, ranks, kinds)
+    _warn_unnamed_base(aset, config)
+    return tensors, config
+
+
+def _warn_unnamed_base(aset: AdapterSet, config: Mapping[str, Any]) -> None:
+    """Say why adapter_config.json names no base model where the inputs named one (combined
+    adapters of different bases; an absolute local path, which an output ready for publishing
+    does not name): PEFT's `AutoPeftModel` then needs the base passed in, and once tried to
+    download a repo named "None" without a word from recipekit (found by a black-box check)."""
+    if config["base_model_name_or_path"] is not None:
+        return
+    load = ("pass the base model to PEFT (`PeftModel.from_pretrained(base, OUT)`) and to "
+            "`recipekit verify OUT --load --base BASE`")
+    conflict = aset.config.get(BASE_CONFLICT)
+    named = aset.config.get("base_model_name_or_path")
+    if conflict:
+        log.warning("the adapter sets combined into '%s' name different base models (%s), so "
+                    "its adapter_config.json names none: %s", aset.name, conflict, load)
+    elif named is not None:
+        log.warning("'%s' adapts the base model at %s, an absolute local path, which an output "
+                    "ready for publishing does not name, so its adapter_config.json names no "
+                    "base: %s", aset.name, named, load)
 
 
 def _spec_errors(recipe: Recipe, spec: Mapping[str, Any]) -> list[RecipeError]:

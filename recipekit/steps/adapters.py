@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 from recipekit.arch.lookup import load_architectures
 from recipekit.errors import KeyPath, RecipeError, RecipeErrors, ShapeMismatchError
@@ -39,10 +40,17 @@ from recipekit.graph import (
     cast,
     intern,
 )
-from recipekit.graph.adapterset import AdapterSet, LoraTarget, LoraTerm, Replacement
+from recipekit.graph.adapterset import (
+    BASE_CONFLICT,
+    AdapterSet,
+    LoraTarget,
+    LoraTerm,
+    Replacement,
+)
 from recipekit.io.header import quote_name
 from recipekit.io.reader import is_same_data
 from recipekit.recipe import Recipe, Step
+from recipekit.recipe.types import DEFAULT_REVISION
 from recipekit.steps.gating import check_gating_document, resolve_gating
 from recipekit.steps.registry import Op
 
@@ -547,8 +555,43 @@ def build_combine_adapters(step: Step, models: Mapping[str, Value], recipe: Reci
         raise RecipeErrors(errors)
     targets = {name: _combined_target(step, combine, name, items)
                for name, items in grouped.items()}
-    config = uses[0][0].config
-    return AdapterSet(step.name, targets, biases, replacements, config)
+    return AdapterSet(step.name, targets, biases, replacements, _combined_config(uses))
+
+
+def _combined_config(uses: list[tuple[AdapterSet, float, KeyPath]]) -> dict[str, Any]:
+    """The first input's config, naming the base model (and revision) that every input names,
+    or none where they differ.
+
+    Why: the first input's base was written whatever the others named, so a combination of
+    adapters of two bases claimed to adapt the first one's."""
+    config = dict(uses[0][0].config)
+    bases = {aset.name: _base_of(aset.config) for aset, _, _ in uses}
+    conflict = [aset.config[BASE_CONFLICT] for aset, _, _ in uses
+                if aset.config.get(BASE_CONFLICT)]
+    if len(set(bases.values())) > 1 or conflict:
+        described = ", ".join(f"'{name}': {_describe_base(base)}" for name, base in
+                              bases.items())
+        config.update(base_model_name_or_path=None, revision=None, recipekit_own_base=False)
+        config[BASE_CONFLICT] = conflict[0] if conflict else described
+    else:
+        # an extraction names its own local base (`extract_lora`); inputs that agree with it
+        # name the same directory
+        config["recipekit_own_base"] = any(a.config.get("recipekit_own_base") for a, _, _ in uses)
+    return config
+
+
+def _base_of(config: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(base_model_name_or_path, revision) as compared: PEFT writes no revision for `main`."""
+    revision = config.get("revision")
+    return (config.get("base_model_name_or_path"),
+            None if revision == DEFAULT_REVISION else revision)
+
+
+def _describe_base(base: tuple[Any, Any]) -> str:
+    name, revision = base
+    if name is None:
+        return "none"
+    return repr(name) + (f" at revision {revision!r}" if revision is not None else "")
 
 
 def _combined_target(step: Step, combine: str, name: str,

@@ -213,3 +213,57 @@ def test_trained_biases_combine_at_weight_one_only(cli, tmp_path, weight):
     assert result.exit_code == 2, result.output
     assert ("steps[0].adapters[0]: adapter 'g' replaces `transformer.h.0.attn.c_attn.bias` "
             f"whole, which only combines at weight 1, not {float(weight)}") in result.stderr
+
+
+def test_the_output_names_the_base_every_input_names(cli, tmp_path, hub_cache, tiny_llama):
+    """adapter_config.json names the base model (and revision) only where every combined
+    adapter names the same one; it named the first input's whatever the others named, and said
+    nothing when it named none (found by a black-box check: `AutoPeftModelForCausalLM` then
+    tried to download a repo named "None"). Oracle: PEFT's `AutoPeftModelForCausalLM` loads
+    the output offline from the base it names, with the logits of the base passed in."""
+    import peft
+
+    ads = {}
+    for name, target, base, revision in (("a", "q_proj", "org/tiny", None),
+                                         ("b", "v_proj", "org/tiny", "main"),
+                                         ("c", "q_proj", "org/tiny", "v2"),
+                                         ("d", "q_proj", str(tiny_llama), None)):
+        ads[name] = make_adapter("llama", tiny_llama, tmp_path / name, r=2, task_type="CAUSAL_LM",
+                                 target_modules=[target])
+        path = ads[name] / "adapter_config.json"
+        config = json.loads(path.read_text())
+        config.update(base_model_name_or_path=base, revision=revision)
+        path.write_text(json.dumps(config))
+
+    def run(uses: str) -> tuple[dict, str]:
+        work = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        work.mkdir()
+        names = "\n".join(f"  {k}: {v}" for k, v in ads.items())
+        recipe = write_recipe(work, f"recipekit: 1\nadapters:\n{names}\nsteps:\n"
+                              f"  - {{name: mix, op: combine_adapters, adapters: {uses}}}\n"
+                              "output: {path: ./out}\n")
+        result = cli("run", recipe, "-q")
+        assert result.exit_code == 0, result.output
+        return json.loads((work / "out" / "adapter_config.json").read_text()), result.stderr
+
+    config, err = run("[a, b]")  # "main" is PEFT's default revision: the same base
+    assert (config["base_model_name_or_path"], config["revision"]) == ("org/tiny", None)
+    assert "names none" not in err and "names no base" not in err, err
+    ids = torch.arange(24).reshape(2, 12) % 100
+    out = tmp_path / "run0" / "out"
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(out, cache_dir=hub_cache,
+                                                         local_files_only=True).eval()
+    given = peft.PeftModel.from_pretrained(load_model("llama", tiny_llama), out).eval()
+    with torch.no_grad():
+        assert torch.equal(auto(input_ids=ids).logits, given(input_ids=ids).logits)
+    for uses, named in (("[a, c]", "'a': 'org/tiny', 'c': 'org/tiny' at revision 'v2'"),
+                        ("[d, a]", f"'d': {str(tiny_llama)!r}, 'a': 'org/tiny'")):
+        config, err = run(uses)
+        assert config["base_model_name_or_path"] is None and config["revision"] is None, uses
+        assert (f"warning: the adapter sets combined into 'mix' name different base models "
+                f"({named}), so its adapter_config.json names none: pass the base model to "
+                "PEFT") in err, err
+    config, err = run("[d]")  # a local base: not named in an output ready for publishing
+    assert config["base_model_name_or_path"] is None
+    assert (f"warning: 'mix' adapts the base model at {tiny_llama}, an absolute local path, "
+            "which an output ready for publishing does not name") in " ".join(err.split()), err
