@@ -171,8 +171,11 @@ def _layer_rows(spec: Mapping[str, Any], where: KeyPath, recipe: Recipe, model: 
 
 def _named_rows(given: Mapping[str, Any], where: KeyPath, recipe: Recipe, modules: list[str],
                 n: int, rows: dict[str, tuple[float, ...]], errors: list[RecipeError]) -> None:
-    """``modules:`` as {module name: row}: rows that override the layers' (in place)."""
+    """``modules:`` as {module name: row}: rows that override the layers' (in place). A module
+    named twice (with and without ``.weight``) is refused: the last row silently won (found by
+    a black-box check)."""
     by_name = {alias: name for name in modules for alias in (name, _module_name(name))}
+    first_key: dict[str, str] = {}
     for key, value in given.items():
         path = where + ("modules", key)
         target = by_name.get(key)
@@ -181,6 +184,12 @@ def _named_rows(given: Mapping[str, Any], where: KeyPath, recipe: Recipe, module
                                        f"{quote_name(key)}", key=True,
                                        hint=f"the wrapped modules are {_shown(modules)}"))
             continue
+        if target in first_key:
+            errors.append(recipe.error(path, f"module {quote_name(key)} is also given as "
+                                       f"{quote_name(first_key[target])}: two rows for one "
+                                       "module", key=True, hint="keep one of them"))
+            continue
+        first_key[target] = key
         row = _row(value, n, path, recipe, f"module {quote_name(key)}", errors)
         if row is not None:
             rows[target] = row

@@ -283,6 +283,12 @@ def test_gating_refusals_are_located(cli, tmp_path, base, experts, tmp_path_fact
                   "gating.modules has 2 rows, but the adapters wrap 8 modules"),
         "layers": ("layers: [[1, 0]]", "recipe.yaml:10:", "gating.layers has 1 rows, but model "
                    "'base' has 2 layers"),
+        # one module under two spellings: the last row silently won (a black-box finding)
+        "twice": ("layers: [[1, 0], [0, 1]]\nmodules: {model.layers.1.mlp.down_proj.weight: "
+                  "[1, 0],\n  model.layers.1.mlp.down_proj: [0, 1]}", "recipe.yaml:12:9:",
+                  "steps[0].gating.modules.model.layers.1.mlp.down_proj: module "
+                  "`model.layers.1.mlp.down_proj` is also given as "
+                  "`model.layers.1.mlp.down_proj.weight`: two rows for one module; keep one"),
         "missing": ("modules: {" + ", ".join(f"{m}: [1, 0]" for m in modules) + "}",
                     "recipe.yaml:9:", "gating gives no weights for 4 LoRA-wrapped module(s)"),
         "both": ("layers: [[1, 0], [0, 1]]\nlog: x.npy", "recipe.yaml:9:", "not both"),
