@@ -128,14 +128,20 @@ def resolve_adapter(ref: ModelRef, recipe: Recipe) -> AdapterCheckpoint:
 def _check_config(config: dict[str, Any], ref: ModelRef, located: Located) -> None:
     """Refuse PEFT types, variants and inits whose merge recipekit does not reproduce."""
     name = ref.written
+    if "peft_type" not in config:  # once "has peft_type 'None'" (a black-box finding)
+        raise located(UnsupportedCheckpointError, f"adapter {name!r}: {CONFIG} has no "
+                      "`peft_type` key, so it does not say which PEFT method made it (PEFT "
+                      "does not load it either)", 'a LoRA adapter\'s config holds "peft_type": '
+                      '"LORA"')
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         hint = ("an X-LoRA directory is not one adapter: list its experts (the LoRA adapters "
                 "it names) under `adapters:` and fold them with `gating:`" if peft_type == "XLORA"
                 else
                 "recipekit folds LoRA adapters (peft_type LORA, including DoRA)")
-        raise located(UnsupportedCheckpointError, f"adapter {name!r} has peft_type "
-                      f"{str(peft_type)[:40]!r}, not LORA", hint)
+        shown = "null" if peft_type is None else repr(str(peft_type)[:40])
+        raise located(UnsupportedCheckpointError, f"adapter {name!r} has peft_type {shown}, "
+                      "not LORA", hint)
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(MODIFIED_BASE_INITS):
         raise located(UnsupportedCheckpointError,

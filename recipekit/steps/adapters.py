@@ -479,15 +479,23 @@ def check_gating(step: Step, uses: list[tuple[AdapterSet, float, KeyPath]], reci
     combine = step.spec.get("combine", "sequential")
     if combine not in ("sequential", "sum"):
         errors.append(_gating_combine_error(step, combine, recipe))
+    def plain(part: str) -> str:
+        return (f"X-LoRA gates each expert's low-rank update B·A, and {part} is not part of "
+                "it: fold this adapter in an `op: adapters` step without `gating:`")
+
     for aset, _, path in uses:
-        what = ("is a DoRA adapter" if aset.has_dora else "replaces tensors whole "
-                "(modules_to_save, trained biases, a saved base layer unlike the model's)"
-                if aset.replacements else
-                "has lora_bias terms" if aset.biases else None)
+        # each refusal gives its own reason (a modules_to_save expert was told about DoRA:
+        # a black-box finding)
+        what, hint = (("is a DoRA adapter", "X-LoRA gates plain LoRA experts (PEFT's "
+                       "XLoraModel refuses DoRA)") if aset.has_dora else
+                      ("replaces tensors whole (modules_to_save, trained biases, a saved base "
+                       "layer unlike the model's)", plain("a tensor saved whole"))
+                      if aset.replacements else
+                      ("has lora_bias terms", plain("a lora_bias term")) if aset.biases
+                      else (None, None))
         if what:
             errors.append(recipe.error(path, f"'{aset.name}' {what}, which X-LoRA gating "
-                                       "cannot fold", hint="X-LoRA gates plain LoRA experts "
-                                       "(PEFT's XLoraModel refuses DoRA)"))
+                                       "cannot fold", hint=hint))
     if errors:
         raise RecipeErrors(errors)
 

@@ -331,11 +331,12 @@ def test_refusals_are_located(cli, tmp_path, bases, adapters, tmp_path_factory):
 
     plain = adapters["plain"]
 
-    def variant(name: str, **changes) -> Path:
+    def variant(name: str, drop: str = "", **changes) -> Path:
         d = tmp_path_factory.mktemp(name) / "ad"
         shutil.copytree(plain, d)
         cfg = json.loads((d / "adapter_config.json").read_text())
         cfg.update(changes)
+        cfg.pop(drop, None)
         (d / "adapter_config.json").write_text(json.dumps(cfg))
         return d
 
@@ -345,6 +346,12 @@ def test_refusals_are_located(cli, tmp_path, bases, adapters, tmp_path_factory):
         "pickle": (pickle, "holds only a pickle adapter (adapter_model.bin)",
                    "recipekit convert --allow-pickle"),
         "loha": (variant("loha", peft_type="LOHA"), "has peft_type 'LOHA', not LORA", None),
+        # once "has peft_type 'None', not LORA" (a black-box finding)
+        "no peft_type": (variant("nopt", drop="peft_type"), "adapter_config.json has no "
+                         "`peft_type` key, so it does not say which PEFT method made it",
+                         'a LoRA adapter\'s config holds "peft_type": "LORA"'),
+        "null peft_type": (variant("nullpt", peft_type=None), "has peft_type null, not LORA",
+                           None),
         "pissa": (variant("pissa", init_lora_weights="pissa_niter_4"),
                   "was initialised with 'pissa_niter_4'", "path_initial_model_for_weight"),
         "olora": (variant("olora", init_lora_weights="olora"), "'olora'", None),

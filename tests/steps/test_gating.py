@@ -342,6 +342,17 @@ def test_dora_and_pruning_are_refused(cli, tmp_path, base, experts, tmp_path_fac
     out = fold(cli, tmp_path, base, [experts[0], dora], "layers: [[1, 0], [0, 1]]", expect=2)
     assert "recipe.yaml:8:" in out and "'e1' is a DoRA adapter, which X-LoRA gating cannot " \
         "fold" in out, out
+    # each refusal gives its own reason: a modules_to_save expert was told "(PEFT's
+    # XLoraModel refuses DoRA)" (a black-box finding)
+    saved = make_adapter("llama", base, tmp_path_factory.mktemp("mts") / "m", seed=6, r=2,
+                         target_modules=["q_proj"], modules_to_save=["lm_head"])
+    out = fold(cli, tmp_path_factory.mktemp("refused"), base, [experts[0], saved],
+               "layers: [[1, 0], [0, 1]]", expect=2)
+    assert ("'e1' replaces tensors whole (modules_to_save, trained biases, a saved base layer "
+            "unlike the model's), which X-LoRA gating cannot fold; X-LoRA gates each expert's "
+            "low-rank update B·A, and a tensor saved whole is not part of it: fold this adapter "
+            "in an `op: adapters` step without `gating:`") in " ".join(out.split()), out
+    assert "DoRA" not in out, out
     result = cli("run", write_recipe(tmp_path, f"""
         recipekit: 1
         models: {{base: {base}}}
