@@ -24,6 +24,7 @@ from recipekit.graph.adapterset import BASE_CONFLICT, PREFIX, AdapterSet
 from recipekit.io.header import quote_name
 from recipekit.io.names import is_absolute_local
 from recipekit.recipe import Recipe
+from recipekit.steps.reinit import Fill
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ def adapter_output(aset: AdapterSet, recipe: Recipe) -> tuple[dict[str, Node], d
         module = name[:-len(".bias")]
         tensors[f"{PREFIX}{module}.lora_B.bias"] = intern(ScaledSum(
             tuple(n for n, _ in terms), tuple(s for _, s in terms), dtype))
+    if aset.biases:
+        errors += _zero_biases(aset, recipe, tensors, dtype)
     for rep in aset.replacements.values():
         tensors[PREFIX + rep.key] = rep.node
     if errors:
@@ -63,6 +66,34 @@ def adapter_output(aset: AdapterSet, recipe: Recipe) -> tuple[dict[str, Node], d
     config = adapter_config(aset, ranks, kinds)
     _warn_unnamed_base(aset, config)
     return tensors, config
+
+
+def _zero_biases(aset: AdapterSet, recipe: Recipe, tensors: dict[str, Node], dtype: str
+                 ) -> list[RecipeError]:
+    """A zero ``lora_B.bias`` for every linear module without one, once any module has one.
+
+    Why: ``lora_bias`` is one flag for every module of a PEFT adapter, so a combination of a
+    lora_bias adapter and a plain one gave the plain one's modules a bias PEFT looked for and
+    did not find ("Found missing adapter keys", found by a black-box check); zero is what
+    those modules add. PEFT refuses lora_bias on embedding modules, so a set with both is
+    refused here (folding it into a model needs no config)."""
+    embeddings: list[str] = []
+    for name, t in aset.targets.items():
+        module = name[:-len(".weight")] if name.endswith(".weight") else name
+        if t.kind == "embedding":
+            embeddings.append(module)
+            continue
+        key = f"{PREFIX}{module}.lora_B.bias"
+        if key not in tensors:
+            out_dim = t.shape[1] if t.transposed else t.shape[0]
+            tensors[key] = intern(Fill((out_dim,), dtype, 0.0))
+    if not embeddings:
+        return []
+    return [recipe.error(("output", "model"), f"'{aset.name}' has lora_bias terms and embedding "
+                         f"LoRA modules ({quote_name(embeddings[0])}): PEFT's lora_bias applies "
+                         "to every module of an adapter, and PEFT refuses it on embeddings",
+                         hint="write them as separate adapters, or fold them into a model with "
+                         "`op: adapters`")]
 
 
 def _warn_unnamed_base(aset: AdapterSet, config: Mapping[str, Any]) -> None:

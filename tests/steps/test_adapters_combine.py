@@ -267,3 +267,43 @@ def test_the_output_names_the_base_every_input_names(cli, tmp_path, hub_cache, t
     assert config["base_model_name_or_path"] is None
     assert (f"warning: 'mix' adapts the base model at {tiny_llama}, an absolute local path, "
             "which an output ready for publishing does not name") in " ".join(err.split()), err
+
+
+def test_cat_of_lora_bias_and_plain_adapters_is_complete(cli, tmp_path):
+    """lora_bias is one flag for a whole PEFT adapter: the plain adapter's modules get zero
+    ``lora_B.bias`` tensors, so PEFT loads the combination without "Found missing adapter
+    keys" (they were left out: a black-box finding). Oracle: PEFT with both adapters loaded,
+    merged and unmerged. PEFT refuses lora_bias on embedding modules: such a set is refused."""
+    import warnings
+
+    from tests.helpers.adapter_builders import peft_merged
+
+    base = make_model("qwen2", tmp_path / "base", layers=2, seed=5)  # q/k/v have biases
+    lb = make_adapter("qwen2", base, tmp_path / "lb", seed=1, r=4, lora_alpha=8,
+                      target_modules=["q_proj"], lora_bias=True)
+    plain = make_adapter("qwen2", base, tmp_path / "plain", seed=2, r=2, lora_alpha=4,
+                         target_modules=["q_proj", "k_proj"])
+    out = combine(cli, tmp_path, {"lb": lb, "plain": plain}, "[lb, {use: plain, weight: 0.5}]",
+                  "{method: cat}")
+    written = read_tensors(out)
+    zero = "base_model.model.model.layers.1.self_attn.k_proj.lora_B.bias"
+    assert torch.equal(written[zero], torch.zeros(16))
+    assert not torch.equal(written[zero.replace("k_proj", "q_proj")], torch.zeros(32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours, ours_logits = peft_merged("qwen2", base, [(out, 1.0)])
+    assert not [w for w in caught if "missing adapter keys" in str(w.message)], caught
+    ref, ref_logits = peft_merged("qwen2", base, [(lb, 1.0), (plain, 0.5)])
+    assert all((ours[k] - ref[k]).abs().max().item() <= 1e-6 for k in ref)
+    assert (ours_logits - ref_logits).abs().max().item() <= 1e-5
+    emb = make_adapter("qwen2", base, tmp_path / "emb", seed=3, r=2,
+                       target_modules=["embed_tokens"])
+    (tmp_path / "e").mkdir()
+    recipe = write_recipe(tmp_path / "e", f"recipekit: 1\nadapters: {{lb: {lb}, emb: {emb}}}\n"
+                          "steps:\n  - {name: mix, op: combine_adapters, adapters: [lb, emb]}\n"
+                          "output: {path: ./out}\n")
+    result = cli("run", recipe, "-q")
+    assert result.exit_code == 2 and ("'mix' has lora_bias terms and embedding LoRA modules "
+                                      "(`model.embed_tokens`): PEFT's lora_bias applies to "
+                                      "every module") in " ".join(result.output.split()), \
+        result.output
