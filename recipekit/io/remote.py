@@ -213,12 +213,20 @@ def _cat_if_match(fs: Any, path: str, start: int, end: int, etag: str, url: str)
     bucket, key, _ = fs.split_path(path)
 
     async def get() -> bytes:
-        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key,
-                                 Range=f"bytes={start}-{end - 1}", IfMatch=f'"{etag}"')
-        try:
-            return await resp["Body"].read()  # type: ignore[no-any-return]
-        finally:
-            resp["Body"].close()
+        import asyncio
+
+        for attempt in range(BODY_TRIES):
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                     Range=f"bytes={start}-{end - 1}", IfMatch=f'"{etag}"')
+            try:
+                return await resp["Body"].read()  # type: ignore[no-any-return]
+            except _body_errors():
+                if attempt == BODY_TRIES - 1:
+                    raise
+            finally:
+                resp["Body"].close()
+            await asyncio.sleep(0.2 * 2 ** attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     try:
         return sync(fs.loop, get)  # type: ignore[no-any-return]
@@ -231,6 +239,30 @@ def _cat_if_match(fs: Any, path: str, start: int, end: int, etag: str, url: str)
         "bytes of two versions, is discarded", file=url,
         hint="finished shards are kept; run again once nothing writes to the object, to plan "
         "from its current version (an output begun from the old one then needs --force)")
+
+
+#: Reads of one ranged GET's body: a connection dropped mid-body is tried again (the request
+#: itself is retried by s3fs's client; its body is not, where s3fs's own `cat_file` retries
+#: it). Safe: every try is pinned to the same ETag, so it reads the same bytes or is refused.
+BODY_TRIES = 4
+
+
+def _body_errors() -> tuple[type[BaseException], ...]:
+    """What a response body's read raises when the connection drops or stalls mid-body."""
+    import asyncio
+
+    found: list[type[BaseException]] = [ConnectionError, asyncio.TimeoutError]
+    try:
+        from aiohttp import ClientPayloadError, ServerDisconnectedError
+        found += [ClientPayloadError, ServerDisconnectedError]
+    except ImportError:  # pragma: no cover - s3fs depends on aiohttp
+        pass
+    try:
+        from botocore.exceptions import ResponseStreamingError
+        found.append(ResponseStreamingError)
+    except ImportError:  # pragma: no cover - older botocore
+        pass
+    return tuple(found)
 
 
 def _error_code(e: BaseException) -> str | None:

@@ -620,6 +620,61 @@ class TestExtraAndCredentials:
         state = json.loads((tmp_path / "out" / ".recipekit-state.json").read_text())
         assert len(state["finished"]) == 1
 
+    @pytest.mark.parametrize("drops", [2, 99])
+    def test_a_body_dropped_mid_read_is_read_again(self, s3, uploaded, model, tmp_path,
+                                                  monkeypatch, drops):
+        """A connection dropped in a ranged read's body ended the run (exit 1), where s3fs's
+        own `cat_file` reads again: the ETag-pinned read now tries the body again (the same
+        version or a refusal), and the output is a local run's bytes; a connection that keeps
+        dropping still ends the run with the message, the finished shards kept."""
+        import aiohttp
+
+        from recipekit.io import remote
+
+        (tmp_path / "local").mkdir()
+        local = recipekit.run(_recipe(tmp_path / "local", str(model), "./out"), progress=None)
+        real = s3fs.S3FileSystem._call_s3
+        left = {"drops": drops}
+
+        class Dropped:
+            def __init__(self, body):
+                self.body = body
+
+            async def read(self):
+                raise aiohttp.ClientPayloadError("Response payload is not completed")
+
+            def close(self):
+                self.body.close()
+
+        async def flaky(self, method, *args, **kwargs):
+            resp = await real(self, method, *args, **kwargs)
+            if method == "get_object" and "IfMatch" in kwargs and left.get("armed") \
+                    and left["drops"] > 0:
+                left["drops"] -= 1
+                resp["Body"] = Dropped(resp["Body"])
+            return resp
+
+        from recipekit.io.output import OutputDir
+
+        begin = OutputDir.begin
+
+        def arm(out, needed):  # the tensor reads: planning's header reads are not dropped
+            begin(out, needed)
+            left["armed"] = True
+        monkeypatch.setattr(OutputDir, "begin", arm)
+        monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", flaky)
+        monkeypatch.setattr(remote, "BODY_TRIES", 3)
+        recipe = _recipe(tmp_path, uploaded, "./out")
+        if drops < remote.BODY_TRIES:
+            result = recipekit.run(recipe, progress=None)
+            assert left["drops"] == 0
+            assert _local_hashes(Path(result.output)) == _local_hashes(Path(local.output))
+            return
+        with pytest.raises(recipekit.errors.TensorDataError) as e:
+            recipekit.run(recipe, progress=None)
+        assert str(e.value).startswith(f"{uploaded}/model.safetensors: ranged read failed: ")
+        assert e.value.exit_code == 1
+
     def test_credentials_in_url_refused(self, tmp_path):
         recipe = _recipe(tmp_path, "s3://KEY:SECRET@bucket/m", "./out")
         with pytest.raises(recipekit.errors.UsageError) as e:
