@@ -166,14 +166,6 @@ class ShardWriter:
         if self._flush_error is not None:
             self.abort()
             raise _write_error(self._flush_error, self.final) from self._flush_error
-        if not _still_ours(self._fd, self.temp):
-            os.close(self._fd)  # the file at the temp name is another writer's: leave it
-            self._fd = -1
-            raise OutputError("another writer replaced this shard's temporary file while it was "
-                              "being written", file=display_path(self.final),
-                              hint="a run of the same output is still going on (a Ray task "
-                              "of a driver that died, or a second machine); let it end, then "
-                              "run again: finished shards are kept")
         digest = self._sha.hexdigest()
         if self._before_rename is not None and os.path.lexists(self.final):
             try:
@@ -182,18 +174,37 @@ class ShardWriter:
             except BaseException:
                 self.abort()
                 raise
-        fd, self._fd = self._fd, -1
+        if self.fsync:  # before the check below, which must come just before the rename
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                self.abort()
+                raise _write_error(e, self.final) from e
+        if not _still_ours(self._fd, self.temp):
+            os.close(self._fd)  # the file at the temp name is another writer's: leave it
+            self._fd = -1
+            raise OutputError("another writer replaced this shard's temporary file while it was "
+                              "being written", file=display_path(self.final),
+                              hint="a run of the same output is still going on (a Ray task "
+                              "of a driver that died, or a second machine); let it end, then "
+                              "run again: finished shards are kept")
+        fd, self._fd = self._fd, -1  # commit_temp's fsync now finds nothing left to write
         commit_temp(fd, self.temp, self.final, fsync=self.fsync)
         return digest
 
     def abort(self) -> None:
-        """Close and remove the temp file (ours); never touches the final name."""
+        """Close and remove the temp file if it is still ours; never touches the final name.
+        A file at the temp name that is not the one this writer opened (another writer's,
+        `_still_ours`, or a link put there) is left alone, as `finish` leaves it."""
         self._stop_workers()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.temp)
+        if self._fd < 0:
+            return  # finished, or found not ours, or failed to commit (which removed it)
+        ours = _still_ours(self._fd, self.temp)
+        os.close(self._fd)
+        self._fd = -1
+        if ours:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temp)
 
 
 def _still_ours(fd: int, temp: Path) -> bool:

@@ -6,6 +6,7 @@ Oracle: hashlib over the finished file, and the file system's view during the wr
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 
@@ -55,3 +56,57 @@ def test_a_writer_whose_temp_file_was_replaced_does_not_rename_it(tmp_path):
     late.write(b"new")
     assert late.finish() == hashlib.sha256(b"HEADER__new").hexdigest()
     assert final.read_bytes() == b"HEADER__new" and not partial_path(final).exists()
+
+
+def test_a_writer_found_not_ours_leaves_the_temp_name_when_aborted(tmp_path):
+    """What a failed shard does after `finish` refused (execute.write_shard aborts its writer):
+    the file at the temp name is another writer's, or a link put there while the shard was
+    written (a Ray task of a killed driver finishing beside the rerun), and stays as it is."""
+    final = tmp_path / "model.safetensors"
+    early = ShardWriter(final, b"HEADER__", 8 + 3)
+    early.write(b"old")
+    late = ShardWriter(final, b"HEADER__", 8 + 3)
+    with pytest.raises(OutputError, match="another writer replaced"):
+        early.finish()
+    early.abort()
+    late.write(b"new")
+    assert late.finish() == hashlib.sha256(b"HEADER__new").hexdigest()
+    assert final.read_bytes() == b"HEADER__new"
+
+    mine = tmp_path / "mine.txt"
+    mine.write_bytes(b"notes")
+    w = ShardWriter(final, b"HEADER__", 8 + 3)
+    w.write(b"abc")
+    os.unlink(partial_path(final))
+    os.symlink(mine, partial_path(final))
+    with pytest.raises(OutputError, match="another writer replaced"):
+        w.finish()
+    w.abort()
+    assert partial_path(final).is_symlink() and mine.read_bytes() == b"notes"
+    assert final.read_bytes() == b"HEADER__new"
+
+
+def test_the_temp_file_is_checked_after_its_fsync_just_before_the_rename(tmp_path,
+                                                                          monkeypatch):
+    """A temp file replaced (here by a link) while it is fsynced, which can take seconds: the
+    check that it is still ours comes after the fsync, so the link is never renamed into
+    place."""
+    final = tmp_path / "model.safetensors"
+    mine = tmp_path / "mine.txt"
+    mine.write_bytes(b"notes")
+    w = ShardWriter(final, b"HEADER__", 8 + 3)
+    w.write(b"abc")
+    real_fsync = os.fsync
+
+    def fsync_then_replaced(fd):  # type: ignore[no-untyped-def]
+        real_fsync(fd)
+        if not partial_path(final).is_symlink():
+            os.unlink(partial_path(final))
+            os.symlink(mine, partial_path(final))
+
+    monkeypatch.setattr(os, "fsync", fsync_then_replaced)
+    with pytest.raises(OutputError, match="another writer replaced"):
+        w.finish()
+    w.abort()
+    assert not os.path.lexists(final)
+    assert partial_path(final).is_symlink() and mine.read_bytes() == b"notes"
