@@ -365,7 +365,7 @@ def check_executor(executor: str, address: str | None) -> None:
     if executor == "ray":
         from recipekit.run.ray import import_ray
 
-        import_ray()
+        import_ray(address)  # bounds Ray's wait for a wrong address's answer
 
 
 def _check_workers(workers: Any) -> None:

@@ -2,7 +2,8 @@
 
 Why tasks of whole runs: combinations are independent outputs, so the unit of work is a run
 (`recipekit.run.sweep.run_combination`, as the local sweep does one after another), not a
-shard; this needs nothing of the per-shard Ray executor. The driver validates every
+shard; this needs nothing of the per-shard Ray executor but its connection (`ray.connect`:
+the same bounded wait and message for a wrong address). The driver validates every
 combination first (`plan_sweep`), submits one plain `ray.remote` task per combination, and
 rewrites `sweep.json` as each returns. Workers must see the recipe, its inputs and the sweep's
 root at the same paths as the driver (one machine, or a shared file system).
@@ -15,12 +16,11 @@ sweep on its two-node local cluster and compares every shard's sha256 with the l
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from recipekit.errors import ExtraMissingError
+from recipekit.run.ray import connect
 from recipekit.run.sweep import (
     INDEX_NAME,
     Combination,
@@ -33,20 +33,6 @@ from recipekit.run.sweep import (
 
 #: Retries of a combination whose worker died (a run resumes from its finished shards).
 MAX_RETRIES = 2
-
-
-def require_ray() -> Any:
-    """The `ray` module.
-
-    Raises:
-        ExtraMissingError: ray is not installed (one line naming the extra).
-    """
-    try:
-        import ray
-    except ImportError:
-        raise ExtraMissingError("--executor ray needs ray, which is not installed",
-                                hint="pip install 'recipekit[ray]'") from None
-    return ray
 
 
 def _run_remote(sp: SweepPlan, c: Combination, options: dict[str, Any]) -> CombinationResult:
@@ -66,16 +52,12 @@ def run_sweep_ray(sp: SweepPlan, *, address: str | None = None,
 
     Raises:
         ExtraMissingError: ray is not installed.
+        ClusterError: the cluster cannot be reached (a wrong address: in about 20 s,
+            `ray.connect`).
     """
-    ray = require_ray()
     if isinstance(sp.recipe, Path):  # a worker's working directory may be another
         sp = dataclasses.replace(sp, recipe=sp.recipe.resolve())
-    started = False
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
-                 log_to_driver=False)
-        started = True
-    try:
+    with connect(address) as ray:
         task = ray.remote(max_retries=MAX_RETRIES)(_run_remote)
         results = {c.name: CombinationResult(c.name, c.values, sp.output(c), "pending")
                    for c in sp.combinations}
@@ -96,6 +78,3 @@ def run_sweep_ray(sp: SweepPlan, *, address: str | None = None,
                     on_result(results[c.name])
         return SweepResult(sp.root, sp.root / INDEX_NAME, tuple(results.values()),
                            sp.recipe_file)
-    finally:
-        if started:
-            ray.shutdown()

@@ -374,6 +374,26 @@ def test_driver_killed_then_resumed(cluster: Cluster, tmp_path: Path, killed: st
 
 
 @requires_ray
+def test_a_wrong_address_fails_within_seconds(tmp_path: Path) -> None:
+    """A port where no cluster listens: Ray would try for about 13 minutes; recipekit bounds
+    its attempt and says it cannot connect (exit 1), before creating the output."""
+    recipe = write_recipe(tmp_path, COPY)
+    address = f"{HOST}:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "recipekit", "run", str(recipe), "-q", "--executor", "ray",
+         "--address", address], env=dict(env, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0"),
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 60
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(
+        f"cannot connect to the Ray cluster at {address}: ConnectionError: ")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@requires_ray
 def test_a_task_error_is_the_error_a_local_run_raises(cluster: Cluster, tmp_path: Path) -> None:
     """An input truncated after planning: the TensorDataError reaches the caller as itself
     (exit code 1 in the CLI), naming the file, and no shard of it is recorded. The driver's

@@ -189,7 +189,7 @@ class TestLocalSweep:
         monkeypatch.setitem(sys.modules, "ray", None)
         result = cli("sweep", recipe, "--set", "alpha=0.25", "--executor", "ray")
         assert result.exit_code == 2
-        assert result.stderr == ("--executor ray needs ray, which is not installed; "
+        assert result.stderr == ("--executor ray needs Ray, which is not installed; "
                                  "pip install 'recipekit[ray]'\n")
 
     def test_address_needs_ray(self, recipe, cli):
