@@ -105,9 +105,12 @@ class OutputDir:
     """Owns one output directory for the duration of a run (use as a context manager)."""
 
     def __init__(self, path: Path, *, plan_hash: str, files: list[str], force: bool = False,
-                 fsync: bool = True, manifest: str | None = MANIFEST) -> None:
+                 fsync: bool = True, manifest: str | None = MANIFEST,
+                 unrecorded: frozenset[str] = frozenset()) -> None:
         """``manifest``: the file written last, which a complete output has (None: none, as
-        for `convert`, whose output is complete when its state file says so)."""
+        for `convert`, whose output is complete when its state file says so). ``unrecorded``:
+        for a worker process of another executor, which writes into the output without
+        entering it, the names its owner found taken (`unrecorded`), checked the same way."""
         self.path = path
         self._last = [manifest] if manifest else []
         self.plan_hash = plan_hash
@@ -117,9 +120,16 @@ class OutputDir:
         self._lock_fd = -1
         self._written: dict[str, dict[str, Any]] = {}  # a finished output's small files
         self._made: list[Path] = []  # the folders __enter__ created, deepest first
-        self._unrecorded: frozenset[str] = frozenset()  # a resumed run's names found taken
+        self._unrecorded = unrecorded  # a resumed run's names found taken
         self.state = State(plan_hash, files)
         self.already_complete = False
+
+    @property
+    def unrecorded(self) -> frozenset[str]:
+        """The names of files a resumed run had not recorded as written where something is
+        now: a file written there only replaces one holding the very bytes written
+        (`_check_replaced`). Another executor's worker processes get them (`shard_target`)."""
+        return self._unrecorded
 
     # -- opening -------------------------------------------------------------------------------
     def __enter__(self) -> OutputDir:

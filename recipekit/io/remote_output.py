@@ -139,7 +139,9 @@ class RemoteOutput:
     `open_shard`, `write_file`, `copy_file`, `file_record`, `complete`)."""
 
     def __init__(self, url: str, *, plan_hash: str, files: list[str], force: bool = False,
-                 fsync: bool = True, manifest: str = MANIFEST) -> None:
+                 fsync: bool = True, manifest: str = MANIFEST,
+                 unrecorded: frozenset[str] = frozenset()) -> None:
+        """``unrecorded``: as `OutputDir`'s, for a worker process writing without entering."""
         self.url = url.rstrip("/")
         self.path = self.url  # what messages and results name
         self.plan_hash, self.files, self.force = plan_hash, files, force
@@ -148,9 +150,14 @@ class RemoteOutput:
         self.already_complete = False
         self._records: dict[str, dict[str, Any]] = {}
         self._written: dict[str, dict[str, Any]] = {}  # a finished output's small files
-        self._unrecorded: frozenset[str] = frozenset()  # a resumed run's names found taken
+        self._unrecorded = unrecorded  # a resumed run's names found taken
         self.fs: Any = None
         self.root = ""
+
+    @property
+    def unrecorded(self) -> frozenset[str]:
+        """The names a resumed run found taken (`OutputDir.unrecorded`)."""
+        return self._unrecorded
 
     def _key(self, rel: str) -> str:
         return f"{self.root}/{rel}"

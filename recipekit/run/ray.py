@@ -224,8 +224,11 @@ def stream_shards_on_ray(ray: Any, plan: Plan, out: Output, *, device: str, fsyn
                                    "SPREAD", "name": f"recipekit:{shard.filename}"}
         if device.startswith("cuda"):
             options["num_gpus"] = 1
+        # a name the interrupted run had not recorded, where a file is now: the task refuses
+        # to replace that file unless it holds the shard's bytes, as a local run does
+        taken = out.unrecorded & {shard.filename}
         ref = task.options(**options).remote(__version__, shard_payload(plan, shard), out_dir,
-                                              device, fsync, check_finite, workers)
+                                              device, fsync, check_finite, workers, taken)
         pending[ref] = shard
     found: dict[str, tuple[int, int]] = {}
     failure: BaseException | None = None
@@ -332,11 +335,11 @@ def shard_memory(shard: Shard, workers: int = 1) -> int:
     return TASK_OVERHEAD + buffers + kept_read_bytes(nodes) + computed
 
 
-def shard_payload(plan: Plan, shard: Shard) -> tuple[Plan, dict[str, int], str]:
+def shard_payload(plan: Plan, shard: Shard) -> tuple[Plan, dict[str, int], str, str]:
     """The plan one task needs, as its argument (Ray serializes it): ``shard`` (header and
-    expression DAG), the headers of the input tensors it reads, those files' sizes and the
-    driver's host name; the rest of the plan (other shards, the model's other nodes, the donor)
-    stays on the driver."""
+    expression DAG), the headers of the input tensors it reads, those files' sizes, the
+    driver's host name and working directory; the rest of the plan (other shards, the model's
+    other nodes, the donor) stays on the driver."""
     reads: dict[str, set[str]] = {}
     for t in shard.tensors:
         for n in expression_nodes(t.node):
@@ -355,7 +358,7 @@ def shard_payload(plan: Plan, shard: Shard) -> tuple[Plan, dict[str, int], str]:
              if getattr(ckpt, "remote", None) is None for info in ckpt.tensors.values()}
     sizes = {str(f): st.size if st is not None else os.stat(f).st_size
              for f, st in sorted(local.items()) if f in files}
-    return slim, sizes, socket.gethostname()
+    return slim, sizes, socket.gethostname(), os.getcwd()
 
 
 def _without_nodes(model: Any) -> Any:
@@ -366,11 +369,13 @@ def _without_nodes(model: Any) -> Any:
     return dataclasses.replace(model, **empty)
 
 
-def write_shard_task(version: str, payload: tuple[Plan, dict[str, int], str], out_dir: str,
-                     device: str, fsync: bool, check_finite: bool, workers: int
-                     ) -> dict[str, Any]:
+def write_shard_task(version: str, payload: tuple[Plan, dict[str, int], str, str], out_dir: str,
+                     device: str, fsync: bool, check_finite: bool, workers: int,
+                     unrecorded: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The Ray task: stream one shard into ``out_dir`` (a folder, or a URL: a multipart upload)
-    as a local run does, return its sha256.
+    as a local run does, return its sha256. ``unrecorded``: the shard's name if the driver's
+    output found it taken by a file the interrupted run had not recorded (`OutputDir.
+    unrecorded`): that file is replaced only if it holds the shard's very bytes.
 
     Each attempt starts from scratch; the shard's temp name is fixed, so a retry after a
     killed attempt replaces that attempt's file (`io.writer.open_exclusive`), and an attempt
@@ -380,6 +385,8 @@ def write_shard_task(version: str, payload: tuple[Plan, dict[str, int], str], ou
         ClusterError: this worker runs another recipekit version than the driver.
         TensorDataError: an input file is missing here, has another size than the driver saw,
             or is not the version the plan read (size, mtime), or changed during the task.
+        OutputPathError: a file the run did not write is at the shard's name (``unrecorded``)
+            or its temp name.
         as `execute.write_shard`.
     """
     if version != __version__:
@@ -389,7 +396,7 @@ def write_shard_task(version: str, payload: tuple[Plan, dict[str, int], str], ou
     from recipekit.run.execute import open_runtime, write_shard
     from recipekit.run.target import shard_target
 
-    plan, sizes, driver = payload
+    plan, sizes, driver, folder = payload
     _check_sizes(sizes)
     shard = plan.shards[0]
     computes = any(not isinstance(t.node, Load) for t in shard.tensors)
@@ -397,10 +404,11 @@ def write_shard_task(version: str, payload: tuple[Plan, dict[str, int], str], ou
     # each file checked against the version planned from when opened and after the reads;
     # on another node by size and mtime only: its mount of a shared file system has its own
     # device and (on some file systems) inode numbers
-    with open_runtime([shard], dev, workers=workers, check_finite=check_finite,
-                      stamps=input_stamps(plan, [shard]),
-                      inode=socket.gethostname() == driver) as rt:
-        sha = write_shard(plan, shard, shard_target(out_dir), rt, fsync=fsync,
+    with _paths_shown_from(folder), \
+            open_runtime([shard], dev, workers=workers, check_finite=check_finite,
+                         stamps=input_stamps(plan, [shard]),
+                         inode=socket.gethostname() == driver) as rt:
+        sha = write_shard(plan, shard, shard_target(out_dir, unrecorded), rt, fsync=fsync,
                           progress=_ignore)
     return {"name": shard.filename, "sha256": sha, "size": shard.size,
             "non_finite": rt.finite.found if rt.finite else {}}
@@ -408,6 +416,36 @@ def write_shard_task(version: str, payload: tuple[Plan, dict[str, int], str], ou
 
 def _ignore(n: int) -> None:
     pass
+
+
+@contextlib.contextmanager
+def _paths_shown_from(folder: str) -> Iterator[None]:
+    """Run in the driver's working directory ``folder`` where this node has it (every path a
+    task uses is absolute): messages name paths relative to the working directory
+    (`errors.display_path`), and a task's error is shown by the driver, so it names them as a
+    local run would, not relative to the worker's own folder. Ray runs one task at a time in
+    a worker process; the folder it had is restored after."""
+    try:
+        before = os.getcwd()
+        os.chdir(folder)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.chdir(before)
+
+
+class NodeInputError(TensorDataError):
+    """An input file a task's node does not have, or has with another size than the plan's
+    version (`_check_sizes`); ``path``: that file. The driver tells a file that changed during
+    the run from one the node does not share (`_changed_on_driver`)."""
+
+    def __init__(self, message: str, *, path: str = "", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.path = path
 
 
 def _check_sizes(sizes: Mapping[str, int]) -> None:

@@ -31,13 +31,16 @@ def open_output(plan: Plan, files: list[str], *, force: bool, fsync: bool
     return RemoteOutput(url, plan_hash=plan.plan_hash(), files=files, force=force, fsync=fsync)
 
 
-def shard_target(location: str) -> OutputDir | RemoteOutput:
+def shard_target(location: str, unrecorded: frozenset[str] = frozenset()
+                 ) -> OutputDir | RemoteOutput:
     """The output at ``location`` (a local path or a URL) as a worker process of another
     executor writes shards into it: not entered (no lock, no listing, no state; the process
-    that owns the output records each shard with `mark_finished`)."""
+    that owns the output records each shard with `mark_finished`). ``unrecorded``: the names
+    the owner found taken (its output's `unrecorded`): a shard written at one replaces the
+    file there only if it holds the same bytes, as in a local run."""
     if is_url(location):
-        return RemoteOutput(location, plan_hash="", files=[])
-    return OutputDir(Path(location), plan_hash="", files=[])
+        return RemoteOutput(location, plan_hash="", files=[], unrecorded=unrecorded)
+    return OutputDir(Path(location), plan_hash="", files=[], unrecorded=unrecorded)
 
 
 def check_remote_inputs(plan: Plan) -> None:

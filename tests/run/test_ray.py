@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 import recipekit
-from recipekit.errors import DeviceError, ExtraMissingError, TensorDataError
+from recipekit.errors import DeviceError, ExtraMissingError, OutputPathError, TensorDataError
 from recipekit.io.names import MANIFEST, STATE
 
 from tests.helpers.builders import rewrite_reordered
@@ -371,6 +371,31 @@ def test_driver_killed_then_resumed(cluster: Cluster, tmp_path: Path, killed: st
     assert result.shards_resumed >= recorded
     assert digests(out) == expected
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+@requires_ray
+def test_a_file_put_at_a_shards_name_is_kept_as_by_a_local_run(cluster: Cluster,
+                                                               tmp_path: Path) -> None:
+    """A recorded shard of an interrupted run replaced by a user's file: the rerun on Ray
+    refuses to write over it (exit 2, the file kept, the finished shards too), with the
+    message a local rerun gives. The driver knows the names it had not recorded; the task
+    writing one checks before its rename that the file there holds the shard's bytes."""
+    recipe = write_recipe(tmp_path, COMPUTED)
+    out = tmp_path / "out"
+    _kill_driver_mid_run(cluster, recipe, out, total=5, executor="local")
+    shard = out / sorted(json.loads((out / STATE).read_text())["finished"])[0]
+    shard.unlink()
+    shard.write_bytes(b"my notes")
+    with pytest.raises(OutputPathError) as on_ray:
+        recipekit.run(recipe, executor="ray", progress=None)
+    assert shard.read_bytes() == b"my notes"
+    assert not (out / MANIFEST).exists()
+    with pytest.raises(OutputPathError) as local:
+        recipekit.run(recipe, progress=None)
+    assert str(on_ray.value) == str(local.value)
+    assert str(local.value).startswith(f"{shard} is not a file this run wrote: ")
+    assert on_ray.value.exit_code == 2
+    assert shard.read_bytes() == b"my notes"
 
 
 @requires_ray
