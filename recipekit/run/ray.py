@@ -47,8 +47,10 @@ from recipekit.errors import (
     ExtraMissingError,
     RecipekitError,
     TensorDataError,
+    display_path,
 )
 from recipekit.graph import Load, expression_nodes
+from recipekit.io.header import FileStamp
 from recipekit.io.output import OutputDir
 from recipekit.io.reader import FileReader
 from recipekit.io.remote_output import RemoteOutput
@@ -245,7 +247,7 @@ def stream_shards_on_ray(ray: Any, plan: Plan, out: Output, *, device: str, fsyn
                     result = ray.get(ref)
                 except Exception as e:
                     if failure is None:
-                        failure = _task_failure(ray, e, shard, out)
+                        failure = _task_failure(ray, e, shard, out, stamps)
                         if failure is not getattr(e, "cause", None):
                             failure.__cause__ = e  # --debug shows Ray's report
                         for other in pending:
@@ -290,10 +292,14 @@ def _where(out: Output) -> str:
     return out.url if isinstance(out, RemoteOutput) else str(out.path)
 
 
-def _task_failure(ray: Any, e: Exception, shard: Shard, out: Output) -> BaseException:
+def _task_failure(ray: Any, e: Exception, shard: Shard, out: Output,
+                  stamps: Mapping[Path, FileStamp | None]) -> BaseException:
     """The error to raise for a failed task: the task's own `RecipekitError` as it was
-    raised, or a `ClusterError` saying what Ray reported."""
+    raised (an input its node sees otherwise than the plan: as a change if the driver sees it
+    changed too, `_changed_on_driver`), or a `ClusterError` saying what Ray reported."""
     cause = getattr(e, "cause", None)
+    if isinstance(e, ray.exceptions.RayTaskError) and isinstance(cause, NodeInputError):
+        return _changed_on_driver(Path(cause.path), stamps.get(Path(cause.path)), shard) or cause
     if isinstance(e, ray.exceptions.RayTaskError) and isinstance(cause, RecipekitError):
         return cause
     if isinstance(e, ray.exceptions.WorkerCrashedError | ray.exceptions.NodeDiedError
@@ -310,6 +316,28 @@ def _task_failure(ray: Any, e: Exception, shard: Shard, out: Output) -> BaseExce
                         f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}",
                         file=_where(out), hint="finished shards are kept: run the same "
                         "command again to resume (--debug shows the traceback)")
+
+
+def _changed_on_driver(path: Path, stamp: FileStamp | None, shard: Shard
+                       ) -> TensorDataError | None:
+    """A task found input ``path`` missing or of another size than the plan's version: if
+    the driver's own view of it is not that version either, the file changed during the run
+    (the driver checked every input before the first task), which is what to say, as a local
+    run does; None when the driver still sees the plan's version (the node sees another file).
+    """
+    if stamp is None:
+        return None
+    try:
+        why = stamp.change(os.stat(path))
+    except OSError as e:
+        why = f"it can no longer be read: {e.strerror or e}"
+    if why is None:
+        return None
+    return TensorDataError(
+        f"the file changed during the run ({why}): {shard.filename}, which reads it, was not "
+        "written", file=display_path(path),
+        hint="finished shards are kept; run again once nothing writes to the file, to plan "
+        "from its current version (an output begun from the old one then needs --force)")
 
 
 def _largest_node_memory(ray: Any) -> int:
@@ -456,11 +484,12 @@ def _check_sizes(sizes: Mapping[str, int]) -> None:
         try:
             got = os.stat(path).st_size
         except OSError as e:
-            raise TensorDataError(f"cannot read this input on Ray node {socket.gethostname()}: "
-                                  f"{e.strerror or e}", file=path,
-                                  hint="every node must see the inputs at the same path "
-                                  "(a shared file system)") from None
+            raise NodeInputError(f"cannot read this input on Ray node {socket.gethostname()}: "
+                                 f"{e.strerror or e}", path=path, file=path,
+                                 hint="every node must see the inputs at the same path "
+                                 "(a shared file system)") from None
         if got != size:
-            raise TensorDataError(f"this input has {got} bytes on Ray node "
-                                  f"{socket.gethostname()}, {size} on the driver", file=path,
-                                  hint="every node must see the same input files") from None
+            raise NodeInputError(f"this input has {got} bytes on Ray node "
+                                 f"{socket.gethostname()}, {size} in the version the driver "
+                                 "planned from", path=path, file=path,
+                                 hint="every node must see the same input files") from None

@@ -399,6 +399,37 @@ def test_a_file_put_at_a_shards_name_is_kept_as_by_a_local_run(cluster: Cluster,
 
 
 @requires_ray
+def test_an_input_rewritten_during_the_run_is_called_changed(
+        cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An input truncated after the driver checked it and before the tasks open it: the task
+    finds another size than the plan's; the driver sees that size too, so the file changed
+    during the run (as a local run says), not a node that sees other files."""
+    import recipekit.run.ray as ray_executor
+    from recipekit.io.reader import FileReader
+
+    model = tmp_path / "model"
+    shutil.copytree(MODELS / "tiny-llama", model)
+    recipe = write_recipe(tmp_path, COPY.replace(str(MODELS / "tiny-llama"), str(model)))
+    weights = model / "model.safetensors"
+    size = weights.stat().st_size
+
+    class CheckedThenTruncated(FileReader):
+        def open_files(self, paths):  # type: ignore[no-untyped-def]
+            super().open_files(paths)
+            with open(weights, "r+b") as f:
+                f.truncate(size // 2)
+
+    monkeypatch.setattr(ray_executor, "FileReader", CheckedThenTruncated)
+    with pytest.raises(TensorDataError) as e:
+        recipekit.run(recipe, executor="ray", progress=None)
+    assert str(e.value).startswith(
+        f"{weights}: the file changed during the run (it has {size // 2} bytes, the version "
+        f"planned from {size}): model-0000")
+    assert e.value.exit_code == 1
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+@requires_ray
 def test_a_wrong_address_fails_within_seconds(tmp_path: Path) -> None:
     """A port where no cluster listens: Ray would try for about 13 minutes; recipekit bounds
     its attempt and says it cannot connect (exit 1), before creating the output."""
