@@ -342,24 +342,29 @@ def test_the_lock_pins_a_non_donor_models_tokenizer(cli, tmp_path, vocab_models)
     assert "models.chatml" in result.stderr and "tokenizer.json" in result.stderr
 
 
-def test_a_source_with_other_ids_moves_rows_and_token_ids(cli, tmp_path, vocab_models):
-    """Oracle: the permutation written out. `swapped` is the base model with `<s>` and
-    `_tok_40` exchanging ids (tokenizer and rows); with `tokenizer: swapped` the output takes
-    its ids, so `<s>` is row 40 = mean of base row 1 and swapped row 40, and config.json's and
-    generation_config.json's `bos_token_id` (the donor base's 1) become 40."""
+def _swapped(base: Path, out: Path) -> Path:
+    """A copy of ``base`` whose tokenizer gives `<s>` and `_tok_40` each other's ids."""
     import shutil
 
-    from safetensors.torch import save_file
-
-    swapped = tmp_path / "swapped"
-    shutil.copytree(vocab_models["base"], swapped)
-    data = json.loads((swapped / "tokenizer.json").read_text())
+    shutil.copytree(base, out)
+    data = json.loads((out / "tokenizer.json").read_text())
     vocab = data["model"]["vocab"]
     vocab["<s>"], vocab["_tok_40"] = 40, 1
     for t in data["added_tokens"]:
         t["id"] = vocab.get(t["content"], t["id"])
     data["added_tokens"].sort(key=lambda t: t["id"])
-    (swapped / "tokenizer.json").write_text(json.dumps(data))
+    (out / "tokenizer.json").write_text(json.dumps(data))
+    return out
+
+
+def test_a_source_with_other_ids_moves_rows_and_token_ids(cli, tmp_path, vocab_models):
+    """Oracle: the permutation written out. `swapped` is the base model with `<s>` and
+    `_tok_40` exchanging ids (tokenizer and rows); with `tokenizer: swapped` the output takes
+    its ids, so `<s>` is row 40 = mean of base row 1 and swapped row 40, and config.json's and
+    generation_config.json's `bos_token_id` (the donor base's 1) become 40."""
+    from safetensors.torch import save_file
+
+    swapped = _swapped(vocab_models["base"], tmp_path / "swapped")
     tensors = load_file(swapped / "model.safetensors")
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         t = tensors[name].clone()
@@ -387,17 +392,8 @@ def test_output_config_ids_are_mapped_through_its_own_tokenizer(cli, tmp_path, v
     (found by a black-box check: bos 63 named a word, pad 64 an added chat token). Its ids
     now go through its own tokenizer into the output's (`<s>` is 1 there), in config.json and
     in its generation_config.json, which the output takes with its config."""
-    import shutil
 
-    swapped = tmp_path / "swapped"
-    shutil.copytree(vocab_models["base"], swapped)
-    data = json.loads((swapped / "tokenizer.json").read_text())
-    vocab = data["model"]["vocab"]
-    vocab["<s>"], vocab["_tok_40"] = 40, 1
-    for t in data["added_tokens"]:
-        t["id"] = vocab.get(t["content"], t["id"])
-    data["added_tokens"].sort(key=lambda t: t["id"])
-    (swapped / "tokenizer.json").write_text(json.dumps(data))
+    swapped = _swapped(vocab_models["base"], tmp_path / "swapped")
     for f in ("config.json", "generation_config.json"):
         doc = json.loads((swapped / f).read_text())
         doc["bos_token_id"] = 40
