@@ -392,7 +392,6 @@ def test_output_config_ids_are_mapped_through_its_own_tokenizer(cli, tmp_path, v
     (found by a black-box check: bos 63 named a word, pad 64 an added chat token). Its ids
     now go through its own tokenizer into the output's (`<s>` is 1 there), in config.json and
     in its generation_config.json, which the output takes with its config."""
-
     swapped = _swapped(vocab_models["base"], tmp_path / "swapped")
     for f in ("config.json", "generation_config.json"):
         doc = json.loads((swapped / f).read_text())
