@@ -170,22 +170,53 @@ _CREDENTIALS = re.compile(
     r"([A-Za-z][\w+.-]*://)(?:[^/@:\s\"'`]*:[^\s\"'`]*|[^/@\s\"'`]+)@")
 
 
-#: A URL, up to the first blank or quote: where `_QUERY_SECRET` is looked for.
+#: A URL, up to the first blank or quote: where `_query_secrets` looks.
 _URL_TEXT = re.compile(r"[A-Za-z][\w+.-]*://[^\s\"'`]*")
-#: A secret in a URL's query: a parameter whose name ends in token, key, secret, password,
-#: sig(nature) or credential (``?token=...``, presigned ``X-Amz-Signature=...``, Azure SAS
-#: ``sig=...``, ``api_key=...``); its value is the secret.
-_QUERY_SECRET = re.compile(
-    r"([?&;][\w.-]*(?:token|key|secret|password|passwd|sig|signature|credential)=)"
-    r"[^&;#\s\"'`]+", re.IGNORECASE)
+#: The words that make a query or fragment parameter a secret when its name holds one of them
+#: (``?token=``, ``access_token=``, presigned ``X-Amz-Signature=``/``X-Amz-Credential=``, an
+#: Azure SAS ``sig=``, ``api_key=``, ``Authorization=``, ``pwd=``, ``params[token]=``, ``hdnts=``):
+#: names are split into words at every character that is not a letter or digit, after
+#: percent-decoding, so ``monkey=`` or ``keyword=`` are not secrets.
+SECRET_WORDS = frozenset({
+    "token", "accesstoken", "apikey", "key", "secret", "password", "passwd", "pwd", "pass",
+    "auth", "authorization", "sig", "signature", "credential", "credentials", "hmac",
+    "session", "sessiontoken", "bearer", "jwt", "hdnts", "hdnea"})  # (Akamai's tokens)
+#: one parameter of a query or fragment: its name (up to ``=``, written or ``%3D``), its value
+_PARAM = re.compile(r"(?P<name>[^=&;#?]*?)(?P<eq>=|%3[dD])(?P<value>[^&;#?]*)")
+
+
+def _is_secret_name(name: str) -> bool:
+    from urllib.parse import unquote
+
+    words = re.split(r"[^a-z0-9]+", unquote(name).lower())
+    return any(w in SECRET_WORDS for w in words)
+
+
+def _query_secrets(url: str) -> tuple[str, bool]:
+    """``url`` with the value of every secret parameter of its query and fragment written
+    ``***``, and whether it had one. Only what follows the first ``?`` or ``#`` is read: a
+    path segment such as ``exp;monkey=1`` is not a query."""
+    cut = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=-1)
+    if cut < 0:
+        return url, False
+    found = False
+
+    def hide(m: re.Match[str]) -> str:
+        nonlocal found
+        if not m.group("value") or not _is_secret_name(m.group("name")):
+            return m.group()
+        found = True
+        return f"{m.group('name')}{m.group('eq')}***"
+
+    return url[:cut] + _PARAM.sub(hide, url[cut:]), found
 
 
 def holds_credentials(text: str) -> bool:
-    """Whether ``text`` holds a URL with a user or secret, or a secret in its query
+    """Whether ``text`` holds a URL with a user or secret, or a secret in its query or fragment
     (`hide_credentials` would hide one): refused wherever a path or URL is read, ``file://``
     URLs included."""
     return _CREDENTIALS.search(text) is not None or any(
-        _QUERY_SECRET.search(m.group()) for m in _URL_TEXT.finditer(text))
+        _query_secrets(m.group())[1] for m in _URL_TEXT.finditer(text))
 
 
 def hide_credentials(text: str) -> str:
@@ -195,7 +226,7 @@ def hide_credentials(text: str) -> str:
     text = _CREDENTIALS.sub(r"\1***@", text)
     if "://" not in text:
         return text
-    return _URL_TEXT.sub(lambda m: _QUERY_SECRET.sub(r"\1***", m.group()), text)
+    return _URL_TEXT.sub(lambda m: _query_secrets(m.group())[0], text)
 
 
 def _excerpt(text: str, column: int) -> tuple[str, int]:

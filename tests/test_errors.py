@@ -159,7 +159,20 @@ steps: [{{name: mix, op: merge, method: linear, parameters: {{weight: 1}}, from:
         refused = cli("run", recipe, "--output", url)
         assert refused.exit_code == 2 and "holds credentials" in refused.output, refused.output
         assert "SecretZ" not in refused.output
-    from recipekit.errors import holds_credentials
+    from recipekit.errors import hide_credentials, holds_credentials
 
     assert not holds_credentials("s3://bkt/m?versionId=3")
     assert not holds_credentials("models/a?token=1")  # a local path, not a URL
+    # the hole-finder's round: other names, encodings, fragments; and path segments that
+    # only look like a query (`exp;monkey=1`), which were refused
+    for url, shown in [
+        ("https://h/m?auth=Sx", "https://h/m?auth=***"),
+        ("https://h/m?Authorization=Bearer%20Sx", "https://h/m?Authorization=***"),
+        ("https://h/m#access_token=Sx", "https://h/m#access_token=***"),
+        ("https://h/m?token%3DSx", "https://h/m?token%3D***"),
+        ("https://h/m?params%5Btoken%5D=Sx", "https://h/m?params%5Btoken%5D=***"),
+        ("https://h/m?pwd=Sx&rev=2", "https://h/m?pwd=***&rev=2"),
+    ]:
+        assert holds_credentials(url) and hide_credentials(f"at {url} x") == f"at {shown} x", url
+    for url in ("s3://bkt/exp;monkey=1/out", "s3://bkt/o?keyword=x", "hf://a/b?revision=main"):
+        assert not holds_credentials(url) and hide_credentials(url) == url, url
