@@ -301,7 +301,15 @@ class RemoteOutput:
         return frozenset(
             rel for rel in old.files
             if rel in listing and rel not in old.finished and not rel.endswith(".safetensors")
+            and not (rel == self._manifest and self._is_manifest_of(old.plan_hash))
             and (rel not in old.written or not self._holds(listing, rel, old.written[rel])))
+
+    def _is_manifest_of(self, plan_hash: str) -> bool:
+        """Whether the manifest object is a manifest of ``plan_hash`` (the interrupted run's
+        own, written just before a kill took its state object with it), not an object put at
+        its name (the manifest is never recorded in the state: it is written last)."""
+        raw = self._get_json(self._manifest)
+        return isinstance(raw, dict) and raw.get("plan_hash") == plan_hash
 
     def _holds(self, listing: dict[str, dict[str, Any]], rel: str,
                record: dict[str, Any]) -> bool:
@@ -328,7 +336,8 @@ class RemoteOutput:
                         edited: frozenset[str] = frozenset()) -> None:
         """Refuse a prefix holding objects recipekit did not write (``ours``: what a state or
         manifest lists; ``edited``: objects it wrote that were changed since, named as such)."""
-        foreign = sorted(k for k in listing if k not in ours and k not in (STATE, self._manifest))
+        foreign = sorted(k for k in listing if k not in ours and k != STATE
+                         and (k != self._manifest or k in edited))
         if foreign:
             named = [f"{k} (changed since recipekit wrote it)" if k in edited else k
                      for k in foreign]
@@ -383,8 +392,9 @@ class RemoteOutput:
         if rel not in self._unrecorded:
             return
         found = self._sha256(rel)
-        if found is None or found == sha256:
-            return
+        recorded = (self.state.written or {}).get(rel, {}).get("sha256")
+        if found is None or found in (sha256, recorded):  # (recorded: the run's own, of a
+            return  # recipe whose comments changed since: the same plan, another model card)
         raise OutputPathError(
             f"{self._shown(rel)} is not an object this run wrote: it was put in the interrupted "
             "run's output, at the name of a file the run had not written yet",
@@ -392,16 +402,16 @@ class RemoteOutput:
             "again (the finished shards are kept)")
 
     def _record_written(self, rel: str, record: dict[str, Any]) -> None:
-        """Record a small file in the state object before it is written (`_strangers`)."""
+        """Check a small file's name (`_check_replaced`), then record it in the state object
+        before it is written (`_strangers`); the manifest, written last, is checked only."""
         self._check_replaced(rel, record["sha256"])
-        if self.state.written is not None:
+        if self.state.written is not None and rel != self._manifest:
             self.state.written[rel] = record
             self.save_state()
 
     def write_file(self, rel: str, data: bytes) -> None:
         record = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        if rel != self._manifest:
-            self._record_written(rel, record)
+        self._record_written(rel, record)
         self._put(rel, data)
         self._records[rel] = record
 

@@ -777,6 +777,60 @@ class TestResumeKeepsObjectsPutThere:
         assert result.shards_resumed == 1
         assert _remote_hashes(fs, prefix) == _local_hashes(local)
 
+    @pytest.fixture
+    def before_manifest(self, s3, uploaded, tmp_path, monkeypatch):
+        """A run killed before its manifest (every other file written), its recipe with a
+        comment."""
+        from recipekit.io.names import MANIFEST
+        from recipekit.io.remote_output import RemoteOutput
+
+        prefix = f"{BUCKET}/out/last-{tmp_path.name}"
+        recipe = _recipe(tmp_path, uploaded, f"s3://{prefix}")
+        recipe.write_text("# comment v1\n" + recipe.read_text())
+        write = RemoteOutput.write_file
+
+        def killed(out, rel, data):
+            if rel == MANIFEST:
+                raise KeyboardInterrupt
+            write(out, rel, data)
+        monkeypatch.setattr(RemoteOutput, "write_file", killed)
+        with pytest.raises(KeyboardInterrupt):
+            recipekit.run(recipe, progress=None)
+        monkeypatch.undo()
+        s3[0].invalidate_cache()
+        return recipe, prefix
+
+    def test_an_object_at_the_manifests_name_is_kept(self, s3, uploaded, tmp_path,
+                                                    before_manifest):
+        """The manifest's name was left out of both checks (found by a hole-finder): the
+        rerun overwrote an object put there, and `--force` deleted it."""
+        fs = s3[0]
+        recipe, prefix = before_manifest
+        fs.pipe_file(f"{prefix}/recipekit.json", b'{"mine": 1}')
+        with pytest.raises(recipekit.errors.OutputPathError) as e:
+            recipekit.run(recipe, progress=None)
+        assert str(e.value).startswith(f"s3://{prefix}/recipekit.json is not an object this "
+                                       "run wrote")
+        (tmp_path / "other").mkdir()
+        other = _recipe(tmp_path / "other", uploaded, f"s3://{prefix}", layers='["range(0,2)"]')
+        with pytest.raises(recipekit.errors.OutputPathError) as e:
+            recipekit.run(other, progress=None, force=True)
+        assert "recipekit.json (changed since recipekit wrote it)" in str(e.value)
+        fs.invalidate_cache()
+        assert fs.cat_file(f"{prefix}/recipekit.json") == b'{"mine": 1}'
+
+    def test_a_comment_edited_after_the_kill_keeps_the_runs_own_card(self, s3,
+                                                                    before_manifest):
+        """The same plan from a recipe whose comment changed: the card the run wrote (and
+        recorded) is its own, where it was refused as put there."""
+        fs = s3[0]
+        recipe, prefix = before_manifest
+        recipe.write_text(recipe.read_text().replace("v1", "v2"))
+        recipekit.run(recipe, progress=None)
+        fs.invalidate_cache()
+        assert b"# comment v2" in fs.cat_file(f"{prefix}/README.md")
+        assert fs.exists(f"{prefix}/recipekit.json")
+
     def test_force_keeps_an_object_put_there(self, s3, uploaded, interrupted, tmp_path):
         fs = s3[0]
         recipe, prefix, _, _ = interrupted

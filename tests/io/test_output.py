@@ -133,6 +133,34 @@ class TestResumeKeepsFilesPutThere:
         assert "README.md (put there or changed after the interrupted run)" in result.stderr
         assert _listing(out) == before and (out / "README.md").read_bytes() == b"mine\n"
 
+    def test_a_comment_edited_after_the_kill_keeps_the_runs_own_card(self, cli, tmp_path,
+                                                                    model_copy, monkeypatch):
+        """Killed before its manifest, then a comment of the recipe edited: the same plan,
+        whose model card (it quotes the recipe) now differs from the one the run wrote and
+        recorded. The rerun refused that card as "not a file this run wrote" (found by a
+        hole-finder); a file that holds what the run recorded writing is its own."""
+        import recipekit
+        from recipekit.io.names import MANIFEST
+
+        recipe = write_recipe(tmp_path, "# comment v1\n" + solar_recipe())
+        write = OutputDir.write_file
+
+        def killed(out, rel, data):
+            if rel == MANIFEST:
+                raise KeyboardInterrupt
+            write(out, rel, data)
+        monkeypatch.setattr(OutputDir, "write_file", killed)
+        with pytest.raises(KeyboardInterrupt):
+            recipekit.run(recipe, progress=None, fsync=False)
+        monkeypatch.undo()
+        out = tmp_path / "out"
+        assert "# comment v1" in (out / "README.md").read_text()
+        recipe.write_text(recipe.read_text().replace("v1", "v2"))
+        result = cli("run", recipe, "-q")
+        assert result.exit_code == 0, result.output
+        assert "# comment v2" in (out / "README.md").read_text()
+        assert cli("verify", out).exit_code == 0
+
     def test_force_replaces_what_the_interrupted_run_wrote(self, cli, tmp_path, model_copy,
                                                            monkeypatch):
         """Killed after its config.json and donor files were written (recorded), before its
