@@ -21,7 +21,12 @@ from recipekit.dtypes import CODE_TO_NAME, NAME_TO_CODE, is_floating
 from recipekit.errors import RecipeErrors, RecipekitError
 from recipekit.graph import Load, Node, VirtualModel, expression_nodes, load, round_to
 from recipekit.inputs.chat_template import ChatTemplate
-from recipekit.inputs.models import Checkpoint, donor_files_identity, iter_donor_files
+from recipekit.inputs.models import (
+    Checkpoint,
+    donor_files_identity,
+    iter_donor_files,
+    read_donor_json,
+)
 from recipekit.inputs.resolve import Sources
 from recipekit.inputs.side_files import resolve_side_files
 from recipekit.io.names import ADAPTER_WEIGHTS, is_absolute_local
@@ -328,8 +333,11 @@ def _config_donor_ids(config: dict[str, Any], donor: Any, name: str,
         tok = read_model_tokenizer(name, Path(donor.path))
     except (TokenizerError, OSError):
         tok = None
-    config, generation = follow_config_donor(config, donor.config, tok, vocab, name)
-    return config, vocab if generation is None else {**vocab, GENERATION_CONFIG: generation}
+    path = Path(donor.path) / GENERATION_CONFIG
+    generation = read_donor_json(Path(donor.path), Path(GENERATION_CONFIG)) \
+        if path.is_file() else None
+    config, written = follow_config_donor(config, donor.config, generation, tok, vocab, name)
+    return config, {**vocab, GENERATION_CONFIG: written}
 
 
 def check_config_vocab(recipe: Recipe, sources: Mapping[str, Any], model: VirtualModel,

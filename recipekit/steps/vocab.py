@@ -342,28 +342,32 @@ def _check_with_tokenizers(text: str, out: OutputVocab, step: Step, recipe: Reci
 
 
 def follow_config_donor(config: Mapping[str, Any], donor_config: Mapping[str, Any],
+                        generation: Mapping[str, Any] | None,
                         donor_tok: ModelTokenizer | None, files: Mapping[str, bytes | None],
                         donor: str) -> tuple[dict[str, Any], bytes | None]:
     """``config`` (the output's, from `output.config`'s donor) with the donor's token ids
     (`ID_KEYS`) mapped through the donor's own tokenizer into the aligned vocabulary
-    (``files``: the aligning step's tokenizer files), and the donor's generation_config.json
-    mapped the same way (None: it has none, and the step's stays).
+    (``files``: the aligning step's tokenizer files), and the donor's ``generation`` config
+    (its generation_config.json) mapped the same way, as the bytes to write (None: the donor
+    has none, and neither has the output).
 
     Why: an aligning step maps the ids of its own donor, and `output.config` then took another
     model's config.json whose ids name that model's tokens: bos 63 became the output's token
-    63 (another word), pad 64 an added token (found by a black-box check). A donor without a
-    tokenizer.json keeps its ids, with a warning.
+    63 (another word), pad 64 an added token, and the step's donor's generation config was
+    written beside it (found by black-box checks). A donor without a tokenizer.json keeps its
+    ids as written in both files, with a warning.
     """
     out = dict(config)
     for key in ID_KEYS:
         if key in donor_config:
             out[key] = donor_config[key]
     if donor_tok is None:
-        if any(isinstance(donor_config.get(k), (int, list)) for k in ID_KEYS):
+        if any(isinstance(d.get(k), (int, list)) for d in (donor_config, generation or {})
+               for k in ID_KEYS):
             log.warning("output.config: model '%s' has no tokenizer.json, so its token ids "
                         "(bos_token_id, ...) cannot be mapped into the aligned vocabulary: "
                         "they are kept as written; check them", donor)
-        return out, None
+        return out, None if generation is None else dumps(generation)
     data = json.loads(files[TOKENIZER_JSON] or b"{}")
     new = token_map(data)
     tok_config = files.get(TOKENIZER_CONFIG)
@@ -372,8 +376,7 @@ def follow_config_donor(config: Mapping[str, Any], donor_config: Mapping[str, An
     old = {i: t for t, i in donor_tok.vocab.items()}
     own = _role_ids(start, new)
     out = _ids_remapped(out, old, new, own, "output.config: config.json")
-    generation = None
-    if donor_tok.generation is not None:
-        generation = dumps(_ids_remapped(donor_tok.generation, old, new, own,
-                                         "output.config: generation_config.json"))
-    return out, generation
+    if generation is None:
+        return out, None
+    return out, dumps(_ids_remapped(generation, old, new, own,
+                                    "output.config: generation_config.json"))

@@ -409,6 +409,21 @@ def test_output_config_ids_are_mapped_through_its_own_tokenizer(cli, tmp_path, v
         assert doc["bos_token_id"] == 1 and doc["eos_token_id"] == vocab_out["</s>"], (f, doc)
 
 
+def test_an_output_config_without_a_generation_config_gets_none(cli, tmp_path, vocab_models):
+    """`output.config` naming a model without generation_config.json while a step aligned the
+    vocabulary got the step's donor's (its sampling settings included) beside the config
+    donor's config.json (found by a hole-finder); without alignment it got none, as now."""
+    donor = _swapped(vocab_models["base"], tmp_path / "donor")
+    (donor / "generation_config.json").unlink()
+    r = _recipe(tmp_path, dict(vocab_models, donor=donor), ["base", "chatml", "donor"],
+                LINEAR2 + "tokenizer: union")
+    r.write_text(r.read_text() + "  config: donor\n")
+    result = cli("run", str(r), "-q")
+    assert result.exit_code == 0, result.output
+    assert (vocab_models["base"] / "generation_config.json").exists()
+    assert not (tmp_path / "out" / "generation_config.json").exists()
+
+
 @pytest.mark.parametrize("source, order, meant", [
     ("base", "[chatml, base]", "model 'chatml's tokenizer"),
     ("union", "[chatml, union]", "every model's tokens"),
