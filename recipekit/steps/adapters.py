@@ -229,8 +229,11 @@ def _layout_errors(uses: list[tuple[AdapterSet, float, KeyPath]], recipe: Recipe
                 a, b = (aset.name, other) if transposed else (other, aset.name)
                 errors.append(recipe.error(path, f"'{a}' adapts fan_in_fan_out (GPT-2 "
                                            f"`Conv1D`) modules and '{b}' plain linear ones: "
-                                           "they were made for different architectures",
-                                           hint="combine adapters of one base model"))
+                                           "their adapter_config.json files disagree on "
+                                           "`fan_in_fan_out`", hint="combine adapters of one "
+                                           "base model; if both adapt the same model (PEFT "
+                                           "goes by its module type, and so does a fold), "
+                                           "set `fan_in_fan_out` to the same value in both"))
                 return errors
             first.setdefault(transposed, aset.name)
     return errors
