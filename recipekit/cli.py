@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -166,9 +167,51 @@ def _check_chart(chart: Path | None) -> None:
         require_matplotlib()
 
 
-def _json(data: Any) -> None:
-    """One JSON document (or JSON Lines event) on stdout, flushed at once."""
-    typer.echo(json.dumps(data, allow_nan=False, ensure_ascii=False))
+def _json(data: Any, *, indent: int | None = None, ensure_ascii: bool = False) -> None:
+    """One JSON document (or JSON Lines event) on stdout, flushed at once, and whole: a Ctrl-C
+    while it is written left half a document followed by the error document, which no reader
+    parses (found by a black-box check), so SIGINT waits until it is out (and is dropped: the
+    command has done its work)."""
+    _whole(json.dumps(data, allow_nan=False, ensure_ascii=ensure_ascii, indent=indent))
+
+
+def _whole(text: str) -> None:
+    """``text`` on stdout with SIGINT ignored while it is written (`_json`)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        typer.echo(text)
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        typer.echo(text)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (`timeout`, `docker stop`, Kubernetes, Slurm, a closed terminal),
+    raised in the main thread so that a run stops as on Ctrl-C: temp files removed, finished
+    shards kept, the `Interrupted` error last under ``--json``; exit 128 + the signal number.
+    Before, the process died of the signal, leaving its temp file and no message."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate_like_interrupt() -> None:
+    """Raise `Terminated` on SIGTERM and SIGHUP in this (the CLI's) process."""
+    import signal
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, raise_terminated)
 
 
 def error_json(e: RecipekitError) -> dict[str, Any]:
@@ -193,34 +236,68 @@ INTERRUPTED = 130
 
 
 def _guard(debug: bool, body: Callable[[], T],
-           on_error: Callable[[dict[str, Any]], None] | None = None) -> T:
+           on_error: Callable[[dict[str, Any]], None] | None = None, *,
+           resumes: bool = False) -> T:
     """Run a command body, rendering errors as one paragraph with the right exit code
-    (``on_error``: also handed the error's JSON form, for ``--json``)."""
+    (``on_error``: also handed the error's JSON form, for ``--json``; ``resumes``: a command
+    that writes an output a rerun resumes, which an interruption's message says). ``--debug``
+    adds the traceback and changes nothing else (it used to turn exit 2 into 1 and drop the
+    JSON error)."""
     _configure_logging(debug)
     try:
         return body()
     except RecipekitError as e:
         if debug:
-            raise
+            traceback.print_exc()
         _say(e.render(), err=True)
         if on_error is not None:
             on_error(error_json(e))
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        message = "interrupted; finished shards are kept and a rerun resumes"
+    except KeyboardInterrupt as e:
+        how, code = ((f"terminated ({signal_name(e.signum)})", 128 + e.signum)
+                     if isinstance(e, Terminated) else ("interrupted", INTERRUPTED))
+        message = how + ("; finished shards are kept and a rerun resumes" if resumes else "")
         _say(message, err=True)
         if on_error is not None:  # a --json reader gets its last event / document too
-            on_error({"type": "Interrupted", "exit_code": INTERRUPTED, "message": message,
+            on_error({"type": "Interrupted", "exit_code": code, "message": message,
                       "problems": []})
-        raise typer.Exit(INTERRUPTED) from None
+        raise typer.Exit(code) from None
     except typer.Exit:
         raise
+    except BrokenPipeError:
+        # the reader of stdout went away (`run --json | head -1`): stop quietly, as `head`'s
+        # writers do; what a run had finished is kept
+        _quiet_stdout()
+        raise typer.Exit(1) from None
     except Exception as e:
         if debug:
-            raise
-        _say(f"internal error: {type(e).__name__}: {e}\n"
-             "rerun with --debug for the traceback, and please report it", err=True)
+            traceback.print_exc()
+        message = (f"internal error: {type(e).__name__}: {e}\n"
+                   "rerun with --debug for the traceback, and please report it")
+        _say(message, err=True)
+        if on_error is not None:
+            on_error({"type": "InternalError", "exit_code": 1, "message": message,
+                      "problems": []})
         raise typer.Exit(1) from None
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: Python's flush at exit would report the broken pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _error_doc(e: dict[str, Any]) -> None:
@@ -408,7 +485,8 @@ def run(
         if check_finite and not result.already_complete:
             _report_finite(dict(result.non_finite), resumed=result.shards_resumed)
 
-    _guard(debug, body, (lambda e: _json({"event": "error", **e})) if as_json else None)
+    _guard(debug, body, (lambda e: _json({"event": "error", **e})) if as_json else None,
+           resumes=True)
 
 
 def _run_progress(*, quiet: bool, as_json: bool):
@@ -553,7 +631,7 @@ def sweep(
         if result.failed:
             raise typer.Exit(1)
 
-    _guard(debug, body, _error_doc if as_json else None)
+    _guard(debug, body, _error_doc if as_json else None, resumes=True)
 
 
 def _report_finite(found: dict[str, tuple[int, int]], *, resumed: int) -> None:
@@ -604,7 +682,7 @@ def convert(
         _say(f"wrote {echo_text(dst)}: {result.tensors} tensors in {result.written} file(s), "
              f"{format_size(result.bytes_written)}{kept}")
 
-    _guard(debug, body)
+    _guard(debug, body, resumes=True)
 
 
 ModelArg = Annotated[str, typer.Argument(
@@ -638,7 +716,7 @@ def inspect(
         with byte_progress(total, disable=quiet or headers_only, desc="reading") as tick:
             report = inspect_checkpoint(ckpt, stats=not headers_only, progress=tick)
         if as_json:
-            typer.echo(json.dumps(report, indent=2, allow_nan=False))
+            _json(report, indent=2, ensure_ascii=True)
         else:
             _say(render_inspect(report, verbose=verbose))
 
@@ -710,7 +788,7 @@ def diff(
             e.exit_code = 2  # diff(1)'s "trouble": 1 already means "they differ"
             raise
         if as_json:
-            typer.echo(json.dumps(report, indent=2, allow_nan=False))
+            _json(report, indent=2, ensure_ascii=True)
         else:
             _say(render_diff(report, verbose=verbose))
         if chart is not None:
@@ -807,6 +885,7 @@ def version() -> None:
 
 
 def main() -> None:
+    _terminate_like_interrupt()
     app(prog_name="recipekit")
 
 

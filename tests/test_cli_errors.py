@@ -437,3 +437,97 @@ class TestExitCodeRule:
             reader.read_tensor(infos[-1])
         assert info.value.exit_code == 1
         assert "while reading" in str(info.value)
+
+
+#: A run in a subprocess whose second shard waits (a marker file says so) for a signal.
+SLOW_SECOND_SHARD = """
+import sys, time
+from pathlib import Path
+import recipekit.run.execute as ex
+real, calls, marker = ex.write_shard, [], Path(sys.argv[1])
+def slow(plan, shard, *a, **k):
+    calls.append(shard.filename)
+    if len(calls) == 2:
+        marker.write_text("waiting")
+        time.sleep(60)
+    return real(plan, shard, *a, **k)
+ex.write_shard = slow
+sys.argv = ["recipekit", *sys.argv[2:]]
+from recipekit.cli import main
+main()
+"""
+
+
+class TestStopping:
+    """How a command stops when it is told to, found by a black-box check of the CLI contract:
+    SIGTERM (`timeout`, `docker stop`, Slurm) killed the process (no message, its temp file
+    left, no JSON error event), `--debug` turned exit 2 into 1 and dropped the JSON error, a
+    reader closing stdout (`| head -1`) was an "internal error", and a Ctrl-C while a JSON
+    document was written left half of it before the error document."""
+
+    def test_sigterm_stops_a_run_as_ctrl_c_does(self, tmp_path, model_copy):
+        import os
+        import signal
+        import subprocess
+        import sys
+        import time
+
+        from tests.helpers.recipes import ROOT
+
+        recipe = write_recipe(tmp_path, solar_recipe(output="  path: ./out\n  shard_size: 100KB"))
+        marker = tmp_path / "marker"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SLOW_SECOND_SHARD, str(marker), "run", str(recipe),
+             "--json", "-q"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "terminated (SIGTERM); finished shards are kept and a rerun resumes" in err
+        last = json.loads(out.splitlines()[-1])
+        assert last["event"] == "error" and last["type"] == "Interrupted"
+        assert last["exit_code"] == 143
+        assert not list((tmp_path / "out").glob("*.recipekit-partial"))
+        state = json.loads((tmp_path / "out" / ".recipekit-state.json").read_text())
+        assert len(state["finished"]) == 1
+
+    def test_debug_adds_the_traceback_and_changes_nothing_else(self, cli, recipe_dir):
+        recipe = solar(recipe_dir, '["range(0,9)"]')
+        plain, debug = cli("run", recipe, "--json"), cli("run", recipe, "--json", "--debug")
+        assert plain.exit_code == debug.exit_code == 2
+        assert "Traceback" in debug.stderr and "Traceback" not in plain.stderr
+        assert debug.stdout == plain.stdout and json.loads(debug.stdout)["event"] == "error"
+
+    def test_a_closed_stdout_stops_quietly(self, tmp_path, model_copy):
+        import subprocess
+        import sys
+
+        recipe = write_recipe(tmp_path, solar_recipe(output="  path: ./out\n  shard_size: 100KB"))
+        proc = subprocess.Popen([sys.executable, "-m", "recipekit", "run", str(recipe), "--json"],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None
+        json.loads(proc.stdout.readline())  # `| head -1`
+        proc.stdout.close()
+        err = proc.communicate(timeout=120)[1].decode()
+        assert proc.returncode in (0, 1), err  # 0: it finished before the next event
+        assert "internal error" not in err and "Traceback" not in err
+
+    def test_ctrl_c_while_a_document_is_written_leaves_it_whole(self, cli, model_copy,
+                                                               monkeypatch):
+        import os
+        import signal
+
+        import typer
+
+        echo = typer.echo
+
+        def interrupted(text, *a, **k):
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while the document is written
+            echo(text, *a, **k)
+        monkeypatch.setattr(typer, "echo", interrupted)
+        result = cli("inspect", model_copy, "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["tensors"]
