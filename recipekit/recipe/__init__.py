@@ -6,7 +6,12 @@ This package must not import torch: `recipekit validate` answers before torch co
 
 from recipekit.recipe.document import Document, load_document
 from recipekit.recipe.load import load_recipe, recipe_from_data
-from recipekit.recipe.schema import load_schema, schema_problems, step_references
+from recipekit.recipe.schema import (
+    load_schema,
+    schema_problems,
+    step_references,
+    whole_floats_as_ints,
+)
 from recipekit.recipe.types import (
     DEFAULT_REVISION,
     DEFAULT_SHARD_SIZE,
@@ -34,4 +39,5 @@ __all__ = [
     "recipe_from_data",
     "schema_problems",
     "step_references",
+    "whole_floats_as_ints",
 ]

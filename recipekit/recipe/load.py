@@ -403,7 +403,12 @@ def _output(doc: Document, out: Mapping[str, Any], names: _Names, last_step: str
 def _shard_size(doc: Document, written: Any, errors: list[RecipeError]) -> int:
     try:
         return parse_size(written)
-    except (ValueError, TypeError, OverflowError):  # null, a list, "999...9" (infinity)
+    except ValueError as problem:  # 2.5 bytes (what the schema refuses: reported by it)
+        if not any(e.key_path == ("output", "shard_size") for e in errors):
+            message, _, hint = str(problem).partition("; ")
+            errors.append(doc.error(("output", "shard_size"), message, hint=hint or None))
+        return 1
+    except (TypeError, OverflowError):  # null, a list, "999...9" (infinity)
         if not any(e.key_path == ("output", "shard_size") for e in errors):
             errors.append(doc.error(("output", "shard_size"),
                                     f"{show(written)} is not a usable size",

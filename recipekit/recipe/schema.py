@@ -49,12 +49,44 @@ def _validator() -> jsonschema.Draft202012Validator:
     return jsonschema.validators.extend(base, type_checker=strict)(load_schema())
 
 
-def schema_problems(data: Any) -> list[str]:
+@cache
+def _standard_validator() -> jsonschema.Draft202012Validator:
+    """The schema's validator with JSON Schema's own `integer` (3.0 is one): what a recipe
+    recorded by an older recipekit was checked against when it was written."""
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(load_schema())
+
+
+def schema_problems(data: Any, *, standard: bool = False) -> list[str]:
     """Schema violations of a recipe given as data (e.g. the one a manifest records), as
-    ``key.path: message`` lines; empty when valid."""
+    ``key.path: message`` lines; empty when valid. ``standard``: with JSON Schema's `integer`
+    rather than a recipe's (ints only): a manifest written before recipes refused `seed: 3.0`
+    records it as it ran, and is not an edited one."""
+    validator = _standard_validator() if standard else _validator()
     return [f"{format_key_path(tuple(e.absolute_path)) or '(top level)'}: {e.message}"
-            for e in sorted(_validator().iter_errors(data), key=lambda e: list(e.absolute_path)
+            for e in sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path)
                             .__repr__())]
+
+
+def whole_floats_as_ints(data: Any) -> None:
+    """Write each whole-number float (``64.0``, ``2e3``) where the schema asks for an integer
+    as that int, in place. For data made from another tool's config (`import-mergekit`):
+    mergekit's pydantic models read ``pad_to_multiple_of: 64.0`` as 64, and a recipe refuses
+    the float."""
+    for _ in range(8):  # a fix inside a oneOf can reveal the next (bounded)
+        found = [leaf for err in _validator().iter_errors(data)
+                 for leaf in _iter_leaf_errors(err) if _whole_float_for_int(leaf)]
+        for leaf in found:
+            _set_at(data, tuple(leaf.absolute_path), int(leaf.instance))
+        if not found:
+            return
+
+
+def _whole_float_for_int(err: jsonschema.ValidationError) -> bool:
+    want = err.validator_value
+    return err.validator == "type" and "integer" in (want if isinstance(want, list) else [
+        want]) and isinstance(err.instance, float) and err.instance.is_integer()
 
 
 def _iter_leaf_errors(err: jsonschema.ValidationError) -> Iterator[jsonschema.ValidationError]:
@@ -67,18 +99,24 @@ def coerce_numeric_strings(doc: Document) -> None:
     """Turn unquoted numbers into their text where the schema wants a string.
 
     A revision ``1234567`` or a step named ``2024`` is a string to the user; YAML reads a number.
+    A whole-number float where an integer is also accepted (a layer index ``3.0``, where a
+    "range(...)" string goes too) stays a number: it is refused as a float, not as the text
+    ``'3.0'``.
     """
     for _ in range(4):
         changed = False
-        for err in _validator().iter_errors(doc.data):
-            for leaf in _iter_leaf_errors(err):
-                want = leaf.validator_value
-                if leaf.validator != "type" or "string" not in (
-                        want if isinstance(want, list) else [want]):
-                    continue
-                path = tuple(leaf.absolute_path)
-                if path in doc.raw_scalars and _set_at(doc.data, path, doc.raw_scalars[path]):
-                    changed = True
+        leaves = [leaf for err in _validator().iter_errors(doc.data)
+                  for leaf in _iter_leaf_errors(err)]
+        numbers = {tuple(leaf.absolute_path) for leaf in leaves if _whole_float_for_int(leaf)}
+        for leaf in leaves:
+            want = leaf.validator_value
+            if leaf.validator != "type" or "string" not in (
+                    want if isinstance(want, list) else [want]):
+                continue
+            path = tuple(leaf.absolute_path)
+            if path not in numbers and path in doc.raw_scalars and _set_at(
+                    doc.data, path, doc.raw_scalars[path]):
+                changed = True
         if not changed:
             return
 
@@ -303,7 +341,11 @@ def _value_error(doc: Document, path: KeyPath, err: jsonschema.ValidationError) 
         whole = isinstance(err.instance, float) and err.instance.is_integer() and "integer" in (
             want if isinstance(want, list) else [want])
         want = " or ".join(want) if isinstance(want, list) else want
-        return doc.error(path, f"expected {_article(want)}, got {show(err.instance)}",
+        if whole and path[2:3] == ("layers",) and \
+                err.schema is load_schema()["$defs"].get("layer_index"):
+            want = "integer layer index"  # a `layers` entry or a range's bound (not a scheme's)
+        got = (doc.raw_scalars.get(path) if whole else None) or show(err.instance)  # 1e2
+        return doc.error(path, f"expected {_article(want)}, got {got}",
                          hint="write it without a decimal point or exponent" if whole else None)
     if v == "pattern":
         pattern = _pattern_error(doc, path, err)

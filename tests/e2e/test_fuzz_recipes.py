@@ -279,23 +279,34 @@ def test_range_numbers_past_python_int_limit(tmp_path):
     assert "sys.set_int_max_str_digits" not in err.render()
 
 
-@pytest.mark.parametrize(("layers", "where", "message"), [
+@pytest.mark.parametrize(("layers", "where"), [
     # JSON Schema's `integer` admits 3.0 and 1e300, so the schema passed them; the layers op
     # then failed on them with TypeError ('float' object is not iterable / cannot be a range).
-    # The recipe schema's integers are now ints only (recipe/schema.py).
-    ("[3.0]", ("steps", 0, "layers", 0), "'3.0' is not a layer index or range"),
-    ("[1e300]", ("steps", 0, "layers", 0), "'1e300' is not a layer index or range"),
-    ("[{from: tiny, range: [0.0, 4]}]", ("steps", 0, "layers", 0, "range", 0),
-     "expected an integer, got 0.0"),
-    ("[{from: tiny, layers: [1, 2.0]}]", ("steps", 0, "layers", 0, "layers", 1),
-     "'2.0' is not a layer index or range"),
+    # Once the recipe schema's integers were ints only, a float read as its text and was
+    # refused as "'3.0' is not a layer index or range" (found by a black-box check).
+    ("[3.0]", ("steps", 0, "layers", 0)),
+    ("[1e300]", ("steps", 0, "layers", 0)),
+    ("[1e2]", ("steps", 0, "layers", 0)),
+    ("[{from: tiny, range: [0.0, 4]}]", ("steps", 0, "layers", 0, "range", 0)),
+    ("[{from: tiny, layers: [1, 2.0]}]", ("steps", 0, "layers", 0, "layers", 1)),
 ])
-def test_integral_floats_are_not_layer_indices(tmp_path, layers, where, message):
+def test_integral_floats_are_not_layer_indices(tmp_path, layers, where):
     with pytest.raises(RecipeErrors) as e:
         load_recipe(write_recipe(tmp_path, solar_recipe(layers=layers)))
     (err,) = e.value.errors
     assert err.key_path == where
-    assert err.message == message
+    assert err.message.startswith("expected an integer layer index, got ")
+    assert err.hint == "write it without a decimal point or exponent"
+
+
+def test_each_integral_float_layer_index_is_one_error(tmp_path):
+    with pytest.raises(RecipeErrors) as e:
+        load_recipe(write_recipe(tmp_path, solar_recipe(
+            layers="[3.0, 1, {from: tiny, layers: [4.0, 5e0]}]")))
+    assert [(err.key_path, err.message) for err in e.value.errors] == [
+        (("steps", 0, "layers", 0), "expected an integer layer index, got 3.0"),
+        (("steps", 0, "layers", 2, "layers", 0), "expected an integer layer index, got 4.0"),
+        (("steps", 0, "layers", 2, "layers", 1), "expected an integer layer index, got 5e0")]
 
 
 @pytest.mark.parametrize("variant", ["tabs", "long-key", "raw-c1", "line-separator"])

@@ -84,6 +84,28 @@ class TestTypedRecipe:
         assert r.output.path == tmp_path / "o"
         assert r.output.shard_size == 2 * 2**30
 
+    @pytest.mark.parametrize("written, size", [
+        ("1e9", 10**9), ("2.0e9", 2 * 10**9), ("2000000000.0", 2 * 10**9), ("1_000", 1000),
+        ("'1.5KB'", 1500), ("'0.5KiB'", 512)])
+    def test_a_whole_number_of_bytes_is_a_shard_size_however_written(self, tmp_path, written,
+                                                                     size):
+        """`shard_size: 1e9` was refused as "'1e9' is not a size" (the number read as its text,
+        once the schema's integer refused floats) while 2000000000.0 passed (found by a
+        black-box check): a whole number of bytes is a size, with or without an exponent."""
+        r = load_recipe(write_recipe(tmp_path, solar_recipe(output=f"  shard_size: {written}")))
+        assert r.output.shard_size == size and type(r.output.shard_size) is int
+
+    @pytest.mark.parametrize("written", ["2.5", "'2.5'", "'2.5 B'", "0.5", "1.5e0"])
+    def test_a_fraction_of_a_byte_is_refused(self, tmp_path, written):
+        """2.5 bytes was read as 2 and 0.5 as "not a positive size": a byte count that is not
+        whole is refused, located, saying so."""
+        with pytest.raises(RecipeErrors) as e:
+            load_recipe(write_recipe(tmp_path, solar_recipe(output=f"  shard_size: {written}")))
+        (err,) = e.value.errors
+        assert err.key_path == ("output", "shard_size")
+        assert err.message.endswith(" is not a whole number of bytes")
+        assert err.hint == "write an integer, or a size with a unit, e.g. '500MB', '5GB', '2GiB'"
+
     def test_file_urls_name_local_paths(self, tmp_path):
         """``file://`` is fsspec's local file system: ``file:///abs`` is ``/abs`` and
         ``file://rel`` is ``rel`` beside the recipe, for models and the output (it named a

@@ -378,3 +378,36 @@ def test_adapter_load_fails_when_merging_changes_its_outputs(cli, tmp_path):
             "head whole (modules_to_save) instead") in results["bad"].stderr
     assert results["good"].exit_code == 0, results["good"].output
     assert "; merged, the same to 0" in results["good"].stdout
+
+
+def test_a_manifest_recording_a_whole_number_float_seed_verifies(cli, tmp_path, tiny_llama,
+                                                                 tiny_llama_b):
+    """An output of an older recipekit, which ran `seed: 3.0` and recorded it so, failed
+    `verify` once recipes took integers as ints only ("the recorded recipe is not valid:
+    steps[0].seed: 3.0 is not of type 'integer'; the manifest was edited"; found by a
+    black-box check). The recorded recipe is checked with JSON Schema's own `integer` (which
+    admits 3.0): the manifest is built as that version wrote it, from a fresh output (verify
+    hashes the files, not the recorded recipe)."""
+    recipe = write_recipe(tmp_path, f"""
+        recipekit: 1
+        models: {{a: {tiny_llama}, b: {tiny_llama_b}}}
+        steps:
+          - {{name: s, op: merge, method: dare_linear, base: a, from: [b], seed: 3,
+              parameters: {{density: 0.5, weight: 1.0}}}}
+        output: {{path: ./out}}
+        """)
+    assert cli("run", recipe, "-q").exit_code == 0
+    manifest = tmp_path / "out" / "recipekit.json"
+    doc = json.loads(manifest.read_text())
+    assert doc["recipe"]["steps"][0]["seed"] == 3
+    doc["recipe"]["steps"][0]["seed"] = 3.0
+    manifest.write_text(json.dumps(doc))
+    result = cli("verify", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert "recipekit.json: recipe valid" in result.stdout
+    doc["recipe"]["steps"][0]["seed"] = 3.5  # not an integer in any reading: an edited one
+    manifest.write_text(json.dumps(doc))
+    result = cli("verify", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "the recorded recipe is not valid: steps[0].seed: 3.5 is not of type 'integer'; " \
+        "the manifest was edited" in result.stderr
