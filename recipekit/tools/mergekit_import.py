@@ -60,7 +60,7 @@ from recipekit.inputs.chat_template import AUTO, is_literal, setting_problem
 from recipekit.inputs.resolve import resolve_sources, with_side_files
 from recipekit.merge import METHODS, MethodSpec
 from recipekit.plan import compile_plan
-from recipekit.recipe import load_document, recipe_from_data
+from recipekit.recipe import load_document, recipe_from_data, whole_floats_as_ints
 from recipekit.recipe.variables import escape_references
 from recipekit.tools.mergekit_moe import choose_architecture, is_moe_config, moe_step
 from recipekit.tools.mergekit_params import (
@@ -111,6 +111,7 @@ def convert_file(config: Path, out_file: Path | None, cwd: Path | None = None) -
     if is_moe_config(data):
         return _convert_moe(st, data, config, out_file, cwd)
     _check_top(st, data)
+    st.reserved = _tokenizer_keywords(data)
     method = METHODS[data["merge_method"]]
     slices = _read_slices(st, data, method)
     _resolve_models(st)
@@ -118,6 +119,7 @@ def convert_file(config: Path, out_file: Path | None, cwd: Path | None = None) -
     final = _build_steps(st, data, method, slices)
     _convert_tokenizer(st, data, final)
     recipe = escape_references(_recipe(st, data, method, final, config))  # text as mergekit's
+    whole_floats_as_ints(recipe)  # mergekit reads `pad_to_multiple_of: 64.0` as 64
     text = _render(st, recipe, config)
     _validate(recipe, (out_file or cwd / (config.stem + ".yaml")).resolve(), st)
     return text
@@ -135,6 +137,7 @@ def _convert_moe(st: ImportState, data: dict[str, Any], config: Path, out_file: 
         "description": f"converted from the mergekit-moe config {config.name}",
         "models": st.models, **({"adapters": st.adapters} if st.adapters else {}),
         "steps": st.steps, "output": output})
+    whole_floats_as_ints(recipe)  # mergekit-moe reads `experts_per_token: 2.0` as 2
     head = [f"# Converted by `recipekit import-mergekit {config.name}` (mergekit-moe). What was "
             "translated:"]
     text = _render(st, recipe, config, head)
@@ -228,11 +231,29 @@ def _source(st: ImportState, ref: str, path: KeyPath, what: str) -> tuple[Any, s
 
 
 def _fresh_name(st: ImportState, base: str) -> str:
-    taken = {*st.models, *st.adapters, *(s["name"] for s in st.steps)}
+    """``base``, or ``base_2``, ``base_3``... where it is taken or a keyword of the recipe
+    (`_tokenizer_keywords`)."""
+    taken = {*st.models, *st.adapters, *(s["name"] for s in st.steps), *st.reserved}
     name, i = base, 2
     while name in taken:
         name, i = f"{base}_{i}", i + 1
+    if base in st.reserved:
+        st.notes.append(f"model '{name}' is not named '{base}': `{base}` is a keyword of the "
+                        "merge step's `tokenizer:` (every model's tokens)")
     return name
+
+
+def _tokenizer_keywords(data: dict[str, Any]) -> set[str]:
+    """The names no model of the recipe may take: `union` where the tokenizer source is the
+    keyword `union` (a model of the step named `union` makes the keyword ambiguous, and
+    recipekit refuses it). A model in a folder named `base` keeps its name: a clashing keyword
+    `base` is written as the model it means (`_convert_tokenizer`)."""
+    block = data.get("tokenizer")
+    if block is None:
+        source = data.get("tokenizer_source")
+    else:
+        source = block.get("source", "union") if isinstance(block, dict) else None
+    return {"union"} if source == "union" else set()
 
 
 def _lora_model(st: ImportState, ref: str, path: KeyPath) -> str:
@@ -344,6 +365,8 @@ def _slice_source(st: ImportState, src: Any, spath: KeyPath) -> Source:
         if key not in SOURCE_KEYS:
             raise st.fail(spath + (key,), f"unknown key `{key}` in a slice source")
     lr = src["layer_range"]
+    if isinstance(lr, list):  # mergekit (pydantic) reads [0, 2.0] as (0, 2)
+        lr = [int(x) if isinstance(x, float) and x.is_integer() else x for x in lr]
     if not (isinstance(lr, list) and len(lr) == 2 and all(
             isinstance(x, int) and not isinstance(x, bool) for x in lr)) \
             or lr[0] < 0 or lr[1] < lr[0]:
@@ -549,6 +572,8 @@ def _convert_tokenizer(st: ImportState, data: dict[str, Any], final: str) -> Non
         source = _model(st, source, path)
     elif source == "base" and "base" not in step and data.get("base_model"):
         source = _model(st, data["base_model"], ("base_model",))  # the tokenizer base
+    if source == "base" and "base" in _step_models(step):
+        source = step.get("base") or _step_models(step)[0]  # the model the keyword means
     tokens: dict[str, Any] = {}
     for token, cfg in (block.get("tokens") or {}).items():
         tpath = (key, "tokens", token)
@@ -578,6 +603,13 @@ def _convert_tokenizer(st: ImportState, data: dict[str, Any], final: str) -> Non
                         "base_model's row when it holds the token")
     st.notes.append("recipekit appends the union's tokens by model order and id; mergekit's "
                     "order of other models' regular tokens changes from run to run")
+
+
+def _step_models(step: dict[str, Any]) -> list[str]:
+    """The recipe names of a merge step's models: its `from` entries, then its base (the
+    order of `steps.merge.check_merge`, whose first model is the tokenizer base without one)."""
+    names = [e["model"] if isinstance(e, dict) else e for e in step["from"]]
+    return names + ([step["base"]] if step.get("base") else [])
 
 
 def _ignored_by_mergekit(st: ImportState, method: MethodSpec, key: str, path: KeyPath) -> bool:

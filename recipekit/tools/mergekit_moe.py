@@ -130,6 +130,8 @@ def moe_step(st: ImportState, data: dict[str, Any], model_name: ModelName
         errors.append(st.doc.error(("dtype",), f"cannot convert dtype {dtype!r}: recipekit "
                                    "writes " + ", ".join(DTYPES)))
     k = data.get("experts_per_token", 2)
+    if isinstance(k, float) and k.is_integer():
+        k = int(k)  # mergekit-moe (pydantic) reads 2.0 as 2
     if not isinstance(k, int) or isinstance(k, bool):
         errors.append(st.doc.error(("experts_per_token",), f"experts_per_token is {k!r}; "
                                    "mergekit-moe takes an integer"))

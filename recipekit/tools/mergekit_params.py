@@ -58,6 +58,7 @@ class ImportState:
     lora_refs: dict[str, str] = field(default_factory=dict)  # mergekit LoRA path -> recipe name
     folds: dict[str, str] = field(default_factory=dict)  # `model+lora` step -> its model
     multi_stack: set[str] = field(default_factory=set)  # models with several layer stacks
+    reserved: set[str] = field(default_factory=set)  # keywords no model may be named
 
     def checkpoint(self, name: str) -> Any:
         """The resolved model behind recipe name ``name`` (a LoRA fold has its model's tensor

@@ -632,3 +632,149 @@ def test_parameters_mergekit_ignores_under_a_model_are_dropped_with_a_note(cli, 
     assert cli("run", recipe, "-q", "-o", tmp_path / "out").exit_code == 0
     golden, layers = read_golden(GOLDENS / "out" / "ties.safetensors")
     assert_same(tmp_path / "out", golden, layers, exact=False)
+
+
+@pytest.fixture(scope="module")
+def keyword_models(tmp_path_factory) -> Path:
+    """Tiny Llamas with differing tokenizers (tests/helpers/vocab_models.py) in folders named
+    like the tokenizer keywords: base (64 rows), union (65: one added token), chat and chat2
+    (66: ChatML's two added tokens)."""
+    from tests.helpers.vocab_models import make_vocab_model
+
+    root = tmp_path_factory.mktemp("keywords")
+    make_vocab_model(root / "base", rows=64, added=[], seed=1)
+    make_vocab_model(root / "union", rows=65, added=["<|im_sep|>"], seed=3)
+    for i, name in enumerate(("chat", "chat2")):
+        make_vocab_model(root / name, rows=66, added=["<|im_start|>", "<|im_end|>"], seed=4 + i)
+    return root
+
+
+#: tokenizer_source (the keyword, and the folder of a model that is not the base) -> the
+#: recipe's `tokenizer:` and that model's recipe name
+KEYWORD_CASES = {"base": ("chat", "base"), "union": ("union", "union_2")}
+
+
+def _convert_keyword_case(cli, root: Path, tmp_path: Path, monkeypatch, source: str):
+    """(config, recipe, the import's result) of a task_arithmetic config on base model `chat`
+    and models in the folders `source` and `chat2`, with `tokenizer_source: <source>`."""
+    monkeypatch.chdir(root)
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text("merge_method: task_arithmetic\nbase_model: chat\nmodels:\n"
+                   f"  - model: {source}\n    parameters: {{weight: 0.5}}\n"
+                   "  - model: chat2\n    parameters: {weight: 0.5}\n"
+                   f"dtype: float32\ntokenizer_source: {source}\n")
+    recipe = tmp_path / "r.yaml"
+    return cfg, recipe, cli("import-mergekit", cfg, "-o", recipe)
+
+
+@pytest.mark.parametrize("source", sorted(KEYWORD_CASES))
+def test_a_model_in_a_folder_named_like_the_tokenizer_keyword_converts(
+        cli, tmp_path, monkeypatch, keyword_models, source):
+    """mergekit runs `tokenizer_source: base` with a model (not the base) in a folder named
+    `base`, and `union` with one in a folder named `union`; the import wrote the keyword beside
+    a model of that name, which recipekit refuses as ambiguous (exit 2, located at the
+    config's first line; found by a black-box check). `base` is now written as the base's
+    name, and the model in `union/` gets another name; the recipe runs (its output is compared
+    with mergekit's below)."""
+    tokenizer, name = KEYWORD_CASES[source]
+    _, recipe, result = _convert_keyword_case(cli, keyword_models, tmp_path, monkeypatch,
+                                              source)
+    assert result.exit_code == 0, result.output
+    doc = yaml.safe_load(recipe.read_text())
+    assert list(doc["models"]) == ["chat", name, "chat2"]
+    assert doc["models"][name].endswith(f"/{source}")
+    step = doc["steps"][0]
+    assert (step["base"], step["tokenizer"]) == ("chat", tokenizer)
+    assert [e["model"] for e in step["from"]] == [name, "chat2"]
+    ran = cli("run", recipe, "-q", "-o", tmp_path / "out")
+    assert ran.exit_code == 0, ran.output
+
+
+@pytest.mark.mergekit
+@needs_mergekit
+@pytest.mark.parametrize("source", sorted(KEYWORD_CASES))
+def test_a_model_in_a_folder_named_like_the_tokenizer_keyword_matches_mergekit_live(
+        cli, tmp_path, monkeypatch, keyword_models, source):
+    """mergekit-yaml's output against the converted recipe's: the same tokens at the same ids
+    and every tensor equal within fp32 rounding."""
+    from transformers import AutoTokenizer
+
+    cfg, recipe, result = _convert_keyword_case(cli, keyword_models, tmp_path, monkeypatch,
+                                                source)
+    assert result.exit_code == 0, result.output
+    theirs = run_mergekit(cfg, tmp_path / "mk-out", keyword_models)
+    assert cli("run", recipe, "-q", "-o", tmp_path / "out").exit_code == 0
+    ours = read_tensors(tmp_path / "out")
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()
+    assert vocab == AutoTokenizer.from_pretrained(tmp_path / "mk-out").get_vocab()
+    assert len(vocab) == {"base": 66, "union": 67}[source]
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        torch.testing.assert_close(ours[name], t, atol=2e-6, rtol=1e-5, msg=name)
+
+
+#: mergekit configs with whole-number floats where mergekit (pydantic) reads ints; (folder the
+#: model paths are relative to: None for `keyword_models`, the config)
+WHOLE_FLOATS = {
+    "tokenizer": (None, "merge_method: task_arithmetic\nbase_model: chat\nmodels:\n"
+                  "  - model: chat2\n    parameters: {weight: 0.5}\n"
+                  "  - model: base\n    parameters: {weight: 0.5}\n"
+                  "dtype: float32\ntokenizer:\n  source: union\n  pad_to_multiple_of: 64.0\n"
+                  "  tokens:\n    _tok_20: {source: {kind: model_token, model: chat2, "
+                  "token_id: 65.0}, force: true}\n"),
+    "layer_range": (GOLDENS, "slices:\n  - sources: [{model: models/a, layer_range: [0, 2.0]}]\n"
+                    "  - sources: [{model: models/b, layer_range: [2.0, 4]}]\n"
+                    "merge_method: passthrough\ndtype: float32\n"),
+}
+
+
+def _convert_whole_floats(cli, tmp_path: Path, monkeypatch, root: Path, case: str):
+    """(config, recipe, the import's result) of WHOLE_FLOATS[case]."""
+    monkeypatch.chdir(root)
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text(WHOLE_FLOATS[case][1])
+    recipe = tmp_path / "r.yaml"
+    return cfg, recipe, cli("import-mergekit", cfg, "-o", recipe)
+
+
+@pytest.mark.parametrize("case", sorted(WHOLE_FLOATS))
+def test_whole_number_floats_mergekit_reads_as_ints_convert(cli, tmp_path, monkeypatch,
+                                                            keyword_models, case):
+    """`pad_to_multiple_of: 64.0`, `token_id: 65.0` and `layer_range: [0, 2.0]` run in
+    mergekit (pydantic reads them as ints); the import refused the layer range and wrote the
+    others as floats into a recipe it then refused (exit 2; found by a black-box check). They
+    are written as ints, and the recipe runs."""
+    root = WHOLE_FLOATS[case][0] or keyword_models
+    _, recipe, result = _convert_whole_floats(cli, tmp_path, monkeypatch, root, case)
+    assert result.exit_code == 0, result.output
+    steps = yaml.safe_load(recipe.read_text())["steps"]
+    if case == "tokenizer":
+        tok = steps[0]["tokenizer"]
+        assert tok["pad_to_multiple_of"] == 64 and type(tok["pad_to_multiple_of"]) is int
+        rule = tok["tokens"]["_tok_20"]
+        assert rule == {"model": "chat2", "token_id": 65, "force": True}
+        assert type(rule["token_id"]) is int
+    else:
+        assert [s["layers"] for s in steps[:2]] == [["range(0,2)"], ["range(2,4)"]]
+    ran = cli("run", recipe, "-q", "-o", tmp_path / "out")
+    assert ran.exit_code == 0, ran.output
+
+
+@pytest.mark.mergekit
+@needs_mergekit
+@pytest.mark.parametrize("case", sorted(WHOLE_FLOATS))
+def test_whole_number_floats_match_mergekit_live(cli, tmp_path, monkeypatch, keyword_models,
+                                                 case):
+    """mergekit-yaml's output against the converted recipe's, tensor for tensor (the padded
+    vocabulary: 128 rows)."""
+    root = WHOLE_FLOATS[case][0] or keyword_models
+    cfg, recipe, result = _convert_whole_floats(cli, tmp_path, monkeypatch, root, case)
+    assert result.exit_code == 0, result.output
+    theirs = run_mergekit(cfg, tmp_path / "mk-out", root)
+    assert cli("run", recipe, "-q", "-o", tmp_path / "out").exit_code == 0
+    ours = read_tensors(tmp_path / "out")
+    assert sorted(ours) == sorted(theirs)
+    if case == "tokenizer":
+        assert ours["model.embed_tokens.weight"].shape[0] == 128
+    for name, t in theirs.items():
+        torch.testing.assert_close(ours[name], t, atol=2e-6, rtol=1e-5, msg=name)

@@ -7,6 +7,7 @@ compared slice by slice); refusals name the key, as for merge configs.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,35 @@ def test_prompts_with_dollars_equal_mergekit_moe(cli, models, monkeypatch, tmp_p
     ran = cli("run", recipe, "-q", "--no-fsync", "-o", tmp_path / "rk")
     assert ran.exit_code == 0, ran.output
     assert_equals_mergekit_moe(tmp_path / "rk", models, tmp_path / "mk")
+
+
+WHOLE_K = CONFIG.replace("experts_per_token: 1", "experts_per_token: 2.0")
+
+
+def test_experts_per_token_written_as_a_whole_float_converts(cli, models, monkeypatch):
+    """mergekit-moe (pydantic) reads `experts_per_token: 2.0` as 2; the import refused it
+    ("mergekit-moe takes an integer"; found by a black-box check). It is written as 2; 2.5,
+    which mergekit refuses too, stays refused."""
+    result, recipe = convert(cli, models, WHOLE_K, monkeypatch)
+    assert result.exit_code == 0, result.output
+    k = yaml.safe_load(recipe.read_text())["steps"][0]["experts_per_token"]
+    assert k == 2 and type(k) is int
+    result, _ = convert(cli, models, WHOLE_K.replace("2.0", "2.5"), monkeypatch)
+    assert result.exit_code == 2
+    assert "experts_per_token is 2.5; mergekit-moe takes an integer" in result.stderr
+
+
+@needs_mergekit
+def test_experts_per_token_written_as_a_whole_float_equals_mergekit_moe(cli, models,
+                                                                        monkeypatch, tmp_path):
+    result, recipe = convert(cli, models, WHOLE_K, monkeypatch)
+    assert result.exit_code == 0, result.output
+    ran = cli("run", recipe, "-q", "--no-fsync", "-o", tmp_path / "rk")
+    assert ran.exit_code == 0, ran.output
+    assert_equals_mergekit_moe(tmp_path / "rk", models, tmp_path / "mk")
+    for out in ("rk", "mk"):
+        assert json.loads((tmp_path / out / "config.json").read_text())[
+            "num_experts_per_tok"] == 2
 
 
 @pytest.mark.parametrize("extra, message", [
