@@ -84,10 +84,18 @@ def parse_rules(step: Step, recipe: Recipe, names: Sequence[str], base: str | No
         # the keyword wins, silently, over the model the user may have meant (found by a
         # black-box check: README's own examples name a model `base`)
         meant = "every model's tokens" if source == "union" else f"model '{base}'s tokenizer"
-        errors.append(recipe.error(where, f"tokenizer source '{source}' is a keyword ({meant}) "
-                                   f"and also the name of one of this step's models",
-                                   hint=f"rename model '{source}' in `models:` to take its "
-                                   "tokenizer, or write the keyword's model by name"))
+        if source in recipe.steps:  # an earlier step's result, named like the keyword
+            errors.append(recipe.error(where, f"tokenizer source '{source}' is a keyword "
+                                       f"({meant}) and also the name of the step '{source}' "
+                                       "this step merges", hint=f"rename step '{source}' (its "
+                                       "`name:` and where it is used) to take its tokenizer, "
+                                       "or write the keyword's model by name"))
+        else:
+            errors.append(recipe.error(where, f"tokenizer source '{source}' is a keyword "
+                                       f"({meant}) and also the name of one of this step's "
+                                       f"models", hint=f"rename model '{source}' in `models:` "
+                                       "to take its tokenizer, or write the keyword's model by "
+                                       "name"))
     elif source not in ("union", "base") and source not in names:
         errors.append(recipe.error(where, f"tokenizer source '{source}' is not one of this "
                                    "step's models", hint="use union, base or one of: "

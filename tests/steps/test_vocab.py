@@ -443,6 +443,31 @@ def test_a_keyword_source_that_is_also_a_model_is_refused(cli, tmp_path, vocab_m
             f"the name of one of this step's models; rename model '{source}'") in result.stderr
 
 
+@pytest.mark.parametrize("source, meant", [("base", "model 'chatml's tokenizer"),
+                                           ("union", "every model's tokens")])
+def test_a_keyword_source_that_is_also_a_step_is_refused_naming_the_step(
+        cli, tmp_path, vocab_models, source, meant):
+    """A step named `base` (or `union`) merged with `tokenizer: base`: the refusal told the user
+    to "rename model 'base' in `models:`", where there is none (found by a black-box check).
+    It names the step."""
+    r = write_recipe(tmp_path, f"""
+        recipekit: 1
+        models: {{chatml: {vocab_models['chatml']}, x: {vocab_models['base']}}}
+        steps:
+          - {{name: {source}, op: merge, method: linear, from: [chatml, x],
+              parameters: {{weight: 0.5}}, tokenizer: union}}
+          - {{name: s, op: merge, method: linear, from: [chatml, {source}],
+              parameters: {{weight: 0.5}}, tokenizer: {source}}}
+        """)
+    result = cli("validate", "--no-inputs", str(r))
+    assert result.exit_code == 2, result.output
+    assert (f"steps[1].tokenizer: tokenizer source '{source}' is a keyword ({meant}) and also "
+            f"the name of the step '{source}' this step merges; rename step '{source}' (its "
+            "`name:` and where it is used) to take its tokenizer, or write the keyword's model "
+            "by name") in result.stderr
+    assert "`models:`" not in result.stderr
+
+
 def test_tokenizer_names_are_checked_from_the_recipe_alone(cli, tmp_path, vocab_models):
     """`validate --no-inputs` (the pre-commit hook) finds a source naming no model of the step."""
     r = _recipe(tmp_path, vocab_models, ["base", "chatml"], LINEAR2 + "tokenizer: padded")
