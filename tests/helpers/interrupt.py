@@ -26,3 +26,19 @@ def interrupt_at_shard(monkeypatch: Any, n: int) -> tuple[Callable[[], None], li
 
     monkeypatch.setattr(ex, "write_shard", failing)
     return (lambda: monkeypatch.setattr(ex, "write_shard", real)), calls
+
+
+def interrupt_before_manifest(monkeypatch: Any, output_cls: type) -> None:
+    """Make ``output_cls`` (`OutputDir`, `RemoteOutput`) raise KeyboardInterrupt where it
+    would write the manifest, the file written last: every other file is in place. Undone by
+    ``monkeypatch.undo()``."""
+    from recipekit.io.names import MANIFEST
+
+    write = output_cls.write_file
+
+    def killed(out: Any, rel: str, data: bytes) -> None:
+        if rel == MANIFEST:
+            raise KeyboardInterrupt
+        write(out, rel, data)
+
+    monkeypatch.setattr(output_cls, "write_file", killed)

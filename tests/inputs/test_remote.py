@@ -781,19 +781,14 @@ class TestResumeKeepsObjectsPutThere:
     def before_manifest(self, s3, uploaded, tmp_path, monkeypatch):
         """A run killed before its manifest (every other file written), its recipe with a
         comment."""
-        from recipekit.io.names import MANIFEST
         from recipekit.io.remote_output import RemoteOutput
+
+        from tests.helpers.interrupt import interrupt_before_manifest
 
         prefix = f"{BUCKET}/out/last-{tmp_path.name}"
         recipe = _recipe(tmp_path, uploaded, f"s3://{prefix}")
         recipe.write_text("# comment v1\n" + recipe.read_text())
-        write = RemoteOutput.write_file
-
-        def killed(out, rel, data):
-            if rel == MANIFEST:
-                raise KeyboardInterrupt
-            write(out, rel, data)
-        monkeypatch.setattr(RemoteOutput, "write_file", killed)
+        interrupt_before_manifest(monkeypatch, RemoteOutput)
         with pytest.raises(KeyboardInterrupt):
             recipekit.run(recipe, progress=None)
         monkeypatch.undo()

@@ -11,7 +11,7 @@ import pytest
 
 from recipekit.io.output import OutputDir
 
-from tests.helpers.interrupt import interrupt_at_shard
+from tests.helpers.interrupt import interrupt_at_shard, interrupt_before_manifest
 from tests.helpers.recipes import solar_recipe, write_recipe
 
 
@@ -140,16 +140,9 @@ class TestResumeKeepsFilesPutThere:
         recorded. The rerun refused that card as "not a file this run wrote" (found by a
         hole-finder); a file that holds what the run recorded writing is its own."""
         import recipekit
-        from recipekit.io.names import MANIFEST
 
         recipe = write_recipe(tmp_path, "# comment v1\n" + solar_recipe())
-        write = OutputDir.write_file
-
-        def killed(out, rel, data):
-            if rel == MANIFEST:
-                raise KeyboardInterrupt
-            write(out, rel, data)
-        monkeypatch.setattr(OutputDir, "write_file", killed)
+        interrupt_before_manifest(monkeypatch, OutputDir)
         with pytest.raises(KeyboardInterrupt):
             recipekit.run(recipe, progress=None, fsync=False)
         monkeypatch.undo()
