@@ -292,12 +292,9 @@ def signal_name(signum: int) -> str:
 
 def _quiet_stdout() -> None:
     """Point stdout at /dev/null: Python's flush at exit would report the broken pipe."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass
+    from recipekit.io.writer import stdout_to_devnull
+
+    stdout_to_devnull()
 
 
 def _error_doc(e: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import queue
 import stat
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -385,3 +386,14 @@ def sha256_path(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def stdout_to_devnull() -> None:
+    """Point the process's stdout at /dev/null (best effort), after its reader went away
+    (a broken pipe): Python's own flush at exit would report the broken pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
