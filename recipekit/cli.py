@@ -254,7 +254,7 @@ def _guard(debug: bool, body: Callable[[], T],
             on_error(error_json(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt as e:
-        how, code = ((f"terminated ({signal_name(e.signum)})", 128 + e.signum)
+        how, code = ((f"terminated ({_signal_name(e.signum)})", 128 + e.signum)
                      if isinstance(e, Terminated) else ("interrupted", INTERRUPTED))
         message = how + ("; finished shards are kept and a rerun resumes" if resumes else "")
         _say(message, err=True)
@@ -267,7 +267,9 @@ def _guard(debug: bool, body: Callable[[], T],
     except BrokenPipeError:
         # the reader of stdout went away (`run --json | head -1`): stop quietly, as `head`'s
         # writers do; what a run had finished is kept
-        _quiet_stdout()
+        from recipekit.io.writer import stdout_to_devnull
+
+        stdout_to_devnull()  # Python's flush at exit would report the broken pipe again
         raise typer.Exit(1) from None
     except Exception as e:
         if debug:
@@ -281,20 +283,10 @@ def _guard(debug: bool, body: Callable[[], T],
         raise typer.Exit(1) from None
 
 
-def signal_name(signum: int) -> str:
+def _signal_name(signum: int) -> str:
     import signal
 
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-def _quiet_stdout() -> None:
-    """Point stdout at /dev/null: Python's flush at exit would report the broken pipe."""
-    from recipekit.io.writer import stdout_to_devnull
-
-    stdout_to_devnull()
+    return signal.Signals(signum).name  # SIGTERM or SIGHUP (`_terminate_like_interrupt`)
 
 
 def _error_doc(e: dict[str, Any]) -> None:

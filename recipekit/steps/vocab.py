@@ -139,16 +139,22 @@ def check_tokenizer(step: Step, recipe: Recipe, names: Sequence[str], base: str 
 def _tokenizer(step: Step, vm: VirtualModel) -> ModelTokenizer:
     """The tokenizer of one input: an aligned step's own, else its donor model's."""
     if TOKENIZER_JSON in vm.files:
-        data = json.loads(vm.files[TOKENIZER_JSON])
-        config = json.loads(vm.files[TOKENIZER_CONFIG]) if TOKENIZER_CONFIG in vm.files else None
-        return ModelTokenizer(vm.name, data, config, None, None, token_map(data),
-                              vm.files.get(CHAT_TEMPLATE))
+        return _built_tokenizer(vm.name, vm.files)
     found = step.files.get(("tokenizer", vm.donor))
     if found is None:
         raise TokenizerError(f"model '{vm.name}' has no tokenizer files to align")
     if isinstance(found, TokenizerError):
         raise found
     return found
+
+
+def _built_tokenizer(name: str, files: Mapping[str, bytes | None]) -> ModelTokenizer:
+    """The tokenizer an aligning step built (its planned files: tokenizer.json, and its
+    tokenizer_config.json and chat template when it has them)."""
+    data = json.loads(files[TOKENIZER_JSON] or b"{}")
+    raw = files.get(TOKENIZER_CONFIG)
+    return ModelTokenizer(name, data, json.loads(raw) if raw else None, None, None,
+                          token_map(data), files.get(CHAT_TEMPLATE))
 
 
 def align_inputs(step: Step, names: Sequence[str], models: Mapping[str, VirtualModel],
@@ -376,11 +382,8 @@ def follow_config_donor(config: Mapping[str, Any], donor_config: Mapping[str, An
                         "(bos_token_id, ...) cannot be mapped into the aligned vocabulary: "
                         "they are kept as written; check them", donor)
         return out, None if generation is None else dumps(generation)
-    data = json.loads(files[TOKENIZER_JSON] or b"{}")
-    new = token_map(data)
-    tok_config = files.get(TOKENIZER_CONFIG)
-    start = ModelTokenizer(donor, data, json.loads(tok_config) if tok_config else None,
-                           None, None, new)
+    start = _built_tokenizer(donor, files)
+    new = start.vocab
     old = {i: t for t, i in donor_tok.vocab.items()}
     own = _role_ids(start, new)
     out = _ids_remapped(out, old, new, own, "output.config: config.json")
