@@ -83,10 +83,16 @@ def whole_floats_as_ints(data: Any) -> None:
             return
 
 
-def _whole_float_for_int(err: jsonschema.ValidationError) -> bool:
+def _types(err: jsonschema.ValidationError) -> list[str]:
+    """The types a `type` violation asked for."""
     want = err.validator_value
-    return err.validator == "type" and "integer" in (want if isinstance(want, list) else [
-        want]) and isinstance(err.instance, float) and err.instance.is_integer()
+    return want if isinstance(want, list) else [want]
+
+
+def _whole_float_for_int(err: jsonschema.ValidationError) -> bool:
+    """A whole-number float where the schema asks for an integer (a `type` violation)."""
+    return err.validator == "type" and "integer" in _types(err) \
+        and isinstance(err.instance, float) and err.instance.is_integer()
 
 
 def _iter_leaf_errors(err: jsonschema.ValidationError) -> Iterator[jsonschema.ValidationError]:
@@ -109,9 +115,7 @@ def coerce_numeric_strings(doc: Document) -> None:
                   for leaf in _iter_leaf_errors(err)]
         numbers = {tuple(leaf.absolute_path) for leaf in leaves if _whole_float_for_int(leaf)}
         for leaf in leaves:
-            want = leaf.validator_value
-            if leaf.validator != "type" or "string" not in (
-                    want if isinstance(want, list) else [want]):
+            if leaf.validator != "type" or "string" not in _types(leaf):
                 continue
             path = tuple(leaf.absolute_path)
             if path not in numbers and path in doc.raw_scalars and _set_at(
@@ -337,10 +341,8 @@ def _value_error(doc: Document, path: KeyPath, err: jsonschema.ValidationError) 
         return doc.error(path, f"unsupported recipe format version {show(err.instance)}",
                          hint=f"this recipekit reads `recipekit: {FORMAT_VERSION}`")
     if v == "type":
-        want = err.validator_value
-        whole = isinstance(err.instance, float) and err.instance.is_integer() and "integer" in (
-            want if isinstance(want, list) else [want])
-        want = " or ".join(want) if isinstance(want, list) else want
+        whole = _whole_float_for_int(err)
+        want = " or ".join(_types(err))
         if whole and path[2:3] == ("layers",) and \
                 err.schema is load_schema()["$defs"].get("layer_index"):
             want = "integer layer index"  # a `layers` entry or a range's bound (not a scheme's)
